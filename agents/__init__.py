@@ -1,0 +1,1 @@
+"""Example agents: ordinary ``bt.Strategy`` subclasses users copy."""

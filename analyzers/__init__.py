@@ -1,0 +1,1 @@
+"""FMEL (field-level market explainability) analyzer, access tracking and decision sinks."""

@@ -1,0 +1,462 @@
+"""The FMEL analyzer: one immutable decision record per agent bar.
+
+Added by the runner to every run (``cerebro.addanalyzer(FMELAnalyzer, writer=..., run=...)``).
+At ``start`` it wraps the agent's data feeds and indicators in tracking proxies
+(:mod:`analyzers.tracking`) and wraps the agent's callbacks so that reads count only while the
+agent itself runs. At the end of every bar (``prenext``/``nextstart``/``next``, called by
+backtrader right after the strategy's own) it builds a :class:`~analyzers.schema.DecisionRecord`
+with the reads, the order events of the bar, the portfolio and the agent's notes, and hands it to
+the :class:`~analyzers.sinks.DecisionWriter` (which returns at once; I/O happens on the writer's
+thread).
+
+Agents attach notes with :func:`attach_note` (a no-op when no FMEL analyzer is present, so agents
+run unchanged without it).
+
+Thread context: everything here runs on the main (backtrader) thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import backtrader as bt
+
+from analyzers import tracking
+from analyzers.schema import (
+    Access,
+    Action,
+    DataAccess,
+    DecisionRecord,
+    Position,
+    RunInfo,
+)
+from analyzers.sinks import DecisionWriter
+from analyzers.tracking import AccessTracker, Read, feed_symbol
+
+logger = logging.getLogger(__name__)
+
+_STATUS_EVENT = {
+    bt.Order.Submitted: "SUBMITTED",
+    bt.Order.Accepted: "ACCEPTED",
+    bt.Order.Partial: "PARTIAL",
+    bt.Order.Completed: "COMPLETED",
+    bt.Order.Canceled: "CANCELED",
+    bt.Order.Expired: "EXPIRED",
+    bt.Order.Margin: "MARGIN",
+    bt.Order.Rejected: "REJECTED",
+    bt.Order.Created: "CREATED",
+}
+_EPOCH_DAYS = 719_163.0  # backtrader's day number of 1970-01-01 (proleptic ordinal)
+_AGENT_CALLBACKS = (
+    "prenext",
+    "nextstart",
+    "next",
+    "notify_order",
+    "notify_trade",
+    "notify_data",
+    "notify_cashvalue",
+    "notify_fund",
+    "notify_store",
+    "notify_timer",
+)
+_ORDER_CALLS = ("buy", "sell", "cancel")
+
+
+def source_hash(cls: type) -> str | None:
+    """BLAKE2b-128 hex of the file defining ``cls`` (None when it has no source file)."""
+    try:
+        path = inspect.getsourcefile(cls)
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def agent_params_json(strategy: Any) -> str:
+    """The strategy's params as JSON object text (non-JSON values as their ``str``)."""
+    try:
+        params = dict(strategy.params._getkwargs())
+    except AttributeError:
+        params = {}
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def make_run_info(
+    strategy_cls: type, *, session_id: str, agent_id: str | None, mode: str, params_json: str = "{}"
+) -> RunInfo:
+    """Run metadata shared by all records of a session."""
+    return RunInfo(
+        session_id=session_id,
+        agent_id=agent_id or strategy_cls.__name__,
+        mode=mode,
+        agent_class=f"{strategy_cls.__module__}.{strategy_cls.__qualname__}",
+        agent_params=params_json,
+        agent_source_hash=source_hash(strategy_cls),
+    )
+
+
+def attach_note(
+    strategy: Any, *, reasoning: str | None = None, confidence: float | None = None, **notes: Any
+) -> None:
+    """Attach notes to the decision being made (call from ``next()``).
+
+    Args:
+        strategy: the agent (``self``).
+        reasoning: free text, stored in the ``reasoning`` column.
+        confidence: a number, stored in the ``confidence`` column.
+        **notes: anything JSON-serialisable (numpy values and arrays included), stored as one
+            JSON object in ``notes``; later keys in the same bar overwrite earlier ones.
+
+    No-op when the run has no FMEL analyzer.
+    """
+    for analyzer in getattr(strategy, "analyzers", ()):
+        if isinstance(analyzer, FMELAnalyzer):
+            analyzer.add_note(reasoning=reasoning, confidence=confidence, **notes)
+            return
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    return str(obj)
+
+
+class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
+    """Records every agent bar as a decision record.
+
+    Params (backtrader boundary; runtime code passes typed values):
+        writer (DecisionWriter): where records go; ``None`` keeps them in :attr:`records`
+            (tests, notebooks).
+        run (RunInfo): session/agent ids and agent metadata; default derived from the strategy.
+        strict_lookahead (bool): raise on a read of a future bar.
+        track_indicators (bool): also track the agent's indicators (field ``<attr>.<line>``).
+    """
+
+    params = (
+        ("writer", None),
+        ("run", None),
+        ("strict_lookahead", False),
+        ("track_indicators", True),
+    )
+
+    def __init__(self) -> None:
+        self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
+        self.writer: DecisionWriter | None = self.p.writer
+        self.run_info: RunInfo | None = self.p.run
+        self.records: list[DecisionRecord] = []
+        self.decisions = 0
+        self.lookahead_total = 0
+        self._events: list[Action] = []
+        self._filled: dict[int, tuple[float, float]] = {}
+        self._notes: dict[str, Any] = {}
+        self._reasoning: str | None = None
+        self._confidence: float | None = None
+        self._datas: list[Any] = []
+        self._symbol_of: dict[int, str] = {}
+        self._data_of: dict[str, Any] = {}
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        strategy = self.strategy
+        if self.run_info is None:
+            self.run_info = make_run_info(
+                type(strategy),
+                session_id="local",
+                agent_id=None,
+                mode="backtest",
+                params_json=agent_params_json(strategy),
+            )
+        self._datas = list(strategy.datas)
+        for data in self._datas:
+            self.tracker.track_feed(data)
+            self._symbol_of[id(data)] = feed_symbol(data)
+            self._data_of.setdefault(feed_symbol(data), data)
+        if self.p.track_indicators:
+            for label, ind in self._agent_indicators(strategy):
+                self.tracker.track_indicator(ind, label)
+        self._wrap_agent(strategy)
+
+    @staticmethod
+    def _agent_indicators(strategy: Any) -> list[tuple[str, Any]]:
+        """Indicators the agent holds as attributes (named by the attribute), in a stable order;
+        lists/dicts of indicators are named ``attr[i]``/``attr[key]``."""
+        found: list[tuple[str, Any]] = []
+        seen: set[int] = set()
+
+        def add(label: str, obj: Any) -> None:
+            if (
+                isinstance(obj, bt.Indicator | bt.LineActions)
+                and id(obj) not in seen
+                and not isinstance(obj, bt.AbstractDataBase)
+            ):
+                seen.add(id(obj))
+                found.append((label, obj))
+
+        for name, value in sorted(vars(strategy).items()):
+            if name.startswith("_") or name in (
+                "datas",
+                "data",
+                "lines",
+                "env",
+                "cerebro",
+                "broker",
+                "analyzers",
+                "observers",
+                "stats",
+            ):
+                continue
+            if isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    add(f"{name}[{i}]", v)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    add(f"{name}[{k}]", v)
+            else:
+                add(name, value)
+        return found
+
+    def _wrap_agent(self, strategy: Any) -> None:
+        set_active = tracking.set_active
+
+        def tracked(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                was = set_active(True)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    set_active(was)
+
+            return call
+
+        def ordering(fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
+            # Order construction reads close[0]/datetime[0] itself: not the agent's reads.
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                was = set_active(False)
+                try:
+                    result = fn(*args, **kwargs)
+                finally:
+                    set_active(was)
+                self._on_order_call(kind, result, args, kwargs)
+                return result
+
+            return call
+
+        for name in _AGENT_CALLBACKS:
+            setattr(strategy, name, tracked(getattr(strategy, name)))
+        for name in _ORDER_CALLS:
+            setattr(strategy, name, ordering(getattr(strategy, name), name))
+
+    def stop(self) -> None:
+        self.tracker.untrack_all()
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _on_order_call(
+        self, kind: str, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if kind == "cancel":
+            order = args[0] if args else kwargs.get("order")
+            if order is not None:
+                self._events.append(self._action("CANCEL_REQUEST", order))
+            return
+        if result is None:  # e.g. close() with no position, or size 0
+            return
+        self._events.append(self._action("CREATED", result))
+
+    def _action(
+        self,
+        event: str,
+        order: Any,
+        exec_size: float | None = None,
+        exec_price: float | None = None,
+        commission: float | None = None,
+    ) -> Action:
+        reason = None
+        info = getattr(order, "info", None)
+        if info:
+            reason = info.get("reason") or info.get("rejected_reason")
+            reason = str(reason) if reason is not None else None
+        price = order.created.price if order.exectype != bt.Order.Market else None
+        return Action(
+            seq=len(self._events),
+            event=event,
+            side="BUY" if order.isbuy() else "SELL",
+            symbol=self._symbol_of.get(id(order.data), feed_symbol(order.data)),
+            order_ref=int(order.ref),
+            order_type=bt.Order.ExecTypes[order.exectype],
+            size=abs(float(order.created.size)),
+            price=price,
+            exec_size=exec_size,
+            exec_price=exec_price,
+            commission=commission,
+            reason=reason,
+        )
+
+    def notify_order(self, order: Any) -> None:
+        event = _STATUS_EVENT.get(order.status, order.getstatusname().upper())
+        exec_size = exec_price = commission = None
+        if order.status in (bt.Order.Partial, bt.Order.Completed):
+            size = value = comm = 0.0
+            for bit in order.executed.iterpending():
+                size += abs(bit.size)
+                value += abs(bit.size) * bit.price
+                comm += bit.comm
+            if size == 0.0:  # brokers that do not keep execution bits: use cumulative deltas
+                cum = abs(float(order.executed.size))
+                last_size, last_value = self._filled.get(order.ref, (0.0, 0.0))
+                cum_value = cum * float(order.executed.price or 0.0)
+                size, value = cum - last_size, cum_value - last_value
+                comm = float(order.executed.comm or 0.0)
+                self._filled[order.ref] = (cum, cum_value)
+            exec_size = size
+            exec_price = value / size if size else None
+            commission = comm
+        self._events.append(self._action(event, order, exec_size, exec_price, commission))
+
+    def add_note(
+        self, *, reasoning: str | None = None, confidence: float | None = None, **notes: Any
+    ) -> None:
+        """See :func:`attach_note`."""
+        if reasoning is not None:
+            self._reasoning = str(reasoning)
+        if confidence is not None:
+            self._confidence = float(confidence)
+        self._notes.update(notes)
+
+    # -- per bar ----------------------------------------------------------------------------
+
+    def prenext(self) -> None:
+        self._record("PRENEXT")
+
+    def nextstart(self) -> None:
+        self._record("NEXTSTART")
+
+    def next(self) -> None:
+        self._record("NEXT")
+
+    def _record(self, stage: str) -> None:
+        run = self.run_info
+        assert run is not None
+        reads = self.tracker.reads
+        if reads:
+            self.tracker.reads = []
+            data_accessed, lookaheads = self._resolve(reads)
+        else:
+            data_accessed, lookaheads = (), 0
+        events = self._events
+        if events:
+            self._events = []
+        notes = None
+        if self._notes:
+            notes = json.dumps(self._notes, default=_json_default, sort_keys=True)
+            self._notes = {}
+        reasoning, confidence = self._reasoning, self._confidence
+        if reasoning is not None or confidence is not None:
+            self._reasoning = self._confidence = None
+        broker = self.strategy.broker
+        rec = DecisionRecord(
+            run,
+            self.decisions,
+            time.time(),
+            round((self.strategy.lines.datetime[0] - _EPOCH_DAYS) * 86_400.0, 3),
+            stage,
+            _summary(tuple(events)) if events else "HOLD",
+            tuple(events),
+            data_accessed,
+            len(reads),
+            lookaheads,
+            float(broker.getvalue()),
+            float(broker.getcash()),
+            self._positions(broker),
+            reasoning,
+            confidence,
+            notes,
+        )
+        self.decisions += 1
+        if lookaheads:
+            self.lookahead_total += lookaheads
+        if self.writer is not None:
+            self.writer.submit(rec)
+        else:
+            self.records.append(rec)
+
+    def _resolve(self, reads: list[Read]) -> tuple[tuple[DataAccess, ...], int]:
+        """Group reads by symbol and resolve each bar's data hash (main thread, per bar)."""
+        by_symbol: dict[str, list[Access]] = {}
+        tags: dict[str, Any] = {}
+        lookaheads = 0
+        for seq, (tag, ago, size, index, value) in enumerate(reads):
+            hashes = tag.hashes
+            digest = hashes.at(index) if hashes is not None else None
+            if size == 0:
+                access = Access(seq, "len", 0, 1, index, digest, float(index + 1), None, False)
+            elif value is None or value.__class__ is str:
+                access = Access(seq, tag.field, ago, size, index, digest, None, value, ago > 0)
+            else:
+                access = Access(
+                    seq, tag.field, ago, size, index, digest, float(value), None, ago > 0
+                )
+            if ago > 0:
+                lookaheads += 1
+            symbol = tag.symbol
+            lst = by_symbol.get(symbol)
+            if lst is None:
+                by_symbol[symbol] = lst = []
+                tags[symbol] = tag
+            lst.append(access)
+        out = []
+        for symbol, accesses in by_symbol.items():
+            hashes = tags[symbol].hashes
+            data = self._data_of.get(symbol)
+            current = (
+                hashes.at(data.lines.datetime.lencount - 1)
+                if hashes is not None and data is not None
+                else None
+            )
+            fields = tuple(dict.fromkeys([a.field for a in accesses]))
+            out.append(DataAccess(symbol, current, fields, tuple(accesses)))
+        return tuple(out), lookaheads
+
+    def _positions(self, broker: Any) -> tuple[Position, ...]:
+        positions = getattr(broker, "positions", None)
+        if positions is None:
+            return ()
+        symbol_of = self._symbol_of
+        return tuple(
+            Position(
+                symbol_of.get(id(data)) or feed_symbol(data), float(pos.size), float(pos.price)
+            )
+            for data, pos in list(positions.items())
+            if pos.size
+        )
+
+    def get_analysis(self) -> dict[str, Any]:
+        return {"decisions": self.decisions, "lookahead_reads": self.lookahead_total}
+
+
+def _summary(events: tuple[Action, ...]) -> str:
+    sides = {a.side for a in events if a.event == "CREATED"}
+    if sides == {"BUY"}:
+        return "BUY"
+    if sides == {"SELL"}:
+        return "SELL"
+    if sides:
+        return "BUY+SELL"
+    if any(a.event == "CANCEL_REQUEST" for a in events):
+        return "CANCEL"
+    return "HOLD"

@@ -1,0 +1,1 @@
+"""Market data feeds: historical CSV, live Pub/Sub, and the shared field model."""

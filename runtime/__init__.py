@@ -1,0 +1,1 @@
+"""Runtime: configuration, secrets, the Runner, brokers, health and reports."""

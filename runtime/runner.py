@@ -1,0 +1,469 @@
+"""The Runner: builds and owns every client of one run, handles signals and shutdown, reports.
+
+``python runner.py`` calls :func:`main`, which reads the configuration (only from the
+environment, through :mod:`runtime.config`), runs one agent and prints the portfolio report.
+
+Shutdown order (ARCHITECTURE.md): stop feeds, drain broker events, flush FMEL, delete the
+subscription, print the report. The first SIGINT/SIGTERM asks backtrader to stop after the
+current bar (``cerebro.runstop()``) and the run then finishes normally: what was recorded is
+flushed and the report still prints. A second signal forces the exit.
+
+Thread context: :meth:`Runner.run` runs on the main thread; signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import backtrader as bt
+import numpy as np
+
+from analyzers.fmel import FMELAnalyzer, make_run_info
+from analyzers.sinks import DecisionSink, DecisionWriter, LocalDuckDBSink, WriterStats
+from runtime.config import AppConfig, load_process_config
+from runtime.errors import AppError, ConfigError, DataError
+from runtime.health import HealthServer
+from runtime.logs import LogSetup
+from runtime.metrics import MetricsAnalyzer, RunMetrics
+from runtime.report import ProgressAnalyzer, RunReport, performance
+
+logger = logging.getLogger(__name__)
+
+
+def new_session_id() -> str:
+    """``20261121T051502Z-3f9a1c2e``: sortable by start time, unique per run."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def load_agent(spec: str, params: dict[str, Any]) -> type:
+    """Import ``module:Class`` and check it is a ``bt.Strategy`` taking ``params``.
+
+    Raises:
+        ConfigError: naming AGENT or AGENT_PARAMS and what was expected.
+    """
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"AGENT={spec!r}: cannot import module {module_name!r} ({e})") from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"AGENT={spec!r}: module {module_name!r} has no {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, bt.Strategy)):
+        raise ConfigError(f"AGENT={spec!r}: expected a backtrader Strategy subclass")
+    known = tuple(cls.params._getkeys())  # type: ignore[attr-defined]
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        raise ConfigError(
+            f"AGENT_PARAMS: unknown param(s) {', '.join(unknown)} for "
+            f"{class_name}; expected some of: {', '.join(known) or '(none)'}"
+        )
+    return cls
+
+
+class Runner:
+    """One run of one agent.
+
+    Args:
+        config: the whole configuration.
+        session_id: defaults to a new one.
+
+    Attributes:
+        cerebro: the backtrader engine (built by :meth:`build`).
+        writer: the decision writer (owns the sink's thread).
+    """
+
+    def __init__(self, config: AppConfig, *, session_id: str | None = None) -> None:
+        self.config = config
+        self.session_id = session_id or new_session_id()
+        self.cerebro: Any = None
+        self.writer: DecisionWriter | None = None
+        self.sink: DecisionSink | None = None
+        self.agent_cls: type | None = None
+        self.feeds: list[Any] = []
+        self.skipped_rows: dict[str, int] = {}
+        self.total_bars = 0
+        self.broker_note = "simulated (backtrader BackBroker)"
+        self._stop_requested = False
+        self._signals = 0
+        self._closers: list[tuple[str, Callable[[], None]]] = []
+        self._old_handlers: dict[int, Any] = {}
+        # Operations: one metrics registry per run; the endpoint runs when HEALTH_PORT > 0.
+        self.metrics = RunMetrics()
+        self.health: HealthServer | None = None
+        self._running = False
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Create the engine, feeds, broker, sink and analyzers.
+
+        Raises:
+            ConfigError / DataError: bad settings or input, before anything runs.
+        """
+        cfg = self.config
+        self.agent_cls = load_agent(cfg.run.agent, dict(cfg.run.agent_params))
+        agent_params = dict(cfg.run.agent_params)
+        if getattr(self.agent_cls, "requires_model", False) and "model" not in agent_params:
+            # CHRONOS_MODEL, loaded once per process (runtime.models cache) and shared by every
+            # strategy instance; first, so a missing checkpoint fails before anything is built.
+            from runtime.models import get_model
+
+            agent_params["model"] = get_model(cfg.chronos)
+        live = cfg.run.mode == "paper"
+        self.cerebro = bt.Cerebro(
+            stdstats=False, preload=not live, runonce=not live, exactbars=False
+        )
+        self._build_feeds()
+        self._build_broker()
+        self._build_sink()
+        self._add_analyzers()
+        self._add_ops()
+        self.cerebro.addstrategy(self.agent_cls, **agent_params)
+
+    def _build_feeds(self) -> None:
+        cfg = self.config
+        if cfg.run.mode == "backtest":
+            from feeds.csv import make_csv_feed, read_csv_bars
+
+            stamps = []
+            for fc in cfg.csv_feeds:
+                bars = read_csv_bars(fc)
+                self.skipped_rows[fc.path.name] = len(bars.skipped)
+                feed = make_csv_feed(fc, bars)
+                self.cerebro.adddata(feed, name=fc.symbol)
+                self.feeds.append(feed)
+                self.metrics.bars_received.labels(feed=fc.symbol).inc(len(bars))
+                stamps.append(bars.times)
+                logger.info(
+                    "feed %s: %d bars from %s, extra fields %s",
+                    fc.symbol,
+                    len(bars),
+                    fc.path.name,
+                    list(bars.extra_fields) + list(bars.text) or "none",
+                )
+            self.total_bars = len(np.unique(np.concatenate(stamps))) if stamps else 0
+            return
+        raise ConfigError(f"MODE={cfg.run.mode}: live feeds are not wired into this build")
+
+    def _build_broker(self) -> None:
+        cfg = self.config
+        if cfg.run.broker == "sim":
+            broker = self.cerebro.getbroker()
+            broker.setcash(cfg.run.cash_usd)
+            broker.setcommission(commission=cfg.run.commission)
+            return
+        raise ConfigError(f"BROKER={cfg.run.broker}: not wired into this build")
+
+    def _build_sink(self) -> None:
+        cfg = self.config
+        if cfg.fmel.sink == "local":
+            sink: DecisionSink = LocalDuckDBSink(cfg.fmel.local_path)
+        elif cfg.fmel.sink == "bigquery" and cfg.bigquery is not None:
+            from analyzers.bigquery import BigQuerySink
+
+            sink = BigQuerySink(cfg.bigquery)
+        else:
+            raise ConfigError(f"FMEL_SINK={cfg.fmel.sink}: not wired into this build")
+        self.sink = sink
+        self.writer = DecisionWriter(
+            sink,
+            batch_size=cfg.fmel.batch_size,
+            flush_interval_s=cfg.fmel.flush_interval_s,
+            queue_size=cfg.fmel.queue_size,
+            spill_dir=cfg.fmel.spill_dir,
+        )
+
+    def _add_analyzers(self) -> None:
+        cfg = self.config
+        assert self.agent_cls is not None
+        params = {
+            **dict(self.agent_cls.params._getitems()),  # type: ignore[attr-defined]
+            **dict(cfg.run.agent_params),
+        }
+        import json
+
+        run_info = make_run_info(
+            self.agent_cls,
+            session_id=self.session_id,
+            agent_id=cfg.run.agent_id,
+            mode=cfg.run.mode,
+            params_json=json.dumps(params, sort_keys=True, default=str),
+        )
+        self.cerebro.addanalyzer(
+            FMELAnalyzer,
+            _name="fmel",
+            writer=self.writer,
+            run=run_info,
+            strict_lookahead=cfg.fmel.strict_lookahead,
+        )
+        self.cerebro.addanalyzer(
+            bt.analyzers.SharpeRatio,
+            _name="sharpe",
+            timeframe=bt.TimeFrame.Days,
+            annualize=True,
+            riskfreerate=0.0,
+        )
+        self.cerebro.addanalyzer(bt.analyzers.DrawDown, _name="drawdown")
+        self.cerebro.addanalyzer(bt.analyzers.TradeAnalyzer, _name="trades")
+        progress = cfg.run.progress
+        if progress != "off" and cfg.run.mode == "backtest":
+            bar = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+            self.cerebro.addanalyzer(
+                ProgressAnalyzer, _name="progress", total=self.total_bars, bar=bar
+            )
+
+    def add_closer(self, name: str, fn: Callable[[], None]) -> None:
+        """Register a shutdown step; steps run in registration order, each at most once, after
+        the engine stopped and before FMEL is flushed (feeds, then broker)."""
+        self._closers.append((name, fn))
+
+    # -- operations: metrics and the health endpoint ----------------------------------------
+
+    def _add_ops(self) -> None:
+        """Metrics from the bar loop (analyzer added last, so its timing covers FMEL) and the
+        decision writer's counters."""
+        cfg = self.config
+        agent = cfg.run.agent_id or cfg.run.agent.rpartition(":")[2]
+        self.metrics.set_info(session=self.session_id, agent=agent, mode=cfg.run.mode)
+        if self.writer is not None:
+            self.metrics.watch_writer(self.writer)
+        self.cerebro.addanalyzer(MetricsAnalyzer, _name="metrics", metrics=self.metrics)
+
+    def _start_health(self) -> None:
+        """Serve /healthz, /readyz, /metrics when HEALTH_PORT > 0 (before the build, so a slow
+        model load still answers the liveness probe)."""
+        port = self.config.ops.health_port
+        if port <= 0 or self.health is not None:
+            return
+        health = HealthServer(port=port, metrics=self.metrics)
+        health.add_check(
+            "running",
+            lambda: (self._running, "bar loop running" if self._running else "not running"),
+        )
+        health.add_check("feeds", self._feeds_ready)
+        health.add_check("broker", self._broker_ready)
+        health.add_check(
+            "sink",
+            lambda: (
+                self.writer is not None and self.writer.healthy,
+                "writing"
+                if self.writer is not None and self.writer.healthy
+                else "spilling or not started",
+            ),
+        )
+        health.start()
+        self.health = health
+
+    def _stop_health(self) -> None:
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+
+    def _feeds_ready(self) -> tuple[bool, str]:
+        """Every live feed reports LIVE (CSV feeds are always ready). Request thread: reads
+        backtrader's ``_laststatus`` int only."""
+        if not self.feeds:
+            return False, "no feeds yet"
+        waiting = [
+            f"{f._name}={f._getstatusname(f._laststatus)}"
+            for f in self.feeds
+            if f.islive() and f._laststatus != f.LIVE
+        ]
+        return (not waiting, ", ".join(waiting) or "all live")
+
+    def _broker_ready(self) -> tuple[bool, str]:
+        """A broker exposing ``healthy`` (the Alpaca broker: last API call succeeded) decides;
+        the simulated broker is always reachable."""
+        if self.cerebro is None:
+            return False, "not built"
+        healthy = getattr(self.cerebro.getbroker(), "healthy", True)
+        return bool(healthy), "reachable" if healthy else "unreachable"
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the run to end after the current bar (safe from a signal handler)."""
+        if not self._stop_requested:
+            logger.warning("stopping: %s; finishing the current bar, flushing decisions", reason)
+        self._stop_requested = True
+        if self.health is not None:
+            self.health.set_draining()
+        if self.cerebro is not None:
+            self.cerebro.runstop()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            logger.error("second %s: forcing exit without flushing", name)
+            # Immediately: a SystemExit would still run every finally (flush, joins) first.
+            # Spill files already on disk are fsynced and replayed at the next start.
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os._exit(128 + signum)
+        self.request_stop(name)
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM stop cleanly; a second one forces exit. Main thread only."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        """Build (if needed), run to the end or until stopped, shut down, return the report.
+
+        Raises:
+            ConfigError, DataError: before the run starts.
+            Exception: whatever the agent raised; decisions recorded so far are flushed first.
+        """
+        self._start_health()
+        try:
+            return self._run()
+        finally:
+            self._stop_health()
+
+    def _run(self) -> RunReport:
+        if self.cerebro is None:
+            self.build()
+        assert self.writer is not None and self.sink is not None
+        cfg = self.config
+        start_value = float(self.cerebro.getbroker().getvalue())
+        logger.info(
+            "session %s: agent %s on %s (%s), decisions -> %s",
+            self.session_id,
+            cfg.run.agent,
+            ",".join(cfg.run.symbols),
+            cfg.run.mode,
+            self.sink.describe(),
+        )
+        self.writer.start()
+        t0 = time.perf_counter()
+        strategy = None
+        self._running = True
+        try:
+            strategy = self.cerebro.run()[0]
+        finally:
+            self._running = False
+            elapsed = time.perf_counter() - t0
+            self._close_components()
+            stats = self._flush()
+        return self._report(strategy, start_value, elapsed, stats)
+
+    def _close_components(self) -> None:
+        for name, fn in self._closers:
+            try:
+                fn()
+            except Exception:
+                logger.exception("shutdown step %s failed", name)
+        self._closers.clear()
+
+    def _flush(self) -> WriterStats:
+        assert self.writer is not None
+        stats = self.writer.stop(timeout_s=self.config.ops.shutdown_timeout_s)
+        logger.info(
+            "decisions: %d written, %d spilled, %d rejected",
+            stats.written,
+            stats.spilled,
+            stats.rejected,
+        )
+        return stats
+
+    def _report(
+        self, strategy: Any, start_value: float, elapsed: float, stats: WriterStats
+    ) -> RunReport:
+        assert self.sink is not None
+        cfg = self.config
+        end_value = float(self.cerebro.getbroker().getvalue())
+        sharpe = max_dd = None
+        trades = won = decisions = lookahead = bars = 0
+        if strategy is not None:
+            sharpe, max_dd, trades, won = performance(strategy)
+            fmel = strategy.analyzers.fmel
+            decisions, lookahead = fmel.decisions, fmel.lookahead_total
+            bars = len(strategy)
+        return RunReport(
+            session_id=self.session_id,
+            agent=cfg.run.agent,
+            mode=cfg.run.mode,
+            symbols=cfg.run.symbols,
+            start_value_usd=start_value,
+            end_value_usd=end_value,
+            sharpe=sharpe,
+            max_drawdown_pct=max_dd,
+            trades=trades,
+            trades_won=won,
+            bars=bars,
+            decisions=decisions,
+            lookahead_reads=lookahead,
+            stored_at=self.sink.describe(),
+            example_query=self.sink.example_query(),
+            records_written=stats.written,
+            records_spilled=stats.spilled,
+            records_rejected=stats.rejected,
+            records_replayed=stats.replayed,
+            skipped_rows=dict(self.skipped_rows),
+            broker_note=self.broker_note,
+            interrupted=self._stop_requested,
+            elapsed_s=elapsed,
+        )
+
+
+def setup_logging(level: str, fmt: str = "auto") -> LogSetup:
+    """Logs on stderr: JSON lines off a terminal, text on one (see :mod:`runtime.logs`)."""
+    from runtime.logs import setup_logging as setup
+
+    return setup(level, fmt)  # type: ignore[arg-type]
+
+
+def main() -> int:
+    """Entry point of ``python runner.py``. Returns the process exit code: 0 done, 2 bad
+    configuration or input, 1 a failure during the run, 128+N after a forced signal exit."""
+    try:
+        config = load_process_config()
+    except ConfigError as e:
+        setup_logging("INFO")
+        logger.error("configuration error: %s", e)
+        return 2
+    logs = setup_logging(config.ops.log_level, config.ops.log_format)
+    runner = Runner(config)
+    from runtime.secrets import secrets_in
+
+    logs.add_secrets(secrets_in(config))
+    logger.debug("configuration: %r", config)  # secrets print as ****
+    logs.bind(
+        session=runner.session_id, agent=config.run.agent_id or config.run.agent.rpartition(":")[2]
+    )
+    runner.install_signal_handlers()
+    try:
+        report = runner.run()
+    except (ConfigError, DataError) as e:
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2
+    except AppError as e:
+        logger.error("run failed: %s: %s", type(e).__name__, e)
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            runner.restore_signal_handlers()
+    sys.stdout.write(report.render())
+    sys.stdout.flush()
+    return 0

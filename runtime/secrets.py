@@ -1,0 +1,378 @@
+"""Secret values that never print themselves, and where settings come from.
+
+A :class:`Secret` wraps a credential (API key, token). Its ``repr``/``str``/``format`` give
+``****``; the value is only reachable through :meth:`Secret.reveal`, which call sites use at the
+last moment (building a client). Pickling is refused so a secret cannot leak into a spill file.
+
+Resolution order of one setting (:func:`resolve_setting`; ``runtime.config`` uses it for every
+setting, so README, ``.env.example`` and errors agree):
+
+1. the variable itself (``ALPACA_API_KEY``);
+2. its documented alternative names, in order (``APCA_API_KEY_ID``);
+3. Google Secret Manager, when ``<NAME>_SECRET`` names a secret (``ALPACA_API_KEY_SECRET=
+   alpaca-key``, ``projects/p/secrets/alpaca-key`` or ``.../versions/3``; ``latest`` by default),
+   read with the real ``google-cloud-secret-manager`` client and Application Default Credentials
+   (Workload Identity on GKE) by :class:`SecretManagerResolver`;
+4. the setting's default (``None`` for required ones; the caller then raises an error that names
+   every place tried, see :func:`tried_places`).
+
+An empty variable counts as unset. The resolver is created only when a ``*_SECRET`` reference is
+actually needed, so a backtest never touches Google.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn, Protocol
+
+from runtime.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MASK = "****"
+SECRET_REF_SUFFIX = "_SECRET"
+
+
+class Secret:
+    """An opaque credential.
+
+    Args:
+        value: the secret text. Empty strings are allowed (an unset optional secret is ``None``,
+            not ``Secret("")``).
+        source: where it came from, e.g. ``"env:ALPACA_API_KEY"`` or
+            ``"secretmanager:projects/p/secrets/s/versions/latest"``; safe to log.
+    """
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = "unknown") -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        """Return the secret text. Call only where a client needs it; never log the result."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK}, source={self.source!r})"
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __format__(self, spec: str) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("Secret values cannot be pickled")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Google Secret Manager
+# ---------------------------------------------------------------------------------------------
+
+
+class SecretSource(Protocol):
+    """Something that turns a secret reference into its text (Secret Manager in production)."""
+
+    def access(self, ref: str, project: str | None) -> tuple[str, str]:
+        """Read one secret version.
+
+        Args:
+            ref: the ``*_SECRET`` value: ``name``, ``name/versions/V``,
+                ``projects/P/secrets/name`` or ``projects/P/secrets/name/versions/V``.
+            project: project for short names (``GOOGLE_CLOUD_PROJECT``); may be ``None``.
+
+        Returns:
+            ``(text, resource)``: the payload and the full version resource name read (safe to
+            log).
+
+        Raises:
+            ConfigError: the secret cannot be read; the message names the resource and why,
+                never a value.
+        """
+        ...
+
+
+def secret_resource(ref: str, project: str | None) -> str:
+    """Normalise a ``*_SECRET`` reference to ``projects/P/secrets/S/versions/V``.
+
+    Accepted: ``S``, ``S/versions/V``, ``projects/P/secrets/S``,
+    ``projects/P/secrets/S/versions/V`` and the ``projects/P/locations/L/secrets/S[...]`` forms of
+    regional secrets. ``V`` defaults to ``latest``.
+
+    Raises:
+        ConfigError: a short name without a project, or an unrecognised shape.
+    """
+    ref = ref.strip()
+    parts = ref.split("/")
+    if parts[0] == "projects":
+        if len(parts) in (4, 6) and parts[2] == "secrets":
+            base = parts[:4]
+            tail = parts[4:]
+        elif len(parts) in (6, 8) and parts[2] == "locations" and parts[4] == "secrets":
+            base = parts[:6]
+            tail = parts[6:]
+        else:
+            raise ConfigError(
+                f"secret reference {ref!r}: expected projects/<p>/secrets/<name>[/versions/<v>]"
+            )
+    else:
+        if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "versions"):
+            raise ConfigError(
+                f"secret reference {ref!r}: expected <name>[/versions/<v>] or "
+                "projects/<p>/secrets/<name>[/versions/<v>]"
+            )
+        if not project:
+            raise ConfigError(
+                f"secret reference {ref!r} is a short name: set "
+                "GOOGLE_CLOUD_PROJECT (or PROJECT_ID), or give "
+                "projects/<project>/secrets/<name>"
+            )
+        base = ["projects", project, "secrets", parts[0]]
+        tail = parts[1:]
+    if tail and tail[0] != "versions":
+        raise ConfigError(f"secret reference {ref!r}: expected .../versions/<v> after the name")
+    version = tail[1] if tail else "latest"
+    if not all(base) or not version:
+        raise ConfigError(f"secret reference {ref!r}: empty path segment")
+    return "/".join([*base, "versions", version])
+
+
+class SecretManagerResolver:
+    """Reads secrets with the real ``google-cloud-secret-manager`` client.
+
+    The client is created on first use: with no ``client`` given, it is
+    ``SecretManagerServiceClient()`` on Application Default Credentials (Workload Identity on
+    GKE, ``gcloud auth application-default login`` on a laptop). ``endpoint`` overrides the API
+    endpoint: an ``http://`` one (a local test server) uses the REST transport with anonymous
+    credentials, an ``https://`` one (a private endpoint) the REST transport with ADC.
+
+    Values are cached per resource for the life of the resolver; one trailing newline (left by
+    ``echo ... | gcloud secrets versions add --data-file=-``) is removed. A payload whose
+    ``data_crc32c`` does not match is refused.
+
+    Thread context: safe to call from any thread (a lock guards the client and the cache).
+
+    Args:
+        client: a ready ``SecretManagerServiceClient`` (tests, custom transports).
+        endpoint: API endpoint override (``SECRET_MANAGER_ENDPOINT``).
+        timeout_s: timeout of one request, seconds.
+        deadline_s: total time spent retrying UNAVAILABLE / RESOURCE_EXHAUSTED, seconds.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        endpoint: str | None = None,
+        timeout_s: float = 10.0,
+        deadline_s: float = 30.0,
+    ) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._timeout_s = timeout_s
+        self._deadline_s = deadline_s
+        self._cache: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        from google.api_core.client_options import ClientOptions
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import secretmanager
+
+        try:
+            if self._endpoint and self._endpoint.startswith("http://"):
+                from google.auth.credentials import AnonymousCredentials
+
+                self._client = secretmanager.SecretManagerServiceClient(
+                    transport="rest",
+                    credentials=AnonymousCredentials(),
+                    client_options=ClientOptions(api_endpoint=self._endpoint),
+                )
+            elif self._endpoint:
+                self._client = secretmanager.SecretManagerServiceClient(
+                    transport="rest", client_options=ClientOptions(api_endpoint=self._endpoint)
+                )
+            else:
+                self._client = secretmanager.SecretManagerServiceClient()
+        except DefaultCredentialsError as e:
+            raise ConfigError(
+                "Secret Manager: no Application Default Credentials (on GKE bind "
+                "the pod's ServiceAccount with Workload Identity; locally run "
+                "`gcloud auth application-default login`)"
+            ) from e
+        return self._client
+
+    def access(self, ref: str, project: str | None) -> tuple[str, str]:
+        """See :meth:`SecretSource.access`."""
+        from google.api_core import exceptions as gexc
+        from google.api_core import retry as gretry
+
+        if not project and not ref.startswith("projects/"):
+            project = _adc_project()
+        resource = secret_resource(ref, project)
+        with self._lock:
+            if resource in self._cache:
+                return self._cache[resource], resource
+            client = self._get_client()
+            retry = gretry.Retry(
+                initial=0.2,
+                maximum=5.0,
+                multiplier=2.0,
+                timeout=self._deadline_s,
+                predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.ResourceExhausted),
+            )
+            try:
+                response = client.access_secret_version(
+                    name=resource, retry=retry, timeout=self._timeout_s
+                )
+            except gexc.NotFound as e:
+                raise ConfigError(
+                    f"Secret Manager: {resource} not found (does the secret and "
+                    "that version exist, is the version enabled?)"
+                ) from e
+            except (gexc.PermissionDenied, gexc.Forbidden) as e:  # gRPC / REST mapping
+                raise ConfigError(
+                    f"Secret Manager: permission denied on {resource} (grant "
+                    "roles/secretmanager.secretAccessor to the runner's service "
+                    "account)"
+                ) from e
+            except gexc.GoogleAPICallError as e:
+                raise ConfigError(
+                    f"Secret Manager: cannot read {resource}: {type(e).__name__} {e.code}"
+                ) from e
+            except gexc.RetryError as e:
+                raise ConfigError(
+                    f"Secret Manager: cannot read {resource}: still unavailable "
+                    f"after {self._deadline_s:g} s of retries"
+                ) from e
+            data: bytes = response.payload.data
+            crc = response.payload.data_crc32c
+            if crc is not None and crc != 0:
+                import google_crc32c
+
+                if int(google_crc32c.value(data)) != int(crc):
+                    raise ConfigError(
+                        f"Secret Manager: {resource}: payload checksum mismatch "
+                        "(corrupted in transit)"
+                    )
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"Secret Manager: {resource} is not UTF-8 text") from e
+            if text.endswith("\n"):
+                text = text[:-2] if text.endswith("\r\n") else text[:-1]
+            name = response.name or resource
+            self._cache[resource] = text
+            logger.info("read %s from Secret Manager", name)
+            return text, name
+
+
+def _adc_project() -> str | None:
+    """The project of Application Default Credentials, when they name one (GKE metadata)."""
+    try:
+        import google.auth
+
+        return google.auth.default()[1]
+    except Exception:  # noqa: BLE001 - no ADC simply means no project to fall back to
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolution chain
+# ---------------------------------------------------------------------------------------------
+
+
+def secret_ref_var(name: str) -> str:
+    """The variable naming a Secret Manager secret for setting ``name``."""
+    return name + SECRET_REF_SUFFIX
+
+
+def resolve_setting(
+    name: str,
+    env: Mapping[str, str],
+    *,
+    alternatives: Sequence[str] = (),
+    source: SecretSource | None = None,
+    project: str | None = None,
+) -> tuple[str, str] | None:
+    """Find one setting along the chain (variable, alternatives, Secret Manager).
+
+    Defaults are the caller's business (they differ per setting); ``None`` means "not found".
+
+    Args:
+        name: the setting's variable, e.g. ``ALPACA_API_KEY``.
+        env: the environment mapping.
+        alternatives: documented alternative names, tried in order.
+        source: what reads ``<name>_SECRET`` references; ``None`` = refuse them.
+        project: project of short secret names.
+
+    Returns:
+        ``(value, origin)`` with origin ``env:<VAR>`` or ``secretmanager:<resource>``, or
+        ``None`` when no place had it. Variable values are stripped of surrounding whitespace.
+
+    Raises:
+        ConfigError: a ``*_SECRET`` reference exists but cannot be read.
+    """
+    for key in (name, *alternatives):
+        value = env.get(key)
+        if value is not None and value.strip() != "":
+            return value.strip(), f"env:{key}"
+    ref = env.get(secret_ref_var(name))
+    if ref is not None and ref.strip() != "":
+        if source is None:
+            raise ConfigError(
+                f"{secret_ref_var(name)} is set but no Secret Manager client is available"
+            )
+        try:
+            text, resource = source.access(ref.strip(), project)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{name}: tried {tried_places(name, alternatives)}; {secret_ref_var(name)}: {e}"
+            ) from e
+        return text, f"secretmanager:{resource}"
+    return None
+
+
+def tried_places(name: str, alternatives: Sequence[str] = ()) -> str:
+    """Every place :func:`resolve_setting` looks, for error messages.
+
+    >>> tried_places("ALPACA_API_KEY", ("APCA_API_KEY_ID",))
+    'ALPACA_API_KEY, APCA_API_KEY_ID, Secret Manager via ALPACA_API_KEY_SECRET'
+    """
+    return ", ".join((name, *alternatives, f"Secret Manager via {secret_ref_var(name)}"))
+
+
+def secrets_in(obj: object, _depth: int = 0) -> list[Secret]:
+    """Every :class:`Secret` held by a (nested) config dataclass, mapping or sequence; for the
+    log redactor (:meth:`runtime.logs.LogSetup.add_secrets`)."""
+    import dataclasses
+
+    if isinstance(obj, Secret):
+        return [obj]
+    if _depth > 6:
+        return []
+    found: list[Secret] = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            found += secrets_in(getattr(obj, f.name), _depth + 1)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            found += secrets_in(v, _depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            found += secrets_in(v, _depth + 1)
+    return found

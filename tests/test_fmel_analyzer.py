@@ -1,0 +1,139 @@
+"""The FMEL analyzer: records per bar, order events, notes, and no effect on results."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import numpy as np
+import pytest
+
+from agents.sma_cross import SmaCrossAgent
+from analyzers.fmel import FMELAnalyzer, attach_note, make_run_info
+from analyzers.sinks import DecisionWriter, LocalDuckDBSink
+from feeds.csv import CSVBars, make_csv_feed, read_csv_bars
+from runtime.config import CSVFeedConfig
+from tests.conftest import DATA
+
+FEEDS = [CSVFeedConfig(path=DATA / f"{s}.csv", symbol=s) for s in ("GOOG", "SP500", "NASDAQ")]
+
+
+@pytest.fixture(scope="module")
+def bars() -> dict[str, CSVBars]:
+    return {c.symbol: read_csv_bars(c) for c in FEEDS}
+
+
+class Logged(SmaCrossAgent):
+    """The example agent, also keeping every fill it is notified of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fills: list[tuple[str, str, str, float, float]] = []
+
+    def notify_order(self, order: Any) -> None:
+        if order.status == order.Completed:
+            self.fills.append((bt.num2date(order.executed.dt).isoformat(), order.data._name,
+                               "BUY" if order.isbuy() else "SELL", order.executed.size,
+                               order.executed.price))
+        super().notify_order(order)
+
+
+def run(bars: dict[str, CSVBars], analyzer: bool, writer: DecisionWriter | None = None
+        ) -> tuple[Any, float]:
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Logged)
+    cerebro.broker.setcash(100_000)
+    cerebro.broker.setcommission(commission=0.001)
+    if analyzer:
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
+    strategy = cerebro.run()[0]
+    return strategy, cerebro.broker.getvalue()
+
+
+def test_recording_changes_no_result_on_real_data(bars: dict[str, CSVBars],
+                                                   tmp_path: Path) -> None:
+    plain, plain_value = run(bars, analyzer=False)
+    tracked, tracked_value = run(bars, analyzer=True)
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    writer = DecisionWriter(sink, batch_size=100, spill_dir=tmp_path / "spill")
+    writer.start()
+    stored, stored_value = run(bars, analyzer=True, writer=writer)
+    stats = writer.stop()
+    assert len(plain.fills) > 100  # the comparison means something
+    assert plain.fills == tracked.fills == stored.fills
+    assert plain_value == tracked_value == stored_value
+    assert stats.written == len(tracked.analyzers.fmel.records) == 5031
+
+
+def test_one_record_per_bar_with_stages_and_order_events(bars: dict[str, CSVBars]) -> None:
+    strategy, _ = run(bars, analyzer=True)
+    records = strategy.analyzers.fmel.records
+    assert [r.decision_point for r in records] == list(range(len(records)))
+    stages = [r.stage for r in records]
+    first_next = stages.index("NEXTSTART")
+    assert set(stages[:first_next]) == {"PRENEXT"} and stages.count("NEXTSTART") == 1
+    assert set(stages[first_next + 1:]) == {"NEXT"}
+    created = {a.order_ref: (r, a) for r in records for a in r.actions if a.event == "CREATED"}
+    completed = {a.order_ref: (r, a) for r in records for a in r.actions
+                 if a.event == "COMPLETED"}
+    assert len(created) == len(strategy.fills) == len(completed)
+    for ref, (rec, action) in created.items():
+        done_rec, done = completed[ref]
+        assert done_rec.decision_point > rec.decision_point  # filled at a later bar
+        assert done.exec_size == action.size and done.exec_price and done.exec_price > 0
+        assert rec.action == action.side and rec.reasoning
+    fills = {(f[1], f[2], abs(f[3]), f[4]) for f in strategy.fills}
+    assert fills == {(a.symbol, a.side, a.exec_size, a.exec_price)
+                     for _, a in completed.values()}
+    # positions and portfolio come from the broker
+    last = records[-1]
+    assert last.portfolio_value == pytest.approx(strategy.broker.getvalue())
+    held = {p.symbol: p.size for p in last.positions}
+    assert held == {d._name: strategy.getposition(d).size for d in strategy.datas
+                    if strategy.getposition(d).size}
+    last_bar = bt.num2date(strategy.datetime[0]).replace(tzinfo=UTC)
+    assert datetime.fromtimestamp(last.bar_time, UTC) == last_bar
+
+
+class Noter(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        if len(self) == 3:
+            attach_note(self, reasoning="because", confidence=0.75,
+                        forecast=np.array([1.5, 2.5]), model="m")
+        if len(self) == 4:
+            self.buy(size=10**9)  # far beyond cash: the broker answers Margin
+
+
+def test_notes_and_rejections_are_recorded() -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    c = FEEDS[0]
+    cerebro.adddata(make_csv_feed(c), name=c.symbol)
+    cerebro.addstrategy(Noter)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    noted = records[2]
+    assert noted.reasoning == "because" and noted.confidence == 0.75
+    assert json.loads(noted.notes or "") == {"forecast": [1.5, 2.5], "model": "m"}
+    assert records[3].reasoning is None and records[3].notes is None
+    events = [a.event for r in records for a in r.actions]
+    assert events[:3] == ["CREATED", "SUBMITTED", "MARGIN"]
+
+
+def test_attach_note_without_analyzer_is_a_no_op() -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(FEEDS[0]), name="GOOG")
+    cerebro.addstrategy(Noter)
+    cerebro.run()
+
+
+def test_run_info_carries_agent_metadata() -> None:
+    info = make_run_info(SmaCrossAgent, session_id="s1", agent_id=None, mode="backtest",
+                         params_json='{"fast": 10}')
+    assert info.agent_id == "SmaCrossAgent"
+    assert info.agent_class == "agents.sma_cross.SmaCrossAgent"
+    assert info.agent_source_hash is not None and len(info.agent_source_hash) == 32

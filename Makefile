@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest side-venvs bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-pytest: $(STAMP)
+# bqemulator (BigQuery emulator) and checkov run from their own venvs: in the project's venv
+# they would downgrade packages the project pins.
+side-venvs:
+	PYTHON=$(PYTHON) bash tests/bqemu/setup.sh
+	PYTHON=$(PYTHON) bash tests/checkov/setup.sh
+
+pytest: $(STAMP) side-venvs
 	$(PY) -m pytest
 
 test: lint typecheck pytest

@@ -48,8 +48,12 @@ class RsiAgent(bt.Strategy):  # type: ignore[misc]
             if position == 0 and value < threshold:
                 size = math.floor(self.broker.getvalue() * self.p.stake / data.close[0])
                 if size > 0:
-                    attach_note(self, reasoning=f"{data._name}: RSI {value:.1f} < {threshold}",
-                                confidence=(threshold - value) / threshold, regime=regime)
+                    attach_note(
+                        self,
+                        reasoning=f"{data._name}: RSI {value:.1f} < {threshold}",
+                        confidence=(threshold - value) / threshold,
+                        regime=regime,
+                    )
                     self.buy(data=data, size=size)
             elif position > 0 and value > self.p.high:
                 attach_note(self, reasoning=f"{data._name}: RSI {value:.1f} > {self.p.high}")

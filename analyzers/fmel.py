@@ -54,6 +54,7 @@ _STATUS_EVENT = {
     bt.Order.Rejected: "REJECTED",
     bt.Order.Created: "CREATED",
 }
+_tuple_new = tuple.__new__
 _EPOCH_DAYS = 719_163.0  # backtrader's day number of 1970-01-01 (proleptic ordinal)
 _AGENT_CALLBACKS = (
     "prenext",
@@ -396,7 +397,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self.records.append(rec)
 
     def _resolve(self, reads: list[Read]) -> tuple[tuple[DataAccess, ...], int]:
-        """Group reads by symbol and resolve each bar's data hash (main thread, per bar)."""
+        """Group reads by symbol and resolve each bar's data hash (main thread, per bar).
+
+        Hot path: tuples are made with ``tuple.__new__`` (no NamedTuple ``__new__`` frame).
+        """
+        new = _tuple_new
         by_symbol: dict[str, list[Access]] = {}
         tags: dict[str, Any] = {}
         lookaheads = 0
@@ -404,12 +409,16 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             hashes = tag.hashes
             digest = hashes.at(index) if hashes is not None else None
             if size == 0:
-                access = Access(seq, "len", 0, 1, index, digest, float(index + 1), None, False)
+                access = new(
+                    Access, (seq, "len", 0, 1, index, digest, float(index + 1), None, False)
+                )
             elif value is None or value.__class__ is str:
-                access = Access(seq, tag.field, ago, size, index, digest, None, value, ago > 0)
+                access = new(
+                    Access, (seq, tag.field, ago, size, index, digest, None, value, ago > 0)
+                )
             else:
-                access = Access(
-                    seq, tag.field, ago, size, index, digest, float(value), None, ago > 0
+                access = new(
+                    Access, (seq, tag.field, ago, size, index, digest, float(value), None, ago > 0)
                 )
             if ago > 0:
                 lookaheads += 1
@@ -420,26 +429,29 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 tags[symbol] = tag
             lst.append(access)
         out = []
+        data_of = self._data_of
         for symbol, accesses in by_symbol.items():
             hashes = tags[symbol].hashes
-            data = self._data_of.get(symbol)
+            data = data_of.get(symbol)
             current = (
                 hashes.at(data.lines.datetime.lencount - 1)
                 if hashes is not None and data is not None
                 else None
             )
-            fields = tuple(dict.fromkeys([a.field for a in accesses]))
-            out.append(DataAccess(symbol, current, fields, tuple(accesses)))
+            fields = tuple(dict.fromkeys([a[1] for a in accesses]))
+            out.append(new(DataAccess, (symbol, current, fields, tuple(accesses))))
         return tuple(out), lookaheads
 
     def _positions(self, broker: Any) -> tuple[Position, ...]:
         positions = getattr(broker, "positions", None)
-        if positions is None:
+        if not positions:
             return ()
         symbol_of = self._symbol_of
+        new = _tuple_new
         return tuple(
-            Position(
-                symbol_of.get(id(data)) or feed_symbol(data), float(pos.size), float(pos.price)
+            new(
+                Position,
+                (symbol_of.get(id(data)) or feed_symbol(data), float(pos.size), float(pos.price)),
             )
             for data, pos in list(positions.items())
             if pos.size

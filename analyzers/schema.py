@@ -273,9 +273,108 @@ def to_row(rec: DecisionRecord) -> dict[str, Any]:
     }
 
 
+_str = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_INF = float("inf")
+
+
+def _js(x: str | None) -> str:
+    return "null" if x is None else _str(x)
+
+
+def _jf(x: float | None) -> str:
+    if x is None or x != x or x == _INF or x == -_INF:
+        return "null"
+    return repr(float(x))
+
+
+def _ji(x: int | None) -> str:
+    return "null" if x is None else str(int(x))
+
+
 def row_json(rec: DecisionRecord) -> str:
-    """:func:`to_row` as compact JSON text (the spill-file and local-store line format)."""
-    return json.dumps(to_row(rec), separators=(",", ":"), allow_nan=False)
+    """:func:`to_row` as compact JSON text, written directly (about 4x faster than building the
+    dict and dumping it; this runs once per decision on the writer thread). Equal to
+    ``json.dumps(to_row(rec))`` once parsed (checked by the tests)."""
+    run = rec.run
+    parts = [
+        '{"decision_id":',
+        _str(f"{run.session_id}:{rec.decision_point}"),
+        ',"session_id":',
+        _str(run.session_id),
+        ',"agent_id":',
+        _str(run.agent_id),
+        ',"mode":',
+        _str(run.mode),
+        ',"decision_point":',
+        str(rec.decision_point),
+        ',"ts":"',
+        _ts(rec.ts),
+        '","bar_time":"',
+        _ts(rec.bar_time),
+        '","stage":"',
+        rec.stage,
+        '","action":"',
+        rec.action,
+        '","actions":[',
+    ]
+    parts.append(
+        ",".join(
+            f'{{"seq":{a.seq},"event":{_js(a.event)},"side":{_js(a.side)},'
+            f'"symbol":{_js(a.symbol)},"order_ref":{_ji(a.order_ref)},'
+            f'"order_type":{_js(a.order_type)},"size":{_jf(a.size)},"price":{_jf(a.price)},'
+            f'"exec_size":{_jf(a.exec_size)},"exec_price":{_jf(a.exec_price)},'
+            f'"commission":{_jf(a.commission)},"reason":{_js(a.reason)}}}'
+            for a in rec.actions
+        )
+    )
+    parts.append('],"data_accessed":[')
+    parts.append(
+        ",".join(
+            f'{{"symbol":{_str(d.symbol)},"data_hash":{_js(d.data_hash)},'
+            f'"fields_accessed":[{",".join(_str(f) for f in d.fields_accessed)}],'
+            '"access_patterns":['
+            + ",".join(
+                f'{{"seq":{p.seq},"field":{_str(p.field)},"index":{p.index},"size":{p.size},'
+                f'"bar_index":{p.bar_index},"data_hash":{_js(p.data_hash)},'
+                f'"value":{_jf(p.value)},"text_value":{_js(p.text_value)},'
+                f'"lookahead":{"true" if p.lookahead else "false"}}}'
+                for p in d.access_patterns
+            )
+            + "]}"
+            for d in rec.data_accessed
+        )
+    )
+    parts += [
+        '],"reads":',
+        str(rec.reads),
+        ',"lookahead_reads":',
+        str(rec.lookahead_reads),
+        ',"portfolio_value":',
+        _jf(rec.portfolio_value),
+        ',"portfolio_cash":',
+        _jf(rec.portfolio_cash),
+        ',"positions":[',
+        ",".join(
+            f'{{"symbol":{_str(q.symbol)},"size":{_jf(q.size)},"price":{_jf(q.price)}}}'
+            for q in rec.positions
+        ),
+        '],"reasoning":',
+        _js(rec.reasoning),
+        ',"confidence":',
+        _jf(rec.confidence),
+        ',"notes":',
+        _js(rec.notes),
+        ',"agent_class":',
+        _str(run.agent_class),
+        ',"agent_params":',
+        _str(run.agent_params),
+        ',"agent_source_hash":',
+        _js(run.agent_source_hash),
+        ',"schema_version":',
+        str(SCHEMA_VERSION),
+        "}",
+    ]
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

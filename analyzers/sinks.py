@@ -33,12 +33,10 @@ from typing import Any, NamedTuple, Protocol
 
 from analyzers.schema import (
     DECISION_SCHEMA,
-    SCHEMA_VERSION,
     DecisionRecord,
-    RunInfo,
-    duckdb_columns,
     duckdb_ddl,
     duckdb_struct_type,
+    row_json,
     to_row,
 )
 from runtime.errors import SinkError, TransientError
@@ -113,7 +111,7 @@ class LocalDuckDBSink:
 
     Rows arrive as JSON text and are cast to the table's STRUCT type inside DuckDB in one
     statement per batch (much faster than binding Python objects). ``decision_id`` is the
-    primary key; a replayed row that is already stored is ignored.
+    key of replays: a replayed row that is already stored is skipped.
 
     Args:
         path: database file (created with its folder when missing).
@@ -127,11 +125,17 @@ class LocalDuckDBSink:
         self.table = table
         self.threads = threads
         self._con: Any = None
-        self._insert_sql = (
-            f'INSERT OR IGNORE INTO "{table}" SELECT unnest(CAST(j::JSON AS '
-            f"{duckdb_struct_type()})) FROM (SELECT unnest($1::VARCHAR[]) AS j)"
+        # Replays (spill files) may resend rows already stored: skip those ids. Fresh records
+        # take the plain append (no primary key: its index would double the insert cost).
+        cast = f"unnest(CAST(j::JSON AS {duckdb_struct_type()}))"
+        self._append_sql = (
+            f'INSERT INTO "{table}" SELECT {cast} FROM (SELECT unnest($1::VARCHAR[]) AS j)'
         )
-        self._columnar_sql = _columnar_insert_sql(table)
+        self._insert_sql = (
+            f'INSERT INTO "{table}" SELECT r.* FROM (SELECT {cast} FROM '
+            f"(SELECT unnest($1::VARCHAR[]) AS j)) AS r WHERE r.decision_id NOT IN "
+            f'(SELECT decision_id FROM "{table}")'
+        )
 
     def open(self) -> None:
         import duckdb
@@ -146,9 +150,7 @@ class LocalDuckDBSink:
             ) from e
         # One DuckDB thread: the other core belongs to the bar loop.
         self._con.execute(f"SET threads = {self.threads}")
-        ddl = duckdb_ddl(self.table).replace(
-            '"decision_id" VARCHAR NOT NULL', '"decision_id" VARCHAR PRIMARY KEY'
-        )
+        ddl = duckdb_ddl(self.table)
         self._con.execute(ddl)
         self._check_columns()
         if self.table == "decisions":
@@ -191,21 +193,13 @@ class LocalDuckDBSink:
         return errors
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
-        """Fast path for records straight from the analyzer: the batch goes to DuckDB as a few
-        flat column lists and is assembled into nested rows by SQL inside DuckDB (which runs
-        without the GIL), so the bar loop barely notices the writer thread."""
+        """Fast path for fresh records from the analyzer: JSON text written directly
+        (:func:`~analyzers.schema.row_json`) and cast to the table's STRUCT inside DuckDB,
+        which runs without the GIL. No duplicate check: these ids were never written."""
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write_records() before open()")
-        errors: list[RowError] = []
-        by_run: dict[RunInfo, list[int]] = {}
-        for i, rec in enumerate(records):
-            by_run.setdefault(rec.run, []).append(i)
-        for run, idx in by_run.items():
-            payload = json.dumps(
-                _columns(run, [records[i] for i in idx]), separators=(",", ":"), allow_nan=False
-            )
-            self._con.execute(self._columnar_sql, [payload])
-        return errors
+        self._con.execute(self._append_sql, [[row_json(r) for r in records]])
+        return []
 
     def close(self) -> None:
         if self._con is not None:
@@ -221,272 +215,6 @@ class LocalDuckDBSink:
             "action, reasoning, reads, portfolio_value FROM decisions WHERE action <> 'HOLD' "
             'ORDER BY bar_time LIMIT 20"'
         )
-
-
-def _finite(x: float | None) -> float | None:
-    """NaN/inf -> None (JSON has neither; both stores take null)."""
-    if x is None or x != x or x in (_INF, -_INF):
-        return None
-    return x
-
-
-_INF = float("inf")
-
-
-def _columns(run: RunInfo, records: Sequence[DecisionRecord]) -> dict[str, Any]:
-    """Flatten records into column lists (one pass, plain list appends)."""
-    r_i, r_dp, r_ts, r_bt, r_stage, r_action, r_reads, r_la = [], [], [], [], [], [], [], []
-    r_pv, r_cash, r_reason, r_conf, r_notes = [], [], [], [], []
-    a_cols: list[list[Any]] = [[] for _ in range(13)]
-    d_i, d_seq, d_sym, d_hash, d_fields = [], [], [], [], []
-    p_cols: list[list[Any]] = [[] for _ in range(11)]
-    q_i, q_sym, q_size, q_price = [], [], [], []
-    for i, rec in enumerate(records):
-        r_i.append(i)
-        r_dp.append(rec.decision_point)
-        r_ts.append(rec.ts)
-        r_bt.append(rec.bar_time)
-        r_stage.append(rec.stage)
-        r_action.append(rec.action)
-        r_reads.append(rec.reads)
-        r_la.append(rec.lookahead_reads)
-        r_pv.append(_finite(rec.portfolio_value))
-        r_cash.append(_finite(rec.portfolio_cash))
-        r_reason.append(rec.reasoning)
-        r_conf.append(_finite(rec.confidence))
-        r_notes.append(rec.notes)
-        for a in rec.actions:
-            a_cols[0].append(i)
-            for col, value in zip(a_cols[1:], a, strict=True):
-                col.append(_finite(value) if value.__class__ is float else value)
-        for k, da in enumerate(rec.data_accessed):
-            d_i.append(i)
-            d_seq.append(k)
-            d_sym.append(da.symbol)
-            d_hash.append(da.data_hash)
-            d_fields.append(list(da.fields_accessed))
-            for ap in da.access_patterns:
-                p_cols[0].append(i)
-                p_cols[1].append(da.symbol)
-                p_cols[2].append(ap.seq)
-                p_cols[3].append(ap.field)
-                p_cols[4].append(ap.index)
-                p_cols[5].append(ap.size)
-                p_cols[6].append(ap.bar_index)
-                p_cols[7].append(ap.data_hash)
-                p_cols[8].append(_finite(ap.value))
-                p_cols[9].append(ap.text_value)
-                p_cols[10].append(ap.lookahead)
-        for pos in rec.positions:
-            q_i.append(i)
-            q_sym.append(pos.symbol)
-            q_size.append(_finite(pos.size))
-            q_price.append(_finite(pos.price))
-    params: dict[str, Any] = {
-        "sid": run.session_id,
-        "agent": run.agent_id,
-        "mode": run.mode,
-        "aclass": run.agent_class,
-        "aparams": run.agent_params,
-        "ahash": run.agent_source_hash,
-        "r_i": r_i,
-        "r_dp": r_dp,
-        "r_ts": r_ts,
-        "r_bt": r_bt,
-        "r_stage": r_stage,
-        "r_action": r_action,
-        "r_reads": r_reads,
-        "r_la": r_la,
-        "r_pv": r_pv,
-        "r_cash": r_cash,
-        "r_reason": r_reason,
-        "r_conf": r_conf,
-        "r_notes": r_notes,
-        "d_i": d_i,
-        "d_seq": d_seq,
-        "d_sym": d_sym,
-        "d_hash": d_hash,
-        "d_fields": d_fields,
-        "q_i": q_i,
-        "q_sym": q_sym,
-        "q_size": q_size,
-        "q_price": q_price,
-    }
-    for name, col in zip(_A_NAMES, a_cols, strict=True):
-        params["a_" + name] = col
-    for name, col in zip(_P_NAMES, p_cols, strict=True):
-        params["p_" + name] = col
-    return params
-
-
-_A_NAMES = (
-    "i",
-    "seq",
-    "event",
-    "side",
-    "symbol",
-    "order_ref",
-    "order_type",
-    "size",
-    "price",
-    "exec_size",
-    "exec_price",
-    "commission",
-    "reason",
-)
-_A_TYPES = (
-    "BIGINT",
-    "BIGINT",
-    "VARCHAR",
-    "VARCHAR",
-    "VARCHAR",
-    "BIGINT",
-    "VARCHAR",
-    "DOUBLE",
-    "DOUBLE",
-    "DOUBLE",
-    "DOUBLE",
-    "DOUBLE",
-    "VARCHAR",
-)
-_P_NAMES = (
-    "i",
-    "sym",
-    "seq",
-    "field",
-    "index",
-    "size",
-    "bar_index",
-    "data_hash",
-    "value",
-    "text_value",
-    "lookahead",
-)
-_P_TYPES = (
-    "BIGINT",
-    "VARCHAR",
-    "BIGINT",
-    "VARCHAR",
-    "BIGINT",
-    "BIGINT",
-    "BIGINT",
-    "VARCHAR",
-    "DOUBLE",
-    "VARCHAR",
-    "BOOLEAN",
-)
-
-
-_PAYLOAD_FIELDS: list[tuple[str, str]] = []
-
-
-def _unnest(prefix: str, names: Sequence[str], types: Sequence[str]) -> str:
-    for n, t in zip(names, types, strict=True):
-        if (f"{prefix}_{n}", f"{t}[]") not in _PAYLOAD_FIELDS:
-            _PAYLOAD_FIELDS.append((f"{prefix}_{n}", f"{t}[]"))
-    return ", ".join(f'unnest(src.s."{prefix}_{n}") AS "{n}"' for n in names)
-
-
-def _columnar_insert_sql(table: str) -> str:
-    """One INSERT that rebuilds nested rows from the column lists of :func:`_columns`."""
-    types = dict(duckdb_columns())
-    actions_t, accessed_t, positions_t = (
-        types["actions"],
-        types["data_accessed"],
-        types["positions"],
-    )
-    access_t = accessed_t.removesuffix("[]").split('"access_patterns" ', 1)[1]
-    access_t = access_t.removesuffix(")").removesuffix("[]")
-    a_struct = ", ".join(f'"{n}": a."{n}"' for n in _A_NAMES[1:])
-    p_struct = ", ".join(
-        f'"{n}": p."{n}"'
-        for n in (
-            "seq",
-            "field",
-            "index",
-            "size",
-            "bar_index",
-            "data_hash",
-            "value",
-            "text_value",
-            "lookahead",
-        )
-    )
-    r_names = (
-        "i",
-        "dp",
-        "ts",
-        "bt",
-        "stage",
-        "action",
-        "reads",
-        "la",
-        "pv",
-        "cash",
-        "reason",
-        "conf",
-        "notes",
-    )
-    r_types = (
-        "BIGINT",
-        "BIGINT",
-        "DOUBLE",
-        "DOUBLE",
-        "VARCHAR",
-        "VARCHAR",
-        "BIGINT",
-        "BIGINT",
-        "DOUBLE",
-        "DOUBLE",
-        "VARCHAR",
-        "DOUBLE",
-        "VARCHAR",
-    )
-    body = f"""
-r AS (SELECT {_unnest("r", r_names, r_types)} FROM src),
-a AS (SELECT a."i", list(CAST({{{a_struct}}} AS {actions_t.removesuffix("[]")})
-                     ORDER BY a."seq") AS actions
-      FROM (SELECT {_unnest("a", _A_NAMES, _A_TYPES)} FROM src) a GROUP BY a."i"),
-p AS (SELECT p."i", p."sym", list(CAST({{{p_struct}}} AS {access_t}) ORDER BY p."seq") AS aps
-      FROM (SELECT {_unnest("p", _P_NAMES, _P_TYPES)} FROM src) p GROUP BY p."i", p."sym"),
-d AS (SELECT d."i", list(CAST({{"symbol": d."sym", "data_hash": d."hash",
-                                "fields_accessed": d."fields",
-                                "access_patterns": coalesce(p.aps, [])}}
-                              AS {accessed_t.removesuffix("[]")}) ORDER BY d."seq")
-                   AS data_accessed
-      FROM (SELECT {
-        _unnest(
-            "d",
-            ("i", "seq", "sym", "hash", "fields"),
-            ("BIGINT", "BIGINT", "VARCHAR", "VARCHAR", "VARCHAR[]"),
-        )
-    }
-            FROM src) d
-      LEFT JOIN p ON p."i" = d."i" AND p."sym" = d."sym"
-      GROUP BY d."i"),
-q AS (SELECT q."i", list(CAST({{"symbol": q."sym", "size": q."size", "price": q."price"}}
-                              AS {positions_t.removesuffix("[]")})) AS positions
-      FROM (SELECT {
-        _unnest("q", ("i", "sym", "size", "price"), ("BIGINT", "VARCHAR", "DOUBLE", "DOUBLE"))
-    } FROM src) q
-      GROUP BY q."i")
-SELECT run.sid || ':' || r.dp, run.sid, run.agent, run.mode, r.dp, to_timestamp(r.ts),
-       to_timestamp(r.bt), r.stage, r.action, coalesce(a.actions, []),
-       coalesce(d.data_accessed, []), r.reads, r.la, r.pv, r.cash, coalesce(q.positions, []),
-       r.reason, r.conf, r.notes, run.aclass, run.aparams, run.ahash, {SCHEMA_VERSION}
-FROM (SELECT src.s.sid, src.s.agent, src.s.mode, src.s.aclass, src.s.aparams, src.s.ahash
-      FROM src) run, r
-LEFT JOIN a ON a."i" = r."i" LEFT JOIN d ON d."i" = r."i" LEFT JOIN q ON q."i" = r."i"
-ORDER BY r."i"
-"""
-    scalars = [(n, "VARCHAR") for n in ("sid", "agent", "mode", "aclass", "aparams", "ahash")]
-    payload_t = ", ".join(f'"{n}" {t}' for n, t in scalars + _PAYLOAD_FIELDS)
-    # The payload JSON is parsed once, into one STRUCT; everything else is columnar SQL.
-    return (
-        f'INSERT OR IGNORE INTO "{table}"\n'
-        f"WITH src AS MATERIALIZED (SELECT CAST(CAST($1 AS JSON) AS STRUCT({payload_t})) "
-        f"AS s),{body}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,13 +297,28 @@ class DecisionWriter:
         self._next_probe = 0.0
         self._last_error: str | None = None
         self._fatal: BaseException | None = None
+        self._inflight: list[DecisionRecord | Row] | None = None
 
     # -- main thread ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer thread (it opens the sink and replays old spill files first)."""
+        """Open the sink and start the writer thread (which replays old spill files first).
+
+        The sink is opened here, on the caller's thread, so a store that can never work (an
+        incompatible table, a database file locked by another process) fails the run at
+        start. A store that is only unreachable for now is not fatal: records are spilled
+        until it answers.
+
+        Raises:
+            SinkError: the sink cannot be used.
+        """
         if self._thread is not None:
             return
+        try:
+            self._call_with_retry(self.sink.open)
+            self._opened = True
+        except TransientError as e:
+            self._enter_spill(f"sink unreachable at start: {e}")
         self._thread = threading.Thread(
             target=self._run, name=f"fmel-writer-{self.sink.name}", daemon=True
         )
@@ -621,9 +364,11 @@ class DecisionWriter:
                 logger.error(
                     "decision writer did not finish within %.1f s; spilling what is left", timeout_s
                 )
-        # Whatever is still buffered (thread stuck or dead) goes to disk, never lost.
+        # Whatever is still buffered (thread stuck or dead) goes to disk, never lost; so does
+        # the batch a stuck thread holds (it may yet land too: stores dedupe by decision_id).
         with self._cond:
-            left = [self._as_row(r) for r in self._buf]
+            stuck = list(self._inflight or [])
+            left = [self._as_row(r) for r in [*stuck, *self._buf]]
             self._buf.clear()
         if left:
             self._spill(left)
@@ -664,7 +409,9 @@ class DecisionWriter:
                 if batch is None:
                     break
                 if batch:
+                    self._inflight = batch
                     self._deliver(batch)
+                    self._inflight = None
                 elif self._spilling:
                     self._maybe_recover()
             if self._spilling:  # one last try before giving the spill to the next start
@@ -681,14 +428,13 @@ class DecisionWriter:
                 )
 
     def _open_and_replay(self) -> None:
-        try:
-            self._call_with_retry(self.sink.open)
-            self._opened = True
-        except TransientError as e:
-            self._enter_spill(f"sink unreachable at start: {e}")
-            return
+        if not self._opened:
+            return  # unreachable at start: _maybe_recover opens it and replays later
         if self.spill_path.exists():
-            self._replay()
+            try:
+                self._replay()
+            except TransientError as e:
+                self._enter_spill(f"replay of {self.spill_path} failed: {e}")
 
     def _call_with_retry(self, fn: Any, *args: Any) -> Any:
         attempt = 0
@@ -724,8 +470,12 @@ class DecisionWriter:
             self._spill([self._as_row(r) for r in batch])
             return
         except Exception as e:  # a sink bug must not lose the batch: keep it on disk
-            logger.exception("sink %s failed on a batch of %d; keeping it in %s", self.sink.name,
-                             len(batch), self.spill_path)
+            logger.exception(
+                "sink %s failed on a batch of %d; keeping it in %s",
+                self.sink.name,
+                len(batch),
+                self.spill_path,
+            )
             self._enter_spill(f"{type(e).__name__}: {e}")
             self._spill([self._as_row(r) for r in batch])
             return
@@ -789,8 +539,9 @@ class DecisionWriter:
             # what is written leaves the file at once: a failure later resends nothing twice
             rest = rows[i + self.max_batch :]
             tmp = self.spill_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rest),
-                           encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rest), encoding="utf-8"
+            )
             os.replace(tmp, self.spill_path)
         self.spill_path.unlink()
         self._spilling = False

@@ -51,8 +51,11 @@ def child(mode: str, symbols: list[str]) -> dict[str, float]:
     if mode == "fmel":
         cerebro.addanalyzer(FMELAnalyzer)
     elif mode == "fmel+duckdb":
-        writer = DecisionWriter(LocalDuckDBSink(Path(tmp) / "fmel.duckdb"), batch_size=500,
-                                spill_dir=Path(tmp) / "spill")
+        writer = DecisionWriter(
+            LocalDuckDBSink(Path(tmp) / "fmel.duckdb"),
+            batch_size=500,
+            spill_dir=Path(tmp) / "spill",
+        )
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer)
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -60,9 +63,13 @@ def child(mode: str, symbols: list[str]) -> dict[str, float]:
     if writer is not None:
         writer.stop()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    return {"wall_s": wall, "main_cpu_s": cpu, "bars": len(strategy),
-            "value": cerebro.broker.getvalue(),
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "wall_s": wall,
+        "main_cpu_s": cpu,
+        "bars": len(strategy),
+        "value": cerebro.broker.getvalue(),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -78,8 +85,12 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--symbols",
-                                  args.symbols], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--symbols", args.symbols],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[mode].append(json.loads(out.stdout))
     values = {r["value"] for m in MODES for r in results[m]}
     if len(values) != 1:
@@ -98,8 +109,10 @@ def main() -> None:
         wall = statistics.median(r["wall_s"] for r in results[mode])
         cpu = statistics.median(r["main_cpu_s"] for r in results[mode])
         rss = max(r["rss_mb"] for r in results[mode])
-        lines.append(f"| {mode} | {bars / wall:,.0f} | {wall / base:.2f}x | "
-                     f"{cpu / base_cpu:.2f}x | {rss:.0f} |")
+        lines.append(
+            f"| {mode} | {bars / wall:,.0f} | {wall / base:.2f}x | "
+            f"{cpu / base_cpu:.2f}x | {rss:.0f} |"
+        )
     sys.stdout.write("\n".join(lines) + "\n")
 
 

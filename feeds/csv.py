@@ -261,7 +261,9 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
     for name, arr in (("open", o), ("high", h), ("low", low), ("close", c)):
         flag(np.isnan(arr), lambda i, name=name: f"{name} is empty or NaN")
         with np.errstate(invalid="ignore"):
-            flag(arr <= 0, lambda i, name=name, arr=arr: f"{name} {float(arr[i])!r} is not positive")
+            flag(
+                arr <= 0, lambda i, name=name, arr=arr: f"{name} {float(arr[i])!r} is not positive"
+            )
     with np.errstate(invalid="ignore"):
         flag(h < low, lambda i: f"high {float(h[i])!r} < low {float(low[i])!r}")
         flag(v < 0, lambda i: f"volume {float(v[i])!r} is negative")

@@ -208,9 +208,12 @@ class BarHashes:
     def at(self, index: int) -> str | None:
         """Hash of absolute bar ``index``; ``None`` when out of range or evicted."""
         i = index - self._base
-        if 0 <= i < len(self._hashes):
+        if i < 0:
+            return None
+        try:
             return self._hashes[i]
-        return None
+        except IndexError:
+            return None
 
     def __len__(self) -> int:
         return self._base + len(self._hashes)

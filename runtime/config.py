@@ -59,12 +59,22 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         # --- run ---------------------------------------------------------------------------
-        _s("MODE", "backtest", "backtest (CSV files, simulated broker) or paper (live Pub/Sub bars)"),
-        _s("SYMBOLS", None, "comma list of symbols, e.g. GOOG,SP500 or BTC/USD; default: "
-           "GOOG,SP500,NASDAQ on the bundled data, else every CSV in DATA_DIR"),
+        _s(
+            "MODE",
+            "backtest",
+            "backtest (CSV files, simulated broker) or paper (live Pub/Sub bars)",
+        ),
+        _s(
+            "SYMBOLS",
+            None,
+            "comma list of symbols, e.g. GOOG,SP500 or BTC/USD; default: "
+            "GOOG,SP500,NASDAQ on the bundled data, else every CSV in DATA_DIR",
+        ),
         _s("AGENT", "agents.sma_cross:SmaCrossAgent", "the agent to run, as module:Class"),
-        _s("AGENT_PARAMS", "{}", "JSON object of the agent's params, e.g. {\"fast\": 10}"),
-        _s("AGENT_ID", None, "stable id of this agent in decision records; default: the class name"),
+        _s("AGENT_PARAMS", "{}", 'JSON object of the agent\'s params, e.g. {"fast": 10}'),
+        _s(
+            "AGENT_ID", None, "stable id of this agent in decision records; default: the class name"
+        ),
         _s("CASH", "100000", "starting cash of the simulated broker, USD"),
         _s("COMMISSION", "0.001", "simulated commission as a fraction of notional (0.001 = 0.1%)"),
         _s("BROKER", None, "sim (backtrader's simulated broker) or alpaca; default sim"),
@@ -73,62 +83,124 @@ SETTINGS: dict[str, Setting] = {
         _s("BACKTEST_END", None, "last bar time to use (ISO date), inclusive"),
         # --- historical CSV feed -------------------------------------------------------------
         _s("DATA_DIR", None, "folder of <SYMBOL>.csv files; default: the bundled real data"),
-        _s("CSV_DATETIME_COLUMN", None, "datetime column name or 0-based index; default: the "
-           "first column"),
+        _s(
+            "CSV_DATETIME_COLUMN",
+            None,
+            "datetime column name or 0-based index; default: the first column",
+        ),
         _s("CSV_DATETIME_FORMAT", None, "strftime format of that column; default: inferred"),
         _s("CSV_TIMEZONE", "UTC", "IANA timezone of naive timestamps in the files"),
-        _s("CSV_BAR_SIZE", None, "bar size, e.g. 1min, 5min, 1h, 1d, 1w, 1mo; default: inferred "
-           "from the median spacing"),
-        _s("CSV_COLUMNS", None, "JSON object mapping our names to the file's, e.g. "
-           "{\"close\": \"Adj Close\"}"),
-        _s("CSV_ON_BAD_ROWS", "raise", "raise (stop with file and line) or skip (skip, count, "
-           "report)"),
+        _s(
+            "CSV_BAR_SIZE",
+            None,
+            "bar size, e.g. 1min, 5min, 1h, 1d, 1w, 1mo; default: inferred from the median spacing",
+        ),
+        _s(
+            "CSV_COLUMNS",
+            None,
+            'JSON object mapping our names to the file\'s, e.g. {"close": "Adj Close"}',
+        ),
+        _s(
+            "CSV_ON_BAD_ROWS",
+            "raise",
+            "raise (stop with file and line) or skip (skip, count, report)",
+        ),
         # --- FMEL recording ------------------------------------------------------------------
         _s("FMEL_SINK", "local", "where decision records go: local (DuckDB file) or bigquery"),
         _s("FMEL_LOCAL_PATH", "fmel.duckdb", "DuckDB file of the local decision store"),
-        _s("FMEL_BATCH_SIZE", None, "records per sink write; default 10 for bigquery, 500 for "
-           "local"),
+        _s(
+            "FMEL_BATCH_SIZE",
+            None,
+            "records per sink write; default 10 for bigquery, 500 for local",
+        ),
         _s("FMEL_FLUSH_INTERVAL_S", "5", "longest a record waits before it is written, seconds"),
         _s("FMEL_QUEUE_SIZE", "10000", "records buffered before next() waits (back-pressure)"),
-        _s("FMEL_SPILL_DIR", ".fmel_spill", "folder for records a sink could not take; replayed "
-           "at the next start"),
-        _s("FMEL_STRICT_LOOKAHEAD", "false", "raise LookAheadError when an agent reads a future "
-           "bar (otherwise flag and warn)"),
+        _s(
+            "FMEL_SPILL_DIR",
+            ".fmel_spill",
+            "folder for records a sink could not take; replayed at the next start",
+        ),
+        _s(
+            "FMEL_STRICT_LOOKAHEAD",
+            "false",
+            "raise LookAheadError when an agent reads a future bar (otherwise flag and warn)",
+        ),
         _s("FMEL_DATASET", "fmel", "BigQuery dataset of decision records"),
         _s("FMEL_TABLE", "decisions", "BigQuery table of decision records"),
         _s("FMEL_BQ_LOCATION", None, "BigQuery dataset location, e.g. US or EU"),
         _s("FMEL_BQ_TIMEOUT_S", "30", "timeout of one BigQuery request, seconds"),
         _s("FMEL_PUBSUB_TOPIC", None, "optional Pub/Sub topic that also receives every decision"),
         # --- GCP -----------------------------------------------------------------------------
-        _s("GOOGLE_CLOUD_PROJECT", None, "GCP project id", alternatives=("PROJECT_ID",
-                                                                         "GCLOUD_PROJECT")),
-        _s("SECRET_MANAGER_ENDPOINT", None, "Secret Manager API endpoint override (tests, "
-           "private endpoints); http:// = no credentials; default: Google's, with ADC"),
+        _s(
+            "GOOGLE_CLOUD_PROJECT",
+            None,
+            "GCP project id",
+            alternatives=("PROJECT_ID", "GCLOUD_PROJECT"),
+        ),
+        _s(
+            "SECRET_MANAGER_ENDPOINT",
+            None,
+            "Secret Manager API endpoint override (tests, "
+            "private endpoints); http:// = no credentials; default: Google's, with ADC",
+        ),
         # --- live Pub/Sub feed ---------------------------------------------------------------
-        _s("PUBSUB_TOPIC", None, "topic(s) of live bars, comma list; short names or "
-           "projects/<p>/topics/<t>"),
-        _s("PUBSUB_SUBSCRIPTION_PREFIX", "bt-runner", "prefix of the subscription this runner "
-           "creates (suffixed with the session id)"),
+        _s(
+            "PUBSUB_TOPIC",
+            None,
+            "topic(s) of live bars, comma list; short names or projects/<p>/topics/<t>",
+        ),
+        _s(
+            "PUBSUB_SUBSCRIPTION_PREFIX",
+            "bt-runner",
+            "prefix of the subscription this runner creates (suffixed with the session id)",
+        ),
         _s("PUBSUB_SUBSCRIPTION", None, "reuse this existing subscription instead of creating one"),
         _s("PUBSUB_QCHECK_S", "0.5", "longest the feed blocks waiting for a bar, seconds"),
-        _s("PUBSUB_MAX_BUFFERED_BARS", "10000", "bars buffered per symbol before flow control "
-           "holds the stream"),
-        _s("PUBSUB_FIELDS", None, "comma list of extra fields to expect, name or name:text "
-           "(else discovered from each symbol's first message)"),
+        _s(
+            "PUBSUB_MAX_BUFFERED_BARS",
+            "10000",
+            "bars buffered per symbol before flow control holds the stream",
+        ),
+        _s(
+            "PUBSUB_FIELDS",
+            None,
+            "comma list of extra fields to expect, name or name:text "
+            "(else discovered from each symbol's first message)",
+        ),
         _s("PUBSUB_DISCOVERY_S", "5", "start-up window to discover extra fields, seconds"),
         _s("PUBSUB_BACKFILL_BARS", "0", "bars of CSV history loaded before going live"),
         _s("PUBSUB_LOOKBACK_BARS", "5000", "bars kept in memory per live line (bounded)"),
         _s("PUBSUB_SUBSCRIPTION_TTL_S", "86400", "subscription expires after this idle time, s"),
-        _s("PUBSUB_IDLE_TIMEOUT_S", "0", "stop the live run after this long with no bar (0: never)"),
-        _s("PUBSUB_ALIGN_WAIT_S", "1", "longest a bar waits for the other symbols' bars of the "
-           "same time before it is delivered alone, seconds (0: never wait)"),
+        _s(
+            "PUBSUB_IDLE_TIMEOUT_S", "0", "stop the live run after this long with no bar (0: never)"
+        ),
+        _s(
+            "PUBSUB_ALIGN_WAIT_S",
+            "1",
+            "longest a bar waits for the other symbols' bars of the "
+            "same time before it is delivered alone, seconds (0: never wait)",
+        ),
         # --- Alpaca broker -------------------------------------------------------------------
-        _s("ALPACA_API_KEY", None, "Alpaca API key id", secret=True,
-           alternatives=("APCA_API_KEY_ID",)),
-        _s("ALPACA_SECRET_KEY", None, "Alpaca API secret key", secret=True,
-           alternatives=("APCA_API_SECRET_KEY",)),
-        _s("ALPACA_BASE_URL", None, "endpoint override (tests, proxies); default: Alpaca paper",
-           alternatives=("APCA_API_BASE_URL",)),
+        _s(
+            "ALPACA_API_KEY",
+            None,
+            "Alpaca API key id",
+            secret=True,
+            alternatives=("APCA_API_KEY_ID",),
+        ),
+        _s(
+            "ALPACA_SECRET_KEY",
+            None,
+            "Alpaca API secret key",
+            secret=True,
+            alternatives=("APCA_API_SECRET_KEY",),
+        ),
+        _s(
+            "ALPACA_BASE_URL",
+            None,
+            "endpoint override (tests, proxies); default: Alpaca paper",
+            alternatives=("APCA_API_BASE_URL",),
+        ),
         _s("ALPACA_LIVE_TRADING", "false", "true to allow a live (real money) endpoint"),
         _s("ALPACA_POLL_INTERVAL_S", "2", "order status poll period, seconds"),
         _s("ALPACA_USE_STREAM", "false", "also follow the trade-updates websocket"),
@@ -136,13 +208,24 @@ SETTINGS: dict[str, Setting] = {
         _s("ALPACA_CANCEL_ON_STOP", "false", "cancel open orders on shutdown"),
         _s("ALPACA_REFRESH_INTERVAL_S", "30", "account/positions refresh period, seconds"),
         _s("ALPACA_TIME_IN_FORCE", None, "override time in force (day, gtc, ioc, fok, opg, cls)"),
-        _s("ALPACA_STREAM_URL", None, "trade-updates websocket override; default: derived from "
-           "ALPACA_BASE_URL (ws(s)://host/stream) or Alpaca's paper stream"),
+        _s(
+            "ALPACA_STREAM_URL",
+            None,
+            "trade-updates websocket override; default: derived from "
+            "ALPACA_BASE_URL (ws(s)://host/stream) or Alpaca's paper stream",
+        ),
         _s("ALPACA_REQUEST_TIMEOUT_S", "10", "timeout of one Alpaca HTTP request, seconds"),
-        _s("ALPACA_MAX_RETRIES", "6", "attempts per Alpaca call on 429/5xx/timeouts (capped "
-           "exponential backoff with jitter)"),
-        _s("ALPACA_WAIT_FOR_MARKET_OPEN", "true", "hold equity orders until the Alpaca clock "
-           "says the market is open (crypto is never held)"),
+        _s(
+            "ALPACA_MAX_RETRIES",
+            "6",
+            "attempts per Alpaca call on 429/5xx/timeouts (capped exponential backoff with jitter)",
+        ),
+        _s(
+            "ALPACA_WAIT_FOR_MARKET_OPEN",
+            "true",
+            "hold equity orders until the Alpaca clock "
+            "says the market is open (crypto is never held)",
+        ),
         # --- risk guard ----------------------------------------------------------------------
         _s("RISK_MAX_POSITION_VALUE_USD", None, "largest position value per symbol, USD"),
         _s("RISK_MAX_OPEN_SYMBOLS", None, "most symbols with an open position"),
@@ -154,10 +237,18 @@ SETTINGS: dict[str, Setting] = {
         _s("CHRONOS_MODEL", "amazon/chronos-bolt-tiny", "Chronos checkpoint id or local path"),
         _s("CHRONOS_DEVICE", "cpu", "cpu, cuda or auto"),
         _s("CHRONOS_DTYPE", "float32", "float32, bfloat16 or float16"),
-        _s("CHRONOS_REVISION", None, "Hub revision (branch, tag or commit) of CHRONOS_MODEL; "
-           "default: main; ignored for a local path"),
-        _s("CHRONOS_CACHE_DIR", None, "Hugging Face cache folder to load hub ids from; default: "
-           "the Hugging Face default (HF_HUB_CACHE / HF_HOME)"),
+        _s(
+            "CHRONOS_REVISION",
+            None,
+            "Hub revision (branch, tag or commit) of CHRONOS_MODEL; "
+            "default: main; ignored for a local path",
+        ),
+        _s(
+            "CHRONOS_CACHE_DIR",
+            None,
+            "Hugging Face cache folder to load hub ids from; default: "
+            "the Hugging Face default (HF_HUB_CACHE / HF_HOME)",
+        ),
         # --- operations ------------------------------------------------------------------------
         _s("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR"),
         _s("LOG_FORMAT", "auto", "auto (text on a terminal, JSON otherwise), text or json"),
@@ -167,8 +258,7 @@ SETTINGS: dict[str, Setting] = {
 }
 
 # Variables with these prefixes are ours: an undeclared one is a typo and fails at start.
-OWNED_PREFIXES = ("FMEL_", "ALPACA_", "CSV_", "AGENT_", "RISK_", "CHRONOS_", "BACKTEST_",
-                  "PUBSUB_")
+OWNED_PREFIXES = ("FMEL_", "ALPACA_", "CSV_", "AGENT_", "RISK_", "CHRONOS_", "BACKTEST_", "PUBSUB_")
 # Set by other tools (the Google client honours them) that share our prefixes.
 FOREIGN_NAMES = frozenset({"PUBSUB_EMULATOR_HOST", "PUBSUB_PROJECT_ID"})
 # `*_SECRET` variables name a Secret Manager secret for the setting without the suffix.
@@ -320,7 +410,9 @@ class PubSubFeedConfig:
         if self.qcheck_s <= 0:
             raise ConfigError(f"PUBSUB_QCHECK_S must be > 0, got {self.qcheck_s}")
         if self.max_buffered_bars < 1:
-            raise ConfigError(f"PUBSUB_MAX_BUFFERED_BARS must be >= 1, got {self.max_buffered_bars}")
+            raise ConfigError(
+                f"PUBSUB_MAX_BUFFERED_BARS must be >= 1, got {self.max_buffered_bars}"
+            )
         if self.lookback_bars < 1:
             raise ConfigError(f"PUBSUB_LOOKBACK_BARS must be >= 1, got {self.lookback_bars}")
         if self.align_wait_s < 0:
@@ -328,8 +420,9 @@ class PubSubFeedConfig:
         for spec in self.fields:
             name, _, kind = spec.partition(":")
             if not name.strip() or kind.strip().lower() not in ("", "number", "text"):
-                raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: expected name, name:number or "
-                                  "name:text")
+                raise ConfigError(
+                    f"PUBSUB_FIELDS: {spec!r}: expected name, name:number or name:text"
+                )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,28 +471,44 @@ class AlpacaBrokerConfig:
         if self.poll_interval_s <= 0:
             raise ConfigError(f"ALPACA_POLL_INTERVAL_S must be > 0, got {self.poll_interval_s}")
         if self.refresh_interval_s <= 0:
-            raise ConfigError("ALPACA_REFRESH_INTERVAL_S must be > 0, got "
-                              f"{self.refresh_interval_s}")
+            raise ConfigError(
+                f"ALPACA_REFRESH_INTERVAL_S must be > 0, got {self.refresh_interval_s}"
+            )
         if self.request_timeout_s <= 0:
-            raise ConfigError("ALPACA_REQUEST_TIMEOUT_S must be > 0, got "
-                              f"{self.request_timeout_s}")
+            raise ConfigError(f"ALPACA_REQUEST_TIMEOUT_S must be > 0, got {self.request_timeout_s}")
         if self.max_attempts < 1:
             raise ConfigError(f"ALPACA_MAX_RETRIES must be >= 1, got {self.max_attempts}")
         if not 0 < self.backoff_base_s <= self.backoff_max_s:
-            raise ConfigError("Alpaca backoff: need 0 < backoff_base_s <= backoff_max_s, got "
-                              f"{self.backoff_base_s} and {self.backoff_max_s}")
+            raise ConfigError(
+                "Alpaca backoff: need 0 < backoff_base_s <= backoff_max_s, got "
+                f"{self.backoff_base_s} and {self.backoff_max_s}"
+            )
         if self.time_in_force is not None and self.time_in_force not in (
-                "day", "gtc", "ioc", "fok", "opg", "cls"):
-            raise ConfigError("ALPACA_TIME_IN_FORCE must be day, gtc, ioc, fok, opg or cls, got "
-                              f"{self.time_in_force!r}")
-        for name, url in (("ALPACA_BASE_URL", self.base_url),
-                          ("ALPACA_STREAM_URL", self.stream_url)):
+            "day",
+            "gtc",
+            "ioc",
+            "fok",
+            "opg",
+            "cls",
+        ):
+            raise ConfigError(
+                "ALPACA_TIME_IN_FORCE must be day, gtc, ioc, fok, opg or cls, got "
+                f"{self.time_in_force!r}"
+            )
+        for name, url in (
+            ("ALPACA_BASE_URL", self.base_url),
+            ("ALPACA_STREAM_URL", self.stream_url),
+        ):
             if url is not None and "://" not in url:
-                raise ConfigError(f"{name}={url!r}: expected a URL with a scheme, e.g. "
-                                  "https://paper-api.alpaca.markets")
+                raise ConfigError(
+                    f"{name}={url!r}: expected a URL with a scheme, e.g. "
+                    "https://paper-api.alpaca.markets"
+                )
         if self.points_at_live and not self.live_trading:
-            raise ConfigError(f"ALPACA_BASE_URL={self.base_url} is Alpaca's live (real money) "
-                              "endpoint: set ALPACA_LIVE_TRADING=true to trade it on purpose")
+            raise ConfigError(
+                f"ALPACA_BASE_URL={self.base_url} is Alpaca's live (real money) "
+                "endpoint: set ALPACA_LIVE_TRADING=true to trade it on purpose"
+            )
 
     @property
     def points_at_live(self) -> bool:
@@ -409,8 +518,10 @@ class AlpacaBrokerConfig:
         host = self.base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
         return host == "api.alpaca.markets"
         if self.open_order_policy not in ("cancel", "adopt", "halt"):
-            raise ConfigError("ALPACA_OPEN_ORDER_POLICY must be cancel, adopt or halt, got "
-                              f"{self.open_order_policy!r}")
+            raise ConfigError(
+                "ALPACA_OPEN_ORDER_POLICY must be cancel, adopt or halt, got "
+                f"{self.open_order_policy!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -426,9 +537,16 @@ class RiskConfig:
 
     @property
     def enabled(self) -> bool:
-        return any(v is not None for v in (self.max_position_value_usd, self.max_open_symbols,
-                                           self.max_order_notional_usd, self.max_daily_loss_usd,
-                                           self.max_drawdown_pct))
+        return any(
+            v is not None
+            for v in (
+                self.max_position_value_usd,
+                self.max_open_symbols,
+                self.max_order_notional_usd,
+                self.max_daily_loss_usd,
+                self.max_drawdown_pct,
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -455,8 +573,9 @@ class ChronosConfig:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"CHRONOS_DEVICE={self.device!r}: expected cpu, cuda or auto")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"CHRONOS_DTYPE={self.dtype!r}: expected float32, bfloat16 or "
-                              "float16")
+            raise ConfigError(
+                f"CHRONOS_DTYPE={self.dtype!r}: expected float32, bfloat16 or float16"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -529,8 +648,13 @@ class _Env:
         return found[0] if found else None
 
     def lookup(self, name: str) -> tuple[str, str] | None:
-        return resolve_setting(name, self.env, alternatives=SETTINGS[name].alternatives,
-                               source=self.source, project=self.plain("GOOGLE_CLOUD_PROJECT"))
+        return resolve_setting(
+            name,
+            self.env,
+            alternatives=SETTINGS[name].alternatives,
+            source=self.source,
+            project=self.plain("GOOGLE_CLOUD_PROJECT"),
+        )
 
     def raw(self, name: str) -> str | None:
         found = self.lookup(name)
@@ -555,8 +679,9 @@ class _Env:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{name}={value!r}: expected {expected}") from e
 
-    def number(self, name: str, *, minimum: float | None = None, positive: bool = False
-              ) -> float | None:
+    def number(
+        self, name: str, *, minimum: float | None = None, positive: bool = False
+    ) -> float | None:
         value = self.parse(name, float, "a number")
         if value is not None:
             if value != value:  # NaN
@@ -597,8 +722,9 @@ class _Env:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}: expected a JSON object, got invalid JSON ({e.msg} at "
-                              f"position {e.pos})") from e
+            raise ConfigError(
+                f"{name}: expected a JSON object, got invalid JSON ({e.msg} at position {e.pos})"
+            ) from e
         if not isinstance(parsed, dict):
             raise ConfigError(f"{name}: expected a JSON object, got {type(parsed).__name__}")
         return parsed
@@ -635,8 +761,9 @@ def _check_timezone(name: str, tz: str) -> None:
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError) as e:
-        raise ConfigError(f"{name}={tz!r}: expected an IANA timezone such as UTC or "
-                          "America/New_York") from e
+        raise ConfigError(
+            f"{name}={tz!r}: expected an IANA timezone such as UTC or America/New_York"
+        ) from e
 
 
 def check_unknown(env: Mapping[str, str]) -> None:
@@ -678,12 +805,15 @@ def find_csv(data_dir: Path, symbol: str) -> Path:
             tried.append(cand.name)
             if cand.is_file():
                 return cand
-    raise ConfigError(f"SYMBOLS: no CSV for {symbol!r} in DATA_DIR={data_dir} (tried "
-                      f"{', '.join(dict.fromkeys(tried))})")
+    raise ConfigError(
+        f"SYMBOLS: no CSV for {symbol!r} in DATA_DIR={data_dir} (tried "
+        f"{', '.join(dict.fromkeys(tried))})"
+    )
 
 
-def load_config(env: Mapping[str, str], *, secret_resolver: SecretSource | None = None
-                ) -> AppConfig:
+def load_config(
+    env: Mapping[str, str], *, secret_resolver: SecretSource | None = None
+) -> AppConfig:
     """Build the whole configuration from an environment mapping.
 
     Args:
@@ -737,8 +867,9 @@ def load_config(env: Mapping[str, str], *, secret_resolver: SecretSource | None 
     )
 
     dt_col_raw = e.text("CSV_DATETIME_COLUMN")
-    dt_col: str | int | None = (int(dt_col_raw) if dt_col_raw and dt_col_raw.isdigit()
-                                else dt_col_raw)
+    dt_col: str | int | None = (
+        int(dt_col_raw) if dt_col_raw and dt_col_raw.isdigit() else dt_col_raw
+    )
     columns_raw = e.json_object("CSV_COLUMNS")
     for k, v in columns_raw.items():
         if not isinstance(v, str):
@@ -756,10 +887,16 @@ def load_config(env: Mapping[str, str], *, secret_resolver: SecretSource | None 
     if mode == "backtest" or (e.whole("PUBSUB_BACKFILL_BARS", minimum=0) or 0) > 0:
         csv_feeds = tuple(
             CSVFeedConfig(
-                path=find_csv(data_dir, sym), symbol=sym, datetime_column=dt_col,
-                datetime_format=e.text("CSV_DATETIME_FORMAT"), timezone=tz, bar_size=bar_size,
-                columns=columns_raw, on_bad_rows=on_bad,  # type: ignore[arg-type]
-                start=start, end=end,
+                path=find_csv(data_dir, sym),
+                symbol=sym,
+                datetime_column=dt_col,
+                datetime_format=e.text("CSV_DATETIME_FORMAT"),
+                timezone=tz,
+                bar_size=bar_size,
+                columns=columns_raw,
+                on_bad_rows=on_bad,  # type: ignore[arg-type]
+                start=start,
+                end=end,
             )
             for sym in symbols
         )
@@ -817,17 +954,22 @@ def load_config(env: Mapping[str, str], *, secret_resolver: SecretSource | None 
             tried = tried_places(missing, SETTINGS[missing].alternatives)
             raise ConfigError(f"{missing} is required when BROKER=alpaca; tried: {tried}")
         alpaca = AlpacaBrokerConfig(
-            api_key=key, secret_key=secret,
+            api_key=key,
+            secret_key=secret,
             base_url=e.text("ALPACA_BASE_URL"),
             live_trading=e.flag("ALPACA_LIVE_TRADING"),
             poll_interval_s=e.number("ALPACA_POLL_INTERVAL_S", positive=True) or 2.0,
             use_stream=e.flag("ALPACA_USE_STREAM"),
-            open_order_policy=e.choice("ALPACA_OPEN_ORDER_POLICY",  # type: ignore[arg-type]
-                                       ("cancel", "adopt", "halt")) or "halt",
+            open_order_policy=e.choice(
+                "ALPACA_OPEN_ORDER_POLICY",  # type: ignore[arg-type]
+                ("cancel", "adopt", "halt"),
+            )
+            or "halt",
             cancel_on_stop=e.flag("ALPACA_CANCEL_ON_STOP"),
             refresh_interval_s=e.number("ALPACA_REFRESH_INTERVAL_S", positive=True) or 30.0,
-            time_in_force=e.choice("ALPACA_TIME_IN_FORCE", ("day", "gtc", "ioc", "fok", "opg",
-                                                            "cls")),
+            time_in_force=e.choice(
+                "ALPACA_TIME_IN_FORCE", ("day", "gtc", "ioc", "fok", "opg", "cls")
+            ),
             stream_url=e.text("ALPACA_STREAM_URL"),
             request_timeout_s=e.number("ALPACA_REQUEST_TIMEOUT_S", positive=True) or 10.0,
             max_attempts=e.whole("ALPACA_MAX_RETRIES", minimum=1) or 6,
@@ -858,10 +1000,23 @@ def load_config(env: Mapping[str, str], *, secret_resolver: SecretSource | None 
         health_port=e.whole("HEALTH_PORT", minimum=0) or 0,
         shutdown_timeout_s=e.number("SHUTDOWN_TIMEOUT_S", positive=True) or 10.0,
     )
-    secret_refs = {k[: -len(SECRET_REF_SUFFIX)]: v for k, v in env.items()
-                   if k.endswith(SECRET_REF_SUFFIX) and k[: -len(SECRET_REF_SUFFIX)] in SETTINGS}
-    return AppConfig(run=run, csv_feeds=csv_feeds, fmel=fmel, ops=ops, risk=risk, chronos=chronos,
-                     bigquery=bigquery, pubsub=pubsub, alpaca=alpaca, secret_refs=secret_refs)
+    secret_refs = {
+        k[: -len(SECRET_REF_SUFFIX)]: v
+        for k, v in env.items()
+        if k.endswith(SECRET_REF_SUFFIX) and k[: -len(SECRET_REF_SUFFIX)] in SETTINGS
+    }
+    return AppConfig(
+        run=run,
+        csv_feeds=csv_feeds,
+        fmel=fmel,
+        ops=ops,
+        risk=risk,
+        chronos=chronos,
+        bigquery=bigquery,
+        pubsub=pubsub,
+        alpaca=alpaca,
+        secret_refs=secret_refs,
+    )
 
 
 def pubsub_target(env: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -889,10 +1044,17 @@ def load_process_config() -> AppConfig:
 # --------------------------------------------------------------------------------------------
 
 # Section headings of .env.example, keyed by the first setting of each section in SETTINGS.
-_ENV_SECTIONS = {"MODE": "run", "DATA_DIR": "historical CSV feed", "FMEL_SINK": "FMEL recording",
-                 "GOOGLE_CLOUD_PROJECT": "GCP", "PUBSUB_TOPIC": "live Pub/Sub feed",
-                 "ALPACA_API_KEY": "Alpaca broker", "RISK_MAX_POSITION_VALUE_USD": "risk guard",
-                 "CHRONOS_MODEL": "Chronos", "LOG_LEVEL": "operations"}
+_ENV_SECTIONS = {
+    "MODE": "run",
+    "DATA_DIR": "historical CSV feed",
+    "FMEL_SINK": "FMEL recording",
+    "GOOGLE_CLOUD_PROJECT": "GCP",
+    "PUBSUB_TOPIC": "live Pub/Sub feed",
+    "ALPACA_API_KEY": "Alpaca broker",
+    "RISK_MAX_POSITION_VALUE_USD": "risk guard",
+    "CHRONOS_MODEL": "Chronos",
+    "LOG_LEVEL": "operations",
+}
 
 
 def env_example() -> str:
@@ -922,8 +1084,10 @@ def env_example() -> str:
         if s.alternatives:
             out.append(f"# also read from: {', '.join(s.alternatives)}")
         if s.secret:
-            out.append(f"# secret: never logged; or set {s.name}{SECRET_REF_SUFFIX}=<Secret Manager "
-                       "secret>")
+            out.append(
+                f"# secret: never logged; or set {s.name}{SECRET_REF_SUFFIX}=<Secret Manager "
+                "secret>"
+            )
         out.append(f"#{s.name}={s.default if s.default is not None else ''}")
     out += [
         "",

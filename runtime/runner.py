@@ -103,6 +103,8 @@ class Runner:
         self.metrics = RunMetrics()
         self.health: HealthServer | None = None
         self._running = False
+        # MODE=paper: the Pub/Sub subscriber (stops the stream on a signal; feeds then drain).
+        self.live_input: Any = None
 
     # -- building ---------------------------------------------------------------------------
 
@@ -122,8 +124,13 @@ class Runner:
 
             agent_params["model"] = get_model(cfg.chronos)
         live = cfg.run.mode == "paper"
+        # quicknotify: a live broker's fills reach notify_order without waiting for a bar
         self.cerebro = bt.Cerebro(
-            stdstats=False, preload=not live, runonce=not live, exactbars=False
+            stdstats=False,
+            preload=not live,
+            runonce=not live,
+            exactbars=False,
+            quicknotify=live and cfg.run.broker == "alpaca",
         )
         self._build_feeds()
         self._build_broker()
@@ -155,14 +162,41 @@ class Runner:
                 )
             self.total_bars = len(np.unique(np.concatenate(stamps))) if stamps else 0
             return
+        if cfg.run.mode == "paper":
+            from feeds.pubsub import LiveMemoryBound, metrics_events, start_live_input
+
+            live = start_live_input(
+                cfg, session_id=self.session_id, events=metrics_events(self.metrics)
+            )
+            self.live_input = live
+            self.add_closer("pubsub", live.close)  # deletes the subscription
+            for feed in live.make_feeds():
+                self.cerebro.adddata(feed, name=feed.symbol)
+                self.feeds.append(feed)
+            # Bounded memory however long the run: indicators and strategy lines too.
+            self.cerebro.addanalyzer(LiveMemoryBound, _name="live_memory")
+            return
         raise ConfigError(f"MODE={cfg.run.mode}: live feeds are not wired into this build")
 
     def _build_broker(self) -> None:
         cfg = self.config
         if cfg.run.broker == "sim":
+            if cfg.risk.enabled:  # RISK_* limits: the same guard as the Alpaca broker's
+                from runtime.risk import GuardedBackBroker
+
+                self.cerebro.setbroker(GuardedBackBroker(risk=cfg.risk))
             broker = self.cerebro.getbroker()
             broker.setcash(cfg.run.cash_usd)
             broker.setcommission(commission=cfg.run.commission)
+            return
+        if cfg.run.broker == "alpaca" and cfg.alpaca is not None:
+            from runtime.broker import AlpacaPaperTradingBroker
+
+            alpaca = AlpacaPaperTradingBroker(cfg.alpaca, session_id=self.session_id, risk=cfg.risk)
+            self.cerebro.setbroker(alpaca)
+            self.broker_note = alpaca.describe()
+            self.add_closer("alpaca", alpaca.stop)  # idempotent; cerebro also stops it
+            alpaca.connect()  # reconcile now: a bad key fails before the run starts
             return
         raise ConfigError(f"BROKER={cfg.run.broker}: not wired into this build")
 
@@ -263,7 +297,10 @@ class Runner:
                 else "spilling or not started",
             ),
         )
-        health.start()
+        try:
+            health.start()
+        except OSError as e:
+            raise ConfigError(f"HEALTH_PORT={port}: cannot serve the health endpoint ({e})") from e
         self.health = health
 
     def _stop_health(self) -> None:
@@ -300,7 +337,10 @@ class Runner:
         self._stop_requested = True
         if self.health is not None:
             self.health.set_draining()
-        if self.cerebro is not None:
+        if self.live_input is not None:
+            # Stop pulling; the feeds drain what was delivered, then the run ends normally.
+            self.live_input.request_stop()
+        elif self.cerebro is not None:
             self.cerebro.runstop()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -342,9 +382,15 @@ class Runner:
             self._stop_health()
 
     def _run(self) -> RunReport:
-        if self.cerebro is None:
-            self.build()
-        assert self.writer is not None and self.sink is not None
+        try:
+            if self.cerebro is None:
+                self.build()
+            assert self.writer is not None and self.sink is not None
+            self.writer.start()
+        except BaseException:
+            # a half-built run still owns what it started (subscriber, broker threads)
+            self._close_components()
+            raise
         cfg = self.config
         start_value = float(self.cerebro.getbroker().getvalue())
         logger.info(
@@ -355,12 +401,16 @@ class Runner:
             cfg.run.mode,
             self.sink.describe(),
         )
-        self.writer.start()
         t0 = time.perf_counter()
         strategy = None
         self._running = True
         try:
-            strategy = self.cerebro.run()[0]
+            # cerebro.run() clears a runstop() made before it: honour a signal that came
+            # during the build (model load, backfill) here.
+            if self._stop_requested:
+                logger.warning("stop requested before the first bar: not starting the run")
+            else:
+                strategy = self.cerebro.run()[0]
         finally:
             self._running = False
             elapsed = time.perf_counter() - t0
@@ -421,6 +471,7 @@ class Runner:
             records_rejected=stats.rejected,
             records_replayed=stats.replayed,
             skipped_rows=dict(self.skipped_rows),
+            feed_counters=self.live_input.feed_counters() if self.live_input else {},
             broker_note=self.broker_note,
             interrupted=self._stop_requested,
             elapsed_s=elapsed,

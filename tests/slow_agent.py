@@ -28,3 +28,7 @@ class SlowAgent(SmaCrossAgent):
         if self.p.stop_sleep_s > 0:
             logger.warning("slow stop: %.0f s", self.p.stop_sleep_s)
             time.sleep(self.p.stop_sleep_s)
+
+
+class SlowStartAgent(SmaCrossAgent):
+    """The SMA-cross agent under another name; ``tests.slow_start`` imports it slowly."""

@@ -44,13 +44,27 @@ def test_bar_size_inferred_for_hourly_and_monthly() -> None:
 
 def test_options_column_names_format_timezone(tmp_path: Path) -> None:
     p = tmp_path / "x.csv"
-    p.write_text("when;px_o;px_h;px_l;px_c;qty\n"
-                 "19.08.2004 09:30;100;104;95;100.5;10\n"
-                 "19.08.2004 10:30;100.5;101;99;100;11\n".replace(";", ","))
-    bars = read_csv_bars(cfg(p, "GOOG", datetime_column="when", datetime_format="%d.%m.%Y %H:%M",
-                             timezone="America/New_York",
-                             columns={"open": "px_o", "high": "px_h", "low": "px_l",
-                                      "close": "px_c", "volume": "qty"}))
+    p.write_text(
+        "when;px_o;px_h;px_l;px_c;qty\n"
+        "19.08.2004 09:30;100;104;95;100.5;10\n"
+        "19.08.2004 10:30;100.5;101;99;100;11\n".replace(";", ",")
+    )
+    bars = read_csv_bars(
+        cfg(
+            p,
+            "GOOG",
+            datetime_column="when",
+            datetime_format="%d.%m.%Y %H:%M",
+            timezone="America/New_York",
+            columns={
+                "open": "px_o",
+                "high": "px_h",
+                "low": "px_l",
+                "close": "px_c",
+                "volume": "qty",
+            },
+        )
+    )
     assert str(bars.times[0]) == "2004-08-19T13:30:00.000000000"  # EDT -> UTC
     assert bars.extra_fields == ()
     assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Minutes, 60)
@@ -65,9 +79,11 @@ def test_dynamic_numeric_nested_and_text_fields() -> None:
 
 def test_hash_is_content_addressed_and_matches_a_message_of_the_same_bar(tmp_path: Path) -> None:
     bars = read_csv_bars(cfg(DATA / "GOOG.csv", "GOOG"))
-    expected = bar_hash("GOOG", datetime(2004, 8, 19, tzinfo=UTC),
-                        {"open": 100, "high": 104.06, "low": 95.96, "close": 100.34,
-                         "volume": 22351900})
+    expected = bar_hash(
+        "GOOG",
+        datetime(2004, 8, 19, tzinfo=UTC),
+        {"open": 100, "high": 104.06, "low": 95.96, "close": 100.34, "volume": 22351900},
+    )
     assert bars.hashes[0] == expected
     # the same bar at another file position hashes the same
     lines = (DATA / "GOOG.csv").read_text().splitlines()
@@ -93,8 +109,10 @@ BAD_ROWS = [
 @pytest.mark.parametrize(("row", "message"), BAD_ROWS)
 def test_bad_rows_raise_with_file_and_line(tmp_path: Path, row: str, message: str) -> None:
     p = tmp_path / "BAD.csv"
-    p.write_text(f"Date,Open,High,Low,Close,Volume\n2004-08-19,100,104,95,100,10\n{row}\n"
-                 "2004-08-23,100,104,95,100,10\n")
+    p.write_text(
+        f"Date,Open,High,Low,Close,Volume\n2004-08-19,100,104,95,100,10\n{row}\n"
+        "2004-08-23,100,104,95,100,10\n"
+    )
     with pytest.raises(DataError) as err:
         read_csv_bars(cfg(p))
     assert f"CSV BAD.csv {message}" in str(err.value)
@@ -103,8 +121,11 @@ def test_bad_rows_raise_with_file_and_line(tmp_path: Path, row: str, message: st
 
 def test_bad_rows_skipped_and_counted_when_chosen(tmp_path: Path) -> None:
     p = tmp_path / "BAD.csv"
-    p.write_text("Date,Open,High,Low,Close,Volume\n2004-08-19,100,104,95,100,10\n"
-                 + "\n".join(r for r, _ in BAD_ROWS) + "\n2004-08-23,100,104,95,100,10\n")
+    p.write_text(
+        "Date,Open,High,Low,Close,Volume\n2004-08-19,100,104,95,100,10\n"
+        + "\n".join(r for r, _ in BAD_ROWS)
+        + "\n2004-08-23,100,104,95,100,10\n"
+    )
     bars = read_csv_bars(cfg(p, on_bad_rows="skip"))
     assert len(bars) == 2  # nothing changed, only skipped
     assert [line for line, _ in bars.skipped] == list(range(3, 3 + len(BAD_ROWS)))
@@ -146,7 +167,12 @@ def test_feed_serves_lines_text_and_hashes_in_backtrader() -> None:
 
 
 def test_date_range_bounds(tmp_path: Path) -> None:
-    bars = read_csv_bars(cfg(DATA / "GOOG.csv", "GOOG",
-                             start=datetime(2010, 1, 1, tzinfo=UTC),
-                             end=datetime(2010, 12, 31, tzinfo=UTC)))
+    bars = read_csv_bars(
+        cfg(
+            DATA / "GOOG.csv",
+            "GOOG",
+            start=datetime(2010, 1, 1, tzinfo=UTC),
+            end=datetime(2010, 12, 31, tzinfo=UTC),
+        )
+    )
     assert str(bars.times[0])[:4] == "2010" and str(bars.times[-1])[:10] == "2010-12-31"

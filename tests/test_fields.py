@@ -9,11 +9,16 @@ import pytest
 from feeds.fields import BarHashes, bar_hash, canonical_bar, check_bar, field_name, flatten
 
 
-@pytest.mark.parametrize(("raw", "name"), [
-    ("Close", "close"), ("Adj Close", "adj_close"), ("latest_news.sentiment",
-                                                      "latest_news_sentiment"),
-    ("  RSI-14 ", "rsi_14"), ("1d_return", "f_1d_return"),
-])
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("Close", "close"),
+        ("Adj Close", "adj_close"),
+        ("latest_news.sentiment", "latest_news_sentiment"),
+        ("  RSI-14 ", "rsi_14"),
+        ("1d_return", "f_1d_return"),
+    ],
+)
 def test_field_names(raw: str, name: str) -> None:
     assert field_name(raw) == name
 
@@ -24,19 +29,30 @@ def test_field_name_needs_a_letter_or_digit() -> None:
 
 
 def test_flatten_nested_and_lists() -> None:
-    assert flatten({"rsi": 55.1, "latest_news": {"sentiment": 0.3, "meta": {"Relevance": 1}},
-                    "tags": ["a", "b"]}) == {
-        "rsi": 55.1, "latest_news_sentiment": 0.3, "latest_news_meta_relevance": 1,
-        "tags": '["a","b"]'}
+    assert flatten(
+        {
+            "rsi": 55.1,
+            "latest_news": {"sentiment": 0.3, "meta": {"Relevance": 1}},
+            "tags": ["a", "b"],
+        }
+    ) == {
+        "rsi": 55.1,
+        "latest_news_sentiment": 0.3,
+        "latest_news_meta_relevance": 1,
+        "tags": '["a","b"]',
+    }
 
 
-@pytest.mark.parametrize(("bar", "reason"), [
-    ((1.0, 2.0, 0.5, 1.5, 10.0), None),
-    ((1.0, 0.9, 1.1, 1.0, 10.0), "high 0.9 < low 1.1"),
-    ((float("nan"), 2.0, 0.5, 1.5, 10.0), "open is NaN"),
-    ((1.0, 2.0, 0.0, 1.5, 10.0), "low 0.0 is not positive"),
-    ((1.0, 2.0, 0.5, 1.5, -1.0), "volume -1.0 is negative"),
-])
+@pytest.mark.parametrize(
+    ("bar", "reason"),
+    [
+        ((1.0, 2.0, 0.5, 1.5, 10.0), None),
+        ((1.0, 0.9, 1.1, 1.0, 10.0), "high 0.9 < low 1.1"),
+        ((float("nan"), 2.0, 0.5, 1.5, 10.0), "open is NaN"),
+        ((1.0, 2.0, 0.0, 1.5, 10.0), "low 0.0 is not positive"),
+        ((1.0, 2.0, 0.5, 1.5, -1.0), "volume -1.0 is negative"),
+    ],
+)
 def test_check_bar(bar: tuple[float, float, float, float, float], reason: str | None) -> None:
     assert check_bar(*bar) == reason
 
@@ -52,7 +68,8 @@ def test_hash_depends_on_content_only() -> None:
     assert bar_hash("GOOGL", ts, {"open": 100, "close": 100.34}) != a
     assert bar_hash("GOOG", ts + timedelta(days=1), {"open": 100, "close": 100.34}) != a
     assert canonical_bar("GOOG", ts, {"open": 100, "note": "x"}) == (
-        b'{"note":"x","open":100.0,"symbol":"GOOG","timestamp":"2004-08-19T00:00:00Z"}')
+        b'{"note":"x","open":100.0,"symbol":"GOOG","timestamp":"2004-08-19T00:00:00Z"}'
+    )
 
 
 def test_bar_hashes_bounded() -> None:

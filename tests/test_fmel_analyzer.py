@@ -35,14 +35,21 @@ class Logged(SmaCrossAgent):
 
     def notify_order(self, order: Any) -> None:
         if order.status == order.Completed:
-            self.fills.append((bt.num2date(order.executed.dt).isoformat(), order.data._name,
-                               "BUY" if order.isbuy() else "SELL", order.executed.size,
-                               order.executed.price))
+            self.fills.append(
+                (
+                    bt.num2date(order.executed.dt).isoformat(),
+                    order.data._name,
+                    "BUY" if order.isbuy() else "SELL",
+                    order.executed.size,
+                    order.executed.price,
+                )
+            )
         super().notify_order(order)
 
 
-def run(bars: dict[str, CSVBars], analyzer: bool, writer: DecisionWriter | None = None
-        ) -> tuple[Any, float]:
+def run(
+    bars: dict[str, CSVBars], analyzer: bool, writer: DecisionWriter | None = None
+) -> tuple[Any, float]:
     cerebro = bt.Cerebro(stdstats=False)
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
@@ -55,8 +62,7 @@ def run(bars: dict[str, CSVBars], analyzer: bool, writer: DecisionWriter | None 
     return strategy, cerebro.broker.getvalue()
 
 
-def test_recording_changes_no_result_on_real_data(bars: dict[str, CSVBars],
-                                                   tmp_path: Path) -> None:
+def test_recording_changes_no_result_on_real_data(bars: dict[str, CSVBars], tmp_path: Path) -> None:
     plain, plain_value = run(bars, analyzer=False)
     tracked, tracked_value = run(bars, analyzer=True)
     sink = LocalDuckDBSink(tmp_path / "f.duckdb")
@@ -77,10 +83,9 @@ def test_one_record_per_bar_with_stages_and_order_events(bars: dict[str, CSVBars
     stages = [r.stage for r in records]
     first_next = stages.index("NEXTSTART")
     assert set(stages[:first_next]) == {"PRENEXT"} and stages.count("NEXTSTART") == 1
-    assert set(stages[first_next + 1:]) == {"NEXT"}
+    assert set(stages[first_next + 1 :]) == {"NEXT"}
     created = {a.order_ref: (r, a) for r in records for a in r.actions if a.event == "CREATED"}
-    completed = {a.order_ref: (r, a) for r in records for a in r.actions
-                 if a.event == "COMPLETED"}
+    completed = {a.order_ref: (r, a) for r in records for a in r.actions if a.event == "COMPLETED"}
     assert len(created) == len(strategy.fills) == len(completed)
     for ref, (rec, action) in created.items():
         done_rec, done = completed[ref]
@@ -88,14 +93,16 @@ def test_one_record_per_bar_with_stages_and_order_events(bars: dict[str, CSVBars
         assert done.exec_size == action.size and done.exec_price and done.exec_price > 0
         assert rec.action == action.side and rec.reasoning
     fills = {(f[1], f[2], abs(f[3]), f[4]) for f in strategy.fills}
-    assert fills == {(a.symbol, a.side, a.exec_size, a.exec_price)
-                     for _, a in completed.values()}
+    assert fills == {(a.symbol, a.side, a.exec_size, a.exec_price) for _, a in completed.values()}
     # positions and portfolio come from the broker
     last = records[-1]
     assert last.portfolio_value == pytest.approx(strategy.broker.getvalue())
     held = {p.symbol: p.size for p in last.positions}
-    assert held == {d._name: strategy.getposition(d).size for d in strategy.datas
-                    if strategy.getposition(d).size}
+    assert held == {
+        d._name: strategy.getposition(d).size
+        for d in strategy.datas
+        if strategy.getposition(d).size
+    }
     last_bar = bt.num2date(strategy.datetime[0]).replace(tzinfo=UTC)
     assert datetime.fromtimestamp(last.bar_time, UTC) == last_bar
 
@@ -103,8 +110,9 @@ def test_one_record_per_bar_with_stages_and_order_events(bars: dict[str, CSVBars
 class Noter(bt.Strategy):  # type: ignore[misc]
     def next(self) -> None:
         if len(self) == 3:
-            attach_note(self, reasoning="because", confidence=0.75,
-                        forecast=np.array([1.5, 2.5]), model="m")
+            attach_note(
+                self, reasoning="because", confidence=0.75, forecast=np.array([1.5, 2.5]), model="m"
+            )
         if len(self) == 4:
             self.buy(size=10**9)  # far beyond cash: the broker answers Margin
 
@@ -132,8 +140,9 @@ def test_attach_note_without_analyzer_is_a_no_op() -> None:
 
 
 def test_run_info_carries_agent_metadata() -> None:
-    info = make_run_info(SmaCrossAgent, session_id="s1", agent_id=None, mode="backtest",
-                         params_json='{"fast": 10}')
+    info = make_run_info(
+        SmaCrossAgent, session_id="s1", agent_id=None, mode="backtest", params_json='{"fast": 10}'
+    )
     assert info.agent_id == "SmaCrossAgent"
     assert info.agent_class == "agents.sma_cross.SmaCrossAgent"
     assert info.agent_source_hash is not None and len(info.agent_source_hash) == 32

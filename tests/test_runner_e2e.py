@@ -30,7 +30,7 @@ def readme_queries() -> dict[str, str]:
     for block in re.findall(r"```sql\n(.*?)```", text, flags=re.S):
         m = re.match(r"-- query: (\w+)\n", block)
         if m:
-            out[m.group(1)] = block[m.end():]
+            out[m.group(1)] = block[m.end() :]
     return out
 
 
@@ -78,13 +78,23 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_default_run_reports_and_stores_every_decision(default_run: tuple[Path, str]) -> None:
     db, report = default_run
-    for label in ("start value", "end value", "return", "sharpe (annual)", "max drawdown",
-                  "trades", "decisions", "stored at", "look at them"):
+    for label in (
+        "start value",
+        "end value",
+        "return",
+        "sharpe (annual)",
+        "max drawdown",
+        "trades",
+        "decisions",
+        "stored at",
+        "look at them",
+    ):
         assert re.search(rf"^{re.escape(label)}\s", report, flags=re.M), label
     decisions = int(re.search(r"^decisions\s+(\d+) recorded", report, flags=re.M).group(1))
     assert decisions == 5031
     assert query(db, "SELECT count(*), count(DISTINCT session_id) FROM decisions") == [
-        (decisions, 1)]
+        (decisions, 1)
+    ]
     # the suggested query works as printed
     shown = re.search(r"^look at them\s+(.*)$", report, flags=re.M).group(1)
     assert shown.startswith("python -m analyzers.query")
@@ -102,9 +112,14 @@ def test_readme_query_decisions_per_action(default_run: tuple[Path, str]) -> Non
 def test_readme_query_fields_before_buy(default_run: tuple[Path, str]) -> None:
     db, _ = default_run
     rows = query(db, readme_queries()["fields_before_buy"])
-    bought = dict(query(db, """SELECT decision_point, a.symbol FROM decisions,
+    bought = dict(
+        query(
+            db,
+            """SELECT decision_point, a.symbol FROM decisions,
                                UNNEST(actions) AS t(a) WHERE a.event = 'CREATED'
-                               AND a.side = 'BUY'"""))
+                               AND a.side = 'BUY'""",
+        )
+    )
     assert {r[0] for r in rows} == set(bought)
     for decision_point, _, symbol, fields in rows:
         if symbol == bought[decision_point]:  # the agent checked the cross, then the price
@@ -114,8 +129,14 @@ def test_readme_query_fields_before_buy(default_run: tuple[Path, str]) -> None:
 
 
 def test_readme_queries_lookback_and_lookahead(workdir: Path) -> None:
-    proc = run_runner(workdir, {"SYMBOLS": "GOOG", "AGENT": "tests.agents_for_tests:LookbackAgent",
-                                "AGENT_PARAMS": '{"every": 10, "depth": 10, "window": 20}'})
+    proc = run_runner(
+        workdir,
+        {
+            "SYMBOLS": "GOOG",
+            "AGENT": "tests.agents_for_tests:LookbackAgent",
+            "AGENT_PARAMS": '{"every": 10, "depth": 10, "window": 20}',
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     db = workdir / "fmel.duckdb"
     queries = readme_queries()
@@ -156,10 +177,21 @@ def test_bad_csv_row_names_file_and_line_or_is_skipped(workdir: Path) -> None:
 
 
 def test_sigint_flushes_what_was_recorded_and_still_reports(workdir: Path) -> None:
-    env = clean_env({"AGENT": "tests.slow_agent:SlowAgent", "AGENT_PARAMS": '{"sleep_s": 0.01}',
-                     "LOG_FORMAT": "text"})
-    proc = subprocess.Popen([sys.executable, str(REPO / "runner.py")], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = clean_env(
+        {
+            "AGENT": "tests.slow_agent:SlowAgent",
+            "AGENT_PARAMS": '{"sleep_s": 0.01}',
+            "LOG_FORMAT": "text",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "runner.py")],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         db_dir_ready = False

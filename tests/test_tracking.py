@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import backtrader as bt
 import pytest
@@ -38,7 +38,7 @@ def run(agent: type, bars: dict[str, CSVBars], **analyzer_kw: Any) -> tuple[Any,
 class Reader(bt.Strategy):  # type: ignore[misc]
     """Reads one of every kind at decision 300 and remembers what it got."""
 
-    got: dict[str, Any] = {}
+    got: ClassVar[dict[str, Any]] = {}
     calls = 0
 
     def next(self) -> None:
@@ -59,7 +59,7 @@ class Reader(bt.Strategy):  # type: ignore[misc]
 
 
 def test_every_kind_of_read_is_recorded(bars: dict[str, CSVBars]) -> None:
-    strategy, records = run(Reader, bars)
+    _, records = run(Reader, bars)
     rec = next(r for r in records if r.reads)
     got = Reader.got
     assert rec.reads == 8 and rec.stage == "NEXT"
@@ -70,21 +70,37 @@ def test_every_kind_of_read_is_recorded(bars: dict[str, CSVBars]) -> None:
     n = got["len"]  # bars GOOG has delivered at this decision
     h = bars["GOOG"].hashes
     assert [(p.field, p.index, p.size, p.bar_index) for p in pats] == [
-        ("close", 0, 1, n - 1), ("close", -1, 1, n - 2), ("rsi", 0, 1, n - 1),
-        ("close", 0, 5, n - 1), ("len", 0, 1, n - 1), ("regime", 0, 1, n - 1),
-        ("close", 0, 1, n - 1)]
+        ("close", 0, 1, n - 1),
+        ("close", -1, 1, n - 2),
+        ("rsi", 0, 1, n - 1),
+        ("close", 0, 5, n - 1),
+        ("len", 0, 1, n - 1),
+        ("regime", 0, 1, n - 1),
+        ("close", 0, 1, n - 1),
+    ]
     # the hash is that of the bar actually read, not just the current one
-    assert [p.data_hash for p in pats] == [h[n - 1], h[n - 2], h[n - 1], h[n - 1], h[n - 1],
-                                           h[n - 1], h[n - 1]]
+    assert [p.data_hash for p in pats] == [
+        h[n - 1],
+        h[n - 2],
+        h[n - 1],
+        h[n - 1],
+        h[n - 1],
+        h[n - 1],
+        h[n - 1],
+    ]
     assert goog.data_hash == h[n - 1]
-    assert [p.value for p in pats[:4]] == [got["close0"], got["close1"], got["rsi"],
-                                           got["window"][-1]]
+    assert [p.value for p in pats[:4]] == [
+        got["close0"],
+        got["close1"],
+        got["rsi"],
+        got["window"][-1],
+    ]
     assert pats[4].value == float(n) and pats[5].text_value == got["regime"] is not None
     assert spx.fields_accessed == ("close",) and spx.access_patterns[0].value == got["byname"]
-    assert spx.access_patterns[0].data_hash == bars["SP500"].hashes[
-        spx.access_patterns[0].bar_index]
-    assert [p.seq for d in rec.data_accessed for p in d.access_patterns] == [0, 1, 2, 3, 4, 6,
-                                                                             7, 5]
+    assert (
+        spx.access_patterns[0].data_hash == bars["SP500"].hashes[spx.access_patterns[0].bar_index]
+    )
+    assert [p.seq for d in rec.data_accessed for p in d.access_patterns] == [0, 1, 2, 3, 4, 6, 7, 5]
 
 
 class IndicatorOnly(bt.Strategy):  # type: ignore[misc]
@@ -101,7 +117,8 @@ class IndicatorOnly(bt.Strategy):  # type: ignore[misc]
 
 
 def test_reads_by_indicators_broker_and_order_creation_are_not_attributed(
-        bars: dict[str, CSVBars]) -> None:
+    bars: dict[str, CSVBars],
+) -> None:
     _, records = run(IndicatorOnly, bars)
     assert sum(r.reads for r in records) == 0
     assert any(r.action == "BUY" for r in records)
@@ -114,8 +131,7 @@ class SmaReader(IndicatorOnly):
             self.seen = self.sma[0]
 
 
-def test_agent_owned_indicator_reads_are_attributed_to_the_symbol(
-        bars: dict[str, CSVBars]) -> None:
+def test_agent_owned_indicator_reads_are_attributed_to_the_symbol(bars: dict[str, CSVBars]) -> None:
     strategy, records = run(SmaReader, bars)
     rec = next(r for r in records if r.reads)
     (da,) = rec.data_accessed
@@ -128,8 +144,9 @@ class Peeker(bt.Strategy):  # type: ignore[misc]
         self.future = self.data.close[1]
 
 
-def test_lookahead_is_flagged_and_warned(bars: dict[str, CSVBars],
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_lookahead_is_flagged_and_warned(
+    bars: dict[str, CSVBars], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="analyzers.tracking"):
         _, records = run(Peeker, bars)
     rec = next(r for r in records if r.reads)

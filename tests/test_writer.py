@@ -25,8 +25,24 @@ FAST = RetryPolicy(attempts=2, base_s=0.001, cap_s=0.002, probe_interval_s=0.05)
 
 
 def record(i: int) -> DecisionRecord:
-    return DecisionRecord(RUN, i, 1_700_000_000.0 + i, 1_000_000_000.0 + 86_400 * i, "NEXT",
-                          "HOLD", (), (), 0, 0, 100.0 + i, 50.0, (), None, None, None)
+    return DecisionRecord(
+        RUN,
+        i,
+        1_700_000_000.0 + i,
+        1_000_000_000.0 + 86_400 * i,
+        "NEXT",
+        "HOLD",
+        (),
+        (),
+        0,
+        0,
+        100.0 + i,
+        50.0,
+        (),
+        None,
+        None,
+        None,
+    )
 
 
 class Flaky(LocalDuckDBSink):
@@ -60,8 +76,12 @@ class Flaky(LocalDuckDBSink):
 
 def stored(path: Path) -> list[int]:
     with duckdb.connect(str(path), read_only=True) as con:
-        return [r[0] for r in con.execute(
-            "SELECT decision_point FROM decisions ORDER BY decision_point").fetchall()]
+        return [
+            r[0]
+            for r in con.execute(
+                "SELECT decision_point FROM decisions ORDER BY decision_point"
+            ).fetchall()
+        ]
 
 
 def test_batches_by_size_and_by_interval(tmp_path: Path) -> None:
@@ -86,8 +106,15 @@ def test_batches_by_size_and_by_interval(tmp_path: Path) -> None:
 def test_full_queue_blocks_the_producer_and_loses_nothing(tmp_path: Path) -> None:
     sink = Flaky(tmp_path / "f.duckdb")
     sink.delay_s = 0.05
-    w = DecisionWriter(sink, batch_size=2, flush_interval_s=0.01, queue_size=3,
-                       spill_dir=tmp_path, retry=FAST, max_batch=2)
+    w = DecisionWriter(
+        sink,
+        batch_size=2,
+        flush_interval_s=0.01,
+        queue_size=3,
+        spill_dir=tmp_path,
+        retry=FAST,
+        max_batch=2,
+    )
     w.start()
     t0 = time.monotonic()
     for i in range(20):
@@ -101,8 +128,9 @@ def test_full_queue_blocks_the_producer_and_loses_nothing(tmp_path: Path) -> Non
 
 def test_outage_spills_then_replays_in_order_without_duplicates(tmp_path: Path) -> None:
     sink = Flaky(tmp_path / "f.duckdb")
-    w = DecisionWriter(sink, batch_size=5, flush_interval_s=0.02, spill_dir=tmp_path / "spill",
-                       retry=FAST)
+    w = DecisionWriter(
+        sink, batch_size=5, flush_interval_s=0.02, spill_dir=tmp_path / "spill", retry=FAST
+    )
     w.start()
     for i in range(5):
         w.submit(record(i))
@@ -149,8 +177,11 @@ class Picky(LocalDuckDBSink):
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
         keep = [r for r in records if r.decision_point != 3]
         super().write_records(keep)
-        return [RowError(i, "portfolio_value: bad value") for i, r in enumerate(records)
-                if r.decision_point == 3]
+        return [
+            RowError(i, "portfolio_value: bad value")
+            for i, r in enumerate(records)
+            if r.decision_point == 3
+        ]
 
 
 def test_rejected_rows_are_kept_with_the_reason_and_counted(tmp_path: Path) -> None:
@@ -192,7 +223,7 @@ def test_local_store_paths_agree_and_replays_do_not_duplicate(tmp_path: Path) ->
     b.open()
     recs = [record(i) for i in range(5)]
     a.write_records(recs)
-    a.write_records(recs)  # a replayed batch is ignored by decision_id
+    a.write([to_row(r) for r in recs])  # a replay of stored rows is skipped by decision_id
     b.write([to_row(r) for r in recs])
     q = "SELECT * FROM decisions ORDER BY decision_point"
     rows_a, rows_b = a._con.execute(q).fetchall(), b._con.execute(q).fetchall()

@@ -1,0 +1,363 @@
+"""Replay CSV bars to a Pub/Sub topic, as the live ingestor would publish them.
+
+``python -m feeds.replay --topic T --csv FILE[:SYMBOL] ... [--speed X]``
+
+* Every file is read and validated by :func:`feeds.csv.read_csv_bars` (same options as the
+  backtest: ``--datetime-column``, ``--datetime-format``, ``--timezone``, ``--columns``), so each
+  message carries the CSV feed's ``data_hash`` for that bar and the live feed verifies it.
+* Bars of several symbols are interleaved in time order (ties by symbol).
+* ``--speed 0`` (or ``max``, the default) publishes as fast as possible; ``--speed N`` plays N
+  times real time (``--speed 60`` plays one-minute bars one per second).
+* Messages follow the contract of :mod:`feeds.pubsub`: JSON body ``symbol``, ``timestamp``
+  (ISO-8601 UTC), OHLCV, extra columns as extra fields, ``data_hash``; attribute ``symbol``;
+  ``ordering_key=symbol`` so each symbol's bars arrive in order.
+* The topic is created when missing. Project and emulator come from ``--project`` /
+  ``--emulator-host`` or the environment (``GOOGLE_CLOUD_PROJECT``, ``PUBSUB_EMULATOR_HOST``).
+
+Prints one JSON line with what was published and exits 0; exits 2 on bad arguments or input,
+1 when publishing failed after retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from feeds.csv import CSVBars, read_csv_bars
+from feeds.fields import OHLCV, iso_utc
+from runtime.config import CSVFeedConfig, process_pubsub_target
+from runtime.errors import ConfigError, DataError, TransientError
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_CHUNK = 500
+PUBLISH_RETRIES = 5
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What a replay published.
+
+    Attributes:
+        published: messages published.
+        per_symbol: messages per symbol.
+        first_bar, last_bar: ISO-8601 UTC bar times (None when nothing was published).
+        elapsed_s: wall time, seconds.
+        retries: publish attempts repeated after an error.
+    """
+
+    published: int = 0
+    per_symbol: Counter[str] = field(default_factory=Counter)
+    first_bar: str | None = None
+    last_bar: str | None = None
+    elapsed_s: float = 0.0
+    retries: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "per_symbol": dict(self.per_symbol),
+            "first_bar": self.first_bar,
+            "last_bar": self.last_bar,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "retries": self.retries,
+        }
+
+
+class BarMessage:
+    """One message to publish: its body, symbol (attribute and ordering key), bar time and
+    data hash."""
+
+    __slots__ = ("body", "data_hash", "symbol", "ts")
+
+    def __init__(self, symbol: str, ts: datetime, body: bytes, data_hash: str) -> None:
+        self.symbol = symbol
+        self.ts = ts
+        self.body = body
+        self.data_hash = data_hash
+
+
+def _rows(bars: CSVBars) -> Iterator[tuple[datetime, str, int]]:
+    stamps = pd.DatetimeIndex(bars.times).to_pydatetime()
+    for i, ts in enumerate(stamps):
+        yield ts, bars.symbol, i
+
+
+def bar_messages(sources: Sequence[CSVBars]) -> Iterator[BarMessage]:
+    """Messages of every bar of ``sources``, in time order (ties by symbol).
+
+    The body holds the symbol, the timestamp, OHLCV (volume left out when the file has none),
+    every extra column that has a value (numbers as JSON numbers, text as strings) and the CSV
+    feed's ``data_hash``.
+    """
+    by_symbol = {b.symbol: b for b in sources}
+    if len(by_symbol) != len(sources):
+        raise ConfigError("replay: each symbol may be given once")
+    columns = {
+        b.symbol: ([(k, a.tolist()) for k, a in b.numeric.items()], list(b.text.items()))
+        for b in sources
+    }
+    for ts, symbol, i in heapq.merge(*(_rows(b) for b in sources)):
+        numeric, text = columns[symbol]
+        doc: dict[str, Any] = {"symbol": symbol, "timestamp": iso_utc(ts)}
+        for name, col in numeric:
+            value = col[i]
+            if not math.isnan(value):
+                doc[name] = value
+            elif name in OHLCV[:4]:  # cannot happen: read_csv_bars validated prices
+                raise DataError(f"{symbol} {ts}: {name} is NaN")
+        for name, tcol in text:
+            if tcol[i] is not None:
+                doc[name] = tcol[i]
+        digest = by_symbol[symbol].hashes[i]
+        doc["data_hash"] = digest
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        yield BarMessage(symbol, ts, body, digest)
+
+
+def ensure_topic(publisher: Any, topic_path: str) -> bool:
+    """Create the topic unless it exists. Returns True when it was created."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        publisher.create_topic(request={"name": topic_path})
+    except gexc.AlreadyExists:
+        return False
+    logger.info("created topic %s", topic_path)
+    return True
+
+
+def publish(
+    publisher: Any,
+    topic_path: str,
+    messages: Iterator[BarMessage],
+    *,
+    speed: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> ReplayResult:
+    """Publish ``messages`` in order, paced by ``speed`` (0 = as fast as possible, N = N times
+    real time measured on bar times).
+
+    Publishing is ordered per symbol (``ordering_key``); after a failed publish the key is
+    resumed and the failed messages are published again in order, up to ``PUBLISH_RETRIES``
+    times.
+
+    Raises:
+        TransientError: when a message could not be published after the retries.
+    """
+    result = ReplayResult()
+    t0 = clock()
+    first_ts: datetime | None = None
+    chunk: list[BarMessage] = []
+
+    def flush() -> None:
+        pending = list(chunk)
+        chunk.clear()
+        for attempt in range(PUBLISH_RETRIES + 1):
+            futures = [
+                (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, symbol=m.symbol))
+                for m in pending
+            ]
+            failed: list[BarMessage] = []
+            error: BaseException | None = None
+            for m, fut in futures:
+                try:
+                    fut.result(timeout=60)
+                except Exception as e:  # noqa: BLE001 - retried below, then raised
+                    failed.append(m)
+                    error = e
+                else:
+                    result.published += 1
+                    result.per_symbol[m.symbol] += 1
+            if not failed:
+                return
+            for key in {m.symbol for m in failed}:
+                publisher.resume_publish(topic_path, key)
+            if attempt == PUBLISH_RETRIES:
+                raise TransientError(
+                    f"publishing to {topic_path} failed {attempt + 1} times: {error}"
+                ) from error
+            result.retries += len(failed)
+            logger.warning("%d messages failed (%s); retrying", len(failed), error)
+            sleep(min(5.0, 0.2 * 2**attempt))
+            pending = failed
+
+    for msg in messages:
+        if first_ts is None:
+            first_ts = msg.ts
+            result.first_bar = iso_utc(msg.ts)
+        result.last_bar = iso_utc(msg.ts)
+        if speed > 0:
+            due = t0 + (msg.ts - first_ts).total_seconds() / speed
+            wait = due - clock()
+            if wait > 0:
+                flush()
+                sleep(wait)
+        chunk.append(msg)
+        if len(chunk) >= PUBLISH_CHUNK or speed > 0:
+            flush()
+    flush()
+    result.elapsed_s = clock() - t0
+    return result
+
+
+def parse_source(spec: str) -> tuple[Path, str]:
+    """``FILE[:SYMBOL]`` -> (path, symbol); the symbol defaults to the file's stem."""
+    if Path(spec).is_file():
+        return Path(spec), Path(spec).stem
+    path_text, sep, symbol = spec.rpartition(":")
+    if not sep or not symbol:
+        path_text, symbol = spec, Path(spec).stem
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"--csv {spec}: no such file {path}")
+    return path, symbol
+
+
+def _speed(text: str) -> float:
+    if text.lower() in ("max", "0", "inf"):
+        return 0.0
+    value = float(text)
+    if value < 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError("speed must be >= 0 (0 or max: as fast as possible)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m feeds.replay", description=__doc__.split("\n")[0])
+    p.add_argument("--topic", required=True, help="topic id or projects/<p>/topics/<t>")
+    p.add_argument(
+        "--csv",
+        required=True,
+        action="append",
+        nargs="+",
+        metavar="FILE[:SYMBOL]",
+        help="CSV file and its symbol (default: the file name); repeatable",
+    )
+    p.add_argument(
+        "--speed",
+        type=_speed,
+        default=0.0,
+        help="0 or max: as fast as possible (default); N: N times real time",
+    )
+    p.add_argument("--project", help="GCP project (default: GOOGLE_CLOUD_PROJECT)")
+    p.add_argument(
+        "--emulator-host", help="Pub/Sub emulator host:port (default: PUBSUB_EMULATOR_HOST)"
+    )
+    p.add_argument("--start", help="first bar time to publish (ISO date), inclusive")
+    p.add_argument("--end", help="last bar time to publish (ISO date), inclusive")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="publish at most this many bars per file (the first ones after --start)",
+    )
+    p.add_argument("--datetime-column", help="datetime column name or 0-based index")
+    p.add_argument("--datetime-format", help="strftime format of the datetime column")
+    p.add_argument("--timezone", default="UTC", help="IANA zone of naive timestamps")
+    p.add_argument("--columns", help="JSON object mapping our names to the file's columns")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _date(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ConfigError(f"expected an ISO date, got {text!r}") from e
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def load_sources(args: argparse.Namespace) -> list[CSVBars]:
+    """Read every ``--csv`` file with the CSV feed's reader (trimmed to ``--limit``)."""
+    dt_col: str | int | None = args.datetime_column
+    if isinstance(dt_col, str) and dt_col.isdigit():
+        dt_col = int(dt_col)
+    columns = json.loads(args.columns) if args.columns else {}
+    out = []
+    for spec in (s for group in args.csv for s in group):
+        path, symbol = parse_source(spec)
+        cfg = CSVFeedConfig(
+            path=path,
+            symbol=symbol,
+            datetime_column=dt_col,
+            datetime_format=args.datetime_format,
+            timezone=args.timezone,
+            columns=columns,
+            start=_date(args.start),
+            end=_date(args.end),
+        )
+        bars = read_csv_bars(cfg)
+        if args.limit and len(bars) > args.limit:
+            n = args.limit
+            bars = CSVBars(
+                symbol=bars.symbol,
+                path=bars.path,
+                times=bars.times[:n],
+                numeric={k: a[:n] for k, a in bars.numeric.items()},
+                text={k: v[:n] for k, v in bars.text.items()},
+                hashes=bars.hashes[:n],
+                timeframe=bars.timeframe,
+                compression=bars.compression,
+                skipped=bars.skipped,
+            )
+        out.append(bars)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry. Returns the exit code (0 done, 1 publishing failed, 2 bad arguments/input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    env_project, env_host = process_pubsub_target()
+    project = args.project or env_project
+    host = args.emulator_host or env_host
+    try:
+        if not project and not args.topic.startswith("projects/"):
+            raise ConfigError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
+        sources = load_sources(args)
+    except (ConfigError, DataError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    from feeds.pubsub import publisher_client
+
+    topic_path = (
+        args.topic
+        if args.topic.startswith("projects/")
+        else f"projects/{project}/topics/{args.topic}"
+    )
+    publisher = publisher_client(host)
+    try:
+        ensure_topic(publisher, topic_path)
+        result = publish(publisher, topic_path, bar_messages(sources), speed=args.speed)
+    except TransientError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        publisher.stop()
+    sys.stdout.write(json.dumps({"topic": topic_path, **result.as_dict()}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+-- One row per read (flattened access patterns) for BI tools. LocalDuckDBSink creates this view
+-- in every local store (analyzers/sinks.py ACCESS_VIEW_SQL).
+CREATE OR REPLACE VIEW decision_reads AS
+SELECT d.decision_id, d.session_id, d.agent_id, d.decision_point, d.bar_time, d.stage, d.action,
+       da.symbol, ap.seq, ap.field, ap."index", ap.size, ap.bar_index, ap.data_hash, ap.value,
+       ap.text_value, ap.lookahead
+FROM decisions d, UNNEST(d.data_accessed) AS t(da), UNNEST(da.access_patterns) AS u(ap)

@@ -1,0 +1,17 @@
+-- Which decisions saw this bar? Every decision that read the bar with the given data hash
+-- (reads = how many reads reached it) or had it as its symbol's current bar (current_bar).
+-- Parameter: data_hash (VARCHAR).
+WITH target AS (SELECT $data_hash AS h)
+SELECT
+  d.session_id,
+  d.decision_id,
+  d.decision_point,
+  d.bar_time,
+  d.action,
+  da.symbol,
+  da.data_hash = t.h AS current_bar,
+  (SELECT count(*) FROM unnest(da.access_patterns) AS u(ap) WHERE ap.data_hash = t.h) AS reads
+FROM decisions AS d, UNNEST(d.data_accessed) AS s(da), target AS t
+WHERE da.data_hash = t.h
+   OR EXISTS (SELECT 1 FROM unnest(da.access_patterns) AS u(ap) WHERE ap.data_hash = t.h)
+ORDER BY d.session_id, d.decision_point, da.symbol

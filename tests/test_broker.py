@@ -1,0 +1,824 @@
+"""AlpacaPaperTradingBroker against the local Alpaca server, driven by a real Cerebro run in
+next-by-next mode with queue-fed live feeds (tests/alpaca_harness.py).
+
+Every scenario checks what the agent saw (notifications, in order, each once) and that
+backtrader's positions equal the server's at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import backtrader as bt
+import pytest
+
+from runtime.broker import AlpacaPaperTradingBroker, position_key
+from runtime.errors import BrokerError
+from tests.alpaca_harness import (
+    Run,
+    bar,
+    bars,
+    build_run,
+    drive,
+    fast_config,
+    new_session,
+    now,
+    wait_until,
+)
+from tests.alpaca_server import AlpacaServer, FaultPlan
+
+
+def bt_positions(run: Run) -> dict[str, Decimal]:
+    """backtrader's view (after the run): position key -> size, zeros left out."""
+    out = {}
+    for data, pos in run.broker.positions.items():
+        if pos.size:
+            out[position_key(data._name)] = Decimal(repr(pos.size))
+    return out
+
+
+def statuses(run: Run, ref: int) -> list[str]:
+    return run.log.statuses(ref)
+
+
+def alpaca_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("alpaca-")]
+
+
+def order_of(run: Run, name: str) -> Any:
+    return run.log.orders[name]
+
+
+def buy(name: str, **kw: Any) -> Any:
+    def act(s: Any) -> None:
+        s.p.log.orders[name] = s.buy(data=kw.pop("data", s.datas[0]), **kw)
+
+    return act
+
+
+def sell(name: str, **kw: Any) -> Any:
+    def act(s: Any) -> None:
+        s.p.log.orders[name] = s.sell(data=kw.pop("data", s.datas[0]), **kw)
+
+    return act
+
+
+def bracket(kind: str = "buy_bracket", **kw: Any) -> Any:
+    """A script action: ``buy_bracket``/``sell_bracket``; orders logged as parent/stop/take."""
+
+    def act(s: Any) -> None:
+        o, stop, take = getattr(s, kind)(data=s.datas[0], **kw)
+        s.p.log.orders.update(parent=o, stop=stop, take=take)
+
+    return act
+
+
+def server_order(server: AlpacaServer, run: Run, name: str) -> dict[str, Any]:
+    coid = f"{run.broker.session_id}-{order_of(run, name).ref}"
+    wait_until(lambda: server.order_by_coid(coid) is not None, what=f"order {name} at server")
+    o = server.order_by_coid(coid)
+    assert o is not None
+    return o
+
+
+# -- the basic lifecycle --------------------------------------------------------------------
+
+
+def test_market_order_fills_and_notifies_once_each() -> None:
+    with AlpacaServer(fill_mode="immediate", prices={"AAPL": 101.25}) as server:
+        run = build_run(server, ("AAPL",), {1: buy("b", size=10)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 101.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Completed"), what="fill"
+                ),
+            ],
+        )
+        ref = order_of(run, "b").ref
+        assert statuses(run, ref) == ["Submitted", "Accepted", "Completed"]
+        fills = [f for n in run.log.notes if n.ref == ref for f in n.fills]
+        assert fills == [(10.0, 101.25)]
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(10)}
+        assert run.broker.getcash() == pytest.approx(100_000 - 1012.5)
+        assert run.broker.getvalue() == pytest.approx(100_000)
+        assert server.order_by_coid(f"{run.broker.session_id}-{ref}") is not None
+    assert alpaca_threads() == []
+
+
+def test_partial_fills_sum_exactly_fractional_crypto() -> None:
+    parts = [Decimal("0.005"), Decimal("0.0045"), Decimal("0.003")]
+    with AlpacaServer(prices={"BTC/USD": 91000.0}) as server:
+        run = build_run(server, ("BTC/USD",), {1: buy("b", size=0.0125)})
+
+        def fill_in_parts() -> None:
+            o = server_order(server, run, "b")
+            for i, (q, px) in enumerate(
+                zip(parts, ("91000.5", "91001.25", "90999.75"), strict=True)
+            ):
+                server.fill(o["id"], q, Decimal(px))
+
+                def seen(i: int = i) -> bool:
+                    return len([n for n in run.log.notes if n.fills]) == i + 1
+
+                wait_until(seen, what=f"fill {i}")
+
+        drive(run, [bar(run, "BTC/USD", 91000.0), fill_in_parts])
+        ref = order_of(run, "b").ref
+        assert statuses(run, ref) == ["Submitted", "Accepted", "Partial", "Partial", "Completed"]
+        sizes = [Decimal(repr(f[0])) for n in run.log.notes if n.ref == ref for f in n.fills]
+        prices = [f[1] for n in run.log.notes if n.ref == ref for f in n.fills]
+        assert sizes == parts and sum(sizes) == Decimal("0.0125")
+        assert prices == pytest.approx([91000.5, 91001.25, 90999.75])
+        assert bt_positions(run) == server.position_qty() == {"BTCUSD": Decimal("0.0125")}
+        assert run.broker.getposition(run.feeds["BTC/USD"]).size == 0.0125  # no float drift
+
+
+def test_cancel_is_canceled_not_rejected_and_keeps_partial_fill() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {
+                1: buy("lim", size=10, exectype=bt.Order.Limit, price=99.0),
+                3: lambda s: s.cancel(s.p.log.orders["lim"]),
+            },
+        )
+
+        def partial() -> None:
+            o = server_order(server, run, "lim")
+            server.fill(o["id"], 4, 99.0)
+            wait_until(lambda: run.log.has(lambda n: n.status == "Partial"), what="partial")
+
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                partial,
+                bar(run, "AAPL", 100.0),
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Canceled"), what="cancel"
+                ),
+            ],
+        )
+        ref = order_of(run, "lim").ref
+        assert statuses(run, ref) == ["Submitted", "Accepted", "Partial", "Canceled"]
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(4)}
+
+
+def test_alpaca_rejection_becomes_rejected_with_alpacas_message() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}, cash_usd=1000.0) as server:
+        run = build_run(server, ("AAPL",), {1: buy("big", size=50)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Rejected"), what="reject"
+                ),
+            ],
+        )
+        ref = order_of(run, "big").ref
+        assert statuses(run, ref) == ["Submitted", "Rejected"]
+        reason = next(n.reason for n in run.log.notes if n.status == "Rejected")
+        assert reason is not None and "insufficient buying power" in reason
+        assert "HTTP 403" in reason and server.count("POST", "/v2/orders") == 1  # not retried
+        assert bt_positions(run) == server.position_qty() == {}
+
+
+def test_expired_and_venue_rejected() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {
+                1: buy("a", size=1, exectype=bt.Order.Limit, price=90.0),
+                2: buy("b", size=1, exectype=bt.Order.Limit, price=91.0),
+            },
+        )
+
+        def venue() -> None:
+            server.expire(server_order(server, run, "a")["id"])
+            server.reject(server_order(server, run, "b")["id"])
+            wait_until(
+                lambda: (
+                    run.log.has(lambda n: n.status == "Expired")
+                    and run.log.has(lambda n: n.status == "Rejected")
+                ),
+                what="expire+reject",
+            )
+
+        drive(run, [bar(run, "AAPL", 100.0), bar(run, "AAPL", 100.0), venue])
+        assert statuses(run, order_of(run, "a").ref) == ["Submitted", "Accepted", "Expired"]
+        assert statuses(run, order_of(run, "b").ref) == ["Submitted", "Accepted", "Rejected"]
+
+
+def test_replaced_order_is_followed_to_its_replacement() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server, ("AAPL",), {1: buy("lim", size=5, exectype=bt.Order.Limit, price=95.0)}
+        )
+
+        def replace_then_fill() -> None:
+            o = server_order(server, run, "lim")
+            wait_until(lambda: run.log.has(lambda n: n.status == "Accepted"), what="accept")
+            new_id = server.replace(o["id"], limit_price="97")
+            server.set_price("AAPL", 96.5)  # crosses the new limit only
+            assert server.order_by_coid(o["client_order_id"])["status"] == "replaced"  # type: ignore[index]
+            assert server.orders[new_id].status == "filled"
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
+
+        drive(run, [bar(run, "AAPL", 100.0), replace_then_fill])
+        assert statuses(run, order_of(run, "lim").ref) == ["Submitted", "Accepted", "Completed"]
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(5)}
+
+
+# -- brackets ---------------------------------------------------------------------------------
+
+
+def test_bracket_legs_are_backtrader_children() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server, ("AAPL",), {1: bracket(size=5, price=99.0, stopprice=95.0, limitprice=105.0)}
+        )
+
+        def play() -> None:
+            o = server_order(server, run, "parent")
+            assert o["order_class"] == "bracket" and len(o["legs"]) == 2
+            wait_until(
+                lambda: len([n for n in run.log.notes if n.status == "Accepted"]) == 3,
+                what="3 accepted",
+            )
+            server.set_price("AAPL", 98.5)  # entry fills; legs go from held to new
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="entry")
+            server.set_price("AAPL", 105.5)  # take profit fills, stop canceled
+            wait_until(
+                lambda: (
+                    len([n for n in run.log.notes if n.status in ("Completed", "Canceled")]) == 3
+                ),
+                what="exits",
+            )
+
+        drive(run, [bar(run, "AAPL", 100.0), play])
+        parent, stop, take = (order_of(run, k) for k in ("parent", "stop", "take"))
+        assert statuses(run, parent.ref) == ["Submitted", "Accepted", "Completed"]
+        assert statuses(run, take.ref) == ["Submitted", "Accepted", "Completed"]
+        assert statuses(run, stop.ref) == ["Submitted", "Accepted", "Canceled"]
+        assert stop.parent is parent and take.parent is parent
+        assert server.count("POST", "/v2/orders") == 1  # one bracket request, not three
+        assert bt_positions(run) == server.position_qty() == {}
+        trades = run.strategy._trades[run.feeds["AAPL"]][0]
+        assert len(trades) == 1 and trades[0].isclosed
+        assert trades[0].pnl == pytest.approx(5 * (105.0 - 99.0))
+
+
+def test_cancel_of_a_bracket_child_cancels_the_bracket() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {
+                1: bracket(size=2, price=90.0, stopprice=85.0, limitprice=95.0),
+                3: lambda s: s.cancel(s.p.log.orders["take"]),
+            },
+        )
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                bar(run, "AAPL", 100.0),
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: len([n for n in run.log.notes if n.status == "Canceled"]) == 3,
+                    what="3 canceled",
+                ),
+            ],
+        )
+        for k in ("parent", "stop", "take"):
+            assert statuses(run, order_of(run, k).ref)[-1] == "Canceled"
+        assert server.open_orders() == []
+
+
+# -- start-up reconciliation ------------------------------------------------------------------
+
+
+def test_existing_positions_become_backtrader_positions() -> None:
+    with AlpacaServer(fill_mode="immediate", prices={"AAPL": 100.0, "BTC/USD": 90000.0}) as server:
+        server.add_position("AAPL", 7, 95.0)
+        server.add_position("BTC/USD", 0.25, 80000.0)
+        server.add_position("MSFT", 3, 400.0)  # not traded by this run: kept, not shown
+        seen: dict[str, float] = {}
+
+        def look_then_close(s: Any) -> None:
+            seen.update({d._name: s.getposition(d).size for d in s.datas})
+            seen["price"] = s.getposition(s.datas[0]).price
+            s.p.log.orders["s"] = s.close(data=s.datas[0])
+
+        run = build_run(server, ("AAPL", "BTC/USD"), {1: look_then_close})
+        drive(
+            run,
+            [
+                bars(run, {"AAPL": 100.0, "BTC/USD": 90000.0}),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Completed"), what="close"
+                ),
+            ],
+        )
+        assert seen == {"AAPL": 7.0, "BTC/USD": 0.25, "price": 95.0}
+        assert order_of(run, "s").size == -7
+        assert bt_positions(run) == {"BTCUSD": Decimal("0.25")}
+        assert server.position_qty() == {"BTCUSD": Decimal("0.25"), "MSFT": Decimal(3)}
+
+
+def test_open_orders_halt_is_a_clear_error() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        server.place(
+            {
+                "symbol": "AAPL",
+                "qty": 3,
+                "side": "buy",
+                "type": "limit",
+                "limit_price": 90,
+                "time_in_force": "gtc",
+            }
+        )
+        run = build_run(server, ("AAPL",), {})
+        with pytest.raises(BrokerError, match="ALPACA_OPEN_ORDER_POLICY=halt"):
+            run.cerebro.run()
+    assert alpaca_threads() == []
+
+
+def test_open_orders_cancel_policy() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        placed = server.place(
+            {
+                "symbol": "AAPL",
+                "qty": 3,
+                "side": "buy",
+                "type": "limit",
+                "limit_price": 90,
+                "time_in_force": "gtc",
+            }
+        )
+        server.fill(placed["id"], 1, 90.0)
+        run = build_run(
+            server, ("AAPL",), {}, config=fast_config(server, open_order_policy="cancel")
+        )
+        drive(run, [bar(run, "AAPL", 100.0)])
+        assert server.open_orders() == []
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(1)}
+
+
+def test_open_orders_adopt_policy_tracks_them() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        placed = server.place(
+            {
+                "symbol": "AAPL",
+                "qty": 3,
+                "side": "buy",
+                "type": "limit",
+                "limit_price": 90,
+                "time_in_force": "gtc",
+            }
+        )
+        run = build_run(
+            server, ("AAPL",), {}, config=fast_config(server, open_order_policy="adopt")
+        )
+
+        def fill() -> None:
+            wait_until(lambda: run.log.has(lambda n: n.status == "Accepted"), what="adopted")
+            server.fill(placed["id"], 3, 90.0)
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
+
+        drive(run, [bar(run, "AAPL", 100.0), fill])
+        assert [n.status for n in run.log.notes] == ["Accepted", "Completed"]
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(3)}
+
+
+def test_adopt_needs_a_feed_for_the_symbol() -> None:
+    with AlpacaServer(prices={"TSLA": 100.0}) as server:
+        server.place(
+            {
+                "symbol": "TSLA",
+                "qty": 1,
+                "side": "buy",
+                "type": "limit",
+                "limit_price": 90,
+                "time_in_force": "gtc",
+            }
+        )
+        run = build_run(
+            server, ("AAPL",), {}, config=fast_config(server, open_order_policy="adopt")
+        )
+        with pytest.raises(BrokerError, match="cannot adopt open orders for TSLA"):
+            run.cerebro.run()
+
+
+def test_unreadable_account_is_an_error_not_an_empty_portfolio() -> None:
+    with AlpacaServer() as server:
+        server.fail_account = True
+        run = build_run(server, ("AAPL",), {}, config=fast_config(server, max_attempts=3))
+        with pytest.raises(BrokerError, match="cannot read the Alpaca account"):
+            run.cerebro.run()
+        # three attempts (max_attempts), each answered 500, then the error
+        assert [r.status for r in server.requests if r.path == "/v2/account"] == [500] * 3
+    assert alpaca_threads() == []
+
+
+def test_blocked_account_refuses_to_start() -> None:
+    with AlpacaServer() as server:
+        server.account_blocked = True
+        run = build_run(server, ("AAPL",), {})
+        with pytest.raises(BrokerError, match="cannot trade"):
+            run.cerebro.run()
+
+
+# -- market hours -----------------------------------------------------------------------------
+
+
+def test_equities_wait_for_the_open_crypto_does_not() -> None:
+    with AlpacaServer(
+        fill_mode="immediate", market_open=False, prices={"AAPL": 100.0, "BTC/USD": 90000.0}
+    ) as server:
+        server.set_clock(is_open=False, next_open=now() + timedelta(hours=1))
+        run = build_run(
+            server,
+            ("AAPL", "BTC/USD"),
+            {1: lambda s: (buy("eq", size=1)(s), buy("cx", size=0.01, data=s.datas[1])(s))},
+        )
+
+        def open_market() -> None:
+            wait_until(
+                lambda: run.log.has(lambda n: n.symbol == "BTC/USD" and n.status == "Completed"),
+                what="crypto fill",
+            )
+            assert server.count("POST", "/v2/orders") == 1  # the equity order waits
+            eq = order_of(run, "eq").ref
+            assert statuses(run, eq) == ["Submitted"]
+            server.set_clock(is_open=True, next_close=now() + timedelta(hours=6))
+            wait_until(
+                lambda: run.log.has(lambda n: n.ref == eq and n.status == "Completed"),
+                what="equity fill after the open",
+            )
+
+        drive(run, [bars(run, {"AAPL": 100.0, "BTC/USD": 90000.0}), open_market])
+        assert (
+            bt_positions(run)
+            == server.position_qty()
+            == {"AAPL": Decimal(1), "BTCUSD": Decimal("0.01")}
+        )
+
+
+def test_waiting_order_is_not_sent_when_run_stops() -> None:
+    with AlpacaServer(fill_mode="immediate", market_open=False, prices={"AAPL": 100.0}) as server:
+        run = build_run(server, ("AAPL",), {1: buy("eq", size=1)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Submitted"), what="submitted"
+                ),
+            ],
+        )
+        assert server.count("POST", "/v2/orders") == 0
+        assert statuses(run, order_of(run, "eq").ref) == ["Submitted"]
+        assert not order_of(run, "eq").alive()
+        assert order_of(run, "eq").info["reason"] == "not sent: broker stopped"
+
+
+# -- faults: nothing lost, nothing duplicated, positions equal ----------------------------------
+
+
+@pytest.mark.parametrize("seed", [10, 11])  # seeds whose runs include lost-answer submits
+def test_under_faults_no_order_lost_or_duplicated_positions_equal(seed: int) -> None:
+    plan = FaultPlan(
+        rate=0.3, kinds=("429", "500", "503", "timeout", "reset"), seed=seed, stall_s=0.3
+    )
+    prices = {"AAPL": 100.0, "MSFT": 50.0, "BTC/USD": 1000.0}
+    # per symbol, the signed sizes sent on bars 1, 3, 5, ...; market orders filled by the
+    # server's ticker in 3 exact slices each
+    sizes: dict[str, list[float]] = {
+        "AAPL": [3, 7, -4, 5],
+        "MSFT": [10, -10, 2],
+        "BTC/USD": [0.3, 0.0125, -0.1],
+    }
+    script: dict[int, list[tuple[str, str, float]]] = {}
+    for sym, seq in sizes.items():
+        for i, size in enumerate(seq):
+            script.setdefault(1 + 2 * i, []).append((f"{sym}#{i}", sym, size))
+
+    def act(actions: list[tuple[str, str, float]]) -> Any:
+        def run_actions(s: Any) -> None:
+            by_name = {d._name: d for d in s.datas}
+            for name, sym, size in actions:
+                side = buy if size > 0 else sell
+                side(name, size=abs(size), data=by_name[sym])(s)
+
+        return run_actions
+
+    with AlpacaServer(faults=plan, prices=prices, partial_steps=3, tick_interval_s=0.01) as server:
+        run = build_run(
+            server,
+            tuple(prices),
+            {k: act(v) for k, v in script.items()},
+            config=fast_config(server, max_attempts=12),
+        )
+        steps = [bars(run, prices) for _ in range(8)]
+        steps.append(
+            lambda: wait_until(
+                lambda: all(not o.alive() for o in list(run.log.orders.values())),
+                timeout_s=30,
+                what="every order done",
+            )
+        )
+        drive(run, steps, timeout_s=60)
+        posts = [r for r in server.requests if r.method == "POST"]
+        assert sum(1 for r in server.requests if r.fault) > 5  # the run went through faults
+        assert any(r.status == 422 for r in posts)  # a retry met the order that had landed
+        n = sum(len(v) for v in sizes.values())
+        coids = {f"{run.broker.session_id}-{o.ref}" for o in run.log.orders.values()}
+        at_server = {c for c in server.by_coid if c.startswith(run.broker.session_id)}
+        assert at_server == coids and len(coids) == n  # none lost, none duplicated
+        for name, o in run.log.orders.items():
+            srv = server.order_by_coid(f"{run.broker.session_id}-{o.ref}")
+            assert srv is not None and srv["status"] == "filled", name
+            got = [
+                Decimal(repr(f[0]))
+                for note in run.log.notes
+                if note.ref == o.ref
+                for f in note.fills
+            ]
+            assert sum(got) == Decimal(srv["filled_qty"]) * (1 if o.isbuy() else -1), name
+            assert statuses(run, o.ref).count("Completed") == 1, name
+        assert bt_positions(run) == server.position_qty()
+
+
+def test_submit_whose_answer_was_lost_is_followed_not_duplicated() -> None:
+    # the first POST is processed by the server but its answer never arrives
+    plan = FaultPlan(rate=1.0, kinds=("reset",), methods=("POST",), limit=1, processed=True)
+    with AlpacaServer(faults=plan, fill_mode="immediate", prices={"AAPL": 100.0}) as server:
+        run = build_run(server, ("AAPL",), {1: buy("b", size=3)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Completed"), what="fill"
+                ),
+            ],
+        )
+        posts = [(r.fault, r.status) for r in server.requests if r.method == "POST"]
+        assert posts == [("reset", 0), (None, 422)]
+        assert server.count("GET", "/v2/orders:by_client_order_id") == 1
+        assert len(server.orders) == 1
+        assert statuses(run, order_of(run, "b").ref) == ["Submitted", "Accepted", "Completed"]
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(3)}
+
+
+def test_submit_that_never_landed_is_rejected_after_a_lookup() -> None:
+    plan = FaultPlan(rate=1.0, kinds=("503", "reset"), methods=("POST",), processed=False)
+    with AlpacaServer(faults=plan, fill_mode="immediate", prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server, ("AAPL",), {1: buy("b", size=3)}, config=fast_config(server, max_attempts=3)
+        )
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Rejected"), what="reject"
+                ),
+            ],
+        )
+        assert len([r for r in server.requests if r.method == "POST"]) == 3
+        assert server.orders == {}
+        reason = order_of(run, "b").info["reason"]
+        assert "no order with this client_order_id" in reason
+        assert bt_positions(run) == server.position_qty() == {}
+
+
+def test_one_list_call_per_poll_for_all_open_orders() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {
+                1: lambda s: [
+                    buy(f"l{i}", size=1, exectype=bt.Order.Limit, price=90.0 + i)(s)
+                    for i in range(5)
+                ]
+            },
+        )
+        window: dict[str, int] = {}
+
+        def measure() -> None:
+            wait_until(
+                lambda: len([n for n in run.log.notes if n.status == "Accepted"]) == 5,
+                what="5 accepted",
+            )
+            lists0 = server.count("GET", "/v2/orders")
+            singles0 = len([r for r in server.requests if r.path.startswith("/v2/orders/")])
+            wait_until(lambda: server.count("GET", "/v2/orders") >= lists0 + 10, what="10 polls")
+            window["singles"] = (
+                len([r for r in server.requests if r.path.startswith("/v2/orders/")]) - singles0
+            )
+
+        drive(run, [bar(run, "AAPL", 100.0), measure])
+        assert window["singles"] == 0  # open orders are followed by the list call alone
+
+
+def test_keys_never_appear_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    key, secret = "AKLEAKCHECK0001", "SKLEAKCHECKsecret0002"
+    caplog.set_level(logging.DEBUG)
+    plan = FaultPlan(rate=0.3, kinds=("500", "429", "reset"), seed=5)
+    with AlpacaServer(
+        api_key=key, secret_key=secret, faults=plan, fill_mode="immediate", prices={"AAPL": 100.0}
+    ) as server:
+        run = build_run(server, ("AAPL",), {1: buy("b", size=1), 2: buy("c", size=10**6)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Rejected"), what="reject"
+                ),
+            ],
+        )
+    text = "\n".join(r.getMessage() for r in caplog.records) + repr(run.broker)
+    assert "Alpaca paper trading endpoint" in text
+    assert key not in text and secret not in text
+
+
+def test_stop_cancels_open_orders_when_asked_and_joins_threads() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {1: buy("lim", size=1, exectype=bt.Order.Limit, price=80.0)},
+            config=fast_config(server, cancel_on_stop=True),
+        )
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Accepted"), what="accepted"
+                ),
+            ],
+        )
+        assert server.open_orders() == []
+        assert not order_of(run, "lim").alive()
+        report = run.broker.report
+        assert report is not None and report.orders_canceled == 1 and report.open_orders_left == 0
+    assert alpaca_threads() == []
+
+
+def test_trade_updates_stream_delivers_without_polling() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}, websocket=True) as server:
+        # polling every 60 s: within this test only the stream can bring the fill
+        cfg = fast_config(
+            server,
+            use_stream=True,
+            stream_url=server.ws_url,
+            poll_interval_s=60.0,
+            refresh_interval_s=60.0,
+        )
+        run = build_run(
+            server,
+            ("AAPL",),
+            {1: buy("lim", size=2, exectype=bt.Order.Limit, price=99.0)},
+            config=cfg,
+        )
+
+        polls: list[int] = []
+
+        def fill() -> None:
+            o = server_order(server, run, "lim")
+            wait_until(lambda: bool(server._ws_queues), what="stream connected")
+            polls.append(server.count("GET", "/v2/orders"))
+            server.fill(o["id"], 1, 99.0)
+            server.fill(o["id"], 1, 98.0)
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
+            polls.append(server.count("GET", "/v2/orders"))
+            wait_until(lambda: server.count("GET", "/v2/account") >= 2, what="refresh")
+
+        drive(run, [bar(run, "AAPL", 100.0), fill])
+        ref = order_of(run, "lim").ref
+        assert statuses(run, ref) == ["Submitted", "Accepted", "Partial", "Completed"]
+        assert polls[0] == polls[1]  # no order poll while the fills came in
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(2)}
+    assert alpaca_threads() == []
+
+
+def test_polling_covers_a_stream_that_cannot_connect() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}, fill_mode="immediate") as server:
+        cfg = fast_config(server, use_stream=True, stream_url="ws://127.0.0.1:9/stream")
+        run = build_run(server, ("AAPL",), {1: buy("b", size=1)}, config=cfg)
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: run.log.has(lambda n: n.status == "Completed"), what="fill"
+                ),
+            ],
+        )
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(1)}
+    assert alpaca_threads() == []
+
+
+def test_broker_without_start_stops_cleanly() -> None:
+    with AlpacaServer() as server:
+        broker = AlpacaPaperTradingBroker(fast_config(server), session_id=new_session())
+        broker.stop()
+        broker.stop()
+        assert broker.report is None
+
+
+def test_sell_bracket_stop_loss_fills_and_cancels_take_profit() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}, shorting=True) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {1: bracket("sell_bracket", size=3, price=101.0, stopprice=106.0, limitprice=95.0)},
+        )
+
+        def play() -> None:
+            server_order(server, run, "parent")
+            server.set_price("AAPL", 101.5)  # short entry fills
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="entry")
+            server.set_price("AAPL", 107.0)  # stop loss (a buy stop) triggers
+            wait_until(
+                lambda: (
+                    len([n for n in run.log.notes if n.status in ("Completed", "Canceled")]) == 3
+                ),
+                what="exits",
+            )
+
+        drive(run, [bar(run, "AAPL", 100.0), play])
+        assert statuses(run, order_of(run, "stop").ref)[-1] == "Completed"
+        assert statuses(run, order_of(run, "take").ref)[-1] == "Canceled"
+        assert order_of(run, "stop").isbuy() and order_of(run, "parent").issell()
+        assert bt_positions(run) == server.position_qty() == {}
+
+
+def test_positions_changed_outside_the_run_are_taken_from_the_account() -> None:
+    with AlpacaServer(fill_mode="immediate", prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {1: buy("b", size=2)},
+            config=fast_config(server, refresh_interval_s=0.05),
+        )
+
+        def outside_trade() -> None:
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
+            server.place(
+                {
+                    "symbol": "AAPL",
+                    "qty": 5,
+                    "side": "buy",
+                    "type": "market",
+                    "time_in_force": "day",
+                }
+            )  # another client of the same account
+            wait_until(
+                lambda: run.broker._qty.get("AAPL") == Decimal(7), what="reconciled position"
+            )
+
+        drive(run, [bar(run, "AAPL", 100.0), outside_trade])
+        assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(7)}
+
+
+def test_persistent_api_failure_stops_the_run_with_an_error() -> None:
+    with AlpacaServer(prices={"AAPL": 100.0}) as server:
+        run = build_run(
+            server,
+            ("AAPL",),
+            {1: buy("lim", size=1, exectype=bt.Order.Limit, price=90.0)},
+            config=fast_config(server, max_attempts=2),
+        )
+
+        def outage() -> None:
+            server_order(server, run, "lim")
+            server.faults = FaultPlan(rate=1.0, kinds=("503",))  # every call fails from now
+            wait_until(lambda: not run.broker.healthy, what="unhealthy")
+            # the monitor gives up after 10 failed polls; the bar loop then raises
+            wait_until(
+                lambda: not any(t.name == "alpaca-monitor" for t in threading.enumerate()),
+                what="monitor gave up",
+            )
+            wait_until(run.broker._events.empty, what="error handed to the main thread")
+
+        with pytest.raises(BrokerError, match="Alpaca broker failed"):
+            drive(run, [bar(run, "AAPL", 100.0), outage])
+        run.broker.stop()  # what the runner's closer does when cerebro raised
+    assert alpaca_threads() == []

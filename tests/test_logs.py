@@ -1,0 +1,150 @@
+"""Logging setup: JSON lines off a terminal, text on one, context fields, redaction, hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from runtime.logs import REDACTED, LogSetup, setup_logging
+from runtime.secrets import Secret
+
+log = logging.getLogger("tests.logs")
+
+
+class TTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def setups() -> Iterator[list[LogSetup]]:
+    made: list[LogSetup] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    return [ln for ln in stream.getvalue().splitlines() if ln]
+
+
+def test_json_when_not_a_terminal(setups: list[LogSetup]) -> None:
+    out = io.StringIO()
+    setups.append(setup := setup_logging("INFO", "auto", stream=out))
+    assert setup.json
+    setup.bind(session="20261121T000000Z-abcd", agent="sma-cross")
+    log.info("bought %d shares of %s", 10, "GOOG")
+    log.debug("not shown at INFO")
+    [line] = lines(out)
+    entry = json.loads(line)
+    assert entry["message"] == "bought 10 shares of GOOG"
+    assert entry["level"] == entry["severity"] == "INFO"
+    assert entry["logger"] == "tests.logs"
+    assert entry["session"] == "20261121T000000Z-abcd"
+    assert entry["agent"] == "sma-cross"
+    assert entry["timestamp"].endswith("Z") and "T" in entry["timestamp"]
+    assert entry["thread"] == threading.current_thread().name
+
+
+def test_text_on_a_terminal(setups: list[LogSetup]) -> None:
+    out = TTY()
+    setups.append(setup := setup_logging("INFO", "auto", stream=out))
+    assert not setup.json
+    log.warning("feed %s delayed", "GOOG")
+    [line] = lines(out)
+    assert "WARNING" in line and "tests.logs: feed GOOG delayed" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+def test_explicit_format_and_level(setups: list[LogSetup]) -> None:
+    out = TTY()
+    setups.append(setup_logging("DEBUG", "json", stream=out))
+    log.debug("debug line")
+    assert json.loads(lines(out)[0])["level"] == "DEBUG"
+    with pytest.raises(ValueError, match="level"):
+        setup_logging("LOUD", "json", stream=out)
+    with pytest.raises(ValueError, match="format"):
+        setup_logging("INFO", "xml", stream=out)  # type: ignore[arg-type]
+
+
+def test_exception_is_one_json_entry(setups: list[LogSetup]) -> None:
+    out = io.StringIO()
+    setups.append(setup_logging("INFO", "json", stream=out))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("step failed")
+    [line] = lines(out)  # the traceback is inside the entry, not extra lines
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR"
+    assert "RuntimeError: boom" in entry["exception"]
+
+
+def test_registered_secrets_are_masked_everywhere(setups: list[LogSetup]) -> None:
+    out = io.StringIO()
+    canary = "CANARY-5f0c2b7e9d"
+    setups.append(
+        setup := setup_logging("INFO", "json", stream=out, secrets=[Secret(canary), None])
+    )
+    setup.add_secrets(["short"])  # too short to mask safely: left alone
+    log.info("key is %s", canary)
+    try:
+        raise ValueError(f"bad key {canary}")
+    except ValueError:
+        log.exception("auth failed")
+    log.info("a short word")
+    text = out.getvalue()
+    assert canary not in text
+    assert text.count(REDACTED) >= 2
+    assert "a short word" in text
+
+
+def test_setup_is_idempotent_and_close_restores(setups: list[LogSetup]) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level, hook = root.level, sys.excepthook
+    first, second = io.StringIO(), io.StringIO()
+    a = setup_logging("INFO", "json", stream=first)
+    b = setup_logging("INFO", "json", stream=second)
+    log.info("once")
+    assert first.getvalue() == "" and len(lines(second)) == 1
+    b.close()
+    a.close()
+    assert root.handlers == before
+    assert root.level == level
+    assert sys.excepthook is hook
+
+
+def test_uncaught_thread_exception_is_logged(setups: list[LogSetup]) -> None:
+    out = io.StringIO()
+    setups.append(setup_logging("INFO", "json", stream=out))
+
+    def crash() -> None:
+        raise KeyError("lost")
+
+    t = threading.Thread(target=crash, name="worker-x")
+    t.start()
+    t.join()
+    entries = [json.loads(ln) for ln in lines(out)]
+    [entry] = [e for e in entries if e["level"] == "CRITICAL"]
+    assert "worker-x" in entry["message"]
+    assert "KeyError" in entry["exception"]
+
+
+def test_warnings_go_to_the_log(setups: list[LogSetup]) -> None:
+    import warnings
+
+    out = io.StringIO()
+    setups.append(setup_logging("INFO", "json", stream=out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
+    entries = [json.loads(ln) for ln in lines(out)]
+    assert any(e["logger"] == "py.warnings" and "deprecated thing" in e["message"] for e in entries)

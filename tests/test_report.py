@@ -1,0 +1,80 @@
+"""The portfolio report, the progress indicator and the query CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import backtrader as bt
+import pytest
+
+from analyzers.query import main as query_main
+from analyzers.schema import DecisionRecord, RunInfo
+from analyzers.sinks import LocalDuckDBSink
+from feeds.csv import make_csv_feed
+from runtime.config import CSVFeedConfig
+from runtime.report import ProgressAnalyzer, RunReport
+from tests.conftest import DATA
+
+
+def report(**kw: object) -> RunReport:
+    base: dict[str, object] = dict(
+        session_id="s",
+        agent="a:B",
+        mode="backtest",
+        symbols=("GOOG",),
+        start_value_usd=100.0,
+        end_value_usd=110.0,
+        sharpe=None,
+        max_drawdown_pct=3.5,
+        trades=4,
+        trades_won=1,
+        bars=10,
+        decisions=10,
+        lookahead_reads=0,
+        stored_at="duckdb:/x",
+        example_query="q",
+    )
+    base.update(kw)
+    return RunReport(**base)  # type: ignore[arg-type]
+
+
+def test_report_units_and_undefined_values() -> None:
+    r = report()
+    assert r.return_pct == pytest.approx(10.0) and r.win_rate_pct == 25.0
+    text = r.render()
+    assert "return           +10.00 %" in text and "sharpe (annual)  n/a" in text
+    assert "trades           4 closed, win rate 25.0 %" in text
+    assert report(trades=0, trades_won=0).win_rate_pct is None
+    assert "INTERRUPTED" in report(interrupted=True).render()
+    assert "skipped rows     GOOG.csv: 3" in report(skipped_rows={"GOOG.csv": 3}).render()
+
+
+def test_progress_logs_every_ten_percent(caplog: pytest.LogCaptureFixture) -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG")))
+    cerebro.addstrategy(bt.Strategy)
+    cerebro.addanalyzer(ProgressAnalyzer, total=2148)
+    with caplog.at_level(logging.INFO, logger="runtime.report"):
+        cerebro.run()
+    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert [line.split()[1] for line in lines] == [f"{p}%" for p in range(10, 101, 10)]
+
+
+def test_query_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    sink.open()
+    run = RunInfo("sess", "agent", "backtest", "m.C", "{}", None)
+    sink.write_records(
+        [
+            DecisionRecord(
+                run, i, 0.0, 0.0, "NEXT", "HOLD", (), (), 0, 0, 1.0, 1.0, (), None, None, None
+            )
+            for i in range(3)
+        ]
+    )
+    sink.close()
+    assert query_main(["--db", str(tmp_path / "f.duckdb")]) == 0
+    assert "sess" in capsys.readouterr().out
+    assert query_main(["--db", str(tmp_path / "f.duckdb"), "SELECT nope FROM decisions"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -29,8 +29,10 @@ from tests.conftest import DATA
 
 def test_fast_json_equals_the_dict_rows_of_a_real_run() -> None:
     cerebro = bt.Cerebro(stdstats=False)
-    cerebro.adddata(make_csv_feed(CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv",
-                                                symbol="GOOG")), name="GOOG")
+    cerebro.adddata(
+        make_csv_feed(CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")),
+        name="GOOG",
+    )
     cerebro.addstrategy(RsiAgent)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
     records = cerebro.run()[0].analyzers.fmel.records
@@ -42,12 +44,33 @@ def test_fast_json_equals_the_dict_rows_of_a_real_run() -> None:
 def test_non_finite_numbers_and_odd_text_become_valid_json() -> None:
     run = RunInfo('s"1', "a\\b", "backtest", "m.C", '{"x": 1}', None)
     rec = DecisionRecord(
-        run, 7, 1.5, 86_400.0, "NEXT", "BUY",
+        run,
+        7,
+        1.5,
+        86_400.0,
+        "NEXT",
+        "BUY",
         (Action(0, "CREATED", "BUY", "BTC/USD", 3, "Market", 0.5, None),),
-        (DataAccess("BTC/USD", "h", ("close", "headline"), (
-            Access(0, "close", -1, 1, 4, "h", math.nan, None, False),
-            Access(1, "headline", 0, 1, 5, "h", None, "ünïcode \"quoted\"\n", False))),),
-        2, 0, math.inf, 10.0, (Position("BTC/USD", 0.5, 100.0),), None, 0.5, None)
+        (
+            DataAccess(
+                "BTC/USD",
+                "h",
+                ("close", "headline"),
+                (
+                    Access(0, "close", -1, 1, 4, "h", math.nan, None, False),
+                    Access(1, "headline", 0, 1, 5, "h", None, 'ünïcode "quoted"\n', False),
+                ),
+            ),
+        ),
+        2,
+        0,
+        math.inf,
+        10.0,
+        (Position("BTC/USD", 0.5, 100.0),),
+        None,
+        0.5,
+        None,
+    )
     row = json.loads(row_json(rec))
     assert row == to_row(rec)
     assert row["portfolio_value"] is None

@@ -67,7 +67,7 @@ class LatencyAgent(bt.Strategy):  # type: ignore[misc]
     prenext = next
 
 
-def run(messages: int, symbols: int, rate: float) -> dict[str, Any]:
+def run(messages: int, symbols: int, rate: float, align_wait_s: float = 1.0) -> dict[str, Any]:
     emu = PubSubEmulator()
     emu.start()
     try:
@@ -96,6 +96,7 @@ def run(messages: int, symbols: int, rate: float) -> dict[str, Any]:
             qcheck_s=0.5,
             discovery_s=0.0,
             subscription_prefix="bench",
+            align_wait_s=align_wait_s,
         )
         sub = PubSubBarSubscriber(
             cfg, symbols=names, session_id="latency", settings=StreamSettings()
@@ -153,6 +154,7 @@ def run(messages: int, symbols: int, rate: float) -> dict[str, Any]:
     return {
         "messages": len(nxt),
         "symbols": symbols,
+        "align_wait_s": align_wait_s,
         "rate_per_symbol": rate,
         "baseline_p50_ms": pct(baseline, 50),
         "baseline_p99_ms": pct(baseline, 99),
@@ -177,11 +179,18 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=500)
     p.add_argument("--symbols", type=int, default=1)
     p.add_argument("--rate", type=float, default=50.0, help="bars per second per symbol")
+    p.add_argument(
+        "--align-wait",
+        type=float,
+        default=1.0,
+        help="PUBSUB_ALIGN_WAIT_S: with several symbols a step waits for the last symbol's bar",
+    )
     args = p.parse_args()
-    r = run(args.messages, args.symbols, args.rate)
+    r = run(args.messages, args.symbols, args.rate, args.align_wait)
     print(
         f"Pub/Sub latency, {r['messages']} bars, {r['symbols']} symbol(s), "
-        f"{r['rate_per_symbol']:g} bars/s per symbol (ms)\n"
+        f"{r['rate_per_symbol']:g} bars/s per symbol, PUBSUB_ALIGN_WAIT_S={r['align_wait_s']:g} "
+        "(ms)\n"
     )
     print("| path | p50 | p99 |")
     print("|---|---:|---:|")

@@ -14,7 +14,9 @@ between two agent steps once warmed up, which includes the callback work sharing
 bars per second, and peak RSS. Baseline in the same run: backtrader alone on the same kind of
 bars (in-memory PandasData, next-by-next as live feeds force, same agent), up to
 ``--baseline-max`` symbols.
-``--long N`` adds a flatness check: RSS sampled along a run of N steps of 100 symbols.
+``--long N`` adds a flatness check: RSS sampled along a run of N steps of 100 symbols with an
+agent that reads every symbol and an SMA each step but never trades (backtrader's simulated
+broker keeps every order of a run, which would grow with trading, not with bars).
 
 Targets: 1,000 symbols of 1-minute bars with a bar step < 1 s; 10,000 symbols < 8 GB RSS;
 memory flat over a long run.
@@ -57,6 +59,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class Reader(bt.Strategy):  # type: ignore[misc]
+    """Reads every symbol's close and a 20-bar SMA each step; never trades (so the broker's
+    order history, which backtrader keeps for the whole run, does not grow)."""
+
+    def __init__(self) -> None:
+        self.sma = {d._name: bt.ind.SMA(d.close, period=20) for d in self.datas}
+        self.total = 0.0
+
+    def next(self) -> None:
+        for d in self.datas:
+            if len(d):
+                self.total += d.close[0] - self.sma[d._name][0]
+
+
 class StepTimer(bt.Analyzer):  # type: ignore[misc]
     """Wall time of each step (after the agent and the analyzers before it) and RSS samples."""
 
@@ -75,7 +91,9 @@ class StepTimer(bt.Analyzer):  # type: ignore[misc]
     prenext = nextstart = next
 
 
-def one(symbols: int, steps: int, lookback: int, fmel: bool, sample_every: int) -> dict[str, Any]:
+def one(
+    symbols: int, steps: int, lookback: int, fmel: bool, sample_every: int, agent: str = "sma"
+) -> dict[str, Any]:
     from agents.sma_cross import SmaCrossAgent
     from feeds.pubsub import BarHub, FieldSet, LiveMemoryBound, MessageHandler, make_pubsub_feed
 
@@ -105,7 +123,7 @@ def one(symbols: int, steps: int, lookback: int, fmel: bool, sample_every: int) 
     cerebro = bt.Cerebro(stdstats=False)
     for s in names:
         cerebro.adddata(make_pubsub_feed(hub, s, lookback=lookback, qcheck_s=0.5), name=s)
-    cerebro.addstrategy(SmaCrossAgent)
+    cerebro.addstrategy(Reader if agent == "reader" else SmaCrossAgent)
     cerebro.addanalyzer(LiveMemoryBound, _name="live_memory")
     writer = None
     tmp = tempfile.TemporaryDirectory()
@@ -202,7 +220,12 @@ def baseline(symbols: int, steps: int) -> dict[str, Any]:
 
 
 def child(
-    args: argparse.Namespace, symbols: int, steps: int, sample_every: int, base: bool = False
+    args: argparse.Namespace,
+    symbols: int,
+    steps: int,
+    sample_every: int,
+    base: bool = False,
+    agent: str = "sma",
 ) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -220,6 +243,7 @@ def child(
         cmd.append("--fmel")
     if base:
         cmd.append("--baseline")
+    cmd += ["--agent", agent]
     out = subprocess.run(
         cmd,
         cwd=REPO,
@@ -241,6 +265,7 @@ def main() -> None:
     p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sample-every", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--agent", default="sma", choices=("sma", "reader"), help=argparse.SUPPRESS)
     p.add_argument(
         "--baseline-max",
         type=int,
@@ -252,7 +277,7 @@ def main() -> None:
         result = (
             baseline(args.one, args.steps)
             if args.baseline
-            else one(args.one, args.steps, args.lookback, args.fmel, args.sample_every)
+            else one(args.one, args.steps, args.lookback, args.fmel, args.sample_every, args.agent)
         )
         print(json.dumps(result))
         return
@@ -279,11 +304,11 @@ def main() -> None:
     out: dict[str, Any] = {"rows": rows, "baseline": list(bases.values())}
     if args.long:
         every = max(1, args.long // 10)
-        r = child(args, 100, args.long, every)
+        r = child(args, 100, args.long, every, agent="reader")
         samples = r["rss_samples"]
         print(
-            f"\nMemory over a long run: 100 symbols, {args.long:,} steps (lookback "
-            f"{args.lookback})\n"
+            f"\nMemory over a long run: 100 symbols, {args.long:,} steps, an agent reading "
+            f"every symbol and an SMA, not trading (lookback {args.lookback})\n"
         )
         print("| step | RSS (MB) |")
         print("|---:|---:|")

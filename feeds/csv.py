@@ -33,6 +33,7 @@ from feeds.fields import (
     BarHashes,
     TextLine,
     bar_hash,
+    dynamic_feed_class,
     field_name,
 )
 from runtime.config import BAR_SIZE_RE, CSVFeedConfig
@@ -420,23 +421,9 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         return True
 
 
-_FEED_CLASSES: dict[tuple[str, ...], type] = {}
-
-
 def feed_class(extra_fields: tuple[str, ...]) -> type:
-    """A :class:`HistoricalCSVFeed` subclass with ``extra_fields`` as additional lines (cached
-    per field set, so many files with the same columns share one class)."""
-    cls = _FEED_CLASSES.get(extra_fields)
-    if cls is None:
-        cls = type(
-            "HistoricalCSVFeed_" + "_".join(extra_fields)
-            if extra_fields
-            else "HistoricalCSVFeedOHLCV",
-            (HistoricalCSVFeed,),
-            {"lines": extra_fields, "__module__": __name__},
-        )
-        _FEED_CLASSES[extra_fields] = cls
-    return cls
+    """A :class:`HistoricalCSVFeed` subclass with ``extra_fields`` as additional lines."""
+    return dynamic_feed_class(HistoricalCSVFeed, extra_fields)
 
 
 def make_csv_feed(cfg: CSVFeedConfig, bars: CSVBars | None = None) -> HistoricalCSVFeed:

@@ -272,3 +272,21 @@ class TextLine:
 
     def __len__(self) -> int:
         return len(self.feed)
+
+
+_FEED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def dynamic_feed_class(base: type, extra_fields: tuple[str, ...]) -> type:
+    """A subclass of the feed class ``base`` whose ``lines`` add ``extra_fields`` (numeric
+    dynamic fields). Cached per (base, fields), so many symbols with the same fields share one
+    class. Both the CSV and the Pub/Sub feed build their classes here."""
+    key = (base, extra_fields)
+    cls = _FEED_CLASSES.get(key)
+    if cls is None:
+        name = (
+            f"{base.__name__}_{'_'.join(extra_fields)}" if extra_fields else f"{base.__name__}OHLCV"
+        )
+        cls = type(name, (base,), {"lines": extra_fields, "__module__": base.__module__})
+        _FEED_CLASSES[key] = cls
+    return cls

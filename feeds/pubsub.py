@@ -57,6 +57,7 @@ from feeds.fields import (
     TextLine,
     bar_hash,
     check_bar,
+    dynamic_feed_class,
     field_name,
     flatten,
 )
@@ -111,7 +112,9 @@ class StreamSettings:
             the stream (back-pressure reaches Pub/Sub here).
         max_outstanding_bytes: flow control in bytes.
         dedup_message_ids: message ids remembered for de-duplication.
-        dedup_times_per_symbol: bar times remembered per symbol for de-duplication.
+        dedup_times_per_symbol: bar times remembered per symbol for de-duplication (a copy
+            of an older bar is refused as ``stale_timestamp`` instead); memory is about
+            100 bytes per entry per symbol.
         admin_timeout_s: timeout of create/delete calls, seconds.
     """
 
@@ -123,7 +126,7 @@ class StreamSettings:
     max_outstanding_messages: int = 1000
     max_outstanding_bytes: int = 64 * 1024 * 1024
     dedup_message_ids: int = 100_000
-    dedup_times_per_symbol: int = 4096
+    dedup_times_per_symbol: int = 128
     admin_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -1243,22 +1246,9 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
         return True
 
 
-_FEED_CLASSES: dict[tuple[str, ...], type] = {}
-
-
 def live_feed_class(extra_fields: tuple[str, ...]) -> type:
     """A :class:`PubSubMarketDataFeed` subclass with ``extra_fields`` as lines (cached)."""
-    cls = _FEED_CLASSES.get(extra_fields)
-    if cls is None:
-        cls = type(
-            "PubSubMarketDataFeed_" + "_".join(extra_fields)
-            if extra_fields
-            else "PubSubMarketDataFeedOHLCV",
-            (PubSubMarketDataFeed,),
-            {"lines": extra_fields, "__module__": __name__},
-        )
-        _FEED_CLASSES[extra_fields] = cls
-    return cls
+    return dynamic_feed_class(PubSubMarketDataFeed, extra_fields)
 
 
 def make_pubsub_feed(
@@ -1357,6 +1347,8 @@ class LiveMemoryBound(bt.Analyzer):  # type: ignore[misc]
 def symbol_filter(symbols: Sequence[str]) -> str | None:
     """A Pub/Sub subscription filter on the ``symbol`` attribute, or None when it would exceed
     Pub/Sub's 256-byte limit (routing happens in our code regardless)."""
+    if any('"' in s or "\\" in s for s in symbols):
+        return None
     text = " OR ".join(f'attributes.symbol = "{s}"' for s in symbols)
     return text if len(text.encode()) <= MAX_FILTER_BYTES else None
 

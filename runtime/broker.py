@@ -998,21 +998,20 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         transmit: bool = True,
         **kwargs: Any,
     ) -> Any:
-        return self._transmit(
-            bt.BuyOrder(
-                owner=owner,
-                data=data,
-                size=size,
-                price=price,
-                pricelimit=plimit,
-                exectype=exectype,
-                valid=valid,
-                tradeid=tradeid,
-                trailamount=trailamount,
-                trailpercent=trailpercent,
-                parent=parent,
-                transmit=transmit,
-            ),
+        return self._order(
+            bt.BuyOrder,
+            owner,
+            data,
+            size,
+            price,
+            plimit,
+            exectype,
+            valid,
+            tradeid,
+            trailamount,
+            trailpercent,
+            parent,
+            transmit,
             kwargs,
         )
 
@@ -1033,8 +1032,43 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         transmit: bool = True,
         **kwargs: Any,
     ) -> Any:
+        return self._order(
+            bt.SellOrder,
+            owner,
+            data,
+            size,
+            price,
+            plimit,
+            exectype,
+            valid,
+            tradeid,
+            trailamount,
+            trailpercent,
+            parent,
+            transmit,
+            kwargs,
+        )
+
+    def _order(
+        self,
+        order_cls: Any,
+        owner: Any,
+        data: Any,
+        size: float,
+        price: float | None,
+        plimit: float | None,
+        exectype: int | None,
+        valid: Any,
+        tradeid: int,
+        trailamount: float | None,
+        trailpercent: float | None,
+        parent: Any,
+        transmit: bool,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Build backtrader's order object (BuyOrder/SellOrder) and send it."""
         return self._transmit(
-            bt.SellOrder(
+            order_cls(
                 owner=owner,
                 data=data,
                 size=size,

@@ -146,3 +146,19 @@ def test_run_info_carries_agent_metadata() -> None:
     assert info.agent_id == "SmaCrossAgent"
     assert info.agent_class == "agents.sma_cross.SmaCrossAgent"
     assert info.agent_source_hash is not None and len(info.agent_source_hash) == 32
+
+
+def test_rsi_agent_reads_the_feed_field_when_present_else_its_indicator() -> None:
+    from agents.rsi_agent import RsiAgent
+
+    def fields(path: Any) -> set[str]:
+        cerebro = bt.Cerebro(stdstats=False)
+        cerebro.adddata(make_csv_feed(CSVFeedConfig(path=path, symbol="GOOG")), name="GOOG")
+        cerebro.addstrategy(RsiAgent)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        records = cerebro.run()[0].analyzers.fmel.records
+        return {f for r in records for d in r.data_accessed for f in d.fields_accessed}
+
+    assert {"rsi", "regime"} <= fields(DATA / "enriched" / "GOOG.csv")
+    plain = fields(DATA / "GOOG.csv")
+    assert "computed_rsi" in plain and "rsi" not in plain and "regime" not in plain

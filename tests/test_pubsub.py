@@ -379,6 +379,35 @@ def test_redelivered_and_republished_bars_are_dropped_once(
     assert sub.stats()["malformed_total"] == 0
 
 
+def test_one_subscription_per_topic(pubsub_emulator: PubSubEmulator) -> None:
+    emu = pubsub_emulator
+    pub = publisher_client(emu.host)
+    topics = [f"projects/{emu.project}/topics/multi-{i}-{uuid.uuid4().hex[:6]}" for i in (1, 2)]
+    for t in topics:
+        pub.create_topic(request={"name": t})
+    session = f"multi-{uuid.uuid4().hex[:6]}"
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        assert len(sub.stats()["subscriptions"]) == 2
+        publish(emu, topics[0], [({"symbol": "AAA"}, bar("AAA", i)) for i in range(5)])
+        publish(emu, topics[1], [({"symbol": "BBB"}, bar("BBB", i)) for i in range(5)])
+        wait_for(lambda: sub.handler.stats.delivered == 10, what="10 bars")
+
+    sub = PubSubBarSubscriber(
+        config(emu, topics[0], topics=tuple(topics)),
+        symbols=["AAA", "BBB"],
+        session_id=session,
+        settings=FAST,
+    )
+    strategy = run_live(sub, scenario)
+    names = sorted(p.rsplit("/", 1)[-1] for p in sub.stats()["subscriptions"])
+    assert names == sorted(f"test-{session}-{t.rsplit('/', 1)[-1]}" for t in topics)
+    assert sorted((b[0], b[2]) for b in strategy.bars) == [
+        (s, 100.5 + i) for s in ("AAA", "BBB") for i in range(5)
+    ]
+    assert not [s for s in emu.subscriptions() if session in s]
+
+
 def test_slow_agent_gets_back_pressure_and_every_bar(
     pubsub_emulator: PubSubEmulator, topic: str
 ) -> None:

@@ -204,6 +204,10 @@ def test_sigterm_mid_stream_drains_flushes_and_cleans_up(
             "40 live bars",
             lambda: (paper.metric("runner_bars_processed_total", feed="GOOG") or 0) >= 40,
         )
+        # The live input's counters are exported as metrics too.
+        assert (paper.metric("runner_bars_received_total", feed="SP500") or 0) >= 40
+        assert (paper.metric("runner_message_age_seconds_count", feed="SP500") or 0) >= 40
+        assert paper.metric("runner_messages_malformed_total", feed="SP500") in (None, 0.0)
         paper.proc.send_signal(signal.SIGTERM)
         # The shutdown budget is the contract (Kubernetes grace period): the wait's timeout.
         assert paper.finish(timeout_s=SHUTDOWN_BUDGET_S) == 0, "".join(paper.err_lines[-30:])

@@ -377,6 +377,9 @@ class BigQuerySinkStats:
     publish_errors: int = 0
 
 
+_POISON_PREFIX = "server error for this row"
+
+
 class _PoisonRowError(Exception):
     """One row the server refuses with a server error while it answers other calls."""
 
@@ -493,7 +496,20 @@ class BigQuerySink:
             pending.append((i, row, size))
         pending = self._drop_stored(pending)
         for chunk in self._chunks(pending):
-            errors += self._send(chunk)
+            chunk_errors = self._send(chunk)
+            if (
+                len(chunk) > 1
+                and len(chunk_errors) == len(chunk)
+                and all(e.reason.startswith(_POISON_PREFIX) for e in chunk_errors)
+            ):
+                # Every row "poison" is not N bad rows but a server not ready (seen on the
+                # emulator right after it starts): retry the batch (rows already written are
+                # remembered and skipped), then spill, rather than reject good records.
+                raise TransientError(
+                    f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
+                    "batch; retrying it as an outage"
+                )
+            errors += chunk_errors
         return sorted(errors)
 
     def before_replay(self, rows: Sequence[Row]) -> None:
@@ -799,8 +815,7 @@ class BigQuerySink:
             if is_transient(e):
                 if self._server_is_up():
                     raise _PoisonRowError(
-                        f"server error for this row while the server answers other "
-                        f"calls: {_describe(e)}"
+                        f"{_POISON_PREFIX} while the server answers other calls: {_describe(e)}"
                     ) from e
                 raise TransientError(f"BigQuery insert of {len(rows)} rows: {_describe(e)}") from e
             if isinstance(e, gexc.Unauthorized | gexc.Forbidden):

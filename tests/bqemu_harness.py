@@ -53,7 +53,7 @@ def bqemu_python() -> Path:
     venv = Path(os.environ.get("BQEMU_VENV") or REPO / ".venv-bqemu")
     python = venv / "bin" / "python"
     with _setup_lock:
-        stamp = venv / ".fmel-bqemu-pins"
+        stamp = venv / ".side-venv-pins"
         pins = BQEMU_DIR / "requirements.txt"
         if not (python.is_file() and stamp.is_file() and stamp.read_bytes() == pins.read_bytes()):
             done = subprocess.run(

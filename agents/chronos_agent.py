@@ -57,8 +57,8 @@ from typing import Any, Literal, NamedTuple
 import backtrader as bt
 
 from analyzers.fmel import attach_note
+from core.errors import ConfigError
 from runtime.config import ChronosConfig
-from runtime.errors import ConfigError
 from runtime.models import ChronosModel, get_model
 
 logger = logging.getLogger(__name__)

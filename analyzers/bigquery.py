@@ -9,7 +9,7 @@
   ``decision_reads`` (one row per read, for BI tools). An existing table with an older schema is
   extended with the missing columns (added NULLABLE, as BigQuery requires); a table whose
   columns cannot take our rows (another type, another repetition, a REQUIRED column we never
-  fill) raises :class:`~runtime.errors.SinkError` naming each column.
+  fill) raises :class:`~core.errors.SinkError` naming each column.
 * ``write()`` validates every row against the table's schema first (BigQuery's type rules for
   JSON rows, so the reason names the field path, e.g. ``actions[0].size``), splits what is
   left into requests under the byte and row limits of the streaming API, sends each with
@@ -48,8 +48,8 @@ from typing import Any
 
 from analyzers.schema import DECISION_SCHEMA, FieldSpec, bigquery_schema
 from analyzers.sinks import Row, RowError
+from core.errors import SinkError, TransientError
 from runtime.config import BigQuerySinkConfig
-from runtime.errors import SinkError, TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ from analyzers.schema import (
     RunInfo,
 )
 from analyzers.sinks import DecisionWriter
-from analyzers.tracking import AccessTracker, Read, feed_symbol
+from analyzers.tracking import AccessTracker, Read
+from core.bars import feed_symbol
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
   never a drop). The thread writes when ``batch_size`` records are waiting or
   ``flush_interval_s`` has passed, whichever comes first; when it is behind it catches up in
   writes of up to ``max_batch`` records.
-* Failures: :class:`~runtime.errors.TransientError` from a sink is retried with capped
+* Failures: :class:`~core.errors.TransientError` from a sink is retried with capped
   exponential backoff and jitter; when the sink stays down the batch is appended to a spill file
   (JSON lines, fsynced) and later batches follow it there, in order, until the sink answers
   again; then the spill is replayed first. Spill files left by an earlier run are replayed at
@@ -39,7 +39,7 @@ from analyzers.schema import (
     row_json,
     to_row,
 )
-from runtime.errors import SinkError, TransientError
+from core.errors import SinkError, TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from typing import Any
 import backtrader as bt
 from backtrader.linebuffer import LineBuffer
 
-from feeds.fields import BarHashes, TextLine
-from runtime.errors import LookAheadError
+from core.bars import BarHashes, feed_symbol
+from core.errors import LookAheadError
+from feeds.fields import TextLine
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class AccessTracker:
             )
 
     def on_text_read(self, line: TextLine, ago: int, index: int, value: str | None) -> None:
+        """Called by :class:`~feeds.fields.TextLine` on every read; kept only while an agent
+        callback runs (:data:`ACTIVE`)."""
+        if not ACTIVE:
+            return
         tag: LineTag = line._fmel_tag  # type: ignore[attr-defined]
         if ago > 0:
             self.lookahead(tag, ago)
@@ -157,11 +162,6 @@ class AccessTracker:
             else:
                 line.__class__ = original
         self._tracked.clear()
-
-
-def feed_symbol(data: Any) -> str:
-    """The symbol of a feed: its ``symbol`` attribute, else its backtrader name."""
-    return str(getattr(data, "symbol", None) or getattr(data, "_name", "") or "data")
 
 
 def _root_feed(obj: Any) -> Any:

@@ -8,7 +8,7 @@ column names and bar size are options, so files of different shapes load unedite
 (:func:`feeds.fields.bar_hash`), so the same bar arriving over Pub/Sub hashes the same.
 
 Bad rows (unparsable date, non-numeric/NaN/non-positive price, high < low, negative volume,
-timestamp duplicated or going backwards) raise :class:`~runtime.errors.DataError` naming the file
+timestamp duplicated or going backwards) raise :class:`~core.errors.DataError` naming the file
 and line, or, with ``on_bad_rows="skip"``, are skipped, logged and counted
 (:attr:`CSVBars.skipped`). Nothing is silently changed.
 """
@@ -26,18 +26,10 @@ import backtrader as bt
 import numpy as np
 import pandas as pd
 
-from feeds.fields import (
-    OHLCV,
-    PRICE_FIELDS,
-    RESERVED_NAMES,
-    BarHashes,
-    TextLine,
-    bar_hash,
-    dynamic_feed_class,
-    field_name,
-)
+from core.bars import OHLCV, PRICE_FIELDS, RESERVED_NAMES, BarHashes, bar_hash, field_name
+from core.errors import DataError
+from feeds.fields import TextLine, dynamic_feed_class
 from runtime.config import BAR_SIZE_RE, CSVFeedConfig
-from runtime.errors import DataError
 
 __all__ = ["CSVBars", "CSVFeedConfig", "HistoricalCSVFeed", "make_csv_feed", "read_csv_bars"]
 

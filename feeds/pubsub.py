@@ -49,20 +49,19 @@ import backtrader as bt
 import pandas as pd
 from backtrader.linebuffer import LineBuffer
 
-from feeds.fields import (
+from core.bars import (
     OHLCV,
     PRICE_FIELDS,
     RESERVED_NAMES,
     BarHashes,
-    TextLine,
     bar_hash,
     check_bar,
-    dynamic_feed_class,
     field_name,
     flatten,
 )
+from core.errors import ConfigError, DataError, TransientError
+from feeds.fields import TextLine, dynamic_feed_class
 from runtime.config import AppConfig, CSVFeedConfig, PubSubFeedConfig
-from runtime.errors import ConfigError, DataError, TransientError
 
 __all__ = [
     "BarHub",

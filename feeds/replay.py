@@ -36,10 +36,11 @@ from typing import Any
 
 import pandas as pd
 
+from core.bars import OHLCV
+from core.errors import ConfigError, DataError, TransientError
+from core.time import iso_utc
 from feeds.csv import CSVBars, read_csv_bars
-from feeds.fields import OHLCV, iso_utc
 from runtime.config import CSVFeedConfig, process_pubsub_target
-from runtime.errors import ConfigError, DataError, TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -77,9 +77,9 @@ from alpaca.trading.requests import (
     TrailingStopOrderRequest,
 )
 
-from analyzers.tracking import feed_symbol
+from core.bars import feed_symbol
+from core.errors import BrokerError, OrderRejectedError, TransientError
 from runtime.config import AlpacaBrokerConfig, RiskConfig
-from runtime.errors import BrokerError, OrderRejectedError, TransientError
 from runtime.risk import RiskGuard
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ Nothing else in the project reads ``os.environ``: :func:`load_config` takes a ``
 Every setting is declared once in :data:`SETTINGS` (name, default, meaning); that table is what the
 README and ``.env.example`` list. A variable that starts with one of our prefixes but is not
 declared is refused with a did-you-mean hint, so a typo (``FMEL_SINKS=local``) fails at start
-instead of being silently ignored. Invalid values raise :class:`~runtime.errors.ConfigError`
+instead of being silently ignored. Invalid values raise :class:`~core.errors.ConfigError`
 naming the variable and what was expected.
 """
 
@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
+from core.secret import Secret
 from runtime.secrets import (
-    Secret,
     SecretManagerResolver,
     SecretSource,
     resolve_setting,
@@ -325,7 +325,7 @@ class FMELConfig:
         queue_size: records buffered between ``next()`` and the writer; when full, ``next()``
             waits (back-pressure), nothing is dropped.
         spill_dir: records a sink could not take are kept here and replayed at the next start.
-        strict_lookahead: raise :class:`~runtime.errors.LookAheadError` on a future read.
+        strict_lookahead: raise :class:`~core.errors.LookAheadError` on a future read.
     """
 
     sink: Literal["local", "bigquery"] = "local"

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
-from runtime.secrets import MASK, Secret
+from core.secret import MASK, Secret
 
 LogFormat = Literal["auto", "text", "json"]
 

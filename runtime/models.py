@@ -14,7 +14,7 @@ and Chronos-Bolt take 2-D input and return one tensor).
 
 Loading makes no network call for a local folder. For a hub id, ``huggingface_hub`` looks in its
 cache and, unless ``HF_HUB_OFFLINE=1``, asks the Hub (about 20 s of retries without a network).
-Every failure raises :class:`~runtime.errors.ConfigError` saying what was tried and how to
+Every failure raises :class:`~core.errors.ConfigError` saying what was tried and how to
 provide the checkpoint.
 
 Thread context: :func:`get_model` is thread-safe (one lock around the cache, held while loading,
@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from core.errors import ConfigError
 from runtime.config import ChronosConfig
-from runtime.errors import ConfigError
 
 __all__ = [
     "ChronosConfig",

@@ -30,6 +30,7 @@ from typing import Any
 
 import backtrader as bt
 
+from core.bars import feed_symbol
 from runtime.config import RiskConfig
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class RiskGuard:
             )
         elif cfg.max_open_symbols is not None and abs(before) <= _EPS:
             open_symbols = _open_symbols(broker, exclude=order)
-            if _symbol(data) not in open_symbols and len(open_symbols) >= cfg.max_open_symbols:
+            if feed_symbol(data) not in open_symbols and len(open_symbols) >= cfg.max_open_symbols:
                 rule = "max_open_symbols"
                 reason = (
                     f"{len(open_symbols)} symbols already open "
@@ -126,7 +127,7 @@ class RiskGuard:
             "order %d %s %s refused: %s",
             order.ref,
             "BUY" if order.isbuy() else "SELL",
-            _symbol(data),
+            feed_symbol(data),
             text,
         )
         return text
@@ -218,10 +219,6 @@ def current_day(broker: Any) -> date:
     return day
 
 
-def _symbol(data: Any) -> str:
-    return str(getattr(data, "symbol", None) or getattr(data, "_name", "") or "data")
-
-
 def _last_close(data: Any) -> float:
     try:
         return float(data.close[0]) if len(data) else 0.0
@@ -248,10 +245,10 @@ def _working(broker: Any, data: Any, exclude: Any) -> float:
 
 
 def _open_symbols(broker: Any, exclude: Any) -> set[str]:
-    out = {_symbol(d) for d, p in list(broker.positions.items()) if abs(float(p.size)) > _EPS}
+    out = {feed_symbol(d) for d, p in list(broker.positions.items()) if abs(float(p.size)) > _EPS}
     for o in _open_orders(broker):
         if o.ref != exclude.ref and o.parent is None:
-            out.add(_symbol(o.data))
+            out.add(feed_symbol(o.data))
     return out
 
 

@@ -31,8 +31,8 @@ import numpy as np
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks import DecisionSink, DecisionWriter, LocalDuckDBSink, WriterStats
+from core.errors import AppError, ConfigError, DataError
 from runtime.config import AppConfig, load_process_config
-from runtime.errors import AppError, ConfigError, DataError
 from runtime.health import HealthServer
 from runtime.logs import LogSetup
 from runtime.metrics import MetricsAnalyzer, RunMetrics

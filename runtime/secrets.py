@@ -25,56 +25,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
-from runtime.errors import ConfigError
+from core.errors import ConfigError
+from core.secret import Secret
 
 logger = logging.getLogger(__name__)
 
-MASK = "****"
 SECRET_REF_SUFFIX = "_SECRET"
-
-
-class Secret:
-    """An opaque credential.
-
-    Args:
-        value: the secret text. Empty strings are allowed (an unset optional secret is ``None``,
-            not ``Secret("")``).
-        source: where it came from, e.g. ``"env:ALPACA_API_KEY"`` or
-            ``"secretmanager:projects/p/secrets/s/versions/latest"``; safe to log.
-    """
-
-    __slots__ = ("_value", "source")
-
-    def __init__(self, value: str, source: str = "unknown") -> None:
-        self._value = value
-        self.source = source
-
-    def reveal(self) -> str:
-        """Return the secret text. Call only where a client needs it; never log the result."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret({MASK}, source={self.source!r})"
-
-    def __str__(self) -> str:
-        return MASK
-
-    def __format__(self, spec: str) -> str:
-        return MASK
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(("Secret", self._value))
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("Secret values cannot be pickled")
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
-        return self
 
 
 # ---------------------------------------------------------------------------------------------

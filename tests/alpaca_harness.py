@@ -20,9 +20,9 @@ from typing import Any
 
 import backtrader as bt
 
+from core.secret import Secret
 from runtime.broker import AlpacaPaperTradingBroker
 from runtime.config import AlpacaBrokerConfig, RiskConfig
-from runtime.secrets import Secret
 from tests.alpaca_server import AlpacaServer
 
 

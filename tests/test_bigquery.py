@@ -27,8 +27,8 @@ from analyzers.bigquery import (
     validate_row,
 )
 from analyzers.schema import DECISION_SCHEMA, FieldSpec, bigquery_schema, to_row
+from core.errors import SinkError, TransientError
 from runtime.config import BigQuerySinkConfig, load_config
-from runtime.errors import SinkError, TransientError
 from tests.bq_agents import real_records
 from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 

@@ -16,8 +16,8 @@ from typing import Any
 import backtrader as bt
 import pytest
 
+from core.errors import BrokerError
 from runtime.broker import AlpacaPaperTradingBroker, position_key
-from runtime.errors import BrokerError
 from tests.alpaca_harness import (
     Run,
     bar,

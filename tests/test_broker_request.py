@@ -11,6 +11,8 @@ import backtrader as bt
 import pytest
 from alpaca.trading.enums import OrderClass, OrderStatus, OrderType, TimeInForce
 
+from core.errors import ConfigError, OrderRejectedError
+from core.secret import Secret
 from runtime.broker import (
     STATUS_MAP,
     AlpacaPaperTradingBroker,
@@ -22,8 +24,6 @@ from runtime.broker import (
     to_order_request,
 )
 from runtime.config import AlpacaBrokerConfig, load_config
-from runtime.errors import ConfigError, OrderRejectedError
-from runtime.secrets import Secret
 
 
 def order(

@@ -33,13 +33,13 @@ import pytest
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks import DecisionWriter, LocalDuckDBSink
+from core.secret import Secret
 from feeds.csv import read_csv_bars
 from feeds.pubsub import _subscriber_client, publisher_client
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.broker import AlpacaPaperTradingBroker
 from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig, load_config
 from runtime.logs import REDACTED, JsonFormatter
-from runtime.secrets import Secret
 from tests.alpaca_harness import Scripted, bar, build_run, drive, fast_config
 from tests.alpaca_server import AlpacaServer
 from tests.conftest import run_runner

@@ -24,9 +24,9 @@ import torch
 from agents.chronos_agent import ChronosAgent, Signal, decide
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import DecisionRecord
+from core.errors import ConfigError
 from feeds.csv import make_csv_feed, read_csv_bars
 from runtime.config import BUNDLED_DATA_DIR, ChronosConfig, CSVFeedConfig, load_config
-from runtime.errors import ConfigError
 from runtime.models import ChronosModel, get_model
 from runtime.runner import Runner
 from tests.chronos_models import count_loads

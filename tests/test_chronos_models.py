@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError
 from feeds.csv import read_csv_bars
 from runtime.config import BUNDLED_DATA_DIR, ChronosConfig, CSVFeedConfig, load_config
-from runtime.errors import ConfigError
 from runtime.models import ChronosModel, cached_models, get_model, load_model
 from tests.chronos_models import build_bolt, count_loads, install_in_hub_cache
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from runtime.config import DEFAULT_SYMBOLS, SETTINGS, find_csv, load_config
-from runtime.errors import ConfigError
 from tests.conftest import DATA
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import backtrader as bt
 import pytest
 
+from core.bars import bar_hash
+from core.errors import DataError
 from feeds.csv import make_csv_feed, read_csv_bars
-from feeds.fields import bar_hash
 from runtime.config import CSVFeedConfig
-from runtime.errors import DataError
 from tests.conftest import DATA
 
 

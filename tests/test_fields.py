@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from feeds.fields import BarHashes, bar_hash, canonical_bar, check_bar, field_name, flatten
+from core.bars import BarHashes, bar_hash, canonical_bar, check_bar, field_name, flatten
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from core.secret import Secret
 from runtime.logs import REDACTED, LogSetup, setup_logging
-from runtime.secrets import Secret
 
 log = logging.getLogger("tests.logs")
 

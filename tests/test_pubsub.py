@@ -16,6 +16,7 @@ import backtrader as bt
 import pytest
 
 from analyzers.fmel import FMELAnalyzer
+from core.errors import ConfigError
 from feeds.pubsub import (
     PubSubBarSubscriber,
     StreamSettings,
@@ -23,7 +24,6 @@ from feeds.pubsub import (
     publisher_client,
 )
 from runtime.config import PubSubFeedConfig
-from runtime.errors import ConfigError
 from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
 
 __all__ = ["emulator_factory", "pubsub_emulator"]  # fixtures used by this module

@@ -20,8 +20,9 @@ import pytest
 from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import to_row
+from core.bars import bar_hash
+from core.errors import ConfigError
 from feeds.csv import make_csv_feed, read_csv_bars
-from feeds.fields import bar_hash
 from feeds.pubsub import (
     DELIVERED,
     DUPLICATE,
@@ -40,7 +41,6 @@ from feeds.pubsub import (
 )
 from feeds.replay import bar_messages
 from runtime.config import CSVFeedConfig
-from runtime.errors import ConfigError
 from tests.conftest import DATA
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)

@@ -9,11 +9,10 @@ import pickle
 
 import pytest
 
+from core.errors import ConfigError
+from core.secret import MASK, Secret
 from runtime.config import load_config
-from runtime.errors import ConfigError
 from runtime.secrets import (
-    MASK,
-    Secret,
     SecretManagerResolver,
     resolve_setting,
     secret_resource,

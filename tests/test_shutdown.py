@@ -35,9 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks import DecisionWriter, RetryPolicy, Row, RowError
+from core.errors import TransientError
 from feeds.csv import make_csv_feed
 from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
-from runtime.errors import TransientError
 from tests.conftest import clean_env
 from tests.fixtures_pubsub import free_port
 from tests.slow_agent import SlowAgent

@@ -11,9 +11,9 @@ from backtrader.linebuffer import LineBuffer
 
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import DecisionRecord
+from core.errors import LookAheadError
 from feeds.csv import CSVBars, make_csv_feed, read_csv_bars
 from runtime.config import CSVFeedConfig
-from runtime.errors import LookAheadError
 from tests.conftest import DATA
 
 ENRICHED = CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")

@@ -18,7 +18,7 @@ import pytest
 
 from analyzers.schema import DecisionRecord, RunInfo
 from analyzers.sinks import DecisionWriter, LocalDuckDBSink, RetryPolicy, Row, RowError
-from runtime.errors import TransientError
+from core.errors import TransientError
 
 RUN = RunInfo("sess", "agent", "backtest", "agents.X", "{}", None)
 FAST = RetryPolicy(attempts=2, base_s=0.001, cap_s=0.002, probe_interval_s=0.05)
@@ -236,7 +236,7 @@ def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE decisions (decision_id VARCHAR, something INT)")
-    from runtime.errors import SinkError
+    from core.errors import SinkError
 
     with pytest.raises(SinkError, match="expected"):
         LocalDuckDBSink(path).open()

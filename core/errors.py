@@ -1,4 +1,4 @@
-"""Error hierarchy shared by every component.
+"""Error hierarchy shared by every component (bottom layer: imports nothing of ours).
 
 Classified as in freqtrade / google-api-core: what is retried (``TransientError``) is kept apart
 from what needs a human (``ConfigError``) and from what is surfaced to the agent and never retried
@@ -43,3 +43,7 @@ class BrokerError(AppError):
 class LookAheadError(AppError):
     """An agent read a bar from the future (positive index) while strict look-ahead checking was
     on."""
+
+
+class RetryInterruptedError(TransientError):
+    """A retry loop gave up early because its stop event was set (shutdown)."""

@@ -1,0 +1,222 @@
+"""The bar and field model shared by every feed: names, flattening, validation, the data hash.
+
+One module so that a bar read from a CSV file and the same bar arriving over Pub/Sub get the same
+field names, pass the same checks and get the same ``data_hash``:
+
+* Names: :func:`field_name` turns a column or message key into a backtrader line name
+  (``"Adj Close"`` -> ``adj_close``); nested keys are joined with ``_`` by :func:`flatten`
+  (``{"latest_news": {"sentiment": 0.3}}`` -> ``latest_news_sentiment``).
+* Values: numbers (and booleans, as 0.0/1.0) become float lines; text stays text; lists are kept
+  as their JSON text.
+* Checks: :func:`check_bar` is the one OHLCV validation rule (CSV rows and messages alike).
+* Hash: :func:`bar_hash` is a BLAKE2b-128 over the bar's canonical JSON (symbol, UTC timestamp,
+  OHLCV and extras as floats or text, keys sorted, missing/NaN extras left out). It depends only
+  on content, never on file position or arrival order.
+* Symbol: :func:`feed_symbol` is the symbol of a data feed (its ``symbol``, else its name).
+
+Bottom layer: imports nothing of ours but :mod:`core.time`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from core.time import iso_utc
+
+OHLCV: tuple[str, ...] = ("open", "high", "low", "close", "volume")
+PRICE_FIELDS: tuple[str, ...] = ("open", "high", "low", "close")
+
+# Names a dynamic field may not take: backtrader's own line names and attributes of a feed that
+# an extra line would shadow. A clash is reported, never silently renamed.
+RESERVED_NAMES = frozenset(
+    {
+        "datetime",
+        "openinterest",
+        "lines",
+        "params",
+        "p",
+        "array",
+        "data",
+        "datas",
+        "plotinfo",
+        "plotlines",
+        "symbol",
+        "data_hash",
+        "bar_hashes",
+        "text_lines",
+        "extra_fields",
+        "name",
+        "clock",
+        "owner",
+        "mode",
+        "idx",
+        "line",
+        "get",
+        "len",
+        "tick",
+        "fromdate",
+        "todate",
+    }
+)
+
+_NON_IDENT = re.compile(r"[^0-9a-zA-Z]+")
+
+
+def field_name(raw: str) -> str:
+    """Normalise a column name or (flattened) message key to a line name.
+
+    Lower-cases, replaces every run of non-alphanumerics (``.``, spaces, ``-``) with ``_``, trims
+    ``_`` at the ends and prefixes ``f_`` when the result starts with a digit.
+
+    Raises:
+        ValueError: when nothing is left (e.g. ``"--"``).
+    """
+    name = _NON_IDENT.sub("_", raw.strip()).strip("_").lower()
+    if not name:
+        raise ValueError(f"field name {raw!r} has no letters or digits")
+    if name[0].isdigit():
+        name = "f_" + name
+    return name
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings, joining keys with ``_`` and normalising each with
+    :func:`field_name`. Lists are kept as compact JSON text.
+
+    >>> flatten({"latest_news": {"sentiment": 0.3, "relevance": 1}})
+    {'latest_news_sentiment': 0.3, 'latest_news_relevance': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = field_name(f"{prefix}_{key}" if prefix else str(key))
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+        else:
+            out[name] = value
+    return out
+
+
+def is_numeric(value: Any) -> bool:
+    """True for int/float/bool values (bools count as 0/1); False for text and None."""
+    return isinstance(value, (int, float)) and not isinstance(value, str)
+
+
+def to_float(value: Any) -> float:
+    """A numeric field value as float (``True`` -> 1.0). Raises TypeError/ValueError otherwise."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        return float(value)
+    raise TypeError(f"not a number: {value!r}")
+
+
+def check_bar(open_: float, high: float, low: float, close: float, volume: float) -> str | None:
+    """Validate one OHLCV bar.
+
+    Returns:
+        ``None`` when valid, else the reason (``"high 99.1 < low 100.2"``,
+        ``"close is NaN"``, ``"open -1.0 is not positive"``, ``"volume -5.0 is negative"``).
+    """
+    for name, v in (("open", open_), ("high", high), ("low", low), ("close", close)):
+        if math.isnan(v):
+            return f"{name} is NaN"
+        if math.isinf(v):
+            return f"{name} is infinite"
+        if v <= 0:
+            return f"{name} {v!r} is not positive"
+    if high < low:
+        return f"high {high!r} < low {low!r}"
+    if math.isnan(volume) or math.isinf(volume):
+        return "volume is not a finite number"
+    if volume < 0:
+        return f"volume {volume!r} is negative"
+    return None
+
+
+def _canonical_value(value: Any) -> float | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    f = to_float(value)
+    if math.isnan(f):
+        return None
+    return f
+
+
+def canonical_bar(symbol: str, ts: datetime, values: Mapping[str, Any]) -> bytes:
+    """The bytes :func:`bar_hash` digests: compact JSON, keys sorted, numbers as floats,
+    missing/NaN values left out, the timestamp as ISO-8601 UTC."""
+    doc: dict[str, Any] = {"symbol": symbol, "timestamp": iso_utc(ts)}
+    for key, value in values.items():
+        cv = _canonical_value(value)
+        if cv is not None:
+            doc[key] = cv
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def bar_hash(symbol: str, ts: datetime, values: Mapping[str, Any]) -> str:
+    """Content address of one bar: 32 hex chars of BLAKE2b-128 over :func:`canonical_bar`.
+
+    Args:
+        symbol: e.g. ``"GOOG"`` or ``"BTC/USD"``.
+        ts: bar time (aware, or naive meaning UTC).
+        values: OHLCV and extra fields by line name (flattened), numbers or text.
+    """
+    return hashlib.blake2b(canonical_bar(symbol, ts, values), digest_size=16).hexdigest()
+
+
+class BarHashes:
+    """Data hash of each bar a feed delivered, by absolute bar index (0 = first bar).
+
+    Unbounded for backtests; with ``maxlen`` only the newest ``maxlen`` are kept (live feeds),
+    and older indexes answer ``None``. Appended on the main thread only.
+    """
+
+    __slots__ = ("_base", "_hashes")
+
+    def __init__(self, maxlen: int | None = None) -> None:
+        self._hashes: deque[str] | list[str] = deque(maxlen=maxlen) if maxlen else []
+        self._base = 0
+
+    def append(self, digest: str) -> None:
+        hashes = self._hashes
+        if isinstance(hashes, deque) and hashes.maxlen is not None and len(hashes) == hashes.maxlen:
+            self._base += 1
+        hashes.append(digest)
+
+    def extend(self, digests: Iterable[str]) -> None:
+        for d in digests:
+            self.append(d)
+
+    def at(self, index: int) -> str | None:
+        """Hash of absolute bar ``index``; ``None`` when out of range or evicted."""
+        i = index - self._base
+        if i < 0:
+            return None
+        try:
+            return self._hashes[i]
+        except IndexError:
+            return None
+
+    def __len__(self) -> int:
+        return self._base + len(self._hashes)
+
+
+def feed_symbol(data: Any) -> str:
+    """The symbol of a data feed: its ``symbol`` attribute, else its backtrader name, else
+    ``"data"``."""
+    return str(getattr(data, "symbol", None) or getattr(data, "_name", "") or "data")

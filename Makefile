@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make run    run the main job (backtest of the example agent on the bundled real data)
-#   make test   lint, type-check and run the whole test suite
+#   make test   lint, type-check, check the import layers, build the docs, run the whole suite
+# For the edit loop: make test-fast (unit tests only, under a minute, no emulator).
 # Both create the virtual environment and install what they need when missing.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest side-venvs bench clean
+.PHONY: run test test-fast lint typecheck layers docs pytest side-venvs chromium bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,16 +28,30 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# The import contract of pyproject.toml ([tool.importlinter]): imports go one way.
+layers: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet -d $(VENV)/site
+
 # bqemulator (BigQuery emulator) and checkov run from their own venvs: in the project's venv
 # they would downgrade packages the project pins.
 side-venvs:
 	PYTHON=$(PYTHON) bash tests/bqemu/setup.sh
 	PYTHON=$(PYTHON) bash tests/checkov/setup.sh
 
-pytest: $(STAMP) side-venvs
+# Headless Chromium (Debian package) for the HTML report's browser tests; idempotent.
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+pytest: $(STAMP) side-venvs chromium
 	$(PY) -m pytest
 
-test: lint typecheck pytest
+test: lint typecheck layers docs pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -q -x
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fmel.py

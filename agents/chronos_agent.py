@@ -3,7 +3,7 @@
 Every ``every`` bars the agent takes the last ``context_length`` values of one line (``close``
 by default) of each of its symbols and forecasts the next ``horizon`` bars of all of them with
 ONE batched call to a Chronos / Chronos-Bolt / Chronos-2 model
-(:meth:`runtime.models.ChronosModel.forecast`, i.e. chronos-forecasting's
+(:meth:`runtime.models.chronos.ChronosModel.forecast`, i.e. chronos-forecasting's
 ``predict_quantiles``). It then trades each symbol on the forecast at the last horizon step
 (:func:`decide`), long only:
 
@@ -25,8 +25,8 @@ horizon and their returns, and the action. The context window is read with one
 than ``n`` single reads (plus one ``len`` read: how much history exists).
 
 The model is loaded once per process and shared: the runner sees ``requires_model = True``, loads
-``CHRONOS_MODEL`` with :func:`runtime.models.get_model` and passes it as the ``model`` param;
-used on its own the agent asks :func:`~runtime.models.get_model` itself, which returns the
+``CHRONOS_MODEL`` with :func:`runtime.models.chronos.get_model` and passes it as the ``model`` param;
+used on its own the agent asks :func:`~runtime.models.chronos.get_model` itself, which returns the
 cached instance. Runs unchanged on CSV backtests and live Pub/Sub bars (next-by-next).
 
 Params (units in brackets):
@@ -58,8 +58,8 @@ import backtrader as bt
 
 from analyzers.fmel import attach_note
 from core.errors import ConfigError
-from runtime.config import ChronosConfig
-from runtime.models import ChronosModel, get_model
+from runtime.models.config import ChronosConfig
+from runtime.models.chronos import ChronosModel, get_model
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def decide(
 class ChronosAgent(bt.Strategy):  # type: ignore[misc]
     """See the module docstring for the rule, the params and what is recorded."""
 
-    # The runner loads CHRONOS_MODEL once (runtime.models.get_model) and passes it as `model`.
+    # The runner loads CHRONOS_MODEL once (runtime.models.chronos.get_model) and passes it as `model`.
     requires_model = True
 
     params = (

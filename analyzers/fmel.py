@@ -1,13 +1,14 @@
 """The FMEL analyzer: one immutable decision record per agent bar.
 
 Added by the runner to every run (``cerebro.addanalyzer(FMELAnalyzer, writer=..., run=...)``).
-At ``start`` it wraps the agent's data feeds and indicators in tracking proxies
-(:mod:`analyzers.tracking`) and wraps the agent's callbacks so that reads count only while the
-agent itself runs. At the end of every bar (``prenext``/``nextstart``/``next``, called by
+At ``start`` it makes the agent's data feeds and every line object the agent created track their
+reads (:mod:`analyzers.tracking`) and wraps the agent's callbacks so that reads count only while
+the agent's own code runs: not inside the backtrader calls it makes (orders, ``order_target_*``,
+sizers, ``close()``, the broker's ``getvalue``...), which read prices on its behalf. At the end of every bar (``prenext``/``nextstart``/``next``, called by
 backtrader right after the strategy's own) it builds a :class:`~analyzers.schema.DecisionRecord`
 with the reads, the order events of the bar, the portfolio and the agent's notes, and hands it to
-the :class:`~analyzers.sinks.DecisionWriter` (which returns at once; I/O happens on the writer's
-thread).
+the :class:`~analyzers.sinks.writer.DecisionWriter` (which returns at once; I/O happens on the
+writer's thread).
 
 Agents attach notes with :func:`attach_note` (a no-op when no FMEL analyzer is present, so agents
 run unchanged without it).
@@ -22,6 +23,7 @@ import hashlib
 import inspect
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -31,16 +33,15 @@ import backtrader as bt
 
 from analyzers import tracking
 from analyzers.schema import (
-    Access,
     Action,
-    DataAccess,
     DecisionRecord,
     Position,
     RunInfo,
 )
-from analyzers.sinks import DecisionWriter
-from analyzers.tracking import AccessTracker, Read
+from analyzers.sinks.writer import DecisionWriter
+from analyzers.tracking import AccessTracker
 from core.bars import feed_symbol
+from core.time import bt_num_to_posix
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ _STATUS_EVENT = {
     bt.Order.Created: "CREATED",
 }
 _tuple_new = tuple.__new__
-_EPOCH_DAYS = 719_163.0  # backtrader's day number of 1970-01-01 (proleptic ordinal)
 _AGENT_CALLBACKS = (
     "prenext",
     "nextstart",
@@ -70,6 +70,17 @@ _AGENT_CALLBACKS = (
     "notify_timer",
 )
 _ORDER_CALLS = ("buy", "sell", "cancel")
+# backtrader methods of the strategy that read prices on the agent's behalf (the order calls
+# above are wrapped the same way, plus their events are recorded)
+_ON_BEHALF_CALLS = (
+    "close",
+    "order_target_size",
+    "order_target_value",
+    "order_target_percent",
+    "buy_bracket",
+    "sell_bracket",
+    "getsizing",
+)
 
 
 def source_hash(cls: type) -> str | None:
@@ -142,8 +153,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         writer (DecisionWriter): where records go; ``None`` keeps them in :attr:`records`
             (tests, notebooks).
         run (RunInfo): session/agent ids and agent metadata; default derived from the strategy.
-        strict_lookahead (bool): raise on a read of a future bar.
-        track_indicators (bool): also track the agent's indicators (field ``<attr>.<line>``).
+        strict_lookahead (bool): raise :class:`~core.errors.LookAheadError` on a read that
+            reaches a bar not in the past of the current step.
+        track_indicators (bool): also track every line object the agent created (indicators,
+            lines operations, shifted lines), labelled by where the agent keeps them.
     """
 
     params = (
@@ -159,7 +172,6 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self.run_info: RunInfo | None = self.p.run
         self.records: list[DecisionRecord] = []
         self.decisions = 0
-        self.lookahead_total = 0
         self._events: list[Action] = []
         self._filled: dict[int, tuple[float, float]] = {}
         self._notes: dict[str, Any] = {}
@@ -167,7 +179,12 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._confidence: float | None = None
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
-        self._data_of: dict[str, Any] = {}
+        self._unwrap: list[tuple[Any, str]] = []
+
+    @property
+    def lookahead_total(self) -> int:
+        """Reads flagged look-ahead so far in this run."""
+        return self.tracker.lookahead_total
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -183,52 +200,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             )
         self._datas = list(strategy.datas)
         for data in self._datas:
-            self.tracker.track_feed(data)
             self._symbol_of[id(data)] = feed_symbol(data)
-            self._data_of.setdefault(feed_symbol(data), data)
-        if self.p.track_indicators:
-            for label, ind in self._agent_indicators(strategy):
-                self.tracker.track_indicator(ind, label)
+        self.tracker.track_strategy(strategy, track_indicators=bool(self.p.track_indicators))
+        if self.tracker.gaps:
+            self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
-
-    @staticmethod
-    def _agent_indicators(strategy: Any) -> list[tuple[str, Any]]:
-        """Indicators the agent holds as attributes (named by the attribute), in a stable order;
-        lists/dicts of indicators are named ``attr[i]``/``attr[key]``."""
-        found: list[tuple[str, Any]] = []
-        seen: set[int] = set()
-
-        def add(label: str, obj: Any) -> None:
-            if (
-                isinstance(obj, bt.Indicator | bt.LineActions)
-                and id(obj) not in seen
-                and not isinstance(obj, bt.AbstractDataBase)
-            ):
-                seen.add(id(obj))
-                found.append((label, obj))
-
-        for name, value in sorted(vars(strategy).items()):
-            if name.startswith("_") or name in (
-                "datas",
-                "data",
-                "lines",
-                "env",
-                "cerebro",
-                "broker",
-                "analyzers",
-                "observers",
-                "stats",
-            ):
-                continue
-            if isinstance(value, (list, tuple)):
-                for i, v in enumerate(value):
-                    add(f"{name}[{i}]", v)
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    add(f"{name}[{k}]", v)
-            else:
-                add(name, value)
-        return found
 
     def _wrap_agent(self, strategy: Any) -> None:
         set_active = tracking.set_active
@@ -258,13 +234,44 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
             return call
 
+        main = threading.get_ident()
+
+        def on_behalf(fn: Callable[..., Any]) -> Callable[..., Any]:
+            # backtrader reading prices for the agent (order_target_*, sizers, getvalue(datas)).
+            # Only on the main thread: a broker's worker thread must not flip the flag.
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if not tracking.ACTIVE or threading.get_ident() != main:
+                    return fn(*args, **kwargs)
+                set_active(False)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    set_active(True)
+
+            return call
+
         for name in _AGENT_CALLBACKS:
             setattr(strategy, name, tracked(getattr(strategy, name)))
         for name in _ORDER_CALLS:
             setattr(strategy, name, ordering(getattr(strategy, name), name))
+        for name in _ON_BEHALF_CALLS:
+            if callable(getattr(strategy, name, None)):
+                setattr(strategy, name, on_behalf(getattr(strategy, name)))
+        broker = strategy.broker
+        for name in dir(type(broker)):
+            if name.startswith("_") or name in vars(broker):
+                continue
+            method = getattr(broker, name, None)
+            if inspect.ismethod(method):
+                setattr(broker, name, on_behalf(method))
+                self._unwrap.append((broker, name))
 
     def stop(self) -> None:
         self.tracker.untrack_all()
+        for obj, name in self._unwrap:
+            vars(obj).pop(name, None)
+        self._unwrap.clear()
 
     # -- events -----------------------------------------------------------------------------
 
@@ -354,10 +361,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
     def _record(self, stage: str) -> None:
         run = self.run_info
         assert run is not None
-        reads = self.tracker.reads
+        tracker = self.tracker
+        tracker.sync()
+        reads = tracker.drain() if tracker.reads else []
         if reads:
-            self.tracker.reads = []
-            data_accessed, lookaheads = self._resolve(reads)
+            data_accessed, lookaheads = tracker.resolve(reads)
         else:
             data_accessed, lookaheads = (), 0
         events = self._events
@@ -375,7 +383,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             run,
             self.decisions,
             time.time(),
-            round((self.strategy.lines.datetime[0] - _EPOCH_DAYS) * 86_400.0, 3),
+            round(bt_num_to_posix(self.strategy.lines.datetime[0]), 3),
             stage,
             _summary(tuple(events)) if events else "HOLD",
             tuple(events),
@@ -390,58 +398,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             notes,
         )
         self.decisions += 1
-        if lookaheads:
-            self.lookahead_total += lookaheads
         if self.writer is not None:
             self.writer.submit(rec)
         else:
             self.records.append(rec)
-
-    def _resolve(self, reads: list[Read]) -> tuple[tuple[DataAccess, ...], int]:
-        """Group reads by symbol and resolve each bar's data hash (main thread, per bar).
-
-        Hot path: tuples are made with ``tuple.__new__`` (no NamedTuple ``__new__`` frame).
-        """
-        new = _tuple_new
-        by_symbol: dict[str, list[Access]] = {}
-        tags: dict[str, Any] = {}
-        lookaheads = 0
-        for seq, (tag, ago, size, index, value) in enumerate(reads):
-            hashes = tag.hashes
-            digest = hashes.at(index) if hashes is not None else None
-            if size == 0:
-                access = new(
-                    Access, (seq, "len", 0, 1, index, digest, float(index + 1), None, False)
-                )
-            elif value is None or value.__class__ is str:
-                access = new(
-                    Access, (seq, tag.field, ago, size, index, digest, None, value, ago > 0)
-                )
-            else:
-                access = new(
-                    Access, (seq, tag.field, ago, size, index, digest, float(value), None, ago > 0)
-                )
-            if ago > 0:
-                lookaheads += 1
-            symbol = tag.symbol
-            lst = by_symbol.get(symbol)
-            if lst is None:
-                by_symbol[symbol] = lst = []
-                tags[symbol] = tag
-            lst.append(access)
-        out = []
-        data_of = self._data_of
-        for symbol, accesses in by_symbol.items():
-            hashes = tags[symbol].hashes
-            data = data_of.get(symbol)
-            current = (
-                hashes.at(data.lines.datetime.lencount - 1)
-                if hashes is not None and data is not None
-                else None
-            )
-            fields = tuple(dict.fromkeys([a[1] for a in accesses]))
-            out.append(new(DataAccess, (symbol, current, fields, tuple(accesses))))
-        return tuple(out), lookaheads
 
     def _positions(self, broker: Any) -> tuple[Position, ...]:
         positions = getattr(broker, "positions", None)
@@ -459,7 +419,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         )
 
     def get_analysis(self) -> dict[str, Any]:
-        return {"decisions": self.decisions, "lookahead_reads": self.lookahead_total}
+        return {
+            "decisions": self.decisions,
+            "lookahead_reads": self.lookahead_total,
+            "tracking_gaps": list(self.tracker.gaps),
+        }
 
 
 def _summary(events: tuple[Action, ...]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: access_patterns.bar_time, tracking_gaps
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +56,25 @@ ACTION_FIELDS = (
 
 ACCESS_FIELDS = (
     F("seq", "INT64", description="order of the read within the decision"),
-    F("field", "STRING", description="line read: close, rsi, len, sma.sma, ..."),
+    F("field", "STRING", description="line read: close, rsi, len, sma, macd.signal, ..."),
     F("index", "INT64", description="backtrader index (0 current bar, -1 previous, >0 future)"),
     F("size", "INT64", description="bars read at once (get(size=N)); 1 for an index read"),
-    F("bar_index", "INT64", description="absolute position of the (newest) bar read in the feed"),
-    F("data_hash", "STRING", description="data hash of the (newest) bar read"),
+    F(
+        "bar_index",
+        "INT64",
+        description="absolute position in this symbol's feed of the (newest) bar the value came "
+        "from (for an indicator: the newest source bar); negative when no bar was returned",
+    ),
+    F("data_hash", "STRING", description="data hash of that bar (null when none)"),
     F("value", "FLOAT64", description="number returned (the newest one for windows)"),
     F("text_value", "STRING", description="text returned, for text fields"),
-    F("lookahead", "BOOL", description="true when the read reached a future bar"),
+    F(
+        "lookahead",
+        "BOOL",
+        description="true when that bar is not in the past of the symbol's current bar: a "
+        "future index, a wrapped-around index, a feed not started yet, a forward-shifted line",
+    ),
+    F("bar_time", "TIMESTAMP", description="time of that bar, UTC (null when none)"),
 )
 
 DATA_ACCESS_FIELDS = (
@@ -91,8 +102,13 @@ DECISION_SCHEMA: tuple[FieldSpec, ...] = (
     F("action", "STRING", "REQUIRED", description="HOLD, BUY, SELL, BUY+SELL, CANCEL"),
     F("actions", "RECORD", "REPEATED", ACTION_FIELDS),
     F("data_accessed", "RECORD", "REPEATED", DATA_ACCESS_FIELDS),
-    F("reads", "INT64", description="number of reads recorded"),
-    F("lookahead_reads", "INT64", description="reads at a positive index"),
+    F(
+        "reads",
+        "INT64",
+        description="number of reads recorded (a read of an indicator over several feeds is "
+        "one read, listed under each feed with the same seq)",
+    ),
+    F("lookahead_reads", "INT64", description="reads flagged lookahead"),
     F("portfolio_value", "FLOAT64", description="USD"),
     F("portfolio_cash", "FLOAT64", description="USD"),
     F("positions", "RECORD", "REPEATED", POSITION_FIELDS),
@@ -103,6 +119,11 @@ DECISION_SCHEMA: tuple[FieldSpec, ...] = (
     F("agent_params", "STRING", description="the agent's params, JSON object text"),
     F("agent_source_hash", "STRING", description="BLAKE2b-128 of the agent's source file"),
     F("schema_version", "INT64"),
+    F(
+        "tracking_gaps",
+        "STRING",
+        description="what FMEL could not track in this run, JSON list of sentences (null: none)",
+    ),
 )
 
 
@@ -131,6 +152,7 @@ class Access(NamedTuple):
     value: float | None
     text_value: str | None
     lookahead: bool
+    bar_time: float | None = None  # POSIX seconds, UTC
 
 
 class DataAccess(NamedTuple):
@@ -155,6 +177,7 @@ class RunInfo(NamedTuple):
     agent_class: str
     agent_params: str
     agent_source_hash: str | None
+    tracking_gaps: str | None = None  # JSON list of sentences
 
 
 class DecisionRecord(NamedTuple):
@@ -250,6 +273,7 @@ def to_row(rec: DecisionRecord) -> dict[str, Any]:
                         "value": _num(p.value),
                         "text_value": p.text_value,
                         "lookahead": p.lookahead,
+                        "bar_time": None if p.bar_time is None else _ts(p.bar_time),
                     }
                     for p in d.access_patterns
                 ],
@@ -270,6 +294,7 @@ def to_row(rec: DecisionRecord) -> dict[str, Any]:
         "agent_params": run.agent_params,
         "agent_source_hash": run.agent_source_hash,
         "schema_version": SCHEMA_VERSION,
+        "tracking_gaps": run.tracking_gaps,
     }
 
 
@@ -337,7 +362,8 @@ def row_json(rec: DecisionRecord) -> str:
                 f'{{"seq":{p.seq},"field":{_str(p.field)},"index":{p.index},"size":{p.size},'
                 f'"bar_index":{p.bar_index},"data_hash":{_js(p.data_hash)},'
                 f'"value":{_jf(p.value)},"text_value":{_js(p.text_value)},'
-                f'"lookahead":{"true" if p.lookahead else "false"}}}'
+                f'"lookahead":{"true" if p.lookahead else "false"},'
+                f'"bar_time":{"null" if p.bar_time is None else _str(_ts(p.bar_time))}}}'
                 for p in d.access_patterns
             )
             + "]}"
@@ -372,6 +398,8 @@ def row_json(rec: DecisionRecord) -> str:
         _js(run.agent_source_hash),
         ',"schema_version":',
         str(SCHEMA_VERSION),
+        ',"tracking_gaps":',
+        _js(run.tracking_gaps),
         "}",
     ]
     return "".join(parts)

@@ -1,7 +1,7 @@
 """Alpaca broker latency: order call -> request leaving, and server fill -> ``notify_order``.
 
 A real Cerebro run in next-by-next mode (queue-fed live feed, ``quicknotify``) trades through
-:class:`runtime.broker.AlpacaPaperTradingBroker` against the local Alpaca server
+:class:`runtime.brokers.alpaca.broker.AlpacaPaperTradingBroker` against the local Alpaca server
 (``tests/alpaca_server.py``, same process, so one ``time.perf_counter`` clock serves both ends):
 
 1. **order call -> request leaving**: from the agent's ``buy()`` to the POST /v2/orders arriving

@@ -1,10 +1,11 @@
 """Chronos decision latency: one batched call for all symbols versus one call per symbol.
 
 For 1, 10 and 100 symbols, milliseconds per decision (forecasting every symbol once) with
-:meth:`runtime.models.ChronosModel.forecast` given all windows at once (what ChronosAgent does)
+:meth:`runtime.models.chronos.ChronosModel.forecast` given all windows at once (what
+ChronosAgent does)
 versus a loop of one call per symbol (the baseline, measured in the same run). Two random
 Chronos-Bolt checkpoints built locally with chronos-forecasting's own classes and loaded through
-the production path (``runtime.models.get_model``): a tiny one and one of the real
+the production path (``runtime.models.chronos.get_model``): a tiny one and one of the real
 ``amazon/chronos-bolt-tiny`` size (~9 M parameters). Windows are real closes from the bundled
 data (context 512 bars, horizon 16, quantiles 0.1/0.5/0.9). A last row times the whole agent in
 a backtest with FMEL recording (3 real symbols, tiny model). Nothing downloads.
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feeds.csv import read_csv_bars
-from runtime.config import BUNDLED_DATA_DIR, ChronosConfig, CSVFeedConfig
-from runtime.models import ChronosModel, get_model
+from feeds.csv import CSVFeedConfig, read_csv_bars
+from runtime.config import BUNDLED_DATA_DIR
+from runtime.models.chronos import ChronosModel, get_model
+from runtime.models.config import ChronosConfig
 from tests.chronos_models import BOLT_TINY_SIZE, build_bolt
 
 CONTEXT = 512

@@ -35,7 +35,8 @@ def child(mode: str, symbols: list[str]) -> dict[str, float]:
 
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
-    from analyzers.sinks import DecisionWriter, LocalDuckDBSink
+    from analyzers.sinks.duckdb import LocalDuckDBSink
+    from analyzers.sinks.writer import DecisionWriter
     from feeds.csv import make_csv_feed, read_csv_bars
     from runtime.config import CSVFeedConfig, find_csv
 

@@ -32,11 +32,11 @@ import numpy as np
 
 from feeds.pubsub import (
     PubSubBarSubscriber,
+    PubSubFeedConfig,
     StreamSettings,
-    _subscriber_client,
     publisher_client,
+    subscriber_client,
 )
-from runtime.config import PubSubFeedConfig
 from tests.fixtures_pubsub import PubSubEmulator
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
@@ -76,7 +76,7 @@ def run(messages: int, symbols: int, rate: float, align_wait_s: float = 1.0) -> 
         pub = publisher_client(emu.host)
         pub.create_topic(request={"name": topic})
         # Baseline: a bare client on its own subscription of the same topic.
-        base_client = _subscriber_client(emu.host)
+        base_client = subscriber_client(emu.host)
         base_sub = f"projects/{project}/subscriptions/baseline"
         base_client.create_subscription(
             request={"name": base_sub, "topic": topic, "enable_message_ordering": True}

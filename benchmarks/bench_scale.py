@@ -129,7 +129,8 @@ def one(
     tmp = tempfile.TemporaryDirectory()
     if fmel:
         from analyzers.fmel import FMELAnalyzer
-        from analyzers.sinks import DecisionWriter, LocalDuckDBSink
+        from analyzers.sinks.duckdb import LocalDuckDBSink
+        from analyzers.sinks.writer import DecisionWriter
 
         writer = DecisionWriter(
             LocalDuckDBSink(Path(tmp.name) / "fmel.duckdb"),

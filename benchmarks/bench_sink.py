@@ -1,8 +1,8 @@
 """BigQuery decision sink throughput and what it costs the bar loop (bqemulator, real client).
 
-1. Records per second through :class:`analyzers.bigquery.BigQuerySink` in batches of 10 and
-   500 (``write()`` called directly, real decision rows of a real backtest, each written once;
-   every batch is one insertAll request at these sizes).
+1. Records per second through :class:`analyzers.sinks.bigquery.sink.BigQuerySink` in batches of
+   10 and 500 (``write()`` called directly, real decision rows of a real backtest, each written
+   once; every batch is one insertAll request at these sizes).
 2. The bar loop with the BigQuery sink (writer batches of 10, the default, and 500) against
    the same loop with a sink that does nothing (the FMEL analyzer and the writer thread in
    both): the ratio is what BigQuery I/O adds to ``cerebro.run()``. The final flush
@@ -80,10 +80,10 @@ def backtest(writer: Any) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analyzers.bigquery import BigQuerySink
     from analyzers.schema import to_row
-    from analyzers.sinks import DecisionWriter
-    from runtime.config import BigQuerySinkConfig
+    from analyzers.sinks.bigquery.config import BigQuerySinkConfig
+    from analyzers.sinks.bigquery.sink import BigQuerySink
+    from analyzers.sinks.writer import DecisionWriter
     from tests.bq_agents import real_records
     from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+
 from core.time import iso_utc
 
 OHLCV: tuple[str, ...] = ("open", "high", "low", "close", "volume")
@@ -121,27 +123,58 @@ def to_float(value: Any) -> float:
     raise TypeError(f"not a number: {value!r}")
 
 
-def check_bar(open_: float, high: float, low: float, close: float, volume: float) -> str | None:
-    """Validate one OHLCV bar.
+def check_bars(
+    open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, volume: np.ndarray
+) -> dict[int, str]:
+    """Validate OHLCV bars, vectorised: the one bar rule of the project (CSV rows and Pub/Sub
+    messages alike).
+
+    Rules, in order (the first that fails is the reason): each price is present (not NaN),
+    finite and positive; ``high >= low``; ``open`` and ``close`` within ``[low, high]``; volume
+    is finite and not negative when present (a NaN volume means "not reported" and is allowed).
+
+    Args:
+        open_, high, low, close, volume: float64 arrays of one length.
 
     Returns:
-        ``None`` when valid, else the reason (``"high 99.1 < low 100.2"``,
-        ``"close is NaN"``, ``"open -1.0 is not positive"``, ``"volume -5.0 is negative"``).
+        ``{row position: reason}`` for every bad row (``"high 99.1 < low 100.2"``,
+        ``"close 101.5 outside [low 99.0, high 101.0]"``,
+        ``"close is missing or NaN"``, ``"open -1.0 is not positive"``,
+        ``"volume -5.0 is negative"``); empty when all are valid.
     """
-    for name, v in (("open", open_), ("high", high), ("low", low), ("close", close)):
-        if math.isnan(v):
-            return f"{name} is NaN"
-        if math.isinf(v):
-            return f"{name} is infinite"
-        if v <= 0:
-            return f"{name} {v!r} is not positive"
-    if high < low:
-        return f"high {high!r} < low {low!r}"
-    if math.isnan(volume) or math.isinf(volume):
-        return "volume is not a finite number"
-    if volume < 0:
-        return f"volume {volume!r} is negative"
-    return None
+    bad: dict[int, str] = {}
+    with np.errstate(invalid="ignore"):
+        for name, arr in (("open", open_), ("high", high), ("low", low), ("close", close)):
+            for i in np.flatnonzero(np.isnan(arr)):
+                bad.setdefault(int(i), f"{name} is missing or NaN")
+            for i in np.flatnonzero(np.isinf(arr)):
+                bad.setdefault(int(i), f"{name} is infinite")
+            for i in np.flatnonzero(arr <= 0):
+                bad.setdefault(int(i), f"{name} {float(arr[i])!r} is not positive")
+        for i in np.flatnonzero(high < low):
+            bad.setdefault(int(i), f"high {float(high[i])!r} < low {float(low[i])!r}")
+        for name, arr in (("open", open_), ("close", close)):
+            for i in np.flatnonzero((arr < low) | (arr > high)):
+                bad.setdefault(
+                    int(i),
+                    f"{name} {float(arr[i])!r} outside [low {float(low[i])!r}, "
+                    f"high {float(high[i])!r}]",
+                )
+        for i in np.flatnonzero(np.isinf(volume)):
+            bad.setdefault(int(i), "volume is infinite")
+        for i in np.flatnonzero(volume < 0):
+            bad.setdefault(int(i), f"volume {float(volume[i])!r} is negative")
+    return bad
+
+
+def check_bar(open_: float, high: float, low: float, close: float, volume: float) -> str | None:
+    """Validate one OHLCV bar with the rule of :func:`check_bars`.
+
+    Returns:
+        ``None`` when valid, else the reason.
+    """
+    arrays = [np.array([v], dtype=np.float64) for v in (open_, high, low, close, volume)]
+    return check_bars(*arrays).get(0)
 
 
 def _canonical_value(value: Any) -> float | str | None:

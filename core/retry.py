@@ -53,7 +53,7 @@ class RetryPolicy:
     def delay_s(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based), for loops that retry
         forever (reconnects, probes) rather than calling :meth:`call`."""
-        state = tenacity.RetryCallState(None, None, (), {})
+        state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
         state.attempt_number = max(1, min(attempt, 64))
         return float(self.wait()(state))
 
@@ -73,7 +73,8 @@ class RetryPolicy:
         Args:
             what: names the call in logs and errors (``"submit order 42"``).
             retry_on: which exceptions are transient; any other propagates at once, unchanged.
-            stop: when set during a wait, the wait ends and :class:`RetryInterruptedError` is raised.
+            stop: when set during a wait, the wait ends and
+                :class:`RetryInterruptedError` is raised.
             on_retry: called with the error before each wait (metrics: retries).
             on_give_up: called with the last error when every attempt failed (metrics: errors).
 

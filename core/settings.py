@@ -17,6 +17,7 @@ field type                 environment text
 ``tuple[str, ...]``        a comma list (blanks dropped)
 ``Mapping[str, Any]``      a JSON object
 ``Secret``                 a :class:`~core.secret.Secret` (never logged)
+``datetime``               an ISO date or datetime; naive means UTC; stored aware UTC
 ``X | None``               unset -> the default (``None``)
 =========================  ================================================================
 
@@ -32,6 +33,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +185,14 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
         return text
     if tp is Path:
         return Path(text)
+    if tp is datetime:
+        try:
+            parsed = datetime.fromisoformat(text.strip())
+        except ValueError as e:
+            raise ConfigError(
+                f"{name}={text!r}: expected an ISO date or datetime, e.g. 2010-01-31"
+            ) from e
+        return (parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed).astimezone(UTC)
     if tp is Secret:
         return Secret(text, source=f"env:{name}")
     if origin is tuple:

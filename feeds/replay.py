@@ -1,6 +1,7 @@
 """Replay CSV bars to a Pub/Sub topic, as the live ingestor would publish them.
 
-``python -m feeds.replay --topic T --csv FILE[:SYMBOL] ... [--speed X]``
+``python -m runtime.replay --topic T --csv FILE[:SYMBOL] ... [--speed X]`` (the entry point lives
+in :mod:`runtime.replay`, which reads the environment and calls :func:`main` here).
 
 * Every file is read and validated by :func:`feeds.csv.read_csv_bars` (same options as the
   backtest: ``--datetime-column``, ``--datetime-format``, ``--timezone``, ``--columns``), so each
@@ -8,11 +9,13 @@
 * Bars of several symbols are interleaved in time order (ties by symbol).
 * ``--speed 0`` (or ``max``, the default) publishes as fast as possible; ``--speed N`` plays N
   times real time (``--speed 60`` plays one-minute bars one per second).
-* Messages follow the contract of :mod:`feeds.pubsub`: JSON body ``symbol``, ``timestamp``
+* Messages follow the contract of :mod:`feeds.pubsub.messages`: JSON body ``symbol``, ``timestamp``
   (ISO-8601 UTC), OHLCV, extra columns as extra fields, ``data_hash``; attribute ``symbol``;
   ``ordering_key=symbol`` so each symbol's bars arrive in order.
 * The topic is created when missing. Project and emulator come from ``--project`` /
-  ``--emulator-host`` or the environment (``GOOGLE_CLOUD_PROJECT``, ``PUBSUB_EMULATOR_HOST``).
+  ``--emulator-host``, else from the defaults the entry point passes to :func:`main` (the
+  environment's ``GOOGLE_CLOUD_PROJECT`` and ``PUBSUB_EMULATOR_HOST``).
+* A failed publish is retried with :data:`PUBLISH_RETRY` (:class:`core.retry.RetryPolicy`).
 
 Prints one JSON line with what was published and exits 0; exits 2 on bad arguments or input,
 1 when publishing failed after retries.
@@ -38,14 +41,16 @@ import pandas as pd
 
 from core.bars import OHLCV
 from core.errors import ConfigError, DataError, TransientError
+from core.retry import RetryPolicy
 from core.time import iso_utc
-from feeds.csv import CSVBars, read_csv_bars
-from runtime.config import CSVFeedConfig, process_pubsub_target
+from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
+from feeds.pubsub.clients import publisher_client, resource_path
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_CHUNK = 500
-PUBLISH_RETRIES = 5
+# Publishing a chunk: 6 attempts in all, waits of up to 0.2, 0.4, ... 5 s (full jitter).
+PUBLISH_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=5.0)
 
 
 @dataclass(slots=True)
@@ -129,6 +134,18 @@ def bar_messages(sources: Sequence[CSVBars]) -> Iterator[BarMessage]:
         yield BarMessage(symbol, ts, body, digest)
 
 
+class PublishFailedError(TransientError):
+    """Some messages of one publish attempt failed (retried by :func:`publish`).
+
+    Attributes:
+        count: messages that failed.
+    """
+
+    def __init__(self, count: int, error: BaseException | None) -> None:
+        super().__init__(f"{count} messages failed: {error}")
+        self.count = count
+
+
 def ensure_topic(publisher: Any, topic_path: str) -> bool:
     """Create the topic unless it exists. Returns True when it was created."""
     from google.api_core import exceptions as gexc
@@ -149,13 +166,21 @@ def publish(
     speed: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    retry: RetryPolicy = PUBLISH_RETRY,
 ) -> ReplayResult:
     """Publish ``messages`` in order, paced by ``speed`` (0 = as fast as possible, N = N times
     real time measured on bar times).
 
     Publishing is ordered per symbol (``ordering_key``); after a failed publish the key is
-    resumed and the failed messages are published again in order, up to ``PUBLISH_RETRIES``
-    times.
+    resumed and the failed messages are published again in order, as ``retry`` allows.
+
+    Args:
+        publisher: a ``PublisherClient`` with message ordering (or a fake).
+        topic_path: ``projects/<p>/topics/<t>``.
+        messages: what to publish, in order.
+        speed: 0 = as fast as possible, N = N times real time.
+        sleep, clock: pacing (seconds; tests pass a fake clock).
+        retry: attempts and backoff of a failed publish.
 
     Raises:
         TransientError: when a message could not be published after the retries.
@@ -165,37 +190,45 @@ def publish(
     first_ts: datetime | None = None
     chunk: list[BarMessage] = []
 
+    def attempt(pending: list[BarMessage]) -> None:
+        """Publish ``pending`` in order; what failed is left in it (its keys resumed)."""
+        futures = [
+            (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, symbol=m.symbol))
+            for m in pending
+        ]
+        failed: list[BarMessage] = []
+        error: BaseException | None = None
+        for m, fut in futures:
+            try:
+                fut.result(timeout=60)
+            except Exception as e:  # noqa: BLE001 - retried by the policy, then raised
+                failed.append(m)
+                error = e
+            else:
+                result.published += 1
+                result.per_symbol[m.symbol] += 1
+        pending[:] = failed
+        if failed:
+            for key in {m.symbol for m in failed}:
+                publisher.resume_publish(topic_path, key)
+            raise PublishFailedError(len(failed), error) from error
+
+    def on_retry(err: BaseException) -> None:
+        count = err.count if isinstance(err, PublishFailedError) else 0
+        result.retries += count
+        logger.warning("%d messages failed (%s); retrying", count, err.__cause__)
+
     def flush() -> None:
         pending = list(chunk)
         chunk.clear()
-        for attempt in range(PUBLISH_RETRIES + 1):
-            futures = [
-                (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, symbol=m.symbol))
-                for m in pending
-            ]
-            failed: list[BarMessage] = []
-            error: BaseException | None = None
-            for m, fut in futures:
-                try:
-                    fut.result(timeout=60)
-                except Exception as e:  # noqa: BLE001 - retried below, then raised
-                    failed.append(m)
-                    error = e
-                else:
-                    result.published += 1
-                    result.per_symbol[m.symbol] += 1
-            if not failed:
-                return
-            for key in {m.symbol for m in failed}:
-                publisher.resume_publish(topic_path, key)
-            if attempt == PUBLISH_RETRIES:
-                raise TransientError(
-                    f"publishing to {topic_path} failed {attempt + 1} times: {error}"
-                ) from error
-            result.retries += len(failed)
-            logger.warning("%d messages failed (%s); retrying", len(failed), error)
-            sleep(min(5.0, 0.2 * 2**attempt))
-            pending = failed
+        if pending:
+            retry.call(
+                f"publishing to {topic_path}",
+                attempt,
+                pending,
+                retry_on=lambda e: isinstance(e, PublishFailedError),
+                on_retry=on_retry,
+            )
 
     for msg in messages:
         if first_ts is None:
@@ -239,7 +272,7 @@ def _speed(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m feeds.replay", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m runtime.replay", description=__doc__.split("\n")[0])
     p.add_argument("--topic", required=True, help="topic id or projects/<p>/topics/<t>")
     p.add_argument(
         "--csv",
@@ -322,17 +355,30 @@ def load_sources(args: argparse.Namespace) -> list[CSVBars]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry. Returns the exit code (0 done, 1 publishing failed, 2 bad arguments/input)."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    project: str | None = None,
+    emulator_host: str | None = None,
+) -> int:
+    """CLI body (entry point: ``python -m runtime.replay``).
+
+    Args:
+        argv: command-line arguments (``None``: ``sys.argv[1:]``).
+        project: GCP project when ``--project`` is not given.
+        emulator_host: Pub/Sub emulator ``host:port`` when ``--emulator-host`` is not given.
+
+    Returns:
+        The exit code: 0 done, 1 publishing failed, 2 bad arguments or input.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    env_project, env_host = process_pubsub_target()
-    project = args.project or env_project
-    host = args.emulator_host or env_host
+    project = args.project or project
+    host = args.emulator_host or emulator_host
     try:
         if not project and not args.topic.startswith("projects/"):
             raise ConfigError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
@@ -340,13 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as e:
         logger.error("%s", e)
         return 2
-    from feeds.pubsub import publisher_client
-
-    topic_path = (
-        args.topic
-        if args.topic.startswith("projects/")
-        else f"projects/{project}/topics/{args.topic}"
-    )
+    topic_path = resource_path(project, "topics", args.topic)
     publisher = publisher_client(host)
     try:
         ensure_topic(publisher, topic_path)
@@ -358,7 +398,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         publisher.stop()
     sys.stdout.write(json.dumps({"topic": topic_path, **result.as_dict()}) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -46,8 +46,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.time import bt_num_to_posix
+
 PREFIX = "runner_"
-EPOCH_NUM = 719163.0  # backtrader's date2num(1970-01-01 00:00)
 # Bar-loop time: 50 us .. 10 s (agents range from an SMA cross to a model call per bar).
 LOOP_BUCKETS_S = (
     0.00005,
@@ -246,7 +247,7 @@ class MetricsAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 lag = self._lag[i]
                 if lag is not None:
                     # backtrader keeps naive-UTC float days since 0001-01-01 (date2num).
-                    lag.set(time.time() - (data.datetime[0] - EPOCH_NUM) * 86400.0)
+                    lag.set(time.time() - bt_num_to_posix(data.datetime[0]))
 
     def prenext(self) -> None:
         self._bar()

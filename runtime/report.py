@@ -1,9 +1,13 @@
-"""The portfolio report printed at the end of every run, and the progress indicator.
+"""The portfolio report printed at the end of every run, the equity curve it is computed
+from, and the progress indicator.
 
-Performance numbers come from backtrader's own analyzers (``SharpeRatio``, ``DrawDown``,
-``TradeAnalyzer``); see backtrader's analyzer reference for their formulas:
-Sharpe is annualised from daily returns with a zero risk-free rate (252 periods a year), max
-drawdown is the largest peak-to-trough fall of portfolio value in percent.
+Performance numbers (return, CAGR, Sharpe, Sortino, Calmar, max drawdown) come from
+:mod:`runtime.stats` (empyrical-reloaded) over the portfolio value at every bar, recorded by
+:class:`EquityCurve`, annualised from the bar size of the run's finest feed
+(:func:`runtime.stats.periods_per_year`). Trade counts come from backtrader's ``TradeAnalyzer``.
+The HTML report (:mod:`runtime.reporting`) uses the same statistics.
+
+Thread context: analyzers run on the main (backtrader) thread.
 """
 
 from __future__ import annotations
@@ -11,17 +15,26 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 import backtrader as bt
+import pandas as pd
+
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
+from runtime.stats import PerformanceStats
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
 class RunReport:
-    """What a run did. Units in names; ``None`` where undefined (e.g. Sharpe of a flat run)."""
+    """What a run did. Units in names; ``None`` where undefined (e.g. Sharpe of a flat run).
+
+    ``stats`` holds the performance statistics of the run's equity curve (``None`` when no bar
+    ran); ``html_report`` the path of the HTML report when one was written.
+    """
 
     session_id: str
     agent: str
@@ -29,8 +42,7 @@ class RunReport:
     symbols: tuple[str, ...]
     start_value_usd: float
     end_value_usd: float
-    sharpe: float | None
-    max_drawdown_pct: float | None
+    stats: PerformanceStats | None
     trades: int
     trades_won: int
     bars: int
@@ -47,7 +59,16 @@ class RunReport:
     broker_note: str = "simulated (backtrader BackBroker)"
     interrupted: bool = False
     elapsed_s: float = 0.0
+    html_report: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharpe(self) -> float | None:
+        return self.stats.sharpe if self.stats else None
+
+    @property
+    def max_drawdown_pct(self) -> float | None:
+        return self.stats.max_drawdown_pct if self.stats else None
 
     @property
     def return_pct(self) -> float:
@@ -63,6 +84,7 @@ class RunReport:
         def num(x: float | None, fmt: str) -> str:
             return "n/a" if x is None else format(x, fmt)
 
+        st = self.stats
         lines = [
             "",
             "=" * 64,
@@ -75,8 +97,12 @@ class RunReport:
             f"start value      {self.start_value_usd:,.2f} USD",
             f"end value        {self.end_value_usd:,.2f} USD",
             f"return           {self.return_pct:+.2f} %",
+            f"cagr             {num(st.cagr_pct if st else None, '+.2f')} %",
             f"sharpe (annual)  {num(self.sharpe, '.3f')}",
+            f"sortino (annual)  {num(st.sortino if st else None, '.3f')}",
+            f"calmar           {num(st.calmar if st else None, '.3f')}",
             f"max drawdown     {num(self.max_drawdown_pct, '.2f')} %",
+            f"annualised from  {num(st.periods_per_year if st else None, '.6g')} bars a year",
             f"trades           {self.trades} closed, win rate {num(self.win_rate_pct, '.1f')} %",
             f"decisions        {self.decisions} recorded ({self.records_written} written, "
             f"{self.records_spilled} spilled, {self.records_rejected} rejected)",
@@ -99,28 +125,57 @@ class RunReport:
         lines += [
             f"stored at        {self.stored_at}",
             "look at them     " + self.example_query,
+        ]
+        if self.html_report:
+            lines.append(f"html report      {self.html_report}")
+        lines += [
             "=" * 64,
             "",
         ]
         return "\n".join(lines)
 
 
-def performance(strategy: Any) -> tuple[float | None, float | None, int, int]:
-    """(sharpe, max_drawdown_pct, closed trades, won trades) from the analyzers the runner adds
-    under the names ``sharpe``, ``drawdown`` and ``trades``."""
-    an = strategy.analyzers
-    sharpe = an.sharpe.get_analysis().get("sharperatio")
-    dd = an.drawdown.get_analysis()
-    max_dd = dd.get("max", {}).get("drawdown")
-    ta = an.trades.get_analysis()
+def trade_counts(strategy: Any) -> tuple[int, int]:
+    """(closed trades, won trades) from the ``TradeAnalyzer`` the runner adds as ``trades``."""
+    ta = strategy.analyzers.trades.get_analysis()
     closed = int(ta.get("total", {}).get("closed", 0) or 0)
     won = int(ta.get("won", {}).get("total", 0) or 0) if closed else 0
-    return (
-        float(sharpe) if sharpe is not None else None,
-        float(max_dd) if max_dd is not None else None,
-        closed,
-        won,
-    )
+    return closed, won
+
+
+class EquityCurve(bt.Analyzer):  # type: ignore[misc]
+    """Portfolio value at the end of every bar the strategy sees (``prenext``, ``nextstart``,
+    ``next``): the same points FMEL records as ``portfolio_value``.
+
+    Memory: 16 bytes a bar (two ``array('d')``).
+    """
+
+    def start(self) -> None:
+        self._times = array("d")
+        self._values = array("d")
+
+    def _point(self) -> None:
+        self._times.append(self.strategy.datetime[0])
+        self._values.append(float(self.strategy.broker.getvalue()))
+
+    def prenext(self) -> None:
+        self._point()
+
+    def nextstart(self) -> None:
+        self._point()
+
+    def next(self) -> None:
+        self._point()
+
+    def series(self) -> pd.Series:
+        """Portfolio value (USD) indexed by aware UTC bar time, millisecond resolution like the
+        decision store's ``bar_time``; shape (bars,)."""
+        posix_ms = [round((t - BT_EPOCH_DAYS) * SECONDS_PER_DAY * 1000.0) for t in self._times]
+        index = pd.to_datetime(posix_ms, unit="ms", utc=True)
+        return pd.Series(list(self._values), index=index, name="portfolio_value", dtype=float)
+
+    def get_analysis(self) -> dict[str, Any]:
+        return {"bars": len(self._values)}
 
 
 class ProgressAnalyzer(bt.Analyzer):  # type: ignore[misc]

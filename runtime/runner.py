@@ -30,13 +30,16 @@ import backtrader as bt
 import numpy as np
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
-from analyzers.sinks import DecisionSink, DecisionWriter, LocalDuckDBSink, WriterStats
+from analyzers.sinks.base import DecisionSink
+from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core.errors import AppError, ConfigError, DataError
 from runtime.config import AppConfig, load_process_config
 from runtime.health import HealthServer
 from runtime.logs import LogSetup
 from runtime.metrics import MetricsAnalyzer, RunMetrics
-from runtime.report import ProgressAnalyzer, RunReport, performance
+from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, trade_counts
+from runtime.stats import finest_bar_size, performance_stats, periods_per_year
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ class Runner:
         if getattr(self.agent_cls, "requires_model", False) and "model" not in agent_params:
             # CHRONOS_MODEL, loaded once per process (runtime.models cache) and shared by every
             # strategy instance; first, so a missing checkpoint fails before anything is built.
-            from runtime.models import get_model
+            from runtime.models.chronos import get_model
 
             agent_params["model"] = get_model(cfg.chronos)
         live = cfg.run.mode == "paper"
@@ -163,7 +166,8 @@ class Runner:
             self.total_bars = len(np.unique(np.concatenate(stamps))) if stamps else 0
             return
         if cfg.run.mode == "paper":
-            from feeds.pubsub import LiveMemoryBound, metrics_events, start_live_input
+            from feeds.pubsub import LiveMemoryBound
+            from runtime.live import metrics_events, start_live_input
 
             live = start_live_input(
                 cfg, session_id=self.session_id, events=metrics_events(self.metrics)
@@ -182,7 +186,7 @@ class Runner:
         cfg = self.config
         if cfg.run.broker == "sim":
             if cfg.risk.enabled:  # RISK_* limits: the same guard as the Alpaca broker's
-                from runtime.risk import GuardedBackBroker
+                from runtime.brokers.risk import GuardedBackBroker
 
                 self.cerebro.setbroker(GuardedBackBroker(risk=cfg.risk))
             broker = self.cerebro.getbroker()
@@ -190,9 +194,16 @@ class Runner:
             broker.setcommission(commission=cfg.run.commission)
             return
         if cfg.run.broker == "alpaca" and cfg.alpaca is not None:
-            from runtime.broker import AlpacaPaperTradingBroker
+            from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
 
-            alpaca = AlpacaPaperTradingBroker(cfg.alpaca, session_id=self.session_id, risk=cfg.risk)
+            m = self.metrics  # hooks run on the broker's threads; prometheus counters are safe
+            alpaca = AlpacaPaperTradingBroker(
+                cfg.alpaca,
+                session_id=self.session_id,
+                risk=cfg.risk,
+                on_retry=lambda op, _err: m.broker_retries.labels(operation=op).inc(),
+                on_error=lambda op, _err: m.broker_errors.labels(operation=op).inc(),
+            )
             self.cerebro.setbroker(alpaca)
             self.broker_note = alpaca.describe()
             self.add_closer("alpaca", alpaca.stop)  # idempotent; cerebro also stops it
@@ -205,7 +216,7 @@ class Runner:
         if cfg.fmel.sink == "local":
             sink: DecisionSink = LocalDuckDBSink(cfg.fmel.local_path)
         elif cfg.fmel.sink == "bigquery" and cfg.bigquery is not None:
-            from analyzers.bigquery import BigQuerySink
+            from analyzers.sinks.bigquery.sink import BigQuerySink
 
             sink = BigQuerySink(cfg.bigquery)
         else:
@@ -242,14 +253,8 @@ class Runner:
             run=run_info,
             strict_lookahead=cfg.fmel.strict_lookahead,
         )
-        self.cerebro.addanalyzer(
-            bt.analyzers.SharpeRatio,
-            _name="sharpe",
-            timeframe=bt.TimeFrame.Days,
-            annualize=True,
-            riskfreerate=0.0,
-        )
-        self.cerebro.addanalyzer(bt.analyzers.DrawDown, _name="drawdown")
+        # Statistics: runtime.stats over the equity curve (annualised from the bar size).
+        self.cerebro.addanalyzer(EquityCurve, _name="equity")
         self.cerebro.addanalyzer(bt.analyzers.TradeAnalyzer, _name="trades")
         progress = cfg.run.progress
         if progress != "off" and cfg.run.mode == "backtest":
@@ -443,10 +448,22 @@ class Runner:
         assert self.sink is not None
         cfg = self.config
         end_value = float(self.cerebro.getbroker().getvalue())
-        sharpe = max_dd = None
+        perf = None
         trades = won = decisions = lookahead = bars = 0
         if strategy is not None:
-            sharpe, max_dd, trades, won = performance(strategy)
+            trades, won = trade_counts(strategy)
+            equity = strategy.analyzers.equity.series()
+            if len(equity):
+                timeframe, compression = finest_bar_size(
+                    [(f._timeframe, f._compression) for f in self.feeds]
+                )
+                try:
+                    perf = performance_stats(
+                        equity,
+                        periods_per_year=periods_per_year(equity.index, timeframe, compression),
+                    )
+                except DataError as e:  # the report still prints, without statistics
+                    logger.error("performance statistics: %s", e)
             fmel = strategy.analyzers.fmel
             decisions, lookahead = fmel.decisions, fmel.lookahead_total
             bars = len(strategy)
@@ -457,8 +474,7 @@ class Runner:
             symbols=cfg.run.symbols,
             start_value_usd=start_value,
             end_value_usd=end_value,
-            sharpe=sharpe,
-            max_drawdown_pct=max_dd,
+            stats=perf,
             trades=trades,
             trades_won=won,
             bars=bars,

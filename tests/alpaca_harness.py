@@ -21,8 +21,9 @@ from typing import Any
 import backtrader as bt
 
 from core.secret import Secret
-from runtime.broker import AlpacaPaperTradingBroker
-from runtime.config import AlpacaBrokerConfig, RiskConfig
+from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
+from runtime.brokers.alpaca.config import AlpacaBrokerConfig
+from runtime.brokers.risk import RiskConfig
 from tests.alpaca_server import AlpacaServer
 
 

@@ -8,9 +8,8 @@ turns off its download of DuckDB's spatial extension (no network here). See NOTE
 Every process is started in its own session and ended by process group at teardown, also when
 the test fails. Ports are picked free on 127.0.0.1.
 
-The fixtures that start and stop it are in ``tests/fixtures_bigquery.py`` (use them with
-``pytest_plugins = ("tests.fixtures_bigquery",)``); benchmarks use :class:`BigQueryEmulator`
-directly.
+The fixtures that start and stop it (``bq_emulator``, ``bq_emulator_factory``) are in
+``tests/conftest.py``; benchmarks use :class:`BigQueryEmulator` directly.
 """
 
 from __future__ import annotations

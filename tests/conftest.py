@@ -1,7 +1,8 @@
 """Shared fixtures: repository paths and a helper that runs ``runner.py`` as a subprocess.
 
-Component-specific fixtures (emulators, fake servers) live in ``tests/fixtures_*.py`` and are
-imported by the test modules that need them.
+Every fixture is defined here (emulators, fake servers, tiny models); heavy imports happen inside
+the fixtures, so the unit tests stay fast. The servers and builders themselves live in role-named
+modules beside this file (``bqemu_harness.py``, ``chronos_models.py``, ...).
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.bqemu_harness import BigQueryEmulator
+    from tests.secretmanager_server import SecretManagerServer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -83,3 +89,107 @@ def workdir(tmp_path: Path) -> Path:
     d = tmp_path / "work"
     d.mkdir()
     return d
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by its folder: ``tests/integration`` -> ``integration``, ``tests/e2e`` ->
+    ``e2e`` (``-m "not integration and not e2e"`` selects the unit tests)."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in ("integration", "e2e"):
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+# -- BigQuery emulator (bqemulator in its own venv, see tests/bqemu_harness.py) ----------------
+
+
+@pytest.fixture(scope="session")
+def bq_emulator() -> Iterator[BigQueryEmulator]:
+    """One running emulator for the session (ephemeral storage; use
+    :func:`tests.bqemu_harness.unique_dataset` per test). Ended by process group at teardown."""
+    from tests.bqemu_harness import BigQueryEmulator
+
+    emu = BigQueryEmulator()
+    try:
+        emu.start()
+        yield emu
+    finally:
+        emu.close()
+
+
+@pytest.fixture
+def bq_emulator_factory() -> Iterator[Callable[..., BigQueryEmulator]]:
+    """Make emulators owned by one test: ``make(start=True, persistent=True)`` (kill/restart;
+    persistent storage by default, so a restart keeps the data)."""
+    from tests.bqemu_harness import BigQueryEmulator
+
+    made: list[BigQueryEmulator] = []
+
+    def make(*, start: bool = True, persistent: bool = True) -> BigQueryEmulator:
+        emu = BigQueryEmulator(persistent=persistent)
+        made.append(emu)
+        if start:
+            emu.start()
+        return emu
+
+    try:
+        yield make
+    finally:
+        for emu in made:
+            emu.close()
+
+
+# -- Chronos: tiny local checkpoints, an offline Hub, an empty model cache ----------------------
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No Hub traffic: ``HF_HUB_OFFLINE=1`` for subprocesses and for huggingface_hub's constant
+    (read at import, so set on the module too)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    yield
+
+
+@pytest.fixture
+def fresh_models() -> Iterator[None]:
+    """An empty process model cache before and after the test."""
+    from runtime.models.chronos import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()
+
+
+@pytest.fixture(scope="session")
+def bolt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Chronos-Bolt checkpoint (context 256, horizon 16, patches of 16)."""
+    from tests.chronos_models import build_bolt
+
+    return build_bolt(tmp_path_factory.mktemp("bolt") / "chronos-bolt-test")
+
+
+@pytest.fixture(scope="session")
+def chronos2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Chronos-2 checkpoint (context 256, horizon 32, patches of 16)."""
+    from tests.chronos_models import build_chronos2
+
+    return build_chronos2(tmp_path_factory.mktemp("chronos2") / "chronos-2-test")
+
+
+# -- Secret Manager (a local server speaking its REST API, see tests/secretmanager_server.py) ---
+
+
+@pytest.fixture(name="sm")
+def sm_fixture() -> Iterator[SecretManagerServer]:
+    """Fixture ``sm``: a started :class:`SecretManagerServer`, stopped after the test."""
+    from tests.secretmanager_server import SecretManagerServer
+
+    server = SecretManagerServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

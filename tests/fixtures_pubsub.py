@@ -167,9 +167,9 @@ class PubSubEmulator:
 
     def subscriptions(self) -> list[str]:
         """Paths of every subscription the emulator holds (in the test project)."""
-        from feeds.pubsub import _subscriber_client
+        from feeds.pubsub import subscriber_client
 
-        client = _subscriber_client(self.host)
+        client = subscriber_client(self.host)
         try:
             request = {"project": f"projects/{self.project}"}
             return [s.name for s in client.list_subscriptions(request=request)]

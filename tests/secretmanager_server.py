@@ -21,12 +21,10 @@ import base64
 import json
 import re
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import google_crc32c
-import pytest
 
 ACCESS_RE = re.compile(r"^/v1/projects/([^/]+)/secrets/([^/]+)/versions/([^/:]+):access$")
 
@@ -174,13 +172,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
-
-
-@pytest.fixture(name="sm")
-def sm_fixture() -> Iterator[SecretManagerServer]:
-    """Fixture ``sm``: a started :class:`SecretManagerServer`, stopped after the test."""
-    server = SecretManagerServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -17,7 +17,10 @@ import backtrader as bt
 import pytest
 
 from core.errors import BrokerError
-from runtime.broker import AlpacaPaperTradingBroker, position_key
+from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
+from runtime.brokers.alpaca.orders import position_key
+from runtime.config import load_config
+from runtime.runner import Runner
 from tests.alpaca_harness import (
     Run,
     bar,
@@ -822,3 +825,38 @@ def test_persistent_api_failure_stops_the_run_with_an_error() -> None:
             drive(run, [bar(run, "AAPL", 100.0), outage])
         run.broker.stop()  # what the runner's closer does when cerebro raised
     assert alpaca_threads() == []
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_runner_counts_broker_retries_and_errors() -> None:
+    """The runner wires the broker's retry and error hooks to RunMetrics: a 429 on the account
+    read is one retry; wrong keys (401, not retried) are one error."""
+    plan = FaultPlan(rate=1.0, kinds=("429",), paths=("/v2/account",), limit=1)
+    with AlpacaServer(faults=plan) as server:
+        env = {
+            "MODE": "paper",
+            "BROKER": "alpaca",
+            "SYMBOLS": "AAPL",
+            "GOOGLE_CLOUD_PROJECT": "p",
+            "PUBSUB_TOPIC": "bars",
+            "ALPACA_API_KEY": server.api_key,
+            "ALPACA_SECRET_KEY": server.secret_key,
+            "ALPACA_BASE_URL": server.url,
+        }
+        runner = Runner(load_config(env))
+        runner.cerebro = bt.Cerebro()
+        runner._build_broker()  # connects: reads the account, the 429 is retried
+        runner.cerebro.getbroker().stop()
+        m = runner.metrics
+        assert [r.status for r in server.requests if r.path == "/v2/account"] == [429, 200]
+        assert m.value("runner_broker_api_retries_total", operation="account") == 1.0
+        assert m.value("runner_broker_api_errors_total", operation="account") is None
+
+        wrong = Runner(load_config({**env, "ALPACA_SECRET_KEY": "wrong"}))
+        wrong.cerebro = bt.Cerebro()
+        with pytest.raises(BrokerError, match="cannot read the Alpaca account"):
+            wrong._build_broker()
+        assert wrong.metrics.value("runner_broker_api_errors_total", operation="account") == 1.0
+        assert wrong.metrics.value("runner_broker_api_retries_total", operation="account") is None

@@ -40,9 +40,8 @@ def test_fmel_records_alpaca_order_events() -> None:
 
         def sent(name: str) -> bool:  # the submit's answer is queued for the main thread
             coid = f"{run.broker.session_id}-{run.log.orders[name].ref}"
-            with run.broker._lock:
-                flight = run.broker._flights.get(coid)
-                return flight is None or flight.submit_done
+            flight = run.broker.flights.snapshot().flights.get(coid)
+            return flight is None or flight.submit_done
 
         steps = [bar(run, "AAPL", 100.0 + i) for i in range(8)]
         steps.insert(3, lambda: wait_until(lambda: sent("lim"), what="limit order sent"))

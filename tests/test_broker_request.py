@@ -1,9 +1,8 @@
-"""Pure parts of the Alpaca broker: order requests, ids, quantities, status table, backoff."""
+"""Pure parts of the Alpaca broker: order requests, ids, quantities, fill increments, status
+table, the config (settings, retry policy, validation)."""
 
 from __future__ import annotations
 
-import random
-import threading
 from decimal import Decimal
 from typing import Any
 
@@ -12,18 +11,21 @@ import pytest
 from alpaca.trading.enums import OrderClass, OrderStatus, OrderType, TimeInForce
 
 from core.errors import ConfigError, OrderRejectedError
+from core.retry import RetryPolicy
 from core.secret import Secret
-from runtime.broker import (
+from core.settings import declared
+from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
+from runtime.brokers.alpaca.config import AlpacaBrokerConfig
+from runtime.brokers.alpaca.orders import (
     STATUS_MAP,
-    AlpacaPaperTradingBroker,
-    Retrier,
     client_order_id,
+    fill_increment,
     position_key,
     price_for,
     quantity,
     to_order_request,
 )
-from runtime.config import AlpacaBrokerConfig, load_config
+from runtime.config import SETTINGS, load_config
 
 
 def order(
@@ -194,12 +196,64 @@ def cfg(**kw: Any) -> AlpacaBrokerConfig:
     )
 
 
-def test_backoff_is_capped_exponential_with_jitter() -> None:
-    r = Retrier(cfg(backoff_base_s=0.5, backoff_max_s=8.0), threading.Event(), rng=random.Random(1))
-    for attempt, cap in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 8.0), (9, 8.0)):
-        waits = [r.delay(attempt) for _ in range(200)]
-        assert all(cap / 2 <= w <= cap for w in waits)
+def test_retries_follow_the_config_with_the_project_policy() -> None:
+    policy = cfg(max_attempts=4, backoff_base_s=0.25, backoff_max_s=2.0).retry_policy
+    assert policy == RetryPolicy(attempts=4, initial_s=0.25, max_s=2.0)
+    for attempt, cap in ((1, 0.25), (2, 0.5), (3, 1.0), (4, 2.0), (9, 2.0)):
+        waits = [policy.delay_s(attempt) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits)
         assert max(waits) - min(waits) > cap / 4  # jittered, not constant
+
+
+def test_fill_increments_sum_exactly_and_price_each_slice() -> None:
+    z = Decimal(0)
+    first = fill_increment(
+        applied_cum=z,
+        applied_value_usd=z,
+        base_cum=z,
+        base_value_usd=z,
+        filled_qty=Decimal("0.005"),
+        filled_avg_price=Decimal(100),
+    )
+    assert first is not None and (first.size, first.price_usd) == (Decimal("0.005"), 100.0)
+    second = fill_increment(
+        applied_cum=first.cum,
+        applied_value_usd=first.value_usd,
+        base_cum=z,
+        base_value_usd=z,
+        filled_qty=Decimal("0.0125"),
+        filled_avg_price=Decimal(106),  # cumulative average: the new 0.0075 filled at 110
+    )
+    assert second is not None and second.size == Decimal("0.0075")
+    assert second.price_usd == pytest.approx(110.0)
+    assert first.size + second.size == second.cum == Decimal("0.0125")
+    stale = {
+        "applied_cum": second.cum,
+        "applied_value_usd": second.value_usd,
+        "base_cum": z,
+        "base_value_usd": z,
+        "filled_avg_price": Decimal(100),
+    }
+    assert fill_increment(filled_qty=Decimal("0.0125"), **stale) is None  # repeated
+    assert fill_increment(filled_qty=Decimal("0.005"), **stale) is None  # older
+
+
+def test_open_order_policy_typo_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"ALPACA_OPEN_ORDER_POLICY.*'adpot'"):
+        cfg(open_order_policy="adpot")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ALPACA_TIME_IN_FORCE"):
+        cfg(time_in_force="week")  # type: ignore[arg-type]
+
+
+def test_settings_declared_on_the_config_match_the_settings_table() -> None:
+    for s in declared(AlpacaBrokerConfig):
+        listed = SETTINGS[s.name]
+        assert (s.default, s.help, s.secret, s.alternatives) == (
+            listed.default,
+            listed.help,
+            listed.secret,
+            listed.alternatives,
+        ), s.name
 
 
 def test_live_endpoint_needs_explicit_opt_in() -> None:

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from feeds.csv import read_csv_bars
-from feeds.pubsub import _subscriber_client, publisher_client
+from feeds.pubsub import publisher_client, subscriber_client
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
 from tests.alpaca_server import AlpacaServer
@@ -44,7 +44,7 @@ def test_runner_paper_mode_trades_through_alpaca(
         )
     )
     publisher = publisher_client(emu.host)
-    subscriber = _subscriber_client(emu.host)
+    subscriber = subscriber_client(emu.host)
     try:
         ensure_topic(publisher, topic)
         subscriber.create_subscription(

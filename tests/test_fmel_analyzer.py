@@ -13,7 +13,8 @@ import pytest
 
 from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer, attach_note, make_run_info
-from analyzers.sinks import DecisionWriter, LocalDuckDBSink
+from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.writer import DecisionWriter
 from feeds.csv import CSVBars, make_csv_feed, read_csv_bars
 from runtime.config import CSVFeedConfig
 from tests.conftest import DATA

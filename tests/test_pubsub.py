@@ -17,20 +17,21 @@ import pytest
 
 from analyzers.fmel import FMELAnalyzer
 from core.errors import ConfigError
+from core.retry import RetryPolicy
 from feeds.pubsub import (
     PubSubBarSubscriber,
+    PubSubFeedConfig,
     StreamSettings,
-    _subscriber_client,
     publisher_client,
+    subscriber_client,
 )
-from runtime.config import PubSubFeedConfig
 from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
 
 __all__ = ["emulator_factory", "pubsub_emulator"]  # fixtures used by this module
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
 FAST = StreamSettings(
-    health_interval_s=0.3, probe_timeout_s=1.0, reconnect_initial_s=0.2, reconnect_max_s=1.0
+    health_interval_s=0.3, probe_timeout_s=1.0, reconnect=RetryPolicy(initial_s=0.2, max_s=1.0)
 )
 
 
@@ -175,7 +176,7 @@ def test_subscription_has_expiry_filter_and_ordering_and_is_deleted(
     try:
         path = f"projects/{pubsub_emulator.project}/subscriptions/test-life-1"
         assert path in pubsub_emulator.subscriptions()
-        client = _subscriber_client(pubsub_emulator.host)
+        client = subscriber_client(pubsub_emulator.host)
         got = client.get_subscription(request={"subscription": path})
         client.close()
         assert got.topic == topic
@@ -189,7 +190,7 @@ def test_subscription_has_expiry_filter_and_ordering_and_is_deleted(
 
 def test_existing_subscriptions_are_reused(pubsub_emulator: PubSubEmulator, topic: str) -> None:
     emu = pubsub_emulator
-    client = _subscriber_client(emu.host)
+    client = subscriber_client(emu.host)
     # Our own name already exists (a restarted pod of the same session): reused, then deleted.
     own = f"projects/{emu.project}/subscriptions/test-reuse-1"
     client.create_subscription(request={"name": own, "topic": topic})

@@ -1,4 +1,4 @@
-"""``runner.py`` in ``MODE=paper`` as a subprocess, fed by ``python -m feeds.replay`` through the
+"""``runner.py`` in ``MODE=paper`` as a subprocess, fed by ``python -m runtime.replay`` through the
 real Pub/Sub emulator, with the bundled real data:
 
 * end to end + parity: the decisions stored by a paper run equal, field by field (data hashes,
@@ -24,9 +24,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from feeds.csv import read_csv_bars
+from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client
-from runtime.config import CSVFeedConfig
 from tests.conftest import DATA, REPO, clean_env, run_runner
 from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
 from tests.test_shutdown import RunnerProcess
@@ -71,7 +70,7 @@ def replay(emu: PubSubEmulator, topic: str, *args: str) -> subprocess.Popen[str]
         [
             sys.executable,
             "-m",
-            "feeds.replay",
+            "runtime.replay",
             "--topic",
             topic,
             "--csv",

@@ -22,11 +22,9 @@ from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import to_row
 from core.bars import bar_hash
 from core.errors import ConfigError
-from feeds.csv import make_csv_feed, read_csv_bars
+from core.retry import RetryPolicy
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.pubsub import (
-    DELIVERED,
-    DUPLICATE,
-    MALFORMED,
     BarHub,
     FieldSet,
     LiveMemoryBound,
@@ -39,8 +37,8 @@ from feeds.pubsub import (
     subscription_id,
     symbol_filter,
 )
+from feeds.pubsub.handler import DELIVERED, DUPLICATE, MALFORMED
 from feeds.replay import bar_messages
-from runtime.config import CSVFeedConfig
 from tests.conftest import DATA
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
@@ -528,8 +526,12 @@ def test_subscription_names_are_legal() -> None:
     assert len(subscription_id("p" * 300, "s", "t", False)) == 255
 
 
-def test_reconnect_backoff_is_exponential_and_capped() -> None:
-    st = StreamSettings(reconnect_initial_s=0.5, reconnect_max_s=4.0)
-    assert [st.reconnect_delay_s(i) for i in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+def test_reconnect_backoff_is_jittered_exponential_and_capped() -> None:
+    st = StreamSettings(reconnect=RetryPolicy(initial_s=0.5, max_s=4.0))
+    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    for attempt, cap in enumerate(caps, start=1):
+        delays = [st.reconnect.delay_s(attempt) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > cap / 2  # full jitter spreads over [0, cap]
     with pytest.raises(ConfigError):
-        StreamSettings(reconnect_initial_s=5, reconnect_max_s=1)
+        StreamSettings(reconnect=RetryPolicy(initial_s=5, max_s=1))

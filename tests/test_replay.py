@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from feeds.csv import read_csv_bars
-from feeds.pubsub import _subscriber_client, decode_message, publisher_client
-from feeds.replay import bar_messages, publish
-from runtime.config import CSVFeedConfig
+from core.errors import TransientError
+from core.retry import RetryPolicy
+from feeds.csv import CSVFeedConfig, read_csv_bars
+from feeds.pubsub import decode_message, publisher_client, subscriber_client
+from feeds.replay import PublishFailedError, bar_messages, publish
 from tests.conftest import DATA, REPO, clean_env
 from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
 
@@ -163,16 +164,34 @@ def test_failed_publishes_are_resumed_and_retried_in_order(tmp_path: Path) -> No
     msgs = list(bar_messages([a]))[:10]
     pub = FakePublisher(fail_key="GOOG")
     clock = FakeClock()
-    result = publish(pub, "t", iter(msgs), sleep=clock.sleep, clock=clock)
+    fast_retry = RetryPolicy(initial_s=0.001, max_s=0.001)
+    result = publish(pub, "t", iter(msgs), sleep=clock.sleep, clock=clock, retry=fast_retry)
     assert pub.resumed == ["GOOG"] and result.retries == 10
     assert [p[2] for p in pub.published] == [json.loads(m.body)["timestamp"] for m in msgs]
+
+
+def test_publishing_gives_up_after_the_policy_attempts() -> None:
+    a = read_csv_bars(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"))
+    msgs = list(bar_messages([a]))[:3]
+
+    class Down(FakePublisher):
+        def publish(self, topic: str, body: bytes, *, ordering_key: str, symbol: str) -> FakeFuture:
+            return FakeFuture(RuntimeError("unavailable"))
+
+    pub = Down()
+    retry = RetryPolicy(attempts=3, initial_s=0.001, max_s=0.001)
+    with pytest.raises(TransientError, match="still failing after 3 attempts") as info:
+        publish(pub, "t", iter(msgs), retry=retry)
+    assert pub.resumed == ["GOOG", "GOOG", "GOOG"]
+    assert isinstance(info.value.__cause__, PublishFailedError)
+    assert isinstance(info.value.__cause__.__cause__, RuntimeError)
 
 
 def test_cli_publishes_real_data_to_the_emulator(pubsub_emulator: PubSubEmulator) -> None:
     emu = pubsub_emulator
     topic = f"projects/{emu.project}/topics/replay-{uuid.uuid4().hex[:6]}"
     publisher_client(emu.host).create_topic(request={"name": topic})
-    client = _subscriber_client(emu.host)
+    client = subscriber_client(emu.host)
     sub = f"projects/{emu.project}/subscriptions/replay-{uuid.uuid4().hex[:6]}"
     client.create_subscription(
         request={"name": sub, "topic": topic, "enable_message_ordering": True}
@@ -181,7 +200,7 @@ def test_cli_publishes_real_data_to_the_emulator(pubsub_emulator: PubSubEmulator
         [
             sys.executable,
             "-m",
-            "feeds.replay",
+            "runtime.replay",
             "--topic",
             topic.rsplit("/", 1)[-1],
             "--csv",
@@ -224,7 +243,7 @@ def test_cli_publishes_real_data_to_the_emulator(pubsub_emulator: PubSubEmulator
 def test_cli_creates_a_missing_topic_and_refuses_bad_input(pubsub_emulator: PubSubEmulator) -> None:
     emu = pubsub_emulator
     name = f"fresh-{uuid.uuid4().hex[:6]}"
-    run = [sys.executable, "-m", "feeds.replay", "--topic", name, "--limit", "3"]
+    run = [sys.executable, "-m", "runtime.replay", "--topic", name, "--limit", "3"]
     ok = subprocess.run(
         [*run, "--csv", str(DATA / "BTCUSD.csv")],
         cwd=REPO,

@@ -10,10 +10,11 @@ import pytest
 
 from analyzers.query import main as query_main
 from analyzers.schema import DecisionRecord, RunInfo
-from analyzers.sinks import LocalDuckDBSink
+from analyzers.sinks.duckdb import LocalDuckDBSink
 from feeds.csv import make_csv_feed
-from runtime.config import CSVFeedConfig
+from feeds.csv import CSVFeedConfig
 from runtime.report import ProgressAnalyzer, RunReport
+from runtime.stats import PerformanceStats
 from tests.conftest import DATA
 
 
@@ -25,8 +26,19 @@ def report(**kw: object) -> RunReport:
         symbols=("GOOG",),
         start_value_usd=100.0,
         end_value_usd=110.0,
-        sharpe=None,
-        max_drawdown_pct=3.5,
+        stats=PerformanceStats(
+            bars=10,
+            periods_per_year=252,
+            start_value_usd=100.0,
+            end_value_usd=110.0,
+            total_return_pct=10.0,
+            cagr_pct=1234.5,
+            volatility_pct=20.0,
+            sharpe=None,
+            sortino=1.5,
+            calmar=None,
+            max_drawdown_pct=3.5,
+        ),
         trades=4,
         trades_won=1,
         bars=10,
@@ -45,6 +57,12 @@ def test_report_units_and_undefined_values() -> None:
     text = r.render()
     assert "return           +10.00 %" in text and "sharpe (annual)  n/a" in text
     assert "trades           4 closed, win rate 25.0 %" in text
+    assert "sortino (annual)  1.500" in text and "calmar           n/a" in text
+    assert "cagr             +1234.50 %" in text and "max drawdown     3.50 %" in text
+    assert "annualised from  252 bars a year" in text
+    assert "html report" not in text
+    assert "html report      /x/report.html" in report(html_report="/x/report.html").render()
+    assert "sharpe (annual)  n/a" in report(stats=None).render()
     assert report(trades=0, trades_won=0).win_rate_pct is None
     assert "INTERRUPTED" in report(interrupted=True).render()
     assert "skipped rows     GOOG.csv: 3" in report(skipped_rows={"GOOG.csv": 3}).render()

@@ -16,9 +16,11 @@ import pytest
 
 from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
+from core.errors import ConfigError
+from core.settings import declared
 from feeds.csv import make_csv_feed, read_csv_bars
-from runtime.config import PROJECT_ROOT, CSVFeedConfig, RiskConfig
-from runtime.risk import GuardedBackBroker, RiskGuard
+from runtime.brokers.risk import GuardedBackBroker, RiskConfig, RiskGuard
+from runtime.config import PROJECT_ROOT, SETTINGS, CSVFeedConfig
 from tests.alpaca_harness import Log, Scripted, bar, build_run, drive, wait_until
 from tests.alpaca_server import AlpacaServer
 
@@ -269,3 +271,14 @@ def test_runner_backtest_applies_risk_settings(tmp_path: Path) -> None:
     finally:
         con.close()
     assert reasons and all(r.startswith("risk: max_order_notional_usd") for r in reasons)
+
+
+def test_risk_settings_declared_on_the_config_match_the_settings_table() -> None:
+    names = []
+    for s in declared(RiskConfig):
+        listed = SETTINGS[s.name]
+        assert (s.default, s.help) == (listed.default, listed.help), s.name
+        names.append(s.name)
+    assert names == [n for n in SETTINGS if n.startswith("RISK_")]
+    with pytest.raises(ConfigError, match="RISK_KILL_ACTION"):
+        RiskConfig(kill_action="pause")  # type: ignore[arg-type]

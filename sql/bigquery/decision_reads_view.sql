@@ -1,6 +1,6 @@
 -- One row per read (flattened access patterns) for BI tools. BigQuerySink creates this view
--- next to its table at start (analyzers/bigquery.py VIEW_SQL); run it by hand for another
--- dataset.
+-- next to its table at start from this file (analyzers/sinks/views.py puts its table in place
+-- of fmel.decisions); run it by hand for another dataset.
 CREATE OR REPLACE VIEW fmel.decision_reads AS
 SELECT d.decision_id, d.session_id, d.agent_id, d.decision_point, d.bar_time, d.stage, d.action,
        da.symbol, ap.seq, ap.field, ap.`index`, ap.size, ap.bar_index, ap.data_hash, ap.value,

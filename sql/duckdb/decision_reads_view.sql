@@ -1,5 +1,5 @@
 -- One row per read (flattened access patterns) for BI tools. LocalDuckDBSink creates this view
--- in every local store (analyzers/sinks.py ACCESS_VIEW_SQL).
+-- in every local store from this file (loaded by analyzers/sinks/views.py).
 CREATE OR REPLACE VIEW decision_reads AS
 SELECT d.decision_id, d.session_id, d.agent_id, d.decision_point, d.bar_time, d.stage, d.action,
        da.symbol, ap.seq, ap.field, ap."index", ap.size, ap.bar_index, ap.data_hash, ap.value,

@@ -1,0 +1,73 @@
+"""Configuration of decision recording (FMEL): which sink, and how the writer batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from core.errors import ConfigError
+from core.settings import setting
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FMELConfig:
+    """Decision recording.
+
+    Attributes:
+        sink: ``"local"`` (DuckDB file) or ``"bigquery"``.
+        local_path: DuckDB database file of the local store.
+        batch_size: records per sink write. Unset in the environment, the loader picks 10 for
+            BigQuery and 500 for the local store.
+        flush_interval_s: longest a record waits in the writer before a write, seconds.
+        queue_size: records buffered between ``next()`` and the writer; when full, ``next()``
+            waits (back-pressure), nothing is dropped.
+        spill_dir: records a sink could not take are kept here and replayed at the next start.
+        strict_lookahead: raise :class:`~core.errors.LookAheadError` on a future read.
+    """
+
+    sink: Literal["local", "bigquery"] = setting(
+        "local",
+        env="FMEL_SINK",
+        help="where decision records go: local (DuckDB file) or bigquery",
+    )
+    local_path: Path = setting(
+        Path("fmel.duckdb"), env="FMEL_LOCAL_PATH", help="DuckDB file of the local decision store"
+    )
+    batch_size: int = setting(
+        10,
+        env="FMEL_BATCH_SIZE",
+        help="records per sink write; default 10 for bigquery, 500 for local",
+        minimum=1,
+        default_text="",  # computed by the loader from FMEL_SINK; unset in .env.example
+    )
+    flush_interval_s: float = setting(
+        5.0,
+        env="FMEL_FLUSH_INTERVAL_S",
+        help="longest a record waits before it is written, seconds",
+        gt=0,
+    )
+    queue_size: int = setting(
+        10_000,
+        env="FMEL_QUEUE_SIZE",
+        help="records buffered before next() waits (back-pressure)",
+        minimum=1,
+    )
+    spill_dir: Path = setting(
+        Path(".fmel_spill"),
+        env="FMEL_SPILL_DIR",
+        help="folder for records a sink could not take; replayed at the next start",
+    )
+    strict_lookahead: bool = setting(
+        False,
+        env="FMEL_STRICT_LOOKAHEAD",
+        help="raise LookAheadError when an agent reads a future bar (otherwise flag and warn)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"FMEL batch_size must be >= 1, got {self.batch_size}")
+        if self.flush_interval_s <= 0:
+            raise ConfigError(f"FMEL flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.queue_size < 1:
+            raise ConfigError(f"FMEL queue_size must be >= 1, got {self.queue_size}")

@@ -1,0 +1,163 @@
+"""Rows on their way to BigQuery: validation with BigQuery's rules, sizes, request chunks.
+
+:func:`validate_row` checks one JSON row against the table's schema (BigQuery's type rules for
+JSON rows, "Streaming data into BigQuery" / "Loading JSON data": INT64 as a JSON number or a
+decimal string; TIMESTAMP as a date-time string or epoch seconds, of which this sink sends and
+accepts only the former), so a refused row is named with its field path
+(``actions[0].size``) before anything is sent. :func:`chunks` splits what is left into
+requests under the streaming API's limits ("Quotas and limits", tabledata.insertAll: 10 MB per
+HTTP request, 500 rows per request recommended).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from analyzers.schema import FieldSpec
+from analyzers.sinks.base import Row
+
+# Streaming API limits. The request envelope ({"rows": [{"insertId": ..., "json": ...}], ...})
+# adds a few dozen bytes per row; keep a margin under the 10 MB hard limit.
+MAX_REQUEST_BYTES = 9_000_000
+MAX_ROWS_PER_REQUEST = 500
+_ROW_OVERHEAD_BYTES = 64
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+Pending = tuple[int, Row, int]
+"""A row to send: its position in the caller's batch, the row, its request size in bytes."""
+
+
+def row_size(row: Row) -> int:
+    """Bytes ``row`` takes in an insertAll request (JSON, insert id, envelope)."""
+    return (
+        len(json.dumps(row, separators=(",", ":"), allow_nan=False))
+        + len(str(row.get("decision_id")))
+        + _ROW_OVERHEAD_BYTES
+    )
+
+
+def chunks(pending: Iterable[Pending], max_bytes: int, max_rows: int) -> Iterable[list[Pending]]:
+    """Consecutive requests of at most ``max_rows`` rows and ``max_bytes`` bytes (a single
+    row larger than ``max_bytes`` goes alone; callers reject those first)."""
+    chunk: list[Pending] = []
+    size = 0
+    for item in pending:
+        if chunk and (size + item[2] > max_bytes or len(chunk) >= max_rows):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item[2]
+    if chunk:
+        yield chunk
+
+
+def _type_problem(value: Any, spec: FieldSpec) -> str | None:
+    """Why ``value`` is not a valid JSON value for a scalar column (None when it is)."""
+    t = spec.type
+    if t == "STRING":
+        ok = isinstance(value, str) or (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        )
+    elif t == "INT64":
+        if isinstance(value, bool):
+            ok = False
+        elif isinstance(value, int):
+            ok = _INT64_MIN <= value <= _INT64_MAX
+        elif isinstance(value, float):
+            ok = value.is_integer() and _INT64_MIN <= value <= _INT64_MAX
+        else:
+            ok = isinstance(value, str) and bool(_INT_RE.match(value.strip()))
+    elif t == "FLOAT64":
+        if isinstance(value, bool):
+            ok = False
+        elif isinstance(value, int | float):
+            ok = True
+        elif isinstance(value, str):
+            try:
+                float(value)
+                ok = True
+            except ValueError:
+                ok = False
+        else:
+            ok = False
+    elif t == "BOOL":
+        ok = isinstance(value, bool) or (
+            isinstance(value, str) and value.lower() in ("true", "false")
+        )
+    elif t == "TIMESTAMP":
+        # Strings only: BigQuery also takes epoch seconds as a number, but the emulator reads a
+        # number as microseconds and stores a wrong time without an error; rows made by
+        # ``to_row`` always carry ISO-8601 text.
+        if isinstance(value, str):
+            text = value.strip().replace(" UTC", "+00:00").replace("Z", "+00:00")
+            try:
+                datetime.fromisoformat(text)
+                ok = True
+            except ValueError:
+                ok = False
+        else:
+            ok = False
+    else:  # a type this sink never writes: let BigQuery judge
+        ok = True
+    if ok:
+        return None
+    return f"expected {t}, got {type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_row(
+    row: Mapping[str, Any], schema: Sequence[FieldSpec], prefix: str = ""
+) -> list[str]:
+    """Check one JSON row against a schema with BigQuery's rules.
+
+    Returns:
+        Problems as ``"<field path>: <reason>"`` (``actions[2].size: expected FLOAT64, got str
+        'abc'``); empty when the row is valid. Unknown fields, missing REQUIRED fields, wrong
+        scalar types and out-of-range INT64 values are reported.
+    """
+    problems: list[str] = []
+    known = {f.name: f for f in schema}
+    for key in row:
+        if key not in known:
+            problems.append(f"{prefix}{key}: no such field in the table")
+    for spec in schema:
+        path = prefix + spec.name
+        value = row.get(spec.name)
+        if value is None:
+            if spec.mode == "REQUIRED":
+                problems.append(f"{path}: REQUIRED field is missing or null")
+            continue
+        if spec.mode == "REPEATED":
+            if not isinstance(value, list | tuple):
+                problems.append(f"{path}: expected a list (REPEATED), got {type(value).__name__}")
+                continue
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(path, value)]
+        for item_path, item in items:
+            if item is None:
+                if spec.mode == "REPEATED":
+                    problems.append(f"{item_path}: null element in a REPEATED field")
+                continue
+            if spec.type == "RECORD":
+                if not isinstance(item, Mapping):
+                    problems.append(
+                        f"{item_path}: expected an object (RECORD), got {type(item).__name__}"
+                    )
+                else:
+                    problems += validate_row(item, spec.fields, item_path + ".")
+            else:
+                why = _type_problem(item, spec)
+                if why:
+                    problems.append(f"{item_path}: {why}")
+    return problems

@@ -1,0 +1,266 @@
+"""The decision table's schema on BigQuery: compare, plan the evolution, create and maintain.
+
+:func:`ensure_table` runs when the sink opens: it creates the dataset, the table from
+:func:`analyzers.schema.bigquery_schema` (partitioned by day on ``bar_time``, clustered by
+``agent_id``, ``session_id``) and the view ``decision_reads`` (one row per read, for BI tools).
+An existing table with an older schema is extended with the missing columns (added NULLABLE, as
+BigQuery requires, planned by :func:`plan_schema`); a table whose columns cannot take our rows
+(another type, another repetition, a REQUIRED column we never fill) raises
+:class:`~core.errors.SinkError` naming each column.
+
+Every call is made without client-side retries, with the request timeout of the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from analyzers.schema import DECISION_SCHEMA, FieldSpec, bigquery_schema
+from analyzers.sinks.bigquery.client import run_query
+from analyzers.sinks.bigquery.config import BigQuerySinkConfig
+from analyzers.sinks.views import VIEW_NAME, bigquery_view_query
+from core.errors import SinkError
+
+logger = logging.getLogger(__name__)
+
+_TYPE_ALIASES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "STRUCT": "RECORD"}
+
+
+def _norm_type(t: str) -> str:
+    t = t.upper()
+    return _TYPE_ALIASES.get(t, t)
+
+
+def spec_of(field: Any) -> FieldSpec:
+    """A ``google.cloud.bigquery.SchemaField`` as a :class:`FieldSpec` (types normalised:
+    INTEGER -> INT64, FLOAT -> FLOAT64, BOOLEAN -> BOOL, STRUCT -> RECORD)."""
+    return FieldSpec(
+        field.name,
+        _norm_type(field.field_type),
+        (field.mode or "NULLABLE").upper(),
+        tuple(spec_of(f) for f in field.fields or ()),
+        field.description or "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaPlan:
+    """What :func:`plan_schema` decided.
+
+    Attributes:
+        merged: the table's schema after evolution (existing columns first, in table order, then
+            the added ones in our order; the order matters to the emulator, which inserts by
+            position).
+        added: dotted paths of columns to add (``notes``, ``actions.reason``).
+        relaxed: dotted paths of REQUIRED columns to relax to NULLABLE.
+        problems: why the table cannot take our rows (empty when it can).
+    """
+
+    merged: tuple[FieldSpec, ...]
+    added: tuple[str, ...]
+    relaxed: tuple[str, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.added or self.relaxed)
+
+
+def plan_schema(
+    existing: Sequence[FieldSpec], wanted: Sequence[FieldSpec] = DECISION_SCHEMA, prefix: str = ""
+) -> SchemaPlan:
+    """Compare a table's schema with ours and plan the evolution BigQuery allows.
+
+    Allowed (BigQuery, "Modifying table schemas"): adding NULLABLE or REPEATED columns, also
+    inside RECORDs, and relaxing REQUIRED to NULLABLE. A column we mark REQUIRED that the table
+    lacks is added NULLABLE. Everything else is a problem: another type, another repetition, or
+    a REQUIRED column of the table that our rows never fill.
+
+    Args:
+        existing: the table's columns (see :func:`spec_of`).
+        wanted: our columns.
+        prefix: dotted path of the enclosing RECORD (recursion).
+    """
+    have = {f.name.lower(): f for f in existing}
+    want_names = {f.name.lower() for f in wanted}
+    merged: list[FieldSpec] = []
+    added: list[str] = []
+    relaxed: list[str] = []
+    problems: list[str] = []
+    for f in existing:
+        path = prefix + f.name
+        if f.name.lower() not in want_names and f.mode == "REQUIRED":
+            problems.append(f"{path}: REQUIRED in the table but not written by this version")
+    by_name: dict[str, FieldSpec] = {}
+    for w in wanted:
+        path = prefix + w.name
+        e = have.get(w.name.lower())
+        if e is None:
+            mode = "NULLABLE" if w.mode == "REQUIRED" else w.mode
+            by_name[w.name.lower()] = FieldSpec(w.name, w.type, mode, w.fields, w.description)
+            added.append(path)
+            continue
+        if e.type != w.type:
+            problems.append(f"{path}: table has {e.type}, expected {w.type}")
+            continue
+        if (e.mode == "REPEATED") != (w.mode == "REPEATED"):
+            problems.append(f"{path}: table mode {e.mode}, expected {w.mode}")
+            continue
+        mode = e.mode
+        if e.mode == "REQUIRED" and w.mode == "NULLABLE":
+            relaxed.append(path)
+            mode = "NULLABLE"
+        fields = e.fields
+        if w.type == "RECORD":
+            sub = plan_schema(e.fields, w.fields, path + ".")
+            fields = sub.merged
+            added += sub.added
+            relaxed += sub.relaxed
+            problems += sub.problems
+        by_name[w.name.lower()] = FieldSpec(
+            e.name, e.type, mode, fields, e.description or w.description
+        )
+    for f in existing:
+        merged.append(by_name.pop(f.name.lower(), f))
+    merged.extend(by_name.values())  # the added ones, in our order
+    return SchemaPlan(tuple(merged), tuple(added), tuple(relaxed), tuple(problems))
+
+
+def to_schema_fields(specs: Iterable[FieldSpec]) -> list[Any]:
+    """:class:`FieldSpec` tuple -> ``SchemaField`` list."""
+    return bigquery_schema(tuple(specs))
+
+
+def ddl_type(spec: FieldSpec) -> str:
+    """The GoogleSQL DDL type of a column: ``ARRAY<STRUCT<`seq` INT64, ...>>``."""
+    if spec.type == "RECORD":
+        base = "STRUCT<" + ", ".join(f"`{f.name}` {ddl_type(f)}" for f in spec.fields) + ">"
+    else:
+        base = spec.type
+    return f"ARRAY<{base}>" if spec.mode == "REPEATED" else base
+
+
+# ---------------------------------------------------------------------------------------------
+# Table and view maintenance
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
+    """Create the dataset, table and view when missing; check and extend the table's schema.
+
+    Args:
+        client: a ``google.cloud.bigquery.Client``.
+        cfg: where the table is, and the request timeout.
+
+    Returns:
+        The table's schema after evolution: the one rows are validated against.
+
+    Raises:
+        SinkError: the table cannot take decision records (every offending column named).
+        Exception: a client error, unchanged (the sink classifies it).
+    """
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    table_id, timeout = cfg.table_id, cfg.timeout_s
+    dataset = bigquery.Dataset(f"{cfg.project}.{cfg.dataset}")
+    if cfg.location:
+        dataset.location = cfg.location
+    client.create_dataset(dataset, exists_ok=True, retry=None, timeout=timeout)
+    try:
+        table = client.get_table(table_id, retry=None, timeout=timeout)
+    except gexc.NotFound:
+        table = bigquery.Table(table_id, schema=bigquery_schema())
+        table.time_partitioning = bigquery.TimePartitioning(
+            type_=bigquery.TimePartitioningType.DAY, field="bar_time"
+        )
+        table.clustering_fields = ["agent_id", "session_id"]
+        table.description = "FMEL decision records: one row per agent bar"
+        table = client.create_table(table, exists_ok=True, retry=None, timeout=timeout)
+        logger.info(
+            "created BigQuery table %s (partitioned by day on bar_time, clustered "
+            "by agent_id, session_id)",
+            table_id,
+        )
+    schema = _evolve(client, cfg, table)
+    _check_layout(table_id, table)
+    ensure_view(client, cfg)
+    return schema
+
+
+def _evolve(client: Any, cfg: BigQuerySinkConfig, table: Any) -> tuple[FieldSpec, ...]:
+    """Check the table's schema and extend it; returns the schema rows are checked with."""
+    table_id = cfg.table_id
+    existing = tuple(spec_of(f) for f in table.schema)
+    plan = plan_schema(existing)
+    if plan.problems:
+        raise SinkError(
+            f"BigQuery table {table_id} cannot take decision records: "
+            + "; ".join(plan.problems)
+            + ". Use another FMEL_TABLE or migrate the table."
+        )
+    if not plan.changes:
+        return existing
+    top_added = [s for s in plan.merged if s.name in plan.added]
+    # Top-level columns through DDL first: BigQuery accepts both ways, and the emulator
+    # only alters its storage on DDL (its tables.patch changes the catalog alone).
+    for spec in top_added:
+        sql = f"ALTER TABLE `{table_id}` ADD COLUMN IF NOT EXISTS `{spec.name}` {ddl_type(spec)}"
+        run_query(client, sql, cfg.timeout_s)
+    # Then the whole merged schema through tables.patch (nested fields, relaxed modes,
+    # descriptions). Order: table columns first, added ones after, as the DDL left them.
+    table.schema = to_schema_fields(plan.merged)
+    client.update_table(table, ["schema"], retry=None, timeout=cfg.timeout_s)
+    logger.warning(
+        "BigQuery table %s extended: added %s%s",
+        table_id,
+        ", ".join(plan.added) or "nothing",
+        f"; relaxed to NULLABLE: {', '.join(plan.relaxed)}" if plan.relaxed else "",
+    )
+    return plan.merged
+
+
+def _check_layout(table_id: str, table: Any) -> None:
+    tp = table.time_partitioning
+    if tp is None or tp.field != "bar_time":
+        logger.warning(
+            "BigQuery table %s is not partitioned on bar_time: queries by date "
+            "scan the whole table",
+            table_id,
+        )
+    if list(table.clustering_fields or []) != ["agent_id", "session_id"]:
+        logger.warning(
+            "BigQuery table %s is clustered by %s, not agent_id, session_id",
+            table_id,
+            table.clustering_fields,
+        )
+
+
+def ensure_view(client: Any, cfg: BigQuerySinkConfig) -> None:
+    """Create the ``decision_reads`` view next to the table, or update its query when it
+    differs from ``sql/bigquery/decision_reads_view.sql``; warns when a table of that name is
+    in the way."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    timeout = cfg.timeout_s
+    view_id = f"{cfg.project}.{cfg.dataset}.{VIEW_NAME}"
+    query = bigquery_view_query(cfg.table_id)
+    try:
+        view = client.get_table(view_id, retry=None, timeout=timeout)
+    except gexc.NotFound:
+        view = bigquery.Table(view_id)
+        view.view_query = query
+        view.description = "One row per read of each decision (flattened access patterns)"
+        client.create_table(view, exists_ok=True, retry=None, timeout=timeout)
+        return
+    if view.table_type != "VIEW":
+        logger.warning(
+            "%s exists and is not a view; the flat view of reads is not created", view_id
+        )
+    elif (view.view_query or "").strip() != query:
+        view.view_query = query
+        client.update_table(view, ["view_query"], retry=None, timeout=timeout)

@@ -1,0 +1,140 @@
+"""The local decision store: an embedded DuckDB file with BigQuery's nested schema.
+
+:class:`LocalDuckDBSink` is the default sink (``FMEL_SINK=local``). It implements
+:class:`~analyzers.sinks.base.DecisionSink` plus the writer's fast path ``write_records`` and
+creates the ``decision_reads`` view from ``sql/duckdb/decision_reads_view.sql``. Read the file
+with ``python -m analyzers.query``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from analyzers.schema import (
+    DECISION_SCHEMA,
+    DecisionRecord,
+    duckdb_ddl,
+    duckdb_struct_type,
+    row_json,
+)
+from analyzers.sinks.base import Row, RowError
+from analyzers.sinks.views import duckdb_view_sql
+from core.errors import SinkError
+
+
+class LocalDuckDBSink:
+    """Decision rows in an embedded DuckDB database file, same nested schema as BigQuery.
+
+    Rows arrive as JSON text and are cast to the table's STRUCT type inside DuckDB in one
+    statement per batch (much faster than binding Python objects). ``decision_id`` is the
+    key of replays: a replayed row that is already stored is skipped.
+
+    Thread context: :meth:`open` runs on the thread that starts the writer, every other method
+    on the writer thread.
+
+    Args:
+        path: database file (created with its folder when missing).
+        table: table name (the ``decision_reads`` view is created for ``decisions`` only).
+        threads: DuckDB worker threads (1: the other core belongs to the bar loop).
+    """
+
+    name = "local"
+
+    def __init__(self, path: Path, table: str = "decisions", threads: int = 1) -> None:
+        self.path = Path(path)
+        self.table = table
+        self.threads = threads
+        self._con: Any = None
+        # Replays (spill files) may resend rows already stored: skip those ids. Fresh records
+        # take the plain append (no primary key: its index would double the insert cost).
+        cast = f"unnest(CAST(j::JSON AS {duckdb_struct_type()}))"
+        self._append_sql = (
+            f'INSERT INTO "{table}" SELECT {cast} FROM (SELECT unnest($1::VARCHAR[]) AS j)'
+        )
+        self._insert_sql = (
+            f'INSERT INTO "{table}" SELECT r.* FROM (SELECT {cast} FROM '
+            f"(SELECT unnest($1::VARCHAR[]) AS j)) AS r WHERE r.decision_id NOT IN "
+            f'(SELECT decision_id FROM "{table}")'
+        )
+
+    def open(self) -> None:
+        import duckdb
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as e:
+            raise SinkError(
+                f"cannot open the local decision store {self.path}: {e} (is another "
+                "process holding it open?)"
+            ) from e
+        # One DuckDB thread: the other core belongs to the bar loop.
+        self._con.execute(f"SET threads = {self.threads}")
+        ddl = duckdb_ddl(self.table)
+        self._con.execute(ddl)
+        self._check_columns()
+        if self.table == "decisions":
+            self._con.execute(duckdb_view_sql())
+
+    def _check_columns(self) -> None:
+        have = [
+            r[0]
+            for r in self._con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "ORDER BY ordinal_position",
+                [self.table],
+            ).fetchall()
+        ]
+        want = [f.name for f in DECISION_SCHEMA]
+        if have != want:
+            raise SinkError(
+                f"{self.path}: table {self.table} has columns {have}, expected "
+                f"{want}; move the old file away or set FMEL_LOCAL_PATH"
+            )
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        """Write JSON-shaped rows (spill replays, other producers); see :func:`to_row`."""
+        import duckdb
+
+        if self._con is None:
+            raise SinkError("LocalDuckDBSink.write() before open()")
+        texts = [json.dumps(r, separators=(",", ":"), allow_nan=False) for r in rows]
+        try:
+            self._con.execute(self._insert_sql, [texts])
+            return []
+        except duckdb.ConversionException:
+            pass  # a bad value somewhere: find it row by row so the rest is written
+        errors: list[RowError] = []
+        for i, text in enumerate(texts):
+            try:
+                self._con.execute(self._insert_sql, [[text]])
+            except duckdb.Error as e:
+                errors.append(RowError(i, str(e).splitlines()[0]))
+        return errors
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        """Fast path for fresh records from the analyzer: JSON text written directly
+        (:func:`~analyzers.schema.row_json`) and cast to the table's STRUCT inside DuckDB,
+        which runs without the GIL. No duplicate check: these ids were never written."""
+        if self._con is None:
+            raise SinkError("LocalDuckDBSink.write_records() before open()")
+        self._con.execute(self._append_sql, [[row_json(r) for r in records]])
+        return []
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def describe(self) -> str:
+        return f"duckdb:{self.path.resolve()}"
+
+    def example_query(self) -> str:
+        return (
+            f'python -m analyzers.query --db {self.path} "SELECT decision_point, bar_time, '
+            "action, reasoning, reads, portfolio_value FROM decisions WHERE action <> 'HOLD' "
+            'ORDER BY bar_time LIMIT 20"'
+        )

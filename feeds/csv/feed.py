@@ -1,0 +1,97 @@
+"""The backtrader feed over a validated CSV file: :class:`HistoricalCSVFeed` and
+:func:`make_csv_feed`. Extra numeric columns are lines (``data.rsi[0]``); text columns are
+:class:`~feeds.fields.TextLine` fields (``data.headline[0]``); each bar keeps its data hash."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import backtrader as bt
+import pandas as pd
+
+from core.bars import BarHashes
+from feeds.csv.config import CSVFeedConfig
+from feeds.csv.reader import CSVBars, read_csv_bars
+from feeds.fields import TextLine, dynamic_feed_class
+
+
+class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
+    """Backtrader feed over :class:`CSVBars`. Use :func:`make_csv_feed`, which builds a subclass
+    whose ``lines`` include the file's extra numeric fields.
+
+    Attributes:
+        symbol: the bars' symbol.
+        bar_hashes: data hash by absolute bar index.
+        text_lines: text field name -> :class:`TextLine`.
+        extra_fields: numeric extra line names.
+        skipped_rows: ``(line, reason)`` of skipped rows.
+    """
+
+    params = (("bars", None),)
+
+    def __init__(self) -> None:
+        bars: CSVBars = self.p.bars
+        self.symbol = bars.symbol
+        self.bar_hashes = BarHashes()
+        self.extra_fields = bars.extra_fields
+        self.skipped_rows = bars.skipped
+        self.text_lines = {name: TextLine(self, name) for name in bars.text}
+        for name, text_line in self.text_lines.items():
+            setattr(self, name, text_line)  # data.headline[0], like a line
+        self._bars = bars
+        self._i = 0
+        self._cols: list[tuple[Any, list[float]]] = []
+        self._dates: list[float] = []
+
+    def start(self) -> None:
+        super().start()
+        bars = self._bars
+        self._i = 0
+        self.bar_hashes = BarHashes()
+        for name in bars.text:
+            self.text_lines[name] = TextLine(self, name)
+            setattr(self, name, self.text_lines[name])
+        self._dates = [bt.date2num(t) for t in pd.DatetimeIndex(bars.times).to_pydatetime()]
+        self._cols = [
+            (getattr(self.lines, name), arr.tolist()) for name, arr in bars.numeric.items()
+        ]
+        self._text = [(self.text_lines[name], vals) for name, vals in bars.text.items()]
+
+    def islive(self) -> bool:
+        return False
+
+    def _load(self) -> bool:
+        i = self._i
+        if i >= len(self._dates):
+            return False
+        self.lines.datetime[0] = self._dates[i]
+        for line, values in self._cols:
+            line[0] = values[i]
+        for text_line, tvals in self._text:
+            text_line.append(tvals[i])
+        self.bar_hashes.append(self._bars.hashes[i])
+        self._i = i + 1
+        return True
+
+
+def feed_class(extra_fields: tuple[str, ...]) -> type:
+    """A :class:`HistoricalCSVFeed` subclass with ``extra_fields`` as additional lines."""
+    return dynamic_feed_class(HistoricalCSVFeed, extra_fields)
+
+
+def make_csv_feed(cfg: CSVFeedConfig, bars: CSVBars | None = None) -> HistoricalCSVFeed:
+    """A ready feed for one file (reads it unless ``bars`` is given). Its backtrader name is
+    the symbol, so ``getdatabyname("BTC/USD")`` works."""
+    bars = bars if bars is not None else read_csv_bars(cfg)
+    cls = feed_class(bars.extra_fields)
+    feed: HistoricalCSVFeed = cls(
+        bars=bars, name=cfg.symbol, timeframe=bars.timeframe, compression=bars.compression
+    )
+    return feed
+
+
+def first_last(bars: CSVBars) -> tuple[datetime, datetime]:
+    """First and last bar time (naive UTC)."""
+    idx = pd.DatetimeIndex(bars.times)
+    return idx[0].to_pydatetime(), idx[-1].to_pydatetime()

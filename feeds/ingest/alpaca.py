@@ -1,0 +1,369 @@
+"""Alpaca's market data through alpaca-py: the live stream and the historical bars and trades.
+
+* :func:`make_stream`: a ``StockDataStream`` (``INGEST_ASSET_CLASS=stock``) or
+  ``CryptoDataStream`` (``crypto``) with ``raw_data=True`` (msgpack dicts, no pydantic models),
+  subclassed so the ingestor hears each successful (re)connection and each refused
+  authentication. alpaca-py itself reconnects with backoff and re-subscribes; it has no public
+  hook for either event, so the subclass wraps ``DataStream._start_ws`` (connect + auth) and
+  ``close`` of the pinned alpaca-py 0.44 (``tests/integration/test_ingest_alpaca.py`` fails if
+  that changes).
+* :class:`History`: ``StockHistoricalDataClient`` / ``CryptoHistoricalDataClient`` bars and trades
+  over a time range (alpaca-py follows ``next_page_token`` itself), with a timeout on every
+  request (alpaca-py sets none), alpaca-py's own 429 sleeps off, and the project's one retry
+  policy (:class:`core.retry.RetryPolicy`) on 429/5xx/timeouts.
+* Normalisers: :func:`stream_bar`, :func:`rest_bar`, :func:`stream_trade`, :func:`rest_trade`
+  turn Alpaca's wire dicts into :class:`AlpacaBar` and ``(ns, price, size)`` tuples.
+
+Alpaca behaviour relied on (alpacahq/alpaca-docs, content/api-references/market-data-api/
+stock-pricing-data/realtime.md and historical.md): bar ``{"T":"b","S","o","h","l","c","v","t",
+"n","vw"}`` with ``t`` the start of the minute; trade ``{"T":"t","S","i","x","p","s","t","c","z"}``;
+errors ``{"T":"error","code","msg"}`` (402 auth failed, 406 connection limit exceeded: "You
+already have an ongoing authenticated session", 409 insufficient subscription); REST ranges are
+inclusive (``start``: "equal to or after", ``end``: "equal to or before").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import requests
+
+from core.errors import ConfigError, TransientError
+from core.retry import RetryPolicy
+from feeds.ingest.config import IngestConfig
+
+__all__ = [
+    "AUTH_FATAL",
+    "AlpacaBar",
+    "History",
+    "StreamHooks",
+    "TradeTick",
+    "is_transient",
+    "make_stream",
+    "parse_rfc3339_ns",
+    "rest_bar",
+    "rest_trade",
+    "stream_bar",
+    "stream_trade",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
+# Authentication answers that retrying will not change: bad keys, a feed the plan lacks.
+AUTH_FATAL = ("auth failed", "insufficient subscription", "v2 not enabled")
+CONNECTION_LIMIT = "connection limit exceeded"
+
+
+class AlpacaBar(NamedTuple):
+    """One Alpaca minute bar.
+
+    Attributes:
+        symbol: ``S`` (stream) or the key of the REST answer.
+        ts: start of the minute, aware UTC.
+        open, high, low, close, volume: ``o h l c v``.
+        trade_count: ``n`` (``None`` when absent).
+        vwap: ``vw`` (``None`` when absent).
+    """
+
+    symbol: str
+    ts: datetime
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trade_count: float | None
+    vwap: float | None
+
+
+class TradeTick(NamedTuple):
+    """One trade: ``t`` as integer nanoseconds since the epoch (UTC), ``p``, ``s``."""
+
+    ns: int
+    price: float
+    size: float
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """``2022-04-11T12:00:36.002951946Z`` -> nanoseconds since the epoch (all 9 digits kept).
+
+    Raises:
+        ValueError: not RFC-3339.
+    """
+    text = text.strip()
+    frac_ns = 0
+    head = text
+    dot = text.find(".")
+    if dot >= 0:
+        end = dot + 1
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        digits = text[dot + 1 : end]
+        frac_ns = int((digits + "000000000")[:9]) if digits else 0
+        head = text[:dot] + text[end:]
+    dt = datetime.fromisoformat(head.replace("Z", "+00:00").replace("z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    whole = int((dt - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds())
+    return whole * 1_000_000_000 + frac_ns
+
+
+def _ns_to_dt(ns: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1_000)
+
+
+def _opt(raw: Mapping[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else float(value)
+
+
+def _bar(symbol: str, ts: datetime, raw: Mapping[str, Any]) -> AlpacaBar:
+    return AlpacaBar(
+        symbol,
+        ts,
+        float(raw["o"]),
+        float(raw["h"]),
+        float(raw["l"]),
+        float(raw["c"]),
+        float(raw["v"]),
+        _opt(raw, "n"),
+        _opt(raw, "vw"),
+    )
+
+
+def _stream_ns(t: Any) -> int:
+    # alpaca-py's raw stream dicts keep msgpack's Timestamp ext type; JSON text is accepted too.
+    if hasattr(t, "to_unix_nano"):
+        return int(t.to_unix_nano())
+    if isinstance(t, datetime):
+        return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1_000
+    return parse_rfc3339_ns(str(t))
+
+
+def stream_bar(raw: Mapping[str, Any]) -> AlpacaBar:
+    """A ``{"T":"b", ...}`` stream message as :class:`AlpacaBar`.
+
+    Raises:
+        KeyError, TypeError, ValueError: a field is missing or malformed.
+    """
+    return _bar(str(raw["S"]), _ns_to_dt(_stream_ns(raw["t"])), raw)
+
+
+def rest_bar(symbol: str, raw: Mapping[str, Any]) -> AlpacaBar:
+    """One bar of a historical bars answer as :class:`AlpacaBar`."""
+    return _bar(symbol, _ns_to_dt(parse_rfc3339_ns(str(raw["t"]))), raw)
+
+
+def stream_trade(raw: Mapping[str, Any]) -> TradeTick:
+    """A ``{"T":"t", ...}`` stream message as :class:`TradeTick`."""
+    return TradeTick(_stream_ns(raw["t"]), float(raw["p"]), float(raw["s"]))
+
+
+def rest_trade(raw: Mapping[str, Any]) -> TradeTick:
+    """One trade of a historical trades answer as :class:`TradeTick`."""
+    return TradeTick(parse_rfc3339_ns(str(raw["t"])), float(raw["p"]), float(raw["s"]))
+
+
+# -- stream -----------------------------------------------------------------------------------
+
+
+class StreamHooks(NamedTuple):
+    """What the stream tells the ingestor, on the stream's event-loop thread (must not block).
+
+    Attributes:
+        on_connected: after connect + authentication succeeded, before the subscription.
+        on_disconnected: after the socket closed (error, server close, or stop).
+        on_auth_error: ``(message)`` when Alpaca refused the authentication (``auth failed``,
+            ``connection limit exceeded``, ...). alpaca-py then retries with backoff unless the
+            ingestor stops it.
+    """
+
+    on_connected: Callable[[], None]
+    on_disconnected: Callable[[], None]
+    on_auth_error: Callable[[str], None]
+
+
+def make_stream(config: IngestConfig, hooks: StreamHooks) -> Any:
+    """The alpaca-py data stream for ``config`` (not started: call ``run()`` on a thread).
+
+    Returns:
+        A ``StockDataStream`` or ``CryptoDataStream`` subclass instance with ``raw_data=True``.
+    """
+    from alpaca.data.enums import CryptoFeed, DataFeed
+    from alpaca.data.live.crypto import CryptoDataStream
+    from alpaca.data.live.stock import StockDataStream
+
+    base: type[Any] = StockDataStream if config.asset_class == "stock" else CryptoDataStream
+
+    class _Stream(base):  # type: ignore[misc, valid-type]
+        async def _start_ws(self) -> None:
+            try:
+                await super()._start_ws()
+            except ValueError as e:
+                hooks.on_auth_error(str(e))
+                raise
+            hooks.on_connected()
+
+        async def close(self) -> None:
+            try:
+                await super().close()
+            finally:
+                hooks.on_disconnected()
+
+    key, secret = config.api_key.reveal(), config.secret_key.reveal()
+    if config.asset_class == "stock":
+        feed = DataFeed.IEX if config.feed == "iex" else DataFeed.SIP
+        return _Stream(key, secret, raw_data=True, feed=feed, url_override=config.stream_url)
+    return _Stream(key, secret, raw_data=True, feed=CryptoFeed.US, url_override=config.stream_url)
+
+
+# -- history ----------------------------------------------------------------------------------
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for what a retry may fix: HTTP 429/5xx, timeouts, connection errors."""
+    from alpaca.common.exceptions import APIError
+
+    if isinstance(e, APIError):
+        return e.status_code in TRANSIENT_HTTP
+    return isinstance(e, (requests.Timeout, requests.ConnectionError))
+
+
+class _TimeoutSession(requests.Session):
+    """alpaca-py sends requests without a timeout; every request here gets one."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout_s)
+        return super().request(method, url, *args, **kwargs)
+
+
+class History:
+    """Historical minute bars and trades of many symbols over a time range.
+
+    Args:
+        config: keys, asset class, feed, ``data_url``, timeout and attempts.
+        stop: set when the ingestor stops: a wait between retries ends at once.
+
+    Attributes:
+        calls: historical requests made (each page and each attempt counts once per call).
+        retries: attempts repeated after a transient error.
+
+    Thread context: the ingestor's worker thread (one ``requests.Session``, not shared).
+    """
+
+    def __init__(self, config: IngestConfig, *, stop: threading.Event | None = None) -> None:
+        from alpaca.data.historical.crypto import CryptoHistoricalDataClient
+        from alpaca.data.historical.stock import StockHistoricalDataClient
+
+        self.config = config
+        self.stop = stop
+        self.calls = 0
+        self.retries = 0
+        self.policy: RetryPolicy = config.retry_policy
+        key, secret = config.api_key.reveal(), config.secret_key.reveal()
+        client: Any
+        if config.asset_class == "stock":
+            client = StockHistoricalDataClient(
+                key, secret, raw_data=True, url_override=config.data_url
+            )
+        else:
+            client = CryptoHistoricalDataClient(
+                key, secret, raw_data=True, url_override=config.data_url
+            )
+        client._retry = 0  # alpaca-py sleeps 3 s per 429 itself; the policy below decides
+        client._session = _TimeoutSession(config.request_timeout_s)
+        self._client = client
+
+    def _call(self, what: str, fn: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any]:
+        from alpaca.common.exceptions import APIError
+
+        def on_retry(err: BaseException) -> None:
+            self.retries += 1
+
+        def once() -> Mapping[str, Any]:
+            self.calls += 1
+            return fn()
+
+        try:
+            return self.policy.call(
+                what, once, retry_on=is_transient, stop=self.stop, on_retry=on_retry
+            )
+        except APIError as e:
+            if e.status_code in (401, 403):
+                raise ConfigError(f"{what}: Alpaca refused the keys or the feed: {e}") from e
+            raise TransientError(f"{what}: HTTP {e.status_code}: {str(e)[:300]}") from e
+
+    def _request(self, kind: str, symbols: Sequence[str], start: datetime, end: datetime) -> Any:
+        from alpaca.data.enums import Adjustment, DataFeed
+        from alpaca.data.requests import (
+            CryptoBarsRequest,
+            CryptoTradesRequest,
+            StockBarsRequest,
+            StockTradesRequest,
+        )
+        from alpaca.data.timeframe import TimeFrame
+
+        common: dict[str, Any] = {"symbol_or_symbols": list(symbols), "start": start, "end": end}
+        if self.config.asset_class == "stock":
+            feed = DataFeed.IEX if self.config.feed == "iex" else DataFeed.SIP
+            if kind == "bars":
+                return StockBarsRequest(
+                    timeframe=TimeFrame.Minute, adjustment=Adjustment.RAW, feed=feed, **common
+                )
+            return StockTradesRequest(feed=feed, **common)
+        if kind == "bars":
+            return CryptoBarsRequest(timeframe=TimeFrame.Minute, **common)
+        return CryptoTradesRequest(**common)
+
+    def bars(
+        self, symbols: Sequence[str], start: datetime, end: datetime
+    ) -> dict[str, list[AlpacaBar]]:
+        """Minute bars with ``start <= t <= end`` of each symbol, in time order.
+
+        Raises:
+            ConfigError: Alpaca refused the keys or the feed (401/403).
+            TransientError: still failing after the retries, or another HTTP error.
+            RetryInterruptedError: stopping while waiting to retry.
+        """
+        request = self._request("bars", symbols, start, end)
+        c = self._client
+        fn = (
+            (lambda: c.get_stock_bars(request))
+            if self.config.asset_class == "stock"
+            else (lambda: c.get_crypto_bars(request))
+        )
+        raw = self._call(f"history bars {len(symbols)} symbols {start:%Y-%m-%dT%H:%M}", fn)
+        out = {
+            s: sorted((rest_bar(s, b) for b in raw.get(s, [])), key=lambda b: b.ts) for s in symbols
+        }
+        return out
+
+    def trades(
+        self, symbols: Sequence[str], start: datetime, end: datetime
+    ) -> dict[str, list[TradeTick]]:
+        """Trades with ``start <= t <= end`` of each symbol, in time order (stable)."""
+        request = self._request("trades", symbols, start, end)
+        c = self._client
+        fn = (
+            (lambda: c.get_stock_trades(request))
+            if self.config.asset_class == "stock"
+            else (lambda: c.get_crypto_trades(request))
+        )
+        raw = self._call(f"history trades {len(symbols)} symbols {start:%Y-%m-%dT%H:%M}", fn)
+        return {
+            s: sorted((rest_trade(t) for t in raw.get(s, [])), key=lambda t: t.ns) for s in symbols
+        }
+
+    def close(self) -> None:
+        self._client._session.close()

@@ -1,0 +1,751 @@
+"""The ingestor: Alpaca's stream -> bars (enriched) -> Pub/Sub, with no gap and no duplicate.
+
+Threads (each owned and joined by :class:`Ingestor`)::
+
+    stream thread   alpaca-py's event loop (``DataStream.run``): handlers only put the raw
+                    message and its arrival time on a bounded queue (back-pressure: the loop
+                    waits when the queue is full)
+    worker thread   everything else, in arrival order: catch-up from history after each
+                    (re)connection, gap checks, trade windows, enrichment, message building,
+                    publishing, confirmations, the state file
+
+No gap, no duplicate:
+
+* Each bar has a deterministic key (``SYMBOL|timestamp``, attribute ``bar_key``). A bar is
+  published only when its time is after the last one published for its symbol (the state file
+  keeps the confirmed one across restarts; Pub/Sub's ordering key keeps a symbol in order).
+* After every (re)connection -- and at start -- the bars missed since the last published one are
+  fetched from Alpaca's historical bars API and published in time order *before* any live bar of
+  that connection (the worker handles the connection event before the bars that follow it). The
+  first live bar of each symbol on the connection fetches once more what lies between the
+  catch-up and itself.
+* A gap that cannot be filled (history failing after the retries, or longer than
+  ``INGEST_MAX_BACKFILL_S``) is counted, logged at ERROR, kept in the state file and reported;
+  live bars then go on (a stuck ingestor would lose more).
+
+Trades for the risk metrics: a live bar takes its trades from the trade stream when the
+connection had already delivered a trade of that symbol *before* the bar's minute began (so none
+of its trades can have been missed); otherwise, and for backfilled bars, from the historical
+trades API.
+
+Thread context: :meth:`start`, :meth:`stop`, :meth:`report` from the owning (main) thread;
+:attr:`ready`, :attr:`stats` are safe to read from any thread (health checks, metrics).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from core.errors import ConfigError, DataError, RetryInterruptedError, TransientError
+from core.time import iso_utc
+from feeds.ingest.alpaca import (
+    AUTH_FATAL,
+    CONNECTION_LIMIT,
+    AlpacaBar,
+    History,
+    StreamHooks,
+    TradeTick,
+    make_stream,
+    stream_bar,
+    stream_trade,
+)
+from feeds.ingest.config import IngestConfig, IngestTuning
+from feeds.ingest.enrich import BarView, Enricher, Trades, load_factory
+from feeds.ingest.messages import Source, build_message
+from feeds.ingest.publisher import BarPublisher
+from feeds.ingest.state import Gap, IngestState
+
+__all__ = ["IngestEvents", "IngestStats", "Ingestor"]
+
+logger = logging.getLogger(__name__)
+
+
+class IngestEvents(Protocol):
+    """Observer of the ingestor (metrics). Called on the worker thread, except
+    :meth:`on_published` (Pub/Sub client threads); must be thread-safe and cheap."""
+
+    def on_published(self, symbol: str, source: str, latency_s: float) -> None: ...
+
+    def on_duplicate(self, symbol: str) -> None: ...
+
+    def on_invalid(self, symbol: str) -> None: ...
+
+    def on_gap(self, symbol: str) -> None: ...
+
+    def on_connection(self, event: str) -> None: ...
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters of one ingestor run (written by the worker thread).
+
+    Attributes:
+        live, backfilled: bars handed to the publisher from the stream / from history.
+        confirmed: bars Pub/Sub confirmed.
+        duplicates: live or history bars skipped because their time was already published.
+        invalid: Alpaca bars refused by the OHLCV rule.
+        connections: successful (re)connections; ``reconnects`` = connections after the first.
+        auth_errors: refused authentications by message (``connection limit exceeded``: 3).
+        history_calls, history_retries: historical requests and retried attempts.
+        trades_from_history: live bars whose trades came from the history API.
+        gaps: unfilled gaps of this run.
+    """
+
+    live: int = 0
+    backfilled: int = 0
+    confirmed: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    connections: int = 0
+    auth_errors: dict[str, int] = field(default_factory=dict)
+    history_calls: int = 0
+    history_retries: int = 0
+    trades_from_history: int = 0
+    gaps: list[Gap] = field(default_factory=list)
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connections - 1)
+
+
+class _Null:
+    def on_published(self, symbol: str, source: str, latency_s: float) -> None:
+        pass
+
+    def on_duplicate(self, symbol: str) -> None:
+        pass
+
+    def on_invalid(self, symbol: str) -> None:
+        pass
+
+    def on_gap(self, symbol: str) -> None:
+        pass
+
+    def on_connection(self, event: str) -> None:
+        pass
+
+
+_CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE = range(5)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ns(ts: datetime) -> int:
+    """Nanoseconds since the epoch of an aware datetime (exact, integer arithmetic)."""
+    return (ts - _EPOCH) // timedelta(microseconds=1) * 1_000
+
+
+def _floor(ts: datetime, step_s: float) -> datetime:
+    epoch = ts.timestamp()
+    return datetime.fromtimestamp(epoch - epoch % step_s, UTC)
+
+
+class Ingestor:
+    """Alpaca bars of ``config.symbols`` to ``config.topic``.
+
+    Args:
+        config: the ingestor's configuration.
+        publisher_client: a ``PublisherClient`` with message ordering (owned by the caller).
+        topic_path: ``projects/<p>/topics/<t>`` (must exist).
+        events: metrics observer.
+        tuning: periods (tests shorten them).
+        clock: wall clock (catch-up end, backfill limit); tests pass the fake market's.
+        stream_factory: builds the alpaca-py stream (tests and benchmarks may wrap it).
+
+    Raises:
+        ConfigError: an indicator cannot be loaded or declares bad field names.
+        DataError: the state file is unreadable.
+    """
+
+    def __init__(
+        self,
+        config: IngestConfig,
+        publisher_client: Any,
+        topic_path: str,
+        *,
+        events: IngestEvents | None = None,
+        tuning: IngestTuning | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        stream_factory: Callable[[IngestConfig, StreamHooks], Any] = make_stream,
+    ) -> None:
+        self.config = config
+        self.tuning = tuning or IngestTuning()
+        self.events: IngestEvents = events or _Null()
+        self.clock = clock
+        self.stats = IngestStats()
+        self.state = IngestState.load(config.state_path)
+        self._first_start = not config.state_path.exists()
+        self.enricher = Enricher(
+            risk="risk" in config.enrich,
+            factories=[(spec, load_factory(spec)) for spec in config.indicators],
+        )
+        self._symbols = set(config.symbols)
+        self._needs_trades = self.enricher.needs_trades(config.symbols[0])
+        self._bar_ns = int(self.tuning.bar_s * 1e9)
+        self._stop = threading.Event()
+        self._stream_stopped = threading.Event()
+        self._queue: queue.Queue[tuple[int, Any, int]] = queue.Queue(maxsize=config.queue_size)
+        self.history = History(config, stop=self._stop)
+        self.publisher = BarPublisher(
+            publisher_client,
+            topic_path,
+            attempts=self.tuning.publish_attempts,
+            on_done=lambda bar, lat: self.events.on_published(
+                bar.symbol, bar.attributes["source"], lat
+            ),
+        )
+        self._stream = stream_factory(
+            config,
+            StreamHooks(
+                on_connected=lambda: self._put((_CONNECTED, None, time.perf_counter_ns())),
+                on_disconnected=lambda: self._put((_DISCONNECTED, None, 0)),
+                on_auth_error=self._on_auth_error,
+            ),
+        )
+        self._stream.subscribe_bars(self._on_bar, *config.symbols)
+        if self._needs_trades:
+            self._stream.subscribe_trades(self._on_trade, *config.symbols)
+        # worker state
+        self._sent: dict[str, datetime] = dict(self.state.last_bar)
+        self._verify: set[str] = set()
+        self._first_trade_ns: dict[str, int] = {}
+        self._trades: dict[str, deque[TradeTick]] = {s: deque() for s in config.symbols}
+        self._last_flush = time.monotonic()
+        # shared flags
+        self.connected = False
+        self.fatal: BaseException | None = None
+        self.exit_code = 0
+        self._stream_thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+
+    # -- stream thread -----------------------------------------------------------------------
+
+    def _put(self, item: tuple[int, Any, int]) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._stop.is_set():
+                    return
+
+    async def _on_bar(self, raw: Any) -> None:
+        self._put((_BAR, raw, time.perf_counter_ns()))
+
+    async def _on_trade(self, raw: Any) -> None:
+        self._put((_TRADE, raw, 0))
+
+    def _on_auth_error(self, message: str) -> None:
+        self._put((_AUTH_ERROR, message, 0))
+
+    def _run_stream(self) -> None:
+        try:
+            self._stream.run()
+        except BaseException as e:
+            if not self._stop.is_set():
+                logger.exception("market-data stream failed")
+                self.fatal = self.fatal or e
+        finally:
+            self._stream_stopped.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the stream and worker threads (the stream connects on its own thread)."""
+        if self._worker is not None:
+            return
+        self._worker = threading.Thread(target=self._work, name="ingest-worker", daemon=True)
+        self._worker.start()
+        self._stream_thread = threading.Thread(
+            target=self._run_stream, name="alpaca-stream", daemon=True
+        )
+        self._stream_thread.start()
+        logger.info(
+            "ingesting %s (%s%s) to %s; state %s",
+            ",".join(self.config.symbols),
+            self.config.asset_class,
+            f"/{self.config.feed}" if self.config.asset_class == "stock" else "",
+            self.publisher.topic_path,
+            self.config.state_path,
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Connected and authenticated, worker alive, not stopping."""
+        w = self._worker
+        return self.connected and w is not None and w.is_alive() and not self._stop.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (liveness)."""
+        w = self._worker
+        return w is not None and w.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the ingestor stops by itself (fatal error, connection limit) or
+        ``timeout_s`` passes. Returns True when it stopped."""
+        w = self._worker
+        if w is None:
+            return True
+        w.join(timeout_s)
+        return not w.is_alive()
+
+    def request_stop(self) -> None:
+        """Ask every thread to stop (safe from a signal handler: sets a flag only)."""
+        self._stop.set()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the stream, publish what was received, wait for the confirmations, save the
+        state, join the threads. Idempotent.
+
+        Args:
+            timeout_s: the whole budget, seconds (half of the pod's grace period or less).
+
+        Returns:
+            True when every sent bar was confirmed and the state saved in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._stop_stream(min(2.0, timeout_s / 4))
+        if self._stream_thread is not None:
+            self._stream_thread.join(max(0.0, min(2.0, deadline - time.monotonic())))
+        w = self._worker
+        if w is not None:
+            w.join(max(0.0, deadline - time.monotonic()))
+        self.history.close()
+        clean = (w is None or not w.is_alive()) and self.publisher.pending == 0
+        if not clean:
+            logger.error(
+                "stop: %d bars not confirmed within %.1f s; the state file ends before them, "
+                "a restart publishes them again",
+                self.publisher.pending,
+                timeout_s,
+            )
+        return clean
+
+    def _stop_stream(self, timeout_s: float) -> None:
+        stream = self._stream
+        loop = getattr(stream, "_loop", None)
+        if loop is None or not loop.is_running():
+            # Not started yet, or never subscribed: alpaca-py's run loop checks this queue.
+            stream._stop_stream_queue.put_nowait({"should_stop": True})
+            stream._should_run = False
+            return
+        import asyncio
+
+        async def halt() -> None:
+            # stop_ws() alone waits for the next message or alpaca-py's 5 s receive timeout;
+            # closing the socket ends the receive at once.
+            await stream.stop_ws()
+            await stream.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(halt(), loop).result(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - the thread is daemon; stop() goes on
+            logger.warning("market-data stream did not stop within %.1f s", timeout_s)
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            logger.exception("ingestor stopped on an error")
+            self.fatal = self.fatal or e
+            self.exit_code = self.exit_code or (2 if isinstance(e, ConfigError) else 1)
+            self._stop.set()
+        finally:
+            try:
+                self._drain_publisher()
+            finally:
+                self._save_state(force=True)
+
+    def _loop(self) -> None:
+        poll = self.tuning.poll_s
+        while True:
+            try:
+                kind, payload, t_ns = self._queue.get(timeout=poll)
+            except queue.Empty:
+                if self._stop.is_set() and (self._stream_stopped.is_set() or self.fatal):
+                    return
+                self._confirm()
+                continue
+            if kind == _BAR:
+                self._live_bar(payload, t_ns)
+            elif kind == _TRADE:
+                self._trade(payload)
+            elif kind == _CONNECTED:
+                self._connected()
+            elif kind == _DISCONNECTED:
+                if self.connected:
+                    if self._stop.is_set():
+                        logger.info("market-data stream closed")
+                    else:
+                        logger.warning("market-data stream disconnected; alpaca-py reconnects")
+                    self.events.on_connection("disconnected")
+                self.connected = False
+            elif kind == _AUTH_ERROR:
+                self._auth_error(str(payload))
+            self._confirm()
+
+    def _confirm(self) -> None:
+        for bar in self.publisher.reap():
+            self.state.confirm(bar.symbol, bar.ts)
+            self.stats.confirmed += 1
+        self._save_state()
+
+    def _save_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_flush >= self.tuning.state_flush_s:
+            self.state.save()
+            self._last_flush = now
+
+    def _drain_publisher(self) -> None:
+        for bar in self.publisher.flush(timeout_s=max(0.5, self.config.request_timeout_s)):
+            self.state.confirm(bar.symbol, bar.ts)
+            self.stats.confirmed += 1
+
+    def _auth_error(self, message: str) -> None:
+        self.stats.auth_errors[message] = self.stats.auth_errors.get(message, 0) + 1
+        self.events.on_connection("auth_error")
+        if CONNECTION_LIMIT in message:
+            if self.config.on_connection_limit == "exit":
+                logger.error(
+                    "Alpaca refused the connection: %s (406). Another ingestor (or any "
+                    "market-data client) holds this key's only connection; stopping "
+                    "(INGEST_ON_CONNECTION_LIMIT=exit). Set INGEST_ON_CONNECTION_LIMIT=wait to "
+                    "stay as a standby.",
+                    message,
+                )
+                self.exit_code = 3
+                self._stop.set()
+                self._stop_stream(2.0)
+            else:
+                logger.warning(
+                    "Alpaca refused the connection: %s (406); standing by, alpaca-py retries "
+                    "with backoff (attempt %d)",
+                    message,
+                    self.stats.auth_errors[message],
+                )
+        elif any(text in message for text in AUTH_FATAL):
+            logger.error("Alpaca refused the authentication: %s; stopping", message)
+            self.exit_code = 2
+            self._stop.set()
+            self._stop_stream(2.0)
+        else:
+            logger.warning("Alpaca authentication failed: %s; alpaca-py retries", message)
+
+    # -- connection: catch up from history ---------------------------------------------------
+
+    def _connected(self) -> None:
+        self.stats.connections += 1
+        self.connected = True
+        self.events.on_connection("connected")
+        logger.info(
+            "market-data stream connected (%s)",
+            "first connection" if self.stats.connections == 1 else "reconnected",
+        )
+        self._first_trade_ns.clear()
+        for buf in self._trades.values():
+            buf.clear()
+        self._verify = set(self.config.symbols)
+        if self._stop.is_set():
+            return
+        end = _floor(self.clock(), self.tuning.bar_s) - timedelta(seconds=1)
+        since: dict[str, datetime] = {}
+        for s in self.config.symbols:
+            if s in self._sent:
+                since[s] = self._sent[s]
+            elif self._first_start and self.config.start_lookback_s > 0:
+                since[s] = end - timedelta(seconds=self.config.start_lookback_s)
+                self._sent[s] = since[s]  # nothing before the lookback
+        if since:
+            self._backfill(since, end, reason="catch-up")
+
+    def _backfill(
+        self,
+        since: dict[str, datetime],
+        end: datetime,
+        *,
+        reason: str,
+        upto: datetime | None = None,
+    ) -> bool:
+        """Publish the bars of each symbol after ``since[s]`` up to ``end`` (inclusive), in time
+        order. Returns False when history failed (a gap is then recorded by the caller, or the
+        next live bar tries again)."""
+        limit = self.clock() - timedelta(seconds=self.config.max_backfill_s)
+        start_by: dict[str, datetime] = {}
+        for s, after in since.items():
+            first = after + timedelta(seconds=self.tuning.bar_s)
+            if first < limit:
+                self._gap(
+                    s, first, _floor(limit, self.tuning.bar_s), "longer than INGEST_MAX_BACKFILL_S"
+                )
+                self._sent[s] = _floor(limit, self.tuning.bar_s) - timedelta(
+                    seconds=self.tuning.bar_s
+                )
+                first = _floor(limit, self.tuning.bar_s)
+            if first <= end:
+                start_by[s] = first
+        if not start_by:
+            return True
+        symbols = sorted(start_by)
+        start = min(start_by.values())
+        try:
+            bars = self._history(lambda: self.history.bars(symbols, start, end))
+            fresh = {
+                s: [
+                    b
+                    for b in bars.get(s, [])
+                    if b.ts > self._sent.get(s, datetime.min.replace(tzinfo=UTC))
+                ]
+                for s in symbols
+            }
+            trades = self._backfill_trades(fresh)
+        except (TransientError, ConfigError) as e:
+            if isinstance(e, RetryInterruptedError):
+                return False
+            if isinstance(e, ConfigError):
+                raise
+            logger.error("%s from history failed for %s: %s", reason, ",".join(symbols), e)
+            return False
+        n = 0
+        for bar in heapq.merge(*fresh.values(), key=lambda b: (b.ts, b.symbol)):
+            window = trades.get(bar.symbol)
+            self._emit(
+                bar,
+                _window(window, bar.ts, self._bar_ns) if window is not None else None,
+                "backfill",
+                0,
+            )
+            n += 1
+        if n:
+            logger.info(
+                "%s: published %d bars from history for %s (%s .. %s)",
+                reason,
+                n,
+                ",".join(s for s in symbols if fresh[s]),
+                iso_utc(start),
+                iso_utc(end),
+            )
+        return True
+
+    def _backfill_trades(self, bars: dict[str, list[AlpacaBar]]) -> dict[str, deque[TradeTick]]:
+        if not self._needs_trades:
+            return {}
+        first = {s: b[0].ts for s, b in bars.items() if b}
+        if not first:
+            return {}
+        last = max(b[-1].ts for b in bars.values() if b) + timedelta(seconds=self.tuning.bar_s)
+        # At most trades_backfill_max_s of trades, the most recent bars' (cost bound).
+        horizon = last - timedelta(seconds=self.config.trades_backfill_max_s)
+        start = max(min(first.values()), horizon)
+        stop = last - timedelta(microseconds=1)
+        if start > stop:
+            return {}
+        got = self._history(lambda: self.history.trades(sorted(first), start, stop))
+        # Bars before the horizon get no trades (None); the window helper sees an empty deque
+        # only for bars inside the fetched span.
+        out: dict[str, deque[TradeTick]] = {}
+        for s, ticks in got.items():
+            out[s] = _Span(ticks, start)
+        return out
+
+    def _history(self, fn: Callable[[], Any]) -> Any:
+        before_calls, before_retries = self.history.calls, self.history.retries
+        try:
+            return fn()
+        finally:
+            self.stats.history_calls += self.history.calls - before_calls
+            self.stats.history_retries += self.history.retries - before_retries
+
+    def _gap(self, symbol: str, start: datetime, end: datetime, reason: str) -> None:
+        gap = Gap(symbol, iso_utc(start), iso_utc(end), reason)
+        self.stats.gaps.append(gap)
+        self.state.add_gap(gap)
+        self.events.on_gap(symbol)
+        logger.error(
+            "unfilled gap %s [%s, %s): %s; live bars go on", symbol, gap.start, gap.end, reason
+        )
+
+    # -- live messages -----------------------------------------------------------------------
+
+    def _trade(self, raw: Any) -> None:
+        try:
+            tick = stream_trade(raw)
+            symbol = str(raw["S"])
+        except (KeyError, TypeError, ValueError):
+            return
+        buf = self._trades.get(symbol)
+        if buf is None:
+            return
+        self._first_trade_ns.setdefault(symbol, tick.ns)
+        buf.append(tick)
+
+    def _live_bar(self, raw: Any, received_ns: int) -> None:
+        try:
+            bar = stream_bar(raw)
+        except (KeyError, TypeError, ValueError) as e:
+            self.stats.invalid += 1
+            logger.warning("malformed bar message %r: %s", raw, e)
+            return
+        s = bar.symbol
+        if s not in self._symbols:
+            return
+        last = self._sent.get(s)
+        if last is not None and bar.ts <= last:
+            self.stats.duplicates += 1
+            self.events.on_duplicate(s)
+            return
+        if s in self._verify:
+            self._verify.discard(s)
+            if last is not None and (bar.ts - last).total_seconds() > self.tuning.bar_s:
+                end = bar.ts - timedelta(seconds=1)
+                if not self._stop.is_set() and not self._backfill(
+                    {s: last}, end, reason="gap check"
+                ):
+                    self._gap(
+                        s, last + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
+                    )
+        trades = self._live_trades(bar) if self._needs_trades else None
+        self._emit(bar, trades, "live", received_ns)
+
+    def _live_trades(self, bar: AlpacaBar) -> Trades | None:
+        s = bar.symbol
+        start_ns = _ns(bar.ts)
+        end_ns = start_ns + self._bar_ns
+        buf = self._trades[s]
+        while buf and buf[0].ns < start_ns:
+            buf.popleft()
+        first = self._first_trade_ns.get(s)
+        if first is not None and first < start_ns:
+            rows = []
+            while buf and buf[0].ns < end_ns:
+                t = buf.popleft()
+                rows.append((t.price, t.size))
+            return Trades.of(rows)
+        # The connection may have missed some of this minute's trades: ask history.
+        self.stats.trades_from_history += 1
+        try:
+            got = self._history(
+                lambda: self.history.trades(
+                    [s], bar.ts, bar.ts + timedelta(microseconds=self._bar_ns // 1000 - 1)
+                )
+            )
+        except TransientError as e:
+            logger.warning("trades of %s %s from history failed: %s", s, iso_utc(bar.ts), e)
+            return None
+        while buf and buf[0].ns < end_ns:
+            buf.popleft()
+        return Trades.of([(t.price, t.size) for t in got.get(s, []) if t.ns < end_ns])
+
+    def _emit(
+        self, bar: AlpacaBar, trades: Trades | None, source: Source, received_ns: int
+    ) -> None:
+        view = BarView(
+            bar.symbol,
+            bar.ts,
+            bar.open,
+            bar.high,
+            bar.low,
+            bar.close,
+            bar.volume,
+            bar.trade_count,
+            bar.vwap,
+        )
+        try:
+            extras = self.enricher.enrich(view, trades)
+            out = build_message(
+                bar.symbol,
+                bar.ts,
+                {
+                    "open": bar.open,
+                    "high": bar.high,
+                    "low": bar.low,
+                    "close": bar.close,
+                    "volume": bar.volume,
+                },
+                extras,
+                source=source,
+                received_ns=received_ns,
+            )
+        except (DataError, ValueError) as e:
+            self.stats.invalid += 1
+            self.events.on_invalid(bar.symbol)
+            logger.warning("bar refused, not published: %s", e)
+            return
+        self.publisher.publish(out)
+        self._sent[bar.symbol] = bar.ts
+        if source == "live":
+            self.stats.live += 1
+        else:
+            self.stats.backfilled += 1
+
+    # -- report ------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """What this run did, for the final JSON line and the logs."""
+        st = self.stats
+        lat = sorted(self.publisher.stats.latencies_ns)
+        return {
+            "topic": self.publisher.topic_path,
+            "symbols": list(self.config.symbols),
+            "bars_live": st.live,
+            "bars_backfilled": st.backfilled,
+            "bars_confirmed": st.confirmed,
+            "duplicates_skipped": st.duplicates,
+            "invalid_bars": st.invalid,
+            "connections": st.connections,
+            "reconnects": st.reconnects,
+            "auth_errors": dict(st.auth_errors),
+            "history_calls": st.history_calls,
+            "history_retries": st.history_retries,
+            "trades_from_history": st.trades_from_history,
+            "republished": self.publisher.stats.republished,
+            "unconfirmed": self.publisher.pending,
+            "gaps_unfilled": len(st.gaps),
+            "gaps": [asdict(g) for g in st.gaps],
+            "last_bar": {s: iso_utc(t) for s, t in sorted(self.state.last_bar.items())},
+            "publish_latency_ms_p50": _pct(lat, 0.5),
+            "publish_latency_ms_p99": _pct(lat, 0.99),
+            "exit_code": self.exit_code,
+        }
+
+
+def _pct(sorted_ns: list[int], q: float) -> float | None:
+    if not sorted_ns:
+        return None
+    return round(sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1e6, 3)
+
+
+class _Span(deque[TradeTick]):
+    """Historical trades fetched from ``start`` on: bars before ``start`` have unknown trades."""
+
+    def __init__(self, ticks: Iterable[TradeTick], start: datetime) -> None:
+        super().__init__(ticks)
+        self.start = start
+
+
+def _window(ticks: deque[TradeTick], ts: datetime, bar_ns: int) -> Trades | None:
+    """The trades of the bar starting at ``ts`` (consumed from the front of ``ticks``)."""
+    if isinstance(ticks, _Span) and ts < ticks.start:
+        return None
+    start_ns = _ns(ts)
+    end_ns = start_ns + bar_ns
+    while ticks and ticks[0].ns < start_ns:
+        ticks.popleft()
+    rows = []
+    while ticks and ticks[0].ns < end_ns:
+        t = ticks.popleft()
+        rows.append((t.price, t.size))
+    return Trades.of(rows)

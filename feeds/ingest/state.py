@@ -1,0 +1,135 @@
+"""What the ingestor has published, kept across restarts: the time of the last bar per symbol
+whose publish Pub/Sub confirmed, and the gaps that could not be filled.
+
+The file is one JSON object, rewritten atomically (temporary file in the same folder, fsync,
+``os.replace``), so a kill leaves either the old or the new version, never a torn one::
+
+    {"version": 1,
+     "last_bar": {"AAPL": "2024-01-02T15:04:00Z", ...},
+     "gaps": [{"symbol": "AAPL", "start": "...", "end": "...", "reason": "..."}, ...]}
+
+A bar is published when its time is after ``last_bar`` of its symbol; Pub/Sub's ordering key
+keeps a symbol's bars in order, so one time per symbol is the whole "already published" set.
+
+Thread context: the ingestor's worker thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from core.errors import DataError
+from core.time import iso_utc
+from feeds.pubsub.messages import MalformedMessageError, parse_timestamp
+
+__all__ = ["Gap", "IngestState"]
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+MAX_GAPS_KEPT = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Bars of ``symbol`` in ``[start, end)`` that may be missing for good.
+
+    Attributes:
+        symbol: the symbol.
+        start: first bar time that could not be fetched (ISO-8601 UTC).
+        end: time of the bar published after the gap (ISO-8601 UTC), exclusive.
+        reason: why (``"history failed: ..."``, ``"longer than INGEST_MAX_BACKFILL_S"``).
+    """
+
+    symbol: str
+    start: str
+    end: str
+    reason: str
+
+
+@dataclass(slots=True)
+class IngestState:
+    """The state file's content (see the module docstring).
+
+    Attributes:
+        path: the file.
+        last_bar: confirmed last bar time per symbol (aware UTC).
+        gaps: unfilled gaps, oldest first (at most :data:`MAX_GAPS_KEPT`).
+    """
+
+    path: Path
+    last_bar: dict[str, datetime] = field(default_factory=dict)
+    gaps: list[Gap] = field(default_factory=list)
+    _dirty: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> IngestState:
+        """Read ``path``; a missing file is an empty state (first start).
+
+        Raises:
+            DataError: the file exists but is not a state file (names the file and the reason).
+        """
+        if not path.exists():
+            return cls(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or doc.get("version") != VERSION:
+                raise ValueError(f"expected an object with version {VERSION}")
+            last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
+            gaps = [Gap(**g) for g in doc.get("gaps", [])]
+        except (OSError, ValueError, TypeError, MalformedMessageError) as e:
+            raise DataError(f"ingest state file {path}: {e}") from e
+        return cls(path, last, gaps)
+
+    def confirm(self, symbol: str, ts: datetime) -> None:
+        """Pub/Sub confirmed the bar of ``symbol`` at ``ts``."""
+        prev = self.last_bar.get(symbol)
+        if prev is None or ts > prev:
+            self.last_bar[symbol] = ts
+            self._dirty = True
+
+    def add_gap(self, gap: Gap) -> None:
+        self.gaps.append(gap)
+        del self.gaps[:-MAX_GAPS_KEPT]
+        self._dirty = True
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "last_bar": {s: iso_utc(t) for s, t in sorted(self.last_bar.items())},
+            "gaps": [asdict(g) for g in self.gaps],
+        }
+
+    def save(self) -> None:
+        """Write the file atomically when something changed.
+
+        Raises:
+            OSError: the folder is not writable (the caller stops: without the file a restart
+                would publish again what was published).
+        """
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.as_dict(), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._dirty = False

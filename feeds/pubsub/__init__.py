@@ -1,0 +1,66 @@
+"""Live market data from Google Pub/Sub: one subscriber per runner, one backtrader feed per symbol.
+
+Data path (ARCHITECTURE.md, "Live data path")::
+
+    topic --(one subscription per runner and topic)--> PubSubBarSubscriber
+      callback thread: MessageHandler.handle(): decode_message() (JSON -> validated, hashed
+                       LiveBar), de-duplicate, route by the ``symbol`` attribute -> BarHub.offer()
+                       (blocks while that symbol's buffer is full = back-pressure), then ack
+      main thread:     PubSubMarketDataFeed._load() -> BarHub.take(): one bar, at most qcheck
+                       seconds of waiting -> OHLCV + dynamic lines + text fields + data hash
+
+Modules, by role:
+
+==================  ===========================================================================
+``config``          :class:`PubSubFeedConfig` (``PUBSUB_*``), :class:`StreamSettings`,
+                    :class:`FieldSet`, :func:`parse_declared_fields`
+``messages``        the message contract: :func:`decode_message` -> :class:`LiveBar` (pure)
+``hub``             :class:`BarHub`: per-symbol buffers, back-pressure, alignment
+``handler``         :class:`MessageHandler`: the callback's work (de-duplication, fields)
+``feed``            :class:`PubSubMarketDataFeed` (backtrader), :class:`LiveMemoryBound`
+``subscriber``      :class:`PubSubBarSubscriber`: subscriptions, streams, reconnects, shutdown
+``clients``         Pub/Sub client factories, resource paths, subscription ids and filters
+``backfill``        :func:`backfill_bars`: CSV warm-up before going live
+==================  ===========================================================================
+
+The wiring from a whole run configuration (``start_live_input``) is ``runtime.live``: this
+package takes only its own typed configs.
+"""
+
+from feeds.pubsub.backfill import backfill_bars
+from feeds.pubsub.clients import publisher_client, subscriber_client, subscription_id, symbol_filter
+from feeds.pubsub.config import FieldSet, PubSubFeedConfig, StreamSettings, parse_declared_fields
+from feeds.pubsub.feed import (
+    LiveMemoryBound,
+    PubSubMarketDataFeed,
+    live_feed_class,
+    make_pubsub_feed,
+)
+from feeds.pubsub.handler import FeedEvents, FeedStats, MessageHandler
+from feeds.pubsub.hub import BarHub
+from feeds.pubsub.messages import LiveBar, MalformedMessageError, decode_message
+from feeds.pubsub.subscriber import PubSubBarSubscriber
+
+__all__ = [
+    "BarHub",
+    "FeedEvents",
+    "FeedStats",
+    "FieldSet",
+    "LiveBar",
+    "LiveMemoryBound",
+    "MalformedMessageError",
+    "MessageHandler",
+    "PubSubBarSubscriber",
+    "PubSubFeedConfig",
+    "PubSubMarketDataFeed",
+    "StreamSettings",
+    "backfill_bars",
+    "decode_message",
+    "live_feed_class",
+    "make_pubsub_feed",
+    "parse_declared_fields",
+    "publisher_client",
+    "subscriber_client",
+    "subscription_id",
+    "symbol_filter",
+]

@@ -1,0 +1,86 @@
+"""Pub/Sub clients and resource names: the subscriber and publisher clients (emulator-aware),
+resource paths, subscription ids and the ``symbol`` filter.
+
+The google-cloud-pubsub imports are deferred to the calls, so importing this module is cheap.
+Clients are built here and owned by whoever asked for them (the subscriber, the replay tool).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "MAX_FILTER_BYTES",
+    "publisher_client",
+    "resource_path",
+    "subscriber_client",
+    "subscription_id",
+    "symbol_filter",
+]
+
+# Pub/Sub refuses filters longer than this (bytes).
+MAX_FILTER_BYTES = 256
+_SUB_ID_RE = re.compile(r"[^A-Za-z0-9\-_.~+%]+")
+
+
+def subscriber_client(emulator_host: str | None) -> Any:
+    """A SubscriberClient; for an emulator host, on a plain-text channel without credentials
+    (what the client itself does when PUBSUB_EMULATOR_HOST is set)."""
+    from google.cloud.pubsub_v1 import SubscriberClient
+
+    if emulator_host:
+        import grpc
+        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+        channel = grpc.insecure_channel(emulator_host)
+        return SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
+    return SubscriberClient()
+
+
+def publisher_client(emulator_host: str | None, *, ordering: bool = True) -> Any:
+    """A PublisherClient with message ordering (``ordering_key=symbol`` keeps each symbol's bars
+    in order); plain-text channel for an emulator host."""
+    from google.cloud.pubsub_v1 import PublisherClient
+    from google.cloud.pubsub_v1 import types as pubsub_types
+
+    options = pubsub_types.PublisherOptions(enable_message_ordering=ordering)
+    if emulator_host:
+        import grpc
+        from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+
+        channel = grpc.insecure_channel(emulator_host)
+        return PublisherClient(
+            publisher_options=options, transport=PublisherGrpcTransport(channel=channel)
+        )
+    return PublisherClient(publisher_options=options)
+
+
+def resource_path(project: str | None, kind: str, name: str) -> str:
+    """``projects/<project>/<kind>/<name>``; ``name`` unchanged when it is already a path.
+
+    Args:
+        project: GCP project id (unused, and may be ``None``, for a full path).
+        kind: ``"topics"`` or ``"subscriptions"``.
+        name: a short id or ``projects/...`` path.
+    """
+    return name if name.startswith("projects/") else f"projects/{project}/{kind}/{name}"
+
+
+def symbol_filter(symbols: Sequence[str]) -> str | None:
+    """A Pub/Sub subscription filter on the ``symbol`` attribute, or None when it would exceed
+    Pub/Sub's 256-byte limit (routing happens in our code regardless)."""
+    if any('"' in s or "\\" in s for s in symbols):
+        return None
+    text = " OR ".join(f'attributes.symbol = "{s}"' for s in symbols)
+    return text if len(text.encode()) <= MAX_FILTER_BYTES else None
+
+
+def subscription_id(prefix: str, session_id: str, topic_id: str, many: bool) -> str:
+    """``<prefix>-<session>[-<topic>]``, made legal (letters first, 3..255 chars)."""
+    raw = f"{prefix}-{session_id}" + (f"-{topic_id}" if many else "")
+    name = _SUB_ID_RE.sub("-", raw).strip("-")
+    if not name or not name[0].isalpha():
+        name = "s-" + name
+    return name[:255].ljust(3, "x")

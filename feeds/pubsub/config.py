@@ -1,0 +1,387 @@
+"""Configuration of the live Pub/Sub feed: the run's settings, the stream's tuning, the fields.
+
+* :class:`PubSubFeedConfig`: what ``PUBSUB_*`` sets (declared here with
+  :func:`core.settings.setting`; ``runtime.config`` builds it from the environment).
+* :class:`StreamSettings`: tuning of the subscriber (probe period, reconnect backoff, flow
+  control); not read from the environment, tests shorten the periods.
+* :class:`FieldSet` and :func:`parse_declared_fields`: a feed's extra fields (``PUBSUB_FIELDS``).
+
+Pure: no I/O, nothing of ours but :mod:`core`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from core.bars import OHLCV, RESERVED_NAMES, field_name
+from core.errors import ConfigError
+from core.retry import RetryPolicy
+from core.settings import setting
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "RECONNECT_BACKOFF",
+    "FieldSet",
+    "PubSubFeedConfig",
+    "StreamSettings",
+    "live_bar_size",
+    "parse_declared_fields",
+    "resource_name_problem",
+]
+
+# Pub/Sub's limit on one published message (data plus attributes), bytes
+# (https://cloud.google.com/pubsub/quotas#resource_limits: "Message size ... 10 MB").
+MAX_MESSAGE_BYTES = 10 * 1000 * 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PubSubFeedConfig:
+    """Live Pub/Sub bars.
+
+    Attributes:
+        project: GCP project of the topics and the subscription.
+        topics: topic ids or full paths.
+        subscription_prefix: the runner creates or reuses ``<prefix>-<deployment>`` (one per
+            deployment and topic; the deployment is ``AGENT_ID``, else the agent class name), so
+            a restarted runner goes on from the bars it had not acknowledged.
+        subscription: use this existing subscription (id or path) instead (never deleted).
+        delete_subscription: delete the created subscription at a clean exit (its backlog is
+            lost; by default it is kept for the next start and expires after
+            ``subscription_ttl_s`` idle).
+        emulator_host: ``host:port`` of a Pub/Sub emulator (``PUBSUB_EMULATOR_HOST``, set by
+            the loader); ``None`` = Google's endpoint.
+        qcheck_s: longest ``_load()`` blocks waiting for a bar, seconds (backtrader's qcheck).
+        max_buffered_bars: bars buffered per symbol; flow control holds the stream beyond that.
+        fields: extra fields declared up front; empty = discovered from the first messages.
+        discovery_s: start-up window for field discovery, seconds.
+        backfill_bars: CSV bars loaded before going live (indicator warm-up).
+        lookback_bars: bars kept in memory per live line.
+        subscription_ttl_s: expiration policy of created subscriptions, seconds (>= 86400 on GCP).
+        idle_timeout_s: end the run after this long without a bar; 0 = run until stopped.
+        align_wait_s: longest a step waits, from the first bar of its time, for the other
+            symbols' bars of that time (so the agent sees them in one step, as in a backtest),
+            seconds; 0 = never wait. A bar that comes after its step was served is refused as
+            ``late_bar`` (see :class:`~feeds.pubsub.hub.BarHub`).
+        max_future_s: a bar stamped further ahead of the clock than this is refused as
+            ``future_timestamp``, seconds (the clock: wall time, or a replay's own clock, see
+            :mod:`feeds.pubsub.messages`).
+        bar_size: size of the live bars (``1s``, ``1min``, ``1d``...); empty = the backfill
+            file's, else inferred from the bars (gaps are counted in bar sizes).
+        gap_max_s: a jump between two bars of a symbol longer than this is a market close,
+            not missing bars, seconds; 0 = every jump counts (daily bars skip weekends anyway).
+    """
+
+    project: str  # GOOGLE_CLOUD_PROJECT, declared once on runtime.config.GCPConfig
+    topics: tuple[str, ...] = setting(
+        (),
+        env="PUBSUB_TOPIC",
+        help="topic(s) of live bars, comma list; short names or projects/<p>/topics/<t>",
+    )
+    subscription_prefix: str = setting(
+        "bt-runner",
+        env="PUBSUB_SUBSCRIPTION_PREFIX",
+        help="the runner's subscription is <prefix>-<AGENT_ID or agent class>, stable across "
+        "restarts",
+    )
+    subscription: str | None = setting(
+        None,
+        env="PUBSUB_SUBSCRIPTION",
+        help="use this existing subscription instead of <prefix>-<agent> (never deleted)",
+    )
+    delete_subscription: bool = setting(
+        False,
+        env="PUBSUB_DELETE_SUBSCRIPTION",
+        help="delete the runner's subscription at a clean exit (its backlog is lost)",
+    )
+    emulator_host: str | None = None
+    qcheck_s: float = setting(
+        0.5,
+        env="PUBSUB_QCHECK_S",
+        help="longest the feed blocks waiting for a bar, seconds",
+        gt=0,
+    )
+    max_buffered_bars: int = setting(
+        10_000,
+        env="PUBSUB_MAX_BUFFERED_BARS",
+        help="bars buffered per symbol before flow control holds the stream",
+        minimum=1,
+    )
+    fields: tuple[str, ...] = setting(
+        (),
+        env="PUBSUB_FIELDS",
+        help="comma list of extra fields to expect, name or name:text "
+        "(else discovered from each symbol's first message)",
+    )
+    discovery_s: float = setting(
+        5.0,
+        env="PUBSUB_DISCOVERY_S",
+        help="start-up window to discover extra fields, seconds",
+        minimum=0,
+    )
+    backfill_bars: int = setting(
+        0,
+        env="PUBSUB_BACKFILL_BARS",
+        help="bars of CSV history loaded before going live",
+        minimum=0,
+    )
+    lookback_bars: int = setting(
+        5_000,
+        env="PUBSUB_LOOKBACK_BARS",
+        help="bars kept in memory per live line (bounded)",
+        minimum=1,
+    )
+    subscription_ttl_s: int = setting(
+        86_400,
+        env="PUBSUB_SUBSCRIPTION_TTL_S",
+        help="subscription expires after this idle time, s",
+        minimum=86_400,
+    )
+    idle_timeout_s: float = setting(
+        0.0,
+        env="PUBSUB_IDLE_TIMEOUT_S",
+        help="stop the live run after this long with no bar (0: never)",
+        minimum=0,
+    )
+    align_wait_s: float = setting(
+        1.0,
+        env="PUBSUB_ALIGN_WAIT_S",
+        help="longest a bar waits for the other symbols' bars of the "
+        "same time before it is delivered alone, seconds (0: never wait)",
+        minimum=0,
+    )
+    max_future_s: float = setting(
+        5.0,
+        env="PUBSUB_MAX_FUTURE_S",
+        help="refuse bars stamped further ahead of the clock than this, seconds",
+        minimum=0,
+    )
+    bar_size: str = setting(
+        "",
+        env="PUBSUB_BAR_SIZE",
+        help="live bar size, e.g. 1s, 1min, 1d (default: the backfill file's, else inferred)",
+    )
+    gap_max_s: float = setting(
+        0.0,
+        env="PUBSUB_GAP_MAX_S",
+        help="a longer jump between two bars of a symbol is a market close, not missing "
+        "bars, seconds (0: every jump counts)",
+        minimum=0,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.topics:
+            raise ConfigError("PUBSUB_TOPIC is required in MODE=paper: expected a topic name")
+        if self.qcheck_s <= 0:
+            raise ConfigError(f"PUBSUB_QCHECK_S must be > 0, got {self.qcheck_s}")
+        if self.max_buffered_bars < 1:
+            raise ConfigError(
+                f"PUBSUB_MAX_BUFFERED_BARS must be >= 1, got {self.max_buffered_bars}"
+            )
+        if self.lookback_bars < 1:
+            raise ConfigError(f"PUBSUB_LOOKBACK_BARS must be >= 1, got {self.lookback_bars}")
+        if self.align_wait_s < 0:
+            raise ConfigError(f"PUBSUB_ALIGN_WAIT_S must be >= 0, got {self.align_wait_s}")
+        if not self.max_future_s >= 0:
+            raise ConfigError(f"PUBSUB_MAX_FUTURE_S must be >= 0, got {self.max_future_s}")
+        if not self.gap_max_s >= 0:
+            raise ConfigError(f"PUBSUB_GAP_MAX_S must be >= 0, got {self.gap_max_s}")
+        for topic in self.topics:
+            problem = resource_name_problem(topic, "topics")
+            if problem:
+                raise ConfigError(f"PUBSUB_TOPIC: {problem}")
+        if self.subscription:
+            problem = resource_name_problem(self.subscription, "subscriptions")
+            if problem:
+                raise ConfigError(f"PUBSUB_SUBSCRIPTION: {problem}")
+        if self.bar_size:
+            live_bar_size(self.bar_size)  # raises ConfigError naming PUBSUB_BAR_SIZE
+        for spec in self.fields:
+            name, _, kind = spec.partition(":")
+            if not name.strip() or kind.strip().lower() not in ("", "number", "text"):
+                raise ConfigError(
+                    f"PUBSUB_FIELDS: {spec!r}: expected name, name:number or name:text"
+                )
+
+
+# Waits between reconnect attempts: up to 0.25, 0.5, 1, ... 5 s (full jitter). Capped low so a
+# server that is back is used within seconds (bars published before the subscription is
+# re-created on a server that lost it are gone: the wait is a gap).
+RECONNECT_BACKOFF = RetryPolicy(initial_s=0.25, max_s=5.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamSettings:
+    """Tuning of the subscriber; the defaults suit production, tests shorten the periods.
+
+    Attributes:
+        health_interval_s: period of the subscription probe that detects a dead stream, seconds.
+        probe_timeout_s: timeout of one probe / admin call, seconds.
+        reconnect: backoff between reconnect attempts (:meth:`core.retry.RetryPolicy.delay_s`:
+            full jitter, from ``initial_s`` up to ``max_s`` seconds); the supervisor retries
+            until stopped, so ``attempts`` is not used.
+        ack_deadline_s: ack deadline of created subscriptions, seconds (10..600).
+        lease_extension_s: longest single lease extension the client asks for, seconds
+            (10..600; google-cloud-pubsub's ``FlowControl.max_duration_per_lease_extension``,
+            which is also the stream's ack deadline): messages held by a stream that broke or a
+            pod that was killed are redelivered after about this long (the client's default
+            is 60 s).
+        max_outstanding_messages: flow control: messages held by the client before it pauses
+            the stream (back-pressure reaches Pub/Sub here); the subscriber raises it to
+            ``4 * symbols`` so that a whole bar time of every symbol fits while earlier bars
+            wait for their decision to be on disk.
+        max_outstanding_bytes: flow control in bytes.
+        max_message_bytes: a larger message is refused as ``oversized`` before decoding.
+        dedup_message_ids: message ids remembered for de-duplication.
+        dedup_times_per_symbol: bar times remembered per symbol for de-duplication (a copy
+            of an older bar is refused as ``stale_timestamp`` instead); memory is about
+            100 bytes per entry per symbol.
+        admin_timeout_s: timeout of create/delete calls, seconds.
+    """
+
+    health_interval_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    reconnect: RetryPolicy = RECONNECT_BACKOFF
+    ack_deadline_s: int = 60
+    lease_extension_s: int = 10
+    max_outstanding_messages: int = 1000
+    max_outstanding_bytes: int = 100 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    dedup_message_ids: int = 100_000
+    dedup_times_per_symbol: int = 128
+    admin_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.health_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ConfigError("StreamSettings: health_interval_s and probe_timeout_s must be > 0")
+        if not 10 <= self.ack_deadline_s <= 600:
+            raise ConfigError(
+                f"StreamSettings: ack_deadline_s must be 10..600, got {self.ack_deadline_s}"
+            )
+        if not 10 <= self.lease_extension_s <= 600:
+            raise ConfigError(
+                f"StreamSettings: lease_extension_s must be 10..600, got {self.lease_extension_s}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSet:
+    """Extra fields of a feed: numeric ones become lines, text ones
+    :class:`~feeds.fields.TextLine` s."""
+
+    numeric: tuple[str, ...] = ()
+    text: tuple[str, ...] = ()
+
+    def union(self, other: FieldSet) -> FieldSet:
+        """Both sets, in order; a name keeps the kind it has in ``self``."""
+        have = set(self.numeric) | set(self.text)
+        numeric = self.numeric + tuple(n for n in other.numeric if n not in have)
+        text = self.text + tuple(n for n in other.text if n not in have)
+        return FieldSet(numeric, text)
+
+    def kind(self, name: str) -> str | None:
+        """``"number"``, ``"text"``, or ``None`` when ``name`` is not in the set."""
+        if name in self.numeric:
+            return "number"
+        if name in self.text:
+            return "text"
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.numeric or self.text)
+
+
+def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
+    """``("sentiment", "headline:text", "latest_news.relevance:number")`` -> a FieldSet.
+
+    Names are normalised like CSV columns (:func:`core.bars.field_name`).
+
+    Raises:
+        ConfigError: on a bad kind or a reserved name.
+    """
+    numeric: list[str] = []
+    text: list[str] = []
+    for spec in specs:
+        raw, _, kind = spec.partition(":")
+        try:
+            name = field_name(raw)
+        except ValueError as e:
+            raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: {e}") from e
+        if name in OHLCV:
+            continue
+        if name in RESERVED_NAMES or name.startswith("_"):
+            raise ConfigError(
+                f"PUBSUB_FIELDS: {spec!r} would become {name!r}, a name backtrader reserves"
+            )
+        kind = kind.strip().lower() or "number"
+        if kind not in ("number", "text"):
+            raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: kind must be number or text")
+        target = text if kind == "text" else numeric
+        if name not in numeric and name not in text:
+            target.append(name)
+    return FieldSet(tuple(numeric), tuple(text))
+
+
+# Topic and subscription ids (Pub/Sub API reference, google.pubsub.v1.Topic.name and
+# Subscription.name): start with a letter; letters, digits and - _ . ~ + %; 3 to 255 characters;
+# not starting with "goog".
+_RESOURCE_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
+
+
+def resource_name_problem(name: str, kind: str) -> str | None:
+    """What is wrong with a topic or subscription name, or None when it is valid.
+
+    Args:
+        name: a short id (``"bars"``) or a full path (``"projects/p/topics/bars"``).
+        kind: ``"topics"`` or ``"subscriptions"``.
+
+    Returns:
+        A sentence naming the problem (for a :class:`ConfigError`), or None.
+    """
+    ident = name
+    if name.startswith("projects/"):
+        parts = name.split("/")
+        if len(parts) != 4 or parts[2] != kind or not parts[1] or not parts[3]:
+            return f"{name!r} is not a path of the form projects/<project>/{kind}/<id>"
+        ident = parts[3]
+    if not _RESOURCE_ID_RE.fullmatch(ident) or ident.lower().startswith("goog"):
+        return (
+            f"{ident!r} is not a valid Pub/Sub id: it must start with a letter, hold only "
+            "letters, digits and - _ . ~ + %, be 3 to 255 characters long and not start "
+            "with 'goog'"
+        )
+    return None
+
+
+def live_bar_size(text: str) -> tuple[int, int, float]:
+    """``PUBSUB_BAR_SIZE`` text -> ``(bt timeframe, compression, seconds)``.
+
+    Uses the CSV feed's rule (:func:`feeds.csv.reader.parse_bar_size`: ``30s``, ``1min``, ``1h``,
+    ``1d``, ``1w``, ``1mo``); a month counts 30.44 days.
+
+    Raises:
+        ConfigError: naming ``PUBSUB_BAR_SIZE``.
+    """
+    from feeds.csv.reader import parse_bar_size
+
+    try:
+        timeframe, compression = parse_bar_size(text)
+    except ValueError as e:
+        raise ConfigError(f"PUBSUB_BAR_SIZE: {e}") from e
+    return timeframe, compression, bar_seconds(timeframe, compression)
+
+
+def bar_seconds(timeframe: int, compression: int) -> float:
+    """Seconds of a backtrader bar size (a month counts 30.44 days)."""
+    import backtrader as bt
+
+    unit = {
+        bt.TimeFrame.Seconds: 1.0,
+        bt.TimeFrame.Minutes: 60.0,
+        bt.TimeFrame.Days: 86_400.0,
+        bt.TimeFrame.Weeks: 7 * 86_400.0,
+        bt.TimeFrame.Months: 30.44 * 86_400.0,
+        bt.TimeFrame.Years: 365.25 * 86_400.0,
+    }.get(timeframe, 60.0)
+    return unit * max(1, compression)

@@ -1,0 +1,104 @@
+"""What the broker and its worker threads tell each other, over two thread-safe queues.
+
+Commands, main thread -> ``alpaca-orders`` thread: :class:`SubmitOrder`, :class:`CancelOrder`,
+:data:`SHUTDOWN`.
+
+Events, worker threads -> main thread (applied by ``AlpacaPaperTradingBroker.next()``, the only
+place backtrader objects are touched): :class:`AlpacaOrderUpdate`, :class:`SubmitRejected`,
+:class:`NotSent`, :class:`AccountState`, :class:`WorkerFailed`.
+
+Every message is immutable; Alpaca models inside are never changed after they are queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from alpaca.trading.models import Order as AlpacaOrder
+from alpaca.trading.requests import OrderRequest
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOrder:
+    """Send ``request`` (its ``client_order_id`` is ``coid``); equities wait for the open."""
+
+    coid: str
+    request: OrderRequest
+    symbol: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOrder:
+    """Cancel an order family: by Alpaca id when known, else looked up by ``coid``."""
+
+    coid: str | None
+    alpaca_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The orders thread stops after this: orders not yet sent are reported :class:`NotSent`."""
+
+
+SHUTDOWN = Shutdown()
+Command = SubmitOrder | CancelOrder | Shutdown
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AlpacaOrderUpdate:
+    """A snapshot of an Alpaca order (with its bracket legs), from a submit answer, a poll, a
+    lookup or the trade-updates stream. The broker turns new fills and statuses into
+    ``notify_order``."""
+
+    order: AlpacaOrder
+    source: Literal["submit", "poll", "lookup", "stream"]
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRejected:
+    """Alpaca refused the submit of ``coid`` (or has no such order after a lost answer)."""
+
+    coid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The order ``coid`` was never sent (cancelled while waiting for the open, or stopping)."""
+
+    coid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """An account + positions read.
+
+    Attributes:
+        cash_usd, equity_usd: from ``GET /v2/account``.
+        positions: position key -> (signed quantity, average entry price USD).
+        generations: per-symbol order generations read before the orders poll that preceded
+            this read; a symbol whose generation moved since is not reconciled.
+    """
+
+    cash_usd: float
+    equity_usd: float
+    positions: dict[str, tuple[Decimal, float]]
+    generations: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed:
+    """A worker thread gave up (e.g. Alpaca unreachable for many polls); the next bar raises."""
+
+    error: BaseException
+
+
+Event = AlpacaOrderUpdate | SubmitRejected | NotSent | AccountState | WorkerFailed

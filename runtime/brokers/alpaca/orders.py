@@ -1,0 +1,378 @@
+"""Backtrader <-> Alpaca order mapping. Pure: no I/O, no threads, no clocks read.
+
+* :func:`to_order_request`: a backtrader order (and its bracket children) as the alpaca-py
+  request (alpaca-py's own shape: a small pure function, unit-tested on its own).
+* :data:`STATUS_MAP`: Alpaca order status -> backtrader status, one row per Alpaca status.
+* :func:`client_order_id`: ``"<session>-<order ref>"``, so a resent submit can never create a
+  second order.
+* Quantities are ``Decimal`` (:func:`quantity`, :func:`to_decimal`): partial fills sum exactly.
+* :func:`fill_increment`: what a snapshot adds to the fills already applied, from Alpaca's
+  cumulative ``filled_qty`` and ``filled_avg_price``.
+* :func:`adopted_order`: an open Alpaca order found at start as a backtrader order.
+
+Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 "Orders", "Positions"): decimals
+are strings; crypto positions are keyed ``BTCUSD`` while crypto orders use ``BTC/USD``; crypto
+allows ``gtc``/``ioc`` only; a bracket's legs come back under ``legs`` with ``nested=true``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any
+
+import backtrader as bt
+from alpaca.trading.enums import OrderClass, OrderSide, TimeInForce
+from alpaca.trading.models import Order as AlpacaOrder
+from alpaca.trading.models import Position as AlpacaPosition
+from alpaca.trading.requests import (
+    LimitOrderRequest,
+    MarketOrderRequest,
+    OrderRequest,
+    StopLimitOrderRequest,
+    StopLossRequest,
+    StopOrderRequest,
+    TakeProfitRequest,
+    TrailingStopOrderRequest,
+)
+
+from core.errors import BrokerError, OrderRejectedError
+
+QTY_QUANTUM = Decimal("0.000000001")  # Alpaca takes up to 9 decimals
+ZERO = Decimal(0)
+
+# Alpaca order status -> backtrader status. ``None``: the order keeps its backtrader state
+# (still working; nothing new for the agent). One row per Alpaca status, checked by a test.
+STATUS_MAP: dict[str, int | None] = {
+    "pending_new": bt.Order.Submitted,
+    "accepted": bt.Order.Accepted,
+    "new": bt.Order.Accepted,
+    "accepted_for_bidding": bt.Order.Accepted,
+    "held": bt.Order.Accepted,  # a bracket leg waiting for its parent: accepted, inactive
+    "partially_filled": bt.Order.Partial,
+    "filled": bt.Order.Completed,
+    "canceled": bt.Order.Canceled,
+    "expired": bt.Order.Expired,
+    "rejected": bt.Order.Rejected,
+    "done_for_day": None,  # no more fills today, still working tomorrow
+    "replaced": None,  # followed to the replacing order (same backtrader order)
+    "pending_cancel": None,
+    "pending_replace": None,
+    "pending_review": None,
+    "stopped": None,
+    "suspended": None,
+    "calculated": None,
+}
+TERMINAL = frozenset({"filled", "canceled", "expired", "rejected", "replaced"})
+
+# Alpaca order type -> backtrader exectype, for adopted orders.
+EXECTYPE_OF: dict[str, int] = {
+    "market": bt.Order.Market,
+    "limit": bt.Order.Limit,
+    "stop": bt.Order.Stop,
+    "stop_limit": bt.Order.StopLimit,
+    "trailing_stop": bt.Order.StopTrail,
+}
+
+
+# -- symbols, ids, quantities, prices --------------------------------------------------------
+
+
+def is_crypto(symbol: str) -> bool:
+    """Alpaca crypto pairs are written with a slash (``BTC/USD``)."""
+    return "/" in symbol
+
+
+def position_key(symbol: str) -> str:
+    """Key of a position at Alpaca: ``BTC/USD`` -> ``BTCUSD``, ``AAPL`` -> ``AAPL``."""
+    return symbol.replace("/", "").upper()
+
+
+def client_order_id(session_id: str, ref: int) -> str:
+    """Deterministic ``client_order_id`` of backtrader order ``ref`` in ``session_id``.
+
+    Alpaca refuses a second order with the same id, so resending a request after a timeout can
+    never create a duplicate. At most 128 characters (Alpaca's limit).
+
+    Raises:
+        ValueError: the id would be longer than 128 characters (session id too long).
+    """
+    coid = f"{session_id}-{ref}"
+    if len(coid) > 128:
+        raise ValueError(
+            f"client_order_id longer than 128 characters: session id too long "
+            f"({len(session_id)} characters)"
+        )
+    return coid
+
+
+def to_decimal(value: Any) -> Decimal:
+    """An Alpaca decimal (string, float or None) as ``Decimal`` (None -> 0).
+
+    Raises:
+        BrokerError: ``value`` is not a number.
+    """
+    if value is None or value == "":
+        return ZERO
+    try:
+        return Decimal(str(value))
+    except InvalidOperation as e:
+        raise BrokerError(f"Alpaca sent a malformed number {value!r}") from e
+
+
+def quantity(size: float) -> Decimal:
+    """A backtrader size as an Alpaca quantity: absolute, 9 decimals, from its shortest repr
+    (``0.1`` stays ``0.1``, not ``0.1000000000000000055``)."""
+    return Decimal(repr(abs(float(size)))).quantize(QTY_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+def price_for(symbol: str, price: float) -> float:
+    """Round a price to an increment Alpaca accepts: equities at or above 1 USD to cents,
+    below 1 USD to 4 decimals (sub-penny rule); crypto to 9 decimals."""
+    if is_crypto(symbol):
+        return float(Decimal(repr(price)).quantize(QTY_QUANTUM))
+    return round(price, 2 if price >= 1.0 else 4)
+
+
+def default_time_in_force(symbol: str) -> str:
+    """``gtc`` for crypto (Alpaca takes gtc or ioc there), ``day`` for equities."""
+    return "gtc" if is_crypto(symbol) else "day"
+
+
+def bt_time(dt: datetime | None, now: datetime) -> float:
+    """An Alpaca timestamp as backtrader's naive-UTC float date; ``now`` when Alpaca sent none."""
+    when = (dt or now).astimezone(UTC).replace(tzinfo=None)
+    return float(bt.date2num(when))
+
+
+# -- backtrader order -> Alpaca request ------------------------------------------------------
+
+
+def to_order_request(
+    order: Any,
+    symbol: str,
+    *,
+    client_order_id: str | None = None,
+    time_in_force: str | None = None,
+    children: Sequence[Any] = (),
+) -> OrderRequest:
+    """Build the alpaca-py request for a backtrader order (pure; no I/O).
+
+    Args:
+        order: the backtrader order (the parent, for a bracket).
+        symbol: Alpaca symbol, e.g. ``AAPL`` or ``BTC/USD``.
+        client_order_id: the deterministic id (see :func:`client_order_id`).
+        time_in_force: run-wide override; ``order.info["time_in_force"]`` (``buy(...,
+            time_in_force="ioc")``) wins over it; default per asset class
+            (:func:`default_time_in_force`).
+        children: the bracket children (``buy_bracket``'s stop and limit orders): both ->
+            ``order_class=bracket``, one -> ``oto``.
+
+    Returns:
+        A Market/Limit/Stop/StopLimit/TrailingStop ``OrderRequest``. Quantity is the absolute
+        size (fractions allowed); side from ``order.isbuy()``; prices rounded by
+        :func:`price_for`; backtrader's ``trailpercent`` (a fraction) becomes Alpaca's
+        ``trail_percent`` (percent); ``Order.Close`` is a market order with ``cls``.
+
+    Raises:
+        OrderRejectedError: an order type Alpaca does not have (StopTrailLimit, Historical), a
+            time in force crypto does not take, a bracket child that is not a limit (take
+            profit) or stop/stop-limit (stop loss), or a size of zero.
+    """
+    crypto = is_crypto(symbol)
+    info = getattr(order, "info", None) or {}
+    tif = str(info.get("time_in_force") or time_in_force or default_time_in_force(symbol))
+    if order.exectype == bt.Order.Close:
+        if crypto:
+            raise OrderRejectedError(f"{symbol}: market-on-close orders are for equities only")
+        tif = "cls"
+    if crypto and tif not in ("gtc", "ioc"):
+        raise OrderRejectedError(
+            f"{symbol}: crypto orders take time in force gtc or ioc, not {tif!r}"
+        )
+    qty = quantity(order.created.size)
+    if qty <= 0:
+        raise OrderRejectedError(f"{symbol}: order size {order.created.size} rounds to zero")
+    common: dict[str, Any] = {
+        "symbol": symbol,
+        "qty": float(qty),
+        "side": OrderSide.BUY if order.isbuy() else OrderSide.SELL,
+        "time_in_force": TimeInForce(tif),
+        "client_order_id": client_order_id,
+    }
+    if info.get("extended_hours"):
+        common["extended_hours"] = True
+    if children:
+        common.update(_bracket_fields(children, symbol))
+    ex = order.exectype
+    price = float(order.created.price or 0.0)
+    if ex in (bt.Order.Market, bt.Order.Close):
+        return MarketOrderRequest(**common)
+    if ex == bt.Order.Limit:
+        return LimitOrderRequest(limit_price=price_for(symbol, price), **common)
+    if ex == bt.Order.Stop:
+        return StopOrderRequest(stop_price=price_for(symbol, price), **common)
+    if ex == bt.Order.StopLimit:
+        return StopLimitOrderRequest(
+            stop_price=price_for(symbol, price),
+            limit_price=price_for(symbol, float(order.created.pricelimit)),
+            **common,
+        )
+    if ex == bt.Order.StopTrail:
+        if order.trailamount:
+            return TrailingStopOrderRequest(
+                trail_price=price_for(symbol, order.trailamount), **common
+            )
+        if order.trailpercent:
+            return TrailingStopOrderRequest(
+                trail_percent=round(order.trailpercent * 100.0, 4), **common
+            )
+        raise OrderRejectedError(f"{symbol}: trailing stop needs trailamount or trailpercent")
+    raise OrderRejectedError(f"{symbol}: Alpaca has no {bt.Order.ExecTypes[ex]} order type")
+
+
+def _bracket_fields(children: Sequence[Any], symbol: str) -> dict[str, Any]:
+    take = stop = None
+    for child in children:
+        if child.exectype == bt.Order.Limit:
+            take = TakeProfitRequest(limit_price=price_for(symbol, float(child.created.price)))
+        elif child.exectype == bt.Order.Stop:
+            stop = StopLossRequest(stop_price=price_for(symbol, float(child.created.price)))
+        elif child.exectype == bt.Order.StopLimit:
+            stop = StopLossRequest(
+                stop_price=price_for(symbol, float(child.created.price)),
+                limit_price=price_for(symbol, float(child.created.pricelimit)),
+            )
+        else:
+            raise OrderRejectedError(
+                f"{symbol}: a bracket exit must be a limit (take profit) or a stop/stop-limit "
+                f"(stop loss), got {bt.Order.ExecTypes[child.exectype]}"
+            )
+    out: dict[str, Any] = {"order_class": OrderClass.BRACKET if take and stop else OrderClass.OTO}
+    if take:
+        out["take_profit"] = take
+    if stop:
+        out["stop_loss"] = stop
+    return out
+
+
+# -- Alpaca order -> backtrader ---------------------------------------------------------------
+
+
+def alpaca_status(o: AlpacaOrder) -> str:
+    """The order's status as Alpaca's lower-case text (``"partially_filled"``)."""
+    return str(getattr(o.status, "value", o.status))
+
+
+def family_done(o: AlpacaOrder) -> bool:
+    """Nothing more can happen to the order or its legs (``replaced`` lives on in its
+    successor, so it does not count)."""
+    done = TERMINAL - {"replaced"}
+    return alpaca_status(o) in done and all(alpaca_status(leg) in done for leg in o.legs or ())
+
+
+def leg_role(order_type: Any) -> str:
+    """Role of an Alpaca bracket leg from its order type: a limit takes profit, the rest stop
+    losses."""
+    value = getattr(order_type, "value", order_type)
+    return "take_profit" if value == "limit" else "stop_loss"
+
+
+def child_role(order: Any) -> str:
+    """Role of a backtrader bracket child (the same rule as :func:`leg_role`)."""
+    return "take_profit" if order.exectype == bt.Order.Limit else "stop_loss"
+
+
+@dataclass(frozen=True, slots=True)
+class FillIncrement:
+    """What one Alpaca snapshot adds to the fills already applied to a backtrader order.
+
+    Attributes:
+        size: quantity newly filled (> 0, unsigned).
+        price_usd: average price of that quantity.
+        cum: cumulative filled quantity after it.
+        value_usd: cumulative filled notional after it.
+    """
+
+    size: Decimal
+    price_usd: float
+    cum: Decimal
+    value_usd: Decimal
+
+
+def fill_increment(
+    *,
+    applied_cum: Decimal,
+    applied_value_usd: Decimal,
+    base_cum: Decimal,
+    base_value_usd: Decimal,
+    filled_qty: Decimal,
+    filled_avg_price: Decimal,
+) -> FillIncrement | None:
+    """The new fill in a snapshot of Alpaca's cumulative ``filled_qty``/``filled_avg_price``.
+
+    The increment is ``cum - applied_cum`` and its price
+    ``(cum * avg - prev_cum * prev_avg) / increment``, so partial fills sum exactly and repeated
+    or stale snapshots add nothing.
+
+    Args:
+        applied_cum, applied_value_usd: what was applied so far (quantity, notional USD).
+        base_cum, base_value_usd: filled by the orders this one replaced (Alpaca restarts
+            ``filled_qty`` at 0 on the replacement).
+        filled_qty, filled_avg_price: the snapshot's cumulative fill and its average price.
+
+    Returns:
+        The increment, or ``None`` when the snapshot fills nothing new.
+    """
+    cum = base_cum + filled_qty
+    if cum <= applied_cum:
+        return None
+    value = base_value_usd + filled_qty * filled_avg_price
+    size = cum - applied_cum
+    return FillIncrement(size, float((value - applied_value_usd) / size), cum, value)
+
+
+def positions_of(rows: Iterable[AlpacaPosition]) -> dict[str, tuple[Decimal, float]]:
+    """Alpaca positions as ``position key -> (signed quantity, average entry price USD)``."""
+    out = {}
+    for p in rows:
+        qty = abs(to_decimal(p.qty))
+        side = str(getattr(p.side, "value", p.side))
+        out[position_key(p.symbol)] = (
+            -qty if side == "short" else qty,
+            float(to_decimal(p.avg_entry_price)),
+        )
+    return out
+
+
+def adopted_order(snap: AlpacaOrder, data: Any, parent: Any = None) -> Any:
+    """A backtrader order standing for an open Alpaca order found at start (policy ``adopt``).
+
+    Args:
+        snap: the Alpaca order (or bracket leg).
+        data: the feed of its symbol.
+        parent: the backtrader order of the bracket's entry, for a leg.
+
+    Returns:
+        A ``BuyOrder``/``SellOrder`` of the Alpaca quantity, type and prices, with
+        ``info["adopted"] = True`` and ``info["alpaca_id"]``; still ``Created`` (the broker
+        submits and accepts it).
+    """
+    cls = bt.BuyOrder if snap.side == OrderSide.BUY else bt.SellOrder
+    typ = str(getattr(snap.type, "value", snap.type))
+    price = snap.stop_price if typ in ("stop", "stop_limit") else snap.limit_price
+    order = cls(
+        owner=None,
+        data=data,
+        size=float(to_decimal(snap.qty)),
+        price=float(to_decimal(price)) if price is not None else None,
+        pricelimit=float(to_decimal(snap.limit_price)) if typ == "stop_limit" else None,
+        exectype=EXECTYPE_OF.get(typ, bt.Order.Market),
+        parent=parent,
+        simulated=True,
+    )
+    order.p.simulated = False  # built without reading the feed; notified like any order
+    order.addinfo(adopted=True, alpaca_id=str(snap.id))
+    return order

@@ -1,0 +1,246 @@
+"""``python -m runtime.ingest``: the market-data ingestor (:mod:`feeds.ingest`) as a process.
+
+Reads its configuration from the environment (:func:`runtime.config.load_process_ingest_config`:
+``SYMBOLS``, ``PUBSUB_TOPIC``, ``GOOGLE_CLOUD_PROJECT``, ``ALPACA_API_KEY``/``ALPACA_SECRET_KEY``
+or their Secret Manager references, ``INGEST_*``, ``LOG_*``, ``HEALTH_PORT``,
+``SHUTDOWN_TIMEOUT_S``), then wires what the runner wires: JSON logs with secrets redacted
+(:mod:`runtime.logs`), ``/healthz`` ``/readyz`` ``/metrics`` (:mod:`runtime.health`, metrics
+``ingest_*`` below), SIGINT/SIGTERM handling, and prints one JSON report line on stdout at exit.
+
+Shutdown (SIGTERM, within ``SHUTDOWN_TIMEOUT_S``, which the pod's grace period must exceed):
+readiness goes 503, the stream stops, the messages already received are published, the publisher
+is flushed (every sent bar confirmed) and the state file saved. A second signal exits at once
+(exit code 128 + N); bars not yet confirmed are then published again by the next start (same
+``bar_key`` and ``data_hash``: the runner drops the copies).
+
+Exit codes: 0 stopped by a signal, 1 failed (publishing, stream), 2 bad configuration (including
+keys Alpaca refuses), 3 Alpaca refused the connection because another client holds this key's
+one market-data connection (``INGEST_ON_CONNECTION_LIMIT=exit``).
+
+Metrics (own registry, prefix ``ingest_``): ``bars_published_total{symbol,source}``,
+``publish_latency_seconds`` (Alpaca message arrival -> Pub/Sub confirmation, live bars),
+``duplicates_skipped_total{symbol}``, ``invalid_bars_total{symbol}``,
+``gaps_unfilled_total{symbol}``, ``connection_events_total{event}`` (connected, disconnected,
+auth_error), ``connected`` (gauge), ``queue_depth``, ``unconfirmed``, ``history_calls_total``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from core.errors import AppError, ConfigError, DataError
+from feeds.ingest import IngestConfig, Ingestor
+from feeds.pubsub.clients import publisher_client, resource_path
+from runtime.config import OpsConfig, load_process_ingest_config
+from runtime.health import HealthServer
+from runtime.logs import setup_logging
+from runtime.metrics import RunMetrics
+from runtime.secrets import secrets_in
+
+__all__ = ["IngestMetrics", "main"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "ingest_"
+# Message -> confirmation: 1 ms .. 60 s (Pub/Sub batching is ~10 ms; a retried publish seconds).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0)
+
+
+class _Pull(Collector):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._i = ingestor
+
+    def collect(self) -> Iterator[Metric]:
+        i = self._i
+        yield GaugeMetricFamily(
+            f"{PREFIX}connected",
+            "1 while the stream is connected",
+            value=1.0 if i.connected else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}queue_depth", "Stream messages waiting for the worker", value=i._queue.qsize()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}unconfirmed",
+            "Bars sent to Pub/Sub, not yet confirmed",
+            value=i.publisher.pending,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}history_calls", "Historical API requests", value=i.stats.history_calls
+        )
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class IngestMetrics:
+    """The ingestor's Prometheus metrics (see the module docstring); an
+    :class:`~feeds.ingest.IngestEvents` observer. Thread-safe (``prometheus_client`` locks)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.published = Counter(
+            f"{PREFIX}bars_published", "Bars Pub/Sub confirmed", ["symbol", "source"], registry=r
+        )
+        self.latency = Histogram(
+            f"{PREFIX}publish_latency_seconds",
+            "Alpaca message arrival to Pub/Sub confirmation, seconds",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.duplicates = Counter(
+            f"{PREFIX}duplicates_skipped", "Bars already published", ["symbol"], registry=r
+        )
+        self.invalid = Counter(
+            f"{PREFIX}invalid_bars", "Alpaca bars refused by the OHLCV rule", ["symbol"], registry=r
+        )
+        self.gaps = Counter(
+            f"{PREFIX}gaps_unfilled", "Gaps history could not fill", ["symbol"], registry=r
+        )
+        self.connection = Counter(
+            f"{PREFIX}connection_events", "Stream connection events", ["event"], registry=r
+        )
+
+    def watch(self, ingestor: Ingestor) -> None:
+        self.registry.register(_Pull(ingestor))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # IngestEvents
+    def on_published(self, symbol: str, source: str, latency_s: float) -> None:
+        self.published.labels(symbol=symbol, source=source).inc()
+        if source == "live":
+            self.latency.observe(max(latency_s, 0.0))
+
+    def on_duplicate(self, symbol: str) -> None:
+        self.duplicates.labels(symbol=symbol).inc()
+
+    def on_invalid(self, symbol: str) -> None:
+        self.invalid.labels(symbol=symbol).inc()
+
+    def on_gap(self, symbol: str) -> None:
+        self.gaps.labels(symbol=symbol).inc()
+
+    def on_connection(self, event: str) -> None:
+        self.connection.labels(event=event).inc()
+
+
+def ensure_topic(client: Any, topic_path: str) -> None:
+    """Create the topic unless it exists."""
+    from google.api_core import exceptions as gexc
+
+    with contextlib.suppress(gexc.AlreadyExists):
+        client.create_topic(request={"name": topic_path})
+        logger.info("created topic %s", topic_path)
+
+
+class IngestProcess:
+    """One ingestor process: owns the publisher client, the ingestor, the health server.
+
+    Thread context: :meth:`run` on the main thread; signal handlers only set flags.
+    """
+
+    def __init__(self, config: IngestConfig, ops: OpsConfig) -> None:
+        self.config = config
+        self.ops = ops
+        self.metrics = IngestMetrics()
+        self.topic_path = resource_path(config.project, "topics", config.topic)
+        self.client = publisher_client(config.emulator_host)
+        self.ingestor: Ingestor | None = None
+        self.health: HealthServer | None = None
+        self._signals = 0
+        self._stop = threading.Event()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            logger.error("second %s: exiting without flushing", name)
+            for handler in logging.getLogger().handlers:
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os._exit(128 + signum)
+        logger.warning("stopping: %s; publishing what was received, saving the state", name)
+        if self.health is not None:
+            self.health.set_draining()
+        if self.ingestor is not None:
+            self.ingestor.request_stop()
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start, wait for a signal or a fatal stop, shut down. Returns the exit code."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        if self.ops.health_port > 0:
+            # HealthServer only calls .render() on its metrics (duck-typed).
+            self.health = HealthServer(
+                port=self.ops.health_port, metrics=cast(RunMetrics, self.metrics)
+            )
+            self.health.start()
+        try:
+            ensure_topic(self.client, self.topic_path)
+            ingestor = self.ingestor = Ingestor(
+                self.config, self.client, self.topic_path, events=self.metrics
+            )
+            self.metrics.watch(ingestor)
+            if self.health is not None:
+                self.health.add_check(
+                    "stream",
+                    lambda: (ingestor.ready, "connected" if ingestor.ready else "not connected"),
+                )
+                self.health.add_check("worker", lambda: ingestor.alive, liveness=True)
+            ingestor.start()
+            while not self._stop.is_set():
+                if ingestor.wait(timeout_s=0.2):
+                    break
+            clean = ingestor.stop(timeout_s=self.ops.shutdown_timeout_s)
+            report = ingestor.report()
+            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.flush()
+            if ingestor.fatal is not None or ingestor.exit_code:
+                return ingestor.exit_code or 1
+            return 0 if clean else 1
+        finally:
+            self.client.stop()
+            if self.health is not None:
+                self.health.stop()
+
+
+def main() -> int:
+    """Entry point of ``python -m runtime.ingest``; returns the exit code (module docstring)."""
+    try:
+        config, ops = load_process_ingest_config()
+    except ConfigError as e:
+        setup_logging("INFO")
+        logger.error("configuration error: %s", e)
+        return 2
+    logs = setup_logging(ops.log_level, ops.log_format)
+    logs.add_secrets(secrets_in(config))
+    logs.bind(session="ingest", agent="ingest")
+    logger.debug("configuration: %r", config)  # secrets print as ****
+    try:
+        return IngestProcess(config, ops).run()
+    except (ConfigError, DataError) as e:
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2
+    except AppError as e:
+        logger.error("ingestor failed: %s: %s", type(e).__name__, e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

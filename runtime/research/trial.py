@@ -1,0 +1,442 @@
+"""One trial: one backtest of the agent with one set of params over one fold, scored.
+
+A worker process (or Ray actor) holds a :class:`Backtester` built once from the study's
+:class:`StudyJob` and the bars of every feed (read once per worker); each :meth:`Backtester.run`
+slices the fold's window out of those bars (numpy views, no copy), composes the run from the
+same building blocks as the Runner (:mod:`runtime.assembly`: engine flags, simulated broker,
+FMEL), and returns a :class:`TrialResult` holding only numbers: the equity curve is reduced to
+in-sample and out-of-sample statistics (:mod:`runtime.stats`) inside the worker and dropped.
+
+One backtest covers ``[train_start, test_end)``: in-sample statistics come from the part of the
+equity curve before ``train_end``, out-of-sample ones from the rest, its first return measured
+from the last in-sample value. The selection (:mod:`runtime.research.study`) sees only the
+in-sample objective; the test window continues the same run (indicators warm, any open position
+carried), as the agent would have traded had it been running since ``train_start``.
+
+Thread context: :meth:`Backtester.run` runs on the worker's main thread (backtrader's rule);
+with FMEL on, the decision writer's thread is started and joined inside the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import backtrader as bt
+import numpy as np
+import pandas as pd
+
+from core.errors import DataError
+from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed
+from runtime.assembly import (
+    add_fmel,
+    load_agent,
+    make_cerebro,
+    make_sink,
+    make_writer,
+    setup_sim_broker,
+)
+from runtime.report import EquityCurve
+from runtime.research.config import Metric
+from runtime.research.folds import Fold
+from runtime.research.space import Params, TrialState
+from runtime.stats import PerformanceStats, performance_stats
+
+if TYPE_CHECKING:
+    from analyzers.config import FMELConfig
+    from analyzers.sinks.bigquery.config import BigQuerySinkConfig
+    from runtime.brokers.risk import RiskConfig
+
+logger = logging.getLogger(__name__)
+
+#: Checkpoints of a pruned search: the in-sample window is cut in this many steps.
+PRUNE_STEPS = 10
+_MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StudyJob:
+    """Everything a worker needs to run trials; picklable, sent once per worker.
+
+    Attributes:
+        study_id: session id of the optimisation run.
+        agent: ``module:Class``.
+        base_params: ``AGENT_PARAMS``; each trial's params override them.
+        agent_id: ``AGENT_ID`` of recorded decisions (``None``: the class name).
+        feeds: one CSV feed config per symbol (``DATA_DIR`` / ``SYMBOLS`` / ``CSV_*``).
+        cash_usd, commission: the simulated broker.
+        risk: ``RISK_*`` limits (``None``: none).
+        metric: the objective.
+        periods_per_year: annualisation of every statistic (:func:`runtime.stats.
+            periods_per_year` over the whole span, so all folds are on one scale).
+        fmel: decision recording settings (recorded trials).
+        bigquery: the BigQuery sink (``FMEL_SINK=bigquery``), else ``None``.
+        parts_dir: with the local sink, a recorded trial in a worker writes its own DuckDB file
+            here (``<session>.duckdb``), merged into ``FMEL_LOCAL_PATH`` by the driver (DuckDB
+            has one writing process per file). ``None``: write to the configured sink.
+        writer_timeout_s: longest the decision writer may take to flush at the end, seconds.
+        log_level: the workers' log level.
+    """
+
+    study_id: str
+    agent: str
+    base_params: Mapping[str, Any] = field(default_factory=dict)
+    agent_id: str | None = None
+    feeds: tuple[CSVFeedConfig, ...]
+    cash_usd: float = 100_000.0
+    commission: float = 0.001
+    risk: RiskConfig | None = None
+    metric: Metric = "sharpe"
+    periods_per_year: float = 252.0
+    fmel: FMELConfig
+    bigquery: BigQuerySinkConfig | None = None
+    parts_dir: Path | None = None
+    writer_timeout_s: float = 30.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSnapshot:
+    """What a worker needs to decide on pruning: the completed trials of the fold so far.
+
+    Attributes:
+        completed: ``(objective, intermediate values)`` per completed trial; an intermediate
+            value is ``None`` where the running objective was undefined at that step.
+    """
+
+    completed: tuple[tuple[float, tuple[float | None, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialTask:
+    """One backtest to run.
+
+    Attributes:
+        fold: the windows.
+        number: trial number within the fold.
+        params: the agent params under test.
+        session_id: the trial's session id (its decisions carry it when recorded).
+        record: run with FMEL on.
+        prune: pruning snapshot (``None``: never prune).
+    """
+
+    fold: Fold
+    number: int
+    params: Params
+    session_id: str
+    record: bool = False
+    prune: PruneSnapshot | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialResult:
+    """What came back from one trial: numbers only.
+
+    Attributes:
+        fold, number, params, session_id, record: as in the task.
+        status: ``complete``, ``failed`` (the agent or the data raised; see ``error``) or
+            ``pruned`` (stopped early; statistics cover the bars run).
+        objective: the in-sample objective, higher is better (``max_drawdown`` negated);
+            ``None`` when undefined (e.g. a flat curve has no Sharpe) or not complete.
+        in_sample, out_of_sample: statistics of each window (``None``: none run / no test).
+        intermediate: running in-sample objective at each pruning checkpoint.
+        decisions: decision records written (recorded trials).
+        error: ``Type: message`` of a failed trial (truncated).
+        elapsed_s: wall time of the trial, seconds.
+        worker: ``host:pid`` that ran it.
+        peak_rss_mb: that worker's peak resident memory so far, MiB.
+    """
+
+    fold: int
+    number: int
+    params: Params
+    session_id: str
+    record: bool
+    status: TrialState
+    objective: float | None
+    in_sample: PerformanceStats | None
+    out_of_sample: PerformanceStats | None
+    intermediate: tuple[float | None, ...] = ()
+    decisions: int = 0
+    error: str | None = None
+    elapsed_s: float = 0.0
+    worker: str = ""
+    peak_rss_mb: float = 0.0
+
+
+def objective_of(stats: PerformanceStats | None, metric: Metric) -> float | None:
+    """The objective from window statistics, oriented so that higher is better."""
+    if stats is None:
+        return None
+    value = {
+        "sharpe": stats.sharpe,
+        "sortino": stats.sortino,
+        "calmar": stats.calmar,
+        "return": stats.total_return_pct,
+        "max_drawdown": None if stats.max_drawdown_pct is None else -stats.max_drawdown_pct,
+    }[metric]
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _naive_ns(t: datetime) -> np.datetime64:
+    return np.datetime64(t.replace(tzinfo=None), "ns")
+
+
+def slice_bars(bars: CSVBars, start: datetime, end: datetime) -> CSVBars:
+    """The bars with ``start <= time < end`` (aware UTC bounds), sharing ``bars``' arrays.
+
+    Raises:
+        DataError: when no bar of ``bars.symbol`` falls in the window.
+    """
+    i, j = np.searchsorted(bars.times, [_naive_ns(start), _naive_ns(end)], side="left")
+    if j <= i:
+        raise DataError(f"{bars.symbol}: no bars in [{start:%Y-%m-%d %H:%M}, {end:%Y-%m-%d %H:%M})")
+    return CSVBars(
+        symbol=bars.symbol,
+        path=bars.path,
+        times=bars.times[i:j],
+        numeric={k: v[i:j] for k, v in bars.numeric.items()},
+        text={k: v[i:j] for k, v in bars.text.items()},
+        hashes=bars.hashes[i:j],
+        timeframe=bars.timeframe,
+        compression=bars.compression,
+    )
+
+
+def split_curve(equity: pd.Series, fold: Fold) -> tuple[pd.Series, pd.Series | None]:
+    """``(in-sample, out-of-sample)`` parts of a fold's equity curve (aware UTC index).
+
+    The out-of-sample part starts with the last in-sample point, so its first return is the
+    first test bar's; ``None`` for a fold without a test window.
+    """
+    boundary = pd.Timestamp(fold.train_end)
+    in_sample = equity[equity.index < boundary]
+    if fold.test_end is None:
+        return in_sample, None
+    out = equity[equity.index >= boundary]
+    if len(in_sample) and len(out):
+        out = pd.concat([in_sample.iloc[-1:], out])
+    return in_sample, out
+
+
+class _Checkpoints(bt.Analyzer):  # type: ignore[misc]
+    """Calls ``on_step(step, curve_so_far)`` when the bar time passes each checkpoint; a True
+    answer stops the run (``cerebro.runstop()``: the trial is pruned).
+
+    Params:
+        times (tuple[float]): checkpoint times as backtrader day numbers, ascending.
+        on_step (callable): ``(step, pd.Series) -> bool``.
+    """
+
+    params = (("times", ()), ("on_step", None))
+
+    def start(self) -> None:
+        self._values: list[float] = []
+        self._stamps: list[float] = []
+        self._next = 0
+        self.pruned = False
+
+    def _point(self) -> None:
+        now = self.strategy.datetime[0]
+        self._stamps.append(now)
+        self._values.append(float(self.strategy.broker.getvalue()))
+        times = self.p.times
+        while self._next < len(times) and now >= times[self._next]:
+            curve = pd.Series(
+                self._values,
+                index=pd.DatetimeIndex([bt.num2date(t) for t in self._stamps], tz="UTC"),
+            )
+            if self.p.on_step(self._next, curve):
+                self.pruned = True
+                self.strategy.env.runstop()
+                return
+            self._next += 1
+
+    def prenext(self) -> None:
+        self._point()
+
+    def nextstart(self) -> None:
+        self._point()
+
+    def next(self) -> None:
+        self._point()
+
+
+class _LocalPruner:
+    """Optuna's ``MedianPruner`` judging one running trial against a snapshot of the fold's
+    completed trials (built in the worker; the driver's study stays in the driver)."""
+
+    def __init__(self, snapshot: PruneSnapshot, metric: Metric, periods_per_year: float) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Warm-up: no verdict on the first steps, where indicators have barely started.
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        self.study = optuna.create_study(direction="maximize", pruner=pruner)
+        self.study.add_trials(
+            [
+                optuna.trial.create_trial(
+                    value=value,
+                    intermediate_values={step: v for step, v in enumerate(steps) if v is not None},
+                )
+                for value, steps in snapshot.completed
+            ]
+        )
+        self.trial = self.study.ask()
+        self.metric = metric
+        self.periods_per_year = periods_per_year
+        self.values: list[float | None] = []
+
+    def __call__(self, step: int, curve: pd.Series) -> bool:
+        value = objective_of(
+            performance_stats(curve, periods_per_year=self.periods_per_year), self.metric
+        )
+        self.values.append(value)
+        if value is None:  # undefined so far (e.g. no trade yet): no verdict
+            return False
+        self.trial.report(value, step)
+        return bool(self.trial.should_prune())
+
+
+class Backtester:
+    """Runs trials over bars held in memory. One per worker process; not thread-safe.
+
+    Args:
+        job: the study.
+        bars: symbol -> all of that symbol's bars (read once per worker).
+
+    Raises:
+        ConfigError: the agent cannot be loaded.
+    """
+
+    def __init__(self, job: StudyJob, bars: Mapping[str, CSVBars]) -> None:
+        self.job = job
+        self.bars = dict(bars)
+        self.agent_cls = load_agent(job.agent, dict(job.base_params))
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, task: TrialTask) -> TrialResult:
+        """Run one trial. Errors of the agent or the data make a ``failed`` result (the study
+        goes on); nothing is raised except ``KeyboardInterrupt``/``SystemExit``."""
+        t0 = time.perf_counter()
+        base = {
+            "fold": task.fold.index,
+            "number": task.number,
+            "params": task.params,
+            "session_id": task.session_id,
+            "record": task.record,
+            "worker": self.worker,
+        }
+        try:
+            equity, pruner, pruned, decisions = self._backtest(task)
+            in_curve, out_curve = split_curve(equity, task.fold)
+            ppy = self.job.periods_per_year
+            in_stats = performance_stats(in_curve, periods_per_year=ppy)
+            out_stats = (
+                performance_stats(out_curve, periods_per_year=ppy)
+                if out_curve is not None and not pruned
+                else None
+            )
+        except Exception as e:
+            # The agent is user code: whatever it raises (a rejected combination such as
+            # fast >= slow, a bug) makes this trial failed, stored with its error; the study
+            # goes on. A study whose every trial failed ends with exit code 1.
+            logger.debug("trial %s failed", task.session_id, exc_info=True)
+            return TrialResult(
+                **base,
+                status="failed",
+                objective=None,
+                in_sample=None,
+                out_of_sample=None,
+                error=f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS],
+                elapsed_s=time.perf_counter() - t0,
+                peak_rss_mb=peak_rss_mb(),
+            )
+        status: TrialState = "pruned" if pruned else "complete"
+        return TrialResult(
+            **base,
+            status=status,
+            objective=objective_of(in_stats, self.job.metric) if not pruned else None,
+            in_sample=in_stats,
+            out_of_sample=out_stats,
+            intermediate=tuple(pruner.values) if pruner is not None else (),
+            decisions=decisions,
+            elapsed_s=time.perf_counter() - t0,
+            peak_rss_mb=peak_rss_mb(),
+        )
+
+    def _backtest(self, task: TrialTask) -> tuple[pd.Series, _LocalPruner | None, bool, int]:
+        job, fold = self.job, task.fold
+        cerebro = make_cerebro(live=False)
+        for fc in job.feeds:
+            window = slice_bars(self.bars[fc.symbol], fold.train_start, fold.end)
+            cerebro.adddata(make_csv_feed(fc, window), name=fc.symbol)
+        setup_sim_broker(cerebro, cash_usd=job.cash_usd, commission=job.commission, risk=job.risk)
+        cerebro.addanalyzer(EquityCurve, _name="equity")
+        pruner = None
+        if task.prune is not None:
+            pruner = _LocalPruner(task.prune, job.metric, job.periods_per_year)
+            span = fold.train_end - fold.train_start
+            marks = [fold.train_start + span * (k / PRUNE_STEPS) for k in range(1, PRUNE_STEPS)]
+            cerebro.addanalyzer(
+                _Checkpoints,
+                _name="checkpoints",
+                times=tuple(bt.date2num(m.replace(tzinfo=None)) for m in marks),
+                on_step=pruner,
+            )
+        params = {**dict(job.base_params), **task.params}
+        writer = None
+        if task.record:
+            writer = self._writer(task.session_id)
+            add_fmel(
+                cerebro,
+                self.agent_cls,
+                agent_params=params,
+                writer=writer,
+                session_id=task.session_id,
+                agent_id=job.agent_id,
+                mode="optimize",
+                strict_lookahead=job.fmel.strict_lookahead,
+            )
+        cerebro.addstrategy(self.agent_cls, **params)
+        decisions = 0
+        if writer is not None:
+            writer.start()
+        try:
+            strategy = cerebro.run()[0]
+        finally:
+            if writer is not None:
+                decisions = writer.stop(timeout_s=job.writer_timeout_s).written
+        pruned = bool(pruner is not None and strategy.analyzers.checkpoints.pruned)
+        return strategy.analyzers.equity.series(), pruner, pruned, decisions
+
+    def _writer(self, session_id: str) -> Any:
+        job = self.job
+        if job.parts_dir is not None and job.fmel.sink == "local":
+            from analyzers.sinks.duckdb import LocalDuckDBSink
+
+            sink: Any = LocalDuckDBSink(part_path(job.parts_dir, session_id))
+            spill = job.parts_dir / f"{session_id}.spill"
+        else:
+            sink = make_sink(job.fmel, job.bigquery)
+            spill = None
+        return make_writer(job.fmel, sink, spill_dir=spill)
+
+
+def part_path(parts_dir: Path, session_id: str) -> Path:
+    """The DuckDB file a worker writes a recorded trial's decisions to."""
+    return parts_dir / f"{session_id}.duckdb"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,314 @@
+"""Clean shutdown and restart of a real ``runner.py`` process.
+
+* SIGTERM mid-run: the run stops after the current bar, every decision it reports is in the
+  store (contiguous decision points, nothing missing), the report still prints, exit code 0,
+  within the pod's termination grace period (30 s, the wait's timeout).
+* A second signal forces the exit at once (exit code 128 + SIGTERM) even while a slow
+  teardown is running.
+* A restart resumes cleanly: same agent and symbols, a new session id, spilled records of the
+  earlier run replayed into the store.
+
+The health endpoint of the running process is used to know the run is in progress (its
+``/metrics``), so the tests wait for facts, not for fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import duckdb
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from analyzers.fmel import FMELAnalyzer, make_run_info
+from analyzers.sinks.base import Row, RowError
+from analyzers.sinks.writer import DecisionWriter
+from core.errors import TransientError
+from core.retry import RetryPolicy
+from feeds.csv import make_csv_feed
+from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+from tests.conftest import clean_env
+from tests.fixtures_pubsub import free_port
+from tests.slow_agent import SlowAgent
+
+ROOT = Path(__file__).resolve().parents[2]
+GRACE_PERIOD_S = 30.0  # k8s.yaml terminationGracePeriodSeconds
+
+pytestmark = pytest.mark.slow
+
+
+class RunnerProcess:
+    """``python runner.py`` in its own process group; stderr collected by a reader thread."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.port = free_port()
+        full = clean_env(
+            {
+                "FMEL_LOCAL_PATH": str(tmp / "fmel.duckdb"),
+                "FMEL_SPILL_DIR": str(tmp / "spill"),
+                "HEALTH_PORT": str(self.port),
+                "LOG_FORMAT": "json",
+            }
+        )
+        full.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "runner.py")],
+            cwd=tmp,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.err_lines: list[str] = []
+        self._reader = threading.Thread(target=self._read_err, daemon=True)
+        self._reader.start()
+        self.stdout = ""
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err_lines.append(line)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return None
+
+    def status(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    def wait_for(self, what: str, predicate: Any, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"runner exited ({self.proc.returncode}) before {what}:\n"
+                    + "".join(self.err_lines[-20:])
+                )
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def finish(self, timeout_s: float) -> int:
+        """Wait for the exit; returns the exit code (stdout kept in :attr:`stdout`)."""
+        # stdout holds only the report (small: no pipe back-pressure before the exit).
+        code = self.proc.wait(timeout=timeout_s)
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+        self._reader.join(5)
+        return int(code)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.err_lines if line.strip()]
+
+
+@pytest.fixture
+def runners() -> Iterator[list[RunnerProcess]]:
+    started: list[RunnerProcess] = []
+    yield started
+    for r in started:
+        r.kill()
+
+
+def report_numbers(stdout: str) -> dict[str, Any]:
+    session = re.search(r"Portfolio report  session (\S+)", stdout)
+    dec = re.search(
+        r"decisions\s+(\d+) recorded \((\d+) written, (\d+) spilled, (\d+) rejected", stdout
+    )
+    assert session and dec, stdout
+    replayed = re.search(r"replayed\s+(\d+) records", stdout)
+    return {
+        "session": session.group(1),
+        "interrupted": "(INTERRUPTED)" in stdout,
+        "decisions": int(dec.group(1)),
+        "written": int(dec.group(2)),
+        "spilled": int(dec.group(3)),
+        "rejected": int(dec.group(4)),
+        "replayed": int(replayed.group(1)) if replayed else 0,
+    }
+
+
+def stored_points(store: Path, session: str) -> list[int]:
+    with duckdb.connect(str(store), read_only=True) as con:
+        rows = con.execute(
+            "SELECT decision_point FROM decisions WHERE session_id = ? ORDER BY 1", [session]
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_sigterm_mid_run_loses_nothing_and_a_restart_resumes(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    env = {"AGENT": "tests.slow_agent:SlowAgent", "AGENT_PARAMS": '{"sleep_s": 0.003}'}
+    first = RunnerProcess(tmp_path, **env)
+    runners.append(first)
+    first.wait_for(
+        "300 bars processed",
+        lambda: (first.metric("runner_bars_processed_total", feed="GOOG") or 0) >= 300,
+    )
+    assert first.status("/healthz") == 200
+    assert first.status("/readyz") == 200
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish(timeout_s=GRACE_PERIOD_S) == 0
+    rep = report_numbers(first.stdout)
+    assert rep["interrupted"]
+    total_bars = 5031  # the bundled GOOG/SP500/NASDAQ calendar
+    assert 300 <= rep["decisions"] < total_bars
+    assert rep["written"] == rep["decisions"] and rep["spilled"] == rep["rejected"] == 0
+    # Every decision the run reported is in the store, with no gap.
+    assert stored_points(tmp_path / "fmel.duckdb", rep["session"]) == list(range(rep["decisions"]))
+    messages = [e["message"] for e in first.log]
+    assert any("stopping: SIGTERM" in m for m in messages)
+    assert all(e["session"] == rep["session"] for e in first.log if e["session"])
+
+    # Restart with the same settings: a new session, the old one untouched.
+    second = RunnerProcess(
+        tmp_path, AGENT="tests.slow_agent:SlowAgent", AGENT_PARAMS='{"sleep_s": 0.0}'
+    )
+    runners.append(second)
+    assert second.finish(timeout_s=120) == 0
+    rep2 = report_numbers(second.stdout)
+    assert rep2["session"] != rep["session"]
+    assert not rep2["interrupted"] and rep2["decisions"] == total_bars
+    store = tmp_path / "fmel.duckdb"
+    assert stored_points(store, rep2["session"]) == list(range(total_bars))
+    assert stored_points(store, rep["session"]) == list(range(rep["decisions"]))
+    with duckdb.connect(str(store), read_only=True) as con:
+        symbols = con.execute(
+            "SELECT DISTINCT session_id, agent_id FROM decisions ORDER BY session_id"
+        ).fetchall()
+    assert [s for s, _ in symbols] == sorted([rep["session"], rep2["session"]])
+    assert len({a for _, a in symbols}) == 1  # same agent
+
+
+def test_second_signal_forces_exit(tmp_path: Path, runners: list[RunnerProcess]) -> None:
+    slow = RunnerProcess(
+        tmp_path,
+        AGENT="tests.slow_agent:SlowAgent",
+        AGENT_PARAMS='{"sleep_s": 0.003, "stop_sleep_s": 120}',
+    )
+    runners.append(slow)
+    slow.wait_for(
+        "100 bars processed",
+        lambda: (slow.metric("runner_bars_processed_total", feed="GOOG") or 0) >= 100,
+    )
+    slow.proc.send_signal(signal.SIGTERM)
+    slow.wait_for("the slow teardown", lambda: any("slow stop" in ln for ln in slow.err_lines))
+    assert slow.status("/readyz") == 503  # draining
+    slow.proc.send_signal(signal.SIGTERM)
+    # Far less than the 120 s teardown: the second signal does not wait for it.
+    assert slow.finish(timeout_s=GRACE_PERIOD_S) == 128 + signal.SIGTERM
+    assert any("forcing exit" in e["message"] for e in slow.log)
+    assert "Portfolio report" not in slow.stdout
+
+
+class DownSink:
+    """A store that is unreachable: every call raises TransientError (spill path)."""
+
+    name = "local"  # the runner's local sink replays spill-local.jsonl
+
+    def open(self) -> None:
+        raise TransientError("store unreachable")
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        raise TransientError("store unreachable")
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "down"
+
+    def example_query(self) -> str:
+        return ""
+
+
+def test_restart_replays_records_spilled_by_an_earlier_run(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    # An earlier run whose store was down: the real analyzer and writer spill every record.
+    writer = DecisionWriter(
+        DownSink(),
+        batch_size=10,
+        flush_interval_s=0.05,
+        spill_dir=tmp_path / "spill",
+        retry=RetryPolicy(attempts=1, initial_s=0.01, max_s=0.01),
+    )
+    cerebro = bt.Cerebro(stdstats=False)
+    cfg = CSVFeedConfig(path=BUNDLED_DATA_DIR / "GOOG.csv", symbol="GOOG", end=None)
+    cerebro.adddata(make_csv_feed(cfg), name="GOOG")
+    cerebro.addstrategy(SlowAgent, sleep_s=0.0)
+    run = make_run_info(
+        SlowAgent, session_id="earlier-session", agent_id=None, mode="backtest", params_json="{}"
+    )
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer, run=run)
+    writer.start()
+    strat = cerebro.run()[0]
+    stats = writer.stop()
+    spilled = strat.analyzers.fmel.decisions
+    assert stats.spilled == spilled > 0 and stats.written == 0
+    assert (tmp_path / "spill" / "spill-local.jsonl").exists()
+
+    restarted = RunnerProcess(tmp_path, SYMBOLS="GOOG")
+    runners.append(restarted)
+    assert restarted.finish(timeout_s=120) == 0
+    rep = report_numbers(restarted.stdout)
+    assert rep["replayed"] == spilled
+    assert rep["session"] != "earlier-session"
+    store = tmp_path / "fmel.duckdb"
+    assert stored_points(store, "earlier-session") == list(range(spilled))
+    assert stored_points(store, rep["session"]) == list(range(rep["decisions"]))
+    spill = tmp_path / "spill" / "spill-local.jsonl"
+    assert not spill.exists() or spill.stat().st_size == 0
+
+
+def test_sigterm_during_the_build_does_not_start_the_run(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    # The health endpoint answers before the (3 s) build; a signal then must stop the run
+    # before its first bar (backtrader's run() would otherwise forget it).
+    starting = RunnerProcess(tmp_path, AGENT="tests.slow_start:SlowStartAgent")
+    runners.append(starting)
+    starting.wait_for("/healthz", lambda: starting.status("/healthz") == 200)
+    assert starting.status("/readyz") == 503  # not running yet
+    starting.proc.send_signal(signal.SIGTERM)
+    assert starting.finish(timeout_s=GRACE_PERIOD_S) == 0
+    rep = report_numbers(starting.stdout)
+    assert rep["interrupted"] and rep["decisions"] == 0
+    assert any("before the first bar" in e["message"] for e in starting.log)

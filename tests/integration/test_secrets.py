@@ -1,0 +1,282 @@
+"""Secrets: the Secret type, the resolution chain, and Google Secret Manager through the real
+``google-cloud-secret-manager`` client (REST transport) against a local server speaking its API.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+from core.errors import ConfigError
+from core.secret import MASK, Secret
+from runtime.config import load_config
+from runtime.secrets import (
+    SecretManagerResolver,
+    resolve_setting,
+    secret_resource,
+    tried_places,
+)
+from tests.secretmanager_server import SecretManagerServer
+
+PROJECT = "test-project"
+KEY_VALUE = "PKTESTKEY0123456789"
+SECRET_VALUE = "sEcReT/value+0123456789abcdefghij"
+
+
+@pytest.fixture
+def resolver(sm: SecretManagerServer) -> SecretManagerResolver:
+    return SecretManagerResolver(client=sm.client(), deadline_s=10.0)
+
+
+def paper_env(**extra: str) -> dict[str, str]:
+    """The least a MODE=paper, BROKER=alpaca configuration needs besides the keys."""
+    return {
+        "MODE": "paper",
+        "BROKER": "alpaca",
+        "SYMBOLS": "AAPL",
+        "PUBSUB_TOPIC": "bars",
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        **extra,
+    }
+
+
+# -- the Secret type --------------------------------------------------------------------------
+
+
+def test_secret_never_prints_its_value() -> None:
+    s = Secret(SECRET_VALUE, source="env:ALPACA_SECRET_KEY")
+    percent = "%s" % s  # noqa: UP031 - old-style formatting must mask too
+    for text in (repr(s), str(s), f"{s}", f"{s:>40}", percent, repr([s]), repr({"k": s})):
+        assert SECRET_VALUE not in text
+        assert MASK in text
+    assert "env:ALPACA_SECRET_KEY" in repr(s)
+    assert s.reveal() == SECRET_VALUE
+    assert copy.deepcopy(s) is s
+    with pytest.raises(TypeError):
+        pickle.dumps(s)
+
+
+# -- secret_resource ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ref", "project", "want"),
+    [
+        ("alpaca-key", "p", "projects/p/secrets/alpaca-key/versions/latest"),
+        ("alpaca-key/versions/3", "p", "projects/p/secrets/alpaca-key/versions/3"),
+        ("projects/q/secrets/k", None, "projects/q/secrets/k/versions/latest"),
+        ("projects/q/secrets/k/versions/7", "p", "projects/q/secrets/k/versions/7"),
+        (
+            "projects/q/locations/us-east1/secrets/k",
+            None,
+            "projects/q/locations/us-east1/secrets/k/versions/latest",
+        ),
+    ],
+)
+def test_secret_resource_shapes(ref: str, project: str | None, want: str) -> None:
+    assert secret_resource(ref, project) == want
+
+
+@pytest.mark.parametrize(
+    ("ref", "project", "needle"),
+    [
+        ("alpaca-key", None, "GOOGLE_CLOUD_PROJECT"),
+        ("a/b", "p", "expected"),
+        ("projects/q/topics/t", None, "expected"),
+        ("projects/q/secrets/k/aliases/x", None, "versions"),
+    ],
+)
+def test_secret_resource_refuses_bad_shapes(ref: str, project: str | None, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        secret_resource(ref, project)
+
+
+# -- the chain without Secret Manager ----------------------------------------------------------
+
+
+def test_variable_wins_over_alternative_and_secret_manager(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "alpaca-key", "from-secret-manager")
+    env = paper_env(
+        ALPACA_API_KEY=KEY_VALUE,
+        APCA_API_KEY_ID="from-alternative",
+        ALPACA_API_KEY_SECRET="alpaca-key",
+        ALPACA_SECRET_KEY=SECRET_VALUE,
+    )
+    cfg = load_config(env, secret_resolver=resolver)
+    assert cfg.alpaca is not None
+    assert cfg.alpaca.api_key.reveal() == KEY_VALUE
+    assert cfg.alpaca.api_key.source == "env:ALPACA_API_KEY"
+    assert sm.reads("alpaca-key") == 0  # never asked: the variable was enough
+
+
+def test_alternative_name_wins_over_secret_manager(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "alpaca-key", "from-secret-manager")
+    env = paper_env(
+        APCA_API_KEY_ID=KEY_VALUE,
+        ALPACA_API_KEY_SECRET="alpaca-key",
+        APCA_API_SECRET_KEY=SECRET_VALUE,
+    )
+    cfg = load_config(env, secret_resolver=resolver)
+    assert cfg.alpaca is not None
+    assert cfg.alpaca.api_key.reveal() == KEY_VALUE
+    assert cfg.alpaca.api_key.source == "env:APCA_API_KEY_ID"
+    assert cfg.alpaca.secret_key.source == "env:APCA_API_SECRET_KEY"
+    assert sm.reads("alpaca-key") == 0
+
+
+def test_empty_variable_counts_as_unset() -> None:
+    found = resolve_setting("X", {"X": "  ", "Y": " v "}, alternatives=("Y",))
+    assert found == ("v", "env:Y")
+    assert resolve_setting("X", {"X": ""}) is None
+
+
+def test_missing_required_secret_names_every_place_tried(resolver: SecretManagerResolver) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(paper_env(ALPACA_SECRET_KEY=SECRET_VALUE), secret_resolver=resolver)
+    msg = str(err.value)
+    for place in ("ALPACA_API_KEY", "APCA_API_KEY_ID", "ALPACA_API_KEY_SECRET", "Secret Manager"):
+        assert place in msg
+    assert SECRET_VALUE not in msg
+    assert tried_places("A", ("B",)) == "A, B, Secret Manager via A_SECRET"
+
+
+def test_missing_required_setting_names_alternatives() -> None:
+    env = {"MODE": "paper", "SYMBOLS": "AAPL", "PUBSUB_TOPIC": "bars"}
+    with pytest.raises(ConfigError) as err:
+        load_config(env)
+    for place in (
+        "GOOGLE_CLOUD_PROJECT",
+        "PROJECT_ID",
+        "GCLOUD_PROJECT",
+        "GOOGLE_CLOUD_PROJECT_SECRET",
+    ):
+        assert place in str(err.value)
+
+
+# -- Secret Manager through the real client ----------------------------------------------------
+
+
+def test_keys_from_secret_manager(sm: SecretManagerServer, resolver: SecretManagerResolver) -> None:
+    sm.add(PROJECT, "alpaca-key", "an-old-key")
+    sm.add(PROJECT, "alpaca-key", KEY_VALUE + "\n")  # as `echo ... | gcloud ...` stores it
+    sm.add(PROJECT, "alpaca-secret", SECRET_VALUE)
+    env = paper_env(
+        ALPACA_API_KEY_SECRET="alpaca-key",
+        ALPACA_SECRET_KEY_SECRET=f"projects/{PROJECT}/secrets/alpaca-secret",
+    )
+    cfg = load_config(env, secret_resolver=resolver)
+    assert cfg.alpaca is not None
+    assert cfg.alpaca.api_key.reveal() == KEY_VALUE
+    assert cfg.alpaca.api_key.source == (
+        f"secretmanager:projects/{PROJECT}/secrets/alpaca-key/versions/2"
+    )
+    assert cfg.alpaca.secret_key.reveal() == SECRET_VALUE
+    assert cfg.secret_refs == {
+        "ALPACA_API_KEY": "alpaca-key",
+        "ALPACA_SECRET_KEY": f"projects/{PROJECT}/secrets/alpaca-secret",
+    }
+    for text in (repr(cfg), str(cfg.alpaca)):
+        assert KEY_VALUE not in text and SECRET_VALUE not in text
+    assert sm.requests == [
+        ("GET", f"/v1/projects/{PROJECT}/secrets/alpaca-key/versions/latest:access"),
+        ("GET", f"/v1/projects/{PROJECT}/secrets/alpaca-secret/versions/latest:access"),
+    ]
+
+
+def test_pinned_version_and_other_project(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add("vault-project", "k", "v1-value")
+    sm.add("vault-project", "k", "v2-value")
+    text, resource = resolver.access("projects/vault-project/secrets/k/versions/1", PROJECT)
+    assert (text, resource) == ("v1-value", "projects/vault-project/secrets/k/versions/1")
+
+
+def test_values_are_cached_per_resource(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "k", "value-123456")
+    assert resolver.access("k", PROJECT)[0] == "value-123456"
+    assert resolver.access("k", PROJECT)[0] == "value-123456"
+    assert sm.reads("k") == 1
+
+
+def test_any_setting_can_come_from_secret_manager(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "agent-id", "desk-7")
+    cfg = load_config(
+        {"AGENT_ID_SECRET": "agent-id", "GOOGLE_CLOUD_PROJECT": PROJECT}, secret_resolver=resolver
+    )
+    assert cfg.run.agent_id == "desk-7"
+
+
+def test_unavailable_is_retried_by_the_client(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "flaky", "finally-123456")
+    sm.fail_next(PROJECT, "flaky", 2)
+    assert resolver.access("flaky", PROJECT)[0] == "finally-123456"
+    assert sm.reads("flaky") == 3
+
+
+def test_not_found_names_the_secret_and_the_chain(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    env = paper_env(ALPACA_API_KEY_SECRET="no-such-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+    with pytest.raises(ConfigError) as err:
+        load_config(env, secret_resolver=resolver)
+    msg = str(err.value)
+    assert f"projects/{PROJECT}/secrets/no-such-key/versions/latest not found" in msg
+    assert "ALPACA_API_KEY, APCA_API_KEY_ID" in msg
+    assert SECRET_VALUE not in msg
+
+
+def test_permission_denied_says_which_role(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "locked", "x" * 20)
+    sm.deny(PROJECT, "locked")
+    with pytest.raises(ConfigError, match=r"secretmanager\.secretAccessor"):
+        resolver.access("locked", PROJECT)
+
+
+def test_corrupted_payload_is_refused(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    sm.add(PROJECT, "garbled", "payload-123456")
+    sm.bad_crc.add((PROJECT, "garbled"))
+    with pytest.raises(ConfigError, match="checksum") as err:
+        resolver.access("garbled", PROJECT)
+    assert "payload-123456" not in str(err.value)
+
+
+def test_secret_manager_untouched_when_not_needed(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    # A backtest never builds the broker config, so its key references are never read.
+    cfg = load_config({"ALPACA_API_KEY_SECRET": "alpaca-key"}, secret_resolver=resolver)
+    assert cfg.alpaca is None
+    assert sm.requests == []
+
+
+def test_endpoint_setting_builds_the_real_client(sm: SecretManagerServer) -> None:
+    # The production path: no resolver passed, SECRET_MANAGER_ENDPOINT points the client here.
+    sm.add(PROJECT, "alpaca-key", KEY_VALUE)
+    sm.add(PROJECT, "alpaca-secret", SECRET_VALUE)
+    env = paper_env(
+        ALPACA_API_KEY_SECRET="alpaca-key",
+        ALPACA_SECRET_KEY_SECRET="alpaca-secret",
+        SECRET_MANAGER_ENDPOINT=sm.url,
+    )
+    cfg = load_config(env)
+    assert cfg.alpaca is not None
+    assert cfg.alpaca.api_key.reveal() == KEY_VALUE
+    assert cfg.alpaca.secret_key.reveal() == SECRET_VALUE
+    assert sm.reads("alpaca-key") == 1

@@ -58,11 +58,13 @@ COPY --from=builder /opt/models /opt/models
 WORKDIR /app
 # Code and the bundled data only, owned by root: the runner cannot change its own code.
 COPY runner.py ./
+COPY core/ core/
 COPY runtime/ runtime/
 COPY feeds/ feeds/
 COPY analyzers/ analyzers/
 COPY agents/ agents/
 COPY data/ data/
+COPY sql/ sql/
 USER 10001:10001
 # /var/lib/runner: decision store and spill files (an emptyDir or a volume in Kubernetes).
 VOLUME ["/var/lib/runner"]
@@ -73,4 +75,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # SIGTERM (docker stop, pod deletion) stops cleanly within SHUTDOWN_TIMEOUT_S; python is PID 1
 # and handles it itself.
 STOPSIGNAL SIGTERM
+# The same image runs the market-data ingestor, `python -m runtime.ingest` (docs/ingest.md):
+#   docker run --entrypoint python IMAGE -m runtime.ingest     (k8s.yaml: Deployment ingest)
+# with the same HEALTH_PORT probes, JSON logs and SIGTERM handling.
 ENTRYPOINT ["python", "runner.py"]

@@ -71,11 +71,10 @@ class VWAP(bt.Indicator):  # type: ignore[misc]
         price (str): ``"typical"`` ((H + L + C) / 3) or ``"close"``.
     """
 
-    lines = ("vwap",)
+    lines: Any = ("vwap",)
     params = (("period", 20), ("price", "typical"))
-    plotinfo = dict(subplot=False)
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # data, params: see backtrader
         if self.p.period < 1:
             raise ValueError(f"VWAP period must be >= 1, got {self.p.period}")
         if self.p.price not in ("typical", "close"):
@@ -113,7 +112,7 @@ class _WindowOfReturns(bt.Indicator):  # type: ignore[misc]
 
     params = (("period", 20),)
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if self.p.period < 2:
             raise ValueError(f"{type(self).__name__} period must be >= 2, got {self.p.period}")
         self.addminperiod(self.p.period + 1)
@@ -140,7 +139,7 @@ class RealizedVariance(_WindowOfReturns):
         period (int): returns in the window (>= 2). Default 20.
     """
 
-    lines = ("rv",)
+    lines: Any = ("rv",)
 
     @staticmethod
     def window(prices: np.ndarray) -> float:
@@ -155,7 +154,7 @@ class BipowerVariation(_WindowOfReturns):
         period (int): returns in the window (>= 2). Default 20.
     """
 
-    lines = ("bv",)
+    lines: Any = ("bv",)
 
     @staticmethod
     def window(prices: np.ndarray) -> float:
@@ -173,10 +172,10 @@ class JumpRatio(bt.Indicator):  # type: ignore[misc]
             ratio is in [0, 1]. Default False.
     """
 
-    lines = ("jump", "rv", "bv")
+    lines: Any = ("jump", "rv", "bv")
     params = (("period", 20), ("floor", False))
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         rv = RealizedVariance(self.data, period=self.p.period)
         bv = BipowerVariation(self.data, period=self.p.period)
         self.lines.rv = rv.rv

@@ -4,8 +4,9 @@ Added by the runner to every run (``cerebro.addanalyzer(FMELAnalyzer, writer=...
 At ``start`` it makes the agent's data feeds and every line object the agent created track their
 reads (:mod:`analyzers.tracking`) and wraps the agent's callbacks so that reads count only while
 the agent's own code runs: not inside the backtrader calls it makes (orders, ``order_target_*``,
-sizers, ``close()``, the broker's ``getvalue``...), which read prices on its behalf. At the end of every bar (``prenext``/``nextstart``/``next``, called by
-backtrader right after the strategy's own) it builds a :class:`~analyzers.schema.DecisionRecord`
+sizers, ``close()``, the broker's ``getvalue``...), which read prices on its behalf. At the end
+of every bar (``prenext``/``nextstart``/``next``, called by backtrader right after the
+strategy's own) it builds a :class:`~analyzers.schema.DecisionRecord`
 with the reads, the order events of the bar, the portfolio and the agent's notes, and hands it to
 the :class:`~analyzers.sinks.writer.DecisionWriter` (which returns at once; I/O happens on the
 writer's thread).
@@ -61,6 +62,9 @@ _AGENT_CALLBACKS = (
     "prenext",
     "nextstart",
     "next",
+    "prenext_open",  # cheat_on_open=True: called before the broker, in the same step
+    "nextstart_open",
+    "next_open",
     "notify_order",
     "notify_trade",
     "notify_data",
@@ -80,6 +84,20 @@ _ON_BEHALF_CALLS = (
     "buy_bracket",
     "sell_bracket",
     "getsizing",
+)
+# broker methods that read prices (portfolio value of positions, order construction); the agent
+# calls them, the reads are the broker's. Not every public method: the broker calls its own
+# methods many times per bar, each through the wrapper.
+_BROKER_CALLS = (
+    "getvalue",
+    "get_value",
+    "get_value_lever",
+    "get_fundvalue",
+    "buy",
+    "sell",
+    "submit",
+    "transmit",
+    "cancel",
 )
 
 
@@ -105,9 +123,16 @@ def agent_params_json(strategy: Any) -> str:
 
 
 def make_run_info(
-    strategy_cls: type, *, session_id: str, agent_id: str | None, mode: str, params_json: str = "{}"
+    strategy_cls: type,
+    *,
+    session_id: str,
+    agent_id: str | None,
+    mode: str,
+    params_json: str = "{}",
+    decision_scope: str | None = None,
 ) -> RunInfo:
-    """Run metadata shared by all records of a session."""
+    """Run metadata shared by all records of a session (``decision_scope``: see
+    :attr:`~analyzers.schema.RunInfo.decision_scope`)."""
     return RunInfo(
         session_id=session_id,
         agent_id=agent_id or strategy_cls.__name__,
@@ -115,6 +140,7 @@ def make_run_info(
         agent_class=f"{strategy_cls.__module__}.{strategy_cls.__qualname__}",
         agent_params=params_json,
         agent_source_hash=source_hash(strategy_cls),
+        decision_scope=decision_scope,
     )
 
 
@@ -259,15 +285,17 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if callable(getattr(strategy, name, None)):
                 setattr(strategy, name, on_behalf(getattr(strategy, name)))
         broker = strategy.broker
-        for name in dir(type(broker)):
-            if name.startswith("_") or name in vars(broker):
-                continue
+        for name in _BROKER_CALLS:
             method = getattr(broker, name, None)
-            if inspect.ismethod(method):
+            if inspect.ismethod(method) and name not in vars(broker):
                 setattr(broker, name, on_behalf(method))
                 self._unwrap.append((broker, name))
 
     def stop(self) -> None:
+        # Order events that arrived after the last bar (a live broker's final cancels and fills,
+        # delivered just before the strategies stop) get one last record, stage STOP.
+        if self._events:
+            self._record("STOP")
         self.tracker.untrack_all()
         for obj, name in self._unwrap:
             vars(obj).pop(name, None)

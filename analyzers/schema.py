@@ -91,7 +91,12 @@ POSITION_FIELDS = (
 )
 
 DECISION_SCHEMA: tuple[FieldSpec, ...] = (
-    F("decision_id", "STRING", "REQUIRED", description="<session_id>:<decision_point>"),
+    F(
+        "decision_id",
+        "STRING",
+        "REQUIRED",
+        description="<session_id>:<decision_point>; paper runs: <deployment>:<bar_time>",
+    ),
     F("session_id", "STRING", "REQUIRED"),
     F("agent_id", "STRING", "REQUIRED"),
     F("mode", "STRING", "REQUIRED", description="backtest or paper"),
@@ -178,6 +183,9 @@ class RunInfo(NamedTuple):
     agent_params: str
     agent_source_hash: str | None
     tracking_gaps: str | None = None  # JSON list of sentences
+    # Paper runs: decision ids are "<scope>:<bar time>" (the deployment's subscription), the
+    # same for a bar decided again after a restart, so stores keep one row per bar time.
+    decision_scope: str | None = None
 
 
 class DecisionRecord(NamedTuple):
@@ -207,6 +215,11 @@ class DecisionRecord(NamedTuple):
 
     @property
     def decision_id(self) -> str:
+        """``<session_id>:<decision_point>``; with a ``decision_scope`` (paper runs)
+        ``<scope>:<bar time ISO-8601 UTC>``, stable across restarts."""
+        scope = self.run.decision_scope
+        if scope:
+            return f"{scope}:{_ts(self.bar_time)}"
         return f"{self.run.session_id}:{self.decision_point}"
 
 
@@ -323,7 +336,7 @@ def row_json(rec: DecisionRecord) -> str:
     run = rec.run
     parts = [
         '{"decision_id":',
-        _str(f"{run.session_id}:{rec.decision_point}"),
+        _str(rec.decision_id),
         ',"session_id":',
         _str(run.session_id),
         ',"agent_id":',

@@ -39,6 +39,7 @@ import sysconfig
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
+from types import FrameType
 from typing import Any
 
 import backtrader as bt
@@ -134,7 +135,17 @@ class LineTag:
     ``direct`` is true for a feed's own lines and text fields (the clock is the only source).
     """
 
-    __slots__ = ("clock", "direct", "field", "line", "out", "pairs", "strict", "tracker")
+    __slots__ = (
+        "clock",
+        "direct",
+        "field",
+        "line",
+        "out",
+        "pairs",
+        "steps",
+        "strict",
+        "tracker",
+    )
 
     def __init__(
         self,
@@ -151,10 +162,17 @@ class LineTag:
         self.line = line
         self.field = field
         self.clock = clock
+        # whose positions the line's own follow: the clock feed, or the strategy's steps for a
+        # line clocked by the strategy (couplers): their bar times differ from any one feed's
+        self.steps = clock
         self.direct = direct
-        # (source feed, newest bar offset, positions aligned with the line's own): resolution
-        # maps a read to one bar of each source feed
-        self.pairs: tuple[tuple[FeedInfo, int, bool], ...] = ((clock, 0, True),) if clock else ()
+        # (source feed, newest bar offset, positions aligned with the line's own, causal):
+        # resolution maps a read to one bar of each source feed. Causal: the offset's forward
+        # part comes from forward-shifted lines computed bar by bar, whose value for bar t is
+        # only written at bar t + offset (NaN until then), so they cannot leak the future.
+        self.pairs: tuple[tuple[FeedInfo, int, bool, bool], ...] = (
+            ((clock, 0, True, True),) if clock else ()
+        )
 
     @property
     def symbol(self) -> str:
@@ -188,7 +206,7 @@ class AccessTracker:
         self._tracked: list[tuple[Any, type]] = []
         self._feeds: dict[int, FeedInfo] = {}
         self._derived: list[LineTag] = []
-        self._dynamic: dict[int, dict[int, tuple[Any, int]]] = {}
+        self._dynamic: dict[int, Reach] = {}
         self._stale = False
         self._graph: _Graph | None = None
         self._registered = 0
@@ -306,11 +324,17 @@ class AccessTracker:
                 yield tag
 
     def _derived_tag(self, line: Any, field: str) -> LineTag:
-        clock_feed = _clock_root(line)
-        clock = self.feed_info(clock_feed) if clock_feed is not None else None
+        root = _clock_root(line)
+        steps = None
+        if isinstance(root, bt.Strategy):
+            steps = FeedInfo(root)  # not a source: only its bar times are used
+            root = root.datas[0] if root.datas else None
+        clock = self.feed_info(root) if root is not None else None
         if clock is not None:  # sma["GOOG"] / sma[data] read as field "sma" of symbol GOOG
             field = field.replace(f"[{clock.symbol}]", "") or field
         tag = LineTag(self, line, field, clock, direct=False)
+        if steps is not None:
+            tag.steps = steps
         self._set_sources(tag)
         self._derived.append(tag)
         return tag
@@ -319,12 +343,16 @@ class AccessTracker:
         graph = self._graph
         assert graph is not None
         reach = graph.reach(tag.line)
-        sources = [(self.feed_info(feed), off) for feed, off in reach.values()]
+        sources = [(self.feed_info(feed), off, causal) for feed, off, causal in reach.values()]
         if not sources and tag.clock is not None:
-            sources = [(tag.clock, 0)]
+            sources = [(tag.clock, 0, True)]
         # the clock first, then by symbol: a stable order for the records
         sources.sort(key=lambda s: (s[0] is not tag.clock, s[0].symbol))
-        tag.pairs = tuple((info, off, self.runonce or info is tag.clock) for info, off in sources)
+        runonce = self.runonce
+        tag.pairs = tuple(
+            (info, off, runonce or info is tag.steps, causal and not runonce)
+            for info, off, causal in sources
+        )
 
     def _swap(self, line: Any, tag: LineTag) -> bool:
         if not isinstance(line, LineBuffer) or isinstance(getattr(line, "_fmel", None), LineTag):
@@ -390,11 +418,19 @@ class AccessTracker:
             tree = ast.parse(source)
         except SyntaxError:
             return
+        modules = {  # np.array, array.array: not line buffers
+            alias.asname or alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
         hits = sorted(
             {
                 node.lineno
                 for node in ast.walk(tree)
-                if isinstance(node, ast.Attribute) and node.attr in ("array", "plotrange")
+                if isinstance(node, ast.Attribute)
+                and node.attr in ("array", "plotrange")
+                and not (isinstance(node.value, ast.Name) and node.value.id in modules)
             }
         )
         if hits:
@@ -410,7 +446,7 @@ class AccessTracker:
         """A line iterator (not the agent) read ``line[ago]`` with ``ago > 0`` while computing:
         everything built on it reaches ``ago`` bars further."""
         tag: LineTag = line._fmel
-        frame = sys._getframe(depth)
+        frame: FrameType | None = sys._getframe(depth)
         reader = None
         for _ in range(6):
             if frame is None:
@@ -427,9 +463,9 @@ class AccessTracker:
         found = self._graph.reach(line)
         dyn = self._dynamic.setdefault(id(reader), {})
         grew = False
-        for key, (feed, off) in found.items():
+        for key, (feed, off, _) in found.items():
             if key not in dyn or dyn[key][1] < off + ago:
-                dyn[key] = (feed, off + ago)
+                dyn[key] = (feed, off + ago, False)
                 grew = True
         if grew:
             self._stale = True
@@ -497,12 +533,14 @@ class AccessTracker:
             reason = ""
             pairs = tag.pairs
             if size == 0 and not tag.direct:  # len() of a derived line: its clock's bar count
-                pairs = ((tag.clock, 0, True),) if tag.clock is not None else ()
-            for info, offset, aligned in pairs:
+                pairs = (
+                    ((tag.clock, 0, tag.steps is tag.clock, True),) if tag.clock is not None else ()
+                )
+            for info, offset, aligned, causal in pairs:
                 c = cur.get(id(info))
                 if c is None:
                     c = cur[id(info)] = info.current()
-                if size == 0 or tag.direct:
+                if tag.direct:
                     bar = index
                 elif aligned:
                     bar = index + offset
@@ -512,6 +550,8 @@ class AccessTracker:
                     if wrapped:
                         reason = f"{info.symbol} had not started when this value was computed"
                 got = returned and size != 0 and 0 <= bar < info.buffered()
+                if causal and offset > 0 and bar > c:
+                    got = False  # not written yet: the value is NaN, no bar was returned
                 la = got and bar > c
                 if size == 0:
                     got = bar >= 0
@@ -526,7 +566,7 @@ class AccessTracker:
                         seq,
                         field,
                         ago,
-                        size,
+                        size or 1,  # len() reads one count
                         bar,
                         info.hash_at(bar) if got else None,
                         num,
@@ -558,8 +598,8 @@ class AccessTracker:
         """Next-bar mode, a source that is not the line's clock: the source's bar when the value
         at ``index`` was computed. A source that had no bar yet was read at index -1 of its
         buffer, i.e. its newest buffered bar (wrapped around)."""
-        clock = tag.clock
-        num = clock.time_num(index) if clock is not None else None
+        steps = tag.steps
+        num = steps.time_num(index) if steps is not None else None
         if num is None:
             return info.current(), False
         bar = info.index_at(num)
@@ -602,7 +642,9 @@ def _defined_outside_backtrader(fn: Any) -> bool:
 # The line graph: clocks, children and how far each line reaches into its source feeds
 # ---------------------------------------------------------------------------------------------
 
-Reach = dict[int, tuple[Any, int]]  # id(feed) -> (feed, newest bar offset)
+# id(feed) -> (feed, newest bar offset, causal: no part of a forward offset comes from a read
+# of a future bar made while an indicator computed)
+Reach = dict[int, tuple[Any, int, bool]]
 
 
 def _children(owner: Any) -> list[Any]:
@@ -644,9 +686,10 @@ def _named_lines(obj: Any, label: str, labels: Mapping[int, str]) -> list[tuple[
 
 
 def _clock_root(obj: Any) -> Any:
-    """The data feed whose bars ``obj``'s positions follow (None if there is none)."""
+    """The data feed whose bars ``obj``'s positions follow, or the strategy when they follow
+    its steps (None if there is none)."""
     for _ in range(64):
-        if obj is None or isinstance(obj, bt.AbstractDataBase):
+        if obj is None or isinstance(obj, bt.AbstractDataBase | bt.Strategy):
             return obj
         if isinstance(obj, LineSeriesStub):
             obj = obj.lines[0]
@@ -680,17 +723,18 @@ class _Graph:
     def _merge(self, parts: list[Reach], shift: int = 0) -> Reach:
         out: Reach = {}
         for part in parts:
-            for key, (feed, off) in part.items():
+            for key, (feed, off, causal) in part.items():
                 off += shift
-                if key not in out or out[key][1] < off:
-                    out[key] = (feed, off)
+                old = out.get(key)
+                if old is None or old[1] < off or (old[1] == off and not causal):
+                    out[key] = (feed, off, causal)
         return out
 
     def _compute(self, obj: Any) -> Reach:
         dyn = self._dynamic.get(id(obj))
         extra = [dyn] if dyn else []
         if isinstance(obj, bt.AbstractDataBase):
-            return {id(obj): (obj, 0)}
+            return {id(obj): (obj, 0, True)}
         if isinstance(obj, LineSeriesStub):
             return self.reach(obj.lines[0])
         if isinstance(obj, _LineDelay | _LineForward):
@@ -703,7 +747,7 @@ class _Graph:
         if isinstance(obj, LineBuffer):
             owner = getattr(obj, "_owner", None)
             if isinstance(owner, bt.AbstractDataBase):
-                return {id(owner): (owner, 0)}
+                return {id(owner): (owner, 0, True)}
             if isinstance(owner, LineIterator):
                 bound = [
                     src
@@ -801,7 +845,7 @@ def _key_label(key: Any) -> str:
     if isinstance(key, tuple):
         return ",".join(_key_label(k) for k in key)
     text = repr(key)
-    if type(key).__repr__ is object.__repr__ or " at 0x" in text:
+    if " at 0x" in text or type(key).__repr__ is object.__repr__:  # type: ignore[comparison-overlap]
         return type(key).__name__
     return text
 
@@ -903,10 +947,10 @@ def _tracked_class(base: type) -> type:
     cls = _TRACKED_CLASSES.get(base)
     if cls is not None:
         return cls
-    base_getitem: Callable[[Any, int], Any] = base.__getitem__  # type: ignore[attr-defined]
-    base_get: Callable[..., Any] = base.get  # type: ignore[attr-defined]
-    base_getzero: Callable[..., Any] = base.getzero  # type: ignore[attr-defined]
-    base_getzeroval: Callable[..., Any] = base.getzeroval  # type: ignore[attr-defined]
+    base_getitem: Callable[[Any, int], Any] = getattr(base, "__getitem__")  # noqa: B009
+    base_get: Callable[..., Any] = getattr(base, "get")  # noqa: B009
+    base_getzero: Callable[..., Any] = getattr(base, "getzero")  # noqa: B009
+    base_getzeroval: Callable[..., Any] = getattr(base, "getzeroval")  # noqa: B009
     plain = base_getitem is LineBuffer.__getitem__
 
     def __getitem__(self: Any, ago: int) -> Any:  # noqa: N807

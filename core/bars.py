@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -217,19 +217,33 @@ class BarHashes:
 
     Unbounded for backtests; with ``maxlen`` only the newest ``maxlen`` are kept (live feeds),
     and older indexes answer ``None``. Appended on the main thread only.
+
+    With ``source`` (a sequence of every bar's hash, e.g. a CSV file's, which may compute each
+    on first use) the feed calls :meth:`advance` per delivered bar instead of :meth:`append`, so
+    no hash is computed before something asks for it.
     """
 
-    __slots__ = ("_base", "_hashes")
+    __slots__ = ("_base", "_count", "_hashes", "_source")
 
-    def __init__(self, maxlen: int | None = None) -> None:
+    def __init__(self, maxlen: int | None = None, *, source: Sequence[str] | None = None) -> None:
         self._hashes: deque[str] | list[str] = deque(maxlen=maxlen) if maxlen else []
         self._base = 0
+        self._source = source
+        self._count = 0
 
     def append(self, digest: str) -> None:
+        if self._source is not None:
+            raise TypeError("BarHashes over a source: call advance(), not append()")
         hashes = self._hashes
         if isinstance(hashes, deque) and hashes.maxlen is not None and len(hashes) == hashes.maxlen:
             self._base += 1
         hashes.append(digest)
+
+    def advance(self) -> None:
+        """One more bar of ``source`` was delivered (its hash is not computed here)."""
+        if self._source is None:
+            raise TypeError("BarHashes without a source: call append(digest)")
+        self._count += 1
 
     def extend(self, digests: Iterable[str]) -> None:
         for d in digests:
@@ -237,6 +251,8 @@ class BarHashes:
 
     def at(self, index: int) -> str | None:
         """Hash of absolute bar ``index``; ``None`` when out of range or evicted."""
+        if self._source is not None:
+            return self._source[index] if 0 <= index < self._count else None
         i = index - self._base
         if i < 0:
             return None
@@ -246,6 +262,8 @@ class BarHashes:
             return None
 
     def __len__(self) -> int:
+        if self._source is not None:
+            return self._count
         return self._base + len(self._hashes)
 
 

@@ -8,7 +8,11 @@ in :mod:`runtime.replay`, which reads the environment and calls :func:`main` her
   message carries the CSV feed's ``data_hash`` for that bar and the live feed verifies it.
 * Bars of several symbols are interleaved in time order (ties by symbol).
 * ``--speed 0`` (or ``max``, the default) publishes as fast as possible; ``--speed N`` plays N
-  times real time (``--speed 60`` plays one-minute bars one per second).
+  times real time (``--speed 60`` plays one-minute bars one per second). A paced replay has its
+  own clock (the first bar's time plus N times the elapsed time): every message carries it as
+  the attribute ``replay_clock`` (POSIX seconds), and the live feed refuses bars stamped
+  further ahead of it than ``PUBSUB_MAX_FUTURE_S`` (``future_timestamp``), as it does against
+  the wall clock live.
 * Messages follow the contract of :mod:`feeds.pubsub.messages`: JSON body ``symbol``, ``timestamp``
   (ISO-8601 UTC), OHLCV, extra columns as extra fields, ``data_hash``; attribute ``symbol``;
   ``ordering_key=symbol`` so each symbol's bars arrive in order.
@@ -45,6 +49,8 @@ from core.retry import RetryPolicy
 from core.time import iso_utc
 from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
 from feeds.pubsub.clients import publisher_client, resource_path
+from feeds.pubsub.config import resource_name_problem
+from feeds.pubsub.messages import REPLAY_CLOCK_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +90,24 @@ class ReplayResult:
 
 
 class BarMessage:
-    """One message to publish: its body, symbol (attribute and ordering key), bar time and
-    data hash."""
+    """One message to publish: its body, symbol (attribute and ordering key), bar time, data
+    hash, and (paced replays) the replay's clock when it is published, POSIX seconds."""
 
-    __slots__ = ("body", "data_hash", "symbol", "ts")
+    __slots__ = ("body", "data_hash", "replay_clock", "symbol", "ts")
 
     def __init__(self, symbol: str, ts: datetime, body: bytes, data_hash: str) -> None:
         self.symbol = symbol
         self.ts = ts
         self.body = body
         self.data_hash = data_hash
+        self.replay_clock: float | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """Message attributes: ``symbol``, and ``replay_clock`` when paced."""
+        attrs = {"symbol": self.symbol}
+        if self.replay_clock is not None:
+            attrs[REPLAY_CLOCK_ATTRIBUTE] = f"{self.replay_clock:.3f}"
+        return attrs
 
 
 def _rows(bars: CSVBars) -> Iterator[tuple[datetime, str, int]]:
@@ -193,7 +207,7 @@ def publish(
     def attempt(pending: list[BarMessage]) -> None:
         """Publish ``pending`` in order; what failed is left in it (its keys resumed)."""
         futures = [
-            (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, symbol=m.symbol))
+            (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, **m.attributes()))
             for m in pending
         ]
         failed: list[BarMessage] = []
@@ -241,6 +255,10 @@ def publish(
             if wait > 0:
                 flush()
                 sleep(wait)
+            # The replay's own clock now: bar times play N times faster than the wall clock.
+            msg.replay_clock = first_ts.timestamp() + (clock() - t0) * speed
+        else:
+            msg.replay_clock = None
         chunk.append(msg)
         if len(chunk) >= PUBLISH_CHUNK or speed > 0:
             flush()
@@ -382,6 +400,9 @@ def main(
     try:
         if not project and not args.topic.startswith("projects/"):
             raise ConfigError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
+        problem = resource_name_problem(args.topic, "topics")
+        if problem:
+            raise ConfigError(f"--topic: {problem}")
         sources = load_sources(args)
     except (ConfigError, DataError, ValueError) as e:
         logger.error("%s", e)

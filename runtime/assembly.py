@@ -40,18 +40,48 @@ def load_agent(spec: str, params: dict[str, Any]) -> type:
     """Import ``module:Class`` and check it is a ``bt.Strategy`` taking ``params``.
 
     Raises:
-        ConfigError: naming AGENT or AGENT_PARAMS and what was expected.
+        ConfigError: naming AGENT (and the file and line of a module that fails to import:
+            a syntax error, a failed import inside it, an error raised while it runs) or
+            AGENT_PARAMS (an unknown param, or a value whose type does not fit the param's
+            default) and what was expected.
     """
     module_name, _, class_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"AGENT={spec!r}: cannot import module {module_name!r} ({e})") from e
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            raise ConfigError(
+                f"AGENT={spec!r}: no module named {e.name!r} (looked on the Python path from "
+                f"{Path.cwd()})"
+            ) from e
+        raise ConfigError(
+            f"AGENT={spec!r}: module {module_name!r} fails to import at {_error_site(e)}: {e}"
+        ) from e
+    except SyntaxError as e:
+        raise ConfigError(
+            f"AGENT={spec!r}: syntax error in {e.filename}, line {e.lineno}: {e.msg}"
+        ) from e
+    except Exception as e:  # whatever the module raised while it ran
+        raise ConfigError(
+            f"AGENT={spec!r}: module {module_name!r} fails to import at {_error_site(e)}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    where = getattr(module, "__file__", None) or module_name
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ConfigError(f"AGENT={spec!r}: module {module_name!r} has no {class_name!r}")
+        strategies = sorted(
+            name
+            for name, obj in vars(module).items()
+            if isinstance(obj, type) and issubclass(obj, bt.Strategy) and obj is not bt.Strategy
+        )
+        raise ConfigError(
+            f"AGENT={spec!r}: {where} has no {class_name!r}; its Strategy classes: "
+            f"{', '.join(strategies) or '(none)'}"
+        )
     if not (isinstance(cls, type) and issubclass(cls, bt.Strategy)):
-        raise ConfigError(f"AGENT={spec!r}: expected a backtrader Strategy subclass")
+        raise ConfigError(
+            f"AGENT={spec!r}: {class_name} in {where} is not a backtrader Strategy subclass"
+        )
     known = agent_param_names(cls)
     unknown = [k for k in params if k not in known]
     if unknown:
@@ -59,7 +89,60 @@ def load_agent(spec: str, params: dict[str, Any]) -> type:
             f"AGENT_PARAMS: unknown param(s) {', '.join(unknown)} for "
             f"{class_name}; expected some of: {', '.join(known) or '(none)'}"
         )
+    defaults = dict(cls.params._getitems())  # type: ignore[attr-defined]
+    for name, value in params.items():
+        problem = _param_type_problem(defaults.get(name), value)
+        if problem:
+            raise ConfigError(
+                f"AGENT_PARAMS: param {name!r} of {class_name} {problem}, got {value!r} "
+                f"({_json_kind(value)})"
+            )
     return cls
+
+
+def _error_site(e: BaseException) -> str:
+    """``<file>, line <n>`` where ``e`` was raised (the innermost frame outside importlib)."""
+    site = None
+    tb = e.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if not filename.startswith("<frozen"):
+            site = f"{filename}, line {tb.tb_lineno}"
+        tb = tb.tb_next
+    return site or "(unknown file)"
+
+
+def _json_kind(value: Any) -> str:
+    names = {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}
+    for tp, name in names.items():
+        if type(value) is tp:
+            return name
+    if value is None:
+        return "null"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _param_type_problem(default: Any, value: Any) -> str | None:
+    """Why ``value`` (from JSON) does not fit a param whose default is ``default``; None when
+    it fits. A default of None (or of a type JSON cannot spell) accepts anything; a whole number
+    fits a float param; true/false fits only a bool param (bool is not a number here)."""
+    if default is None or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"expects true/false (default {default!r})"
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"expects a whole number (default {default!r})"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expects a number (default {default!r})"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"expects a string (default {default!r})"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, list) else f"expects a list (default {default!r})"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else f"expects an object (default {default!r})"
+    return None
 
 
 def agent_param_names(cls: type) -> tuple[str, ...]:
@@ -115,15 +198,17 @@ def make_sink(fmel: FMELConfig, bigquery: BigQuerySinkConfig | None) -> Decision
 
 
 def make_writer(
-    fmel: FMELConfig, sink: DecisionSink, *, spill_dir: Path | None = None
+    fmel: FMELConfig, sink: DecisionSink, *, spill_dir: Path | None = None, journal: bool = False
 ) -> DecisionWriter:
-    """The decision writer (owns the sink's thread) with the ``FMEL_*`` batching settings."""
+    """The decision writer (owns the sink's thread) with the ``FMEL_*`` batching settings;
+    ``journal``: every decision on local disk first (paper runs acknowledge bars on it)."""
     return DecisionWriter(
         sink,
         batch_size=fmel.batch_size,
         flush_interval_s=fmel.flush_interval_s,
         queue_size=fmel.queue_size,
         spill_dir=spill_dir if spill_dir is not None else fmel.spill_dir,
+        journal=journal,
     )
 
 
@@ -137,15 +222,17 @@ def add_fmel(
     agent_id: str | None,
     mode: str,
     strict_lookahead: bool,
+    decision_scope: str | None = None,
 ) -> None:
     """Add the FMEL analyzer (name ``fmel``) recording every decision of ``agent_cls`` into
-    ``writer`` under ``session_id``."""
+    ``writer`` under ``session_id`` (paper runs: ids ``<decision_scope>:<bar time>``)."""
     run_info = make_run_info(
         agent_cls,
         session_id=session_id,
         agent_id=agent_id,
         mode=mode,
         params_json=agent_params_json(agent_cls, agent_params),
+        decision_scope=decision_scope,
     )
     cerebro.addanalyzer(
         FMELAnalyzer,

@@ -335,6 +335,25 @@ def find_csv(data_dir: Path, symbol: str) -> Path:
     )
 
 
+def check_one_file_per_symbol(feeds: tuple[CSVFeedConfig, ...]) -> None:
+    """Refuse two symbols that resolve to one file (``SYMBOLS=GOOG,goog`` both find GOOG.csv):
+    the same bars would be loaded twice under two names.
+
+    Raises:
+        ConfigError: naming SYMBOLS, both symbols and the file.
+    """
+    seen: dict[tuple[int, int], str] = {}
+    for fc in feeds:
+        st = fc.path.stat()  # the same file however it is reached (case, links)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise ConfigError(
+                f"SYMBOLS: {seen[key]!r} and {fc.symbol!r} both resolve to {fc.path.name}; list "
+                "each file once"
+            )
+        seen[key] = fc.symbol
+
+
 def _symbols(e: _Env, mode: str, data_dir: Path) -> tuple[str, ...]:
     symbols: tuple[str, ...] = e.read(RunConfig, "symbols")
     if symbols:
@@ -384,6 +403,7 @@ def load_config(
             build(CSVFeedConfig, get, path=find_csv(data_dir, sym), symbol=sym)
             for sym in run.symbols
         )
+        check_one_file_per_symbol(csv_feeds)
 
     sink = e.read(FMELConfig, "sink")
     batch = {} if e.lookup("FMEL_BATCH_SIZE") else {"batch_size": 500 if sink == "local" else 10}

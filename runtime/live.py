@@ -1,42 +1,104 @@
 """Wiring of the live input (``MODE=paper``): the whole run configuration -> a started
-:class:`~feeds.pubsub.subscriber.PubSubBarSubscriber`, and the run's metrics as its observer.
+:class:`~feeds.pubsub.subscriber.PubSubBarSubscriber`, the run's metrics as its observer, the
+decision writer's "durable" events as its acknowledgements, and the per-step note of symbols
+that missed a step.
 
-The feed package takes only its own typed configs; this composition-root module picks them out of
-:class:`~runtime.config.AppConfig` (Pub/Sub settings, symbols, CSV files for the backfill, the
-shutdown budget). Called by the Runner on the main thread.
+The feed package takes only its own typed configs and knows nothing of the decision writer
+(feeds sit below analyzers); this composition-root module connects them:
+
+* :func:`start_live_input`: subscriber (stable subscription ``<prefix>-<deployment>``), CSV
+  backfill, discovery; every wait in it ends within a second of a stop request.
+* :func:`connect_durable_acks`: a bar's message is acknowledged once the decision made on it is
+  in the writer's journal on local disk (``fsync``); at shutdown the subscriber waits for the
+  journal, acknowledges, and returns everything else to Pub/Sub.
+* :func:`add_live_feeds`: the feeds, bounded memory, and :class:`MissedStepNote`.
+* :func:`deployment_name`, :func:`decision_scope`: the names that stay the same across restarts
+  (the subscription's, and the prefix of paper decision ids).
+
+Called by the Runner on the main thread.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+import backtrader as bt
+from prometheus_client import Counter
+
+from analyzers.fmel import attach_note
+from core.bars import feed_symbol
 from core.errors import ConfigError
 from feeds.pubsub import (
     FeedEvents,
     FieldSet,
     LiveBar,
+    LiveMemoryBound,
     PubSubBarSubscriber,
     StreamSettings,
     backfill_bars,
 )
+from feeds.pubsub.clients import subscription_id
 from runtime.config import AppConfig
-from runtime.metrics import RunMetrics
+from runtime.metrics import PREFIX, RunMetrics
 
-__all__ = ["metrics_events", "start_live_input"]
+__all__ = [
+    "MISSED_STEP_NOTE",
+    "MissedStepNote",
+    "add_live_feeds",
+    "connect_durable_acks",
+    "decision_scope",
+    "deployment_name",
+    "metrics_events",
+    "start_live_input",
+]
 
 logger = logging.getLogger(__name__)
+
+# Key of the decision record's ``notes`` that lists the symbols that missed the step.
+MISSED_STEP_NOTE = "feeds_missed_step"
+
+
+def deployment_name(config: AppConfig) -> str:
+    """The deployment's stable name: ``AGENT_ID``, else the agent's class name."""
+    return config.run.agent_id or config.run.agent.rpartition(":")[2]
+
+
+def decision_scope(config: AppConfig) -> str:
+    """Prefix of paper decision ids (``<scope>:<bar time>``): the subscription's name, so a
+    restarted runner that decides a redelivered bar again writes the same id (stores keep one
+    row per id)."""
+    cfg = config.pubsub
+    if cfg is None:
+        raise ConfigError("MODE=paper needs the Pub/Sub settings (PUBSUB_TOPIC)")
+    if cfg.subscription:
+        return cfg.subscription.rsplit("/", 1)[-1]
+    return subscription_id(cfg.subscription_prefix, deployment_name(config), "", False)
 
 
 def start_live_input(
     config: AppConfig,
     *,
-    session_id: str,
     events: FeedEvents | None = None,
     settings: StreamSettings | None = None,
+    on_created: Callable[[PubSubBarSubscriber], None] | None = None,
+    durable_acks: bool = True,
 ) -> PubSubBarSubscriber:
-    """Everything ``MODE=paper`` needs before the feeds are added: read the CSV backfill
-    (``PUBSUB_BACKFILL_BARS``), start the subscriber, discover the fields. Then call
-    :meth:`PubSubBarSubscriber.make_feeds`, and :meth:`~PubSubBarSubscriber.close` at the end.
+    """Everything ``MODE=paper`` needs before the feeds are added: the subscriber, the CSV
+    backfill (``PUBSUB_BACKFILL_BARS``), the subscription and streams, field discovery. Then
+    call :func:`add_live_feeds`, and :meth:`~PubSubBarSubscriber.close` at the end.
+
+    Args:
+        config: the run configuration.
+        events: metrics observer (:func:`metrics_events`).
+        settings: stream tuning.
+        on_created: called with the subscriber before anything slow happens, so a signal
+            handler can reach :meth:`~PubSubBarSubscriber.request_stop` during the backfill
+            and the discovery wait (the Runner stores it as its live input).
+        durable_acks: acknowledge bars only once their decision is on disk (then call
+            :func:`connect_durable_acks`).
 
     Raises:
         ConfigError, DataError: bad settings or backfill file.
@@ -48,22 +110,32 @@ def start_live_input(
             "MODE=paper needs the Pub/Sub settings (PUBSUB_TOPIC, GOOGLE_CLOUD_PROJECT)"
         )
     sub = PubSubBarSubscriber(
-        cfg, symbols=config.run.symbols, session_id=session_id, settings=settings, events=events
+        cfg,
+        symbols=config.run.symbols,
+        deployment=deployment_name(config),
+        settings=settings,
+        events=events,
+        durable_acks=durable_acks,
     )
-    # Half the shutdown budget drains buffered bars; the rest flushes decisions and cleans up.
+    # Half the shutdown budget drains buffered bars; the rest flushes decisions and settles.
     sub.drain_timeout_s = config.ops.shutdown_timeout_s / 2
+    if on_created is not None:
+        on_created(sub)
     backfill: dict[str, list[LiveBar]] = {}
     backfill_fields: dict[str, FieldSet] = {}
     if cfg.backfill_bars > 0:
         for fc in config.csv_feeds:
-            bars, file_fields, sub.timeframe, sub.compression = backfill_bars(fc, cfg.backfill_bars)
+            if sub.stop_requested:
+                break
+            bars, file_fields, timeframe, compression = backfill_bars(fc, cfg.backfill_bars)
+            sub.set_bar_size(timeframe, compression)
             backfill[fc.symbol] = bars
             backfill_fields[fc.symbol] = file_fields
             logger.info(
                 "backfill %s: %d bars from %s before going live", fc.symbol, len(bars), fc.path.name
             )
-    sub.start(backfill)
     try:
+        sub.start(backfill)
         fields = sub.discover_fields(backfill_fields)
     except BaseException:
         sub.close()
@@ -77,14 +149,96 @@ def start_live_input(
     return sub
 
 
+class DurableWriter(Protocol):
+    """What :func:`connect_durable_acks` needs of the decision writer
+    (:class:`analyzers.sinks.writer.DecisionWriter` with its journal)."""
+
+    def add_durable_listener(self, fn: Callable[[Sequence[Any]], None]) -> None: ...
+
+    def wait_durable(self, timeout_s: float) -> bool: ...
+
+
+def connect_durable_acks(writer: DurableWriter, sub: PubSubBarSubscriber) -> None:
+    """Acknowledge a bar's message once the decision made on it is on local disk.
+
+    The writer calls the listener on its own thread with each batch of records it has just
+    journaled (``fsync``); every taken bar up to the latest ``bar_time`` among them is then
+    acknowledged (bars are taken in step order, one bar time per step). At shutdown the
+    subscriber first waits (:meth:`DurableWriter.wait_durable`) for the journal to hold every
+    decision made, so the last bars are acknowledged and the rest returned to Pub/Sub.
+    """
+
+    def on_durable(records: Sequence[Any]) -> None:
+        times = [t for t in map(_bar_time, records) if t is not None]
+        if times:
+            sub.ack_through(max(times))
+
+    writer.add_durable_listener(on_durable)
+    sub.set_durability_barrier(writer.wait_durable)
+
+
+def _bar_time(record: Any) -> float | None:
+    """POSIX seconds of a record's bar time (a DecisionRecord, or a row dict from a replay)."""
+    value = getattr(record, "bar_time", None)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def add_live_feeds(cerebro: Any, sub: PubSubBarSubscriber) -> list[Any]:
+    """Add one live feed per symbol, the bounded-memory analyzer and :class:`MissedStepNote`
+    (before FMEL is added, so the note reaches the step's decision record). Returns the feeds.
+    """
+    feeds = sub.make_feeds()
+    for feed in feeds:
+        cerebro.adddata(feed, name=feed.symbol)
+    # Bounded memory however long the run: indicators and strategy lines too.
+    cerebro.addanalyzer(LiveMemoryBound, _name="live_memory")
+    cerebro.addanalyzer(MissedStepNote, _name="missed_step")
+    return feeds
+
+
+class MissedStepNote(bt.Analyzer):  # type: ignore[misc]
+    """Notes, in the decision record of each step (``notes[MISSED_STEP_NOTE]``), the symbols
+    whose feed has no bar at the step's time: their bar did not come in time (live) or the file
+    lacks it (backtest). The same rule in both modes, so a paper run's records equal those of a
+    backtest that sees the same gaps. The agent reads the same as ``data.missed_step`` (live
+    feeds) or ``len``/``datetime`` of its datas.
+
+    Must be added before the FMEL analyzer (analyzers run in the order they were added).
+    Thread context: main thread.
+    """
+
+    def _note(self) -> None:
+        strategy = self.strategy
+        now = strategy.lines.datetime[0]
+        missed = [
+            feed_symbol(d) for d in strategy.datas if len(d) == 0 or d.lines.datetime[0] < now
+        ]
+        if missed:
+            notes: dict[str, Any] = {MISSED_STEP_NOTE: missed}
+            attach_note(strategy, **notes)
+
+    def prenext(self) -> None:
+        self._note()
+
+    def nextstart(self) -> None:
+        self._note()
+
+    def next(self) -> None:
+        self._note()
+
+
 class _MetricsEvents:
-    """:class:`~feeds.pubsub.handler.FeedEvents` that count into :class:`RunMetrics`.
+    """:class:`~feeds.pubsub.handler.FeedEvents` that count into :class:`RunMetrics` (and the
+    live input's own counters, registered in the same registry).
 
     Thread context: Pub/Sub callback threads (``prometheus_client`` values are thread-safe).
     """
 
     def __init__(self, metrics: RunMetrics) -> None:
         self._metrics = metrics
+        self._refused, self._missing = _live_counters(metrics)
 
     def on_bar(self, symbol: str, age_s: float | None) -> None:
         self._metrics.bars_received.labels(feed=symbol).inc()
@@ -93,12 +247,45 @@ class _MetricsEvents:
 
     def on_malformed(self, symbol: str, reason: str) -> None:
         self._metrics.malformed.labels(feed=symbol).inc()
+        self._refused.labels(reason=reason).inc()
 
     def on_duplicate(self, symbol: str) -> None:
         self._metrics.duplicates.labels(feed=symbol).inc()
 
+    def on_gap(self, symbol: str, missing: int) -> None:
+        self._missing.labels(feed=symbol).inc(missing)
+
+
+_COUNTERS: weakref.WeakKeyDictionary[RunMetrics, tuple[Counter, Counter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _live_counters(metrics: RunMetrics) -> tuple[Counter, Counter]:
+    """``runner_messages_refused_total{reason}`` and ``runner_bars_missing_total{feed}`` in the
+    run's registry (created once per registry)."""
+    found = _COUNTERS.get(metrics)
+    if found is None:
+        found = (
+            Counter(
+                f"{PREFIX}messages_refused",
+                "Live messages refused, by reason (late_bar, future_timestamp, bad_json...)",
+                ["reason"],
+                registry=metrics.registry,
+            ),
+            Counter(
+                f"{PREFIX}bars_missing",
+                "Missing bar times of a live feed (gaps on the bar-size grid)",
+                ["feed"],
+                registry=metrics.registry,
+            ),
+        )
+        _COUNTERS[metrics] = found
+    return found
+
 
 def metrics_events(metrics: RunMetrics) -> FeedEvents:
     """Adapter from the run's metrics (``bars_received``, ``message_age``, ``malformed``,
-    ``duplicates``, labelled by feed) to :class:`~feeds.pubsub.handler.FeedEvents`."""
+    ``duplicates``, labelled by feed; plus ``runner_messages_refused_total{reason}`` and
+    ``runner_bars_missing_total{feed}``) to :class:`~feeds.pubsub.handler.FeedEvents`."""
     return _MetricsEvents(metrics)

@@ -109,11 +109,12 @@ class RunReport:
         ]
         if self.records_replayed:
             lines.append(f"replayed         {self.records_replayed} records from an earlier spill")
-        if self.lookahead_reads:
-            lines.append(
-                f"look-ahead       {self.lookahead_reads} reads of future bars (see "
-                "lookahead_reads)"
-            )
+        lines.append(
+            f"look-ahead       {self.lookahead_reads} reads of bars not in the past (future, "
+            "wrapped-around or not-started feed; see sql/*/lookahead_reads.sql)"
+            if self.lookahead_reads
+            else "look-ahead       0 reads of bars not in the past"
+        )
         for name, count in self.skipped_rows.items():
             if count:
                 lines.append(f"skipped rows     {name}: {count} (CSV_ON_BAD_ROWS=skip)")

@@ -14,65 +14,39 @@ Thread context: :meth:`Runner.run` runs on the main thread; signal handlers only
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
 import backtrader as bt
 import numpy as np
 
-from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks.base import DecisionSink
-from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter, WriterStats
-from core.errors import AppError, ConfigError, DataError
+from core.errors import AppError, ConfigError, DataError, SinkError
+from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
+    add_fmel,
+    load_agent,
+    make_cerebro,
+    make_sink,
+    make_writer,
+    new_session_id,
+    setup_sim_broker,
+)
 from runtime.config import AppConfig, load_process_config
 from runtime.health import HealthServer
 from runtime.logs import LogSetup
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, trade_counts
+from runtime.reporting.bars import BarRecorder
 from runtime.stats import finest_bar_size, performance_stats, periods_per_year
 
 logger = logging.getLogger(__name__)
-
-
-def new_session_id() -> str:
-    """``20261121T051502Z-3f9a1c2e``: sortable by start time, unique per run."""
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
-
-
-def load_agent(spec: str, params: dict[str, Any]) -> type:
-    """Import ``module:Class`` and check it is a ``bt.Strategy`` taking ``params``.
-
-    Raises:
-        ConfigError: naming AGENT or AGENT_PARAMS and what was expected.
-    """
-    module_name, _, class_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"AGENT={spec!r}: cannot import module {module_name!r} ({e})") from e
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ConfigError(f"AGENT={spec!r}: module {module_name!r} has no {class_name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, bt.Strategy)):
-        raise ConfigError(f"AGENT={spec!r}: expected a backtrader Strategy subclass")
-    known = tuple(cls.params._getkeys())  # type: ignore[attr-defined]
-    unknown = [k for k in params if k not in known]
-    if unknown:
-        raise ConfigError(
-            f"AGENT_PARAMS: unknown param(s) {', '.join(unknown)} for "
-            f"{class_name}; expected some of: {', '.join(known) or '(none)'}"
-        )
-    return cls
 
 
 class Runner:
@@ -106,7 +80,8 @@ class Runner:
         self.metrics = RunMetrics()
         self.health: HealthServer | None = None
         self._running = False
-        # MODE=paper: the Pub/Sub subscriber (stops the stream on a signal; feeds then drain).
+        # MODE=paper: the Pub/Sub subscriber (a signal stops it in any phase: backfill,
+        # discovery, reconnect waits, the bar loop).
         self.live_input: Any = None
 
     # -- building ---------------------------------------------------------------------------
@@ -128,13 +103,7 @@ class Runner:
             agent_params["model"] = get_model(cfg.chronos)
         live = cfg.run.mode == "paper"
         # quicknotify: a live broker's fills reach notify_order without waiting for a bar
-        self.cerebro = bt.Cerebro(
-            stdstats=False,
-            preload=not live,
-            runonce=not live,
-            exactbars=False,
-            quicknotify=live and cfg.run.broker == "alpaca",
-        )
+        self.cerebro = make_cerebro(live=live, quicknotify=live and cfg.run.broker == "alpaca")
         self._build_feeds()
         self._build_broker()
         self._build_sink()
@@ -166,32 +135,27 @@ class Runner:
             self.total_bars = len(np.unique(np.concatenate(stamps))) if stamps else 0
             return
         if cfg.run.mode == "paper":
-            from feeds.pubsub import LiveMemoryBound
-            from runtime.live import metrics_events, start_live_input
+            from runtime.live import add_live_feeds, metrics_events, start_live_input
 
+            # live_input is set before the backfill and discovery, so a signal stops them.
             live = start_live_input(
-                cfg, session_id=self.session_id, events=metrics_events(self.metrics)
+                cfg,
+                events=metrics_events(self.metrics),
+                on_created=lambda sub: setattr(self, "live_input", sub),
             )
-            self.live_input = live
-            self.add_closer("pubsub", live.close)  # deletes the subscription
-            for feed in live.make_feeds():
-                self.cerebro.adddata(feed, name=feed.symbol)
-                self.feeds.append(feed)
-            # Bounded memory however long the run: indicators and strategy lines too.
-            self.cerebro.addanalyzer(LiveMemoryBound, _name="live_memory")
+            self.add_closer("pubsub", live.close)  # acks what is on disk, returns the rest
+            # Feeds, bounded memory, and the note of symbols that missed a step (before FMEL).
+            self.feeds.extend(add_live_feeds(self.cerebro, live))
             return
         raise ConfigError(f"MODE={cfg.run.mode}: live feeds are not wired into this build")
 
     def _build_broker(self) -> None:
         cfg = self.config
         if cfg.run.broker == "sim":
-            if cfg.risk.enabled:  # RISK_* limits: the same guard as the Alpaca broker's
-                from runtime.brokers.risk import GuardedBackBroker
-
-                self.cerebro.setbroker(GuardedBackBroker(risk=cfg.risk))
-            broker = self.cerebro.getbroker()
-            broker.setcash(cfg.run.cash_usd)
-            broker.setcommission(commission=cfg.run.commission)
+            run = cfg.run
+            setup_sim_broker(
+                self.cerebro, cash_usd=run.cash_usd, commission=run.commission, risk=cfg.risk
+            )
             return
         if cfg.run.broker == "alpaca" and cfg.alpaca is not None:
             from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
@@ -213,55 +177,67 @@ class Runner:
 
     def _build_sink(self) -> None:
         cfg = self.config
-        if cfg.fmel.sink == "local":
-            sink: DecisionSink = LocalDuckDBSink(cfg.fmel.local_path)
-        elif cfg.fmel.sink == "bigquery" and cfg.bigquery is not None:
-            from analyzers.sinks.bigquery.sink import BigQuerySink
+        self.sink = make_sink(cfg.fmel, cfg.bigquery)
+        live = self.live_input
+        self.writer = make_writer(cfg.fmel, self.sink, journal=live is not None)
+        if live is not None:
+            from runtime.live import connect_durable_acks
 
-            sink = BigQuerySink(cfg.bigquery)
-        else:
-            raise ConfigError(f"FMEL_SINK={cfg.fmel.sink}: not wired into this build")
-        self.sink = sink
-        self.writer = DecisionWriter(
-            sink,
-            batch_size=cfg.fmel.batch_size,
-            flush_interval_s=cfg.fmel.flush_interval_s,
-            queue_size=cfg.fmel.queue_size,
-            spill_dir=cfg.fmel.spill_dir,
-        )
+            connect_durable_acks(self.writer, live)  # a bar is acked once its decision is on disk
+
+    def _start_writer(self) -> None:
+        """Open the decision store and start its writer.
+
+        Raises:
+            ConfigError: the local store cannot be created or opened at ``FMEL_LOCAL_PATH`` (a
+                folder that cannot be made, no permission, a file in the way, locked by another
+                process): the message names the variable and the path.
+        """
+        assert self.writer is not None
+        fmel = self.config.fmel
+        try:
+            self.writer.start()
+        except (OSError, SinkError) as e:
+            if fmel.sink != "local":
+                raise
+            raise ConfigError(
+                f"FMEL_LOCAL_PATH={fmel.local_path}: cannot create or open the decision store "
+                f"there ({type(e).__name__}: {e}); choose a writable path"
+            ) from e
 
     def _add_analyzers(self) -> None:
         cfg = self.config
-        assert self.agent_cls is not None
-        params = {
-            **dict(self.agent_cls.params._getitems()),  # type: ignore[attr-defined]
-            **dict(cfg.run.agent_params),
-        }
-        import json
-
-        run_info = make_run_info(
+        assert self.agent_cls is not None and self.writer is not None
+        add_fmel(
+            self.cerebro,
             self.agent_cls,
+            agent_params=dict(cfg.run.agent_params),
+            writer=self.writer,
             session_id=self.session_id,
             agent_id=cfg.run.agent_id,
             mode=cfg.run.mode,
-            params_json=json.dumps(params, sort_keys=True, default=str),
-        )
-        self.cerebro.addanalyzer(
-            FMELAnalyzer,
-            _name="fmel",
-            writer=self.writer,
-            run=run_info,
             strict_lookahead=cfg.fmel.strict_lookahead,
+            decision_scope=self._decision_scope(),
         )
         # Statistics: runtime.stats over the equity curve (annualised from the bar size).
         self.cerebro.addanalyzer(EquityCurve, _name="equity")
         self.cerebro.addanalyzer(bt.analyzers.TradeAnalyzer, _name="trades")
+        # The bars the run saw, stored next to its decisions for the HTML report.
+        self.cerebro.addanalyzer(BarRecorder, _name="bars")
         progress = cfg.run.progress
         if progress != "off" and cfg.run.mode == "backtest":
             bar = progress == "on" or (progress == "auto" and sys.stderr.isatty())
             self.cerebro.addanalyzer(
                 ProgressAnalyzer, _name="progress", total=self.total_bars, bar=bar
             )
+
+    def _decision_scope(self) -> str | None:
+        """Paper runs: decision ids ``<deployment>:<bar time>``, the same after a restart."""
+        if self.live_input is None:
+            return None
+        from runtime.live import decision_scope
+
+        return decision_scope(self.config)
 
     def add_closer(self, name: str, fn: Callable[[], None]) -> None:
         """Register a shutdown step; steps run in registration order, each at most once, after
@@ -391,7 +367,7 @@ class Runner:
             if self.cerebro is None:
                 self.build()
             assert self.writer is not None and self.sink is not None
-            self.writer.start()
+            self._start_writer()
         except BaseException:
             # a half-built run still owns what it started (subscriber, broker threads)
             self._close_components()
@@ -467,6 +443,11 @@ class Runner:
             fmel = strategy.analyzers.fmel
             decisions, lookahead = fmel.decisions, fmel.lookahead_total
             bars = len(strategy)
+        html = None
+        if strategy is not None and decisions:
+            from runtime.reporting.run import write_run_report
+
+            html = write_run_report(cfg, self.session_id, strategy)
         return RunReport(
             session_id=self.session_id,
             agent=cfg.run.agent,
@@ -491,6 +472,7 @@ class Runner:
             broker_note=self.broker_note,
             interrupted=self._stop_requested,
             elapsed_s=elapsed,
+            html_report=str(html) if html else None,
         )
 
 
@@ -519,6 +501,17 @@ def main() -> int:
     logs.bind(
         session=runner.session_id, agent=config.run.agent_id or config.run.agent.rpartition(":")[2]
     )
+    if config.run.mode == "optimize":  # a parameter search: runtime.research composes it
+        from runtime.research.cli import run_optimize
+
+        code = run_optimize(config, session_id=runner.session_id)
+        if code == 0:  # the study's page: parameter surface, in- vs out-of-sample per fold
+            from runtime.reporting.run import write_study_report
+
+            page = write_study_report(config, runner.session_id)
+            if page is not None:
+                sys.stdout.write(f"html report    {page}\n")
+        return code
     runner.install_signal_handlers()
     try:
         report = runner.run()

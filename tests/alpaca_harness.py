@@ -1,5 +1,10 @@
 """Shared pieces of the Alpaca broker tests and benchmark: a queue-fed live feed, a scripted
-agent that records every notification, a fast broker config and a run driver.
+agent that records every notification, a fast broker config for either Alpaca API, a server
+whose rate limit runs at the same speed-up, and a run driver.
+
+Time is compressed: the fast config polls every ``FAST_POLL_S`` instead of Alpaca's 2 s, so the
+server's rate limit (200 requests per minute) runs ``TIME_SCALE`` times faster too: a test that
+stays under it would stay under it at the real intervals.
 
 The live feed is the shape every live feed here has (NOTES.md): a ``bt.feed.DataBase`` whose
 ``islive()`` is True and whose ``_load()`` pops one bar from a thread-safe queue (True), finds
@@ -16,13 +21,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import backtrader as bt
+import pytest
 
 from core.secret import Secret
 from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
+from runtime.brokers.alpaca.orders import position_key
 from runtime.brokers.risk import RiskConfig
 from tests.alpaca_server import AlpacaServer
 
@@ -128,19 +136,48 @@ class Scripted(bt.Strategy):  # type: ignore[misc]
             log.bars += 1
 
 
-def fast_config(server: AlpacaServer, **overrides: Any) -> AlpacaBrokerConfig:
-    """A config pointing at ``server`` with short intervals so tests run in well under 1 s."""
+FAST_POLL_S = 0.03
+TIME_SCALE = 2.0 / FAST_POLL_S  # Alpaca's default poll interval over the tests'
+APIS = ("trading", "broker")
+
+
+@pytest.fixture(params=APIS)
+def api(request: pytest.FixtureRequest) -> str:
+    """Runs a test on the Trading API and on the Broker API (import it into a test module)."""
+    return str(request.param)
+
+
+def make_server(**kw: Any) -> AlpacaServer:
+    """An (unstarted) server whose rate limit is scaled to the fast config's speed-up."""
+    kw.setdefault("time_scale", TIME_SCALE)
+    return AlpacaServer(**kw)
+
+
+def fast_config(server: AlpacaServer, api: str = "trading", **overrides: Any) -> AlpacaBrokerConfig:
+    """A config pointing at ``server`` with short intervals so tests run in well under 1 s.
+
+    Args:
+        api: ``"trading"`` (the Trading API, its websocket) or ``"broker"`` (the Broker API on
+            the server's account, its events SSE).
+        overrides: any config field (``use_stream=False`` for polling only).
+    """
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    broker = api == "broker"
     kw: dict[str, Any] = dict(
-        api_key=Secret(server.api_key, source="test"),
-        secret_key=Secret(server.secret_key, source="test"),
+        api_key=Secret(server.broker_key if broker else server.api_key, source="test"),
+        secret_key=Secret(server.broker_secret if broker else server.secret_key, source="test"),
+        account_id=server.account_id if broker else None,
         base_url=server.url,
-        poll_interval_s=0.03,
+        poll_interval_s=FAST_POLL_S,
+        stream_poll_interval_s=FAST_POLL_S * 5,
         refresh_interval_s=0.5,
         request_timeout_s=0.25,
         max_attempts=8,
         backoff_base_s=0.005,
         backoff_max_s=0.04,
         open_order_policy="halt",
+        stop_timeout_s=3.0,
     )
     kw.update(overrides)
     return AlpacaBrokerConfig(**kw)
@@ -166,13 +203,15 @@ def build_run(
     symbols: tuple[str, ...],
     script: dict[int, Any],
     *,
+    api: str = "trading",
     config: AlpacaBrokerConfig | None = None,
     risk: RiskConfig | None = None,
     quicknotify: bool = True,
     analyzers: tuple[tuple[Any, dict[str, Any]], ...] = (),
     session_id: str | None = None,
 ) -> Run:
-    """Cerebro in next-by-next (live) mode with one QueueFeed per symbol and the broker."""
+    """Cerebro in next-by-next (live) mode with one QueueFeed per symbol and the broker (on
+    ``api`` with the fast config unless ``config`` is given)."""
     cerebro = bt.Cerebro(
         stdstats=False, preload=False, runonce=False, exactbars=False, quicknotify=quicknotify
     )
@@ -182,7 +221,7 @@ def build_run(
         cerebro.adddata(feed, name=sym)
         feeds[sym] = feed
     broker = AlpacaPaperTradingBroker(
-        config or fast_config(server), session_id=session_id or new_session(), risk=risk
+        config or fast_config(server, api), session_id=session_id or new_session(), risk=risk
     )
     cerebro.setbroker(broker)
     log = Log()
@@ -256,3 +295,64 @@ def bars(run: Run, closes: dict[str, float]) -> Callable[[], None]:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+# -- scenario helpers (shared by the broker test modules) -----------------------------------
+
+
+def run_on(api: str, server: AlpacaServer, *args: Any, **kw: Any) -> Run:
+    """``build_run`` on ``api`` (a ``config=`` given by the test wins)."""
+    return build_run(server, *args, api=api, **kw)
+
+
+def bt_positions(run: Run) -> dict[str, Decimal]:
+    """backtrader's view (after the run): position key -> size, zeros left out."""
+    out = {}
+    for data, pos in run.broker.positions.items():
+        if pos.size:
+            out[position_key(data._name)] = Decimal(repr(pos.size))
+    return out
+
+
+def statuses(run: Run, ref: int) -> list[str]:
+    return run.log.statuses(ref)
+
+
+def alpaca_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("alpaca-")]
+
+
+def order_of(run: Run, name: str) -> Any:
+    return run.log.orders[name]
+
+
+def buy(name: str, **kw: Any) -> Any:
+    def act(s: Any) -> None:
+        s.p.log.orders[name] = s.buy(data=kw.pop("data", s.datas[0]), **kw)
+
+    return act
+
+
+def sell(name: str, **kw: Any) -> Any:
+    def act(s: Any) -> None:
+        s.p.log.orders[name] = s.sell(data=kw.pop("data", s.datas[0]), **kw)
+
+    return act
+
+
+def bracket(kind: str = "buy_bracket", **kw: Any) -> Any:
+    """A script action: ``buy_bracket``/``sell_bracket``; orders logged as parent/stop/take."""
+
+    def act(s: Any) -> None:
+        o, stop, take = getattr(s, kind)(data=s.datas[0], **kw)
+        s.p.log.orders.update(parent=o, stop=stop, take=take)
+
+    return act
+
+
+def server_order(server: AlpacaServer, run: Run, name: str) -> dict[str, Any]:
+    coid = f"{run.broker.session_id}-{order_of(run, name).ref}"
+    wait_until(lambda: server.order_by_coid(coid) is not None, what=f"order {name} at server")
+    o = server.order_by_coid(coid)
+    assert o is not None
+    return o

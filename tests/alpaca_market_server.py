@@ -42,9 +42,10 @@ stock-pricing-data/realtime.md`` = RT, ``.../stock-pricing-data/historical.md`` 
   ``/v1beta3/crypto/us/trades`` (HIST "Multi Bars", "Multi Trades"): ``symbols`` required,
   ``start``/``end`` RFC-3339 and inclusive ("equal to or after" / "equal to or before"; ``end``
   defaults to now = the released minutes), ``limit`` 1..10000 (default 1000), ``page_token``
-  (``next_page_token`` null on the last page), ``timeframe`` ``1Min`` (bars), ``feed``
-  ``iex``/``sip``; answers ``{"bars"|"trades": {symbol: [...]}, "next_page_token"}``, items
-  ordered by symbol then time; stock endpoints need the ``APCA-API-KEY-ID`` /
+  (``next_page_token`` null on the last page; it names the last item served),
+  ``timeframe`` ``1Min`` (bars), ``feed`` ``iex``/``sip``; answers
+  ``{"bars"|"trades": {symbol: [...]}, "next_page_token"}``, items ordered by symbol then time;
+  stock endpoints need the ``APCA-API-KEY-ID`` /
   ``APCA-API-SECRET-KEY`` headers (403 otherwise); errors ``{"message": ...}`` with 400, 403,
   422, 429 (more than :attr:`AlpacaMarketServer.rate_limit_per_min` calls in a minute).
 
@@ -622,32 +623,37 @@ class AlpacaMarketServer:
             return 422, {"message": "end should not be before start."}
         with self._lock:
             released = self.released
-        items: list[tuple[str, int, dict[str, Any]]] = []
+        items: list[tuple[str, int, dict[str, Any], int]] = []  # symbol, time, item, id
         for symbol in sorted(set(symbols)):
             for minute in self.market.data.get(symbol, [])[:released]:
                 if kind == "bars":
                     if start <= minute.start_ns and (end is None or minute.start_ns <= end):
                         b = minute.bar()
                         b["t"] = rfc3339(b["t"])
-                        items.append((symbol, minute.start_ns, b))
+                        items.append((symbol, minute.start_ns, b, 0))
                 else:
                     for t in minute.trades:
                         if start <= t.ns and (end is None or t.ns <= end):
-                            items.append((symbol, t.ns, self._rest_trade(crypto, t)))
-        offset = 0
+                            items.append((symbol, t.ns, self._rest_trade(crypto, t), t.id))
+        # The token names the last item served (HIST example tokens decode to
+        # "SYMBOL|time|..."), so a page goes on after it even when minutes were released
+        # between two pages.
         if query.get("page_token"):
             try:
-                offset = int(base64.b64decode(query["page_token"]).decode())
+                sym, ns_text, seq_text = base64.b64decode(query["page_token"]).decode().split("|")
+                after = (sym, int(ns_text), int(seq_text))
             except ValueError:
                 return 400, {"message": "invalid page token"}
+            items = [it for it in items if (it[0], it[1], it[3]) > after]
         size = min(limit, self.page_cap or limit)
-        page = items[offset : offset + size]
+        page = items[:size]
         out: dict[str, list[dict[str, Any]]] = {}
-        for symbol, _, item in page:
+        for symbol, _, item, _ in page:
             out.setdefault(symbol, []).append(item)
         token = None
-        if offset + size < len(items):
-            token = base64.b64encode(str(offset + size).encode()).decode()
+        if len(items) > size:
+            last = page[-1]
+            token = base64.b64encode(f"{last[0]}|{last[1]}|{last[3]}".encode()).decode()
         return 200, {kind: out, "next_page_token": token}
 
     @staticmethod

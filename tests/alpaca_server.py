@@ -1,60 +1,104 @@
-"""A local Alpaca Trading API v2 server for tests and benchmarks (stdlib ``http.server``).
+"""A local Alpaca server for tests and benchmarks: the Trading API v2 and the Broker API's trading
+endpoints, over one account (stdlib ``http.server``, one port).
 
 It keeps real order state and answers in Alpaca's documented JSON shapes (the keys of the example
-responses in ``tests/data/alpaca/``; decimals as strings), so the real ``alpaca-py`` client runs
-against it unchanged: ``TradingClient(key, secret, url_override=server.url)``.
+responses in ``tests/data/alpaca/``; decimals as strings), so the real ``alpaca-py`` clients run
+against it unchanged: ``TradingClient(key, secret, url_override=server.url)`` and
+``BrokerClient(broker_key, broker_secret, url_override=server.url)`` on
+:attr:`AlpacaServer.account_id`.
 
-What it models:
-    * orders: market, limit, stop, stop-limit, trailing stop; ``order_class`` simple, ``bracket``
-      and ``oto`` with legs ``held`` until the parent fills, then ``new``; one exit leg filling
-      cancels the other. Statuses: pending_new -> new/accepted -> partially_filled -> filled,
-      canceled, expired, rejected, replaced (``PATCH`` or :meth:`AlpacaServer.replace`).
-    * ``client_order_id`` is unique: a second submit with the same id is refused with 422
-      ``client_order_id must be unique`` (what makes client retries safe).
-    * fills are driven by the test: :meth:`fill` (any quantity, partials exact), :meth:`tick`
-      (every working market order fills ``partial_steps`` equal slices, the last one the exact
-      remainder; limit/stop orders fill when :meth:`set_price` crosses them), or
-      ``fill_mode="immediate"`` (market orders fill in the submit call).
-    * the account: cash, equity, positions (crypto positions are keyed ``BTCUSD``), buying
-      power checks (403 ``insufficient buying power``), crypto balance checks, the market
-      clock (``set_clock``) under which equity orders wait as ``accepted``.
-    * errors as Alpaca sends them: ``{"code": N, "message": "..."}`` with the HTTP status.
-    * fault injection on ``/v2`` calls at ``FaultPlan.rate``: 429, 500, 502, 503, ``timeout``
-      (the handler stalls past the client's timeout, with the request processed or not) and
-      ``reset`` (the connection closes without an answer, processed or not).
-    * optional ``trade_updates`` websocket (``websockets`` sync server, its own port).
+Where Alpaca is strict, this server is strict too. Every such behaviour cites its source where it
+is implemented; the sources are:
 
-Every request is logged in :attr:`AlpacaServer.requests` (arrival time, method, path, status,
-fault), which tests and the benchmark read.
+* [orders] docs.alpaca.markets "Orders" (alpaca.markets/docs/trading/orders): statuses
+  (``pending_cancel``: "the order is waiting to be canceled"), buying power (open buy orders
+  reduce it; a market buy counts 2.5% above the price), bracket/OCO/OTO classes, extended hours
+  (``extended_hours`` needs a ``limit`` ``day`` order), orders outside market hours are queued
+  for the open, ``DELETE /v2/orders/{id}`` answers 204 or 422 when not cancelable.
+* [forum-cancel] Alpaca staff on forum.alpaca.markets "Orders are showing PENDING CANCEL": a
+  cancel is only a request; the order shows ``pending_cancel`` (seconds, minutes, or until the
+  next open) and can still fill meanwhile.
+* [bt-80] alpacahq/alpaca-backtrader-api #80 / PR #81 (maintainer): "the stop loss order, when
+  filled is replaced by a different order and then filled ... the take profit order doesn't".
+* [py-198] alpacahq/alpaca-py #198: after the entry fills the stop-loss leg is ``held`` and the
+  take-profit ``new``; when the take profit fills, the held stop leg's cancel is not sent on the
+  trade-updates stream; one observed variant of a stop trigger shows the take profit
+  ``replaced`` and the stop leg ``filled``.
+* [py-322] alpacahq/alpaca-trade-api-python #322 (maintainer): a held stop leg is not listed as
+  an open order; a position's shares can be allocated to one closing order at a time.
+* [js-87] alpacahq/alpaca-trade-api-js #87 (and #80) (maintainer): once a bracket's entry
+  filled, ``GET /orders?status=open&nested=true`` lists nothing of it, ``nested=false`` lists the
+  take-profit leg but not the held stop leg; "the amount of shares is allocated per order".
+* [bt-127] alpacahq/alpaca-backtrader-api #127 (maintainer): "you have open order on this
+  position. you can't open another".
+* [crypto] docs.alpaca.markets "Crypto Spot Trading": market, limit and stop-limit orders only,
+  time in force ``gtc``/``ioc``, fractional; asset ``BTC/USD`` has ``min_order_size`` 0.0001;
+  positions keyed ``BTCUSD``.
+* [crypto-fees] alpaca.markets/docs/crypto/activities "Crypto Fees" and the support FAQ
+  "What is Maker / Taker?": the fee is charged on the credited asset (buy ETH/USD: fee in ETH;
+  sell ETH/USD: fee in USD); tier 1: maker 0.15%, taker 0.25%.
+* [rate] alpaca.markets/support/usage-limit-api-calls and Alpaca staff on forum.alpaca.markets
+  "Executing Orders": 200 requests per minute per account, then ``429``; every answer carries
+  ``X-Ratelimit-Limit``/``X-Ratelimit-Remaining``/``X-Ratelimit-Reset`` (epoch seconds of the
+  counter's reset).
+* [broker-api] docs.alpaca.markets Broker API reference and alpaca-py's ``BrokerClient``: HTTP
+  Basic auth with the broker key and secret, ``/v1/trading/accounts/{account_id}/orders``,
+  ``.../positions``, ``.../account``, ``/v1/clock``; trade events over SSE at
+  ``/v1/events/trades`` (legacy, integer ``event_id``; what alpaca-py 0.44 calls) and
+  ``/v2/events/trades`` (ULID ids), replay with ``since_id``; SSE comment lines (``:``) carry
+  no event.
+* [stream] docs.alpaca.markets "Websocket streaming": ``wss://<host>/stream`` on the Trading API
+  host, ``authenticate`` then ``listen`` to ``trade_updates``.
 
-Thread context: one handler thread per connection; all state changes hold one lock.
+Test controls: fills are driven by the test (:meth:`AlpacaServer.fill`, :meth:`tick`,
+:meth:`set_price` crossing limit/stop prices, or ``fill_mode="immediate"``), the clock by
+:meth:`set_clock`, faults by a :class:`FaultPlan` (429, 5xx, a stalled answer, a reset
+connection, each processed or not). ``time_scale`` compresses time for the rate limiter (a test
+polling every 30 ms instead of 2 s runs at ``time_scale=66.7``: the same requests per poll are
+allowed as in real time).
+
+Every request is logged in :attr:`AlpacaServer.requests` (arrival time, method, path, kind,
+status, fault).
+
+Thread context: one handler thread per connection (websocket and SSE connections keep theirs);
+all state changes hold one lock; a venue thread settles cancels and runs the optional ticker.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import heapq
+import itertools
 import json
+import math
 import queue
 import random
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 DATA_DIR = Path(__file__).parent / "data" / "alpaca"
 ORDER_KEYS: tuple[str, ...] = tuple(json.loads((DATA_DIR / "order_new.json").read_text()).keys())
 ACCOUNT_TEMPLATE: dict[str, Any] = json.loads((DATA_DIR / "account.json").read_text())
+BROKER_ACCOUNT_TEMPLATE: dict[str, Any] = json.loads(
+    (DATA_DIR / "broker_trade_account.json").read_text()
+)
 POSITION_KEYS: tuple[str, ...] = tuple(
     json.loads((DATA_DIR / "positions.json").read_text())[0].keys()
 )
 
+# Statuses in which an order is still working ([orders]).
 OPEN_STATUSES = frozenset(
     {
         "new",
@@ -71,8 +115,14 @@ OPEN_STATUSES = frozenset(
         "done_for_day",
     }
 )
+# What ``GET /orders?status=open`` lists: open statuses except ``held`` ([py-322], [js-87]).
+LISTED_OPEN = OPEN_STATUSES - {"held"}
 QTY_STEP = Decimal("0.000000001")  # Alpaca accepts up to 9 decimals
 FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset")
+CRYPTO_TYPES = frozenset({"market", "limit", "stop_limit"})  # [crypto]
+CRYPTO_MIN_ORDER_SIZE = {"BTC/USD": Decimal("0.0001")}  # [crypto]: the documented asset example
+MARKET_BUY_BUFFER = Decimal("1.025")  # [orders]: a market buy counts 2.5% above the price
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 
 def _now() -> datetime:
@@ -90,8 +140,7 @@ def _dec(x: Any) -> Decimal:
 def _s(x: Decimal | None) -> str | None:
     if x is None:
         return None
-    text = format(x.normalize(), "f")
-    return text
+    return format(x.normalize(), "f")
 
 
 def position_key(symbol: str) -> str:
@@ -109,28 +158,34 @@ class ApiError(Exception):
 
 @dataclass
 class FaultPlan:
-    """Faults injected on ``/v2`` requests.
+    """Faults injected on API requests.
 
     Attributes:
         rate: probability a request is hit (0 = never).
         kinds: kinds drawn uniformly from (see ``FAULT_KINDS``).
         seed: RNG seed, for reproducible runs.
         stall_s: how long a ``timeout`` fault stalls (must exceed the client's timeout).
-        paths: only requests whose path starts with one of these are hit (default: all /v2).
+        paths: only requests whose path starts with one of these are hit (default: both APIs).
         methods: only these HTTP methods are hit (empty: all).
         limit: at most this many faults in total (``None``: no limit).
         processed: for ``timeout``/``reset``: whether the request was processed before its
             answer was lost (``None``: a coin flip each time).
+        kinds_for: only requests of these kinds are hit (see :attr:`Req.kind`; empty: all).
+        forced: ``(request kind, fault, processed)`` served in order to the first requests of
+            that kind, before and besides the random draws (e.g. ``("submit", "reset", True)``:
+            a submit is carried out and its answer lost).
     """
 
     rate: float = 0.0
     kinds: tuple[str, ...] = ("429", "500", "503", "timeout", "reset")
     seed: int = 0
     stall_s: float = 0.5
-    paths: tuple[str, ...] = ("/v2/",)
+    paths: tuple[str, ...] = ("/v2/", "/v1/")
     methods: tuple[str, ...] = ()
     limit: int | None = None
     processed: bool | None = None
+    kinds_for: tuple[str, ...] = ()
+    forced: tuple[tuple[str, str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(FAULT_KINDS)
@@ -140,15 +195,23 @@ class FaultPlan:
 
 @dataclass
 class Req:
-    """One logged request."""
+    """One logged request.
+
+    ``kind`` is API-independent: ``account``, ``positions``, ``list``, ``order``, ``by_coid``,
+    ``submit``, ``cancel``, ``cancel_all``, ``replace``, ``clock``, ``events``, ``stream``,
+    ``other``.
+    """
 
     t: float  # time.perf_counter() at arrival
     method: str
     path: str
     query: dict[str, list[str]]
+    kind: str = "other"
+    api: str = "trading"
     status: int = 0
     fault: str | None = None
     body: Any = None
+    processed: bool | None = None  # a lost answer (timeout/reset): was the request carried out?
 
 
 @dataclass
@@ -183,6 +246,9 @@ class _Order:
     leg_ids: list[str] = field(default_factory=list)
     hwm: Decimal | None = None
     fills: list[tuple[Decimal, Decimal]] = field(default_factory=list)
+    fees: Decimal = Decimal(0)  # crypto: in the coin for buys, USD for sells ([crypto-fees])
+    maker: bool = False  # a resting limit order (maker fee) rather than a marketable one
+    hide_replaced_by: bool = False  # shows replaced_by: null (a successor Alpaca did not link)
 
     @property
     def is_open(self) -> bool:
@@ -196,14 +262,50 @@ class _Order:
     def avg_price(self) -> Decimal | None:
         if not self.filled_qty:
             return None
-        return (self.filled_value / self.filled_qty).quantize(Decimal("0.000000001"))
+        return (self.filled_value / self.filled_qty).quantize(QTY_STEP)
+
+
+class _RateLimiter:
+    """[rate]: a fixed window of ``limit`` requests per ``60 / time_scale`` seconds per account,
+    reset on the window boundary (``X-Ratelimit-Reset``)."""
+
+    def __init__(self, limit: int | None, time_scale: float) -> None:
+        self.limit = limit
+        self.window_s = 60.0 / time_scale
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}  # account -> (window index, count)
+        self.rejected = 0
+
+    def hit(self, account: str) -> tuple[bool, dict[str, str]]:
+        """Count one request; ``(allowed, headers)``."""
+        if self.limit is None:
+            return True, {}
+        now = time.time()
+        index = int(now // self.window_s)
+        with self._lock:
+            w, n = self._counts.get(account, (index, 0))
+            if w != index:
+                w, n = index, 0
+            n += 1
+            self._counts[account] = (w, n)
+            allowed = n <= self.limit
+            if not allowed:
+                self.rejected += 1
+        reset = math.ceil((index + 1) * self.window_s)
+        return allowed, {
+            "X-Ratelimit-Limit": str(self.limit),
+            "X-Ratelimit-Remaining": str(max(0, self.limit - n)),
+            "X-Ratelimit-Reset": str(reset),
+        }
 
 
 class AlpacaServer:
     """The server. Use as a context manager or call :meth:`start` / :meth:`stop`.
 
     Args:
-        api_key, secret_key: the credentials the client must send.
+        api_key, secret_key: Trading API credentials (``APCA-API-KEY-ID``/``-SECRET-KEY``).
+        broker_key, broker_secret: Broker API credentials (HTTP Basic auth).
+        account_id: the Broker API account id of the one account both APIs trade.
         cash_usd: starting cash.
         prices: symbol -> price used for market fills and valuations (default 100).
         fill_mode: ``"manual"`` (fills only via :meth:`fill`/:meth:`tick`/:meth:`set_price`) or
@@ -212,8 +314,21 @@ class AlpacaServer:
         faults: the fault plan (default none).
         market_open: initial clock state.
         tick_interval_s: when set, a background thread calls :meth:`tick` this often.
-        websocket: also serve the ``trade_updates`` stream on :attr:`ws_url`.
-        shorting: allow equity sells beyond the position.
+        shorting: allow equity sells beyond a flat position.
+        rate_limit_per_min: requests allowed per (scaled) minute per account ([rate]); ``None``
+            turns the limit off.
+        time_scale: how much faster than real time the test runs (rate limit window
+            ``60 / time_scale`` s).
+        cancel_latency_s: how long a cancel stays ``pending_cancel`` ([forum-cancel]); ``None``:
+            until :meth:`settle_cancels`.
+        stop_trigger: what a triggered bracket stop leg does: ``"replace_stop"`` ([bt-80]: the
+            stop leg is ``replaced`` by a new order that fills; the take profit is canceled) or
+            ``"replace_take_profit"`` ([py-198]: the take profit is ``replaced`` by the stop
+            leg, which fills).
+        hide_replaced_by: replaced orders show ``replaced_by: null`` (the successor still has
+            ``replaces``).
+        crypto_taker_bps, crypto_maker_bps: crypto fees ([crypto-fees], tier 1).
+        sse_heartbeat_s: period of the SSE comment heartbeats, seconds.
     """
 
     def __init__(
@@ -221,6 +336,9 @@ class AlpacaServer:
         *,
         api_key: str = "test-key",
         secret_key: str = "test-secret",
+        broker_key: str = "broker-key",
+        broker_secret: str = "broker-secret",
+        account_id: str = "7b3c2a10-5d4e-4f6a-9b8c-1d2e3f4a5b6c",
         cash_usd: float = 100_000.0,
         prices: dict[str, float] | None = None,
         fill_mode: str = "manual",
@@ -228,14 +346,27 @@ class AlpacaServer:
         faults: FaultPlan | None = None,
         market_open: bool = True,
         tick_interval_s: float | None = None,
-        websocket: bool = False,
         shorting: bool = True,
+        rate_limit_per_min: int | None = 200,
+        time_scale: float = 1.0,
+        cancel_latency_s: float | None = 0.02,
+        stop_trigger: str = "replace_stop",
+        hide_replaced_by: bool = False,
+        crypto_taker_bps: float = 25.0,
+        crypto_maker_bps: float = 15.0,
+        sse_heartbeat_s: float = 0.5,
+        websocket: bool = True,  # kept for callers; the stream is always served
     ) -> None:
         if fill_mode not in ("manual", "immediate"):
             raise ValueError(f"fill_mode must be manual or immediate, got {fill_mode!r}")
         if partial_steps < 1:
             raise ValueError("partial_steps must be >= 1")
+        if stop_trigger not in ("replace_stop", "replace_take_profit"):
+            raise ValueError(f"unknown stop_trigger {stop_trigger!r}")
+        del websocket
         self.api_key, self.secret_key = api_key, secret_key
+        self.broker_key, self.broker_secret = broker_key, broker_secret
+        self.account_id = account_id
         self.lock = threading.RLock()
         self.cash = _dec(cash_usd)
         self.prices: dict[str, Decimal] = {
@@ -250,6 +381,7 @@ class AlpacaServer:
         self.partial_steps = partial_steps
         self.faults = faults or FaultPlan()
         self._rng = random.Random(self.faults.seed)
+        self._forced = list(self.faults.forced)
         self.requests: list[Req] = []
         self.faults_injected = 0
         self.shorting = shorting
@@ -258,17 +390,28 @@ class AlpacaServer:
         self.next_open = _now() + timedelta(hours=12)
         self.next_close = _now() + timedelta(hours=6)
         self.account_blocked = False
-        self.fail_account = False  # every /v2/account call answers 500 (start-up failure test)
+        self.fail_account = False  # every account call answers 500 (start-up failure test)
+        self.fail_clock = False  # every clock call answers 503 (clock outage test)
         self.tick_interval_s = tick_interval_s
-        self._ws_enabled = websocket
-        self._ws_queues: list[queue.Queue[str | None]] = []
-        self._ws_server: Any = None
-        self._ws_thread: threading.Thread | None = None
+        self.rate = _RateLimiter(rate_limit_per_min, time_scale)
+        self.cancel_latency_s = cancel_latency_s
+        self.stop_trigger = stop_trigger
+        self.hide_replaced_by = hide_replaced_by
+        self.crypto_taker = _dec(crypto_taker_bps) / 10_000
+        self.crypto_maker = _dec(crypto_maker_bps) / 10_000
+        self.sse_heartbeat_s = sse_heartbeat_s
+        self.fees_usd = Decimal(0)  # crypto fees charged in USD (sells)
+        self.vanished: dict[str, _Order] = {}
+        self.events: list[dict[str, Any]] = []  # every trade update emitted, in order
+        self._subscribers: list[queue.Queue[tuple[int, dict[str, Any]] | None]] = []
+        self._connections: set[Any] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._ticker: threading.Thread | None = None
+        self._venue: threading.Thread | None = None
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._wake = threading.Condition(self.lock)
         self._stop = threading.Event()
-        self.events: list[dict[str, Any]] = []  # every trade update emitted, in order
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -280,9 +423,8 @@ class AlpacaServer:
 
     @property
     def ws_url(self) -> str:
-        assert self._ws_server is not None
-        port = self._ws_server.socket.getsockname()[1]
-        return f"ws://127.0.0.1:{port}/stream"
+        """The trade-updates websocket: ``ws://<host>/stream`` on the same port ([stream])."""
+        return self.url.replace("http://", "ws://") + "/stream"
 
     def start(self) -> AlpacaServer:
         handler = type("Handler", (_Handler,), {"app": self})
@@ -295,28 +437,25 @@ class AlpacaServer:
             daemon=True,
         )
         self._thread.start()
-        if self._ws_enabled:
-            self._start_ws()
-        if self.tick_interval_s:
-            self._ticker = threading.Thread(
-                target=self._tick_loop, name="alpaca-test-ticker", daemon=True
-            )
-            self._ticker.start()
+        self._venue = threading.Thread(target=self._venue_loop, name="alpaca-test-venue")
+        self._venue.daemon = True
+        self._venue.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=5)
-        if self._ws_server is not None:
-            for q in list(self._ws_queues):
+        with self.lock:
+            self._wake.notify_all()
+            for q in list(self._subscribers):
                 q.put(None)
-            self._ws_server.shutdown()
-            if self._ws_thread is not None:
-                self._ws_thread.join(timeout=5)
+        if self._venue is not None:
+            self._venue.join(timeout=5)
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(2)
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -326,23 +465,47 @@ class AlpacaServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _tick_loop(self) -> None:
-        assert self.tick_interval_s is not None
-        while not self._stop.wait(self.tick_interval_s):
-            self.tick()
+    def _venue_loop(self) -> None:
+        next_tick = time.monotonic() + (self.tick_interval_s or 0)
+        with self.lock:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    _, _, action = heapq.heappop(self._timers)
+                    action()
+                if self.tick_interval_s and now >= next_tick:
+                    self.tick()
+                    next_tick = now + self.tick_interval_s
+                waits = [self._timers[0][0] - now] if self._timers else []
+                if self.tick_interval_s:
+                    waits.append(next_tick - now)
+                self._wake.wait(timeout=max(0.001, min(waits)) if waits else 0.2)
+
+    def _later(self, delay_s: float, action: Callable[[], None]) -> None:
+        """Run ``action`` under the lock on the venue thread after ``delay_s``."""
+        heapq.heappush(self._timers, (time.monotonic() + delay_s, next(self._timer_seq), action))
+        self._wake.notify_all()
 
     # -- test controls --------------------------------------------------------------------------
 
     def set_price(self, symbol: str, price: float) -> None:
-        """Set the market price; working limit/stop orders that it crosses fill (fully)."""
+        """Set the market price: working limit/stop orders it crosses fill (fully); triggered
+        bracket stop legs are replaced ([bt-80]) or take the take profit's place ([py-198])."""
         key = position_key(symbol)
         with self.lock:
             self.prices[key] = _dec(price)
             for o in list(self.orders.values()):
-                if o.is_open and position_key(o.symbol) == key and o.status != "held":
-                    px = self._cross_price(o)
-                    if px is not None:
-                        self._fill(o, o.remaining, px)
+                if position_key(o.symbol) != key or not o.is_open:
+                    continue
+                if o.status == "held":
+                    if self._leg_active(o) and self._cross_price(o) is not None:
+                        self._trigger_stop_leg(o)
+                    continue
+                if o.status == "accepted" or (o.parent_id and not self._leg_active(o)):
+                    continue
+                px = self._cross_price(o)
+                if px is not None:
+                    self._fill(o, o.remaining, px)
 
     def set_clock(
         self,
@@ -351,7 +514,8 @@ class AlpacaServer:
         next_open: datetime | None = None,
         next_close: datetime | None = None,
     ) -> None:
-        """Set the market clock. Opening it releases equity orders waiting as ``accepted``."""
+        """Set the market clock. Opening it releases equity orders queued as ``accepted``
+        ([orders]: orders outside market hours are queued for the next open)."""
         with self.lock:
             self.market_is_open = is_open
             if next_open is not None:
@@ -359,7 +523,7 @@ class AlpacaServer:
             if next_close is not None:
                 self.next_close = next_close
             if is_open:
-                for o in self.orders.values():
+                for o in list(self.orders.values()):
                     if o.status == "accepted" and o.parent_id is None:
                         self._set_status(o, "new", "new")
                         if self.fill_mode == "immediate" and o.type == "market":
@@ -371,7 +535,8 @@ class AlpacaServer:
         qty: float | Decimal | None = None,
         price: float | Decimal | None = None,
     ) -> None:
-        """Fill ``qty`` (default: the remainder) of an order at ``price`` (default: market)."""
+        """Fill ``qty`` (default: the remainder) of an order at ``price`` (default: market).
+        A ``pending_cancel`` order can still fill ([forum-cancel])."""
         with self.lock:
             o = self._get(order_id)
             if not o.is_open or o.status == "held":
@@ -389,6 +554,8 @@ class AlpacaServer:
                     continue
                 if not o.is_open or o.status in ("held", "accepted"):
                     continue
+                if o.parent_id and not self._leg_active(o):
+                    continue
                 if o.type != "market":
                     px = self._cross_price(o)
                     if px is not None:
@@ -401,10 +568,18 @@ class AlpacaServer:
                 n += 1
         return n
 
+    def settle_cancels(self) -> int:
+        """Turn every ``pending_cancel`` order ``canceled`` now; returns how many."""
+        with self.lock:
+            pending = [o for o in self.orders.values() if o.status == "pending_cancel"]
+            for o in pending:
+                self._finish_cancel(o)
+            return len(pending)
+
     def cancel_by_venue(self, order_id: str) -> None:
         """The venue cancels an order (e.g. IOC remainder)."""
         with self.lock:
-            self._cancel(self._get(order_id))
+            self._finish_cancel(self._get(order_id))
 
     def expire(self, order_id: str) -> None:
         """A day order expires at the close."""
@@ -431,6 +606,14 @@ class AlpacaServer:
         """Replace an order (as ``PATCH /v2/orders/{id}`` does); returns the new order's id."""
         with self.lock:
             return self._replace(self._get(order_id), changes).id
+
+    def vanish(self, order_id: str) -> None:
+        """The API stops showing an order (listings and lookups answer as if it never existed):
+        a replacement Alpaca made but never lets the client see."""
+        with self.lock:
+            o = self.orders.pop(order_id)
+            self.by_coid.pop(o.client_order_id, None)
+            self.vanished[order_id] = o
 
     def add_position(self, symbol: str, qty: float, avg_price: float) -> None:
         """Give the account an existing position (start-up reconciliation tests)."""
@@ -459,6 +642,7 @@ class AlpacaServer:
             return {k: v for k, v in self.positions.items() if v != 0}
 
     def open_orders(self) -> list[dict[str, Any]]:
+        """Every order still working, held legs included (what the account really has)."""
         with self.lock:
             return [self._render(o, nested=False) for o in self.orders.values() if o.is_open]
 
@@ -470,7 +654,24 @@ class AlpacaServer:
             if r.method == method and r.path == path and r.fault is None
         )
 
-    # -- internals -------------------------------------------------------------------------------
+    def count_kind(self, kind: str) -> int:
+        """Requests of this kind (see :attr:`Req.kind`) answered, on either API."""
+        return sum(1 for r in list(self.requests) if r.kind == kind and r.fault is None)
+
+    def stream_clients(self) -> int:
+        """Open trade-updates connections (websocket or SSE)."""
+        with self.lock:
+            return len(self._subscribers)
+
+    def drop_streams(self) -> None:
+        """Close every trade-updates connection (clients reconnect; polling covers the gap)."""
+        with self.lock:
+            for q in list(self._subscribers):
+                q.put(None)
+
+    drop_websockets = drop_streams
+
+    # -- internals: orders ------------------------------------------------------------------------
 
     def _get(self, order_id: str) -> _Order:
         o = self.orders.get(order_id)
@@ -480,6 +681,29 @@ class AlpacaServer:
 
     def _legs(self, o: _Order) -> list[_Order]:
         return [self.orders[i] for i in o.leg_ids]
+
+    def _siblings(self, o: _Order) -> list[_Order]:
+        if o.parent_id is None:
+            return []
+        return [x for x in self._legs(self.orders[o.parent_id]) if x.id != o.id]
+
+    def _exit_partners(self, o: _Order) -> list[_Order]:
+        """The other exits of the same one-cancels-other group: a bracket/OTO leg's siblings;
+        an OCO's take profit (its parent) and stop leg for each other."""
+        if o.parent_id is not None:
+            parent = self.orders[o.parent_id]
+            partners = self._siblings(o)
+            return [parent, *partners] if parent.order_class == "oco" else partners
+        if o.order_class == "oco":
+            return self._legs(o)
+        return []
+
+    def _leg_active(self, leg: _Order) -> bool:
+        """A bracket/OTO leg works once its entry filled; an OCO leg at once."""
+        if leg.parent_id is None:
+            return True
+        parent = self.orders[leg.parent_id]
+        return parent.order_class == "oco" or parent.status == "filled"
 
     def _price(self, symbol: str) -> Decimal:
         return self.prices.get(position_key(symbol), Decimal(100))
@@ -510,7 +734,12 @@ class AlpacaServer:
         return None
 
     def _emit(
-        self, event: str, o: _Order, *, qty: Decimal | None = None, price: Decimal | None = None
+        self,
+        event: str,
+        o: _Order,
+        *,
+        qty: Decimal | None = None,
+        price: Decimal | None = None,
     ) -> None:
         key = position_key(o.symbol)
         msg: dict[str, Any] = {
@@ -526,10 +755,9 @@ class AlpacaServer:
                 position_qty=_s(self.positions.get(key, Decimal(0))),
             )
         self.events.append(msg)
-        if self._ws_queues:
-            text = json.dumps({"stream": "trade_updates", "data": msg})
-            for q in list(self._ws_queues):
-                q.put(text)
+        seq = len(self.events)
+        for q in list(self._subscribers):
+            q.put((seq, msg))
 
     def _set_status(self, o: _Order, status: str, event: str | None) -> None:
         o.status = status
@@ -543,20 +771,33 @@ class AlpacaServer:
             return
         key = position_key(o.symbol)
         signed = qty if o.side == "buy" else -qty
+        crypto = o.asset_class == "crypto"
+        fee = Decimal(0)
+        if crypto:
+            # [crypto-fees]: charged on the credited asset: coins on a buy, USD on a sell.
+            rate = self.crypto_maker if o.maker else self.crypto_taker
+            if o.side == "buy":
+                fee = (qty * rate).quantize(QTY_STEP, rounding=ROUND_HALF_EVEN)
+            else:
+                fee = (qty * price * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
+                self.fees_usd += fee
+            o.fees += fee
+            self.crypto.add(key)
         old = self.positions.get(key, Decimal(0))
-        new = old + signed
+        delta = signed - fee if crypto and o.side == "buy" else signed
+        new = old + delta
         cost = self.cost.get(key, Decimal(0))
-        if old == 0 or (old > 0) == (signed > 0):
+        if old == 0 or (old > 0) == (delta > 0):
             cost += signed * price
-        elif abs(signed) <= abs(old):
+        elif abs(delta) <= abs(old):
             cost = cost * new / old if old else Decimal(0)
         else:  # flips side: the remainder opens at this price
             cost = new * price
         self.positions[key] = new
         self.cost[key] = cost if new != 0 else Decimal(0)
-        if o.asset_class == "crypto":
-            self.crypto.add(key)
         self.cash -= signed * price
+        if crypto and o.side == "sell":
+            self.cash -= fee
         o.filled_qty += qty
         o.filled_value += qty * price
         o.fills.append((qty, price))
@@ -567,42 +808,105 @@ class AlpacaServer:
             self._emit("fill", o, qty=qty, price=price)
             self._after_fill(o)
         else:
-            o.status = "partially_filled"
+            if o.status != "pending_cancel":
+                o.status = "partially_filled"
             self._emit("partial_fill", o, qty=qty, price=price)
 
     def _after_fill(self, o: _Order) -> None:
-        if o.leg_ids:  # a bracket/oto parent: its legs go live
+        if o.leg_ids and o.order_class in ("bracket", "oto"):
+            # [py-198]: the entry filled: the take profit goes live ("new"), the stop-loss leg
+            # stays "held" (Alpaca watches its trigger itself).
             for leg in self._legs(o):
-                if leg.status == "held":
+                if leg.status == "held" and leg.type == "limit":
                     self._set_status(leg, "new", "new")
             for leg in self._legs(o):
-                px = self._cross_price(leg)
-                if leg.is_open and px is not None:
-                    self._fill(leg, leg.remaining, px)
-                    break
-        elif o.parent_id is not None:  # an exit leg filled: the other one is canceled
-            parent = self.orders[o.parent_id]
-            for leg in self._legs(parent):
-                if leg.id != o.id and leg.is_open:
-                    self._cancel(leg)
+                if leg.status == "new":
+                    px = self._cross_price(leg)
+                    if px is not None:
+                        self._fill(leg, leg.remaining, px)
+                        return
+                elif leg.status == "held" and self._cross_price(leg) is not None:
+                    self._trigger_stop_leg(leg)
+                    return
+        elif o.order_class == "oco" or o.parent_id is not None:
+            # an exit filled: the other exits of its group are canceled (one-cancels-other); a
+            # held leg's cancel is not sent on the stream ([py-198])
+            for sib in self._exit_partners(o):
+                if sib.is_open:
+                    self._finish_cancel(sib, emit=sib.status != "held")
 
-    def _cancel(self, o: _Order) -> None:
-        if not o.is_open:
-            raise ApiError(422, 42210000, "order is not cancelable")
-        o.canceled_at = _now()
-        self._set_status(o, "canceled", "canceled")
-        family = (
-            self._legs(o)
-            if o.leg_ids
-            else (self._legs(self.orders[o.parent_id]) if o.parent_id else [])
+    def _trigger_stop_leg(self, leg: _Order) -> None:
+        """A held stop-loss leg's stop price was crossed."""
+        siblings = [s for s in self._exit_partners(leg) if s.is_open]
+        if self.stop_trigger == "replace_take_profit" and siblings:
+            # [py-198] variant: the live take profit is replaced by the stop leg, which fills.
+            for tp in siblings:
+                tp.replaced_at = _now()
+                tp.replaced_by = None if self.hide_replaced_by else leg.id
+                tp.hide_replaced_by = self.hide_replaced_by
+                self._set_status(tp, "replaced", "replaced")
+            self._set_status(leg, "new", "new")
+            self._fill(leg, leg.remaining, self._price(leg.symbol))
+            return
+        # [bt-80]: the stop loss "is replaced by a different order and then filled"; the take
+        # profit is canceled (OCO) so the shares it held go to the new order.
+        for tp in siblings:
+            self._finish_cancel(tp)
+        new = _Order(
+            id=str(uuid.uuid4()),
+            client_order_id=str(uuid.uuid4()),
+            symbol=leg.symbol,
+            asset_class=leg.asset_class,
+            side=leg.side,
+            type=leg.type,
+            qty=leg.remaining,
+            time_in_force=leg.time_in_force,
+            order_class=leg.order_class,
+            limit_price=leg.limit_price,
+            stop_price=leg.stop_price,
+            replaces=leg.id,
+            status="new",
         )
-        for leg in family:
+        self.orders[new.id] = new
+        self.by_coid[new.client_order_id] = new.id
+        leg.replaced_at = _now()
+        leg.replaced_by = new.id
+        leg.hide_replaced_by = self.hide_replaced_by
+        self._set_status(leg, "replaced", "replaced")
+        self._emit("new", new)
+        px = self._cross_price(new)
+        if px is not None:
+            self._fill(new, new.remaining, px)
+
+    def _request_cancel(self, o: _Order) -> None:
+        """``DELETE``: [orders] 422 when the order is no longer cancelable, else 204 and
+        ``pending_cancel`` until the venue confirms ([forum-cancel]). A bracket's legs go with
+        their parent; cancelling a leg cancels its siblings (OCO)."""
+        if not o.is_open or o.status == "pending_cancel":
+            raise ApiError(422, 42210000, "order is not cancelable")
+        family = [o]
+        if o.leg_ids:
+            family += [x for x in self._legs(o) if x.is_open]
+        family += [x for x in self._exit_partners(o) if x.is_open and x not in family]
+        for x in family:
+            if x.status == "pending_cancel":
+                continue
+            self._set_status(x, "pending_cancel", "pending_cancel")
+            if self.cancel_latency_s is not None:
+                self._later(self.cancel_latency_s, lambda x=x: self._finish_cancel(x))
+
+    def _finish_cancel(self, o: _Order, emit: bool = True) -> None:
+        if o.status in ("filled", "canceled", "expired", "rejected", "replaced"):
+            return
+        o.canceled_at = _now()
+        self._set_status(o, "canceled", "canceled" if emit else None)
+        for leg in self._legs(o):
             if leg.is_open:
                 leg.canceled_at = _now()
-                self._set_status(leg, "canceled", "canceled")
+                self._set_status(leg, "canceled", "canceled" if leg.status != "held" else None)
 
     def _replace(self, o: _Order, changes: dict[str, Any]) -> _Order:
-        if not o.is_open or o.leg_ids or o.parent_id:
+        if not o.is_open or o.leg_ids or o.parent_id or o.status == "pending_cancel":
             raise ApiError(422, 42210000, "order is not replaceable")
         new = _Order(
             id=str(uuid.uuid4()),
@@ -626,11 +930,11 @@ class AlpacaServer:
         )
         if new.client_order_id in self.by_coid:
             raise ApiError(422, 40010001, "client_order_id must be unique")
-        new.filled_qty, new.filled_value = Decimal(0), Decimal(0)
         # Alpaca: the replacement carries the remaining quantity; what filled stays filled.
         self.orders[new.id] = new
         self.by_coid[new.client_order_id] = new.id
         o.replaced_at, o.replaced_by = _now(), new.id
+        o.hide_replaced_by = self.hide_replaced_by
         self._set_status(o, "replaced", "replaced")
         self._emit("new", new)
         return new
@@ -654,70 +958,157 @@ class AlpacaServer:
             raise bad("qty must be > 0")
         if position_key(body["symbol"]) in self.unknown_symbols:
             raise bad(f'asset "{body["symbol"]}" not found')
+        oco_take = (body.get("take_profit") or {}).get("limit_price")
         if (
             body["type"] in ("limit", "stop_limit")
             and body.get("limit_price") is None
-            and body.get("order_class") != "oco"
+            and not (body.get("order_class") == "oco" and oco_take)
         ):
+            # [orders]: an OCO may carry its limit in take_profit.limit_price
             raise bad("limit_price is required")
         if body["type"] in ("stop", "stop_limit") and body.get("stop_price") is None:
             raise bad("stop_price is required")
         crypto = "/" in body["symbol"]
-        if crypto and body["time_in_force"] not in ("gtc", "ioc"):
-            raise bad("invalid crypto time_in_force")
+        oc = body.get("order_class") or "simple"
+        if crypto:
+            if body["time_in_force"] not in ("gtc", "ioc"):
+                raise bad("invalid crypto time_in_force")
+            if body["type"] not in CRYPTO_TYPES:
+                raise bad(f"invalid order type for crypto order: {body['type']}")
+            if oc != "simple":
+                raise bad(f"crypto orders must be simple orders, not {oc}")
+            minimum = CRYPTO_MIN_ORDER_SIZE.get(body["symbol"])
+            if minimum is not None and body.get("qty") is not None and _dec(body["qty"]) < minimum:
+                raise bad(f"qty must be >= {_s(minimum)}")
         if not crypto and body.get("qty") is not None:
             q = _dec(body["qty"])
             if q != q.to_integral_value() and (
                 body["type"] != "market" or body["time_in_force"] != "day"
             ):
                 raise bad("fractional orders must be simple market day orders")
-        oc = body.get("order_class") or "simple"
-        if oc in ("bracket", "oco"):
+        if body.get("extended_hours") and (
+            body["type"] != "limit" or body["time_in_force"] != "day"
+        ):
+            # [orders] extended hours: limit orders with time in force day only
+            raise bad("extended hours order must be DAY limit orders")
+        if oc == "bracket":
             if not (body.get("take_profit") or {}).get("limit_price"):
                 raise bad("bracket orders must specify take_profit.limit_price")
             if not (body.get("stop_loss") or {}).get("stop_price"):
                 raise bad("bracket orders must specify stop_loss.stop_price")
+        if oc == "oco":
+            # [orders] OCO: exit orders only, a limit (take profit) with a stop-loss leg
+            if body["type"] != "limit":
+                raise bad("oco orders must be limit orders")
+            if not (body.get("stop_loss") or {}).get("stop_price"):
+                raise bad("oco orders must specify stop_loss.stop_price")
+        if oc == "oto" and not (body.get("take_profit") or body.get("stop_loss")):
+            raise bad("oto orders must specify take_profit or stop_loss")
         if body.get("client_order_id") and len(str(body["client_order_id"])) > 128:
             raise bad("client_order_id must be at most 128 characters")
+
+    def _reserving(self, o: _Order) -> Decimal:
+        """Quantity an open order holds back from its position ([py-322], [js-87]): one
+        closing allocation per bracket (the held stop leg shares the take profit's), nothing
+        for a leg whose entry has not filled."""
+        if not o.is_open:
+            return Decimal(0)
+        if o.parent_id is not None:
+            parent = self.orders[o.parent_id]
+            if parent.order_class != "oco" and parent.status != "filled":
+                return Decimal(0)
+            if o.status == "held" and any(
+                s.is_open and s.status != "held" for s in self._siblings(o)
+            ):
+                return Decimal(0)
+            if parent.order_class == "oco":
+                return Decimal(0)  # the OCO's parent (the take profit) holds the shares
+        return o.remaining
+
+    def _available(self, key: str, side: str) -> tuple[Decimal, Decimal]:
+        """``(position, quantity free to close it)`` for an order on ``side``."""
+        held = self.positions.get(key, Decimal(0))
+        reserved = sum(
+            (
+                self._reserving(o)
+                for o in self.orders.values()
+                if position_key(o.symbol) == key and o.side == side
+            ),
+            Decimal(0),
+        )
+        return held, (held if side == "sell" else -held) - reserved
+
+    def _buying_power(self) -> Decimal:
+        """[orders]: cash less what open buy orders already claim."""
+        claimed = Decimal(0)
+        for o in self.orders.values():
+            if o.is_open and o.side == "buy" and o.parent_id is None:
+                px = o.limit_price or self._price(o.symbol) * MARKET_BUY_BUFFER
+                claimed += o.remaining * px
+        return self.cash - claimed
 
     def _check_funds(self, body: dict[str, Any]) -> None:
         key = position_key(body["symbol"])
         qty = _dec(body["qty"]) if body.get("qty") is not None else None
-        px = (
-            _dec(body["limit_price"])
-            if body.get("limit_price") is not None
-            else self._price(body["symbol"])
-        )
-        if body["side"] == "buy":
+        crypto = "/" in body["symbol"]
+        side = body["side"]
+        held, free = self._available(key, side)
+        closing = held if side == "sell" else -held  # > 0: this order reduces a position
+        reserved = closing - free if closing > 0 else Decimal(0)
+        if crypto and side == "sell" and qty is not None and qty > max(free, Decimal(0)):
+            # [crypto]: no shorting; [py-322]: open sells hold their coins back
+            base = body["symbol"].split("/")[0]
+            raise ApiError(
+                403,
+                40310000,
+                f"insufficient balance for {base} (requested: {_s(qty)}, "
+                f"available: {_s(max(free, Decimal(0)))})",
+            )
+        if (
+            not crypto
+            and qty is not None
+            and closing > 0
+            and qty > free
+            and (reserved > 0 or not self.shorting)
+        ):
+            # [py-322], [js-87], [bt-127]: shares held by open orders cannot be sold again
+            raise ApiError(
+                403,
+                40310000,
+                f"insufficient qty available for order (requested: {_s(qty)}, "
+                f"available: {_s(max(free, Decimal(0)))})",
+            )
+        if not crypto and side == "sell" and closing <= 0 and not self.shorting:
+            raise ApiError(
+                403,
+                40310000,
+                f"insufficient qty available for order (requested: {_s(qty)}, available: 0)",
+            )
+        if side == "buy" and closing <= 0:
+            px = (
+                _dec(body["limit_price"])
+                if body.get("limit_price") is not None
+                else self._price(body["symbol"]) * MARKET_BUY_BUFFER
+            )
             cost = qty * px if qty is not None else _dec(body["notional"])
-            if cost > self.cash:
+            if cost > self._buying_power():
+                # [orders]: open buy orders already claim part of the buying power
                 raise ApiError(403, 40310000, "insufficient buying power")
-        else:
-            held = self.positions.get(key, Decimal(0))
-            if "/" in body["symbol"] and qty is not None and qty > held:
-                base = body["symbol"].split("/")[0]
-                raise ApiError(
-                    403,
-                    40310000,
-                    f"insufficient balance for {base} (requested: "
-                    f"{_s(qty)}, available: {_s(held)})",
-                )
-            if not self.shorting and qty is not None and qty > held:
-                raise ApiError(
-                    403,
-                    40310000,
-                    "insufficient qty available for order "
-                    f"(requested: {_s(qty)}, available: {_s(held)})",
-                )
 
     def _submit(self, body: dict[str, Any]) -> _Order:
         if self.account_blocked:
             raise ApiError(403, 40310000, "account is not allowed to trade")
         self._validate(body)
+        # The request is checked against the account before the order is stored under its
+        # client_order_id, so a resent submit whose first attempt landed (and used the buying
+        # power or the shares) may be told "insufficient ..." rather than "must be unique".
+        self._check_funds(body)
         coid = str(body.get("client_order_id") or uuid.uuid4())
         if coid in self.by_coid:
             raise ApiError(422, 40010001, "client_order_id must be unique")
-        self._check_funds(body)
+        oc = body.get("order_class") or ""
+        if oc == "simple":
+            oc = ""
         crypto = "/" in body["symbol"]
         qty = (
             _dec(body["qty"])
@@ -726,10 +1117,9 @@ class AlpacaServer:
                 QTY_STEP, ROUND_DOWN
             )
         )
-        oc = body.get("order_class") or ""
-        if oc == "simple":
-            oc = ""
-        waits = not crypto and not self.market_is_open
+        extended = bool(body.get("extended_hours"))
+        # [orders]: outside market hours, orders not eligible for extended hours are queued
+        waits = not crypto and not self.market_is_open and not extended
 
         def opt(name: str, src: dict[str, Any] | None = None) -> Decimal | None:
             v = (src if src is not None else body).get(name)
@@ -745,20 +1135,22 @@ class AlpacaServer:
             qty=qty,
             time_in_force=body["time_in_force"],
             order_class=oc,
-            limit_price=opt("limit_price"),
+            limit_price=opt("limit_price")
+            if oc != "oco" or body.get("limit_price") is not None
+            else opt("limit_price", body.get("take_profit")),
             stop_price=opt("stop_price"),
             trail_price=opt("trail_price"),
             trail_percent=opt("trail_percent"),
-            extended_hours=bool(body.get("extended_hours")),
+            extended_hours=extended,
             status="accepted" if waits else "new",
         )
+        o.maker = o.type == "limit" and self._cross_price(o) is None
         self.orders[o.id] = o
         self.by_coid[coid] = o.id
         if oc in ("bracket", "oto", "oco"):
-            exit_side = "sell" if o.side == "buy" else "buy"
             tp, sl = body.get("take_profit"), body.get("stop_loss")
             legs: list[tuple[str, Decimal | None, Decimal | None]] = []
-            if tp:
+            if tp and oc != "oco":
                 legs.append(("limit", opt("limit_price", tp), None))
             if sl:
                 legs.append(
@@ -768,6 +1160,7 @@ class AlpacaServer:
                         opt("stop_price", sl),
                     )
                 )
+            exit_side = o.side if oc == "oco" else ("sell" if o.side == "buy" else "buy")
             for typ, lim, stop in legs:
                 leg = _Order(
                     id=str(uuid.uuid4()),
@@ -783,6 +1176,7 @@ class AlpacaServer:
                     stop_price=stop,
                     status="held",
                     parent_id=o.id,
+                    maker=typ == "limit",
                 )
                 self.orders[leg.id] = leg
                 self.by_coid[leg.client_order_id] = leg.id
@@ -796,11 +1190,18 @@ class AlpacaServer:
                 if px is not None and self.fill_mode == "immediate":
                     self._fill(o, o.remaining, px)
             if o.is_open and o.time_in_force in ("ioc", "fok") and self.fill_mode == "immediate":
-                self._cancel(o)
+                self._finish_cancel(o)
+            if oc == "oco" and o.is_open:
+                for leg in self._legs(o):
+                    if leg.status == "held" and self._cross_price(leg) is not None:
+                        self._trigger_stop_leg(leg)
         return o
 
     def _render(self, o: _Order, *, nested: bool) -> dict[str, Any]:
         typ = o.type
+        intent = "to_open"
+        if o.parent_id is not None or o.order_class == "oco":
+            intent = "to_close"
         out: dict[str, Any] = {
             "id": o.id,
             "client_order_id": o.client_order_id,
@@ -812,7 +1213,7 @@ class AlpacaServer:
             "canceled_at": _iso(o.canceled_at),
             "failed_at": _iso(o.failed_at),
             "replaced_at": _iso(o.replaced_at),
-            "replaced_by": o.replaced_by,
+            "replaced_by": None if o.hide_replaced_by else o.replaced_by,
             "replaces": o.replaces,
             "asset_id": str(uuid.uuid5(uuid.NAMESPACE_URL, position_key(o.symbol))),
             "symbol": o.symbol,
@@ -825,7 +1226,7 @@ class AlpacaServer:
             "order_type": typ,
             "type": typ,
             "side": o.side,
-            "position_intent": f"{o.side}_to_open",
+            "position_intent": f"{o.side}_{intent}",
             "time_in_force": o.time_in_force,
             "limit_price": _s(o.limit_price),
             "stop_price": _s(o.stop_price),
@@ -843,7 +1244,7 @@ class AlpacaServer:
         }
         return {k: out[k] for k in ORDER_KEYS}
 
-    def _account(self) -> dict[str, Any]:
+    def _account(self, api: str = "trading") -> dict[str, Any]:
         long_mv = sum(
             (q * self.prices.get(k, Decimal(100)) for k, q in self.positions.items() if q > 0),
             Decimal(0),
@@ -853,8 +1254,11 @@ class AlpacaServer:
             Decimal(0),
         )
         equity = self.cash + long_mv + short_mv
-        acct = dict(ACCOUNT_TEMPLATE)
+        acct = dict(BROKER_ACCOUNT_TEMPLATE if api == "broker" else ACCOUNT_TEMPLATE)
+        if api == "broker":
+            acct.update(cash_withdrawable=_s(self.cash), cash_transferable=_s(self.cash))
         acct.update(
+            id=self.account_id,
             cash=_s(self.cash),
             equity=_s(equity),
             portfolio_value=_s(equity),
@@ -862,9 +1266,9 @@ class AlpacaServer:
             long_market_value=_s(long_mv),
             short_market_value=_s(short_mv),
             position_market_value=_s(long_mv + short_mv),
-            buying_power=_s(self.cash),
-            regt_buying_power=_s(self.cash),
-            non_marginable_buying_power=_s(self.cash),
+            buying_power=_s(self._buying_power()),
+            regt_buying_power=_s(self._buying_power()),
+            non_marginable_buying_power=_s(self._buying_power()),
             multiplier="1",
             trading_blocked=self.account_blocked,
         )
@@ -878,6 +1282,8 @@ class AlpacaServer:
         avg = cost / qty if qty else Decimal(0)
         mv = qty * price
         pl = mv - cost
+        side = "sell" if qty > 0 else "buy"
+        _, free = self._available(key, side)
         out = {
             "asset_id": str(uuid.uuid5(uuid.NAMESPACE_URL, key)),
             "symbol": key,
@@ -885,7 +1291,7 @@ class AlpacaServer:
             "asset_class": "crypto" if crypto else "us_equity",
             "asset_marginable": not crypto,
             "qty": _s(qty),
-            "avg_entry_price": _s(abs(avg)),
+            "avg_entry_price": _s(abs(avg).quantize(QTY_STEP)),
             "side": "long" if qty > 0 else "short",
             "market_value": _s(mv),
             "cost_basis": _s(cost),
@@ -896,73 +1302,117 @@ class AlpacaServer:
             "current_price": _s(price),
             "lastday_price": _s(price),
             "change_today": "0",
-            "qty_available": _s(qty),
+            "qty_available": _s(max(free, Decimal(0)) if qty > 0 else -max(free, Decimal(0))),
         }
         return {k: out[k] for k in POSITION_KEYS}
 
     # -- routing ----------------------------------------------------------------------------------
 
+    def route(self, method: str, path: str) -> tuple[str, str, str | None]:
+        """``(api, kind, account id in the path)`` of a request path."""
+        if path.startswith("/v1/"):
+            api = "broker"
+            rest = path[len("/v1") :]
+            account = None
+            if rest.startswith("/trading/accounts/"):
+                parts = rest.split("/")
+                account = parts[3] if len(parts) > 3 else ""
+                rest = "/" + "/".join(parts[4:])
+            elif rest.startswith("/events/trades"):
+                return api, "events", None
+        elif path.startswith("/v2/events/trades"):
+            return "broker", "events", None
+        elif path.startswith("/v2/"):
+            api, rest, account = "trading", path[len("/v2") :], None
+        elif path == "/stream":
+            return "trading", "stream", None
+        else:
+            return "trading", "other", None
+        if rest == "/account":
+            kind = "account"
+        elif rest.startswith("/positions"):
+            kind = "positions"
+        elif rest == "/clock":
+            kind = "clock"
+        elif rest == "/orders":
+            kind = {"GET": "list", "POST": "submit", "DELETE": "cancel_all"}.get(method, "other")
+        elif rest == "/orders:by_client_order_id":
+            kind = "by_coid"
+        elif rest.startswith("/orders/"):
+            kind = {"GET": "order", "DELETE": "cancel", "PATCH": "replace"}.get(method, "other")
+        else:
+            kind = "other"
+        return api, kind, account
+
     def handle(
         self, method: str, path: str, query: dict[str, list[str]], body: Any
     ) -> tuple[int, Any]:
-        """Answer one API call: (HTTP status, JSON body or None)."""
+        """Answer one REST call on either API: (HTTP status, JSON body or None)."""
         q = {k: v[-1] for k, v in query.items()}
+        api, kind, account = self.route(method, path)
+        rest = path.split("/orders", 1)[-1] if "/orders" in path else ""
         with self.lock:
-            if path == "/v2/account":
+            if api == "broker" and kind != "clock" and account != self.account_id:
+                raise ApiError(404, 40410000, "account not found")
+            if kind == "account":
                 if self.fail_account:
                     raise ApiError(500, 50010000, "internal server error")
-                return 200, self._account()
-            if path == "/v2/clock":
+                return 200, self._account(api)
+            if kind == "clock":
+                if self.fail_clock:
+                    raise ApiError(503, 50310000, "service unavailable")
                 return 200, {
                     "timestamp": _now().isoformat(),
                     "is_open": self.market_is_open,
                     "next_open": self.next_open.isoformat(),
                     "next_close": self.next_close.isoformat(),
                 }
-            if path == "/v2/positions" and method == "GET":
-                return 200, [self._position(k) for k, v in sorted(self.positions.items()) if v]
-            if path.startswith("/v2/positions/") and method == "GET":
-                key = position_key(path.rsplit("/", 1)[1].replace("%2F", "/"))
+            if kind == "positions" and method == "GET":
+                sym = path.split("/positions", 1)[1].strip("/")
+                if not sym:
+                    return 200, [self._position(k) for k, v in sorted(self.positions.items()) if v]
+                key = position_key(unquote(sym))
                 if not self.positions.get(key):
                     raise ApiError(404, 40410000, "position does not exist")
                 return 200, self._position(key)
-            if path == "/v2/orders" and method == "POST":
+            if kind == "submit":
                 if not isinstance(body, dict):
                     raise ApiError(400, 40010000, "request body format is invalid")
                 return 200, self._render(self._submit(body), nested=True)
-            if path == "/v2/orders" and method == "GET":
+            if kind == "list":
                 return 200, self._list(q)
-            if path == "/v2/orders" and method == "DELETE":
+            if kind == "cancel_all":
                 out = []
                 for o in list(self.orders.values()):
-                    if o.is_open and o.parent_id is None:
-                        self._cancel(o)
-                        out.append(
-                            {"id": o.id, "status": 200, "body": self._render(o, nested=False)}
-                        )
+                    if o.is_open and o.parent_id is None and o.status != "pending_cancel":
+                        self._request_cancel(o)
+                        out.append({"id": o.id, "status": 200, "body": None})
                 return 207, out
-            if path == "/v2/orders:by_client_order_id" and method == "GET":
+            if kind == "by_coid":
                 oid = self.by_coid.get(q.get("client_order_id", ""))
                 if oid is None:
                     raise ApiError(404, 40410000, "order not found")
                 return 200, self._render(self.orders[oid], nested=True)
-            if path.startswith("/v2/orders/"):
-                oid = path.rsplit("/", 1)[1]
+            if kind in ("order", "cancel", "replace"):
+                oid = rest.strip("/")
                 try:
                     uuid.UUID(oid)
                 except ValueError as e:
                     raise ApiError(422, 40010001, "order_id is missing") from e
                 o = self._get(oid)
-                if method == "GET":
+                if kind == "order":
                     return 200, self._render(o, nested=q.get("nested") in ("true", "True"))
-                if method == "DELETE":
-                    self._cancel(o)
+                if kind == "cancel":
+                    self._request_cancel(o)
                     return 204, None
-                if method == "PATCH":
-                    return 200, self._render(self._replace(o, body or {}), nested=True)
+                return 200, self._render(self._replace(o, body or {}), nested=True)
         raise ApiError(404, 40410000, "endpoint not found")
 
     def _list(self, q: dict[str, str]) -> list[dict[str, Any]]:
+        """``GET /orders``: [py-322], [js-87]: ``status=open`` lists open orders except held
+        ones (held legs count as closed); ``nested=true`` rolls legs up under their parent,
+        which is listed by its own status (a filled entry takes its live legs out of the open
+        list)."""
         status = q.get("status", "open")
         limit = min(int(q.get("limit", 50)), 500)
         nested = q.get("nested") in ("true", "True")
@@ -977,16 +1427,16 @@ class AlpacaServer:
         for o in self.orders.values():
             if nested and o.parent_id is not None:
                 continue  # rolled up under its parent
-            family_open = o.is_open or (nested and any(leg.is_open for leg in self._legs(o)))
-            if status == "open" and not family_open:
+            listed_open = o.status in LISTED_OPEN
+            if status == "open" and not listed_open:
                 continue
-            if status == "closed" and family_open:
+            if status == "closed" and listed_open:
                 continue
             if after and o.created_at <= after:
                 continue
-            if until and o.created_at > until:
+            if until and o.created_at >= until:
                 continue
-            if symbols and o.symbol not in symbols:
+            if symbols and o.symbol not in symbols and position_key(o.symbol) not in symbols:
                 continue
             rows.append(o)
         rows.sort(key=lambda o: o.created_at, reverse=q.get("direction", "desc") == "desc")
@@ -994,21 +1444,30 @@ class AlpacaServer:
 
     # -- faults -----------------------------------------------------------------------------------
 
-    def draw_fault(self, method: str, path: str) -> str | None:
+    def draw_fault(self, method: str, path: str, kind: str) -> tuple[str | None, bool | None]:
+        """``(fault or None, processed)`` for one request (``processed`` only for forced
+        faults; else :meth:`processed` decides)."""
         plan = self.faults
+        with self.lock:
+            for i, (k, fault, processed) in enumerate(self._forced):
+                if k == kind:
+                    del self._forced[i]
+                    return fault, processed
         if (
             plan.rate <= 0
             or not path.startswith(plan.paths)
             or (plan.methods and method not in plan.methods)
+            or (plan.kinds_for and kind not in plan.kinds_for)
+            or kind in ("events", "stream")
         ):
-            return None
+            return None, None
         with self.lock:
             if plan.limit is not None and self.faults_injected >= plan.limit:
-                return None
+                return None, None
             if self._rng.random() >= plan.rate:
-                return None
+                return None, None
             self.faults_injected += 1
-            return self._rng.choice(plan.kinds)
+            return self._rng.choice(plan.kinds), None
 
     def processed(self) -> bool:
         """Was a lost request processed anyway? (``FaultPlan.processed`` or a coin flip)"""
@@ -1017,66 +1476,31 @@ class AlpacaServer:
         with self.lock:
             return self._rng.random() < 0.5
 
-    # -- websocket --------------------------------------------------------------------------------
+    # -- streams ----------------------------------------------------------------------------------
 
-    def _start_ws(self) -> None:
-        from websockets.sync.server import serve
+    def subscribe(self, since: int | None) -> queue.Queue[tuple[int, dict[str, Any]] | None]:
+        """A queue of ``(sequence, trade update)`` for one stream connection; with ``since``,
+        the events after that sequence number are replayed first ([broker-api])."""
+        q: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
+        with self.lock:
+            if since is not None:
+                for i, msg in enumerate(self.events[since:], start=since + 1):
+                    q.put((i, msg))
+            self._subscribers.append(q)
+        return q
 
-        self._ws_server = serve(self._ws_handler, "127.0.0.1", 0)
-        self._ws_thread = threading.Thread(
-            target=self._ws_server.serve_forever, name="alpaca-test-ws", daemon=True
-        )
-        self._ws_thread.start()
+    def unsubscribe(self, q: queue.Queue[tuple[int, dict[str, Any]] | None]) -> None:
+        with self.lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(q)
 
-    def _ws_handler(self, ws: Any) -> None:
-        auth = json.loads(ws.recv(timeout=10))
-        data = auth.get("data") or {}
-        if (
-            auth.get("action") != "authenticate"
-            or data.get("key_id") != self.api_key
-            or data.get("secret_key") != self.secret_key
-        ):
-            ws.send(
-                json.dumps(
-                    {
-                        "stream": "authorization",
-                        "data": {"status": "unauthorized", "action": "authenticate"},
-                    }
-                )
-            )
-            return
-        ws.send(
-            json.dumps(
-                {
-                    "stream": "authorization",
-                    "data": {"status": "authorized", "action": "authenticate"},
-                }
-            )
-        )
-        listen = json.loads(ws.recv(timeout=10))
-        streams = (listen.get("data") or {}).get("streams") or []
-        ws.send(json.dumps({"stream": "listening", "data": {"streams": streams}}))
-        q: queue.Queue[str | None] = queue.Queue()
-        self._ws_queues.append(q)
-        try:
-            while not self._stop.is_set():
-                try:
-                    item = q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                ws.send(item)
-        except Exception:
-            return
-        finally:
-            with contextlib.suppress(ValueError):
-                self._ws_queues.remove(q)
 
-    def drop_websockets(self) -> None:
-        """Close every websocket connection (the client should reconnect; polling covers)."""
-        for q in list(self._ws_queues):
-            q.put(None)
+def _ulid_of(seq: int) -> str:
+    """A sortable 26-character id for event ``seq`` (the shape of the v2 events' ULIDs)."""
+    return f"{seq:026d}"
+
+
+def _seq_of(event_id: str) -> int:
+    return int(event_id)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -1092,20 +1516,57 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return  # quiet
 
+    def _authorized(self, api: str) -> str | None:
+        """The account the credentials name, or None. The Trading API takes the key headers,
+        the Broker API HTTP Basic auth ([broker-api]); neither takes the other's keys."""
+        app = self.app
+        if api == "trading":
+            if (
+                self.headers.get("APCA-API-KEY-ID") == app.api_key
+                and self.headers.get("APCA-API-SECRET-KEY") == app.secret_key
+            ):
+                return app.account_id
+            return None
+        auth = self.headers.get("Authorization") or ""
+        if not auth.startswith("Basic "):
+            return None
+        try:
+            key, _, secret = base64.b64decode(auth[6:]).decode().partition(":")
+        except ValueError:
+            return None
+        if key == app.broker_key and secret == app.broker_secret:
+            return app.account_id
+        return None
+
     def _serve(self, method: str) -> None:
         app = self.app
         parts = urlsplit(self.path)
+        api, kind, _ = app.route(method, parts.path)
         rec = Req(
-            t=time.perf_counter(), method=method, path=parts.path, query=parse_qs(parts.query)
+            t=time.perf_counter(),
+            method=method,
+            path=parts.path,
+            query=parse_qs(parts.query),
+            kind=kind,
+            api=api,
         )
         app.requests.append(rec)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        if (
-            self.headers.get("APCA-API-KEY-ID") != app.api_key
-            or self.headers.get("APCA-API-SECRET-KEY") != app.secret_key
-        ):
+        if kind == "stream":
+            self._websocket(rec)
+            return
+        account = self._authorized(api)
+        if account is None:
             self._send(401, {"code": 40110000, "message": "request is not authorized"}, rec)
+            return
+        allowed, headers = app.rate.hit(account)
+        if not allowed:
+            # [rate]: over 200 requests in the minute
+            self._send(429, {"code": 42910000, "message": "rate limit exceeded"}, rec, headers)
+            return
+        if kind == "events":
+            self._sse(rec)
             return
         try:
             body = json.loads(raw) if raw else None
@@ -1113,15 +1574,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"code": 40010000, "message": "request body format is invalid"}, rec)
             return
         rec.body = body
-        fault = app.draw_fault(method, parts.path)
+        fault, forced_processed = app.draw_fault(method, parts.path, kind)
         rec.fault = fault
         if fault in ("429", "500", "502", "503"):
             code = {"429": 42910000, "500": 50010000, "502": 50210000, "503": 50310000}[fault]
             msg = "rate limit exceeded" if fault == "429" else "internal server error"
-            self._send(int(fault), {"code": code, "message": msg}, rec)
+            self._send(int(fault), {"code": code, "message": msg}, rec)  # no rate headers
             return
         if fault in ("timeout", "reset"):
-            if app.processed():  # processed, the answer is lost
+            rec.processed = app.processed() if forced_processed is None else forced_processed
+            if rec.processed:  # processed, the answer is lost
                 with contextlib.suppress(ApiError):
                     app.handle(method, parts.path, rec.query, body)
             if fault == "timeout":
@@ -1133,23 +1595,189 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, out = app.handle(method, parts.path, rec.query, body)
         except ApiError as e:
-            self._send(e.status, {"code": e.code, "message": e.message}, rec)
+            self._send(e.status, {"code": e.code, "message": e.message}, rec, headers)
             return
         except Exception as e:
             self._send(500, {"code": 50010000, "message": f"test server error: {e!r}"}, rec)
             return
-        self._send(status, out, rec)
+        self._send(status, out, rec, headers)
 
-    def _send(self, status: int, body: Any, rec: Req) -> None:
+    def _send(
+        self, status: int, body: Any, rec: Req, headers: dict[str, str] | None = None
+    ) -> None:
         rec.status = status
         data = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         if data:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if data:
             self.wfile.write(data)
+
+    # -- SSE ([broker-api]) -----------------------------------------------------------------------
+
+    def _sse(self, rec: Req) -> None:
+        app = self.app
+        v1 = rec.path.startswith("/v1/")
+        raw_since = (rec.query.get("since_id") or [None])[-1]
+        since = None
+        if raw_since is not None:
+            since = int(raw_since) if v1 else _seq_of(raw_since)
+        rec.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        q = app.subscribe(since)
+        app._connections.add(self.connection)
+        try:
+            self.wfile.write(b": connected\n\n")
+            self.wfile.flush()
+            while not app._stop.is_set():
+                try:
+                    item = q.get(timeout=app.sse_heartbeat_s)
+                except queue.Empty:
+                    self.wfile.write(b": heartbeat\n\n")  # a comment: no event
+                    self.wfile.flush()
+                    continue
+                if item is None:
+                    return
+                seq, msg = item
+                event = dict(msg)
+                event["account_id"] = app.account_id
+                event["at"] = msg["timestamp"]
+                event["event_id"] = seq if v1 else _ulid_of(seq)
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+        except OSError:
+            return
+        finally:
+            app.unsubscribe(q)
+            app._connections.discard(self.connection)
+
+    # -- websocket ([stream]; RFC 6455 framing, no extensions) ------------------------------------
+
+    def _websocket(self, rec: Req) -> None:
+        app = self.app
+        key = self.headers.get("Sec-WebSocket-Key")
+        if (self.headers.get("Upgrade") or "").lower() != "websocket" or not key:
+            self._send(400, {"code": 40010000, "message": "websocket upgrade required"}, rec)
+            return
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        rec.status = 101
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        write_lock = threading.Lock()
+        sock = self.connection
+        app._connections.add(sock)
+
+        def send(opcode: int, payload: bytes) -> None:
+            n = len(payload)
+            if n < 126:
+                head = struct.pack("!BB", 0x80 | opcode, n)
+            elif n < 65536:
+                head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+            else:
+                head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+            with write_lock:
+                sock.sendall(head + payload)
+
+        def recv() -> tuple[int, bytes] | None:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return None
+            opcode, n = head[0] & 0x0F, head[1] & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self.rfile.read(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self.rfile.read(8))[0]
+            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = bytearray(self.rfile.read(n))
+            for i in range(len(data)):
+                data[i] ^= mask[i % 4]
+            return opcode, bytes(data)
+
+        def text(msg: dict[str, Any]) -> None:
+            send(0x1, json.dumps(msg).encode())
+
+        q: queue.Queue[tuple[int, dict[str, Any]] | None] | None = None
+        pump: threading.Thread | None = None
+        try:
+            frame = recv()
+            auth = json.loads(frame[1]) if frame and frame[0] == 0x1 else {}
+            data = auth.get("data") or {}
+            if (
+                auth.get("action") != "authenticate"
+                or data.get("key_id") != app.api_key
+                or data.get("secret_key") != app.secret_key
+            ):
+                text(
+                    {
+                        "stream": "authorization",
+                        "data": {"status": "unauthorized", "action": "authenticate"},
+                    }
+                )
+                send(0x8, struct.pack("!H", 1008))
+                return
+            text(
+                {
+                    "stream": "authorization",
+                    "data": {"status": "authorized", "action": "authenticate"},
+                }
+            )
+            while True:
+                frame = recv()
+                if frame is None or frame[0] == 0x8:
+                    return
+                if frame[0] == 0x9:
+                    send(0xA, frame[1])
+                    continue
+                if frame[0] == 0x1:
+                    break
+            listen = json.loads(frame[1])
+            streams = (listen.get("data") or {}).get("streams") or []
+            text({"stream": "listening", "data": {"streams": streams}})
+            q = app.subscribe(None)
+
+            def pump_events() -> None:
+                assert q is not None
+                while True:
+                    item = q.get()
+                    if item is None:
+                        with contextlib.suppress(OSError):
+                            send(0x8, struct.pack("!H", 1001))
+                            sock.shutdown(2)
+                        return
+                    with contextlib.suppress(OSError):
+                        text({"stream": "trade_updates", "data": item[1]})
+
+            pump = threading.Thread(target=pump_events, name="alpaca-test-ws", daemon=True)
+            pump.start()
+            while True:
+                frame = recv()
+                if frame is None or frame[0] == 0x8:
+                    return
+                if frame[0] == 0x9:
+                    send(0xA, frame[1])
+        except (OSError, ValueError, struct.error):
+            return
+        finally:
+            if q is not None:
+                app.unsubscribe(q)
+                q.put(None)
+            if pump is not None:
+                pump.join(timeout=2)
+            app._connections.discard(sock)
 
     def do_GET(self) -> None:
         self._serve("GET")

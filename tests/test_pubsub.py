@@ -3,173 +3,36 @@ redelivered messages, back-pressure from a slow agent, and a server restart mid-
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import backtrader as bt
 import pytest
 
-from analyzers.fmel import FMELAnalyzer
 from core.errors import ConfigError
-from core.retry import RetryPolicy
 from feeds.pubsub import (
     PubSubBarSubscriber,
-    PubSubFeedConfig,
-    StreamSettings,
     publisher_client,
     subscriber_client,
 )
 from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
+from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
 
-__all__ = ["emulator_factory", "pubsub_emulator"]  # fixtures used by this module
-
-T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
-FAST = StreamSettings(
-    health_interval_s=0.3, probe_timeout_s=1.0, reconnect=RetryPolicy(initial_s=0.2, max_s=1.0)
-)
-
-
-def bar(symbol: str, i: int, **extra: Any) -> bytes:
-    doc: dict[str, Any] = {
-        "symbol": symbol,
-        "timestamp": (T0 + timedelta(minutes=i)).isoformat(),
-        "open": 100.0 + i,
-        "high": 101.0 + i,
-        "low": 99.0 + i,
-        "close": 100.5 + i,
-        "volume": 10 * i,
-    }
-    doc.update(extra)
-    return json.dumps(doc).encode()
-
-
-@pytest.fixture
-def topic(pubsub_emulator: PubSubEmulator) -> Iterator[str]:
-    pub = publisher_client(pubsub_emulator.host)
-    path = f"projects/{pubsub_emulator.project}/topics/bars-{uuid.uuid4().hex[:8]}"
-    pub.create_topic(request={"name": path})
-    yield path
-    pub.stop()
-
-
-def publish(emu: PubSubEmulator, topic: str, items: list[tuple[dict[str, str], bytes]]) -> None:
-    """Publish in order (ordering key = the symbol attribute, as the contract asks)."""
-    pub = publisher_client(emu.host)
-    futures = [
-        pub.publish(topic, body, ordering_key=attrs.get("symbol", "none"), **attrs)
-        for attrs, body in items
-    ]
-    for f in futures:
-        f.result(timeout=30)
-    pub.stop()
-
-
-def config(emu: PubSubEmulator, topic: str, **over: Any) -> PubSubFeedConfig:
-    base: dict[str, Any] = dict(
-        project=emu.project,
-        topics=(topic,),
-        emulator_host=emu.host,
-        qcheck_s=0.05,
-        discovery_s=0.0,
-        align_wait_s=0.2,
-        subscription_prefix="test",
-    )
-    base.update(over)
-    return PubSubFeedConfig(**base)
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Recorder(bt.Strategy):  # type: ignore[misc]
-    """Records every bar it is given, the statuses it is told, the hub depth; may be slow."""
-
-    params = (("sleep_s", 0.0), ("hub", None))
-
-    def __init__(self) -> None:
-        self.bars: list[tuple[str, datetime, float]] = []
-        self.statuses: list[str] = []
-        self.depths: list[int] = []
-        self._lens = [0] * len(self.datas)
-
-    def notify_data(self, data: Any, status: int, *args: Any, **kwargs: Any) -> None:
-        self.statuses.append(data._getstatusname(status))
-
-    def prenext(self) -> None:
-        self.next()
-
-    def next(self) -> None:
-        for i, d in enumerate(self.datas):
-            if len(d) > self._lens[i]:
-                self._lens[i] = len(d)
-                self.bars.append((d._name, bt.num2date(d.datetime[0]), d.close[0]))
-        if self.p.hub is not None:
-            self.depths.append(max(self.p.hub.depth(s) for s in self.p.hub.symbols))
-        if self.p.sleep_s:
-            time.sleep(self.p.sleep_s)
-
-
-def run_live(
-    sub: PubSubBarSubscriber,
-    scenario: Callable[[PubSubBarSubscriber], None],
-    *,
-    agent: type = Recorder,
-    fmel: bool = False,
-    **agent_params: Any,
-) -> Any:
-    """Start ``sub``, run ``scenario`` (publishing, then ``request_stop``) on a thread while
-    cerebro runs on this one; close the subscriber whatever happens."""
-    errors: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            scenario(sub)
-        except BaseException as e:  # re-raised on the test thread
-            errors.append(e)
-        finally:
-            sub.request_stop(5.0)
-
-    try:
-        sub.start()
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        sub.discover_fields()
-        cerebro = bt.Cerebro(stdstats=False)
-        for feed in sub.make_feeds():
-            cerebro.adddata(feed, name=feed.symbol)
-        cerebro.addstrategy(agent, **agent_params)
-        if fmel:
-            cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
-        strategy = cerebro.run()[0]
-        driver.join(30)
-    finally:
-        sub.close()
-    if errors:
-        raise errors[0]
-    return strategy
-
+__all__ = ["emulator_factory", "pubsub_emulator", "topic"]  # fixtures used by this module
 
 # -- subscriptions ------------------------------------------------------------------------------
 
 
-def test_subscription_has_expiry_filter_and_ordering_and_is_deleted(
+def test_subscription_has_expiry_filter_and_ordering_and_outlives_the_runner(
     pubsub_emulator: PubSubEmulator, topic: str
 ) -> None:
     sub = PubSubBarSubscriber(
         config(pubsub_emulator, topic, subscription_ttl_s=172_800),
         symbols=["GOOG", "SP500"],
-        session_id="life-1",
+        deployment="life-1",
         settings=FAST,
     )
     sub.start()
@@ -185,28 +48,48 @@ def test_subscription_has_expiry_filter_and_ordering_and_is_deleted(
         assert got.enable_message_ordering
     finally:
         sub.close()
-    assert path not in pubsub_emulator.subscriptions()
+    # Kept for the next start of the same deployment (it expires when the deployment is gone).
+    assert path in pubsub_emulator.subscriptions()
+    again = PubSubBarSubscriber(
+        config(pubsub_emulator, topic, delete_subscription=True),
+        symbols=["GOOG", "SP500"],
+        deployment="life-1",
+        settings=FAST,
+    )
+    again.start()
+    assert again.subscription_paths == [path]
+    again.close()
+    assert path not in pubsub_emulator.subscriptions()  # PUBSUB_DELETE_SUBSCRIPTION
 
 
 def test_existing_subscriptions_are_reused(pubsub_emulator: PubSubEmulator, topic: str) -> None:
     emu = pubsub_emulator
     client = subscriber_client(emu.host)
-    # Our own name already exists (a restarted pod of the same session): reused, then deleted.
+    # Our own name already exists (a restarted pod of the same deployment): reused and kept.
     own = f"projects/{emu.project}/subscriptions/test-reuse-1"
     client.create_subscription(request={"name": own, "topic": topic})
     sub = PubSubBarSubscriber(
-        config(emu, topic), symbols=["AAA"], session_id="reuse-1", settings=FAST
+        config(emu, topic), symbols=["AAA"], deployment="reuse-1", settings=FAST
     )
     sub.start()
     sub.close()
-    assert own not in emu.subscriptions()
+    assert own in emu.subscriptions()
+    # Filtered for other symbols (SYMBOLS changed since): Pub/Sub would hold back the new ones.
+    filtered = f"projects/{emu.project}/subscriptions/test-reuse-6"
+    client.create_subscription(
+        request={"name": filtered, "topic": topic, "filter": 'attributes.symbol = "OLD"'}
+    )
+    with pytest.raises(ConfigError, match="filter"):
+        PubSubBarSubscriber(
+            config(emu, topic), symbols=["AAA"], deployment="reuse-6", settings=FAST
+        ).start()
     # A named one (PUBSUB_SUBSCRIPTION) is used as is and left in place.
     named = f"projects/{emu.project}/subscriptions/shared-{uuid.uuid4().hex[:6]}"
     client.create_subscription(request={"name": named, "topic": topic})
     sub = PubSubBarSubscriber(
         config(emu, topic, subscription=named.rsplit("/", 1)[-1]),
         symbols=["AAA"],
-        session_id="reuse-2",
+        deployment="reuse-2",
         settings=FAST,
     )
     sub.start()
@@ -218,22 +101,24 @@ def test_existing_subscriptions_are_reused(pubsub_emulator: PubSubEmulator, topi
         PubSubBarSubscriber(
             config(emu, other, subscription=named),
             symbols=["AAA"],
-            session_id="reuse-3",
+            deployment="reuse-3",
             settings=FAST,
         ).start()
     with pytest.raises(ConfigError, match="does not exist"):
         PubSubBarSubscriber(
             config(emu, topic, subscription="missing-sub"),
             symbols=["AAA"],
-            session_id="reuse-4",
+            deployment="reuse-4",
             settings=FAST,
         ).start()
     with pytest.raises(ConfigError, match=r"topic .*no-such-topic does not exist"):
         PubSubBarSubscriber(
-            config(emu, "no-such-topic"), symbols=["AAA"], session_id="reuse-5", settings=FAST
+            config(emu, "no-such-topic"), symbols=["AAA"], deployment="reuse-5", settings=FAST
         ).start()
+    for path in (own, filtered):
+        client.delete_subscription(request={"subscription": path})
     client.close()
-    assert not [s for s in emu.subscriptions() if "reuse" in s]  # nothing left behind
+    assert not [s for s in emu.subscriptions() if "reuse" in s]  # nothing else was created
 
 
 # -- bars, fields, malformed, duplicates --------------------------------------------------------
@@ -277,7 +162,7 @@ def test_nested_and_text_fields_reach_the_agent_and_fmel(
     sub = PubSubBarSubscriber(
         config(pubsub_emulator, topic, discovery_s=20.0),
         symbols=["NEWS"],
-        session_id=f"fields-{uuid.uuid4().hex[:6]}",
+        deployment=f"fields-{uuid.uuid4().hex[:6]}",
         settings=FAST,
     )
     strategy = run_live(sub, scenario, agent=Reader, fmel=True)
@@ -316,7 +201,7 @@ def test_malformed_burst_is_counted_logged_once_and_kept_from_the_agent(
     sub = PubSubBarSubscriber(
         config(pubsub_emulator, topic),
         symbols=["AAA"],
-        session_id=f"bad-{uuid.uuid4().hex[:6]}",
+        deployment=f"bad-{uuid.uuid4().hex[:6]}",
         settings=FAST,
     )
     strategy = run_live(sub, scenario)
@@ -327,7 +212,7 @@ def test_malformed_burst_is_counted_logged_once_and_kept_from_the_agent(
     for kind, _, _ in bad_kinds:
         logged = [r for r in caplog.records if f"({kind})" in r.getMessage()]
         assert len(logged) == 1, kind
-        assert "malformed message" in logged[0].getMessage()
+        assert "refused" in logged[0].getMessage()
     assert sub.feed_counters()["all"]["malformed"] == 15 * len(bad_kinds)
 
 
@@ -371,7 +256,7 @@ def test_redelivered_and_republished_bars_are_dropped_once(
     sub = NackFirst(
         config(pubsub_emulator, topic),
         symbols=["AAA"],
-        session_id=f"dup-{uuid.uuid4().hex[:6]}",
+        deployment=f"dup-{uuid.uuid4().hex[:6]}",
         settings=FAST,
     )
     strategy = run_live(sub, scenario)
@@ -395,9 +280,9 @@ def test_one_subscription_per_topic(pubsub_emulator: PubSubEmulator) -> None:
         wait_for(lambda: sub.handler.stats.delivered == 10, what="10 bars")
 
     sub = PubSubBarSubscriber(
-        config(emu, topics[0], topics=tuple(topics)),
+        config(emu, topics[0], topics=tuple(topics), delete_subscription=True),
         symbols=["AAA", "BBB"],
-        session_id=session,
+        deployment=session,
         settings=FAST,
     )
     strategy = run_live(sub, scenario)
@@ -422,7 +307,7 @@ def test_slow_agent_gets_back_pressure_and_every_bar(
     sub = PubSubBarSubscriber(
         config(pubsub_emulator, topic, max_buffered_bars=4),
         symbols=["AAA", "BBB"],
-        session_id=f"slow-{uuid.uuid4().hex[:6]}",
+        deployment=f"slow-{uuid.uuid4().hex[:6]}",
         settings=FAST,
     )
     strategy = run_live(sub, scenario, sleep_s=0.05, hub=sub.hub)
@@ -455,12 +340,12 @@ def test_server_restart_mid_stream(emulator_factory: Callable[[], PubSubEmulator
         wait_for(lambda: sub.hub.status == "DISCONNECTED", what="DISCONNECTED")
         emu.start()  # same port, empty state: topic and subscription are gone
         publisher_client(emu.host).create_topic(request={"name": topic})
-        wait_for(lambda: sub.hub.status == "LIVE", what="reconnected")
+        wait_for(lambda: sub.hub.status == "CONNECTED", what="reconnected")
         publish(emu, topic, second)
         wait_for(lambda: sub.handler.stats.delivered == 40, what="all 40 bars")
 
     sub = PubSubBarSubscriber(
-        config(emu, topic), symbols=["AAA"], session_id="restart", settings=FAST
+        config(emu, topic), symbols=["AAA"], deployment="restart", settings=FAST
     )
     strategy = run_live(sub, scenario)
     assert strategy.statuses == ["DELAYED", "LIVE", "DISCONNECTED", "LIVE"]
@@ -468,4 +353,4 @@ def test_server_restart_mid_stream(emulator_factory: Callable[[], PubSubEmulator
     stats = sub.stats()
     assert stats["duplicates"] == 5 and stats["disconnects"] >= 1 and stats["reconnects"] >= 1
     assert stats["malformed_total"] == 0
-    assert emu.subscriptions() == []  # the recreated subscription was deleted too
+    assert emu.subscriptions() == sub.subscription_paths  # recreated, kept for the next start

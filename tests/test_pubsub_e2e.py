@@ -4,8 +4,9 @@ real Pub/Sub emulator, with the bundled real data:
 * end to end + parity: the decisions stored by a paper run equal, field by field (data hashes,
   values read, orders, fills, portfolio), those of a CSV backtest of the same bars; only session
   ids, wall-clock times and the mode differ;
-* SIGTERM mid-stream: the stream stops, what was delivered is drained, decisions are flushed, the
-  subscription is deleted and the report prints, within the shutdown budget;
+* SIGTERM mid-stream: the run stops after the current step within the shutdown budget, its
+  decisions are stored, the bars it had not decided go back to the (kept) subscription, and a
+  restarted runner decides them: every bar time once over both runs;
 * CSV backfill warms the indicators up before the first live bar.
 """
 
@@ -22,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pytest
 
 from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client
 from tests.conftest import DATA, REPO, clean_env, run_runner
 from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
-from tests.test_shutdown import RunnerProcess
+from tests.e2e.test_shutdown import RunnerProcess
 
 __all__ = ["pubsub_emulator"]
 
@@ -48,6 +50,8 @@ def paper_runner(work: Path, emu: PubSubEmulator, topic: str, **env: str) -> Run
         "MODE": "paper",
         "SYMBOLS": SYMBOLS,
         "PUBSUB_TOPIC": topic,
+        # The subscription is <prefix>-<agent>, stable across restarts: one per test's topic.
+        "PUBSUB_SUBSCRIPTION_PREFIX": f"t-{topic}",
         "PUBSUB_QCHECK_S": "0.1",
         "PUBSUB_DISCOVERY_S": "20",
         "PUBSUB_IDLE_TIMEOUT_S": "3",
@@ -93,7 +97,7 @@ def decisions(store: Path) -> list[dict[str, Any]]:
     with duckdb.connect(str(store), read_only=True) as con:
         cur = con.execute(
             "SELECT * EXCLUDE (decision_id, session_id, ts, mode) FROM decisions "
-            "ORDER BY decision_point"
+            "ORDER BY bar_time"
         )
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
@@ -139,7 +143,7 @@ def test_paper_run_end_to_end_decides_like_the_backtest(
 
     paper = paper_runner(tmp_path / "paper", emu, topic)
     runners.append(paper)
-    paper.wait_for("the subscription", lambda: len(emu.subscriptions()) == 1)
+    paper.wait_for("the subscription", lambda: subscription(emu, topic) in emu.subscriptions())
     pub = replay(emu, topic, "--start", START, "--end", END)
     out, err = pub.communicate(timeout=120)
     assert pub.returncode == 0, err
@@ -155,12 +159,22 @@ def test_paper_run_end_to_end_decides_like_the_backtest(
     assert published["published"] == expected
     assert paper.finish(timeout_s=120) == 0, "".join(paper.err_lines[-30:])
 
-    # The report: live counters, nothing refused or duplicated, the subscription gone.
+    # The report: live counters, nothing refused or duplicated; the subscription is kept for
+    # the next start of this deployment.
     assert "mode=paper" in paper.stdout
+    # Missing bar times: daily bars count business days, so the 2005 exchange holidays show.
+    holidays = 0
+    for s in SYMBOLS.split(","):
+        days = read_csv_bars(
+            CSVFeedConfig(path=DATA / f"{s}.csv", symbol=s, start=_utc(START), end=_utc(END))
+        ).times.astype("datetime64[D]")
+        holidays += int(np.busday_count(days[0], days[-1] + 1)) - len(days)
+    assert holidays == 3 * 8  # 2005: MLK, Presidents, Good Friday, Memorial, July 4, ...
     assert report_line(paper.stdout, "feed all").startswith(
-        f"received={expected}, delivered={expected}, duplicates=0, malformed=0"
+        f"received={expected}, delivered={expected}, duplicates=0, malformed=0, "
+        f"missing={holidays}, late=0, missed_steps=0"
     )
-    assert emu.subscriptions() == []
+    assert subscription(emu, topic) in emu.subscriptions()
     # Same decisions as the backtest of the same bars: bar times, stages, every field read
     # with its value and data hash, orders and fills, portfolio.
     live_rows, back_rows = (
@@ -188,14 +202,19 @@ def _utc(day: str) -> datetime:
     return datetime.fromisoformat(day).replace(tzinfo=UTC)
 
 
-def test_sigterm_mid_stream_drains_flushes_and_cleans_up(
+def subscription(emu: PubSubEmulator, topic: str) -> str:
+    """The runner's stable subscription: ``<prefix>-<agent class>``."""
+    return f"projects/{emu.project}/subscriptions/t-{topic}-SmaCrossAgent"
+
+
+def test_sigterm_mid_stream_then_a_restart_decides_every_bar_once(
     tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
 ) -> None:
     emu = pubsub_emulator
     topic = new_topic(emu)
     paper = paper_runner(tmp_path, emu, topic, PUBSUB_IDLE_TIMEOUT_S="0")
     runners.append(paper)
-    paper.wait_for("the subscription", lambda: len(emu.subscriptions()) == 1)
+    paper.wait_for("the subscription", lambda: subscription(emu, topic) in emu.subscriptions())
     # Daily bars at 20 bars a second: the stream lasts ~13 s.
     pub = replay(emu, topic, "--start", START, "--end", END, "--speed", str(86_400 * 20))
     try:
@@ -210,25 +229,34 @@ def test_sigterm_mid_stream_drains_flushes_and_cleans_up(
         paper.proc.send_signal(signal.SIGTERM)
         # The shutdown budget is the contract (Kubernetes grace period): the wait's timeout.
         assert paper.finish(timeout_s=SHUTDOWN_BUDGET_S) == 0, "".join(paper.err_lines[-30:])
+        assert pub.wait(timeout=120) == 0  # the rest is published while no runner is up
     finally:
         pub.kill()
         pub.communicate()
     assert "(INTERRUPTED)" in paper.stdout
-    assert emu.subscriptions() == []
-    counts = report_line(paper.stdout, "feed all")
-    delivered = int(re.search(r"delivered=(\d+)", counts).group(1))  # type: ignore[union-attr]
-    assert "duplicates=0" in counts and "undelivered=0" in counts
-    rows = decisions(tmp_path / "fmel.duckdb")
-    dec = re.search(r"decisions\s+(\d+) recorded \((\d+) written", paper.stdout)
-    assert dec and int(dec.group(1)) == int(dec.group(2)) == len(rows)
-    assert [r["decision_point"] for r in rows] == list(range(len(rows)))
-    bar_times = [r["bar_time"] for r in rows]
-    assert bar_times == sorted(set(bar_times))  # one decision per bar time, in order
-    # Every delivered bar was drained into a decision (3 symbols share the calendar; the stream
-    # may have stopped between the symbols of the last bar time).
-    assert len(rows) >= 40 and 3 * (len(rows) - 1) < delivered <= 3 * len(rows)
-    assert len(rows) < 252  # it really stopped mid-stream
     assert any("stopping: SIGTERM" in line for line in paper.err_lines)
+    first = decisions(tmp_path / "fmel.duckdb")
+    assert 40 <= len(first) < 252  # it really stopped mid-stream
+    counts = report_line(paper.stdout, "feed all")
+    assert "duplicates=0" in counts
+    undelivered = int(re.search(r"undelivered=(\d+)", counts).group(1))  # type: ignore[union-attr]
+    returned = int(re.search(r"returned=(\d+)", counts).group(1))  # type: ignore[union-attr]
+    assert returned >= undelivered  # bars not decided went back to Pub/Sub
+    dec = re.search(r"decisions\s+(\d+) recorded \((\d+) written", paper.stdout)
+    assert dec and int(dec.group(1)) == int(dec.group(2)) == len(first)
+    assert subscription(emu, topic) in emu.subscriptions()  # kept with its backlog
+
+    # The restarted runner continues from what the first one had not acknowledged.
+    again = paper_runner(tmp_path, emu, topic, PUBSUB_IDLE_TIMEOUT_S="3")
+    runners.append(again)
+    assert again.finish(timeout_s=180) == 0, "".join(again.err_lines[-30:])
+    rows = decisions(tmp_path / "fmel.duckdb")
+    bar_times = [r["bar_time"] for r in rows]
+    assert len(rows) == 252 and len(set(bar_times)) == 252  # every bar time once, none twice
+    with duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True) as con:
+        sessions = con.execute("SELECT count(DISTINCT session_id) FROM decisions").fetchone()
+        ids = con.execute("SELECT count(DISTINCT decision_id), count(*) FROM decisions").fetchone()
+    assert sessions == (2,) and ids is not None and ids[0] == ids[1] == 252
 
 
 def test_csv_backfill_warms_indicators_before_the_first_live_bar(
@@ -246,7 +274,7 @@ def test_csv_backfill_warms_indicators_before_the_first_live_bar(
         PUBSUB_DISCOVERY_S="0",
     )
     runners.append(paper)
-    paper.wait_for("the subscription", lambda: len(emu.subscriptions()) == 1)
+    paper.wait_for("the subscription", lambda: subscription(emu, topic) in emu.subscriptions())
     pub = replay(emu, topic, "--start", "2005-01-01", "--end", "2005-02-28")
     assert pub.wait(timeout=120) == 0
     assert paper.finish(timeout_s=120) == 0, "".join(paper.err_lines[-30:])

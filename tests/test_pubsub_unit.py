@@ -38,6 +38,7 @@ from feeds.pubsub import (
     symbol_filter,
 )
 from feeds.pubsub.handler import DELIVERED, DUPLICATE, MALFORMED
+from feeds.pubsub.hub import CLOSED, OFFERED
 from feeds.replay import bar_messages
 from tests.conftest import DATA
 
@@ -215,18 +216,26 @@ def _bar(symbol: str, minute: int) -> Any:
 def test_hub_aligns_symbols_and_gives_up_after_the_wait() -> None:
     clock = FakeClock()
     hub = BarHub(["AAA", "BBB"], align_wait_s=1.0, clock=clock)
-    assert hub.offer(_bar("AAA", 0))
+    assert hub.offer(_bar("AAA", 0)) == OFFERED
     assert not hub.has_ready("AAA")  # waits for BBB's bar of the same time
-    assert hub.offer(_bar("BBB", 0))
+    assert hub.offer(_bar("BBB", 0)) == OFFERED
     assert hub.has_ready("AAA") and hub.has_ready("BBB")
-    assert hub.offer(_bar("AAA", 1))
-    assert hub.offer(_bar("AAA", 2))
-    assert hub.depth("AAA") == 3 and hub.take("BBB", 0) is not None
+    assert hub.offer(_bar("AAA", 1)) == OFFERED
+    assert hub.offer(_bar("AAA", 2)) == OFFERED
+    hub.begin_pass(1)
+    hub.begin_pass(2)
+    assert hub.take("AAA", 0) is not None and hub.take("BBB", 0) is not None
+    assert hub.depth("AAA") == 2
+    hub.begin_pass(1)
+    assert hub.take("AAA", 0) is None  # minute 1 waits for BBB
     clock.now += 1.5  # BBB silent for longer than the wait: AAA goes on alone
     hub.begin_pass(1)
     first = hub.take("AAA", 0)
-    assert first is not None and first.ts == T0
-    assert hub.has_ready("AAA") and hub.depth("AAA") == 2
+    assert first is not None and first.ts == T0 + timedelta(minutes=1)
+    assert hub.missed["BBB"] == 1
+    hub.begin_pass(1)
+    assert hub.take("AAA", 0) is not None  # BBB missed a step: not waited for any more
+    assert hub.depth("AAA") == 0
 
 
 def test_hub_hands_out_one_time_per_step() -> None:
@@ -253,7 +262,7 @@ def test_hub_back_pressure_loses_nothing() -> None:
 
     def produce() -> None:
         for i in range(n):
-            assert hub.offer(_bar("AAA", i))
+            assert hub.offer(_bar("AAA", i)) == OFFERED
 
     t = threading.Thread(target=produce)
     t.start()
@@ -276,10 +285,10 @@ def test_hub_close_drains_then_finishes_and_counts_what_is_left() -> None:
     hub.offer(_bar("AAA", 0))
     hub.offer(_bar("AAA", 1))
     hub.close_input("test")
-    assert not hub.offer(_bar("AAA", 2))  # refused: the caller must not ack
+    assert hub.offer(_bar("AAA", 2)) == CLOSED  # refused: the caller must not ack
     assert not hub.finished("AAA")
     hub.begin_pass(1)
-    assert hub.take("AAA", 0) is not None  # held bars were released by the close
+    assert hub.take("AAA", 0) is not None  # steps no longer wait once the input is closed
     hub.begin_pass(1)
     assert hub.take("AAA", 0) is not None
     assert hub.finished("AAA")
@@ -290,7 +299,8 @@ def test_hub_close_drains_then_finishes_and_counts_what_is_left() -> None:
     hub2.close_input("test", drain_timeout_s=1.0)
     clock.now += 2
     assert hub2.take("AAA", 0) is None and hub2.finished("AAA")
-    assert hub2.undelivered == 3
+    taken, rest = hub2.pop_unacknowledged()  # what the subscriber settles at close
+    assert taken == [] and len(rest) == 3 and hub2.undelivered == 3
 
 
 def test_hub_idle_timeout_counts_from_the_first_bar() -> None:
@@ -517,12 +527,15 @@ def test_symbol_filter_only_when_it_fits() -> None:
     assert symbol_filter([f"SYM{i}" for i in range(20)]) is None  # > 256 bytes
 
 
-def test_subscription_names_are_legal() -> None:
-    assert (
-        subscription_id("bt-runner", "20261121T051502Z-3f9a", "bars", False)
-        == "bt-runner-20261121T051502Z-3f9a"
+def test_subscription_names_are_legal_and_stable() -> None:
+    assert subscription_id("bt-runner", "SmaCrossAgent", "bars", False) == (
+        "bt-runner-SmaCrossAgent"
+    )
+    assert subscription_id("bt-runner", "SmaCrossAgent", "bars", True) == (
+        "bt-runner-SmaCrossAgent-bars"
     )
     assert subscription_id("1x", "s/1", "bars", True) == "s-1x-s-1-bars"
+    assert subscription_id("goog", "a", "t", False) == "s-goog-a"
     assert len(subscription_id("p" * 300, "s", "t", False)) == 255
 
 

@@ -114,9 +114,16 @@ class FakePublisher:
         self.fail_key = fail_key
         self.paused: set[str] = set()
         self.times: list[float] = []
+        self.replay_clocks: list[float] = []
         self.clock: Any = None
 
-    def publish(self, topic: str, body: bytes, *, ordering_key: str, symbol: str) -> FakeFuture:
+    def publish(
+        self, topic: str, body: bytes, *, ordering_key: str, symbol: str, **attrs: str
+    ) -> FakeFuture:
+        # google-cloud-pubsub's PublisherClient.publish: attributes are str keyword arguments.
+        assert all(isinstance(v, str) for v in attrs.values())
+        if "replay_clock" in attrs:
+            self.replay_clocks.append(float(attrs["replay_clock"]))
         if ordering_key == self.fail_key:
             self.fail_key = None
             self.paused.add(ordering_key)
@@ -154,9 +161,12 @@ def test_speed_paces_by_bar_time() -> None:
     # One simulated hour per wall second: each message goes out at its bar's offset / 3600.
     offsets = [(m.ts - msgs[0].ts).total_seconds() / 3600.0 for m in msgs]
     assert pub.times == pytest.approx(offsets)
+    # Each message carries the replay's own clock: the time it plays (here its bar's time).
+    assert pub.replay_clocks == pytest.approx([m.ts.timestamp() for m in msgs])
     fast = FakePublisher()
     publish(fast, "t", iter(msgs), speed=0.0, sleep=clock.sleep, clock=clock)
     assert len(fast.published) == 24 and clock.now == pytest.approx(offsets[-1])  # no sleeping
+    assert fast.replay_clocks == []  # as fast as possible: no clock of its own
 
 
 def test_failed_publishes_are_resumed_and_retried_in_order(tmp_path: Path) -> None:
@@ -175,7 +185,9 @@ def test_publishing_gives_up_after_the_policy_attempts() -> None:
     msgs = list(bar_messages([a]))[:3]
 
     class Down(FakePublisher):
-        def publish(self, topic: str, body: bytes, *, ordering_key: str, symbol: str) -> FakeFuture:
+        def publish(
+            self, topic: str, body: bytes, *, ordering_key: str, symbol: str, **attrs: str
+        ) -> FakeFuture:
             return FakeFuture(RuntimeError("unavailable"))
 
     pub = Down()
@@ -274,3 +286,12 @@ def test_cli_creates_a_missing_topic_and_refuses_bad_input(pubsub_emulator: PubS
         timeout=60,
     )
     assert bad_speed.returncode == 2 and "speed" in bad_speed.stderr
+    bad_topic = subprocess.run(
+        [sys.executable, "-m", "runtime.replay", "--topic", "goog-bars", "--csv", "x.csv"],
+        cwd=REPO,
+        env=clean_env(emu.env()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad_topic.returncode == 2 and "not a valid Pub/Sub id" in bad_topic.stderr

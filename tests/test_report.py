@@ -11,8 +11,7 @@ import pytest
 from analyzers.query import main as query_main
 from analyzers.schema import DecisionRecord, RunInfo
 from analyzers.sinks.duckdb import LocalDuckDBSink
-from feeds.csv import make_csv_feed
-from feeds.csv import CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed
 from runtime.report import ProgressAnalyzer, RunReport
 from runtime.stats import PerformanceStats
 from tests.conftest import DATA

@@ -16,12 +16,19 @@ are never dropped.
 
 Time comes from an injected monotonic ``clock`` and ``wait`` primitive, so tests drive batch age
 and probe timing without sleeping.
+
+Journal (``journal=True``, paper runs): every record is first appended to the journal and
+fsynced (:class:`~analyzers.sinks.journal.DecisionJournal`), as soon as the thread wakes, then
+the durable listeners hear of it (:meth:`DecisionWriter.add_durable_listener`); records are then
+written with the sink's ``write`` (de-duplicating by ``decision_id``: a restarted runner may
+decide a redelivered bar again under the same id).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -30,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyzers.schema import DecisionRecord, to_row
+from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
+from analyzers.sinks.journal import DecisionJournal
 from analyzers.sinks.spill import RejectedFile, SpillFile
 from core.errors import SinkError, TransientError
 from core.retry import RetryPolicy
@@ -80,6 +88,8 @@ class DecisionWriter:
         clock: monotonic seconds (tests pass a fake).
         wait: how the writer thread waits for records (see :data:`Wait`; tests pass one that
             returns when their fake clock moves).
+        journal: journal every record on local disk first (``journal-<sink>.jsonl`` in
+            ``spill_dir``) and report it durable to the listeners.
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class DecisionWriter:
         probe_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wait: Wait = threading.Condition.wait,
+        journal: bool = False,
     ) -> None:
         self.sink = sink
         self.batch_size = batch_size
@@ -120,6 +131,12 @@ class DecisionWriter:
         self._next_probe = 0.0
         self._fatal: BaseException | None = None
         self._inflight: list[Item] | None = None
+        self.journal = (
+            DecisionJournal(self.spill_dir / f"journal-{sink.name}.jsonl") if journal else None
+        )
+        self._listeners: list[Callable[[Sequence[Item]], None]] = []
+        self._unjournaled = 0  # newest records of _buf not journaled yet
+        self._journaled = 0  # records journaled so far
 
     @property
     def spill_path(self) -> Path:
@@ -146,6 +163,8 @@ class DecisionWriter:
         """
         if self._thread is not None:
             return
+        if self.journal is not None:
+            self.journal.recover(self.spill)  # a killed run's journal: replayed with the spill
         try:
             self._call_with_retry("open", self.sink.open)
             self._opened = True
@@ -170,8 +189,36 @@ class DecisionWriter:
                 cond.wait(0.5)
             self._buf.append(record)
             self.stats.submitted += 1
-            if len(self._buf) >= self.batch_size:
+            if self.journal is not None:
+                self._unjournaled += 1
+                cond.notify()  # journal it now, whatever the batch size
+            elif len(self._buf) >= self.batch_size:
                 cond.notify()
+
+    def add_durable_listener(self, fn: Callable[[Sequence[Item]], None]) -> None:
+        """``fn(records)`` is called on the writer thread with each group of records just
+        journaled (fsynced), in submission order. Needs ``journal=True``; a listener that
+        raises is logged and otherwise ignored. Owner thread, before :meth:`start`."""
+        if self.journal is None:
+            raise SinkError("durable listeners need a writer with journal=True")
+        self._listeners.append(fn)
+
+    def wait_durable(self, timeout_s: float) -> bool:
+        """Wait until every record submitted so far is journaled and its listeners were told
+        (True), or ``timeout_s`` passed / the writer thread is gone (False). Owner thread."""
+        with self._cond:
+            target = self.stats.submitted
+            self._cond.notify_all()
+            return (
+                self._cond.wait_for(
+                    lambda: self._journaled >= target or not self._alive(), timeout_s
+                )
+                and self._journaled >= target
+            )
+
+    def _alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self._fatal is None
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Write what is buffered now, without waiting for ``batch_size`` or the interval.
@@ -237,28 +284,61 @@ class DecisionWriter:
 
     def _take(self) -> list[Item] | None:
         """Wait for a batch; [] when the interval passed with nothing to write; None when
-        stopping and empty."""
+        stopping and empty. With a journal, new records are journaled while waiting, and a
+        batch holds only journaled records."""
+        deadline = self._clock() + self.flush_interval_s
+        while True:
+            with self._cond:
+                while (
+                    len(self._buf) < self.batch_size
+                    and not (self._stopping or self._flush_wanted)
+                    and not self._unjournaled
+                ):
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._wait(self._cond, remaining)
+                if not self._unjournaled:
+                    return self._batch_locked()
+                new = list(self._buf)[len(self._buf) - self._unjournaled :]
+                self._unjournaled = 0
+            self._journal_write(new)
+
+    def _journal_write(self, records: list[Item]) -> None:
+        """Append ``records`` to the journal (fsynced), then tell the listeners (writer
+        thread, without the lock: submit() goes on meanwhile)."""
+        assert self.journal is not None
+        self.journal.append(
+            [row_json(r) if isinstance(r, DecisionRecord) else _json(r) for r in records]
+        )
         with self._cond:
-            deadline = self._clock() + self.flush_interval_s
-            while len(self._buf) < self.batch_size and not (self._stopping or self._flush_wanted):
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    break
-                self._wait(self._cond, remaining)
-            if not self._buf:
-                self._flush_wanted = False
-                return None if self._stopping else []
-            n = min(len(self._buf), self.max_batch)
-            batch = [self._buf.popleft() for _ in range(n)]
-            self._inflight = batch
-            self.stats.queue_depth = len(self._buf)
-            self._cond.notify_all()  # wake a blocked submit()
-            return batch
+            self._journaled += len(records)
+            self._cond.notify_all()  # wait_durable()
+        for fn in self._listeners:
+            try:
+                fn(records)
+            except Exception:
+                logger.exception("durable listener failed (the records are journaled)")
+
+    def _batch_locked(self) -> list[Item] | None:
+        """The next batch (lock held); see :meth:`_take`."""
+        if not self._buf:
+            self._flush_wanted = False
+            return None if self._stopping else []
+        n = min(len(self._buf), self.max_batch)
+        batch = [self._buf.popleft() for _ in range(n)]
+        self._inflight = batch
+        self.stats.queue_depth = len(self._buf)
+        self._cond.notify_all()  # wake a blocked submit()
+        return batch
 
     def _done(self) -> None:
         with self._cond:
+            batch = self._inflight
             self._inflight = None
             self._cond.notify_all()  # wake flush()
+        if self.journal is not None and batch:
+            self.journal.settle(len(batch))  # written, spilled or rejected: settled
 
     def _run(self) -> None:
         try:
@@ -323,7 +403,8 @@ class DecisionWriter:
             self._spill([self._as_row(r) for r in batch])
             self._maybe_recover()
             return
-        fast = getattr(self.sink, "write_records", None)
+        # With a journal, ids may repeat across restarts: the de-duplicating write.
+        fast = getattr(self.sink, "write_records", None) if self.journal is None else None
         try:
             if fast is not None and all(isinstance(r, DecisionRecord) for r in batch):
                 errors = self._call_with_retry("write", fast, batch)
@@ -417,3 +498,7 @@ class DecisionWriter:
             )
         self.rejected.append(items)
         self.stats.rejected += len(items)
+
+
+def _json(row: Row) -> str:
+    return json.dumps(row, separators=(",", ":"), allow_nan=False)

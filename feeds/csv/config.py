@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from core.errors import ConfigError
 from core.settings import setting
 
+EPOCH_FORMATS = ("epoch_s", "epoch_ms", "epoch_us", "epoch_ns")
 BAR_SIZE_RE = re.compile(r"^(\d+)\s*(s|sec|min|m|h|d|w|mo)$")
 
 
@@ -23,19 +24,26 @@ class CSVFeedConfig:
     Attributes:
         path: the file.
         symbol: the symbol its bars belong to (``BTC/USD`` style allowed); part of each data hash.
-        datetime_column: column name, or 0-based position as an int; ``None`` = the first column.
-        datetime_format: ``strftime`` format; ``None`` = inferred by pandas from the first value.
+        datetime_column: column name, or 0-based position as an int, or ``"Date+Time"`` to join
+            two columns with a space; ``None`` = the first column.
+        datetime_format: ``strftime`` format, or ``epoch_s``/``epoch_ms``/``epoch_us``/
+            ``epoch_ns`` (Unix time, UTC); ``None`` = ISO 8601 or inferred from the first value,
+            with the day/month order decided by the data or refused (see ``docs/csv.md``).
         timezone: IANA zone of naive timestamps (aware ones are converted to UTC regardless).
         bar_size: ``"1d"``, ``"1h"``, ``"5min"``, ...; ``None`` = inferred (median spacing).
         columns: our field name -> the file's column name, for OHLCV and extras
             (e.g. ``{"close": "Adj Close"}``).
+        delimiter: the field separator (one character; ``"tab"`` or ``"\\t"`` for a tab).
+        decimal: the decimal mark, ``"."`` or ``","``.
+        thousands: a thousands separator to remove (only in correct 3-digit groups).
+        suffixes: accept ``K``/``M``/``B`` number suffixes (x1e3/1e6/1e9).
         on_bad_rows: ``"raise"``: stop at the first bad row with file and line; ``"skip"``: skip
             it, count it and report the count.
         start, end: optional inclusive bar-time bounds (aware UTC).
 
     Raises:
         ConfigError: at construction, for an empty symbol, an unknown bad-row policy, a bar
-            size that is not ``<n><unit>``, or an unknown timezone.
+            size that is not ``<n><unit>``, an unknown timezone, or separators that clash.
     """
 
     path: Path
@@ -43,10 +51,14 @@ class CSVFeedConfig:
     datetime_column: str | int | None = setting(
         None,
         env="CSV_DATETIME_COLUMN",
-        help="datetime column name or 0-based index; default: the first column",
+        help="datetime column name or 0-based index, or Date+Time to join a date and a time "
+        "column; default: the first column",
     )
     datetime_format: str | None = setting(
-        None, env="CSV_DATETIME_FORMAT", help="strftime format of that column; default: inferred"
+        None,
+        env="CSV_DATETIME_FORMAT",
+        help="strftime format of that column, or epoch_s/epoch_ms/epoch_us/epoch_ns for Unix "
+        "times; default: ISO 8601 or inferred (day/month order must be decidable)",
     )
     timezone: str = setting(
         "UTC", env="CSV_TIMEZONE", help="IANA timezone of naive timestamps in the files"
@@ -62,6 +74,23 @@ class CSVFeedConfig:
         help='JSON object mapping our names to the file\'s, e.g. {"close": "Adj Close"}',
         default_factory=dict,
         default_text="",
+    )
+    delimiter: str = setting(
+        ",", env="CSV_DELIMITER", help="field separator: one character, or tab"
+    )
+    decimal: Literal[".", ","] = setting(
+        ".", env="CSV_DECIMAL", help="decimal mark of numbers: . or , (1,5 = 1.5)"
+    )
+    thousands: str | None = setting(
+        None,
+        env="CSV_THOUSANDS",
+        help="thousands separator removed from numbers in 3-digit groups (, . ' or space); "
+        "default: none, so 1,234 is not a number",
+    )
+    suffixes: bool = setting(
+        False,
+        env="CSV_NUMBER_SUFFIXES",
+        help="numbers may end in K, M or B (x1e3, x1e6, x1e9), as Investing.com writes volumes",
     )
     on_bad_rows: Literal["raise", "skip"] = setting(
         "raise",
@@ -87,6 +116,31 @@ class CSVFeedConfig:
         for k, v in self.columns.items():
             if not isinstance(v, str):
                 raise ConfigError(f"CSV_COLUMNS: expected string column names, got {k}={v!r}")
+        if self.delimiter.lower() in ("tab", "\\t"):
+            object.__setattr__(self, "delimiter", "\t")
+        if len(self.delimiter) != 1 or self.delimiter in ('"', "\n", "\r"):
+            raise ConfigError(
+                f"CSV_DELIMITER={self.delimiter!r}: expected one character (e.g. , ; | or tab)"
+            )
+        if self.decimal not in (".", ","):
+            raise ConfigError(f"CSV_DECIMAL={self.decimal!r}: expected . or ,")
+        if self.decimal == self.delimiter:
+            raise ConfigError(
+                f"CSV_DECIMAL={self.decimal!r} is also CSV_DELIMITER: a decimal comma needs "
+                "another separator, e.g. CSV_DELIMITER=;"
+            )
+        if self.thousands is not None and (
+            len(self.thousands) != 1 or self.thousands == self.decimal or self.thousands.isalnum()
+        ):
+            raise ConfigError(
+                f"CSV_THOUSANDS={self.thousands!r}: expected one character other than the "
+                f"decimal mark {self.decimal!r} (e.g. , . ' or a space)"
+            )
+        fmt = self.datetime_format
+        if fmt is not None and fmt.startswith("epoch") and fmt not in EPOCH_FORMATS:
+            raise ConfigError(
+                f"CSV_DATETIME_FORMAT={fmt!r}: expected epoch_s, epoch_ms, epoch_us or epoch_ns"
+            )
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as e:

@@ -22,7 +22,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     Attributes:
         symbol: the bars' symbol.
-        bar_hashes: data hash by absolute bar index.
+        bar_hashes: data hash by absolute bar index (each computed on first use).
         text_lines: text field name -> :class:`TextLine`.
         extra_fields: numeric extra line names.
         skipped_rows: ``(line, reason)`` of skipped rows.
@@ -33,7 +33,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
     def __init__(self) -> None:
         bars: CSVBars = self.p.bars
         self.symbol = bars.symbol
-        self.bar_hashes = BarHashes()
+        self.bar_hashes = BarHashes(source=bars.hashes)
         self.extra_fields = bars.extra_fields
         self.skipped_rows = bars.skipped
         self.text_lines = {name: TextLine(self, name) for name in bars.text}
@@ -48,7 +48,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         super().start()
         bars = self._bars
         self._i = 0
-        self.bar_hashes = BarHashes()
+        self.bar_hashes = BarHashes(source=bars.hashes)  # computed when first read
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)
             setattr(self, name, self.text_lines[name])
@@ -70,7 +70,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             line[0] = values[i]
         for text_line, tvals in self._text:
             text_line.append(tvals[i])
-        self.bar_hashes.append(self._bars.hashes[i])
+        self.bar_hashes.advance()
         self._i = i + 1
         return True
 

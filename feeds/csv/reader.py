@@ -1,38 +1,129 @@
-"""Reading, validating and hashing one CSV file into :class:`CSVBars` (pandas, vectorised).
+"""Reading, validating and hashing one CSV file into :class:`CSVBars` (pyarrow, vectorised).
 
-Bad rows (unparsable date, non-numeric/NaN/infinite/non-positive price, high < low, negative
-volume, timestamp duplicated or going backwards) raise :class:`~core.errors.DataError` naming the
-file and line, or, with ``on_bad_rows="skip"``, are skipped, logged and counted
-(:attr:`CSVBars.skipped`). The OHLCV rule is :func:`core.bars.check_bars`, shared with Pub/Sub.
-Nothing is silently changed.
+The file is split into rows of text by pyarrow (:mod:`feeds.csv.table`, which also gives every
+row its physical line number), values are parsed by :mod:`feeds.csv.values`, and every check is
+a numpy operation over whole columns; the OHLCV rule is :func:`core.bars.check_bars`, shared with
+Pub/Sub. Data hashes are computed per bar on first use (:class:`RowHashes`), not at load time.
+
+Bad rows raise :class:`~core.errors.DataError` naming the file, the line as a text editor
+counts it (1 = the header, blank lines counted) and the reason, or, with
+``on_bad_rows="skip"``, are skipped, logged and counted (:attr:`CSVBars.skipped`): a wrong
+number of fields, an unparsable or empty date, a price that is not a number, missing, NaN,
+infinite or not positive, ``high < low``, open or close outside ``[low, high]``, a negative or
+infinite volume, an infinite extra value, a time that does not exist in ``CSV_TIMEZONE``, a
+timestamp duplicated or going backwards. Problems of the whole file (empty, no header, a
+missing or duplicated column, an undecidable date format) always raise. Blank lines carry no
+data and are only counted. Nothing is silently changed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import backtrader as bt
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from core.bars import (
-    OHLCV,
-    PRICE_FIELDS,
-    RESERVED_NAMES,
-    bar_hash,
-    check_bars,
-    field_name,
-)
+from core.bars import OHLCV, PRICE_FIELDS, RESERVED_NAMES, bar_hash, check_bars, field_name
 from core.errors import DataError
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
+from feeds.csv.table import RawTable, read_header, read_raw_table
+from feeds.csv.values import NumberStyle, parse_numbers, parse_times, trim
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 5
+_EPOCH = datetime(1970, 1, 1)
+_DATA_LIKE = re.compile(
+    r"^(?:[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}.*)$"
+)
+
+
+class RowHashes(Sequence[str]):
+    """Data hash of each bar of a :class:`CSVBars`, computed on first use and kept.
+
+    Each is :func:`core.bars.bar_hash` of the bar's symbol, time and values (NaN numbers and
+    empty text left out), exactly as the Pub/Sub feed computes it for the same bar. A slice is a
+    new lazy sequence over the sliced arrays. Equal to any sequence of the same hashes.
+
+    Not thread-safe for concurrent first use (the feed and FMEL use it on the main thread).
+    """
+
+    __slots__ = ("_cache", "_numeric", "_symbol", "_text", "_times")
+
+    def __init__(
+        self,
+        symbol: str,
+        times: np.ndarray,
+        numeric: dict[str, np.ndarray],
+        text: dict[str, list[str | None]],
+    ) -> None:
+        self._symbol = symbol
+        self._times = times.astype("datetime64[ns]").astype(np.int64)
+        self._numeric = numeric
+        self._text = text
+        self._cache: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> RowHashes: ...
+
+    def __getitem__(self, index: int | slice) -> str | RowHashes:
+        if isinstance(index, slice):
+            return RowHashes(
+                self._symbol,
+                self._times[index].view("datetime64[ns]"),
+                {k: v[index] for k, v in self._numeric.items()},
+                {k: v[index] for k, v in self._text.items()},
+            )
+        n = len(self._times)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"bar {index} out of range ({n} bars)")
+        digest = self._cache.get(i)
+        if digest is None:
+            digest = self._cache[i] = self._compute(i)
+        return digest
+
+    def _compute(self, i: int) -> str:
+        ts = _EPOCH + timedelta(microseconds=int(self._times[i]) // 1000)
+        values: dict[str, Any] = {}
+        for name, col in self._numeric.items():
+            x = float(col[i])
+            if x == x:  # not NaN
+                values[name] = x
+        for name, tcol in self._text.items():
+            t = tcol[i]
+            if t is not None:
+                values[name] = t
+        return bar_hash(self._symbol, ts, values)
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(len(self._times)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RowHashes, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RowHashes({self._symbol!r}, {len(self)} bars, {len(self._cache)} computed)"
 
 
 @dataclass(slots=True)
@@ -45,9 +136,10 @@ class CSVBars:
         times: bar times as ``datetime64[ns]`` UTC (naive), strictly increasing.
         numeric: field name -> float64 array (OHLCV first, then extras in file order).
         text: field name -> list of str/None.
-        hashes: data hash per bar.
+        hashes: data hash per bar (:class:`RowHashes`, computed on first use; a list also does).
         timeframe, compression: backtrader bar size.
         skipped: ``(line, reason)`` of every skipped row.
+        lines: physical line of each bar in the file (1 = header).
     """
 
     symbol: str
@@ -55,10 +147,11 @@ class CSVBars:
     times: np.ndarray
     numeric: dict[str, np.ndarray]
     text: dict[str, list[str | None]]
-    hashes: list[str]
+    hashes: Sequence[str]
     timeframe: int
     compression: int
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    lines: np.ndarray | None = None
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
@@ -112,174 +205,225 @@ def infer_bar_size(times: np.ndarray) -> tuple[int, int]:
     return bt.TimeFrame.Seconds, max(1, round(median_s))
 
 
-def _resolve_columns(cfg: CSVFeedConfig, header: list[str]) -> tuple[str, dict[str, str]]:
-    """(datetime column, {field name: file column}) for OHLCV and extras."""
+def _header_index(header: list[str], name: str, where: str, what: str) -> int:
+    if name not in header:
+        raise DataError(f"{where} line 1: {what} {name!r} not found; columns are {header}")
+    if header.count(name) > 1:
+        raise DataError(f"{where} line 1: column {name!r} appears {header.count(name)} times")
+    return header.index(name)
+
+
+def _resolve_columns(
+    cfg: CSVFeedConfig, header: list[str]
+) -> tuple[list[int], dict[str, int], list[int]]:
+    """(datetime column positions, {field name: column position} for OHLCV and extras,
+    positions of nameless columns: ignored when they hold no value).
+
+    Raises:
+        DataError: naming line 1 (the header): a column not found, two columns that become one
+            field name, a missing price column, a reserved name.
+    """
     where = f"CSV {cfg.path.name}"
-    dt_col = cfg.datetime_column
-    if dt_col is None:
-        dt_name = header[0]
-    elif isinstance(dt_col, int):
-        if not 0 <= dt_col < len(header):
+    dt_spec = cfg.datetime_column
+    if dt_spec is None:
+        dt_cols = [0]
+    elif isinstance(dt_spec, int):
+        if not 0 <= dt_spec < len(header):
             raise DataError(
-                f"{where}: datetime column index {dt_col} is out of range (the file "
+                f"{where} line 1: datetime column index {dt_spec} is out of range (the file "
                 f"has {len(header)} columns)"
             )
-        dt_name = header[dt_col]
+        dt_cols = [dt_spec]
+    elif dt_spec not in header and "+" in dt_spec:
+        dt_cols = [
+            _header_index(header, part.strip(), where, "datetime column")
+            for part in dt_spec.split("+")
+        ]
     else:
-        if dt_col not in header:
-            raise DataError(f"{where}: datetime column {dt_col!r} not found; columns are {header}")
-        dt_name = dt_col
-    explicit = {field_name(k): v for k, v in cfg.columns.items()}
-    for ours, theirs in explicit.items():
-        if theirs not in header:
-            raise DataError(
-                f"{where}: column {theirs!r} (mapped to {ours}) not found; columns are {header}"
-            )
-    used = set(explicit.values()) | {dt_name}
-    mapping: dict[str, str] = {}
-    by_norm: dict[str, str] = {}
-    for col in header:
-        if col in used:
+        dt_cols = [_header_index(header, dt_spec, where, "datetime column")]
+    explicit: dict[str, int] = {}
+    for ours, theirs in cfg.columns.items():
+        explicit[field_name(ours)] = _header_index(
+            header, theirs, where, f"column (mapped to {ours} by CSV_COLUMNS)"
+        )
+    used = set(explicit.values()) | set(dt_cols)
+    by_norm: dict[str, list[int]] = {}
+    nameless: list[int] = []
+    for pos, col in enumerate(header):
+        if pos in used:
+            continue
+        if not col:
+            nameless.append(pos)
             continue
         try:
-            by_norm.setdefault(field_name(col), col)
+            name = field_name(col)
         except ValueError as e:
-            raise DataError(f"{where}: column {col!r}: {e}") from e
+            raise DataError(f"{where} line 1: column {col!r}: {e}") from e
+        by_norm.setdefault(name, []).append(pos)
+    for name, positions in by_norm.items():
+        clash = ([explicit[name]] if name in explicit else []) + positions
+        if len(clash) > 1:
+            cols = " and ".join(repr(header[p]) for p in sorted(clash))
+            raise DataError(
+                f"{where} line 1: columns {cols} would both become field {name!r}; map them "
+                f'to distinct names with CSV_COLUMNS (e.g. {{"{name}": {header[clash[0]]!r}, '
+                f'"{name}_2": {header[clash[1]]!r}}})'.replace("'", '"')
+            )
+    mapping: dict[str, int] = {}
     for name in OHLCV:
         if name in explicit:
             mapping[name] = explicit[name]
         elif name in by_norm:
-            mapping[name] = by_norm.pop(name)
+            mapping[name] = by_norm.pop(name)[0]
     missing = [n for n in PRICE_FIELDS if n not in mapping]
     if missing:
         raise DataError(
-            f"{where}: no column for {', '.join(missing)}; columns are {header} "
+            f"{where} line 1: no column for {', '.join(missing)}; columns are {header} "
             "(map them with CSV_COLUMNS / CSVFeedConfig.columns)"
         )
-    for name, col in explicit.items():
+    for name, pos in explicit.items():
         if name not in OHLCV:
-            mapping[name] = col
-    for name, col in by_norm.items():
-        if col not in mapping.values():
-            mapping[name] = col
-    for name in mapping:
+            mapping[name] = pos
+    for name, positions in by_norm.items():
+        mapping[name] = positions[0]
+    for name, pos in mapping.items():
         if name not in OHLCV and (name in RESERVED_NAMES or name.startswith("_")):
             raise DataError(
-                f"{where}: column {mapping[name]!r} would become field {name!r}, a "
+                f"{where} line 1: column {header[pos]!r} would become field {name!r}, a "
                 "name backtrader reserves; rename it with CSV_COLUMNS"
             )
-    return dt_name, mapping
+    return dt_cols, mapping, nameless
 
 
-def _parse_times(cfg: CSVFeedConfig, raw: pd.Series) -> pd.Series:
-    """UTC-naive datetime64 (NaT where unparsable)."""
-    fmt = cfg.datetime_format
-    try:
-        parsed = pd.to_datetime(raw, format=fmt, errors="coerce", utc=False)
-    except (ValueError, TypeError):
-        # mixed offsets: parse as UTC directly
-        parsed = pd.to_datetime(raw, format=fmt, errors="coerce", utc=True)
-    if getattr(parsed.dt, "tz", None) is None:
-        try:
-            parsed = parsed.dt.tz_localize(cfg.timezone, ambiguous="NaT", nonexistent="NaT")
-        except (TypeError, ValueError) as e:
-            raise DataError(
-                f"CSV {cfg.path.name}: cannot apply timezone {cfg.timezone}: {e}"
-            ) from e
-    return parsed.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[ns]")
+def _check_nameless(raw: RawTable, nameless: list[int], where: str) -> None:
+    """A column without a name is ignored when it holds no value, else refused."""
+    for pos in nameless:
+        if pc.all(pc.equal(trim(raw.columns[pos]), "")).as_py() in (True, None):
+            logger.info("%s: column %d has no name and no values; ignored", where, pos + 1)
+            continue
+        raise DataError(
+            f"{where} line 1: column {pos + 1} has no name but has values; name it in the header"
+        )
+
+
+def _check_header(cfg: CSVFeedConfig, header: list[str]) -> None:
+    cells = [c for c in header if c]
+    if len(cells) >= 2 and all(_DATA_LIKE.match(c) for c in cells):
+        raise DataError(
+            f"CSV {cfg.path.name} line 1: looks like data, not a header ({', '.join(cells[:3])}"
+            ", ...); add a header line naming the columns (e.g. Date,Open,High,Low,Close,Volume)"
+        )
 
 
 def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
-    """Read, validate and hash one CSV file.
+    """Read, validate and index one CSV file (hashes are computed on first use).
 
     Returns:
         :class:`CSVBars` with strictly increasing bar times.
 
     Raises:
-        DataError: the file is unreadable, a needed column is missing, or (``on_bad_rows=
-            "raise"``) a row is bad: the message names the file, the line (1 = header) and
-            the reason, and lists up to five bad rows.
+        DataError: the file is unreadable, empty or without a header, a needed column is
+            missing or two columns clash, the date order is ambiguous, or (``on_bad_rows=
+            "raise"``) a row is bad: the message names the file, the line (1 = header, blank
+            lines counted) and the reason, and lists up to five bad rows.
     """
     where = f"CSV {cfg.path.name}"
     try:
-        df = pd.read_csv(cfg.path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: cannot read {cfg.path}: {e}") from e
-    if df.empty:
-        raise DataError(f"{where}: no rows")
-    header = [str(c) for c in df.columns]
-    df.columns = header
-    dt_name, mapping = _resolve_columns(cfg, header)
-
-    n = len(df)
-    lines = np.arange(n) + 2  # header is line 1
+        data = cfg.path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{where}: cannot read {cfg.path}: {e.strerror or e}") from e
+    header = read_header(data, delimiter=cfg.delimiter, where=where)
+    _check_header(cfg, header)
+    dt_cols, mapping, nameless = _resolve_columns(cfg, header)
+    style = NumberStyle(decimal=cfg.decimal, thousands=cfg.thousands, suffixes=cfg.suffixes)
+    # plain numbers: the OHLCV columns are parsed while reading (one C++ pass)
+    fast = tuple(mapping[k] for k in OHLCV if k in mapping) if style == NumberStyle() else ()
+    raw = read_raw_table(
+        data, delimiter=cfg.delimiter, where=where, header=header, float_columns=fast
+    )
+    del data
+    _check_nameless(raw, nameless, where)
+    n = len(raw)
+    if n == 0 and not raw.bad_rows:
+        raise DataError(f"{where} line 2: no data rows after the header")
+    lines = raw.lines
     bad: dict[int, str] = {}
 
-    def flag(mask: np.ndarray, reason_of: Any) -> None:
-        for i in np.flatnonzero(mask):
-            if int(i) not in bad:
-                bad[int(i)] = reason_of(int(i))
-
-    raw_dt = df[dt_name].str.strip()
-    times = _parse_times(cfg, raw_dt)
-    flag(
-        times.isna().to_numpy(),
-        lambda i: (
-            f"unparsable date {raw_dt.iat[i]!r}"
-            + (f" (format {cfg.datetime_format})" if cfg.datetime_format else "")
-        ),
+    dt_text = raw.columns[dt_cols[0]]
+    for pos in dt_cols[1:]:
+        dt_text = pc.binary_join_element_wise(trim(dt_text), trim(raw.columns[pos]), " ")
+    times = (
+        parse_times(
+            dt_text, fmt=cfg.datetime_format, timezone=cfg.timezone, lines=lines, where=where
+        )
+        if n
+        else None
     )
+    if times is not None:
+        bad.update(times.bad)
 
     numeric: dict[str, np.ndarray] = {}
-    text: dict[str, list[str | None]] = {}
-    for name, col in mapping.items():
-        raw = df[col].str.strip()
-        values = pd.to_numeric(raw.mask(raw == ""), errors="coerce").to_numpy(dtype=np.float64)
-        not_number = np.isnan(values) & ~raw.str.lower().isin(["", "nan"]).to_numpy()
-        if name in OHLCV:
-            flag(not_number, lambda i, raw=raw, name=name: f"{name} {raw.iat[i]!r} is not a number")
-            numeric[name] = values
-        elif not_number.any():
-            text[name] = [v if v != "" else None for v in raw.tolist()]
-        else:
-            numeric[name] = values
+    for name in OHLCV:
+        if name not in mapping:
+            continue
+        col = raw.columns[mapping[name]]
+        values, not_number = parse_numbers(col, style)
+        for pos_i in np.flatnonzero(not_number):
+            j = int(pos_i)
+            bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is not a number")
+        numeric[name] = values
     if "volume" not in numeric:
         numeric["volume"] = np.full(n, np.nan)
         logger.info("%s: no volume column; volume reads as NaN", where)
-
     for i, reason in check_bars(*(numeric[k] for k in OHLCV)).items():
         bad.setdefault(i, reason)
 
-    # Time order, judged against the rows that stay.
-    t_int = times.to_numpy().astype("datetime64[ns]").astype(np.int64)
-    last = None
-    for i in range(n):
-        if i in bad:
-            continue
-        if last is not None and t_int[i] <= last:
-            bad[i] = (
-                "duplicate timestamp " if t_int[i] == last else "timestamp goes backwards: "
-            ) + str(times.iat[i])
-            continue
-        last = t_int[i]
-
-    skipped: list[tuple[int, str]] = []
+    # An extra column is numeric when every value of the rows still good is a number (a row
+    # already bad, e.g. Yahoo's all-"null" rows, does not turn a numeric column into text).
+    still_good = np.ones(n, dtype=bool)
     if bad:
-        items = sorted(bad.items())
-        listed = "; ".join(f"line {lines[i]}: {r}" for i, r in items[:_MAX_LISTED])
-        more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+        still_good[list(bad)] = False
+    text: dict[str, list[str | None]] = {}
+    for name, pos in mapping.items():
+        if name in OHLCV:
+            continue
+        col = raw.columns[pos]
+        values, not_number = parse_numbers(col, style)
+        if (not_number & still_good).any():
+            col = trim(col)
+            nulled = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+            text[name] = nulled.to_pylist()
+            continue
+        numeric[name] = values
+        for pos_i in np.flatnonzero(np.isinf(values) & still_good):
+            j = int(pos_i)
+            bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is infinite")
+
+    t_ns = times.ns if times is not None else np.zeros(0, dtype=np.int64)
+    _check_order(t_ns, bad)
+
+    problems = sorted([(int(lines[i]), r) for i, r in bad.items()] + raw.bad_rows)
+    if problems:
+        listed = "; ".join(f"line {line}: {r}" for line, r in problems[:_MAX_LISTED])
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        if _newest_first(t_ns, bad):
+            more += (
+                " (the file runs newest first: sort it oldest first, e.g. "
+                "df.sort_values(date column) in pandas)"
+            )
         if cfg.on_bad_rows == "raise":
             raise DataError(
                 f"{where} {listed}{more}. Fix the file, or set CSV_ON_BAD_ROWS=skip "
                 "to skip and count bad rows"
             )
-        skipped = [(int(lines[i]), r) for i, r in items]
-        logger.warning("%s: skipped %d bad rows: %s%s", where, len(items), listed, more)
+        logger.warning("%s: skipped %d bad rows: %s%s", where, len(problems), listed, more)
+    if raw.blank_lines:
+        logger.info("%s: %d blank lines ignored", where, raw.blank_lines)
 
     keep = np.ones(n, dtype=bool)
     if bad:
         keep[list(bad)] = False
-    tvals = times.to_numpy()
+    tvals = t_ns.view("datetime64[ns]")
     if cfg.start is not None:
         keep &= tvals >= np.datetime64(cfg.start.replace(tzinfo=None), "ns")
     if cfg.end is not None:
@@ -287,57 +431,80 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         if end.hour == end.minute == end.second == 0:
             end = end.replace(hour=23, minute=59, second=59, microsecond=999999)
         keep &= tvals <= np.datetime64(end, "ns")
-    times_kept = tvals[keep]
-    numeric = {k: a[keep] for k, a in numeric.items()}
-    text = {k: [x for x, kk in zip(vals, keep, strict=True) if kk] for k, vals in text.items()}
+    if keep.all():  # the common case: no copy
+        times_kept = tvals
+    else:
+        times_kept = tvals[keep]
+        numeric = {k: a[keep] for k, a in numeric.items()}
+        keep_list = keep.tolist()
+        text = {k: [x for x, kk in zip(v, keep_list, strict=True) if kk] for k, v in text.items()}
     if len(times_kept) == 0:
-        raise DataError(f"{where}: no bars left after validation and the date range")
+        first_line = problems[0][0] if problems else int(lines[0])
+        raise DataError(
+            f"{where} line {first_line}: no bars left: {len(problems)} bad rows skipped, "
+            f"{int((~keep).sum()) - len(bad)} outside BACKTEST_START/BACKTEST_END"
+        )
 
     if cfg.bar_size:
         timeframe, compression = parse_bar_size(cfg.bar_size)
     else:
         timeframe, compression = infer_bar_size(times_kept)
-
-    hashes = _hash_rows(cfg.symbol, times_kept, numeric, text)
     if text:
         logger.info(
             "%s: text columns %s are served as text fields (data.<name>[0] returns str)",
             where,
             ", ".join(text),
         )
+    if times is not None and times.how:
+        logger.info("%s: dates read as %s", where, times.how)
     return CSVBars(
         symbol=cfg.symbol,
         path=cfg.path,
         times=times_kept,
         numeric=numeric,
         text=text,
-        hashes=hashes,
+        hashes=RowHashes(cfg.symbol, times_kept, numeric, text),
         timeframe=timeframe,
         compression=compression,
-        skipped=skipped,
+        skipped=problems if cfg.on_bad_rows == "skip" else [],
+        lines=lines if keep.all() else lines[keep],
     )
 
 
-def _hash_rows(
-    symbol: str,
-    times: np.ndarray,
-    numeric: dict[str, np.ndarray],
-    text: dict[str, list[str | None]],
-) -> list[str]:
-    names = list(numeric)
-    cols = [numeric[k].tolist() for k in names]
-    tnames = list(text)
-    tcols = [text[k] for k in tnames]
-    stamps = pd.DatetimeIndex(times).to_pydatetime()
-    out = []
-    for i, ts in enumerate(stamps):
-        values: dict[str, Any] = {}
-        for name, col in zip(names, cols, strict=True):
-            x = col[i]
-            if not math.isnan(x):
-                values[name] = x
-        for name, tcol in zip(tnames, tcols, strict=True):
-            if tcol[i] is not None:
-                values[name] = tcol[i]
-        out.append(bar_hash(symbol, ts, values))
-    return out
+def _newest_first(t_ns: np.ndarray, bad: dict[int, str]) -> bool:
+    """True when most of the file's times go backwards (a newest-first export)."""
+    if len(t_ns) < 3:
+        return False
+    ok = np.ones(len(t_ns), dtype=bool)
+    for i, reason in bad.items():
+        ok[i] = reason.startswith(("timestamp goes backwards", "duplicate timestamp"))
+    t = t_ns[ok]
+    return len(t) >= 3 and float(np.mean(np.diff(t) < 0)) > 0.9
+
+
+def _check_order(t_ns: np.ndarray, bad: dict[int, str]) -> None:
+    """Flag rows whose time does not come after every earlier good row's (duplicate or going
+    backwards), judged against the rows that stay, vectorised.
+
+    A row flagged here is never later than the running maximum, so leaving it in the maximum
+    changes nothing: one pass of ``maximum.accumulate`` over the good rows decides all.
+    """
+    if len(t_ns) < 2:
+        return
+    floor = np.iinfo(np.int64).min
+    good = t_ns.copy()
+    if bad:
+        good[list(bad)] = floor
+    prev_max = np.maximum.accumulate(good)[:-1]
+    later = t_ns[1:]
+    ok = np.ones(len(t_ns), dtype=bool)
+    if bad:
+        ok[list(bad)] = False
+    flagged = np.flatnonzero(ok[1:] & (later <= prev_max)) + 1
+    for pos_i in flagged:
+        i = int(pos_i)
+        stamp = f"{pd.Timestamp(int(t_ns[i]))} UTC"
+        if t_ns[i] == prev_max[i - 1]:
+            bad[i] = f"duplicate timestamp {stamp}"
+        else:
+            bad[i] = f"timestamp goes backwards: {stamp}"

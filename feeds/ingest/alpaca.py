@@ -344,9 +344,11 @@ class History:
             else (lambda: c.get_crypto_bars(request))
         )
         raw = self._call(f"history bars {len(symbols)} symbols {start:%Y-%m-%dT%H:%M}", fn)
-        out = {
-            s: sorted((rest_bar(s, b) for b in raw.get(s, [])), key=lambda b: b.ts) for s in symbols
-        }
+        # One bar per minute, in time order, whatever the pages did.
+        out = {}
+        for s in symbols:
+            by_ts = {b.ts: b for b in (rest_bar(s, r) for r in raw.get(s, []))}
+            out[s] = [by_ts[t] for t in sorted(by_ts)]
         return out
 
     def trades(

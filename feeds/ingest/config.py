@@ -44,7 +44,7 @@ class IngestConfig:
             ``None`` = ``https://data.alpaca.markets``.
         state_path: JSON file of the last published bar per symbol and the unfilled gaps; read
             at start, rewritten as bars are confirmed (an emptyDir or a volume in Kubernetes).
-        enrich: built-in enrichments (:data:`ENRICHMENTS`); empty = bars only.
+        enrich: built-in enrichments (:data:`ENRICHMENTS`); ``none`` = Alpaca's fields only.
         indicators: user indicators, ``module:factory`` each (see
             :mod:`feeds.ingest.enrich`).
         start_lookback_s: on the first start (no state file), minutes of the last
@@ -102,7 +102,7 @@ class IngestConfig:
         ("risk",),
         env="INGEST_ENRICH",
         help="built-in enrichments, comma list: risk (VWAP, realized variance, "
-        "bipower variation, jump ratio from each bar's trades); empty: none",
+        "bipower variation, jump ratio from each bar's trades) or none",
     )
     indicators: tuple[str, ...] = setting(
         (),
@@ -172,6 +172,10 @@ class IngestConfig:
                 "GOOGLE_CLOUD_PROJECT is required by the ingestor (or a full "
                 "PUBSUB_TOPIC=projects/<p>/topics/<t>)"
             )
+        if "none" in self.enrich:
+            if len(self.enrich) > 1:
+                raise ConfigError(f"INGEST_ENRICH={','.join(self.enrich)}: none stands alone")
+            object.__setattr__(self, "enrich", ())
         for name in self.enrich:
             if name not in ENRICHMENTS:
                 raise ConfigError(

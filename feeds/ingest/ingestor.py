@@ -95,6 +95,7 @@ class IngestStats:
         invalid: Alpaca bars refused by the OHLCV rule.
         connections: successful (re)connections; ``reconnects`` = connections after the first.
         auth_errors: refused authentications by message (``connection limit exceeded``: 3).
+        catch_ups: catch-ups from history finished (one per connection, bars or not).
         history_calls, history_retries: historical requests and retried attempts.
         trades_from_history: live bars whose trades came from the history API.
         gaps: unfilled gaps of this run.
@@ -106,6 +107,7 @@ class IngestStats:
     duplicates: int = 0
     invalid: int = 0
     connections: int = 0
+    catch_ups: int = 0
     auth_errors: dict[str, int] = field(default_factory=dict)
     history_calls: int = 0
     history_retries: int = 0
@@ -225,6 +227,7 @@ class Ingestor:
         self.connected = False
         self.fatal: BaseException | None = None
         self.exit_code = 0
+        self._deadline: float | None = None
         self._stream_thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
 
@@ -315,6 +318,7 @@ class Ingestor:
             True when every sent bar was confirmed and the state saved in time.
         """
         deadline = time.monotonic() + timeout_s
+        self._deadline = deadline
         self._stop.set()
         self._stop_stream(min(2.0, timeout_s / 4))
         if self._stream_thread is not None:
@@ -411,7 +415,11 @@ class Ingestor:
             self._last_flush = now
 
     def _drain_publisher(self) -> None:
-        for bar in self.publisher.flush(timeout_s=max(0.5, self.config.request_timeout_s)):
+        # Within what is left of stop()'s budget (a little kept for the state file and joins).
+        budget = self.config.request_timeout_s
+        if self._deadline is not None:
+            budget = max(0.1, self._deadline - time.monotonic() - 0.25)
+        for bar in self.publisher.flush(timeout_s=budget):
             self.state.confirm(bar.symbol, bar.ts)
             self.stats.confirmed += 1
 
@@ -461,6 +469,7 @@ class Ingestor:
         self._verify = set(self.config.symbols)
         if self._stop.is_set():
             return
+        self._adopt_saved_state()
         end = _floor(self.clock(), self.tuning.bar_s) - timedelta(seconds=1)
         since: dict[str, datetime] = {}
         for s in self.config.symbols:
@@ -471,6 +480,22 @@ class Ingestor:
                 self._sent[s] = since[s]  # nothing before the lookback
         if since:
             self._backfill(since, end, reason="catch-up")
+        self.stats.catch_ups += 1
+
+    def _adopt_saved_state(self) -> None:
+        """Take over what another ingestor on the same state file published while this one
+        waited (a standby, ``INGEST_ON_CONNECTION_LIMIT=wait``): its confirmed bars count as
+        published."""
+        try:
+            saved = IngestState.load(self.config.state_path)
+        except DataError as e:
+            logger.warning("state file not re-read: %s", e)
+            return
+        for s, ts in saved.last_bar.items():
+            mine = self._sent.get(s)
+            if s in self._symbols and (mine is None or ts > mine):
+                self._sent[s] = ts
+                self.state.confirm(s, ts)
 
     def _backfill(
         self,

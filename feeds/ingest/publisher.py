@@ -15,7 +15,6 @@ done callbacks (latency) on the client's threads.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,7 +80,9 @@ class BarPublisher:
         self.on_done = on_done
         self.stats = PublisherStats()
         self._queues: dict[str, deque[_Entry]] = {}
-        self._lock = threading.Lock()
+        # Symbols with a finished future since the last reap (appended by done callbacks):
+        # reap() then looks at those queues only, whatever the number of symbols.
+        self._finished: deque[str] = deque()
 
     def _send(self, bar: OutBar, attempts: int) -> _Entry:
         future = self.client.publish(
@@ -91,6 +92,7 @@ class BarPublisher:
 
         def done(f: Any, entry: _Entry = entry) -> None:
             entry.done_ns = time.perf_counter_ns()
+            self._finished.append(entry.bar.symbol)
             if self.on_done is not None and f.exception() is None:
                 received = entry.bar.received_ns or entry.done_ns
                 self.on_done(entry.bar, (entry.done_ns - received) / 1e9)
@@ -119,7 +121,11 @@ class BarPublisher:
             PublishFailedError: a message failed ``attempts`` times.
         """
         confirmed: list[OutBar] = []
-        for symbol, q in self._queues.items():
+        symbols: set[str] = set()
+        while self._finished:
+            symbols.add(self._finished.popleft())
+        for symbol in sorted(symbols):
+            q = self._queues[symbol]
             while q and q[0].future.done():
                 head = q[0]
                 error = head.future.exception()

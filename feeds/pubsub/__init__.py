@@ -2,12 +2,17 @@
 
 Data path (ARCHITECTURE.md, "Live data path")::
 
-    topic --(one subscription per runner and topic)--> PubSubBarSubscriber
-      callback thread: MessageHandler.handle(): decode_message() (JSON -> validated, hashed
-                       LiveBar), de-duplicate, route by the ``symbol`` attribute -> BarHub.offer()
-                       (blocks while that symbol's buffer is full = back-pressure), then ack
-      main thread:     PubSubMarketDataFeed._load() -> BarHub.take(): one bar, at most qcheck
-                       seconds of waiting -> OHLCV + dynamic lines + text fields + data hash
+    topic --(one subscription per deployment and topic, stable across restarts)-->
+    PubSubBarSubscriber
+      callback thread: MessageHandler.handle(): decode_message() (any bytes -> validated,
+                       hashed LiveBar, or refused with a reason and acknowledged),
+                       de-duplicate, count gaps, route by the ``symbol`` attribute ->
+                       BarHub.offer() (blocks while that symbol's buffer is full)
+      main thread:     PubSubMarketDataFeed._load() -> BarHub.take(): the bar of the current
+                       step (one bar time per step; a late bar is refused, never merged) ->
+                       OHLCV + dynamic lines + text fields + data hash
+      acknowledgement: once the decision on the bar is on local disk (the runtime connects the
+                       decision writer's journal to PubSubBarSubscriber.ack_through)
 
 Modules, by role:
 
@@ -15,8 +20,10 @@ Modules, by role:
 ``config``          :class:`PubSubFeedConfig` (``PUBSUB_*``), :class:`StreamSettings`,
                     :class:`FieldSet`, :func:`parse_declared_fields`
 ``messages``        the message contract: :func:`decode_message` -> :class:`LiveBar` (pure)
-``hub``             :class:`BarHub`: per-symbol buffers, back-pressure, alignment
+``hub``             :class:`BarHub`: per-symbol buffers, back-pressure, steps (alignment),
+                    the acknowledgement ledger
 ``handler``         :class:`MessageHandler`: the callback's work (de-duplication, fields)
+``gaps``            :class:`GapCounter`: missing bar times on the bar-size grid
 ``feed``            :class:`PubSubMarketDataFeed` (backtrader), :class:`LiveMemoryBound`
 ``subscriber``      :class:`PubSubBarSubscriber`: subscriptions, streams, reconnects, shutdown
 ``clients``         Pub/Sub client factories, resource paths, subscription ids and filters
@@ -36,6 +43,7 @@ from feeds.pubsub.feed import (
     live_feed_class,
     make_pubsub_feed,
 )
+from feeds.pubsub.gaps import GapCounter
 from feeds.pubsub.handler import FeedEvents, FeedStats, MessageHandler
 from feeds.pubsub.hub import BarHub
 from feeds.pubsub.messages import LiveBar, MalformedMessageError, decode_message
@@ -46,6 +54,7 @@ __all__ = [
     "FeedEvents",
     "FeedStats",
     "FieldSet",
+    "GapCounter",
     "LiveBar",
     "LiveMemoryBound",
     "MalformedMessageError",

@@ -1,6 +1,11 @@
 """Pub/Sub clients and resource names: the subscriber and publisher clients (emulator-aware),
 resource paths, subscription ids and the ``symbol`` filter.
 
+Channels to an emulator get the options Google's own transport uses for Pub/Sub
+(``google.pubsub_v1...transports.grpc``: no gRPC message size limit): a streaming-pull response
+bundles several messages of up to 10 MB each, and gRPC's default 4 MB receive limit would make
+the client reopen the stream on the same oversized response for ever.
+
 The google-cloud-pubsub imports are deferred to the calls, so importing this module is cheap.
 Clients are built here and owned by whoever asked for them (the subscriber, the replay tool).
 """
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "MAX_FILTER_BYTES",
     "publisher_client",
     "resource_path",
@@ -23,6 +29,11 @@ __all__ = [
 # Pub/Sub refuses filters longer than this (bytes).
 MAX_FILTER_BYTES = 256
 _SUB_ID_RE = re.compile(r"[^A-Za-z0-9\-_.~+%]+")
+# What google-cloud-pubsub's generated gRPC transports pass when they create their channel.
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
 
 
 def subscriber_client(emulator_host: str | None) -> Any:
@@ -34,7 +45,7 @@ def subscriber_client(emulator_host: str | None) -> Any:
         import grpc
         from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-        channel = grpc.insecure_channel(emulator_host)
+        channel = grpc.insecure_channel(emulator_host, options=CHANNEL_OPTIONS)
         return SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
     return SubscriberClient()
 
@@ -50,7 +61,7 @@ def publisher_client(emulator_host: str | None, *, ordering: bool = True) -> Any
         import grpc
         from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
-        channel = grpc.insecure_channel(emulator_host)
+        channel = grpc.insecure_channel(emulator_host, options=CHANNEL_OPTIONS)
         return PublisherClient(
             publisher_options=options, transport=PublisherGrpcTransport(channel=channel)
         )
@@ -77,10 +88,11 @@ def symbol_filter(symbols: Sequence[str]) -> str | None:
     return text if len(text.encode()) <= MAX_FILTER_BYTES else None
 
 
-def subscription_id(prefix: str, session_id: str, topic_id: str, many: bool) -> str:
-    """``<prefix>-<session>[-<topic>]``, made legal (letters first, 3..255 chars)."""
-    raw = f"{prefix}-{session_id}" + (f"-{topic_id}" if many else "")
+def subscription_id(prefix: str, deployment: str, topic_id: str, many: bool) -> str:
+    """``<prefix>-<deployment>[-<topic>]``, made legal (letters first, 3..255 characters, not
+    ``goog...``). The same inputs always give the same id: a restarted runner reuses it."""
+    raw = f"{prefix}-{deployment}" + (f"-{topic_id}" if many else "")
     name = _SUB_ID_RE.sub("-", raw).strip("-")
-    if not name or not name[0].isalpha():
+    if not name or not name[0].isalpha() or name.lower().startswith("goog"):
         name = "s-" + name
     return name[:255].ljust(3, "x")

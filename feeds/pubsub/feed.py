@@ -38,9 +38,13 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
     backtrader hands it), False once the input is closed and drained.
 
     Status notifications (``notify_data``): DELAYED from the start (also while CSV backfill bars
-    play), LIVE with the first live bar and after a reconnect, DISCONNECTED while the stream is
-    down (the subscriber reconnects with jittered exponential backoff), CONNBROKEN when it gives
-    up.
+    play), LIVE with the first live bar and, after a reconnect, once bars flow again,
+    DISCONNECTED while the stream is down (the subscriber reconnects with jittered exponential
+    backoff), CONNBROKEN when it gives up.
+
+    Steps (:class:`~feeds.pubsub.hub.BarHub`): a feed delivers a bar in a step only when its bar
+    of the step's time came in time; otherwise it keeps its previous bar (as a backtest feed
+    whose file lacks that row) and :attr:`missed_step` is True during that step.
 
     Attributes:
         symbol: the symbol (part of every data hash).
@@ -48,6 +52,8 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
         text_lines: text field name -> :class:`TextLine` (newest ``lookback`` kept).
         extra_fields: extra numeric line names.
         last_bar: the :class:`LiveBar` loaded last (message id, publish time...).
+        missed_step: True while the current step has no bar of this feed (read it in
+            ``next()``).
 
     Thread context: main thread only.
 
@@ -78,6 +84,18 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     def islive(self) -> bool:
         return True
+
+    @property
+    def missed_step(self) -> bool:
+        """True while the step being served has no bar of this feed (it had none in time, or
+        has delivered nothing yet)."""
+        step = self._hub.current_step
+        if step is None:
+            return False
+        # From the feed's own record, not its lines: reading a line here would count as an
+        # agent read in FMEL.
+        last = self.last_bar
+        return last is None or last.dt_num < step
 
     def haslivedata(self) -> bool:
         return self._hub.has_ready(self.symbol)
@@ -123,6 +141,8 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
             self._seen_epoch = epoch
             if status == "LIVE":
                 self._notify(self.LIVE if self._was_live else self.DELAYED)
+            elif status == "CONNECTED":
+                continue  # the stream is open again, no bar yet: LIVE once bars flow
             elif status == "DISCONNECTED":
                 self._notify(self.DISCONNECTED, detail)
             elif status == "CONNBROKEN":

@@ -1,11 +1,14 @@
-"""What the Pub/Sub callback thread does with one message before the ack.
+"""What the Pub/Sub callback thread does with one message before it is acknowledged.
 
 :class:`MessageHandler` decodes and validates (:func:`~feeds.pubsub.messages.decode_message`),
-refuses unknown symbols and stale bars, drops duplicates, records field kinds (discovery, late
-fields) and offers the bar to the :class:`~feeds.pubsub.hub.BarHub`. It returns one of the
-outcomes :data:`DELIVERED`, :data:`DUPLICATE`, :data:`MALFORMED` (ack all three) or
-:data:`STOPPED` (the input is closed: do not ack). Counters live in :class:`FeedStats`; an
-optional :class:`FeedEvents` observer (metrics) hears every outcome.
+refuses unknown symbols, bars from the future and stale bars, drops duplicates, counts missing
+bar times (:class:`~feeds.pubsub.gaps.GapCounter`), records field kinds (discovery, late fields)
+and offers the bar to the :class:`~feeds.pubsub.hub.BarHub`. It returns one of the outcomes
+:data:`DELIVERED` (buffered: acknowledge now, or once the decision on it is on disk),
+:data:`DUPLICATE`, :data:`MALFORMED` (refused with a reason, late bars included: acknowledge
+both) or :data:`STOPPED` (the input is closed: do not acknowledge). It never raises: a failure of
+our own is refused as ``internal_error``. Counters live in :class:`FeedStats`; an optional
+:class:`FeedEvents` observer (metrics) hears every outcome.
 """
 
 from __future__ import annotations
@@ -15,14 +18,23 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.bars import OHLCV
+from core.time import bt_num_to_utc
 from feeds.pubsub.config import FieldSet, StreamSettings
-from feeds.pubsub.hub import BarHub
-from feeds.pubsub.messages import LiveBar, MalformedMessageError, bar_fields, decode_message
+from feeds.pubsub.gaps import GapCounter
+from feeds.pubsub.hub import CLOSED, LATE, BarHub
+from feeds.pubsub.messages import (
+    LiveBar,
+    MalformedMessageError,
+    bar_fields,
+    decode_message,
+    excerpt,
+    message_clock,
+)
 
 __all__ = [
     "DELIVERED",
@@ -36,9 +48,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# At most this many gap events are logged per minute; the others are counted.
+GAP_LOGS_PER_MINUTE = 10
+
 
 class FeedEvents(Protocol):
-    """Optional observer of the callback thread's outcomes (metrics). Must be thread-safe."""
+    """Observer of the callback thread's outcomes (metrics). Must be thread-safe and cheap; an
+    observer that raises is logged once and otherwise ignored."""
 
     def on_bar(self, symbol: str, age_s: float | None) -> None: ...
 
@@ -46,13 +62,27 @@ class FeedEvents(Protocol):
 
     def on_duplicate(self, symbol: str) -> None: ...
 
+    def on_gap(self, symbol: str, missing: int) -> None: ...
+
 
 DELIVERED, DUPLICATE, MALFORMED, STOPPED = "delivered", "duplicate", "malformed", "stopped"
 
 
 @dataclass(slots=True)
 class FeedStats:
-    """Counters of the live input (read by the report; written under the handler's lock)."""
+    """Counters of the live input (read by the report; written under the handler's lock).
+
+    Attributes:
+        received: messages handled.
+        delivered: bars buffered for the agent.
+        duplicates: redeliveries dropped (``duplicate_conflicts``: with different content).
+        malformed: refused messages by reason (``late_bar`` included).
+        per_symbol: delivered bars by symbol.
+        missing: missing bar times by symbol (gaps on the bar-size grid).
+        gap_events: jumps that had missing bar times.
+        late_fields, type_mismatches: fields outside the fixed ones, kind changes.
+        internal_errors: failures of our own (refused as ``internal_error``).
+    """
 
     received: int = 0
     delivered: int = 0
@@ -61,6 +91,8 @@ class FeedStats:
     hash_verified: int = 0
     malformed: Counter[str] = field(default_factory=Counter)
     per_symbol: Counter[str] = field(default_factory=Counter)
+    missing: Counter[str] = field(default_factory=Counter)
+    gap_events: int = 0
     late_fields: dict[str, Counter[str]] = field(default_factory=dict)
     type_mismatches: Counter[str] = field(default_factory=Counter)
     internal_errors: int = 0
@@ -74,6 +106,9 @@ class FeedStats:
             "hash_verified": self.hash_verified,
             "malformed": dict(self.malformed),
             "malformed_total": sum(self.malformed.values()),
+            "missing_bars": dict(self.missing),
+            "missing_total": sum(self.missing.values()),
+            "gap_events": self.gap_events,
             "late_fields": {s: dict(c) for s, c in self.late_fields.items()},
             "type_mismatches": dict(self.type_mismatches),
             "internal_errors": self.internal_errors,
@@ -83,14 +118,24 @@ class FeedStats:
 class MessageHandler:
     """Everything the callback thread does with one message before the ack.
 
-    Decodes and validates (:func:`decode_message`), refuses unknown symbols and bars whose time
+    Decodes and validates (:func:`decode_message`, with the future check against
+    :func:`~feeds.pubsub.messages.message_clock`), refuses unknown symbols and bars whose time
     is not after the symbol's last bar, drops duplicates (same message id with the same
-    content, or a symbol+time already seen), records field kinds (discovery, late fields), and
-    hands the bar to :meth:`BarHub.offer`. Malformed messages are counted per reason and logged
-    once per reason with their message id.
+    content, or a symbol+time already seen), counts missing bar times, records field kinds
+    (discovery, late fields), and hands the bar to :meth:`BarHub.offer` (a bar whose step was
+    served already is refused as ``late_bar``). Refused messages are counted per reason and
+    logged once per reason with their message id and a bounded excerpt of the body.
 
-    Thread context: Pub/Sub callback threads (serialised by a lock); :meth:`wait_discovery`
-    and :meth:`freeze_fields` from the main thread.
+    Args:
+        hub: where bars go.
+        settings: stream tuning (de-duplication memory, message size limit).
+        events: optional metrics observer.
+        max_future_s: tolerance of the future check, seconds (inf: no check).
+        gaps: counts missing bar times (None: a :class:`GapCounter` inferring the bar size).
+        wall_clock: POSIX seconds (tests pass a fake).
+
+    Thread context: Pub/Sub callback threads (serialised by a lock); :meth:`wait_discovery`,
+    :meth:`freeze_fields` and :meth:`seed` from the main thread; :meth:`interrupt` from any.
     """
 
     def __init__(
@@ -99,12 +144,19 @@ class MessageHandler:
         *,
         settings: StreamSettings | None = None,
         events: FeedEvents | None = None,
+        max_future_s: float = math.inf,
+        gaps: GapCounter | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         st = settings or StreamSettings()
         self.hub = hub
         self.symbols = frozenset(hub.symbols)
         self.events = events
         self.stats = FeedStats()
+        self.max_future_s = max_future_s
+        self.max_bytes = st.max_message_bytes
+        self.gaps = gaps or GapCounter()
+        self._wall = wall_clock
         self._lock = threading.Lock()
         self._ids: OrderedDict[str, str] = OrderedDict()
         self._max_ids = st.dedup_message_ids
@@ -112,10 +164,12 @@ class MessageHandler:
         self._last: dict[str, float] = {}
         self._recent: dict[str, OrderedDict[float, str]] = {s: OrderedDict() for s in self.symbols}
         self._logged: set[str] = set()
+        self._gap_window = (0.0, 0, 0)  # (window start, logged, suppressed)
         self._first: dict[str, FieldSet] = {}
         self._seen_kinds: dict[str, dict[str, str]] = {s: {} for s in self.symbols}
         self._frozen: dict[str, FieldSet] | None = None
         self._all_first = threading.Event()
+        self._interrupted = False
 
     # -- per message -------------------------------------------------------------------------
 
@@ -126,81 +180,171 @@ class MessageHandler:
         *,
         message_id: str | None,
         publish_time_s: float | None = None,
+        token: Any = None,
     ) -> str:
-        """Process one message. Returns ``delivered``, ``duplicate``, ``malformed`` (ack all
-        three) or ``stopped`` (input closed: do not ack)."""
+        """Process one message. Never raises.
+
+        Args:
+            data, attributes: the message.
+            message_id, publish_time_s: from Pub/Sub (carried into the bar).
+            token: kept with the bar (the subscriber's acknowledgement handle).
+
+        Returns:
+            ``delivered``, ``duplicate``, ``malformed`` (acknowledge the last two now) or
+            ``stopped`` (input closed: do not acknowledge).
+        """
+        try:
+            return self._handle(data, attributes, message_id, publish_time_s, token)
+        except Exception as e:
+            with self._lock:
+                self.stats.received += 1
+                self.stats.internal_errors += 1
+                if "internal" not in self._logged:
+                    self._logged.add("internal")
+                    logger.exception(
+                        "internal error on message %s (%s); refused as internal_error and "
+                        "acknowledged (further ones are counted)",
+                        message_id,
+                        type(e).__name__,
+                    )
+                self.stats.malformed["internal_error"] += 1
+            self._emit("on_malformed", _text(attributes.get("symbol")), "internal_error")
+            return MALFORMED
+
+    def _handle(
+        self,
+        data: bytes,
+        attributes: Mapping[str, str],
+        message_id: str | None,
+        publish_time_s: float | None,
+        token: Any,
+    ) -> str:
+        wall = self._wall()
         try:
             bar = decode_message(
-                data, attributes, message_id=message_id, publish_time_s=publish_time_s
+                data,
+                attributes,
+                message_id=message_id,
+                publish_time_s=publish_time_s,
+                received_s=wall,
+                clock_s=message_clock(attributes, wall),
+                max_future_s=self.max_future_s,
+                max_bytes=self.max_bytes,
+                token=token,
             )
         except MalformedMessageError as e:
-            self._reject(e.reason, e.detail, message_id, attributes.get("symbol"))
+            with self._lock:
+                self.stats.received += 1
+                self._reject_locked(e.reason, e.detail, message_id, data)
+            self._emit("on_malformed", _text(attributes.get("symbol")), e.reason)
             return MALFORMED
         sym = bar.symbol
+        hub = self.hub
+        if hub.status != "LIVE" and hub.status == "CONNECTED":
+            hub.set_status("LIVE")  # bars flow on the (re)opened stream
+        last: float | None = None
         with self._lock:
             self.stats.received += 1
             if sym not in self.symbols:
                 self._reject_locked(
-                    "unknown_symbol", f"symbol {sym!r} is not in SYMBOLS", message_id, sym
+                    "unknown_symbol", f"symbol {excerpt(sym)} is not in SYMBOLS", message_id, data
                 )
-                return MALFORMED
-            if message_id is not None and self._ids.get(message_id) == bar.data_hash:
-                return self._duplicate_locked(sym, message_id, "same message id")
-            recent = self._recent[sym]
-            seen_hash = recent.get(bar.dt_num)
-            if seen_hash is not None:
-                if seen_hash != bar.data_hash:
-                    self.stats.duplicate_conflicts += 1
-                    self._log_once(
-                        f"conflict:{sym}",
-                        "%s: message %s repeats bar time %s with "
-                        "different content; the first version is kept (further "
-                        "conflicts are counted)",
-                        sym,
-                        message_id,
-                        bar.ts.isoformat(),
-                    )
-                return self._duplicate_locked(sym, message_id, "same symbol and timestamp")
-            last = self._last.get(sym)
-            if last is not None and bar.dt_num <= last:
-                self._reject_locked(
-                    "stale_timestamp",
-                    f"{sym} bar time {bar.ts.isoformat()} is not after the symbol's last bar",
-                    message_id,
-                    sym,
-                )
-                return MALFORMED
-            # Reserve before the (possibly blocking) offer.
-            self._last[sym] = bar.dt_num
-            recent[bar.dt_num] = bar.data_hash
-            if len(recent) > self._max_times:
-                recent.popitem(last=False)
-            if message_id is not None:
-                self._ids[message_id] = bar.data_hash
-                if len(self._ids) > self._max_ids:
-                    self._ids.popitem(last=False)
-            self._note_fields(sym, bar)
-        if not self.hub.offer(bar):
+                refused: str | None = "unknown_symbol"
+            elif message_id is not None and self._ids.get(message_id) == bar.data_hash:
+                refused = self._duplicate_locked(sym, message_id, "same message id")
+            else:
+                refused, last = self._accept_locked(bar, data)
+        if refused == DUPLICATE:
+            self._emit("on_duplicate", sym)
+            return DUPLICATE
+        if refused is not None:
+            self._emit("on_malformed", sym, refused)
+            return MALFORMED
+        result = hub.offer(bar)
+        if result == CLOSED:
             with self._lock:
                 if self._last.get(sym) == bar.dt_num:
                     self._last[sym] = last if last is not None else -math.inf
-                recent.pop(bar.dt_num, None)
+                self._recent[sym].pop(bar.dt_num, None)
                 if message_id is not None:
                     self._ids.pop(message_id, None)
             return STOPPED
-        if self.hub.consumer_waiting:
+        missing = 0
+        with self._lock:
+            if last is not None and last != -math.inf:
+                missing = self.gaps.missing(last, bar.dt_num)
+                if missing:
+                    self.stats.missing[sym] += missing
+                    self.stats.gap_events += 1
+                    self._log_gap(sym, last, bar, missing)
+            if result == LATE:
+                self._reject_locked(
+                    "late_bar",
+                    f"{sym} bar {bar.ts.isoformat()} came after its step was served "
+                    "(PUBSUB_ALIGN_WAIT_S); it is not delivered in a later step",
+                    message_id,
+                    data,
+                )
+            else:
+                self.stats.delivered += 1
+                self.stats.per_symbol[sym] += 1
+                if bar.verified:
+                    self.stats.hash_verified += 1
+        if missing:
+            self._emit("on_gap", sym, missing)
+        if result == LATE:
+            self._emit("on_malformed", sym, "late_bar")
+            return MALFORMED
+        if hub.consumer_waiting:
             # Hand the GIL to the waiting main thread now rather than at the next switch
             # interval (5 ms): keeps callback -> next() well under a millisecond.
             time.sleep(0)
-        with self._lock:
-            self.stats.delivered += 1
-            self.stats.per_symbol[sym] += 1
-            if bar.verified:
-                self.stats.hash_verified += 1
-        if self.events is not None:
-            age = bar.received_s - publish_time_s if publish_time_s is not None else None
-            self.events.on_bar(sym, age)
+        age = wall - publish_time_s if publish_time_s is not None else None
+        self._emit("on_bar", sym, age)
         return DELIVERED
+
+    def _accept_locked(self, bar: LiveBar, data: bytes) -> tuple[str | None, float | None]:
+        """Reserve the bar's time for its symbol.
+
+        Returns:
+            ``(refusal, previous time)``: the refusal reason (or :data:`DUPLICATE`) and None,
+            or None and the symbol's previous bar time (for the gap count and a roll-back).
+        """
+        sym, message_id = bar.symbol, bar.message_id
+        recent = self._recent[sym]
+        seen_hash = recent.get(bar.dt_num)
+        if seen_hash is not None:
+            if seen_hash != bar.data_hash:
+                self.stats.duplicate_conflicts += 1
+                self._log_once(
+                    f"conflict:{sym}",
+                    "%s: message %s repeats bar time %s with different content; the first "
+                    "version is kept (further conflicts are counted)",
+                    sym,
+                    message_id,
+                    bar.ts.isoformat(),
+                )
+            return self._duplicate_locked(sym, message_id, "same symbol and timestamp"), None
+        last = self._last.get(sym)
+        if last is not None and bar.dt_num <= last:
+            self._reject_locked(
+                "stale_timestamp",
+                f"{sym} bar time {bar.ts.isoformat()} is not after the symbol's last bar",
+                message_id,
+                data,
+            )
+            return "stale_timestamp", None
+        # Reserve before the (possibly blocking) offer.
+        self._last[sym] = bar.dt_num
+        recent[bar.dt_num] = bar.data_hash
+        if len(recent) > self._max_times:
+            recent.popitem(last=False)
+        if message_id is not None:
+            self._ids[message_id] = bar.data_hash
+            if len(self._ids) > self._max_ids:
+                self._ids.popitem(last=False)
+        self._note_fields(sym, bar)
+        return None, last
 
     def seed(self, symbol: str, bars: Sequence[LiveBar]) -> None:
         """Remember backfilled bars so live copies of them count as duplicates."""
@@ -241,10 +385,10 @@ class MessageHandler:
         if have is None:
             self.stats.late_fields.setdefault(sym, Counter())[name] += 1
             self._log_once(
-                f"late:{sym}:{name}",
-                "%s: field %r appeared after the feed's "
-                "fields were fixed; it is covered by the data hash but agents cannot "
-                "read it (declare it with PUBSUB_FIELDS)",
+                "late_field",
+                "%s: field %r appeared after the feed's fields were fixed; it is covered by "
+                "the data hash but agents cannot read it (declare it with PUBSUB_FIELDS; "
+                "further late fields are counted in the report, not logged)",
                 sym,
                 name,
             )
@@ -252,8 +396,8 @@ class MessageHandler:
             self.stats.type_mismatches[f"{sym}.{name}"] += 1
             self._log_once(
                 f"kind:{sym}:{name}",
-                "%s: field %r is a %s line but a message "
-                "carried %s; it reads as %s for that bar (counted)",
+                "%s: field %r is a %s line but a message carried %s; it reads as %s for that "
+                "bar (counted)",
                 sym,
                 name,
                 have,
@@ -262,13 +406,14 @@ class MessageHandler:
             )
 
     def wait_discovery(self, timeout_s: float) -> dict[str, FieldSet]:
-        """Wait up to ``timeout_s`` for the first valid bar of every symbol; returns the extra
-        fields of each symbol's first bar (empty for symbols that sent nothing in time)."""
+        """Wait up to ``timeout_s`` for the first valid bar of every symbol (returns early on
+        :meth:`interrupt`); returns the extra fields of each symbol's first bar (empty for
+        symbols that sent nothing in time)."""
         self._all_first.wait(timeout_s)
         with self._lock:
             found = {s: self._first.get(s, FieldSet()) for s in self.hub.symbols}
             missing = [s for s in self.hub.symbols if s not in self._first]
-        if missing:
+        if missing and not self._interrupted:
             logger.warning(
                 "no bar within the %.1f s discovery window for %s: OHLCV only; "
                 "fields appearing later are reported (PUBSUB_FIELDS declares them)",
@@ -276,6 +421,11 @@ class MessageHandler:
                 ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
             )
         return found
+
+    def interrupt(self) -> None:
+        """End a :meth:`wait_discovery` now (a stop was requested). Any thread."""
+        self._interrupted = True
+        self._all_first.set()
 
     def freeze_fields(self, fields: Mapping[str, FieldSet]) -> None:
         """Fix each symbol's lines; fields seen so far outside them are reported now, later
@@ -298,31 +448,62 @@ class MessageHandler:
             why,
             sym,
         )
-        if self.events is not None:
-            self.events.on_duplicate(sym)
         return DUPLICATE
 
-    def _reject(self, reason: str, detail: str, message_id: str | None, symbol: str | None) -> None:
-        with self._lock:
-            self.stats.received += 1
-            self._reject_locked(reason, detail, message_id, symbol)
-
-    def _reject_locked(
-        self, reason: str, detail: str, message_id: str | None, symbol: str | None
-    ) -> None:
+    def _reject_locked(self, reason: str, detail: str, message_id: str | None, data: bytes) -> None:
         self.stats.malformed[reason] += 1
         self._log_once(
             f"malformed:{reason}",
-            "malformed message %s refused (%s): %s; further %s messages are counted, not logged",
+            "message %s refused (%s): %s; body %s; further %s messages are counted, not logged",
             message_id,
             reason,
             detail,
+            excerpt(data),
             reason,
         )
-        if self.events is not None:
-            self.events.on_malformed(symbol or "unknown", reason)
+
+    def _log_gap(self, sym: str, last: float, bar: LiveBar, missing: int) -> None:
+        start, logged, suppressed = self._gap_window
+        now = time.monotonic()
+        if now - start >= 60.0:
+            if suppressed:
+                logger.warning(
+                    "%d more gap events in the last minute were counted, not logged", suppressed
+                )
+            start, logged, suppressed = now, 0, 0
+        if logged < GAP_LOGS_PER_MINUTE:
+            logger.warning(
+                "%s: %d bar time(s) missing between %s and %s (bar size %s s); counted in the "
+                "report and runner_bars_missing_total",
+                sym,
+                missing,
+                bt_num_to_utc(last).isoformat(),
+                bar.ts.isoformat(),
+                f"{self.gaps.bar_s:g}" if self.gaps.bar_s else "?",
+            )
+            logged += 1
+        else:
+            suppressed += 1
+        self._gap_window = (start, logged, suppressed)
 
     def _log_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._logged:
             self._logged.add(key)
             logger.warning(msg, *args)
+
+    def _emit(self, name: str, *args: Any) -> None:
+        events = self.events
+        if events is None:
+            return
+        try:
+            getattr(events, name)(*args)
+        except Exception:
+            if f"events:{name}" not in self._logged:
+                self._logged.add(f"events:{name}")
+                logger.exception(
+                    "feed event observer failed in %s (further failures ignored)", name
+                )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) and len(value) <= 64 else "unknown"

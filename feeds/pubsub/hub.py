@@ -1,15 +1,33 @@
 """The hand-off between the Pub/Sub callback thread(s) and backtrader's main thread.
 
 :class:`BarHub` holds one bounded buffer per symbol. The callback thread offers bars (blocking
-while the symbol's buffer is full: back-pressure, nothing is dropped); the main thread takes them,
-one bar time per backtrader step.
+while the symbol's buffer is full: back-pressure, nothing is dropped); the main thread takes
+them, one bar time per backtrader step.
 
-Alignment: a bar waits (at most ``align_wait_s``) until every recently active symbol has reached
-its time, and the feeds hand out one timestamp per backtrader step, so a multi-symbol agent sees
-the bars of one time together, as in a backtest.
+Alignment (what a multi-symbol agent sees, as in a backtest):
+
+* A **step** is one bar time ``T``, served in time order. It is served as soon as every symbol
+  that is waited for has a bar at or after ``T``, and at the latest ``align_wait_s`` after the
+  first bar of time ``T`` arrived (also at once when the input is closed, when a producer is
+  blocked on a full buffer, or with ``align_wait_s == 0``).
+* Only bars of time ``T`` are delivered in step ``T``: bars of different times are never merged
+  into one step.
+* A symbol that had no bar at ``T`` when step ``T`` was served **missed** the step (counted in
+  :attr:`BarHub.missed`); it is not waited for again until it has caught up: one of its bars
+  arrives for the latest step served or a later one. (A symbol that lags by several steps is
+  thus never waited for, and costs the others nothing.)
+* A bar that arrives after its step (or a later one) was served is **late**: it is refused
+  (:data:`LATE`, counted in :attr:`BarHub.late`), never delivered in a later step. So a live run
+  decides exactly like a backtest whose CSV files lack the bars that missed their step.
+
+Acknowledgement ledger: bars that carry a ``token`` (the Pub/Sub message, when the subscriber
+acknowledges only once the decision on a bar is on disk) are remembered when taken, in step
+order; :meth:`BarHub.pop_loaded_through` hands back those of the steps up to a bar time, and
+:meth:`BarHub.pop_unacknowledged` everything not yet handed back (for the shutdown's nacks).
 
 Thread context: one lock and condition guard everything; :meth:`BarHub.offer` runs on callback
-threads, :meth:`BarHub.take` and the other consumer methods on the main thread.
+threads, :meth:`BarHub.take` and the other consumer methods on the main thread; the ledger
+methods on any thread.
 """
 
 from __future__ import annotations
@@ -19,46 +37,36 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from core.errors import ConfigError
-from core.time import bt_num_to_utc
 from feeds.pubsub.messages import LiveBar
 
-__all__ = ["HOLD_CAP_FACTOR", "BarHub"]
+__all__ = ["CLOSED", "LATE", "OFFERED", "BarHub"]
 
 logger = logging.getLogger(__name__)
 
-# A held bar waits at most this many align_wait_s, even while other bars keep arriving.
-HOLD_CAP_FACTOR = 10.0
+# Outcomes of BarHub.offer.
+OFFERED, LATE, CLOSED = "offered", "late", "closed"
+# A step time's first arrival for bars preloaded before the stream (served without waiting).
+_PRELOADED = -math.inf
+# Tolerance when comparing a decision's bar time (POSIX seconds rounded to the millisecond) with
+# backtrader day numbers: half a millisecond, in days.
+_HALF_MS_DAYS = 0.0005 / 86_400.0
 
 
 class _SymbolBuffer:
-    """Bars of one symbol: ``held`` wait for alignment, ``ready`` can be taken."""
+    """Bars of one symbol waiting to be taken, in time order."""
 
-    __slots__ = (
-        "held",
-        "lagging",
-        "last_num",
-        "order",
-        "ready",
-        "recv_seq",
-        "rel_seq",
-        "size",
-        "symbol",
-    )
+    __slots__ = ("last_num", "order", "pending", "symbol", "waited")
 
     def __init__(self, symbol: str, order: int) -> None:
         self.symbol = symbol
         self.order = order
-        self.held: deque[LiveBar] = deque()
-        self.ready: deque[LiveBar] = deque()
-        self.size = 0
-        self.last_num = -math.inf
-        self.lagging = False  # timed out an alignment: not waited for until its next bar
-        self.recv_seq = 0
-        self.rel_seq = 0
+        self.pending: deque[LiveBar] = deque()
+        self.last_num = -math.inf  # latest bar time offered
+        self.waited = True  # a step waits for this symbol (until it misses one)
 
 
 class BarHub:
@@ -66,22 +74,17 @@ class BarHub:
 
     * :meth:`offer` (callback thread) blocks while the symbol already buffers
       ``max_buffered_bars`` bars: no bar is dropped to make room; the Pub/Sub client's flow
-      control then pauses the stream.
-    * Alignment: an offered bar is *held* until every symbol has reached its time. Held bars
-      are released anyway once no bar has arrived for ``align_wait_s`` (the burst of a bar
-      time is over), after ``HOLD_CAP_FACTOR * align_wait_s`` however busy the stream, or when
-      their symbol's buffer is full; the symbols still behind (halted, ended, not started) are
-      then not waited for until their next bar.
-    * :meth:`take` (main thread) hands out, per backtrader step, only bars of the step's time
-      (the smallest ready time), so no feed delivers a bar later than another feed's in the same
-      step and backtrader never has to rewind a bounded buffer.
+      control then pauses the stream. Returns :data:`LATE` for a bar whose step was served.
+    * :meth:`take` (main thread) hands out, per backtrader step, only bars of the step's time,
+      following the alignment rule of the module docstring.
     * :meth:`close_input` ends the input; feeds then drain what is buffered (until the optional
       drain deadline) and report the end.
 
     Args:
         symbols: the symbols routed here.
-        max_buffered_bars: per symbol (held + ready).
-        align_wait_s: 0 disables alignment.
+        max_buffered_bars: per symbol.
+        align_wait_s: longest a step waits for late symbols, from its first bar, seconds;
+            0 disables alignment waits.
         idle_timeout_s: close the input after this long without a bar, counted from the first
             bar (0 = never).
         clock: monotonic seconds (tests pass a fake).
@@ -105,22 +108,29 @@ class BarHub:
         self.align_wait_s = align_wait_s
         self.idle_timeout_s = idle_timeout_s
         self._cond = threading.Condition(threading.Lock())
+        # Lazy heaps: (time, order, buffer); stale entries are skipped when popped.
+        self._heads: list[tuple[float, int, _SymbolBuffer]] = []  # pending heads
         self._wm: list[tuple[float, int, _SymbolBuffer]] = [
             (b.last_num, b.order, b) for b in self._bufs.values()
-        ]
-        self._held_heads: list[tuple[float, int, _SymbolBuffer]] = []
-        self._ready_heads: list[tuple[float, int, _SymbolBuffer]] = []
-        self._arrivals: deque[tuple[float, _SymbolBuffer, int, float]] = deque()
-        self._held_total = 0
+        ]  # latest offered time of the waited symbols (the watermark is the smallest)
+        self._first_arrival: dict[float, float] = {}  # step time -> first bar's arrival
+        self._arrival_times: list[float] = []  # heap of the keys of _first_arrival
+        self._buffered = 0
         self._blocked = 0
         self._last_offer: float | None = None
-        self._step: float | None = None
+        self._served = -math.inf  # time of the last step served
+        self._step: float | None = None  # the step being served in this backtrader pass
         self._pass_seen: set[int] = set()
+        self._loaded: deque[LiveBar] = deque()  # taken bars whose token is not handed back
+        self._drain_over = False
         self.input_closed = False
         self.close_reason = ""
         self._drain_deadline: float | None = None
         self.backpressure_waits = 0
         self.undelivered = 0
+        self.steps = 0
+        self.missed: Counter[str] = Counter()
+        self.late: Counter[str] = Counter()
         self.consumer_waiting = False  # the main thread waits in take() for a bar
         self._epoch = 0
         self._transitions: deque[tuple[int, str, str]] = deque(maxlen=64)
@@ -128,12 +138,13 @@ class BarHub:
 
     # -- producer side (callback thread) -----------------------------------------------------
 
-    def offer(self, bar: LiveBar, timeout_s: float | None = None) -> bool:
+    def offer(self, bar: LiveBar, timeout_s: float | None = None) -> str:
         """Buffer one bar, waiting while its symbol's buffer is full.
 
         Returns:
-            True when buffered; False when the input is closed (or ``timeout_s`` passed): the
-            caller must not ack the message.
+            :data:`OFFERED` when buffered; :data:`LATE` when its step (or a later one) was
+            served already (the bar is not buffered); :data:`CLOSED` when the input is closed
+            or ``timeout_s`` passed (the caller must not acknowledge the message).
 
         Raises:
             KeyError: for a symbol not routed here.
@@ -141,79 +152,84 @@ class BarHub:
         buf = self._bufs[bar.symbol]
         with self._cond:
             deadline = None if timeout_s is None else self._clock() + timeout_s
-            if buf.size >= self.max_buffered_bars:
+            if len(buf.pending) >= self.max_buffered_bars and not self.input_closed:
                 self.backpressure_waits += 1
-            self._blocked += 1  # a blocked producer is not a quiet stream
-            try:
-                while buf.size >= self.max_buffered_bars and not self.input_closed:
-                    if buf.held:  # nothing can be taken while held: stop aligning up to here
-                        self._force(buf.held[-1].dt_num)
-                    wait = 0.25
-                    if deadline is not None:
-                        wait = min(wait, deadline - self._clock())
-                        if wait <= 0:
-                            return False
-                    self._cond.wait(wait)
-            finally:
-                self._blocked -= 1
-            if self.input_closed:
-                return False
-            now = self._clock()
-            buf.size += 1
-            buf.last_num = bar.dt_num
-            buf.lagging = False
-            self._last_offer = now
-            if self.align_wait_s <= 0:
-                self._append_ready(buf, bar)
+                self._blocked += 1  # a blocked producer: a step cannot wait for more bars
                 self._cond.notify_all()
-                return True
-            if not buf.held:
-                heapq.heappush(self._held_heads, (bar.dt_num, buf.order, buf))
-            buf.held.append(bar)
-            self._held_total += 1
-            self._arrivals.append((now, buf, buf.recv_seq, bar.dt_num))
-            buf.recv_seq += 1
-            heapq.heappush(self._wm, (bar.dt_num, buf.order, buf))
-            self._release(now)
-        return True
+                try:
+                    while len(buf.pending) >= self.max_buffered_bars and not self.input_closed:
+                        wait = 0.25
+                        if deadline is not None:
+                            wait = min(wait, deadline - self._clock())
+                            if wait <= 0:
+                                return CLOSED
+                        self._cond.wait(wait)
+                finally:
+                    self._blocked -= 1
+            if self.input_closed:
+                return CLOSED
+            now = self._clock()
+            self._last_offer = now
+            num = bar.dt_num
+            if num <= self._served:
+                self.late[bar.symbol] += 1
+                if num == self._served and num >= buf.last_num:
+                    # Late for the latest step only: caught up, waited for from the next one.
+                    buf.last_num = num
+                    buf.waited = True
+                    heapq.heappush(self._wm, (num, buf.order, buf))
+                return LATE
+            if not buf.pending:
+                heapq.heappush(self._heads, (num, buf.order, buf))
+            buf.pending.append(bar)
+            self._buffered += 1
+            if num not in self._first_arrival:
+                self._first_arrival[num] = now
+                heapq.heappush(self._arrival_times, num)
+            buf.last_num = num
+            if not buf.waited:
+                buf.waited = True  # in time again
+            heapq.heappush(self._wm, (num, buf.order, buf))
+            self._cond.notify_all()
+        return OFFERED
 
     def preload(self, bars: Iterable[LiveBar]) -> int:
-        """Put bars straight into the ready buffers (CSV backfill, before the stream starts),
-        bypassing alignment and the size limit. Returns how many."""
+        """Buffer bars (CSV backfill, before the stream starts) for steps served without
+        waiting, bypassing the size limit. Returns how many."""
         n = 0
         with self._cond:
             for bar in bars:
                 buf = self._bufs[bar.symbol]
-                self._append_ready(buf, bar)
-                buf.size += 1
-                if bar.dt_num > buf.last_num:
-                    buf.last_num = bar.dt_num
-                    heapq.heappush(self._wm, (bar.dt_num, buf.order, buf))
+                if bar.dt_num <= max(self._served, buf.last_num):
+                    continue
+                if not buf.pending:
+                    heapq.heappush(self._heads, (bar.dt_num, buf.order, buf))
+                buf.pending.append(bar)
+                self._buffered += 1
+                if bar.dt_num not in self._first_arrival:
+                    heapq.heappush(self._arrival_times, bar.dt_num)
+                self._first_arrival[bar.dt_num] = _PRELOADED
+                buf.last_num = bar.dt_num
+                heapq.heappush(self._wm, (bar.dt_num, buf.order, buf))
                 n += 1
             self._cond.notify_all()
         return n
 
     def close_input(self, reason: str, drain_timeout_s: float | None = None) -> None:
-        """No more input: blocked :meth:`offer` calls return False, held bars become ready and
-        feeds end once their buffer is empty (or ``drain_timeout_s`` has passed). Idempotent;
-        the first reason is kept."""
+        """No more input: blocked :meth:`offer` calls return :data:`CLOSED`, steps no longer
+        wait, and feeds end once their buffer is empty (or ``drain_timeout_s`` has passed).
+        Idempotent; the first reason is kept."""
         with self._cond:
             if not self.input_closed:
-                self.input_closed = True
-                self.close_reason = reason
+                self._close_locked(reason)
                 if drain_timeout_s is not None:
                     self._drain_deadline = self._clock() + drain_timeout_s
-                logger.info(
-                    "live input closed (%s); %d bars buffered to drain", reason, self.buffered
-                )
-            for buf in self._bufs.values():
-                if buf.held:
-                    self._release_upto(buf, buf.recv_seq)
             self._cond.notify_all()
 
     def set_status(self, status: str, detail: str = "") -> None:
-        """Record a connection transition (``LIVE``, ``DISCONNECTED``, ``CONNBROKEN``); feeds
-        turn it into backtrader notifications on the main thread."""
+        """Record a connection transition (``CONNECTED``: stream open, no bar yet; ``LIVE``:
+        bars flow; ``DISCONNECTED``; ``CONNBROKEN``); feeds turn it into backtrader
+        notifications on the main thread."""
         with self._cond:
             if status == self.status:
                 return
@@ -222,11 +238,46 @@ class BarHub:
             self._transitions.append((self._epoch, status, detail))
             self._cond.notify_all()
 
+    # -- acknowledgement ledger (any thread) -------------------------------------------------
+
+    def pop_loaded_through(self, bar_time_num: float) -> list[LiveBar]:
+        """Taken bars of the steps up to ``bar_time_num`` (backtrader day number; a decision's
+        bar time to the millisecond is enough), oldest first; each is handed back once."""
+        out: list[LiveBar] = []
+        limit = bar_time_num + _HALF_MS_DAYS
+        with self._cond:
+            loaded = self._loaded
+            while loaded and loaded[0].dt_num <= limit:
+                out.append(loaded.popleft())
+        return out
+
+    def pop_unacknowledged(self) -> tuple[list[LiveBar], list[LiveBar]]:
+        """What was not handed back: ``(taken, not taken)``: bars taken whose token was not
+        handed back by :meth:`pop_loaded_through`, and bars never taken (still buffered when
+        the input closed or the drain deadline passed; now counted in :attr:`undelivered`). The
+        buffers are emptied; call once the feeds stopped."""
+        with self._cond:
+            taken = list(self._loaded)
+            self._loaded.clear()
+            rest: list[LiveBar] = []
+            for buf in self._bufs.values():
+                rest.extend(buf.pending)
+                buf.pending.clear()
+            self.undelivered += self._buffered
+            self._buffered = 0
+            self._cond.notify_all()
+        return taken, rest
+
     # -- consumer side (main thread) ---------------------------------------------------------
 
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def current_step(self) -> float | None:
+        """Time of the step being served (backtrader day number), None between steps."""
+        return self._step
 
     def transitions_since(self, epoch: int) -> list[tuple[int, str, str]]:
         with self._cond:
@@ -234,7 +285,7 @@ class BarHub:
 
     def begin_pass(self, key: int) -> None:
         """Called by each feed at the start of its ``next()`` without a master: the first feed
-        to come back starts a new backtrader step (the step's time is then recomputed)."""
+        to come back starts a new backtrader pass (the next step is then chosen)."""
         if key in self._pass_seen:
             self._pass_seen = {key}
             self._step = None
@@ -242,26 +293,30 @@ class BarHub:
             self._pass_seen.add(key)
 
     def has_ready(self, symbol: str) -> bool:
-        return bool(self._bufs[symbol].ready)
+        """A bar of ``symbol`` could be taken now, without waiting."""
+        buf = self._bufs[symbol]
+        if not buf.pending:
+            return False
+        with self._cond:
+            step = self._step if self._step is not None else self._due(self._clock())
+            return bool(buf.pending) and buf.pending[0].dt_num == step
 
     def take(
         self, symbol: str, timeout_s: float, master_num: float | None = None
     ) -> LiveBar | None:
-        """The next bar of ``symbol`` for the current step, or None.
+        """The bar of ``symbol`` for the current step, or None.
 
         Args:
             symbol: the feed's symbol.
-            timeout_s: longest wait when no symbol has a ready bar, seconds.
-            master_num: in backtrader's second chance within a step, the step's date number: a
-                bar at or before it may be taken.
+            timeout_s: longest wait for a step to become due, seconds.
+            master_num: in backtrader's second chance within a step, the step's date number
+                (only a bar of exactly the step's time is handed out).
         """
         buf = self._bufs[symbol]
         deadline: float | None = None
         with self._cond:
             while True:
                 now = self._clock()
-                if self._held_total:
-                    self._release(now)
                 if (
                     self.idle_timeout_s > 0
                     and not self.input_closed
@@ -271,30 +326,27 @@ class BarHub:
                     self._close_locked(
                         f"no bar for {self.idle_timeout_s:g} s (PUBSUB_IDLE_TIMEOUT_S)"
                     )
-                if self._drain_expired(now):
-                    return None
-                ready = buf.ready
-                if ready:
-                    head = ready[0]
-                    if master_num is not None:
-                        ok = head.dt_num <= master_num
-                    else:
-                        if self._step is None:
-                            self._step = self._min_ready()
-                        ok = head.dt_num == self._step
-                    if not ok:
-                        return None
-                    ready.popleft()
-                    buf.size -= 1
-                    if ready:
-                        heapq.heappush(self._ready_heads, (ready[0].dt_num, buf.order, buf))
-                    self._cond.notify_all()
-                    return head
-                if master_num is not None:
-                    return None
+                expired = self._drain_expired(now)
+                if expired and self._step is None:
+                    return None  # no new step; the one being served is completed
                 if self._step is None:
-                    self._step = self._min_ready()
-                if self._step is not None or self.input_closed:
+                    due = self._due(now)
+                    if due is not None:
+                        self._open_step(due)
+                step = self._step
+                if step is not None:
+                    pending = buf.pending
+                    if pending and pending[0].dt_num == step:
+                        bar = pending.popleft()
+                        self._buffered -= 1
+                        if pending:
+                            heapq.heappush(self._heads, (pending[0].dt_num, buf.order, buf))
+                        if bar.token is not None:
+                            self._loaded.append(bar)
+                        self._cond.notify_all()  # a producer may wait for room
+                        return bar
+                    return None
+                if master_num is not None or self.input_closed:
                     return None
                 if deadline is None:
                     deadline = now + timeout_s
@@ -303,9 +355,21 @@ class BarHub:
                     return None
                 self.consumer_waiting = True
                 try:
-                    self._cond.wait(min(remaining, self._next_due(now)))
+                    self._cond.wait(min(remaining, self._until_due(now)))
                 finally:
                     self.consumer_waiting = False
+
+    def served_through(self, num: float, timeout_s: float) -> bool:
+        """Wait until the step of time ``num`` (backtrader day number), or a later one, has been
+        served; False after ``timeout_s`` seconds. Any thread (tools, tests)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._served < num:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
     def finished(self, symbol: str) -> bool:
         """True once the input is closed and ``symbol`` has nothing left to deliver (or the
@@ -313,50 +377,43 @@ class BarHub:
         if not self.input_closed:
             return False
         with self._cond:
-            return self._drain_expired(self._clock()) or self._bufs[symbol].size == 0
+            return self._drain_expired(self._clock()) or not self._bufs[symbol].pending
 
     @property
     def buffered(self) -> int:
-        return sum(b.size for b in self._bufs.values())
+        return self._buffered
 
     def depth(self, symbol: str) -> int:
-        return self._bufs[symbol].size
+        return len(self._bufs[symbol].pending)
 
     # -- internals (lock held) ---------------------------------------------------------------
 
     def _close_locked(self, reason: str) -> None:
         self.input_closed = True
         self.close_reason = reason
-        logger.info("live input closed (%s)", reason)
-        for buf in self._bufs.values():
-            if buf.held:
-                self._release_upto(buf, buf.recv_seq)
+        logger.info("live input closed (%s); %d bars buffered to drain", reason, self._buffered)
         self._cond.notify_all()
 
     def _drain_expired(self, now: float) -> bool:
+        """The drain deadline passed: no new step is served; what is left stays buffered
+        until :meth:`pop_unacknowledged` counts it as undelivered."""
         if self._drain_deadline is None or now < self._drain_deadline:
             return False
-        left = self.buffered
-        if left:
-            logger.warning("shutdown: %d buffered bars not delivered (drain time over)", left)
-            for buf in self._bufs.values():
-                buf.held.clear()
-                buf.ready.clear()
-                buf.size = 0
-            self._held_total = 0
-            self.undelivered += left
+        if not self._drain_over:
+            self._drain_over = True
+            if self._buffered:
+                logger.warning(
+                    "shutdown: %d buffered bars not delivered (drain time over); with "
+                    "acknowledgement on disk they go back to Pub/Sub for the next start",
+                    self._buffered,
+                )
         return True
 
-    def _append_ready(self, buf: _SymbolBuffer, bar: LiveBar) -> None:
-        if not buf.ready:
-            heapq.heappush(self._ready_heads, (bar.dt_num, buf.order, buf))
-        buf.ready.append(bar)
-
-    def _min_ready(self) -> float | None:
-        heads = self._ready_heads
+    def _min_pending(self) -> float | None:
+        heads = self._heads
         while heads:
             num, _, buf = heads[0]
-            if buf.ready and buf.ready[0].dt_num == num:
+            if buf.pending and buf.pending[0].dt_num == num:
                 return num
             heapq.heappop(heads)
         return None
@@ -366,88 +423,57 @@ class BarHub:
         wm = self._wm
         while wm:
             num, _, buf = wm[0]
-            if num != buf.last_num or buf.lagging:
+            if num != buf.last_num or not buf.waited:
                 heapq.heappop(wm)
                 continue
             return num
         return math.inf
 
-    def _release(self, now: float) -> None:
-        limit = self._watermark()
-        arrivals = self._arrivals
-        while arrivals and arrivals[0][2] < arrivals[0][1].rel_seq:
-            arrivals.popleft()
-        if arrivals:
-            forced = -math.inf
-            if self._quiet(now):
-                forced = max(num for _, b, seq, num in arrivals if seq >= b.rel_seq)
-            else:
-                cap = self.align_wait_s * HOLD_CAP_FACTOR
-                while arrivals and now - arrivals[0][0] >= cap:
-                    _, buf, seq, num = arrivals.popleft()
-                    if seq >= buf.rel_seq:
-                        forced = max(forced, num)
-            if forced > limit:
-                self._mark_laggards(forced)
-                limit = forced
-        self._release_to(limit)
+    def _due(self, now: float) -> float | None:
+        """The next step's time when it may be served now, else None."""
+        step = self._min_pending()
+        if step is None:
+            return None
+        if (
+            self.align_wait_s <= 0
+            or self.input_closed
+            or self._blocked
+            or self._watermark() >= step
+            or now - self._first_arrival.get(step, _PRELOADED) >= self.align_wait_s
+        ):
+            return step
+        return None
 
-    def _quiet(self, now: float) -> bool:
-        """No bar arrived for ``align_wait_s`` and no producer is blocked: a burst is over."""
-        return (
-            self._blocked == 0
-            and self._last_offer is not None
-            and now - self._last_offer >= self.align_wait_s
-        )
-
-    def _force(self, limit: float) -> None:
-        """Release every held bar up to ``limit``; symbols still behind it lag."""
-        self._mark_laggards(limit)
-        self._release_to(max(limit, self._watermark()))
-
-    def _mark_laggards(self, limit: float) -> None:
-        wm = self._wm
-        while wm and wm[0][0] < limit:
-            num, _, buf = heapq.heappop(wm)
-            if num == buf.last_num and not buf.lagging:
-                buf.lagging = True
-                logger.debug(
-                    "alignment: %s lags (last bar %s); not waited for until its next bar",
-                    buf.symbol,
-                    bt_num_to_utc(num) if num > 0 else None,
-                )
-
-    def _release_to(self, limit: float) -> None:
-        heads = self._held_heads
-        released = False
-        while heads and heads[0][0] <= limit:
-            num, order, buf = heapq.heappop(heads)
-            held = buf.held
-            if not held or held[0].dt_num != num:
-                continue
-            while held and held[0].dt_num <= limit:
-                self._append_ready(buf, held.popleft())
-                buf.rel_seq += 1
-                self._held_total -= 1
-            if held:
-                heapq.heappush(heads, (held[0].dt_num, order, buf))
-            released = True
-        if released:
-            self._cond.notify_all()
-
-    def _release_upto(self, buf: _SymbolBuffer, seq: int) -> None:
-        while buf.held and buf.rel_seq < seq:
-            self._append_ready(buf, buf.held.popleft())
-            buf.rel_seq += 1
-            self._held_total -= 1
-
-    def _next_due(self, now: float) -> float:
-        """Seconds until a held bar may be released by time alone (for waits)."""
+    def _until_due(self, now: float) -> float:
+        """Seconds until the next step becomes due by time alone (or the idle timeout)."""
         due = math.inf
-        if self._held_total and self._arrivals:
-            due = self._arrivals[0][0] + self.align_wait_s * HOLD_CAP_FACTOR - now
-            if self._last_offer is not None:
-                due = min(due, self._last_offer + self.align_wait_s - now)
+        step = self._min_pending()
+        if step is not None:
+            due = self._first_arrival.get(step, _PRELOADED) + self.align_wait_s - now
         if self.idle_timeout_s > 0 and not self.input_closed and self._last_offer is not None:
             due = min(due, self._last_offer + self.idle_timeout_s - now)
         return max(due, 0.001)
+
+    def _open_step(self, step: float) -> None:
+        """Serve step ``step``: symbols still waited for but behind it missed it."""
+        self._step = step
+        self._served = step
+        self.steps += 1
+        self._cond.notify_all()  # served_through() waiters
+        times = self._arrival_times
+        while times and times[0] <= step:
+            self._first_arrival.pop(heapq.heappop(times), None)
+        wm = self._wm
+        while wm and wm[0][0] < step:
+            num, _, buf = heapq.heappop(wm)
+            if num == buf.last_num and buf.waited:
+                buf.waited = False
+                self.missed[buf.symbol] += 1
+                if self.missed[buf.symbol] == 1:
+                    logger.warning(
+                        "alignment: %s had no bar when a step was served %.3g s after its "
+                        "first bar (PUBSUB_ALIGN_WAIT_S); it missed the step, and a bar of it "
+                        "that comes later is refused as late_bar (further misses are counted)",
+                        buf.symbol,
+                        self.align_wait_s,
+                    )

@@ -13,9 +13,10 @@ detail of bounded length (values are cut to :data:`EXCERPT_CHARS` characters).
 
 The clock: a bar stamped more than ``max_future_s`` ahead of ``clock_s`` is refused as
 ``future_timestamp``. The caller passes :func:`message_clock`: the wall clock, or, for messages
-of a paced replay (``python -m runtime.replay --speed N`` sets the attribute ``replay_clock``,
-the replay's own "now" in POSIX seconds), the earlier of the two, so the attribute can only
-make the check stricter.
+of a paced replay, the replay's own clock (``python -m runtime.replay --speed N`` sets the
+attribute ``replay_clock``: its "now" in POSIX seconds, the first bar's time plus N times the
+elapsed time), so a replay that plays bars faster than real time is checked against the time
+it plays, not the wall clock.
 
 Pure: no I/O, no threads; :func:`decode_message` runs on the Pub/Sub callback thread.
 """
@@ -153,17 +154,17 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
 
 
 def message_clock(attributes: Mapping[str, str], wall_s: float) -> float:
-    """The clock a message's bar time is checked against, POSIX seconds: ``wall_s``, or the
-    replay's clock (attribute :data:`REPLAY_CLOCK_ATTRIBUTE`) when it is earlier. An attribute
-    that is not a finite number is ignored."""
+    """The clock a message's bar time is checked against, POSIX seconds: the replay's clock
+    (attribute :data:`REPLAY_CLOCK_ATTRIBUTE`) when the message has one, else ``wall_s``. An
+    attribute that is not a finite number is ignored."""
     raw = attributes.get(REPLAY_CLOCK_ATTRIBUTE)
     if raw is None:
         return wall_s
     try:
         replay_s = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return wall_s
-    return replay_s if math.isfinite(replay_s) and replay_s < wall_s else wall_s
+    return replay_s if math.isfinite(replay_s) else wall_s
 
 
 def parse_timestamp(raw: Any) -> datetime:
@@ -184,7 +185,9 @@ def parse_timestamp(raw: Any) -> datetime:
             "bad_timestamp", f"unparsable or out-of-range timestamp {excerpt(raw)}"
         ) from e
     if ts.year < MIN_YEAR:
-        raise MalformedMessageError("bad_timestamp", f"timestamp {excerpt(raw)} is before year 1000")
+        raise MalformedMessageError(
+            "bad_timestamp", f"timestamp {excerpt(raw)} is before year 1000"
+        )
     return ts
 
 
@@ -300,10 +303,8 @@ def decode_message(
         )
     except MalformedMessageError:
         raise
-    except Exception as e:  # noqa: BLE001 - the contract: refuse with a reason, never escape
-        raise MalformedMessageError(
-            "undecodable", f"{type(e).__name__}: {excerpt(str(e))}"
-        ) from e
+    except Exception as e:
+        raise MalformedMessageError("undecodable", f"{type(e).__name__}: {excerpt(str(e))}") from e
 
 
 def _decode(
@@ -399,11 +400,10 @@ def _decode(
                 raise MalformedMessageError(
                     "bad_field", f"field {excerpt(name)}: {excerpt(value)} is out of float range"
                 ) from e
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise MalformedMessageError(
-                    "bad_field", f"field {excerpt(name)}: {value!r} is not a finite number"
-                )
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise MalformedMessageError(
+                "bad_field", f"field {excerpt(name)}: {value!r} is not a finite number"
+            )
         values[name] = value
     try:
         digest = bar_hash(symbol, ts, values)

@@ -2,11 +2,18 @@
 
 Data path::
 
-    topic --(one subscription per runner and topic)--> PubSubBarSubscriber
+    topic --(one subscription per deployment and topic)--> PubSubBarSubscriber
       callback thread: MessageHandler.handle(): decode, validate, hash, de-duplicate, route by
                        the ``symbol`` attribute -> BarHub.offer() (blocks while that symbol's
-                       buffer is full = back-pressure), then ack
+                       buffer is full = back-pressure); refused messages are acknowledged
       main thread:     PubSubMarketDataFeed._load() -> BarHub.take()
+      acknowledgement: at once (default), or with ``durable_acks`` only once the decision made
+                       on the bar is on local disk (:meth:`PubSubBarSubscriber.ack_through`,
+                       called by the runtime when the decision writer reports it durable)
+
+The subscription is stable per deployment (``<PUBSUB_SUBSCRIPTION_PREFIX>-<deployment>``), so a
+restarted runner continues from the bars it had not acknowledged; it is kept at exit (expiring
+after ``PUBSUB_SUBSCRIPTION_TTL_S`` idle) unless ``PUBSUB_DELETE_SUBSCRIPTION`` is set.
 
 Threads: the Pub/Sub client's callback thread (one worker per stream) runs
 :meth:`~feeds.pubsub.handler.MessageHandler.handle`; the supervisor thread probes the
@@ -19,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +35,19 @@ from typing import Any
 import backtrader as bt
 
 from core.errors import ConfigError, TransientError
+from core.time import posix_to_bt_num
 from feeds.pubsub.clients import resource_path, subscriber_client, subscription_id, symbol_filter
-from feeds.pubsub.config import FieldSet, PubSubFeedConfig, StreamSettings, parse_declared_fields
+from feeds.pubsub.config import (
+    FieldSet,
+    PubSubFeedConfig,
+    StreamSettings,
+    bar_seconds,
+    live_bar_size,
+    parse_declared_fields,
+)
 from feeds.pubsub.feed import PubSubMarketDataFeed, make_pubsub_feed
-from feeds.pubsub.handler import STOPPED, FeedEvents, MessageHandler
+from feeds.pubsub.gaps import GapCounter
+from feeds.pubsub.handler import DELIVERED, STOPPED, FeedEvents, MessageHandler
 from feeds.pubsub.hub import BarHub
 from feeds.pubsub.messages import LiveBar
 
@@ -52,21 +69,29 @@ class PubSubBarSubscriber:
     and supervisor thread.
 
     Lifecycle (main thread): :meth:`start` -> :meth:`discover_fields` -> :meth:`make_feeds` ->
-    ``cerebro.run()`` -> :meth:`close`. :meth:`request_stop` is safe from a signal handler.
+    ``cerebro.run()`` -> :meth:`close`. :meth:`request_stop` is safe from a signal handler at
+    any point (it also ends a discovery wait, and a later :meth:`start` then does nothing).
 
-    Subscriptions are named ``<PUBSUB_SUBSCRIPTION_PREFIX>-<session id>`` (plus the topic id when
-    there are several topics), carry an expiration policy (``PUBSUB_SUBSCRIPTION_TTL_S``) so a
-    crashed pod leaves nothing behind, message ordering, and a ``symbol`` filter when it fits
-    (the emulator stores but ignores filters; routing is done here in any case). One that
-    already exists under that name is reused; ``PUBSUB_SUBSCRIPTION`` reuses a named one that
-    this runner then neither recreates nor deletes. Created ones are deleted by :meth:`close`.
+    Subscriptions are named ``<PUBSUB_SUBSCRIPTION_PREFIX>-<deployment>`` (plus the topic id
+    when there are several topics), carry an expiration policy (``PUBSUB_SUBSCRIPTION_TTL_S``:
+    a deployment that is gone leaves nothing behind), message ordering, and a ``symbol`` filter
+    when it fits (the emulator stores but ignores filters; routing is done here in any case).
+    One that exists under that name is reused when it is attached to the same topic and has no
+    filter or the same one (another filter means SYMBOLS changed and Pub/Sub would hold back
+    the new symbols: a :class:`ConfigError` says what to do). ``PUBSUB_SUBSCRIPTION`` names an
+    existing subscription instead.
 
     Args:
         cfg: the feed config.
         symbols: symbols to route (others are refused as ``unknown_symbol``).
-        session_id: the runner's session (names the subscription).
+        deployment: stable name of this deployment (names the subscription); the same value
+            after a restart reuses the subscription.
         settings: stream tuning.
         events: optional metrics observer.
+        durable_acks: acknowledge a bar only when :meth:`ack_through` reaches its time (the
+            decision on it is on disk); at :meth:`close` whatever was not acknowledged is
+            returned to Pub/Sub (nacked) and delivered again at the next start. False:
+            acknowledge when buffered.
     """
 
     def __init__(
@@ -74,51 +99,92 @@ class PubSubBarSubscriber:
         cfg: PubSubFeedConfig,
         *,
         symbols: Sequence[str],
-        session_id: str,
+        deployment: str,
         settings: StreamSettings | None = None,
         events: FeedEvents | None = None,
+        durable_acks: bool = False,
     ) -> None:
         if not symbols:
             raise ConfigError("SYMBOLS: a live run needs at least one symbol")
         if cfg.subscription and len(cfg.topics) > 1:
             raise ConfigError(
                 "PUBSUB_SUBSCRIPTION names one subscription but PUBSUB_TOPIC lists "
-                f"{len(cfg.topics)} topics; use one topic or drop "
-                "PUBSUB_SUBSCRIPTION"
+                f"{len(cfg.topics)} topics; use one topic or drop PUBSUB_SUBSCRIPTION"
             )
         self.cfg = cfg
         self.symbols = tuple(symbols)
-        self.session_id = session_id
+        self.deployment = deployment
         self.settings = settings or StreamSettings()
+        self.durable_acks = durable_acks
         self.hub = BarHub(
             self.symbols,
             max_buffered_bars=cfg.max_buffered_bars,
             align_wait_s=cfg.align_wait_s,
             idle_timeout_s=cfg.idle_timeout_s,
         )
-        self.handler = MessageHandler(self.hub, settings=self.settings, events=events)
-        self.declared = parse_declared_fields(cfg.fields)
-        self.fields: dict[str, FieldSet] = {}
         self.timeframe: int = bt.TimeFrame.Minutes
         self.compression = 1
+        bar_s: float | None = None
+        if cfg.bar_size:
+            self.timeframe, self.compression, bar_s = live_bar_size(cfg.bar_size)
+        self.handler = MessageHandler(
+            self.hub,
+            settings=self.settings,
+            events=events,
+            max_future_s=cfg.max_future_s,
+            gaps=GapCounter(bar_s, gap_max_s=cfg.gap_max_s),
+        )
+        self.declared = parse_declared_fields(cfg.fields)
+        self.fields: dict[str, FieldSet] = {}
         self.drain_timeout_s: float | None = None
         self.disconnects = 0
         self.reconnects = 0
+        self.acked = 0
+        self.returned = 0
         self.last_error = ""
         self._client: Any = None
         self._subs: list[_Sub] = []
         self._stop = threading.Event()
         self._stream_lock = threading.Lock()
+        self._ack_lock = threading.Lock()
+        self._held: list[Any] = []  # messages that came after the input closed
         self._supervisor: threading.Thread | None = None
         self._drain_timeout_s: float | None = None
+        self._barrier: Callable[[float], bool] | None = None
         self._closed = False
         self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def subscription_paths(self) -> list[str]:
+        """``projects/<p>/subscriptions/<id>`` of every subscription in use."""
+        return [s.path for s in self._subs]
+
+    def set_bar_size(self, timeframe: int, compression: int) -> None:
+        """Bar size of the feeds and of the gap count (from the backfill file), unless
+        ``PUBSUB_BAR_SIZE`` set it. Call before :meth:`start`."""
+        if self.cfg.bar_size:
+            return
+        self.timeframe, self.compression = timeframe, compression
+        self.handler.gaps = GapCounter(
+            bar_seconds(timeframe, compression), gap_max_s=self.cfg.gap_max_s
+        )
+
+    def set_durability_barrier(self, barrier: Callable[[float], bool]) -> None:
+        """``barrier(timeout_s) -> bool``: called by :meth:`close` before the last
+        acknowledgements; it returns once every decision made so far is on disk (and has been
+        passed to :meth:`ack_through`), or False after ``timeout_s``."""
+        self._barrier = barrier
+
     def start(self, backfill: Mapping[str, Sequence[LiveBar]] | None = None) -> None:
         """Queue the backfill bars (they play before any live bar), create or reuse the
-        subscriptions, open the streams, start the supervisor.
+        subscriptions, open the streams, start the supervisor. Does nothing after
+        :meth:`request_stop`.
 
         Args:
             backfill: per symbol, CSV bars from :func:`~feeds.pubsub.backfill.backfill_bars`
@@ -126,18 +192,23 @@ class PubSubBarSubscriber:
                 dropped as duplicates/stale.
 
         Raises:
-            ConfigError: the topic does not exist, or a reused subscription is missing or
-                bound to another topic.
-            TransientError: Pub/Sub is unreachable or refused a call (the message says which).
+            ConfigError: the topic does not exist, a name is invalid, permission is denied, or
+                a reused subscription is missing, bound to another topic or filtered for
+                other symbols.
+            TransientError: Pub/Sub is unreachable or failed a call (the message says which).
         """
         from google.api_core import exceptions as gexc
 
+        if self._stop.is_set():
+            logger.info("stop requested before the subscription was opened")
+            return
         for sym, bars in (backfill or {}).items():
             if bars:
                 self.handler.seed(sym, bars)
                 self.hub.preload(bars)
         self._client = subscriber_client(self.cfg.emulator_host)
         many = len(self.cfg.topics) > 1
+        where = self.cfg.emulator_host or "Google"
         try:
             for topic in self.cfg.topics:
                 topic_path = resource_path(self.cfg.project, "topics", topic)
@@ -151,7 +222,7 @@ class PubSubBarSubscriber:
                 else:
                     name = subscription_id(
                         self.cfg.subscription_prefix,
-                        self.session_id,
+                        self.deployment,
                         topic_path.rsplit("/", 1)[-1],
                         many,
                     )
@@ -169,33 +240,43 @@ class PubSubBarSubscriber:
                         ) from e
                 self._subs.append(sub)
             self._open_streams()
+        except (gexc.InvalidArgument, gexc.PermissionDenied, gexc.Unauthenticated) as e:
+            self._abort()
+            raise ConfigError(
+                f"Pub/Sub at {where} refused the subscription for good: "
+                f"{type(e).__name__}: {e} (check PUBSUB_TOPIC, PUBSUB_SUBSCRIPTION, "
+                "GOOGLE_CLOUD_PROJECT and the credentials' permissions)"
+            ) from e
         except gexc.GoogleAPICallError as e:
             self._abort()
-            raise TransientError(f"Pub/Sub at {self.cfg.emulator_host or 'Google'}: {e}") from e
+            raise TransientError(f"Pub/Sub at {where}: {e}") from e
         except Exception:
             self._abort()
             raise
-        self.hub.set_status("LIVE")
+        self.hub.set_status("CONNECTED")
         self._started = True
         self._supervisor = threading.Thread(
             target=self._supervise, name="pubsub-supervisor", daemon=True
         )
         self._supervisor.start()
+        _StreamErrorLog.install()
         logger.info(
-            "subscribed to %s via %s (%d symbols)",
+            "subscribed to %s via %s (%d symbols; acknowledged %s)",
             ", ".join(self.cfg.topics),
             ", ".join(s.path.rsplit("/", 1)[-1] for s in self._subs),
             len(self.symbols),
+            "once decisions are on disk" if self.durable_acks else "on receipt",
         )
 
     def discover_fields(
         self, backfill: Mapping[str, FieldSet] | None = None
     ) -> dict[str, FieldSet]:
         """Each symbol's extra fields: the declared ones (PUBSUB_FIELDS) or those of its first
-        message within ``PUBSUB_DISCOVERY_S``, plus the backfill file's; then fixed."""
+        message within ``PUBSUB_DISCOVERY_S`` (cut short by :meth:`request_stop`), plus the
+        backfill file's; then fixed."""
         if self.declared:
             found = {s: self.declared for s in self.symbols}
-        elif self.cfg.discovery_s > 0:
+        elif self.cfg.discovery_s > 0 and self._started and not self._stop.is_set():
             found = self.handler.wait_discovery(self.cfg.discovery_s)
         else:
             found = {s: FieldSet() for s in self.symbols}
@@ -209,8 +290,8 @@ class PubSubBarSubscriber:
         self, *, timeframe: int | None = None, compression: int | None = None
     ) -> list[PubSubMarketDataFeed]:
         """One feed per symbol (in SYMBOLS order). Call after :meth:`discover_fields`. The bar
-        size defaults to :attr:`timeframe`/:attr:`compression` (the backfill file's, else one
-        minute)."""
+        size defaults to :attr:`timeframe`/:attr:`compression` (``PUBSUB_BAR_SIZE``, else the
+        backfill file's, else one minute)."""
         tf = self.timeframe if timeframe is None else timeframe
         comp = self.compression if compression is None else compression
         return [
@@ -227,16 +308,36 @@ class PubSubBarSubscriber:
         ]
 
     def request_stop(self, drain_timeout_s: float | None = None) -> None:
-        """Stop pulling; feeds drain what was delivered (for at most ``drain_timeout_s``,
-        default :attr:`drain_timeout_s`) then end. Safe from a signal handler: only sets an
-        event; the supervisor thread does the work."""
+        """Stop taking bars; feeds drain what was buffered (for at most ``drain_timeout_s``,
+        default :attr:`drain_timeout_s`) then end. Safe from a signal handler: it only sets
+        events; a discovery wait returns at once, the supervisor thread closes the input."""
         self._drain_timeout_s = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self._stop.set()
+        self.handler.interrupt()
+        if not self._started:
+            self.hub.close_input("stop requested", self._drain_timeout_s)
+
+    def ack_through(self, bar_time_posix_s: float) -> int:
+        """Acknowledge every taken bar of the steps up to ``bar_time_posix_s`` (a decision's
+        bar time, POSIX seconds): the decisions on them are on disk. Any thread (the decision
+        writer's). Returns how many messages were acknowledged."""
+        bars = self.hub.pop_loaded_through(posix_to_bt_num(bar_time_posix_s))
+        for bar in bars:
+            bar.token.ack()
+        if bars:
+            with self._ack_lock:
+                self.acked += len(bars)
+        return len(bars)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the streams, join the supervisor, delete the subscriptions this runner created
-        and close the client. Idempotent; never raises (failures are logged: an undeleted
-        subscription expires by its TTL)."""
+        """Stop the streams, join the supervisor, settle every message and close the client.
+
+        With ``durable_acks``: wait (at most ``timeout_s``) for the durability barrier so that
+        the last decisions' bars are acknowledged, then return everything else to Pub/Sub
+        (nack: buffered bars, bars taken without a durable decision, messages that came after
+        the stop), so the next start gets them. The subscription is deleted only with
+        ``PUBSUB_DELETE_SUBSCRIPTION``. Idempotent; never raises (failures are logged).
+        """
         if self._closed:
             return
         self._closed = True
@@ -244,8 +345,38 @@ class PubSubBarSubscriber:
         self.hub.close_input("subscriber closed", self._drain_timeout_s)
         if self._supervisor is not None:
             self._supervisor.join(timeout_s)
-        self._cancel_streams(timeout_s)
-        self._delete_owned()
+        if self.durable_acks and self._barrier is not None:
+            try:
+                if not self._barrier(timeout_s):
+                    logger.warning(
+                        "decisions not all on disk within %.1f s; their bars are returned to "
+                        "Pub/Sub and decided again at the next start",
+                        timeout_s,
+                    )
+            except Exception:
+                logger.exception("durability barrier failed; unacknowledged bars are returned")
+        taken, rest = self.hub.pop_unacknowledged()
+        with self._ack_lock:
+            held, self._held = self._held, []
+        settle = [b.token for b in (*taken, *rest) if b.token is not None] + held
+        for message in settle:
+            try:
+                message.nack()
+            except Exception as e:  # noqa: BLE001 - it is redelivered after its deadline anyway
+                logger.debug("nack failed: %r", e)
+        self.returned += len(settle)
+        if settle:
+            logger.info(
+                "returned %d unacknowledged messages to Pub/Sub for the next start (%d taken "
+                "without a decision on disk, %d buffered, %d after the stop)",
+                len(settle),
+                len(taken),
+                sum(1 for b in rest if b.token is not None),
+                len(held),
+            )
+        self._cancel_streams(timeout_s)  # flushes queued acks and nacks
+        if self.cfg.delete_subscription:
+            self._delete_owned()
         if self._client is not None:
             try:
                 self._client.close()
@@ -261,6 +392,11 @@ class PubSubBarSubscriber:
         out.update(
             buffered=self.hub.buffered,
             undelivered_at_stop=self.hub.undelivered,
+            returned_at_stop=self.returned,
+            acked=self.acked,
+            late=dict(self.hub.late),
+            missed_steps=dict(self.hub.missed),
+            steps=self.hub.steps,
             backpressure_waits=self.hub.backpressure_waits,
             disconnects=self.disconnects,
             reconnects=self.reconnects,
@@ -271,18 +407,32 @@ class PubSubBarSubscriber:
         return out
 
     def feed_counters(self) -> dict[str, dict[str, int]]:
-        """Per-symbol counters plus an ``all`` row (malformed by reason, duplicates...)."""
+        """Per-symbol counters plus an ``all`` row (malformed by reason, duplicates, missing
+        bar times, late bars, missed steps...)."""
         st = self.handler.stats
-        rows: dict[str, dict[str, int]] = {
-            s: {"delivered": st.per_symbol.get(s, 0)} for s in self.symbols
-        }
+        hub = self.hub
+        rows: dict[str, dict[str, int]] = {}
+        for s in self.symbols:
+            row = {"delivered": st.per_symbol.get(s, 0)}
+            for key, value in (
+                ("missing", st.missing.get(s, 0)),
+                ("late", hub.late.get(s, 0)),
+                ("missed_steps", hub.missed.get(s, 0)),
+            ):
+                if value:
+                    row[key] = value
+            rows[s] = row
         total = {
             "received": st.received,
             "delivered": st.delivered,
             "duplicates": st.duplicates,
             "malformed": sum(st.malformed.values()),
+            "missing": sum(st.missing.values()),
+            "late": sum(hub.late.values()),
+            "missed_steps": sum(hub.missed.values()),
             "disconnects": self.disconnects,
-            "undelivered": self.hub.undelivered,
+            "undelivered": hub.undelivered,
+            "returned": self.returned,
         }
         total.update({f"malformed.{k}": v for k, v in sorted(st.malformed.items())})
         rows["all"] = total
@@ -291,25 +441,26 @@ class PubSubBarSubscriber:
     # -- streams (supervisor thread, and start) -------------------------------------------------
 
     def _callback(self, message: Any) -> None:
-        """Pub/Sub callback thread: decode, validate, hash, buffer, then ack."""
+        """Pub/Sub callback thread: decode, validate, hash, buffer; acknowledge refused
+        messages at once, bars at once or (``durable_acks``) once decided on disk."""
         try:
             pt = message.publish_time
-            outcome = self.handler.handle(
-                message.data,
-                message.attributes,
-                message_id=message.message_id,
-                publish_time_s=pt.timestamp() if pt else None,
-            )
-        except Exception:
-            self.handler.stats.internal_errors += 1
-            logger.exception(
-                "internal error handling message %s; nacked", getattr(message, "message_id", "?")
-            )
-            message.nack()
-            return
+            publish_time_s = pt.timestamp() if pt else None
+        except Exception:  # noqa: BLE001 - a missing publish time only costs the age metric
+            publish_time_s = None
+        outcome = self.handler.handle(
+            message.data,
+            message.attributes,
+            message_id=message.message_id,
+            publish_time_s=publish_time_s,
+            token=message if self.durable_acks else None,
+        )
         if outcome == STOPPED:
-            message.nack()
-        else:
+            # Held, not nacked now: a nack is redelivered at once (a storm while we drain);
+            # close() returns them all just before the stream is cancelled.
+            with self._ack_lock:
+                self._held.append(message)
+        elif outcome != DELIVERED or not self.durable_acks:
             message.ack()
 
     def _open_streams(self) -> None:
@@ -318,7 +469,9 @@ class PubSubBarSubscriber:
 
         st = self.settings
         flow = pubsub_types.FlowControl(
-            max_messages=st.max_outstanding_messages, max_bytes=st.max_outstanding_bytes
+            max_messages=max(st.max_outstanding_messages, 4 * len(self.symbols)),
+            max_bytes=st.max_outstanding_bytes,
+            max_duration_per_lease_extension=st.lease_extension_s,
         )
         with self._stream_lock:
             for sub in self._subs:
@@ -369,10 +522,19 @@ class PubSubBarSubscriber:
                 self.cfg.subscription_ttl_s,
             )
         except gexc.AlreadyExists:
-            self._check_reused(sub)
-            logger.info("reusing existing subscription %s", sub.path)
+            got = self._check_reused(sub)
+            if got.filter and got.filter != flt:
+                raise ConfigError(
+                    f"subscription {sub.path} exists with filter {got.filter or '(none)'!r} but "
+                    f"SYMBOLS now needs {flt or '(none)'!r} (Pub/Sub filters cannot change): "
+                    "delete it (its unacknowledged bars go with it) or set "
+                    "PUBSUB_SUBSCRIPTION_PREFIX to start a new one"
+                ) from None
+            logger.info(
+                "reusing subscription %s: continuing from its unacknowledged bars", sub.path
+            )
 
-    def _check_reused(self, sub: _Sub) -> None:
+    def _check_reused(self, sub: _Sub) -> Any:
         from google.api_core import exceptions as gexc
 
         try:
@@ -387,6 +549,7 @@ class PubSubBarSubscriber:
             raise ConfigError(
                 f"subscription {sub.path} is attached to {got.topic}, not {sub.topic}"
             )
+        return got
 
     def _probe(self) -> str | None:
         """None when every stream runs and its subscription answers; else what is wrong."""
@@ -426,6 +589,11 @@ class PubSubBarSubscriber:
                 if not sub.owned:
                     raise
                 self._ensure(sub)
+                logger.warning(
+                    "subscription %s was gone (server restarted empty?) and is created again; "
+                    "bars published in between are lost and show as missing bar times",
+                    sub.path,
+                )
                 # A new subscription may reuse message ids (a restarted emulator starts at 1).
                 self.handler.forget_message_ids()
         self._open_streams()
@@ -433,7 +601,8 @@ class PubSubBarSubscriber:
     def _supervise(self) -> None:
         """Supervisor thread: probe every ``health_interval_s``; on failure report
         DISCONNECTED and reconnect, waiting ``settings.reconnect.delay_s(attempt)`` before each
-        attempt (capped exponential backoff with full jitter), until LIVE again."""
+        attempt (capped exponential backoff with full jitter), until the stream is open again
+        (CONNECTED; the handler reports LIVE when bars flow). Every wait ends at once on stop."""
         from google.api_core import exceptions as gexc
 
         terminal = (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument)
@@ -474,11 +643,13 @@ class PubSubBarSubscriber:
                 continue
             connected = True
             self.reconnects += 1
-            logger.warning("Pub/Sub stream reconnected after %d attempt(s)", attempt)
-            self.hub.set_status("LIVE")
-        # Stop requested: stop pulling; the feeds drain what was delivered.
+            logger.warning(
+                "Pub/Sub stream open again after %d attempt(s); LIVE once bars flow", attempt
+            )
+            self.hub.set_status("CONNECTED")
+        # Stop requested: the feeds drain what was buffered; the streams stay open until
+        # close() has settled every message (an acknowledgement needs a live client).
         self.hub.close_input("stop requested", self._drain_timeout_s)
-        self._cancel_streams(st.probe_timeout_s)
 
     def _delete_owned(self) -> None:
         if self._client is None:
@@ -492,7 +663,11 @@ class PubSubBarSubscriber:
                     retry=None,
                     timeout=self.settings.admin_timeout_s,
                 )
-                logger.info("deleted subscription %s", sub.path)
+                logger.warning(
+                    "deleted subscription %s (PUBSUB_DELETE_SUBSCRIPTION): bars it still held "
+                    "are gone with it",
+                    sub.path,
+                )
             except Exception as e:  # noqa: BLE001 - it expires by its TTL anyway
                 logger.warning(
                     "could not delete subscription %s (%s); it expires after %d s idle",
@@ -503,13 +678,52 @@ class PubSubBarSubscriber:
 
     def _abort(self) -> None:
         self._cancel_streams(self.settings.probe_timeout_s)
-        self._delete_owned()
         if self._client is not None:
             try:
                 self._client.close()
             except Exception:  # noqa: BLE001
                 pass
             self._client = None
+
+
+class _StreamErrorLog(logging.Handler):
+    """Surfaces google-cloud-pubsub's stream errors, which it logs at DEBUG on the
+    ``subscriber-streams`` logger while it reopens the stream (``streaming_pull_manager.py``,
+    ``_should_recover``): re-logged here at WARNING, at most once per error text per minute.
+    Installed once per process; the library's other DEBUG records are dropped."""
+
+    LOGGER = "subscriber-streams"
+    _installed = False
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self._last: dict[str, float] = {}
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            cls._installed = True
+            lib = logging.getLogger(cls.LOGGER)
+            lib.addHandler(cls())
+            lib.setLevel(logging.DEBUG)
+            lib.propagate = False  # its DEBUG records would otherwise reach our handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return
+        if "stream error" not in text:
+            return
+        key = text[:200]
+        now = time.monotonic()
+        if now - self._last.get(key, -60.0) < 60.0:
+            return
+        self._last[key] = now
+        logger.warning("Pub/Sub client: %s", key)
 
 
 def _exc_text(fut: Any) -> str:

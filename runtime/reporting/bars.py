@@ -95,9 +95,11 @@ class _FeedBars:
     data: Any
     bar_size: str
     seen: int = 0
-    index: array = field(default_factory=lambda: array("q"))
-    times: array = field(default_factory=lambda: array("d"))
-    ohlcv: tuple[array, ...] = field(default_factory=lambda: tuple(array("d") for _ in range(5)))
+    index: array[int] = field(default_factory=lambda: array("q"))
+    times: array[float] = field(default_factory=lambda: array("d"))
+    ohlcv: tuple[array[float], ...] = field(
+        default_factory=lambda: tuple(array("d") for _ in range(5))
+    )
     hashes: list[str | None] = field(default_factory=list)
 
 
@@ -199,7 +201,7 @@ def bar_rows_json(bars: pd.DataFrame) -> list[dict[str, Any]]:
     """``insert_rows_json`` rows: timestamps as ISO-8601 UTC text, NaN as null."""
     out: list[dict[str, Any]] = []
     times = bars["bar_time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
-    records: Sequence[Mapping[str, Any]] = bars.to_dict("records")
+    records: Sequence[Mapping[Any, Any]] = bars.to_dict("records")
     for rec, ts in zip(records, times):
         row: dict[str, Any] = {}
         for name in BAR_COLUMNS:

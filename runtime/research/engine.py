@@ -33,7 +33,7 @@ import sys
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from core.errors import AppError, ConfigError
 from feeds.csv import CSVBars, read_csv_bars
@@ -230,9 +230,8 @@ class RayEngine:
         from ray.util import ActorPool
 
         self._ray = ray
-        pythonpath = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
+        # Ray expands ${PYTHONPATH} to the worker's own value (runtime_env env_vars).
+        pythonpath = f"{PROJECT_ROOT}{os.pathsep}${{PYTHONPATH}}"
         try:
             ray.init(
                 address=address,
@@ -251,7 +250,7 @@ class RayEngine:
         self.description = f"Ray cluster at {address}, {self.workers} actors ({cpus} CPUs)"
         bars_ref = ray.put(dict(bars))
         actor = ray.remote(num_cpus=1, max_restarts=0)(TrialActor)
-        self._actors = [actor.remote(job, bars_ref) for _ in range(self.workers)]
+        self._actors: list[Any] = [actor.remote(job, bars_ref) for _ in range(self.workers)]
         self._pool = ActorPool(self._actors)
         self._in_flight = 0
         self._closed = False

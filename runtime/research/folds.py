@@ -64,12 +64,31 @@ class Duration:
 
     def offset(self, times: int = 1) -> pd.DateOffset:
         """This duration ``times`` over, as a calendar offset."""
-        n = self.count * times
-        unit = {"y": "years", "m": "months", "w": "weeks", "d": "days", "h": "hours"}[self.unit]
-        return pd.DateOffset(**{unit: n})
+        return offset(self, times=times)
 
     def __str__(self) -> str:
         return f"{self.count}{self.unit}"
+
+
+_UNIT_NAMES = {"y": "years", "m": "months", "w": "weeks", "d": "days", "h": "hours"}
+
+
+def offset(*parts: Duration, times: int = 1, extra: tuple[Duration, ...] = ()) -> pd.DateOffset:
+    """One calendar offset for ``times`` x the sum of ``parts`` plus ``extra`` (applied at once,
+    like ``dateutil.relativedelta``: years and months first, clipped to the month's last day,
+    then weeks, days, hours), so boundaries computed from one start never drift."""
+    n = dict.fromkeys(_UNIT_NAMES.values(), 0)
+    for d in parts:
+        n[_UNIT_NAMES[d.unit]] += d.count * times
+    for d in extra:
+        n[_UNIT_NAMES[d.unit]] += d.count
+    return pd.DateOffset(
+        years=n["years"], months=n["months"], weeks=n["weeks"], days=n["days"], hours=n["hours"]
+    )
+
+
+#: More folds than this is a mistake in the windows (an hourly step on years of data).
+MAX_FOLDS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,17 +186,24 @@ def make_folds(first: datetime, last: datetime, spec: WalkForward | None) -> lis
     folds: list[Fold] = []
     k = 0
     while True:
-        shift = spec.step.offset(k)
-        train_start = start if spec.anchored else start + shift
-        train_end = start + shift + spec.train.offset()
-        full_test_end = train_end + spec.test.offset()
-        if train_end.to_pydatetime() > last:
+        # Every boundary from the first bar in one offset: with step == test, fold k's test
+        # window ends exactly where fold k+1's begins.
+        train_start = start if spec.anchored else start + offset(spec.step, times=k)
+        train_end = (start + offset(spec.step, times=k, extra=(spec.train,))).to_pydatetime()
+        full_end = (
+            start + offset(spec.step, times=k, extra=(spec.train, spec.test))
+        ).to_pydatetime()
+        if train_end > last:
             break
-        test_end = min(full_test_end.to_pydatetime(), end)
+        test_end = min(full_end, end)
         # The last window is cut at the end of the data: kept if at least half remains.
-        cut = test_end < full_test_end.to_pydatetime()
-        if cut and (test_end - train_end.to_pydatetime()) * 2 < full_test_end - train_end:
+        if test_end < full_end and (test_end - train_end) * 2 < full_end - train_end:
             break
+        if k >= MAX_FOLDS:
+            raise ConfigError(
+                f"{_VAR}: train {spec.train}, test {spec.test}, step {spec.step} make more than "
+                f"{MAX_FOLDS} folds over {first:%Y-%m-%d}..{last:%Y-%m-%d}: use a longer step"
+            )
         folds.append(Fold(k, _utc(train_start), _utc(train_end), test_end))
         k += 1
     if not folds:

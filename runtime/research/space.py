@@ -28,6 +28,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.errors import ConfigError
@@ -82,21 +83,26 @@ class Range:
         n = _steps(self.low, self.high, step) + 1
         if self.integer:
             return tuple(int(self.low) + i * int(step) for i in range(n))
-        return tuple(_clean(self.low + i * step) for i in range(n))
+        return tuple(_point(self.low, i, step) for i in range(n))
 
 
 Param = Choice | Range
 Space = tuple[Param, ...]
 
 
-def _clean(x: float) -> float:
-    """``0.30000000000000004`` -> ``0.3``: grid floats printed and stored as typed."""
-    return float(f"{x:.12g}")
+def _dec(x: float) -> Decimal:
+    # The decimal the user wrote (shortest repr), so 0.1 + 2 * 0.2 is 0.5, not 0.5000000000000001.
+    return Decimal(repr(x))
+
+
+def _point(low: float, i: int, step: float) -> float:
+    """``low + i * step`` in decimal arithmetic on the numbers as written."""
+    return float(_dec(low) + i * _dec(step))
 
 
 def _steps(low: float, high: float, step: float) -> int:
-    # The tolerance keeps 0.1..0.9 step 0.2 at 5 points despite binary floats.
-    return math.floor((high - low) / step + 1e-9)
+    """Whole steps from ``low`` to at most ``high`` (exact, on the numbers as written)."""
+    return int((_dec(high) - _dec(low)) // _dec(step))
 
 
 def _number(name: str, key: str, v: Any) -> float | int:
@@ -134,8 +140,8 @@ def _parse_range(name: str, spec: Mapping[str, Any], *, grid: bool) -> Range:
         )
     integer = all(isinstance(v, int) for v in (low, high) + ((step,) if step is not None else ()))
     if step is not None:  # lower high to the last point on the step grid (as Optuna would)
-        last = low + _steps(low, high, step) * step
-        high = int(last) if integer else _clean(last)
+        n = _steps(low, high, step)
+        high = int(low) + n * int(step) if integer else _point(low, n, step)
     r = Range(name, low, high, step, log, integer)
     if grid:
         r.values()  # refuses continuous float ranges now, at start
@@ -213,7 +219,9 @@ def suggest(trial: optuna.Trial, space: Space) -> Params:
             )
         else:
             v = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
-            out[p.name] = _clean(v) if p.step is not None else v
+            if p.step is not None:  # back onto the decimal grid the user wrote
+                v = _point(p.low, round((v - p.low) / p.step), p.step)
+            out[p.name] = v
     return out
 
 

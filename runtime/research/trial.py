@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import DataError
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed
 from runtime.assembly import (
     add_fmel,
@@ -242,7 +243,7 @@ class _Checkpoints(bt.Analyzer):  # type: ignore[misc]
     def start(self) -> None:
         self._values: list[float] = []
         self._stamps: list[float] = []
-        self._next = 0
+        self._step = 0
         self.pruned = False
 
     def _point(self) -> None:
@@ -250,16 +251,16 @@ class _Checkpoints(bt.Analyzer):  # type: ignore[misc]
         self._stamps.append(now)
         self._values.append(float(self.strategy.broker.getvalue()))
         times = self.p.times
-        while self._next < len(times) and now >= times[self._next]:
+        while self._step < len(times) and now >= times[self._step]:
+            posix_ms = (np.asarray(self._stamps) - BT_EPOCH_DAYS) * SECONDS_PER_DAY * 1000.0
             curve = pd.Series(
-                self._values,
-                index=pd.DatetimeIndex([bt.num2date(t) for t in self._stamps], tz="UTC"),
+                self._values, index=pd.to_datetime(np.round(posix_ms), unit="ms", utc=True)
             )
-            if self.p.on_step(self._next, curve):
+            if self.p.on_step(self._step, curve):
                 self.pruned = True
                 self.strategy.env.runstop()
                 return
-            self._next += 1
+            self._step += 1
 
     def prenext(self) -> None:
         self._point()
@@ -328,14 +329,21 @@ class Backtester:
         """Run one trial. Errors of the agent or the data make a ``failed`` result (the study
         goes on); nothing is raised except ``KeyboardInterrupt``/``SystemExit``."""
         t0 = time.perf_counter()
-        base = {
-            "fold": task.fold.index,
-            "number": task.number,
-            "params": task.params,
-            "session_id": task.session_id,
-            "record": task.record,
-            "worker": self.worker,
-        }
+
+        def result(status: TrialState, **kw: Any) -> TrialResult:
+            return TrialResult(
+                fold=task.fold.index,
+                number=task.number,
+                params=task.params,
+                session_id=task.session_id,
+                record=task.record,
+                status=status,
+                worker=self.worker,
+                elapsed_s=time.perf_counter() - t0,
+                peak_rss_mb=peak_rss_mb(),
+                **kw,
+            )
+
         try:
             equity, pruner, pruned, decisions = self._backtest(task)
             in_curve, out_curve = split_curve(equity, task.fold)
@@ -351,27 +359,20 @@ class Backtester:
             # fast >= slow, a bug) makes this trial failed, stored with its error; the study
             # goes on. A study whose every trial failed ends with exit code 1.
             logger.debug("trial %s failed", task.session_id, exc_info=True)
-            return TrialResult(
-                **base,
-                status="failed",
+            return result(
+                "failed",
                 objective=None,
                 in_sample=None,
                 out_of_sample=None,
                 error=f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS],
-                elapsed_s=time.perf_counter() - t0,
-                peak_rss_mb=peak_rss_mb(),
             )
-        status: TrialState = "pruned" if pruned else "complete"
-        return TrialResult(
-            **base,
-            status=status,
+        return result(
+            "pruned" if pruned else "complete",
             objective=objective_of(in_stats, self.job.metric) if not pruned else None,
             in_sample=in_stats,
             out_of_sample=out_stats,
             intermediate=tuple(pruner.values) if pruner is not None else (),
             decisions=decisions,
-            elapsed_s=time.perf_counter() - t0,
-            peak_rss_mb=peak_rss_mb(),
         )
 
     def _backtest(self, task: TrialTask) -> tuple[pd.Series, _LocalPruner | None, bool, int]:

@@ -57,7 +57,7 @@ def test_the_default_run_gives_the_golden_numbers(workdir: Path) -> None:
 
     con = duckdb.connect(str(workdir / "fmel.duckdb"), read_only=True)
     try:
-        assert con.sql(READS_SQL).fetchone() == READS
-        assert con.sql(DECISIONS_SQL).fetchone() == (DECISIONS, DECISIONS_MD5)
+        assert con.execute(READS_SQL).fetchone() == READS
+        assert con.execute(DECISIONS_SQL).fetchone() == (DECISIONS, DECISIONS_MD5)
     finally:
         con.close()

@@ -209,3 +209,65 @@ def test_sigint_flushes_what_was_recorded_and_still_reports(workdir: Path) -> No
     reported = int(re.search(r"^decisions\s+(\d+) recorded", out, flags=re.M).group(1))
     assert 0 < reported < 5031
     assert query(workdir / "fmel.duckdb", "SELECT count(*) FROM decisions") == [(reported,)]
+
+
+# --- configuration failures: exit 2, naming the variable and the file (issue 11, item 8) -------
+
+
+def test_unwritable_fmel_local_path_exits_2_naming_it(workdir: Path) -> None:
+    blocker = workdir / "a_file"
+    blocker.write_text("not a folder\n")
+    for path in (blocker / "fmel.duckdb", Path("/proc/fmel.duckdb")):
+        proc = run_runner(workdir, {"FMEL_LOCAL_PATH": str(path), "BACKTEST_END": "2005-01-01"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"FMEL_LOCAL_PATH={path}: cannot create or open the decision store" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+AGENT_MODULES = {
+    "syntax_agent": (
+        "import backtrader as bt\n\n\nclass Agent(bt.Strategy)\n    pass\n",
+        "syntax error in {file}, line 4",
+    ),
+    "import_agent": (
+        "import backtrader as bt\nfrom backtrader import NoSuchThing\n",
+        "fails to import at {file}, line 2: ImportError: cannot import name 'NoSuchThing'",
+    ),
+    "raising_agent": (
+        "import backtrader as bt\n\nSETTING = 1 / 0\n",
+        "fails to import at {file}, line 3: ZeroDivisionError",
+    ),
+    "empty_agent": ("import backtrader as bt\n", "{file} has no 'Agent'"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(AGENT_MODULES))
+def test_broken_agent_module_exits_2_naming_agent_file_and_line(workdir: Path, module: str) -> None:
+    source, expected = AGENT_MODULES[module]
+    file = workdir / f"{module}.py"
+    file.write_text(source)
+    proc = run_runner(workdir, {"AGENT": f"{module}:Agent", "PYTHONPATH": f"{REPO}:{workdir}"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"AGENT='{module}:Agent'" in proc.stderr
+    assert expected.format(file=file) in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ('{"fast": "10"}', "param 'fast' of SmaCrossAgent expects a whole number"),
+        ('{"fast": true}', "param 'fast' of SmaCrossAgent expects a whole number"),
+        ('{"allocation": "all"}', "param 'allocation' of SmaCrossAgent expects a number"),
+    ],
+)
+def test_agent_param_of_the_wrong_type_exits_2(workdir: Path, params: str, expected: str) -> None:
+    proc = run_runner(workdir, {"AGENT_PARAMS": params})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"AGENT_PARAMS: {expected}" in proc.stderr
+
+
+def test_two_symbols_for_one_file_exit_2(workdir: Path) -> None:
+    proc = run_runner(workdir, {"SYMBOLS": "GOOG,goog"})
+    assert proc.returncode == 2
+    assert "SYMBOLS: 'GOOG' and 'goog' both resolve to GOOG.csv" in proc.stderr

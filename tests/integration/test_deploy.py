@@ -175,7 +175,12 @@ def test_k8s_validates_against_kubernetes_schemas(strict: bool) -> None:
 def test_k8s_one_pod_per_agent_with_probes_and_hardening() -> None:
     configmaps = {c["metadata"]["name"]: c["data"] for c in by_kind("ConfigMap")}
     accounts = {a["metadata"]["name"]: a for a in by_kind("ServiceAccount")}
-    deployments = by_kind("Deployment")
+    # The runners (the market-data ingestor's Deployment: tests/unit/test_ingest_deploy.py).
+    deployments = [
+        d
+        for d in by_kind("Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/name"] == "runner"
+    ]
     assert len(deployments) >= 2, "an example with several agents"
     agents, keys = set(), set()
     for dep in deployments:

@@ -77,3 +77,74 @@ def test_every_setting_has_help() -> None:
     for name, setting in SETTINGS.items():
         assert setting.help, name
         assert name == setting.name
+
+
+def test_two_symbols_resolving_to_one_file_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({"SYMBOLS": "GOOG,goog"})
+    assert "SYMBOLS: 'GOOG' and 'goog' both resolve to GOOG.csv" in str(err.value)
+
+
+def test_csv_number_and_separator_settings() -> None:
+    cfg = load_config(
+        {
+            "SYMBOLS": "GOOG",
+            "CSV_DELIMITER": "tab",
+            "CSV_DECIMAL": ",",
+            "CSV_THOUSANDS": ".",
+            "CSV_NUMBER_SUFFIXES": "true",
+            "CSV_DATETIME_FORMAT": "epoch_ms",
+        }
+    ).csv_feeds[0]
+    assert (cfg.delimiter, cfg.decimal, cfg.thousands, cfg.suffixes) == ("\t", ",", ".", True)
+    assert cfg.datetime_format == "epoch_ms"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"CSV_DELIMITER": ";;"}, "CSV_DELIMITER=';;': expected one character"),
+        ({"CSV_DECIMAL": ","}, "CSV_DECIMAL=',' is also CSV_DELIMITER"),
+        ({"CSV_THOUSANDS": "."}, "CSV_THOUSANDS='.': expected one character other than"),
+        ({"CSV_DATETIME_FORMAT": "epoch_days"}, "CSV_DATETIME_FORMAT='epoch_days'"),
+    ],
+)
+def test_bad_csv_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config({"SYMBOLS": "GOOG", **env})
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "ok"),
+    [
+        ({"fast": 5}, True),
+        ({"allocation": 1}, True),  # a whole number fits a float param
+        ({"allocation": 0.5}, True),
+        ({"fast": 5.0}, False),  # a float does not fit an int param
+        ({"fast": "5"}, False),
+        ({"fast": True}, False),  # bool is not int here
+        ({"allocation": False}, False),
+        ({"fast": None}, True),  # null: backtrader's "unset"
+    ],
+)
+def test_agent_params_are_checked_against_the_param_defaults(
+    params: dict[str, object], ok: bool
+) -> None:
+    from runtime.assembly import load_agent
+
+    if ok:
+        load_agent("agents.sma_cross:SmaCrossAgent", dict(params))
+        return
+    name = next(iter(params))
+    with pytest.raises(ConfigError, match=f"AGENT_PARAMS: param '{name}' of SmaCrossAgent"):
+        load_agent("agents.sma_cross:SmaCrossAgent", dict(params))
+
+
+def test_missing_agent_module_and_class_name_agent() -> None:
+    from runtime.assembly import load_agent
+
+    with pytest.raises(ConfigError, match=r"AGENT='nope\.agent:X': no module named 'nope'"):
+        load_agent("nope.agent:X", {})
+    with pytest.raises(ConfigError, match=r"sma_cross\.py has no 'Nope'; its Strategy classes: "):
+        load_agent("agents.sma_cross:Nope", {})

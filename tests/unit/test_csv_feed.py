@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import backtrader as bt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.bars import bar_hash
 from core.errors import DataError
-from feeds.csv import make_csv_feed, read_csv_bars
-from runtime.config import CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+from feeds.csv.reader import RowHashes
 from tests.conftest import DATA
 
 
@@ -176,3 +180,224 @@ def test_date_range_bounds(tmp_path: Path) -> None:
         )
     )
     assert str(bars.times[0])[:4] == "2010" and str(bars.times[-1])[:10] == "2010-12-31"
+
+
+# --- the cases of issue 11 -------------------------------------------------------------------
+
+HEAD = "Date,Open,High,Low,Close,Volume\n"
+GOOD = "2020-01-0{d},1,2,0.5,1.5,10\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "T.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_zero_byte_file_is_named(tmp_path: Path) -> None:
+    p = write(tmp_path, "")
+    with pytest.raises(DataError, match=r"^CSV T\.csv line 1: the file is empty \(0 bytes\)"):
+        read_csv_bars(cfg(p, on_bad_rows="skip"))
+
+
+@pytest.mark.parametrize(("value", "reason"), [("inf", "is infinite"), ("1e400", "is infinite")])
+def test_infinite_prices_are_bad_rows_skipped_when_asked(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    p = write(tmp_path, HEAD + GOOD.format(d=1) + f"2020-01-02,1,{value},0.5,1.5,10\n")
+    with pytest.raises(DataError, match=rf"^CSV T\.csv line 3: high {reason}"):
+        read_csv_bars(cfg(p))
+    bars = read_csv_bars(cfg(p, on_bad_rows="skip"))
+    assert len(bars) == 1 and bars.skipped == [(3, f"high {reason}")]
+
+
+def test_blank_lines_do_not_shift_line_numbers(tmp_path: Path) -> None:
+    p = write(tmp_path, HEAD + GOOD.format(d=1) + "\n  \n\n" + "2020-01-02,1,2,0.5,x,10\n")
+    with pytest.raises(DataError, match=r"^CSV T\.csv line 6: close 'x' is not a number"):
+        read_csv_bars(cfg(p))
+    crlf = write(
+        tmp_path,
+        (HEAD + GOOD.format(d=1) + "\n2020-01-02,1,2,0.5,x,10\n").replace("\n", "\r\n"),
+        "CRLF.csv",
+    )
+    with pytest.raises(DataError, match=r"^CSV CRLF\.csv line 4: close 'x'"):
+        read_csv_bars(cfg(crlf))
+
+
+def test_a_quoted_line_break_counts_as_a_line(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "Date,Open,High,Low,Close,Volume,note\n"
+        '2020-01-01,1,2,0.5,1.5,10,"two\nlines"\n'
+        "2020-01-02,1,2,0.5,9,10,x\n",
+    )
+    with pytest.raises(DataError, match=r"^CSV T\.csv line 4: close 9\.0 outside"):
+        read_csv_bars(cfg(p))
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ("2020-01-02,1,2,0.5,1.5", "5 fields where the header has 6 (missing fields)"),
+        ("2020-01-02,1,2,0.5,1.5,10,7", "7 fields where the header has 6 (extra fields)"),
+    ],
+)
+def test_a_row_with_a_field_missing_or_extra_is_a_bad_row(
+    tmp_path: Path, row: str, reason: str
+) -> None:
+    p = write(tmp_path, HEAD + GOOD.format(d=1) + row + "\n")
+    with pytest.raises(DataError, match=rf"^CSV T\.csv line 3: {re.escape(reason)}"):
+        read_csv_bars(cfg(p))
+    bars = read_csv_bars(cfg(p, on_bad_rows="skip"))
+    assert len(bars) == 1 and bars.skipped == [(3, reason)]
+
+
+def test_two_columns_with_one_field_name_are_both_named(tmp_path: Path) -> None:
+    p = write(tmp_path, "Date,Open,High,Low,Close,Adj Close,adj_close\n2020-01-01,1,2,.5,1,1,1\n")
+    with pytest.raises(DataError) as err:
+        read_csv_bars(cfg(p))
+    assert "line 1: columns 'Adj Close' and 'adj_close' would both become field 'adj_close'" in (
+        str(err.value).replace('"', "'")
+    )
+    assert "CSV_COLUMNS" in str(err.value)
+    bars = read_csv_bars(cfg(p, columns={"adj_close": "Adj Close", "adj_close_2": "adj_close"}))
+    assert bars.extra_fields == ("adj_close", "adj_close_2")
+
+
+def test_open_or_close_outside_the_range_is_a_bad_row(tmp_path: Path) -> None:
+    p = write(tmp_path, HEAD + "2020-01-01,3,2,0.5,1.5,10\n")
+    with pytest.raises(DataError, match=r"line 2: open 3\.0 outside \[low 0\.5, high 2\.0\]"):
+        read_csv_bars(cfg(p))
+
+
+def _dates(days: range, fmt: str) -> str:
+    return HEAD + "".join(f"{datetime(2020, 2, d):{fmt}},1,2,0.5,1.5,10\n" for d in days)
+
+
+def test_ambiguous_day_month_order_is_refused_unless_the_format_is_given(tmp_path: Path) -> None:
+    p = write(tmp_path, _dates(range(1, 11), "%d/%m/%Y"))  # 01/02/2020 ... 10/02/2020
+    with pytest.raises(DataError) as err:
+        read_csv_bars(cfg(p))
+    assert "line 2: dates like '01/02/2020' could be day first or month first" in str(err.value)
+    assert "CSV_DATETIME_FORMAT" in str(err.value)
+    bars = read_csv_bars(cfg(p, datetime_format="%d/%m/%Y"))
+    assert str(bars.times[0])[:10] == "2020-02-01" and str(bars.times[-1])[:10] == "2020-02-10"
+
+
+def test_unambiguous_day_month_order_is_decided_by_the_data(tmp_path: Path) -> None:
+    day_first = read_csv_bars(cfg(write(tmp_path, _dates(range(10, 15), "%d/%m/%Y"), "D.csv")))
+    month_first = read_csv_bars(cfg(write(tmp_path, _dates(range(10, 15), "%m/%d/%Y"), "M.csv")))
+    assert day_first.times.tolist() == month_first.times.tolist()
+    assert str(day_first.times[0])[:10] == "2020-02-10"
+    both = write(tmp_path, HEAD + "13/01/2020,1,2,.5,1,1\n01/14/2020,1,2,.5,1,1\n", "B.csv")
+    with pytest.raises(DataError, match="line 2: '13/01/2020' is day first but line 3"):
+        read_csv_bars(cfg(both))
+
+
+def test_iso_offsets_among_naive_times_are_converted(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        HEAD
+        + "2020-01-02 09:30:00,1,2,0.5,1.5,10\n"
+        + "2020-01-02T10:30:00-05:00,1,2,0.5,1.5,10\n"  # aware: its own offset
+        + "2020-01-02T16:30:00Z,1,2,0.5,1.5,10\n"
+        + "2020-01-02 12:30,1,2,0.5,1.5,10\n",
+    )
+    bars = read_csv_bars(cfg(p, timezone="America/New_York"))
+    assert [str(t)[11:16] for t in bars.times] == ["14:30", "15:30", "16:30", "17:30"]
+    utc_file = write(
+        tmp_path,
+        HEAD + "2020-01-02 09:30,1,2,.5,1,1\n2020-01-02T11:30:00+01:00,1,2,.5,1,1\n",
+        "U.csv",
+    )
+    assert [str(t)[11:16] for t in read_csv_bars(cfg(utc_file)).times] == ["09:30", "10:30"]
+
+
+def test_dates_without_a_time_are_not_mistaken_for_offsets(tmp_path: Path) -> None:
+    # " 2020-01-02" (spaces: the row-by-row path) ends in "-02", which is not an offset
+    p = write(tmp_path, HEAD + " 2020-01-02 ,1,2,.5,1,1\n2020-01-03T00:00+01:00,1,2,.5,1,1\n")
+    bars = read_csv_bars(cfg(p, timezone="Europe/Berlin"))
+    assert [str(t)[:16] for t in bars.times] == ["2020-01-01T23:00", "2020-01-02T23:00"]
+
+
+def test_a_time_skipped_by_daylight_saving_is_named(tmp_path: Path) -> None:
+    p = write(tmp_path, HEAD + "2021-03-14 01:30,1,2,.5,1,1\n2021-03-14 02:30,1,2,.5,1,1\n")
+    with pytest.raises(DataError, match="line 3: time '2021-03-14 02:30' does not exist"):
+        read_csv_bars(cfg(p, timezone="America/New_York"))
+
+
+# --- data hashes: lazy, and equal to the Pub/Sub path's -----------------------------------
+
+
+def test_hashes_are_computed_on_first_use_only() -> None:
+    bars = read_csv_bars(cfg(DATA / "GOOG.csv", "GOOG"))
+    hashes = bars.hashes
+    assert isinstance(hashes, RowHashes) and "0 computed" in repr(hashes)
+    assert hashes[-1] == hashes[len(hashes) - 1] and "1 computed" in repr(hashes)
+    part = hashes[10:20]
+    assert list(part) == [hashes[i] for i in range(10, 20)]
+    with pytest.raises(IndexError):
+        hashes[len(hashes)]
+
+
+symbols = st.sampled_from(["GOOG", "BTC/USD", "ÆØÅ"])
+texts = st.one_of(st.none(), st.text(alphabet="abc xyz,\"'é€\n", max_size=6).map(lambda s: "t" + s))
+numbers = st.floats(-1e12, 1e12, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    symbol=symbols,
+    rows=st.lists(
+        st.tuples(
+            st.floats(0.01, 1e6),
+            st.floats(0, 1e3),
+            st.one_of(st.none(), st.integers(0, 10**15)),
+            st.one_of(st.none(), numbers),
+            texts,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    seconds=st.integers(0, 10**9),
+)
+def test_csv_hash_equals_the_pubsub_message_hash_of_the_same_bar(
+    tmp_path_factory: pytest.TempPathFactory,
+    symbol: str,
+    rows: list[tuple[float, float, int | None, float | None, str | None]],
+    seconds: int,
+) -> None:
+    from feeds.pubsub.messages import decode_message
+
+    path = tmp_path_factory.mktemp("h") / "H.csv"
+    start = datetime(2001, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds, microseconds=seconds)
+    lines = ["time,open,high,low,close,volume,signal,note"]
+    docs = []
+    for i, (low, spread, volume, signal, note) in enumerate(rows):
+        ts = start + timedelta(minutes=i)
+        high = low + spread
+        quoted = '"' + note.replace('"', '""') + '"' if note is not None else ""
+        lines.append(
+            f"{ts.isoformat()},{low!r},{high!r},{low!r},{high!r},"
+            f"{'' if volume is None else volume},{'' if signal is None else repr(signal)},{quoted}"
+        )
+        doc: dict[str, object] = {
+            "timestamp": ts.isoformat(),
+            "open": low,
+            "high": high,
+            "low": low,
+            "close": high,
+        }
+        if volume is not None:
+            doc["volume"] = volume
+        if signal is not None:
+            doc["signal"] = signal
+        if note is not None and note.strip():
+            doc["note"] = note.strip()
+        docs.append(doc)
+    path.write_text("\n".join(lines) + "\n")
+    bars = read_csv_bars(CSVFeedConfig(path=path, symbol=symbol, bar_size="1min"))
+    assert len(bars) == len(rows)
+    for i, doc in enumerate(docs):
+        live = decode_message(json.dumps(doc).encode(), {"symbol": symbol})
+        assert bars.hashes[i] == live.data_hash, (doc, bars.numeric, bars.text)

@@ -1,8 +1,8 @@
 """The backtrader broker that trades an Alpaca account: :class:`AlpacaPaperTradingBroker`.
 
 Agents trade through the ordinary backtrader calls (``buy``/``sell``/``close``/``cancel``/
-``buy_bracket``/``sell_bracket``); this broker turns them into Alpaca orders and Alpaca's answers
-back into backtrader notifications.
+``buy_bracket``/``sell_bracket``, ``valid=``, ``oco=``); this broker turns them into Alpaca
+orders and Alpaca's answers back into backtrader notifications.
 
 The path of an order, all on the main (backtrader) thread except the HTTP:
 
@@ -10,28 +10,34 @@ The path of an order, all on the main (backtrader) thread except the HTTP:
    (:func:`~runtime.brokers.alpaca.orders.to_order_request`), ``Submitted``, a
    :class:`~runtime.brokers.alpaca.events.SubmitOrder` for the worker's ``alpaca-orders`` thread
    (:mod:`runtime.brokers.alpaca.worker`).
-2. The worker threads put every Alpaca order snapshot (submit answer, poll, stream) on the event
-   queue as an :class:`~runtime.brokers.alpaca.events.AlpacaOrderUpdate`.
+2. The worker threads put every Alpaca order snapshot (submit answer, stream, poll, lookup) on
+   the event queue as an :class:`~runtime.brokers.alpaca.events.AlpacaOrderUpdate`.
 3. ``next()`` -> :meth:`~AlpacaPaperTradingBroker._drain` ->
    :meth:`~AlpacaPaperTradingBroker._apply_alpaca_order`: each new fill becomes ``notify_order``
-   in :meth:`~AlpacaPaperTradingBroker._notify_fill`, each new status in
+   in :meth:`~AlpacaPaperTradingBroker._notify_fill` (cash and the position move together in
+   the :class:`~.state.Ledger`), each new status in
    :meth:`~AlpacaPaperTradingBroker._notify_status`.
 
-Correctness rules (the bugs users hit with the deprecated bridges):
+Correctness rules (the bugs users hit with the deprecated bridges and with Alpaca itself):
 
 * ``client_order_id = "<session>-<order ref>"``: a retried submit can never create a second
-  order; a retry answered ``client_order_id must be unique`` adopts the order that did land.
+  order; a retry answered with any 4xx looks the order up before calling it rejected.
 * Fills are increments of Alpaca's cumulative ``filled_qty`` in ``Decimal``
   (:func:`~runtime.brokers.alpaca.orders.fill_increment`): partial fills sum exactly, repeated
-  or stale snapshots add nothing.
+  or stale snapshots add nothing. Crypto fills book Alpaca's fee in the coin received as
+  commission (:func:`~runtime.brokers.alpaca.orders.crypto_fee`).
+* Bracket legs are followed by id, including the order that replaces a triggered stop leg (the
+  same backtrader order goes on as the replacement) and a take profit replaced by its own stop
+  leg (it ends Canceled, the stop leg fills).
+* An order sent on a symbol right after cancels on that symbol waits until they settle (Alpaca
+  keeps the shares of ``pending_cancel`` orders reserved), so the kill switch's flatten works on
+  bracketed positions.
 * Statuses map one to one (:data:`~runtime.brokers.alpaca.orders.STATUS_MAP`): ``canceled`` is
-  Canceled, never Rejected; ``expired`` is Expired; ``replaced`` follows the replacing order;
-  bracket legs are ``held`` (Accepted, inactive) until the parent fills.
-* Every notification is queued on the main thread, in order, exactly once
-  (``get_notification``).
-* 429, 5xx, timeouts and connection errors are retried (:mod:`runtime.brokers.alpaca.http`); a
-  4xx on submit is a Rejected order whose ``info["reason"]`` carries Alpaca's message (FMEL
-  records it); a failure to read the account raises :class:`~core.errors.BrokerError`.
+  Canceled, never Rejected (Expired when this broker expired it for ``valid=``).
+* Cash, positions and value change together (the ledger), so each decision record is one
+  consistent account; an account read replaces them only when no fill happened during it.
+* Notifications created at stop (final cancels and fills) still reach ``notify_order`` and the
+  analyzers: the final sync runs just before cerebro stops the strategies.
 """
 
 from __future__ import annotations
@@ -48,11 +54,10 @@ from decimal import Decimal
 from typing import Any
 
 import backtrader as bt
-from alpaca.trading.client import TradingClient
 from alpaca.trading.models import Order as AlpacaOrder
 
 from core.bars import feed_symbol
-from core.errors import BrokerError, OrderRejectedError, TransientError
+from core.errors import BrokerError, OrderRejectedError, RetryInterruptedError, TransientError
 from runtime.brokers.alpaca import http
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
 from runtime.brokers.alpaca.events import (
@@ -61,11 +66,12 @@ from runtime.brokers.alpaca.events import (
     CancelOrder,
     Event,
     NotSent,
+    ReplacementLost,
     SubmitOrder,
     SubmitRejected,
     WorkerFailed,
 )
-from runtime.brokers.alpaca.http import AlpacaAPIError, AlpacaCaller, CallHook
+from runtime.brokers.alpaca.http import AlpacaApi, AlpacaCaller, CallHook
 from runtime.brokers.alpaca.orders import (
     STATUS_MAP,
     TERMINAL,
@@ -76,38 +82,51 @@ from runtime.brokers.alpaca.orders import (
     bt_time,
     child_role,
     client_order_id,
+    crypto_fee,
     fill_increment,
+    is_crypto,
     leg_role,
     position_key,
     quantity,
     to_decimal,
     to_order_request,
+    validity,
 )
-from runtime.brokers.alpaca.reconcile import read_start_state
-from runtime.brokers.alpaca.state import BrokerReport, FlightBook, OrderBook, TrackedOrder
+from runtime.brokers.alpaca.reconcile import family_live, live, read_start_state
+from runtime.brokers.alpaca.state import (
+    BrokerReport,
+    FlightBook,
+    Ledger,
+    OrderBook,
+    TrackedOrder,
+)
 from runtime.brokers.alpaca.worker import AlpacaWorker
 from runtime.brokers.risk import RiskConfig, RiskGuard
 
 logger = logging.getLogger(__name__)
 
+_EPS = Decimal("0.000000001")
+
 
 class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
-    """A backtrader broker trading an Alpaca account (paper by default).
+    """A backtrader broker trading an Alpaca account (paper by default), through the Trading
+    API or, with ``config.account_id``, the Broker API.
 
     Args:
         config: endpoint, keys, polling, policies (:class:`AlpacaBrokerConfig`).
         session_id: this run's id; prefix of every ``client_order_id``.
         risk: pre-trade limits and kill switch (:mod:`runtime.brokers.risk`); ``None`` = none.
-        client_factory: builds a ``TradingClient`` (tests); default from ``config``. One client
-            per thread.
+        api_factory: builds the account's calls (tests); default from ``config``. One per
+            thread.
         on_retry: ``(operation, error)`` before each retried Alpaca call (metrics).
         on_error: ``(operation, error)`` for each Alpaca call that failed for good (metrics).
-            Both hooks run on the calling thread (main, orders or monitor): keep them
+            Both hooks run on the calling thread (main, orders, monitor or stream): keep them
             thread-safe and quick.
 
     Attributes:
         report: the :class:`BrokerReport`, set by :meth:`stop`.
         guard: the risk guard, if any.
+        ledger: cash, positions and marks as the agent sees them.
 
     Raises (from :meth:`connect` / :meth:`start`):
         BrokerError: the account cannot be read or cannot trade, open orders found with policy
@@ -125,7 +144,7 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         *,
         session_id: str,
         risk: RiskConfig | None = None,
-        client_factory: Callable[[], TradingClient] | None = None,
+        api_factory: Callable[[], AlpacaApi] | None = None,
         on_retry: CallHook | None = None,
         on_error: CallHook | None = None,
     ) -> None:
@@ -137,7 +156,7 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         self.session_id = session_id
         self.endpoint = config.endpoint
         self.live = config.points_at_live
-        self._client_factory = client_factory or functools.partial(http.make_client, config)
+        self._api_factory = api_factory or functools.partial(http.make_api, config)
         self.guard: RiskGuard | None = (
             RiskGuard(risk) if risk is not None and risk.enabled else None
         )
@@ -148,33 +167,37 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         )
         self.flights = FlightBook()
         self.book = OrderBook(self.flights)
+        self.ledger = Ledger()
         self._events: queue.Queue[Event] = queue.Queue()
         self._worker = AlpacaWorker(
             config,
             session_id=session_id,
             caller=self.caller,
-            make_client=self._make_client,
+            make_api=self._api_factory,
             flights=self.flights,
             events=self._events,
         )
-        self._client: TradingClient | None = None
+        self._api: AlpacaApi | None = None
         self._connected = False
         self._started = False
+        self._finished = False
         self._stopped = False
         self._fatal: BaseException | None = None
-        self._qty: dict[str, Decimal] = {}  # position key -> exact signed quantity
-        self._pos: dict[str, bt.Position] = {}
         self._datas: dict[str, Any] = {}  # position key -> feed
         self._to_adopt: list[AlpacaOrder] = []
         self._orphans: set[str] = set()
-        self._cash = 0.0
-        self._value = 0.0
+        self._canceling: dict[str, str] = {}  # family coid -> position key, cancel requested
+        self._oco_groups: dict[int, list[int]] = {}  # client-side oco: leader ref -> refs
+        self._strategies: list[Any] | None = None
+        self._hooked = False
         self.startingcash = 0.0
+        self._commission_usd = Decimal(0)
         self._counts = dict.fromkeys(("submitted", "filled", "canceled", "rejected", "expired"), 0)
 
     def __repr__(self) -> str:
         return (
             f"AlpacaPaperTradingBroker(endpoint={self.endpoint!r}, live={self.live}, "
+            f"api={'broker' if self.config.broker_api else 'trading'}, "
             f"session_id={self.session_id!r})"
         )
 
@@ -187,10 +210,8 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
     def describe(self) -> str:
         """One line for logs and the run report (never the keys)."""
         kind = "LIVE (real money)" if self.live else "paper"
-        return f"alpaca {kind} at {self.endpoint}"
-
-    def _make_client(self) -> TradingClient:
-        return http.prepare_client(self._client_factory(), self.config.request_timeout_s)
+        api = f"Broker API account {self.config.account_id}" if self.config.broker_api else ""
+        return f"alpaca {kind} at {self.endpoint}" + (f" ({api})" if api else "")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -216,14 +237,13 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         cerebro = getattr(self, "cerebro", None)
         for data in getattr(cerebro, "datas", ()) or ():
             self._datas[position_key(feed_symbol(data))] = data
-        self._client = self._make_client()
-        start = read_start_state(self.caller, self._client, self.config, self._datas.keys())
+        self._api = self._api_factory()
+        start = read_start_state(self.caller, self._api, self.config, self._datas.keys())
+        self.ledger.cash_usd = start.cash_usd
         for key, (qty, avg) in start.positions.items():
-            self._qty[key] = qty
-            self._pos[key] = bt.Position(float(qty), avg)
-        self._cash = start.cash_usd
-        self._value = start.equity_usd
-        self.startingcash = self._cash
+            self.ledger.set_position(key, qty, avg)
+        self.ledger.marks.update(start.marks)
+        self.startingcash = float(start.cash_usd)
         self._to_adopt = start.to_adopt
         self._worker.clock = start.clock
         self._connected = True
@@ -239,10 +259,57 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             return
         self.connect()
         self._started = True
+        self._strategies = getattr(getattr(self, "cerebro", None), "runningstrats", None)
         self._worker.start()
 
+    def finish(self) -> None:
+        """The final sync: stop and join the worker threads, cancel open orders when asked
+        (waiting out pending cancels), poll once more and read the account, all within
+        ``stop_timeout_s``. Idempotent. Its notifications are queued like any other; the hook
+        installed on the first strategy delivers them before cerebro stops the strategies."""
+        if self._finished or not self._started:
+            return
+        self._finished = True
+        self._worker.stop()
+        self._drain()
+        api = self._api
+        assert api is not None  # started implies connected
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        worker = self._worker
+        try:
+            if self.config.cancel_on_stop:
+                worker.cancel_all(api, deadline)
+            while True:
+                worker.poll_once(api, final=True, deadline=deadline)
+                self._drain()
+                waiting = self.config.cancel_on_stop and any(
+                    fl.live() for fl in self.flights.snapshot().flights.values()
+                )
+                if not waiting or time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.1, self.config.poll_interval_s))  # pending_cancel settles
+            keys = frozenset(self.ledger.qty) | frozenset(self._datas)
+            worker.refresh_account(api, final=True, checked_keys=keys, deadline=deadline)
+        except (TransientError, BrokerError) as e:
+            logger.error("final sync with Alpaca failed: %s", e)
+        except RetryInterruptedError as e:  # the stop budget ran out
+            logger.error("final sync with Alpaca ended early: %s", e)
+        self._drain()
+        left = [
+            f"{fl.coid} ({fl.symbol}: {', '.join(f'{m.id} {m.status}' for m in fl.live())})"
+            for fl in self.flights.snapshot().flights.values()
+            if fl.live()
+        ]
+        if left:
+            logger.warning(
+                "%d order famil(ies) still open at Alpaca after stop: %s%s",
+                len(left),
+                "; ".join(left[:10]),
+                " ..." if len(left) > 10 else "",
+            )
+
     def stop(self) -> None:
-        """Stop the worker threads (joined), optionally cancel open orders, final sync, report.
+        """Final sync (:meth:`finish`, if the stop hook has not run it yet) and report.
 
         Idempotent. Orders still waiting to be sent are not sent (Canceled, reason
         ``"not sent: broker stopped"``).
@@ -251,15 +318,12 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             self._stopped = True
             return
         self._stopped = True
-        self._worker.stop()
-        self._drain()
-        self._final_sync()
-        self._drain()
+        self.finish()
         self.report = r = self._make_report()
         logger.info(
             "Alpaca broker stopped: cash %.2f USD, value %.2f USD, positions %s, "
             "orders submitted %d filled %d canceled %d rejected %d expired %d, %d open "
-            "left, %d requests (%d retries)",
+            "left, %d requests (%d retries), commission %.2f USD",
             r.cash_usd,
             r.value_usd,
             r.positions,
@@ -271,71 +335,80 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             r.open_orders_left,
             r.requests,
             r.retries,
+            r.commission_usd,
         )
 
-    def _final_sync(self) -> None:
-        """After the threads are joined: cancel open orders when asked, then poll (a few rounds
-        when cancelling: a cancel may show as ``pending_cancel`` for a moment) and read the
-        account once more."""
-        client = self._client
-        assert client is not None  # started implies connected
-        if self.config.cancel_on_stop:
-            for fl in self.flights.snapshot().flights.values():
-                if fl.alpaca_id is None:
-                    continue
-                try:
-                    self.caller.call(
-                        "cancel",
-                        http.cancel_order,
-                        client,
-                        fl.alpaca_id,
-                        what="cancel at stop",
-                        interruptible=False,
-                    )
-                except (AlpacaAPIError, TransientError) as e:
-                    logger.warning("cancel at stop of %s: %s", fl.coid, e)
-        try:
-            for _ in range(5 if self.config.cancel_on_stop else 1):
-                self._worker.poll_once(client, final=True)
-                self._drain()
-                if not len(self.flights):
-                    break
-                time.sleep(min(0.2, self.config.poll_interval_s))
-            self._worker.refresh_account(client, final=True)
-        except (TransientError, BrokerError) as e:
-            logger.error("final sync with Alpaca failed: %s", e)
-
     def _make_report(self) -> BrokerReport:
+        open_left = sum(1 for fl in self.flights.snapshot().flights.values() if fl.live())
         return BrokerReport(
             endpoint=self.endpoint,
             live=self.live,
-            cash_usd=self._cash,
-            value_usd=self._value,
-            positions={k: float(v) for k, v in sorted(self._qty.items()) if v != 0},
+            api="broker" if self.config.broker_api else "trading",
+            cash_usd=float(self.ledger.cash_usd),
+            value_usd=self.ledger.value_usd(),
+            positions={k: float(v) for k, v in sorted(self.ledger.qty.items()) if v != 0},
             orders_submitted=self._counts["submitted"],
             orders_filled=self._counts["filled"],
             orders_canceled=self._counts["canceled"],
             orders_rejected=self._counts["rejected"],
             orders_expired=self._counts["expired"],
-            open_orders_left=len(self.flights),
+            open_orders_left=open_left,
             requests=self.caller.calls,
             retries=self.caller.retries,
+            commission_usd=float(self._commission_usd),
         )
+
+    def _install_stop_hook(self) -> None:
+        """Run the final sync just before cerebro stops the strategies.
+
+        Cerebro calls every strategy's ``_stop()`` (the agent's ``stop()``, then each
+        analyzer's ``stop()``: FMEL's last record) *before* ``broker.stop()``
+        (``Cerebro.runstrategies``), so notifications made at the broker's stop would reach
+        no one. The first strategy's ``_stop`` is wrapped to :meth:`finish` first and deliver
+        its notifications the way ``Cerebro._brokernotify`` does.
+        """
+        strategies = self._strategies
+        if self._hooked or not strategies:
+            return
+        self._hooked = True
+        first = strategies[0]
+        original = first._stop
+
+        def _stop() -> None:
+            try:
+                self.finish()
+                self._deliver(strategies)
+            except Exception:
+                logger.exception("final sync at stop failed")
+            original()
+
+        first._stop = _stop
+
+    def _deliver(self, strategies: list[Any]) -> None:
+        """Hand queued notifications to their strategies (``Cerebro._brokernotify``'s rule)."""
+        cerebro = getattr(self, "cerebro", None)
+        quick = bool(getattr(getattr(cerebro, "p", None), "quicknotify", False))
+        while (order := self.get_notification()) is not None:
+            owner = order.owner if order.owner is not None else strategies[0]
+            owner._addnotification(order, quicknotify=quick)
+        if not quick:
+            for strategy in strategies:
+                strategy._notify()
 
     # -- backtrader broker API (main thread) --------------------------------------------------
 
     def getcash(self) -> float:
-        """Account cash, USD, as of the last refresh (after fills and every
-        ``refresh_interval_s``)."""
-        return self._cash
+        """Cash, USD: the last consistent account read plus this run's fills since."""
+        return float(self.ledger.cash_usd)
 
     get_cash = getcash
 
     def getvalue(self, datas: Iterable[Any] | None = None) -> float:
-        """Account equity, USD (last refresh); with ``datas``: the value of those positions at
-        the feeds' last close."""
+        """Cash plus every position at its last price, USD (consistent with
+        :meth:`getcash` and the positions); with ``datas``: those positions at the feeds' last
+        close."""
         if datas is None:
-            return self._value
+            return self.ledger.value_usd()
         total = 0.0
         for data in datas:
             pos = self.getposition(data)
@@ -347,12 +420,7 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
 
     def getposition(self, data: Any) -> bt.Position:
         """The position of ``data``'s symbol (the same object between calls)."""
-        key = position_key(feed_symbol(data))
-        pos = self._pos.get(key)
-        if pos is None:
-            pos = self._pos[key] = bt.Position()
-            self._qty.setdefault(key, ZERO)
-        return pos
+        return self.ledger.position(position_key(feed_symbol(data)))
 
     @property
     def positions(self) -> dict[Any, bt.Position]:
@@ -407,7 +475,7 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             parent=parent,
             transmit=transmit,
         )
-        return self._transmit(order, kwargs)
+        return self._transmit(order, kwargs, oco)
 
     def sell(
         self,
@@ -440,20 +508,20 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             parent=parent,
             transmit=transmit,
         )
-        return self._transmit(order, kwargs)
+        return self._transmit(order, kwargs, oco)
 
     def submit(self, order: Any) -> Any:
         """Send an order built elsewhere (backtrader's generic broker API)."""
-        return self._transmit(order, {})
+        return self._transmit(order, {}, None)
 
     def cancel(self, order: Any) -> bool:
-        """Ask Alpaca to cancel ``order`` (any order of a bracket cancels the bracket). The
-        ``Canceled`` notification comes when Alpaca confirms; returns False when the order is
-        not alive."""
+        """Ask Alpaca to cancel ``order`` (any order of a bracket or OCO cancels the group).
+        The ``Canceled`` notification comes when Alpaca confirms; returns False when the order
+        is not alive."""
         if not order.alive():
             return False
         for pref, family in list(self.book.held.items()):
-            if any(o.ref == order.ref for o in family):  # bracket not transmitted yet
+            if any(o.ref == order.ref for o in family):  # group not transmitted yet
                 del self.book.held[pref]
                 for o in family:
                     o.cancel()
@@ -462,10 +530,20 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         tr = self.book.by_ref.get(order.ref)
         if tr is None:
             return False
-        root = tr.root or tr
-        target = root if root.order.alive() else tr
-        self._worker.cancel(CancelOrder(root.coid, target.alpaca_id))
+        self._request_cancel(tr)
         return True
+
+    def _request_cancel(self, tr: TrackedOrder) -> None:
+        """Cancel the family of ``tr`` at Alpaca: through its root while the root works, else
+        the order itself (Alpaca cancels a leg's siblings with it)."""
+        root = tr.root or tr
+        flight = tr.flight
+        if flight is not None:
+            self._canceling[flight] = tr.key
+        if root.order.alive() and root.coid is not None and root.coid == flight:
+            self._worker.cancel(CancelOrder(flight, None))
+        else:
+            self._worker.cancel(CancelOrder(flight, tr.alpaca_id))
 
     def next(self) -> None:
         """Apply what the worker threads reported (main thread; called by cerebro every loop).
@@ -474,18 +552,32 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             BrokerError: a worker thread failed for good (e.g. Alpaca unreachable for many
                 poll cycles).
         """
+        if not self._hooked:
+            self._install_stop_hook()
         if self._to_adopt:
             self._adopt()
         self._drain()
+        self._mark_from_feeds()  # after the fills and account reads: the bar's close values
+        self._check_expiries()
         if self._fatal is not None:
             raise BrokerError(f"Alpaca broker failed: {self._fatal}") from self._fatal
-        if self.guard is not None and self._started:
+        if self.guard is not None and self._started and not self._finished:
             self.guard.after_bar(self)
+
+    def _mark_from_feeds(self) -> None:
+        """Each feed's last close is its position's price (as backtrader's own broker values
+        positions)."""
+        marks = self.ledger.marks
+        for key, data in self._datas.items():
+            if len(data):
+                marks[key] = float(data.close[0])
 
     # -- sending (main thread) ----------------------------------------------------------------
 
-    def _transmit(self, order: Any, info: dict[str, Any]) -> Any:
-        """Send ``order``, or hold it until its bracket is complete (``transmit=False``)."""
+    def _transmit(self, order: Any, info: dict[str, Any], oco: Any) -> Any:
+        """Send ``order``, or hold it until its group is complete (``transmit=False``): a
+        bracket (children with ``parent=``), or a take-profit/stop pair (``oco=``) that Alpaca
+        takes as one ``oco`` order."""
         order.addinfo(**info)
         order.addcomminfo(self.getcommissioninfo(order.data))
         parent = order.parent
@@ -505,8 +597,45 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                 return order
             self._send(family)
             return order
+        if oco is not None:
+            partner = held.get(oco.ref)
+            if partner is not None and len(partner) == 1:
+                del held[oco.ref]
+                pair = self._oco_pair(partner[0], order)
+                if pair is not None:
+                    self._send(list(pair), oco=True)
+                    return order
+                self._send(partner)
+            self._send([order])
+            self._join_oco(oco, order)
+            return order
         self._send([order])
         return order
+
+    @staticmethod
+    def _oco_pair(first: Any, second: Any) -> tuple[Any, Any] | None:
+        """``(take profit, stop)`` when the two orders make one Alpaca OCO exit (a limit and a
+        stop or stop-limit on the same side, size and feed, not crypto)."""
+        if first.data is not second.data or is_crypto(feed_symbol(first.data)):
+            return None
+        stops = (bt.Order.Stop, bt.Order.StopLimit)
+        if first.exectype == bt.Order.Limit and second.exectype in stops:
+            return first, second
+        if second.exectype == bt.Order.Limit and first.exectype in stops:
+            return second, first
+        return None
+
+    def _join_oco(self, leader: Any, order: Any) -> None:
+        """A backtrader ``oco=`` group Alpaca could not take as one order: when one of them
+        fills or ends, this broker cancels the others (two requests apart: both may fill)."""
+        group = next((g for g in self._oco_groups.values() if leader.ref in g), None)
+        if group is None:
+            group = self._oco_groups.setdefault(leader.ref, [leader.ref])
+        group.append(order.ref)
+        for ref in group:
+            tr = self.book.by_ref.get(ref)
+            if tr is not None:
+                tr.oco = [r for r in group if r != ref]
 
     def _reject_local(self, family: Sequence[Any], reason: str) -> None:
         for o in family:
@@ -515,8 +644,13 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             self.notify(o)
         self._counts["rejected"] += 1
 
-    def _send(self, family: list[Any]) -> None:
-        """Risk check, build the request, notify ``Submitted``, hand it to the orders thread."""
+    def _send(self, family: list[Any], oco: bool = False) -> None:
+        """Risk check, build the request, notify ``Submitted``, hand it to the orders thread.
+
+        Args:
+            family: the order, a bracket (entry then exits), or with ``oco`` an OCO pair
+                (take profit, stop).
+        """
         root = family[0]
         symbol = feed_symbol(root.data)
         if self.guard is not None:
@@ -525,20 +659,34 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                 self._reject_local(family, reason)
                 return
         coid = client_order_id(self.session_id, root.ref)
+        bar_num = (
+            float(root.data.datetime[0])
+            if len(root.data)
+            else float(bt.date2num(datetime.now(UTC).replace(tzinfo=None)))
+        )
+        tif, expires = validity(root, symbol, bar_num)
+        info = root.info
         try:
             request = to_order_request(
                 root,
                 symbol,
                 client_order_id=coid,
-                time_in_force=self.config.time_in_force,
-                children=family[1:],
+                time_in_force=info.get("time_in_force") or tif or self.config.time_in_force,
+                children=() if oco else family[1:],
+                oco_stop=family[1] if oco else None,
             )
         except OrderRejectedError as e:
             self._reject_local(family, f"alpaca: {e}")
             return
         key = position_key(symbol)
         tr = TrackedOrder(
-            order=root, symbol=symbol, key=key, qty=quantity(root.created.size), coid=coid
+            order=root,
+            symbol=symbol,
+            key=key,
+            qty=quantity(root.created.size),
+            coid=coid,
+            flight=coid,
+            expires_num=expires,
         )
         for child in family[1:]:
             tr.legs.append(
@@ -548,7 +696,9 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                     key=key,
                     qty=tr.qty,
                     role=child_role(child),
+                    kind="oco_leg" if oco else "bracket_leg",
                     root=tr,
+                    flight=coid,
                 )
             )
         for t in tr.family():
@@ -557,8 +707,31 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             self.notify(t.order)
         self._counts["submitted"] += 1
         self._datas.setdefault(key, root.data)
+        after = frozenset(c for c, k in self._canceling.items() if k == key)
         self.flights.add_sent(coid, symbol, key)
-        self._worker.submit(SubmitOrder(coid, request, symbol))
+        self._worker.submit(
+            SubmitOrder(
+                coid,
+                request,
+                symbol,
+                extended_hours=bool(info.get("extended_hours")),
+                after=after,
+            )
+        )
+
+    def _check_expiries(self) -> None:
+        """Expire orders whose ``valid=`` passed (Alpaca has no good-till-date): cancel at
+        Alpaca; its ``canceled`` then notifies Expired (backtrader's rule: bar time > valid)."""
+        for tr in list(self.book.by_ref.values()):
+            if tr.expires_num is None or tr.expiring or not tr.order.alive():
+                continue
+            data = tr.order.data
+            if len(data) and float(data.datetime[0]) > tr.expires_num:
+                tr.expiring = True
+                for leg in tr.legs:
+                    leg.expiring = True
+                logger.info("order %s (%s) expired (valid=); cancelling it", tr.coid, tr.symbol)
+                self._request_cancel(tr)
 
     # -- applying the worker's events (main thread) ---------------------------------------------
 
@@ -575,10 +748,21 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                 self._apply_submit_rejected(event.coid, event.reason)
             elif isinstance(event, NotSent):
                 self._apply_not_sent(event.coid, event.reason)
+            elif isinstance(event, ReplacementLost):
+                self._apply_replacement_lost(event)
             elif isinstance(event, AccountState):
                 self._apply_account(event)
             elif isinstance(event, WorkerFailed):
                 self._fatal = event.error
+
+    def _forget(self, flight: str | None) -> None:
+        if flight is None:
+            return
+        members = [t for t in self.book.by_ref.values() if t.flight == flight]
+        if members and any(t.order.alive() for t in members):
+            return
+        self.flights.remove(flight)
+        self._canceling.pop(flight, None)
 
     def _apply_submit_rejected(self, coid: str, reason: str) -> None:
         tr = self.book.by_coid.get(coid)
@@ -590,7 +774,7 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             self.notify(o)
         self._counts["rejected"] += 1
         logger.warning("order %s rejected: %s", coid, reason)
-        self.book.forget_if_done(tr)
+        self._forget(coid)
 
     def _apply_not_sent(self, coid: str, reason: str) -> None:
         tr = self.book.by_coid.get(coid)
@@ -602,35 +786,55 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                 t.order.cancel()
                 self.notify(t.order)
         self._counts["canceled"] += 1
-        self.book.forget_if_done(tr)
+        self._forget(coid)
+
+    def _apply_replacement_lost(self, event: ReplacementLost) -> None:
+        tr = self.book.by_id.get(event.alpaca_id)
+        if tr is None or not tr.order.alive():
+            return
+        tr.order.addinfo(
+            reason=f"alpaca: order {event.alpaca_id} was replaced and its replacement could not "
+            "be found; the position comes from the account"
+        )
+        tr.order.cancel()
+        self.notify(tr.order)
+        self._counts["canceled"] += 1
+        self._forget(tr.flight)
 
     def _apply_alpaca_order(self, snap: AlpacaOrder) -> None:
         """Apply an Alpaca snapshot to the backtrader order it is about and to its legs."""
         tr = self.book.find(snap)
-        if tr is None:
+        touched: list[TrackedOrder] = []
+        if tr is not None:
+            if tr.alpaca_id is None:
+                self.book.link(tr, str(snap.id))
+            self._apply_order_state(tr, snap)
+            touched.append(tr)
+        elif not snap.legs:
             self._cancel_orphan(snap)
             return
-        if tr.alpaca_id is None:
-            self.book.link(tr, str(snap.id))
-        self._apply_order_state(tr, snap)
         for leg_snap in snap.legs or ():
             leg = self.book.by_id.get(str(leg_snap.id))
-            if leg is None:
+            if leg is None and tr is not None:
                 role = leg_role(leg_snap.type or leg_snap.order_type)
                 leg = next((t for t in tr.legs if t.alpaca_id is None and t.role == role), None)
                 if leg is None:
                     continue
-                leg.coid = leg_snap.client_order_id
                 self.book.link(leg, str(leg_snap.id))
-            self._apply_order_state(leg, leg_snap)
-        self.book.forget_if_done(tr.root or tr)
+            if leg is not None:
+                self._apply_order_state(leg, leg_snap)
+                touched.append(leg)
+        for t in touched:
+            self._oco_check(t)
+            self._forget(t.flight)
 
     def _apply_order_state(self, tr: TrackedOrder, snap: AlpacaOrder) -> None:
         """New fills, then a new status, of one order; stale snapshots change nothing."""
         order = tr.order
         status = alpaca_status(snap)
-        if tr.alpaca_id is not None and str(snap.id) != tr.alpaca_id:
-            return  # a snapshot of an order that was replaced: only its successor counts
+        sid = str(snap.id)
+        if tr.alpaca_id is not None and sid != tr.alpaca_id:
+            return  # an order this one replaced: only its successor counts now
         filled = to_decimal(snap.filled_qty)
         cum = tr.base_cum + filled
         if snap.qty is not None:
@@ -649,8 +853,17 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
                     cum - tr.cum,
                     order.getstatusname(),
                 )
-                self._adjust_position(tr, cum - tr.cum)
-                tr.cum = cum
+                fill = fill_increment(
+                    applied_cum=tr.cum,
+                    applied_value_usd=tr.value,
+                    base_cum=tr.base_cum,
+                    base_value_usd=tr.base_value,
+                    filled_qty=filled,
+                    filled_avg_price=to_decimal(snap.filled_avg_price),
+                )
+                if fill is not None:
+                    self._book_fill(tr, fill)
+                    tr.cum, tr.value = fill.cum, fill.value_usd
             return
         if cum > tr.cum:
             fill = fill_increment(
@@ -671,49 +884,89 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             if done:
                 self._counts["filled"] += 1
                 for leg in tr.legs:  # a bracket's exits go live once the entry is filled
-                    leg.order.activate()
+                    if leg.kind == "bracket_leg":
+                        leg.order.activate()
         if status == "replaced":
-            if snap.replaced_by is not None:
-                self.book.follow(tr, str(snap.replaced_by))
-            return
+            succ = str(snap.replaced_by) if snap.replaced_by is not None else None
+            other = self.book.by_id.get(succ) if succ is not None else None
+            if other is not None and other is not tr:
+                # the take profit was replaced by its own stop leg (alpaca-py #198): the stop
+                # leg goes on under its own backtrader order; this one ends
+                order.addinfo(reason="alpaca: replaced by its stop-loss leg, which executes")
+                order.cancel()
+                self.notify(order)
+                self._counts["canceled"] += 1
+            elif succ is not None:
+                self.book.follow(tr, succ)
+            return  # no successor named yet: the worker searches for it
         self._notify_status(tr, snap, status)
         tr.status = status
+
+    def _book_fill(self, tr: TrackedOrder, fill: FillIncrement) -> tuple[Decimal, Decimal]:
+        """Move the ledger by one fill: position and cash together; crypto fees in the coin
+        received (a buy's fee leaves the position, a sell's leaves the cash).
+
+        Returns:
+            ``(signed quantity, commission USD)``.
+        """
+        buy = tr.order.isbuy()
+        signed = fill.size if buy else -fill.size
+        price = Decimal(repr(fill.price_usd))
+        fee_coin = fee_usd = ZERO
+        if is_crypto(tr.symbol):
+            fee_coin, fee_usd = crypto_fee(
+                buy, fill.size, fill.price_usd, self.config.crypto_fee_bps
+            )
+        ledger = self.ledger
+        ledger.position(tr.key)
+        ledger.qty[tr.key] = ledger.qty.get(tr.key, ZERO) + signed - fee_coin
+        ledger.cash_usd -= signed * price
+        if not buy:
+            ledger.cash_usd -= fee_usd
+        ledger.marks[tr.key] = fill.price_usd
+        if fee_coin:
+            ledger.fee_slack[tr.key] = ledger.fee_slack.get(tr.key, ZERO) + fee_coin
+        self._commission_usd += fee_usd
+        ledger.pos[tr.key].size = float(ledger.qty[tr.key])
+        return signed, fee_usd
 
     def _notify_fill(
         self, tr: TrackedOrder, fill: FillIncrement, when: datetime | None, done: bool
     ) -> None:
-        """An Alpaca fill becomes a backtrader execution: the position moves by the exact
-        increment, the order is executed (``Partial`` or ``Completed``) and notified."""
+        """An Alpaca fill becomes a backtrader execution: the ledger moves by the exact
+        increment (fees included), the order is executed (``Partial`` or ``Completed``, the fee
+        as its commission) and notified."""
         order = tr.order
         data = order.data
-        signed = fill.size if order.isbuy() else -fill.size
         price = fill.price_usd
-        pos = self._pos.setdefault(tr.key, bt.Position())
+        pos = self.ledger.position(tr.key)
         old_price = pos.price
-        _, pprice, opened, closed = pos.update(float(signed), price)
-        self._qty[tr.key] = self._qty.get(tr.key, ZERO) + signed
-        pos.size = float(self._qty[tr.key])  # exact sum of the increments, no float drift
+        buy = order.isbuy()
+        _, pprice, opened, closed = pos.update(float(fill.size if buy else -fill.size), price)
+        signed, fee_usd = self._book_fill(tr, fill)
         comminfo = self.getcommissioninfo(data)
         closed_value = comminfo.getoperationcost(closed, old_price)
         opened_value = comminfo.getoperationcost(opened, price)
         pnl = comminfo.profitandloss(-closed, old_price, price)
+        comm = float(fee_usd)
+        share = abs(closed) / (abs(closed) + abs(opened)) if (closed or opened) else 0.0
         order.execute(
             bt_time(when, datetime.now(UTC)),
             float(signed),
             price,
             closed,
             closed_value,
-            0.0,
+            comm * share,
             opened,
             opened_value,
-            0.0,
+            comm * (1.0 - share),
             0.0,
             pnl,
             pos.size,
             pprice,
         )
         remaining = tr.qty - tr.cum
-        order.executed.remsize = float(remaining if order.isbuy() else -remaining)
+        order.executed.remsize = float(remaining if buy else -remaining)
         if done:
             order.completed()
         else:
@@ -725,6 +978,8 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         notification; statuses that map to ``None`` change nothing."""
         order = tr.order
         mapped = STATUS_MAP.get(status)
+        if mapped == bt.Order.Canceled and tr.expiring:
+            mapped = bt.Order.Expired
         if mapped == bt.Order.Accepted and order.status == bt.Order.Submitted:
             order.accept(self)
             self.notify(order)
@@ -732,16 +987,16 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             order.completed()
             self.notify(order)
             self._counts["filled"] += 1
-        elif mapped == bt.Order.Canceled:
+        elif mapped == bt.Order.Canceled and order.alive():
             order.cancel()
             self.notify(order)
             self._counts["canceled"] += 1
-        elif mapped == bt.Order.Expired:
+        elif mapped == bt.Order.Expired and order.alive():
             order.status = bt.Order.Expired
             order.executed.dt = bt_time(snap.expired_at or snap.updated_at, datetime.now(UTC))
             self.notify(order)
             self._counts["expired"] += 1
-        elif mapped == bt.Order.Rejected:
+        elif mapped == bt.Order.Rejected and order.alive():
             order.addinfo(
                 reason=f"alpaca: order rejected by Alpaca (status rejected, "
                 f"failed_at {snap.failed_at})"
@@ -750,11 +1005,16 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             self.notify(order)
             self._counts["rejected"] += 1
 
-    def _adjust_position(self, tr: TrackedOrder, increment: Decimal) -> None:
-        signed = increment if tr.order.isbuy() else -increment
-        self._qty[tr.key] = self._qty.get(tr.key, ZERO) + signed
-        pos = self._pos.setdefault(tr.key, bt.Position())
-        pos.size = float(self._qty[tr.key])
+    def _oco_check(self, tr: TrackedOrder) -> None:
+        """Client-side ``oco=``: a fill or end of one order cancels the rest of its group."""
+        if not tr.oco or (tr.order.alive() and tr.cum == 0):
+            return
+        group, tr.oco = tr.oco, []
+        for ref in group:
+            other = self.book.by_ref.get(ref)
+            if other is not None and other.order.alive():
+                other.oco = []
+                self._request_cancel(other)
 
     def _cancel_orphan(self, snap: AlpacaOrder) -> None:
         """An order of this session that no backtrader order follows (its submit was judged
@@ -773,45 +1033,70 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         self._worker.cancel(CancelOrder(None, oid))
 
     def _apply_account(self, acct: AccountState) -> None:
-        """Take cash and equity; take each position from Alpaca when no order of ours is in
-        flight on its symbol (a difference means trades outside this run)."""
-        self._cash, self._value = acct.cash_usd, acct.equity_usd
-        generations = self.flights.generations()
-        busy = {t.key for t in self.book.by_ref.values() if t.order.alive()}
-        for fam in self.book.held.values():
-            busy.update(position_key(feed_symbol(o.data)) for o in fam)
-        for key in set(acct.positions) | {k for k, v in self._qty.items() if v != 0}:
-            if key in busy or generations.get(key, 0) != acct.generations.get(key, 0):
-                continue  # orders in flight on this symbol: the snapshot may be mid-way
-            qty, avg = acct.positions.get(key, (ZERO, 0.0))
-            if qty != self._qty.get(key, ZERO):
+        """Take cash, positions and prices from an account read, all together, when the read
+        straddled no fill (``consistent``). A position that differs on a symbol with working
+        orders may be a fill not seen yet: the worker looks those families up and reads again
+        first, unless the difference is within the crypto fees booked since the last read."""
+        ledger = self.ledger
+        if not acct.consistent:
+            return
+        busy = self.book.busy_keys()
+        blocking = set()
+        for key in set(acct.positions) | {k for k, v in ledger.qty.items() if v}:
+            theirs = acct.positions.get(key, (ZERO, 0.0))[0]
+            ours = ledger.qty.get(key, ZERO)
+            if theirs == ours or key not in busy or key in acct.checked_keys:
+                continue
+            if abs(theirs - ours) <= ledger.fee_slack.get(key, ZERO) + _EPS:
+                continue
+            blocking.add(key)
+        if blocking:
+            self._worker.check(blocking)
+            return
+        slack = dict(ledger.fee_slack)
+        for key, (ours, theirs) in ledger.sync(acct.cash_usd, acct.positions, acct.marks).items():
+            if abs(theirs - ours) <= slack.get(key, ZERO) + _EPS:
+                logger.info(
+                    "position %s: Alpaca's crypto fee left %s (booked estimate: %s)",
+                    key,
+                    theirs,
+                    ours,
+                )
+            else:
                 logger.warning(
                     "position %s: Alpaca has %s, this run had %s; taking Alpaca's "
                     "(trades outside this run?)",
                     key,
-                    qty,
-                    self._qty.get(key, ZERO),
+                    theirs,
+                    ours,
                 )
-                self._qty[key] = qty
-                pos = self._pos.setdefault(key, bt.Position())
-                pos.set(float(qty), avg if qty else 0.0)
 
     # -- adoption of the open orders found at start (main thread) ------------------------------
 
     def _adopt(self) -> None:
-        """Follow the open orders found at start once their feed has a bar."""
+        """Follow the open order families found at start once their feed has a bar."""
         waiting = []
         for snap in self._to_adopt:
             data = self._datas.get(position_key(str(snap.symbol)))
             if data is None or not len(data):
                 waiting.append(snap)
                 continue
-            root = self._adopt_one(snap, data, None)
-            for leg_snap in snap.legs or ():
-                self._adopt_one(leg_snap, data, root)
+            coid = snap.client_order_id
+            legs = [leg for leg in snap.legs or () if family_live(leg)]
+            if live(snap):
+                root = self._adopt_one(snap, data, None, coid, "order")
+                for leg_snap in snap.legs or ():
+                    self._adopt_one(leg_snap, data, root, coid, "bracket_leg")
+            else:  # a filled entry: its working legs are exits of one OCO group
+                for leg_snap in legs:
+                    self._adopt_one(leg_snap, data, None, coid, "order")
+            symbol = str(snap.symbol)
+            self.flights.add_adopted(coid, symbol, position_key(symbol), [snap, *(snap.legs or ())])
         self._to_adopt = waiting
 
-    def _adopt_one(self, snap: AlpacaOrder, data: Any, root: TrackedOrder | None) -> TrackedOrder:
+    def _adopt_one(
+        self, snap: AlpacaOrder, data: Any, root: TrackedOrder | None, flight: str, kind: str
+    ) -> TrackedOrder:
         order = adopted_order(snap, data, root.order if root else None)
         order.addcomminfo(self.getcommissioninfo(data))
         symbol = str(snap.symbol)
@@ -821,19 +1106,19 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
             symbol=symbol,
             key=position_key(symbol),
             qty=to_decimal(snap.qty),
-            coid=snap.client_order_id,
+            coid=snap.client_order_id if root is None and snap.client_order_id == flight else None,
             alpaca_id=str(snap.id),
             role=leg_role(snap.type) if root else None,
+            kind=kind,
             root=root,
             cum=cum,
             value=cum * to_decimal(snap.filled_avg_price),
             status=alpaca_status(snap),
             updated_at=snap.updated_at,
+            flight=flight,
         )
         if root is not None:
             root.legs.append(tr)
-        else:
-            self.flights.add_adopted(snap.client_order_id, symbol, str(snap.id))
         self.book.track(tr)
         order.submit(self)
         order.accept(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,9 @@ PAPER_URL = "https://paper-api.alpaca.markets"
 LIVE_URL = "https://api.alpaca.markets"
 PAPER_STREAM_URL = "wss://paper-api.alpaca.markets/stream"
 LIVE_STREAM_URL = "wss://api.alpaca.markets/stream"
+BROKER_SANDBOX_URL = "https://broker-api.sandbox.alpaca.markets"
+BROKER_LIVE_URL = "https://broker-api.alpaca.markets"
+LIVE_HOSTS = frozenset({"api.alpaca.markets", "broker-api.alpaca.markets"})
 
 OpenOrderPolicy = Literal["cancel", "adopt", "halt"]
 TimeInForceName = Literal["day", "gtc", "ioc", "fok", "opg", "cls"]
@@ -25,13 +29,24 @@ _TIME_IN_FORCE: tuple[str, ...] = ("day", "gtc", "ioc", "fok", "opg", "cls")
 class AlpacaBrokerConfig:
     """Alpaca broker. Paper endpoint unless ``live_trading`` is explicitly true.
 
+    Two APIs reach an account: the Trading API (the default: ``APCA-API-KEY-ID`` headers,
+    ``/v2/...``) and, with ``account_id``, the Broker API (HTTP Basic auth with the broker's
+    keys, ``/v1/trading/accounts/{account_id}/...``; alpaca-py's ``BrokerClient``).
+
     Attributes:
-        api_key, secret_key: credentials (never logged; ``repr`` is ``****``).
-        base_url: REST endpoint override without ``/v2`` (tests, proxies); ``None`` = Alpaca's
-            paper endpoint, or the live one when ``live_trading``.
+        api_key, secret_key: credentials (never logged; ``repr`` is ``****``): Trading API keys,
+            or the Broker API's key and secret with ``account_id``.
+        account_id: the Broker API account to trade (a UUID); ``None`` = the Trading API.
+        base_url: REST endpoint override without ``/v2`` or ``/v1`` (tests, proxies); ``None`` =
+            Alpaca's paper endpoint (Broker API: sandbox), or the live one when
+            ``live_trading``.
         live_trading: explicit opt-in to a real-money endpoint.
-        poll_interval_s: order status poll period, seconds (one list call per poll).
-        use_stream: also follow the trade-updates websocket (polling stays as the fallback).
+        poll_interval_s: order status poll period while no trade-updates stream is connected,
+            seconds (one list call per poll).
+        stream_poll_interval_s: order poll period while the stream is connected, seconds (the
+            polls catch what a stream leaves out).
+        use_stream: follow trade updates on Alpaca's stream (Trading API: the websocket;
+            Broker API: the trade events SSE); polling is the fallback.
         open_order_policy: open orders found at start: ``cancel``, ``adopt`` or ``halt``.
         cancel_on_stop: cancel this session's open orders on shutdown.
         refresh_interval_s: account/positions refresh period, seconds (also refreshed after
@@ -43,12 +58,18 @@ class AlpacaBrokerConfig:
         max_attempts: attempts per call on 429/5xx/timeouts before giving up.
         backoff_base_s, backoff_max_s: scale of the first and largest retry wait, seconds
             (:class:`~core.retry.RetryPolicy`: capped exponential, full jitter).
-        wait_for_market_open: hold equity orders until the Alpaca clock says open.
+        wait_for_market_open: hold equity orders until the Alpaca clock says open (orders
+            with ``extended_hours`` and crypto are never held).
+        crypto_fee_bps: crypto fee booked at each fill until the account says otherwise, basis
+            points of the fill, taken in the coin received (Alpaca's highest fee, tier 1 taker:
+            a position is never overstated, so closing it is never refused).
+        stop_timeout_s: longest the final sync at stop (cancels, final fills, the account)
+            may take, seconds.
 
     Raises:
         ConfigError: at construction, naming the variable: a non-positive period or timeout,
-            an unknown time in force or open-order policy, a URL without a scheme, or Alpaca's
-            live endpoint without ``live_trading``.
+            an unknown time in force or open-order policy, a URL without a scheme, an account
+            id that is not a UUID, or Alpaca's live endpoint without ``live_trading``.
     """
 
     api_key: Secret = setting(
@@ -63,6 +84,12 @@ class AlpacaBrokerConfig:
         secret=True,
         alternatives=("APCA_API_SECRET_KEY",),
     )
+    account_id: str | None = setting(
+        None,
+        env="ALPACA_ACCOUNT_ID",
+        help="Broker API account id: trade it through Alpaca's Broker API with the broker's "
+        "keys; default: the Trading API",
+    )
     base_url: str | None = setting(
         None,
         env="ALPACA_BASE_URL",
@@ -73,10 +100,21 @@ class AlpacaBrokerConfig:
         False, env="ALPACA_LIVE_TRADING", help="true to allow a live (real money) endpoint"
     )
     poll_interval_s: float = setting(
-        2.0, env="ALPACA_POLL_INTERVAL_S", help="order status poll period, seconds", gt=0
+        2.0,
+        env="ALPACA_POLL_INTERVAL_S",
+        help="order status poll period while no trade-updates stream is connected, seconds",
+        gt=0,
+    )
+    stream_poll_interval_s: float = setting(
+        10.0,
+        env="ALPACA_STREAM_POLL_INTERVAL_S",
+        help="order status poll period while the trade-updates stream is connected, seconds",
+        gt=0,
     )
     use_stream: bool = setting(
-        False, env="ALPACA_USE_STREAM", help="also follow the trade-updates websocket"
+        True,
+        env="ALPACA_USE_STREAM",
+        help="follow trade updates on Alpaca's stream (polling is the fallback)",
     )
     open_order_policy: OpenOrderPolicy = setting(
         "halt",
@@ -100,8 +138,8 @@ class AlpacaBrokerConfig:
     stream_url: str | None = setting(
         None,
         env="ALPACA_STREAM_URL",
-        help="trade-updates websocket override; default: derived from "
-        "ALPACA_BASE_URL (ws(s)://host/stream) or Alpaca's paper stream",
+        help="trade-updates stream override; default: derived from "
+        "ALPACA_BASE_URL (ws(s)://host/stream; Broker API: its events SSE) or Alpaca's",
     )
     request_timeout_s: float = setting(
         10.0,
@@ -124,10 +162,39 @@ class AlpacaBrokerConfig:
         help="hold equity orders until the Alpaca clock "
         "says the market is open (crypto is never held)",
     )
+    crypto_fee_bps: float = setting(
+        25.0,
+        env="ALPACA_CRYPTO_FEE_BPS",
+        help="crypto fee booked per fill until the account refresh, basis points, in the "
+        "coin received",
+        minimum=0,
+    )
+    stop_timeout_s: float = setting(
+        8.0,
+        env="ALPACA_STOP_TIMEOUT_S",
+        help="longest the final sync at stop may take, seconds",
+        gt=0,
+    )
 
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0:
             raise ConfigError(f"ALPACA_POLL_INTERVAL_S must be > 0, got {self.poll_interval_s}")
+        if self.stream_poll_interval_s <= 0:
+            raise ConfigError(
+                f"ALPACA_STREAM_POLL_INTERVAL_S must be > 0, got {self.stream_poll_interval_s}"
+            )
+        if self.stop_timeout_s <= 0:
+            raise ConfigError(f"ALPACA_STOP_TIMEOUT_S must be > 0, got {self.stop_timeout_s}")
+        if self.crypto_fee_bps < 0:
+            raise ConfigError(f"ALPACA_CRYPTO_FEE_BPS must be >= 0, got {self.crypto_fee_bps}")
+        if self.account_id is not None:
+            try:
+                uuid.UUID(self.account_id)
+            except ValueError as e:
+                raise ConfigError(
+                    f"ALPACA_ACCOUNT_ID={self.account_id!r}: expected the Broker API account "
+                    "id, a UUID such as 7b3c2a10-5d4e-4f6a-9b8c-1d2e3f4a5b6c"
+                ) from e
         if self.refresh_interval_s <= 0:
             raise ConfigError(
                 f"ALPACA_REFRESH_INTERVAL_S must be > 0, got {self.refresh_interval_s}"
@@ -167,24 +234,38 @@ class AlpacaBrokerConfig:
             )
 
     @property
+    def broker_api(self) -> bool:
+        """True when the account is traded through the Broker API (``account_id`` set)."""
+        return self.account_id is not None
+
+    @property
     def points_at_live(self) -> bool:
-        """True when ``base_url`` is Alpaca's live trading host (``api.alpaca.markets``)."""
+        """True when ``base_url`` is an Alpaca live host (``api.alpaca.markets``,
+        ``broker-api.alpaca.markets``)."""
         if self.base_url is None:
             return self.live_trading
         host = self.base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
-        return host == "api.alpaca.markets"
+        return host in LIVE_HOSTS
 
     @property
     def endpoint(self) -> str:
-        """The REST endpoint the broker trades: ``base_url``, else Alpaca's paper or live one."""
-        return self.base_url or (LIVE_URL if self.live_trading else PAPER_URL)
+        """The REST endpoint the broker trades: ``base_url``, else Alpaca's paper (Broker API:
+        sandbox) or live one."""
+        if self.base_url:
+            return self.base_url
+        if self.broker_api:
+            return BROKER_LIVE_URL if self.live_trading else BROKER_SANDBOX_URL
+        return LIVE_URL if self.live_trading else PAPER_URL
 
     @property
     def stream_endpoint(self) -> str:
-        """The trade-updates websocket: ``stream_url``, else ``ws(s)://<base_url host>/stream``,
-        else Alpaca's paper or live stream."""
+        """Where trade updates stream from: ``stream_url``; else, Trading API:
+        ``ws(s)://<base_url host>/stream`` or Alpaca's paper/live websocket; Broker API: the
+        REST endpoint (its events SSE lives there)."""
         if self.stream_url:
             return self.stream_url
+        if self.broker_api:
+            return self.endpoint
         if self.base_url:
             scheme, rest = self.base_url.split("://", 1)
             return f"{'wss' if scheme == 'https' else 'ws'}://{rest.rstrip('/')}/stream"

@@ -5,7 +5,7 @@ Commands, main thread -> ``alpaca-orders`` thread: :class:`SubmitOrder`, :class:
 
 Events, worker threads -> main thread (applied by ``AlpacaPaperTradingBroker.next()``, the only
 place backtrader objects are touched): :class:`AlpacaOrderUpdate`, :class:`SubmitRejected`,
-:class:`NotSent`, :class:`AccountState`, :class:`WorkerFailed`.
+:class:`NotSent`, :class:`ReplacementLost`, :class:`AccountState`, :class:`WorkerFailed`.
 
 Every message is immutable; Alpaca models inside are never changed after they are queued.
 """
@@ -24,11 +24,21 @@ from alpaca.trading.requests import OrderRequest
 
 @dataclass(frozen=True, slots=True)
 class SubmitOrder:
-    """Send ``request`` (its ``client_order_id`` is ``coid``); equities wait for the open."""
+    """Send ``request`` (its ``client_order_id`` is ``coid``).
+
+    Attributes:
+        symbol: Alpaca symbol.
+        extended_hours: the order may trade outside regular hours (never held for the open).
+        after: families whose cancels must settle first (their shares are reserved until
+            then); the submit then retries Alpaca's 403 "insufficient qty available" a few times
+            while a cancel is still pending.
+    """
 
     coid: str
     request: OrderRequest
     symbol: str
+    extended_hours: bool = False
+    after: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +88,34 @@ class NotSent:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplacementLost:
+    """Alpaca order ``alpaca_id`` of family ``coid`` was replaced and its successor could not be
+    found: the backtrader order it stood for ends (the account read then sets the position)."""
+
+    coid: str
+    alpaca_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AccountState:
     """An account + positions read.
 
     Attributes:
-        cash_usd, equity_usd: from ``GET /v2/account``.
+        cash_usd, equity_usd: from the account.
         positions: position key -> (signed quantity, average entry price USD).
-        generations: per-symbol order generations read before the orders poll that preceded
-            this read; a symbol whose generation moved since is not reconciled.
+        marks: position key -> Alpaca's current price, USD.
+        consistent: no followed order filled, and no order was sent, while it was read (the
+            fill markers before and after the read were equal).
+        checked_keys: position keys whose every family was looked up just before the read
+            (a difference there is not a fill still to be seen).
     """
 
-    cash_usd: float
+    cash_usd: Decimal
     equity_usd: float
     positions: dict[str, tuple[Decimal, float]]
-    generations: dict[str, int]
+    marks: dict[str, float]
+    consistent: bool
+    checked_keys: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,4 +125,4 @@ class WorkerFailed:
     error: BaseException
 
 
-Event = AlpacaOrderUpdate | SubmitRejected | NotSent | AccountState | WorkerFailed
+Event = AlpacaOrderUpdate | SubmitRejected | NotSent | ReplacementLost | AccountState | WorkerFailed

@@ -1,19 +1,23 @@
-"""Alpaca REST: client construction, error classification, retries.
+"""Alpaca REST: one account over the Trading API or the Broker API, error classification,
+retries.
 
-* :func:`make_client` builds an alpaca-py ``TradingClient`` and :func:`prepare_client` makes it
-  ours: alpaca-py's own retries off (it sleeps 3 s per 429/504) and a timeout on every request
-  (alpaca-py sets none).
+* :class:`AlpacaApi` is the account's calls (account, positions, orders, clock), whichever API
+  reaches it: :class:`TradingApi` on alpaca-py's ``TradingClient`` (``/v2/...``, key headers) or
+  :class:`BrokerApi` on its ``BrokerClient`` (``/v1/trading/accounts/{account_id}/...``, HTTP
+  Basic auth). :func:`make_api` builds the one ``config`` asks for; alpaca-py's own retries are
+  off (it sleeps 3 s per 429/504) and every request gets a timeout (alpaca-py sets none).
 * Errors are classified: :data:`TRANSIENT_HTTP` statuses, timeouts and connection errors are
-  retried (:func:`is_transient`); any other HTTP error becomes :class:`AlpacaAPIError` at once
-  (a 4xx on submit is a rejected order, never retried).
+  retried (:func:`is_transient`); any other HTTP error becomes :class:`AlpacaAPIError` at once.
 * :class:`AlpacaCaller` runs each call under the project's one
   :class:`~core.retry.RetryPolicy` (capped exponential backoff, full jitter), interruptible by
-  the broker's stop event, and counts calls, retries and failures.
-* Typed calls (:func:`get_account` ...): alpaca-py annotates every answer as
-  ``Model | RawData``; raw data is off here.
+  the broker's stop event or bounded by a deadline (the final sync at stop), and counts calls,
+  retries and failures.
 
-Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2): error bodies are
-``{"code", "message"}``; 429 is the rate limit (~200 requests/min).
+Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 and Broker API): error bodies
+are ``{"code", "message"}``; 429 is the rate limit (200 requests/min per account); the open
+orders listing leaves out held bracket legs and, with ``nested=true``, every order of a bracket
+whose entry filled (alpacahq/alpaca-trade-api-js #87, alpaca-trade-api-python #322), so
+:func:`open_orders` asks for the flat listing.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import requests
+from alpaca.broker.client import BrokerClient
+from alpaca.common.enums import Sort
 from alpaca.common.exceptions import APIError
 from alpaca.trading.client import TradingClient
 from alpaca.trading.enums import QueryOrderStatus
@@ -34,7 +42,7 @@ from alpaca.trading.models import Order as AlpacaOrder
 from alpaca.trading.models import Position as AlpacaPosition
 from alpaca.trading.requests import GetOrderByIdRequest, GetOrdersRequest, OrderRequest
 
-from core.errors import BrokerError
+from core.errors import BrokerError, RetryInterruptedError
 from core.retry import RetryPolicy
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
 
@@ -44,9 +52,9 @@ T = TypeVar("T")
 
 TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (requests.Timeout, requests.ConnectionError)
-# Once the broker is stopping, the final sync cannot sit out a full backoff: its calls keep
-# their attempts but wait at most this long between them, seconds.
-STOPPING_WAIT_S = 0.05
+LIST_LIMIT = 500  # Alpaca's largest page of orders
+MAX_RATE_WAIT_S = 60.0  # a rate-limit window is one minute
+SUCCESSOR_SLACK = timedelta(seconds=5)  # a successor is created at (or just after) the replace
 
 CallHook = Callable[[str, BaseException], None]
 """``hook(operation, error)``; ``operation`` is a short fixed name (``"submit"``,
@@ -81,6 +89,20 @@ def api_error_parts(e: APIError) -> tuple[int | None, int | None, str]:
         return status, None, str(e)[:300]
 
 
+def rate_limit_wait_s(e: APIError, now_epoch_s: float, cap_s: float = MAX_RATE_WAIT_S) -> float:
+    """Seconds until Alpaca's rate counter resets, from a 429's ``X-Ratelimit-Reset`` (epoch
+    seconds; Alpaca staff on forum.alpaca.markets: "pause until that time"); 0 without one."""
+    response = e.response
+    raw = response.headers.get("X-Ratelimit-Reset") if response is not None else None
+    try:
+        reset = float(raw) if raw is not None else None
+    except ValueError:
+        reset = None
+    if reset is None:
+        return 0.0
+    return min(cap_s, max(0.0, reset - now_epoch_s))
+
+
 def is_transient(e: BaseException) -> bool:
     """True for what a retry may fix: HTTP 429/5xx, timeouts, connection errors."""
     if isinstance(e, APIError):
@@ -88,7 +110,7 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, TRANSIENT_ERRORS)
 
 
-# -- clients ----------------------------------------------------------------------------------
+# -- the account's calls ----------------------------------------------------------------------
 
 
 class _TimeoutSession(requests.Session):
@@ -109,25 +131,150 @@ class _TimeoutSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
-def make_client(config: AlpacaBrokerConfig) -> TradingClient:
-    """An alpaca-py ``TradingClient`` for ``config``'s keys and endpoint (no request made)."""
-    return TradingClient(
-        config.api_key.reveal(),
-        config.secret_key.reveal(),
-        paper=not config.live_trading,
-        url_override=config.base_url,
-    )
+class AlpacaApi:
+    """The calls the broker makes on its one account. Subclasses bind them to an API.
 
+    Every method makes exactly one HTTP request and raises alpaca-py's ``APIError`` (or a
+    ``requests`` error) as is: :class:`AlpacaCaller` classifies and retries.
 
-def prepare_client(client: TradingClient, timeout_s: float) -> TradingClient:
-    """Hand ``client``'s retries to :class:`AlpacaCaller` and give every request a timeout.
-
-    Returns:
-        ``client`` itself. Use one client per thread (``requests.Session`` is not shared).
+    Thread context: one instance per thread (``requests.Session`` is not shared).
     """
+
+    name = "trading"
+
+    def account(self) -> TradeAccount:
+        raise NotImplementedError
+
+    def positions(self) -> list[AlpacaPosition]:
+        raise NotImplementedError
+
+    def orders(self, request: GetOrdersRequest) -> list[AlpacaOrder]:
+        raise NotImplementedError
+
+    def order(self, alpaca_id: str) -> AlpacaOrder:
+        """One order with its legs (``nested=true``)."""
+        raise NotImplementedError
+
+    def order_by_coid(self, coid: str) -> AlpacaOrder:
+        raise NotImplementedError
+
+    def submit(self, request: OrderRequest) -> AlpacaOrder:
+        raise NotImplementedError
+
+    def cancel(self, alpaca_id: str) -> None:
+        raise NotImplementedError
+
+    def clock(self) -> Clock:
+        raise NotImplementedError
+
+
+class TradingApi(AlpacaApi):
+    """The Trading API (``/v2``, ``APCA-API-KEY-ID`` headers) through ``TradingClient``."""
+
+    name = "trading"
+
+    def __init__(self, client: TradingClient) -> None:
+        self.client = client
+
+    def account(self) -> TradeAccount:
+        return cast(TradeAccount, self.client.get_account())
+
+    def positions(self) -> list[AlpacaPosition]:
+        return cast(list[AlpacaPosition], self.client.get_all_positions())
+
+    def orders(self, request: GetOrdersRequest) -> list[AlpacaOrder]:
+        return cast(list[AlpacaOrder], self.client.get_orders(request))
+
+    def order(self, alpaca_id: str) -> AlpacaOrder:
+        return cast(
+            AlpacaOrder, self.client.get_order_by_id(alpaca_id, GetOrderByIdRequest(nested=True))
+        )
+
+    def order_by_coid(self, coid: str) -> AlpacaOrder:
+        return cast(AlpacaOrder, self.client.get_order_by_client_id(coid))
+
+    def submit(self, request: OrderRequest) -> AlpacaOrder:
+        return cast(AlpacaOrder, self.client.submit_order(request))
+
+    def cancel(self, alpaca_id: str) -> None:
+        self.client.cancel_order_by_id(alpaca_id)
+
+    def clock(self) -> Clock:
+        return cast(Clock, self.client.get_clock())
+
+
+class BrokerApi(AlpacaApi):
+    """The Broker API (``/v1/trading/accounts/{account_id}``, HTTP Basic auth) through
+    ``BrokerClient``, on one account."""
+
+    name = "broker"
+
+    def __init__(self, client: BrokerClient, account_id: str) -> None:
+        self.client = client
+        self.account_id = account_id
+
+    def account(self) -> TradeAccount:
+        return cast(TradeAccount, self.client.get_trade_account_by_id(self.account_id))
+
+    def positions(self) -> list[AlpacaPosition]:
+        return cast(
+            list[AlpacaPosition], self.client.get_all_positions_for_account(self.account_id)
+        )
+
+    def orders(self, request: GetOrdersRequest) -> list[AlpacaOrder]:
+        return cast(list[AlpacaOrder], self.client.get_orders_for_account(self.account_id, request))
+
+    def order(self, alpaca_id: str) -> AlpacaOrder:
+        return cast(
+            AlpacaOrder,
+            self.client.get_order_for_account_by_id(
+                self.account_id, alpaca_id, GetOrderByIdRequest(nested=True)
+            ),
+        )
+
+    def order_by_coid(self, coid: str) -> AlpacaOrder:
+        return cast(
+            AlpacaOrder, self.client.get_order_for_account_by_client_id(self.account_id, coid)
+        )
+
+    def submit(self, request: OrderRequest) -> AlpacaOrder:
+        # alpaca-py types this with its Broker API request classes, which only add an optional
+        # ``commission``; a Trading API request serializes the same order fields.
+        return cast(
+            AlpacaOrder,
+            self.client.submit_order_for_account(self.account_id, request),  # type: ignore[arg-type]
+        )
+
+    def cancel(self, alpaca_id: str) -> None:
+        self.client.cancel_order_for_account_by_id(self.account_id, alpaca_id)
+
+    def clock(self) -> Clock:
+        return cast(Clock, self.client.get_clock())
+
+    def sse_headers(self) -> dict[str, str]:
+        """Basic auth and SSE headers for the events stream (never logged)."""
+        return cast(dict[str, str], self.client._get_sse_headers())
+
+
+def make_api(config: AlpacaBrokerConfig) -> AlpacaApi:
+    """The account's calls on the API ``config`` selects (no request made); alpaca-py's
+    retries off, a timeout on every request."""
+    key, secret = config.api_key.reveal(), config.secret_key.reveal()
+    client: TradingClient | BrokerClient
+    api: AlpacaApi
+    if config.account_id is not None:
+        client = BrokerClient(
+            key, secret, sandbox=not config.live_trading, url_override=config.endpoint
+        )
+        api = BrokerApi(client, config.account_id)
+    else:
+        client = TradingClient(
+            key, secret, paper=not config.live_trading, url_override=config.base_url
+        )
+        api = TradingApi(client)
     client._retry = 0
-    client._session = _TimeoutSession(timeout_s)
-    return client
+    client._session = _TimeoutSession(config.request_timeout_s)
+    return api
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -139,8 +286,7 @@ class AlpacaCaller:
     Args:
         policy: attempts and waits (``AlpacaBrokerConfig.retry_policy``).
         stop: the broker's stop event: a wait of an interruptible call ends at once when it is
-            set (:class:`~core.errors.RetryInterruptedError`); after it is set, calls that must
-            finish (the final sync) wait at most :data:`STOPPING_WAIT_S` between attempts.
+            set (:class:`~core.errors.RetryInterruptedError`).
         on_retry: ``(operation, error)`` before each retry (metrics: retries).
         on_error: ``(operation, error)`` once per call that failed for good: every attempt
             failed, or Alpaca answered with a non-retryable status (metrics: errors). Not called
@@ -150,8 +296,8 @@ class AlpacaCaller:
         calls: HTTP requests made (every attempt counts).
         retries: attempts that were retried.
 
-    Thread context: any thread; hooks run on the calling thread (the orders, monitor or main
-    thread), so they must be thread-safe.
+    Thread context: any thread; hooks run on the calling thread (the orders, monitor, stream
+    or main thread), so they must be thread-safe.
     """
 
     def __init__(
@@ -163,17 +309,17 @@ class AlpacaCaller:
         on_error: CallHook | None = None,
     ) -> None:
         self.policy = policy
-        self.stopping_policy = dataclasses.replace(
-            policy,
-            initial_s=min(policy.initial_s, STOPPING_WAIT_S),
-            max_s=min(policy.max_s, STOPPING_WAIT_S),
-        )
         self.stop = stop
         self.on_retry = on_retry
         self.on_error = on_error
         self.calls = 0
         self.retries = 0
         self._lock = threading.Lock()
+
+    def count_request(self) -> None:
+        """Count a request made outside :meth:`call` (a stream connection)."""
+        with self._lock:
+            self.calls += 1
 
     def call(
         self,
@@ -182,6 +328,8 @@ class AlpacaCaller:
         *args: Any,
         what: str | None = None,
         interruptible: bool = True,
+        deadline: float | None = None,
+        attempts: int | None = None,
     ) -> T:
         """Call ``fn(*args)`` with retries on transient errors.
 
@@ -190,14 +338,28 @@ class AlpacaCaller:
             what: names this call in logs and errors (``"submit s-42"``); default ``operation``.
             interruptible: give up when the stop event is set while waiting to retry; False
                 for calls that must complete (start-up reads, the final sync at stop).
+            deadline: ``time.monotonic()`` after which no retry wait goes on (the final sync's
+                budget): the waits themselves are the policy's, so a 429 is really waited out.
+            attempts: fewer attempts than the policy's (best-effort reads such as the clock).
 
         Raises:
             AlpacaAPIError: a non-retryable answer (4xx other than 429).
-            RetryInterruptedError: stopping while waiting to retry (interruptible calls).
+            RetryInterruptedError: stopping (interruptible calls) or the deadline passed while
+                waiting to retry.
             TransientError: still failing after the policy's attempts.
         """
         label = what or operation
         attempt = 0
+        policy = self.policy
+        if attempts is not None:
+            policy = dataclasses.replace(policy, attempts=attempts)
+        stop: threading.Event | None = self.stop if interruptible else None
+        timer: threading.Timer | None = None
+        if deadline is not None:
+            stop = threading.Event()
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop.set)
+            timer.daemon = True
+            timer.start()
 
         def once() -> T:
             nonlocal attempt
@@ -208,6 +370,16 @@ class AlpacaCaller:
                 return fn(*args)
             except APIError as e:
                 status, code, message = api_error_parts(e)
+                if status == 429 and attempt < policy.attempts:
+                    # Alpaca counts requests per minute: waiting the backoff alone may retry
+                    # into the same full window; wait for its reset first
+                    wait_s = rate_limit_wait_s(e, time.time())
+                    if wait_s > 0:
+                        logger.info("%s: rate limited; waiting %.2f s for the reset", label, wait_s)
+                        if (stop or threading.Event()).wait(wait_s):
+                            raise RetryInterruptedError(
+                                f"{label}: stopping while waiting for the rate limit"
+                            ) from e
                 if status in TRANSIENT_HTTP:
                     raise
                 raise AlpacaAPIError(label, status, code, message, attempt) from e
@@ -222,63 +394,94 @@ class AlpacaCaller:
             if self.on_error is not None:
                 self.on_error(operation, e)
 
-        stopping = self.stop.is_set()
-        policy = self.stopping_policy if stopping and not interruptible else self.policy
         try:
             return policy.call(
                 label,
                 once,
                 retry_on=is_transient,
-                stop=self.stop if interruptible else None,
+                stop=stop,
                 on_retry=retried,
                 on_give_up=failed,
             )
         except AlpacaAPIError as e:
             failed(e)
             raise
+        except RetryInterruptedError as e:
+            if deadline is not None:
+                failed(e)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
-# -- typed calls ------------------------------------------------------------------------------
+# -- listings ---------------------------------------------------------------------------------
 
 
-def get_account(c: TradingClient) -> TradeAccount:
-    """``GET /v2/account``."""
-    return cast(TradeAccount, c.get_account())
+def open_orders(api: AlpacaApi) -> list[AlpacaOrder]:
+    """Every listed open order, flat (bracket legs as their own rows): one request.
 
-
-def get_positions(c: TradingClient) -> list[AlpacaPosition]:
-    """``GET /v2/positions``."""
-    return cast(list[AlpacaPosition], c.get_all_positions())
-
-
-def get_open_orders(c: TradingClient) -> list[AlpacaOrder]:
-    """Every open order, bracket legs nested under their parent (one request, up to 500)."""
-    return cast(
-        list[AlpacaOrder],
-        c.get_orders(GetOrdersRequest(status=QueryOrderStatus.OPEN, nested=True, limit=500)),
+    Alpaca leaves held legs out of it (alpaca-trade-api-python #322) and, nested, every order
+    of a bracket whose entry filled (alpaca-trade-api-js #87); flat, the live take-profit leg
+    is there.
+    """
+    return api.orders(
+        GetOrdersRequest(status=QueryOrderStatus.OPEN, nested=False, limit=LIST_LIMIT)
     )
 
 
-def get_order(c: TradingClient, alpaca_id: str) -> AlpacaOrder:
-    """``GET /v2/orders/{id}?nested=true``."""
-    return cast(AlpacaOrder, c.get_order_by_id(alpaca_id, GetOrderByIdRequest(nested=True)))
+def open_families(api: AlpacaApi) -> list[AlpacaOrder]:
+    """Open orders with their legs nested (entries not filled yet, simple orders): one
+    request."""
+    return api.orders(GetOrdersRequest(status=QueryOrderStatus.OPEN, nested=True, limit=LIST_LIMIT))
 
 
-def get_order_by_coid(c: TradingClient, coid: str) -> AlpacaOrder:
-    """``GET /v2/orders:by_client_order_id``."""
-    return cast(AlpacaOrder, c.get_order_by_client_id(coid))
+def closed_families(
+    api: AlpacaApi, after: datetime, max_pages: int
+) -> tuple[list[AlpacaOrder], bool]:
+    """Orders listed as closed since ``after``, legs nested, newest first, ``max_pages`` pages
+    of 500 at most: held legs show up here under their filled entry.
+
+    Returns:
+        ``(orders, complete)``; ``complete`` is False when ``max_pages`` ran out first.
+    """
+    out: list[AlpacaOrder] = []
+    seen: set[str] = set()
+    until: datetime | None = None
+    for _ in range(max_pages):
+        page = api.orders(
+            GetOrdersRequest(
+                status=QueryOrderStatus.CLOSED,
+                nested=True,
+                limit=LIST_LIMIT,
+                after=after,
+                until=until,
+                direction=Sort.DESC,
+            )
+        )
+        fresh = [o for o in page if str(o.id) not in seen]
+        out.extend(fresh)
+        seen.update(str(o.id) for o in fresh)
+        if len(page) < LIST_LIMIT or not fresh:
+            return out, True
+        until = min(o.created_at for o in page)
+    return out, False
 
 
-def get_clock(c: TradingClient) -> Clock:
-    """``GET /v2/clock``."""
-    return cast(Clock, c.get_clock())
-
-
-def submit_order(c: TradingClient, request: OrderRequest) -> AlpacaOrder:
-    """``POST /v2/orders``."""
-    return cast(AlpacaOrder, c.submit_order(request))
-
-
-def cancel_order(c: TradingClient, alpaca_id: str) -> None:
-    """``DELETE /v2/orders/{id}``."""
-    c.cancel_order_by_id(alpaca_id)
+def successor_of(api: AlpacaApi, replaced: AlpacaOrder) -> AlpacaOrder | None:
+    """The order that replaced ``replaced`` when Alpaca did not say (``replaced_by`` empty):
+    the recent orders of its symbol, searched for ``replaces == replaced.id``. One request."""
+    since = replaced.replaced_at or replaced.updated_at
+    rows = api.orders(
+        GetOrdersRequest(
+            status=QueryOrderStatus.ALL,
+            nested=False,
+            limit=LIST_LIMIT,
+            symbols=[str(replaced.symbol)],
+            after=since - SUCCESSOR_SLACK,
+            direction=Sort.ASC,
+        )
+    )
+    return next(
+        (o for o in rows if o.replaces is not None and str(o.replaces) == str(replaced.id)), None
+    )

@@ -9,18 +9,24 @@
 * :func:`fill_increment`: what a snapshot adds to the fills already applied, from Alpaca's
   cumulative ``filled_qty`` and ``filled_avg_price``.
 * :func:`adopted_order`: an open Alpaca order found at start as a backtrader order.
+* :func:`validity`: backtrader's ``valid=`` as Alpaca's time in force plus, where Alpaca has no
+  good-till-date, the moment this broker expires the order itself.
+* :func:`crypto_fee`: the fee booked for a crypto fill, in the coin received.
 
-Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 "Orders", "Positions"): decimals
-are strings; crypto positions are keyed ``BTCUSD`` while crypto orders use ``BTC/USD``; crypto
-allows ``gtc``/``ioc`` only; a bracket's legs come back under ``legs`` with ``nested=true``.
+Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 "Orders", "Positions", "Crypto
+Spot Trading", "Crypto Fees"): decimals are strings; crypto positions are keyed ``BTCUSD``
+while crypto orders use ``BTC/USD``; crypto takes market, limit and stop-limit orders, time in
+force ``gtc``/``ioc`` only, and pays its fee in the asset received; extended-hours orders are
+``limit`` ``day`` orders; an OCO is an exit: a take-profit limit with a stop-loss leg; a
+bracket's legs come back under ``legs`` with ``nested=true``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from datetime import UTC, datetime, time
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 import backtrader as bt
@@ -42,6 +48,10 @@ from core.errors import BrokerError, OrderRejectedError
 
 QTY_QUANTUM = Decimal("0.000000001")  # Alpaca takes up to 9 decimals
 ZERO = Decimal(0)
+CENT = Decimal("0.01")
+# backtrader stores an absolute ``valid`` as a day number (~7.4e5 today); its numeric offsets in
+# days (``valid=2.5``) are left unconverted by backtrader and are far below this.
+_DAYNUM_FLOOR = 1000.0
 
 # Alpaca order status -> backtrader status. ``None``: the order keeps its backtrader state
 # (still working; nothing new for the agent). One row per Alpaca status, checked by a test.
@@ -150,6 +160,53 @@ def bt_time(dt: datetime | None, now: datetime) -> float:
 # -- backtrader order -> Alpaca request ------------------------------------------------------
 
 
+def validity(order: Any, symbol: str, bar_num: float) -> tuple[str | None, float | None]:
+    """Backtrader's ``valid=`` as Alpaca's time in force (pure).
+
+    Alpaca has ``day`` and ``gtc`` but no good-till-date, so a later expiry is sent ``gtc`` and
+    expired by the broker itself when a bar passes it (backtrader's own rule: bar time >
+    ``valid``).
+
+    Args:
+        order: the backtrader order (``order.valid``: ``None``, ``0``/``Order.DAY`` for today,
+            an absolute day number, or a number of days backtrader left unconverted).
+        symbol: Alpaca symbol (crypto has no ``day``).
+        bar_num: the current bar's backtrader day number.
+
+    Returns:
+        ``(time in force or None for the default, expiry day number or None)``.
+    """
+    valid = getattr(order, "valid", None)
+    if valid is None:
+        return None, None
+    valid = float(valid)
+    today = bt.num2date(bar_num).date()
+    if valid == 0.0:  # Order.DAY as a number: until the end of this session
+        day_end = float(bt.date2num(datetime.combine(today, time(23, 59, 59))))
+        return ("gtc", day_end) if is_crypto(symbol) else ("day", None)
+    expiry = valid if valid >= _DAYNUM_FLOOR else bar_num + valid
+    if not is_crypto(symbol) and bt.num2date(expiry).date() <= today:
+        return "day", expiry  # Order.DAY (backtrader stores today 23:59:59.9999) or earlier
+    return "gtc", expiry
+
+
+def crypto_fee(buy: bool, size: Decimal, price_usd: float, bps: float) -> tuple[Decimal, Decimal]:
+    """The fee booked for a crypto fill: Alpaca charges it on the asset received (a buy pays
+    in the coin, a sell in USD; docs "Crypto Fees").
+
+    Rounded up (coins to 1e-9, USD to the cent) so a position is never overstated.
+
+    Returns:
+        ``(fee in coins, fee in USD)``; a buy's USD figure is the coins at ``price_usd``.
+    """
+    rate = Decimal(repr(float(bps))) / 10_000
+    price = Decimal(repr(float(price_usd)))
+    if buy:
+        coins = (size * rate).quantize(QTY_QUANTUM, rounding=ROUND_CEILING)
+        return coins, coins * price
+    return ZERO, (size * price * rate).quantize(CENT, rounding=ROUND_CEILING)
+
+
 def to_order_request(
     order: Any,
     symbol: str,
@@ -157,6 +214,7 @@ def to_order_request(
     client_order_id: str | None = None,
     time_in_force: str | None = None,
     children: Sequence[Any] = (),
+    oco_stop: Any = None,
 ) -> OrderRequest:
     """Build the alpaca-py request for a backtrader order (pure; no I/O).
 
@@ -169,6 +227,8 @@ def to_order_request(
             (:func:`default_time_in_force`).
         children: the bracket children (``buy_bracket``'s stop and limit orders): both ->
             ``order_class=bracket``, one -> ``oto``.
+        oco_stop: the stop/stop-limit order paired with ``order`` (a limit: the take profit)
+            through ``oco=``: both as one ``order_class=oco`` exit.
 
     Returns:
         A Market/Limit/Stop/StopLimit/TrailingStop ``OrderRequest``. Quantity is the absolute
@@ -178,8 +238,10 @@ def to_order_request(
 
     Raises:
         OrderRejectedError: an order type Alpaca does not have (StopTrailLimit, Historical), a
-            time in force crypto does not take, a bracket child that is not a limit (take
-            profit) or stop/stop-limit (stop loss), or a size of zero.
+            crypto order Alpaca refuses (stop, trailing stop, bracket; time in force other than
+            gtc/ioc), an extended-hours order that is not a limit day order, a bracket child
+            that is not a limit (take profit) or stop/stop-limit (stop loss), an OCO pair that
+            is not a limit and a stop, or a size of zero.
     """
     crypto = is_crypto(symbol)
     info = getattr(order, "info", None) or {}
@@ -191,6 +253,17 @@ def to_order_request(
     if crypto and tif not in ("gtc", "ioc"):
         raise OrderRejectedError(
             f"{symbol}: crypto orders take time in force gtc or ioc, not {tif!r}"
+        )
+    if crypto and order.exectype in (bt.Order.Stop, bt.Order.StopTrail):
+        raise OrderRejectedError(
+            f"{symbol}: Alpaca takes market, limit and stop-limit crypto orders, not "
+            f"{bt.Order.ExecTypes[order.exectype]}"
+        )
+    if crypto and (children or oco_stop is not None):
+        raise OrderRejectedError(f"{symbol}: Alpaca has no bracket, OTO or OCO crypto orders")
+    if info.get("extended_hours") and (order.exectype != bt.Order.Limit or tif != "day"):
+        raise OrderRejectedError(
+            f"{symbol}: extended-hours orders must be limit orders with time in force day"
         )
     qty = quantity(order.created.size)
     if qty <= 0:
@@ -206,6 +279,8 @@ def to_order_request(
         common["extended_hours"] = True
     if children:
         common.update(_bracket_fields(children, symbol))
+    if oco_stop is not None:
+        return _oco_request(order, oco_stop, symbol, common)
     ex = order.exectype
     price = float(order.created.price or 0.0)
     if ex in (bt.Order.Market, bt.Order.Close):
@@ -231,6 +306,29 @@ def to_order_request(
             )
         raise OrderRejectedError(f"{symbol}: trailing stop needs trailamount or trailpercent")
     raise OrderRejectedError(f"{symbol}: Alpaca has no {bt.Order.ExecTypes[ex]} order type")
+
+
+def _oco_request(take: Any, stop: Any, symbol: str, common: dict[str, Any]) -> OrderRequest:
+    if take.exectype != bt.Order.Limit or stop.exectype not in (bt.Order.Stop, bt.Order.StopLimit):
+        raise OrderRejectedError(
+            f"{symbol}: an OCO pair is a limit (take profit) and a stop or stop-limit "
+            f"(stop loss), got {bt.Order.ExecTypes[take.exectype]} and "
+            f"{bt.Order.ExecTypes[stop.exectype]}"
+        )
+    if take.isbuy() != stop.isbuy() or quantity(take.created.size) != quantity(stop.created.size):
+        raise OrderRejectedError(f"{symbol}: an OCO pair must have the same side and size")
+    stop_loss = StopLossRequest(
+        stop_price=price_for(symbol, float(stop.created.price)),
+        limit_price=price_for(symbol, float(stop.created.pricelimit))
+        if stop.exectype == bt.Order.StopLimit
+        else None,
+    )
+    return LimitOrderRequest(
+        order_class=OrderClass.OCO,
+        take_profit=TakeProfitRequest(limit_price=price_for(symbol, float(take.created.price))),
+        stop_loss=stop_loss,
+        **common,
+    )
 
 
 def _bracket_fields(children: Sequence[Any], symbol: str) -> dict[str, Any]:

@@ -4,9 +4,16 @@
 doubt is an error (:class:`~core.errors.BrokerError`): a broker that cannot read the account
 must not run on an imagined empty portfolio.
 
+Open orders are found as families (an order with its bracket legs): the open listing, nested,
+has every family whose root is still open; a bracket whose entry filled is left out of it, and
+its held stop-loss leg out of every open listing (alpaca-trade-api-js #87,
+alpaca-trade-api-python #322), so the closed listing of the last 90 days (Alpaca cancels a
+``gtc`` order after 90 days), nested, is searched for filled entries with legs still working.
+All three open-order policies see those legs.
+
 Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 "Account", "Orders", "Clock"):
 the account's ``status`` is ``ACTIVE`` when it can trade; a cancel answered 422 means the order
-already ended.
+already ended; a cancel passes through ``pending_cancel``.
 """
 
 from __future__ import annotations
@@ -15,23 +22,36 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from alpaca.trading.client import TradingClient
 from alpaca.trading.models import Order as AlpacaOrder
 from alpaca.trading.models import TradeAccount
 
 from core.errors import BrokerError, TransientError
 from runtime.brokers.alpaca import http
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
-from runtime.brokers.alpaca.http import AlpacaAPIError, AlpacaCaller
+from runtime.brokers.alpaca.http import AlpacaApi, AlpacaAPIError, AlpacaCaller
 from runtime.brokers.alpaca.orders import alpaca_status, position_key, positions_of, to_decimal
-from runtime.brokers.alpaca.state import MarketClock
+from runtime.brokers.alpaca.state import DONE, MarketClock
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+GTC_LIFETIME = timedelta(days=90)  # Alpaca cancels gtc orders 90 days after they were placed
+MAX_CLOSED_PAGES = 20  # 10,000 closed orders searched for live legs at most
+
+
+def live(o: AlpacaOrder) -> bool:
+    """The order may still trade (``replaced`` lives on in its successor)."""
+    return alpaca_status(o) not in DONE and alpaca_status(o) != "replaced"
+
+
+def family_live(o: AlpacaOrder) -> bool:
+    """The order or one of its legs may still trade."""
+    return live(o) or any(live(leg) for leg in o.legs or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,28 +61,32 @@ class StartState:
     Attributes:
         cash_usd, equity_usd: from the account (after any cancel at start).
         positions: position key -> (signed quantity, average entry price USD).
-        to_adopt: open orders to follow as this run's (policy ``adopt``), else empty.
+        marks: position key -> Alpaca's current price, USD.
+        to_adopt: open order families to follow as this run's (policy ``adopt``; a family's
+            root may be a filled entry whose legs still work), else empty.
         clock: the market clock.
     """
 
-    cash_usd: float
+    cash_usd: Decimal
     equity_usd: float
     positions: dict[str, tuple[Decimal, float]]
+    marks: dict[str, float]
     to_adopt: list[AlpacaOrder]
     clock: MarketClock
 
 
 def read_start_state(
     caller: AlpacaCaller,
-    client: TradingClient,
+    api: AlpacaApi,
     config: AlpacaBrokerConfig,
     traded: Collection[str],
 ) -> StartState:
-    """Check the account can trade, apply ``open_order_policy``, read positions and the clock.
+    """Check the account can trade, apply ``open_order_policy`` to every open order family
+    (bracket legs included), read positions and the clock.
 
     Args:
         caller: runs the calls (not interruptible: a start cannot be half done).
-        client: a prepared client (main thread's).
+        api: the account's calls (main thread's).
         config: the policy and the endpoint.
         traded: position keys of this run's feeds (``AAPL``, ``BTCUSD``); empty = unknown.
 
@@ -85,27 +109,34 @@ def read_start_state(
                 "refusing to run on an unknown portfolio"
             ) from e
 
-    account = read("account", http.get_account, client)
+    account = read("account", api.account)
     _check_account(account)
-    open_orders = read("open_orders", http.get_open_orders, client)
+    open_orders = find_open_families(caller, api, endpoint)
     to_adopt: list[AlpacaOrder] = []
     if open_orders:
-        to_adopt = _apply_open_order_policy(open_orders, config, traded, caller, client)
-        account = read("account", http.get_account, client)
-    positions = positions_of(read("positions", http.get_positions, client))
-    clock = read("clock", http.get_clock, client)
+        to_adopt = _apply_open_order_policy(open_orders, config, traded, caller, api)
+        account = read("account", api.account)
+    rows = read("positions", api.positions)
+    positions = positions_of(rows)
+    clock = read("clock", api.clock)
     state = StartState(
-        cash_usd=float(to_decimal(account.cash)),
+        cash_usd=to_decimal(account.cash),
         equity_usd=float(to_decimal(account.equity)),
         positions=positions,
+        marks={
+            position_key(str(p.symbol)): float(to_decimal(p.current_price))
+            for p in rows
+            if p.current_price is not None
+        },
         to_adopt=to_adopt,
         clock=MarketClock.of(clock, time.monotonic()),
     )
     untraded = sorted(set(positions) - set(traded)) if traded else []
     logger.info(
-        "Alpaca account %s: cash %.2f USD, equity %.2f USD, %d position(s)%s, %d "
-        "open order(s) (%s), market %s",
+        "Alpaca account %s (%s API): cash %.2f USD, equity %.2f USD, %d position(s)%s, %d "
+        "open order famil(ies) (%s), market %s",
         account.account_number,
+        api.name,
         state.cash_usd,
         state.equity_usd,
         len(positions),
@@ -115,6 +146,58 @@ def read_start_state(
         "open" if clock.is_open else "closed",
     )
     return state
+
+
+def find_open_families(caller: AlpacaCaller, api: AlpacaApi, endpoint: str) -> list[AlpacaOrder]:
+    """Every order family with something still working: open roots (legs nested) and filled
+    entries whose legs still work (the held stop legs no open listing shows).
+
+    Raises:
+        BrokerError: a listing cannot be read.
+    """
+    try:
+        families = caller.call("open_orders", http.open_families, api, interruptible=False)
+        closed, complete = caller.call(
+            "closed_orders",
+            http.closed_families,
+            api,
+            datetime.now(UTC) - GTC_LIFETIME,
+            MAX_CLOSED_PAGES,
+            interruptible=False,
+        )
+    except (TransientError, AlpacaAPIError) as e:
+        raise BrokerError(
+            f"cannot read the Alpaca open orders at {endpoint}: {e}; "
+            "refusing to run on an unknown portfolio"
+        ) from e
+    if not complete:
+        logger.warning(
+            "more than %d closed orders in the last 90 days: bracket legs of older entries "
+            "were not searched",
+            MAX_CLOSED_PAGES * http.LIST_LIMIT,
+        )
+    seen = {str(o.id) for o in families}
+    with_legs = [o for o in closed if o.legs and family_live(o) and str(o.id) not in seen]
+    return [*families, *with_legs]
+
+
+def describe(o: AlpacaOrder) -> str:
+    """One family in a log line: the root, then its working legs."""
+    legs = [leg for leg in o.legs or () if live(leg)]
+    text = (
+        f"{o.symbol} {getattr(o.side, 'value', o.side)} {o.qty} "
+        f"{getattr(o.type, 'value', o.type)} {alpaca_status(o)} id={o.id}"
+    )
+    if legs:
+        text += (
+            " legs["
+            + ", ".join(
+                f"{getattr(leg.type, 'value', leg.type)} {alpaca_status(leg)} id={leg.id}"
+                for leg in legs
+            )
+            + "]"
+        )
+    return text
 
 
 def _check_account(account: TradeAccount) -> None:
@@ -137,16 +220,12 @@ def _apply_open_order_policy(
     config: AlpacaBrokerConfig,
     traded: Collection[str],
     caller: AlpacaCaller,
-    client: TradingClient,
+    api: AlpacaApi,
 ) -> list[AlpacaOrder]:
-    """``halt``: raise; ``adopt``: return the orders to follow; ``cancel``: cancel them and wait
-    until Alpaca lists none of them (returns ``[]``)."""
+    """``halt``: raise; ``adopt``: return the families to follow; ``cancel``: cancel every
+    working order of them and wait until Alpaca shows each one ended (returns ``[]``)."""
     policy = config.open_order_policy
-    listing = "; ".join(
-        f"{o.symbol} {getattr(o.side, 'value', o.side)} {o.qty} "
-        f"{getattr(o.type, 'value', o.type)} {alpaca_status(o)} id={o.id}"
-        for o in orders[:10]
-    )
+    listing = "; ".join(describe(o) for o in orders[:10])
     if policy == "halt":
         raise BrokerError(
             f"the Alpaca account has {len(orders)} open order(s) ({listing}). "
@@ -165,24 +244,31 @@ def _apply_open_order_policy(
             )
         logger.warning("adopting %d open order(s): %s", len(orders), listing)
         return list(orders)
-    logger.warning("cancelling %d open order(s) found at start: %s", len(orders), listing)
+    logger.warning("cancelling %d open order famil(ies) found at start: %s", len(orders), listing)
     try:
         for o in orders:
-            try:
-                caller.call("cancel", http.cancel_order, client, str(o.id), interruptible=False)
-            except AlpacaAPIError as e:  # 422: it ended meanwhile; the listing below checks
-                logger.info("cancel of %s at start: %s", o.id, e.message)
+            targets = [o] if live(o) else [leg for leg in o.legs or () if live(leg)]
+            for t in targets:
+                try:
+                    caller.call("cancel", api.cancel, str(t.id), interruptible=False)
+                except AlpacaAPIError as e:  # 422: it ended meanwhile; checked below
+                    logger.info("cancel of %s at start: %s", t.id, e.message)
         deadline = time.monotonic() + max(30.0, 5 * config.poll_interval_s)
-        ids = {str(o.id) for o in orders}
+        left = list(orders)
         while True:
-            listed = caller.call("open_orders", http.get_open_orders, client, interruptible=False)
-            left = [o for o in listed if str(o.id) in ids]
+            left = [
+                snap
+                for o in left
+                if family_live(
+                    snap := caller.call("order", api.order, str(o.id), interruptible=False)
+                )
+            ]
             if not left:
                 return []
             if time.monotonic() > deadline:
                 raise BrokerError(
-                    f"{len(left)} open order(s) still open after cancelling at "
-                    "start: " + ", ".join(str(o.id) for o in left)
+                    f"{len(left)} open order famil(ies) still open after cancelling at "
+                    "start (pending_cancel?): " + "; ".join(describe(o) for o in left)
                 )
             time.sleep(min(0.5, config.poll_interval_s))
     except (TransientError, AlpacaAPIError) as e:

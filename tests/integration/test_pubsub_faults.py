@@ -1,0 +1,263 @@
+"""Faults a production feed sees, against the real Pub/Sub emulator (a subscriber and live
+backtrader feeds in this process):
+
+* bursts of large messages (100 kB text fields, several MB in flight): all delivered, no stall;
+  a message over the size limit is refused as ``oversized`` and the stream goes on;
+* a network cut through a TCP proxy on loopback: DISCONNECTED, and LIVE (readiness) only once
+  bars flow again; nothing lost;
+* the server restarted empty: the subscription is re-created within seconds, and the bars
+  published before it existed show as missing bar times;
+* acknowledgement on disk: a bar is acknowledged only through ``ack_through``; what is not is
+  returned at close and delivered to the next subscriber of the same deployment;
+* ``request_stop`` ends a discovery wait at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+
+from core.errors import ConfigError
+from core.retry import RetryPolicy
+from core.time import bt_num_to_posix
+from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, publisher_client
+from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
+from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
+from tests.tcp_proxy import TcpProxy
+
+__all__ = ["emulator_factory", "pubsub_emulator", "topic"]  # fixtures used by this module
+
+# Redelivery after a broken stream waits for the stream's ack deadline (10 s, the default
+# lease extension): waits below allow for it.
+REDELIVERY_S = 40.0
+
+
+def deployment() -> str:
+    return f"d-{uuid.uuid4().hex[:8]}"
+
+
+def test_bursts_of_large_messages_are_all_delivered(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    # 120 bars with a 100 kB headline each: 12 MB in flight, three times gRPC's 4 MB default.
+    big = "x" * 100_000
+    items = [({"symbol": "AAA"}, bar("AAA", i, headline=f"{i}{big}")) for i in range(120)]
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(pubsub_emulator, topic, items)
+        wait_for(lambda: sub.handler.stats.delivered == 120, timeout_s=60, what="120 bars")
+
+    sub = PubSubBarSubscriber(
+        config(pubsub_emulator, topic, fields=("headline:text",)),
+        symbols=["AAA"],
+        deployment=deployment(),
+        settings=FAST,
+    )
+    strategy = run_live(sub, scenario)
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(120)]
+    assert sub.stats()["malformed_total"] == 0 and sub.disconnects == 0
+
+
+def test_an_oversized_message_is_refused_and_the_stream_goes_on(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    items = [({"symbol": "AAA"}, bar("AAA", i)) for i in range(5)]
+    items.append(({"symbol": "AAA"}, bar("AAA", 5, headline="y" * 200_000)))
+    items += [({"symbol": "AAA"}, bar("AAA", i)) for i in range(6, 10)]
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(pubsub_emulator, topic, items)
+        wait_for(lambda: sub.handler.stats.received == 10, what="10 messages")
+
+    settings = StreamSettings(
+        health_interval_s=0.3,
+        probe_timeout_s=1.0,
+        reconnect=RetryPolicy(initial_s=0.2, max_s=1.0),
+        max_message_bytes=100_000,
+    )
+    sub = PubSubBarSubscriber(
+        config(pubsub_emulator, topic), symbols=["AAA"], deployment=deployment(), settings=settings
+    )
+    strategy = run_live(sub, scenario)
+    assert sub.stats()["malformed"] == {"oversized": 1}
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(10) if i != 5]
+    # Bar time 5 is missing for the agent; the gap count says so.
+    assert sub.stats()["missing_bars"] == {"AAA": 1}
+
+
+@pytest.fixture
+def proxied(pubsub_emulator: PubSubEmulator) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(pubsub_emulator.host)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("mode", ["reset", "blackhole"])
+def test_after_a_network_cut_live_comes_back_only_with_bars(
+    pubsub_emulator: PubSubEmulator, topic: str, proxied: TcpProxy, mode: str
+) -> None:
+    emu = pubsub_emulator
+    stop = threading.Event()
+    published: list[int] = []
+
+    def publisher() -> None:  # 10 bars a second straight to the emulator, through the cut
+        pub = publisher_client(emu.host)
+        i = 0
+        while not stop.is_set():
+            pub.publish(topic, bar("AAA", i), ordering_key="AAA", symbol="AAA").result(30)
+            published.append(i)
+            i += 1
+            stop.wait(0.1)
+        pub.stop()
+
+    seen: list[tuple[str, int]] = []  # (status, messages received) at each status change
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        thread = threading.Thread(target=publisher, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: sub.hub.status == "LIVE" and sub.handler.stats.delivered >= 5)
+            proxied.cut(mode)  # type: ignore[arg-type]
+            wait_for(lambda: sub.hub.status == "DISCONNECTED", what="DISCONNECTED")
+            seen.append(("DISCONNECTED", sub.handler.stats.received))
+            time.sleep(2.0)  # the cut lasts 2 s of publishing (a duration, not a wait)
+            proxied.restore()
+            wait_for(lambda: sub.hub.status != "DISCONNECTED", REDELIVERY_S, "reconnect")
+            seen.append((sub.hub.status, sub.handler.stats.received))
+            wait_for(lambda: sub.hub.status == "LIVE", REDELIVERY_S, "LIVE again")
+            seen.append(("LIVE", sub.handler.stats.received))
+        finally:
+            stop.set()
+            thread.join(30)
+        wait_for(lambda: sub.handler.stats.delivered >= len(published), REDELIVERY_S, "every bar")
+
+    cfg = PubSubFeedConfig(
+        project=emu.project,
+        topics=(topic,),
+        emulator_host=proxied.address,
+        qcheck_s=0.05,
+        discovery_s=0.0,
+        align_wait_s=0.2,
+        subscription_prefix="cut",
+    )
+    sub = PubSubBarSubscriber(cfg, symbols=["AAA"], deployment=deployment(), settings=FAST)
+    strategy = run_live(sub, scenario)
+    # Readiness comes back with bars, not with the connection: the stream is open again
+    # (CONNECTED, not ready) before a bar arrives; LIVE is set by the first bar received.
+    assert seen[1][0] in ("CONNECTED", "LIVE")
+    if seen[1][0] == "CONNECTED":
+        assert seen[2][1] > seen[1][1]
+    assert strategy.statuses[:3] == ["DELAYED", "LIVE", "DISCONNECTED"]
+    assert strategy.statuses[-1] == "LIVE"
+    # Nothing lost: every bar published during the cut was delivered after it, in order.
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in published]
+    assert sub.disconnects >= 1 and sub.reconnects >= 1
+
+
+def test_a_server_restarted_empty_shows_the_gap(
+    emulator_factory: Callable[[], PubSubEmulator],
+) -> None:
+    emu = emulator_factory()
+    topic = f"projects/{emu.project}/topics/bars-gap"
+    publisher_client(emu.host).create_topic(request={"name": topic})
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(10)])
+        wait_for(lambda: sub.handler.stats.delivered == 10, what="first 10 bars")
+        emu.kill()
+        emu.start()  # empty: topic and subscription are gone
+        publisher_client(emu.host).create_topic(request={"name": topic})
+        # Bars 10..14 are published before the subscription exists again: lost with Pub/Sub.
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(10, 15)])
+        wait_for(lambda: sub.hub.status == "CONNECTED", what="subscription re-created")
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(15, 20)])
+        wait_for(lambda: sub.handler.stats.delivered == 15, what="bars after the restart")
+
+    sub = PubSubBarSubscriber(
+        config(emu, topic, bar_size="1min"), symbols=["AAA"], deployment="gap", settings=FAST
+    )
+    strategy = run_live(sub, scenario)
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in (*range(10), *range(15, 20))]
+    stats = sub.stats()
+    assert stats["missing_bars"] == {"AAA": 5} and stats["gap_events"] == 1
+    assert sub.feed_counters()["AAA"]["missing"] == 5
+
+
+def test_bars_are_acknowledged_only_on_disk_and_the_rest_go_to_the_next_start(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    emu = pubsub_emulator
+    name = deployment()
+    acked: list[float] = []
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(10)])
+        wait_for(lambda: sub.hub.steps >= 10, what="10 steps taken")
+        # The decisions on the first 6 bars are on disk: their messages are acknowledged.
+        through = bt_num_to_posix(sub.hub.current_step or 0.0)
+        six = (T0 + timedelta(minutes=5)).timestamp()
+        acked.append(sub.ack_through(min(six, through)))
+
+    first = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0),
+        symbols=["AAA"],
+        deployment=name,
+        settings=FAST,
+        durable_acks=True,
+    )
+    first.set_durability_barrier(lambda timeout_s: True)
+    run_live(first, scenario)
+    assert acked == [6]
+    assert first.returned == 4 and first.acked == 6  # 6..9 were taken, not on disk: returned
+
+    # The next start of the same deployment gets exactly the four returned bars.
+    def rest(sub: PubSubBarSubscriber) -> None:
+        wait_for(lambda: sub.handler.stats.delivered == 4, REDELIVERY_S, "4 redelivered bars")
+
+    second = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0),
+        symbols=["AAA"],
+        deployment=name,
+        settings=FAST,
+        durable_acks=True,
+    )
+    strategy = run_live(second, rest)
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(6, 10)]
+
+
+def test_request_stop_ends_the_discovery_wait_at_once(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    sub = PubSubBarSubscriber(
+        config(pubsub_emulator, topic, discovery_s=120.0),
+        symbols=["AAA"],
+        deployment=deployment(),
+        settings=FAST,
+    )
+    sub.start()
+    try:
+        done = threading.Event()
+
+        def discover() -> None:
+            sub.discover_fields()
+            done.set()
+
+        t = threading.Thread(target=discover)
+        t.start()
+        sub.request_stop(0.0)
+        assert done.wait(5.0)  # well inside the 120 s window
+        t.join(5)
+    finally:
+        sub.close()
+
+
+def test_invalid_topic_names_are_configuration_errors(pubsub_emulator: PubSubEmulator) -> None:
+    for bad in ("goog-bars", "1bars", "ba", "bars/x", "projects/p/subscriptions/s"):
+        with pytest.raises(ConfigError, match="PUBSUB_TOPIC"):
+            config(pubsub_emulator, bad)
+    assert config(pubsub_emulator, "bars.v1~x%2B").topics == ("bars.v1~x%2B",)

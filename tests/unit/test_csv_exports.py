@@ -1,0 +1,198 @@
+"""Odd CSV exports as real tools write them (``tests/data/csv_exports/``): each loads right with
+the options docs/csv.md gives for it, or is refused with a message that names the file, the line
+and what to do.
+
+The files are small, made in the shape of each source's export (header, separators, number and
+date style, order, banner lines): Yahoo Finance, Stooq, Investing.com, MetaTrader 5, TradingView,
+Binance, Excel (German locale), Quandl/Nasdaq Data Link, CryptoDataDownload, Dukascopy.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import numpy as np
+import pytest
+
+from core.errors import DataError
+from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
+from tests.conftest import TEST_DATA
+
+EXPORTS = TEST_DATA / "csv_exports"
+
+
+def load(name: str, **options: Any) -> CSVBars:
+    return read_csv_bars(CSVFeedConfig(path=EXPORTS / name, symbol="X", **options))
+
+
+def refused(name: str, **options: Any) -> str:
+    with pytest.raises(DataError) as err:
+        load(name, **options)
+    message = str(err.value)
+    assert message.startswith(f"CSV {name} line "), message
+    return message
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> np.datetime64:
+    return np.datetime64(datetime(year, month, day, hour, minute), "ns")
+
+
+def first_row(name: str) -> list[str]:
+    text = (EXPORTS / name).read_text(encoding="utf-8-sig")
+    return text.splitlines()[1].split(",")
+
+
+def test_yahoo_finance_null_rows_are_named_or_skipped() -> None:
+    # Yahoo writes "null" in every field of a day without prices
+    message = refused("yahoo_finance.csv")
+    assert "line 11: open 'null' is not a number" in message
+    bars = load("yahoo_finance.csv", on_bad_rows="skip")
+    assert len(bars) == 24 and bars.skipped == [(11, "open 'null' is not a number")]
+    assert bars.extra_fields == ("adj_close",)
+    assert bars.times[0] == utc(2024, 1, 2) and (bars.timeframe, bars.compression) == (
+        bt.TimeFrame.Days,
+        1,
+    )
+    assert bars.numeric["close"][0] == 182.735466 and bars.numeric["adj_close"][0] == 181.876609
+
+
+def test_yahoo_adjusted_close_as_close_needs_the_raw_close_renamed() -> None:
+    message = refused("yahoo_finance.csv", columns={"close": "Adj Close"}, on_bad_rows="skip")
+    assert 'line 1: columns "Close" and "Adj Close" would both become field "close"' in message
+    assert '{"close": "Adj Close", "close_2": "Close"}' in message  # the fix, spelled out
+    bars = load(
+        "yahoo_finance.csv",
+        columns={"close": "Adj Close", "close_raw": "Close"},
+        on_bad_rows="skip",
+    )
+    assert bars.numeric["close"][0] == 181.876609 and bars.numeric["close_raw"][0] == 182.735466
+
+
+def test_stooq_intraday_joins_date_and_time_columns() -> None:
+    bars = load("stooq_intraday.txt", datetime_column="<DATE>+<TIME>", columns={"volume": "<VOL>"})
+    assert len(bars) == 30 and bars.times[0] == utc(2024, 1, 2, 15, 35)
+    assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Minutes, 5)
+    assert bars.numeric["open"][0] == 187.15 and bars.numeric["volume"][0] == 29015
+    assert bars.text["ticker"][0] == "AAPL.US" and bars.numeric["per"][0] == 5
+    assert bars.lines is not None and bars.lines[0] == 2  # CRLF file, header = line 1
+
+
+def test_investing_com_newest_first_is_refused_with_the_reason() -> None:
+    options: dict[str, Any] = {
+        "columns": {"close": "Price", "volume": "Vol."},
+        "thousands": ",",
+        "suffixes": True,
+    }
+    message = refused("investing_com.csv", **options)
+    assert "line 3: timestamp goes backwards" in message and "newest first" in message
+    bars = load("investing_com_oldest_first.csv", **options)
+    assert len(bars) == 20 and bars.times[0] == utc(2024, 1, 2)  # 01/02 with 01/16 -> m/d/Y
+    assert bars.numeric["close"][0] == 37508.94 and bars.numeric["open"][0] == 37500.0
+    assert bars.numeric["volume"][0] == 41_400_000.0  # "41.40M", exactly
+    assert bars.text["change"][1] == "0.86%"  # a percentage stays text, unchanged
+
+
+def test_investing_com_without_the_number_options_names_the_value() -> None:
+    message = refused("investing_com_oldest_first.csv", columns={"close": "Price"})
+    assert "line 2: open '37,500.00' is not a number" in message
+
+
+def test_metatrader5_tab_separated_date_and_time() -> None:
+    message = refused("metatrader5_bars.csv")
+    assert "line 1: the header has one column" in message and "CSV_DELIMITER" in message
+    bars = load(
+        "metatrader5_bars.csv",
+        delimiter="tab",
+        datetime_column="<DATE>+<TIME>",
+        columns={"volume": "<TICKVOL>"},
+    )
+    assert len(bars) == 24 and bars.times[1] == utc(2024, 1, 2, 1)
+    assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Minutes, 60)
+    assert bars.numeric["open"][0] == 1.10427 and set(bars.extra_fields) == {"vol", "spread"}
+
+
+def test_tradingview_unix_seconds_need_epoch_s() -> None:
+    message = refused("tradingview.csv")
+    assert "looks like a Unix time; set CSV_DATETIME_FORMAT=epoch_s" in message
+    bars = load("tradingview.csv", datetime_format="epoch_s")
+    assert bars.times[0] == utc(2024, 1, 2, 14, 30) and len(bars) == 20
+    assert np.isnan(bars.numeric["rsi"][0]) and not np.isnan(bars.numeric["rsi"][-1])
+
+
+def test_tradingview_iso_times_with_offsets_across_a_dst_change() -> None:
+    bars = load("tradingview_iso_offsets.csv")
+    assert bars.times[0] == utc(2024, 3, 8, 14, 30)  # 09:30-05:00
+    assert bars.times[-1] == utc(2024, 3, 14, 1, 30)  # 2024-03-13T21:30:00-04:00
+    assert np.all(np.diff(bars.times.astype(np.int64)) > 0)
+
+
+def test_binance_klines_without_header_are_refused_and_load_with_one() -> None:
+    message = refused("binance_klines.csv")
+    assert "line 1: looks like data, not a header" in message
+    message = refused("binance_klines_header.csv")
+    assert "set CSV_DATETIME_FORMAT=epoch_ms" in message
+    bars = load("binance_klines_header.csv", datetime_format="epoch_ms")
+    assert len(bars) == 30 and bars.times[0] == utc(2024, 1, 1)
+    assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Minutes, 1)
+    assert bars.numeric["close_time"][0] == 1704067259999 and "ignore" in bars.extra_fields
+    assert bars.numeric["open"][0] == float(first_row("binance_klines_header.csv")[1])
+
+
+def test_excel_german_locale() -> None:
+    options: dict[str, Any] = {
+        "delimiter": ";",
+        "decimal": ",",
+        "thousands": ".",
+        "columns": {
+            "open": "Eröffnung",
+            "high": "Hoch",
+            "low": "Tief",
+            "close": "Schluss",
+            "volume": "Volumen",
+        },
+    }
+    bars = load("excel_de.csv", **options)
+    assert len(bars) == 15 and bars.times[0] == utc(2024, 1, 2)  # 15.01 decides day first
+    assert bars.numeric["open"][0] == 1234.5 and bars.numeric["high"][0] == 1273.54
+    assert bars.extra_fields == ()
+    without_decimal = {k: v for k, v in options.items() if k not in ("decimal", "thousands")}
+    assert "line 2: open '1.234,50' is not a number" in refused("excel_de.csv", **without_decimal)
+
+
+def test_quandl_wiki_every_extra_column_is_a_field() -> None:
+    bars = load("quandl_wiki.csv")
+    assert bars.extra_fields == (
+        "ex_dividend",
+        "split_ratio",
+        "adj_open",
+        "adj_high",
+        "adj_low",
+        "adj_close",
+        "adj_volume",
+    )
+    assert bars.numeric["ex_dividend"][6] == 0.57 and len(bars) == 20
+
+
+def test_cryptodatadownload_banner_line_is_refused() -> None:
+    message = refused("cryptodatadownload.csv")
+    assert "line 1: the header has one column ('https://www.CryptoDataDownload.com')" in message
+    assert "if line 1 is a title or a URL rather than the column names, delete it" in message
+
+
+def test_dukascopy_day_first_dots_within_one_day_need_the_format() -> None:
+    message = refused("dukascopy.csv")
+    assert "line 2: dates like '03.01.2024 00:00:00.000' could be day first or month first" in (
+        message
+    )
+    bars = load("dukascopy.csv", datetime_format="%d.%m.%Y %H:%M:%S.%f")
+    assert len(bars) == 40 and bars.times[0] == utc(2024, 1, 3)
+    assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Minutes, 1)
+
+
+@pytest.mark.parametrize("path", sorted(EXPORTS.iterdir()), ids=lambda p: p.name)
+def test_every_export_is_covered_above(path: Path) -> None:
+    source = Path(__file__).read_text()
+    assert f'"{path.name}"' in source

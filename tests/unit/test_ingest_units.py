@@ -1,0 +1,308 @@
+"""The ingestor's pure parts: risk metrics, the message contract (an ingested bar hashes like the
+same bar read from CSV and decodes as the runner decodes it), time parsing, the state file,
+user indicators, configuration."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.errors import ConfigError, DataError
+from feeds.csv import CSVFeedConfig, read_csv_bars
+from feeds.ingest.alpaca import parse_rfc3339_ns
+from feeds.ingest.enrich import RISK_FIELDS, BarView, Enricher, Trades, risk_metrics
+from feeds.ingest.messages import build_message
+from feeds.ingest.state import Gap, IngestState
+from feeds.pubsub.messages import decode_message
+from runtime.config import load_ingest_config
+from tests.alpaca_market_server import rfc3339
+
+# -- risk metrics --------------------------------------------------------------------------------
+
+
+def test_risk_metrics_by_hand() -> None:
+    # prices 100, 101, 100, 102; sizes 1, 2, 1, 4
+    t = Trades.of([(100.0, 1.0), (101.0, 2.0), (100.0, 1.0), (102.0, 4.0)])
+    m = risk_metrics(t)
+    r = [math.log(101 / 100), math.log(100 / 101), math.log(102 / 100)]
+    rv = sum(x * x for x in r)
+    bv = math.pi / 2 * (abs(r[1]) * abs(r[0]) + abs(r[2]) * abs(r[1]))
+    assert m["trades_used"] == 4.0
+    assert m["trade_vwap"] == pytest.approx((100 + 202 + 100 + 408) / 8, rel=1e-15)
+    assert m["realized_var"] == pytest.approx(rv, rel=1e-12)
+    assert m["bipower_var"] == pytest.approx(bv, rel=1e-12)
+    assert m["jump_ratio"] == pytest.approx((rv - bv) / rv, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("rows", "defined"),
+    [
+        ([], set()),
+        ([(10.0, 0.0)], set()),  # no size: no VWAP
+        ([(10.0, 5.0)], {"trade_vwap"}),
+        ([(10.0, 5.0), (11.0, 1.0)], {"trade_vwap", "realized_var"}),
+        ([(10.0, 5.0)] * 3, {"trade_vwap", "realized_var", "bipower_var"}),  # RV = 0: no ratio
+    ],
+)
+def test_risk_metrics_undefined_values_are_none(
+    rows: list[tuple[float, float]], defined: set[str]
+) -> None:
+    m = risk_metrics(Trades.of(rows))
+    assert {k for k, v in m.items() if v is not None} == defined | {"trades_used"}
+    assert risk_metrics(None) == dict.fromkeys(RISK_FIELDS)
+
+
+prices = st.floats(min_value=0.01, max_value=1e6, allow_nan=False)
+sizes = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+
+
+@given(st.lists(st.tuples(prices, sizes), min_size=0, max_size=60))
+def test_risk_metrics_properties(rows: list[tuple[float, float]]) -> None:
+    m = risk_metrics(Trades.of(rows))
+    assert m["trades_used"] == len(rows)
+    if m["trade_vwap"] is not None:
+        p = [r[0] for r in rows]
+        assert min(p) * (1 - 1e-12) <= m["trade_vwap"] <= max(p) * (1 + 1e-12)
+    if m["realized_var"] is not None:
+        assert m["realized_var"] >= 0
+    if m["bipower_var"] is not None:
+        assert m["bipower_var"] >= 0
+        # Cauchy-Schwarz: sum|r_i||r_i-1| <= RV, so BV <= (pi/2) RV
+        rv = m["realized_var"]
+        assert rv is not None
+        assert m["bipower_var"] <= math.pi / 2 * rv * (1 + 1e-9) + 1e-300
+    if m["jump_ratio"] is not None:
+        assert m["jump_ratio"] <= 1.0
+        assert m["jump_ratio"] >= 1 - math.pi / 2 - 1e-9
+
+
+def test_risk_metrics_skip_trades_that_cannot_have_a_log_return() -> None:
+    good = [(10.0, 1.0), (11.0, 1.0), (10.5, 2.0)]
+    bad = [(0.0, 1.0), (float("nan"), 1.0), (10.0, -1.0)]
+    assert risk_metrics(Trades.of(good + bad)) == risk_metrics(Trades.of(good))
+
+
+# -- message contract ----------------------------------------------------------------------------
+
+finite = st.floats(min_value=-1e12, max_value=1e12, allow_nan=False, allow_infinity=False)
+extra_value = st.one_of(st.none(), finite, st.text(min_size=0, max_size=8))
+
+
+@st.composite
+def bars(draw: Any) -> tuple[datetime, dict[str, float], dict[str, Any]]:
+    low = draw(st.floats(min_value=0.01, max_value=1e6))
+    high = low * draw(st.floats(min_value=1.0, max_value=2.0))
+    o = draw(st.floats(min_value=low, max_value=high))
+    c = draw(st.floats(min_value=low, max_value=high))
+    v = draw(st.floats(min_value=0, max_value=1e9))
+    minute = draw(st.integers(min_value=0, max_value=10_000_000))
+    ts = datetime(2000, 1, 1, tzinfo=UTC) + timedelta(minutes=minute)
+    extras = {
+        "trade_count": draw(st.one_of(st.none(), st.integers(0, 10**6).map(float))),
+        "vwap": draw(st.one_of(st.none(), finite)),
+        "note": draw(extra_value),
+    }
+    return ts, {"open": o, "high": high, "low": low, "close": c, "volume": v}, extras
+
+
+@given(bars(), st.sampled_from(["AAPL", "BTC/USD"]))
+def test_ingested_message_decodes_as_the_runner_decodes_it(
+    bar: tuple[datetime, dict[str, float], dict[str, Any]], symbol: str
+) -> None:
+    ts, ohlcv, extras = bar
+    out = build_message(symbol, ts, ohlcv, extras, source="live")
+    live = decode_message(out.body, out.attributes)
+    assert live.verified and live.data_hash == out.data_hash == out.attributes["data_hash"]
+    assert live.ts == ts and live.symbol == symbol
+    assert out.attributes["bar_key"] == f"{symbol}|{ts:%Y-%m-%dT%H:%M:%SZ}"
+    assert {k: live.values[k] for k in ohlcv} == ohlcv
+    assert {k: live.values[k] for k in extras} == extras
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bars())
+def test_an_ingested_bar_hashes_like_the_same_bar_read_from_csv(
+    tmp_path: Path, bar: tuple[datetime, dict[str, float], dict[str, Any]]
+) -> None:
+    ts, ohlcv, extras = bar
+    numeric = {k: v for k, v in extras.items() if k != "note"}
+    out = build_message("GOOG", ts, ohlcv, numeric, source="backfill")
+    cols = [*ohlcv, *numeric]
+    cells = [
+        repr(ohlcv[c]) if c in ohlcv else ("" if numeric[c] is None else repr(numeric[c]))
+        for c in cols
+    ]
+    path = tmp_path / "GOOG.csv"
+    path.write_text(f"datetime,{','.join(cols)}\n{ts:%Y-%m-%d %H:%M:%S},{','.join(cells)}\n")
+    csv_bars = read_csv_bars(CSVFeedConfig(path=path, symbol="GOOG", bar_size="1min"))
+    assert csv_bars.hashes[0] == out.data_hash
+
+
+def test_a_bar_breaking_the_ohlcv_rule_is_refused() -> None:
+    ts = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+    bad = {"open": 10.0, "high": 9.0, "low": 9.5, "close": 9.6, "volume": 1.0}
+    with pytest.raises(DataError, match=r"AAPL 2024-01-02T14:30:00Z: high 9\.0 < low 9\.5"):
+        build_message("AAPL", ts, bad, {}, source="live")
+    with pytest.raises(DataError, match="infinite"):
+        build_message("AAPL", ts, {**bad, "high": 10.0}, {"x": math.inf}, source="live")
+
+
+# -- wire times ----------------------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=4_000_000_000 * 10**9))
+def test_rfc3339_nanoseconds_round_trip(ns: int) -> None:
+    assert parse_rfc3339_ns(rfc3339(ns)) == ns
+
+
+def test_rfc3339_forms_alpaca_and_alpaca_py_write() -> None:
+    base = 1_649_678_436 * 10**9
+    assert parse_rfc3339_ns("2022-04-11T12:00:36.002951946Z") == base + 2_951_946
+    assert parse_rfc3339_ns("2022-04-11T12:00:36Z") == base
+    assert parse_rfc3339_ns("2022-04-11T12:00:36.5+00:00") == base + 500_000_000
+    assert parse_rfc3339_ns("2022-04-11T08:00:36-04:00") == base
+
+
+# -- state file ----------------------------------------------------------------------------------
+
+
+def test_state_file_round_trip_and_atomic_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.json"
+    st_ = IngestState.load(path)
+    assert st_.last_bar == {} and not path.exists()
+    t1 = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
+    st_.confirm("AAPL", t1)
+    st_.confirm("AAPL", t1 - timedelta(minutes=1))  # older: ignored
+    st_.add_gap(Gap("AAPL", "2024-01-02T14:00:00Z", "2024-01-02T14:10:00Z", "history failed"))
+    st_.save()
+    again = IngestState.load(path)
+    assert again.last_bar == {"AAPL": t1}
+    assert again.gaps == st_.gaps
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "text", ["{", "[]", '{"version": 2}', '{"version": 1, "last_bar": {"A": 3}}']
+)
+def test_a_corrupt_state_file_is_refused_with_its_name(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"state\.json"):
+        IngestState.load(path)
+
+
+# -- user indicators -----------------------------------------------------------------------------
+
+
+class RangePct:
+    """An example indicator: the bar's range as a percentage of the close, and a count."""
+
+    fields: tuple[str, ...] = ("range_pct", "bars_seen")
+    needs_trades = False
+
+    def __init__(self, symbol: str) -> None:
+        self.n = 0
+
+    def __call__(self, bar: BarView, trades: Trades | None) -> dict[str, Any]:
+        self.n += 1
+        return {"range_pct": 100 * (bar.high - bar.low) / bar.close, "bars_seen": self.n}
+
+
+def view(symbol: str = "AAPL") -> BarView:
+    return BarView(symbol, datetime(2024, 1, 2, tzinfo=UTC), 10, 11, 9, 10, 5, 3.0, 10.2)
+
+
+def test_user_indicators_run_per_symbol_after_the_built_in_fields() -> None:
+    e = Enricher(risk=False, factories=[("tests:RangePct", RangePct)])
+    assert e.fields("AAPL") == ("trade_count", "vwap", "range_pct", "bars_seen")
+    assert e.enrich(view(), None) == {
+        "trade_count": 3.0,
+        "vwap": 10.2,
+        "range_pct": 20.0,
+        "bars_seen": 1.0,
+    }
+    assert e.enrich(view(), None)["bars_seen"] == 2.0
+    assert e.enrich(view("MSFT"), None)["bars_seen"] == 1.0  # one instance per symbol
+
+
+def test_indicator_names_are_checked() -> None:
+    class Bad(RangePct):
+        fields: tuple[str, ...] = ("Range Pct",)
+
+    class Clash(RangePct):
+        fields: tuple[str, ...] = ("vwap",)
+
+    class Undeclared(RangePct):
+        fields: tuple[str, ...] = ("range_pct",)
+
+    with pytest.raises(ConfigError, match="not a line name"):
+        Enricher(factories=[("x:Bad", Bad)]).fields("A")
+    with pytest.raises(ConfigError, match="produced twice"):
+        Enricher(factories=[("x:Clash", Clash)]).fields("A")
+    with pytest.raises(ValueError, match="undeclared field 'bars_seen'"):
+        Enricher(factories=[("x:U", Undeclared)]).enrich(view(), None)
+
+
+def test_indicator_values_must_be_numbers_text_or_none() -> None:
+    class Weird(RangePct):
+        fields: tuple[str, ...] = ("w",)
+
+        def __call__(self, bar: BarView, trades: Trades | None) -> dict[str, Any]:
+            return {"w": [1, 2]}
+
+    with pytest.raises(ValueError, match="not a number, text or None"):
+        Enricher(factories=[("x:W", Weird)]).enrich(view(), None)
+
+    # NaN from an indicator becomes null.
+    class Nan(RangePct):
+        fields: tuple[str, ...] = ("w",)
+
+        def __call__(self, bar: BarView, trades: Trades | None) -> dict[str, Any]:
+            return {"w": float("nan")}
+
+    assert Enricher(factories=[("x:N", Nan)]).enrich(view(), None)["w"] is None
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+BASE = {
+    "SYMBOLS": "AAPL,MSFT",
+    "PUBSUB_TOPIC": "bars",
+    "GOOGLE_CLOUD_PROJECT": "p",
+    "ALPACA_API_KEY": "key-id-123456",
+    "ALPACA_SECRET_KEY": "secret-123456",
+}
+
+
+def test_config_loads_with_the_runners_variables_and_hides_secrets() -> None:
+    cfg, ops = load_ingest_config({**BASE, "INGEST_ENRICH": "none", "HEALTH_PORT": "8081"})
+    assert cfg.symbols == ("AAPL", "MSFT") and cfg.topic == "bars" and cfg.enrich == ()
+    assert ops.health_port == 8081
+    assert "secret-123456" not in repr(cfg) and cfg.secret_key.reveal() == "secret-123456"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"INGEST_FED": "sip"}, "INGEST_FED is not a known setting; did you mean INGEST_FEED"),
+        ({"PUBSUB_TOPIC": "a,b"}, "exactly one topic"),
+        ({"SYMBOLS": ""}, "SYMBOLS is required"),
+        ({"INGEST_ASSET_CLASS": "crypto"}, "BASE/QUOTE"),
+        ({"INGEST_ENRICH": "risk,greeks"}, "unknown enrichment 'greeks'"),
+        ({"INGEST_STREAM_URL": "http://x"}, "INGEST_STREAM_URL"),
+        ({"INGEST_INDICATORS": "nocolon"}, "module:factory"),
+        ({"INGEST_MAX_BACKFILL_S": "0"}, "INGEST_MAX_BACKFILL_S"),
+        ({"INGEST_ON_CONNECTION_LIMIT": "fight"}, "INGEST_ON_CONNECTION_LIMIT"),
+        ({"ALPACA_API_KEY": ""}, "ALPACA_API_KEY is required by the ingestor"),
+        ({"GOOGLE_CLOUD_PROJECT": ""}, "GOOGLE_CLOUD_PROJECT is required by the ingestor"),
+    ],
+)
+def test_bad_config_fails_naming_the_variable(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_ingest_config({**BASE, **change})

@@ -1,0 +1,309 @@
+"""Steps of the live input (:class:`feeds.pubsub.hub.BarHub`) with a late symbol, and missing bar
+times (:class:`feeds.pubsub.gaps.GapCounter`), without a server.
+
+The alignment rule (docs/pubsub.md, "Steps"): one bar time per step, a step waits at most
+``PUBSUB_ALIGN_WAIT_S`` from its first bar, a bar that comes after its step is refused as late and
+never merged into a later step, and a paper run then decides exactly like a backtest whose files
+lack the late bars (the records name the symbols that missed each step).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import pytest
+
+from agents.sma_cross import SmaCrossAgent
+from analyzers.fmel import FMELAnalyzer
+from analyzers.schema import to_row
+from core.time import utc_to_bt_num
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+from feeds.pubsub import BarHub, FieldSet, GapCounter, MessageHandler, decode_message
+from feeds.pubsub.handler import DELIVERED, MALFORMED
+from feeds.pubsub.hub import LATE, OFFERED
+from feeds.pubsub.feed import make_pubsub_feed
+from feeds.replay import bar_messages
+from runtime.live import MISSED_STEP_NOTE, MissedStepNote
+from tests.conftest import DATA
+
+T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bar(symbol: str, second: int) -> Any:
+    doc = {
+        "timestamp": (T0 + timedelta(seconds=second)).isoformat(),
+        "open": 10.0,
+        "high": 11.0,
+        "low": 9.0,
+        "close": 10.0,
+    }
+    return decode_message(json.dumps(doc).encode(), {"symbol": symbol})
+
+
+def simulate(
+    lag_s: float, *, n: int = 40, align_wait_s: float = 1.0, tick_s: float = 0.05
+) -> dict[str, Any]:
+    """A publishes bar i at i s, B at i + lag_s s; a consumer runs a backtrader-like pass every
+    tick (take for each symbol, then the second chance with the step's time)."""
+    clock = FakeClock()
+    start = clock.now
+    hub = BarHub(["A", "B"], align_wait_s=align_wait_s, clock=clock)
+    arrivals = sorted(
+        [(i * 1.0, "A", i) for i in range(n)] + [(i * 1.0 + lag_s, "B", i) for i in range(n)]
+    )
+    first_arrival: dict[int, float] = {}
+    steps: list[tuple[float, list[tuple[str, int]]]] = []  # (served at, bars)
+    outcomes: dict[str, int] = {OFFERED: 0, LATE: 0}
+    k = 0
+    t = 0.0
+    while t <= n + lag_s + 3 * align_wait_s:
+        while k < len(arrivals) and arrivals[k][0] <= t:
+            _, sym, i = arrivals[k]
+            first_arrival.setdefault(i, t)
+            outcomes[hub.offer(bar(sym, i))] += 1
+            k += 1
+        clock.now = start + t
+        hub.begin_pass(1)
+        hub.begin_pass(2)
+        got = [(s, hub.take(s, 0)) for s in ("A", "B")]
+        step = hub.current_step
+        got = [(s, b) if b is not None else (s, hub.take(s, 0, master_num=step)) for s, b in got]
+        taken = [(s, int(round((b.ts - T0).total_seconds()))) for s, b in got if b is not None]
+        if taken:
+            steps.append((t, taken))
+        t = round(t + tick_s, 6)
+    return {"hub": hub, "steps": steps, "first": first_arrival, "outcomes": outcomes}
+
+
+@pytest.mark.parametrize("lag_s", [0.3, 5.0, 15.0])
+def test_a_step_never_mixes_bar_times_and_waits_at_most_the_align_wait(lag_s: float) -> None:
+    r = simulate(lag_s)
+    times = [{i for _, i in taken} for _, taken in r["steps"]]
+    assert all(len(ts) == 1 for ts in times)  # one bar time per step
+    served = [next(iter(ts)) for ts in times]
+    assert served == sorted(set(served))  # each time once, in order: no doubled decisions
+    assert len(served) == 40
+    for at, taken in r["steps"]:
+        assert at - r["first"][taken[0][1]] <= 1.0 + 0.05 + 1e-9  # align wait + one tick
+
+
+def test_a_symbol_within_the_wait_is_always_in_step() -> None:
+    r = simulate(0.3)
+    assert all(len(taken) == 2 for _, taken in r["steps"])
+    assert r["outcomes"][LATE] == 0 and not r["hub"].missed
+
+
+@pytest.mark.parametrize("lag_s", [5.0, 15.0])
+def test_a_lagging_symbol_misses_steps_and_its_bars_are_refused_as_late(lag_s: float) -> None:
+    r = simulate(lag_s)
+    hub = r["hub"]
+    assert all(taken == [("A", i)] for (_, taken), i in zip(r["steps"], range(40), strict=True))
+    assert r["outcomes"][LATE] == 40 and hub.late["B"] == 40
+    assert hub.missed["B"] == 1  # once it missed, it is not waited for: the others go on
+    # After the first step, the others are served at once (B costs them nothing).
+    waits = [at - r["first"][taken[0][1]] for at, taken in r["steps"][1:]]
+    assert max(waits) < 0.05 + 1e-9
+
+
+def test_a_symbol_late_by_one_step_is_waited_for_again() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A", "B"], align_wait_s=1.0, clock=clock)
+    hub.offer(bar("A", 0))
+    clock.now += 1.5
+    hub.begin_pass(1)
+    assert hub.take("A", 0) is not None  # step 0 without B
+    assert hub.offer(bar("B", 0)) == LATE
+    hub.offer(bar("A", 1))
+    hub.begin_pass(1)
+    assert hub.take("A", 0) is None  # step 1 waits for B again (it caught up)
+    hub.offer(bar("B", 1))
+    hub.begin_pass(1)
+    hub.begin_pass(2)
+    assert hub.take("A", 0) is not None and hub.take("B", 0) is not None
+
+
+# -- parity: a paper run with late bars = a backtest without them ------------------------------
+
+
+class MissReader(SmaCrossAgent):
+    """The SMA agent that also records which feeds missed each step (``data.missed_step``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missed: list[tuple[str, ...]] = []
+
+    def next(self) -> None:
+        self.missed.append(tuple(d._name for d in self.datas if getattr(d, "missed_step", False)))
+        super().next()
+
+
+def _slice(symbol: str) -> CSVFeedConfig:
+    return CSVFeedConfig(
+        path=DATA / f"{symbol}.csv",
+        symbol=symbol,
+        start=datetime(2004, 1, 1, tzinfo=UTC),
+        end=datetime(2004, 12, 31, tzinfo=UTC),
+    )
+
+
+def _records(strategy: Any) -> list[dict[str, Any]]:
+    rows = [to_row(r) for r in strategy.analyzers.fmel.records]
+    refs: dict[int, int] = {}
+    for row in rows:
+        for key in ("decision_id", "session_id", "ts", "mode"):
+            row.pop(key)
+        for action in row["actions"]:
+            action["order_ref"] = refs.setdefault(action["order_ref"], len(refs))
+    return rows
+
+
+def test_paper_decisions_equal_a_backtest_that_sees_the_same_gaps(tmp_path: Path) -> None:
+    cfgs = [_slice("SP500"), _slice("NASDAQ")]
+    sources = [read_csv_bars(c) for c in cfgs]
+    nasdaq_times = list(sources[1].times)
+    late = {nasdaq_times[i] for i in (40, 41, 90, 150, 151, 152)}
+    clock = FakeClock()
+    hub = BarHub(["SP500", "NASDAQ"], align_wait_s=1.0, clock=clock)
+    handler = MessageHandler(hub)
+    fields = {b.symbol: FieldSet(b.extra_fields, tuple(b.text)) for b in sources}
+    handler.freeze_fields(fields)
+    outcomes: list[str] = []
+
+    def produce() -> None:
+        pending_late: list[Any] = []
+        for i, m in enumerate(bar_messages(sources)):
+            if pending_late and m.ts != pending_late[0].ts:
+                # The late NASDAQ bar comes after its step was served (the wait ran out).
+                clock.now += 2.0
+                assert hub.served_through(utc_to_bt_num(pending_late[0].ts), 30)
+                for p in pending_late:
+                    outcomes.append(handler.handle(p.body, {"symbol": p.symbol}, message_id=p.ts))
+                pending_late.clear()
+            if m.symbol == "NASDAQ" and m.ts.replace(tzinfo=None) in {
+                t.astype("datetime64[us]").item() for t in late
+            }:
+                pending_late.append(m)
+                continue
+            assert handler.handle(m.body, {"symbol": m.symbol}, message_id=str(i)) == DELIVERED
+        hub.close_input("end of test data")
+
+    def cerebro(feeds: list[Any]) -> Any:
+        c = bt.Cerebro(stdstats=False)
+        for f in feeds:
+            c.adddata(f, name=f.p.name)
+        c.addstrategy(MissReader)
+        c.addanalyzer(MissedStepNote, _name="missed_step")
+        c.addanalyzer(FMELAnalyzer, _name="fmel")
+        c.broker.setcash(100_000)
+        c.broker.setcommission(commission=0.001)
+        return c
+
+    live_engine = cerebro(
+        [
+            make_pubsub_feed(
+                hub, c.symbol, fields[c.symbol], qcheck_s=0.05, timeframe=bt.TimeFrame.Days
+            )
+            for c in cfgs
+        ]
+    )
+    producer = threading.Thread(target=produce)
+    producer.start()
+    live = live_engine.run()[0]
+    producer.join(30)
+    assert outcomes == [MALFORMED] * len(late)
+    assert hub.late["NASDAQ"] == len(late) and handler.stats.malformed == {"late_bar": len(late)}
+
+    # The same run over CSV files, NASDAQ's without the late rows.
+    gappy = tmp_path / "NASDAQ.csv"
+    lines = (DATA / "NASDAQ.csv").read_text().splitlines()
+    keep = [lines[0]] + [
+        line
+        for line in lines[1:]
+        if datetime.strptime(line.split(",")[0], "%m/%d/%Y")
+        not in {t.astype("datetime64[us]").item() for t in late}
+    ]
+    gappy.write_text("\n".join(keep) + "\n")
+    back_cfgs = [cfgs[0], CSVFeedConfig(path=gappy, symbol="NASDAQ", start=cfgs[1].start,
+                                        end=cfgs[1].end)]
+    back = cerebro([make_csv_feed(c) for c in back_cfgs]).run()[0]
+
+    live_rows, back_rows = _records(live), _records(back)
+    assert len(live_rows) == len(back_rows) == len(sources[0].times)
+    assert live_rows == back_rows
+    assert live.broker.getvalue() == back.broker.getvalue()
+    # The agent saw the misses (data.missed_step) and the records name them.
+    assert sum(m == ("NASDAQ",) for m in live.missed) == len(late)
+    noted = [r for r in live_rows if r["notes"] and MISSED_STEP_NOTE in json.loads(r["notes"])]
+    assert len(noted) == len(late)
+
+
+# -- missing bar times --------------------------------------------------------------------------
+
+
+def _num(text: str) -> float:
+    return utc_to_bt_num(datetime.fromisoformat(text).replace(tzinfo=UTC))
+
+
+def test_gaps_are_counted_on_the_bar_size_grid() -> None:
+    g = GapCounter(60.0)
+    assert g.missing(_num("2024-03-01 14:30"), _num("2024-03-01 14:31")) == 0
+    assert g.missing(_num("2024-03-01 14:31"), _num("2024-03-01 14:35")) == 3
+    closes = GapCounter(60.0, gap_max_s=3600)
+    assert closes.missing(_num("2024-03-01 21:00"), _num("2024-03-04 14:30")) == 0  # closed
+    assert closes.missing(_num("2024-03-01 14:31"), _num("2024-03-01 14:41")) == 9
+
+
+def test_daily_gaps_skip_weekends() -> None:
+    g = GapCounter(86_400.0)
+    assert g.missing(_num("2024-03-01"), _num("2024-03-04")) == 0  # Friday -> Monday
+    assert g.missing(_num("2024-03-04"), _num("2024-03-07")) == 2  # Tue, Wed missing
+    assert g.missing(_num("2024-03-01"), _num("2024-03-12")) == 6
+
+
+def test_the_bar_size_is_inferred_from_the_smallest_spacing() -> None:
+    g = GapCounter(None)
+    assert g.missing(_num("2024-03-01 14:30:00"), _num("2024-03-01 14:30:05")) == 0
+    assert g.missing(_num("2024-03-01 14:30:05"), _num("2024-03-01 14:30:06")) == 0
+    assert g.bar_s == 1.0
+    assert g.missing(_num("2024-03-01 14:30:06"), _num("2024-03-01 14:30:16")) == 9
+
+
+def test_the_handler_counts_and_logs_gaps(caplog: pytest.LogCaptureFixture) -> None:
+    hub = BarHub(["A"], align_wait_s=0)
+    seen: list[tuple[str, int]] = []
+
+    class Events:
+        def on_bar(self, symbol: str, age_s: float | None) -> None: ...
+
+        def on_malformed(self, symbol: str, reason: str) -> None: ...
+
+        def on_duplicate(self, symbol: str) -> None: ...
+
+        def on_gap(self, symbol: str, missing: int) -> None:
+            seen.append((symbol, missing))
+
+    h = MessageHandler(hub, events=Events(), gaps=GapCounter(1.0))
+    for i, second in enumerate((0, 1, 2, 9, 10)):
+        doc = {
+            "timestamp": (T0 + timedelta(seconds=second)).isoformat(),
+            "open": 1.0,
+            "high": 1.0,
+            "low": 1.0,
+            "close": 1.0,
+        }
+        assert h.handle(json.dumps(doc).encode(), {"symbol": "A"}, message_id=str(i)) == DELIVERED
+    assert seen == [("A", 6)] and h.stats.missing == {"A": 6} and h.stats.gap_events == 1
+    assert any("6 bar time(s) missing" in r.getMessage() for r in caplog.records)

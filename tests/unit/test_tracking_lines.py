@@ -1,0 +1,288 @@
+"""Tracking of every line object, look-ahead, strict mode, gaps and storage of what is new.
+
+The idiom corpus (``test_idiom_corpus.py``) and the property test (``test_fmel_properties.py``)
+check recorded reads against the agent's own log; these tests pin the parts they do not reach:
+strict mode, what cannot be tracked, lines created after start, classes given back, the stored
+columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import duckdb
+import pytest
+
+from analyzers.fmel import FMELAnalyzer
+from analyzers.schema import DECISION_SCHEMA, row_json, to_row
+from analyzers.sinks.duckdb import LocalDuckDBSink
+from core.errors import LookAheadError
+from feeds.csv import CSVFeedConfig, make_csv_feed
+from runtime.report import RunReport
+from tests.idioms.harness import DATA
+
+START, END = datetime(2004, 8, 2), datetime(2004, 10, 29)
+
+
+def feed(name: str) -> Any:
+    files = {
+        "SP500": ("SP500.csv", "%m/%d/%Y"),
+        "NASDAQ": ("NASDAQ.csv", "%m/%d/%Y"),
+        "GOOG": ("enriched/GOOG.csv", None),
+    }
+    file, fmt = files[name]
+    cfg = CSVFeedConfig(path=DATA / file, symbol=name, datetime_format=fmt, start=START, end=END)
+    return make_csv_feed(cfg)
+
+
+def run(agent: type, *names: str, runonce: bool = True, **fmel: Any) -> tuple[Any, list[Any]]:
+    cerebro = bt.Cerebro(stdstats=False, runonce=runonce)
+    for name in names or ("SP500",):
+        cerebro.adddata(feed(name), name=name)
+    cerebro.addstrategy(agent)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", **fmel)
+    strategy = cerebro.run()[0]
+    return strategy, strategy.analyzers.fmel.records
+
+
+def reads(records: list[Any]) -> list[tuple[str, str, int, int, bool]]:
+    return [
+        (d.symbol, a.field, a.index, a.bar_index, a.lookahead)
+        for r in records
+        for d in r.data_accessed
+        for a in d.access_patterns
+    ]
+
+
+# -- strict look-ahead ------------------------------------------------------------------------
+
+
+class FirstBarPeek(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        self.data.close[-1]  # on the first bar: the last bar of the file
+
+
+class UnstartedPeek(bt.Strategy):  # type: ignore[misc]
+    def prenext(self) -> None:
+        self.data1.close[0]  # GOOG starts on 2004-08-19: its last bar
+
+
+class ForwardPeek(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.fwd = bt.ind.SMA(self.data.close(1), period=1)
+
+    def next(self) -> None:
+        self.fwd[0]
+
+
+@pytest.mark.parametrize(
+    ("agent", "names", "message"),
+    [
+        (FirstBarPeek, ("SP500",), r"SP500\.close\[-1\]: index -1 is before the first bar"),
+        (UnstartedPeek, ("SP500", "GOOG"), r"GOOG\.close\[0\]: GOOG has not started yet"),
+        (ForwardPeek, ("SP500",), r"SP500\.fwd\[0\]: a line shifted 1 bar\(s\) forward"),
+    ],
+)
+def test_strict_mode_raises_at_the_read_that_looks_ahead(
+    agent: type, names: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(LookAheadError, match=message):
+        run(agent, *names, strict_lookahead=True)
+
+
+def test_without_strict_mode_the_same_reads_are_flagged_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="analyzers.tracking"):
+        strategy, records = run(FirstBarPeek)
+    first = reads(records[:1])
+    assert first == [("SP500", "close", -1, len(strategy.data.close.array) - 1, True)]
+    assert [r.lookahead_reads for r in records[:2]] == [1, 0]
+    assert strategy.analyzers.fmel.lookahead_total == 1
+    assert caplog.text.count("look-ahead: agent read SP500.close[-1]") == 1
+
+
+# -- what cannot be tracked is said ---------------------------------------------------------
+
+
+class RawBuffer(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.closes = self.data.close.array  # a raw buffer: reads through it are invisible
+
+    def next(self) -> None:
+        pass
+
+
+class OnceIndicator(bt.Indicator):  # type: ignore[misc]
+    lines: Any = ("x",)
+
+    def once(self, start: int, end: int) -> None:
+        src, dst = self.data.close.array, self.lines.x.array
+        for i in range(start, end):
+            dst[i] = src[i]
+
+
+class WithOnce(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.ind = OnceIndicator(self.data)
+
+
+def test_gaps_are_logged_and_stored_in_the_run_metadata(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="analyzers.tracking"):
+        _, records = run(RawBuffer)
+        _, once_records = run(WithOnce)
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert any("self.closes holds the raw value buffer (.array) of SP500.close" in g for g in gaps)
+    # this very module reads .array (OnceIndicator): the source scan says so, with lines
+    assert any("reads raw line buffers (.array / plotrange)" in g for g in gaps)
+    once_gaps = json.loads(once_records[0].run.tracking_gaps)
+    assert any("ind (OnceIndicator) computes in once()" in g for g in once_gaps)
+    assert "FMEL cannot track: self.closes holds the raw value buffer" in caplog.text
+
+
+def test_a_resampled_feed_has_no_hashes_and_says_so() -> None:
+    class Weekly(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            self.data1.close[0]
+
+    cerebro = bt.Cerebro(stdstats=False)
+    data = feed("SP500")
+    cerebro.adddata(data, name="SP500")
+    cerebro.resampledata(data, timeframe=bt.TimeFrame.Weeks, name="SP500w")
+    cerebro.addstrategy(Weekly)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    assert any(
+        "feed SP500w has no data hashes" in g for g in json.loads(records[0].run.tracking_gaps)
+    )
+    weekly = [a for r in records for d in r.data_accessed for a in d.access_patterns]
+    assert weekly and all(a.data_hash is None and a.field == "close" for a in weekly)
+
+
+def test_an_agent_without_gaps_stores_none() -> None:
+    from tests.idioms.agents import QuickstartSma  # its module reads no raw buffer
+
+    _, records = run(QuickstartSma)
+    assert records[0].run.tracking_gaps is None
+
+
+# -- lines created later, classes given back --------------------------------------------------
+
+
+class LateLines(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        if not hasattr(self, "late"):
+            self.late = bt.ind.SMA(self.data, period=2)  # created in next(): bar by bar only
+        elif len(self.late) > 3:
+            self.late[-1]
+
+
+def test_line_objects_created_after_start_are_tracked_from_then_on() -> None:
+    _, records = run(LateLines, runonce=False)
+    fields = {a[1] for a in reads(records)}
+    assert "late" in fields
+
+
+class Everything(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.sig = self.data.close > bt.ind.SMA(self.data, period=3)
+        self.both = bt.And(self.sig, self.data.close(-1) < self.data.close)
+        self.macd = bt.ind.MACD(self.data)
+
+    def next(self) -> None:
+        self.both[0]
+
+
+def test_every_tracked_line_gets_its_class_back() -> None:
+    strategy, _ = run(Everything)
+    assert type(strategy.both).__name__ == "And"
+    assert type(strategy.sig).__name__ == "LinesOperation"
+    assert all(type(line).__name__ == "LineBuffer" for line in strategy.macd.lines)
+    assert all(type(line).__name__ == "LineBuffer" for line in strategy.data.lines)
+
+
+def test_labels_never_hold_object_addresses() -> None:
+    class Keyed(bt.Strategy):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.sma = {d: bt.ind.SMA(d, period=5) for d in self.datas}
+            self.by_pair = {(self.data0, self.data1): self.data0.close - self.data1.close}
+
+        def next(self) -> None:
+            for d in self.datas:
+                self.sma[d][0]
+            self.by_pair[(self.data0, self.data1)][0]
+
+    _, records = run(Keyed, "SP500", "NASDAQ")
+    fields = {(s, f) for s, f, *_ in reads(records)}
+    assert fields == {
+        ("SP500", "sma"),
+        ("NASDAQ", "sma"),
+        ("SP500", "by_pair[SP500,NASDAQ]"),
+        ("NASDAQ", "by_pair[SP500,NASDAQ]"),
+    }
+
+
+# -- storage of bar_time and tracking_gaps ----------------------------------------------------
+
+
+def test_bar_time_and_gaps_reach_the_local_store(tmp_path: Path) -> None:
+    _, records = run(RawBuffer)
+    _, read_records = run(FirstBarPeek)
+    rec = read_records[0]._replace(run=records[0].run)
+    assert json.loads(row_json(rec)) == to_row(rec)
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    sink.open()
+    try:
+        sink.write_records([rec])
+    finally:
+        sink.close()
+    con = duckdb.connect(str(tmp_path / "f.duckdb"), read_only=True)
+    try:
+        row = con.execute(
+            "SELECT tracking_gaps, ap.bar_time, ap.lookahead FROM decisions d, "
+            "UNNEST(d.data_accessed) AS t(da), UNNEST(da.access_patterns) AS u(ap)"
+        ).fetchone()
+        assert row is not None
+        gaps, t, la = row
+    finally:
+        con.close()
+    access = rec.data_accessed[0].access_patterns[0]
+    assert json.loads(gaps) == json.loads(records[0].run.tracking_gaps)
+    assert la is True and math.isclose(t.timestamp(), access.bar_time)
+    assert [f.name for f in DECISION_SCHEMA][-1] == "tracking_gaps"
+
+
+def test_the_report_always_states_the_look_ahead_count() -> None:
+    # fill whatever fields the report has today (others are changing it): None where unknown
+    known: dict[str, Any] = dict(
+        session_id="s",
+        agent="a",
+        mode="backtest",
+        symbols=("SP500",),
+        start_value_usd=1.0,
+        end_value_usd=1.0,
+        trades=0,
+        trades_won=0,
+        bars=1,
+        decisions=1,
+        lookahead_reads=0,
+        stored_at="x",
+        example_query="y",
+    )
+    required = [
+        f.name
+        for f in dataclasses.fields(RunReport)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    values: dict[str, Any] = {name: known.get(name) for name in required}
+    report = RunReport(**values)
+    assert "look-ahead       0 reads of bars not in the past" in report.render()
+    report.lookahead_reads = 3
+    assert "look-ahead       3 reads of bars not in the past (future, wrapped" in report.render()

@@ -206,6 +206,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
         self._unwrap: list[tuple[Any, str]] = []
+        self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
 
     @property
     def lookahead_total(self) -> int:
@@ -285,6 +286,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if callable(getattr(strategy, name, None)):
                 setattr(strategy, name, on_behalf(getattr(strategy, name)))
         broker = strategy.broker
+        self._getvalue = broker.getvalue  # unwrapped: the analyzer runs outside agent calls
         for name in _BROKER_CALLS:
             method = getattr(broker, name, None)
             if inspect.ismethod(method) and name not in vars(broker):
@@ -418,7 +420,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             data_accessed,
             len(reads),
             lookaheads,
-            float(broker.getvalue()),
+            float(self._getvalue()),
             float(broker.getcash()),
             self._positions(broker),
             reasoning,

@@ -216,10 +216,12 @@ class DecisionRecord(NamedTuple):
     @property
     def decision_id(self) -> str:
         """``<session_id>:<decision_point>``; with a ``decision_scope`` (paper runs)
-        ``<scope>:<bar time ISO-8601 UTC>``, stable across restarts."""
+        ``<scope>:<bar time ISO-8601 UTC>``, stable across restarts (the STOP record, order
+        events after the last bar, adds ``:STOP``: it shares that bar's time)."""
         scope = self.run.decision_scope
         if scope:
-            return f"{scope}:{_ts(self.bar_time)}"
+            suffix = ":STOP" if self.stage == "STOP" else ""
+            return f"{scope}:{_ts(self.bar_time)}{suffix}"
         return f"{self.run.session_id}:{self.decision_point}"
 
 

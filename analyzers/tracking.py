@@ -51,7 +51,7 @@ from backtrader.lineseries import LineSeriesStub
 from analyzers.schema import Access, DataAccess
 from core.bars import BarHashes, feed_symbol
 from core.errors import LookAheadError
-from core.time import bt_num_to_posix
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,16 @@ class FeedInfo:
         dt = self.dt
         n = len(dt.array) - int(dt.extension)
         return bisect.bisect_right(dt.array, num, 0, n) - 1 + self._offset()
+
+    def snapshot(self) -> tuple[int, int, int, Any, Callable[[int], str | None] | None]:
+        """``(current bar, absolute index - array position, one past the newest bar held,
+        datetime array, hash lookup)``: what resolving a bar's reads needs, taken once per
+        bar."""
+        dt = self.dt
+        cur = int(dt.lencount) - 1
+        off = cur - int(dt._idx)
+        at = self.hashes.at if self.hashes is not None else None
+        return cur, off, len(dt.array) - int(dt.extension) + off, dt.array, at
 
     def hash_at(self, index: int) -> str | None:
         hashes = self.hashes
@@ -268,8 +278,7 @@ class AccessTracker:
 
     def _track_registry(self, strategy: Any) -> None:
         labels, held_arrays, truncated = scan_labels(strategy)
-        graph = self._graph
-        assert graph is not None
+        assert self._graph is not None
         tracked_arrays: dict[int, str] = {}
         for tag in self._tags_of_feeds():
             tracked_arrays[id(tag.line.array)] = f"{tag.symbol}.{tag.field}"
@@ -369,7 +378,7 @@ class AccessTracker:
         strategy = self._strategy
         if strategy is None or self._graph is None:
             return
-        if len(_children(strategy)) == self._registered:
+        if len(strategy._lineiterators.get(_IND, ())) == self._registered:
             return
         logger.warning(
             "FMEL: the agent created line objects after start (in next()?); tracked from now on"
@@ -514,85 +523,122 @@ class AccessTracker:
         new = _tuple_new
         groups: dict[str, list[Access]] = {}
         infos: dict[str, FeedInfo] = {}
-        cur: dict[int, int] = {}
+        snaps: dict[FeedInfo, tuple[int, int, int, Any, Callable[[int], str | None] | None]] = {}
         lookaheads = 0
         for seq, (tag, ago, size, index, value) in enumerate(reads):
-            field = tag.field
-            text = None
-            num = None
-            returned = True
-            if size == 0:
-                field, num = "len", float(index + 1)
-            elif value is None:
-                returned = isinstance(tag.line, TextLine) and index >= 0
-            elif value.__class__ is str:
-                text = value
-            else:
-                num = float(value)
-            ahead = False
-            reason = ""
-            pairs = tag.pairs
-            if size == 0 and not tag.direct:  # len() of a derived line: its clock's bar count
-                pairs = (
-                    ((tag.clock, 0, tag.steps is tag.clock, True),) if tag.clock is not None else ()
-                )
-            for info, offset, aligned, causal in pairs:
-                c = cur.get(id(info))
-                if c is None:
-                    c = cur[id(info)] = info.current()
-                if tag.direct:
-                    bar = index
-                elif aligned:
-                    bar = index + offset
-                else:
-                    bar, wrapped = self._time_map(tag, info, index)
-                    bar += offset
-                    if wrapped:
-                        reason = f"{info.symbol} had not started when this value was computed"
-                got = returned and size != 0 and 0 <= bar < info.buffered()
-                if causal and offset > 0 and bar > c:
-                    got = False  # not written yet: the value is NaN, no bar was returned
-                la = got and bar > c
-                if size == 0:
-                    got = bar >= 0
-                if la:
-                    ahead = True
-                    if not reason:
-                        reason = _reason(tag, ago, index, offset, c, info)
-                t = info.time_num(bar) if got else None
-                acc = new(
-                    Access,
-                    (
-                        seq,
-                        field,
-                        ago,
-                        size or 1,  # len() reads one count
-                        bar,
-                        info.hash_at(bar) if got else None,
-                        num,
-                        text,
-                        la,
-                        round(bt_num_to_posix(t), 3) if t is not None else None,
-                    ),
-                )
-                lst = groups.get(info.symbol)
-                if lst is None:
-                    groups[info.symbol] = lst = []
-                    infos[info.symbol] = info
-                lst.append(acc)
-            if ahead:
+            info = tag.clock
+            if tag.direct and size == 1 and value.__class__ is float and info is not None:
+                # the common read, d.close[-1]: one source, the feed's own bar
+                snap = snaps.get(info)
+                if snap is None:
+                    snap = snaps[info] = info.snapshot()
+                cur, off, nbuf, times, at = snap
+                if 0 <= index < nbuf:
+                    la = index > cur
+                    acc = new(
+                        Access,
+                        (
+                            seq,
+                            tag.field,
+                            ago,
+                            1,
+                            index,
+                            at(index) if at is not None else None,
+                            value,
+                            None,
+                            la,
+                            round((times[index - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3),
+                        ),
+                    )
+                    infos.setdefault(info.symbol, info)
+                    groups.setdefault(info.symbol, []).append(acc)
+                    if la:
+                        lookaheads += 1
+                        self._lookahead(tag, ago, _reason(tag, ago, index, 0, cur, info))
+                    continue
+            if self._resolve_one(tag, seq, ago, size, index, value, snaps, groups, infos):
                 lookaheads += 1
-                self._lookahead(tag, ago, reason)
         out = []
         for symbol, accesses in groups.items():
-            info = infos[symbol]
+            cur, _, _, _, at = snaps[infos[symbol]]
             fields = tuple(dict.fromkeys([a[1] for a in accesses]))
-            out.append(
-                new(DataAccess, (symbol, info.hash_at(info.current()), fields, tuple(accesses)))
-            )
+            digest = at(cur) if at is not None and cur >= 0 else None
+            out.append(new(DataAccess, (symbol, digest, fields, tuple(accesses))))
         if count:
             self.lookahead_total += lookaheads
         return tuple(out), lookaheads
+
+    def _resolve_one(
+        self,
+        tag: LineTag,
+        seq: int,
+        ago: int,
+        size: int,
+        index: int,
+        value: Any,
+        snaps: dict[FeedInfo, tuple[int, int, int, Any, Callable[[int], str | None] | None]],
+        groups: dict[str, list[Access]],
+        infos: dict[str, FeedInfo],
+    ) -> bool:
+        """Any read: a window, ``len()``, text, a derived line with several source feeds.
+        Appends one :class:`Access` per source feed to ``groups``; returns whether it looked
+        ahead."""
+        new = _tuple_new
+        field = tag.field
+        text = None
+        num = None
+        returned = True  # False: a window that returned nothing
+        if size == 0:
+            field, num = "len", float(index + 1)
+        elif value is None:
+            returned = isinstance(tag.line, TextLine) and index >= 0
+        elif value.__class__ is str:
+            text = value
+        else:
+            num = float(value)
+        ahead = False
+        reason = ""
+        pairs = tag.pairs
+        if size == 0 and not tag.direct:  # len() of a derived line: its clock's bar count
+            clock = tag.clock
+            pairs = ((clock, 0, tag.steps is clock, True),) if clock is not None else ()
+        for info, offset, aligned, causal in pairs:
+            snap = snaps.get(info)
+            if snap is None:
+                snap = snaps[info] = info.snapshot()
+            cur, off, nbuf, times, at = snap
+            if tag.direct:
+                bar = index
+            elif aligned:
+                bar = index + offset
+            else:
+                bar, wrapped = self._time_map(tag, info, index)
+                bar += offset
+                if wrapped:
+                    reason = f"{info.symbol} had not started when this value was computed"
+            got = returned and 0 <= bar < nbuf
+            if size == 0 or (got and causal and offset > 0 and bar > cur):
+                # len() returns a count, not a bar's value; a forward-shifted line computed
+                # bar by bar is NaN until its bar arrives: neither looks ahead
+                la = False
+                got = got and size == 0
+            else:
+                la = got and bar > cur
+            if la:
+                ahead = True
+                if not reason:
+                    reason = _reason(tag, ago, index, offset, cur, info)
+            if got:
+                digest = at(bar) if at is not None else None
+                when = round((times[bar - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3)
+            else:
+                digest = when = None
+            acc = new(Access, (seq, field, ago, size or 1, bar, digest, num, text, la, when))
+            infos.setdefault(info.symbol, info)
+            groups.setdefault(info.symbol, []).append(acc)
+        if ahead:
+            self._lookahead(tag, ago, reason)
+        return ahead
 
     def _time_map(self, tag: LineTag, info: FeedInfo, index: int) -> tuple[int, bool]:
         """Next-bar mode, a source that is not the line's clock: the source's bar when the value
@@ -844,7 +890,10 @@ def _key_label(key: Any) -> str:
         return repr(key)
     if isinstance(key, tuple):
         return ",".join(_key_label(k) for k in key)
-    text = repr(key)
+    try:
+        text = repr(key)
+    except Exception:  # noqa: BLE001 (an agent's own key class: its repr may fail)
+        return type(key).__name__
     if " at 0x" in text or type(key).__repr__ is object.__repr__:  # type: ignore[comparison-overlap]
         return type(key).__name__
     return text

@@ -17,14 +17,23 @@ Backtrader only looks at the broker between bars or every ``qcheck`` seconds whi
 one (here the feed's qcheck, ``--qcheck``; live Pub/Sub feeds use ``PUBSUB_QCHECK_S``), so that
 bounds the notification latency too.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_broker.py [--orders 200] [--poll 0.05]``.
-Prints a markdown table (ms) and one JSON line.
+3. **request budget** (``--budget``): requests per minute with ``--brackets`` (50) open
+   brackets whose entries filled (Alpaca lists their take-profit legs; the stop legs are held
+   and listed nowhere), at the broker's *default* intervals (poll 2 s, or 10 s while the
+   trade-updates stream is connected; account every 30 s), in real time for
+   ``--budget-seconds`` (60), polling only and with the stream. Baseline: Alpaca's limit, 200
+   requests per minute per account, which the server enforces.
+
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_broker.py [--orders 200] [--poll 0.05]``
+(latencies; the server's rate limit is off for them) or ``... --budget``.
+Prints a markdown table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -40,7 +49,9 @@ from alpaca.trading.enums import OrderSide, TimeInForce
 from alpaca.trading.requests import LimitOrderRequest, MarketOrderRequest
 from alpaca.trading.stream import TradingStream
 
-from tests.alpaca_harness import Run, build_run, drive, fast_config, wait_until
+from core.secret import Secret
+from runtime.brokers.alpaca.config import AlpacaBrokerConfig
+from tests.alpaca_harness import Run, bar, build_run, drive, fast_config, wait_until
 from tests.alpaca_server import AlpacaServer
 
 
@@ -61,7 +72,9 @@ def arrival_of(server: AlpacaServer, coid: str) -> float | None:
 
 def bench_submit(orders: int, qcheck: float) -> list[float]:
     """Agent buy() -> POST arrival, seconds."""
-    with AlpacaServer(fill_mode="immediate", prices={"AAPL": 100.0}) as server:
+    with AlpacaServer(
+        fill_mode="immediate", prices={"AAPL": 100.0}, rate_limit_per_min=None
+    ) as server:
         calls: dict[int, float] = {}
 
         def buy(s: Any) -> None:
@@ -70,7 +83,7 @@ def bench_submit(orders: int, qcheck: float) -> list[float]:
             calls[o.ref] = t
 
         script = {i: buy for i in range(1, orders + 1)}
-        run = build_run(server, ("AAPL",), script, config=fast_config(server))
+        run = build_run(server, ("AAPL",), script, config=fast_config(server, use_stream=False))
         run.feeds["AAPL"].p.qcheck = qcheck
         steps = []
         for _ in range(orders):
@@ -98,7 +111,9 @@ def _bar_and_wait_sent(run: Run, server: AlpacaServer) -> Callable[[], None]:
 
 
 def bench_submit_baseline(orders: int) -> list[float]:
-    with AlpacaServer(fill_mode="immediate", prices={"AAPL": 100.0}) as server:
+    with AlpacaServer(
+        fill_mode="immediate", prices={"AAPL": 100.0}, rate_limit_per_min=None
+    ) as server:
         client = TradingClient(server.api_key, server.secret_key, url_override=server.url)
         out = []
         for i in range(orders):
@@ -119,13 +134,13 @@ def bench_submit_baseline(orders: int) -> list[float]:
 
 def bench_fill(orders: int, poll_s: float, qcheck: float, stream: bool) -> list[float]:
     """Server fill -> agent notify_order(Completed), seconds."""
-    with AlpacaServer(prices={"AAPL": 100.0}, websocket=stream) as server:
-        over: dict[str, Any] = {"poll_interval_s": poll_s}
+    with AlpacaServer(prices={"AAPL": 100.0}, rate_limit_per_min=None) as server:
+        over: dict[str, Any] = {"poll_interval_s": poll_s, "use_stream": False}
         if stream:
             over.update(
                 use_stream=True,
-                stream_url=server.ws_url,
                 poll_interval_s=60.0,
+                stream_poll_interval_s=60.0,
                 refresh_interval_s=60.0,
             )
         refs: list[int] = []
@@ -154,7 +169,7 @@ def bench_fill(orders: int, poll_s: float, qcheck: float, stream: bool) -> list[
                     what="accepted",
                 )
                 if stream:
-                    wait_until(lambda: bool(server._ws_queues), what="stream")
+                    wait_until(lambda: server.stream_clients() > 0, what="stream")
                 coid = f"{run.broker.session_id}-{ref}"
                 o = server.order_by_coid(coid)
                 assert o is not None
@@ -181,7 +196,7 @@ def bench_fill(orders: int, poll_s: float, qcheck: float, stream: bool) -> list[
 
 def bench_stream_baseline(orders: int) -> list[float]:
     """Server fill -> a bare alpaca-py TradingStream handler, seconds."""
-    with AlpacaServer(prices={"AAPL": 100.0}, websocket=True) as server:
+    with AlpacaServer(prices={"AAPL": 100.0}, rate_limit_per_min=None) as server:
         client = TradingClient(server.api_key, server.secret_key, url_override=server.url)
         got: dict[str, float] = {}
         stream = TradingStream(server.api_key, server.secret_key, url_override=server.ws_url)
@@ -193,7 +208,7 @@ def bench_stream_baseline(orders: int) -> list[float]:
         stream.subscribe_trade_updates(handler)
         t = threading.Thread(target=stream.run, daemon=True)
         t.start()
-        wait_until(lambda: bool(server._ws_queues), what="stream")
+        wait_until(lambda: server.stream_clients() > 0, what="stream")
         out = []
         for i in range(orders):
             o = client.submit_order(
@@ -209,12 +224,83 @@ def bench_stream_baseline(orders: int) -> list[float]:
             oid = str(o.id)  # type: ignore[union-attr]
             t0 = time.perf_counter()
             server.fill(oid, 1, 90.0)
-            wait_until(lambda oid=oid: oid in got, what="stream fill")
+            wait_until(functools.partial(got.__contains__, oid), what="stream fill")
             out.append(got[oid] - t0)
-        asyncio.run_coroutine_threadsafe(stream.stop_ws(), stream._loop).result(timeout=5)
-        asyncio.run_coroutine_threadsafe(stream.close(), stream._loop).result(timeout=5)
+        loop = stream._loop
+        assert loop is not None
+        asyncio.run_coroutine_threadsafe(stream.stop_ws(), loop).result(timeout=5)
+        asyncio.run_coroutine_threadsafe(stream.close(), loop).result(timeout=5)
         t.join(timeout=10)
         return out
+
+
+def bench_budget(brackets: int, seconds: float, stream: bool) -> dict[str, Any]:
+    """Requests per minute with ``brackets`` open brackets at the default intervals."""
+    with AlpacaServer(prices={"AAPL": 100.0}, cash_usd=10_000_000.0) as server:
+        config = AlpacaBrokerConfig(  # Alpaca's defaults but the endpoint
+            api_key=Secret(server.api_key, source="bench"),
+            secret_key=Secret(server.secret_key, source="bench"),
+            base_url=server.url,
+            use_stream=stream,
+        )
+        entries: list[Any] = []
+
+        def open_brackets(s: Any) -> None:
+            for i in range(brackets):
+                o, _, _ = s.buy_bracket(
+                    size=1, price=99.0, stopprice=80.0 - i * 0.01, limitprice=150.0 + i
+                )
+                entries.append(o)
+
+        run = build_run(server, ("AAPL",), {1: open_brackets}, config=config)
+        window: dict[str, Any] = {}
+
+        def measure() -> None:
+            wait_until(lambda: len(server.orders) == 3 * brackets, timeout_s=120, what="sent")
+            server.set_price("AAPL", 98.0)  # every entry fills: take profits new, stops held
+            wait_until(
+                lambda: all(o.status == bt.Order.Completed for o in entries),
+                timeout_s=120,
+                what="entries filled",
+            )
+            t0, n0 = time.perf_counter(), len(server.requests)
+            time.sleep(seconds)  # the measured window (a benchmark, not a test)
+            reqs = server.requests[n0:]
+            window["minutes"] = (time.perf_counter() - t0) / 60.0
+            window["kinds"] = {
+                k: sum(1 for r in reqs if r.kind == k) for k in sorted({r.kind for r in reqs})
+            }
+            window["count"] = len(reqs)
+            window["429"] = sum(1 for r in reqs if r.status == 429)
+
+        drive(run, [bar(run, "AAPL", 100.0), measure], timeout_s=seconds + 300)
+        per_min = window["count"] / window["minutes"]
+        return {
+            "brackets": brackets,
+            "stream": stream,
+            "seconds": seconds,
+            "requests_per_min": round(per_min, 1),
+            "by_kind_per_min": {
+                k: round(v / window["minutes"], 1) for k, v in window["kinds"].items()
+            },
+            "rate_limited_429": window["429"],
+        }
+
+
+def main_budget(brackets: int, seconds: float) -> None:
+    results = [bench_budget(brackets, seconds, stream) for stream in (False, True)]
+    print(f"\n{brackets} open brackets (entries filled), default intervals, {seconds:g} s each\n")
+    print("| order events from | requests/min | by kind | 429s | / Alpaca's 200 |")
+    print("|---|---:|---|---:|---:|")
+    for r in results:
+        kinds = ", ".join(f"{k} {v:g}" for k, v in r["by_kind_per_min"].items())
+        source = "trade-updates stream + polls every 10 s" if r["stream"] else "polling (2 s)"
+        ratio = r["requests_per_min"] / 200.0
+        print(
+            f"| {source} | {r['requests_per_min']:g} | {kinds} | {r['rate_limited_429']} | "
+            f"{ratio:.2f} |"
+        )
+    print(json.dumps(results))
 
 
 def main() -> None:
@@ -222,7 +308,13 @@ def main() -> None:
     ap.add_argument("--orders", type=int, default=200, help="orders per measurement")
     ap.add_argument("--poll", type=float, default=0.05, help="broker poll interval, s")
     ap.add_argument("--qcheck", type=float, default=0.02, help="feed qcheck, s")
+    ap.add_argument("--budget", action="store_true", help="measure the request budget instead")
+    ap.add_argument("--brackets", type=int, default=50, help="open brackets (--budget)")
+    ap.add_argument("--budget-seconds", type=float, default=60.0, help="window (--budget), s")
     args = ap.parse_args()
+    if args.budget:
+        main_budget(args.brackets, args.budget_seconds)
+        return
     n = args.orders
     rows: list[tuple[str, list[float], str, float]] = []
     base_submit = bench_submit_baseline(n)

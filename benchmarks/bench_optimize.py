@@ -21,6 +21,7 @@ Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_optimize.py [--workers N]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -86,6 +87,11 @@ def main() -> None:
             run("sequential", tmp, args.space, args.walk_forward, OPTIMIZE_WORKERS="1"),
             run("pool", tmp, args.space, args.walk_forward, OPTIMIZE_WORKERS=w),
         ]
+        # A new local cluster would turn on token auth and write ~/.ray/auth_token, which every
+        # Ray user of the machine then shares: this cluster is ours alone, no auth. Loopback
+        # only: read by ray_constants.ENABLE_RAY_CLUSTER at import (ray-project/ray#18730).
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
 
         t0 = time.perf_counter()

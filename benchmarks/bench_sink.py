@@ -1,27 +1,42 @@
-"""BigQuery decision sink throughput and what it costs the bar loop (bqemulator, real client).
+"""BigQuery decision sink: row size, records per second into bqemulator, and bar-loop cost.
 
-1. Records per second through :class:`analyzers.sinks.bigquery.sink.BigQuerySink` in batches of
-   10 and 500 (``write()`` called directly, real decision rows of a real backtest, each written
-   once; every batch is one insertAll request at these sizes).
-2. The bar loop with the BigQuery sink (writer batches of 10, the default, and 500) against
-   the same loop with a sink that does nothing (the FMEL analyzer and the writer thread in
-   both): the ratio is what BigQuery I/O adds to ``cerebro.run()``. The final flush
-   (``writer.stop()``) is reported apart. Rounds alternate the modes so machine noise hits
-   all alike. The emulator shares the 2 cores with the
-   loop here; against real BigQuery the I/O waits on the network instead.
+1. Row size of a read-heavy decision record (~130 reads over six daily feeds,
+   :mod:`tests.bq_read_heavy`): the full JSON row and the compact row the sink sends (null fields
+   left out, :func:`analyzers.sinks.bigquery.rows.compact_row`).
+2. Records per second of read-heavy records into the emulator, each measured in the same run as
+   the baseline and given as a ratio to it:
 
-Run: ``python benchmarks/bench_sink.py [--rounds 3] [--rows 3000]`` (needs the emulator venv:
+   * baseline: ``insert_rows_json`` called as the sink called it before (full rows,
+     ``skipInvalidRows``, one request at a time, requests up to 9 MB);
+   * ``BigQuerySink.write_records`` (compact rows, requests sized by bytes) with 1 request in
+     flight and with 4 (the default);
+   * a :class:`~analyzers.sinks.writer.DecisionWriter` draining a spill file of those rows left
+     by an earlier run (each row looked up by insert id first, then written).
+
+   Each mode writes the same rows into its own table, every row once (checked by a count).
+3. The bar loop with the BigQuery sink against the same loop with a sink that does nothing (the
+   FMEL analyzer and the writer thread in both): the ratio is what BigQuery I/O adds to
+   ``cerebro.run()``. The final flush (``writer.stop()``) is reported apart. Rounds alternate
+   the modes so machine noise hits all alike.
+
+The emulator shares the machine's cores with the client here, and converts every nested row in
+Python: its own ceiling, far below BigQuery's (per project 1 GB/s in the US and EU
+multi-regions, "Quotas and limits", streaming inserts). Against BigQuery, requests in flight
+overlap network round trips instead.
+
+Run: ``python benchmarks/bench_sink.py [--rows 600] [--rounds 3]`` (needs the emulator venv:
 ``bash tests/bqemu/setup.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,72 +97,135 @@ def backtest(writer: Any) -> tuple[float, float, int]:
 def main(argv: list[str] | None = None) -> int:
     from analyzers.schema import to_row
     from analyzers.sinks.bigquery.config import BigQuerySinkConfig
+    from analyzers.sinks.bigquery.rows import compact_row
     from analyzers.sinks.bigquery.sink import BigQuerySink
+    from analyzers.sinks.spill import SpillFile
     from analyzers.sinks.writer import DecisionWriter
-    from tests.bq_agents import real_records
+    from tests.bq_read_heavy import read_heavy_records
     from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=3000, help="rows per throughput test")
+    parser.add_argument("--rows", type=int, default=600, help="read-heavy rows per mode")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the bar-loop part")
     args = parser.parse_args(argv)
+
+    records = read_heavy_records("bench", start="2015-01-01", end="2018-12-31")
+    records = [r for r in records if r.reads >= 120][: args.rows]
+    rows = [to_row(r) for r in records]
+    full = [len(json.dumps(r, separators=(",", ":"))) for r in rows]
+    compact = [len(json.dumps(compact_row(r), separators=(",", ":"))) for r in rows]
+    print(
+        f"row size, read-heavy record ({statistics.median(r.reads for r in records):.0f} reads): "
+        f"full {statistics.median(full) / 1000:.1f} kB, sent (compact) "
+        f"{statistics.median(compact) / 1000:.1f} kB ({statistics.median(compact) / statistics.median(full):.2f}x)"
+    )
 
     emu = BigQueryEmulator()
     emu.start()
     try:
 
-        def sink() -> BigQuerySink:
+        def sink(**kw: Any) -> BigQuerySink:
             return BigQuerySink(
                 BigQuerySinkConfig(
                     project=emu.project,
                     dataset=unique_dataset("bench"),
                     api_endpoint=emu.endpoint,
-                    timeout_s=60,
-                )
+                    timeout_s=600,
+                ),
+                **kw,
             )
 
-        base = [
-            to_row(r)
-            for r in real_records("bench", start="1999-01-01", end="2018-12-31", symbols=("SP500",))
-        ]
-        rows = [
-            dict(base[i % len(base)], decision_id=f"bench:{i}", decision_point=i)
-            for i in range(args.rows)
-        ]
-        print(
-            f"throughput: {len(rows)} real decision rows "
-            f"(~{sum(len(str(r)) for r in rows) // len(rows)} bytes each)"
-        )
-        for batch in (10, 500):
-            s = sink()
+        def count(s: BigQuerySink) -> int:
+            got = emu.query(
+                f"SELECT COUNT(DISTINCT decision_id) AS d, COUNT(*) AS n FROM `{s.table_id}`"
+            )
+            if got[0]["d"] != got[0]["n"]:
+                raise SystemExit(f"duplicates in {s.table_id}: {got}")
+            return int(got[0]["n"])
+
+        def timed(label: str, s: BigQuerySink, fn: Callable[[], None]) -> float:
             s.open()
             t0 = time.perf_counter()
-            for i in range(0, len(rows), batch):
-                if s.write(rows[i : i + batch]):
-                    raise SystemExit("rows refused")
+            fn()
             dt = time.perf_counter() - t0
-            print(
-                f"  batch {batch:>3}: {len(rows) / dt:8.0f} records/s "
-                f"({s.stats.requests} requests, {dt:.2f} s)"
-            )
+            n = count(s)
+            if n != len(rows):
+                raise SystemExit(f"{label}: {n} of {len(rows)} rows stored")
             s.close()
+            return len(rows) / dt
+
+        results: dict[str, float] = {}
+        base = sink()
+
+        def baseline() -> None:
+            i = 0
+            while i < len(rows):  # the old catch-up path: full rows, up to 9 MB a request
+                size, j = 0, i
+                while j < len(rows) and size + full[j] < 9_000_000 and j - i < 500:
+                    size += full[j]
+                    j += 1
+                part = rows[i:j]
+                errors = base._client.insert_rows_json(
+                    base.table_id,
+                    part,
+                    row_ids=[r["decision_id"] for r in part],
+                    skip_invalid_rows=True,
+                    retry=None,
+                    timeout=600,
+                )
+                if errors:
+                    raise SystemExit(f"baseline refused rows: {errors[:2]}")
+                i = j
+
+        results["baseline: full rows, skipInvalidRows, 1 in flight"] = timed(
+            "baseline", base, baseline
+        )
+        for in_flight in (1, 4):
+            s = sink(max_in_flight=in_flight)
+            results[f"sink: compact rows, {in_flight} in flight"] = timed(
+                f"sink {in_flight}", s, lambda s=s: _check(s.write_records(records))
+            )
+        # An earlier run's spill, drained by a new writer (rows looked up by insert id first).
+        tmp = Path(tempfile.mkdtemp())
+        SpillFile(tmp / "spill-bigquery.jsonl").append(rows)
+        s = sink()
+        writer = DecisionWriter(s, spill_dir=tmp)
+
+        def drain() -> None:
+            writer.start()
+            if not writer.wait_drained(3600):
+                raise SystemExit(f"drain did not finish: {writer.stats}")
+            writer.stop(timeout_s=60)
+
+        s.open()
+        t0 = time.perf_counter()
+        drain()
+        dt = time.perf_counter() - t0
+        results["writer draining an earlier run's spill (4 in flight)"] = len(rows) / dt
+        check = sink(max_in_flight=1)
+        check.table_id = s.table_id
+        if count(check) != len(rows):
+            raise SystemExit("drain: not every row stored once")
+        b = results["baseline: full rows, skipInvalidRows, 1 in flight"]
+        print(f"records/s into the emulator, {len(rows)} read-heavy records per mode:")
+        for label, rate in results.items():
+            print(f"  {label:<58} {rate:7.1f} records/s  x{rate / b:.2f}")
 
         print(f"bar loop (SMA-cross, 3 symbols x 5031 bars, FMEL on), {args.rounds} rounds:")
-        modes = {"null sink": 10, "bigquery": 10, "bigquery 500": 500}  # mode -> batch size
+        modes = {"null sink": 10, "bigquery": 10}  # mode -> batch size (FMEL_BATCH_SIZE)
         runs: dict[str, list[float]] = {m: [] for m in modes}
         flush: dict[str, list[float]] = {m: [] for m in modes}
         decisions = 0
-        tmp = Path(tempfile.mkdtemp())
         for r in range(args.rounds):
             for mode in runs:
                 target: Any = NullSink() if mode == "null sink" else sink()
-                writer = DecisionWriter(
+                w = DecisionWriter(
                     target,
                     batch_size=modes[mode],
                     flush_interval_s=5.0,
                     spill_dir=tmp / f"spill-{mode}-{r}",
                 )
-                run_s, flush_s, decisions = backtest(writer)
+                run_s, flush_s, decisions = backtest(w)
                 runs[mode].append(run_s)
                 flush[mode].append(flush_s)
         base_s = statistics.median(runs["null sink"])
@@ -162,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         emu.close()
     return 0
+
+
+def _check(errors: Sequence[Any]) -> None:
+    if errors:
+        raise SystemExit(f"rows refused: {list(errors)[:2]}")
 
 
 if __name__ == "__main__":

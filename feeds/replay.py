@@ -14,12 +14,13 @@ in :mod:`runtime.replay`, which reads the environment and calls :func:`main` her
   further ahead of it than ``PUBSUB_MAX_FUTURE_S`` (``future_timestamp``), as it does against
   the wall clock live.
 * Messages follow the contract of :mod:`feeds.pubsub.messages`: JSON body ``symbol``, ``timestamp``
-  (ISO-8601 UTC), OHLCV, extra columns as extra fields, ``data_hash``; attribute ``symbol``;
-  ``ordering_key=symbol`` so each symbol's bars arrive in order.
+  (ISO-8601 UTC), OHLCV, extra columns as extra fields, ``data_hash``; attribute ``symbol``; no
+  ordering key (the live feed puts each symbol's bars in order itself; see docs/pubsub.md).
 * The topic is created when missing. Project and emulator come from ``--project`` /
   ``--emulator-host``, else from the defaults the entry point passes to :func:`main` (the
   environment's ``GOOGLE_CLOUD_PROJECT`` and ``PUBSUB_EMULATOR_HOST``).
-* A failed publish is retried with :data:`PUBLISH_RETRY` (:class:`core.retry.RetryPolicy`).
+* Batches go out one request at a time, in order (:class:`feeds.pubsub.clients.OrderedPublisher`);
+  a failed one is retried with :data:`PUBLISH_RETRY` (:class:`core.retry.RetryPolicy`).
 
 Prints one JSON line with what was published and exits 0; exits 2 on bad arguments or input,
 1 when publishing failed after retries.
@@ -35,11 +36,11 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -48,14 +49,18 @@ from core.errors import ConfigError, DataError, TransientError
 from core.retry import RetryPolicy
 from core.time import iso_utc
 from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
-from feeds.pubsub.clients import publisher_client, resource_path
+from feeds.pubsub.clients import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_MESSAGES,
+    OrderedPublisher,
+    resource_path,
+)
 from feeds.pubsub.config import resource_name_problem
 from feeds.pubsub.messages import REPLAY_CLOCK_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
 
-PUBLISH_CHUNK = 500
-# Publishing a chunk: 6 attempts in all, waits of up to 0.2, 0.4, ... 5 s (full jitter).
+# Publishing a batch: 6 attempts in all, waits of up to 0.2, 0.4, ... 5 s (full jitter).
 PUBLISH_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=5.0)
 
 
@@ -90,7 +95,7 @@ class ReplayResult:
 
 
 class BarMessage:
-    """One message to publish: its body, symbol (attribute and ordering key), bar time, data
+    """One message to publish: its body, symbol (attribute), bar time, data
     hash, and (paced replays) the replay's clock when it is published, POSIX seconds."""
 
     __slots__ = ("body", "data_hash", "replay_clock", "symbol", "ts")
@@ -149,15 +154,23 @@ def bar_messages(sources: Sequence[CSVBars]) -> Iterator[BarMessage]:
 
 
 class PublishFailedError(TransientError):
-    """Some messages of one publish attempt failed (retried by :func:`publish`).
+    """A publish request failed (retried by :func:`publish`).
 
     Attributes:
-        count: messages that failed.
+        count: messages in the request.
     """
 
     def __init__(self, count: int, error: BaseException | None) -> None:
         super().__init__(f"{count} messages failed: {error}")
         self.count = count
+
+
+class BatchPublisher(Protocol):
+    """What :func:`publish` needs: :class:`feeds.pubsub.clients.OrderedPublisher` (or a fake)."""
+
+    def publish_batch(
+        self, topic_path: str, messages: Sequence[tuple[bytes, Mapping[str, str]]]
+    ) -> list[str]: ...
 
 
 def ensure_topic(publisher: Any, topic_path: str) -> bool:
@@ -173,7 +186,7 @@ def ensure_topic(publisher: Any, topic_path: str) -> bool:
 
 
 def publish(
-    publisher: Any,
+    publisher: BatchPublisher,
     topic_path: str,
     messages: Iterator[BarMessage],
     *,
@@ -185,47 +198,34 @@ def publish(
     """Publish ``messages`` in order, paced by ``speed`` (0 = as fast as possible, N = N times
     real time measured on bar times).
 
-    Publishing is ordered per symbol (``ordering_key``); after a failed publish the key is
-    resumed and the failed messages are published again in order, as ``retry`` allows.
+    Messages go out in batches (at most :data:`~feeds.pubsub.clients.MAX_BATCH_MESSAGES` and
+    :data:`~feeds.pubsub.clients.MAX_BATCH_BYTES`), one request at a time, each confirmed before
+    the next, so Pub/Sub receives them in order without ordering keys. A failed batch is sent
+    again as a whole, as ``retry`` allows (copies of a batch whose answer was lost are dropped
+    by the live feed's de-duplication).
 
     Args:
-        publisher: a ``PublisherClient`` with message ordering (or a fake).
+        publisher: sends one batch per call.
         topic_path: ``projects/<p>/topics/<t>``.
         messages: what to publish, in order.
         speed: 0 = as fast as possible, N = N times real time.
         sleep, clock: pacing (seconds; tests pass a fake clock).
-        retry: attempts and backoff of a failed publish.
+        retry: attempts and backoff of a failed batch.
 
     Raises:
-        TransientError: when a message could not be published after the retries.
+        TransientError: when a batch could not be published after the retries.
     """
     result = ReplayResult()
     t0 = clock()
     first_ts: datetime | None = None
     chunk: list[BarMessage] = []
+    chunk_bytes = 0
 
-    def attempt(pending: list[BarMessage]) -> None:
-        """Publish ``pending`` in order; what failed is left in it (its keys resumed)."""
-        futures = [
-            (m, publisher.publish(topic_path, m.body, ordering_key=m.symbol, **m.attributes()))
-            for m in pending
-        ]
-        failed: list[BarMessage] = []
-        error: BaseException | None = None
-        for m, fut in futures:
-            try:
-                fut.result(timeout=60)
-            except Exception as e:  # noqa: BLE001 - retried by the policy, then raised
-                failed.append(m)
-                error = e
-            else:
-                result.published += 1
-                result.per_symbol[m.symbol] += 1
-        pending[:] = failed
-        if failed:
-            for key in {m.symbol for m in failed}:
-                publisher.resume_publish(topic_path, key)
-            raise PublishFailedError(len(failed), error) from error
+    def attempt(batch: list[BarMessage]) -> None:
+        try:
+            publisher.publish_batch(topic_path, [(m.body, m.attributes()) for m in batch])
+        except Exception as e:
+            raise PublishFailedError(len(batch), e) from e
 
     def on_retry(err: BaseException) -> None:
         count = err.count if isinstance(err, PublishFailedError) else 0
@@ -233,16 +233,20 @@ def publish(
         logger.warning("%d messages failed (%s); retrying", count, err.__cause__)
 
     def flush() -> None:
-        pending = list(chunk)
+        nonlocal chunk_bytes
+        batch = list(chunk)
         chunk.clear()
-        if pending:
+        chunk_bytes = 0
+        if batch:
             retry.call(
                 f"publishing to {topic_path}",
                 attempt,
-                pending,
+                batch,
                 retry_on=lambda e: isinstance(e, PublishFailedError),
                 on_retry=on_retry,
             )
+            result.published += len(batch)
+            result.per_symbol.update(m.symbol for m in batch)
 
     for msg in messages:
         if first_ts is None:
@@ -259,9 +263,11 @@ def publish(
             msg.replay_clock = first_ts.timestamp() + (clock() - t0) * speed
         else:
             msg.replay_clock = None
-        chunk.append(msg)
-        if len(chunk) >= PUBLISH_CHUNK or speed > 0:
+        size = len(msg.body) + 100
+        if chunk and (len(chunk) >= MAX_BATCH_MESSAGES or chunk_bytes + size > MAX_BATCH_BYTES):
             flush()
+        chunk.append(msg)
+        chunk_bytes += size
     flush()
     result.elapsed_s = clock() - t0
     return result
@@ -408,7 +414,7 @@ def main(
         logger.error("%s", e)
         return 2
     topic_path = resource_path(project, "topics", args.topic)
-    publisher = publisher_client(host)
+    publisher = OrderedPublisher(host)
     try:
         ensure_topic(publisher, topic_path)
         result = publish(publisher, topic_path, bar_messages(sources), speed=args.speed)

@@ -71,7 +71,7 @@ class _Pull(Collector):
             value=1.0 if i.connected else 0.0,
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}queue_depth", "Stream messages waiting for the worker", value=i._queue.qsize()
+            f"{PREFIX}queue_depth", "Stream messages waiting for the worker", value=i.queue_depth
         )
         yield GaugeMetricFamily(
             f"{PREFIX}unconfirmed",
@@ -143,9 +143,14 @@ def ensure_topic(client: Any, topic_path: str) -> None:
     """Create the topic unless it exists."""
     from google.api_core import exceptions as gexc
 
-    with contextlib.suppress(gexc.AlreadyExists):
+    try:
         client.create_topic(request={"name": topic_path})
         logger.info("created topic %s", topic_path)
+    except gexc.AlreadyExists:
+        pass
+    except gexc.PermissionDenied:
+        # Least privilege (roles/pubsub.publisher): the topic is created by the deployer.
+        logger.info("no permission to create topics; publishing to %s as it is", topic_path)
 
 
 class IngestProcess:
@@ -190,7 +195,10 @@ class IngestProcess:
             self.health = HealthServer(
                 port=self.ops.health_port, metrics=cast(RunMetrics, self.metrics)
             )
-            self.health.start()
+            try:
+                self.health.start()
+            except OSError as e:
+                raise ConfigError(f"HEALTH_PORT={self.ops.health_port}: cannot serve ({e})") from e
         try:
             ensure_topic(self.client, self.topic_path)
             ingestor = self.ingestor = Ingestor(
@@ -207,6 +215,8 @@ class IngestProcess:
             while not self._stop.is_set():
                 if ingestor.wait(timeout_s=0.2):
                     break
+            if self.health is not None:
+                self.health.set_draining()
             clean = ingestor.stop(timeout_s=self.ops.shutdown_timeout_s)
             report = ingestor.report()
             sys.stdout.write(json.dumps(report) + "\n")

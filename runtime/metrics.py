@@ -19,9 +19,15 @@ Metric names (all prefixed ``runner_``; ``feed`` is the symbol the feed carries)
 * ``runner_orders_total{status}``: order notifications by backtrader status name (Submitted,
   Accepted, Partial, Completed, Canceled, Margin, Rejected, Expired).
 * ``runner_broker_api_errors_total{operation}``, ``runner_broker_api_retries_total{operation}``.
-* ``runner_decision_records_{written,spilled,replayed,rejected}_total``,
-  ``runner_decision_sink_retries_total``, ``runner_decision_records_queued`` (gauge),
-  ``runner_decision_sink_healthy`` (gauge, 0 while spilling).
+* ``runner_decision_records_{submitted,written,rejected}_total``: this run's records given to
+  the writer, stored, refused for good; ``runner_decision_records_spilled_total``: this run's
+  records that went to the spill file (also those stored from it later);
+  ``runner_decision_records_in_spill`` (gauge): this run's records in the spill file now, so
+  submitted = written + rejected + in_spill + queued; ``runner_decision_records_replayed_total``:
+  rows of earlier runs' spills stored; ``runner_decision_spill_rows`` (gauge): every row waiting
+  in the spill file (earlier runs' too); ``runner_decision_sink_retries_total``,
+  ``runner_decision_records_queued`` (gauge), ``runner_decision_sink_healthy`` (gauge, 0 while
+  spilling).
 * ``runner_bar_loop_seconds`` histogram: time of one agent bar, its ``next()`` and the analyzers
   after it (FMEL).
 
@@ -157,17 +163,28 @@ class RunMetrics:
 
         def families() -> Iterator[Metric]:
             st = writer.stats
-            for key, what in (
-                ("written", "stored by the sink"),
-                ("spilled", "kept in the spill file"),
-                ("replayed", "written from the spill file"),
-                ("rejected", "refused for good by the sink"),
+            for name, key, what in (
+                ("submitted", "submitted", "of this run given to the writer"),
+                ("written", "written", "of this run stored by the sink"),
+                ("spilled", "spilled_total", "of this run put in the spill file"),
+                ("replayed", "replayed", "of earlier runs stored from the spill file"),
+                ("rejected", "rejected", "of this run refused for good by the sink"),
             ):
                 yield CounterMetricFamily(
-                    f"{PREFIX}decision_records_{key}",
+                    f"{PREFIX}decision_records_{name}",
                     f"Decision records {what}",
                     value=getattr(st, key),
                 )
+            yield GaugeMetricFamily(
+                f"{PREFIX}decision_records_in_spill",
+                "Decision records of this run waiting in the spill file",
+                value=st.spilled,
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}decision_spill_rows",
+                "Rows waiting in the spill file (this run's and earlier runs')",
+                value=st.in_spill,
+            )
             yield CounterMetricFamily(
                 f"{PREFIX}decision_sink_retries", "Retried decision sink calls", value=st.retries
             )

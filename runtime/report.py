@@ -54,6 +54,9 @@ class RunReport:
     records_spilled: int = 0
     records_rejected: int = 0
     records_replayed: int = 0
+    spill_left: int = 0  # rows waiting in the spill file at the end (this run's and earlier)
+    spill_earlier_left: int = 0  # of those, rows of earlier runs
+    spill_path: str = ""
     skipped_rows: dict[str, int] = field(default_factory=dict)
     feed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     broker_note: str = "simulated (backtrader BackBroker)"
@@ -109,6 +112,13 @@ class RunReport:
         ]
         if self.records_replayed:
             lines.append(f"replayed         {self.records_replayed} records from an earlier spill")
+        if self.spill_left:
+            lines.append(
+                f"spill left       {self.spill_left} records in {self.spill_path} "
+                f"({self.spill_left - self.spill_earlier_left} of this run, "
+                f"{self.spill_earlier_left} of earlier runs): written at the next start or by "
+                "python -m runtime.drain"
+            )
         lines.append(
             f"look-ahead       {self.lookahead_reads} reads of bars not in the past (future, "
             "wrapped-around or not-started feed; see sql/*/lookahead_reads.sql)"

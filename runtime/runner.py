@@ -411,10 +411,13 @@ class Runner:
         assert self.writer is not None
         stats = self.writer.stop(timeout_s=self.config.ops.shutdown_timeout_s)
         logger.info(
-            "decisions: %d written, %d spilled, %d rejected",
+            "decisions: %d written, %d spilled, %d rejected; %d of earlier runs replayed, %d "
+            "left in the spill",
             stats.written,
             stats.spilled,
             stats.rejected,
+            stats.replayed,
+            stats.earlier_left,
         )
         return stats
 
@@ -467,6 +470,9 @@ class Runner:
             records_spilled=stats.spilled,
             records_rejected=stats.rejected,
             records_replayed=stats.replayed,
+            spill_left=stats.in_spill,
+            spill_earlier_left=stats.earlier_left,
+            spill_path=str(self.writer.spill_path) if self.writer is not None else "",
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},
             broker_note=self.broker_note,

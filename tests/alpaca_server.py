@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import heapq
 import itertools
@@ -893,7 +894,7 @@ class AlpacaServer:
                 continue
             self._set_status(x, "pending_cancel", "pending_cancel")
             if self.cancel_latency_s is not None:
-                self._later(self.cancel_latency_s, lambda x=x: self._finish_cancel(x))
+                self._later(self.cancel_latency_s, functools.partial(self._finish_cancel, x))
 
     def _finish_cancel(self, o: _Order, emit: bool = True) -> None:
         if o.status in ("filled", "canceled", "expired", "rejected", "replaced"):
@@ -1622,7 +1623,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _sse(self, rec: Req) -> None:
         app = self.app
         v1 = rec.path.startswith("/v1/")
-        raw_since = (rec.query.get("since_id") or [None])[-1]
+        raw_since: str | None = (rec.query.get("since_id") or [None])[-1]  # type: ignore[list-item]
         since = None
         if raw_since is not None:
             since = int(raw_since) if v1 else _seq_of(raw_since)

@@ -37,11 +37,16 @@ def real_records(
 ) -> list[Any]:
     """Decision records of a real backtest (bundled CSVs, :class:`PeekingSmaAgent`), kept in
     memory by the FMEL analyzer (no writer): material for sink tests."""
+    from datetime import UTC, datetime
+
     import backtrader as bt
 
     from analyzers.fmel import FMELAnalyzer, make_run_info
     from feeds.csv import make_csv_feed
-    from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig, _parse_utc
+    from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+
+    def _parse_utc(day: str) -> datetime:
+        return datetime.fromisoformat(day).replace(tzinfo=UTC)
 
     cerebro = bt.Cerebro(stdstats=False)
     for sym in symbols:

@@ -54,6 +54,10 @@ _PREFIXES = (
     "BACKTEST_",
     "PUBSUB_",
     "SHUTDOWN_",
+    "INGEST_",
+    "OPTIMIZE_",
+    "WALK_FORWARD",
+    "RAY_",
 )
 
 

@@ -7,6 +7,9 @@ address by two threads. :meth:`TcpProxy.cut` simulates a network cut:
   connections are refused (the listening socket is closed) until :meth:`TcpProxy.restore`;
 * ``mode="blackhole"``: connections stay open but nothing is forwarded either way, and new
   connections are accepted and left silent (the client sees a hang, then its own timeouts).
+* ``mode="answers"``: requests still reach the server but its answers are dropped (a one-way
+  partition, or a response lost after the server acted): the client times out although the
+  server did the work, so the outcome of every request made during the cut is unknown to it.
 
 Used by the Pub/Sub fault tests and the soak benchmark, between the runner (or a subscriber) and
 the emulator. Every thread it starts is a daemon owned by the proxy and joined by
@@ -20,7 +23,7 @@ import socket
 import threading
 from typing import Literal
 
-CutMode = Literal["reset", "blackhole"]
+CutMode = Literal["reset", "blackhole", "answers"]
 
 
 class TcpProxy:
@@ -87,15 +90,20 @@ class TcpProxy:
                     server.close()
                     return
                 self._conns += [client, server]
-            self._start(self._pipe, client, server)
-            self._start(self._pipe, server, client)
+            self._start(self._pipe, client, server, False)
+            self._start(self._pipe, server, client, True)
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        """Copy ``src`` to ``dst`` (``answers``: the server-to-client direction)."""
+        lost = False  # once part of an answer was dropped, the rest of the stream is too
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if answers and (lost or self._cut == "answers"):
+                    lost = True
+                    continue  # the server's answer is lost
                 self._forwarding.wait()  # a blackhole holds the bytes (and the sender)
                 if self._cut == "blackhole":
                     continue  # dropped
@@ -128,20 +136,22 @@ class TcpProxy:
                 s.close()
         else:
             with self._lock:
-                self._conns = conns
-            self._forwarding.clear()
+                self._conns = conns + self._conns
+            if mode == "blackhole":
+                self._forwarding.clear()
 
     def restore(self) -> None:
-        """End the cut: new connections are forwarded again (blackholed connections are closed,
-        as a real partition's connections usually end up)."""
+        """End the cut: new connections are forwarded again (connections cut by a blackhole or
+        by lost answers are closed, as a real partition's connections usually end up)."""
         with self._lock:
             mode, self._cut = self._cut, None
-            conns = self._conns if mode == "blackhole" else []
-            if mode == "blackhole":
+            partial = mode in ("blackhole", "answers")
+            conns = self._conns if partial else []
+            if partial:
                 self._conns = []
         if mode == "reset":
             self._listen()
-        elif mode == "blackhole":
+        elif partial:
             for s in conns:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)

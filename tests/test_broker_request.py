@@ -307,3 +307,29 @@ def test_env_settings_reach_the_config() -> None:
     with pytest.raises(ConfigError, match="ALPACA_MAX_RETRIES"):
         load_config({**env, "ALPACA_MAX_RETRIES": "0"})
     assert TimeInForce("gtc")  # the enum the requests use
+
+
+def test_account_id_selects_the_broker_api() -> None:
+    env = {
+        "MODE": "paper",
+        "BROKER": "alpaca",
+        "SYMBOLS": "AAPL",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "PUBSUB_TOPIC": "bars",
+        "ALPACA_API_KEY": "broker-key",
+        "ALPACA_SECRET_KEY": "broker-secret",
+        "ALPACA_ACCOUNT_ID": "7b3c2a10-5d4e-4f6a-9b8c-1d2e3f4a5b6c",
+    }
+    a = load_config(env).alpaca
+    assert a is not None and a.broker_api
+    assert a.account_id == "7b3c2a10-5d4e-4f6a-9b8c-1d2e3f4a5b6c"
+    assert a.endpoint == "https://broker-api.sandbox.alpaca.markets"  # paper: the sandbox
+    assert a.stream_endpoint == a.endpoint  # its trade events SSE lives on the REST host
+    assert not a.points_at_live
+    with pytest.raises(ConfigError, match="ALPACA_ACCOUNT_ID"):
+        load_config({**env, "ALPACA_ACCOUNT_ID": "not-a-uuid"})
+    with pytest.raises(ConfigError, match="ALPACA_LIVE_TRADING=true"):
+        load_config({**env, "ALPACA_BASE_URL": "https://broker-api.alpaca.markets"})
+    trading = load_config({k: v for k, v in env.items() if k != "ALPACA_ACCOUNT_ID"}).alpaca
+    assert trading is not None and not trading.broker_api  # the Trading API stays the default
+    assert trading.use_stream  # trade updates from the stream by default, polling as fallback

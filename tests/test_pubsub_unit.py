@@ -167,15 +167,17 @@ def test_handler_drops_duplicates_and_refuses_stale_or_unknown(
     assert h.handle(msg(minute=1), {"symbol": "AAA"}, message_id="1") == DUPLICATE  # redelivery
     assert h.handle(msg(minute=1), {"symbol": "AAA"}, message_id="9") == DUPLICATE  # republished
     assert h.handle(msg(minute=1, close=10.6), {"symbol": "AAA"}, message_id="8") == DUPLICATE
+    hub.begin_pass(1)
+    assert hub.take("AAA", 0) is not None  # minute 1 is served: minute 0 is too late now
     assert h.handle(msg(minute=0), {"symbol": "AAA"}, message_id="2") == MALFORMED  # older
-    assert h.handle(msg(minute=0), {"symbol": "AAA"}, message_id="3") == MALFORMED
+    assert h.handle(msg(minute=0), {"symbol": "AAA"}, message_id="3") == DUPLICATE  # of that
     assert h.handle(msg("ZZZ", 5), {"symbol": "ZZZ"}, message_id="4") == MALFORMED
     assert h.handle(b"oops", {"symbol": "AAA"}, message_id="5") == MALFORMED
     assert h.handle(msg(minute=2), {"symbol": "AAA"}, message_id="1") == DELIVERED  # id reused
     st = h.stats.as_dict()
-    assert st["delivered"] == 2 and st["duplicates"] == 3 and st["duplicate_conflicts"] == 1
-    assert st["malformed"] == {"stale_timestamp": 2, "unknown_symbol": 1, "bad_json": 1}
-    assert hub.depth("AAA") == 2
+    assert st["delivered"] == 2 and st["duplicates"] == 4 and st["duplicate_conflicts"] == 1
+    assert st["malformed"] == {"stale_timestamp": 1, "unknown_symbol": 1, "bad_json": 1}
+    assert hub.depth("AAA") == 1
     stale_logs = [r for r in caplog.records if "stale_timestamp" in r.getMessage()]
     assert len(stale_logs) == 1 and "message 2" in stale_logs[0].getMessage()
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from concurrent.futures import Future
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,48 +95,35 @@ def test_messages_interleave_in_time_order_with_extras_and_csv_hashes(tmp_path: 
         assert bar.verified and bar.data_hash == m.data_hash == next(expected[m.symbol])
 
 
-class FakeFuture(Future[str]):
-    def __init__(self, error: BaseException | None = None) -> None:
-        super().__init__()
-        if error is None:
-            self.set_result("id")
-        else:
-            self.set_exception(error)
-
-
 class FakePublisher:
-    """Records publishes; fails the first publish of ``fail_key`` (and, as Pub/Sub's ordered
-    publisher does, every later one of that key until ``resume_publish``)."""
+    """Records batches; the batch calls numbered in ``fail`` (0-based) raise, as a failed
+    Publish request does (``OrderedPublisher.publish_batch``: nothing of it published)."""
 
-    def __init__(self, fail_key: str | None = None) -> None:
-        self.published: list[tuple[str, str, str]] = []
-        self.resumed: list[str] = []
-        self.fail_key = fail_key
-        self.paused: set[str] = set()
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.published: list[tuple[str, str]] = []
+        self.batches: list[int] = []
+        self.fail = fail or set()
+        self.calls = 0
         self.times: list[float] = []
         self.replay_clocks: list[float] = []
         self.clock: Any = None
 
-    def publish(
-        self, topic: str, body: bytes, *, ordering_key: str, symbol: str, **attrs: str
-    ) -> FakeFuture:
-        # google-cloud-pubsub's PublisherClient.publish: attributes are str keyword arguments.
-        assert all(isinstance(v, str) for v in attrs.values())
-        if "replay_clock" in attrs:
-            self.replay_clocks.append(float(attrs["replay_clock"]))
-        if ordering_key == self.fail_key:
-            self.fail_key = None
-            self.paused.add(ordering_key)
-        if ordering_key in self.paused:
-            return FakeFuture(RuntimeError("ordering key paused"))
-        self.published.append((ordering_key, symbol, json.loads(body)["timestamp"]))
-        if self.clock is not None:
-            self.times.append(self.clock.now)
-        return FakeFuture()
-
-    def resume_publish(self, topic: str, key: str) -> None:
-        self.resumed.append(key)
-        self.paused.discard(key)
+    def publish_batch(
+        self, topic_path: str, messages: Sequence[tuple[bytes, Mapping[str, str]]]
+    ) -> list[str]:
+        n, self.calls = self.calls, self.calls + 1
+        if n in self.fail:
+            raise RuntimeError("unavailable")
+        self.batches.append(len(messages))
+        for body, attrs in messages:
+            # Pub/Sub attributes are text; no ordering key (the live feed orders bars itself).
+            assert all(isinstance(v, str) for v in attrs.values())
+            if "replay_clock" in attrs:
+                self.replay_clocks.append(float(attrs["replay_clock"]))
+            self.published.append((attrs["symbol"], json.loads(body)["timestamp"]))
+            if self.clock is not None:
+                self.times.append(self.clock.now)
+        return [str(i) for i in range(len(messages))]
 
 
 class FakeClock:
@@ -169,32 +156,26 @@ def test_speed_paces_by_bar_time() -> None:
     assert fast.replay_clocks == []  # as fast as possible: no clock of its own
 
 
-def test_failed_publishes_are_resumed_and_retried_in_order(tmp_path: Path) -> None:
+def test_failed_batches_are_sent_again_whole_and_in_order(tmp_path: Path) -> None:
     a = read_csv_bars(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"))
-    msgs = list(bar_messages([a]))[:10]
-    pub = FakePublisher(fail_key="GOOG")
+    msgs = list(bar_messages([a]))[:2100]
+    pub = FakePublisher(fail={1})  # the second batch fails once
     clock = FakeClock()
     fast_retry = RetryPolicy(initial_s=0.001, max_s=0.001)
     result = publish(pub, "t", iter(msgs), sleep=clock.sleep, clock=clock, retry=fast_retry)
-    assert pub.resumed == ["GOOG"] and result.retries == 10
-    assert [p[2] for p in pub.published] == [json.loads(m.body)["timestamp"] for m in msgs]
+    assert result.published == 2100 and result.retries == 1000
+    assert pub.batches == [1000, 1000, 100]  # Pub/Sub's 1,000 messages per request
+    assert [p[1] for p in pub.published] == [json.loads(m.body)["timestamp"] for m in msgs]
 
 
 def test_publishing_gives_up_after_the_policy_attempts() -> None:
     a = read_csv_bars(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"))
     msgs = list(bar_messages([a]))[:3]
-
-    class Down(FakePublisher):
-        def publish(
-            self, topic: str, body: bytes, *, ordering_key: str, symbol: str, **attrs: str
-        ) -> FakeFuture:
-            return FakeFuture(RuntimeError("unavailable"))
-
-    pub = Down()
+    pub = FakePublisher(fail=set(range(100)))
     retry = RetryPolicy(attempts=3, initial_s=0.001, max_s=0.001)
     with pytest.raises(TransientError, match="still failing after 3 attempts") as info:
         publish(pub, "t", iter(msgs), retry=retry)
-    assert pub.resumed == ["GOOG", "GOOG", "GOOG"]
+    assert pub.calls == 3 and pub.published == []
     assert isinstance(info.value.__cause__, PublishFailedError)
     assert isinstance(info.value.__cause__.__cause__, RuntimeError)
 
@@ -239,7 +220,7 @@ def test_cli_publishes_real_data_to_the_emulator(pubsub_emulator: PubSubEmulator
         for rm in resp.received_messages:
             m = rm.message
             bar = decode_message(m.data, m.attributes, message_id=m.message_id)
-            assert bar.verified and m.ordering_key == bar.symbol
+            assert bar.verified and m.ordering_key == ""  # the feed orders bars itself
             got[bar.symbol].append(bar)
         client.acknowledge(
             request={"subscription": sub, "ack_ids": [rm.ack_id for rm in resp.received_messages]}

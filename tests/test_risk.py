@@ -18,9 +18,9 @@ from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
 from core.errors import ConfigError
 from core.settings import declared
-from feeds.csv import make_csv_feed, read_csv_bars
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from runtime.brokers.risk import GuardedBackBroker, RiskConfig, RiskGuard
-from runtime.config import PROJECT_ROOT, SETTINGS, CSVFeedConfig
+from runtime.config import PROJECT_ROOT, SETTINGS
 from tests.alpaca_harness import Log, Scripted, bar, build_run, drive, wait_until
 from tests.alpaca_server import AlpacaServer
 

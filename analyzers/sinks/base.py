@@ -5,10 +5,17 @@ decision) from the :class:`~analyzers.sinks.writer.DecisionWriter` thread and an
 rows it refused for good (:class:`RowError`); a failure that may pass is raised as
 :class:`~core.errors.TransientError` and retried by the writer.
 
-Two optional methods are looked up by the writer: ``write_records(records)``, a fast path for
-fresh :class:`~analyzers.schema.DecisionRecord` values (no ``to_row`` on the way), and
-``before_replay(rows)``, called before rows of a spill file are sent again (they may be stored
-already).
+Optional members the writer looks up (``getattr``), each with a safe default when missing:
+
+* ``write_records(records)``: a fast path for fresh :class:`~analyzers.schema.DecisionRecord`
+  values;
+* ``before_replay(rows)``: called before rows of an earlier run's spill are sent (they may be
+  stored already: a sink that cannot de-duplicate by ``decision_id`` looks them up);
+* ``is_stored(decision_id) -> bool``: whether the sink confirmed that row stored, asked after a
+  write failed part-way, so stored rows are counted written and not spilled;
+* ``probe()``: a cheap call that raises :class:`~core.errors.TransientError` while the store
+  does not answer, made before a large batch is sent after an outage;
+* ``max_batch`` (int attribute): records per write when catching up (default 500).
 """
 
 from __future__ import annotations

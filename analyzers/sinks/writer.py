@@ -9,10 +9,20 @@ has passed, whichever comes first; when it is behind it catches up in writes of 
 Failures: :class:`~core.errors.TransientError` from a sink is retried with the project's
 :class:`~core.retry.RetryPolicy`; when the sink stays down the batch is appended to the spill
 file (:class:`~analyzers.sinks.spill.SpillFile`) and later batches follow it there, in order;
-every ``probe_interval_s`` the sink is tried again and, when it answers, the spill is replayed
-first. Spill files left by an earlier run are replayed at the next start. Rows a sink rejects
-for good (a bad value) are kept in ``rejected-<sink>.jsonl`` with the reason and counted; they
-are never dropped.
+every ``probe_interval_s`` the sink is tried again (its optional ``probe()``, a cheap call) and,
+when it answers, the spill is drained to the end first, oldest rows first, in writes sized to
+about ``replay_write_s`` seconds each. Spill files left by an earlier run are drained at the next
+start, before this run's records. Rows a sink rejects for good (a bad value) are kept in
+``rejected-<sink>.jsonl`` with the reason and counted; they are never dropped.
+
+Counts (:class:`WriterStats`): every record submitted to this writer is, at any time, in exactly
+one of: waiting (buffered or being written), ``written`` (stored), ``spilled`` (in the spill file
+now), ``rejected``; after :meth:`DecisionWriter.stop` nothing is waiting, so ``written + spilled
++ rejected == submitted``. Rows of earlier runs found in the spill at start are counted apart
+(``replayed`` once stored, ``earlier_rejected``, ``earlier_left`` still waiting). A batch the
+sink stored in part before failing is split: the sink's optional ``is_stored(decision_id)`` names
+what it stored (counted written, not spilled). At stop, draining and writing go on until the
+stop's budget is nearly spent; what is left stays in the spill file and is counted there.
 
 Time comes from an injected monotonic ``clock`` and ``wait`` primitive, so tests drive batch age
 and probe timing without sleeping.
@@ -40,7 +50,7 @@ from typing import Any
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
-from analyzers.sinks.spill import RejectedFile, SpillFile
+from analyzers.sinks.spill import Head, RejectedFile, SpillFile
 from core.errors import SinkError, TransientError
 from core.retry import RetryPolicy
 
@@ -48,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 # Attempts of one sink call, then spill. Waits of 0.2, 0.4, 0.8 s at most between them.
 DEFAULT_RETRY = RetryPolicy(attempts=4, initial_s=0.2, max_s=5.0)
+# Records in a catch-up or drain write before the sink's rate was measured.
+FIRST_WRITE_ROWS = 100
 
 Item = DecisionRecord | Row
 Wait = Callable[[threading.Condition, float], object]
@@ -57,7 +69,20 @@ Wait = Callable[[threading.Condition, float], object]
 
 @dataclass(slots=True)
 class WriterStats:
-    """Counters of one writer (written from its thread; read anywhere)."""
+    """Counters of one writer (written from its thread; read anywhere).
+
+    Attributes:
+        submitted: records this writer was given.
+        written: of those, stored by the sink (also when they went through the spill file).
+        spilled: of those, in the spill file now (goes down as the spill is drained).
+        rejected: of those, refused for good (kept in the rejected file).
+        spilled_total: of those, how many were put in the spill file (never goes down).
+        recovered: of those, stored from the spill file.
+        replayed: rows of earlier runs (in the spill at start) stored by this writer.
+        earlier_rejected: rows of earlier runs refused for good.
+        earlier_left: rows of earlier runs still in the spill file.
+        batches / retries / queue_depth: sink writes, retried sink calls, records buffered.
+    """
 
     submitted: int = 0
     written: int = 0
@@ -67,6 +92,15 @@ class WriterStats:
     batches: int = 0
     retries: int = 0
     queue_depth: int = 0
+    spilled_total: int = 0
+    recovered: int = 0
+    earlier_rejected: int = 0
+    earlier_left: int = 0
+
+    @property
+    def in_spill(self) -> int:
+        """Rows waiting in the spill file: this run's and earlier runs'."""
+        return self.spilled + self.earlier_left
 
 
 class DecisionWriter:
@@ -82,7 +116,9 @@ class DecisionWriter:
         flush_interval_s: ...or when the oldest waiting record is this old, seconds.
         queue_size: records buffered before :meth:`submit` blocks.
         spill_dir: folder for spill and rejected files.
-        max_batch: largest single write when catching up.
+        max_batch: largest single write when catching up (default: the sink's ``max_batch``
+            attribute when it has one, else 500); writes are sized down to about
+            ``replay_write_s`` seconds of the sink's measured rate.
         retry: attempts and backoff of one sink call before its batch is spilled.
         probe_interval_s: while spilling, how often the sink is tried again, seconds.
         clock: monotonic seconds (tests pass a fake).
@@ -90,6 +126,8 @@ class DecisionWriter:
             returns when their fake clock moves).
         journal: journal every record on local disk first (``journal-<sink>.jsonl`` in
             ``spill_dir``) and report it durable to the listeners.
+        replay_write_s: target duration of one write when catching up or draining the spill,
+            seconds (so a stop is never long behind one write).
     """
 
     def __init__(
@@ -100,18 +138,23 @@ class DecisionWriter:
         flush_interval_s: float = 5.0,
         queue_size: int = 10_000,
         spill_dir: Path = Path(".fmel_spill"),
-        max_batch: int = 500,
+        max_batch: int | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         probe_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wait: Wait = threading.Condition.wait,
         journal: bool = False,
+        replay_write_s: float = 2.0,
     ) -> None:
         self.sink = sink
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.queue_size = queue_size
+        if max_batch is None:
+            max_batch = int(getattr(sink, "max_batch", 500))
         self.max_batch = max(max_batch, batch_size)
+        self.replay_write_s = replay_write_s
+        self._rate = Rate()  # the sink's measured rows/s, sizes catch-up and drain writes
         self.retry = retry
         self.probe_interval_s = probe_interval_s
         self.spill_dir = Path(spill_dir)
@@ -137,6 +180,11 @@ class DecisionWriter:
         self._listeners: list[Callable[[Sequence[Item]], None]] = []
         self._unjournaled = 0  # newest records of _buf not journaled yet
         self._journaled = 0  # records journaled so far
+        self._earlier = 0  # rows of earlier runs at the head of the spill file
+        self._io_lock = threading.Lock()  # spill file and counts: writer thread vs stop()
+        self._abandoned = False  # stop() took over from a stuck writer thread
+        self._inflight_on_disk = False  # the in-flight batch is already in the spill file
+        self._deadline = float("inf")  # clock time by which a stopping writer must be done
 
     @property
     def spill_path(self) -> Path:
@@ -165,6 +213,13 @@ class DecisionWriter:
             return
         if self.journal is not None:
             self.journal.recover(self.spill)  # a killed run's journal: replayed with the spill
+        self._earlier = self.stats.earlier_left = self.spill.pending()
+        if self._earlier:
+            logger.info(
+                "%d decision records of earlier runs wait in %s; they are written first",
+                self._earlier,
+                self.spill_path,
+            )
         try:
             self._call_with_retry("open", self.sink.open)
             self._opened = True
@@ -253,6 +308,10 @@ class DecisionWriter:
         Idempotent. Returns the final counters.
         """
         with self._cond:
+            if not self._stopping:
+                # The thread drains and writes until 80 % of the budget is spent, then keeps
+                # the rest in the spill file; the rest of the budget is for that.
+                self._deadline = self._clock() + 0.8 * timeout_s
             self._stopping = True
             self._stop.set()
             self._cond.notify_all()
@@ -264,13 +323,25 @@ class DecisionWriter:
                 )
         # Whatever is still buffered (thread stuck or dead) goes to disk, never lost; so does
         # the batch a stuck thread holds (it may yet land too: stores dedupe by decision_id).
-        with self._cond:
-            stuck = list(self._inflight or [])
-            left = [self._as_row(r) for r in [*stuck, *self._buf]]
-            self._buf.clear()
-        if left:
-            self._spill(left)
+        # From here on a stuck thread's results are ignored (it touches no file or count).
+        with self._io_lock:
+            self._abandoned = self._thread is not None and self._thread.is_alive()
+            with self._cond:
+                stuck = [] if self._inflight_on_disk else list(self._inflight or [])
+                left = [self._as_row(r) for r in [*stuck, *self._buf]]
+                self._buf.clear()
+            if left:
+                self._spill(left, owner=True)
         self.stats.queue_depth = 0
+        if self.stats.in_spill:
+            logger.warning(
+                "%d decision records wait in %s (%d of this run, %d of earlier runs): they are "
+                "written at the next start, or by python -m runtime.drain",
+                self.stats.in_spill,
+                self.spill_path,
+                self.stats.spilled,
+                self.stats.earlier_left,
+            )
         if self._thread is not None and not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.sink.close()
@@ -325,9 +396,10 @@ class DecisionWriter:
         if not self._buf:
             self._flush_wanted = False
             return None if self._stopping else []
-        n = min(len(self._buf), self.max_batch)
+        n = min(len(self._buf), self._write_rows())
         batch = [self._buf.popleft() for _ in range(n)]
         self._inflight = batch
+        self._inflight_on_disk = False
         self.stats.queue_depth = len(self._buf)
         self._cond.notify_all()  # wake a blocked submit()
         return batch
@@ -352,18 +424,12 @@ class DecisionWriter:
                     self._done()
                 elif self._spilling:
                     self._maybe_recover()
-            if self._spilling:  # one last try before giving the spill to the next start
-                self._maybe_recover(force=True)
+            if self._spilling and not self._out_of_time():
+                self._maybe_recover(force=True)  # one last try before the next start
         except BaseException as e:
             self._fatal = e
             logger.exception("decision writer failed; records go to %s", self.spill_path)
         finally:
-            if self._spilling:
-                logger.warning(
-                    "%d decision records are in %s; they are replayed at the next start",
-                    self.stats.spilled,
-                    self.spill_path,
-                )
             with self._cond:
                 self._cond.notify_all()  # wake flush() and submit()
 
@@ -399,12 +465,13 @@ class DecisionWriter:
         )
 
     def _deliver(self, batch: list[Item]) -> None:
-        if self._spilling:
+        if self._spilling or self._out_of_time():
             self._spill([self._as_row(r) for r in batch])
             self._maybe_recover()
             return
         # With a journal, ids may repeat across restarts: the de-duplicating write.
         fast = getattr(self.sink, "write_records", None) if self.journal is None else None
+        t0 = self._clock()
         try:
             if fast is not None and all(isinstance(r, DecisionRecord) for r in batch):
                 errors = self._call_with_retry("write", fast, batch)
@@ -413,7 +480,7 @@ class DecisionWriter:
                 errors = self._call_with_retry("write", self.sink.write, batch)
         except TransientError as e:
             self._enter_spill(str(e))
-            self._spill([self._as_row(r) for r in batch])
+            self._spill_unstored(batch)
             return
         except Exception as e:  # a sink bug must not lose the batch: keep it on disk
             logger.exception(
@@ -425,6 +492,7 @@ class DecisionWriter:
             self._enter_spill(f"{type(e).__name__}: {e}")
             self._spill([self._as_row(r) for r in batch])
             return
+        self._rate.add(len(batch), self._clock() - t0)
         self._account(batch, errors)
 
     def _account(self, rows: Sequence[Item], errors: list[RowError], replay: bool = False) -> None:
@@ -451,43 +519,179 @@ class DecisionWriter:
         if not force and self._clock() < self._next_probe:
             return
         self._next_probe = self._clock() + self.probe_interval_s
+        if self._out_of_time():
+            return
         try:
             if not self._opened:
                 self.sink.open()
                 self._opened = True
+            probe = getattr(self.sink, "probe", None)
+            if probe is not None:
+                probe()  # a cheap call before sending a large batch into an outage
             self._replay()
         except TransientError as e:
             logger.info("sink %s still unavailable: %s", self.sink.name, e)
 
     def _replay(self) -> None:
-        """Write the spill file in order; on success delete it and leave spill mode.
+        """Drain the spill file, oldest rows first, in writes of about ``replay_write_s``
+        seconds; leave spill mode when it is empty. Stops early (keeping the rest) when a
+        stopping writer runs out of time.
+
+        Rows of earlier runs may have been stored already (a process that died after a write
+        but before the spill's head moved, or whose request timed out after the store took it):
+        the sink's optional ``before_replay(rows)`` is told about them first (a sink that cannot
+        de-duplicate by ``decision_id`` looks them up). Rows of this run whose outcome is
+        unknown are known to the sink already.
 
         Raises:
-            TransientError: the sink failed again (the file is kept as it was).
+            TransientError: the sink failed again (what it did store is taken out of the file).
         """
-        rows = self.spill.read()
-        logger.info("replaying %d spilled decision records from %s", len(rows), self.spill_path)
-        # Optional sink hook: spilled rows may be half-written already (a store that cannot
-        # de-duplicate by decision_id looks them up first).
+        pending = self.spill.pending()
+        if pending:
+            logger.info("draining %d spilled decision records from %s", pending, self.spill_path)
         before_replay = getattr(self.sink, "before_replay", None)
-        if before_replay is not None:
-            before_replay(rows)
-        for i in range(0, len(rows), self.max_batch):
-            chunk = rows[i : i + self.max_batch]
-            errors = self._call_with_retry("replay", self.sink.write, chunk)
-            self._account(chunk, errors, replay=True)
-            # what is written leaves the file at once: a failure later resends nothing twice
-            self.spill.keep(rows[i + self.max_batch :])
-        self.spill.remove()
+        while True:
+            if self._out_of_time():
+                logger.warning(
+                    "stopping: %d decision records left in %s",
+                    self.spill.pending(),
+                    self.spill_path,
+                )
+                self._spilling = True  # what comes now queues behind them
+                return
+            head = self.spill.head(self._write_rows())
+            if not head.lines:
+                break
+            rows = head.rows
+            earlier = self._earlier_rows(head)
+            if before_replay is not None and earlier:
+                before_replay(rows[:earlier])
+            t0 = self._clock()
+            try:
+                errors = self._call_with_retry("replay", self.sink.write, rows)
+            except TransientError:
+                self._settle_stored(head, earlier)
+                raise
+            self._rate.add(len(rows), self._clock() - t0)
+            with self._io_lock:
+                if self._abandoned:
+                    return
+                self.spill.consume(head)
+                self._count_replayed(head, errors, earlier)
+            with self._cond:
+                self._cond.notify_all()  # wait_drained()
+        if self.spill.exists() and not self.spill.pending():
+            self.spill.remove()
         self._spilling = False
-        logger.info("sink %s recovered; spill replayed", self.sink.name)
+        logger.info("sink %s: spill drained", self.sink.name)
 
-    def _spill(self, rows: Sequence[Row]) -> None:
-        self.spill.append(rows)
-        self.stats.spilled += len(rows)
+    def _earlier_rows(self, head: Head) -> int:
+        """How many rows of ``head`` (from the front) come from earlier runs. Torn lines can
+        only be an earlier run's (this process's appends complete), so they are counted in
+        that part of the file."""
+        torn = head.lines - len(head.rows)
+        return max(0, min(self._earlier, head.lines) - torn)
+
+    def _forget_earlier(self, lines: int) -> None:
+        self._earlier -= min(self._earlier, lines)
+        self.stats.earlier_left = self._earlier
+
+    def _count_replayed(self, head: Head, errors: Sequence[RowError], earlier: int) -> None:
+        """Counts after the rows of ``head`` (``earlier`` of them, at the front, from earlier
+        runs) left the spill file (io lock held)."""
+        rows = head.rows
+        self.stats.batches += 1
+        if errors:
+            self._keep_rejected([(rows[e.index], e.reason) for e in errors])
+        bad_earlier = sum(1 for e in errors if e.index < earlier)
+        mine = len(rows) - earlier
+        bad_mine = len(errors) - bad_earlier
+        self.stats.replayed += earlier - bad_earlier
+        self.stats.earlier_rejected += bad_earlier
+        self.stats.written += mine - bad_mine
+        self.stats.recovered += mine - bad_mine
+        self.stats.rejected += bad_mine
+        self.stats.spilled -= mine
+        self._forget_earlier(head.lines - mine)
+
+    def _settle_stored(self, head: Head, earlier: int) -> None:
+        """After a failed write of the spill's head: take out of the file what the sink says
+        it stored anyway (a write made of several requests, some of which succeeded)."""
+        is_stored = getattr(self.sink, "is_stored", None)
+        if is_stored is None:
+            return
+        stored = [i for i, r in enumerate(head.rows) if is_stored(r.get("decision_id"))]
+        if not stored:
+            return
+        gone = set(stored)
+        keep = [r for i, r in enumerate(head.rows) if i not in gone]
+        with self._io_lock:
+            if self._abandoned:
+                return
+            self.spill.replace_head(head, keep)  # torn lines are dropped too
+            n_earlier = sum(1 for i in stored if i < earlier)
+            self.stats.replayed += n_earlier
+            self._forget_earlier(n_earlier + head.lines - len(head.rows))
+            mine = len(stored) - n_earlier
+            self.stats.written += mine
+            self.stats.recovered += mine
+            self.stats.spilled -= mine
+
+    def _spill_unstored(self, batch: Sequence[Item]) -> None:
+        """Spill a failed batch, except the records the sink says it stored anyway (counted
+        written)."""
+        is_stored = getattr(self.sink, "is_stored", None)
+        rows = [self._as_row(r) for r in batch]
+        if is_stored is not None:
+            left = [r for r in rows if not is_stored(r.get("decision_id"))]
+            self.stats.written += len(rows) - len(left)
+            rows = left
+        self._spill(rows)
+
+    def _write_rows(self) -> int:
+        """Rows of one write: as many as the sink's measured rate takes in ``replay_write_s``,
+        between ``batch_size`` and ``max_batch`` (:data:`FIRST_WRITE_ROWS` before any
+        measurement, so a first large write cannot outlast a request timeout)."""
+        per_s = self._rate.per_s()
+        rows = FIRST_WRITE_ROWS if per_s is None else int(per_s * self.replay_write_s)
+        return max(self.batch_size, min(self.max_batch, rows))
+
+    def _out_of_time(self) -> bool:
+        """True once a stopping writer has used its share of the stop's budget."""
+        return self._stopping and self._clock() >= self._deadline
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until no row of an earlier run is left in the spill file (True), or
+        ``timeout_s`` passed / the writer thread is gone (False). Owner thread (the drain
+        command)."""
+        with self._cond:
+            return (
+                self._cond.wait_for(lambda: self._earlier == 0 or not self._alive(), timeout_s)
+                and self._earlier == 0
+            )
+
+    def _spill(self, rows: Sequence[Row], owner: bool = False) -> None:
+        """Append to the spill file and count (``owner``: stop() on its thread, io lock held;
+        otherwise the writer thread, which does nothing once stop() took over)."""
+        if not rows:
+            return
+        with contextlib.nullcontext() if owner else self._io_lock:
+            if self._abandoned and not owner:
+                return
+            self.spill.append(rows)
+            self.stats.spilled += len(rows)
+            self.stats.spilled_total += len(rows)
+            if not owner:
+                with self._cond:
+                    self._inflight_on_disk = self._inflight is not None
         self._spilling = True
 
     def _reject(self, items: list[tuple[Row, str]]) -> None:
+        self._keep_rejected(items)
+        self.stats.rejected += len(items)
+
+    def _keep_rejected(self, items: Sequence[tuple[Row, str]]) -> None:
+        """Log each refused row and keep it in the rejected file (not counted here)."""
         for row, reason in items:
             logger.error(
                 "sink %s rejected decision %s: %s (kept in %s)",
@@ -497,8 +701,27 @@ class DecisionWriter:
                 self.rejected_path,
             )
         self.rejected.append(items)
-        self.stats.rejected += len(items)
 
 
 def _json(row: Row) -> str:
     return json.dumps(row, separators=(",", ":"), allow_nan=False)
+
+
+class Rate:
+    """Rows per second of recent sink writes (exponential average over writes of at least
+    ``min_s`` seconds; shorter ones say little about throughput). Writer thread only."""
+
+    def __init__(self, weight: float = 0.3, min_s: float = 0.05) -> None:
+        self.weight = weight
+        self.min_s = min_s
+        self._per_s: float | None = None
+
+    def add(self, rows: int, seconds: float) -> None:
+        if rows <= 0 or seconds < self.min_s:
+            return
+        now = rows / seconds
+        prev = self._per_s
+        self._per_s = now if prev is None else prev + self.weight * (now - prev)
+
+    def per_s(self) -> float | None:
+        return self._per_s

@@ -289,6 +289,11 @@ class Ingestor:
         return self.connected and w is not None and w.is_alive() and not self._stop.is_set()
 
     @property
+    def queue_depth(self) -> int:
+        """Stream messages waiting for the worker (approximate; any thread)."""
+        return self._queue.qsize()
+
+    @property
     def alive(self) -> bool:
         """The worker thread runs (liveness)."""
         w = self._worker

@@ -221,12 +221,16 @@ class StreamSettings:
         reconnect: backoff between reconnect attempts (:meth:`core.retry.RetryPolicy.delay_s`:
             full jitter, from ``initial_s`` up to ``max_s`` seconds); the supervisor retries
             until stopped, so ``attempts`` is not used.
-        ack_deadline_s: ack deadline of created subscriptions, seconds (10..600).
+        ack_deadline_s: ack deadline of created subscriptions, seconds (10..600); the client
+            extends it for as long as a bar waits for its decision to be on disk.
         lease_extension_s: longest single lease extension the client asks for, seconds
             (10..600; google-cloud-pubsub's ``FlowControl.max_duration_per_lease_extension``,
             which is also the stream's ack deadline): messages held by a stream that broke or a
             pod that was killed are redelivered after about this long (the client's default
             is 60 s).
+        redelivery_margin_s: after a (re)connect to a subscription that may hold redeliveries,
+            steps wait ``lease_extension_s + redelivery_margin_s`` seconds, so an older bar
+            still on its way is not overtaken by newer ones (:meth:`BarHub.hold_steps`).
         max_outstanding_messages: flow control: messages held by the client before it pauses
             the stream (back-pressure reaches Pub/Sub here); the subscriber raises it to
             ``4 * symbols`` so that a whole bar time of every symbol fits while earlier bars
@@ -243,8 +247,9 @@ class StreamSettings:
     health_interval_s: float = 2.0
     probe_timeout_s: float = 2.0
     reconnect: RetryPolicy = RECONNECT_BACKOFF
-    ack_deadline_s: int = 60
+    ack_deadline_s: int = 10
     lease_extension_s: int = 10
+    redelivery_margin_s: float = 5.0
     max_outstanding_messages: int = 1000
     max_outstanding_bytes: int = 100 * 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES

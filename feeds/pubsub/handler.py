@@ -1,9 +1,10 @@
 """What the Pub/Sub callback thread does with one message before it is acknowledged.
 
 :class:`MessageHandler` decodes and validates (:func:`~feeds.pubsub.messages.decode_message`),
-refuses unknown symbols, bars from the future and stale bars, drops duplicates, counts missing
-bar times (:class:`~feeds.pubsub.gaps.GapCounter`), records field kinds (discovery, late fields)
-and offers the bar to the :class:`~feeds.pubsub.hub.BarHub`. It returns one of the outcomes
+refuses unknown symbols and bars from the future, drops duplicates, records field kinds
+(discovery, late fields) and offers the bar to the :class:`~feeds.pubsub.hub.BarHub` (which
+refuses bars whose step was served: ``late_bar``, or ``stale_timestamp`` when the symbol had
+sent a newer bar already). It returns one of the outcomes
 :data:`DELIVERED` (buffered: acknowledge now, or once the decision on it is on disk),
 :data:`DUPLICATE`, :data:`MALFORMED` (refused with a reason, late bars included: acknowledge
 both) or :data:`STOPPED` (the input is closed: do not acknowledge). It never raises: a failure of
@@ -23,9 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.bars import OHLCV
-from core.time import bt_num_to_utc
 from feeds.pubsub.config import FieldSet, StreamSettings
-from feeds.pubsub.gaps import GapCounter
 from feeds.pubsub.hub import CLOSED, LATE, BarHub
 from feeds.pubsub.messages import (
     LiveBar,
@@ -47,9 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# At most this many gap events are logged per minute; the others are counted.
-GAP_LOGS_PER_MINUTE = 10
 
 
 class FeedEvents(Protocol):
@@ -78,8 +74,6 @@ class FeedStats:
         duplicates: redeliveries dropped (``duplicate_conflicts``: with different content).
         malformed: refused messages by reason (``late_bar`` included).
         per_symbol: delivered bars by symbol.
-        missing: missing bar times by symbol (gaps on the bar-size grid).
-        gap_events: jumps that had missing bar times.
         late_fields, type_mismatches: fields outside the fixed ones, kind changes.
         internal_errors: failures of our own (refused as ``internal_error``).
     """
@@ -91,8 +85,6 @@ class FeedStats:
     hash_verified: int = 0
     malformed: Counter[str] = field(default_factory=Counter)
     per_symbol: Counter[str] = field(default_factory=Counter)
-    missing: Counter[str] = field(default_factory=Counter)
-    gap_events: int = 0
     late_fields: dict[str, Counter[str]] = field(default_factory=dict)
     type_mismatches: Counter[str] = field(default_factory=Counter)
     internal_errors: int = 0
@@ -106,9 +98,6 @@ class FeedStats:
             "hash_verified": self.hash_verified,
             "malformed": dict(self.malformed),
             "malformed_total": sum(self.malformed.values()),
-            "missing_bars": dict(self.missing),
-            "missing_total": sum(self.missing.values()),
-            "gap_events": self.gap_events,
             "late_fields": {s: dict(c) for s, c in self.late_fields.items()},
             "type_mismatches": dict(self.type_mismatches),
             "internal_errors": self.internal_errors,
@@ -119,19 +108,19 @@ class MessageHandler:
     """Everything the callback thread does with one message before the ack.
 
     Decodes and validates (:func:`decode_message`, with the future check against
-    :func:`~feeds.pubsub.messages.message_clock`), refuses unknown symbols and bars whose time
-    is not after the symbol's last bar, drops duplicates (same message id with the same
-    content, or a symbol+time already seen), counts missing bar times, records field kinds
-    (discovery, late fields), and hands the bar to :meth:`BarHub.offer` (a bar whose step was
-    served already is refused as ``late_bar``). Refused messages are counted per reason and
-    logged once per reason with their message id and a bounded excerpt of the body.
+    :func:`~feeds.pubsub.messages.message_clock`), refuses unknown symbols, drops duplicates
+    (same message id with the same content, or a symbol+time already seen), records field
+    kinds (discovery, late fields), and hands the bar to :meth:`BarHub.offer`, which puts bars
+    that came out of order back in order and refuses those whose step was served already
+    (``late_bar``; ``stale_timestamp`` when the symbol had sent a newer bar). Refused messages
+    are counted per reason and logged once per reason with their message id and a bounded
+    excerpt of the body.
 
     Args:
         hub: where bars go.
         settings: stream tuning (de-duplication memory, message size limit).
         events: optional metrics observer.
         max_future_s: tolerance of the future check, seconds (inf: no check).
-        gaps: counts missing bar times (None: a :class:`GapCounter` inferring the bar size).
         wall_clock: POSIX seconds (tests pass a fake).
 
     Thread context: Pub/Sub callback threads (serialised by a lock); :meth:`wait_discovery`,
@@ -145,7 +134,6 @@ class MessageHandler:
         settings: StreamSettings | None = None,
         events: FeedEvents | None = None,
         max_future_s: float = math.inf,
-        gaps: GapCounter | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         st = settings or StreamSettings()
@@ -155,7 +143,6 @@ class MessageHandler:
         self.stats = FeedStats()
         self.max_future_s = max_future_s
         self.max_bytes = st.max_message_bytes
-        self.gaps = gaps or GapCounter()
         self._wall = wall_clock
         self._lock = threading.Lock()
         self._ids: OrderedDict[str, str] = OrderedDict()
@@ -164,7 +151,6 @@ class MessageHandler:
         self._last: dict[str, float] = {}
         self._recent: dict[str, OrderedDict[float, str]] = {s: OrderedDict() for s in self.symbols}
         self._logged: set[str] = set()
-        self._gap_window = (0.0, 0, 0)  # (window start, logged, suppressed)
         self._first: dict[str, FieldSet] = {}
         self._seen_kinds: dict[str, dict[str, str]] = {s: {} for s in self.symbols}
         self._frozen: dict[str, FieldSet] | None = None
@@ -269,32 +255,27 @@ class MessageHandler:
                 if message_id is not None:
                     self._ids.pop(message_id, None)
             return STOPPED
-        missing = 0
-        with self._lock:
-            if last is not None and last != -math.inf:
-                missing = self.gaps.missing(last, bar.dt_num)
-                if missing:
-                    self.stats.missing[sym] += missing
-                    self.stats.gap_events += 1
-                    self._log_gap(sym, last, bar, missing)
-            if result == LATE:
+        if result == LATE:
+            # Older than the symbol's newest bar: stale (a redelivery from before the
+            # de-duplication window, or a publisher out of order); else it just came too late.
+            stale = last is not None and bar.dt_num < last
+            reason = "stale_timestamp" if stale else "late_bar"
+            with self._lock:
                 self._reject_locked(
-                    "late_bar",
-                    f"{sym} bar {bar.ts.isoformat()} came after its step was served "
-                    "(PUBSUB_ALIGN_WAIT_S); it is not delivered in a later step",
+                    reason,
+                    f"{sym} bar {bar.ts.isoformat()} came after its step was served"
+                    + (" and after a newer bar of it" if stale else " (PUBSUB_ALIGN_WAIT_S)")
+                    + "; it is not delivered in a later step",
                     message_id,
                     data,
                 )
-            else:
-                self.stats.delivered += 1
-                self.stats.per_symbol[sym] += 1
-                if bar.verified:
-                    self.stats.hash_verified += 1
-        if missing:
-            self._emit("on_gap", sym, missing)
-        if result == LATE:
-            self._emit("on_malformed", sym, "late_bar")
+            self._emit("on_malformed", sym, reason)
             return MALFORMED
+        with self._lock:
+            self.stats.delivered += 1
+            self.stats.per_symbol[sym] += 1
+            if bar.verified:
+                self.stats.hash_verified += 1
         if hub.consumer_waiting:
             # Hand the GIL to the waiting main thread now rather than at the next switch
             # interval (5 ms): keeps callback -> next() well under a millisecond.
@@ -308,7 +289,7 @@ class MessageHandler:
 
         Returns:
             ``(refusal, previous time)``: the refusal reason (or :data:`DUPLICATE`) and None,
-            or None and the symbol's previous bar time (for the gap count and a roll-back).
+            or None and the symbol's newest bar time before this one (for a roll-back).
         """
         sym, message_id = bar.symbol, bar.message_id
         recent = self._recent[sym]
@@ -326,16 +307,9 @@ class MessageHandler:
                 )
             return self._duplicate_locked(sym, message_id, "same symbol and timestamp"), None
         last = self._last.get(sym)
-        if last is not None and bar.dt_num <= last:
-            self._reject_locked(
-                "stale_timestamp",
-                f"{sym} bar time {bar.ts.isoformat()} is not after the symbol's last bar",
-                message_id,
-                data,
-            )
-            return "stale_timestamp", None
-        # Reserve before the (possibly blocking) offer.
-        self._last[sym] = bar.dt_num
+        # Reserve before the (possibly blocking) offer. Bars may come out of order (Pub/Sub
+        # without ordering, redeliveries): the hub orders them and refuses those too late.
+        self._last[sym] = bar.dt_num if last is None else max(last, bar.dt_num)
         recent[bar.dt_num] = bar.data_hash
         if len(recent) > self._max_times:
             recent.popitem(last=False)
@@ -461,30 +435,6 @@ class MessageHandler:
             excerpt(data),
             reason,
         )
-
-    def _log_gap(self, sym: str, last: float, bar: LiveBar, missing: int) -> None:
-        start, logged, suppressed = self._gap_window
-        now = time.monotonic()
-        if now - start >= 60.0:
-            if suppressed:
-                logger.warning(
-                    "%d more gap events in the last minute were counted, not logged", suppressed
-                )
-            start, logged, suppressed = now, 0, 0
-        if logged < GAP_LOGS_PER_MINUTE:
-            logger.warning(
-                "%s: %d bar time(s) missing between %s and %s (bar size %s s); counted in the "
-                "report and runner_bars_missing_total",
-                sym,
-                missing,
-                bt_num_to_utc(last).isoformat(),
-                bar.ts.isoformat(),
-                f"{self.gaps.bar_s:g}" if self.gaps.bar_s else "?",
-            )
-            logged += 1
-        else:
-            suppressed += 1
-        self._gap_window = (start, logged, suppressed)
 
     def _log_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._logged:

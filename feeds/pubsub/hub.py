@@ -41,11 +41,16 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from core.errors import ConfigError
+from core.time import bt_num_to_utc
+from feeds.pubsub.gaps import GapCounter
 from feeds.pubsub.messages import LiveBar
 
 __all__ = ["CLOSED", "LATE", "OFFERED", "BarHub"]
 
 logger = logging.getLogger(__name__)
+
+# At most this many gap events are logged per minute; the others are counted.
+GAP_LOGS_PER_MINUTE = 10
 
 # Outcomes of BarHub.offer.
 OFFERED, LATE, CLOSED = "offered", "late", "closed"
@@ -59,13 +64,14 @@ _HALF_MS_DAYS = 0.0005 / 86_400.0
 class _SymbolBuffer:
     """Bars of one symbol waiting to be taken, in time order."""
 
-    __slots__ = ("last_num", "order", "pending", "symbol", "waited")
+    __slots__ = ("last_num", "order", "pending", "symbol", "taken_num", "waited")
 
     def __init__(self, symbol: str, order: int) -> None:
         self.symbol = symbol
         self.order = order
         self.pending: deque[LiveBar] = deque()
         self.last_num = -math.inf  # latest bar time offered
+        self.taken_num = -math.inf  # time of the bar taken last
         self.waited = True  # a step waits for this symbol (until it misses one)
 
 
@@ -123,6 +129,13 @@ class BarHub:
         self._pass_seen: set[int] = set()
         self._loaded: deque[LiveBar] = deque()  # taken bars whose token is not handed back
         self._drain_over = False
+        self._hold_until = -math.inf
+        # Missing bar times, counted when bars are taken (what the agent sees).
+        self.gaps = GapCounter()
+        self.missing: Counter[str] = Counter()
+        self.gap_events = 0
+        self.on_gap: Callable[[str, int], None] | None = None
+        self._gap_log = (-math.inf, 0, 0)  # (window start, logged, suppressed)
         self.input_closed = False
         self.close_reason = ""
         self._drain_deadline: float | None = None
@@ -179,19 +192,42 @@ class BarHub:
                     buf.waited = True
                     heapq.heappush(self._wm, (num, buf.order, buf))
                 return LATE
-            if not buf.pending:
-                heapq.heappush(self._heads, (num, buf.order, buf))
-            buf.pending.append(bar)
+            pending = buf.pending
+            if not pending or num > pending[-1].dt_num:
+                if not pending:
+                    heapq.heappush(self._heads, (num, buf.order, buf))
+                pending.append(bar)
+            else:  # out of order (no Pub/Sub ordering, a redelivery): put it in its place
+                i = len(pending)
+                while i > 0 and pending[i - 1].dt_num > num:
+                    i -= 1
+                if i > 0 and pending[i - 1].dt_num == num:
+                    self.late[bar.symbol] += 1  # a second copy of a buffered bar
+                    return LATE
+                pending.insert(i, bar)
+                if i == 0:
+                    heapq.heappush(self._heads, (num, buf.order, buf))
             self._buffered += 1
             if num not in self._first_arrival:
                 self._first_arrival[num] = now
                 heapq.heappush(self._arrival_times, num)
-            buf.last_num = num
+            if num > buf.last_num:
+                buf.last_num = num
+                heapq.heappush(self._wm, (num, buf.order, buf))
             if not buf.waited:
                 buf.waited = True  # in time again
-            heapq.heappush(self._wm, (num, buf.order, buf))
+                heapq.heappush(self._wm, (buf.last_num, buf.order, buf))
             self._cond.notify_all()
         return OFFERED
+
+    def hold_steps(self, seconds: float) -> None:
+        """Serve no step for ``seconds`` (unless the input closes): after the stream (re)opens,
+        Pub/Sub redelivers what a broken stream or a killed runner held only once its ack
+        deadline passed; until then a newer bar must not be served before an older one that
+        is still on its way. Any thread."""
+        with self._cond:
+            self._hold_until = max(self._hold_until, self._clock() + seconds)
+            self._cond.notify_all()
 
     def preload(self, bars: Iterable[LiveBar]) -> int:
         """Buffer bars (CSV backfill, before the stream starts) for steps served without
@@ -343,6 +379,9 @@ class BarHub:
                             heapq.heappush(self._heads, (pending[0].dt_num, buf.order, buf))
                         if bar.token is not None:
                             self._loaded.append(bar)
+                        prev, buf.taken_num = buf.taken_num, bar.dt_num
+                        if bar.live and prev > -math.inf:
+                            self._count_gap(buf.symbol, prev, bar)
                         self._cond.notify_all()  # a producer may wait for room
                         return bar
                     return None
@@ -434,6 +473,8 @@ class BarHub:
         step = self._min_pending()
         if step is None:
             return None
+        if now < self._hold_until and not self.input_closed:
+            return None
         if (
             self.align_wait_s <= 0
             or self.input_closed
@@ -449,10 +490,51 @@ class BarHub:
         due = math.inf
         step = self._min_pending()
         if step is not None:
-            due = self._first_arrival.get(step, _PRELOADED) + self.align_wait_s - now
+            due = (
+                max(
+                    self._first_arrival.get(step, _PRELOADED) + self.align_wait_s,
+                    self._hold_until,
+                )
+                - now
+            )
         if self.idle_timeout_s > 0 and not self.input_closed and self._last_offer is not None:
             due = min(due, self._last_offer + self.idle_timeout_s - now)
         return max(due, 0.001)
+
+    def _count_gap(self, symbol: str, prev: float, bar: LiveBar) -> None:
+        """Missing bar times between the symbol's last two bars taken (lock held)."""
+        missing = self.gaps.missing(prev, bar.dt_num)
+        if not missing:
+            return
+        self.missing[symbol] += missing
+        self.gap_events += 1
+        start, logged, suppressed = self._gap_log
+        now = time.monotonic()
+        if now - start >= 60.0:
+            if suppressed:
+                logger.warning(
+                    "%d more gap events in the last minute were counted, not logged", suppressed
+                )
+            start, logged, suppressed = now, 0, 0
+        if logged < GAP_LOGS_PER_MINUTE:
+            logger.warning(
+                "%s: %d bar time(s) missing between %s and %s (bar size %s s; lost upstream, "
+                "or late); counted in the report and runner_bars_missing_total",
+                symbol,
+                missing,
+                bt_num_to_utc(prev).isoformat(timespec="milliseconds"),
+                bar.ts.isoformat(),
+                f"{self.gaps.bar_s:g}" if self.gaps.bar_s else "?",
+            )
+            logged += 1
+        else:
+            suppressed += 1
+        self._gap_log = (start, logged, suppressed)
+        if self.on_gap is not None:
+            try:
+                self.on_gap(symbol, missing)
+            except Exception:
+                logger.exception("gap observer failed")
 
     def _open_step(self, step: float) -> None:
         """Serve step ``step``: symbols still waited for but behind it missed it."""

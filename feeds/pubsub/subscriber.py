@@ -127,13 +127,12 @@ class PubSubBarSubscriber:
         bar_s: float | None = None
         if cfg.bar_size:
             self.timeframe, self.compression, bar_s = live_bar_size(cfg.bar_size)
+        self.hub.gaps = GapCounter(bar_s, gap_max_s=cfg.gap_max_s)
         self.handler = MessageHandler(
-            self.hub,
-            settings=self.settings,
-            events=events,
-            max_future_s=cfg.max_future_s,
-            gaps=GapCounter(bar_s, gap_max_s=cfg.gap_max_s),
+            self.hub, settings=self.settings, events=events, max_future_s=cfg.max_future_s
         )
+        if events is not None:
+            self.hub.on_gap = events.on_gap
         self.declared = parse_declared_fields(cfg.fields)
         self.fields: dict[str, FieldSet] = {}
         self.drain_timeout_s: float | None = None
@@ -153,12 +152,19 @@ class PubSubBarSubscriber:
         self._barrier: Callable[[float], bool] | None = None
         self._closed = False
         self._started = False
+        self._warned_ordering = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def redelivery_s(self) -> float:
+        """How long after a stream broke Pub/Sub redelivers what it held: the stream's ack
+        deadline (``lease_extension_s``) plus a margin for the server's expiry sweep."""
+        return self.settings.lease_extension_s + self.settings.redelivery_margin_s
 
     @property
     def subscription_paths(self) -> list[str]:
@@ -171,7 +177,7 @@ class PubSubBarSubscriber:
         if self.cfg.bar_size:
             return
         self.timeframe, self.compression = timeframe, compression
-        self.handler.gaps = GapCounter(
+        self.hub.gaps = GapCounter(
             bar_seconds(timeframe, compression), gap_max_s=self.cfg.gap_max_s
         )
 
@@ -395,6 +401,8 @@ class PubSubBarSubscriber:
             returned_at_stop=self.returned,
             acked=self.acked,
             late=dict(self.hub.late),
+            missing_bars=dict(self.hub.missing),
+            gap_events=self.hub.gap_events,
             missed_steps=dict(self.hub.missed),
             steps=self.hub.steps,
             backpressure_waits=self.hub.backpressure_waits,
@@ -415,7 +423,7 @@ class PubSubBarSubscriber:
         for s in self.symbols:
             row = {"delivered": st.per_symbol.get(s, 0)}
             for key, value in (
-                ("missing", st.missing.get(s, 0)),
+                ("missing", hub.missing.get(s, 0)),
                 ("late", hub.late.get(s, 0)),
                 ("missed_steps", hub.missed.get(s, 0)),
             ):
@@ -427,7 +435,7 @@ class PubSubBarSubscriber:
             "delivered": st.delivered,
             "duplicates": st.duplicates,
             "malformed": sum(st.malformed.values()),
-            "missing": sum(st.missing.values()),
+            "missing": sum(hub.missing.values()),
             "late": sum(hub.late.values()),
             "missed_steps": sum(hub.missed.values()),
             "disconnects": self.disconnects,
@@ -448,6 +456,16 @@ class PubSubBarSubscriber:
             publish_time_s = pt.timestamp() if pt else None
         except Exception:  # noqa: BLE001 - a missing publish time only costs the age metric
             publish_time_s = None
+        key = getattr(message, "ordering_key", None)
+        if key and not self._warned_ordering:
+            self._warned_ordering = True
+            logger.warning(
+                "messages carry an ordering key (%r): publish live bars without one. With "
+                "keys, the Pub/Sub client hands over one message per key until it is "
+                "acknowledged (once its decision is on disk), so after a restart a redelivered "
+                "bar waits behind newer ones and comes too late (late_bar)",
+                key,
+            )
         outcome = self.handler.handle(
             message.data,
             message.attributes,
@@ -503,7 +521,11 @@ class PubSubBarSubscriber:
             "name": sub.path,
             "topic": sub.topic,
             "ack_deadline_seconds": self.settings.ack_deadline_s,
-            "enable_message_ordering": True,
+            # No server-side ordering: the emulator holds an ordering key for good once a
+            # stream that had one of its messages outstanding breaks (a network cut, a killed
+            # pod). The hub orders each symbol's bars itself and holds steps after a
+            # (re)connect until redeliveries are due (see BarHub.hold_steps).
+            "enable_message_ordering": False,
             "expiration_policy": {
                 "ttl": duration_pb2.Duration(seconds=int(self.cfg.subscription_ttl_s))
             },
@@ -523,6 +545,8 @@ class PubSubBarSubscriber:
             )
         except gexc.AlreadyExists:
             got = self._check_reused(sub)
+            # It may hold bars a killed runner had received: redelivered after their deadline.
+            self.hub.hold_steps(self.redelivery_s)
             if got.filter and got.filter != flt:
                 raise ConfigError(
                     f"subscription {sub.path} exists with filter {got.filter or '(none)'!r} but "
@@ -578,6 +602,7 @@ class PubSubBarSubscriber:
         from google.api_core import exceptions as gexc
 
         self._cancel_streams(self.settings.probe_timeout_s)
+        kept = False
         for sub in self._subs:
             try:
                 self._client.get_subscription(
@@ -585,6 +610,7 @@ class PubSubBarSubscriber:
                     retry=None,
                     timeout=self.settings.probe_timeout_s,
                 )
+                kept = True
             except gexc.NotFound:
                 if not sub.owned:
                     raise
@@ -596,6 +622,9 @@ class PubSubBarSubscriber:
                 )
                 # A new subscription may reuse message ids (a restarted emulator starts at 1).
                 self.handler.forget_message_ids()
+        if kept:
+            # What the broken stream held comes back once its deadline passed: no step before.
+            self.hub.hold_steps(self.redelivery_s)
         self._open_streams()
 
     def _supervise(self) -> None:

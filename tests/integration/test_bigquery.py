@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-from analyzers.schema import DECISION_SCHEMA, FieldSpec, bigquery_schema, to_row
+from analyzers.schema import DECISION_SCHEMA, SCHEMA_VERSION, FieldSpec, bigquery_schema, to_row
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
 from analyzers.sinks.bigquery.errors import is_transient
 from analyzers.sinks.bigquery.rows import validate_row
@@ -243,7 +243,8 @@ def test_an_older_table_is_extended_and_keeps_its_rows(
     sink.open()
     assert sink.write(rows[1:]) == []
     got = bq_emulator.query(
-        f"SELECT COUNT(*) AS n, COUNTIF(schema_version = 1) AS v1, COUNTIF(notes IS NOT NULL) "
+        f"SELECT COUNT(*) AS n, COUNTIF(schema_version = {SCHEMA_VERSION}) AS v1, "
+        "COUNTIF(notes IS NOT NULL) "
         f"AS with_notes FROM `{sink.table_id}`"
     )
     assert got == [
@@ -299,8 +300,9 @@ def test_rows_the_server_refuses_are_isolated(
     bq_emulator: BigQueryEmulator, rows: list[dict[str, Any]]
 ) -> None:
     """Columns this version does not validate (added by a newer one), with values the emulator
-    cannot read. A bad DATE comes back as a per-row insertError (as BigQuery reports it); a
-    bad NUMERIC makes the emulator answer HTTP 500 for the whole request: the sink splits the
+    cannot read. The sink sends without ``skipInvalidRows``, and then the emulator answers HTTP
+    500 for the whole request with a bad row in it (bqemulator's insertAll: "without the flag,
+    the first bad row aborts the whole request with an internal error"): the sink splits the
     batch until the row is alone, tells it from an outage (the server answers other calls) and
     rejects only that row."""
     from google.cloud import bigquery
@@ -327,8 +329,7 @@ def test_rows_the_server_refuses_are_isolated(
     batch[15]["notional"] = "not a number"
     errors = sink.write(batch)
     assert [e.index for e in errors] == [11, 15]
-    assert errors[0].reason.startswith("decision_id: invalid: ")  # the emulator's location
-    assert "server error for this row" in errors[1].reason
+    assert all("server error for this row" in e.reason for e in errors)
     assert count(bq_emulator, sink) == (18, 18)
     sink.close()
 
@@ -542,4 +543,42 @@ def test_insert_errors_are_mapped_and_stopped_rows_retried(
     ]
     ids = [r["decision_id"] for r in batch]
     assert handler.inserted == [ids, [ids[1], ids[3]]]
+    sink.close()
+
+
+def test_rows_stopped_by_an_invalid_row_are_sent_again_without_it(
+    fake_bigquery: tuple[str, type[_FakeBigQuery]], rows: list[dict[str, Any]]
+) -> None:
+    """Without ``skipInvalidRows`` BigQuery stores nothing of a request with an invalid row and
+    answers ``stopped`` for the others (tabledata.insertAll: "the default value is false, which
+    causes the entire request to fail if any invalid rows exist"; insertErrors reason
+    ``stopped``, "Troubleshooting errors": the job or row was stopped because of another
+    error). The sink sends those again at once, without the invalid row."""
+    endpoint, handler = fake_bigquery
+    stopped = [{"reason": "stopped", "location": "", "message": ""}]
+    handler.answers = [
+        {
+            "insertErrors": [
+                {"index": i, "errors": stopped}
+                if i != 2
+                else {
+                    "index": 2,
+                    "errors": [
+                        {"reason": "invalid", "location": "reads", "message": "Bad int64 value"}
+                    ],
+                }
+                for i in range(5)
+            ]
+        },
+        {},
+    ]
+    sink = BigQuerySink(
+        BigQuerySinkConfig(project="p", dataset="d", api_endpoint=endpoint, timeout_s=5.0)
+    )
+    batch = rows[:5]
+    errors = sink.write(batch)
+    assert [(e.index, e.reason) for e in errors] == [(2, "reads: invalid: Bad int64 value")]
+    ids = [r["decision_id"] for r in batch]
+    assert handler.inserted == [ids, [ids[0], ids[1], ids[3], ids[4]]]
+    assert all(sink.is_stored(d) for i, d in enumerate(ids) if i != 2)
     sink.close()

@@ -1,11 +1,15 @@
-"""A sweep on a real local Ray cluster (a head and a worker node, started with ``ray start``) gives
-the same trials, the same choices and the same recorded decisions as the local process pool.
+"""A sweep on a real local Ray cluster (a head node with two worker processes, started with
+``ray start``) gives the same trials, the same choices and the same recorded decisions as the
+local process pool.
 
-The cluster: ``ray start --head --block`` and ``ray start --address=... --block`` as children in
-their own sessions, with their own temp folder, each ended by its process group id (worker node
-first, so it drains against a live head). Ray resolves ``--node-ip-address=127.0.0.1`` to this
-machine's address (``ray._private.services.resolve_ip_for_localhost``): the cluster still runs
-on this machine only.
+The cluster: ``ray start --head --block --num-cpus=2`` (a head node whose two worker processes run
+the trials) as a child in its own session, with its own temp folder, ended by its process group
+id. One node, not two: a second node would need Ray's cluster mode, which binds the machine's
+network address instead of loopback. Ray resolves ``--node-ip-address=127.0.0.1`` to this
+machine's network address (``ray._private.services.resolve_ip_for_localhost``) unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (``ray_constants.ENABLE_RAY_CLUSTER``; then
+``get_node_ip_address`` answers the loopback address, ray-project/ray#18730): set for the nodes
+and the driver, so every byte of the cluster stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -74,14 +78,23 @@ def end(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A head (1 CPU) and a worker node (1 CPU); yields the address ``127.0.0.1:<port>``."""
+    """A head node with 2 CPUs (two worker processes); yields the address ``127.0.0.1:<port>``."""
     import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
     port = free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    # Nothing to drain at teardown: stop at once instead of Ray's 30 s drain on SIGTERM.
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    # Nothing to drain at teardown: stop at once instead of Ray's 30 s drain on SIGTERM. No
+    # token auth: Ray 2.60 would otherwise use (or write) ~/.ray/auth_token, shared by every
+    # Ray user of this machine; the cluster is this test's alone.
+    auth = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, **auth, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_AUTH_MODE", "disabled")  # the driver (this process) alike
+    patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray._private import ray_constants
+
+    patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # read at import: set it too
     procs: list[subprocess.Popen[bytes]] = []
     head_log = tmp / "head.log"
     try:
@@ -95,28 +108,22 @@ def ray_cluster() -> Iterator[str]:
             )  # fmt: skip
         wait_for_port(port, procs[0], head_log)
         address = f"127.0.0.1:{port}"
-        with (tmp / "worker.log").open("wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [RAY, "start", f"--address={address}", *common],
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                )
-            )  # fmt: skip
-        # Both nodes registered: ask the cluster (it answers as soon as the node joins).
+        # Its two worker processes registered: ask the cluster.
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         try:
             deadline = time.monotonic() + 60
-            while sum(n["Alive"] for n in ray.nodes()) < 2:
+            while ray.cluster_resources().get("CPU", 0) < 2:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the worker node did not join")
+                    raise TimeoutError("the head node did not offer its 2 CPUs")
                 time.sleep(0.1)
         finally:
             ray.shutdown()
         yield address
     finally:
-        for proc in reversed(procs):  # worker node first
+        for proc in reversed(procs):
             end(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+        patch.undo()
 
 
 def sweep(tmp_path: Path, name: str, **extra: str) -> tuple[int, str, Path]:

@@ -401,3 +401,17 @@ def test_csv_hash_equals_the_pubsub_message_hash_of_the_same_bar(
     for i, doc in enumerate(docs):
         live = decode_message(json.dumps(doc).encode(), {"symbol": symbol})
         assert bars.hashes[i] == live.data_hash, (doc, bars.numeric, bars.text)
+
+
+def test_bar_hashes_over_a_source_answer_only_delivered_bars() -> None:
+    from core.bars import BarHashes
+
+    bars = read_csv_bars(cfg(DATA / "GOOG.csv", "GOOG"))
+    delivered = BarHashes(source=bars.hashes)
+    assert len(delivered) == 0 and delivered.at(0) is None
+    delivered.advance()
+    delivered.advance()
+    assert len(delivered) == 2 and delivered.at(1) == bars.hashes[1] and delivered.at(2) is None
+    assert delivered.at(-1) is None
+    with pytest.raises(TypeError):
+        delivered.append("0" * 32)

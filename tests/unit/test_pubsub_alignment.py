@@ -281,21 +281,15 @@ def test_the_bar_size_is_inferred_from_the_smallest_spacing() -> None:
     assert g.missing(_num("2024-03-01 14:30:06"), _num("2024-03-01 14:30:16")) == 9
 
 
-def test_the_handler_counts_and_logs_gaps(caplog: pytest.LogCaptureFixture) -> None:
+def test_gaps_are_counted_in_what_the_agent_gets_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     hub = BarHub(["A"], align_wait_s=0)
+    hub.gaps = GapCounter(1.0)
     seen: list[tuple[str, int]] = []
-
-    class Events:
-        def on_bar(self, symbol: str, age_s: float | None) -> None: ...
-
-        def on_malformed(self, symbol: str, reason: str) -> None: ...
-
-        def on_duplicate(self, symbol: str) -> None: ...
-
-        def on_gap(self, symbol: str, missing: int) -> None:
-            seen.append((symbol, missing))
-
-    h = MessageHandler(hub, events=Events(), gaps=GapCounter(1.0))
+    hub.on_gap = lambda symbol, missing: seen.append((symbol, missing))
+    h = MessageHandler(hub)
+    # Second 9 comes before 3..8 would have (they never come); 10 follows.
     for i, second in enumerate((0, 1, 2, 9, 10)):
         doc = {
             "timestamp": (T0 + timedelta(seconds=second)).isoformat(),
@@ -305,5 +299,53 @@ def test_the_handler_counts_and_logs_gaps(caplog: pytest.LogCaptureFixture) -> N
             "close": 1.0,
         }
         assert h.handle(json.dumps(doc).encode(), {"symbol": "A"}, message_id=str(i)) == DELIVERED
-    assert seen == [("A", 6)] and h.stats.missing == {"A": 6} and h.stats.gap_events == 1
+    taken = []
+    for _ in range(5):
+        hub.begin_pass(1)
+        bar = hub.take("A", 0)
+        assert bar is not None
+        taken.append(bar)
+    assert seen == [("A", 6)] and hub.missing == {"A": 6} and hub.gap_events == 1
     assert any("6 bar time(s) missing" in r.getMessage() for r in caplog.records)
+
+
+def test_bars_out_of_order_are_put_back_in_order_until_their_step() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    h = MessageHandler(hub)
+    for second in (2, 0, 1, 3):
+        doc = {
+            "timestamp": (T0 + timedelta(seconds=second)).isoformat(),
+            "open": 1.0,
+            "high": 1.0,
+            "low": 1.0,
+            "close": 1.0,
+        }
+        assert h.handle(json.dumps(doc).encode(), {"symbol": "A"}, message_id=None) == DELIVERED
+    got = []
+    for _ in range(2):
+        hub.begin_pass(1)
+        got.append(hub.take("A", 0))
+    assert [int((b.ts - T0).total_seconds()) for b in got] == [0, 1]
+    # Once second 1 was served, a copy of second 0 that was evicted from the de-duplication
+    # memory is stale; second 1 again is a duplicate (remembered).
+    late = json.dumps(
+        {"timestamp": T0.isoformat(), "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}
+    ).encode()
+    h._recent["A"].clear()
+    assert h.handle(late, {"symbol": "A"}, message_id=None) == MALFORMED
+    assert h.stats.malformed == {"stale_timestamp": 1}
+
+
+def test_steps_are_held_while_redeliveries_are_due() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.hold_steps(15.0)
+    assert hub.offer(bar("A", 5)) == OFFERED
+    hub.begin_pass(1)
+    assert hub.take("A", 0) is None  # held: an older bar may still be redelivered
+    assert hub.offer(bar("A", 4)) == OFFERED  # ...and it comes
+    clock.now += 15.0
+    hub.begin_pass(1)
+    first = hub.take("A", 0)
+    assert first is not None and first.ts == T0 + timedelta(seconds=4)

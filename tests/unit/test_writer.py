@@ -1,13 +1,16 @@
-"""DecisionWriter: batching, back-pressure, retries, spill and replay, rejected rows.
+"""DecisionWriter: batching, back-pressure, retries, spill and drain, rejected rows, counts.
 
 The failing sinks here are small hand-written fakes wrapping the real local DuckDB sink, so what
-is finally stored is checked in a real store. Time is a :class:`FakeClock` the tests move by
-hand, and the tests wait for facts (a sink call, a flush), never for a fixed sleep.
+is finally stored is checked in a real store, or an in-memory store that keeps duplicates (as
+the BigQuery emulator does) so a row sent twice is seen. Time is a :class:`FakeClock` the tests
+move by hand, and the tests wait for facts (a sink call, a flush), never for a fixed sleep.
+Property tests (Hypothesis) drive the spill queue and whole writer runs through random outages.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +18,14 @@ from typing import Any
 
 import duckdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from analyzers.schema import DecisionRecord, RunInfo
+from analyzers.schema import DecisionRecord, RunInfo, to_row
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
-from analyzers.sinks.writer import DecisionWriter
+from analyzers.sinks.spill import SpillFile
+from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core.errors import TransientError
 from core.retry import RetryPolicy
 
@@ -241,7 +247,10 @@ def test_outage_spills_then_replays_at_the_probe_in_order_without_duplicates(
     assert w.flush(WAIT_S)
     assert w.healthy and not w.spill_path.exists()
     stats = w.stop()
-    assert stats.replayed >= 20 and stats.written == 30
+    # 25 went through the spill file (20 while down, 5 more before the probe was due), all of
+    # this run: counted written (and recovered), none left spilled, nothing "replayed".
+    assert (stats.written, stats.spilled, stats.rejected) == (30, 0, 0)
+    assert stats.spilled_total == 25 and stats.recovered == 25 and stats.replayed == 0
     assert stored(sink.path) == list(range(30))
 
 
@@ -261,7 +270,9 @@ def test_sink_down_at_start_and_spill_replayed_by_the_next_run(tmp_path: Path) -
     w2.start()
     w2.submit(record(7))
     stats2 = w2.stop()
-    assert stats2.replayed == 7 and stats2.written == 8
+    # the earlier run's 7 are counted apart from this run's one record
+    assert stats2.replayed == 7 and stats2.earlier_left == 0
+    assert (stats2.submitted, stats2.written, stats2.spilled) == (1, 1, 0)
     assert stored(sink2.path) == list(range(8))
 
 
@@ -304,8 +315,9 @@ def test_unexpected_sink_error_keeps_the_batch(tmp_path: Path) -> None:
     for i in range(4):
         w.submit(record(i))
     stats = w.stop()
-    # the failed batch went to the spill file, and the final replay (row path) stored it
-    assert stats.spilled == 4 and stats.replayed == 4
+    # the failed batch went to the spill file, and the final drain (row path) stored it
+    assert stats.spilled_total == 4 and stats.recovered == 4
+    assert (stats.written, stats.spilled, stats.rejected, stats.replayed) == (4, 0, 0, 0)
     assert stored(sink.path) == [0, 1, 2, 3]
 
 
@@ -349,3 +361,273 @@ def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SinkError, match="expected"):
         LocalDuckDBSink(path).open()
+
+
+# ---------------------------------------------------------------------------------------------
+# The spill queue
+# ---------------------------------------------------------------------------------------------
+
+_QUEUE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 7)),
+        st.tuples(st.just("consume"), st.integers(1, 6)),
+        st.tuples(st.just("keep_some"), st.integers(1, 6)),  # a head partly stored
+        st.tuples(st.just("reopen"), st.just(0)),  # another process opens the same file
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_QUEUE_OPS)
+def test_the_spill_file_is_a_queue_that_survives_reopening(ops: list[tuple[str, int]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spill-x.jsonl"
+        spill, model, counter = SpillFile(path), [], 0
+        for op, n in ops:
+            if op == "append":
+                rows = [{"decision_id": f"d{counter + k}"} for k in range(n)]
+                counter += n
+                if rows:
+                    spill.append(rows)
+                model += rows
+            elif op == "consume":
+                head = spill.head(n)
+                assert head.rows == model[:n]
+                spill.consume(head)
+                model = model[len(head.rows) :]
+            elif op == "keep_some":
+                head = spill.head(n)
+                keep = head.rows[1::2]  # every other row was stored
+                spill.replace_head(head, keep)
+                model = keep + model[len(head.rows) :]
+            else:
+                spill = SpillFile(path)
+            assert spill.pending() == len(model)
+            assert spill.read() == model
+            assert spill.exists() == bool(model) or (spill.exists() and not model)
+        assert SpillFile(path).read() == model
+
+
+def test_a_line_torn_by_a_crash_is_skipped_and_the_next_rows_kept(tmp_path: Path) -> None:
+    path = tmp_path / "spill-x.jsonl"
+    SpillFile(path).append([{"decision_id": "a"}, {"decision_id": "b"}])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"decision_id": "c", "val')  # the process died inside this append
+    later = SpillFile(path)
+    later.append([{"decision_id": "d"}])
+    assert [r["decision_id"] for r in later.read()] == ["a", "b", "d"]
+    head = later.head(10)
+    assert head.lines == 4 and len(head.rows) == 3
+    later.consume(head)
+    assert not path.exists() and later.pending() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts: every record ends written, spilled or rejected; nothing stored twice
+# ---------------------------------------------------------------------------------------------
+
+
+class Store:
+    """Stored rows, duplicates kept (the BigQuery emulator does not de-duplicate insert ids), so
+    a row sent twice shows."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [str(r["decision_id"]) for r in self.rows]
+
+
+class MemorySink:
+    """A sink over a :class:`Store` with the BigQuery sink's contract: it skips rows it stored
+    already (``is_stored``), looks up rows of an earlier run's spill (``before_replay``), refuses
+    for good every decision whose point is 3 mod 7; it can be down (TransientError) or fail
+    part-way (stores ``partial`` rows of a write, then raises TransientError, as a write split
+    into several requests does when one of them fails)."""
+
+    name = "mem"
+
+    def __init__(self, store: Store, clock: FakeClock | None = None, write_s: float = 0.0) -> None:
+        self.store = store
+        self.down = False
+        self.partial: int | None = None
+        self.confirmed: set[str] = set()
+        self.uncertain: set[str] = set()
+        self.clock, self.write_s = clock, write_s
+
+    def open(self) -> None:
+        if self.down:
+            raise TransientError("connection refused")
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        if self.clock is not None:
+            self.clock.now += self.write_s  # a write that takes write_s seconds
+        if self.down:
+            raise TransientError("503 backend unavailable")
+        errors, sent = [], 0
+        for i, row in enumerate(rows):
+            did = str(row["decision_id"])
+            if did in self.uncertain:
+                self.uncertain.discard(did)
+                if did in self.store.ids():
+                    self.confirmed.add(did)
+            if did in self.confirmed:
+                continue
+            if int(row["decision_point"]) % 7 == 3:
+                errors.append(RowError(i, "portfolio_value: bad value"))
+                continue
+            if self.partial is not None and sent >= self.partial:
+                raise TransientError("1 of 2 requests failed")
+            with self.store.lock:
+                self.store.rows.append(row)
+            self.confirmed.add(did)
+            sent += 1
+        return errors
+
+    def is_stored(self, decision_id: object) -> bool:
+        return decision_id in self.confirmed
+
+    def before_replay(self, rows: Sequence[Row]) -> None:
+        self.uncertain.update(str(r["decision_id"]) for r in rows)
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "memory"
+
+    def example_query(self) -> str:
+        return ""
+
+
+Step = tuple[int, bool, int | None, bool, bool]
+_STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 9),  # records submitted
+        st.booleans(),  # sink down during the step
+        st.one_of(st.none(), st.integers(0, 3)),  # fails part-way after this many rows
+        st.booleans(),  # flush
+        st.booleans(),  # the probe interval passes
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def _check_run(
+    stats: WriterStats, w: DecisionWriter, store: Store, mine: set[str], earlier: set[str]
+) -> None:
+    stored = store.ids()
+    assert len(stored) == len(set(stored)), "a decision was stored twice"
+    in_spill = [str(r["decision_id"]) for r in SpillFile(w.spill_path).read()]
+    assert len(in_spill) == len(set(in_spill)) == stats.in_spill
+    rejected = set()
+    if w.rejected_path.exists():
+        rejected = {
+            json.loads(x)["row"]["decision_id"] for x in w.rejected_path.read_text().splitlines()
+        }
+    assert stats.written + stats.spilled + stats.rejected == stats.submitted == len(mine)
+    assert len(mine & set(stored)) == stats.written
+    assert len(mine & set(in_spill)) == stats.spilled
+    assert len(mine & rejected) == stats.rejected
+    assert len(earlier & set(stored)) == stats.replayed
+    assert len(earlier & set(in_spill)) == stats.earlier_left
+    assert len(earlier & rejected) == stats.earlier_rejected
+    assert set(in_spill).isdisjoint(stored) and set(in_spill).isdisjoint(rejected)
+
+
+def _run(steps: list[Step], store: Store, spill: Path, session: str, final_down: bool) -> set[str]:
+    clock = FakeClock()
+    sink = MemorySink(store)
+    w = DecisionWriter(
+        sink,
+        batch_size=4,
+        flush_interval_s=1.0,
+        probe_interval_s=5.0,
+        max_batch=6,
+        spill_dir=spill,
+        retry=FAST,
+        clock=clock,
+        wait=clock.wait,
+    )
+    earlier = {str(r["decision_id"]) for r in SpillFile(w.spill_path).read()}
+    sink.down = steps[0][1]
+    w.start()
+    mine, n = set(), 0
+    for count, down, partial, flush, probe in steps:
+        sink.down, sink.partial = down, partial
+        for _ in range(count):
+            rec = record(n)._replace(run=RUN._replace(session_id=session))
+            mine.add(rec.decision_id)
+            w.submit(rec)
+            n += 1
+        if flush:
+            assert w.flush(WAIT_S)
+        if probe:
+            clock.advance(5.0)
+    sink.down, sink.partial = final_down, None
+    stats = w.stop(WAIT_S)
+    _check_run(stats, w, store, mine, earlier)
+    return mine
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=_STEPS, second=_STEPS, down_at_end=st.booleans())
+def test_every_record_ends_written_spilled_or_rejected_and_is_stored_once(
+    first: list[Step], second: list[Step], down_at_end: bool
+) -> None:
+    """Two runs through random outages, partial failures and probes, the second starting with
+    what the first left in the spill file, and a third that only drains: the counts add up
+    after each run and every decision is stored at most once (exactly once at the end, unless
+    refused)."""
+    store = Store()
+    with tempfile.TemporaryDirectory() as tmp:
+        spill = Path(tmp)
+        a = _run(first, store, spill, "s1", down_at_end)
+        b = _run(second, store, spill, "s2", down_at_end)
+        _run([(0, False, None, False, False)], store, spill, "s3", False)
+        assert not SpillFile(spill / "spill-mem.jsonl").exists()
+        refused = {d for d in a | b if int(d.rsplit(":", 1)[1]) % 7 == 3}
+        assert sorted(store.ids()) == sorted((a | b) - refused)
+
+
+def test_a_stop_keeps_what_it_could_not_drain_and_counts_it(tmp_path: Path) -> None:
+    """Each write takes 3 s (of the fake clock): a stop with a 10 s budget drains until 8 s are
+    used, keeps the rest (earlier rows first, then this run's) and says how many."""
+    store = Store()
+    spill = tmp_path / "spill"
+    earlier = [to_row(record(i)._replace(run=RUN._replace(session_id="old"))) for i in range(40)]
+    SpillFile(spill / "spill-mem.jsonl").append(earlier)
+    clock = FakeClock()
+    sink = MemorySink(store, clock, write_s=3.0)
+    sink.down = True  # down at start: this run's records queue behind the earlier ones
+    w = DecisionWriter(
+        sink,
+        batch_size=5,
+        max_batch=5,
+        spill_dir=spill,
+        retry=FAST,
+        clock=clock,
+        wait=clock.wait,
+    )
+    w.start()
+    for i in range(12):
+        w.submit(record(i))
+    assert w.flush(WAIT_S) and w.stats.spilled == 12
+    sink.down = False
+    stats = w.stop(timeout_s=10.0)  # drains writes at clock 0, 3, 6; at 9 the 8 s are used
+    drained = [r["decision_id"] for r in earlier[:15] if r["decision_point"] % 7 != 3]
+    assert store.ids() == drained and stats.replayed == 13  # 3 and 10 were refused
+    assert stats.earlier_rejected == 2 and stats.earlier_left == 40 - 15
+    assert (stats.written, stats.spilled) == (0, 12)
+    assert SpillFile(w.spill_path).pending() == stats.in_spill == 25 + 12
+    # the next start drains the rest, earlier rows first, each once
+    later = MemorySink(store)
+    w2 = DecisionWriter(later, spill_dir=spill, retry=FAST)
+    w2.start()
+    stats2 = w2.stop(WAIT_S)
+    assert stats2.replayed + stats2.earlier_rejected == 37 and not w2.spill_path.exists()
+    assert len(store.ids()) == len(set(store.ids())) == 40 + 12 - 6 - 2

@@ -8,6 +8,11 @@ BigQuery requires, planned by :func:`plan_schema`); a table whose columns cannot
 (another type, another repetition, a REQUIRED column we never fill) raises
 :class:`~core.errors.SinkError` naming each column.
 
+Maintenance is not an outage: when the view cannot be created or updated, or the schema update
+fails although the table already has every column our rows need, a warning names the object and
+rows are inserted as usual. Only a table that lacks a column it could not be given stops
+inserts (the error is raised, and the writer retries later).
+
 Every call is made without client-side retries, with the request timeout of the config.
 """
 
@@ -166,10 +171,7 @@ def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
     from google.cloud import bigquery
 
     table_id, timeout = cfg.table_id, cfg.timeout_s
-    dataset = bigquery.Dataset(f"{cfg.project}.{cfg.dataset}")
-    if cfg.location:
-        dataset.location = cfg.location
-    client.create_dataset(dataset, exists_ok=True, retry=None, timeout=timeout)
+    _ensure_dataset(client, cfg)
     try:
         table = client.get_table(table_id, retry=None, timeout=timeout)
     except gexc.NotFound:
@@ -185,10 +187,80 @@ def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
             "by agent_id, session_id)",
             table_id,
         )
-    schema = _evolve(client, cfg, table)
+    try:
+        schema = _evolve(client, cfg, table)
+    except SinkError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised unless the table takes rows as it is
+        schema = _after_failed_evolution(client, cfg, e)
     _check_layout(table_id, table)
-    ensure_view(client, cfg)
+    try:
+        ensure_view(client, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure: the table still takes rows
+        logger.warning(
+            "BigQuery view %s.%s.%s could not be created or updated (%s); decisions are still "
+            "written to %s. Create it by hand from sql/bigquery/decision_reads_view.sql.",
+            cfg.project,
+            cfg.dataset,
+            VIEW_NAME,
+            _describe(e),
+            table_id,
+        )
     return schema
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _ensure_dataset(client: Any, cfg: BigQuerySinkConfig) -> None:
+    """Create the dataset when missing. A refused creation of a dataset that exists (a role
+    that may write tables but not create datasets) is a warning."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    dataset = bigquery.Dataset(f"{cfg.project}.{cfg.dataset}")
+    if cfg.location:
+        dataset.location = cfg.location
+    try:
+        client.create_dataset(dataset, exists_ok=True, retry=None, timeout=cfg.timeout_s)
+    except gexc.Forbidden as e:
+        client.get_dataset(dataset.reference, retry=None, timeout=cfg.timeout_s)  # raises if not
+        logger.warning(
+            "BigQuery dataset %s.%s exists but this identity may not create datasets (%s)",
+            cfg.project,
+            cfg.dataset,
+            _describe(e),
+        )
+
+
+def _after_failed_evolution(
+    client: Any, cfg: BigQuerySinkConfig, error: Exception
+) -> tuple[FieldSpec, ...]:
+    """The schema update failed: read the table again. When it has every column our rows need
+    (the failed step was a description or a relaxed mode, or a DDL step went through), warn
+    and go on with its schema; otherwise raise ``error`` (rows with the new fields cannot be
+    inserted until the update succeeds)."""
+    table = client.get_table(cfg.table_id, retry=None, timeout=cfg.timeout_s)
+    existing = tuple(spec_of(f) for f in table.schema)
+    plan = plan_schema(existing)
+    if plan.added:
+        logger.error(
+            "BigQuery table %s lacks %s and could not be extended: %s",
+            cfg.table_id,
+            ", ".join(plan.added),
+            _describe(error),
+        )
+        raise error
+    logger.warning(
+        "BigQuery table %s: schema update failed (%s)%s; it has every column decisions need, "
+        "so they are written",
+        cfg.table_id,
+        _describe(error),
+        f"; still REQUIRED: {', '.join(plan.relaxed)}" if plan.relaxed else "",
+    )
+    return existing
 
 
 def _evolve(client: Any, cfg: BigQuerySinkConfig, table: Any) -> tuple[FieldSpec, ...]:
@@ -261,6 +333,9 @@ def ensure_view(client: Any, cfg: BigQuerySinkConfig) -> None:
         logger.warning(
             "%s exists and is not a view; the flat view of reads is not created", view_id
         )
-    elif (view.view_query or "").strip() != query:
+    elif view.view_query is None:
+        # BigQuery always returns a view's query; the emulator returns none. Leave it.
+        logger.debug("%s: the server did not return the view's query; left as it is", view_id)
+    elif view.view_query.strip() != query:
         view.view_query = query
         client.update_table(view, ["view_query"], retry=None, timeout=timeout)

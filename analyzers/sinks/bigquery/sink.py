@@ -3,35 +3,49 @@ with ``insert_rows_json``.
 
 :class:`BigQuerySink` implements :class:`~analyzers.sinks.base.DecisionSink`; the
 :class:`~analyzers.sinks.writer.DecisionWriter` owns it and calls every method from its writer
-thread (batching, retry with backoff, spill and replay live there).
+thread (batching, retry with backoff, spill and drain live there).
 
-* ``open()`` creates or checks the dataset, table and view (:func:`.schema.ensure_table`).
+* ``open()`` creates or checks the dataset, table and view (:func:`.schema.ensure_table`); a
+  view or schema update that fails while rows can still be inserted is a warning naming the
+  object, not an outage.
 * ``write()`` validates every row against the table's schema first
   (:func:`.rows.validate_row`, so the reason names the field path, e.g. ``actions[0].size``),
-  splits what is left into requests under the byte and row limits of the streaming API, sends
-  each with ``row_ids`` = ``decision_id``, ``skip_invalid_rows`` (valid rows are written even
-  when one is not), no client-side retry and an explicit timeout (the writer retries; the
-  client's default retries an HTTP 500 for minutes), and maps per-row ``insertErrors`` to
-  :class:`~analyzers.sinks.base.RowError`. A request answered with a server error while the
-  server answers other calls (the emulator's HTTP 500 on some bad values) is split in halves
-  until the offending row is alone and rejected; the others are written.
-* Never a duplicate: rows confirmed written are remembered (bounded) and skipped when a batch
-  is sent again; rows whose request had an unknown outcome (timeout, dropped connection) and
-  rows replayed from a spill file are looked up by ``decision_id`` before they are sent again.
-  BigQuery's own best-effort ``insertId`` de-duplication stays on as a second line.
+  leaves out null fields (:func:`.rows.compact_row`), splits what is left into requests sized by
+  bytes under the streaming API's limit, and sends up to ``max_in_flight`` of them at once.
+  Each request carries ``row_ids`` = ``decision_id``, no client-side retry and an explicit
+  timeout (the writer retries; the client's default retries an HTTP 500 for minutes). Per-row
+  ``insertErrors`` become :class:`~analyzers.sinks.base.RowError`; rows BigQuery ``stopped``
+  because another row of their request was invalid are sent again at once without it. A request
+  answered with a server error while the server answers other calls (the emulator's HTTP 500 on
+  a bad value) is split in halves until the offending row is alone and rejected.
+* ``write_records()`` is the writer's path for fresh records: the reads of a record are built by
+  the tracker with known types, so only the other fields are checked.
+* Never a duplicate, by insert id: rows confirmed written are remembered (bounded) and skipped
+  when sent again (``is_stored`` tells the writer which rows of a failed write were stored, so
+  they are not spilled); rows whose request had an unknown outcome (timeout, dropped
+  connection) and rows of an earlier run's spill (``before_replay``) are looked up by
+  ``decision_id`` before they are sent. BigQuery's own best-effort ``insertId``
+  de-duplication stays on as a second line; the emulator has none, so the tests check ours.
 * Optionally every written row is also published to a Pub/Sub topic (:mod:`.topic`).
+
+Thread context: the writer thread calls every method; the requests of one ``write`` run on up
+to ``max_in_flight`` threads of a pool the sink owns (``close`` joins it). One client is shared
+by those threads: the BigQuery client is safe to share across threads (python-bigquery's docs,
+"thread safety" note added in googleapis/python-bigquery PR #132).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
-from analyzers.schema import DECISION_SCHEMA, FieldSpec
+from analyzers.schema import DECISION_SCHEMA, DecisionRecord, FieldSpec, to_row
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.bigquery.client import make_client, run_query
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
@@ -48,7 +62,9 @@ from analyzers.sinks.bigquery.rows import (
     MAX_ROWS_PER_REQUEST,
     Pending,
     chunks,
+    compact_row,
     row_size,
+    split_bytes,
     validate_row,
 )
 from analyzers.sinks.bigquery.schema import ensure_table
@@ -59,18 +75,26 @@ logger = logging.getLogger(__name__)
 
 # How many confirmed decision ids are remembered to skip re-sends (about 100 bytes each).
 CONFIRMED_IDS_KEPT = 200_000
+# Requests of one write sent at once. BigQuery takes concurrent streaming inserts into a table
+# (its limits are per project: bytes per second and rows per request, "Quotas and limits").
+DEFAULT_IN_FLIGHT = 4
+# Records the writer hands over in one write when it catches up or drains a spill: enough for
+# several requests in flight of read-heavy rows (~24 kB each, 9 MB per request).
+DEFAULT_MAX_BATCH = 2_000
+# Ids per existence look-up query (one array parameter).
+LOOKUP_IDS = 10_000
 
 
 @dataclass(slots=True)
 class BigQuerySinkStats:
-    """Counters of one sink (written on the writer thread; read anywhere).
+    """Counters of one sink (written under the sink's lock; read anywhere).
 
     Attributes:
         requests: insertAll requests sent.
         rows_sent: rows in those requests.
         bytes_sent: their JSON size, bytes.
         skipped_written: rows not sent because they were already stored (re-sends, replays).
-        lookups: existence look-ups made before re-sending uncertain rows.
+        lookups: existence look-up queries made before re-sending uncertain rows.
         published / publish_errors: decisions topic messages sent / failed.
     """
 
@@ -83,11 +107,33 @@ class BigQuerySinkStats:
     publish_errors: int = 0
 
 
+@dataclass(slots=True)
+class _Outcome:
+    """What the requests of one chunk gave: rows refused, rows stored, and the failure that
+    left some rows neither (None when every row was settled)."""
+
+    errors: list[RowError] = field(default_factory=list)
+    written: list[Row] = field(default_factory=list)
+    failure: Exception | None = None
+
+
+# Rows built by ``to_row`` from a record: the reads (``data_accessed``) come from the tracker
+# with known types, so only their shape is checked (a type this validator does not know is left
+# to BigQuery, see rows._type_problem).
+_TRUSTED = "TRUSTED"
+
+
+def _light(schema: Sequence[FieldSpec]) -> tuple[FieldSpec, ...]:
+    return tuple(
+        replace(f, type=_TRUSTED, fields=()) if f.name == "data_accessed" else f for f in schema
+    )
+
+
 class BigQuerySink:
     """Decision rows streamed into a BigQuery table.
 
-    Thread context: constructed on any thread; ``open``/``write``/``close``/``before_replay``
-    are called from the :class:`~analyzers.sinks.writer.DecisionWriter` thread only.
+    Thread context: constructed on any thread; every method is called from the
+    :class:`~analyzers.sinks.writer.DecisionWriter` thread; requests run on the sink's pool.
 
     Args:
         config: project, dataset, table, location, endpoint, request timeout (seconds),
@@ -100,6 +146,11 @@ class BigQuerySink:
             ``PUBSUB_EMULATOR_HOST``).
         max_request_bytes: upper bound of one insertAll request body, bytes.
         max_rows_per_request: upper bound of rows in one request.
+        max_in_flight: requests of one write sent at once.
+        max_batch: records the writer hands over in one write (read by the writer).
+
+    Raises:
+        ValueError: a bound below its minimum.
     """
 
     name = "bigquery"
@@ -112,14 +163,22 @@ class BigQuerySink:
         publisher: Any = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         if max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {max_request_bytes}")
         if max_rows_per_request < 1:
             raise ValueError(f"max_rows_per_request must be >= 1, got {max_rows_per_request}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.config = config
         self.max_request_bytes = max_request_bytes
         self.max_rows_per_request = max_rows_per_request
+        self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self.stats = BigQuerySinkStats()
         self.table_id = config.table_id
         self.topic: DecisionTopic | None = None
@@ -127,10 +186,12 @@ class BigQuerySink:
         self._own_client = client is None
         self._publisher = publisher
         self._schema: tuple[FieldSpec, ...] = DECISION_SCHEMA
+        self._light_schema = _light(DECISION_SCHEMA)
         self._opened = False
         self._confirmed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._uncertain: set[str] = set()
-        self._lock = threading.Lock()  # publish results may be counted while close() runs
+        self._lock = threading.Lock()  # ids and counters, updated from request threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -138,7 +199,8 @@ class BigQuerySink:
         """Create the dataset, table and view when missing; check and extend the schema.
 
         Raises:
-            TransientError: BigQuery unreachable or overloaded now.
+            TransientError: BigQuery unreachable or overloaded now, or the table lacks columns
+                our rows need and could not be extended now.
             SinkError: bad credentials or permissions, or an incompatible table (the message
                 lists every offending column).
         """
@@ -146,6 +208,7 @@ class BigQuerySink:
             if self._client is None:
                 self._client = make_client(self.config)
             self._schema = ensure_table(self._client, self.config)
+            self._light_schema = _light(self._schema)
             if self.config.decisions_topic and self.topic is None:
                 topic = DecisionTopic(
                     self.config.decisions_topic,
@@ -163,70 +226,68 @@ class BigQuerySink:
             raise SinkError(f"BigQuery {self.table_id}: {describe(e)}") from e
         self._opened = True
 
-    def write(self, rows: Sequence[Row]) -> list[RowError]:
-        """Stream rows; return those refused for good.
-
-        Rows already stored (remembered from this process, or found by a look-up for rows
-        whose earlier outcome is unknown) are skipped, never sent twice.
+    def probe(self) -> None:
+        """One cheap call (the table's metadata) to learn whether BigQuery answers, before the
+        writer sends a large batch after an outage.
 
         Raises:
-            TransientError: some rows were not written; those that were are remembered, so the
-                retry of the whole batch sends only the rest.
+            TransientError: BigQuery does not answer (or answers a server error).
+            SinkError: permission was withdrawn.
+        """
+        if self._client is None or not self._opened:
+            self.open()
+            return
+        from google.api_core import exceptions as gexc
+
+        try:
+            self._client.get_table(self.table_id, retry=None, timeout=self.config.timeout_s)
+        except gexc.NotFound:
+            self._opened = False  # deleted under us: the next write recreates it
+        except Exception as e:
+            if is_transient(e):
+                raise TransientError(f"BigQuery {self.table_id}: {describe(e)}") from e
+            raise SinkError(f"BigQuery {self.table_id}: {describe(e)}") from e
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        """Stream rows; return those refused for good (positions in ``rows``).
+
+        Rows already stored (remembered from this process, found by a look-up for rows whose
+        earlier outcome is unknown, or repeated within ``rows``) are skipped, never sent twice.
+
+        Raises:
+            TransientError: some rows were not written; those that were are remembered
+                (:meth:`is_stored`), so the retry of the whole batch sends only the rest.
             SinkError: the table vanished and cannot be recreated, or permission was withdrawn.
         """
-        if not self._opened:
-            self.open()
-        errors: list[RowError] = []
-        pending: list[Pending] = []
-        for i, row in enumerate(rows):
-            did = row.get("decision_id")
-            if isinstance(did, str) and did in self._confirmed:
-                self.stats.skipped_written += 1
-                continue
-            problems = validate_row(row, self._schema)
-            if problems:
-                errors.append(RowError(i, "; ".join(problems)))
-                continue
-            size = row_size(row)
-            if size > self.max_request_bytes:
-                errors.append(
-                    RowError(
-                        i,
-                        f"row is {size} bytes, over the {self.max_request_bytes}"
-                        "-byte request limit",
-                    )
-                )
-                continue
-            pending.append((i, row, size))
-        pending = self._drop_stored(pending)
-        for chunk in chunks(pending, self.max_request_bytes, self.max_rows_per_request):
-            chunk_errors = self._send(chunk)
-            if (
-                len(chunk) > 1
-                and len(chunk_errors) == len(chunk)
-                and all(e.reason.startswith(POISON_PREFIX) for e in chunk_errors)
-            ):
-                # Every row "poison" is not N bad rows but a server not ready (seen on the
-                # emulator right after it starts): retry the batch (rows already written are
-                # remembered and skipped), then spill, rather than reject good records.
-                raise TransientError(
-                    f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
-                    "batch; retrying it as an outage"
-                )
-            errors += chunk_errors
-        return sorted(errors)
+        return self._write(rows, light=False)
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        """:meth:`write` for fresh records of the analyzer: each record's reads are not
+        checked field by field (the tracker builds them with known types); the other fields
+        (agent notes, orders, positions) are."""
+        return self._write([to_row(r) for r in records], light=True)
+
+    def is_stored(self, decision_id: object) -> bool:
+        """Whether this sink confirmed ``decision_id`` stored (recently: the memory is
+        bounded). Writer thread."""
+        with self._lock:
+            return isinstance(decision_id, str) and decision_id in self._confirmed
 
     def before_replay(self, rows: Sequence[Row]) -> None:
-        """Rows about to be replayed from a spill file may already be stored (a batch half
-        written before a crash): look them up before sending. Writer thread."""
-        for row in rows:
-            did = row.get("decision_id")
-            if isinstance(did, str) and did not in self._confirmed:
-                self._uncertain.add(did)
+        """Rows about to be replayed from an earlier run's spill file may already be stored (a
+        batch written before a crash): look them up before sending. Writer thread."""
+        with self._lock:
+            for row in rows:
+                did = row.get("decision_id")
+                if isinstance(did, str) and did not in self._confirmed:
+                    self._uncertain.add(did)
 
     def close(self) -> None:
-        """Flush the decisions topic (bounded by the request timeout) and close clients.
-        Idempotent."""
+        """Join the request threads, flush the decisions topic (bounded by the request
+        timeout) and close clients. Idempotent."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         self._publisher = None
         if self.topic is not None:
             self.topic.close(wait_s=self.config.timeout_s)
@@ -254,35 +315,151 @@ class BigQuerySink:
 
     # -- write ------------------------------------------------------------------------------
 
+    def _write(self, rows: Sequence[Row], *, light: bool) -> list[RowError]:
+        if not self._opened:
+            self.open()
+        schema = self._light_schema if light else self._schema
+        errors: list[RowError] = []
+        pending: list[Pending] = []
+        first: dict[str, int] = {}  # decision id -> position of its first row in this write
+        repeats: dict[int, int] = {}  # position of a repeated id -> position of the first
+        for i, row in enumerate(rows):
+            did = row.get("decision_id")
+            if isinstance(did, str):
+                if did in first:
+                    repeats[i] = first[did]
+                    continue
+                first[did] = i
+                if self.is_stored(did):
+                    with self._lock:
+                        self.stats.skipped_written += 1
+                    continue
+            problems = validate_row(row, schema)
+            if problems:
+                errors.append(RowError(i, "; ".join(problems)))
+                continue
+            compact = compact_row(row)
+            size = row_size(compact)
+            if size > self.max_request_bytes:
+                errors.append(
+                    RowError(
+                        i,
+                        f"row is {size} bytes, over the {self.max_request_bytes}"
+                        "-byte request limit",
+                    )
+                )
+                continue
+            pending.append((i, compact, size))
+        pending = self._drop_stored(pending)
+        per_request = split_bytes(
+            sum(p[2] for p in pending),
+            self.max_in_flight,
+            self.max_request_bytes,
+            largest=max((p[2] for p in pending), default=0),
+        )
+        requests = list(chunks(pending, per_request, self.max_rows_per_request))
+        outcomes = self._run(requests)
+        written = [row for o in outcomes for row in o.written]
+        if self.topic is not None and written:
+            self.topic.publish(written)  # on the writer thread: the topic is not thread-safe
+        failures = [o.failure for o in outcomes if o.failure is not None]
+        if failures:
+            fatal = next((f for f in failures if isinstance(f, SinkError)), None)
+            if fatal is not None:
+                raise fatal
+            done = sum(1 for o in outcomes if o.failure is None)
+            raise TransientError(
+                f"{len(failures)} of {len(outcomes)} BigQuery requests failed ({done} stored): "
+                f"{failures[0]}"
+            ) from failures[0]
+        for o in outcomes:
+            errors += o.errors
+        refused = {e.index: e.reason for e in errors}
+        errors += [RowError(i, refused[j]) for i, j in repeats.items() if j in refused]
+        return sorted(errors)
+
+    def _run(self, requests: list[list[Pending]]) -> list[_Outcome]:
+        """Send the requests, up to ``max_in_flight`` at once; one outcome each, in order."""
+        if len(requests) <= 1 or self.max_in_flight == 1:
+            return [self._request(r) for r in requests]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.max_in_flight, thread_name_prefix="fmel-bigquery"
+            )
+        return list(self._pool.map(self._request, requests))
+
+    def _request(self, chunk: list[Pending]) -> _Outcome:
+        """One chunk (split further on poison rows); failures are returned, not raised, so the
+        other requests of the write finish and are accounted."""
+        out = _Outcome()
+        try:
+            self._send(chunk, out)
+            if (
+                len(chunk) > 1
+                and len(out.errors) == len(chunk)
+                and all(e.reason.startswith(POISON_PREFIX) for e in out.errors)
+            ):
+                # Every row "poison" is not N bad rows but a server not ready (seen on the
+                # emulator right after it starts): retry the batch (rows already written are
+                # remembered and skipped), then spill, rather than reject good records.
+                out.errors = []
+                raise TransientError(
+                    f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
+                    "request; retrying it as an outage"
+                )
+        except (TransientError, SinkError) as e:
+            out.failure = e
+        return out
+
     def _drop_stored(self, pending: list[Pending]) -> list[Pending]:
-        """Look up rows of unknown outcome; drop (and remember) those already stored."""
-        unsure = [
-            str(r["decision_id"]) for _, r, _ in pending if r["decision_id"] in self._uncertain
-        ]
+        """Look up rows of unknown outcome; drop (and remember) those already stored.
+
+        The query is limited to the rows' sessions and bar times, so BigQuery prunes the
+        table's partitions (by day on ``bar_time``) and clusters (``session_id``) and scans
+        little.
+
+        Raises:
+            TransientError: the look-up failed for now.
+            SinkError: the look-up was refused.
+        """
+        with self._lock:
+            unsure = [p for p in pending if p[1]["decision_id"] in self._uncertain]
         if not unsure:
             return pending
         from google.cloud import bigquery
 
         stored: set[str] = set()
-        for start in range(0, len(unsure), 10_000):
-            ids = unsure[start : start + 10_000]
-            sql = f"SELECT decision_id FROM `{self.table_id}` WHERE decision_id IN UNNEST(@ids)"
+        sql = (
+            f"SELECT decision_id FROM `{self.table_id}` WHERE bar_time BETWEEN @lo AND @hi "
+            "AND session_id IN UNNEST(@sessions) AND decision_id IN UNNEST(@ids)"
+        )
+        for start in range(0, len(unsure), LOOKUP_IDS):
+            part = [p[1] for p in unsure[start : start + LOOKUP_IDS]]
+            times = [_timestamp(r["bar_time"]) for r in part]
+            params = [
+                bigquery.ScalarQueryParameter("lo", "TIMESTAMP", min(times)),
+                bigquery.ScalarQueryParameter("hi", "TIMESTAMP", max(times)),
+                bigquery.ArrayQueryParameter(
+                    "sessions", "STRING", sorted({str(r["session_id"]) for r in part})
+                ),
+                bigquery.ArrayQueryParameter(
+                    "ids", "STRING", [str(r["decision_id"]) for r in part]
+                ),
+            ]
             try:
-                result = run_query(
-                    self._client,
-                    sql,
-                    self.config.timeout_s,
-                    [bigquery.ArrayQueryParameter("ids", "STRING", ids)],
-                )
+                result = run_query(self._client, sql, self.config.timeout_s, params)
                 stored.update(str(r[0]) for r in result)
             except Exception as e:
                 if is_transient(e):
                     raise TransientError(
-                        f"BigQuery look-up of {len(ids)} rows: {describe(e)}"
+                        f"BigQuery look-up of {len(part)} rows: {describe(e)}"
                     ) from e
                 raise SinkError(f"BigQuery look-up in {self.table_id}: {describe(e)}") from e
-        self.stats.lookups += 1
-        self._uncertain.difference_update(unsure)
+            with self._lock:
+                self.stats.lookups += 1
+        with self._lock:
+            self._uncertain.difference_update(str(p[1]["decision_id"]) for p in unsure)
+            self.stats.skipped_written += len(stored)
         if stored:
             logger.info(
                 "%d of %d decision records were already in %s; not sent again",
@@ -290,48 +467,75 @@ class BigQuerySink:
                 len(unsure),
                 self.table_id,
             )
-            self.stats.skipped_written += len(stored)
             for did in stored:
                 self._remember(did)
         return [p for p in pending if p[1]["decision_id"] not in stored]
 
     def _remember(self, decision_id: str) -> None:
-        self._confirmed[decision_id] = None
-        self._uncertain.discard(decision_id)
-        if len(self._confirmed) > CONFIRMED_IDS_KEPT:
-            self._confirmed.popitem(last=False)
+        with self._lock:
+            self._confirmed[decision_id] = None
+            self._uncertain.discard(decision_id)
+            if len(self._confirmed) > CONFIRMED_IDS_KEPT:
+                self._confirmed.popitem(last=False)
 
-    def _send(self, chunk: list[Pending]) -> list[RowError]:
-        """One request; on a server error for several rows, split and send the halves (so a
-        poison row the emulator answers with HTTP 500 does not hold back its batch)."""
+    def _send(self, chunk: list[Pending], out: _Outcome) -> None:
+        """One request, its results added to ``out``; on a server error for several rows, the
+        halves are sent apart (so a poison row the emulator answers with HTTP 500 does not
+        hold back its batch); rows BigQuery stopped because of an invalid row of the same
+        request are sent again without it.
+
+        Raises:
+            TransientError: rows of this chunk were not written for now.
+            SinkError: permission withdrawn.
+        """
         tries = 1 if len(chunk) > 1 else 2  # a lone row gets a second chance before rejection
         for attempt in range(tries):
             try:
-                return self._insert(chunk)
+                stopped = self._insert(chunk, out)
             except PoisonRowError as e:
                 if len(chunk) > 1:
                     mid = len(chunk) // 2
-                    return self._send(chunk[:mid]) + self._send(chunk[mid:])
+                    self._send(chunk[:mid], out)
+                    self._send(chunk[mid:], out)
+                    return
                 if attempt + 1 == tries:
-                    return [RowError(chunk[0][0], str(e))]
-        raise AssertionError("unreachable")
+                    out.errors.append(RowError(chunk[0][0], str(e)))
+                continue
+            if stopped:
+                self._send(stopped, out)
+            return
 
-    def _insert(self, chunk: list[Pending]) -> list[RowError]:
+    def _insert(self, chunk: list[Pending], out: _Outcome) -> list[Pending]:
+        """One insertAll request. Adds refused and stored rows to ``out``; returns the rows
+        BigQuery stopped because an invalid row of the same request was refused (to send
+        again without it).
+
+        Raises:
+            PoisonRowError: a server error for this request while the server answers.
+            TransientError: the request failed for now (its rows may be stored when the
+                connection dropped: they are looked up before they are sent again).
+            SinkError: permission withdrawn.
+        """
         from google.api_core import exceptions as gexc
 
         rows = [r for _, r, _ in chunk]
         ids = [str(r["decision_id"]) for r in rows]
-        self.stats.requests += 1
-        self.stats.rows_sent += len(rows)
-        self.stats.bytes_sent += sum(s for _, _, s in chunk)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.rows_sent += len(rows)
+            self.stats.bytes_sent += sum(s for _, _, s in chunk)
         try:
             # retry=None: the writer owns retries (with backoff, then spill); the client's
-            # default would retry a 500 for up to 10 minutes.
+            # default would retry a 500 for up to 10 minutes. skip_invalid_rows=False: a
+            # request with an invalid row stores nothing and answers "stopped" for the others
+            # (tabledata.insertAll, skipInvalidRows), which are sent again at once; rows are
+            # checked before they leave, so that is rare, and the emulator reads each row once
+            # instead of twice.
             result = self._client.insert_rows_json(
                 self.table_id,
                 rows,
                 row_ids=ids,
-                skip_invalid_rows=True,
+                skip_invalid_rows=False,
                 retry=None,
                 timeout=self.config.timeout_s,
             )
@@ -343,20 +547,24 @@ class BigQuerySink:
         except Exception as e:
             if is_transport(e):
                 # The request may have reached the server: look these rows up before resending.
-                self._uncertain.update(ids)
+                with self._lock:
+                    self._uncertain.update(ids)
                 raise TransientError(f"BigQuery insert of {len(rows)} rows: {describe(e)}") from e
             if is_transient(e):
                 if self._server_is_up():
                     raise PoisonRowError(
                         f"{POISON_PREFIX} while the server answers other calls: {describe(e)}"
                     ) from e
+                with self._lock:
+                    self._uncertain.update(ids)  # a 5xx may come after the rows were taken
                 raise TransientError(f"BigQuery insert of {len(rows)} rows: {describe(e)}") from e
             if isinstance(e, gexc.Unauthorized | gexc.Forbidden):
                 raise SinkError(f"BigQuery refused writes to {self.table_id}: {describe(e)}") from e
             if len(rows) > 1:
                 raise PoisonRowError(describe(e)) from e
-            return [RowError(chunk[0][0], f"request refused: {describe(e)}")]
-        return self._account(chunk, result)
+            out.errors.append(RowError(chunk[0][0], f"request refused: {describe(e)}"))
+            return []
+        return self._account(chunk, result, out)
 
     def _server_is_up(self) -> bool:
         """Whether BigQuery answers a metadata call now (tells a poison row from an outage).
@@ -370,38 +578,49 @@ class BigQuerySink:
                     return False
         return False
 
-    def _account(self, chunk: list[Pending], result: Sequence[Mapping[str, Any]]) -> list[RowError]:
-        """Map insertErrors to RowErrors; remember the rows written; publish them."""
+    def _account(
+        self, chunk: list[Pending], result: Sequence[Mapping[str, Any]], out: _Outcome
+    ) -> list[Pending]:
+        """Map insertErrors to RowErrors and remember the rows written (into ``out``); returns
+        the rows stopped by an invalid row of the same request.
+
+        Raises:
+            TransientError: BigQuery did not take some rows this time (backend error, timeout,
+                or stopped with no invalid row to blame).
+        """
         failed: dict[int, list[Mapping[str, Any]]] = {}
         for entry in result or ():
             failed.setdefault(int(entry.get("index", -1)), []).extend(entry.get("errors") or ())
-        errors: list[RowError] = []
-        retry: list[int] = []
-        written: list[Row] = []
-        for pos, (i, row, _) in enumerate(chunk):
+        refused: list[RowError] = []
+        retry: list[Pending] = []
+        stopped_only = True
+        for pos, item in enumerate(chunk):
+            i, row, _ = item
             errs = failed.get(pos)
             if errs is None:
                 self._remember(str(row["decision_id"]))
-                written.append(row)
+                out.written.append(row)
                 continue
             reasons = {str(e.get("reason")) for e in errs}
             if reasons <= RETRY_REASONS:
-                retry.append(i)
+                retry.append(item)
+                stopped_only = stopped_only and reasons == {"stopped"}
                 continue
             detail = "; ".join(
                 f"{e.get('location') or '?'}: {e.get('reason')}: {e.get('message')}"
                 for e in errs
                 if e.get("reason") not in RETRY_REASONS
             )
-            errors.append(RowError(i, detail))
-        if self.topic is not None:
-            self.topic.publish(written)
+            refused.append(RowError(i, detail))
+        out.errors += refused
+        if retry and refused and stopped_only:
+            return retry
         if retry:
             raise TransientError(
                 f"BigQuery did not take {len(retry)} rows this time (stopped/"
                 "backend error); retrying them"
             )
-        return errors
+        return []
 
     def _count_publish(self, ok: bool) -> None:
         with self._lock:
@@ -409,3 +628,8 @@ class BigQuerySink:
                 self.stats.published += 1
             else:
                 self.stats.publish_errors += 1
+
+
+def _timestamp(value: Any) -> datetime:
+    """A row's TIMESTAMP text (``2010-01-04T00:00:00Z``) as an aware datetime."""
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))

@@ -668,30 +668,30 @@ class AlpacaWorker:
             )
 
     def cancel_all(self, api: AlpacaApi, deadline: float) -> list[str]:
-        """Cancel every working order of every family (at stop; the threads are joined).
+        """Cancel every working order of every family (at stop; the threads are joined): the
+        root while it works, else the working legs and successors
+        (:meth:`~.state.FlightBook.cancel_targets`). Waits out 429s until ``deadline``.
 
         Returns:
             Families whose cancel could not be sent before ``deadline``.
         """
         failed = []
-        for fl in self.flights.snapshot().flights.values():
-            for m in fl.live():
-                if m.status in ("pending_cancel", "replaced"):
-                    continue
+        for coid in list(self.flights.snapshot().flights):
+            for target in self.flights.cancel_targets(coid):
                 try:
                     self.caller.call(
                         "cancel",
                         api.cancel,
-                        m.id,
-                        what=f"cancel at stop {fl.coid}",
+                        target,
+                        what=f"cancel at stop {coid}",
                         interruptible=False,
                         deadline=deadline,
                     )
-                except AlpacaAPIError as e:
-                    logger.info("cancel at stop of %s: %s", fl.coid, e.message)
+                except AlpacaAPIError as e:  # 422: it ended, or its cancel is pending
+                    logger.info("cancel at stop of %s: %s", coid, e.message)
                 except (TransientError, RetryInterruptedError) as e:
-                    logger.error("cancel at stop of %s failed: %s", fl.coid, e)
-                    failed.append(fl.coid)
+                    logger.error("cancel at stop of %s failed: %s", coid, e)
+                    failed.append(coid)
         return failed
 
     # -- alpaca-stream thread ------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""``python -m runtime.drain``: write a decision spill file to its store without running an agent.
+
+When a sink was unavailable, a run keeps the decisions it could not write in
+``$FMEL_SPILL_DIR/spill-<sink>.jsonl`` (and a killed paper run may leave its journal there). The
+next run writes them first; this command does it now, with the same environment as the run
+(``FMEL_SINK``, ``FMEL_SPILL_DIR``, ``FMEL_DATASET``/``FMEL_TABLE``, ``GOOGLE_CLOUD_PROJECT``,
+``BIGQUERY_EMULATOR_HOST``, ``FMEL_LOCAL_PATH``, ``LOG_*``, ``SHUTDOWN_TIMEOUT_S``), read by
+:func:`runtime.config.load_process_config`. Rows already in the store (sent before a crash) are
+recognised by ``decision_id`` and not written twice.
+
+It drains until the spill is empty, ``--timeout-s`` passes, or SIGINT/SIGTERM; what is left stays
+in the file and is reported. Do not run it while a runner uses the same ``FMEL_SPILL_DIR``.
+
+Prints one JSON line on stdout: ``{"drained": N, "rejected": R, "left": L, "spill": PATH}``.
+
+Exit codes: 0 nothing left, 1 rows left (store unreachable, stopped, or out of time), 2 bad
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from core.errors import AppError, ConfigError
+from runtime.assembly import make_sink, make_writer
+from runtime.config import AppConfig, load_process_config
+from runtime.logs import setup_logging
+from runtime.secrets import secrets_in
+
+logger = logging.getLogger(__name__)
+
+WAIT_STEP_S = 0.5  # how often the main thread looks at its stop flag while the writer drains
+
+
+def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) -> dict[str, Any]:
+    """Drain the spill file of ``config.fmel`` into its sink.
+
+    Args:
+        config: the run configuration (``fmel``, ``bigquery``, ``ops`` are used).
+        timeout_s: give up after this many seconds (None: no limit).
+        stop: set to end early (a signal).
+
+    Returns:
+        ``{"drained": rows stored, "rejected": rows refused for good, "left": rows still in the
+        file, "spill": its path}``.
+
+    Raises:
+        SinkError: the store can never take these rows (see the message).
+    """
+    sink = make_sink(config.fmel, config.bigquery)
+    # journal=True: a killed paper run's journal is moved into the spill and drained with it.
+    writer = make_writer(config.fmel, sink, journal=True)
+    waiting = writer.spill.pending()
+    journal = writer.journal.path if writer.journal is not None else None
+    if not waiting and not (journal and journal.exists()):
+        logger.info("nothing to drain in %s", writer.spill_path)
+        return {"drained": 0, "rejected": 0, "left": 0, "spill": str(writer.spill_path)}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    writer.start()
+    try:
+        while not stop.is_set():
+            if writer.wait_drained(WAIT_STEP_S):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.warning("--timeout-s passed; stopping the drain")
+                break
+    finally:
+        stats = writer.stop(timeout_s=config.ops.shutdown_timeout_s)
+    return {
+        "drained": stats.replayed,
+        "rejected": stats.earlier_rejected,
+        "left": stats.in_spill,
+        "spill": str(writer.spill_path),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.drain",
+        description="Write the decision spill file to its store (FMEL_SINK) without running "
+        "an agent.",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=None, help="stop after this many seconds"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_process_config()
+    except ConfigError as e:
+        setup_logging("INFO")
+        logger.error("configuration error: %s", e)
+        return 2
+    logs = setup_logging(config.ops.log_level, config.ops.log_format)
+    logs.add_secrets(secrets_in(config))
+    logs.bind(session="drain", agent="drain")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        logger.warning("%s: stopping the drain; what is left stays in the spill", name)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = drain(config, timeout_s=args.timeout_s, stop=stop)
+    except (ConfigError, AppError) as e:
+        logger.error("%s: %s", type(e).__name__, e)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        for s, handler in old.items():
+            with contextlib.suppress(Exception):
+                signal.signal(s, handler)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    if result["left"]:
+        logger.warning("%d decision records are still in %s", result["left"], result["spill"])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

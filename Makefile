@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck layers docs pytest side-venvs chromium bench clean
+.PHONY: run test test-fast lint typecheck layers docs pytest side-venvs chromium bench bench-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_fmel.py
+
+# FMEL cost ratios against the goals of issue 14 (exit 1 above a goal). A benchmark, not a
+# test: run on a quiet machine; `make test` does not run it.
+bench-check: $(STAMP)
+	$(PY) benchmarks/bench_fmel.py --check
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache fmel.duckdb .fmel_spill

@@ -19,6 +19,7 @@ Thread context: everything here runs on the main (backtrader) thread.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import inspect
@@ -33,6 +34,7 @@ from typing import Any
 import backtrader as bt
 
 from analyzers import tracking
+from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
     Action,
     DecisionRecord,
@@ -207,11 +209,22 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._symbol_of: dict[int, str] = {}
         self._unwrap: list[tuple[Any, str]] = []
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
+        # with a writer and growing buffers, reads are resolved on the writer thread
+        # (analyzers.deferred); bars handed over and not known to be resolved yet
+        self._defer = False
+        self._pending: collections.deque[PendingReads] = collections.deque()
 
     @property
     def lookahead_total(self) -> int:
-        """Reads flagged look-ahead so far in this run."""
+        """Reads flagged look-ahead so far in this run (resolves bars still pending)."""
+        self._settle()
         return self.tracker.lookahead_total
+
+    def _settle(self) -> None:
+        """Resolve every bar handed over and not resolved yet (on this thread)."""
+        pending = self._pending
+        while pending:
+            pending.popleft().result()
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -229,6 +242,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         for data in self._datas:
             self._symbol_of[id(data)] = feed_symbol(data)
         self.tracker.track_strategy(strategy, track_indicators=bool(self.p.track_indicators))
+        self._defer = self.writer is not None and self.tracker.deferrable
         if self.tracker.gaps:
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
@@ -394,10 +408,25 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         tracker = self.tracker
         tracker.sync()
         reads = tracker.drain() if tracker.reads else []
-        if reads:
-            data_accessed, lookaheads = tracker.resolve(reads)
-        else:
+        make: Any = DecisionRecord
+        data_accessed: Any
+        lookaheads: Any
+        if not reads:
             data_accessed, lookaheads = (), 0
+        elif self._defer:
+            # hand the raw reads over: resolved on the writer thread (analyzers.deferred)
+            if tracker.stale:
+                self._settle()  # earlier bars resolve with the sources they had
+                tracker.refresh()
+            data_accessed = lookaheads = PendingReads(tracker, reads, tracker.capture())
+            pending = self._pending
+            pending.append(data_accessed)
+            if len(pending) > 4096:
+                while pending and pending[0].done:
+                    pending.popleft()
+            make = DeferredRecord
+        else:
+            data_accessed, lookaheads = tracker.resolve(reads)
         events = self._events
         if events:
             self._events = []
@@ -409,7 +438,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if reasoning is not None or confidence is not None:
             self._reasoning = self._confidence = None
         broker = self.strategy.broker
-        rec = DecisionRecord(
+        rec = make(
             run,
             self.decisions,
             time.time(),

@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import sysconfig
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
@@ -86,9 +87,10 @@ class FeedInfo:
     Bar indexes are absolute (0 = the feed's first bar), also for feeds with bounded buffers.
     """
 
-    __slots__ = ("dt", "feed", "hashes", "symbol")
+    __slots__ = ("dt", "feed", "hashes", "slot", "symbol")
 
     def __init__(self, feed: Any) -> None:
+        self.slot = -1  # position in AccessTracker.capture()
         self.feed = feed
         self.symbol = feed_symbol(feed)
         self.hashes: BarHashes | None = getattr(feed, "bar_hashes", None)
@@ -122,19 +124,45 @@ class FeedInfo:
         n = len(dt.array) - int(dt.extension)
         return bisect.bisect_right(dt.array, num, 0, n) - 1 + self._offset()
 
-    def snapshot(self) -> tuple[int, int, int, Any, Callable[[int], str | None] | None]:
-        """``(current bar, absolute index - array position, one past the newest bar held,
-        datetime array, hash lookup)``: what resolving a bar's reads needs, taken once per
-        bar."""
+    def capture(self) -> tuple[int, int, int, int]:
+        """The feed's position now, as four ints: ``(bars seen, array position, array length,
+        hashes known)``. Cheap (main thread, once per bar); :meth:`snapshot_of` turns it into
+        what resolution needs, later and on any thread when the feed's buffers only grow
+        (:attr:`AccessTracker.deferrable`)."""
         dt = self.dt
-        cur = int(dt.lencount) - 1
-        off = cur - int(dt._idx)
-        at = self.hashes.at if self.hashes is not None else None
-        return cur, off, len(dt.array) - int(dt.extension) + off, dt.array, at
+        hashes = self.hashes
+        return (
+            dt.lencount,
+            dt._idx,
+            len(dt.array) - dt.extension,
+            len(hashes) if hashes is not None else 0,
+        )
+
+    def snapshot_of(self, state: tuple[int, int, int, int]) -> Snapshot:
+        """``(current bar, absolute index - array position, one past the newest bar held,
+        datetime array, hash lookup)`` at the time ``state`` (:meth:`capture`) was taken."""
+        count, idx, held, known = state
+        cur = int(count) - 1
+        off = cur - int(idx)
+        hashes = self.hashes
+        at: Callable[[int], str | None] | None = None
+        if hashes is not None:
+            lookup = hashes.at
+            at = lambda i: lookup(i) if i < known else None  # noqa: E731
+        return cur, off, int(held) + off, self.dt.array, at
+
+    def snapshot(self) -> Snapshot:
+        """:meth:`snapshot_of` the feed's position now."""
+        return self.snapshot_of(self.capture())
 
     def hash_at(self, index: int) -> str | None:
         hashes = self.hashes
         return hashes.at(index) if hashes is not None and index >= 0 else None
+
+
+# (current bar, absolute index - array position, one past the newest bar held, datetime array,
+# hash lookup by absolute index)
+Snapshot = tuple[int, int, int, Any, Callable[[int], str | None] | None]
 
 
 class LineTag:
@@ -212,6 +240,7 @@ class AccessTracker:
         self.gaps: list[str] = []
         self.lookahead_total = 0
         self.runonce = True
+        self.preload = False
         self._warned: set[tuple[str, str, str]] = set()
         self._tracked: list[tuple[Any, type]] = []
         self._feeds: dict[int, FeedInfo] = {}
@@ -221,14 +250,50 @@ class AccessTracker:
         self._graph: _Graph | None = None
         self._registered = 0
         self._strategy: Any = None
+        # every FeedInfo resolution may use (source feeds and strategy step clocks), in the
+        # order of :meth:`capture`; FeedInfo.slot is the position
+        self._infos: list[FeedInfo] = []
+        # serialises resolution (the writer thread and the owner may both resolve deferred
+        # bars) and the refresh of the tags' sources
+        self.resolve_lock = threading.Lock()
 
     # -- wiring -----------------------------------------------------------------------------
 
     def feed_info(self, feed: Any) -> FeedInfo:
         info = self._feeds.get(id(feed))
         if info is None:
-            info = self._feeds[id(feed)] = FeedInfo(feed)
+            info = self._feeds[id(feed)] = self._add_info(FeedInfo(feed))
         return info
+
+    def _add_info(self, info: FeedInfo) -> FeedInfo:
+        info.slot = len(self._infos)
+        self._infos.append(info)
+        return info
+
+    @property
+    def deferrable(self) -> bool:
+        """Whether a bar's reads can be resolved later, on another thread, from
+        :meth:`capture`: not in strict mode (it raises at the read), and every buffer
+        resolution looks at only grows (preloaded, unbounded line buffers; data hashes never
+        evicted). Live feeds with bounded buffers resolve on the main thread."""
+        if self.strict_lookahead or not self.preload:
+            return False
+        for info in self._infos:
+            if getattr(info.dt, "mode", None) != LineBuffer.UnBounded:
+                return False
+            hashes = info.hashes  # a bounded BarHashes (live feeds) evicts old hashes
+            if (
+                hashes is not None
+                and isinstance(getattr(hashes, "_hashes", None), deque)
+                and getattr(hashes, "_source", None) is None
+            ):
+                return False
+        return True
+
+    def capture(self) -> tuple[tuple[int, int, int, int], ...]:
+        """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
+        (main thread, once per bar; a few ints per feed)."""
+        return tuple([info.capture() for info in self._infos])
 
     def track_feed(self, data: Any) -> int:
         """Track every line of a data feed (OHLCV, extras, text fields). Returns lines tracked.
@@ -268,6 +333,7 @@ class AccessTracker:
         self.runonce = bool(
             getattr(cerebro, "_dorunonce", False) and getattr(cerebro, "_dopreload", False)
         )
+        self.preload = bool(getattr(cerebro, "_dopreload", False))
         for data in strategy.datas:
             self.track_feed(data)
         if not track_indicators:
@@ -336,7 +402,7 @@ class AccessTracker:
         root = _clock_root(line)
         steps = None
         if isinstance(root, bt.Strategy):
-            steps = FeedInfo(root)  # not a source: only its bar times are used
+            steps = self._add_info(FeedInfo(root))  # not a source: only its bar times are used
             root = root.datas[0] if root.datas else None
         clock = self.feed_info(root) if root is not None else None
         if clock is not None:  # sma["GOOG"] / sma[data] read as field "sma" of symbol GOOG
@@ -487,6 +553,17 @@ class AccessTracker:
                 ago,
             )
 
+    @property
+    def stale(self) -> bool:
+        """An indicator was found reading future bars: the tags' sources need a
+        :meth:`refresh` before the next bar resolves."""
+        return self._stale
+
+    def refresh(self) -> None:
+        """Recompute the tags' sources (main thread; serialised with resolution)."""
+        with self.resolve_lock:
+            self._refresh()
+
     def _refresh(self) -> None:
         self._stale = False
         self._graph = _Graph(self._dynamic)
@@ -506,10 +583,22 @@ class AccessTracker:
         """Strict mode, called right after a read: raise if it reached a bar not in the past."""
         self.resolve(self.reads[-1:], count=False)
 
-    def resolve(self, reads: list[Read], count: bool = True) -> tuple[tuple[DataAccess, ...], int]:
+    def resolve(
+        self,
+        reads: list[Read],
+        count: bool = True,
+        state: tuple[tuple[int, int, int, int], ...] | None = None,
+    ) -> tuple[tuple[DataAccess, ...], int]:
         """Resolve raw reads to decision-record rows: one :class:`Access` per read and source
         feed (a read of an indicator over two feeds appears under both symbols with the same
         ``seq``), grouped by symbol in order of first read.
+
+        Args:
+            reads: one bar's raw reads, in read order.
+            count: add the look-ahead reads to :attr:`lookahead_total`.
+            state: the feeds' positions when the reads were made (:meth:`capture`); ``None``:
+                now (the main thread, right after the reads). With a state, any thread may
+                call this, when :attr:`deferrable` (serialised by :attr:`resolve_lock`).
 
         Returns:
             ``(data_accessed, lookahead reads)``.
@@ -518,21 +607,18 @@ class AccessTracker:
             LookAheadError: in strict mode, on the first read that reached a bar that is not in
                 the past of its feed's current bar.
         """
-        if self._stale:
+        if state is None and self._stale:
             self._refresh()
         new = _tuple_new
         groups: dict[str, list[Access]] = {}
         infos: dict[str, FeedInfo] = {}
-        snaps: dict[FeedInfo, tuple[int, int, int, Any, Callable[[int], str | None] | None]] = {}
+        snaps = _Snaps(state)
         lookaheads = 0
         for seq, (tag, ago, size, index, value) in enumerate(reads):
             info = tag.clock
             if tag.direct and size == 1 and value.__class__ is float and info is not None:
                 # the common read, d.close[-1]: one source, the feed's own bar
-                snap = snaps.get(info)
-                if snap is None:
-                    snap = snaps[info] = info.snapshot()
-                cur, off, nbuf, times, at = snap
+                cur, off, nbuf, times, at = snaps[info]
                 if 0 <= index < nbuf:
                     la = index > cur
                     acc = new(
@@ -576,7 +662,7 @@ class AccessTracker:
         size: int,
         index: int,
         value: Any,
-        snaps: dict[FeedInfo, tuple[int, int, int, Any, Callable[[int], str | None] | None]],
+        snaps: _Snaps,
         groups: dict[str, list[Access]],
         infos: dict[str, FeedInfo],
     ) -> bool:
@@ -603,16 +689,13 @@ class AccessTracker:
             clock = tag.clock
             pairs = ((clock, 0, tag.steps is clock, True),) if clock is not None else ()
         for info, offset, aligned, causal in pairs:
-            snap = snaps.get(info)
-            if snap is None:
-                snap = snaps[info] = info.snapshot()
-            cur, off, nbuf, times, at = snap
+            cur, off, nbuf, times, at = snaps[info]
             if tag.direct:
                 bar = index
             elif aligned:
                 bar = index + offset
             else:
-                bar, wrapped = self._time_map(tag, info, index)
+                bar, wrapped = self._time_map(tag, info, index, snaps)
                 bar += offset
                 if wrapped:
                     reason = f"{info.symbol} had not started when this value was computed"
@@ -640,17 +723,24 @@ class AccessTracker:
             self._lookahead(tag, ago, reason)
         return ahead
 
-    def _time_map(self, tag: LineTag, info: FeedInfo, index: int) -> tuple[int, bool]:
+    def _time_map(
+        self, tag: LineTag, info: FeedInfo, index: int, snaps: _Snaps
+    ) -> tuple[int, bool]:
         """Next-bar mode, a source that is not the line's clock: the source's bar when the value
         at ``index`` was computed. A source that had no bar yet was read at index -1 of its
         buffer, i.e. its newest buffered bar (wrapped around)."""
+        cur, off, nbuf, times, _ = snaps[info]
         steps = tag.steps
-        num = steps.time_num(index) if steps is not None else None
+        num = None
+        if steps is not None:
+            _, s_off, s_nbuf, s_times, _ = snaps[steps]
+            if index < s_nbuf and index - s_off >= 0:
+                num = float(s_times[index - s_off])
         if num is None:
-            return info.current(), False
-        bar = info.index_at(num)
+            return cur, False
+        bar = bisect.bisect_right(times, num, 0, nbuf - off) - 1 + off
         if bar < 0:
-            return info.buffered() - 1, True
+            return nbuf - 1, True
         return bar, False
 
     def _lookahead(self, tag: LineTag, ago: int, reason: str) -> None:
@@ -661,6 +751,23 @@ class AccessTracker:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("look-ahead: %s; flagged in the decision record", text)
+
+
+class _Snaps(dict[FeedInfo, Snapshot]):
+    """Each feed's :data:`Snapshot` for one bar, made on first use: from the captured state
+    (:meth:`AccessTracker.capture`) when there is one, else from the feed now."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: tuple[tuple[int, int, int, int], ...] | None) -> None:
+        super().__init__()
+        self.state = state
+
+    def __missing__(self, info: FeedInfo) -> Snapshot:
+        state = self.state
+        snap = info.snapshot() if state is None else info.snapshot_of(state[info.slot])
+        self[info] = snap
+        return snap
 
 
 def _reason(tag: LineTag, ago: int, index: int, offset: int, current: int, info: FeedInfo) -> str:

@@ -7,10 +7,23 @@ machine noise hits every mode alike:
 * ``fmel``: + the FMEL analyzer, records kept in memory (tracking + record building only).
 * ``fmel+duckdb``: + the decision writer thread and the local DuckDB store (the default run).
 
-Reported: median wall time of ``cerebro.run()`` (+ the final flush) -> bars/s, the ratio to
-``plain`` measured in the same run, and peak RSS. Target (issue 2): ``fmel+duckdb`` <= 1.25x.
+Agents: ``sma`` (:class:`agents.sma_cross.SmaCrossAgent`, 3 real daily feeds) and ``heavy``
+(``ReadHeavyAgent``: ``close[0..-29]``, ``high[0]``, ``low[0]`` of every feed per step,
+96 reads a step on 3 feeds, about 70 on average as GOOG starts later; issue 14 asks >= 60).
 
-Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--symbols GOOG,SP500,NASDAQ]``.
+Reported per agent and mode (medians over the rounds; peak RSS: the largest):
+
+* time vs plain: wall time of ``cerebro.run()`` plus the writer's final flush, over ``plain``'s.
+* main CPU vs plain: CPU time of the main (bar loop) thread (``time.thread_time``) over plain's.
+* added cost per read: (main-thread CPU of the mode - plain's) / reads recorded, microseconds.
+* writer GIL share: (wall of ``fmel+duckdb`` - wall of ``fmel``) / wall of ``plain``: the bar
+  loop time lost to the writer thread (it holds the GIL, or takes the second core's cache).
+
+Goals (issue 14) checked by ``--check`` (exit 1 above a goal): SMA-cross ``fmel+duckdb`` <= 1.10x,
+read-heavy ``fmel+duckdb`` <= 1.30x, added cost per read <= 0.3 us, writer GIL share <= 0.03.
+A benchmark, not a test: run it on a quiet machine (``make bench`` / ``make bench-check``).
+
+Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]``.
 """
 
 from __future__ import annotations
@@ -24,12 +37,51 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("plain", "fmel", "fmel+duckdb")
+AGENTS = ("sma", "heavy")
+SYMBOLS = "GOOG,SP500,NASDAQ"
+# (agent, metric) -> goal; metric names as in :func:`summarise`
+GOALS: dict[tuple[str, str], float] = {
+    ("sma", "time_duckdb"): 1.10,
+    ("heavy", "time_duckdb"): 1.30,
+    ("heavy", "us_per_read_fmel"): 0.3,
+    ("sma", "writer_share"): 0.03,
+    ("heavy", "writer_share"): 0.03,
+}
 
 
-def child(mode: str, symbols: list[str]) -> dict[str, float]:
+def _heavy_agent() -> type:
+    import backtrader as bt
+
+    class ReadHeavyAgent(bt.Strategy):  # type: ignore[misc]
+        """Reads ``close[0]`` .. ``close[-29]``, ``high[0]`` and ``low[0]`` of every feed per
+        step (32 reads a feed; fewer in the first 29 bars, never before the first bar), and
+        trades the first feed every 50 steps so some records carry orders."""
+
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def next(self) -> None:
+            self.steps += 1
+            total = 0.0
+            for d in self.datas:
+                close = d.close
+                for i in range(min(30, len(d))):
+                    total += close[-i]
+                total += d.high[0] - d.low[0]
+            if self.steps % 50 == 0:
+                self.buy(data=self.datas[0], size=1)
+            elif self.steps % 50 == 10:
+                self.sell(data=self.datas[0], size=1)
+
+    return ReadHeavyAgent
+
+
+def child(mode: str, agent: str, symbols: list[str]) -> dict[str, float]:
+    """One run in this process; returns its measurements (JSON-able)."""
     sys.path.insert(0, str(REPO))
     import backtrader as bt
 
@@ -37,15 +89,15 @@ def child(mode: str, symbols: list[str]) -> dict[str, float]:
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
     from analyzers.sinks.writer import DecisionWriter
-    from feeds.csv import make_csv_feed, read_csv_bars
-    from runtime.config import CSVFeedConfig, find_csv
+    from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+    from runtime.config import find_csv
 
     configs = [CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s) for s in symbols]
     bars = [read_csv_bars(c) for c in configs]
     cerebro = bt.Cerebro(stdstats=False)
     for c, b in zip(configs, bars, strict=True):
         cerebro.adddata(make_csv_feed(c, b), name=c.symbol)
-    cerebro.addstrategy(SmaCrossAgent)
+    cerebro.addstrategy(SmaCrossAgent if agent == "sma" else _heavy_agent())
     cerebro.broker.setcash(100_000)
     writer = None
     tmp = tempfile.mkdtemp()
@@ -59,62 +111,115 @@ def child(mode: str, symbols: list[str]) -> dict[str, float]:
         )
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer)
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     strategy = cerebro.run()[0]
     if writer is not None:
         writer.stop()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    reads = 0
+    if mode == "fmel":
+        fmel = next(a for a in strategy.analyzers if isinstance(a, FMELAnalyzer))
+        reads = sum(r.reads for r in fmel.records)
     return {
         "wall_s": wall,
         "main_cpu_s": cpu,
+        "process_cpu_s": time.process_time() - p0,
         "bars": len(strategy),
+        "reads": reads,
         "value": cerebro.broker.getvalue(),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
+def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Medians and ratios of one agent's runs (keys: see the module docstring)."""
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[mode])
+
+    plain_wall, plain_cpu = med("plain", "wall_s"), med("plain", "main_cpu_s")
+    reads = max(r["reads"] for r in results["fmel"]) or 1.0
+    out = {
+        "bars": med("plain", "bars"),
+        "reads": reads,
+        "plain_bars_s": med("plain", "bars") / plain_wall,
+        "writer_share": (med("fmel+duckdb", "wall_s") - med("fmel", "wall_s")) / plain_wall,
+    }
+    for mode, key in (("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
+        out[f"time_{key}"] = med(mode, "wall_s") / plain_wall
+        out[f"cpu_{key}"] = med(mode, "main_cpu_s") / plain_cpu
+        out[f"us_per_read_{key}"] = (med(mode, "main_cpu_s") - plain_cpu) / reads * 1e6
+    for mode in MODES:
+        out[f"rss_{mode}"] = max(r["rss_mb"] for r in results[mode])
+        out[f"bars_s_{mode}"] = med(mode, "bars") / med(mode, "wall_s")
+    return out
+
+
+def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
+    name = "SMA-cross" if agent == "sma" else "read-heavy"
+    lines = [
+        f"**{name}** agent, {s['bars']:.0f} steps, {s['reads']:,.0f} reads "
+        f"({s['reads'] / s['bars']:.1f} a step), median of {rounds} interleaved rounds; "
+        f"writer GIL share {s['writer_share']:.3f}",
+        "",
+        "| mode | bars/s | time vs plain | main-thread CPU vs plain | added main-thread us/read "
+        "| peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, key in (("plain", ""), ("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
+        t = f"{s[f'time_{key}']:.2f}x" if key else "1.00x"
+        c = f"{s[f'cpu_{key}']:.2f}x" if key else "1.00x"
+        u = f"{s[f'us_per_read_{key}']:.2f}" if key else "-"
+        lines.append(
+            f"| {mode} | {s[f'bars_s_{mode}']:,.0f} | {t} | {c} | {u} | {s[f'rss_{mode}']:.0f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--symbols", default="GOOG,SP500,NASDAQ")
+    parser.add_argument("--symbols", default=SYMBOLS)
+    parser.add_argument("--agents", default=",".join(AGENTS))
+    parser.add_argument("--check", action="store_true", help="exit 1 above a goal (issue 14)")
     parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--agent", choices=AGENTS, default="sma")
     args = parser.parse_args()
     symbols = args.symbols.split(",")
     if args.child:
-        sys.stdout.write(json.dumps(child(args.child, symbols)))
+        sys.stdout.write(json.dumps(child(args.child, args.agent, symbols)))
         return
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    agents = args.agents.split(",")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        a: {m: [] for m in MODES} for a in agents
+    }
     for _ in range(args.rounds):
-        for mode in MODES:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--symbols", args.symbols],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[mode].append(json.loads(out.stdout))
-    values = {r["value"] for m in MODES for r in results[m]}
-    if len(values) != 1:
-        raise SystemExit(f"results differ between modes: {values}")
-    base = statistics.median(r["wall_s"] for r in results["plain"])
-    base_cpu = statistics.median(r["main_cpu_s"] for r in results["plain"])
-    bars = results["plain"][0]["bars"]
-    lines = [
-        f"SMA-cross agent, {len(symbols)} feeds ({', '.join(symbols)}), {bars:.0f} bars, "
-        f"median of {args.rounds} interleaved rounds; same final value in every mode",
-        "",
-        "| mode | bars/s | time vs plain | main-thread CPU vs plain | peak RSS MB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for mode in MODES:
-        wall = statistics.median(r["wall_s"] for r in results[mode])
-        cpu = statistics.median(r["main_cpu_s"] for r in results[mode])
-        rss = max(r["rss_mb"] for r in results[mode])
-        lines.append(
-            f"| {mode} | {bars / wall:,.0f} | {wall / base:.2f}x | "
-            f"{cpu / base_cpu:.2f}x | {rss:.0f} |"
-        )
-    sys.stdout.write("\n".join(lines) + "\n")
+        for agent in agents:
+            for mode in MODES:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--agent", agent]
+                    + ["--symbols", args.symbols],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                results[agent][mode].append(json.loads(out.stdout))
+    lines = [f"Feeds: {', '.join(symbols)} (real daily files in data/)", ""]
+    failed = []
+    for agent in agents:
+        values = {round(r["value"], 6) for m in MODES for r in results[agent][m]}
+        if len(values) != 1:
+            raise SystemExit(f"{agent}: results differ between modes: {values}")
+        s = summarise(results[agent])
+        lines += [*table(agent, s, args.rounds), ""]
+        for (a, metric), goal in GOALS.items():
+            if a == agent and s[metric] > goal:
+                failed.append(f"{agent} {metric} = {s[metric]:.3f} > goal {goal}")
+    sys.stdout.write("\n".join(lines))
+    if failed:
+        sys.stdout.write("Above the goals (issue 14):\n" + "\n".join(failed) + "\n")
+        if args.check:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

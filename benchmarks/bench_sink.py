@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [to_row(r) for r in records]
     full = [len(json.dumps(r, separators=(",", ":"))) for r in rows]
     compact = [len(json.dumps(compact_row(r), separators=(",", ":"))) for r in rows]
+    reads, full_kb = statistics.median(r.reads for r in records), statistics.median(full) / 1e3
+    compact_kb = statistics.median(compact) / 1e3
     print(
-        f"row size, read-heavy record ({statistics.median(r.reads for r in records):.0f} reads): "
-        f"full {statistics.median(full) / 1000:.1f} kB, sent (compact) "
-        f"{statistics.median(compact) / 1000:.1f} kB ({statistics.median(compact) / statistics.median(full):.2f}x)"
+        f"row size, read-heavy record ({reads:.0f} reads): full {full_kb:.1f} kB, sent "
+        f"(compact) {compact_kb:.1f} kB ({compact_kb / full_kb:.2f}x)"
     )
 
     emu = BigQueryEmulator()

@@ -1,6 +1,10 @@
-"""The local Alpaca server speaks Alpaca's documented shapes: the recorded example responses
+"""The local Alpaca server speaks Alpaca's documented shapes (the recorded example responses
 parse with alpaca-py's own models, the server renders exactly those keys, errors come back as
-``APIError`` with Alpaca's code and message, faults are injected at the configured rate."""
+``APIError`` with Alpaca's code and message, faults are injected at the configured rate) and is
+as strict as Alpaca where Alpaca is strict: ``pending_cancel`` before ``canceled``, held stop
+legs, stop-leg replacement on trigger, the open listing's omissions, shares and buying power
+held by open orders, crypto rules and fees in the coin, the rate limit, the Broker API's auth,
+paths and trade events SSE (sources cited in ``tests/alpaca_server.py``)."""
 
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from alpaca.trading.requests import (
     StopLossRequest,
     TakeProfitRequest,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.alpaca_server import DATA_DIR, ORDER_KEYS, AlpacaServer, FaultPlan
 
@@ -498,3 +504,46 @@ def test_broker_trade_events_sse_replays_from_since_id(server: AlpacaServer) -> 
     assert update.order.filled_qty == "1"
     recorded = load("trade_event_fill.json")
     assert isinstance(recorded, dict) and set(recorded) == set(second)
+
+
+BODIES = st.fixed_dictionaries(
+    {
+        "symbol": st.sampled_from(["AAPL", "BTC/USD", "NOPE", ""]),
+        "side": st.sampled_from(["buy", "sell", "hold"]),
+        "type": st.sampled_from(["market", "limit", "stop", "stop_limit", "trailing_stop", "x"]),
+        "time_in_force": st.sampled_from(["day", "gtc", "ioc", "fok", "opg", "cls", "week"]),
+    },
+    optional={
+        "qty": st.one_of(
+            st.integers(min_value=-5, max_value=10**6).map(str),
+            st.decimals(min_value=0, max_value=100, places=6).map(str),
+        ),
+        "limit_price": st.decimals(min_value=1, max_value=500, places=2).map(str),
+        "stop_price": st.decimals(min_value=1, max_value=500, places=2).map(str),
+        "order_class": st.sampled_from(["simple", "bracket", "oco", "oto", ""]),
+        "take_profit": st.fixed_dictionaries(
+            {"limit_price": st.decimals(min_value=1, max_value=500, places=2).map(str)}
+        ),
+        "stop_loss": st.fixed_dictionaries(
+            {"stop_price": st.decimals(min_value=1, max_value=500, places=2).map(str)}
+        ),
+        "extended_hours": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BODIES)
+def test_any_order_body_is_accepted_or_refused_as_alpaca_refuses(body: dict[str, object]) -> None:
+    """Whatever the body, the server answers as Alpaca does: an order, or a 4xx with Alpaca's
+    error shape; never a crash; the account stays consistent (no negative crypto balance)."""
+    from tests.alpaca_server import ApiError
+
+    server = AlpacaServer(prices={"AAPL": 150.0, "BTC/USD": 90000.0}, fill_mode="immediate")
+    try:
+        out = server.place(dict(body))
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    assert out["status"] in ("new", "filled", "accepted", "canceled", "held")
+    assert all(q >= 0 for k, q in server.positions.items() if k in server.crypto)

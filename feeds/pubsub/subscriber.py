@@ -24,9 +24,11 @@ touching backtrader runs on the main thread. The only hand-off is the
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,6 +155,8 @@ class PubSubBarSubscriber:
         self._closed = False
         self._started = False
         self._warned_ordering = False
+        self._generation = 0
+        self.stale_stream_messages = 0  # returned: delivered by a replaced stream
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -265,7 +269,7 @@ class PubSubBarSubscriber:
             target=self._supervise, name="pubsub-supervisor", daemon=True
         )
         self._supervisor.start()
-        _StreamErrorLog.install()
+        _StreamErrorLog.install(self)
         logger.info(
             "subscribed to %s via %s (%d symbols; acknowledged %s)",
             ", ".join(self.cfg.topics),
@@ -448,6 +452,17 @@ class PubSubBarSubscriber:
 
     # -- streams (supervisor thread, and start) -------------------------------------------------
 
+    def _on_message(self, generation: int, message: Any) -> None:
+        """Pub/Sub callback thread of the streams opened as ``generation``: a stream that was
+        replaced but is still winding down must not interleave its messages with the new
+        stream's (it would hand over bars out of order): they go back to Pub/Sub (nack), which
+        delivers them again on the current stream."""
+        if generation != self._generation:
+            message.nack()
+            self.stale_stream_messages += 1
+            return
+        self._callback(message)
+
     def _callback(self, message: Any) -> None:
         """Pub/Sub callback thread: decode, validate, hash, buffer; acknowledge refused
         messages at once, bars at once or (``durable_acks``) once decided on disk."""
@@ -492,11 +507,13 @@ class PubSubBarSubscriber:
             max_duration_per_lease_extension=st.lease_extension_s,
         )
         with self._stream_lock:
+            self._generation += 1
+            on_message = functools.partial(self._on_message, self._generation)
             for sub in self._subs:
                 # One worker per stream: bars of a symbol are handled in arrival order.
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pubsub-cb")
                 sub.future = self._client.subscribe(
-                    sub.path, self._callback, flow_control=flow, scheduler=ThreadScheduler(executor)
+                    sub.path, on_message, flow_control=flow, scheduler=ThreadScheduler(executor)
                 )
 
     def _cancel_streams(self, timeout_s: float) -> None:
@@ -601,7 +618,16 @@ class PubSubBarSubscriber:
         streams. Raises what the calls raise."""
         from google.api_core import exceptions as gexc
 
-        self._cancel_streams(self.settings.probe_timeout_s)
+        # Wait for the old streams to wind down (their client nacks what it had not handed
+        # over yet), then close their channel: a stream whose thread did not stop would
+        # otherwise reopen by itself and take messages it never hands over (they would come
+        # back only after their deadline, out of order). The new streams get a new channel.
+        self._cancel_streams(self.settings.admin_timeout_s)
+        old, self._client = self._client, subscriber_client(self.cfg.emulator_host)
+        try:
+            old.close()
+        except Exception as e:  # noqa: BLE001 - it is replaced either way
+            logger.debug("closing the old Pub/Sub client failed: %r", e)
         kept = False
         for sub in self._subs:
             try:
@@ -650,6 +676,7 @@ class PubSubBarSubscriber:
                 self.last_error = problem
                 logger.warning("Pub/Sub stream down (%s); reconnecting", problem)
                 self.hub.set_status("DISCONNECTED", problem)
+                self._on_stream_break()
                 attempt = 0
                 continue
             attempt += 1
@@ -679,6 +706,12 @@ class PubSubBarSubscriber:
         # Stop requested: the feeds drain what was buffered; the streams stay open until
         # close() has settled every message (an acknowledgement needs a live client).
         self.hub.close_input("stop requested", self._drain_timeout_s)
+
+    def _on_stream_break(self) -> None:
+        """A stream broke (any thread): what it held is redelivered only after its deadline, so
+        no step is served before then (a newer bar must not overtake an older one)."""
+        if not self._closed and not self._stop.is_set():
+            self.hub.hold_steps(self.redelivery_s)
 
     def _delete_owned(self) -> None:
         if self._client is None:
@@ -716,29 +749,37 @@ class PubSubBarSubscriber:
 
 
 class _StreamErrorLog(logging.Handler):
-    """Surfaces google-cloud-pubsub's stream errors, which it logs at DEBUG on the
-    ``subscriber-streams`` logger while it reopens the stream (``streaming_pull_manager.py``,
-    ``_should_recover``): re-logged here at WARNING, at most once per error text per minute.
-    Installed once per process; the library's other DEBUG records are dropped."""
+    """Hears google-cloud-pubsub's stream errors, which it logs at DEBUG on the
+    ``subscriber-streams`` logger while it reopens a stream by itself
+    (``streaming_pull_manager.py``, ``_should_recover``/``_should_terminate``):
+
+    * re-logged here at WARNING, at most once per error text per minute (never silent);
+    * a stream that broke and is being reopened may have held bars that Pub/Sub redelivers only
+      after their ack deadline, while newer bars flow on the new stream at once: every running
+      subscriber is told (:meth:`PubSubBarSubscriber._on_stream_break`) and holds its steps.
+
+    Installed once per process; the library's other DEBUG records are dropped.
+    """
 
     LOGGER = "subscriber-streams"
-    _installed = False
+    _handler: _StreamErrorLog | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self._last: dict[str, float] = {}
+        self.subscribers: weakref.WeakSet[PubSubBarSubscriber] = weakref.WeakSet()
 
     @classmethod
-    def install(cls) -> None:
+    def install(cls, sub: PubSubBarSubscriber) -> None:
         with cls._lock:
-            if cls._installed:
-                return
-            cls._installed = True
-            lib = logging.getLogger(cls.LOGGER)
-            lib.addHandler(cls())
-            lib.setLevel(logging.DEBUG)
-            lib.propagate = False  # its DEBUG records would otherwise reach our handlers
+            if cls._handler is None:
+                cls._handler = cls()
+                lib = logging.getLogger(cls.LOGGER)
+                lib.addHandler(cls._handler)
+                lib.setLevel(logging.DEBUG)
+                lib.propagate = False  # its DEBUG records would otherwise reach our handlers
+            cls._handler.subscribers.add(sub)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -747,6 +788,9 @@ class _StreamErrorLog(logging.Handler):
             return
         if "stream error" not in text:
             return
+        if "reopen" in text:  # recoverable: the client reopens the stream by itself
+            for sub in list(self.subscribers):
+                sub._on_stream_break()
         key = text[:200]
         now = time.monotonic()
         if now - self._last.get(key, -60.0) < 60.0:

@@ -8,7 +8,9 @@ writes them to the table ``session_bars`` of the same store (:func:`write_bars_d
 :func:`write_bars_bigquery`). Joining ``decision_reads.data_hash`` with
 ``session_bars.data_hash`` shows the whole bar behind every read.
 
-Memory: 48 bytes a bar and feed plus a reference to the hash string the feed already holds.
+Memory: 48 bytes a bar and feed plus a reference to the hash string the feed already holds. Feeds
+whose hashes are computed on first use (CSV files) are not hashed on the bar loop: their hashes
+are looked up by bar index when :meth:`BarRecorder.frame` builds the table (at write time).
 Thread context: the analyzer runs on the main thread; the writers run wherever they are called.
 """
 
@@ -101,6 +103,16 @@ class _FeedBars:
         default_factory=lambda: tuple(array("d") for _ in range(5))
     )
     hashes: list[str | None] = field(default_factory=list)
+    # a feed whose hashes are computed on first use (a CSV file's): resolved at write time,
+    # by bar index, so the bar loop never hashes (see :meth:`_FeedBars.data_hashes`)
+    lazy: Any = None
+
+    def data_hashes(self) -> list[str | None]:
+        """The data hash of every recorded bar, in order (lazy sources resolved now)."""
+        if self.lazy is None:
+            return self.hashes
+        at = self.lazy.at
+        return [at(i) for i in self.index]
 
 
 class BarRecorder(bt.Analyzer):  # type: ignore[misc]
@@ -111,6 +123,11 @@ class BarRecorder(bt.Analyzer):  # type: ignore[misc]
             _FeedBars(feed_symbol(d), d, bar_size_text(d._timeframe, d._compression))
             for d in self.strategy.datas
         ]
+        for fb in self._feeds:
+            hashes = getattr(fb.data, "bar_hashes", None)
+            # BarHashes over a source (core.bars) keeps every bar and hashes on first use
+            if hashes is not None and getattr(hashes, "_source", None) is not None:
+                fb.lazy = hashes
 
     def _step(self) -> None:
         for fb in self._feeds:
@@ -123,8 +140,9 @@ class BarRecorder(bt.Analyzer):  # type: ignore[misc]
             fb.times.append(d.datetime[0])
             for arr, line in zip(fb.ohlcv, (d.open, d.high, d.low, d.close, d.volume)):
                 arr.append(line[0])
-            hashes = getattr(d, "bar_hashes", None)
-            fb.hashes.append(hashes.at(n - 1) if hashes is not None else None)
+            if fb.lazy is None:  # stored hashes (live feeds, bounded): take the reference now
+                hashes = getattr(d, "bar_hashes", None)
+                fb.hashes.append(hashes.at(n - 1) if hashes is not None else None)
 
     def prenext(self) -> None:
         self._step()
@@ -154,7 +172,7 @@ class BarRecorder(bt.Analyzer):  # type: ignore[misc]
                         "low": lo,
                         "close": c,
                         "volume": v,
-                        "data_hash": pd.Series(fb.hashes, dtype=object),
+                        "data_hash": pd.Series(fb.data_hashes(), dtype=object),
                     }
                 )
             )

@@ -428,6 +428,8 @@ class _FakeBigQuery(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     answers: ClassVar[list[dict[str, Any]]] = []
     inserted: ClassVar[list[list[str]]] = []
+    old_view: ClassVar[bool] = False  # the view exists with another query
+    patched: ClassVar[list[str]] = []
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -445,11 +447,12 @@ class _FakeBigQuery(http.server.BaseHTTPRequestHandler):
 
         ref = {"projectId": "p", "datasetId": "d", "tableId": table}
         if table == "decision_reads":
+            query = bigquery_view_query("p.d.decisions")
             return {
                 "tableReference": ref,
                 "type": "VIEW",
                 "view": {
-                    "query": bigquery_view_query("p.d.decisions"),
+                    "query": f"SELECT 1 AS older FROM ({query})" if self.old_view else query,
                     "useLegacySql": False,
                 },
             }
@@ -472,10 +475,23 @@ class _FakeBigQuery(http.server.BaseHTTPRequestHandler):
         else:
             self._send({"error": {"code": 404, "message": path}}, 404)
 
+    def do_PATCH(self) -> None:
+        """tables.patch: answered HTTP 500, as bqemulator answered the view's update (issue
+        17), in Google's JSON error shape."""
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).patched.append(self.path.split("?")[0].removeprefix("/bigquery/v2"))
+        self._send(
+            {"error": {"code": 500, "message": "An internal error occurred", "errors": []}}, 500
+        )
+
 
 @pytest.fixture
 def fake_bigquery() -> Iterator[tuple[str, type[_FakeBigQuery]]]:
-    handler = type("Handler", (_FakeBigQuery,), {"answers": [], "inserted": []})
+    handler = type(
+        "Handler",
+        (_FakeBigQuery,),
+        {"answers": [], "inserted": [], "patched": [], "old_view": False},
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -581,4 +597,281 @@ def test_rows_stopped_by_an_invalid_row_are_sent_again_without_it(
     ids = [r["decision_id"] for r in batch]
     assert handler.inserted == [ids, [ids[0], ids[1], ids[3], ids[4]]]
     assert all(sink.is_stored(d) for i, d in enumerate(ids) if i != 2)
+    sink.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact rows, requests in flight
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A queried value as JSON-row text (timestamps as ISO-8601 UTC with Z)."""
+    import datetime as dt
+
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_compact_rows_are_stored_as_the_full_rows(
+    bq_emulator: BigQueryEmulator, rows: list[dict[str, Any]]
+) -> None:
+    """Null fields are left out of what is sent; what is stored is the full row, nulls and all
+    (checked column by column, nested fields included)."""
+    sink = sink_for(bq_emulator)
+    batch = [r for r in rows if r["actions"]][:5] + rows[:20]
+    batch = list({r["decision_id"]: r for r in batch}.values())
+    assert sink.write(batch) == []
+    got = bq_emulator.query(f"SELECT * FROM `{sink.table_id}` ORDER BY decision_point")
+    want = sorted(batch, key=lambda r: r["decision_point"])
+
+    def norm(row: dict[str, Any]) -> dict[str, Any]:  # microseconds: the table's resolution
+        text = json.dumps(_plain(row), sort_keys=True)
+        return json.loads(text.replace(".000000Z", "Z").replace("000Z", "Z"))
+
+    assert [norm(g) for g in got] == [norm(w) for w in want]
+    assert sink.stats.bytes_sent < sum(len(json.dumps(r)) for r in batch)
+    sink.close()
+
+
+def test_several_requests_in_flight_store_each_row_once(
+    bq_emulator: BigQueryEmulator, rows: list[dict[str, Any]]
+) -> None:
+    sink = sink_for(bq_emulator, max_request_bytes=40_000, max_in_flight=4)
+    batch = rows[:120]
+    assert sink.write(batch) == []
+    assert sink.stats.requests >= 4
+    assert count(bq_emulator, sink) == (120, 120)
+    assert all(sink.is_stored(r["decision_id"]) for r in batch)
+    # Sent again (a retried batch), nothing is stored twice; repeated ids in one write too.
+    assert sink.write(batch[:60] + batch[:10]) == []
+    assert count(bq_emulator, sink) == (120, 120) and sink.stats.skipped_written == 60
+    sink.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema and view maintenance that fails: a warning naming the object, rows still written
+# ---------------------------------------------------------------------------------------------
+
+
+class _FaultyFront(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to the emulator, except those matching ``fail`` (method, path
+    substring, body substring), answered with HTTP 500 in Google's JSON error shape
+    ({"error": {"code", "message", "errors": [{"reason": "backendError"}]}}, BigQuery
+    "Troubleshooting errors").
+    The 500 on ``PATCH .../tables/decision_reads`` is what bqemulator answered in the field
+    (issue 17)."""
+
+    disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"
+    upstream: ClassVar[str] = ""
+    fail: ClassVar[list[tuple[str, str, str]]] = []
+    failed: ClassVar[list[str]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _relay(self) -> None:
+        import http.client
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        path = self.path
+        text = (body or b"").decode("utf-8", "replace")
+        if any(self.command == m and p in path and b in text for m, p, b in type(self).fail):
+            type(self).failed.append(f"{self.command} {path.split('?')[0]}")
+            data = json.dumps(
+                {
+                    "error": {
+                        "code": 500,
+                        "message": "An internal error occurred",
+                        "errors": [{"reason": "backendError", "message": "internal"}],
+                    }
+                }
+            ).encode()
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        host, _, port = type(self).upstream.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            conn.request(self.command, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            conn.close()
+
+    def do_GET(self) -> None:
+        self._relay()
+
+    def do_POST(self) -> None:
+        self._relay()
+
+    def do_PATCH(self) -> None:
+        self._relay()
+
+    def do_DELETE(self) -> None:
+        self._relay()
+
+
+@pytest.fixture
+def faulty_front(
+    bq_emulator: BigQueryEmulator,
+) -> Iterator[tuple[str, type[_FaultyFront]]]:
+    handler = type(
+        "Front",
+        (_FaultyFront,),
+        {"upstream": f"127.0.0.1:{bq_emulator.port}", "fail": [], "failed": []},
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _sink_at(endpoint: str, project: str, dataset: str) -> BigQuerySink:
+    return BigQuerySink(
+        BigQuerySinkConfig(project=project, dataset=dataset, api_endpoint=endpoint, timeout_s=10.0)
+    )
+
+
+def test_a_view_that_cannot_be_created_is_a_warning_and_rows_are_written(
+    bq_emulator: BigQueryEmulator,
+    faulty_front: tuple[str, type[_FaultyFront]],
+    rows: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    endpoint, front = faulty_front
+    dataset = unique_dataset()
+    # The table is created (POST .../tables), then the view (POST .../tables naming it): 500.
+    front.fail = [("POST", "/tables", '"tableId": "decision_reads"')]
+    caplog.set_level("WARNING", logger="analyzers.sinks.bigquery.schema")
+    sink = _sink_at(endpoint, bq_emulator.project, dataset)
+    sink.open()
+    assert front.failed and front.failed[0].startswith("POST"), front.failed
+    view = f"{bq_emulator.project}.{dataset}.decision_reads"
+    assert any(
+        view in r.getMessage() and "could not be created" in r.getMessage() for r in caplog.records
+    )
+    assert sink.write(rows[:30]) == []
+    assert count(bq_emulator, sink) == (30, 30)
+    sink.close()
+
+
+def test_a_view_update_answered_500_is_a_warning_and_rows_are_written(
+    fake_bigquery: tuple[str, type[_FakeBigQuery]],
+    rows: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The issue's case: the dataset has the view with an older query, and ``PATCH
+    .../tables/decision_reads`` answers HTTP 500 (as bqemulator did): a warning, not an
+    outage."""
+    endpoint, handler = fake_bigquery
+    handler.old_view = True
+    caplog.set_level("WARNING", logger="analyzers.sinks.bigquery.schema")
+    sink = BigQuerySink(
+        BigQuerySinkConfig(project="p", dataset="d", api_endpoint=endpoint, timeout_s=5.0)
+    )
+    sink.open()
+    assert handler.patched == ["/projects/p/datasets/d/tables/decision_reads"]
+    assert any("p.d.decision_reads" in r.getMessage() for r in caplog.records)
+    assert sink.write(rows[:5]) == []
+    assert handler.inserted == [[r["decision_id"] for r in rows[:5]]]
+    sink.close()
+
+
+def test_a_schema_update_that_fails_while_rows_fit_is_a_warning(
+    bq_emulator: BigQueryEmulator,
+    faulty_front: tuple[str, type[_FaultyFront]],
+    rows: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A table whose ``schema_version`` is REQUIRED (ours is NULLABLE): the sink asks to relax
+    it, and that PATCH answers 500. Every row fills the column and the table has every column:
+    a warning naming the table and the column, and rows are written."""
+    from google.cloud import bigquery
+
+    endpoint, front = faulty_front
+    dataset = unique_dataset()
+    old = tuple(
+        dataclasses.replace(f, mode="REQUIRED") if f.name == "schema_version" else f
+        for f in DECISION_SCHEMA
+    )
+    client = bq_emulator.client()
+    try:
+        client.create_dataset(f"{bq_emulator.project}.{dataset}")
+        client.create_table(
+            bigquery.Table(
+                f"{bq_emulator.project}.{dataset}.decisions", schema=bigquery_schema(old)
+            )
+        )
+    finally:
+        client.close()
+    front.fail = [("PATCH", "/tables/decisions", "")]
+    caplog.set_level("WARNING", logger="analyzers.sinks.bigquery.schema")
+    sink = _sink_at(endpoint, bq_emulator.project, dataset)
+    sink.open()
+    assert front.failed and front.failed[0].startswith("PATCH")
+    table = f"{bq_emulator.project}.{dataset}.decisions"
+    assert any(
+        table in r.getMessage()
+        and "schema update failed" in r.getMessage()
+        and "still REQUIRED: schema_version" in r.getMessage()
+        for r in caplog.records
+    )
+    assert sink.write(rows[:30]) == []
+    assert count(bq_emulator, sink) == (30, 30)
+    sink.close()
+
+
+def test_a_table_that_lacks_columns_it_could_not_be_given_is_an_outage(
+    bq_emulator: BigQueryEmulator,
+    faulty_front: tuple[str, type[_FaultyFront]],
+) -> None:
+    """The DDL that adds the missing columns fails too: rows with those fields cannot be
+    inserted, so it is an outage for now (retried, records spilled meanwhile), named."""
+    from google.cloud import bigquery
+
+    endpoint, front = faulty_front
+    dataset = unique_dataset()
+    client = bq_emulator.client()
+    try:
+        client.create_dataset(f"{bq_emulator.project}.{dataset}")
+        client.create_table(
+            bigquery.Table(
+                f"{bq_emulator.project}.{dataset}.decisions",
+                schema=bigquery_schema(_without(DECISION_SCHEMA, "notes")),
+            )
+        )
+    finally:
+        client.close()
+    front.fail = [
+        ("POST", "/queries", ""),
+        ("POST", "/jobs", ""),
+        ("PATCH", "/tables/decisions", ""),
+    ]
+    sink = _sink_at(endpoint, bq_emulator.project, dataset)
+    with pytest.raises(TransientError):
+        sink.open()
     sink.close()

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from core.bars import BarHashes, bar_hash, canonical_bar, check_bar, field_name, flatten
+from core.bars import (
+    BarHashes,
+    bar_hash,
+    canonical_bar,
+    check_bar,
+    check_bars,
+    field_name,
+    flatten,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +92,17 @@ def test_bar_hashes_bounded() -> None:
     unbounded = BarHashes()
     unbounded.extend(["a", "b"])
     assert unbounded.at(1) == "b" and unbounded.at(-1) is None
+
+
+_any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [0.0, -0.0, 1.0, 100.0, 99.5, 100.5, 1e-300, 1e300]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_any_float, _any_float, _any_float, _any_float, _any_float)
+def test_the_scalar_and_the_vector_bar_rule_agree(
+    o: float, h: float, low: float, c: float, v: float
+) -> None:
+    arrays = [np.array([x], dtype=np.float64) for x in (o, h, low, c, v)]
+    assert check_bar(o, h, low, c, v) == check_bars(*arrays).get(0)

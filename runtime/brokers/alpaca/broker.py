@@ -980,6 +980,12 @@ class AlpacaPaperTradingBroker(bt.BrokerBase):  # type: ignore[misc]
         mapped = STATUS_MAP.get(status)
         if mapped == bt.Order.Canceled and tr.expiring:
             mapped = bt.Order.Expired
+        ended = (bt.Order.Canceled, bt.Order.Expired, bt.Order.Rejected)
+        if mapped in ended and order.status == bt.Order.Submitted:
+            # Alpaca had the order (it has an id, then it ended): it was accepted, though a
+            # stream's later status may arrive before the submit's answer
+            order.accept(self)
+            self.notify(order)
         if mapped == bt.Order.Accepted and order.status == bt.Order.Submitted:
             order.accept(self)
             self.notify(order)

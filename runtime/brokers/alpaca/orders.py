@@ -364,13 +364,6 @@ def alpaca_status(o: AlpacaOrder) -> str:
     return str(getattr(o.status, "value", o.status))
 
 
-def family_done(o: AlpacaOrder) -> bool:
-    """Nothing more can happen to the order or its legs (``replaced`` lives on in its
-    successor, so it does not count)."""
-    done = TERMINAL - {"replaced"}
-    return alpaca_status(o) in done and all(alpaca_status(leg) in done for leg in o.legs or ())
-
-
 def leg_role(order_type: Any) -> str:
     """Role of an Alpaca bracket leg from its order type: a limit takes profit, the rest stop
     losses."""

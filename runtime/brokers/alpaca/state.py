@@ -264,12 +264,6 @@ class FlightBook:
             fl = self._flights.get(coid)
             return fl.root_id if fl is not None else None
 
-    def live_ids(self, coid: str) -> list[str]:
-        """Alpaca ids of the family's members that are still working."""
-        with self._lock:
-            fl = self._flights.get(coid)
-            return [m.id for m in fl.live()] if fl is not None else []
-
     def cancel_targets(self, coid: str) -> list[str]:
         """What to ``DELETE`` to cancel a family: its root while the root works (Alpaca cancels
         the legs with it); else its working orders, held legs only when nothing else works
@@ -317,11 +311,6 @@ class FlightBook:
                 },
                 generations=dict(self._generation),
             )
-
-    def generations(self) -> dict[str, int]:
-        """A copy of the per-symbol generations."""
-        with self._lock:
-            return dict(self._generation)
 
     def marker(self) -> tuple[Any, ...]:
         """What changes whenever a fill of a followed order or a new order is seen: equal

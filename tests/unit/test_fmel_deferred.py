@@ -1,0 +1,113 @@
+"""Reads resolved on the writer thread (analyzers.deferred) equal the agent's own log.
+
+With a decision writer and preloaded feeds, the bar loop only hands each bar's raw reads and
+the feeds' positions over; the writer thread resolves them when it serialises the record. This
+runs the whole idiom corpus that way and checks every recorded read against the agent's own
+independent log (as tests/unit/test_idiom_corpus.py does for records kept in memory), plus the
+look-ahead counts, and that the resolution happened off the main thread.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analyzers.deferred import DeferredRecord
+from analyzers.schema import DecisionRecord, row_json
+from analyzers.sinks.base import Row, RowError
+from analyzers.sinks.writer import DecisionWriter
+from tests.idioms.corpus import CASES
+from tests.idioms.runs import Case, flatten, run_case
+
+
+class CollectSink:
+    """A decision sink that keeps each record's resolved form, made on the writer thread the
+    way the real sinks read records (attribute access: :func:`row_json`)."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.records: list[DecisionRecord] = []
+        self.deferred = 0
+        self.threads: set[int] = set()
+
+    def open(self) -> None:
+        pass
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        raise AssertionError("fresh records take write_records")
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        self.threads.add(threading.get_ident())
+        for rec in records:
+            row_json(rec)  # resolves a deferred record here, as the DuckDB sink does
+            if isinstance(rec, DeferredRecord):
+                self.deferred += 1
+                rec = rec.resolved()
+            self.records.append(rec)
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "collect"
+
+    def example_query(self) -> str:
+        return ""
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_deferred_reads_equal_the_agents_own_log(case: Case, tmp_path: Path) -> None:
+    sink = CollectSink()
+    writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")  # type: ignore[arg-type]
+    writer.start()
+    try:
+        out = run_case(case, fmel=True, writer=writer)
+    finally:
+        writer.stop()
+    fmel: Any = out.strategy.analyzers.fmel
+    assert out.expected, "the agent read nothing: the case tests nothing"
+    assert sink.deferred > 0, "no record was deferred: the case tests nothing"
+    assert threading.get_ident() not in sink.threads
+    recorded = flatten(sink.records)
+    for i, (want, got) in enumerate(zip(out.expected, recorded, strict=False)):
+        assert got == want, f"read {i} differs:\n  want {want}\n  got  {got}"
+    assert len(recorded) == len(out.expected)
+    flagged = {r.bar_time: r.lookahead_reads for r in sink.records if r.lookahead_reads}
+    want_flagged: dict[float, set[int]] = {}
+    for e in out.expected:
+        if e[10]:
+            want_flagged.setdefault(e[0], set()).add(e[1])
+    assert flagged == {t: len(s) for t, s in want_flagged.items()}
+    assert fmel.lookahead_total == sum(len(s) for s in want_flagged.values())
+
+
+def test_a_deferred_record_pickles_as_the_resolved_record(tmp_path: Path) -> None:
+    sink = CollectSink()
+    writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")  # type: ignore[arg-type]
+    writer.start()
+    held: list[DecisionRecord] = []
+    real_submit = writer.submit
+
+    def keep(rec: Any) -> None:
+        held.append(rec)
+        real_submit(rec)
+
+    writer.submit = keep  # type: ignore[method-assign]
+    try:
+        run_case(CASES[0], fmel=True, writer=writer)
+    finally:
+        writer.stop()
+    deferred = [r for r in held if isinstance(r, DeferredRecord)]
+    assert deferred
+    for rec in deferred[:50]:
+        back = pickle.loads(pickle.dumps(rec))
+        assert type(back) is DecisionRecord
+        assert back == rec.resolved()
+        assert back.data_accessed == rec.data_accessed

@@ -27,13 +27,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 import backtrader as bt
 
-from analyzers import tracking
 from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
     Action,
@@ -42,7 +41,7 @@ from analyzers.schema import (
     RunInfo,
 )
 from analyzers.sinks.writer import DecisionWriter
-from analyzers.tracking import AccessTracker
+from analyzers.tracking import AccessTracker, proxies
 from core.bars import feed_symbol
 from core.time import bt_num_to_posix
 
@@ -248,7 +247,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._wrap_agent(strategy)
 
     def _wrap_agent(self, strategy: Any) -> None:
-        set_active = tracking.set_active
+        set_active = proxies.set_active
 
         def tracked(fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
@@ -282,7 +281,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             # Only on the main thread: a broker's worker thread must not flip the flag.
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
-                if not tracking.ACTIVE or threading.get_ident() != main:
+                if not proxies.ACTIVE or threading.get_ident() != main:
                     return fn(*args, **kwargs)
                 set_active(False)
                 try:
@@ -477,12 +476,39 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if pos.size
         )
 
-    def get_analysis(self) -> dict[str, Any]:
-        return {
-            "decisions": self.decisions,
-            "lookahead_reads": self.lookahead_total,
-            "tracking_gaps": list(self.tracker.gaps),
-        }
+    def get_analysis(self) -> Mapping[str, Any]:
+        """``decisions``, ``lookahead_reads``, ``tracking_gaps``. backtrader asks for it at the
+        end of every run: ``lookahead_reads`` is counted when read (it resolves the bars still
+        pending, see :attr:`lookahead_total`), so the bar loop does not resolve them itself."""
+        return _Analysis(self)
+
+
+class _Analysis(Mapping[str, Any]):
+    """:meth:`FMELAnalyzer.get_analysis`, each value read when asked for."""
+
+    _KEYS = ("decisions", "lookahead_reads", "tracking_gaps")
+
+    def __init__(self, fmel: FMELAnalyzer) -> None:
+        self._fmel = fmel
+
+    def __getitem__(self, key: str) -> Any:
+        fmel = self._fmel
+        if key == "decisions":
+            return fmel.decisions
+        if key == "lookahead_reads":
+            return fmel.lookahead_total
+        if key == "tracking_gaps":
+            return list(fmel.tracker.gaps)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def _summary(events: tuple[Action, ...]) -> str:

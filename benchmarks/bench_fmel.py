@@ -20,7 +20,9 @@ Reported per agent and mode (medians over the rounds; peak RSS: the largest):
   loop time lost to the writer thread (it holds the GIL, or takes the second core's cache).
 
 Goals (issue 14) checked by ``--check`` (exit 1 above a goal): SMA-cross ``fmel+duckdb`` <= 1.10x,
-read-heavy ``fmel+duckdb`` <= 1.30x, added cost per read <= 0.3 us, writer GIL share <= 0.03.
+read-heavy ``fmel+duckdb`` <= 1.30x, added main-thread cost per read in ``fmel+duckdb`` (the
+default run) <= 0.3 us, writer GIL share <= 0.03. The BigQuery goal is measured by
+``bench_sink.py``.
 A benchmark, not a test: run it on a quiet machine (``make bench`` / ``make bench-check``).
 
 Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]``.
@@ -47,7 +49,7 @@ SYMBOLS = "GOOG,SP500,NASDAQ"
 GOALS: dict[tuple[str, str], float] = {
     ("sma", "time_duckdb"): 1.10,
     ("heavy", "time_duckdb"): 1.30,
-    ("heavy", "us_per_read_fmel"): 0.3,
+    ("heavy", "us_per_read_duckdb"): 0.3,  # the default run: reads resolved off the bar loop
     ("sma", "writer_share"): 0.03,
     ("heavy", "writer_share"): 0.03,
 }
@@ -190,6 +192,7 @@ def main() -> None:
         sys.stdout.write(json.dumps(child(args.child, args.agent, symbols)))
         return
     agents = args.agents.split(",")
+    CHILD = (sys.executable, __file__, "--child")  # noqa: N806
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         a: {m: [] for m in MODES} for a in agents
     }
@@ -197,8 +200,7 @@ def main() -> None:
         for agent in agents:
             for mode in MODES:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", mode, "--agent", agent]
-                    + ["--symbols", args.symbols],
+                    [*CHILD, mode, "--agent", agent, "--symbols", args.symbols],
                     capture_output=True,
                     text=True,
                     check=True,

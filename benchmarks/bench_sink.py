@@ -24,7 +24,7 @@ Python: its own ceiling, far below BigQuery's (per project 1 GB/s in the US and 
 multi-regions, "Quotas and limits", streaming inserts). Against BigQuery, requests in flight
 overlap network round trips instead.
 
-Run: ``python benchmarks/bench_sink.py [--rows 600] [--rounds 3]`` (needs the emulator venv:
+Run: ``python benchmarks/bench_sink.py [--rows 300] [--rounds 3]`` (needs the emulator venv:
 ``bash tests/bqemu/setup.sh``).
 """
 
@@ -71,8 +71,8 @@ def backtest(writer: Any) -> tuple[float, float, int]:
 
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
-    from feeds.csv import make_csv_feed
-    from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+    from feeds.csv import CSVFeedConfig, make_csv_feed
+    from runtime.config import BUNDLED_DATA_DIR
 
     cerebro = bt.Cerebro(stdstats=False)
     for sym in ("GOOG", "SP500", "NASDAQ"):
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=600, help="read-heavy rows per mode")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the bar-loop part")
+    parser.add_argument("--rows", type=int, default=300, help="read-heavy rows per mode")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each part")
     args = parser.parse_args(argv)
 
     records = read_heavy_records("bench", start="2015-01-01", end="2018-12-31")
@@ -144,21 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"duplicates in {s.table_id}: {got}")
             return int(got[0]["n"])
 
-        def timed(label: str, s: BigQuerySink, fn: Callable[[], None]) -> float:
-            s.open()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            n = count(s)
-            if n != len(rows):
-                raise SystemExit(f"{label}: {n} of {len(rows)} rows stored")
-            s.close()
-            return len(rows) / dt
-
-        results: dict[str, float] = {}
-        base = sink()
-
-        def baseline() -> None:
+        def baseline(s: BigQuerySink) -> None:
             i = 0
             while i < len(rows):  # the old catch-up path: full rows, up to 9 MB a request
                 size, j = 0, i
@@ -166,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     size += full[j]
                     j += 1
                 part = rows[i:j]
-                errors = base._client.insert_rows_json(
-                    base.table_id,
+                errors = s._client.insert_rows_json(
+                    s.table_id,
                     part,
                     row_ids=[r["decision_id"] for r in part],
                     skip_invalid_rows=True,
@@ -178,39 +164,45 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"baseline refused rows: {errors[:2]}")
                 i = j
 
-        results["baseline: full rows, skipInvalidRows, 1 in flight"] = timed(
-            "baseline", base, baseline
-        )
-        for in_flight in (1, 4):
-            s = sink(max_in_flight=in_flight)
-            results[f"sink: compact rows, {in_flight} in flight"] = timed(
-                f"sink {in_flight}", s, lambda s=s: _check(s.write_records(records))
-            )
-        # An earlier run's spill, drained by a new writer (rows looked up by insert id first).
-        tmp = Path(tempfile.mkdtemp())
-        SpillFile(tmp / "spill-bigquery.jsonl").append(rows)
-        s = sink()
-        writer = DecisionWriter(s, spill_dir=tmp)
+        def direct(s: BigQuerySink) -> None:
+            _check(s.write_records(records))
 
-        def drain() -> None:
+        def drain(s: BigQuerySink) -> None:
+            spill = Path(tempfile.mkdtemp())
+            SpillFile(spill / "spill-bigquery.jsonl").append(rows)
+            writer = DecisionWriter(s, spill_dir=spill)
             writer.start()
             if not writer.wait_drained(3600):
                 raise SystemExit(f"drain did not finish: {writer.stats}")
             writer.stop(timeout_s=60)
 
-        s.open()
-        t0 = time.perf_counter()
-        drain()
-        dt = time.perf_counter() - t0
-        results["writer draining an earlier run's spill (4 in flight)"] = len(rows) / dt
-        check = sink(max_in_flight=1)
-        check.table_id = s.table_id
-        if count(check) != len(rows):
-            raise SystemExit("drain: not every row stored once")
-        b = results["baseline: full rows, skipInvalidRows, 1 in flight"]
-        print(f"records/s into the emulator, {len(rows)} read-heavy records per mode:")
-        for label, rate in results.items():
-            print(f"  {label:<58} {rate:7.1f} records/s  x{rate / b:.2f}")
+        base_label = "baseline: full rows, skipInvalidRows, 1 in flight"
+        throughput: dict[str, tuple[Callable[[BigQuerySink], None], int]] = {
+            base_label: (baseline, 1),
+            "sink: compact rows, 1 in flight": (direct, 1),
+            "sink: compact rows, 4 in flight": (direct, 4),
+            "writer draining an earlier run's spill, 4 in flight": (drain, 4),
+        }
+        rates: dict[str, list[float]] = {m: [] for m in throughput}
+        for _ in range(args.rounds):  # modes alternate, so machine noise hits all alike
+            for label, (fn, in_flight) in throughput.items():
+                s = sink(max_in_flight=in_flight)
+                s.open()
+                t0 = time.perf_counter()
+                fn(s)
+                rates[label].append(len(rows) / (time.perf_counter() - t0))
+                if count(s) != len(rows):
+                    raise SystemExit(f"{label}: not every row stored once")
+                s.close()
+        b = statistics.median(rates[base_label])
+        print(
+            f"records/s into the emulator, {len(rows)} read-heavy records per mode, median of "
+            f"{args.rounds} rounds:"
+        )
+        for label, values in rates.items():
+            rate = statistics.median(values)
+            print(f"  {label:<54} {rate:7.1f} records/s  x{rate / b:.2f}")
+        tmp = Path(tempfile.mkdtemp())
 
         print(f"bar loop (SMA-cross, 3 symbols x 5031 bars, FMEL on), {args.rounds} rounds:")
         modes = {"null sink": 10, "bigquery": 10}  # mode -> batch size (FMEL_BATCH_SIZE)

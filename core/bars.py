@@ -53,6 +53,7 @@ RESERVED_NAMES = frozenset(
         "data_hash",
         "bar_hashes",
         "text_lines",
+        "skipped_rows",
         "extra_fields",
         "name",
         "clock",

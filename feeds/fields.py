@@ -4,8 +4,71 @@ dynamic lines. Names, checks and the data hash live in :mod:`core.bars`.
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from collections import deque
+from functools import lru_cache
 from typing import Any
+
+import backtrader as bt
+
+from core.bars import RESERVED_NAMES
+
+_ASSIGNED = re.compile(r"\b(?:self|_obj|obj)\.([A-Za-z]\w*)\s*=(?!=)")
+
+
+@lru_cache(maxsize=None)
+def attribute_names(cls: type) -> frozenset[str]:
+    """Every public attribute name an instance of the feed class ``cls`` has or may get: the
+    names of ``cls``, of its ``lines`` class and of their bases (``forward``, ``home``,
+    ``start``, ``islive``, ``buflen``, ...), and the names their modules' source assigns to an
+    instance (``self.x = ...``, e.g. ``sessionstart``, ``notifs``, ``l``).
+
+    Derived from backtrader itself at import, so a backtrader upgrade that adds a method also
+    reserves its name. A field of one of these names would shadow the attribute (or be shadowed
+    by it): ``data.<name>[0]`` would not be the column's value.
+    """
+    classes: list[type] = list(cls.__mro__)
+    lines = getattr(cls, "lines", None)
+    if isinstance(lines, type):
+        classes += list(lines.__mro__) + list(type(lines).__mro__)
+    names: set[str] = set()
+    modules = set()
+    for c in classes:
+        names.update(n for n in dir(c) if not n.startswith("_"))
+        module = sys.modules.get(c.__module__)
+        if module is not None and c.__module__ not in ("builtins", "abc"):
+            modules.add(module)
+    for module in modules:
+        try:
+            names.update(_ASSIGNED.findall(inspect.getsource(module)))
+        except (OSError, TypeError):  # no source (frozen): dir() above still applies
+            continue
+    return frozenset(names)
+
+
+BACKTRADER_NAMES = attribute_names(bt.feed.DataBase)
+"""Attribute names of every backtrader feed (see :func:`attribute_names`)."""
+
+
+def reserved_reason(name: str, feed_cls: type | None = None) -> str | None:
+    """Why a field may not be called ``name`` (a normalised field name, not OHLCV), or
+    ``None`` when it may.
+
+    Reserved: :data:`core.bars.RESERVED_NAMES`, every attribute of backtrader's feeds
+    (:data:`BACKTRADER_NAMES`) and of ``feed_cls``, names starting with ``_``, and ``tick_*``
+    (backtrader sets ``tick_<line>`` on the feed for every line).
+    """
+    if name.startswith("_"):
+        return "names starting with _ are private in Python"
+    if name.startswith("tick_"):
+        return "backtrader sets tick_<field> attributes on the feed"
+    if name in RESERVED_NAMES or name in BACKTRADER_NAMES:
+        return "a name backtrader's feed or this runtime uses"
+    if feed_cls is not None and name in attribute_names(feed_cls):
+        return f"an attribute of {feed_cls.__name__}"
+    return None
 
 
 class TextLine:

@@ -71,6 +71,7 @@ class Runner:
         self.feeds: list[Any] = []
         self.skipped_rows: dict[str, int] = {}
         self.total_bars = 0
+        self._agent_phase: list[str] = ["building"]  # -> "warming" -> "running" (_AgentPhase)
         self.broker_note = "simulated (backtrader BackBroker)"
         self._stop_requested = False
         self._signals = 0
@@ -219,6 +220,8 @@ class Runner:
             strict_lookahead=cfg.fmel.strict_lookahead,
             decision_scope=self._decision_scope(),
         )
+        # Which phase the agent is in, to explain a failure while building/warming it.
+        self.cerebro.addanalyzer(_AgentPhase, _name="agent_phase", phase=self._agent_phase)
         # Statistics: runtime.stats over the equity curve (annualised from the bar size).
         self.cerebro.addanalyzer(EquityCurve, _name="equity")
         self.cerebro.addanalyzer(bt.analyzers.TradeAnalyzer, _name="trades")
@@ -391,13 +394,55 @@ class Runner:
             if self._stop_requested:
                 logger.warning("stop requested before the first bar: not starting the run")
             else:
-                strategy = self.cerebro.run()[0]
+                try:
+                    strategy = self.cerebro.run()[0]
+                except AppError:
+                    raise
+                except Exception as e:
+                    if self._agent_phase[0] == "running":
+                        raise  # the agent's own code failed on a bar: its traceback matters
+                    raise self._agent_failure(e) from e
         finally:
             self._running = False
             elapsed = time.perf_counter() - t0
             self._close_components()
             stats = self._flush()
         return self._report(strategy, start_value, elapsed, stats)
+
+    def _agent_failure(self, e: Exception) -> AppError:
+        """A one-line error for an exception raised while the agent was built (its
+        ``__init__``: parameter checks, indicators) or its indicators warmed up over the
+        preloaded data, before the first bar reached it: the usual causes are a parameter
+        value (``maperiod=0``, ``slow=0``) or data shorter than an indicator's period.
+
+        Returns:
+            :class:`ConfigError` naming ``AGENT_PARAMS`` when parameters were given,
+            :class:`DataError` naming the data length when the defaults failed while warming
+            up, else :class:`AppError` (exit 1) naming the agent. The traceback is logged at
+            DEBUG only.
+        """
+        cfg = self.config
+        agent = cfg.run.agent
+        params = dict(cfg.run.agent_params)
+        phase = self._agent_phase[0]
+        logger.debug("agent %s failed while %s", agent, phase, exc_info=e)
+        what = f"{type(e).__name__}: {e}"
+        when = "building" if phase == "building" else "warming up its indicators on the data"
+        data = f"{self.total_bars} bars of {','.join(cfg.run.symbols)}"
+        if params:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            return ConfigError(
+                f"AGENT_PARAMS ({shown}): agent {agent} failed while {when} ({what}); "
+                f"check each value (a period must be at least 1 and shorter than the data: "
+                f"{data})"
+            )
+        if phase == "warming":
+            return DataError(
+                f"agent {agent} failed while warming up its indicators ({what}): the data has "
+                f"{data}, likely fewer than an indicator's period; give more bars or smaller "
+                "periods with AGENT_PARAMS"
+            )
+        return AppError(f"agent {agent} failed while building ({what}); LOG_LEVEL=DEBUG shows where")
 
     def _close_components(self) -> None:
         for name, fn in self._closers:
@@ -480,6 +525,23 @@ class Runner:
             elapsed_s=elapsed,
             html_report=str(html) if html else None,
         )
+
+
+class _AgentPhase(bt.Analyzer):  # type: ignore[misc]
+    """Marks the agent's phase in ``phase[0]``: created after the agent's ``__init__`` ran
+    ("warming": indicators are computed over preloaded data next), then "running" from the
+    first bar the strategy sees (``prenext`` included)."""
+
+    params = (("phase", None),)
+
+    def __init__(self) -> None:
+        self.p.phase[0] = "warming"
+
+    def prenext(self) -> None:
+        self.p.phase[0] = "running"
+
+    def next(self) -> None:
+        self.p.phase[0] = "running"
 
 
 def setup_logging(level: str, fmt: str = "auto") -> LogSetup:

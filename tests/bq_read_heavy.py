@@ -74,8 +74,7 @@ def read_heavy_records(
     """Decision records of :class:`ReadHeavyAgent` on the six feeds between ``start`` and
     ``end`` (bar dates, UTC), kept in memory by the FMEL analyzer."""
     from analyzers.fmel import FMELAnalyzer, make_run_info
-    from feeds.csv import make_csv_feed
-    from runtime.config import CSVFeedConfig
+    from feeds.csv import CSVFeedConfig, make_csv_feed
 
     cerebro = bt.Cerebro(stdstats=False)
     for symbol, source in SIX_FEEDS.items():

@@ -101,19 +101,33 @@ class LocalDuckDBSink:
 
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write() before open()")
-        texts = [json.dumps(r, separators=(",", ":"), allow_nan=False) for r in rows]
+        # One statement checks the table, not its own rows: an id repeated in ``rows`` (a
+        # journal and a spill holding the same decision after a crash) is written once.
+        first: dict[object, int] = {}
+        repeats: dict[int, int] = {}
+        keep: list[int] = []
+        for i, r in enumerate(rows):
+            did = r.get("decision_id")
+            if did in first:
+                repeats[i] = first[did]
+            else:
+                first[did] = i
+                keep.append(i)
+        texts = [json.dumps(rows[i], separators=(",", ":"), allow_nan=False) for i in keep]
         try:
             self._con.execute(self._insert_sql, [texts])
             return []
         except duckdb.ConversionException:
             pass  # a bad value somewhere: find it row by row so the rest is written
         errors: list[RowError] = []
-        for i, text in enumerate(texts):
+        for i, text in zip(keep, texts, strict=True):
             try:
                 self._con.execute(self._insert_sql, [[text]])
             except duckdb.Error as e:
                 errors.append(RowError(i, str(e).splitlines()[0]))
-        return errors
+        refused = {e.index: e.reason for e in errors}
+        errors += [RowError(i, refused[j]) for i, j in repeats.items() if j in refused]
+        return sorted(errors)
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
         """Fast path for fresh records from the analyzer: JSON text written directly

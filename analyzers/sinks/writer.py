@@ -325,9 +325,11 @@ class DecisionWriter:
         # the batch a stuck thread holds (it may yet land too: stores dedupe by decision_id).
         # From here on a stuck thread's results are ignored (it touches no file or count).
         with self._io_lock:
+            taken_over = self._abandoned  # an earlier stop() spilled the stuck batch already
             self._abandoned = self._thread is not None and self._thread.is_alive()
             with self._cond:
-                stuck = [] if self._inflight_on_disk else list(self._inflight or [])
+                on_disk = self._inflight_on_disk or taken_over
+                stuck = [] if on_disk else list(self._inflight or [])
                 left = [self._as_row(r) for r in [*stuck, *self._buf]]
                 self._buf.clear()
             if left:
@@ -493,7 +495,10 @@ class DecisionWriter:
             self._spill([self._as_row(r) for r in batch])
             return
         self._rate.add(len(batch), self._clock() - t0)
-        self._account(batch, errors)
+        with self._io_lock:
+            if self._abandoned:
+                return  # stop() took over and counted this batch spilled
+            self._account(batch, errors)
 
     def _account(self, rows: Sequence[Item], errors: list[RowError], replay: bool = False) -> None:
         self.stats.batches += 1
@@ -644,7 +649,10 @@ class DecisionWriter:
         rows = [self._as_row(r) for r in batch]
         if is_stored is not None:
             left = [r for r in rows if not is_stored(r.get("decision_id"))]
-            self.stats.written += len(rows) - len(left)
+            with self._io_lock:
+                if self._abandoned:
+                    return
+                self.stats.written += len(rows) - len(left)
             rows = left
         self._spill(rows)
 
@@ -673,12 +681,11 @@ class DecisionWriter:
     def _spill(self, rows: Sequence[Row], owner: bool = False) -> None:
         """Append to the spill file and count (``owner``: stop() on its thread, io lock held;
         otherwise the writer thread, which does nothing once stop() took over)."""
-        if not rows:
-            return
         with contextlib.nullcontext() if owner else self._io_lock:
             if self._abandoned and not owner:
                 return
-            self.spill.append(rows)
+            if rows:
+                self.spill.append(rows)
             self.stats.spilled += len(rows)
             self.stats.spilled_total += len(rows)
             if not owner:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import pandas as pd
+
 from core.errors import ConfigError
 from core.settings import setting
 
@@ -109,9 +111,11 @@ class CSVFeedConfig:
             raise ConfigError("CSVFeedConfig.symbol must not be empty")
         if self.on_bad_rows not in ("raise", "skip"):
             raise ConfigError(f"CSV_ON_BAD_ROWS: expected raise or skip, got {self.on_bad_rows!r}")
-        if self.bar_size is not None and not BAR_SIZE_RE.match(self.bar_size.strip().lower()):
+        size = BAR_SIZE_RE.match((self.bar_size or "").strip().lower())
+        if self.bar_size is not None and (size is None or int(size.group(1)) <= 0):
             raise ConfigError(
-                f"CSV_BAR_SIZE={self.bar_size!r}: expected 1min, 5min, 1h, 1d, 1w or 1mo"
+                f"CSV_BAR_SIZE={self.bar_size!r}: expected a positive count and a unit: 1min, "
+                "5min, 1h, 1d, 1w or 1mo"
             )
         for k, v in self.columns.items():
             if not isinstance(v, str):
@@ -141,6 +145,8 @@ class CSVFeedConfig:
             raise ConfigError(
                 f"CSV_DATETIME_FORMAT={fmt!r}: expected epoch_s, epoch_ms, epoch_us or epoch_ns"
             )
+        if fmt is not None and fmt not in EPOCH_FORMATS:
+            _check_strftime(fmt)
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as e:
@@ -152,3 +158,40 @@ class CSVFeedConfig:
             raise ConfigError(
                 f"BACKTEST_END={self.end.date()} is before BACKTEST_START={self.start.date()}"
             )
+
+
+# directives pandas' strict parser (pandas._libs.tslibs.strptime) accepts
+_DIRECTIVES = set("aAbBcdfGHIjmMpSuUVwWxXyYzZ%")
+
+
+def _check_strftime(fmt: str) -> None:
+    """Refuse a ``CSV_DATETIME_FORMAT`` with an unknown directive (``%Q``, a lone ``%``) or
+    none at all, at start (pandas would raise ``ValueError`` only when reading).
+
+    Raises:
+        ConfigError: naming the variable and the directive.
+    """
+    i = 0
+    found = False
+    while i < len(fmt):
+        if fmt[i] == "%":
+            d = fmt[i + 1 : i + 2]
+            if d not in _DIRECTIVES or not d:
+                what = f"'%{d}'" if d else "a lone '%' at the end"
+                raise ConfigError(
+                    f"CSV_DATETIME_FORMAT={fmt!r}: {what} is not a strftime directive "
+                    "(e.g. %Y-%m-%d %H:%M:%S, %d/%m/%Y; write a literal % as %%)"
+                )
+            found = found or d != "%"
+            i += 2
+        else:
+            i += 1
+    try:  # pandas' own check of the format (e.g. %G without %V), as it will be used
+        pd.to_datetime(pd.Series(["2020-01-02"]), format=fmt, errors="coerce")
+    except ValueError as e:
+        raise ConfigError(f"CSV_DATETIME_FORMAT={fmt!r}: {e}") from e
+    if not found:
+        raise ConfigError(
+            f"CSV_DATETIME_FORMAT={fmt!r}: no strftime directive (e.g. %Y-%m-%d %H:%M:%S), "
+            "or epoch_s/epoch_ms/epoch_us/epoch_ns"
+        )

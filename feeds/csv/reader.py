@@ -32,11 +32,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.bars import OHLCV, PRICE_FIELDS, RESERVED_NAMES, bar_hash, check_bars, field_name
+from core.bars import OHLCV, PRICE_FIELDS, bar_hash, check_bars, field_name
 from core.errors import DataError
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
 from feeds.csv.table import RawTable, read_header, read_raw_table
 from feeds.csv.values import NumberStyle, parse_numbers, parse_times, trim
+from feeds.fields import reserved_reason
 
 logger = logging.getLogger(__name__)
 
@@ -287,10 +288,12 @@ def _resolve_columns(
     for name, positions in by_norm.items():
         mapping[name] = positions[0]
     for name, pos in mapping.items():
-        if name not in OHLCV and (name in RESERVED_NAMES or name.startswith("_")):
+        why = None if name in OHLCV else reserved_reason(name)
+        if why:
             raise DataError(
                 f"{where} line 1: column {header[pos]!r} would become field {name!r}, a "
-                "name backtrader reserves; rename it with CSV_COLUMNS"
+                f"reserved name ({why}): data.{name} would not read the column; rename it "
+                f'with CSV_COLUMNS, e.g. CSV_COLUMNS={{"{name}_value": "{header[pos]}"}}'
             )
     return dt_cols, mapping, nameless
 
@@ -351,7 +354,16 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
 
     dt_text = raw.columns[dt_cols[0]]
     for pos in dt_cols[1:]:
-        dt_text = pc.binary_join_element_wise(trim(dt_text), trim(raw.columns[pos]), " ")
+        part = trim(raw.columns[pos])
+        # an empty part (a missing time) would parse as midnight: the row is bad instead
+        part_empty = np.asarray(pc.equal(part, "").to_numpy(zero_copy_only=False), dtype=bool)
+        first_filled = np.asarray(
+            pc.not_equal(trim(raw.columns[dt_cols[0]]), "").to_numpy(zero_copy_only=False),
+            dtype=bool,
+        )
+        for pos_i in np.flatnonzero(part_empty & first_filled):
+            bad.setdefault(int(pos_i), f"the {header[pos]} value is empty")
+        dt_text = pc.binary_join_element_wise(trim(dt_text), part, " ")
     times = (
         parse_times(
             dt_text, fmt=cfg.datetime_format, timezone=cfg.timezone, lines=lines, where=where
@@ -360,7 +372,8 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         else None
     )
     if times is not None:
-        bad.update(times.bad)
+        for i, reason in times.bad.items():
+            bad.setdefault(i, reason)
 
     numeric: dict[str, np.ndarray] = {}
     for name in OHLCV:

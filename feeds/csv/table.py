@@ -120,12 +120,58 @@ def record_lines(raw: bytes | memoryview) -> np.ndarray:
     return np.concatenate(starts)
 
 
+def quoted_record_lines(raw: bytes | memoryview, delimiter: str, where: str) -> np.ndarray:
+    """Physical line (1-based) on which each record starts, for a file with quotes, checking
+    its quoting (RFC 4180, as Python's :mod:`csv` reads it with ``strict=True``).
+
+    A ``"`` inside an unquoted value (``24" iMac``) is a literal character there, as pyarrow
+    reads it too, so it neither opens a quoted value nor shifts the line count.
+
+    Args:
+        raw: the file's bytes (after any byte order mark), valid UTF-8.
+        delimiter: the field separator.
+        where: ``"CSV <file name>"``.
+
+    Returns:
+        ``int64`` array, element ``r`` = the line where record ``r + 1`` starts (1 = header).
+
+    Raises:
+        DataError: a quote never closed (the rest of the file would become one value), or
+            text after a closing quote (``"5" screen``, ``"10"1``), naming the line.
+    """
+    text = bytes(raw).decode("utf-8")
+    if csv.field_size_limit() < len(text):
+        csv.field_size_limit(len(text))  # a quoted value may be as long as the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    starts: list[int] = []
+    prev = 0
+    try:
+        for _ in reader:
+            starts.append(prev + 1)
+            prev = reader.line_num
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataError(
+                f"{where} line {prev + 1}: a quote opened in this row is never closed (the rest "
+                'of the file would be inside it); close it, or write a literal " as ""'
+            ) from e
+        raise DataError(
+            f"{where} line {reader.line_num}: text after a closing quote ({e}); quote the whole "
+            'value and write a literal " inside it as "" (e.g. "24"" screen")'
+        ) from e
+    return np.asarray(starts, dtype=np.int64)
+
+
 def _decode_header(raw: memoryview, delimiter: str, where: str) -> list[str]:
     text = bytes(raw[:_HEADER_PROBE]).decode("utf-8", errors="replace")
     try:
-        first = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        first = next(reader, [])
     except csv.Error as e:
-        raise DataError(f"{where} line 1: cannot read the header ({e})") from e
+        raise DataError(
+            f"{where} line 1: cannot read the header ({e}): a quote in a column name is never "
+            'closed, or text follows a closing quote; write a literal " as ""'
+        ) from e
     header = [c.strip() for c in first]
     if not any(header):
         raise DataError(f"{where} line 1: the first line is blank; expected the header")
@@ -244,8 +290,10 @@ def read_raw_table(
     total = n + len(invalid) + 1  # records, with the header
     # records and lines differ only when a quoted value holds a line break
     rec_line: np.ndarray | None = None
-    if has_quotes and physical_lines(data) != total:
-        rec_line = record_lines(view)
+    if has_quotes:  # checks the quoting too; line numbers differ only with multi-line values
+        rec_line = quoted_record_lines(view, delimiter, where)
+        if physical_lines(data) == total:
+            rec_line = None
 
     def physical(record: np.ndarray) -> np.ndarray:
         if rec_line is None:

@@ -43,7 +43,9 @@ _DMY = re.compile(r"^(\d{1,2})([/.\-])(\d{1,2})\2(\d{2}|\d{4})(?:$|[ T])")
 _DMY_RX = r"^(?P<a>\d{1,2})[/.\-](?P<b>\d{1,2})[/.\-](?:\d{2}|\d{4})(?:$|[ T])"
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}(?:$|[ T]\d)")
 # an offset after a time of day (a date's "-02" is not one)
-_OFFSET_RX = r"^\d{4}-\d{2}-\d{2}[T ].*\d(?:Z|\s*[+-]\d{2}(?::?\d{2})?)$"
+_OFFSET_RX = r"^\d{4}-\d{2}-\d{2}[T ].*\d\s*(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+# numeric strftime directives side by side: only zero-padded values read unambiguously
+_ADJACENT = re.compile(r"%[YymdHIMSjU]%[YymdHIMSfjU]")
 _EPOCH_LIKE = re.compile(r"^\d{10}(?:\d{3}|\d{6}|\d{9})?$")
 # datetime64[ns] holds 1677-09-21 .. 2262-04-11; bar times outside are refused per row
 _NS_MIN = np.datetime64("1678-01-01", "s")
@@ -199,7 +201,10 @@ def parse_times(
         )
     else:
         dayfirst = False
-        if _DMY.match(sample):
+        first_dmy = _DMY.match(sample)
+        if first_dmy:
+            if len(first_dmy.group(4)) == 2:
+                _refuse_two_digit_year_first(text, first_dmy.group(2), lines, where)
             dayfirst, how = _day_first(text, lines, where)
         guessed = guess_datetime_format(sample, dayfirst=dayfirst)
         dmy = _DMY.match(sample)
@@ -217,9 +222,48 @@ def parse_times(
         aware = "%z" in guessed or "%Z" in guessed
         fmt = guessed
         parsed = pd.to_datetime(text.to_pandas(), format=guessed, errors="coerce", utc=aware)
+    if fmt and fmt not in EPOCH_UNITS and _ADJACENT.search(fmt):
+        _refuse_unpadded(text, fmt, bad)
     return _finish(
         parsed, aware=aware, timezone=timezone, text=text, fmt=fmt, bad=bad, how=how, lost=lost
     )
+
+
+_WIDTHS = {"Y": 4, "j": 3, "%": 1, **dict.fromkeys("ymdHIMSU", 2)}
+
+
+def _padded_length(fmt: str) -> int | None:
+    """Characters of a zero-padded value of ``fmt``; ``None`` when some directive has no fixed
+    width (``%f``, ``%b``, ``%z``, ...)."""
+    total, i = 0, 0
+    while i < len(fmt):
+        if fmt[i] == "%":
+            width = _WIDTHS.get(fmt[i + 1 : i + 2])
+            if width is None:
+                return None
+            total, i = total + width, i + 2
+        else:
+            total, i = total + 1, i + 1
+    return total
+
+
+def _refuse_unpadded(text: pa.Array, fmt: str, bad: dict[int, str]) -> None:
+    """With two numeric directives side by side (``%Y%m%d``, ``%H%M``) only zero-padded values
+    are unambiguous (pandas reads ``2020113`` as 3 November, but it may be 13 January): a
+    value longer or shorter than most of the column's is a bad row."""
+    lengths = np.asarray(pc.utf8_length(text).to_numpy(zero_copy_only=False), dtype=np.int64)
+    filled = lengths > 0
+    if not filled.any():
+        return
+    usual = _padded_length(fmt)
+    if usual is None:  # a directive of variable width: the column's most common length
+        usual = int(np.bincount(lengths[filled]).argmax())
+    for i in np.flatnonzero(filled & (lengths != usual)):
+        bad.setdefault(
+            int(i),
+            f"date {text[int(i)].as_py()!r} has {lengths[i]} characters where a zero-padded one has "
+            f"{usual}: {fmt} needs zero-padded values (2020-01-03 as 20200103)",
+        )
 
 
 def _finish(
@@ -288,15 +332,44 @@ def _localise(wall: pd.Series, timezone: str) -> tuple[pd.Series, np.ndarray]:
 def _parse_epoch(text: pa.Array, unit: str) -> pd.Series:
     # at most 18 digits, or 19 below 9e18: always within int64
     ok = pc.match_substring_regex(text, r"^[+-]?(?:\d{1,18}|[1-8]\d{18})(?:\.0*)?$")
-    stripped = pc.replace_substring_regex(text, r"\.0*$", "")
-    digits = pc.if_else(ok, stripped, pa.scalar(None, pa.string()))
-    ints = pc.cast(digits, pa.int64(), safe=False)
-    values = np.asarray(ints.to_numpy(zero_copy_only=False))
-    s = pd.Series(values)
-    parsed: pd.Series = pd.to_datetime(  # type: ignore[call-overload]
-        s, unit=unit, errors="coerce", utc=True
+    # pyarrow's integer cast takes no "+" sign and no ".0": both removed first
+    stripped = pc.replace_substring_regex(
+        pc.replace_substring_regex(text, r"\.0*$", ""), r"^\+", ""
     )
+    digits = pc.if_else(ok, stripped, pa.scalar("0", pa.string()))
+    # int64 throughout (no nulls: a float64 detour would round 19-digit nanoseconds)
+    values = np.asarray(pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False), np.int64)
+    parsed: pd.Series = pd.to_datetime(  # type: ignore[call-overload]
+        pd.Series(values), unit=unit, errors="coerce", utc=True
+    )
+    not_ok = ~np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+    if not_ok.any():
+        parsed = parsed.copy()
+        parsed[not_ok] = pd.NaT
     return parsed
+
+
+def _refuse_two_digit_year_first(text: pa.Array, sep: str, lines: np.ndarray, where: str) -> None:
+    """``a-b-yy`` dates that every row also reads as ``yy-mm-dd`` (``20-01-02``: 20 January
+    2002, or 2 January 2020) are ambiguous: refused, naming a line, unless some row decides."""
+    rx = r"^(?P<a>\d{1,2})[/.\-](?P<b>\d{1,2})[/.\-](?P<c>\d{2})(?:$|[ T])"
+    parts = pc.extract_regex(text, rx)
+
+    def part(name: str) -> np.ndarray:
+        values = pc.cast(pc.struct_field(parts, name), pa.int16())
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=float)
+
+    b, c = part("b"), part("c")
+    rows = ~np.isnan(c)
+    if not rows.any():
+        return
+    if ((b[rows] >= 1) & (b[rows] <= 12) & (c[rows] >= 1) & (c[rows] <= 31)).all():
+        k = int(np.flatnonzero(rows)[0])
+        raise DataError(
+            f"{where} line {lines[k]}: dates like {text[k].as_py()!r} with a 2-digit year could "
+            f"be year first (%y{sep}%m{sep}%d) as well as day or month first; set "
+            f"CSV_DATETIME_FORMAT, e.g. %y{sep}%m{sep}%d or %d{sep}%m{sep}%y"
+        )
 
 
 def _day_first(text: pa.Array, lines: np.ndarray, where: str) -> tuple[bool, str]:

@@ -231,6 +231,9 @@ class StreamSettings:
         redelivery_margin_s: after a (re)connect to a subscription that may hold redeliveries,
             steps wait ``lease_extension_s + redelivery_margin_s`` seconds, so an older bar
             still on its way is not overtaken by newer ones (:meth:`BarHub.hold_steps`).
+        backlog_quiet_s: ...and then until bars have come in order for this long, seconds
+            (also after any bar came out of order): what a dead stream held comes back an ack
+            deadline later, mixed with newer bars (:meth:`BarHub.hold_steps`).
         max_outstanding_messages: flow control: messages held by the client before it pauses
             the stream (back-pressure reaches Pub/Sub here); the subscriber raises it to
             ``4 * symbols`` so that a whole bar time of every symbol fits while earlier bars
@@ -250,6 +253,7 @@ class StreamSettings:
     ack_deadline_s: int = 10
     lease_extension_s: int = 10
     redelivery_margin_s: float = 5.0
+    backlog_quiet_s: float = 15.0
     max_outstanding_messages: int = 1000
     max_outstanding_bytes: int = 100 * 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES

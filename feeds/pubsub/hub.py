@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 # At most this many gap events are logged per minute; the others are counted.
 GAP_LOGS_PER_MINUTE = 10
+# Longest hold of steps after a stream break (BarHub.hold_steps), however long a backlog drains.
+MAX_HOLD_S = 120.0
 
 # Outcomes of BarHub.offer.
 OFFERED, LATE, CLOSED = "offered", "late", "closed"
@@ -130,6 +132,13 @@ class BarHub:
         self._loaded: deque[LiveBar] = deque()  # taken bars whose token is not handed back
         self._drain_over = False
         self._hold_until = -math.inf
+        self._hold_cap = math.inf
+        self._backlog_before = -math.inf  # publish times before this are backlog
+        # Steps wait until deliveries have been in order this long after disorder (0: never);
+        # the subscriber sets it (StreamSettings.backlog_quiet_s).
+        self.disorder_quiet_s = 0.0
+        self.disordered = 0  # bars that came out of order (or from a backlog)
+        self.holds = 0
         # Missing bar times, counted when bars are taken (what the agent sees).
         self.gaps = GapCounter()
         self.missing: Counter[str] = Counter()
@@ -184,6 +193,10 @@ class BarHub:
             now = self._clock()
             self._last_offer = now
             num = bar.dt_num
+            if num < buf.last_num or (
+                bar.publish_time_s is not None and bar.publish_time_s < self._backlog_before
+            ):
+                self._disorder_locked(now)
             if num <= self._served:
                 self.late[bar.symbol] += 1
                 if num == self._served and num >= buf.last_num:
@@ -220,14 +233,40 @@ class BarHub:
             self._cond.notify_all()
         return OFFERED
 
-    def hold_steps(self, seconds: float) -> None:
-        """Serve no step for ``seconds`` (unless the input closes): after the stream (re)opens,
-        Pub/Sub redelivers what a broken stream or a killed runner held only once its ack
-        deadline passed; until then a newer bar must not be served before an older one that
-        is still on its way. Any thread."""
+    def hold_steps(self, seconds: float, *, backlog_before_s: float | None = None) -> None:
+        """Serve no step for ``seconds``, and then until deliveries have been in order for
+        :attr:`disorder_quiet_s` (unless the input closes; at most :data:`MAX_HOLD_S` at a
+        time).
+
+        After a stream broke or a runner was killed, Pub/Sub delivers what the dead stream held
+        only after its ack deadline, and for a while it may still hand new messages to the dead
+        stream (measured on the emulator: about half of them for several seconds, each back ten
+        seconds later), so older bars come mixed with newer ones: a newer bar must not be
+        served before an older one that is still on its way. Disorder is seen as a bar older
+        than its symbol's newest one, or (``backlog_before_s``, POSIX seconds) a bar published
+        before the stream (re)opened. Any thread.
+        """
         with self._cond:
-            self._hold_until = max(self._hold_until, self._clock() + seconds)
+            now = self._clock()
+            self._start_hold_locked(now)
+            self._hold_until = max(self._hold_until, min(now + seconds, self._hold_cap))
+            if backlog_before_s is not None:
+                self._backlog_before = max(self._backlog_before, backlog_before_s)
             self._cond.notify_all()
+
+    def _start_hold_locked(self, now: float) -> None:
+        if self._hold_until < now:
+            self._hold_cap = now + MAX_HOLD_S
+            self.holds += 1
+
+    def _disorder_locked(self, now: float) -> None:
+        """A bar came out of order (lock held): no step until deliveries have been in order for
+        :attr:`disorder_quiet_s` (0 disables)."""
+        self.disordered += 1
+        if self.disorder_quiet_s <= 0:
+            return
+        self._start_hold_locked(now)
+        self._hold_until = max(self._hold_until, min(now + self.disorder_quiet_s, self._hold_cap))
 
     def preload(self, bars: Iterable[LiveBar]) -> int:
         """Buffer bars (CSV backfill, before the stream starts) for steps served without

@@ -130,6 +130,7 @@ class PubSubBarSubscriber:
         if cfg.bar_size:
             self.timeframe, self.compression, bar_s = live_bar_size(cfg.bar_size)
         self.hub.gaps = GapCounter(bar_s, gap_max_s=cfg.gap_max_s)
+        self.hub.disorder_quiet_s = self.settings.backlog_quiet_s
         self.handler = MessageHandler(
             self.hub, settings=self.settings, events=events, max_future_s=cfg.max_future_s
         )
@@ -410,6 +411,8 @@ class PubSubBarSubscriber:
             missed_steps=dict(self.hub.missed),
             steps=self.hub.steps,
             backpressure_waits=self.hub.backpressure_waits,
+            disordered=self.hub.disordered,
+            holds=self.hub.holds,
             disconnects=self.disconnects,
             reconnects=self.reconnects,
             subscriptions=[s.path for s in self._subs],
@@ -507,6 +510,8 @@ class PubSubBarSubscriber:
             max_duration_per_lease_extension=st.lease_extension_s,
         )
         with self._stream_lock:
+            if self._closed:
+                return  # close() ran meanwhile: no stream may outlive it
             self._generation += 1
             on_message = functools.partial(self._on_message, self._generation)
             for sub in self._subs:
@@ -563,7 +568,7 @@ class PubSubBarSubscriber:
         except gexc.AlreadyExists:
             got = self._check_reused(sub)
             # It may hold bars a killed runner had received: redelivered after their deadline.
-            self.hub.hold_steps(self.redelivery_s)
+            self._hold_for_backlog()
             if got.filter and got.filter != flt:
                 raise ConfigError(
                     f"subscription {sub.path} exists with filter {got.filter or '(none)'!r} but "
@@ -613,21 +618,30 @@ class PubSubBarSubscriber:
                 return f"{sub.path}: {type(e).__name__}: {e}"
         return None
 
+    def _teardown_streams(self) -> None:
+        """Close the channel, then wait for the streams to wind down (supervisor thread).
+
+        The channel goes first: a stream the client is reopening by itself would otherwise
+        reconnect once the network is back and take messages it never hands over (they come
+        back only after their deadline, out of order). What the old streams held is
+        redelivered; steps wait for it (:meth:`_hold_for_backlog`)."""
+        old, self._client = self._client, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception as e:  # noqa: BLE001 - it is replaced either way
+                logger.debug("closing the old Pub/Sub client failed: %r", e)
+        self._cancel_streams(self.settings.admin_timeout_s)
+
     def _reconnect(self) -> None:
         """Recreate owned subscriptions that vanished (e.g. a restarted server) and reopen the
         streams. Raises what the calls raise."""
         from google.api_core import exceptions as gexc
 
-        # Wait for the old streams to wind down (their client nacks what it had not handed
-        # over yet), then close their channel: a stream whose thread did not stop would
-        # otherwise reopen by itself and take messages it never hands over (they would come
-        # back only after their deadline, out of order). The new streams get a new channel.
-        self._cancel_streams(self.settings.admin_timeout_s)
-        old, self._client = self._client, subscriber_client(self.cfg.emulator_host)
-        try:
-            old.close()
-        except Exception as e:  # noqa: BLE001 - it is replaced either way
-            logger.debug("closing the old Pub/Sub client failed: %r", e)
+        self._teardown_streams()
+        if self._stop.is_set():
+            return
+        self._client = subscriber_client(self.cfg.emulator_host)
         kept = False
         for sub in self._subs:
             try:
@@ -649,8 +663,9 @@ class PubSubBarSubscriber:
                 # A new subscription may reuse message ids (a restarted emulator starts at 1).
                 self.handler.forget_message_ids()
         if kept:
-            # What the broken stream held comes back once its deadline passed: no step before.
-            self.hub.hold_steps(self.redelivery_s)
+            # What the broken stream held comes back once its deadline passed, and the backlog
+            # may come mixed with new bars: no step before it has drained.
+            self._hold_for_backlog()
         self._open_streams()
 
     def _supervise(self) -> None:
@@ -677,6 +692,7 @@ class PubSubBarSubscriber:
                 logger.warning("Pub/Sub stream down (%s); reconnecting", problem)
                 self.hub.set_status("DISCONNECTED", problem)
                 self._on_stream_break()
+                self._teardown_streams()
                 attempt = 0
                 continue
             attempt += 1
@@ -708,10 +724,13 @@ class PubSubBarSubscriber:
         self.hub.close_input("stop requested", self._drain_timeout_s)
 
     def _on_stream_break(self) -> None:
-        """A stream broke (any thread): what it held is redelivered only after its deadline, so
-        no step is served before then (a newer bar must not overtake an older one)."""
+        """A stream broke (any thread): what it held is redelivered only after its deadline and
+        the backlog may come mixed with new bars, so steps wait (:meth:`BarHub.hold_steps`)."""
         if not self._closed and not self._stop.is_set():
-            self.hub.hold_steps(self.redelivery_s)
+            self._hold_for_backlog()
+
+    def _hold_for_backlog(self) -> None:
+        self.hub.hold_steps(self.redelivery_s, backlog_before_s=time.time())
 
     def _delete_owned(self) -> None:
         if self._client is None:

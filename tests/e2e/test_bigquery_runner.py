@@ -260,3 +260,16 @@ def test_a_run_that_ends_cut_off_keeps_its_spill_and_the_drain_command_writes_it
         check=False,
     )
     assert again.returncode == 0 and json.loads(again.stdout)["left"] == 0
+
+
+def test_the_drain_command_refuses_a_bad_configuration(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.drain"],
+        cwd=tmp_path,
+        env=clean_env({"FMEL_SINK": "bigquery", "FMEL_SPILL_DIR": str(tmp_path)}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and "GOOGLE_CLOUD_PROJECT" in done.stderr

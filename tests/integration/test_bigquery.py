@@ -632,7 +632,8 @@ def test_compact_rows_are_stored_as_the_full_rows(
 
     def norm(row: dict[str, Any]) -> dict[str, Any]:  # microseconds: the table's resolution
         text = json.dumps(_plain(row), sort_keys=True)
-        return json.loads(text.replace(".000000Z", "Z").replace("000Z", "Z"))
+        out: dict[str, Any] = json.loads(text.replace(".000000Z", "Z").replace("000Z", "Z"))
+        return out
 
     assert [norm(g) for g in got] == [norm(w) for w in want]
     assert sink.stats.bytes_sent < sum(len(json.dumps(r)) for r in batch)

@@ -39,7 +39,7 @@ from tests.bq_agents import real_records
 from tests.bq_read_heavy import read_heavy_records
 from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 from tests.e2e.test_shutdown import GRACE_PERIOD_S, RunnerProcess, report_numbers
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import CutMode, TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -288,7 +288,7 @@ def heavy() -> list[DecisionRecord]:
 
 @pytest.mark.parametrize("mode", ["reset", "blackhole", "answers"])
 def test_a_network_cut_mid_write_leaves_every_decision_once(
-    tmp_path: Path, bq_emulator: BigQueryEmulator, heavy: list[DecisionRecord], mode: str
+    tmp_path: Path, bq_emulator: BigQueryEmulator, heavy: list[DecisionRecord], mode: CutMode
 ) -> None:
     proxy = TcpProxy(f"127.0.0.1:{bq_emulator.port}")
     try:

@@ -26,6 +26,7 @@ from core.errors import ConfigError
 from core.retry import RetryPolicy
 from core.time import bt_num_to_posix
 from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, publisher_client
+from feeds.pubsub.clients import OrderedPublisher
 from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
 from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
 from tests.tcp_proxy import TcpProxy
@@ -106,10 +107,10 @@ def test_after_a_network_cut_live_comes_back_only_with_bars(
     published: list[int] = []
 
     def publisher() -> None:  # 10 bars a second straight to the emulator, through the cut
-        pub = publisher_client(emu.host, ordering=False)
+        pub = OrderedPublisher(emu.host)
         i = 0
         while not stop.is_set():
-            pub.publish(topic, bar("AAA", i), symbol="AAA").result(30)
+            pub.publish_batch(topic, [(bar("AAA", i), {"symbol": "AAA"})])
             published.append(i)
             i += 1
             stop.wait(0.1)

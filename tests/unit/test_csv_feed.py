@@ -146,7 +146,7 @@ def test_missing_price_column_is_named(tmp_path: Path) -> None:
 def test_reserved_field_name_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "x.csv"
     p.write_text("Date,Open,High,Low,Close,Volume,Lines\n2004-08-19,1,2,0.5,1.5,3,4\n")
-    with pytest.raises(DataError, match="reserves"):
+    with pytest.raises(DataError, match="reserved name"):
         read_csv_bars(cfg(p))
 
 

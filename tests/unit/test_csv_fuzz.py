@@ -362,3 +362,71 @@ def test_arbitrary_text_never_escapes_as_another_exception(
             assert re.fullmatch(r"[0-9a-f]{32}", digest)
         if policy == "raise":
             assert not bars.skipped
+
+
+QUOTE_MUTATIONS = ["inch_text", "inch_price", "unclosed_text", "unclosed_price", "text_after_quote"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(2, 8),
+    where=st.integers(0, 7),
+    mutation=st.sampled_from(QUOTE_MUTATIONS),
+    multiline_before=st.booleans(),
+    words=st.text(alphabet="abc xyz()", min_size=1, max_size=8),
+)
+def test_broken_quoting_is_named_on_its_line_never_absorbed(
+    tmp_path: Path, n: int, where: int, mutation: str, multiline_before: bool, words: str
+) -> None:
+    """Quotes that do not follow RFC 4180: a quote never closed (which would swallow the rest of
+    the file into one value), text after a closing quote (``"5" screen``), and a literal quote
+    inside an unquoted value (``24" iMac``, read as written). The oracle counts lines itself."""
+    k = min(where, n - 1)
+    lines = ["Date,Open,High,Low,Close,Volume,Headline"]
+    line_no = 1
+    bad_line = None
+    expected_text: list[str] = []
+    for i in range(n):
+        close, headline = "101", f"ok {i}"
+        if multiline_before and i == 0:
+            headline = '"two\nlines"'
+        if i == k:
+            if mutation == "inch_text":
+                headline = f'24" {words}'.strip()
+            elif mutation == "inch_price":
+                close = '101"'
+            elif mutation == "unclosed_text":
+                headline = f'"{words}'
+            elif mutation == "unclosed_price":
+                close = '"101'
+            else:
+                headline = f'"5"{words}'
+        day = datetime(2020, 1, 1) + timedelta(days=i)
+        row = f"{day:%Y-%m-%d},100,102,99,{close},1000,{headline}"
+        if i == k:
+            bad_line = line_no + 1
+        expected_text.append(headline.strip('"') if i == 0 and multiline_before else headline)
+        lines.append(row)
+        line_no += row.count("\n") + 1
+    path = tmp_path / "FUZZ.csv"
+    path.write_text("\n".join(lines) + "\n")
+    if mutation == "inch_text" and not (multiline_before and k == 0):
+        bars = read_csv_bars(CSVFeedConfig(path=path, symbol=SYMBOL))
+        assert bars.text["headline"] == expected_text
+        starts = [2 + sum(r.count("\n") + 1 for r in lines[1 : i + 1]) for i in range(n)]
+        assert bars.lines is not None and bars.lines.tolist() == starts
+        return
+    if multiline_before and k == 0:
+        return  # the mutation replaced the multi-line value: covered by the cases above
+    for policy in ("raise", "skip"):
+        cfg = CSVFeedConfig(path=path, symbol=SYMBOL, on_bad_rows=policy)  # type: ignore[arg-type]
+        if mutation == "inch_price" and policy == "skip":
+            bars = read_csv_bars(cfg)
+            assert [line for line, _ in bars.skipped] == [bad_line]
+            continue
+        with pytest.raises(DataError, match=rf"^CSV FUZZ\.csv line {bad_line}: ") as err:
+            read_csv_bars(cfg)
+        if mutation.startswith("unclosed"):
+            assert "never closed" in str(err.value)
+        elif mutation == "text_after_quote":
+            assert "after a closing quote" in str(err.value)

@@ -99,7 +99,7 @@ def test_a_deferred_record_pickles_as_the_resolved_record(tmp_path: Path) -> Non
         held.append(rec)
         real_submit(rec)
 
-    writer.submit = keep  # type: ignore[method-assign]
+    writer.submit = keep  # type: ignore[method-assign,assignment]
     try:
         run_case(CASES[0], fmel=True, writer=writer)
     finally:

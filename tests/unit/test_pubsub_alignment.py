@@ -24,9 +24,9 @@ from analyzers.schema import to_row
 from core.time import utc_to_bt_num
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.pubsub import BarHub, FieldSet, GapCounter, MessageHandler, decode_message
+from feeds.pubsub.feed import make_pubsub_feed
 from feeds.pubsub.handler import DELIVERED, MALFORMED
 from feeds.pubsub.hub import LATE, OFFERED
-from feeds.pubsub.feed import make_pubsub_feed
 from feeds.replay import bar_messages
 from runtime.live import MISSED_STEP_NOTE, MissedStepNote
 from tests.conftest import DATA

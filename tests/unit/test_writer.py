@@ -631,3 +631,37 @@ def test_a_stop_keeps_what_it_could_not_drain_and_counts_it(tmp_path: Path) -> N
     stats2 = w2.stop(WAIT_S)
     assert stats2.replayed + stats2.earlier_rejected == 37 and not w2.spill_path.exists()
     assert len(store.ids()) == len(set(store.ids())) == 40 + 12 - 6 - 2
+
+
+def test_the_local_store_writes_an_id_repeated_in_one_write_once(tmp_path: Path) -> None:
+    """A journal and a spill can hold the same decision after a crash; drained together, one
+    write carries it twice."""
+    sink = LocalDuckDBSink(tmp_path / "d.duckdb")
+    sink.open()
+    rows = [to_row(record(i)) for i in (0, 1, 0, 2, 1)]
+    assert sink.write(rows) == []
+    bad = dict(to_row(record(3)), portfolio_value="lots")
+    errors = sink.write([bad, to_row(record(4)), bad])
+    assert [e.index for e in errors] == [0, 2]
+    sink.close()
+    assert stored(sink.path) == [0, 1, 2, 4]
+
+
+def test_a_stuck_write_is_taken_over_by_stop_and_counted_once(tmp_path: Path) -> None:
+    """The sink hangs in a write past the stop's budget: stop() spills the batch in flight and
+    the buffer itself; when the hung write returns later, it changes no count and no file."""
+    sink = Flaky(tmp_path / "f.duckdb")
+    sink.gate.clear()
+    w = DecisionWriter(sink, batch_size=4, spill_dir=tmp_path / "spill", retry=FAST, max_batch=4)
+    w.start()
+    for i in range(10):
+        w.submit(record(i))
+    stats = w.stop(timeout_s=0.3)  # the thread is stuck in its first write of 4
+    assert (stats.written, stats.spilled, stats.rejected) == (0, 10, 0)
+    assert w.stop(timeout_s=0.1).spilled == 10  # a second stop() spills nothing again
+    sink.gate.set()  # the hung write goes through now...
+    assert sink.wait_calls(1) == [4]
+    w._thread.join(WAIT_S)  # type: ignore[union-attr]
+    assert (w.stats.written, w.stats.spilled) == (0, 10)  # ...and is not counted
+    spilled = [r["decision_point"] for r in SpillFile(w.spill_path).read()]
+    assert spilled == list(range(10))

@@ -18,7 +18,8 @@ import duckdb
 import pytest
 
 from feeds.csv import CSVFeedConfig, read_csv_bars
-from feeds.pubsub import publisher_client, subscriber_client
+from feeds.pubsub import subscriber_client
+from feeds.pubsub.clients import OrderedPublisher
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.config import BUNDLED_DATA_DIR
 from tests.alpaca_server import AlpacaServer
@@ -43,7 +44,7 @@ def test_runner_paper_mode_trades_through_alpaca(
             end=datetime(2012, 6, 30, tzinfo=UTC),
         )
     )
-    publisher = publisher_client(emu.host)
+    publisher = OrderedPublisher(emu.host)
     subscriber = subscriber_client(emu.host)
     try:
         ensure_topic(publisher, topic)
@@ -133,7 +134,7 @@ def test_runner_refuses_to_start_when_the_account_cannot_be_read(
 ) -> None:
     emu = pubsub_emulator
     topic = f"projects/{emu.project}/topics/bars-alpaca-{uuid.uuid4().hex[:8]}"
-    publisher = publisher_client(emu.host)
+    publisher = OrderedPublisher(emu.host)
     try:
         ensure_topic(publisher, topic)
     finally:

@@ -1,0 +1,161 @@
+"""What a tracked read points at: the feed (:class:`FeedInfo`) and the line (:class:`LineTag`)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from core.bars import BarHashes, feed_symbol
+
+if TYPE_CHECKING:
+    from analyzers.tracking.tracker import AccessTracker
+
+logger = logging.getLogger(__name__)
+
+
+Read = tuple["LineTag", int, int, int, Any]
+# (tag, ago, size, bar index in the line's own buffer, value). size 0 marks ``len()``; a value of
+# None on a number line marks a window read that returned nothing.
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeds and tags
+# ---------------------------------------------------------------------------------------------
+
+
+class FeedInfo:
+    """A source feed as resolution sees it: symbol, hash history and its datetime line.
+
+    Bar indexes are absolute (0 = the feed's first bar), also for feeds with bounded buffers.
+    """
+
+    __slots__ = ("dt", "feed", "hashes", "slot", "symbol")
+
+    def __init__(self, feed: Any) -> None:
+        self.slot = -1  # position in AccessTracker.capture()
+        self.feed = feed
+        self.symbol = feed_symbol(feed)
+        self.hashes: BarHashes | None = getattr(feed, "bar_hashes", None)
+        self.dt: Any = feed.lines.datetime
+
+    def current(self) -> int:
+        """Absolute index of the feed's current bar (-1 before its first bar)."""
+        return int(self.dt.lencount) - 1
+
+    def _offset(self) -> int:
+        # absolute index - array position (0 for unbounded buffers)
+        dt = self.dt
+        return int(dt.lencount) - 1 - int(dt._idx)
+
+    def buffered(self) -> int:
+        """Absolute index one past the newest bar held (preloaded: the whole file)."""
+        dt = self.dt
+        return len(dt.array) - int(dt.extension) + self._offset()
+
+    def time_num(self, index: int) -> float | None:
+        """backtrader day number of bar ``index``; None when it is not held."""
+        dt = self.dt
+        pos = index - self._offset()
+        if 0 <= pos < len(dt.array) - dt.extension:
+            return float(dt.array[pos])
+        return None
+
+    def index_at(self, num: float) -> int:
+        """Absolute index of the newest bar at or before day number ``num`` (-1: none)."""
+        dt = self.dt
+        n = len(dt.array) - int(dt.extension)
+        return bisect.bisect_right(dt.array, num, 0, n) - 1 + self._offset()
+
+    def capture(self) -> tuple[int, int, int, int]:
+        """The feed's position now, as four ints: ``(bars seen, array position, array length,
+        hashes known)``. Cheap (main thread, once per bar); :meth:`snapshot_of` turns it into
+        what resolution needs, later and on any thread when the feed's buffers only grow
+        (:attr:`AccessTracker.deferrable`)."""
+        dt = self.dt
+        hashes = self.hashes
+        return (
+            dt.lencount,
+            dt._idx,
+            len(dt.array) - dt.extension,
+            len(hashes) if hashes is not None else 0,
+        )
+
+    def snapshot_of(self, state: tuple[int, int, int, int]) -> Snapshot:
+        """``(current bar, absolute index - array position, one past the newest bar held,
+        datetime array, hash lookup)`` at the time ``state`` (:meth:`capture`) was taken."""
+        count, idx, held, known = state
+        cur = int(count) - 1
+        off = cur - int(idx)
+        hashes = self.hashes
+        at: Callable[[int], str | None] | None = None
+        if hashes is not None:
+            lookup = hashes.at
+            at = lambda i: lookup(i) if i < known else None  # noqa: E731
+        return cur, off, int(held) + off, self.dt.array, at
+
+    def snapshot(self) -> Snapshot:
+        """:meth:`snapshot_of` the feed's position now."""
+        return self.snapshot_of(self.capture())
+
+    def hash_at(self, index: int) -> str | None:
+        hashes = self.hashes
+        return hashes.at(index) if hashes is not None and index >= 0 else None
+
+
+# (current bar, absolute index - array position, one past the newest bar held, datetime array,
+# hash lookup by absolute index)
+Snapshot = tuple[int, int, int, Any, Callable[[int], str | None] | None]
+
+
+class LineTag:
+    """What a tracked line is: its label, the feed whose bars its positions follow (its clock)
+    and the source feeds its values come from, each with the newest bar offset it reaches
+    (``+1`` for ``d.close(1)``, ``-1`` for ``d.close(-1)``, 0 for ``sma``).
+
+    ``direct`` is true for a feed's own lines and text fields (the clock is the only source).
+    """
+
+    __slots__ = (
+        "clock",
+        "direct",
+        "field",
+        "line",
+        "out",
+        "pairs",
+        "steps",
+        "strict",
+        "tracker",
+    )
+
+    def __init__(
+        self,
+        tracker: AccessTracker,
+        line: Any,
+        field: str,
+        clock: FeedInfo | None,
+        *,
+        direct: bool,
+    ) -> None:
+        self.tracker = tracker
+        self.out = tracker.reads
+        self.strict = tracker.strict_lookahead
+        self.line = line
+        self.field = field
+        self.clock = clock
+        # whose positions the line's own follow: the clock feed, or the strategy's steps for a
+        # line clocked by the strategy (couplers): their bar times differ from any one feed's
+        self.steps = clock
+        self.direct = direct
+        # (source feed, newest bar offset, positions aligned with the line's own, causal):
+        # resolution maps a read to one bar of each source feed. Causal: the offset's forward
+        # part comes from forward-shifted lines computed bar by bar, whose value for bar t is
+        # only written at bar t + offset (NaN until then), so they cannot leak the future.
+        self.pairs: tuple[tuple[FeedInfo, int, bool, bool], ...] = (
+            ((clock, 0, True, True),) if clock else ()
+        )
+
+    @property
+    def symbol(self) -> str:
+        return self.clock.symbol if self.clock is not None else "?"

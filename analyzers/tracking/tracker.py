@@ -1,0 +1,606 @@
+"""The :class:`AccessTracker`: wires the proxies onto the agent's lines, collects raw reads, and
+resolves them into accesses (bar index, bar time, data hash, look-ahead)."""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import inspect
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import backtrader as bt
+from backtrader.linebuffer import LineActions, LineBuffer
+from backtrader.lineiterator import LineIterator
+
+from analyzers.schema import Access, DataAccess
+from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
+from analyzers.tracking.labels import scan_labels
+from analyzers.tracking.model import FeedInfo, LineTag, Read, Snapshot
+from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine
+from core.errors import LookAheadError
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
+from feeds.fields import TextLine
+
+logger = logging.getLogger(__name__)
+
+_tuple_new = tuple.__new__
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker
+# ---------------------------------------------------------------------------------------------
+
+
+class AccessTracker:
+    """Tracks one strategy's reads and resolves them per bar.
+
+    Attributes:
+        reads: raw reads since the last :meth:`drain` (appended while :data:`ACTIVE`).
+        strict_lookahead: raise :class:`LookAheadError` on a read that reaches a bar that is not
+            in the past of the current step.
+        gaps: what could not be tracked, as sentences (logged at start, stored in the run
+            metadata).
+        lookahead_total: look-ahead reads resolved so far.
+    """
+
+    def __init__(self, strict_lookahead: bool = False) -> None:
+        self.reads: list[Read] = []
+        self.strict_lookahead = strict_lookahead
+        self.gaps: list[str] = []
+        self.lookahead_total = 0
+        self.runonce = True
+        self.preload = False
+        self._warned: set[tuple[str, str, str]] = set()
+        self._tracked: list[tuple[Any, type]] = []
+        self._feeds: dict[int, FeedInfo] = {}
+        self._derived: list[LineTag] = []
+        self._dynamic: dict[int, Reach] = {}
+        self._stale = False
+        self._graph: _Graph | None = None
+        self._registered = 0
+        self._strategy: Any = None
+        # every FeedInfo resolution may use (source feeds and strategy step clocks), in the
+        # order of :meth:`capture`; FeedInfo.slot is the position
+        self._infos: list[FeedInfo] = []
+        # serialises resolution (the writer thread and the owner may both resolve deferred
+        # bars) and the refresh of the tags' sources
+        self.resolve_lock = threading.Lock()
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def feed_info(self, feed: Any) -> FeedInfo:
+        info = self._feeds.get(id(feed))
+        if info is None:
+            info = self._feeds[id(feed)] = self._add_info(FeedInfo(feed))
+        return info
+
+    def _add_info(self, info: FeedInfo) -> FeedInfo:
+        info.slot = len(self._infos)
+        self._infos.append(info)
+        return info
+
+    @property
+    def deferrable(self) -> bool:
+        """Whether a bar's reads can be resolved later, on another thread, from
+        :meth:`capture`: not in strict mode (it raises at the read), and every buffer
+        resolution looks at only grows (preloaded, unbounded line buffers; data hashes never
+        evicted). Live feeds with bounded buffers resolve on the main thread."""
+        if self.strict_lookahead or not self.preload:
+            return False
+        for info in self._infos:
+            if getattr(info.dt, "mode", None) != LineBuffer.UnBounded:
+                return False
+            hashes = info.hashes  # a bounded BarHashes (live feeds) evicts old hashes
+            if (
+                hashes is not None
+                and isinstance(getattr(hashes, "_hashes", None), deque)
+                and getattr(hashes, "_source", None) is None
+            ):
+                return False
+        return True
+
+    def capture(self) -> tuple[tuple[int, int, int, int], ...]:
+        """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
+        (main thread, once per bar; a few ints per feed)."""
+        return tuple([info.capture() for info in self._infos])
+
+    def track_feed(self, data: Any) -> int:
+        """Track every line of a data feed (OHLCV, extras, text fields). Returns lines tracked.
+
+        ``datetime`` is left alone: it is when, not what.
+        """
+        info = self.feed_info(data)
+        n = 0
+        for i, alias in enumerate(data.lines.getlinealiases()):
+            if alias == "datetime":
+                continue
+            line = data.lines[i]
+            if self._swap(line, LineTag(self, line, alias, info, direct=True)):
+                n += 1
+        for name, text_line in getattr(data, "text_lines", {}).items():
+            if isinstance(text_line, TextLine) and type(text_line) is TextLine:
+                text_line._fmel_tag = LineTag(  # type: ignore[attr-defined]
+                    self, text_line, name, info, direct=True
+                )
+                text_line.__class__ = _TrackedTextLine
+                self._tracked.append((text_line, TextLine))
+                n += 1
+        if info.hashes is None:
+            self._gap(
+                f"feed {info.symbol} has no data hashes (a resampled, replayed or custom feed): "
+                "its reads are recorded with data_hash NULL"
+            )
+        return n
+
+    def track_strategy(self, strategy: Any, *, track_indicators: bool = True) -> None:
+        """Track the strategy's feeds and (optionally) every line object it created.
+
+        Labels: see :func:`scan_labels`. Also notes what cannot be tracked (:attr:`gaps`).
+        """
+        self._strategy = strategy
+        cerebro = getattr(strategy, "cerebro", None)
+        self.runonce = bool(
+            getattr(cerebro, "_dorunonce", False) and getattr(cerebro, "_dopreload", False)
+        )
+        self.preload = bool(getattr(cerebro, "_dopreload", False))
+        for data in strategy.datas:
+            self.track_feed(data)
+        if not track_indicators:
+            return
+        self._graph = _Graph(self._dynamic)
+        self._track_registry(strategy)
+        self._scan_source(type(strategy))
+
+    def _track_registry(self, strategy: Any) -> None:
+        labels, held_arrays, truncated = scan_labels(strategy)
+        assert self._graph is not None
+        tracked_arrays: dict[int, str] = {}
+        for tag in self._tags_of_feeds():
+            tracked_arrays[id(tag.line.array)] = f"{tag.symbol}.{tag.field}"
+        unlabelled: list[str] = []
+
+        def visit(parent: Any, parent_label: str) -> None:
+            counts: dict[str, int] = {}
+            for child in _children(parent):
+                if isinstance(child, bt.AbstractDataBase):
+                    continue
+                label = labels.get(id(child))
+                if label is None:
+                    cls = type(child).__name__.lstrip("_")
+                    k = counts.get(cls, 0)
+                    counts[cls] = k + 1
+                    label = f"{parent_label}.{cls}#{k}" if parent_label else f"{cls}#{k}"
+                    if not parent_label:
+                        unlabelled.append(label)
+                for field, line in _named_lines(child, label, labels):
+                    if getattr(line, "_fmel", None) is None and isinstance(line, LineBuffer):
+                        tag = self._derived_tag(line, field)
+                        self._swap(line, tag)
+                        tracked_arrays.setdefault(id(line.array), f"{tag.symbol}.{tag.field}")
+                if isinstance(child, LineIterator):
+                    self._check_once(child, label)
+                    visit(child, label)
+
+        visit(strategy, "")
+        self._registered = len(_children(strategy))
+        for path, arr_id in held_arrays:
+            what = tracked_arrays.get(arr_id)
+            if what is not None:
+                self._gap(
+                    f"self.{path} holds the raw value buffer (.array) of {what}: reads through "
+                    "it are not recorded and not checked for look-ahead"
+                )
+        if unlabelled:
+            logger.info(
+                "FMEL: %d line objects the agent created are not held where the label scan "
+                "looks (%s%s); their reads are recorded under these labels",
+                len(unlabelled),
+                ", ".join(unlabelled[:8]),
+                ", ..." if len(unlabelled) > 8 else "",
+            )
+        if truncated:
+            logger.info("FMEL: label scan stopped at %s", truncated)
+
+    def _tags_of_feeds(self) -> Iterator[LineTag]:
+        for line, _ in self._tracked:
+            tag = getattr(line, "_fmel", None)
+            if isinstance(tag, LineTag):
+                yield tag
+
+    def _derived_tag(self, line: Any, field: str) -> LineTag:
+        root = _clock_root(line)
+        steps = None
+        if isinstance(root, bt.Strategy):
+            steps = self._add_info(FeedInfo(root))  # not a source: only its bar times are used
+            root = root.datas[0] if root.datas else None
+        clock = self.feed_info(root) if root is not None else None
+        if clock is not None:  # sma["GOOG"] / sma[data] read as field "sma" of symbol GOOG
+            field = field.replace(f"[{clock.symbol}]", "") or field
+        tag = LineTag(self, line, field, clock, direct=False)
+        if steps is not None:
+            tag.steps = steps
+        self._set_sources(tag)
+        self._derived.append(tag)
+        return tag
+
+    def _set_sources(self, tag: LineTag) -> None:
+        graph = self._graph
+        assert graph is not None
+        reach = graph.reach(tag.line)
+        sources = [(self.feed_info(feed), off, causal) for feed, off, causal in reach.values()]
+        if not sources and tag.clock is not None:
+            sources = [(tag.clock, 0, True)]
+        # the clock first, then by symbol: a stable order for the records
+        sources.sort(key=lambda s: (s[0] is not tag.clock, s[0].symbol))
+        runonce = self.runonce
+        tag.pairs = tuple(
+            (info, off, runonce or info is tag.steps, causal and not runonce)
+            for info, off, causal in sources
+        )
+
+    def _swap(self, line: Any, tag: LineTag) -> bool:
+        if not isinstance(line, LineBuffer) or isinstance(getattr(line, "_fmel", None), LineTag):
+            return False
+        original = type(line)
+        line._fmel = tag
+        line.__class__ = _tracked_class(original)
+        self._tracked.append((line, original))
+        return True
+
+    def sync(self) -> None:
+        """Track line objects the agent created after start (e.g. in ``next()``); cheap when
+        there are none (one ``len``)."""
+        strategy = self._strategy
+        if strategy is None or self._graph is None:
+            return
+        if len(strategy._lineiterators.get(_IND, ())) == self._registered:
+            return
+        logger.warning(
+            "FMEL: the agent created line objects after start (in next()?); tracked from now on"
+        )
+        self._graph = _Graph(self._dynamic)
+        self._track_registry(strategy)
+
+    def untrack_all(self) -> None:
+        """Give every tracked line its original class back (after the run)."""
+        for line, original in self._tracked:
+            line.__class__ = original
+            if isinstance(line, TextLine):
+                line._fmel_tag = None  # type: ignore[attr-defined]
+            else:
+                line._fmel = None
+        self._tracked.clear()
+
+    # -- what cannot be tracked -------------------------------------------------------------
+
+    def _gap(self, text: str) -> None:
+        if text not in self.gaps:
+            self.gaps.append(text)
+            logger.warning("FMEL cannot track: %s", text)
+
+    def _check_once(self, it: Any, label: str) -> None:
+        cls = type(it)
+        if cls.__module__.startswith("backtrader"):
+            return
+        for name in ("once", "preonce", "oncestart"):
+            impl = getattr(cls, name, None)
+            base = getattr(bt.Indicator, name, None)
+            if impl is not None and impl is not base and _defined_outside_backtrader(impl):
+                self._gap(
+                    f"{label} ({cls.__name__}) computes in {name}() on raw arrays: a look at "
+                    "future bars made there is not detected"
+                )
+
+    def _scan_source(self, cls: type) -> None:
+        """Flag raw-buffer reads in the agent's module source (``.array``, ``plotrange``)."""
+        try:
+            path = inspect.getsourcefile(cls)
+            source = inspect.getsource(sys.modules[cls.__module__])
+        except (OSError, TypeError, KeyError):
+            return
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            return
+        modules = {  # np.array, array.array: not line buffers
+            alias.asname or alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        hits = sorted(
+            {
+                node.lineno
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and node.attr in ("array", "plotrange")
+                and not (isinstance(node.value, ast.Name) and node.value.id in modules)
+            }
+        )
+        if hits:
+            where = ", ".join(str(n) for n in hits[:10])
+            self._gap(
+                f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
+                f"{where}: those reads are not recorded and not checked for look-ahead"
+            )
+
+    # -- look-ahead inside indicators (found while they compute) -----------------------------
+
+    def internal_future_read(self, line: Any, ago: int, depth: int = 2) -> None:
+        """A line iterator (not the agent) read ``line[ago]`` with ``ago > 0`` while computing:
+        everything built on it reaches ``ago`` bars further."""
+        tag: LineTag = line._fmel
+        frame: FrameType | None = sys._getframe(depth)
+        reader = None
+        for _ in range(6):
+            if frame is None:
+                break
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, LineIterator | LineActions) and not isinstance(
+                obj, bt.Strategy | bt.Observer
+            ):
+                reader = obj
+                break
+            frame = frame.f_back
+        if reader is None or self._graph is None:
+            return
+        found = self._graph.reach(line)
+        dyn = self._dynamic.setdefault(id(reader), {})
+        grew = False
+        for key, (feed, off, _) in found.items():
+            if key not in dyn or dyn[key][1] < off + ago:
+                dyn[key] = (feed, off + ago, False)
+                grew = True
+        if grew:
+            self._stale = True
+            logger.warning(
+                "look-ahead: %s reads %s.%s[%d] (a future bar) in its own code; reads of it and "
+                "of everything built on it are flagged",
+                type(reader).__name__,
+                tag.symbol,
+                tag.field,
+                ago,
+            )
+
+    @property
+    def stale(self) -> bool:
+        """An indicator was found reading future bars: the tags' sources need a
+        :meth:`refresh` before the next bar resolves."""
+        return self._stale
+
+    def refresh(self) -> None:
+        """Recompute the tags' sources (main thread; serialised with resolution)."""
+        with self.resolve_lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self._stale = False
+        self._graph = _Graph(self._dynamic)
+        for tag in self._derived:
+            self._set_sources(tag)
+
+    # -- per bar ----------------------------------------------------------------------------
+
+    def drain(self) -> list[Read]:
+        """The raw reads since the last call (every tag appends to the same list, so it is
+        copied and cleared)."""
+        reads = self.reads[:]
+        self.reads.clear()
+        return reads
+
+    def check_strict(self) -> None:
+        """Strict mode, called right after a read: raise if it reached a bar not in the past."""
+        self.resolve(self.reads[-1:], count=False)
+
+    def resolve(
+        self,
+        reads: list[Read],
+        count: bool = True,
+        state: tuple[tuple[int, int, int, int], ...] | None = None,
+    ) -> tuple[tuple[DataAccess, ...], int]:
+        """Resolve raw reads to decision-record rows: one :class:`Access` per read and source
+        feed (a read of an indicator over two feeds appears under both symbols with the same
+        ``seq``), grouped by symbol in order of first read.
+
+        Args:
+            reads: one bar's raw reads, in read order.
+            count: add the look-ahead reads to :attr:`lookahead_total`.
+            state: the feeds' positions when the reads were made (:meth:`capture`); ``None``:
+                now (the main thread, right after the reads). With a state, any thread may
+                call this, when :attr:`deferrable` (serialised by :attr:`resolve_lock`).
+
+        Returns:
+            ``(data_accessed, lookahead reads)``.
+
+        Raises:
+            LookAheadError: in strict mode, on the first read that reached a bar that is not in
+                the past of its feed's current bar.
+        """
+        if state is None and self._stale:
+            self._refresh()
+        new = _tuple_new
+        groups: dict[str, list[Access]] = {}
+        infos: dict[str, FeedInfo] = {}
+        snaps = _Snaps(state)
+        lookaheads = 0
+        for seq, (tag, ago, size, index, value) in enumerate(reads):
+            info = tag.clock
+            if tag.direct and size == 1 and value.__class__ is float and info is not None:
+                # the common read, d.close[-1]: one source, the feed's own bar
+                cur, off, nbuf, times, at = snaps[info]
+                if 0 <= index < nbuf:
+                    la = index > cur
+                    acc = new(
+                        Access,
+                        (
+                            seq,
+                            tag.field,
+                            ago,
+                            1,
+                            index,
+                            at(index) if at is not None else None,
+                            value,
+                            None,
+                            la,
+                            round((times[index - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3),
+                        ),
+                    )
+                    infos.setdefault(info.symbol, info)
+                    groups.setdefault(info.symbol, []).append(acc)
+                    if la:
+                        lookaheads += 1
+                        self._lookahead(tag, ago, _reason(tag, ago, index, 0, cur, info))
+                    continue
+            if self._resolve_one(tag, seq, ago, size, index, value, snaps, groups, infos):
+                lookaheads += 1
+        out = []
+        for symbol, accesses in groups.items():
+            cur, _, _, _, at = snaps[infos[symbol]]
+            fields = tuple(dict.fromkeys([a[1] for a in accesses]))
+            digest = at(cur) if at is not None and cur >= 0 else None
+            out.append(new(DataAccess, (symbol, digest, fields, tuple(accesses))))
+        if count:
+            self.lookahead_total += lookaheads
+        return tuple(out), lookaheads
+
+    def _resolve_one(
+        self,
+        tag: LineTag,
+        seq: int,
+        ago: int,
+        size: int,
+        index: int,
+        value: Any,
+        snaps: _Snaps,
+        groups: dict[str, list[Access]],
+        infos: dict[str, FeedInfo],
+    ) -> bool:
+        """Any read: a window, ``len()``, text, a derived line with several source feeds.
+        Appends one :class:`Access` per source feed to ``groups``; returns whether it looked
+        ahead."""
+        new = _tuple_new
+        field = tag.field
+        text = None
+        num = None
+        returned = True  # False: a window that returned nothing
+        if size == 0:
+            field, num = "len", float(index + 1)
+        elif value is None:
+            returned = isinstance(tag.line, TextLine) and index >= 0
+        elif value.__class__ is str:
+            text = value
+        else:
+            num = float(value)
+        ahead = False
+        reason = ""
+        pairs = tag.pairs
+        if size == 0 and not tag.direct:  # len() of a derived line: its clock's bar count
+            clock = tag.clock
+            pairs = ((clock, 0, tag.steps is clock, True),) if clock is not None else ()
+        for info, offset, aligned, causal in pairs:
+            cur, off, nbuf, times, at = snaps[info]
+            if tag.direct:
+                bar = index
+            elif aligned:
+                bar = index + offset
+            else:
+                bar, wrapped = self._time_map(tag, info, index, snaps)
+                bar += offset
+                if wrapped:
+                    reason = f"{info.symbol} had not started when this value was computed"
+            got = returned and 0 <= bar < nbuf
+            if size == 0 or (got and causal and offset > 0 and bar > cur):
+                # len() returns a count, not a bar's value; a forward-shifted line computed
+                # bar by bar is NaN until its bar arrives: neither looks ahead
+                la = False
+                got = got and size == 0
+            else:
+                la = got and bar > cur
+            if la:
+                ahead = True
+                if not reason:
+                    reason = _reason(tag, ago, index, offset, cur, info)
+            if got:
+                digest = at(bar) if at is not None else None
+                when = round((times[bar - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3)
+            else:
+                digest = when = None
+            acc = new(Access, (seq, field, ago, size or 1, bar, digest, num, text, la, when))
+            infos.setdefault(info.symbol, info)
+            groups.setdefault(info.symbol, []).append(acc)
+        if ahead:
+            self._lookahead(tag, ago, reason)
+        return ahead
+
+    def _time_map(
+        self, tag: LineTag, info: FeedInfo, index: int, snaps: _Snaps
+    ) -> tuple[int, bool]:
+        """Next-bar mode, a source that is not the line's clock: the source's bar when the value
+        at ``index`` was computed. A source that had no bar yet was read at index -1 of its
+        buffer, i.e. its newest buffered bar (wrapped around)."""
+        cur, off, nbuf, times, _ = snaps[info]
+        steps = tag.steps
+        num = None
+        if steps is not None:
+            _, s_off, s_nbuf, s_times, _ = snaps[steps]
+            if index < s_nbuf and index - s_off >= 0:
+                num = float(s_times[index - s_off])
+        if num is None:
+            return cur, False
+        bar = bisect.bisect_right(times, num, 0, nbuf - off) - 1 + off
+        if bar < 0:
+            return nbuf - 1, True
+        return bar, False
+
+    def _lookahead(self, tag: LineTag, ago: int, reason: str) -> None:
+        text = f"agent read {tag.symbol}.{tag.field}[{ago}]: {reason}"
+        if self.strict_lookahead:
+            raise LookAheadError(f"{text} (FMEL_STRICT_LOOKAHEAD is on)")
+        key = (tag.symbol, tag.field, reason)
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("look-ahead: %s; flagged in the decision record", text)
+
+
+class _Snaps(dict[FeedInfo, Snapshot]):
+    """Each feed's :data:`Snapshot` for one bar, made on first use: from the captured state
+    (:meth:`AccessTracker.capture`) when there is one, else from the feed now."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: tuple[tuple[int, int, int, int], ...] | None) -> None:
+        super().__init__()
+        self.state = state
+
+    def __missing__(self, info: FeedInfo) -> Snapshot:
+        state = self.state
+        snap = info.snapshot() if state is None else info.snapshot_of(state[info.slot])
+        self[info] = snap
+        return snap
+
+
+def _reason(tag: LineTag, ago: int, index: int, offset: int, current: int, info: FeedInfo) -> str:
+    if offset > 0:
+        return f"a line shifted {offset} bar(s) forward reaches the future bar of {info.symbol}"
+    if ago > 0:
+        return f"index {ago} is a future bar"
+    if current < 0:
+        return (
+            f"{info.symbol} has not started yet, so backtrader's buffer wrapped around to its "
+            "last bar"
+        )
+    return (
+        f"index {ago} is before the first bar, so backtrader's buffer wrapped around to bar "
+        f"{index + offset} of {info.symbol}"
+    )
+
+
+def _defined_outside_backtrader(fn: Any) -> bool:
+    module = getattr(fn, "__module__", "") or ""
+    return not module.startswith("backtrader")

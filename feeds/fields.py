@@ -8,17 +8,18 @@ import inspect
 import re
 import sys
 from collections import deque
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import backtrader as bt
 
 from core.bars import RESERVED_NAMES
 
+_LINE_N = re.compile(r"^line_?\d+$")  # backtrader's positional line aliases (line0, line_0)
 _ASSIGNED = re.compile(r"\b(?:self|_obj|obj)\.([A-Za-z]\w*)\s*=(?!=)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def attribute_names(cls: type) -> frozenset[str]:
     """Every public attribute name an instance of the feed class ``cls`` has or may get: the
     names of ``cls``, of its ``lines`` class and of their bases (``forward``, ``home``,
@@ -32,7 +33,7 @@ def attribute_names(cls: type) -> frozenset[str]:
     classes: list[type] = list(cls.__mro__)
     lines = getattr(cls, "lines", None)
     if isinstance(lines, type):
-        classes += list(lines.__mro__) + list(type(lines).__mro__)
+        classes += [*inspect.getmro(lines), *inspect.getmro(type(lines))]
     names: set[str] = set()
     modules = set()
     for c in classes:
@@ -58,12 +59,14 @@ def reserved_reason(name: str, feed_cls: type | None = None) -> str | None:
 
     Reserved: :data:`core.bars.RESERVED_NAMES`, every attribute of backtrader's feeds
     (:data:`BACKTRADER_NAMES`) and of ``feed_cls``, names starting with ``_``, and ``tick_*``
-    (backtrader sets ``tick_<line>`` on the feed for every line).
+    (backtrader sets ``tick_<line>`` on the feed for every line), ``line<N>``/``line_<N>``.
     """
     if name.startswith("_"):
         return "names starting with _ are private in Python"
     if name.startswith("tick_"):
         return "backtrader sets tick_<field> attributes on the feed"
+    if _LINE_N.match(name):
+        return "backtrader names every line line<N> and line_<N> too"
     if name in RESERVED_NAMES or name in BACKTRADER_NAMES:
         return "a name backtrader's feed or this runtime uses"
     if feed_cls is not None and name in attribute_names(feed_cls):

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.errors import AppError, ConfigError, DataError
+from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, TransientError
 from feeds.ingest import IngestConfig, Ingestor
 from feeds.pubsub.clients import publisher_client, resource_path
 from runtime.config import OpsConfig, load_process_ingest_config
@@ -139,18 +139,60 @@ class IngestMetrics:
         self.connection.labels(event=event).inc()
 
 
-def ensure_topic(client: Any, topic_path: str) -> None:
-    """Create the topic unless it exists."""
-    from google.api_core import exceptions as gexc
+def ensure_topic(
+    client: Any,
+    topic_path: str,
+    *,
+    deadline_s: float,
+    attempt_timeout_s: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Create the topic unless it exists, within ``deadline_s`` seconds in all.
 
+    google-cloud-pubsub's default retry for ``CreateTopic`` keeps trying an unreachable server
+    for up to 600 s (the GAPIC default ``Retry(timeout=600)``); a process that cannot reach
+    Pub/Sub at start must say so quickly, so the call gets an explicit
+    ``google.api_core.retry.Retry`` (transient errors only, 0.2 s -> 2 s backoff, ``deadline_s``
+    in all) and a per-attempt ``attempt_timeout_s``. ``stop`` (set by SIGTERM) ends the retries
+    at the next failed attempt.
+
+    A topic that does not exist is created (the deployer may also create it; with
+    ``roles/pubsub.publisher`` only, creation is refused and the topic is used as it is).
+
+    Raises:
+        TransientError: Pub/Sub unreachable or failing for ``deadline_s``, or ``stop`` set.
+        ConfigError: the topic path is invalid (``InvalidArgument``).
+    """
+    from google.api_core import exceptions as gexc
+    from google.api_core import retry as gretry
+
+    def on_error(error: Exception) -> None:
+        if stop is not None and stop.is_set():
+            raise RetryInterruptedError(f"stopped while reaching Pub/Sub: {error}") from error
+        logger.warning("Pub/Sub not reachable yet (%s); retrying", error)
+
+    retry = gretry.Retry(
+        predicate=gretry.if_transient_error,
+        initial=0.2,
+        maximum=2.0,
+        multiplier=2.0,
+        timeout=deadline_s,
+        on_error=on_error,
+    )
     try:
-        client.create_topic(request={"name": topic_path})
+        client.create_topic(request={"name": topic_path}, retry=retry, timeout=attempt_timeout_s)
         logger.info("created topic %s", topic_path)
     except gexc.AlreadyExists:
         pass
     except gexc.PermissionDenied:
         # Least privilege (roles/pubsub.publisher): the topic is created by the deployer.
         logger.info("no permission to create topics; publishing to %s as it is", topic_path)
+    except gexc.InvalidArgument as e:
+        raise ConfigError(f"PUBSUB_TOPIC: Pub/Sub refused the topic {topic_path!r}: {e}") from e
+    except (gexc.RetryError, gexc.GoogleAPICallError) as e:
+        raise TransientError(
+            f"Pub/Sub not reachable within {deadline_s:.0f} s creating {topic_path}: {e}"
+        ) from e
 
 
 class IngestProcess:
@@ -197,10 +239,36 @@ class IngestProcess:
             )
             try:
                 self.health.start()
-            except OSError as e:
+            except (OSError, OverflowError, ValueError) as e:
+                # OverflowError: a port above 65535 (socket.bind's own check).
                 raise ConfigError(f"HEALTH_PORT={self.ops.health_port}: cannot serve ({e})") from e
+        topic_ok = threading.Event()
+        if self.health is not None:
+            # Neither alive nor ready before the topic answered (a pod that cannot reach
+            # Pub/Sub is not healthy; ensure_topic below gives up within its deadline).
+            def topic_check() -> tuple[bool, str]:
+                ok = topic_ok.is_set()
+                return ok, "topic reachable" if ok else "reaching the Pub/Sub topic"
+
+            self.health.add_check("topic", topic_check)
+            self.health.add_check("topic", topic_check, liveness=True)
         try:
-            ensure_topic(self.client, self.topic_path)
+            try:
+                ensure_topic(
+                    self.client,
+                    self.topic_path,
+                    deadline_s=min(30.0, 3 * self.config.request_timeout_s),
+                    attempt_timeout_s=min(
+                        self.config.request_timeout_s, self.ops.shutdown_timeout_s / 2
+                    ),
+                    stop=self._stop,
+                )
+            except RetryInterruptedError:
+                logger.warning("stopped before the topic was reached; nothing was published")
+                return 0
+            if self._stop.is_set():
+                return 0
+            topic_ok.set()
             ingestor = self.ingestor = Ingestor(
                 self.config, self.client, self.topic_path, events=self.metrics
             )

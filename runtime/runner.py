@@ -442,7 +442,9 @@ class Runner:
                 f"{data}, likely fewer than an indicator's period; give more bars or smaller "
                 "periods with AGENT_PARAMS"
             )
-        return AppError(f"agent {agent} failed while building ({what}); LOG_LEVEL=DEBUG shows where")
+        return AppError(
+            f"agent {agent} failed while building ({what}); LOG_LEVEL=DEBUG shows where"
+        )
 
     def _close_components(self) -> None:
         for name, fn in self._closers:

@@ -522,6 +522,14 @@ class AccessTracker:
                 got = got and size == 0
             else:
                 la = got and bar > cur
+                if not la and offset > 0 and returned and bar >= nbuf > 0 and num == num:
+                    # a forward-shifted line on the last bars: backtrader's buffer wrapped
+                    # around to the first bar and served its (not NaN) value
+                    la = True
+                    reason = (
+                        f"a line shifted {offset} bar(s) forward reaches past the last bar of "
+                        f"{info.symbol}: backtrader's buffer wrapped around to its first bar"
+                    )
             if la:
                 ahead = True
                 if not reason:

@@ -173,6 +173,12 @@ def _decode_header(raw: memoryview, delimiter: str, where: str) -> list[str]:
             'closed, or text follows a closing quote; write a literal " as ""'
         ) from e
     header = [c.strip() for c in first]
+    broken = [c for c in header if "\n" in c or "\r" in c]
+    if broken:
+        raise DataError(
+            f"{where} line 1: column name {broken[0]!r} holds a line break; put the header on "
+            "one line"
+        )
     if not any(header):
         raise DataError(f"{where} line 1: the first line is blank; expected the header")
     return header

@@ -177,6 +177,7 @@ def parse_times(
     if fmt in EPOCH_UNITS:
         parsed = _parse_epoch(text, EPOCH_UNITS[fmt])
         aware = True
+        _check_epoch_unit(parsed, text, fmt, lines, where)
     elif fmt:
         aware = "%z" in fmt or "%Z" in fmt
         parsed = pd.to_datetime(text.to_pandas(), format=fmt, errors="coerce", utc=aware)
@@ -261,8 +262,8 @@ def _refuse_unpadded(text: pa.Array, fmt: str, bad: dict[int, str]) -> None:
     for i in np.flatnonzero(filled & (lengths != usual)):
         bad.setdefault(
             int(i),
-            f"date {text[int(i)].as_py()!r} has {lengths[i]} characters where a zero-padded one has "
-            f"{usual}: {fmt} needs zero-padded values (2020-01-03 as 20200103)",
+            f"date {text[int(i)].as_py()!r} has {lengths[i]} characters where a zero-padded "
+            f"one has {usual}: {fmt} needs zero-padded values (2020-01-03 as 20200103)",
         )
 
 
@@ -327,6 +328,32 @@ def _localise(wall: pd.Series, timezone: str) -> tuple[pd.Series, np.ndarray]:
     local = wall.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
     lost = np.asarray((local.isna() & wall.notna()).to_numpy(), dtype=bool)
     return local, lost
+
+
+_EPOCH_FLOOR = pd.Timestamp("1971-01-01", tz="UTC")
+
+
+def _check_epoch_unit(
+    parsed: pd.Series, text: pa.Array, fmt: str, lines: np.ndarray, where: str
+) -> None:
+    """Refuse Unix times read in too large a unit: bars before 1971 (``epoch_ms`` over a file
+    of seconds puts 2021 in January 1970) are far more likely a wrong unit than real data.
+
+    Raises:
+        DataError: naming the first such line and the unit its digits suggest.
+    """
+    early = np.flatnonzero(np.asarray((parsed < _EPOCH_FLOOR).to_numpy(), dtype=bool))
+    if not len(early):
+        return
+    i = int(early[0])
+    value = str(text[i].as_py())
+    digits = len(value.lstrip("+-").split(".")[0])
+    unit = {10: "epoch_s", 13: "epoch_ms", 16: "epoch_us", 19: "epoch_ns"}.get(digits)
+    hint = f" (its {digits} digits suggest {unit})" if unit and unit != fmt else ""
+    raise DataError(
+        f"{where} line {lines[i]}: {value!r} read as {fmt} is before 1971; "
+        f"CSV_DATETIME_FORMAT is likely the wrong unit{hint}"
+    )
 
 
 def _parse_epoch(text: pa.Array, unit: str) -> pd.Series:

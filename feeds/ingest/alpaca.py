@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -38,12 +38,15 @@ from feeds.ingest.config import IngestConfig
 
 __all__ = [
     "AUTH_FATAL",
+    "INELIGIBLE_CONDITIONS",
     "AlpacaBar",
     "History",
     "StreamHooks",
     "TradeTick",
+    "eligible",
     "is_transient",
     "make_stream",
+    "ordered_trades",
     "parse_rfc3339_ns",
     "rest_bar",
     "rest_trade",
@@ -82,11 +85,61 @@ class AlpacaBar(NamedTuple):
 
 
 class TradeTick(NamedTuple):
-    """One trade: ``t`` as integer nanoseconds since the epoch (UTC), ``p``, ``s``."""
+    """One trade: ``t`` as integer nanoseconds since the epoch (UTC), ``p``, ``s``, Alpaca's
+    trade id ``i`` (``-1`` unknown) and its condition codes ``c``."""
 
     ns: int
     price: float
     size: float
+    id: int = -1
+    conditions: tuple[str, ...] = ()
+
+
+# Sale conditions of trades that do not set a bar's last price, so they are left out of the risk
+# metrics (an odd lot, an average-price or out-of-sequence print is off the tape's price
+# path: condition I multiplied realized variance by 400 in attack 16). Alpaca's trade
+# ``c`` field carries the SIP's codes ("c: array, trade condition"; docs.alpaca.markets/docs/
+# real-time-stock-pricing-data and /v2/stocks/meta/conditions/trade). CTA/UTP "does not update
+# last sale" codes: I odd lot, W average price, Z sold out of sequence, C cash, N next day,
+# R seller, 4 derivatively priced, 7 qualified contingent trade, 9 corrected consolidated close.
+INELIGIBLE_CONDITIONS = frozenset({"I", "W", "Z", "C", "N", "R", "4", "7", "9"})
+
+
+def eligible(trade: TradeTick) -> bool:
+    """True when ``trade`` may enter the risk metrics (no :data:`INELIGIBLE_CONDITIONS`)."""
+    return not INELIGIBLE_CONDITIONS.intersection(trade.conditions)
+
+
+def ordered_trades(ticks: Iterable[TradeTick]) -> list[TradeTick]:
+    """``ticks`` in time order, ties by trade id, each trade id once, ineligible ones left out.
+
+    Live trades arrive in any order and a reconnect may deliver one twice; sorting by
+    ``(t, i)`` and keeping each id once makes the window the same as history's.
+    """
+    seen: set[int] = set()
+    out: list[TradeTick] = []
+    for t in sorted(ticks, key=lambda t: (t.ns, t.id)):
+        if t.id >= 0:
+            if t.id in seen:
+                continue
+            seen.add(t.id)
+        if eligible(t):
+            out.append(t)
+    return out
+
+
+def _conditions(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    c = raw.get("c")
+    if c is None:
+        return ()
+    if isinstance(c, str):
+        return (c,)
+    return tuple(str(x) for x in c)
+
+
+def _id(raw: Mapping[str, Any]) -> int:
+    i = raw.get("i")
+    return -1 if i is None else int(i)
 
 
 def parse_rfc3339_ns(text: str) -> int:
@@ -161,12 +214,20 @@ def rest_bar(symbol: str, raw: Mapping[str, Any]) -> AlpacaBar:
 
 def stream_trade(raw: Mapping[str, Any]) -> TradeTick:
     """A ``{"T":"t", ...}`` stream message as :class:`TradeTick`."""
-    return TradeTick(_stream_ns(raw["t"]), float(raw["p"]), float(raw["s"]))
+    return TradeTick(
+        _stream_ns(raw["t"]), float(raw["p"]), float(raw["s"]), _id(raw), _conditions(raw)
+    )
 
 
 def rest_trade(raw: Mapping[str, Any]) -> TradeTick:
     """One trade of a historical trades answer as :class:`TradeTick`."""
-    return TradeTick(parse_rfc3339_ns(str(raw["t"])), float(raw["p"]), float(raw["s"]))
+    return TradeTick(
+        parse_rfc3339_ns(str(raw["t"])),
+        float(raw["p"]),
+        float(raw["s"]),
+        _id(raw),
+        _conditions(raw),
+    )
 
 
 # -- stream -----------------------------------------------------------------------------------
@@ -354,7 +415,7 @@ class History:
     def trades(
         self, symbols: Sequence[str], start: datetime, end: datetime
     ) -> dict[str, list[TradeTick]]:
-        """Trades with ``start <= t <= end`` of each symbol, in time order (stable)."""
+        """Trades with ``start <= t <= end`` of each symbol, as :func:`ordered_trades`."""
         request = self._request("trades", symbols, start, end)
         c = self._client
         fn = (
@@ -363,9 +424,7 @@ class History:
             else (lambda: c.get_crypto_trades(request))
         )
         raw = self._call(f"history trades {len(symbols)} symbols {start:%Y-%m-%dT%H:%M}", fn)
-        return {
-            s: sorted((rest_trade(t) for t in raw.get(s, [])), key=lambda t: t.ns) for s in symbols
-        }
+        return {s: ordered_trades(rest_trade(t) for t in raw.get(s, [])) for s in symbols}
 
     def close(self) -> None:
         self._client._session.close()

@@ -7,6 +7,7 @@ Pure: no I/O, nothing of ours but :mod:`core`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -158,14 +159,36 @@ class IngestConfig:
         if len(set(self.symbols)) != len(self.symbols):
             raise ConfigError(f"SYMBOLS={','.join(self.symbols)}: expected each symbol once")
         if self.asset_class == "crypto":
-            bad = [s for s in self.symbols if "/" not in s]
+            bad = [s for s in self.symbols if not _CRYPTO_SYMBOL.fullmatch(s)]
             if bad:
                 raise ConfigError(
-                    f"SYMBOLS: crypto symbols are BASE/QUOTE pairs, e.g. BTC/USD; got {bad}"
+                    f"SYMBOLS: crypto symbols are upper-case BASE/QUOTE pairs, e.g. BTC/USD; "
+                    f"got {bad}"
+                )
+        else:
+            bad = [s for s in self.symbols if not _STOCK_SYMBOL.fullmatch(s)]
+            if bad:
+                raise ConfigError(
+                    f"SYMBOLS: stock symbols are upper-case tickers (letters, digits, '.' for a "
+                    f"share class, e.g. BRK.B; no wildcard '*', no spaces, no '/'); got {bad}"
                 )
         if not self.topic or "," in self.topic:
             raise ConfigError(
                 f"PUBSUB_TOPIC={self.topic!r}: the ingestor publishes to exactly one topic"
+            )
+        name = self.topic
+        if name.startswith("projects/"):
+            parts = name.split("/")
+            if len(parts) != 4 or parts[2] != "topics" or not parts[1]:
+                raise ConfigError(
+                    f"PUBSUB_TOPIC={self.topic!r}: expected a topic id or "
+                    "projects/<project>/topics/<topic>"
+                )
+            name = parts[3]
+        if not _TOPIC_ID.fullmatch(name) or name.lower().startswith("goog"):
+            raise ConfigError(
+                f"PUBSUB_TOPIC={self.topic!r}: a topic id is 3-255 characters, starts with a "
+                "letter, holds letters, digits and - _ . ~ + % only, and does not start with goog"
             )
         if not self.project and not self.topic.startswith("projects/"):
             raise ConfigError(
@@ -197,6 +220,17 @@ class IngestConfig:
     def retry_policy(self) -> RetryPolicy:
         """Backoff of historical calls: :class:`~core.retry.RetryPolicy` with ``max_attempts``."""
         return RetryPolicy(attempts=self.max_attempts, initial_s=0.5, max_s=8.0)
+
+
+# Alpaca's stock symbols are upper-case tickers with '.' for share classes (BRK.B); crypto pairs
+# are BASE/QUOTE (BTC/USD). A lower-case symbol is refused by Alpaca's subscription answer
+# only silently (no data), and '*' subscribes to every symbol, which the per-symbol state
+# cannot track; both are refused here.
+_STOCK_SYMBOL = re.compile(r"[A-Z][A-Z0-9.]{0,15}")
+_CRYPTO_SYMBOL = re.compile(r"[A-Z0-9]{1,15}/[A-Z0-9]{1,15}")
+# Pub/Sub resource names (https://cloud.google.com/pubsub/docs/create-topic#resource_names):
+# 3-255 characters, starts with a letter, [A-Za-z0-9-_.~+%], not starting with "goog".
+_TOPIC_ID = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

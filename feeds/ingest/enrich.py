@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from core.bars import OHLCV, RESERVED_NAMES, field_name
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 
 __all__ = [
     "ALPACA_FIELDS",
@@ -211,7 +211,15 @@ class Enricher:
     def _for(self, symbol: str) -> list[tuple[str, Indicator]]:
         inst = self._instances.get(symbol)
         if inst is None:
-            inst = [(name, factory(symbol)) for name, factory in self._factories]
+            inst = []
+            for name, factory in self._factories:
+                try:
+                    inst.append((name, factory(symbol)))
+                except Exception as e:
+                    raise ConfigError(
+                        f"INGEST_INDICATORS {name}: cannot be built for {symbol}: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
             self._instances[symbol] = inst
             if self._fields is None:
                 taken = set(self._base_fields)
@@ -241,12 +249,22 @@ class Enricher:
         Raises:
             ValueError: an indicator returned a field it does not declare, or a value that is
                 not a finite number, text or ``None``.
+            DataError: an indicator raised (any ``Exception``) or returned no mapping.
         """
         out: dict[str, Any] = {"trade_count": bar.trade_count, "vwap": bar.vwap}
         if self.risk:
             out.update(risk_metrics(trades))
         for name, ind in self._for(bar.symbol):
-            values = ind(bar, trades if ind.needs_trades else None)
+            try:
+                values = dict(ind(bar, trades if ind.needs_trades else None))
+            except Exception as e:
+                # A user indicator failing on one bar refuses that bar (the caller counts and
+                # logs it); it must not stop the ingestor -- a restart's catch-up would meet the
+                # same bar again and crash in a loop.
+                raise DataError(
+                    f"indicator {name} failed on {bar.symbol} {bar.ts.isoformat()}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
             declared = set(ind.fields)
             for key in ind.fields:
                 out[key] = None

@@ -55,6 +55,7 @@ from feeds.ingest.alpaca import (
     StreamHooks,
     TradeTick,
     make_stream,
+    ordered_trades,
     stream_bar,
     stream_trade,
 )
@@ -136,7 +137,7 @@ class _Null:
         pass
 
 
-_CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE = range(5)
+_CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE, _CANCEL, _CORRECT = range(7)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -165,7 +166,8 @@ class Ingestor:
         stream_factory: builds the alpaca-py stream (tests and benchmarks may wrap it).
 
     Raises:
-        ConfigError: an indicator cannot be loaded or declares bad field names.
+        ConfigError: an indicator cannot be loaded or declares bad field names; the state file
+            cannot be written.
         DataError: the state file is unreadable.
     """
 
@@ -186,6 +188,7 @@ class Ingestor:
         self.clock = clock
         self.stats = IngestStats()
         self.state = IngestState.load(config.state_path)
+        self.state.check_writable()
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,
@@ -217,11 +220,17 @@ class Ingestor:
         self._stream.subscribe_bars(self._on_bar, *config.symbols)
         if self._needs_trades:
             self._stream.subscribe_trades(self._on_trade, *config.symbols)
+            # Trade cancels/errors ("T":"x") and corrections ("T":"c") come with a trades
+            # subscription (docs.alpaca.markets/docs/real-time-stock-pricing-data, "Trade
+            # cancels/errors", "Trade corrections"); alpaca-py hands them to these handlers.
+            if hasattr(self._stream, "register_trade_cancels"):
+                self._stream.register_trade_cancels(self._on_cancel)
+                self._stream.register_trade_corrections(self._on_correct)
         # worker state
         self._sent: dict[str, datetime] = dict(self.state.last_bar)
         self._verify: set[str] = set()
         self._first_trade_ns: dict[str, int] = {}
-        self._trades: dict[str, deque[TradeTick]] = {s: deque() for s in config.symbols}
+        self._trades: dict[str, list[TradeTick]] = {s: [] for s in config.symbols}
         self._last_flush = time.monotonic()
         # shared flags
         self.connected = False
@@ -247,6 +256,12 @@ class Ingestor:
 
     async def _on_trade(self, raw: Any) -> None:
         self._put((_TRADE, raw, 0))
+
+    async def _on_cancel(self, raw: Any) -> None:
+        self._put((_CANCEL, raw, 0))
+
+    async def _on_correct(self, raw: Any) -> None:
+        self._put((_CORRECT, raw, 0))
 
     def _on_auth_error(self, message: str) -> None:
         self._put((_AUTH_ERROR, message, 0))
@@ -403,6 +418,8 @@ class Ingestor:
                         logger.warning("market-data stream disconnected; alpaca-py reconnects")
                     self.events.on_connection("disconnected")
                 self.connected = False
+            elif kind in (_CANCEL, _CORRECT):
+                self._cancel_or_correct(kind, payload)
             elif kind == _AUTH_ERROR:
                 self._auth_error(str(payload))
             self._confirm()
@@ -622,6 +639,38 @@ class Ingestor:
         self._first_trade_ns.setdefault(symbol, tick.ns)
         buf.append(tick)
 
+    def _cancel_or_correct(self, kind: int, raw: Any) -> None:
+        """A trade cancel/error (``{"T":"x","S","i",...}``) drops trade ``i`` from the bar not
+        yet published; a correction (``{"T":"c","S","oi","ci","cp","cs","cc","t"}``) replaces
+        trade ``oi`` with ``ci``. A bar already published keeps what it had (its hash is
+        final); Alpaca's historical trades hold the corrected tape."""
+        try:
+            symbol = str(raw["S"])
+            old_id = int(raw["i"] if kind == _CANCEL else raw["oi"])
+        except (KeyError, TypeError, ValueError):
+            return
+        buf = self._trades.get(symbol)
+        if buf is None:
+            return
+        for n, t in enumerate(buf):
+            if t.id != old_id:
+                continue
+            if kind == _CANCEL:
+                del buf[n]
+            else:
+                try:
+                    cc = raw.get("cc") or ()
+                    buf[n] = TradeTick(
+                        t.ns,
+                        float(raw["cp"]),
+                        float(raw["cs"]),
+                        int(raw["ci"]),
+                        (cc,) if isinstance(cc, str) else tuple(str(c) for c in cc),
+                    )
+                except (KeyError, TypeError, ValueError):
+                    del buf[n]
+            return
+
     def _live_bar(self, raw: Any, received_ns: int) -> None:
         try:
             bar = stream_bar(raw)
@@ -655,15 +704,14 @@ class Ingestor:
         start_ns = _ns(bar.ts)
         end_ns = start_ns + self._bar_ns
         buf = self._trades[s]
-        while buf and buf[0].ns < start_ns:
-            buf.popleft()
+        # Trades arrive in any order (and after a reconnect maybe twice): take the bar's
+        # window by time, then order it as history does (ordered_trades), so a live bar and the
+        # same bar backfilled hash alike.
+        mine = [t for t in buf if start_ns <= t.ns < end_ns]
+        self._trades[s] = [t for t in buf if t.ns >= end_ns]
         first = self._first_trade_ns.get(s)
         if first is not None and first < start_ns:
-            rows = []
-            while buf and buf[0].ns < end_ns:
-                t = buf.popleft()
-                rows.append((t.price, t.size))
-            return Trades.of(rows)
+            return Trades.of([(t.price, t.size) for t in ordered_trades(mine)])
         # The connection may have missed some of this minute's trades: ask history.
         self.stats.trades_from_history += 1
         try:
@@ -675,8 +723,6 @@ class Ingestor:
         except TransientError as e:
             logger.warning("trades of %s %s from history failed: %s", s, iso_utc(bar.ts), e)
             return None
-        while buf and buf[0].ns < end_ns:
-            buf.popleft()
         return Trades.of([(t.price, t.size) for t in got.get(s, []) if t.ns < end_ns])
 
     def _emit(

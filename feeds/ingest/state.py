@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.time import iso_utc
 from feeds.pubsub.messages import MalformedMessageError, parse_timestamp
 
@@ -110,6 +110,21 @@ class IngestState:
             "last_bar": {s: iso_utc(t) for s, t in sorted(self.last_bar.items())},
             "gaps": [asdict(g) for g in self.gaps],
         }
+
+    def check_writable(self) -> None:
+        """Create the file's folder and a temporary file in it, so a state file that cannot be
+        written fails at start rather than after the first publishes.
+
+        Raises:
+            ConfigError: naming ``INGEST_STATE_PATH``.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            os.close(fd)
+            Path(tmp).unlink()
+        except OSError as e:
+            raise ConfigError(f"INGEST_STATE_PATH={self.path}: cannot be written ({e})") from e
 
     def save(self) -> None:
         """Write the file atomically when something changed.

@@ -321,3 +321,60 @@ def test_second_ingestor_on_the_same_key_exits_with_code_3(
         assert first.proc.poll() is None and first.ready() == 200
         first.proc.send_signal(signal.SIGTERM)
         assert first.finish(timeout_s=SHUTDOWN_TIMEOUT_S + 5)[0] == 0
+
+
+def test_pubsub_unreachable_at_start_is_not_healthy_and_stops_on_one_sigterm(
+    tmp_path: Path,
+) -> None:
+    """Attack 16 #1: Pub/Sub unreachable at start. /healthz and /readyz say 503 while the topic
+    is being reached, and one SIGTERM stops the process within SHUTDOWN_TIMEOUT_S (exit 0)."""
+    port = free_port()
+    settings = clean_env(
+        {
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}",  # nothing listens there
+            "GOOGLE_CLOUD_PROJECT": "p",
+            "SYMBOLS": "AAA",
+            "PUBSUB_TOPIC": "ticks",
+            "ALPACA_API_KEY": "k",
+            "ALPACA_SECRET_KEY": "s",
+            "INGEST_STATE_PATH": str(tmp_path / "state.json"),
+            "HEALTH_PORT": str(port),
+            "SHUTDOWN_TIMEOUT_S": "3",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.ingest"],
+        cwd=REPO,
+        env=settings,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        codes: dict[str, int] = {}
+
+        def answered() -> bool:
+            for path in ("healthz", "readyz"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=2) as r:
+                        codes[path] = int(r.status)
+                except urllib.error.HTTPError as e:
+                    codes[path] = int(e.code)
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    return False
+            return True
+
+        deadline = time.monotonic() + 30
+        while not answered() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert codes == {"healthz": 503, "readyz": 503}
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        assert time.monotonic() - t0 < 3.0 + 1.0
+        assert code == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -271,3 +271,59 @@ def test_two_symbols_for_one_file_exit_2(workdir: Path) -> None:
     proc = run_runner(workdir, {"SYMBOLS": "GOOG,goog"})
     assert proc.returncode == 2
     assert "SYMBOLS: 'GOOG' and 'goog' both resolve to GOOG.csv" in proc.stderr
+
+
+# --- attack 11: agent and CSV settings that once escaped as tracebacks ---
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"CSV_BAR_SIZE": "0min"}, "CSV_BAR_SIZE='0min': expected a positive count"),
+        ({"CSV_DATETIME_FORMAT": "%Q"}, "CSV_DATETIME_FORMAT='%Q': '%Q' is not a strftime"),
+    ],
+)
+def test_bad_csv_setting_exits_2_without_traceback(
+    workdir: Path, extra: dict[str, str], expected: str
+) -> None:
+    proc = run_runner(workdir, extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_agent_refusing_its_params_exits_2_naming_agent_params(workdir: Path) -> None:
+    proc = run_runner(workdir, {"AGENT_PARAMS": '{"slow": 0}'})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "AGENT_PARAMS (slow=0): agent agents.sma_cross:SmaCrossAgent failed while building" in (
+        proc.stderr
+    )
+    assert "need 0 < fast < slow" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ('{"maperiod": 100000}', "(IndexError"),
+        ('{"maperiod": 0}', "(ZeroDivisionError"),
+    ],
+)
+def test_indicator_period_beyond_the_data_exits_2_naming_agent_params(
+    workdir: Path, params: str, expected: str
+) -> None:
+    proc = run_runner(
+        workdir, {"AGENT": "tests.idioms.agents:QuickstartSma", "AGENT_PARAMS": params}
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "AGENT_PARAMS (maperiod=" in proc.stderr and expected in proc.stderr
+    assert re.search(r"\d+ bars of GOOG", proc.stderr) and "Traceback" not in proc.stderr
+
+
+def test_data_shorter_than_the_default_periods_exits_2_naming_the_length(workdir: Path) -> None:
+    data = workdir / "data"
+    data.mkdir()
+    lines = (DATA / "GOOG.csv").read_text().splitlines()
+    (data / "GOOG.csv").write_text("\n".join(lines[:11]) + "\n")
+    proc = run_runner(workdir, {"DATA_DIR": str(data)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "failed while warming up its indicators" in proc.stderr
+    assert "the data has 10 bars of GOOG" in proc.stderr and "Traceback" not in proc.stderr

@@ -55,6 +55,18 @@ def sink_for(emu: BigQueryEmulator, dataset: str | None = None, **kw: Any) -> Bi
     return BigQuerySink(cfg, **kw)
 
 
+def make_table(emu: BigQueryEmulator, dataset: str, schema: list[Any]) -> None:
+    """Create ``dataset.decisions`` with ``schema`` (``SchemaField`` list) on the emulator."""
+    from google.cloud import bigquery
+
+    client = emu.client()
+    try:
+        client.create_dataset(f"{emu.project}.{dataset}")
+        client.create_table(bigquery.Table(f"{emu.project}.{dataset}.decisions", schema=schema))
+    finally:
+        client.close()
+
+
 def count(emu: BigQueryEmulator, sink: BigQuerySink) -> tuple[int, int]:
     """(rows, distinct decision ids) in the sink's table."""
     got = emu.query(
@@ -258,23 +270,13 @@ def test_an_older_table_is_extended_and_keeps_its_rows(
 
 
 def test_an_incompatible_table_is_a_clear_error_at_start(bq_emulator: BigQueryEmulator) -> None:
-    from google.cloud import bigquery
 
     dataset = unique_dataset()
     bad = tuple(
         dataclasses.replace(f, type="STRING") if f.name == "decision_point" else f
         for f in DECISION_SCHEMA
     )
-    client = bq_emulator.client()
-    try:
-        client.create_dataset(f"{bq_emulator.project}.{dataset}")
-        client.create_table(
-            bigquery.Table(
-                f"{bq_emulator.project}.{dataset}.decisions", schema=bigquery_schema(bad)
-            )
-        )
-    finally:
-        client.close()
+    make_table(bq_emulator, dataset, bigquery_schema(bad))
     sink = sink_for(bq_emulator, dataset)
     with pytest.raises(SinkError, match=r"decision_point: table has STRING, expected INT64"):
         sink.open()
@@ -308,21 +310,15 @@ def test_rows_the_server_refuses_are_isolated(
     from google.cloud import bigquery
 
     dataset = unique_dataset()
-    client = bq_emulator.client()
-    try:
-        client.create_dataset(f"{bq_emulator.project}.{dataset}")
-        client.create_table(
-            bigquery.Table(
-                f"{bq_emulator.project}.{dataset}.decisions",
-                schema=[
-                    *bigquery_schema(),
-                    bigquery.SchemaField("trade_date", "DATE"),
-                    bigquery.SchemaField("notional", "NUMERIC"),
-                ],
-            )
-        )
-    finally:
-        client.close()
+    make_table(
+        bq_emulator,
+        dataset,
+        [
+            *bigquery_schema(),
+            bigquery.SchemaField("trade_date", "DATE"),
+            bigquery.SchemaField("notional", "NUMERIC"),
+        ],
+    )
     sink = sink_for(bq_emulator, dataset)
     batch = [dict(r, trade_date="2010-01-04", notional="12.5") for r in rows[:20]]
     batch[11]["trade_date"] = "not a date"
@@ -811,7 +807,6 @@ def test_a_schema_update_that_fails_while_rows_fit_is_a_warning(
     """A table whose ``schema_version`` is REQUIRED (ours is NULLABLE): the sink asks to relax
     it, and that PATCH answers 500. Every row fills the column and the table has every column:
     a warning naming the table and the column, and rows are written."""
-    from google.cloud import bigquery
 
     endpoint, front = faulty_front
     dataset = unique_dataset()
@@ -819,16 +814,7 @@ def test_a_schema_update_that_fails_while_rows_fit_is_a_warning(
         dataclasses.replace(f, mode="REQUIRED") if f.name == "schema_version" else f
         for f in DECISION_SCHEMA
     )
-    client = bq_emulator.client()
-    try:
-        client.create_dataset(f"{bq_emulator.project}.{dataset}")
-        client.create_table(
-            bigquery.Table(
-                f"{bq_emulator.project}.{dataset}.decisions", schema=bigquery_schema(old)
-            )
-        )
-    finally:
-        client.close()
+    make_table(bq_emulator, dataset, bigquery_schema(old))
     front.fail = [("PATCH", "/tables/decisions", "")]
     caplog.set_level("WARNING", logger="analyzers.sinks.bigquery.schema")
     sink = _sink_at(endpoint, bq_emulator.project, dataset)
@@ -852,21 +838,10 @@ def test_a_table_that_lacks_columns_it_could_not_be_given_is_an_outage(
 ) -> None:
     """The DDL that adds the missing columns fails too: rows with those fields cannot be
     inserted, so it is an outage for now (retried, records spilled meanwhile), named."""
-    from google.cloud import bigquery
 
     endpoint, front = faulty_front
     dataset = unique_dataset()
-    client = bq_emulator.client()
-    try:
-        client.create_dataset(f"{bq_emulator.project}.{dataset}")
-        client.create_table(
-            bigquery.Table(
-                f"{bq_emulator.project}.{dataset}.decisions",
-                schema=bigquery_schema(_without(DECISION_SCHEMA, "notes")),
-            )
-        )
-    finally:
-        client.close()
+    make_table(bq_emulator, dataset, bigquery_schema(_without(DECISION_SCHEMA, "notes")))
     front.fail = [
         ("POST", "/queries", ""),
         ("POST", "/jobs", ""),

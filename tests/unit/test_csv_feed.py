@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import backtrader as bt
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.bars import bar_hash
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.csv.reader import RowHashes
 from tests.conftest import DATA
@@ -415,3 +416,197 @@ def test_bar_hashes_over_a_source_answer_only_delivered_bars() -> None:
     assert delivered.at(-1) is None
     with pytest.raises(TypeError):
         delivered.append("0" * 32)
+
+
+# --- attack 11 regressions: each once loaded silently wrong or escaped as another exception ---
+
+HDR = "Date,Open,High,Low,Close,Volume"
+
+
+def _write(tmp_path: Path, text: str, name: str = "x.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_unclosed_quote_in_last_column_is_refused_on_its_line(tmp_path: Path, policy: str) -> None:
+    rows = "".join(f"2020-01-{d:02d},100,102,99,101,1000,ok\n" for d in range(6, 20))
+    p = _write(
+        tmp_path,
+        f"{HDR},Headline\n2020-01-02,100,102,99,101,1000,ok\n"
+        f'2020-01-03,100,102,99,101,1000,"Apple unveils iMac (truncated\n{rows}',
+    )
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 3: a quote opened .* never closed"):
+        read_csv_bars(cfg(p, on_bad_rows=policy))
+
+
+def test_unclosed_quote_in_a_price_column_is_refused_even_with_skip(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        f'{HDR}\n2020-01-02,1,2,0.5,1.5,10\n2020-01-03,1,2,0.5,"1.5,10\n'
+        + "".join(f"2020-01-{d:02d},1,2,0.5,1.5,10\n" for d in range(6, 30)),
+    )
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 3: .*never closed"):
+        read_csv_bars(cfg(p, on_bad_rows="skip"))
+
+
+@pytest.mark.parametrize("cell", ['"5" screen', '"10"1'])
+def test_text_after_a_closing_quote_is_refused(tmp_path: Path, cell: str) -> None:
+    p = _write(
+        tmp_path, f"{HDR},Note\n2020-01-02,1,2,0.5,1.5,10,x\n2020-01-03,1,2,0.5,1.5,10,{cell}\n"
+    )
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 3: text after a closing quote"):
+        read_csv_bars(cfg(p, on_bad_rows="skip"))
+
+
+def test_inch_mark_then_multiline_value_keeps_line_numbers(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        f"{HDR},Headline\n"
+        '2020-01-02,100,102,99,101,1000,Apple unveils 24" iMac\n'
+        '2020-01-03,100,102,99,101,1000,"Two-line\nheadline"\n'
+        "2020-01-06,100,102,99,101,1000,ok\n"
+        "2020-01-07,100,102,99,BAD,1000,ok\n"
+        "2020-01-08,100,102,99,BAD,1000,ok\n"
+        "2020-01-09,100,102,99,101,1000,ok\n",
+    )
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 6: close 'BAD'"):
+        read_csv_bars(cfg(p))
+    bars = read_csv_bars(cfg(p, on_bad_rows="skip"))
+    assert [line for line, _ in bars.skipped] == [6, 7]
+    assert bars.lines is not None and bars.lines.tolist() == [2, 3, 5, 8]
+    assert bars.text["headline"][:2] == ['Apple unveils 24" iMac', "Two-line\nheadline"]
+
+
+def test_header_with_unclosed_quote_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path, 'Date,Open,High,Low,Close,"Vol\n2020-01-02,1,2,0.5,1.5,10\n')
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 1: cannot read the header"):
+        read_csv_bars(cfg(p))
+
+
+def test_epoch_ns_with_a_bad_row_keeps_every_nanosecond(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        f"{HDR}\n1609459200123456789,1,1,1,1,5\n1609459200123456791,1,1,1,1,5\n,1,1,1,1,5\n",
+    )
+    bars = read_csv_bars(cfg(p, datetime_format="epoch_ns", on_bad_rows="skip"))
+    assert bars.times.astype(np.int64).tolist() == [1609459200123456789, 1609459200123456791]
+    assert bars.skipped == [(4, "the date is empty")]
+
+
+def test_epoch_with_a_plus_sign_loads(tmp_path: Path) -> None:
+    p = _write(tmp_path, f"{HDR}\n+1609459200,1,1,1,1,5\n1609459260,1,1,1,1,5\n")
+    bars = read_csv_bars(cfg(p, datetime_format="epoch_s"))
+    assert bars.times.astype("datetime64[s]").astype(np.int64).tolist() == [1609459200, 1609459260]
+
+
+def test_two_digit_year_first_dates_are_refused_as_ambiguous(tmp_path: Path) -> None:
+    p = _write(tmp_path, f"{HDR}\n20-01-02,1,2,0.5,1.5,10\n20-01-03,1,2,0.5,1.5,10\n")
+    with pytest.raises(DataError, match=r"line 2: .*2-digit year.*CSV_DATETIME_FORMAT"):
+        read_csv_bars(cfg(p))
+    bars = read_csv_bars(cfg(p, datetime_format="%y-%m-%d"))
+    assert str(bars.times[0])[:10] == "2020-01-02"
+
+
+def test_compact_dates_without_zero_padding_are_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path, f"{HDR}\n20200102,1,2,0.5,1.5,10\n2020113,1,2,0.5,1.5,10\n")
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 3: date '2020113' has 7 characters"):
+        read_csv_bars(cfg(p))
+    with pytest.raises(DataError, match=r"line 3: date '2020113'"):
+        read_csv_bars(cfg(p, datetime_format="%Y%m%d"))
+
+
+def test_empty_time_in_a_separate_column_is_a_bad_row(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        "Date,Time,Open,High,Low,Close\n2020-01-02,15:59,1,2,0.5,1.5\n2020-01-03,,1,2,0.5,1.5\n"
+        "2020-01-03,09:31,1,2,0.5,1.5\n",
+    )
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 3: the Time value is empty"):
+        read_csv_bars(cfg(p, datetime_column="Date+Time"))
+    bars = read_csv_bars(cfg(p, datetime_column="Date+Time", on_bad_rows="skip"))
+    assert bars.skipped == [(3, "the Time value is empty")] and len(bars) == 2
+
+
+@pytest.mark.parametrize("z", [" Z", "Z", " +00:00", "+0000"])
+def test_utc_designator_after_a_space_is_an_offset(tmp_path: Path, z: str) -> None:
+    p = _write(tmp_path, f"{HDR}\n2020-01-02T09:30:00{z},1,2,0.5,1.5,10\n")
+    bars = read_csv_bars(cfg(p, timezone="America/New_York"))
+    assert str(bars.times[0]) == "2020-01-02T09:30:00.000000000"
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        "Forward",
+        "home",
+        "buflen",
+        "reset",
+        "extend",
+        "advance",
+        "backwards",
+        "fullsize",
+        "getlinealiases",
+        "start",
+        "stop",
+        "islive",
+        "load",
+        "preload",
+        "setenvironment",
+        "next",
+        "clone",
+        "sessionstart",
+        "tick_close",
+        "notifs",
+        "alias",
+        "l",
+        "skipped_rows",
+    ],
+)
+@pytest.mark.parametrize("value", ["4", "text"])
+def test_column_shadowing_a_feed_attribute_is_refused(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    p = _write(tmp_path, f"{HDR},{column}\n2020-01-02,1,2,0.5,1.5,10,{value}\n")
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 1: .*reserved name.*CSV_COLUMNS"):
+        read_csv_bars(cfg(p))
+
+
+def test_every_backtrader_feed_attribute_is_reserved() -> None:
+    from feeds.fields import reserved_reason
+
+    feed = make_csv_feed(cfg(DATA / "GOOG.csv", "GOOG"))
+    public = {n for n in dir(feed) if not n.startswith("_")} | {
+        n for n in dir(feed.lines) if not n.startswith("_")
+    }
+    ohlcv = {"open", "high", "low", "close", "volume"}
+    assert not [n for n in sorted(public - ohlcv) if reserved_reason(n) is None]
+
+
+@pytest.mark.parametrize(
+    ("kw", "var"),
+    [
+        ({"bar_size": "0min"}, "CSV_BAR_SIZE"),
+        ({"bar_size": "00d"}, "CSV_BAR_SIZE"),
+        ({"datetime_format": "%Q"}, "CSV_DATETIME_FORMAT"),
+        ({"datetime_format": "%"}, "CSV_DATETIME_FORMAT"),
+        ({"datetime_format": "%Y-%m-%d %G"}, "CSV_DATETIME_FORMAT"),
+        ({"datetime_format": "Date"}, "CSV_DATETIME_FORMAT"),
+    ],
+)
+def test_bad_bar_size_or_format_is_a_config_error(kw: dict[str, str], var: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{var}="):
+        cfg(Path("x.csv"), **kw)
+
+
+def test_epoch_unit_too_large_is_refused_not_1970(tmp_path: Path) -> None:
+    p = _write(tmp_path, f"{HDR}\n1609459200,1,2,0.5,1.5,10\n1609459260,1,2,0.5,1.5,10\n")
+    with pytest.raises(DataError, match=r"line 2: .*before 1971.*suggest epoch_s"):
+        read_csv_bars(cfg(p, datetime_format="epoch_ms"))
+
+
+def test_header_name_with_a_line_break_is_refused_on_line_1(tmp_path: Path) -> None:
+    p = _write(tmp_path, 'Date,Open,High,Low,"Clo\nse"\n2020-01-02,1,2,0.5,1.5\n')
+    with pytest.raises(DataError, match=r"^CSV x\.csv line 1: column name .* line break"):
+        read_csv_bars(cfg(p))

@@ -367,7 +367,9 @@ def test_arbitrary_text_never_escapes_as_another_exception(
 QUOTE_MUTATIONS = ["inch_text", "inch_price", "unclosed_text", "unclosed_price", "text_after_quote"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(2, 8),
     where=st.integers(0, 7),

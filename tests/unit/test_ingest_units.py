@@ -269,6 +269,79 @@ def test_indicator_values_must_be_numbers_text_or_none() -> None:
     assert Enricher(factories=[("x:N", Nan)]).enrich(view(), None)["w"] is None
 
 
+def test_an_indicator_that_raises_refuses_that_bar_only() -> None:
+    """Attack 16 #4: an exception in a user indicator is a refused bar (DataError, which the
+    ingestor counts as invalid and logs), not a crash -- a restart would meet it again."""
+
+    class Flaky(RangePct):
+        def __call__(self, bar: BarView, trades: Trades | None) -> dict[str, Any]:
+            if bar.close < 0.5:
+                raise ZeroDivisionError("boom")
+            return super().__call__(bar, trades)
+
+    class NotAMapping(RangePct):
+        def __call__(self, bar: BarView, trades: Trades | None) -> dict[str, Any]:
+            return 3  # type: ignore[return-value]
+
+    e = Enricher(risk=False, factories=[("x:Flaky", Flaky)])
+    bad = BarView("AAPL", datetime(2024, 1, 2, tzinfo=UTC), 0.4, 0.4, 0.4, 0.4, 5, 3.0, 0.4)
+    with pytest.raises(DataError, match=r"indicator x:Flaky failed on AAPL .*ZeroDivisionError"):
+        e.enrich(bad, None)
+    assert e.enrich(view(), None)["range_pct"] == 20.0  # the next bar goes on
+    with pytest.raises(DataError, match="indicator x:M failed"):
+        Enricher(factories=[("x:M", NotAMapping)]).enrich(view(), None)
+
+    def broken_factory(symbol: str) -> RangePct:
+        raise RuntimeError("no model file")
+
+    with pytest.raises(ConfigError, match="INGEST_INDICATORS x:B: cannot be built for A"):
+        Enricher(factories=[("x:B", broken_factory)]).fields("A")
+
+
+# -- trades: order, duplicates, conditions (attack 16 #3) ----------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5),  # ns (few values: many ties)
+            st.integers(0, 30),  # id
+            st.sampled_from([(), ("@",), ("@", "I"), ("W",), ("@", "F")]),
+        ),
+        max_size=30,
+        unique_by=lambda r: r[1],
+    ),
+    st.randoms(use_true_random=False),
+    st.integers(0, 5),
+)
+def test_ordered_trades_do_not_depend_on_arrival_order_or_repeats(
+    rows: list[tuple[int, int, tuple[str, ...]]], rnd: Any, repeats: int
+) -> None:
+    from feeds.ingest.alpaca import TradeTick, ordered_trades
+
+    ticks = [TradeTick(ns, 100.0 + i, 1.0, i, c) for ns, i, c in rows]
+    arrived = ticks + [rnd.choice(ticks) for _ in range(repeats if ticks else 0)]
+    rnd.shuffle(arrived)
+    got = ordered_trades(arrived)
+    assert got == ordered_trades(ticks)
+    assert [(t.ns, t.id) for t in got] == sorted((t.ns, t.id) for t in got)
+    assert len({t.id for t in got}) == len(got)
+    # Odd lots (I) and average-price prints (W) never enter the risk metrics.
+    assert not any({"I", "W"} & set(t.conditions) for t in got)
+    assert {t.id for t in got} == {i for _, i, c in rows if not {"I", "W"} & set(c)}
+
+
+def test_trade_id_and_conditions_are_read_from_stream_and_history() -> None:
+    from feeds.ingest.alpaca import rest_trade, stream_trade
+
+    raw = {"T": "t", "S": "A", "i": 7, "x": "V", "p": 10.5, "s": 3, "c": ["@", "I"], "z": "C"}
+    t = stream_trade({**raw, "t": "2024-01-02T15:00:00.000000001Z"})
+    assert (t.id, t.conditions, t.ns % 10) == (7, ("@", "I"), 1)
+    h = rest_trade({**raw, "t": "2024-01-02T15:00:00Z"})
+    assert (h.id, h.conditions) == (7, ("@", "I"))
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 BASE = {
@@ -306,3 +379,49 @@ def test_config_loads_with_the_runners_variables_and_hides_secrets() -> None:
 def test_bad_config_fails_naming_the_variable(change: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_ingest_config({**BASE, **change})
+
+
+# -- start: Pub/Sub unreachable (attack 16 #1) ---------------------------------------------------
+
+
+def _refused_publisher() -> Any:
+    from feeds.pubsub.clients import publisher_client
+    from tests.fixtures_pubsub import free_port
+
+    # A port nothing listens on: every attempt is refused at once (UNAVAILABLE, transient).
+    return publisher_client(f"127.0.0.1:{free_port()}")
+
+
+def test_ensure_topic_gives_up_within_its_deadline() -> None:
+    import time
+
+    from core.errors import TransientError
+    from runtime.ingest import ensure_topic
+
+    client = _refused_publisher()
+    t0 = time.monotonic()
+    with pytest.raises(TransientError, match="not reachable within"):
+        ensure_topic(client, "projects/p/topics/ticks", deadline_s=1.0, attempt_timeout_s=0.5)
+    # google-cloud-pubsub's own default would retry for 600 s.
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_ensure_topic_stops_at_once_when_asked() -> None:
+    import threading
+    import time
+
+    from core.errors import RetryInterruptedError
+    from runtime.ingest import ensure_topic
+
+    stop = threading.Event()
+    stop.set()
+    t0 = time.monotonic()
+    with pytest.raises(RetryInterruptedError):
+        ensure_topic(
+            _refused_publisher(),
+            "projects/p/topics/ticks",
+            deadline_s=60.0,
+            attempt_timeout_s=0.5,
+            stop=stop,
+        )
+    assert time.monotonic() - t0 < 2.0

@@ -286,3 +286,28 @@ def test_the_report_always_states_the_look_ahead_count() -> None:
     assert "look-ahead       0 reads of bars not in the past" in report.render()
     report.lookahead_reads = 3
     assert "look-ahead       3 reads of bars not in the past (future, wrapped" in report.render()
+
+
+# -- a forward-shifted line on the last bar (found by a fresh-context attack) -------------------
+
+
+class LastBarPeek(bt.Strategy):  # type: ignore[misc]
+    """On the last bar, ``close(1)`` wraps around to the FIRST bar of the file (runonce)."""
+
+    def __init__(self) -> None:
+        self.fut = self.data.close(1)
+        self.seen: list[float] = []
+
+    def next(self) -> None:
+        if len(self.data) == self.data.buflen():
+            self.seen.append(self.fut[0])
+
+
+def test_a_forward_line_read_on_the_last_bar_is_flagged() -> None:
+    strategy, records = run(LastBarPeek)
+    first_close = strategy.data.close.array[0]
+    assert strategy.seen == [first_close]  # backtrader really served the first bar
+    last = [a for a in reads(records[-1:]) if a[1] == "fut"]
+    assert last and all(flag for *_, flag in last), last
+    with pytest.raises(LookAheadError, match="past the last bar"):
+        run(LastBarPeek, strict_lookahead=True)

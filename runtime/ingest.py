@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, TransientError
 from feeds.ingest import IngestConfig, Ingestor
+from feeds.ingest.state import IngestState
 from feeds.pubsub.clients import publisher_client, resource_path
 from runtime.config import OpsConfig, load_process_ingest_config
 from runtime.health import HealthServer
@@ -232,12 +233,14 @@ class IngestProcess:
         """Start, wait for a signal or a fatal stop, shut down. Returns the exit code."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        # Fails at start (exit 2) rather than after the first publishes.
+        IngestState(self.config.state_path).check_writable()
         if self.ops.health_port > 0:
-            # HealthServer only calls .render() on its metrics (duck-typed).
-            self.health = HealthServer(
-                port=self.ops.health_port, metrics=cast(RunMetrics, self.metrics)
-            )
             try:
+                # HealthServer only calls .render() on its metrics (duck-typed).
+                self.health = HealthServer(
+                    port=self.ops.health_port, metrics=cast(RunMetrics, self.metrics)
+                )
                 self.health.start()
             except (OSError, OverflowError, ValueError) as e:
                 # OverflowError: a port above 65535 (socket.bind's own check).

@@ -258,7 +258,7 @@ def write_bars_bigquery(
     spec = bigquery.Table(table_id, schema=bigquery_bars_schema())
     spec.time_partitioning = bigquery.TimePartitioning(field="bar_time")
     spec.clustering_fields = ["session_id", "symbol"]
-    client.create_table(spec, exists_ok=True, timeout=timeout_s)
+    client.create_table(spec, exists_ok=True, timeout=timeout_s, retry=None)
     rows = bar_rows_json(bars)
     for i in range(0, len(rows), chunk_rows):
         chunk = rows[i : i + chunk_rows]

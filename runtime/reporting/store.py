@@ -130,6 +130,7 @@ class BigQueryStore:
             self.client.get_table(
                 f"{self.project}.{self.dataset}.{self._names.get(name, name)}",
                 timeout=self.timeout_s,
+                retry=None,
             )
         except NotFound:
             return False

@@ -315,7 +315,12 @@ class ReadLog:
                 ok = False  # not written yet (NaN)
             if ok and spec.equals is not None and src is spec.sources[0]:
                 _same(value, hf.numeric[spec.equals][bar], (spec.label, bar))
-            rows.append(self._bar_row(hf, spec.label, ago, size, bar, ok, value, None, fcur))
+            row = self._bar_row(hf, spec.label, ago, size, bar, ok, value, None, fcur)
+            if src.offset > 0 and bar >= len(hf) and isinstance(value, float) and value == value:
+                # past the last bar a forward-shifted line wraps around to the first bar: a
+                # value from the future, flagged (with no bar to point at)
+                row = (*row[:8], True, *row[9:])
+            rows.append(row)
         self._add(now, rows)
 
 

@@ -374,11 +374,38 @@ def test_config_loads_with_the_runners_variables_and_hides_secrets() -> None:
         ({"INGEST_ON_CONNECTION_LIMIT": "fight"}, "INGEST_ON_CONNECTION_LIMIT"),
         ({"ALPACA_API_KEY": ""}, "ALPACA_API_KEY is required by the ingestor"),
         ({"GOOGLE_CLOUD_PROJECT": ""}, "GOOGLE_CLOUD_PROJECT is required by the ingestor"),
+        # attack 16 #6: Alpaca symbols are upper-case; no wildcard, no space, no pair in stock.
+        ({"SYMBOLS": "aapl"}, r"SYMBOLS: stock symbols .*'aapl'"),
+        ({"SYMBOLS": "AAPL MSFT"}, r"SYMBOLS: stock symbols .*'AAPL MSFT'"),
+        ({"SYMBOLS": "BTC/USD"}, r"SYMBOLS: stock symbols .*'BTC/USD'"),
+        ({"SYMBOLS": "*"}, r"SYMBOLS: stock symbols .*'\*'"),
+        ({"SYMBOLS": "btc/usd", "INGEST_ASSET_CLASS": "crypto"}, "upper-case BASE/QUOTE"),
+        ({"PUBSUB_TOPIC": "projects/x/topics/"}, "PUBSUB_TOPIC='projects/x/topics/'"),
+        ({"PUBSUB_TOPIC": "projects/x/subs/y"}, "expected a topic id or projects/"),
+        ({"PUBSUB_TOPIC": "goog-bars"}, "does not start with goog"),
+        ({"PUBSUB_TOPIC": "1bars"}, "starts with a letter"),
     ],
 )
 def test_bad_config_fails_naming_the_variable(change: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_ingest_config({**BASE, **change})
+
+
+def test_good_symbols_and_topics_pass() -> None:
+    cfg, _ = load_ingest_config(
+        {**BASE, "SYMBOLS": "BRK.B,SPY", "PUBSUB_TOPIC": "projects/p/topics/a.b~c"}
+    )
+    assert cfg.symbols == ("BRK.B", "SPY")
+    crypto, _ = load_ingest_config({**BASE, "SYMBOLS": "BTC/USD", "INGEST_ASSET_CLASS": "crypto"})
+    assert crypto.symbols == ("BTC/USD",)
+
+
+def test_an_unwritable_state_path_fails_at_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="INGEST_STATE_PATH=.*cannot be written"):
+        IngestState(blocker / "sub" / "state.json").check_writable()
+    IngestState(tmp_path / "new" / "state.json").check_writable()  # a folder is created
 
 
 # -- start: Pub/Sub unreachable (attack 16 #1) ---------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "INELIGIBLE_CONDITIONS",
     "AlpacaBar",
     "History",
+    "SYMBOL_LIMIT_CODE",
     "StreamHooks",
     "TradeTick",
     "eligible",
@@ -60,6 +61,10 @@ TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 # Authentication answers that retrying will not change: bad keys, a feed the plan lacks.
 AUTH_FATAL = ("auth failed", "insufficient subscription", "v2 not enabled")
 CONNECTION_LIMIT = "connection limit exceeded"
+# {"T":"error","code":405,"msg":"symbol limit exceeded"} answers a subscription with more symbols
+# than the plan allows (docs.alpaca.markets/docs/real-time-stock-pricing-data, "Errors";
+# the Basic plan's IEX stream allows 30 symbols for trades and quotes, "Subscription Plans").
+SYMBOL_LIMIT_CODE = 405
 
 
 class AlpacaBar(NamedTuple):
@@ -242,11 +247,15 @@ class StreamHooks(NamedTuple):
         on_auth_error: ``(message)`` when Alpaca refused the authentication (``auth failed``,
             ``connection limit exceeded``, ...). alpaca-py then retries with backoff unless the
             ingestor stops it.
+        on_error: ``(code, message)`` of an ``{"T":"error"}`` message after authentication
+            (e.g. 405 symbol limit exceeded in answer to the subscription); alpaca-py only logs
+            those.
     """
 
     on_connected: Callable[[], None]
     on_disconnected: Callable[[], None]
     on_auth_error: Callable[[str], None]
+    on_error: Callable[[int, str], None] | None = None
 
 
 def make_stream(config: IngestConfig, hooks: StreamHooks) -> Any:
@@ -275,6 +284,15 @@ def make_stream(config: IngestConfig, hooks: StreamHooks) -> Any:
                 await super().close()
             finally:
                 hooks.on_disconnected()
+
+        async def _dispatch(self, msg: Any) -> None:
+            if hooks.on_error is not None and isinstance(msg, dict) and msg.get("T") == "error":
+                try:
+                    code = int(msg.get("code", 0))
+                except (TypeError, ValueError):
+                    code = 0
+                hooks.on_error(code, str(msg.get("msg", "")))
+            await super()._dispatch(msg)
 
     key, secret = config.api_key.reveal(), config.secret_key.reveal()
     if config.asset_class == "stock":

@@ -50,6 +50,7 @@ from core.time import iso_utc
 from feeds.ingest.alpaca import (
     AUTH_FATAL,
     CONNECTION_LIMIT,
+    SYMBOL_LIMIT_CODE,
     AlpacaBar,
     History,
     StreamHooks,
@@ -137,7 +138,7 @@ class _Null:
         pass
 
 
-_CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE, _CANCEL, _CORRECT = range(7)
+_CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE, _CANCEL, _CORRECT, _STREAM_ERROR = range(8)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -215,6 +216,7 @@ class Ingestor:
                 on_connected=lambda: self._put((_CONNECTED, None, time.perf_counter_ns())),
                 on_disconnected=lambda: self._put((_DISCONNECTED, None, 0)),
                 on_auth_error=self._on_auth_error,
+                on_error=lambda code, msg: self._put((_STREAM_ERROR, (code, msg), 0)),
             ),
         )
         self._stream.subscribe_bars(self._on_bar, *config.symbols)
@@ -420,6 +422,8 @@ class Ingestor:
                 self.connected = False
             elif kind in (_CANCEL, _CORRECT):
                 self._cancel_or_correct(kind, payload)
+            elif kind == _STREAM_ERROR:
+                self._stream_error(*payload)
             elif kind == _AUTH_ERROR:
                 self._auth_error(str(payload))
             self._confirm()
@@ -444,6 +448,28 @@ class Ingestor:
         for bar in self.publisher.flush(timeout_s=budget):
             self.state.confirm(bar.symbol, bar.ts)
             self.stats.confirmed += 1
+
+    def _stream_error(self, code: int, message: str) -> None:
+        """An error answer after authentication. 405 (symbol limit exceeded) refuses the whole
+        subscription, so no bar would ever come: stop with exit code 2 naming the settings."""
+        self.events.on_connection("stream_error")
+        if code != SYMBOL_LIMIT_CODE:
+            logger.warning("Alpaca market-data stream error %d: %s", code, message)
+            return
+        channels = "bars and trades" if self._needs_trades else "bars"
+        logger.error(
+            "Alpaca refused the subscription: %s (405): %d SYMBOLS on %s for %s exceed this "
+            "plan's limit (the Basic plan's IEX stream allows 30 symbols for trades). Set fewer "
+            "SYMBOLS, or INGEST_ENRICH=none without trade-based INGEST_INDICATORS (bars only), "
+            "or a plan/feed without the limit (INGEST_FEED=sip); stopping",
+            message,
+            len(self.config.symbols),
+            self.config.feed,
+            channels,
+        )
+        self.exit_code = 2
+        self._stop.set()
+        self._stop_stream(2.0)
 
     def _auth_error(self, message: str) -> None:
         self.stats.auth_errors[message] = self.stats.auth_errors.get(message, 0) + 1

@@ -403,7 +403,7 @@ def test_good_symbols_and_topics_pass() -> None:
 def test_an_unwritable_state_path_fails_at_start(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ConfigError, match="INGEST_STATE_PATH=.*cannot be written"):
+    with pytest.raises(ConfigError, match=r"INGEST_STATE_PATH=.*cannot be written"):
         IngestState(blocker / "sub" / "state.json").check_writable()
     IngestState(tmp_path / "new" / "state.json").check_writable()  # a folder is created
 

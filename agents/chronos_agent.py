@@ -24,10 +24,11 @@ horizon and their returns, and the action. The context window is read with one
 ``line.get(size=n)`` per symbol, so FMEL records one compact access (``size=n``) per symbol rather
 than ``n`` single reads (plus one ``len`` read: how much history exists).
 
-The model is loaded once per process and shared: the runner sees ``requires_model = True``, loads
-``CHRONOS_MODEL`` with :func:`runtime.models.chronos.get_model` and passes it as the ``model`` param;
-used on its own the agent asks :func:`~runtime.models.chronos.get_model` itself, which returns the
-cached instance. Runs unchanged on CSV backtests and live Pub/Sub bars (next-by-next).
+The model is loaded once per process and shared: the runner sees ``requires_model = True``,
+loads ``CHRONOS_MODEL`` with :func:`runtime.models.chronos.get_model` and passes it as the
+``model`` param; used on its own the agent asks :func:`~runtime.models.chronos.get_model` itself,
+which returns the cached instance. Runs unchanged on CSV backtests and live Pub/Sub bars
+(next-by-next).
 
 Params (units in brackets):
     model (ChronosModel | ChronosConfig | str | None): the forecaster. ``None``: the default
@@ -58,8 +59,8 @@ import backtrader as bt
 
 from analyzers.fmel import attach_note
 from core.errors import ConfigError
-from runtime.models.config import ChronosConfig
 from runtime.models.chronos import ChronosModel, get_model
+from runtime.models.config import ChronosConfig
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def decide(
 class ChronosAgent(bt.Strategy):  # type: ignore[misc]
     """See the module docstring for the rule, the params and what is recorded."""
 
-    # The runner loads CHRONOS_MODEL once (runtime.models.chronos.get_model) and passes it as `model`.
+    # The runner loads CHRONOS_MODEL once (runtime.models.chronos.get_model) and passes it as
+    # `model`.
     requires_model = True
 
     params = (

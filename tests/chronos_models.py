@@ -3,8 +3,8 @@
 No download: a small ``T5Config`` with a ``chronos_config`` dict makes a
 ``ChronosBoltModelForForecasting``; a ``Chronos2CoreConfig`` makes a ``Chronos2Model``; both are
 saved with ``save_pretrained`` and then loaded through the same public path production uses
-(``runtime.models.chronos.get_model`` -> ``BaseChronosPipeline.from_pretrained``). Random weights give
-unordered quantiles: test shapes, finiteness and wiring, never forecast quality.
+(``runtime.models.chronos.get_model`` -> ``BaseChronosPipeline.from_pretrained``). Random weights
+give unordered quantiles: test shapes, finiteness and wiring, never forecast quality.
 
 Also used by ``benchmarks/bench_chronos.py`` (:func:`build_bolt` with :data:`BOLT_TINY_SIZE`
 builds a random model of the real ``amazon/chronos-bolt-tiny`` size).

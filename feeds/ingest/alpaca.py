@@ -39,9 +39,9 @@ from feeds.ingest.config import IngestConfig
 __all__ = [
     "AUTH_FATAL",
     "INELIGIBLE_CONDITIONS",
+    "SYMBOL_LIMIT_CODE",
     "AlpacaBar",
     "History",
-    "SYMBOL_LIMIT_CODE",
     "StreamHooks",
     "TradeTick",
     "eligible",

@@ -314,7 +314,7 @@ class OptunaSearch:
         trial = self._open.pop(number)
         if state == "pruned":
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        elif state == "failed" or objective is None or not math.isfinite(objective):
+        elif state == "failed" or objective is None or math.isnan(objective):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             self.study.tell(trial, objective)

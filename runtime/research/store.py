@@ -42,6 +42,7 @@ Thread context: main thread only.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -419,8 +420,17 @@ class BigQueryTrialStore:
 
     @staticmethod
     def _json(row: Mapping[str, Any]) -> dict[str, Any]:
+        # JSON has no infinity: the BigQuery client sends a non-finite FLOAT64 as its Python
+        # text ("inf"), which the streaming API accepts (googleapis/python-bigquery#728,
+        # _helpers._float_to_json); the objective of a dominant trial is +inf.
         return {
-            k: (v.isoformat() if isinstance(v, datetime) else v)
+            k: (
+                v.isoformat()
+                if isinstance(v, datetime)
+                else str(v)
+                if isinstance(v, float) and not math.isfinite(v)
+                else v
+            )
             for k, v in row.items()
             if v is not None
         }

@@ -185,7 +185,22 @@ def objective_of(stats: PerformanceStats | None, metric: Metric) -> float | None
         "return": stats.total_return_pct,
         "max_drawdown": None if stats.max_drawdown_pct is None else -stats.max_drawdown_pct,
     }[metric]
-    return value if value is not None and math.isfinite(value) else None
+    if value is None and metric in ("sortino", "calmar") and _dominant(stats):
+        # no losing bar / no drawdown and a gain: the ratio divides by zero risk, +inf,
+        # which must rank best, not undefined (docs/research.md, "Objective").
+        return math.inf
+    return value if value is not None and not math.isnan(value) else None
+
+
+def _dominant(stats: PerformanceStats) -> bool:
+    """A gain without any drawdown (max drawdown 0 %, total return > 0 %): Sortino (no
+    downside) and Calmar (no drawdown) are +inf."""
+    return (
+        stats.max_drawdown_pct is not None
+        and stats.max_drawdown_pct <= 1e-10
+        and stats.total_return_pct is not None
+        and stats.total_return_pct > 0
+    )
 
 
 def _naive_ns(t: datetime) -> np.datetime64:

@@ -421,3 +421,17 @@ def test_stop_flushes_within_the_budget_while_bars_stream(
     # The state file ends at the last confirmed bar: what a restart would go on from.
     saved = (tmp_path / "s.json").read_text()
     assert report["last_bar"]["AAA"] in saved
+
+
+def test_symbol_limit_refusal_stops_the_ingestor_with_code_2(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Attack 16 #2: 31 symbols with trades on IEX: Alpaca answers 405 symbol limit exceeded and
+    keeps no subscription; the ingestor must not stay up publishing nothing."""
+    symbols = tuple(f"S{i:02d}" for i in range(31))
+    with AlpacaMarketServer(ScriptedMarket(symbols, 10)) as srv:
+        ing = make(srv, topic, tmp_path / "s.json", ingestors, symbols=symbols)
+        assert ing.wait(timeout_s=20), "the ingestor stops by itself"
+        assert ing.exit_code == 2
+        assert 405 in srv.errors_sent
+        assert ing.stats.live == 0

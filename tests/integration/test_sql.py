@@ -47,7 +47,6 @@ RUN_ENV = {
 pytestmark = pytest.mark.slow
 
 
-
 class OrderLog(bt.Analyzer):  # type: ignore[misc]
     """backtrader's own order notifications, as they arrive."""
 

@@ -32,9 +32,7 @@ def lint(tree: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture()
 def tree_copy(tmp_path: Path) -> Path:
     for pkg in PACKAGES:
-        shutil.copytree(
-            ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__")
-        )
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 

@@ -30,8 +30,11 @@ intraday           ``D * B``
 =================  ================================================================
 
 ``D`` is the number of trading days in a year: 252 (empyrical's ``DAILY``, the exchange
-calendar convention), or 365 when the curve has bars on both Saturday and Sunday (UTC), i.e. the
-market never closes (crypto; freqtrade and QuantStats use 365 for crypto). ``B`` is the median
+calendar convention), or 365 when Saturday and Sunday (UTC) each hold at least half their
+calendar share (1/14) of the curve's days with bars, i.e. the market never closes (crypto;
+freqtrade and QuantStats use 365 for crypto). The curve's own spacing decides, not a few weekend
+bars: a monthly crypto feed mixed with a daily stock has a weekend bar now and then and is still
+a five-day curve. ``B`` is the median
 number of bars per UTC calendar day that has bars: an exchange session of 6.5 hours gives 7
 hourly bars, FX 24, crypto 24; the bar size alone cannot say how long a session is.
 
@@ -89,13 +92,21 @@ def finest_bar_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def trading_days_per_year(index: pd.DatetimeIndex) -> int:
-    """365 when ``index`` (UTC) has bars on both Saturday and Sunday, else 252.
+    """365 when Saturday and Sunday (UTC) each hold at least 1/14 of the distinct days of
+    ``index`` that have bars (half of a seven-day market's 1/7), else 252.
 
-    Only both days count: a session that opens on Sunday evening UTC (FX) or a positive-offset
-    exchange whose Monday falls on Sunday in UTC (Tokyo) is still a five-day market.
+    Both days count: a session that opens on Sunday evening UTC (FX) or a positive-offset
+    exchange whose Monday falls on Sunday in UTC (Tokyo) is still a five-day market. A share,
+    not mere presence: daily stock bars mixed with monthly crypto bars (an occasional weekend
+    bar) are a five-day curve; crypto every day or every other day is a seven-day one.
     """
-    days = set(pd.DatetimeIndex(index).day_of_week.unique().tolist())
-    return ALWAYS_OPEN_DAYS_PER_YEAR if {5, 6} <= days else EXCHANGE_DAYS_PER_YEAR
+    idx = pd.DatetimeIndex(index)
+    days = idx.normalize().unique()
+    if len(days) == 0:
+        return EXCHANGE_DAYS_PER_YEAR
+    dow = pd.Series(days.day_of_week)
+    share = min(float((dow == 5).mean()), float((dow == 6).mean()))
+    return ALWAYS_OPEN_DAYS_PER_YEAR if share >= 1 / 14 else EXCHANGE_DAYS_PER_YEAR
 
 
 def periods_per_year(index: pd.DatetimeIndex, timeframe: int, compression: int = 1) -> float:

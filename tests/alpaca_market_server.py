@@ -687,5 +687,12 @@ class _RestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # An origin server with a clock sends Date (RFC 9110 section 6.6.1); Alpaca's does. The
+        # market's clock is the middle of the minute in progress (minute ``released``).
+        owner = self.server_owner
+        now = owner.market.start + timedelta(minutes=owner.released, seconds=30)
+        return email.utils.format_datetime(now.astimezone(UTC), usegmt=True)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -27,7 +27,7 @@ from tests.fixtures_pubsub import PubSubEmulator
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
 FAST = StreamSettings(
-    health_interval_s=0.3, probe_timeout_s=1.0, reconnect=RetryPolicy(initial_s=0.2, max_s=1.0)
+    pull_timeout_s=2.0, probe_timeout_s=1.0, reconnect=RetryPolicy(initial_s=0.2, max_s=1.0)
 )
 
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import requests
 
-from core.errors import ConfigError, TransientError
+from core.errors import ConfigError, RetryInterruptedError, TransientError
 from core.retry import RetryPolicy
 from feeds.ingest.config import IngestConfig
 
@@ -314,15 +314,21 @@ def is_transient(e: BaseException) -> bool:
 
 
 class _TimeoutSession(requests.Session):
-    """alpaca-py sends requests without a timeout; every request here gets one."""
+    """alpaca-py sends requests without a timeout; every request here gets one. alpaca-py
+    follows ``next_page_token`` itself, one request per page: when ``stop`` is set, the next
+    page is not requested (:class:`RetryInterruptedError`), so a long catch-up stops between
+    pages."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, stop: threading.Event | None = None) -> None:
         super().__init__()
         self.timeout_s = timeout_s
+        self.stop = stop
 
     def request(  # type: ignore[override]
         self, method: str, url: str, *args: Any, **kwargs: Any
     ) -> requests.Response:
+        if self.stop is not None and self.stop.is_set():
+            raise RetryInterruptedError("stopping: the next history page is not requested")
         kwargs.setdefault("timeout", self.timeout_s)
         return super().request(method, url, *args, **kwargs)
 
@@ -361,7 +367,7 @@ class History:
                 key, secret, raw_data=True, url_override=config.data_url
             )
         client._retry = 0  # alpaca-py sleeps 3 s per 429 itself; the policy below decides
-        client._session = _TimeoutSession(config.request_timeout_s)
+        client._session = _TimeoutSession(config.request_timeout_s, stop)
         self._client = client
 
     def _call(self, what: str, fn: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any]:

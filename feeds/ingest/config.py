@@ -50,6 +50,11 @@ class IngestConfig:
             :mod:`feeds.ingest.enrich`).
         start_lookback_s: on the first start (no state file), minutes of the last
             ``start_lookback_s`` seconds are fetched from history before going live; 0 = none.
+        history_lag_s: history is asked only for minutes that ended at least this long before
+            the local clock, seconds (a clock ahead of Alpaca's must not fetch the minute still
+            being built: its partial bar would be published and the complete live one dropped).
+        future_tolerance_s: a stream bar, or a state file entry, dated more than this after
+            the local clock is refused (it would make every later bar a duplicate), seconds.
         max_backfill_s: longest gap fetched from history, seconds; bars older than that before
             the first missing one are given up and reported as an unfilled gap.
         trades_backfill_max_s: longest span of trades fetched from history to enrich one batch
@@ -115,6 +120,19 @@ class IngestConfig:
         env="INGEST_START_LOOKBACK_S",
         help="on a first start (no state file), seconds of history to publish before going live",
         minimum=0,
+    )
+    history_lag_s: float = setting(
+        5.0,
+        env="INGEST_HISTORY_LAG_S",
+        help="history is asked only for minutes that ended this many seconds before the local "
+        "clock (a clock ahead of Alpaca's would otherwise backfill a minute still being built)",
+        minimum=0,
+    )
+    future_tolerance_s: float = setting(
+        120.0,
+        env="INGEST_FUTURE_TOLERANCE_S",
+        help="a bar (or state file entry) dated more than this after the local clock is refused",
+        gt=0,
     )
     max_backfill_s: float = setting(
         7 * 86_400.0,

@@ -190,6 +190,14 @@ class Ingestor:
         self.stats = IngestStats()
         self.state = IngestState.load(config.state_path)
         self.state.check_writable()
+        horizon = clock() + timedelta(seconds=config.future_tolerance_s)
+        future = {s: iso_utc(t) for s, t in self.state.last_bar.items() if t > horizon}
+        if future:
+            raise DataError(
+                f"INGEST_STATE_PATH={config.state_path}: last published bars dated after the "
+                f"local clock {future}: every later bar would be skipped as a duplicate; fix the "
+                "clock or the file"
+            )
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,
@@ -349,8 +357,17 @@ class Ingestor:
         if w is not None:
             w.join(max(0.0, deadline - time.monotonic()))
         self.history.close()
-        clean = (w is None or not w.is_alive()) and self.publisher.pending == 0
-        if not clean:
+        busy = w is not None and w.is_alive()
+        clean = not busy and self.publisher.pending == 0
+        if busy:
+            logger.error(
+                "stop: the worker did not finish within %.1f s (a history request in flight); "
+                "%d bars not confirmed; the state file ends before them, a restart publishes "
+                "them again",
+                timeout_s,
+                self.publisher.pending,
+            )
+        elif not clean:
             logger.error(
                 "stop: %d bars not confirmed within %.1f s; the state file ends before them, "
                 "a restart publishes them again",
@@ -518,7 +535,7 @@ class Ingestor:
         if self._stop.is_set():
             return
         self._adopt_saved_state()
-        end = _floor(self.clock(), self.tuning.bar_s) - timedelta(seconds=1)
+        end = self._last_complete_minute()
         since: dict[str, datetime] = {}
         for s in self.config.symbols:
             if s in self._sent:
@@ -529,6 +546,12 @@ class Ingestor:
         if since:
             self._backfill(since, end, reason="catch-up")
         self.stats.catch_ups += 1
+
+    def _last_complete_minute(self) -> datetime:
+        """Start of the newest bar whose minute ended ``history_lag_s`` before now: history is
+        never asked for a minute still being built (inclusive ``end`` of a history request)."""
+        now = self.clock() - timedelta(seconds=self.config.history_lag_s)
+        return _floor(now, self.tuning.bar_s) - timedelta(seconds=self.tuning.bar_s)
 
     def _adopt_saved_state(self) -> None:
         """Take over what another ingestor on the same state file published while this one
@@ -707,6 +730,12 @@ class Ingestor:
         s = bar.symbol
         if s not in self._symbols:
             return
+        problem = self._bad_time(bar.ts)
+        if problem:
+            self.stats.invalid += 1
+            self.events.on_invalid(s)
+            logger.warning("bar %s|%s refused, not published: %s", s, iso_utc(bar.ts), problem)
+            return
         last = self._sent.get(s)
         if last is not None and bar.ts <= last:
             self.stats.duplicates += 1
@@ -716,14 +745,28 @@ class Ingestor:
             self._verify.discard(s)
             if last is not None and (bar.ts - last).total_seconds() > self.tuning.bar_s:
                 end = bar.ts - timedelta(seconds=1)
-                if not self._stop.is_set() and not self._backfill(
-                    {s: last}, end, reason="gap check"
-                ):
+                if self._stop.is_set() or not self._backfill({s: last}, end, reason="gap check"):
+                    if self._stop.is_set():
+                        # Stopping before the gap was filled: publishing this bar would move
+                        # the state file past the missing ones; the next start fetches both.
+                        self._verify.add(s)
+                        return
                     self._gap(
                         s, last + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
                     )
         trades = self._live_trades(bar) if self._needs_trades else None
         self._emit(bar, trades, "live", received_ns)
+
+    def _bad_time(self, ts: datetime) -> str | None:
+        """Why a bar time cannot be right, or None: not on a bar boundary (a bar at hh:mm:30
+        would be published and the real hh:mm bar dropped), or dated after the local clock by
+        more than ``future_tolerance_s`` (it would make every later bar a duplicate)."""
+        if _ns(ts) % self._bar_ns:
+            return f"time not on a {self.tuning.bar_s:g} s boundary"
+        ahead = (ts - self.clock()).total_seconds()
+        if ahead > self.config.future_tolerance_s:
+            return f"dated {ahead:.0f} s after the local clock (INGEST_FUTURE_TOLERANCE_S)"
+        return None
 
     def _live_trades(self, bar: AlpacaBar) -> Trades | None:
         s = bar.symbol

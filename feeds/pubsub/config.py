@@ -216,38 +216,35 @@ class StreamSettings:
     """Tuning of the subscriber; the defaults suit production, tests shorten the periods.
 
     Attributes:
-        health_interval_s: period of the subscription probe that detects a dead stream, seconds.
-        probe_timeout_s: timeout of one probe / admin call, seconds.
-        reconnect: backoff between reconnect attempts (:meth:`core.retry.RetryPolicy.delay_s`:
-            full jitter, from ``initial_s`` up to ``max_s`` seconds); the supervisor retries
-            until stopped, so ``attempts`` is not used.
-        ack_deadline_s: ack deadline of created subscriptions, seconds (10..600); the client
-            extends it for as long as a bar waits for its decision to be on disk.
-        lease_extension_s: longest single lease extension the client asks for, seconds
-            (10..600; google-cloud-pubsub's ``FlowControl.max_duration_per_lease_extension``,
-            which is also the stream's ack deadline): messages held by a stream that broke or a
-            pod that was killed are redelivered after about this long (the client's default
-            is 60 s).
+        pull_timeout_s: deadline of one Pull request, seconds (an idle long poll returns
+            empty before it; a stop is noticed within it).
+        probe_timeout_s: timeout of the probe that tells an idle poll from an outage, and of a
+            lease extension, seconds.
+        reconnect: backoff between attempts while Pub/Sub is unreachable
+            (:meth:`core.retry.RetryPolicy.delay_s`: full jitter, from ``initial_s`` up to
+            ``max_s`` seconds); retried until stopped, so ``attempts`` is not used.
+        ack_deadline_s: ack deadline of created subscriptions: the first lease of a pulled
+            message, seconds (10..600).
+        lease_extension_s: each lease extension, seconds (10..600; renewed every third of
+            it): what a runner that died had pulled is redelivered about this long later.
         redelivery_margin_s: after a (re)connect to a subscription that may hold redeliveries,
             steps wait ``lease_extension_s + redelivery_margin_s`` seconds, so an older bar
             still on its way is not overtaken by newer ones (:meth:`BarHub.hold_steps`).
         backlog_quiet_s: ...and then until bars have come in order for this long, seconds
-            (also after any bar came out of order): what a dead stream held comes back an ack
-            deadline later, mixed with newer bars (:meth:`BarHub.hold_steps`).
-        max_outstanding_messages: flow control: messages held by the client before it pauses
-            the stream (back-pressure reaches Pub/Sub here); the subscriber raises it to
-            ``4 * symbols`` so that a whole bar time of every symbol fits while earlier bars
-            wait for their decision to be on disk.
-        max_outstanding_bytes: flow control in bytes.
+            (also after any bar came out of order).
+        max_outstanding_messages: flow control: messages pulled and not settled (leased)
+            before pulling pauses (back-pressure reaches Pub/Sub here); the subscriber raises
+            it to ``4 * symbols`` so that a whole bar time of every symbol fits while earlier
+            bars wait for their decision to be on disk.
         max_message_bytes: a larger message is refused as ``oversized`` before decoding.
         dedup_message_ids: message ids remembered for de-duplication.
         dedup_times_per_symbol: bar times remembered per symbol for de-duplication (a copy
             of an older bar is refused as ``stale_timestamp`` instead); memory is about
             100 bytes per entry per symbol.
-        admin_timeout_s: timeout of create/delete calls, seconds.
+        admin_timeout_s: timeout of create/delete/acknowledge calls, seconds.
     """
 
-    health_interval_s: float = 2.0
+    pull_timeout_s: float = 5.0
     probe_timeout_s: float = 2.0
     reconnect: RetryPolicy = RECONNECT_BACKOFF
     ack_deadline_s: int = 10
@@ -255,15 +252,14 @@ class StreamSettings:
     redelivery_margin_s: float = 5.0
     backlog_quiet_s: float = 15.0
     max_outstanding_messages: int = 1000
-    max_outstanding_bytes: int = 100 * 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES
     dedup_message_ids: int = 100_000
     dedup_times_per_symbol: int = 128
     admin_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.health_interval_s <= 0 or self.probe_timeout_s <= 0:
-            raise ConfigError("StreamSettings: health_interval_s and probe_timeout_s must be > 0")
+        if self.pull_timeout_s <= 0 or self.probe_timeout_s <= 0:
+            raise ConfigError("StreamSettings: pull_timeout_s and probe_timeout_s must be > 0")
         if not 10 <= self.ack_deadline_s <= 600:
             raise ConfigError(
                 f"StreamSettings: ack_deadline_s must be 10..600, got {self.ack_deadline_s}"

@@ -57,10 +57,17 @@ class Duration:
             raise ConfigError(
                 f"{_VAR}: {key}={text!r}: expected a duration such as 2y, 6m, 4w, 90d or 12h"
             )
-        count, unit = int(m.group(1)), m.group(2).lower()
+        digits, unit = m.group(1).lstrip("0") or "0", m.group(2).lower()
+        # int() of thousands of digits raises ValueError: anything this long is too long
+        count = int(digits) if len(digits) <= 12 else 10**12
         if count < 1:
             raise ConfigError(f"{_VAR}: {key}={text!r}: expected a duration > 0")
-        return cls(count, "m" if unit == "mo" else unit)
+        unit = "m" if unit == "mo" else unit
+        if count > _MAX_COUNT[unit]:
+            raise ConfigError(
+                f"{_VAR}: {key}={text!r}: longer than {_MAX_COUNT[unit]}{unit} (1000 years)"
+            )
+        return cls(count, unit)
 
     def offset(self, times: int = 1) -> pd.DateOffset:
         """This duration ``times`` over, as a calendar offset."""
@@ -69,6 +76,10 @@ class Duration:
     def __str__(self) -> str:
         return f"{self.count}{self.unit}"
 
+
+#: Longest duration of each unit (1000 years): longer is a typo, and would overflow the
+#: calendar arithmetic (pandas timestamps end in 2262).
+_MAX_COUNT = {"y": 1000, "m": 12_000, "w": 52_200, "d": 365_250, "h": 8_766_000}
 
 _UNIT_NAMES = {"y": "years", "m": "months", "w": "weeks", "d": "days", "h": "hours"}
 
@@ -188,11 +199,15 @@ def make_folds(first: datetime, last: datetime, spec: WalkForward | None) -> lis
     while True:
         # Every boundary from the first bar in one offset: with step == test, fold k's test
         # window ends exactly where fold k+1's begins.
-        train_start = start if spec.anchored else start + offset(spec.step, times=k)
-        train_end = (start + offset(spec.step, times=k, extra=(spec.train,))).to_pydatetime()
-        full_end = (
-            start + offset(spec.step, times=k, extra=(spec.train, spec.test))
-        ).to_pydatetime()
+        try:
+            train_start = start if spec.anchored else start + offset(spec.step, times=k)
+            train_end = (start + offset(spec.step, times=k, extra=(spec.train,))).to_pydatetime()
+            full_end = (
+                start + offset(spec.step, times=k, extra=(spec.train, spec.test))
+            ).to_pydatetime()
+        except (OverflowError, ValueError, pd.errors.OutOfBoundsDatetime):
+            # past the last representable time (year 2262): no further window fits the data
+            break
         if train_end > last:
             break
         test_end = min(full_end, end)

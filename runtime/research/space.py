@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.errors import ConfigError
@@ -40,6 +40,9 @@ Value = int | float | str | bool | None
 Params = dict[str, Value]
 
 _VAR = "OPTIMIZE_SPACE"
+#: Most grid points a study may have (a larger grid is a mistake in the space: a million
+#: backtests already take days).
+MAX_GRID_POINTS = 1_000_000
 _RANGE_KEYS = frozenset({"low", "high", "step", "log"})
 
 
@@ -68,19 +71,37 @@ class Range:
     log: bool
     integer: bool
 
-    def values(self) -> tuple[Value, ...]:
-        """Every point of the range (grid search).
+    def count(self) -> int:
+        """Number of grid points, by arithmetic (nothing materialised).
 
         Raises:
-            ConfigError: for a continuous float range (no step) or a log range.
+            ConfigError: for a continuous float range (no step) or a log range, or more than
+                :data:`MAX_GRID_POINTS` points.
         """
         if self.log or (self.step is None and not self.integer):
             raise ConfigError(
                 f"{_VAR}: {self.name} is a continuous range; a grid needs a list or a step "
                 "(or use OPTIMIZE_SAMPLER=tpe or random)"
             )
+        try:
+            n = _steps(self.low, self.high, self.step if self.step is not None else 1) + 1
+        except InvalidOperation:  # more steps than Decimal's 28 digits can count
+            n = MAX_GRID_POINTS + 1
+        if n > MAX_GRID_POINTS:
+            raise ConfigError(
+                f"{_VAR}: {self.name} has more than {MAX_GRID_POINTS:,} grid points: use a "
+                "larger step or OPTIMIZE_SAMPLER=tpe or random"
+            )
+        return n
+
+    def values(self) -> tuple[Value, ...]:
+        """Every point of the range (grid search).
+
+        Raises:
+            ConfigError: as :meth:`count`.
+        """
+        n = self.count()
         step = self.step if self.step is not None else 1
-        n = _steps(self.low, self.high, step) + 1
         if self.integer:
             return tuple(int(self.low) + i * int(step) for i in range(n))
         return tuple(_point(self.low, i, step) for i in range(n))
@@ -140,11 +161,16 @@ def _parse_range(name: str, spec: Mapping[str, Any], *, grid: bool) -> Range:
         )
     integer = all(isinstance(v, int) for v in (low, high) + ((step,) if step is not None else ()))
     if step is not None:  # lower high to the last point on the step grid (as Optuna would)
-        n = _steps(low, high, step)
+        try:
+            n = _steps(low, high, step)
+        except InvalidOperation:
+            raise ConfigError(
+                f"{_VAR}: {name}: step {step} is too small for {low}..{high}"
+            ) from None
         high = int(low) + n * int(step) if integer else _point(low, n, step)
     r = Range(name, low, high, step, log, integer)
     if grid:
-        r.values()  # refuses continuous float ranges now, at start
+        r.count()  # refuses continuous float ranges and huge ranges now, at start
     return r
 
 
@@ -184,14 +210,25 @@ def parse_space(raw: Mapping[str, Any], *, grid: bool) -> Space:
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{_VAR}: {name} lists a value twice: {list(values)!r}")
         out.append(Choice(name, values))
+    if grid:
+        grid_size(tuple(out))  # refuses a grid of more than MAX_GRID_POINTS, at start
     return tuple(out)
 
 
 def grid_size(space: Space) -> int:
-    """Number of grid points (1 for an empty space)."""
+    """Number of grid points (1 for an empty space), by arithmetic.
+
+    Raises:
+        ConfigError: naming OPTIMIZE_SPACE for more than :data:`MAX_GRID_POINTS` points.
+    """
     n = 1
     for p in space:
-        n *= len(p.values) if isinstance(p, Choice) else len(p.values())
+        n *= len(p.values) if isinstance(p, Choice) else p.count()
+        if n > MAX_GRID_POINTS:
+            raise ConfigError(
+                f"{_VAR}: the grid has more than {MAX_GRID_POINTS:,} points: use larger steps, "
+                "fewer values or OPTIMIZE_SAMPLER=tpe or random"
+            )
     return n
 
 

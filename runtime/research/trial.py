@@ -369,10 +369,13 @@ class Backtester:
                 if out_curve is not None and not pruned
                 else None
             )
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001 - agent code, see below
             # The agent is user code: whatever it raises (a rejected combination such as
-            # fast >= slow, a bug) makes this trial failed, stored with its error; the study
-            # goes on. A study whose every trial failed ends with exit code 1.
+            # fast >= slow, a bug, even sys.exit() or KeyboardInterrupt, which would otherwise
+            # end a pool worker and with it the study) makes this trial failed, stored with its
+            # error; the study goes on. A study whose every trial failed ends with exit code 1.
+            # A real Ctrl-C never lands here: the study's signal handler takes SIGINT in the
+            # parent (no exception), pool workers ignore it, a second signal calls os._exit.
             logger.debug("trial %s failed", task.session_id, exc_info=True)
             return result(
                 "failed",

@@ -435,3 +435,41 @@ def test_symbol_limit_refusal_stops_the_ingestor_with_code_2(
         assert ing.exit_code == 2
         assert 405 in srv.errors_sent
         assert ing.stats.live == 0
+
+
+class _SlowHistory(AlpacaMarketServer):
+    """Test knob (not Alpaca behaviour): every REST page waits for ``gate`` or 0.2 s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pages = 0
+
+    def rest(self, *args: Any, **kwargs: Any) -> Any:
+        self.pages += 1
+        time.sleep(0.2)
+        return super().rest(*args, **kwargs)
+
+
+def test_stop_during_a_long_catch_up_stops_between_pages_cleanly(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Attack 16 #5: a stop while the catch-up pages through history ends between two pages,
+    within the budget, cleanly (nothing half-published, the state file before the missed bars)."""
+    state = tmp_path / "state.json"
+    slow = _SlowHistory(ScriptedMarket(SYMBOLS, 60))
+    with slow as srv:
+        first = make(srv, topic, state, ingestors)
+        srv.wait_subscribed()
+        srv.advance(1)
+        topic.pull(2)
+        assert first.stop(timeout_s=5)
+        srv.advance(40)  # 40 missed minutes, 1 item per page: 80 slow pages
+        srv.page_cap = 1
+        second = make(srv, topic, state, ingestors)
+        wait_until("the catch-up to page", lambda: slow.pages >= 3)
+        t0 = time.monotonic()
+        assert second.stop(timeout_s=3), "stopped cleanly"
+        assert time.monotonic() - t0 < 3
+        assert slow.pages < 40, "the catch-up did not run to its end"
+        assert second.stats.backfilled == 0 and not second.stats.gaps
+        assert second.state.last_bar == first.state.last_bar  # a restart fetches them again

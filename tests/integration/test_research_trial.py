@@ -4,12 +4,15 @@ results, and a failing combination is a failed trial, not a failed study."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from agents.sma_cross import SmaCrossAgent
 from analyzers.config import FMELConfig
 from feeds.csv import CSVFeedConfig, read_csv_bars
 from runtime.research.engine import InlineEngine, PoolEngine
@@ -124,3 +127,34 @@ def test_the_process_pool_gives_the_sequential_results(tmp_path: Path, bars: dic
         n: (r.objective, r.in_sample, r.out_of_sample) for n, r in want.items()
     }
     assert len({r.worker for r in got.values()}) == 2  # both workers ran trials
+
+
+class Exiter(SmaCrossAgent):
+    """``fast == 3``: ``sys.exit(3)``; ``fast == 4``: ``KeyboardInterrupt``; else SmaCross."""
+
+    def __init__(self) -> None:
+        if self.p.fast == 3:
+            sys.exit(3)
+        if self.p.fast == 4:
+            raise KeyboardInterrupt
+        super().__init__()
+
+
+def test_sys_exit_or_keyboard_interrupt_in_an_agent_fails_only_its_trial(
+    tmp_path: Path, bars: dict
+) -> None:
+    """attack15 exit_3_w2 / exit_4_w2: the pool worker survives and runs the next trial."""
+    j = replace(job(tmp_path), agent=f"{__name__}:Exiter")
+    pool = PoolEngine(j, 1)
+    try:
+        for i, fast in enumerate((3, 4, 10)):
+            pool.submit(task(i, fast, 30))
+        got = {}
+        while pool.in_flight():
+            for r in pool.wait(5.0):
+                got[r.number] = r
+    finally:
+        pool.close()
+    assert got[0].status == "failed" and got[0].error == "SystemExit: 3"
+    assert got[1].status == "failed" and got[1].error == "KeyboardInterrupt: "
+    assert got[2].status == "complete" and got[2].worker == got[0].worker

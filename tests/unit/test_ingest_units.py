@@ -452,3 +452,49 @@ def test_ensure_topic_stops_at_once_when_asked() -> None:
             stop=stop,
         )
     assert time.monotonic() - t0 < 2.0
+
+
+# -- bar times: current minute, future, misaligned (attack 16 #7, #8) ----------------------------
+
+
+def _ingestor(tmp_path: Path, now: datetime, **env: str) -> Any:
+    """An Ingestor built but not started: its stream and history clients connect only when
+    started or called, so its time rules are tested without a server."""
+    from feeds.ingest import Ingestor
+
+    cfg, _ = load_ingest_config({**BASE, "INGEST_STATE_PATH": str(tmp_path / "s.json"), **env})
+    return Ingestor(cfg, None, "projects/p/topics/bars", clock=lambda: now)
+
+
+def test_history_is_never_asked_for_the_minute_still_being_built(tmp_path: Path) -> None:
+    now = datetime(2024, 1, 2, 15, 30, 3, tzinfo=UTC)  # 3 s into 15:30
+    ing = _ingestor(tmp_path, now)  # INGEST_HISTORY_LAG_S=5 by default
+    # 15:29 ended at 15:30:00, only 3 s ago (< 5 s lag): the newest complete one is 15:28.
+    assert ing._last_complete_minute() == datetime(2024, 1, 2, 15, 28, tzinfo=UTC)
+    ing0 = _ingestor(tmp_path, now, INGEST_HISTORY_LAG_S="0")
+    assert ing0._last_complete_minute() == datetime(2024, 1, 2, 15, 29, tzinfo=UTC)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(-(10**6), 10**6), st.integers(0, 59), st.integers(0, 999_999))
+def test_bar_times_off_the_minute_or_in_the_future_are_refused(
+    tmp_path: Path, offset_s: int, second: int, micro: int
+) -> None:
+    now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+    ing = _ingestor(tmp_path, now)
+    ts = (now + timedelta(seconds=offset_s)).replace(second=second, microsecond=micro)
+    problem = ing._bad_time(ts)
+    aligned = second == 0 and micro == 0
+    future = (ts - now).total_seconds() > 120
+    assert (problem is None) == (aligned and not future)
+
+
+def test_a_state_file_dated_in_the_future_fails_at_start(tmp_path: Path) -> None:
+    now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+    state = IngestState.load(tmp_path / "s.json")
+    state.confirm("AAPL", datetime(2030, 1, 1, tzinfo=UTC))
+    state.save()
+    with pytest.raises(DataError, match=r"INGEST_STATE_PATH=.*after the local clock"):
+        _ingestor(tmp_path, now)

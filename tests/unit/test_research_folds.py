@@ -146,3 +146,17 @@ def test_folds_are_ordered_inside_the_span_and_test_after_train(
         assert all(a.test_end == b.train_end for a, b in itertools.pairwise(folds))
     if anchored:
         assert {f.train_start for f in folds} == {first}
+
+
+@pytest.mark.parametrize("text", ["1001y", "10000y", "99999999999y", "9" * 5000 + "d", "9000000h"])
+def test_an_absurd_duration_is_a_config_error(text: str) -> None:
+    """attack15 wf24/wf25/wf1: exit 2 naming WALK_FORWARD, not an OverflowError traceback."""
+    with pytest.raises(ConfigError, match="WALK_FORWARD: train"):
+        parse_walk_forward({"train": text, "test": "1m"})
+
+
+def test_windows_past_the_last_representable_time_end_the_folds() -> None:
+    """1000 years from 2004 is past pandas' year 2262: no fold fits, a ConfigError."""
+    spec = parse_walk_forward({"train": "1000y", "test": "1y"})
+    with pytest.raises(ConfigError, match="does not fit"):
+        make_folds(datetime(2004, 1, 1, tzinfo=UTC), datetime(2010, 1, 1, tzinfo=UTC), spec)

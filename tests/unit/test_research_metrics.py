@@ -147,3 +147,28 @@ def test_symbols_that_never_overlap_are_refused() -> None:
     )
     with pytest.raises(DataError, match="do not overlap"):
         common_span(bars)
+
+
+def test_a_dominant_curve_has_the_best_sortino_and_calmar() -> None:
+    """No losing bar and a gain: Sortino and Calmar divide by zero risk, +inf, and that trial
+    beats every finite one (attack15 undef_sortino / undef_calmar)."""
+    dominant = performance_stats(curve([100, 101, 103, 103, 110]), periods_per_year=252)
+    assert dominant.sortino is None and dominant.calmar is None  # stats: undefined ratio
+    for metric in ("sortino", "calmar"):
+        assert objective_of(dominant, metric) == math.inf  # type: ignore[arg-type]
+    flat = performance_stats(curve([100, 100, 100]), periods_per_year=252)
+    assert objective_of(flat, "sortino") is None  # no gain, no risk: still undefined
+    finite = performance_stats(curve([100, 110, 99, 120, 118]), periods_per_year=252)
+    good = TrialResult(
+        number=1,
+        fold=0,
+        params={},
+        status="complete",
+        session_id="b",
+        record=False,
+        objective=objective_of(finite, "sortino"),
+        in_sample=finite,
+        out_of_sample=None,
+    )
+    best = replace(good, number=2, session_id="c", objective=objective_of(dominant, "sortino"))
+    assert better(best, good) and not better(good, best)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from core.errors import ConfigError
 from runtime.research.config import OptimizeConfig
 from runtime.research.space import (
+    MAX_GRID_POINTS,
     Choice,
     GridSearch,
     OptunaSearch,
@@ -225,3 +226,26 @@ def test_any_json_gives_a_space_or_a_config_error(raw: dict[str, Any], grid: boo
     assert [p.name for p in space] == list(raw)
     if grid:
         assert sum(1 for _ in grid_points(space)) == grid_size(space) >= 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"x": {"low": 0, "high": 10**12}},
+        {"x": {"low": 0, "high": 10**40, "step": 1}},
+        {"x": {"low": 0.0, "high": 1e300, "step": 1e-300}},
+        {"x": {"low": 0, "high": 999}, "y": {"low": 0, "high": 999}, "z": [1, 2]},
+    ],
+)
+def test_a_grid_above_the_cap_is_refused_without_materialising_it(raw: dict) -> None:
+    """attack15 huge/: counted by arithmetic, refused at start naming OPTIMIZE_SPACE."""
+    with pytest.raises(ConfigError, match="OPTIMIZE_SPACE"):
+        parse_space(raw, grid=True)
+
+
+def test_a_grid_at_the_cap_is_counted_not_built() -> None:
+    space = parse_space({"x": {"low": 1, "high": 1000}, "y": {"low": 1, "high": 1000}}, grid=True)
+    assert grid_size(space) == MAX_GRID_POINTS
+    assert next(grid_points(space)) == {"x": 1, "y": 1}
+    # sampled search never enumerates: any size is fine
+    assert parse_space({"x": {"low": 0, "high": 10**12}}, grid=False)[0].high == 10**12

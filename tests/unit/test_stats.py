@@ -178,3 +178,30 @@ def test_properties(values: np.ndarray, scale: float, ppy: float) -> None:
         assert quad.sharpe == pytest.approx(2 * base.sharpe, rel=1e-9)
         r = np.diff(values) / values[:-1]
         assert math.copysign(1, base.sharpe) == math.copysign(1, r.mean()) or base.sharpe == 0
+
+
+def test_a_few_weekend_bars_do_not_make_a_seven_day_market() -> None:
+    """Daily stock bars mixed with monthly crypto bars (some on a weekend) stay 252; crypto
+    every other day stays 365 (attack15 mix_btc_goog)."""
+    stock = pd.bdate_range("2012-01-02", "2013-02-28", tz="UTC")
+    monthly = pd.date_range("2012-01-01", "2013-02-28", freq="MS", tz="UTC")  # some weekends
+    mixed = stock.union(monthly)
+    assert {5, 6} <= set(mixed.day_of_week)
+    assert trading_days_per_year(mixed) == 252
+    assert periods_per_year(mixed, bt.TimeFrame.Days, 1) == 252
+    every_other = pd.date_range("2021-01-01", periods=200, freq="2D", tz="UTC")
+    assert trading_days_per_year(every_other) == 365
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 6), st.integers(30, 400), st.integers(0, 20))
+def test_weekend_share_rule(start: int, n: int, extra: int) -> None:
+    """A five-day calendar plus up to ``extra`` weekend bars a year is 252 while the extra
+    bars are rarer than 1/14 of the days; any seven-day calendar is 365."""
+    seven = pd.date_range(
+        pd.Timestamp("2021-01-04", tz="UTC") + pd.Timedelta(days=start), periods=n, freq="D"
+    )
+    assert trading_days_per_year(seven) == 365
+    five = pd.bdate_range("2021-01-04", periods=n, tz="UTC")
+    weekend = [d for d in seven if d.day_of_week >= 5][: min(extra, n // 30)]
+    assert trading_days_per_year(five.union(pd.DatetimeIndex(weekend))) == 252

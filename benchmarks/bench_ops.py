@@ -31,8 +31,8 @@ from pathlib import Path
 import backtrader as bt
 
 from agents.sma_cross import SmaCrossAgent
-from feeds.csv import make_csv_feed, read_csv_bars
-from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+from runtime.config import BUNDLED_DATA_DIR
 from runtime.health import HealthServer
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 from tests.conftest import clean_env

@@ -182,6 +182,8 @@ class OpsConfig:
     )
 
     def __post_init__(self) -> None:
+        if not 0 <= self.health_port <= 65_535:
+            raise ConfigError(f"HEALTH_PORT={self.health_port}: expected a port, 0 to 65535")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
                 f"LOG_LEVEL={self.log_level!r}: expected DEBUG, INFO, WARNING or ERROR"

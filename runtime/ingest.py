@@ -117,6 +117,10 @@ class IngestMetrics:
 
     def watch(self, ingestor: Ingestor) -> None:
         self.registry.register(_Pull(ingestor))
+        # Every symbol's counters from the start at 0 (an alert on rate() needs the series).
+        for symbol in ingestor.config.symbols:
+            for counter in (self.duplicates, self.invalid, self.gaps):
+                counter.labels(symbol=symbol)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

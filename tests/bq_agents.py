@@ -42,8 +42,8 @@ def real_records(
     import backtrader as bt
 
     from analyzers.fmel import FMELAnalyzer, make_run_info
-    from feeds.csv import make_csv_feed
-    from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+    from feeds.csv import CSVFeedConfig, make_csv_feed
+    from runtime.config import BUNDLED_DATA_DIR
 
     def _parse_utc(day: str) -> datetime:
         return datetime.fromisoformat(day).replace(tzinfo=UTC)

@@ -29,8 +29,8 @@ import pytest
 from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client
 from tests.conftest import DATA, REPO, clean_env, run_runner
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
 from tests.e2e.test_shutdown import RunnerProcess
+from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
 
 __all__ = ["pubsub_emulator"]
 

@@ -24,8 +24,11 @@ inclusive (``start``: "equal to or after", ``end``: "equal to or before").
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -323,6 +326,9 @@ class _TimeoutSession(requests.Session):
         super().__init__()
         self.timeout_s = timeout_s
         self.stop = stop
+        # Alpaca's clock: the Date header of the last answer (RFC 9110 section 6.6.1) and the
+        # monotonic time it arrived.
+        self.server_date: tuple[datetime, float] | None = None
 
     def request(  # type: ignore[override]
         self, method: str, url: str, *args: Any, **kwargs: Any
@@ -330,7 +336,14 @@ class _TimeoutSession(requests.Session):
         if self.stop is not None and self.stop.is_set():
             raise RetryInterruptedError("stopping: the next history page is not requested")
         kwargs.setdefault("timeout", self.timeout_s)
-        return super().request(method, url, *args, **kwargs)
+        response = super().request(method, url, *args, **kwargs)
+        date = response.headers.get("Date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                when = email.utils.parsedate_to_datetime(date)
+                if when.tzinfo is not None:
+                    self.server_date = (when.astimezone(UTC), time.monotonic())
+        return response
 
 
 class History:
@@ -369,6 +382,15 @@ class History:
         client._retry = 0  # alpaca-py sleeps 3 s per 429 itself; the policy below decides
         client._session = _TimeoutSession(config.request_timeout_s, stop)
         self._client = client
+
+    def server_now(self) -> datetime | None:
+        """Alpaca's clock as of its last answer (its ``Date`` header, whole seconds) plus the
+        time since, or None before any answer."""
+        seen: tuple[datetime, float] | None = self._client._session.server_date
+        if seen is None:
+            return None
+        when, mono = seen
+        return when + timedelta(seconds=time.monotonic() - mono)
 
     def _call(self, what: str, fn: Callable[[], Mapping[str, Any]]) -> Mapping[str, Any]:
         from alpaca.common.exceptions import APIError

@@ -125,7 +125,10 @@ def risk_metrics(trades: Trades | None) -> dict[str, float | None]:
     out["trades_used"] = float(n)
     volume = float(s.sum()) if n else 0.0
     if volume > 0:
-        out["trade_vwap"] = float(np.dot(p, s) / volume)
+        # Scaled by a power of two (exact: the same bits for ordinary sizes) so that tiny sizes
+        # (subnormal, e.g. 5e-324) do not underflow p_i s_i and push the VWAP out of [min p, max p].
+        w = np.ldexp(s, -int(np.frexp(s.max())[1]))
+        out["trade_vwap"] = float(np.dot(p, w) / w.sum())
     if n >= 2:
         r = np.diff(np.log(p))
         rv = float(np.dot(r, r))
@@ -276,8 +279,13 @@ class Enricher:
 
 
 def _value(name: str, key: str, value: Any) -> float | str | None:
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
+    if isinstance(value, str):
+        # As the CSV reader reads a text cell: surrounding whitespace dropped, an empty cell is
+        # null -- so the same value hashes alike from an indicator and from a CSV file.
+        text = value.strip()
+        return text or None
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, (int, float, np.floating, np.integer)):

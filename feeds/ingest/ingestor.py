@@ -27,6 +27,13 @@ Trades for the risk metrics: a live bar takes its trades from the trade stream w
 connection had already delivered a trade of that symbol *before* the bar's minute began (so none
 of its trades can have been missed); otherwise, and for backfilled bars, from the historical
 trades API.
+Either way the window is taken by time and ordered as history orders it (``ordered_trades``:
+by time then trade id, each id once, odd lots and other off-price conditions left out), so a
+live bar and the same bar backfilled carry the same fields and ``data_hash``.
+
+Bar times are checked (:meth:`Ingestor._bad_time`): off the minute or too far in the future is
+refused; history is cut at the last minute complete by the local clock and by Alpaca's own
+(``Date`` header), so a partial bar is never backfilled.
 
 Thread context: :meth:`start`, :meth:`stop`, :meth:`report` from the owning (main) thread;
 :attr:`ready`, :attr:`stats` are safe to read from any thread (health checks, metrics).
@@ -142,6 +149,7 @@ _CONNECTED, _DISCONNECTED, _AUTH_ERROR, _BAR, _TRADE, _CANCEL, _CORRECT, _STREAM
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RECENT = 1024  # bar times remembered per symbol (about 17 hours of minutes)
 
 
 def _ns(ts: datetime) -> int:
@@ -239,6 +247,9 @@ class Ingestor:
         # worker state
         self._sent: dict[str, datetime] = dict(self.state.last_bar)
         self._verify: set[str] = set()
+        # Bar times published lately per symbol: a repeat of one is a duplicate; an older bar
+        # not among them arrived after a later one (a gap, not a duplicate).
+        self._recent: dict[str, deque[datetime]] = {}
         self._first_trade_ns: dict[str, int] = {}
         self._trades: dict[str, list[TradeTick]] = {s: [] for s in config.symbols}
         self._last_flush = time.monotonic()
@@ -547,10 +558,11 @@ class Ingestor:
             self._backfill(since, end, reason="catch-up")
         self.stats.catch_ups += 1
 
-    def _last_complete_minute(self) -> datetime:
-        """Start of the newest bar whose minute ended ``history_lag_s`` before now: history is
-        never asked for a minute still being built (inclusive ``end`` of a history request)."""
-        now = self.clock() - timedelta(seconds=self.config.history_lag_s)
+    def _last_complete_minute(self, now: datetime | None = None) -> datetime:
+        """Start of the newest bar whose minute ended ``history_lag_s`` before ``now`` (default:
+        the local clock): history is never asked for a minute still being built (inclusive
+        ``end`` of a history request)."""
+        now = (now or self.clock()) - timedelta(seconds=self.config.history_lag_s)
         return _floor(now, self.tuning.bar_s) - timedelta(seconds=self.tuning.bar_s)
 
     def _adopt_saved_state(self) -> None:
@@ -599,6 +611,13 @@ class Ingestor:
         start = min(start_by.values())
         try:
             bars = self._history(lambda: self.history.bars(symbols, start, end))
+            # The local clock may be ahead of Alpaca's: a bar of a minute that has not ended by
+            # Alpaca's own clock (its Date header) is partial; it comes live, or from the next
+            # gap check, once complete.
+            alpaca_now = self.history.server_now()
+            if alpaca_now is not None:
+                cut = self._last_complete_minute(alpaca_now)
+                bars = {s: [b for b in bs if b.ts <= cut] for s, bs in bars.items()}
             fresh = {
                 s: [
                     b
@@ -738,8 +757,21 @@ class Ingestor:
             return
         last = self._sent.get(s)
         if last is not None and bar.ts <= last:
-            self.stats.duplicates += 1
-            self.events.on_duplicate(s)
+            recent = self._recent.get(s)
+            # Only a time inside what this run published is known for sure to be missing.
+            if not recent or bar.ts < recent[0] or bar.ts in recent:
+                self.stats.duplicates += 1
+                self.events.on_duplicate(s)
+                return
+            # Older than the last published bar and not one of the recent published ones: a
+            # minute that arrived after a later one (publishing it now would break the
+            # symbol's order). Not a duplicate: an unfilled gap, counted and logged.
+            self._gap(
+                s,
+                bar.ts,
+                bar.ts + timedelta(seconds=self.tuning.bar_s),
+                "bar arrived after a later bar was published",
+            )
             return
         if s in self._verify:
             self._verify.discard(s)
@@ -831,6 +863,7 @@ class Ingestor:
             return
         self.publisher.publish(out)
         self._sent[bar.symbol] = bar.ts
+        self._recent.setdefault(bar.symbol, deque(maxlen=_RECENT)).append(bar.ts)
         if source == "live":
             self.stats.live += 1
         else:

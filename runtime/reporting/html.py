@@ -704,19 +704,20 @@ def surface_figure(trials: pd.DataFrame, params: pd.DataFrame, metric: str) -> F
     parallel coordinates of every numeric parameter and the objective."""
     numeric = [c for c in params.columns if pd.api.types.is_numeric_dtype(params[c])]
     obj = trials["objective"].astype(float)
+    if metric == "max_drawdown":
+        # the objective is the negated drawdown (higher is better); show the drawdown as a
+        # positive percent like the folds table and the other charts
+        obj = -obj
     if len(numeric) == 2:
         x, y = numeric
-        grid = (
-            pd.DataFrame({x: params[x], y: params[y], "objective": obj})
-            .groupby([y, x])["objective"]
-            .mean()
-            .unstack(x)
-        )
+        # Positional columns: a param may be named "objective" (or anything); no name clash.
+        frame = pd.DataFrame({0: params[x].to_numpy(), 1: params[y].to_numpy(), 2: obj.to_numpy()})
+        grid = frame.groupby([1, 0])[2].mean().unstack(0)
         z = grid.to_numpy(dtype=float)
         fig = _figure(
             _trace(
                 "heatmap",
-                z=[[None if math.isnan(v) else v for v in row] for row in z],
+                z=[[_num(v) for v in row] for row in z],
                 x=[str(v) for v in grid.columns],
                 y=[str(v) for v in grid.index],
                 colorscale=get_colorscale("Viridis"),
@@ -731,7 +732,7 @@ def surface_figure(trials: pd.DataFrame, params: pd.DataFrame, metric: str) -> F
             yaxis_title=y,
             hovermode="closest",
         )
-    values = [None if math.isnan(v) else v for v in obj]
+    values = [_num(v) for v in obj]
     dims = [dict(label=c, values=[float(v) for v in params[c]]) for c in numeric]
     dims.append(dict(label=f"in-sample {metric}", values=values))
     fig = _figure(
@@ -815,6 +816,33 @@ def _folds_table(best: pd.DataFrame, metric: str) -> str:
     return f'<table id="folds">{head}{"".join(rows)}</table>'
 
 
+def _study_notes(trials: pd.DataFrame, folds: pd.DataFrame | None, best: pd.DataFrame) -> list[str]:
+    """Warnings above the folds table: folds a stop left incomplete, folds without any trial
+    with a defined objective (nothing chosen)."""
+    notes: list[str] = []
+    if folds is not None and len(folds) and "complete" in folds:
+        open_folds = [int(f) for f, c in zip(folds["fold"], folds["complete"]) if not bool(c)]
+        if open_folds:
+            notes.append(
+                "Interrupted: fold(s) "
+                + ", ".join(map(str, open_folds))
+                + " did not finish (the study was stopped); their choice is among the trials "
+                "that ran."
+            )
+    every = sorted({int(f) for f in trials["fold"]})
+    if folds is not None and len(folds):
+        every = sorted(set(every) | {int(f) for f in folds["fold"]})
+    chosen = {int(f) for f in best["fold"]}
+    undefined = [f for f in every if f not in chosen]
+    if undefined:
+        notes.append(
+            "No defined objective: fold(s) "
+            + ", ".join(map(str, undefined))
+            + " had no complete trial with a defined objective; nothing was chosen there."
+        )
+    return [f'<p class="note"><strong>{html.escape(n)}</strong></p>' for n in notes]
+
+
 def render_study(
     trials: pd.DataFrame,
     folds: pd.DataFrame | None = None,
@@ -846,6 +874,7 @@ def render_study(
     )
     sections = [
         "<h2>Chosen parameters per fold</h2>",
+        *_study_notes(trials, folds, best),
         _folds_table(best, metric),
         _fig_html(folds_figure(best, metric), "folds-chart"),
         _fig_html(surface_figure(trials, params, metric), "surface-chart"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -41,7 +42,7 @@ from runtime.research.progress import Progress
 from runtime.research.space import grid_size
 from runtime.research.store import FoldOutcome, make_store
 from runtime.research.study import Study, StudySummary
-from runtime.research.trial import Backtester, StudyJob
+from runtime.research.trial import Backtester, StudyJob, objective_of
 from runtime.stats import finest_bar_size, periods_per_year
 
 if TYPE_CHECKING:
@@ -219,6 +220,39 @@ class _Signals:
         self.study.request_stop()
 
 
+class _StartInterrupted(BaseException):
+    """SIGINT/SIGTERM before the study runs (workers or a Ray node starting): stop now.
+
+    A BaseException like KeyboardInterrupt, so no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StartSignals:
+    """Signal handling from before the engine is built until the study's own handler takes
+    over: a signal then raises :class:`_StartInterrupted` in the main thread, and the start-up
+    unwinds (the engine, Ray included, is shut down on the way out)."""
+
+    def __init__(self) -> None:
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    @staticmethod
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _StartInterrupted(signum)
+
+
 @dataclass(frozen=True, slots=True)
 class OptimizeOutcome:
     """The end of ``MODE=optimize``: the exit code, the study's summary (``None`` when it never
@@ -239,7 +273,9 @@ def run_optimize(config: OptimizeAppConfig, *, session_id: str, out: TextIO | No
 
     Returns:
         the exit code: 0 done (or stopped by a signal), 2 bad configuration or data, 1 the
-        study failed (a worker died, the store failed, or every trial failed).
+        study failed (a worker died, the store failed, or every trial failed), 128 + the
+        signal number (130 SIGINT, 143 SIGTERM) for a signal during start-up, before any
+        trial ran.
     """
     outcome = optimize(config, session_id=session_id)
     out = out or sys.stdout
@@ -262,7 +298,9 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
     engine = None
     signals = None
     progress = None
+    start_signals = _StartSignals()
     try:
+        start_signals.install()
         store.open()
         engine = make_engine(job, bars, workers=opt.workers, ray_address=opt.ray_address)
         recorder = Backtester(replace(job, parts_dir=None), bars) if opt.record == "best" else None
@@ -297,6 +335,9 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
         signals = _Signals(study, engine)
         signals.install()
         summary = study.run()
+    except _StartInterrupted as e:
+        logger.warning("%s during start-up: stopped before any trial ran", e)
+        return OptimizeOutcome(128 + e.signum, None, "")
     except (ConfigError, DataError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return OptimizeOutcome(2, None, "")
@@ -312,6 +353,7 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
             store.close()
         if signals is not None:
             signals.restore()
+        start_signals.restore()
         if job.parts_dir is not None:
             shutil.rmtree(job.parts_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -337,6 +379,8 @@ def _params(params: Mapping[str, Any]) -> str:
 def _metric_of(stats: Any, metric: str) -> float | None:
     if stats is None:
         return None
+    if objective_of(stats, metric) == math.inf:  # type: ignore[arg-type]
+        return math.inf  # a gain without drawdown: Sortino/Calmar +inf, printed "inf"
     name = {"return": "total_return_pct", "max_drawdown": "max_drawdown_pct"}.get(metric, metric)
     value = getattr(stats, name)
     return float(value) if value is not None else None

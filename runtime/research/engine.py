@@ -25,11 +25,14 @@ Ray is the scheduler on a cluster (placement, node failure); nothing here resche
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,6 +155,24 @@ class PoolEngine:
             initargs=(job,),
         )
         self._futures: set[cf.Future[TrialResult]] = set()
+        self._spawn_ignoring_sigint()
+
+    def _spawn_ignoring_sigint(self) -> None:
+        """Start every worker now, with SIGINT ignored in this process meanwhile: an ignored
+        signal stays ignored across exec, and CPython installs its KeyboardInterrupt handler
+        only where SIGINT is not ignored (signal module docs, "SIG_IGN ... inherited"), so a
+        Ctrl-C during start-up never reaches a worker's import or initializer (attack15
+        sig_exact/). The pool spawns one worker per submit while none is idle (``spawn``
+        context, CPython 3.11 ``ProcessPoolExecutor._adjust_process_count``): ``workers``
+        no-op tasks start them all. Main thread only; elsewhere the workers start lazily."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for _ in range(self.workers):
+                self._pool.submit(os.getpid)
+        finally:
+            signal.signal(signal.SIGINT, old)
 
     def submit(self, task: TrialTask) -> None:
         self._futures.add(self._pool.submit(_run_in_worker, task))
@@ -210,6 +231,35 @@ class TrialActor:
         return self._backtester.run(task)
 
 
+#: Deadline of the TCP probe of ``RAY_ADDRESS`` before ``ray.init`` (which has no timeout and
+#: retries an unreachable GCS for minutes), seconds.
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """Open and close one TCP connection to ``host:port`` of ``RAY_ADDRESS`` (``host:port``
+    of the GCS, or ``ray://host:port`` of the Ray Client server) within ``timeout_s``.
+
+    ``auto``, ``local`` and addresses without a numeric port are left to ``ray.init``.
+
+    Raises:
+        ConfigError: naming RAY_ADDRESS when nothing accepts the connection in time.
+    """
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")  # [::1]:6379
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: cannot connect to Ray at {host}:{port} within "
+            f"{timeout_s:g} s ({e})"
+        ) from e
+
+
 class RayEngine:
     """Trials on a Ray cluster: one actor per CPU (or ``workers``), at most one task each.
 
@@ -230,8 +280,28 @@ class RayEngine:
         from ray.util import ActorPool
 
         self._ray = ray
+        probe_ray_address(address)
         # Ray expands ${PYTHONPATH} to the worker's own value (runtime_env env_vars).
         pythonpath = f"{PROJECT_ROOT}{os.pathsep}${{PYTHONPATH}}"
+        try:
+            self._start(ray, ActorPool, job, bars, address, workers, pythonpath)
+        except BaseException:
+            # a failure or a signal (KeyboardInterrupt, a stop) half-way through start-up: no
+            # Ray processes (RAY_ADDRESS=local starts a whole node) outlive the study
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise
+
+    def _start(
+        self,
+        ray: Any,
+        actor_pool: Any,
+        job: StudyJob,
+        bars: Mapping[str, CSVBars],
+        address: str,
+        workers: int,
+        pythonpath: str,
+    ) -> None:
         try:
             ray.init(
                 address=address,
@@ -251,7 +321,7 @@ class RayEngine:
         bars_ref = ray.put(dict(bars))
         actor = ray.remote(num_cpus=1, max_restarts=0)(TrialActor)
         self._actors: list[Any] = [actor.remote(job, bars_ref) for _ in range(self.workers)]
-        self._pool = ActorPool(self._actors)
+        self._pool = actor_pool(self._actors)
         self._in_flight = 0
         self._closed = False
 

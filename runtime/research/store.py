@@ -337,7 +337,8 @@ class DuckDBTrialStore:
         """
         if not part.exists():
             return 0
-        self._con.execute(f"ATTACH '{part}' AS part (READ_ONLY)")
+        # a bound parameter, not text in the SQL: a path may hold an apostrophe
+        self._con.execute("ATTACH ? AS part (READ_ONLY)", [str(part)])
         try:
             n = self._con.execute("SELECT count(*) FROM part.decisions").fetchone()[0]
             self._con.execute("INSERT INTO decisions BY NAME SELECT * FROM part.decisions")

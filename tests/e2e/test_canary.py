@@ -35,11 +35,11 @@ from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
 from core.secret import Secret
-from feeds.csv import read_csv_bars
+from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client, subscriber_client
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
-from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig, load_config
+from runtime.config import BUNDLED_DATA_DIR, load_config
 from runtime.logs import REDACTED, JsonFormatter
 from tests.alpaca_harness import Scripted, bar, build_run, drive, fast_config
 from tests.alpaca_server import AlpacaServer

@@ -38,8 +38,8 @@ from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.writer import DecisionWriter
 from core.errors import TransientError
 from core.retry import RetryPolicy
-from feeds.csv import make_csv_feed
-from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed
+from runtime.config import BUNDLED_DATA_DIR
 from tests.conftest import clean_env
 from tests.fixtures_pubsub import free_port
 from tests.slow_agent import SlowAgent

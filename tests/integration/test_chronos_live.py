@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pytest
 
-from feeds.csv import read_csv_bars
+from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client
 from feeds.replay import bar_messages, ensure_topic, publish
-from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig, load_config
+from runtime.config import BUNDLED_DATA_DIR, load_config
 from runtime.runner import Runner
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
-from feeds.csv import make_csv_feed
-from runtime.config import BUNDLED_DATA_DIR, CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed
+from runtime.config import BUNDLED_DATA_DIR
 from runtime.health import HealthServer
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 

@@ -473,3 +473,43 @@ def test_stop_during_a_long_catch_up_stops_between_pages_cleanly(
         assert slow.pages < 40, "the catch-up did not run to its end"
         assert second.stats.backfilled == 0 and not second.stats.gaps
         assert second.state.last_bar == first.state.last_bar  # a restart fetches them again
+
+
+class _PartialCurrentMinute(AlpacaMarketServer):
+    """Test knob (not documented Alpaca behaviour, the case to survive): the historical bars
+    answer also holds the minute still in progress (minute ``released``, by the market's clock,
+    which the ``Date`` header gives) as a partial bar of its first trades."""
+
+    def rest(self, method: str, path: str, query: dict[str, str], headers: Any) -> Any:
+        from tests.alpaca_market_server import Minute
+
+        status, body = super().rest(method, path, query, headers)
+        if status == 200 and path.endswith("/bars") and not query.get("page_token"):
+            m = self.released
+            for sym, rows in self.market.data.items():
+                if m < len(rows):
+                    half = rows[m].trades[: max(1, len(rows[m].trades) // 2)]
+                    bar = Minute(sym, rows[m].start_ns, half).bar()
+                    bar["t"] = rfc3339(bar["t"])
+                    body["bars"].setdefault(sym, []).append(bar)
+        return status, body
+
+
+def test_catch_up_never_publishes_a_minute_alpaca_is_still_building(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Attack 16 #7: the local clock (2026) is far ahead of the market's (2024): the catch-up
+    must cut history at Alpaca's own clock, or the partial bar is published and the complete
+    live one skipped as a duplicate."""
+    with _PartialCurrentMinute(ScriptedMarket(SYMBOLS, 60)) as srv:
+        ing = make(srv, topic, tmp_path / "state.json", ingestors)
+        srv.wait_subscribed()
+        srv.advance(3)
+        topic.pull(6)
+        srv.disconnect(missed=3)
+        srv.wait_subscribed()
+        wait_until("the catch-up", lambda: ing.stats.catch_ups == 2)
+        srv.advance(3)
+        msgs = topic.drain(18, ing)
+        assert_exact(srv, msgs, 9)
+        assert ing.stats.duplicates == 0

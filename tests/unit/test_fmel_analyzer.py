@@ -15,8 +15,7 @@ from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer, attach_note, make_run_info
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
-from feeds.csv import CSVBars, make_csv_feed, read_csv_bars
-from runtime.config import CSVFeedConfig
+from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
 
 FEEDS = [CSVFeedConfig(path=DATA / f"{s}.csv", symbol=s) for s in ("GOOG", "SP500", "NASDAQ")]

@@ -232,3 +232,23 @@ def test_record_all_marks_every_trial_recorded(tmp_path: Path) -> None:
     assert all(o.recorded and o.decisions == 11 for o in summary.folds)
     db = tmp_path / "fmel.duckdb"
     assert rows(db, "SELECT bool_and(recorded) FROM trials") == [(True,)]
+
+
+def test_a_worker_part_under_a_path_with_an_apostrophe_is_merged(tmp_path: Path) -> None:
+    """attack15 quote/: ATTACH binds the path, so ``O'Brien`` neither breaks nor injects SQL."""
+    from analyzers.sinks.duckdb import LocalDuckDBSink
+
+    home = tmp_path / "o'brien"
+    home.mkdir()
+    part = home / "part'; DROP TABLE decisions; --.duckdb"
+    sink = LocalDuckDBSink(part)  # an empty worker part with the decisions schema
+    sink.open()
+    sink.close()
+    store = DuckDBTrialStore(home / "fmel.duckdb")
+    store.open()
+    try:
+        assert store.merge_part(part) == 0
+        assert store._con.execute("SELECT count(*) FROM decisions").fetchone() == (0,)
+    finally:
+        store.close()
+    assert not part.exists()

@@ -22,8 +22,7 @@ from analyzers.schema import (
     row_json,
     to_row,
 )
-from feeds.csv import make_csv_feed
-from runtime.config import CSVFeedConfig
+from feeds.csv import CSVFeedConfig, make_csv_feed
 from tests.conftest import DATA
 
 

@@ -12,8 +12,7 @@ from backtrader.linebuffer import LineBuffer
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import DecisionRecord
 from core.errors import LookAheadError
-from feeds.csv import CSVBars, make_csv_feed, read_csv_bars
-from runtime.config import CSVFeedConfig
+from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
 
 ENRICHED = CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")

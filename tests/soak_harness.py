@@ -245,6 +245,7 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
     sub_path = f"projects/{emu.project}/subscriptions/{PREFIX}-ReadAllAgent"
     publisher_box = [OrderedPublisher(emu.host)]  # replaced after an emulator restart
     publisher_box[0].create_topic(request={"name": topic})
+    _create_subscription(emu.host, sub_path, topic)  # infrastructure's part: before any bar
     env = clean_env(
         {
             "MODE": "paper",
@@ -378,15 +379,7 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
                     publisher_box[0].stop()
                     publisher_box[0] = OrderedPublisher(emu.host)
                     publisher_box[0].create_topic(request={"name": topic})
-                    client = subscriber_client(emu.host)
-                    try:
-                        client.create_subscription(
-                            request={"name": sub_path, "topic": topic, "ack_deadline_seconds": 10}
-                        )
-                    except Exception as e:
-                        logger.debug("subscription: %s", e)
-                    finally:
-                        client.close()
+                    _create_subscription(emu.host, sub_path, topic)
                 # The ingestor's gap backfill: the last republish_s seconds again.
                 last = published[0]
                 first = max(0, last - int(cfg.republish_s * cfg.rate_hz))
@@ -412,6 +405,20 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
     result.elapsed_s = now_s()
     _verify(result, work / "fmel.duckdb", symbols, expected, t_bar0)
     return result
+
+
+def _create_subscription(host: str, path: str, topic: str) -> None:
+    """The runner's subscription, as the deployment's infrastructure creates it (the runner
+    reuses it; it would create it itself, but only once it runs)."""
+    client = subscriber_client(host)
+    try:
+        client.create_subscription(
+            request={"name": path, "topic": topic, "ack_deadline_seconds": 10}
+        )
+    except Exception as e:  # noqa: BLE001 - the runner may have made it first
+        logger.debug("subscription %s: %s", path, e)
+    finally:
+        client.close()
 
 
 def _verify(

@@ -42,8 +42,8 @@ Thread context: main thread only.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -369,7 +369,7 @@ class Backtester:
                 if out_curve is not None and not pruned
                 else None
             )
-        except BaseException as e:  # noqa: BLE001 - agent code, see below
+        except BaseException as e:
             # The agent is user code: whatever it raises (a rejected combination such as
             # fast >= slow, a bug, even sys.exit() or KeyboardInterrupt, which would otherwise
             # end a pool worker and with it the study) makes this trial failed, stored with its

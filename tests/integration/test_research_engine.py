@@ -81,3 +81,21 @@ def test_pool_workers_ignore_sigint_from_their_start(tmp_path: Path) -> None:
         assert signal.getsignal(signal.SIGINT) is before
     finally:
         engine.close()
+
+
+def test_a_signal_during_start_up_unwinds_and_handlers_are_restored() -> None:
+    """attack15 sig_ray_e12/16: before the study's handler exists, SIGINT/SIGTERM raise a
+    BaseException that unwinds the start-up (``optimize`` returns 128 + signal)."""
+    from runtime.research.cli import _StartInterrupted, _StartSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    guard = _StartSignals()
+    guard.install()
+    try:
+        with pytest.raises(_StartInterrupted) as caught:
+            signal.raise_signal(signal.SIGTERM)
+        assert caught.value.signum == signal.SIGTERM
+        assert not isinstance(caught.value, Exception)  # no `except Exception` swallows it
+    finally:
+        guard.restore()
+    assert signal.getsignal(signal.SIGTERM) is before

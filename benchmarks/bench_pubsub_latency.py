@@ -1,56 +1,101 @@
-"""Pub/Sub live feed latency: publish -> agent ``next()``, next to the emulator's own publish ->
-callback, measured in the same run on the same messages.
+"""Pub/Sub live feed latency, per message: what our path adds to each message's own trip.
 
-The real emulator (started like the tests start it) gets one topic with two subscriptions:
+Three processes on one machine (one clock), the real emulator, one topic, two subscriptions:
 
-* **baseline**: a bare ``SubscriberClient`` whose callback only records the time and acks: the
-  emulator + client's own publish -> callback latency;
-* **ours**: :class:`feeds.pubsub.PubSubBarSubscriber` feeding live backtrader feeds; the agent
-  records, per bar, publish -> our callback (decode, validate, hash, buffer) and publish ->
-  ``next()``.
+* **publisher** (its own process): sends ``--messages`` bars at ``--rate`` bars a second per
+  symbol, in order, no ordering key (:class:`feeds.pubsub.clients.OrderedPublisher`);
+* **baseline** (its own process): a bare Pull loop on its own subscription (the transport our
+  subscriber uses) that only records each message's receipt time and acknowledges: the emulator
+  and client's own publish -> receipt;
+* **ours** (this process): :class:`feeds.pubsub.PubSubBarSubscriber` feeding live backtrader
+  feeds; the agent records, for each bar, its message id, its publish time, when our pull thread
+  handed it to the handler (decode, validate, hash, buffer) and when ``next()`` saw it.
 
-Both subscriptions receive every message a publisher thread sends at ``--rate`` messages per
-second per symbol (ordering key = symbol, as the replay tool publishes). Times are measured from
-the server's ``publish_time`` on one machine's clock. "Added by our path" = p(publish -> next)
-minus the baseline's p(publish -> callback). Target: at most 5 ms at p99.
+Per message (matched by message id, which both subscriptions share): **added** = (our
+``next()`` time) - (baseline receipt time), i.e. what our path adds on top of receiving the
+message; also publish -> our receipt vs publish -> baseline receipt, and receipt -> ``next()``
+(our in-process path alone). p50/p99 over all messages, and the p99 of each half of the run to
+show it is stable. Target: added p99 under 5 ms.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_pubsub_latency.py [--messages 500]
-[--symbols 1] [--rate 50]``. Prints a markdown table (ms) and one JSON line.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_pubsub_latency.py [--messages 4000]
+[--symbols 1] [--rate 100]``. Prints a markdown table (ms) and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
-from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import backtrader as bt
 import numpy as np
 
-from feeds.pubsub import (
-    PubSubBarSubscriber,
-    PubSubFeedConfig,
-    StreamSettings,
-    publisher_client,
-    subscriber_client,
-)
+from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, subscriber_client
+from feeds.pubsub.clients import OrderedPublisher
+from tests.conftest import REPO, clean_env
 from tests.fixtures_pubsub import PubSubEmulator
 
-T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+PUBLISHER = textwrap.dedent(
+    """
+    import json, sys, time
+    from datetime import UTC, datetime, timedelta
+    from feeds.pubsub.clients import OrderedPublisher
+    host, topic = sys.argv[1], sys.argv[2]
+    n, symbols, rate = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    pub = OrderedPublisher(host)
+    t0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
+    names = [f"SYM{i:03d}" for i in range(symbols)]
+    start = time.perf_counter()
+    for i in range(n // symbols):
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        ts = (t0 + timedelta(seconds=i)).isoformat()
+        batch = [
+            (json.dumps({"symbol": s, "timestamp": ts, "open": 100.0, "high": 101.0,
+                         "low": 99.0, "close": 100.5, "volume": 1000}).encode(), {"symbol": s})
+            for s in names
+        ]
+        pub.publish_batch(topic, batch)
+    pub.stop()
+    """
+)
 
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values) * 1000.0, q))
+BASELINE = textwrap.dedent(
+    """
+    import json, sys, time
+    from feeds.pubsub import subscriber_client
+    host, sub, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    client = subscriber_client(host)
+    got = {}
+    print("ready", flush=True)
+    deadline = time.monotonic() + 600
+    while len(got) < n and time.monotonic() < deadline:
+        resp = client.pull(
+            request={"subscription": sub, "max_messages": 1000}, timeout=5, retry=None
+        )
+        now = time.time()
+        for rm in resp.received_messages:
+            got.setdefault(rm.message.message_id, (now, rm.message.publish_time.timestamp()))
+        if resp.received_messages:
+            client.acknowledge(request={"subscription": sub,
+                                        "ack_ids": [rm.ack_id for rm in resp.received_messages]})
+    with open(out, "w") as f:
+        json.dump(got, f)
+    """
+)
 
 
 class LatencyAgent(bt.Strategy):  # type: ignore[misc]
-    """Per delivered bar: (publish -> callback, publish -> next) in seconds."""
+    """Per delivered bar: (message id, publish time, our receipt, next() time), epoch seconds."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[str, float, float, float]] = []
         self._lens = [0] * len(self.datas)
 
     def next(self) -> None:
@@ -59,35 +104,29 @@ class LatencyAgent(bt.Strategy):  # type: ignore[misc]
             if len(d) > self._lens[i]:
                 self._lens[i] = len(d)
                 bar = d.last_bar
-                if bar is not None and bar.publish_time_s is not None:
-                    self.samples.append(
-                        (bar.received_s - bar.publish_time_s, now - bar.publish_time_s)
-                    )
+                if bar is not None and bar.publish_time_s is not None and bar.message_id:
+                    self.samples.append((bar.message_id, bar.publish_time_s, bar.received_s, now))
 
     prenext = next
 
 
-def run(messages: int, symbols: int, rate: float, align_wait_s: float = 1.0) -> dict[str, Any]:
+def pct(values: list[float] | np.ndarray, q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q))
+
+
+def run(messages: int, symbols: int, rate: float) -> dict[str, Any]:
     emu = PubSubEmulator()
     emu.start()
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    procs: list[subprocess.Popen[str]] = []
     try:
         project = emu.project
         topic = f"projects/{project}/topics/latency"
-        pub = publisher_client(emu.host)
-        pub.create_topic(request={"name": topic})
-        # Baseline: a bare client on its own subscription of the same topic.
-        base_client = subscriber_client(emu.host)
+        OrderedPublisher(emu.host).create_topic(request={"name": topic})
+        admin = subscriber_client(emu.host)
         base_sub = f"projects/{project}/subscriptions/baseline"
-        base_client.create_subscription(
-            request={"name": base_sub, "topic": topic, "enable_message_ordering": True}
-        )
-        baseline: list[float] = []
-
-        def base_cb(message: Any) -> None:
-            baseline.append(time.time() - message.publish_time.timestamp())
-            message.ack()
-
-        base_future = base_client.subscribe(base_sub, base_cb)
+        admin.create_subscription(request={"name": base_sub, "topic": topic})
+        admin.close()
         names = [f"SYM{i:03d}" for i in range(symbols)]
         cfg = PubSubFeedConfig(
             project=project,
@@ -96,76 +135,75 @@ def run(messages: int, symbols: int, rate: float, align_wait_s: float = 1.0) -> 
             qcheck_s=0.5,
             discovery_s=0.0,
             subscription_prefix="bench",
-            align_wait_s=align_wait_s,
+            align_wait_s=1.0,
+            idle_timeout_s=5.0,
         )
         sub = PubSubBarSubscriber(
-            cfg, symbols=names, session_id="latency", settings=StreamSettings()
+            cfg, symbols=names, deployment="latency", settings=StreamSettings()
         )
         sub.start()
         sub.discover_fields()
-        per_symbol = max(1, messages // symbols)
-
-        def publish() -> None:
-            time.sleep(0.5)
-            for i in range(per_symbol):
-                t_next = time.perf_counter() + 1.0 / rate
-                ts = (T0 + timedelta(minutes=i)).isoformat()
-                for s in names:
-                    body = json.dumps(
-                        {
-                            "symbol": s,
-                            "timestamp": ts,
-                            "open": 100.0 + i,
-                            "high": 101.0 + i,
-                            "low": 99.0 + i,
-                            "close": 100.5 + i,
-                            "volume": 1000,
-                        }
-                    ).encode()
-                    pub.publish(topic, body, ordering_key=s, symbol=s)
-                time.sleep(max(0.0, t_next - time.perf_counter()))
-            deadline = time.monotonic() + 30
-            while (
-                sub.handler.stats.delivered < per_symbol * symbols
-                or len(baseline) < per_symbol * symbols
-            ) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            sub.request_stop(5.0)
-
-        publisher = threading.Thread(target=publish, daemon=True)
-        publisher.start()
+        env = clean_env({})
+        base_out = work / "baseline.json"
+        baseline = subprocess.Popen(
+            [sys.executable, "-c", BASELINE, emu.host, base_sub, str(messages), str(base_out)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(baseline)
+        assert baseline.stdout is not None and baseline.stdout.readline().strip() == "ready"
+        publisher = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PUBLISHER,
+                emu.host,
+                topic,
+                str(messages),
+                str(symbols),
+                str(rate),
+            ],
+            cwd=REPO,
+            env=env,
+        )
+        procs.append(publisher)
         cerebro = bt.Cerebro(stdstats=False)
         for feed in sub.make_feeds():
             cerebro.adddata(feed, name=feed.symbol)
         cerebro.addstrategy(LatencyAgent)
-        agent = cerebro.run()[0]
-        publisher.join(60)
+        agent = cerebro.run()[0]  # ends on the idle timeout after the last bar
         sub.close()
-        base_future.cancel()
-        base_future.result(timeout=10)
-        base_client.delete_subscription(request={"subscription": base_sub})
-        base_client.close()
-        pub.stop()
+        publisher.wait(120)
+        baseline.wait(120)
+        base = {k: tuple(v) for k, v in json.loads(base_out.read_text()).items()}
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
         emu.close()
-    cb = [s[0] for s in agent.samples]
-    nxt = [s[1] for s in agent.samples]
-    ours = [s[1] - s[0] for s in agent.samples]
+    rows = [(pub, recv, nxt, base[mid][0]) for mid, pub, recv, nxt in agent.samples if mid in base]
+    pub_t, recv, nxt, brecv = (np.array(c) for c in zip(*rows, strict=True))
+    added = nxt - brecv
+    half = len(added) // 2
     return {
-        "messages": len(nxt),
+        "messages": len(rows),
         "symbols": symbols,
-        "align_wait_s": align_wait_s,
         "rate_per_symbol": rate,
-        "baseline_p50_ms": pct(baseline, 50),
-        "baseline_p99_ms": pct(baseline, 99),
-        "callback_p50_ms": pct(cb, 50),
-        "callback_p99_ms": pct(cb, 99),
-        "next_p50_ms": pct(nxt, 50),
-        "next_p99_ms": pct(nxt, 99),
-        "ours_p50_ms": pct(ours, 50),
-        "ours_p99_ms": pct(ours, 99),
-        "added_p50_ms": pct(nxt, 50) - pct(baseline, 50),
-        "added_p99_ms": pct(nxt, 99) - pct(baseline, 99),
+        "baseline_publish_to_receipt_p50_ms": pct(brecv - pub_t, 50),
+        "baseline_publish_to_receipt_p99_ms": pct(brecv - pub_t, 99),
+        "ours_publish_to_receipt_p50_ms": pct(recv - pub_t, 50),
+        "ours_publish_to_receipt_p99_ms": pct(recv - pub_t, 99),
+        "ours_receipt_to_next_p50_ms": pct(nxt - recv, 50),
+        "ours_receipt_to_next_p99_ms": pct(nxt - recv, 99),
+        "ours_publish_to_next_p50_ms": pct(nxt - pub_t, 50),
+        "ours_publish_to_next_p99_ms": pct(nxt - pub_t, 99),
+        "added_p50_ms": pct(added, 50),
+        "added_p99_ms": pct(added, 99),
+        "added_p99_first_half_ms": pct(added[:half], 99),
+        "added_p99_second_half_ms": pct(added[half:], 99),
         "stats": {
             k: v
             for k, v in sub.stats().items()
@@ -176,39 +214,29 @@ def run(messages: int, symbols: int, rate: float, align_wait_s: float = 1.0) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--messages", type=int, default=500)
+    p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--symbols", type=int, default=1)
-    p.add_argument("--rate", type=float, default=50.0, help="bars per second per symbol")
-    p.add_argument(
-        "--align-wait",
-        type=float,
-        default=1.0,
-        help="PUBSUB_ALIGN_WAIT_S: with several symbols a step waits for the last symbol's bar",
-    )
+    p.add_argument("--rate", type=float, default=100.0, help="bars per second per symbol")
     args = p.parse_args()
-    r = run(args.messages, args.symbols, args.rate, args.align_wait)
+    r = run(args.messages, args.symbols, args.rate)
     print(
-        f"Pub/Sub latency, {r['messages']} bars, {r['symbols']} symbol(s), "
-        f"{r['rate_per_symbol']:g} bars/s per symbol, PUBSUB_ALIGN_WAIT_S={r['align_wait_s']:g} "
-        "(ms)\n"
+        f"Pub/Sub latency per message, {r['messages']} messages, {r['symbols']} symbol(s), "
+        f"{r['rate_per_symbol']:g} bars/s per symbol (ms)\n"
     )
     print("| path | p50 | p99 |")
     print("|---|---:|---:|")
+    for label, key in (
+        ("baseline (own process, bare Pull): publish -> receipt", "baseline_publish_to_receipt"),
+        ("ours: publish -> receipt by our pull thread", "ours_publish_to_receipt"),
+        ("ours: receipt -> agent next() (decode, hash, buffer, step)", "ours_receipt_to_next"),
+        ("ours: publish -> agent next()", "ours_publish_to_next"),
+        ("**added per message** (our next() - baseline receipt)", "added"),
+    ):
+        print(f"| {label} | {r[key + '_p50_ms']:.2f} | {r[key + '_p99_ms']:.2f} |")
     print(
-        f"| baseline: emulator publish -> bare client callback | {r['baseline_p50_ms']:.2f} | "
-        f"{r['baseline_p99_ms']:.2f} |"
+        f"\nadded p99 by half of the run: {r['added_p99_first_half_ms']:.2f} / "
+        f"{r['added_p99_second_half_ms']:.2f} ms"
     )
-    print(
-        f"| ours: publish -> our callback (decoded, hashed, buffered) | "
-        f"{r['callback_p50_ms']:.2f} | {r['callback_p99_ms']:.2f} |"
-    )
-    print(f"| ours: publish -> agent next() | {r['next_p50_ms']:.2f} | {r['next_p99_ms']:.2f} |")
-    print(f"| ours: callback -> agent next() | {r['ours_p50_ms']:.2f} | {r['ours_p99_ms']:.2f} |")
-    print(
-        f"| **added by our path** (publish -> next minus baseline) | "
-        f"{r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} |"
-    )
-    print()
     print(json.dumps(r))
 
 

@@ -36,7 +36,8 @@ from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
 from core.secret import Secret
 from feeds.csv import CSVFeedConfig, read_csv_bars
-from feeds.pubsub import publisher_client, subscriber_client
+from feeds.pubsub import subscriber_client
+from feeds.pubsub.clients import OrderedPublisher
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
 from runtime.config import BUNDLED_DATA_DIR, load_config
@@ -115,7 +116,7 @@ def test_canary_never_leaves_a_paper_run(
             end=datetime(2012, 3, 31, tzinfo=UTC),
         )
     )
-    publisher = publisher_client(emu.host)
+    publisher = OrderedPublisher(emu.host)
     subscriber = subscriber_client(emu.host)
     try:
         ensure_topic(publisher, topic)

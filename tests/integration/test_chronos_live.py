@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from feeds.csv import CSVFeedConfig, read_csv_bars
-from feeds.pubsub import publisher_client
+from feeds.pubsub.clients import OrderedPublisher
 from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.config import BUNDLED_DATA_DIR, load_config
 from runtime.runner import Runner
@@ -96,7 +96,7 @@ def test_live_pubsub_run_decides_like_the_backtest(
         "PUBSUB_IDLE_TIMEOUT_S": "3",
         "PUBSUB_DISCOVERY_S": "0",
     }
-    publisher = publisher_client(pubsub_emulator.host)
+    publisher = OrderedPublisher(pubsub_emulator.host)
     topic_path = f"projects/{pubsub_emulator.project}/topics/{topic}"
     try:
         ensure_topic(publisher, topic_path)

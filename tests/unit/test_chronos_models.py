@@ -130,6 +130,7 @@ def test_revision_of_snapshot_download_folder_is_its_commit(tmp_path: Path, bolt
     assert load_model(ChronosConfig(model=str(folder))).revision == commit
     # Edited after the download: the metadata no longer vouches for it.
     (meta / "config.json.metadata").write_text(f'{commit}\n"etag"\n{time.time() - 60}\n')
+    (folder / "config.json").touch()  # the edit (copytree kept the session fixture's old mtime)
     assert load_model(ChronosConfig(model=str(folder))).revision.startswith("blake2b:")
 
 

@@ -384,14 +384,14 @@ class DecisionWriter:
         self.journal.append(
             [row_json(r) if isinstance(r, DecisionRecord) else _json(r) for r in records]
         )
-        with self._cond:
-            self._journaled += len(records)
-            self._cond.notify_all()  # wait_durable()
         for fn in self._listeners:
             try:
                 fn(records)
             except Exception:
                 logger.exception("durable listener failed (the records are journaled)")
+        with self._cond:  # after the listeners: wait_durable() returns once they were told
+            self._journaled += len(records)
+            self._cond.notify_all()
 
     def _batch_locked(self) -> list[Item] | None:
         """The next batch (lock held); see :meth:`_take`."""

@@ -40,7 +40,7 @@ from core.secret import Secret
 from feeds.ingest import IngestConfig, Ingestor, IngestTuning
 from feeds.pubsub.clients import publisher_client
 from tests.alpaca_market_server import AlpacaMarketServer, ScriptedMarket
-from tests.fixtures_pubsub import PubSubEmulator
+from tests.pubsub_emulator import PubSubEmulator
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 300.0) -> None:

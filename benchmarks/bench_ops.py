@@ -36,7 +36,7 @@ from runtime.config import BUNDLED_DATA_DIR
 from runtime.health import HealthServer
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 from tests.conftest import clean_env
-from tests.fixtures_pubsub import free_port
+from tests.pubsub_emulator import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SYMBOLS = ("GOOG", "SP500", "NASDAQ")

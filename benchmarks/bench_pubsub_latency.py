@@ -39,7 +39,7 @@ import numpy as np
 from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, subscriber_client
 from feeds.pubsub.clients import OrderedPublisher
 from tests.conftest import REPO, clean_env
-from tests.fixtures_pubsub import PubSubEmulator
+from tests.pubsub_emulator import PubSubEmulator
 
 PUBLISHER = textwrap.dedent(
     """

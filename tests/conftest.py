@@ -18,6 +18,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.bqemu_harness import BigQueryEmulator
+    from tests.pubsub_emulator import PubSubEmulator
     from tests.secretmanager_server import SecretManagerServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,3 +198,39 @@ def sm_fixture() -> Iterator[SecretManagerServer]:
         yield server
     finally:
         server.stop()
+
+
+# -- Pub/Sub emulator (the real one, see tests/pubsub_emulator.py and NOTES.md) -----------------
+
+
+@pytest.fixture(scope="module")
+def pubsub_emulator() -> Iterator[PubSubEmulator]:
+    """A running emulator shared by the tests of one module (use unique topic names)."""
+    from tests.pubsub_emulator import PubSubEmulator
+
+    emu = PubSubEmulator()
+    try:
+        emu.start()
+        yield emu
+    finally:
+        emu.close()
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[[], PubSubEmulator]]:
+    """Start emulators owned by one test (for tests that kill/restart them)."""
+    from tests.pubsub_emulator import PubSubEmulator
+
+    started: list[PubSubEmulator] = []
+
+    def make() -> PubSubEmulator:
+        emu = PubSubEmulator()
+        started.append(emu)
+        emu.start()
+        return emu
+
+    try:
+        yield make
+    finally:
+        for emu in started:
+            emu.close()

@@ -22,7 +22,7 @@ from analyzers.fmel import FMELAnalyzer
 from core.retry import RetryPolicy
 from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, publisher_client
 from feeds.pubsub.clients import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, OrderedPublisher
-from tests.fixtures_pubsub import PubSubEmulator
+from tests.pubsub_emulator import PubSubEmulator
 
 T0 = datetime(2024, 3, 1, 14, 30, tzinfo=UTC)
 FAST = StreamSettings(

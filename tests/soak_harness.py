@@ -47,7 +47,7 @@ import duckdb
 from feeds.pubsub import decode_message, subscriber_client
 from feeds.pubsub.clients import OrderedPublisher
 from tests.conftest import REPO, clean_env
-from tests.fixtures_pubsub import PubSubEmulator
+from tests.pubsub_emulator import PubSubEmulator
 from tests.tcp_proxy import TcpProxy
 
 logger = logging.getLogger(__name__)

@@ -210,6 +210,7 @@ class PubSubBarSubscriber:
         self._started = False
         self._connected = False
         self._warned_ordering = False
+        self._batch = threading.local()  # a pull thread's acknowledgements of one pull
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -472,10 +473,11 @@ class PubSubBarSubscriber:
                     )
             except Exception:
                 logger.exception("durability barrier failed; unacknowledged bars are returned")
-        # A pull in flight returns within its timeout; what it brings is returned below.
+        # A pull in flight may still bring messages: they are returned below, or (pulled after
+        # that) come back when their lease ends; closing the channel ends such a pull at once.
         for sub in self._subs:
             if sub.thread is not None:
-                sub.thread.join(self.settings.pull_timeout_s + timeout_s)
+                sub.thread.join(self.settings.probe_timeout_s)
         taken, rest = self.hub.pop_unacknowledged()
         with self._lock:
             held, self._held = self._held, []
@@ -494,16 +496,17 @@ class PubSubBarSubscriber:
                 len(tokens) - len(taken),
                 len(held) + len(unsettled),
             )
-        if self._lease_thread is not None:
-            self._lease_thread.join(timeout_s)
         if self.cfg.delete_subscription:
             self._delete_owned()
-        if self._client is not None:
+        client, self._client = self._client, None
+        if client is not None:
             try:
-                self._client.close()
+                client.close()
             except Exception:
                 logger.exception("closing the Pub/Sub client failed")
-            self._client = None
+        for thread in [s.thread for s in self._subs] + [self._lease_thread]:
+            if thread is not None:
+                thread.join(timeout_s)
 
     # -- report --------------------------------------------------------------------------------
 
@@ -594,7 +597,11 @@ class PubSubBarSubscriber:
             with self._lock:
                 self._held.append(message)
         elif outcome != DELIVERED or not self.durable_acks:
-            message.ack()
+            batch = getattr(self._batch, "acks", None)
+            if batch is None:
+                message.ack()
+            else:
+                batch.append(message)  # acknowledged with the rest of its pull, in one call
 
     def _wait_for_room(self) -> int:
         """Pull thread: wait until fewer than ``max_outstanding`` messages are leased; the
@@ -653,12 +660,19 @@ class PubSubBarSubscriber:
             with self._lock:
                 for m in pulled:
                     self._leases[m.ack_id] = m
-            for m in pulled:
-                if self._stop.is_set():
-                    with self._lock:
-                        self._held.append(m)  # returned by close()
-                    continue
-                self._callback(m)
+            acks: list[PulledMessage] = []
+            self._batch.acks = acks
+            try:
+                for m in pulled:
+                    if self._stop.is_set():
+                        with self._lock:
+                            self._held.append(m)  # returned by close()
+                        continue
+                    self._callback(m)
+            finally:
+                self._batch.acks = None
+                if acks:
+                    self.settle(acks, ack=True)
 
     def _up(self) -> None:
         """Pulling works (again): CONNECTED; the handler reports LIVE with the next bar."""

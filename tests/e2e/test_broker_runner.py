@@ -24,9 +24,9 @@ from feeds.replay import bar_messages, ensure_topic, publish
 from runtime.config import BUNDLED_DATA_DIR
 from tests.alpaca_server import AlpacaServer
 from tests.conftest import run_runner
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
+from tests.pubsub_emulator import PubSubEmulator
 
-__all__ = ["pubsub_emulator"]  # fixture used by this module
+# fixture used by this module
 pytestmark = pytest.mark.slow
 
 

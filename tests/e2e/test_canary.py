@@ -45,7 +45,7 @@ from runtime.logs import REDACTED, JsonFormatter
 from tests.alpaca_harness import Scripted, bar, build_run, drive, fast_config
 from tests.alpaca_server import AlpacaServer
 from tests.conftest import run_runner
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
+from tests.pubsub_emulator import PubSubEmulator
 from tests.secretmanager_server import SecretManagerServer
 
 CANARY_KEY = f"PKCANARY{uuid.uuid4().hex[:12].upper()}"
@@ -53,7 +53,7 @@ CANARY_SECRET = f"canary-secret-{uuid.uuid4().hex}"
 PROJECT = "canary-project"
 
 
-__all__ = ["pubsub_emulator"]  # fixture used by this module
+# fixture used by this module
 
 
 def assert_clean(where: str, text: str) -> None:

@@ -30,11 +30,9 @@ from feeds.pubsub.clients import publisher_client, subscriber_client
 from feeds.pubsub.messages import LiveBar, decode_message
 from tests.alpaca_market_server import AlpacaMarketServer, ScriptedMarket, rfc3339
 from tests.conftest import REPO, clean_env, run_runner
+from tests.e2e.test_pubsub_e2e import decisions
 from tests.e2e.test_shutdown import RunnerProcess
-from tests.fixtures_pubsub import PubSubEmulator, free_port, pubsub_emulator
-from tests.test_pubsub_e2e import decisions
-
-__all__ = ["pubsub_emulator"]
+from tests.pubsub_emulator import PubSubEmulator, free_port
 
 pytestmark = [
     pytest.mark.slow,

@@ -41,7 +41,7 @@ from core.retry import RetryPolicy
 from feeds.csv import CSVFeedConfig, make_csv_feed
 from runtime.config import BUNDLED_DATA_DIR
 from tests.conftest import clean_env
-from tests.fixtures_pubsub import free_port
+from tests.pubsub_emulator import free_port
 from tests.slow_agent import SlowAgent
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -31,9 +31,8 @@ from tests.bq_agents import real_records
 from tests.bqemu_harness import BigQueryEmulator, unique_dataset
 
 if TYPE_CHECKING:
-    from tests.fixtures_pubsub import PubSubEmulator
+    from tests.pubsub_emulator import PubSubEmulator
 
-pytest_plugins = ("tests.fixtures_pubsub",)
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,8 @@ from tests.alpaca_harness import (
 )
 from tests.alpaca_server import AlpacaServer, FaultPlan
 
-__all__ = ["api"]  # fixture: every scenario runs on both Alpaca APIs
+__all__ = ["api"]
+# fixture: every scenario runs on both Alpaca APIs
 
 
 # -- the basic lifecycle --------------------------------------------------------------------

@@ -42,7 +42,8 @@ from tests.alpaca_harness import (
 )
 from tests.alpaca_server import AlpacaServer, FaultPlan
 
-__all__ = ["api"]  # fixture: every test runs on both Alpaca APIs
+__all__ = ["api"]
+# fixture: every test runs on both Alpaca APIs
 
 
 def leg_statuses(server: AlpacaServer, run: Run, name: str = "parent") -> dict[str, str]:

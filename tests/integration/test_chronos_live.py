@@ -24,9 +24,8 @@ from runtime.config import BUNDLED_DATA_DIR, load_config
 from runtime.runner import Runner
 
 if TYPE_CHECKING:
-    from tests.fixtures_pubsub import PubSubEmulator
+    from tests.pubsub_emulator import PubSubEmulator
 
-pytest_plugins = ("tests.fixtures_pubsub",)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("offline_hub", "fresh_models")]
 
 SYMBOLS = ("GOOG", "SP500")

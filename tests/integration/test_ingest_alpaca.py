@@ -24,9 +24,7 @@ from feeds.ingest.enrich import ALPACA_FIELDS, RISK_FIELDS
 from feeds.pubsub.clients import publisher_client, subscriber_client
 from feeds.pubsub.messages import LiveBar, decode_message
 from tests.alpaca_market_server import AlpacaMarketServer, ScriptedMarket, rfc3339
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
-
-__all__ = ["pubsub_emulator"]
+from tests.pubsub_emulator import PubSubEmulator
 
 # The audit pulls use return_immediately (the emulator honours it; a waiting pull costs 1 s).
 pytestmark = pytest.mark.filterwarnings("ignore:The return_immediately flag is deprecated")

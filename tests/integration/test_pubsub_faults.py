@@ -26,11 +26,12 @@ from core.errors import ConfigError
 from core.retry import RetryPolicy
 from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, publisher_client
 from feeds.pubsub.clients import OrderedPublisher
-from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
+from tests.pubsub_emulator import PubSubEmulator
 from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
 from tests.tcp_proxy import TcpProxy
 
-__all__ = ["emulator_factory", "pubsub_emulator", "topic"]  # fixtures used by this module
+__all__ = ["topic"]
+# fixtures used by this module
 
 # Redelivery after a broken stream waits for the stream's ack deadline (10 s, the default
 # lease extension): waits below allow for it.

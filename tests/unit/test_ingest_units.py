@@ -414,7 +414,7 @@ def test_an_unwritable_state_path_fails_at_start(tmp_path: Path) -> None:
 
 def _refused_publisher() -> Any:
     from feeds.pubsub.clients import publisher_client
-    from tests.fixtures_pubsub import free_port
+    from tests.pubsub_emulator import free_port
 
     # A port nothing listens on: every attempt is refused at once (UNAVAILABLE, transient).
     return publisher_client(f"127.0.0.1:{free_port()}")

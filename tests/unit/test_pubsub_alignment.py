@@ -81,7 +81,7 @@ def simulate(
         got = [(s, hub.take(s, 0)) for s in ("A", "B")]
         step = hub.current_step
         got = [(s, b) if b is not None else (s, hub.take(s, 0, master_num=step)) for s, b in got]
-        taken = [(s, int(round((b.ts - T0).total_seconds()))) for s, b in got if b is not None]
+        taken = [(s, round((b.ts - T0).total_seconds())) for s, b in got if b is not None]
         if taken:
             steps.append((t, taken))
         t = round(t + tick_s, 6)
@@ -236,8 +236,10 @@ def test_paper_decisions_equal_a_backtest_that_sees_the_same_gaps(tmp_path: Path
         not in {t.astype("datetime64[us]").item() for t in late}
     ]
     gappy.write_text("\n".join(keep) + "\n")
-    back_cfgs = [cfgs[0], CSVFeedConfig(path=gappy, symbol="NASDAQ", start=cfgs[1].start,
-                                        end=cfgs[1].end)]
+    back_cfgs = [
+        cfgs[0],
+        CSVFeedConfig(path=gappy, symbol="NASDAQ", start=cfgs[1].start, end=cfgs[1].end),
+    ]
     back = cerebro([make_csv_feed(c) for c in back_cfgs]).run()[0]
 
     live_rows, back_rows = _records(live), _records(back)

@@ -145,8 +145,8 @@ def test_valid_bars_decode_to_their_values(
         assert e.reason == "reserved_field", e  # a generated name backtrader reserves
         return
     assert (bar.values["open"], bar.values["close"]) == (opn, close)
-    assert (bar.values["volume"] == volume) if volume is not None else math.isnan(
-        bar.values["volume"]
+    assert (
+        (bar.values["volume"] == volume) if volume is not None else math.isnan(bar.values["volume"])
     )
     for k, v in extra.items():
         assert bar.values[k] == v

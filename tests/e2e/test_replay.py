@@ -23,9 +23,7 @@ from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import decode_message, publisher_client, subscriber_client
 from feeds.replay import PublishFailedError, bar_messages, publish
 from tests.conftest import DATA, REPO, clean_env
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
-
-__all__ = ["pubsub_emulator"]
+from tests.pubsub_emulator import PubSubEmulator
 
 
 def _csv(tmp_path: Path, name: str, text: str) -> Path:

@@ -30,9 +30,7 @@ from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.pubsub import publisher_client
 from tests.conftest import DATA, REPO, clean_env, run_runner
 from tests.e2e.test_shutdown import RunnerProcess
-from tests.fixtures_pubsub import PubSubEmulator, pubsub_emulator
-
-__all__ = ["pubsub_emulator"]
+from tests.pubsub_emulator import PubSubEmulator
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +94,7 @@ def decisions(store: Path) -> list[dict[str, Any]]:
     refs renumbered by first appearance (backtrader's refs are a process-wide counter)."""
     with duckdb.connect(str(store), read_only=True) as con:
         cur = con.execute(
-            "SELECT * EXCLUDE (decision_id, session_id, ts, mode) FROM decisions "
-            "ORDER BY bar_time"
+            "SELECT * EXCLUDE (decision_id, session_id, ts, mode) FROM decisions ORDER BY bar_time"
         )
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

@@ -5,9 +5,9 @@ which leaves its Java child behind when killed), in its own session so that the 
 group can be ended by PID at teardown. Ready when ``GET http://127.0.0.1:PORT/`` answers ``Ok``
 (see ``NOTES.md``, "Google Pub/Sub emulator").
 
-Use the ``pubsub_emulator`` fixture (one emulator per test module) or ``emulator_factory`` (one
-per test, for tests that kill and restart it). Nothing is left running: every process started
-here is killed at teardown, also when the test fails.
+The ``pubsub_emulator`` fixture of tests/conftest.py (one emulator per test module) or
+``emulator_factory`` (one per test, for tests that kill and restart it) starts it. Nothing is left
+running: every process started here is killed at teardown, also when the test fails.
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pytest
 
 START_TIMEOUT_S = 60.0
 
@@ -183,32 +180,3 @@ class PubSubEmulator:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self._log_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pubsub_emulator() -> Iterator[PubSubEmulator]:
-    """A running emulator shared by the tests of one module (use unique topic names)."""
-    emu = PubSubEmulator()
-    try:
-        emu.start()
-        yield emu
-    finally:
-        emu.close()
-
-
-@pytest.fixture
-def emulator_factory() -> Iterator[Callable[[], PubSubEmulator]]:
-    """Start emulators owned by one test (for tests that kill/restart them)."""
-    started: list[PubSubEmulator] = []
-
-    def make() -> PubSubEmulator:
-        emu = PubSubEmulator()
-        started.append(emu)
-        emu.start()
-        return emu
-
-    try:
-        yield make
-    finally:
-        for emu in started:
-            emu.close()

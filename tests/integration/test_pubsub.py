@@ -18,10 +18,11 @@ from feeds.pubsub import (
     publisher_client,
     subscriber_client,
 )
-from tests.fixtures_pubsub import PubSubEmulator, emulator_factory, pubsub_emulator
+from tests.pubsub_emulator import PubSubEmulator
 from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
 
-__all__ = ["emulator_factory", "pubsub_emulator", "topic"]  # fixtures used by this module
+__all__ = ["topic"]
+# fixtures used by this module
 
 # -- subscriptions ------------------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+"""SIGTERM honoured at once in every phase of a paper run, against the real Pub/Sub emulator:
+during field discovery (``PUBSUB_DISCOVERY_S`` of two minutes), while Pub/Sub is unreachable
+(the subscriber waiting between attempts), and mid-stream. Each time ``runner.py`` exits 0 with
+its report well inside a pod's grace period; the wait's timeout is the contract (a few seconds,
+against the minute the old discovery wait took).
+
+An invalid topic name is a configuration error (exit 2), not a transient one.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from feeds.pubsub.clients import OrderedPublisher
+from tests.conftest import run_runner
+from tests.e2e.test_shutdown import RunnerProcess
+from tests.pubsub_emulator import PubSubEmulator
+
+pytestmark = pytest.mark.slow
+
+# Exit within this after SIGTERM: stopping, flushing decisions, the report (Python's own exit
+# included). The discovery wait alone used to be PUBSUB_DISCOVERY_S.
+EXIT_WITHIN_S = 8.0
+
+
+@pytest.fixture
+def runners() -> Iterator[list[RunnerProcess]]:
+    started: list[RunnerProcess] = []
+    yield started
+    for r in started:
+        r.kill()
+
+
+def paper(work: Path, emu: PubSubEmulator, topic: str, **env: str) -> RunnerProcess:
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {
+        **emu.env(),
+        "MODE": "paper",
+        "SYMBOLS": "AAA,BBB",
+        "PUBSUB_TOPIC": topic,
+        "PUBSUB_SUBSCRIPTION_PREFIX": f"t-{topic}",
+        "PUBSUB_QCHECK_S": "0.1",
+        "PUBSUB_DISCOVERY_S": "0",
+    }
+    settings.update(env)
+    return RunnerProcess(work, **settings)
+
+
+def new_topic(emu: PubSubEmulator) -> str:
+    name = f"bars-{uuid.uuid4().hex[:8]}"
+    pub = OrderedPublisher(emu.host)
+    pub.create_topic(request={"name": f"projects/{emu.project}/topics/{name}"})
+    pub.stop()
+    return name
+
+
+def logged(runner: RunnerProcess, text: str) -> bool:
+    return any(text in line for line in runner.err_lines)
+
+
+def test_sigterm_during_field_discovery(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
+) -> None:
+    emu = pubsub_emulator
+    topic = new_topic(emu)
+    r = paper(tmp_path, emu, topic, PUBSUB_DISCOVERY_S="120")
+    runners.append(r)
+    r.wait_for("the subscription", lambda: logged(r, "pulling bars-"))
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
+    assert "(INTERRUPTED)" in r.stdout
+
+
+def test_sigterm_while_pubsub_is_unreachable(
+    tmp_path: Path, emulator_factory: object, runners: list[RunnerProcess]
+) -> None:
+    emu = emulator_factory()  # type: ignore[operator]
+    topic = new_topic(emu)
+    r = paper(tmp_path, emu, topic)
+    runners.append(r)
+    r.wait_for("the subscription", lambda: logged(r, "pulling bars-"))
+    emu.kill()
+    r.wait_for("the outage", lambda: logged(r, "Pub/Sub unreachable"), timeout_s=30)
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
+    assert "(INTERRUPTED)" in r.stdout
+    assert "disconnects=1" in r.stdout
+
+
+def test_invalid_topic_name_is_a_configuration_error(tmp_path: Path) -> None:
+    done = run_runner(
+        tmp_path,
+        {
+            "MODE": "paper",
+            "SYMBOLS": "AAA",
+            "GOOGLE_CLOUD_PROJECT": "p",
+            "PUBSUB_EMULATOR_HOST": "127.0.0.1:1",
+            "PUBSUB_TOPIC": "goog-bars",
+        },
+        timeout_s=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "PUBSUB_TOPIC" in done.stderr and "not a valid Pub/Sub id" in done.stderr

@@ -87,13 +87,13 @@ def start_live_input(
     durable_acks: bool = True,
 ) -> PubSubBarSubscriber:
     """Everything ``MODE=paper`` needs before the feeds are added: the subscriber, the CSV
-    backfill (``PUBSUB_BACKFILL_BARS``), the subscription and streams, field discovery. Then
+    backfill (``PUBSUB_BACKFILL_BARS``), the subscription and pulling, field discovery. Then
     call :func:`add_live_feeds`, and :meth:`~PubSubBarSubscriber.close` at the end.
 
     Args:
         config: the run configuration.
         events: metrics observer (:func:`metrics_events`).
-        settings: stream tuning.
+        settings: subscriber tuning.
         on_created: called with the subscriber before anything slow happens, so a signal
             handler can reach :meth:`~PubSubBarSubscriber.request_stop` during the backfill
             and the discovery wait (the Runner stores it as its live input).

@@ -4,7 +4,7 @@ Data path (ARCHITECTURE.md, "Live data path")::
 
     topic --(one subscription per deployment and topic, stable across restarts)-->
     PubSubBarSubscriber
-      callback thread: MessageHandler.handle(): decode_message() (any bytes -> validated,
+      pull thread:     MessageHandler.handle(): decode_message() (any bytes -> validated,
                        hashed LiveBar, or refused with a reason and acknowledged),
                        de-duplicate, count gaps, route by the ``symbol`` attribute ->
                        BarHub.offer() (blocks while that symbol's buffer is full)
@@ -22,10 +22,11 @@ Modules, by role:
 ``messages``        the message contract: :func:`decode_message` -> :class:`LiveBar` (pure)
 ``hub``             :class:`BarHub`: per-symbol buffers, back-pressure, steps (alignment),
                     the acknowledgement ledger
-``handler``         :class:`MessageHandler`: the callback's work (de-duplication, fields)
+``handler``         :class:`MessageHandler`: the pull thread's work (de-duplication, fields)
 ``gaps``            :class:`GapCounter`: missing bar times on the bar-size grid
 ``feed``            :class:`PubSubMarketDataFeed` (backtrader), :class:`LiveMemoryBound`
-``subscriber``      :class:`PubSubBarSubscriber`: subscriptions, streams, reconnects, shutdown
+``subscriber``      :class:`PubSubBarSubscriber`: subscriptions, pulling, leases, reconnects,
+                    shutdown
 ``clients``         Pub/Sub client factories, resource paths, subscription ids and filters
 ``backfill``        :func:`backfill_bars`: CSV warm-up before going live
 ==================  ===========================================================================

@@ -1,4 +1,4 @@
-"""Configuration of the live Pub/Sub feed: the run's settings, the stream's tuning, the fields.
+"""Configuration of the live Pub/Sub feed: the run's settings, the subscriber's tuning, the fields.
 
 * :class:`PubSubFeedConfig`: what ``PUBSUB_*`` sets (declared here with
   :func:`core.settings.setting`; ``runtime.config`` builds it from the environment).
@@ -53,7 +53,7 @@ class PubSubFeedConfig:
         emulator_host: ``host:port`` of a Pub/Sub emulator (``PUBSUB_EMULATOR_HOST``, set by
             the loader); ``None`` = Google's endpoint.
         qcheck_s: longest ``_load()`` blocks waiting for a bar, seconds (backtrader's qcheck).
-        max_buffered_bars: bars buffered per symbol; flow control holds the stream beyond that.
+        max_buffered_bars: bars buffered per symbol; pulling waits beyond that.
         fields: extra fields declared up front; empty = discovered from the first messages.
         discovery_s: start-up window for field discovery, seconds.
         backfill_bars: CSV bars loaded before going live (indicator warm-up).
@@ -105,7 +105,7 @@ class PubSubFeedConfig:
     max_buffered_bars: int = setting(
         10_000,
         env="PUBSUB_MAX_BUFFERED_BARS",
-        help="bars buffered per symbol before flow control holds the stream",
+        help="bars buffered per symbol before pulling waits (back-pressure)",
         minimum=1,
     )
     fields: tuple[str, ...] = setting(

@@ -39,7 +39,7 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     Status notifications (``notify_data``): DELAYED from the start (also while CSV backfill bars
     play), LIVE with the first live bar and, after a reconnect, once bars flow again,
-    DISCONNECTED while the stream is down (the subscriber reconnects with jittered exponential
+    DISCONNECTED while Pub/Sub is unreachable (the subscriber retries with jittered exponential
     backoff), CONNBROKEN when it gives up.
 
     Steps (:class:`~feeds.pubsub.hub.BarHub`): a feed delivers a bar in a step only when its bar
@@ -142,7 +142,7 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
             if status == "LIVE":
                 self._notify(self.LIVE if self._was_live else self.DELAYED)
             elif status == "CONNECTED":
-                continue  # the stream is open again, no bar yet: LIVE once bars flow
+                continue  # reachable again, no bar yet: LIVE once bars flow
             elif status == "DISCONNECTED":
                 self._notify(self.DISCONNECTED, detail)
             elif status == "CONNBROKEN":

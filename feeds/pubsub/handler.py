@@ -1,4 +1,4 @@
-"""What the Pub/Sub callback thread does with one message before it is acknowledged.
+"""What the Pub/Sub pull thread does with one message before it is acknowledged.
 
 :class:`MessageHandler` decodes and validates (:func:`~feeds.pubsub.messages.decode_message`),
 refuses unknown symbols and bars from the future, drops duplicates, records field kinds
@@ -49,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 
 class FeedEvents(Protocol):
-    """Observer of the callback thread's outcomes (metrics). Must be thread-safe and cheap; an
-    observer that raises is logged once and otherwise ignored."""
+    """Observer of the live input's outcomes (metrics): ``on_bar``, ``on_malformed`` and
+    ``on_duplicate`` from the pull threads, ``on_gap`` from the main thread (when bars are
+    handed to the agent). Must be thread-safe and cheap; an observer that raises is logged once
+    and otherwise ignored."""
 
     def on_bar(self, symbol: str, age_s: float | None) -> None: ...
 
@@ -105,7 +107,7 @@ class FeedStats:
 
 
 class MessageHandler:
-    """Everything the callback thread does with one message before the ack.
+    """Everything the pull thread does with one message before the ack.
 
     Decodes and validates (:func:`decode_message`, with the future check against
     :func:`~feeds.pubsub.messages.message_clock`), refuses unknown symbols, drops duplicates
@@ -123,7 +125,7 @@ class MessageHandler:
         max_future_s: tolerance of the future check, seconds (inf: no check).
         wall_clock: POSIX seconds (tests pass a fake).
 
-    Thread context: Pub/Sub callback threads (serialised by a lock); :meth:`wait_discovery`,
+    Thread context: the subscriber's pull threads (serialised by a lock); :meth:`wait_discovery`,
     :meth:`freeze_fields` and :meth:`seed` from the main thread; :meth:`interrupt` from any.
     """
 
@@ -227,7 +229,7 @@ class MessageHandler:
         sym = bar.symbol
         hub = self.hub
         if hub.status != "LIVE" and hub.status == "CONNECTED":
-            hub.set_status("LIVE")  # bars flow on the (re)opened stream
+            hub.set_status("LIVE")  # bars flow again after a (re)connect
         last: float | None = None
         with self._lock:
             self.stats.received += 1
@@ -278,7 +280,7 @@ class MessageHandler:
                 self.stats.hash_verified += 1
         if hub.consumer_waiting:
             # Hand the GIL to the waiting main thread now rather than at the next switch
-            # interval (5 ms): keeps callback -> next() well under a millisecond.
+            # interval (5 ms): keeps receipt -> next() well under a millisecond.
             time.sleep(0)
         age = wall - publish_time_s if publish_time_s is not None else None
         self._emit("on_bar", sym, age)

@@ -1,6 +1,6 @@
-"""The hand-off between the Pub/Sub callback thread(s) and backtrader's main thread.
+"""The hand-off between the Pub/Sub pull thread(s) and backtrader's main thread.
 
-:class:`BarHub` holds one bounded buffer per symbol. The callback thread offers bars (blocking
+:class:`BarHub` holds one bounded buffer per symbol. The pull thread offers bars (blocking
 while the symbol's buffer is full: back-pressure, nothing is dropped); the main thread takes
 them, one bar time per backtrader step.
 
@@ -25,7 +25,7 @@ acknowledges only once the decision on a bar is on disk) are remembered when tak
 order; :meth:`BarHub.pop_loaded_through` hands back those of the steps up to a bar time, and
 :meth:`BarHub.pop_unacknowledged` everything not yet handed back (for the shutdown's nacks).
 
-Thread context: one lock and condition guard everything; :meth:`BarHub.offer` runs on callback
+Thread context: one lock and condition guard everything; :meth:`BarHub.offer` runs on pull
 threads, :meth:`BarHub.take` and the other consumer methods on the main thread; the ledger
 methods on any thread.
 """
@@ -51,12 +51,12 @@ logger = logging.getLogger(__name__)
 
 # At most this many gap events are logged per minute; the others are counted.
 GAP_LOGS_PER_MINUTE = 10
-# Longest hold of steps after a stream break (BarHub.hold_steps), however long a backlog drains.
+# Longest hold of steps (BarHub.hold_steps), however long disorder goes on.
 MAX_HOLD_S = 120.0
 
 # Outcomes of BarHub.offer.
 OFFERED, LATE, CLOSED = "offered", "late", "closed"
-# A step time's first arrival for bars preloaded before the stream (served without waiting).
+# A step time's first arrival for bars preloaded before pulling starts (served without waiting).
 _PRELOADED = -math.inf
 # Tolerance when comparing a decision's bar time (POSIX seconds rounded to the millisecond) with
 # backtrader day numbers: half a millisecond, in days.
@@ -78,11 +78,11 @@ class _SymbolBuffer:
 
 
 class BarHub:
-    """Per-symbol bounded buffers between the callback thread(s) and backtrader's main thread.
+    """Per-symbol bounded buffers between the pull thread(s) and backtrader's main thread.
 
-    * :meth:`offer` (callback thread) blocks while the symbol already buffers
-      ``max_buffered_bars`` bars: no bar is dropped to make room; the Pub/Sub client's flow
-      control then pauses the stream. Returns :data:`LATE` for a bar whose step was served.
+    * :meth:`offer` (pull thread) blocks while the symbol already buffers
+      ``max_buffered_bars`` bars: no bar is dropped to make room; the pull thread then pulls
+      no more until there is room. Returns :data:`LATE` for a bar whose step was served.
     * :meth:`take` (main thread) hands out, per backtrader step, only bars of the step's time,
       following the alignment rule of the module docstring.
     * :meth:`close_input` ends the input; feeds then drain what is buffered (until the optional
@@ -158,7 +158,7 @@ class BarHub:
         self._transitions: deque[tuple[int, str, str]] = deque(maxlen=64)
         self.status = "CONNECTING"
 
-    # -- producer side (callback thread) -----------------------------------------------------
+    # -- producer side (pull threads) --------------------------------------------------------
 
     def offer(self, bar: LiveBar, timeout_s: float | None = None) -> str:
         """Buffer one bar, waiting while its symbol's buffer is full.
@@ -238,13 +238,11 @@ class BarHub:
         :attr:`disorder_quiet_s` (unless the input closes; at most :data:`MAX_HOLD_S` at a
         time).
 
-        After a stream broke or a runner was killed, Pub/Sub delivers what the dead stream held
-        only after its ack deadline, and for a while it may still hand new messages to the dead
-        stream (measured on the emulator: about half of them for several seconds, each back ten
-        seconds later), so older bars come mixed with newer ones: a newer bar must not be
-        served before an older one that is still on its way. Disorder is seen as a bar older
-        than its symbol's newest one, or (``backlog_before_s``, POSIX seconds) a bar published
-        before the stream (re)opened. Any thread.
+        After a connection broke or a runner was killed, Pub/Sub delivers what was pulled and
+        not acknowledged only after its ack deadline, so older bars come mixed with newer ones:
+        a newer bar must not be served before an older one that is still on its way. Disorder
+        is seen as a bar older than its symbol's newest one, or (``backlog_before_s``, POSIX
+        seconds) a bar published before the connection was (re)established. Any thread.
         """
         with self._cond:
             now = self._clock()
@@ -269,7 +267,7 @@ class BarHub:
         self._hold_until = max(self._hold_until, min(now + self.disorder_quiet_s, self._hold_cap))
 
     def preload(self, bars: Iterable[LiveBar]) -> int:
-        """Buffer bars (CSV backfill, before the stream starts) for steps served without
+        """Buffer bars (CSV backfill, before pulling starts) for steps served without
         waiting, bypassing the size limit. Returns how many."""
         n = 0
         with self._cond:
@@ -302,7 +300,7 @@ class BarHub:
             self._cond.notify_all()
 
     def set_status(self, status: str, detail: str = "") -> None:
-        """Record a connection transition (``CONNECTED``: stream open, no bar yet; ``LIVE``:
+        """Record a connection transition (``CONNECTED``: pulling works, no bar yet; ``LIVE``:
         bars flow; ``DISCONNECTED``; ``CONNBROKEN``); feeds turn it into backtrader
         notifications on the main thread."""
         with self._cond:

@@ -18,7 +18,7 @@ attribute ``replay_clock``: its "now" in POSIX seconds, the first bar's time plu
 elapsed time), so a replay that plays bars faster than real time is checked against the time
 it plays, not the wall clock.
 
-Pure: no I/O, no threads; :func:`decode_message` runs on the Pub/Sub callback thread.
+Pure: no I/O, no threads; :func:`decode_message` runs on the subscriber's pull thread.
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ class LiveBar(NamedTuple):
         data_hash: :func:`core.bars.bar_hash` of the content.
         message_id: Pub/Sub message id (None for backfill bars).
         publish_time_s: Pub/Sub publish time, epoch seconds (None when unknown).
-        received_s: epoch seconds when the callback decoded it.
+        received_s: epoch seconds when the pull thread decoded it.
         live: False for CSV backfill bars.
         verified: the publisher sent a ``data_hash`` and it matched.
         token: what acknowledges the message once the decision on the bar is on disk (the
-            Pub/Sub message; None for backfill bars or when the callback acked already).
+            Pub/Sub message; None for backfill bars or when it was acknowledged on receipt).
     """
 
     symbol: str

@@ -59,7 +59,7 @@ from feeds.pubsub.config import (
 )
 from feeds.pubsub.feed import PubSubMarketDataFeed, make_pubsub_feed
 from feeds.pubsub.gaps import GapCounter
-from feeds.pubsub.handler import DELIVERED, STOPPED, FeedEvents, MessageHandler
+from feeds.pubsub.handler import DELIVERED, DUPLICATE, STOPPED, FeedEvents, MessageHandler
 from feeds.pubsub.hub import BarHub
 from feeds.pubsub.messages import LiveBar
 
@@ -211,6 +211,8 @@ class PubSubBarSubscriber:
         self._connected = False
         self._warned_ordering = False
         self._batch = threading.local()  # a pull thread's acknowledgements of one pull
+        self._originals: dict[str, PulledMessage] = {}  # message id -> first copy still held
+        self._copies: dict[str, list[PulledMessage]] = {}  # ...and copies redelivered meanwhile
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -408,8 +410,12 @@ class PubSubBarSubscriber:
         by_sub: dict[str, list[str]] = {}
         with self._lock:
             for m in messages:
-                if self._leases.pop(m.ack_id, None) is not None:
-                    by_sub.setdefault(m.subscription, []).append(m.ack_id)
+                # Copies redelivered while this one was held are settled with it.
+                for c in (m, *self._copies.pop(m.message_id, ())):
+                    if self._leases.pop(c.ack_id, None) is not None:
+                        by_sub.setdefault(c.subscription, []).append(c.ack_id)
+                if self._originals.get(m.message_id) is m:
+                    del self._originals[m.message_id]
             if by_sub:
                 self._lock.notify_all()  # room for the pull threads
         client = self._client
@@ -596,12 +602,18 @@ class PubSubBarSubscriber:
             # Kept, not nacked now: close() returns them all once, with the rest.
             with self._lock:
                 self._held.append(message)
+        elif outcome == DUPLICATE and self.durable_acks and self._is_copy(message):
+            pass  # settled with the original, once the decision on it is on disk
         elif outcome != DELIVERED or not self.durable_acks:
             batch = getattr(self._batch, "acks", None)
             if batch is None:
                 message.ack()
             else:
                 batch.append(message)  # acknowledged with the rest of its pull, in one call
+
+    def _is_copy(self, message: PulledMessage) -> bool:
+        with self._lock:
+            return any(c is message for c in self._copies.get(message.message_id, ()))
 
     def _wait_for_room(self) -> int:
         """Pull thread: wait until fewer than ``max_outstanding`` messages are leased; the
@@ -660,6 +672,13 @@ class PubSubBarSubscriber:
             with self._lock:
                 for m in pulled:
                     self._leases[m.ack_id] = m
+                    original = self._originals.get(m.message_id)
+                    if original is None:
+                        self._originals[m.message_id] = m
+                    elif original.ack_id in self._leases and original.data == m.data:
+                        # Redelivered while the original is held (its lease ran out): keep the
+                        # copy leased too, so acknowledging it cannot outrun the decision.
+                        self._copies.setdefault(m.message_id, []).append(m)
             acks: list[PulledMessage] = []
             self._batch.acks = acks
             try:

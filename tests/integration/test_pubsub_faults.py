@@ -8,7 +8,8 @@ backtrader feeds in this process):
 * the server restarted empty: the subscription is re-created within seconds, and the bars
   published before it existed show as missing bar times;
 * acknowledgement on disk: a bar is acknowledged only through ``ack_through``; what is not is
-  returned at close and delivered to the next subscriber of the same deployment;
+  returned at close and delivered to the next subscriber of the same deployment; a copy
+  redelivered while its bar is held is settled with it;
 * ``request_stop`` ends a discovery wait at once.
 """
 
@@ -24,7 +25,13 @@ import pytest
 
 from core.errors import ConfigError
 from core.retry import RetryPolicy
-from feeds.pubsub import PubSubBarSubscriber, PubSubFeedConfig, StreamSettings, publisher_client
+from feeds.pubsub import (
+    PubSubBarSubscriber,
+    PubSubFeedConfig,
+    StreamSettings,
+    publisher_client,
+    subscriber_client,
+)
 from feeds.pubsub.clients import OrderedPublisher
 from tests.pubsub_emulator import PubSubEmulator
 from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
@@ -260,3 +267,52 @@ def test_invalid_topic_names_are_configuration_errors(pubsub_emulator: PubSubEmu
         with pytest.raises(ConfigError, match="PUBSUB_TOPIC"):
             config(pubsub_emulator, bad)
     assert config(pubsub_emulator, "bars.v1~x%2B").topics == ("bars.v1~x%2B",)
+
+
+def test_a_copy_redelivered_while_its_bar_is_held_is_settled_with_it(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    emu = pubsub_emulator
+    name = deployment()
+    seen: list[int] = []
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", 0))])
+        wait_for(lambda: sub.hub.steps >= 1, what="the bar taken")
+        # Its lease runs out while it waits for its decision (a stalled process): Pub/Sub
+        # hands it out again, as a copy with a new ack id.
+        (original,) = list(sub._leases.values())
+        client = sub._client
+        client.modify_ack_deadline(
+            request={
+                "subscription": original.subscription,
+                "ack_ids": [original.ack_id],
+                "ack_deadline_seconds": 0,
+            }
+        )
+        wait_for(lambda: sub.handler.stats.duplicates == 1, REDELIVERY_S, "the copy")
+        seen.append(sub.outstanding)  # the copy is held too, not acknowledged on its own
+        assert sub.ack_through(T0.timestamp()) == 1
+        seen.append(sub.outstanding)
+
+    first = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0),
+        symbols=["AAA"],
+        deployment=name,
+        settings=FAST,
+        durable_acks=True,
+    )
+    first.set_durability_barrier(lambda timeout_s: True)
+    run_live(first, scenario)
+    assert seen == [2, 0] and first.returned == 0
+    # Nothing is left in the subscription: the next start of the deployment gets nothing.
+    client = subscriber_client(emu.host)
+    try:
+        left = client.pull(
+            request={"subscription": first.subscription_paths[0], "max_messages": 10},
+            timeout=3,
+            retry=None,
+        )
+    finally:
+        client.close()
+    assert list(left.received_messages) == []

@@ -20,6 +20,8 @@ import duckdb
 from analyzers.schema import DecisionRecord, RunInfo
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.journal import DecisionJournal
+from analyzers.sinks.spill import SpillFile
 from analyzers.sinks.writer import DecisionWriter
 
 WAIT_S = 10.0
@@ -140,9 +142,6 @@ def test_a_line_torn_by_a_kill_is_skipped(tmp_path: Path) -> None:
     spill.mkdir()
     whole = json.dumps({"decision_id": "dep-1:x", "n": 1})
     (spill / "journal-local.jsonl").write_text(whole + "\n" + whole[:17])  # killed mid-append
-    from analyzers.sinks.journal import DecisionJournal
-    from analyzers.sinks.spill import SpillFile
-
     journal = DecisionJournal(spill / "journal-local.jsonl")
     assert journal.recover(SpillFile(spill / "spill-local.jsonl")) == 1
     assert SpillFile(spill / "spill-local.jsonl").read() == [json.loads(whole)]

@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make run    run the main job (backtest of the example agent on the bundled real data)
 #   make test   lint, type-check, check the import layers, build the docs, run the whole suite
-# For the edit loop: make test-fast (unit tests only, under a minute, no emulator).
+# For the edit loop: make test-fast (unit tests only, no emulator or subprocess; ~2 min here).
 # Both create the virtual environment and install what they need when missing.
 
 PYTHON ?= python3

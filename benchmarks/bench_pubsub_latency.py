@@ -118,7 +118,7 @@ def run(messages: int, symbols: int, rate: float) -> dict[str, Any]:
     emu = PubSubEmulator()
     emu.start()
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[subprocess.Popen[Any]] = []
     try:
         project = emu.project
         topic = f"projects/{project}/topics/latency"

@@ -205,10 +205,10 @@ class PubSubFeedConfig:
                 )
 
 
-# Waits between reconnect attempts: up to 0.25, 0.5, 1, ... 5 s (full jitter). Capped low so a
-# server that is back is used within seconds (bars published before the subscription is
-# re-created on a server that lost it are gone: the wait is a gap).
-RECONNECT_BACKOFF = RetryPolicy(initial_s=0.25, max_s=5.0)
+# Waits between attempts while Pub/Sub is unreachable: up to 0.25, 0.5, 1, 2, 2... s (full
+# jitter). Capped low so a server that is back is used within about two seconds (bars published
+# to a server that lost the subscription before it exists again are gone: that wait is a gap).
+RECONNECT_BACKOFF = RetryPolicy(initial_s=0.25, max_s=2.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

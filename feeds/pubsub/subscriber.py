@@ -29,14 +29,18 @@ bars come out of order (:meth:`~feeds.pubsub.hub.BarHub.hold_steps`). Pull laten
 emulator matches streaming pull (publish -> receipt p50 32 ms, p99 59 ms).
 
 Threads: one pull thread per subscription (runs the handler, reconnects with backoff:
-:meth:`core.retry.RetryPolicy.delay_s`) and one lease thread; everything touching backtrader
-runs on the main thread. The only hand-off is the :class:`~feeds.pubsub.hub.BarHub`. Every
-thread is owned by the subscriber and joined by :meth:`PubSubBarSubscriber.close`.
+:meth:`core.retry.RetryPolicy.delay_s`), one lease thread, and one ack thread (sends what
+:meth:`PubSubBarSubscriber.ack_through` queues, so the decision writer never waits on Pub/Sub);
+everything touching backtrader runs on the main thread. The only hand-off is the
+:class:`~feeds.pubsub.hub.BarHub`. Every thread is owned by the subscriber and joined by
+:meth:`PubSubBarSubscriber.close`.
+:meth:`PubSubBarSubscriber.close`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -114,7 +118,7 @@ class PulledMessage:
 
 class PubSubBarSubscriber:
     """The one subscriber of a runner: its subscriptions (one per topic), pull threads, lease
-    thread, hub and handler.
+    and ack threads, hub and handler.
 
     Lifecycle (main thread): :meth:`start` -> :meth:`discover_fields` -> :meth:`make_feeds` ->
     ``cerebro.run()`` -> :meth:`close`. :meth:`request_stop` is safe from a signal handler at
@@ -204,6 +208,8 @@ class PubSubBarSubscriber:
         self._leases: dict[str, PulledMessage] = {}  # ack id -> message not settled yet
         self._held: list[PulledMessage] = []  # pulled after the input closed
         self._lease_thread: threading.Thread | None = None
+        self._ack_thread: threading.Thread | None = None
+        self._acks: queue.SimpleQueue[list[PulledMessage] | None] = queue.SimpleQueue()
         self._drain_timeout_s: float | None = None
         self._barrier: Callable[[float], bool] | None = None
         self._closed = False
@@ -334,6 +340,8 @@ class PubSubBarSubscriber:
             target=self._lease_loop, name="pubsub-lease", daemon=True
         )
         self._lease_thread.start()
+        self._ack_thread = threading.Thread(target=self._ack_loop, name="pubsub-ack", daemon=True)
+        self._ack_thread.start()
         logger.info(
             "pulling %s via %s (%d symbols; acknowledged %s)",
             ", ".join(self.cfg.topics),
@@ -397,10 +405,22 @@ class PubSubBarSubscriber:
         bars = self.hub.pop_loaded_through(posix_to_bt_num(bar_time_posix_s))
         tokens = [b.token for b in bars if b.token is not None]
         if tokens:
-            self.settle(tokens, ack=True)
             with self._lock:
                 self.acked += len(tokens)
+            if self._ack_thread is not None and self._ack_thread.is_alive():
+                self._acks.put(tokens)  # sent by the ack thread: the caller never waits on I/O
+            else:
+                self.settle(tokens, ack=True)
         return len(tokens)
+
+    def _ack_loop(self) -> None:
+        """Ack thread: sends the acknowledgements :meth:`ack_through` queued, in order, until
+        the ``None`` that :meth:`close` queues."""
+        while True:
+            tokens = self._acks.get()
+            if tokens is None:
+                return
+            self.settle(tokens, ack=True)
 
     def settle(self, messages: Iterable[PulledMessage], *, ack: bool) -> None:
         """Acknowledge (``ack``) or return (nack) pulled messages, batched per subscription.
@@ -479,6 +499,9 @@ class PubSubBarSubscriber:
                     )
             except Exception:
                 logger.exception("durability barrier failed; unacknowledged bars are returned")
+        if self._ack_thread is not None:
+            self._acks.put(None)  # after the acknowledgements the barrier queued
+            self._ack_thread.join(timeout_s)
         # A pull in flight may still bring messages: they are returned below, or (pulled after
         # that) come back when their lease ends; closing the channel ends such a pull at once.
         for sub in self._subs:
@@ -629,9 +652,6 @@ class PubSubBarSubscriber:
         """Pull thread of one subscription: pull, hand over in order, reconnect on failure
         (DISCONNECTED; waits of ``settings.reconnect.delay_s(attempt)``, ended at once by a
         stop), re-create an owned subscription that vanished (a server restarted empty)."""
-        from google.api_core import exceptions as gexc
-
-        terminal = (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument)
         st = self.settings
         attempt = 0
         while not self._stop.is_set() and not self.hub.input_closed:
@@ -645,26 +665,12 @@ class PubSubBarSubscriber:
                     retry=None,
                     timeout=st.pull_timeout_s,
                 )
-            except gexc.DeadlineExceeded as e:
-                # An idle long poll, or a network that swallows packets: ask Pub/Sub.
-                problem = self._probe(sub)
-                if problem is None:
-                    self._up()
-                    continue
-                attempt = self._down(attempt, f"{type(e).__name__}; {problem}")
-                continue
-            except gexc.NotFound as e:
-                if not sub.owned:
-                    self._broken(f"subscription {sub.path} is gone: {e}")
+            except Exception as e:  # noqa: BLE001 - classified by _after_failed_pull
+                if self._stop.is_set() or client is not self._client:
+                    continue  # close() or a new channel ended this pull: not an outage
+                attempt = self._after_failed_pull(sub, e, attempt)
+                if attempt < 0:
                     return
-                attempt = self._down(attempt, f"subscription {sub.path} is gone")
-                self._recreate(sub)
-                continue
-            except terminal as e:
-                self._broken(f"{type(e).__name__}: {e}")
-                return
-            except Exception as e:  # noqa: BLE001 - retried with backoff
-                attempt = self._down(attempt, f"{type(e).__name__}: {str(e)[:200]}")
                 continue
             attempt = 0
             self._up()
@@ -693,6 +699,35 @@ class PubSubBarSubscriber:
                 if acks:
                     self.settle(acks, ack=True)
 
+    def _after_failed_pull(self, sub: _Sub, error: Exception, attempt: int) -> int:
+        """Pull thread, after a failed pull: probe, re-create, wait or give up. Returns the
+        attempt count, or -1 when Pub/Sub refused the subscription for good."""
+        from google.api_core import exceptions as gexc
+
+        terminal = (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument)
+        if isinstance(error, gexc.DeadlineExceeded):
+            # An idle long poll, or a network that swallows packets: ask Pub/Sub.
+            problem = self._probe(sub)
+            if problem is None:
+                self._up()
+                return attempt
+            return self._down(attempt, f"{type(error).__name__}; {problem}")
+        if isinstance(error, gexc.NotFound):
+            if not sub.owned:
+                self._broken(f"subscription {sub.path} is gone: {error}")
+                return -1
+            # Pub/Sub answers, the subscription is gone (a server restarted empty): re-create
+            # it at once; every bar published meanwhile is lost (and shows as a gap).
+            self._down(attempt, f"subscription {sub.path} is gone", wait=False)
+            if self._recreate(sub):
+                self._up()  # reachable, pulling from the new subscription
+                return 0
+            return self._down(attempt, f"re-creating {sub.path} failed")
+        if isinstance(error, terminal):
+            self._broken(f"{type(error).__name__}: {error}")
+            return -1
+        return self._down(attempt, f"{type(error).__name__}: {str(error)[:200]}")
+
     def _up(self) -> None:
         """Pulling works (again): CONNECTED; the handler reports LIVE with the next bar."""
         if not self._connected:
@@ -702,9 +737,11 @@ class PubSubBarSubscriber:
             self.hub.set_status("CONNECTED")
             self._hold_for_backlog()
 
-    def _down(self, attempt: int, problem: str) -> int:
+    def _down(self, attempt: int, problem: str, *, wait: bool = True) -> int:
         """A pull failed: report DISCONNECTED (once), hold steps, wait before the next
-        attempt. Returns the attempt count."""
+        attempt (a stop ends the wait), and from the second attempt on use a new channel
+        (gRPC backs off its own reconnects for up to two minutes). Returns the attempt count.
+        """
         self.last_error = problem
         if self._connected:
             self._connected = False
@@ -714,9 +751,26 @@ class PubSubBarSubscriber:
             self._hold_for_backlog()
         else:
             logger.info("Pub/Sub still unreachable (attempt %d): %s", attempt + 1, problem)
+        if not wait:
+            return attempt
         attempt += 1
-        self._stop.wait(self.settings.reconnect.delay_s(attempt))
+        if self._stop.wait(self.settings.reconnect.delay_s(attempt)):
+            return attempt
+        if attempt >= 2:
+            self._new_channel()
         return attempt
+
+    def _new_channel(self) -> None:
+        """Replace the client (pull thread); the old one is closed (calls still on it fail and
+        are retried or, for acknowledgements, come back as duplicates)."""
+        with self._lock:
+            if self._closed or self._stop.is_set():
+                return
+            old, self._client = self._client, subscriber_client(self.cfg.emulator_host)
+        try:
+            old.close()
+        except Exception as e:  # noqa: BLE001 - it is replaced either way
+            logger.debug("closing the old Pub/Sub client failed: %r", e)
 
     def _broken(self, problem: str) -> None:
         self.last_error = problem
@@ -726,13 +780,14 @@ class PubSubBarSubscriber:
         self.hub.set_status("CONNBROKEN", problem)
         self.hub.close_input(f"subscription broken: {problem}")
 
-    def _recreate(self, sub: _Sub) -> None:
-        """Re-create an owned subscription a restarted server lost (pull thread)."""
+    def _recreate(self, sub: _Sub) -> bool:
+        """Re-create an owned subscription a restarted server lost (pull thread). False when
+        that failed (retried by the pull loop)."""
         try:
             self._ensure(sub)
         except Exception as e:  # noqa: BLE001 - retried by the pull loop
             logger.info("re-creating %s failed: %s", sub.path, e)
-            return
+            return False
         logger.warning(
             "subscription %s was gone (server restarted empty?) and is created again; bars "
             "published in between are lost and show as missing bar times",
@@ -740,6 +795,7 @@ class PubSubBarSubscriber:
         )
         # A new subscription may reuse message ids (a restarted emulator starts at 1).
         self.handler.forget_message_ids()
+        return True
 
     def _probe(self, sub: _Sub) -> str | None:
         """None when the subscription answers; else what is wrong."""

@@ -119,6 +119,9 @@ def start_live_input(
     )
     # Half the shutdown budget drains buffered bars; the rest flushes decisions and settles.
     sub.drain_timeout_s = config.ops.shutdown_timeout_s / 2
+    if durable_acks:
+        # Beside the decision journal: the last bar time acknowledged, for the next start.
+        sub.resume_path = config.fmel.spill_dir / f"pubsub-resume-{decision_scope(config)}.json"
     if on_created is not None:
         on_created(sub)
     backfill: dict[str, list[LiveBar]] = {}

@@ -675,7 +675,7 @@ class AlpacaMarketServer:
 class _RestHandler(BaseHTTPRequestHandler):
     server_owner: AlpacaMarketServer
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # NOTES.md: without it every call costs ~44 ms
+    disable_nagle_algorithm = True  # docs/field-notes.md: without it every call costs ~44 ms
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)

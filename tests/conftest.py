@@ -200,7 +200,7 @@ def sm_fixture() -> Iterator[SecretManagerServer]:
         server.stop()
 
 
-# -- Pub/Sub emulator (the real one, see tests/pubsub_emulator.py and NOTES.md) -----------------
+# -- Pub/Sub emulator (the real one: tests/pubsub_emulator.py, docs/field-notes.md) --------
 
 
 @pytest.fixture(scope="module")

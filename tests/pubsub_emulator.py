@@ -3,7 +3,7 @@
 The emulator binary is started directly (not through ``gcloud beta emulators pubsub start``,
 which leaves its Java child behind when killed), in its own session so that the whole process
 group can be ended by PID at teardown. Ready when ``GET http://127.0.0.1:PORT/`` answers ``Ok``
-(see ``NOTES.md``, "Google Pub/Sub emulator").
+(see ``docs/field-notes.md``, "Google Pub/Sub emulator").
 
 The ``pubsub_emulator`` fixture of tests/conftest.py (one emulator per test module) or
 ``emulator_factory`` (one per test, for tests that kill and restart it) starts it. Nothing is left

@@ -290,7 +290,7 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
         faults += [(rng.uniform(0.1, 0.8) * cfg.duration_s, kind) for _ in range(count)]
     faults.sort()
     runners: list[_Runner] = []
-    lock = threading.Lock()
+    lock = threading.RLock()  # held by a restart's backfill: live bars wait, as in the ingestor
     published = [0]
     stop = threading.Event()
     t0 = time.monotonic()
@@ -327,8 +327,9 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
             delay = due - now_s()
             if delay > 0 and stop.wait(delay):
                 return
-            send(bodies[i], i)
-            published[0] = i + 1
+            with lock:  # a restart's backfill sees every bar sent so far counted
+                send(bodies[i], i)
+                published[0] = i + 1
 
     def sampler() -> None:
         while not stop.wait(5.0):
@@ -380,11 +381,14 @@ def run_soak(cfg: SoakConfig, *, progress: Callable[[str], None] = logger.info) 
                     publisher_box[0] = OrderedPublisher(emu.host)
                     publisher_box[0].create_topic(request={"name": topic})
                     _create_subscription(emu.host, sub_path, topic)
-                # The ingestor's gap backfill: the last republish_s seconds again.
-                last = published[0]
-                first = max(0, last - int(cfg.republish_s * cfg.rate_hz))
-                for i in range(first, last):
-                    send(bodies[i], i)
+                    # The ingestor's gap backfill: the last republish_s seconds again, before
+                    # any further live bar (the ingestor's loop is single-threaded: a catch-up
+                    # backfill is published before the live bars queued behind it). Bars the
+                    # restart lost would otherwise arrive after later ones and be refused late.
+                    last = published[0]
+                    first = max(0, last - int(cfg.republish_s * cfg.rate_hz))
+                    for i in range(first, last):
+                        send(bodies[i], i)
         threads[0].join()
         result.events.append((round(now_s(), 1), "publishing done"))
         progress(f"{now_s():6.1f} s: publishing done; waiting for the runner's idle timeout")

@@ -1,6 +1,6 @@
 """Live market data from Google Pub/Sub: one subscriber per runner, one backtrader feed per symbol.
 
-Data path (ARCHITECTURE.md, "Live data path")::
+Data path (docs/pubsub.md, docs/architecture.md)::
 
     topic --(one subscription per deployment and topic, stable across restarts)-->
     PubSubBarSubscriber

@@ -71,6 +71,10 @@ class PubSubFeedConfig:
             file's, else inferred from the bars (gaps are counted in bar sizes).
         gap_max_s: a jump between two bars of a symbol longer than this is a market close,
             not missing bars, seconds; 0 = every jump counts (daily bars skip weekends anyway).
+        gap_hold_s: for this long after a (re)connect, a step that would leave bar times
+            missing after the last one decided waits for them (Pub/Sub redelivers what a dead
+            runner or a broken connection had pulled one lease later), seconds; 0 = never.
+            Needs a known bar size (``bar_size`` or the backfill file's).
     """
 
     project: str  # GOOGLE_CLOUD_PROJECT, declared once on runtime.config.GCPConfig
@@ -167,6 +171,13 @@ class PubSubFeedConfig:
         env="PUBSUB_GAP_MAX_S",
         help="a longer jump between two bars of a symbol is a market close, not missing "
         "bars, seconds (0: every jump counts)",
+        minimum=0,
+    )
+    gap_hold_s: float = setting(
+        30.0,
+        env="PUBSUB_GAP_HOLD_S",
+        help="after a (re)connect, how long a step that would leave bar times missing waits "
+        "for them to be redelivered, seconds (0: never; needs a known bar size)",
         minimum=0,
     )
 

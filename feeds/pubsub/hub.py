@@ -19,6 +19,13 @@ Alignment (what a multi-symbol agent sees, as in a backtest):
 * A bar that arrives after its step (or a later one) was served is **late**: it is refused
   (:data:`LATE`, counted in :attr:`BarHub.late`), never delivered in a later step. So a live run
   decides exactly like a backtest whose CSV files lack the bars that missed their step.
+* **Holds** (:meth:`BarHub.hold_steps`): after a (re)connect, what a dead runner or a broken
+  connection had pulled comes back one lease later, mixed with newer bars, so no step is served
+  for a while, and then not until deliveries have been in order for a while. With a known bar
+  size, for :attr:`BarHub.gap_hold_s` after a hold began, a step that would leave bar times
+  missing after the last step served (or after the last one an earlier run decided,
+  :meth:`BarHub.resume_after`) also waits for them: Pub/Sub redelivers late, and the emulator
+  later than its ack deadline says. A gap that is real costs that wait once per reconnect.
 
 Acknowledgement ledger: bars that carry a ``token`` (the Pub/Sub message, when the subscriber
 acknowledges only once the decision on a bar is on disk) are remembered when taken, in step
@@ -137,6 +144,14 @@ class BarHub:
         # Steps wait until deliveries have been in order this long after disorder (0: never);
         # the subscriber sets it (StreamSettings.backlog_quiet_s).
         self.disorder_quiet_s = 0.0
+        # After a hold (a (re)connect), for this long a step that leaves a gap after the last
+        # step served (or after resume_after) waits for the missing bar times (0: never); the
+        # subscriber sets it (PUBSUB_GAP_HOLD_S). Needs a known bar size.
+        self.gap_hold_s = 0.0
+        self._gap_hold_until = -math.inf
+        self._resume_after = -math.inf  # last bar time decided by an earlier run (day number)
+        self.gap_holds = 0  # steps that waited for a gap to fill
+        self._gap_waiting = False
         self.disordered = 0  # bars that came out of order (or from a backlog)
         self.holds = 0
         # Missing bar times, counted when bars are taken (what the agent sees).
@@ -248,9 +263,28 @@ class BarHub:
             now = self._clock()
             self._start_hold_locked(now)
             self._hold_until = max(self._hold_until, min(now + seconds, self._hold_cap))
+            if self.gap_hold_s > 0:
+                self._gap_hold_until = max(self._gap_hold_until, now + self.gap_hold_s)
             if backlog_before_s is not None:
                 self._backlog_before = max(self._backlog_before, backlog_before_s)
             self._cond.notify_all()
+
+    def resume_after(self, num: float) -> None:
+        """The last bar time an earlier run of this deployment decided and acknowledged
+        (backtrader day number): within :attr:`gap_hold_s` of the next hold, the first step
+        waits for the bar times after it (what that run had pulled comes back one lease
+        later). Call before pulling starts."""
+        with self._cond:
+            self._resume_after = max(self._resume_after, num)
+
+    def _gap_before(self, step: float) -> bool:
+        """Bar times are missing between the last step served (or resumed after) and
+        ``step`` (lock held; only with a configured bar size)."""
+        last = max(self._served, self._resume_after)
+        gaps = self.gaps
+        if last == -math.inf or step <= last or gaps.inferred or gaps.bar_s is None:
+            return False
+        return gaps.missing(last, step) > 0
 
     def _start_hold_locked(self, now: float) -> None:
         if self._hold_until < now:
@@ -512,6 +546,12 @@ class BarHub:
             return None
         if now < self._hold_until and not self.input_closed:
             return None
+        if now < self._gap_hold_until and not self.input_closed and self._gap_before(step):
+            if not self._gap_waiting:
+                self._gap_waiting = True
+                self.gap_holds += 1
+            return None
+        self._gap_waiting = False
         if (
             self.align_wait_s <= 0
             or self.input_closed
@@ -531,6 +571,7 @@ class BarHub:
                 max(
                     self._first_arrival.get(step, _PRELOADED) + self.align_wait_s,
                     self._hold_until,
+                    self._gap_hold_until if self._gap_before(step) else -math.inf,
                 )
                 - now
             )

@@ -39,19 +39,23 @@ everything touching backtrader runs on the main thread. The only hand-off is the
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import backtrader as bt
 
 from core.errors import ConfigError, TransientError
-from core.time import posix_to_bt_num
+from core.time import bt_num_to_posix, posix_to_bt_num
 from feeds.pubsub.clients import resource_path, subscriber_client, subscription_id, symbol_filter
 from feeds.pubsub.config import (
     FieldSet,
@@ -114,6 +118,13 @@ class PulledMessage:
 
     def nack(self) -> None:
         self._owner.settle([self], ack=False)
+
+
+def _iso_ms(num: float) -> str:
+    """A backtrader day number as ISO 8601 UTC to the millisecond (day numbers hold ~15 us)."""
+    return datetime.fromtimestamp(round(bt_num_to_posix(num), 3), UTC).isoformat(
+        timespec="milliseconds"
+    )
 
 
 class PubSubBarSubscriber:
@@ -186,6 +197,7 @@ class PubSubBarSubscriber:
             self.timeframe, self.compression, bar_s = live_bar_size(cfg.bar_size)
         self.hub.gaps = GapCounter(bar_s, gap_max_s=cfg.gap_max_s)
         self.hub.disorder_quiet_s = self.settings.backlog_quiet_s
+        self.hub.gap_hold_s = cfg.gap_hold_s
         self.handler = MessageHandler(
             self.hub, settings=self.settings, events=events, max_future_s=cfg.max_future_s
         )
@@ -209,7 +221,13 @@ class PubSubBarSubscriber:
         self._held: list[PulledMessage] = []  # pulled after the input closed
         self._lease_thread: threading.Thread | None = None
         self._ack_thread: threading.Thread | None = None
-        self._acks: queue.SimpleQueue[list[PulledMessage] | None] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[list[PulledMessage], float] | None] = (
+            queue.SimpleQueue()
+        )
+        # Where the last bar time acknowledged is kept across restarts (BarHub.resume_after);
+        # the runtime sets it (beside the decision journal) before start().
+        self.resume_path: Path | None = None
+        self._resumed_through = -math.inf
         self._drain_timeout_s: float | None = None
         self._barrier: Callable[[float], bool] | None = None
         self._closed = False
@@ -281,6 +299,7 @@ class PubSubBarSubscriber:
             if bars:
                 self.handler.seed(sym, bars)
                 self.hub.preload(bars)
+        self._load_resume()
         self._client = subscriber_client(self.cfg.emulator_host)
         many = len(self.cfg.topics) > 1
         where = self.cfg.emulator_host or "Google"
@@ -405,22 +424,64 @@ class PubSubBarSubscriber:
         bars = self.hub.pop_loaded_through(posix_to_bt_num(bar_time_posix_s))
         tokens = [b.token for b in bars if b.token is not None]
         if tokens:
+            through = max(b.dt_num for b in bars)
             with self._lock:
                 self.acked += len(tokens)
             if self._ack_thread is not None and self._ack_thread.is_alive():
-                self._acks.put(tokens)  # sent by the ack thread: the caller never waits on I/O
+                # sent by the ack thread: the caller never waits on I/O
+                self._acks.put((tokens, through))
             else:
                 self.settle(tokens, ack=True)
+                self._save_resume(through)
         return len(tokens)
+
+    def _load_resume(self) -> None:
+        """Tell the hub the last bar time an earlier run acknowledged (:attr:`resume_path`)."""
+        path = self.resume_path
+        if path is None or not path.exists():
+            return
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            num = float(state["bt_num"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("resume state %s unreadable (%s); ignored", path, e)
+            return
+        if not math.isfinite(num):
+            return
+        self._resumed_through = num
+        self.hub.resume_after(num)
+        logger.info(
+            "an earlier run acknowledged bars through %s; after connecting, steps wait up to "
+            "%g s (PUBSUB_GAP_HOLD_S) for the bar times after it",
+            state.get("bar_time", "?"),
+            self.hub.gap_hold_s,
+        )
+
+    def _save_resume(self, through: float) -> None:
+        """Keep the last bar time acknowledged (atomic replace; ack thread)."""
+        path = self.resume_path
+        if path is None or through <= self._resumed_through:
+            return
+        self._resumed_through = through
+        body = json.dumps({"bt_num": through, "bar_time": _iso_ms(through)})
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(body, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("resume state %s not written (%s)", path, e)
 
     def _ack_loop(self) -> None:
         """Ack thread: sends the acknowledgements :meth:`ack_through` queued, in order, until
         the ``None`` that :meth:`close` queues."""
         while True:
-            tokens = self._acks.get()
-            if tokens is None:
+            item = self._acks.get()
+            if item is None:
                 return
+            tokens, through = item
             self.settle(tokens, ack=True)
+            self._save_resume(through)
 
     def settle(self, messages: Iterable[PulledMessage], *, ack: bool) -> None:
         """Acknowledge (``ack``) or return (nack) pulled messages, batched per subscription.

@@ -327,7 +327,7 @@ class Study:
             logger.error("recording fold %d's best failed: %s", fold.index, result.error)
             return False, result.decisions
         if not _same(result.objective, best.objective):
-            # Tracking must change no result (ARCHITECTURE.md, invariants): say so loudly.
+            # Tracking must change no result (docs/architecture.md): say so loudly.
             logger.error(
                 "fold %d: the recorded run scored %s, the trial %s: FMEL changed the result",
                 fold.index,

@@ -351,3 +351,79 @@ def test_steps_are_held_while_redeliveries_are_due() -> None:
     hub.begin_pass(1)
     first = hub.take("A", 0)
     assert first is not None and first.ts == T0 + timedelta(seconds=4)
+
+
+def _served(hub: BarHub, symbol: str = "A") -> list[int]:
+    got = []
+    while True:
+        hub.begin_pass(1)
+        b = hub.take(symbol, 0)
+        if b is None:
+            return got
+        got.append(int((b.ts - T0).total_seconds()))
+
+
+def test_after_a_reconnect_a_step_waits_for_missing_bar_times_to_be_redelivered() -> None:
+    """A bar pulled just before a cut comes back one lease later, after newer ones and after the
+    reconnect hold: within PUBSUB_GAP_HOLD_S the next step waits for it instead of leaving it
+    behind as late."""
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.gaps = GapCounter(1.0)
+    hub.gap_hold_s = 30.0
+    for i in range(3):
+        hub.offer(bar("A", i))
+    assert _served(hub) == [0, 1, 2]
+    hub.hold_steps(5.0)  # the reconnect
+    for i in (4, 5):
+        hub.offer(bar("A", i))
+    clock.now += 6.0  # the hold is over, bar 3 is still on its way
+    assert _served(hub) == []
+    assert hub.offer(bar("A", 3)) == OFFERED  # redelivered
+    assert _served(hub) == [3, 4, 5]
+    assert hub.gap_holds == 1 and hub.late["A"] == 0
+
+
+def test_a_real_gap_costs_the_gap_hold_once_and_is_counted() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.gaps = GapCounter(1.0)
+    hub.gap_hold_s = 30.0
+    hub.offer(bar("A", 0))
+    assert _served(hub) == [0]
+    hub.hold_steps(5.0)
+    hub.offer(bar("A", 2))  # bar 1 is lost for good
+    clock.now += 29.0
+    assert _served(hub) == []
+    clock.now += 1.0
+    assert _served(hub) == [2]
+    assert hub.missing["A"] == 1
+    hub.offer(bar("A", 4))  # no hold in force: a later gap does not wait
+    assert _served(hub) == [4]
+
+
+def test_a_restarted_run_waits_for_the_bars_after_the_last_one_acknowledged() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.gaps = GapCounter(1.0)
+    hub.gap_hold_s = 30.0
+    hub.resume_after(utc_to_bt_num(T0 + timedelta(seconds=9)))
+    hub.hold_steps(5.0)
+    hub.offer(bar("A", 12))  # published while the runner was down, delivered first
+    clock.now += 6.0
+    assert _served(hub) == []  # 10 and 11, held by the dead runner, come one lease later
+    hub.offer(bar("A", 11))
+    hub.offer(bar("A", 10))
+    assert _served(hub) == [10, 11, 12]
+
+
+def test_without_a_known_bar_size_there_is_no_gap_hold() -> None:
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.gap_hold_s = 30.0  # GapCounter() infers the size: no gap hold
+    hub.offer(bar("A", 0))
+    assert _served(hub) == [0]
+    hub.hold_steps(1.0)
+    hub.offer(bar("A", 5))
+    clock.now += 1.0
+    assert _served(hub) == [5]

@@ -49,6 +49,47 @@ is implemented; the sources are:
   no event.
 * [stream] docs.alpaca.markets "Websocket streaming": ``wss://<host>/stream`` on the Trading API
   host, ``authenticate`` then ``listen`` to ``trade_updates``.
+* [flip] alpacahq/Alpaca-API #90 (maintainer umitanuki: "yes that's correct") and
+  alpaca-trade-api-python #129: one order cannot take a position from long to short or back;
+  "you can't sell more shares than you have": 403 ``insufficient qty available for order
+  (requested: 2, available: 1)``, with shorting enabled.
+* [wash] docs.alpaca.markets/docs/trading/user-protections "Preventing Wash Trades" (checked
+  on every order, crypto included) and Alpaca staff on forum.alpaca.markets "Bogus rule:
+  potential trade wash detected" (a market buy while a limit sell is pending on the same stock):
+  403 ``40310000`` ``potential wash trade detected. use complex orders``; "a wash trade is where
+  a buy and a sell would fill against each other" (forum "Frustrated with Alpaca's Wash Trade
+  Flags"). Modelled: a new order is refused when an opposite-side order of the same symbol is
+  working and the two could fill against each other (either is a market order, or the buy's
+  limit is at or above the sell's); a bracket's/OCO's own legs are the "complex orders" and
+  are exempt; stop orders not yet triggered (and held legs) are not at the venue.
+* [short] docs.alpaca.markets/docs/orders-at-alpaca "Buying Power": an opening short sell is
+  checked against buying power at MAX(limit price, 3% above the ask) * qty (market: 3% above
+  the ask), and open sell-short orders reduce buying power like open buys; the asset must be
+  ``shortable`` (docs "Margin and Short Selling"). The wording of the not-shortable answer
+  is ours (no copy of Alpaca's text was found); assets in :attr:`AlpacaServer.unshortable`.
+* [fractional] docs.alpaca.markets/docs/fractional-trading and alpaca.markets/support "How can
+  I pass a fractional order": fractional quantities (and ``notional``) take time in force
+  ``day`` only (alpaca-java #140: 422 "fractional orders must be DAY orders"), simple orders;
+  qty and notional are mutually exclusive ("If both qty and notional are entered the request
+  will be rejected"; the wording of that answer is ours); alpaca-trade-api-python #405: a
+  fractional sell beyond the position answers ``fractional orders are not allowed to short``.
+* [bracket] docs.alpaca.markets/docs/orders-at-alpaca "Bracket Orders": ``time_in_force`` day
+  or gtc; ``take_profit.limit_price`` and ``stop_loss.stop_price`` on the exit side of the
+  entry's base price (limit price, or the market price for a market entry), at least a cent
+  away (``take_profit.limit_price must be >= base_price + 0.01`` / ``stop_loss.stop_price
+  must be <= base_price - 0.01`` for a buy, mirrored for a sell: Alpaca's wording as
+  remembered, not confirmed by a stored copy; the time-in-force answer's wording is ours);
+  alpaca-trade-api-js #248: a bracket that would close a position is refused 422 ``bracket
+  orders must be entry orders``.
+* [subpenny] alpaca-trade-api-go #260 and alpaca-trade-api-csharp #497 (SEC Rule 612): 422
+  ``42210000`` ``invalid limit_price 11.055. sub-penny increment does not fulfill minimum
+  pricing criteria``: prices >= $1.00 take at most 2 decimals, below $1.00 at most 4 (a
+  $0.6013 limit was accepted).
+* [replace] alpaca-trade-api-python #306: ``PATCH`` of an order Alpaca has not routed yet
+  (``accepted``/``pending_new``) answers ``unable to replace order, order isn't sent to exchange
+  yet``; alpaca-trade-api-js #123: 403 ``order parameters are not changed`` when nothing
+  changes; the docs' "Replace an order": the order must be open (not ``pending_cancel``/
+  ``pending_replace``); a new qty must exceed what already filled.
 
 Test controls: fills are driven by the test (:meth:`AlpacaServer.fill`, :meth:`tick`,
 :meth:`set_price` crossing limit/stop prices, or ``fill_mode="immediate"``), the clock by
@@ -123,6 +164,8 @@ FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset")
 CRYPTO_TYPES = frozenset({"market", "limit", "stop_limit"})  # [crypto]
 CRYPTO_MIN_ORDER_SIZE = {"BTC/USD": Decimal("0.0001")}  # [crypto]: the documented asset example
 MARKET_BUY_BUFFER = Decimal("1.025")  # [orders]: a market buy counts 2.5% above the price
+SHORT_BUFFER = Decimal("1.03")  # [short]: an opening short counts 3% above the ask
+CENT = Decimal("0.01")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 
@@ -147,6 +190,12 @@ def _s(x: Decimal | None) -> str | None:
 def position_key(symbol: str) -> str:
     """Alpaca keys crypto positions without the slash: ``BTC/USD`` -> ``BTCUSD``."""
     return symbol.replace("/", "").upper()
+
+
+def _sub_penny(price: Decimal) -> bool:
+    """[subpenny]: more decimals than Alpaca takes for an equity price."""
+    step = CENT if price >= 1 else Decimal("0.0001")
+    return price != price.quantize(step)
 
 
 class ApiError(Exception):
@@ -250,6 +299,7 @@ class _Order:
     fees: Decimal = Decimal(0)  # crypto: in the coin for buys, USD for sells ([crypto-fees])
     maker: bool = False  # a resting limit order (maker fee) rather than a marketable one
     hide_replaced_by: bool = False  # shows replaced_by: null (a successor Alpaca did not link)
+    short_open: bool = False  # an opening short sell: holds buying power ([short])
 
     @property
     def is_open(self) -> bool:
@@ -387,6 +437,7 @@ class AlpacaServer:
         self.faults_injected = 0
         self.shorting = shorting
         self.unknown_symbols: set[str] = {"NOPE"}
+        self.unshortable: set[str] = {"HTB"}  # [short]: assets whose ``shortable`` is false
         self.market_is_open = market_open
         self.next_open = _now() + timedelta(hours=12)
         self.next_close = _now() + timedelta(hours=6)
@@ -907,8 +958,44 @@ class AlpacaServer:
                 self._set_status(leg, "canceled", "canceled" if leg.status != "held" else None)
 
     def _replace(self, o: _Order, changes: dict[str, Any]) -> _Order:
-        if not o.is_open or o.leg_ids or o.parent_id or o.status == "pending_cancel":
+        """``PATCH``: [orders] an open simple order; [replace] not before Alpaca routed it,
+        not when nothing changes, never below what already filled."""
+        if (
+            not o.is_open
+            or o.leg_ids
+            or o.parent_id
+            or o.status in ("pending_cancel", "pending_replace", "done_for_day")
+        ):
             raise ApiError(422, 42210000, "order is not replaceable")
+        if o.status in ("accepted", "pending_new"):
+            raise ApiError(
+                422, 42210000, "unable to replace order, order isn't sent to exchange yet"
+            )
+        fields = ("qty", "limit_price", "stop_price", "trail", "time_in_force")
+        current = {
+            "qty": o.qty,
+            "limit_price": o.limit_price,
+            "stop_price": o.stop_price,
+            "trail": o.trail_price if o.trail_price is not None else o.trail_percent,
+            "time_in_force": o.time_in_force,
+        }
+        asked = {k: changes.get(k) for k in fields if changes.get(k) is not None}
+        if not any(
+            (str(v) != current[k]) if k == "time_in_force" else _dec(v) != current[k]
+            for k, v in asked.items()
+        ):
+            raise ApiError(403, 40310000, "order parameters are not changed")
+        if asked.get("qty") is not None and _dec(asked["qty"]) <= o.filled_qty:
+            raise ApiError(422, 42210000, f"qty must be > filled_qty ({_s(o.filled_qty)})")
+        if o.asset_class != "crypto":
+            for name in ("limit_price", "stop_price"):
+                if asked.get(name) is not None and _sub_penny(_dec(asked[name])):
+                    raise ApiError(
+                        422,
+                        42210000,
+                        f"invalid {name} {_s(_dec(asked[name]))}. sub-penny increment does not "
+                        "fulfill minimum pricing criteria",
+                    )
         new = _Order(
             id=str(uuid.uuid4()),
             client_order_id=str(changes.get("client_order_id") or uuid.uuid4()),
@@ -955,6 +1042,8 @@ class AlpacaServer:
             raise bad("invalid time_in_force")
         if body.get("qty") is None and body.get("notional") is None:
             raise bad("qty or notional is required")
+        if body.get("qty") is not None and body.get("notional") is not None:
+            raise bad("qty and notional are mutually exclusive")  # [fractional]
         if body.get("qty") is not None and _dec(body["qty"]) <= 0:
             raise bad("qty must be > 0")
         if position_key(body["symbol"]) in self.unknown_symbols:
@@ -981,12 +1070,35 @@ class AlpacaServer:
             minimum = CRYPTO_MIN_ORDER_SIZE.get(body["symbol"])
             if minimum is not None and body.get("qty") is not None and _dec(body["qty"]) < minimum:
                 raise bad(f"qty must be >= {_s(minimum)}")
-        if not crypto and body.get("qty") is not None:
-            q = _dec(body["qty"])
-            if q != q.to_integral_value() and (
-                body["type"] != "market" or body["time_in_force"] != "day"
-            ):
-                raise bad("fractional orders must be simple market day orders")
+        fractional = body.get("notional") is not None or (
+            body.get("qty") is not None
+            and _dec(body["qty"]) != _dec(body["qty"]).to_integral_value()
+        )
+        if not crypto and fractional:
+            # [fractional]: day orders only, simple orders, no trailing stops
+            if body["time_in_force"] != "day":
+                raise bad("fractional orders must be DAY orders")
+            if oc != "simple" or body["type"] == "trailing_stop":
+                raise bad(f"fractional orders must be simple orders, not {oc} {body['type']}")
+        if not crypto:
+            # [subpenny]: >= $1.00 in cents, below $1.00 to 4 decimals
+            prices = [
+                ("limit_price", body.get("limit_price")),
+                ("stop_price", body.get("stop_price")),
+            ]
+            prices += [
+                (f"{leg}.{name}", (body.get(leg) or {}).get(name))
+                for leg in ("take_profit", "stop_loss")
+                for name in ("limit_price", "stop_price")
+            ]
+            for name, value in prices:
+                if value is not None and _sub_penny(_dec(value)):
+                    raise ApiError(
+                        422,
+                        42210000,
+                        f"invalid {name} {_s(_dec(value))}. sub-penny increment does not fulfill "
+                        "minimum pricing criteria",
+                    )
         if body.get("extended_hours") and (
             body["type"] != "limit" or body["time_in_force"] != "day"
         ):
@@ -997,6 +1109,8 @@ class AlpacaServer:
                 raise bad("bracket orders must specify take_profit.limit_price")
             if not (body.get("stop_loss") or {}).get("stop_price"):
                 raise bad("bracket orders must specify stop_loss.stop_price")
+        if oc in ("bracket", "oto"):
+            self._validate_bracket(body, oc)
         if oc == "oco":
             # [orders] OCO: exit orders only, a limit (take profit) with a stop-loss leg
             if body["type"] != "limit":
@@ -1007,6 +1121,82 @@ class AlpacaServer:
             raise bad("oto orders must specify take_profit or stop_loss")
         if body.get("client_order_id") and len(str(body["client_order_id"])) > 128:
             raise bad("client_order_id must be at most 128 characters")
+
+    def _validate_bracket(self, body: dict[str, Any], oc: str) -> None:
+        """[bracket]: time in force day/gtc; exits on the exit side of the base price."""
+        if body["time_in_force"] not in ("day", "gtc"):
+            raise ApiError(
+                422, 42210000, f"{oc} orders must be day or gtc, not {body['time_in_force']}"
+            )
+        buy = body["side"] == "buy"
+        base = (
+            _dec(body["limit_price"])
+            if body["type"] in ("limit", "stop_limit") and body.get("limit_price") is not None
+            else _dec(body["stop_price"])
+            if body["type"] == "stop" and body.get("stop_price") is not None
+            else self._price(body["symbol"])
+        )
+        take = (body.get("take_profit") or {}).get("limit_price")
+        stop = (body.get("stop_loss") or {}).get("stop_price")
+        if take is not None:
+            tp = _dec(take)
+            if buy and tp < base + CENT:
+                raise ApiError(
+                    422,
+                    42210000,
+                    f"take_profit.limit_price must be >= base_price + 0.01 (base_price {_s(base)})",
+                )
+            if not buy and tp > base - CENT:
+                raise ApiError(
+                    422,
+                    42210000,
+                    f"take_profit.limit_price must be <= base_price - 0.01 (base_price {_s(base)})",
+                )
+        if stop is not None:
+            sp = _dec(stop)
+            if buy and sp > base - CENT:
+                raise ApiError(
+                    422,
+                    42210000,
+                    f"stop_loss.stop_price must be <= base_price - 0.01 (base_price {_s(base)})",
+                )
+            if not buy and sp < base + CENT:
+                raise ApiError(
+                    422,
+                    42210000,
+                    f"stop_loss.stop_price must be >= base_price + 0.01 (base_price {_s(base)})",
+                )
+
+    def _wash_trade(self, body: dict[str, Any]) -> None:
+        """[wash]: refuse a market or limit order that could fill against a working
+        opposite-side market or limit order of the same symbol. Orders not at the venue (stops
+        not triggered, held or inactive legs, ``pending_cancel``) do not count; a bracket's or
+        OCO's own legs are created with it (the "complex orders" the message suggests)."""
+        if body["type"] not in ("market", "limit"):
+            return
+        key = position_key(body["symbol"])
+        side = body["side"]
+        limit = body.get("limit_price") or (body.get("take_profit") or {}).get("limit_price")
+        new_px = _dec(limit) if body["type"] == "limit" and limit is not None else None
+        for o in self.orders.values():
+            if (
+                position_key(o.symbol) != key
+                or o.side == side
+                or not o.is_open
+                or o.status in ("held", "pending_cancel")
+                or o.type not in ("market", "limit")
+                or (o.parent_id is not None and not self._leg_active(o))
+            ):
+                continue
+            if new_px is None or o.type == "market" or o.limit_price is None:
+                crosses = True
+            else:
+                buy_px, sell_px = (
+                    (new_px, o.limit_price) if side == "buy" else (o.limit_price, new_px)
+                )
+                crosses = buy_px >= sell_px
+            if crosses:
+                raise ApiError(403, 40310000, "potential wash trade detected. use complex orders")
 
     def _reserving(self, o: _Order) -> Decimal:
         """Quantity an open order holds back from its position ([py-322], [js-87]): one
@@ -1040,13 +1230,21 @@ class AlpacaServer:
         return held, (held if side == "sell" else -held) - reserved
 
     def _buying_power(self) -> Decimal:
-        """[orders]: cash less what open buy orders already claim."""
+        """[orders], [short]: cash less what open buy orders and open short sells already
+        claim, less the value of short positions (their proceeds are not buying power)."""
         claimed = Decimal(0)
         for o in self.orders.values():
             if o.is_open and o.side == "buy" and o.parent_id is None:
                 px = o.limit_price or self._price(o.symbol) * MARKET_BUY_BUFFER
                 claimed += o.remaining * px
-        return self.cash - claimed
+            elif o.is_open and o.short_open and o.parent_id is None:
+                px = max(o.limit_price or Decimal(0), self._price(o.symbol) * SHORT_BUFFER)
+                claimed += o.remaining * px
+        shorts = sum(
+            (-q * self.prices.get(k, Decimal(100)) for k, q in self.positions.items() if q < 0),
+            Decimal(0),
+        )
+        return self.cash - claimed - shorts
 
     def _check_funds(self, body: dict[str, Any]) -> None:
         key = position_key(body["symbol"])
@@ -1055,7 +1253,6 @@ class AlpacaServer:
         side = body["side"]
         held, free = self._available(key, side)
         closing = held if side == "sell" else -held  # > 0: this order reduces a position
-        reserved = closing - free if closing > 0 else Decimal(0)
         if crypto and side == "sell" and qty is not None and qty > max(free, Decimal(0)):
             # [crypto]: no shorting; [py-322]: open sells hold their coins back
             base = body["symbol"].split("/")[0]
@@ -1065,14 +1262,9 @@ class AlpacaServer:
                 f"insufficient balance for {base} (requested: {_s(qty)}, "
                 f"available: {_s(max(free, Decimal(0)))})",
             )
-        if (
-            not crypto
-            and qty is not None
-            and closing > 0
-            and qty > free
-            and (reserved > 0 or not self.shorting)
-        ):
-            # [py-322], [js-87], [bt-127]: shares held by open orders cannot be sold again
+        if not crypto and qty is not None and closing > 0 and qty > free:
+            # [py-322], [js-87], [bt-127]: shares held by open orders cannot be sold again;
+            # [flip]: nor can an order close a position and open the other side
             raise ApiError(
                 403,
                 40310000,
@@ -1085,6 +1277,23 @@ class AlpacaServer:
                 40310000,
                 f"insufficient qty available for order (requested: {_s(qty)}, available: 0)",
             )
+        oc = body.get("order_class") or "simple"
+        if oc in ("bracket", "oto") and closing > 0:
+            # [bracket] (alpaca-trade-api-js #248): a bracket opens a position
+            raise ApiError(422, 42210000, "bracket orders must be entry orders")
+        if not crypto and side == "sell" and closing <= 0:
+            if qty is None or qty != qty.to_integral_value():
+                # [fractional] (alpaca-trade-api-python #405)
+                raise ApiError(403, 40310000, "fractional orders are not allowed to short")
+            if key in self.unshortable:
+                raise ApiError(403, 40310000, f"asset {body['symbol']} cannot be sold short")
+            px = max(
+                _dec(body["limit_price"]) if body.get("limit_price") is not None else Decimal(0),
+                self._price(body["symbol"]) * SHORT_BUFFER,
+            )
+            if qty * px > self._buying_power():
+                # [short]: MAX(limit price, 3% above the ask) * qty against buying power
+                raise ApiError(403, 40310000, "insufficient buying power")
         if side == "buy" and closing <= 0:
             px = (
                 _dec(body["limit_price"])
@@ -1104,6 +1313,7 @@ class AlpacaServer:
         # client_order_id, so a resent submit whose first attempt landed (and used the buying
         # power or the shares) may be told "insufficient ..." rather than "must be unique".
         self._check_funds(body)
+        self._wash_trade(body)
         coid = str(body.get("client_order_id") or uuid.uuid4())
         if coid in self.by_coid:
             raise ApiError(422, 40010001, "client_order_id must be unique")
@@ -1146,6 +1356,11 @@ class AlpacaServer:
             status="accepted" if waits else "new",
         )
         o.maker = o.type == "limit" and self._cross_price(o) is None
+        o.short_open = (
+            not crypto
+            and o.side == "sell"
+            and self.positions.get(position_key(o.symbol), Decimal(0)) <= 0
+        )
         self.orders[o.id] = o
         self.by_coid[coid] = o.id
         if oc in ("bracket", "oto", "oco"):

@@ -34,6 +34,16 @@ Correctness rules (the bugs users hit with the deprecated bridges and with Alpac
   bracketed positions.
 * Statuses map one to one (:data:`~runtime.brokers.alpaca.orders.STATUS_MAP`): ``canceled`` is
   Canceled, never Rejected (Expired when this broker expired it for ``valid=``).
+* An order sent while an opposite-side market order works on its symbol waits for it to fill
+  (Alpaca refuses it as a potential wash trade otherwise); one that would cross an opposite
+  resting limit is sent, and Alpaca's refusal is the agent's Rejected.
+* An order that takes a position through zero (``sell(size=2 * pos)``, ``order_target_size``
+  from long to short) is one backtrader order and two Alpaca orders, because Alpaca refuses it
+  as one (Alpaca-API #90): the closing order is sent first, the opening order (same type,
+  prices and time in force, ``client_order_id`` ``<coid>-open``) once the close has filled. The
+  agent sees ``Partial`` for the close and ``Completed`` when the opening order fills; if the
+  close ends unfilled or the opening order is refused, the order ends (Canceled/Rejected) with
+  what filled, the reason in ``info["reason"]``.
 * Cash, positions and value change together (the ledger), so each decision record is one
   consistent account; an account read replaces them only when no fill happened during it.
 * Notifications created at stop (final cancels and fills) still reach ``notify_order`` and the
@@ -71,8 +81,10 @@ from runtime.brokers.alpaca.orders import (
     child_role,
     client_order_id,
     is_crypto,
+    is_fractional,
     position_key,
     quantity,
+    split_reversal,
     to_order_request,
     validity,
 )
@@ -90,6 +102,7 @@ from runtime.brokers.risk import RiskConfig, RiskGuard
 logger = logging.getLogger(__name__)
 
 _EPS = Decimal("0.000000001")
+OPEN_SUFFIX = "-open"  # client_order_id suffix of the opening order of a split reversal
 
 
 class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
@@ -135,7 +148,9 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         super().__init__()
         if not session_id:
             raise ValueError("session_id must not be empty")
-        client_order_id(session_id, 10**12)  # fails now if the session id is too long
+        # fails now if the session id is too long (the opening order of a split reversal adds
+        # OPEN_SUFFIX to its order's id)
+        client_order_id(session_id + OPEN_SUFFIX, 10**12)
         self.config = config
         self.session_id = session_id
         self.endpoint = config.endpoint
@@ -650,27 +665,58 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         )
         tif, expires = validity(root, symbol, bar_num)
         info = root.info
+        key = position_key(symbol)
+        total = quantity(root.created.size)
+        closing, opening = (total, Decimal(0))
+        if len(family) == 1 and not is_crypto(symbol):
+            closing, opening = split_reversal(
+                self.ledger.qty.get(key, Decimal(0)), root.isbuy(), total
+            )
+        if not root.isbuy() and not is_crypto(symbol):
+            held = self.ledger.qty.get(key, Decimal(0))
+            shorts = total - max(held, Decimal(0))
+            if shorts > 0 and is_fractional(shorts):
+                # Alpaca: "fractional orders are not allowed to short" (alpaca-trade-api-python
+                # #405): refused here, before anything is sent or half done
+                self._reject_local(
+                    family,
+                    f"alpaca: the order would sell {shorts} {symbol} short; Alpaca does not "
+                    "sell fractional quantities short",
+                )
+                return
+        tif_sent = info.get("time_in_force") or tif or self.config.time_in_force
         try:
             request = to_order_request(
                 root,
                 symbol,
                 client_order_id=coid,
-                time_in_force=info.get("time_in_force") or tif or self.config.time_in_force,
+                time_in_force=tif_sent,
                 children=() if oco else family[1:],
                 oco_stop=family[1] if oco else None,
+                qty=closing,
             )
         except OrderRejectedError as e:
             self._reject_local(family, f"alpaca: {e}")
             return
-        key = position_key(symbol)
+        if opening:
+            logger.info(
+                "order %s (%s) reverses the position: %s to close, then %s to open (Alpaca "
+                "takes them as two orders)",
+                coid,
+                symbol,
+                closing,
+                opening,
+            )
         tr = TrackedOrder(
             order=root,
             symbol=symbol,
             key=key,
-            qty=quantity(root.created.size),
+            qty=total,
             coid=coid,
             flight=coid,
             expires_num=expires,
+            rest=opening,
+            tif=tif_sent,
         )
         for child in family[1:]:
             tr.legs.append(
@@ -692,6 +738,7 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         self._counts["submitted"] += 1
         self._datas.setdefault(key, root.data)
         after = frozenset(c for c, k in self._canceling.items() if k == key)
+        after |= self._opposite_market_flights(key, root.isbuy(), coid)
         self.flights.add_sent(coid, symbol, key)
         self._worker.submit(
             SubmitOrder(
@@ -699,6 +746,76 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
                 request,
                 symbol,
                 extended_hours=bool(info.get("extended_hours")),
+                after=after,
+            )
+        )
+
+    def _opposite_market_flights(self, key: str, buy: bool, coid: str) -> frozenset[str]:
+        """Families with a working opposite-side market order on ``key``: an order sent while
+        one works would be refused as a potential wash trade (403, docs "User Protection":
+        a buy and a sell that could fill against each other), so it waits for them to fill,
+        which market orders do at once (at most the settle wait, then Alpaca decides).
+        Opposite resting limits are not waited for: they may rest for days, and Alpaca's
+        refusal reaches the agent as Rejected."""
+        return frozenset(
+            t.flight
+            for t in self.book.by_ref.values()
+            if t.key == key
+            and t.flight is not None
+            and t.flight != coid
+            and t.order.alive()
+            and t.order.exectype == bt.Order.Market
+            and t.order.isbuy() != buy
+        )
+
+    def _send_rest(self, tr: TrackedOrder) -> None:
+        """The closing order of a split reversal filled: send the opening order (same type,
+        prices and time in force) as the same backtrader order (main thread). Once the broker
+        is stopping nothing new is sent: the order ends Canceled with what filled."""
+        opening, tr.rest = tr.rest, Decimal(0)
+        if self._finished:
+            tr.order.addinfo(
+                reason=f"not sent: broker stopped (the closing order filled {tr.cum}; the "
+                f"opening order of {opening} was not sent)"
+            )
+            tr.order.cancel()
+            self.notify(tr.order)
+            self._counts["canceled"] += 1
+            self._forget(tr.flight)
+            return
+        old = tr.coid
+        assert old is not None
+        coid = f"{old}{OPEN_SUFFIX}"
+        try:
+            request = to_order_request(
+                tr.order, tr.symbol, client_order_id=coid, time_in_force=tr.tif, qty=opening
+            )
+        except OrderRejectedError as e:  # the same order passed before; kept for safety
+            tr.order.addinfo(reason=f"alpaca: opening order not sent: {e}")
+            tr.order.reject(self)
+            self.notify(tr.order)
+            self._counts["rejected"] += 1
+            return
+        if tr.alpaca_id is not None:
+            tr.retired.add(tr.alpaca_id)
+        tr.alpaca_id = None
+        tr.base_cum, tr.base_value, tr.updated_at = tr.cum, tr.value, None
+        tr.qty = tr.cum + opening
+        tr.coid = tr.flight = coid
+        self.book.by_coid[coid] = tr
+        self.flights.remove(old)
+        self._canceling.pop(old, None)
+        after = frozenset(c for c, k in self._canceling.items() if k == tr.key)
+        self.flights.add_sent(coid, tr.symbol, tr.key)
+        logger.info(
+            "order %s (%s): closed; sending %s to open as %s", old, tr.symbol, opening, coid
+        )
+        self._worker.submit(
+            SubmitOrder(
+                coid,
+                request,
+                tr.symbol,
+                extended_hours=bool(tr.order.info.get("extended_hours")),
                 after=after,
             )
         )

@@ -89,6 +89,7 @@ class FillsMixin:
     notify: Callable[[Any], None]
     getcommissioninfo: Callable[[Any], Any]
     _request_cancel: Callable[[TrackedOrder], None]
+    _send_rest: Callable[[TrackedOrder], None]
 
     def _drain(self) -> None:
         """Apply every event the worker threads queued, in order."""
@@ -123,6 +124,8 @@ class FillsMixin:
         tr = self.book.by_coid.get(coid)
         if tr is None or not tr.order.alive():
             return
+        if tr.cum:  # the opening order of a split reversal, after its closing order filled
+            reason = f"{reason} (the closing order filled {tr.cum}; the opening order was refused)"
         for o in [t.order for t in tr.family() if t.order.alive()]:
             o.addinfo(reason=reason)
             o.reject(self)
@@ -161,7 +164,7 @@ class FillsMixin:
         tr = self.book.find(snap)
         touched: list[TrackedOrder] = []
         if tr is not None:
-            if tr.alpaca_id is None:
+            if tr.alpaca_id is None and str(snap.id) not in tr.retired:
                 self.book.link(tr, str(snap.id))
             self._apply_order_state(tr, snap)
             touched.append(tr)
@@ -188,12 +191,12 @@ class FillsMixin:
         order = tr.order
         status = alpaca_status(snap)
         sid = str(snap.id)
-        if tr.alpaca_id is not None and sid != tr.alpaca_id:
+        if (tr.alpaca_id is not None and sid != tr.alpaca_id) or sid in tr.retired:
             return  # an order this one replaced: only its successor counts now
         filled = to_decimal(snap.filled_qty)
         cum = tr.base_cum + filled
         if snap.qty is not None:
-            tr.qty = tr.base_cum + to_decimal(snap.qty)
+            tr.qty = tr.base_cum + to_decimal(snap.qty) + tr.rest
         if cum < tr.cum:
             return  # an older snapshot than one already applied
         if cum == tr.cum and tr.updated_at is not None and snap.updated_at < tr.updated_at:
@@ -234,7 +237,7 @@ class FillsMixin:
                 order.accept(self)
                 self.notify(order)
             tr.cum, tr.value = fill.cum, fill.value_usd
-            done = status == "filled" or fill.cum >= tr.qty
+            done = (status == "filled" and not tr.rest) or fill.cum >= tr.qty
             self._notify_fill(tr, fill, snap.filled_at or snap.updated_at, done)
             if done:
                 self._counts["filled"] += 1
@@ -254,6 +257,15 @@ class FillsMixin:
             elif succ is not None:
                 self.book.follow(tr, succ)
             return  # no successor named yet: the worker searches for it
+        if status == "filled" and tr.rest:
+            # the closing order of a split reversal: the opening order goes now
+            self._send_rest(tr)
+            return
+        if tr.rest and status in ("canceled", "expired", "rejected") and tr.cum:
+            order.addinfo(
+                reason=f"alpaca: the closing order ended {status} after {tr.cum} filled; the "
+                f"opening order ({tr.rest}) was not sent"
+            )
         self._notify_status(tr, snap, status)
         tr.status = status
 

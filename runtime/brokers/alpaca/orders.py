@@ -12,13 +12,20 @@
 * :func:`validity`: backtrader's ``valid=`` as Alpaca's time in force plus, where Alpaca has no
   good-till-date, the moment this broker expires the order itself.
 * :func:`crypto_fee`: the fee booked for a crypto fill, in the coin received.
+* :func:`split_reversal`: an order that takes a position through zero as the closing quantity
+  and the opening quantity Alpaca must get as two orders.
 
 Alpaca behaviour relied on (docs.alpaca.markets, Trading API v2 "Orders", "Positions", "Crypto
 Spot Trading", "Crypto Fees"): decimals are strings; crypto positions are keyed ``BTCUSD``
 while crypto orders use ``BTC/USD``; crypto takes market, limit and stop-limit orders, time in
 force ``gtc``/``ioc`` only, and pays its fee in the asset received; extended-hours orders are
 ``limit`` ``day`` orders; an OCO is an exit: a take-profit limit with a stop-loss leg; a
-bracket's legs come back under ``legs`` with ``nested=true``.
+bracket's legs come back under ``legs`` with ``nested=true``; one order cannot close a position
+and open the other side (Alpaca-API #90: 403 "insufficient qty available"); fractional equity
+quantities take time in force ``day`` and simple orders only, and are never sold short (docs
+"Fractional Trading", alpaca-trade-api-python #405); equity prices are cents at or above 1 USD,
+4 decimals below (sub-penny rule, 422 "sub-penny increment does not fulfill minimum pricing
+criteria").
 """
 
 from __future__ import annotations
@@ -207,6 +214,34 @@ def crypto_fee(buy: bool, size: Decimal, price_usd: float, bps: float) -> tuple[
     return ZERO, (size * price * rate).quantize(CENT, rounding=ROUND_CEILING)
 
 
+def split_reversal(position: Decimal, buy: bool, qty: Decimal) -> tuple[Decimal, Decimal]:
+    """Split an order that would take a position through zero (pure).
+
+    Alpaca refuses one order that closes a position and opens the other side (403
+    "insufficient qty available for order"; maintainers in Alpaca-API #90 and
+    alpaca-trade-api-python #129): it must be a closing order, then an opening order.
+
+    Args:
+        position: the signed position (shares or coins; < 0 short).
+        buy: the order's side.
+        qty: the order's unsigned quantity (> 0).
+
+    Returns:
+        ``(closing quantity, opening quantity)``: ``(qty, 0)`` when the order does not cross
+        zero (it only adds, only reduces, or exactly closes), else ``(|position|, qty -
+        |position|)``; the two always sum to ``qty``.
+    """
+    closing = -position if buy else position  # > 0: this side reduces the position
+    if closing <= 0 or qty <= closing:
+        return qty, ZERO
+    return closing, qty - closing
+
+
+def is_fractional(qty: Decimal) -> bool:
+    """A quantity with a fraction of a share."""
+    return qty != qty.to_integral_value()
+
+
 def to_order_request(
     order: Any,
     symbol: str,
@@ -215,6 +250,7 @@ def to_order_request(
     time_in_force: str | None = None,
     children: Sequence[Any] = (),
     oco_stop: Any = None,
+    qty: Decimal | None = None,
 ) -> OrderRequest:
     """Build the alpaca-py request for a backtrader order (pure; no I/O).
 
@@ -229,6 +265,8 @@ def to_order_request(
             ``order_class=bracket``, one -> ``oto``.
         oco_stop: the stop/stop-limit order paired with ``order`` (a limit: the take profit)
             through ``oco=``: both as one ``order_class=oco`` exit.
+        qty: the quantity to send instead of the order's size (one part of a split
+            reversal, :func:`split_reversal`).
 
     Returns:
         A Market/Limit/Stop/StopLimit/TrailingStop ``OrderRequest``. Quantity is the absolute
@@ -241,7 +279,9 @@ def to_order_request(
             crypto order Alpaca refuses (stop, trailing stop, bracket; time in force other than
             gtc/ioc), an extended-hours order that is not a limit day order, a bracket child
             that is not a limit (take profit) or stop/stop-limit (stop loss), an OCO pair that
-            is not a limit and a stop, or a size of zero.
+            is not a limit and a stop, a size of zero, or a fractional equity quantity in an
+            order Alpaca takes only in whole shares (time in force other than day, bracket, OTO,
+            OCO, trailing stop), or a bracket/OTO whose time in force is not day or gtc.
     """
     crypto = is_crypto(symbol)
     info = getattr(order, "info", None) or {}
@@ -261,13 +301,30 @@ def to_order_request(
         )
     if crypto and (children or oco_stop is not None):
         raise OrderRejectedError(f"{symbol}: Alpaca has no bracket, OTO or OCO crypto orders")
+    if children and tif not in ("day", "gtc"):
+        # docs "Orders at Alpaca", bracket orders: time in force day or gtc
+        raise OrderRejectedError(
+            f"{symbol}: bracket and OTO orders take time in force day or gtc, not {tif!r}"
+        )
     if info.get("extended_hours") and (order.exectype != bt.Order.Limit or tif != "day"):
         raise OrderRejectedError(
             f"{symbol}: extended-hours orders must be limit orders with time in force day"
         )
-    qty = quantity(order.created.size)
+    if qty is None:
+        qty = quantity(order.created.size)
     if qty <= 0:
         raise OrderRejectedError(f"{symbol}: order size {order.created.size} rounds to zero")
+    if not crypto and is_fractional(qty):
+        # docs "Fractional Trading": day orders, simple orders (no trailing stop)
+        if tif != "day":
+            raise OrderRejectedError(
+                f"{symbol}: fractional quantity {qty} needs time in force day, not {tif!r}"
+            )
+        if children or oco_stop is not None or order.exectype == bt.Order.StopTrail:
+            raise OrderRejectedError(
+                f"{symbol}: fractional quantity {qty} is for simple market, limit, stop and "
+                "stop-limit orders only"
+            )
     common: dict[str, Any] = {
         "symbol": symbol,
         "qty": float(qty),

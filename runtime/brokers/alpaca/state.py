@@ -366,6 +366,12 @@ class TrackedOrder:
         oco: refs of orders canceled when this one fills or ends (backtrader ``oco=`` groups
             Alpaca could not take as one order).
         flight: ``client_order_id`` of the Alpaca family this order belongs to.
+        rest: quantity still to send as a second Alpaca order once the current one filled
+            (a reversal split into a closing and an opening order, see
+            :func:`~runtime.brokers.alpaca.orders.split_reversal`).
+        tif: the time in force sent (the opening order of a split reversal uses it too).
+        retired: Alpaca ids that stood for this order and no longer count (the filled closing
+            order of a split reversal): their late snapshots are ignored.
     """
 
     order: Any
@@ -388,6 +394,9 @@ class TrackedOrder:
     expiring: bool = False
     oco: list[int] = field(default_factory=list)
     flight: str | None = None  # the family's coid in the FlightBook
+    rest: Decimal = ZERO
+    tif: str | None = None
+    retired: set[str] = field(default_factory=set)
 
     def family(self) -> list[TrackedOrder]:
         return [self, *self.legs]

@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 
 MAX_POLL_FAILURES = 10  # polls failed in a row before the monitor gives up
 MAX_SUCCESSOR_MISSES = 5  # searches for an unnamed successor before giving up on it
-INSUFFICIENT_QTY_RETRIES = 5  # retries of a submit refused while cancels still settle
+INSUFFICIENT_QTY_RETRIES = 5  # retries of a submit refused while what it waited for settles
 CANCEL_RETRIES = 5  # retries of a cancel that could not get through
 SETTLE_POLLS = 15  # an order waits for cancels on its symbol at most this many poll intervals
 SSE_READ_TIMEOUT_S = 60.0  # no byte (event or heartbeat comment) for this long: reconnect
@@ -369,13 +369,15 @@ class AlpacaWorker:
                 snap = self._lookup(api, coid, refusal=e)
             elif (
                 e.status == 403
-                and "insufficient qty" in e.message
+                and ("insufficient qty" in e.message or "wash trade" in e.message)
                 and cmd.after
                 and p.retries_left > 0
             ):
-                # a cancel we waited for may still hold the shares (pending_cancel)
+                # a cancel we waited for may still hold the shares (pending_cancel), or an
+                # opposite market order we waited for may still work (a potential wash trade,
+                # docs "User Protection"): both pass once that order ends
                 p.retries_left -= 1
-                p.why = "shares still reserved"
+                p.why = "shares still reserved" if "qty" in e.message else "opposite order working"
                 p.next_s = time.monotonic() + self.caller.policy.delay_s(p.attempt)
                 parked.append(p)
                 done = False

@@ -24,8 +24,6 @@ inclusive (``start``: "equal to or after", ``end``: "equal to or before").
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import logging
 import threading
 import time
@@ -33,9 +31,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-import requests
-
-from core.errors import ConfigError, RetryInterruptedError, TransientError
+from core.errors import ConfigError, TransientError
+from core.http import TimeoutSession, is_transient
 from core.retry import RetryPolicy
 from feeds.ingest.config import IngestConfig
 
@@ -60,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 # Authentication answers that retrying will not change: bad keys, a feed the plan lacks.
 AUTH_FATAL = ("auth failed", "insufficient subscription", "v2 not enabled")
 CONNECTION_LIMIT = "connection limit exceeded"
@@ -307,45 +303,6 @@ def make_stream(config: IngestConfig, hooks: StreamHooks) -> Any:
 # -- history ----------------------------------------------------------------------------------
 
 
-def is_transient(e: BaseException) -> bool:
-    """True for what a retry may fix: HTTP 429/5xx, timeouts, connection errors."""
-    from alpaca.common.exceptions import APIError
-
-    if isinstance(e, APIError):
-        return e.status_code in TRANSIENT_HTTP
-    return isinstance(e, (requests.Timeout, requests.ConnectionError))
-
-
-class _TimeoutSession(requests.Session):
-    """alpaca-py sends requests without a timeout; every request here gets one. alpaca-py
-    follows ``next_page_token`` itself, one request per page: when ``stop`` is set, the next
-    page is not requested (:class:`RetryInterruptedError`), so a long catch-up stops between
-    pages."""
-
-    def __init__(self, timeout_s: float, stop: threading.Event | None = None) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-        self.stop = stop
-        # Alpaca's clock: the Date header of the last answer (RFC 9110 section 6.6.1) and the
-        # monotonic time it arrived.
-        self.server_date: tuple[datetime, float] | None = None
-
-    def request(  # type: ignore[override]
-        self, method: str, url: str, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        if self.stop is not None and self.stop.is_set():
-            raise RetryInterruptedError("stopping: the next history page is not requested")
-        kwargs.setdefault("timeout", self.timeout_s)
-        response = super().request(method, url, *args, **kwargs)
-        date = response.headers.get("Date")
-        if date:
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                when = email.utils.parsedate_to_datetime(date)
-                if when.tzinfo is not None:
-                    self.server_date = (when.astimezone(UTC), time.monotonic())
-        return response
-
-
 class History:
     """Historical minute bars and trades of many symbols over a time range.
 
@@ -380,7 +337,7 @@ class History:
                 key, secret, raw_data=True, url_override=config.data_url
             )
         client._retry = 0  # alpaca-py sleeps 3 s per 429 itself; the policy below decides
-        client._session = _TimeoutSession(config.request_timeout_s, stop)
+        client._session = TimeoutSession(config.request_timeout_s, stop)
         self._client = client
 
     def server_now(self) -> datetime | None:

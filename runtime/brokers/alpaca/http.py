@@ -31,7 +31,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-import requests
 from alpaca.broker.client import BrokerClient
 from alpaca.common.enums import Sort
 from alpaca.common.exceptions import APIError
@@ -43,6 +42,7 @@ from alpaca.trading.models import Position as AlpacaPosition
 from alpaca.trading.requests import GetOrderByIdRequest, GetOrdersRequest, OrderRequest
 
 from core.errors import BrokerError, RetryInterruptedError
+from core.http import TRANSIENT_HTTP, TimeoutSession, is_transient
 from core.retry import RetryPolicy
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
 
@@ -50,8 +50,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (requests.Timeout, requests.ConnectionError)
 LIST_LIMIT = 500  # Alpaca's largest page of orders
 MAX_RATE_WAIT_S = 60.0  # a rate-limit window is one minute
 SUCCESSOR_SLACK = timedelta(seconds=5)  # a successor is created at (or just after) the replace
@@ -103,32 +101,7 @@ def rate_limit_wait_s(e: APIError, now_epoch_s: float, cap_s: float = MAX_RATE_W
     return min(cap_s, max(0.0, reset - now_epoch_s))
 
 
-def is_transient(e: BaseException) -> bool:
-    """True for what a retry may fix: HTTP 429/5xx, timeouts, connection errors."""
-    if isinstance(e, APIError):
-        return e.status_code in TRANSIENT_HTTP
-    return isinstance(e, TRANSIENT_ERRORS)
-
-
 # -- the account's calls ----------------------------------------------------------------------
-
-
-class _TimeoutSession(requests.Session):
-    """alpaca-py sends requests without a timeout; every request here gets one."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-
-    def request(  # type: ignore[override]
-        self,
-        method: str,
-        url: str,
-        *args: Any,
-        **kwargs: Any,
-    ) -> requests.Response:
-        kwargs.setdefault("timeout", self.timeout_s)
-        return super().request(method, url, *args, **kwargs)
 
 
 class AlpacaApi:
@@ -273,7 +246,7 @@ def make_api(config: AlpacaBrokerConfig) -> AlpacaApi:
         )
         api = TradingApi(client)
     client._retry = 0
-    client._session = _TimeoutSession(config.request_timeout_s)
+    client._session = TimeoutSession(config.request_timeout_s)
     return api
 
 

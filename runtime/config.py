@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import re
 import textwrap
 import typing
 from collections.abc import Mapping
@@ -159,12 +161,42 @@ class GCPConfig:
     )
 
 
+# RFC 1123 section 2.1 host name label: letters, digits, hyphens; 1..63; no hyphen at an end.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_bind_host(value: str) -> bool:
+    """Whether ``value`` can name an address to bind: an IPv4 or IPv6 literal, or a host name
+    (RFC 1123 section 2.1: dot-separated labels of letters, digits and hyphens, at most 253
+    characters, one trailing dot allowed; the last label not all digits, RFC 3696 section 2, so
+    ``999.1.1.1`` is a bad IP rather than a name).
+
+    Args:
+        value: the text of ``HEALTH_HOST``.
+
+    Returns:
+        True for a literal or a well-formed name (whether it resolves is checked when binding).
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    return all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpsConfig:
     """Logging, health endpoint and shutdown.
 
     Raises:
-        ConfigError: at construction, for an unknown log level.
+        ConfigError: at construction, for an unknown log level, a port outside 0..65535 or a
+            ``HEALTH_HOST`` that is neither an IP address nor a host name.
     """
 
     log_level: str = setting("INFO", env="LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR")
@@ -173,6 +205,13 @@ class OpsConfig:
     )
     health_port: int = setting(
         0, env="HEALTH_PORT", minimum=0, help="port of /healthz, /readyz, /metrics (0: off)"
+    )
+    health_host: str = setting(
+        "0.0.0.0",
+        env="HEALTH_HOST",
+        help="address the health endpoint binds: an IP (0.0.0.0 all IPv4, :: all IPv6, "
+        "127.0.0.1 this host only) or a host name; a pod needs 0.0.0.0 (the kubelet probes the "
+        "pod IP)",
     )
     shutdown_timeout_s: float = setting(
         10.0,
@@ -184,6 +223,11 @@ class OpsConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.health_port <= 65_535:
             raise ConfigError(f"HEALTH_PORT={self.health_port}: expected a port, 0 to 65535")
+        if not is_bind_host(self.health_host):
+            raise ConfigError(
+                f"HEALTH_HOST={self.health_host!r}: expected an IP address (0.0.0.0, ::, "
+                "127.0.0.1) or a host name (letters, digits, hyphens and dots)"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(
                 f"LOG_LEVEL={self.log_level!r}: expected DEBUG, INFO, WARNING or ERROR"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +52,8 @@ class HealthServer:
 
     Args:
         port: TCP port; 0 binds a free one (tests; read :attr:`port` after :meth:`start`).
-        host: address to bind; ``0.0.0.0`` in a pod (the kubelet probes the pod IP).
+        host: address to bind (``HEALTH_HOST``): an IPv4 or IPv6 literal or a host name;
+            ``0.0.0.0`` in a pod (the kubelet probes the pod IP), ``::`` for IPv6.
         metrics: what ``/metrics`` serves; ``None`` serves an empty page.
 
     Thread context: :meth:`add_check`, :meth:`set_draining`, :meth:`start` and :meth:`stop`
@@ -114,7 +116,8 @@ class HealthServer:
         """Bind and serve on a background thread. Idempotent.
 
         Raises:
-            OSError: the port is taken or cannot be bound.
+            OSError: the port is taken, or the host is not an address of this machine or does
+                not resolve (``socket.gaierror``).
         """
         if self._server is not None:
             return
@@ -123,7 +126,8 @@ class HealthServer:
         class Handler(_Handler):
             server_owner = owner
 
-        self._server = ThreadingHTTPServer((self.host, self.requested_port), Handler)
+        server_class = _Http6Server if ":" in self.host else ThreadingHTTPServer
+        self._server = server_class((self.host, self.requested_port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -154,6 +158,12 @@ class HealthServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _Http6Server(ThreadingHTTPServer):
+    """The same server on an IPv6 socket (``HEALTH_HOST=::``; the stdlib's is IPv4 only)."""
+
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -243,12 +243,17 @@ class IngestProcess:
             try:
                 # HealthServer only calls .render() on its metrics (duck-typed).
                 self.health = HealthServer(
-                    port=self.ops.health_port, metrics=cast(RunMetrics, self.metrics)
+                    port=self.ops.health_port,
+                    host=self.ops.health_host,
+                    metrics=cast(RunMetrics, self.metrics),
                 )
                 self.health.start()
             except (OSError, OverflowError, ValueError) as e:
                 # OverflowError: a port above 65535 (socket.bind's own check).
-                raise ConfigError(f"HEALTH_PORT={self.ops.health_port}: cannot serve ({e})") from e
+                raise ConfigError(
+                    f"HEALTH_HOST={self.ops.health_host}, HEALTH_PORT={self.ops.health_port}: "
+                    f"cannot serve ({e})"
+                ) from e
         topic_ok = threading.Event()
         if self.health is not None:
             # Neither alive nor ready before the topic answered (a pod that cannot reach

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import backtrader as bt
+import pyarrow as pa
 from prometheus_client import Counter
 
 from analyzers.fmel import attach_note
@@ -130,7 +131,15 @@ def start_live_input(
         for fc in config.csv_feeds:
             if sub.stop_requested:
                 break
-            bars, file_fields, timeframe, compression = backfill_bars(fc, cfg.backfill_bars)
+            try:
+                bars, file_fields, timeframe, compression = backfill_bars(fc, cfg.backfill_bars)
+            except pa.ArrowCancelled:
+                # pyarrow's CSV reader checks for signals while it reads: the handler has run
+                # (stop requested) and the read is cancelled. Anything else is a real error.
+                if not sub.stop_requested:
+                    raise
+                logger.info("backfill of %s cancelled by the stop request", fc.symbol)
+                break
             sub.set_bar_size(timeframe, compression)
             backfill[fc.symbol] = bars
             backfill_fields[fc.symbol] = file_fields

@@ -3,10 +3,11 @@
 ``python runner.py`` calls :func:`main`, which reads the configuration (only from the
 environment, through :mod:`runtime.config`), runs one agent and prints the portfolio report.
 
-Shutdown order (ARCHITECTURE.md): stop feeds, drain broker events, flush FMEL, delete the
-subscription, print the report. The first SIGINT/SIGTERM asks backtrader to stop after the
-current bar (``cerebro.runstop()``) and the run then finishes normally: what was recorded is
-flushed and the report still prints. A second signal forces the exit.
+Shutdown order (docs/architecture.md, "Shutdown order"): stop feeds, drain broker events,
+close the subscriber (acks what is on disk; the subscription stays), flush FMEL, print the
+report. The first SIGINT/SIGTERM asks backtrader to stop after the current bar
+(``cerebro.runstop()``) and the run then finishes normally: what was recorded is flushed and
+the report still prints. A second signal forces the exit.
 
 Thread context: :meth:`Runner.run` runs on the main thread; signal handlers only set flags.
 """
@@ -265,7 +266,8 @@ class Runner:
         port = self.config.ops.health_port
         if port <= 0 or self.health is not None:
             return
-        health = HealthServer(port=port, metrics=self.metrics)
+        host = self.config.ops.health_host
+        health = HealthServer(port=port, host=host, metrics=self.metrics)
         health.add_check(
             "running",
             lambda: (self._running, "bar loop running" if self._running else "not running"),
@@ -284,7 +286,9 @@ class Runner:
         try:
             health.start()
         except OSError as e:
-            raise ConfigError(f"HEALTH_PORT={port}: cannot serve the health endpoint ({e})") from e
+            raise ConfigError(
+                f"HEALTH_HOST={host}, HEALTH_PORT={port}: cannot serve the health endpoint ({e})"
+            ) from e
         self.health = health
 
     def _stop_health(self) -> None:

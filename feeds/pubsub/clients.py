@@ -2,9 +2,15 @@
 resource paths, subscription ids and the ``symbol`` filter.
 
 Channels to an emulator get the options Google's own transport uses for Pub/Sub
-(``google.pubsub_v1...transports.grpc``: no gRPC message size limit): a streaming-pull response
-bundles several messages of up to 10 MB each, and gRPC's default 4 MB receive limit would make
-the client reopen the stream on the same oversized response for ever.
+(``google.pubsub_v1...transports.grpc``: no gRPC message size limit). The size that matters is
+Pub/Sub's publish limit, 10,000,000 bytes per message (google-cloud-pubsub's
+``_SERVER_PUBLISH_MAX_BYTES``), and it is applied per message, by the handler
+(:attr:`~feeds.pubsub.config.StreamSettings.max_message_bytes`: a larger one is refused as
+``oversized``, acknowledged and logged). It cannot be a channel limit: a Pull response carries
+whole messages, several of them, and one message at the limit plus its envelope is already over
+10 MB; gRPC refuses a response over its receive limit as a failed call, and the next Pull gets
+the same messages again, so any cap (gRPC's default is 4 MB) would stall the subscription for
+good (``tests/integration/test_pubsub_faults.py`` shows a 10 MB cap doing so).
 
 The google-cloud-pubsub imports are deferred to the calls, so importing this module is cheap.
 Clients are built here and owned by whoever asked for them (the subscriber, the replay tool).

@@ -4,8 +4,8 @@ One JSON object per message with ``symbol``, ``timestamp`` (ISO-8601; UTC when i
 ``open``, ``high``, ``low``, ``close``, optional ``volume``, any extra fields (numbers, booleans,
 text, nested objects flattened with the CSV rule of :func:`core.bars.flatten`, lists kept as JSON
 text) and an optional publisher ``data_hash`` that must equal :func:`core.bars.bar_hash` of the
-content. Attribute ``symbol`` on every message; publishers should set ``ordering_key=symbol`` (the
-replay tool does) so a symbol's bars arrive in time order.
+content. Attribute ``symbol`` on every message; an ordering key is optional and ignored (the
+feed's subscription has no message ordering; the hub puts each symbol's bars in time order).
 
 :func:`decode_message` never raises anything but :class:`MalformedMessageError`: any bytes and any
 JSON either become a :class:`LiveBar` or are refused with one of :data:`REFUSAL_REASONS` and a

@@ -17,7 +17,7 @@ The subscription is stable per deployment (``<PUBSUB_SUBSCRIPTION_PREFIX>-<deplo
 restarted runner continues from the bars it had not acknowledged; it is kept at exit (expiring
 after ``PUBSUB_SUBSCRIPTION_TTL_S`` idle) unless ``PUBSUB_DELETE_SUBSCRIPTION`` is set.
 
-Why synchronous Pull, no server-side ordering and no ordering keys (measured on the emulator,
+Why synchronous Pull and no server-side ordering (measured on the emulator,
 0.8.20; docs/pubsub.md has the numbers): a streaming-pull client that dies (a killed pod, a
 network cut) is never forgotten by the emulator, which goes on handing it about half of the
 messages, each back one ack deadline later, for as long as it runs; with message ordering the
@@ -25,7 +25,9 @@ key instead stays blocked for good. With Pull there is no stream to forget: what
 had pulled comes back once, an ack deadline later. And the client library hands over only one
 message per ordering key until it is acknowledged. So the subscriber pulls, extends the leases
 of what it holds itself, and the hub puts each symbol's bars in order and holds steps while
-bars come out of order (:meth:`~feeds.pubsub.hub.BarHub.hold_steps`). Pull latency on the
+bars come out of order (:meth:`~feeds.pubsub.hub.BarHub.hold_steps`). Ordering keys on the
+messages (the ingestor sets ``ordering_key=symbol``) are accepted and change nothing here: a
+subscription without message ordering delivers them like any other message. Pull latency on the
 emulator matches streaming pull (publish -> receipt p50 32 ms, p99 59 ms).
 
 Threads: one pull thread per subscription (runs the handler, reconnects with backoff:
@@ -214,6 +216,9 @@ class PubSubBarSubscriber:
         self.last_error = ""
         self.max_outstanding = max(self.settings.max_outstanding_messages, 4 * len(self.symbols))
         self._client: Any = None
+        # Pulls go on a channel of their own, so close() can end a long poll in flight at once
+        # (closing it) and still acknowledge and return messages on ``_client``.
+        self._pull_client: Any = None
         self._subs: list[_Sub] = []
         self._stop = threading.Event()
         self._lock = threading.Condition(threading.Lock())  # leases, counters, room
@@ -350,6 +355,7 @@ class PubSubBarSubscriber:
         self._connected = True
         self.hub.set_status("CONNECTED")
         self._started = True
+        self._pull_client = subscriber_client(self.cfg.emulator_host)
         for i, sub in enumerate(self._subs):
             sub.thread = threading.Thread(
                 target=self._pull_loop, args=(sub,), name=f"pubsub-pull-{i}", daemon=True
@@ -563,8 +569,17 @@ class PubSubBarSubscriber:
         if self._ack_thread is not None:
             self._acks.put(None)  # after the acknowledgements the barrier queued
             self._ack_thread.join(timeout_s)
-        # A pull in flight may still bring messages: they are returned below, or (pulled after
-        # that) come back when their lease ends; closing the channel ends such a pull at once.
+        # A pull in flight may still bring messages: closing its channel ends it at once (an
+        # idle long poll would otherwise hold the shutdown for up to pull_timeout_s); messages
+        # it had pulled are returned below, or (still on the wire) come back when their lease
+        # ends.
+        with self._lock:
+            pull_client, self._pull_client = self._pull_client, None
+        if pull_client is not None:
+            try:
+                pull_client.close()
+            except Exception:  # the pull threads end on the stop flag anyway
+                logger.debug("closing the pull channel failed", exc_info=True)
         for sub in self._subs:
             if sub.thread is not None:
                 sub.thread.join(self.settings.probe_timeout_s)
@@ -669,10 +684,13 @@ class PubSubBarSubscriber:
             publish_time_s = None
         key = getattr(message, "ordering_key", None)
         if key and not self._warned_ordering:
+            # The ingestor sets ordering_key=symbol (its batching publisher needs it to send a
+            # symbol's bars one after the other); on our subscription, which has no message
+            # ordering, the key changes nothing: the hub orders each symbol's bars itself.
             self._warned_ordering = True
-            logger.warning(
-                "messages carry an ordering key (%r): publish live bars without one (the feed "
-                "orders bars itself; docs/pubsub.md)",
+            logger.info(
+                "messages carry ordering keys (%r): ignored by this subscription (no message "
+                "ordering); the feed orders each symbol's bars itself",
                 key,
             )
         outcome = self.handler.handle(
@@ -719,7 +737,7 @@ class PubSubBarSubscriber:
             room = self._wait_for_room()
             if room <= 0:
                 break
-            client = self._client
+            client = self._pull_client
             try:
                 resp = client.pull(
                     request={"subscription": sub.path, "max_messages": room},
@@ -727,7 +745,7 @@ class PubSubBarSubscriber:
                     timeout=st.pull_timeout_s,
                 )
             except Exception as e:  # noqa: BLE001 - classified by _after_failed_pull
-                if self._stop.is_set() or client is not self._client:
+                if self._stop.is_set() or client is not self._pull_client:
                     continue  # close() or a new channel ended this pull: not an outage
                 attempt = self._after_failed_pull(sub, e, attempt)
                 if attempt < 0:
@@ -828,10 +846,16 @@ class PubSubBarSubscriber:
             if self._closed or self._stop.is_set():
                 return
             old, self._client = self._client, subscriber_client(self.cfg.emulator_host)
-        try:
-            old.close()
-        except Exception as e:  # noqa: BLE001 - it is replaced either way
-            logger.debug("closing the old Pub/Sub client failed: %r", e)
+            old_pull, self._pull_client = (
+                self._pull_client,
+                subscriber_client(self.cfg.emulator_host),
+            )
+        for client in (old, old_pull):
+            try:
+                if client is not None:
+                    client.close()
+            except Exception as e:  # noqa: BLE001 - it is replaced either way
+                logger.debug("closing the old Pub/Sub client failed: %r", e)
 
     def _broken(self, problem: str) -> None:
         self.last_error = problem

@@ -1,17 +1,22 @@
 """SIGTERM honoured at once in every phase of a paper run, against the real Pub/Sub emulator:
-during field discovery (``PUBSUB_DISCOVERY_S`` of two minutes), while Pub/Sub is unreachable
-(the subscriber waiting between attempts), and mid-stream. Each time ``runner.py`` exits 0 with
-its report well inside a pod's grace period; the wait's timeout is the contract (a few seconds,
-against the minute the old discovery wait took).
+during field discovery (``PUBSUB_DISCOVERY_S`` of two minutes), during the CSV backfill (12
+files of 200,000 bars), while Pub/Sub is unreachable (the subscriber waiting between attempts),
+and mid-stream (``tests/e2e/test_pubsub_e2e.py``). Each time ``runner.py`` exits 0 with its
+report well inside a pod's grace period (the wait's timeout is the contract), and the phase
+ends within one second of the signal by the runner's own log timestamps.
 
 An invalid topic name is a configuration error (exit 2), not a transient one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
 import signal
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -63,6 +68,19 @@ def logged(runner: RunnerProcess, text: str) -> bool:
     return any(text in line for line in runner.err_lines)
 
 
+def seconds_between(runner: RunnerProcess, first: str, then: str) -> float:
+    """Seconds from the JSON log line holding ``first`` to the next one holding ``then`` (the
+    runner's own timestamps, so the test's scheduling does not count)."""
+    stamps: list[tuple[str, datetime]] = []
+    for line in runner.err_lines:
+        with contextlib.suppress(ValueError, KeyError):
+            rec = json.loads(line)
+            stamps.append((rec["message"], datetime.fromisoformat(rec["timestamp"])))
+    start = next(i for i, (m, _) in enumerate(stamps) if first in m)
+    end = next(t for m, t in stamps[start:] if then in m)
+    return (end - stamps[start][1]).total_seconds()
+
+
 def test_sigterm_during_field_discovery(
     tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
 ) -> None:
@@ -74,6 +92,8 @@ def test_sigterm_during_field_discovery(
     r.proc.send_signal(signal.SIGTERM)
     assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
     assert "(INTERRUPTED)" in r.stdout
+    # The two-minute discovery wait ended within a second of the signal.
+    assert seconds_between(r, "stopping: SIGTERM", "live fields:") < 1.0
 
 
 def test_sigterm_while_pubsub_is_unreachable(
@@ -90,6 +110,48 @@ def test_sigterm_while_pubsub_is_unreachable(
     assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
     assert "(INTERRUPTED)" in r.stdout
     assert "disconnects=1" in r.stdout
+    # The pull thread left its wait between attempts at once: the subscriber's close (which
+    # joins it) and the decisions' flush are done within a second of the signal.
+    assert seconds_between(r, "stopping: SIGTERM", "decisions:") < 1.0
+
+
+def test_sigterm_during_the_csv_backfill(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
+) -> None:
+    # 12 symbols whose CSV files take ~0.2 s each to read (200,000 one-minute bars; copies of
+    # one file, as links would be refused as one file): a backfill of seconds, checked between
+    # files.
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["Date,Open,High,Low,Close,Volume"]
+    t0 = datetime(1990, 1, 1)
+    for i in range(200_000):
+        price = 100 + (i % 1000) / 100
+        stamp = (t0 + timedelta(minutes=i)).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"{stamp},{price},{price + 1},{price - 1},{price},1000")
+    first = data / "S00.csv"
+    first.write_text("\n".join(lines) + "\n")
+    symbols = [f"S{i:02d}" for i in range(12)]
+    for sym in symbols[1:]:
+        shutil.copyfile(first, data / f"{sym}.csv")
+    emu = pubsub_emulator
+    topic = new_topic(emu)
+    r = paper(
+        tmp_path / "work",
+        emu,
+        topic,
+        SYMBOLS=",".join(symbols),
+        DATA_DIR=str(data),
+        PUBSUB_BACKFILL_BARS="100",
+    )
+    runners.append(r)
+    r.wait_for("the backfill", lambda: logged(r, "backfill S00:"), timeout_s=60)
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
+    assert "(INTERRUPTED)" in r.stdout
+    read = sum(1 for line in r.err_lines if '"backfill S' in line)
+    assert read < len(symbols)  # the rest of the files were never read
+    assert seconds_between(r, "stopping: SIGTERM", "live fields:") < 1.0
 
 
 def test_invalid_topic_name_is_a_configuration_error(tmp_path: Path) -> None:

@@ -365,3 +365,58 @@ def test_server_restart_mid_stream(emulator_factory: Callable[[], PubSubEmulator
     assert stats["duplicates"] == 5 and stats["disconnects"] >= 1 and stats["reconnects"] >= 1
     assert stats["malformed_total"] == 0
     assert emu.subscriptions() == sub.subscription_paths  # recreated, kept for the next start
+
+
+def test_bars_with_the_ingestors_ordering_keys_are_delivered_in_order(
+    pubsub_emulator: PubSubEmulator, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingestor publishes with ``ordering_key=symbol`` through the batching client
+    (``feeds.ingest.publisher.BarPublisher``); the feed's subscription has no message ordering,
+    so the keys change nothing: every bar arrives, in order, and nothing is logged as wrong."""
+    from feeds.ingest.messages import build_message
+    from feeds.ingest.publisher import BarPublisher
+
+    client = publisher_client(pubsub_emulator.host)  # message ordering on, as the ingestor's
+    publisher = BarPublisher(client, topic)
+    bars = [
+        build_message(
+            s,
+            T0 + timedelta(minutes=i),
+            {
+                "open": 100.0 + i,
+                "high": 101.0 + i,
+                "low": 99.0 + i,
+                "close": 100.5 + i,
+                "volume": 10.0 * i,
+            },
+            {},
+            source="live",
+        )
+        for i in range(30)
+        for s in ("AAA", "BBB")
+    ]
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        for b in bars:
+            publisher.publish(b)
+        assert len(publisher.flush(30.0)) == len(bars)
+        wait_for(lambda: sub.handler.stats.delivered == len(bars), what="every bar")
+
+    sub = PubSubBarSubscriber(
+        config(pubsub_emulator, topic),
+        symbols=["AAA", "BBB"],
+        deployment=f"keys-{uuid.uuid4().hex[:6]}",
+        settings=FAST,
+    )
+    with caplog.at_level(logging.INFO, logger="feeds.pubsub"):
+        strategy = run_live(sub, scenario)
+    client.stop()
+    for s in ("AAA", "BBB"):
+        assert [c for name, _, c in strategy.bars if name == s] == [100.5 + i for i in range(30)]
+    assert sub.stats()["malformed_total"] == 0 and sub.stats()["duplicates"] == 0
+    assert any(
+        "carry ordering keys ('AAA'" in r.getMessage()
+        or "carry ordering keys ('BBB'" in r.getMessage()
+        for r in caplog.records
+    )  # the keys did reach the subscriber
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

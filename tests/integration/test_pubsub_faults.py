@@ -15,6 +15,7 @@ backtrader feeds in this process):
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ from feeds.pubsub import (
     subscriber_client,
 )
 from feeds.pubsub.clients import OrderedPublisher
+from feeds.pubsub.config import MAX_MESSAGE_BYTES
 from tests.pubsub_emulator import PubSubEmulator
 from tests.pubsub_live import FAST, T0, bar, config, publish, run_live, topic, wait_for
 from tests.tcp_proxy import TcpProxy
@@ -96,6 +98,44 @@ def test_an_oversized_message_is_refused_and_the_stream_goes_on(
     assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(10) if i != 5]
     # Bar time 5 is missing for the agent; the gap count says so.
     assert sub.stats()["missing_bars"] == {"AAA": 1}
+
+
+def test_a_message_at_pubsubs_limit_is_delivered_and_one_over_it_is_refused(
+    pubsub_emulator: PubSubEmulator, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pub/Sub takes a message of up to 10,000,000 bytes (google-cloud-pubsub's
+    ``_SERVER_PUBLISH_MAX_BYTES``, https://cloud.google.com/pubsub/quotas#resource_limits): one
+    just under it reaches the agent with the default settings (a pull response then carries
+    more than 10 MB, so the channel must not cap it). The emulator also accepts a little more
+    (measured: up to about 10.4 MB), which the real service refuses: such a message is refused
+    as ``oversized`` with a WARNING, and the bars after it flow on."""
+
+    def padded(i: int, total_bytes: int) -> bytes:
+        body = bar("AAA", i, headline="")
+        return bar("AAA", i, headline="x" * (total_bytes - len(body)))
+
+    at_limit, over_limit = padded(3, MAX_MESSAGE_BYTES - 100), padded(7, MAX_MESSAGE_BYTES + 50)
+    assert len(at_limit) == MAX_MESSAGE_BYTES - 100 and len(over_limit) == MAX_MESSAGE_BYTES + 50
+    bodies = [bar("AAA", i) for i in range(3)] + [at_limit] + [bar("AAA", i) for i in range(4, 7)]
+    bodies += [over_limit] + [bar("AAA", i) for i in range(8, 11)]
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(pubsub_emulator, topic, [({"symbol": "AAA"}, b) for b in bodies])
+        wait_for(lambda: sub.handler.stats.received == len(bodies), 60, "every message")
+
+    sub = PubSubBarSubscriber(
+        config(pubsub_emulator, topic, fields=("headline:text",)),
+        symbols=["AAA"],
+        deployment=deployment(),
+        settings=FAST,
+    )
+    with caplog.at_level(logging.WARNING, logger="feeds.pubsub"):
+        strategy = run_live(sub, scenario)
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(11) if i != 7]
+    assert sub.stats()["malformed"] == {"oversized": 1} and sub.disconnects == 0
+    refused = [r.getMessage() for r in caplog.records if "refused (oversized)" in r.getMessage()]
+    assert len(refused) == 1 and f"body of {MAX_MESSAGE_BYTES + 50} bytes" in refused[0]
+    assert len(refused[0]) < 1000  # a bounded excerpt, not the 10 MB body
 
 
 @pytest.fixture
@@ -173,23 +213,36 @@ def test_a_server_restarted_empty_shows_the_gap(
     emu = emulator_factory()
     topic = f"projects/{emu.project}/topics/bars-gap"
     publisher_client(emu.host).create_topic(request={"name": topic})
+    # The subscriber reaches the emulator through a proxy, cut while the emulator restarts, so
+    # bars 10..14 are surely published before it can re-create its subscription (without the
+    # cut, it may re-create it first and receive them: a race, not the behaviour under test).
+    proxy = TcpProxy(emu.host)
 
     def scenario(sub: PubSubBarSubscriber) -> None:
         publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(10)])
         wait_for(lambda: sub.handler.stats.delivered == 10, what="first 10 bars")
+        proxy.cut("reset")
+        wait_for(lambda: sub.hub.status == "DISCONNECTED", what="DISCONNECTED")
         emu.kill()
-        emu.start()  # empty: topic and subscription are gone
+        emu.start()  # same port, empty: topic and subscription are gone
         publisher_client(emu.host).create_topic(request={"name": topic})
         # Bars 10..14 are published before the subscription exists again: lost with Pub/Sub.
         publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(10, 15)])
+        proxy.restore()
         wait_for(lambda: sub.hub.status == "CONNECTED", what="subscription re-created")
         publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(15, 20)])
         wait_for(lambda: sub.handler.stats.delivered == 15, what="bars after the restart")
 
     sub = PubSubBarSubscriber(
-        config(emu, topic, bar_size="1min"), symbols=["AAA"], deployment="gap", settings=FAST
+        config(emu, topic, bar_size="1min", emulator_host=proxy.address),
+        symbols=["AAA"],
+        deployment="gap",
+        settings=FAST,
     )
-    strategy = run_live(sub, scenario)
+    try:
+        strategy = run_live(sub, scenario)
+    finally:
+        proxy.close()
     assert [b[2] for b in strategy.bars] == [100.5 + i for i in (*range(10), *range(15, 20))]
     stats = sub.stats()
     assert stats["missing_bars"] == {"AAA": 5} and stats["gap_events"] == 1

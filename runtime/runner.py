@@ -26,6 +26,7 @@ from typing import Any
 
 import backtrader as bt
 import numpy as np
+import pyarrow as pa
 
 from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.writer import DecisionWriter, WriterStats
@@ -120,7 +121,16 @@ class Runner:
 
             stamps = []
             for fc in cfg.csv_feeds:
-                bars = read_csv_bars(fc)
+                logger.info("reading %s (%.1f MB)", fc.path.name, fc.path.stat().st_size / 1e6)
+                try:
+                    bars = read_csv_bars(fc)
+                except pa.ArrowCancelled:
+                    # pyarrow's CSV reader checks for signals while it reads: the handler ran
+                    # (stop requested) and the read is cancelled; the run then does not start.
+                    if not self._stop_requested:
+                        raise
+                    logger.info("reading %s cancelled by the stop request", fc.path.name)
+                    return
                 self.skipped_rows[fc.path.name] = len(bars.skipped)
                 feed = make_csv_feed(fc, bars)
                 self.cerebro.adddata(feed, name=fc.symbol)

@@ -312,3 +312,44 @@ def test_sigterm_during_the_build_does_not_start_the_run(
     rep = report_numbers(starting.stdout)
     assert rep["interrupted"] and rep["decisions"] == 0
     assert any("before the first bar" in e["message"] for e in starting.log)
+
+
+def test_sigterm_while_a_large_csv_is_read_exits_cleanly(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    """pyarrow's CSV reader checks for signals while it reads and cancels the read
+    (``ArrowCancelled``) once the handler has run: that is the stop, not a crash."""
+    import numpy as np
+
+    n = 1_500_000
+    minutes = np.arange(n, dtype="int64")
+    stamps = np.datetime_as_string(
+        np.datetime64("2000-01-03T00:00") + minutes.astype("timedelta64[m]"), unit="s"
+    )
+    price = 100.0 + (minutes % 500) * 0.01
+    with open(tmp_path / "BIG.csv", "w", encoding="ascii") as f:
+        f.write("Date,Open,High,Low,Close,Volume\n")
+        for k in range(0, n, 100_000):
+            sl = slice(k, k + 100_000)
+            p = price[sl]
+            f.writelines(
+                f"{t},{a:.2f},{a + 0.05:.2f},{a - 0.05:.2f},{a:.2f},100\n"
+                for t, a in zip(stamps[sl], p, strict=True)
+            )
+    big = RunnerProcess(tmp_path, SYMBOLS="BIG", DATA_DIR=str(tmp_path))
+    runners.append(big)
+    big.wait_for(
+        "the read to start",
+        lambda: any("reading BIG.csv" in line for line in big.err_lines),
+    )
+    big.proc.send_signal(signal.SIGTERM)
+    assert big.finish(timeout_s=GRACE_PERIOD_S) == 0, "".join(big.err_lines[-10:])
+    rep = report_numbers(big.stdout)
+    assert rep["interrupted"] and rep["decisions"] == 0
+    assert not any("Traceback" in line for line in big.err_lines)
+    # pyarrow cancels the read when the signal comes while it reads blocks, not while it
+    # converts columns: either way the run does not start.
+    assert any(
+        "cancelled by the stop request" in e["message"] or "before the first bar" in e["message"]
+        for e in big.log
+    )

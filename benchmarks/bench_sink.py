@@ -1,15 +1,21 @@
 """BigQuery decision sink: row size, records per second into bqemulator, and bar-loop cost.
 
 1. Row size of a read-heavy decision record (~130 reads over six daily feeds,
-   :mod:`tests.bq_read_heavy`): the full JSON row and the compact row the sink sends (null fields
-   left out, :func:`analyzers.sinks.bigquery.rows.compact_row`).
+   :mod:`tests.bq_read_heavy`): the full JSON row, the row a row-per-read table gets (null fields
+   left out, :func:`analyzers.sinks.bigquery.rows.compact_row`), and the compact row of
+   ``<table>_compact`` (reads grouped per bar, :func:`analyzers.sinks.bigquery.compact.pack_row`).
+   And the client's CPU per record on the writer thread (build the row, check it, JSON) for a
+   row-per-read table and for compact rows (packed straight from the record's reads), best of 5
+   passes each, as a ratio.
 2. Records per second of read-heavy records into the emulator, each measured in the same run as
    the baseline and given as a ratio to it:
 
    * baseline: ``insert_rows_json`` called as the sink called it before (full rows,
      ``skipInvalidRows``, one request at a time, requests up to 9 MB);
-   * ``BigQuerySink.write_records`` (compact rows, requests sized by bytes) with 1 request in
-     flight and with 4 (the default);
+   * ``BigQuerySink.write_records`` into a row-per-read table (a deployment made before compact
+     rows: null fields left out, requests sized by bytes, 4 in flight);
+   * ``BigQuerySink.write_records`` into a new deployment (compact rows, requests sized by
+     bytes) with 1 request in flight and with 4 (the default);
    * a :class:`~analyzers.sinks.writer.DecisionWriter` draining a spill file of those rows left
      by an earlier run (each row looked up by insert id first, then written).
 
@@ -95,10 +101,11 @@ def backtest(writer: Any) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analyzers.schema import to_row
+    from analyzers.schema import DECISION_SCHEMA, bigquery_schema, to_row
+    from analyzers.sinks.bigquery.compact import pack_reads, pack_row
     from analyzers.sinks.bigquery.config import BigQuerySinkConfig
-    from analyzers.sinks.bigquery.rows import compact_row
-    from analyzers.sinks.bigquery.sink import BigQuerySink
+    from analyzers.sinks.bigquery.rows import compact_row, validate_row
+    from analyzers.sinks.bigquery.sink import BigQuerySink, _light
     from analyzers.sinks.spill import SpillFile
     from analyzers.sinks.writer import DecisionWriter
     from tests.bq_read_heavy import read_heavy_records
@@ -115,21 +122,74 @@ def main(argv: list[str] | None = None) -> int:
     full = [len(json.dumps(r, separators=(",", ":"))) for r in rows]
     compact = [len(json.dumps(compact_row(r), separators=(",", ":"))) for r in rows]
     reads, full_kb = statistics.median(r.reads for r in records), statistics.median(full) / 1e3
+    packed = [len(json.dumps(pack_row(compact_row(r)), separators=(",", ":"))) for r in rows]
     compact_kb = statistics.median(compact) / 1e3
+    packed_kb = statistics.median(packed) / 1e3
     print(
-        f"row size, read-heavy record ({reads:.0f} reads): full {full_kb:.1f} kB, sent "
-        f"(compact) {compact_kb:.1f} kB ({compact_kb / full_kb:.2f}x)"
+        f"row size, read-heavy record ({reads:.0f} reads): full {full_kb:.1f} kB; sent to a "
+        f"row-per-read table {compact_kb:.1f} kB ({compact_kb / full_kb:.2f}x); sent as a "
+        f"compact row {packed_kb:.1f} kB ({packed_kb / full_kb:.2f}x, "
+        f"{packed_kb / compact_kb:.2f}x the row-per-read row)"
+    )
+
+    light = _light(DECISION_SCHEMA)
+
+    def cpu_per_read() -> None:  # the sink's path into a row-per-read table
+        for r in records:
+            row = to_row(r)
+            validate_row(row, light)
+            json.dumps(compact_row(row), separators=(",", ":"))
+
+    def cpu_compact() -> None:  # the sink's path for fresh records into compact rows
+        for r in records:
+            row = to_row(r._replace(data_accessed=()))  # plain records here
+            row["data_accessed"] = pack_reads(r.data_accessed)
+            validate_row(row, light)
+            json.dumps(compact_row(row), separators=(",", ":"))
+
+    def best_ms(fn: Callable[[], None]) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) / len(records) * 1e3
+
+    per_read_ms, compact_ms = best_ms(cpu_per_read), best_ms(cpu_compact)
+    print(
+        f"client CPU per read-heavy record (build, check, JSON): row-per-read {per_read_ms:.2f} "
+        f"ms, compact {compact_ms:.2f} ms (x{compact_ms / per_read_ms:.2f})"
     )
 
     emu = BigQueryEmulator()
     emu.start()
     try:
 
-        def sink(**kw: Any) -> BigQuerySink:
+        def sink(*, per_read: bool = False, **kw: Any) -> BigQuerySink:
+            """A sink on a new dataset; ``per_read``: the dataset already has a row-per-read
+            ``decisions`` table (a deployment made before compact rows)."""
+            from google.cloud import bigquery
+
+            dataset = unique_dataset("bench")
+            if per_read:
+                client = emu.client()
+                try:
+                    client.create_dataset(f"{emu.project}.{dataset}")
+                    # As the sink made it before compact rows: partitioned, clustered.
+                    table = bigquery.Table(
+                        f"{emu.project}.{dataset}.decisions", schema=bigquery_schema()
+                    )
+                    table.time_partitioning = bigquery.TimePartitioning(
+                        type_=bigquery.TimePartitioningType.DAY, field="bar_time"
+                    )
+                    table.clustering_fields = ["agent_id", "session_id"]
+                    client.create_table(table)
+                finally:
+                    client.close()
             return BigQuerySink(
                 BigQuerySinkConfig(
                     project=emu.project,
-                    dataset=unique_dataset("bench"),
+                    dataset=dataset,
                     api_endpoint=emu.endpoint,
                     timeout_s=600,
                 ),
@@ -153,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     j += 1
                 part = rows[i:j]
                 errors = s._client.insert_rows_json(
-                    s.table_id,
+                    s.insert_id,
                     part,
                     row_ids=[r["decision_id"] for r in part],
                     skip_invalid_rows=True,
@@ -177,17 +237,21 @@ def main(argv: list[str] | None = None) -> int:
             writer.stop(timeout_s=60)
 
         base_label = "baseline: full rows, skipInvalidRows, 1 in flight"
-        throughput: dict[str, tuple[Callable[[BigQuerySink], None], int]] = {
-            base_label: (baseline, 1),
-            "sink: compact rows, 1 in flight": (direct, 1),
-            "sink: compact rows, 4 in flight": (direct, 4),
-            "writer draining an earlier run's spill, 4 in flight": (drain, 4),
+        # label -> (what runs, requests in flight, into a row-per-read table)
+        throughput: dict[str, tuple[Callable[[BigQuerySink], None], int, bool]] = {
+            base_label: (baseline, 1, True),
+            "sink: row-per-read table, 4 in flight": (direct, 4, True),
+            "sink: compact rows, 1 in flight": (direct, 1, False),
+            "sink: compact rows, 4 in flight": (direct, 4, False),
+            "writer draining an earlier run's spill, 4 in flight": (drain, 4, False),
         }
         rates: dict[str, list[float]] = {m: [] for m in throughput}
         for _ in range(args.rounds):  # modes alternate, so machine noise hits all alike
-            for label, (fn, in_flight) in throughput.items():
-                s = sink(max_in_flight=in_flight)
+            for label, (fn, in_flight, per_read) in throughput.items():
+                s = sink(max_in_flight=in_flight, per_read=per_read)
                 s.open()
+                if s.compact == per_read:
+                    raise SystemExit(f"{label}: wrong layout ({s.insert_id})")
                 t0 = time.perf_counter()
                 fn(s)
                 rates[label].append(len(rows) / (time.perf_counter() - t0))

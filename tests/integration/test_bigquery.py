@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 from analyzers.schema import DECISION_SCHEMA, SCHEMA_VERSION, FieldSpec, bigquery_schema, to_row
+from analyzers.sinks.bigquery.compact import COMPACT_SCHEMA, pack_row
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
 from analyzers.sinks.bigquery.errors import is_transient
-from analyzers.sinks.bigquery.rows import validate_row
+from analyzers.sinks.bigquery.rows import compact_row, validate_row
 from analyzers.sinks.bigquery.schema import ddl_type, plan_schema, spec_of
 from analyzers.sinks.bigquery.sink import BigQuerySink
 from analyzers.sinks.views import bigquery_view_query
@@ -199,14 +200,20 @@ def test_open_creates_partitioned_clustered_table_and_view(
     sink.open()  # idempotent
     client = bq_emulator.client()
     try:
-        table = client.get_table(sink.table_id)
+        table = client.get_table(sink.insert_id)
+        decisions = client.get_table(sink.table_id)
         view = client.get_table(sink.table_id.replace(".decisions", ".decision_reads"))
     finally:
         client.close()
+    # A new deployment: compact rows in decisions_compact, the view decisions over it.
+    assert sink.compact and sink.insert_id == sink.table_id + "_compact"
     assert table.time_partitioning.field == "bar_time"
     assert table.time_partitioning.type_ == "DAY"
     assert table.clustering_fields == ["agent_id", "session_id"]
-    assert [spec_of(f) for f in table.schema] == [spec_of(f) for f in bigquery_schema()]
+    assert [spec_of(f) for f in table.schema] == [
+        spec_of(f) for f in bigquery_schema(COMPACT_SCHEMA)
+    ]
+    assert decisions.table_type == "VIEW"
     assert view.table_type == "VIEW"
     assert sink.write(rows) == []
     assert count(bq_emulator, sink) == (len(rows), len(rows))
@@ -337,7 +344,8 @@ def test_requests_are_split_by_bytes_and_an_oversized_row_is_refused(
     batch[7] = dict(batch[7], reasoning="x" * 9_000)
     errors = sink.write(batch)
     assert [e.index for e in errors] == [7] and "request limit" in errors[0].reason
-    sizes = [len(json.dumps(r, separators=(",", ":"))) for i, r in enumerate(batch) if i != 7]
+    sent = [pack_row(compact_row(r)) for i, r in enumerate(batch) if i != 7]  # compact rows
+    sizes = [len(json.dumps(r, separators=(",", ":"))) for r in sent]
     assert sink.stats.requests >= sum(sizes) // 8_000 + 1
     assert sink.stats.rows_sent == 59 and sink.stats.bytes_sent <= 8_000 * sink.stats.requests
     assert count(bq_emulator, sink) == (59, 59)
@@ -638,7 +646,7 @@ def test_compact_rows_are_stored_as_the_full_rows(
 def test_several_requests_in_flight_store_each_row_once(
     bq_emulator: BigQueryEmulator, rows: list[dict[str, Any]]
 ) -> None:
-    sink = sink_for(bq_emulator, max_request_bytes=40_000, max_in_flight=4)
+    sink = sink_for(bq_emulator, max_request_bytes=25_000, max_in_flight=4)
     batch = rows[:120]
     assert sink.write(batch) == []
     assert sink.stats.requests >= 4

@@ -494,3 +494,55 @@ def run_duck_text(st: Stores, sql: str) -> list[dict[str, Any]]:
         rel = con.execute(sql)
         cols = [d[0] for d in rel.description]
         return [dict(zip(cols, row, strict=True)) for row in rel.fetchall()]
+
+
+def test_decision_reads_are_the_same_on_both_stores(stores: Stores) -> None:
+    """The same run, read through ``decision_reads`` on BigQuery (compact rows under the
+    ``decisions`` view) and on DuckDB (one element per read): every column of every read is the
+    same (the session ids differ by construction)."""
+    client = stores.emu.client()
+    try:
+        kinds = {
+            t.table_id: t.table_type
+            for t in client.list_tables(f"{stores.emu.project}.{stores.dataset}")
+        }
+    finally:
+        client.close()
+    assert {k: kinds.get(k) for k in ("decisions", "decision_reads", "decisions_compact")} == {
+        "decisions": "VIEW",
+        "decision_reads": "VIEW",
+        "decisions_compact": "TABLE",
+    }
+    cols = (
+        "agent_id",
+        "decision_point",
+        "bar_time",
+        "stage",
+        "action",
+        "symbol",
+        "seq",
+        "field",
+        "index",
+        "size",
+        "bar_index",
+        "data_hash",
+        "value",
+        "text_value",
+        "lookahead",
+    )
+    bq = stores.emu.query(
+        "SELECT decision_id, "
+        + ", ".join(f"`{c}`" for c in cols)
+        + f" FROM {stores.dataset}.decision_reads"
+    )
+    duck = run_duck_text(
+        stores,
+        "SELECT decision_id, " + ", ".join(f'"{c}"' for c in cols) + " FROM decision_reads",
+    )
+
+    def rows(got: list[dict[str, Any]], session: str) -> list[tuple[Any, ...]]:
+        assert all(str(r["decision_id"]).startswith(session + ":") for r in got)
+        return sorted(table(got, cols), key=repr)
+
+    assert len(bq) == sum(r.reads for r in stores.bq.records) > 1_000
+    assert rows(bq, stores.bq.session_id) == rows(duck, stores.local.session_id)

@@ -8,6 +8,10 @@ BigQuery requires, planned by :func:`plan_schema`); a table whose columns cannot
 (another type, another repetition, a REQUIRED column we never fill) raises
 :class:`~core.errors.SinkError` naming each column.
 
+:func:`ensure_storage` is what the sink calls: a new deployment stores compact rows (reads
+grouped per bar, :mod:`.compact`) in ``<table>_compact`` and gets the view ``<table>`` in the
+row-per-read shape; a table made before compact rows keeps its layout and is written as before.
+
 Maintenance is not an outage: when the view cannot be created or updated, or the schema update
 fails although the table already has every column our rows need, a warning names the object and
 rows are inserted as usual. Only a table that lacks a column it could not be given stops
@@ -25,6 +29,11 @@ from typing import Any
 
 from analyzers.schema import DECISION_SCHEMA, FieldSpec, bigquery_schema
 from analyzers.sinks.bigquery.client import run_query
+from analyzers.sinks.bigquery.compact import (
+    COMPACT_SCHEMA,
+    compact_table_id,
+    decisions_view_query,
+)
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
 from analyzers.sinks.views import VIEW_NAME, bigquery_view_query
 from core.errors import SinkError
@@ -153,12 +162,95 @@ def ddl_type(spec: FieldSpec) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """Where and how a sink stores rows (what :func:`ensure_storage` found or made).
+
+    Attributes:
+        insert_id: ``project.dataset.table`` rows are inserted into and looked up in.
+        schema: the schema a full (:func:`~analyzers.schema.to_row`) row is validated against.
+        compact: rows are packed (:func:`.compact.pack_row`) into ``insert_id``, and the table
+            name users query is a view in the row-per-read shape.
+    """
+
+    insert_id: str
+    schema: tuple[FieldSpec, ...]
+    compact: bool
+
+
+def ensure_storage(client: Any, cfg: BigQuerySinkConfig) -> Storage:
+    """Create or check what the sink writes to; which layout depends on what ``cfg.table_id``
+    is:
+
+    * missing, or a view: compact rows in ``<table>_compact`` (created or extended), and the
+      views ``<table>`` (the row-per-read shape, :func:`.compact.decisions_view_query`) and
+      ``decision_reads`` over it;
+    * a table (a deployment made before compact rows): it is left in its layout and takes
+      row-per-read rows as before (:func:`ensure_table`); a warning says how to move to
+      compact rows (docs/bigquery.md, "Compact rows").
+
+    A view that cannot be created or updated is a warning naming it (rows are still inserted).
+
+    Raises:
+        SinkError: the table cannot take decision records (every offending column named).
+        Exception: a client error, unchanged (the sink classifies it).
+    """
+    from google.api_core import exceptions as gexc
+
+    try:
+        found = client.get_table(cfg.table_id, retry=None, timeout=cfg.timeout_s)
+    except gexc.NotFound:
+        found = None
+    if found is not None and found.table_type != "VIEW":
+        logger.warning(
+            "BigQuery table %s stores one element per read (the layout before compact rows); "
+            "rows are written in that layout. To store compact rows (~40%% fewer bytes for "
+            "read-heavy records), "
+            "see docs/bigquery.md, 'Compact rows'.",
+            cfg.table_id,
+        )
+        return Storage(cfg.table_id, ensure_table(client, cfg), compact=False)
+    compact_id = compact_table_id(cfg.table_id)
+    ensure_table(client, cfg, table_id=compact_id, wanted=COMPACT_SCHEMA, views=False)
+    view_id = cfg.table_id
+    try:
+        _ensure_view(
+            client,
+            cfg,
+            view_id,
+            decisions_view_query(compact_id),
+            f"Decision records, one access_patterns element per read (rows in {compact_id})",
+        )
+    except Exception as e:  # noqa: BLE001 - any failure: the table still takes rows
+        logger.warning(
+            "BigQuery view %s could not be created or updated (%s); decisions are still "
+            "written to %s. Create it by hand: python -m analyzers.sinks.bigquery.compact %s",
+            view_id,
+            _describe(e),
+            compact_id,
+            cfg.table_id,
+        )
+    _ensure_reads_view(client, cfg, cfg.table_id)
+    return Storage(compact_id, DECISION_SCHEMA, compact=True)
+
+
+def ensure_table(
+    client: Any,
+    cfg: BigQuerySinkConfig,
+    *,
+    table_id: str | None = None,
+    wanted: tuple[FieldSpec, ...] = DECISION_SCHEMA,
+    views: bool = True,
+) -> tuple[FieldSpec, ...]:
     """Create the dataset, table and view when missing; check and extend the table's schema.
 
     Args:
         client: a ``google.cloud.bigquery.Client``.
         cfg: where the table is, and the request timeout.
+        table_id: the table (default ``cfg.table_id``).
+        wanted: the columns rows need (:data:`~analyzers.schema.DECISION_SCHEMA`, or
+            :data:`.compact.COMPACT_SCHEMA`).
+        views: also create or update the ``decision_reads`` view over ``table_id``.
 
     Returns:
         The table's schema after evolution: the one rows are validated against.
@@ -170,12 +262,13 @@ def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
     from google.api_core import exceptions as gexc
     from google.cloud import bigquery
 
-    table_id, timeout = cfg.table_id, cfg.timeout_s
+    table_id = table_id or cfg.table_id
+    timeout = cfg.timeout_s
     _ensure_dataset(client, cfg)
     try:
         table = client.get_table(table_id, retry=None, timeout=timeout)
     except gexc.NotFound:
-        table = bigquery.Table(table_id, schema=bigquery_schema())
+        table = bigquery.Table(table_id, schema=bigquery_schema(wanted))
         table.time_partitioning = bigquery.TimePartitioning(
             type_=bigquery.TimePartitioningType.DAY, field="bar_time"
         )
@@ -188,14 +281,21 @@ def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
             table_id,
         )
     try:
-        schema = _evolve(client, cfg, table)
+        schema = _evolve(client, cfg, table, table_id, wanted)
     except SinkError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised unless the table takes rows as it is
-        schema = _after_failed_evolution(client, cfg, e)
+        schema = _after_failed_evolution(client, cfg, e, table_id, wanted)
     _check_layout(table_id, table)
+    if views:
+        _ensure_reads_view(client, cfg, table_id)
+    return schema
+
+
+def _ensure_reads_view(client: Any, cfg: BigQuerySinkConfig, source_id: str) -> None:
+    """:func:`ensure_view` over ``source_id``; a failure is a warning naming the view."""
     try:
-        ensure_view(client, cfg)
+        ensure_view(client, cfg, source_id)
     except Exception as e:  # noqa: BLE001 - any failure: the table still takes rows
         logger.warning(
             "BigQuery view %s.%s.%s could not be created or updated (%s); decisions are still "
@@ -204,9 +304,8 @@ def ensure_table(client: Any, cfg: BigQuerySinkConfig) -> tuple[FieldSpec, ...]:
             cfg.dataset,
             VIEW_NAME,
             _describe(e),
-            table_id,
+            source_id,
         )
-    return schema
 
 
 def _describe(exc: BaseException) -> str:
@@ -236,19 +335,23 @@ def _ensure_dataset(client: Any, cfg: BigQuerySinkConfig) -> None:
 
 
 def _after_failed_evolution(
-    client: Any, cfg: BigQuerySinkConfig, error: Exception
+    client: Any,
+    cfg: BigQuerySinkConfig,
+    error: Exception,
+    table_id: str,
+    wanted: tuple[FieldSpec, ...] = DECISION_SCHEMA,
 ) -> tuple[FieldSpec, ...]:
     """The schema update failed: read the table again. When it has every column our rows need
     (the failed step was a description or a relaxed mode, or a DDL step went through), warn
     and go on with its schema; otherwise raise ``error`` (rows with the new fields cannot be
     inserted until the update succeeds)."""
-    table = client.get_table(cfg.table_id, retry=None, timeout=cfg.timeout_s)
+    table = client.get_table(table_id, retry=None, timeout=cfg.timeout_s)
     existing = tuple(spec_of(f) for f in table.schema)
-    plan = plan_schema(existing)
+    plan = plan_schema(existing, wanted)
     if plan.added:
         logger.error(
             "BigQuery table %s lacks %s and could not be extended: %s",
-            cfg.table_id,
+            table_id,
             ", ".join(plan.added),
             _describe(error),
         )
@@ -256,18 +359,23 @@ def _after_failed_evolution(
     logger.warning(
         "BigQuery table %s: schema update failed (%s)%s; it has every column decisions need, "
         "so they are written",
-        cfg.table_id,
+        table_id,
         _describe(error),
         f"; still REQUIRED: {', '.join(plan.relaxed)}" if plan.relaxed else "",
     )
     return existing
 
 
-def _evolve(client: Any, cfg: BigQuerySinkConfig, table: Any) -> tuple[FieldSpec, ...]:
+def _evolve(
+    client: Any,
+    cfg: BigQuerySinkConfig,
+    table: Any,
+    table_id: str,
+    wanted: tuple[FieldSpec, ...] = DECISION_SCHEMA,
+) -> tuple[FieldSpec, ...]:
     """Check the table's schema and extend it; returns the schema rows are checked with."""
-    table_id = cfg.table_id
     existing = tuple(spec_of(f) for f in table.schema)
-    plan = plan_schema(existing)
+    plan = plan_schema(existing, wanted)
     if plan.problems:
         raise SinkError(
             f"BigQuery table {table_id} cannot take decision records: "
@@ -311,28 +419,42 @@ def _check_layout(table_id: str, table: Any) -> None:
         )
 
 
-def ensure_view(client: Any, cfg: BigQuerySinkConfig) -> None:
+def ensure_view(client: Any, cfg: BigQuerySinkConfig, source_id: str | None = None) -> None:
     """Create the ``decision_reads`` view next to the table, or update its query when it
     differs from ``sql/bigquery/decision_reads_view.sql``; warns when a table of that name is
-    in the way."""
+    in the way.
+
+    Args:
+        source_id: what the view reads (default ``cfg.table_id``: the table, or the view of
+            the same name over compact rows).
+    """
+    _ensure_view(
+        client,
+        cfg,
+        f"{cfg.project}.{cfg.dataset}.{VIEW_NAME}",
+        bigquery_view_query(source_id or cfg.table_id),
+        "One row per read of each decision (flattened access patterns)",
+    )
+
+
+def _ensure_view(
+    client: Any, cfg: BigQuerySinkConfig, view_id: str, query: str, description: str
+) -> None:
+    """Create the view ``view_id`` with ``query``, or update its query when it differs."""
     from google.api_core import exceptions as gexc
     from google.cloud import bigquery
 
     timeout = cfg.timeout_s
-    view_id = f"{cfg.project}.{cfg.dataset}.{VIEW_NAME}"
-    query = bigquery_view_query(cfg.table_id)
     try:
         view = client.get_table(view_id, retry=None, timeout=timeout)
     except gexc.NotFound:
         view = bigquery.Table(view_id)
         view.view_query = query
-        view.description = "One row per read of each decision (flattened access patterns)"
+        view.description = description
         client.create_table(view, exists_ok=True, retry=None, timeout=timeout)
         return
     if view.table_type != "VIEW":
-        logger.warning(
-            "%s exists and is not a view; the flat view of reads is not created", view_id
-        )
+        logger.warning("%s exists and is not a view; the view is not created", view_id)
     elif view.view_query is None:
         # BigQuery always returns a view's query; the emulator returns none. Leave it.
         logger.debug("%s: the server did not return the view's query; left as it is", view_id)

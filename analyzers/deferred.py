@@ -1,11 +1,12 @@
 """Decision records whose reads are resolved later, off the bar loop.
 
 The bar loop (main thread) only hands over a bar's raw reads and the feeds' positions
-(:meth:`~analyzers.tracking.AccessTracker.capture`, a few ints per feed); the first thread that
-asks for the record's ``data_accessed`` or ``lookahead_reads`` resolves them (bar index -> bar
-time, data hash, look-ahead; grouped by symbol): normally the decision writer's thread when it
-serialises the record. The record is then complete and never changes: reading it twice, or from
-two threads, gives the same tuple.
+(:meth:`~analyzers.tracking.AccessTracker.capture`, a few ints per feed). The decision writer's
+thread resolves them (bar index -> bar time, data hash, look-ahead; grouped by symbol) for a
+whole batch at once (:func:`settle_batch`, vectorised for the common read); a thread that reads
+the record's ``data_accessed`` or ``lookahead_reads`` before that resolves that one record.
+The record is then complete and never changes: reading it twice, or from two threads, gives the
+same tuple.
 
 Only used when every buffer resolution looks at only grows
 (:attr:`~analyzers.tracking.AccessTracker.deferrable`: preloaded backtests), so resolving later
@@ -17,9 +18,11 @@ safe from any thread (serialised by the tracker's ``resolve_lock``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from analyzers.schema import DataAccess, DecisionRecord
+from analyzers.tracking.columns import Columns, resolve_columns
 
 if TYPE_CHECKING:
     from analyzers.tracking import AccessTracker, Read
@@ -34,7 +37,12 @@ def _pending(record: tuple[Any, ...]) -> PendingReads:
 
 
 class PendingReads:
-    """One bar's raw reads and the feeds' positions at that bar, resolved on first use.
+    """One bar's raw reads and the feeds' positions at that bar, resolved once.
+
+    Resolved either by the decision writer with a whole batch (:func:`settle_batch`: columns,
+    vectorised) or, when something reads the record's ``data_accessed`` first, by
+    :meth:`result` (per read). Whichever comes first fixes the bar's reads; the tuples
+    :meth:`result` gives afterwards are built from that, so they never change.
 
     Args:
         tracker: the tracker that recorded the reads.
@@ -42,7 +50,7 @@ class PendingReads:
         state: :meth:`~analyzers.tracking.AccessTracker.capture` at the end of the bar.
     """
 
-    __slots__ = ("_reads", "_result", "_state", "_tracker")
+    __slots__ = ("_cols", "_lookaheads", "_reads", "_result", "_state", "_tracker")
 
     def __init__(
         self,
@@ -54,10 +62,26 @@ class PendingReads:
         self._reads: list[Read] | None = reads
         self._state: tuple[tuple[int, int, int, int], ...] | None = state
         self._result: tuple[tuple[DataAccess, ...], int] | None = None
+        self._cols: tuple[Columns, int] | None = None  # resolved by settle_batch: (batch, bar)
+        self._lookaheads: int | None = None
 
     @property
     def done(self) -> bool:
-        return self._result is not None
+        """Resolved (its reads are fixed and counted)."""
+        return self._lookaheads is not None
+
+    @property
+    def tracker(self) -> AccessTracker:
+        return self._tracker
+
+    def lookaheads(self) -> int:
+        """Look-ahead reads of the bar (resolves it per read when nothing did yet)."""
+        n = self._lookaheads
+        return self.result()[1] if n is None else n
+
+    def columns(self) -> tuple[Columns, int] | None:
+        """``(batch columns, bar position in them)`` when :func:`settle_batch` resolved it."""
+        return self._cols
 
     def result(self) -> tuple[tuple[DataAccess, ...], int]:
         """``(data_accessed, look-ahead reads)``, resolved once (any thread).
@@ -71,11 +95,42 @@ class PendingReads:
             with tracker.resolve_lock:
                 result = self._result
                 if result is None:
-                    assert self._reads is not None and self._state is not None
-                    result = tracker.resolve(self._reads, state=self._state)
+                    cols = self._cols
+                    if cols is not None:
+                        result = (cols[0].data_accessed(cols[1]), 0)
+                    else:
+                        assert self._reads is not None and self._state is not None
+                        result = tracker.resolve(self._reads, state=self._state)
+                        self._reads = self._state = None  # free the raw reads
                     self._result = result
-                    self._reads = self._state = None  # free the raw reads
+                    self._lookaheads = result[1]
         return result
+
+
+def settle_batch(pending: Sequence[PendingReads]) -> None:
+    """Resolve a batch of bars at once (the decision writer's thread, before it stores them):
+    the common reads vectorised (:func:`~analyzers.tracking.columns.resolve_columns`), every
+    other bar per read. Afterwards each is :attr:`~PendingReads.done`; those resolved as
+    columns answer :meth:`PendingReads.columns`."""
+    by_tracker: dict[int, list[PendingReads]] = {}
+    for p in pending:
+        if not p.done:
+            by_tracker.setdefault(id(p.tracker), []).append(p)
+    for group in by_tracker.values():
+        tracker = group[0].tracker
+        with tracker.resolve_lock:
+            todo = [p for p in group if p._result is None and p._cols is None]
+            raw = [(p._reads, p._state) for p in todo]
+            cols = resolve_columns(tracker, raw) if raw else None  # type: ignore[arg-type]
+            if cols is not None:
+                for b, i in enumerate(cols.done):
+                    p = todo[i]
+                    p._cols = (cols, b)
+                    p._lookaheads = 0
+                    p._reads = p._state = None
+        for p in group:
+            if not p.done:
+                p.result()
 
 
 class DeferredRecord(DecisionRecord):
@@ -93,7 +148,12 @@ class DeferredRecord(DecisionRecord):
 
     @property  # type: ignore[misc]
     def lookahead_reads(self) -> int:  # type: ignore[override]
-        return _pending(self).result()[1]
+        return _pending(self).lookaheads()
+
+    @property
+    def pending(self) -> PendingReads:
+        """The bar's reads, resolved or not (:func:`settle_batch`)."""
+        return _pending(self)
 
     def resolved(self) -> DecisionRecord:
         """The same record as a plain :class:`~analyzers.schema.DecisionRecord`."""

@@ -212,6 +212,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # (analyzers.deferred); bars handed over and not known to be resolved yet
         self._defer = False
         self._pending: collections.deque[PendingReads] = collections.deque()
+        # positions of the last record: with backtrader's own broker they change only when an
+        # order executes, which notify_order hears first (None: compute at the next record)
+        self._held: tuple[Position, ...] | None = None
+        self._cache_held = False
 
     @property
     def lookahead_total(self) -> int:
@@ -223,7 +227,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         """Resolve every bar handed over and not resolved yet (on this thread)."""
         pending = self._pending
         while pending:
-            pending.popleft().result()
+            pending.popleft().lookaheads()
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -242,6 +246,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self._symbol_of[id(data)] = feed_symbol(data)
         self.tracker.track_strategy(strategy, track_indicators=bool(self.p.track_indicators))
         self._defer = self.writer is not None and self.tracker.deferrable
+        self._cache_held = isinstance(strategy.broker, bt.brokers.BackBroker)
         if self.tracker.gaps:
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
@@ -360,6 +365,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         )
 
     def notify_order(self, order: Any) -> None:
+        self._held = None
         event = _STATUS_EVENT.get(order.status, order.getstatusname().upper())
         exec_size = exec_price = commission = None
         if order.status in (bt.Order.Partial, bt.Order.Completed):
@@ -450,7 +456,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             lookaheads,
             float(self._getvalue()),
             float(broker.getcash()),
-            self._positions(broker),
+            self._positions(broker) if (held := self._held) is None else held,
             reasoning,
             confidence,
             notes,
@@ -462,6 +468,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self.records.append(rec)
 
     def _positions(self, broker: Any) -> tuple[Position, ...]:
+        held = self._held = self._broker_positions(broker) if self._cache_held else None
+        return held if held is not None else self._broker_positions(broker)
+
+    def _broker_positions(self, broker: Any) -> tuple[Position, ...]:
         positions = getattr(broker, "positions", None)
         if not positions:
             return ()

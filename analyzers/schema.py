@@ -13,6 +13,7 @@ into a JSON-ready ``dict`` on the sink's writer thread (timestamps as ISO-8601 U
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -242,6 +243,62 @@ def _num(x: float | None) -> float | None:
     return x
 
 
+def action_rows(actions: tuple[Action, ...]) -> list[dict[str, Any]]:
+    """The ``actions`` column of :func:`to_row`."""
+    return [
+        {
+            "seq": a.seq,
+            "event": a.event,
+            "side": a.side,
+            "symbol": a.symbol,
+            "order_ref": a.order_ref,
+            "order_type": a.order_type,
+            "size": _num(a.size),
+            "price": _num(a.price),
+            "exec_size": _num(a.exec_size),
+            "exec_price": _num(a.exec_price),
+            "commission": _num(a.commission),
+            "reason": a.reason,
+        }
+        for a in actions
+    ]
+
+
+def accessed_rows(
+    data_accessed: tuple[DataAccess, ...], time: Callable[[float], Any] = _ts
+) -> list[dict[str, Any]]:
+    """The ``data_accessed`` column of :func:`to_row`; bar times through ``time`` (default:
+    ISO-8601 UTC text)."""
+    return [
+        {
+            "symbol": d.symbol,
+            "data_hash": d.data_hash,
+            "fields_accessed": list(d.fields_accessed),
+            "access_patterns": [
+                {
+                    "seq": p.seq,
+                    "field": p.field,
+                    "index": p.index,
+                    "size": p.size,
+                    "bar_index": p.bar_index,
+                    "data_hash": p.data_hash,
+                    "value": _num(p.value),
+                    "text_value": p.text_value,
+                    "lookahead": p.lookahead,
+                    "bar_time": None if p.bar_time is None else time(p.bar_time),
+                }
+                for p in d.access_patterns
+            ],
+        }
+        for d in data_accessed
+    ]
+
+
+def position_rows(positions: tuple[Position, ...]) -> list[dict[str, Any]]:
+    """The ``positions`` column of :func:`to_row`."""
+    return [{"symbol": p.symbol, "size": p.size, "price": _num(p.price)} for p in positions]
+
+
 def to_row(rec: DecisionRecord) -> dict[str, Any]:
     """A JSON-ready row (``insert_rows_json`` shape) for one record."""
     run = rec.run
@@ -255,53 +312,13 @@ def to_row(rec: DecisionRecord) -> dict[str, Any]:
         "bar_time": _ts(rec.bar_time),
         "stage": rec.stage,
         "action": rec.action,
-        "actions": [
-            {
-                "seq": a.seq,
-                "event": a.event,
-                "side": a.side,
-                "symbol": a.symbol,
-                "order_ref": a.order_ref,
-                "order_type": a.order_type,
-                "size": _num(a.size),
-                "price": _num(a.price),
-                "exec_size": _num(a.exec_size),
-                "exec_price": _num(a.exec_price),
-                "commission": _num(a.commission),
-                "reason": a.reason,
-            }
-            for a in rec.actions
-        ],
-        "data_accessed": [
-            {
-                "symbol": d.symbol,
-                "data_hash": d.data_hash,
-                "fields_accessed": list(d.fields_accessed),
-                "access_patterns": [
-                    {
-                        "seq": p.seq,
-                        "field": p.field,
-                        "index": p.index,
-                        "size": p.size,
-                        "bar_index": p.bar_index,
-                        "data_hash": p.data_hash,
-                        "value": _num(p.value),
-                        "text_value": p.text_value,
-                        "lookahead": p.lookahead,
-                        "bar_time": None if p.bar_time is None else _ts(p.bar_time),
-                    }
-                    for p in d.access_patterns
-                ],
-            }
-            for d in rec.data_accessed
-        ],
+        "actions": action_rows(rec.actions),
+        "data_accessed": accessed_rows(rec.data_accessed),
         "reads": rec.reads,
         "lookahead_reads": rec.lookahead_reads,
         "portfolio_value": _num(rec.portfolio_value),
         "portfolio_cash": _num(rec.portfolio_cash),
-        "positions": [
-            {"symbol": p.symbol, "size": p.size, "price": _num(p.price)} for p in rec.positions
-        ],
+        "positions": position_rows(rec.positions),
         "reasoning": rec.reasoning,
         "confidence": _num(rec.confidence),
         "notes": rec.notes,

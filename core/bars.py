@@ -25,7 +25,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -229,6 +229,84 @@ def bar_hash(symbol: str, ts: datetime, values: Mapping[str, Any]) -> str:
         values: OHLCV and extra fields by line name (flattened), numbers or text.
     """
     return hashlib.blake2b(canonical_bar(symbol, ts, values), digest_size=16).hexdigest()
+
+
+# Seconds since 1970 of 1000-01-01 and of 9999-12-31T23:59:59: four-digit years, where numpy's
+# ISO text and strftime's agree.
+_FOUR_DIGIT_YEARS = (-30_610_224_000, 253_402_300_799)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+
+
+def bar_hashes(
+    symbol: str,
+    times_us: np.ndarray,
+    numeric: Mapping[str, np.ndarray],
+    text: Mapping[str, Sequence[str | None]] | None = None,
+) -> list[str]:
+    """:func:`bar_hash` of many bars of one symbol at once, equal bar for bar (about 5x faster:
+    the canonical JSON is assembled column by column, not through a dict and ``json.dumps``).
+
+    Args:
+        symbol: every bar's symbol.
+        times_us: bar times, int64 microseconds since 1970-01-01 UTC, shape ``(n,)``.
+        numeric: number columns by field name, each shape ``(n,)`` (NaN: left out).
+        text: text columns by field name, each ``n`` long (None: left out).
+
+    Returns:
+        ``n`` hex digests.
+
+    Raises:
+        ValueError: a bar holds an infinite number (as :func:`bar_hash` does).
+    """
+    text = text or {}
+    us = np.asarray(times_us, dtype=np.int64)
+    n = len(us)
+    if n == 0:
+        return []
+    names = [*numeric, *text]
+    secs = us // 1_000_000
+    frac = (us - secs * 1_000_000).tolist()
+    slow = np.zeros(n, dtype=bool)
+    if {"symbol", "timestamp"} & set(names):
+        slow[:] = True  # a field shadowing a key of the document: the dict decides
+    slow |= (secs < _FOUR_DIGIT_YEARS[0]) | (secs > _FOUR_DIGIT_YEARS[1])
+    stamps = np.datetime_as_string(
+        np.clip(secs, *_FOUR_DIGIT_YEARS).astype("datetime64[s]"), unit="s"
+    ).tolist()
+    enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    columns: dict[str, list[str | None]] = {
+        "symbol": [f'"symbol":{enc(symbol)}'] * n,
+        "timestamp": [
+            f'"timestamp":"{s}.{f:06d}Z"' if f else f'"timestamp":"{s}Z"'
+            for s, f in zip(stamps, frac, strict=True)
+        ],
+    }
+    for name, col in numeric.items():
+        arr = np.asarray(col, dtype=np.float64)
+        slow |= np.isinf(arr)
+        key = f"{enc(name)}:"
+        columns[name] = [None if x != x else key + float.__repr__(x) for x in arr.tolist()]
+    for name, tcol in text.items():
+        key = f"{enc(name)}:"
+        columns[name] = [None if t is None else key + enc(t) for t in tcol]
+    ordered = [columns[k] for k in sorted(columns)]
+    blake2b = hashlib.blake2b
+    out: list[str] = []
+    slow_rows = set(np.flatnonzero(slow).tolist())
+    for i, parts in enumerate(zip(*ordered, strict=True)):
+        if i in slow_rows:
+            values: dict[str, Any] = {k: _plain(numeric[k][i]) for k in numeric}
+            values.update({k: text[k][i] for k in text})
+            ts = _EPOCH_NAIVE + timedelta(microseconds=int(us[i]))
+            out.append(bar_hash(symbol, ts, values))
+            continue
+        doc = "{" + ",".join([p for p in parts if p is not None]) + "}"
+        out.append(blake2b(doc.encode(), digest_size=16).hexdigest())
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, np.floating) else value
 
 
 class BarHashes:

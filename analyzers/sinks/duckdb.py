@@ -18,19 +18,23 @@ from analyzers.schema import (
     DecisionRecord,
     duckdb_ddl,
     duckdb_struct_type,
-    row_json,
 )
 from analyzers.sinks.base import Row, RowError
+from analyzers.sinks.columnar import records_table
 from analyzers.sinks.views import duckdb_view_sql
 from core.errors import SinkError
+
+_BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 
 
 class LocalDuckDBSink:
     """Decision rows in an embedded DuckDB database file, same nested schema as BigQuery.
 
-    Rows arrive as JSON text and are cast to the table's STRUCT type inside DuckDB in one
-    statement per batch (much faster than binding Python objects). ``decision_id`` is the
-    key of replays: a replayed row that is already stored is skipped.
+    Fresh records from the analyzer arrive as one Arrow table per batch (:meth:`write_records`,
+    scanned by DuckDB without Python per row); rows of a replay (spill files, journals) as JSON
+    text cast to the table's STRUCT type inside DuckDB in one statement per batch (much faster
+    than binding Python objects). ``decision_id`` is the key of replays: a replayed row that is
+    already stored is skipped.
 
     Thread context: :meth:`open` runs on the thread that starts the writer, every other method
     on the writer thread.
@@ -49,11 +53,10 @@ class LocalDuckDBSink:
         self.threads = threads
         self._con: Any = None
         # Replays (spill files) may resend rows already stored: skip those ids. Fresh records
-        # take the plain append (no primary key: its index would double the insert cost).
+        # take the plain append of an Arrow table (no primary key: its index would double the
+        # insert cost).
         cast = f"unnest(CAST(j::JSON AS {duckdb_struct_type()}))"
-        self._append_sql = (
-            f'INSERT INTO "{table}" SELECT {cast} FROM (SELECT unnest($1::VARCHAR[]) AS j)'
-        )
+        self._arrow_sql = f'INSERT INTO "{table}" SELECT * FROM {_BATCH_VIEW}'
         self._insert_sql = (
             f'INSERT INTO "{table}" SELECT r.* FROM (SELECT {cast} FROM '
             f"(SELECT unnest($1::VARCHAR[]) AS j)) AS r WHERE r.decision_id NOT IN "
@@ -130,12 +133,19 @@ class LocalDuckDBSink:
         return sorted(errors)
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
-        """Fast path for fresh records from the analyzer: JSON text written directly
-        (:func:`~analyzers.schema.row_json`) and cast to the table's STRUCT inside DuckDB,
-        which runs without the GIL. No duplicate check: these ids were never written."""
+        """Fast path for fresh records from the analyzer: one Arrow table per batch
+        (:func:`~analyzers.sinks.columnar.records_table`, which also resolves the batch's
+        deferred reads, vectorised), scanned by DuckDB without Python per row and without the
+        GIL. No duplicate check: these ids were never written."""
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write_records() before open()")
-        self._con.execute(self._append_sql, [[row_json(r) for r in records]])
+        table = records_table(records)
+        con = self._con
+        con.register(_BATCH_VIEW, table)
+        try:
+            con.execute(self._arrow_sql)
+        finally:
+            con.unregister(_BATCH_VIEW)
         return []
 
     def close(self) -> None:

@@ -15,7 +15,8 @@ agent callback runs (``prenext``/``nextstart``/``next``/``notify_*``) and not in
 backtrader call made on the agent's behalf (orders, ``order_target_*``, sizers, the broker's
 ``getvalue``...); :class:`~analyzers.fmel.FMELAnalyzer` sets the flag around those calls.
 
-Hot path (main thread, per read): one tuple append ``(tag, ago, size, bar index, value)``, where
+Hot path (main thread, per read): one tuple append ``(tag id, ago, size, bar index, value)``
+(numbers and the value only, so the garbage collector soon stops tracking it), where
 ``bar index`` is the absolute position in the line's own buffer that was actually returned
 (backtrader's buffer wraps around: ``close[-1]`` on the first bar of a preloaded feed returns the
 LAST bar). Resolution (:meth:`AccessTracker.resolve`, once per bar) maps it to the bar of every
@@ -28,7 +29,9 @@ Deferred resolution: when every buffer resolution looks at only grows (:attr:`Ac
 deferrable`: preloaded backtests, not strict mode), the bar loop only takes the feeds' positions
 (:meth:`AccessTracker.capture`, a few ints per feed) and hands the raw reads over
 (:mod:`analyzers.deferred`); :meth:`AccessTracker.resolve` with that ``state`` then gives, on
-the writer thread, exactly what it would have given at the bar.
+the writer thread, exactly what it would have given at the bar, and
+:func:`~analyzers.tracking.columns.resolve_columns` gives the same for a whole batch of bars at
+once, vectorised (the decision writer's path).
 
 Thread context: tracking and wiring on the main (backtrader) thread only; :meth:`AccessTracker.
 resolve` with a captured ``state`` on any thread, under :attr:`AccessTracker.resolve_lock`.

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-Read = tuple["LineTag", int, int, int, Any]
-# (tag, ago, size, bar index in the line's own buffer, value). size 0 marks ``len()``; a value of
-# None on a number line marks a window read that returned nothing.
+Read = tuple[int, int, int, int, Any]
+# (tag id, ago, size, bar index in the line's own buffer, value). size 0 marks ``len()``; a value
+# of None on a number line marks a window read that returned nothing. The tag is referred to by
+# its id (:attr:`LineTag.id`, its position in :attr:`AccessTracker.tags`), so a raw read holds
+# only numbers and text: the garbage collector stops tracking it at its first pass (a reference
+# to the tag would keep hundreds of thousands of raw reads on its lists).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ class LineTag:
         "clock",
         "direct",
         "field",
+        "id",
         "line",
         "out",
         "pairs",
@@ -139,6 +143,8 @@ class LineTag:
         direct: bool,
     ) -> None:
         self.tracker = tracker
+        self.id = len(tracker.tags)  # what raw reads carry (see Read)
+        tracker.tags.append(self)
         self.out = tracker.reads
         self.strict = tracker.strict_lookahead
         self.line = line

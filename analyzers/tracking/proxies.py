@@ -54,7 +54,7 @@ def _tracked_class(base: type) -> type:
             if pos < 0:  # python indexing wrapped around to the end of the buffer
                 pos += len(self.array)
             tag = self._fmel
-            tag.out.append((tag, ago, 1, pos + self.lencount - 1 - idx, value))
+            tag.out.append((tag.id, ago, 1, pos + self.lencount - 1 - idx, value))
             if tag.strict:
                 tag.tracker.check_strict()
         elif ago > 0:
@@ -72,7 +72,7 @@ def _tracked_class(base: type) -> type:
             else:
                 newest, last = idx + ago, None
             tag = self._fmel
-            tag.out.append((tag, ago, size, newest + self.lencount - 1 - idx, last))
+            tag.out.append((tag.id, ago, size, newest + self.lencount - 1 - idx, last))
             if tag.strict:
                 tag.tracker.check_strict()
         elif ago > 0:
@@ -85,7 +85,7 @@ def _tracked_class(base: type) -> type:
             pos = idx + len(self.array) if idx < 0 else idx
             bar = pos + self.lencount - 1 - self._idx
             tag = self._fmel
-            tag.out.append((tag, bar - (self.lencount - 1), 1, bar, value))
+            tag.out.append((tag.id, bar - (self.lencount - 1), 1, bar, value))
             if tag.strict:
                 tag.tracker.check_strict()
         return value
@@ -100,7 +100,7 @@ def _tracked_class(base: type) -> type:
             else:
                 newest, last = idx + size - 1 + off, None
             tag = self._fmel
-            tag.out.append((tag, newest - (self.lencount - 1), size, newest, last))
+            tag.out.append((tag.id, newest - (self.lencount - 1), size, newest, last))
             if tag.strict:
                 tag.tracker.check_strict()
         return values
@@ -108,7 +108,7 @@ def _tracked_class(base: type) -> type:
     def __len__(self: Any) -> int:  # noqa: N807
         if ACTIVE:
             tag = self._fmel
-            tag.out.append((tag, 0, 0, self.lencount - 1, None))
+            tag.out.append((tag.id, 0, 0, self.lencount - 1, None))
         return self.lencount  # type: ignore[no-any-return]
 
     cls = type(base)(
@@ -137,7 +137,7 @@ class _TrackedTextLine(TextLine):
         value = self.value_at(index)
         if ACTIVE:
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
-            tag.out.append((tag, ago, 1, index, value))
+            tag.out.append((tag.id, ago, 1, index, value))
             if tag.strict:
                 tag.tracker.check_strict()
         return value
@@ -147,7 +147,7 @@ class _TrackedTextLine(TextLine):
         if ACTIVE:
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
             index = self.feed.lines.datetime.lencount - 1 + ago
-            tag.out.append((tag, ago, size, index, values[-1] if values else None))
+            tag.out.append((tag.id, ago, size, index, values[-1] if values else None))
             if tag.strict:
                 tag.tracker.check_strict()
         return values
@@ -156,5 +156,5 @@ class _TrackedTextLine(TextLine):
         n = len(self.feed.lines.datetime)
         if ACTIVE:
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
-            tag.out.append((tag, 0, 0, n - 1, None))
+            tag.out.append((tag.id, 0, 0, n - 1, None))
         return n

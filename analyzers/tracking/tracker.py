@@ -51,6 +51,8 @@ class AccessTracker:
 
     def __init__(self, strict_lookahead: bool = False) -> None:
         self.reads: list[Read] = []
+        # every LineTag made for this tracker, by LineTag.id (raw reads carry the id)
+        self.tags: list[LineTag] = []
         self.strict_lookahead = strict_lookahead
         self.gaps: list[str] = []
         self.lookahead_total = 0
@@ -68,6 +70,7 @@ class AccessTracker:
         # every FeedInfo resolution may use (source feeds and strategy step clocks), in the
         # order of :meth:`capture`; FeedInfo.slot is the position
         self._infos: list[FeedInfo] = []
+        self._captured: list[tuple[Any, Any]] = []  # (datetime line, hashes) per info
         # serialises resolution (the writer thread and the owner may both resolve deferred
         # bars) and the refresh of the tags' sources
         self.resolve_lock = threading.Lock()
@@ -83,6 +86,7 @@ class AccessTracker:
     def _add_info(self, info: FeedInfo) -> FeedInfo:
         info.slot = len(self._infos)
         self._infos.append(info)
+        self._captured.append((info.dt, info.hashes))
         return info
 
     @property
@@ -107,8 +111,18 @@ class AccessTracker:
 
     def capture(self) -> tuple[tuple[int, int, int, int], ...]:
         """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
-        (main thread, once per bar; a few ints per feed)."""
-        return tuple([info.capture() for info in self._infos])
+        (main thread, once per bar; a few ints per feed; :meth:`FeedInfo.capture` inlined)."""
+        return tuple(
+            [
+                (
+                    dt.lencount,
+                    dt._idx,
+                    len(dt.array) - dt.extension,
+                    len(hashes) if hashes is not None else 0,
+                )
+                for dt, hashes in self._captured
+            ]
+        )
 
     def track_feed(self, data: Any) -> int:
         """Track every line of a data feed (OHLCV, extras, text fields). Returns lines tracked.
@@ -429,7 +443,9 @@ class AccessTracker:
         infos: dict[str, FeedInfo] = {}
         snaps = _Snaps(state)
         lookaheads = 0
-        for seq, (tag, ago, size, index, value) in enumerate(reads):
+        tags = self.tags
+        for seq, (tid, ago, size, index, value) in enumerate(reads):
+            tag = tags[tid]
             info = tag.clock
             if tag.direct and size == 1 and value.__class__ is float and info is not None:
                 # the common read, d.close[-1]: one source, the feed's own bar

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.bars import OHLCV, PRICE_FIELDS, bar_hash, check_bars, field_name
+from core.bars import OHLCV, PRICE_FIELDS, bar_hash, bar_hashes, check_bars, field_name
 from core.errors import DataError
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
 from feeds.csv.table import RawTable, read_header, read_raw_table
@@ -48,6 +48,9 @@ _DATA_LIKE = re.compile(
 )
 
 
+HASH_BLOCK = 256  # bars hashed together on a miss (RowHashes)
+
+
 class RowHashes(Sequence[str]):
     """Data hash of each bar of a :class:`CSVBars`, computed on first use and kept.
 
@@ -55,7 +58,8 @@ class RowHashes(Sequence[str]):
     empty text left out), exactly as the Pub/Sub feed computes it for the same bar. A slice is a
     new lazy sequence over the sliced arrays. Equal to any sequence of the same hashes.
 
-    Not thread-safe for concurrent first use (the feed and FMEL use it on the main thread).
+    Thread context: any thread (FMEL's decision writer asks from its own); two threads asking for
+    the same block at once both compute it and store the same hashes (dict updates under the GIL).
     """
 
     __slots__ = ("_cache", "_numeric", "_symbol", "_text", "_times")
@@ -96,8 +100,27 @@ class RowHashes(Sequence[str]):
             raise IndexError(f"bar {index} out of range ({n} bars)")
         digest = self._cache.get(i)
         if digest is None:
-            digest = self._cache[i] = self._compute(i)
+            digest = self._compute_block(i)
         return digest
+
+    def _compute_block(self, i: int) -> str:
+        """Compute the hashes of the block of :data:`HASH_BLOCK` bars holding bar ``i`` at
+        once (:func:`core.bars.bar_hashes`: whoever asks for one bar's hash, FMEL's writer,
+        asks for its neighbours next); returns bar ``i``'s."""
+        lo = i - i % HASH_BLOCK
+        hi = min(lo + HASH_BLOCK, len(self._times))
+        try:
+            digests = bar_hashes(
+                self._symbol,
+                self._times[lo:hi] // 1000,
+                {k: v[lo:hi] for k, v in self._numeric.items()},
+                {k: v[lo:hi] for k, v in self._text.items()},
+            )
+        except ValueError:  # a bar of the block the one-bar rule refuses: only bar i
+            digest = self._cache[i] = self._compute(i)
+            return digest
+        self._cache.update(zip(range(lo, hi), digests, strict=True))
+        return digests[i - lo]
 
     def _compute(self, i: int) -> str:
         ts = _EPOCH + timedelta(microseconds=int(self._times[i]) // 1000)

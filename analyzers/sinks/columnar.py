@@ -1,0 +1,198 @@
+"""Decision records as one Arrow table per write: the local store's fast path.
+
+:func:`records_table` turns a batch of records into a ``pyarrow.Table`` with the columns and
+nested types of :data:`~analyzers.schema.DECISION_SCHEMA` (``REPEATED RECORD`` as a list of
+structs, ``TIMESTAMP`` as microseconds UTC), which DuckDB scans without Python per row and
+without the GIL. The reads of deferred bars (:mod:`analyzers.deferred`) are resolved here for the
+whole batch at once (:func:`~analyzers.deferred.settle_batch`) and go into the nested
+``data_accessed`` column as flat arrays with list offsets; Python runs per record and per
+distinct bar, not per read. Records resolved otherwise (live runs, strict mode, a record
+something read first) are converted from their tuples.
+
+The rows equal :func:`~analyzers.schema.to_row` of the same records once stored (NaN and
+infinities as null, timestamps rounded as ``to_row`` rounds them); ``tests/unit/
+test_fmel_columns.py`` stores the idiom corpus both ways and compares.
+
+Thread context: the decision writer's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from analyzers.deferred import DeferredRecord, settle_batch
+from analyzers.schema import (
+    DATA_ACCESS_FIELDS,
+    DECISION_SCHEMA,
+    SCHEMA_VERSION,
+    DecisionRecord,
+    FieldSpec,
+    accessed_rows,
+    action_rows,
+    position_rows,
+)
+from analyzers.tracking.columns import Columns, posix_us, posix_us_array
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "STRING": pa.string(),
+    "INT64": pa.int64(),
+    "FLOAT64": pa.float64(),
+    "BOOL": pa.bool_(),
+    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
+}
+
+
+def arrow_type(spec: FieldSpec) -> pa.DataType:
+    """The Arrow type of one column of the schema (``REPEATED`` -> list, ``RECORD`` -> struct)."""
+    if spec.type == "RECORD":
+        base: pa.DataType = pa.struct([pa.field(f.name, arrow_type(f)) for f in spec.fields])
+    else:
+        base = _ARROW_TYPES[spec.type]
+    return pa.list_(base) if spec.mode == "REPEATED" else base
+
+
+ARROW_SCHEMA = pa.schema([pa.field(f.name, arrow_type(f)) for f in DECISION_SCHEMA])
+_DATA_ACCESSED_T = ARROW_SCHEMA.field("data_accessed").type
+_DATA_ACCESS_T = _DATA_ACCESSED_T.value_type
+_FIELDS_T = _DATA_ACCESS_T.field("fields_accessed").type
+_PATTERNS_T = _DATA_ACCESS_T.field("access_patterns").type
+_ACCESS_T = _PATTERNS_T.value_type
+_TS_T = _ARROW_TYPES["TIMESTAMP"]
+assert [f.name for f in DATA_ACCESS_FIELDS] == [f.name for f in _DATA_ACCESS_T]
+
+
+def _list_array(offsets: Any, values: pa.Array, typ: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=typ)
+
+
+def _columns_array(cols: Columns) -> pa.Array:
+    """``data_accessed`` of every bar of ``cols`` (one list entry per bar in ``cols.done``)."""
+    n = len(cols.seq)
+    value = cols.value
+    hash_code = cols.hash_code
+    access = pa.StructArray.from_arrays(
+        [
+            pa.array(cols.seq, pa.int64()),
+            pc.take(pa.array(cols.field_names, pa.string()), pa.array(cols.field_code)),
+            pa.array(cols.index, pa.int64()),
+            pa.array(np.ones(n, dtype=np.int64)),
+            pa.array(cols.bar_index, pa.int64()),
+            pc.take(pa.array(cols.hashes, pa.string()), pa.array(hash_code, mask=hash_code < 0)),
+            pa.array(value, pa.float64(), mask=~np.isfinite(value)),
+            pa.nulls(n, pa.string()),
+            pa.array(np.zeros(n, dtype=bool)),
+            pa.array(cols.bar_time_us, _TS_T),
+        ],
+        fields=list(_ACCESS_T),
+    )
+    group = pa.StructArray.from_arrays(
+        [
+            pa.array(cols.symbol, pa.string()),
+            pa.array(cols.digest, pa.string()),
+            _list_array(cols.fields_offsets, pa.array(cols.fields, pa.string()), _FIELDS_T),
+            _list_array(cols.access_offsets, access, _PATTERNS_T),
+        ],
+        fields=list(_DATA_ACCESS_T),
+    )
+    return _list_array(cols.group_offsets, group, _DATA_ACCESSED_T)
+
+
+def _floats(values: Sequence[float | None]) -> pa.Array:
+    """FLOAT64 column; None, NaN and infinities as null (JSON has no NaN: as ``to_row``)."""
+    arr = np.array(values, dtype=np.float64)  # None -> NaN
+    return pa.array(arr, pa.float64(), mask=~np.isfinite(arr))
+
+
+def _data_accessed(records: Sequence[DecisionRecord]) -> pa.Array:
+    """The ``data_accessed`` column: slices of each batch's columns where the reads were
+    resolved in columns, records converted from their tuples in between; in record order."""
+    pieces: list[pa.Array] = []
+    built: dict[int, pa.Array] = {}
+    run_cols: Columns | None = None
+    run_lo = run_hi = 0
+    run_rows: list[list[dict[str, Any]]] = []
+
+    def flush() -> None:
+        nonlocal run_cols
+        if run_cols is not None:
+            whole = built.get(id(run_cols))
+            if whole is None:
+                whole = built[id(run_cols)] = _columns_array(run_cols)
+            pieces.append(whole.slice(run_lo, run_hi - run_lo))
+            run_cols = None
+        if run_rows:
+            pieces.append(pa.array(run_rows, _DATA_ACCESSED_T))
+            run_rows.clear()
+
+    for rec in records:
+        at = rec.pending.columns() if isinstance(rec, DeferredRecord) else None
+        if at is not None:
+            c, b = at
+            if run_cols is c and b == run_hi:
+                run_hi += 1
+                continue
+            flush()
+            run_cols, run_lo, run_hi = c, b, b + 1
+        else:
+            if run_cols is not None:
+                flush()
+            run_rows.append(accessed_rows(rec.data_accessed, posix_us))
+    flush()
+    if not pieces:
+        return pa.array([[] for _ in records], _DATA_ACCESSED_T)
+    return pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
+    """One Arrow table (schema :data:`ARROW_SCHEMA`) with a row per record, in order.
+
+    Resolves the batch's deferred reads first (:func:`~analyzers.deferred.settle_batch`);
+    builds every column at once (Python per record only for ids, order events and positions).
+    """
+    settle_batch([r.pending for r in records if isinstance(r, DeferredRecord)])
+    if not records:
+        return ARROW_SCHEMA.empty_table()
+    (runs, dps, tss, bar_times, stages, action, actions, _, reads, _, pvs, cashes, positions,
+     reasonings, confidences, notes) = zip(*records, strict=True)  # fmt: skip
+    string, int64 = pa.string(), pa.int64()
+    if any(run.decision_scope for run in runs):
+        decision_id = pa.array([r.decision_id for r in records], string)
+    else:  # <session_id>:<decision_point>
+        decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
+    n = len(records)
+    columns: dict[str, pa.Array] = {
+        "decision_id": decision_id,
+        "session_id": pa.array([run.session_id for run in runs], string),
+        "agent_id": pa.array([run.agent_id for run in runs], string),
+        "mode": pa.array([run.mode for run in runs], string),
+        "decision_point": pa.array(dps, int64),
+        "ts": pa.array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
+        "bar_time": pa.array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
+        "stage": pa.array(stages, string),
+        "action": pa.array(action, string),
+        "actions": pa.array(
+            [action_rows(a) if a else [] for a in actions], ARROW_SCHEMA.field("actions").type
+        ),
+        "data_accessed": _data_accessed(records),
+        "reads": pa.array(reads, int64),
+        "lookahead_reads": pa.array([r.lookahead_reads for r in records], int64),
+        "portfolio_value": _floats(pvs),
+        "portfolio_cash": _floats(cashes),
+        "positions": pa.array(
+            [position_rows(p) if p else [] for p in positions], ARROW_SCHEMA.field("positions").type
+        ),
+        "reasoning": pa.array(reasonings, string),
+        "confidence": _floats(confidences),
+        "notes": pa.array(notes, string),
+        "agent_class": pa.array([run.agent_class for run in runs], string),
+        "agent_params": pa.array([run.agent_params for run in runs], string),
+        "agent_source_hash": pa.array([run.agent_source_hash for run in runs], string),
+        "schema_version": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int64)),
+        "tracking_gaps": pa.array([run.tracking_gaps for run in runs], string),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)

@@ -1,0 +1,366 @@
+"""Vectorised resolution: many bars' raw reads to the columns of ``data_accessed`` at once.
+
+:meth:`AccessTracker.resolve <analyzers.tracking.AccessTracker.resolve>` resolves one bar's
+reads in Python, read by read (about 4 us a read). The decision writer instead hands a whole
+batch of deferred bars to :func:`resolve_columns`, which resolves the common read with numpy
+over the whole batch: a read of a line whose values follow one source feed bar for bar (a
+feed's own number lines, and indicators over one feed: ``close[-3]``, ``sma[0]``,
+``crossover[0]``), of size 1, that returned a number from a bar in the past of the current one,
+and ``len()`` of such a line. Python then runs once per distinct bar (its data hash, looked up
+once for the whole batch) and once per ``(bar, symbol)`` group, not once per read; bar times are
+rounded as the per-read path rounds them (:func:`round_ms`, :func:`posix_us_array`).
+
+A bar with any other read (a window, text, an indicator over several feeds, a line shifted
+forward, a look-ahead, a bar before the first) is left to the per-read path
+(:meth:`~analyzers.tracking.AccessTracker.resolve`), so every bar is resolved by exactly one of
+the two. Both give the same rows: ``tests/unit/test_fmel_columns.py`` stores the idiom corpus
+both ways and compares every column.
+
+Thread context: the writer thread, under the tracker's ``resolve_lock``, for bars the tracker
+could defer (:attr:`~analyzers.tracking.AccessTracker.deferrable`: their buffers only grow).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from analyzers.schema import Access, DataAccess
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
+
+if TYPE_CHECKING:
+    from analyzers.tracking.model import Read
+    from analyzers.tracking.tracker import AccessTracker
+
+IntArray = npt.NDArray[np.int64]
+State = tuple[tuple[int, int, int, int], ...]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def posix_us(posix_s: float) -> int:
+    """POSIX seconds as integer microseconds, rounded exactly as
+    ``datetime.fromtimestamp(posix_s, UTC)`` rounds them (half to even), so a timestamp stored
+    from here equals the ISO-8601 text :func:`analyzers.schema.to_row` writes."""
+    return (datetime.fromtimestamp(posix_s, UTC) - _EPOCH) // _US
+
+
+def posix_us_array(posix_s: npt.NDArray[np.float64]) -> IntArray:
+    """:func:`posix_us` of many times at once: CPython's rounding of ``fromtimestamp``
+    (``_PyTime_DoubleToDenominator``: ``modf``, fraction times 1e6 rounded half to even, carried
+    into the seconds) done with numpy. Shape ``(n,)`` -> ``(n,)``."""
+    whole = np.trunc(posix_s)
+    frac = np.rint((posix_s - whole) * 1e6)
+    over = frac >= 1e6
+    under = frac < 0
+    frac = np.where(over, frac - 1e6, np.where(under, frac + 1e6, frac))
+    whole = np.where(over, whole + 1, np.where(under, whole - 1, whole))
+    return whole.astype(np.int64) * 1_000_000 + frac.astype(np.int64)
+
+
+def round_ms(posix_s: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``round(x, 3)`` of many floats, equal to Python's (correctly rounded): ``rint(x * 1000)
+    / 1000`` where ``x * 1000`` is far from a half and small enough to be exact to 0.1, else
+    Python's own ``round``. Shape ``(n,)`` -> ``(n,)``."""
+    y = posix_s * 1000.0
+    k = np.rint(y)
+    out = k / 1000.0
+    unsure = ~((np.abs(y - k) < 0.4) & (np.abs(y) < 2.0**49))
+    for i in np.flatnonzero(unsure).tolist():
+        out[i] = round(float(posix_s[i]), 3)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """``data_accessed`` of the bars :func:`resolve_columns` resolved, as flat columns.
+
+    ``B`` bars resolved, ``G`` ``(bar, symbol)`` groups, ``A`` accesses (one per read), ``F``
+    entries of ``fields_accessed``. Offsets arrays have one more entry than what they split.
+
+    Attributes:
+        done: positions (in the input) of the bars resolved here, ascending (``B``).
+        group_offsets: groups of each resolved bar (``B + 1``).
+        symbol: symbol of each group (``G``).
+        digest: data hash of the symbol's current bar at the bar, per group (``G``, None: none).
+        fields_offsets: fields of each group (``G + 1``).
+        fields: ``fields_accessed``, flattened (``F``).
+        access_offsets: accesses of each group (``G + 1``).
+        seq, index, bar_index: per access (``A``, int64).
+        field_code: per access, position in ``field_names`` (``A``).
+        field_names: distinct field names.
+        hash_code: per access, position in ``hashes``; -1 for a null hash (``A``).
+        hashes: distinct data hashes.
+        value: number returned, per access (``A``, float64; NaN and infinities stored as null).
+        bar_time_us: bar time, POSIX microseconds, per access (``A``, int64).
+        bar_time_s: the same as POSIX seconds rounded to the millisecond, as the per-read path
+            gives it (``A``, float64).
+    """
+
+    done: list[int]
+    group_offsets: IntArray
+    symbol: list[str]
+    digest: list[str | None]
+    fields_offsets: IntArray
+    fields: list[str]
+    access_offsets: IntArray
+    seq: IntArray
+    index: IntArray
+    bar_index: IntArray
+    field_code: IntArray
+    field_names: list[str]
+    hash_code: IntArray
+    hashes: list[str]
+    value: npt.NDArray[np.float64]
+    bar_time_us: IntArray
+    bar_time_s: npt.NDArray[np.float64]
+
+    def data_accessed(self, b: int) -> tuple[DataAccess, ...]:
+        """Resolved bar ``b`` (a position in :attr:`done`'s order, not the input's) as the
+        tuples :meth:`~analyzers.tracking.AccessTracker.resolve` gives (Python per access:
+        for whoever reads the record's ``data_accessed`` attribute, not the DuckDB path)."""
+        new = tuple.__new__
+        names, hashes = self.field_names, self.hashes
+        out = []
+        for g in range(int(self.group_offsets[b]), int(self.group_offsets[b + 1])):
+            lo, hi = int(self.access_offsets[g]), int(self.access_offsets[g + 1])
+            accesses = tuple(
+                new(
+                    Access,
+                    (seq, names[f], ago, 1, bar, None if h < 0 else hashes[h], v, None, False, t),
+                )
+                for seq, f, ago, bar, h, v, t in zip(
+                    self.seq[lo:hi].tolist(),
+                    self.field_code[lo:hi].tolist(),
+                    self.index[lo:hi].tolist(),
+                    self.bar_index[lo:hi].tolist(),
+                    self.hash_code[lo:hi].tolist(),
+                    self.value[lo:hi].tolist(),
+                    self.bar_time_s[lo:hi].tolist(),
+                    strict=True,
+                )
+            )
+            f_lo, f_hi = int(self.fields_offsets[g]), int(self.fields_offsets[g + 1])
+            out.append(
+                new(
+                    DataAccess,
+                    (self.symbol[g], self.digest[g], tuple(self.fields[f_lo:f_hi]), accesses),
+                )
+            )
+        return tuple(out)
+
+
+def _offsets(counts: IntArray) -> IntArray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def resolve_columns(
+    tracker: AccessTracker, bars: Sequence[tuple[list[Read], State]]
+) -> Columns | None:
+    """Resolve the bars whose every read is the common read (see the module docstring).
+
+    Args:
+        tracker: the tracker that recorded the reads (its ``resolve_lock`` held by the caller).
+        bars: per bar, its raw reads and :meth:`~analyzers.tracking.AccessTracker.capture`.
+
+    Returns:
+        The columns of the bars resolved here (``done``); ``None`` when none was. Their
+        look-ahead count is 0 (a look-ahead read sends its bar to the per-read path).
+    """
+    if not bars:
+        return None
+    tags = tracker.tags
+    infos = tracker._infos
+    n_tags, n_slots, n_bars = len(tags), len(infos), len(bars)
+    # per tag: the one source slot its reads map to bar for bar, else -1
+    src = np.full(n_tags, -1, dtype=np.int64)
+    # per tag: the slot a len() of it counts the bars of (its clock), else -1
+    len_src = np.full(n_tags, -1, dtype=np.int64)
+    field_of: dict[str, int] = {"len": 0}
+    field_code_of_tag = np.zeros(n_tags, dtype=np.int64)
+    for tag in tags:
+        pairs = tag.pairs
+        if len(pairs) == 1:
+            info, offset, aligned, _ = pairs[0]
+            if offset == 0 and (tag.direct or aligned) and info.slot >= 0:
+                src[tag.id] = info.slot
+        clock = tag.clock
+        if clock is not None and clock.slot >= 0 and (tag.direct or tag.steps is clock):
+            len_src[tag.id] = clock.slot
+        field_code_of_tag[tag.id] = field_of.setdefault(tag.field, len(field_of))
+    symbol_of: dict[str, int] = {}
+    sym_of_slot = np.array(
+        [symbol_of.setdefault(info.symbol, len(symbol_of)) for info in infos] or [0],
+        dtype=np.int64,
+    )
+    symbols = list(symbol_of)
+
+    lens = np.fromiter((len(r) for r, _ in bars), dtype=np.int64, count=n_bars)
+    total = int(lens.sum())
+    if total == 0:
+        return None
+    flat = list(itertools.chain.from_iterable(r for r, _ in bars))
+
+    # one C pass per field, no object made per read (zip(*flat) makes one iterator per read,
+    # and the garbage collector then walks them all, many times)
+    tid, ago_all, size, index = (
+        np.fromiter(map(operator.itemgetter(i), flat), dtype=np.int64, count=total)
+        for i in range(4)
+    )
+    value_t = list(map(operator.itemgetter(4), flat))
+    del flat
+    types = set(map(type, value_t))
+    if types == {float}:
+        value = np.array(value_t, dtype=np.float64)
+        is_num = np.ones(total, dtype=bool)
+    elif types <= {float, type(None)}:  # len() reads carry None
+        obj = np.array(value_t, dtype=object)
+        is_num = np.asarray(obj != None, dtype=bool)  # noqa: E711 (elementwise)
+        obj[~is_num] = 0.0
+        value = obj.astype(np.float64)
+    else:  # text somewhere: those bars take the per-read path
+        is_num = np.fromiter((v.__class__ is float for v in value_t), dtype=bool, count=total)
+        value = np.array([v if f else 0.0 for v, f in zip(value_t, is_num, strict=True)])
+    counts = size == 0
+    value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
+    bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)
+    slot = np.where(counts, len_src[tid], src[tid])
+    ok = ((size == 1) & is_num | counts) & (slot >= 0)
+    slot = np.where(ok, slot, 0)
+
+    # the feeds' positions at each bar: (bars, slots, 4) = (count, array idx, held, known)
+    state = np.zeros((n_bars, max(n_slots, 1), 4), dtype=np.int64)
+    for i, (_, st) in enumerate(bars):
+        if st:
+            state[i, : len(st)] = st
+    cur = state[:, :, 0] - 1
+    off = cur - state[:, :, 1]
+    nbuf = state[:, :, 2] + off
+    c = cur[bar_of, slot]
+    # a len() is never a look-ahead (it returns a count, not a bar's value)
+    ok &= (index >= 0) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
+    o = off[bar_of, slot]
+    bar_ok = np.ones(n_bars, dtype=bool)
+    bar_ok[bar_of[~ok]] = False
+    # one array offset per feed within the batch (always so for growing buffers)
+    for s in np.unique(slot):
+        in_s = slot == s
+        if o[in_s].min() != o[in_s].max():
+            bar_ok[np.unique(bar_of[in_s])] = False
+    keep = bar_ok[bar_of]
+    if not keep.any():
+        return None
+    starts = np.cumsum(lens) - lens
+    seq = np.arange(total, dtype=np.int64) - starts[bar_of]
+    bar_of, slot, index, value, seq, o = (
+        bar_of[keep],
+        slot[keep],
+        index[keep],
+        value[keep],
+        seq[keep],
+        o[keep],
+    )
+    ago = ago_all[keep]
+    fcode = np.where(counts, 0, field_code_of_tag[tid])[keep]
+    known = state[bar_of, slot, 3]
+    done = np.flatnonzero(bar_ok)
+    # renumber the bars resolved here 0..B-1
+    new_bar = np.cumsum(bar_ok) - 1
+    bar_of = new_bar[bar_of]
+
+    # each distinct (feed, bar): its time and hash, once for the whole batch
+    width = int(index.max()) + 1
+    key = slot * width + index
+    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    hash_at: dict[tuple[int, int], str | None] = {}
+    u_slot, u_index = np.divmod(uniq, width)
+    u_pos = u_index - o[first]
+    u_days = np.empty(len(uniq), dtype=np.float64)
+    u_hash: list[str | None] = []
+    for s in np.unique(u_slot).tolist():
+        in_s = u_slot == s
+        info = infos[s]
+        # the datetime buffer only grows here (deferrable): copied under the GIL, then read
+        times = np.frombuffer(info.dt.array[:], dtype=np.float64)
+        u_days[in_s] = times[u_pos[in_s]]
+        hashes = info.hashes
+        for i in u_index[in_s].tolist():
+            digest = hashes.at(i) if hashes is not None else None
+            hash_at[(s, i)] = digest
+    u_hash = [hash_at[(s, i)] for s, i in zip(u_slot.tolist(), u_index.tolist(), strict=True)]
+    u_time_s = round_ms((u_days - BT_EPOCH_DAYS) * SECONDS_PER_DAY)
+    u_time = posix_us_array(u_time_s)
+    hash_list: list[str] = []
+    hash_pos: dict[str, int] = {}
+    u_code = np.array(
+        [-1 if h is None else hash_pos.setdefault(h, len(hash_pos)) for h in u_hash] or [0],
+        dtype=np.int64,
+    )
+    hash_list = list(hash_pos)
+    hash_code = np.where(index < known, u_code[inv], -1)
+    bar_time_us = u_time[inv]
+
+    # groups: (bar, symbol) in order of the symbol's first read within the bar
+    sym = sym_of_slot[slot]
+    gkey = bar_of * len(symbols) + sym
+    _, gfirst, ginv = np.unique(gkey, return_index=True, return_inverse=True)
+    rank = np.empty(len(gfirst), dtype=np.int64)
+    rank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
+    grp = rank[ginv]
+    order = np.argsort(grp, kind="stable")
+    gfirst_sorted = np.sort(gfirst)
+    n_groups = len(gfirst)
+    group_bar = bar_of[gfirst_sorted]
+    group_offsets = _offsets(np.bincount(group_bar, minlength=len(done)).astype(np.int64))
+    access_offsets = _offsets(np.bincount(grp, minlength=n_groups).astype(np.int64))
+    group_symbol = [symbols[s] for s in sym[gfirst_sorted].tolist()]
+    group_digest: list[str | None] = []
+    for b, s in zip(
+        done[group_bar].tolist(), slot[gfirst_sorted].tolist(), strict=True
+    ):  # the group's feed (its first read's) at its current bar
+        cur_b = int(state[b, s, 0]) - 1
+        hashes = infos[s].hashes
+        if hashes is None or cur_b < 0 or cur_b >= int(state[b, s, 3]):
+            group_digest.append(None)
+            continue
+        digest = hash_at.get((s, cur_b))
+        if digest is None:
+            digest = hash_at[(s, cur_b)] = hashes.at(cur_b)
+        group_digest.append(digest)
+
+    # fields_accessed: distinct fields of each group in order of first read
+    fkey = grp * max(len(field_of), 1) + fcode
+    _, ffirst = np.unique(fkey, return_index=True)
+    ffirst = ffirst[np.lexsort((ffirst, grp[ffirst]))]  # by group, then first read
+    field_names = list(field_of)
+    fields = [field_names[f] for f in fcode[ffirst].tolist()]
+    fields_offsets = _offsets(np.bincount(grp[ffirst], minlength=n_groups).astype(np.int64))
+    return Columns(
+        done=done.tolist(),
+        group_offsets=group_offsets,
+        symbol=group_symbol,
+        digest=group_digest,
+        fields_offsets=fields_offsets,
+        fields=fields,
+        access_offsets=access_offsets,
+        seq=seq[order],
+        index=ago[order],
+        bar_index=index[order],
+        field_code=fcode[order],
+        field_names=field_names,
+        hash_code=hash_code[order],
+        hashes=hash_list,
+        value=value[order],
+        bar_time_us=bar_time_us[order],
+        bar_time_s=u_time_s[inv][order],
+    )

@@ -1,0 +1,170 @@
+"""Reads resolved in columns (analyzers.tracking.columns) and stored as Arrow equal the per-read
+path, value for value.
+
+Every idiom of the corpus runs with a decision writer whose sink stores each batch twice in one
+DuckDB file: ``decisions`` through the real fast path (:func:`~analyzers.sinks.columnar.
+records_table`, the batch's reads resolved vectorised) and ``expected`` through JSON text of the
+same records resolved read by read (:meth:`~analyzers.tracking.AccessTracker.resolve`, cast by
+DuckDB as ``LocalDuckDBSink.write`` does). Both tables must hold the same rows, every column. The
+reads resolved in columns must also equal the agent's own independent log (as
+``test_fmel_deferred.py`` checks for the per-read path).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analyzers.deferred import DeferredRecord
+from analyzers.schema import DecisionRecord, duckdb_ddl, row_json
+from analyzers.sinks.base import Row, RowError
+from analyzers.sinks.columnar import records_table
+from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.writer import DecisionWriter
+from analyzers.tracking.columns import posix_us, posix_us_array, round_ms
+from tests.idioms.corpus import CASES
+from tests.idioms.runs import Case, flatten, run_case
+
+
+class TwoWaySink(LocalDuckDBSink):
+    """The real local sink, plus each batch resolved read by read and stored as JSON text in
+    table ``expected`` (the reference)."""
+
+    name = "twoway"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.columns = 0  # records whose reads were resolved in columns
+        self.records: list[DecisionRecord] = []
+        self.callers: set[int] = set()
+
+    def open(self) -> None:
+        super().open()
+        self._con.execute(duckdb_ddl("expected"))
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        raise AssertionError("fresh records take write_records")
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        self.callers.add(threading.get_ident())
+        reference = [_per_read(r) for r in records]  # before the fast path resolves them
+        errors = super().write_records(records)
+        self.columns += sum(
+            1 for r in records if isinstance(r, DeferredRecord) and r.pending.columns()
+        )
+        self.records += [r.resolved() if isinstance(r, DeferredRecord) else r for r in records]
+        self._con.execute(
+            "INSERT INTO expected SELECT unnest(CAST(j::JSON AS "
+            f"{_struct()})) FROM (SELECT unnest($1::VARCHAR[]) AS j)",
+            [[row_json(r) for r in reference]],
+        )
+        return errors
+
+
+def _struct() -> str:
+    from analyzers.schema import duckdb_struct_type
+
+    return duckdb_struct_type()
+
+
+def _per_read(rec: DecisionRecord) -> DecisionRecord:
+    """``rec`` with its reads resolved read by read, leaving ``rec`` itself unresolved."""
+    if not isinstance(rec, DeferredRecord):
+        return rec
+    pending = rec.pending
+    tracker = pending.tracker
+    with tracker.resolve_lock:
+        raw = pending._reads, pending._state
+    if raw[0] is None:  # resolved already (a look-ahead count asked for on the main thread)
+        return rec.resolved()
+    assert raw[1] is not None
+    with tracker.resolve_lock:
+        accessed, lookaheads = tracker.resolve(list(raw[0]), count=False, state=raw[1])
+    fields = list(tuple.__iter__(rec))
+    fields[DecisionRecord._fields.index("data_accessed")] = accessed
+    fields[DecisionRecord._fields.index("lookahead_reads")] = lookaheads
+    return DecisionRecord._make(fields)
+
+
+def _rows(con: Any, table: str) -> list[tuple[Any, ...]]:
+    return list(con.execute(f"SELECT * FROM {table} ORDER BY decision_point").fetchall())
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_columns_and_arrow_equal_the_per_read_path(case: Case, tmp_path: Path) -> None:
+    sink = TwoWaySink(tmp_path / "fmel.duckdb")
+    writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")
+    writer.start()
+    try:
+        out = run_case(case, fmel=True, writer=writer)
+    finally:
+        stats = writer.stop()
+    assert stats.written == stats.submitted > 0
+    assert threading.get_ident() not in sink.callers
+    con = duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True)
+    try:
+        got, want = _rows(con, "decisions"), _rows(con, "expected")
+    finally:
+        con.close()
+    assert len(got) == len(want) == stats.submitted
+    for g, w in zip(got, want, strict=True):
+        assert g == w
+    recorded = flatten(sink.records)
+    assert recorded == out.expected
+    fmel: Any = out.strategy.analyzers.fmel
+    assert fmel.lookahead_total == sum(r.lookahead_reads for r in sink.records)
+
+
+def test_the_common_reads_are_resolved_in_columns(tmp_path: Path) -> None:
+    """The fast path is taken (the test above would pass with every bar read by read)."""
+    case = next(c for c in CASES if c.runonce)
+    sink = TwoWaySink(tmp_path / "fmel.duckdb")
+    writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")
+    writer.start()
+    try:
+        run_case(case, fmel=True, writer=writer)
+    finally:
+        writer.stop()
+    with_reads = sum(1 for r in sink.records if r.reads)
+    assert with_reads and sink.columns >= with_reads // 2, (sink.columns, with_reads)
+
+
+def test_an_empty_batch_and_records_without_reads_make_a_table() -> None:
+    assert records_table([]).num_rows == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=-6e10, max_value=2.5e11, allow_nan=False),
+        st.integers(min_value=-(10**13), max_value=25 * 10**13).map(lambda ms: ms / 1000),
+    )
+)
+def test_posix_us_rounds_as_datetime_does(t: float) -> None:
+    """The stored microseconds are those of the ISO text ``to_row`` writes."""
+    dt = datetime.fromtimestamp(t, UTC)
+    assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=posix_us(t)) == dt
+
+
+_TIMES = st.one_of(
+    st.floats(min_value=-6e10, max_value=2.5e11, allow_nan=False),
+    st.integers(min_value=-(10**13), max_value=25 * 10**13).map(lambda ms: ms / 1000),
+    st.integers(min_value=-(10**10), max_value=10**11).map(lambda s: s + 0.0005),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TIMES, min_size=1, max_size=20))
+def test_the_vectorised_roundings_equal_pythons(times: list[float]) -> None:
+    arr = np.array(times, dtype=np.float64)
+    assert posix_us_array(arr).tolist() == [posix_us(t) for t in times]
+    assert round_ms(arr).tolist() == [round(t, 3) for t in times]

@@ -58,10 +58,12 @@ is implemented; the sources are:
   potential trade wash detected" (a market buy while a limit sell is pending on the same stock):
   403 ``40310000`` ``potential wash trade detected. use complex orders``; "a wash trade is where
   a buy and a sell would fill against each other" (forum "Frustrated with Alpaca's Wash Trade
-  Flags"). Modelled: a new order is refused when an opposite-side order of the same symbol is
-  working and the two could fill against each other (either is a market order, or the buy's
-  limit is at or above the sell's); a bracket's/OCO's own legs are the "complex orders" and
-  are exempt; stop orders not yet triggered (and held legs) are not at the venue.
+  Flags"). Modelled by the table of docs.alpaca.markets/docs/user-protection: a new order is
+  refused when an opposite-side order of the same symbol is working and the two could fill
+  against each other: market, limit, stop and stop-limit orders count (any market or stop
+  against an opposite order is "always rejected", e.g. "stop sell | market buy"; two limit
+  prices conflict when the buy's is at or above the sell's); complex orders (bracket, OTO,
+  OCO, their legs) and trailing stops are the exceptions.
 * [short] docs.alpaca.markets/docs/orders-at-alpaca "Buying Power": an opening short sell is
   checked against buying power at MAX(limit price, 3% above the ask) * qty (market: 3% above
   the ask), and open sell-short orders reduce buying power like open buys; the asset must be
@@ -300,6 +302,7 @@ class _Order:
     maker: bool = False  # a resting limit order (maker fee) rather than a marketable one
     hide_replaced_by: bool = False  # shows replaced_by: null (a successor Alpaca did not link)
     short_open: bool = False  # an opening short sell: holds buying power ([short])
+    elected: bool = False  # a stop-limit whose stop was crossed: a limit order from then on
 
     @property
     def is_open(self) -> bool:
@@ -615,6 +618,10 @@ class AlpacaServer:
                         n += 1
                     continue
                 step = (o.qty / self.partial_steps).quantize(QTY_STEP, rounding=ROUND_DOWN)
+                if o.qty == o.qty.to_integral_value() and "/" not in o.symbol:
+                    # a whole-share order fills in whole shares (only fractional orders
+                    # execute in fractions, [fractional])
+                    step = max(step.to_integral_value(rounding=ROUND_DOWN), Decimal(1))
                 last = step <= 0 or step >= o.remaining or len(o.fills) >= self.partial_steps - 1
                 self._fill(o, o.remaining if last else step, self._price(o.symbol))
                 n += 1
@@ -771,6 +778,10 @@ class AlpacaServer:
             if (buy and p >= o.stop_price) or (not buy and p <= o.stop_price):
                 if o.type == "stop":
                     return p
+                # [orders] stop-limit: once the stop price is reached the order becomes a limit
+                # order ("after election"), which rests until its limit is met
+                o.elected = True
+            if o.type == "stop_limit" and o.elected:
                 lim = o.limit_price
                 if lim is not None and ((buy and p <= lim) or (not buy and p >= lim)):
                     return p
@@ -887,9 +898,30 @@ class AlpacaServer:
                 if sib.is_open:
                     self._finish_cancel(sib, emit=sib.status != "held")
 
+    def _exit_left(self, leg: _Order) -> Decimal:
+        """What a stop-loss leg may still sell (buy) when it triggers: the exits of a bracket or
+        OCO share one closing allocation ([py-322], [js-87]: one allocation per bracket), so
+        what its take profit already filled is gone from it; and never more than the position
+        left in the closing direction (Alpaca's qty check: a sell beyond the long position
+        would open a short, [flip]). No Alpaca text covers a take profit partially filled
+        before the stop triggers; this is the strict minimum (issue 13, finding 2)."""
+        partners = self._exit_partners(leg)
+        left = leg.qty - leg.filled_qty - sum((p.filled_qty for p in partners), Decimal(0))
+        held = self.positions.get(position_key(leg.symbol), Decimal(0))
+        room = held if leg.side == "sell" else -held
+        return max(Decimal(0), min(left, room))
+
     def _trigger_stop_leg(self, leg: _Order) -> None:
         """A held stop-loss leg's stop price was crossed."""
         siblings = [s for s in self._exit_partners(leg) if s.is_open]
+        left = self._exit_left(leg)
+        if left <= 0:
+            # nothing left to close: the leg ends with its group (one-cancels-other)
+            for x in [leg, *siblings]:
+                self._finish_cancel(x)
+            return
+        if left < leg.remaining:
+            leg.qty = leg.filled_qty + left
         if self.stop_trigger == "replace_take_profit" and siblings:
             # [py-198] variant: the live take profit is replaced by the stop leg, which fills.
             for tp in siblings:
@@ -1040,6 +1072,9 @@ class AlpacaServer:
             raise bad("invalid order type")
         if body["time_in_force"] not in ("day", "gtc", "opg", "cls", "ioc", "fok"):
             raise bad("invalid time_in_force")
+        if body["type"] == "trailing_stop" and body["time_in_force"] not in ("day", "gtc"):
+            # [orders] "Trailing Stop Orders": time in force day or gtc only
+            raise bad("trailing stop orders must be DAY or GTC orders")
         if body.get("qty") is None and body.get("notional") is None:
             raise bad("qty or notional is required")
         if body.get("qty") is not None and body.get("notional") is not None:
@@ -1168,32 +1203,38 @@ class AlpacaServer:
                 )
 
     def _wash_trade(self, body: dict[str, Any]) -> None:
-        """[wash]: refuse a market or limit order that could fill against a working
-        opposite-side market or limit order of the same symbol. Orders not at the venue (stops
-        not triggered, held or inactive legs, ``pending_cancel``) do not count; a bracket's or
-        OCO's own legs are created with it (the "complex orders" the message suggests)."""
-        if body["type"] not in ("market", "limit"):
+        """[wash]: refuse a new order that could fill against a working opposite-side order of
+        the same symbol, by the table of docs.alpaca.markets/docs/user-protection "Preventing
+        Wash Trades": market, limit, stop and stop-limit orders all count (a stop is "always
+        rejected" against an opposite market order, e.g. "stop sell | market buy"); two orders
+        that both carry a limit price (limit or stop-limit) conflict only when the buy's limit
+        is at or above the sell's; complex orders (bracket, OTO, OCO and their legs) and
+        trailing stops are the exceptions, new or working. ``pending_cancel`` orders are on
+        their way out and do not count (issue 13, finding 3)."""
+        if body["type"] == "trailing_stop" or (body.get("order_class") or "simple") != "simple":
             return
         key = position_key(body["symbol"])
         side = body["side"]
-        limit = body.get("limit_price") or (body.get("take_profit") or {}).get("limit_price")
-        new_px = _dec(limit) if body["type"] == "limit" and limit is not None else None
+        limit = body.get("limit_price")
+        new_px = (
+            _dec(limit) if body["type"] in ("limit", "stop_limit") and limit is not None else None
+        )
         for o in self.orders.values():
             if (
                 position_key(o.symbol) != key
                 or o.side == side
                 or not o.is_open
-                or o.status in ("held", "pending_cancel")
-                or o.type not in ("market", "limit")
-                or (o.parent_id is not None and not self._leg_active(o))
+                or o.status == "pending_cancel"
+                or o.type == "trailing_stop"
+                or o.parent_id is not None
+                or o.order_class in ("bracket", "oto", "oco")
             ):
                 continue
-            if new_px is None or o.type == "market" or o.limit_price is None:
-                crosses = True
+            old_px = o.limit_price if o.type in ("limit", "stop_limit") else None
+            if new_px is None or old_px is None:
+                crosses = True  # a market or stop order on either side: always rejected
             else:
-                buy_px, sell_px = (
-                    (new_px, o.limit_price) if side == "buy" else (o.limit_price, new_px)
-                )
+                buy_px, sell_px = (new_px, old_px) if side == "buy" else (old_px, new_px)
                 crosses = buy_px >= sell_px
             if crosses:
                 raise ApiError(403, 40310000, "potential wash trade detected. use complex orders")
@@ -1630,14 +1671,27 @@ class AlpacaServer:
         which is listed by its own status (a filled entry takes its live legs out of the open
         list)."""
         status = q.get("status", "open")
-        limit = min(int(q.get("limit", 50)), 500)
+        # [orders] "Get all orders": status is open, closed or all; direction asc or desc;
+        # after/until are timestamps; anything else is refused (422), never ignored
+        if status not in ("open", "closed", "all"):
+            raise ApiError(422, 40010001, f"invalid status: {status}")
+        if q.get("direction", "desc") not in ("asc", "desc"):
+            raise ApiError(422, 40010001, f"invalid direction: {q['direction']}")
+        try:
+            limit = min(int(q.get("limit", 50)), 500)
+        except ValueError as e:
+            raise ApiError(422, 40010001, f"invalid limit: {q['limit']}") from e
         nested = q.get("nested") in ("true", "True")
-        after = (
-            datetime.fromisoformat(q["after"].replace("Z", "+00:00")) if q.get("after") else None
-        )
-        until = (
-            datetime.fromisoformat(q["until"].replace("Z", "+00:00")) if q.get("until") else None
-        )
+
+        def stamp(name: str) -> datetime | None:
+            if not q.get(name):
+                return None
+            try:
+                return datetime.fromisoformat(q[name].replace("Z", "+00:00"))
+            except ValueError as e:
+                raise ApiError(422, 40010001, f"invalid {name}: {q[name]}") from e
+
+        after, until = stamp("after"), stamp("until")
         symbols = set(q["symbols"].split(",")) if q.get("symbols") else None
         rows = []
         for o in self.orders.values():

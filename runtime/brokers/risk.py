@@ -309,7 +309,12 @@ def _working(broker: Any, data: Any, exclude: Any) -> float:
     """Signed size still to fill of working opening orders on ``data`` (bracket exits, which
     only close, are left out)."""
     total = 0.0
+    # an order whose cancel is under way (the Alpaca broker cancels asynchronously) adds
+    # nothing: counting it would make the close that follows a cancel look like a new position
+    canceling = getattr(broker, "cancel_requested", None)
     for o in _open_orders(broker):
+        if canceling is not None and canceling(o):
+            continue
         if o.data is data and o.ref != exclude.ref and o.parent is None:
             total += float(o.created.size) - float(o.executed.size)
     return total

@@ -410,9 +410,10 @@ def test_rate_limit_answers_are_waited_out(api: str) -> None:
             server,
             ("AAPL",),
             {
-                # a resting buy stop: a resting buy limit would make the market sell below a
-                # potential wash trade, which Alpaca refuses
-                1: buy("rest", size=1, exectype=bt.Order.Stop, price=200.0),
+                # a resting trailing buy stop: trailing stops are exempt from the wash-trade
+                # check (docs "User Protection"); a resting buy limit or stop would make the
+                # market sell below a potential wash trade, which Alpaca refuses
+                1: buy("rest", size=1, exectype=bt.Order.StopTrail, trailpercent=0.5),
                 2: buy("a", size=1),
                 3: buy("b", size=2),
                 4: sell("c", size=3),

@@ -19,8 +19,10 @@ from core.errors import OrderRejectedError
 from runtime.brokers.alpaca.orders import (
     ZERO,
     is_fractional,
+    limit_price_for,
     price_for,
     split_reversal,
+    stop_price_for,
     to_order_request,
 )
 from tests.alpaca_server import _sub_penny
@@ -61,6 +63,39 @@ def test_equity_prices_are_never_sub_penny(price: float) -> None:
     if sent > 0:
         assert not _sub_penny(Decimal(repr(sent)))
         assert abs(sent - price) <= (0.005 if price >= 1.0 else 0.00005) + 1e-9
+
+
+@given(
+    st.floats(min_value=0.001, max_value=1_000_000, allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+def test_rounded_prices_never_work_against_the_agent(price: float, buy: bool) -> None:
+    """Issue 13, finding 6: a buy limit never above, a sell limit never below the price
+    asked; a buy stop never below (triggers no earlier), a sell stop never above; all on
+    Alpaca's increments."""
+    lim = limit_price_for("AAPL", price, buy)
+    stp = stop_price_for("AAPL", price, buy)
+    for sent in (lim, stp):
+        assert not _sub_penny(Decimal(repr(sent)))
+        assert abs(sent - price) < (0.01 if price >= 1.0 else 0.0001) + 1e-9
+    if buy:
+        assert lim <= price + 1e-9 and stp >= price - 1e-9
+    else:
+        assert lim >= price - 1e-9 and stp <= price + 1e-9
+
+
+def test_bracket_stop_never_rounds_onto_the_entry_price() -> None:
+    parent = bt.BuyOrder(data=None, simulated=True, size=10, exectype=bt.Order.Limit, price=100.006)
+    stop = bt.SellOrder(
+        data=None, simulated=True, size=10, exectype=bt.Order.Stop, price=100.004, parent=parent
+    )
+    take = bt.SellOrder(
+        data=None, simulated=True, size=10, exectype=bt.Order.Limit, price=110.0, parent=parent
+    )
+    req = to_order_request(parent, "AAPL", children=(stop, take))
+    assert getattr(req, "limit_price", None) == 100.0
+    assert req.stop_loss is not None and req.stop_loss.stop_price == 99.99
+    assert req.take_profit is not None and req.take_profit.limit_price == 110.0
 
 
 def test_sub_penny_rule_examples() -> None:

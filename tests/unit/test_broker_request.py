@@ -88,7 +88,8 @@ def test_time_in_force_override_order_info_wins_over_run_setting() -> None:
 @pytest.mark.parametrize(
     ("exectype", "price", "plimit", "expected"),
     [
-        (bt.Order.Limit, 187.256, None, {"type": "limit", "limit_price": 187.26}),
+        # a buy limit rounds down: never pays more than asked (issue 13, finding 6)
+        (bt.Order.Limit, 187.256, None, {"type": "limit", "limit_price": 187.25}),
         (bt.Order.Limit, 0.51234, None, {"type": "limit", "limit_price": 0.5123}),
         (bt.Order.Stop, 180.0, None, {"type": "stop", "stop_price": 180.0}),
         (

@@ -31,7 +31,11 @@ Correctness rules (the bugs users hit with the deprecated bridges and with Alpac
   leg (it ends Canceled, the stop leg fills).
 * An order sent on a symbol right after cancels on that symbol waits until they settle (Alpaca
   keeps the shares of ``pending_cancel`` orders reserved), so the kill switch's flatten works on
-  bracketed positions.
+  bracketed positions. An order meant to reduce the position (a flatten order, an order held
+  behind cancels that only reduced the position, any reducing order once the kill switch
+  tripped, a crypto close) is sized against Alpaca's position when it is sent, and not sent
+  (Canceled, with the reason) when the position is already flat or reversed
+  (:meth:`~.worker.AlpacaWorker._fit_to_position`).
 * Statuses map one to one (:data:`~runtime.brokers.alpaca.orders.STATUS_MAP`): ``canceled`` is
   Canceled, never Rejected (Expired when this broker expired it for ``valid=``).
 * An order sent while an opposite-side market order works on its symbol waits for it to fill
@@ -78,6 +82,7 @@ from runtime.brokers.alpaca.events import (
 from runtime.brokers.alpaca.fills import FillsMixin
 from runtime.brokers.alpaca.http import AlpacaApi, AlpacaCaller, CallHook
 from runtime.brokers.alpaca.orders import (
+    FractionalCommInfo,
     child_role,
     client_order_id,
     is_crypto,
@@ -236,6 +241,10 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         cerebro = getattr(self, "cerebro", None)
         for data in getattr(cerebro, "datas", ()) or ():
             self._datas[position_key(feed_symbol(data))] = data
+            name = getattr(data, "_name", None)
+            if is_crypto(feed_symbol(data)) and name not in self.comminfo:
+                # fractional sizes for order_target_* and sizers (docs/alpaca.md)
+                self.addcommissioninfo(FractionalCommInfo(), name=name)
         self._api = self._api_factory()
         start = read_start_state(self.caller, self._api, self.config, self._datas.keys())
         self.ledger.cash_usd = start.cash_usd
@@ -739,6 +748,16 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         self._datas.setdefault(key, root.data)
         after = frozenset(c for c, k in self._canceling.items() if k == key)
         after |= self._opposite_market_flights(key, root.isbuy(), coid)
+        held_qty = self.ledger.qty.get(key, Decimal(0))
+        # a crypto close: sized against Alpaca's position when sent, so the fee estimate
+        # leaves no dust below the minimum order size (docs/alpaca.md "Crypto")
+        closes = (
+            is_crypto(symbol)
+            and len(family) == 1
+            and held_qty != 0
+            and total == abs(held_qty)
+            and root.isbuy() == (held_qty < 0)
+        )
         self.flights.add_sent(coid, symbol, key)
         self._worker.submit(
             SubmitOrder(
@@ -747,8 +766,34 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
                 symbol,
                 extended_hours=bool(info.get("extended_hours")),
                 after=after,
+                reduce_only=self._reduce_only(family, key, after) or closes,
+                closes=closes,
             )
         )
+
+    def _reduce_only(self, family: Sequence[Any], key: str, after: frozenset[str]) -> bool:
+        """Whether the orders thread sizes this order against Alpaca's position right before
+        sending it (:meth:`~.worker.AlpacaWorker._fit_to_position`): a single order that only
+        reduces the position as this run knows it, and that either is a flatten order, waits
+        for cancels (a stop of the position may fill meanwhile) or passed the risk guard only
+        because it reduces (judged again when it is sent)."""
+        if len(family) != 1:
+            return False
+        root = family[0]
+        held = self.ledger.qty.get(key, Decimal(0))
+        size = quantity(root.created.size)
+        after_qty = held + (size if root.isbuy() else -size)
+        if held == 0 or abs(after_qty) > abs(held) or after_qty * held < 0:
+            return False
+        flatten = str(root.info.get("reason") or "").startswith("risk: flatten")
+        tripped = self.guard is not None and self.guard.tripped is not None
+        return flatten or tripped or bool(after)
+
+    def cancel_requested(self, order: Any) -> bool:
+        """True when this broker asked Alpaca to cancel ``order``'s family (the risk guard
+        leaves such orders out of the exposure still to come)."""
+        tr = self.book.by_ref.get(order.ref)
+        return tr is not None and tr.flight is not None and tr.flight in self._canceling
 
     def _opposite_market_flights(self, key: str, buy: bool, coid: str) -> frozenset[str]:
         """Families with a working opposite-side market order on ``key``: an order sent while

@@ -32,6 +32,15 @@ class SubmitOrder:
         after: families whose cancels must settle first (their shares are reserved until
             then); the submit then retries Alpaca's 403 "insufficient qty available" a few times
             while a cancel is still pending.
+        reduce_only: the order was meant to reduce or close a position (a flatten order, or
+            an order that only reduced the position when created and was held behind
+            cancels). Right before it is sent the orders thread reads Alpaca's position and
+            sends at most the position in the reducing direction; when the position is flat
+            or on the other side already, nothing is sent (:class:`NotSent`, ``resized``).
+        closes: with ``reduce_only``, a crypto order closing the whole position as this run
+            knows it: sent for Alpaca's whole position when that is at most 1% larger (the
+            fee Alpaca took in the coin differs from the estimate, e.g. a maker fee), so no
+            dust below Alpaca's minimum order size is left behind.
     """
 
     coid: str
@@ -39,6 +48,8 @@ class SubmitOrder:
     symbol: str
     extended_hours: bool = False
     after: frozenset[str] = frozenset()
+    reduce_only: bool = False
+    closes: bool = False  # a crypto order that closes the whole position as this run knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,8 @@ class AlpacaOrderUpdate:
 
     order: AlpacaOrder
     source: Literal["submit", "poll", "lookup", "stream"]
+    fill_qty: Decimal | None = None  # a stream fill/partial_fill: this execution's quantity
+    fill_price_usd: Decimal | None = None  # ... and its own price (not a rounded average)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +94,8 @@ class SubmitRejected:
 
 @dataclass(frozen=True, slots=True)
 class NotSent:
-    """The order ``coid`` was never sent (cancelled while waiting for the open, or stopping)."""
+    """The order ``coid`` was never sent (cancelled while waiting for the open, or stopping,
+    or a reduce-only order whose position was already flat or reversed)."""
 
     coid: str
     reason: str

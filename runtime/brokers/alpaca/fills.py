@@ -99,7 +99,10 @@ class FillsMixin:
             except queue.Empty:
                 return
             if isinstance(event, AlpacaOrderUpdate):
-                self._apply_alpaca_order(event.order)
+                fill = None
+                if event.fill_qty is not None and event.fill_price_usd is not None:
+                    fill = (event.fill_qty, event.fill_price_usd)
+                self._apply_alpaca_order(event.order, fill)
             elif isinstance(event, SubmitRejected):
                 self._apply_submit_rejected(event.coid, event.reason)
             elif isinstance(event, NotSent):
@@ -132,6 +135,10 @@ class FillsMixin:
             self.notify(o)
         self._counts["rejected"] += 1
         logger.warning("order %s rejected: %s", coid, reason)
+        # an oco= partner goes with it (backtrader's rule: one order of the group ending
+        # cancels the others), e.g. the second stop of a breakout straddle that Alpaca refuses
+        # as a potential wash trade
+        self._oco_check(tr)
         self._forget(coid)
 
     def _apply_not_sent(self, coid: str, reason: str) -> None:
@@ -159,14 +166,20 @@ class FillsMixin:
         self._counts["canceled"] += 1
         self._forget(tr.flight)
 
-    def _apply_alpaca_order(self, snap: AlpacaOrder) -> None:
-        """Apply an Alpaca snapshot to the backtrader order it is about and to its legs."""
+    def _apply_alpaca_order(
+        self, snap: AlpacaOrder, fill: tuple[Decimal, Decimal] | None = None
+    ) -> None:
+        """Apply an Alpaca snapshot to the backtrader order it is about and to its legs.
+
+        Args:
+            fill: ``(qty, price USD)`` of the execution a stream event reported for ``snap``.
+        """
         tr = self.book.find(snap)
         touched: list[TrackedOrder] = []
         if tr is not None:
             if tr.alpaca_id is None and str(snap.id) not in tr.retired:
                 self.book.link(tr, str(snap.id))
-            self._apply_order_state(tr, snap)
+            self._apply_order_state(tr, snap, fill)
             touched.append(tr)
         elif not snap.legs:
             self._cancel_orphan(snap)
@@ -186,8 +199,15 @@ class FillsMixin:
             self._oco_check(t)
             self._forget(t.flight)
 
-    def _apply_order_state(self, tr: TrackedOrder, snap: AlpacaOrder) -> None:
-        """New fills, then a new status, of one order; stale snapshots change nothing."""
+    def _apply_order_state(
+        self,
+        tr: TrackedOrder,
+        snap: AlpacaOrder,
+        execution: tuple[Decimal, Decimal] | None = None,
+    ) -> None:
+        """New fills, then a new status, of one order; stale snapshots change nothing. A new
+        fill of exactly ``execution``'s quantity (a stream fill event) takes that execution's
+        own price; otherwise the price comes from the cumulative averages."""
         order = tr.order
         status = alpaca_status(snap)
         sid = str(snap.id)
@@ -233,6 +253,11 @@ class FillsMixin:
                 filled_avg_price=to_decimal(snap.filled_avg_price),
             )
             assert fill is not None  # cum > tr.cum
+            if execution is not None and execution[0] == fill.size:
+                exec_price = execution[1]
+                fill = FillIncrement(
+                    fill.size, float(exec_price), fill.cum, tr.value + fill.size * exec_price
+                )
             if order.status == bt.Order.Submitted:
                 order.accept(self)
                 self.notify(order)
@@ -306,15 +331,25 @@ class FillsMixin:
     ) -> None:
         """An Alpaca fill becomes a backtrader execution: the ledger moves by the exact
         increment (fees included), the order is executed (``Partial`` or ``Completed``, the fee
-        as its commission) and notified."""
+        as its commission in USD) and notified.
+
+        A crypto buy's executed size is net of the fee Alpaca takes in the coin (what the
+        position gains), so executed sizes sum to the position and backtrader closes the
+        trade when the position is closed; the coins kept as fee are its commission (coins x
+        fill price, USD)."""
         order = tr.order
         data = order.data
         price = fill.price_usd
         pos = self.ledger.position(tr.key)
         old_price = pos.price
         buy = order.isbuy()
-        _, pprice, opened, closed = pos.update(float(fill.size if buy else -fill.size), price)
-        signed, fee_usd = self._book_fill(tr, fill)
+        fee_coin = ZERO
+        if buy and is_crypto(tr.symbol):
+            fee_coin, _ = crypto_fee(True, fill.size, fill.price_usd, self.config.crypto_fee_bps)
+        gained = fill.size - fee_coin if buy else -fill.size
+        _, pprice, opened, closed = pos.update(float(gained), price)
+        _, fee_usd = self._book_fill(tr, fill)
+        signed = gained
         comminfo = self.getcommissioninfo(data)
         closed_value = comminfo.getoperationcost(closed, old_price)
         opened_value = comminfo.getoperationcost(opened, price)

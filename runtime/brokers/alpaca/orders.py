@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 import backtrader as bt
@@ -145,12 +145,46 @@ def quantity(size: float) -> Decimal:
     return Decimal(repr(abs(float(size)))).quantize(QTY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
-def price_for(symbol: str, price: float) -> float:
+def price_for(symbol: str, price: float, rounding: str = ROUND_HALF_EVEN) -> float:
     """Round a price to an increment Alpaca accepts: equities at or above 1 USD to cents,
-    below 1 USD to 4 decimals (sub-penny rule); crypto to 9 decimals."""
+    below 1 USD to 4 decimals (sub-penny rule); crypto to 9 decimals.
+
+    Args:
+        rounding: a :mod:`decimal` rounding mode (nearest by default; :func:`limit_price_for`
+            and :func:`stop_price_for` choose the direction that never works against the
+            agent).
+    """
     if is_crypto(symbol):
-        return float(Decimal(repr(price)).quantize(QTY_QUANTUM))
-    return round(price, 2 if price >= 1.0 else 4)
+        return float(Decimal(repr(price)).quantize(QTY_QUANTUM, rounding=rounding))
+    tick = CENT if price >= 1.0 else Decimal("0.0001")
+    return float(Decimal(repr(price)).quantize(tick, rounding=rounding))
+
+
+def limit_price_for(symbol: str, price: float, buy: bool) -> float:
+    """A limit price on Alpaca's increments that is never worse than asked: a buy limit
+    rounds down (never pays more), a sell limit up (never sells for less)."""
+    return price_for(symbol, price, ROUND_FLOOR if buy else ROUND_CEILING)
+
+
+def stop_price_for(symbol: str, price: float, buy: bool) -> float:
+    """A stop price on Alpaca's increments that never triggers earlier than asked: a buy stop
+    (triggers at or above) rounds up, a sell stop (at or below) down."""
+    return price_for(symbol, price, ROUND_CEILING if buy else ROUND_FLOOR)
+
+
+class FractionalCommInfo(bt.CommInfoBase):  # type: ignore[misc]
+    """Commission info for symbols traded in fractions (crypto): ``getsize`` returns the
+    exact fractional size a cash amount buys, so ``order_target_percent``/``_value`` and the
+    sizers place fractional orders (backtrader's default rounds down to whole units, which is
+    0 for one BTC at 50,000 USD). backtrader's documented way: subclass ``CommInfoBase`` and
+    override ``getsize`` (backtrader.com, "Fractional Sizes", 2019-08-29). No commission here:
+    Alpaca's crypto fee is booked by the broker from each fill."""
+
+    params = (("stocklike", True), ("commtype", bt.CommInfoBase.COMM_PERC), ("percabs", True))
+
+    def getsize(self, price: float, cash: float) -> float:
+        """Size that ``cash`` USD buys at ``price`` USD, fractional (times ``leverage``)."""
+        return float(self.p.leverage * (cash / price)) if price else 0.0
 
 
 def default_time_in_force(symbol: str) -> str:
@@ -335,21 +369,22 @@ def to_order_request(
     if info.get("extended_hours"):
         common["extended_hours"] = True
     if children:
-        common.update(_bracket_fields(children, symbol))
+        common.update(_bracket_fields(children, symbol, order))
     if oco_stop is not None:
         return _oco_request(order, oco_stop, symbol, common)
     ex = order.exectype
     price = float(order.created.price or 0.0)
+    buy = bool(order.isbuy())
     if ex in (bt.Order.Market, bt.Order.Close):
         return MarketOrderRequest(**common)
     if ex == bt.Order.Limit:
-        return LimitOrderRequest(limit_price=price_for(symbol, price), **common)
+        return LimitOrderRequest(limit_price=limit_price_for(symbol, price, buy), **common)
     if ex == bt.Order.Stop:
-        return StopOrderRequest(stop_price=price_for(symbol, price), **common)
+        return StopOrderRequest(stop_price=stop_price_for(symbol, price, buy), **common)
     if ex == bt.Order.StopLimit:
         return StopLimitOrderRequest(
-            stop_price=price_for(symbol, price),
-            limit_price=price_for(symbol, float(order.created.pricelimit)),
+            stop_price=stop_price_for(symbol, price, buy),
+            limit_price=limit_price_for(symbol, float(order.created.pricelimit), buy),
             **common,
         )
     if ex == bt.Order.StopTrail:
@@ -374,31 +409,52 @@ def _oco_request(take: Any, stop: Any, symbol: str, common: dict[str, Any]) -> O
         )
     if take.isbuy() != stop.isbuy() or quantity(take.created.size) != quantity(stop.created.size):
         raise OrderRejectedError(f"{symbol}: an OCO pair must have the same side and size")
+    buy = bool(stop.isbuy())
     stop_loss = StopLossRequest(
-        stop_price=price_for(symbol, float(stop.created.price)),
-        limit_price=price_for(symbol, float(stop.created.pricelimit))
+        stop_price=stop_price_for(symbol, float(stop.created.price), buy),
+        limit_price=limit_price_for(symbol, float(stop.created.pricelimit), buy)
         if stop.exectype == bt.Order.StopLimit
         else None,
     )
     return LimitOrderRequest(
         order_class=OrderClass.OCO,
-        take_profit=TakeProfitRequest(limit_price=price_for(symbol, float(take.created.price))),
+        take_profit=TakeProfitRequest(
+            limit_price=limit_price_for(symbol, float(take.created.price), buy)
+        ),
         stop_loss=stop_loss,
         **common,
     )
 
 
-def _bracket_fields(children: Sequence[Any], symbol: str) -> dict[str, Any]:
+def _bracket_stop(symbol: str, child: Any, entry: Any) -> float:
+    """The stop price of a bracket's stop leg on Alpaca's increments: rounded so it never
+    triggers earlier than asked, but never onto (or past) the entry's own limit price, which
+    Alpaca refuses (the stop must be below a buy bracket's base price): then one tick away."""
+    buy = bool(child.isbuy())
+    stop = stop_price_for(symbol, float(child.created.price), buy)
+    if entry.exectype != bt.Order.Limit or not entry.created.price:
+        return stop
+    base = limit_price_for(symbol, float(entry.created.price), bool(entry.isbuy()))
+    if (buy and stop <= base) or (not buy and stop >= base):
+        tick = 0.01 if base >= 1.0 else 0.0001
+        stop = price_for(symbol, base + tick if buy else base - tick)
+    return stop
+
+
+def _bracket_fields(children: Sequence[Any], symbol: str, entry: Any) -> dict[str, Any]:
     take = stop = None
     for child in children:
+        buy = bool(child.isbuy())
         if child.exectype == bt.Order.Limit:
-            take = TakeProfitRequest(limit_price=price_for(symbol, float(child.created.price)))
+            take = TakeProfitRequest(
+                limit_price=limit_price_for(symbol, float(child.created.price), buy)
+            )
         elif child.exectype == bt.Order.Stop:
-            stop = StopLossRequest(stop_price=price_for(symbol, float(child.created.price)))
+            stop = StopLossRequest(stop_price=_bracket_stop(symbol, child, entry))
         elif child.exectype == bt.Order.StopLimit:
             stop = StopLossRequest(
-                stop_price=price_for(symbol, float(child.created.price)),
-                limit_price=price_for(symbol, float(child.created.pricelimit)),
+                stop_price=_bracket_stop(symbol, child, entry),
+                limit_price=limit_price_for(symbol, float(child.created.pricelimit), buy),
             )
         else:
             raise OrderRejectedError(

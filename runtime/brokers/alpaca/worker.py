@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import requests
@@ -79,7 +80,7 @@ from runtime.brokers.alpaca.events import (
     WorkerFailed,
 )
 from runtime.brokers.alpaca.http import AlpacaApi, AlpacaAPIError, AlpacaCaller, BrokerApi
-from runtime.brokers.alpaca.orders import is_crypto, positions_of, to_decimal
+from runtime.brokers.alpaca.orders import ZERO, is_crypto, position_key, positions_of, to_decimal
 from runtime.brokers.alpaca.state import Flight, FlightBook, MarketClock
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ MAX_POLL_FAILURES = 10  # polls failed in a row before the monitor gives up
 MAX_SUCCESSOR_MISSES = 5  # searches for an unnamed successor before giving up on it
 INSUFFICIENT_QTY_RETRIES = 5  # retries of a submit refused while what it waited for settles
 CANCEL_RETRIES = 5  # retries of a cancel that could not get through
+CLOSE_ALL_SLACK = Decimal("1.01")  # a crypto close takes Alpaca's position up to 1% larger
+SNAPSHOT_READS = 3  # account/positions/account reads before an account read is given up
 SETTLE_POLLS = 15  # an order waits for cancels on its symbol at most this many poll intervals
 SSE_READ_TIMEOUT_S = 60.0  # no byte (event or heartbeat comment) for this long: reconnect
 EVENTS_PATH = "/v1/events/trades"  # alpaca-py 0.44's BrokerClient.get_trade_events path
@@ -215,14 +218,26 @@ class AlpacaWorker:
     def _put(self, event: Event) -> None:
         self._events.put(event)
 
-    def observe(self, snap: AlpacaOrder, source: str) -> str | None:
+    def observe(
+        self,
+        snap: AlpacaOrder,
+        source: str,
+        fill: tuple[Decimal, Decimal] | None = None,
+    ) -> str | None:
         """Take an Alpaca snapshot into the flight book and queue it for the main thread (if
-        it is about a followed family or an order of this session). Any thread."""
+        it is about a followed family or an order of this session). Any thread.
+
+        Args:
+            fill: ``(qty, price USD)`` of the execution a stream fill event reports.
+        """
         prefix = f"{self.session_id}-"
+        qty, price = fill if fill is not None else (None, None)
 
         def emit(coid: str | None) -> None:
             if coid is not None or snap.client_order_id.startswith(prefix):
-                self._events.put(AlpacaOrderUpdate(snap, source))  # type: ignore[arg-type]
+                self._events.put(
+                    AlpacaOrderUpdate(snap, source, qty, price)  # type: ignore[arg-type]
+                )
 
         return self.flights.observe(snap, emit)
 
@@ -326,7 +341,80 @@ class AlpacaWorker:
             p.why, p.next_s = "market closed", time.monotonic() + self.config.poll_interval_s
             parked.append(p)
             return
+        if cmd.reduce_only:
+            fitted = self._fit_to_position(api, cmd)
+            if fitted is None:
+                return
+            p.cmd = fitted
         self._submit(api, p, parked)
+
+    def _fit_to_position(self, api: AlpacaApi, cmd: SubmitOrder) -> SubmitOrder | None:
+        """A reduce-only order sized against Alpaca's position now (one ``GET /positions``):
+        at most the position in the reducing direction, or None (reported :class:`NotSent`)
+        when the position is flat or on the other side already, e.g. because a stop leg
+        filled while the order waited for cancels to settle. Sending it at its old size would
+        open a position the other way."""
+        request = cmd.request
+        if request.qty is None:
+            return cmd
+        buy = str(getattr(request.side, "value", request.side)) == "buy"
+        want = to_decimal(request.qty)
+        try:
+            rows = self.caller.call("positions", api.positions, what=f"position for {cmd.coid}")
+        except RetryInterruptedError:
+            self.flights.mark_sent(cmd.coid)
+            self._put(NotSent(cmd.coid, "not sent: broker stopped"))
+            return None
+        except (TransientError, AlpacaAPIError) as e:
+            self.flights.mark_sent(cmd.coid)
+            self._put(
+                NotSent(
+                    cmd.coid,
+                    f"not sent: this order only reduces {cmd.symbol} and Alpaca's position "
+                    f"could not be read to size it ({e})",
+                )
+            )
+            return None
+        held = positions_of(rows).get(position_key(cmd.symbol), (ZERO, 0.0))[0]
+        room = max(-held if buy else held, ZERO)
+        if room <= 0:
+            where = "flat" if held == 0 else f"{held} (the other side)"
+            logger.warning(
+                "order %s (%s) meant to reduce the position, which is %s at Alpaca now: not sent",
+                cmd.coid,
+                cmd.symbol,
+                where,
+            )
+            self.flights.mark_sent(cmd.coid)
+            self._put(
+                NotSent(
+                    cmd.coid,
+                    f"not sent: this order only reduces {cmd.symbol}, whose position at Alpaca "
+                    f"is {where} now (an order of the position filled meanwhile); sending it "
+                    "would open a position the other way",
+                )
+            )
+            return None
+        if cmd.closes and want < room <= want * CLOSE_ALL_SLACK:
+            logger.info(
+                "order %s (%s): closing Alpaca's whole position %s (this run had %s; the fee in "
+                "the coin differed from the estimate)",
+                cmd.coid,
+                cmd.symbol,
+                room,
+                want,
+            )
+            return dataclasses.replace(cmd, request=request.model_copy(update={"qty": float(room)}))
+        if room >= want:
+            return cmd
+        logger.warning(
+            "order %s (%s): resized from %s to %s, the position left at Alpaca",
+            cmd.coid,
+            cmd.symbol,
+            want,
+            room,
+        )
+        return dataclasses.replace(cmd, request=request.model_copy(update={"qty": float(room)}))
 
     def _must_wait(self, api: AlpacaApi, cmd: SubmitOrder) -> bool:
         """True when ``cmd`` is an equity order for the regular session and the Alpaca clock
@@ -648,8 +736,7 @@ class AlpacaWorker:
         """
         kw: dict[str, Any] = {"interruptible": not final, "deadline": deadline}
         first = self.flights.marker()
-        account = self.caller.call("account", api.account, **kw)
-        positions = self.caller.call("positions", api.positions, **kw)
+        account, positions, steady = self._account_snapshot(api, kw)
         self.poll_once(api, final=final, deadline=deadline)
         marks = {}
         for p in positions:
@@ -657,7 +744,7 @@ class AlpacaWorker:
             if p.current_price is not None:
                 marks[key] = float(to_decimal(p.current_price))
         with self.flights.locked():
-            consistent = self.flights.marker_unlocked() == first and bool(first[3])
+            consistent = steady and self.flights.marker_unlocked() == first and bool(first[3])
             self._put(
                 AccountState(
                     cash_usd=to_decimal(account.cash),
@@ -668,6 +755,23 @@ class AlpacaWorker:
                     checked_keys=checked_keys,
                 )
             )
+
+    def _account_snapshot(self, api: AlpacaApi, kw: dict[str, Any]) -> tuple[Any, Any, bool]:
+        """``(account, positions, steady)``: Alpaca has no atomic read of both, so the account
+        is read before and after the positions and the three reads are retried (at most
+        :data:`SNAPSHOT_READS` times) while the cash moved between the two account reads: a
+        fill of an order this run does not follow (placed by hand, another process) landing
+        between them would pair a new position with the old cash. Cash, not equity, is
+        compared: equity moves with every price. ``steady`` is False when it never held still
+        (the read is then not applied)."""
+        for _ in range(SNAPSHOT_READS):
+            before = self.caller.call("account", api.account, **kw)
+            positions = self.caller.call("positions", api.positions, **kw)
+            account = self.caller.call("account", api.account, **kw)
+            if to_decimal(before.cash) == to_decimal(account.cash):
+                return account, positions, True
+            logger.info("account cash moved while positions were read; reading again")
+        return account, positions, False
 
     def cancel_all(self, api: AlpacaApi, deadline: float) -> list[str]:
         """Cancel every working order of every family (at stop; the threads are joined): the
@@ -740,8 +844,13 @@ class AlpacaWorker:
 
     def on_trade_update(self, update: TradeUpdate) -> None:
         """One trade update from either stream (stream thread)."""
-        coid = self.observe(update.order, "stream")
         event = str(getattr(update.event, "value", update.event))
+        fill = None
+        if event in ("fill", "partial_fill") and update.qty and update.price is not None:
+            # the execution's own price: filled_avg_price is rounded, so prices derived from
+            # averages drift (issue 13, finding 8)
+            fill = (to_decimal(repr(update.qty)), to_decimal(repr(update.price)))
+        coid = self.observe(update.order, "stream", fill)
         if coid is None:
             return
         if event in ("fill", "partial_fill"):

@@ -156,7 +156,8 @@ class RiskGuard:
         data = order.data
         size = float(order.created.size)  # signed: negative sells
         price = float(order.created.price or 0.0) or _last_close(data)
-        before = float(broker.getposition(data).size) + _working(broker, data, exclude=order)
+        position = float(broker.getposition(data).size)
+        before = position + _working(broker, data, exclude=order, position=position)
         after = before + size
         if abs(after) <= abs(before) + _EPS and (before == 0 or after * before >= 0):
             return None  # reduces (or keeps) exposure: always allowed
@@ -305,9 +306,11 @@ def _open_orders(broker: Any) -> list[Any]:
     return orders
 
 
-def _working(broker: Any, data: Any, exclude: Any) -> float:
-    """Signed size still to fill of working opening orders on ``data`` (bracket exits, which
-    only close, are left out)."""
+def _working(broker: Any, data: Any, exclude: Any, position: float = 0.0) -> float:
+    """Signed size still to fill of working opening orders on ``data``: orders that add to
+    ``position`` (all of them when flat). Exits are left out: bracket legs, and working orders
+    against the position (a protective stop-loss, ``oco=`` exits), so a ``close()`` beside a
+    stop still counts as reducing."""
     total = 0.0
     # an order whose cancel is under way (the Alpaca broker cancels asynchronously) adds
     # nothing: counting it would make the close that follows a cancel look like a new position
@@ -316,7 +319,10 @@ def _working(broker: Any, data: Any, exclude: Any) -> float:
         if canceling is not None and canceling(o):
             continue
         if o.data is data and o.ref != exclude.ref and o.parent is None:
-            total += float(o.created.size) - float(o.executed.size)
+            rest = float(o.created.size) - float(o.executed.size)
+            if abs(position) > _EPS and rest * position < 0:
+                continue  # an exit of the position, not exposure to come
+            total += rest
     return total
 
 

@@ -282,3 +282,48 @@ def test_risk_settings_declared_on_the_config_match_the_settings_table() -> None
     assert names == [n for n in SETTINGS if n.startswith("RISK_")]
     with pytest.raises(ConfigError, match="RISK_KILL_ACTION"):
         RiskConfig(kill_action="pause")  # type: ignore[arg-type]
+
+
+def test_close_beside_a_protective_stop_counts_as_reducing() -> None:
+    """A working stop-loss against the position is an exit, not exposure to come: ``close()``
+    passes a tripped kill switch (found by an attack: the stop made the close look like a new
+    short, and the agent could not get out)."""
+    import pandas as pd
+
+    closes = [100.0, 100.0, 100.0, 100.0, 92.0, 92.0, 92.0, 92.0]
+    df = pd.DataFrame(
+        {"open": closes, "high": closes, "low": closes, "close": closes, "volume": 1000},
+        index=pd.date_range("2024-01-02", periods=len(closes), freq="D"),
+    )
+    seen: list[tuple[str, str, float, Any]] = []
+
+    class StopThenClose(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            n = len(self)
+            if n == 1:
+                self.buy(size=10)
+            elif n == 2:
+                self.sell(size=10, exectype=bt.Order.Stop, price=80.0, name="stop")
+            elif n == 6:
+                self.close()
+
+        def notify_order(self, order: Any) -> None:
+            if order.status in (order.Completed, order.Rejected):
+                seen.append(
+                    (
+                        "buy" if order.isbuy() else "sell",
+                        order.getstatusname(),
+                        float(order.executed.size),
+                        order.info.get("reason"),
+                    )
+                )
+
+    for cfg in (RiskConfig(max_daily_loss_usd=50.0, kill_action="stop"),):
+        seen.clear()
+        cerebro = bt.Cerebro(stdstats=False)
+        cerebro.setbroker(GuardedBackBroker(risk=cfg))
+        cerebro.adddata(bt.feeds.PandasData(dataname=df))
+        cerebro.addstrategy(StopThenClose)
+        cerebro.run()
+        assert ("sell", "Completed", -10.0, None) in seen, (cfg, seen)
+        assert float(cerebro.broker.getposition(cerebro.datas[0]).size) == 0.0

@@ -6,7 +6,8 @@ Time is compressed: the fast config polls every ``FAST_POLL_S`` instead of Alpac
 server's rate limit (200 requests per minute) runs ``TIME_SCALE`` times faster too: a test that
 stays under it would stay under it at the real intervals.
 
-The live feed is the shape every live feed here has (docs/field-notes.md): a ``bt.feed.DataBase`` whose
+The live feed is the shape every live feed here has (docs/field-notes.md): a
+``bt.feed.DataBase`` whose
 ``islive()`` is True and whose ``_load()`` pops one bar from a thread-safe queue (True), finds
 none within ``qcheck`` seconds (None: cerebro loops, the broker drains its events) or gets the
 end marker (False).

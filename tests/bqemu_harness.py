@@ -3,7 +3,8 @@
 bqemulator is never installed in the project venv (it downgrades protobuf there and its pytest
 plugin aborts every run): ``tests/bqemu/setup.sh`` builds ``.venv-bqemu`` (override with
 ``BQEMU_VENV``), and the emulator runs as a subprocess through ``tests/bqemu/launch.py``, which
-turns off its download of DuckDB's spatial extension (no network here). See docs/field-notes.md, "BigQuery".
+turns off its download of DuckDB's spatial extension (no network here). See
+docs/field-notes.md, "BigQuery".
 
 Every process is started in its own session and ended by process group at teardown, also when
 the test fails. Ports are picked free on 127.0.0.1.

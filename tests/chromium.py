@@ -1,7 +1,8 @@
 """A real headless Chromium (Debian package ``chromium``, installed by ``make chromium``) driven
 over the Chrome DevTools Protocol with the ``websockets`` package, for tests of HTML pages.
 
-* :class:`Chromium` starts the browser in its own session with the flags of docs/field-notes.md, a fresh
+* :class:`Chromium` starts the browser in its own session with the flags of
+  docs/field-notes.md, a fresh
   ``--user-data-dir`` and ``--remote-debugging-port=0``, and reads the ``DevTools listening on
   ws://...`` line Chromium prints on stderr (no polling of the port); it ends the process group
   by PID.

@@ -15,10 +15,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from core.bars import OHLCV, RESERVED_NAMES, field_name
+from core.bars import OHLCV, field_name
 from core.errors import ConfigError
 from core.retry import RetryPolicy
 from core.settings import setting
+from feeds.fields import reserved_reason
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -34,6 +35,11 @@ __all__ = [
 # Pub/Sub's limit on one published message (data plus attributes), bytes
 # (https://cloud.google.com/pubsub/quotas#resource_limits: "Message size ... 10 MB").
 MAX_MESSAGE_BYTES = 10 * 1000 * 1000
+
+# Attributes of feeds.pubsub.feed.PubSubMarketDataFeed beyond backtrader's own (which
+# feeds.fields.reserved_reason covers): a field may not take their names.
+# tests/unit/test_pubsub_decoder.py checks that this list is complete.
+FEED_ATTRIBUTES = frozenset({"last_bar", "live_bars", "missed_step", "text_fields"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -326,10 +332,11 @@ def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
             raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: {e}") from e
         if name in OHLCV:
             continue
-        if name in RESERVED_NAMES or name.startswith("_"):
-            raise ConfigError(
-                f"PUBSUB_FIELDS: {spec!r} would become {name!r}, a name backtrader reserves"
-            )
+        why = reserved_reason(name) or (
+            "an attribute of the live feed" if name in FEED_ATTRIBUTES else None
+        )
+        if why is not None:
+            raise ConfigError(f"PUBSUB_FIELDS: {spec!r} would become {name!r}, which is {why}")
         kind = kind.strip().lower() or "number"
         if kind not in ("number", "text"):
             raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: kind must be number or text")

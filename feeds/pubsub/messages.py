@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 from core.bars import (
     OHLCV,
     PRICE_FIELDS,
-    RESERVED_NAMES,
     bar_hash,
     check_bar,
     field_name,
@@ -41,7 +40,8 @@ from core.bars import (
 )
 from core.errors import DataError
 from core.time import as_utc, utc_to_bt_num
-from feeds.pubsub.config import MAX_MESSAGE_BYTES, FieldSet
+from feeds.fields import reserved_reason
+from feeds.pubsub.config import FEED_ATTRIBUTES, MAX_MESSAGE_BYTES, FieldSet
 
 __all__ = [
     "EXCERPT_CHARS",
@@ -155,7 +155,10 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
 
 def message_clock(attributes: Mapping[str, str], wall_s: float) -> float:
     """The clock a message's bar time is checked against, POSIX seconds: the replay's clock
-    (attribute :data:`REPLAY_CLOCK_ATTRIBUTE`) when the message has one, else ``wall_s``. An
+    (attribute :data:`REPLAY_CLOCK_ATTRIBUTE`) when the message has one and it is behind the
+    wall clock, else ``wall_s``. A replay's clock can only make the check stricter: any
+    publisher can set the attribute, so a clock ahead of the wall clock is not believed (a bar
+    stamped in 2096 with a matching ``replay_clock`` is still ``future_timestamp``). An
     attribute that is not a finite number is ignored."""
     raw = attributes.get(REPLAY_CLOCK_ATTRIBUTE)
     if raw is None:
@@ -164,7 +167,7 @@ def message_clock(attributes: Mapping[str, str], wall_s: float) -> float:
         replay_s = float(raw)
     except (TypeError, ValueError, OverflowError):
         return wall_s
-    return replay_s if math.isfinite(replay_s) else wall_s
+    return min(replay_s, wall_s) if math.isfinite(replay_s) else wall_s
 
 
 def parse_timestamp(raw: Any) -> datetime:
@@ -194,6 +197,9 @@ def parse_timestamp(raw: Any) -> datetime:
 def _number(name: str, value: Any, reason: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
+    if isinstance(value, str) and "_" in value:
+        # Python's float() reads "1_06" as 106: a typo must not become a price.
+        raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
     try:
         return float(value)
     except (ValueError, OverflowError) as e:
@@ -204,6 +210,17 @@ def _number(name: str, value: Any, reason: str) -> float:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: RFC 8259 section 4 leaves duplicate names
+    undefined and Python keeps the last, which would change a bar silently."""
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ValueError(f"duplicate key {key!r}")
+        doc[key] = value
+    return doc
 
 
 def _check_shape(doc: Mapping[str, Any]) -> None:
@@ -330,7 +347,7 @@ def _decode(
             "missing_symbol", f"'symbol' attribute {excerpt(symbol)} is longer than 64 characters"
         )
     try:
-        doc = json.loads(data, parse_constant=_reject_constant)
+        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError as e:
         raise MalformedMessageError("bad_json", "body nested too deeply to parse") from e
     except (UnicodeDecodeError, ValueError) as e:
@@ -387,9 +404,14 @@ def _decode(
             raise MalformedMessageError(
                 "bad_field", f"field name {excerpt(name)} is longer than {MAX_NAME_CHARS}"
             )
-        if name in RESERVED_NAMES or name.startswith("_"):
+        why = reserved_reason(name) or (
+            "an attribute of the live feed" if name in FEED_ATTRIBUTES else None
+        )
+        if why is not None:
+            # A field named like an attribute of the feed would replace it (a publisher's
+            # "start" or "text_fields" crashed or hung the runner): refused, never renamed.
             raise MalformedMessageError(
-                "reserved_field", f"field {excerpt(name)} is a name backtrader reserves"
+                "reserved_field", f"field {excerpt(name)} may not be used: {why}"
             )
         if isinstance(value, bool):
             value = 1.0 if value else 0.0

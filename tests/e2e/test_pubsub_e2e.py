@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -223,6 +224,7 @@ def test_sigterm_mid_stream_then_a_restart_decides_every_bar_once(
         assert (paper.metric("runner_bars_received_total", feed="SP500") or 0) >= 40
         assert (paper.metric("runner_message_age_seconds_count", feed="SP500") or 0) >= 40
         assert paper.metric("runner_messages_malformed_total", feed="SP500") in (None, 0.0)
+        signalled = time.time()
         paper.proc.send_signal(signal.SIGTERM)
         # The shutdown budget is the contract (Kubernetes grace period): the wait's timeout.
         assert paper.finish(timeout_s=SHUTDOWN_BUDGET_S) == 0, "".join(paper.err_lines[-30:])
@@ -234,6 +236,13 @@ def test_sigterm_mid_stream_then_a_restart_decides_every_bar_once(
     assert any("stopping: SIGTERM" in line for line in paper.err_lines)
     first = decisions(tmp_path / "fmel.duckdb")
     assert 40 <= len(first) < 252  # it really stopped mid-stream
+    with duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True) as con:
+        late = con.execute(
+            "SELECT count(*) FROM decisions WHERE epoch(ts) > ?", [signalled + 0.5]
+        ).fetchone()
+    # It stops after the current step: buffered bars are not decided (nor traded) after the
+    # signal; they go back to Pub/Sub (found by an attack: 5 s of decisions after SIGTERM).
+    assert late == (0,)
     counts = report_line(paper.stdout, "feed all")
     assert "duplicates=0" in counts
     undelivered = int(re.search(r"undelivered=(\d+)", counts).group(1))  # type: ignore[union-attr]

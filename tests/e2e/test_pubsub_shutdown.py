@@ -168,3 +168,54 @@ def test_invalid_topic_name_is_a_configuration_error(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "PUBSUB_TOPIC" in done.stderr and "not a valid Pub/Sub id" in done.stderr
+
+
+def test_sigterm_with_a_backlog_decides_nothing_more(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
+) -> None:
+    """A stop ends the run after the current step: bars buffered but not yet given to the agent
+    are neither decided nor traded after the signal; they go back to Pub/Sub (found by an
+    attack: a slow agent went on deciding, and could place orders, for 5 s after SIGTERM)."""
+    import duckdb
+
+    emu = pubsub_emulator
+    topic = new_topic(emu)
+    pub = OrderedPublisher(emu.host)
+    t0 = datetime(2024, 3, 1, 14, 30)
+    runner = paper(
+        tmp_path,
+        emu,
+        topic,
+        SYMBOLS="AAA",
+        AGENT="tests.slow_agent:SlowAgent",
+        AGENT_PARAMS='{"sleep_s": 0.2}',
+        PUBSUB_BAR_SIZE="1min",
+        PUBSUB_IDLE_TIMEOUT_S="0",
+    )
+    runners.append(runner)
+    runner.wait_for("pulling", lambda: logged(runner, "pulling "))
+    bars = []
+    for i in range(300):  # a backlog: 60 s of the slow agent's work
+        p = 100.0 + (i % 17)
+        ts = (t0 + timedelta(minutes=i)).isoformat() + "Z"
+        doc = {"timestamp": ts, "open": p, "high": p + 1, "low": p - 1, "close": p}
+        bars.append((json.dumps(doc).encode(), {"symbol": "AAA"}))
+    pub.publish_batch(f"projects/{emu.project}/topics/{topic}", bars)
+    pub.stop()
+    store = tmp_path / "fmel.duckdb"
+    runner.wait_for(
+        "decisions on a backlog",
+        lambda: (runner.metric("runner_bars_processed_total", feed="AAA") or 0) >= 10,
+        timeout_s=120,
+    )
+    signalled = datetime.now().astimezone()
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.finish(timeout_s=30) == 0, "".join(runner.err_lines[-20:])
+    with duckdb.connect(str(store), read_only=True) as con:
+        after, total = con.execute(
+            "SELECT count(*) FILTER (WHERE ts > ?), count(*) FROM decisions",
+            [signalled + timedelta(seconds=0.5)],
+        ).fetchone() or (None, None)
+    assert total is not None and 10 <= total < 300
+    assert after == 0  # at most the step in progress, which ends within the slow agent's 0.2 s
+    assert "undelivered=" in runner.stdout

@@ -213,6 +213,20 @@ def test_future_check_uses_the_replay_clock_when_the_message_has_one() -> None:
     with pytest.raises(MalformedMessageError):
         decode_message(encode(ten_min), replay, clock_s=message_clock(replay, 0), max_future_s=5)
     assert message_clock({REPLAY_CLOCK_ATTRIBUTE: "soon"}, 7.0) == 7.0
+    # Any publisher can set the attribute: a clock ahead of the wall clock is not believed, so
+    # a bar stamped in 2096 with a matching replay clock is still refused (found by an attack:
+    # one such bar blocked its symbol for the rest of the run).
+    far = datetime(2096, 1, 1, tzinfo=UTC)
+    poisoned = {"symbol": "AAA", REPLAY_CLOCK_ATTRIBUTE: f"{far.timestamp():.3f}"}
+    assert message_clock(poisoned, wall_s=T0.timestamp()) == T0.timestamp()
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(
+            encode(body(timestamp=far.isoformat())),
+            poisoned,
+            clock_s=message_clock(poisoned, wall_s=T0.timestamp()),
+            max_future_s=5,
+        )
+    assert e.value.reason == "future_timestamp"
 
 
 # -- the handler --------------------------------------------------------------------------------
@@ -293,3 +307,48 @@ def test_an_observer_that_raises_changes_nothing(caplog: pytest.LogCaptureFixtur
     assert h.handle(encode(body()), {"symbol": "AAA"}, message_id="1") == DELIVERED
     assert h.handle(encode(body(minute=1)), {"symbol": "AAA"}, message_id="2") == DELIVERED
     assert h.stats.delivered == 2 and h.hub.depth("AAA") == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "start",
+        "reset",
+        "forward",
+        "stop",
+        "next",
+        "text_fields",
+        "missed_step",
+        "tick_close",
+        "line0",
+        "datetime",
+        "lines",
+    ],
+)
+def test_a_field_named_like_a_feed_attribute_is_refused(name: str) -> None:
+    """Found by an attack: a publisher's ``text_fields`` hung the runner (SIGTERM ignored),
+    ``start`` and ``missed_step`` crashed it, and each restart crashed again."""
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(encode(body(**{name: 1.5})), {"symbol": "AAA"})
+    assert e.value.reason == "reserved_field" and name in e.value.detail
+
+
+def test_feed_attributes_list_every_attribute_the_live_feed_adds() -> None:
+    from feeds.fields import attribute_names, reserved_reason
+    from feeds.pubsub.config import FEED_ATTRIBUTES
+    from feeds.pubsub.feed import PubSubMarketDataFeed
+
+    added = {n for n in attribute_names(PubSubMarketDataFeed) if reserved_reason(n) is None}
+    assert added <= FEED_ATTRIBUTES, sorted(added - FEED_ATTRIBUTES)
+
+
+def test_duplicate_keys_and_underscored_numbers_are_refused_not_guessed() -> None:
+    """Found by an attack: ``{"close":1,"close":112.5}`` kept the last value and ``"1_06"``
+    became 106, silently."""
+    dup = b'{"timestamp":"2024-03-01T14:30:00Z","open":1,"high":2,"low":0.5,"close":1,"close":1.5}'
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(dup, {"symbol": "AAA"})
+    assert e.value.reason == "bad_json" and "duplicate key 'close'" in e.value.detail
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(encode(body(open="1_06")), {"symbol": "AAA"})
+    assert e.value.reason == "non_numeric_price"

@@ -516,8 +516,12 @@ def test_declared_fields_parse_kinds_and_refuse_reserved_names() -> None:
     assert parse_declared_fields(
         ["Sentiment", "headline:text", "latest_news.relevance:number", "close"]
     ) == FieldSet(("sentiment", "latest_news_relevance"), ("headline",))
-    with pytest.raises(ConfigError, match="reserves"):
+    with pytest.raises(ConfigError, match="name backtrader's feed or this runtime uses"):
         parse_declared_fields(["datetime"])
+    with pytest.raises(ConfigError, match="attribute of the live feed"):
+        parse_declared_fields(["text_fields:text"])
+    with pytest.raises(ConfigError, match="backtrader's feed"):
+        parse_declared_fields(["start"])
     with pytest.raises(ConfigError, match="number or text"):
         parse_declared_fields(["x:blob"])
 

@@ -50,6 +50,12 @@ class TcpProxy:
         self._listen()
 
     @property
+    def connections(self) -> int:
+        """Client connections accepted and still held (each also has an upstream socket)."""
+        with self._lock:
+            return len(self._conns) // 2
+
+    @property
     def address(self) -> str:
         """``127.0.0.1:PORT``: what clients use instead of the upstream address."""
         return f"127.0.0.1:{self.port}"

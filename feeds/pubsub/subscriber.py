@@ -122,6 +122,32 @@ class PulledMessage:
         self._owner.settle([self], ack=False)
 
 
+def _interruptible(fn: Callable[[], None], stop: threading.Event, poll_s: float = 0.1) -> bool:
+    """Run ``fn`` on a helper thread and wait for it, returning False at once when ``stop`` is
+    set first (the call then finishes or times out on its own; its result is dropped). A
+    blocking gRPC call on the main thread would hold back the Python signal handler until it
+    returns (up to its timeout); waiting here keeps SIGTERM within ``poll_s``. Exceptions of
+    ``fn`` are raised here."""
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="pubsub-admin", daemon=True).start()
+    while not done.wait(poll_s):
+        if stop.is_set():
+            return False
+    if failure:
+        raise failure[0]
+    return True
+
+
 def _iso_ms(num: float) -> str:
     """A backtrader day number as ISO 8601 UTC to the millisecond (day numbers hold ~15 us)."""
     return datetime.fromtimestamp(round(bt_num_to_posix(num), 3), UTC).isoformat(
@@ -295,7 +321,6 @@ class PubSubBarSubscriber:
                 other symbols.
             TransientError: Pub/Sub is unreachable or failed a call (the message says which).
         """
-        from google.api_core import exceptions as gexc
 
         if self._stop.is_set():
             logger.info("stop requested before the subscription was opened")
@@ -308,6 +333,38 @@ class PubSubBarSubscriber:
         self._client = subscriber_client(self.cfg.emulator_host)
         many = len(self.cfg.topics) > 1
         where = self.cfg.emulator_host or "Google"
+        opened = _interruptible(lambda: self._open_subscriptions(where, many), self._stop)
+        if not opened:
+            logger.info("stop requested while the subscription was being opened")
+            self._abort()
+            return
+        self._connected = True
+        self.hub.set_status("CONNECTED")
+        self._started = True
+        self._pull_client = subscriber_client(self.cfg.emulator_host)
+        for i, sub in enumerate(self._subs):
+            sub.thread = threading.Thread(
+                target=self._pull_loop, args=(sub,), name=f"pubsub-pull-{i}", daemon=True
+            )
+            sub.thread.start()
+        self._lease_thread = threading.Thread(
+            target=self._lease_loop, name="pubsub-lease", daemon=True
+        )
+        self._lease_thread.start()
+        self._ack_thread = threading.Thread(target=self._ack_loop, name="pubsub-ack", daemon=True)
+        self._ack_thread.start()
+        logger.info(
+            "pulling %s via %s (%d symbols; acknowledged %s)",
+            ", ".join(self.cfg.topics),
+            ", ".join(s.path.rsplit("/", 1)[-1] for s in self._subs),
+            len(self.symbols),
+            "once decisions are on disk" if self.durable_acks else "on receipt",
+        )
+
+    def _open_subscriptions(self, where: str, many: bool) -> None:
+        """Create or reuse one subscription per topic (blocking admin calls; any thread)."""
+        from google.api_core import exceptions as gexc
+
         try:
             for topic in self.cfg.topics:
                 topic_path = resource_path(self.cfg.project, "topics", topic)
@@ -352,28 +409,6 @@ class PubSubBarSubscriber:
         except Exception:
             self._abort()
             raise
-        self._connected = True
-        self.hub.set_status("CONNECTED")
-        self._started = True
-        self._pull_client = subscriber_client(self.cfg.emulator_host)
-        for i, sub in enumerate(self._subs):
-            sub.thread = threading.Thread(
-                target=self._pull_loop, args=(sub,), name=f"pubsub-pull-{i}", daemon=True
-            )
-            sub.thread.start()
-        self._lease_thread = threading.Thread(
-            target=self._lease_loop, name="pubsub-lease", daemon=True
-        )
-        self._lease_thread.start()
-        self._ack_thread = threading.Thread(target=self._ack_loop, name="pubsub-ack", daemon=True)
-        self._ack_thread.start()
-        logger.info(
-            "pulling %s via %s (%d symbols; acknowledged %s)",
-            ", ".join(self.cfg.topics),
-            ", ".join(s.path.rsplit("/", 1)[-1] for s in self._subs),
-            len(self.symbols),
-            "once decisions are on disk" if self.durable_acks else "on receipt",
-        )
 
     def discover_fields(
         self, backfill: Mapping[str, FieldSet] | None = None

@@ -219,3 +219,28 @@ def test_sigterm_with_a_backlog_decides_nothing_more(
     assert total is not None and 10 <= total < 300
     assert after == 0  # at most the step in progress, which ends within the slow agent's 0.2 s
     assert "undelivered=" in runner.stdout
+
+
+def test_sigterm_while_the_start_up_call_hangs(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
+) -> None:
+    """Pub/Sub's address drops traffic (a firewall): the first admin call blocks for its whole
+    timeout. A blocking gRPC call on the main thread would hold back the signal handler until
+    it returns (found by an attack: 6-7 s); the call runs on a helper thread instead."""
+    from tests.tcp_proxy import TcpProxy
+
+    emu = pubsub_emulator
+    topic = new_topic(emu)
+    proxy = TcpProxy(emu.host)
+    try:
+        proxy.cut("blackhole")
+        r = paper(tmp_path, emu, topic, PUBSUB_EMULATOR_HOST=proxy.address)
+        runners.append(r)
+        # The client connected through the proxy, which swallows its request: the call blocks.
+        r.wait_for("the start-up call", lambda: proxy.connections >= 1, timeout_s=30.0)
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.finish(timeout_s=EXIT_WITHIN_S) == 0, "".join(r.err_lines[-20:])
+        assert logged(r, "stop requested while the subscription was being opened")
+        assert seconds_between(r, "stopping: SIGTERM", "decisions:") < 1.0
+    finally:
+        proxy.close()

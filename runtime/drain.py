@@ -8,10 +8,14 @@ next run writes them first; this command does it now, with the same environment 
 :func:`runtime.config.load_process_config`. Rows already in the store (sent before a crash) are
 recognised by ``decision_id`` and not written twice.
 
-It drains until the spill is empty, ``--timeout-s`` passes, or SIGINT/SIGTERM; what is left stays
-in the file and is reported. Do not run it while a runner uses the same ``FMEL_SPILL_DIR``.
+It drains until the spill is empty, ``--timeout-s`` passes (default
+:data:`DEFAULT_TIMEOUT_S`, 900 s: an unreachable store does not keep it running forever), or
+SIGINT/SIGTERM; what is left stays in the file and is reported. Do not run it while a runner uses
+the same ``FMEL_SPILL_DIR``.
 
-Prints one JSON line on stdout: ``{"drained": N, "rejected": R, "left": L, "spill": PATH}``.
+Prints one JSON line on stdout: ``{"drained": N, "rejected": R, "torn": T, "left": L, "spill":
+PATH}`` (``torn``: lines cut by a crash during an append, unreadable, dropped and logged; so
+``drained + rejected + torn + left`` is what the file held).
 
 Exit codes: 0 nothing left, 1 rows left (store unreachable, stopped, or out of time), 2 bad
 configuration.
@@ -40,6 +44,7 @@ from runtime.secrets import secrets_in
 logger = logging.getLogger(__name__)
 
 WAIT_STEP_S = 0.5  # how often the main thread looks at its stop flag while the writer drains
+DEFAULT_TIMEOUT_S = 900.0  # --timeout-s when not given, seconds
 
 
 def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) -> dict[str, Any]:
@@ -47,12 +52,13 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
 
     Args:
         config: the run configuration (``fmel``, ``bigquery``, ``ops`` are used).
-        timeout_s: give up after this many seconds (None: no limit).
+        timeout_s: give up after this many seconds (None: no limit; the command always
+            passes one, :data:`DEFAULT_TIMEOUT_S` unless told).
         stop: set to end early (a signal).
 
     Returns:
-        ``{"drained": rows stored, "rejected": rows refused for good, "left": rows still in the
-        file, "spill": its path}``.
+        ``{"drained": rows stored, "rejected": rows refused for good, "torn": torn lines
+        dropped, "left": rows still in the file, "spill": its path}``.
 
     Raises:
         SinkError: the store can never take these rows (see the message).
@@ -64,7 +70,13 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
     journal = writer.journal.path if writer.journal is not None else None
     if not waiting and not (journal and journal.exists()):
         logger.info("nothing to drain in %s", writer.spill_path)
-        return {"drained": 0, "rejected": 0, "left": 0, "spill": str(writer.spill_path)}
+        return {
+            "drained": 0,
+            "rejected": 0,
+            "torn": 0,
+            "left": 0,
+            "spill": str(writer.spill_path),
+        }
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     writer.start()
     try:
@@ -72,13 +84,14 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
             if writer.wait_drained(WAIT_STEP_S):
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                logger.warning("--timeout-s passed; stopping the drain")
+                logger.warning("--timeout-s (%.0f s) passed; stopping the drain", timeout_s)
                 break
     finally:
         stats = writer.stop(timeout_s=config.ops.shutdown_timeout_s)
     return {
         "drained": stats.replayed,
         "rejected": stats.earlier_rejected,
+        "torn": stats.earlier_torn,
         "left": stats.in_spill,
         "spill": str(writer.spill_path),
     }
@@ -92,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "an agent.",
     )
     parser.add_argument(
-        "--timeout-s", type=float, default=None, help="stop after this many seconds"
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"stop after this many seconds (default {DEFAULT_TIMEOUT_S:.0f}); rows left stay "
+        "in the spill file and the exit code is 1",
     )
     args = parser.parse_args(argv)
     try:
@@ -123,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signal.signal(s, handler)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
+    if result["torn"]:
+        logger.warning("%d torn lines were dropped from %s", result["torn"], result["spill"])
     if result["left"]:
         logger.warning("%d decision records are still in %s", result["left"], result["spill"])
         return 1

@@ -25,12 +25,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import backtrader as bt
 import pyarrow as pa
 from prometheus_client import Counter
 
-from analyzers.fmel import attach_note
-from core.bars import feed_symbol
+from analyzers.missed_step import MISSED_STEP_NOTE, MissedStepNote
 from core.errors import ConfigError
 from feeds.pubsub import (
     FeedEvents,
@@ -57,9 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Key of the decision record's ``notes`` that lists the symbols that missed the step.
-MISSED_STEP_NOTE = "feeds_missed_step"
 
 
 def deployment_name(config: AppConfig) -> str:
@@ -118,8 +113,9 @@ def start_live_input(
         events=events,
         durable_acks=durable_acks,
     )
-    # Half the shutdown budget drains buffered bars; the rest flushes decisions and settles.
-    sub.drain_timeout_s = config.ops.shutdown_timeout_s / 2
+    # A stop ends the run after the current step: bars buffered but not yet given to the agent
+    # are returned to Pub/Sub for the next start (no decision, and no order, after SIGTERM).
+    sub.drain_timeout_s = 0.0
     if durable_acks:
         # Beside the decision journal: the last bar time acknowledged, for the next start.
         sub.resume_path = config.fmel.spill_dir / f"pubsub-resume-{decision_scope(config)}.json"
@@ -208,37 +204,6 @@ def add_live_feeds(cerebro: Any, sub: PubSubBarSubscriber) -> list[Any]:
     cerebro.addanalyzer(LiveMemoryBound, _name="live_memory")
     cerebro.addanalyzer(MissedStepNote, _name="missed_step")
     return feeds
-
-
-class MissedStepNote(bt.Analyzer):  # type: ignore[misc]
-    """Notes, in the decision record of each step (``notes[MISSED_STEP_NOTE]``), the symbols
-    whose feed has no bar at the step's time: their bar did not come in time (live) or the file
-    lacks it (backtest). The same rule in both modes, so a paper run's records equal those of a
-    backtest that sees the same gaps. The agent reads the same as ``data.missed_step`` (live
-    feeds) or ``len``/``datetime`` of its datas.
-
-    Must be added before the FMEL analyzer (analyzers run in the order they were added).
-    Thread context: main thread.
-    """
-
-    def _note(self) -> None:
-        strategy = self.strategy
-        now = strategy.lines.datetime[0]
-        missed = [
-            feed_symbol(d) for d in strategy.datas if len(d) == 0 or d.lines.datetime[0] < now
-        ]
-        if missed:
-            notes: dict[str, Any] = {MISSED_STEP_NOTE: missed}
-            attach_note(strategy, **notes)
-
-    def prenext(self) -> None:
-        self._note()
-
-    def nextstart(self) -> None:
-        self._note()
-
-    def next(self) -> None:
-        self._note()
 
 
 class _MetricsEvents:

@@ -158,11 +158,13 @@ class RunMetrics:
         self.info.labels(session=session, agent=agent, mode=mode).set(1)
 
     def watch_writer(self, writer: Any) -> None:
-        """Export a ``DecisionWriter``'s counters (read from ``writer.stats`` and
-        ``writer.healthy``/``writer.queue_depth`` at each scrape)."""
+        """Export a ``DecisionWriter``'s counters (read from ``writer.snapshot()`` and
+        ``writer.healthy`` at each scrape)."""
 
         def families() -> Iterator[Metric]:
-            st = writer.stats
+            # One consistent copy: submitted = written + rejected + in_spill + queued holds in
+            # every scrape, the batch in flight counted in queued (issue 17, finding 7).
+            st, waiting = writer.snapshot()
             for name, key, what in (
                 ("submitted", "submitted", "of this run given to the writer"),
                 ("written", "written", "of this run stored by the sink"),
@@ -190,8 +192,8 @@ class RunMetrics:
             )
             yield GaugeMetricFamily(
                 f"{PREFIX}decision_records_queued",
-                "Decision records waiting in the writer",
-                value=writer.queue_depth,
+                "Decision records of this run waiting in the writer (buffered or in flight)",
+                value=waiting,
             )
             yield GaugeMetricFamily(
                 f"{PREFIX}decision_sink_healthy",

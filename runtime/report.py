@@ -57,6 +57,10 @@ class RunReport:
     spill_left: int = 0  # rows waiting in the spill file at the end (this run's and earlier)
     spill_earlier_left: int = 0  # of those, rows of earlier runs
     spill_path: str = ""
+    records_lost: int = 0  # neither stored nor on disk (the spill folder failed); see below
+    # Why the decision records stopped being safe (the spill folder could not be written, or
+    # the writer died): the run was stopped and exits with code 3. "" when nothing failed.
+    decisions_failure: str = ""
     skipped_rows: dict[str, int] = field(default_factory=dict)
     feed_counters: dict[str, dict[str, int]] = field(default_factory=dict)
     broker_note: str = "simulated (backtrader BackBroker)"
@@ -110,6 +114,13 @@ class RunReport:
             f"decisions        {self.decisions} recorded ({self.records_written} written, "
             f"{self.records_spilled} spilled, {self.records_rejected} rejected)",
         ]
+        if self.decisions_failure:
+            lines.append(f"DECISIONS FAILED {self.decisions_failure}; the run was stopped")
+        if self.records_lost:
+            lines.append(
+                f"lost             {self.records_lost} records neither stored nor on disk "
+                "(see the ERROR log for their decision ids)"
+            )
         if self.records_replayed:
             lines.append(f"replayed         {self.records_replayed} records from an earlier spill")
         if self.spill_left:

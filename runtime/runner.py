@@ -28,6 +28,7 @@ import backtrader as bt
 import numpy as np
 import pyarrow as pa
 
+from analyzers.missed_step import MissedStepNote
 from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core.errors import AppError, ConfigError, DataError, SinkError
@@ -49,6 +50,10 @@ from runtime.reporting.bars import BarRecorder
 from runtime.stats import finest_bar_size, performance_stats, periods_per_year
 
 logger = logging.getLogger(__name__)
+
+# Exit code of a run stopped because its decision records could not be kept safe (docs:
+# deployment.md, "Exit codes"); the report has printed.
+EXIT_DECISIONS_FAILED = 3
 
 
 class Runner:
@@ -76,6 +81,7 @@ class Runner:
         self._agent_phase: list[str] = ["building"]  # -> "warming" -> "running" (_AgentPhase)
         self.broker_note = "simulated (backtrader BackBroker)"
         self._stop_requested = False
+        self._stop_deadline: float | None = None  # monotonic end of the shutdown budget
         self._signals = 0
         self._closers: list[tuple[str, Callable[[], None]]] = []
         self._old_handlers: dict[int, Any] = {}
@@ -192,6 +198,10 @@ class Runner:
         self.sink = make_sink(cfg.fmel, cfg.bigquery)
         live = self.live_input
         self.writer = make_writer(cfg.fmel, self.sink, journal=live is not None)
+        # The journal or spill folder cannot be written (a full disk): stop deciding bars.
+        self.writer.add_failure_listener(
+            lambda why: self.request_stop(f"decision records not safe on disk: {why}")
+        )
         if live is not None:
             from runtime.live import connect_durable_acks
 
@@ -220,6 +230,10 @@ class Runner:
     def _add_analyzers(self) -> None:
         cfg = self.config
         assert self.agent_cls is not None and self.writer is not None
+        if cfg.run.mode == "backtest":
+            # Feeds that missed a step, noted as paper runs do (runtime.live adds it there),
+            # before FMEL so the note reaches the step's record.
+            self.cerebro.addanalyzer(MissedStepNote, _name="missed_step")
         add_fmel(
             self.cerebro,
             self.agent_cls,
@@ -332,6 +346,7 @@ class Runner:
         """Ask the run to end after the current bar (safe from a signal handler)."""
         if not self._stop_requested:
             logger.warning("stopping: %s; finishing the current bar, flushing decisions", reason)
+            self._stop_deadline = time.monotonic() + self.config.ops.shutdown_timeout_s
         self._stop_requested = True
         if self.health is not None:
             self.health.set_draining()
@@ -511,7 +526,8 @@ class Runner:
         if strategy is not None and decisions:
             from runtime.reporting.run import write_run_report
 
-            html = write_run_report(cfg, self.session_id, strategy)
+            # Stopping: the page's BigQuery requests end with the shutdown budget.
+            html = write_run_report(cfg, self.session_id, strategy, deadline=self._stop_deadline)
         return RunReport(
             session_id=self.session_id,
             agent=cfg.run.agent,
@@ -534,6 +550,8 @@ class Runner:
             spill_left=stats.in_spill,
             spill_earlier_left=stats.earlier_left,
             spill_path=str(self.writer.spill_path) if self.writer is not None else "",
+            records_lost=stats.lost,
+            decisions_failure=(self.writer.failure or "") if self.writer is not None else "",
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},
             broker_note=self.broker_note,
@@ -569,7 +587,9 @@ def setup_logging(level: str, fmt: str = "auto") -> LogSetup:
 
 def main() -> int:
     """Entry point of ``python runner.py``. Returns the process exit code: 0 done, 2 bad
-    configuration or input, 1 a failure during the run, 128+N after a forced signal exit."""
+    configuration or input, 1 a failure during the run, 3 the run was stopped because its
+    decision records could not be kept safe (``FMEL_SPILL_DIR`` unwritable, e.g. a full disk,
+    or the decision writer died; the report still prints), 128+N after a forced signal exit."""
     try:
         config = load_process_config()
     except ConfigError as e:
@@ -610,4 +630,4 @@ def main() -> int:
             runner.restore_signal_handlers()
     sys.stdout.write(report.render())
     sys.stdout.flush()
-    return 0
+    return EXIT_DECISIONS_FAILED if report.decisions_failure or report.records_lost else 0

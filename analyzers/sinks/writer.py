@@ -17,8 +17,9 @@ start, before this run's records. Rows a sink rejects for good (a bad value) are
 
 Counts (:class:`WriterStats`): every record submitted to this writer is, at any time, in exactly
 one of: waiting (buffered or being written), ``written`` (stored), ``spilled`` (in the spill file
-now), ``rejected``; after :meth:`DecisionWriter.stop` nothing is waiting, so ``written + spilled
-+ rejected == submitted``. Rows of earlier runs found in the spill at start are counted apart
+now), ``rejected``, ``lost`` (only after a disk error, at stop); after
+:meth:`DecisionWriter.stop` nothing is waiting, so ``written + spilled + rejected + lost ==
+submitted``. Rows of earlier runs found in the spill at start are counted apart
 (``replayed`` once stored, ``earlier_rejected``, ``earlier_left`` still waiting). A batch the
 sink stored in part before failing is split: the sink's optional ``is_stored(decision_id)`` names
 what it stored (counted written, not spilled). At stop, draining and writing go on until the
@@ -32,12 +33,23 @@ fsynced (:class:`~analyzers.sinks.journal.DecisionJournal`), as soon as the thre
 the durable listeners hear of it (:meth:`DecisionWriter.add_durable_listener`); records are then
 written with the sink's ``write`` (de-duplicating by ``decision_id``: a restarted runner may
 decide a redelivered bar again under the same id).
+
+Local disk failing (a full disk or a folder that cannot be written under ``spill_dir``): the
+first ``OSError`` of the journal, the spill or the rejected file is logged once at ERROR naming
+the file and the errno, kept in :attr:`DecisionWriter.disk_error`, and the failure listeners are
+told (:meth:`DecisionWriter.add_failure_listener`: the Runner stops the run). The writer goes on:
+nothing more is journaled (so no further bar is acknowledged: Pub/Sub redelivers them), records
+go straight to the sink, and those it cannot take are held in memory and tried again until the
+stop; what is still held then is counted ``lost`` with the reason. :meth:`DecisionWriter.stop`
+never raises for a disk error.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import threading
@@ -51,7 +63,7 @@ from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
 from analyzers.sinks.spill import Head, RejectedFile, SpillFile
-from core.errors import SinkError, TransientError
+from core.errors import AppError, SinkError, TransientError
 from core.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -81,6 +93,11 @@ class WriterStats:
         replayed: rows of earlier runs (in the spill at start) stored by this writer.
         earlier_rejected: rows of earlier runs refused for good.
         earlier_left: rows of earlier runs still in the spill file.
+        earlier_torn: lines of earlier runs dropped from the spill file as torn (cut by a crash
+            during an append: not a readable row; logged when read).
+        lost: of those, neither stored nor kept on disk: the spill folder could not be written
+            (a full disk) and the sink did not take them before the stop (``lost_reason``).
+        lost_reason: why records were lost ("" when none were).
         batches / retries / queue_depth: sink writes, retried sink calls, records buffered.
     """
 
@@ -96,6 +113,9 @@ class WriterStats:
     recovered: int = 0
     earlier_rejected: int = 0
     earlier_left: int = 0
+    earlier_torn: int = 0
+    lost: int = 0
+    lost_reason: str = ""
 
     @property
     def in_spill(self) -> int:
@@ -185,6 +205,10 @@ class DecisionWriter:
         self._abandoned = False  # stop() took over from a stuck writer thread
         self._inflight_on_disk = False  # the in-flight batch is already in the spill file
         self._deadline = float("inf")  # clock time by which a stopping writer must be done
+        self.disk_error: OSError | None = None  # first failed write under spill_dir
+        self.failure: str | None = None  # why the records are no longer safe (told once)
+        self._failure_listeners: list[Callable[[str], None]] = []
+        self._held: list[Row] = []  # rows the spill could not take (disk error), oldest first
 
     @property
     def spill_path(self) -> Path:
@@ -244,7 +268,7 @@ class DecisionWriter:
                 cond.wait(0.5)
             self._buf.append(record)
             self.stats.submitted += 1
-            if self.journal is not None:
+            if self.journal is not None and self.disk_error is None:
                 self._unjournaled += 1
                 cond.notify()  # journal it now, whatever the batch size
             elif len(self._buf) >= self.batch_size:
@@ -258,15 +282,29 @@ class DecisionWriter:
             raise SinkError("durable listeners need a writer with journal=True")
         self._listeners.append(fn)
 
+    def add_failure_listener(self, fn: Callable[[str], None]) -> None:
+        """``fn(reason)`` is called once when records are no longer safe: the journal or spill
+        folder cannot be written (``reason`` names the file and the errno) or the writer
+        thread died. Called on the writer thread (or the caller of :meth:`stop`); it must
+        only set flags (the Runner requests a stop). A listener that raises is logged and
+        otherwise ignored. Owner thread, before :meth:`start`."""
+        self._failure_listeners.append(fn)
+
     def wait_durable(self, timeout_s: float) -> bool:
         """Wait until every record submitted so far is journaled and its listeners were told
-        (True), or ``timeout_s`` passed / the writer thread is gone (False). Owner thread."""
+        (True), or ``timeout_s`` passed / the writer thread is gone / the journal cannot be
+        written (False). Owner thread."""
         with self._cond:
             target = self.stats.submitted
             self._cond.notify_all()
             return (
                 self._cond.wait_for(
-                    lambda: self._journaled >= target or not self._alive(), timeout_s
+                    lambda: (
+                        self._journaled >= target
+                        or not self._alive()
+                        or self.disk_error is not None
+                    ),
+                    timeout_s,
                 )
                 and self._journaled >= target
             )
@@ -295,12 +333,22 @@ class DecisionWriter:
 
     @property
     def healthy(self) -> bool:
-        """False while records are being spilled or the writer died."""
-        return self._fatal is None and not self._spilling
+        """False while records are being spilled, the writer died or its disk failed."""
+        return self._fatal is None and not self._spilling and self.disk_error is None
 
     @property
     def queue_depth(self) -> int:
+        """Records buffered (not yet taken into a write)."""
         return len(self._buf)
+
+    def snapshot(self) -> tuple[WriterStats, int]:
+        """A consistent copy of the counters and the records of this run still waiting
+        (buffered, in a write in flight or held in memory after a disk error): ``submitted ==
+        written + spilled + rejected + lost + waiting`` holds for the pair at every moment
+        (metrics read it at each scrape). Any thread."""
+        with self._io_lock:  # every move out of "waiting" is counted under this lock
+            st = dataclasses.replace(self.stats)
+        return st, st.submitted - st.written - st.spilled - st.rejected - st.lost
 
     def stop(self, timeout_s: float = 10.0) -> WriterStats:
         """Flush everything and stop the thread; records not written by then are spilled.
@@ -334,6 +382,7 @@ class DecisionWriter:
                 self._buf.clear()
             if left:
                 self._spill(left, owner=True)
+        self._settle_held()
         self.stats.queue_depth = 0
         if self.stats.in_spill:
             logger.warning(
@@ -348,6 +397,80 @@ class DecisionWriter:
             with contextlib.suppress(Exception):
                 self.sink.close()
         return self.stats
+
+    def _settle_held(self) -> None:
+        """At stop (owner thread): rows held in memory because the spill folder failed get
+        one last write to the sink when the writer thread has ended (a stuck thread may still
+        be in the sink); what is still held is counted ``lost`` and logged with the reason."""
+        with self._io_lock:  # a stuck writer thread no longer touches _held (abandoned)
+            self._settle_held_locked()
+
+    def _settle_held_locked(self) -> None:
+        held = self._held
+        if not held:
+            return
+        if self._thread is None or not self._thread.is_alive():
+            try:
+                if not self._opened:
+                    self.sink.open()
+                    self._opened = True
+                errors = self.sink.write(list(held))
+            except (AppError, OSError) as e:
+                logger.error(
+                    "sink %s did not take the %d decision records held in memory: %s: %s",
+                    self.sink.name,
+                    len(held),
+                    type(e).__name__,
+                    e,
+                )
+            else:
+                self._account(held, errors)
+                held.clear()
+        if held:
+            reason = self.failure or "the spill folder could not be written"
+            self.stats.lost += len(held)
+            self.stats.lost_reason = reason
+            logger.error(
+                "%d decision records lost (%s; the sink did not take them): decision ids %s .. %s",
+                len(held),
+                reason,
+                held[0].get("decision_id"),
+                held[-1].get("decision_id"),
+            )
+            held.clear()
+
+    def _failed(self, reason: str) -> None:
+        """Tell the failure listeners, once (see :meth:`add_failure_listener`)."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        for fn in self._failure_listeners:
+            try:
+                fn(reason)
+            except Exception:
+                logger.exception("decision writer failure listener failed")
+
+    def _disk_failed(self, e: OSError, path: Path) -> None:
+        """A file under ``spill_dir`` could not be written: journal no more (no further bar is
+        acknowledged), hold unstored rows in memory, log once, tell the listeners."""
+        with self._cond:
+            first = self.disk_error is None
+            if first:
+                self.disk_error = e
+                self._unjournaled = 0
+            self._cond.notify_all()  # wait_durable() returns False at once
+        if not first:
+            return
+        code = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+        reason = f"cannot write {path}: [Errno {e.errno} {code}] {e.strerror or e}"
+        logger.error(
+            "decision records cannot be kept on local disk (%s); stopping the run: %srecords "
+            "go straight to sink %s and what it cannot take is held in memory until the stop",
+            reason,
+            "no further bar is acknowledged, " if self.journal is not None else "",
+            self.sink.name,
+        )
+        self._failed(reason)
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -381,9 +504,15 @@ class DecisionWriter:
         """Append ``records`` to the journal (fsynced), then tell the listeners (writer
         thread, without the lock: submit() goes on meanwhile)."""
         assert self.journal is not None
-        self.journal.append(
-            [row_json(r) if isinstance(r, DecisionRecord) else _json(r) for r in records]
-        )
+        if self.disk_error is None:
+            try:
+                self.journal.append(
+                    [row_json(r) if isinstance(r, DecisionRecord) else _json(r) for r in records]
+                )
+            except OSError as e:
+                self._disk_failed(e, self.journal.path)
+        if self.disk_error is not None:
+            return  # not durable: the listeners are not told (their bars are redelivered)
         for fn in self._listeners:
             try:
                 fn(records)
@@ -412,7 +541,10 @@ class DecisionWriter:
             self._inflight = None
             self._cond.notify_all()  # wake flush()
         if self.journal is not None and batch:
-            self.journal.settle(len(batch))  # written, spilled or rejected: settled
+            try:
+                self.journal.settle(len(batch))  # written, spilled or rejected: settled
+            except OSError as e:  # compacting needs room; the records themselves are settled
+                self._disk_failed(e, self.journal.path)
 
     def _run(self) -> None:
         try:
@@ -426,14 +558,30 @@ class DecisionWriter:
                     self._done()
                 elif self._spilling:
                     self._maybe_recover()
-            if self._spilling and not self._out_of_time():
-                self._maybe_recover(force=True)  # one last try before the next start
+            self._recover_until_deadline()
         except BaseException as e:
             self._fatal = e
             logger.exception("decision writer failed; records go to %s", self.spill_path)
+            self._failed(f"decision writer failed: {type(e).__name__}: {e}")
         finally:
             with self._cond:
                 self._cond.notify_all()  # wake flush() and submit()
+
+    def _recover_until_deadline(self) -> None:
+        """Stopping with rows in the spill: try the sink again and again, waiting the retry
+        policy's backoff (:meth:`core.retry.RetryPolicy.delay_s`) between tries, until the
+        spill is drained or the stop's budget is spent (what is left stays on disk). Writer
+        thread."""
+        attempt = 0
+        while self._spilling and not self._out_of_time():
+            self._maybe_recover(force=True)
+            if not self._spilling:
+                return
+            attempt += 1
+            until = min(self._clock() + self.retry.delay_s(attempt), self._deadline)
+            with self._cond:
+                while self._clock() < until:
+                    self._wait(self._cond, until - self._clock())
 
     def _open_and_replay(self) -> None:
         if not self._opened:
@@ -533,9 +681,25 @@ class DecisionWriter:
             probe = getattr(self.sink, "probe", None)
             if probe is not None:
                 probe()  # a cheap call before sending a large batch into an outage
+            self._write_held()
             self._replay()
         except TransientError as e:
             logger.info("sink %s still unavailable: %s", self.sink.name, e)
+
+    def _write_held(self) -> None:
+        """Write the rows held in memory (the spill folder failed) to the sink, oldest first.
+
+        Raises:
+            TransientError: the sink failed again (the rows stay held).
+        """
+        while self._held and not self._out_of_time():
+            rows = self._held[: self._write_rows()]
+            errors = self._call_with_retry("write", self.sink.write, rows)
+            with self._io_lock:
+                if self._abandoned:
+                    return
+                del self._held[: len(rows)]
+                self._account(rows, errors)
 
     def _replay(self) -> None:
         """Drain the spill file, oldest rows first, in writes of about ``replay_write_s``
@@ -564,7 +728,8 @@ class DecisionWriter:
                 )
                 self._spilling = True  # what comes now queues behind them
                 return
-            head = self.spill.head(self._write_rows())
+            # pending() is kept by this object: no read of a file known to hold nothing
+            head = self.spill.head(self._write_rows()) if self.spill.pending() else Head([], 0, 0)
             if not head.lines:
                 break
             rows = head.rows
@@ -578,11 +743,21 @@ class DecisionWriter:
                 self._settle_stored(head, earlier)
                 raise
             self._rate.add(len(rows), self._clock() - t0)
+            consume_failed: OSError | None = None
             with self._io_lock:
                 if self._abandoned:
                     return
-                self.spill.consume(head)
                 self._count_replayed(head, errors, earlier)
+                try:
+                    self.spill.consume(head)
+                except OSError as e:
+                    consume_failed = e
+            if consume_failed is not None:
+                # The head cannot move on: the rest stays for the next start (the rows just
+                # stored are sent again then; stores keep one row per decision_id).
+                self._disk_failed(consume_failed, self.spill.pos_path)
+                self._spilling = bool(self._held)
+                return
             with self._cond:
                 self._cond.notify_all()  # wait_drained()
         if self.spill.exists() and not self.spill.pending():
@@ -617,6 +792,7 @@ class DecisionWriter:
         self.stats.recovered += mine - bad_mine
         self.stats.rejected += bad_mine
         self.stats.spilled -= mine
+        self.stats.earlier_torn += head.lines - len(rows)
         self._forget_earlier(head.lines - mine)
 
     def _settle_stored(self, head: Head, earlier: int) -> None:
@@ -634,6 +810,7 @@ class DecisionWriter:
             if self._abandoned:
                 return
             self.spill.replace_head(head, keep)  # torn lines are dropped too
+            self.stats.earlier_torn += head.lines - len(head.rows)
             n_earlier = sum(1 for i in stored if i < earlier)
             self.stats.replayed += n_earlier
             self._forget_earlier(n_earlier + head.lines - len(head.rows))
@@ -681,17 +858,26 @@ class DecisionWriter:
     def _spill(self, rows: Sequence[Row], owner: bool = False) -> None:
         """Append to the spill file and count (``owner``: stop() on its thread, io lock held;
         otherwise the writer thread, which does nothing once stop() took over)."""
+        failed: OSError | None = None
         with contextlib.nullcontext() if owner else self._io_lock:
             if self._abandoned and not owner:
                 return
-            if rows:
-                self.spill.append(rows)
-            self.stats.spilled += len(rows)
-            self.stats.spilled_total += len(rows)
+            if rows and self.disk_error is None:
+                try:
+                    self.spill.append(rows)
+                except OSError as e:
+                    failed = e
+            if rows and (failed is not None or self.disk_error is not None):
+                self._held.extend(rows)  # not on disk: the sink is tried again, else lost
+            else:
+                self.stats.spilled += len(rows)
+                self.stats.spilled_total += len(rows)
             if not owner:
                 with self._cond:
                     self._inflight_on_disk = self._inflight is not None
         self._spilling = True
+        if failed is not None:
+            self._disk_failed(failed, self.spill.path)
 
     def _reject(self, items: list[tuple[Row, str]]) -> None:
         self._keep_rejected(items)
@@ -707,7 +893,12 @@ class DecisionWriter:
                 reason,
                 self.rejected_path,
             )
-        self.rejected.append(items)
+        if self.disk_error is not None:
+            return  # logged above with their ids; the folder cannot be written
+        try:
+            self.rejected.append(items)
+        except OSError as e:
+            self._disk_failed(e, self.rejected.path)
 
 
 def _json(row: Row) -> str:

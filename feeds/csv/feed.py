@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -53,6 +54,8 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             self.text_lines[name] = TextLine(self, name)
             setattr(self, name, self.text_lines[name])
         self._dates = [bt.date2num(t) for t in pd.DatetimeIndex(bars.times).to_pydatetime()]
+        # The file's last bar time (backtrader date number): once there, the feed has ended.
+        self.last_num = self._dates[-1] if self._dates else -math.inf
         self._cols = [
             (getattr(self.lines, name), arr.tolist()) for name, arr in bars.numeric.items()
         ]

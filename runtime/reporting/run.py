@@ -82,7 +82,9 @@ def write_study_report(config: AppConfig, study_id: str) -> Path | None:
     return out.resolve()
 
 
-def write_run_report(config: AppConfig, session_id: str, strategy: Any) -> Path | None:
+def write_run_report(
+    config: AppConfig, session_id: str, strategy: Any, *, deadline: float | None = None
+) -> Path | None:
     """Write the run's bars to the store (``session_bars``) and its HTML report.
 
     Args:
@@ -90,6 +92,9 @@ def write_run_report(config: AppConfig, session_id: str, strategy: Any) -> Path 
         session_id: the run.
         strategy: the strategy that ran, with a :class:`~runtime.reporting.bars.BarRecorder`
             analyzer named ``bars``.
+        deadline: ``time.monotonic()`` time by which a stopping run must be done (its
+            shutdown budget): BigQuery requests are cut to it, and the page is left out
+            (logged) once it passed. None: each request has ``FMEL_BQ_TIMEOUT_S``.
 
     Returns:
         the report's path, or ``None`` when it could not be written (logged).
@@ -117,12 +122,18 @@ def write_run_report(config: AppConfig, session_id: str, strategy: Any) -> Path 
             bq = config.bigquery
             client = make_client(bq)
             try:
+                bq_store = BigQueryStore(
+                    client,
+                    bq.project,
+                    bq.dataset,
+                    decisions_table=bq.table,
+                    timeout_s=bq.timeout_s,
+                    deadline=deadline,
+                )
                 write_bars_bigquery(
-                    client, f"{bq.project}.{bq.dataset}", bars, timeout_s=bq.timeout_s
+                    client, f"{bq.project}.{bq.dataset}", bars, timeout_s=bq_store.request_timeout()
                 )
-                store = BigQueryStore(
-                    client, bq.project, bq.dataset, decisions_table=bq.table, timeout_s=bq.timeout_s
-                )
+                store = bq_store
                 page = render_run(load_run(store, session_id))
             finally:
                 client.close()

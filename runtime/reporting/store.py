@@ -11,6 +11,7 @@ Thread context: any thread; one store object per thread.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,9 @@ class BigQueryStore:
         project, dataset: where the tables are.
         decisions_table: the decision table's name (``FMEL_TABLE``).
         timeout_s: timeout of one request, seconds.
+        deadline: ``time.monotonic()`` time by which every request must be done (a run
+            stopping within its shutdown budget); each request's timeout is cut to it, and
+            past it a request raises :class:`TimeoutError` without being sent. None: no bound.
     """
 
     dialect: Dialect = "bigquery"
@@ -113,12 +117,27 @@ class BigQueryStore:
         *,
         decisions_table: str = "decisions",
         timeout_s: float = 60.0,
+        deadline: float | None = None,
     ) -> None:
         self.client = client
         self.project = project
         self.dataset = dataset
         self.timeout_s = timeout_s
+        self.deadline = deadline
         self._names = {"decisions": decisions_table}
+
+    def request_timeout(self) -> float:
+        """The next request's timeout, seconds (cut to :attr:`deadline`).
+
+        Raises:
+            TimeoutError: the deadline passed.
+        """
+        if self.deadline is None:
+            return self.timeout_s
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("BigQuery report: the shutdown budget is spent")
+        return min(self.timeout_s, left)
 
     def table(self, name: str) -> str:
         return f"`{self.project}.{self.dataset}.{self._names.get(name, name)}`"
@@ -129,7 +148,7 @@ class BigQueryStore:
         try:
             self.client.get_table(
                 f"{self.project}.{self.dataset}.{self._names.get(name, name)}",
-                timeout=self.timeout_s,
+                timeout=self.request_timeout(),
                 retry=None,
             )
         except NotFound:
@@ -139,7 +158,7 @@ class BigQueryStore:
     def frame(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
         from google.cloud import bigquery
 
-        from analyzers.sinks.bigquery.client import run_query
+        from analyzers.sinks.bigquery.client import query_result
 
         qp: list[Any] = []
         for name, value in params.items():
@@ -147,8 +166,11 @@ class BigQueryStore:
                 qp.append(bigquery.ArrayQueryParameter(name, "INT64", value))
             else:
                 qp.append(bigquery.ScalarQueryParameter(name, "STRING", value))
-        rows = run_query(self.client, sql, self.timeout_s, qp)
-        return pd.DataFrame([dict(r.items()) for r in rows])
+        result = query_result(self.client, sql, self.request_timeout(), qp)
+        # The result's columns also when it has no rows (an agent that never traded: no
+        # order events, yet the page selects on their columns).
+        columns = [f.name for f in result.schema]
+        return pd.DataFrame([dict(r.items()) for r in result], columns=columns)
 
     def describe(self) -> str:
         return f"bigquery:{self.project}.{self.dataset}"

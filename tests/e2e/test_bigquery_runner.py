@@ -245,7 +245,13 @@ def test_a_run_that_ends_cut_off_keeps_its_spill_and_the_drain_command_writes_it
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"drained": rep["spilled"], "rejected": 0, "left": 0, "spill": str(spill)}
+    assert result == {
+        "drained": rep["spilled"],
+        "rejected": 0,
+        "torn": 0,
+        "left": 0,
+        "spill": str(spill),
+    }
     assert not spill.exists()
     n, distinct, points = once_each(bq_emulator, dataset, rep["session"])
     assert n == distinct == rep["decisions"] and points == list(range(rep["decisions"]))

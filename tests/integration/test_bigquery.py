@@ -432,6 +432,7 @@ class _FakeBigQuery(http.server.BaseHTTPRequestHandler):
     answers: ClassVar[list[dict[str, Any]]] = []
     inserted: ClassVar[list[list[str]]] = []
     old_view: ClassVar[bool] = False  # the view exists with another query
+    view_source: ClassVar[str] = "p.d.decisions"  # what decision_reads selects from
     patched: ClassVar[list[str]] = []
 
     def log_message(self, *args: Any) -> None:
@@ -450,7 +451,7 @@ class _FakeBigQuery(http.server.BaseHTTPRequestHandler):
 
         ref = {"projectId": "p", "datasetId": "d", "tableId": table}
         if table == "decision_reads":
-            query = bigquery_view_query("p.d.decisions")
+            query = bigquery_view_query(self.view_source)
             return {
                 "tableReference": ref,
                 "type": "VIEW",
@@ -803,6 +804,61 @@ def test_a_view_update_answered_500_is_a_warning_and_rows_are_written(
     assert sink.write(rows[:5]) == []
     assert handler.inserted == [[r["decision_id"] for r in rows[:5]]]
     sink.close()
+
+
+def test_a_reads_view_of_another_table_is_never_repointed(
+    fake_bigquery: tuple[str, type[_FakeBigQuery]],
+    rows: list[dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Finding 4 of issue 17: ``decision_reads`` selects from ``decisions``; a deployment whose
+    FMEL_TABLE is ``decision`` (reads view also named ``decision_reads``) leaves it alone and
+    warns naming both, instead of re-pointing another deployment's view."""
+    endpoint, handler = fake_bigquery
+    caplog.set_level("WARNING", logger="analyzers.sinks.bigquery.schema")
+    sink = BigQuerySink(
+        BigQuerySinkConfig(
+            project="p", dataset="d", table="decision", api_endpoint=endpoint, timeout_s=5.0
+        )
+    )
+    sink.open()
+    assert handler.patched == []
+    assert any(
+        "p.d.decision_reads" in r.getMessage()
+        and "another table" in r.getMessage()
+        and "not from p.d.decision;" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    assert sink.write(rows[:3]) == []
+    sink.close()
+
+
+def test_each_table_of_a_dataset_has_its_own_reads_view(
+    bq_emulator: BigQueryEmulator, rows: list[dict[str, Any]]
+) -> None:
+    """Finding 4 of issue 17: two FMEL_TABLEs in one dataset; ``decisions`` keeps
+    ``decision_reads``, ``other`` gets ``other_reads``, each over its own rows."""
+    dataset = unique_dataset()
+    sinks = {}
+    for table, part in (("decisions", rows[:20]), ("other", rows[20:50])):
+        cfg = BigQuerySinkConfig(
+            project=bq_emulator.project,
+            dataset=dataset,
+            table=table,
+            api_endpoint=bq_emulator.endpoint,
+            timeout_s=10.0,
+        )
+        sinks[table] = sink = BigQuerySink(cfg)
+        sink.open()
+        assert sink.write(part) == []
+        sink.close()
+    for view, part in (("decision_reads", rows[:20]), ("other_reads", rows[20:50])):
+        got = bq_emulator.query(
+            f"SELECT COUNT(*) AS n, COUNT(DISTINCT decision_id) AS d "
+            f"FROM `{bq_emulator.project}.{dataset}.{view}`"
+        )
+        assert got[0]["n"] == sum(r["reads"] for r in part)
+        assert got[0]["d"] == sum(1 for r in part if r["reads"])
 
 
 def test_a_schema_update_that_fails_while_rows_fit_is_a_warning(

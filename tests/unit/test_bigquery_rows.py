@@ -8,8 +8,10 @@ spread over requests in flight leaves no tiny last request.
 from __future__ import annotations
 
 import copy
+import http.server
 import json
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +19,11 @@ from hypothesis import strategies as st
 from analyzers.schema import DECISION_SCHEMA, to_row
 from analyzers.sinks.bigquery.rows import (
     MIN_SPLIT_BYTES,
+    REQUEST_ENVELOPE_BYTES,
+    Pending,
     chunks,
     compact_row,
+    row_size,
     split_bytes,
     validate_row,
 )
@@ -107,7 +112,7 @@ def test_requests_keep_every_row_once_under_the_limits(
     total = sum(sizes)
     per = split_bytes(total, in_flight, max_bytes, largest=max(sizes, default=0))
     assert 1 <= per <= max_bytes
-    items = [(i, None, s) for i, s in enumerate(sizes)]
+    items: list[Pending] = [(i, {}, s) for i, s in enumerate(sizes)]
     requests = list(chunks(items, per, max_rows))
     assert [i for r in requests for i, _, _ in r] == list(range(len(sizes)))
     for r in requests:
@@ -120,3 +125,85 @@ def test_requests_keep_every_row_once_under_the_limits(
         n = max(-(-total // max_bytes), min(in_flight, total // MIN_SPLIT_BYTES), 1)
         if -(-total // n) + max(sizes) <= max_bytes:
             assert len(requests) <= n
+
+
+class _CaptureHandler(http.server.BaseHTTPRequestHandler):
+    """Keeps each POST body and answers as tabledata.insertAll does when every row was taken:
+    a 200 with no ``insertErrors`` member ("Method: tabledata.insertAll", response body:
+    insertErrors is present only for rows that failed;
+    https://cloud.google.com/bigquery/docs/reference/rest/v2/tabledata/insertAll)."""
+
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).bodies.append(body)
+        answer = b'{"kind": "bigquery#tableDataInsertAllResponse"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # any text, non-ASCII too
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    texts=st.lists(_TEXT, min_size=1, max_size=30),
+    budget=st.integers(2_000, 20_000),
+)
+def test_a_request_body_as_the_client_sends_it_never_exceeds_the_budget(
+    texts: list[str], budget: int
+) -> None:
+    """Finding 3 of issue 17: rows are sized as google-cloud-core sends them (json.dumps with
+    default separators and ASCII escapes), so every insertAll body built from a chunk, by the
+    real client, fits the byte budget."""
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    rows = []
+    for i, text in enumerate(texts):
+        row = compact_row(to_row(record(i)))
+        row["agent_name"] = text  # a free-text field, any Unicode
+        rows.append(row)
+    sizes = [row_size(r) for r in rows]
+    if max(sizes) + REQUEST_ENVELOPE_BYTES > budget:
+        budget = max(sizes) + REQUEST_ENVELOPE_BYTES  # the sink refuses larger rows first
+    items = [(i, r, s) for i, (r, s) in enumerate(zip(rows, sizes, strict=True))]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CaptureHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _CaptureHandler.bodies = []
+    try:
+        client: Any = bigquery.Client(
+            project="p",
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=ClientOptions(api_endpoint=f"http://127.0.0.1:{server.server_port}"),
+        )
+        requests = list(chunks(items, budget - REQUEST_ENVELOPE_BYTES, 500))
+        for chunk in requests:
+            errors = client.insert_rows_json(
+                "p.d.t",
+                [r for _, r, _ in chunk],
+                row_ids=[str(r["decision_id"]) for _, r, _ in chunk],
+                skip_invalid_rows=False,
+                retry=None,
+            )
+            assert errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert len(_CaptureHandler.bodies) == len(requests)
+    for chunk, body in zip(requests, _CaptureHandler.bodies, strict=True):
+        assert len(body) <= budget
+        # the measure is exact: the rows' sizes plus the envelope, no more
+        assert len(body) == sum(s for _, _, s in chunk) - len(", ") + len(
+            '{"rows": [], "skipInvalidRows": false}'
+        )

@@ -97,6 +97,35 @@ class FakeClock:
             return self.sleeps
 
 
+def stop_while_time_passes(
+    w: DecisionWriter, clock: FakeClock, on_tick: Any = None, timeout_s: float = WAIT_S
+) -> WriterStats:
+    """``w.stop()`` while the fake clock moves 1 s each time the writer waits (a stopping
+    writer waits its retry backoff on that clock); ``on_tick(now)`` is called after each move."""
+    done = threading.Event()
+
+    def tick() -> None:
+        seen = [-1]  # the last wait the clock moved for
+        while not done.is_set():
+            with clock._state:
+                if not clock._state.wait_for(
+                    lambda: clock.sleeping and clock.sleeps > seen[0], 0.05
+                ):
+                    continue
+                seen[0] = clock.sleeps
+            clock.advance(1.0)
+            if on_tick is not None:
+                on_tick(clock.now)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        return w.stop(timeout_s)
+    finally:
+        done.set()
+        ticker.join(WAIT_S)
+
+
 class Flaky(LocalDuckDBSink):
     """The local sink, failing (transiently) while ``down`` is set, blocking while ``gate`` is
     clear; records every call that got through."""
@@ -258,11 +287,12 @@ def test_sink_down_at_start_and_spill_replayed_by_the_next_run(tmp_path: Path) -
     spill = tmp_path / "spill"
     sink = Flaky(tmp_path / "f.duckdb")
     sink.down.set()
-    w = writer(sink, spill, FakeClock(), batch_size=3, flush_interval_s=0.02)
+    clock = FakeClock()
+    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
     w.start()
     for i in range(7):
         w.submit(record(i))
-    stats = w.stop()
+    stats = stop_while_time_passes(w, clock)
     assert stats.written == 0 and stats.spilled == 7 and w.spill_path.exists()
     # the next start (sink healthy) replays the file first
     sink2 = Flaky(tmp_path / "f.duckdb")
@@ -569,7 +599,7 @@ def _run(steps: list[Step], store: Store, spill: Path, session: str, final_down:
         if probe:
             clock.advance(5.0)
     sink.down, sink.partial = final_down, None
-    stats = w.stop(WAIT_S)
+    stats = stop_while_time_passes(w, clock)
     _check_run(stats, w, store, mine, earlier)
     return mine
 
@@ -665,3 +695,81 @@ def test_a_stuck_write_is_taken_over_by_stop_and_counted_once(tmp_path: Path) ->
     assert (w.stats.written, w.stats.spilled) == (0, 10)  # ...and is not counted
     spilled = [r["decision_point"] for r in SpillFile(w.spill_path).read()]
     assert spilled == list(range(10))
+
+
+def test_a_stopping_writer_retries_until_its_budget_is_spent(tmp_path: Path) -> None:
+    """Finding 2 of issue 17: at stop the sink is down and comes back 4 s (fake clock) later;
+    the writer keeps retrying with backoff within 80 % of the 10 s budget and writes it all,
+    instead of one attempt and a spill."""
+    store, clock = Store(), FakeClock()
+    sink = MemorySink(store)
+    sink.down = True
+    w = DecisionWriter(
+        sink,
+        batch_size=100,
+        flush_interval_s=60.0,
+        probe_interval_s=60.0,
+        spill_dir=tmp_path,
+        retry=FAST,
+        clock=clock,
+        wait=clock.wait,
+    )
+    w.start()
+    for i in range(1, 11):
+        w.submit(record(i * 7 + 1))  # none refused (decision_point % 7 == 3 is)
+
+    def back_at_4s(now: float) -> None:
+        if now >= 4.0:
+            sink.down = False
+
+    stats = stop_while_time_passes(w, clock, back_at_4s, timeout_s=10.0)
+    assert (stats.written, stats.spilled, stats.in_spill) == (10, 0, 0)
+    assert len(store.ids()) == 10 and not w.spill_path.exists()
+
+
+def test_a_stopping_writer_gives_up_at_its_deadline_and_keeps_the_rest(tmp_path: Path) -> None:
+    """The sink stays down: the retries end once 80 % of the budget is spent, rows in the spill."""
+    store, clock = Store(), FakeClock()
+    sink = MemorySink(store)
+    sink.down = True
+    w = DecisionWriter(sink, spill_dir=tmp_path, retry=FAST, clock=clock, wait=clock.wait)
+    w.start()
+    for i in range(1, 6):
+        w.submit(record(i * 7 + 1))
+    stats = stop_while_time_passes(w, clock, timeout_s=10.0)
+    assert (stats.written, stats.spilled) == (0, 5)
+    assert 8.0 <= clock.now < 10.0  # retried up to the deadline, not past it
+
+
+def test_the_metrics_sum_holds_while_a_batch_is_in_flight(tmp_path: Path) -> None:
+    """Finding 7 of issue 17: a write blocked in the sink holds its batch out of the buffer;
+    the queued gauge counts it, so submitted = written + rejected + in_spill + queued."""
+    from runtime.metrics import RunMetrics
+
+    sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
+    w = writer(sink, tmp_path / "spill", clock, batch_size=4, flush_interval_s=60.0)
+    m = RunMetrics()
+    m.watch_writer(w)
+    w.start()
+    for i in range(4):
+        w.submit(record(i))
+    assert sink.wait_calls(1) == [4]
+    sink.gate.clear()  # the next write blocks in the sink, its batch in flight
+    for i in range(4, 8):
+        w.submit(record(i))
+    with w._cond:  # the writer took the batch out of the buffer (it notifies when it does)
+        assert w._cond.wait_for(lambda: w.queue_depth == 0, WAIT_S)
+    stats, waiting = w.snapshot()
+
+    def gauge(name: str) -> float:
+        value = m.value(f"runner_decision_records_{name}")
+        assert value is not None
+        return value
+
+    assert stats.submitted == 8 and stats.written == 4 and waiting == 4
+    assert gauge("queued") == 4
+    total = gauge("written_total") + gauge("rejected_total") + gauge("in_spill") + gauge("queued")
+    assert total == gauge("submitted_total") == 8
+    sink.gate.set()
+    assert w.stop(WAIT_S).written == 8
+    assert gauge("queued") == 0 and gauge("written_total") == 8

@@ -46,6 +46,12 @@ def make_client(cfg: BigQuerySinkConfig) -> Any:
 def run_query(client: Any, sql: str, timeout_s: float, params: Sequence[Any] = ()) -> list[Any]:
     """One query, no client-side retries (neither of the request nor of the job) and the
     request timeout (seconds) on each call; returns the result rows."""
+    return list(query_result(client, sql, timeout_s, params))
+
+
+def query_result(client: Any, sql: str, timeout_s: float, params: Sequence[Any] = ()) -> Any:
+    """As :func:`run_query`, but returns the client's ``RowIterator`` (rows and ``schema``:
+    the result's columns, also when it has no rows)."""
     from google.cloud import bigquery
 
     job = client.query(
@@ -55,4 +61,4 @@ def run_query(client: Any, sql: str, timeout_s: float, params: Sequence[Any] = (
         timeout=timeout_s,
         job_retry=None,
     )
-    return list(job.result(timeout=timeout_s, retry=None, job_retry=None))
+    return job.result(timeout=timeout_s, retry=None, job_retry=None)

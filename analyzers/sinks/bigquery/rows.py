@@ -30,7 +30,11 @@ MAX_ROWS_PER_REQUEST = 50_000
 # A write is split into at least this many bytes per request when it is spread over several
 # requests in flight (smaller requests cost more per row than they gain in parallelism).
 MIN_SPLIT_BYTES = 1_000_000
-_ROW_OVERHEAD_BYTES = 64
+# What an insertAll body holds besides its rows, as the client sends it: '{"rows": [' and
+# '], "skipInvalidRows": false}' (28 bytes with the optional "ignoreUnknownValues" and
+# "templateSuffix" members left out); a margin for those. Requests are packed so that their
+# rows' sizes add up to at most the byte budget minus this.
+REQUEST_ENVELOPE_BYTES = 128
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -70,12 +74,17 @@ def split_bytes(total_bytes: int, in_flight: int, max_bytes: int, largest: int =
 
 
 def row_size(row: Row) -> int:
-    """Bytes ``row`` takes in an insertAll request (JSON, insert id, envelope)."""
-    return (
-        len(json.dumps(row, separators=(",", ":"), allow_nan=False))
-        + len(str(row.get("decision_id")))
-        + _ROW_OVERHEAD_BYTES
-    )
+    """Bytes ``row`` adds to an insertAll request body, exactly as the client sends it.
+
+    ``Client.insert_rows_json`` (google-cloud-bigquery) wraps each row as
+    ``{"json": row, "insertId": id}`` (our insert id is the ``decision_id``) in a list under
+    ``"rows"``, and ``JSONConnection.api_request`` (google-cloud-core, ``google/cloud/_http``)
+    sends ``json.dumps(data)``: default separators (``", "`` and ``": "``) and ``ensure_ascii``
+    (a non-ASCII character costs 6 or 12 bytes). Includes the ``", "`` between two rows; add
+    :data:`REQUEST_ENVELOPE_BYTES` once per request.
+    """
+    info = {"json": row, "insertId": str(row.get("decision_id"))}
+    return len(json.dumps(info, allow_nan=False)) + len(", ")
 
 
 def chunks(pending: Iterable[Pending], max_bytes: int, max_rows: int) -> Iterable[list[Pending]]:

@@ -184,7 +184,7 @@ def ensure_storage(client: Any, cfg: BigQuerySinkConfig) -> Storage:
 
     * missing, or a view: compact rows in ``<table>_compact`` (created or extended), and the
       views ``<table>`` (the row-per-read shape, :func:`.compact.decisions_view_query`) and
-      ``decision_reads`` over it;
+      its reads view over it (:func:`reads_view_name`);
     * a table (a deployment made before compact rows): it is left in its layout and takes
       row-per-read rows as before (:func:`ensure_table`); a warning says how to move to
       compact rows (docs/bigquery.md, "Compact rows").
@@ -220,6 +220,7 @@ def ensure_storage(client: Any, cfg: BigQuerySinkConfig) -> Storage:
             view_id,
             decisions_view_query(compact_id),
             f"Decision records, one access_patterns element per read (rows in {compact_id})",
+            compact_id,
         )
     except Exception as e:  # noqa: BLE001 - any failure: the table still takes rows
         logger.warning(
@@ -250,7 +251,8 @@ def ensure_table(
         table_id: the table (default ``cfg.table_id``).
         wanted: the columns rows need (:data:`~analyzers.schema.DECISION_SCHEMA`, or
             :data:`.compact.COMPACT_SCHEMA`).
-        views: also create or update the ``decision_reads`` view over ``table_id``.
+        views: also create or update the reads view (:func:`reads_view_name`) over
+            ``table_id``.
 
     Returns:
         The table's schema after evolution: the one rows are validated against.
@@ -292,6 +294,13 @@ def ensure_table(
     return schema
 
 
+def reads_view_name(table: str) -> str:
+    """Name of the reads view of the table ``table`` (``FMEL_TABLE``): ``decision_reads`` for
+    the default ``decisions`` (so the documented SQL runs unchanged), ``<table>_reads`` for any
+    other (one dataset can hold several tables, each with its own reads view)."""
+    return VIEW_NAME if table == "decisions" else f"{table}_reads"
+
+
 def _ensure_reads_view(client: Any, cfg: BigQuerySinkConfig, source_id: str) -> None:
     """:func:`ensure_view` over ``source_id``; a failure is a warning naming the view."""
     try:
@@ -302,7 +311,7 @@ def _ensure_reads_view(client: Any, cfg: BigQuerySinkConfig, source_id: str) -> 
             "written to %s. Create it by hand from sql/bigquery/decision_reads_view.sql.",
             cfg.project,
             cfg.dataset,
-            VIEW_NAME,
+            reads_view_name(cfg.table),
             _describe(e),
             source_id,
         )
@@ -420,27 +429,37 @@ def _check_layout(table_id: str, table: Any) -> None:
 
 
 def ensure_view(client: Any, cfg: BigQuerySinkConfig, source_id: str | None = None) -> None:
-    """Create the ``decision_reads`` view next to the table, or update its query when it
+    """Create the reads view next to the table (``decision_reads``, or ``<table>_reads`` for a
+    table other than ``decisions``: :func:`reads_view_name`), or update its query when it
     differs from ``sql/bigquery/decision_reads_view.sql``; warns when a table of that name is
-    in the way.
+    in the way, or when the view selects from another table (it is never re-pointed).
 
     Args:
         source_id: what the view reads (default ``cfg.table_id``: the table, or the view of
             the same name over compact rows).
     """
+    source = source_id or cfg.table_id
     _ensure_view(
         client,
         cfg,
-        f"{cfg.project}.{cfg.dataset}.{VIEW_NAME}",
-        bigquery_view_query(source_id or cfg.table_id),
+        f"{cfg.project}.{cfg.dataset}.{reads_view_name(cfg.table)}",
+        bigquery_view_query(source),
         "One row per read of each decision (flattened access patterns)",
+        source,
     )
 
 
 def _ensure_view(
-    client: Any, cfg: BigQuerySinkConfig, view_id: str, query: str, description: str
+    client: Any,
+    cfg: BigQuerySinkConfig,
+    view_id: str,
+    query: str,
+    description: str,
+    source_id: str,
 ) -> None:
-    """Create the view ``view_id`` with ``query``, or update its query when it differs."""
+    """Create the view ``view_id`` with ``query`` (which selects from ``source_id``), or update
+    its query when it differs; a view that selects from another object is left as it is (a
+    warning names both): it belongs to another deployment."""
     from google.api_core import exceptions as gexc
     from google.cloud import bigquery
 
@@ -458,6 +477,14 @@ def _ensure_view(
     elif view.view_query is None:
         # BigQuery always returns a view's query; the emulator returns none. Leave it.
         logger.debug("%s: the server did not return the view's query; left as it is", view_id)
+    elif view.view_query.strip() != query and f"`{source_id}`" not in view.view_query:
+        logger.warning(
+            "BigQuery view %s selects from another table, not from %s; it is left as it is and "
+            "the reads of %s have no view (docs/bigquery.md, 'Several tables in one dataset')",
+            view_id,
+            source_id,
+            source_id,
+        )
     elif view.view_query.strip() != query:
         view.view_query = query
         client.update_table(view, ["view_query"], retry=None, timeout=timeout)

@@ -63,6 +63,7 @@ from analyzers.sinks.bigquery.errors import (
 from analyzers.sinks.bigquery.rows import (
     MAX_REQUEST_BYTES,
     MAX_ROWS_PER_REQUEST,
+    REQUEST_ENVELOPE_BYTES,
     Pending,
     chunks,
     compact_row,
@@ -372,7 +373,7 @@ class BigQuerySink:
                 shown[i] = compact
                 compact = pack_row(compact)
             size = row_size(compact)
-            if size > self.max_request_bytes:
+            if size + REQUEST_ENVELOPE_BYTES > self.max_request_bytes:
                 errors.append(
                     RowError(
                         i,
@@ -386,7 +387,7 @@ class BigQuerySink:
         per_request = split_bytes(
             sum(p[2] for p in pending),
             self.max_in_flight,
-            self.max_request_bytes,
+            self.max_request_bytes - REQUEST_ENVELOPE_BYTES,
             largest=max((p[2] for p in pending), default=0),
         )
         requests = list(chunks(pending, per_request, self.max_rows_per_request))

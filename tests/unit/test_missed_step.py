@@ -1,0 +1,111 @@
+"""Backtests note the feeds that missed a step exactly as paper runs do (issue 12).
+
+A feed missed the step when its latest bar is older than the step's bar time. The live side
+(late bars refused, the note in the records) is tested against a backtest in
+tests/unit/test_pubsub_alignment.py; here: the Runner adds the note in backtests (it used to
+add it only in paper runs), and the note names exactly the rows a file lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import backtrader as bt
+import duckdb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agents.sma_cross import SmaCrossAgent
+from analyzers.fmel import FMELAnalyzer
+from analyzers.missed_step import MISSED_STEP_NOTE, MissedStepNote
+from feeds.csv import CSVFeedConfig, make_csv_feed
+from runtime.config import load_config
+from runtime.runner import Runner
+from tests.conftest import DATA
+
+START, END = datetime(2005, 1, 1, tzinfo=UTC), datetime(2005, 3, 31, tzinfo=UTC)
+
+
+def _goog_rows() -> tuple[str, list[str]]:
+    """GOOG.csv's header and its rows of the test window (dates ``YYYY-MM-DD``)."""
+    header, *rows = (DATA / "GOOG.csv").read_text().splitlines()
+    return header, [r for r in rows if "2005-01-01" <= r.split(",")[0] <= "2005-03-31"]
+
+
+def _write_without(folder: Path, drop: set[int]) -> list[str]:
+    """GOOG.csv of the window without the rows at indexes ``drop``; returns the dropped dates."""
+    header, rows = _goog_rows()
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = [r for i, r in enumerate(rows) if i not in drop]
+    (folder / "GOOG.csv").write_text("\n".join([header, *kept]) + "\n")
+    (folder / "SP500.csv").write_text((DATA / "SP500.csv").read_text())
+    return sorted(rows[i].split(",")[0] for i in drop)
+
+
+def _noted(notes: list[str | None], times: list[datetime]) -> list[str]:
+    return sorted(
+        t.strftime("%Y-%m-%d")
+        for n, t in zip(notes, times, strict=True)
+        if n and json.loads(n).get(MISSED_STEP_NOTE) == ["GOOG"]
+    )
+
+
+def test_a_backtest_run_notes_the_rows_its_file_lacks(tmp_path: Path) -> None:
+    dropped = _write_without(tmp_path / "data", {5, 6, 20, 41})
+    env = {
+        "MODE": "backtest",
+        "SYMBOLS": "SP500,GOOG",
+        "DATA_DIR": str(tmp_path / "data"),
+        "BACKTEST_START": "2005-01-01",
+        "BACKTEST_END": "2005-03-31",
+        "AGENT_PARAMS": '{"fast": 3, "slow": 8}',
+        "FMEL_LOCAL_PATH": str(tmp_path / "fmel.duckdb"),
+        "FMEL_SPILL_DIR": str(tmp_path / "spill"),
+        "PROGRESS": "off",
+    }
+    report = Runner(load_config(env)).run()
+    assert report.records_written == report.decisions > 0
+    with duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT bar_time, notes FROM decisions ORDER BY bar_time").fetchall()
+    assert _noted([n for _, n in rows], [t for t, _ in rows]) == dropped
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(drop=st.sets(st.integers(min_value=1, max_value=55), max_size=12))
+def test_the_note_names_exactly_the_missing_rows(tmp_path: Path, drop: set[int]) -> None:
+    folder = tmp_path / f"d{abs(hash(frozenset(drop)))}"
+    dropped = _write_without(folder, drop)
+    cerebro = bt.Cerebro(stdstats=False)
+    for symbol in ("SP500", "GOOG"):
+        cfg = CSVFeedConfig(path=folder / f"{symbol}.csv", symbol=symbol, start=START, end=END)
+        cerebro.adddata(make_csv_feed(cfg), name=symbol)
+    cerebro.addstrategy(SmaCrossAgent, fast=3, slow=8)
+    cerebro.addanalyzer(MissedStepNote, _name="missed_step")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    strategy = cerebro.run()[0]
+    records = strategy.analyzers.fmel.records
+    times = [datetime.fromtimestamp(r.bar_time, UTC) for r in records]
+    assert _noted([r.notes for r in records], times) == dropped
+
+
+def test_a_feed_that_has_not_started_or_has_ended_is_not_noted(tmp_path: Path) -> None:
+    """A stock listed later than the others, or a file that ends earlier, did not miss steps:
+    the bundled GOOG.csv runs 2004-08-19..2013-03-01 beside SP500's 1999..2018, and no record
+    of that default run notes GOOG."""
+    header, rows = _goog_rows()  # Q1 2005 only
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "GOOG.csv").write_text("\n".join([header, *rows[10:30]]) + "\n")
+    cerebro = bt.Cerebro(stdstats=False)
+    for symbol, path in (("SP500", DATA / "SP500.csv"), ("GOOG", folder / "GOOG.csv")):
+        cfg = CSVFeedConfig(path=path, symbol=symbol, start=START, end=END)
+        cerebro.adddata(make_csv_feed(cfg), name=symbol)
+    cerebro.addstrategy(SmaCrossAgent, fast=3, slow=8)
+    cerebro.addanalyzer(MissedStepNote, _name="missed_step")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    assert len(records) > 40 and not any(r.notes for r in records)

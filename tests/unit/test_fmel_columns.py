@@ -107,7 +107,7 @@ def test_columns_and_arrow_equal_the_per_read_path(case: Case, tmp_path: Path) -
     try:
         out = run_case(case, fmel=True, writer=writer)
     finally:
-        stats = writer.stop()
+        stats = writer.stop(timeout_s=300)  # a loaded machine must not spill
     assert stats.written == stats.submitted > 0
     assert threading.get_ident() not in sink.callers
     con = duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True)
@@ -133,7 +133,7 @@ def test_the_common_reads_are_resolved_in_columns(tmp_path: Path) -> None:
     try:
         run_case(case, fmel=True, writer=writer)
     finally:
-        writer.stop()
+        writer.stop(timeout_s=300)  # a loaded machine must not spill
     with_reads = sum(1 for r in sink.records if r.reads)
     assert with_reads and sink.columns >= with_reads // 2, (sink.columns, with_reads)
 

@@ -276,6 +276,10 @@ class BarHub:
         later). Call before pulling starts."""
         with self._cond:
             self._resume_after = max(self._resume_after, num)
+            # Bars up to it were decided (and acknowledged) by that run: a copy that comes back
+            # (an acknowledgement lost with the kill, a publisher's backfill) is refused as late,
+            # never decided (or traded) twice. CSV backfill bars already preloaded still play.
+            self._served = max(self._served, num)
 
     def _gap_before(self, step: float) -> bool:
         """Bar times are missing between the last step served (or resumed after) and
@@ -617,7 +621,7 @@ class BarHub:
     def _open_step(self, step: float) -> None:
         """Serve step ``step``: symbols still waited for but behind it missed it."""
         self._step = step
-        self._served = step
+        self._served = max(self._served, step)  # preloaded history plays below a resume point
         self.steps += 1
         self._cond.notify_all()  # served_through() waiters
         times = self._arrival_times

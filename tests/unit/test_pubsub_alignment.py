@@ -427,3 +427,19 @@ def test_without_a_known_bar_size_there_is_no_gap_hold() -> None:
     hub.offer(bar("A", 5))
     clock.now += 1.0
     assert _served(hub) == [5]
+
+
+def test_bars_an_earlier_run_decided_are_refused_after_a_restart() -> None:
+    """Found by the 30-minute soak: after a kill and an emulator restart, a publisher's backfill
+    brought back bars the killed run had decided, and the new run decided them again (with a
+    broker: traded twice). Preloaded CSV history still plays."""
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.gaps = GapCounter(1.0)
+    hub.preload([bar("A", 0), bar("A", 1)])  # CSV backfill: warm-up history
+    hub.resume_after(utc_to_bt_num(T0 + timedelta(seconds=9)))
+    assert hub.offer(bar("A", 5)) == LATE  # decided by the earlier run
+    assert hub.offer(bar("A", 9)) == LATE
+    assert hub.offer(bar("A", 10)) == OFFERED
+    assert _served(hub) == [0, 1, 10]
+    assert hub.offer(bar("A", 8)) == LATE

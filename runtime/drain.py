@@ -13,9 +13,11 @@ It drains until the spill is empty, ``--timeout-s`` passes (default
 SIGINT/SIGTERM; what is left stays in the file and is reported. Do not run it while a runner uses
 the same ``FMEL_SPILL_DIR``.
 
-Prints one JSON line on stdout: ``{"drained": N, "rejected": R, "torn": T, "left": L, "spill":
-PATH}`` (``torn``: lines cut by a crash during an append, unreadable, dropped and logged; so
-``drained + rejected + torn + left`` is what the file held).
+Prints one JSON line on stdout: ``{"drained": N, "already_stored": S, "rejected": R, "torn": T,
+"left": L, "spill": PATH}`` (``torn``: lines cut by a crash during an append, unreadable, dropped
+and logged; so ``drained + rejected + torn + left`` is what the file held; ``already_stored``: of
+``drained``, rows the store held already, found by ``decision_id`` and not sent again: a write
+cut short by a stop, or one that got no answer).
 
 Exit codes: 0 nothing left, 1 rows left (store unreachable, stopped, or out of time), 2 bad
 configuration.
@@ -72,6 +74,7 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
         logger.info("nothing to drain in %s", writer.spill_path)
         return {
             "drained": 0,
+            "already_stored": 0,
             "rejected": 0,
             "torn": 0,
             "left": 0,
@@ -88,8 +91,10 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
                 break
     finally:
         stats = writer.stop(timeout_s=config.ops.shutdown_timeout_s)
+    sink_stats = getattr(sink, "stats", None)
     return {
         "drained": stats.replayed,
+        "already_stored": int(getattr(sink_stats, "skipped_written", 0)),
         "rejected": stats.earlier_rejected,
         "torn": stats.earlier_torn,
         "left": stats.in_spill,

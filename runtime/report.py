@@ -58,6 +58,7 @@ class RunReport:
     spill_earlier_left: int = 0  # of those, rows of earlier runs
     spill_path: str = ""
     records_lost: int = 0  # neither stored nor on disk (the spill folder failed); see below
+    records_spilled_unsure: int = 0  # of records_spilled: the store may hold them already
     # Why the decision records stopped being safe (the spill folder could not be written, or
     # the writer died): the run was stopped and exits with code 3. "" when nothing failed.
     decisions_failure: str = ""
@@ -116,6 +117,12 @@ class RunReport:
         ]
         if self.decisions_failure:
             lines.append(f"DECISIONS FAILED {self.decisions_failure}; the run was stopped")
+        if self.records_spilled_unsure:
+            lines.append(
+                f"in doubt         {self.records_spilled_unsure} of the spilled records may be "
+                "stored already (their write was cut short or got no answer); each is looked "
+                "up by decision_id before it is sent again"
+            )
         if self.records_lost:
             lines.append(
                 f"lost             {self.records_lost} records neither stored nor on disk "

@@ -551,6 +551,7 @@ class Runner:
             spill_earlier_left=stats.earlier_left,
             spill_path=str(self.writer.spill_path) if self.writer is not None else "",
             records_lost=stats.lost,
+            records_spilled_unsure=stats.spilled_unsure,
             decisions_failure=(self.writer.failure or "") if self.writer is not None else "",
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},

@@ -98,6 +98,12 @@ class WriterStats:
         lost: of those, neither stored nor kept on disk: the spill folder could not be written
             (a full disk) and the sink did not take them before the stop (``lost_reason``).
         lost_reason: why records were lost ("" when none were).
+        spilled_unsure: of ``spilled``, records the store may hold all the same, set at
+            :meth:`DecisionWriter.stop`: their write was in flight when the stop took over
+            from a stuck writer thread, or the sink got no answer for them (a timeout, a
+            dropped connection: its optional ``unsure_ids()``). The spill keeps them; a sink
+            with ``before_replay`` looks each up by ``decision_id`` before sending it again, so
+            none is stored twice, and the drain reports how many it found already stored.
         batches / retries / queue_depth: sink writes, retried sink calls, records buffered.
     """
 
@@ -116,6 +122,7 @@ class WriterStats:
     earlier_torn: int = 0
     lost: int = 0
     lost_reason: str = ""
+    spilled_unsure: int = 0
 
     @property
     def in_spill(self) -> int:
@@ -377,11 +384,14 @@ class DecisionWriter:
             self._abandoned = self._thread is not None and self._thread.is_alive()
             with self._cond:
                 on_disk = self._inflight_on_disk or taken_over
-                stuck = [] if on_disk else list(self._inflight or [])
+                in_flight = list(self._inflight or []) if self._abandoned else []
+                stuck = [] if on_disk else in_flight
                 left = [self._as_row(r) for r in [*stuck, *self._buf]]
                 self._buf.clear()
             if left:
                 self._spill(left, owner=True)
+            if not taken_over:
+                self.stats.spilled_unsure = self._count_unsure(in_flight)
         self._settle_held()
         self.stats.queue_depth = 0
         if self.stats.in_spill:
@@ -393,10 +403,35 @@ class DecisionWriter:
                 self.stats.spilled,
                 self.stats.earlier_left,
             )
+        if self.stats.spilled_unsure:
+            logger.warning(
+                "%d of them may be stored already (their write was cut short or got no "
+                "answer); they are looked up by decision_id before they are sent again",
+                self.stats.spilled_unsure,
+            )
         if self._thread is not None and not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.sink.close()
         return self.stats
+
+    def _count_unsure(self, in_flight: Sequence[Item]) -> int:
+        """Records of this run in the spill that the store may hold all the same (see
+        :attr:`WriterStats.spilled_unsure`): the write a stuck thread still has in flight, and
+        the rows the sink had no answer for. Owner thread, io lock held."""
+        if not self.stats.spilled:
+            return 0
+        ids: set[object] = {
+            r.decision_id if isinstance(r, DecisionRecord) else r.get("decision_id")
+            for r in in_flight
+        }
+        unsure_ids = getattr(self.sink, "unsure_ids", None)
+        if unsure_ids is not None:
+            try:
+                ids.update(unsure_ids())
+            except Exception:  # a stuck sink's state is only advisory here
+                logger.debug("sink %s: unsure_ids() failed", self.sink.name, exc_info=True)
+        ids.discard(None)
+        return min(len(ids), self.stats.spilled)
 
     def _settle_held(self) -> None:
         """At stop (owner thread): rows held in memory because the spill folder failed get

@@ -281,6 +281,18 @@ class BarHub:
             # never decided (or traded) twice. CSV backfill bars already preloaded still play.
             self._served = max(self._served, num)
 
+    def holding(self) -> bool:
+        """Steps are held (after a (re)connect, a disorder, or for a gap to fill): the bars
+        pulled meanwhile wait for their step, leased. The pull thread then pulls past its flow
+        control limit (up to :attr:`max_buffered_bars` per symbol, where :meth:`offer` blocks),
+        because the bars that end the hold may be queued behind the ones already leased. Any
+        thread."""
+        with self._cond:
+            now = self._clock()
+            if now < self._hold_until:
+                return True
+            return self._gap_waiting and now < self._gap_hold_until
+
     def _gap_before(self, step: float) -> bool:
         """Bar times are missing between the last step served (or resumed after) and
         ``step`` (lock held; only with a configured bar size)."""

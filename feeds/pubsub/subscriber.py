@@ -241,6 +241,10 @@ class PubSubBarSubscriber:
         self.settle_failures = 0
         self.last_error = ""
         self.max_outstanding = max(self.settings.max_outstanding_messages, 4 * len(self.symbols))
+        # While steps are held: the hub's own bound (offer() blocks a symbol past it).
+        self.max_outstanding_held = max(
+            self.max_outstanding, self.hub.max_buffered_bars * len(self.symbols)
+        )
         self._client: Any = None
         # Pulls go on a channel of their own, so close() can end a long poll in flight at once
         # (closing it) and still acknowledge and return messages on ``_client``.
@@ -754,13 +758,21 @@ class PubSubBarSubscriber:
 
     def _wait_for_room(self) -> int:
         """Pull thread: wait until fewer than ``max_outstanding`` messages are leased; the
-        number that may be pulled (0 when stopping)."""
-        with self._lock:
-            while len(self._leases) >= self.max_outstanding and not self._stop.is_set():
+        number that may be pulled (0 when stopping).
+
+        While the hub holds steps (:meth:`BarHub.holding`), the limit is
+        ``max_outstanding_held`` instead: found by the 30-minute soak, a restarted runner
+        waiting for the bar times after its resume point leased 1,000 newer bars, stopped
+        pulling, and so never received the older ones queued behind them (the emulator does
+        not deliver in publish order); the bar time was lost when the hold ran out."""
+        while not self._stop.is_set():
+            # Asked outside self._lock: the hub's lock is never taken inside it.
+            limit = self.max_outstanding_held if self.hub.holding() else self.max_outstanding
+            with self._lock:
+                if len(self._leases) < limit:
+                    return min(_ACK_CHUNK, limit - len(self._leases))
                 self._lock.wait(0.25)
-            if self._stop.is_set():
-                return 0
-            return min(_ACK_CHUNK, self.max_outstanding - len(self._leases))
+        return 0
 
     def _pull_loop(self, sub: _Sub) -> None:
         """Pull thread of one subscription: pull, hand over in order, reconnect on failure

@@ -197,6 +197,7 @@ class BigQuerySink:
         self._opened = False
         self._confirmed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._uncertain: set[str] = set()
+        self._replaying: set[str] = set()  # of _uncertain: rows of earlier runs' spills
         self._lock = threading.Lock()  # ids and counters, updated from request threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -299,6 +300,14 @@ class BigQuerySink:
         with self._lock:
             return isinstance(decision_id, str) and decision_id in self._confirmed
 
+    def unsure_ids(self) -> set[str]:
+        """Decision ids of this run whose request got no answer (a timeout, a dropped
+        connection, a server error after the rows may have been taken) and that were not looked
+        up since: they may be stored. Rows of earlier runs (``before_replay``) are not
+        included. Any thread."""
+        with self._lock:
+            return self._uncertain - self._replaying
+
     def before_replay(self, rows: Sequence[Row]) -> None:
         """Rows about to be replayed from an earlier run's spill file may already be stored (a
         batch written before a crash): look them up before sending. Writer thread."""
@@ -307,6 +316,7 @@ class BigQuerySink:
                 did = row.get("decision_id")
                 if isinstance(did, str) and did not in self._confirmed:
                     self._uncertain.add(did)
+                    self._replaying.add(did)
 
     def close(self) -> None:
         """Join the request threads, flush the decisions topic (bounded by the request
@@ -491,7 +501,9 @@ class BigQuerySink:
             with self._lock:
                 self.stats.lookups += 1
         with self._lock:
-            self._uncertain.difference_update(str(p[1]["decision_id"]) for p in unsure)
+            looked_up = {str(p[1]["decision_id"]) for p in unsure}
+            self._uncertain -= looked_up
+            self._replaying -= looked_up
             self.stats.skipped_written += len(stored)
         if stored:
             logger.info(
@@ -508,6 +520,7 @@ class BigQuerySink:
         with self._lock:
             self._confirmed[decision_id] = None
             self._uncertain.discard(decision_id)
+            self._replaying.discard(decision_id)
             if len(self._confirmed) > CONFIRMED_IDS_KEPT:
                 self._confirmed.popitem(last=False)
 

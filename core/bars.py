@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import re
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -315,26 +314,54 @@ class BarHashes:
     Unbounded for backtests; with ``maxlen`` only the newest ``maxlen`` are kept (live feeds),
     and older indexes answer ``None``. Appended on the main thread only.
 
+    Bounded, a hash of :func:`bar_hash`'s form (32 hex digits) is kept as its 16 bytes in one
+    ring (``bytearray``): 16 bytes a bar instead of about 90 for a ``str`` in a deque, which at
+    10,000 live symbols and the default 5,000-bar lookback is 0.8 GB instead of 4.5 GB. Any
+    other text is kept as given.
+
     With ``source`` (a sequence of every bar's hash, e.g. a CSV file's, which may compute each
     on first use) the feed calls :meth:`advance` per delivered bar instead of :meth:`append`, so
     no hash is computed before something asks for it.
     """
 
-    __slots__ = ("_base", "_count", "_hashes", "_source")
+    __slots__ = ("_count", "_hashes", "_maxlen", "_odd", "_ring", "_source")
 
     def __init__(self, maxlen: int | None = None, *, source: Sequence[str] | None = None) -> None:
-        self._hashes: deque[str] | list[str] = deque(maxlen=maxlen) if maxlen else []
-        self._base = 0
+        self._hashes: list[str] = []
+        self._maxlen = maxlen if maxlen else 0
+        self._ring = bytearray()  # bounded: 16 bytes per kept bar, slot = index % maxlen
+        self._odd: dict[int, str] = {}  # bounded: hashes not of bar_hash's form, by index
         self._source = source
         self._count = 0
+
+    @property
+    def bounded(self) -> bool:
+        """Old hashes are evicted (``maxlen`` was given): an index may stop resolving."""
+        return self._maxlen > 0
 
     def append(self, digest: str) -> None:
         if self._source is not None:
             raise TypeError("BarHashes over a source: call advance(), not append()")
-        hashes = self._hashes
-        if isinstance(hashes, deque) and hashes.maxlen is not None and len(hashes) == hashes.maxlen:
-            self._base += 1
-        hashes.append(digest)
+        maxlen = self._maxlen
+        if not maxlen:
+            self._hashes.append(digest)
+            self._count += 1
+            return
+        index = self._count
+        try:
+            raw = bytes.fromhex(digest) if len(digest) == 32 else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 16 or raw.hex() != digest:  # upper case or not hex: kept as given
+            raw = bytes(16)
+            self._odd[index] = digest
+        pos = (index % maxlen) * 16
+        if index < maxlen:
+            self._ring += raw
+        else:
+            self._ring[pos : pos + 16] = raw
+            self._odd.pop(index - maxlen, None)
+        self._count = index + 1
 
     def advance(self) -> None:
         """One more bar of ``source`` was delivered (its hash is not computed here)."""
@@ -348,20 +375,23 @@ class BarHashes:
 
     def at(self, index: int) -> str | None:
         """Hash of absolute bar ``index``; ``None`` when out of range or evicted."""
+        if index < 0 or index >= self._count:
+            return None
         if self._source is not None:
-            return self._source[index] if 0 <= index < self._count else None
-        i = index - self._base
-        if i < 0:
+            return self._source[index]
+        maxlen = self._maxlen
+        if not maxlen:
+            return self._hashes[index]
+        if index < self._count - maxlen:
             return None
-        try:
-            return self._hashes[i]
-        except IndexError:
-            return None
+        odd = self._odd.get(index)
+        if odd is not None:
+            return odd
+        pos = (index % maxlen) * 16
+        return self._ring[pos : pos + 16].hex()
 
     def __len__(self) -> int:
-        if self._source is not None:
-            return self._count
-        return self._base + len(self._hashes)
+        return self._count
 
 
 def feed_symbol(data: Any) -> str:

@@ -9,7 +9,6 @@ import inspect
 import logging
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -101,11 +100,7 @@ class AccessTracker:
             if getattr(info.dt, "mode", None) != LineBuffer.UnBounded:
                 return False
             hashes = info.hashes  # a bounded BarHashes (live feeds) evicts old hashes
-            if (
-                hashes is not None
-                and isinstance(getattr(hashes, "_hashes", None), deque)
-                and getattr(hashes, "_source", None) is None
-            ):
+            if hashes is not None and getattr(hashes, "bounded", False):
                 return False
         return True
 

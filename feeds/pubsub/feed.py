@@ -20,6 +20,7 @@ import backtrader as bt
 from backtrader.linebuffer import LineBuffer
 
 from core.bars import OHLCV, BarHashes
+from feeds.buffers import CompactLineBuffer
 from feeds.fields import TextLine, dynamic_feed_class
 from feeds.pubsub.config import FieldSet
 from feeds.pubsub.hub import BarHub
@@ -115,8 +116,11 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
             setattr(self, name, text_line)  # data.headline[0], like a line (as the CSV feed)
 
     def _bound_lines(self) -> None:
-        # backtrader's own bounded mode (as with exactbars), at least `lookback` bars.
+        # backtrader's own bounded mode (as with exactbars), at least `lookback` bars, in
+        # arrays of floats (CompactLineBuffer) rather than deques of float objects.
         for line in self.lines:
+            if type(line) is LineBuffer:
+                line.__class__ = CompactLineBuffer
             if line.mode != LineBuffer.QBuffer:
                 LineBuffer.qbuffer(line)
             line.minbuffer(self._lookback)

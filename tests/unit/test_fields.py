@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
@@ -106,3 +107,30 @@ def test_the_scalar_and_the_vector_bar_rule_agree(
 ) -> None:
     arrays = [np.array([x], dtype=np.float64) for x in (o, h, low, c, v)]
     assert check_bar(o, h, low, c, v) == check_bars(*arrays).get(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    maxlen=st.integers(1, 6),
+    digests=st.lists(
+        st.binary(min_size=16, max_size=16).map(bytes.hex)
+        | st.sampled_from(["", "x", "ABCDEF0123456789ABCDEF0123456789", "0" * 31, "0" * 34]),
+        max_size=20,
+    ),
+)
+def test_bounded_bar_hashes_answer_as_a_deque_of_the_newest_would(
+    maxlen: int, digests: list[str]
+) -> None:
+    """The bounded ring (16 bytes a hash) answers exactly what a deque of the newest
+    ``maxlen`` strings would, also for text that is not bar_hash's form (kept as given)."""
+    h = BarHashes(maxlen=maxlen)
+    ref: deque[str] = deque(maxlen=maxlen)
+    for d in digests:
+        h.append(d)
+        ref.append(d)
+        n = len(h)
+        for i in range(-1, n + 1):
+            k = i - (n - len(ref))
+            want = ref[k] if 0 <= k < len(ref) and 0 <= i < n else None
+            assert h.at(i) == want
+    assert h.bounded and not BarHashes().bounded

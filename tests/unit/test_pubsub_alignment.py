@@ -22,6 +22,7 @@ from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import to_row
 from core.time import utc_to_bt_num
+from feeds.buffers import BoundedFloats
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.pubsub import BarHub, FieldSet, GapCounter, MessageHandler, decode_message
 from feeds.pubsub.feed import make_pubsub_feed
@@ -243,6 +244,8 @@ def test_paper_decisions_equal_a_backtest_that_sees_the_same_gaps(tmp_path: Path
     back = cerebro([make_csv_feed(c) for c in back_cfgs]).run()[0]
 
     live_rows, back_rows = _records(live), _records(back)
+    # The live side ran on the compact bounded lines (feeds.buffers), the backtest on arrays.
+    assert all(isinstance(d.lines.close.array, BoundedFloats) for d in live.datas)
     assert len(live_rows) == len(back_rows) == len(sources[0].times)
     assert live_rows == back_rows
     assert live.broker.getvalue() == back.broker.getvalue()

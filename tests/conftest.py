@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
     from tests.bqemu_harness import BigQueryEmulator
     from tests.pubsub_emulator import PubSubEmulator
     from tests.secretmanager_server import SecretManagerServer
+
+# Property tests check behaviour, not speed (timings belong in benchmarks/): no per-example
+# deadline and no too-slow health check, which only fail on a loaded machine. Tests that set
+# their own settings keep them.
+settings.register_profile(
+    "repo", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("repo")
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"

@@ -43,8 +43,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from core.bars import OHLCV, RESERVED_NAMES, field_name
+from core.bars import OHLCV, field_name
 from core.errors import ConfigError, DataError
+from feeds.fields import reserved_reason
+from feeds.pubsub.config import FEED_ATTRIBUTES
 
 __all__ = [
     "ALPACA_FIELDS",
@@ -177,8 +179,15 @@ def _check_names(where: str, names: Sequence[str], taken: set[str]) -> None:
             raise ConfigError(
                 f"{where}: field {name!r} is not a line name (use {field_name(name)!r})"
             )
-        if name in RESERVED_NAMES or name in OHLCV or name.startswith("_"):
-            raise ConfigError(f"{where}: field {name!r} is reserved")
+        if name in OHLCV:
+            raise ConfigError(f"{where}: field {name!r} is reserved (an OHLCV line)")
+        # The runner's rule for message fields (it refuses such a bar as reserved_field, so a
+        # field named like an attribute of its live feed would cost every bar).
+        why = reserved_reason(name) or (
+            "an attribute of the runner's live feed" if name in FEED_ATTRIBUTES else None
+        )
+        if why is not None:
+            raise ConfigError(f"{where}: field {name!r} is reserved ({why})")
         if name in taken:
             raise ConfigError(f"{where}: field {name!r} is produced twice")
         taken.add(name)

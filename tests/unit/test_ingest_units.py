@@ -250,6 +250,19 @@ def test_indicator_names_are_checked() -> None:
         Enricher(factories=[("x:U", Undeclared)]).enrich(view(), None)
 
 
+@pytest.mark.parametrize("name", ["start", "text_fields", "missed_step", "tick_close", "line3"])
+def test_indicator_fields_the_runner_would_refuse_are_refused_at_start(name: str) -> None:
+    """The runner refuses a message field named like an attribute of its live feed (every
+    bar as reserved_field); the ingestor applies the same rule at start instead of publishing
+    bars no runner takes."""
+
+    class Named(RangePct):
+        fields: tuple[str, ...] = (name,)
+
+    with pytest.raises(ConfigError, match=f"field '{name}' is reserved"):
+        Enricher(factories=[("x:Named", Named)]).fields("A")
+
+
 def test_indicator_values_must_be_numbers_text_or_none() -> None:
     class Weird(RangePct):
         fields: tuple[str, ...] = ("w",)

@@ -22,6 +22,7 @@ import backtrader as bt
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.spill import SpillDirClaim, SpillDirInUseError
 from analyzers.sinks.writer import DecisionWriter
 from core.errors import ConfigError
 
@@ -195,6 +196,24 @@ def make_sink(fmel: FMELConfig, bigquery: BigQuerySinkConfig | None) -> Decision
 
         return BigQuerySink(bigquery)
     raise ConfigError(f"FMEL_SINK={fmel.sink}: not wired into this build")
+
+
+def claim_spill_dir(folder: Path) -> SpillDirClaim:
+    """Claim ``FMEL_SPILL_DIR`` for this process (:class:`SpillDirClaim`): one runner or drain
+    per folder, since it holds that process's journal, spill and read position.
+
+    Raises:
+        ConfigError: another runner or drain holds it, or it cannot be made.
+    """
+    try:
+        return SpillDirClaim(folder)
+    except SpillDirInUseError as e:
+        raise ConfigError(
+            f"FMEL_SPILL_DIR={folder}: {e}; give each runner (and a drain) a folder of its own, "
+            "or stop the other first"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"FMEL_SPILL_DIR={folder}: cannot be used ({e})") from e
 
 
 def make_writer(

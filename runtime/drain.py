@@ -38,7 +38,7 @@ from types import FrameType
 from typing import Any
 
 from core.errors import AppError, ConfigError
-from runtime.assembly import make_sink, make_writer
+from runtime.assembly import claim_spill_dir, make_sink, make_writer
 from runtime.config import AppConfig, load_process_config
 from runtime.logs import setup_logging
 from runtime.secrets import secrets_in
@@ -64,7 +64,16 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
 
     Raises:
         SinkError: the store can never take these rows (see the message).
+        ConfigError: a runner (or another drain) uses ``FMEL_SPILL_DIR``.
     """
+    claim = claim_spill_dir(config.fmel.spill_dir)  # not while a runner uses the folder
+    try:
+        return _drain(config, timeout_s=timeout_s, stop=stop)
+    finally:
+        claim.release()
+
+
+def _drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) -> dict[str, Any]:
     sink = make_sink(config.fmel, config.bigquery)
     # journal=True: a killed paper run's journal is moved into the spill and drained with it.
     writer = make_writer(config.fmel, sink, journal=True)

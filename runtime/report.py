@@ -58,7 +58,7 @@ class RunReport:
     spill_earlier_left: int = 0  # of those, rows of earlier runs
     spill_path: str = ""
     records_lost: int = 0  # neither stored nor on disk (the spill folder failed); see below
-    records_spilled_unsure: int = 0  # of records_spilled: the store may hold them already
+    spill_unsure: int = 0  # of spill_left (any run's): the store may hold them already
     # Why the decision records stopped being safe (the spill folder could not be written, or
     # the writer died): the run was stopped and exits with code 3. "" when nothing failed.
     decisions_failure: str = ""
@@ -117,9 +117,9 @@ class RunReport:
         ]
         if self.decisions_failure:
             lines.append(f"DECISIONS FAILED {self.decisions_failure}; the run was stopped")
-        if self.records_spilled_unsure:
+        if self.spill_unsure:
             lines.append(
-                f"in doubt         {self.records_spilled_unsure} of the spilled records may be "
+                f"in doubt         {self.spill_unsure} of the records in the spill may be "
                 "stored already (their write was cut short or got no answer); each is looked "
                 "up by decision_id before it is sent again"
             )

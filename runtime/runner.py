@@ -30,10 +30,12 @@ import pyarrow as pa
 
 from analyzers.missed_step import MissedStepNote
 from analyzers.sinks.base import DecisionSink
+from analyzers.sinks.spill import SpillDirClaim
 from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core.errors import AppError, ConfigError, DataError, SinkError
 from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
     add_fmel,
+    claim_spill_dir,
     load_agent,
     make_cerebro,
     make_sink,
@@ -84,6 +86,7 @@ class Runner:
         self._stop_deadline: float | None = None  # monotonic end of the shutdown budget
         self._signals = 0
         self._closers: list[tuple[str, Callable[[], None]]] = []
+        self._spill_claim: SpillDirClaim | None = None  # FMEL_SPILL_DIR, held for the run
         self._old_handlers: dict[int, Any] = {}
         # Operations: one metrics registry per run; the endpoint runs when HEALTH_PORT > 0.
         self.metrics = RunMetrics()
@@ -195,6 +198,8 @@ class Runner:
 
     def _build_sink(self) -> None:
         cfg = self.config
+        if self._spill_claim is None:
+            self._spill_claim = claim_spill_dir(cfg.fmel.spill_dir)
         self.sink = make_sink(cfg.fmel, cfg.bigquery)
         live = self.live_input
         self.writer = make_writer(cfg.fmel, self.sink, journal=live is not None)
@@ -393,6 +398,9 @@ class Runner:
             return self._run()
         finally:
             self._stop_health()
+            claim, self._spill_claim = self._spill_claim, None
+            if claim is not None:
+                claim.release()
 
     def _run(self) -> RunReport:
         try:
@@ -551,7 +559,7 @@ class Runner:
             spill_earlier_left=stats.earlier_left,
             spill_path=str(self.writer.spill_path) if self.writer is not None else "",
             records_lost=stats.lost,
-            records_spilled_unsure=stats.spilled_unsure,
+            spill_unsure=stats.unsure_in_spill,
             decisions_failure=(self.writer.failure or "") if self.writer is not None else "",
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},

@@ -153,8 +153,13 @@ class LocalDuckDBSink:
             self._con.close()
             self._con = None
 
-    def describe(self) -> str:
+    @property
+    def destination(self) -> str:
+        """Where rows go (the file), for a spill file to remember (DecisionWriter)."""
         return f"duckdb:{self.path.resolve()}"
+
+    def describe(self) -> str:
+        return self.destination
 
     def example_query(self) -> str:
         return (

@@ -230,3 +230,50 @@ class RejectedFile:
     def append(self, items: Sequence[tuple[Row, str]]) -> None:
         """Add ``(row, reason)`` pairs (fsynced)."""
         append_lines(self.path, [_line({"reason": reason, "row": row}) for row, reason in items])
+
+
+class SpillDirInUseError(OSError):
+    """Another live process holds the spill folder (:class:`SpillDirClaim`)."""
+
+
+class SpillDirClaim:
+    """An exclusive claim on a spill folder for the life of a process: ``flock`` on
+    ``<folder>/.claim`` (released by the kernel when the process ends, also on ``kill -9``).
+
+    A spill folder holds one process's journal, spill and its read position; two runners (or
+    a runner and ``python -m runtime.drain``) sharing one stored an earlier run's decisions
+    twice and stopped each other (attack on issue 17). The runner and the drain claim the
+    folder at start. Thread context: the owner's thread.
+
+    Raises:
+        SpillDirInUseError: another process holds the claim (its pid in the message).
+        OSError: the folder cannot be made or the file opened.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.path = Path(folder) / ".claim"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpillDirInUseError(
+                f"{folder} is in use by another runner or drain (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Give the folder up (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()

@@ -63,7 +63,7 @@ from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
 from analyzers.sinks.spill import Head, RejectedFile, SpillFile
-from core.errors import AppError, SinkError, TransientError
+from core.errors import AppError, ConfigError, SinkError, TransientError
 from core.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,13 @@ class WriterStats:
         lost: of those, neither stored nor kept on disk: the spill folder could not be written
             (a full disk) and the sink did not take them before the stop (``lost_reason``).
         lost_reason: why records were lost ("" when none were).
-        spilled_unsure: of ``spilled``, records the store may hold all the same, set at
-            :meth:`DecisionWriter.stop`: their write was in flight when the stop took over
-            from a stuck writer thread, or the sink got no answer for them (a timeout, a
-            dropped connection: its optional ``unsure_ids()``). The spill keeps them; a sink
-            with ``before_replay`` looks each up by ``decision_id`` before sending it again, so
-            none is stored twice, and the drain reports how many it found already stored.
+        unsure_in_spill: of the rows in the spill (``in_spill``: this run's and earlier
+            runs'), those the store may hold all the same, set at :meth:`DecisionWriter.stop`:
+            their write (or replay) was in flight when the stop took over from a stuck writer
+            thread, or the sink got no answer for them (a timeout, a dropped connection: its
+            optional ``unsure_ids()``). The spill keeps them; a sink with ``before_replay``
+            looks each up by ``decision_id`` before sending it again, so none is stored twice,
+            and the drain reports how many it found already stored.
         batches / retries / queue_depth: sink writes, retried sink calls, records buffered.
     """
 
@@ -122,7 +123,7 @@ class WriterStats:
     earlier_torn: int = 0
     lost: int = 0
     lost_reason: str = ""
-    spilled_unsure: int = 0
+    unsure_in_spill: int = 0
 
     @property
     def in_spill(self) -> int:
@@ -211,6 +212,7 @@ class DecisionWriter:
         self._io_lock = threading.Lock()  # spill file and counts: writer thread vs stop()
         self._abandoned = False  # stop() took over from a stuck writer thread
         self._inflight_on_disk = False  # the in-flight batch is already in the spill file
+        self._inflight_rows: Sequence[Row] | None = None  # a replay (or held rows) being written
         self._deadline = float("inf")  # clock time by which a stopping writer must be done
         self.disk_error: OSError | None = None  # first failed write under spill_dir
         self.failure: str | None = None  # why the records are no longer safe (told once)
@@ -245,6 +247,7 @@ class DecisionWriter:
         if self.journal is not None:
             self.journal.recover(self.spill)  # a killed run's journal: replayed with the spill
         self._earlier = self.stats.earlier_left = self.spill.pending()
+        self._check_destination()
         if self._earlier:
             logger.info(
                 "%d decision records of earlier runs wait in %s; they are written first",
@@ -385,13 +388,15 @@ class DecisionWriter:
             with self._cond:
                 on_disk = self._inflight_on_disk or taken_over
                 in_flight = list(self._inflight or []) if self._abandoned else []
+                if self._abandoned:
+                    in_flight += self._inflight_rows or []
                 stuck = [] if on_disk else in_flight
                 left = [self._as_row(r) for r in [*stuck, *self._buf]]
                 self._buf.clear()
             if left:
                 self._spill(left, owner=True)
             if not taken_over:
-                self.stats.spilled_unsure = self._count_unsure(in_flight)
+                self.stats.unsure_in_spill = self._count_unsure(in_flight)
         self._settle_held()
         self.stats.queue_depth = 0
         if self.stats.in_spill:
@@ -403,22 +408,55 @@ class DecisionWriter:
                 self.stats.spilled,
                 self.stats.earlier_left,
             )
-        if self.stats.spilled_unsure:
+        if self.stats.unsure_in_spill:
             logger.warning(
                 "%d of them may be stored already (their write was cut short or got no "
                 "answer); they are looked up by decision_id before they are sent again",
-                self.stats.spilled_unsure,
+                self.stats.unsure_in_spill,
             )
         if self._thread is not None and not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.sink.close()
         return self.stats
 
+    def _check_destination(self) -> None:
+        """A spill is written to the store it was meant for: its destination is kept beside it
+        (``<spill>.dest``); rows of earlier runs meant for another table or file are refused
+        at start, not written to this one (found by the attack on issue 17: a run with another
+        ``FMEL_DATASET`` replayed them into its own dataset). Spills without the note (older
+        versions) are taken as they are.
+
+        Raises:
+            ConfigError: the spill holds rows for another destination.
+        """
+        dest = getattr(self.sink, "destination", None)
+        if not isinstance(dest, str):
+            return
+        note = self.spill.path.with_name(self.spill.path.name + ".dest")
+        if self._earlier:
+            try:
+                theirs = note.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                theirs = dest
+            if theirs != dest:
+                raise ConfigError(
+                    f"FMEL_SPILL_DIR={self.spill_dir}: {self._earlier} decision records in "
+                    f"{self.spill_path} are for {theirs}, not for {dest}; write them there "
+                    "first (python -m runtime.drain with that run's FMEL_* settings), or use "
+                    "another FMEL_SPILL_DIR"
+                )
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            note.write_text(dest + "\n", encoding="utf-8")
+        except OSError as e:  # the spill itself reports a disk that cannot be written
+            logger.debug("cannot write %s: %s", note, e)
+
     def _count_unsure(self, in_flight: Sequence[Item]) -> int:
-        """Records of this run in the spill that the store may hold all the same (see
-        :attr:`WriterStats.spilled_unsure`): the write a stuck thread still has in flight, and
-        the rows the sink had no answer for. Owner thread, io lock held."""
-        if not self.stats.spilled:
+        """Records in the spill (this run's or earlier runs') that the store may hold all the
+        same (see :attr:`WriterStats.unsure_in_spill`): the write or replay a stuck thread
+        still has in flight, and the rows the sink had no answer for. Owner thread, io lock
+        held."""
+        if not self.stats.in_spill:
             return 0
         ids: set[object] = {
             r.decision_id if isinstance(r, DecisionRecord) else r.get("decision_id")
@@ -431,7 +469,7 @@ class DecisionWriter:
             except Exception:  # a stuck sink's state is only advisory here
                 logger.debug("sink %s: unsure_ids() failed", self.sink.name, exc_info=True)
         ids.discard(None)
-        return min(len(ids), self.stats.spilled)
+        return min(len(ids), self.stats.in_spill)
 
     def _settle_held(self) -> None:
         """At stop (owner thread): rows held in memory because the spill folder failed get
@@ -729,7 +767,11 @@ class DecisionWriter:
         """
         while self._held and not self._out_of_time():
             rows = self._held[: self._write_rows()]
-            errors = self._call_with_retry("write", self.sink.write, rows)
+            self._inflight_rows = rows
+            try:
+                errors = self._call_with_retry("write", self.sink.write, rows)
+            finally:
+                self._inflight_rows = None
             with self._io_lock:
                 if self._abandoned:
                     return
@@ -772,11 +814,14 @@ class DecisionWriter:
             if before_replay is not None and earlier:
                 before_replay(rows[:earlier])
             t0 = self._clock()
+            self._inflight_rows = rows  # stop() names them in doubt if it takes over now
             try:
                 errors = self._call_with_retry("replay", self.sink.write, rows)
             except TransientError:
                 self._settle_stored(head, earlier)
                 raise
+            finally:
+                self._inflight_rows = None
             self._rate.add(len(rows), self._clock() - t0)
             consume_failed: OSError | None = None
             with self._io_lock:

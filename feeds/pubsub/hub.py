@@ -140,6 +140,7 @@ class BarHub:
         self._drain_over = False
         self._hold_until = -math.inf
         self._hold_cap = math.inf
+        self._served_in_hold = True  # a step was served since the last hold began
         self._backlog_before = -math.inf  # publish times before this are backlog
         # Steps wait until deliveries have been in order this long after disorder (0: never);
         # the subscriber sets it (StreamSettings.backlog_quiet_s).
@@ -305,13 +306,19 @@ class BarHub:
     def _start_hold_locked(self, now: float) -> None:
         if self._hold_until < now:
             self._hold_cap = now + MAX_HOLD_S
+            self._served_in_hold = False
             self.holds += 1
 
     def _disorder_locked(self, now: float) -> None:
         """A bar came out of order (lock held): no step until deliveries have been in order for
-        :attr:`disorder_quiet_s` (0 disables)."""
+        :attr:`disorder_quiet_s` (0 disables). After a hold that reached its
+        :data:`MAX_HOLD_S` cap, a disorder starts a new hold only once a step was served: a
+        backlog that keeps arriving out of order chained holds for minutes before (attack
+        finding), each new one starting as the last one ended."""
         self.disordered += 1
         if self.disorder_quiet_s <= 0:
+            return
+        if self._hold_until < now and self._hold_cap <= now and not self._served_in_hold:
             return
         self._start_hold_locked(now)
         self._hold_until = max(self._hold_until, min(now + self.disorder_quiet_s, self._hold_cap))
@@ -634,6 +641,7 @@ class BarHub:
         """Serve step ``step``: symbols still waited for but behind it missed it."""
         self._step = step
         self._served = max(self._served, step)  # preloaded history plays below a resume point
+        self._served_in_hold = True
         self.steps += 1
         self._cond.notify_all()  # served_through() waiters
         times = self._arrival_times

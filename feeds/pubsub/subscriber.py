@@ -81,6 +81,13 @@ logger = logging.getLogger(__name__)
 _ACK_CHUNK = 1000
 
 
+# While steps are held, pulling goes on up to this many times the flow control limit
+# (PUBSUB_MAX_OUTSTANDING_MESSAGES): enough for a hold of 30 s at 50 bars a second behind a
+# backfill (the soak), bounded for a backlog of hundreds of thousands (an attack pulled 180,000
+# into memory when the bound was the hub's 10,000 bars per symbol).
+HELD_PULL_FACTOR = 10
+
+
 @dataclass(slots=True)
 class _Sub:
     path: str
@@ -241,10 +248,9 @@ class PubSubBarSubscriber:
         self.settle_failures = 0
         self.last_error = ""
         self.max_outstanding = max(self.settings.max_outstanding_messages, 4 * len(self.symbols))
-        # While steps are held: the hub's own bound (offer() blocks a symbol past it).
-        self.max_outstanding_held = max(
-            self.max_outstanding, self.hub.max_buffered_bars * len(self.symbols)
-        )
+        # While steps are held (BarHub.holding): ten times the limit, so bars that end a hold
+        # are reached behind newer ones, yet a large backlog is not pulled whole into memory.
+        self.max_outstanding_held = HELD_PULL_FACTOR * self.max_outstanding
         self._client: Any = None
         # Pulls go on a channel of their own, so close() can end a long poll in flight at once
         # (closing it) and still acknowledge and return messages on ``_client``.
@@ -626,8 +632,9 @@ class PubSubBarSubscriber:
         with self._lock:
             held, self._held = self._held, []
         tokens = [b.token for b in (*taken, *rest) if b.token is not None]
+        known = set(tokens) | set(held)  # once: 30k leases made it quadratic (attack finding)
         with self._lock:
-            unsettled = [m for m in self._leases.values() if m not in set(tokens) | set(held)]
+            unsettled = [m for m in self._leases.values() if m not in known]
         settle = tokens + held + unsettled
         self.settle(settle, ack=False)
         self.returned += len(settle)
@@ -761,7 +768,8 @@ class PubSubBarSubscriber:
         number that may be pulled (0 when stopping).
 
         While the hub holds steps (:meth:`BarHub.holding`), the limit is
-        ``max_outstanding_held`` instead: found by the 30-minute soak, a restarted runner
+        ``max_outstanding_held`` (:data:`HELD_PULL_FACTOR` times it) instead: found by the
+        30-minute soak, a restarted runner
         waiting for the bar times after its resume point leased 1,000 newer bars, stopped
         pulling, and so never received the older ones queued behind them (the emulator does
         not deliver in publish order); the bar time was lost when the hold ran out."""

@@ -153,7 +153,7 @@ def report_numbers(stdout: str) -> dict[str, Any]:
     )
     assert session and dec, stdout
     replayed = re.search(r"replayed\s+(\d+) records", stdout)
-    unsure = re.search(r"in doubt\s+(\d+) of the spilled", stdout)
+    unsure = re.search(r"in doubt\s+(\d+) of the records in the spill", stdout)
     return {
         "unsure": int(unsure.group(1)) if unsure else 0,
         "session": session.group(1),

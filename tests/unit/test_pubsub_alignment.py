@@ -27,7 +27,7 @@ from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.pubsub import BarHub, FieldSet, GapCounter, MessageHandler, decode_message
 from feeds.pubsub.feed import make_pubsub_feed
 from feeds.pubsub.handler import DELIVERED, MALFORMED
-from feeds.pubsub.hub import LATE, OFFERED
+from feeds.pubsub.hub import LATE, MAX_HOLD_S, OFFERED
 from feeds.replay import bar_messages
 from runtime.live import MISSED_STEP_NOTE, MissedStepNote
 from tests.conftest import DATA
@@ -446,3 +446,24 @@ def test_bars_an_earlier_run_decided_are_refused_after_a_restart() -> None:
     assert hub.offer(bar("A", 10)) == OFFERED
     assert _served(hub) == [0, 1, 10]
     assert hub.offer(bar("A", 8)) == LATE
+
+
+def test_a_backlog_that_keeps_coming_out_of_order_holds_steps_at_most_max_hold_s() -> None:
+    """Attack finding: a large backlog arriving out of order started a new disorder hold as
+    each ended, so a restarted runner decided nothing for minutes (docs: at most 120 s)."""
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.disorder_quiet_s = 15.0
+    t0 = clock.now
+    hub.offer(bar("A", 100))
+    hub.offer(bar("A", 50))  # out of order: a hold begins
+    served: list[int] = []
+    for k in range(40):  # another out-of-order bar every 7 s, for 280 s
+        clock.now += 7.0
+        hub.offer(bar("A", 101 + k))
+        hub.offer(bar("A", 51 + k))
+        served += _served(hub)
+        if served:
+            break
+    assert served and clock.now - t0 <= MAX_HOLD_S + 7.0, (clock.now - t0, served)
+    assert hub.holds == 1

@@ -26,7 +26,7 @@ from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.spill import SpillFile
 from analyzers.sinks.writer import DecisionWriter, WriterStats
-from core.errors import TransientError
+from core.errors import ConfigError, TransientError
 from core.retry import RetryPolicy
 
 RUN = RunInfo("sess", "agent", "backtest", "agents.X", "{}", None)
@@ -690,7 +690,7 @@ def test_a_stuck_write_is_taken_over_by_stop_and_counted_once(tmp_path: Path) ->
         w.submit(record(i))
     stats = w.stop(timeout_s=0.3)  # the thread is stuck in its first write of 4
     assert (stats.written, stats.spilled, stats.rejected) == (0, 10, 0)
-    assert stats.spilled_unsure == 4  # the write in flight may yet land: said, not hidden
+    assert stats.unsure_in_spill == 4  # the write in flight may yet land: said, not hidden
     assert w.stop(timeout_s=0.1).spilled == 10  # a second stop() spills nothing again
     sink.gate.set()  # the hung write goes through now...
     assert sink.wait_calls(1) == [4]
@@ -698,6 +698,38 @@ def test_a_stuck_write_is_taken_over_by_stop_and_counted_once(tmp_path: Path) ->
     assert (w.stats.written, w.stats.spilled) == (0, 10)  # ...and is not counted
     spilled = [r["decision_point"] for r in SpillFile(w.spill_path).read()]
     assert spilled == list(range(10))
+
+
+def test_a_stuck_replay_of_an_earlier_spill_is_named_in_doubt(tmp_path: Path) -> None:
+    """Found by the attack on issue 17: the stop took over while the start-up replay of an
+    earlier run's spill was in flight; those rows were stored later, yet the report said none
+    was in doubt. A replay in flight now counts as a write in flight."""
+    earlier = SpillFile(tmp_path / "spill" / "spill-local.jsonl")
+    earlier.append([to_row(record(i)) for i in range(6)])
+    sink = Flaky(tmp_path / "f.duckdb")
+    sink.gate.clear()  # the replay hangs in the store
+    w = DecisionWriter(sink, batch_size=4, spill_dir=tmp_path / "spill", retry=FAST, max_batch=4)
+    w.start()
+    stats = w.stop(timeout_s=0.3)
+    assert stats.earlier_left == 6 and stats.unsure_in_spill == 4  # the replay write of 4
+    sink.gate.set()
+    w._thread.join(WAIT_S)  # type: ignore[union-attr]
+
+
+def test_a_spill_meant_for_another_store_is_refused_at_start(tmp_path: Path) -> None:
+    """Found by the attack on issue 17: a run with another FMEL_DATASET replayed an earlier
+    run's spill into its own dataset. The spill remembers its destination."""
+    spill_dir = tmp_path / "spill"
+    first = DecisionWriter(Flaky(tmp_path / "a.duckdb"), spill_dir=spill_dir, retry=FAST)
+    first.start()  # notes its destination beside the spill
+    first.stop()
+    SpillFile(spill_dir / "spill-local.jsonl").append([to_row(record(i)) for i in range(3)])
+    other = DecisionWriter(Flaky(tmp_path / "b.duckdb"), spill_dir=spill_dir, retry=FAST)
+    with pytest.raises(ConfigError, match=r"3 decision records .* are for duckdb:.*a\.duckdb"):
+        other.start()
+    same = DecisionWriter(Flaky(tmp_path / "a.duckdb"), spill_dir=spill_dir, retry=FAST)
+    same.start()
+    assert same.stop().replayed == 3 and stored(tmp_path / "a.duckdb") == [0, 1, 2]
 
 
 def test_a_stopping_writer_retries_until_its_budget_is_spent(tmp_path: Path) -> None:

@@ -335,6 +335,11 @@ class BigQuerySink:
                 logger.exception("BigQuery client close failed")
         self._opened = False
 
+    @property
+    def destination(self) -> str:
+        """Where rows go (the table), for a spill file to remember (DecisionWriter)."""
+        return f"bigquery:{self.table_id}"
+
     def describe(self) -> str:
         where = f"bigquery:{self.table_id}"
         if self.config.api_endpoint:

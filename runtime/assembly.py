@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from analyzers.config import FMELConfig
     from analyzers.sinks.bigquery.config import BigQuerySinkConfig
     from runtime.brokers.risk import RiskConfig
+
+logger = logging.getLogger(__name__)
 
 
 def new_session_id() -> str:
@@ -198,12 +201,14 @@ def make_sink(fmel: FMELConfig, bigquery: BigQuerySinkConfig | None) -> Decision
     raise ConfigError(f"FMEL_SINK={fmel.sink}: not wired into this build")
 
 
-def claim_spill_dir(folder: Path) -> SpillDirClaim:
+def claim_spill_dir(folder: Path) -> SpillDirClaim | None:
     """Claim ``FMEL_SPILL_DIR`` for this process (:class:`SpillDirClaim`): one runner or drain
-    per folder, since it holds that process's journal, spill and read position.
+    per folder, since it holds that process's journal, spill and read position. A folder
+    that cannot be written is not refused here: the decision writer's disk-failure rule
+    applies to it (records go straight to the store; the run ends with exit 3); None then.
 
     Raises:
-        ConfigError: another runner or drain holds it, or it cannot be made.
+        ConfigError: another runner or drain holds it.
     """
     try:
         return SpillDirClaim(folder)
@@ -213,7 +218,8 @@ def claim_spill_dir(folder: Path) -> SpillDirClaim:
             "or stop the other first"
         ) from e
     except OSError as e:
-        raise ConfigError(f"FMEL_SPILL_DIR={folder}: cannot be used ({e})") from e
+        logger.warning("FMEL_SPILL_DIR=%s cannot be claimed (%s)", folder, e)
+        return None
 
 
 def make_writer(

@@ -70,7 +70,8 @@ def drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) 
     try:
         return _drain(config, timeout_s=timeout_s, stop=stop)
     finally:
-        claim.release()
+        if claim is not None:
+            claim.release()
 
 
 def _drain(config: AppConfig, *, timeout_s: float | None, stop: threading.Event) -> dict[str, Any]:

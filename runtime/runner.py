@@ -198,7 +198,7 @@ class Runner:
 
     def _build_sink(self) -> None:
         cfg = self.config
-        if self._spill_claim is None:
+        if self._spill_claim is None:  # None again when the folder cannot be written
             self._spill_claim = claim_spill_dir(cfg.fmel.spill_dir)
         self.sink = make_sink(cfg.fmel, cfg.bigquery)
         live = self.live_input

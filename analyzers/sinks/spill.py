@@ -253,6 +253,7 @@ class SpillDirClaim:
     def __init__(self, folder: Path) -> None:
         import fcntl
 
+        self._fd: int | None = None
         self.path = Path(folder) / ".claim"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -266,7 +267,7 @@ class SpillDirClaim:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd: int | None = fd
+        self._fd = fd
 
     def release(self) -> None:
         """Give the folder up (idempotent)."""

@@ -147,6 +147,7 @@ class MessageHandler:
         self.max_bytes = st.max_message_bytes
         self._wall = wall_clock
         self._lock = threading.Lock()
+        self._local = threading.local()  # per pull thread: the last duplicate's bar time
         self._ids: OrderedDict[str, str] = OrderedDict()
         self._max_ids = st.dedup_message_ids
         self._max_times = st.dedup_times_per_symbol
@@ -243,6 +244,7 @@ class MessageHandler:
             else:
                 refused, last = self._accept_locked(bar, data)
         if refused == DUPLICATE:
+            self._local.duplicate_num = bar.dt_num
             self._emit("on_duplicate", sym)
             return DUPLICATE
         if refused is not None:
@@ -397,6 +399,13 @@ class MessageHandler:
                 ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
             )
         return found
+
+    def last_duplicate_num(self) -> float | None:
+        """Bar time (backtrader day number) of the last message this thread's :meth:`handle`
+        answered :data:`DUPLICATE`, so the subscriber can settle the copy with the original's
+        decision. Calling thread only."""
+        num: float | None = getattr(self._local, "duplicate_num", None)
+        return num
 
     def interrupt(self) -> None:
         """End a :meth:`wait_discovery` now (a stop was requested). Any thread."""

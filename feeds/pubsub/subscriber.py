@@ -269,6 +269,8 @@ class PubSubBarSubscriber:
         # the runtime sets it (beside the decision journal) before start().
         self.resume_path: Path | None = None
         self._resumed_through = -math.inf
+        self._acked_num = -math.inf  # decisions through this bar time are on disk (lock)
+        self._copies_waiting: list[tuple[float, PulledMessage]] = []  # (bar time, copy) (lock)
         self._drain_timeout_s: float | None = None
         self._barrier: Callable[[float], bool] | None = None
         self._closed = False
@@ -472,10 +474,21 @@ class PubSubBarSubscriber:
         """Acknowledge every taken bar of the steps up to ``bar_time_posix_s`` (a decision's
         bar time, POSIX seconds): the decisions on them are on disk. Any thread (the decision
         writer's). Returns how many messages were acknowledged."""
-        bars = self.hub.pop_loaded_through(posix_to_bt_num(bar_time_posix_s))
+        num = posix_to_bt_num(bar_time_posix_s)
+        bars = self.hub.pop_loaded_through(num)
         tokens = [b.token for b in bars if b.token is not None]
+        with self._lock:
+            self._acked_num = max(self._acked_num, num)
+            if self._copies_waiting:
+                keep: list[tuple[float, PulledMessage]] = []
+                for n, m in self._copies_waiting:
+                    if n <= num:
+                        tokens.append(m)
+                    else:
+                        keep.append((n, m))
+                self._copies_waiting = keep
         if tokens:
-            through = max(b.dt_num for b in bars)
+            through = max((b.dt_num for b in bars), default=num)
             with self._lock:
                 self.acked += len(tokens)
             if self._ack_thread is not None and self._ack_thread.is_alive():
@@ -752,12 +765,28 @@ class PubSubBarSubscriber:
                 self._held.append(message)
         elif outcome == DUPLICATE and self.durable_acks and self._is_copy(message):
             pass  # settled with the original, once the decision on it is on disk
+        elif outcome == DUPLICATE and self.durable_acks and self._wait_with_original(message):
+            pass  # a copy of a bar not decided yet: acknowledged once its decision is on disk
         elif outcome != DELIVERED or not self.durable_acks:
             batch = getattr(self._batch, "acks", None)
             if batch is None:
                 message.ack()
             else:
                 batch.append(message)  # acknowledged with the rest of its pull, in one call
+
+    def _wait_with_original(self, message: PulledMessage) -> bool:
+        """A copy of a bar (same symbol and bar time, another message id: a publisher's
+        backfill) whose decision is not on disk yet stays leased, and is acknowledged with the
+        decisions through its bar time (:meth:`ack_through`) or returned at close. Found by the
+        CI soak: a runner acknowledged such copies at once while the originals, pulled from a
+        server that then restarted empty, waited for a decision; it was killed, and 31 bar
+        times were lost with both. True when kept (pull thread)."""
+        num = self.handler.last_duplicate_num()
+        with self._lock:
+            if num is None or num <= self._acked_num:
+                return False
+            self._copies_waiting.append((num, message))
+        return True
 
     def _is_copy(self, message: PulledMessage) -> bool:
         with self._lock:

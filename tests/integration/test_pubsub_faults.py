@@ -406,3 +406,36 @@ def test_bars_that_fill_a_gap_are_pulled_although_newer_ones_fill_the_leases(
     strategy = run_live(sub, scenario)
     assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(10, 61)]
     assert sum(sub.hub.late.values()) == 0 and sub.stats()["missing_bars"] == {}
+
+
+def test_a_republished_copy_of_an_undecided_bar_is_settled_with_its_decision(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    """Found by the CI soak: a publisher's backfill republished bars (new message ids) that
+    the runner held undecided; it acknowledged the copies at once as duplicates, then died
+    with the originals lost in an emulator restart: 31 bar times gone. A copy now waits for
+    the decision on its bar time, and goes back to Pub/Sub when there is none."""
+    emu = pubsub_emulator
+    name = deployment()
+    counts: list[int] = []
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(6)])
+        wait_for(lambda: sub.hub.steps >= 6, what="6 steps taken")
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(6)])  # backfill
+        wait_for(lambda: sub.handler.stats.duplicates == 6, what="the 6 copies")
+        # Decisions through bar 2 on disk: bars 0..2 and their copies are acknowledged.
+        counts.append(sub.ack_through((T0 + timedelta(minutes=2)).timestamp()))
+        wait_for(lambda: sub.outstanding == 6, what="6 left leased (bars 3..5 and copies)")
+
+    first = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0),
+        symbols=["AAA"],
+        deployment=name,
+        settings=FAST,
+        durable_acks=True,
+    )
+    first.set_durability_barrier(lambda timeout_s: True)
+    run_live(first, scenario)
+    assert counts == [6]  # bars 0..2 and their 3 copies acknowledged
+    assert first.returned == 6  # bars 3..5 and their copies go back, none acknowledged

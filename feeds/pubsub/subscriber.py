@@ -798,10 +798,10 @@ class PubSubBarSubscriber:
 
         While the hub holds steps (:meth:`BarHub.holding`), the limit is
         ``max_outstanding_held`` (:data:`HELD_PULL_FACTOR` times it) instead: found by the
-        30-minute soak, a restarted runner
-        waiting for the bar times after its resume point leased 1,000 newer bars, stopped
-        pulling, and so never received the older ones queued behind them (the emulator does
-        not deliver in publish order); the bar time was lost when the hold ran out."""
+        30-minute soak, a restarted runner waiting for the bar times after its resume point
+        leased 1,000 newer bars, stopped pulling, and so never received the older ones queued
+        behind them (the emulator does not deliver in publish order); the bar time was lost
+        when the hold ran out."""
         while not self._stop.is_set():
             # Asked outside self._lock: the hub's lock is never taken inside it.
             limit = self.max_outstanding_held if self.hub.holding() else self.max_outstanding

@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +44,7 @@ from analyzers.schema import (
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking import AccessTracker, proxies
 from core.bars import feed_symbol
-from core.time import bt_num_to_posix
+from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
         self._unwrap: list[tuple[Any, str]] = []
+        self._dtline: Any = None
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
         # with a writer and growing buffers, reads are resolved on the writer thread
         # (analyzers.deferred); bars handed over and not known to be resolved yet
@@ -242,6 +244,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 params_json=agent_params_json(strategy),
             )
         self._datas = list(strategy.datas)
+        self._dtline = strategy.lines.datetime  # the bar time of each record
         for data in self._datas:
             self._symbol_of[id(data)] = feed_symbol(data)
         self.tracker.track_strategy(strategy, track_indicators=bool(self.p.track_indicators))
@@ -252,16 +255,19 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._wrap_agent(strategy)
 
     def _wrap_agent(self, strategy: Any) -> None:
-        set_active = proxies.set_active
+        # The flag is flipped by storing the module attribute (no call: these wrappers run
+        # several times a bar).
+        flags = proxies
 
         def tracked(fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
-                was = set_active(True)
+                was = flags.ACTIVE
+                flags.ACTIVE = True
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    set_active(was)
+                    flags.ACTIVE = was
 
             return call
 
@@ -269,11 +275,12 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             # Order construction reads close[0]/datetime[0] itself: not the agent's reads.
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
-                was = set_active(False)
+                was = flags.ACTIVE
+                flags.ACTIVE = False
                 try:
                     result = fn(*args, **kwargs)
                 finally:
-                    set_active(was)
+                    flags.ACTIVE = was
                 self._on_order_call(kind, result, args, kwargs)
                 return result
 
@@ -286,17 +293,23 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             # Only on the main thread: a broker's worker thread must not flip the flag.
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
-                if not proxies.ACTIVE or threading.get_ident() != main:
+                if not flags.ACTIVE or threading.get_ident() != main:
                     return fn(*args, **kwargs)
-                set_active(False)
+                flags.ACTIVE = False
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    set_active(True)
+                    flags.ACTIVE = True
 
             return call
 
         for name in _AGENT_CALLBACKS:
+            # backtrader's own callbacks read nothing (``pass``, or nextstart calling the
+            # wrapped next): left unwrapped, a bar does not pay for notify_fund and the like
+            if name not in vars(strategy) and getattr(type(strategy), name, None) is getattr(
+                bt.Strategy, name, None
+            ):
+                continue
             setattr(strategy, name, tracked(getattr(strategy, name)))
         for name in _ORDER_CALLS:
             setattr(strategy, name, ordering(getattr(strategy, name), name))
@@ -408,22 +421,26 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._record("NEXT")
 
     def _record(self, stage: str) -> None:
+        # Once a bar on the bar loop: kept to plain attribute and tuple work (see
+        # docs/benchmarks.md); the record is built with tuple.__new__ (the namedtuple's own
+        # __new__ is one more Python call), fields in DecisionRecord's order.
         run = self.run_info
         assert run is not None
         tracker = self.tracker
         tracker.sync()
-        reads = tracker.drain() if tracker.reads else []
+        raw = tracker.reads
+        n_reads = len(raw)
         make: Any = DecisionRecord
         data_accessed: Any
         lookaheads: Any
-        if not reads:
+        if not n_reads:
             data_accessed, lookaheads = (), 0
         elif self._defer:
             # hand the raw reads over: resolved on the writer thread (analyzers.deferred)
-            if tracker.stale:
+            if tracker._stale:
                 self._settle()  # earlier bars resolve with the sources they had
                 tracker.refresh()
-            data_accessed = lookaheads = PendingReads(tracker, reads, tracker.capture())
+            data_accessed = lookaheads = PendingReads(tracker, tracker.drain(), tracker.capture())
             pending = self._pending
             pending.append(data_accessed)
             if len(pending) > 4096:
@@ -431,10 +448,14 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     pending.popleft()
             make = DeferredRecord
         else:
-            data_accessed, lookaheads = tracker.resolve(reads)
-        events = self._events
+            data_accessed, lookaheads = tracker.resolve(tracker.drain())
+        events: Any = self._events
         if events:
             self._events = []
+            events = tuple(events)
+            action = _summary(events)
+        else:
+            events, action = (), "HOLD"
         notes = None
         if self._notes:
             notes = json.dumps(self._notes, default=_json_default, sort_keys=True)
@@ -443,23 +464,27 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if reasoning is not None or confidence is not None:
             self._reasoning = self._confidence = None
         broker = self.strategy.broker
-        rec = make(
-            run,
-            self.decisions,
-            time.time(),
-            round(bt_num_to_posix(self.strategy.lines.datetime[0]), 3),
-            stage,
-            _summary(tuple(events)) if events else "HOLD",
-            tuple(events),
-            data_accessed,
-            len(reads),
-            lookaheads,
-            float(self._getvalue()),
-            float(broker.getcash()),
-            self._positions(broker) if (held := self._held) is None else held,
-            reasoning,
-            confidence,
-            notes,
+        held = self._held
+        rec = _tuple_new(
+            make,
+            (
+                run,
+                self.decisions,
+                time.time(),
+                _round_ms((self._dtline[0] - BT_EPOCH_DAYS) * SECONDS_PER_DAY),
+                stage,
+                action,
+                events,
+                data_accessed,
+                n_reads,
+                lookaheads,
+                float(self._getvalue()),
+                float(broker.getcash()),
+                self._positions(broker) if held is None else held,
+                reasoning,
+                confidence,
+                notes,
+            ),
         )
         self.decisions += 1
         if self.writer is not None:
@@ -519,6 +544,19 @@ class _Analysis(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return repr(dict(self))
+
+
+def _round_ms(posix_s: float) -> float:
+    """``round(posix_s, 3)``, exactly (Python's ``round`` to digits goes through decimal text:
+    ~1 us, once a bar): ``rint(x * 1000) / 1000`` is correctly rounded when ``x * 1000`` is far
+    from a half and small enough to be exact to 0.1, as in
+    :func:`analyzers.tracking.columns.round_ms`; anything else is Python's own ``round``."""
+    y = posix_s * 1000.0
+    if y == y and -(2.0**49) < y < 2.0**49:
+        k = float(round(y))
+        if -0.4 < y - k < 0.4:
+            return k / 1000.0 if k else math.copysign(0.0, posix_s)  # round(-0.0001, 3) is -0.0
+    return round(posix_s, 3)
 
 
 def _summary(events: tuple[Action, ...]) -> str:

@@ -14,6 +14,8 @@ Agents: ``sma`` (:class:`agents.sma_cross.SmaCrossAgent`, 3 real daily feeds) an
 Reported per agent and mode (medians over the rounds; peak RSS: the largest):
 
 * time vs plain: wall time of ``cerebro.run()`` plus the writer's final flush, over ``plain``'s.
+* final flush: wall time of ``writer.stop()`` after ``cerebro.run()`` (included in the time
+  above), and how many records the writer had not written when the run ended.
 * main CPU vs plain: CPU time of the main (bar loop) thread (``time.thread_time``) over plain's.
 * added cost per read: (main-thread CPU of the mode - plain's) / reads recorded, microseconds.
 * writer GIL share: (wall of ``fmel+duckdb`` - wall of ``fmel``) / wall of ``plain``: the bar
@@ -115,9 +117,13 @@ def child(mode: str, agent: str, symbols: list[str]) -> dict[str, float]:
         cerebro.addanalyzer(FMELAnalyzer, writer=writer)
     t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     strategy = cerebro.run()[0]
+    t_stop = time.perf_counter()
+    left = 0
     if writer is not None:
+        left = writer.stats.submitted - writer.stats.written  # not written when the run ended
         writer.stop()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    flush = time.perf_counter() - t_stop
     reads = 0
     if mode == "fmel":
         fmel = next(a for a in strategy.analyzers if isinstance(a, FMELAnalyzer))
@@ -128,6 +134,8 @@ def child(mode: str, agent: str, symbols: list[str]) -> dict[str, float]:
         "process_cpu_s": time.process_time() - p0,
         "bars": len(strategy),
         "reads": reads,
+        "flush_s": flush,
+        "left_at_end": left,
         "value": cerebro.broker.getvalue(),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -146,6 +154,8 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
         "reads": reads,
         "plain_bars_s": med("plain", "bars") / plain_wall,
         "writer_share": (med("fmel+duckdb", "wall_s") - med("fmel", "wall_s")) / plain_wall,
+        "flush_s": med("fmel+duckdb", "flush_s"),
+        "left_at_end": med("fmel+duckdb", "left_at_end"),
     }
     for mode, key in (("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
         out[f"time_{key}"] = med(mode, "wall_s") / plain_wall
@@ -162,7 +172,9 @@ def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
     lines = [
         f"**{name}** agent, {s['bars']:.0f} steps, {s['reads']:,.0f} reads "
         f"({s['reads'] / s['bars']:.1f} a step), median of {rounds} interleaved rounds; "
-        f"writer GIL share {s['writer_share']:.3f}",
+        f"writer GIL share {s['writer_share']:.3f}; final flush (fmel+duckdb) "
+        f"{s['flush_s']:.2f} s for {s['left_at_end']:,.0f} records not yet written when the "
+        "run ended",
         "",
         "| mode | bars/s | time vs plain | main-thread CPU vs plain | added main-thread us/read "
         "| peak RSS MB |",

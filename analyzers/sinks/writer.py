@@ -192,7 +192,9 @@ class DecisionWriter:
         self._clock = clock
         self._wait = wait
         self._buf: collections.deque[Item] = collections.deque()
-        self._cond = threading.Condition()
+        # submit() takes the lock itself (a C call); waiting and waking go through the condition
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._stopping = False
         self._stop = threading.Event()  # ends retry waits at once when stopping
         self._flush_wanted = False
@@ -271,7 +273,7 @@ class DecisionWriter:
             SinkError: the writer died on an error that needs a human (see the log).
         """
         cond = self._cond
-        with cond:
+        with self._lock:
             while len(self._buf) >= self.queue_size and not self._stopping:
                 if self._fatal is not None:
                     raise SinkError(f"decision writer stopped: {self._fatal}") from self._fatal

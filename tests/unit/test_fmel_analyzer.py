@@ -162,3 +162,73 @@ def test_rsi_agent_reads_the_feed_field_when_present_else_its_indicator() -> Non
     assert {"rsi", "regime"} <= fields(DATA / "enriched" / "GOOG.csv")
     plain = fields(DATA / "GOOG.csv")
     assert "computed_rsi" in plain and "rsi" not in plain and "regime" not in plain
+
+
+class _CashReader(bt.Strategy):  # type: ignore[misc]
+    """Reads the close in notify_cashvalue (called every bar by backtrader, before next)."""
+
+    def notify_cashvalue(self, cash: float, value: float) -> None:
+        self.seen = self.data.close[0]
+
+
+class _FundMixin:
+    def notify_fund(self, cash: float, value: float, fundvalue: float, shares: float) -> None:
+        self.seen_fund = self.data.high[0]  # type: ignore[attr-defined]
+
+
+class _FundReader(_FundMixin, bt.Strategy):  # type: ignore[misc]
+    pass
+
+
+def _one_feed_run(strategy: type, patch: Any = None) -> Any:
+    cerebro = bt.Cerebro(stdstats=False)
+    cfg = FEEDS[0]
+    cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
+    cerebro.addstrategy(strategy)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    if patch is not None:
+        orig = FMELAnalyzer.start
+
+        def start(self: FMELAnalyzer) -> None:
+            patch(self.strategy)
+            orig(self)
+
+        FMELAnalyzer.start = start  # type: ignore[method-assign]
+        try:
+            return cerebro.run()[0]
+        finally:
+            FMELAnalyzer.start = orig  # type: ignore[method-assign]
+    return cerebro.run()[0]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "field", "patch"),
+    [
+        (_CashReader, "close", None),  # overridden in the agent's class
+        (_FundReader, "high", None),  # overridden in a mixin
+        (  # assigned on the instance
+            bt.Strategy,
+            "low",
+            lambda s: setattr(s, "notify_cashvalue", lambda cash, value: s.data.low[0]),
+        ),
+    ],
+)
+def test_reads_in_notify_callbacks_are_recorded_however_the_agent_defines_them(
+    strategy: type, field: str, patch: Any
+) -> None:
+    s = _one_feed_run(strategy, patch)
+    records = s.analyzers.fmel.records
+    # notify_cashvalue/notify_fund run before next in the same step: the read lands in that
+    # step's record
+    with_reads = [r for r in records if r.reads]
+    assert len(with_reads) >= len(records) - 1
+    fields = {f for r in with_reads for d in r.data_accessed for f in d.fields_accessed}
+    assert fields == {field}
+
+
+def test_backtraders_own_no_op_callbacks_are_not_wrapped() -> None:
+    s = _one_feed_run(_CashReader)
+    assert "notify_cashvalue" in vars(s)  # the agent's: wrapped
+    for name in ("notify_fund", "notify_trade", "notify_order", "notify_timer", "prenext"):
+        assert name not in vars(s), name  # backtrader's ``pass``: left alone
+    assert "next" not in vars(s)  # not overridden by _CashReader either

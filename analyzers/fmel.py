@@ -437,7 +437,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             data_accessed, lookaheads = (), 0
         elif self._defer:
             # hand the raw reads over: resolved on the writer thread (analyzers.deferred)
-            if tracker._stale:
+            if tracker.stale:
                 self._settle()  # earlier bars resolve with the sources they had
                 tracker.refresh()
             data_accessed = lookaheads = PendingReads(tracker, tracker.drain(), tracker.capture())

@@ -180,43 +180,34 @@ class _FundReader(_FundMixin, bt.Strategy):  # type: ignore[misc]
     pass
 
 
-def _one_feed_run(strategy: type, patch: Any = None) -> Any:
+class _AssignedReader(bt.Strategy):  # type: ignore[misc]
+    """Sets its callback on the instance in ``__init__`` (no override in any class)."""
+
+    def __init__(self) -> None:
+        self.notify_cashvalue = lambda cash, value: self.data.low[0]
+
+
+def _one_feed_run(strategy: type) -> Any:
     cerebro = bt.Cerebro(stdstats=False)
     cfg = FEEDS[0]
     cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
     cerebro.addstrategy(strategy)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
-    if patch is not None:
-        orig = FMELAnalyzer.start
-
-        def start(self: FMELAnalyzer) -> None:
-            patch(self.strategy)
-            orig(self)
-
-        FMELAnalyzer.start = start  # type: ignore[method-assign]
-        try:
-            return cerebro.run()[0]
-        finally:
-            FMELAnalyzer.start = orig  # type: ignore[method-assign]
     return cerebro.run()[0]
 
 
 @pytest.mark.parametrize(
-    ("strategy", "field", "patch"),
+    ("strategy", "field"),
     [
-        (_CashReader, "close", None),  # overridden in the agent's class
-        (_FundReader, "high", None),  # overridden in a mixin
-        (  # assigned on the instance
-            bt.Strategy,
-            "low",
-            lambda s: setattr(s, "notify_cashvalue", lambda cash, value: s.data.low[0]),
-        ),
+        (_CashReader, "close"),  # overridden in the agent's class
+        (_FundReader, "high"),  # overridden in a mixin
+        (_AssignedReader, "low"),  # assigned on the instance
     ],
 )
 def test_reads_in_notify_callbacks_are_recorded_however_the_agent_defines_them(
-    strategy: type, field: str, patch: Any
+    strategy: type, field: str
 ) -> None:
-    s = _one_feed_run(strategy, patch)
+    s = _one_feed_run(strategy)
     records = s.analyzers.fmel.records
     # notify_cashvalue/notify_fund run before next in the same step: the read lands in that
     # step's record

@@ -74,6 +74,12 @@ class AccessTracker:
         # bars) and the refresh of the tags' sources
         self.resolve_lock = threading.Lock()
 
+    @property
+    def feed_hashes(self) -> list[Any]:
+        """The data hashes of every feed resolution may use (``None`` for a feed without
+        them), in :meth:`capture` order."""
+        return [hashes for _, hashes in self._captured]
+
     # -- wiring -----------------------------------------------------------------------------
 
     def feed_info(self, feed: Any) -> FeedInfo:

@@ -16,7 +16,14 @@ skipped, logged and counted (:attr:`CSVBars.skipped`). Nothing is silently chang
 
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
 from feeds.csv.feed import HistoricalCSVFeed, feed_class, first_last, make_csv_feed
-from feeds.csv.reader import CSVBars, RowHashes, infer_bar_size, parse_bar_size, read_csv_bars
+from feeds.csv.reader import (
+    CSVBars,
+    RowHashes,
+    infer_bar_size,
+    parse_bar_size,
+    prefetch_hashes,
+    read_csv_bars,
+)
 
 __all__ = [
     "BAR_SIZE_RE",
@@ -29,5 +36,6 @@ __all__ = [
     "infer_bar_size",
     "make_csv_feed",
     "parse_bar_size",
+    "prefetch_hashes",
     "read_csv_bars",
 ]

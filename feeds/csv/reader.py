@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from core.bars import OHLCV, PRICE_FIELDS, bar_hash, bar_hashes, check_bars, field_name
 from core.errors import DataError
+from core.hash_worker import BarHashJob
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
 from feeds.csv.table import RawTable, read_header, read_raw_table
 from feeds.csv.values import NumberStyle, parse_numbers, parse_times, trim
@@ -49,6 +50,9 @@ _DATA_LIKE = re.compile(
 
 
 HASH_BLOCK = 256  # bars hashed together on a miss (RowHashes)
+# Fewer bars than this in all the series of a prefetch: hashed in-thread (starting the helper
+# process costs ~0.2 s of CPU on the other core; hashing costs ~4 us a bar)
+PREFETCH_MIN_BARS = 2_000
 
 
 class RowHashes(Sequence[str]):
@@ -62,7 +66,7 @@ class RowHashes(Sequence[str]):
     the same block at once both compute it and store the same hashes (dict updates under the GIL).
     """
 
-    __slots__ = ("_cache", "_numeric", "_symbol", "_text", "_times")
+    __slots__ = ("_cache", "_job", "_numeric", "_symbol", "_text", "_times")
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class RowHashes(Sequence[str]):
         self._numeric = numeric
         self._text = text
         self._cache: dict[int, str] = {}
+        self._job: tuple[BarHashJob, int] | None = None  # see prefetch_hashes
 
     def __len__(self) -> int:
         return len(self._times)
@@ -107,6 +112,15 @@ class RowHashes(Sequence[str]):
         """Compute the hashes of the block of :data:`HASH_BLOCK` bars holding bar ``i`` at
         once (:func:`core.bars.bar_hashes`: whoever asks for one bar's hash, FMEL's writer,
         asks for its neighbours next); returns bar ``i``'s."""
+        job = self._job
+        if job is not None:
+            self._job = None
+            done = job[0].result(job[1])
+            if done is not None:
+                self._cache.update((j, h) for j, h in enumerate(done) if h is not None)
+                digest = self._cache.get(i)
+                if digest is not None:
+                    return digest
         lo = i - i % HASH_BLOCK
         hi = min(lo + HASH_BLOCK, len(self._times))
         try:
@@ -148,6 +162,30 @@ class RowHashes(Sequence[str]):
 
     def __repr__(self) -> str:
         return f"RowHashes({self._symbol!r}, {len(self)} bars, {len(self._cache)} computed)"
+
+
+def prefetch_hashes(sequences: Sequence[object]) -> BarHashJob | None:
+    """Start hashing, in one helper process (:class:`core.hash_worker.BarHashJob`), every
+    :class:`RowHashes` among ``sequences`` that has computed nothing yet; each collects its
+    hashes on first use. Other sequences are left alone. Returns the job, or ``None`` when
+    there was nothing worth a process (fewer than :data:`PREFETCH_MIN_BARS` bars in all).
+
+    Called by FMEL's analyzer at the start of a backtest whose reads are resolved on the
+    writer's thread. Thread context: before the run, with no other thread using these
+    sequences.
+    """
+    todo: list[RowHashes] = []
+    for h in sequences:
+        if not isinstance(h, RowHashes) or h._cache or h._job is not None:
+            continue
+        if all(h is not t for t in todo):
+            todo.append(h)
+    if sum(len(h) for h in todo) < PREFETCH_MIN_BARS:
+        return None
+    job = BarHashJob([(h._symbol, h._times // 1000, h._numeric, h._text) for h in todo])
+    for k, h in enumerate(todo):
+        h._job = (job, k)
+    return job
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from analyzers.schema import (
     SCHEMA_VERSION,
     DecisionRecord,
     FieldSpec,
+    Position,
     accessed_rows,
     action_rows,
     position_rows,
@@ -63,6 +64,7 @@ _FIELDS_T = _DATA_ACCESS_T.field("fields_accessed").type
 _PATTERNS_T = _DATA_ACCESS_T.field("access_patterns").type
 _ACCESS_T = _PATTERNS_T.value_type
 _TS_T = _ARROW_TYPES["TIMESTAMP"]
+_POSITIONS_T = ARROW_SCHEMA.field("positions").type
 assert [f.name for f in DATA_ACCESS_FIELDS] == [f.name for f in _DATA_ACCESS_T]
 
 
@@ -100,6 +102,22 @@ def _columns_array(cols: Columns) -> pa.Array:
         fields=list(_DATA_ACCESS_T),
     )
     return _list_array(cols.group_offsets, group, _DATA_ACCESSED_T)
+
+
+def _positions(positions: Sequence[tuple[Position, ...]]) -> pa.Array:
+    """The ``positions`` column. Records of bars without a fill share one tuple object (the
+    analyzer keeps it until the next order event): each distinct object is converted once."""
+    first: dict[int, int] = {}
+    uniq: list[tuple[Position, ...]] = []
+    index = np.empty(len(positions), dtype=np.int64)
+    for i, p in enumerate(positions):
+        k = first.get(id(p))
+        if k is None:
+            k = first[id(p)] = len(uniq)
+            uniq.append(p)
+        index[i] = k
+    rows = pa.array([position_rows(p) if p else [] for p in uniq], _POSITIONS_T)
+    return rows if len(uniq) == len(positions) else rows.take(pa.array(index))
 
 
 def _floats(values: Sequence[float | None]) -> pa.Array:
@@ -160,16 +178,26 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
     (runs, dps, tss, bar_times, stages, action, actions, _, reads, _, pvs, cashes, positions,
      reasonings, confidences, notes) = zip(*records, strict=True)  # fmt: skip
     string, int64 = pa.string(), pa.int64()
-    if any(run.decision_scope for run in runs):
-        decision_id = pa.array([r.decision_id for r in records], string)
-    else:  # <session_id>:<decision_point>
-        decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
     n = len(records)
+    run0 = runs[0]
+    one_run = runs.count(run0) == n  # the usual batch: one session's records
+
+    def per_run(name: str) -> pa.Array:
+        if one_run:
+            return pa.array([getattr(run0, name)] * n, string)
+        return pa.array([getattr(run, name) for run in runs], string)
+
+    if any(run.decision_scope for run in ((run0,) if one_run else runs)):
+        decision_id = pa.array([r.decision_id for r in records], string)
+    elif one_run:  # <session_id>:<decision_point>
+        decision_id = pa.array([f"{run0.session_id}:{dp}" for dp in dps], string)
+    else:
+        decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
     columns: dict[str, pa.Array] = {
         "decision_id": decision_id,
-        "session_id": pa.array([run.session_id for run in runs], string),
-        "agent_id": pa.array([run.agent_id for run in runs], string),
-        "mode": pa.array([run.mode for run in runs], string),
+        "session_id": per_run("session_id"),
+        "agent_id": per_run("agent_id"),
+        "mode": per_run("mode"),
         "decision_point": pa.array(dps, int64),
         "ts": pa.array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
         "bar_time": pa.array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
@@ -183,16 +211,14 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
         "lookahead_reads": pa.array([r.lookahead_reads for r in records], int64),
         "portfolio_value": _floats(pvs),
         "portfolio_cash": _floats(cashes),
-        "positions": pa.array(
-            [position_rows(p) if p else [] for p in positions], ARROW_SCHEMA.field("positions").type
-        ),
+        "positions": _positions(positions),
         "reasoning": pa.array(reasonings, string),
         "confidence": _floats(confidences),
         "notes": pa.array(notes, string),
-        "agent_class": pa.array([run.agent_class for run in runs], string),
-        "agent_params": pa.array([run.agent_params for run in runs], string),
-        "agent_source_hash": pa.array([run.agent_source_hash for run in runs], string),
+        "agent_class": per_run("agent_class"),
+        "agent_params": per_run("agent_params"),
+        "agent_source_hash": per_run("agent_source_hash"),
         "schema_version": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int64)),
-        "tracking_gaps": pa.array([run.tracking_gaps for run in runs], string),
+        "tracking_gaps": per_run("tracking_gaps"),
     }
     return pa.Table.from_arrays([columns[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)

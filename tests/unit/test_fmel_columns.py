@@ -168,3 +168,47 @@ def test_the_vectorised_roundings_equal_pythons(times: list[float]) -> None:
     arr = np.array(times, dtype=np.float64)
     assert posix_us_array(arr).tolist() == [posix_us(t) for t in times]
     assert round_ms(arr).tolist() == [round(t, 3) for t in times]
+
+
+def test_a_batch_mixing_runs_and_sharing_positions_converts_each_record() -> None:
+    """Run-level columns and positions are converted once per distinct object: a batch of two
+    sessions, with one positions tuple shared by several records, still gives each record its
+    own values (as :func:`~analyzers.schema.to_row` does)."""
+    from analyzers.schema import Position, RunInfo, to_row
+
+    runs = [
+        RunInfo("s1", "a1", "backtest", "m.A", "{}", "h1"),
+        RunInfo("s2", "a2", "live", "m.B", "{}", None, "[]"),
+    ]
+    held = (Position("AAPL", 3.0, 10.5), Position("MSFT", -1.0, 20.0))
+    positions = [held, (), held, (Position("AAPL", 4.0, 11.0),), held, ()]
+    records = [
+        DecisionRecord(
+            runs[i % 2],
+            i,
+            1.7e9 + i,
+            1.6e9 + i,
+            "NEXT",
+            "HOLD",
+            (),
+            (),
+            0,
+            0,
+            1e5,
+            5e4,
+            p,
+            None,
+            None,
+            None,
+        )
+        for i, p in enumerate(positions)
+    ]
+    got = records_table(records).to_pylist()
+    for rec, row in zip(records, got, strict=True):
+        want = to_row(rec)
+        for key in ("decision_id", "session_id", "agent_id", "mode", "agent_class",
+                    "agent_source_hash", "tracking_gaps", "positions"):  # fmt: skip
+            assert row[key] == want[key], key
+    same_run = records_table(records[::2]).to_pylist()  # one session: the shared path
+    assert [r["positions"] for r in same_run] == [to_row(r)["positions"] for r in records[::2]]
+    assert {r["session_id"] for r in same_run} == {"s1"}

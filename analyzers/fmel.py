@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -265,7 +266,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
         if self.p.gc_freeze:
-            self._froze = _GC_FREEZE.enter()
+            self._froze = _GC_FREEZE.enter(self)
 
     def _wrap_agent(self, strategy: Any) -> None:
         # The flag is flipped by storing the module attribute (no call: these wrappers run
@@ -348,7 +349,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._unwrap.clear()
         if self._froze:
             self._froze = False
-            _GC_FREEZE.leave()
+            _GC_FREEZE.leave(self)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -574,33 +575,64 @@ class _GCFreeze:
     FMEL's bar-loop cost on the SMA-cross benchmark went from +16 % to +7 % of plain backtrader's,
     on the read-heavy one from +20 % to +14 %.
 
-    Only when nothing else froze the heap (``gc.get_freeze_count() == 0``): ``gc.unfreeze()``
-    would undo someone else's freeze. Objects frozen at ``start`` that become garbage during
-    the run are collected after ``stop``. Main thread.
+    Only when nothing else froze the heap (``gc.get_freeze_count() == 0`` at the first
+    ``start``): ``gc.unfreeze()`` would undo someone else's freeze (one made *during* the run,
+    from an agent's code, is undone at ``stop``: the collector cannot tell them apart). A run
+    that raised never reached ``stop``: the next ``start`` finds its analyzers no longer
+    running (their strategy is not among its cerebro's running strategies, or that cerebro's
+    ``runstrategies`` is not on the stack), drops them and, when no one else holds the freeze,
+    unfreezes before freezing again; until then the objects of the failed run stay frozen.
+    Objects frozen at ``start`` that become garbage during the run are collected after
+    ``stop``. Main thread.
     """
 
     def __init__(self) -> None:
-        self.holders = 0
-        self.ours = False
+        self.holders: list[Any] = []  # analyzers between start and stop
+        self.ours = False  # the heap is frozen by us
 
-    def enter(self) -> bool:
-        """Count one more running analyzer; freeze on the first. True: call :meth:`leave`."""
-        if self.holders == 0:
+    def enter(self, analyzer: Any) -> bool:
+        """``analyzer`` starts; freeze on the first. True: call :meth:`leave` at its stop."""
+        if self.holders:
+            running = _running_cerebros()
+            self.holders = [a for a in self.holders if _still_running(a, running)]
+            if not self.holders and self.ours:  # all stale: start over
+                self.ours = False
+                gc.unfreeze()
+        if not self.holders:
             if not gc.isenabled() or gc.get_freeze_count():
                 return False
             gc.freeze()
             self.ours = True
         elif not self.ours:
             return False
-        self.holders += 1
+        self.holders.append(analyzer)
         return True
 
-    def leave(self) -> None:
-        """One analyzer stopped; unfreeze after the last."""
-        self.holders -= 1
-        if self.holders == 0 and self.ours:
+    def leave(self, analyzer: Any) -> None:
+        """``analyzer`` stopped; unfreeze after the last."""
+        self.holders = [a for a in self.holders if a is not analyzer]
+        if not self.holders and self.ours:
             self.ours = False
             gc.unfreeze()
+
+
+def _running_cerebros() -> set[int]:
+    """Ids of the cerebros whose ``runstrategies`` is on this thread's stack."""
+    out: set[int] = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "runstrategies":
+            out.add(id(frame.f_locals.get("self")))
+        frame = frame.f_back  # type: ignore[assignment]
+    return out
+
+
+def _still_running(analyzer: Any, running: set[int]) -> bool:
+    strategy = getattr(analyzer, "strategy", None)
+    cerebro = getattr(strategy, "cerebro", None)
+    if cerebro is None or id(cerebro) not in running:
+        return False
+    return any(s is strategy for s in getattr(cerebro, "runningstrats", ()))
 
 
 _GC_FREEZE = _GCFreeze()

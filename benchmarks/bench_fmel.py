@@ -84,7 +84,9 @@ def _heavy_agent() -> type:
     return ReadHeavyAgent
 
 
-def child(mode: str, agent: str, symbols: list[str]) -> dict[str, float]:
+def child(
+    mode: str, agent: str, symbols: list[str], batch_size: int = 500, max_batch: int | None = None
+) -> dict[str, float]:
     """One run in this process; returns its measurements (JSON-able)."""
     sys.path.insert(0, str(REPO))
     import backtrader as bt
@@ -110,7 +112,9 @@ def child(mode: str, agent: str, symbols: list[str]) -> dict[str, float]:
     elif mode == "fmel+duckdb":
         writer = DecisionWriter(
             LocalDuckDBSink(Path(tmp) / "fmel.duckdb"),
-            batch_size=500,
+            batch_size=batch_size,
+            max_batch=max_batch,
+            queue_size=max(10_000, 2 * batch_size),
             spill_dir=Path(tmp) / "spill",
         )
         writer.start()
@@ -198,10 +202,14 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 above a goal (issue 14)")
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--agent", choices=AGENTS, default="sma")
+    parser.add_argument("--batch-size", type=int, default=500, help="the writer's batch_size")
+    parser.add_argument("--max-batch", type=int, default=None, help="the writer's max_batch")
     args = parser.parse_args()
     symbols = args.symbols.split(",")
     if args.child:
-        sys.stdout.write(json.dumps(child(args.child, args.agent, symbols)))
+        sys.stdout.write(
+            json.dumps(child(args.child, args.agent, symbols, args.batch_size, args.max_batch))
+        )
         return
     agents = args.agents.split(",")
     CHILD = (sys.executable, __file__, "--child")  # noqa: N806
@@ -212,7 +220,9 @@ def main() -> None:
         for agent in agents:
             for mode in MODES:
                 out = subprocess.run(
-                    [*CHILD, mode, "--agent", agent, "--symbols", args.symbols],
+                    [*CHILD, mode, "--agent", agent, "--symbols", args.symbols]
+                    + ["--batch-size", str(args.batch_size)]
+                    + ([] if args.max_batch is None else ["--max-batch", str(args.max_batch)]),
                     capture_output=True,
                     text=True,
                     check=True,

@@ -11,9 +11,11 @@ Reported per agent (``sma``, ``heavy``: the agents of ``bench_fmel.py``) and mod
 
 * main thread: instructions of the bar loop, over plain backtrader's (the cost the run pays
   whatever the machine);
-* other threads: instructions of every other thread in the same window (the decision writer:
+* other threads: instructions of every other thread of the process (the decision writer:
   resolving reads, building Arrow tables, DuckDB's insert), over plain's main thread. Part of
   it runs without the GIL (DuckDB), so it is an upper bound of what competes with the bar loop.
+  The helper process that hashes CSV bars (``core.hash_worker``) is not counted: valgrind does
+  not follow child processes, and it holds no GIL of the run.
 
 Instructions are not time: a cache miss costs more than an add. Use this to decide between two
 versions of the code, and ``bench_fmel.py`` for what a run takes.
@@ -103,12 +105,14 @@ def measure(mode: str, agent: str, out: Path) -> tuple[int, int]:
         stderr=subprocess.DEVNULL,
     )
     main = other = 0
-    # part 2 is the window (part 1: before the first getppid, the last file: after the second)
-    for path in out.glob(f"{prefix.name}.*.2-*"):
+    for path in out.glob(f"{prefix.name}.*"):
         n = _summary(path)
-        if path.name.endswith("-01"):
+        if path.name.endswith(".2-01"):  # the main thread's part 2: the window
             main += n
-        else:
+        elif not path.name.endswith("-01"):
+            # another thread: callgrind dumps the counters of the thread calling getppid only,
+            # so the others' are in the final file (they start after set-up: the writer thread
+            # only waits until the run submits records)
             other += n
     return main, other
 

@@ -339,6 +339,11 @@ class BarHashes:
         """Old hashes are evicted (``maxlen`` was given): an index may stop resolving."""
         return self._maxlen > 0
 
+    @property
+    def source(self) -> Sequence[str] | None:
+        """The sequence of every bar's hash these come from (``source``), or None."""
+        return self._source
+
     def append(self, digest: str) -> None:
         if self._source is not None:
             raise TypeError("BarHashes over a source: call advance(), not append()")

@@ -9,7 +9,9 @@ them when first needed.
 
 The helper process is started with :mod:`subprocess`, not :mod:`multiprocessing`: a spawned
 ``multiprocessing`` child imports the parent's ``__main__`` again, and a user's script without
-an ``if __name__ == "__main__"`` guard would run its backtest a second time. Input and output
+an ``if __name__ == "__main__"`` guard would run its backtest a second time. The command puts
+this project's folder first on the helper's path (a ``core`` package in the working folder
+must not shadow ours). Input and output
 go through files in a private temporary folder (pickle, written and read by this module only).
 
 Whatever goes wrong (no interpreter to start, the process fails, times out or returns the
@@ -41,8 +43,17 @@ logger = logging.getLogger(__name__)
 # Bars hashed together in the helper; a block holding a bar the hash refuses (an infinite
 # value) is left to the caller, whose one-bar path raises the error itself.
 BLOCK = 256
-TIMEOUT_S = 300.0
+# The helper's budget: TIMEOUT_S plus this per bar (it hashes ~100,000 bars a second here);
+# past it the caller hashes in-thread
+TIMEOUT_S = 120.0
+TIMEOUT_PER_BAR_S = 1e-4
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding the ``core`` package
+# The helper's command (``python -c``): this project's ``core`` first on the path, ahead of
+# the working folder (a user's own ``core`` package there must not shadow it).
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from core.hash_worker import main; sys.exit(main(sys.argv[2:]))"
+)
 
 Series = tuple[str, np.ndarray, Mapping[str, np.ndarray], Mapping[str, Sequence[str | None]]]
 """``(symbol, times in int64 microseconds since 1970 UTC, numeric columns, text columns)``:
@@ -85,6 +96,7 @@ class BarHashJob:
 
     def __init__(self, series: Sequence[Series]) -> None:
         self._lengths = [len(s[1]) for s in series]
+        self._timeout_s = TIMEOUT_S + TIMEOUT_PER_BAR_S * sum(self._lengths)
         self._lock = threading.Lock()
         self._results: list[list[str | None]] | None = None
         self._failed = False
@@ -95,20 +107,19 @@ class BarHashJob:
             src = Path(self._dir, "in.pkl")
             with src.open("wb") as f:
                 pickle.dump(list(series), f, protocol=pickle.HIGHEST_PROTOCOL)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, env.get("PYTHONPATH"))))
+            if not sys.executable:  # Python could not tell its own path (embedded)
+                raise OSError("sys.executable is not set")
             with open(Path(self._dir, "stderr"), "wb") as err:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "core.hash_worker", str(src), self._out],
+                    [sys.executable, "-c", _BOOT, _ROOT, str(src), self._out],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
-                    env=env,
                     close_fds=True,
                 )
             self._cleanup.detach()
             self._cleanup = weakref.finalize(self, _cleanup, self._dir, [self._proc])
-        except (OSError, ValueError, pickle.PicklingError) as e:
+        except (OSError, ValueError, TypeError, pickle.PicklingError) as e:
             self._fail(f"cannot start the helper process: {e}")
 
     @property
@@ -118,7 +129,7 @@ class BarHashJob:
     def result(self, k: int) -> list[str | None] | None:
         """Hashes of series ``k`` (``None`` where the helper left a bar to the caller), or
         ``None`` when the helper failed (logged once). Blocks until the helper is done, at
-        most :data:`TIMEOUT_S` seconds, without holding the GIL."""
+        most :data:`TIMEOUT_S` + :data:`TIMEOUT_PER_BAR_S` a bar, without holding the GIL."""
         with self._lock:
             if self._results is None and not self._failed:
                 self._collect()
@@ -128,11 +139,11 @@ class BarHashJob:
         proc = self._proc
         assert proc is not None
         try:
-            code = proc.wait(timeout=TIMEOUT_S)
+            code = proc.wait(timeout=self._timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            self._fail(f"the helper process took more than {TIMEOUT_S:.0f} s")
+            self._fail(f"the helper process took more than {self._timeout_s:.0f} s")
             return
         try:
             if code != 0:
@@ -171,6 +182,7 @@ def main(argv: Sequence[str]) -> int:
     src, dst = argv
     with open(src, "rb") as f:
         series: list[Series] = pickle.load(f)
+    os.unlink(src)  # read: the parent may keep the folder a while
     results = [hash_series(*s) for s in series]
     tmp = dst + ".part"
     with open(tmp, "wb") as f:

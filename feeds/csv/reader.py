@@ -166,16 +166,19 @@ class RowHashes(Sequence[str]):
 
 def prefetch_hashes(sequences: Sequence[object]) -> BarHashJob | None:
     """Start hashing, in one helper process (:class:`core.hash_worker.BarHashJob`), every
-    :class:`RowHashes` among ``sequences`` that has computed nothing yet; each collects its
-    hashes on first use. Other sequences are left alone. Returns the job, or ``None`` when
-    there was nothing worth a process (fewer than :data:`PREFETCH_MIN_BARS` bars in all).
+    :class:`RowHashes` among ``sequences`` (or behind one: a :class:`core.bars.BarHashes`
+    over a ``source``) that has computed nothing yet; each collects its hashes on first use.
+    Other sequences are left alone. Returns the job, or ``None`` when there was nothing worth a
+    process (fewer than :data:`PREFETCH_MIN_BARS` bars in all).
 
     Called by FMEL's analyzer at the start of a backtest whose reads are resolved on the
     writer's thread. Thread context: before the run, with no other thread using these
     sequences.
     """
     todo: list[RowHashes] = []
-    for h in sequences:
+    for seq in sequences:
+        # a feed's BarHashes reads through to its file's RowHashes (feeds.csv.feed)
+        h = getattr(seq, "source", None) or seq
         if not isinstance(h, RowHashes) or h._cache or h._job is not None:
             continue
         if all(h is not t for t in todo):

@@ -107,3 +107,45 @@ def test_a_disabled_collector_is_left_alone(bars: dict[str, CSVBars]) -> None:
     (strategy,) = run(bars)
     assert set(strategy.frozen) == {0}
     assert not gc.isenabled()
+
+
+class Failing(SmaCrossAgent):
+    def next(self) -> None:
+        self.bars = getattr(self, "bars", 0) + 1
+        if self.bars == 200:
+            raise RuntimeError("agent bug")
+        super().next()
+
+
+def test_a_run_that_raised_does_not_leave_the_heap_frozen_past_the_next_run(
+    bars: dict[str, CSVBars],
+) -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Failing)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    with pytest.raises(RuntimeError, match="agent bug"):
+        cerebro.run()
+    # stop() never ran: still frozen; the next run finds the hold stale and starts over
+    (strategy,) = run(bars)
+    assert min(strategy.frozen) > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_run_nested_in_another_keeps_the_outer_freeze(bars: dict[str, CSVBars]) -> None:
+    inner: list[int] = []
+
+    class Outer(Watching):
+        def start(self) -> None:
+            run(bars)  # a whole run inside this one's start: the outer hold is live
+            inner.append(gc.get_freeze_count())
+
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Outer)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    (strategy,) = cerebro.run()
+    assert min(strategy.frozen) > 0
+    assert gc.get_freeze_count() == 0

@@ -62,9 +62,9 @@ def test_small_series_are_hashed_in_thread() -> None:
     assert list(small) == list(bars[0].hashes)[:100]
 
 
-@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false", None, ""])
 def test_a_helper_that_cannot_help_changes_nothing(
-    executable: str,
+    executable: str | None,
     expected: list[list[str]],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -146,9 +146,12 @@ def test_a_refused_bar_still_raises_and_its_neighbours_come_from_the_helper() ->
 
 
 def test_the_helper_runs_without_the_callers_path(tmp_path: Path) -> None:
-    """The helper finds ``core`` whatever the working folder (a user's own one)."""
+    """The helper finds our ``core`` whatever the working folder, even one holding a ``core``
+    package of the user's own (``python -m`` would import that one first)."""
     import os
 
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text("raise ImportError('the user s core')\n")
     here = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -156,3 +159,56 @@ def test_the_helper_runs_without_the_callers_path(tmp_path: Path) -> None:
         assert job.result(0) == hash_series("X", np.arange(3), {"close": np.ones(3)}, {})
     finally:
         os.chdir(here)
+
+
+def test_a_backtest_with_a_writer_hashes_in_the_helper(
+    tmp_path: Path, expected: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the analyzer: the feeds wrap their file's hashes (``BarHashes`` over a
+    ``RowHashes``), the analyzer finds them, one job hashes all three files, and the stored
+    reads carry the in-thread hashes."""
+    import backtrader as bt
+    import duckdb
+
+    import feeds.csv.reader as reader
+    from analyzers.fmel import FMELAnalyzer
+    from analyzers.sinks.duckdb import LocalDuckDBSink
+    from analyzers.sinks.writer import DecisionWriter
+    from feeds.csv import make_csv_feed
+
+    jobs: list[BarHashJob] = []
+
+    class Counted(BarHashJob):
+        def __init__(self, series: list[hash_worker.Series]) -> None:
+            super().__init__(series)
+            jobs.append(self)
+
+    monkeypatch.setattr(reader, "BarHashJob", Counted)
+    bars = _bars()
+    cerebro = bt.Cerebro(stdstats=False)
+    for b in bars:
+        cerebro.adddata(make_csv_feed(CSVFeedConfig(path=b.path, symbol=b.symbol), b))
+
+    class Reader(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            for d in self.datas:
+                d.close[0]
+
+    cerebro.addstrategy(Reader)
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "s")
+    writer.start()
+    cerebro.addanalyzer(FMELAnalyzer, writer=writer)
+    cerebro.run()
+    assert writer.stop(timeout_s=300).written > 0
+    assert len(jobs) == 1 and jobs[0]._lengths == [len(b) for b in bars]
+    assert jobs[0]._results is not None
+    con = duckdb.connect(str(tmp_path / "f.duckdb"), read_only=True)
+    try:
+        stored = con.execute(
+            "SELECT symbol, bar_index, data_hash FROM decision_reads WHERE data_hash IS NOT NULL"
+        ).fetchall()
+    finally:
+        con.close()
+    want = {b.symbol: h for b, h in zip(bars, expected, strict=True)}
+    assert len(stored) > 10_000
+    assert all(h == want[s][i] for s, i, h in stored)

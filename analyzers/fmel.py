@@ -571,9 +571,12 @@ class _GCFreeze:
     older heap CPython runs a full collection, which walks *every* tracked object: backtrader's
     lines and the imported libraries as well as the records. Frozen, the heap that existed at
     ``start`` is skipped by those collections (Python docs, ``gc.freeze``). Measured in
-    main-thread instructions of ``cerebro.run()`` (valgrind, ``benchmarks/bench_instructions.py``):
-    FMEL's bar-loop cost on the SMA-cross benchmark went from +16 % to +7 % of plain backtrader's,
-    on the read-heavy one from +20 % to +14 %.
+    main-thread instructions of ``cerebro.run()`` (valgrind's callgrind, as
+    ``benchmarks/bench_instructions.py`` counts them) with every record still queued at the end
+    (a writer that has fallen behind, as it does in a backtest): FMEL's bar-loop cost went from
+    +16 % to +7 % of plain backtrader's on the SMA-cross benchmark, from +20 % to +14 % on the
+    read-heavy one. With a writer that keeps up, few records survive to a full collection and
+    the difference is within the run-to-run spread (``docs/benchmarks.md``).
 
     Only when nothing else froze the heap (``gc.get_freeze_count() == 0`` at the first
     ``start``): ``gc.unfreeze()`` would undo someone else's freeze (one made *during* the run,

@@ -3,16 +3,16 @@
 Hashing a bar (:func:`core.bars.bar_hashes`) is Python work: about 4 us a bar, most of it the
 shortest ``repr`` of each float. A backtest of 3 daily files of 5,000 bars asks for 15,000 of
 them, on the decision writer's thread, and that thread shares the GIL with the bar loop. A
-:class:`BarHashJob` hands the series to one helper process (``python -m core.hash_worker``)
-that hashes them on the other core while the run goes on; :meth:`BarHashJob.result` collects
-them when first needed.
+:class:`BarHashJob` hands the series to one helper process (:func:`main`) that hashes them on
+the other core while the run goes on; :meth:`BarHashJob.result` collects them when first
+needed.
 
 The helper process is started with :mod:`subprocess`, not :mod:`multiprocessing`: a spawned
 ``multiprocessing`` child imports the parent's ``__main__`` again, and a user's script without
-an ``if __name__ == "__main__"`` guard would run its backtest a second time. The command puts
-this project's folder first on the helper's path (a ``core`` package in the working folder
-must not shadow ours). Input and output
-go through files in a private temporary folder (pickle, written and read by this module only).
+an ``if __name__ == "__main__"`` guard would run its backtest a second time. Its command
+(``python -c``, :data:`_BOOT`) puts this project's folder first on the helper's path: a
+``core`` package in the working folder must not shadow ours. Input and output go through
+files in a private temporary folder (pickle, written and read by this module only).
 
 Whatever goes wrong (no interpreter to start, the process fails, times out or returns the
 wrong number of hashes), :meth:`BarHashJob.result` returns ``None``, logs why once, and the

@@ -190,7 +190,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             lines operations, shifted lines), labelled by where the agent keeps them.
         gc_freeze (bool): move the objects alive at ``start`` to the garbage collector's
             permanent generation (``gc.freeze()``) until ``stop`` (``gc.unfreeze()``), see
-            :class:`_GCFreeze`. Default True.
+            :class:`_GCFreeze`. Default False: with it on, a broker integration test
+            (``test_trade_updates_stream_delivers_without_polling``) failed in two full-suite
+            runs out of two and passed alone; until that is understood it is opt-in.
     """
 
     params = (
@@ -198,7 +200,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         ("run", None),
         ("strict_lookahead", False),
         ("track_indicators", True),
-        ("gc_freeze", True),
+        ("gc_freeze", False),
     )
 
     def __init__(self) -> None:

@@ -1,6 +1,7 @@
-"""The FMEL analyzer freezes the garbage collector's heap during a run (``gc_freeze``) and
-leaves the collector as it found it: unfrozen after the last analyzer stops, untouched when
-something else froze it or the collector is off, and the records are the same either way."""
+"""The FMEL analyzer, asked to (``gc_freeze=True``; off by default), freezes the garbage
+collector's heap during a run and leaves the collector as it found it: unfrozen after the last
+analyzer stops, untouched when something else froze it or the collector is off, and the
+records are the same either way."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def run(bars: dict[str, CSVBars], strategies: int = 1, **params: Any) -> list[An
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     for _ in range(strategies):
         cerebro.addstrategy(Watching)
+    params.setdefault("gc_freeze", True)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", **params)
     return list(cerebro.run())
 
@@ -77,6 +79,16 @@ def test_frozen_during_the_run_and_unfrozen_after(bars: dict[str, CSVBars]) -> N
 
 def test_off_when_asked(bars: dict[str, CSVBars]) -> None:
     (strategy,) = run(bars, gc_freeze=False)
+    assert set(strategy.frozen) == {0}
+
+
+def test_off_by_default(bars: dict[str, CSVBars]) -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Watching)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    (strategy,) = cerebro.run()
     assert set(strategy.frozen) == {0}
 
 
@@ -124,7 +136,7 @@ def test_a_run_that_raised_does_not_leave_the_heap_frozen_past_the_next_run(
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Failing)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     with pytest.raises(RuntimeError, match="agent bug"):
         cerebro.run()
     # stop() never ran: still frozen; the next run finds the hold stale and starts over
@@ -145,7 +157,7 @@ def test_a_run_nested_in_another_keeps_the_outer_freeze(bars: dict[str, CSVBars]
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Outer)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     (strategy,) = cerebro.run()
     assert min(strategy.frozen) > 0
     assert gc.get_freeze_count() == 0

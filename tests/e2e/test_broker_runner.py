@@ -124,9 +124,13 @@ def test_runner_paper_mode_trades_through_alpaca(
     shown = re.search(r"positions (\{.*?\})", stopped[0])
     assert shown is not None
     assert ast.literal_eval(shown.group(1)) == {k: float(v) for k, v in final_positions.items()}
-    # not a vacuous {} == {}: the agent traded both ways (its final position depends on which
-    # bars the emulator delivered before the idle stop)
-    assert {o.side for o in orders} == {"buy", "sell"}
+    # the agent buys only when flat and sells only when long, so its orders alternate from a
+    # buy, and the account holds shares exactly when the last was a buy (how many round trips
+    # depends on how fast fills came back: a cross the agent met while an order was still
+    # pending is skipped, so under load a run may end after a single buy)
+    sides = [o.side for o in sorted(orders, key=lambda o: int(o.client_order_id.rsplit("-", 1)[1]))]
+    assert sides == ["buy", "sell"] * (len(sides) // 2) + ["buy"] * (len(sides) % 2)
+    assert bool(final_positions) == (sides[-1] == "buy")
 
 
 def test_runner_refuses_to_start_when_the_account_cannot_be_read(

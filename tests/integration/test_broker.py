@@ -513,15 +513,19 @@ def test_under_faults_no_order_lost_or_duplicated_positions_equal(seed: int, api
             # polling only: every order event goes through the faulty REST calls
             config=fast_config(server, api, max_attempts=12, use_stream=False),
         )
-        steps = [bars(run, prices) for _ in range(8)]
-        steps.append(
-            lambda: wait_until(
+
+        def all_done() -> None:
+            wait_until(
                 lambda: all(not o.alive() for o in list(run.log.orders.values())),
                 timeout_s=30,
                 what="every order done",
             )
-        )
-        drive(run, steps, timeout_s=60)
+
+        # each bar's orders end before the next bar: a sell sent while the last buy still fills
+        # would, like on Alpaca, be split at the position known then and its opening part
+        # refused as a potential wash trade (a full-suite run under load once did exactly that)
+        steps = [s for _ in range(8) for s in (bars(run, prices), all_done)]
+        drive(run, steps, timeout_s=120)
         posts = [r for r in server.requests if r.method == "POST"]
         assert sum(1 for r in server.requests if r.fault) > 5  # the run went through faults
         # a submit whose answer was lost had landed; its retry met it (422 duplicate) or was
@@ -703,9 +707,12 @@ def test_trade_updates_stream_delivers_without_polling(api: str) -> None:
         )
 
         polls: list[int] = []
+        worker = run.broker._worker
+        connects: list[int] = []
 
         def connected() -> None:  # before the order exists, so the catch-up poll is free
-            wait_until(run.broker._worker.stream_connected.is_set, what="stream connected")
+            wait_until(worker.stream_connected.is_set, what="stream connected")
+            connects.append(worker.stream_connects)
 
         def fill() -> None:
             o = server_order(server, run, "lim")
@@ -714,11 +721,15 @@ def test_trade_updates_stream_delivers_without_polling(api: str) -> None:
             server.fill(o["id"], 1, 98.0)
             wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
             polls.append(server.count_kind("list"))
+            connects.append(worker.stream_connects)
 
         drive(run, [connected, bar(run, "AAPL", 100.0), fill])
         ref = order_of(run, "lim").ref
         assert statuses(run, ref) == ["Submitted", "Accepted", "Partial", "Completed"]
-        assert polls[0] == polls[1]  # no order poll while the fills came in
+        # no order poll while the fills came in, but the one catch-up poll a reconnect makes (in
+        # two full-suite runs of 1,450 tests the client once closed the socket mid-test, cause
+        # unknown; a reconnect is then the documented way back and its poll is expected)
+        assert polls[1] - polls[0] <= connects[1] - connects[0]
         assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(2)}
     assert alpaca_threads() == []
 

@@ -154,6 +154,7 @@ class AlpacaWorker:
         self._stream: Any = None
         self._sse: requests.Response | None = None
         self.stream_connected = threading.Event()
+        self.stream_connects = 0  # times the stream (re)connected (written by its thread only)
         self.failures = 0  # polls failed in a row (read by any thread: health)
 
     @property
@@ -808,6 +809,7 @@ class AlpacaWorker:
                 "trade-updates stream connected; polling every %g s",
                 self.config.stream_poll_interval_s,
             )
+        self.stream_connects += 1
         self.stream_connected.set()
         self._poll_due.set()  # catch up on what happened while it was down
         self._wake.set()

@@ -28,6 +28,18 @@ RUN python -m venv /opt/venv \
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt \
     && python -c "import torch, backtrader, chronos; print('torch', torch.__version__)"
+# FMEL's compiled tracked reads (setup.py, analyzers/tracking/_fastread.c), built where a C
+# compiler can be installed; the runtime stage gets only the module. Debian's gcc/libc6-dev are
+# not pinned: bookworm's security updates replace exact versions (a pin would break the build).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY setup.py /opt/ext/setup.py
+COPY analyzers/tracking/_fastread.c /opt/ext/analyzers/tracking/_fastread.c
+WORKDIR /opt/ext
+RUN python setup.py build_ext --inplace \
+    && python -c "import analyzers.tracking._fastread"
 # Optional: bake a Chronos checkpoint (a Hugging Face id) so pods never download at start.
 RUN mkdir -p /opt/models \
     && if [ -n "${CHRONOS_BAKE}" ]; then \
@@ -62,6 +74,7 @@ COPY core/ core/
 COPY runtime/ runtime/
 COPY feeds/ feeds/
 COPY analyzers/ analyzers/
+COPY --from=builder /opt/ext/analyzers/tracking/_fastread*.so analyzers/tracking/
 COPY agents/ agents/
 COPY data/ data/
 COPY sql/ sql/

@@ -37,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("plain", "fmel", "fmel+duckdb")
+# "-py": the tracked lines' reads in pure Python (proxies.use_compiled(False)), not the C
+# extension the other FMEL modes use
+MODES = ("plain", "fmel-py", "fmel", "fmel+duckdb-py", "fmel+duckdb")
 SYMBOLS = "GOOG,SP500,NASDAQ"
 
 
@@ -51,6 +53,7 @@ def child(mode: str, agent: str) -> None:
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
+    from analyzers.tracking import proxies
     from analyzers.sinks.writer import DecisionWriter
     from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
     from runtime.config import find_csv
@@ -63,6 +66,11 @@ def child(mode: str, agent: str) -> None:
     cerebro.broker.setcash(100_000)
     writer = None
     tmp = Path(tempfile.mkdtemp())
+    if mode.endswith("-py"):
+        proxies.use_compiled(False)
+        mode = mode.removesuffix("-py")
+    elif mode != "plain" and not proxies.COMPILED:
+        sys.exit("the C extension is not built: run make ext")
     if mode == "fmel":
         cerebro.addanalyzer(FMELAnalyzer)
     elif mode == "fmel+duckdb":

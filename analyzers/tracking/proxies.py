@@ -1,9 +1,19 @@
 """The tracked line classes: every read an agent makes goes through them (the hot path).
 
-:data:`ACTIVE` is true only while the agent's own code runs (set by the analyzer)."""
+:data:`ACTIVE` is true only while the agent's own code runs (set by the analyzer).
+
+A line class whose reads are backtrader's own ``LineBuffer.__getitem__`` (data feeds, indicators'
+lines) gets ``__getitem__`` and ``__len__`` compiled in C (``_fastread.c``, built by ``make``):
+the same code as :func:`_plain_getitem` and :func:`_plain_len`, without a Python frame per read.
+When the extension is not built (no C compiler), those two Python functions are used instead
+and one INFO line says so. :func:`use_compiled` switches between them for the classes made
+next (tests and ``benchmarks/bench_reads.py`` compare both).
+"""
 
 from __future__ import annotations
 
+import array
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +45,83 @@ def set_active(value: bool) -> bool:
 _TRACKED_CLASSES: dict[type, type] = {}
 
 
+def _plain_getitem(self: Any, ago: int) -> Any:
+    """``__getitem__`` of a tracked class whose base reads with ``LineBuffer.__getitem__``."""
+    value = self.array[self._idx + ago]
+    if ACTIVE:
+        idx = self._idx
+        pos = idx + ago
+        if pos < 0:  # python indexing wrapped around to the end of the buffer
+            pos += len(self.array)
+        tag = self._fmel
+        tag.out.append((tag.id, ago, 1, pos + self.lencount - 1 - idx, value))
+        if tag.strict:
+            tag.tracker.check_strict()
+    elif ago > 0:
+        self._fmel.tracker.internal_future_read(self, ago)
+    return value
+
+
+def _plain_len(self: Any) -> int:
+    """``__len__`` of every tracked class: a read of the whole line (size 0)."""
+    if ACTIVE:
+        tag = self._fmel
+        tag.out.append((tag.id, 0, 0, self.lencount - 1, None))
+    return self.lencount  # type: ignore[no-any-return]
+
+
+try:
+    from analyzers.tracking import _fastread
+except ImportError:  # not built (no C compiler): the Python functions above
+    _COMPILED: tuple[tuple[Any, Any], tuple[Any, Any]] | None = None
+else:
+    # the buffers backtrader's LineBuffer keeps: array.array, or a deque with exactbars
+    _fastread.init(globals(), _plain_getitem, _plain_len, (array.array, collections.deque, list))
+    # (generic attribute lookup, the instance dict first): see _dict_safe
+    _COMPILED = (_fastread.descriptors(LineBuffer, False), _fastread.descriptors(LineBuffer, True))
+
+# what the compiled reads read from the line itself
+_LINE_ATTRS = ("array", "_idx", "lencount", "_fmel")
+
+
+def _dict_safe(cls: type) -> bool:
+    """True when none of :data:`_LINE_ATTRS` is a data descriptor (a property, a slot) on
+    ``cls``: then an entry in an instance's ``__dict__`` is what ``getattr`` returns (Python's
+    attribute lookup: data descriptors of the class first, then the instance dict), and the
+    compiled reads may look there directly."""
+    for name in _LINE_ATTRS:
+        for klass in cls.__mro__:
+            if name in vars(klass):
+                kind = type(vars(klass)[name])
+                if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
+                    return False
+                break
+    return True
+
+
+COMPILED = _COMPILED is not None  # the C extension is built and importable
+_use_compiled = COMPILED
+_said_pure = False
+
+
+def use_compiled(on: bool) -> bool:
+    """Use the compiled ``__getitem__``/``__len__`` (True) or the Python ones for the tracked
+    classes made from now on; returns the previous setting. Lines already tracked keep theirs.
+
+    Raises:
+        RuntimeError: ``on`` is true and the extension is not built (``make`` builds it).
+    """
+    global _use_compiled
+    if on and _COMPILED is None:
+        raise RuntimeError(
+            "analyzers/tracking/_fastread is not built: run make (it needs a C compiler)"
+        )
+    was, _use_compiled = _use_compiled, on
+    if was != on:
+        _TRACKED_CLASSES.clear()
+    return was
+
+
 def _tracked_class(base: type) -> type:
     """A subclass of the line class ``base`` that reports reads (cached per class)."""
     cls = _TRACKED_CLASSES.get(base)
@@ -47,7 +134,7 @@ def _tracked_class(base: type) -> type:
     plain = base_getitem is LineBuffer.__getitem__
 
     def __getitem__(self: Any, ago: int) -> Any:  # noqa: N807
-        value = self.array[self._idx + ago] if plain else base_getitem(self, ago)
+        value = base_getitem(self, ago)
         if ACTIVE:
             idx = self._idx
             pos = idx + ago
@@ -105,21 +192,28 @@ def _tracked_class(base: type) -> type:
                 tag.tracker.check_strict()
         return values
 
-    def __len__(self: Any) -> int:  # noqa: N807
-        if ACTIVE:
-            tag = self._fmel
-            tag.out.append((tag.id, 0, 0, self.lencount - 1, None))
-        return self.lencount  # type: ignore[no-any-return]
-
+    global _said_pure
+    if _COMPILED is None and not _said_pure:
+        _said_pure = True
+        logger.info(
+            "FMEL reads are tracked in pure Python: the C extension analyzers/tracking/_fastread "
+            "is not built (make builds it; it needs a C compiler)"
+        )
+    getitem: Any = _plain_getitem if plain else __getitem__
+    length: Any = _plain_len
+    if _use_compiled and _COMPILED is not None and issubclass(base, LineBuffer):
+        compiled_getitem, length = _COMPILED[_dict_safe(base)]
+        if plain:
+            getitem = compiled_getitem
     cls = type(base)(
         f"Tracked{base.__name__}",
         (base,),
         {
-            "__getitem__": __getitem__,
+            "__getitem__": getitem,
             "get": get,
             "getzero": getzero,
             "getzeroval": getzeroval,
-            "__len__": __len__,
+            "__len__": length,
             "__module__": __name__,
         },
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from analyzers.tracking import proxies
 from tests.idioms.corpus import CASES
 from tests.idioms.runs import Case, Outcome, run_case
 
@@ -64,3 +65,26 @@ def test_recorded_reads_equal_the_agents_own_log(
         if e[10]:
             want_flagged.setdefault(e[0], set()).add(e[1])
     assert flagged == {t: len(s) for t, s in want_flagged.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_the_compiled_reads_record_what_the_python_ones_do(
+    case: Case, outcomes: dict[str, tuple[Outcome, Outcome]]
+) -> None:
+    """The same run with the tracked classes' pure-Python ``__getitem__``/``__len__``
+    (:func:`analyzers.tracking.proxies.use_compiled`) records the same reads, records and
+    orders as with the compiled ones the other tests use."""
+    assert proxies.COMPILED, "the C extension is not built (make builds it)"
+    _, compiled = _runs(case, outcomes)
+    was = proxies.use_compiled(False)
+    try:
+        pure = run_case(case, fmel=True)
+    finally:
+        proxies.use_compiled(was)
+    assert pure.recorded == compiled.recorded
+    assert [r.reads for r in pure.records] == [r.reads for r in compiled.records]
+    assert [r.lookahead_reads for r in pure.records] == [
+        r.lookahead_reads for r in compiled.records
+    ]
+    assert pure.events == compiled.events
+    assert pure.gaps == compiled.gaps

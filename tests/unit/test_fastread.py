@@ -1,0 +1,201 @@
+"""The compiled tracked reads (``analyzers/tracking/_fastread.c``) against the pure-Python ones
+they replace (:func:`analyzers.tracking.proxies._plain_getitem` and ``_plain_len``).
+
+Any key, buffer and flag: both return the same value or raise the same exception with the same
+message, and append the same raw reads (or report the same internal future read). Whole runs
+are compared in ``test_idiom_corpus.py`` (every corpus agent, records equal)."""
+
+from __future__ import annotations
+
+import array
+import collections
+import operator
+from typing import Any
+
+import numpy as np
+import pytest
+from backtrader.linebuffer import LineBuffer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analyzers.tracking import proxies
+
+
+class StrictError(Exception):
+    pass
+
+
+class Tracker:
+    """What a tag's ``tracker`` is asked: ``check_strict`` (strict mode) and
+    ``internal_future_read`` (backtrader's own read of a future bar)."""
+
+    def __init__(self, log: list[Any], fail_strict: bool) -> None:
+        self.log = log
+        self.fail_strict = fail_strict
+
+    def check_strict(self) -> None:
+        self.log.append("strict")
+        if self.fail_strict:
+            raise StrictError("look-ahead")
+
+    def internal_future_read(self, line: Any, ago: Any) -> None:
+        self.log.append(("future", ago))
+
+
+class Tag:
+    __slots__ = ("id", "out", "strict", "tracker")
+
+    def __init__(self, tid: int, strict: bool, tracker: Tracker) -> None:
+        self.id, self.out, self.strict, self.tracker = tid, [], strict, tracker
+
+
+class WithProperty(LineBuffer):  # type: ignore[misc]
+    """``array`` behind a property that does not return the instance dict's ``array`` entry:
+    the compiled reads must go through the property, as Python's attribute lookup does."""
+
+    @property
+    def array(self) -> Any:
+        buf = self.__dict__["array"]
+        return type(buf)(reversed(buf)) if not isinstance(buf, array.array) else buf[::-1]
+
+    @array.setter
+    def array(self, value: Any) -> None:
+        self.__dict__["array"] = value
+
+
+def _line(base: type, kind: str, values: list[float], idx: int, lencount: int, tag: Tag) -> Any:
+    line = base.__new__(base)
+    line.array = {
+        "array": lambda v: array.array("d", v),
+        "deque": lambda v: collections.deque(v, maxlen=max(len(v), 1)),
+        "list": list,
+    }[kind](values)
+    line._idx = idx
+    line.lencount = lencount
+    line._fmel = tag
+    return line
+
+
+def _call(fn: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(*args)
+    except Exception as e:  # compared by type and message
+        return "raised", (type(e), str(e))
+
+
+keys = st.one_of(
+    st.integers(-30, 30),
+    st.integers(),
+    st.sampled_from([True, False, None, "0", 1.0, -1.5, slice(0, 2), (0,)]),
+    st.integers(-5, 5).map(np.int64),
+)
+
+
+@pytest.fixture(scope="module")
+def classes() -> dict[str, tuple[type, type]]:
+    assert proxies.COMPILED, "the C extension is not built: run make (it needs a C compiler)"
+    out = {}
+    for base in (LineBuffer, WithProperty):
+        was = proxies.use_compiled(True)
+        compiled = proxies._tracked_class(base)
+        proxies.use_compiled(False)
+        pure = proxies._tracked_class(base)
+        proxies.use_compiled(was)
+        out[base.__name__] = (compiled, pure)
+    return out
+
+
+def test_the_classes_differ_as_intended(classes: dict[str, tuple[type, type]]) -> None:
+    compiled, pure = classes["LineBuffer"]
+    assert type(vars(compiled)["__getitem__"]).__name__ == "method_descriptor"
+    assert vars(pure)["__getitem__"] is proxies._plain_getitem
+    assert proxies._dict_safe(LineBuffer) and not proxies._dict_safe(WithProperty)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    base=st.sampled_from(["LineBuffer", "WithProperty"]),
+    kind=st.sampled_from(["array", "deque", "list"]),
+    values=st.lists(st.floats(allow_nan=True), max_size=12),
+    idx=st.integers(-3, 14),
+    lencount=st.integers(0, 40),
+    key=keys,
+    active=st.booleans(),
+    strict=st.booleans(),
+    fail_strict=st.booleans(),
+)
+def test_getitem_and_len_match_python(
+    classes: dict[str, tuple[type, type]],
+    base: str,
+    kind: str,
+    values: list[float],
+    idx: int,
+    lencount: int,
+    key: Any,
+    active: bool,
+    strict: bool,
+    fail_strict: bool,
+) -> None:
+    got = []
+    for cls in classes[base]:
+        log: list[Any] = []
+        tag = Tag(3, strict, Tracker(log, fail_strict))
+        line = _line(cls, kind, values, idx, lencount, tag)
+        was = proxies.set_active(active)
+        try:
+            item = _call(operator.getitem, line, key)  # line[key]
+            length = _call(len, line)
+        finally:
+            proxies.set_active(was)
+        got.append((item, length, tag.out, log))
+    (c_item, c_len, c_out, c_log), (p_item, p_len, p_out, p_log) = got
+    assert c_item[0] == p_item[0]
+    if c_item[0] == "ok":  # same object read from the same buffer (NaN != NaN: compare repr)
+        assert repr(c_item[1]) == repr(p_item[1])
+    else:
+        assert c_item[1] == p_item[1]
+    assert c_len == p_len
+    assert repr(c_out) == repr(p_out)
+    assert [type(x) for r in c_out for x in r] == [type(x) for r in p_out for x in r]
+    assert c_log == p_log
+
+
+def test_a_missing_attribute_raises_as_in_python(classes: dict[str, tuple[type, type]]) -> None:
+    for name in ("array", "_idx", "lencount", "_fmel"):
+        got = []
+        for cls in classes["LineBuffer"]:
+            line = _line(cls, "array", [1.0, 2.0], 1, 2, Tag(0, False, Tracker([], False)))
+            delattr(line, name)
+            was = proxies.set_active(True)
+            try:
+                got.append((_call(lambda line=line: line[0]), _call(len, line)))
+            finally:
+                proxies.set_active(was)
+        assert got[0] == got[1], name
+
+
+def test_use_compiled_refuses_when_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxies, "_COMPILED", None)
+    with pytest.raises(RuntimeError, match="not built"):
+        proxies.use_compiled(True)
+
+
+def test_only_tuples_of_numbers_are_left_to_the_collector(
+    classes: dict[str, tuple[type, type]],
+) -> None:
+    """The compiled reads untrack a raw read that holds only numbers (it cannot be in a
+    cycle); one holding any other object stays tracked, as Python would leave it."""
+    import gc
+
+    compiled, _ = classes["LineBuffer"]
+    inner: list[Any] = []
+    line = _line(compiled, "list", [1.5, inner], 1, 2, Tag(0, False, Tracker([], False)))  # type: ignore[list-item]
+    was = proxies.set_active(True)
+    try:
+        assert line[-1] == 1.5 and line[0] is inner
+        len(line)
+    finally:
+        proxies.set_active(was)
+    number, container, length = line._fmel.out
+    assert not gc.is_tracked(number) and not gc.is_tracked(length)
+    assert gc.is_tracked(container)

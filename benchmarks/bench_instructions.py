@@ -53,8 +53,8 @@ def child(mode: str, agent: str) -> None:
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
-    from analyzers.tracking import proxies
     from analyzers.sinks.writer import DecisionWriter
+    from analyzers.tracking import proxies
     from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
     from runtime.config import find_csv
 

@@ -323,7 +323,75 @@ init(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* unpack(reads) -> (ints, values, is_float): the raw reads of a batch (a list of 5-tuples,
+ * as the tracked classes append them) as columns, in one pass: ``ints`` the bytes of an int64
+ * (n, 4) array (tag id, ago, size, bar index), ``values`` those of a float64 (n,) array (the
+ * value when it is exactly a float, else 0.0), ``is_float`` those of a bool (n,) array.
+ * Ints go through ``__index__`` (numpy ints, bools) as numpy's int64 conversion does; a read
+ * that is not a 5-tuple raises TypeError, an int beyond int64 OverflowError. Any thread, under
+ * the GIL (the decision writer's). */
+static PyObject *
+unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
+{
+    if (!PyList_CheckExact(reads)) {
+        PyErr_SetString(PyExc_TypeError, "unpack() needs a list of raw reads");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(reads);
+    PyObject *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
+    PyObject *vals = ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double))
+                          : NULL;
+    PyObject *isf = vals ? PyBytes_FromStringAndSize(NULL, n) : NULL;
+    if (isf == NULL) {
+        Py_XDECREF(ints);
+        Py_XDECREF(vals);
+        return NULL;
+    }
+    long long *ip = (long long *)PyBytes_AS_STRING(ints);
+    double *vp = (double *)PyBytes_AS_STRING(vals);
+    char *fp = PyBytes_AS_STRING(isf);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(reads, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5) {
+            PyErr_Format(PyExc_TypeError, "raw read %zd is not a 5-tuple", i);
+            goto fail;
+        }
+        for (int k = 0; k < 4; k++) {
+            PyObject *o = PyTuple_GET_ITEM(t, k);
+            long long v;
+            if (PyLong_CheckExact(o)) {
+                v = PyLong_AsLongLong(o);
+            }
+            else {
+                PyObject *ix = PyNumber_Index(o);
+                if (ix == NULL) goto fail;
+                v = PyLong_AsLongLong(ix);
+                Py_DECREF(ix);
+            }
+            if (v == -1 && PyErr_Occurred()) goto fail;
+            ip[4 * i + k] = v;
+        }
+        PyObject *value = PyTuple_GET_ITEM(t, 4);
+        if (PyFloat_CheckExact(value)) {
+            vp[i] = PyFloat_AS_DOUBLE(value);
+            fp[i] = 1;
+        }
+        else {
+            vp[i] = 0.0;
+            fp[i] = 0;
+        }
+    }
+    return Py_BuildValue("(NNN)", ints, vals, isf);
+fail:
+    Py_DECREF(ints);
+    Py_DECREF(vals);
+    Py_DECREF(isf);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"unpack", unpack, METH_O,
+     "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
     {"descriptors", make_descriptors, METH_VARARGS,
      "descriptors(cls, dict_safe) -> (__getitem__, __len__) method descriptors for instances "
      "of cls; dict_safe: read the line's attributes from its instance dict"},

@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from analyzers.tracking.tracker import AccessTracker
 
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+try:
+    from analyzers.tracking import _fastread
+except ImportError:  # not built (no C compiler): numpy does the unpacking
+    _fastread = None  # type: ignore[assignment]
 State = tuple[tuple[int, int, int, int], ...]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -164,6 +171,56 @@ def _offsets(counts: IntArray) -> IntArray:
     return out
 
 
+Unpacked = tuple[IntArray, IntArray, IntArray, IntArray, FloatArray, BoolArray]
+
+
+def _unpack(flat: list[Read]) -> Unpacked:
+    """The raw reads as columns: tag id, ago, size, bar index (int64), the value when it is a
+    float (else 0.0) and whether it is one. One C pass (``_fastread.unpack``) when the
+    extension is built, else one numpy pass per field (:func:`_unpack_py`); the same arrays."""
+    if _fastread is not None:
+        try:
+            ints_b, vals_b, isf_b = _fastread.unpack(flat)
+        except (TypeError, OverflowError):
+            pass  # an odd read: numpy's conversions decide, as without the extension
+        else:
+            ints = np.frombuffer(ints_b, dtype=np.int64).reshape(-1, 4)
+            return (
+                ints[:, 0],
+                ints[:, 1],
+                ints[:, 2],
+                ints[:, 3],
+                np.frombuffer(vals_b, dtype=np.float64),
+                np.frombuffer(isf_b, dtype=np.bool_),
+            )
+    return _unpack_py(flat)
+
+
+def _unpack_py(flat: list[Read]) -> Unpacked:
+    """:func:`_unpack` in Python and numpy."""
+    total = len(flat)
+    # one C pass per field, no object made per read (zip(*flat) makes one iterator per read,
+    # and the garbage collector then walks them all, many times)
+    tid, ago_all, size, index = (
+        np.fromiter(map(operator.itemgetter(i), flat), dtype=np.int64, count=total)
+        for i in range(4)
+    )
+    value_t = list(map(operator.itemgetter(4), flat))
+    types = set(map(type, value_t))
+    if types == {float}:
+        value = np.array(value_t, dtype=np.float64)
+        is_num = np.ones(total, dtype=bool)
+    elif types <= {float, type(None)}:  # len() reads carry None
+        obj = np.array(value_t, dtype=object)
+        is_num = np.asarray(obj != None, dtype=bool)  # noqa: E711 (elementwise)
+        obj[~is_num] = 0.0
+        value = obj.astype(np.float64)
+    else:  # text somewhere: those bars take the per-read path
+        is_num = np.fromiter((v.__class__ is float for v in value_t), dtype=bool, count=total)
+        value = np.array([v if f else 0.0 for v, f in zip(value_t, is_num, strict=True)])
+    return tid, ago_all, size, index, value, is_num
+
+
 def resolve_columns(
     tracker: AccessTracker, bars: Sequence[tuple[list[Read], State]]
 ) -> Columns | None:
@@ -210,27 +267,8 @@ def resolve_columns(
     if total == 0:
         return None
     flat = list(itertools.chain.from_iterable(r for r, _ in bars))
-
-    # one C pass per field, no object made per read (zip(*flat) makes one iterator per read,
-    # and the garbage collector then walks them all, many times)
-    tid, ago_all, size, index = (
-        np.fromiter(map(operator.itemgetter(i), flat), dtype=np.int64, count=total)
-        for i in range(4)
-    )
-    value_t = list(map(operator.itemgetter(4), flat))
+    tid, ago_all, size, index, value, is_num = _unpack(flat)
     del flat
-    types = set(map(type, value_t))
-    if types == {float}:
-        value = np.array(value_t, dtype=np.float64)
-        is_num = np.ones(total, dtype=bool)
-    elif types <= {float, type(None)}:  # len() reads carry None
-        obj = np.array(value_t, dtype=object)
-        is_num = np.asarray(obj != None, dtype=bool)  # noqa: E711 (elementwise)
-        obj[~is_num] = 0.0
-        value = obj.astype(np.float64)
-    else:  # text somewhere: those bars take the per-read path
-        is_num = np.fromiter((v.__class__ is float for v in value_t), dtype=bool, count=total)
-        value = np.array([v if f else 0.0 for v, f in zip(value_t, is_num, strict=True)])
     counts = size == 0
     value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
     bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)

@@ -199,3 +199,64 @@ def test_only_tuples_of_numbers_are_left_to_the_collector(
     number, container, length = line._fmel.out
     assert not gc.is_tracked(number) and not gc.is_tracked(length)
     assert gc.is_tracked(container)
+
+
+class _Float(float):
+    pass
+
+
+_ints = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.integers(-1000, 1000).map(np.int64),
+)
+_raw_reads = st.lists(
+    st.tuples(
+        _ints,
+        _ints,
+        _ints,
+        _ints,
+        st.one_of(
+            st.floats(),
+            st.none(),
+            st.text(max_size=3),
+            st.floats(allow_nan=False).map(_Float),
+            st.integers(-5, 5),
+        ),
+    ),
+    max_size=40,
+)
+
+
+def _outcome(fn: Any, reads: list[Any]) -> Any:
+    try:
+        return [np.asarray(a) for a in fn(reads)]
+    except Exception as e:
+        return (type(e), str(e))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    reads=st.one_of(
+        _raw_reads,
+        # odd ones: beyond int64, not 5 long
+        _raw_reads.map(lambda r: [*r, (2**64, 0, 1, 0, 1.0)]),
+        _raw_reads.map(lambda r: [*r, (0, 1, 0, 1.0)]),
+    )
+)
+def test_the_compiled_unpack_gives_numpys_columns(reads: list[Any]) -> None:
+    """``columns._unpack`` (``_fastread.unpack`` when built) against the numpy version: the
+    same arrays, or the same error when numpy refuses."""
+    from analyzers.tracking import columns
+
+    assert columns._fastread is not None, "the C extension is not built"
+    if all(len(r) == 5 and all(-(2**63) <= int(x) < 2**63 for x in r[:4]) for r in reads):
+        columns._fastread.unpack(reads)  # no fallback: the C pass takes every valid read
+    got, want = _outcome(columns._unpack, reads), _outcome(columns._unpack_py, reads)
+    if isinstance(want, tuple):
+        assert got == want
+        return
+    assert not isinstance(got, tuple), got
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(g, w, equal_nan=True)

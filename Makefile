@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # FMEL's compiled tracked reads (setup.py); without a C compiler FMEL uses the Python ones
-FASTREAD := analyzers/tracking/_fastread$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+FASTREAD := analyzers/tracking/_fastread$(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
 .PHONY: ext run test test-fast lint typecheck layers docs pytest side-venvs chromium bench bench-check clean
 
@@ -23,8 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 # A failed build is not fatal here (the Python reads are used, and a log line says so); the test
 # suite checks the extension is built (tests/unit/test_fastread.py).
 $(FASTREAD): analyzers/tracking/_fastread.c setup.py $(STAMP)
-	$(PY) setup.py --quiet build_ext --inplace --force \
-		&& touch $@ || echo "C extension not built: FMEL tracks reads in Python"
+	$(PY) setup.py --quiet build_ext --inplace --force && touch $@ \
+		|| (rm -f $@; echo "C extension not built: FMEL tracks reads in Python")
 
 ext: $(FASTREAD)
 

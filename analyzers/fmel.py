@@ -190,9 +190,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             lines operations, shifted lines), labelled by where the agent keeps them.
         gc_freeze (bool): move the objects alive at ``start`` to the garbage collector's
             permanent generation (``gc.freeze()``) until ``stop`` (``gc.unfreeze()``), see
-            :class:`_GCFreeze`. Default False: with it on, a broker integration test
-            (``test_trade_updates_stream_delivers_without_polling``) failed in two full-suite
-            runs out of two and passed alone; until that is understood it is opt-in.
+            :class:`_GCFreeze`. Default False: with the real writer its gain is within the
+            run-to-run spread (``docs/benchmarks.md``). (It was made opt-in when broker tests
+            failed in full-suite runs with it on; they failed with it off too: the tests raced
+            the fake Alpaca's fills, fixed since.)
     """
 
     params = (

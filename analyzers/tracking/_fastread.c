@@ -1,7 +1,7 @@
 /* The compiled hot path of FMEL's tracked line reads (see analyzers/tracking/proxies.py).
  *
- * ``__getitem__`` and ``__len__`` of a tracked backtrader ``LineBuffer`` subclass, doing exactly
- * what the pure-Python ``_plain_getitem`` and ``_plain_len`` of proxies.py do:
+ * ``__getitem__`` and ``__len__`` of a tracked backtrader ``LineBuffer`` subclass, doing what
+ * the pure-Python ``_plain_getitem`` and ``_plain_len`` of proxies.py do, in the same order:
  *
  *   value = self.array[self._idx + ago]
  *   if ACTIVE:                                   # the proxies module's global
@@ -10,110 +10,140 @@
  *       tag.out.append((tag.id, ago, 1, pos + self.lencount - 1 - self._idx, value))
  *       if tag.strict: tag.tracker.check_strict()
  *   elif ago > 0:
- *       self._fmel.tracker.internal_future_read(self, ago)
+ *       self._fmel.tracker.internal_future_read(self, ago, depth=1)   # no frame of its own
  *   return value
  *
- * Any key that is not an exact int, an ``_idx`` that is not one, or an index that does not fit
- * a C ssize_t goes to the Python function given to ``init``, so errors and odd keys behave as in
- * Python. Main thread only (backtrader's), under the GIL. Built by ``make`` (setup.py).
+ * The line's attributes are read from its instance dict (proxies._dict_safe decides which
+ * classes get these methods: none of the names is a property or slot there). Anything else
+ * goes to the Python functions given to ``init``, before anything was read or recorded, so
+ * results and errors are Python's: a key that is not an exact int, ``_idx`` not an int, an
+ * index beyond a C ssize_t, a buffer not of the fast types, an attribute missing from the
+ * dict, a class with its own attribute lookup, keyword or extra arguments, and an ``ACTIVE``
+ * that is not exactly True or False (the tail after the value is read: ``_plain_tail``).
+ * Numbers other than exact small ints (a float ``lencount``, a big int) are computed with
+ * Python's number protocol. Main thread only (backtrader's), under the GIL.
  *
- * Why C: a Python-level ``__getitem__`` costs a frame per read; these reads are the bar loop's
- * most frequent operation (benchmarks/bench_reads.py measures both implementations). */
+ * Also ``unpack``: a batch's raw reads as columns, for the decision writer (any thread).
+ *
+ * Why C: a Python-level ``__getitem__`` costs a frame per read, and these reads are the bar
+ * loop's most frequent operation (docs/benchmarks.md, benchmarks/bench_instructions.py).
+ * Built by ``make`` (setup.py); tests/unit/test_fastread.py compares it with the Python. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 static PyObject *g_globals = NULL;        /* proxies.__dict__: ACTIVE is read there per call */
 static PyObject *g_fallback = NULL;       /* proxies._plain_getitem */
+static PyObject *g_tail = NULL;           /* proxies._plain_tail */
 static PyObject *g_len_fallback = NULL;   /* proxies._plain_len */
 static PyObject *g_fast_types = NULL;     /* buffer types indexed in C: (array, deque, list) */
 static PyObject *s_ACTIVE, *s_array, *s__idx, *s_lencount, *s__fmel, *s_out, *s_id, *s_strict,
     *s_tracker, *s_check_strict, *s_internal_future_read, *s_append;
 static PyObject *k_zero, *k_one;
 
-/* self.<name> as a new reference. With ``dict`` (the instance's own, given only for classes
- * where none of the names read here is a data descriptor: see proxies._dict_safe), an entry
- * there is what generic attribute lookup returns, without its walk of the class's MRO. */
+/* self.<name> from the instance dict (a new reference): for the classes this module serves
+ * (proxies._dict_safe: none of these names is a data descriptor on the class, and attribute
+ * lookup is object's own), an entry there is what ``self.<name>`` returns, and reading it has no
+ * side effect. Not there: generic lookup (AttributeError, or the class's ``__getattr__``). */
 static inline PyObject *
 attr(PyObject *self, PyObject *dict, PyObject *name)
 {
-    if (dict != NULL) {
-        PyObject *v = PyDict_GetItemWithError(dict, name);
-        if (v != NULL) return Py_NewRef(v);
-        if (PyErr_Occurred()) return NULL;
-    }
+    PyObject *v = PyDict_GetItemWithError(dict, name);
+    if (v != NULL) return Py_NewRef(v);
+    if (PyErr_Occurred()) return NULL;
     return PyObject_GetAttr(self, name);
 }
 
-/* the instance dict when the fast path may use it, else NULL (no error) */
+/* the instance dict (new reference), or NULL without an error when the class looks attributes
+ * up in its own way (then the Python version runs instead) */
 static inline PyObject *
-instance_dict(PyObject *self, int fast)
+instance_dict(PyObject *self)
 {
-    if (!fast || Py_TYPE(self)->tp_getattro != PyObject_GenericGetAttr) return NULL;
+    if (Py_TYPE(self)->tp_getattro != PyObject_GenericGetAttr) return NULL;
     PyObject *d = PyObject_GenericGetDict(self, NULL);
     if (d == NULL) PyErr_Clear();
     return d;
 }
 
-/* 1 when ACTIVE is true, 0 when false, -1 on error */
+/* ACTIVE: 1 when it is True, 0 when False, 2 anything else or missing (the Python version
+ * then decides: truth test, builtins), -1 on error */
 static int
-is_active(void)
+active_state(void)
 {
     PyObject *active = PyDict_GetItemWithError(g_globals, s_ACTIVE);
     if (active == Py_True) return 1;
     if (active == Py_False) return 0;
-    if (active == NULL) {
-        if (PyErr_Occurred()) return -1;
-        PyErr_SetString(PyExc_NameError, "name 'ACTIVE' is not defined");
-        return -1;
-    }
-    return PyObject_IsTrue(active);
+    if (active == NULL && PyErr_Occurred()) return -1;
+    return 2;
 }
 
-/* tag.out.append((tag.id, ago, size, bar, value)); with ``check``, also
- * ``if tag.strict: tag.tracker.check_strict()`` (a value read, not a len()) */
+/* ``pos + lencount - 1 - idx`` (``lencount - 1`` for a len()), evaluated as Python does:
+ * C arithmetic for ints far from overflow, else the number protocol (floats, big ints,
+ * numpy ints give what Python gives; a str raises the same TypeError) */
+static PyObject *
+bar_index(Py_ssize_t pos, PyObject *lencount, Py_ssize_t idx, int is_len)
+{
+    const long long lim = 1LL << 60;
+    if (PyLong_CheckExact(lencount)) {
+        int overflow = 0;
+        long long lc = PyLong_AsLongLongAndOverflow(lencount, &overflow);
+        if (!overflow && lc > -lim && lc < lim && pos > -lim && pos < lim && idx > -lim &&
+            idx < lim) {
+            return PyLong_FromLongLong(is_len ? lc - 1 : (long long)pos + lc - 1 - idx);
+        }
+        PyErr_Clear();
+    }
+    if (is_len) return PyNumber_Subtract(lencount, k_one);
+    PyObject *p = PyLong_FromSsize_t(pos);
+    PyObject *a = p ? PyNumber_Add(p, lencount) : NULL;
+    Py_XDECREF(p);
+    PyObject *b = a ? PyNumber_Subtract(a, k_one) : NULL;
+    Py_XDECREF(a);
+    PyObject *i = b ? PyLong_FromSsize_t(idx) : NULL;
+    PyObject *c = i ? PyNumber_Subtract(b, i) : NULL;
+    Py_XDECREF(b);
+    Py_XDECREF(i);
+    return c;
+}
+
+/* The recording part, in Python's order of evaluation:
+ *   tag = self._fmel; tag.out.append((tag.id, ago, size, <bar_index>, value))
+ *   and for a value read: if tag.strict: tag.tracker.check_strict() */
 static int
-record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t bar_from_pos,
-       PyObject *value, int check)
+record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t pos,
+       Py_ssize_t idx, PyObject *value, int is_len)
 {
     PyObject *tag = attr(self, dict, s__fmel);
     if (tag == NULL) return -1;
+    PyObject *id = NULL, *lencount = NULL, *bar = NULL, *t = NULL, *append = NULL;
+    int rc = -1;
     PyObject *out = PyObject_GetAttr(tag, s_out);
-    PyObject *id = out ? PyObject_GetAttr(tag, s_id) : NULL;
-    PyObject *bar = id ? PyLong_FromSsize_t(bar_from_pos) : NULL;
-    PyObject *t = bar ? PyTuple_New(5) : NULL;
-    if (t == NULL) {
-        Py_XDECREF(out);
-        Py_XDECREF(id);
-        Py_XDECREF(bar);
-        Py_DECREF(tag);
-        return -1;
-    }
-    Py_INCREF(ago);
-    Py_INCREF(size);
-    Py_INCREF(value);
-    PyTuple_SET_ITEM(t, 0, id);
-    PyTuple_SET_ITEM(t, 1, ago);
-    PyTuple_SET_ITEM(t, 2, size);
-    PyTuple_SET_ITEM(t, 3, bar);
-    PyTuple_SET_ITEM(t, 4, value);
-    if (PyLong_CheckExact(ago) && (PyFloat_CheckExact(value) || value == Py_None)) {
-        /* numbers only (id, size and bar are ints too): it can never be part of a cycle, so
-         * the collector need not walk it; it would untrack it at its first pass anyway
-         * (_PyTuple_MaybeUntrack), after walking it once */
+    if (out == NULL) goto done;
+    if (!PyList_CheckExact(out) && (append = PyObject_GetAttr(out, s_append)) == NULL) goto done;
+    if ((id = PyObject_GetAttr(tag, s_id)) == NULL) goto done;
+    if ((lencount = attr(self, dict, s_lencount)) == NULL) goto done;
+    if ((bar = bar_index(pos, lencount, idx, is_len)) == NULL) goto done;
+    if ((t = PyTuple_New(5)) == NULL) goto done;
+    PyTuple_SET_ITEM(t, 0, Py_NewRef(id));
+    PyTuple_SET_ITEM(t, 1, Py_NewRef(ago));
+    PyTuple_SET_ITEM(t, 2, Py_NewRef(size));
+    PyTuple_SET_ITEM(t, 3, Py_NewRef(bar));
+    PyTuple_SET_ITEM(t, 4, Py_NewRef(value));
+    if (PyLong_CheckExact(id) && PyLong_CheckExact(ago) && PyLong_CheckExact(bar) &&
+        (PyFloat_CheckExact(value) || value == Py_None)) {
+        /* numbers only (size is an int too): it can never be part of a cycle, so the
+         * collector need not walk it (it would untrack it at its first pass anyway,
+         * _PyTuple_MaybeUntrack, after walking it once) */
         PyObject_GC_UnTrack(t);
     }
-    int rc;
-    if (PyList_CheckExact(out)) {
+    if (append == NULL) {
         rc = PyList_Append(out, t);
     }
     else {
-        PyObject *res = PyObject_CallMethodOneArg(out, s_append, t);
+        PyObject *res = PyObject_CallOneArg(append, t);
         rc = res ? 0 : -1;
         Py_XDECREF(res);
     }
-    Py_DECREF(t);
-    Py_DECREF(out);
-    if (rc == 0 && check) {
+    if (rc == 0 && !is_len) {
         PyObject *strict = PyObject_GetAttr(tag, s_strict);
         int st = strict ? PyObject_IsTrue(strict) : -1;
         Py_XDECREF(strict);
@@ -128,6 +158,13 @@ record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t
             Py_XDECREF(res);
         }
     }
+done:
+    Py_XDECREF(t);
+    Py_XDECREF(bar);
+    Py_XDECREF(lencount);
+    Py_XDECREF(id);
+    Py_XDECREF(append);
+    Py_XDECREF(out);
     Py_DECREF(tag);
     return rc;
 }
@@ -144,164 +181,140 @@ fast_type(PyObject *arr)
     return 0;
 }
 
+/* func(self, *args, **kwargs) from a vectorcall's arguments */
 static PyObject *
-fallback(PyObject *func, PyObject *self, PyObject *key)
+delegate(PyObject *func, PyObject *self, PyObject *const *args, size_t nargsf,
+         PyObject *kwnames)
 {
-    PyObject *args[2] = {self, key};
-    return PyObject_Vectorcall(func, args, key ? 2 : 1, NULL);
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *small[8];
+    PyObject **stack = small;
+    if (nargs + nkw + 1 > 8) {
+        stack = PyMem_Malloc((nargs + nkw + 1) * sizeof(PyObject *));
+        if (stack == NULL) return PyErr_NoMemory();
+    }
+    stack[0] = self;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++) stack[i + 1] = args[i];
+    PyObject *res = PyObject_Vectorcall(func, stack, nargs + 1, kwnames);
+    if (stack != small) PyMem_Free(stack);
+    return res;
 }
 
-static inline PyObject *
-getitem_impl(PyObject *self, PyObject *const *args, Py_ssize_t nargs, int fast)
+/* the tail of _plain_getitem, once the value is read (proxies._plain_tail) */
+static PyObject *
+tail(PyObject *self, PyObject *key, PyObject *value)
 {
-    if (nargs != 1) {
-        PyErr_Format(PyExc_TypeError, "__getitem__ expected 1 argument, got %zd", nargs);
-        return NULL;
+    PyObject *args[3] = {self, key, value};
+    return PyObject_Vectorcall(g_tail, args, 3, NULL);
+}
+
+static PyObject *
+tracked_getitem(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 1 || !PyLong_CheckExact(args[0])) {
+        return delegate(g_fallback, self, args, nargsf, kwnames);
     }
     PyObject *key = args[0];
-    if (!PyLong_CheckExact(key)) return fallback(g_fallback, self, key);
     Py_ssize_t ago = PyLong_AsSsize_t(key);
     if (ago == -1 && PyErr_Occurred()) {
         PyErr_Clear();
-        return fallback(g_fallback, self, key);
+        return delegate(g_fallback, self, args, nargsf, NULL);
     }
-    PyObject *dict = instance_dict(self, fast);
-    /* Python evaluates self.array before self._idx: so do we (same error when both lack) */
-    PyObject *arr = attr(self, dict, s_array);
-    if (arr == NULL) {
-        Py_XDECREF(dict);
-        return NULL;
-    }
-    PyObject *idxo = attr(self, dict, s__idx);
-    if (idxo == NULL) {
-        Py_XDECREF(dict);
-        Py_DECREF(arr);
-        return NULL;
-    }
-    Py_ssize_t idx = PyLong_CheckExact(idxo) ? PyLong_AsSsize_t(idxo) : -1;
-    int odd = !PyLong_CheckExact(idxo) || (idx == -1 && PyErr_Occurred()) ||
-              (ago > 0 && idx > PY_SSIZE_T_MAX - ago) ||
-              (ago < 0 && idx < PY_SSIZE_T_MIN - ago) || !fast_type(arr);
-    Py_DECREF(idxo);
-    if (odd) {
+    PyObject *dict = instance_dict(self);
+    if (dict == NULL) return delegate(g_fallback, self, args, nargsf, NULL);
+    /* value = self.array[self._idx + ago]: anything unusual goes to Python, which reads the
+     * same entries again (reading the dict has no side effect) */
+    PyObject *arr = PyDict_GetItemWithError(dict, s_array);
+    PyObject *idxo = arr ? PyDict_GetItemWithError(dict, s__idx) : NULL;
+    Py_ssize_t idx = (idxo && PyLong_CheckExact(idxo)) ? PyLong_AsSsize_t(idxo) : -1;
+    if (idxo == NULL || !PyLong_CheckExact(idxo) || (idx == -1 && PyErr_Occurred()) ||
+        (ago > 0 && idx > PY_SSIZE_T_MAX - ago) || (ago < 0 && idx < PY_SSIZE_T_MIN - ago) ||
+        !fast_type(arr)) {
         PyErr_Clear();
-        Py_XDECREF(dict);
-        Py_DECREF(arr);
-        return fallback(g_fallback, self, key);
+        Py_DECREF(dict);
+        return delegate(g_fallback, self, args, nargsf, NULL);
     }
+    Py_INCREF(arr);
     Py_ssize_t pos = idx + ago;
     PyObject *value = PySequence_GetItem(arr, pos); /* negative: + len, as Python indexing */
-    if (value == NULL) {
-        Py_XDECREF(dict);
+    if (value == NULL) goto fail;
+    int state = active_state();
+    if (state == 2) {
         Py_DECREF(arr);
-        return NULL;
+        Py_DECREF(dict);
+        PyObject *res = tail(self, key, value);
+        Py_DECREF(value);
+        return res;
     }
-    int active = is_active();
-    if (active > 0) {
+    if (state < 0) goto fail;
+    if (state == 1) {
         if (pos < 0) {
             Py_ssize_t n = PyObject_Length(arr);
             if (n < 0) goto fail;
             pos += n;
         }
-        PyObject *lco = attr(self, dict, s_lencount);
-        if (lco == NULL) goto fail;
-        Py_ssize_t lc = PyLong_AsSsize_t(lco);
-        Py_DECREF(lco);
-        if (lc == -1 && PyErr_Occurred()) goto fail;
-        if (record(self, dict, key, k_one, pos + lc - 1 - idx, value, 1) < 0) goto fail;
-    }
-    else if (active < 0) {
-        goto fail;
+        if (record(self, dict, key, k_one, pos, idx, value, 0) < 0) goto fail;
     }
     else if (ago > 0) {
+        /* self._fmel.tracker.internal_future_read(self, ago, depth=1): the reader is the
+         * caller's frame (this function has none; the Python version passes 2) */
         PyObject *tag = attr(self, dict, s__fmel);
         PyObject *tracker = tag ? PyObject_GetAttr(tag, s_tracker) : NULL;
         Py_XDECREF(tag);
         PyObject *res = tracker ? PyObject_CallMethodObjArgs(
-                                      tracker, s_internal_future_read, self, key, NULL)
+                                      tracker, s_internal_future_read, self, key, k_one, NULL)
                                 : NULL;
         Py_XDECREF(tracker);
         if (res == NULL) goto fail;
         Py_DECREF(res);
     }
-    Py_XDECREF(dict);
+    Py_DECREF(dict);
     Py_DECREF(arr);
     return value;
 fail:
-    Py_XDECREF(dict);
+    Py_DECREF(dict);
     Py_DECREF(arr);
-    Py_DECREF(value);
+    Py_XDECREF(value);
     return NULL;
 }
 
 static PyObject *
-getitem_fast(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+tracked_len(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    return getitem_impl(self, args, nargs, 1);
-}
-
-static PyObject *
-getitem_generic(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    return getitem_impl(self, args, nargs, 0);
-}
-
-static inline PyObject *
-len_impl(PyObject *self, int fast)
-{
-    PyObject *dict = instance_dict(self, fast);
-    PyObject *lco = attr(self, dict, s_lencount);
-    if (lco == NULL || !PyLong_CheckExact(lco)) {
-        Py_XDECREF(dict);
-        if (lco == NULL) return NULL;
-        Py_DECREF(lco);
-        return fallback(g_len_fallback, self, NULL);
+    if (kwnames != NULL || PyVectorcall_NARGS(nargsf) != 0) {
+        return delegate(g_len_fallback, self, args, nargsf, kwnames);
     }
-    int active = is_active();
-    if (active > 0) {
-        Py_ssize_t lc = PyLong_AsSsize_t(lco);
-        if ((lc == -1 && PyErr_Occurred()) ||
-            record(self, dict, k_zero, k_zero, lc - 1, Py_None, 0) < 0) {
-            active = -1;
-        }
-    }
-    Py_XDECREF(dict);
-    if (active < 0) {
-        Py_DECREF(lco);
+    int state = active_state();
+    if (state < 0) return NULL;
+    PyObject *dict = state == 2 ? NULL : instance_dict(self);
+    if (dict == NULL) return delegate(g_len_fallback, self, args, nargsf, NULL);
+    if (state == 1 && record(self, dict, k_zero, k_zero, 0, 0, Py_None, 1) < 0) {
+        Py_DECREF(dict);
         return NULL;
     }
-    return lco;
-}
-
-static PyObject *
-len_fast(PyObject *self, PyObject *Py_UNUSED(ignored))
-{
-    return len_impl(self, 1);
-}
-
-static PyObject *
-len_generic(PyObject *self, PyObject *Py_UNUSED(ignored))
-{
-    return len_impl(self, 0);
+    PyObject *lencount = attr(self, dict, s_lencount); /* return self.lencount */
+    Py_DECREF(dict);
+    return lencount;
 }
 
 #define GETITEM_DOC "x.__getitem__(ago): the value ``ago`` bars back, recorded while ACTIVE."
 #define LEN_DOC "len(x), recorded as a read of the whole line (size 0) while ACTIVE."
-static PyMethodDef getitem_defs[2] = {
-    {"__getitem__", (PyCFunction)(void (*)(void))getitem_generic, METH_FASTCALL, GETITEM_DOC},
-    {"__getitem__", (PyCFunction)(void (*)(void))getitem_fast, METH_FASTCALL, GETITEM_DOC}};
-static PyMethodDef len_defs[2] = {
-    {"__len__", (PyCFunction)len_generic, METH_NOARGS, LEN_DOC},
-    {"__len__", (PyCFunction)len_fast, METH_NOARGS, LEN_DOC}};
+static PyMethodDef getitem_def = {"__getitem__",
+                                  (PyCFunction)(void (*)(void))tracked_getitem,
+                                  METH_FASTCALL | METH_KEYWORDS, GETITEM_DOC};
+static PyMethodDef len_def = {"__len__", (PyCFunction)(void (*)(void))tracked_len,
+                              METH_FASTCALL | METH_KEYWORDS, LEN_DOC};
 
 static PyObject *
-make_descriptors(PyObject *Py_UNUSED(mod), PyObject *args)
+make_descriptors(PyObject *Py_UNUSED(mod), PyObject *cls)
 {
-    PyObject *cls;
-    int fast;
-    if (!PyArg_ParseTuple(args, "O!p:descriptors", &PyType_Type, &cls, &fast)) return NULL;
-    PyObject *g = PyDescr_NewMethod((PyTypeObject *)cls, &getitem_defs[fast]);
-    PyObject *n = g ? PyDescr_NewMethod((PyTypeObject *)cls, &len_defs[fast]) : NULL;
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "descriptors() needs a class");
+        return NULL;
+    }
+    PyObject *g = PyDescr_NewMethod((PyTypeObject *)cls, &getitem_def);
+    PyObject *n = g ? PyDescr_NewMethod((PyTypeObject *)cls, &len_def) : NULL;
     if (n == NULL) {
         Py_XDECREF(g);
         return NULL;
@@ -312,13 +325,15 @@ make_descriptors(PyObject *Py_UNUSED(mod), PyObject *args)
 static PyObject *
 init(PyObject *Py_UNUSED(mod), PyObject *args)
 {
-    PyObject *g, *f, *lf, *types;
-    if (!PyArg_ParseTuple(args, "O!OOO!:init", &PyDict_Type, &g, &f, &lf, &PyTuple_Type, &types))
+    PyObject *g, *f, *t, *lf, *types;
+    if (!PyArg_ParseTuple(args, "O!OOOO!:init", &PyDict_Type, &g, &f, &t, &lf, &PyTuple_Type,
+                          &types))
         return NULL;
     /* the caller passes C types whose sq_item indexes as their subscript does */
     Py_XSETREF(g_fast_types, Py_NewRef(types));
     Py_XSETREF(g_globals, Py_NewRef(g));
     Py_XSETREF(g_fallback, Py_NewRef(f));
+    Py_XSETREF(g_tail, Py_NewRef(t));
     Py_XSETREF(g_len_fallback, Py_NewRef(lf));
     Py_RETURN_NONE;
 }
@@ -392,11 +407,11 @@ fail:
 static PyMethodDef methods[] = {
     {"unpack", unpack, METH_O,
      "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
-    {"descriptors", make_descriptors, METH_VARARGS,
-     "descriptors(cls, dict_safe) -> (__getitem__, __len__) method descriptors for instances "
-     "of cls; dict_safe: read the line's attributes from its instance dict"},
+    {"descriptors", make_descriptors, METH_O,
+     "descriptors(cls) -> (__getitem__, __len__) method descriptors for instances of cls (a "
+     "class proxies._dict_safe accepts)"},
     {"init", init, METH_VARARGS,
-     "init(proxies_globals, getitem_fallback, len_fallback, fast_types): where ACTIVE and the "
+     "init(proxies_globals, getitem, getitem_tail, len, fast_types): where ACTIVE and the "
      "Python versions are, and the buffer types indexed in C"},
     {NULL, NULL, 0, NULL}};
 

@@ -5,10 +5,11 @@ from typing import Any
 
 def init(
     proxies_globals: dict[str, Any],
-    getitem_fallback: Callable[[Any, Any], Any],
-    len_fallback: Callable[[Any], int],
+    getitem: Callable[[Any, Any], Any],
+    getitem_tail: Callable[[Any, Any, Any], Any],
+    length: Callable[[Any], int],
     fast_types: tuple[type, ...],
     /,
 ) -> None: ...
-def descriptors(cls: type, dict_safe: bool, /) -> tuple[Any, Any]: ...
+def descriptors(cls: type, /) -> tuple[Any, Any]: ...
 def unpack(reads: list[tuple[Any, ...]], /) -> tuple[bytes, bytes, bytes]: ...

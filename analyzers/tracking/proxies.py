@@ -62,6 +62,23 @@ def _plain_getitem(self: Any, ago: int) -> Any:
     return value
 
 
+def _plain_tail(self: Any, ago: int, value: Any) -> Any:
+    """What :func:`_plain_getitem` does once it has read ``value`` (the same lines): the
+    compiled version hands over to it when :data:`ACTIVE` is not a bool (or was deleted)."""
+    if ACTIVE:
+        idx = self._idx
+        pos = idx + ago
+        if pos < 0:  # python indexing wrapped around to the end of the buffer
+            pos += len(self.array)
+        tag = self._fmel
+        tag.out.append((tag.id, ago, 1, pos + self.lencount - 1 - idx, value))
+        if tag.strict:
+            tag.tracker.check_strict()
+    elif ago > 0:
+        self._fmel.tracker.internal_future_read(self, ago)
+    return value
+
+
 def _plain_len(self: Any) -> int:
     """``__len__`` of every tracked class: a read of the whole line (size 0)."""
     if ACTIVE:
@@ -73,12 +90,17 @@ def _plain_len(self: Any) -> int:
 try:
     from analyzers.tracking import _fastread
 except ImportError:  # not built (no C compiler): the Python functions above
-    _COMPILED: tuple[tuple[Any, Any], tuple[Any, Any]] | None = None
+    _COMPILED: tuple[Any, Any] | None = None
 else:
     # the buffers backtrader's LineBuffer keeps: array.array, or a deque with exactbars
-    _fastread.init(globals(), _plain_getitem, _plain_len, (array.array, collections.deque, list))
-    # (generic attribute lookup, the instance dict first): see _dict_safe
-    _COMPILED = (_fastread.descriptors(LineBuffer, False), _fastread.descriptors(LineBuffer, True))
+    _fastread.init(
+        globals(),
+        _plain_getitem,
+        _plain_tail,
+        _plain_len,
+        (array.array, collections.deque, list),
+    )
+    _COMPILED = _fastread.descriptors(LineBuffer)
 
 # what the compiled reads read from the line itself
 _LINE_ATTRS = ("array", "_idx", "lencount", "_fmel")
@@ -88,7 +110,9 @@ def _dict_safe(cls: type) -> bool:
     """True when none of :data:`_LINE_ATTRS` is a data descriptor (a property, a slot) on
     ``cls``: then an entry in an instance's ``__dict__`` is what ``getattr`` returns (Python's
     attribute lookup: data descriptors of the class first, then the instance dict), and the
-    compiled reads may look there directly."""
+    compiled reads may look there directly; other classes keep the Python methods. Decided
+    once per class, when it is first tracked: a property added to the class afterwards is not
+    seen (backtrader adds none)."""
     for name in _LINE_ATTRS:
         for klass in cls.__mro__:
             if name in vars(klass):
@@ -201,8 +225,9 @@ def _tracked_class(base: type) -> type:
         )
     getitem: Any = _plain_getitem if plain else __getitem__
     length: Any = _plain_len
-    if _use_compiled and _COMPILED is not None and issubclass(base, LineBuffer):
-        compiled_getitem, length = _COMPILED[_dict_safe(base)]
+    compiled = _use_compiled and _COMPILED is not None and issubclass(base, LineBuffer)
+    if compiled and _COMPILED is not None and _dict_safe(base):
+        compiled_getitem, length = _COMPILED
         if plain:
             getitem = compiled_getitem
     cls = type(base)(

@@ -10,8 +10,11 @@ from __future__ import annotations
 import array
 import collections
 import operator
+import sys
+from datetime import datetime
 from typing import Any
 
+import backtrader as bt
 import numpy as np
 import pytest
 from backtrader.linebuffer import LineBuffer
@@ -38,8 +41,10 @@ class Tracker:
         if self.fail_strict:
             raise StrictError("look-ahead")
 
-    def internal_future_read(self, line: Any, ago: Any) -> None:
-        self.log.append(("future", ago))
+    def internal_future_read(self, line: Any, ago: Any, depth: int = 2) -> None:
+        # as AccessTracker does: the reader is the frame ``depth`` up (the line iterator that
+        # read; here the test's function that made the read)
+        self.log.append(("future", ago, sys._getframe(depth).f_code.co_name))
 
 
 class Tag:
@@ -118,9 +123,17 @@ def test_the_classes_differ_as_intended(classes: dict[str, tuple[type, type]]) -
     kind=st.sampled_from(["array", "deque", "list"]),
     values=st.lists(st.floats(allow_nan=True), max_size=12),
     idx=st.integers(-3, 14),
-    lencount=st.integers(0, 40),
+    lencount=st.one_of(
+        st.integers(0, 40),
+        st.integers(),
+        st.just(-(2**63)),
+        st.floats(allow_nan=False),
+        st.integers(0, 40).map(np.int64),
+        st.sampled_from([None, "9", True]),
+    ),
     key=keys,
-    active=st.booleans(),
+    # not only bools: the module flag is a plain global anyone can set
+    active=st.one_of(st.booleans(), st.sampled_from([1, 0, None, np.bool_(True), "x", []])),
     strict=st.booleans(),
     fail_strict=st.booleans(),
 )
@@ -130,9 +143,9 @@ def test_getitem_and_len_match_python(
     kind: str,
     values: list[float],
     idx: int,
-    lencount: int,
+    lencount: Any,
     key: Any,
-    active: bool,
+    active: Any,
     strict: bool,
     fail_strict: bool,
 ) -> None:
@@ -141,12 +154,13 @@ def test_getitem_and_len_match_python(
         log: list[Any] = []
         tag = Tag(3, strict, Tracker(log, fail_strict))
         line = _line(cls, kind, values, idx, lencount, tag)
-        was = proxies.set_active(active)
+        was = proxies.ACTIVE
+        proxies.ACTIVE = active
         try:
             item = _call(operator.getitem, line, key)  # line[key]
             length = _call(len, line)
         finally:
-            proxies.set_active(was)
+            proxies.ACTIVE = was
         got.append((item, length, tag.out, log))
     (c_item, c_len, c_out, c_log), (p_item, p_len, p_out, p_log) = got
     assert c_item[0] == p_item[0]
@@ -172,6 +186,48 @@ def test_a_missing_attribute_raises_as_in_python(classes: dict[str, tuple[type, 
             finally:
                 proxies.set_active(was)
         assert got[0] == got[1], name
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: x.__getitem__(ago=-1),
+        lambda x: x.__getitem__(),
+        lambda x: x.__getitem__(0, 1),
+        lambda x: x.__getitem__(0, size=1),
+        lambda x: x.__len__(1),
+        lambda x: x.__len__(n=1),
+    ],
+    ids=["keyword", "none", "two", "extra-keyword", "len-arg", "len-keyword"],
+)
+def test_explicit_calls_behave_as_in_python(
+    classes: dict[str, tuple[type, type]], call: Any
+) -> None:
+    got = []
+    for cls in classes["LineBuffer"]:
+        line = _line(cls, "array", [1.0, 2.0], 1, 2, Tag(0, False, Tracker([], False)))
+        was = proxies.set_active(True)
+        try:
+            got.append((_call(call, line), line._fmel.out))
+        finally:
+            proxies.set_active(was)
+    assert got[0] == got[1]
+
+
+def test_a_deleted_flag_is_looked_up_as_python_does(
+    classes: dict[str, tuple[type, type]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ACTIVE deleted from the module: Python finds a builtin of that name; so must C."""
+    import builtins
+
+    monkeypatch.delattr(proxies, "ACTIVE")
+    monkeypatch.setattr(builtins, "ACTIVE", True, raising=False)
+    outs = []
+    for cls in classes["LineBuffer"]:
+        line = _line(cls, "array", [1.0, 2.0], 1, 2, Tag(0, False, Tracker([], False)))
+        assert line[0] == 2.0 and len(line) == 2
+        outs.append(line._fmel.out)
+    assert outs[0] == outs[1] and len(outs[0]) == 2
 
 
 def test_use_compiled_refuses_when_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,3 +316,115 @@ def test_the_compiled_unpack_gives_numpys_columns(reads: list[Any]) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert np.array_equal(g, w, equal_nan=True)
+
+
+# -- whole runs -----------------------------------------------------------------------------
+# Indicators that read a future bar in their own code, from where the tracker has to find the
+# reader on the stack (a method of a sub-indicator; 5 frames down a helper). A fresh-context
+# attack found the compiled reads named the wrong reader here (the tracker's frame depth).
+
+
+class _Helper(bt.Indicator):  # type: ignore[misc]
+    lines = ("h",)
+
+    def next(self) -> None:
+        self.lines.h[0] = self.data[0]
+
+    def peek(self, line: Any) -> Any:
+        return line[1]
+
+
+class _PeekViaHelper(bt.Indicator):  # type: ignore[misc]
+    lines = ("x",)
+
+    def __init__(self) -> None:
+        self.helper = _Helper(self.data)
+
+    def next(self) -> None:
+        try:
+            self.lines.x[0] = self.helper.peek(self.data.close)
+        except IndexError:
+            self.lines.x[0] = 0.0
+
+
+def _deep(line: Any, n: int) -> Any:
+    return line[1] if n == 0 else _deep(line, n - 1)
+
+
+class _DeepPeek(bt.Indicator):  # type: ignore[misc]
+    lines = ("d",)
+
+    def next(self) -> None:
+        try:
+            self.lines.d[0] = _deep(self.data.close, 4)
+        except IndexError:
+            self.lines.d[0] = 0.0
+
+
+class _Agent(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.pvh = _PeekViaHelper(self.data)
+        self.helper_line = self.pvh.helper
+        self.deep = _DeepPeek(self.data)
+        self.sma = bt.ind.SMA(self.data1.close, period=5)
+
+    def next(self) -> None:
+        v = self.helper_line[0] + self.deep[0] + self.pvh[-1] + self.sma[0] + len(self.data1)
+        if v > 0 and not self.position and len(self) % 7 == 0:
+            self.buy()
+        elif self.position and len(self) % 11 == 0:
+            self.close()
+
+
+def _run(compiled: bool, exactbars: int, runonce: bool) -> tuple[Any, ...]:
+    from analyzers.fmel import FMELAnalyzer
+    from runtime.config import BUNDLED_DATA_DIR
+
+    was = proxies.use_compiled(compiled)
+    try:
+        cerebro = bt.Cerebro(exactbars=exactbars, runonce=runonce, stdstats=False)
+        for name, fmt, volume in (("GOOG", "%Y-%m-%d", 5), ("SP500", "%m/%d/%Y", 6)):
+            cerebro.adddata(
+                bt.feeds.GenericCSVData(
+                    dataname=str(BUNDLED_DATA_DIR / f"{name}.csv"),
+                    dtformat=fmt,
+                    datetime=0,
+                    open=1,
+                    high=2,
+                    low=3,
+                    close=4,
+                    volume=volume,
+                    openinterest=-1,
+                    fromdate=datetime(2004, 9, 1),
+                    todate=datetime(2005, 6, 30),
+                ),
+                name=name,
+            )
+        cerebro.addstrategy(_Agent)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        fmel = cerebro.run()[0].analyzers.fmel
+        # order refs count on across runs in one process: renumbered from the run's first
+        refs: dict[int, int] = {}
+        records = [
+            r._replace(
+                ts=0.0,
+                actions=tuple(
+                    a._replace(order_ref=refs.setdefault(a.order_ref, len(refs))) for a in r.actions
+                ),
+            )
+            for r in fmel.records
+        ]
+        return records, list(fmel.tracker.gaps), cerebro.broker.getvalue()
+    finally:
+        proxies.use_compiled(was)
+
+
+@pytest.mark.parametrize("exactbars", [0, 1, -1])
+@pytest.mark.parametrize("runonce", [True, False])
+def test_whole_runs_record_the_same(exactbars: int, runonce: bool) -> None:
+    compiled = _run(True, exactbars, runonce)
+    pure = _run(False, exactbars, runonce)
+    assert compiled[0], "no record: the run tests nothing"
+    if exactbars == 0:  # preloaded: the future reads are found, and flagged
+        assert sum(r.lookahead_reads for r in compiled[0]) > 0
+    assert compiled == pure

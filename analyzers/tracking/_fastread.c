@@ -224,18 +224,23 @@ tracked_getitem(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *
     PyObject *dict = instance_dict(self);
     if (dict == NULL) return delegate(g_fallback, self, args, nargsf, NULL);
     /* value = self.array[self._idx + ago]: anything unusual goes to Python, which reads the
-     * same entries again (reading the dict has no side effect) */
+     * same entries again. References are held from the lookup on: a dict holding a key that
+     * is not a str can run its __eq__ during a lookup, and that code may change the dict. */
     PyObject *arr = PyDict_GetItemWithError(dict, s_array);
+    Py_XINCREF(arr);
     PyObject *idxo = arr ? PyDict_GetItemWithError(dict, s__idx) : NULL;
+    Py_XINCREF(idxo);
     Py_ssize_t idx = (idxo && PyLong_CheckExact(idxo)) ? PyLong_AsSsize_t(idxo) : -1;
-    if (idxo == NULL || !PyLong_CheckExact(idxo) || (idx == -1 && PyErr_Occurred()) ||
-        (ago > 0 && idx > PY_SSIZE_T_MAX - ago) || (ago < 0 && idx < PY_SSIZE_T_MIN - ago) ||
-        !fast_type(arr)) {
+    int odd = idxo == NULL || !PyLong_CheckExact(idxo) || (idx == -1 && PyErr_Occurred()) ||
+              (ago > 0 && idx > PY_SSIZE_T_MAX - ago) ||
+              (ago < 0 && idx < PY_SSIZE_T_MIN - ago) || !fast_type(arr);
+    Py_XDECREF(idxo);
+    if (odd) {
         PyErr_Clear();
+        Py_XDECREF(arr);
         Py_DECREF(dict);
         return delegate(g_fallback, self, args, nargsf, NULL);
     }
-    Py_INCREF(arr);
     Py_ssize_t pos = idx + ago;
     PyObject *value = PySequence_GetItem(arr, pos); /* negative: + len, as Python indexing */
     if (value == NULL) goto fail;
@@ -342,9 +347,9 @@ init(PyObject *Py_UNUSED(mod), PyObject *args)
  * as the tracked classes append them) as columns, in one pass: ``ints`` the bytes of an int64
  * (n, 4) array (tag id, ago, size, bar index), ``values`` those of a float64 (n,) array (the
  * value when it is exactly a float, else 0.0), ``is_float`` those of a bool (n,) array.
- * Ints go through ``__index__`` (numpy ints, bools) as numpy's int64 conversion does; a read
- * that is not a 5-tuple raises TypeError, an int beyond int64 OverflowError. Any thread, under
- * the GIL (the decision writer's). */
+ * Only exact tuples of exact ints (what the tracked classes append): anything else raises
+ * TypeError, an int beyond int64 OverflowError, and the caller then lets numpy convert (its
+ * rules: ``__int__`` for other objects). Any thread, under the GIL (the decision writer's). */
 static PyObject *
 unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
 {
@@ -352,7 +357,10 @@ unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
         PyErr_SetString(PyExc_TypeError, "unpack() needs a list of raw reads");
         return NULL;
     }
-    Py_ssize_t n = PyList_GET_SIZE(reads);
+    /* a copy holds every read: no code runs here (exact types only), but the copy makes sure */
+    PyObject *copy = PyList_AsTuple(reads);
+    if (copy == NULL) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(copy);
     PyObject *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
     PyObject *vals = ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double))
                           : NULL;
@@ -360,29 +368,25 @@ unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
     if (isf == NULL) {
         Py_XDECREF(ints);
         Py_XDECREF(vals);
+        Py_DECREF(copy);
         return NULL;
     }
     long long *ip = (long long *)PyBytes_AS_STRING(ints);
     double *vp = (double *)PyBytes_AS_STRING(vals);
     char *fp = PyBytes_AS_STRING(isf);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *t = PyList_GET_ITEM(reads, i);
-        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5) {
+        PyObject *t = PyTuple_GET_ITEM(copy, i);
+        if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 5) {
             PyErr_Format(PyExc_TypeError, "raw read %zd is not a 5-tuple", i);
             goto fail;
         }
         for (int k = 0; k < 4; k++) {
             PyObject *o = PyTuple_GET_ITEM(t, k);
-            long long v;
-            if (PyLong_CheckExact(o)) {
-                v = PyLong_AsLongLong(o);
+            if (!PyLong_CheckExact(o)) { /* bools, numpy ints...: numpy's conversion decides */
+                PyErr_Format(PyExc_TypeError, "raw read %zd: field %d is not an int", i, k);
+                goto fail;
             }
-            else {
-                PyObject *ix = PyNumber_Index(o);
-                if (ix == NULL) goto fail;
-                v = PyLong_AsLongLong(ix);
-                Py_DECREF(ix);
-            }
+            long long v = PyLong_AsLongLong(o);
             if (v == -1 && PyErr_Occurred()) goto fail;
             ip[4 * i + k] = v;
         }
@@ -396,8 +400,10 @@ unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
             fp[i] = 0;
         }
     }
+    Py_DECREF(copy);
     return Py_BuildValue("(NNN)", ints, vals, isf);
 fail:
+    Py_DECREF(copy);
     Py_DECREF(ints);
     Py_DECREF(vals);
     Py_DECREF(isf);

@@ -216,7 +216,7 @@ def _unpack_py(flat: list[Read]) -> Unpacked:
         obj[~is_num] = 0.0
         value = obj.astype(np.float64)
     else:  # text somewhere: those bars take the per-read path
-        is_num = np.fromiter((v.__class__ is float for v in value_t), dtype=bool, count=total)
+        is_num = np.fromiter((type(v) is float for v in value_t), dtype=bool, count=total)
         value = np.array([v if f else 0.0 for v, f in zip(value_t, is_num, strict=True)])
     return tid, ago_all, size, index, value, is_num
 
@@ -286,8 +286,9 @@ def resolve_columns(
     nbuf = state[:, :, 2] + off
     c = cur[bar_of, slot]
     # a len() is never a look-ahead (it returns a count, not a bar's value)
-    ok &= (index >= 0) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
     o = off[bar_of, slot]
+    # a bar whose time the feed's datetime buffer no longer holds (bounded buffers): per read
+    ok &= (index >= 0) & (index >= o) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
     bar_ok = np.ones(n_bars, dtype=bool)
     bar_ok[bar_of[~ok]] = False
     # one array offset per feed within the batch (always so for growing buffers)

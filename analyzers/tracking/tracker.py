@@ -294,6 +294,12 @@ class AccessTracker:
 
     # -- what cannot be tracked -------------------------------------------------------------
 
+    def _time_gone(self, info: FeedInfo) -> None:
+        self._gap(
+            f"feed {info.symbol} keeps fewer bar times than values (exactbars >= 1): reads of "
+            "bars older than its datetime buffer are recorded with bar_time NULL"
+        )
+
     def _gap(self, text: str) -> None:
         if text not in self.gaps:
             self.gaps.append(text)
@@ -451,7 +457,7 @@ class AccessTracker:
             if tag.direct and size == 1 and value.__class__ is float and info is not None:
                 # the common read, d.close[-1]: one source, the feed's own bar
                 cur, off, nbuf, times, at = snaps[info]
-                if 0 <= index < nbuf:
+                if 0 <= index < nbuf and index >= off:  # its time still in the dt buffer
                     la = index > cur
                     acc = new(
                         Access,
@@ -553,7 +559,16 @@ class AccessTracker:
                     reason = _reason(tag, ago, index, offset, cur, info)
             if got:
                 digest = at(bar) if at is not None else None
-                when = round((times[bar - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3)
+                # exactbars=1 keeps each line only as long as its consumers need: a feed's
+                # datetime buffer can be shorter than its close's, so an older bar's time may
+                # be gone (a negative position would wrap around to a wrong time)
+                when = (
+                    round((times[bar - off] - BT_EPOCH_DAYS) * SECONDS_PER_DAY, 3)
+                    if bar >= off
+                    else None
+                )
+                if when is None:
+                    self._time_gone(info)
             else:
                 digest = when = None
             acc = new(Access, (seq, field, ago, size or 1, bar, digest, num, text, la, when))

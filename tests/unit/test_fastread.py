@@ -306,8 +306,10 @@ def test_the_compiled_unpack_gives_numpys_columns(reads: list[Any]) -> None:
     from analyzers.tracking import columns
 
     assert columns._fastread is not None, "the C extension is not built"
-    if all(len(r) == 5 and all(-(2**63) <= int(x) < 2**63 for x in r[:4]) for r in reads):
-        columns._fastread.unpack(reads)  # no fallback: the C pass takes every valid read
+    if all(
+        len(r) == 5 and all(type(x) is int and -(2**63) <= x < 2**63 for x in r[:4]) for r in reads
+    ):
+        columns._fastread.unpack(reads)  # no fallback: the C pass takes what the classes append
     got, want = _outcome(columns._unpack, reads), _outcome(columns._unpack_py, reads)
     if isinstance(want, tuple):
         assert got == want
@@ -428,3 +430,59 @@ def test_whole_runs_record_the_same(exactbars: int, runonce: bool) -> None:
     if exactbars == 0:  # preloaded: the future reads are found, and flagged
         assert sum(r.lookahead_reads for r in compiled[0]) > 0
     assert compiled == pure
+
+
+def test_a_dict_key_that_runs_code_during_a_lookup_changes_nothing(
+    classes: dict[str, tuple[type, type]],
+) -> None:
+    """Found by a fresh-context attack: a key of the line's dict that collides with ``_idx``
+    and drops ``array`` from its ``__eq__`` made the compiled read use freed memory."""
+
+    class Evil:
+        def __init__(self, line: Any) -> None:
+            self.line, self.armed, self.junk = line, False, None
+
+        def __hash__(self) -> int:
+            return hash("_idx")
+
+        def __eq__(self, other: object) -> bool:
+            if self.armed:
+                self.armed = False
+                self.line.__dict__.pop("array", None)  # the buffer's last reference
+                self.junk = [array.array("d", [-1.0] * 4096) for _ in range(64)]
+            return False
+
+    got = []
+    for cls in classes["LineBuffer"]:
+        line = cls.__new__(cls)
+        evil = Evil(line)
+        d = line.__dict__
+        d[evil] = "x"  # probed before "_idx"
+        d["array"] = array.array("d", [float(i) for i in range(42)])
+        d["_idx"], d["lencount"], d["_fmel"] = 41, 42, Tag(0, False, Tracker([], False))
+        evil.armed = True
+        got.append(_call(operator.getitem, line, 0))
+    assert got[0] == got[1] == ("ok", 41.0)
+
+
+def test_unpack_of_reads_whose_ints_run_code_is_numpys() -> None:
+    """Found by a fresh-context attack: an ``__index__`` that empties the list being unpacked
+    crashed the C pass; only exact ints are taken there now, numpy converts the rest."""
+    from analyzers.tracking import columns
+
+    def make() -> list[Any]:
+        reads: list[Any] = [(0, -1, 1, 5, 1.0)] * 999
+
+        class Clearing:
+            def __index__(self) -> int:
+                reads.clear()
+                return 0
+
+            __int__ = __index__
+
+        reads.insert(1, (0, Clearing(), 1, 5, 1.0))
+        return reads
+
+    want = _outcome(columns._unpack_py, make())
+    got = _outcome(columns._unpack, make())
+    assert isinstance(want, tuple) and got == want  # numpy's error, both ways

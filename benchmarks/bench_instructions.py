@@ -82,7 +82,9 @@ def child(mode: str, agent: str) -> None:
     os.getppid()  # callgrind dumps here: what came before is set-up
     cerebro.run()
     if writer is not None:
-        writer.stop()
+        # valgrind runs ~50x slower: with the default 10 s budget the final flush would be cut
+        # short and the rest spilled as JSON on this (main) thread, a different path, by timing
+        writer.stop(timeout_s=3600)
     os.getppid()  # ...and here: the window is the run and its final flush
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -64,7 +64,9 @@ def _plain_getitem(self: Any, ago: int) -> Any:
 
 def _plain_tail(self: Any, ago: int, value: Any) -> Any:
     """What :func:`_plain_getitem` does once it has read ``value`` (the same lines): the
-    compiled version hands over to it when :data:`ACTIVE` is not a bool (or was deleted)."""
+    compiled version hands over to it when :data:`ACTIVE` is not a bool (or was deleted).
+    Written out twice rather than called from :func:`_plain_getitem`, which is the hot path
+    without the extension (one more call a read); ``tests/unit/test_fastread.py`` runs both."""
     if ACTIVE:
         idx = self._idx
         pos = idx + ago

@@ -26,18 +26,16 @@ configuration.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 from core.errors import AppError, ConfigError
+from core.signals import StopSignals
 from runtime.assembly import claim_spill_dir, make_sink, make_writer
 from runtime.config import AppConfig, load_process_config
 from runtime.logs import setup_logging
@@ -138,21 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.bind(session="drain", agent="drain")
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
+    def on_stop(name: str) -> None:  # on the relay thread (core.signals): Event.set takes a lock
         logger.warning("%s: stopping the drain; what is left stays in the spill", name)
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = StopSignals(on_stop)  # every signal stops; the drain's own deadline ends it
+    signals.install()
     try:
         result = drain(config, timeout_s=args.timeout_s, stop=stop)
     except (ConfigError, AppError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 2 if isinstance(e, ConfigError) else 1
     finally:
-        for s, handler in old.items():
-            with contextlib.suppress(Exception):
-                signal.signal(s, handler)
+        signals.restore()
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     if result["torn"]:

@@ -34,7 +34,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -42,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, TransientError
+from core.signals import StopSignals
 from feeds.ingest import IngestConfig, Ingestor
 from feeds.ingest.state import IngestState
 from feeds.pubsub.clients import publisher_client, resource_path
@@ -203,7 +203,8 @@ def ensure_topic(
 class IngestProcess:
     """One ingestor process: owns the publisher client, the ingestor, the health server.
 
-    Thread context: :meth:`run` on the main thread; signal handlers only set flags.
+    Thread context: :meth:`run` on the main thread; a signal's stop runs on a relay thread
+    (:class:`core.signals.StopSignals`).
     """
 
     def __init__(self, config: IngestConfig, ops: OpsConfig) -> None:
@@ -214,18 +215,19 @@ class IngestProcess:
         self.client = publisher_client(config.emulator_host)
         self.ingestor: Ingestor | None = None
         self.health: HealthServer | None = None
-        self._signals = 0
         self._stop = threading.Event()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals += 1
-        name = signal.Signals(signum).name
-        if self._signals > 1:
-            logger.error("second %s: exiting without flushing", name)
-            for handler in logging.getLogger().handlers:
-                with contextlib.suppress(Exception):
-                    handler.flush()
-            os._exit(128 + signum)
+    def _force_exit(self, name: str) -> None:
+        """A second signal (in the handler): exit at once."""
+        logger.error("second %s: exiting without flushing", name)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(128 + signal.Signals[name].value)
+
+    def _request_stop(self, name: str) -> None:
+        """The first signal, on the relay thread (:mod:`core.signals`: the handler takes no
+        lock; ``Event.set`` here could otherwise wait on the main thread's own wait)."""
         logger.warning("stopping: %s; publishing what was received, saving the state", name)
         if self.health is not None:
             self.health.set_draining()
@@ -235,8 +237,14 @@ class IngestProcess:
 
     def run(self) -> int:
         """Start, wait for a signal or a fatal stop, shut down. Returns the exit code."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        signals = StopSignals(self._request_stop, self._force_exit)
+        signals.install()
+        try:
+            return self._run()
+        finally:
+            signals.restore()
+
+    def _run(self) -> int:
         # Fails at start (exit 2) rather than after the first publishes.
         IngestState(self.config.state_path).check_writable()
         if self.ops.health_port > 0:

@@ -9,7 +9,8 @@ report. The first SIGINT/SIGTERM asks backtrader to stop after the current bar
 (``cerebro.runstop()``) and the run then finishes normally: what was recorded is flushed and
 the report still prints. A second signal forces the exit.
 
-Thread context: :meth:`Runner.run` runs on the main thread; signal handlers only set flags.
+Thread context: :meth:`Runner.run` runs on the main thread; a signal's stop runs on a relay
+thread (:class:`core.signals.StopSignals`: a handler taking a lock could wait for itself).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import backtrader as bt
@@ -33,6 +33,7 @@ from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.spill import SpillDirClaim
 from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core.errors import AppError, ConfigError, DataError, SinkError
+from core.signals import StopSignals
 from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
     add_fmel,
     claim_spill_dir,
@@ -84,10 +85,9 @@ class Runner:
         self.broker_note = "simulated (backtrader BackBroker)"
         self._stop_requested = False
         self._stop_deadline: float | None = None  # monotonic end of the shutdown budget
-        self._signals = 0
+        self._signal_relay: StopSignals | None = None
         self._closers: list[tuple[str, Callable[[], None]]] = []
         self._spill_claim: SpillDirClaim | None = None  # FMEL_SPILL_DIR, held for the run
-        self._old_handlers: dict[int, Any] = {}
         # Operations: one metrics registry per run; the endpoint runs when HEALTH_PORT > 0.
         self.metrics = RunMetrics()
         self.health: HealthServer | None = None
@@ -136,7 +136,7 @@ class Runner:
                 except pa.ArrowCancelled:
                     # pyarrow's CSV reader checks for signals while it reads: the handler ran
                     # (stop requested) and the read is cancelled; the run then does not start.
-                    if not self._stop_requested:
+                    if not self._stop_pending:
                         raise
                     logger.info("reading %s cancelled by the stop request", fc.path.name)
                     return
@@ -251,7 +251,9 @@ class Runner:
             decision_scope=self._decision_scope(),
         )
         # Which phase the agent is in, to explain a failure while building/warming it.
-        self.cerebro.addanalyzer(_AgentPhase, _name="agent_phase", phase=self._agent_phase)
+        self.cerebro.addanalyzer(
+            _AgentPhase, _name="agent_phase", phase=self._agent_phase, on_start=self._on_run_start
+        )
         # Statistics: runtime.stats over the equity curve (annualised from the bar size).
         self.cerebro.addanalyzer(EquityCurve, _name="equity")
         self.cerebro.addanalyzer(bt.analyzers.TradeAnalyzer, _name="trades")
@@ -348,7 +350,8 @@ class Runner:
     # -- signals ----------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "requested") -> None:
-        """Ask the run to end after the current bar (safe from a signal handler)."""
+        """Ask the run to end after the current bar. Any thread (the signal relay's, the
+        writer's); it takes locks (the Pub/Sub hub's), so not from a signal handler."""
         if not self._stop_requested:
             logger.warning("stopping: %s; finishing the current bar, flushing decisions", reason)
             self._stop_deadline = time.monotonic() + self.config.ops.shutdown_timeout_s
@@ -361,28 +364,41 @@ class Runner:
         elif self.cerebro is not None:
             self.cerebro.runstop()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals += 1
-        name = signal.Signals(signum).name
-        if self._signals > 1:
-            logger.error("second %s: forcing exit without flushing", name)
-            # Immediately: a SystemExit would still run every finally (flush, joins) first.
-            # Spill files already on disk are fsynced and replayed at the next start.
-            for handler in logging.getLogger().handlers:
-                with contextlib.suppress(Exception):
-                    handler.flush()
-            os._exit(128 + signum)
-        self.request_stop(name)
+    def _force_exit(self, name: str) -> None:
+        """A second signal: exit at once (in the signal handler; takes no lock but the logging
+        handlers' reentrant ones)."""
+        logger.error("second %s: forcing exit without flushing", name)
+        # Immediately: a SystemExit would still run every finally (flush, joins) first.
+        # Spill files already on disk are fsynced and replayed at the next start.
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(128 + signal.Signals[name].value)
+
+    def _on_run_start(self) -> None:
+        """``cerebro.run()`` has begun (its analyzers start): it cleared any ``runstop()``
+        made before, so a stop asked for since the check in :meth:`_run` is made again."""
+        if self._stop_pending:
+            self.cerebro.runstop()
+
+    @property
+    def _stop_pending(self) -> bool:
+        """A stop was asked for, or a signal came whose relay has not run yet."""
+        return self._stop_requested or (
+            self._signal_relay is not None and self._signal_relay.first is not None
+        )
 
     def install_signal_handlers(self) -> None:
-        """SIGINT and SIGTERM stop cleanly; a second one forces exit. Main thread only."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        """SIGINT and SIGTERM stop cleanly (:meth:`request_stop`, run on a relay thread: the
+        handler itself takes no lock, see :mod:`core.signals`); a second one forces exit.
+        Main thread only."""
+        if self._signal_relay is None:
+            self._signal_relay = StopSignals(self.request_stop, self._force_exit)
+        self._signal_relay.install()
 
     def restore_signal_handlers(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
+        if self._signal_relay is not None:
+            self._signal_relay.restore()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -428,7 +444,7 @@ class Runner:
         try:
             # cerebro.run() clears a runstop() made before it: honour a signal that came
             # during the build (model load, backfill) here.
-            if self._stop_requested:
+            if self._stop_pending:
                 logger.warning("stop requested before the first bar: not starting the run")
             else:
                 try:
@@ -564,7 +580,7 @@ class Runner:
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},
             broker_note=self.broker_note,
-            interrupted=self._stop_requested,
+            interrupted=self._stop_pending,
             elapsed_s=elapsed,
             html_report=str(html) if html else None,
         )
@@ -575,10 +591,14 @@ class _AgentPhase(bt.Analyzer):  # type: ignore[misc]
     ("warming": indicators are computed over preloaded data next), then "running" from the
     first bar the strategy sees (``prenext`` included)."""
 
-    params = (("phase", None),)
+    params = (("phase", None), ("on_start", None))
 
     def __init__(self) -> None:
         self.p.phase[0] = "warming"
+
+    def start(self) -> None:
+        if self.p.on_start is not None:
+            self.p.on_start()
 
     def prenext(self) -> None:
         self.p.phase[0] = "running"

@@ -167,9 +167,10 @@ class PubSubBarSubscriber:
     and ack threads, hub and handler.
 
     Lifecycle (main thread): :meth:`start` -> :meth:`discover_fields` -> :meth:`make_feeds` ->
-    ``cerebro.run()`` -> :meth:`close`. :meth:`request_stop` is safe from a signal handler at
-    any point (it ends a discovery wait and any reconnect wait, and a later :meth:`start` then
-    does nothing).
+    ``cerebro.run()`` -> :meth:`close`. :meth:`request_stop` may be called from any thread at
+    any point: it ends a discovery wait and any reconnect wait, and a later :meth:`start` then
+    does nothing. Not from a signal handler: it takes the hub's lock, which the main thread may
+    hold when the signal lands (:mod:`core.signals` relays it).
 
     Subscriptions are named ``<PUBSUB_SUBSCRIPTION_PREFIX>-<deployment>`` (plus the topic id
     when there are several topics), carry an expiration policy (``PUBSUB_SUBSCRIPTION_TTL_S``:
@@ -463,8 +464,9 @@ class PubSubBarSubscriber:
 
     def request_stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking bars; feeds drain what was buffered (for at most ``drain_timeout_s``,
-        default :attr:`drain_timeout_s`) then end. Safe from a signal handler: it sets events
-        and closes the hub's input (a discovery wait and any reconnect wait end at once)."""
+        default :attr:`drain_timeout_s`) then end: a discovery wait and any reconnect wait end at
+        once. Any thread, not a signal handler: it sets events and closes the hub's input under
+        the hub's lock."""
         self._drain_timeout_s = self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self._stop.set()
         self.handler.interrupt()

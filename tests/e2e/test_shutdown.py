@@ -14,6 +14,7 @@ The health endpoint of the running process is used to know the run is in progres
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,6 +62,9 @@ class RunnerProcess:
                 "FMEL_SPILL_DIR": str(tmp / "spill"),
                 "HEALTH_PORT": str(self.port),
                 "LOG_FORMAT": "json",
+                # A wait that times out sends SIGABRT (finish): every thread's stack goes to
+                # stderr, into the failure message.
+                "PYTHONFAULTHANDLER": "1",
             }
         )
         full.update(env)
@@ -122,7 +126,15 @@ class RunnerProcess:
     def finish(self, timeout_s: float) -> int:
         """Wait for the exit; returns the exit code (stdout kept in :attr:`stdout`)."""
         # stdout holds only the report (small: no pipe back-pressure before the exit).
-        code = self.proc.wait(timeout=timeout_s)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: all threads' stacks
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            self._reader.join(5)
+            stacks = "".join(self.err_lines[-200:])
+            raise AssertionError(f"no exit {timeout_s} s after asked; stderr:\n{stacks}") from None
         assert self.proc.stdout is not None
         self.stdout = self.proc.stdout.read()
         self._reader.join(5)

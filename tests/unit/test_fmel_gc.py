@@ -107,11 +107,18 @@ def test_two_strategies_unfreeze_after_the_last(bars: dict[str, CSVBars]) -> Non
 
 
 def test_a_freeze_made_by_someone_else_is_left_alone(bars: dict[str, CSVBars]) -> None:
+    """The count alone cannot say it: frozen objects still die in a run (the whole suite's
+    heap lost 2 of 886,336 in one CI run), so the check follows two objects. ``gc.get_objects()``
+    lists the three generations, not the permanent one (CPython's ``gc_get_objects_impl``)."""
+    frozen_before = [object()]  # a container, so the collector tracks it
     gc.freeze()
+    made_after = [object()]
     before = gc.get_freeze_count()
     run(bars)
-    # nothing unfroze it; objects made since were not frozen by the analyzer
-    assert gc.get_freeze_count() == before
+    listed = {id(o) for o in gc.get_objects()}
+    assert id(frozen_before) not in listed  # nothing unfroze the caller's freeze
+    assert id(made_after) in listed  # the analyzer froze nothing of its own
+    assert 0 < gc.get_freeze_count() <= before
 
 
 def test_a_disabled_collector_is_left_alone(bars: dict[str, CSVBars]) -> None:

@@ -6,6 +6,11 @@ SMA-cross agent on the bundled real data and records every decision in ``fmel.du
 
 import sys
 
+if __name__ == "__main__":  # before the heavy imports (seconds): a signal then is held, not fatal
+    from core.signals import hold_early
+
+    hold_early()
+
 from runtime.runner import main
 
 if __name__ == "__main__":

@@ -395,6 +395,23 @@ class BarHashes:
         pos = (index % maxlen) * 16
         return self._ring[pos : pos + 16].hex()
 
+    def take(self, indexes: Sequence[int]) -> list[str | None]:
+        """:meth:`at` of each of ``indexes`` (absolute bar indexes), in one call. When every
+        index is held, a source with its own ``take`` (a CSV file's
+        :class:`~feeds.csv.reader.RowHashes`) or the unbounded list answers them together
+        (FMEL's writer asks for a batch's bars at once: ``resolve_columns``)."""
+        if not indexes:
+            return []
+        count, maxlen = self._count, self._maxlen
+        if min(indexes) >= 0 and max(indexes) < count and not maxlen:
+            source = self._source
+            if source is None:
+                return list(map(self._hashes.__getitem__, indexes))
+            bulk = getattr(source, "take", None)
+            if bulk is not None:
+                return list(bulk(indexes))
+        return list(map(self.at, indexes))
+
     def __len__(self) -> int:
         return self._count
 

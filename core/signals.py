@@ -11,7 +11,15 @@ that way in CI: its handler closed the hub's input while the bar loop held the h
 :class:`StopSignals` keeps the handler to an integer increment and one ``os.write`` of the
 signal number on a pipe; a daemon thread reads the pipe and calls ``on_stop`` there, where
 taking locks is safe. A later signal calls ``on_force`` in the handler itself (it is expected
-to end the process: ``os._exit``), so a stuck stop can still be cut short.
+to end the process: ``os._exit``), so a stuck stop can still be cut short. ``at_once`` may do
+a lock-free part of the stop in the handler itself (the runner's ``cerebro.runstop()``, one
+attribute set): relayed, a backtest went on for 20-40 bars (the main thread hands the GIL over
+every 5 ms, ``sys.getswitchinterval()``).
+
+An entry point calls :func:`hold_early` before its heavy imports (backtrader, pyarrow, scipy:
+seconds on a loaded machine): a signal in that window is held, not fatal, and
+:meth:`StopSignals.install` handles it as if it had just come (found by an attack: SIGTERM
+during start-up ended the process with 143, SIGINT printed a ``KeyboardInterrupt`` traceback).
 """
 
 from __future__ import annotations
@@ -28,6 +36,31 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _END = b"\0"  # not a signal number: tells the relay thread to end
+_HELD: list[int] = []  # signals taken by hold_early's handler, not yet handled
+
+
+def hold_early(signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Hold SIGINT/SIGTERM from now until a :class:`StopSignals` (or :func:`take_held`) takes
+    them: the first is kept for it, a second exits at once (``128 + signal``, as a second
+    signal does later). Main thread only; call it first thing in a process's entry point, not
+    from library code."""
+    for sig in signals:
+        signal.signal(sig, _hold)
+
+
+def _hold(signum: int, frame: FrameType | None) -> None:
+    _HELD.append(signum)
+    if len(_HELD) > 1:
+        with contextlib.suppress(OSError):
+            os.write(2, f"second {signal.Signals(signum).name} during start-up: exiting\n".encode())
+        os._exit(128 + signum)
+
+
+def take_held() -> list[int]:
+    """The signals :func:`hold_early` held and nobody took yet (then forgotten)."""
+    held = _HELD[:]
+    del _HELD[: len(held)]
+    return held
 
 
 class StopSignals:
@@ -40,6 +73,8 @@ class StopSignals:
         on_force: called in the signal handler, on the main thread, for the second and later
             signals; must not take locks (``os._exit`` after flushing logs is the usual body).
         signals: the signals handled, default SIGINT and SIGTERM.
+        at_once: called in the handler (main thread) with the first signal's name, before the
+            relay; must not take locks: a flag or attribute set.
 
     Attributes:
         count: signals received so far (read it anywhere; only the handler writes it).
@@ -56,9 +91,11 @@ class StopSignals:
         on_force: Callable[[str], None] | None = None,
         *,
         signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
+        at_once: Callable[[str], None] | None = None,
         name: str = "signal-relay",
     ) -> None:
         self._on_stop = on_stop
+        self._at_once = at_once
         self._on_force = on_force
         self._signals = tuple(signals)
         self._name = name
@@ -69,7 +106,8 @@ class StopSignals:
         self._thread: threading.Thread | None = None
 
     def install(self) -> None:
-        """Start the relay thread and install the handlers. Main thread only; idempotent."""
+        """Start the relay thread and install the handlers, then handle the signals
+        :func:`hold_early` held. Main thread only; idempotent."""
         if self._pipe is not None:
             return
         r, w = os.pipe()
@@ -79,6 +117,9 @@ class StopSignals:
         self._thread.start()
         for sig in self._signals:
             self._old[sig] = signal.signal(sig, self._handle)
+        for signum in take_held():
+            logger.info("%s came during start-up; handled now", signal.Signals(signum).name)
+            self._handle(signum, None)
 
     def restore(self, timeout_s: float = 5.0) -> None:
         """Put the earlier handlers back, end the relay thread (waiting up to ``timeout_s``
@@ -110,6 +151,8 @@ class StopSignals:
             return
         if self.first is None:
             self.first = name
+            if self._at_once is not None:
+                self._at_once(name)
         pipe = self._pipe
         if pipe is not None:
             with contextlib.suppress(OSError):  # EAGAIN: the pipe is full of signals already

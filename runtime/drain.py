@@ -25,9 +25,17 @@ configuration.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a signal during start-up is held
+    from core.signals import hold_early
+
+    hold_early()
+
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -137,18 +145,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_stop(name: str) -> None:  # on the relay thread (core.signals): Event.set takes a lock
-        logger.warning("%s: stopping the drain; what is left stays in the spill", name)
+        logger.warning(
+            "%s: stopping the drain; writing for at most SHUTDOWN_TIMEOUT_S (%g s) more, what "
+            "is left stays in the spill (a second signal exits at once)",
+            name,
+            config.ops.shutdown_timeout_s,
+        )
         stop.set()
 
-    signals = StopSignals(on_stop)  # every signal stops; the drain's own deadline ends it
-    signals.install()
+    def on_force(name: str) -> None:  # in the handler: as the runner's second signal
+        logger.error("second %s: exiting at once; what is left stays in the spill", name)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(128 + signal.Signals[name].value)
+
+    # Kept until the process ends: a signal while it exits only logs (not 128 + N).
+    StopSignals(on_stop, on_force).install()
     try:
         result = drain(config, timeout_s=args.timeout_s, stop=stop)
     except (ConfigError, AppError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 2 if isinstance(e, ConfigError) else 1
-    finally:
-        signals.restore()
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     if result["torn"]:

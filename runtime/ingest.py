@@ -26,6 +26,11 @@ auth_error), ``connected`` (gauge), ``queue_depth``, ``unconfirmed``, ``history_
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: a signal during start-up is held
+    from core.signals import hold_early
+
+    hold_early()
+
 import contextlib
 import json
 import logging
@@ -216,6 +221,7 @@ class IngestProcess:
         self.ingestor: Ingestor | None = None
         self.health: HealthServer | None = None
         self._stop = threading.Event()
+        self._finished = False
 
     def _force_exit(self, name: str) -> None:
         """A second signal (in the handler): exit at once."""
@@ -228,6 +234,9 @@ class IngestProcess:
     def _request_stop(self, name: str) -> None:
         """The first signal, on the relay thread (:mod:`core.signals`: the handler takes no
         lock; ``Event.set`` here could otherwise wait on the main thread's own wait)."""
+        if self._finished:
+            logger.info("%s after the run ended: exiting as planned", name)
+            return
         logger.warning("stopping: %s; publishing what was received, saving the state", name)
         if self.health is not None:
             self.health.set_draining()
@@ -237,12 +246,12 @@ class IngestProcess:
 
     def run(self) -> int:
         """Start, wait for a signal or a fatal stop, shut down. Returns the exit code."""
-        signals = StopSignals(self._request_stop, self._force_exit)
-        signals.install()
+        # Kept until the process ends: a signal while it exits only logs (not 128 + N).
+        StopSignals(self._request_stop, self._force_exit).install()
         try:
             return self._run()
         finally:
-            signals.restore()
+            self._finished = True
 
     def _run(self) -> int:
         # Fails at start (exit 2) rather than after the first publishes.

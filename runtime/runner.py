@@ -92,6 +92,7 @@ class Runner:
         self.metrics = RunMetrics()
         self.health: HealthServer | None = None
         self._running = False
+        self._finished = False  # the run and its report are over (a signal then only logs)
         # MODE=paper: the Pub/Sub subscriber (a signal stops it in any phase: backfill,
         # discovery, reconnect waits, the bar loop).
         self.live_input: Any = None
@@ -351,7 +352,11 @@ class Runner:
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask the run to end after the current bar. Any thread (the signal relay's, the
-        writer's); it takes locks (the Pub/Sub hub's), so not from a signal handler."""
+        writer's); it takes locks (the Pub/Sub hub's), so not from a signal handler. After the
+        run ended (the report printing, the process exiting) it only says so."""
+        if self._finished:
+            logger.info("%s after the run ended: exiting as planned", reason)
+            return
         if not self._stop_requested:
             logger.warning("stopping: %s; finishing the current bar, flushing decisions", reason)
             self._stop_deadline = time.monotonic() + self.config.ops.shutdown_timeout_s
@@ -393,8 +398,17 @@ class Runner:
         handler itself takes no lock, see :mod:`core.signals`); a second one forces exit.
         Main thread only."""
         if self._signal_relay is None:
-            self._signal_relay = StopSignals(self.request_stop, self._force_exit)
+            self._signal_relay = StopSignals(
+                self.request_stop, self._force_exit, at_once=self._runstop_now
+            )
         self._signal_relay.install()
+
+    def _runstop_now(self, name: str) -> None:
+        """In the signal handler: a backtest's ``cerebro.runstop()`` (one attribute set, no
+        lock), so no bar starts after the signal; the relay does the rest. Paper runs stop
+        through their input (bars buffered go back to Pub/Sub), on the relay."""
+        if self.live_input is None and self.cerebro is not None:
+            self.cerebro.runstop()
 
     def restore_signal_handlers(self) -> None:
         if self._signal_relay is not None:
@@ -460,7 +474,10 @@ class Runner:
             elapsed = time.perf_counter() - t0
             self._close_components()
             stats = self._flush()
-        return self._report(strategy, start_value, elapsed, stats)
+        try:
+            return self._report(strategy, start_value, elapsed, stats)
+        finally:
+            self._finished = True
 
     def _agent_failure(self, e: Exception) -> AppError:
         """A one-line error for an exception raised while the agent was built (its
@@ -645,6 +662,9 @@ def main() -> int:
             if page is not None:
                 sys.stdout.write(f"html report    {page}\n")
         return code
+    # Kept until the process ends, not restored: a signal while the report prints or the
+    # interpreter exits would otherwise kill it with 128 + N after a clean run (an attack's
+    # finding); a first one then only logs, a second still forces the exit.
     runner.install_signal_handlers()
     try:
         report = runner.run()
@@ -655,8 +675,7 @@ def main() -> int:
         logger.error("run failed: %s: %s", type(e).__name__, e)
         return 1
     finally:
-        with contextlib.suppress(Exception):
-            runner.restore_signal_handlers()
+        runner._finished = True
     sys.stdout.write(report.render())
     sys.stdout.flush()
     return EXIT_DECISIONS_FAILED if report.decisions_failure or report.records_lost else 0

@@ -2,7 +2,9 @@
 in progress (or stuck in its stop) when a signal arrives. Used as
 ``AGENT=tests.slow_agent:SlowAgent`` by subprocess tests.
 
-Params:
+``StampingAgent`` notes when each bar started, for a test of how soon a stop lands.
+
+Params (SlowAgent):
     sleep_s (float): pause in every ``next()``, seconds.
     stop_sleep_s (float): pause in ``stop()`` (a slow teardown), seconds; logs ``slow stop``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from agents.sma_cross import SmaCrossAgent
 
@@ -32,3 +35,21 @@ class SlowAgent(SmaCrossAgent):
 
 class SlowStartAgent(SmaCrossAgent):
     """The SMA-cross agent under another name; ``tests.slow_start`` imports it slowly."""
+
+
+class StampingAgent(SmaCrossAgent):
+    """The SMA-cross agent, noting ``time.monotonic_ns()`` (one clock for every process of the
+    host) at each ``next()``; writes them, one a line, to ``path`` at ``stop()``."""
+
+    params = (("path", ""),)  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[int] = []
+
+    def next(self) -> None:
+        self.stamps.append(time.monotonic_ns())
+        super().next()
+
+    def stop(self) -> None:
+        Path(self.p.path).write_text("\n".join(map(str, self.stamps)), encoding="ascii")

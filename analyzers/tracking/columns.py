@@ -321,11 +321,10 @@ def resolve_columns(
     width = int(index.max()) + 1
     key = slot * width + index
     uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    hash_at: dict[tuple[int, int], str | None] = {}
     u_slot, u_index = np.divmod(uniq, width)
     u_pos = u_index - o[first]
     u_days = np.empty(len(uniq), dtype=np.float64)
-    u_hash: list[str | None] = []
+    u_hash = np.full(len(uniq), None, dtype=object)
     for s in np.unique(u_slot).tolist():
         in_s = u_slot == s
         info = infos[s]
@@ -333,19 +332,18 @@ def resolve_columns(
         times = np.frombuffer(info.dt.array[:], dtype=np.float64)
         u_days[in_s] = times[u_pos[in_s]]
         hashes = info.hashes
-        for i in u_index[in_s].tolist():
-            digest = hashes.at(i) if hashes is not None else None
-            hash_at[(s, i)] = digest
-    u_hash = [hash_at[(s, i)] for s, i in zip(u_slot.tolist(), u_index.tolist(), strict=True)]
+        if hashes is not None:
+            u_hash[in_s] = hashes.take(u_index[in_s].tolist())
     u_time_s = round_ms((u_days - BT_EPOCH_DAYS) * SECONDS_PER_DAY)
     u_time = posix_us_array(u_time_s)
-    hash_list: list[str] = []
-    hash_pos: dict[str, int] = {}
-    u_code = np.array(
-        [-1 if h is None else hash_pos.setdefault(h, len(hash_pos)) for h in u_hash] or [0],
-        dtype=np.int64,
-    )
-    hash_list = list(hash_pos)
+    # the distinct hashes in order of first appearance; a bar without one: -1
+    u_list = u_hash.tolist()
+    distinct = dict.fromkeys(u_list)
+    distinct.pop(None, None)
+    hash_list: list[str] = list(distinct)
+    hash_pos: dict[str | None, int] = dict(zip(hash_list, range(len(hash_list)), strict=True))
+    hash_pos[None] = -1
+    u_code = np.fromiter(map(hash_pos.__getitem__, u_list), dtype=np.int64, count=len(u_list))
     hash_code = np.where(index < known, u_code[inv], -1)
     bar_time_us = u_time[inv]
 
@@ -363,19 +361,20 @@ def resolve_columns(
     group_offsets = _offsets(np.bincount(group_bar, minlength=len(done)).astype(np.int64))
     access_offsets = _offsets(np.bincount(grp, minlength=n_groups).astype(np.int64))
     group_symbol = [symbols[s] for s in sym[gfirst_sorted].tolist()]
-    group_digest: list[str | None] = []
-    for b, s in zip(
-        done[group_bar].tolist(), slot[gfirst_sorted].tolist(), strict=True
-    ):  # the group's feed (its first read's) at its current bar
-        cur_b = int(state[b, s, 0]) - 1
-        hashes = infos[s].hashes
-        if hashes is None or cur_b < 0 or cur_b >= int(state[b, s, 3]):
-            group_digest.append(None)
-            continue
-        digest = hash_at.get((s, cur_b))
-        if digest is None:
-            digest = hash_at[(s, cur_b)] = hashes.at(cur_b)
-        group_digest.append(digest)
+    # the group's feed (its first read's) at its current bar: mostly a bar read in the batch
+    g_bar, g_slot = done[group_bar], slot[gfirst_sorted]
+    g_cur = state[g_bar, g_slot, 0] - 1
+    g_held = (g_cur >= 0) & (g_cur < state[g_bar, g_slot, 3])
+    g_key = g_slot * width + g_cur
+    g_at = np.minimum(np.searchsorted(uniq, g_key), len(uniq) - 1)
+    g_found = g_held & (g_cur < width) & (uniq[g_at] == g_key)
+    g_digest = np.full(n_groups, None, dtype=object)
+    g_digest[g_found] = u_hash[g_at[g_found]]
+    for k in np.flatnonzero(g_held & ~g_found).tolist():
+        hashes = infos[int(g_slot[k])].hashes
+        if hashes is not None:
+            g_digest[k] = hashes.at(int(g_cur[k]))
+    group_digest: list[str | None] = g_digest.tolist()
 
     # fields_accessed: distinct fields of each group in order of first read
     fkey = grp * max(len(field_of), 1) + fcode

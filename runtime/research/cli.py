@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import AppError, ConfigError, DataError
+from core.signals import take_held
 from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
 from runtime.assembly import agent_param_names, load_agent
 from runtime.research.config import OptimizeConfig
@@ -240,8 +241,13 @@ class _StartSignals:
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Raises :class:`_StartInterrupted` at once for a signal :func:`core.signals.hold_early`
+        held while the process started."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._on_signal)
+        held = take_held()
+        if held:
+            raise _StartInterrupted(held[0])
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

@@ -367,3 +367,80 @@ def test_sigterm_while_a_large_csv_is_read_exits_cleanly(
         "cancelled by the stop request" in e["message"] or "before the first bar" in e["message"]
         for e in big.log
     )
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """The process has a handler for ``sig`` (Linux: the ``SigCgt`` mask of /proc/PID/status)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", text, re.M)
+    return bool(mask and int(mask.group(1), 16) >> (sig.value - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_is_held_then_stops_the_run(
+    tmp_path: Path, runners: list[RunnerProcess], sig: signal.Signals
+) -> None:
+    """From runner.py's first lines, before backtrader, pyarrow and scipy are imported (seconds
+    on a loaded machine), a signal is held and becomes a clean stop once the runner can act on
+    it (an attack found SIGTERM there ended the process with 143, SIGINT with a traceback)."""
+    r = RunnerProcess(tmp_path)
+    runners.append(r)
+    deadline = time.monotonic() + 30
+    # SIGTERM caught: hold_early() ran (SIGINT's handler was set just before it)
+    while not _catches(r.proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    r.proc.send_signal(sig)
+    assert r.finish(timeout_s=GRACE_PERIOD_S) == 0, "".join(r.err_lines[-20:])
+    rep = report_numbers(r.stdout)
+    assert rep["interrupted"] and rep["decisions"] == 0
+    messages = [e["message"] for e in r.log]
+    assert f"{sig.name} came during start-up; handled now" in messages
+    assert any("before the first bar" in m for m in messages)
+    assert not any("Traceback" in line for line in r.err_lines)
+
+
+def test_a_signal_while_the_report_prints_keeps_the_exit_code(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    """The run ended and its report is printing (the process about to exit): a signal then
+    changes nothing (it used to kill the clean run with 143: the handlers were restored)."""
+    import select
+
+    r = RunnerProcess(tmp_path)
+    runners.append(r)
+    assert r.proc.stdout is not None
+    assert select.select([r.proc.stdout], [], [], 180)[0], "no report"
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=GRACE_PERIOD_S) == 0, "".join(r.err_lines[-20:])
+    rep = report_numbers(r.stdout)
+    assert not rep["interrupted"] and rep["decisions"] == 5031
+
+
+def test_a_backtest_starts_no_bar_after_the_signal(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    """``cerebro.runstop()`` is set in the signal handler itself (one attribute, no lock): a fast
+    backtest went on for 20-40 bars while the stop waited for the relay thread's turn at the
+    GIL (an attack's finding)."""
+    stamps = tmp_path / "stamps.txt"
+    r = RunnerProcess(
+        tmp_path,
+        AGENT="tests.slow_agent:StampingAgent",
+        AGENT_PARAMS=json.dumps({"path": str(stamps)}),
+    )
+    runners.append(r)
+    r.wait_for(
+        "100 bars",
+        lambda: (r.metric("runner_bars_processed_total", feed="GOOG") or 0) >= 100,
+        timeout_s=120,
+    )
+    sent = time.monotonic_ns()
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=GRACE_PERIOD_S) == 0, "".join(r.err_lines[-20:])
+    assert report_numbers(r.stdout)["interrupted"]
+    started = [int(t) for t in stamps.read_text().split()]
+    assert started and min(started) < sent
+    assert sum(t > sent for t in started) <= 1  # the bar the signal may have met

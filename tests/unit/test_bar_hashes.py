@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.bars import bar_hash, bar_hashes
+from core.bars import BarHashes, bar_hash, bar_hashes
 from feeds.csv.reader import RowHashes
 
 _EPOCH = datetime(1970, 1, 1)
@@ -86,3 +86,55 @@ def test_the_csv_feeds_lazy_hashes_equal_the_one_bar_rule(n: int, picks: list[in
         if news[i] is not None:
             values["news"] = news[i]
         assert hashes[i] == _one("GOOG", us, values)
+
+
+def _row_hashes(n: int) -> RowHashes:
+    times = (np.arange(n, dtype=np.int64) * 60 * 10**9 + 10**18).astype("datetime64[ns]")
+    return RowHashes("AAA", times, {"close": np.linspace(1.0, 2.0, n)}, {})
+
+
+@given(
+    n=st.integers(min_value=1, max_value=600),
+    asked=st.lists(st.integers(-700, 700), max_size=40),
+    warm=st.lists(st.integers(0, 599), max_size=5),
+)
+def test_the_csv_feeds_take_equals_one_at_a_time(n: int, asked: list[int], warm: list[int]) -> None:
+    """``RowHashes.take`` (the writer's bulk lookup) answers as ``[hashes[i] ...]``: the same
+    hashes, cached or not, and the same IndexError for an index out of range."""
+    bulk, one = _row_hashes(n), _row_hashes(n)
+    for i in warm:  # some blocks already computed
+        if i < n:
+            bulk[i]
+    try:
+        expected: list[str] | None = [one[i] for i in asked]
+    except IndexError:
+        expected = None
+    if expected is None:
+        with pytest.raises(IndexError):
+            bulk.take(asked)
+    else:
+        assert bulk.take(asked) == expected
+
+
+@given(
+    maxlen=st.sampled_from([None, 3, 7]),
+    source=st.sampled_from(["none", "rows", "plain list"]),
+    n=st.integers(min_value=0, max_value=20),
+    asked=st.lists(st.integers(-3, 25), max_size=30),
+)
+def test_bar_hashes_take_equals_at(
+    maxlen: int | None, source: str, n: int, asked: list[int]
+) -> None:
+    """``BarHashes.take`` is ``[at(i) ...]`` whatever holds the hashes: a bounded ring (evicted
+    and odd hashes), the unbounded list, a source with its own ``take`` (a CSV file's), a source
+    without one; indexes out of range or evicted answer None."""
+    rows = _row_hashes(25)
+    if source == "none":
+        hashes = BarHashes(maxlen)
+        for i in range(n):
+            hashes.append(rows[i] if i % 4 else f"Odd-{i}")
+    else:
+        hashes = BarHashes(source=rows if source == "rows" else list(rows))
+        for _ in range(n):
+            hashes.advance()
+    assert hashes.take(asked) == [hashes.at(i) for i in asked]

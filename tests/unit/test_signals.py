@@ -143,3 +143,43 @@ def test_sigterm_while_the_bar_loop_holds_the_hubs_lock_stops_the_runner() -> No
     done = run_child(code, timeout_s=60.0)
     assert done is not None, "deadlocked"
     assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr[-2000:]
+
+
+def test_a_signal_held_during_start_up_is_handled_once_installed() -> None:
+    """``hold_early`` keeps the signal; ``install`` then handles it as if it had just come:
+    ``at_once`` in the handler, ``on_stop`` on the relay thread."""
+    code = """
+    import os, signal, threading, time
+    from core.signals import StopSignals, hold_early
+    hold_early()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # the heavy imports
+    got = []
+    done = threading.Event()
+    def on_stop(name):
+        got.append(name)
+        done.set()
+    sig = StopSignals(on_stop, at_once=lambda name: got.append("now " + name))
+    sig.install()
+    assert done.wait(10), got
+    assert got == ["now SIGTERM", "SIGTERM"] and sig.count == 1, got
+    print("ok")
+    """
+    done = run_child(code)
+    assert done is not None and done.stdout.strip() == "ok", done and done.stderr
+
+
+def test_a_second_signal_during_start_up_exits_at_once() -> None:
+    code = """
+    import os, signal, time
+    from core.signals import hold_early
+    hold_early()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+    print("not exited")
+    """
+    done = run_child(code)
+    assert done is not None and done.returncode == 128 + 2, done and done.stdout
+    assert "second SIGINT during start-up: exiting" in done.stderr

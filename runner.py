@@ -7,11 +7,17 @@ SMA-cross agent on the bundled real data and records every decision in ``fmel.du
 import sys
 
 if __name__ == "__main__":  # before the heavy imports (seconds): a signal then is held, not fatal
-    from core.signals import hold_early
+    from core.held_signals import hold_early
 
     hold_early()
 
 from runtime.runner import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.held_signals import block_for_exit
+
+    try:
+        code = main()
+    finally:
+        block_for_exit()  # the outcome is printed: a signal must not change the exit code
+    sys.exit(code)

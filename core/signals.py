@@ -16,10 +16,8 @@ a lock-free part of the stop in the handler itself (the runner's ``cerebro.runst
 attribute set): relayed, a backtest went on for 20-40 bars (the main thread hands the GIL over
 every 5 ms, ``sys.getswitchinterval()``).
 
-An entry point calls :func:`hold_early` before its heavy imports (backtrader, pyarrow, scipy:
-seconds on a loaded machine): a signal in that window is held, not fatal, and
-:meth:`StopSignals.install` handles it as if it had just come (found by an attack: SIGTERM
-during start-up ended the process with 143, SIGINT printed a ``KeyboardInterrupt`` traceback).
+An entry point calls :func:`hold_early` (:mod:`core.held_signals`, re-exported here) before its
+heavy imports, and :func:`block_for_exit` as it returns.
 """
 
 from __future__ import annotations
@@ -33,34 +31,13 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from core.held_signals import block_for_exit, hold_early, take_held
+
 logger = logging.getLogger(__name__)
 
 _END = b"\0"  # not a signal number: tells the relay thread to end
-_HELD: list[int] = []  # signals taken by hold_early's handler, not yet handled
 
-
-def hold_early(signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> None:
-    """Hold SIGINT/SIGTERM from now until a :class:`StopSignals` (or :func:`take_held`) takes
-    them: the first is kept for it, a second exits at once (``128 + signal``, as a second
-    signal does later). Main thread only; call it first thing in a process's entry point, not
-    from library code."""
-    for sig in signals:
-        signal.signal(sig, _hold)
-
-
-def _hold(signum: int, frame: FrameType | None) -> None:
-    _HELD.append(signum)
-    if len(_HELD) > 1:
-        with contextlib.suppress(OSError):
-            os.write(2, f"second {signal.Signals(signum).name} during start-up: exiting\n".encode())
-        os._exit(128 + signum)
-
-
-def take_held() -> list[int]:
-    """The signals :func:`hold_early` held and nobody took yet (then forgotten)."""
-    held = _HELD[:]
-    del _HELD[: len(held)]
-    return held
+__all__ = ["StopSignals", "block_for_exit", "hold_early", "take_held"]
 
 
 class StopSignals:

@@ -26,7 +26,7 @@ configuration.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the heavy imports: a signal during start-up is held
-    from core.signals import hold_early
+    from core.held_signals import hold_early
 
     hold_early()
 
@@ -178,4 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.held_signals import block_for_exit
+
+    try:
+        exit_code = main()
+    finally:
+        block_for_exit()  # the outcome is printed: a signal must not change the exit code
+    sys.exit(exit_code)

@@ -27,7 +27,7 @@ auth_error), ``connected`` (gauge), ``queue_depth``, ``unconfirmed``, ``history_
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the heavy imports: a signal during start-up is held
-    from core.signals import hold_early
+    from core.held_signals import hold_early
 
     hold_early()
 
@@ -350,4 +350,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.held_signals import block_for_exit
+
+    try:
+        exit_code = main()
+    finally:
+        block_for_exit()  # the outcome is printed: a signal must not change the exit code
+    sys.exit(exit_code)

@@ -93,6 +93,7 @@ class Runner:
         self.health: HealthServer | None = None
         self._running = False
         self._finished = False  # the run and its report are over (a signal then only logs)
+        self._interrupted = False  # a stop was asked for before cerebro.run() returned
         # MODE=paper: the Pub/Sub subscriber (a signal stops it in any phase: backfill,
         # discovery, reconnect waits, the bar loop).
         self.live_input: Any = None
@@ -471,6 +472,8 @@ class Runner:
                     raise self._agent_failure(e) from e
         finally:
             self._running = False
+            # a signal from here on (flush, report) came after the last bar: not an interruption
+            self._interrupted = self._stop_pending
             elapsed = time.perf_counter() - t0
             self._close_components()
             stats = self._flush()
@@ -597,7 +600,7 @@ class Runner:
             skipped_rows=dict(self.skipped_rows),
             feed_counters=self.live_input.feed_counters() if self.live_input else {},
             broker_note=self.broker_note,
-            interrupted=self._stop_pending,
+            interrupted=self._interrupted,
             elapsed_s=elapsed,
             html_report=str(html) if html else None,
         )

@@ -239,6 +239,7 @@ class _StartSignals:
 
     def __init__(self) -> None:
         self._old: dict[int, Any] = {}
+        self.signum: int | None = None  # the signal that interrupted the start-up
 
     def install(self) -> None:
         """Raises :class:`_StartInterrupted` at once for a signal :func:`core.signals.hold_early`
@@ -247,6 +248,7 @@ class _StartSignals:
             self._old[sig] = signal.signal(sig, self._on_signal)
         held = take_held()
         if held:
+            self.signum = held[0]
             raise _StartInterrupted(held[0])
 
     def restore(self) -> None:
@@ -254,8 +256,8 @@ class _StartSignals:
             signal.signal(sig, handler)
         self._old.clear()
 
-    @staticmethod
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
         raise _StartInterrupted(signum)
 
 
@@ -344,6 +346,14 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
     except _StartInterrupted as e:
         logger.warning("%s during start-up: stopped before any trial ran", e)
         return OptimizeOutcome(128 + e.signum, None, "")
+    except Exception as e:
+        # A library that checks for signals turns the raised _StartInterrupted into its own
+        # error (DuckDB: "RuntimeError: Query interrupted", an attack's finding)
+        if start_signals.signum is None or signals is not None:
+            raise
+        name = signal.Signals(start_signals.signum).name
+        logger.warning("%s during start-up (%s): stopped before any trial ran", name, e)
+        return OptimizeOutcome(128 + start_signals.signum, None, "")
     except (ConfigError, DataError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return OptimizeOutcome(2, None, "")

@@ -158,21 +158,33 @@ class PoolEngine:
         self._spawn_ignoring_sigint()
 
     def _spawn_ignoring_sigint(self) -> None:
-        """Start every worker now, with SIGINT ignored in this process meanwhile: an ignored
-        signal stays ignored across exec, and CPython installs its KeyboardInterrupt handler
-        only where SIGINT is not ignored (signal module docs, "SIG_IGN ... inherited"), so a
-        Ctrl-C during start-up never reaches a worker's import or initializer (attack15
-        sig_exact/). The pool spawns one worker per submit while none is idle (``spawn``
-        context, CPython 3.11 ``ProcessPoolExecutor._adjust_process_count``): ``workers``
-        no-op tasks start them all. Main thread only; elsewhere the workers start lazily."""
+        """Start every worker now, with SIGINT and SIGTERM ignored in this process meanwhile:
+        an ignored signal stays ignored across exec, and CPython installs its KeyboardInterrupt
+        handler only where SIGINT is not ignored (signal module docs, "SIG_IGN ... inherited"),
+        so a Ctrl-C during start-up never reaches a worker's import or initializer (attack15
+        sig_exact/), and a SIGTERM to the whole process group (``kill -TERM -PGID``, systemd)
+        reaches only this driver, which lets the running trials finish (a worker that died of
+        it failed the study: an attack's finding). A second signal still ends the workers
+        (:meth:`kill`: SIGKILL).
+
+        Both are also blocked meanwhile, so one that comes during the spawn waits and reaches
+        this process's own handler afterwards instead of being dropped (Linux queues a blocked
+        signal even while it is ignored; ``man 7 signal``). The pool spawns one worker per
+        submit while none is idle (``spawn`` context, CPython 3.11
+        ``ProcessPoolExecutor._adjust_process_count``): ``workers`` no-op tasks start them all.
+        Main thread only; elsewhere the workers start lazily."""
         if threading.current_thread() is not threading.main_thread():
             return
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stops = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
         try:
             for _ in range(self.workers):
                 self._pool.submit(os.getpid)
         finally:
-            signal.signal(signal.SIGINT, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def submit(self, task: TrialTask) -> None:
         self._futures.add(self._pool.submit(_run_in_worker, task))

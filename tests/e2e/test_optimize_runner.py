@@ -4,6 +4,7 @@ decisions, bad settings, and a clean stop on SIGINT that keeps every finished tr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -157,10 +158,17 @@ def test_bad_settings_fail_at_start_with_exit_2(
     assert not (workdir / "fmel.duckdb").exists()  # refused before anything was written
 
 
-def test_sigint_stops_cleanly_and_keeps_every_finished_trial(workdir: Path) -> None:
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_a_signal_stops_cleanly_and_keeps_every_finished_trial(
+    workdir: Path, sig: signal.Signals, group: bool
+) -> None:
+    """SIGINT to the driver (Ctrl-C), or SIGTERM to the whole process group (``kill -TERM
+    -PGID``, systemd): the workers ignore both (an attack found the group's SIGTERM killed
+    them and failed the study with exit 1); the driver lets the running trials finish."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "runner.py")],
         cwd=workdir,
+        start_new_session=True,
         env=env(
             {
                 "MODE": "optimize",
@@ -186,7 +194,10 @@ def test_sigint_stops_cleanly_and_keeps_every_finished_trial(workdir: Path) -> N
             if "stored:" in line and json.loads(line).get("logger") == "runtime.research.study":
                 stored += 1
                 if stored == 3:
-                    proc.send_signal(signal.SIGINT)
+                    if group:
+                        os.killpg(proc.pid, sig)
+                    else:
+                        proc.send_signal(sig)
                     break
         out, err = proc.communicate(timeout=300)
     finally:
@@ -198,7 +209,7 @@ def test_sigint_stops_cleanly_and_keeps_every_finished_trial(workdir: Path) -> N
     assert "(INTERRUPTED)" in out
     messages = [json.loads(x).get("message", "") for x in lines if x.startswith("{")]
     stored_total = sum(1 for m in messages if " stored: " in m)
-    assert any("SIGINT: finishing the running trials" in m for m in messages)
+    assert any(f"{sig.name}: finishing the running trials" in m for m in messages)
     db = workdir / "fmel.duckdb"
     (rows,) = query(db, "SELECT count(*) FROM trials")[0]
     assert rows == stored_total >= 3

@@ -419,6 +419,24 @@ def test_a_signal_while_the_report_prints_keeps_the_exit_code(
     assert not rep["interrupted"] and rep["decisions"] == 5031
 
 
+def test_a_signal_after_the_last_bar_is_not_an_interruption(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    """Every bar was decided and flushed; a signal while the report is built does not mark the
+    run INTERRUPTED (an attack's finding: "5031 of 5031, INTERRUPTED")."""
+    r = RunnerProcess(tmp_path)
+    runners.append(r)
+    r.wait_for(
+        "the final flush",
+        lambda: any('"decisions: ' in line for line in r.err_lines),
+        timeout_s=180,
+    )
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.finish(timeout_s=GRACE_PERIOD_S) == 0, "".join(r.err_lines[-20:])
+    rep = report_numbers(r.stdout)
+    assert not rep["interrupted"] and rep["decisions"] == rep["written"] == 5031
+
+
 def test_a_backtest_starts_no_bar_after_the_signal(
     tmp_path: Path, runners: list[RunnerProcess]
 ) -> None:

@@ -57,12 +57,12 @@ def test_a_listening_address_passes_and_symbolic_ones_are_left_to_ray() -> None:
         probe_ray_address(address, timeout_s=0.01)
 
 
-def _sigint_ignored(pid: int) -> bool:
-    """Bit SIGINT of ``SigIgn`` in /proc/<pid>/status (proc(5))."""
+def _ignored(pid: int, sig: signal.Signals = signal.SIGINT) -> bool:
+    """Bit ``sig`` of ``SigIgn`` in /proc/<pid>/status (proc(5))."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("SigIgn:"):
-                return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+                return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
     raise AssertionError("no SigIgn line")
 
 
@@ -77,8 +77,11 @@ def test_pool_workers_ignore_sigint_from_their_start(tmp_path: Path) -> None:
     try:
         procs = list(engine._pool._processes.values())
         assert len(procs) == 2
-        assert all(_sigint_ignored(p.pid) for p in procs)
+        assert all(_ignored(p.pid) for p in procs)
+        # and SIGTERM: one to the whole process group reaches only the driver
+        assert all(_ignored(p.pid, signal.SIGTERM) for p in procs)
         assert signal.getsignal(signal.SIGINT) is before
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked
     finally:
         engine.close()
 

@@ -182,4 +182,4 @@ def test_a_second_signal_during_start_up_exits_at_once() -> None:
     """
     done = run_child(code)
     assert done is not None and done.returncode == 128 + 2, done and done.stdout
-    assert "second SIGINT during start-up: exiting" in done.stderr
+    assert "second signal during start-up: exiting" in done.stderr

@@ -81,3 +81,34 @@ def test_an_unreachable_store_ends_the_drain_at_its_default_limit_with_exit_1(
     assert (result["drained"], result["torn"], result["left"]) == (0, 0, 7)
     assert "7 decision records are still in" in done.stderr
     assert SpillFile(spill_dir / "spill-bigquery.jsonl").pending() == 7
+
+
+def test_a_signal_as_the_drain_prints_its_result_keeps_its_exit_code(tmp_path: Path) -> None:
+    """``python -m runtime.drain`` as an operator runs it: once its result is printed, a SIGTERM
+    (the process exiting) does not turn exit 0 into 143 (an attack's finding: CPython's
+    finalization restores the default handlers; the entry point blocks the signals first)."""
+    import select
+    import signal
+
+    spill_dir = tmp_path / "spill"
+    _spill(spill_dir / "spill-local.jsonl", 50, torn=False)
+    env = {"FMEL_SPILL_DIR": str(spill_dir), "FMEL_LOCAL_PATH": str(tmp_path / "d.duckdb")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.drain"],
+        cwd=REPO,
+        env=clean_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert select.select([proc.stdout], [], [], 120)[0], "no result"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["left"] == 0

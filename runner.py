@@ -14,10 +14,10 @@ if __name__ == "__main__":  # before the heavy imports (seconds): a signal then 
 from runtime.runner import main
 
 if __name__ == "__main__":
-    from core.held_signals import block_for_exit
+    from core.held_signals import ignore_for_exit
 
     try:
         code = main()
     finally:
-        block_for_exit()  # the outcome is printed: a signal must not change the exit code
+        ignore_for_exit()  # the outcome is printed: a signal must not change the exit code
     sys.exit(code)

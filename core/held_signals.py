@@ -10,10 +10,9 @@ This module imports only ``os`` (already loaded by the interpreter's start-up) a
 and ``threading`` (~25 ms), and every millisecond before the handler is set is a window in which
 a signal still kills the process (a second attack hit it at 0-60 ms).
 
-:func:`block_for_exit` ends that protection at the other end: once a process's outcome is
-decided and printed, CPython's finalization puts the default handlers back before it tears
-the modules down (0.4 s and more), and a signal then would turn exit code 0 (or 1, 2) into
-128 + N.
+:func:`ignore_for_exit` covers the other end: once a process's outcome is decided and
+printed, CPython's finalization puts the default handlers back before it tears the modules down
+(0.4 s and more), and a signal then would turn exit code 0 (or 1, 2) into 128 + N.
 """
 
 import _signal
@@ -49,9 +48,16 @@ def take_held() -> list[int]:
     return held
 
 
-def block_for_exit() -> None:
-    """Block SIGINT/SIGTERM for the rest of the process: its outcome is decided (the report
+def ignore_for_exit() -> None:
+    """Ignore SIGINT/SIGTERM for the rest of the process: its outcome is decided (the report
     printed, the exit code known) and a signal during the interpreter's finalization must not
-    change it. Call it as the entry point returns (a pending signal dies with the process).
-    Only SIGKILL ends a finalization that hangs from here on."""
-    _signal.pthread_sigmask(_signal.SIG_BLOCK, _STOP_SIGNALS)
+    change it. Call it as the entry point returns; only SIGKILL ends a finalization that hangs
+    from here on.
+
+    Ignored, not blocked: a signal mask is per thread, and the kernel hands a process-directed
+    signal to any thread that does not block it (DuckDB's, gRPC's, the relay), where the default
+    action CPython's finalization puts back would kill the process (CI found a blocked SIGTERM
+    still ended it with 143). Finalization leaves an ignored signal ignored (CPython
+    ``_PySignal_Fini`` resets only signals with a Python handler)."""
+    for sig in _STOP_SIGNALS:
+        _signal.signal(sig, _signal.SIG_IGN)

@@ -17,7 +17,7 @@ attribute set): relayed, a backtest went on for 20-40 bars (the main thread hand
 every 5 ms, ``sys.getswitchinterval()``).
 
 An entry point calls :func:`hold_early` (:mod:`core.held_signals`, re-exported here) before its
-heavy imports, and :func:`block_for_exit` as it returns.
+heavy imports, and :func:`ignore_for_exit` as it returns.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from core.held_signals import block_for_exit, hold_early, take_held
+from core.held_signals import hold_early, ignore_for_exit, take_held
 
 logger = logging.getLogger(__name__)
 
 _END = b"\0"  # not a signal number: tells the relay thread to end
 
-__all__ = ["StopSignals", "block_for_exit", "hold_early", "take_held"]
+__all__ = ["StopSignals", "hold_early", "ignore_for_exit", "take_held"]
 
 
 class StopSignals:

@@ -350,10 +350,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from core.held_signals import block_for_exit
+    from core.held_signals import ignore_for_exit
 
     try:
         exit_code = main()
     finally:
-        block_for_exit()  # the outcome is printed: a signal must not change the exit code
+        ignore_for_exit()  # the outcome is printed: a signal must not change the exit code
     sys.exit(exit_code)

@@ -569,8 +569,12 @@ def test_submit_whose_answer_was_lost_is_followed_not_duplicated(api: str) -> No
             ],
         )
         posts = [(r.fault, r.status) for r in server.requests if r.method == "POST"]
-        assert posts == [("reset", 0), (None, 422)]
-        assert server.count_kind("by_coid") == 1
+        # The retry (refused as a duplicate client_order_id, 422, then looked up) may not come
+        # at all: the order's fill can reach the broker by the stream or a poll while the retry
+        # waits its backoff, the run ends, and the stop resolves the submit at the final sync
+        # (seen once in a full run under load). Either way: one order, followed, not repeated.
+        assert posts in ([("reset", 0), (None, 422)], [("reset", 0)])
+        assert server.count_kind("by_coid") <= 1
         assert len(server.orders) == 1
         assert statuses(run, order_of(run, "b").ref) == ["Submitted", "Accepted", "Completed"]
         assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(3)}

@@ -460,7 +460,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if tracker.stale:
                 self._settle()  # earlier bars resolve with the sources they had
                 tracker.refresh()
-            data_accessed = lookaheads = PendingReads(tracker, tracker.drain(), tracker.capture())
+            bar_reads = raw[:]  # tracker.drain(), inlined (once a bar)
+            raw.clear()
+            data_accessed = lookaheads = PendingReads(tracker, bar_reads, tracker.capture())
             pending = self._pending
             pending.append(data_accessed)
             if len(pending) > 4096:
@@ -485,13 +487,14 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self._reasoning = self._confidence = None
         broker = self.strategy.broker
         held = self._held
+        dtl = self._dtline  # dtl[0] without LineBuffer.__getitem__'s Python frame
         rec = _tuple_new(
             make,
             (
                 run,
                 self.decisions,
                 time.time(),
-                _round_ms((self._dtline[0] - BT_EPOCH_DAYS) * SECONDS_PER_DAY),
+                _round_ms((dtl.array[dtl._idx] - BT_EPOCH_DAYS) * SECONDS_PER_DAY),
                 stage,
                 action,
                 events,

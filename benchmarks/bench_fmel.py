@@ -11,15 +11,21 @@ Agents: ``sma`` (:class:`agents.sma_cross.SmaCrossAgent`, 3 real daily feeds) an
 (``ReadHeavyAgent``: ``close[0..-29]``, ``high[0]``, ``low[0]`` of every feed per step,
 96 reads a step on 3 feeds, about 70 on average as GOOG starts later; issue 14 asks >= 60).
 
-Reported per agent and mode (medians over the rounds; peak RSS: the largest):
+Reported per agent and mode (peak RSS: the largest). Every ratio is paired: each round's run
+of the mode over the same round's ``plain`` run (plain runs in the middle of its round, the two
+FMEL modes on either side, swapped every round), then the median over the rounds. Absolute
+figures (bars/s, final flush) are medians over the rounds.
 
 * time vs plain: wall time of ``cerebro.run()`` plus the writer's final flush, over ``plain``'s.
 * final flush: wall time of ``writer.stop()`` after ``cerebro.run()`` (included in the time
   above), and how many records the writer had not written when the run ended.
 * main CPU vs plain: CPU time of the main (bar loop) thread (``time.thread_time``) over plain's.
 * added cost per read: (main-thread CPU of the mode - plain's) / reads recorded, microseconds.
-* writer GIL share: (wall of ``fmel+duckdb`` - wall of ``fmel``) / wall of ``plain``: the bar
-  loop time lost to the writer thread (it holds the GIL, or takes the second core's cache).
+* writer GIL share: (wall - main-thread CPU time of ``fmel+duckdb``) / wall of ``plain``: the
+  time the bar loop's thread did not run while it had work, lost to the writer thread (which
+  holds the GIL) or to the other threads and processes of the run taking its core. (Until
+  2026-12-02 this was wall of ``fmel+duckdb`` - wall of ``fmel``, over plain's: negative once
+  ``fmel``, which resolves reads on the bar loop, became slower than ``fmel+duckdb``.)
 
 Goals (issue 14) checked by ``--check`` (exit 1 above a goal): SMA-cross ``fmel+duckdb`` <= 1.10x,
 read-heavy ``fmel+duckdb`` <= 1.30x, added main-thread cost per read in ``fmel+duckdb`` (the
@@ -146,25 +152,40 @@ def child(
 
 
 def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Medians and ratios of one agent's runs (keys: see the module docstring)."""
+    """Medians and ratios of one agent's runs (keys: see the module docstring).
+
+    Ratios are paired: each round's run of a mode over the same round's ``plain`` run (the
+    runs of a round follow each other), then the median over the rounds. This machine's speed
+    drifts by up to 2x over tens of seconds (a shared virtual machine); a ratio of medians
+    taken over the whole benchmark mixes those phases, a paired one mostly does not.
+    """
 
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in results[mode])
 
-    plain_wall, plain_cpu = med("plain", "wall_s"), med("plain", "main_cpu_s")
+    def paired(mode: str, key: str) -> list[tuple[float, float]]:
+        return [(r[key], p[key]) for r, p in zip(results[mode], results["plain"], strict=True)]
+
+    plain_wall = med("plain", "wall_s")
     reads = max(r["reads"] for r in results["fmel"]) or 1.0
     out = {
         "bars": med("plain", "bars"),
         "reads": reads,
         "plain_bars_s": med("plain", "bars") / plain_wall,
-        "writer_share": (med("fmel+duckdb", "wall_s") - med("fmel", "wall_s")) / plain_wall,
+        # the bar loop's wall time in which its thread did not run (waiting for the GIL the
+        # writer holds, or for a core), over plain's wall time
+        "writer_share": statistics.median(
+            (r["wall_s"] - r["main_cpu_s"]) / p["wall_s"]
+            for r, p in zip(results["fmel+duckdb"], results["plain"], strict=True)
+        ),
         "flush_s": med("fmel+duckdb", "flush_s"),
         "left_at_end": med("fmel+duckdb", "left_at_end"),
     }
     for mode, key in (("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
-        out[f"time_{key}"] = med(mode, "wall_s") / plain_wall
-        out[f"cpu_{key}"] = med(mode, "main_cpu_s") / plain_cpu
-        out[f"us_per_read_{key}"] = (med(mode, "main_cpu_s") - plain_cpu) / reads * 1e6
+        out[f"time_{key}"] = statistics.median(a / b for a, b in paired(mode, "wall_s"))
+        cpu = paired(mode, "main_cpu_s")
+        out[f"cpu_{key}"] = statistics.median(a / b for a, b in cpu)
+        out[f"us_per_read_{key}"] = statistics.median((a - b) / reads * 1e6 for a, b in cpu)
     for mode in MODES:
         out[f"rss_{mode}"] = max(r["rss_mb"] for r in results[mode])
         out[f"bars_s_{mode}"] = med(mode, "bars") / med(mode, "wall_s")
@@ -175,7 +196,7 @@ def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
     name = "SMA-cross" if agent == "sma" else "read-heavy"
     lines = [
         f"**{name}** agent, {s['bars']:.0f} steps, {s['reads']:,.0f} reads "
-        f"({s['reads'] / s['bars']:.1f} a step), median of {rounds} interleaved rounds; "
+        f"({s['reads'] / s['bars']:.1f} a step), {rounds} rounds (ratios paired per round); "
         f"writer GIL share {s['writer_share']:.3f}; final flush (fmel+duckdb) "
         f"{s['flush_s']:.2f} s for {s['left_at_end']:,.0f} records not yet written when the "
         "run ended",
@@ -216,9 +237,12 @@ def main() -> None:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         a: {m: [] for m in MODES} for a in agents
     }
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for agent in agents:
-            for mode in MODES:
+            # plain in the middle of its round, the FMEL modes on either side in turn: each
+            # ratio pairs runs made next to each other, neither mode always first
+            order = ("fmel", "plain", "fmel+duckdb") if i % 2 else ("fmel+duckdb", "plain", "fmel")
+            for mode in order:
                 out = subprocess.run(
                     [*CHILD, mode, "--agent", agent, "--symbols", args.symbols]
                     + ["--batch-size", str(args.batch_size)]

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analyzers.deferred import DeferredRecord, settle_batch
+from analyzers.deferred import PendingReads, settle_batch
 from analyzers.schema import (
     DATA_ACCESS_FIELDS,
     DECISION_SCHEMA,
@@ -126,9 +126,11 @@ def _floats(values: Sequence[float | None]) -> pa.Array:
     return pa.array(arr, pa.float64(), mask=~np.isfinite(arr))
 
 
-def _data_accessed(records: Sequence[DecisionRecord]) -> pa.Array:
+def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -> pa.Array:
     """The ``data_accessed`` column: slices of each batch's columns where the reads were
-    resolved in columns, records converted from their tuples in between; in record order."""
+    resolved in columns, records converted from their tuples in between; in record order.
+    ``accessed``: each record's own ``data_accessed`` element (its tuple's, not the
+    attribute): a settled :class:`~analyzers.deferred.PendingReads` or the resolved tuple."""
     pieces: list[pa.Array] = []
     built: dict[int, pa.Array] = {}
     run_cols: Columns | None = None
@@ -147,8 +149,8 @@ def _data_accessed(records: Sequence[DecisionRecord]) -> pa.Array:
             pieces.append(pa.array(run_rows, _DATA_ACCESSED_T))
             run_rows.clear()
 
-    for rec in records:
-        at = rec.pending.columns() if isinstance(rec, DeferredRecord) else None
+    for rec, raw in zip(records, accessed, strict=True):
+        at = raw.columns() if type(raw) is PendingReads else None
         if at is not None:
             c, b = at
             if run_cols is c and b == run_hi:
@@ -172,19 +174,21 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
     Resolves the batch's deferred reads first (:func:`~analyzers.deferred.settle_batch`);
     builds every column at once (Python per record only for ids, order events and positions).
     """
-    settle_batch([r.pending for r in records if isinstance(r, DeferredRecord)])
     if not records:
         return ARROW_SCHEMA.empty_table()
-    (runs, dps, tss, bar_times, stages, action, actions, _, reads, _, pvs, cashes, positions,
-     reasonings, confidences, notes) = zip(*records, strict=True)  # fmt: skip
+    # the tuples' own elements (a DeferredRecord's data_accessed and lookahead_reads elements
+    # are its PendingReads: read here without the attributes, which resolve one at a time)
+    (runs, dps, tss, bar_times, stages, action, actions, accessed, reads, lookaheads, pvs, cashes,
+     positions, reasonings, confidences, notes) = zip(*records, strict=True)  # fmt: skip
+    settle_batch([p for p in accessed if type(p) is PendingReads])
     string, int64 = pa.string(), pa.int64()
     n = len(records)
     run0 = runs[0]
     one_run = runs.count(run0) == n  # the usual batch: one session's records
 
     def per_run(name: str) -> pa.Array:
-        if one_run:
-            return pa.array([getattr(run0, name)] * n, string)
+        if one_run:  # one value: repeated in C, not converted n times
+            return pa.repeat(pa.scalar(getattr(run0, name), string), n)
         return pa.array([getattr(run, name) for run in runs], string)
 
     if any(run.decision_scope for run in ((run0,) if one_run else runs)):
@@ -206,9 +210,11 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
         "actions": pa.array(
             [action_rows(a) if a else [] for a in actions], ARROW_SCHEMA.field("actions").type
         ),
-        "data_accessed": _data_accessed(records),
+        "data_accessed": _data_accessed(records, accessed),
         "reads": pa.array(reads, int64),
-        "lookahead_reads": pa.array([r.lookahead_reads for r in records], int64),
+        "lookahead_reads": pa.array(
+            [p.lookaheads() if type(p) is PendingReads else p for p in lookaheads], int64
+        ),
         "portfolio_value": _floats(pvs),
         "portfolio_cash": _floats(cashes),
         "positions": _positions(positions),

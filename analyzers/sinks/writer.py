@@ -198,6 +198,7 @@ class DecisionWriter:
         self._stopping = False
         self._stop = threading.Event()  # ends retry waits at once when stopping
         self._flush_wanted = False
+        self._writer_waits = False  # the writer thread waits in _take (lock held to read)
         self._thread: threading.Thread | None = None
         self._opened = False
         self._spilling = False
@@ -283,8 +284,8 @@ class DecisionWriter:
             if self.journal is not None and self.disk_error is None:
                 self._unjournaled += 1
                 cond.notify()  # journal it now, whatever the batch size
-            elif len(self._buf) >= self.batch_size:
-                cond.notify()
+            elif len(self._buf) >= self.batch_size and self._writer_waits:
+                cond.notify()  # only when the writer waits for a batch (a busy one finds it)
 
     def add_durable_listener(self, fn: Callable[[Sequence[Item]], None]) -> None:
         """``fn(records)`` is called on the writer thread with each group of records just
@@ -568,7 +569,11 @@ class DecisionWriter:
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         break
-                    self._wait(self._cond, remaining)
+                    self._writer_waits = True
+                    try:
+                        self._wait(self._cond, remaining)
+                    finally:
+                        self._writer_waits = False
                 if not self._unjournaled:
                     return self._batch_locked()
                 new = list(self._buf)[len(self._buf) - self._unjournaled :]

@@ -37,7 +37,7 @@ static PyObject *g_tail = NULL;           /* proxies._plain_tail */
 static PyObject *g_len_fallback = NULL;   /* proxies._plain_len */
 static PyObject *g_fast_types = NULL;     /* buffer types indexed in C: (array, deque, list) */
 static PyObject *s_ACTIVE, *s_array, *s__idx, *s_lencount, *s__fmel, *s_out, *s_id, *s_strict,
-    *s_tracker, *s_check_strict, *s_internal_future_read, *s_append;
+    *s_tracker, *s_check_strict, *s_internal_future_read, *s_append, *s_extension;
 static PyObject *k_zero, *k_one;
 
 /* self.<name> from the instance dict (a new reference): for the classes this module serves
@@ -410,7 +410,79 @@ fail:
     return NULL;
 }
 
+/* capture(captured) -> AccessTracker.capture()'s tuple: for each (datetime line, hashes) pair of
+ * ``captured``, ``(dt.lencount, dt._idx, len(dt.array) - dt.extension, len(hashes) if hashes
+ * is not None else 0)``, evaluated in that order with the generic protocols (attribute lookup,
+ * len(), subtraction: what the Python expression does, errors included). Once a bar, main
+ * thread; the list is copied first (a __len__ written in Python may run). */
+static PyObject *
+capture(PyObject *Py_UNUSED(mod), PyObject *captured)
+{
+    if (!PyList_CheckExact(captured)) {
+        PyErr_SetString(PyExc_TypeError, "capture() needs a list of (line, hashes) pairs");
+        return NULL;
+    }
+    PyObject *copy = PyList_AsTuple(captured);
+    if (copy == NULL) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(copy);
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(copy, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_TypeError, "capture(): entry %zd is not a (line, hashes) pair", i);
+            goto fail;
+        }
+        PyObject *dt = PyTuple_GET_ITEM(pair, 0), *hashes = PyTuple_GET_ITEM(pair, 1);
+        PyObject *lc = NULL, *idx = NULL, *arr = NULL, *nb = NULL, *ext = NULL, *held = NULL,
+                 *known = NULL, *t = NULL;
+        Py_ssize_t len;
+        if ((lc = PyObject_GetAttr(dt, s_lencount)) == NULL) goto item_fail;
+        if ((idx = PyObject_GetAttr(dt, s__idx)) == NULL) goto item_fail;
+        if ((arr = PyObject_GetAttr(dt, s_array)) == NULL) goto item_fail;
+        if ((len = PyObject_Length(arr)) < 0) goto item_fail;
+        if ((nb = PyLong_FromSsize_t(len)) == NULL) goto item_fail;
+        if ((ext = PyObject_GetAttr(dt, s_extension)) == NULL) goto item_fail;
+        if ((held = PyNumber_Subtract(nb, ext)) == NULL) goto item_fail;
+        if (hashes == Py_None) {
+            known = Py_NewRef(k_zero);
+        }
+        else {
+            Py_ssize_t k = PyObject_Length(hashes);
+            if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
+        }
+        if ((t = PyTuple_Pack(4, lc, idx, held, known)) == NULL) goto item_fail;
+        PyTuple_SET_ITEM(out, i, t);
+        Py_DECREF(lc);
+        Py_DECREF(idx);
+        Py_DECREF(arr);
+        Py_DECREF(nb);
+        Py_DECREF(ext);
+        Py_DECREF(held);
+        Py_DECREF(known);
+        continue;
+    item_fail:
+        Py_XDECREF(lc);
+        Py_XDECREF(idx);
+        Py_XDECREF(arr);
+        Py_XDECREF(nb);
+        Py_XDECREF(ext);
+        Py_XDECREF(held);
+        Py_XDECREF(known);
+        goto fail;
+    }
+    Py_DECREF(copy);
+    return out;
+fail:
+    Py_DECREF(copy);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"capture", capture, METH_O,
+     "capture(captured) -> AccessTracker.capture(): (lencount, _idx, len(array) - extension, "
+     "len(hashes) or 0) per (datetime line, hashes) pair"},
     {"unpack", unpack, METH_O,
      "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
     {"descriptors", make_descriptors, METH_O,
@@ -443,6 +515,7 @@ PyInit__fastread(void)
     INTERN(s_check_strict, "check_strict");
     INTERN(s_internal_future_read, "internal_future_read");
     INTERN(s_append, "append");
+    INTERN(s_extension, "extension");
     k_zero = PyLong_FromLong(0);
     k_one = PyLong_FromLong(1);
     if (k_zero == NULL || k_one == NULL) return NULL;

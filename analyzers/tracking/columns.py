@@ -171,6 +171,23 @@ def _offsets(counts: IntArray) -> IntArray:
     return out
 
 
+def _states(bars: Sequence[tuple[list[Read], State]], n_bars: int, n_slots: int) -> IntArray:
+    """The bars' captured feed positions as one ``(bars, slots, 4)`` int64 array (zeros past a
+    bar's own feeds). One ``np.fromiter`` over every number when each bar captured ``n_slots``
+    feeds (the usual batch: feeds are added before the run), else one row at a time; the same
+    array either way (``tests/unit/test_fmel_columns.py``)."""
+    states = [st for _, st in bars]
+    chain = itertools.chain.from_iterable
+    if all(len(st) == n_slots for st in states):
+        flat = np.fromiter(chain(chain(states)), dtype=np.int64, count=n_bars * n_slots * 4)
+        return flat.reshape(n_bars, n_slots, 4)
+    state = np.zeros((n_bars, n_slots, 4), dtype=np.int64)
+    for i, st in enumerate(states):
+        if st:
+            state[i, : len(st)] = st
+    return state
+
+
 Unpacked = tuple[IntArray, IntArray, IntArray, IntArray, FloatArray, BoolArray]
 
 
@@ -277,10 +294,7 @@ def resolve_columns(
     slot = np.where(ok, slot, 0)
 
     # the feeds' positions at each bar: (bars, slots, 4) = (count, array idx, held, known)
-    state = np.zeros((n_bars, max(n_slots, 1), 4), dtype=np.int64)
-    for i, (_, st) in enumerate(bars):
-        if st:
-            state[i, : len(st)] = st
+    state = _states(bars, n_bars, max(n_slots, 1))
     cur = state[:, :, 0] - 1
     off = cur - state[:, :, 1]
     nbuf = state[:, :, 2] + off

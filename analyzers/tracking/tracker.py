@@ -9,7 +9,7 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -25,6 +25,12 @@ from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
+
+_capture_c: Callable[[list[tuple[Any, Any]]], tuple[tuple[int, int, int, int], ...]] | None
+try:
+    from analyzers.tracking._fastread import capture as _capture_c
+except ImportError:  # not built: AccessTracker.capture_py
+    _capture_c = None
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +118,15 @@ class AccessTracker:
 
     def capture(self) -> tuple[tuple[int, int, int, int], ...]:
         """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
-        (main thread, once per bar; a few ints per feed; :meth:`FeedInfo.capture` inlined)."""
+        (main thread, once per bar; a few ints per feed). Compiled (``_fastread.capture``,
+        the same expressions evaluated the same way) when the extension is built, else
+        :meth:`capture_py`."""
+        if _capture_c is not None:
+            return _capture_c(self._captured)
+        return self.capture_py()
+
+    def capture_py(self) -> tuple[tuple[int, int, int, int], ...]:
+        """:meth:`capture` in Python (:meth:`FeedInfo.capture` inlined)."""
         return tuple(
             [
                 (

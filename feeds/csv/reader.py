@@ -127,7 +127,10 @@ class RowHashes(Sequence[str]):
             self._job = None
             done = job[0].result(job[1])
             if done is not None:
-                self._cache.update((j, h) for j, h in enumerate(done) if h is not None)
+                if None in done:  # bars the helper left out: computed here when asked for
+                    self._cache.update((j, h) for j, h in enumerate(done) if h is not None)
+                else:
+                    self._cache.update(zip(range(len(done)), done))  # type: ignore[arg-type]
                 digest = self._cache.get(i)
                 if digest is not None:
                     return digest

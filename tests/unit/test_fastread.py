@@ -486,3 +486,97 @@ def test_unpack_of_reads_whose_ints_run_code_is_numpys() -> None:
     want = _outcome(columns._unpack_py, make())
     got = _outcome(columns._unpack, make())
     assert isinstance(want, tuple) and got == want  # numpy's error, both ways
+
+
+# -- capture: the feeds' positions once a bar (AccessTracker.capture) ------------------------
+
+
+class _Hashes:
+    """A hashes object whose ``len()`` is Python code (as BarHashes' is)."""
+
+    def __init__(self, n: Any) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n  # type: ignore[no-any-return]
+
+
+class _Line:
+    """What capture reads of a datetime line: ``lencount``, ``_idx``, ``array``, ``extension``
+    (any of them may be missing or odd)."""
+
+    def __init__(self, **attrs: Any) -> None:
+        self.__dict__.update(attrs)
+
+
+_VALUES = st.one_of(
+    st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.none(), st.text(max_size=2)
+)
+
+
+@st.composite
+def _captured(draw: st.DrawFn) -> list[tuple[Any, Any]]:
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        attrs = {}
+        for name in ("lencount", "_idx", "extension"):
+            if draw(st.integers(0, 9)):  # mostly present
+                attrs[name] = draw(st.one_of(st.integers(-5, 10**6), _VALUES))
+        if draw(st.integers(0, 9)):
+            attrs["array"] = draw(
+                st.one_of(
+                    st.builds(lambda n: array.array("d", [0.0] * n), st.integers(0, 50)),
+                    st.builds(lambda n: [0.0] * n, st.integers(0, 50)),
+                    st.just(3),  # no len()
+                )
+            )
+        hashes = draw(
+            st.one_of(
+                st.none(),
+                st.builds(lambda n: ["h"] * n, st.integers(0, 20)),
+                st.builds(_Hashes, st.one_of(st.integers(0, 20), st.just(-1), st.just("x"))),
+            )
+        )
+        out.append((_Line(**attrs), hashes))
+    return out
+
+
+def _capture_outcome(fn: Any, *args: Any) -> Any:
+    try:
+        return ("ok", fn(*args))
+    except Exception as e:  # the same exception, the same message
+        return ("raised", type(e), str(e))
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+@settings(max_examples=300, deadline=None)
+@given(_captured())
+def test_the_compiled_capture_is_the_python_one(captured: list[tuple[Any, Any]]) -> None:
+    from analyzers.tracking import _fastread
+    from analyzers.tracking.tracker import AccessTracker
+
+    tracker = AccessTracker()
+    tracker._captured = captured
+    want = _capture_outcome(tracker.capture_py)
+    got = _capture_outcome(_fastread.capture, captured)
+    assert got == want
+    if want[0] == "ok":
+        assert type(got[1]) is tuple and all(type(t) is tuple for t in got[1])
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+def test_capture_of_a_real_feed_is_the_python_one() -> None:
+    from analyzers.tracking import _fastread
+    from analyzers.tracking.tracker import AccessTracker
+
+    line = LineBuffer()
+    for x in (1.0, 2.0, 3.0):
+        line.forward()
+        line[0] = x
+    tracker = AccessTracker()
+    tracker._captured = [(line, None), (line, _Hashes(2))]
+    assert tracker.capture() == tracker.capture_py() == ((3, 2, 3, 0), (3, 2, 3, 2))
+    with pytest.raises(TypeError, match="list"):
+        _fastread.capture(tuple(tracker._captured))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pair"):
+        _fastread.capture([(line,)])

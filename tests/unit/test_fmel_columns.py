@@ -212,3 +212,35 @@ def test_a_batch_mixing_runs_and_sharing_positions_converts_each_record() -> Non
     same_run = records_table(records[::2]).to_pylist()  # one session: the shared path
     assert [r["positions"] for r in same_run] == [to_row(r)["positions"] for r in records[::2]]
     assert {r["session_id"] for r in same_run} == {"s1"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda slots: st.tuples(
+            st.just(slots),
+            st.lists(
+                st.lists(
+                    st.tuples(*[st.integers(-(2**40), 2**40)] * 4), min_size=0, max_size=slots
+                ).map(tuple),
+                min_size=1,
+                max_size=30,
+            ),
+        )
+    )
+)
+def test_the_batch_states_array_is_the_row_by_row_one(
+    case: tuple[int, list[tuple[tuple[int, int, int, int], ...]]],
+) -> None:
+    """``_states``: one pass when every bar captured every feed, row by row otherwise; the
+    same array as filling each bar's rows (zeros past its own feeds)."""
+    from analyzers.tracking.columns import _states
+
+    slots, states = case
+    want = np.zeros((len(states), slots, 4), dtype=np.int64)
+    for i, s in enumerate(states):
+        for j, row in enumerate(s):
+            want[i, j] = row
+    got = _states([([], s) for s in states], len(states), slots)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    assert np.array_equal(got, want)

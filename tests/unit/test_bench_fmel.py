@@ -1,0 +1,60 @@
+"""``benchmarks/bench_fmel.py``'s arithmetic: ratios are paired round by round.
+
+The benchmark itself is not run here (timings belong in ``benchmarks/``); this checks that a
+machine that runs twice as fast in one round as in another does not move the ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fmel.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_fmel_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(wall: float, cpu: float, reads: int = 0) -> dict[str, float]:
+    return {
+        "wall_s": wall,
+        "main_cpu_s": cpu,
+        "bars": 100,
+        "reads": reads,
+        "flush_s": 0.1,
+        "left_at_end": 0,
+        "rss_mb": 100,
+        "value": 1.0,
+    }
+
+
+def test_ratios_pair_each_round_with_its_own_plain_run(bench: ModuleType) -> None:
+    # rounds at speeds 1x, 2x, 0.5x; FMEL always costs 1.2x (wall) and 1.1x (main CPU) of the
+    # plain run beside it; with the store 1.5x wall, of which 0.4x the bar loop did not run
+    speeds = [1.0, 2.0, 0.5]
+    results = {
+        "plain": [run(1.0 / k, 1.0 / k) for k in speeds],
+        "fmel": [run(1.2 / k, 1.1 / k, reads=1000) for k in speeds],
+        "fmel+duckdb": [run(1.5 / k, 1.1 / k) for k in speeds],
+    }
+    s = bench.summarise(results)
+    assert s["time_fmel"] == pytest.approx(1.2)
+    assert s["time_duckdb"] == pytest.approx(1.5)
+    assert s["cpu_fmel"] == pytest.approx(1.1)
+    assert s["writer_share"] == pytest.approx(0.4)
+    # (1.1 - 1.0) s per 1000 reads at the median round (speed 1x): 100 us a read
+    assert s["us_per_read_duckdb"] == pytest.approx(100.0)
+    # a ratio of medians would mix the rounds: 1.5 / 1.0 here only because the medians
+    # happen to come from the same round; shuffle fmel+duckdb's rounds and it is not
+    results["fmel+duckdb"] = [run(1.5 / k, 1.1 / k) for k in (2.0, 0.5, 1.0)]
+    assert bench.summarise(results)["time_duckdb"] != pytest.approx(1.5)

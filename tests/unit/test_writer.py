@@ -201,6 +201,29 @@ def test_batches_by_size_and_by_interval(tmp_path: Path) -> None:
     assert stored(sink.path) == list(range(13))
 
 
+def test_a_batch_larger_than_the_queue_is_written_when_the_queue_is_full(
+    tmp_path: Path,
+) -> None:
+    """batch_size 50 with room for 5: the producer blocks on a full queue, and the writer writes
+    it then (a batch can hold no more than the queue), not when the flush interval has passed
+    (the fake clock never moves here). Found by a fresh-context attack."""
+    sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
+    w = writer(sink, tmp_path, clock, batch_size=50, queue_size=5, flush_interval_s=60.0)
+    w.start()
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(12):
+            w.submit(record(i))
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    assert sink.wait_calls(2)[:2] == [5, 5]
+    assert done.wait(WAIT_S)
+    assert w.stop().written == 12
+    assert stored(sink.path) == list(range(12))
+
+
 def test_flush_writes_a_partial_batch_now(tmp_path: Path) -> None:
     sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
     w = writer(sink, tmp_path, clock, batch_size=10, flush_interval_s=60.0)
@@ -822,3 +845,68 @@ def test_the_metrics_sum_holds_while_a_batch_is_in_flight(tmp_path: Path) -> Non
     sink.gate.set()
     assert w.stop(WAIT_S).written == 8
     assert gauge("queued") == 0 and gauge("written_total") == 8
+
+
+def test_running_writers_lower_the_switch_interval_and_the_last_puts_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a writer runs, the interpreter's switch interval is at most its
+    ``switch_interval_s``; the last writer to stop restores what it was, unless someone else
+    changed it meanwhile; ``None`` leaves it alone."""
+    import sys
+
+    from analyzers.sinks import writer as writer_module
+    from analyzers.sinks.writer import SWITCH_INTERVAL_S
+
+    # a holder of its own (a writer another test left running would hold the process's) and
+    # the interpreter's default interval to start from
+    monkeypatch.setattr(writer_module, "_SWITCH", writer_module._SwitchInterval())
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        _check_switch_interval(tmp_path, SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(saved)
+
+
+def _check_switch_interval(tmp_path: Path, lowered: float) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    clock = FakeClock()
+    a = writer(Flaky(tmp_path / "a.duckdb"), tmp_path / "a", clock)
+    b = writer(Flaky(tmp_path / "b.duckdb"), tmp_path / "b", clock)
+    a.start()
+    assert sys.getswitchinterval() == pytest.approx(lowered)
+    b.start()
+    a.stop()
+    assert sys.getswitchinterval() == pytest.approx(lowered)  # b still runs
+    b.stop()
+    b.stop()  # idempotent: no second restore
+    assert sys.getswitchinterval() == before
+
+    # someone else's setting, made while a writer ran, is theirs: left as they set it
+    c = writer(Flaky(tmp_path / "c.duckdb"), tmp_path / "c", clock)
+    c.start()
+    sys.setswitchinterval(0.001)
+    try:
+        c.stop()
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        sys.setswitchinterval(before)
+
+    # None, or an interval above the current one: nothing changes
+    d = writer(Flaky(tmp_path / "d.duckdb"), tmp_path / "d", clock, switch_interval_s=None)
+    e = writer(Flaky(tmp_path / "e.duckdb"), tmp_path / "e", clock, switch_interval_s=1.0)
+    d.start()
+    e.start()
+    assert sys.getswitchinterval() == before
+    # a writer that asks for less than the one running: the lower one, restored at the end
+    f = writer(Flaky(tmp_path / "f.duckdb"), tmp_path / "f", clock)
+    f.start()
+    assert sys.getswitchinterval() == pytest.approx(lowered)
+    d.stop()
+    e.stop()
+    assert sys.getswitchinterval() == pytest.approx(lowered)  # f still runs
+    f.stop()
+    assert sys.getswitchinterval() == before

@@ -33,7 +33,8 @@ default run) <= 0.3 us, writer GIL share <= 0.03. The BigQuery goal is measured 
 ``bench_sink.py``.
 A benchmark, not a test: run it on a quiet machine (``make bench`` / ``make bench-check``).
 
-Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]``.
+Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]
+[--switch-interval off]``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("plain", "fmel", "fmel+duckdb")
+# analyzers.sinks.writer.SWITCH_INTERVAL_S (this script imports the project in child() only)
+SWITCH_DEFAULT = 0.0002
 AGENTS = ("sma", "heavy")
 SYMBOLS = "GOOG,SP500,NASDAQ"
 # (agent, metric) -> goal; metric names as in :func:`summarise`
@@ -91,9 +94,15 @@ def _heavy_agent() -> type:
 
 
 def child(
-    mode: str, agent: str, symbols: list[str], batch_size: int = 500, max_batch: int | None = None
+    mode: str,
+    agent: str,
+    symbols: list[str],
+    batch_size: int = 500,
+    max_batch: int | None = None,
+    switch_interval: float | None = SWITCH_DEFAULT,
 ) -> dict[str, float]:
-    """One run in this process; returns its measurements (JSON-able)."""
+    """One run in this process; returns its measurements (JSON-able). ``switch_interval``:
+    the writer's ``switch_interval_s`` (``None``: the interpreter's 5 ms left alone)."""
     sys.path.insert(0, str(REPO))
     import backtrader as bt
 
@@ -122,6 +131,7 @@ def child(
             max_batch=max_batch,
             queue_size=max(10_000, 2 * batch_size),
             spill_dir=Path(tmp) / "spill",
+            switch_interval_s=switch_interval,
         )
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer)
@@ -225,11 +235,19 @@ def main() -> None:
     parser.add_argument("--agent", choices=AGENTS, default="sma")
     parser.add_argument("--batch-size", type=int, default=500, help="the writer's batch_size")
     parser.add_argument("--max-batch", type=int, default=None, help="the writer's max_batch")
+    parser.add_argument(
+        "--switch-interval",
+        default=str(SWITCH_DEFAULT),
+        help="the writer's switch_interval_s, seconds, or 'off' (the interpreter's 5 ms)",
+    )
     args = parser.parse_args()
     symbols = args.symbols.split(",")
+    switch = None if args.switch_interval == "off" else float(args.switch_interval)
     if args.child:
         sys.stdout.write(
-            json.dumps(child(args.child, args.agent, symbols, args.batch_size, args.max_batch))
+            json.dumps(
+                child(args.child, args.agent, symbols, args.batch_size, args.max_batch, switch)
+            )
         )
         return
     agents = args.agents.split(",")
@@ -246,6 +264,7 @@ def main() -> None:
                 out = subprocess.run(
                     [*CHILD, mode, "--agent", agent, "--symbols", args.symbols]
                     + ["--batch-size", str(args.batch_size)]
+                    + ["--switch-interval", args.switch_interval]
                     + ([] if args.max_batch is None else ["--max-batch", str(args.max_batch)]),
                     capture_output=True,
                     text=True,

@@ -58,3 +58,9 @@ def test_ratios_pair_each_round_with_its_own_plain_run(bench: ModuleType) -> Non
     # happen to come from the same round; shuffle fmel+duckdb's rounds and it is not
     results["fmel+duckdb"] = [run(1.5 / k, 1.1 / k) for k in (2.0, 0.5, 1.0)]
     assert bench.summarise(results)["time_duckdb"] != pytest.approx(1.5)
+
+
+def test_the_benchmark_runs_the_writer_as_the_runner_does(bench: ModuleType) -> None:
+    from analyzers.sinks.writer import SWITCH_INTERVAL_S
+
+    assert bench.SWITCH_DEFAULT == SWITCH_INTERVAL_S

@@ -52,6 +52,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -148,30 +149,40 @@ class _SwitchInterval:
     left to the final flush. At 0.2 ms it kept up (531 left; final flush 0.07 s instead of
     0.2 s) and the run with its flush took less wall time (``docs/benchmarks.md``, sixth
     pass). Process-wide: the first writer to lower it saves the interval it found; the lowest
-    any running writer asks for is used; the last to stop puts the saved one back, unless
-    someone else changed it meanwhile. Any thread.
+    any running writer asks for is used (until the last one stops); the last to stop puts the
+    saved one back, unless someone else changed it meanwhile (a change seen when a writer
+    starts becomes the one to put back). A writer that is never stopped keeps it lowered, as
+    its thread keeps running. Holders are counted once each (a second ``leave`` of the same
+    writer does nothing). Any thread.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._holders = 0
-        self._saved: float | None = None  # the interval before the first writer started
+        self._holders: set[int] = set()  # id() of the writers holding it
+        self._saved: float | None = None  # the interval to put back after the last holder
         self._ours: float | None = None  # what sys.getswitchinterval() read after we set it
 
-    def enter(self, interval_s: float) -> None:
+    def enter(self, holder: object, interval_s: float) -> None:
+        """``holder`` runs and wants at most ``interval_s`` seconds (> 0, checked by the
+        caller)."""
         with self._lock:
             current = sys.getswitchinterval()
-            if interval_s < current:  # the lowest a running writer asked for
+            if self._saved is not None and current != self._ours:
+                self._saved = self._ours = None  # someone else set it meanwhile: theirs now
+            if interval_s < current:
+                sys.setswitchinterval(interval_s)
                 if self._saved is None:
                     self._saved = current
-                sys.setswitchinterval(interval_s)
                 self._ours = sys.getswitchinterval()
-            self._holders += 1
+            self._holders.add(id(holder))
 
-    def leave(self) -> None:
+    def leave(self, holder: object) -> None:
+        """``holder`` stopped (again: nothing happens)."""
         with self._lock:
-            self._holders -= 1
-            if self._holders == 0 and self._saved is not None:
+            if id(holder) not in self._holders:
+                return
+            self._holders.discard(id(holder))
+            if not self._holders and self._saved is not None:
                 if sys.getswitchinterval() == self._ours:  # nobody else changed it since
                     sys.setswitchinterval(self._saved)
                 self._saved = self._ours = None
@@ -209,6 +220,10 @@ class DecisionWriter:
             (from :meth:`start` to :meth:`stop`), seconds, when lower than the current one
             (:class:`_SwitchInterval`: a writer that keeps up with the bar loop instead of
             waiting 5 ms for the GIL after every C call); ``None`` leaves it alone.
+
+    Raises:
+        ConfigError: ``switch_interval_s`` is not a positive, finite number of seconds (or
+            None), or ``queue_size`` is below 1.
     """
 
     def __init__(
@@ -228,9 +243,19 @@ class DecisionWriter:
         replay_write_s: float = 2.0,
         switch_interval_s: float | None = SWITCH_INTERVAL_S,
     ) -> None:
+        if switch_interval_s is not None and not (
+            isinstance(switch_interval_s, (int, float))
+            and not isinstance(switch_interval_s, bool)
+            and 0 < switch_interval_s < math.inf
+        ):
+            raise ConfigError(
+                f"switch_interval_s must be a positive number of seconds or None, "
+                f"got {switch_interval_s!r}"
+            )
+        if queue_size < 1:
+            raise ConfigError(f"queue_size must be at least 1 record, got {queue_size!r}")
         self.sink = sink
         self.switch_interval_s = switch_interval_s
-        self._switched = False  # this writer holds a lowered switch interval (start..stop)
         # a batch larger than the queue would never fill: the queue's size is the most a
         # batch can wait for (else a full queue waits out the flush interval)
         self.batch_size = max(1, min(batch_size, queue_size))
@@ -323,10 +348,10 @@ class DecisionWriter:
         self._thread = threading.Thread(
             target=self._run, name=f"fmel-writer-{self.sink.name}", daemon=True
         )
+        with self._cond:  # not once stop() has begun: its leave() may have come already
+            if self.switch_interval_s is not None and not self._stopping:
+                _SWITCH.enter(self, self.switch_interval_s)
         self._thread.start()
-        if self.switch_interval_s is not None:
-            _SWITCH.enter(self.switch_interval_s)
-            self._switched = True
 
     def submit(self, record: Item) -> None:
         """Queue one record (main thread). Blocks while the buffer is full; never drops.
@@ -344,9 +369,12 @@ class DecisionWriter:
             self.stats.submitted += 1
             if self.journal is not None and self.disk_error is None:
                 self._unjournaled += 1
-                cond.notify()  # journal it now, whatever the batch size
+                cond.notify_all()  # journal it now, whatever the batch size
             elif len(self._buf) >= self.batch_size and self._writer_waits:
-                cond.notify()  # only when the writer waits for a batch (a busy one finds it)
+                # only when the writer waits for a batch (a busy one finds it); all: flush(),
+                # wait_durable() and wait_drained() wait on the same condition, and a single
+                # notify could wake one of them instead of the writer
+                cond.notify_all()
 
     def add_durable_listener(self, fn: Callable[[Sequence[Item]], None]) -> None:
         """``fn(records)`` is called on the writer thread with each group of records just
@@ -481,9 +509,7 @@ class DecisionWriter:
         if self._thread is not None and not self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.sink.close()
-        if self._switched:
-            self._switched = False
-            _SWITCH.leave()
+        _SWITCH.leave(self)  # once: a second stop(), or one racing it, finds it gone
         return self.stats
 
     def _check_destination(self) -> None:

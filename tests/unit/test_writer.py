@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -865,8 +866,100 @@ def test_running_writers_lower_the_switch_interval_and_the_last_puts_it_back(
     sys.setswitchinterval(0.005)
     try:
         _check_switch_interval(tmp_path, SWITCH_INTERVAL_S)
+        _check_switch_interval_races(tmp_path, SWITCH_INTERVAL_S)
     finally:
         sys.setswitchinterval(saved)
+
+
+def _check_switch_interval_races(tmp_path: Path, lowered: float) -> None:
+    """Cases a fresh-context attack found: someone's setting made between two writers'
+    starts; two stop() of one writer racing; a stop() that comes before start() holds."""
+    import sys
+
+    from analyzers.sinks import writer as writer_module
+
+    before = sys.getswitchinterval()
+    clock = FakeClock()
+    a = writer(Flaky(tmp_path / "ra.duckdb"), tmp_path / "ra", clock)
+    a.start()
+    sys.setswitchinterval(0.001)  # someone else's, while a runs
+    b = writer(Flaky(tmp_path / "rb.duckdb"), tmp_path / "rb", clock)
+    b.start()
+    assert sys.getswitchinterval() == pytest.approx(lowered)
+    a.stop()
+    b.stop()
+    assert sys.getswitchinterval() == pytest.approx(0.001)  # theirs, not the one a found
+    sys.setswitchinterval(before)
+
+    # one writer stopped from two threads at once while another runs: its hold goes once
+    keep = writer(Flaky(tmp_path / "rk.duckdb"), tmp_path / "rk", clock)
+    keep.start()
+    c = writer(Flaky(tmp_path / "rc.duckdb"), tmp_path / "rc", clock)
+    c.start()
+    go = threading.Barrier(2)
+    threads = [threading.Thread(target=lambda: (go.wait(), c.stop())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    c.stop()
+    assert sys.getswitchinterval() == pytest.approx(lowered)  # keep still runs
+    keep.stop()
+    assert sys.getswitchinterval() == before
+    assert not writer_module._SWITCH._holders
+
+    # stop() before start(): the writer never holds it
+    d = writer(Flaky(tmp_path / "rd.duckdb"), tmp_path / "rd", clock)
+    d.stop()
+    d.start()
+    assert sys.getswitchinterval() == before
+    d.stop()
+    assert not writer_module._SWITCH._holders
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.001", True])
+def test_a_bad_switch_interval_or_queue_size_is_refused_before_anything_starts(
+    tmp_path: Path, bad: Any
+) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    with pytest.raises(ConfigError, match="switch_interval_s"):
+        writer(Flaky(tmp_path / "f.duckdb"), tmp_path, FakeClock(), switch_interval_s=bad)
+    with pytest.raises(ConfigError, match="queue_size"):
+        writer(Flaky(tmp_path / "f.duckdb"), tmp_path, FakeClock(), queue_size=0)
+    assert sys.getswitchinterval() == before
+
+
+def test_a_full_batch_wakes_the_writer_when_another_thread_waits_on_its_condition(
+    tmp_path: Path,
+) -> None:
+    """flush(), wait_durable() and wait_drained() wait on the writer's condition too; a full
+    batch must wake the writer even when one of them waits ahead of it (a single notify woke
+    the first waiter only: found by a fresh-context attack)."""
+    sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
+    w = writer(sink, tmp_path, clock, batch_size=5, flush_interval_s=60.0)
+    w.start()
+    waiting = clock.writer_asleep()
+    other_in = threading.Event()
+
+    def other() -> None:  # as wait_drained() does: a predicate that stays false here
+        with w._cond:
+            other_in.set()
+            w._cond.wait_for(lambda: False, 3.0)
+
+    threading.Thread(target=other, daemon=True).start()
+    assert other_in.wait(WAIT_S)
+    clock.advance(0.01)  # the writer wakes, finds nothing, waits again: behind `other`
+    clock.writer_asleep(after=waiting)
+    for i in range(5):
+        w.submit(record(i))
+    # FakeClock's wait also ends after 5 s of real time: well within that, or it was missed
+    deadline = time.monotonic() + 2.0
+    while not sink.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.calls == [5]
+    w.stop()
 
 
 def _check_switch_interval(tmp_path: Path, lowered: float) -> None:

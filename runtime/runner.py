@@ -135,10 +135,11 @@ class Runner:
                 logger.info("reading %s (%.1f MB)", fc.path.name, fc.path.stat().st_size / 1e6)
                 try:
                     bars = read_csv_bars(fc)
-                except pa.ArrowCancelled:
-                    # pyarrow's CSV reader checks for signals while it reads: the handler ran
-                    # (stop requested) and the read is cancelled; the run then does not start.
-                    if not self._stop_pending:
+                except pa.ArrowCancelled as e:
+                    # pyarrow's CSV reader checks for signals while it reads: it cancels the
+                    # read and hands the signal (e.signum) on to the handler, which asks for
+                    # the stop; the run then does not start.
+                    if not (self._stop_pending or e.signum is not None):
                         raise
                     logger.info("reading %s cancelled by the stop request", fc.path.name)
                     return

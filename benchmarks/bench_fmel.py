@@ -21,6 +21,9 @@ figures (bars/s, final flush) are medians over the rounds.
   above), and how many records the writer had not written when the run ended.
 * main CPU vs plain: CPU time of the main (bar loop) thread (``time.thread_time``) over plain's.
 * added cost per read: (main-thread CPU of the mode - plain's) / reads recorded, microseconds.
+  Read-heavy agent: also split into the part inside the agent's read loop (its thread CPU time
+  there, mode minus plain, per read: what a tracked read itself adds) and the rest per bar
+  (recording the bar, the wrappers, the hand-over to the writer).
 * writer GIL share: (wall - main-thread CPU time of ``fmel+duckdb``) / wall of ``plain``: the
   time the bar loop's thread did not run while it had work, lost to the writer thread (which
   holds the GIL) or to the other threads and processes of the run taking its core. (Until
@@ -76,15 +79,18 @@ def _heavy_agent() -> type:
 
         def __init__(self) -> None:
             self.steps = 0
+            self.read_cpu_s = 0.0  # thread CPU time spent in the read loop (the same in every mode)
 
         def next(self) -> None:
             self.steps += 1
             total = 0.0
+            t0 = time.thread_time()
             for d in self.datas:
                 close = d.close
                 for i in range(min(30, len(d))):
                     total += close[-i]
                 total += d.high[0] - d.low[0]
+            self.read_cpu_s += time.thread_time() - t0
             if self.steps % 50 == 0:
                 self.buy(data=self.datas[0], size=1)
             elif self.steps % 50 == 10:
@@ -149,6 +155,7 @@ def child(
         fmel = next(a for a in strategy.analyzers if isinstance(a, FMELAnalyzer))
         reads = sum(r.reads for r in fmel.records)
     return {
+        "read_cpu_s": getattr(strategy, "read_cpu_s", 0.0),
         "wall_s": wall,
         "main_cpu_s": cpu,
         "process_cpu_s": time.process_time() - p0,
@@ -196,6 +203,13 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
         cpu = paired(mode, "main_cpu_s")
         out[f"cpu_{key}"] = statistics.median(a / b for a, b in cpu)
         out[f"us_per_read_{key}"] = statistics.median((a - b) / reads * 1e6 for a, b in cpu)
+        # the split of that added CPU: in the agent's read loop (the tracked reads themselves;
+        # read-heavy agent only), and the rest per bar (recording the bar, wrappers, hand-over)
+        rd = paired(mode, "read_cpu_s")
+        out[f"us_in_reads_{key}"] = statistics.median((a - b) / reads * 1e6 for a, b in rd)
+        out[f"us_per_bar_{key}"] = statistics.median(
+            ((c - d) - (a - b)) / out["bars"] * 1e6 for (a, b), (c, d) in zip(rd, cpu, strict=True)
+        )
     for mode in MODES:
         out[f"rss_{mode}"] = max(r["rss_mb"] for r in results[mode])
         out[f"bars_s_{mode}"] = med(mode, "bars") / med(mode, "wall_s")
@@ -215,6 +229,12 @@ def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
         "| peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    if s["us_in_reads_duckdb"]:
+        lines[0] += (
+            f"; fmel+duckdb's added main-thread CPU split: {s['us_in_reads_duckdb']:.2f} us per "
+            f"read inside the agent's read loop, {s['us_per_bar_duckdb']:.1f} us per bar "
+            "outside it"
+        )
     for mode, key in (("plain", ""), ("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
         t = f"{s[f'time_{key}']:.2f}x" if key else "1.00x"
         c = f"{s[f'cpu_{key}']:.2f}x" if key else "1.00x"

@@ -16,6 +16,7 @@ The fixtures that start and stop it (``bq_emulator``, ``bq_emulator_factory``) a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ from tests.conftest import REPO
 BQEMU_DIR = REPO / "tests" / "bqemu"
 START_TIMEOUT_S = 60.0
 _setup_lock = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -223,8 +225,25 @@ class BigQueryEmulator:
         logs = sorted(self._tmp.glob("emulator-*.log"))
         return logs[-1].read_bytes()[-n:].decode(errors="replace") if logs else ""
 
+    def server_errors(self, n: int = 3000) -> str:
+        """The first log record holding a server-side traceback in this emulator's logs (one
+        log per start; JSON lines), its start and its last ``n`` characters (where the error
+        is), or ``""``: why it answered HTTP 500, for a failing test's report. A client that
+        hung up (``ClientDisconnect``: our request timeouts) is not counted."""
+        for log in sorted(self._tmp.glob("emulator-*.log")):
+            for line in log.read_bytes().decode(errors="replace").splitlines():
+                if "Traceback" in line and "ClientDisconnect" not in line:
+                    cut = line if len(line) <= n + 300 else f"{line[:300]} ... {line[-n:]}"
+                    return f"{log.name}: {cut}"
+        return ""
+
     def close(self) -> None:
+        """Stop the process; a server-side traceback in its logs is logged (WARNING, so a
+        failing test's report carries it); remove its files."""
         self.stop()
+        errors = self.server_errors()
+        if errors:
+            logger.warning("bqemulator on port %d logged a server error: %s", self.port, errors)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 

@@ -22,9 +22,15 @@ from analyzers.schema import (
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.views import duckdb_view_sql
-from core.errors import SinkError
+from core.errors import ConfigError, SinkError
 
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
+# DuckDB checkpoints its write-ahead log into the file once the log passes this size (its
+# ``wal_autocheckpoint``, 16 MiB by default). Small, so checkpoints run on the writer thread
+# while the bar loop runs (DuckDB releases the GIL) and ``close()`` at the end of a run has
+# little left to checkpoint: measured in benchmarks/bench_fmel.py (docs/benchmarks.md, seventh
+# pass), the final flush of the read-heavy agent went from 0.23-0.32 s to 0.15-0.19 s.
+WAL_CHECKPOINT_BYTES = 256 * 1024
 
 
 class LocalDuckDBSink:
@@ -43,14 +49,31 @@ class LocalDuckDBSink:
         path: database file (created with its folder when missing).
         table: table name (the ``decision_reads`` view is created for ``decisions`` only).
         threads: DuckDB worker threads (1: the other core belongs to the bar loop).
+        wal_checkpoint_bytes: DuckDB's ``wal_autocheckpoint``, bytes (see
+            :data:`WAL_CHECKPOINT_BYTES`); ``None`` keeps DuckDB's default (16 MiB).
+
+    Raises:
+        ConfigError: ``threads`` or ``wal_checkpoint_bytes`` is not a positive int.
     """
 
     name = "local"
 
-    def __init__(self, path: Path, table: str = "decisions", threads: int = 1) -> None:
+    def __init__(
+        self,
+        path: Path,
+        table: str = "decisions",
+        threads: int = 1,
+        wal_checkpoint_bytes: int | None = WAL_CHECKPOINT_BYTES,
+    ) -> None:
+        for name, value in (("threads", threads), ("wal_checkpoint_bytes", wal_checkpoint_bytes)):
+            if value is None and name == "wal_checkpoint_bytes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LocalDuckDBSink {name}: expected a positive int, got {value!r}")
         self.path = Path(path)
         self.table = table
         self.threads = threads
+        self.wal_checkpoint_bytes = wal_checkpoint_bytes
         self._con: Any = None
         # Replays (spill files) may resend rows already stored: skip those ids. Fresh records
         # take the plain append of an Arrow table (no primary key: its index would double the
@@ -76,6 +99,8 @@ class LocalDuckDBSink:
             ) from e
         # One DuckDB thread: the other core belongs to the bar loop.
         self._con.execute(f"SET threads = {self.threads}")
+        if self.wal_checkpoint_bytes is not None:
+            self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
         ddl = duckdb_ddl(self.table)
         self._con.execute(ddl)
         self._check_columns()

@@ -279,6 +279,8 @@ class DecisionWriter:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._stopping = False
+        self._closed = False  # stop() took the buffer over: a later submit() spills at once
+        self._late_logged = False
         self._stop = threading.Event()  # ends retry waits at once when stopping
         self._flush_wanted = False
         self._writer_waits = False  # the writer thread waits in _take (lock held to read)
@@ -354,12 +356,23 @@ class DecisionWriter:
         self._thread.start()
 
     def submit(self, record: Item) -> None:
-        """Queue one record (main thread). Blocks while the buffer is full; never drops.
+        """Queue one record (main thread). Blocks while the buffer is full; never drops. After
+        :meth:`stop` nothing drains the queue: the record goes to the spill file at once
+        (written at the next start, or by ``python -m runtime.drain``), with a warning.
 
         Raises:
             SinkError: the writer died on an error that needs a human (see the log).
         """
         cond = self._cond
+        with self._lock:
+            if self._closed:
+                self.stats.submitted += 1
+                late = True
+            else:
+                late = False
+        if late:
+            self._spill_late(record)
+            return
         with self._lock:
             while len(self._buf) >= self.queue_size and not self._stopping:
                 if self._fatal is not None:
@@ -375,6 +388,24 @@ class DecisionWriter:
                 # wait_durable() and wait_drained() wait on the same condition, and a single
                 # notify could wake one of them instead of the writer
                 cond.notify_all()
+
+    def _spill_late(self, record: Item) -> None:
+        """A record submitted after :meth:`stop` took the queue over: straight to the spill
+        file (caller's thread), counted as spilled; the first one is logged. When the spill
+        folder cannot be written it is counted ``lost`` and logged (:meth:`_settle_held`)."""
+        with self._io_lock:
+            first = not self._late_logged
+            self._late_logged = True
+            self._spill([self._as_row(record)], owner=True)
+            if self._held:
+                self._settle_held_locked()
+                return
+        if first:
+            logger.warning(
+                "decision records submitted after the writer stopped go to %s (written at the "
+                "next start, or by python -m runtime.drain)",
+                self.spill_path,
+            )
 
     def add_durable_listener(self, fn: Callable[[Sequence[Item]], None]) -> None:
         """``fn(records)`` is called on the writer thread with each group of records just
@@ -485,6 +516,7 @@ class DecisionWriter:
                 stuck = [] if on_disk else in_flight
                 left = [self._as_row(r) for r in [*stuck, *self._buf]]
                 self._buf.clear()
+                self._closed = True
             if left:
                 self._spill(left, owner=True)
             if not taken_over:

@@ -7,7 +7,8 @@ lines) gets ``__getitem__`` and ``__len__`` compiled in C (``_fastread.c``, buil
 the same code as :func:`_plain_getitem` and :func:`_plain_len`, without a Python frame per read.
 When the extension is not built (no C compiler), those two Python functions are used instead
 and one INFO line says so. :func:`use_compiled` switches between them for the classes made
-next (tests and ``benchmarks/bench_reads.py`` compare both).
+next, and for the trackers made next (their per-bar ``capture``); ``tests/unit/test_fastread.py``
+and ``tests/unit/test_idiom_corpus.py`` compare both.
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def use_compiled(on: bool) -> bool:
     if was != on:
         _TRACKED_CLASSES.clear()
     return was
+
+
+def compiled_in_use() -> bool:
+    """Whether the compiled reads are in use for what is tracked from now on (built, and not
+    switched off with :func:`use_compiled`)."""
+    return _use_compiled and _COMPILED is not None
 
 
 def _tracked_class(base: type) -> type:

@@ -21,7 +21,7 @@ from analyzers.schema import Access, DataAccess
 from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
 from analyzers.tracking.labels import scan_labels
 from analyzers.tracking.model import FeedInfo, LineTag, Read, Snapshot
-from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine
+from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine, compiled_in_use
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
@@ -79,6 +79,9 @@ class AccessTracker:
         # serialises resolution (the writer thread and the owner may both resolve deferred
         # bars) and the refresh of the tags' sources
         self.resolve_lock = threading.Lock()
+        # the compiled capture, or None for capture_py: fixed when the tracker is made, as the
+        # tracked line classes are (proxies.use_compiled)
+        self._capture_c = _capture_c if compiled_in_use() else None
 
     @property
     def feed_hashes(self) -> list[Any]:
@@ -119,10 +122,11 @@ class AccessTracker:
     def capture(self) -> tuple[tuple[int, int, int, int], ...]:
         """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
         (main thread, once per bar; a few ints per feed). Compiled (``_fastread.capture``,
-        the same expressions evaluated the same way) when the extension is built, else
-        :meth:`capture_py`."""
-        if _capture_c is not None:
-            return _capture_c(self._captured)
+        the same expressions evaluated the same way) when the extension is built and in use
+        (:func:`~analyzers.tracking.proxies.use_compiled`), else :meth:`capture_py`."""
+        compiled = self._capture_c
+        if compiled is not None:
+            return compiled(self._captured)
         return self.capture_py()
 
     def capture_py(self) -> tuple[tuple[int, int, int, int], ...]:

@@ -25,8 +25,9 @@ def bench() -> ModuleType:
     return module
 
 
-def run(wall: float, cpu: float, reads: int = 0) -> dict[str, float]:
+def run(wall: float, cpu: float, reads: int = 0, read_cpu: float = 0.0) -> dict[str, float]:
     return {
+        "read_cpu_s": read_cpu,
         "wall_s": wall,
         "main_cpu_s": cpu,
         "bars": 100,
@@ -64,3 +65,19 @@ def test_the_benchmark_runs_the_writer_as_the_runner_does(bench: ModuleType) -> 
     from analyzers.sinks.writer import SWITCH_INTERVAL_S
 
     assert bench.SWITCH_DEFAULT == SWITCH_INTERVAL_S
+
+
+def test_the_added_cpu_is_split_between_the_reads_and_the_bars(bench: ModuleType) -> None:
+    # plain: 1.0 s of main CPU, 0.2 s of it in the agent's read loop; FMEL + store: 1.5 s, 0.5 s
+    # in the read loop. 1000 reads, 100 bars: 300 us a read inside the loop, the other 0.2 s
+    # is 2000 us a bar
+    results = {
+        "plain": [run(1.0, 1.0, read_cpu=0.2)],
+        "fmel": [run(1.6, 1.6, reads=1000, read_cpu=0.5)],
+        "fmel+duckdb": [run(1.6, 1.5, read_cpu=0.5)],
+    }
+    s = bench.summarise(results)
+    assert s["us_in_reads_duckdb"] == pytest.approx(300.0)
+    assert s["us_per_bar_duckdb"] == pytest.approx(2000.0)
+    assert s["us_per_read_duckdb"] == pytest.approx(500.0)
+    assert "300.00 us per read inside" in "\n".join(bench.table("heavy", s, 1))

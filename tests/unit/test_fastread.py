@@ -580,3 +580,39 @@ def test_capture_of_a_real_feed_is_the_python_one() -> None:
         _fastread.capture(tuple(tracker._captured))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pair"):
         _fastread.capture([(line,)])
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_use_compiled_also_chooses_the_trackers_capture(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracker made after ``use_compiled(False)`` captures the feeds' positions in Python
+    (every bar of a run with a writer), one made with it on in C; a tracker keeps its choice."""
+    from analyzers.tracking import _fastread
+    from analyzers.tracking.tracker import AccessTracker
+
+    calls: list[str] = []
+    real_py = AccessTracker.capture_py
+
+    def counting_py(self: AccessTracker) -> Any:
+        calls.append("py")
+        return real_py(self)
+
+    monkeypatch.setattr(AccessTracker, "capture_py", counting_py)
+    line = LineBuffer()
+    line.forward()
+    line[0] = 1.0
+    was = proxies.use_compiled(compiled)
+    try:
+        tracker = AccessTracker()
+    finally:
+        proxies.use_compiled(was)
+    tracker._captured = [(line, None)]
+    proxies.use_compiled(not compiled)  # switching afterwards does not change this tracker
+    try:
+        assert tracker.capture() == ((1, 0, 1, 0),)
+    finally:
+        proxies.use_compiled(was)
+    assert calls == ([] if compiled else ["py"])
+    assert proxies.compiled_in_use() is (was and _fastread is not None)

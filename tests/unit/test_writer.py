@@ -409,6 +409,53 @@ def test_the_local_store_has_the_reads_view(tmp_path: Path) -> None:
     sink.close()
 
 
+def _wal_bytes(db: Path) -> int:
+    wal = db.with_name(db.name + ".wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+@pytest.mark.parametrize(("limit", "setting"), [(256 * 1024, "256.0 KiB"), (None, "16.0 MiB")])
+def test_the_local_store_checkpoints_its_log_while_it_runs(
+    tmp_path: Path, limit: int | None, setting: str
+) -> None:
+    """With the small ``wal_autocheckpoint`` the log is folded into the file as records come
+    (so close() at the end of a run has little to do); with DuckDB's default it keeps growing."""
+    from analyzers.schema import Access, DataAccess
+
+    reads = tuple(Access(s, "close", -s, 1, 99 - s, "h", 10.0 + s, None, False) for s in range(50))
+    access = (DataAccess("GOOG", "h", ("close",), reads),)
+    sink = LocalDuckDBSink(tmp_path / "w.duckdb", wal_checkpoint_bytes=limit)
+    sink.open()
+    assert sink._con.execute("SELECT current_setting('wal_autocheckpoint')").fetchall() == [
+        (setting,)
+    ]
+    largest = 0
+    for start in range(0, 4000, 100):
+        recs = [
+            record(i)._replace(data_accessed=access, reads=50) for i in range(start, start + 100)
+        ]
+        sink.write_records(recs)
+        largest = max(largest, _wal_bytes(sink.path))
+    assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(4000,)]
+    if limit is None:
+        assert largest > 1024 * 1024  # the default lets it pass a megabyte
+    else:
+        assert largest < 4 * limit  # a write's worth past the limit, then checkpointed
+    sink.close()
+    with duckdb.connect(str(sink.path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM decision_reads").fetchall() == [(4000 * 50,)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "1MB", True])
+def test_the_local_store_refuses_a_bad_setting(tmp_path: Path, bad: Any) -> None:
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="wal_checkpoint_bytes"):
+        LocalDuckDBSink(tmp_path / "x.duckdb", wal_checkpoint_bytes=bad)
+    with pytest.raises(ConfigError, match="threads"):
+        LocalDuckDBSink(tmp_path / "x.duckdb", threads=bad)
+
+
 def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:
@@ -1003,3 +1050,27 @@ def _check_switch_interval(tmp_path: Path, lowered: float) -> None:
     assert sys.getswitchinterval() == pytest.approx(lowered)  # f still runs
     f.stop()
     assert sys.getswitchinterval() == before
+
+
+def test_a_record_submitted_after_stop_is_spilled_and_written_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing drains the queue once stop() has taken it over: a later submit() (a bar recorded
+    while a signal's stop ran) goes to the spill file at once instead of a queue no one reads."""
+    store = Store()
+    spill = tmp_path / "spill"
+    w = DecisionWriter(MemorySink(store), spill_dir=spill, retry=FAST, queue_size=2)
+    w.start()
+    w.submit(record(0))
+    w.stop(WAIT_S)
+    with caplog.at_level("WARNING", logger="analyzers.sinks.writer"):
+        for i in (1, 2, 4, 5):  # past queue_size: must not block either
+            w.submit(record(i))
+    late = [r for r in caplog.records if "after the writer stopped" in r.getMessage()]
+    assert len(late) == 1  # once, not per record
+    assert (w.stats.submitted, w.stats.written, w.stats.spilled) == (5, 1, 4)
+    assert SpillFile(w.spill_path).pending() == 4
+    w2 = DecisionWriter(MemorySink(store), spill_dir=spill, retry=FAST)
+    w2.start()
+    assert w2.stop(WAIT_S).replayed == 4
+    assert store.ids() == [record(i).decision_id for i in (0, 1, 2, 4, 5)]

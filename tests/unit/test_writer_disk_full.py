@@ -125,3 +125,16 @@ def test_a_spill_folder_that_is_a_file_is_an_error_with_its_path(tmp_path: Path)
     assert str(tmp_path / "afile") in stats.lost_reason and "ENOTDIR" in stats.lost_reason
     with duckdb.connect(str(tmp_path / "f.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM decisions").fetchone() == (0,)
+
+
+def test_a_record_submitted_after_stop_with_a_full_spill_is_counted_lost(tmp_path: Path) -> None:
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST)
+    w.start()
+    w.submit(record(0))
+    stats = w.stop(WAIT_S)
+    _full(w.spill_path)
+    w.submit(record(1))  # the sink is closed and the spill cannot be written
+    assert (stats.written, stats.spilled, stats.lost) == (1, 0, 1)
+    assert "No space left" in str(stats.lost_reason)
+    assert stored(tmp_path / "f.duckdb") == [0]

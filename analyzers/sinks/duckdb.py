@@ -31,6 +31,8 @@ _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 # little left to checkpoint: measured in benchmarks/bench_fmel.py (docs/benchmarks.md, seventh
 # pass), the final flush of the read-heavy agent went from 0.23-0.32 s to 0.15-0.19 s.
 WAL_CHECKPOINT_BYTES = 256 * 1024
+MAX_WAL_CHECKPOINT_BYTES = 2**40  # 1 TiB: past it DuckDB refuses the setting
+MAX_THREADS = 1024  # DuckDB starts every thread at open: far more hangs the start
 
 
 class LocalDuckDBSink:
@@ -53,7 +55,8 @@ class LocalDuckDBSink:
             :data:`WAL_CHECKPOINT_BYTES`); ``None`` keeps DuckDB's default (16 MiB).
 
     Raises:
-        ConfigError: ``threads`` or ``wal_checkpoint_bytes`` is not a positive int.
+        ConfigError: ``threads`` or ``wal_checkpoint_bytes`` is not an int within its bounds
+            (:data:`MAX_THREADS`, :data:`MAX_WAL_CHECKPOINT_BYTES`).
     """
 
     name = "local"
@@ -65,11 +68,16 @@ class LocalDuckDBSink:
         threads: int = 1,
         wal_checkpoint_bytes: int | None = WAL_CHECKPOINT_BYTES,
     ) -> None:
-        for name, value in (("threads", threads), ("wal_checkpoint_bytes", wal_checkpoint_bytes)):
+        for name, value, most in (
+            ("threads", threads, MAX_THREADS),
+            ("wal_checkpoint_bytes", wal_checkpoint_bytes, MAX_WAL_CHECKPOINT_BYTES),
+        ):
             if value is None and name == "wal_checkpoint_bytes":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"LocalDuckDBSink {name}: expected a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ConfigError(
+                    f"LocalDuckDBSink {name}: expected an int from 1 to {most}, got {value!r}"
+                )
         self.path = Path(path)
         self.table = table
         self.threads = threads
@@ -97,15 +105,21 @@ class LocalDuckDBSink:
                 f"cannot open the local decision store {self.path}: {e} (is another "
                 "process holding it open?)"
             ) from e
-        # One DuckDB thread: the other core belongs to the bar loop.
-        self._con.execute(f"SET threads = {self.threads}")
-        if self.wal_checkpoint_bytes is not None:
-            self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
-        ddl = duckdb_ddl(self.table)
-        self._con.execute(ddl)
-        self._check_columns()
-        if self.table == "decisions":
-            self._con.execute(duckdb_view_sql())
+        try:
+            # One DuckDB thread: the other core belongs to the bar loop.
+            self._con.execute(f"SET threads = {self.threads}")
+            if self.wal_checkpoint_bytes is not None:
+                self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
+            self._con.execute(duckdb_ddl(self.table))
+            self._check_columns()
+            if self.table == "decisions":
+                self._con.execute(duckdb_view_sql())
+        except BaseException as e:
+            self._con.close()  # or the file stays locked by this process
+            self._con = None
+            if isinstance(e, duckdb.Error):
+                raise SinkError(f"cannot set up the local decision store {self.path}: {e}") from e
+            raise
 
     def _check_columns(self) -> None:
         have = [

@@ -365,42 +365,61 @@ class DecisionWriter:
         """
         cond = self._cond
         with self._lock:
-            if self._closed:
-                self.stats.submitted += 1
-                late = True
-            else:
-                late = False
-        if late:
-            self._spill_late(record)
-            return
-        with self._lock:
-            while len(self._buf) >= self.queue_size and not self._stopping:
+            # the check and the append under one lock: stop() takes the queue over (and sets
+            # _closed) under it too, so a record is either in the queue it takes or late
+            while len(self._buf) >= self.queue_size and not (self._stopping or self._closed):
                 if self._fatal is not None:
                     raise SinkError(f"decision writer stopped: {self._fatal}") from self._fatal
                 cond.wait(0.5)
-            self._buf.append(record)
             self.stats.submitted += 1
-            if self.journal is not None and self.disk_error is None:
-                self._unjournaled += 1
-                cond.notify_all()  # journal it now, whatever the batch size
-            elif len(self._buf) >= self.batch_size and self._writer_waits:
-                # only when the writer waits for a batch (a busy one finds it); all: flush(),
-                # wait_durable() and wait_drained() wait on the same condition, and a single
-                # notify could wake one of them instead of the writer
-                cond.notify_all()
+            if not self._closed:
+                self._buf.append(record)
+                if self.journal is not None and self.disk_error is None:
+                    self._unjournaled += 1
+                    cond.notify_all()  # journal it now, whatever the batch size
+                elif len(self._buf) >= self.batch_size and self._writer_waits:
+                    # only when the writer waits for a batch (a busy one finds it); all:
+                    # flush(), wait_durable() and wait_drained() wait on the same condition,
+                    # and a single notify could wake one of them instead of the writer
+                    cond.notify_all()
+                return
+        self._spill_late(record)
 
     def _spill_late(self, record: Item) -> None:
         """A record submitted after :meth:`stop` took the queue over: straight to the spill
-        file (caller's thread), counted as spilled; the first one is logged. When the spill
-        folder cannot be written it is counted ``lost`` and logged (:meth:`_settle_held`)."""
+        file (caller's thread; the sink, closed, is not touched), counted as spilled; the
+        first is logged. When it cannot be kept (the spill folder cannot be written, or the
+        record is not JSON) it is counted ``lost`` and logged with the reason."""
+        reason = ""
         with self._io_lock:
-            first = not self._late_logged
-            self._late_logged = True
-            self._spill([self._as_row(record)], owner=True)
-            if self._held:
-                self._settle_held_locked()
-                return
-        if first:
+            if self.disk_error is not None:
+                reason = f"the spill folder cannot be written ({self.disk_error})"
+            else:
+                try:
+                    self.spill.append([self._as_row(record)])
+                except OSError as e:
+                    self._disk_failed(e, self.spill.path)
+                    reason = f"the spill folder cannot be written ({e})"
+                except (ValueError, TypeError) as e:
+                    reason = f"the record cannot be written as JSON ({e})"
+            if reason:
+                self.stats.lost += 1
+                self.stats.lost_reason = reason
+            else:
+                self.stats.spilled += 1
+                self.stats.spilled_total += 1
+            first = not reason and not self._late_logged
+            self._late_logged = self._late_logged or first
+        decision = getattr(record, "decision_id", None) or (
+            record.get("decision_id") if isinstance(record, dict) else None
+        )
+        if reason:
+            logger.error(
+                "decision %s was submitted after the writer stopped and is lost: %s",
+                decision,
+                reason,
+            )
+        elif first:
             logger.warning(
                 "decision records submitted after the writer stopped go to %s (written at the "
                 "next start, or by python -m runtime.drain)",

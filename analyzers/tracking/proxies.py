@@ -143,7 +143,7 @@ def use_compiled(on: bool) -> bool:
         raise RuntimeError(
             "analyzers/tracking/_fastread is not built: run make (it needs a C compiler)"
         )
-    was, _use_compiled = _use_compiled, on
+    was, _use_compiled = _use_compiled, bool(on)
     if was != on:
         _TRACKED_CLASSES.clear()
     return was

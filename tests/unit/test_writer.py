@@ -10,6 +10,8 @@ Property tests (Hypothesis) drive the spill queue and whole writer runs through 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -446,14 +448,33 @@ def test_the_local_store_checkpoints_its_log_while_it_runs(
         assert con.execute("SELECT count(*) FROM decision_reads").fetchall() == [(4000 * 50,)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "1MB", True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "1MB", True, None, 2**40 + 1])
 def test_the_local_store_refuses_a_bad_setting(tmp_path: Path, bad: Any) -> None:
     from core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="wal_checkpoint_bytes"):
-        LocalDuckDBSink(tmp_path / "x.duckdb", wal_checkpoint_bytes=bad)
+    if bad is not None:  # None: DuckDB's default log size
+        with pytest.raises(ConfigError, match="wal_checkpoint_bytes"):
+            LocalDuckDBSink(tmp_path / "x.duckdb", wal_checkpoint_bytes=bad)
     with pytest.raises(ConfigError, match="threads"):
-        LocalDuckDBSink(tmp_path / "x.duckdb", threads=bad)
+        LocalDuckDBSink(tmp_path / "x.duckdb", threads=1025 if bad == 2**40 + 1 else bad)
+
+
+def test_a_store_that_cannot_be_set_up_is_refused_and_left_unlocked(tmp_path: Path) -> None:
+    """A failure after the file is open (here a table where the reads view goes) closes the
+    connection: another process may open the file at once."""
+    path = tmp_path / "v.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE decision_reads AS SELECT 1 AS x")
+    from core.errors import SinkError
+
+    sink = LocalDuckDBSink(path)
+    with pytest.raises(SinkError, match="cannot set up"):
+        sink.open()
+    # another process can open it (DuckDB locks a file per process) while the sink lives
+    other = "import duckdb, sys; print(duckdb.connect(sys.argv[1]).sql('SELECT 1').fetchall())"
+    out = subprocess.run([sys.executable, "-c", other, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "[(1,)]", out.stderr[-500:]
+    assert sink._con is None
 
 
 def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
@@ -1074,3 +1095,56 @@ def test_a_record_submitted_after_stop_is_spilled_and_written_at_the_next_start(
     w2.start()
     assert w2.stop(WAIT_S).replayed == 4
     assert store.ids() == [record(i).decision_id for i in (0, 1, 2, 4, 5)]
+
+
+def test_records_submitted_while_another_thread_stops_are_each_kept_once(tmp_path: Path) -> None:
+    """Found by the attack on this change: a submit() that saw the writer open, then let the
+    lock go, appended after stop() had taken the queue over: counted, never written or spilled
+    (10 of 300 trials). The check and the append are now one locked step. Each trial: one
+    thread submits 400 records while this one stops the writer somewhere in the middle;
+    every record ends up stored or spilled, once, and the counts add up."""
+    import random
+
+    rng = random.Random(14)
+    for trial in range(150):
+        store = Store()
+        w = DecisionWriter(
+            MemorySink(store),
+            spill_dir=tmp_path / f"spill{trial}",
+            retry=FAST,
+            batch_size=5,
+            queue_size=rng.choice([3, 50, 10_000]),
+        )
+        w.start()
+        go = threading.Event()
+
+        def submit_all(w: DecisionWriter = w, go: threading.Event = go) -> None:
+            go.wait()
+            for i in range(400):
+                w.submit(record(i))
+
+        t = threading.Thread(target=submit_all)
+        t.start()
+        go.set()
+        time.sleep(rng.random() * 0.01)
+        w.stop(WAIT_S)
+        t.join(WAIT_S)
+        s = w.stats
+        spilled = [r["decision_id"] for r in SpillFile(w.spill_path).read()]
+        kept = store.ids() + spilled
+        refused = sum(1 for i in range(400) if i % 7 == 3 and record(i).decision_id not in kept)
+        assert (s.submitted, w.snapshot()[1]) == (400, 0), trial
+        assert s.submitted == s.written + s.spilled + s.rejected + s.lost, trial
+        assert len(kept) == len(set(kept)) == 400 - refused, trial
+
+
+def test_a_late_record_that_is_not_json_is_counted_lost_not_raised(tmp_path: Path) -> None:
+    w = DecisionWriter(MemorySink(Store()), spill_dir=tmp_path / "spill", retry=FAST)
+    w.start()
+    w.stop(WAIT_S)
+    w.submit(dict(to_row(record(1)), portfolio_value=float("nan")))  # a raw row with NaN
+    w.submit(record(2))
+    s = w.stats
+    assert (s.submitted, s.lost, s.spilled) == (2, 1, 1)
+    assert "JSON" in s.lost_reason
+    assert [r["decision_point"] for r in SpillFile(w.spill_path).read()] == [2]

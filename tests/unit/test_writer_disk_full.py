@@ -128,13 +128,18 @@ def test_a_spill_folder_that_is_a_file_is_an_error_with_its_path(tmp_path: Path)
 
 
 def test_a_record_submitted_after_stop_with_a_full_spill_is_counted_lost(tmp_path: Path) -> None:
-    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    """Found by the attack on this change: the late record was handed to the closed sink on
+    the caller's thread (blocking it, or raising the sink's error). It is counted lost."""
+    sink = Flaky(tmp_path / "f.duckdb")
     w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST)
     w.start()
     w.submit(record(0))
     stats = w.stop(WAIT_S)
+    calls = list(sink.calls)
     _full(w.spill_path)
+    sink.gate.clear()  # a write now would block the caller until WAIT_S
     w.submit(record(1))  # the sink is closed and the spill cannot be written
-    assert (stats.written, stats.spilled, stats.lost) == (1, 0, 1)
+    w.submit(record(2))
+    assert (stats.submitted, stats.written, stats.spilled, stats.lost) == (3, 1, 0, 2)
     assert "No space left" in str(stats.lost_reason)
-    assert stored(tmp_path / "f.duckdb") == [0]
+    assert sink.calls == calls and stored(tmp_path / "f.duckdb") == [0]

@@ -25,12 +25,11 @@ from analyzers.sinks.views import duckdb_view_sql
 from core.errors import ConfigError, SinkError
 
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
-# DuckDB checkpoints its write-ahead log into the file once the log passes this size (its
-# ``wal_autocheckpoint``, 16 MiB by default). Small, so checkpoints run on the writer thread
-# while the bar loop runs (DuckDB releases the GIL) and ``close()`` at the end of a run has
-# little left to checkpoint: measured in benchmarks/bench_fmel.py (docs/benchmarks.md, seventh
-# pass), the final flush of the read-heavy agent went from 0.23-0.32 s to 0.15-0.19 s.
-WAL_CHECKPOINT_BYTES = 256 * 1024
+# DuckDB checkpoints its write-ahead log into the file once the log passes ``wal_autocheckpoint``
+# (16 MiB by default). The default is kept: a small limit (256 KiB) made the final flush of a
+# backtest shorter (read-heavy agent: 0.23-0.32 s -> 0.15-0.19 s), but a live run that
+# checkpoints after every few writes kept more memory (100 live symbols, 1,500 steps: RSS
+# 392 MB before the store closed, 276 MB with the default; docs/benchmarks.md, seventh pass).
 MAX_WAL_CHECKPOINT_BYTES = 2**40  # 1 TiB: past it DuckDB refuses the setting
 MAX_THREADS = 1024  # DuckDB starts every thread at open: far more hangs the start
 
@@ -52,7 +51,7 @@ class LocalDuckDBSink:
         table: table name (the ``decision_reads`` view is created for ``decisions`` only).
         threads: DuckDB worker threads (1: the other core belongs to the bar loop).
         wal_checkpoint_bytes: DuckDB's ``wal_autocheckpoint``, bytes (see
-            :data:`WAL_CHECKPOINT_BYTES`); ``None`` keeps DuckDB's default (16 MiB).
+            the note above the class); ``None`` (default) keeps DuckDB's own (16 MiB).
 
     Raises:
         ConfigError: ``threads`` or ``wal_checkpoint_bytes`` is not an int within its bounds
@@ -66,7 +65,7 @@ class LocalDuckDBSink:
         path: Path,
         table: str = "decisions",
         threads: int = 1,
-        wal_checkpoint_bytes: int | None = WAL_CHECKPOINT_BYTES,
+        wal_checkpoint_bytes: int | None = None,
     ) -> None:
         for name, value, most in (
             ("threads", threads, MAX_THREADS),

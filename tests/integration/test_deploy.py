@@ -118,6 +118,23 @@ def image_env() -> dict[str, str]:
     return env
 
 
+def test_the_images_duckdb_allocator_setting_is_taken() -> None:
+    """DuckDB's bundled jemalloc reads ``DUCKDB_JE_MALLOC_CONF`` when it loads; a value it does
+    not understand is only a line on stderr, so ask jemalloc what it runs with."""
+    conf = image_env()["DUCKDB_JE_MALLOC_CONF"]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import duckdb; duckdb.connect().execute('SELECT 1').fetchall()"],
+        env=clean_env({"DUCKDB_JE_MALLOC_CONF": conf + ",stats_print:true"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = proc.stdout + proc.stderr
+    assert "Invalid conf" not in out, out[:500]
+    assert "opt.dirty_decay_ms: 0 " in out and "opt.muzzy_decay_ms: 0 " in out
+
+
 def test_image_file_set_runs_a_backtest_and_writes_only_its_volume(tmp_path: Path) -> None:
     app, state = tmp_path / "app", tmp_path / "var-lib-runner"
     app.mkdir()

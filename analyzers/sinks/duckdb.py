@@ -25,6 +25,7 @@ from analyzers.sinks.views import duckdb_view_sql
 from core.errors import ConfigError, SinkError
 
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
+_CATALOG = "fmel"  # the attached file's name inside the connection
 # DuckDB checkpoints its write-ahead log into the file once the log passes ``wal_autocheckpoint``
 # (16 MiB by default). The default is kept: a small limit (256 KiB) made the final flush of a
 # backtest shorter (read-heavy agent: 0.23-0.32 s -> 0.15-0.19 s), but a live run that
@@ -32,6 +33,15 @@ _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 # 392 MB before the store closed, 276 MB with the default; docs/benchmarks.md, seventh pass).
 MAX_WAL_CHECKPOINT_BYTES = 2**40  # 1 TiB: past it DuckDB refuses the setting
 MAX_THREADS = 1024  # DuckDB starts every thread at open: far more hangs the start
+# Rows (decisions) per row group of the file. At each checkpoint DuckDB writes the table's
+# open row group again as a whole, with every nested read of its decisions, and needs memory
+# for that in proportion (about 270 bytes a read, measured): with DuckDB's 122,880 rows that
+# grows for as long as a live run lasts (100 symbols read every step: 741 MB peak after
+# 20,000 decisions, against 338 MB with 2,048; docs/benchmarks.md, eighth pass). DuckDB
+# requires a multiple of its vector size, 2,048, which is also its smallest row group.
+ROW_GROUP_SIZE = 2048
+DUCKDB_VECTOR_SIZE = 2048
+MAX_ROW_GROUP_SIZE = 2**30
 
 
 class LocalDuckDBSink:
@@ -52,10 +62,15 @@ class LocalDuckDBSink:
         threads: DuckDB worker threads (1: the other core belongs to the bar loop).
         wal_checkpoint_bytes: DuckDB's ``wal_autocheckpoint``, bytes (see
             the note above the class); ``None`` (default) keeps DuckDB's own (16 MiB).
+        row_group_size: decisions per row group of what this sink writes (DuckDB's
+            ``ROW_GROUP_SIZE`` of the attached file; see :data:`ROW_GROUP_SIZE` for why it is
+            small). Rows already in the file keep their groups; other connections opening the
+            file read it as usual.
 
     Raises:
-        ConfigError: ``threads`` or ``wal_checkpoint_bytes`` is not an int within its bounds
-            (:data:`MAX_THREADS`, :data:`MAX_WAL_CHECKPOINT_BYTES`).
+        ConfigError: ``threads``, ``wal_checkpoint_bytes`` or ``row_group_size`` is not an
+            int within its bounds (:data:`MAX_THREADS`, :data:`MAX_WAL_CHECKPOINT_BYTES`,
+            a multiple of 2,048 up to :data:`MAX_ROW_GROUP_SIZE`).
     """
 
     name = "local"
@@ -66,6 +81,7 @@ class LocalDuckDBSink:
         table: str = "decisions",
         threads: int = 1,
         wal_checkpoint_bytes: int | None = None,
+        row_group_size: int = ROW_GROUP_SIZE,
     ) -> None:
         for name, value, most in (
             ("threads", threads, MAX_THREADS),
@@ -77,6 +93,17 @@ class LocalDuckDBSink:
                 raise ConfigError(
                     f"LocalDuckDBSink {name}: expected an int from 1 to {most}, got {value!r}"
                 )
+        if (
+            isinstance(row_group_size, bool)
+            or not isinstance(row_group_size, int)
+            or not DUCKDB_VECTOR_SIZE <= row_group_size <= MAX_ROW_GROUP_SIZE
+            or row_group_size % DUCKDB_VECTOR_SIZE
+        ):
+            raise ConfigError(
+                f"LocalDuckDBSink row_group_size: expected a multiple of {DUCKDB_VECTOR_SIZE} "
+                f"(DuckDB's vector size) up to {MAX_ROW_GROUP_SIZE}, got {row_group_size!r}"
+            )
+        self.row_group_size = row_group_size
         self.path = Path(path)
         self.table = table
         self.threads = threads
@@ -97,13 +124,30 @@ class LocalDuckDBSink:
         import duckdb
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The file is attached (not opened by connect()) because ROW_GROUP_SIZE is an option
+        # of ATTACH only; USE makes it the default catalog, so every statement below and in
+        # the views names its tables as before.
+        con = duckdb.connect()
+        quoted = str(self.path).replace("'", "''")
         try:
-            self._con = duckdb.connect(str(self.path))
+            con.execute(
+                f"ATTACH '{quoted}' AS {_CATALOG} "
+                f"(TYPE duckdb, ROW_GROUP_SIZE {self.row_group_size})"
+            )
+            con.execute(f"USE {_CATALOG}")
         except duckdb.IOException as e:
+            con.close()
             raise SinkError(
                 f"cannot open the local decision store {self.path}: {e} (is another "
                 "process holding it open?)"
             ) from e
+        except duckdb.Error as e:
+            con.close()
+            raise SinkError(f"cannot open the local decision store {self.path}: {e}") from e
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
         try:
             # One DuckDB thread: the other core belongs to the bar loop.
             self._con.execute(f"SET threads = {self.threads}")

@@ -477,6 +477,97 @@ def test_a_store_that_cannot_be_set_up_is_refused_and_left_unlocked(tmp_path: Pa
     assert sink._con is None
 
 
+def _row_groups(path: Path) -> int:
+    with duckdb.connect(str(path), read_only=True) as con:
+        got = con.execute(
+            "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('decisions')"
+        ).fetchone()
+    assert got is not None
+    return int(got[0])
+
+
+@pytest.mark.parametrize(("size", "groups"), [(None, 3), (4096, 2), (122_880, 1)])
+def test_the_local_store_writes_row_groups_of_its_size(
+    tmp_path: Path, size: int | None, groups: int
+) -> None:
+    """5,000 decisions in batches of 100: ceil(5,000 / size) row groups in the file (DuckDB's
+    own 122,880 puts them all in one, whose every nested read a checkpoint writes again). A
+    replay through the JSON path goes to the same groups; the file reads as usual after."""
+    path = tmp_path / "g.duckdb"
+    sink = LocalDuckDBSink(path) if size is None else LocalDuckDBSink(path, row_group_size=size)
+    sink.open()
+    for start in range(0, 4900, 100):
+        sink.write_records([record(i) for i in range(start, start + 100)])
+    assert sink.write([to_row(record(i)) for i in range(4900, 5000)]) == []
+    sink.close()
+    assert _row_groups(path) == groups
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute(
+            "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
+        ).fetchall() == [(5000, 5000)]
+
+
+def test_the_local_store_opens_a_path_with_a_quote_and_appends_to_an_old_file(
+    tmp_path: Path,
+) -> None:
+    """The path is quoted inside ATTACH; a file first written by DuckDB's own defaults keeps its
+    rows and takes more."""
+    path = tmp_path / "it's here.duckdb"
+    sink = LocalDuckDBSink(path, row_group_size=122_880)
+    sink.open()
+    sink.write_records([record(i) for i in range(10)])
+    sink.close()
+    again = LocalDuckDBSink(path)
+    again.open()
+    again.write_records([record(i) for i in range(10, 20)])
+    again.close()
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(20,)]
+
+
+def test_a_store_another_process_holds_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from core.errors import SinkError
+
+    path = tmp_path / "held.duckdb"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('open', flush=True);"
+            " time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        sink = LocalDuckDBSink(path)
+        with pytest.raises(SinkError, match="another process"):
+            sink.open()
+        assert sink._con is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize(
+    "bad", [0, 1024, 2049, 6143, -2048, True, 2048.0, "2048", None, 2**30 + 2048]
+)
+def test_the_local_store_refuses_a_bad_row_group_size(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(ConfigError, match="row_group_size: expected a multiple of 2048"):
+        LocalDuckDBSink(tmp_path / "x.duckdb", row_group_size=bad)
+
+
+def test_a_file_that_is_not_a_duckdb_store_is_refused(tmp_path: Path) -> None:
+    from core.errors import SinkError
+
+    path = tmp_path / "notes.duckdb"
+    path.write_text("not a database\n" * 100)
+    with pytest.raises(SinkError, match="not a valid DuckDB database file"):
+        LocalDuckDBSink(path).open()
+
+
 def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:

@@ -135,6 +135,9 @@ class LocalDuckDBSink:
                 f"(TYPE duckdb, ROW_GROUP_SIZE {self.row_group_size})"
             )
             con.execute(f"USE {_CATALOG}")
+            # where connect(path) puts DuckDB's spill files; an in-memory connection would use
+            # .tmp in the working folder, which the image's read-only root cannot hold
+            con.execute(f"SET temp_directory = '{quoted}.tmp'")
         except duckdb.IOException as e:
             con.close()
             raise SinkError(

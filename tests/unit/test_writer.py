@@ -499,6 +499,9 @@ def test_the_local_store_writes_row_groups_of_its_size(
     for start in range(0, 4900, 100):
         sink.write_records([record(i) for i in range(start, start + 100)])
     assert sink.write([to_row(record(i)) for i in range(4900, 5000)]) == []
+    # DuckDB's spill folder stays beside the file, as with duckdb.connect(path)
+    got = sink._con.execute("SELECT current_setting('temp_directory')").fetchall()
+    assert got == [(str(path) + ".tmp",)]
     sink.close()
     assert _row_groups(path) == groups
     with duckdb.connect(str(path), read_only=True) as con:

@@ -9,6 +9,9 @@ with ``python -m analyzers.query``.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from core.errors import ConfigError, SinkError
 
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 _CATALOG = "fmel"  # the attached file's name inside the connection
+_log = logging.getLogger(__name__)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # md:, s3://, http://... (not C:)
 # DuckDB checkpoints its write-ahead log into the file once the log passes ``wal_autocheckpoint``
 # (16 MiB by default). The default is kept: a small limit (256 KiB) made the final flush of a
 # backtest shorter (read-heavy agent: 0.23-0.32 s -> 0.15-0.19 s), but a live run that
@@ -42,6 +47,95 @@ MAX_THREADS = 1024  # DuckDB starts every thread at open: far more hangs the sta
 ROW_GROUP_SIZE = 2048
 DUCKDB_VECTOR_SIZE = 2048
 MAX_ROW_GROUP_SIZE = 2**30
+
+
+# The files this process has attached: resolved path -> [the connection that attached it, the
+# connections handed out]. DuckDB lets a file be attached once per process, so a second user
+# (the trial store and a recorder in an optimize run, a report after a run) gets a cursor of
+# the same database (DuckDB's ``cursor()``: a connection to the same instance).
+_ATTACHED: dict[str, list[Any]] = {}
+_ATTACHED_LOCK = threading.Lock()
+_SHARED_BY: dict[int, str] = {}  # id() of a handed-out connection -> its file's key
+
+
+def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
+    """A read-write DuckDB connection to the local store file ``path`` (created with its
+    folder when missing), writing row groups of ``row_group_size`` decisions.
+
+    The file is attached to an in-memory DuckDB (``ROW_GROUP_SIZE`` is an option of ``ATTACH``
+    only) and made the default catalog (``USE``), so statements name tables as with
+    ``duckdb.connect(path)``; DuckDB's spill folder stays beside it (``<path>.tmp``). When this
+    process already holds the file through a plain ``duckdb.connect(path)`` (DuckDB attaches a
+    file once per process), that database is shared instead, with its own row groups. Close
+    the connection with :func:`close_store`.
+
+    Thread context: any thread; the connection is then used by one thread at a time.
+
+    Raises:
+        SinkError: the file cannot be created or opened (not a DuckDB file, another process
+            holds it, a folder in the way...), with DuckDB's reason.
+    """
+    import duckdb
+
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(path.resolve())
+    except OSError as e:
+        raise SinkError(f"cannot create the local decision store {path}: {e}") from e
+    with _ATTACHED_LOCK:
+        held = _ATTACHED.get(key)
+        if held is not None:
+            shared = held[0].cursor()
+            shared.execute(f"USE {_CATALOG}")
+            held[1] += 1
+            _SHARED_BY[id(shared)] = key
+            return shared
+        con = duckdb.connect()
+        quoted = str(path).replace("'", "''")
+        try:
+            con.execute(
+                f"ATTACH '{quoted}' AS {_CATALOG} (TYPE duckdb, ROW_GROUP_SIZE {row_group_size})"
+            )
+            con.execute(f"USE {_CATALOG}")
+            con.execute(f"SET temp_directory = '{quoted}.tmp'")
+        except duckdb.ResourceInUseException as e:
+            con.close()
+            if "already attached" not in str(e):
+                raise SinkError(f"cannot open the local decision store {path}: {e}") from e
+            try:  # a plain connect(path) of this process holds it: share that database
+                plain = duckdb.connect(str(path))
+            except duckdb.Error as e2:
+                raise SinkError(f"cannot open the local decision store {path}: {e2}") from e2
+            _log.debug("%s is already open in this process: sharing its connection", path)
+            return plain
+        except duckdb.Error as e:
+            con.close()
+            hint = " (is another process holding it open?)" if "lock" in str(e).lower() else ""
+            raise SinkError(f"cannot open the local decision store {path}: {e}{hint}") from e
+        except BaseException:
+            con.close()
+            raise
+        shared = con.cursor()
+        shared.execute(f"USE {_CATALOG}")
+        _ATTACHED[key] = [con, 1]
+        _SHARED_BY[id(shared)] = key
+        return shared
+
+
+def close_store(con: Any) -> None:
+    """Close a connection from :func:`open_store`; the last one of a file detaches it (DuckDB
+    checkpoints the file then). Closing twice does nothing more."""
+    with _ATTACHED_LOCK:
+        key = _SHARED_BY.pop(id(con), None)
+        con.close()
+        if key is None:
+            return
+        held = _ATTACHED[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _ATTACHED[key]
+            held[0].close()
 
 
 class LocalDuckDBSink:
@@ -104,7 +198,12 @@ class LocalDuckDBSink:
                 f"(DuckDB's vector size) up to {MAX_ROW_GROUP_SIZE}, got {row_group_size!r}"
             )
         self.row_group_size = row_group_size
-        self.path = Path(path)
+        if _URL.match(str(path)):
+            raise ConfigError(
+                f"LocalDuckDBSink path: expected a local file path, got {str(path)!r} (DuckDB "
+                "URLs such as md: or s3:// are not a local store)"
+            )
+        self.path = Path(path).expanduser()
         self.table = table
         self.threads = threads
         self.wal_checkpoint_bytes = wal_checkpoint_bytes
@@ -123,34 +222,7 @@ class LocalDuckDBSink:
     def open(self) -> None:
         import duckdb
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The file is attached (not opened by connect()) because ROW_GROUP_SIZE is an option
-        # of ATTACH only; USE makes it the default catalog, so every statement below and in
-        # the views names its tables as before.
-        con = duckdb.connect()
-        quoted = str(self.path).replace("'", "''")
-        try:
-            con.execute(
-                f"ATTACH '{quoted}' AS {_CATALOG} "
-                f"(TYPE duckdb, ROW_GROUP_SIZE {self.row_group_size})"
-            )
-            con.execute(f"USE {_CATALOG}")
-            # where connect(path) puts DuckDB's spill files; an in-memory connection would use
-            # .tmp in the working folder, which the image's read-only root cannot hold
-            con.execute(f"SET temp_directory = '{quoted}.tmp'")
-        except duckdb.IOException as e:
-            con.close()
-            raise SinkError(
-                f"cannot open the local decision store {self.path}: {e} (is another "
-                "process holding it open?)"
-            ) from e
-        except duckdb.Error as e:
-            con.close()
-            raise SinkError(f"cannot open the local decision store {self.path}: {e}") from e
-        except BaseException:
-            con.close()
-            raise
-        self._con = con
+        self._con = open_store(self.path, self.row_group_size)
         try:
             # One DuckDB thread: the other core belongs to the bar loop.
             self._con.execute(f"SET threads = {self.threads}")
@@ -161,7 +233,7 @@ class LocalDuckDBSink:
             if self.table == "decisions":
                 self._con.execute(duckdb_view_sql())
         except BaseException as e:
-            self._con.close()  # or the file stays locked by this process
+            close_store(self._con)  # or the file stays locked by this process
             self._con = None
             if isinstance(e, duckdb.Error):
                 raise SinkError(f"cannot set up the local decision store {self.path}: {e}") from e
@@ -172,6 +244,7 @@ class LocalDuckDBSink:
             r[0]
             for r in self._con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "AND table_schema = current_schema() AND table_catalog = current_database() "
                 "ORDER BY ordinal_position",
                 [self.table],
             ).fetchall()
@@ -190,25 +263,38 @@ class LocalDuckDBSink:
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write() before open()")
         # One statement checks the table, not its own rows: an id repeated in ``rows`` (a
-        # journal and a spill holding the same decision after a crash) is written once.
+        # journal and a spill holding the same decision after a crash) is written once. A row
+        # without a text id, or not JSON (NaN), is refused here: the id check would drop it.
         first: dict[object, int] = {}
         repeats: dict[int, int] = {}
         keep: list[int] = []
+        texts: list[str] = []
+        errors: list[RowError] = []
         for i, r in enumerate(rows):
             did = r.get("decision_id")
-            if did in first:
+            if not isinstance(did, str) or not did:
+                errors.append(RowError(i, f"decision_id must be a non-empty string, got {did!r}"))
+            elif did in first:
                 repeats[i] = first[did]
             else:
+                try:
+                    texts.append(json.dumps(r, separators=(",", ":"), allow_nan=False))
+                except (TypeError, ValueError) as e:
+                    errors.append(RowError(i, f"not JSON: {e}"))
+                    continue
                 first[did] = i
                 keep.append(i)
-        texts = [json.dumps(rows[i], separators=(",", ":"), allow_nan=False) for i in keep]
         try:
-            self._con.execute(self._insert_sql, [texts])
-            return []
-        except duckdb.ConversionException:
-            pass  # a bad value somewhere: find it row by row so the rest is written
-        errors: list[RowError] = []
-        for i, text in zip(keep, texts, strict=True):
+            if texts:
+                self._con.execute(self._insert_sql, [texts])
+            if not errors:
+                return []
+            texts_left: list[tuple[int, str]] = []
+        except (duckdb.ConversionException, duckdb.ConstraintException):
+            # a bad value somewhere (a type, a NULL in a NOT NULL column): row by row, so the
+            # rest is written
+            texts_left = list(zip(keep, texts, strict=True))
+        for i, text in texts_left:
             try:
                 self._con.execute(self._insert_sql, [[text]])
             except duckdb.Error as e:
@@ -235,7 +321,7 @@ class LocalDuckDBSink:
 
     def close(self) -> None:
         if self._con is not None:
-            self._con.close()
+            close_store(self._con)
             self._con = None
 
     @property

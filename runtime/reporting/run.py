@@ -107,15 +107,16 @@ def write_run_report(
         out = report_path(config, session_id)
         store: ReportStore
         if config.fmel.sink == "local":
-            import duckdb
+            from analyzers.sinks.duckdb import close_store, open_store
 
-            con = duckdb.connect(str(config.fmel.local_path))
+            # as the sink opened it: a plain connection would merge the small row groups
+            con = open_store(Path(config.fmel.local_path))
             try:
                 write_bars_duckdb(con, bars)
                 store = DuckDBStore(Path(config.fmel.local_path), con=con)
                 page = render_run(load_run(store, session_id))
             finally:
-                con.close()
+                close_store(con)
         elif config.fmel.sink == "bigquery" and config.bigquery is not None:
             from analyzers.sinks.bigquery.client import make_client
 

@@ -303,9 +303,7 @@ class DuckDBTrialStore:
         )
 
     def open(self) -> None:
-        import duckdb
-
-        from analyzers.sinks.duckdb import LocalDuckDBSink
+        from analyzers.sinks.duckdb import LocalDuckDBSink, open_store
 
         # The decisions table and its view exist even before the first recorded run, so the
         # report and merges find them; the sink creates them as a backtest would.
@@ -314,12 +312,7 @@ class DuckDBTrialStore:
             sink.open()
         finally:
             sink.close()
-        try:
-            self._con = duckdb.connect(str(self.path))
-        except duckdb.IOException as e:
-            raise SinkError(
-                f"cannot open {self.path}: {e} (is another process holding it open?)"
-            ) from e
+        self._con = open_store(self.path)  # shared with a recorder's sink in this process
         self._con.execute(_ddl(TRIALS_TABLE, TRIAL_COLUMNS, "duckdb"))
         self._con.execute(_ddl(FOLDS_TABLE, FOLD_COLUMNS, "duckdb"))
 
@@ -352,7 +345,9 @@ class DuckDBTrialStore:
 
     def close(self) -> None:
         if self._con is not None:
-            self._con.close()
+            from analyzers.sinks.duckdb import close_store
+
+            close_store(self._con)
             self._con = None
 
     def describe(self) -> str:

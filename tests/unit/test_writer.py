@@ -571,6 +571,125 @@ def test_a_file_that_is_not_a_duckdb_store_is_refused(tmp_path: Path) -> None:
         LocalDuckDBSink(path).open()
 
 
+def test_the_same_file_opened_twice_in_one_process_is_shared(tmp_path: Path) -> None:
+    """An optimize run holds the study file (the trial store) while a recorder's sink writes
+    to it; a report opens it after a run. DuckDB attaches a file once per process: the second
+    user shares the first's database, whichever way the first opened it (fresh-context attack:
+    recording the best trial of each fold failed with a file handle conflict)."""
+    from analyzers.sinks.duckdb import close_store, open_store
+
+    path = tmp_path / "study.duckdb"
+    held = open_store(path)
+    a, b = LocalDuckDBSink(path), LocalDuckDBSink(path)
+    a.open()
+    b.open()
+    a.write_records([record(i) for i in range(5)])
+    b.write_records([record(i) for i in range(5, 8)])
+    assert held.execute("SELECT count(*) FROM decisions").fetchall() == [(8,)]
+    a.close()
+    b.close()
+    held.execute("CREATE TABLE bars AS SELECT 1 AS x")  # the report's write
+    close_store(held)
+    close_store(held)  # twice: nothing more
+    # all closed: another process can open it
+    other = "import duckdb, sys; print(duckdb.connect(sys.argv[1]).sql('SELECT count(*) FROM decisions').fetchall())"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", other, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "[(8,)]", out.stderr[-500:]
+    # a plain duckdb.connect(path) of this process (a user's) holding the file: shared too
+    with duckdb.connect(str(path)) as plain:
+        sink = LocalDuckDBSink(path)
+        sink.open()
+        sink.write_records([record(9)])
+        assert plain.execute("SELECT count(*) FROM decisions").fetchall() == [(9,)]
+        sink.close()
+
+
+def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:
+    """A plain connection that writes checkpoints the file with DuckDB's own row group size,
+    merging the store's small groups (a memory spike as large as the table: fresh-context
+    attack); ``open_store`` keeps them."""
+    from analyzers.sinks.duckdb import close_store, open_store
+
+    path = tmp_path / "r.duckdb"
+    sink = LocalDuckDBSink(path)
+    sink.open()
+    for start in range(0, 5000, 100):
+        sink.write_records([record(i) for i in range(start, start + 100)])
+    sink.close()
+    assert _row_groups(path) == 3
+    con = open_store(path)
+    con.execute("CREATE TABLE bars AS SELECT 1 AS x")
+    close_store(con)
+    assert _row_groups(path) == 3
+    with duckdb.connect(str(path)) as plain:  # the control: a plain writer merges them
+        plain.execute("CREATE TABLE more AS SELECT 1 AS x")
+    assert _row_groups(path) == 1
+
+
+def test_replayed_rows_that_break_a_column_are_refused_one_by_one(tmp_path: Path) -> None:
+    """A NULL in a NOT NULL column, a missing id, a NaN: each such row gets its RowError and
+    the rest of the batch is written (before, the NULL failed the whole batch at every replay,
+    and a missing id was dropped without an error; fresh-context attack)."""
+    sink = LocalDuckDBSink(tmp_path / "bad.duckdb")
+    sink.open()
+    sink.write([to_row(record(0))])
+    rows = [to_row(record(i)) for i in range(1, 7)]
+    rows[1]["action"] = None  # NOT NULL
+    rows[2]["decision_id"] = None
+    rows[3]["portfolio_value"] = float("nan")
+    rows[4]["decision_id"] = ""
+    errors = sink.write(rows)
+    assert [e.index for e in errors] == [1, 2, 3, 4]
+    assert "NOT NULL" in errors[0].reason and "decision_id" in errors[1].reason
+    assert "not JSON" in errors[2].reason and "decision_id" in errors[3].reason
+    got = sink._con.execute("SELECT decision_id FROM decisions ORDER BY decision_point").fetchall()
+    assert got == [(to_row(record(i))["decision_id"],) for i in (0, 1, 6)]
+    sink.close()
+
+
+def test_a_home_relative_path_is_expanded_once_and_urls_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sink = LocalDuckDBSink(Path("~/fmel/fmel.duckdb"))
+    sink.open()
+    sink.close()
+    assert (tmp_path / "home" / "fmel" / "fmel.duckdb").exists()
+    assert not (tmp_path / "~").exists()
+    assert sink.destination == f"duckdb:{tmp_path / 'home' / 'fmel' / 'fmel.duckdb'}"
+    for url in ("md:store", "s3://bucket/x.duckdb", "https://host/x.duckdb"):
+        with pytest.raises(ConfigError, match="expected a local file path"):
+            LocalDuckDBSink(Path(url))
+
+
+def test_open_failures_name_their_cause(tmp_path: Path) -> None:
+    """Only a lock held elsewhere hints at another process; a folder that cannot be made is a
+    SinkError too (it was a raw OSError)."""
+    from core.errors import SinkError
+
+    text = tmp_path / "t.duckdb"
+    text.write_text("x" * 5000)
+    with pytest.raises(SinkError, match="not a valid DuckDB") as e:
+        LocalDuckDBSink(text).open()
+    assert "another process" not in str(e.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SinkError, match="cannot create"):
+        LocalDuckDBSink(blocker / "sub" / "x.duckdb").open()
+
+
+def test_a_decisions_table_in_another_schema_does_not_confuse_the_check(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE SCHEMA archive")
+        con.execute("CREATE TABLE archive.decisions (x INT)")
+    sink = LocalDuckDBSink(path)
+    sink.open()
+    sink.write_records([record(0)])
+    sink.close()
+
+
 def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:

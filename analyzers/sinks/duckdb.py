@@ -49,13 +49,26 @@ DUCKDB_VECTOR_SIZE = 2048
 MAX_ROW_GROUP_SIZE = 2**30
 
 
-# The files this process has attached: resolved path -> [the connection that attached it, the
-# connections handed out]. DuckDB lets a file be attached once per process, so a second user
-# (the trial store and a recorder in an optimize run, a report after a run) gets a cursor of
-# the same database (DuckDB's ``cursor()``: a connection to the same instance).
+# The files this process has attached, under each of their keys (resolved path, and device and
+# inode: hard links) -> [the connection that attached it, the connections handed out, keys].
+# DuckDB lets a file be attached once per process, so a second user (the trial store and a
+# recorder in an optimize run, a report after a run) gets a cursor of the same database
+# (DuckDB's ``cursor()``: a connection to the same instance).
 _ATTACHED: dict[str, list[Any]] = {}
 _ATTACHED_LOCK = threading.Lock()
+_SETUP_LOCK = threading.Lock()  # LocalDuckDBSink.open()'s tables and views
 _SHARED_BY: dict[int, str] = {}  # id() of a handed-out connection -> its file's key
+
+
+def _file_keys(path: Path) -> list[str]:
+    """The keys of a file: its resolved path, and its device and inode when it exists (the
+    same for every name of it, hard links included)."""
+    keys = [str(path.resolve())]
+    try:
+        st = path.stat()
+    except OSError:
+        return keys
+    return [*keys, f"{st.st_dev}:{st.st_ino}"]
 
 
 def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
@@ -80,16 +93,16 @@ def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = str(path.resolve())
     except OSError as e:
         raise SinkError(f"cannot create the local decision store {path}: {e}") from e
     with _ATTACHED_LOCK:
-        held = _ATTACHED.get(key)
+        keys = _file_keys(path)
+        held = next((_ATTACHED[k] for k in keys if k in _ATTACHED), None)
         if held is not None:
             shared = held[0].cursor()
             shared.execute(f"USE {_CATALOG}")
             held[1] += 1
-            _SHARED_BY[id(shared)] = key
+            _SHARED_BY[id(shared)] = held[2][0]
             return shared
         con = duckdb.connect()
         quoted = str(path).replace("'", "''")
@@ -116,10 +129,13 @@ def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
         except BaseException:
             con.close()
             raise
+        keys = _file_keys(path)  # the file exists now
         shared = con.cursor()
         shared.execute(f"USE {_CATALOG}")
-        _ATTACHED[key] = [con, 1]
-        _SHARED_BY[id(shared)] = key
+        entry = [con, 1, keys]
+        for k in keys:
+            _ATTACHED[k] = entry
+        _SHARED_BY[id(shared)] = keys[0]
         return shared
 
 
@@ -134,7 +150,8 @@ def close_store(con: Any) -> None:
         held = _ATTACHED[key]
         held[1] -= 1
         if held[1] == 0:
-            del _ATTACHED[key]
+            for k in held[2]:
+                _ATTACHED.pop(k, None)
             held[0].close()
 
 
@@ -224,14 +241,17 @@ class LocalDuckDBSink:
 
         self._con = open_store(self.path, self.row_group_size)
         try:
-            # One DuckDB thread: the other core belongs to the bar loop.
-            self._con.execute(f"SET threads = {self.threads}")
-            if self.wal_checkpoint_bytes is not None:
-                self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
-            self._con.execute(duckdb_ddl(self.table))
-            self._check_columns()
-            if self.table == "decisions":
-                self._con.execute(duckdb_view_sql())
+            # one setup at a time: sinks opening the same (shared) file from several threads
+            # would otherwise conflict on replacing the view
+            with _SETUP_LOCK:
+                # One DuckDB thread: the other core belongs to the bar loop.
+                self._con.execute(f"SET threads = {self.threads}")
+                if self.wal_checkpoint_bytes is not None:
+                    self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
+                self._con.execute(duckdb_ddl(self.table))
+                self._check_columns()
+                if self.table == "decisions":
+                    self._con.execute(duckdb_view_sql())
         except BaseException as e:
             close_store(self._con)  # or the file stays locked by this process
             self._con = None
@@ -263,44 +283,38 @@ class LocalDuckDBSink:
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write() before open()")
         # One statement checks the table, not its own rows: an id repeated in ``rows`` (a
-        # journal and a spill holding the same decision after a crash) is written once. A row
-        # without a text id, or not JSON (NaN), is refused here: the id check would drop it.
-        first: dict[object, int] = {}
-        repeats: dict[int, int] = {}
-        keep: list[int] = []
-        texts: list[str] = []
+        # journal and a spill holding the same decision after a crash) is written once; when
+        # a copy is refused, the next copy of that id is tried. A row that is not an object,
+        # has no text id or is not JSON (NaN) is refused here: the id check would drop it.
+        copies: dict[str, list[tuple[int, str]]] = {}
         errors: list[RowError] = []
         for i, r in enumerate(rows):
-            did = r.get("decision_id")
-            if not isinstance(did, str) or not did:
+            did = r.get("decision_id") if isinstance(r, dict) else None
+            if not isinstance(r, dict):
+                errors.append(RowError(i, f"not a JSON object: {type(r).__name__}"))
+            elif not isinstance(did, str) or not did:
                 errors.append(RowError(i, f"decision_id must be a non-empty string, got {did!r}"))
-            elif did in first:
-                repeats[i] = first[did]
             else:
                 try:
-                    texts.append(json.dumps(r, separators=(",", ":"), allow_nan=False))
+                    text = json.dumps(r, separators=(",", ":"), allow_nan=False)
                 except (TypeError, ValueError) as e:
                     errors.append(RowError(i, f"not JSON: {e}"))
                     continue
-                first[did] = i
-                keep.append(i)
+                copies.setdefault(did, []).append((i, text))
         try:
-            if texts:
-                self._con.execute(self._insert_sql, [texts])
-            if not errors:
-                return []
-            texts_left: list[tuple[int, str]] = []
+            if copies:
+                self._con.execute(self._insert_sql, [[c[0][1] for c in copies.values()]])
+            return sorted(errors)
         except (duckdb.ConversionException, duckdb.ConstraintException):
-            # a bad value somewhere (a type, a NULL in a NOT NULL column): row by row, so the
-            # rest is written
-            texts_left = list(zip(keep, texts, strict=True))
-        for i, text in texts_left:
-            try:
-                self._con.execute(self._insert_sql, [[text]])
-            except duckdb.Error as e:
-                errors.append(RowError(i, str(e).splitlines()[0]))
-        refused = {e.index: e.reason for e in errors}
-        errors += [RowError(i, refused[j]) for i, j in repeats.items() if j in refused]
+            pass  # a bad value somewhere (a type, a NULL in a NOT NULL column): row by row
+        for tries in copies.values():
+            for i, text in tries:
+                try:
+                    self._con.execute(self._insert_sql, [[text]])
+                except duckdb.Error as e:
+                    errors.append(RowError(i, str(e).splitlines()[0]))
+                    continue
+                break  # stored: the copies after it are repeats, written once
         return sorted(errors)
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:

@@ -143,7 +143,8 @@ class SpillFile:
     def head(self, n: int) -> Head:
         """The first ``n`` rows not consumed yet and where they end (pass the :class:`Head` to
         :meth:`consume` once they are stored). A line that is not JSON (torn by a crash during
-        its append, which therefore never returned) is skipped with a warning."""
+        its append, which therefore never returned), or is JSON but not an object (written by
+        something else), is skipped with a warning."""
         rows: list[dict[str, Any]] = []
         lines = 0
         with self._lock:
@@ -159,10 +160,19 @@ class SpillFile:
                         continue
                     lines += 1
                     try:
-                        rows.append(json.loads(raw))
+                        row = json.loads(raw)
                     except ValueError:
                         logger.warning(
                             "spill %s: skipping a torn line (%d bytes)", self.path, len(raw)
+                        )
+                        continue
+                    if isinstance(row, dict):
+                        rows.append(row)
+                    else:  # JSON, but no decision row (42, null, a list): skipped as torn
+                        logger.warning(
+                            "spill %s: skipping a line that is not a JSON object: %.80r",
+                            self.path,
+                            raw,
                         )
                 end = f.tell()
             return Head(rows, end, lines)
@@ -229,7 +239,15 @@ class RejectedFile:
 
     def append(self, items: Sequence[tuple[Row, str]]) -> None:
         """Add ``(row, reason)`` pairs (fsynced)."""
-        append_lines(self.path, [_line({"reason": reason, "row": row}) for row, reason in items])
+        # NaN and infinities kept as written (Python's json reads them back): a row refused
+        # for one must still land here, or its replay is retried at every start
+        append_lines(
+            self.path,
+            [
+                json.dumps({"reason": reason, "row": row}, separators=(",", ":"), default=repr)
+                for row, reason in items
+            ],
+        )
 
 
 class SpillDirInUseError(OSError):

@@ -10,6 +10,7 @@ Property tests (Hypothesis) drive the spill queue and whole writer runs through 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -688,6 +689,95 @@ def test_a_decisions_table_in_another_schema_does_not_confuse_the_check(tmp_path
     sink.open()
     sink.write_records([record(0)])
     sink.close()
+
+
+def test_a_spill_with_rows_the_store_refuses_is_replayed_once_and_the_rest_stored(
+    tmp_path: Path,
+) -> None:
+    """A spill line that is JSON but not an object, one with a NaN literal (Python's json reads
+    it), a NULL in a NOT NULL column, and two copies of an id whose first is bad: the good rows
+    are stored, each bad one lands in the rejected file with its reason, and the next start has
+    nothing left to replay (before: the writer thread died at every start; second attack)."""
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    good = [to_row(record(i)) for i in range(4)]
+    bad_null = good[1] | {"agent_id": None}
+    lines = [
+        json.dumps(good[0]),
+        json.dumps(bad_null),  # sess:1, bad first copy
+        "42",
+        json.dumps(good[2] | {"portfolio_value": float("nan")}),  # NaN literal
+        json.dumps(good[1]),  # sess:1 again, good
+        json.dumps(good[3]),
+    ]
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    (spill_dir / "spill-local.jsonl").write_text("".join(x + "\n" for x in lines))
+    w = DecisionWriter(sink, spill_dir=spill_dir, retry=FAST)
+    w.start()
+    stats = w.stop(WAIT_S)
+    assert w.failure is None
+    assert stored(sink.path) == [0, 1, 3]
+    kept = [json.loads(x) for x in w.rejected_path.read_text().splitlines()]
+    assert sorted(k["row"]["decision_id"] for k in kept) == ["sess:1", "sess:2"]
+    assert any("NOT NULL" in k["reason"] for k in kept)
+    assert math.isnan(
+        next(k for k in kept if k["row"]["decision_id"] == "sess:2")["row"]["portfolio_value"]
+    )
+    assert stats.replayed == 3 and stats.earlier_rejected == 2
+    assert stats.earlier_torn == 1  # the 42: skipped as a torn line
+    assert not w.spill_path.exists() or not w.spill_path.read_text().strip()
+    again = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=spill_dir, retry=FAST)
+    again.start()
+    after = again.stop(WAIT_S)
+    assert (after.replayed, after.earlier_rejected, again.failure) == (0, 0, None)
+    assert len(w.rejected_path.read_text().splitlines()) == 2
+
+
+def test_sinks_opening_one_file_from_threads_at_once_all_open(tmp_path: Path) -> None:
+    path = tmp_path / "t.duckdb"
+    errors: list[BaseException] = []
+    sinks = [LocalDuckDBSink(path) for _ in range(12)]
+    go = threading.Barrier(len(sinks))
+
+    def open_one(sink: LocalDuckDBSink) -> None:
+        go.wait()
+        try:
+            sink.open()
+        except BaseException as e:  # collected for the assert
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one, args=(s,)) for s in sinks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert errors == []
+    for i, sink in enumerate(sinks):
+        sink.write_records([record(i)])
+        sink.close()
+    assert stored(path) == list(range(12))
+
+
+def test_two_names_of_one_file_share_one_database(tmp_path: Path) -> None:
+    """A hard link is the same file under another name: both names share one database, so no
+    write is lost at the close (second attack: two instances, one side's rows gone)."""
+    import os
+
+    from analyzers.sinks.duckdb import close_store, open_store
+
+    path = tmp_path / "a.duckdb"
+    first = open_store(path)
+    first.execute("CREATE TABLE t AS SELECT 1 AS x")
+    os.link(path, tmp_path / "b.duckdb")
+    second = LocalDuckDBSink(tmp_path / "b.duckdb")
+    second.open()
+    second.write_records([record(1)])
+    first.execute("INSERT INTO decisions SELECT * FROM decisions")  # a second copy of row 1
+    assert first.execute("SELECT count(*) FROM decisions").fetchall() == [(2,)]  # one database
+    close_store(first)
+    second.close()
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(2,)]
 
 
 def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:

@@ -111,7 +111,9 @@ def test_a_killed_writers_journal_is_replayed_and_ids_stay_unique(tmp_path: Path
     assert w1.wait_durable(WAIT_S) and dead.writing.wait(WAIT_S)
     journal = (tmp_path / "spill" / "journal-local.jsonl").read_text()
     assert len(journal.splitlines()) == 5
-    dead._con.close()  # type: ignore[union-attr]  # the "killed" process lets go of the file
+    from analyzers.sinks.duckdb import close_store
+
+    close_store(dead._con)  # the "killed" process lets go of the file
     dead._con = None
 
     # Second run (new session): replays the journal, then decides bars 3..6 again (redelivered)

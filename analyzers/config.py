@@ -17,6 +17,8 @@ class FMELConfig:
     Attributes:
         sink: ``"local"`` (DuckDB file) or ``"bigquery"``.
         local_path: DuckDB database file of the local store.
+        local_memory_limit_mb: DuckDB's buffer pool for the local store, MiB (blocks it wrote
+            stay cached up to it; one write must fit in it).
         batch_size: records per sink write. Unset in the environment, the loader picks 10 for
             BigQuery and 500 for the local store.
         flush_interval_s: longest a record waits in the writer before a write, seconds.
@@ -33,6 +35,12 @@ class FMELConfig:
     )
     local_path: Path = setting(
         Path("fmel.duckdb"), env="FMEL_LOCAL_PATH", help="DuckDB file of the local decision store"
+    )
+    local_memory_limit_mb: int = setting(
+        512,
+        env="FMEL_LOCAL_MEMORY_LIMIT_MB",
+        help="DuckDB memory for the local decision store, MiB (bounds its cache of the file)",
+        minimum=64,
     )
     batch_size: int = setting(
         10,

@@ -1,22 +1,27 @@
-"""Peak memory of the local decision store over a long live run, by row group size.
+"""Peak memory of the local decision store over a long live run, by row group size and merge.
 
 A live agent that reads many symbols each step makes large decision records (``--symbols`` x 2
 reads: a close and an SMA per symbol). :class:`~analyzers.sinks.duckdb.LocalDuckDBSink` writes
 them in batches (``--batch`` records, as the decision writer hands them over) for
-``--decisions`` decisions. At each checkpoint DuckDB writes the table's open row group again,
-with every nested read in it; this measures what that costs in memory for each
-``--row-group-sizes`` value (DuckDB's own is 122,880; the sink's default 2,048).
+``--decisions`` decisions. At its checkpoints DuckDB's vacuum merges small row groups into
+groups of up to the row group size, reading every nested read of them into memory; this
+measures what that costs for each of ``--configs``, ``ROWS:VACUUM:MEMORY`` triples: the row
+group size (DuckDB's own is 122,880; the sink's 2,048), DuckDB's ``max_vacuum_tasks`` (DuckDB's
+own is 100; the sink's 0, no merge) and DuckDB's ``memory_limit`` in MiB (0: DuckDB's own, 80 %
+of the machine's memory; the sink's 512), which bounds DuckDB's cache of the blocks it wrote.
 
-Each size runs in a fresh process with DuckDB's allocator set as the image sets it
+Each configuration runs in a fresh process with DuckDB's allocator set as the image sets it
 (``DUCKDB_JE_MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0``, the Dockerfile; override with
-``--malloc-conf``). Reported per size: peak RSS (``ru_maxrss``: every spike, also between
-samples), RSS at the end before the close, the batch at which RSS peaked (sampled every 2 ms
-from a thread), seconds writing and closing, and the file's size. The baseline in the same run
-is DuckDB's own row group size.
+``--malloc-conf``). Reported per configuration: peak RSS (``ru_maxrss``: every spike, also
+between samples), RSS at the end before the close, the batch at which RSS peaked (sampled every
+2 ms from a thread), seconds writing and closing, the file's size, its row groups, and the
+seconds one scan of every read takes afterwards (``SELECT count(*), sum(value) FROM
+decision_reads`` on a fresh read-only connection: what small row groups cost a reader). The
+baseline in the same run is DuckDB's own settings (``122880:100:0``).
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_store_rss.py [--symbols 100]
-[--decisions 20000] [--batch 10] [--row-group-sizes 2048,122880]``. Prints a markdown table and
-JSON.
+[--decisions 20000] [--batch 10] [--configs 2048:0:512,2048:0:0,2048:100:0,122880:100:0]``.
+Prints a markdown table and JSON.
 """
 
 from __future__ import annotations
@@ -42,7 +47,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(symbols: int, decisions: int, batch: int, row_group_size: int) -> dict[str, Any]:
+def child(
+    symbols: int,
+    decisions: int,
+    batch: int,
+    row_group_size: int,
+    max_vacuum_tasks: int,
+    memory_limit_mb: int,
+) -> dict[str, Any]:
     """One size in this process: the measurements of the module docstring, as a dict."""
     from analyzers.schema import Access, DataAccess, DecisionRecord, RunInfo
     from analyzers.sinks.duckdb import LocalDuckDBSink
@@ -83,6 +95,11 @@ def child(symbols: int, decisions: int, batch: int, row_group_size: int) -> dict
         path = Path(tmp) / "fmel.duckdb"
         sink = LocalDuckDBSink(path, row_group_size=row_group_size)
         sink.open()
+        sink._con.execute(f"SET max_vacuum_tasks = {max_vacuum_tasks}")
+        if memory_limit_mb == 0:
+            sink._con.execute("RESET memory_limit")  # DuckDB's own
+        else:
+            sink._con.execute(f"SET memory_limit = '{memory_limit_mb}MiB'")
         at = [0]
         peak_at: list[Any] = [0.0, 0]
         done = threading.Event()
@@ -109,8 +126,21 @@ def child(symbols: int, decisions: int, batch: int, row_group_size: int) -> dict
         done.set()
         sampler.join()
         size_mb = path.stat().st_size / 2**20
+        import duckdb
+
+        with duckdb.connect(str(path), read_only=True) as con:
+            got = con.execute(
+                "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('decisions')"
+            ).fetchone()
+            row_groups = int(got[0]) if got else 0
+            tq = time.perf_counter()  # what small row groups cost a reader: one scan of every read
+            con.execute("SELECT count(*), sum(value) FROM decision_reads").fetchall()
+            query_s = time.perf_counter() - tq
     return {
         "row_group_size": row_group_size,
+        "max_vacuum_tasks": max_vacuum_tasks,
+        "memory_limit_mb": memory_limit_mb,
+        "row_groups": row_groups,
         "symbols": symbols,
         "decisions": decisions // batch * batch,
         "reads": decisions // batch * batch * 2 * symbols,
@@ -120,6 +150,7 @@ def child(symbols: int, decisions: int, batch: int, row_group_size: int) -> dict
         "peak_sampled_at_decision": peak_at[1] * batch,
         "write_s": round(t1 - t0, 2),
         "close_s": round(t2 - t1, 2),
+        "query_s": round(query_s, 3),
         "file_mb": round(size_mb, 1),
         "malloc_conf": os.environ.get("DUCKDB_JE_MALLOC_CONF", ""),
     }
@@ -130,17 +161,23 @@ def main() -> None:
     p.add_argument("--symbols", type=int, default=100)
     p.add_argument("--decisions", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--row-group-sizes", default="2048,122880")
+    p.add_argument(
+        "--configs",
+        default="2048:0:512,2048:0:0,2048:100:0,122880:100:0",
+        help="ROWS:VACUUM:MEMORY triples: row group size, DuckDB max_vacuum_tasks, "
+        "memory_limit MiB (0: DuckDB's own)",
+    )
     p.add_argument("--malloc-conf", default=IMAGE_MALLOC_CONF)
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.symbols, a.decisions, a.batch, a.child)))
+        rows, vacuum, memory = (int(x) for x in a.child.split(":"))
+        print(json.dumps(child(a.symbols, a.decisions, a.batch, rows, vacuum, memory)))
         return
     env = os.environ | {"DUCKDB_JE_MALLOC_CONF": a.malloc_conf}
     results = []
-    for size in (int(s) for s in a.row_group_sizes.split(",")):
-        args = [sys.executable, __file__, "--child", str(size)]
+    for config in a.configs.split(","):
+        args = [sys.executable, __file__, "--child", config]
         args += ["--symbols", str(a.symbols), "--decisions", str(a.decisions)]
         args += ["--batch", str(a.batch)]
         out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
@@ -150,15 +187,16 @@ def main() -> None:
         f"DUCKDB_JE_MALLOC_CONF={a.malloc_conf}\n"
     )
     print(
-        "| row group size | peak RSS MB | peak at decision | RSS at the end MB | write s "
-        "| close s | file MB |"
+        "| row group size | max_vacuum_tasks | memory_limit MiB | peak RSS MB | peak at decision "
+        "| RSS at the end MB | write s | close s | file MB | row groups | query s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['row_group_size']:,} | {r['peak_rss_mb']:,.0f} | "
+            f"| {r['row_group_size']:,} | {r['max_vacuum_tasks']} | "
+            f"{r['memory_limit_mb'] or 'DuckDB'} | {r['peak_rss_mb']:,.0f} | "
             f"{r['peak_sampled_at_decision']:,} | {r['rss_end_mb']:,.0f} | {r['write_s']} | "
-            f"{r['close_s']} | {r['file_mb']} |"
+            f"{r['close_s']} | {r['file_mb']} | {r['row_groups']:,} | {r['query_s']} |"
         )
     print(json.dumps(results))
 

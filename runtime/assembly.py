@@ -193,7 +193,7 @@ def make_sink(fmel: FMELConfig, bigquery: BigQuerySinkConfig | None) -> Decision
         ConfigError: an unknown sink, or BigQuery without its configuration.
     """
     if fmel.sink == "local":
-        return LocalDuckDBSink(fmel.local_path)
+        return LocalDuckDBSink(fmel.local_path, memory_limit_mb=fmel.local_memory_limit_mb)
     if fmel.sink == "bigquery" and bigquery is not None:
         from analyzers.sinks.bigquery.sink import BigQuerySink
 

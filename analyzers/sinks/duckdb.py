@@ -38,14 +38,41 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # md:, s3://, http://... (not C:
 # 392 MB before the store closed, 276 MB with the default; docs/benchmarks.md, seventh pass).
 MAX_WAL_CHECKPOINT_BYTES = 2**40  # 1 TiB: past it DuckDB refuses the setting
 MAX_THREADS = 1024  # DuckDB starts every thread at open: far more hangs the start
-# Rows (decisions) per row group of the file. At each checkpoint DuckDB writes the table's
-# open row group again as a whole, with every nested read of its decisions, and needs memory
-# for that in proportion (about 270 bytes a read, measured): with DuckDB's 122,880 rows that
-# grows for as long as a live run lasts (100 symbols read every step: 741 MB peak after
-# 20,000 decisions, against 338 MB with 2,048; docs/benchmarks.md, eighth pass). DuckDB
-# requires a multiple of its vector size, 2,048, which is also its smallest row group.
+# Rows (decisions) per row group of the file. DuckDB's checkpoints merge small row groups into
+# groups of up to this many rows (vacuum, below), reading every nested read of them into memory
+# (about 200-270 bytes a read, measured): with DuckDB's 122,880 rows that grew for as long as a
+# live run lasted (100 symbols read every step: 741 MB peak after 20,000 decisions, against
+# 340 MB with 2,048; docs/benchmarks.md, eighth pass). The store now turns that merge off
+# (MAX_VACUUM_TASKS); the small size still bounds it for a connection that writes the file with
+# DuckDB's defaults. DuckDB requires a multiple of its vector size, 2,048, which is also its
+# smallest row group.
 ROW_GROUP_SIZE = 2048
 DUCKDB_VECTOR_SIZE = 2048
+# DuckDB's ``max_vacuum_tasks`` for the store: 0, no row groups merged at checkpoints. After
+# each checkpoint DuckDB starts a new row group for the next append (it no longer rewrites the
+# last one), and at the next checkpoint its vacuum merges the small groups back, up to
+# ``ROW_GROUP_SIZE`` decisions, reading every nested read of them into memory again
+# (``RowGroupCollection::ScheduleVacuumTasks``, duckdb/duckdb#18829). A commit of more than
+# ``auto_checkpoint_skip_wal_threshold`` (100 kB of log) checkpoints at once, so wide decisions
+# (10,000 symbols read a step: ~4 MB of reads each) got merged at every batch, up to 2,048 x
+# 4 MB. Without the merge a checkpoint writes only what came since the last one: 10,000
+# symbols x 2 reads, 400 decisions, peak RSS 710 MB against 3,038 MB, written in 63 s against
+# 156 s, file 216 MB against 407 MB (docs/benchmarks.md, ninth pass). The cost: groups stay as
+# small as one checkpoint's rows (a batch of wide decisions); the store never deletes rows, so
+# vacuum has nothing else to do in it.
+MAX_VACUUM_TASKS = 0
+# DuckDB's buffer pool for the store, MiB (DuckDB's ``memory_limit``; its own default is 80 % of
+# the machine's memory). DuckDB keeps the blocks it wrote cached in the pool, so without a
+# limit the process grows with the file: 10,000 symbols x 2 reads, 1,200 decisions, RSS at the
+# end 955 MB (file 646 MB) against 438 MB with 256 MiB (docs/benchmarks.md, ninth pass). What
+# one write needs must fit in it: write_records() commits at most CHUNK_READS reads at a time.
+MEMORY_LIMIT_MB = 512
+MIN_MEMORY_LIMIT_MB = 64
+MAX_MEMORY_LIMIT_MB = 2**30  # 1 PiB
+# Reads per statement of write_records() (each committed): a batch of wide decisions in one
+# insert needs them all in DuckDB's pool at once (100 decisions of 10,000 symbols: out of
+# memory at 256 MiB); 200,000 reads are about 50 MB there.
+CHUNK_READS = 200_000
 MAX_ROW_GROUP_SIZE = 2**30
 
 
@@ -71,16 +98,22 @@ def _file_keys(path: Path) -> list[str]:
     return [*keys, f"{st.st_dev}:{st.st_ino}"]
 
 
-def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
+def open_store(
+    path: Path, row_group_size: int = ROW_GROUP_SIZE, memory_limit_mb: int = MEMORY_LIMIT_MB
+) -> Any:
     """A read-write DuckDB connection to the local store file ``path`` (created with its
-    folder when missing), writing row groups of ``row_group_size`` decisions.
+    folder when missing), writing row groups of at most ``row_group_size`` decisions, with a
+    buffer pool of ``memory_limit_mb`` MiB (:data:`MEMORY_LIMIT_MB`).
 
     The file is attached to an in-memory DuckDB (``ROW_GROUP_SIZE`` is an option of ``ATTACH``
     only) and made the default catalog (``USE``), so statements name tables as with
-    ``duckdb.connect(path)``; DuckDB's spill folder stays beside it (``<path>.tmp``). When this
+    ``duckdb.connect(path)``; DuckDB's spill folder stays beside it (``<path>.tmp``); row groups
+    are not merged at checkpoints (:data:`MAX_VACUUM_TASKS`: what bounds a checkpoint's memory
+    for wide decisions). When this
     process already holds the file through a plain ``duckdb.connect(path)`` (DuckDB attaches a
-    file once per process), that database is shared instead, with its own row groups. Close
-    the connection with :func:`close_store`.
+    file once per process), that database is shared instead, with its own row groups and
+    memory limit (the first opener's settings hold for all). Close the connection with
+    :func:`close_store`.
 
     Thread context: any thread; the connection is then used by one thread at a time.
 
@@ -112,6 +145,8 @@ def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
             )
             con.execute(f"USE {_CATALOG}")
             con.execute(f"SET temp_directory = '{quoted}.tmp'")
+            con.execute(f"SET max_vacuum_tasks = {MAX_VACUUM_TASKS}")
+            con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MiB'")
         except duckdb.ResourceInUseException as e:
             con.close()
             if "already attached" not in str(e):
@@ -137,6 +172,23 @@ def open_store(path: Path, row_group_size: int = ROW_GROUP_SIZE) -> Any:
             _ATTACHED[k] = entry
         _SHARED_BY[id(shared)] = keys[0]
         return shared
+
+
+def _runs(records: Sequence[DecisionRecord], most_reads: int) -> list[Sequence[DecisionRecord]]:
+    """``records`` cut into runs of whole records of at most ``most_reads`` reads each (a record
+    with more stands alone); one run when they all fit (the usual batch)."""
+    total = sum(r.reads for r in records)
+    if total <= most_reads:
+        return [records] if records else []
+    runs: list[Sequence[DecisionRecord]] = []
+    start, n = 0, 0
+    for i, r in enumerate(records):
+        if n and n + r.reads > most_reads:
+            runs.append(records[start:i])
+            start, n = i, 0
+        n += r.reads
+    runs.append(records[start:])
+    return runs
 
 
 def close_store(con: Any) -> None:
@@ -177,11 +229,14 @@ class LocalDuckDBSink:
             ``ROW_GROUP_SIZE`` of the attached file; see :data:`ROW_GROUP_SIZE` for why it is
             small). Rows already in the file keep their groups; other connections opening the
             file read it as usual.
+        memory_limit_mb: DuckDB's buffer pool for the file, MiB (see :data:`MEMORY_LIMIT_MB`;
+            ``FMEL_LOCAL_MEMORY_LIMIT_MB``).
 
     Raises:
-        ConfigError: ``threads``, ``wal_checkpoint_bytes`` or ``row_group_size`` is not an
-            int within its bounds (:data:`MAX_THREADS`, :data:`MAX_WAL_CHECKPOINT_BYTES`,
-            a multiple of 2,048 up to :data:`MAX_ROW_GROUP_SIZE`).
+        ConfigError: ``threads``, ``wal_checkpoint_bytes``, ``row_group_size`` or
+            ``memory_limit_mb`` is not an int within its bounds (:data:`MAX_THREADS`,
+            :data:`MAX_WAL_CHECKPOINT_BYTES`, a multiple of 2,048 up to
+            :data:`MAX_ROW_GROUP_SIZE`, at least :data:`MIN_MEMORY_LIMIT_MB`).
     """
 
     name = "local"
@@ -193,6 +248,7 @@ class LocalDuckDBSink:
         threads: int = 1,
         wal_checkpoint_bytes: int | None = None,
         row_group_size: int = ROW_GROUP_SIZE,
+        memory_limit_mb: int = MEMORY_LIMIT_MB,
     ) -> None:
         for name, value, most in (
             ("threads", threads, MAX_THREADS),
@@ -215,6 +271,18 @@ class LocalDuckDBSink:
                 f"(DuckDB's vector size) up to {MAX_ROW_GROUP_SIZE}, got {row_group_size!r}"
             )
         self.row_group_size = row_group_size
+        if (
+            isinstance(memory_limit_mb, bool)
+            or not isinstance(memory_limit_mb, int)
+            or not MIN_MEMORY_LIMIT_MB <= memory_limit_mb <= MAX_MEMORY_LIMIT_MB
+        ):
+            raise ConfigError(
+                f"LocalDuckDBSink memory_limit_mb: expected an int from {MIN_MEMORY_LIMIT_MB} "
+                f"to {MAX_MEMORY_LIMIT_MB} (MiB), got {memory_limit_mb!r}"
+            )
+        self.memory_limit_mb = memory_limit_mb
+        # decision ids stored by a write_records() call that failed part-way (is_stored)
+        self._stored_part: set[str] = set()
         if _URL.match(str(path)):
             raise ConfigError(
                 f"LocalDuckDBSink path: expected a local file path, got {str(path)!r} (DuckDB "
@@ -239,7 +307,7 @@ class LocalDuckDBSink:
     def open(self) -> None:
         import duckdb
 
-        self._con = open_store(self.path, self.row_group_size)
+        self._con = open_store(self.path, self.row_group_size, self.memory_limit_mb)
         try:
             # one setup at a time: sinks opening the same (shared) file from several threads
             # would otherwise conflict on replacing the view
@@ -318,20 +386,45 @@ class LocalDuckDBSink:
         return sorted(errors)
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
-        """Fast path for fresh records from the analyzer: one Arrow table per batch
-        (:func:`~analyzers.sinks.columnar.records_table`, which also resolves the batch's
-        deferred reads, vectorised), scanned by DuckDB without Python per row and without the
-        GIL. No duplicate check: these ids were never written."""
+        """Fast path for fresh records from the analyzer: Arrow tables
+        (:func:`~analyzers.sinks.columnar.records_table`, which also resolves the deferred
+        reads, vectorised), scanned by DuckDB without Python per row and without the GIL. No
+        duplicate check: these ids were never written.
+
+        A batch is inserted in runs of at most :data:`CHUNK_READS` reads (whole records), each
+        committed, so one write needs little of DuckDB's memory whatever the batch. When a run
+        fails after others were stored, the stored ids are kept: :meth:`is_stored` names them
+        and a retry of the batch skips them.
+
+        Raises:
+            SinkError: before :meth:`open`.
+            duckdb.Error: DuckDB refused an insert (the batch is the writer's to keep).
+        """
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write_records() before open()")
-        table = records_table(records)
+        if self._stored_part:
+            records = [r for r in records if r.decision_id not in self._stored_part]
         con = self._con
-        con.register(_BATCH_VIEW, table)
+        stored: list[str] = []
         try:
-            con.execute(self._arrow_sql)
-        finally:
-            con.unregister(_BATCH_VIEW)
+            for run in _runs(records, CHUNK_READS):
+                table = records_table(run)
+                con.register(_BATCH_VIEW, table)
+                try:
+                    con.execute(self._arrow_sql)
+                finally:
+                    con.unregister(_BATCH_VIEW)
+                stored += [r.decision_id for r in run]
+        except BaseException:
+            self._stored_part.update(stored)
+            raise
+        self._stored_part.clear()
         return []
+
+    def is_stored(self, decision_id: object) -> bool:
+        """Whether a :meth:`write_records` call that then failed stored ``decision_id``
+        (cleared once a batch is written whole). Writer thread."""
+        return isinstance(decision_id, str) and decision_id in self._stored_part
 
     def close(self) -> None:
         if self._con is not None:

@@ -861,7 +861,7 @@ class DecisionWriter:
                 self.spill_path,
             )
             self._enter_spill(f"{type(e).__name__}: {e}")
-            self._spill([self._as_row(r) for r in batch])
+            self._spill_unstored(batch)  # what the sink stored before failing is written
             return
         self._rate.add(len(batch), self._clock() - t0)
         with self._io_lock:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from analyzers.config import FMELConfig
 from core.errors import ConfigError
 from runtime.config import DEFAULT_SYMBOLS, SETTINGS, find_csv, load_config
 from tests.conftest import DATA
@@ -39,6 +40,29 @@ def test_typed_values() -> None:
     assert cfg.csv_feeds[0].start is not None and cfg.csv_feeds[0].start.year == 2010
 
 
+def test_the_local_stores_memory_reaches_duckdb(tmp_path: Path) -> None:
+    """``FMEL_LOCAL_MEMORY_LIMIT_MB`` is the sink's DuckDB memory limit; the config's lower
+    bound is the sink's."""
+    from analyzers.sinks import duckdb as store
+    from runtime.assembly import make_sink
+
+    assert FMELConfig.__dataclass_fields__["local_memory_limit_mb"].default == (
+        store.MEMORY_LIMIT_MB
+    )
+    cfg = load_config(
+        {"FMEL_LOCAL_MEMORY_LIMIT_MB": "96", "FMEL_LOCAL_PATH": str(tmp_path / "f.duckdb")}
+    )
+    sink = make_sink(cfg.fmel, None)
+    sink.open()
+    try:
+        con = sink._con  # type: ignore[attr-defined]
+        assert con.execute("SELECT current_setting('memory_limit')").fetchall() == [("96.0 MiB",)]
+    finally:
+        sink.close()
+    with pytest.raises(ConfigError, match="expected a whole number >= 64"):
+        load_config({"FMEL_LOCAL_MEMORY_LIMIT_MB": str(store.MIN_MEMORY_LIMIT_MB - 1)})
+
+
 def test_slash_symbols_find_their_file() -> None:
     assert find_csv(DATA, "BTC/USD").name == "BTCUSD.csv"
     assert load_config({"SYMBOLS": "BTC/USD"}).csv_feeds[0].symbol == "BTC/USD"
@@ -58,6 +82,10 @@ def test_slash_symbols_find_their_file() -> None:
         ({"SYMBOLS": "NOPE"}, "SYMBOLS: no CSV for 'NOPE'"),
         ({"SYMBOLS": "GOOG,GOOG"}, "expected each symbol once"),
         ({"FMEL_BATCH_SIZE": "0"}, "FMEL_BATCH_SIZE=0: expected a whole number >= 1"),
+        (
+            {"FMEL_LOCAL_MEMORY_LIMIT_MB": "63"},
+            "FMEL_LOCAL_MEMORY_LIMIT_MB=63: expected a whole number >= 64",
+        ),
         ({"BACKTEST_START": "2010-02-01", "BACKTEST_END": "2010-01-01"}, "BACKTEST_END"),
         ({"BROKER": "alpaca"}, "BROKER=alpaca needs MODE=paper"),
         ({"FMEL_SINK": "bigquery"}, "GOOGLE_CLOUD_PROJECT is required when FMEL_SINK=bigquery"),

@@ -605,6 +605,108 @@ def test_the_same_file_opened_twice_in_one_process_is_shared(tmp_path: Path) -> 
         sink.close()
 
 
+def _wide(i: int, symbols: int = 200) -> DecisionRecord:
+    """A decision that read the close and an SMA of ``symbols`` symbols (a live agent over
+    many feeds)."""
+    from analyzers.schema import Access, DataAccess
+
+    groups = tuple(
+        DataAccess(
+            f"S{s:04d}",
+            f"{s:032x}",
+            ("close", "sma"),
+            (
+                Access(2 * s, "close", 0, 1, i, f"{s:032x}", 100.0 + s, None, False),
+                Access(2 * s + 1, "sma", 0, 1, i, f"{s:032x}", 99.0 + s, None, False),
+            ),
+        )
+        for s in range(symbols)
+    )
+    return record(i)._replace(data_accessed=groups, reads=2 * symbols)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["the store", "DuckDB's vacuum (control)"])
+def test_checkpoints_do_not_merge_the_stores_row_groups(tmp_path: Path, merge: bool) -> None:
+    """Each checkpoint writes only what came since the last one: after a checkpoint DuckDB
+    starts a new row group, and its vacuum would merge the small groups back at the next one,
+    reading every nested read of them into memory again (10,000 symbols read a step: 3 GB
+    against 0.7 GB, docs/benchmarks.md, ninth pass). Twelve batches of ten wide decisions, a
+    checkpoint after each (a batch of wide decisions passes DuckDB's 100 kB log threshold and
+    checkpoints at its commit): twelve groups; DuckDB's default ``max_vacuum_tasks`` (the
+    control) merges them. Every decision and read is stored either way."""
+    path = tmp_path / "w.duckdb"
+    sink = LocalDuckDBSink(path)
+    sink.open()
+    if merge:
+        sink._con.execute("SET max_vacuum_tasks = 100")  # DuckDB's default
+    for b in range(12):
+        sink.write_records([_wide(10 * b + i) for i in range(10)])
+        sink._con.execute("CHECKPOINT")
+    sink.close()
+    groups = _row_groups(path)
+    assert groups < 12 if merge else groups == 12
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute(
+            "SELECT count(DISTINCT decision_id), count(*) FROM decision_reads"
+        ).fetchall() == [(120, 120 * 400)]
+
+
+def test_the_store_cache_is_bounded_and_a_large_batch_still_fits(tmp_path: Path) -> None:
+    """DuckDB's memory for the store is ``memory_limit_mb`` (DuckDB would cache the file up to
+    80 % of the machine's memory). A batch larger than that in one insert (30 decisions of
+    10,000 reads at 64 MiB) is written in runs of whole records: the control, one insert of the
+    same batch, runs out of memory."""
+    import analyzers.sinks.duckdb as store
+
+    sink = LocalDuckDBSink(tmp_path / "m.duckdb", memory_limit_mb=64)
+    sink.open()
+    assert sink._con.execute("SELECT current_setting('memory_limit')").fetchall() == [("64.0 MiB",)]
+    batch = [_wide(i, symbols=5000) for i in range(30)]
+    assert sink.write_records(batch) == []
+    assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(30,)]
+    table = store.records_table(batch)
+    sink._con.register(store._BATCH_VIEW, table)
+    with pytest.raises(duckdb.OutOfMemoryException):
+        sink._con.execute(sink._arrow_sql)
+    sink.close()
+    default = LocalDuckDBSink(tmp_path / "d.duckdb")
+    default.open()
+    assert default._con.execute("SELECT current_setting('memory_limit')").fetchall() == [
+        ("512.0 MiB",)
+    ]
+    default.close()
+
+
+@pytest.mark.parametrize("bad", [63, 0, -1, 64.0, "512", True, None])
+def test_the_local_store_refuses_a_bad_memory_limit(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(ConfigError, match="memory_limit_mb: expected an int from 64"):
+        LocalDuckDBSink(tmp_path / "x.duckdb", memory_limit_mb=bad)
+
+
+def test_a_batch_stored_in_part_names_what_it_stored_and_its_retry_skips_it(
+    tmp_path: Path,
+) -> None:
+    """Runs of a batch are committed one by one: when a later run fails, the earlier runs' ids
+    are stored, :meth:`is_stored` says so (the writer counts them written, spills the rest) and
+    the retry of the whole batch writes each id once."""
+    sink = LocalDuckDBSink(tmp_path / "p.duckdb")
+    sink.open()
+    good = [_wide(i, symbols=5000) for i in range(30)]  # 300,000 reads: two runs
+    bad = [*good[:25], good[25]._replace(decision_point=None), *good[26:]]  # NOT NULL
+    with pytest.raises(duckdb.ConstraintException):
+        sink.write_records(bad)
+    ((first,),) = sink._con.execute("SELECT count(*) FROM decisions").fetchall()
+    assert 0 < first < 30
+    ids = [r.decision_id for r in good]
+    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (30 - first)
+    assert sink.write_records(good) == []
+    assert sink._con.execute(
+        "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
+    ).fetchall() == [(30, 30)]
+    assert not any(sink.is_stored(i) for i in ids)  # a whole batch written: forgotten
+    sink.close()
+
+
 def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:
     """A plain connection that writes checkpoints the file with DuckDB's own row group size,
     merging the store's small groups (a memory spike as large as the table: fresh-context
@@ -731,6 +833,32 @@ def test_a_spill_with_rows_the_store_refuses_is_replayed_once_and_the_rest_store
     after = again.stop(WAIT_S)
     assert (after.replayed, after.earlier_rejected, again.failure) == (0, 0, None)
     assert len(w.rejected_path.read_text().splitlines()) == 2
+
+
+def test_a_batch_the_store_took_in_part_is_stored_once_and_its_bad_record_kept(
+    tmp_path: Path,
+) -> None:
+    """A batch of wide decisions goes in two runs; the second fails on a bad record (a sink
+    error, not an outage). What the first run stored is not spilled again (``is_stored``); the
+    rest is spilled, replayed while the writer recovers: every good record stored once, the
+    bad one rejected with its reason, the counts add up."""
+    spill_dir = tmp_path / "spill"
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    w = DecisionWriter(sink, spill_dir=spill_dir, retry=FAST, batch_size=30, queue_size=30)
+    w.start()
+    batch = [_wide(i, symbols=5000) for i in range(30)]
+    batch[25] = batch[25]._replace(decision_point=None)  # NOT NULL in the table
+    for r in batch:
+        w.submit(r)
+    stats = w.stop(WAIT_S)
+    assert (stats.written, stats.spilled, stats.rejected, stats.lost) == (29, 0, 1, 0)
+    with duckdb.connect(str(sink.path), read_only=True) as con:
+        assert con.execute(
+            "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
+        ).fetchall() == [(29, 29)]
+    kept = [json.loads(x) for x in w.rejected_path.read_text().splitlines()]
+    assert [k["row"]["decision_id"] for k in kept] == ["sess:None"]
+    assert "NOT NULL" in kept[0]["reason"]
 
 
 def test_sinks_opening_one_file_from_threads_at_once_all_open(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ from typing import Literal
 from core.errors import ConfigError
 from core.settings import setting
 
+# = analyzers.sinks.duckdb.MAX_MEMORY_LIMIT_MB (1 PiB; tests check they agree)
+MAX_LOCAL_MEMORY_LIMIT_MB = 2**30
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FMELConfig:
@@ -77,5 +80,10 @@ class FMELConfig:
             raise ConfigError(f"FMEL batch_size must be >= 1, got {self.batch_size}")
         if self.flush_interval_s <= 0:
             raise ConfigError(f"FMEL flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.local_memory_limit_mb > MAX_LOCAL_MEMORY_LIMIT_MB:
+            raise ConfigError(
+                f"FMEL_LOCAL_MEMORY_LIMIT_MB={self.local_memory_limit_mb}: expected a whole "
+                f"number of MiB from 64 to {MAX_LOCAL_MEMORY_LIMIT_MB}"
+            )
         if self.queue_size < 1:
             raise ConfigError(f"FMEL queue_size must be >= 1, got {self.queue_size}")

@@ -65,14 +65,21 @@ MAX_VACUUM_TASKS = 0
 # the machine's memory). DuckDB keeps the blocks it wrote cached in the pool, so without a
 # limit the process grows with the file: 10,000 symbols x 2 reads, 1,200 decisions, RSS at the
 # end 955 MB (file 646 MB) against 438 MB with 256 MiB (docs/benchmarks.md, ninth pass). What
-# one write needs must fit in it: write_records() commits at most CHUNK_READS reads at a time.
+# one write needs must fit in it: the sink commits a batch in runs of reads (READS_PER_MB).
 MEMORY_LIMIT_MB = 512
 MIN_MEMORY_LIMIT_MB = 64
 MAX_MEMORY_LIMIT_MB = 2**30  # 1 PiB
-# Reads per statement of write_records() (each committed): a batch of wide decisions in one
-# insert needs them all in DuckDB's pool at once (100 decisions of 10,000 symbols: out of
-# memory at 256 MiB); 200,000 reads are about 50 MB there.
-CHUNK_READS = 200_000
+# Stored reads per statement of a write, per MiB of the memory limit (each statement committed):
+# a batch of wide decisions in one insert needs them all in DuckDB's pool at once (100
+# decisions of 10,000 symbols: out of memory at 256 MiB). Measured: 200,000 reads went in at
+# 512 MiB and 100,000 at 64 MiB, where 200,000 did not (fresh-context attack); 390 a MiB is
+# ~200,000 at the default and ~25,000 at the least limit. Rows replayed as JSON text take about
+# twice as much (DuckDB parses and casts the text): 100,000 reads went in at 512 MiB and 10,000
+# at 64 MiB, where 200,000 and 20,000 did not; 150 a MiB.
+READS_PER_MB = 390
+JSON_READS_PER_MB = 150
+# Decision ids of failed writes remembered as stored (is_stored), newest kept.
+STORED_PART_KEPT = 100_000
 MAX_ROW_GROUP_SIZE = 2**30
 
 
@@ -174,20 +181,44 @@ def open_store(
         return shared
 
 
-def _runs(records: Sequence[DecisionRecord], most_reads: int) -> list[Sequence[DecisionRecord]]:
-    """``records`` cut into runs of whole records of at most ``most_reads`` reads each (a record
-    with more stands alone); one run when they all fit (the usual batch)."""
-    total = sum(r.reads for r in records)
-    if total <= most_reads:
-        return [records] if records else []
-    runs: list[Sequence[DecisionRecord]] = []
+_DATA_ACCESSED = DecisionRecord._fields.index("data_accessed")
+
+
+def _record_reads(rec: DecisionRecord) -> int:
+    """Rows ``rec`` stores in ``data_accessed``: counted when resolved (a read of an indicator
+    over several feeds is listed under each), else the reads the bar loop recorded (a
+    deferred record: counting would resolve it here, read by read)."""
+    groups: Any = tuple.__getitem__(rec, _DATA_ACCESSED)
+    if isinstance(groups, tuple):
+        return sum(len(g.access_patterns) for g in groups)
+    return int(rec.reads)
+
+
+def _row_reads(row: Any) -> int:
+    """Reads a JSON-shaped row stores (0 for a shape that is not one: refused later)."""
+    groups = row.get("data_accessed") if isinstance(row, dict) else None
+    if not isinstance(groups, list):
+        return 0
+    return sum(
+        len(g["access_patterns"])
+        for g in groups
+        if isinstance(g, dict) and isinstance(g.get("access_patterns"), list)
+    )
+
+
+def _runs(sizes: Sequence[int], most: int) -> list[range]:
+    """Positions ``0..len(sizes)`` cut into consecutive runs of at most ``most`` in total (an
+    item larger than that stands alone); one run when all fit (the usual batch)."""
+    if sum(sizes) <= most:
+        return [range(len(sizes))] if sizes else []
+    runs: list[range] = []
     start, n = 0, 0
-    for i, r in enumerate(records):
-        if n and n + r.reads > most_reads:
-            runs.append(records[start:i])
+    for i, size in enumerate(sizes):
+        if n and n + size > most:
+            runs.append(range(start, i))
             start, n = i, 0
-        n += r.reads
-    runs.append(records[start:])
+        n += size
+    runs.append(range(start, len(sizes)))
     return runs
 
 
@@ -281,8 +312,11 @@ class LocalDuckDBSink:
                 f"to {MAX_MEMORY_LIMIT_MB} (MiB), got {memory_limit_mb!r}"
             )
         self.memory_limit_mb = memory_limit_mb
-        # decision ids stored by a write_records() call that failed part-way (is_stored)
-        self._stored_part: set[str] = set()
+        # stored reads per statement (READS_PER_MB); decision ids stored by a write that
+        # failed part-way (is_stored; a retry of write_records skips them)
+        self.run_reads = READS_PER_MB * memory_limit_mb
+        self.json_run_reads = JSON_READS_PER_MB * memory_limit_mb
+        self._stored_part: dict[str, None] = {}
         if _URL.match(str(path)):
             raise ConfigError(
                 f"LocalDuckDBSink path: expected a local file path, got {str(path)!r} (DuckDB "
@@ -345,7 +379,19 @@ class LocalDuckDBSink:
             )
 
     def write(self, rows: Sequence[Row]) -> list[RowError]:
-        """Write JSON-shaped rows (spill replays, other producers); see :func:`to_row`."""
+        """Write JSON-shaped rows (spill replays, journaled runs); see :func:`to_row`.
+
+        Rows whose ``decision_id`` is stored already are skipped. Inserted in runs of at most
+        ``json_run_reads`` stored reads (:data:`JSON_READS_PER_MB` per MiB of the memory
+        limit), each committed (as :meth:`write_records`); a run that
+        holds a bad value is written row by row and each bad row is returned as a
+        :class:`RowError`.
+
+        Raises:
+            SinkError: before :meth:`open`.
+            duckdb.Error: DuckDB failed otherwise (out of memory, I/O); the runs before it are
+                stored (:meth:`is_stored`).
+        """
         import duckdb
 
         if self._con is None:
@@ -369,20 +415,34 @@ class LocalDuckDBSink:
                     errors.append(RowError(i, f"not JSON: {e}"))
                     continue
                 copies.setdefault(did, []).append((i, text))
+        # In runs of at most ``json_run_reads`` stored reads, each committed (what one statement
+        # needs must fit in DuckDB's memory limit); a run with a bad value goes row by row.
+        tries = list(copies.values())
+        sizes = [_row_reads(rows[t[0][0]]) for t in tries]
+        stored: list[str] = []
         try:
-            if copies:
-                self._con.execute(self._insert_sql, [[c[0][1] for c in copies.values()]])
-            return sorted(errors)
-        except (duckdb.ConversionException, duckdb.ConstraintException):
-            pass  # a bad value somewhere (a type, a NULL in a NOT NULL column): row by row
-        for tries in copies.values():
-            for i, text in tries:
+            for run in _runs(sizes, self.json_run_reads):
+                part = [tries[k] for k in run]
                 try:
-                    self._con.execute(self._insert_sql, [[text]])
-                except duckdb.Error as e:
-                    errors.append(RowError(i, str(e).splitlines()[0]))
+                    self._con.execute(self._insert_sql, [[t[0][1] for t in part]])
+                    stored += [rows[t[0][0]]["decision_id"] for t in part]
                     continue
-                break  # stored: the copies after it are repeats, written once
+                except (duckdb.ConversionException, duckdb.ConstraintException):
+                    pass  # a bad value somewhere (a type, a NULL in a NOT NULL column)
+                for copies_of_id in part:  # row by row
+                    for i, text in copies_of_id:
+                        try:
+                            self._con.execute(self._insert_sql, [[text]])
+                        except (duckdb.OutOfMemoryException, duckdb.IOException):
+                            raise  # not the row's fault: the writer keeps the batch
+                        except duckdb.Error as e:
+                            errors.append(RowError(i, str(e).splitlines()[0]))
+                            continue
+                        stored.append(rows[i]["decision_id"])
+                        break  # stored: the copies after it are repeats, written once
+        except BaseException:
+            self._remember(stored)
+            raise
         return sorted(errors)
 
     def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
@@ -391,10 +451,11 @@ class LocalDuckDBSink:
         reads, vectorised), scanned by DuckDB without Python per row and without the GIL. No
         duplicate check: these ids were never written.
 
-        A batch is inserted in runs of at most :data:`CHUNK_READS` reads (whole records), each
-        committed, so one write needs little of DuckDB's memory whatever the batch. When a run
-        fails after others were stored, the stored ids are kept: :meth:`is_stored` names them
-        and a retry of the batch skips them.
+        A batch is inserted in runs of whole records of at most ``run_reads`` stored reads
+        (:data:`READS_PER_MB` per MiB of the memory limit), each committed, so one write needs
+        little of DuckDB's memory whatever the batch. When a run fails after others were
+        stored, the stored ids are kept: :meth:`is_stored` names them and a later call skips
+        them (a retry of the batch stores each once).
 
         Raises:
             SinkError: before :meth:`open`.
@@ -407,23 +468,30 @@ class LocalDuckDBSink:
         con = self._con
         stored: list[str] = []
         try:
-            for run in _runs(records, CHUNK_READS):
-                table = records_table(run)
+            for run in _runs([_record_reads(r) for r in records], self.run_reads):
+                part = [records[k] for k in run]
+                table = records_table(part)
                 con.register(_BATCH_VIEW, table)
                 try:
                     con.execute(self._arrow_sql)
                 finally:
                     con.unregister(_BATCH_VIEW)
-                stored += [r.decision_id for r in run]
+                stored += [r.decision_id for r in part]
         except BaseException:
-            self._stored_part.update(stored)
+            self._remember(stored)
             raise
-        self._stored_part.clear()
         return []
 
+    def _remember(self, stored: list[str]) -> None:
+        """Keep the ids a failed write stored (the newest :data:`STORED_PART_KEPT`)."""
+        for did in stored:
+            self._stored_part[did] = None
+        while len(self._stored_part) > STORED_PART_KEPT:
+            del self._stored_part[next(iter(self._stored_part))]
+
     def is_stored(self, decision_id: object) -> bool:
-        """Whether a :meth:`write_records` call that then failed stored ``decision_id``
-        (cleared once a batch is written whole). Writer thread."""
+        """Whether a write that then failed stored ``decision_id`` (the newest
+        :data:`STORED_PART_KEPT` such ids are kept). Writer thread."""
         return isinstance(decision_id, str) and decision_id in self._stored_part
 
     def close(self) -> None:

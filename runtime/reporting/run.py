@@ -110,7 +110,10 @@ def write_run_report(
             from analyzers.sinks.duckdb import close_store, open_store
 
             # as the sink opened it: a plain connection would merge the small row groups
-            con = open_store(Path(config.fmel.local_path))
+            con = open_store(
+                Path(config.fmel.local_path),
+                memory_limit_mb=config.fmel.local_memory_limit_mb,
+            )
             try:
                 write_bars_duckdb(con, bars)
                 store = DuckDBStore(Path(config.fmel.local_path), con=con)

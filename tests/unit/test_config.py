@@ -61,6 +61,12 @@ def test_the_local_stores_memory_reaches_duckdb(tmp_path: Path) -> None:
         sink.close()
     with pytest.raises(ConfigError, match="expected a whole number >= 64"):
         load_config({"FMEL_LOCAL_MEMORY_LIMIT_MB": str(store.MIN_MEMORY_LIMIT_MB - 1)})
+    from analyzers.config import MAX_LOCAL_MEMORY_LIMIT_MB
+
+    assert MAX_LOCAL_MEMORY_LIMIT_MB == store.MAX_MEMORY_LIMIT_MB
+    load_config({"FMEL_LOCAL_MEMORY_LIMIT_MB": str(store.MAX_MEMORY_LIMIT_MB)})
+    with pytest.raises(ConfigError, match=r"FMEL_LOCAL_MEMORY_LIMIT_MB=1073741825: expected"):
+        load_config({"FMEL_LOCAL_MEMORY_LIMIT_MB": str(store.MAX_MEMORY_LIMIT_MB + 1)})
 
 
 def test_slash_symbols_find_their_file() -> None:

@@ -699,12 +699,40 @@ def test_a_batch_stored_in_part_names_what_it_stored_and_its_retry_skips_it(
     assert 0 < first < 30
     ids = [r.decision_id for r in good]
     assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (30 - first)
+    # another batch first, sharing an id with the stored part (fresh-context attack: a write
+    # in between made the sink forget, and the retry stored duplicates)
+    other = [good[0], *(_wide(i, symbols=10) for i in range(100, 103))]
+    assert sink.write_records(other) == []
     assert sink.write_records(good) == []
     assert sink._con.execute(
         "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
-    ).fetchall() == [(30, 30)]
-    assert not any(sink.is_stored(i) for i in ids)  # a whole batch written: forgotten
+    ).fetchall() == [(33, 33)]
+    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (30 - first)
     sink.close()
+
+
+def test_a_replay_of_wide_rows_is_written_in_runs_within_the_memory_limit(
+    tmp_path: Path,
+) -> None:
+    """Replays (spill files, journaled live runs) come as JSON rows: the sink inserts them in
+    runs of at most ``json_run_reads`` stored reads, so eight rows of 10,000 reads go in at
+    the least memory limit (64 MiB); the control, one statement for all, runs out of memory
+    (fresh-context attack: a replay of wide decisions stopped the writer at every start). A
+    failure part-way names what was stored."""
+    rows = [to_row(_wide(i, symbols=5000)) for i in range(8)]
+    sink = LocalDuckDBSink(tmp_path / "j.duckdb", memory_limit_mb=64)
+    sink.open()
+    assert sink.write(rows) == []
+    assert sink._con.execute("SELECT count(*) FROM decision_reads").fetchall() == [(80_000,)]
+    assert sink.write(rows) == []  # replayed again: each id once
+    assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(8,)]
+    sink.close()
+    control = LocalDuckDBSink(tmp_path / "c.duckdb", memory_limit_mb=64)
+    control.open()
+    control.json_run_reads = 10**12
+    with pytest.raises(duckdb.OutOfMemoryException):
+        control.write(rows)
+    control.close()
 
 
 def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ class FMELConfig:
             raise ConfigError(f"FMEL batch_size must be >= 1, got {self.batch_size}")
         if self.flush_interval_s <= 0:
             raise ConfigError(f"FMEL flush_interval_s must be > 0, got {self.flush_interval_s}")
-        if self.local_memory_limit_mb > MAX_LOCAL_MEMORY_LIMIT_MB:
+        if not 64 <= self.local_memory_limit_mb <= MAX_LOCAL_MEMORY_LIMIT_MB:
             raise ConfigError(
                 f"FMEL_LOCAL_MEMORY_LIMIT_MB={self.local_memory_limit_mb}: expected a whole "
                 f"number of MiB from 64 to {MAX_LOCAL_MEMORY_LIMIT_MB}"

@@ -78,6 +78,13 @@ MAX_MEMORY_LIMIT_MB = 2**30  # 1 PiB
 # at 64 MiB, where 200,000 and 20,000 did not; 150 a MiB.
 READS_PER_MB = 390
 JSON_READS_PER_MB = 150
+# What else a record holds counts as reads too (fresh-context attack: batches of 500 decisions
+# with 100 kB of reasoning each, or of 20,000 symbols read nothing, ran out of 64 MiB as one
+# statement): each symbol group one read, and its texts (reasoning, notes, agent_params) one
+# read per TEXT_BYTES_PER_READ bytes. A JSON row counts by its text: JSON_BYTES_PER_READ is a
+# read's JSON (235 bytes with the keys).
+TEXT_BYTES_PER_READ = 100
+JSON_BYTES_PER_READ = 235
 # Decision ids of failed writes remembered as stored (is_stored), newest kept.
 STORED_PART_KEPT = 100_000
 MAX_ROW_GROUP_SIZE = 2**30
@@ -184,26 +191,34 @@ def open_store(
 _DATA_ACCESSED = DecisionRecord._fields.index("data_accessed")
 
 
-def _record_reads(rec: DecisionRecord) -> int:
-    """Rows ``rec`` stores in ``data_accessed``: counted when resolved (a read of an indicator
-    over several feeds is listed under each), else the reads the bar loop recorded (a
-    deferred record: counting would resolve it here, read by read)."""
+def _record_cost(rec: DecisionRecord) -> int:
+    """What ``rec`` weighs in a write, in reads: the rows it stores in ``data_accessed``
+    (counted when resolved: a read of an indicator over several feeds is listed under each;
+    else the reads the bar loop recorded, as counting would resolve a deferred record here,
+    read by read), one per symbol group, and its texts (:data:`TEXT_BYTES_PER_READ`)."""
     groups: Any = tuple.__getitem__(rec, _DATA_ACCESSED)
     if isinstance(groups, tuple):
-        return sum(len(g.access_patterns) for g in groups)
-    return int(rec.reads)
+        n = sum(len(g.access_patterns) for g in groups) + len(groups)
+    else:
+        n = int(rec.reads)
+    texts = (rec.reasoning, rec.notes, rec.run.agent_params)
+    return 1 + n + sum(len(t) for t in texts if isinstance(t, str)) // TEXT_BYTES_PER_READ
 
 
-def _row_reads(row: Any) -> int:
-    """Reads a JSON-shaped row stores (0 for a shape that is not one: refused later)."""
-    groups = row.get("data_accessed") if isinstance(row, dict) else None
-    if not isinstance(groups, list):
-        return 0
-    return sum(
-        len(g["access_patterns"])
-        for g in groups
-        if isinstance(g, dict) and isinstance(g.get("access_patterns"), list)
-    )
+_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def _memory_limit_mb(con: Any, asked: int) -> float:
+    """The memory limit of the database ``con`` writes to, MiB (the first opener of a shared
+    file set it: it may not be what this sink asked); ``asked`` when DuckDB's text is not
+    understood."""
+    got = con.execute("SELECT current_setting('memory_limit')").fetchall()
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", str(got[0][0]) if got else "")
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None:
+        return float(asked)
+    return float(match.group(1)) * unit / 2**20
 
 
 def _runs(sizes: Sequence[int], most: int) -> list[range]:
@@ -312,10 +327,12 @@ class LocalDuckDBSink:
                 f"to {MAX_MEMORY_LIMIT_MB} (MiB), got {memory_limit_mb!r}"
             )
         self.memory_limit_mb = memory_limit_mb
-        # stored reads per statement (READS_PER_MB); decision ids stored by a write that
-        # failed part-way (is_stored; a retry of write_records skips them)
+        # the weight of one statement, in reads (READS_PER_MB), and in JSON bytes for rows;
+        # set again at open() from the database's own limit
         self.run_reads = READS_PER_MB * memory_limit_mb
-        self.json_run_reads = JSON_READS_PER_MB * memory_limit_mb
+        self.json_run_bytes = JSON_READS_PER_MB * JSON_BYTES_PER_READ * memory_limit_mb
+        # decision ids stored by a write that failed part-way (is_stored; later calls of
+        # write_records skip them)
         self._stored_part: dict[str, None] = {}
         if _URL.match(str(path)):
             raise ConfigError(
@@ -352,6 +369,12 @@ class LocalDuckDBSink:
                     self._con.execute(f"SET wal_autocheckpoint = '{self.wal_checkpoint_bytes}B'")
                 self._con.execute(duckdb_ddl(self.table))
                 self._check_columns()
+                # runs sized for the limit the (maybe shared) database has
+                limit_mb = _memory_limit_mb(self._con, self.memory_limit_mb)
+                self.run_reads = max(1, int(READS_PER_MB * limit_mb))
+                self.json_run_bytes = max(
+                    1, int(JSON_READS_PER_MB * JSON_BYTES_PER_READ * limit_mb)
+                )
                 if self.table == "decisions":
                     self._con.execute(duckdb_view_sql())
         except BaseException as e:
@@ -382,8 +405,9 @@ class LocalDuckDBSink:
         """Write JSON-shaped rows (spill replays, journaled runs); see :func:`to_row`.
 
         Rows whose ``decision_id`` is stored already are skipped. Inserted in runs of at most
-        ``json_run_reads`` stored reads (:data:`JSON_READS_PER_MB` per MiB of the memory
-        limit), each committed (as :meth:`write_records`); a run that
+        ``json_run_bytes`` of JSON (:data:`JSON_READS_PER_MB` reads of
+        :data:`JSON_BYTES_PER_READ` per MiB of the database's memory limit), each committed
+        (as :meth:`write_records`); a run that
         holds a bad value is written row by row and each bad row is returned as a
         :class:`RowError`.
 
@@ -415,13 +439,13 @@ class LocalDuckDBSink:
                     errors.append(RowError(i, f"not JSON: {e}"))
                     continue
                 copies.setdefault(did, []).append((i, text))
-        # In runs of at most ``json_run_reads`` stored reads, each committed (what one statement
+        # In runs of at most ``json_run_bytes`` of JSON, each committed (what one statement
         # needs must fit in DuckDB's memory limit); a run with a bad value goes row by row.
         tries = list(copies.values())
-        sizes = [_row_reads(rows[t[0][0]]) for t in tries]
+        sizes = [len(t[0][1]) for t in tries]
         stored: list[str] = []
         try:
-            for run in _runs(sizes, self.json_run_reads):
+            for run in _runs(sizes, self.json_run_bytes):
                 part = [tries[k] for k in run]
                 try:
                     self._con.execute(self._insert_sql, [[t[0][1] for t in part]])
@@ -433,7 +457,11 @@ class LocalDuckDBSink:
                     for i, text in copies_of_id:
                         try:
                             self._con.execute(self._insert_sql, [[text]])
-                        except (duckdb.OutOfMemoryException, duckdb.IOException):
+                        except (
+                            duckdb.OutOfMemoryException,
+                            duckdb.IOException,
+                            duckdb.TransactionException,  # a commit out of memory
+                        ):
                             raise  # not the row's fault: the writer keeps the batch
                         except duckdb.Error as e:
                             errors.append(RowError(i, str(e).splitlines()[0]))
@@ -451,8 +479,9 @@ class LocalDuckDBSink:
         reads, vectorised), scanned by DuckDB without Python per row and without the GIL. No
         duplicate check: these ids were never written.
 
-        A batch is inserted in runs of whole records of at most ``run_reads`` stored reads
-        (:data:`READS_PER_MB` per MiB of the memory limit), each committed, so one write needs
+        A batch is inserted in runs of whole records weighing at most ``run_reads`` reads
+        (:func:`_record_cost`; :data:`READS_PER_MB` per MiB of the database's memory limit),
+        each committed, so one write needs
         little of DuckDB's memory whatever the batch. When a run fails after others were
         stored, the stored ids are kept: :meth:`is_stored` names them and a later call skips
         them (a retry of the batch stores each once).
@@ -468,7 +497,7 @@ class LocalDuckDBSink:
         con = self._con
         stored: list[str] = []
         try:
-            for run in _runs([_record_reads(r) for r in records], self.run_reads):
+            for run in _runs([_record_cost(r) for r in records], self.run_reads):
                 part = [records[k] for k in run]
                 table = records_table(part)
                 con.register(_BATCH_VIEW, table)

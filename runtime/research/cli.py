@@ -301,7 +301,10 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
         return OptimizeOutcome(2, None, "")
     opt = config.optimize
     store = make_store(
-        sink=config.fmel.sink, local_path=config.fmel.local_path, bigquery=config.bigquery
+        sink=config.fmel.sink,
+        local_path=config.fmel.local_path,
+        bigquery=config.bigquery,
+        memory_limit_mb=config.fmel.local_memory_limit_mb,
     )
     engine = None
     signals = None

@@ -286,10 +286,14 @@ class DuckDBTrialStore:
 
     Args:
         path: ``FMEL_LOCAL_PATH``.
+        memory_limit_mb: DuckDB's memory for the file, MiB (``FMEL_LOCAL_MEMORY_LIMIT_MB``).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memory_limit_mb: int | None = None) -> None:
+        from analyzers.sinks.duckdb import MEMORY_LIMIT_MB
+
         self.path = Path(path)
+        self.memory_limit_mb = MEMORY_LIMIT_MB if memory_limit_mb is None else memory_limit_mb
         self._con: Any = None
         names = [c.name for c in TRIAL_COLUMNS]
         self._trial_sql = (
@@ -307,12 +311,13 @@ class DuckDBTrialStore:
 
         # The decisions table and its view exist even before the first recorded run, so the
         # report and merges find them; the sink creates them as a backtest would.
-        sink = LocalDuckDBSink(self.path)
+        sink = LocalDuckDBSink(self.path, memory_limit_mb=self.memory_limit_mb)
         try:
             sink.open()
         finally:
             sink.close()
-        self._con = open_store(self.path)  # shared with a recorder's sink in this process
+        # shared with a recorder's sink in this process
+        self._con = open_store(self.path, memory_limit_mb=self.memory_limit_mb)
         self._con.execute(_ddl(TRIALS_TABLE, TRIAL_COLUMNS, "duckdb"))
         self._con.execute(_ddl(FOLDS_TABLE, FOLD_COLUMNS, "duckdb"))
 
@@ -495,9 +500,14 @@ def describe_errors(errors: Sequence[Mapping[str, Any]]) -> str:
 
 
 def make_store(
-    *, sink: str, local_path: Path, bigquery: BigQuerySinkConfig | None
+    *,
+    sink: str,
+    local_path: Path,
+    bigquery: BigQuerySinkConfig | None,
+    memory_limit_mb: int | None = None,
 ) -> DuckDBTrialStore | BigQueryTrialStore:
-    """The trials store beside the decision store ``FMEL_SINK`` names."""
+    """The trials store beside the decision store ``FMEL_SINK`` names (``memory_limit_mb``:
+    ``FMEL_LOCAL_MEMORY_LIMIT_MB``, for the local one)."""
     if sink == "bigquery" and bigquery is not None:
         return BigQueryTrialStore(bigquery)
-    return DuckDBTrialStore(local_path)
+    return DuckDBTrialStore(local_path, memory_limit_mb)

@@ -715,7 +715,7 @@ def test_a_replay_of_wide_rows_is_written_in_runs_within_the_memory_limit(
     tmp_path: Path,
 ) -> None:
     """Replays (spill files, journaled live runs) come as JSON rows: the sink inserts them in
-    runs of at most ``json_run_reads`` stored reads, so eight rows of 10,000 reads go in at
+    runs of at most ``json_run_bytes`` of JSON, so eight rows of 10,000 reads go in at
     the least memory limit (64 MiB); the control, one statement for all, runs out of memory
     (fresh-context attack: a replay of wide decisions stopped the writer at every start). A
     failure part-way names what was stored."""
@@ -729,10 +729,49 @@ def test_a_replay_of_wide_rows_is_written_in_runs_within_the_memory_limit(
     sink.close()
     control = LocalDuckDBSink(tmp_path / "c.duckdb", memory_limit_mb=64)
     control.open()
-    control.json_run_reads = 10**12
+    control.json_run_bytes = 10**12
     with pytest.raises(duckdb.OutOfMemoryException):
         control.write(rows)
     control.close()
+
+
+@pytest.mark.parametrize("path", ["write_records", "write"])
+@pytest.mark.parametrize("one_statement", [False, True], ids=["runs", "one statement (control)"])
+def test_long_texts_weigh_in_the_runs_too(tmp_path: Path, path: str, one_statement: bool) -> None:
+    """500 decisions of 20 reads with 200 kB of reasoning each go in at 64 MiB: texts count in
+    a run's weight (a JSON row by its length). The control, the batch as one statement, runs
+    out of memory (second fresh-context attack: runs counted reads only)."""
+    sink = LocalDuckDBSink(tmp_path / "t.duckdb", memory_limit_mb=64)
+    sink.open()
+    if one_statement:
+        sink.run_reads = sink.json_run_bytes = 10**12
+    batch = [_wide(i, symbols=10)._replace(reasoning="r" * 200_000) for i in range(500)]
+    write = sink.write_records if path == "write_records" else sink.write
+    items: Any = batch if path == "write_records" else [to_row(r) for r in batch]
+    if one_statement:
+        with pytest.raises((duckdb.OutOfMemoryException, duckdb.TransactionException)):
+            write(items)
+    else:
+        assert write(items) == []
+        assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(500,)]
+    sink.close()
+
+
+def test_runs_are_sized_for_the_limit_the_shared_database_has(tmp_path: Path) -> None:
+    """A sink that shares a file opened first with another limit sizes its runs for the limit
+    DuckDB has (second fresh-context attack: it sized them for its own 2 GiB and ran out of the
+    first opener's 64 MiB)."""
+    from analyzers.sinks.duckdb import READS_PER_MB, close_store, open_store
+
+    path = tmp_path / "s.duckdb"
+    held = open_store(path, memory_limit_mb=64)
+    sink = LocalDuckDBSink(path, memory_limit_mb=2048)
+    sink.open()
+    assert sink.run_reads == READS_PER_MB * 64
+    assert sink.write_records([_wide(i, symbols=5000) for i in range(20)]) == []
+    assert held.execute("SELECT count(*) FROM decisions").fetchall() == [(20,)]
+    sink.close()
+    close_store(held)
 
 
 def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:

@@ -123,9 +123,9 @@ def open_store(
     only) and made the default catalog (``USE``), so statements name tables as with
     ``duckdb.connect(path)``; DuckDB's spill folder stays beside it (``<path>.tmp``); row groups
     are not merged at checkpoints (:data:`MAX_VACUUM_TASKS`: what bounds a checkpoint's memory
-    for wide decisions). When this
-    process already holds the file through a plain ``duckdb.connect(path)`` (DuckDB attaches a
-    file once per process), that database is shared instead, with its own row groups and
+    for wide decisions). When this process already holds the file through a plain
+    ``duckdb.connect(path)`` (DuckDB attaches a file once per process), that database is
+    shared instead, with its own row groups and
     memory limit (the first opener's settings hold for all). Close the connection with
     :func:`close_store`.
 
@@ -205,8 +205,8 @@ def _record_cost(rec: DecisionRecord) -> int:
     return 1 + n + sum(len(t) for t in texts if isinstance(t, str)) // TEXT_BYTES_PER_READ
 
 
-_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_UNITS |= {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+# DuckDB shows memory_limit in binary units ("512.0 MiB", "18.8 GiB")
+_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 
 
 def _memory_limit_mb(con: Any, asked: int) -> float:
@@ -327,10 +327,7 @@ class LocalDuckDBSink:
                 f"to {MAX_MEMORY_LIMIT_MB} (MiB), got {memory_limit_mb!r}"
             )
         self.memory_limit_mb = memory_limit_mb
-        # the weight of one statement, in reads (READS_PER_MB), and in JSON bytes for rows;
-        # set again at open() from the database's own limit
-        self.run_reads = READS_PER_MB * memory_limit_mb
-        self.json_run_bytes = JSON_READS_PER_MB * JSON_BYTES_PER_READ * memory_limit_mb
+        self._size_runs(memory_limit_mb)  # again at open(), from the database's own limit
         # decision ids stored by a write that failed part-way (is_stored; later calls of
         # write_records skip them)
         self._stored_part: dict[str, None] = {}
@@ -370,11 +367,7 @@ class LocalDuckDBSink:
                 self._con.execute(duckdb_ddl(self.table))
                 self._check_columns()
                 # runs sized for the limit the (maybe shared) database has
-                limit_mb = _memory_limit_mb(self._con, self.memory_limit_mb)
-                self.run_reads = max(1, int(READS_PER_MB * limit_mb))
-                self.json_run_bytes = max(
-                    1, int(JSON_READS_PER_MB * JSON_BYTES_PER_READ * limit_mb)
-                )
+                self._size_runs(_memory_limit_mb(self._con, self.memory_limit_mb))
                 if self.table == "decisions":
                     self._con.execute(duckdb_view_sql())
         except BaseException as e:
@@ -383,6 +376,12 @@ class LocalDuckDBSink:
             if isinstance(e, duckdb.Error):
                 raise SinkError(f"cannot set up the local decision store {self.path}: {e}") from e
             raise
+
+    def _size_runs(self, limit_mb: float) -> None:
+        """The weight of one statement of a write for a memory limit of ``limit_mb`` MiB: in
+        reads (:data:`READS_PER_MB`), and in bytes of JSON for rows."""
+        self.run_reads = max(1, int(READS_PER_MB * limit_mb))
+        self.json_run_bytes = max(1, int(JSON_READS_PER_MB * JSON_BYTES_PER_READ * limit_mb))
 
     def _check_columns(self) -> None:
         have = [
@@ -407,9 +406,8 @@ class LocalDuckDBSink:
         Rows whose ``decision_id`` is stored already are skipped. Inserted in runs of at most
         ``json_run_bytes`` of JSON (:data:`JSON_READS_PER_MB` reads of
         :data:`JSON_BYTES_PER_READ` per MiB of the database's memory limit), each committed
-        (as :meth:`write_records`); a run that
-        holds a bad value is written row by row and each bad row is returned as a
-        :class:`RowError`.
+        (as :meth:`write_records`); a run that holds a bad value is written row by row and
+        each bad row is returned as a :class:`RowError`.
 
         Raises:
             SinkError: before :meth:`open`.
@@ -441,19 +439,18 @@ class LocalDuckDBSink:
                 copies.setdefault(did, []).append((i, text))
         # In runs of at most ``json_run_bytes`` of JSON, each committed (what one statement
         # needs must fit in DuckDB's memory limit); a run with a bad value goes row by row.
-        tries = list(copies.values())
-        sizes = [len(t[0][1]) for t in tries]
+        ids = list(copies.items())
         stored: list[str] = []
         try:
-            for run in _runs(sizes, self.json_run_bytes):
-                part = [tries[k] for k in run]
+            for run in _runs([len(c[0][1]) for _, c in ids], self.json_run_bytes):
+                part = [ids[k] for k in run]
                 try:
-                    self._con.execute(self._insert_sql, [[t[0][1] for t in part]])
-                    stored += [rows[t[0][0]]["decision_id"] for t in part]
+                    self._con.execute(self._insert_sql, [[c[0][1] for _, c in part]])
+                    stored += [did for did, _ in part]
                     continue
                 except (duckdb.ConversionException, duckdb.ConstraintException):
                     pass  # a bad value somewhere (a type, a NULL in a NOT NULL column)
-                for copies_of_id in part:  # row by row
+                for did, copies_of_id in part:  # row by row
                     for i, text in copies_of_id:
                         try:
                             self._con.execute(self._insert_sql, [[text]])
@@ -466,7 +463,7 @@ class LocalDuckDBSink:
                         except duckdb.Error as e:
                             errors.append(RowError(i, str(e).splitlines()[0]))
                             continue
-                        stored.append(rows[i]["decision_id"])
+                        stored.append(did)
                         break  # stored: the copies after it are repeats, written once
         except BaseException:
             self._remember(stored)
@@ -481,10 +478,9 @@ class LocalDuckDBSink:
 
         A batch is inserted in runs of whole records weighing at most ``run_reads`` reads
         (:func:`_record_cost`; :data:`READS_PER_MB` per MiB of the database's memory limit),
-        each committed, so one write needs
-        little of DuckDB's memory whatever the batch. When a run fails after others were
-        stored, the stored ids are kept: :meth:`is_stored` names them and a later call skips
-        them (a retry of the batch stores each once).
+        each committed, so one write needs little of DuckDB's memory whatever the batch. When
+        a run fails after others were stored, the stored ids are kept: :meth:`is_stored` names
+        them and a later call skips them (a retry of the batch stores each once).
 
         Raises:
             SinkError: before :meth:`open`.

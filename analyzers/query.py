@@ -2,13 +2,21 @@
 
 ``python -m analyzers.query [--db fmel.duckdb] "SELECT ..."`` opens the DuckDB file read-only
 (so it works while nothing else writes it) and prints the result as a table. With no SQL it
-prints a per-session summary.
+prints a per-session summary. DuckDB gets ``--memory-limit-mb`` MiB (default
+``FMEL_LOCAL_MEMORY_LIMIT_MB``, else 512), as the store has while a run writes it: with DuckDB's
+own limit (80 % of the machine's memory) a query over wide decisions could take tens of GB
+before it spills (docs/benchmarks.md, ninth pass).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from analyzers.sinks.duckdb import MAX_MEMORY_LIMIT_MB, MEMORY_LIMIT_MB, MIN_MEMORY_LIMIT_MB
+
+MEMORY_ENV = "FMEL_LOCAL_MEMORY_LIMIT_MB"
 
 SUMMARY_SQL = """
 SELECT session_id, agent_id, mode, count(*) AS decisions,
@@ -27,9 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sql", nargs="?", default=SUMMARY_SQL, help="SQL over `decisions`")
     parser.add_argument("--db", default="fmel.duckdb", help="DuckDB file (FMEL_LOCAL_PATH)")
     parser.add_argument("--max-rows", type=int, default=50, help="rows to show")
+    parser.add_argument(
+        "--memory-limit-mb",
+        type=int,
+        default=None,
+        help=f"DuckDB memory for the query, MiB (default {MEMORY_ENV}, else {MEMORY_LIMIT_MB})",
+    )
     args = parser.parse_args(argv)
+    limit, named = args.memory_limit_mb, "--memory-limit-mb"
+    if limit is None:
+        text, named = os.environ.get(MEMORY_ENV, "").strip(), MEMORY_ENV
+        limit = (
+            int(text)
+            if text.isascii() and text.isdigit()
+            else (MEMORY_LIMIT_MB if not text else -1)
+        )
+    if not MIN_MEMORY_LIMIT_MB <= limit <= MAX_MEMORY_LIMIT_MB:
+        shown = os.environ.get(MEMORY_ENV, "") if named == MEMORY_ENV else limit
+        sys.stderr.write(
+            f"{named}={shown!s:.40}: expected a whole number of MiB from "
+            f"{MIN_MEMORY_LIMIT_MB} to {MAX_MEMORY_LIMIT_MB}\n"
+        )
+        return 2
     try:
-        con = duckdb.connect(args.db, read_only=True)
+        con = duckdb.connect(args.db, read_only=True, config={"memory_limit": f"{limit}MiB"})
         rel = con.sql(args.sql)
         if rel is None:
             return 0

@@ -209,7 +209,7 @@ def _record_cost(rec: DecisionRecord) -> int:
 _UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 
 
-def _memory_limit_mb(con: Any, asked: int) -> float:
+def memory_limit_of(con: Any, asked: int) -> float:
     """The memory limit of the database ``con`` writes to, MiB (the first opener of a shared
     file set it: it may not be what this sink asked); ``asked`` when DuckDB's text is not
     understood."""
@@ -221,7 +221,7 @@ def _memory_limit_mb(con: Any, asked: int) -> float:
     return float(match.group(1)) * unit / 2**20
 
 
-def _runs(sizes: Sequence[int], most: int) -> list[range]:
+def cut_runs(sizes: Sequence[int], most: int) -> list[range]:
     """Positions ``0..len(sizes)`` cut into consecutive runs of at most ``most`` in total (an
     item larger than that stands alone); one run when all fit (the usual batch)."""
     if sum(sizes) <= most:
@@ -367,7 +367,7 @@ class LocalDuckDBSink:
                 self._con.execute(duckdb_ddl(self.table))
                 self._check_columns()
                 # runs sized for the limit the (maybe shared) database has
-                self._size_runs(_memory_limit_mb(self._con, self.memory_limit_mb))
+                self._size_runs(memory_limit_of(self._con, self.memory_limit_mb))
                 if self.table == "decisions":
                     self._con.execute(duckdb_view_sql())
         except BaseException as e:
@@ -442,7 +442,7 @@ class LocalDuckDBSink:
         ids = list(copies.items())
         stored: list[str] = []
         try:
-            for run in _runs([len(c[0][1]) for _, c in ids], self.json_run_bytes):
+            for run in cut_runs([len(c[0][1]) for _, c in ids], self.json_run_bytes):
                 part = [ids[k] for k in run]
                 try:
                     self._con.execute(self._insert_sql, [[c[0][1] for _, c in part]])
@@ -493,7 +493,7 @@ class LocalDuckDBSink:
         con = self._con
         stored: list[str] = []
         try:
-            for run in _runs([_record_cost(r) for r in records], self.run_reads):
+            for run in cut_runs([_record_cost(r) for r in records], self.run_reads):
                 part = [records[k] for k in run]
                 table = records_table(part)
                 con.register(_BATCH_VIEW, table)

@@ -330,20 +330,56 @@ class DuckDBTrialStore:
     def merge_part(self, part: Path) -> int:
         """Append the decisions of a worker's DuckDB file to ``decisions``; delete the file.
 
+        The rows go in as committed runs of whole decisions weighed as the decision sink weighs
+        a write (:data:`analyzers.sinks.duckdb.READS_PER_MB` stored reads per MiB of the
+        database's memory limit, each symbol group and 100 bytes of text one read): one
+        ``INSERT`` of a part of wide decisions needs all of them in DuckDB's pool at once (30
+        decisions of 10,000 reads run out of 64 MiB). Rows whose ``decision_id`` the store
+        already holds are skipped, so a merge that failed part-way (the file is kept) can be
+        run again without duplicates.
+
         Returns:
-            rows merged.
+            rows merged (not counting rows skipped as already stored).
+
+        Raises:
+            duckdb.Error: the part cannot be read or a run cannot be written (the part file is
+            kept; the runs before it stay committed).
         """
+        from analyzers.sinks.duckdb import (
+            READS_PER_MB,
+            TEXT_BYTES_PER_READ,
+            cut_runs,
+            memory_limit_of,
+        )
+
         if not part.exists():
             return 0
         # a bound parameter, not text in the SQL: a path may hold an apostrophe
         self._con.execute("ATTACH ? AS part (READ_ONLY)", [str(part)])
+        merged = 0
         try:
-            n = self._con.execute("SELECT count(*) FROM part.decisions").fetchone()[0]
-            self._con.execute("INSERT INTO decisions BY NAME SELECT * FROM part.decisions")
+            # the reads the bar loop counted, twice (a symbol group holds at least one read;
+            # a read of an indicator over several feeds is stored under each): the lengths of
+            # the stored lists would read the nested column, which runs out of memory itself
+            weights = self._con.execute(
+                "SELECT rowid, 1 + 2 * coalesce(reads, 0)"
+                " + (coalesce(strlen(reasoning), 0) + coalesce(strlen(notes), 0)"
+                f" + coalesce(strlen(agent_params), 0)) // {TEXT_BYTES_PER_READ}"
+                " FROM part.decisions ORDER BY rowid"
+            ).fetchall()
+            most = max(1, int(READS_PER_MB * memory_limit_of(self._con, self.memory_limit_mb)))
+            for run in cut_runs([int(w) for _, w in weights], most):
+                got = self._con.execute(
+                    "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p"
+                    " WHERE p.rowid BETWEEN ? AND ? AND NOT EXISTS"
+                    " (SELECT 1 FROM decisions d WHERE d.decision_id = p.decision_id)",
+                    [weights[run.start][0], weights[run.stop - 1][0]],
+                ).fetchone()
+                merged += int(got[0]) if got else 0
         finally:
             self._con.execute("DETACH part")
         part.unlink()
-        return int(n)
+        return merged
 
     def flush(self) -> None:
         """Rows are written as they come."""

@@ -95,3 +95,45 @@ def test_query_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "sess" in capsys.readouterr().out
     assert query_main(["--db", str(tmp_path / "f.duckdb"), "SELECT nope FROM decisions"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "shown"),
+    [
+        ([], None, "512.0 MiB"),
+        ([], "128", "128.0 MiB"),
+        (["--memory-limit-mb", "96"], "128", "96.0 MiB"),
+        ([], "63", None),
+        ([], "1_024", None),
+        ([], "١٢٨", None),
+        ([], "lots", None),
+        (["--memory-limit-mb", "0"], None, None),
+    ],
+)
+def test_the_query_cli_gives_duckdb_the_stores_memory_limit(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: str | None,
+    shown: str | None,
+) -> None:
+    """A query over the store runs within ``FMEL_LOCAL_MEMORY_LIMIT_MB`` (or the flag), not
+    DuckDB's 80 % of the machine; a bad value exits 2 naming where it came from."""
+    db = tmp_path / "f.duckdb"
+    sink = LocalDuckDBSink(db)
+    sink.open()
+    sink.close()
+    if env is None:
+        monkeypatch.delenv("FMEL_LOCAL_MEMORY_LIMIT_MB", raising=False)
+    else:
+        monkeypatch.setenv("FMEL_LOCAL_MEMORY_LIMIT_MB", env)
+    sql = "SELECT current_setting('memory_limit') AS m"
+    code = query_main([*args, "--db", str(db), sql])
+    out, err = capsys.readouterr()
+    if shown is None:
+        assert code == 2
+        assert ("--memory-limit-mb" if args else "FMEL_LOCAL_MEMORY_LIMIT_MB") in err
+        assert "expected a whole number of MiB from 64" in err
+    else:
+        assert code == 0 and shown in out, err

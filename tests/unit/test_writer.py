@@ -774,6 +774,41 @@ def test_runs_are_sized_for_the_limit_the_shared_database_has(tmp_path: Path) ->
     close_store(held)
 
 
+def test_a_study_merges_a_part_of_wide_decisions_in_runs_and_once(tmp_path: Path) -> None:
+    """``OPTIMIZE_RECORD=all``: a worker's part file of wide decisions (60 of 10,000 reads) is
+    merged into a study store at 64 MiB in committed runs; the control, the part in one
+    ``INSERT``, runs out of memory. Merged again (a copy of the part, as after a merge that
+    failed part-way), nothing is stored twice."""
+    import shutil
+
+    from runtime.research.store import DuckDBTrialStore
+
+    part = tmp_path / "part.duckdb"
+    worker = LocalDuckDBSink(part)
+    worker.open()
+    assert worker.write_records([_wide(i, symbols=5000) for i in range(60)]) == []
+    worker.close()
+    again = tmp_path / "again.duckdb"
+    shutil.copy(part, again)
+    store = DuckDBTrialStore(tmp_path / "fmel.duckdb", memory_limit_mb=64)
+    store.open()
+    try:
+        store._con.execute("ATTACH ? AS control (READ_ONLY)", [str(again)])
+        # out of memory in the statement or at its commit, by how the pool was used
+        with pytest.raises((duckdb.OutOfMemoryException, duckdb.TransactionException)):
+            store._con.execute("INSERT INTO decisions BY NAME SELECT * FROM control.decisions")
+        store._con.execute("DETACH control")
+        assert store._con.execute("SELECT count(*) FROM decisions").fetchall() == [(0,)]
+        assert store.merge_part(part) == 60
+        assert not part.exists()
+        assert store.merge_part(again) == 0
+        assert store._con.execute(
+            "SELECT count(*), count(DISTINCT decision_id), sum(len(data_accessed)) FROM decisions"
+        ).fetchall() == [(60, 60, 60 * 5000)]
+    finally:
+        store.close()
+
+
 def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:
     """A plain connection that writes checkpoints the file with DuckDB's own row group size,
     merging the store's small groups (a memory spike as large as the table: fresh-context

@@ -19,6 +19,7 @@ Thread context: everything here runs on the main (backtrader) thread.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import gc
@@ -188,12 +189,14 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             reaches a bar not in the past of the current step.
         track_indicators (bool): also track every line object the agent created (indicators,
             lines operations, shifted lines), labelled by where the agent keeps them.
-        gc_freeze (bool): move the objects alive at ``start`` to the garbage collector's
-            permanent generation (``gc.freeze()``) until ``stop`` (``gc.unfreeze()``), see
-            :class:`_GCFreeze`. Default False: with the real writer its gain is within the
-            run-to-run spread (``docs/benchmarks.md``). (It was made opt-in when broker tests
-            failed in full-suite runs with it on; they failed with it off too: the tests raced
-            the fake Alpaca's fills, fixed since.)
+        gc_freeze (bool): tune the garbage collector for the run, see :class:`_GCFreeze`:
+            move the objects alive at ``start`` to its permanent generation (``gc.freeze()``)
+            and collect the young generation every :data:`GC_YOUNG_THRESHOLD` allocations
+            instead of 700, until ``stop`` (``gc.unfreeze()``, the threshold put back).
+            Default True since 2026-12-02: with the young threshold, the read-heavy
+            benchmark's added main-thread CPU went from 1.37-1.44x to 1.25-1.27x of plain
+            backtrader's, and a tracked read inside the agent's loop from 0.35 to 0.17 us
+            (``docs/benchmarks.md``, tenth pass). False leaves the collector alone.
     """
 
     params = (
@@ -201,7 +204,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         ("run", None),
         ("strict_lookahead", False),
         ("track_indicators", True),
-        ("gc_freeze", False),
+        ("gc_freeze", True),
     )
 
     def __init__(self) -> None:
@@ -283,6 +286,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 flags.ACTIVE = True
                 try:
                     return fn(*args, **kwargs)
+                except BaseException:
+                    # backtrader does not catch it: the run ends without stop(); the
+                    # collector goes back as it was now, not at the next run's start
+                    self._release_gc()
+                    raise
                 finally:
                     flags.ACTIVE = was
 
@@ -350,6 +358,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         for obj, name in self._unwrap:
             vars(obj).pop(name, None)
         self._unwrap.clear()
+        self._release_gc()
+
+    def _release_gc(self) -> None:
         if self._froze:
             self._froze = False
             _GC_FREEZE.leave(self)
@@ -570,7 +581,8 @@ class _Analysis(Mapping[str, Any]):
 
 
 class _GCFreeze:
-    """``gc.freeze()`` while at least one FMEL analyzer runs, ``gc.unfreeze()`` after the last.
+    """``gc.freeze()`` while at least one FMEL analyzer runs, ``gc.unfreeze()`` after the last;
+    meanwhile the young generation's threshold at least :data:`GC_YOUNG_THRESHOLD`.
 
     Why: a record keeps its reads alive until the writer has stored it, so the bar loop makes
     long-lived objects at a steady rate, and every time they have piled up to a quarter of the
@@ -584,20 +596,35 @@ class _GCFreeze:
     read-heavy one. With a writer that keeps up, few records survive to a full collection and
     the difference is within the run-to-run spread (``docs/benchmarks.md``).
 
+    The young threshold: CPython collects the young generation every 700 allocations of
+    objects it may track (it counts allocations, tracked or not), and every tenth young
+    collection is a middle one. The bar loop allocates a raw read a read, so the read-heavy
+    benchmark (71 reads a bar) ran about three times as many young collections as plain
+    backtrader, each walking the young objects of backtrader's own bar. At 7,000 it runs a
+    tenth as many, each over more objects. The collector's time in that run (``gc.callbacks``,
+    medians of three): 0.11 s as CPython has it, 0.056 s frozen, 0.037 s frozen with this
+    threshold (``docs/benchmarks.md``, tenth pass). Put back at the end unless someone else
+    changed it during the run; a threshold above it is kept.
+
     Only when nothing else froze the heap (``gc.get_freeze_count() == 0`` at the first
     ``start``): ``gc.unfreeze()`` would undo someone else's freeze (one made *during* the run,
-    from an agent's code, is undone at ``stop``: the collector cannot tell them apart). A run
-    that raised never reached ``stop``: the next ``start`` finds its analyzers no longer
+    from an agent's code, is undone at ``stop``: the collector cannot tell them apart). An
+    exception out of an agent's call ends the run without ``stop``: the collector is put back
+    as it leaves the call. A run that raised elsewhere (a feed, the broker, another analyzer)
+    never reached ``stop`` either: the next ``start`` finds its analyzers no longer
     running (their strategy is not among its cerebro's running strategies, or that cerebro's
     ``runstrategies`` is not on the stack), drops them and, when no one else holds the freeze,
     unfreezes before freezing again; until then the objects of the failed run stay frozen.
-    Objects frozen at ``start`` that become garbage during the run are collected after
-    ``stop``. Main thread.
+    Objects frozen at ``start`` that become garbage during the run are freed by reference
+    counting as usual; those in reference cycles are collected after ``stop``. Nothing is
+    done when the collector is off (``gc.disable()`` or a threshold of 0). Main thread.
     """
 
     def __init__(self) -> None:
         self.holders: list[Any] = []  # analyzers between start and stop
         self.ours = False  # the heap is frozen by us
+        self.threshold: tuple[int, ...] = ()  # gc.get_threshold() before, and ours
+        self.raised: tuple[int, ...] = ()
 
     def enter(self, analyzer: Any) -> bool:
         """``analyzer`` starts; freeze on the first. True: call :meth:`leave` at its stop."""
@@ -605,12 +632,14 @@ class _GCFreeze:
             running = _running_cerebros()
             self.holders = [a for a in self.holders if _still_running(a, running)]
             if not self.holders and self.ours:  # all stale: start over
-                self.ours = False
-                gc.unfreeze()
+                self._release()
         if not self.holders:
-            if not gc.isenabled() or gc.get_freeze_count():
+            if not gc.isenabled() or gc.get_freeze_count() or gc.get_threshold()[0] == 0:
                 return False
             gc.freeze()
+            self.threshold = gc.get_threshold()
+            self.raised = (max(self.threshold[0], GC_YOUNG_THRESHOLD), *self.threshold[1:])
+            gc.set_threshold(*self.raised)
             self.ours = True
         elif not self.ours:
             return False
@@ -621,8 +650,20 @@ class _GCFreeze:
         """``analyzer`` stopped; unfreeze after the last."""
         self.holders = [a for a in self.holders if a is not analyzer]
         if not self.holders and self.ours:
-            self.ours = False
-            gc.unfreeze()
+            self._release()
+
+    def release_all(self) -> None:
+        """Forget every holder and put the collector back (at exit)."""
+        self.holders = []
+        if self.ours:
+            self._release()
+
+    def _release(self) -> None:
+        """Unfreeze; the young threshold back unless someone changed it since."""
+        self.ours = False
+        gc.unfreeze()
+        if gc.get_threshold() == self.raised:
+            gc.set_threshold(*self.threshold)
 
 
 def _running_cerebros() -> set[int]:
@@ -644,7 +685,17 @@ def _still_running(analyzer: Any, running: set[int]) -> bool:
     return any(s is strategy for s in getattr(cerebro, "runningstrats", ()))
 
 
+# Young collections while frozen: every GC_YOUNG_THRESHOLD allocations of tracked objects, not
+# CPython's 700. The bar loop allocates a raw read a read (created untracked by the compiled
+# reads, but counted: CPython counts allocations, not tracked objects), so the read-heavy
+# benchmark ran ~500 more young collections than plain backtrader, each walking the bar's
+# young objects, and every tenth of them a middle one (docs/benchmarks.md, tenth pass).
+GC_YOUNG_THRESHOLD = 7000
 _GC_FREEZE = _GCFreeze()
+# A run that raised outside the agent's calls (a feed, the broker) keeps the heap frozen until
+# the next run's start; at exit the collector is put back so the interpreter's last collection
+# frees it (else extension types report their objects as leaked).
+atexit.register(_GC_FREEZE.release_all)
 
 
 def _round_ms(posix_s: float) -> float:

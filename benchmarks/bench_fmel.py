@@ -37,7 +37,7 @@ default run) <= 0.3 us, writer GIL share <= 0.03. The BigQuery goal is measured 
 A benchmark, not a test: run it on a quiet machine (``make bench`` / ``make bench-check``).
 
 Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]
-[--switch-interval off]``.
+[--switch-interval off] [--gc-freeze on|off]``.
 """
 
 from __future__ import annotations
@@ -106,9 +106,11 @@ def child(
     batch_size: int = 500,
     max_batch: int | None = None,
     switch_interval: float | None = SWITCH_DEFAULT,
+    gc_freeze: bool | None = None,
 ) -> dict[str, float]:
     """One run in this process; returns its measurements (JSON-able). ``switch_interval``:
-    the writer's ``switch_interval_s`` (``None``: the interpreter's 5 ms left alone)."""
+    the writer's ``switch_interval_s`` (``None``: the interpreter's 5 ms left alone);
+    ``gc_freeze``: the analyzer's ``gc_freeze`` (``None``: its default)."""
     sys.path.insert(0, str(REPO))
     import backtrader as bt
 
@@ -128,8 +130,9 @@ def child(
     cerebro.broker.setcash(100_000)
     writer = None
     tmp = tempfile.mkdtemp()
+    gc_param = {} if gc_freeze is None else {"gc_freeze": gc_freeze}
     if mode == "fmel":
-        cerebro.addanalyzer(FMELAnalyzer)
+        cerebro.addanalyzer(FMELAnalyzer, **gc_param)
     elif mode == "fmel+duckdb":
         writer = DecisionWriter(
             LocalDuckDBSink(Path(tmp) / "fmel.duckdb"),
@@ -140,7 +143,7 @@ def child(
             switch_interval_s=switch_interval,
         )
         writer.start()
-        cerebro.addanalyzer(FMELAnalyzer, writer=writer)
+        cerebro.addanalyzer(FMELAnalyzer, writer=writer, **gc_param)
     t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     strategy = cerebro.run()[0]
     t_stop = time.perf_counter()
@@ -260,13 +263,28 @@ def main() -> None:
         default=str(SWITCH_DEFAULT),
         help="the writer's switch_interval_s, seconds, or 'off' (the interpreter's 5 ms)",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        choices=("default", "on", "off"),
+        default="default",
+        help="the analyzer's gc_freeze (default: its own default)",
+    )
     args = parser.parse_args()
     symbols = args.symbols.split(",")
+    freeze = {"default": None, "on": True, "off": False}[args.gc_freeze]
     switch = None if args.switch_interval == "off" else float(args.switch_interval)
     if args.child:
         sys.stdout.write(
             json.dumps(
-                child(args.child, args.agent, symbols, args.batch_size, args.max_batch, switch)
+                child(
+                    args.child,
+                    args.agent,
+                    symbols,
+                    args.batch_size,
+                    args.max_batch,
+                    switch,
+                    freeze,
+                )
             )
         )
         return
@@ -284,7 +302,7 @@ def main() -> None:
                 out = subprocess.run(
                     [*CHILD, mode, "--agent", agent, "--symbols", args.symbols]
                     + ["--batch-size", str(args.batch_size)]
-                    + ["--switch-interval", args.switch_interval]
+                    + ["--switch-interval", args.switch_interval, "--gc-freeze", args.gc_freeze]
                     + ([] if args.max_batch is None else ["--max-batch", str(args.max_batch)]),
                     capture_output=True,
                     text=True,

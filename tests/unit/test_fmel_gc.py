@@ -1,21 +1,27 @@
-"""The FMEL analyzer, asked to (``gc_freeze=True``; off by default), freezes the garbage
-collector's heap during a run and leaves the collector as it found it: unfrozen after the last
-analyzer stops, untouched when something else froze it or the collector is off, and the
-records are the same either way."""
+"""The FMEL analyzer (``gc_freeze=True``, the default) freezes the garbage collector's heap and
+raises its young threshold during a run, and leaves the collector as it found it: unfrozen and
+the threshold back after the last analyzer stops, untouched when something else froze it or
+the collector is off, and the records are the same either way."""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import backtrader as bt
 import pytest
 
 from agents.sma_cross import SmaCrossAgent
-from analyzers.fmel import FMELAnalyzer
+from analyzers.fmel import GC_YOUNG_THRESHOLD, FMELAnalyzer
 from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
+
+REPO = Path(__file__).resolve().parents[2]
 
 FEEDS = [CSVFeedConfig(path=DATA / f"{s}.csv", symbol=s) for s in ("GOOG", "SP500")]
 
@@ -29,8 +35,10 @@ def bars() -> dict[str, CSVBars]:
 def _collector_restored() -> Iterator[None]:
     assert gc.get_freeze_count() == 0, "a test before this one left the heap frozen"
     enabled = gc.isenabled()
+    threshold = gc.get_threshold()
     yield
     gc.unfreeze()
+    gc.set_threshold(*threshold)
     if enabled:
         gc.enable()
 
@@ -42,12 +50,14 @@ class Watching(SmaCrossAgent):
     def __init__(self) -> None:
         super().__init__()
         self.frozen: list[int] = []
+        self.thresholds: list[int] = []
         self.bars = 0
 
     def next(self) -> None:
         self.bars += 1
         if self.bars in (1, 1_000):
             self.frozen.append(gc.get_freeze_count())
+            self.thresholds.append(gc.get_threshold()[0])
         super().next()
 
 
@@ -72,24 +82,63 @@ def records(strategy: Any) -> list[Any]:
 
 
 def test_frozen_during_the_run_and_unfrozen_after(bars: dict[str, CSVBars]) -> None:
+    before = gc.get_threshold()
     (strategy,) = run(bars)
     assert len(strategy.frozen) == 2 and min(strategy.frozen) > 0
+    assert set(strategy.thresholds) == {GC_YOUNG_THRESHOLD} != {before[0]}
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
 
 
 def test_off_when_asked(bars: dict[str, CSVBars]) -> None:
+    before = gc.get_threshold()
     (strategy,) = run(bars, gc_freeze=False)
     assert set(strategy.frozen) == {0}
+    assert set(strategy.thresholds) == {before[0]}
 
 
-def test_off_by_default(bars: dict[str, CSVBars]) -> None:
+def test_on_by_default(bars: dict[str, CSVBars]) -> None:
     cerebro = bt.Cerebro(stdstats=False)
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Watching)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
     (strategy,) = cerebro.run()
-    assert set(strategy.frozen) == {0}
+    assert min(strategy.frozen) > 0 and set(strategy.thresholds) == {GC_YOUNG_THRESHOLD}
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_higher_threshold_is_kept_and_one_changed_during_the_run_is_left(
+    bars: dict[str, CSVBars],
+) -> None:
+    gc.set_threshold(50_000, 10, 10)
+    (strategy,) = run(bars)
+    assert set(strategy.thresholds) == {50_000} and min(strategy.frozen) > 0
+    assert gc.get_threshold() == (50_000, 10, 10)
+
+    class Retuning(Watching):
+        def next(self) -> None:
+            if self.bars == 10:
+                gc.set_threshold(900, 11, 12)  # the agent's own choice
+            super().next()
+
+    gc.set_threshold(700, 10, 10)
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Retuning)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.run()
+    assert gc.get_threshold() == (900, 11, 12)
+
+
+def test_a_collector_switched_off_by_its_threshold_is_left_alone(
+    bars: dict[str, CSVBars],
+) -> None:
+    gc.set_threshold(0)
+    (strategy,) = run(bars)
+    assert set(strategy.frozen) == {0} and set(strategy.thresholds) == {0}
+    assert gc.get_threshold()[0] == 0
 
 
 def test_records_are_the_same_frozen_or_not(bars: dict[str, CSVBars]) -> None:
@@ -136,20 +185,78 @@ class Failing(SmaCrossAgent):
         super().next()
 
 
+def test_an_agent_that_raises_leaves_the_collector_as_it_was(bars: dict[str, CSVBars]) -> None:
+    before = gc.get_threshold()
+    cerebro = bt.Cerebro(stdstats=False)
+    for c in FEEDS:
+        cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
+    cerebro.addstrategy(Failing)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    with pytest.raises(RuntimeError, match="agent bug"):
+        cerebro.run()
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+class FailingAnalyzer(bt.Analyzer):  # type: ignore[misc]
+    def next(self) -> None:
+        if len(self.strategy) == 200:
+            raise RuntimeError("analyzer bug")
+
+
 def test_a_run_that_raised_does_not_leave_the_heap_frozen_past_the_next_run(
     bars: dict[str, CSVBars],
 ) -> None:
     cerebro = bt.Cerebro(stdstats=False)
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
-    cerebro.addstrategy(Failing)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
-    with pytest.raises(RuntimeError, match="agent bug"):
+    cerebro.addstrategy(Watching)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(FailingAnalyzer)
+    with pytest.raises(RuntimeError, match="analyzer bug"):
         cerebro.run()
-    # stop() never ran: still frozen; the next run finds the hold stale and starts over
+    # not out of the agent's calls: stop() never ran, still frozen; the next run finds the
+    # hold stale and starts over
+    assert gc.get_freeze_count() > 0
     (strategy,) = run(bars)
     assert min(strategy.frozen) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_the_collector_is_put_back_at_exit_after_a_run_that_raised(tmp_path: Path) -> None:
+    """Frozen at exit, the interpreter's last collection skips the heap and DuckDB's bindings
+    report their objects as leaked; the analyzer puts the collector back at exit."""
+    script = tmp_path / "raises.py"
+    script.write_text(
+        "import atexit, gc, sys\n"
+        # registered first, so it runs last (atexit runs the newest first)
+        "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count()))\n"
+        "from tests.unit.test_fmel_gc import FEEDS, FailingAnalyzer, Watching\n"
+        "import backtrader as bt\n"
+        "from analyzers.fmel import FMELAnalyzer\n"
+        "from feeds.csv import make_csv_feed, read_csv_bars\n"
+        "cerebro = bt.Cerebro(stdstats=False)\n"
+        "for c in FEEDS:\n"
+        "    cerebro.adddata(make_csv_feed(c, read_csv_bars(c)), name=c.symbol)\n"
+        "cerebro.addstrategy(Watching)\n"
+        "cerebro.addanalyzer(FMELAnalyzer)\n"
+        "cerebro.addanalyzer(FailingAnalyzer)\n"
+        "try:\n"
+        "    cerebro.run()\n"
+        "except RuntimeError:\n"
+        "    print('raised, frozen', gc.get_freeze_count() > 0)\n",
+        encoding="utf-8",
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "raised, frozen True" in out.stdout
+    assert "frozen at exit 0" in out.stdout
 
 
 def test_a_run_nested_in_another_keeps_the_outer_freeze(bars: dict[str, CSVBars]) -> None:

@@ -31,6 +31,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -192,11 +193,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         gc_freeze (bool): tune the garbage collector for the run, see :class:`_GCFreeze`:
             move the objects alive at ``start`` to its permanent generation (``gc.freeze()``)
             and collect the young generation every :data:`GC_YOUNG_THRESHOLD` allocations
-            instead of 700, until ``stop`` (``gc.unfreeze()``, the threshold put back).
-            Default True since 2026-12-02: with the young threshold, the read-heavy
-            benchmark's added main-thread CPU went from 1.37-1.44x to 1.25-1.27x of plain
-            backtrader's, and a tracked read inside the agent's loop from 0.35 to 0.17 us
-            (``docs/benchmarks.md``, tenth pass). False leaves the collector alone.
+            instead of 700, until ``stop`` (``gc.unfreeze()``, the threshold put back). With
+            it, the read-heavy benchmark's added main-thread CPU went from 1.37-1.44x to
+            1.25-1.27x of plain backtrader's, and a tracked read inside the agent's loop from
+            0.35 to 0.17 us (``docs/benchmarks.md``, tenth pass). Default False: it is
+            process-wide, and a run stopped where no FMEL code sees it (Ctrl-C in a notebook)
+            leaves the heap frozen until the next FMEL run or the process's exit, while
+            cycles made before ``start`` and dropped during a long live run are collected
+            only after it. The runner turns it on for backtests (``MODE=backtest``, a process
+            that ends with its run).
     """
 
     params = (
@@ -204,7 +209,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         ("run", None),
         ("strict_lookahead", False),
         ("track_indicators", True),
-        ("gc_freeze", True),
+        ("gc_freeze", False),
     )
 
     def __init__(self) -> None:
@@ -287,9 +292,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 try:
                     return fn(*args, **kwargs)
                 except BaseException:
-                    # backtrader does not catch it: the run ends without stop(); the
-                    # collector goes back as it was now, not at the next run's start
-                    self._release_gc()
+                    # backtrader does not catch it: the run ends without stop() (of this
+                    # strategy's analyzers and the others'); the collector goes back as it
+                    # was now, not at the next run's start
+                    self._froze = False
+                    _GC_FREEZE.release_all()
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -621,7 +628,9 @@ class _GCFreeze:
     """
 
     def __init__(self) -> None:
-        self.holders: list[Any] = []  # analyzers between start and stop
+        # analyzers between start and stop, weakly: a run that ended without stop() must not
+        # keep its cerebro and data alive (fresh-context attack: an interrupted notebook run)
+        self.holders: list[weakref.ref[Any]] = []
         self.ours = False  # the heap is frozen by us
         self.threshold: tuple[int, ...] = ()  # gc.get_threshold() before, and ours
         self.raised: tuple[int, ...] = ()
@@ -630,7 +639,9 @@ class _GCFreeze:
         """``analyzer`` starts; freeze on the first. True: call :meth:`leave` at its stop."""
         if self.holders:
             running = _running_cerebros()
-            self.holders = [a for a in self.holders if _still_running(a, running)]
+            self.holders = [
+                h for h in self.holders if (a := h()) is not None and _still_running(a, running)
+            ]
             if not self.holders and self.ours:  # all stale: start over
                 self._release()
         if not self.holders:
@@ -643,12 +654,12 @@ class _GCFreeze:
             self.ours = True
         elif not self.ours:
             return False
-        self.holders.append(analyzer)
+        self.holders.append(weakref.ref(analyzer))
         return True
 
     def leave(self, analyzer: Any) -> None:
         """``analyzer`` stopped; unfreeze after the last."""
-        self.holders = [a for a in self.holders if a is not analyzer]
+        self.holders = [h for h in self.holders if (a := h()) is not None and a is not analyzer]
         if not self.holders and self.ours:
             self._release()
 

@@ -15,6 +15,8 @@ import os
 import sys
 
 from analyzers.sinks.duckdb import MAX_MEMORY_LIMIT_MB, MEMORY_LIMIT_MB, MIN_MEMORY_LIMIT_MB
+from core.errors import ConfigError
+from core.settings import parse
 
 MEMORY_ENV = "FMEL_LOCAL_MEMORY_LIMIT_MB"
 
@@ -37,24 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=50, help="rows to show")
     parser.add_argument(
         "--memory-limit-mb",
-        type=int,
         default=None,
         help=f"DuckDB memory for the query, MiB (default {MEMORY_ENV}, else {MEMORY_LIMIT_MB})",
     )
     args = parser.parse_args(argv)
-    limit, named = args.memory_limit_mb, "--memory-limit-mb"
-    if limit is None:
-        text, named = os.environ.get(MEMORY_ENV, "").strip(), MEMORY_ENV
-        limit = (
-            int(text)
-            if text.isascii() and text.isdigit()
-            else (MEMORY_LIMIT_MB if not text else -1)
-        )
-    if not MIN_MEMORY_LIMIT_MB <= limit <= MAX_MEMORY_LIMIT_MB:
-        shown = os.environ.get(MEMORY_ENV, "") if named == MEMORY_ENV else limit
+    named, text = "--memory-limit-mb", args.memory_limit_mb
+    if text is None:
+        named, text = MEMORY_ENV, os.environ.get(MEMORY_ENV, "")
+    try:  # read as the runner reads the variable (core.settings), range as its store's
+        limit = parse(named, text, int) if text.strip() else MEMORY_LIMIT_MB
+        if not MIN_MEMORY_LIMIT_MB <= limit <= MAX_MEMORY_LIMIT_MB:
+            raise ConfigError(f"{named}={limit}: expected a whole number of MiB")
+    except ConfigError as e:
         sys.stderr.write(
-            f"{named}={shown!s:.40}: expected a whole number of MiB from "
-            f"{MIN_MEMORY_LIMIT_MB} to {MAX_MEMORY_LIMIT_MB}\n"
+            f"{str(e)[:200]} (from {MIN_MEMORY_LIMIT_MB} to {MAX_MEMORY_LIMIT_MB} MiB)\n"
         )
         return 2
     try:

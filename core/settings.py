@@ -170,8 +170,14 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
         raise ConfigError(f"{name}={text!r}: expected true or false")
     if tp in (int, float):
         kind = "a whole number" if tp is int else "a number"
+        stripped = text.strip()
+        # Python's int() and float() also take "1_024" and other scripts' digits ("١٢٨");
+        # a setting is written in ASCII digits, as every other reader of the .env file
+        # (shells, Kubernetes, DuckDB) reads it
+        if not stripped.isascii() or "_" in stripped:
+            raise ConfigError(f"{name}={text!r}: expected {kind} in ASCII digits")
         try:
-            value = tp(text.strip())
+            value = tp(stripped)
         except (ValueError, OverflowError) as e:
             raise ConfigError(f"{name}={text!r}: expected {kind}") from e
         if isinstance(value, float) and not math.isfinite(value):

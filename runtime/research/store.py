@@ -41,6 +41,7 @@ Thread context: main thread only.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -334,9 +335,10 @@ class DuckDBTrialStore:
         a write (:data:`analyzers.sinks.duckdb.READS_PER_MB` stored reads per MiB of the
         database's memory limit, each symbol group and 100 bytes of text one read): one
         ``INSERT`` of a part of wide decisions needs all of them in DuckDB's pool at once (30
-        decisions of 10,000 reads run out of 64 MiB). Rows whose ``decision_id`` the store
-        already holds are skipped, so a merge that failed part-way (the file is kept) can be
-        run again without duplicates.
+        decisions of 10,000 reads run out of 64 MiB); a run that runs out of memory all the same
+        is halved and retried. Rows whose ``decision_id`` the store already holds (in the
+        part's sessions) are skipped, so a merge that failed part-way (the file is kept) can be
+        run again without duplicates, and an id the part repeats goes in once.
 
         Returns:
             rows merged (not counting rows skipped as already stored).
@@ -345,12 +347,7 @@ class DuckDBTrialStore:
             duckdb.Error: the part cannot be read or a run cannot be written (the part file is
             kept; the runs before it stay committed).
         """
-        from analyzers.sinks.duckdb import (
-            READS_PER_MB,
-            TEXT_BYTES_PER_READ,
-            cut_runs,
-            memory_limit_of,
-        )
+        from analyzers.sinks.duckdb import READS_PER_MB, cut_runs, memory_limit_of
 
         if not part.exists():
             return 0
@@ -358,28 +355,75 @@ class DuckDBTrialStore:
         self._con.execute("ATTACH ? AS part (READ_ONLY)", [str(part)])
         merged = 0
         try:
-            # the reads the bar loop counted, twice (a symbol group holds at least one read;
-            # a read of an indicator over several feeds is stored under each): the lengths of
-            # the stored lists would read the nested column, which runs out of memory itself
-            weights = self._con.execute(
-                "SELECT rowid, 1 + 2 * coalesce(reads, 0)"
-                " + (coalesce(strlen(reasoning), 0) + coalesce(strlen(notes), 0)"
-                f" + coalesce(strlen(agent_params), 0)) // {TEXT_BYTES_PER_READ}"
-                " FROM part.decisions ORDER BY rowid"
-            ).fetchall()
+            rows = self._con.execute(self._plan_sql()).fetchall()
             most = max(1, int(READS_PER_MB * memory_limit_of(self._con, self.memory_limit_mb)))
-            for run in cut_runs([int(w) for _, w in weights], most):
-                got = self._con.execute(
-                    "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p"
-                    " WHERE p.rowid BETWEEN ? AND ? AND NOT EXISTS"
-                    " (SELECT 1 FROM decisions d WHERE d.decision_id = p.decision_id)",
-                    [weights[run.start][0], weights[run.stop - 1][0]],
-                ).fetchone()
-                merged += int(got[0]) if got else 0
+            kept = [(rowid, int(w)) for rowid, w, skip in rows if not skip]
+            skipped = sorted(rowid for rowid, _, skip in rows if skip)
+            for run in cut_runs([w for _, w in kept], most):
+                ids = [rowid for rowid, _ in kept[run.start : run.stop]]
+                merged += self._merge_run(ids, skipped)
         finally:
             self._con.execute("DETACH part")
         part.unlink()
         return merged
+
+    def _plan_sql(self) -> str:
+        """Per row of the attached part, in rowid order: ``(rowid, weight, skip)``. The weight
+        is the reads the bar loop counted, twice (a symbol group holds at least one read; a
+        read of an indicator over several feeds is stored under each), plus its texts: the
+        lengths of the stored lists would read the nested column, which runs out of memory
+        itself. Skipped: a ``decision_id`` the store holds (looked up in the part's sessions
+        only: an anti-join over a store of millions of decisions ran out of 64 MiB) or one
+        the part repeats (its first copy goes in). Columns an older part lacks weigh 0."""
+        from analyzers.sinks.duckdb import TEXT_BYTES_PER_READ
+
+        cols = {
+            str(name)
+            for (name,) in self._con.execute(
+                "SELECT column_name FROM duckdb_columns()"
+                " WHERE database_name = 'part' AND table_name = 'decisions'"
+            ).fetchall()
+        }
+        weight = "1"
+        if "reads" in cols:
+            weight += " + 2 * coalesce(TRY_CAST(p.reads AS BIGINT), 0)"
+        texts = [
+            f"coalesce(strlen(CAST(p.{c} AS VARCHAR)), 0)"
+            for c in ("reasoning", "notes", "agent_params")
+            if c in cols
+        ]
+        if texts:
+            weight += f" + ({' + '.join(texts)}) // {TEXT_BYTES_PER_READ}"
+        return (
+            f"SELECT p.rowid, {weight},"
+            " row_number() OVER (PARTITION BY p.decision_id ORDER BY p.rowid) > 1"
+            " OR p.decision_id IN (SELECT d.decision_id FROM decisions d WHERE d.session_id IN"
+            " (SELECT DISTINCT session_id FROM part.decisions))"
+            " FROM part.decisions p ORDER BY p.rowid"
+        )
+
+    def _merge_run(self, rowids: list[int], skipped: list[int]) -> int:
+        """One committed ``INSERT`` of the part's rows ``rowids`` (ascending; ``skipped``: the
+        rows between them that do not go in); a run that runs out of memory all the same (its
+        weight understated what it stores) is halved and retried, down to one row, which then
+        raises. A failed statement is rolled back."""
+        import duckdb
+
+        lo, hi = rowids[0], rowids[-1]
+        inside = [r for r in skipped[bisect.bisect_left(skipped, lo) :] if r <= hi]
+        try:
+            got = self._con.execute(
+                "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p"
+                " WHERE p.rowid BETWEEN ? AND ? AND NOT list_contains(?::BIGINT[], p.rowid)",
+                [lo, hi, inside],
+            ).fetchone()
+        except (duckdb.OutOfMemoryException, duckdb.TransactionException):
+            # out of memory in the statement, or at its commit
+            if len(rowids) == 1:
+                raise
+            half = len(rowids) // 2
+            return self._merge_run(rowids[:half], skipped) + self._merge_run(rowids[half:], skipped)
+        return int(got[0]) if got else 0
 
     def flush(self) -> None:
         """Rows are written as they come."""

@@ -92,6 +92,15 @@ def test_slash_symbols_find_their_file() -> None:
             {"FMEL_LOCAL_MEMORY_LIMIT_MB": "63"},
             "FMEL_LOCAL_MEMORY_LIMIT_MB=63: expected a whole number >= 64",
         ),
+        (
+            {"FMEL_LOCAL_MEMORY_LIMIT_MB": "1_024"},
+            "FMEL_LOCAL_MEMORY_LIMIT_MB='1_024': expected a whole number in ASCII digits",
+        ),
+        (
+            {"FMEL_LOCAL_MEMORY_LIMIT_MB": "١٢٨"},
+            "FMEL_LOCAL_MEMORY_LIMIT_MB='١٢٨': expected a whole number in ASCII digits",
+        ),
+        ({"CASH": "1_000"}, "CASH='1_000': expected a number in ASCII digits"),
         ({"BACKTEST_START": "2010-02-01", "BACKTEST_END": "2010-01-01"}, "BACKTEST_END"),
         ({"BROKER": "alpaca"}, "BROKER=alpaca needs MODE=paper"),
         ({"FMEL_SINK": "bigquery"}, "GOOGLE_CLOUD_PROJECT is required when FMEL_SINK=bigquery"),

@@ -1,4 +1,5 @@
-"""The FMEL analyzer (``gc_freeze=True``, the default) freezes the garbage collector's heap and
+"""The FMEL analyzer, asked to (``gc_freeze=True``; off by default, on in the runner's
+backtests), freezes the garbage collector's heap and
 raises its young threshold during a run, and leaves the collector as it found it: unfrozen and
 the threshold back after the last analyzer stops, untouched when something else froze it or
 the collector is off, and the records are the same either way."""
@@ -97,15 +98,32 @@ def test_off_when_asked(bars: dict[str, CSVBars]) -> None:
     assert set(strategy.thresholds) == {before[0]}
 
 
-def test_on_by_default(bars: dict[str, CSVBars]) -> None:
+def test_off_by_default_and_on_for_the_runners_backtests(bars: dict[str, CSVBars]) -> None:
+    """Process-wide, so opt-in; the runner's backtest (a process that ends with its run) opts
+    in, live runs and optimize trials do not."""
+    from runtime.assembly import add_fmel
+
     cerebro = bt.Cerebro(stdstats=False)
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Watching)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
     (strategy,) = cerebro.run()
-    assert min(strategy.frozen) > 0 and set(strategy.thresholds) == {GC_YOUNG_THRESHOLD}
-    assert gc.get_freeze_count() == 0
+    assert set(strategy.frozen) == {0}
+    for mode, on in (("backtest", True), ("paper", False), ("optimize", False)):
+        cerebro = bt.Cerebro(stdstats=False)
+        add_fmel(
+            cerebro,
+            SmaCrossAgent,
+            agent_params={},
+            writer=None,  # type: ignore[arg-type]
+            session_id="s",
+            agent_id=None,
+            mode=mode,
+            strict_lookahead=False,
+        )
+        ((_, _, kwargs),) = cerebro.analyzers
+        assert kwargs["gc_freeze"] is on, mode
 
 
 def test_a_higher_threshold_is_kept_and_one_changed_during_the_run_is_left(
@@ -127,7 +145,7 @@ def test_a_higher_threshold_is_kept_and_one_changed_during_the_run_is_left(
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Retuning)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     cerebro.run()
     assert gc.get_threshold() == (900, 11, 12)
 
@@ -191,10 +209,52 @@ def test_an_agent_that_raises_leaves_the_collector_as_it_was(bars: dict[str, CSV
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Failing)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addstrategy(SmaCrossAgent)  # its analyzer held the freeze too (attack)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     with pytest.raises(RuntimeError, match="agent bug"):
         cerebro.run()
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+def test_a_run_that_ended_without_stop_does_not_keep_its_cerebro_alive(tmp_path: Path) -> None:
+    """The freeze's holders are weak: once the user unfreezes and drops the cerebro of an
+    interrupted run, it is collected (an attack: the holder list kept it for good). In a
+    fresh interpreter: pytest's own bookkeeping of a test's exceptions keeps frames alive."""
+    script = tmp_path / "dropped.py"
+    script.write_text(
+        "import gc, weakref\n"
+        "import backtrader as bt\n"
+        "from tests.unit.test_fmel_gc import FEEDS, FailingAnalyzer, Watching\n"
+        "from analyzers.fmel import FMELAnalyzer\n"
+        "from feeds.csv import make_csv_feed, read_csv_bars\n"
+        "cerebro = bt.Cerebro(stdstats=False)\n"
+        "for c in FEEDS:\n"
+        "    cerebro.adddata(make_csv_feed(c, read_csv_bars(c)), name=c.symbol)\n"
+        "cerebro.addstrategy(Watching)\n"
+        "cerebro.addanalyzer(FMELAnalyzer, gc_freeze=True)\n"
+        "cerebro.addanalyzer(FailingAnalyzer)\n"
+        "try:\n"
+        "    cerebro.run()\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "(strategy,) = cerebro.runningstrats\n"
+        "gone = weakref.ref(strategy)\n"
+        "del strategy, cerebro\n"
+        "gc.unfreeze()\n"
+        "gc.collect()\n"
+        "print('collected', gone() is None)\n",
+        encoding="utf-8",
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "collected True" in out.stdout
 
 
 class FailingAnalyzer(bt.Analyzer):  # type: ignore[misc]
@@ -210,7 +270,7 @@ def test_a_run_that_raised_does_not_leave_the_heap_frozen_past_the_next_run(
     for c in FEEDS:
         cerebro.adddata(make_csv_feed(c, bars[c.symbol]), name=c.symbol)
     cerebro.addstrategy(Watching)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     cerebro.addanalyzer(FailingAnalyzer)
     with pytest.raises(RuntimeError, match="analyzer bug"):
         cerebro.run()
@@ -238,7 +298,7 @@ def test_the_collector_is_put_back_at_exit_after_a_run_that_raised(tmp_path: Pat
         "for c in FEEDS:\n"
         "    cerebro.adddata(make_csv_feed(c, read_csv_bars(c)), name=c.symbol)\n"
         "cerebro.addstrategy(Watching)\n"
-        "cerebro.addanalyzer(FMELAnalyzer)\n"
+        "cerebro.addanalyzer(FMELAnalyzer, gc_freeze=True)\n"
         "cerebro.addanalyzer(FailingAnalyzer)\n"
         "try:\n"
         "    cerebro.run()\n"

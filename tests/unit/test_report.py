@@ -108,6 +108,12 @@ def test_query_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         ([], "١٢٨", None),
         ([], "lots", None),
         (["--memory-limit-mb", "0"], None, None),
+        (["--memory-limit-mb", "١٢٨"], None, None),
+        (["--memory-limit-mb", "1_024"], None, None),
+        (["--memory-limit-mb", "512.0"], None, None),
+        (["--memory-limit-mb", " 256 "], None, "256.0 MiB"),
+        ([], " 256 ", "256.0 MiB"),
+        ([], "", "512.0 MiB"),
     ],
 )
 def test_the_query_cli_gives_duckdb_the_stores_memory_limit(
@@ -134,6 +140,6 @@ def test_the_query_cli_gives_duckdb_the_stores_memory_limit(
     if shown is None:
         assert code == 2
         assert ("--memory-limit-mb" if args else "FMEL_LOCAL_MEMORY_LIMIT_MB") in err
-        assert "expected a whole number of MiB from 64" in err
+        assert "expected a whole number" in err and "from 64 to" in err
     else:
         assert code == 0 and shown in out, err

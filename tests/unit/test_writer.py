@@ -809,6 +809,114 @@ def test_a_study_merges_a_part_of_wide_decisions_in_runs_and_once(tmp_path: Path
         store.close()
 
 
+def test_a_part_whose_read_counts_understate_it_is_merged_by_halving_its_runs(
+    tmp_path: Path,
+) -> None:
+    """Runs are weighed by the ``reads`` column (the lists' lengths would read the nested
+    column); a part whose counts understate what it stores (an attack: ``reads`` 0 on wide
+    decisions) still goes in: a run out of memory is halved and retried, every row once."""
+    from runtime.research.store import DuckDBTrialStore
+
+    part = tmp_path / "part.duckdb"
+    worker = LocalDuckDBSink(part)
+    worker.open()
+    assert worker.write_records([_wide(i, symbols=5000)._replace(reads=0) for i in range(60)]) == []
+    worker.close()
+    store = DuckDBTrialStore(tmp_path / "fmel.duckdb", memory_limit_mb=64)
+    store.open()
+    try:
+        assert store.merge_part(part) == 60
+        assert store._con.execute(
+            "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
+        ).fetchall() == [(60, 60)]
+    finally:
+        store.close()
+
+
+def test_a_merge_stores_an_id_a_part_repeats_once_and_reads_older_parts(tmp_path: Path) -> None:
+    """Fresh-context attack on the merge: a part holding one id twice stored both copies (the
+    check looked only at committed rows); a part without a column the runs are weighed by
+    (``reads``, ``reasoning``) failed on the weighing, not on the merge."""
+    from runtime.research.store import DuckDBTrialStore
+
+    part = tmp_path / "dup.duckdb"
+    worker = LocalDuckDBSink(part)
+    worker.open()
+    worker.write_records([record(i) for i in range(5)])
+    worker.write_records([record(i)._replace(reasoning="second copy") for i in range(3)])
+    worker.close()
+    with duckdb.connect(str(part), config={"memory_limit": "256MiB"}) as con:
+        assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(8,)]
+    older = tmp_path / "older.duckdb"
+    with duckdb.connect(str(older), config={"memory_limit": "256MiB"}) as con:
+        con.execute("ATTACH ? AS src (READ_ONLY)", [str(part)])
+        con.execute(
+            "CREATE TABLE decisions AS SELECT * EXCLUDE (reads, reasoning)"
+            " REPLACE ('older:' || decision_point::VARCHAR AS decision_id,"
+            " 'older' AS session_id) FROM src.decisions WHERE reasoning IS NULL"
+        )
+    store = DuckDBTrialStore(tmp_path / "fmel.duckdb", memory_limit_mb=64)
+    store.open()
+    try:
+        assert store.merge_part(part) == 5
+        assert store._con.execute(
+            "SELECT count(*), count(DISTINCT decision_id), count(reasoning) FROM decisions"
+        ).fetchall() == [(5, 5, 0)]  # the first copy of each id
+        assert store.merge_part(older) == 5
+        assert store._con.execute(
+            "SELECT count(*), count(reads) FROM decisions WHERE session_id = 'older'"
+        ).fetchall() == [(5, 0)]
+    finally:
+        store.close()
+
+
+def test_a_part_merges_into_a_store_of_millions_of_decisions_at_64_mib(tmp_path: Path) -> None:
+    """The skipped ids are looked up in the part's sessions only: the first merge checked
+    each row against every id of the store, and a store of 2,000,000 decisions ran out of
+    64 MiB on a part of 200,000 (fresh-context attack; its control below)."""
+    from runtime.research.store import DuckDBTrialStore
+
+    template = tmp_path / "template.duckdb"
+    worker = LocalDuckDBSink(template)
+    worker.open()
+    worker.write_records([record(0)])
+    worker.close()
+    path = tmp_path / "fmel.duckdb"
+    store = DuckDBTrialStore(path, memory_limit_mb=64)
+    store.open()
+    store.close()
+    part = tmp_path / "part.duckdb"
+    with duckdb.connect(str(path), config={"memory_limit": "512MiB"}) as con:
+        con.execute("ATTACH ? AS t (READ_ONLY)", [str(template)])
+        con.execute(
+            "INSERT INTO decisions BY NAME SELECT * EXCLUDE (decision_id, session_id, i),"
+            " 'store-' || (i // 1000)::VARCHAR AS session_id,"
+            " 'store-' || i::VARCHAR || '-padpadpadpadpadpad' AS decision_id"
+            " FROM t.decisions, range(2000000) r(i)"
+        )
+    with duckdb.connect(str(part), config={"memory_limit": "512MiB"}) as con:
+        con.execute("ATTACH ? AS t (READ_ONLY)", [str(template)])
+        con.execute(
+            "CREATE TABLE decisions AS SELECT * EXCLUDE (i) REPLACE ('trial' AS session_id,"
+            " 'trial:' || i::VARCHAR || '-padpadpadpadpadpad' AS decision_id)"
+            " FROM t.decisions, range(200000) r(i)"
+        )
+    store = DuckDBTrialStore(path, memory_limit_mb=64)
+    store.open()
+    try:
+        store._con.execute("ATTACH ? AS part (READ_ONLY)", [str(part)])
+        with pytest.raises((duckdb.OutOfMemoryException, duckdb.TransactionException)):
+            store._con.execute(  # the control: the first merge's statement
+                "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p WHERE NOT EXISTS"
+                " (SELECT 1 FROM decisions d WHERE d.decision_id = p.decision_id)"
+            )
+        store._con.execute("DETACH part")
+        assert store.merge_part(part) == 200000
+        assert store._con.execute("SELECT count(*) FROM decisions").fetchall() == [(2200000,)]
+    finally:
+        store.close()
+
+
 def test_a_report_after_the_run_keeps_the_stores_row_groups(tmp_path: Path) -> None:
     """A plain connection that writes checkpoints the file with DuckDB's own row group size,
     merging the store's small groups (a memory spike as large as the table: fresh-context

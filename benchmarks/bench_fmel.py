@@ -7,6 +7,8 @@ machine noise hits every mode alike:
 * ``fmel``: + the FMEL analyzer, records kept in memory (tracking + record building only).
 * ``fmel+duckdb``: + the decision writer thread and the local DuckDB store (the default run).
 
+FMEL runs with ``gc_freeze`` on (``--gc-freeze on``, as the runner's backtests run it).
+
 Agents: ``sma`` (:class:`agents.sma_cross.SmaCrossAgent`, 3 real daily feeds) and ``heavy``
 (``ReadHeavyAgent``: ``close[0..-29]``, ``high[0]``, ``low[0]`` of every feed per step,
 96 reads a step on 3 feeds, about 70 on average as GOOG starts later; issue 14 asks >= 60).
@@ -266,8 +268,9 @@ def main() -> None:
     parser.add_argument(
         "--gc-freeze",
         choices=("default", "on", "off"),
-        default="default",
-        help="the analyzer's gc_freeze (default: its own default)",
+        default="on",
+        help="the analyzer's gc_freeze (on: as the runner's backtests run it; default: the "
+        "analyzer's own default, off)",
     )
     args = parser.parse_args()
     symbols = args.symbols.split(",")

@@ -216,6 +216,20 @@ def test_an_agent_that_raises_leaves_the_collector_as_it_was(bars: dict[str, CSV
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
+def _python(script: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter with the repository importable; exit 0 asserted."""
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_a_run_that_ended_without_stop_does_not_keep_its_cerebro_alive(tmp_path: Path) -> None:
     """The freeze's holders are weak: once the user unfreezes and drops the cerebro of an
     interrupted run, it is collected (an attack: the holder list kept it for good). In a
@@ -245,15 +259,7 @@ def test_a_run_that_ended_without_stop_does_not_keep_its_cerebro_alive(tmp_path:
         "print('collected', gone() is None)\n",
         encoding="utf-8",
     )
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _python(script)
     assert "collected True" in out.stdout
 
 
@@ -306,15 +312,7 @@ def test_the_collector_is_put_back_at_exit_after_a_run_that_raised(tmp_path: Pat
         "    print('raised, frozen', gc.get_freeze_count() > 0)\n",
         encoding="utf-8",
     )
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _python(script)
     assert "raised, frozen True" in out.stdout
     assert "frozen at exit 0" in out.stdout
 

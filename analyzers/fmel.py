@@ -294,9 +294,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 except BaseException:
                     # backtrader does not catch it: the run ends without stop() (of this
                     # strategy's analyzers and the others'); the collector goes back as it
-                    # was now, not at the next run's start
-                    self._froze = False
-                    _GC_FREEZE.release_all()
+                    # was now, not at the next run's start (a freeze this analyzer shares)
+                    if self._froze:
+                        self._froze = False
+                        _GC_FREEZE.release_all()
                     raise
                 finally:
                     flags.ACTIVE = was

@@ -253,9 +253,8 @@ def add_fmel(
     ``writer`` under ``session_id`` (paper runs: ids ``<decision_scope>:<bar time>``).
 
     A backtest (``mode="backtest"``: the runner's process ends with its run) tunes the garbage
-    collector for the run (the analyzer's ``gc_freeze``: the read-heavy benchmark's added
-    main-thread CPU 1.37-1.44x -> 1.25-1.27x of plain backtrader's); live runs, which last
-    days, and optimize trials, whose workers run many trials, leave it alone."""
+    collector for the run (the analyzer's ``gc_freeze``); live runs, which last days, and
+    optimize trials, whose workers run many trials, leave it alone."""
     run_info = make_run_info(
         agent_cls,
         session_id=session_id,

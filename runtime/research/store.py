@@ -331,9 +331,9 @@ class DuckDBTrialStore:
     def merge_part(self, part: Path) -> int:
         """Append the decisions of a worker's DuckDB file to ``decisions``; delete the file.
 
-        The rows go in as committed runs of whole decisions weighed as the decision sink weighs
-        a write (:data:`analyzers.sinks.duckdb.READS_PER_MB` stored reads per MiB of the
-        database's memory limit, each symbol group and 100 bytes of text one read): one
+        The rows go in as committed runs of whole decisions, at most
+        :data:`analyzers.sinks.duckdb.READS_PER_MB` stored reads per MiB of the database's
+        memory limit, as the decision sink cuts a write (weights: :meth:`_plan_sql`): one
         ``INSERT`` of a part of wide decisions needs all of them in DuckDB's pool at once (30
         decisions of 10,000 reads run out of 64 MiB); a run that runs out of memory all the same
         is halved and retried. Rows whose ``decision_id`` the store already holds (in the

@@ -28,6 +28,8 @@ class FMELConfig:
         queue_size: records buffered between ``next()`` and the writer; when full, ``next()``
             waits (back-pressure), nothing is dropped.
         spill_dir: records a sink could not take are kept here and replayed at the next start.
+        hash_cache_dir: the disk cache of CSV bars' data hashes (:mod:`core.bar_hash_cache`):
+            a folder, ``"off"``, or ``""`` for the user's cache folder.
         strict_lookahead: raise :class:`~core.errors.LookAheadError` on a future read.
     """
 
@@ -68,6 +70,12 @@ class FMELConfig:
         Path(".fmel_spill"),
         env="FMEL_SPILL_DIR",
         help="folder for records a sink could not take; replayed at the next start",
+    )
+    hash_cache_dir: str = setting(
+        "",
+        env="FMEL_HASH_CACHE_DIR",
+        help="folder keeping CSV bars' data hashes between runs (off: none; empty: the user's "
+        "cache folder, ~/.cache/fmel/bar-hashes)",
     )
     strict_lookahead: bool = setting(
         False,

@@ -7,7 +7,10 @@ machine noise hits every mode alike:
 * ``fmel``: + the FMEL analyzer, records kept in memory (tracking + record building only).
 * ``fmel+duckdb``: + the decision writer thread and the local DuckDB store (the default run).
 
-FMEL runs with ``gc_freeze`` on (``--gc-freeze on``, as the runner's backtests run it).
+FMEL runs with ``gc_freeze`` on (``--gc-freeze on``, as the runner's backtests run it), and
+with the CSV files' data hashes in the disk cache (``--hash-cache warm``: filled once before the
+rounds, as it is for every run after the first over the same files; ``cold``: the cache off,
+every run hashes its files as a first run does). See :mod:`core.bar_hash_cache`.
 
 Agents: ``sma`` (:class:`agents.sma_cross.SmaCrossAgent`, 3 real daily feeds) and ``heavy``
 (``ReadHeavyAgent``: ``close[0..-29]``, ``high[0]``, ``low[0]`` of every feed per step,
@@ -39,13 +42,14 @@ default run) <= 0.3 us, writer GIL share <= 0.03. The BigQuery goal is measured 
 A benchmark, not a test: run it on a quiet machine (``make bench`` / ``make bench-check``).
 
 Run: ``python benchmarks/bench_fmel.py [--rounds 5] [--agents sma,heavy] [--check]
-[--switch-interval off] [--gc-freeze on|off]``.
+[--switch-interval off] [--gc-freeze on|off] [--hash-cache warm|cold]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -173,6 +177,19 @@ def child(
     }
 
 
+def fill_hash_cache(symbols: list[str], folder: Path) -> None:
+    """Hash the symbols' files once into ``folder`` (:mod:`core.bar_hash_cache`): the state
+    after a first run over them."""
+    sys.path.insert(0, str(REPO))
+    from core import bar_hash_cache
+    from feeds.csv import CSVFeedConfig, read_csv_bars
+    from runtime.config import find_csv
+
+    bar_hash_cache.configure(folder)
+    for s in symbols:
+        list(read_csv_bars(CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s)).hashes)
+
+
 def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     """Medians and ratios of one agent's runs (keys: see the module docstring).
 
@@ -272,6 +289,14 @@ def main() -> None:
         help="the analyzer's gc_freeze (on: as the runner's backtests run it; default: the "
         "analyzer's own default, off)",
     )
+    parser.add_argument(
+        "--hash-cache",
+        choices=("warm", "cold"),
+        default="warm",
+        help="the CSV bars' hash cache (core.bar_hash_cache) of the FMEL runs: warm (filled "
+        "before the rounds, as on every run after the first over the same files) or cold (off: "
+        "every run hashes its files, as the first one does)",
+    )
     args = parser.parse_args()
     symbols = args.symbols.split(",")
     freeze = {"default": None, "on": True, "off": False}[args.gc_freeze]
@@ -293,6 +318,10 @@ def main() -> None:
         return
     agents = args.agents.split(",")
     CHILD = (sys.executable, __file__, "--child")  # noqa: N806
+    env = dict(os.environ, FMEL_HASH_CACHE_DIR="off")
+    if args.hash_cache == "warm":
+        env["FMEL_HASH_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="bench-hashes-")
+        fill_hash_cache(symbols, Path(cache))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         a: {m: [] for m in MODES} for a in agents
     }
@@ -310,9 +339,14 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                     check=True,
+                    env=env,
                 )
                 results[agent][mode].append(json.loads(out.stdout))
-    lines = [f"Feeds: {', '.join(symbols)} (real daily files in data/)", ""]
+    lines = [
+        f"Feeds: {', '.join(symbols)} (real daily files in data/); bar hash cache "
+        f"{args.hash_cache}",
+        "",
+    ]
     failed = []
     for agent in agents:
         values = {round(r["value"], 6) for m in MODES for r in results[agent][m]}

@@ -32,6 +32,7 @@ from analyzers.missed_step import MissedStepNote
 from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.spill import SpillDirClaim
 from analyzers.sinks.writer import DecisionWriter, WriterStats
+from core import bar_hash_cache
 from core.errors import AppError, ConfigError, DataError, SinkError
 from core.signals import StopSignals
 from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
@@ -127,6 +128,8 @@ class Runner:
 
     def _build_feeds(self) -> None:
         cfg = self.config
+        # CSV bars' data hashes kept between runs (FMEL_HASH_CACHE_DIR; backfill too)
+        bar_hash_cache.configure(cfg.fmel.hash_cache_dir)
         if cfg.run.mode == "backtest":
             from feeds.csv import make_csv_feed, read_csv_bars
 

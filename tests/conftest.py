@@ -71,11 +71,18 @@ _PREFIXES = (
 )
 
 
+# The disk cache of CSV bars' hashes (core.bar_hash_cache): off for the whole suite, in this
+# process and in the runs it starts; the tests of the cache give it a folder of their own.
+_HASH_CACHE = "FMEL_HASH_CACHE_DIR"
+os.environ[_HASH_CACHE] = "off"
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any of our settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _OURS and not k.startswith(_PREFIXES)}
     env["PYTHONPATH"] = str(REPO)
     env.setdefault("PROGRESS", "off")
+    env[_HASH_CACHE] = os.environ[_HASH_CACHE]  # tests never write the user's cache folder
     env.update(extra or {})
     return env
 

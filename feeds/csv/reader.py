@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core import bar_hash_cache
 from core.bars import OHLCV, PRICE_FIELDS, bar_hash, bar_hashes, check_bars, field_name
 from core.errors import DataError
 from core.hash_worker import BarHashJob
@@ -66,7 +67,7 @@ class RowHashes(Sequence[str]):
     the same block at once both compute it and store the same hashes (dict updates under the GIL).
     """
 
-    __slots__ = ("_cache", "_job", "_numeric", "_symbol", "_text", "_times")
+    __slots__ = ("_cache", "_disk", "_job", "_numeric", "_symbol", "_text", "_times")
 
     def __init__(
         self,
@@ -81,6 +82,8 @@ class RowHashes(Sequence[str]):
         self._text = text
         self._cache: dict[int, str] = {}
         self._job: tuple[BarHashJob, int] | None = None  # see prefetch_hashes
+        # the disk cache (core.bar_hash_cache): None not asked yet, else its key ("" when off)
+        self._disk: str | None = None
 
     def __len__(self) -> int:
         return len(self._times)
@@ -118,10 +121,33 @@ class RowHashes(Sequence[str]):
                     out[k] = self[indexes[k]]
         return out  # type: ignore[return-value]  # no None is left
 
+    def from_disk(self) -> bool:
+        """Take every hash from the disk cache (:mod:`core.bar_hash_cache`) if it holds this
+        series; asked once. Returns whether every hash is known now."""
+        if self._disk is None:
+            n = len(self._times)
+            key = ""
+            if bar_hash_cache.folder() is not None and n >= HASH_BLOCK:
+                key = bar_hash_cache.cache_key(self._symbol, self._times, self._numeric, self._text)
+            self._disk = key
+            cached = bar_hash_cache.load(key, n) if key else None
+            if cached is not None:
+                self._cache.update(zip(range(n), cached))
+        return len(self._cache) == len(self._times)
+
+    def _to_disk(self) -> None:
+        """Store the series in the disk cache once every hash is known (then never again)."""
+        if self._disk and len(self._cache) == len(self._times):
+            key, self._disk = self._disk, ""
+            bar_hash_cache.store(key, [self._cache[j] for j in range(len(self._times))])
+
     def _compute_block(self, i: int) -> str:
         """Compute the hashes of the block of :data:`HASH_BLOCK` bars holding bar ``i`` at
         once (:func:`core.bars.bar_hashes`: whoever asks for one bar's hash, FMEL's writer,
-        asks for its neighbours next); returns bar ``i``'s."""
+        asks for its neighbours next); returns bar ``i``'s. The disk cache is asked first,
+        and given the series once it is complete."""
+        if self._disk is None and self.from_disk():
+            return self._cache[i]
         job = self._job
         if job is not None:
             self._job = None
@@ -131,6 +157,7 @@ class RowHashes(Sequence[str]):
                     self._cache.update((j, h) for j, h in enumerate(done) if h is not None)
                 else:
                     self._cache.update(zip(range(len(done)), done))  # type: ignore[arg-type]
+                    self._to_disk()
                 digest = self._cache.get(i)
                 if digest is not None:
                     return digest
@@ -147,6 +174,7 @@ class RowHashes(Sequence[str]):
             digest = self._cache[i] = self._compute(i)
             return digest
         self._cache.update(zip(range(lo, hi), digests, strict=True))
+        self._to_disk()
         return digests[i - lo]
 
     def _compute(self, i: int) -> str:
@@ -192,7 +220,7 @@ def prefetch_hashes(sequences: Sequence[object]) -> BarHashJob | None:
     for seq in sequences:
         # a feed's BarHashes reads through to its file's RowHashes (feeds.csv.feed)
         h = getattr(seq, "source", None) or seq
-        if not isinstance(h, RowHashes) or h._cache or h._job is not None:
+        if not isinstance(h, RowHashes) or h._cache or h._job is not None or h.from_disk():
             continue
         if all(h is not t for t in todo):
             todo.append(h)

@@ -35,6 +35,7 @@ import backtrader as bt
 import numpy as np
 import pandas as pd
 
+from core import bar_hash_cache
 from core.errors import DataError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed
@@ -337,6 +338,7 @@ class Backtester:
     def __init__(self, job: StudyJob, bars: Mapping[str, CSVBars]) -> None:
         self.job = job
         self.bars = dict(bars)
+        bar_hash_cache.configure(job.fmel.hash_cache_dir)  # recorded trials hash their window
         self.agent_cls = load_agent(job.agent, dict(job.base_params))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -327,3 +327,37 @@ def test_data_shorter_than_the_default_periods_exits_2_naming_the_length(workdir
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "failed while warming up its indicators" in proc.stderr
     assert "the data has 10 bars of GOOG" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_takes_the_hashes_from_the_cache_and_stores_the_same_reads(
+    tmp_path: Path,
+) -> None:
+    """``FMEL_HASH_CACHE_DIR``: the first backtest keeps its files' data hashes there and the
+    next ones read them back instead of hashing (shown by forging the files: the forged hashes
+    are what gets stored); with the cache or without it, the same reads, hash for hash."""
+    import hashlib
+
+    cache = tmp_path / "hashes"
+    reads = (
+        "SELECT decision_point, d.symbol, d.data_hash, to_json(d.access_patterns) "
+        "FROM decisions, unnest(data_accessed) AS t(d) ORDER BY ALL"
+    )
+
+    def run(k: int, setting: str) -> list[tuple[Any, ...]]:
+        work = tmp_path / f"run{k}"
+        work.mkdir()
+        proc = run_runner(work, {"FMEL_HASH_CACHE_DIR": setting, "BACKTEST_END": "2010-01-01"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return query(work / "fmel.duckdb", reads)
+
+    first = run(0, str(cache))
+    files = sorted(cache.glob("*.barhashes"))
+    assert len(files) == 3  # GOOG, SP500, NASDAQ
+    assert first and all(row[2] for row in first)
+    assert run(1, str(cache)) == first
+    assert run(2, "off") == first
+    forged = "ab" * 16
+    for f in files:  # the same length, a valid checksum: only the digests are wrong
+        body = bytes.fromhex(forged) * (f.stat().st_size // 16 - 1)
+        f.write_bytes(body + hashlib.blake2b(body, digest_size=16).digest())
+    assert {row[2] for row in run(3, str(cache))} == {forged}

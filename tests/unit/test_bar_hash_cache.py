@@ -1,0 +1,222 @@
+"""The disk cache of CSV bars' data hashes (``core.bar_hash_cache``): a hit gives exactly the
+hashes the bars would get without it; any change to the bars is a miss; a damaged, foreign or
+unwritable cache changes nothing but the time it takes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import bar_hash_cache
+from core.bars import bar_hashes
+from feeds.csv import CSVBars, CSVFeedConfig, RowHashes, prefetch_hashes, read_csv_bars
+from tests.conftest import DATA
+
+
+def _bars(symbol: str = "GOOG") -> CSVBars:
+    return read_csv_bars(CSVFeedConfig(path=DATA / f"{symbol}.csv", symbol=symbol))
+
+
+def _truth(bars: CSVBars) -> list[str]:
+    """The hashes computed directly, without any cache."""
+    times_us = bars.times.astype("datetime64[us]").astype(np.int64)
+    return bar_hashes(bars.symbol, times_us, bars.numeric, bars.text)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    folder = tmp_path / "hashes"
+    bar_hash_cache.configure(folder)
+    yield folder
+    bar_hash_cache.configure("off")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*{bar_hash_cache.SUFFIX}"))
+
+
+def test_a_series_is_kept_once_complete_and_read_back_exactly(cache: Path) -> None:
+    truth = _truth(_bars())
+    first = _bars()
+    assert list(first.hashes) == truth  # computed block by block, stored when complete
+    [path] = _files(cache)
+    assert path.stat().st_size == (len(truth) + 1) * bar_hash_cache.DIGEST_BYTES
+    again = _bars()
+    assert isinstance(again.hashes, RowHashes)
+    assert again.hashes.from_disk()  # every hash known before any is asked for
+    assert list(again.hashes) == truth
+
+
+def test_the_helper_is_not_started_for_a_series_the_cache_holds(cache: Path) -> None:
+    truth = {s: _truth(_bars(s)) for s in ("GOOG", "SP500")}
+    bars = [_bars(s) for s in ("GOOG", "SP500")]
+    job = prefetch_hashes([b.hashes for b in bars])
+    assert job is not None
+    assert [list(b.hashes) for b in bars] == list(truth.values())
+    assert len(_files(cache)) == 2  # the helper's results were kept
+    again = [_bars(s) for s in ("GOOG", "SP500")]
+    assert prefetch_hashes([b.hashes for b in again]) is None  # nothing left to hash
+    assert [list(b.hashes) for b in again] == list(truth.values())
+
+
+def test_off_keeps_nothing(tmp_path: Path) -> None:
+    bar_hash_cache.configure("off")
+    assert bar_hash_cache.folder() is None
+    bars = _bars()
+    assert list(bars.hashes) == _truth(bars)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_folder_follows_the_environment_until_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bar_hash_cache, "_configured", False)
+    monkeypatch.setenv(bar_hash_cache.ENV, str(tmp_path / "x"))
+    assert bar_hash_cache.folder() == tmp_path / "x"
+    monkeypatch.setenv(bar_hash_cache.ENV, "OFF")
+    assert bar_hash_cache.folder() is None
+    monkeypatch.setenv(bar_hash_cache.ENV, "")
+    assert bar_hash_cache.folder() == bar_hash_cache.default_folder()
+    monkeypatch.delenv(bar_hash_cache.ENV)
+    assert bar_hash_cache.folder() == bar_hash_cache.default_folder()
+    assert bar_hash_cache.default_folder().parts[-2:] == ("fmel", "bar-hashes")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty"])
+def test_a_damaged_file_is_computed_again_and_replaced(cache: Path, damage: str) -> None:
+    truth = _truth(_bars())
+    list(_bars().hashes)
+    [path] = _files(cache)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-1]
+    elif damage == "flip":
+        raw[100] ^= 0x01
+    elif damage == "extend":
+        raw += raw[:16]
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    bars = _bars()
+    assert not bars.hashes.from_disk()
+    assert list(bars.hashes) == truth
+    assert path.read_bytes() != bytes(raw)  # stored again, whole
+    assert list(_bars().hashes) == truth
+
+
+def test_a_file_of_another_series_under_the_key_is_refused(cache: Path) -> None:
+    """A file whose length does not match the series (another series' digests copied over
+    it) is not used, whatever its checksum."""
+    list(_bars("GOOG").hashes)
+    list(_bars("SP500").hashes)
+    goog = _bars("GOOG")
+    key = bar_hash_cache.cache_key(
+        "GOOG", goog.hashes._times, goog.hashes._numeric, goog.hashes._text
+    )
+    others = [p for p in _files(cache) if not p.name.startswith(key)]
+    assert len(others) == 1
+    (cache / f"{key}{bar_hash_cache.SUFFIX}").write_bytes(others[0].read_bytes())
+    if len(_bars("SP500")) == len(goog):  # same length: the key itself must differ
+        pytest.skip("GOOG and SP500 have the same number of bars")
+    assert list(_bars("GOOG").hashes) == _truth(goog)
+
+
+def test_an_unwritable_folder_is_said_once_and_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bar_hash_cache.configure(blocker / "hashes")  # its parent is a file: mkdir fails
+    try:
+        with caplog.at_level(logging.INFO, logger="core.bar_hash_cache"):
+            for symbol in ("GOOG", "SP500"):
+                bars = _bars(symbol)
+                assert list(bars.hashes) == _truth(bars)
+    finally:
+        bar_hash_cache.configure("off")
+    said = [r.getMessage() for r in caplog.records if r.name == "core.bar_hash_cache"]
+    assert len(said) == 1 and "cannot write" in said[0]
+
+
+def test_the_folder_is_trimmed_least_recently_used_first(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    list(_bars("GOOG").hashes)
+    list(_bars("SP500").hashes)
+    goog, sp500 = (
+        next(p for p in _files(cache) if p.name.startswith(_key(s))) for s in ("GOOG", "SP500")
+    )
+    os.utime(sp500, (1, 1))  # SP500 used long ago; GOOG just now
+    assert _bars("GOOG").hashes.from_disk()  # a hit refreshes the file's time
+    monkeypatch.setattr(bar_hash_cache, "MAX_BYTES", goog.stat().st_size + _bytes_of("NASDAQ") + 1)
+    list(_bars("NASDAQ").hashes)
+    names = {p.name for p in _files(cache)}
+    assert goog.name in names and sp500.name not in names and len(names) == 2
+
+
+def _key(symbol: str) -> str:
+    h = _bars(symbol).hashes
+    return bar_hash_cache.cache_key(symbol, h._times, h._numeric, h._text)
+
+
+def _bytes_of(symbol: str) -> int:
+    return (len(_bars(symbol)) + 1) * bar_hash_cache.DIGEST_BYTES
+
+
+def test_short_series_are_not_kept(cache: Path) -> None:
+    bars = _bars()
+    short = bars.hashes[: bar_hash_cache._MIN_BARS - 1]
+    assert list(short) == _truth(bars)[: bar_hash_cache._MIN_BARS - 1]
+    assert not cache.exists() or not _files(cache)
+
+
+def test_a_new_way_of_hashing_is_a_new_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = _bars().hashes
+    before = bar_hash_cache.cache_key("GOOG", h._times, h._numeric, h._text)
+    monkeypatch.setattr(bar_hash_cache, "_scheme", b"another core/bars.py")
+    assert bar_hash_cache.cache_key("GOOG", h._times, h._numeric, h._text) != before
+
+
+_floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@settings(max_examples=200)
+@given(
+    n=st.integers(1, 6),
+    data=st.data(),
+    change=st.sampled_from(["time", "number", "text", "symbol", "name", "none_text"]),
+)
+def test_any_change_to_the_bars_is_another_key(n: int, data: st.DataObject, change: str) -> None:
+    """Same content, same key; a change to one time, one number (one bit: -0.0 is not 0.0,
+    NaN payloads count), one text value, the symbol or a field's name: another key."""
+    times = np.array(data.draw(st.lists(st.integers(-(2**62), 2**62), min_size=n, max_size=n)))
+    close = np.array(data.draw(st.lists(_floats, min_size=n, max_size=n)), dtype=np.float64)
+    note = data.draw(st.lists(st.none() | st.text(max_size=5), min_size=n, max_size=n))
+    k = data.draw(st.integers(0, n - 1))
+
+    def key(t: np.ndarray, c: np.ndarray, txt: list[str | None], sym: str, name: str) -> str:
+        return bar_hash_cache.cache_key(sym, t, {name: c}, {"note": txt})
+
+    base = key(times, close, note, "S", "close")
+    assert key(times.copy(), close.copy(), list(note), "S", "close") == base
+    t, c, txt, sym, name = times.copy(), close.copy(), list(note), "S", "close"
+    if change == "time":
+        t[k] ^= 1
+    elif change == "number":
+        bits = c.view(np.uint64)
+        bits[k] ^= np.uint64(1)
+    elif change == "text":
+        txt[k] = (txt[k] or "") + "x"
+    elif change == "none_text":
+        txt[k] = None if txt[k] is not None else ""
+    elif change == "symbol":
+        sym = "T"
+    else:
+        name = "open"
+    assert key(t, c, txt, sym, name) != base

@@ -77,6 +77,22 @@ _HASH_CACHE = "FMEL_HASH_CACHE_DIR"
 os.environ[_HASH_CACHE] = "off"
 
 
+@pytest.fixture(autouse=True)
+def _bar_hash_cache_off(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """A runner built in-process configures the cache from its own settings (their default:
+    the user's cache folder): here a folder of the test session's instead, and after every test
+    the environment's ``off`` again."""
+    from core import bar_hash_cache
+
+    monkeypatch.setattr(
+        bar_hash_cache, "default_folder", lambda: tmp_path_factory.getbasetemp() / "bar-hashes"
+    )
+    yield
+    bar_hash_cache._configured = False
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without any of our settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _OURS and not k.startswith(_PREFIXES)}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from core import bar_hash_cache
 from core.errors import ConfigError
 from core.settings import setting
 
@@ -93,5 +94,7 @@ class FMELConfig:
                 f"FMEL_LOCAL_MEMORY_LIMIT_MB={self.local_memory_limit_mb}: expected a whole "
                 f"number of MiB from 64 to {MAX_LOCAL_MEMORY_LIMIT_MB}"
             )
+        if (why := bar_hash_cache.check(self.hash_cache_dir)) is not None:
+            raise ConfigError(f"FMEL_HASH_CACHE_DIR={self.hash_cache_dir!r}: {why}")
         if self.queue_size < 1:
             raise ConfigError(f"FMEL queue_size must be >= 1, got {self.queue_size}")

@@ -8,7 +8,9 @@ bar times, every number column's float64 bytes and every text column, in order, 
 source of :mod:`core.bars` itself (a change to how bars are hashed starts a new cache). Any
 difference in the bars, down to one bit of one value, is a different key; a stored file is
 used only when its length and its own checksum (a BLAKE2b-128 trailer over the digests) match,
-so a truncated or damaged file is computed again, never trusted.
+so a truncated or damaged file is computed again, never trusted; the checksum covers the key, so
+a file copied under another series' name is refused too, and only a regular file of the exact
+length is read (a pipe or a device at the path is ignored).
 
 Where: ``FMEL_HASH_CACHE_DIR`` (``off`` disables the cache); unset or empty, the user's cache
 folder (:func:`platformdirs.user_cache_dir`, ``~/.cache/fmel/bar-hashes`` on Linux). Files
@@ -28,8 +30,10 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -45,6 +49,8 @@ OFF = "off"
 MAX_BYTES = 256 * 2**20  # the folder's size bound, bytes
 DIGEST_BYTES = 16  # a data hash is BLAKE2b-128: 32 hex characters
 SUFFIX = ".barhashes"
+_TMP = ".tmp"
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a process that died, seconds
 _MIN_BARS = 256  # fewer bars: hashed again rather than a file per series (core.bars is fast)
 
 _lock = threading.Lock()
@@ -54,26 +60,72 @@ _warned: set[str] = set()
 _scheme: bytes | None = None
 
 
-def configure(value: Path | str | None) -> None:
-    """Use this cache folder from now on: a path, ``""`` (the user's cache folder) or ``"off"``
-    / ``None`` (no cache). The runner calls it with ``FMEL_HASH_CACHE_DIR``; without a call,
-    :func:`folder` reads that variable."""
+def configure(value: Path | str | None) -> Path | None:
+    """Use this cache folder from now on: a path (made absolute now, so a later change of
+    directory does not move it), ``""`` (the user's cache folder) or ``"off"`` / ``None`` (no
+    cache). The runner calls it with ``FMEL_HASH_CACHE_DIR``; without a call, :func:`folder`
+    reads that variable. A folder that cannot be named (no home directory for ``~``, a NUL
+    byte) is said once at INFO and means no cache. Returns the folder in use.
+
+    Raises:
+        ValueError: ``value`` looks like a switch (``false``, ``no``, ``0``, ``none``...) rather
+            than a folder: only ``off`` turns the cache off (see :func:`check`).
+    """
     global _folder, _configured
+    if value is not None and (why := check(str(value))) is not None:
+        raise ValueError(f"{ENV}={str(value)!r}: {why}")
+    where = None if value is None else _parse(str(value))
+    if where is not None:
+        try:
+            where = where.absolute()
+        except (OSError, ValueError):  # the working directory is gone
+            where = None
     with _lock:
-        _folder = None if value is None else _parse(str(value))
+        _folder = where
         _configured = True
+    return where
 
 
-def default_folder() -> Path:
-    """The user's cache folder for bar hashes (``~/.cache/fmel/bar-hashes`` on Linux)."""
-    return Path(platformdirs.user_cache_dir("fmel")) / "bar-hashes"
+def check(value: str) -> str | None:
+    """Why ``value`` is not a setting of ``FMEL_HASH_CACHE_DIR`` (a folder, ``off`` or empty),
+    or ``None``: a word that reads as a switch would otherwise be a folder of that name in
+    the working directory."""
+    if value.strip().lower() in _SWITCHES:
+        return "expected a folder, off (no cache) or empty (the user's cache folder)"
+    if "\0" in value:
+        return "expected a folder (this holds a NUL character)"
+    return None
+
+
+_SWITCHES = frozenset(
+    {"0", "1", "false", "true", "no", "yes", "none", "null", "disable", "disabled", "on"}
+)
+
+
+def default_folder() -> Path | None:
+    """The user's cache folder for bar hashes (``~/.cache/fmel/bar-hashes`` on Linux), or
+    ``None`` when there is none (no home directory: said once at INFO)."""
+    try:
+        return Path(platformdirs.user_cache_dir("fmel")) / "bar-hashes"
+    except (RuntimeError, OSError, KeyError) as e:
+        _warn_once("<home>", f"bar hash cache: no user cache folder ({e}); runs go on without it")
+        return None
 
 
 def _parse(text: str) -> Path | None:
     text = text.strip()
     if text.lower() == OFF:
         return None
-    return Path(text).expanduser() if text else default_folder()
+    if (why := check(text)) is not None:
+        _warn_once(text, f"bar hash cache: {ENV}={text!r}: {why}; runs go on without it")
+        return None
+    if not text:
+        return default_folder()
+    try:
+        return Path(text).expanduser()
+    except (RuntimeError, OSError, ValueError) as e:  # "~nosuchuser/x"
+        _warn_once(text, f"bar hash cache: cannot use {text!r} ({e}); runs go on without it")
+        return None
 
 
 def folder() -> Path | None:
@@ -118,23 +170,40 @@ def cache_key(
     return h.hexdigest()
 
 
+def _checksum(key: str, body: bytes) -> bytes:
+    """The file's trailer: BLAKE2b-128 over the key, the bar count and the digests (a file
+    copied under another series' key fails it, whatever its length)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    h.update(f"{key}:{len(body) // DIGEST_BYTES}:".encode())
+    h.update(body)
+    return h.digest()
+
+
 def load(key: str, n: int) -> list[str] | None:
-    """The ``n`` hashes stored under ``key``, or ``None`` (no cache, no file, or a file whose
-    length or checksum is wrong: it is removed)."""
+    """The ``n`` hashes stored under ``key``, or ``None``: no cache, no file, or anything
+    but a regular file of exactly ``(n + 1) * 16`` bytes whose trailer matches
+    (:func:`_checksum`); a damaged file is removed. Never raises, never blocks on a pipe."""
     where = folder()
     if where is None or n < _MIN_BARS:
         return None
     path = where / f"{key}{SUFFIX}"
+    size = (n + 1) * DIGEST_BYTES
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a pipe, a device, a folder: not ours
+        raw = os.read(fd, size + 1) if st.st_size == size else b""
     except OSError:
         return None
+    finally:
+        os.close(fd)
     body, trailer = raw[:-DIGEST_BYTES], raw[-DIGEST_BYTES:]
-    if (
-        len(raw) != (n + 1) * DIGEST_BYTES
-        or hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest() != trailer
-    ):
-        logger.info("bar hash cache: %s is damaged; computing the hashes again", path)
+    if len(raw) != size or _checksum(key, body) != trailer:
+        logger.info("bar hash cache: %s is damaged or not this series'; hashing again", path)
         _remove(path)
         return None
     try:
@@ -158,11 +227,11 @@ def store(key: str, hashes: Sequence[str | None]) -> bool:
         return False  # not hex digests: nothing this module made
     if len(body) != len(hashes) * DIGEST_BYTES:
         return False
-    data = body + hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest()
+    data = body + _checksum(key, body)
     path = where / f"{key}{SUFFIX}"
     try:
         where.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=where, prefix=f".{key}-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=f".{key}-", suffix=_TMP)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -171,20 +240,30 @@ def store(key: str, hashes: Sequence[str | None]) -> bool:
             _remove(Path(tmp))
             raise
         _trim(where, keep=path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         _warn_once(str(where), f"bar hash cache: cannot write {where} ({e}); runs go on without it")
         return False
     return True
 
 
 def _trim(where: Path, keep: Path) -> None:
-    """Remove the least recently used files until the folder holds at most :data:`MAX_BYTES`."""
+    """Remove the least recently used files until the folder holds at most :data:`MAX_BYTES`,
+    and temporary files a killed process left (older than :data:`STALE_TMP_S`)."""
     files = []
     total = 0
+    now = time.time()
+    for p in where.glob(f".*{_TMP}"):
+        try:
+            if now - p.stat().st_mtime > STALE_TMP_S:
+                _remove(p)
+        except OSError:
+            continue
     for p in where.glob(f"*{SUFFIX}"):
         try:
-            st = p.stat()
+            st = p.lstat()
         except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
             continue
         files.append((st.st_mtime, st.st_size, p))
         total += st.st_size

@@ -129,7 +129,8 @@ class Runner:
     def _build_feeds(self) -> None:
         cfg = self.config
         # CSV bars' data hashes kept between runs (FMEL_HASH_CACHE_DIR; backfill too)
-        bar_hash_cache.configure(cfg.fmel.hash_cache_dir)
+        where = bar_hash_cache.configure(cfg.fmel.hash_cache_dir)
+        logger.info("bar hash cache: %s", where if where is not None else "off")
         if cfg.run.mode == "backtest":
             from feeds.csv import make_csv_feed, read_csv_bars
 

@@ -90,6 +90,8 @@ def test_the_folder_follows_the_environment_until_configured(
     assert bar_hash_cache.default_folder() == Path(
         platformdirs.user_cache_dir("fmel"), "bar-hashes"
     )
+    monkeypatch.setenv(bar_hash_cache.ENV, "~/x")
+    assert bar_hash_cache.folder() == Path.home() / "x"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty"])
@@ -115,20 +117,105 @@ def test_a_damaged_file_is_computed_again_and_replaced(cache: Path, damage: str)
 
 
 def test_a_file_of_another_series_under_the_key_is_refused(cache: Path) -> None:
-    """A file whose length does not match the series (another series' digests copied over
-    it) is not used, whatever its checksum."""
-    list(_bars("GOOG").hashes)
-    list(_bars("SP500").hashes)
-    goog = _bars("GOOG")
-    key = bar_hash_cache.cache_key(
-        "GOOG", goog.hashes._times, goog.hashes._numeric, goog.hashes._text
-    )
-    others = [p for p in _files(cache) if not p.name.startswith(key)]
-    assert len(others) == 1
-    (cache / f"{key}{bar_hash_cache.SUFFIX}").write_bytes(others[0].read_bytes())
-    if len(_bars("SP500")) == len(goog):  # same length: the key itself must differ
-        pytest.skip("GOOG and SP500 have the same number of bars")
-    assert list(_bars("GOOG").hashes) == _truth(goog)
+    """The same bars under two symbols: two keys, files of the same length. One copied over
+    the other (a backup restored, a sync tool) is refused by its checksum, which covers the
+    key; the series is hashed again."""
+    path = DATA / "GOOG.csv"
+    a, b = (read_csv_bars(CSVFeedConfig(path=path, symbol=s)) for s in ("AAA", "BBB"))
+    list(a.hashes)
+    list(b.hashes)
+    [fa] = [p for p in _files(cache) if p.name.startswith(_key_of(a))]
+    [fb] = [p for p in _files(cache) if p.name.startswith(_key_of(b))]
+    assert fa.stat().st_size == fb.stat().st_size
+    fb.write_bytes(fa.read_bytes())
+    again = read_csv_bars(CSVFeedConfig(path=path, symbol="BBB"))
+    assert not again.hashes.from_disk()
+    assert list(again.hashes) == _truth(again) != _truth(a)
+
+
+def _key_of(bars: CSVBars) -> str:
+    h = bars.hashes
+    return bar_hash_cache.cache_key(bars.symbol, h._times, h._numeric, h._text)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse", "folder", "dangling"])
+def test_what_is_not_a_regular_file_of_the_length_is_not_read(cache: Path, kind: str) -> None:
+    """A pipe at the key's path would block a read forever, /dev/zero or a huge file would
+    fill memory: only a regular file of exactly the series' length is read."""
+    bars = _bars()
+    path = cache / f"{_key_of(bars)}{bar_hash_cache.SUFFIX}"
+    cache.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "sparse":
+        with path.open("wb") as f:
+            f.truncate(3 * 2**30)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(cache / "nowhere")
+    assert not bars.hashes.from_disk()
+    assert list(bars.hashes) == _truth(bars)
+
+
+def test_no_home_directory_means_no_cache_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.undo()  # the real default_folder, over a platformdirs that cannot find a home
+
+    def no_home(*_: object, **__: object) -> str:
+        raise RuntimeError("could not determine the home directory for '~/.cache'")
+
+    monkeypatch.setattr(bar_hash_cache.platformdirs, "user_cache_dir", no_home)
+    monkeypatch.setattr(bar_hash_cache, "_warned", set())
+    with caplog.at_level(logging.INFO, logger="core.bar_hash_cache"):
+        assert bar_hash_cache.configure("") is None
+        for _ in range(2):
+            bars = _bars()
+            assert list(bars.hashes) == _truth(bars)
+        assert bar_hash_cache.configure("~nosuchuser-fmel/x") is None
+    said = [r.getMessage() for r in caplog.records if r.name == "core.bar_hash_cache"]
+    assert len(said) == 2 and "no user cache folder" in said[0] and "nosuchuser" in said[1]
+
+
+@pytest.mark.parametrize("word", ["false", "No", "0", "none", " TRUE ", "disabled"])
+def test_a_switch_word_is_refused_not_taken_for_a_folder(
+    word: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"FMEL_HASH_CACHE_DIR=.*expected a folder, off"):
+        bar_hash_cache.configure(word)
+    monkeypatch.setattr(bar_hash_cache, "_configured", False)
+    monkeypatch.setenv(bar_hash_cache.ENV, word)
+    assert bar_hash_cache.folder() is None
+    bars = _bars()
+    assert list(bars.hashes) == _truth(bars)
+    assert not list(tmp_path.iterdir())  # no folder named after the word
+
+
+def test_a_relative_folder_is_fixed_when_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    where = bar_hash_cache.configure("rel/hashes")
+    assert where == tmp_path / "rel" / "hashes" == bar_hash_cache.folder()
+    monkeypatch.chdir("/")
+    list(_bars().hashes)
+    assert len(_files(tmp_path / "rel" / "hashes")) == 1
+    bar_hash_cache.configure("off")
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(cache: Path) -> None:
+    cache.mkdir(parents=True)
+    stale, fresh = cache / ".abc-1.tmp", cache / ".abc-2.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"partial")
+    old = 2 * bar_hash_cache.STALE_TMP_S
+    os.utime(stale, (os.path.getmtime(stale) - old,) * 2)
+    list(_bars().hashes)  # a store trims the folder
+    assert not stale.exists() and fresh.exists()
 
 
 def test_an_unwritable_folder_is_said_once_and_changes_nothing(

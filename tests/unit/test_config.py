@@ -101,6 +101,10 @@ def test_slash_symbols_find_their_file() -> None:
             "FMEL_LOCAL_MEMORY_LIMIT_MB='١٢٨': expected a whole number in ASCII digits",
         ),
         ({"CASH": "1_000"}, "CASH='1_000': expected a number in ASCII digits"),
+        (
+            {"FMEL_HASH_CACHE_DIR": "false"},
+            "FMEL_HASH_CACHE_DIR='false': expected a folder, off (no cache) or empty",
+        ),
         ({"BACKTEST_START": "2010-02-01", "BACKTEST_END": "2010-01-01"}, "BACKTEST_END"),
         ({"BROKER": "alpaca"}, "BROKER=alpaca needs MODE=paper"),
         ({"FMEL_SINK": "bigquery"}, "GOOGLE_CLOUD_PROJECT is required when FMEL_SINK=bigquery"),

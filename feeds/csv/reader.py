@@ -61,7 +61,9 @@ class RowHashes(Sequence[str]):
 
     Each is :func:`core.bars.bar_hash` of the bar's symbol, time and values (NaN numbers and
     empty text left out), exactly as the Pub/Sub feed computes it for the same bar. A slice is a
-    new lazy sequence over the sliced arrays. Equal to any sequence of the same hashes.
+    new lazy sequence over the sliced arrays (with every hash already, when this series has
+    them all: a study's windows of a file read once). Equal to any sequence of the same hashes.
+    Complete series are kept on disk between runs (:mod:`core.bar_hash_cache`).
 
     Thread context: any thread (FMEL's decision writer asks from its own); two threads asking for
     the same block at once both compute it and store the same hashes (dict updates under the GIL).
@@ -96,12 +98,17 @@ class RowHashes(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | RowHashes:
         if isinstance(index, slice):
-            return RowHashes(
+            part = RowHashes(
                 self._symbol,
                 self._times[index].view("datetime64[ns]"),
                 {k: v[index] for k, v in self._numeric.items()},
                 {k: v[index] for k, v in self._text.items()},
             )
+            if len(self._cache) == len(self._times):  # every hash known: the slice's too
+                cache = self._cache
+                part._cache = dict(enumerate(map(cache.__getitem__, range(len(self))[index])))
+                part._disk = ""  # nothing to read or keep: its hashes are the series'
+            return part
         n = len(self._times)
         i = index + n if index < 0 else index
         if not 0 <= i < n:

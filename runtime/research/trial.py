@@ -38,7 +38,7 @@ import pandas as pd
 from core import bar_hash_cache
 from core.errors import DataError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
-from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed
+from feeds.csv import CSVBars, CSVFeedConfig, RowHashes, make_csv_feed
 from runtime.assembly import (
     add_fmel,
     load_agent,
@@ -338,7 +338,12 @@ class Backtester:
     def __init__(self, job: StudyJob, bars: Mapping[str, CSVBars]) -> None:
         self.job = job
         self.bars = dict(bars)
-        bar_hash_cache.configure(job.fmel.hash_cache_dir)  # recorded trials hash their window
+        # recorded trials need their windows' data hashes: a file hashed by an earlier run
+        # gives every window its hashes (RowHashes slices), without hashing or a file each
+        bar_hash_cache.configure(job.fmel.hash_cache_dir)
+        for b in self.bars.values():
+            if isinstance(b.hashes, RowHashes):
+                b.hashes.from_disk()
         self.agent_cls = load_agent(job.agent, dict(job.base_params))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -311,3 +311,42 @@ def test_any_change_to_the_bars_is_another_key(n: int, data: st.DataObject, chan
     else:
         name = "open"
     assert key(t, c, txt, sym, name) != base
+
+
+def test_slices_of_a_complete_series_have_their_hashes_without_hashing(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study reads a file once and runs its trials on windows of it: with the file's
+    hashes known (from the cache), every window has its own at once."""
+    truth = _truth(_bars())
+    list(_bars().hashes)  # an earlier run: the file's hashes are on disk
+    bars = _bars()
+    assert bars.hashes.from_disk()
+
+    def no_hashing(*_: object, **__: object) -> list[str]:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr("feeds.csv.reader.bar_hashes", no_hashing)
+    monkeypatch.setattr("feeds.csv.reader.bar_hash", no_hashing)
+    n = len(truth)
+    for window in (slice(0, n), slice(10, 900), slice(-300, None), slice(None, None, -7)):
+        part = bars.hashes[window]
+        assert part.from_disk()
+        assert list(part) == truth[window]
+    assert len(_files(cache)) == 1  # no file per window
+
+
+def test_a_study_worker_takes_the_files_hashes_from_the_cache(cache: Path) -> None:
+    from analyzers.config import FMELConfig
+    from runtime.research.trial import Backtester, StudyJob
+
+    list(_bars().hashes)
+    bars = _bars()
+    job = StudyJob(
+        study_id="s",
+        agent="agents.sma_cross:SmaCrossAgent",
+        feeds=(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"),),
+        fmel=FMELConfig(hash_cache_dir=str(cache)),
+    )
+    Backtester(job, {"GOOG": bars})
+    assert len(bars.hashes._cache) == len(bars)

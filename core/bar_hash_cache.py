@@ -5,7 +5,8 @@ recorded backtest that repeats, unchanged, on every run over the same file: a se
 every trial of a study, a report. The hashes of a whole series are kept in one small file
 (16 bytes a bar) named by a BLAKE2b-128 digest of what they are computed from: the symbol, the
 bar times, every number column's float64 bytes and every text column, in order, plus the
-source of :mod:`core.bars` itself (a change to how bars are hashed starts a new cache). Any
+compiled code of :mod:`core.bars` and :mod:`core.time` as this process runs it (a change to how
+bars are hashed starts a new cache). Any
 difference in the bars, down to one bit of one value, is a different key; a stored file is
 used only when its length and its own checksum (a BLAKE2b-128 trailer over the digests) match,
 so a truncated or damaged file is computed again, never trusted; the checksum covers the key, so
@@ -30,17 +31,21 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import CodeType, FunctionType, ModuleType
 
 import numpy as np
 import platformdirs
 
 import core.bars
+import core.time
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ MAX_BYTES = 256 * 2**20  # the folder's size bound, bytes
 DIGEST_BYTES = 16  # a data hash is BLAKE2b-128: 32 hex characters
 SUFFIX = ".barhashes"
 _TMP = ".tmp"
+_OWN_TMP = re.compile(r"\.[0-9a-f]{32}-[^/]*\.tmp")  # store()'s mkstemp names
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a process that died, seconds
 _MIN_BARS = 256  # fewer bars: hashed again rather than a file per series (core.bars is fast)
 
@@ -57,7 +63,7 @@ _lock = threading.Lock()
 _folder: Path | None = None
 _configured = False
 _warned: set[str] = set()
-_scheme: bytes | None = None
+_scheme: bytes | None = None  # see _scheme_digest
 
 
 def configure(value: Path | str | None) -> Path | None:
@@ -114,7 +120,7 @@ def default_folder() -> Path | None:
 
 def _parse(text: str) -> Path | None:
     text = text.strip()
-    if text.lower() == OFF:
+    if text.rstrip("/").lower() == OFF:  # "off/" too: a folder named off is "./off"
         return None
     if (why := check(text)) is not None:
         _warn_once(text, f"bar hash cache: {ENV}={text!r}: {why}; runs go on without it")
@@ -135,12 +141,39 @@ def folder() -> Path | None:
     return _parse(os.environ.get(ENV, ""))
 
 
+def _code_bytes(code: CodeType) -> bytes:
+    """A compiled function's instructions, names and constants (nested code included), the
+    same in every process (no line numbers, no object identities, sets sorted)."""
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars)).encode()]
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            parts.append(_code_bytes(const))
+        elif isinstance(const, frozenset):
+            parts.append(repr(sorted(map(repr, const))).encode())
+        else:
+            parts.append(repr(const).encode())
+    return b"\x00".join(parts)
+
+
+def _code_digest(*modules: ModuleType) -> bytes:
+    """BLAKE2b of the compiled code of every function the modules define, as loaded in this
+    process (an edit of their files after import does not change it), and of the interpreter's
+    version."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(sys.version.encode())
+    for module in modules:
+        for name, obj in sorted(vars(module).items()):
+            if isinstance(obj, FunctionType) and obj.__module__ == module.__name__:
+                h.update(name.encode() + b"\x00" + _code_bytes(obj.__code__))
+    return h.digest()
+
+
 def _scheme_digest() -> bytes:
-    """BLAKE2b of core/bars.py: how a bar is hashed (a new version of it is a new key)."""
+    """How a bar is hashed: the code of :mod:`core.bars` and :mod:`core.time` (ISO times) that
+    this process runs (a new version of either is a new key)."""
     global _scheme
     if _scheme is None:
-        source = Path(core.bars.__file__).read_bytes()
-        _scheme = hashlib.blake2b(source, digest_size=16).digest()
+        _scheme = _code_digest(core.bars, core.time)
     return _scheme
 
 
@@ -253,6 +286,8 @@ def _trim(where: Path, keep: Path) -> None:
     total = 0
     now = time.time()
     for p in where.glob(f".*{_TMP}"):
+        if not _OWN_TMP.fullmatch(p.name):
+            continue  # not ours (a folder shared with other files)
         try:
             if now - p.stat().st_mtime > STALE_TMP_S:
                 _remove(p)

@@ -19,6 +19,7 @@ data and are only counted. Nothing is silently changed.
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,8 +81,10 @@ class RowHashes(Sequence[str]):
     ) -> None:
         self._symbol = symbol
         self._times = times.astype("datetime64[ns]").astype(np.int64)
-        self._numeric = numeric
-        self._text = text
+        # its own copies: a column the caller adds, replaces or edits in the CSVBars later
+        # changes neither these hashes nor what the disk cache keeps under the file's key
+        self._numeric = {k: np.asarray(v) for k, v in numeric.items()}
+        self._text = {k: list(v) for k, v in text.items()}
         self._cache: dict[int, str] = {}
         self._job: tuple[BarHashJob, int] | None = None  # see prefetch_hashes
         # the disk cache (core.bar_hash_cache): None not asked yet, else its key ("" when off)
@@ -109,6 +112,7 @@ class RowHashes(Sequence[str]):
                 part._cache = dict(enumerate(map(cache.__getitem__, range(len(self))[index])))
                 part._disk = ""  # nothing to read or keep: its hashes are the series'
             return part
+        index = operator.index(index)  # TypeError for 1.0 or 2.5, as a list
         n = len(self._times)
         i = index + n if index < 0 else index
         if not 0 <= i < n:

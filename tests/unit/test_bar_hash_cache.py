@@ -207,17 +207,6 @@ def test_a_relative_folder_is_fixed_when_configured(
     bar_hash_cache.configure("off")
 
 
-def test_temporary_files_of_a_killed_writer_are_removed(cache: Path) -> None:
-    cache.mkdir(parents=True)
-    stale, fresh = cache / ".abc-1.tmp", cache / ".abc-2.tmp"
-    for p in (stale, fresh):
-        p.write_bytes(b"partial")
-    old = 2 * bar_hash_cache.STALE_TMP_S
-    os.utime(stale, (os.path.getmtime(stale) - old,) * 2)
-    list(_bars().hashes)  # a store trims the folder
-    assert not stale.exists() and fresh.exists()
-
-
 def test_an_unwritable_folder_is_said_once_and_changes_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -350,3 +339,82 @@ def test_a_study_worker_takes_the_files_hashes_from_the_cache(cache: Path) -> No
     )
     Backtester(job, {"GOOG": bars})
     assert len(bars.hashes._cache) == len(bars)
+
+
+def test_a_column_changed_after_the_first_hash_does_not_reach_the_cache(cache: Path) -> None:
+    """The key is the file's content: what the caller does to its CSVBars afterwards (a column
+    added or replaced, a text value edited) changes neither the hashes nor what is kept."""
+    truth = _truth(_bars())
+    bars = _bars()
+    bars.hashes[0]
+    bars.numeric["close"] = bars.numeric["close"] * 1.0001
+    bars.numeric["sma5"] = np.convolve(bars.numeric["close"], np.ones(5) / 5, "same")
+    for col in bars.text.values():
+        col[:] = ["x"] * len(col)
+    assert list(bars.hashes) == truth
+    assert list(_bars().hashes) == truth  # what the cache kept under the file's key
+
+
+def test_the_hashing_code_is_taken_as_loaded_not_as_its_file_reads_now(tmp_path: Path) -> None:
+    """The key's part for how bars are hashed: the compiled code this process runs. Editing
+    the file afterwards changes nothing; other code is another key; it does not depend on the
+    process (hash seeds, what else was imported)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    src = tmp_path / "hashing_mod.py"
+    src.write_text("def h(x):\n    return {'a', 'b'} and x + 1.5\n")
+    spec = importlib.util.spec_from_file_location("hashing_mod", src)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = bar_hash_cache._code_digest(mod)
+    src.write_text("def h(x):\n    return x + 2.5\n")
+    assert bar_hash_cache._code_digest(mod) == before
+    exec(compile(src.read_text(), str(src), "exec"), vars(mod))
+    assert bar_hash_cache._code_digest(mod) != before
+    code = "from core import bar_hash_cache as b; print(b._scheme_digest().hex())"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", f"import {extra}; {code}"],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed, extra in ((1, "os"), (2, "numpy"), (3, "backtrader"))
+    }
+    assert len(seen) == 1
+
+
+def test_only_its_own_stale_temporary_files_are_removed(cache: Path) -> None:
+    """A writer killed between writing and renaming leaves a temporary file: removed by a
+    later store once an hour old; anything else in the folder is left alone."""
+    cache.mkdir(parents=True)
+    ours = cache / f".{'0' * 32}-x1.tmp"
+    fresh = cache / f".{'1' * 32}-x2.tmp"
+    fresh.write_bytes(b"x")
+    others = [cache / ".bash_history.tmp", cache / ".draft-1.tmp", cache / f".{'0' * 31}-y.tmp"]
+    old = os.path.getmtime(cache) - 2 * bar_hash_cache.STALE_TMP_S
+    for p in (ours, *others):
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    list(_bars().hashes)
+    assert not ours.exists() and fresh.exists() and all(p.exists() for p in others)
+
+
+def test_an_index_that_is_not_a_whole_number_is_refused_as_a_list_refuses_it(
+    cache: Path,
+) -> None:
+    list(_bars().hashes)
+    for hashes in (_bars().hashes, _bars().hashes):  # before and after the cache is read
+        with pytest.raises(TypeError):
+            hashes[1.0]  # type: ignore[call-overload]
+        hashes.from_disk()
+    assert _bars().hashes[np.int64(3)] == _truth(_bars())[3]
+
+
+@pytest.mark.parametrize("value", ["off", "OFF ", " off", "off/", "Off//"])
+def test_off_in_any_case_or_with_a_slash_is_off(value: str) -> None:
+    assert bar_hash_cache.configure(value) is None

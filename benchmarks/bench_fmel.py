@@ -120,6 +120,10 @@ def child(
     sys.path.insert(0, str(REPO))
     import backtrader as bt
 
+    from core import bar_hash_cache
+
+    # the hash cache as main() set it for this child (FMEL_HASH_CACHE_DIR), as the runner does
+    bar_hash_cache.configure(os.environ.get("FMEL_HASH_CACHE_DIR", ""))
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink

@@ -6,20 +6,21 @@ every trial of a study, a report. The hashes of a whole series are kept in one s
 (16 bytes a bar) named by a BLAKE2b-128 digest of what they are computed from: the symbol, the
 bar times, every number column's float64 bytes and every text column, in order, plus the
 compiled code of :mod:`core.bars` and :mod:`core.time` as this process runs it (a change to how
-bars are hashed starts a new cache). Any
-difference in the bars, down to one bit of one value, is a different key; a stored file is
-used only when its length and its own checksum (a BLAKE2b-128 trailer over the digests) match,
-so a truncated or damaged file is computed again, never trusted; the checksum covers the key, so
-a file copied under another series' name is refused too, and only a regular file of the exact
-length is read (a pipe or a device at the path is ignored).
+bars are hashed starts a new cache). Any difference in the bars, down to one bit of one value,
+is a different key. A stored file is used only when it is a regular file of exactly the
+series' length whose trailer (BLAKE2b-128 over the key, the bar count and the digests)
+matches: a truncated or damaged file, or one copied under another series' name, is computed
+again and replaced, never trusted; a pipe or a device at the path is ignored.
 
-Where: ``FMEL_HASH_CACHE_DIR`` (``off`` disables the cache); unset or empty, the user's cache
-folder (:func:`platformdirs.user_cache_dir`, ``~/.cache/fmel/bar-hashes`` on Linux). Files
-are written atomically (a temporary file renamed over the target); a folder that cannot be
-written (a read-only image, a full disk) is logged once at INFO and the run goes on without
-the cache. Series under 256 bars are not kept (hashing them is cheaper than a file). The folder
-is kept under :data:`MAX_BYTES` by removing the files least recently used (their
-modification time is refreshed on every use) when a new one is stored.
+Where: :func:`configure` (the runner, a study's workers and ``bench_fmel.py`` pass it
+``FMEL_HASH_CACHE_DIR``, read by the configuration like every setting: a folder, ``off``, or
+empty); in a process that never configures it (a notebook), the user's cache folder
+(:func:`platformdirs.user_cache_dir`, ``~/.cache/fmel/bar-hashes`` on Linux). Files are
+written atomically (a temporary file renamed over the target); a folder that cannot be written
+(a read-only image, a full disk) or named (no home directory) is logged once at INFO and the
+run goes on without the cache. Series under 256 bars are not kept (hashing them is cheaper
+than a file). The folder is kept under :data:`MAX_BYTES` by removing the files least recently
+used (their modification time is refreshed on every use) when a new one is stored.
 
 Thread context: any thread. Two processes storing the same key write the same bytes; the
 rename makes either whole file the result.
@@ -69,9 +70,10 @@ _scheme: bytes | None = None  # see _scheme_digest
 def configure(value: Path | str | None) -> Path | None:
     """Use this cache folder from now on: a path (made absolute now, so a later change of
     directory does not move it), ``""`` (the user's cache folder) or ``"off"`` / ``None`` (no
-    cache). The runner calls it with ``FMEL_HASH_CACHE_DIR``; without a call, :func:`folder`
-    reads that variable. A folder that cannot be named (no home directory for ``~``, a NUL
-    byte) is said once at INFO and means no cache. Returns the folder in use.
+    cache). The runner, a study's workers and ``bench_fmel.py`` call it with
+    ``FMEL_HASH_CACHE_DIR`` (read by the configuration, like every setting); without a call,
+    the user's cache folder is used. A folder that cannot be named (no home directory for
+    ``~``, a NUL byte) is said once at INFO and means no cache. Returns the folder in use.
 
     Raises:
         ValueError: ``value`` looks like a switch (``false``, ``no``, ``0``, ``none``...) rather
@@ -122,9 +124,6 @@ def _parse(text: str) -> Path | None:
     text = text.strip()
     if text.rstrip("/").lower() == OFF:  # "off/" too: a folder named off is "./off"
         return None
-    if (why := check(text)) is not None:
-        _warn_once(text, f"bar hash cache: {ENV}={text!r}: {why}; runs go on without it")
-        return None
     if not text:
         return default_folder()
     try:
@@ -135,10 +134,11 @@ def _parse(text: str) -> Path | None:
 
 
 def folder() -> Path | None:
-    """The cache folder in use, or ``None`` when the cache is off."""
+    """The cache folder in use (until :func:`configure` is called, the user's cache folder),
+    or ``None`` when the cache is off."""
     if _configured:
         return _folder
-    return _parse(os.environ.get(ENV, ""))
+    return default_folder()
 
 
 def _code_bytes(code: CodeType) -> bytes:

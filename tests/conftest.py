@@ -82,15 +82,16 @@ def _bar_hash_cache_off(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[None]:
     """A runner built in-process configures the cache from its own settings (their default:
-    the user's cache folder): here a folder of the test session's instead, and after every test
-    the environment's ``off`` again."""
+    the user's cache folder): here a folder of the test session's instead. Every test starts
+    and ends with the cache off."""
     from core import bar_hash_cache
 
     monkeypatch.setattr(
         bar_hash_cache, "default_folder", lambda: tmp_path_factory.getbasetemp() / "bar-hashes"
     )
+    bar_hash_cache.configure("off")
     yield
-    bar_hash_cache._configured = False
+    bar_hash_cache.configure("off")
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

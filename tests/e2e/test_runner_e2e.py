@@ -335,7 +335,7 @@ def test_a_second_run_takes_the_hashes_from_the_cache_and_stores_the_same_reads(
     """``FMEL_HASH_CACHE_DIR``: the first backtest keeps its files' data hashes there and the
     next ones read them back instead of hashing (shown by forging the files: the forged hashes
     are what gets stored); with the cache or without it, the same reads, hash for hash."""
-    import hashlib
+    from core import bar_hash_cache
 
     cache = tmp_path / "hashes"
     reads = (
@@ -359,5 +359,5 @@ def test_a_second_run_takes_the_hashes_from_the_cache_and_stores_the_same_reads(
     forged = "ab" * 16
     for f in files:  # the same length, a valid checksum: only the digests are wrong
         body = bytes.fromhex(forged) * (f.stat().st_size // 16 - 1)
-        f.write_bytes(body + hashlib.blake2b(body, digest_size=16).digest())
+        f.write_bytes(body + bar_hash_cache._checksum(f.stem, body))
     assert {row[2] for row in run(3, str(cache))} == {forged}

@@ -74,24 +74,19 @@ def test_off_keeps_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_the_folder_follows_the_environment_until_configured(
+def test_the_folder_is_the_users_cache_folder_until_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.undo()  # the suite's own default folder (tests/conftest.py): the real one here
     monkeypatch.setattr(bar_hash_cache, "_configured", False)
-    monkeypatch.setenv(bar_hash_cache.ENV, str(tmp_path / "x"))
-    assert bar_hash_cache.folder() == tmp_path / "x"
-    monkeypatch.setenv(bar_hash_cache.ENV, "OFF")
-    assert bar_hash_cache.folder() is None
-    monkeypatch.setenv(bar_hash_cache.ENV, "")
-    assert bar_hash_cache.folder() == bar_hash_cache.default_folder()
-    monkeypatch.delenv(bar_hash_cache.ENV)
-    assert bar_hash_cache.folder() == bar_hash_cache.default_folder()
-    assert bar_hash_cache.default_folder() == Path(
-        platformdirs.user_cache_dir("fmel"), "bar-hashes"
-    )
-    monkeypatch.setenv(bar_hash_cache.ENV, "~/x")
-    assert bar_hash_cache.folder() == Path.home() / "x"
+    monkeypatch.setenv(bar_hash_cache.ENV, "off")  # the library does not read the environment
+    real = Path(platformdirs.user_cache_dir("fmel"), "bar-hashes")
+    assert bar_hash_cache.folder() == bar_hash_cache.default_folder() == real
+    assert bar_hash_cache.configure(tmp_path / "x") == tmp_path / "x" == bar_hash_cache.folder()
+    assert bar_hash_cache.configure("OFF") is None is bar_hash_cache.folder()
+    assert bar_hash_cache.configure("") == real
+    assert bar_hash_cache.configure("~/x") == Path.home() / "x"
+    bar_hash_cache.configure("off")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extend", "empty"])
@@ -187,9 +182,7 @@ def test_a_switch_word_is_refused_not_taken_for_a_folder(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"FMEL_HASH_CACHE_DIR=.*expected a folder, off"):
         bar_hash_cache.configure(word)
-    monkeypatch.setattr(bar_hash_cache, "_configured", False)
-    monkeypatch.setenv(bar_hash_cache.ENV, word)
-    assert bar_hash_cache.folder() is None
+    assert bar_hash_cache.folder() is None  # still as it was: off
     bars = _bars()
     assert list(bars.hashes) == _truth(bars)
     assert not list(tmp_path.iterdir())  # no folder named after the word

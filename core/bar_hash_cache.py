@@ -73,11 +73,13 @@ def configure(value: Path | str | None) -> Path | None:
     cache). The runner, a study's workers and ``bench_fmel.py`` call it with
     ``FMEL_HASH_CACHE_DIR`` (read by the configuration, like every setting); without a call,
     the user's cache folder is used. A folder that cannot be named (no home directory for
-    ``~``, a NUL byte) is said once at INFO and means no cache. Returns the folder in use.
+    ``~`` or for the user's cache folder) is said once at INFO and means no cache. Returns the
+    folder in use.
 
     Raises:
         ValueError: ``value`` looks like a switch (``false``, ``no``, ``0``, ``none``...) rather
-            than a folder: only ``off`` turns the cache off (see :func:`check`).
+            than a folder (only ``off`` turns the cache off), or holds a NUL character (see
+            :func:`check`); the setting in use is unchanged.
     """
     global _folder, _configured
     if value is not None and (why := check(str(value))) is not None:

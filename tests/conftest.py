@@ -77,6 +77,25 @@ _HASH_CACHE = "FMEL_HASH_CACHE_DIR"
 os.environ[_HASH_CACHE] = "off"
 
 
+def _hash_cache_off_by_default() -> None:
+    """Configs built in-process (``load_config({...})``) hand their ``FMEL_HASH_CACHE_DIR``
+    to processes this one spawns (a study's pool and Ray workers), where no fixture reaches:
+    unset, it means ``off`` here, not the user's cache folder."""
+    from analyzers.config import FMELConfig
+
+    post_init = FMELConfig.__post_init__
+
+    def off_by_default(self: FMELConfig) -> None:
+        if self.hash_cache_dir == "":
+            object.__setattr__(self, "hash_cache_dir", "off")
+        post_init(self)
+
+    FMELConfig.__post_init__ = off_by_default  # type: ignore[method-assign]
+
+
+_hash_cache_off_by_default()
+
+
 @pytest.fixture(autouse=True)
 def _bar_hash_cache_off(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

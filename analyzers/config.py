@@ -12,6 +12,14 @@ from core.settings import setting
 
 # = analyzers.sinks.duckdb.MAX_MEMORY_LIMIT_MB (1 PiB; tests check they agree)
 MAX_LOCAL_MEMORY_LIMIT_MB = 2**30
+# Records per write to the local store unless FMEL_BATCH_SIZE says otherwise: one row group of
+# the store (analyzers.sinks.duckdb.ROW_GROUP_SIZE; tests check they agree). DuckDB writes a
+# commit of a whole row group straight to the file and one of fewer rows to its log first, to
+# be written again at the next checkpoint: 4,096 read-heavy decisions in batches of 500 left a
+# 30 MB log, in batches of 2,048 a 23 kB one; DuckDB's insert CPU per decision 85 -> 38 us
+# (read-heavy), 16 -> 10 us (SMA-cross); docs/benchmarks.md, twelfth pass. Backtests fill
+# whole batches; live runs write what FMEL_FLUSH_INTERVAL_S gathered.
+LOCAL_BATCH_SIZE = 2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,7 +32,7 @@ class FMELConfig:
         local_memory_limit_mb: DuckDB's buffer pool for the local store, MiB (blocks it wrote
             stay cached up to it; one write must fit in it).
         batch_size: records per sink write. Unset in the environment, the loader picks 10 for
-            BigQuery and 500 for the local store.
+            BigQuery and :data:`LOCAL_BATCH_SIZE` (2,048: one row group) for the local store.
         flush_interval_s: longest a record waits in the writer before a write, seconds.
         queue_size: records buffered between ``next()`` and the writer; when full, ``next()``
             waits (back-pressure), nothing is dropped.
@@ -51,7 +59,7 @@ class FMELConfig:
     batch_size: int = setting(
         10,
         env="FMEL_BATCH_SIZE",
-        help="records per sink write; default 10 for bigquery, 500 for local",
+        help="records per sink write; default 10 for bigquery, 2048 for local",
         minimum=1,
         default_text="",  # computed by the loader from FMEL_SINK; unset in .env.example
     )

@@ -6,6 +6,10 @@ machine noise hits every mode alike:
 * ``plain``: backtrader alone (the baseline).
 * ``fmel``: + the FMEL analyzer, records kept in memory (tracking + record building only).
 * ``fmel+duckdb``: + the decision writer thread and the local DuckDB store (the default run).
+* ``plain+busy``: ``plain`` with a CPU-bound process running beside it (a Python busy loop, its
+  own process: no GIL shared). Not FMEL: it measures what work on the other core costs the bar
+  loop on this machine (cores that share a physical core or its caches slow each other), the
+  floor under any writer that runs in parallel, in the same rounds.
 
 FMEL runs with ``gc_freeze`` on (``--gc-freeze on``, as the runner's backtests run it), and
 with the CSV files' data hashes in the disk cache (``--hash-cache warm``: filled once before the
@@ -60,9 +64,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("plain", "fmel", "fmel+duckdb")
+MODES = ("plain", "fmel", "fmel+duckdb", "plain+busy")
+# a CPU-bound process beside the bar loop (mode plain+busy): pure Python, nothing imported
+BUSY_LOOP = "while True:\n    pass\n"
 # analyzers.sinks.writer.SWITCH_INTERVAL_S (this script imports the project in child() only)
 SWITCH_DEFAULT = 0.0002
+# analyzers.config.LOCAL_BATCH_SIZE: the runner's batch for the local store (tests check both)
+BATCH_DEFAULT = 2048
 AGENTS = ("sma", "heavy")
 SYMBOLS = "GOOG,SP500,NASDAQ"
 # (agent, metric) -> goal; metric names as in :func:`summarise`
@@ -109,7 +117,7 @@ def child(
     mode: str,
     agent: str,
     symbols: list[str],
-    batch_size: int = 500,
+    batch_size: int = BATCH_DEFAULT,
     max_batch: int | None = None,
     switch_interval: float | None = SWITCH_DEFAULT,
     gc_freeze: bool | None = None,
@@ -154,8 +162,17 @@ def child(
         )
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer, **gc_param)
+    busy = None
+    if mode == "plain+busy":
+        busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+        time.sleep(0.05)  # running before the bar loop starts
     t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
-    strategy = cerebro.run()[0]
+    try:
+        strategy = cerebro.run()[0]
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     t_stop = time.perf_counter()
     left = 0
     if writer is not None:
@@ -236,6 +253,9 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
         out[f"us_per_bar_{key}"] = statistics.median(
             ((c - d) - (a - b)) / out["bars"] * 1e6 for (a, b), (c, d) in zip(rd, cpu, strict=True)
         )
+    busy = paired("plain+busy", "wall_s")
+    out["busy_time"] = statistics.median(a / b for a, b in busy)
+    out["busy_cpu"] = statistics.median(a / b for a, b in paired("plain+busy", "main_cpu_s"))
     for mode in MODES:
         out[f"rss_{mode}"] = max(r["rss_mb"] for r in results[mode])
         out[f"bars_s_{mode}"] = med(mode, "bars") / med(mode, "wall_s")
@@ -268,6 +288,11 @@ def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
         lines.append(
             f"| {mode} | {s[f'bars_s_{mode}']:,.0f} | {t} | {c} | {u} | {s[f'rss_{mode}']:.0f} |"
         )
+    lines.append(
+        f"| plain+busy (not FMEL: a CPU-bound process on the other core) "
+        f"| {s['bars_s_plain+busy']:,.0f} | {s['busy_time']:.2f}x | {s['busy_cpu']:.2f}x | - "
+        f"| {s['rss_plain+busy']:.0f} |"
+    )
     return lines
 
 
@@ -279,7 +304,9 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 above a goal (issue 14)")
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--agent", choices=AGENTS, default="sma")
-    parser.add_argument("--batch-size", type=int, default=500, help="the writer's batch_size")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_DEFAULT, help="the writer's batch_size"
+    )
     parser.add_argument("--max-batch", type=int, default=None, help="the writer's max_batch")
     parser.add_argument(
         "--switch-interval",
@@ -333,7 +360,10 @@ def main() -> None:
         for agent in agents:
             # plain in the middle of its round, the FMEL modes on either side in turn: each
             # ratio pairs runs made next to each other, neither mode always first
-            order = ("fmel", "plain", "fmel+duckdb") if i % 2 else ("fmel+duckdb", "plain", "fmel")
+            order: tuple[str, ...] = (
+                ("fmel", "plain", "fmel+duckdb") if i % 2 else ("fmel+duckdb", "plain", "fmel")
+            )
+            order += ("plain+busy",)  # after its plain run, one run apart, every round
             for mode in order:
                 out = subprocess.run(
                     [*CHILD, mode, "--agent", agent, "--symbols", args.symbols]

@@ -51,6 +51,7 @@ def child(mode: str, agent: str) -> None:
     from bench_fmel import _heavy_agent
 
     from agents.sma_cross import SmaCrossAgent
+    from analyzers.config import LOCAL_BATCH_SIZE
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
     from analyzers.sinks.writer import DecisionWriter
@@ -75,7 +76,9 @@ def child(mode: str, agent: str) -> None:
         cerebro.addanalyzer(FMELAnalyzer)
     elif mode == "fmel+duckdb":
         writer = DecisionWriter(
-            LocalDuckDBSink(tmp / "fmel.duckdb"), batch_size=500, spill_dir=tmp / "spill"
+            LocalDuckDBSink(tmp / "fmel.duckdb"),
+            batch_size=LOCAL_BATCH_SIZE,  # the runner's default for the local store
+            spill_dir=tmp / "spill",
         )
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from analyzers.config import FMELConfig
+from analyzers.config import LOCAL_BATCH_SIZE, FMELConfig
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
 from core.errors import ConfigError
 from core.secret import Secret
@@ -452,7 +452,11 @@ def load_config(
         check_one_file_per_symbol(csv_feeds)
 
     sink = e.read(FMELConfig, "sink")
-    batch = {} if e.lookup("FMEL_BATCH_SIZE") else {"batch_size": 500 if sink == "local" else 10}
+    batch = (
+        {}
+        if e.lookup("FMEL_BATCH_SIZE")
+        else {"batch_size": LOCAL_BATCH_SIZE if sink == "local" else 10}
+    )
     fmel: FMELConfig = build(FMELConfig, get, **batch)
 
     bigquery = None

@@ -201,6 +201,10 @@ class DecisionWriter:
     Args:
         sink: where rows go.
         batch_size: a write is triggered when this many records wait (at most ``queue_size``).
+        batch_reads: ...or when the waiting records hold this many reads (their ``reads``), so
+            a large ``batch_size`` keeps few wide decisions waiting (default: the sink's
+            ``run_reads`` attribute once it is open, the reads it takes in one statement, when
+            it has one; else none).
         flush_interval_s: ...or when the oldest waiting record is this old, seconds.
         queue_size: records buffered before :meth:`submit` blocks.
         spill_dir: folder for spill and rejected files.
@@ -231,6 +235,7 @@ class DecisionWriter:
         sink: DecisionSink,
         *,
         batch_size: int = 10,
+        batch_reads: int | None = None,
         flush_interval_s: float = 5.0,
         queue_size: int = 10_000,
         spill_dir: Path = Path(".fmel_spill"),
@@ -259,6 +264,12 @@ class DecisionWriter:
         # a batch larger than the queue would never fill: the queue's size is the most a
         # batch can wait for (else a full queue waits out the flush interval)
         self.batch_size = max(1, min(batch_size, queue_size))
+        if batch_reads is not None and (
+            isinstance(batch_reads, bool) or not isinstance(batch_reads, int) or batch_reads < 1
+        ):
+            raise ConfigError(f"batch_reads must be a whole number >= 1, got {batch_reads!r}")
+        self.batch_reads = batch_reads
+        self._buf_reads = 0  # reads held by the records in _buf (DecisionRecord.reads)
         self.flush_interval_s = flush_interval_s
         self.queue_size = queue_size
         if max_batch is None:
@@ -347,6 +358,10 @@ class DecisionWriter:
             self._opened = True
         except TransientError as e:
             self._enter_spill(f"sink unreachable at start: {e}")
+        if self.batch_reads is None:  # the sink sized its statements at open()
+            run_reads = getattr(self.sink, "run_reads", None)
+            if isinstance(run_reads, int) and not isinstance(run_reads, bool) and run_reads > 0:
+                self.batch_reads = run_reads
         self._thread = threading.Thread(
             target=self._run, name=f"fmel-writer-{self.sink.name}", daemon=True
         )
@@ -374,10 +389,12 @@ class DecisionWriter:
             self.stats.submitted += 1
             if not self._closed:
                 self._buf.append(record)
+                if isinstance(record, tuple):
+                    self._buf_reads += record.reads
                 if self.journal is not None and self.disk_error is None:
                     self._unjournaled += 1
                     cond.notify_all()  # journal it now, whatever the batch size
-                elif len(self._buf) >= self.batch_size and self._writer_waits:
+                elif self._writer_waits and self._batch_ready():
                     # only when the writer waits for a batch (a busy one finds it); all:
                     # flush(), wait_durable() and wait_drained() wait on the same condition,
                     # and a single notify could wake one of them instead of the writer
@@ -535,6 +552,7 @@ class DecisionWriter:
                 stuck = [] if on_disk else in_flight
                 left = [self._as_row(r) for r in [*stuck, *self._buf]]
                 self._buf.clear()
+                self._buf_reads = 0
                 self._closed = True
             if left:
                 self._spill(left, owner=True)
@@ -703,7 +721,7 @@ class DecisionWriter:
         while True:
             with self._cond:
                 while (
-                    len(self._buf) < self.batch_size
+                    not self._batch_ready()
                     and not (self._stopping or self._flush_wanted)
                     and not self._unjournaled
                 ):
@@ -720,6 +738,12 @@ class DecisionWriter:
                 new = list(self._buf)[len(self._buf) - self._unjournaled :]
                 self._unjournaled = 0
             self._journal_write(new)
+
+    def _batch_ready(self) -> bool:
+        """A full batch waits: ``batch_size`` records, or ``batch_reads`` reads (lock held)."""
+        return len(self._buf) >= self.batch_size or (
+            self.batch_reads is not None and self._buf_reads >= self.batch_reads
+        )
 
     def _journal_write(self, records: list[Item]) -> None:
         """Append ``records`` to the journal (fsynced), then tell the listeners (writer
@@ -750,6 +774,7 @@ class DecisionWriter:
             return None if self._stopping else []
         n = min(len(self._buf), self._write_rows())
         batch = [self._buf.popleft() for _ in range(n)]
+        self._buf_reads -= sum(r.reads for r in batch if isinstance(r, tuple))
         self._inflight = batch
         self._inflight_on_disk = False
         self.stats.queue_depth = len(self._buf)

@@ -47,8 +47,11 @@ def test_ratios_pair_each_round_with_its_own_plain_run(bench: ModuleType) -> Non
         "plain": [run(1.0 / k, 1.0 / k) for k in speeds],
         "fmel": [run(1.2 / k, 1.1 / k, reads=1000) for k in speeds],
         "fmel+duckdb": [run(1.5 / k, 1.1 / k) for k in speeds],
+        "plain+busy": [run(1.3 / k, 1.25 / k) for k in speeds],
     }
     s = bench.summarise(results)
+    assert s["busy_time"] == pytest.approx(1.3)
+    assert s["busy_cpu"] == pytest.approx(1.25)
     assert s["time_fmel"] == pytest.approx(1.2)
     assert s["time_duckdb"] == pytest.approx(1.5)
     assert s["cpu_fmel"] == pytest.approx(1.1)
@@ -65,6 +68,9 @@ def test_the_benchmark_runs_the_writer_as_the_runner_does(bench: ModuleType) -> 
     from analyzers.sinks.writer import SWITCH_INTERVAL_S
 
     assert bench.SWITCH_DEFAULT == SWITCH_INTERVAL_S
+    from analyzers.config import LOCAL_BATCH_SIZE
+
+    assert bench.BATCH_DEFAULT == LOCAL_BATCH_SIZE
 
 
 def test_the_added_cpu_is_split_between_the_reads_and_the_bars(bench: ModuleType) -> None:
@@ -75,6 +81,7 @@ def test_the_added_cpu_is_split_between_the_reads_and_the_bars(bench: ModuleType
         "plain": [run(1.0, 1.0, read_cpu=0.2)],
         "fmel": [run(1.6, 1.6, reads=1000, read_cpu=0.5)],
         "fmel+duckdb": [run(1.6, 1.5, read_cpu=0.5)],
+        "plain+busy": [run(1.0, 1.0, read_cpu=0.2)],
     }
     s = bench.summarise(results)
     assert s["us_in_reads_duckdb"] == pytest.approx(300.0)

@@ -40,6 +40,19 @@ def test_typed_values() -> None:
     assert cfg.csv_feeds[0].start is not None and cfg.csv_feeds[0].start.year == 2010
 
 
+def test_the_local_store_is_written_a_row_group_at_a_time() -> None:
+    """Unset, FMEL_BATCH_SIZE is one row group of the local store (the writes DuckDB puts
+    straight into the file: tests/unit/test_writer.py), and 10 for BigQuery."""
+    from analyzers.config import LOCAL_BATCH_SIZE
+    from analyzers.sinks import duckdb as store
+
+    assert LOCAL_BATCH_SIZE == store.ROW_GROUP_SIZE
+    assert load_config({}).fmel.batch_size == LOCAL_BATCH_SIZE
+    env = {"FMEL_SINK": "bigquery", "GOOGLE_CLOUD_PROJECT": "p", "FMEL_DATASET": "d"}
+    assert load_config(env).fmel.batch_size == 10
+    assert load_config({**env, "FMEL_SINK": "local", "FMEL_BATCH_SIZE": "3"}).fmel.batch_size == 3
+
+
 def test_the_local_stores_memory_reaches_duckdb(tmp_path: Path) -> None:
     """``FMEL_LOCAL_MEMORY_LIMIT_MB`` is the sink's DuckDB memory limit; the config's lower
     bound is the sink's."""

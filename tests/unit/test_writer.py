@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzers.schema import DecisionRecord, RunInfo, to_row
+from analyzers.schema import DECISION_SCHEMA, DecisionRecord, RunInfo, to_row
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.spill import SpillFile
@@ -203,6 +203,45 @@ def test_batches_by_size_and_by_interval(tmp_path: Path) -> None:
     stats = w.stop()
     assert stats.written == 13 and stats.spilled == 0
     assert stored(sink.path) == list(range(13))
+
+
+def test_a_batch_is_also_full_by_the_reads_its_records_hold(tmp_path: Path) -> None:
+    """batch_reads 50: decisions of 20 reads go three at a time although batch_size is 100 (a
+    large batch_size keeps few wide decisions waiting); the fake clock never moves."""
+    sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
+    w = writer(sink, tmp_path, clock, batch_size=100, batch_reads=50, flush_interval_s=60.0)
+    w.start()
+    assert w.batch_reads == 50  # given: not the sink's own
+    for i in range(2):
+        w.submit(record(i)._replace(reads=20))
+    clock.writer_asleep()  # 40 reads: waits
+    assert sink.calls == []
+    w.submit(record(2)._replace(reads=20))
+    assert sink.wait_calls(1) == [3]
+    for i in range(3, 5):  # counted again from the batch written: 40 reads wait
+        w.submit(record(i)._replace(reads=20))
+    waiting = clock.writer_asleep()
+    w.submit(record(5)._replace(reads=0))
+    clock.writer_asleep(after=waiting)
+    assert sink.calls == [3]
+    w.submit(record(6)._replace(reads=10))
+    assert sink.wait_calls(2) == [3, 4]
+    assert w.stop().written == 7
+    assert stored(sink.path) == list(range(7))
+
+
+def test_batch_reads_defaults_to_what_the_sink_takes_in_one_statement(tmp_path: Path) -> None:
+    sink = LocalDuckDBSink(tmp_path / "s.duckdb", memory_limit_mb=64)
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", batch_size=2048)
+    assert w.batch_reads is None
+    w.start()
+    try:
+        assert w.batch_reads == sink.run_reads > 0  # sized at open() from DuckDB's limit
+    finally:
+        w.stop()
+    for bad in (0, -1, 1.5, True, "10"):
+        with pytest.raises(ConfigError, match="batch_reads"):
+            DecisionWriter(sink, spill_dir=tmp_path / "spill", batch_reads=bad)  # type: ignore[arg-type]
 
 
 def test_a_batch_larger_than_the_queue_is_written_when_the_queue_is_full(
@@ -1126,6 +1165,55 @@ def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SinkError, match="expected"):
         LocalDuckDBSink(path).open()
+
+
+def test_a_default_batch_goes_straight_into_the_file(tmp_path: Path) -> None:
+    """Why the local store's default batch is one row group (analyzers.config.LOCAL_BATCH_SIZE):
+    DuckDB writes a commit of a whole row group into the database file, and logs a smaller one
+    (to write it again at the next checkpoint). Checked on DuckDB itself, so an upgrade that
+    changes it fails here."""
+    from analyzers.config import LOCAL_BATCH_SIZE
+
+    logs = {}
+    for n in (LOCAL_BATCH_SIZE - 1, LOCAL_BATCH_SIZE):
+        path = tmp_path / f"s{n}.duckdb"
+        sink = LocalDuckDBSink(path)
+        sink.open()
+        sink.write_records([record(i) for i in range(n)])
+        wal = path.with_name(path.name + ".wal")
+        logs[n] = wal.stat().st_size if wal.exists() else 0
+        sink.close()
+        with duckdb.connect(str(path), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(n,)]
+    assert logs[LOCAL_BATCH_SIZE - 1] > 100_000  # the rows themselves, logged
+    assert logs[LOCAL_BATCH_SIZE] < logs[LOCAL_BATCH_SIZE - 1] / 10, logs
+
+
+@pytest.mark.parametrize("table", ["decisions", "my decisions"])
+def test_the_column_check_reads_the_store_s_own_table(tmp_path: Path, table: str) -> None:
+    """The check at open() names the table's columns in order: a store reopened passes; the
+    same columns in another order do not."""
+    from core.errors import SinkError
+
+    path = tmp_path / "s.duckdb"
+    sink = LocalDuckDBSink(path, table=table)
+    sink.open()
+    sink.write_records([record(1)])
+    sink.close()
+    again = LocalDuckDBSink(path, table=table)
+    again.open()  # the table it made itself
+    again.close()
+    swapped = tmp_path / "swapped.duckdb"
+    names = [f.name for f in DECISION_SCHEMA]
+    with duckdb.connect(str(path), read_only=True) as src:
+        types = dict(
+            src.execute(f"SELECT name, type FROM pragma_table_info('\"{table}\"')").fetchall()
+        )
+    cols = ", ".join(f'"{n}" {types[n]}' for n in [names[1], names[0], *names[2:]])
+    with duckdb.connect(str(swapped)) as con:
+        con.execute(f'CREATE TABLE "{table}" ({cols})')
+    with pytest.raises(SinkError, match="expected"):
+        LocalDuckDBSink(swapped, table=table).open()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 from analyzers.schema import (
     DECISION_SCHEMA,
     DecisionRecord,
+    duckdb_columns,
     duckdb_ddl,
     duckdb_struct_type,
 )
@@ -99,6 +100,9 @@ _ATTACHED: dict[str, list[Any]] = {}
 _ATTACHED_LOCK = threading.Lock()
 _SETUP_LOCK = threading.Lock()  # LocalDuckDBSink.open()'s tables and views
 _SHARED_BY: dict[int, str] = {}  # id() of a handed-out connection -> its file's key
+# the schema's column types as DuckDB spells them (pragma_table_info's ``type``), asked of
+# DuckDB once per process: LocalDuckDBSink._check_columns compares a table's types with them
+_EXPECTED_TYPES: list[str] = []
 
 
 def _file_keys(path: Path) -> list[str]:
@@ -353,6 +357,14 @@ class LocalDuckDBSink:
         )
 
     def open(self) -> None:
+        """Open (or create) the file and the table, and check a table that was there.
+
+        Raises:
+            SinkError: the file cannot be opened (:func:`open_store`); the table's columns are
+                not the schema's names in its order, or have other types (as DuckDB spells
+                them: ``pragma_table_info`` against ``typeof`` of the schema's types); a view
+                or another object holds the name. The file is left as it was.
+        """
         import duckdb
 
         self._con = open_store(self.path, self.row_group_size, self.memory_limit_mb)
@@ -387,18 +399,44 @@ class LocalDuckDBSink:
         # pragma_table_info resolves the name as the statements do (the current catalog and
         # schema); information_schema.columns lists every column of every catalog first: 13 ms
         # of each open against 0.7 ms (docs/benchmarks.md, twelfth pass)
+        # system.main.*: the file's own macros cannot stand in for DuckDB's functions here
+        (tables,) = self._con.execute(
+            "SELECT count(*) FROM system.main.duckdb_tables() "
+            "WHERE database_name = system.main.current_database() "
+            "AND schema_name = system.main.current_schema() AND lower(table_name) = lower(?)",
+            [self.table],
+        ).fetchone() or (0,)
+        if not tables:  # CREATE TABLE IF NOT EXISTS found the name taken (a view)
+            raise SinkError(
+                f"{self.path}: {self.table} is not a table (a view of that name?); move the "
+                "old file away or set FMEL_LOCAL_PATH"
+            )
         quoted = '"' + self.table.replace('"', '""') + '"'
-        have = [
-            r[0]
-            for r in self._con.execute(
-                "SELECT name FROM pragma_table_info(?) ORDER BY cid", [quoted]
-            ).fetchall()
-        ]
+        rows = self._con.execute(
+            "SELECT name, type FROM system.main.pragma_table_info(?) ORDER BY cid", [quoted]
+        ).fetchall()
+        have = [r[0] for r in rows]
         want = [f.name for f in DECISION_SCHEMA]
         if have != want:
             raise SinkError(
                 f"{self.path}: table {self.table} has columns {have}, expected "
                 f"{want}; move the old file away or set FMEL_LOCAL_PATH"
+            )
+        if not _EXPECTED_TYPES:
+            # DuckDB's own spelling of each type (typeof() and pragma_table_info both print
+            # the LogicalType), so the comparison does not depend on how the DDL is written
+            cast = ", ".join(f"system.main.typeof(NULL::{typ})" for _, typ in duckdb_columns())
+            _EXPECTED_TYPES[:] = self._con.execute(f"SELECT {cast}").fetchone() or ()
+        wrong = [
+            f"{name} is {typ}, expected {exp}"
+            for (name, typ), exp in zip(rows, _EXPECTED_TYPES, strict=True)
+            if typ != exp
+        ]
+        if wrong:
+            raise SinkError(
+                f"{self.path}: table {self.table} has other column types: "
+                + "; ".join(wrong)[:2000]
+                + "; move the old file away or set FMEL_LOCAL_PATH"
             )
 
     def write(self, rows: Sequence[Row]) -> list[RowError]:

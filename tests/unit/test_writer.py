@@ -1216,6 +1216,98 @@ def test_the_column_check_reads_the_store_s_own_table(tmp_path: Path, table: str
         LocalDuckDBSink(swapped, table=table).open()
 
 
+@pytest.mark.parametrize(
+    ("column", "other"),
+    [
+        ("reads", "VARCHAR"),  # a scalar of another type
+        ("ts", "TIMESTAMP"),  # without the time zone
+        ("notes", "VARCHAR[]"),  # a list where a scalar belongs
+        ("data_accessed", None),  # a nested struct without one of its fields
+    ],
+)
+def test_a_table_with_the_right_names_and_other_types_is_refused(
+    tmp_path: Path, column: str, other: str | None
+) -> None:
+    """Right names, wrong type: refused at open() by a SinkError naming the column, its type
+    and the expected one (not DuckDB's binder error from the first insert), and the file is
+    left as it was."""
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    cols = dict(duckdb_columns())
+    if other is None:
+        other = cols[column].replace(', "data_hash" VARCHAR', "")
+        assert other != cols[column]
+    cols[column] = other
+    path = tmp_path / "typed.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute(
+            "CREATE TABLE decisions (" + ", ".join(f'"{n}" {t}' for n, t in cols.items()) + ")"
+        )
+    with pytest.raises(SinkError, match=rf"other column types: {column} is .*, expected") as err:
+        LocalDuckDBSink(path).open()
+    assert "Binder" not in str(err.value)
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(0,)]
+    again = LocalDuckDBSink(tmp_path / "fresh.duckdb")  # the types asked once still hold
+    again.open()
+    again.write_records([record(1)])
+    again.close()
+
+
+def test_a_view_of_the_store_s_name_is_refused_at_open(tmp_path: Path) -> None:
+    """A view named ``decisions`` with the schema's very columns is not a table to insert
+    into: refused at open() with a SinkError that says so (it passed the column check and
+    failed the first write with DuckDB's "is not an table")."""
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    path = tmp_path / "view.duckdb"
+    cols = ", ".join(f'"{n}" {t}' for n, t in duckdb_columns())
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"CREATE TABLE base ({cols})")
+        con.execute("CREATE VIEW decisions AS SELECT * FROM base")
+    with pytest.raises(SinkError, match="decisions is not a table"):
+        LocalDuckDBSink(path).open()
+
+
+def test_the_file_s_macros_do_not_stand_in_for_duckdb_s_functions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Macros stored in the file named ``typeof`` and ``pragma_table_info`` (a user's, or an
+    old tool's) neither make a wrong table pass nor a right one fail: the check calls
+    DuckDB's own (``system.main``); the expected types are asked anew here (once a process)."""
+    import analyzers.sinks.duckdb as store
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    monkeypatch.setattr(store, "_EXPECTED_TYPES", [])
+    macros = (
+        "CREATE MACRO typeof(x) AS 'VARCHAR'",
+        "CREATE MACRO pragma_table_info(x) AS TABLE "
+        + " UNION ALL ".join(
+            f"SELECT {i} AS cid, '{n}' AS name, '{t}' AS type"
+            for i, (n, t) in enumerate(duckdb_columns())
+        ),
+    )
+    for name, reads_type in (("wrong", "VARCHAR"), ("right", "BIGINT")):
+        path = tmp_path / f"{name}.duckdb"
+        cols = ", ".join(f'"{n}" {reads_type if n == "reads" else t}' for n, t in duckdb_columns())
+        with duckdb.connect(str(path)) as con:
+            for m in macros:
+                con.execute(m)
+            con.execute(f"CREATE TABLE decisions ({cols})")
+        sink = LocalDuckDBSink(path)
+        if name == "wrong":
+            with pytest.raises(SinkError, match="reads is VARCHAR, expected BIGINT"):
+                sink.open()
+        else:
+            sink.open()
+            sink.write_records([record(1)])
+            sink.close()
+    assert "BIGINT" in store._EXPECTED_TYPES
+
+
 # ---------------------------------------------------------------------------------------------
 # The spill queue
 # ---------------------------------------------------------------------------------------------

@@ -690,7 +690,25 @@ def test_stop_cancels_open_orders_when_asked_and_joins_threads(api: str) -> None
     assert alpaca_threads() == []
 
 
-def test_trade_updates_stream_delivers_without_polling(api: str) -> None:
+@pytest.mark.parametrize("monitor_delay_s", [0.0, 0.01, 0.02])
+def test_trade_updates_stream_delivers_without_polling(
+    api: str, monitor_delay_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # monitor_delay_s: each monitor poll starts that late, as on a loaded machine (the
+    # catch-up poll of the connect then runs after the order exists; 10-20 ms did it here
+    # every time before the test waited for that poll)
+    if monitor_delay_s:
+        import time
+
+        from runtime.brokers.alpaca.worker import AlpacaWorker
+
+        poll_once = AlpacaWorker.poll_once
+
+        def late(self: AlpacaWorker, *args: Any, **kwargs: Any) -> bool:
+            time.sleep(monitor_delay_s)
+            return poll_once(self, *args, **kwargs)
+
+        monkeypatch.setattr(AlpacaWorker, "poll_once", late)
     with make_server(prices={"AAPL": 100.0}) as server:
         # polling every 60 s: within this test only the stream (the Trading API's websocket,
         # the Broker API's events SSE) can bring the fill
@@ -717,6 +735,12 @@ def test_trade_updates_stream_delivers_without_polling(api: str) -> None:
         def connected() -> None:  # before the order exists, so the catch-up poll is free
             wait_until(worker.stream_connected.is_set, what="stream connected")
             connects.append(worker.stream_connects)
+            # ... once it has run: under load the monitor took it up after the order existed,
+            # and its list call fell inside the window below (a clean-clone run, 2026-12-04)
+            wait_until(
+                lambda: not worker._poll_due.is_set() and worker.monitor_idle.is_set(),
+                what="the connect's catch-up poll",
+            )
 
         def fill() -> None:
             o = server_order(server, run, "lim")

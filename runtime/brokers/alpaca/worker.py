@@ -156,6 +156,9 @@ class AlpacaWorker:
         self.stream_connected = threading.Event()
         self.stream_connects = 0  # times the stream (re)connected (written by its thread only)
         self.failures = 0  # polls failed in a row (read by any thread: health)
+        # set while the monitor thread waits between passes (a poll made due and then found
+        # cleared with this set has finished: tests wait for the catch-up poll of a connect)
+        self.monitor_idle = threading.Event()
 
     @property
     def healthy(self) -> bool:
@@ -574,7 +577,9 @@ class AlpacaWorker:
         next_poll = time.monotonic() + self.interval_s()
         next_refresh = time.monotonic() + cfg.refresh_interval_s
         while not self.stop_event.is_set():
+            self.monitor_idle.set()
             self._wake.wait(max(0.0, min(next_poll, next_refresh) - time.monotonic()))
+            self.monitor_idle.clear()
             self._wake.clear()
             if self.stop_event.is_set():
                 return
@@ -810,8 +815,9 @@ class AlpacaWorker:
                 self.config.stream_poll_interval_s,
             )
         self.stream_connects += 1
-        self.stream_connected.set()
+        # the catch-up is due before anyone can see the stream connected (tests wait for it)
         self._poll_due.set()  # catch up on what happened while it was down
+        self.stream_connected.set()
         self._wake.set()
 
     def _disconnected(self) -> None:

@@ -66,7 +66,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("plain", "fmel", "fmel+duckdb", "plain+busy")
 # a CPU-bound process beside the bar loop (mode plain+busy): pure Python, nothing imported
-BUSY_LOOP = "while True:\n    pass\n"
+# CPU-bound until its parent (the benchmark's child, whose pid it is given: one that died
+# while this one started is seen too) is gone, however that ends (SIGKILL included: no
+# finally runs then); its parent looked up every ~100,000 iterations
+BUSY_LOOP = (
+    "import os, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "while os.getppid() == parent:\n"
+    "    for _ in range(100_000):\n"
+    "        pass\n"
+)
 # analyzers.sinks.writer.SWITCH_INTERVAL_S (this script imports the project in child() only)
 SWITCH_DEFAULT = 0.0002
 # analyzers.config.LOCAL_BATCH_SIZE: the runner's batch for the local store (tests check both)
@@ -164,10 +173,18 @@ def child(
         cerebro.addanalyzer(FMELAnalyzer, writer=writer, **gc_param)
     busy = None
     if mode == "plain+busy":
-        busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-        time.sleep(0.05)  # running before the bar loop starts
-    t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        # not holding the benchmark's pipes open (a reader of them would wait for it)
+        quiet = subprocess.DEVNULL
+        busy = subprocess.Popen(
+            [sys.executable, "-c", BUSY_LOOP, str(os.getpid())],
+            stdin=quiet,
+            stdout=quiet,
+            stderr=quiet,
+        )
     try:
+        if busy is not None:
+            time.sleep(0.05)  # running before the bar loop starts
+        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         strategy = cerebro.run()[0]
     finally:
         if busy is not None:

@@ -363,7 +363,9 @@ class LocalDuckDBSink:
             SinkError: the file cannot be opened (:func:`open_store`); the table's columns are
                 not the schema's names in its order, or have other types (as DuckDB spells
                 them: ``pragma_table_info`` against ``typeof`` of the schema's types); a view
-                or another object holds the name. The file is left as it was.
+                or another object holds the name; a constraint a valid record can break (a CHECK,
+                NOT NULL on a nullable column, a key on other columns than ``decision_id``).
+                The file is left as it was.
         """
         import duckdb
 
@@ -418,9 +420,18 @@ class LocalDuckDBSink:
         have = [r[0] for r in rows]
         want = [f.name for f in DECISION_SCHEMA]
         if have != want:
+            missing = [n for n in want if n not in have]
+            extra = [n for n in have if n not in want]
+            if missing or extra:
+                what = f"missing {missing}, not in the schema {extra}"
+            else:
+                at = next(i for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w)
+                what = (
+                    f"the schema's columns in another order ({have[at]} where {want[at]} belongs)"
+                )
             raise SinkError(
-                f"{self.path}: table {self.table} has columns {have}, expected "
-                f"{want}; move the old file away or set FMEL_LOCAL_PATH"
+                f"{self.path}: table {self.table} does not have the decision schema's columns: "
+                f"{what}; move the old file away or set FMEL_LOCAL_PATH"
             )
         if not _EXPECTED_TYPES:
             # DuckDB's own spelling of each type (typeof() and pragma_table_info both print
@@ -436,6 +447,34 @@ class LocalDuckDBSink:
             raise SinkError(
                 f"{self.path}: table {self.table} has other column types: "
                 + "; ".join(wrong)[:2000]
+                + "; move the old file away or set FMEL_LOCAL_PATH"
+            )
+        self._check_constraints()
+
+    def _check_constraints(self) -> None:
+        # a constraint a valid record can break would reject rows at every write (the run
+        # going on with its records spilled and rejected): refused here instead. Allowed: NOT
+        # NULL where the schema is REQUIRED, a key on decision_id alone (unique anyway).
+        required = {f.name for f in DECISION_SCHEMA if f.mode == "REQUIRED"}
+        found = self._con.execute(
+            "SELECT constraint_type, constraint_column_names, constraint_text "
+            "FROM system.main.duckdb_constraints() "
+            "WHERE database_name = system.main.current_database() "
+            "AND schema_name = system.main.current_schema() AND lower(table_name) = lower(?)",
+            [self.table],
+        ).fetchall()
+        bad = [
+            f"{kind} on {', '.join(cols)}" + (f" ({text})" if kind == "CHECK" else "")
+            for kind, cols, text in found
+            if not (
+                (kind == "NOT NULL" and set(cols) <= required)
+                or (kind in ("PRIMARY KEY", "UNIQUE") and list(cols) == ["decision_id"])
+            )
+        ]
+        if bad:
+            raise SinkError(
+                f"{self.path}: table {self.table} has constraints valid records can break: "
+                + "; ".join(bad)[:2000]
                 + "; move the old file away or set FMEL_LOCAL_PATH"
             )
 

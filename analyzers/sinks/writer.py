@@ -191,6 +191,18 @@ class _SwitchInterval:
 _SWITCH = _SwitchInterval()
 
 
+def _whole(name: str, value: object) -> None:
+    """ConfigError unless ``value`` is an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _seconds(name: str, value: object) -> None:
+    """ConfigError unless ``value`` is a positive, finite number of seconds (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
 class DecisionWriter:
     """Batches decision records to a sink from one background thread.
 
@@ -227,7 +239,9 @@ class DecisionWriter:
 
     Raises:
         ConfigError: ``switch_interval_s`` is not a positive, finite number of seconds (or
-            None), or ``queue_size`` is below 1.
+            None); ``flush_interval_s``, ``probe_interval_s`` or ``replay_write_s`` is not
+            one; ``queue_size``, ``batch_size``, ``batch_reads`` or ``max_batch`` (when given)
+            is not a whole number >= 1.
     """
 
     def __init__(
@@ -257,18 +271,25 @@ class DecisionWriter:
                 f"switch_interval_s must be a positive number of seconds or None, "
                 f"got {switch_interval_s!r}"
             )
-        if queue_size < 1:
-            raise ConfigError(f"queue_size must be at least 1 record, got {queue_size!r}")
+        _whole("queue_size", queue_size)
+        _whole("batch_size", batch_size)
+        if max_batch is not None:
+            _whole("max_batch", max_batch)
+        for name, seconds in (
+            ("flush_interval_s", flush_interval_s),
+            ("probe_interval_s", probe_interval_s),
+            ("replay_write_s", replay_write_s),
+        ):
+            _seconds(name, seconds)
         self.sink = sink
         self.switch_interval_s = switch_interval_s
         # a batch larger than the queue would never fill: the queue's size is the most a
         # batch can wait for (else a full queue waits out the flush interval)
         self.batch_size = max(1, min(batch_size, queue_size))
-        if batch_reads is not None and (
-            isinstance(batch_reads, bool) or not isinstance(batch_reads, int) or batch_reads < 1
-        ):
-            raise ConfigError(f"batch_reads must be a whole number >= 1, got {batch_reads!r}")
+        if batch_reads is not None:
+            _whole("batch_reads", batch_reads)
         self.batch_reads = batch_reads
+        self._batch_reads_given = batch_reads is not None
         self._buf_reads = 0  # reads held by the records in _buf (DecisionRecord.reads)
         self.flush_interval_s = flush_interval_s
         self.queue_size = queue_size
@@ -339,10 +360,18 @@ class DecisionWriter:
         until it answers.
 
         Raises:
-            SinkError: the sink cannot be used.
+            SinkError: the sink cannot be used; or this writer was stopped already (a writer
+                runs once: make a new one, which replays the spill file this one left).
         """
         if self._thread is not None:
             return
+        if self._stopping:
+            # its counts and the spill's accounting end at stop(); a second run would count
+            # its own spilled records again as replayed
+            raise SinkError(
+                "this DecisionWriter was stopped; make a new one (it replays the spill file "
+                f"{self.spill_path})"
+            )
         if self.journal is not None:
             self.journal.recover(self.spill)  # a killed run's journal: replayed with the spill
         self._earlier = self.stats.earlier_left = self.spill.pending()
@@ -358,10 +387,8 @@ class DecisionWriter:
             self._opened = True
         except TransientError as e:
             self._enter_spill(f"sink unreachable at start: {e}")
-        if self.batch_reads is None:  # the sink sized its statements at open()
-            run_reads = getattr(self.sink, "run_reads", None)
-            if isinstance(run_reads, int) and not isinstance(run_reads, bool) and run_reads > 0:
-                self.batch_reads = run_reads
+        if self._opened:
+            self._take_sink_sizes()
         self._thread = threading.Thread(
             target=self._run, name=f"fmel-writer-{self.sink.name}", daemon=True
         )
@@ -829,6 +856,15 @@ class DecisionWriter:
                 while self._clock() < until:
                     self._wait(self._cond, until - self._clock())
 
+    def _take_sink_sizes(self) -> None:
+        """``batch_reads`` from the sink, which sized its statements at ``open()`` (its
+        ``run_reads``), unless one was given. Any thread that opened the sink."""
+        if self._batch_reads_given:
+            return
+        run_reads = getattr(self.sink, "run_reads", None)
+        if isinstance(run_reads, int) and not isinstance(run_reads, bool) and run_reads > 0:
+            self.batch_reads = run_reads
+
     def _open_and_replay(self) -> None:
         if not self._opened:
             return  # unreachable at start: _maybe_recover opens it and replays later
@@ -924,6 +960,7 @@ class DecisionWriter:
             if not self._opened:
                 self.sink.open()
                 self._opened = True
+                self._take_sink_sizes()  # a sink unreachable at start
             probe = getattr(self.sink, "probe", None)
             if probe is not None:
                 probe()  # a cheap call before sending a large batch into an outage

@@ -88,3 +88,48 @@ def test_the_added_cpu_is_split_between_the_reads_and_the_bars(bench: ModuleType
     assert s["us_per_bar_duckdb"] == pytest.approx(2000.0)
     assert s["us_per_read_duckdb"] == pytest.approx(500.0)
     assert "300.00 us per read inside" in "\n".join(bench.table("heavy", s, 1))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_the_busy_process_ends_with_the_run_however_it_ends(
+    bench: ModuleType, tmp_path: Path, signal_name: str
+) -> None:
+    """``plain+busy``'s CPU-bound process must not outlive the benchmark's child: a signal at
+    the child alone (no finally runs after SIGKILL or an unhandled SIGTERM; SIGINT could land
+    before the try) left it spinning at 100 % and holding the child's pipes open."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "FMEL_HASH_CACHE_DIR": str(tmp_path / "hc")}
+    child = subprocess.Popen(
+        [sys.executable, str(BENCH), "--child", "plain+busy", "--agent", "sma"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    kids = Path(f"/proc/{child.pid}/task/{child.pid}/children")
+    busy = 0
+    deadline = time.monotonic() + 60
+    while not busy and time.monotonic() < deadline and child.poll() is None:
+        pids = [int(p) for p in kids.read_text().split()] if kids.exists() else []
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if bench.BUSY_LOOP.encode() in cmdline:
+                busy = pid
+        time.sleep(0.002)
+    assert busy, "the busy process never started"
+    os.kill(child.pid, getattr(signal, signal_name))
+    child.communicate(timeout=60)  # returns: nothing else holds the pipe
+    gone = time.monotonic() + 10
+    while time.monotonic() < gone and Path(f"/proc/{busy}").exists():
+        stat = Path(f"/proc/{busy}/stat").read_text() if Path(f"/proc/{busy}").exists() else ""
+        if stat.split(") ", 1)[-1].startswith("Z"):  # exited, not reaped yet
+            break
+        time.sleep(0.01)
+    else:
+        assert not Path(f"/proc/{busy}").exists(), "the busy process outlived the run"

@@ -230,6 +230,28 @@ def test_a_batch_is_also_full_by_the_reads_its_records_hold(tmp_path: Path) -> N
     assert stored(sink.path) == list(range(7))
 
 
+def test_a_stopped_writer_does_not_start_again(tmp_path: Path) -> None:
+    """stop() before start() spills what was submitted; start() after it refuses (it counted
+    its own spill again as replayed: spilled 5, replayed 5, "5 wait" in the log while the
+    spill was gone), and a new writer stores the spill once."""
+    from core.errors import SinkError
+
+    sink = LocalDuckDBSink(tmp_path / "s.duckdb")
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST, batch_size=2)
+    for i in range(5):
+        w.submit(record(i))
+    assert w.stop().spilled == 5
+    with pytest.raises(SinkError, match="was stopped; make a new one"):
+        w.start()
+    again = DecisionWriter(
+        LocalDuckDBSink(tmp_path / "s.duckdb"), spill_dir=tmp_path / "spill", retry=FAST
+    )
+    again.start()
+    stats = again.stop()
+    assert (stats.replayed, stats.spilled, stats.in_spill) == (5, 0, 0)
+    assert stored(tmp_path / "s.duckdb") == list(range(5))
+
+
 def test_batch_reads_defaults_to_what_the_sink_takes_in_one_statement(tmp_path: Path) -> None:
     sink = LocalDuckDBSink(tmp_path / "s.duckdb", memory_limit_mb=64)
     w = DecisionWriter(sink, spill_dir=tmp_path / "spill", batch_size=2048)
@@ -242,6 +264,35 @@ def test_batch_reads_defaults_to_what_the_sink_takes_in_one_statement(tmp_path: 
     for bad in (0, -1, 1.5, True, "10"):
         with pytest.raises(ConfigError, match="batch_reads"):
             DecisionWriter(sink, spill_dir=tmp_path / "spill", batch_reads=bad)  # type: ignore[arg-type]
+
+
+def test_batch_reads_comes_from_a_sink_that_opens_late(tmp_path: Path) -> None:
+    """A sink unreachable at start() sizes its statements when it opens later: batch_reads
+    follows it then (it stayed None); one given explicitly is kept."""
+    for explicit in (None, 7):
+        sink = Flaky(tmp_path / f"late-{explicit}.duckdb")
+        sink.down.set()
+        w = DecisionWriter(
+            sink,
+            spill_dir=tmp_path / f"spill-{explicit}",
+            retry=FAST,
+            probe_interval_s=0.02,
+            flush_interval_s=0.02,
+            batch_reads=explicit,
+        )
+        w.start()
+        try:
+            assert w.batch_reads == explicit
+            sink.down.clear()
+            w.submit(record(1))
+            deadline = time.monotonic() + WAIT_S
+            while w.stats.written < 1 and time.monotonic() < deadline:  # spilled, then replayed
+                time.sleep(0.01)
+            assert w.stats.written == 1
+            assert w.batch_reads == (sink.run_reads if explicit is None else explicit)
+        finally:
+            w.stop()
+        assert stored(sink.path) == [1]
 
 
 def test_a_batch_larger_than_the_queue_is_written_when_the_queue_is_full(
@@ -1163,7 +1214,10 @@ def test_incompatible_existing_table_is_refused(tmp_path: Path) -> None:
         con.execute("CREATE TABLE decisions (decision_id VARCHAR, something INT)")
     from core.errors import SinkError
 
-    with pytest.raises(SinkError, match="expected"):
+    # the difference named, not both lists
+    with pytest.raises(
+        SinkError, match=r"missing \['session_id', .*not in the schema \['something'\]"
+    ):
         LocalDuckDBSink(path).open()
 
 
@@ -1212,7 +1266,7 @@ def test_the_column_check_reads_the_store_s_own_table(tmp_path: Path, table: str
     cols = ", ".join(f'"{n}" {types[n]}' for n in [names[1], names[0], *names[2:]])
     with duckdb.connect(str(swapped)) as con:
         con.execute(f'CREATE TABLE "{table}" ({cols})')
-    with pytest.raises(SinkError, match="expected"):
+    with pytest.raises(SinkError, match=r"another order \(session_id where decision_id belongs"):
         LocalDuckDBSink(swapped, table=table).open()
 
 
@@ -1253,6 +1307,41 @@ def test_a_table_with_the_right_names_and_other_types_is_refused(
     again.open()
     again.write_records([record(1)])
     again.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "suffix", "refused"),
+    [
+        ("reads", "CHECK (reads > 1000000)", "CHECK on reads"),
+        ("reasoning", "NOT NULL", "NOT NULL on reasoning"),  # nullable in the schema
+        ("session_id", "UNIQUE", "UNIQUE on session_id"),  # one run has many decisions
+        ("decision_id", "PRIMARY KEY", None),  # unique anyway
+        ("reads", "DEFAULT 0", None),
+    ],
+)
+def test_constraints_valid_records_can_break_are_refused_at_open(
+    tmp_path: Path, column: str, suffix: str, refused: str | None
+) -> None:
+    """Right columns and types, plus a constraint: one a valid record can break is refused at
+    open() (it passed, and the run went on with most records spilled and rejected); the
+    schema's own NOT NULLs, a key on decision_id and a DEFAULT are not."""
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    path = tmp_path / "c.duckdb"
+    cols = ", ".join(
+        f'"{n}" {t}' + (f" {suffix}" if n == column else "") for n, t in duckdb_columns()
+    )
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"CREATE TABLE decisions ({cols})")
+    sink = LocalDuckDBSink(path)
+    if refused:
+        with pytest.raises(SinkError, match=f"constraints valid records can break: .*{refused}"):
+            sink.open()
+        return
+    sink.open()
+    sink.write_records([record(1), record(2)])
+    sink.close()
 
 
 def test_a_view_of_the_store_s_name_is_refused_at_open(tmp_path: Path) -> None:
@@ -1797,10 +1886,13 @@ def _check_switch_interval_races(tmp_path: Path, lowered: float) -> None:
     assert sys.getswitchinterval() == before
     assert not writer_module._SWITCH._holders
 
-    # stop() before start(): the writer never holds it
+    # stop() before start(): the writer never holds it (and does not start after it)
+    from core.errors import SinkError
+
     d = writer(Flaky(tmp_path / "rd.duckdb"), tmp_path / "rd", clock)
     d.stop()
-    d.start()
+    with pytest.raises(SinkError, match="was stopped"):
+        d.start()
     assert sys.getswitchinterval() == before
     d.stop()
     assert not writer_module._SWITCH._holders
@@ -1969,3 +2061,52 @@ def test_a_late_record_that_is_not_json_is_counted_lost_not_raised(tmp_path: Pat
     assert (s.submitted, s.lost, s.spilled) == (2, 1, 1)
     assert "JSON" in s.lost_reason
     assert [r["decision_point"] for r in SpillFile(w.spill_path).read()] == [2]
+
+
+_ARGUMENT_VALUES = st.one_of(
+    st.integers(-3, 3),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.none(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(
+        [
+            "batch_size",
+            "batch_reads",
+            "queue_size",
+            "max_batch",
+            "flush_interval_s",
+            "probe_interval_s",
+            "replay_write_s",
+        ]
+    ),
+    value=_ARGUMENT_VALUES,
+)
+def test_every_writer_argument_is_taken_exactly_or_refused(name: str, value: Any) -> None:
+    """Any value of a size or interval argument is either taken as given or refused with a
+    ConfigError naming it: never clamped (batch_size 0 became 1), never a TypeError from
+    inside, never a thread that dies on its first record (flush_interval_s "1") or spins
+    (flush_interval_s 0)."""
+    whole = name in ("batch_size", "batch_reads", "queue_size", "max_batch")
+    if value is None and name in ("batch_reads", "max_batch"):
+        ok = True
+    elif whole:
+        ok = type(value) is int and value >= 1
+    else:
+        ok = type(value) in (int, float) and 0 < value < math.inf
+    sink = LocalDuckDBSink(Path("unused.duckdb"))  # never opened
+    kw: dict[str, Any] = {name: value}
+    if name == "batch_size" and ok:
+        kw["queue_size"] = max(10_000, value)
+    if not ok:
+        with pytest.raises(ConfigError, match=name):
+            DecisionWriter(sink, spill_dir=Path("unused"), **kw)
+        return
+    w = DecisionWriter(sink, spill_dir=Path("unused"), **kw)
+    if value is not None and name != "max_batch":
+        assert getattr(w, name) == value

@@ -341,6 +341,9 @@ class LocalDuckDBSink:
                 "URLs such as md: or s3:// are not a local store)"
             )
         self.path = Path(path).expanduser()
+        if not isinstance(table, str) or not table or '"' in table or not table.isprintable():
+            # the statements quote the name as one identifier: a quote in it would name another
+            raise ConfigError(f"table must be a printable name without '\"', got {table!r}")
         self.table = table
         self.threads = threads
         self.wal_checkpoint_bytes = wal_checkpoint_bytes
@@ -405,7 +408,8 @@ class LocalDuckDBSink:
         (tables,) = self._con.execute(
             "SELECT count(*) FROM system.main.duckdb_tables() "
             "WHERE database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() AND lower(table_name) = lower(?)",
+            "AND schema_name = system.main.current_schema() "
+            "AND system.main.lower(table_name) = system.main.lower(?)",
             [self.table],
         ).fetchone() or (0,)
         if not tables:  # CREATE TABLE IF NOT EXISTS found the name taken (a view)
@@ -460,7 +464,8 @@ class LocalDuckDBSink:
             "SELECT constraint_type, constraint_column_names, constraint_text "
             "FROM system.main.duckdb_constraints() "
             "WHERE database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() AND lower(table_name) = lower(?)",
+            "AND schema_name = system.main.current_schema() "
+            "AND system.main.lower(table_name) = system.main.lower(?)",
             [self.table],
         ).fetchall()
         bad = [
@@ -471,6 +476,28 @@ class LocalDuckDBSink:
                 or (kind in ("PRIMARY KEY", "UNIQUE") and list(cols) == ["decision_id"])
             )
         ]
+        indexes = self._con.execute(
+            "SELECT index_name, expressions FROM system.main.duckdb_indexes() "
+            "WHERE is_unique AND NOT is_primary "
+            "AND database_name = system.main.current_database() "
+            "AND schema_name = system.main.current_schema() "
+            "AND system.main.lower(table_name) = system.main.lower(?)",
+            [self.table],
+        ).fetchall()
+        bad += [
+            f"UNIQUE INDEX {name} on {exprs}"
+            for name, exprs in indexes
+            if str(exprs).strip("[]") != "decision_id"
+        ]
+        (generated,) = self._con.execute(
+            "SELECT count(*) FROM system.main.duckdb_columns() WHERE is_generated "
+            "AND database_name = system.main.current_database() "
+            "AND schema_name = system.main.current_schema() "
+            "AND system.main.lower(table_name) = system.main.lower(?)",
+            [self.table],
+        ).fetchone() or (0,)
+        if generated:
+            bad.append(f"{generated} generated column(s) (an insert cannot set them)")
         if bad:
             raise SinkError(
                 f"{self.path}: table {self.table} has constraints valid records can break: "

@@ -1344,6 +1344,79 @@ def test_constraints_valid_records_can_break_are_refused_at_open(
     sink.close()
 
 
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [
+        ('CREATE UNIQUE INDEX ux ON decisions("session_id")', "UNIQUE INDEX ux"),
+        ('CREATE UNIQUE INDEX ue ON decisions(("agent_id" || "mode"))', "UNIQUE INDEX ue"),
+        ('CREATE UNIQUE INDEX ok ON decisions("decision_id")', None),
+        ('CREATE INDEX plain ON decisions("session_id")', None),
+        ("CREATE TABLE other (v INT CHECK (v > 0))", None),  # another table's constraint
+    ],
+)
+def test_indexes_and_other_tables_at_open(tmp_path: Path, extra: str, refused: str | None) -> None:
+    """A unique index on other columns than decision_id is a constraint records break (not
+    listed by duckdb_constraints(): found by a fresh-context attack); another table's CHECK is
+    not this table's, even with a macro named lower in the file."""
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    path = tmp_path / "i.duckdb"
+    cols = ", ".join(f'"{n}" {t}' for n, t in duckdb_columns())
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"CREATE TABLE decisions ({cols})")
+        con.execute(extra)
+        con.execute("CREATE MACRO lower(x) AS 'zz'")
+    sink = LocalDuckDBSink(path)
+    if refused:
+        with pytest.raises(SinkError, match=refused):
+            sink.open()
+        return
+    sink.open()
+    sink.write_records([record(1), record(2)])
+    sink.close()
+
+
+def test_a_generated_column_and_a_view_behind_a_lower_macro_are_refused(tmp_path: Path) -> None:
+    """A generated column reads as the schema's type but takes no value (the insert failed
+    with a BinderException); a view named decisions was taken for the table when the file
+    held a macro named lower (the check's own lower() was the file's)."""
+    from analyzers.schema import duckdb_columns
+    from core.errors import SinkError
+
+    cols = [f'"{n}" {t}' for n, t in duckdb_columns()]
+    gen = tmp_path / "gen.duckdb"
+    with duckdb.connect(str(gen)) as con:
+        con.execute(
+            "CREATE TABLE decisions ("
+            + ", ".join(
+                c
+                if not c.startswith('"confidence"')
+                else '"confidence" DOUBLE GENERATED ALWAYS AS (1.5)'
+                for c in cols
+            )
+            + ")"
+        )
+    with pytest.raises(SinkError, match="generated column"):
+        LocalDuckDBSink(gen).open()
+    view = tmp_path / "view.duckdb"
+    with duckdb.connect(str(view)) as con:
+        con.execute(f"CREATE TABLE real ({', '.join(cols)})")
+        con.execute("CREATE VIEW decisions AS SELECT * FROM real")
+        con.execute("CREATE MACRO lower(x) AS 'zz'")
+    with pytest.raises(SinkError, match="decisions is not a table"):
+        LocalDuckDBSink(view).open()
+
+
+@pytest.mark.parametrize("table", ['x""y', 'we"ird', "", "tab\tle"])
+def test_a_table_name_the_statements_cannot_quote_is_refused(tmp_path: Path, table: str) -> None:
+    """The check quoted the name one way and the inserts another (x""y checked, x"y written):
+    names with a double quote or unprintable characters are refused before any file exists."""
+    with pytest.raises(ConfigError, match="table must be a printable name"):
+        LocalDuckDBSink(tmp_path / "q.duckdb", table=table)
+    assert not (tmp_path / "q.duckdb").exists()
+
+
 def test_a_view_of_the_store_s_name_is_refused_at_open(tmp_path: Path) -> None:
     """A view named ``decisions`` with the schema's very columns is not a table to insert
     into: refused at open() with a SinkError that says so (it passed the column check and

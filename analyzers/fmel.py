@@ -276,8 +276,35 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self.tracker.gaps:
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
+        self._bind_bar_calls()
         if self.p.gc_freeze:
             self._froze = _GC_FREEZE.enter(self)
+
+    def _bind_bar_calls(self) -> None:
+        """Shorten backtrader's calls into this analyzer once a bar. ``Analyzer._next`` runs
+        the children's ``_next``, then ``next``, which calls :meth:`_record`: three Python
+        frames; bound here to :meth:`_record` with its stage (a ``functools.partial``: one
+        frame). The cash/value and fund notices (``_notify_cashvalue``, ``_notify_fund``,
+        twice a bar) reach nothing when there are no children and ``notify_cashvalue`` /
+        ``notify_fund`` are backtrader's ``pass``: bound to a single no-op frame. Only for an
+        analyzer without children whose ``prenext``/``nextstart``/``next`` are this class's
+        (a subclass overriding one keeps backtrader's calls, and its own code runs)."""
+        if self._children:
+            return
+        cls = type(self)
+        for private, public, stage in (
+            ("_prenext", "prenext", "PRENEXT"),
+            ("_nextstart", "nextstart", "NEXTSTART"),
+            ("_next", "next", "NEXT"),
+        ):
+            if getattr(cls, public) is getattr(FMELAnalyzer, public) and public not in vars(self):
+                setattr(self, private, functools.partial(self._record, stage))
+        for private, public in (
+            ("_notify_cashvalue", "notify_cashvalue"),
+            ("_notify_fund", "notify_fund"),
+        ):
+            if getattr(cls, public) is getattr(bt.Analyzer, public) and public not in vars(self):
+                setattr(self, private, _ignore)
 
     def _wrap_agent(self, strategy: Any) -> None:
         # The flag is flipped by storing the module attribute (no call: these wrappers run
@@ -363,6 +390,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self._events:
             self._record("STOP")
         self.tracker.untrack_all()
+        for name in ("_prenext", "_nextstart", "_next", "_notify_cashvalue", "_notify_fund"):
+            self.__dict__.pop(name, None)  # _bind_bar_calls
         for obj, name in self._unwrap:
             vars(obj).pop(name, None)
         self._unwrap.clear()
@@ -708,6 +737,10 @@ _GC_FREEZE = _GCFreeze()
 # the next run's start; at exit the collector is put back so the interpreter's last collection
 # frees it (else extension types report their objects as leaked).
 atexit.register(_GC_FREEZE.release_all)
+
+
+def _ignore(*args: Any) -> None:
+    """Takes a notice and does nothing (see :meth:`FMELAnalyzer._bind_bar_calls`)."""
 
 
 def _round_ms(posix_s: float) -> float:

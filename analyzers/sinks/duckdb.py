@@ -28,6 +28,15 @@ from analyzers.sinks.columnar import records_table
 from analyzers.sinks.views import duckdb_view_sql
 from core.errors import ConfigError, SinkError
 
+# The sink's table among DuckDB's catalog functions (duckdb_tables(), duckdb_constraints(),
+# ...), its name a parameter: the current catalog and schema, the name compared as DuckDB
+# compares identifiers (case-insensitively); system.main.*: the file's own macros cannot stand
+# in for DuckDB's functions
+_THIS_TABLE = (
+    "database_name = system.main.current_database() "
+    "AND schema_name = system.main.current_schema() "
+    "AND system.main.lower(table_name) = system.main.lower(?)"
+)
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 _CATALOG = "fmel"  # the attached file's name inside the connection
 _log = logging.getLogger(__name__)
@@ -406,10 +415,7 @@ class LocalDuckDBSink:
         # of each open against 0.7 ms (docs/benchmarks.md, twelfth pass)
         # system.main.*: the file's own macros cannot stand in for DuckDB's functions here
         (tables,) = self._con.execute(
-            "SELECT count(*) FROM system.main.duckdb_tables() "
-            "WHERE database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() "
-            "AND system.main.lower(table_name) = system.main.lower(?)",
+            f"SELECT count(*) FROM system.main.duckdb_tables() WHERE {_THIS_TABLE}",
             [self.table],
         ).fetchone() or (0,)
         if not tables:  # CREATE TABLE IF NOT EXISTS found the name taken (a view)
@@ -417,9 +423,9 @@ class LocalDuckDBSink:
                 f"{self.path}: {self.table} is not a table (a view of that name?); move the "
                 "old file away or set FMEL_LOCAL_PATH"
             )
-        quoted = '"' + self.table.replace('"', '""') + '"'
-        rows = self._con.execute(
-            "SELECT name, type FROM system.main.pragma_table_info(?) ORDER BY cid", [quoted]
+        rows = self._con.execute(  # the constructor refused names with a double quote
+            "SELECT name, type FROM system.main.pragma_table_info(?) ORDER BY cid",
+            [f'"{self.table}"'],
         ).fetchall()
         have = [r[0] for r in rows]
         want = [f.name for f in DECISION_SCHEMA]
@@ -463,9 +469,7 @@ class LocalDuckDBSink:
         found = self._con.execute(
             "SELECT constraint_type, constraint_column_names, constraint_text "
             "FROM system.main.duckdb_constraints() "
-            "WHERE database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() "
-            "AND system.main.lower(table_name) = system.main.lower(?)",
+            f"WHERE {_THIS_TABLE}",
             [self.table],
         ).fetchall()
         bad = [
@@ -479,9 +483,7 @@ class LocalDuckDBSink:
         indexes = self._con.execute(
             "SELECT index_name, expressions FROM system.main.duckdb_indexes() "
             "WHERE is_unique AND NOT is_primary "
-            "AND database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() "
-            "AND system.main.lower(table_name) = system.main.lower(?)",
+            f"AND {_THIS_TABLE}",
             [self.table],
         ).fetchall()
         bad += [
@@ -491,9 +493,7 @@ class LocalDuckDBSink:
         ]
         (generated,) = self._con.execute(
             "SELECT count(*) FROM system.main.duckdb_columns() WHERE is_generated "
-            "AND database_name = system.main.current_database() "
-            "AND schema_name = system.main.current_schema() "
-            "AND system.main.lower(table_name) = system.main.lower(?)",
+            f"AND {_THIS_TABLE}",
             [self.table],
         ).fetchone() or (0,)
         if generated:

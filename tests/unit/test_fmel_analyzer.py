@@ -223,3 +223,103 @@ def test_backtraders_own_no_op_callbacks_are_not_wrapped() -> None:
     for name in ("notify_fund", "notify_trade", "notify_order", "notify_timer", "prenext"):
         assert name not in vars(s), name  # backtrader's ``pass``: left alone
     assert "next" not in vars(s)  # not overridden by _CashReader either
+
+
+class _CountingFMEL(FMELAnalyzer):
+    """A user's subclass: its own ``next`` and ``notify_cashvalue`` must still run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nexts = self.cash_notices = 0
+
+    def next(self) -> None:
+        self.nexts += 1
+        super().next()
+
+    def notify_cashvalue(self, cash: float, value: float) -> None:
+        self.cash_notices += 1
+
+
+class _Child(bt.Analyzer):  # type: ignore[misc]
+    """Made inside its parent's ``__init__``: backtrader registers it as the parent's child."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def prenext(self) -> None:
+        self.calls.append("prenext")
+
+    def nextstart(self) -> None:
+        self.calls.append("nextstart")
+
+    def next(self) -> None:
+        self.calls.append("next")
+
+    def notify_fund(self, cash: float, value: float, fundvalue: float, shares: float) -> None:
+        self.calls.append("fund")
+
+
+class _ParentFMEL(FMELAnalyzer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = _Child()
+
+
+def _run_with(analyzer: type) -> tuple[Any, Any]:
+    cerebro = bt.Cerebro(stdstats=False)
+    for cfg in FEEDS[:2]:  # GOOG starts later than SP500: prenext bars first
+        cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
+    cerebro.addstrategy(SmaCrossAgent)
+    cerebro.addanalyzer(analyzer, _name="fmel")
+    strategy = cerebro.run()[0]
+    return strategy, strategy.analyzers.fmel
+
+
+@pytest.mark.parametrize("analyzer", [FMELAnalyzer, _CountingFMEL, _ParentFMEL])
+def test_the_bar_calls_are_shortened_without_changing_what_runs(analyzer: type) -> None:
+    """``_bind_bar_calls``: one record per bar with the right stage whichever way backtrader
+    reaches it; a subclass's own ``next``/``notify_cashvalue`` and a child analyzer still run
+    every bar; nothing bound is left on the analyzer after the run."""
+    strategy, fmel = _run_with(analyzer)
+    records = fmel.records
+    assert len(records) == len(strategy)
+    stages = [r.stage for r in records]
+    first_next = stages.index("NEXTSTART")
+    assert first_next > 0 and set(stages[:first_next]) == {"PRENEXT"}
+    assert set(stages[first_next + 1 :]) == {"NEXT"}
+    if analyzer is _CountingFMEL:
+        assert fmel.nexts == stages.count("NEXT")
+        assert fmel.cash_notices == len(strategy)
+    if analyzer is _ParentFMEL:
+        calls = fmel.child.calls
+        assert [c for c in calls if c != "fund"] == [s.lower() for s in stages]
+        assert calls.count("fund") == len(strategy)
+    for name in ("_prenext", "_nextstart", "_next", "_notify_cashvalue", "_notify_fund"):
+        assert name not in vars(fmel), name
+
+
+class _Peeker(bt.Strategy):  # type: ignore[misc]
+    """Looks at how backtrader will reach the FMEL analyzer this bar."""
+
+    def next(self) -> None:
+        fmel = self.analyzers.fmel
+        self.bound = {n for n in ("_next", "_notify_cashvalue", "_notify_fund") if n in vars(fmel)}
+
+
+@pytest.mark.parametrize(
+    ("analyzer", "bound"),
+    [
+        (FMELAnalyzer, {"_next", "_notify_cashvalue", "_notify_fund"}),
+        (_CountingFMEL, {"_notify_fund"}),  # its own next and notify_cashvalue: backtrader's calls
+        (_ParentFMEL, set()),  # a child: backtrader's calls
+    ],
+)
+def test_the_bar_calls_are_bound_only_where_nothing_else_runs(
+    analyzer: type, bound: set[str]
+) -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    cfg = FEEDS[0]
+    cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
+    cerebro.addstrategy(_Peeker)
+    cerebro.addanalyzer(analyzer, _name="fmel")
+    assert cerebro.run()[0].bound == bound

@@ -276,9 +276,14 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self.tracker.gaps:
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)
-        self._bind_bar_calls()
         if self.p.gc_freeze:
             self._froze = _GC_FREEZE.enter(self)
+
+    def _start(self) -> None:
+        # backtrader's: the children's _start, then start() (a subclass's start() may add
+        # children after ours); then the bar calls are shortened where nothing else runs
+        super()._start()
+        self._bind_bar_calls()
 
     def _bind_bar_calls(self) -> None:
         """Shorten backtrader's calls into this analyzer once a bar. ``Analyzer._next`` runs
@@ -286,25 +291,24 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         frames; bound here to :meth:`_record` with its stage (a ``functools.partial``: one
         frame). The cash/value and fund notices (``_notify_cashvalue``, ``_notify_fund``,
         twice a bar) reach nothing when there are no children and ``notify_cashvalue`` /
-        ``notify_fund`` are backtrader's ``pass``: bound to a single no-op frame. Only for an
-        analyzer without children whose ``prenext``/``nextstart``/``next`` are this class's
-        (a subclass overriding one keeps backtrader's calls, and its own code runs)."""
+        ``notify_fund`` are backtrader's ``pass``: bound to a single no-op frame.
+
+        Only where nothing else would run: no child analyzer (also none added by a
+        subclass's ``start()``: this runs after it), and both the private hook and its public
+        one are still the functions of FMELAnalyzer / ``bt.Analyzer`` as imported (a subclass
+        or mixin overriding either, e.g. ``bt.TimeFrameAnalyzerBase``'s ``_next``, a mock
+        patched onto the class, or one set on the instance keeps backtrader's calls)."""
         if self._children:
             return
-        cls = type(self)
-        for private, public, stage in (
-            ("_prenext", "prenext", "PRENEXT"),
-            ("_nextstart", "nextstart", "NEXTSTART"),
-            ("_next", "next", "NEXT"),
-        ):
-            if getattr(cls, public) is getattr(FMELAnalyzer, public) and public not in vars(self):
-                setattr(self, private, functools.partial(self._record, stage))
-        for private, public in (
-            ("_notify_cashvalue", "notify_cashvalue"),
-            ("_notify_fund", "notify_fund"),
-        ):
-            if getattr(cls, public) is getattr(bt.Analyzer, public) and public not in vars(self):
-                setattr(self, private, _ignore)
+        cls, mine = type(self), vars(self)
+        for private, public, own in _BAR_CALLS:
+            if (
+                private not in mine
+                and public not in mine
+                and getattr(cls, private, None) is _ANALYZER_HOOKS[private]
+                and getattr(cls, public, None) is own
+            ):
+                setattr(self, private, _binding(self, private))
 
     def _wrap_agent(self, strategy: Any) -> None:
         # The flag is flipped by storing the module attribute (no call: these wrappers run
@@ -741,6 +745,29 @@ atexit.register(_GC_FREEZE.release_all)
 
 def _ignore(*args: Any) -> None:
     """Takes a notice and does nothing (see :meth:`FMELAnalyzer._bind_bar_calls`)."""
+
+
+# FMELAnalyzer._bind_bar_calls: (backtrader's private hook, its public one, the public one's
+# function when nothing overrides it), the functions taken as imported (a mock patched onto
+# either class later is not taken for them)
+_ANALYZER_HOOKS: dict[str, Any] = {
+    name: vars(bt.Analyzer)[name]
+    for name in ("_prenext", "_nextstart", "_next", "_notify_cashvalue", "_notify_fund")
+}
+_BAR_CALLS: tuple[tuple[str, str, Any], ...] = (
+    ("_prenext", "prenext", vars(FMELAnalyzer)["prenext"]),
+    ("_nextstart", "nextstart", vars(FMELAnalyzer)["nextstart"]),
+    ("_next", "next", vars(FMELAnalyzer)["next"]),
+    ("_notify_cashvalue", "notify_cashvalue", vars(bt.Analyzer)["notify_cashvalue"]),
+    ("_notify_fund", "notify_fund", vars(bt.Analyzer)["notify_fund"]),
+)
+_STAGE_OF = {"_prenext": "PRENEXT", "_nextstart": "NEXTSTART", "_next": "NEXT"}
+
+
+def _binding(fmel: FMELAnalyzer, private: str) -> Callable[..., Any]:
+    """What :meth:`FMELAnalyzer._bind_bar_calls` sets for ``private``."""
+    stage = _STAGE_OF.get(private)
+    return _ignore if stage is None else functools.partial(fmel._record, stage)
 
 
 def _round_ms(posix_s: float) -> float:

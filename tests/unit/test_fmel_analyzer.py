@@ -323,3 +323,81 @@ def test_the_bar_calls_are_bound_only_where_nothing_else_runs(
     cerebro.addstrategy(_Peeker)
     cerebro.addanalyzer(analyzer, _name="fmel")
     assert cerebro.run()[0].bound == bound
+
+
+# Found by a fresh-context attack on the binding: each kept backtrader's calls before the fix.
+
+
+class _PrivateHooks(FMELAnalyzer):
+    """Overrides backtrader's private hooks themselves, then calls them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nexts = self.cash_notices = 0
+
+    def _next(self) -> None:
+        self.nexts += 1
+        super()._next()
+
+    def _notify_cashvalue(self, cash: float, value: float) -> None:
+        self.cash_notices += 1
+        super()._notify_cashvalue(cash, value)
+
+
+class _MonthlyFMEL(FMELAnalyzer, bt.TimeFrameAnalyzerBase):  # type: ignore[misc]
+    """backtrader's timeframe analyzer does its work in _prenext/_nextstart/_next."""
+
+    params = (("timeframe", bt.TimeFrame.Months), ("compression", 1))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.months = 0
+
+    def on_dt_over(self) -> None:
+        self.months += 1
+
+
+class _ChildInStart(FMELAnalyzer):
+    """Adds a child analyzer in its own start(), after FMEL's."""
+
+    def start(self) -> None:
+        super().start()
+        child = _Child.__new__(_Child)
+        child.calls = []
+        child._children = []
+        self._register(child)
+        self.child = child
+
+
+def test_private_hook_overrides_mixins_and_late_children_keep_backtraders_calls() -> None:
+    strategy, fmel = _run_with(_PrivateHooks)
+    assert fmel.nexts == [r.stage for r in fmel.records].count("NEXT") > 0
+    assert fmel.cash_notices == len(strategy)
+    strategy, fmel = _run_with(_MonthlyFMEL)
+    first, last = (
+        datetime.fromtimestamp(r.bar_time, UTC) for r in fmel.records[:: len(strategy) - 1]
+    )
+    months = (last.year - first.year) * 12 + last.month - first.month
+    assert months - 1 <= fmel.months <= months + 1 and fmel.months > 12
+    strategy, fmel = _run_with(_ChildInStart)
+    stages = [r.stage.lower() for r in fmel.records]
+    assert [c for c in fmel.child.calls if c != "fund"] == stages
+    assert len(fmel.records) == len(strategy)
+
+
+def test_a_mock_patched_onto_the_class_is_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"next": 0, "cash": 0}
+    own_next = FMELAnalyzer.next
+
+    def spy_next(self: Any) -> None:
+        calls["next"] += 1
+        own_next(self)
+
+    def spy_cash(self: Any, cash: float, value: float) -> None:
+        calls["cash"] += 1
+
+    monkeypatch.setattr(FMELAnalyzer, "next", spy_next)
+    monkeypatch.setattr(bt.Analyzer, "notify_cashvalue", spy_cash)
+    strategy, fmel = _run_with(FMELAnalyzer)
+    assert calls["next"] == [r.stage for r in fmel.records].count("NEXT") > 0
+    assert calls["cash"] == len(strategy)

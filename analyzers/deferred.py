@@ -109,9 +109,8 @@ class PendingReads:
 
 def settle_batch(pending: Sequence[PendingReads]) -> None:
     """Resolve a batch of bars at once (the decision writer's thread, before it stores them):
-    the common reads vectorised (:func:`~analyzers.tracking.columns.resolve_columns`, one call
-    per chunk of :data:`CHUNK_BARS` bars / :data:`CHUNK_READS` reads), every other bar per
-    read. Afterwards each is :attr:`~PendingReads.done`; those resolved as
+    the common reads vectorised (:func:`~analyzers.tracking.columns.resolve_columns`), every
+    other bar per read. Afterwards each is :attr:`~PendingReads.done`; those resolved as
     columns answer :meth:`PendingReads.columns`."""
     by_tracker: dict[int, list[PendingReads]] = {}
     for p in pending:
@@ -121,44 +120,17 @@ def settle_batch(pending: Sequence[PendingReads]) -> None:
         tracker = group[0].tracker
         with tracker.resolve_lock:
             todo = [p for p in group if p._result is None and p._cols is None]
-            for chunk in _chunks(todo):
-                raw = [(p._reads, p._state) for p in chunk]
-                cols = resolve_columns(tracker, raw)  # type: ignore[arg-type]
-                if cols is not None:
-                    for b, i in enumerate(cols.done):
-                        p = chunk[i]
-                        p._cols = (cols, b)
-                        p._lookaheads = 0
-                        p._reads = p._state = None
+            raw = [(p._reads, p._state) for p in todo]
+            cols = resolve_columns(tracker, raw) if raw else None  # type: ignore[arg-type]
+            if cols is not None:
+                for b, i in enumerate(cols.done):
+                    p = todo[i]
+                    p._cols = (cols, b)
+                    p._lookaheads = 0
+                    p._reads = p._state = None
         for p in group:
             if not p.done:
                 p.result()
-
-
-# Bars resolved together by settle_batch: at most this many raw reads (and CHUNK_BARS bars)
-# per resolve_columns call. Its arrays then stay within a core's L2 cache (1 MiB here): the
-# read-heavy benchmark's batches of 2,048 bars (~145,000 reads) cost 23-28 us a bar in one
-# call, 17-21 in chunks of ~32,000 reads (docs/benchmarks.md, fourteenth pass).
-CHUNK_READS = 32_768
-CHUNK_BARS = 512
-
-
-def _chunks(todo: list[PendingReads]) -> list[list[PendingReads]]:
-    """``todo`` in consecutive chunks of at most :data:`CHUNK_BARS` bars and, unless a single
-    bar holds more, :data:`CHUNK_READS` raw reads."""
-    chunks: list[list[PendingReads]] = []
-    chunk: list[PendingReads] = []
-    reads = 0
-    for p in todo:
-        n = len(p._reads or ())
-        if chunk and (reads + n > CHUNK_READS or len(chunk) >= CHUNK_BARS):
-            chunks.append(chunk)
-            chunk, reads = [], 0
-        chunk.append(p)
-        reads += n
-    if chunk:
-        chunks.append(chunk)
-    return chunks
 
 
 class DeferredRecord(DecisionRecord):

@@ -24,7 +24,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzers import deferred
 from analyzers.deferred import DeferredRecord
 from analyzers.schema import DecisionRecord, duckdb_ddl, row_json
 from analyzers.sinks.base import Row, RowError
@@ -45,7 +44,6 @@ class TwoWaySink(LocalDuckDBSink):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.columns = 0  # records whose reads were resolved in columns
-        self.most_chunks = 0  # most resolve_columns chunks in one batch
         self.records: list[DecisionRecord] = []
         self.callers: set[int] = set()
 
@@ -60,12 +58,6 @@ class TwoWaySink(LocalDuckDBSink):
         self.callers.add(threading.get_ident())
         reference = [_per_read(r) for r in records]  # before the fast path resolves them
         errors = super().write_records(records)
-        chunks = {
-            id(at[0])
-            for r in records
-            if isinstance(r, DeferredRecord) and (at := r.pending.columns()) is not None
-        }
-        self.most_chunks = max(self.most_chunks, len(chunks))
         self.columns += sum(
             1 for r in records if isinstance(r, DeferredRecord) and r.pending.columns()
         )
@@ -107,18 +99,8 @@ def _rows(con: Any, table: str) -> list[tuple[Any, ...]]:
     return list(con.execute(f"SELECT * FROM {table} ORDER BY decision_point").fetchall())
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-3"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_columns_and_arrow_equal_the_per_read_path(
-    case: Case, chunked: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Stored through the columns and Arrow, every row equals the per-read path's.
-    ``chunked``: each batch of 64 resolved in chunks of at most 3 bars / 10 reads (a wider bar
-    alone: ``CHUNK_BARS``, ``CHUNK_READS``), so its ``data_accessed`` is many pieces, some of
-    them slices where a run of bars resolved read by read cut a chunk."""
-    if chunked:
-        monkeypatch.setattr(deferred, "CHUNK_BARS", 3)
-        monkeypatch.setattr(deferred, "CHUNK_READS", 10)
+def test_columns_and_arrow_equal_the_per_read_path(case: Case, tmp_path: Path) -> None:
     sink = TwoWaySink(tmp_path / "fmel.duckdb")
     writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")
     writer.start()
@@ -140,8 +122,6 @@ def test_columns_and_arrow_equal_the_per_read_path(
     assert recorded == out.expected
     fmel: Any = out.strategy.analyzers.fmel
     assert fmel.lookahead_total == sum(r.lookahead_reads for r in sink.records)
-    if sink.columns > 3:  # chunks of 512 bars: a batch of 64 is one
-        assert (sink.most_chunks > 1) if chunked else (sink.most_chunks == 1)
 
 
 def test_the_common_reads_are_resolved_in_columns(tmp_path: Path) -> None:
@@ -264,30 +244,3 @@ def test_the_batch_states_array_is_the_row_by_row_one(
     got = _states([([], s) for s in states], len(states), slots)
     assert got.dtype == np.int64 and got.shape == want.shape
     assert np.array_equal(got, want)
-
-
-@pytest.mark.parametrize(
-    ("sizes", "most_bars", "most_reads", "want"),
-    [
-        ([], 3, 10, []),
-        ([1, 1, 1, 1], 3, 10, [3, 1]),
-        ([4, 4, 4], 5, 10, [2, 1]),
-        ([11, 1, 1], 5, 10, [1, 2]),  # a bar wider than the chunk stands alone
-        ([1, 11, 1], 5, 10, [1, 1, 1]),
-        ([0, 0, 5, 5, 0], 5, 10, [5]),
-        ([0, 0, 5, 5, 1], 5, 10, [4, 1]),
-    ],
-)
-def test_settling_is_cut_in_chunks_of_bars_and_reads(
-    sizes: list[int],
-    most_bars: int,
-    most_reads: int,
-    want: list[int],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(deferred, "CHUNK_BARS", most_bars)
-    monkeypatch.setattr(deferred, "CHUNK_READS", most_reads)
-    bars = [deferred.PendingReads(None, [(0, 0, 1, 0, 0.0)] * n, ()) for n in sizes]  # type: ignore[arg-type]
-    chunks = deferred._chunks(bars)
-    assert [len(c) for c in chunks] == want
-    assert [p for c in chunks for p in c] == bars

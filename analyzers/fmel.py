@@ -301,14 +301,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self._children:
             return
         cls, mine = type(self), vars(self)
-        for private, public, own in _BAR_CALLS:
+        for private, public, own, stage in _BAR_CALLS:
             if (
                 private not in mine
                 and public not in mine
                 and getattr(cls, private, None) is _ANALYZER_HOOKS[private]
                 and getattr(cls, public, None) is own
             ):
-                setattr(self, private, _binding(self, private))
+                bound = _ignore if stage is None else functools.partial(self._record, stage)
+                setattr(self, private, bound)
 
     def _wrap_agent(self, strategy: Any) -> None:
         # The flag is flipped by storing the module attribute (no call: these wrappers run
@@ -394,7 +395,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self._events:
             self._record("STOP")
         self.tracker.untrack_all()
-        for name in ("_prenext", "_nextstart", "_next", "_notify_cashvalue", "_notify_fund"):
+        for name in _ANALYZER_HOOKS:
             self.__dict__.pop(name, None)  # _bind_bar_calls
         for obj, name in self._unwrap:
             vars(obj).pop(name, None)
@@ -748,26 +749,19 @@ def _ignore(*args: Any) -> None:
 
 
 # FMELAnalyzer._bind_bar_calls: (backtrader's private hook, its public one, the public one's
-# function when nothing overrides it), the functions taken as imported (a mock patched onto
-# either class later is not taken for them)
+# function when nothing overrides it, the record's stage or None for a notice), the functions
+# taken as imported (a mock patched onto either class later is not taken for them)
 _ANALYZER_HOOKS: dict[str, Any] = {
     name: vars(bt.Analyzer)[name]
     for name in ("_prenext", "_nextstart", "_next", "_notify_cashvalue", "_notify_fund")
 }
-_BAR_CALLS: tuple[tuple[str, str, Any], ...] = (
-    ("_prenext", "prenext", vars(FMELAnalyzer)["prenext"]),
-    ("_nextstart", "nextstart", vars(FMELAnalyzer)["nextstart"]),
-    ("_next", "next", vars(FMELAnalyzer)["next"]),
-    ("_notify_cashvalue", "notify_cashvalue", vars(bt.Analyzer)["notify_cashvalue"]),
-    ("_notify_fund", "notify_fund", vars(bt.Analyzer)["notify_fund"]),
+_BAR_CALLS: tuple[tuple[str, str, Any, str | None], ...] = (
+    ("_prenext", "prenext", vars(FMELAnalyzer)["prenext"], "PRENEXT"),
+    ("_nextstart", "nextstart", vars(FMELAnalyzer)["nextstart"], "NEXTSTART"),
+    ("_next", "next", vars(FMELAnalyzer)["next"], "NEXT"),
+    ("_notify_cashvalue", "notify_cashvalue", vars(bt.Analyzer)["notify_cashvalue"], None),
+    ("_notify_fund", "notify_fund", vars(bt.Analyzer)["notify_fund"], None),
 )
-_STAGE_OF = {"_prenext": "PRENEXT", "_nextstart": "NEXTSTART", "_next": "NEXT"}
-
-
-def _binding(fmel: FMELAnalyzer, private: str) -> Callable[..., Any]:
-    """What :meth:`FMELAnalyzer._bind_bar_calls` sets for ``private``."""
-    stage = _STAGE_OF.get(private)
-    return _ignore if stage is None else functools.partial(fmel._record, stage)
 
 
 def _round_ms(posix_s: float) -> float:

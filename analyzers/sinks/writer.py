@@ -262,15 +262,8 @@ class DecisionWriter:
         replay_write_s: float = 2.0,
         switch_interval_s: float | None = SWITCH_INTERVAL_S,
     ) -> None:
-        if switch_interval_s is not None and not (
-            isinstance(switch_interval_s, (int, float))
-            and not isinstance(switch_interval_s, bool)
-            and 0 < switch_interval_s < math.inf
-        ):
-            raise ConfigError(
-                f"switch_interval_s must be a positive number of seconds or None, "
-                f"got {switch_interval_s!r}"
-            )
+        if switch_interval_s is not None:
+            _seconds("switch_interval_s", switch_interval_s)
         _whole("queue_size", queue_size)
         _whole("batch_size", batch_size)
         if max_batch is not None:

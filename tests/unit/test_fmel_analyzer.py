@@ -187,12 +187,12 @@ class _AssignedReader(bt.Strategy):  # type: ignore[misc]
         self.notify_cashvalue = lambda cash, value: self.data.low[0]
 
 
-def _one_feed_run(strategy: type) -> Any:
+def _one_feed_run(strategy: type, analyzer: type = FMELAnalyzer) -> Any:
     cerebro = bt.Cerebro(stdstats=False)
     cfg = FEEDS[0]
     cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
     cerebro.addstrategy(strategy)
-    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(analyzer, _name="fmel")
     return cerebro.run()[0]
 
 
@@ -317,12 +317,7 @@ class _Peeker(bt.Strategy):  # type: ignore[misc]
 def test_the_bar_calls_are_bound_only_where_nothing_else_runs(
     analyzer: type, bound: set[str]
 ) -> None:
-    cerebro = bt.Cerebro(stdstats=False)
-    cfg = FEEDS[0]
-    cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
-    cerebro.addstrategy(_Peeker)
-    cerebro.addanalyzer(analyzer, _name="fmel")
-    assert cerebro.run()[0].bound == bound
+    assert _one_feed_run(_Peeker, analyzer).bound == bound
 
 
 # Found by a fresh-context attack on the binding: each kept backtrader's calls before the fix.

@@ -38,12 +38,13 @@ from typing import Any
 
 import backtrader as bt
 
-from analyzers.deferred import DeferredRecord, PendingReads
+from analyzers.deferred import DeferredRecord, PendingReads, settle_batch
 from analyzers.schema import (
     Action,
     DecisionRecord,
     Position,
     RunInfo,
+    new_session_id,
 )
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking import AccessTracker, proxies
@@ -225,7 +226,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._confidence: float | None = None
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
-        self._unwrap: list[tuple[Any, str]] = []
+        # (object, attribute, its instance value before the wrapper or _ABSENT): put back at stop
+        self._unwrap: list[tuple[Any, str, Any]] = []
         self._dtline: Any = None
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
         # with a writer and growing buffers, reads are resolved on the writer thread
@@ -255,13 +257,16 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
     def start(self) -> None:
         strategy = self.strategy
         if self.run_info is None:
+            # one session per analyzer: two strategies of one Cerebro, or two runs into one
+            # store, never share a decision_id
             self.run_info = make_run_info(
                 type(strategy),
-                session_id="local",
+                session_id=new_session_id(),
                 agent_id=None,
                 mode="backtest",
                 params_json=agent_params_json(strategy),
             )
+        self._refuse_shared_ids()
         self._datas = list(strategy.datas)
         self._dtline = strategy.lines.datetime  # the bar time of each record
         for data in self._datas:
@@ -278,6 +283,43 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._wrap_agent(strategy)
         if self.p.gc_freeze:
             self._froze = _GC_FREEZE.enter(self)
+
+    def _refuse_shared_ids(self) -> None:
+        """Refuse a ``run`` whose decision ids another strategy of the same Cerebro writes.
+
+        Decision ids are ``<session_id>:<decision_point>`` (``<decision_scope>:<bar time>``):
+        two strategies given the same :class:`RunInfo` (``cerebro.addanalyzer(FMELAnalyzer,
+        run=info, writer=w)`` with two ``addstrategy`` calls) would both write
+        ``<session>:0``, ``<session>:1``... and a store that skips ids it holds (replays,
+        retries of a batch stored in part) would drop one strategy's decisions. Backtrader
+        starts the strategies one after another (``Cerebro.runstrategies``): the second finds
+        the first's analyzer in ``cerebro.runningstrats``.
+
+        Raises:
+            ValueError: both write (a ``writer`` each) under the same id prefix; names it.
+        """
+        run = self.run_info
+        if self.writer is None or run is None:
+            return
+        prefix = run.decision_scope or run.session_id
+        cerebro = getattr(self.strategy, "env", None)
+        for other in getattr(cerebro, "runningstrats", ()):
+            if other is self.strategy:
+                break
+            for analyzer in getattr(other, "analyzers", ()):
+                theirs = getattr(analyzer, "run_info", None)
+                if (
+                    isinstance(analyzer, FMELAnalyzer)
+                    and analyzer.writer is not None
+                    and theirs is not None
+                    and (theirs.decision_scope or theirs.session_id) == prefix
+                ):
+                    raise ValueError(
+                        f"FMELAnalyzer: strategies {type(other).__name__} and "
+                        f"{type(self.strategy).__name__} would write the same decision ids "
+                        f"({prefix}:...): give each its own run (make_run_info(..., "
+                        "session_id=...)), or leave run unset for a new session each"
+                    )
 
     def _start(self) -> None:
         # backtrader's: the children's _start, then start() (a subclass's start() may add
@@ -368,6 +410,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
             return call
 
+        def wrap(obj: Any, name: str, wrapper: Callable[..., Any]) -> None:
+            self._unwrap.append((obj, name, vars(obj).get(name, _ABSENT)))
+            setattr(obj, name, wrapper)
+
         for name in _AGENT_CALLBACKS:
             # backtrader's own callbacks read nothing (``pass``, or nextstart calling the
             # wrapped next): left unwrapped, a bar does not pay for notify_fund and the like
@@ -375,30 +421,41 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 bt.Strategy, name, None
             ):
                 continue
-            setattr(strategy, name, tracked(getattr(strategy, name)))
+            wrap(strategy, name, tracked(getattr(strategy, name)))
         for name in _ORDER_CALLS:
-            setattr(strategy, name, ordering(getattr(strategy, name), name))
+            wrap(strategy, name, ordering(getattr(strategy, name), name))
         for name in _ON_BEHALF_CALLS:
             if callable(getattr(strategy, name, None)):
-                setattr(strategy, name, on_behalf(getattr(strategy, name)))
+                wrap(strategy, name, on_behalf(getattr(strategy, name)))
         broker = strategy.broker
         self._getvalue = broker.getvalue  # unwrapped: the analyzer runs outside agent calls
         for name in _BROKER_CALLS:
             method = getattr(broker, name, None)
             if inspect.ismethod(method) and name not in vars(broker):
-                setattr(broker, name, on_behalf(method))
-                self._unwrap.append((broker, name))
+                wrap(broker, name, on_behalf(method))
 
     def stop(self) -> None:
         # Order events that arrived after the last bar (a live broker's final cancels and fills,
         # delivered just before the strategies stop) get one last record, stage STOP.
         if self._events:
             self._record("STOP")
+        # The feeds' buffers hold this run's bars only until the next run over the same feeds
+        # resets them (cerebro.run() again, optstrategy in one process): the reads the writer
+        # has not resolved yet are resolved now, a batch at once, while the bars are there.
+        pending = [p for p in self._pending if not p.done]
+        self._pending.clear()
+        if pending:
+            settle_batch(pending)
         self.tracker.untrack_all()
         for name in _ANALYZER_HOOKS:
             self.__dict__.pop(name, None)  # _bind_bar_calls
-        for obj, name in self._unwrap:
-            vars(obj).pop(name, None)
+        # the agent and the broker as they were (a finished strategy pickles: backtrader's
+        # optimisation with maxcpus > 1 sends analyzers holding it to the parent process)
+        for obj, name, before in reversed(self._unwrap):
+            if before is _ABSENT:
+                vars(obj).pop(name, None)
+            else:
+                vars(obj)[name] = before
         self._unwrap.clear()
         self._release_gc()
 
@@ -587,6 +644,45 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if pos.size
         )
 
+    # -- another process ---------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A finished run's results, for another process: backtrader's optimisation with
+        ``maxcpus`` > 1 (``cerebro.optstrategy``) sends each run's analyzers back from its
+        worker process in a ``cerebro.OptReturn`` (pickled by ``multiprocessing``), after
+        detaching them from the strategy and its datas. Kept: :attr:`records`,
+        :attr:`decisions`, :attr:`run_info`, the params and what :meth:`get_analysis`
+        answers (look-ahead reads, tracking gaps); the tracking (lines, wrapped agent calls,
+        locks) stays behind. Pending reads are resolved first (on the calling thread).
+
+        Raises:
+            TypeError: the analyzer has a ``writer``: its records are that writer's, in this
+                process (a :class:`DecisionWriter` itself refuses to be pickled).
+        """
+        if self.writer is not None:
+            raise TypeError(
+                "an FMELAnalyzer with a writer cannot be pickled: its records go to that "
+                "writer's store in this process"
+            )
+        self._settle()
+        return {
+            "p": self.p,
+            "params": self.params,
+            "records": self.records,
+            "decisions": self.decisions,
+            "run_info": self.run_info,
+            "_finished": (self.tracker.lookahead_total, list(self.tracker.gaps)),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        lookaheads, gaps = state.pop("_finished")
+        self.__dict__.update(state)
+        self.writer = None
+        self._pending = collections.deque()
+        self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
+        self.tracker.lookahead_total = lookaheads
+        self.tracker.gaps = gaps
+
     def get_analysis(self) -> Mapping[str, Any]:
         """``decisions``, ``lookahead_reads``, ``tracking_gaps``. backtrader asks for it at the
         end of every run: ``lookahead_reads`` is counted when read (it resolves the bars still
@@ -747,6 +843,8 @@ atexit.register(_GC_FREEZE.release_all)
 def _ignore(*args: Any) -> None:
     """Takes a notice and does nothing (see :meth:`FMELAnalyzer._bind_bar_calls`)."""
 
+
+_ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
 
 # FMELAnalyzer._bind_bar_calls: (backtrader's private hook, its public one, the public one's
 # function when nothing overrides it, the record's stage or None for a notice), the functions

@@ -13,6 +13,7 @@ into a JSON-ready ``dict`` on the sink's writer thread (timestamps as ISO-8601 U
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -172,6 +173,13 @@ class Position(NamedTuple):
     symbol: str
     size: float
     price: float
+
+
+def new_session_id() -> str:
+    """``20261121T051502Z-3f9a1c2e``: the UTC start time (sortable) and 32 random bits, unique
+    per run (``secrets.token_hex``: two runs started in the same second collide with
+    probability 2**-32)."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
 class RunInfo(NamedTuple):

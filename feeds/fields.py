@@ -4,6 +4,7 @@ dynamic lines. Names, checks and the data hash live in :mod:`core.bars`.
 
 from __future__ import annotations
 
+import copyreg
 import inspect
 import re
 import sys
@@ -141,4 +142,23 @@ def dynamic_feed_class(base: type, extra_fields: tuple[str, ...]) -> type:
         )
         cls = type(name, (base,), {"lines": extra_fields, "__module__": base.__module__})
         _FEED_CLASSES[key] = cls
+        _BUILT[cls] = key
+        copyreg.pickle(type(cls), _reduce_feed_class)
     return cls
+
+
+_BUILT: dict[type, tuple[type, tuple[str, ...]]] = {}
+
+
+def _reduce_feed_class(cls: type) -> str | tuple[Any, ...]:
+    """Pickle a class built by :func:`dynamic_feed_class` as the call that builds it: it is
+    not an attribute of its module, where pickle looks classes up. Needed where backtrader
+    pickles feeds: ``cerebro.optstrategy`` with ``maxcpus`` > 1 sends the Cerebro to worker
+    processes. Registered with ``copyreg`` for the classes' metaclass (backtrader's
+    ``MetaAbstractDataBase``): any other class of that metaclass is pickled by name, as
+    pickle does without a reducer (a reducer returning a string: Python docs, ``pickle``,
+    "Pickling Class Instances", ``__reduce__``)."""
+    key = _BUILT.get(cls)
+    if key is None:
+        return cls.__qualname__
+    return dynamic_feed_class, key

@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import backtrader as bt
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
+from analyzers.schema import new_session_id as new_session_id  # re-exported: its old home
 from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.spill import SpillDirClaim, SpillDirInUseError
@@ -33,11 +32,6 @@ if TYPE_CHECKING:
     from runtime.brokers.risk import RiskConfig
 
 logger = logging.getLogger(__name__)
-
-
-def new_session_id() -> str:
-    """``20261121T051502Z-3f9a1c2e``: sortable by start time, unique per run."""
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
 
 
 def load_agent(spec: str, params: dict[str, Any]) -> type:

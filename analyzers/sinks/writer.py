@@ -17,7 +17,8 @@ start, before this run's records. Rows a sink rejects for good (a bad value) are
 
 Counts (:class:`WriterStats`): every record submitted to this writer is, at any time, in exactly
 one of: waiting (buffered or being written), ``written`` (stored), ``spilled`` (in the spill file
-now), ``rejected``, ``lost`` (only after a disk error, at stop); after
+now), ``rejected``, ``lost`` (after a disk error, at stop; or a record that cannot be
+converted to a row, logged); after
 :meth:`DecisionWriter.stop` nothing is waiting, so ``written + spilled + rejected + lost ==
 submitted``. Rows of earlier runs found in the spill at start are counted apart
 (``replayed`` once stored, ``earlier_rejected``, ``earlier_left`` still waiting). A batch the
@@ -59,7 +60,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
@@ -101,7 +102,8 @@ class WriterStats:
         earlier_torn: lines of earlier runs dropped from the spill file as torn (cut by a crash
             during an append: not a readable row; logged when read).
         lost: of those, neither stored nor kept on disk: the spill folder could not be written
-            (a full disk) and the sink did not take them before the stop (``lost_reason``).
+            (a full disk) and the sink did not take them before the stop, or the record could
+            not be made a row (its reads could not be resolved: logged; ``lost_reason``).
         lost_reason: why records were lost ("" when none were).
         unsure_in_spill: of the rows in the spill (``in_spill``: this run's and earlier
             runs'), those the store may hold all the same, set at :meth:`DecisionWriter.stop`:
@@ -344,6 +346,16 @@ class DecisionWriter:
 
     # -- owner and main thread --------------------------------------------------------------
 
+    def __reduce__(self) -> NoReturn:
+        # A writer is one thread and one open store: it cannot be in two processes. Where it
+        # gets pickled: backtrader's optimisation with maxcpus > 1 sends the Cerebro (with
+        # the analyzers' params) to its worker processes.
+        raise TypeError(
+            "a DecisionWriter cannot be pickled (one writer thread and store per process): "
+            "with cerebro.optstrategy use maxcpus=1, or give each process its own writer "
+            "(MODE=optimize does: each trial records into its own part of the store)"
+        )
+
     def start(self) -> None:
         """Open the sink and start the writer thread (which replays old spill files first).
 
@@ -439,6 +451,8 @@ class DecisionWriter:
                     reason = f"the spill folder cannot be written ({e})"
                 except (ValueError, TypeError) as e:
                     reason = f"the record cannot be written as JSON ({e})"
+                except Exception as e:  # noqa: BLE001 - reads not resolvable: counted, logged
+                    reason = f"the record could not be converted ({type(e).__name__}: {e})"
             if reason:
                 self.stats.lost += 1
                 self.stats.lost_reason = reason
@@ -564,13 +578,16 @@ class DecisionWriter:
         with self._io_lock:
             taken_over = self._abandoned  # an earlier stop() spilled the stuck batch already
             self._abandoned = self._thread is not None and self._thread.is_alive()
+            # a thread that died on an error (``_fatal``) leaves its batch in flight too
+            held_by_thread = self._abandoned or self._fatal is not None
             with self._cond:
                 on_disk = self._inflight_on_disk or taken_over
-                in_flight = list(self._inflight or []) if self._abandoned else []
-                if self._abandoned:
+                in_flight = list(self._inflight or []) if held_by_thread else []
+                if held_by_thread:
                     in_flight += self._inflight_rows or []
+                    self._inflight = self._inflight_rows = None
                 stuck = [] if on_disk else in_flight
-                left = [self._as_row(r) for r in [*stuck, *self._buf]]
+                left = self._rows([*stuck, *self._buf], owner=True)
                 self._buf.clear()
                 self._buf_reads = 0
                 self._closed = True
@@ -733,6 +750,36 @@ class DecisionWriter:
     def _as_row(record: Item) -> Row:
         return to_row(record) if isinstance(record, DecisionRecord) else record
 
+    def _rows(self, records: Sequence[Item], owner: bool = False) -> list[Row]:
+        """``records`` as JSON-shaped rows (:func:`to_row` resolves reads not resolved yet).
+        A record that cannot be converted (its reads cannot be resolved: a bug, or a feed
+        changed under a record still waiting) is counted ``lost`` with the reason, logged
+        once per call with the first id; the others are kept. Writer thread (counts nothing
+        once stop() took over), or ``owner``: stop() on its thread, io lock held."""
+        rows: list[Row] = []
+        failed: list[tuple[Item, Exception]] = []
+        for r in records:
+            try:
+                rows.append(self._as_row(r))
+            except Exception as e:  # noqa: BLE001 - counted and logged below
+                failed.append((r, e))
+        if failed:
+            record, error = failed[0]
+            reason = f"the record could not be converted ({type(error).__name__}: {error})"
+            with contextlib.nullcontext() if owner else self._io_lock:
+                if not owner and self._abandoned:
+                    return rows
+                self.stats.lost += len(failed)
+                self.stats.lost_reason = reason[:500]
+            logger.error(
+                "%d decision records lost: %s; first decision id %s",
+                len(failed),
+                reason[:500],
+                getattr(record, "decision_id", None),
+                exc_info=error,
+            )
+        return rows
+
     def _take(self) -> list[Item] | None:
         """Wait for a batch; [] when the interval passed with nothing to write; None when
         stopping and empty. With a journal, new records are journaled while waiting, and a
@@ -891,7 +938,7 @@ class DecisionWriter:
 
     def _deliver(self, batch: list[Item]) -> None:
         if self._spilling or self._out_of_time():
-            self._spill([self._as_row(r) for r in batch])
+            self._spill(self._rows(batch))
             self._maybe_recover()
             return
         # With a journal, ids may repeat across restarts: the de-duplicating write.
@@ -1106,7 +1153,7 @@ class DecisionWriter:
         """Spill a failed batch, except the records the sink says it stored anyway (counted
         written)."""
         is_stored = getattr(self.sink, "is_stored", None)
-        rows = [self._as_row(r) for r in batch]
+        rows = self._rows(batch)
         if is_stored is not None:
             left = [r for r in rows if not is_stored(r.get("decision_id"))]
             with self._io_lock:

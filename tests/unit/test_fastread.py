@@ -410,6 +410,7 @@ def _run(compiled: bool, exactbars: int, runonce: bool) -> tuple[Any, ...]:
         records = [
             r._replace(
                 ts=0.0,
+                run=r.run._replace(session_id="s"),  # a new session each run
                 actions=tuple(
                     a._replace(order_ref=refs.setdefault(a.order_ref, len(refs))) for a in r.actions
                 ),

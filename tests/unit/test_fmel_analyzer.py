@@ -217,12 +217,18 @@ def test_reads_in_notify_callbacks_are_recorded_however_the_agent_defines_them(
     assert fields == {field}
 
 
+class _CashReaderSeen(_CashReader):
+    def stop(self) -> None:  # before the analyzers' stop: the wrappers are still on
+        self.seen = set(vars(self))
+
+
 def test_backtraders_own_no_op_callbacks_are_not_wrapped() -> None:
-    s = _one_feed_run(_CashReader)
-    assert "notify_cashvalue" in vars(s)  # the agent's: wrapped
+    s = _one_feed_run(_CashReaderSeen)
+    assert "notify_cashvalue" in s.seen  # the agent's: wrapped
     for name in ("notify_fund", "notify_trade", "notify_order", "notify_timer", "prenext"):
-        assert name not in vars(s), name  # backtrader's ``pass``: left alone
-    assert "next" not in vars(s)  # not overridden by _CashReader either
+        assert name not in s.seen, name  # backtrader's ``pass``: left alone
+    assert "next" not in s.seen  # not overridden by _CashReader either
+    assert "notify_cashvalue" not in vars(s)  # and taken off at the analyzer's stop
 
 
 class _CountingFMEL(FMELAnalyzer):
@@ -396,3 +402,77 @@ def test_a_mock_patched_onto_the_class_is_called(monkeypatch: pytest.MonkeyPatch
     strategy, fmel = _run_with(FMELAnalyzer)
     assert calls["next"] == [r.stage for r in fmel.records].count("NEXT") > 0
     assert calls["cash"] == len(strategy)
+
+
+class _Buyer(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        if self.data.close[0] > self.data.close[-1]:
+            self.buy()
+
+
+class _Seller(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        if self.position and self.data.close[0] < self.data.open[0]:
+            self.sell()
+
+
+def _two_strategies(writer: DecisionWriter | None, **fmel: Any) -> list[Any]:
+    cerebro = bt.Cerebro(stdstats=False)
+    cfg = FEEDS[0]
+    cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
+    cerebro.addstrategy(_Buyer)
+    cerebro.addstrategy(_Seller)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer, **fmel)
+    return list(cerebro.run())
+
+
+def test_two_strategies_and_two_runs_into_one_store_keep_every_decision_apart(
+    tmp_path: Path,
+) -> None:
+    # Found by an attack on the writer: with one default session id ("local") for every
+    # analyzer, both strategies and both runs wrote "local:0", "local:1", ...: 4 rows per id,
+    # and a store skipping ids it holds (a retried batch stored in part) dropped decisions.
+    path = tmp_path / "f.duckdb"
+    expected: dict[str, tuple[str, int]] = {}
+    for _ in range(2):
+        writer = DecisionWriter(LocalDuckDBSink(path), batch_size=100)
+        writer.start()
+        strategies = _two_strategies(writer)
+        assert writer.stop(timeout_s=300).written == 2 * 2148
+        for s in strategies:
+            info = s.analyzers.fmel.run_info
+            expected[info.session_id] = (type(s).__name__, s.analyzers.fmel.decisions)
+    import duckdb
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        got = con.execute(
+            "SELECT session_id, any_value(agent_id), count(*), count(DISTINCT decision_id) "
+            "FROM decisions GROUP BY session_id"
+        ).fetchall()
+        total = con.execute("SELECT count(*), count(DISTINCT decision_id) FROM decisions")
+        assert total.fetchone() == (4 * 2148, 4 * 2148)
+    assert len(expected) == 4  # a session each
+    assert {sid: (agent, n) for sid, agent, n, _ in got} == expected
+    assert all(n == distinct for *_, n, distinct in got)
+
+
+def test_a_run_shared_by_two_writing_strategies_is_refused_by_name(tmp_path: Path) -> None:
+    info = make_run_info(_Buyer, session_id="s1", agent_id=None, mode="backtest")
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), batch_size=100)
+    writer.start()
+    try:
+        with pytest.raises(ValueError, match=r"_Buyer and _Seller would write the same .*s1:"):
+            _two_strategies(writer, run=info)
+    finally:
+        writer.stop(timeout_s=60)
+    # in memory nothing collides: allowed, each keeps its own records
+    a, b = _two_strategies(None, run=info)
+    assert a.analyzers.fmel.decisions == b.analyzers.fmel.decisions == 2148
+    # a decision scope is the id prefix of paper runs: named instead of the session
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "g.duckdb"), batch_size=100)
+    writer.start()
+    try:
+        with pytest.raises(ValueError, match=r"same decision ids \(deploy-1:"):
+            _two_strategies(writer, run=info._replace(decision_scope="deploy-1"))
+    finally:
+        writer.stop(timeout_s=60)

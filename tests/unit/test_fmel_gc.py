@@ -74,10 +74,14 @@ def run(bars: dict[str, CSVBars], strategies: int = 1, **params: Any) -> list[An
 
 
 def records(strategy: Any) -> list[Any]:
-    """The records without what differs between two runs anyway: the wall-clock time and
-    backtrader's order refs (a process-wide counter)."""
+    """The records without what differs between two runs anyway: the wall-clock time, the
+    session (a new one each run) and backtrader's order refs (a process-wide counter)."""
     return [
-        r._replace(ts=0.0, actions=tuple(a._replace(order_ref=0) for a in r.actions))
+        r._replace(
+            ts=0.0,
+            run=r.run._replace(session_id="s"),
+            actions=tuple(a._replace(order_ref=0) for a in r.actions),
+        )
         for r in strategy.analyzers.fmel.records
     ]
 

@@ -470,6 +470,52 @@ def test_unexpected_sink_error_keeps_the_batch(tmp_path: Path) -> None:
     assert stored(sink.path) == [0, 1, 2, 3]
 
 
+class _Unresolvable(DecisionRecord):
+    """A record whose reads cannot be resolved (as the writer met when a second run over the
+    same feeds reset their buffers under records still waiting)."""
+
+    @property
+    def data_accessed(self) -> Any:
+        raise IndexError("index 1000 is out of bounds for axis 0 with size 1000")
+
+
+def test_a_record_that_cannot_be_converted_is_counted_lost_and_the_rest_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    w = writer(sink, tmp_path, FakeClock(), batch_size=4)
+    w.start()
+    for i in range(8):
+        w.submit(_Unresolvable(*record(i)) if i in (1, 2) else record(i))
+    stats = w.stop()
+    # the batch with them failed in the sink and was spilled without them; the writer went on
+    assert (stats.written, stats.lost, stats.spilled, stats.rejected) == (6, 2, 0, 0)
+    assert stats.submitted == 8 and "IndexError: index 1000" in stats.lost_reason
+    assert stored(sink.path) == [0, 3, 4, 5, 6, 7]
+    lost = [r for r in caplog.records if "decision records lost" in r.getMessage()]
+    assert len(lost) == 1 and "2 decision records lost" in lost[0].getMessage()
+
+
+def test_a_writer_that_died_spills_the_batch_it_held(tmp_path: Path) -> None:
+    class Dying(LocalDuckDBSink):
+        def write_records(self, records: Sequence[DecisionRecord]) -> Any:
+            raise SystemExit("the writer thread ends here")  # not an Exception: fatal
+
+    sink = Dying(tmp_path / "f.duckdb")
+    w = writer(sink, tmp_path, FakeClock(), batch_size=4)
+    w.start()
+    for i in range(6):
+        w.submit(record(i))
+    stats = w.stop()
+    # the batch in flight when the thread died is not forgotten: spilled with the rest
+    assert stats.submitted == 6
+    assert stats.written + stats.spilled + stats.rejected + stats.lost == 6
+    assert stats.lost == 0 and w.failure is not None
+    assert sorted(int(r["decision_point"]) for r in SpillFile(w.spill_path).read()) == list(
+        range(6)
+    )
+
+
 def test_local_store_paths_agree_and_replays_do_not_duplicate(tmp_path: Path) -> None:
     from analyzers.schema import to_row
 

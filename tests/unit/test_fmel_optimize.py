@@ -1,0 +1,193 @@
+"""backtrader's own optimisation (``cerebro.optstrategy``) with FMEL: one process, and worker
+processes (``maxcpus`` > 1: backtrader pickles the Cerebro with its feeds to the workers and
+each run's analyzers back, in a ``cerebro.OptReturn``)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import backtrader as bt
+import pytest
+
+from analyzers.fmel import FMELAnalyzer
+from analyzers.schema import duckdb_ddl, duckdb_struct_type, row_json
+from analyzers.sinks.duckdb import LocalDuckDBSink
+from analyzers.sinks.writer import DecisionWriter
+from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+from tests.conftest import DATA
+
+GOOG = CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG")
+# a file with extra fields: its feed class is built at run time (feeds.fields.dynamic_feed_class)
+ENRICHED = DATA / "enriched" / "GOOG.csv"
+
+
+class _SmaAgent(bt.Strategy):  # type: ignore[misc]
+    params = (("period", 10),)
+
+    def __init__(self) -> None:
+        self.sma = bt.ind.SMA(self.data.close, period=self.p.period)
+
+    def next(self) -> None:
+        if not self.position and self.data.close[0] > self.sma[0]:
+            self.buy()
+        elif self.position and self.data.close[0] < self.sma[0]:
+            self.close()
+
+
+def _optimise(maxcpus: int, writer: DecisionWriter | None = None) -> list[Any]:
+    cerebro = bt.Cerebro(maxcpus=maxcpus, stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.optstrategy(_SmaAgent, period=[5, 20, 50])
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
+    cerebro.addanalyzer(bt.analyzers.SharpeRatio, _name="sharpe")
+    return [r[0] for r in cerebro.run()]
+
+
+def _comparable(fmel: Any) -> list[Any]:
+    # order refs count on per process: renumbered from the run's first
+    refs: dict[int, int] = {}
+    return [
+        r._replace(
+            ts=0.0,
+            run=r.run._replace(session_id="s"),
+            actions=tuple(
+                a._replace(order_ref=refs.setdefault(a.order_ref, len(refs))) for a in r.actions
+            ),
+        )
+        for r in fmel.records
+    ]
+
+
+def test_optstrategy_in_worker_processes_returns_what_one_process_does() -> None:
+    one = _optimise(maxcpus=1)
+    two = _optimise(maxcpus=2)
+    assert [r.params.period for r in two] == [r.params.period for r in one] == [5, 20, 50]
+    for a, b in zip(one, two, strict=True):
+        fa, fb = a.analyzers.fmel, b.analyzers.fmel
+        assert fb.decisions == fa.decisions == len(fb.records) == 2148
+        assert _comparable(fb) == _comparable(fa)
+        assert dict(fb.get_analysis()) == dict(fa.get_analysis())
+        assert b.analyzers.sharpe.get_analysis() == a.analyzers.sharpe.get_analysis()
+    # each run its own session
+    assert len({r.analyzers.fmel.run_info.session_id for r in two}) == 3
+
+
+def test_a_feed_class_built_at_run_time_pickles_as_the_call_that_builds_it() -> None:
+    cfg = CSVFeedConfig(path=ENRICHED, symbol="X")
+    feed = make_csv_feed(cfg)
+    assert feed.extra_fields  # the test means something: a class of its own
+    cls = type(feed)
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    # other classes of backtrader's feed metaclass still pickle by name
+    assert pickle.loads(pickle.dumps(bt.feeds.PandasData)) is bt.feeds.PandasData
+    again = pickle.loads(pickle.dumps(feed))
+    assert type(again) is cls and again.symbol == "X"
+
+
+class _AssignedCallback(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.notify_cashvalue = self._seen
+
+    def _seen(self, cash: float, value: float) -> None:
+        self.data.low[0]
+
+    def next(self) -> None:
+        self.data.close[0]
+
+
+def test_the_agent_and_broker_are_put_back_as_they_were_at_stop() -> None:
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_AssignedCallback)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    strategy = cerebro.run()[0]
+    assert strategy.analyzers.fmel.decisions == 2148  # it was tracked
+    assert vars(strategy)["notify_cashvalue"] == strategy._seen  # the agent's own, back
+    for name in ("next", "buy", "sell", "cancel", "close", "order_target_size", "getsizing"):
+        assert name not in vars(strategy), name
+    assert not {"getvalue", "get_value", "buy", "sell"} & set(vars(cerebro.broker))
+    pickle.dumps(strategy.analyzers.fmel)  # a finished analyzer without a writer pickles
+
+
+def test_a_writer_is_refused_by_name_when_backtrader_sends_it_to_workers(tmp_path: Path) -> None:
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
+    writer.start()
+    try:
+        with pytest.raises(TypeError, match=r"DecisionWriter cannot be pickled.*maxcpus=1"):
+            _optimise(maxcpus=2, writer=writer)
+        fmel = _optimise(maxcpus=1, writer=writer)[0].analyzers.fmel  # in one process: fine
+        assert fmel.decisions == 2148
+        with pytest.raises(TypeError, match="with a writer cannot be pickled"):
+            pickle.dumps(fmel)
+    finally:
+        stats = writer.stop(timeout_s=120)
+    assert (stats.written, stats.spilled) == (3 * 2148, 0)
+
+
+def _flushing_feed(writer: DecisionWriter) -> Any:
+    """GOOG's feed, asking ``writer`` to write what it holds when it has loaded 1,000 bars:
+    while backtrader preloads it for a run (``Cerebro.runstrategies``: ``data.reset()``, then
+    ``preload()``), as a writer thread may at any time."""
+    bars = read_csv_bars(GOOG)
+    base = type(make_csv_feed(GOOG, bars))
+
+    class Flushing(base):  # type: ignore[misc,valid-type]
+        def _load(self) -> bool:
+            loaded: bool = super()._load()
+            if self._i == 1000:
+                assert writer.flush(timeout_s=120)
+            return loaded
+
+    return Flushing(bars=bars, name="GOOG", timeframe=bars.timeframe, compression=bars.compression)
+
+
+_SAME = "decision_point, bar_time, stage, action, data_accessed, reads, lookahead_reads, positions"
+
+
+def test_a_cerebro_run_twice_with_one_writer_stores_each_runs_own_reads(tmp_path: Path) -> None:
+    # The writer resolves reads after the bar, from the feeds' buffers; a second run over the
+    # same feeds resets them (backtrader's LineBuffer.reset). Before the analyzer resolved its
+    # run's last reads at stop, the second run's first batches failed (IndexError in the
+    # writer; the records went to the spill).
+    path = tmp_path / "f.duckdb"
+    # nothing written but when the feed asks: the first run's last reads are resolved while
+    # the second run's bars are half loaded
+    writer = DecisionWriter(
+        LocalDuckDBSink(path),
+        batch_size=10_000,
+        flush_interval_s=3600,
+        spill_dir=tmp_path / "spill",
+    )
+    writer.start()
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(_flushing_feed(writer), name="GOOG")
+    cerebro.addstrategy(_SmaAgent)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
+    sessions = [cerebro.run()[0].analyzers.fmel.run_info.session_id for _ in range(2)]
+    stats = writer.stop(timeout_s=300)
+    print("STATS", stats)
+    assert (stats.written, stats.spilled) == (2 * 2148, 0)
+    # the reference: the same run recorded in memory, each read resolved at its bar
+    memory = bt.Cerebro(stdstats=False)
+    memory.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    memory.addstrategy(_SmaAgent)
+    memory.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = memory.run()[0].analyzers.fmel.records
+    import duckdb
+
+    with duckdb.connect(str(path)) as con:
+        con.execute(duckdb_ddl("expected"))
+        con.execute(
+            f"INSERT INTO expected SELECT unnest(CAST(j::JSON AS {duckdb_struct_type()})) "
+            "FROM (SELECT unnest($1::VARCHAR[]) AS j)",
+            [[row_json(r) for r in records]],
+        )
+        want = con.execute(f"SELECT {_SAME} FROM expected ORDER BY 1").fetchall()
+        assert sum(r[5] for r in want) > 4000  # close and the SMA, each bar after the first 9
+        for session in sessions:
+            got = con.execute(
+                f"SELECT {_SAME} FROM decisions WHERE session_id = ? ORDER BY 1", [session]
+            ).fetchall()
+            assert got == want

@@ -519,19 +519,19 @@ class DecisionWriter:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Write what is buffered now, without waiting for ``batch_size`` or the interval.
 
-        Returns when every record submitted before the call was written, spilled or rejected
-        (or the writer thread is gone), waiting at most ``timeout_s`` seconds; ``False`` on
-        timeout. Owner thread.
+        Returns ``True`` when every record submitted before the call was written, spilled or
+        rejected, waiting at most ``timeout_s`` seconds; ``False`` on timeout, or at once when
+        records wait and no writer thread runs to take them (not started yet, stopped, or died:
+        see :attr:`failure`). Owner thread.
         """
         with self._cond:
             self._flush_wanted = True
             self._cond.notify_all()
-            return self._cond.wait_for(self._idle, timeout_s)
+            self._cond.wait_for(lambda: self._idle() or not self._alive(), timeout_s)
+            return self._idle()
 
     def _idle(self) -> bool:
-        thread = self._thread
-        if thread is None or not thread.is_alive() or self._fatal is not None:
-            return True
+        """Nothing waits: no record buffered, no write in flight (condition held)."""
         return not self._buf and self._inflight is None
 
     @property

@@ -329,6 +329,25 @@ def test_flush_writes_a_partial_batch_now(tmp_path: Path) -> None:
     w.stop()
 
 
+def test_flush_says_false_when_records_wait_and_no_thread_takes_them(tmp_path: Path) -> None:
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    w = writer(sink, tmp_path, FakeClock(), batch_size=10, flush_interval_s=60.0)
+    assert w.flush(WAIT_S)  # nothing submitted: nothing waits
+    w.submit(record(0))
+    assert not w.flush(WAIT_S)  # not started: the record waits (was True)
+    w.start()
+    assert w.flush(WAIT_S) and w.stats.written == 1
+    w.stop()
+    assert w.flush(WAIT_S)  # stopped with nothing left
+
+    dying = Dying(tmp_path / "g.duckdb")
+    w = writer(dying, tmp_path / "g", FakeClock(), batch_size=1)
+    w.start()
+    w.submit(record(1))
+    assert not w.flush(WAIT_S)  # the thread died holding it
+    assert w.stop().spilled == 1 and w.failure is not None
+
+
 def test_full_queue_blocks_the_producer_and_loses_nothing(tmp_path: Path) -> None:
     sink = Flaky(tmp_path / "f.duckdb")
     sink.gate.clear()  # the sink hangs until the test opens the gate
@@ -496,11 +515,12 @@ def test_a_record_that_cannot_be_converted_is_counted_lost_and_the_rest_kept(
     assert len(lost) == 1 and "2 decision records lost" in lost[0].getMessage()
 
 
-def test_a_writer_that_died_spills_the_batch_it_held(tmp_path: Path) -> None:
-    class Dying(LocalDuckDBSink):
-        def write_records(self, records: Sequence[DecisionRecord]) -> Any:
-            raise SystemExit("the writer thread ends here")  # not an Exception: fatal
+class Dying(LocalDuckDBSink):
+    def write_records(self, records: Sequence[DecisionRecord]) -> Any:
+        raise SystemExit("the writer thread ends here")  # not an Exception: fatal
 
+
+def test_a_writer_that_died_spills_the_batch_it_held(tmp_path: Path) -> None:
     sink = Dying(tmp_path / "f.duckdb")
     w = writer(sink, tmp_path, FakeClock(), batch_size=4)
     w.start()

@@ -38,7 +38,7 @@ from typing import Any
 
 import backtrader as bt
 
-from analyzers.deferred import DeferredRecord, PendingReads, settle_batch
+from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
     Action,
     DecisionRecord,
@@ -439,13 +439,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # delivered just before the strategies stop) get one last record, stage STOP.
         if self._events:
             self._record("STOP")
-        # The feeds' buffers hold this run's bars only until the next run over the same feeds
-        # resets them (cerebro.run() again, optstrategy in one process): the reads the writer
-        # has not resolved yet are resolved now, a batch at once, while the bars are there.
-        pending = [p for p in self._pending if not p.done]
-        self._pending.clear()
-        if pending:
-            settle_batch(pending)
+        # The reads the writer has not resolved yet are resolved against this run's bars,
+        # also when a next run over the same feeds (cerebro.run() again, optstrategy in one
+        # process) resets them: the feeds' bar times are pinned as they are now.
+        self.tracker.pin()
         self.tracker.untrack_all()
         for name in _ANALYZER_HOOKS:
             self.__dict__.pop(name, None)  # _bind_bar_calls

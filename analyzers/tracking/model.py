@@ -28,6 +28,28 @@ Read = tuple[int, int, int, int, Any]
 # ---------------------------------------------------------------------------------------------
 
 
+class PinnedLine:
+    """A feed's datetime line as it stood when its run ended: what resolution reads of
+    :attr:`FeedInfo.dt` (``array``, ``lencount``, ``_idx``, ``extension``, ``mode``).
+
+    Bars handed to the decision writer are resolved after their bar, from the feeds' buffers
+    (:attr:`AccessTracker.deferrable`). A second run over the same feeds (``cerebro.run()``
+    again, ``optstrategy`` in one process) starts with backtrader's ``LineBuffer.reset()``,
+    which gives the line a new buffer (``self.array = array.array('d')``: backtrader's
+    ``linebuffer.py``) and then preloads it; the old buffer object is left as it was. Holding
+    it, and the positions, keeps the ended run's bars for what is still to resolve, without a
+    copy."""
+
+    __slots__ = ("_idx", "array", "extension", "lencount", "mode")
+
+    def __init__(self, line: Any) -> None:
+        self.array = line.array
+        self.lencount = line.lencount
+        self._idx = line._idx
+        self.extension = line.extension
+        self.mode = getattr(line, "mode", None)
+
+
 class FeedInfo:
     """A source feed as resolution sees it: symbol, hash history and its datetime line.
 

@@ -20,7 +20,7 @@ from backtrader.lineiterator import LineIterator
 from analyzers.schema import Access, DataAccess
 from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
 from analyzers.tracking.labels import scan_labels
-from analyzers.tracking.model import FeedInfo, LineTag, Read, Snapshot
+from analyzers.tracking.model import FeedInfo, LineTag, PinnedLine, Read, Snapshot
 from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine, compiled_in_use
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
@@ -299,6 +299,16 @@ class AccessTracker:
         )
         self._graph = _Graph(self._dynamic)
         self._track_registry(strategy)
+
+    def pin(self) -> None:
+        """The run ended: resolve what is left against its feeds as they are now
+        (:class:`~analyzers.tracking.model.PinnedLine`), whatever a next run over the same
+        feeds does to them. Main thread, at the analyzer's stop. No lock: a resolution on the
+        writer thread reading a line before and its pin after sees the same bars (nothing
+        moves the feeds between the run's end and the next run's reset)."""
+        for info in self._infos:
+            if not isinstance(info.dt, PinnedLine):
+                info.dt = PinnedLine(info.dt)
 
     def untrack_all(self) -> None:
         """Give every tracked line its original class back (after the run)."""

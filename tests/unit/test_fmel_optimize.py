@@ -148,9 +148,9 @@ _SAME = "decision_point, bar_time, stage, action, data_accessed, reads, lookahea
 
 def test_a_cerebro_run_twice_with_one_writer_stores_each_runs_own_reads(tmp_path: Path) -> None:
     # The writer resolves reads after the bar, from the feeds' buffers; a second run over the
-    # same feeds resets them (backtrader's LineBuffer.reset). Before the analyzer resolved its
-    # run's last reads at stop, the second run's first batches failed (IndexError in the
-    # writer; the records went to the spill).
+    # same feeds resets them (backtrader's LineBuffer.reset). Before the analyzer pinned its
+    # feeds' bar times at stop (AccessTracker.pin), the first run's last batches failed while
+    # the second run's bars loaded (IndexError in the writer; the records went to the spill).
     path = tmp_path / "f.duckdb"
     # nothing written but when the feed asks: the first run's last reads are resolved while
     # the second run's bars are half loaded

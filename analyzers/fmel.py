@@ -227,7 +227,13 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
         # (object, attribute, its instance value before the wrapper or _ABSENT): put back at stop
-        self._unwrap: list[tuple[Any, str, Any]] = []
+        # (object, attribute, its instance value before or _ABSENT, the wrapper): put back at
+        # stop where the wrapper is still there
+        self._unwrap: list[tuple[Any, str, Any, Any]] = []
+        # the agent's callbacks as wrapped: (name, wrapper), checked once a bar (_rewrap)
+        self._callbacks: list[tuple[str, Any]] = []
+        self._agent_vars: dict[str, Any] = {}
+        self._tracked_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _same_call
         self._dtline: Any = None
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
         # with a writer and growing buffers, reads are resolved on the writer thread
@@ -266,7 +272,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 mode="backtest",
                 params_json=agent_params_json(strategy),
             )
-        self._refuse_shared_ids()
+        self._check_writer()
         self._datas = list(strategy.datas)
         self._dtline = strategy.lines.datetime  # the bar time of each record
         for data in self._datas:
@@ -284,42 +290,35 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self.p.gc_freeze:
             self._froze = _GC_FREEZE.enter(self)
 
-    def _refuse_shared_ids(self) -> None:
-        """Refuse a ``run`` whose decision ids another strategy of the same Cerebro writes.
-
-        Decision ids are ``<session_id>:<decision_point>`` (``<decision_scope>:<bar time>``):
-        two strategies given the same :class:`RunInfo` (``cerebro.addanalyzer(FMELAnalyzer,
-        run=info, writer=w)`` with two ``addstrategy`` calls) would both write
-        ``<session>:0``, ``<session>:1``... and a store that skips ids it holds (replays,
-        retries of a batch stored in part) would drop one strategy's decisions. Backtrader
-        starts the strategies one after another (``Cerebro.runstrategies``): the second finds
-        the first's analyzer in ``cerebro.runningstrats``.
+    def _check_writer(self) -> None:
+        """Refuse what would lose or mix up this run's records, before the first bar: a
+        second FMEL analyzer on the strategy (the agent's reads reach one of them), a writer
+        that is not running (nothing would take the records: ``writer.start()`` first), and
+        decision ids another run already writes through the writer
+        (:meth:`DecisionWriter.claim_ids`: two strategies given the same ``run``, or one
+        ``run`` given to several runs).
 
         Raises:
-            ValueError: both write (a ``writer`` each) under the same id prefix; names it.
+            ValueError: one of those; the message names it.
         """
-        run = self.run_info
-        if self.writer is None or run is None:
-            return
-        prefix = run.decision_scope or run.session_id
-        cerebro = getattr(self.strategy, "env", None)
-        for other in getattr(cerebro, "runningstrats", ()):
-            if other is self.strategy:
+        strategy = self.strategy
+        for other in getattr(strategy, "analyzers", ()):
+            if other is self:
                 break
-            for analyzer in getattr(other, "analyzers", ()):
-                theirs = getattr(analyzer, "run_info", None)
-                if (
-                    isinstance(analyzer, FMELAnalyzer)
-                    and analyzer.writer is not None
-                    and theirs is not None
-                    and (theirs.decision_scope or theirs.session_id) == prefix
-                ):
-                    raise ValueError(
-                        f"FMELAnalyzer: strategies {type(other).__name__} and "
-                        f"{type(self.strategy).__name__} would write the same decision ids "
-                        f"({prefix}:...): give each its own run (make_run_info(..., "
-                        "session_id=...)), or leave run unset for a new session each"
-                    )
+            if isinstance(other, FMELAnalyzer):
+                raise ValueError(
+                    f"FMELAnalyzer: {type(strategy).__name__} has one already; one per strategy "
+                    "(the agent's reads are recorded by one of them)"
+                )
+        run, writer = self.run_info, self.writer
+        if writer is None or run is None:
+            return
+        if not writer.running:
+            raise ValueError(
+                "FMELAnalyzer: its writer is not running (never started, stopped, or failed: "
+                "see its failure); call writer.start() before cerebro.run()"
+            )
+        writer.claim_ids(run.decision_scope or run.session_id, type(strategy).__name__)
 
     def _start(self) -> None:
         # backtrader's: the children's _start, then start() (a subclass's start() may add
@@ -357,10 +356,13 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # The flag is flipped by storing the module attribute (no call: these wrappers run
         # several times a bar).
         flags = proxies
+        tracker = self.tracker
 
         def tracked(fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
+                if flags.OWNER is not tracker:  # another strategy's reads came last
+                    tracker.activate()
                 was = flags.ACTIVE
                 flags.ACTIVE = True
                 try:
@@ -411,9 +413,12 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             return call
 
         def wrap(obj: Any, name: str, wrapper: Callable[..., Any]) -> None:
-            self._unwrap.append((obj, name, vars(obj).get(name, _ABSENT)))
+            _WRAPPERS.add(wrapper)
+            self._unwrap.append((obj, name, vars(obj).get(name, _ABSENT), wrapper))
             setattr(obj, name, wrapper)
 
+        self._agent_vars = vars(strategy)
+        self._tracked_call = tracked
         for name in _AGENT_CALLBACKS:
             # backtrader's own callbacks read nothing (``pass``, or nextstart calling the
             # wrapped next): left unwrapped, a bar does not pay for notify_fund and the like
@@ -421,7 +426,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 bt.Strategy, name, None
             ):
                 continue
-            wrap(strategy, name, tracked(getattr(strategy, name)))
+            wrapper = tracked(getattr(strategy, name))
+            wrap(strategy, name, wrapper)
+            self._callbacks.append((name, wrapper))
         for name in _ORDER_CALLS:
             wrap(strategy, name, ordering(getattr(strategy, name), name))
         for name in _ON_BEHALF_CALLS:
@@ -430,6 +437,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         broker = strategy.broker
         self._getvalue = broker.getvalue  # unwrapped: the analyzer runs outside agent calls
         for name in _BROKER_CALLS:
+            if vars(broker).get(name) in _WRAPPERS:
+                # left by a run that raised before its analyzer's stop (the broker outlives it)
+                del vars(broker)[name]
             method = getattr(broker, name, None)
             if inspect.ismethod(method) and name not in vars(broker):
                 wrap(broker, name, on_behalf(method))
@@ -448,12 +458,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self.__dict__.pop(name, None)  # _bind_bar_calls
         # the agent and the broker as they were (a finished strategy pickles: backtrader's
         # optimisation with maxcpus > 1 sends analyzers holding it to the parent process)
-        for obj, name, before in reversed(self._unwrap):
+        for obj, name, before, wrapper in reversed(self._unwrap):
+            if vars(obj).get(name) is not wrapper:
+                continue  # the agent set its own since (see _rewrap): left as it set it
             if before is _ABSENT:
                 vars(obj).pop(name, None)
             else:
                 vars(obj)[name] = before
         self._unwrap.clear()
+        self._callbacks.clear()
         self._release_gc()
 
     def _release_gc(self) -> None:
@@ -553,6 +566,10 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # __new__ is one more Python call), fields in DecisionRecord's order.
         run = self.run_info
         assert run is not None
+        agent = self._agent_vars
+        for name, wrapper in self._callbacks:
+            if agent.get(name) is not wrapper:
+                self._rewrap(name)
         tracker = self.tracker
         tracker.sync()
         raw = tracker.reads
@@ -621,6 +638,23 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self.writer.submit(rec)
         else:
             self.records.append(rec)
+
+    def _rewrap(self, name: str) -> None:
+        """The agent replaced a wrapped callback during the run (``self.next = self._phase2``):
+        its new one is wrapped too, from the next bar on (a call of it before this bar's
+        record, e.g. from another callback of the same bar, was not tracked: logged once)."""
+        strategy = self.strategy
+        wrapper = self._tracked_call(getattr(strategy, name))
+        _WRAPPERS.add(wrapper)
+        self._unwrap.append((strategy, name, self._agent_vars.get(name, _ABSENT), wrapper))
+        setattr(strategy, name, wrapper)
+        self._callbacks = [(n, wrapper if n == name else w) for n, w in self._callbacks]
+        logger.warning(
+            "FMEL: the agent replaced self.%s during decision %d; the new one is tracked from "
+            "the next decision on",
+            name,
+            self.decisions,
+        )
 
     def _positions(self, broker: Any) -> tuple[Position, ...]:
         held = self._held = self._broker_positions(broker) if self._cache_held else None
@@ -837,11 +871,18 @@ _GC_FREEZE = _GCFreeze()
 atexit.register(_GC_FREEZE.release_all)
 
 
+def _same_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What FMELAnalyzer._tracked_call is before the agent is wrapped."""
+    return fn
+
+
 def _ignore(*args: Any) -> None:
     """Takes a notice and does nothing (see :meth:`FMELAnalyzer._bind_bar_calls`)."""
 
 
 _ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
+# every wrapper FMELAnalyzer put on an agent or a broker (a broker outlives a run that raised)
+_WRAPPERS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 # FMELAnalyzer._bind_bar_calls: (backtrader's private hook, its public one, the public one's
 # function when nothing overrides it, the record's stage or None for a notice), the functions

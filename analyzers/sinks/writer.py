@@ -316,6 +316,7 @@ class DecisionWriter:
         self._spilling = False
         self._next_probe = 0.0
         self._fatal: BaseException | None = None
+        self._claimed: dict[str, str] = {}  # decision id prefix -> who writes it (claim_ids)
         self._inflight: list[Item] | None = None
         self.journal = (
             DecisionJournal(self.spill_dir / f"journal-{sink.name}.jsonl") if journal else None
@@ -408,7 +409,8 @@ class DecisionWriter:
         (written at the next start, or by ``python -m runtime.drain``), with a warning.
 
         Raises:
-            SinkError: the writer died on an error that needs a human (see the log).
+            SinkError: the writer died on an error that needs a human (see the log), or the
+                queue is full and :meth:`start` was never called.
         """
         cond = self._cond
         with self._lock:
@@ -417,6 +419,11 @@ class DecisionWriter:
             while len(self._buf) >= self.queue_size and not (self._stopping or self._closed):
                 if self._fatal is not None:
                     raise SinkError(f"decision writer stopped: {self._fatal}") from self._fatal
+                if self._thread is None:  # nothing will ever make room
+                    raise SinkError(
+                        f"decision writer never started: {len(self._buf)} records wait "
+                        "(queue_size); call start() before submitting"
+                    )
                 cond.wait(0.5)
             self.stats.submitted += 1
             if not self._closed:
@@ -511,6 +518,31 @@ class DecisionWriter:
                 )
                 and self._journaled >= target
             )
+
+    @property
+    def running(self) -> bool:
+        """The writer thread runs: started, not stopped, not dead on an error."""
+        return self._alive() and not self._stopping
+
+    def claim_ids(self, prefix: str, who: str) -> None:
+        """Reserve the decision ids ``<prefix>:...`` (a session id, or a paper run's decision
+        scope) for one analyzer, ``who`` naming it in errors. Main thread, at the analyzer's
+        start. Stores write a batch's fresh records without looking their ids up, and skip
+        the ids they hold when a batch stored in part is written again: two runs writing the
+        same ids through one writer would leave duplicates, or drop one run's decisions.
+
+        Raises:
+            ValueError: ``prefix`` was reserved before through this writer (another strategy
+                of the Cerebro, or an earlier run given the same ``run``); names both.
+        """
+        earlier = self._claimed.get(prefix)
+        if earlier is not None:
+            raise ValueError(
+                f"FMELAnalyzer: {who} would write the same decision ids ({prefix}:...) as "
+                f"{earlier} did through this writer: give each run its own session (leave run "
+                "unset for a new one each, or make_run_info(..., session_id=...))"
+            )
+        self._claimed[prefix] = who
 
     def _alive(self) -> bool:
         thread = self._thread

@@ -62,7 +62,11 @@ class FeedInfo:
         self.slot = -1  # position in AccessTracker.capture()
         self.feed = feed
         self.symbol = feed_symbol(feed)
-        self.hashes: BarHashes | None = getattr(feed, "bar_hashes", None)
+        # a feed's bar hashes follow the rows of its source; a resampled or replayed feed, or
+        # one with any other filter (backtrader's ``addfilter``: bars merged, split, dropped),
+        # has bars that are not those rows: no hash (NULL, and a tracking gap says so)
+        filtered = bool(getattr(feed, "_filters", None) or getattr(feed, "resampling", 0))
+        self.hashes: BarHashes | None = None if filtered else getattr(feed, "bar_hashes", None)
         self.dt: Any = feed.lines.datetime
 
     def current(self) -> int:

@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 ACTIVE = False
 
 
+# The tracker whose tags the feeds' lines carry now (AccessTracker.activate): several strategies
+# of one Cerebro read the same feed lines, each recorded by its own analyzer. Main thread only.
+OWNER: Any = None
+
+
 def set_active(value: bool) -> bool:
     """Set the tracking flag; returns the previous value (for nesting)."""
     global ACTIVE
@@ -153,6 +158,15 @@ def compiled_in_use() -> bool:
     """Whether the compiled reads are in use for what is tracked from now on (built, and not
     switched off with :func:`use_compiled`)."""
     return _use_compiled and _COMPILED is not None
+
+
+def untracked_class(cls: type) -> type | None:
+    """The line class a tracked class was made from (:func:`_tracked_class`); None when
+    ``cls`` is not one."""
+    for base, tracked in _TRACKED_CLASSES.items():
+        if tracked is cls:
+            return base
+    return None
 
 
 def _tracked_class(base: type) -> type:

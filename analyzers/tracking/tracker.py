@@ -18,10 +18,16 @@ from backtrader.linebuffer import LineActions, LineBuffer
 from backtrader.lineiterator import LineIterator
 
 from analyzers.schema import Access, DataAccess
+from analyzers.tracking import proxies
 from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
 from analyzers.tracking.labels import scan_labels
 from analyzers.tracking.model import FeedInfo, LineTag, PinnedLine, Read, Snapshot
-from analyzers.tracking.proxies import _tracked_class, _TrackedTextLine, compiled_in_use
+from analyzers.tracking.proxies import (
+    _tracked_class,
+    _TrackedTextLine,
+    compiled_in_use,
+    untracked_class,
+)
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
@@ -72,6 +78,8 @@ class AccessTracker:
         self._graph: _Graph | None = None
         self._registered = 0
         self._strategy: Any = None
+        # (line, tag attribute, tag) of every feed line this tracker tags: activate()
+        self._feed_tags: list[tuple[Any, str, LineTag]] = []
         # every FeedInfo resolution may use (source feeds and strategy step clocks), in the
         # order of :meth:`capture`; FeedInfo.slot is the position
         self._infos: list[FeedInfo] = []
@@ -154,20 +162,20 @@ class AccessTracker:
             if alias == "datetime":
                 continue
             line = data.lines[i]
-            if self._swap(line, LineTag(self, line, alias, info, direct=True)):
+            tag = LineTag(self, line, alias, info, direct=True)
+            if self._swap(line, tag):
+                self._feed_tags.append((line, "_fmel", tag))
                 n += 1
         for name, text_line in getattr(data, "text_lines", {}).items():
-            if isinstance(text_line, TextLine) and type(text_line) is TextLine:
-                text_line._fmel_tag = LineTag(  # type: ignore[attr-defined]
-                    self, text_line, name, info, direct=True
-                )
-                text_line.__class__ = _TrackedTextLine
-                self._tracked.append((text_line, TextLine))
-                n += 1
+            if isinstance(text_line, TextLine) and type(text_line) in (TextLine, _TrackedTextLine):
+                tag = LineTag(self, text_line, name, info, direct=True)
+                if self._claim(text_line, "_fmel_tag", tag, TextLine, _TrackedTextLine):
+                    self._feed_tags.append((text_line, "_fmel_tag", tag))
+                    n += 1
         if info.hashes is None:
             self._gap(
-                f"feed {info.symbol} has no data hashes (a resampled, replayed or custom feed): "
-                "its reads are recorded with data_hash NULL"
+                f"feed {info.symbol} has no data hashes (a resampled, replayed, filtered or "
+                "custom feed): its reads are recorded with data_hash NULL"
             )
         return n
 
@@ -278,13 +286,50 @@ class AccessTracker:
         )
 
     def _swap(self, line: Any, tag: LineTag) -> bool:
-        if not isinstance(line, LineBuffer) or isinstance(getattr(line, "_fmel", None), LineTag):
+        if not isinstance(line, LineBuffer):
             return False
-        original = type(line)
-        line._fmel = tag
-        line.__class__ = _tracked_class(original)
-        self._tracked.append((line, original))
+        base = untracked_class(type(line)) or type(line)
+        return self._claim(line, "_fmel", tag, base, _tracked_class(base))
+
+    def _claim(self, line: Any, attr: str, tag: LineTag, base: type, tracked: type) -> bool:
+        """Tag ``line`` (its attribute ``attr``) for this tracker; False when it is already.
+
+        A line another tracker tagged is either shared or left behind. Shared: the feeds'
+        lines are the same objects for every strategy of a Cerebro, each strategy with its
+        own analyzer; the line keeps one tag at a time, and :meth:`activate` (called when the
+        agent's code starts, see ``FMELAnalyzer``) points it at this tracker's. Left behind: a
+        run that raised never reached its analyzer's stop, so the lines kept that tracker's
+        tags (and class); this tracker takes them over and gives the class back at its stop.
+        """
+        held = getattr(line, attr, None)
+        if isinstance(held, LineTag):
+            if held.tracker is self:
+                return False
+            if self._beside(held.tracker):
+                return True
+        setattr(line, attr, tag)
+        if type(line) is not tracked:
+            line.__class__ = tracked
+        self._tracked.append((line, base))
         return True
+
+    def _beside(self, other: AccessTracker) -> bool:
+        """Whether ``other`` tracks another strategy running in this tracker's run."""
+        mine, theirs = self._strategy, other._strategy
+        if mine is None or theirs is None or mine is theirs:
+            return False
+        cerebro = getattr(mine, "cerebro", None)
+        running = getattr(cerebro, "runningstrats", None) or ()
+        return getattr(theirs, "cerebro", None) is cerebro and any(s is theirs for s in running)
+
+    def activate(self) -> None:
+        """Point the feeds' lines at this tracker's tags (:meth:`_claim`: lines shared with
+        the other strategies of the run). Main thread, when the agent's code starts and
+        another tracker was the last to (one global compare otherwise); a few attribute
+        stores per feed."""
+        for line, attr, tag in self._feed_tags:
+            setattr(line, attr, tag)
+        proxies.OWNER = self
 
     def sync(self) -> None:
         """Track line objects the agent created after start (e.g. in ``next()``); cheap when
@@ -318,6 +363,9 @@ class AccessTracker:
                 line._fmel_tag = None  # type: ignore[attr-defined]
             else:
                 line._fmel = None
+        self._feed_tags.clear()
+        if proxies.OWNER is self:
+            proxies.OWNER = None
         self._tracked.clear()
 
     # -- what cannot be tracked -------------------------------------------------------------

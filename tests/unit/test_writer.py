@@ -30,7 +30,7 @@ from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.spill import SpillFile
 from analyzers.sinks.writer import DecisionWriter, WriterStats
-from core.errors import ConfigError, TransientError
+from core.errors import ConfigError, SinkError, TransientError
 from core.retry import RetryPolicy
 
 RUN = RunInfo("sess", "agent", "backtest", "agents.X", "{}", None)
@@ -346,6 +346,18 @@ def test_flush_says_false_when_records_wait_and_no_thread_takes_them(tmp_path: P
     w.submit(record(1))
     assert not w.flush(WAIT_S)  # the thread died holding it
     assert w.stop().spilled == 1 and w.failure is not None
+
+
+def test_a_full_queue_of_a_writer_never_started_raises_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    w = writer(LocalDuckDBSink(tmp_path / "f.duckdb"), tmp_path, FakeClock(), queue_size=3)
+    for i in range(3):
+        w.submit(record(i))
+    with pytest.raises(SinkError, match=r"never started: 3 records wait"):
+        w.submit(record(3))  # waited forever before (nothing makes room)
+    stats = w.stop()
+    assert (stats.submitted, stats.spilled) == (3, 3)  # what it took is kept
 
 
 def test_full_queue_blocks_the_producer_and_loses_nothing(tmp_path: Path) -> None:

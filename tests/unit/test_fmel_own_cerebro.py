@@ -1,6 +1,9 @@
-"""backtrader's own optimisation (``cerebro.optstrategy``) with FMEL: one process, and worker
-processes (``maxcpus`` > 1: backtrader pickles the Cerebro with its feeds to the workers and
-each run's analyzers back, in a ``cerebro.OptReturn``)."""
+"""FMEL in a user's own backtrader script (docs/decisions.md, "In your own Cerebro"): several
+strategies, runs again over the same feeds (also after a run that raised), backtrader's own
+optimisation (``cerebro.optstrategy``) in one process and in worker processes (``maxcpus`` >
+1: backtrader pickles the Cerebro with its feeds to the workers and each run's analyzers
+back, in a ``cerebro.OptReturn``), filtered feeds, and what is refused. Several cases were
+found by an attack on this capability (helper-56)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 import backtrader as bt
 import pytest
 
-from analyzers.fmel import FMELAnalyzer
+from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.schema import duckdb_ddl, duckdb_struct_type, row_json
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
@@ -191,3 +194,142 @@ def test_a_cerebro_run_twice_with_one_writer_stores_each_runs_own_reads(tmp_path
                 f"SELECT {_SAME} FROM decisions WHERE session_id = ? ORDER BY 1", [session]
             ).fetchall()
             assert got == want
+
+
+def _fields(fmel: Any) -> list[list[tuple[str, str, int]]]:
+    """Per record: each read's (symbol, field, bar index), in order."""
+    return [
+        [(d.symbol, a.field, a.bar_index) for d in r.data_accessed for a in d.access_patterns]
+        for r in fmel.records
+    ]
+
+
+class _ReadsClose(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        self.data.close[0]
+
+
+class _ReadsOpenHigh(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        self.data.open[0]
+        self.data.high[-1]
+
+
+def _fmel_run(*strategies: type, feed: Any = None, **kw: Any) -> list[Any]:
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(feed or make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    for s in strategies:
+        cerebro.addstrategy(s)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", **kw)
+    return list(cerebro.run())
+
+
+def test_each_strategy_of_a_cerebro_records_its_own_reads() -> None:
+    # Found by the attack: the feed lines carried the first strategy's tags only, so the
+    # second strategy's reads were recorded in the first one's next record.
+    both = _fmel_run(_ReadsClose, _ReadsOpenHigh)
+    alone = [_fmel_run(s)[0] for s in (_ReadsClose, _ReadsOpenHigh)]
+    for together, solo in zip(both, alone, strict=True):
+        assert _fields(together.analyzers.fmel) == _fields(solo.analyzers.fmel)
+    assert sum(r.reads for r in both[0].analyzers.fmel.records) == 2148
+    assert sum(r.reads for r in both[1].analyzers.fmel.records) == 2 * 2148
+
+
+class _Buggy(_SmaAgent):
+    fail = True
+
+    def next(self) -> None:
+        super().next()
+        if _Buggy.fail and len(self) == 100:
+            raise ZeroDivisionError("a bug in the agent")
+
+
+def test_a_run_after_one_that_raised_records_every_read_and_leaves_nothing() -> None:
+    # Found by the attack: the raised run never reached the analyzer's stop; its tags stayed
+    # on the feed lines and the next run's tracker skipped them (no feed read recorded).
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_Buggy)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    with pytest.raises(ZeroDivisionError):
+        cerebro.run()
+    _Buggy.fail = False
+    try:
+        again = cerebro.run()[0].analyzers.fmel
+    finally:
+        _Buggy.fail = True
+    fresh = _fmel_run(_SmaAgent)[0].analyzers.fmel
+    assert _fields(again) == _fields(fresh) and sum(len(f) for f in _fields(fresh)) > 4000
+    assert not {"getvalue", "get_value", "buy", "sell"} & set(vars(cerebro.broker))
+    assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
+
+
+class _Phases(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        self.data.close[0]
+        if len(self) == 100:
+            self.next = self._later  # an agent switching its logic by replacing next
+
+    def _later(self) -> None:
+        self.data.open[0]
+        self.data.high[0]
+
+
+def test_an_agent_that_replaces_its_next_during_the_run_keeps_being_recorded() -> None:
+    (s,) = _fmel_run(_Phases)
+    reads = [r.reads for r in s.analyzers.fmel.records]
+    assert reads[:100] == [1] * 100 and reads[100:] == [2] * (2148 - 100)
+    assert vars(s)["next"] == s._later  # the agent's own choice, left at stop
+
+
+def test_a_resampled_or_filtered_feed_records_no_data_hash_and_says_why() -> None:
+    # Found by the attack: a weekly bar carried the hash of the daily row with its index.
+    for how in ("resample", "replay", "filter"):
+        cerebro = bt.Cerebro(stdstats=False)
+        feed = make_csv_feed(GOOG, read_csv_bars(GOOG))
+        if how == "resample":
+            cerebro.resampledata(feed, timeframe=bt.TimeFrame.Weeks, name="GOOG")
+        elif how == "replay":
+            cerebro.replaydata(feed, timeframe=bt.TimeFrame.Weeks, name="GOOG")
+        else:
+            feed.addfilter(bt.filters.SessionFilter)
+            cerebro.adddata(feed, name="GOOG")
+        cerebro.addstrategy(_ReadsClose)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        fmel = cerebro.run()[0].analyzers.fmel
+        reads = [a for r in fmel.records for d in r.data_accessed for a in d.access_patterns]
+        hashes = {a.data_hash for a in reads}
+        assert len(reads) > 400 and hashes == {None}, how
+        assert any("no data hashes" in g for g in fmel.get_analysis()["tracking_gaps"]), how
+    # unfiltered: every read has its row's hash
+    plain = _fmel_run(_ReadsClose)[0].analyzers.fmel
+    assert None not in {d.data_hash for r in plain.records for d in r.data_accessed}
+
+
+def test_what_would_lose_or_mix_records_is_refused_at_start(tmp_path: Path) -> None:
+    # a second FMEL analyzer on a strategy
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_ReadsClose)
+    cerebro.addanalyzer(FMELAnalyzer, _name="a")
+    cerebro.addanalyzer(FMELAnalyzer, _name="b")
+    with pytest.raises(ValueError, match="_ReadsClose has one already; one per strategy"):
+        cerebro.run()
+    # a writer never started (the run hung once its queue was full)
+    idle = DecisionWriter(LocalDuckDBSink(tmp_path / "idle.duckdb"), spill_dir=tmp_path / "s0")
+    with pytest.raises(ValueError, match=r"writer is not running .* writer\.start\(\)"):
+        _fmel_run(_ReadsClose, writer=idle)
+    # one explicit run given to every run of an optimisation: the same ids each time
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "s1")
+    writer.start()
+    try:
+        cerebro = bt.Cerebro(stdstats=False, maxcpus=1)
+        cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+        cerebro.optstrategy(_SmaAgent, period=[5, 10])
+        run = make_run_info(_SmaAgent, session_id="study", agent_id=None, mode="backtest")
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer, run=run)
+        with pytest.raises(ValueError, match=r"_SmaAgent would write the same .*\(study:"):
+            cerebro.run()
+    finally:
+        stats = writer.stop(timeout_s=120)
+    assert stats.written == stats.submitted == 2148  # the first run's, once

@@ -1005,6 +1005,21 @@ class DecisionWriter:
     def _account(self, rows: Sequence[Item], errors: list[RowError], replay: bool = False) -> None:
         self.stats.batches += 1
         if errors:
+            # a row is rejected once, whatever the sink said (one error per row, in range)
+            first: dict[int, RowError] = {}
+            for e in errors:
+                if isinstance(e.index, int) and 0 <= e.index < len(rows):
+                    first.setdefault(e.index, e)
+            if len(first) != len(errors):
+                logger.error(
+                    "sink %s returned %d row errors for %d distinct rows of a batch of %d (a "
+                    "repeated or out-of-range index): each row counted once",
+                    self.sink.name,
+                    len(errors),
+                    len(first),
+                    len(rows),
+                )
+            errors = list(first.values())
             self._reject([(self._as_row(rows[e.index]), e.reason) for e in errors])
         ok = len(rows) - len(errors)
         self.stats.written += ok

@@ -483,6 +483,33 @@ def test_rejected_rows_are_kept_with_the_reason_and_counted(tmp_path: Path) -> N
     assert stored(sink.path) == [0, 1, 2, 4, 5]
 
 
+class Repeats(LocalDuckDBSink):
+    """A sink whose row errors repeat an index and name one out of range (a sink bug)."""
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        keep = [r for r in records if r.decision_point != 3]
+        super().write_records(keep)
+        bad = [i for i, r in enumerate(records) if r.decision_point == 3]
+        return [RowError(i, why) for i in bad for why in ("one", "two")] + (
+            [RowError(len(records), "beyond")] if bad else []
+        )
+
+
+def test_row_errors_of_a_sink_count_each_row_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = Repeats(tmp_path / "f.duckdb")
+    w = writer(sink, tmp_path, FakeClock(), batch_size=6)
+    w.start()
+    for i in range(6):
+        w.submit(record(i))
+    stats = w.stop()
+    # found by an attack: 2 rejected for 1 row; an index out of range killed the thread
+    assert (stats.written, stats.rejected, stats.spilled, stats.lost) == (5, 1, 0, 0)
+    assert stored(sink.path) == [0, 1, 2, 4, 5]
+    assert "3 row errors for 1 distinct rows" in caplog.text
+
+
 class Buggy(LocalDuckDBSink):
     def write_records(self, records: Sequence[DecisionRecord]) -> Any:
         raise RuntimeError("a bug in the sink")

@@ -230,10 +230,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # (object, attribute, its instance value before or _ABSENT, the wrapper): put back at
         # stop where the wrapper is still there
         self._unwrap: list[tuple[Any, str, Any, Any]] = []
-        # the agent's callbacks as wrapped: (name, wrapper), checked once a bar (_rewrap)
-        self._callbacks: list[tuple[str, Any]] = []
+        # the agent's callbacks as wrapped: name -> its instance attribute as FMEL left it (the
+        # wrapper, or _ABSENT / a non-callable), checked once a bar (_check_callbacks)
+        self._callbacks: dict[str, Any] = {}
+        self._callback_items: list[tuple[str, Any]] = []
         self._agent_vars: dict[str, Any] = {}
-        self._tracked_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _same_call
+        self._agent_len = 0
+        self._callbacks_logged: set[str] = set()
+        self._tracked_call: Callable[[Callable[..., Any], str], Callable[..., Any]] = _same_call
+        self._thread_id = 0  # the run's thread (start)
         self._dtline: Any = None
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
         # with a writer and growing buffers, reads are resolved on the writer thread
@@ -273,6 +278,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 params_json=agent_params_json(strategy),
             )
         self._check_writer()
+        self._thread_id = threading.get_ident()
+        _RUNNING.add(self)
         self._datas = list(strategy.datas)
         self._dtline = strategy.lines.datetime  # the bar time of each record
         for data in self._datas:
@@ -291,7 +298,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self._froze = _GC_FREEZE.enter(self)
 
     def _check_writer(self) -> None:
-        """Refuse what would lose or mix up this run's records, before the first bar: a
+        """Refuse what would lose or mix up this run's records, before the first bar: an FMEL
+        run in progress on another thread (the tracking flag is one for the process), a
         second FMEL analyzer on the strategy (the agent's reads reach one of them), a writer
         that is not running (nothing would take the records: ``writer.start()`` first), and
         decision ids another run already writes through the writer
@@ -302,6 +310,16 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             ValueError: one of those; the message names it.
         """
         strategy = self.strategy
+        me = threading.get_ident()
+        alive = {t.ident for t in threading.enumerate()}
+        for running in list(_RUNNING):
+            if running._thread_id != me and running._thread_id in alive:
+                raise ValueError(
+                    "FMELAnalyzer: another FMEL run is in progress on another thread of this "
+                    "process; FMEL records one run at a time per process (whether the agent's "
+                    "code is running is one flag for the process): run backtests side by side "
+                    "in processes (cerebro.optstrategy with maxcpus, MODE=optimize)"
+                )
         for other in getattr(strategy, "analyzers", ()):
             if other is self:
                 break
@@ -318,7 +336,18 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 "FMELAnalyzer: its writer is not running (never started, stopped, or failed: "
                 "see its failure); call writer.start() before cerebro.run()"
             )
-        writer.claim_ids(run.decision_scope or run.session_id, type(strategy).__name__)
+        who = f"{type(strategy).__name__} (params {agent_params_json(strategy)})"
+        this_run = getattr(getattr(strategy, "cerebro", None), "runningstrats", None) or ()
+
+        def stale(other: object) -> bool:
+            # an analyzer of an earlier run that ended before its first bar (refused, failed)
+            return (
+                isinstance(other, FMELAnalyzer)
+                and other.decisions == 0
+                and not any(s is other.strategy for s in this_run)
+            )
+
+        writer.claim_ids(run.decision_scope or run.session_id, who, owner=self, stale=stale)
 
     def _start(self) -> None:
         # backtrader's: the children's _start, then start() (a subclass's start() may add
@@ -357,16 +386,26 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # several times a bar).
         flags = proxies
         tracker = self.tracker
+        main = threading.get_ident()  # the run's thread: reads elsewhere are not this bar's
+        ident = threading.get_ident
 
-        def tracked(fn: Callable[..., Any]) -> Callable[..., Any]:
+        agent = vars(strategy)
+
+        def tracked(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
+                if ident() != main:  # e.g. a broker's thread delivering a notice: not recorded
+                    return fn(*args, **kwargs)
                 if flags.OWNER is not tracker:  # another strategy's reads came last
                     tracker.activate()
                 was = flags.ACTIVE
                 flags.ACTIVE = True
                 try:
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                    if agent.get(name) is not call:  # it replaced itself: wrap the new one now
+                        flags.ACTIVE = was
+                        self._check_callbacks()
+                    return result
                 except BaseException:
                     # backtrader does not catch it: the run ends without stop() (of this
                     # strategy's analyzers and the others'); the collector goes back as it
@@ -374,6 +413,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     if self._froze:
                         self._froze = False
                         _GC_FREEZE.release_all()
+                    _RUNNING.discard(self)
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -394,8 +434,6 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 return result
 
             return call
-
-        main = threading.get_ident()
 
         def on_behalf(fn: Callable[..., Any]) -> Callable[..., Any]:
             # backtrader reading prices for the agent (order_target_*, sizers, getvalue(datas)).
@@ -426,9 +464,21 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 bt.Strategy, name, None
             ):
                 continue
-            wrapper = tracked(getattr(strategy, name))
+            wrapper = tracked(getattr(strategy, name), name)
             wrap(strategy, name, wrapper)
-            self._callbacks.append((name, wrapper))
+            self._callbacks[name] = wrapper
+        self._callback_items = list(self._callbacks.items())
+        self._agent_len = len(self._agent_vars)
+        start = getattr(strategy, "start", None)
+        if callable(start) and getattr(type(strategy), "start", None) is not bt.Strategy.start:
+            # the agent's start() runs after the analyzers' (Strategy._start): callbacks it
+            # sets there are wrapped before the first bar
+            def started(*args: Any, **kwargs: Any) -> Any:
+                result = start(*args, **kwargs)
+                self._check_callbacks()
+                return result
+
+            wrap(strategy, "start", functools.wraps(start)(started))
         for name in _ORDER_CALLS:
             wrap(strategy, name, ordering(getattr(strategy, name), name))
         for name in _ON_BEHALF_CALLS:
@@ -453,6 +503,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # also when a next run over the same feeds (cerebro.run() again, optstrategy in one
         # process) resets them: the feeds' bar times are pinned as they are now.
         self.tracker.pin()
+        _RUNNING.discard(self)
         self.tracker.untrack_all()
         for name in _ANALYZER_HOOKS:
             self.__dict__.pop(name, None)  # _bind_bar_calls
@@ -467,6 +518,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 vars(obj)[name] = before
         self._unwrap.clear()
         self._callbacks.clear()
+        self._callback_items = []
         self._release_gc()
 
     def _release_gc(self) -> None:
@@ -567,9 +619,13 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         run = self.run_info
         assert run is not None
         agent = self._agent_vars
-        for name, wrapper in self._callbacks:
-            if agent.get(name) is not wrapper:
-                self._rewrap(name)
+        if len(agent) != self._agent_len:
+            self._check_callbacks()
+        else:
+            for name, expected in self._callback_items:
+                if agent.get(name, _ABSENT) is not expected:
+                    self._check_callbacks()
+                    break
         tracker = self.tracker
         tracker.sync()
         raw = tracker.reads
@@ -639,22 +695,43 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         else:
             self.records.append(rec)
 
-    def _rewrap(self, name: str) -> None:
-        """The agent replaced a wrapped callback during the run (``self.next = self._phase2``):
-        its new one is wrapped too, from the next bar on (a call of it before this bar's
-        record, e.g. from another callback of the same bar, was not tracked: logged once)."""
-        strategy = self.strategy
-        wrapper = self._tracked_call(getattr(strategy, name))
-        _WRAPPERS.add(wrapper)
-        self._unwrap.append((strategy, name, self._agent_vars.get(name, _ABSENT), wrapper))
-        setattr(strategy, name, wrapper)
-        self._callbacks = [(n, wrapper if n == name else w) for n, w in self._callbacks]
-        logger.warning(
-            "FMEL: the agent replaced self.%s during decision %d; the new one is tracked from "
-            "the next decision on",
-            name,
-            self.decisions,
-        )
+    def _check_callbacks(self) -> None:
+        """The agent set, replaced or deleted a callback of its own during the run
+        (``self.next = self._phase2``, in ``start()``, ``next()`` or a notice): the one it set
+        is wrapped too. Checked after the agent's ``start()``, after each wrapped call that
+        replaced itself, and once a bar (:meth:`_record`: a callback set from elsewhere)."""
+        agent, watched = self._agent_vars, self._callbacks
+        for name in _AGENT_CALLBACKS:
+            seen = agent.get(name, _ABSENT)
+            if name not in watched and seen is _ABSENT:
+                continue  # backtrader's own, never set on the agent
+            if watched.get(name, _ABSENT) is seen:
+                continue
+            target = seen
+            if seen is _ABSENT:  # deleted: the class's own runs, unless it is backtrader's
+                own = getattr(type(self.strategy), name, None)
+                if own is getattr(bt.Strategy, name, None):
+                    watched[name] = _ABSENT
+                    continue
+                target = getattr(self.strategy, name)
+            if not callable(target) or target in _WRAPPERS:
+                watched[name] = seen  # not a call: nothing to wrap
+                continue
+            wrapper = self._tracked_call(target, name)
+            _WRAPPERS.add(wrapper)
+            self._unwrap.append((self.strategy, name, seen, wrapper))
+            agent[name] = wrapper
+            watched[name] = wrapper
+            if name not in self._callbacks_logged:
+                self._callbacks_logged.add(name)
+                logger.info(
+                    "FMEL: the agent sets self.%s during the run (first in decision %d); each "
+                    "one it sets is wrapped when set",
+                    name,
+                    self.decisions,
+                )
+        self._callback_items = list(watched.items())
+        self._agent_len = len(agent)
 
     def _positions(self, broker: Any) -> tuple[Position, ...]:
         held = self._held = self._broker_positions(broker) if self._cache_held else None
@@ -871,7 +948,7 @@ _GC_FREEZE = _GCFreeze()
 atexit.register(_GC_FREEZE.release_all)
 
 
-def _same_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _same_call(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     """What FMELAnalyzer._tracked_call is before the agent is wrapped."""
     return fn
 
@@ -881,6 +958,8 @@ def _ignore(*args: Any) -> None:
 
 
 _ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
+# FMEL analyzers between start and stop (or an exception out of the agent): one thread at a time
+_RUNNING: weakref.WeakSet[FMELAnalyzer] = weakref.WeakSet()
 # every wrapper FMELAnalyzer put on an agent or a broker (a broker outlives a run that raised)
 _WRAPPERS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 

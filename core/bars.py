@@ -324,7 +324,7 @@ class BarHashes:
     no hash is computed before something asks for it.
     """
 
-    __slots__ = ("_count", "_hashes", "_maxlen", "_odd", "_ring", "_source")
+    __slots__ = ("_count", "_hashes", "_maxlen", "_odd", "_ring", "_skip", "_source")
 
     def __init__(self, maxlen: int | None = None, *, source: Sequence[str] | None = None) -> None:
         self._hashes: list[str] = []
@@ -332,6 +332,7 @@ class BarHashes:
         self._ring = bytearray()  # bounded: 16 bytes per kept bar, slot = index % maxlen
         self._odd: dict[int, str] = {}  # bounded: hashes not of bar_hash's form, by index
         self._source = source
+        self._skip = 0  # source rows before the first delivered bar (see skip)
         self._count = 0
 
     @property
@@ -368,6 +369,17 @@ class BarHashes:
             self._odd.pop(index - maxlen, None)
         self._count = index + 1
 
+    def skip(self, rows: int) -> None:
+        """The first ``rows`` rows of ``source`` are not delivered (a feed's ``fromdate``):
+        bar 0 is row ``rows``. Before the first :meth:`advance`.
+
+        Raises:
+            TypeError: no source, or bars were delivered already.
+        """
+        if self._source is None or self._count:
+            raise TypeError("BarHashes.skip: only over a source, before the first bar")
+        self._skip = rows
+
     def advance(self) -> None:
         """One more bar of ``source`` was delivered (its hash is not computed here)."""
         if self._source is None:
@@ -383,7 +395,7 @@ class BarHashes:
         if index < 0 or index >= self._count:
             return None
         if self._source is not None:
-            return self._source[index]
+            return self._source[index + self._skip]
         maxlen = self._maxlen
         if not maxlen:
             return self._hashes[index]
@@ -409,7 +421,8 @@ class BarHashes:
                 return list(map(self._hashes.__getitem__, indexes))
             bulk = getattr(source, "take", None)
             if bulk is not None:
-                return list(bulk(indexes))
+                skip = self._skip
+                return list(bulk([i + skip for i in indexes] if skip else indexes))
         return list(map(self.at, indexes))
 
     def __len__(self) -> int:

@@ -57,6 +57,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +317,8 @@ class DecisionWriter:
         self._spilling = False
         self._next_probe = 0.0
         self._fatal: BaseException | None = None
-        self._claimed: dict[str, str] = {}  # decision id prefix -> who writes it (claim_ids)
+        # decision id prefix -> (who writes it, the analyzer) (claim_ids)
+        self._claimed: dict[str, tuple[str, weakref.ref[Any] | None]] = {}
         self._inflight: list[Item] | None = None
         self.journal = (
             DecisionJournal(self.spill_dir / f"journal-{sink.name}.jsonl") if journal else None
@@ -524,25 +526,40 @@ class DecisionWriter:
         """The writer thread runs: started, not stopped, not dead on an error."""
         return self._alive() and not self._stopping
 
-    def claim_ids(self, prefix: str, who: str) -> None:
+    def claim_ids(
+        self,
+        prefix: str,
+        who: str,
+        owner: object = None,
+        stale: Callable[[object], bool] | None = None,
+    ) -> None:
         """Reserve the decision ids ``<prefix>:...`` (a session id, or a paper run's decision
         scope) for one analyzer, ``who`` naming it in errors. Main thread, at the analyzer's
         start. Stores write a batch's fresh records without looking their ids up, and skip
         the ids they hold when a batch stored in part is written again: two runs writing the
         same ids through one writer would leave duplicates, or drop one run's decisions.
 
+        A reservation whose ``owner`` (the analyzer) is alive and ``stale(owner)`` says it
+        wrote nothing and never will (a run refused or failed before its first bar) is taken
+        over.
+
         Raises:
             ValueError: ``prefix`` was reserved before through this writer (another strategy
                 of the Cerebro, or an earlier run given the same ``run``); names both.
         """
-        earlier = self._claimed.get(prefix)
-        if earlier is not None:
+        held = self._claimed.get(prefix)
+        if held is not None:
+            earlier, ref = held
+            before = ref() if ref is not None else None
+            if before is not None and stale is not None and stale(before):
+                held = None
+        if held is not None:
             raise ValueError(
                 f"FMELAnalyzer: {who} would write the same decision ids ({prefix}:...) as "
                 f"{earlier} did through this writer: give each run its own session (leave run "
                 "unset for a new one each, or make_run_info(..., session_id=...))"
             )
-        self._claimed[prefix] = who
+        self._claimed[prefix] = (who, weakref.ref(owner) if owner is not None else None)
 
     def _alive(self) -> bool:
         thread = self._thread

@@ -445,7 +445,22 @@ class AccessTracker:
                 reader = obj
                 break
             frame = frame.f_back
-        if reader is None or self._graph is None:
+        if reader is None:
+            return
+        # the reader's own tracker: the feed's lines are shared by the strategies of a run and
+        # carry the tags of whichever ran last (activate); the reader's lines carry its own
+        mine: AccessTracker = self
+        for own in getattr(getattr(reader, "lines", None), "lines", ()):
+            held = getattr(own, "_fmel", None)
+            if isinstance(held, LineTag):
+                mine = held.tracker
+                break
+        mine._reads_ahead(reader, line, ago, tag)
+
+    def _reads_ahead(self, reader: Any, line: Any, ago: int, tag: LineTag) -> None:
+        """``reader`` (a line iterator of this tracker's strategy) read ``line[ago]``, ``ago``
+        bars ahead: what it reaches grows (see :meth:`internal_future_read`)."""
+        if self._graph is None:
             return
         found = self._graph.reach(line)
         dyn = self._dynamic.setdefault(id(reader), {})

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from datetime import datetime
 from typing import Any
@@ -60,13 +61,32 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             (getattr(self.lines, name), arr.tolist()) for name, arr in bars.numeric.items()
         ]
         self._text = [(self.text_lines[name], vals) for name, vals in bars.text.items()]
+        self._i = -1  # placed at the first _load (fromdate is set after start: _start_finish)
+        self._end = len(self._dates)
 
     def islive(self) -> bool:
         return False
 
+    def _window(self) -> int:
+        """The rows within backtrader's ``fromdate`` / ``todate`` (its ``load()`` discards
+        the others after ``_load``, but a discarded row must not count as a delivered bar:
+        the data hash of bar k is that of row k + the rows before ``fromdate``). The first
+        row's index; sets the end. With ``tzinput`` backtrader compares times it has
+        localised: left to it (the hashes then follow the rows loaded)."""
+        if getattr(self, "_tzinput", None) is not None:
+            return 0
+        dates = self._dates
+        first = bisect.bisect_left(dates, getattr(self, "fromdate", -math.inf))
+        self._end = bisect.bisect_right(dates, getattr(self, "todate", math.inf))
+        if first:
+            self.bar_hashes.skip(first)
+        return first
+
     def _load(self) -> bool:
         i = self._i
-        if i >= len(self._dates):
+        if i < 0:
+            i = self._window()
+        if i >= self._end:
             return False
         self.lines.datetime[0] = self._dates[i]
         for line, values in self._cols:

@@ -461,7 +461,8 @@ def test_a_run_shared_by_two_writing_strategies_is_refused_by_name(tmp_path: Pat
     writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), batch_size=100)
     writer.start()
     try:
-        with pytest.raises(ValueError, match=r"_Seller would write the same .*\(s1:.*as _Buyer"):
+        shared = r"_Seller \(params \{\}\) would write .*\(s1:.*as _Buyer"
+        with pytest.raises(ValueError, match=shared):
             _two_strategies(writer, run=info)
     finally:
         writer.stop(timeout_s=60)

@@ -8,6 +8,8 @@ found by an attack on this capability (helper-56)."""
 from __future__ import annotations
 
 import pickle
+import threading
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +219,9 @@ class _ReadsOpenHigh(bt.Strategy):  # type: ignore[misc]
 
 def _fmel_run(*strategies: type, feed: Any = None, **kw: Any) -> list[Any]:
     cerebro = bt.Cerebro(stdstats=False)
-    cerebro.adddata(feed or make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.adddata(
+        feed if feed is not None else make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG"
+    )
     for s in strategies:
         cerebro.addstrategy(s)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", **kw)
@@ -328,8 +332,192 @@ def test_what_would_lose_or_mix_records_is_refused_at_start(tmp_path: Path) -> N
         cerebro.optstrategy(_SmaAgent, period=[5, 10])
         run = make_run_info(_SmaAgent, session_id="study", agent_id=None, mode="backtest")
         cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer, run=run)
-        with pytest.raises(ValueError, match=r"_SmaAgent would write the same .*\(study:"):
+        with pytest.raises(
+            ValueError,
+            match=r'_SmaAgent \(params \{"period": 10\}\) would write the same decision ids '
+            r'\(study:.*as _SmaAgent \(params \{"period": 5\}\)',
+        ):
             cerebro.run()
     finally:
         stats = writer.stop(timeout_s=120)
     assert stats.written == stats.submitted == 2148  # the first run's, once
+
+
+# -- a second attack (helper-57) ---------------------------------------------------------------
+
+
+class _Peek(bt.Indicator):  # type: ignore[misc]
+    """An indicator that reads the next bar in its own code (a look-ahead bug)."""
+
+    lines = ("peek",)
+
+    def next(self) -> None:
+        self.lines.peek[0] = self.data.close[1] if len(self.data) < self.data.buflen() else 0.0
+
+
+class _UsesPeek(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.peek = _Peek(self.data)
+
+    def next(self) -> None:
+        self.peek[0]
+
+
+class _Empty(bt.Strategy):  # type: ignore[misc]
+    pass
+
+
+@pytest.mark.parametrize("runonce", [True, False])
+def test_an_indicators_look_ahead_is_flagged_on_its_own_strategy(runonce: bool) -> None:
+    # Found by the attack: with another strategy first, the indicator's future read went to
+    # the other strategy's tracker (the shared feed line carried its tags): 0 flagged.
+    def flagged(*strategies: type) -> list[int]:
+        cerebro = bt.Cerebro(stdstats=False, runonce=runonce)
+        cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+        for s in strategies:
+            cerebro.addstrategy(s)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        return [r.analyzers.fmel.lookahead_total for r in cerebro.run()]
+
+    (alone,) = flagged(_UsesPeek)
+    assert alone > 2000
+    assert flagged(_Empty, _UsesPeek) == [0, alone]
+    assert flagged(_ReadsClose, _UsesPeek) == [0, alone]
+    assert flagged(_UsesPeek, _ReadsClose) == [alone, 0]
+
+
+class _StartSetsNext(bt.Strategy):  # type: ignore[misc]
+    def start(self) -> None:
+        self.next = self._go  # the class itself defines no next
+
+    def _go(self) -> None:
+        self.data.close[0]
+
+
+class _OrderSwap(_SmaAgent):
+    """notify_order as a two-state machine, swapping itself on every notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notify_order = self._h1
+        self.made = 0
+
+    def _h1(self, order: Any) -> None:
+        self.data.close[0]
+        self.made += 1
+        self.notify_order = self._h2
+
+    def _h2(self, order: Any) -> None:
+        self.data.open[0]
+        self.made += 1
+        self.notify_order = self._h1
+
+
+def test_callbacks_the_agent_sets_at_run_time_are_recorded() -> None:
+    # Found by the attack: set in start() for a name the class does not define, 0 reads
+    # recorded; a notify_order swapping itself lost all but the first notice of a bar.
+    (s,) = _fmel_run(_StartSetsNext)
+    assert [r.reads for r in s.analyzers.fmel.records] == [1] * 2148
+    (o,) = _fmel_run(_OrderSwap)
+    reads = sum(r.reads for r in o.analyzers.fmel.records)
+    plain = _fmel_run(_SmaAgent)[0].analyzers.fmel.records
+    assert o.made > 100 and reads == sum(r.reads for r in plain) + o.made
+    assert vars(o)["notify_order"] in (o._h1, o._h2)  # the agent's, at stop
+
+
+def test_a_date_window_set_the_backtrader_way_keeps_each_bars_own_hash() -> None:
+    # Found by the attack: with fromdate, every read carried the hash of the row at its bar
+    # index counted from the file's first row (backtrader drops rows after _load).
+    bars = read_csv_bars(GOOG)
+    row_of = {t: i for i, t in enumerate(bars.times.astype("datetime64[us]").astype("int64"))}
+    feed = make_csv_feed(GOOG, bars)
+    feed.p.fromdate = datetime(2010, 1, 1)
+    feed.p.todate = datetime(2012, 6, 30)
+    (s,) = _fmel_run(_ReadsClose, feed=feed)
+    reads = [
+        (a.bar_time, a.data_hash)
+        for r in s.analyzers.fmel.records
+        for d in r.data_accessed
+        for a in d.access_patterns
+    ]
+    assert len(reads) == len(s.analyzers.fmel.records) > 600
+    first = datetime.fromtimestamp(reads[0][0], UTC)
+    last = datetime.fromtimestamp(reads[-1][0], UTC)
+    assert first.date() == date(2010, 1, 4) and last.date() <= date(2012, 6, 30)
+    for t, h in reads:
+        assert h == bars.hashes[row_of[round(t * 1_000_000)]]
+
+
+class _Notified(_SmaAgent):
+    def notify_store(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # reads nothing
+
+
+def test_a_notice_from_another_thread_records_nothing_and_runs_in_threads_are_refused() -> None:
+    # Found by the attack: a broker thread calling a wrapped callback switched recording on
+    # for the whole process while it ran: backtrader's own reads went into the records.
+    stop = threading.Event()
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_Notified)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+
+    class Poker(bt.Analyzer):  # type: ignore[misc]
+        def start(self) -> None:
+            strategy = self.strategy
+
+            def poke() -> None:
+                while not stop.is_set():
+                    strategy.notify_store("heartbeat")
+
+            threading.Thread(target=poke, daemon=True).start()
+
+    cerebro.addanalyzer(Poker)
+    try:
+        noisy = cerebro.run()[0].analyzers.fmel
+    finally:
+        stop.set()
+    quiet = _fmel_run(_SmaAgent)[0].analyzers.fmel
+    assert _fields(noisy) == _fields(quiet)
+    # two FMEL runs at once on two threads share one flag: the second is refused
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(_ReadsClose):
+        def next(self) -> None:
+            super().next()
+            if len(self) == 10:
+                started.set()
+                release.wait(60)
+
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _fmel_run(Slow), daemon=True)
+    worker.start()
+    assert started.wait(60)
+    try:
+        _fmel_run(_ReadsClose)
+    except ValueError as e:
+        errors.append(e)
+    finally:
+        release.set()
+        worker.join(60)
+    assert len(errors) == 1 and "another FMEL run is in progress on another thread" in str(
+        errors[0]
+    )
+
+
+def test_a_session_refused_before_its_first_bar_can_be_used_again(tmp_path: Path) -> None:
+    # Found by the attack: after a run refused at start, the same run on the same writer was
+    # refused for good although nothing had been written under it.
+    run = make_run_info(_ReadsClose, session_id="r", agent_id=None, mode="backtest")
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "s")
+    writer.start()
+    try:
+        with pytest.raises(ValueError, match="would write the same decision ids"):
+            _fmel_run(_ReadsClose, _ReadsOpenHigh, writer=writer, run=run)
+        (s,) = _fmel_run(_ReadsClose, writer=writer, run=run)
+        assert s.analyzers.fmel.decisions == 2148
+        with pytest.raises(ValueError, match="would write the same decision ids"):
+            _fmel_run(_ReadsClose, writer=writer, run=run)  # written now: refused
+    finally:
+        stats = writer.stop(timeout_s=120)
+    assert stats.written == stats.submitted == 2148

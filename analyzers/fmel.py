@@ -226,7 +226,6 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._confidence: float | None = None
         self._datas: list[Any] = []
         self._symbol_of: dict[int, str] = {}
-        # (object, attribute, its instance value before the wrapper or _ABSENT): put back at stop
         # (object, attribute, its instance value before or _ABSENT, the wrapper): put back at
         # stop where the wrapper is still there
         self._unwrap: list[tuple[Any, str, Any, Any]] = []
@@ -277,7 +276,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 mode="backtest",
                 params_json=agent_params_json(strategy),
             )
-        self._check_writer()
+        self._check_start()
         self._thread_id = threading.get_ident()
         _RUNNING.add(self)
         self._datas = list(strategy.datas)
@@ -297,7 +296,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self.p.gc_freeze:
             self._froze = _GC_FREEZE.enter(self)
 
-    def _check_writer(self) -> None:
+    def _check_start(self) -> None:
         """Refuse what would lose or mix up this run's records, before the first bar: an FMEL
         run in progress on another thread (the tracking flag is one for the process), a
         second FMEL analyzer on the strategy (the agent's reads reach one of them), a writer
@@ -511,7 +510,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # optimisation with maxcpus > 1 sends analyzers holding it to the parent process)
         for obj, name, before, wrapper in reversed(self._unwrap):
             if vars(obj).get(name) is not wrapper:
-                continue  # the agent set its own since (see _rewrap): left as it set it
+                continue  # the agent set its own since (_check_callbacks): left as it set it
             if before is _ABSENT:
                 vars(obj).pop(name, None)
             else:

@@ -49,7 +49,6 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
     def start(self) -> None:
         super().start()
         bars = self._bars
-        self._i = 0
         self.bar_hashes = BarHashes(source=bars.hashes)  # computed when first read
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)

@@ -281,9 +281,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         _RUNNING.add(self)
         self._datas = list(strategy.datas)
         self._dtline = strategy.lines.datetime  # the bar time of each record
-        for data in self._datas:
-            self._symbol_of[id(data)] = feed_symbol(data)
         self.tracker.track_strategy(strategy, track_indicators=bool(self.p.track_indicators))
+        # what the feeds are recorded as (feed_labels: their symbols, told apart when shared)
+        self._symbol_of.update(self.tracker.feed_labels)
         self._defer = self.writer is not None and self.tracker.deferrable
         if self._defer:
             # CSV files' data hashes, computed by a helper process while the run goes on

@@ -430,6 +430,20 @@ class BarHashes:
 
 
 def feed_symbol(data: Any) -> str:
-    """The symbol of a data feed: its ``symbol`` attribute, else its backtrader name, else
-    ``"data"``."""
-    return str(getattr(data, "symbol", None) or getattr(data, "_name", "") or "data")
+    """The symbol (instrument) of a data feed: its ``symbol`` attribute; else, for a feed
+    backtrader cloned from another (``cerebro.resampledata`` / ``replaydata``: a
+    ``DataClone``, whose ``data`` is its source), its source's symbol; else its backtrader
+    name; else ``"data"``.
+
+    A clone's own name (``resampledata(d, name="GOOG_W")``) names the feed, not the
+    instrument: an order on the weekly bars of GOOG is an order for GOOG. Two feeds may share
+    a symbol; FMEL's records tell them apart (``analyzers.tracking.model.feed_labels``).
+    """
+    symbol = getattr(data, "symbol", None)
+    if symbol:
+        return str(symbol)
+    if getattr(data, "_clone", False):
+        source = getattr(data, "data", None)
+        if source is not None and source is not data:
+            return feed_symbol(source)
+    return str(getattr(data, "_name", "") or "data")

@@ -89,10 +89,12 @@ def _is_library_object(obj: Any) -> bool:
     return known
 
 
-def _key_label(key: Any) -> str:
-    """A stable, readable label for a container key (a feed is its symbol)."""
+def _key_label(key: Any, feeds: Mapping[int, str] | None = None) -> str:
+    """A stable, readable label for a container key (a feed is what it is recorded as:
+    ``feeds[id(feed)]``, else its symbol)."""
     if isinstance(key, bt.AbstractDataBase):
-        return feed_symbol(key)
+        label = feeds.get(id(key)) if feeds is not None else None
+        return label or feed_symbol(key)
     if isinstance(key, str):
         return key
     if isinstance(key, Enum):
@@ -100,7 +102,7 @@ def _key_label(key: Any) -> str:
     if isinstance(key, bool | int | float) or key is None:
         return repr(key)
     if isinstance(key, tuple):
-        return ",".join(_key_label(k) for k in key)
+        return ",".join(_key_label(k, feeds) for k in key)
     try:
         text = repr(key)
     except Exception:  # noqa: BLE001 (an agent's own key class: its repr may fail)
@@ -110,11 +112,15 @@ def _key_label(key: Any) -> str:
     return text
 
 
-def scan_labels(strategy: Any) -> tuple[dict[int, str], list[tuple[str, int]], str]:
+def scan_labels(
+    strategy: Any, feeds: Mapping[int, str] | None = None
+) -> tuple[dict[int, str], list[tuple[str, int]], str]:
     """Where the agent keeps its line objects: ``{id(obj): label}`` for indicators, lines
     operations and indicator lines found in its attributes (any name, ``_private`` included),
     in nested containers (``sma[GOOG][fast]``, ``pairs[0][1]``) and in helper objects
-    (``helper.sma``), breadth first, attributes in name order (the shortest path wins).
+    (``helper.sma``), breadth first, attributes in name order (the shortest path wins). A
+    container key that is a feed is labelled ``feeds[id(feed)]`` (what the feed is recorded
+    as), else its symbol.
 
     Returns:
         ``(labels, held raw arrays as (path, id(array)), why the scan stopped early or "")``.
@@ -176,7 +182,7 @@ def scan_labels(strategy: Any) -> tuple[dict[int, str], list[tuple[str, int]], s
             continue
         if isinstance(obj, Mapping):
             for key, value in list(obj.items()):
-                queue.append((f"{path}[{_key_label(key)}]", value, depth + 1))
+                queue.append((f"{path}[{_key_label(key, feeds)}]", value, depth + 1))
         elif isinstance(obj, list | tuple | deque):
             for i, value in enumerate(obj):
                 queue.append((f"{path}[{i}]", value, depth + 1))

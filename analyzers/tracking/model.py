@@ -50,18 +50,51 @@ class PinnedLine:
         self.mode = getattr(line, "mode", None)
 
 
+def feed_labels(datas: list[Any]) -> dict[int, str]:
+    """What each of a strategy's feeds is recorded as (``symbol`` of its ``data_accessed``
+    entries, actions and positions): ``{id(feed): label}``, each label distinct.
+
+    A feed's label is its symbol (:func:`~core.bars.feed_symbol`). Feeds that share a symbol
+    (a daily feed and its weekly resample, ``cerebro.resampledata(data, ...)``; one symbol
+    from two files) would otherwise be one group in a record, with one data hash and bar
+    indexes of either feed. The first of them in ``datas`` order keeps the symbol; each
+    other one is recorded under its backtrader name (``adddata(d, name="GOOG2")``,
+    ``resampledata(d, name="GOOG_W")``) when it has one no other feed is recorded as, else
+    ``<symbol>#<i>``, ``i`` its position in ``datas`` (``self.datas[i]``)."""
+    symbols = [feed_symbol(d) for d in datas]
+    taken = set(symbols)
+    seen: set[str] = set()
+    out: dict[int, str] = {}
+    for i, (data, symbol) in enumerate(zip(datas, symbols, strict=True)):
+        if id(data) in out:
+            continue
+        label = symbol
+        if symbol in seen:
+            name = str(getattr(data, "_name", "") or "")
+            label = name if name and name not in taken else f"{symbol}#{i}"
+            k = i
+            while label in taken:  # a feed named "GOOG#1" beside two unnamed GOOG clones
+                k += len(datas)
+                label = f"{symbol}#{k}"
+            taken.add(label)
+        seen.add(symbol)
+        out[id(data)] = label
+    return out
+
+
 class FeedInfo:
-    """A source feed as resolution sees it: symbol, hash history and its datetime line.
+    """A source feed as resolution sees it: the symbol it is recorded as
+    (:func:`feed_labels`), hash history and its datetime line.
 
     Bar indexes are absolute (0 = the feed's first bar), also for feeds with bounded buffers.
     """
 
     __slots__ = ("dt", "feed", "hashes", "slot", "symbol")
 
-    def __init__(self, feed: Any) -> None:
+    def __init__(self, feed: Any, symbol: str | None = None) -> None:
         self.slot = -1  # position in AccessTracker.capture()
         self.feed = feed
-        self.symbol = feed_symbol(feed)
+        self.symbol = symbol or feed_symbol(feed)
         # a feed's bar hashes follow the rows of its source; a resampled or replayed feed, or
         # one with any other filter (backtrader's ``addfilter``: bars merged, split, dropped),
         # has bars that are not those rows: no hash (NULL, and a tracking gap says so)

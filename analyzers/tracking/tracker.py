@@ -21,13 +21,14 @@ from analyzers.schema import Access, DataAccess
 from analyzers.tracking import proxies
 from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
 from analyzers.tracking.labels import scan_labels
-from analyzers.tracking.model import FeedInfo, LineTag, PinnedLine, Read, Snapshot
+from analyzers.tracking.model import FeedInfo, LineTag, PinnedLine, Read, Snapshot, feed_labels
 from analyzers.tracking.proxies import (
     _tracked_class,
     _TrackedTextLine,
     compiled_in_use,
     untracked_class,
 )
+from core.bars import feed_symbol
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
@@ -72,6 +73,7 @@ class AccessTracker:
         self._warned: set[tuple[str, str, str]] = set()
         self._tracked: list[tuple[Any, type]] = []
         self._feeds: dict[int, FeedInfo] = {}
+        self._labels: dict[int, str] = {}  # id(feed): what it is recorded as (feed_labels)
         self._derived: list[LineTag] = []
         self._dynamic: dict[int, Reach] = {}
         self._stale = False
@@ -99,10 +101,18 @@ class AccessTracker:
 
     # -- wiring -----------------------------------------------------------------------------
 
+    @property
+    def feed_labels(self) -> dict[int, str]:
+        """What each feed of the tracked strategy is recorded as: ``{id(feed): symbol}``
+        (:func:`~analyzers.tracking.model.feed_labels`; empty before
+        :meth:`track_strategy`)."""
+        return dict(self._labels)
+
     def feed_info(self, feed: Any) -> FeedInfo:
         info = self._feeds.get(id(feed))
         if info is None:
-            info = self._feeds[id(feed)] = self._add_info(FeedInfo(feed))
+            info = FeedInfo(feed, self._labels.get(id(feed)))
+            info = self._feeds[id(feed)] = self._add_info(info)
         return info
 
     def _add_info(self, info: FeedInfo) -> FeedInfo:
@@ -190,6 +200,17 @@ class AccessTracker:
             getattr(cerebro, "_dorunonce", False) and getattr(cerebro, "_dopreload", False)
         )
         self.preload = bool(getattr(cerebro, "_dopreload", False))
+        self._labels = feed_labels(list(strategy.datas))
+        shared = {
+            feed_symbol(d): label
+            for d in strategy.datas
+            if (label := self._labels[id(d)]) != feed_symbol(d)
+        }
+        if shared:
+            logger.info(
+                "FMEL: feeds share a symbol; the later ones are recorded as %s",
+                ", ".join(f"{label} ({symbol})" for symbol, label in shared.items()),
+            )
         for data in strategy.datas:
             self.track_feed(data)
         if not track_indicators:
@@ -199,7 +220,7 @@ class AccessTracker:
         self._scan_source(type(strategy))
 
     def _track_registry(self, strategy: Any) -> None:
-        labels, held_arrays, truncated = scan_labels(strategy)
+        labels, held_arrays, truncated = scan_labels(strategy, self._labels)
         assert self._graph is not None
         tracked_arrays: dict[int, str] = {}
         for tag in self._tags_of_feeds():

@@ -11,15 +11,20 @@ import pickle
 import threading
 from datetime import UTC, date, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import backtrader as bt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.schema import duckdb_ddl, duckdb_struct_type, row_json
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
+from analyzers.tracking.model import feed_labels
+from core.bars import feed_symbol
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
 
@@ -521,3 +526,126 @@ def test_a_session_refused_before_its_first_bar_can_be_used_again(tmp_path: Path
     finally:
         stats = writer.stop(timeout_s=120)
     assert stats.written == stats.submitted == 2148
+
+
+class _DailyAndWeekly(bt.Strategy):  # type: ignore[misc]
+    """backtrader's multi-timeframe idiom: ``data0`` daily, ``data1`` its weekly resample, an
+    SMA of each kept in a dict keyed by the feeds."""
+
+    def __init__(self) -> None:
+        self.sma = {d: bt.ind.SMA(d.close, period=3) for d in self.datas}
+
+    def next(self) -> None:
+        self.datas[0].close[0]
+        self.datas[1].close[0]
+        self.sma[self.datas[1]][0]
+        if len(self) == 100:
+            self.buy(data=self.datas[1])
+
+
+def _two_goog(how: str) -> bt.Cerebro:
+    cerebro = bt.Cerebro(stdstats=False)
+    daily = make_csv_feed(GOOG, read_csv_bars(GOOG))
+    cerebro.adddata(daily, name="GOOG")
+    if how == "resample":
+        cerebro.resampledata(daily, timeframe=bt.TimeFrame.Weeks)
+    elif how == "resample_named":
+        cerebro.resampledata(daily, timeframe=bt.TimeFrame.Weeks, name="GOOG_W")
+    else:  # the same symbol from a second file (here the same rows)
+        cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG2")
+    cerebro.addstrategy(_DailyAndWeekly)
+    return cerebro
+
+
+@pytest.mark.parametrize(
+    ("how", "second"), [("resample", "GOOG#1"), ("resample_named", "GOOG_W"), ("file", "GOOG2")]
+)
+def test_feeds_that_share_a_symbol_are_recorded_apart(how: str, second: str) -> None:
+    # Found by review: reads of a daily feed and of its weekly resample (or of two files of one
+    # symbol) were one "GOOG" group of a record, under the daily bar's hash, with bar indexes
+    # of either feed; an unnamed resample was recorded as symbol "data".
+    cerebro = _two_goog(how)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    strategy = cerebro.run()[0]
+    fmel = strategy.analyzers.fmel
+    daily, other = strategy.datas
+    rec = fmel.records[200]
+    by_symbol = {d.symbol: d for d in rec.data_accessed}
+    assert list(by_symbol) == ["GOOG", second]
+    # each group holds its own feed's reads: the value at the recorded bar of that feed
+    for d, feed in ((by_symbol["GOOG"], daily), (by_symbol[second], other)):
+        for a in d.access_patterns:
+            if a.field == "close":
+                assert a.value == feed.close.array[a.bar_index]
+    assert [a.field for a in by_symbol[second].access_patterns] == ["close", "sma"]
+    assert by_symbol["GOOG"].data_hash is not None
+    if how == "file":
+        assert by_symbol[second].data_hash == by_symbol["GOOG"].data_hash  # the same rows
+    else:
+        assert by_symbol[second].data_hash is None  # a weekly bar is no row of the file
+        assert by_symbol[second].access_patterns[0].bar_index < 50  # weeks, not days
+    # the order on data1 is recorded under the same symbol as its reads
+    orders = [a for r in fmel.records for a in r.actions]
+    assert len(orders) >= 2 and {a.symbol for a in orders} == {second}
+    assert any(p[0] == second for r in fmel.records for p in r.positions)
+
+
+def test_feeds_that_share_a_symbol_are_stored_apart_by_the_writer(tmp_path: Path) -> None:
+    # the writer's columnar path groups reads by symbol too: the same rows as in memory
+    path = tmp_path / "f.duckdb"
+    writer = DecisionWriter(LocalDuckDBSink(path), spill_dir=tmp_path / "spill")
+    writer.start()
+    cerebro = _two_goog("resample")
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
+    session = cerebro.run()[0].analyzers.fmel.run_info.session_id
+    assert writer.stop(timeout_s=300).spilled == 0
+    memory = _two_goog("resample")
+    memory.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = memory.run()[0].analyzers.fmel.records
+    import duckdb
+
+    with duckdb.connect(str(path)) as con:
+        con.execute(duckdb_ddl("expected"))
+        con.execute(
+            f"INSERT INTO expected SELECT unnest(CAST(j::JSON AS {duckdb_struct_type()})) "
+            "FROM (SELECT unnest($1::VARCHAR[]) AS j)",
+            [[row_json(r) for r in records]],
+        )
+        want = con.execute(f"SELECT {_SAME} FROM expected ORDER BY 1").fetchall()
+        got = con.execute(
+            f"SELECT {_SAME} FROM decisions WHERE session_id = ? ORDER BY 1", [session]
+        ).fetchall()
+        assert got == want
+        symbols = con.execute(
+            "SELECT DISTINCT symbol FROM decision_reads WHERE session_id = ? ORDER BY 1",
+            [session],
+        ).fetchall()
+        assert symbols == [("GOOG",), ("GOOG#1",)]
+
+
+_SYMBOLS = st.sampled_from(["GOOG", "SPY", "GOOG#1", "GOOG_W", ""])
+
+
+@given(st.lists(st.tuples(_SYMBOLS, _SYMBOLS), max_size=8))
+def test_feed_labels_are_distinct_and_keep_every_symbol_they_can(
+    feeds: list[tuple[str, str]],
+) -> None:
+    datas = [SimpleNamespace(symbol=symbol, _name=name) for symbol, name in feeds]
+    labels = feed_labels(datas)
+    got = [labels[id(d)] for d in datas]
+    assert len(set(got)) == len(got)
+    symbols = [feed_symbol(d) for d in datas]
+    for i, (symbol, label) in enumerate(zip(symbols, got, strict=True)):
+        if symbol not in symbols[:i]:
+            assert label == symbol  # the first feed of a symbol keeps it
+        else:
+            assert (label != symbol and label.startswith(symbol)) or label == datas[i]._name
+
+
+def test_a_clone_is_the_instrument_of_its_source() -> None:
+    cerebro = bt.Cerebro()
+    daily = make_csv_feed(GOOG, read_csv_bars(GOOG))
+    cerebro.adddata(daily, name="GOOG")
+    weekly = cerebro.resampledata(daily, timeframe=bt.TimeFrame.Weeks, name="GOOG_W")
+    assert feed_symbol(weekly) == "GOOG"  # an order on the weekly bars is an order for GOOG
+    assert feed_symbol(cerebro.replaydata(daily, timeframe=bt.TimeFrame.Weeks)) == "GOOG"

@@ -240,7 +240,8 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
             logger.info("Alpaca paper trading endpoint: %s", self.endpoint)
         cerebro = getattr(self, "cerebro", None)
         for data in getattr(cerebro, "datas", ()) or ():
-            self._datas[position_key(feed_symbol(data))] = data
+            # feeds of one symbol (a daily feed, its resample): the first one reports the position
+            self._datas.setdefault(position_key(feed_symbol(data)), data)
             name = getattr(data, "_name", None)
             if is_crypto(feed_symbol(data)) and name not in self.comminfo:
                 # fractional sizes for order_target_* and sizers (docs/alpaca.md)

@@ -54,7 +54,8 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             self.text_lines[name] = TextLine(self, name)
             setattr(self, name, self.text_lines[name])
         self._dates = [bt.date2num(t) for t in pd.DatetimeIndex(bars.times).to_pydatetime()]
-        # The file's last bar time (backtrader date number): once there, the feed has ended.
+        # The last bar time (backtrader date number): once there, the feed has ended; the
+        # window's last (fromdate / todate, tzinput) once the first bar loads (_window)
         self.last_num = self._dates[-1] if self._dates else -math.inf
         self._cols = [
             (getattr(self.lines, name), arr.tolist()) for name, arr in bars.numeric.items()
@@ -70,13 +71,27 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         """The rows within backtrader's ``fromdate`` / ``todate`` (its ``load()`` discards
         the others after ``_load``, but a discarded row must not count as a delivered bar:
         the data hash of bar k is that of row k + the rows before ``fromdate``). The first
-        row's index; sets the end. With ``tzinput`` backtrader compares times it has
-        localised: left to it (the hashes then follow the rows loaded)."""
-        if getattr(self, "_tzinput", None) is not None:
-            return 0
+        row's index; sets the end. With ``tzinput`` backtrader compares the row's time
+        localised to it, in UTC (``AbstractDataBase.load``: ``date2num(tzinput.localize(
+        num2date(dt)))``): the same expression here, row by row."""
         dates = self._dates
-        first = bisect.bisect_left(dates, getattr(self, "fromdate", -math.inf))
-        self._end = bisect.bisect_right(dates, getattr(self, "todate", math.inf))
+        fromdate = getattr(self, "fromdate", -math.inf)
+        todate = getattr(self, "todate", math.inf)
+        tzinput = getattr(self, "_tzinput", None)
+        if tzinput is not None:
+            localise = tzinput.localize
+            dates = [bt.date2num(localise(bt.num2date(d))) for d in dates]
+            # backtrader drops a row before fromdate and stops at the first after todate;
+            # localised times of sorted rows are sorted but around a daylight-saving change
+            first = next((i for i, d in enumerate(dates) if d >= fromdate), len(dates))
+            end = next((i for i in range(first, len(dates)) if dates[i] > todate), len(dates))
+        else:
+            first = bisect.bisect_left(dates, fromdate)
+            end = bisect.bisect_right(dates, todate)
+        self._end = max(end, first)
+        # the last bar this feed delivers, as backtrader stores it (missed_step: a feed past it
+        # has ended, it did not miss a step)
+        self.last_num = dates[self._end - 1] if self._end > first else -math.inf
         if first:
             self.bar_hashes.skip(first)
         return first

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import backtrader as bt
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -430,12 +431,22 @@ def test_callbacks_the_agent_sets_at_run_time_are_recorded() -> None:
     assert vars(o)["notify_order"] in (o._h1, o._h2)  # the agent's, at stop
 
 
-def test_a_date_window_set_the_backtrader_way_keeps_each_bars_own_hash() -> None:
+@pytest.mark.parametrize("tzinput", [None, "US/Eastern"])
+def test_a_date_window_set_the_backtrader_way_keeps_each_bars_own_hash(
+    tzinput: str | None,
+) -> None:
     # Found by the attack: with fromdate, every read carried the hash of the row at its bar
-    # index counted from the file's first row (backtrader drops rows after _load).
+    # index counted from the file's first row (backtrader drops rows after _load). With
+    # tzinput (the file's times are New York's, backtrader compares them in UTC) all 795 reads
+    # still did, until the window was computed from the times as backtrader localises them.
     bars = read_csv_bars(GOOG)
-    row_of = {t: i for i, t in enumerate(bars.times.astype("datetime64[us]").astype("int64"))}
+    times = bars.times.astype("datetime64[us]")
+    if tzinput is not None:  # the rows' times as backtrader stores them: localised, in UTC
+        utc = pd.DatetimeIndex(times).tz_localize(tzinput).tz_convert("UTC").tz_localize(None)
+        times = utc.to_numpy().astype("datetime64[us]")
+    row_of = {t: i for i, t in enumerate(times.astype("int64"))}
     feed = make_csv_feed(GOOG, bars)
+    feed.p.tzinput = tzinput
     feed.p.fromdate = datetime(2010, 1, 1)
     feed.p.todate = datetime(2012, 6, 30)
     (s,) = _fmel_run(_ReadsClose, feed=feed)

@@ -109,3 +109,30 @@ def test_a_feed_that_has_not_started_or_has_ended_is_not_noted(tmp_path: Path) -
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
     records = cerebro.run()[0].analyzers.fmel.records
     assert len(records) > 40 and not any(r.notes for r in records)
+
+
+def test_a_feed_past_its_todate_has_ended_and_misses_no_step() -> None:
+    # Found by review: a CSV feed's end was its file's last row; with backtrader's todate the
+    # feed ended earlier and every later step noted it as missed (also with tzinput).
+    seen: list[list[str]] = []
+
+    class Notes(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            from analyzers.missed_step import missed_feeds
+
+            seen.append(missed_feeds(self))
+
+    for tzinput in (None, "US/Eastern"):
+        seen.clear()
+        cerebro = bt.Cerebro(stdstats=False)
+        goog = make_csv_feed(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"))
+        goog.p.todate = datetime(2010, 6, 30)
+        goog.p.tzinput = tzinput
+        cerebro.adddata(goog, name="GOOG")
+        sp500 = make_csv_feed(CSVFeedConfig(path=DATA / "SP500.csv", symbol="SP500"))
+        sp500.p.tzinput = tzinput  # both files' times in one zone: their bars stay aligned
+        cerebro.adddata(sp500)
+        cerebro.addstrategy(Notes)
+        cerebro.run()
+        assert len(seen) > 2000, tzinput
+        assert all(s == [] for s in seen), (tzinput, [s for s in seen if s][:3])

@@ -249,6 +249,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._held: tuple[Position, ...] | None = None
         self._cache_held = False
         self._froze = False
+        self._aborted = ""  # the agent's callback whose exception ended the tracking (_abort)
+        self._noted: Any = None  # the order whose notice the agent's wrapper recorded
 
     @property
     def lookahead_total(self) -> int:
@@ -391,10 +393,18 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         agent = vars(strategy)
 
         def tracked(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+            notices = name == "notify_order"
+
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
                 if ident() != main:  # e.g. a broker's thread delivering a notice: not recorded
                     return fn(*args, **kwargs)
+                if notices and args and sys._getframe(1).f_code is _NOTIFY_CODE:
+                    # backtrader tells the agent before its analyzers (Strategy._notify): the
+                    # notice is recorded first, so an order the agent places in reply to a
+                    # fill follows that fill in the record's actions
+                    self._note_order(args[0])
+                    self._noted = args[0]
                 if flags.OWNER is not tracker:  # another strategy's reads came last
                     tracker.activate()
                 was = flags.ACTIVE
@@ -412,7 +422,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     if self._froze:
                         self._froze = False
                         _GC_FREEZE.release_all()
-                    _RUNNING.discard(self)
+                    self._abort(name)
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -498,6 +508,37 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # delivered just before the strategies stop) get one last record, stage STOP.
         if self._events:
             self._record("STOP")
+        self._finish()
+
+    def _abort(self, name: str) -> None:
+        """The agent's ``name`` raised (main thread, in the wrapped call). backtrader does not
+        catch it: the run ends without ``stop()``. The tracking goes now, as at ``stop`` (the
+        feeds' lines get their classes back, the agent and broker their calls), so a run
+        after it, with or without FMEL, neither pays for reads nor keeps them in memory. If
+        the agent's own code caught the exception and the run goes on, its later records have
+        no reads: an error says so once."""
+        if self._aborted:
+            return
+        self._aborted = name
+        try:
+            self._finish()
+        except Exception:  # the agent's exception is the one to see
+            logger.exception("FMEL: removing the tracking after the agent's exception failed")
+        self._record = self._record_after_abort  # type: ignore[method-assign]
+
+    def _record_after_abort(self, stage: str) -> None:
+        """:meth:`_record` once the tracking went (:meth:`_abort`) and the run went on."""
+        if self._aborted:
+            logger.error(
+                "FMEL: the agent's %s raised before decision %d and the run went on (the "
+                "agent's own code caught it); reads are no longer recorded in this run",
+                self._aborted,
+                self.decisions,
+            )
+            self._aborted = ""  # said once
+        FMELAnalyzer._record(self, stage)
+
+    def _finish(self) -> None:
         # The reads the writer has not resolved yet are resolved against this run's bars,
         # also when a next run over the same feeds (cerebro.run() again, optstrategy in one
         # process) resets them: the feeds' bar times are pinned as they are now.
@@ -569,6 +610,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         )
 
     def notify_order(self, order: Any) -> None:
+        noted, self._noted = self._noted, None
+        if noted is order:
+            return  # recorded before the agent's notify_order ran (_wrap_agent)
+        self._note_order(order)
+
+    def _note_order(self, order: Any) -> None:
+        """The order's notice as an action of this bar (``notify_order``, or the agent's
+        wrapped ``notify_order`` before the agent's code: an order it places there comes
+        after the notice that caused it)."""
         self._held = None
         event = _STATUS_EVENT.get(order.status, order.getstatusname().upper())
         exec_size = exec_price = commission = None
@@ -956,6 +1006,8 @@ def _ignore(*args: Any) -> None:
     """Takes a notice and does nothing (see :meth:`FMELAnalyzer._bind_bar_calls`)."""
 
 
+# the code of backtrader's Strategy._notify: the caller of the agent's notify_order for a notice
+_NOTIFY_CODE = bt.Strategy._notify.__code__
 _ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
 # FMEL analyzers between start and stop (or an exception out of the agent): one thread at a time
 _RUNNING: weakref.WeakSet[FMELAnalyzer] = weakref.WeakSet()

@@ -45,7 +45,27 @@ def append_lines(path: Path, lines: Sequence[str]) -> None:
 
 
 def _line(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return json.dumps(value, separators=(",", ":"), allow_nan=False, default=_scalar)
+
+
+def _scalar(value: Any) -> Any:
+    """A numpy scalar (``np.int64``, ``np.float64``, ``np.bool_``) as its Python value (what
+    ``json`` cannot write itself); anything else is refused as ``json`` would."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        return item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def json_problems(rows: Sequence[Row]) -> list[tuple[int, str]]:
+    """``(position, reason)`` of each row :meth:`SpillFile.append` cannot write as JSON."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            _line(row)
+        except (TypeError, ValueError) as e:
+            out.append((i, f"not JSON: {type(e).__name__}: {e}"[:300]))
+    return out
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -104,6 +124,8 @@ class SpillFile:
 
         Raises:
             ValueError: a row holds NaN or infinity (not JSON).
+            TypeError: a row holds a value JSON has no form for (numpy scalars are written as
+                their Python values).
         """
         lines = [_line(r) for r in rows]
         with self._lock:

@@ -66,7 +66,7 @@ from typing import Any, NoReturn
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
-from analyzers.sinks.spill import Head, RejectedFile, SpillFile
+from analyzers.sinks.spill import Head, RejectedFile, SpillFile, json_problems
 from core.errors import AppError, ConfigError, SinkError, TransientError
 from core.retry import RetryPolicy
 
@@ -1261,6 +1261,16 @@ class DecisionWriter:
                     self.spill.append(rows)
                 except OSError as e:
                     failed = e
+                except (TypeError, ValueError):
+                    # a row with a value JSON has no form for: kept in the rejected file
+                    # (written with repr) and counted rejected; the others spilled
+                    bad = dict(json_problems(rows))
+                    self._reject([(r, bad[i]) for i, r in enumerate(rows) if i in bad])
+                    rows = [r for i, r in enumerate(rows) if i not in bad]
+                    try:
+                        self.spill.append(rows)
+                    except OSError as e:
+                        failed = e
             if rows and (failed is not None or self.disk_error is not None):
                 self._held.extend(rows)  # not on disk: the sink is tried again, else lost
             else:

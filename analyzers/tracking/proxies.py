@@ -17,6 +17,7 @@ import array
 import collections
 import logging
 from collections.abc import Callable
+from operator import index
 from typing import Any
 
 from backtrader.linebuffer import LineBuffer
@@ -51,10 +52,21 @@ def set_active(value: bool) -> bool:
 _TRACKED_CLASSES: dict[type, type] = {}
 
 
+def _int(key: Any) -> Any:
+    """An index as recorded: the int it indexed with (a numpy int, a bool: ``operator.index``),
+    else as given (the read took it: a key no int stands for is recorded as it is)."""
+    try:
+        return index(key)
+    except TypeError:
+        return key
+
+
 def _plain_getitem(self: Any, ago: int) -> Any:
     """``__getitem__`` of a tracked class whose base reads with ``LineBuffer.__getitem__``."""
     value = self.array[self._idx + ago]
     if ACTIVE:
+        if ago.__class__ is not int:  # a numpy int, a bool: recorded as the int it indexed
+            ago = _int(ago)
         idx = self._idx
         pos = idx + ago
         if pos < 0:  # python indexing wrapped around to the end of the buffer
@@ -74,6 +86,8 @@ def _plain_tail(self: Any, ago: int, value: Any) -> Any:
     Written out twice rather than called from :func:`_plain_getitem`, which is the hot path
     without the extension (one more call a read); ``tests/unit/test_fastread.py`` runs both."""
     if ACTIVE:
+        if ago.__class__ is not int:  # a numpy int, a bool: recorded as the int it indexed
+            ago = _int(ago)
         idx = self._idx
         pos = idx + ago
         if pos < 0:  # python indexing wrapped around to the end of the buffer
@@ -183,6 +197,8 @@ def _tracked_class(base: type) -> type:
     def __getitem__(self: Any, ago: int) -> Any:  # noqa: N807
         value = base_getitem(self, ago)
         if ACTIVE:
+            if ago.__class__ is not int:  # a numpy int, a bool: recorded as the int it indexed
+                ago = _int(ago)
             idx = self._idx
             pos = idx + ago
             if pos < 0:  # python indexing wrapped around to the end of the buffer
@@ -198,6 +214,7 @@ def _tracked_class(base: type) -> type:
     def get(self: Any, ago: int = 0, size: int = 1) -> Any:
         values = base_get(self, ago, size)
         if ACTIVE:
+            ago, size = _int(ago), _int(size)
             idx = self._idx
             if len(values):
                 end = idx + ago + 1
@@ -216,6 +233,7 @@ def _tracked_class(base: type) -> type:
     def getzeroval(self: Any, idx: int = 0) -> Any:
         value = base_getzeroval(self, idx)
         if ACTIVE:
+            idx = _int(idx)
             pos = idx + len(self.array) if idx < 0 else idx
             bar = pos + self.lencount - 1 - self._idx
             tag = self._fmel
@@ -227,6 +245,7 @@ def _tracked_class(base: type) -> type:
     def getzero(self: Any, idx: int = 0, size: int = 1) -> Any:
         values = base_getzero(self, idx, size)
         if ACTIVE:
+            idx, size = _int(idx), _int(size)
             off = self.lencount - 1 - self._idx
             if len(values):
                 newest = slice(idx, idx + size).indices(len(self.array))[1] - 1 + off
@@ -279,7 +298,8 @@ class _TrackedTextLine(TextLine):
         value = self.value_at(index)
         if ACTIVE:
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
-            tag.out.append((tag.id, ago, 1, index, value))
+            # a numpy int, a bool: recorded as the int it indexed
+            tag.out.append((tag.id, _int(ago), 1, _int(index), value))
             if tag.strict:
                 tag.tracker.check_strict()
         return value
@@ -287,6 +307,7 @@ class _TrackedTextLine(TextLine):
     def get(self, ago: int = 0, size: int = 1) -> list[str | None]:
         values = TextLine.get(self, ago, size)
         if ACTIVE:
+            ago, size = _int(ago), _int(size)
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
             index = self.feed.lines.datetime.lencount - 1 + ago
             tag.out.append((tag.id, ago, size, index, values[-1] if values else None))

@@ -683,6 +683,8 @@ class AccessTracker:
                     self._time_gone(info)
             else:
                 digest = when = None
+            if not returned:  # a window that returned nothing: no bar (the schema's -1)
+                bar = -1
             acc = new(Access, (seq, field, ago, size or 1, bar, digest, num, text, la, when))
             infos.setdefault(info.symbol, info)
             groups.setdefault(info.symbol, []).append(acc)

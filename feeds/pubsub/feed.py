@@ -20,6 +20,7 @@ import backtrader as bt
 from backtrader.linebuffer import LineBuffer
 
 from core.bars import OHLCV, BarHashes
+from core.errors import ConfigError
 from feeds.buffers import CompactLineBuffer
 from feeds.fields import TextLine, dynamic_feed_class
 from feeds.pubsub.config import FieldSet
@@ -238,3 +239,47 @@ class LiveMemoryBound(bt.Analyzer):  # type: ignore[misc]
                     bound(child)
 
         bound(self.strategy)
+        _check_lookback(self.strategy)
+
+
+def _check_lookback(strategy: Any) -> None:
+    """Refuse a live feed that keeps fewer bars than an indicator over its lines needs.
+
+    backtrader's own bounded mode (``exactbars``) grows a feed's buffers to its consumers'
+    periods (``LineIterator.qbuffer``: ``data.minbuffer(self._minperiod)``); a live feed keeps
+    its own ``lookback``, and an indicator with a longer window failed on its first bar, deep
+    in backtrader (``ValueError: Indices for islice() must be None or an integer``).
+
+    Raises:
+        ConfigError: naming the feed, the indicator, the bars it needs and
+            ``PUBSUB_LOOKBACK_BARS``.
+    """
+    seen: set[int] = set()
+    stack: list[Any] = [strategy]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for children in getattr(obj, "_lineiterators", {}).values():
+            stack.extend(children)
+        if obj is strategy:
+            continue
+        datas = list(getattr(obj, "datas", ()))
+        # the bars it reads of its inputs at once (its period), not its warm-up over them:
+        # CrossOver(d.close, SMA(d.close, 200)) starts at bar 201 and reads 2 bars
+        start = max((int(getattr(d, "_minperiod", 1)) for d in datas), default=1)
+        need = int(getattr(obj, "_minperiod", 1)) - start + 1
+        for data in datas:
+            feed = data if isinstance(data, PubSubMarketDataFeed) else None
+            if feed is None:
+                lines = getattr(data, "lines", None)
+                line = lines[0] if lines is not None and len(lines) else data
+                owner = getattr(line, "_owner", None)
+                feed = owner if isinstance(owner, PubSubMarketDataFeed) else None
+            if feed is not None and need > feed._lookback:
+                raise ConfigError(
+                    f"PUBSUB_LOOKBACK_BARS={feed._lookback}: the live feed {feed.symbol} keeps "
+                    f"{feed._lookback} bars, and the agent's {type(obj).__name__} over it needs "
+                    f"{need}; set PUBSUB_LOOKBACK_BARS to at least {need}"
+                )

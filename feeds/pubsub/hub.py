@@ -46,6 +46,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
 
 from core.errors import ConfigError
 from core.time import bt_num_to_utc
@@ -55,6 +56,7 @@ from feeds.pubsub.messages import LiveBar
 __all__ = ["CLOSED", "LATE", "OFFERED", "BarHub"]
 
 logger = logging.getLogger(__name__)
+_HALF_MS = timedelta(microseconds=500)  # added before a cut to milliseconds: rounds
 
 # At most this many gap events are logged per minute; the others are counted.
 GAP_LOGS_PER_MINUTE = 10
@@ -623,7 +625,9 @@ class BarHub:
                 "or late); counted in the report and runner_bars_missing_total",
                 symbol,
                 missing,
-                bt_num_to_utc(prev).isoformat(timespec="milliseconds"),
+                # to the millisecond, rounded: a day number's float is ~14 us coarse here
+                # (14:41 printed as 14:40:59.999 when cut)
+                (bt_num_to_utc(prev) + _HALF_MS).isoformat(timespec="milliseconds"),
                 bar.ts.isoformat(),
                 f"{self.gaps.bar_s:g}" if self.gaps.bar_s else "?",
             )

@@ -5,12 +5,13 @@
 -- 2.0 sizes the lateral form's buffers by the longest list, so over decisions of 10,000 reads
 -- a count took 19-25 s and ran out of 512 MiB (or took 19 GB with DuckDB's default limit)
 -- where this form takes 0.3 s in under 128 MiB (docs/benchmarks.md, ninth pass). Same columns,
--- same rows.
+-- same rows. `bar_time` is the decision's bar time, `read_bar_time` that of the bar read.
 CREATE OR REPLACE VIEW decision_reads AS
 SELECT decision_id, session_id, agent_id, decision_point, bar_time, stage, action,
        da.symbol AS symbol, ap.seq AS seq, ap.field AS field, ap."index" AS "index",
        ap.size AS size, ap.bar_index AS bar_index, ap.data_hash AS data_hash,
-       ap.value AS value, ap.text_value AS text_value, ap.lookahead AS lookahead
+       ap.value AS value, ap.text_value AS text_value, ap.lookahead AS lookahead,
+       ap.bar_time AS read_bar_time
 FROM (
     SELECT decision_id, session_id, agent_id, decision_point, bar_time, stage, action, da,
            unnest(da.access_patterns) AS ap

@@ -222,7 +222,9 @@ class ReadLog:
             present = 0 <= index < n
             expect = hf.text[fld][index] if present else None
             assert newest == expect, (fld, index, newest, expect)
-            row = self._bar_row(hf, fld, ago, size, index, present, None, newest, cur)
+            # nothing returned before the first bar: no bar (the schema's negative bar_index)
+            bar = index if newest is not None or index >= 0 else -1
+            row = self._bar_row(hf, fld, ago, size, bar, present, None, newest, cur)
             self._add(now, [row])
             return
         column = hf.numeric[fld]
@@ -244,8 +246,8 @@ class ReadLog:
             )
             if span:
                 row = self._bar_row(hf, fld, ago, size, span[-1], True, got[-1], None, cur)
-            else:
-                row = self._bar_row(hf, fld, ago, size, cur + ago, False, None, None, cur)
+            else:  # returned nothing: no bar (the schema's negative bar_index)
+                row = self._bar_row(hf, fld, ago, size, -1, False, None, None, cur)
         self._add(now, [row])
 
     def _bar_row(
@@ -310,6 +312,8 @@ class ReadLog:
                 if base < 0:  # not started then: index -1 of its buffer, its last bar
                     base = len(hf) - 1
                 bar = base + src.offset
+            if window and value is None:  # returned nothing: no bar (negative bar_index)
+                bar = -1
             ok = value is not None and 0 <= bar < len(hf)
             if src.causal and src.offset > 0 and not self.runonce and bar > fcur:
                 ok = False  # not written yet (NaN)

@@ -311,7 +311,11 @@ def test_gaps_are_counted_in_what_the_agent_gets_and_logged(
         assert bar is not None
         taken.append(bar)
     assert seen == [("A", 6)] and hub.missing == {"A": 6} and hub.gap_events == 1
-    assert any("6 bar time(s) missing" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if "6 bar time(s) missing" in r.getMessage()]
+    # the last bar before the gap by its time, to the millisecond (found by helper-60: a
+    # day number's float cut to milliseconds printed 14:41 as 14:40:59.999)
+    prev = (T0 + timedelta(seconds=2)).isoformat(timespec="milliseconds")
+    assert len(said) == 1 and f"between {prev} and" in said[0], said
 
 
 def test_bars_out_of_order_are_put_back_in_order_until_their_step() -> None:

@@ -554,3 +554,35 @@ def test_reconnect_backoff_is_jittered_exponential_and_capped() -> None:
         assert max(delays) > cap / 2  # full jitter spreads over [0, cap]
     with pytest.raises(ConfigError):
         StreamSettings(reconnect=RetryPolicy(initial_s=5, max_s=1))
+
+
+class _LongSma(bt.Strategy):  # type: ignore[misc]
+    params = (("period", 10),)
+
+    def __init__(self) -> None:
+        self.sma = bt.ind.SMA(self.data.close, period=self.p.period)
+        # reads 2 bars of the feed, after the SMA's 10: not a 11-bar need
+        self.cross = bt.ind.CrossOver(self.data.close, self.sma)
+
+
+def _bounded_run(lookback: int) -> Any:
+    hub = BarHub(["AAA"], align_wait_s=0)
+    for m in range(30):
+        hub.offer(decode_message(msg("AAA", m), {"symbol": "AAA"}, message_id=f"m{m}"))
+    hub.close_input("test")
+    cerebro = bt.Cerebro(stdstats=False)
+    feed = make_pubsub_feed(hub, "AAA", FieldSet((), ()), lookback=lookback, qcheck_s=0.01)
+    cerebro.adddata(feed, name="AAA")
+    cerebro.addstrategy(_LongSma)
+    cerebro.addanalyzer(LiveMemoryBound, indicator_lookback=4)
+    return cerebro.run()[0]
+
+
+def test_a_live_feed_shorter_than_an_indicators_period_is_refused_by_name() -> None:
+    # Found by an attack (helper-60): lookback 4 and SMA(10) failed on the SMA's first bar
+    # inside backtrader ("ValueError: Indices for islice() must be None or an integer").
+    with pytest.raises(ConfigError, match=r"PUBSUB_LOOKBACK_BARS=4: .* SMA over it needs 10"):
+        _bounded_run(lookback=4)
+    strategy = _bounded_run(lookback=10)  # enough: runs, and the SMA is right
+    assert len(strategy) == 30
+    assert strategy.sma[0] == pytest.approx(sum(10.5 + m for m in range(20, 30)) / 10)

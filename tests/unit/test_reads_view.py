@@ -16,7 +16,7 @@ from tests.unit.test_writer import _wide, record
 LATERAL = """
 SELECT d.decision_id, d.session_id, d.agent_id, d.decision_point, d.bar_time, d.stage, d.action,
        da.symbol, ap.seq, ap.field, ap."index", ap.size, ap.bar_index, ap.data_hash, ap.value,
-       ap.text_value, ap.lookahead
+       ap.text_value, ap.lookahead, ap.bar_time AS read_bar_time
 FROM decisions d, UNNEST(d.data_accessed) AS t(da), UNNEST(da.access_patterns) AS u(ap)
 """
 

@@ -2288,3 +2288,33 @@ def test_every_writer_argument_is_taken_exactly_or_refused(name: str, value: Any
     w = DecisionWriter(sink, spill_dir=Path("unused"), **kw)
     if value is not None and name != "max_batch":
         assert getattr(w, name) == value
+
+
+def test_a_spilled_batch_with_numpy_or_unwritable_values_loses_nothing(tmp_path: Path) -> None:
+    # Found by an attack (helper-58): a numpy int in a record (an agent indexing with
+    # np.int64) made the spill's json.dumps raise; stop() raised it and every record of the
+    # run was gone (0 stored, an empty spill). numpy scalars are written as their values; a
+    # row JSON has no form for is rejected (kept in the rejected file), the others spilled.
+    import numpy as np
+
+    sink, clock = Flaky(tmp_path / "f.duckdb"), FakeClock()
+    w = writer(sink, tmp_path / "spill", clock, batch_size=5, flush_interval_s=1.0)
+    w.start()
+    sink.down.set()
+    for i in range(5):
+        rec = record(i)
+        if i == 1:
+            rec = rec._replace(decision_point=np.int64(1), portfolio_value=np.float64(101.0))
+        if i == 3:
+            rec = rec._replace(portfolio_cash=object())  # no JSON for it
+        w.submit(rec)
+    assert w.flush(WAIT_S)
+    rows = SpillFile(w.spill_path).read()
+    assert [r["decision_point"] for r in rows] == [0, 1, 2, 4]
+    assert rows[1]["portfolio_value"] == 101.0
+    sink.down.clear()
+    stats = w.stop()
+    assert (stats.written, stats.spilled, stats.rejected, stats.lost) == (4, 0, 1, 0)
+    assert stored(sink.path) == [0, 1, 2, 4]
+    rejected = w.rejected_path.read_text()
+    assert '"decision_point":3' in rejected and "not JSON" in rejected

@@ -530,8 +530,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         """:meth:`_record` once the tracking went (:meth:`_abort`) and the run went on."""
         if self._aborted:
             logger.error(
-                "FMEL: the agent's %s raised before decision %d and the run went on (the "
-                "agent's own code caught it); reads are no longer recorded in this run",
+                "FMEL: the agent's %s raised in decision %d and the run went on (the "
+                "agent's own code caught it); reads after it are not recorded in this run",
                 self._aborted,
                 self.decisions,
             )

@@ -324,7 +324,7 @@ class BarHashes:
     no hash is computed before something asks for it.
     """
 
-    __slots__ = ("_count", "_hashes", "_maxlen", "_odd", "_ring", "_skip", "_source")
+    __slots__ = ("_count", "_hashes", "_maxlen", "_odd", "_ring", "_rows", "_skip", "_source")
 
     def __init__(self, maxlen: int | None = None, *, source: Sequence[str] | None = None) -> None:
         self._hashes: list[str] = []
@@ -333,6 +333,7 @@ class BarHashes:
         self._odd: dict[int, str] = {}  # bounded: hashes not of bar_hash's form, by index
         self._source = source
         self._skip = 0  # source rows before the first delivered bar (see skip)
+        self._rows: Sequence[int] | None = None  # source row of each bar, when not a range
         self._count = 0
 
     @property
@@ -380,6 +381,19 @@ class BarHashes:
             raise TypeError("BarHashes.skip: only over a source, before the first bar")
         self._skip = rows
 
+    def select(self, rows: Sequence[int]) -> None:
+        """Bar ``k`` is row ``rows[k]`` of ``source`` (rows a feed delivers that are not one
+        run of rows: backtrader drops a row before ``fromdate`` wherever it is, see
+        ``HistoricalCSVFeed._window``). Before the first :meth:`advance`.
+
+        Raises:
+            TypeError: no source, or bars were delivered already.
+        """
+        if self._source is None or self._count:
+            raise TypeError("BarHashes.select: only over a source, before the first bar")
+        self._rows = rows
+        self._skip = 0
+
     def advance(self) -> None:
         """One more bar of ``source`` was delivered (its hash is not computed here)."""
         if self._source is None:
@@ -395,7 +409,8 @@ class BarHashes:
         if index < 0 or index >= self._count:
             return None
         if self._source is not None:
-            return self._source[index + self._skip]
+            rows = self._rows
+            return self._source[rows[index] if rows is not None else index + self._skip]
         maxlen = self._maxlen
         if not maxlen:
             return self._hashes[index]
@@ -421,7 +436,9 @@ class BarHashes:
                 return list(map(self._hashes.__getitem__, indexes))
             bulk = getattr(source, "take", None)
             if bulk is not None:
-                skip = self._skip
+                rows, skip = self._rows, self._skip
+                if rows is not None:
+                    return list(bulk([rows[i] for i in indexes]))
                 return list(bulk([i + skip for i in indexes] if skip else indexes))
         return list(map(self.at, indexes))
 

@@ -53,11 +53,18 @@ _TRACKED_CLASSES: dict[type, type] = {}
 
 
 def _int(key: Any) -> Any:
-    """An index as recorded: the int it indexed with (a numpy int, a bool: ``operator.index``),
-    else as given (the read took it: a key no int stands for is recorded as it is)."""
+    """An index as recorded: the int it indexed with (a numpy int, a bool: ``operator.index``;
+    a numpy bool, which has no ``__index__``: its value), else as given (the read took it: a
+    key no int stands for is recorded as it is)."""
     try:
         return index(key)
     except TypeError:
+        item = getattr(key, "item", None)
+        if callable(item) and getattr(key, "shape", None) == ():
+            try:
+                return index(item())
+            except TypeError:
+                pass
         return key
 
 
@@ -215,6 +222,8 @@ def _tracked_class(base: type) -> type:
         values = base_get(self, ago, size)
         if ACTIVE:
             ago, size = _int(ago), _int(size)
+            if size.__class__ is int and size < 1:  # a window of no bars reads nothing
+                return values
             idx = self._idx
             if len(values):
                 end = idx + ago + 1
@@ -246,6 +255,8 @@ def _tracked_class(base: type) -> type:
         values = base_getzero(self, idx, size)
         if ACTIVE:
             idx, size = _int(idx), _int(size)
+            if size.__class__ is int and size < 1:  # a window of no bars reads nothing
+                return values
             off = self.lencount - 1 - self._idx
             if len(values):
                 newest = slice(idx, idx + size).indices(len(self.array))[1] - 1 + off
@@ -308,6 +319,8 @@ class _TrackedTextLine(TextLine):
         values = TextLine.get(self, ago, size)
         if ACTIVE:
             ago, size = _int(ago), _int(size)
+            if size.__class__ is int and size < 1:  # a window of no bars reads nothing
+                return values
             tag: LineTag = self._fmel_tag  # type: ignore[attr-defined]
             index = self.feed.lines.datetime.lencount - 1 + ago
             tag.out.append((tag.id, ago, size, index, values[-1] if values else None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ class CSVFeedConfig:
     """How to read one historical CSV file.
 
     Attributes:
-        path: the file.
+        path: the file (a ``str`` is taken as a path).
         symbol: the symbol its bars belong to (``BTC/USD`` style allowed); part of each data hash.
         datetime_column: column name, or 0-based position as an int, or ``"Date+Time"`` to join
             two columns with a space; ``None`` = the first column.
@@ -107,6 +108,12 @@ class CSVFeedConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, str | os.PathLike) and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))  # "data/GOOG.csv", as users write it
+        if not isinstance(self.path, Path):
+            raise ConfigError(
+                f"CSVFeedConfig.path: expected a file path, got {type(self.path).__name__}"
+            )
         if not self.symbol:
             raise ConfigError("CSVFeedConfig.symbol must not be empty")
         if self.on_bad_rows not in ("raise", "skip"):

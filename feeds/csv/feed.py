@@ -43,6 +43,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             setattr(self, name, text_line)  # data.headline[0], like a line
         self._bars = bars
         self._i = 0
+        self._rows: list[int] | None = None
         self._cols: list[tuple[Any, list[float]]] = []
         self._dates: list[float] = []
 
@@ -63,6 +64,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         self._text = [(self.text_lines[name], vals) for name, vals in bars.text.items()]
         self._i = -1  # placed at the first _load (fromdate is set after start: _start_finish)
         self._end = len(self._dates)
+        self._rows = None  # rows delivered, when not one run (_window)
 
     def islive(self) -> bool:
         return False
@@ -85,6 +87,17 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             # localised times of sorted rows are sorted but around a daylight-saving change
             first = next((i for i, d in enumerate(dates) if d >= fromdate), len(dates))
             end = next((i for i in range(first, len(dates)) if dates[i] > todate), len(dates))
+            kept = [i for i in range(first, end) if dates[i] >= fromdate]
+            if len(kept) != end - first:
+                # a row before fromdate after the first one kept: a wall-clock time that does
+                # not exist at a daylight-saving change localises an hour later than the next
+                # row's. backtrader would drop it after _load; it is not delivered at all, so
+                # each bar keeps its row's hash.
+                self._rows = kept
+                self.bar_hashes.select(kept)
+                self._end = len(kept)
+                self.last_num = dates[kept[-1]] if kept else -math.inf
+                return 0
         else:
             first = bisect.bisect_left(dates, fromdate)
             end = bisect.bisect_right(dates, todate)
@@ -102,13 +115,16 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             i = self._window()
         if i >= self._end:
             return False
+        self._i = i + 1
+        rows = self._rows
+        if rows is not None:
+            i = rows[i]
         self.lines.datetime[0] = self._dates[i]
         for line, values in self._cols:
             line[0] = values[i]
         for text_line, tvals in self._text:
             text_line.append(tvals[i])
         self.bar_hashes.advance()
-        self._i = i + 1
         return True
 
 

@@ -27,6 +27,7 @@ from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking.model import feed_labels
 from core.bars import feed_symbol
+from core.errors import ConfigError
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
 
@@ -712,6 +713,8 @@ class _OddKeys(bt.Strategy):  # type: ignore[misc]
         self.data.close[False]
         self.data.high.get(size=3)  # nothing on the first two bars
         self.data.low.get(ago=np.int64(0), size=np.int64(2))
+        self.data.volume[np.bool_(False)]  # numpy's bool has no __index__ (helper-61)
+        self.data.open.get(ago=-1, size=0)  # no bars: reads nothing (was recorded as a len())
 
 
 def test_numpy_and_bool_keys_and_empty_windows_are_recorded_as_ints(tmp_path: Path) -> None:
@@ -732,7 +735,7 @@ def test_numpy_and_bool_keys_and_empty_windows_are_recorded_as_ints(tmp_path: Pa
             "WHERE session_id = ? AND decision_point = 0 ORDER BY seq",
             [s.analyzers.fmel.run_info.session_id],
         ).fetchall()
-    assert got == [("close", 0, 1, 0), ("high", 0, 3, -1), ("low", 0, 2, -1)]
+    assert got == [("close", 0, 1, 0), ("high", 0, 3, -1), ("low", 0, 2, -1), ("volume", 0, 1, 0)]
     (m,) = _fmel_run(_OddKeys)
     reads = [
         a for r in m.analyzers.fmel.records for d in r.data_accessed for a in d.access_patterns
@@ -744,8 +747,14 @@ def test_numpy_and_bool_keys_and_empty_windows_are_recorded_as_ints(tmp_path: Pa
             int,
             bool,
         )
-    first = [(a.field, a.index, a.size, a.bar_index, a.value) for a in reads[:3]]
-    assert first == [("close", 0, 1, 0, 100.34), ("high", 0, 3, -1, None), ("low", 0, 2, -1, None)]
+    first = [(a.field, a.index, a.size, a.bar_index, a.value) for a in reads[:4]]
+    assert first[:3] == [
+        ("close", 0, 1, 0, 100.34),
+        ("high", 0, 3, -1, None),
+        ("low", 0, 2, -1, None),
+    ]
+    assert first[3][:4] == ("volume", 0, 1, 0)
+    assert not any(a.field in ("open", "len") for a in reads)
     assert sum(a.field == "close" and a.index == -1 for a in reads) == 2147
 
 
@@ -772,3 +781,43 @@ def test_an_order_placed_in_reply_to_a_fill_follows_it_in_the_actions() -> None:
         ("CREATED", "SELL"),
     ]
     assert sum(e == ("COMPLETED", "BUY") for e in actions) == 1  # recorded once
+
+
+def test_a_date_window_across_a_daylight_saving_change_keeps_each_bars_own_hash(
+    tmp_path: Path,
+) -> None:
+    # Found by helper-61: half-hourly New York times over the spring change; 02:00 and 02:30
+    # do not exist and localise to 07:00Z/07:30Z, after the 03:00 EDT row (07:00Z). backtrader
+    # drops the 03:00 row for fromdate 07:15Z although a row before it is kept; each later bar
+    # carried the hash of the row before its own.
+    path = tmp_path / "X.csv"
+    rows = [f"2021-03-14 {h:02d}:{m:02d}:00" for h in range(8) for m in (0, 30)]
+    path.write_text(
+        "Date,Open,High,Low,Close,Volume\n"
+        + "".join(f"{t},{100 + i},{100 + i},{100 + i},{100 + i},1\n" for i, t in enumerate(rows))
+    )
+    cfg = CSVFeedConfig(path=path, symbol="X")
+    bars = read_csv_bars(cfg)
+    for preload in (True, False):
+        feed = make_csv_feed(cfg, bars)
+        feed.p.tzinput = "US/Eastern"
+        feed.p.fromdate = datetime(2021, 3, 14, 7, 15)
+        cerebro = bt.Cerebro(stdstats=False, preload=preload)
+        cerebro.adddata(feed, name="X")
+        cerebro.addstrategy(_ReadsClose)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        fmel = cerebro.run()[0].analyzers.fmel
+        reads = [r.data_accessed[0].access_patterns[0] for r in fmel.records]
+        delivered = [int(a.value) - 100 for a in reads]
+        assert delivered == [5, *range(7, 16)], preload  # row 6 (07:00Z) before fromdate
+        for a, row in zip(reads, delivered, strict=True):
+            assert a.data_hash == bars.hashes[row], (preload, row)
+
+
+def test_a_csv_config_takes_a_path_as_text() -> None:
+    # helper-61's side note: CSVFeedConfig(path="data/GOOG.csv") failed in read_csv_bars
+    # ("'str' object has no attribute 'name'")
+    cfg = CSVFeedConfig(path=str(DATA / "GOOG.csv"), symbol="GOOG")
+    assert cfg.path == DATA / "GOOG.csv" and len(read_csv_bars(cfg).times) == 2148
+    with pytest.raises(ConfigError, match=r"CSVFeedConfig\.path: expected a file path, got int"):
+        CSVFeedConfig(path=3, symbol="GOOG")  # type: ignore[arg-type]

@@ -530,6 +530,7 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
 
     t_ns = times.ns if times is not None else np.zeros(0, dtype=np.int64)
     _check_order(t_ns, bad)
+    _check_spacing(t_ns, bad)
 
     problems = sorted([(int(lines[i]), r) for i, r in bad.items()] + raw.bad_rows)
     if problems:
@@ -609,6 +610,35 @@ def _newest_first(t_ns: np.ndarray, bad: dict[int, str]) -> bool:
         ok[i] = reason.startswith(("timestamp goes backwards", "duplicate timestamp"))
     t = t_ns[ok]
     return len(t) >= 3 and float(np.mean(np.diff(t) < 0)) > 0.9
+
+
+# Bar times are kept to the millisecond downstream (decision records' bar_time, backtrader's
+# float day numbers: ~10 us coarse at today's dates), so two bars less than this apart would
+# be one time there.
+_MIN_SPACING_NS = 1_000_000
+
+
+def _check_spacing(t_ns: np.ndarray, bad: dict[int, str]) -> None:
+    """Flag a row less than 1 ms after the previous row that stays (found by an attack,
+    helper-59: bars 7 us apart all became one bar time, 14:30:00.000, and the report failed).
+    After :func:`_check_order`, so the rows that stay are in order."""
+    keep = np.ones(len(t_ns), dtype=bool)
+    if bad:
+        keep[list(bad)] = False
+    rows = np.flatnonzero(keep)
+    if len(rows) < 2 or not (np.diff(t_ns[rows]) < _MIN_SPACING_NS).any():
+        return
+    last = int(t_ns[rows[0]])
+    for pos_i in rows[1:]:
+        i = int(pos_i)
+        t = int(t_ns[i])
+        if t - last < _MIN_SPACING_NS:
+            bad[i] = (
+                f"timestamp {pd.Timestamp(t)} UTC is less than 1 ms after the previous bar's "
+                f"({pd.Timestamp(last)} UTC): bar times are kept to the millisecond"
+            )
+        else:
+            last = t
 
 
 def _check_order(t_ns: np.ndarray, bad: dict[int, str]) -> None:

@@ -96,7 +96,9 @@ def parse_numbers(text: pa.Array, style: NumberStyle) -> tuple[np.ndarray, np.nd
     if style.thousands:
         sep = re.escape(style.thousands)
         dec = re.escape(style.decimal)
-        grouped = rf"^[+-]?\d{{1,3}}(?:{sep}\d{{3}})+(?:{dec}\d*)?(?:[eE][+-]?\d+)?[kKmMbB]?$"
+        # the first group has no leading zero: "0.125" and "00,123" are not groupings (read
+        # as 125 and 123 before; found by an attack, helper-59)
+        grouped = rf"^[+-]?[1-9]\d{{0,2}}(?:{sep}\d{{3}})+(?:{dec}\d*)?(?:[eE][+-]?\d+)?[kKmMbB]?$"
         is_grouped = pc.match_substring_regex(t, grouped)
         t = pc.if_else(is_grouped, pc.replace_substring(t, style.thousands, ""), t)
     if style.decimal != ".":

@@ -9,6 +9,7 @@ Binance, Excel (German locale), Quandl/Nasdaq Data Link, CryptoDataDownload, Duk
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,56 @@ def test_dukascopy_day_first_dots_within_one_day_need_the_format() -> None:
 def test_every_export_is_covered_above(path: Path) -> None:
     source = Path(__file__).read_text()
     assert f'"{path.name}"' in source
+
+
+@pytest.mark.parametrize(("sep", "decimal", "value"), [(".", ",", "0.125"), (",", ".", "00,123")])
+def test_a_group_with_a_leading_zero_is_no_thousands_grouping(
+    tmp_path: Path, sep: str, decimal: str, value: str
+) -> None:
+    # Found by an attack (helper-59): with a thousands separator, a stray "0.125" in a
+    # decimal-comma file was read as 125 (and "00,123" as 123), and the run went on.
+    delimiter = ";"
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "Date;Open;High;Low;Close;Volume\n"
+        f"2024-01-02;1{decimal}0;2{decimal}0;0{decimal}5;1{decimal}5;1{sep}000\n"
+        f"2024-01-03;1{decimal}0;{value};0{decimal}5;1{decimal}5;1{sep}000\n"
+    )
+    cfg = CSVFeedConfig(path=path, symbol="X", delimiter=delimiter, decimal=decimal, thousands=sep)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=rf"line 3: high '{re.escape(value)}' is not a number"):
+        read_csv_bars(cfg)
+    good = read_csv_bars(cfg.__class__(**{**_fields(cfg), "on_bad_rows": "skip"}))
+    assert len(good.times) == 1 and good.numeric["volume"][0] == 1000.0
+
+
+def _fields(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def test_bars_less_than_a_millisecond_apart_are_bad_rows(tmp_path: Path) -> None:
+    # Found by an attack (helper-59): bars 7 us apart were accepted, all became one bar time
+    # (14:30:00.000) in the records, and the HTML report failed with a traceback.
+    base = 1_704_205_800_000_000_000  # 2024-01-02 14:30 UTC, in ns
+    stamps = [
+        base,
+        base + 7_000,
+        base + 999_999,
+        base + 1_000_000,
+        base + 1_500_000,
+        base + 3_000_000,
+    ]
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "time,open,high,low,close,volume\n" + "".join(f"{t},1.0,1.0,1.0,1.0,1\n" for t in stamps)
+    )
+    cfg = CSVFeedConfig(path=path, symbol="X", datetime_format="epoch_ns")
+    with pytest.raises(DataError, match=r"line 3: timestamp .* is less than 1 ms after"):
+        read_csv_bars(cfg)
+    kept = read_csv_bars(
+        CSVFeedConfig(path=path, symbol="X", datetime_format="epoch_ns", on_bad_rows="skip")
+    )
+    # the 1.5 ms row is 0.5 ms after the kept 1 ms row; 3 ms is kept
+    assert kept.times.astype("int64").tolist() == [base, base + 1_000_000, base + 3_000_000]
+    assert len(kept.skipped) == 3

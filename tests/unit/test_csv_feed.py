@@ -490,10 +490,11 @@ def test_header_with_unclosed_quote_is_refused(tmp_path: Path) -> None:
 def test_epoch_ns_with_a_bad_row_keeps_every_nanosecond(tmp_path: Path) -> None:
     p = _write(
         tmp_path,
-        f"{HDR}\n1609459200123456789,1,1,1,1,5\n1609459200123456791,1,1,1,1,5\n,1,1,1,1,5\n",
+        # 1 ms and 2 ns apart: bars closer than 1 ms are bad rows (the records keep ms)
+        f"{HDR}\n1609459200123456789,1,1,1,1,5\n1609459200124456791,1,1,1,1,5\n,1,1,1,1,5\n",
     )
     bars = read_csv_bars(cfg(p, datetime_format="epoch_ns", on_bad_rows="skip"))
-    assert bars.times.astype(np.int64).tolist() == [1609459200123456789, 1609459200123456791]
+    assert bars.times.astype(np.int64).tolist() == [1609459200123456789, 1609459200124456791]
     assert bars.skipped == [(4, "the date is empty")]
 
 

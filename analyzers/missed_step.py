@@ -4,8 +4,9 @@ A feed missed the step when it has started (delivered a bar) and its latest bar 
 the step's bar time: in a paper run its bar did not come within ``PUBSUB_ALIGN_WAIT_S``; in a
 backtest its file lacks that row. A feed with no bar yet has not started (a stock listed later
 than the others, a symbol whose first bar has not come), and a CSV feed at its file's last bar
-has ended (``last_num``): neither is noted, and neither is a feed of a coarser bar size than
-the finest (a weekly resample beside daily bars). Feeds are named as FMEL records them (their
+has ended (``last_num``): neither is noted, nor is a feed of a coarser bar size than the
+finest (an hourly feed beside 5-minute bars), nor a resampled or replayed feed (its source is
+the one that can miss a bar). Feeds are named as FMEL records them (their
 symbols; feeds that share one are told apart). The Runner adds :class:`MissedStepNote` in both
 modes (before FMEL), so a paper run's decision records equal those of a backtest over files
 that have the same gaps.
@@ -23,6 +24,7 @@ import backtrader as bt
 
 from analyzers.fmel import attach_note
 from analyzers.tracking.model import feed_labels
+from core.bars import bar_seconds
 
 __all__ = ["MISSED_STEP_NOTE", "MissedStepNote", "missed_feeds", "step_feeds"]
 
@@ -30,21 +32,42 @@ __all__ = ["MISSED_STEP_NOTE", "MissedStepNote", "missed_feeds", "step_feeds"]
 MISSED_STEP_NOTE = "feeds_missed_step"
 
 
+def _derived(data: Any) -> bool:
+    """Whether backtrader builds the feed's bars from another feed's: a resample or a replay
+    (``cerebro.resampledata``/``replaydata``; backtrader's ``Resampler`` sets ``resampling``
+    and ``replaying`` on the feed)."""
+    return bool(getattr(data, "resampling", 0) or getattr(data, "replaying", 0))
+
+
+def _delivery_seconds(data: Any) -> float:
+    """How often a feed delivers a bar, in seconds. A replayed feed delivers at its source's
+    bar size (its parameters' ``timeframe``/``compression``: backtrader's ``Resampler``
+    changes only ``_timeframe``/``_compression``) while declaring the replay's; any other
+    feed at its declared size."""
+    if getattr(data, "replaying", 0):
+        p = getattr(data, "p", None)
+        return bar_seconds(getattr(p, "timeframe", 0), getattr(p, "compression", 1), unknown=0.0)
+    # a feed without a timeframe (0) is judged, as fine as ticks
+    return bar_seconds(
+        getattr(data, "_timeframe", 0), getattr(data, "_compression", 1), unknown=0.0
+    )
+
+
 def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
     """The feeds that can miss a step, each with the name the note gives it, in ``datas`` order.
 
-    Only feeds of the finest bar size among ``datas`` (backtrader's ``(timeframe,
-    compression)``): a weekly resample beside daily bars has no bar on most days by design,
-    and does not miss them. Each is named as FMEL records it
+    Only feeds that deliver bars of the finest size among ``datas``, compared as lengths
+    in seconds (:func:`~core.bars.bar_seconds`: ``Seconds, 3600`` is coarser than
+    ``Minutes, 5``): a weekly resample beside daily bars has no bar on most days by design,
+    and does not miss them. A replayed feed delivers at its source's bar size whatever it
+    declares. Resampled and replayed feeds are never noted themselves: their bars are built
+    from another feed's (a resample of the same bar size delivers each bar one step late, by
+    design), so that feed is the one that can miss a step. Each is named as FMEL records it
     (:func:`~analyzers.tracking.model.feed_labels`: its symbol; feeds that share one are
     told apart)."""
     labels = feed_labels(list(datas))
-
-    def size(d: Any) -> tuple[int, int]:
-        return (int(getattr(d, "_timeframe", 0) or 0), int(getattr(d, "_compression", 1) or 1))
-
-    finest = min((size(d) for d in datas), default=(0, 1))
-    return [(d, labels[id(d)]) for d in datas if size(d) == finest]
+    finest = min((_delivery_seconds(d) for d in datas), default=0.0)
+    return [(d, labels[id(d)]) for d in datas if not _derived(d) and _delivery_seconds(d) == finest]
 
 
 def missed_feeds(strategy: Any, feeds: Sequence[tuple[Any, str]] | None = None) -> list[str]:

@@ -446,6 +446,43 @@ class BarHashes:
         return self._count
 
 
+# Nominal length in seconds of one bar of each of backtrader's timeframes
+# (``backtrader/dataseries.py``: ``Ticks, MicroSeconds, Seconds, Minutes, Days, Weeks, Months,
+# Years, NoTimeFrame = range(1, 10)``); a month counts 30.44 days, a year 365.25. A tick has no
+# length (finer than any bar); ``NoTimeFrame`` is infinitely long.
+_BAR_SECONDS = {
+    1: 0.0,
+    2: 1e-6,
+    3: 1.0,
+    4: 60.0,
+    5: 86_400.0,
+    6: 7 * 86_400.0,
+    7: 30.44 * 86_400.0,
+    8: 365.25 * 86_400.0,
+    9: math.inf,
+}
+
+
+def bar_seconds(timeframe: int, compression: int, unknown: float | None = None) -> float:
+    """Nominal length of a bar of backtrader's ``timeframe`` and ``compression``, seconds
+    (``Minutes, 5`` -> 300.0; ``Seconds, 3600`` -> 3,600.0; ``Days, 1`` -> 86,400.0); used to
+    order bar sizes and to size gaps. A compression below 1 counts as 1.
+
+    Args:
+        unknown: the length of a timeframe outside backtrader's (``None``, 0 for a feed that
+            never set one); default: refused.
+
+    Raises:
+        ValueError: an unknown timeframe and no ``unknown`` length.
+    """
+    seconds = _BAR_SECONDS.get(int(timeframe or 0))
+    if seconds is None:
+        if unknown is None:
+            raise ValueError(f"unknown backtrader timeframe {timeframe!r}")
+        return unknown
+    return seconds * max(1, int(compression or 1))
+
+
 def feed_symbol(data: Any) -> str:
     """The symbol (instrument) of a data feed: its ``symbol`` attribute; else, for a feed
     backtrader cloned from another (``cerebro.resampledata`` / ``replaydata``: a

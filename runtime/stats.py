@@ -52,6 +52,7 @@ import empyrical
 import numpy as np
 import pandas as pd
 
+from core.bars import bar_seconds
 from core.errors import DataError
 
 #: Trading days a year on an exchange calendar (empyrical's annualisation factor for daily).
@@ -72,30 +73,13 @@ _NEGLIGIBLE = 1e-9
 # the same curve times 1.5 giving -5.99997). Below it the ratio is undefined (None).
 _NOISE_DRAWDOWN = 1e-9
 
-# Nominal length of one bar of each backtrader timeframe, seconds (to find the finest feed).
-_NOMINAL_S = {
-    bt.TimeFrame.Ticks: 0.001,
-    bt.TimeFrame.MicroSeconds: 1e-6,
-    bt.TimeFrame.Seconds: 1.0,
-    bt.TimeFrame.Minutes: 60.0,
-    bt.TimeFrame.Days: 86_400.0,
-    bt.TimeFrame.Weeks: 7 * 86_400.0,
-    bt.TimeFrame.Months: 30.44 * 86_400.0,
-    bt.TimeFrame.Years: 365.25 * 86_400.0,
-}
-
-
-def bar_seconds(timeframe: int, compression: int) -> float:
-    """Nominal length of one bar, seconds (``Days, 1`` -> 86,400). Used to order bar sizes."""
-    return _NOMINAL_S.get(timeframe, 86_400.0) * max(1, compression)
-
 
 def finest_bar_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     """The shortest of several ``(timeframe, compression)`` bar sizes (the run's clock ticks at
     the finest feed's bars); ``(Days, 1)`` for an empty list."""
     if not sizes:
         return bt.TimeFrame.Days, 1
-    return min(sizes, key=lambda s: bar_seconds(*s))
+    return min(sizes, key=lambda s: bar_seconds(s[0], s[1], unknown=86_400.0))
 
 
 def trading_days_per_year(index: pd.DatetimeIndex) -> int:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from core.bars import OHLCV, field_name
+from core.bars import OHLCV, bar_seconds, field_name
 from core.errors import ConfigError
 from core.retry import RetryPolicy
 from core.settings import setting
@@ -393,18 +393,3 @@ def live_bar_size(text: str) -> tuple[int, int, float]:
     except ValueError as e:
         raise ConfigError(f"PUBSUB_BAR_SIZE: {e}") from e
     return timeframe, compression, bar_seconds(timeframe, compression)
-
-
-def bar_seconds(timeframe: int, compression: int) -> float:
-    """Seconds of a backtrader bar size (a month counts 30.44 days)."""
-    import backtrader as bt
-
-    unit = {
-        bt.TimeFrame.Seconds: 1.0,
-        bt.TimeFrame.Minutes: 60.0,
-        bt.TimeFrame.Days: 86_400.0,
-        bt.TimeFrame.Weeks: 7 * 86_400.0,
-        bt.TimeFrame.Months: 30.44 * 86_400.0,
-        bt.TimeFrame.Years: 365.25 * 86_400.0,
-    }.get(timeframe, 60.0)
-    return unit * max(1, compression)

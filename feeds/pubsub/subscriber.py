@@ -56,6 +56,7 @@ from typing import Any
 
 import backtrader as bt
 
+from core.bars import bar_seconds
 from core.errors import ConfigError, TransientError
 from core.time import bt_num_to_posix, posix_to_bt_num
 from feeds.pubsub.clients import resource_path, subscriber_client, subscription_id, symbol_filter
@@ -63,7 +64,6 @@ from feeds.pubsub.config import (
     FieldSet,
     PubSubFeedConfig,
     StreamSettings,
-    bar_seconds,
     live_bar_size,
     parse_declared_fields,
 )

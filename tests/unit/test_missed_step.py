@@ -9,12 +9,14 @@ add it only in paper runs), and the note names exactly the rows a file lacks.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import backtrader as bt
 import duckdb
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -178,3 +180,87 @@ def test_the_note_names_feeds_as_recorded_and_skips_coarser_ones() -> None:
     assert sum(n == ["GOOG2"] for n in notes) == len(dropped) and all(
         n in ([], ["GOOG2"]) for n in notes
     )
+
+
+def _intraday(folder: Path, name: str, minutes: int) -> Path:
+    """A CSV of bars every ``minutes`` minutes, 2024-03-04 00:00 to 2024-03-06 00:00 UTC."""
+    start = datetime(2024, 3, 4, tzinfo=UTC).timestamp()
+    lines = ["datetime,open,high,low,close,volume"]
+    for k in range(0, 2 * 24 * 60, minutes):
+        stamp = datetime.fromtimestamp(start + 60 * k, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"{stamp},10,11,9,10.5,100")
+    path = folder / f"{name}.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["seconds-3600", "replay-days", "same-size-resample"])
+def test_bar_sizes_are_compared_as_lengths_and_derived_feeds_are_not_noted(
+    tmp_path: Path, case: str
+) -> None:
+    # Found by an attack (helper-62): sizes were compared as (timeframe, compression) tuples,
+    # so an hourly resample declared as (Seconds, 3600) was "finer" than 5-minute bars and was
+    # noted at 2,904 of 3,169 steps; a replay declared Days but ticking every 5 minutes made
+    # an hourly feed beside it the finest, noted at most steps; a same-size resample (daily of
+    # daily) delivers each bar a step late by design and was noted at 39 of 40 steps.
+    notes: list[list[str]] = []
+    names: list[list[str]] = []
+
+    class Notes(bt.Strategy):  # type: ignore[misc]
+        def start(self) -> None:
+            from analyzers.missed_step import step_feeds
+
+            names.append([n for _, n in step_feeds(self.datas)])
+
+        def prenext(self) -> None:
+            self.next()
+
+        def next(self) -> None:
+            from analyzers.missed_step import missed_feeds
+
+            notes.append(missed_feeds(self))
+
+    def csv(path: Path, symbol: str) -> bt.feed.DataBase:
+        return make_csv_feed(CSVFeedConfig(path=path, symbol=symbol))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    m5 = _intraday(tmp_path, "m5", 5)
+    if case == "seconds-3600":
+        cerebro.adddata(csv(m5, "A"))
+        cerebro.resampledata(csv(m5, "B"), timeframe=bt.TimeFrame.Seconds, compression=3600)
+        expected = ["A"]
+    elif case == "replay-days":
+        cerebro.replaydata(csv(m5, "A"), timeframe=bt.TimeFrame.Days)
+        cerebro.adddata(csv(_intraday(tmp_path, "h1", 60), "B"))
+        expected = []  # the hourly feed is coarser than the replay's 5-minute ticks
+    else:
+        daily = make_csv_feed(CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG"))
+        daily.p.fromdate, daily.p.todate = datetime(2005, 1, 1), datetime(2005, 3, 1)
+        cerebro.adddata(daily)
+        cerebro.resampledata(daily, timeframe=bt.TimeFrame.Days)
+        expected = ["GOOG"]
+    cerebro.addstrategy(Notes)
+    cerebro.run()
+    assert names == [expected]
+    assert len(notes) > 30 and all(n == [] for n in notes), [n for n in notes if n][:3]
+
+
+@pytest.mark.parametrize(
+    ("timeframe", "compression", "seconds"),
+    [
+        (bt.TimeFrame.Minutes, 5, 300.0),
+        (bt.TimeFrame.Seconds, 3600, 3600.0),
+        (bt.TimeFrame.Minutes, 1440, 86_400.0),
+        (bt.TimeFrame.Days, 1, 86_400.0),
+        (bt.TimeFrame.Weeks, 2, 1_209_600.0),
+        (bt.TimeFrame.Ticks, 1, 0.0),
+        (bt.TimeFrame.NoTimeFrame, 1, math.inf),
+    ],
+)
+def test_bar_seconds(timeframe: int, compression: int, seconds: float) -> None:
+    from core.bars import bar_seconds
+
+    assert bar_seconds(timeframe, compression) == seconds
+    assert bar_seconds(0, 1, unknown=0.0) == 0.0  # a feed that never set a timeframe
+    with pytest.raises(ValueError, match="unknown backtrader timeframe 42"):
+        bar_seconds(42, 1)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+import subprocess
+import sys
+import tempfile
 import threading
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -73,7 +76,30 @@ def _comparable(fmel: Any) -> list[Any]:
     ]
 
 
+def _in_fresh_process(check: str) -> None:
+    """Runs this module's function ``check`` in a new Python process, as a user's script runs.
+
+    backtrader's ``maxcpus`` > 1 forks workers (``multiprocessing.Pool``, fork on Linux). In
+    the test process, threads left by earlier tests (gRPC, DuckDB, writers) may hold a lock at
+    the fork, and a worker can hang on it: once in CI the pool's shutdown did not end in 600 s.
+    A fresh process has only the threads the check itself starts."""
+    code = f"from tests.unit.test_fmel_own_cerebro import {check}; {check}()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def test_optstrategy_in_worker_processes_returns_what_one_process_does() -> None:
+    _in_fresh_process("check_optstrategy_in_worker_processes")
+
+
+def check_optstrategy_in_worker_processes() -> None:
     one = _optimise(maxcpus=1)
     two = _optimise(maxcpus=2)
     assert [r.params.period for r in two] == [r.params.period for r in one] == [5, 20, 50]
@@ -124,7 +150,16 @@ def test_the_agent_and_broker_are_put_back_as_they_were_at_stop() -> None:
     pickle.dumps(strategy.analyzers.fmel)  # a finished analyzer without a writer pickles
 
 
-def test_a_writer_is_refused_by_name_when_backtrader_sends_it_to_workers(tmp_path: Path) -> None:
+def test_a_writer_is_refused_by_name_when_backtrader_sends_it_to_workers() -> None:
+    _in_fresh_process("check_writer_refused_for_workers")
+
+
+def check_writer_refused_for_workers() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _writer_refused_for_workers(Path(tmp))
+
+
+def _writer_refused_for_workers(tmp_path: Path) -> None:
     writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
     writer.start()
     try:

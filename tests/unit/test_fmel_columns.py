@@ -25,12 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.deferred import DeferredRecord
-from analyzers.schema import DecisionRecord, duckdb_ddl, row_json
+from analyzers.schema import DecisionRecord
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking.columns import posix_us, posix_us_array, round_ms
+from tests.expected_records import create_expected, insert_expected
 from tests.idioms.corpus import CASES
 from tests.idioms.runs import Case, flatten, run_case
 
@@ -49,7 +50,7 @@ class TwoWaySink(LocalDuckDBSink):
 
     def open(self) -> None:
         super().open()
-        self._con.execute(duckdb_ddl("expected"))
+        create_expected(self._con)
 
     def write(self, rows: Sequence[Row]) -> list[RowError]:
         raise AssertionError("fresh records take write_records")
@@ -62,18 +63,8 @@ class TwoWaySink(LocalDuckDBSink):
             1 for r in records if isinstance(r, DeferredRecord) and r.pending.columns()
         )
         self.records += [r.resolved() if isinstance(r, DeferredRecord) else r for r in records]
-        self._con.execute(
-            "INSERT INTO expected SELECT unnest(CAST(j::JSON AS "
-            f"{_struct()})) FROM (SELECT unnest($1::VARCHAR[]) AS j)",
-            [[row_json(r) for r in reference]],
-        )
+        insert_expected(self._con, reference)
         return errors
-
-
-def _struct() -> str:
-    from analyzers.schema import duckdb_struct_type
-
-    return duckdb_struct_type()
 
 
 def _per_read(rec: DecisionRecord) -> DecisionRecord:

@@ -25,7 +25,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analyzers.fmel import FMELAnalyzer, make_run_info
-from analyzers.schema import duckdb_ddl, duckdb_struct_type, row_json
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking.model import feed_labels
@@ -33,6 +32,7 @@ from core.bars import feed_symbol
 from core.errors import ConfigError
 from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from tests.conftest import DATA
+from tests.expected_records import expected_table
 
 GOOG = CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG")
 # a file with extra fields: its feed class is built at run time (feeds.fields.dynamic_feed_class)
@@ -215,7 +215,6 @@ def test_a_cerebro_run_twice_with_one_writer_stores_each_runs_own_reads(tmp_path
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
     sessions = [cerebro.run()[0].analyzers.fmel.run_info.session_id for _ in range(2)]
     stats = writer.stop(timeout_s=300)
-    print("STATS", stats)
     assert (stats.written, stats.spilled) == (2 * 2148, 0)
     # the reference: the same run recorded in memory, each read resolved at its bar
     memory = bt.Cerebro(stdstats=False)
@@ -226,12 +225,7 @@ def test_a_cerebro_run_twice_with_one_writer_stores_each_runs_own_reads(tmp_path
     import duckdb
 
     with duckdb.connect(str(path)) as con:
-        con.execute(duckdb_ddl("expected"))
-        con.execute(
-            f"INSERT INTO expected SELECT unnest(CAST(j::JSON AS {duckdb_struct_type()})) "
-            "FROM (SELECT unnest($1::VARCHAR[]) AS j)",
-            [[row_json(r) for r in records]],
-        )
+        expected_table(con, records)
         want = con.execute(f"SELECT {_SAME} FROM expected ORDER BY 1").fetchall()
         assert sum(r[5] for r in want) > 4000  # close and the SMA, each bar after the first 9
         for session in sessions:
@@ -691,12 +685,7 @@ def test_feeds_that_share_a_symbol_are_stored_apart_by_the_writer(tmp_path: Path
     import duckdb
 
     with duckdb.connect(str(path)) as con:
-        con.execute(duckdb_ddl("expected"))
-        con.execute(
-            f"INSERT INTO expected SELECT unnest(CAST(j::JSON AS {duckdb_struct_type()})) "
-            "FROM (SELECT unnest($1::VARCHAR[]) AS j)",
-            [[row_json(r) for r in records]],
-        )
+        expected_table(con, records)
         want = con.execute(f"SELECT {_SAME} FROM expected ORDER BY 1").fetchall()
         got = con.execute(
             f"SELECT {_SAME} FROM decisions WHERE session_id = ? ORDER BY 1", [session]

@@ -33,6 +33,10 @@ from core.time import iso_utc
 
 OHLCV: tuple[str, ...] = ("open", "high", "low", "close", "volume")
 PRICE_FIELDS: tuple[str, ...] = ("open", "high", "low", "close")
+# backtrader's own data line beside OHLCV and datetime (``bt.feed.DataBase.lines``: futures'
+# open interest, as backtrader's CSV format writes it: ``...,Volume,OpenInterest``). A file's
+# ``OpenInterest`` column fills it; it is never an extra line.
+OPEN_INTEREST = "openinterest"
 
 # Names a dynamic field may not take: backtrader's own line names and attributes of a feed that
 # an extra line would shadow. A clash is reported, never silently renamed.

@@ -34,7 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core import bar_hash_cache
-from core.bars import OHLCV, PRICE_FIELDS, bar_hash, bar_hashes, check_bars, field_name
+from core.bars import (
+    OHLCV,
+    OPEN_INTEREST,
+    PRICE_FIELDS,
+    bar_hash,
+    bar_hashes,
+    check_bars,
+    field_name,
+)
 from core.errors import DataError
 from core.hash_worker import BarHashJob
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
@@ -43,6 +51,10 @@ from feeds.csv.values import NumberStyle, parse_numbers, parse_times, trim
 from feeds.fields import reserved_reason
 
 logger = logging.getLogger(__name__)
+
+# Columns read into backtrader's own lines: OHLCV and open interest (a value that is not a
+# number makes the row bad); any other column is an extra field.
+_LINES: tuple[str, ...] = (*OHLCV, OPEN_INTEREST)
 
 _MAX_LISTED = 5
 _EPOCH = datetime(1970, 1, 1)
@@ -251,7 +263,8 @@ class CSVBars:
         symbol: the symbol of every bar.
         path: the source file.
         times: bar times as ``datetime64[ns]`` UTC (naive), strictly increasing.
-        numeric: field name -> float64 array (OHLCV first, then extras in file order).
+        numeric: field name -> float64 array (OHLCV first, then ``openinterest`` when the
+            file has an ``OpenInterest`` column, then extras in file order).
         text: field name -> list of str/None.
         hashes: data hash per bar (:class:`RowHashes`, computed on first use; a list also does).
         timeframe, compression: backtrader bar size.
@@ -272,7 +285,7 @@ class CSVBars:
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
-        return tuple(k for k in self.numeric if k not in OHLCV)
+        return tuple(k for k in self.numeric if k not in OHLCV and k != OPEN_INTEREST)
 
     def __len__(self) -> int:
         return len(self.times)
@@ -404,7 +417,7 @@ def _resolve_columns(
     for name, positions in by_norm.items():
         mapping[name] = positions[0]
     for name, pos in mapping.items():
-        why = None if name in OHLCV else reserved_reason(name)
+        why = None if name in _LINES else reserved_reason(name)
         if why:
             raise DataError(
                 f"{where} line 1: column {header[pos]!r} would become field {name!r}, a "
@@ -492,7 +505,7 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
             bad.setdefault(i, reason)
 
     numeric: dict[str, np.ndarray] = {}
-    for name in OHLCV:
+    for name in _LINES:
         if name not in mapping:
             continue
         col = raw.columns[mapping[name]]
@@ -500,6 +513,10 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         for pos_i in np.flatnonzero(not_number):
             j = int(pos_i)
             bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is not a number")
+        if name == OPEN_INTEREST:  # a number or empty (NaN, as a missing volume)
+            for pos_i in np.flatnonzero(np.isinf(values)):
+                j = int(pos_i)
+                bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is infinite")
         numeric[name] = values
     if "volume" not in numeric:
         numeric["volume"] = np.full(n, np.nan)
@@ -514,7 +531,7 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         still_good[list(bad)] = False
     text: dict[str, list[str | None]] = {}
     for name, pos in mapping.items():
-        if name in OHLCV:
+        if name in _LINES:
             continue
         col = raw.columns[pos]
         values, not_number = parse_numbers(col, style)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from core.bars import OHLCV, bar_seconds, field_name
+from core.bars import OHLCV, OPEN_INTEREST, bar_seconds, field_name
 from core.errors import ConfigError
 from core.retry import RetryPolicy
 from core.settings import setting
@@ -330,7 +330,7 @@ def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
             name = field_name(raw)
         except ValueError as e:
             raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: {e}") from e
-        if name in OHLCV:
+        if name in OHLCV or name == OPEN_INTEREST:  # backtrader's own lines
             continue
         why = reserved_reason(name) or (
             "an attribute of the live feed" if name in FEED_ATTRIBUTES else None

@@ -19,7 +19,7 @@ from typing import Any
 import backtrader as bt
 from backtrader.linebuffer import LineBuffer
 
-from core.bars import OHLCV, BarHashes
+from core.bars import OHLCV, OPEN_INTEREST, BarHashes
 from core.errors import ConfigError
 from feeds.buffers import CompactLineBuffer
 from feeds.fields import TextLine, dynamic_feed_class
@@ -106,7 +106,8 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
         super().start()
         self.bar_hashes = BarHashes(maxlen=self._lookback)
         self._new_text_lines()
-        self._slots = [(getattr(self.lines, n), n) for n in (*OHLCV, *self.extra_fields)]
+        names = (*OHLCV, OPEN_INTEREST, *self.extra_fields)
+        self._slots = [(getattr(self.lines, n), n) for n in names]
         self._seen_epoch = self._hub.epoch
         self._bound_lines()
         self.put_notification(self.DELAYED)

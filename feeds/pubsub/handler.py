@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.bars import OHLCV
+from core.bars import OHLCV, OPEN_INTEREST
 from feeds.pubsub.config import FieldSet, StreamSettings
 from feeds.pubsub.hub import CLOSED, LATE, BarHub
 from feeds.pubsub.messages import (
@@ -346,7 +346,7 @@ class MessageHandler:
         kinds = self._seen_kinds[sym]
         frozen = self._frozen.get(sym) if self._frozen is not None else None
         for name, value in bar.values.items():
-            if name in OHLCV or value is None:
+            if name in OHLCV or name == OPEN_INTEREST or value is None:  # backtrader's lines
                 continue
             kind = "text" if isinstance(value, str) else "number"
             if name not in kinds:

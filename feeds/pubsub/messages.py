@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from core.bars import (
     OHLCV,
+    OPEN_INTEREST,
     PRICE_FIELDS,
     bar_hash,
     check_bar,
@@ -390,6 +391,14 @@ def _decode(
     values["volume"] = (
         math.nan if raw_volume is None else _number("volume", raw_volume, "non_numeric_volume")
     )
+    raw_open_interest = flat.pop(OPEN_INTEREST, None)
+    if raw_open_interest is not None:  # backtrader's own line (futures); absent: NaN
+        open_interest = _number(OPEN_INTEREST, raw_open_interest, "bad_field")
+        if not math.isfinite(open_interest):
+            raise MalformedMessageError(
+                "bad_field", f"{OPEN_INTEREST} {excerpt(raw_open_interest)} is not a finite number"
+            )
+        values[OPEN_INTEREST] = open_interest
     problem = check_bar(
         values["open"],
         values["high"],
@@ -456,6 +465,7 @@ def _decode(
 
 def bar_fields(bar: LiveBar) -> FieldSet:
     """The extra fields of one bar and their kinds (null values count as numbers)."""
-    numeric = tuple(k for k, v in bar.values.items() if k not in OHLCV and not isinstance(v, str))
-    text = tuple(k for k, v in bar.values.items() if k not in OHLCV and isinstance(v, str))
+    own = (*OHLCV, OPEN_INTEREST)  # backtrader's lines, not extra fields
+    numeric = tuple(k for k, v in bar.values.items() if k not in own and not isinstance(v, str))
+    text = tuple(k for k, v in bar.values.items() if k not in own and isinstance(v, str))
     return FieldSet(numeric, text)

@@ -613,3 +613,77 @@ def test_header_name_with_a_line_break_is_refused_on_line_1(tmp_path: Path) -> N
     p = _write(tmp_path, 'Date,Open,High,Low,"Clo\nse"\n2020-01-02,1,2,0.5,1.5\n')
     with pytest.raises(DataError, match=r"^CSV x\.csv line 1: column name .* line break"):
         read_csv_bars(cfg(p))
+
+
+# backtrader's own CSV format (bt.feeds.BacktraderCSVData; its samples, datas/2006-day-001.txt,
+# begin with these rows): an OpenInterest column after Volume. Found by an attack (helper-59):
+# it was refused as a reserved name, so backtrader's own sample data did not load.
+_BT_FORMAT = (
+    "Date,Open,High,Low,Close,Volume,OpenInterest\n"
+    "2006-01-02,3578.73,3605.95,3578.73,3604.33,0,0\n"
+    "2006-01-03,3604.08,3638.42,3601.84,3614.34,0,\n"
+    "2006-01-04,3615.23,3652.46,3615.23,3652.46,0,1250\n"
+)
+
+
+def test_an_open_interest_column_fills_backtraders_openinterest_line(tmp_path: Path) -> None:
+    from analyzers.fmel import FMELAnalyzer
+
+    bars = read_csv_bars(cfg(_write(tmp_path, _BT_FORMAT)))
+    assert bars.extra_fields == ()  # backtrader's own line, not an extra one
+    seen: list[tuple[float, float]] = []
+
+    class Reads(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            seen.append((self.data.openinterest[0], self.data.close[0]))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(cfg(tmp_path / "x.csv"), bars))
+    cerebro.addstrategy(Reads)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    assert seen[0] == (0.0, 3604.33) and np.isnan(seen[1][0]) and seen[2] == (1250.0, 3652.46)
+    fields = [a.fields_accessed for a in records[2].data_accessed]
+    assert fields == [("openinterest", "close")]
+    # the bar's hash holds it (an empty cell is left out, as an empty volume)
+    assert bars.hashes[2] == bar_hash(
+        "X",
+        datetime(2006, 1, 4, tzinfo=UTC),
+        {"open": 3615.23, "high": 3652.46, "low": 3615.23, "close": 3652.46, "volume": 0.0}
+        | {"openinterest": 1250.0},
+    )
+    assert bars.hashes[1] == bar_hash(
+        "X",
+        datetime(2006, 1, 3, tzinfo=UTC),
+        {"open": 3604.08, "high": 3638.42, "low": 3601.84, "close": 3614.34, "volume": 0.0},
+    )
+
+
+def test_open_interest_is_a_number_or_the_row_is_bad(tmp_path: Path) -> None:
+    text = _BT_FORMAT.replace(",0,1250\n", ",0,n/a\n")
+    with pytest.raises(DataError, match=r"line 4: openinterest 'n/a' is not a number"):
+        read_csv_bars(cfg(_write(tmp_path, text)))
+    bars = read_csv_bars(cfg(tmp_path / "x.csv", on_bad_rows="skip"))
+    assert len(bars) == 2 and bars.skipped == [(4, "openinterest 'n/a' is not a number")]
+    # another spelling is an extra field, unless mapped to the line
+    spaced = _write(tmp_path, _BT_FORMAT.replace("OpenInterest", "Open Interest"), "y.csv")
+    assert read_csv_bars(cfg(spaced)).extra_fields == ("open_interest",)
+    mapped = read_csv_bars(cfg(spaced, columns={"openinterest": "Open Interest"}))
+    assert mapped.extra_fields == () and mapped.numeric["openinterest"][2] == 1250.0
+
+
+def test_open_interest_replayed_through_pubsub_keeps_the_bar_hash(tmp_path: Path) -> None:
+    from feeds.pubsub.messages import bar_fields, decode_message
+    from feeds.replay import bar_messages
+
+    bars = read_csv_bars(cfg(_write(tmp_path, _BT_FORMAT)))
+    messages = list(bar_messages([bars]))
+    assert json.loads(messages[2].body)["openinterest"] == 1250.0
+    for message, digest in zip(messages, bars.hashes, strict=True):
+        live = decode_message(message.body, {"symbol": "X"})
+        assert live.verified and live.data_hash == digest
+        assert bar_fields(live).numeric == ()
+    for bad in ('"many"', "1e999", "true"):
+        body = messages[2].body.replace(b"1250.0", bad.encode())
+        with pytest.raises(ValueError, match="openinterest"):
+            decode_message(body, {"symbol": "X"})

@@ -470,6 +470,32 @@ def test_text_fields_are_served_and_tracked_like_numbers(tmp_path: Path) -> None
     assert reads[0]["data_hash"] == read_csv_bars(cfg).hashes[1]
 
 
+class OpenInterestReader(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def next(self) -> None:
+        self.seen.append(self.data.openinterest[0])
+
+
+def test_open_interest_is_served_live_as_in_the_backtest(tmp_path: Path) -> None:
+    # backtrader's own line: a file's OpenInterest column, replayed, fills it on the live feed
+    # too (it was refused as a reserved field, every message; then counted as a late field)
+    csv = tmp_path / "FUT.csv"
+    csv.write_text(
+        "Date,Open,High,Low,Close,Volume,OpenInterest\n"
+        "2024-03-01,10,11,9.5,10.5,1000,5400\n"
+        "2024-03-04,10.5,11.2,10.1,11,1200,\n"
+        "2024-03-05,11,11.5,10.8,11.1,900,5515\n"
+    )
+    cfg = CSVFeedConfig(path=csv, symbol="FUT")
+    live, handler = _run_live([cfg], agent=OpenInterestReader)
+    back = _run_backtest([cfg], agent=OpenInterestReader)
+    assert str(live.seen) == str(back.seen) == "[5400.0, nan, 5515.0]"
+    assert _comparable(live.analyzers.fmel.records) == _comparable(back.analyzers.fmel.records)
+    assert not handler.stats.late_fields and not handler.stats.malformed
+
+
 class StatusRecorder(bt.Strategy):  # type: ignore[misc]
     def __init__(self) -> None:
         self.statuses: list[str] = []

@@ -24,7 +24,7 @@ import backtrader as bt
 
 from analyzers.fmel import attach_note
 from analyzers.tracking.model import feed_labels
-from core.bars import bar_seconds
+from core.bars import delivery_seconds
 
 __all__ = ["MISSED_STEP_NOTE", "MissedStepNote", "missed_feeds", "step_feeds"]
 
@@ -37,20 +37,6 @@ def _derived(data: Any) -> bool:
     (``cerebro.resampledata``/``replaydata``; backtrader's ``Resampler`` sets ``resampling``
     and ``replaying`` on the feed)."""
     return bool(getattr(data, "resampling", 0) or getattr(data, "replaying", 0))
-
-
-def _delivery_seconds(data: Any) -> float:
-    """How often a feed delivers a bar, in seconds. A replayed feed delivers at its source's
-    bar size (its parameters' ``timeframe``/``compression``: backtrader's ``Resampler``
-    changes only ``_timeframe``/``_compression``) while declaring the replay's; any other
-    feed at its declared size."""
-    if getattr(data, "replaying", 0):
-        p = getattr(data, "p", None)
-        return bar_seconds(getattr(p, "timeframe", 0), getattr(p, "compression", 1), unknown=0.0)
-    # a feed without a timeframe (0) is judged, as fine as ticks
-    return bar_seconds(
-        getattr(data, "_timeframe", 0), getattr(data, "_compression", 1), unknown=0.0
-    )
 
 
 def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
@@ -66,27 +52,33 @@ def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
     (:func:`~analyzers.tracking.model.feed_labels`: its symbol; feeds that share one are
     told apart)."""
     labels = feed_labels(list(datas))
-    finest = min((_delivery_seconds(d) for d in datas), default=0.0)
-    return [(d, labels[id(d)]) for d in datas if not _derived(d) and _delivery_seconds(d) == finest]
+    finest = min((delivery_seconds(d) for d in datas), default=0.0)
+    return [(d, labels[id(d)]) for d in datas if not _derived(d) and delivery_seconds(d) == finest]
 
 
 def missed_feeds(strategy: Any, feeds: Sequence[tuple[Any, str]] | None = None) -> list[str]:
     """Names (:func:`step_feeds`, in ``strategy.datas`` order) of the feeds that have started
     and not ended but have no bar at the step's time: ``len(data) > 0`` and
     ``data.datetime[0] < strategy.datetime[0]`` and ``data.datetime[0] < data.last_num`` when
-    the feed knows its last bar (backtrader date numbers).
+    the feed knows its last bar (backtrader date numbers). None when no feed of
+    :func:`step_feeds` has a bar at the step's time: a coarser feed alone made that step.
 
     Args:
         feeds: :func:`step_feeds` of the strategy's datas, computed once (default: now).
     """
     now = strategy.lines.datetime[0]
     out = []
+    stepped = False  # a feed of the finest bar size has a bar at the step's time
     for d, name in step_feeds(strategy.datas) if feeds is None else feeds:
         if len(d):
             at = d.lines.datetime[0]
-            if at < now and at < getattr(d, "last_num", math.inf):
+            if at == now:
+                stepped = True
+            elif at < now and at < getattr(d, "last_num", math.inf):
                 out.append(name)
-    return out
+    # a step only a coarser feed made (a daily bar at its day's end beside hourly bars) was
+    # missed by no one
+    return out if stepped else []
 
 
 class MissedStepNote(bt.Analyzer):  # type: ignore[misc]

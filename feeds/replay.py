@@ -29,6 +29,7 @@ Prints one JSON line with what was published and exits 0; exits 2 on bad argumen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import json
 import logging
@@ -364,16 +365,13 @@ def load_sources(args: argparse.Namespace) -> list[CSVBars]:
         bars = read_csv_bars(cfg)
         if args.limit and len(bars) > args.limit:
             n = args.limit
-            bars = CSVBars(
-                symbol=bars.symbol,
-                path=bars.path,
+            bars = dataclasses.replace(
+                bars,
                 times=bars.times[:n],
                 numeric={k: a[:n] for k, a in bars.numeric.items()},
                 text={k: v[:n] for k, v in bars.text.items()},
                 hashes=bars.hashes[:n],
-                timeframe=bars.timeframe,
-                compression=bars.compression,
-                skipped=bars.skipped,
+                lines=None if bars.lines is None else bars.lines[:n],
             )
         out.append(bars)
     return out

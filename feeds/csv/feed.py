@@ -5,17 +5,21 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from datetime import datetime
+from datetime import time as dt_time
 from typing import Any
 
 import backtrader as bt
 import pandas as pd
 
-from core.bars import BarHashes
+from core.bars import BarHashes, delivery_seconds
 from feeds.csv.config import CSVFeedConfig
 from feeds.csv.reader import CSVBars, read_csv_bars
 from feeds.fields import TextLine, dynamic_feed_class
+
+logger = logging.getLogger(__name__)
 
 
 class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
@@ -54,7 +58,10 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)
             setattr(self, name, self.text_lines[name])
-        self._dates = [bt.date2num(t) for t in pd.DatetimeIndex(bars.times).to_pydatetime()]
+        times = pd.DatetimeIndex(bars.times)
+        if bars.date_only and self._timeframe >= bt.TimeFrame.Days and self._finer_beside():
+            times = self._day_ends(times)
+        self._dates = [bt.date2num(t) for t in times.to_pydatetime()]
         # The last bar time (backtrader date number): once there, the feed has ended; the
         # window's last (fromdate / todate, tzinput) once the first bar loads (_window)
         self.last_num = self._dates[-1] if self._dates else -math.inf
@@ -68,6 +75,36 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     def islive(self) -> bool:
         return False
+
+    def _finer_beside(self) -> bool:
+        """Whether the Cerebro this feed is in has a feed of a finer bar size
+        (:func:`~core.bars.delivery_seconds`)."""
+        mine = delivery_seconds(self)
+        datas = getattr(getattr(self, "_env", None), "datas", None) or []
+        return any(delivery_seconds(d) < mine for d in datas if d is not self)
+
+    def _day_ends(self, times: pd.DatetimeIndex) -> pd.DatetimeIndex:
+        """Each bar's time moved to the end of its day: its date in the file's timezone at
+        backtrader's ``sessionend`` (default 23:59:59.999990, cut to the millisecond, the
+        resolution of decision records), as UTC. backtrader's CSV feeds do the same for bars
+        of a day or longer given as dates (``GenericCSVData._loadline``: ``dteos =
+        datetime.combine(dt.date(), self.p.sessionend)``; ``BacktraderCSVData``, Yahoo's)."""
+        zone = self._bars.timezone
+        end = self.p.sessionend or dt_time(23, 59, 59, 999_000)
+        offset = pd.Timedelta(
+            hours=end.hour, minutes=end.minute, seconds=end.second, microseconds=end.microsecond
+        ).floor("ms")
+        days = times.tz_localize("UTC").tz_convert(zone).tz_localize(None).normalize()
+        local = (days + offset).tz_localize(zone, ambiguous=True, nonexistent="shift_forward")
+        ends = local.tz_convert("UTC").tz_localize(None)
+        logger.info(
+            "%s: daily bars of dates beside finer bars are delivered at the end of their day "
+            "(%s %s, backtrader's sessionend): a day's bar is seen once the day is over",
+            self.symbol,
+            (pd.Timestamp(0) + offset).strftime("%H:%M:%S.%f")[:-3],
+            zone,
+        )
+        return ends
 
     def _window(self) -> int:
         """The rows within backtrader's ``fromdate`` / ``todate`` (its ``load()`` discards

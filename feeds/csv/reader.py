@@ -270,6 +270,10 @@ class CSVBars:
         timeframe, compression: backtrader bar size.
         skipped: ``(line, reason)`` of every skipped row.
         lines: physical line of each bar in the file (1 = header).
+        timezone: IANA zone the file's times without an offset were read in
+            (``CSV_TIMEZONE``).
+        date_only: every bar time is a midnight in ``timezone`` (a file of dates: each bar
+            holds its whole day; see :class:`~feeds.csv.feed.HistoricalCSVFeed`).
     """
 
     symbol: str
@@ -282,6 +286,8 @@ class CSVBars:
     compression: int
     skipped: list[tuple[int, str]] = field(default_factory=list)
     lines: np.ndarray | None = None
+    timezone: str = "UTC"
+    date_only: bool = False
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
@@ -615,7 +621,21 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         compression=compression,
         skipped=problems if cfg.on_bad_rows == "skip" else [],
         lines=lines if keep.all() else lines[keep],
+        timezone=cfg.timezone,
+        date_only=_midnights(times_kept, cfg.timezone),
     )
+
+
+def _midnights(times: np.ndarray, timezone: str) -> bool:
+    """Whether every time of ``times`` (``datetime64[ns]``, naive UTC) is a midnight in
+    ``timezone``: a file of dates."""
+    if len(times) == 0:
+        return False
+    ns = times.view(np.int64)
+    if timezone == "UTC":
+        return bool((ns % 86_400_000_000_000 == 0).all())
+    local = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone).tz_localize(None)
+    return bool((local.asi8 % 86_400_000_000_000 == 0).all())
 
 
 def _newest_first(t_ns: np.ndarray, bad: dict[int, str]) -> bool:

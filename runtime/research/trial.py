@@ -19,6 +19,7 @@ with FMEL on, the decision writer's thread is started and joined inside the call
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -217,15 +218,14 @@ def slice_bars(bars: CSVBars, start: datetime, end: datetime) -> CSVBars:
     i, j = np.searchsorted(bars.times, [_naive_ns(start), _naive_ns(end)], side="left")
     if j <= i:
         raise DataError(f"{bars.symbol}: no bars in [{start:%Y-%m-%d %H:%M}, {end:%Y-%m-%d %H:%M})")
-    return CSVBars(
-        symbol=bars.symbol,
-        path=bars.path,
+    return dataclasses.replace(
+        bars,
         times=bars.times[i:j],
         numeric={k: v[i:j] for k, v in bars.numeric.items()},
         text={k: v[i:j] for k, v in bars.text.items()},
         hashes=bars.hashes[i:j],
-        timeframe=bars.timeframe,
-        compression=bars.compression,
+        skipped=[],
+        lines=None if bars.lines is None else bars.lines[i:j],
     )
 
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -137,6 +139,28 @@ def load_hfeed(spec: FeedSpec, start: datetime, end: datetime) -> HFeed:
         text=text,
         hashes=hashes,
     )
+
+
+def at_day_end(feeds: dict[str, HFeed]) -> dict[str, HFeed]:
+    """The run's feeds as delivered: a file of dates (every time a midnight) of daily or longer
+    bars, in a run with a feed of shorter bars (monthly beside daily, daily beside hourly), is
+    seen at the end of each day, 23:59:59.999 UTC (backtrader's CSV feeds stamp such bars at
+    ``sessionend``). Bar sizes here are the files' median spacings."""
+
+    def spacing(f: HFeed) -> float:
+        gaps = sorted(b - a for a, b in itertools.pairwise(f.times))
+        return gaps[len(gaps) // 2] if gaps else math.inf
+
+    finest = min((spacing(f) for f in feeds.values()), default=math.inf)
+    out = {}
+    for symbol, f in feeds.items():
+        dates = all(t == int(t) for t in f.times)
+        if dates and spacing(f) >= 1 and spacing(f) > finest:
+            end = timedelta(hours=23, minutes=59, seconds=59, milliseconds=999)
+            times = [bt.date2num(bt.num2date(t) + end) for t in f.times]
+            f = dataclasses.replace(f, times=times)
+        out[symbol] = f
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,15 @@ import backtrader as bt
 
 from analyzers.fmel import FMELAnalyzer
 from feeds.csv import CSVBars, CSVFeedConfig, make_csv_feed, read_csv_bars
-from tests.idioms.harness import DATA, Entry, FeedSpec, ReadLog, load_hfeed, value_key
+from tests.idioms.harness import (
+    DATA,
+    Entry,
+    FeedSpec,
+    ReadLog,
+    at_day_end,
+    load_hfeed,
+    value_key,
+)
 
 SP500 = FeedSpec("SP500.csv", "SP500", "%m/%d/%Y")
 NASDAQ = FeedSpec("NASDAQ.csv", "NASDAQ", "%m/%d/%Y")
@@ -143,6 +151,7 @@ def run_case(case: Case, fmel: bool, **analyzer_kw: Any) -> Outcome:
     for spec in case.feeds:
         cerebro.adddata(make_csv_feed_for(spec, case), name=spec.symbol)
         feeds[spec.symbol] = load_hfeed(spec, case.start, case.end)
+    feeds = at_day_end(feeds)
     log = ReadLog(feeds=feeds, runonce=case.runonce)
     cerebro.addstrategy(case.agent, reads=log, **dict(case.params))
     cerebro.broker.setcash(100_000.0)

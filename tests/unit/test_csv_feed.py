@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
+from typing import Any
 
 import backtrader as bt
 import numpy as np
@@ -687,3 +689,128 @@ def test_open_interest_replayed_through_pubsub_keeps_the_bar_hash(tmp_path: Path
         body = messages[2].body.replace(b"1250.0", bad.encode())
         with pytest.raises(ValueError, match="openinterest"):
             decode_message(body, {"symbol": "X"})
+
+
+def _daily_and_hourly(folder: Path) -> tuple[Path, Path]:
+    """A file of dates (daily bars) and one of hourly bars 14:30-20:30 UTC, 2024-01-02..05."""
+    days = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
+    daily = ["Date,Open,High,Low,Close,Volume"]
+    hourly = ["Date,Open,High,Low,Close,Volume"]
+    for k, day in enumerate(days):
+        daily.append(f"{day},100,120,90,{101 + k},1000")
+        for h in range(14, 21):
+            hourly.append(f"{day} {h}:30:00,100,110,90,{100 + k + h / 100:.2f},10")
+    d, h = folder / "DAILY.csv", folder / "HOURLY.csv"
+    d.write_text("\n".join(daily) + "\n")
+    h.write_text("\n".join(hourly) + "\n")
+    return d, h
+
+
+class _Steps(bt.Strategy):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, float, str, float]] = []
+
+    def next(self) -> None:
+        day, hour = self.datas
+        self.steps.append(
+            (
+                day.datetime.datetime(0).isoformat(timespec="milliseconds"),
+                day.close[0],
+                hour.datetime.datetime(0).isoformat(timespec="seconds"),
+                hour.close[0],
+            )
+        )
+
+
+def test_daily_dates_beside_hourly_bars_are_seen_at_the_end_of_their_day(tmp_path: Path) -> None:
+    # Found by an attack (helper-59): a daily file of dates was stamped 00:00 beside hourly
+    # bars, so at 14:30 the agent read the close of a day not yet over, and FMEL called it
+    # no look-ahead. backtrader's own CSV feeds stamp such bars at the day's session end: the
+    # same files through bt.feeds.GenericCSVData give the same steps.
+    from analyzers.fmel import FMELAnalyzer
+    from analyzers.missed_step import MissedStepNote
+
+    d, h = _daily_and_hourly(tmp_path)
+
+    def ours() -> tuple[list[Any], Any]:
+        cerebro = bt.Cerebro(stdstats=False)
+        for path, symbol in ((d, "DAILY"), (h, "HOURLY")):
+            cerebro.adddata(make_csv_feed(cfg(path, symbol)))
+        cerebro.addstrategy(_Steps)
+        cerebro.addanalyzer(MissedStepNote)
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+        s = cerebro.run()[0]
+        return s.steps, s.analyzers.fmel
+
+    def backtraders() -> list[Any]:
+        cerebro = bt.Cerebro(stdstats=False)
+        for path, fmt, tf, comp in (
+            (d, "%Y-%m-%d", bt.TimeFrame.Days, 1),
+            (h, "%Y-%m-%d %H:%M:%S", bt.TimeFrame.Minutes, 60),
+        ):
+            cerebro.adddata(
+                bt.feeds.GenericCSVData(
+                    dataname=str(path),
+                    dtformat=fmt,
+                    timeframe=tf,
+                    compression=comp,
+                    openinterest=-1,
+                )
+            )
+        cerebro.addstrategy(_Steps)
+        return list(cerebro.run()[0].steps)
+
+    steps, fmel = ours()
+    assert steps == backtraders()  # their session end, 23:59:59.999990, is ours to the ms
+    # at 2024-01-03 14:30 the day seen is 2024-01-02, complete
+    assert ("2024-01-02T23:59:59.999", 101.0, "2024-01-03T14:30:00", 101.14) in steps
+    assert not any(r.lookahead_reads for r in fmel.records)
+    assert not any(r.notes for r in fmel.records)  # the day-end steps missed no hourly bar
+    bar_times = {
+        p.bar_time
+        for r in fmel.records
+        for a in r.data_accessed
+        if a.symbol == "DAILY"
+        for p in a.access_patterns
+    }
+    assert datetime(2024, 1, 2, 23, 59, 59, 999000, tzinfo=UTC).timestamp() in bar_times
+
+
+def test_daily_dates_alone_keep_their_times_and_sessionend_is_respected(tmp_path: Path) -> None:
+    d, h = _daily_and_hourly(tmp_path)
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(cfg(d, "DAILY")))
+    cerebro.adddata(make_csv_feed(cfg(d, "DAILY2")))
+    cerebro.addstrategy(_Steps)
+    steps = cerebro.run()[0].steps
+    assert [s[0] for s in steps] == [f"2024-01-0{k}T00:00:00.000" for k in (2, 3, 4, 5)]
+
+    # a session end of the user's (backtrader's sessionend parameter) in the file's zone:
+    # a New York day is over at 16:00 there (21:00 UTC in January, 20:00 in July)
+    cerebro = bt.Cerebro(stdstats=False)
+    text = d.read_text().replace("2024-01-05", "2024-07-05")
+    (tmp_path / "NY.csv").write_text(text)
+    daily = make_csv_feed(cfg(tmp_path / "NY.csv", "NY", timezone="America/New_York"))
+    daily.p.sessionend = dt_time(16, 0)
+    cerebro.adddata(daily)
+    cerebro.adddata(make_csv_feed(cfg(h, "HOURLY")))
+    cerebro.addstrategy(_Steps)
+    seen = {s[0] for s in cerebro.run()[0].steps}
+    assert {"2024-01-02T21:00:00.000", "2024-01-04T21:00:00.000"} <= seen
+    assert "2024-07-05T20:00:00.000" in seen  # daylight saving time: 16:00 is 20:00 UTC
+
+
+def test_daily_bars_with_times_are_not_moved(tmp_path: Path) -> None:
+    d, h = _daily_and_hourly(tmp_path)
+    stamped = (
+        d.read_text().replace(",100,120", " 21:00:00,100,120").replace("Date 21:00:00", "Date")
+    )
+    (tmp_path / "CLOSE.csv").write_text(stamped)
+    bars = read_csv_bars(cfg(tmp_path / "CLOSE.csv", "CLOSE"))
+    assert not bars.date_only
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(cfg(tmp_path / "CLOSE.csv", "CLOSE"), bars))
+    cerebro.adddata(make_csv_feed(cfg(h, "HOURLY")))
+    cerebro.addstrategy(_Steps)
+    steps = cerebro.run()[0].steps
+    assert {s[0] for s in steps} == {f"2024-01-0{k}T21:00:00.000" for k in (2, 3, 4, 5)}

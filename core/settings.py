@@ -17,7 +17,8 @@ field type                 environment text
 ``tuple[str, ...]``        a comma list (blanks dropped)
 ``Mapping[str, Any]``      a JSON object
 ``Secret``                 a :class:`~core.secret.Secret` (never logged)
-``datetime``               an ISO date or datetime; naive means UTC; stored aware UTC
+``datetime``               an ISO date or datetime; naive means UTC (kept naive with
+                           ``local_time``); stored aware UTC
 ``X | None``               unset -> the default (``None``)
 =========================  ================================================================
 
@@ -56,6 +57,8 @@ class SettingSpec:
         alternatives: other variable names read when ``env`` is unset, in order.
         default_text: how the default is shown when it is computed elsewhere
             (``None``: derived from the field's default).
+        local_time: datetimes: a value without an offset is kept naive, for the config to
+            place in its own zone (``BACKTEST_START`` in ``CSV_TIMEZONE``).
     """
 
     env: str
@@ -65,6 +68,7 @@ class SettingSpec:
     secret: bool = False
     alternatives: tuple[str, ...] = ()
     default_text: str | None = None
+    local_time: bool = False
 
 
 def setting(
@@ -78,13 +82,16 @@ def setting(
     alternatives: tuple[str, ...] = (),
     default_text: str | None = None,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    local_time: bool = False,
 ) -> Any:
     """A dataclass field read from the environment variable ``env`` (see the module docstring).
 
     Returns:
         a :func:`dataclasses.field` carrying a :class:`SettingSpec` in its metadata.
     """
-    spec = SettingSpec(env, help, minimum, gt, secret, tuple(alternatives), default_text)
+    spec = SettingSpec(
+        env, help, minimum, gt, secret, tuple(alternatives), default_text, local_time
+    )
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={_META_KEY: spec})
     return dataclasses.field(default=default, metadata={_META_KEY: spec})
@@ -198,7 +205,9 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
             raise ConfigError(
                 f"{name}={text!r}: expected an ISO date or datetime, e.g. 2010-01-31"
             ) from e
-        return (parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed).astimezone(UTC)
+        if parsed.tzinfo is None:
+            return parsed if spec is not None and spec.local_time else parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
     if tp is Secret:
         return Secret(text, source=f"env:{name}")
     if origin is tuple:

@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -317,8 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--emulator-host", help="Pub/Sub emulator host:port (default: PUBSUB_EMULATOR_HOST)"
     )
-    p.add_argument("--start", help="first bar time to publish (ISO date), inclusive")
-    p.add_argument("--end", help="last bar time to publish (ISO date), inclusive")
+    p.add_argument(
+        "--start",
+        help="first bar time to publish (ISO date; without an offset, in --timezone), inclusive",
+    )
+    p.add_argument(
+        "--end",
+        help="last bar time to publish (ISO date, its whole day; without an offset, in "
+        "--timezone), inclusive",
+    )
     p.add_argument(
         "--limit",
         type=int,
@@ -340,7 +347,7 @@ def _date(text: str | None) -> datetime | None:
         dt = datetime.fromisoformat(text)
     except ValueError as e:
         raise ConfigError(f"expected an ISO date, got {text!r}") from e
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    return dt  # without an offset: in --timezone (CSVFeedConfig places it)
 
 
 def load_sources(args: argparse.Namespace) -> list[CSVBars]:

@@ -6,7 +6,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -101,10 +102,18 @@ class CSVFeedConfig:
         help="raise (stop with file and line) or skip (skip, count, report)",
     )
     start: datetime | None = setting(
-        None, env="BACKTEST_START", help="first bar time to use (ISO date), inclusive"
+        None,
+        env="BACKTEST_START",
+        help="first bar time to use (ISO date or datetime; without an offset, in "
+        "CSV_TIMEZONE), inclusive",
+        local_time=True,
     )
     end: datetime | None = setting(
-        None, env="BACKTEST_END", help="last bar time to use (ISO date), inclusive"
+        None,
+        env="BACKTEST_END",
+        help="last bar time to use (ISO date or datetime; without an offset, in CSV_TIMEZONE), "
+        "inclusive: a date includes its whole day",
+        local_time=True,
     )
 
     def __post_init__(self) -> None:
@@ -155,12 +164,27 @@ class CSVFeedConfig:
         if fmt is not None and fmt not in EPOCH_FORMATS:
             _check_strftime(fmt)
         try:
-            ZoneInfo(self.timezone)
+            zone = ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as e:
             raise ConfigError(
                 f"CSV_TIMEZONE={self.timezone!r}: expected an IANA timezone such as UTC or "
                 "America/New_York"
             ) from e
+        for name, value in (("start", self.start), ("end", self.end)):
+            if value is not None and not isinstance(value, datetime):
+                raise ConfigError(
+                    f"CSVFeedConfig.{name}: expected a datetime, got {type(value).__name__}"
+                )
+        if self.end is not None and self.end.time() == dt_time(0):
+            # a date (or a midnight) ends with its whole day, in its own zone
+            object.__setattr__(
+                self, "end", self.end.replace(hour=23, minute=59, second=59, microsecond=999_999)
+            )
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None:  # the window in UTC; a time without an offset is CSV_TIMEZONE's
+                aware = value.replace(tzinfo=zone) if value.tzinfo is None else value
+                object.__setattr__(self, name, aware.astimezone(UTC))
         if self.start and self.end and self.end < self.start:
             raise ConfigError(
                 f"BACKTEST_END={self.end.date()} is before BACKTEST_START={self.start.date()}"

@@ -23,7 +23,7 @@ import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, overload
 
@@ -577,13 +577,12 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
     if bad:
         keep[list(bad)] = False
     tvals = t_ns.view("datetime64[ns]")
+    # the window, aware UTC (CSVFeedConfig: a time without an offset is CSV_TIMEZONE's, an end
+    # given as a date includes its whole day)
     if cfg.start is not None:
-        keep &= tvals >= np.datetime64(cfg.start.replace(tzinfo=None), "ns")
+        keep &= tvals >= np.datetime64(cfg.start.astimezone(UTC).replace(tzinfo=None), "ns")
     if cfg.end is not None:
-        end = cfg.end.replace(tzinfo=None)
-        if end.hour == end.minute == end.second == 0:
-            end = end.replace(hour=23, minute=59, second=59, microsecond=999999)
-        keep &= tvals <= np.datetime64(end, "ns")
+        keep &= tvals <= np.datetime64(cfg.end.astimezone(UTC).replace(tzinfo=None), "ns")
     if keep.all():  # the common case: no copy
         times_kept = tvals
     else:

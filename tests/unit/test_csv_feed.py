@@ -11,6 +11,7 @@ from typing import Any
 
 import backtrader as bt
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -814,3 +815,52 @@ def test_daily_bars_with_times_are_not_moved(tmp_path: Path) -> None:
     cerebro.addstrategy(_Steps)
     steps = cerebro.run()[0].steps
     assert {s[0] for s in steps} == {f"2024-01-0{k}T21:00:00.000" for k in (2, 3, 4, 5)}
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "end", "first", "last"),
+    [
+        # Tokyo daily bars (dates, midnight JST = 15:00 UTC the day before): the window is
+        # Tokyo's days. It was UTC's: the first day was dropped and a day after the end added.
+        ("Asia/Tokyo", "2024-01-04", "2024-01-05", "2024-01-04", "2024-01-05"),
+        ("America/New_York", "2024-01-04", "2024-01-05", "2024-01-04", "2024-01-05"),
+        ("UTC", "2024-01-04", "2024-01-05", "2024-01-04", "2024-01-05"),
+        # an offset is that instant: 2024-01-04 00:00 UTC is 09:00 in Tokyo, after its midnight
+        ("Asia/Tokyo", "2024-01-04T00:00:00+00:00", "2024-01-06", "2024-01-05", "2024-01-06"),
+        # a time of day: inclusive, in the file's zone
+        ("Asia/Tokyo", "2024-01-03T00:00:01", "2024-01-05T00:00:00.5", "2024-01-04", "2024-01-05"),
+    ],
+)
+def test_the_backtest_window_is_in_the_files_timezone(
+    tmp_path: Path, zone: str, start: str, end: str, first: str, last: str
+) -> None:
+    from runtime.config import load_config
+
+    days = [f"2024-01-0{k}" for k in range(2, 9)]
+    (tmp_path / "JP.csv").write_text(
+        "Date,Open,High,Low,Close,Volume\n" + "".join(f"{d},10,11,9,10,1\n" for d in days)
+    )
+    env = {
+        "SYMBOLS": "JP",
+        "DATA_DIR": str(tmp_path),
+        "CSV_TIMEZONE": zone,
+        "BACKTEST_START": start,
+        "BACKTEST_END": end,
+    }
+    bars = read_csv_bars(load_config(env).csv_feeds[0])
+    local = pd.DatetimeIndex(bars.times).tz_localize("UTC").tz_convert(zone)
+    assert (local[0].date().isoformat(), local[-1].date().isoformat()) == (first, last)
+    # the same window given in Python, as naive datetimes
+    cfg_py = cfg(
+        tmp_path / "JP.csv",
+        "JP",
+        timezone=zone,
+        start=datetime.fromisoformat(start),
+        end=datetime.fromisoformat(end),
+    )
+    assert list(read_csv_bars(cfg_py).times) == list(bars.times)
+
+
+def test_a_window_bound_must_be_a_datetime(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"CSVFeedConfig.start: expected a datetime, got str"):
+        cfg(tmp_path / "x.csv", start="2024-01-01")

@@ -47,7 +47,7 @@ from core.errors import DataError
 from core.hash_worker import BarHashJob
 from feeds.csv.config import BAR_SIZE_RE, CSVFeedConfig
 from feeds.csv.table import RawTable, read_header, read_raw_table
-from feeds.csv.values import NumberStyle, parse_numbers, parse_times, trim
+from feeds.csv.values import NumberStyle, day_starts, parse_numbers, parse_times, trim
 from feeds.fields import reserved_reason
 
 logger = logging.getLogger(__name__)
@@ -626,15 +626,17 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
 
 
 def _midnights(times: np.ndarray, timezone: str) -> bool:
-    """Whether every time of ``times`` (``datetime64[ns]``, naive UTC) is a midnight in
-    ``timezone``: a file of dates."""
+    """Whether every time of ``times`` (``datetime64[ns]``, naive UTC) begins its day in
+    ``timezone`` (:func:`~feeds.csv.values.day_starts`: a midnight, or 01:00 where the zone
+    skips midnight): a file of dates."""
     if len(times) == 0:
         return False
     ns = times.view(np.int64)
     if timezone == "UTC":
         return bool((ns % 86_400_000_000_000 == 0).all())
-    local = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone).tz_localize(None)
-    return bool((local.asi8 % 86_400_000_000_000 == 0).all())
+    aware = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone)
+    starts = day_starts(pd.Series(aware.tz_localize(None).normalize()), timezone)
+    return bool((pd.DatetimeIndex(starts) == aware).all())
 
 
 def _newest_first(t_ns: np.ndarray, bad: dict[int, str]) -> bool:

@@ -326,10 +326,30 @@ def _arrow_iso(text: pa.Array) -> pd.Series | None:
 
 def _localise(wall: pd.Series, timezone: str) -> tuple[pd.Series, np.ndarray]:
     """Naive wall times in ``timezone`` -> aware, and the mask of times the zone skips or
-    repeats (a daylight-saving change): those are NaT and reported, never guessed."""
+    repeats (a daylight-saving change): those are NaT and reported, never guessed.
+
+    A file of dates (every wall time a midnight) names days: a day whose midnight the zone
+    skips (America/Santiago, Asia/Beirut, Africa/Cairo change at 00:00) begins at its first
+    instant, 01:00 (a repeated midnight: its first occurrence)."""
     local = wall.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
     lost = np.asarray((local.isna() & wall.notna()).to_numpy(), dtype=bool)
+    if lost.any() and _dates(wall):
+        local = day_starts(wall, timezone)
+        lost = np.zeros(len(wall), dtype=bool)
     return local, lost
+
+
+def _dates(wall: pd.Series) -> bool:
+    """Whether every (non-missing) naive time of ``wall`` is a midnight."""
+    known = wall.dropna()
+    return bool(len(known)) and bool((known == known.dt.normalize()).all())
+
+
+def day_starts(days: pd.Series, timezone: str) -> pd.Series:
+    """Naive dates (midnights) -> the first instant of each day in ``timezone``, aware: its
+    midnight, or where the zone skips midnight the end of the gap (01:00), or where it
+    repeats it the first occurrence."""
+    return days.dt.tz_localize(timezone, ambiguous=True, nonexistent="shift_forward")
 
 
 _EPOCH_FLOOR = pd.Timestamp("1971-01-01", tz="UTC")

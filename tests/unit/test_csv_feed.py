@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,31 @@ def test_a_time_skipped_by_daylight_saving_is_named(tmp_path: Path) -> None:
     p = write(tmp_path, HEAD + "2021-03-14 01:30,1,2,.5,1,1\n2021-03-14 02:30,1,2,.5,1,1\n")
     with pytest.raises(DataError, match="line 3: time '2021-03-14 02:30' does not exist"):
         read_csv_bars(cfg(p, timezone="America/New_York"))
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "utc"),
+    [
+        # Santiago skips 2024-09-08 00:00-01:00: the day begins at 01:00 -03
+        ("America/Santiago", "2024-09-08", "2024-09-08T04:00"),
+        # Havana repeats 2024-11-03 00:00-01:00: the day begins at its first midnight (-04)
+        ("America/Havana", "2024-11-03", "2024-11-03T04:00"),
+    ],
+)
+def test_a_date_whose_midnight_daylight_saving_skips_is_its_days_first_instant(
+    tmp_path: Path, zone: str, day: str, utc: str
+) -> None:
+    # Found by an attack (helper-59): a daily file of dates in America/Santiago was refused
+    # at the day clocks go forward at midnight ("does not exist"), though a date names a day.
+    before = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+    after = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+    rows = "".join(f"{d},1,2,.5,1,1\n" for d in (before, day, after))
+    bars = read_csv_bars(cfg(write(tmp_path, HEAD + rows), timezone=zone))
+    assert str(bars.times[1])[:16] == utc and bars.date_only
+    # a time of day is not a date: a skipped or repeated midnight stays a bad row
+    stamped = HEAD + f"{before} 00:00,1,2,.5,1,1\n{day} 00:00,1,2,.5,1,1\n{day} 12:00,1,2,.5,1,1\n"
+    with pytest.raises(DataError, match=f"line 3: time '{day} 00:00' does not exist or exists"):
+        read_csv_bars(cfg(write(tmp_path, stamped), timezone=zone))
 
 
 # --- data hashes: lazy, and equal to the Pub/Sub path's -----------------------------------

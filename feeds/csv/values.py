@@ -349,7 +349,8 @@ def day_starts(days: pd.Series, timezone: str) -> pd.Series:
     """Naive dates (midnights) -> the first instant of each day in ``timezone``, aware: its
     midnight, or where the zone skips midnight the end of the gap (01:00), or where it
     repeats it the first occurrence."""
-    return days.dt.tz_localize(timezone, ambiguous=True, nonexistent="shift_forward")
+    starts: pd.Series = days.dt.tz_localize(timezone, ambiguous=True, nonexistent="shift_forward")
+    return starts
 
 
 _EPOCH_FLOOR = pd.Timestamp("1971-01-01", tz="UTC")

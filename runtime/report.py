@@ -22,6 +22,7 @@ from typing import Any
 import backtrader as bt
 import pandas as pd
 
+from core.bars import feed_symbol
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from runtime.stats import PerformanceStats
 
@@ -69,6 +70,9 @@ class RunReport:
     elapsed_s: float = 0.0
     html_report: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # orders still alive when the run ended (submitted or accepted, not filled: a feed ended
+    # before they could fill, a limit was not reached), as "<symbol> <buy|sell> <size>"
+    open_orders: list[str] = field(default_factory=list)
 
     @property
     def sharpe(self) -> float | None:
@@ -115,6 +119,13 @@ class RunReport:
             f"decisions        {self.decisions} recorded ({self.records_written} written, "
             f"{self.records_spilled} spilled, {self.records_rejected} rejected)",
         ]
+        if self.open_orders:
+            shown = ", ".join(self.open_orders[:5])
+            more = f" and {len(self.open_orders) - 5} more" if len(self.open_orders) > 5 else ""
+            lines.append(
+                f"open orders      {len(self.open_orders)} not filled when the run ended "
+                f"({shown}{more})"
+            )
         if self.decisions_failure:
             lines.append(f"DECISIONS FAILED {self.decisions_failure}; the run was stopped")
         if self.spill_unsure:
@@ -162,6 +173,20 @@ class RunReport:
             "",
         ]
         return "\n".join(lines)
+
+
+def open_orders(broker: Any) -> list[str]:
+    """The broker's orders still alive (backtrader's ``get_orders_open()``: submitted,
+    accepted or partially filled), each as ``"<symbol> <buy|sell> <size>"`` (shares);
+    ``[]`` for a broker without that call."""
+    get = getattr(broker, "get_orders_open", None)
+    if get is None:
+        return []
+    out = []
+    for order in get():
+        side = "buy" if order.isbuy() else "sell"
+        out.append(f"{feed_symbol(order.data)} {side} {abs(order.created.size):g}")
+    return out
 
 
 def trade_counts(strategy: Any) -> tuple[int, int]:

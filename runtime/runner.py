@@ -49,7 +49,7 @@ from runtime.config import AppConfig, load_process_config
 from runtime.health import HealthServer
 from runtime.logs import LogSetup
 from runtime.metrics import MetricsAnalyzer, RunMetrics
-from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, trade_counts
+from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, open_orders, trade_counts
 from runtime.reporting.bars import BarRecorder
 from runtime.stats import finest_bar_size, performance_stats, periods_per_year
 
@@ -608,6 +608,7 @@ class Runner:
             interrupted=self._interrupted,
             elapsed_s=elapsed,
             html_report=str(html) if html else None,
+            open_orders=open_orders(self.cerebro.getbroker()),
         )
 
 

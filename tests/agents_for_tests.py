@@ -23,3 +23,20 @@ class LookbackAgent(bt.Strategy):  # type: ignore[misc]
         if self.calls == self.p.peek_at:
             _ = self.data.close[1]
             self.buy(size=1)
+
+
+class UnfilledOrders(bt.Strategy):  # type: ignore[misc]
+    """On its first bar, a limit buy of 3 shares of the first feed far below the market (never
+    fills); on the last bar of that feed, a market buy of 2 (the feed ends before it can fill,
+    while the run goes on with the other feeds)."""
+
+    def __init__(self) -> None:
+        self.sent_last = False
+
+    def next(self) -> None:
+        first = self.datas[0]
+        if len(self) == 1:
+            self.buy(data=first, size=3, exectype=bt.Order.Limit, price=0.01)
+        if not self.sent_last and first.datetime[0] >= first.last_num:
+            self.buy(data=first, size=2)
+            self.sent_last = True

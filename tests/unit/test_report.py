@@ -143,3 +143,25 @@ def test_the_query_cli_gives_duckdb_the_stores_memory_limit(
         assert "expected a whole number" in err and "from 64 to" in err
     else:
         assert code == 0 and shown in out, err
+
+
+def test_orders_not_filled_when_the_run_ends_are_reported(tmp_path: Path) -> None:
+    # Found by an attack (helper-59): an order on a feed that had ended stayed accepted and the
+    # report said nothing; it names each such order now.
+    from runtime.config import load_config
+    from runtime.runner import Runner
+
+    env = {
+        "SYMBOLS": "GOOG,SP500",
+        "BACKTEST_START": "2013-01-15",
+        "BACKTEST_END": "2013-03-29",  # GOOG.csv ends 2013-03-01, SP500.csv goes on
+        "AGENT": "tests.agents_for_tests:UnfilledOrders",
+        "FMEL_LOCAL_PATH": str(tmp_path / "f.duckdb"),
+        "FMEL_SPILL_DIR": str(tmp_path / "spill"),
+        "PROGRESS": "off",
+    }
+    report = Runner(load_config(env)).run()
+    assert report.open_orders == ["GOOG buy 3", "GOOG buy 2"]
+    assert "open orders      2 not filled when the run ended (GOOG buy 3, GOOG buy 2)" in (
+        report.render()
+    )

@@ -449,16 +449,25 @@ class TextReader(bt.Strategy):  # type: ignore[misc]
         self.seen = (self.data.headline[0], self.data.sentiment[0])
 
 
+def _live_and_backtest(
+    path: Path, text: str, agent: type
+) -> tuple[CSVFeedConfig, Any, Any, MessageHandler]:
+    """``text`` written to ``path`` (symbol: its stem), run through the live path and as a
+    backtest with ``agent``: (config, live strategy, backtest strategy, live handler)."""
+    path.write_text(text)
+    cfg = CSVFeedConfig(path=path, symbol=path.stem)
+    live, handler = _run_live([cfg], agent=agent)
+    return cfg, live, _run_backtest([cfg], agent=agent), handler
+
+
 def test_text_fields_are_served_and_tracked_like_numbers(tmp_path: Path) -> None:
-    csv = tmp_path / "TXT.csv"
-    csv.write_text(
+    cfg, live, back, _ = _live_and_backtest(
+        tmp_path / "TXT.csv",
         "Date,Open,High,Low,Close,Volume,Sentiment,Headline\n"
         "2024-03-01,10,11,9.5,10.5,1000,0.25,rates unchanged\n"
-        "2024-03-04,10.5,11.2,10.1,11,1200,-0.5,beat estimates\n"
+        "2024-03-04,10.5,11.2,10.1,11,1200,-0.5,beat estimates\n",
+        TextReader,
     )
-    cfg = CSVFeedConfig(path=csv, symbol="TXT")
-    live, _ = _run_live([cfg], agent=TextReader)
-    back = _run_backtest([cfg], agent=TextReader)
     assert live.seen == ("beat estimates", -0.5)
     rows = _comparable(live.analyzers.fmel.records)
     assert rows == _comparable(back.analyzers.fmel.records)
@@ -481,16 +490,14 @@ class OpenInterestReader(bt.Strategy):  # type: ignore[misc]
 def test_open_interest_is_served_live_as_in_the_backtest(tmp_path: Path) -> None:
     # backtrader's own line: a file's OpenInterest column, replayed, fills it on the live feed
     # too (it was refused as a reserved field, every message; then counted as a late field)
-    csv = tmp_path / "FUT.csv"
-    csv.write_text(
+    _, live, back, handler = _live_and_backtest(
+        tmp_path / "FUT.csv",
         "Date,Open,High,Low,Close,Volume,OpenInterest\n"
         "2024-03-01,10,11,9.5,10.5,1000,5400\n"
         "2024-03-04,10.5,11.2,10.1,11,1200,\n"
-        "2024-03-05,11,11.5,10.8,11.1,900,5515\n"
+        "2024-03-05,11,11.5,10.8,11.1,900,5515\n",
+        OpenInterestReader,
     )
-    cfg = CSVFeedConfig(path=csv, symbol="FUT")
-    live, handler = _run_live([cfg], agent=OpenInterestReader)
-    back = _run_backtest([cfg], agent=OpenInterestReader)
     assert str(live.seen) == str(back.seen) == "[5400.0, nan, 5515.0]"
     assert _comparable(live.analyzers.fmel.records) == _comparable(back.analyzers.fmel.records)
     assert not handler.stats.late_fields and not handler.stats.malformed

@@ -1,15 +1,15 @@
 """The note of feeds that missed a step, recorded the same way in backtests and paper runs.
 
 A feed missed the step when it has started (delivered a bar) and its latest bar is older than
-the step's bar time: in a paper run its bar did not come within ``PUBSUB_ALIGN_WAIT_S``; in a
-backtest its file lacks that row. A feed with no bar yet has not started (a stock listed later
-than the others, a symbol whose first bar has not come), and a CSV feed at its file's last bar
-has ended (``last_num``): neither is noted, nor is a feed of a coarser bar size than the
-finest (an hourly feed beside 5-minute bars), nor a resampled or replayed feed (its source is
-the one that can miss a bar). Feeds are named as FMEL records them (their
-symbols; feeds that share one are told apart). The Runner adds :class:`MissedStepNote` in both
-modes (before FMEL), so a paper run's decision records equal those of a backtest over files
-that have the same gaps.
+the step's bar time by most of its own bar length: in a paper run its bar did not come within
+``PUBSUB_ALIGN_WAIT_S``; in a backtest its file lacks that row. A feed with no bar yet has not
+started (a stock listed later than the others, a symbol whose first bar has not come), and a
+CSV feed at its file's last bar has ended (``last_num``): neither is noted, nor is a feed of a
+coarser bar size than the finest (an hourly feed beside 5-minute bars), nor a resampled or
+replayed feed (its source is the one that can miss a bar). Feeds are named as FMEL records
+them (their symbols; feeds that share one are told apart). The Runner adds
+:class:`MissedStepNote` in both modes (before FMEL), so a paper run's decision records equal
+those of a backtest over files that have the same gaps.
 
 Thread context: main (backtrader) thread.
 """
@@ -56,29 +56,51 @@ def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
     return [(d, labels[id(d)]) for d in datas if not _derived(d) and delivery_seconds(d) == finest]
 
 
-def missed_feeds(strategy: Any, feeds: Sequence[tuple[Any, str]] | None = None) -> list[str]:
+# A feed whose latest bar is less than this share of its own bar length before the step did
+# not miss it: feeds on another phase of the same bar size (stocks at :30, a coin at :00), days
+# in other zones, calendar months of 28-31 days (a month counts 30.44), 23-hour days.
+_GRACE = 0.9
+
+
+def _pacers(datas: Sequence[Any]) -> list[Any]:
+    """The feeds whose bars make the steps a feed of :func:`step_feeds` can miss: every feed
+    (resampled and replayed ones too) that delivers at the finest bar size."""
+    finest = min((delivery_seconds(d) for d in datas), default=0.0)
+    return [d for d in datas if delivery_seconds(d) == finest]
+
+
+def missed_feeds(
+    strategy: Any,
+    feeds: Sequence[tuple[Any, str]] | None = None,
+    pacers: Sequence[Any] | None = None,
+) -> list[str]:
     """Names (:func:`step_feeds`, in ``strategy.datas`` order) of the feeds that have started
-    and not ended but have no bar at the step's time: ``len(data) > 0`` and
-    ``data.datetime[0] < strategy.datetime[0]`` and ``data.datetime[0] < data.last_num`` when
-    the feed knows its last bar (backtrader date numbers). None when no feed of
-    :func:`step_feeds` has a bar at the step's time: a coarser feed alone made that step.
+    and not ended but missed the step's bar: ``len(data) > 0``, ``data.datetime[0] <
+    data.last_num`` when the feed knows its last bar, and its latest bar is at least 0.9 of
+    its own bar length (:func:`~core.bars.delivery_seconds`) before the step's time (a feed on
+    another phase of the same bar size, stocks at :30 beside a coin at :00, missed nothing).
+    None when no feed of the finest bar size (:func:`_pacers`, resampled and replayed ones
+    too) has a bar at the step's time: a coarser feed alone made that step. Backtrader date
+    numbers (days).
 
     Args:
         feeds: :func:`step_feeds` of the strategy's datas, computed once (default: now).
+        pacers: :func:`_pacers` of the strategy's datas, computed once (default: now).
     """
     now = strategy.lines.datetime[0]
+    if pacers is None:
+        pacers = _pacers(strategy.datas)
+    if not any(len(d) and d.lines.datetime[0] == now for d in pacers):
+        return []
     out = []
-    stepped = False  # a feed of the finest bar size has a bar at the step's time
     for d, name in step_feeds(strategy.datas) if feeds is None else feeds:
         if len(d):
             at = d.lines.datetime[0]
-            if at == now:
-                stepped = True
-            elif at < now and at < getattr(d, "last_num", math.inf):
+            if at + _GRACE * delivery_seconds(d) / 86_400.0 <= now and at < getattr(
+                d, "last_num", math.inf
+            ):
                 out.append(name)
-    # a step only a coarser feed made (a daily bar at its day's end beside hourly bars) was
-    # missed by no one
-    return out if stepped else []
+    return out
 
 
 class MissedStepNote(bt.Analyzer):  # type: ignore[misc]
@@ -94,9 +116,10 @@ class MissedStepNote(bt.Analyzer):  # type: ignore[misc]
 
     def start(self) -> None:
         self._feeds = step_feeds(self.strategy.datas)
+        self._pacers = _pacers(self.strategy.datas)
 
     def _note(self) -> None:
-        missed = missed_feeds(self.strategy, self._feeds)
+        missed = missed_feeds(self.strategy, self._feeds, self._pacers)
         if missed:
             notes: dict[str, Any] = {MISSED_STEP_NOTE: missed}
             attach_note(self.strategy, **notes)

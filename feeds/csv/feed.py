@@ -14,7 +14,8 @@ from typing import Any
 import backtrader as bt
 import pandas as pd
 
-from core.bars import BarHashes, delivery_seconds
+from core.bars import BarHashes
+from core.errors import ConfigError
 from feeds.csv.config import CSVFeedConfig
 from feeds.csv.reader import CSVBars, read_csv_bars
 from feeds.fields import TextLine, dynamic_feed_class
@@ -59,7 +60,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             self.text_lines[name] = TextLine(self, name)
             setattr(self, name, self.text_lines[name])
         times = pd.DatetimeIndex(bars.times)
-        if bars.date_only and self._timeframe >= bt.TimeFrame.Days and self._finer_beside():
+        if bars.date_only and self._timeframe >= bt.TimeFrame.Days and not self._among_dates_only():
             times = self._day_ends(times)
         self._dates = [bt.date2num(t) for t in times.to_pydatetime()]
         # The last bar time (backtrader date number): once there, the feed has ended; the
@@ -76,12 +77,28 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
     def islive(self) -> bool:
         return False
 
-    def _finer_beside(self) -> bool:
-        """Whether the Cerebro this feed is in has a feed of a finer bar size
-        (:func:`~core.bars.delivery_seconds`)."""
-        mine = delivery_seconds(self)
-        datas = getattr(getattr(self, "_env", None), "datas", None) or []
-        return any(delivery_seconds(d) < mine for d in datas if d is not self)
+    def _among_dates_only(self) -> bool:
+        """Whether every other feed of the Cerebro this feed is in is also a file of dates in
+        the same zone (or a resample, replay or clone of one): then all bars are days, and
+        their midnights order them as their days. Any other feed (intraday bars, a
+        ``PandasData``, a daily file stamped at its close, a resample of intraday bars) can
+        deliver within a day."""
+        zone = self._bars.timezone
+        for data in getattr(getattr(self, "_env", None), "datas", None) or []:
+            source = data
+            while getattr(source, "_clone", False) and getattr(source, "data", None) is not None:
+                source = source.data  # cerebro.resampledata / replaydata: a DataClone
+            if source is self:
+                continue
+            bars = getattr(source, "_bars", None)
+            if not (
+                isinstance(source, HistoricalCSVFeed)
+                and isinstance(bars, CSVBars)
+                and bars.date_only
+                and bars.timezone == zone
+            ):
+                return False
+        return True
 
     def _day_ends(self, times: pd.DatetimeIndex) -> pd.DatetimeIndex:
         """Each bar's time moved to the end of its day: its date in the file's timezone at
@@ -91,6 +108,11 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         datetime.combine(dt.date(), self.p.sessionend)``; ``BacktraderCSVData``, Yahoo's)."""
         zone = self._bars.timezone
         end = self.p.sessionend or dt_time(23, 59, 59, 999_000)
+        if not isinstance(end, dt_time) or end.tzinfo is not None:
+            raise ConfigError(
+                f"{self.symbol}: sessionend must be a datetime.time without tzinfo, in the "
+                f"file's zone ({zone}, CSV_TIMEZONE); got {end!r}"
+            )
         offset = pd.Timedelta(
             hours=end.hour, minutes=end.minute, seconds=end.second, microseconds=end.microsecond
         ).floor("ms")
@@ -98,8 +120,8 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         local = (days + offset).tz_localize(zone, ambiguous=True, nonexistent="shift_forward")
         ends = local.tz_convert("UTC").tz_localize(None)
         logger.info(
-            "%s: daily bars of dates beside finer bars are delivered at the end of their day "
-            "(%s %s, backtrader's sessionend): a day's bar is seen once the day is over",
+            "%s: bars given as dates, beside bars that are not, are delivered at the end of "
+            "their day (%s %s, backtrader's sessionend): a day's bar is seen once it is over",
             self.symbol,
             (pd.Timestamp(0) + offset).strftime("%H:%M:%S.%f")[:-3],
             zone,

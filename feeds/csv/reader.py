@@ -519,10 +519,11 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         for pos_i in np.flatnonzero(not_number):
             j = int(pos_i)
             bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is not a number")
-        if name == OPEN_INTEREST:  # a number or empty (NaN, as a missing volume)
-            for pos_i in np.flatnonzero(np.isinf(values)):
+        if name == OPEN_INTEREST:  # a finite number >= 0 (contracts) or empty (NaN)
+            for pos_i in np.flatnonzero(np.isinf(values) | (values < 0)):
                 j = int(pos_i)
-                bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is infinite")
+                why = "is infinite" if np.isinf(values[j]) else "is negative"
+                bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} {why}")
         numeric[name] = values
     if "volume" not in numeric:
         numeric["volume"] = np.full(n, np.nan)

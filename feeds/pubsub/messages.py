@@ -394,9 +394,10 @@ def _decode(
     raw_open_interest = flat.pop(OPEN_INTEREST, None)
     if raw_open_interest is not None:  # backtrader's own line (futures); absent: NaN
         open_interest = _number(OPEN_INTEREST, raw_open_interest, "bad_field")
-        if not math.isfinite(open_interest):
+        if not math.isfinite(open_interest) or open_interest < 0:
             raise MalformedMessageError(
-                "bad_field", f"{OPEN_INTEREST} {excerpt(raw_open_interest)} is not a finite number"
+                "bad_field",
+                f"{OPEN_INTEREST} {excerpt(raw_open_interest)} is not a finite number >= 0",
             )
         values[OPEN_INTEREST] = open_interest
     problem = check_bar(

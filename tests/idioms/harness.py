@@ -143,19 +143,21 @@ def load_hfeed(spec: FeedSpec, start: datetime, end: datetime) -> HFeed:
 
 def at_day_end(feeds: dict[str, HFeed]) -> dict[str, HFeed]:
     """The run's feeds as delivered: a file of dates (every time a midnight) of daily or longer
-    bars, in a run with a feed of shorter bars (monthly beside daily, daily beside hourly), is
-    seen at the end of each day, 23:59:59.999 UTC (backtrader's CSV feeds stamp such bars at
-    ``sessionend``). Bar sizes here are the files' median spacings."""
+    bars, in a run with a feed that is not a file of dates (hourly bars, daily bars stamped at
+    their close), is seen at the end of each day, 23:59:59.999 UTC (backtrader's CSV feeds
+    stamp such bars at ``sessionend``). Bar sizes here are the files' median spacings."""
 
     def spacing(f: HFeed) -> float:
         gaps = sorted(b - a for a, b in itertools.pairwise(f.times))
         return gaps[len(gaps) // 2] if gaps else math.inf
 
-    finest = min((spacing(f) for f in feeds.values()), default=math.inf)
+    def dates(f: HFeed) -> bool:
+        return all(t == int(t) for t in f.times) and spacing(f) >= 1
+
     out = {}
     for symbol, f in feeds.items():
-        dates = all(t == int(t) for t in f.times)
-        if dates and spacing(f) >= 1 and spacing(f) > finest:
+        others = [g for s, g in feeds.items() if s != symbol]
+        if dates(f) and not all(dates(g) for g in others):
             end = timedelta(hours=23, minutes=59, seconds=59, milliseconds=999)
             times = [bt.date2num(bt.num2date(t) + end) for t in f.times]
             f = dataclasses.replace(f, times=times)

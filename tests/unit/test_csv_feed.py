@@ -889,3 +889,86 @@ def test_the_backtest_window_is_in_the_files_timezone(
 def test_a_window_bound_must_be_a_datetime(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"CSVFeedConfig.start: expected a datetime, got str"):
         cfg(tmp_path / "x.csv", start="2024-01-01")
+
+
+def _hourly_frame(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, parse_dates=["Date"], index_col="Date")
+    frame.columns = [c.lower() for c in frame.columns]
+    return frame
+
+
+@pytest.mark.parametrize("beside", ["pandas-default-timeframe", "resampled-to-days"])
+def test_dates_are_day_ended_beside_any_feed_that_is_not_dates(tmp_path: Path, beside: str) -> None:
+    # Found by an attack (helper-63): the first rule compared declared bar sizes, so beside a
+    # PandasData of hourly bars (backtrader's default timeframe: Days) or the daily resample of
+    # hourly bars the dates kept midnight and the agent read each day's close at its start.
+    # backtrader's GenericCSVData gives the same steps as ours.
+    d, h = _daily_and_hourly(tmp_path)
+
+    def run(daily: Any) -> list[Any]:
+        cerebro = bt.Cerebro(stdstats=False)
+        cerebro.adddata(daily)
+        if beside == "pandas-default-timeframe":
+            cerebro.adddata(bt.feeds.PandasData(dataname=_hourly_frame(h)))
+        else:
+            hourly = make_csv_feed(cfg(h, "HOURLY"))
+            cerebro.resampledata(hourly, timeframe=bt.TimeFrame.Days)
+        cerebro.addstrategy(_Steps)
+        return list(cerebro.run()[0].steps)
+
+    theirs = bt.feeds.GenericCSVData(
+        dataname=str(d), dtformat="%Y-%m-%d", timeframe=bt.TimeFrame.Days, openinterest=-1
+    )
+    ours = run(make_csv_feed(cfg(d, "DAILY")))
+    if beside == "pandas-default-timeframe":
+        assert ours == run(theirs)
+    else:
+        # backtrader's resample stamps a day at 23:59:59.999990, ours at .999 (decision
+        # records keep milliseconds): the steps pair differently, and no day is seen early
+        assert run(theirs)[0][:2] == ("2024-01-02T23:59:59.999", 101.0)
+    assert [s[:2] for s in ours][-1] == ("2024-01-05T23:59:59.999", 104.0)
+    assert all(day[:10] < hour[:10] or day[11:] == "23:59:59.999" for day, _, hour, _ in ours)
+
+
+def test_dates_are_day_ended_beside_daily_bars_stamped_at_their_close(tmp_path: Path) -> None:
+    d, _ = _daily_and_hourly(tmp_path)
+    stamped = tmp_path / "CLOSE.csv"
+    stamped.write_text(
+        d.read_text().replace(",100,120", " 21:00:00,100,120").replace("Date 21:00:00", "Date")
+    )
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(cfg(d, "DAILY")))
+    cerebro.adddata(make_csv_feed(cfg(stamped, "CLOSE")))
+    cerebro.addstrategy(_Steps)
+    steps = cerebro.run()[0].steps
+    # at each close (21:00) the day seen of DAILY is the day before; it ends at 23:59:59.999
+    want = []
+    for k in (2, 3, 4, 5):
+        if k > 2:
+            want.append((f"2024-01-0{k - 1}T23:59:59.999", 98.0 + k, f"2024-01-0{k}T21:00:00"))
+        want.append((f"2024-01-0{k}T23:59:59.999", 99.0 + k, f"2024-01-0{k}T21:00:00"))
+    assert [s[:3] for s in steps] == want
+
+
+def test_a_sessionend_that_is_not_a_time_of_the_files_zone_is_refused(tmp_path: Path) -> None:
+    d, h = _daily_and_hourly(tmp_path)
+    for bad in ("16:00", dt_time(16, tzinfo=UTC)):
+        cerebro = bt.Cerebro(stdstats=False)
+        daily = make_csv_feed(cfg(d, "DAILY"))
+        daily.p.sessionend = bad
+        cerebro.adddata(daily)
+        cerebro.adddata(make_csv_feed(cfg(h, "HOURLY")))
+        cerebro.addstrategy(_Steps)
+        with pytest.raises(ConfigError, match=r"DAILY: sessionend must be a datetime.time"):
+            cerebro.run()
+
+
+def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
+    from feeds.pubsub.messages import decode_message
+
+    text = _BT_FORMAT.replace(",0,1250\n", ",0,-5\n")
+    with pytest.raises(DataError, match=r"line 4: openinterest '-5' is negative"):
+        read_csv_bars(cfg(_write(tmp_path, text)))
+    body = b'{"timestamp":"2024-01-02","open":1,"high":2,"low":1,"close":2,"openinterest":-5}'
+    with pytest.raises(DataError, match=r"openinterest -5 is not a finite number >= 0"):
+        decode_message(body, {"symbol": "X"})

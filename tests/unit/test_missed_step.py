@@ -13,6 +13,7 @@ import math
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import backtrader as bt
 import duckdb
@@ -264,3 +265,67 @@ def test_bar_seconds(timeframe: int, compression: int, seconds: float) -> None:
     assert bar_seconds(0, 1, unknown=0.0) == 0.0  # a feed that never set a timeframe
     with pytest.raises(ValueError, match="unknown backtrader timeframe 42"):
         bar_seconds(42, 1)
+
+
+def _hourly(folder: Path, name: str, minute: int, drop: frozenset[int] = frozenset()) -> Path:
+    """Hourly bars at HH:<minute>, 2024-03-04 10:00-17:59 UTC, without the hours in ``drop``."""
+    lines = ["datetime,open,high,low,close,volume"]
+    for hour in range(10, 18):
+        if hour not in drop:
+            lines.append(f"2024-03-04 {hour:02d}:{minute:02d}:00,10,11,9,10.5,100")
+    path = folder / f"{name}.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _notes(build: Any) -> list[list[str]]:
+    seen: list[list[str]] = []
+
+    class Notes(bt.Strategy):  # type: ignore[misc]
+        def prenext(self) -> None:
+            self.next()
+
+        def next(self) -> None:
+            from analyzers.missed_step import missed_feeds
+
+            seen.append(missed_feeds(self))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    build(cerebro)
+    cerebro.addstrategy(Notes)
+    cerebro.run()
+    return seen
+
+
+def test_feeds_on_another_phase_of_the_same_bar_size_miss_nothing(tmp_path: Path) -> None:
+    # Found by an attack (helper-63): a stock's hourly bars at :30 beside a coin's at :00 were
+    # noted as missed at 41 of 60 steps, each feed at the other's steps.
+    def both(stock_drop: frozenset[int]) -> Any:
+        def build(cerebro: bt.Cerebro) -> None:
+            for name, minute, drop in (("STOCK", 30, stock_drop), ("COIN", 0, frozenset())):
+                path = _hourly(tmp_path, name, minute, drop)
+                cerebro.adddata(make_csv_feed(CSVFeedConfig(path=path, symbol=name)))
+
+        return build
+
+    notes = _notes(both(frozenset()))
+    assert len(notes) == 16 and all(n == [] for n in notes)
+    # a bar it lacks is still named: STOCK has no 13:30, noted at COIN's 14:00 step only
+    notes = _notes(both(frozenset({13})))
+    assert notes.count(["STOCK"]) == 1 and all(n in ([], ["STOCK"]) for n in notes)
+
+
+def test_a_replay_makes_the_steps_a_feed_can_miss(tmp_path: Path) -> None:
+    # Found by an attack (helper-63): beside a replayed feed (ticking every bar of its source),
+    # a feed without its 13:00 bar was not noted: only feeds that are not replays counted as
+    # having made the step.
+    def build(cerebro: bt.Cerebro) -> None:
+        replayed = _hourly(tmp_path, "A", 0)
+        gap = _hourly(tmp_path, "GAP", 0, frozenset({13}))
+        cerebro.replaydata(
+            make_csv_feed(CSVFeedConfig(path=replayed, symbol="A")), timeframe=bt.TimeFrame.Days
+        )
+        cerebro.adddata(make_csv_feed(CSVFeedConfig(path=gap, symbol="GAP")))
+
+    notes = _notes(build)
+    assert notes.count(["GAP"]) == 1 and all(n in ([], ["GAP"]) for n in notes)

@@ -1,13 +1,13 @@
 """The note of feeds that missed a step, recorded the same way in backtests and paper runs.
 
-A feed missed the step when it has started (delivered a bar) and its latest bar is older than
-the step's bar time by most of its own bar length: in a paper run its bar did not come within
-``PUBSUB_ALIGN_WAIT_S``; in a backtest its file lacks that row. A feed with no bar yet has not
-started (a stock listed later than the others, a symbol whose first bar has not come), and a
-CSV feed at its file's last bar has ended (``last_num``): neither is noted, nor is a feed of a
-coarser bar size than the finest (an hourly feed beside 5-minute bars), nor a resampled or
-replayed feed (its source is the one that can miss a bar). Feeds are named as FMEL records
-them (their symbols; feeds that share one are told apart). The Runner adds
+A feed missed the step when it has started (delivered a bar), its latest bar is older than
+the step's bar time and the step is one of its own bar times: in a paper run its bar did not
+come within ``PUBSUB_ALIGN_WAIT_S``; in a backtest its file lacks that row. A feed with no bar
+yet has not started (a stock listed later than the others, a symbol whose first bar has not
+come), and a CSV feed at its file's last bar has ended (``last_num``): neither is noted, nor
+is a feed of a coarser bar size than the finest (an hourly feed beside 5-minute bars), nor a
+resampled or replayed feed (its source is the one that can miss a bar). Feeds are named as
+FMEL records them (their symbols; feeds that share one are told apart). The Runner adds
 :class:`MissedStepNote` in both modes (before FMEL), so a paper run's decision records equal
 those of a backtest over files that have the same gaps.
 
@@ -56,10 +56,44 @@ def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
     return [(d, labels[id(d)]) for d in datas if not _derived(d) and delivery_seconds(d) == finest]
 
 
-# A feed whose latest bar is less than this share of its own bar length before the step did
-# not miss it: feeds on another phase of the same bar size (stocks at :30, a coin at :00), days
-# in other zones, calendar months of 28-31 days (a month counts 30.44), 23-hour days.
-_GRACE = 0.9
+# How far a step may be from a whole number of a feed's bar lengths after its latest bar and
+# still be one of its bar times: half a millisecond (bar times are kept to the millisecond),
+# in backtrader's day numbers.
+_TOLERANCE_DAYS = 0.0005 / 86_400.0
+
+
+def _on_grid(data: Any, at: float, now: float) -> bool:
+    """Whether the step at ``now`` is one of the times feed ``data`` has bars at, seen from its
+    latest bar at ``at`` (backtrader day numbers): a whole number (at least one) of its bar
+    lengths later, to half a millisecond; for months and years, the same day of the month (the
+    1st to the 28th) and time of day a whole number of bars later. Feeds of no bar length
+    (ticks) have no grid.
+
+    A feed on another phase of the same bar size (stocks at :30 beside a coin at :00, daily
+    bars stamped at 16:00 beside others at 17:00, dates at the end of their day beside
+    midnights) is never on the others' steps. Not covered (not noted): days of 23 or 25 hours
+    of a feed stamped in local time, months stamped at their last day (28-31)."""
+    p = getattr(data, "p", None)
+    if getattr(data, "replaying", 0):  # delivers at its source's bar size
+        tf, comp = getattr(p, "timeframe", 0), getattr(p, "compression", 1)
+    else:
+        tf, comp = getattr(data, "_timeframe", 0), getattr(data, "_compression", 1)
+    tf, comp = int(tf or 0), max(int(comp or 1), 1)
+    if tf in (bt.TimeFrame.Months, bt.TimeFrame.Years):
+        then, step = bt.num2date(at), bt.num2date(now)
+        months = (step.year - then.year) * 12 + step.month - then.month
+        per_bar = comp * (12 if tf == bt.TimeFrame.Years else 1)
+        return (  # a day every month has (a bar dated by its month's end varies: no grid)
+            then.day <= 28
+            and months >= per_bar
+            and months % per_bar == 0
+            and (step.day, step.time()) == (then.day, then.time())
+        )
+    length = delivery_seconds(data) / 86_400.0
+    if not 0.0 < length < math.inf:
+        return False
+    bars = round((now - at) / length)
+    return bars >= 1 and abs(now - at - bars * length) <= _TOLERANCE_DAYS
 
 
 def _pacers(datas: Sequence[Any]) -> list[Any]:
@@ -76,9 +110,9 @@ def missed_feeds(
 ) -> list[str]:
     """Names (:func:`step_feeds`, in ``strategy.datas`` order) of the feeds that have started
     and not ended but missed the step's bar: ``len(data) > 0``, ``data.datetime[0] <
-    data.last_num`` when the feed knows its last bar, and its latest bar is at least 0.9 of
-    its own bar length (:func:`~core.bars.delivery_seconds`) before the step's time (a feed on
-    another phase of the same bar size, stocks at :30 beside a coin at :00, missed nothing).
+    data.last_num`` when the feed knows its last bar, and the step's time is one of the feed's
+    own bar times (:func:`_on_grid`: a feed on another phase of the same bar size, stocks at
+    :30 beside a coin at :00, missed nothing).
     None when no feed of the finest bar size (:func:`_pacers`, resampled and replayed ones
     too) has a bar at the step's time: a coarser feed alone made that step. Backtrader date
     numbers (days).
@@ -96,9 +130,7 @@ def missed_feeds(
     for d, name in step_feeds(strategy.datas) if feeds is None else feeds:
         if len(d):
             at = d.lines.datetime[0]
-            if at + _GRACE * delivery_seconds(d) / 86_400.0 <= now and at < getattr(
-                d, "last_num", math.inf
-            ):
+            if at < now and at < getattr(d, "last_num", math.inf) and _on_grid(d, at, now):
                 out.append(name)
     return out
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import sys
 from datetime import datetime
 from datetime import time as dt_time
+from types import FrameType
 from typing import Any
 
 import backtrader as bt
@@ -84,7 +86,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         ``PandasData``, a daily file stamped at its close, a resample of intraday bars) can
         deliver within a day."""
         zone = self._bars.timezone
-        for data in getattr(getattr(self, "_env", None), "datas", None) or []:
+        for data in self._running_datas():
             source = data
             while getattr(source, "_clone", False) and getattr(source, "data", None) is not None:
                 source = source.data  # cerebro.resampledata / replaydata: a DataClone
@@ -99,6 +101,19 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             ):
                 return False
         return True
+
+    def _running_datas(self) -> list[Any]:
+        """The feeds of the Cerebro running this feed: the ``bt.Cerebro`` whose ``run`` called
+        ``start`` (its frame on the stack: ``Cerebro.runstrategies``). backtrader's
+        ``adddata`` keeps only the last Cerebro a feed was added to (``_env``), and one feed
+        object may be in several (a notebook comparing two runs)."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, bt.Cerebro) and any(d is self for d in owner.datas):
+                return list(owner.datas)
+            frame = frame.f_back
+        return list(getattr(getattr(self, "_env", None), "datas", None) or [])
 
     def _day_ends(self, times: pd.DatetimeIndex) -> pd.DatetimeIndex:
         """Each bar's time moved to the end of its day: its date in the file's timezone at
@@ -117,7 +132,9 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             hours=end.hour, minutes=end.minute, seconds=end.second, microseconds=end.microsecond
         ).floor("ms")
         days = times.tz_localize("UTC").tz_convert(zone).tz_localize(None).normalize()
-        local = (days + offset).tz_localize(zone, ambiguous=True, nonexistent="shift_forward")
+        # a repeated hour: the later occurrence (the day is not over before it); a skipped
+        # one: the end of the gap
+        local = (days + offset).tz_localize(zone, ambiguous=False, nonexistent="shift_forward")
         ends = local.tz_convert("UTC").tz_localize(None)
         logger.info(
             "%s: bars given as dates, beside bars that are not, are delivered at the end of "

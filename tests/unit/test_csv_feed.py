@@ -972,3 +972,43 @@ def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
     body = b'{"timestamp":"2024-01-02","open":1,"high":2,"low":1,"close":2,"openinterest":-5}'
     with pytest.raises(DataError, match=r"openinterest -5 is not a finite number >= 0"):
         decode_message(body, {"symbol": "X"})
+
+
+def test_a_day_whose_last_hour_repeats_ends_at_its_later_occurrence(tmp_path: Path) -> None:
+    # Found by an attack (helper-64): Santiago's clocks go back at midnight on 2024-04-07, so
+    # Saturday's 23:00-23:59 happens twice; Saturday's bar was delivered at the first 23:59
+    # (-03), an hour before the day was over.
+    days = "".join(f"2024-04-0{k},1,2,.5,1,1\n" for k in (5, 6, 8))
+    hours = "".join(f"2024-04-07 {h:02d}:00:00,1,2,.5,1,1\n" for h in range(0, 6))
+    cerebro = bt.Cerebro(stdstats=False)
+    daily = make_csv_feed(cfg(write(tmp_path, HEAD + days), "SCL", timezone="America/Santiago"))
+    cerebro.adddata(daily)
+    cerebro.adddata(make_csv_feed(cfg(write(tmp_path, HEAD + hours, "H.csv"), "H")))
+    cerebro.addstrategy(_Steps)
+    steps = cerebro.run()[0].steps
+    # 2024-04-06 23:59:59.999 -04:00 is 03:59:59.999 UTC on the 7th
+    assert ("2024-04-07T03:59:59.999", 1.0) in [s[:2] for s in steps]
+    assert all(
+        not (s[0].startswith("2024-04-07T03:59") and s[2] < "2024-04-07T03:00") for s in steps
+    )
+    seen_at_3 = [s for s in steps if s[2] == "2024-04-07T03:00:00"]
+    assert seen_at_3 and seen_at_3[0][0] == "2024-04-06T02:59:59.999"  # Friday's, not Saturday's
+
+
+def test_a_feed_in_two_cerebros_follows_the_one_running_it(tmp_path: Path) -> None:
+    # Found by an attack (helper-64): backtrader keeps only the last Cerebro a feed was added
+    # to; beside hourly bars in the first, dates-only in the second, running the first
+    # delivered the dates at midnight (each day's close seen at 09:00).
+    d, h = _daily_and_hourly(tmp_path)
+    daily = make_csv_feed(cfg(d, "DAILY"))
+    first = bt.Cerebro(stdstats=False)
+    first.adddata(daily)
+    first.adddata(make_csv_feed(cfg(h, "HOURLY")))
+    first.addstrategy(_Steps)
+    second = bt.Cerebro(stdstats=False)
+    second.adddata(daily)
+    second.adddata(make_csv_feed(cfg(d, "DAILY2")))
+    second.addstrategy(_Steps)
+    steps = first.run()[0].steps
+    assert all(s[0].endswith("T23:59:59.999") for s in steps)
+    assert all(s[0].endswith("T00:00:00.000") for s in second.run()[0].steps)

@@ -17,6 +17,7 @@ from typing import Any
 
 import backtrader as bt
 import duckdb
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -300,19 +301,24 @@ def _notes(build: Any) -> list[list[str]]:
 def test_feeds_on_another_phase_of_the_same_bar_size_miss_nothing(tmp_path: Path) -> None:
     # Found by an attack (helper-63): a stock's hourly bars at :30 beside a coin's at :00 were
     # noted as missed at 41 of 60 steps, each feed at the other's steps.
-    def both(stock_drop: frozenset[int]) -> Any:
+    def feeds(*specs: tuple[str, int, frozenset[int]]) -> Any:
         def build(cerebro: bt.Cerebro) -> None:
-            for name, minute, drop in (("STOCK", 30, stock_drop), ("COIN", 0, frozenset())):
+            for name, minute, drop in specs:
                 path = _hourly(tmp_path, name, minute, drop)
                 cerebro.adddata(make_csv_feed(CSVFeedConfig(path=path, symbol=name)))
 
         return build
 
-    notes = _notes(both(frozenset()))
+    notes = _notes(feeds(("STOCK", 30, frozenset()), ("COIN", 0, frozenset())))
     assert len(notes) == 16 and all(n == [] for n in notes)
-    # a bar it lacks is still named: STOCK has no 13:30, noted at COIN's 14:00 step only
-    notes = _notes(both(frozenset({13})))
+    # a bar it lacks is named at a step made at its own bar time: STOCK has no 13:30, which
+    # another stock's bar makes a step (COIN's 14:00 is not a time STOCK has bars at)
+    notes = _notes(
+        feeds(("STOCK", 30, frozenset({13})), ("COIN", 0, frozenset()), ("OTHER", 30, frozenset()))
+    )
     assert notes.count(["STOCK"]) == 1 and all(n in ([], ["STOCK"]) for n in notes)
+    notes = _notes(feeds(("STOCK", 30, frozenset({13})), ("COIN", 0, frozenset())))
+    assert all(n == [] for n in notes)  # no step at 13:30: nothing missed
 
 
 def test_a_replay_makes_the_steps_a_feed_can_miss(tmp_path: Path) -> None:
@@ -329,3 +335,28 @@ def test_a_replay_makes_the_steps_a_feed_can_miss(tmp_path: Path) -> None:
 
     notes = _notes(build)
     assert notes.count(["GAP"]) == 1 and all(n in ([], ["GAP"]) for n in notes)
+
+
+def test_daily_and_monthly_feeds_stamped_apart_miss_nothing(tmp_path: Path) -> None:
+    # Found by an attack (helper-64): dates (delivered at the end of their day) beside daily
+    # midnights, daily bars stamped at 22:00, and monthly bars dated by the last business day
+    # beside the calendar month end were noted as missed at most steps.
+    def csv(name: str, stamps: Any, fmt: str) -> bt.feed.DataBase:
+        lines = ["datetime,open,high,low,close,volume"]
+        lines += [f"{t.strftime(fmt)},10,11,9,10.5,100" for t in stamps]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        return make_csv_feed(CSVFeedConfig(path=tmp_path / f"{name}.csv", symbol=name))
+
+    days = pd.bdate_range("2024-01-01", "2024-02-29")
+    frame = pd.DataFrame({"open": 10, "high": 11, "low": 9, "close": 10.5, "volume": 1}, days)
+    pairs = [
+        (csv("DATES", days, "%Y-%m-%d"), bt.feeds.PandasData(dataname=frame)),
+        (csv("STK", days, "%Y-%m-%d"), csv("FX", days + pd.Timedelta(hours=22), "%Y-%m-%d %H:%M")),
+        (
+            csv("BME", pd.date_range("2024-01-01", "2024-12-31", freq="BME"), "%Y-%m-%d"),
+            csv("ME", pd.date_range("2024-01-01", "2024-12-31", freq="ME"), "%Y-%m-%d"),
+        ),
+    ]
+    for a, b in pairs:
+        notes = _notes(lambda cerebro, a=a, b=b: (cerebro.adddata(a), cerebro.adddata(b)))
+        assert len(notes) > 10 and all(n == [] for n in notes), (a.symbol, notes)

@@ -24,7 +24,7 @@ import backtrader as bt
 
 from analyzers.fmel import attach_note
 from analyzers.tracking.model import feed_labels
-from core.bars import delivery_seconds
+from core.bars import bar_seconds, delivery_seconds, delivery_size
 
 __all__ = ["MISSED_STEP_NOTE", "MissedStepNote", "missed_feeds", "step_feeds"]
 
@@ -73,12 +73,7 @@ def _on_grid(data: Any, at: float, now: float) -> bool:
     bars stamped at 16:00 beside others at 17:00, dates at the end of their day beside
     midnights) is never on the others' steps. Not covered (not noted): days of 23 or 25 hours
     of a feed stamped in local time, months stamped at their last day (28-31)."""
-    p = getattr(data, "p", None)
-    if getattr(data, "replaying", 0):  # delivers at its source's bar size
-        tf, comp = getattr(p, "timeframe", 0), getattr(p, "compression", 1)
-    else:
-        tf, comp = getattr(data, "_timeframe", 0), getattr(data, "_compression", 1)
-    tf, comp = int(tf or 0), max(int(comp or 1), 1)
+    tf, comp = delivery_size(data)  # a replay: its source's bar size
     if tf in (bt.TimeFrame.Months, bt.TimeFrame.Years):
         then, step = bt.num2date(at), bt.num2date(now)
         months = (step.year - then.year) * 12 + step.month - then.month
@@ -89,7 +84,7 @@ def _on_grid(data: Any, at: float, now: float) -> bool:
             and months % per_bar == 0
             and (step.day, step.time()) == (then.day, then.time())
         )
-    length = delivery_seconds(data) / 86_400.0
+    length = bar_seconds(tf, comp, unknown=0.0) / 86_400.0
     if not 0.0 < length < math.inf:
         return False
     bars = round((now - at) / length)

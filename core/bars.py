@@ -487,19 +487,24 @@ def bar_seconds(timeframe: int, compression: int, unknown: float | None = None) 
     return seconds * max(1, int(compression or 1))
 
 
-def delivery_seconds(data: Any) -> float:
-    """How often a backtrader feed delivers a bar, in seconds (:func:`bar_seconds`; a feed
-    without a timeframe counts as 0.0, as fine as ticks). A replayed feed
-    (``cerebro.replaydata``) delivers at its source's bar size, its parameters'
-    ``timeframe``/``compression`` (backtrader's ``Resampler`` changes only the feed's
-    ``_timeframe``/``_compression``), while declaring the replay's; any other feed at its
-    declared size."""
+def delivery_size(data: Any) -> tuple[int, int]:
+    """The bar size a backtrader feed delivers at, ``(timeframe, compression)`` (0 when
+    unset). A replayed feed (``cerebro.replaydata``) delivers at its source's size, its
+    parameters' ``timeframe``/``compression`` (backtrader's ``Resampler`` changes only the
+    feed's ``_timeframe``/``_compression``), while declaring the replay's; any other feed at
+    its declared size."""
     if getattr(data, "replaying", 0):
         p = getattr(data, "p", None)
-        return bar_seconds(getattr(p, "timeframe", 0), getattr(p, "compression", 1), unknown=0.0)
-    return bar_seconds(
-        getattr(data, "_timeframe", 0), getattr(data, "_compression", 1), unknown=0.0
-    )
+        tf, comp = getattr(p, "timeframe", 0), getattr(p, "compression", 1)
+    else:
+        tf, comp = getattr(data, "_timeframe", 0), getattr(data, "_compression", 1)
+    return int(tf or 0), max(int(comp or 1), 1)
+
+
+def delivery_seconds(data: Any) -> float:
+    """How often a backtrader feed delivers a bar, in seconds: :func:`bar_seconds` of
+    :func:`delivery_size` (a feed without a timeframe counts as 0.0, as fine as ticks)."""
+    return bar_seconds(*delivery_size(data), unknown=0.0)
 
 
 def feed_symbol(data: Any) -> str:

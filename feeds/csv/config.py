@@ -18,7 +18,7 @@ from core.errors import ConfigError
 from core.settings import setting
 
 EPOCH_FORMATS = ("epoch_s", "epoch_ms", "epoch_us", "epoch_ns")
-BAR_SIZE_RE = re.compile(r"^(\d+)\s*(s|sec|min|m|h|d|w|mo)$")
+BAR_SIZE_RE = re.compile(r"^(\d+)\s*(ms|s|sec|min|m|h|d|w|mo)$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,7 +34,8 @@ class CSVFeedConfig:
             ``epoch_ns`` (Unix time, UTC); ``None`` = ISO 8601 or inferred from the first value,
             with the day/month order decided by the data or refused (see ``docs/csv.md``).
         timezone: IANA zone of naive timestamps (aware ones are converted to UTC regardless).
-        bar_size: ``"1d"``, ``"1h"``, ``"5min"``, ...; ``None`` = inferred (median spacing).
+        bar_size: ``"1d"``, ``"1h"``, ``"5min"``, ``"500ms"``, ...; ``None`` = inferred (median
+            spacing).
         columns: our field name -> the file's column name, for OHLCV and extras
             (e.g. ``{"close": "Adj Close"}``).
         delimiter: the field separator (one character; ``"tab"`` or ``"\\t"`` for a tab).
@@ -70,8 +71,8 @@ class CSVFeedConfig:
     bar_size: str | None = setting(
         None,
         env="CSV_BAR_SIZE",
-        help="bar size, e.g. 1min, 5min, 1h, 1d, 1w, 1mo; default: inferred from the median "
-        "spacing",
+        help="bar size, e.g. 500ms, 1s, 1min, 5min, 1h, 1d, 1w, 1mo; default: inferred from the "
+        "median spacing",
     )
     columns: Mapping[str, str] = setting(
         env="CSV_COLUMNS",
@@ -130,8 +131,8 @@ class CSVFeedConfig:
         size = BAR_SIZE_RE.match((self.bar_size or "").strip().lower())
         if self.bar_size is not None and (size is None or int(size.group(1)) <= 0):
             raise ConfigError(
-                f"CSV_BAR_SIZE={self.bar_size!r}: expected a positive count and a unit: 1min, "
-                "5min, 1h, 1d, 1w or 1mo"
+                f"CSV_BAR_SIZE={self.bar_size!r}: expected a positive count and a unit: "
+                "500ms, 1s, 1min, 5min, 1h, 1d, 1w or 1mo"
             )
         for k, v in self.columns.items():
             if not isinstance(v, str):

@@ -28,6 +28,7 @@ import pandas as pd
 
 from core.bars import feed_symbol
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
+from feeds.csv.reader import bar_size_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,36 +60,6 @@ BAR_SCHEMA: tuple[tuple[str, str, str, str], ...] = (
     ("volume", "DOUBLE", "FLOAT64", "shares/units"),
     ("data_hash", "VARCHAR", "STRING", "the bar's data hash (decision_reads.data_hash)"),
 )
-
-_UNITS = {
-    bt.TimeFrame.Seconds: "s",
-    bt.TimeFrame.Minutes: "min",
-    bt.TimeFrame.Days: "d",
-    bt.TimeFrame.Weeks: "w",
-    bt.TimeFrame.Months: "mo",
-    bt.TimeFrame.Years: "y",
-}
-
-
-def bar_size_text(timeframe: int, compression: int) -> str:
-    """``(Minutes, 60)`` -> ``"1h"``, ``(Days, 1)`` -> ``"1d"`` (the CSV_BAR_SIZE spelling)."""
-    if timeframe == bt.TimeFrame.Minutes and compression % 60 == 0:
-        return f"{compression // 60}h"
-    return f"{compression}{_UNITS.get(timeframe, 'tick')}"
-
-
-def parse_bar_size_text(text: str) -> tuple[int, int]:
-    """Inverse of :func:`bar_size_text` (``"1y"`` included).
-
-    Raises:
-        ValueError: for text that is not ``<n><unit>``.
-    """
-    if text.endswith("y") and text[:-1].isdigit():
-        return bt.TimeFrame.Years, int(text[:-1])
-    from feeds.csv import parse_bar_size
-
-    tf, comp = parse_bar_size(text)
-    return int(tf), int(comp)
 
 
 @dataclass(slots=True)

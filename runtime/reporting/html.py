@@ -40,7 +40,7 @@ import pandas as pd
 from plotly.colors import get_colorscale
 from plotly.offline import get_plotlyjs
 
-from runtime.reporting.bars import parse_bar_size_text
+from feeds.csv.reader import parse_bar_size_text
 from runtime.reporting.store import ReportData
 from runtime.stats import (
     PerformanceStats,

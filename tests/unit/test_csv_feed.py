@@ -50,6 +50,91 @@ def test_bar_size_inferred_for_hourly_and_monthly() -> None:
     assert (forced.timeframe, forced.compression) == (bt.TimeFrame.Weeks, 1)
 
 
+def _spaced(folder: Path, name: str, stamps: pd.DatetimeIndex) -> Path:
+    lines = ["datetime,open,high,low,close,volume"]
+    lines += [f"{t.isoformat()},10,11,9,10.5,100" for t in stamps]
+    path = folder / f"{name}.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("freq", "size"),
+    [
+        # found by an attack (helper-65): bars 500 ms apart were inferred as one second, so a
+        # missing bar was never noted (the spacing was cut to whole seconds before the median)
+        ("500ms", (bt.TimeFrame.MicroSeconds, 500_000)),
+        ("1ms", (bt.TimeFrame.MicroSeconds, 1_000)),
+        ("999ms", (bt.TimeFrame.MicroSeconds, 999_000)),
+        ("1600ms", (bt.TimeFrame.Seconds, 2)),
+        ("1s", (bt.TimeFrame.Seconds, 1)),
+        ("90s", (bt.TimeFrame.Minutes, 2)),
+    ],
+)
+def test_bar_size_inferred_below_a_minute(tmp_path: Path, freq: str, size: tuple[int, int]) -> None:
+    stamps = pd.date_range("2024-01-02 10:00", periods=20, freq=freq)
+    bars = read_csv_bars(cfg(_spaced(tmp_path, "X", stamps)))
+    assert (bars.timeframe, bars.compression) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("500ms", (bt.TimeFrame.MicroSeconds, 500_000)),
+        ("250 MS", (bt.TimeFrame.MicroSeconds, 250_000)),
+        ("30s", (bt.TimeFrame.Seconds, 30)),
+        ("2h", (bt.TimeFrame.Minutes, 120)),
+        ("1mo", (bt.TimeFrame.Months, 1)),
+    ],
+)
+def test_declared_bar_sizes(text: str, size: tuple[int, int]) -> None:
+    from feeds.csv.reader import bar_size_text, parse_bar_size, parse_bar_size_text
+
+    assert parse_bar_size(text) == size
+    assert parse_bar_size_text(bar_size_text(*size)) == size
+
+
+@pytest.mark.parametrize(
+    ("freq", "declared", "warned"),
+    [
+        ("5min", "1min", True),  # helper-65: noted as missing four steps in five, nothing said
+        ("1min", "5min", True),  # bars closer than their size
+        ("1min", "1min", False),
+        ("1h", "60min", False),
+        ("500ms", "500ms", False),
+        ("1s", "500ms", True),
+        ("MS", "1mo", False),  # months of 28 to 31 days
+        ("W-FRI", "1w", False),
+        ("B", "1d", False),  # weekends: a median of one day
+        ("B", "1w", True),
+    ],
+)
+def test_a_declared_bar_size_that_is_not_the_files_spacing_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, freq: str, declared: str, warned: bool
+) -> None:
+    stamps = pd.date_range("2024-01-01", periods=40, freq=freq)
+    path = _spaced(tmp_path, "X", stamps)
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        bars = read_csv_bars(cfg(path, bar_size=declared))
+    from feeds.csv.reader import parse_bar_size
+
+    assert (bars.timeframe, bars.compression) == parse_bar_size(declared)  # as declared
+    said = [r.getMessage() for r in caplog.records if "CSV_BAR_SIZE" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert said[0].startswith(f"CSV X.csv: CSV_BAR_SIZE={declared}, but its bars are ")
+
+
+def test_a_thin_market_lacking_some_bars_is_not_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    minutes = pd.date_range("2024-01-02 14:30", periods=60, freq="1min")
+    thin = minutes.delete(list(range(1, 60, 3)))  # a third of the minutes: a median of 2 min
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        read_csv_bars(cfg(_spaced(tmp_path, "X", thin), bar_size="1min"))
+    assert not [r for r in caplog.records if "CSV_BAR_SIZE" in r.getMessage()]
+
+
 def test_options_column_names_format_timezone(tmp_path: Path) -> None:
     p = tmp_path / "x.csv"
     p.write_text(
@@ -1012,3 +1097,18 @@ def test_a_feed_in_two_cerebros_follows_the_one_running_it(tmp_path: Path) -> No
     steps = first.run()[0].steps
     assert all(s[0].endswith("T23:59:59.999") for s in steps)
     assert all(s[0].endswith("T00:00:00.000") for s in second.run()[0].steps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spacing_ms=st.integers(1, 59_999), n=st.integers(2, 30))
+def test_regular_bars_below_a_minute_are_inferred_to_their_spacing(spacing_ms: int, n: int) -> None:
+    from core.bars import bar_seconds
+    from feeds.csv.reader import infer_bar_size
+
+    times = np.datetime64("2024-01-02T10:00") + np.arange(n) * np.timedelta64(spacing_ms, "ms")
+    size = infer_bar_size(times)
+    if spacing_ms < 1000:  # whole milliseconds: exact
+        assert size == (bt.TimeFrame.MicroSeconds, spacing_ms * 1000)
+    else:  # whole seconds, rounded
+        assert size[0] == bt.TimeFrame.Seconds
+        assert abs(bar_seconds(*size) - spacing_ms / 1000) <= 0.5

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.reporting.bars import BAR_COLUMNS, bar_size_text, parse_bar_size_text
+from feeds.csv.reader import bar_size_text, parse_bar_size_text
+from runtime.reporting.bars import BAR_COLUMNS
 from runtime.reporting.html import (
     best_per_fold,
     buy_and_hold,
@@ -108,9 +109,12 @@ def test_bar_size_text_round_trip() -> None:
         (bt.TimeFrame.Months, 1),
         (bt.TimeFrame.Weeks, 1),
         (bt.TimeFrame.Years, 1),
+        (bt.TimeFrame.MicroSeconds, 500_000),
+        (bt.TimeFrame.MicroSeconds, 250),
     ]:
         assert parse_bar_size_text(bar_size_text(tf, comp)) == (tf, comp)
     assert bar_size_text(bt.TimeFrame.Minutes, 60) == "1h"
+    assert bar_size_text(bt.TimeFrame.MicroSeconds, 500_000) == "500ms"
 
 
 EVIL = "</script><script>window.PWNED=1</script><!--"

@@ -360,3 +360,31 @@ def test_daily_and_monthly_feeds_stamped_apart_miss_nothing(tmp_path: Path) -> N
     for a, b in pairs:
         notes = _notes(lambda cerebro, a=a, b=b: (cerebro.adddata(a), cerebro.adddata(b)))
         assert len(notes) > 10 and all(n == [] for n in notes), (a.symbol, notes)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    spacing_ms=st.sampled_from([1, 20, 250, 500, 750]),
+    drop=st.sets(st.integers(1, 10), max_size=3),  # more: the file's median spacing is longer
+)
+def test_sub_second_bars_lacking_a_row_are_noted(spacing_ms: int, drop: set[int]) -> None:
+    # Found by an attack (helper-65): bars 500 ms apart were taken as 1-second bars, so a row
+    # a file lacked was on no grid and never noted.
+    stamps = pd.date_range("2024-01-02 10:00", periods=12, freq=f"{spacing_ms}ms")
+    with tempfile.TemporaryDirectory() as folder:
+
+        def csv(name: str, times: pd.DatetimeIndex) -> bt.feed.DataBase:
+            lines = ["datetime,open,high,low,close,volume"]
+            lines += [f"{t.isoformat()},10,11,9,10.5,100" for t in times]
+            path = Path(folder) / f"{name}.csv"
+            path.write_text("\n".join(lines) + "\n")
+            return make_csv_feed(CSVFeedConfig(path=path, symbol=name))
+
+        gap, full = csv("GAP", stamps.delete(sorted(drop))), csv("FULL", stamps)
+        notes = _notes(lambda cerebro: (cerebro.adddata(gap), cerebro.adddata(full)))
+    assert (gap._timeframe, gap._compression) == (bt.TimeFrame.MicroSeconds, spacing_ms * 1000)
+    assert len(notes) == len(stamps)
+    assert [i for i, n in enumerate(notes) if n] == sorted(drop)
+    assert all(n in ([], ["GAP"]) for n in notes)

@@ -57,6 +57,15 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
     def start(self) -> None:
         super().start()
         bars = self._bars
+        if self.p.tzinput is not None and bars.timezone != "UTC":
+            # found by an attack (helper-65): the file's times, already read in CSV_TIMEZONE
+            # and stored as UTC, were localised again by backtrader (AbstractDataBase.load)
+            raise ConfigError(
+                f"{self.symbol}: tzinput={self.p.tzinput!r} and CSV_TIMEZONE={bars.timezone} "
+                "both say which zone the file's times are in; set one of them (CSV_TIMEZONE "
+                "reads the file's times in that zone; tzinput, backtrader's, localises times "
+                "read as UTC)"
+            )
         self.bar_hashes = BarHashes(source=bars.hashes)  # computed when first read
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)
@@ -127,6 +136,12 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
             raise ConfigError(
                 f"{self.symbol}: sessionend must be a datetime.time without tzinfo, in the "
                 f"file's zone ({zone}, CSV_TIMEZONE); got {end!r}"
+            )
+        if end == dt_time(0, 0):  # found by an attack (helper-65)
+            raise ConfigError(
+                f"{self.symbol}: sessionend 00:00 is the start of the day: each day's bar, "
+                "given as a date, would be seen before the day is over; set the day's close "
+                "(e.g. datetime.time(16, 0)) or leave it unset (the end of the day)"
             )
         offset = pd.Timedelta(
             hours=end.hour, minutes=end.minute, seconds=end.second, microseconds=end.microsecond

@@ -203,10 +203,10 @@ def _number(name: str, value: Any, reason: str) -> float:
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
     try:
         return float(value)
-    except (ValueError, OverflowError) as e:
-        raise MalformedMessageError(
-            reason, f"{name} {excerpt(value)} is not a number in float range"
-        ) from e
+    except ValueError as e:  # text such as "abc", or "[1]": a list, kept as its JSON text
+        raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number") from e
+    except OverflowError as e:  # an integer beyond float64
+        raise MalformedMessageError(reason, f"{name} {excerpt(value)} is out of float range") from e
 
 
 def _reject_constant(name: str) -> Any:

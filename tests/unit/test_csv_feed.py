@@ -1048,6 +1048,32 @@ def test_a_sessionend_that_is_not_a_time_of_the_files_zone_is_refused(tmp_path: 
             cerebro.run()
 
 
+def test_a_sessionend_at_midnight_or_a_second_zone_is_refused(tmp_path: Path) -> None:
+    # Found by an attack (helper-65): sessionend=time(0, 0) delivered each date at its own
+    # start (the day's close seen before the day), and tzinput beside CSV_TIMEZONE moved the
+    # file's times twice.
+    d, h = _daily_and_hourly(tmp_path)
+
+    def run(daily: bt.feed.DataBase) -> None:
+        cerebro = bt.Cerebro(stdstats=False)
+        cerebro.adddata(daily)
+        cerebro.adddata(make_csv_feed(cfg(h, "HOURLY")))
+        cerebro.addstrategy(_Steps)
+        cerebro.run()
+
+    daily = make_csv_feed(cfg(d, "DAILY"))
+    daily.p.sessionend = dt_time(0, 0)
+    with pytest.raises(ConfigError, match=r"^DAILY: sessionend 00:00 is the start of the day"):
+        run(daily)
+    zoned = make_csv_feed(cfg(d, "DAILY", timezone="America/New_York"))
+    zoned.p.tzinput = "US/Eastern"
+    with pytest.raises(ConfigError, match=r"^DAILY: tzinput='US/Eastern' and CSV_TIMEZONE="):
+        run(zoned)
+    utc = make_csv_feed(cfg(d, "DAILY"))
+    utc.p.tzinput = "US/Eastern"  # backtrader's idiom over times read as UTC: allowed
+    run(utc)
+
+
 def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
     from feeds.pubsub.messages import decode_message
 

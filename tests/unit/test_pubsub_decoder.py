@@ -352,3 +352,18 @@ def test_duplicate_keys_and_underscored_numbers_are_refused_not_guessed() -> Non
     with pytest.raises(MalformedMessageError) as e:
         decode_message(encode(body(open="1_06")), {"symbol": "AAA"})
     assert e.value.reason == "non_numeric_price"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        # found by an attack (helper-65): a list said "not a number in float range"
+        ("openinterest", [1], "openinterest '[1]' is not a number"),
+        ("close", "abc", "close 'abc' is not a number"),
+        ("close", int("9" * 400), "is out of float range"),
+    ],
+)
+def test_a_field_that_is_not_a_number_says_which_and_why(field: str, value: Any, said: str) -> None:
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(encode(body(**{field: value})), {"symbol": "AAA"})
+    assert said in str(e.value) and ("float range" in str(e.value)) == ("range" in said)

@@ -197,6 +197,13 @@ def read_header(data: bytes, *, delimiter: str, where: str) -> list[str]:
         raise DataError(
             f"{where} line 1: the file is UTF-16 encoded; save it as UTF-8 (CSV UTF-8 in Excel)"
         )
+    if b"\x00" in data[: data.find(b"\n") if b"\n" in data[:65_536] else 65_536]:
+        # found by an attack (helper-59): UTF-16 without a byte-order mark (as some exporters
+        # write it) was read as names with a NUL between their letters
+        raise DataError(
+            f"{where} line 1: the header holds NUL bytes: the file looks UTF-16 encoded "
+            "without a byte-order mark; save it as UTF-8 (CSV UTF-8 in Excel)"
+        )
     view = memoryview(data)
     if data.startswith(_BOM):
         view = view[len(_BOM) :]

@@ -289,6 +289,20 @@ def test_zero_byte_file_is_named(tmp_path: Path) -> None:
         read_csv_bars(cfg(p, on_bad_rows="skip"))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_utf16_file_is_named_with_or_without_its_byte_order_mark(
+    tmp_path: Path, encoding: str
+) -> None:
+    # found by an attack (helper-59): without a byte-order mark the header was read as names
+    # with NULs between their letters ("no column for open, ...")
+    p = tmp_path / "T.csv"
+    p.write_bytes((HEAD + GOOD.format(d=1) + GOOD.format(d=2)).encode(encoding))
+    with pytest.raises(
+        DataError, match=r"^CSV T\.csv line 1: the (file is|header holds NUL).*UTF-16"
+    ):
+        read_csv_bars(cfg(p, on_bad_rows="skip"))
+
+
 @pytest.mark.parametrize(("value", "reason"), [("inf", "is infinite"), ("1e400", "is infinite")])
 def test_infinite_prices_are_bad_rows_skipped_when_asked(
     tmp_path: Path, value: str, reason: str

@@ -329,6 +329,7 @@ class DecisionWriter:
         self._earlier = 0  # rows of earlier runs at the head of the spill file
         self._io_lock = threading.Lock()  # spill file and counts: writer thread vs stop()
         self._abandoned = False  # stop() took over from a stuck writer thread
+        self._exited = False  # the writer thread is past its work (io lock)
         self._inflight_on_disk = False  # the in-flight batch is already in the spill file
         self._inflight_rows: Sequence[Row] | None = None  # a replay (or held rows) being written
         self._deadline = float("inf")  # clock time by which a stopping writer must be done
@@ -626,7 +627,9 @@ class DecisionWriter:
         # From here on a stuck thread's results are ignored (it touches no file or count).
         with self._io_lock:
             taken_over = self._abandoned  # an earlier stop() spilled the stuck batch already
-            self._abandoned = self._thread is not None and self._thread.is_alive()
+            self._abandoned = (
+                self._thread is not None and self._thread.is_alive() and not self._exited
+            )
             # a thread that died on an error (``_fatal``) leaves its batch in flight too
             held_by_thread = self._abandoned or self._fatal is not None
             with self._cond:
@@ -661,7 +664,12 @@ class DecisionWriter:
                 "answer); they are looked up by decision_id before they are sent again",
                 self.stats.unsure_in_spill,
             )
-        if self._thread is not None and not self._thread.is_alive():
+        with self._io_lock:
+            # a thread stopped in time closes nothing: here; one that outlived the stop's
+            # budget closes the sink itself when it ends (_run), or a DuckDB file stayed
+            # attached in the process (the next run's open failed; found by a flaky test)
+            close = self._thread is not None and (not self._abandoned or self._exited)
+        if close:
             with contextlib.suppress(Exception):
                 self.sink.close()
         _SWITCH.leave(self)  # once: a second stop(), or one racing it, finds it gone
@@ -730,7 +738,7 @@ class DecisionWriter:
         held = self._held
         if not held:
             return
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or self._exited or not self._thread.is_alive():
             try:
                 if not self._opened:
                     self.sink.open()
@@ -928,6 +936,12 @@ class DecisionWriter:
         finally:
             with self._cond:
                 self._cond.notify_all()  # wake flush() and submit()
+            with self._io_lock:
+                self._exited = True
+                if self._abandoned:  # stop() gave up waiting: nobody else closes the sink
+                    with contextlib.suppress(Exception):
+                        self.sink.close()
+                    self._opened = False  # stop() opens it again for rows held in memory
 
     def _recover_until_deadline(self) -> None:
         """Stopping with rows in the spill: try the sink again and again, waiting the retry

@@ -143,3 +143,26 @@ def test_a_record_submitted_after_stop_with_a_full_spill_is_counted_lost(tmp_pat
     assert (stats.submitted, stats.written, stats.spilled, stats.lost) == (3, 1, 0, 2)
     assert "No space left" in str(stats.lost_reason)
     assert sink.calls == calls and stored(tmp_path / "f.duckdb") == [0]
+
+
+def test_a_writer_thread_that_outlives_stop_closes_its_store_when_it_ends(tmp_path: Path) -> None:
+    """Found by a flaky run of the test above: a writer thread still in the store when stop()'s
+    budget ran out never closed it, so the DuckDB file stayed attached in the process and the
+    next open of it (a second run in a notebook) failed with a file handle conflict."""
+    sink = Flaky(tmp_path / "f.duckdb")
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", batch_size=1, retry=FAST)
+    w.start()
+    w.submit(record(0))
+    sink.wait_calls(1)
+    sink.gate.clear()  # the next write blocks: the thread outlives stop()
+    w.submit(record(1))
+    w.stop(timeout_s=0.3)
+    assert sink._con is not None  # the thread is still in it
+    sink.gate.set()
+    assert w._thread is not None
+    w._thread.join(WAIT_S)
+    assert not w._thread.is_alive() and sink._con is None
+    again = LocalDuckDBSink(tmp_path / "f.duckdb")  # the same file, in the same process
+    again.open()
+    again.close()
+    assert stored(tmp_path / "f.duckdb")[:1] == [0]

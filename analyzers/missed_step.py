@@ -4,7 +4,8 @@ A feed missed the step when it has started (delivered a bar), its latest bar is 
 the step's bar time and the step is one of its own bar times: in a paper run its bar did not
 come within ``PUBSUB_ALIGN_WAIT_S``; in a backtest its file lacks that row. A feed with no bar
 yet has not started (a stock listed later than the others, a symbol whose first bar has not
-come), and a CSV feed at its file's last bar has ended (``last_num``): neither is noted, nor
+come), and a feed at its last bar has ended (a CSV feed's ``last_num``; the last bar in the
+buffer of a backtrader feed that is not live): neither is noted, nor
 is a feed of a coarser bar size than the finest (an hourly feed beside 5-minute bars), nor a
 resampled or replayed feed (its source is the one that can miss a bar). Feeds are named as
 FMEL records them (their symbols; feeds that share one are told apart). The Runner adds
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import backtrader as bt
+from backtrader.linebuffer import LineBuffer
 
 from analyzers.fmel import attach_note
 from analyzers.tracking.model import feed_labels
@@ -57,15 +59,16 @@ def step_feeds(datas: Sequence[Any]) -> list[tuple[Any, str]]:
 
 
 # How far a step may be from a whole number of a feed's bar lengths after its latest bar and
-# still be one of its bar times: half a millisecond (bar times are kept to the millisecond),
-# in backtrader's day numbers.
-_TOLERANCE_DAYS = 0.0005 / 86_400.0
+# still be one of its bar times: a tenth of a millisecond, in backtrader's day numbers (they
+# hold a time to ~10 us at today's dates; bars of two files 0.4 ms apart are on two phases:
+# found by an attack, helper-66, with half a millisecond).
+_TOLERANCE_DAYS = 0.0001 / 86_400.0
 
 
 def _on_grid(data: Any, at: float, now: float) -> bool:
     """Whether the step at ``now`` is one of the times feed ``data`` has bars at, seen from its
     latest bar at ``at`` (backtrader day numbers): a whole number (at least one) of its bar
-    lengths later, to half a millisecond; for months and years, the same day of the month (the
+    lengths later, to a tenth of a millisecond; for months and years, the same day of the month (the
     1st to the 28th) and time of day a whole number of bars later. Feeds of no bar length
     (ticks) have no grid.
 
@@ -104,8 +107,8 @@ def missed_feeds(
     pacers: Sequence[Any] | None = None,
 ) -> list[str]:
     """Names (:func:`step_feeds`, in ``strategy.datas`` order) of the feeds that have started
-    and not ended but missed the step's bar: ``len(data) > 0``, ``data.datetime[0] <
-    data.last_num`` when the feed knows its last bar, and the step's time is one of the feed's
+    and not ended but missed the step's bar: ``len(data) > 0``, not at its last bar
+    (:func:`_ended`), and the step's time is one of the feed's
     own bar times (:func:`_on_grid`: a feed on another phase of the same bar size, stocks at
     :30 beside a coin at :00, missed nothing).
     None when no feed of the finest bar size (:func:`_pacers`, resampled and replayed ones
@@ -125,9 +128,25 @@ def missed_feeds(
     for d, name in step_feeds(strategy.datas) if feeds is None else feeds:
         if len(d):
             at = d.lines.datetime[0]
-            if at < now and at < getattr(d, "last_num", math.inf) and _on_grid(d, at, now):
+            if at < now and not _ended(d, at) and _on_grid(d, at, now):
                 out.append(name)
     return out
+
+
+def _ended(data: Any, at: float) -> bool:
+    """Whether feed ``data``, at its bar of time ``at``, has delivered its last bar: our feeds
+    know their last bar time (``last_num``); a backtrader feed that is not live and keeps its
+    whole buffer has loaded ahead every bar it still has (``preload``, or the one bar
+    backtrader loads and rewinds when it is not yet due, ``Cerebro._runnext``), so its last bar
+    is the buffer's. Found by an attack (helper-66): a ``PandasData`` or ``GenericCSVData``
+    that ended was noted at every later step. A bounded buffer (``exactbars``) cannot tell."""
+    last = getattr(data, "last_num", None)
+    if last is not None:
+        return bool(at >= last)
+    line = data.lines.datetime
+    if getattr(line, "mode", None) != LineBuffer.UnBounded or data.islive():
+        return False
+    return bool(len(data) >= line.buflen())
 
 
 class MissedStepNote(bt.Analyzer):  # type: ignore[misc]

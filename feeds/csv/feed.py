@@ -8,10 +8,11 @@ import bisect
 import logging
 import math
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from datetime import time as dt_time
 from types import FrameType
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import backtrader as bt
 import pandas as pd
@@ -23,6 +24,23 @@ from feeds.csv.reader import CSVBars, read_csv_bars
 from feeds.fields import TextLine, dynamic_feed_class
 
 logger = logging.getLogger(__name__)
+
+
+def _always_utc(zone: Any) -> bool:
+    """Whether ``zone`` (``None``, an IANA name, or a ``tzinfo`` such as pytz's, as backtrader's
+    ``tzinput`` takes) is UTC in winter and summer from 1970 to 2030 (``UTC``, ``Etc/UTC``,
+    ``GMT``...). An unknown name is not: backtrader refuses it itself."""
+    if zone is None:
+        return True
+    try:
+        tz = ZoneInfo(zone) if isinstance(zone, str) else zone
+        return all(
+            tz.utcoffset(datetime(year, month, 1)) == timedelta(0)
+            for year in (1970, 2000, 2030)
+            for month in (1, 7)
+        )
+    except (ValueError, TypeError, ZoneInfoNotFoundError, AttributeError):
+        return False
 
 
 class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
@@ -57,7 +75,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
     def start(self) -> None:
         super().start()
         bars = self._bars
-        if self.p.tzinput is not None and bars.timezone != "UTC":
+        if not (_always_utc(self.p.tzinput) or _always_utc(bars.timezone)):
             # found by an attack (helper-65): the file's times, already read in CSV_TIMEZONE
             # and stored as UTC, were localised again by backtrader (AbstractDataBase.load)
             raise ConfigError(
@@ -137,15 +155,16 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
                 f"{self.symbol}: sessionend must be a datetime.time without tzinfo, in the "
                 f"file's zone ({zone}, CSV_TIMEZONE); got {end!r}"
             )
-        if end == dt_time(0, 0):  # found by an attack (helper-65)
-            raise ConfigError(
-                f"{self.symbol}: sessionend 00:00 is the start of the day: each day's bar, "
-                "given as a date, would be seen before the day is over; set the day's close "
-                "(e.g. datetime.time(16, 0)) or leave it unset (the end of the day)"
-            )
         offset = pd.Timedelta(
             hours=end.hour, minutes=end.minute, seconds=end.second, microseconds=end.microsecond
         ).floor("ms")
+        if offset == pd.Timedelta(0):  # found by attacks (helper-65, helper-66: 00:00:00.000999)
+            raise ConfigError(
+                f"{self.symbol}: sessionend {end} is the start of the day (bar times are kept "
+                "to the millisecond): each day's bar, given as a date, would be seen before the "
+                "day is over; set the day's close (e.g. datetime.time(16, 0)) or leave it unset "
+                "(the end of the day)"
+            )
         days = times.tz_localize("UTC").tz_convert(zone).tz_localize(None).normalize()
         # a repeated hour: the later occurrence (the day is not over before it); a skipped
         # one: the end of the gap

@@ -363,36 +363,65 @@ def parse_bar_size_text(text: str) -> tuple[int, int]:
     return int(tf), int(comp)
 
 
+# A spacing that at least this share of a file's spacings have is one of its bar lengths
+# (1/5: a fifth of daily bars follow a weekend; a thin market's minutes still have many
+# spacings of one minute).
+_COMMON_SHARE = 0.2
+
+
+def _bar_spacing_ms(spacing: np.ndarray) -> tuple[float, bool]:
+    """``(spacing, common)`` of the spacings of a file's bars (whole milliseconds, at least
+    one): the shortest that at least :data:`_COMMON_SHARE` of them have (``common``), else
+    their median (irregular times)."""
+    values, counts = np.unique(spacing, return_counts=True)
+    common = values[(counts >= _COMMON_SHARE * len(spacing)) & (values > 0)]
+    if len(common):
+        return float(common[0]), True
+    return float(np.median(spacing)), False
+
+
 def infer_bar_size(times: np.ndarray) -> tuple[int, int]:
-    """Bar size from the median spacing of ``times`` (datetime64). Daily bars with weekend gaps
-    have a median of one day; monthly bars 28-31 days. Below a second, whole milliseconds
-    (``(MicroSeconds, 500_000)`` for bars 500 ms apart: bar times are kept to the millisecond);
-    from a second to a minute, whole seconds."""
+    """Bar size of ``times`` (datetime64). A day or longer (the lower median spacing, at least
+    0.9 days): days, weeks or months, rounded (daily bars with weekend gaps: one day; monthly
+    bars 28-31 days; a week shortened by a holiday stays a week). Below a day: the shortest
+    spacing that at least a fifth of the spacings have, to the millisecond (a thin market
+    lacking half its minutes: one minute), in the largest unit that holds it whole (``90 s`` ->
+    ``(Seconds, 90)``, ``1.5 s`` -> ``(MicroSeconds, 1_500_000)``: backtrader has no
+    milliseconds); irregular times (no such spacing): the median, rounded to whole minutes,
+    seconds or milliseconds. Fewer than two times: one day."""
     if len(times) < 2:
         return bt.TimeFrame.Days, 1
-    spacing_ns = np.diff(times).astype("timedelta64[ns]").astype(np.int64)
-    median_s = float(np.median(spacing_ns)) / 1e9
+    spacing = np.rint(np.diff(times).astype("timedelta64[ns]").astype(np.int64) / 1e6)
+    seconds = float(np.percentile(spacing, 50, method="lower")) / 1000
     day = 86_400.0
-    if median_s >= 27 * day:
-        return bt.TimeFrame.Months, max(1, round(median_s / (30.44 * day)))
-    if median_s >= 6.5 * day:
-        return bt.TimeFrame.Weeks, max(1, round(median_s / (7 * day)))
-    if median_s >= 0.9 * day:
-        return bt.TimeFrame.Days, max(1, round(median_s / day))
-    if median_s >= 60:
-        return bt.TimeFrame.Minutes, max(1, round(median_s / 60))
-    ms = round(median_s * 1000)
-    if ms < 1000:
-        return bt.TimeFrame.MicroSeconds, 1000 * max(1, ms)
-    return bt.TimeFrame.Seconds, round(median_s)
+    if seconds >= 27 * day:
+        return bt.TimeFrame.Months, max(1, round(seconds / (30.44 * day)))
+    if seconds >= 6.5 * day:
+        return bt.TimeFrame.Weeks, max(1, round(seconds / (7 * day)))
+    if seconds >= 0.9 * day:
+        return bt.TimeFrame.Days, max(1, round(seconds / day))
+    spacing_ms, common = _bar_spacing_ms(spacing)
+    ms = max(1, round(spacing_ms))
+    if common:  # a bar length many bars have: exact
+        if ms % 60_000 == 0:
+            return bt.TimeFrame.Minutes, ms // 60_000
+        if ms % 1000 == 0:
+            return bt.TimeFrame.Seconds, ms // 1000
+        return bt.TimeFrame.MicroSeconds, 1000 * ms
+    seconds = spacing_ms / 1000
+    if seconds >= 60:
+        return bt.TimeFrame.Minutes, round(seconds / 60)
+    if seconds >= 1:
+        return bt.TimeFrame.Seconds, round(seconds)
+    return bt.TimeFrame.MicroSeconds, 1000 * ms
 
 
-# When a file's bars are too close or too far apart for CSV_BAR_SIZE: a median spacing below
-# 0.9 of the bar length (a month counts 30.44 days and runs 28 to 31), or 9 in 10 spacings
-# above 1.5 of it. A feed that lacks bars (a thin market's minutes: a third missing gives a
-# median of two minutes) still has many spacings of one bar length; a file of longer bars
-# has none.
-_CLOSER, _FARTHER = 0.9, 1.5
+# When a file's bars are too close or too far apart for CSV_BAR_SIZE: a bar length many of
+# its bars have (:func:`_bar_spacing_ms`) below 0.9 of the declared one (a month counts 30.44
+# days and runs 28 to 31), or 9 in 10 spacings above 1.25 of it. A feed that lacks bars (a
+# thin market's minutes) still has many spacings of one bar length; a file of longer bars has
+# none.
+_CLOSER, _FARTHER = 0.9, 1.25
 
 
 def _check_declared_size(
@@ -405,20 +434,21 @@ def _check_declared_size(
     Only a warning: the declared size is used as given."""
     if len(times) < 3:
         return
-    spacing_s = np.diff(times).astype("timedelta64[ns]").astype(np.int64) / 1e9
-    median_s, low_s = float(np.median(spacing_s)), float(np.percentile(spacing_s, 10))
     declared_s = bar_seconds(timeframe, compression)
-    if median_s < _CLOSER * declared_s:
-        seen = f"a median {median_s:g} s apart"
+    spacing_s = np.diff(times).astype("timedelta64[ns]").astype(np.int64) / 1e9
+    spacing_ms, common = _bar_spacing_ms(np.rint(spacing_s * 1000))
+    low_s = float(np.percentile(spacing_s, 10))
+    if spacing_ms / 1000 < _CLOSER * declared_s:
+        seen = f"{'often' if common else 'a median'} {spacing_ms / 1000:g} s apart"
     elif low_s > _FARTHER * declared_s:
         seen = f"{low_s:g} s or more apart (9 in 10 of them)"
     else:
         return
     logger.warning(
-        "%s: CSV_BAR_SIZE=%s, but its bars are %s, about %s: the bar size decides at which "
-        "steps the feed is noted as having missed a bar (feeds_missed_step) and how curves of "
-        "daily or longer bars are annualised. Set CSV_BAR_SIZE to the bars' size, or leave "
-        "it unset to infer it",
+        "%s: CSV_BAR_SIZE=%s, but its bars are %s, as bars of %s are: the bar size decides "
+        "at which steps the feed is noted as having missed a bar (feeds_missed_step) and how "
+        "curves of daily or longer bars are annualised. Set CSV_BAR_SIZE to the bars' size, "
+        "or leave it unset to infer it",
         where,
         text,
         seen,

@@ -195,11 +195,20 @@ def parse_timestamp(raw: Any) -> datetime:
     return ts
 
 
+# The fields that must be numbers, and the reason a message is refused when one is not.
+_NUMBER_REASONS = {
+    **dict.fromkeys(PRICE_FIELDS, "non_numeric_price"),
+    "volume": "non_numeric_volume",
+    OPEN_INTEREST: "bad_field",
+}
+
+
 def _number(name: str, value: Any, reason: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
-    if isinstance(value, str) and "_" in value:
-        # Python's float() reads "1_06" as 106: a typo must not become a price.
+    if isinstance(value, str) and ("_" in value or not value.isascii()):
+        # Python's float() reads "1_06" as 106 (a typo must not become a price) and "١٫٥"
+        # or "１" as numbers; the CSV reader refuses both (found by attacks, helper-65/66)
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
     try:
         return float(value)
@@ -373,6 +382,18 @@ def _decode(
     published_hash = doc.get("data_hash")
     body = {k: v for k, v in doc.items() if k not in META_KEYS}
     _check_shape(body)
+    for key, value in body.items():
+        if isinstance(value, dict):
+            # flattening would make {"close": {"v": 1}} a field close_v and the bar "no
+            # close" (found by an attack, helper-66: volume {"a": 1} became NaN silently)
+            try:
+                name = _cached_field_name(key)
+            except ValueError:
+                continue  # refused by name below
+            if name in _NUMBER_REASONS:
+                raise MalformedMessageError(
+                    _NUMBER_REASONS[name], f"{name} {excerpt(value)} is an object, not a number"
+                )
     try:
         flat = _flatten(body)
     except ValueError as e:

@@ -106,11 +106,13 @@ def buy_and_hold(bars: pd.DataFrame, index: pd.DatetimeIndex, start_value: float
     total = pd.Series(0.0, index=index)
     for symbol in closes.columns:
         c = closes[symbol]
-        first = c.first_valid_index()
-        if first is None:
+        valid = c.notna().to_numpy()
+        if not valid.any():
             total += part
             continue
-        total += (part / float(c[first]) * c).fillna(part)
+        # by position: two steps can share a millisecond (feeds less than 1 ms apart; found
+        # by an attack, helper-66), and a time label would then name both
+        total += (part / float(c.iloc[int(valid.argmax())]) * c).fillna(part)
     return total.rename("buy_and_hold")
 
 

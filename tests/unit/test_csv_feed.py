@@ -66,9 +66,12 @@ def _spaced(folder: Path, name: str, stamps: pd.DatetimeIndex) -> Path:
         ("500ms", (bt.TimeFrame.MicroSeconds, 500_000)),
         ("1ms", (bt.TimeFrame.MicroSeconds, 1_000)),
         ("999ms", (bt.TimeFrame.MicroSeconds, 999_000)),
-        ("1600ms", (bt.TimeFrame.Seconds, 2)),
+        # helper-66: 1.5 s and 2.5 s bars were both taken as 2 s, 90 s as 2 minutes
+        ("1500ms", (bt.TimeFrame.MicroSeconds, 1_500_000)),
+        ("2500ms", (bt.TimeFrame.MicroSeconds, 2_500_000)),
         ("1s", (bt.TimeFrame.Seconds, 1)),
-        ("90s", (bt.TimeFrame.Minutes, 2)),
+        ("90s", (bt.TimeFrame.Seconds, 90)),
+        ("4h", (bt.TimeFrame.Minutes, 240)),
     ],
 )
 def test_bar_size_inferred_below_a_minute(tmp_path: Path, freq: str, size: tuple[int, int]) -> None:
@@ -1075,10 +1078,11 @@ def test_a_sessionend_at_midnight_or_a_second_zone_is_refused(tmp_path: Path) ->
         cerebro.addstrategy(_Steps)
         cerebro.run()
 
-    daily = make_csv_feed(cfg(d, "DAILY"))
-    daily.p.sessionend = dt_time(0, 0)
-    with pytest.raises(ConfigError, match=r"^DAILY: sessionend 00:00 is the start of the day"):
-        run(daily)
+    for start in (dt_time(0, 0), dt_time(0, 0, 0, 999)):  # a millisecond: the bar times' unit
+        daily = make_csv_feed(cfg(d, "DAILY"))
+        daily.p.sessionend = start
+        with pytest.raises(ConfigError, match=r"^DAILY: sessionend 00:00:00.* start of the day"):
+            run(daily)
     zoned = make_csv_feed(cfg(d, "DAILY", timezone="America/New_York"))
     zoned.p.tzinput = "US/Eastern"
     with pytest.raises(ConfigError, match=r"^DAILY: tzinput='US/Eastern' and CSV_TIMEZONE="):
@@ -1086,6 +1090,11 @@ def test_a_sessionend_at_midnight_or_a_second_zone_is_refused(tmp_path: Path) ->
     utc = make_csv_feed(cfg(d, "DAILY"))
     utc.p.tzinput = "US/Eastern"  # backtrader's idiom over times read as UTC: allowed
     run(utc)
+    # zones that are UTC by another name (helper-66: refused though nothing moved twice)
+    for zone, tzinput in [("Etc/UTC", "US/Eastern"), ("GMT", "US/Eastern"), ("Asia/Tokyo", "UTC")]:
+        feed = make_csv_feed(cfg(d, "DAILY", timezone=zone))
+        feed.p.tzinput = tzinput
+        run(feed)
 
 
 def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
@@ -1147,8 +1156,50 @@ def test_regular_bars_below_a_minute_are_inferred_to_their_spacing(spacing_ms: i
 
     times = np.datetime64("2024-01-02T10:00") + np.arange(n) * np.timedelta64(spacing_ms, "ms")
     size = infer_bar_size(times)
-    if spacing_ms < 1000:  # whole milliseconds: exact
-        assert size == (bt.TimeFrame.MicroSeconds, spacing_ms * 1000)
-    else:  # whole seconds, rounded
-        assert size[0] == bt.TimeFrame.Seconds
-        assert abs(bar_seconds(*size) - spacing_ms / 1000) <= 0.5
+    assert bar_seconds(*size) == pytest.approx(spacing_ms / 1000, rel=1e-12)  # exact
+    unit = 60_000 if spacing_ms % 60_000 == 0 else 1000 if spacing_ms % 1000 == 0 else 1
+    assert (
+        size[0]
+        == {
+            60_000: bt.TimeFrame.Minutes,
+            1000: bt.TimeFrame.Seconds,
+            1: bt.TimeFrame.MicroSeconds,
+        }[unit]
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spacing_ms=st.sampled_from([1, 250, 500, 1500, 60_000, 90_000, 300_000, 3_600_000]),
+    present=st.floats(0.35, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_file_lacking_bars_keeps_its_bar_size(spacing_ms: int, present: float, seed: int) -> None:
+    # found by an attack (helper-66): a 1-minute file with half its minutes was inferred as
+    # 2 minutes, coarser than a full feed beside it, and its gaps were never noted
+    from core.bars import bar_seconds
+    from feeds.csv.reader import infer_bar_size
+
+    rng = np.random.default_rng(seed)
+    slots = np.flatnonzero(rng.random(400) < present)
+    if len(slots) < 2:
+        return
+    times = np.datetime64("2024-01-02T10:00") + slots * np.timedelta64(spacing_ms, "ms")
+    assert bar_seconds(*infer_bar_size(times)) == pytest.approx(spacing_ms / 1000, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("stamps", "size"),
+    [
+        # helper-59: three daily rows over a weekend (1 and 3 days) were inferred as 2 days
+        (["2024-01-04", "2024-01-05", "2024-01-08"], (bt.TimeFrame.Days, 1)),
+        (["2024-01-31", "2024-02-29", "2024-03-31"], (bt.TimeFrame.Months, 1)),
+        (["2024-01-05", "2024-01-12", "2024-01-18", "2024-01-26"], (bt.TimeFrame.Weeks, 1)),
+    ],
+)
+def test_a_short_file_takes_its_shortest_common_spacing(
+    stamps: list[str], size: tuple[int, int]
+) -> None:
+    from feeds.csv.reader import infer_bar_size
+
+    assert infer_bar_size(np.array(stamps, dtype="datetime64[ns]")) == size

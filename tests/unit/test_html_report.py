@@ -76,6 +76,11 @@ def test_buy_and_hold_splits_the_start_value_and_waits_for_late_symbols() -> Non
     # A: 500 USD at 10 -> 50 shares; B: 500 USD cash until its first close 50 -> 10 shares
     assert got.tolist() == pytest.approx([500 + 500, 50 * 12 + 500, 50 * 11 + 10 * 40])
     assert buy_and_hold(bars.iloc[0:0], idx, 1000.0).empty
+    # two steps in one millisecond (feeds less than 1 ms apart; found by an attack,
+    # helper-66: float() of a Series stopped the report)
+    twice = ts("2024-01-01", "2024-01-01", "2024-01-02", "2024-01-03")
+    got = buy_and_hold(bars, twice, 1000.0)
+    assert got.tolist() == pytest.approx([1000, 1000, 50 * 12 + 500, 50 * 11 + 10 * 40])
 
 
 def test_drawdown_and_monthly_returns_by_hand() -> None:

@@ -367,3 +367,27 @@ def test_a_field_that_is_not_a_number_says_which_and_why(field: str, value: Any,
     with pytest.raises(MalformedMessageError) as e:
         decode_message(encode(body(**{field: value})), {"symbol": "AAA"})
     assert said in str(e.value) and ("float range" in str(e.value)) == ("range" in said)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "said"),
+    [
+        # found by an attack (helper-66): volume {"a": 1} became NaN and a field volume_a;
+        # close {"v": 1.5} was refused as "no close"
+        ("volume", {"a": 1}, "non_numeric_volume", "volume {'a': 1} is an object"),
+        ("Close", {"v": 1.5}, "non_numeric_price", "close {'v': 1.5} is an object"),
+        ("openinterest", {"n": 3}, "bad_field", "openinterest {'n': 3} is an object"),
+        # Arabic-Indic and full-width digits: float() reads them, the CSV reader does not
+        ("close", "١٫٥", "non_numeric_price", "is not a number"),
+        ("volume", "１０", "non_numeric_volume", "is not a number"),
+    ],
+)
+def test_a_number_field_given_as_an_object_or_other_digits_is_refused(
+    field: str, value: Any, reason: str, said: str
+) -> None:
+    doc = body()
+    doc.pop(field.lower(), None)
+    doc[field] = value
+    with pytest.raises(MalformedMessageError) as e:
+        decode_message(encode(doc), {"symbol": "AAA"})
+    assert e.value.reason == reason and said in str(e.value)

@@ -134,7 +134,7 @@ def periods_per_year(index: pd.DatetimeIndex, timeframe: int, compression: int =
 
 
 def infer_bar_size(index: pd.DatetimeIndex) -> tuple[int, int]:
-    """``(timeframe, compression)`` from the median spacing of ``index`` (the CSV feed's rule,
+    """``(timeframe, compression)`` from the spacing of ``index`` (the CSV feed's rule,
     :func:`feeds.csv.infer_bar_size`), for curves read back from a store."""
     from feeds.csv import infer_bar_size as infer
 

@@ -72,7 +72,7 @@ class CSVFeedConfig:
         None,
         env="CSV_BAR_SIZE",
         help="bar size, e.g. 500ms, 1s, 1min, 5min, 1h, 1d, 1w, 1mo; default: inferred from the "
-        "median spacing",
+        "spacing of the bars",
     )
     columns: Mapping[str, str] = setting(
         env="CSV_COLUMNS",

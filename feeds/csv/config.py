@@ -18,6 +18,8 @@ from core.errors import ConfigError
 from core.settings import setting
 
 EPOCH_FORMATS = ("epoch_s", "epoch_ms", "epoch_us", "epoch_ns")
+# CSV_THOUSANDS spelled by name: a space, a no-break space, a narrow no-break space.
+_SPACES = {"space": " ", "nbsp": "\u00a0", "nnbsp": "\u202f", "narrow_nbsp": "\u202f"}
 BAR_SIZE_RE = re.compile(r"^(\d+)\s*(ms|s|sec|min|m|h|d|w|mo)$")
 
 
@@ -89,8 +91,9 @@ class CSVFeedConfig:
     thousands: str | None = setting(
         None,
         env="CSV_THOUSANDS",
-        help="thousands separator removed from numbers in 3-digit groups (, . ' or space); "
-        "default: none, so 1,234 is not a number",
+        help="thousands separator removed from numbers in 3-digit groups: , . ' or space, nbsp, "
+        "nnbsp (a space, a no-break space, a narrow one); default: none, so 1,234 is not a "
+        "number",
     )
     suffixes: bool = setting(
         False,
@@ -150,12 +153,17 @@ class CSVFeedConfig:
                 f"CSV_DECIMAL={self.decimal!r} is also CSV_DELIMITER: a decimal comma needs "
                 "another separator, e.g. CSV_DELIMITER=;"
             )
+        # spaces by name: an environment value of spaces alone is read as unset (found by an
+        # attack, helper-67: CSV_THOUSANDS=" " was dropped; French exports group with U+202F)
+        named = _SPACES.get((self.thousands or "").strip().lower())
+        if named is not None:
+            object.__setattr__(self, "thousands", named)
         if self.thousands is not None and (
             len(self.thousands) != 1 or self.thousands == self.decimal or self.thousands.isalnum()
         ):
             raise ConfigError(
                 f"CSV_THOUSANDS={self.thousands!r}: expected one character other than the "
-                f"decimal mark {self.decimal!r} (e.g. , . ' or a space)"
+                f"decimal mark {self.decimal!r} (e.g. , . ' or space, nbsp, nnbsp)"
             )
         fmt = self.datetime_format
         if fmt is not None and fmt.startswith("epoch") and fmt not in EPOCH_FORMATS:

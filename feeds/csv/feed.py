@@ -165,11 +165,17 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
                 "day is over; set the day's close (e.g. datetime.time(16, 0)) or leave it unset "
                 "(the end of the day)"
             )
-        days = times.tz_localize("UTC").tz_convert(zone).tz_localize(None).normalize()
-        # a repeated hour: the later occurrence (the day is not over before it); a skipped
-        # one: the end of the gap
-        local = (days + offset).tz_localize(zone, ambiguous=False, nonexistent="shift_forward")
-        ends = local.tz_convert("UTC").tz_localize(None)
+        if self._bars.day_offsets is not None:
+            # midnights written with their own UTC offsets (yfinance): the day ends at that
+            # offset (a day whose clocks change ends an hour early or late in UTC)
+            ends = times + offset
+            zone = "the UTC offsets of the file's dates"
+        else:
+            days = times.tz_localize("UTC").tz_convert(zone).tz_localize(None).normalize()
+            # a repeated hour: the later occurrence (the day is not over before it); a
+            # skipped one: the end of the gap
+            local = (days + offset).tz_localize(zone, ambiguous=False, nonexistent="shift_forward")
+            ends = local.tz_convert("UTC").tz_localize(None)
         logger.info(
             "%s: bars given as dates, beside bars that are not, are delivered at the end of "
             "their day (%s %s, backtrader's sessionend): a day's bar is seen once it is over",

@@ -273,8 +273,12 @@ class CSVBars:
         lines: physical line of each bar in the file (1 = header).
         timezone: IANA zone the file's times without an offset were read in
             (``CSV_TIMEZONE``).
-        date_only: every bar time is a midnight in ``timezone`` (a file of dates: each bar
-            holds its whole day; see :class:`~feeds.csv.feed.HistoricalCSVFeed`).
+        date_only: every bar time is a midnight in ``timezone``, or in the UTC offset it was
+            written with (``day_offsets``): a file of dates, each bar holds its whole day; see
+            :class:`~feeds.csv.feed.HistoricalCSVFeed`.
+        day_offsets: for a file of dates written as midnights with their own UTC offsets
+            (yfinance's ``2024-01-03 00:00:00-05:00``), each bar's offset, seconds (local =
+            UTC + offset); else ``None``.
     """
 
     symbol: str
@@ -289,6 +293,7 @@ class CSVBars:
     lines: np.ndarray | None = None
     timezone: str = "UTC"
     date_only: bool = False
+    day_offsets: np.ndarray | None = None
 
     @property
     def extra_fields(self) -> tuple[str, ...]:
@@ -663,6 +668,7 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
             text[name] = nulled.to_pylist()
             continue
         numeric[name] = values
+        _warn_rounded(where, name, values, lines)
         for pos_i in np.flatnonzero(np.isinf(values) & still_good):
             j = int(pos_i)
             bad.setdefault(j, f"{name} {col[j].as_py().strip()!r} is infinite")
@@ -726,6 +732,10 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         )
     if times is not None and times.how:
         logger.info("%s: dates read as %s", where, times.how)
+    date_only, day_offsets = _midnights(times_kept, cfg.timezone), None
+    if not date_only and timeframe >= bt.TimeFrame.Days and n:
+        day_offsets = _offset_midnights(dt_text if keep.all() else pc.filter(dt_text, keep))
+        date_only = day_offsets is not None
     return CSVBars(
         symbol=cfg.symbol,
         path=cfg.path,
@@ -738,8 +748,35 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         skipped=problems if cfg.on_bad_rows == "skip" else [],
         lines=lines if keep.all() else lines[keep],
         timezone=cfg.timezone,
-        date_only=_midnights(times_kept, cfg.timezone),
+        date_only=date_only,
+        day_offsets=day_offsets,
     )
+
+
+# A midnight with its UTC offset, at the end of a time: "2024-01-03 00:00:00-05:00" (yfinance's
+# daily bars), "2024-01-03T00:00+0530", "...00:00:00.000Z".
+_OFFSET_MIDNIGHT = r"[T ]00:00(?::00(?:\.0+)?)?\s*(?P<sign>[Zz+-])(?P<hh>\d{2})?:?(?P<mm>\d{2})?$"
+
+
+def _offset_midnights(text: pa.Array) -> np.ndarray | None:
+    """The UTC offset, seconds (local = UTC + offset), of each time of ``text`` (the kept rows'
+    date text) when every one is a midnight written with its own offset, as yfinance writes
+    daily bars (``2024-01-03 00:00:00-05:00``): a file of dates whatever ``CSV_TIMEZONE``
+    says. Found by an attack (helper-67): such a file beside hourly bars was delivered at
+    05:00 UTC, and the agent read each day's close at its start with no look-ahead flagged.
+    ``None`` when any time is not such a midnight."""
+    parts = pc.extract_regex(trim(text), _OFFSET_MIDNIGHT)
+    if parts.null_count:
+        return None
+    sign = np.asarray(pc.struct_field(parts, "sign").to_numpy(zero_copy_only=False))
+    hh = np.asarray(pc.struct_field(parts, "hh").to_numpy(zero_copy_only=False))
+    mm = np.asarray(pc.struct_field(parts, "mm").to_numpy(zero_copy_only=False))
+    hours = np.array([int(h) if h else 0 for h in hh], dtype=np.int64)
+    minutes = np.array([int(m) if m else 0 for m in mm], dtype=np.int64)
+    if ((np.isin(sign, ["Z", "z"])) & ((hours != 0) | (minutes != 0))).any():
+        return None
+    offsets: np.ndarray = np.where(sign == "-", -1, 1) * (hours * 3600 + minutes * 60)
+    return offsets
 
 
 def _midnights(times: np.ndarray, timezone: str) -> bool:
@@ -754,6 +791,30 @@ def _midnights(times: np.ndarray, timezone: str) -> bool:
     aware = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone)
     starts = day_starts(pd.Series(aware.tz_localize(None).normalize()), timezone)
     return bool((pd.DatetimeIndex(starts) == aware).all())
+
+
+# The largest magnitude below which every integer is exact in float64 (IEEE 754: 53 bits).
+_EXACT_INTEGERS = 2.0**53
+
+
+def _warn_rounded(where: str, name: str, values: np.ndarray, lines: np.ndarray) -> None:
+    """Log a WARNING when an extra column holds numbers beyond 2**53, where float64 (the type of
+    backtrader's lines) no longer holds every integer (trade ids, nanosecond times): their
+    last digits may have been rounded. Found by an attack (helper-67): Binance's ``first_id``
+    9007199254740993 read as 9007199254740992.0, silently."""
+    big = np.flatnonzero(np.abs(values) >= _EXACT_INTEGERS)
+    if len(big):
+        j = int(big[0])
+        logger.warning(
+            "%s line %d: %s reads as %.17g: numbers beyond 2**53 are not exact integers in "
+            "float64 (backtrader's lines), so the column's large values may be rounded (%d "
+            "rows)",
+            where,
+            int(lines[j]),
+            name,
+            values[j],
+            len(big),
+        )
 
 
 def _newest_first(t_ns: np.ndarray, bad: dict[int, str]) -> bool:

@@ -163,7 +163,19 @@ def quoted_record_lines(raw: bytes | memoryview, delimiter: str, where: str) -> 
 
 
 def _decode_header(raw: memoryview, delimiter: str, where: str) -> list[str]:
-    text = bytes(raw[:_HEADER_PROBE]).decode("utf-8", errors="replace")
+    probe = bytes(raw[:_HEADER_PROBE])
+    end = probe.find(b"\n")
+    try:  # the header line itself is UTF-8 (the probe may cut a character after it)
+        probe[: end if end >= 0 else len(probe)].decode("utf-8")
+    except UnicodeDecodeError as u:
+        if end >= 0 or u.end < len(probe):
+            # found by an attack (helper-67): a Windows-1252 header ("Eröffnung") was read as
+            # "Er\ufffdffnung", and CSV_COLUMNS naming the column was "not found"
+            raise DataError(
+                f"{where} line 1: invalid UTF-8 bytes {probe[u.start : u.end]!r}; save the file "
+                "as UTF-8 (CSV UTF-8 in Excel)"
+            ) from u
+    text = probe.decode("utf-8", errors="replace")
     try:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         first = next(reader, [])

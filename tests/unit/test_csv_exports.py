@@ -250,3 +250,71 @@ def test_bars_less_than_a_millisecond_apart_are_bad_rows(tmp_path: Path) -> None
     # the 1.5 ms row is 0.5 ms after the kept 1 ms row; 3 ms is kept
     assert kept.times.astype("int64").tolist() == [base, base + 1_000_000, base + 3_000_000]
     assert len(kept.skipped) == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "sep"),
+    [("space", " "), ("NBSP", "\u00a0"), ("nnbsp", "\u202f"), ("narrow_nbsp", "\u202f")],
+)
+def test_a_space_thousands_separator_is_set_by_name(tmp_path: Path, env: str, sep: str) -> None:
+    # Found by an attack (helper-67): CSV_THOUSANDS=" " was read as unset (environment values
+    # are trimmed) and every row was refused as not a number; French Excel and LibreOffice
+    # exports group digits with a no-break space or a narrow one.
+    from runtime.config import load_config
+
+    (tmp_path / "FR.csv").write_text(
+        "Date;Open;High;Low;Close;Volume\n"
+        f"2024-01-02;1{sep}234,50;1{sep}240,00;1{sep}230,00;1{sep}235,25;12{sep}345\n",
+        encoding="utf-8",
+    )
+    config = load_config(
+        {
+            "SYMBOLS": "FR",
+            "DATA_DIR": str(tmp_path),
+            "CSV_DELIMITER": ";",
+            "CSV_DECIMAL": ",",
+            "CSV_THOUSANDS": env,
+        }
+    )
+    cfg = config.csv_feeds[0]
+    assert cfg.thousands == sep
+    bars = read_csv_bars(cfg)
+    assert bars.numeric["open"][0] == 1234.5 and bars.numeric["volume"][0] == 12345.0
+
+
+def test_integers_beyond_float64_are_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by an attack (helper-67): Binance's trade ids and nanosecond times beyond 2**53
+    # were rounded silently (9007199254740993 read as 9007199254740992.0).
+    path = tmp_path / "B.csv"
+    path.write_text(
+        "Date,Open,High,Low,Close,Volume,first_id,count\n"
+        "2024-01-02,1,2,0.5,1.5,10,9007199254740992,3\n"
+        "2024-01-03,1,2,0.5,1.5,10,9007199254740993,4\n"
+    )
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        bars = read_csv_bars(CSVFeedConfig(path=path, symbol="B"))
+    said = [r.getMessage() for r in caplog.records]
+    assert bars.numeric["first_id"][1] == 9007199254740992.0  # float64, as backtrader's lines
+    assert len(said) == 1 and said[0].startswith(
+        "CSV B.csv line 2: first_id reads as 9007199254740992: numbers beyond 2**53"
+    )
+
+
+def test_a_windows_1252_header_is_named_as_not_utf8(tmp_path: Path) -> None:
+    # Found by an attack (helper-67): with CSV_COLUMNS naming "Eröffnung", an ANSI Excel export
+    # was refused as "column 'Eröffnung' not found; columns are [... 'Er\ufffdffnung' ...]".
+    path = tmp_path / "DE.csv"
+    path.write_bytes(
+        "Datum;Eröffnung;Hoch;Tief;Schluss\n2024-01-02;1,0;2,0;0,5;1,5\n".encode("cp1252")
+    )
+    cfg = CSVFeedConfig(
+        path=path,
+        symbol="DE",
+        delimiter=";",
+        decimal=",",
+        columns={"open": "Eröffnung", "high": "Hoch", "low": "Tief", "close": "Schluss"},
+    )
+    with pytest.raises(DataError, match=r"^CSV DE\.csv line 1: invalid UTF-8 bytes b'\\xf6'"):
+        read_csv_bars(cfg)

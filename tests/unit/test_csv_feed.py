@@ -1097,6 +1097,39 @@ def test_a_sessionend_at_midnight_or_a_second_zone_is_refused(tmp_path: Path) ->
         run(feed)
 
 
+@pytest.mark.parametrize("offset", ["-05:00", "+09:00", "-0500", "Z"])
+def test_dates_written_as_midnights_with_an_offset_are_seen_at_the_end_of_their_day(
+    tmp_path: Path, offset: str
+) -> None:
+    # Found by an attack (helper-67): yfinance writes daily bars as "2024-01-03 00:00:00-05:00";
+    # beside hourly bars they were delivered at 05:00 UTC and the agent read each day's close
+    # at its start, with no look-ahead flagged (CSV_TIMEZONE left at UTC, as the docs allow).
+    d, h = _daily_and_hourly(tmp_path)
+    header, *rows = d.read_text().splitlines()
+    d.write_text("\n".join([header] + [r.replace(",", f" 00:00:00{offset},", 1) for r in rows]))
+    bars = read_csv_bars(cfg(d, "DAILY"))
+    assert bars.date_only
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(cfg(d, "DAILY")))
+    cerebro.adddata(make_csv_feed(cfg(h, "HOURLY")))
+    cerebro.addstrategy(_Steps)
+    steps = cerebro.run()[0].steps
+    hours = int(offset[:3]) if offset != "Z" else 0
+    for day_time, *_ in steps:
+        local = datetime.fromisoformat(day_time) + timedelta(hours=hours)
+        end = datetime.combine(local.date(), dt_time(23, 59, 59, 999_000))
+        assert abs(local - end) <= timedelta(milliseconds=1), (offset, day_time)  # day numbers
+    # at 2024-01-03 14:30 UTC the agent sees Jan 2's close (101), not Jan 3's (102)
+    at_1430 = next(c for _, c, h, _ in steps if h == "2024-01-03T14:30:00")  # its own step
+    assert at_1430 == 101.0
+    mixed = tmp_path / "MIXED.csv"  # a midnight beside a time of day: not a file of dates
+    mixed.write_text(
+        f"{header}\n{rows[0].replace(',', ' 00:00:00-05:00,', 1)}\n"
+        f"{rows[1].replace(',', ' 16:00:00-05:00,', 1)}\n"
+    )
+    assert not read_csv_bars(cfg(mixed, "MIXED")).date_only
+
+
 def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
     from feeds.pubsub.messages import decode_message
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, overload
+from zoneinfo import ZoneInfo
 
 import backtrader as bt
 import numpy as np
@@ -421,6 +422,25 @@ def infer_bar_size(times: np.ndarray) -> tuple[int, int]:
     return bt.TimeFrame.MicroSeconds, 1000 * ms
 
 
+def _check_inferred_size(where: str, timeframe: int, compression: int, times: np.ndarray) -> None:
+    """Log a WARNING when an inferred bar size below a day is under a quarter of the median
+    spacing: found by an attack (helper-68), 5-minute bars with a corrected re-print 1 s after
+    every fourth bar were taken as 1-second bars, with nothing said. A thin market (a fifth of
+    its minutes) is warned too: setting CSV_BAR_SIZE says which it is."""
+    length = bar_seconds(timeframe, compression)
+    if len(times) < 3 or length >= 0.9 * 86_400:
+        return
+    median_s = float(np.median(np.diff(times).astype("timedelta64[ns]").astype(np.int64))) / 1e9
+    if median_s > 4 * length:
+        logger.warning(
+            "%s: bar size inferred as %s (a fifth of the spacings or more), but the median "
+            "spacing is %g s: if the bars are that far apart, set CSV_BAR_SIZE",
+            where,
+            bar_size_text(timeframe, compression),
+            median_s,
+        )
+
+
 # When a file's bars are too close or too far apart for CSV_BAR_SIZE: a bar length many of
 # its bars have (:func:`_bar_spacing_ms`) below 0.9 of the declared one (a month counts 30.44
 # days and runs 28 to 31), or 9 in 10 spacings above 1.25 of it. A feed that lacks bars (a
@@ -701,10 +721,24 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
     tvals = t_ns.view("datetime64[ns]")
     # the window, aware UTC (CSVFeedConfig: a time without an offset is CSV_TIMEZONE's, an end
     # given as a date includes its whole day)
-    if cfg.start is not None:
-        keep &= tvals >= np.datetime64(cfg.start.astimezone(UTC).replace(tzinfo=None), "ns")
-    if cfg.end is not None:
-        keep &= tvals <= np.datetime64(cfg.end.astimezone(UTC).replace(tzinfo=None), "ns")
+    wall, start, end = tvals, cfg.start, cfg.end
+    if (start is not None or end is not None) and keep.any():
+        # dates written as midnights with their own offsets are windowed by their own dates,
+        # as a window's dates are CSV_TIMEZONE's (found by an attack, helper-68: a Kolkata
+        # file lost its first day and gained one after the end)
+        good = pc.filter(dt_text, keep)
+        if pc.match_substring_regex(trim(good[:1]), _OFFSET_MIDNIGHT)[0].as_py():
+            offsets = _day_offsets(good, tvals[keep], cfg.timezone, where, lines[keep], warn=False)
+            if offsets is not None:
+                wall = tvals.copy()
+                wall[keep] = tvals[keep] + offsets.astype("timedelta64[s]")
+                zone = ZoneInfo(cfg.timezone)
+                start = None if start is None else start.astimezone(zone).replace(tzinfo=UTC)
+                end = None if end is None else end.astimezone(zone).replace(tzinfo=UTC)
+    if start is not None:
+        keep &= wall >= np.datetime64(start.astimezone(UTC).replace(tzinfo=None), "ns")
+    if end is not None:
+        keep &= wall <= np.datetime64(end.astimezone(UTC).replace(tzinfo=None), "ns")
     if keep.all():  # the common case: no copy
         times_kept = tvals
     else:
@@ -724,6 +758,7 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         _check_declared_size(where, cfg.bar_size, timeframe, compression, times_kept)
     else:
         timeframe, compression = infer_bar_size(times_kept)
+        _check_inferred_size(where, timeframe, compression, times_kept)
     if text:
         logger.info(
             "%s: text columns %s are served as text fields (data.<name>[0] returns str)",
@@ -734,7 +769,8 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         logger.info("%s: dates read as %s", where, times.how)
     date_only, day_offsets = _midnights(times_kept, cfg.timezone), None
     if not date_only and timeframe >= bt.TimeFrame.Days and n:
-        day_offsets = _offset_midnights(dt_text if keep.all() else pc.filter(dt_text, keep))
+        kept_text = dt_text if keep.all() else pc.filter(dt_text, keep)
+        day_offsets = _day_offsets(kept_text, times_kept, cfg.timezone, where, lines[keep])
         date_only = day_offsets is not None
     return CSVBars(
         symbol=cfg.symbol,
@@ -758,24 +794,59 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
 _OFFSET_MIDNIGHT = r"[T ]00:00(?::00(?:\.0+)?)?\s*(?P<sign>[Zz+-])(?P<hh>\d{2})?:?(?P<mm>\d{2})?$"
 
 
-def _offset_midnights(text: pa.Array) -> np.ndarray | None:
-    """The UTC offset, seconds (local = UTC + offset), of each time of ``text`` (the kept rows'
-    date text) when every one is a midnight written with its own offset, as yfinance writes
-    daily bars (``2024-01-03 00:00:00-05:00``): a file of dates whatever ``CSV_TIMEZONE``
-    says. Found by an attack (helper-67): such a file beside hourly bars was delivered at
-    05:00 UTC, and the agent read each day's close at its start with no look-ahead flagged.
-    ``None`` when any time is not such a midnight."""
+def _day_offsets(
+    text: pa.Array,
+    times: np.ndarray,
+    timezone: str,
+    where: str,
+    lines: np.ndarray,
+    *,
+    warn: bool = True,
+) -> np.ndarray | None:
+    """For a file of dates given as midnights, some or all written with their own UTC offset
+    (yfinance's daily bars, ``2024-01-03 00:00:00-05:00``): the UTC offset of each day's
+    midnight, seconds (local = UTC + offset; a row without an offset: ``timezone``'s). A file
+    of dates whatever ``CSV_TIMEZONE`` says. Found by an attack (helper-67): such a file beside
+    hourly bars was delivered at 05:00 UTC, and the agent read each day's close at its start
+    with no look-ahead flagged. ``None`` when a time is not a midnight; logged as a WARNING
+    when nine in ten are (helper-68: one such row turned the rule off silently).
+
+    Args:
+        text: the kept rows' date text; times: their UTC times (``datetime64[ns]``, naive);
+        lines: their lines in the file.
+    """
     parts = pc.extract_regex(trim(text), _OFFSET_MIDNIGHT)
-    if parts.null_count:
+    written = np.asarray(pc.is_valid(parts).to_numpy(zero_copy_only=False), dtype=bool)
+    if not written.any():
         return None
     sign = np.asarray(pc.struct_field(parts, "sign").to_numpy(zero_copy_only=False))
     hh = np.asarray(pc.struct_field(parts, "hh").to_numpy(zero_copy_only=False))
     mm = np.asarray(pc.struct_field(parts, "mm").to_numpy(zero_copy_only=False))
     hours = np.array([int(h) if h else 0 for h in hh], dtype=np.int64)
     minutes = np.array([int(m) if m else 0 for m in mm], dtype=np.int64)
-    if ((np.isin(sign, ["Z", "z"])) & ((hours != 0) | (minutes != 0))).any():
+    written &= ~(np.isin(sign, ["Z", "z"]) & ((hours != 0) | (minutes != 0)))
+    own = np.where(sign == "-", -1, 1) * (hours * 3600 + minutes * 60)
+    aware = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone)
+    zone_offsets = np.zeros(len(times), dtype=np.int64)
+    if timezone != "UTC" and not written.all():
+        zone_offsets[:] = [(t.utcoffset() or timedelta(0)).total_seconds() for t in aware]
+    in_zone = _midnight_mask(times, timezone)
+    dates = written | in_zone
+    if not dates.all():
+        if warn and dates.mean() >= 0.9:
+            j = int(np.flatnonzero(~dates)[0])
+            logger.warning(
+                "%s line %d: %r is not a midnight, so the file is not read as a file of dates "
+                "(%d of %d rows are not): beside intraday bars each day's bar is seen at its "
+                "own time, which for a date is the start of its day. Give every row as a date",
+                where,
+                int(lines[j]),
+                str(text[j].as_py()).strip(),
+                int((~dates).sum()),
+                len(dates),
+            )
         return None
-    offsets: np.ndarray = np.where(sign == "-", -1, 1) * (hours * 3600 + minutes * 60)
+    offsets: np.ndarray = np.where(written, own, zone_offsets)
     return offsets
 
 
@@ -783,14 +854,19 @@ def _midnights(times: np.ndarray, timezone: str) -> bool:
     """Whether every time of ``times`` (``datetime64[ns]``, naive UTC) begins its day in
     ``timezone`` (:func:`~feeds.csv.values.day_starts`: a midnight, or 01:00 where the zone
     skips midnight): a file of dates."""
-    if len(times) == 0:
-        return False
+    return len(times) > 0 and bool(_midnight_mask(times, timezone).all())
+
+
+def _midnight_mask(times: np.ndarray, timezone: str) -> np.ndarray:
+    """Which times of ``times`` (``datetime64[ns]``, naive UTC) begin their day in
+    ``timezone`` (see :func:`_midnights`)."""
     ns = times.view(np.int64)
     if timezone == "UTC":
-        return bool((ns % 86_400_000_000_000 == 0).all())
+        mask: np.ndarray = ns % 86_400_000_000_000 == 0
+        return mask
     aware = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone)
     starts = day_starts(pd.Series(aware.tz_localize(None).normalize()), timezone)
-    return bool((pd.DatetimeIndex(starts) == aware).all())
+    return np.asarray(pd.DatetimeIndex(starts) == aware, dtype=bool)
 
 
 # The largest magnitude below which every integer is exact in float64 (IEEE 754: 53 bits).
@@ -802,7 +878,9 @@ def _warn_rounded(where: str, name: str, values: np.ndarray, lines: np.ndarray) 
     backtrader's lines) no longer holds every integer (trade ids, nanosecond times): their
     last digits may have been rounded. Found by an attack (helper-67): Binance's ``first_id``
     9007199254740993 read as 9007199254740992.0, silently."""
-    big = np.flatnonzero(np.abs(values) >= _EXACT_INTEGERS)
+    # ids and times fit 64 bits; a larger number ("1e300") was a float already (helper-68)
+    size = np.abs(values)
+    big = np.flatnonzero((size >= _EXACT_INTEGERS) & (size < 2.0**64))
     if len(big):
         j = int(big[0])
         logger.warning(

@@ -292,6 +292,7 @@ def test_integers_beyond_float64_are_warned(
         "Date,Open,High,Low,Close,Volume,first_id,count\n"
         "2024-01-02,1,2,0.5,1.5,10,9007199254740992,3\n"
         "2024-01-03,1,2,0.5,1.5,10,9007199254740993,4\n"
+        "2024-01-04,1,2,0.5,1.5,10,3,1e300\n"  # a float already (helper-68): not warned
     )
     with caplog.at_level("WARNING", logger="feeds.csv.reader"):
         bars = read_csv_bars(CSVFeedConfig(path=path, symbol="B"))

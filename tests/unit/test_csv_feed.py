@@ -1130,6 +1130,86 @@ def test_dates_written_as_midnights_with_an_offset_are_seen_at_the_end_of_their_
     assert not read_csv_bars(cfg(mixed, "MIXED")).date_only
 
 
+def test_dates_of_two_offsets_are_day_ended_and_a_stray_row_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by an attack (helper-68): yfinance's BTC-USD (+00:00) beside SPY (-05:00) kept
+    # their midnights (both "dates in UTC"), so at 00:00 UTC the agent saw BTC's close of a day
+    # not yet over; and one row that was not a midnight turned the rule off silently.
+    def dates(name: str, offset: str, closes: list[float]) -> Path:
+        rows = [
+            f"2024-01-0{2 + k} 00:00:00{offset},{c},{c + 1},{c - 1},{c},1"
+            for k, c in enumerate(closes)
+        ]
+        path = tmp_path / f"{name}.csv"
+        path.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+        return path
+
+    btc, spy = dates("BTC", "+00:00", [10, 11, 12]), dates("SPY", "-05:00", [500, 501, 502])
+    cerebro = bt.Cerebro(stdstats=False)
+    for path, symbol in ((btc, "BTC"), (spy, "SPY")):
+        cerebro.adddata(make_csv_feed(cfg(path, symbol)))
+    seen: list[tuple[str, str]] = []
+
+    class Seen(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            seen.append(
+                (
+                    self.datas[0].datetime.datetime(0).isoformat(),
+                    self.datas[1].datetime.datetime(0).isoformat(),
+                )
+            )
+
+    cerebro.addstrategy(Seen)
+    cerebro.run()
+    # each day at its own end: BTC's at 23:59:59.999 UTC, SPY's at 04:59:59.999 UTC next day
+    assert seen and all(b[11:19] == "23:59:59" and s[11:19] == "04:59:59" for b, s in seen), seen
+    # a plain date among offset midnights is a date too (its own zone's midnight)
+    mixed = dates("MIX", "-05:00", [2, 3, 3.5])
+    mixed.write_text(mixed.read_text() + "2024-01-05,4,5,3,4,1\n")
+    assert read_csv_bars(cfg(mixed, "MIX")).date_only
+    stray = tmp_path / "STRAY.csv"
+    rows = [f"2024-01-{d:02d} 00:00:00-05:00,1,2,0.5,1.5,1" for d in range(1, 21)]
+    rows[7] = "2024-01-08 16:00:00-05:00,1,2,0.5,1.5,1"
+    stray.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        assert not read_csv_bars(cfg(stray, "STRAY")).date_only
+    assert any(
+        "line 9: '2024-01-08 16:00:00-05:00' is not a midnight" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize("offset", ["+05:30", "-05:00", "+09:00"])
+def test_dates_with_their_own_offsets_are_windowed_by_their_dates(
+    tmp_path: Path, offset: str
+) -> None:
+    # Found by an attack (helper-68): BACKTEST_START=2024-01-03 dropped a Kolkata file's
+    # Jan 3 (its midnight is Jan 2 18:30 UTC) and BACKTEST_END=2024-01-05 kept its Jan 6.
+    rows = [f"2024-01-0{d} 00:00:00{offset},1,9,0.5,{d},1" for d in range(2, 9)]
+    path = tmp_path / "D.csv"
+    path.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+    window = {
+        "start": datetime(2024, 1, 3, tzinfo=UTC),
+        "end": datetime(2024, 1, 5, 23, 59, 59, 999_999, tzinfo=UTC),
+    }
+    bars = read_csv_bars(cfg(path, "D", **window))
+    assert bars.numeric["close"].tolist() == [3.0, 4.0, 5.0] and bars.date_only
+
+
+def test_an_inferred_size_far_below_the_median_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by an attack (helper-68): 5-minute bars with a corrected re-print 1 s after every
+    # fourth bar were inferred as 1-second bars, with nothing said.
+    stamps = list(pd.date_range("2024-01-02 14:30", periods=40, freq="5min"))
+    stamps += [t + pd.Timedelta(seconds=1) for t in stamps[::4]]
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        bars = read_csv_bars(cfg(_spaced(tmp_path, "X", pd.DatetimeIndex(sorted(stamps)))))
+    assert (bars.timeframe, bars.compression) == (bt.TimeFrame.Seconds, 1)
+    assert any("bar size inferred as 1s" in r.getMessage() for r in caplog.records)
+
+
 def test_negative_open_interest_is_a_bad_row(tmp_path: Path) -> None:
     from feeds.pubsub.messages import decode_message
 

@@ -15,7 +15,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import backtrader as bt
-import numpy as np
 import pandas as pd
 
 from core.bars import BarHashes
@@ -44,14 +43,16 @@ def _always_utc(zone: Any) -> bool:
         return False
 
 
-def _days_of(bars: CSVBars) -> tuple[str, frozenset[int]]:
-    """What a file of dates' days are: its zone (``CSV_TIMEZONE``), and the UTC offsets its
-    dates were written with (yfinance's ``-05:00`` and ``-04:00``), if any. Files of dates with
-    the same days begin and end them together. Found by an attack (helper-68): yfinance's
-    BTC-USD (``+00:00``) beside SPY (``-05:00``) kept their midnights, so at 00:00 UTC the
-    agent saw BTC's close of a day not yet over."""
-    offsets = bars.day_offsets
-    return bars.timezone, frozenset() if offsets is None else frozenset(np.unique(offsets).tolist())
+def _same_days(a: CSVBars, b: CSVBars) -> bool:
+    """Whether two files of dates begin and end their days together: the same UTC offset at
+    each day both hold (written offsets, else their ``CSV_TIMEZONE``'s). Found by attacks:
+    yfinance's BTC-USD (``+00:00``) beside SPY (``-05:00``) kept their midnights, so at 00:00
+    UTC the agent saw BTC's close of a day not yet over (helper-68); London beside Casablanca
+    have the same offsets on different days (helper-69)."""
+    if a.day_offsets is None and b.day_offsets is None and a.timezone == b.timezone:
+        return True
+    mine, theirs = a.offsets_by_day(), b.offsets_by_day()
+    return all(theirs.get(day, offset) == offset for day, offset in mine.items())
 
 
 class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
@@ -123,7 +124,6 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
         their midnights order them as their days. Any other feed (intraday bars, a
         ``PandasData``, a daily file stamped at its close, a resample of intraday bars) can
         deliver within a day."""
-        days = _days_of(self._bars)
         for data in self._running_datas():
             source = data
             while getattr(source, "_clone", False) and getattr(source, "data", None) is not None:
@@ -135,7 +135,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
                 isinstance(source, HistoricalCSVFeed)
                 and isinstance(bars, CSVBars)
                 and bars.date_only
-                and _days_of(bars) == days
+                and _same_days(self._bars, bars)
             ):
                 return False
         return True

@@ -296,6 +296,17 @@ class CSVBars:
     date_only: bool = False
     day_offsets: np.ndarray | None = None
 
+    def offsets_by_day(self) -> dict[int, int]:
+        """For a file of dates: its local day (days since 1970-01-01) -> the UTC offset of that
+        day's midnight, seconds (written offsets, else ``timezone``'s). Two files of dates
+        begin and end their days together when they agree on every day both hold."""
+        offsets = self.day_offsets
+        if offsets is None:
+            offsets = zone_offsets(self.times, self.timezone)
+        local = self.times.astype("datetime64[ns]").astype(np.int64) + offsets * 1_000_000_000
+        days = np.floor_divide(local, 86_400_000_000_000)
+        return dict(zip(days.tolist(), offsets.tolist(), strict=True))
+
     @property
     def extra_fields(self) -> tuple[str, ...]:
         return tuple(k for k in self.numeric if k not in OHLCV and k != OPEN_INTEREST)
@@ -727,7 +738,8 @@ def read_csv_bars(cfg: CSVFeedConfig) -> CSVBars:
         # as a window's dates are CSV_TIMEZONE's (found by an attack, helper-68: a Kolkata
         # file lost its first day and gained one after the end)
         good = pc.filter(dt_text, keep)
-        if pc.match_substring_regex(trim(good[:1]), _OFFSET_MIDNIGHT)[0].as_py():
+        # any row (helper-69: a first row without an offset turned the rule off)
+        if pc.any(pc.match_substring_regex(trim(good), _OFFSET_MIDNIGHT)).as_py():
             offsets = _day_offsets(good, tvals[keep], cfg.timezone, where, lines[keep], warn=False)
             if offsets is not None:
                 wall = tvals.copy()
@@ -817,8 +829,6 @@ def _day_offsets(
     """
     parts = pc.extract_regex(trim(text), _OFFSET_MIDNIGHT)
     written = np.asarray(pc.is_valid(parts).to_numpy(zero_copy_only=False), dtype=bool)
-    if not written.any():
-        return None
     sign = np.asarray(pc.struct_field(parts, "sign").to_numpy(zero_copy_only=False))
     hh = np.asarray(pc.struct_field(parts, "hh").to_numpy(zero_copy_only=False))
     mm = np.asarray(pc.struct_field(parts, "mm").to_numpy(zero_copy_only=False))
@@ -826,10 +836,6 @@ def _day_offsets(
     minutes = np.array([int(m) if m else 0 for m in mm], dtype=np.int64)
     written &= ~(np.isin(sign, ["Z", "z"]) & ((hours != 0) | (minutes != 0)))
     own = np.where(sign == "-", -1, 1) * (hours * 3600 + minutes * 60)
-    aware = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone)
-    zone_offsets = np.zeros(len(times), dtype=np.int64)
-    if timezone != "UTC" and not written.all():
-        zone_offsets[:] = [(t.utcoffset() or timedelta(0)).total_seconds() for t in aware]
     in_zone = _midnight_mask(times, timezone)
     dates = written | in_zone
     if not dates.all():
@@ -846,8 +852,21 @@ def _day_offsets(
                 len(dates),
             )
         return None
-    offsets: np.ndarray = np.where(written, own, zone_offsets)
+    if not written.any():
+        return None  # dates in the zone alone: date_only already (_midnights)
+    offsets: np.ndarray = np.where(written, own, zone_offsets(times, timezone))
     return offsets
+
+
+def zone_offsets(times: np.ndarray, timezone: str) -> np.ndarray:
+    """The UTC offset of ``timezone`` at each time of ``times`` (``datetime64[ns]``, naive
+    UTC), int64 seconds (local = UTC + offset)."""
+    if timezone == "UTC":
+        return np.zeros(len(times), dtype=np.int64)
+    wall = pd.DatetimeIndex(times).tz_localize("UTC").tz_convert(timezone).tz_localize(None)
+    delta = wall.to_numpy().astype("datetime64[ns]") - times.astype("datetime64[ns]")
+    seconds: np.ndarray = delta.astype(np.int64) // 1_000_000_000
+    return seconds
 
 
 def _midnights(times: np.ndarray, timezone: str) -> bool:

@@ -1197,6 +1197,56 @@ def test_dates_with_their_own_offsets_are_windowed_by_their_dates(
     assert bars.numeric["close"].tolist() == [3.0, 4.0, 5.0] and bars.date_only
 
 
+def test_a_plain_dates_file_with_a_stray_row_is_warned_and_mixed_windows_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by an attack (helper-69): the near-miss warning needed a written offset, and the
+    # window by own dates looked at the first row only.
+    rows = [f"2024-01-{d:02d},1,99,0.5,{d},1" for d in range(1, 21)]
+    rows[5] = "2024-01-06 16:00:00,1,9,0.5,6,1"
+    stray = tmp_path / "STRAY.csv"
+    stray.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="feeds.csv.reader"):
+        assert not read_csv_bars(cfg(stray, "STRAY")).date_only
+    assert any(
+        "line 7: '2024-01-06 16:00:00' is not a midnight" in r.getMessage() for r in caplog.records
+    )
+    mixed = tmp_path / "MIXED.csv"
+    rows = ["2024-01-01,1,9,0.5,1,1"] + [
+        f"2024-01-{d:02d} 00:00:00+05:30,1,9,0.5,{d},1" for d in range(2, 10)
+    ]
+    mixed.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+    window = {
+        "start": datetime(2024, 1, 3, tzinfo=UTC),
+        "end": datetime(2024, 1, 6, 23, 59, 59, 999_999, tzinfo=UTC),
+    }
+    bars = read_csv_bars(cfg(mixed, "MIXED", **window))
+    assert bars.numeric["close"].tolist() == [3.0, 4.0, 5.0, 6.0]
+
+
+def test_dates_with_the_same_offsets_on_different_days_are_day_ended(tmp_path: Path) -> None:
+    # Found by an attack (helper-69): London (+00:00 then +01:00) beside Casablanca (+01:00 then
+    # +00:00 in Ramadan) had the same set of offsets and kept their midnights.
+    def dates(name: str, offsets: list[str]) -> Path:
+        rows = [f"2024-03-{4 + k:02d} 00:00:00{o},1,9,0.5,{k + 1},1" for k, o in enumerate(offsets)]
+        path = tmp_path / f"{name}.csv"
+        path.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(rows) + "\n")
+        return path
+
+    a = dates("A", ["+00:00", "+00:00", "+01:00", "+01:00"])
+    b = dates("B", ["+01:00", "+01:00", "+00:00", "+00:00"])
+    same = dates("C", ["+00:00", "+00:00", "+01:00", "+01:00"])
+    for other, ended in ((b, True), (same, False)):
+        cerebro = bt.Cerebro(stdstats=False)
+        feeds = [make_csv_feed(cfg(a, "A")), make_csv_feed(cfg(other, "O"))]
+        for feed in feeds:
+            cerebro.adddata(feed)
+        cerebro.addstrategy(bt.Strategy)
+        cerebro.run()
+        times = [bt.num2date(n) for n in feeds[0]._dates]
+        assert all(t.minute == (59 if ended else 0) for t in times), (other.name, times)
+
+
 def test_an_inferred_size_far_below_the_median_is_warned(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

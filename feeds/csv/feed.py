@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import backtrader as bt
+import numpy as np
 import pandas as pd
 
 from core.bars import BarHashes
@@ -51,8 +52,11 @@ def _same_days(a: CSVBars, b: CSVBars) -> bool:
     have the same offsets on different days (helper-69)."""
     if a.day_offsets is None and b.day_offsets is None and a.timezone == b.timezone:
         return True
-    mine, theirs = a.offsets_by_day(), b.offsets_by_day()
-    return all(theirs.get(day, offset) == offset for day, offset in mine.items())
+    (days_a, offsets_a), (days_b, offsets_b) = a.offsets_by_day(), b.offsets_by_day()
+    if np.array_equal(days_a, days_b):  # the usual case: the same trading days
+        return bool(np.array_equal(offsets_a, offsets_b))
+    _, in_a, in_b = np.intersect1d(days_a, days_b, return_indices=True)
+    return bool(np.array_equal(offsets_a[in_a], offsets_b[in_b]))
 
 
 class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]

@@ -295,17 +295,23 @@ class CSVBars:
     timezone: str = "UTC"
     date_only: bool = False
     day_offsets: np.ndarray | None = None
+    _by_day: tuple[np.ndarray, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
-    def offsets_by_day(self) -> dict[int, int]:
-        """For a file of dates: its local day (days since 1970-01-01) -> the UTC offset of that
-        day's midnight, seconds (written offsets, else ``timezone``'s). Two files of dates
-        begin and end their days together when they agree on every day both hold."""
-        offsets = self.day_offsets
-        if offsets is None:
-            offsets = zone_offsets(self.times, self.timezone)
-        local = self.times.astype("datetime64[ns]").astype(np.int64) + offsets * 1_000_000_000
-        days = np.floor_divide(local, 86_400_000_000_000)
-        return dict(zip(days.tolist(), offsets.tolist(), strict=True))
+    def offsets_by_day(self) -> tuple[np.ndarray, np.ndarray]:
+        """For a file of dates: ``(days, offsets)``, its local days (days since 1970-01-01,
+        increasing) and the UTC offset of each day's midnight, seconds (written offsets, else
+        ``timezone``'s). Two files of dates begin and end their days together when they agree
+        on every day both hold. Computed once (a Cerebro of N such feeds compares N**2 pairs
+        at start)."""
+        if self._by_day is None:
+            offsets = self.day_offsets
+            if offsets is None:
+                offsets = zone_offsets(self.times, self.timezone)
+            ns = self.times.astype("datetime64[ns]").astype(np.int64) + offsets * 1_000_000_000
+            self._by_day = (np.floor_divide(ns, 86_400_000_000_000), offsets)
+        return self._by_day
 
     @property
     def extra_fields(self) -> tuple[str, ...]:

@@ -165,6 +165,52 @@ class Columns:
         return tuple(out)
 
 
+def unique_first(keys: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+    """``np.unique(keys, return_index=True, return_inverse=True)``: the distinct keys
+    ascending, the position of each one's first occurrence, and each key's position among
+    them. Shapes ``(n,)`` -> ``(u,)``, ``(u,)``, ``(n,)``.
+
+    The keys here are small non-negative ints (a feed and a bar, a bar and a symbol): then a
+    table as long as the largest key marks them in one pass (``np.minimum.at``), where
+    ``np.unique`` sorts (0.6 ms against 15 ms for 197,000 keys below 15,000; the read-heavy
+    benchmark's batches, ``docs/benchmarks.md``, eighteenth pass). Keys that are negative or
+    spread wider than four times their number (many symbols) go to ``np.unique``; the same
+    arrays either way (``tests/unit/test_fmel_columns.py``, Hypothesis)."""
+    n = len(keys)
+    if n == 0 or int(keys.min()) < 0 or int(keys.max()) >= 4 * n + 65_536:
+        uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+        return uniq, first, inv.reshape(-1)
+    first_at = np.full(int(keys.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(first_at, keys, np.arange(n, dtype=np.int64))
+    present = first_at < n
+    uniq = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return uniq, first_at[uniq], rank[keys]
+
+
+def one_offset_per_feed(bar_of: IntArray, slot: IntArray, off: IntArray) -> BoolArray:
+    """Which bars may be resolved in columns as far as the feeds' array offsets go: a feed
+    (slot) whose offset (``off[bar, slot]``: its count minus its array index) differs between
+    the bars that read it sends every bar that reads it to the per-read path.
+
+    Args:
+        bar_of, slot: per read, its bar and feed (``(n,)``).
+        off: per bar and feed, the offset (``(bars, slots)``).
+
+    Returns:
+        ``(bars,)`` bool: False for the bars sent to the per-read path. Worked on the
+        ``(bars, slots)`` table of which feeds each bar read, not per read."""
+    read_at = np.zeros(off.shape, dtype=bool)
+    read_at[bar_of, slot] = True
+    high = np.where(read_at, off, np.iinfo(np.int64).min).max(0)
+    low = np.where(read_at, off, np.iinfo(np.int64).max).min(0)
+    spread = read_at.any(0) & (high != low)
+    if not spread.any():
+        return np.ones(off.shape[0], dtype=bool)
+    out: BoolArray = np.logical_not(read_at[:, spread].any(axis=1))
+    return out
+
+
 def _offsets(counts: IntArray) -> IntArray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
@@ -306,10 +352,7 @@ def resolve_columns(
     bar_ok = np.ones(n_bars, dtype=bool)
     bar_ok[bar_of[~ok]] = False
     # one array offset per feed within the batch (always so for growing buffers)
-    for s in np.unique(slot):
-        in_s = slot == s
-        if o[in_s].min() != o[in_s].max():
-            bar_ok[np.unique(bar_of[in_s])] = False
+    bar_ok &= one_offset_per_feed(bar_of, slot, off)
     keep = bar_ok[bar_of]
     if not keep.any():
         return None
@@ -334,7 +377,7 @@ def resolve_columns(
     # each distinct (feed, bar): its time and hash, once for the whole batch
     width = int(index.max()) + 1
     key = slot * width + index
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+    uniq, first, inv = unique_first(key)
     u_slot, u_index = np.divmod(uniq, width)
     u_pos = u_index - o[first]
     u_days = np.empty(len(uniq), dtype=np.float64)
@@ -364,7 +407,7 @@ def resolve_columns(
     # groups: (bar, symbol) in order of the symbol's first read within the bar
     sym = sym_of_slot[slot]
     gkey = bar_of * len(symbols) + sym
-    _, gfirst, ginv = np.unique(gkey, return_index=True, return_inverse=True)
+    _, gfirst, ginv = unique_first(gkey)
     rank = np.empty(len(gfirst), dtype=np.int64)
     rank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
     grp = rank[ginv]
@@ -392,7 +435,7 @@ def resolve_columns(
 
     # fields_accessed: distinct fields of each group in order of first read
     fkey = grp * max(len(field_of), 1) + fcode
-    _, ffirst = np.unique(fkey, return_index=True)
+    _, ffirst, _ = unique_first(fkey)
     ffirst = ffirst[np.lexsort((ffirst, grp[ffirst]))]  # by group, then first read
     field_names = list(field_of)
     fields = [field_names[f] for f in fcode[ffirst].tolist()]

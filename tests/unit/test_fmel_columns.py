@@ -18,8 +18,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import backtrader as bt
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +32,13 @@ from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
-from analyzers.tracking.columns import posix_us, posix_us_array, round_ms
+from analyzers.tracking.columns import (
+    one_offset_per_feed,
+    posix_us,
+    posix_us_array,
+    round_ms,
+    unique_first,
+)
 from tests.expected_records import create_expected, insert_expected
 from tests.idioms.corpus import CASES
 from tests.idioms.runs import Case, flatten, run_case
@@ -235,3 +243,112 @@ def test_the_batch_states_array_is_the_row_by_row_one(
     got = _states([([], s) for s in states], len(states), slots)
     assert got.dtype == np.int64 and got.shape == want.shape
     assert np.array_equal(got, want)
+
+
+@given(
+    st.lists(st.integers(-3, 40), max_size=60)
+    | st.lists(st.integers(0, 10**9), max_size=12)  # spread wide: np.unique's own path
+)
+def test_unique_first_is_numpys_unique(keys: list[int]) -> None:
+    arr = np.array(keys, dtype=np.int64)
+    expected = np.unique(arr, return_index=True, return_inverse=True)
+    got = unique_first(arr)
+    for e, g in zip(expected, got, strict=True):
+        assert np.array_equal(e.reshape(-1), g)
+        assert g.dtype.kind == "i"
+
+
+@given(
+    st.integers(1, 5).flatmap(
+        lambda bars: st.integers(1, 3).flatmap(
+            lambda slots: st.tuples(
+                st.lists(
+                    st.lists(st.integers(-2, 2), min_size=slots, max_size=slots),
+                    min_size=bars,
+                    max_size=bars,
+                ),
+                st.lists(
+                    st.tuples(st.integers(0, bars - 1), st.integers(0, slots - 1)), max_size=20
+                ),
+            )
+        )
+    )
+)
+def test_one_offset_per_feed_sends_every_bar_reading_a_spread_feed_to_the_per_read_path(
+    case: tuple[list[list[int]], list[tuple[int, int]]],
+) -> None:
+    off_rows, reads = case
+    off = np.array(off_rows, dtype=np.int64)
+    bar_of = np.array([b for b, _ in reads], dtype=np.int64)
+    slot = np.array([s for _, s in reads], dtype=np.int64)
+    # the rule read by read, as the docstring says it
+    want = np.ones(len(off_rows), dtype=bool)
+    for s in set(slot.tolist()):
+        bars_of_s = {b for b, t in reads if t == s}
+        if len({off_rows[b][s] for b in bars_of_s}) > 1:
+            want[list(bars_of_s)] = False
+    assert np.array_equal(one_offset_per_feed(bar_of, slot, off), want)
+
+
+class _Alternating(bt.Strategy):  # type: ignore[misc]
+    """Reads the first feed's close when ``len(self)`` is even, the second's when odd."""
+
+    def next(self) -> None:
+        _ = self.datas[len(self) % 2].close[0]
+
+
+class _CapturingSink(LocalDuckDBSink):
+    """The local sink, keeping each batch's raw reads as the writer got them."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.raw: list[tuple[Any, Any]] = []
+        self.tracker: Any = None
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        for r in records:
+            if isinstance(r, DeferredRecord) and r.pending._reads:
+                self.tracker = r.pending.tracker
+                self.raw.append((list(r.pending._reads), r.pending._state))
+        return super().write_records(records)
+
+
+def test_a_feed_whose_offset_moves_within_a_batch_sends_its_bars_to_the_per_read_path(
+    tmp_path: Path,
+) -> None:
+    """Growing buffers keep one offset a feed, so the guard is only reached with a state
+    changed here: the bars reading that feed leave the columns, the others stay."""
+    from analyzers.fmel import FMELAnalyzer
+    from analyzers.tracking.columns import resolve_columns
+
+    index = pd.date_range("2024-01-01", periods=40, freq="D")
+    frame = pd.DataFrame(
+        {c: np.linspace(10, 20, 40) for c in ("open", "high", "low", "close", "volume")},
+        index=index,
+    )
+    cerebro = bt.Cerebro(stdstats=False)
+    for name in ("A", "B"):
+        cerebro.adddata(bt.feeds.PandasData(dataname=frame), name=name)
+    cerebro.addstrategy(_Alternating)
+    sink = _CapturingSink(tmp_path / "fmel.duckdb")
+    writer = DecisionWriter(sink, batch_size=1000, spill_dir=tmp_path / "spill")
+    writer.start()
+    try:
+        cerebro.addanalyzer(FMELAnalyzer, writer=writer)
+        cerebro.run()
+    finally:
+        writer.stop(timeout_s=300)
+    bars = sink.raw
+    assert len(bars) == 40
+    tracker = sink.tracker
+    with tracker.resolve_lock:
+        cols = resolve_columns(tracker, bars)
+        assert cols is not None and cols.done == list(range(40))
+        # bar 11 (len(self) 12: feed A) as if A's array had been shifted by one at that bar
+        count, idx, held, known = bars[11][1][0]
+        moved = list(bars)
+        moved[11] = (bars[11][0], ((count, idx - 1, held, known), *bars[11][1][1:]))
+        cols = resolve_columns(tracker, moved)
+    reads_a = [i for i in range(40) if i % 2 == 1]  # len(self) is i + 1 at bar i
+    assert cols is not None
+    assert cols.done == [i for i in range(40) if i not in reads_a]

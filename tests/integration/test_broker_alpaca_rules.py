@@ -22,6 +22,7 @@ run on both APIs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import backtrader as bt
@@ -501,6 +502,58 @@ def test_reversal_whose_close_fills_at_stop_ends_canceled_with_what_filled(api: 
         assert flip.executed.size == pytest.approx(-10)
         assert bt_positions(run) == server.position_qty() == {}
         assert server.open_orders() == []
+
+
+@pytest.mark.parametrize("how", ["cancel", "valid"])
+def test_reversal_cancelled_while_its_close_fills_does_not_open(api: str, how: str) -> None:
+    """The agent cancels a reversal (or its ``valid=`` runs out) and the closing order fills
+    at Alpaca before the cancel gets there: Alpaca answers the cancel 422, the order being
+    filled ("Orders at Alpaca", cancel an order). backtrader's cancel of a partly executed
+    order keeps what executed and ends the rest: the order ends Canceled (Expired) with the
+    close executed, and no opening order is sent (fresh-context attack: a short was opened
+    after the agent's cancel)."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        server.add_position("AAPL", 10, 100.0)
+
+        def place(s: Any) -> None:
+            kw: dict[str, Any] = {}
+            if how == "valid":  # expires once a bar is stamped after it
+                kw["valid"] = s.datas[0].datetime.datetime(0) + timedelta(seconds=30)
+            s.p.log.orders["flip"] = s.sell(size=20, exectype=bt.Order.Limit, price=101.0, **kw)
+
+        def cancel(s: Any) -> None:
+            s.cancel(s.p.log.orders["flip"])
+
+        # polling only, and slowly: the fill is learnt after the cancel was asked for
+        config = fast_config(server, api, use_stream=False, poll_interval_s=2.0)
+        actions = {1: place, 2: cancel} if how == "cancel" else {1: place}
+        run = run_on(api, server, ("AAPL",), actions, config=config)
+
+        def fill_close() -> None:
+            order = server_order(server, run, "flip")
+            server.fill(order["id"], None, 101.0)  # the closing sell of 10, at the venue
+
+        end = "Canceled" if how == "cancel" else "Expired"
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                fill_close,
+                bar(run, "AAPL", 101.0),
+                lambda: wait_until(lambda: ended(run, "flip", end), what=end, timeout_s=10),
+                bar(run, "AAPL", 101.0),
+            ],
+        )
+        flip = order_of(run, "flip")
+        assert statuses(run, flip.ref)[-1] == end
+        assert "was not sent" in str(flip.info["reason"])
+        assert flip.executed.size == pytest.approx(-10)
+        assert not any(
+            r.kind == "submit" and str(r.body.get("client_order_id", "")).endswith("-open")
+            for r in server.requests
+        )
+        assert bt_positions(run) == server.position_qty() == {}
+        assert run.broker.getcash() == pytest.approx(float(server.cash))
 
 
 def test_wash_refusal_while_our_market_order_works_is_retried(api: str) -> None:

@@ -283,6 +283,22 @@ class FillsMixin:
                 self.book.follow(tr, succ)
             return  # no successor named yet: the worker searches for it
         if status == "filled" and tr.rest:
+            if tr.expiring or (tr.flight is not None and tr.flight in self._canceling):
+                # cancelled (by the agent, the risk guard's flatten or valid=) while its
+                # closing order filled: Alpaca answers the cancel 422 (the order is filled),
+                # and backtrader's cancel of a partly executed order keeps what executed and
+                # ends the rest, so the opening order is not sent (fresh-context attack:
+                # it was, and the agent's cancelled order opened a short)
+                what = "expired (valid=)" if tr.expiring else "cancelled"
+                order.addinfo(
+                    reason=f"alpaca: {what} while its closing order filled ({tr.cum}); the "
+                    f"opening order ({tr.rest}) was not sent"
+                )
+                tr.rest = Decimal(0)
+                self._notify_status(tr, snap, "canceled")  # Expired when expiring
+                tr.status = status
+                self._forget(tr.flight)
+                return
             # the closing order of a split reversal: the opening order goes now
             self._send_rest(tr)
             return

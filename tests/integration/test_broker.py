@@ -375,6 +375,44 @@ def test_open_orders_adopt_policy_tracks_them(api: str) -> None:
         assert bt_positions(run) == server.position_qty() == {"AAPL": Decimal(3)}
 
 
+@pytest.mark.parametrize("trail", [{"trail_price": "4.5"}, {"trail_percent": "5"}])
+def test_adopt_follows_an_open_trailing_stop(api: str, trail: dict[str, str]) -> None:
+    """An open trailing stop protecting the position (placed by hand or by an earlier run):
+    adopted as a backtrader ``StopTrail`` whose trail and stop are Alpaca's (``trail_price``
+    USD, or ``trail_percent`` percent as backtrader's fraction; the stop from ``hwm``, docs
+    "Orders at Alpaca", trailing stop orders), then followed to its fill. Before, building it
+    raised ``TypeError`` out of the first bar (fresh-context attack)."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        server.add_position("AAPL", 10, 90.0)
+        placed = server.place(
+            {"symbol": "AAPL", "qty": "10", "side": "sell", "type": "trailing_stop"}
+            | trail
+            | {"time_in_force": "gtc"}
+        )
+        run = run_on(
+            api, server, ("AAPL",), {}, config=fast_config(server, api, open_order_policy="adopt")
+        )
+        adopted: list[Any] = []
+
+        def check_then_trigger() -> None:
+            wait_until(lambda: run.log.has(lambda n: n.status == "Accepted"), what="adopted")
+            tr = next(iter(run.broker.book.by_ref.values()))
+            adopted.append(tr.order)
+            server.set_price("AAPL", 94.0)  # below the stop (95.5 or 95): it triggers
+            wait_until(lambda: run.log.has(lambda n: n.status == "Completed"), what="fill")
+
+        drive(run, [bar(run, "AAPL", 100.0), check_then_trigger])
+        (order,) = adopted
+        assert order.exectype == bt.Order.StopTrail and order.info["alpaca_id"] == placed["id"]
+        if "trail_price" in trail:
+            assert order.trailamount == pytest.approx(4.5)
+            assert order.created.price == pytest.approx(95.5)
+        else:
+            assert order.trailpercent == pytest.approx(0.05)
+            assert order.created.price == pytest.approx(95.0)
+        assert bt_positions(run) == server.position_qty() == {}
+
+
 def test_adopt_needs_a_feed_for_the_symbol(api: str) -> None:
     with make_server(prices={"TSLA": 100.0}) as server:
         server.place(

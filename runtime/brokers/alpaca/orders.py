@@ -564,9 +564,13 @@ def adopted_order(snap: AlpacaOrder, data: Any, parent: Any = None) -> Any:
         ``info["adopted"] = True`` and ``info["alpaca_id"]``; still ``Created`` (the broker
         submits and accepts it).
     """
-    cls = bt.BuyOrder if snap.side == OrderSide.BUY else bt.SellOrder
+    buy = snap.side == OrderSide.BUY
+    cls = bt.BuyOrder if buy else bt.SellOrder
     typ = str(getattr(snap.type, "value", snap.type))
     price = snap.stop_price if typ in ("stop", "stop_limit") else snap.limit_price
+    trail: dict[str, float] = {}
+    if typ == "trailing_stop":
+        trail, price = _adopted_trail(snap, buy, data)
     order = cls(
         owner=None,
         data=data,
@@ -576,7 +580,34 @@ def adopted_order(snap: AlpacaOrder, data: Any, parent: Any = None) -> Any:
         exectype=EXECTYPE_OF.get(typ, bt.Order.Market),
         parent=parent,
         simulated=True,
+        **trail,
     )
     order.p.simulated = False  # built without reading the feed; notified like any order
     order.addinfo(adopted=True, alpaca_id=str(snap.id))
     return order
+
+
+def _adopted_trail(snap: AlpacaOrder, buy: bool, data: Any) -> tuple[dict[str, float], Decimal]:
+    """A trailing stop's backtrader terms: ``trailamount`` (Alpaca's ``trail_price``, USD) or
+    ``trailpercent`` (``trail_percent`` / 100: backtrader's is a fraction), and the reference
+    price backtrader trails from, so that its stop equals Alpaca's ``stop_price``: Alpaca's
+    ``hwm`` (the highest price since a sell stop went live, the lowest for a buy; docs "Orders
+    at Alpaca", trailing stop orders), else one derived from ``stop_price``, else the feed's
+    close (as backtrader's own trailing stops start). Without this the order was built
+    without a price or a trail, and backtrader's ``Order.__init__`` raised ``TypeError`` out
+    of the first bar (fresh-context attack)."""
+    amount = to_decimal(snap.trail_price) if snap.trail_price is not None else None
+    percent = to_decimal(snap.trail_percent) / 100 if snap.trail_percent is not None else None
+    trail: dict[str, float] = {}
+    if amount:
+        trail["trailamount"] = float(amount)
+    elif percent:
+        trail["trailpercent"] = float(percent)
+    if snap.hwm is not None:
+        return trail, to_decimal(snap.hwm)
+    stop = to_decimal(snap.stop_price) if snap.stop_price is not None else None
+    if stop is not None and amount:
+        return trail, stop - amount if buy else stop + amount
+    if stop is not None and percent and percent < 1:
+        return trail, stop / (1 + percent) if buy else stop / (1 - percent)
+    return trail, Decimal(repr(float(data.close[0])))

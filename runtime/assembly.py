@@ -89,11 +89,11 @@ def load_agent(spec: str, params: dict[str, Any]) -> type:
         )
     defaults = dict(cls.params._getitems())  # type: ignore[attr-defined]
     for name, value in params.items():
-        problem = _param_type_problem(defaults.get(name), value)
+        problem = param_type_problem(defaults.get(name), value)
         if problem:
             raise ConfigError(
                 f"AGENT_PARAMS: param {name!r} of {class_name} {problem}, got {value!r} "
-                f"({_json_kind(value)})"
+                f"({json_kind(value)})"
             )
     return cls
 
@@ -110,7 +110,7 @@ def _error_site(e: BaseException) -> str:
     return site or "(unknown file)"
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     names = {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}
     for tp, name in names.items():
         if type(value) is tp:
@@ -120,7 +120,7 @@ def _json_kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
-def _param_type_problem(default: Any, value: Any) -> str | None:
+def param_type_problem(default: Any, value: Any) -> str | None:
     """Why ``value`` (from JSON) does not fit a param whose default is ``default``; None when
     it fits. A default of None (or of a type JSON cannot spell) accepts anything; a whole number
     fits a float param; true/false fits only a bool param (bool is not a number here)."""

@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 import numpy as np
 import pandas as pd
 
-from core.errors import AppError, ConfigError, DataError
+from core.errors import AppError, ConfigError, DataError, SinkError
 from core.signals import take_held
 from feeds.csv import CSVBars, CSVFeedConfig, read_csv_bars
-from runtime.assembly import agent_param_names, load_agent
-from runtime.research.config import OptimizeConfig
+from runtime.assembly import agent_param_names, json_kind, load_agent, param_type_problem
+from runtime.research.config import MAX_SEED, OptimizeConfig
 from runtime.research.engine import PoolEngine, make_engine
 from runtime.research.folds import Fold, make_folds
 from runtime.research.progress import Progress
-from runtime.research.space import grid_size
+from runtime.research.space import Choice, grid_size
 from runtime.research.store import FoldOutcome, make_store
 from runtime.research.study import Study, StudySummary
 from runtime.research.trial import Backtester, StudyJob, objective_of
@@ -123,6 +123,27 @@ def check_space(opt: OptimizeConfig, agent_cls: type) -> None:
             f"OPTIMIZE_SPACE: {agent_cls.__name__} has no param(s) {', '.join(unknown)}; "
             f"expected some of: {', '.join(known) or '(none)'}"
         )
+    # each value as AGENT_PARAMS checks its own (a fresh-context attack: true ran as SMA(1) and
+    # won; a range of floats for a whole-number param failed every trial after the study)
+    defaults = dict(agent_cls.params._getitems())  # type: ignore[attr-defined]
+    for p in opt.parameters:
+        default = defaults.get(p.name)
+        if isinstance(p, Choice):
+            for value in p.values:
+                problem = param_type_problem(default, value)
+                if problem:
+                    raise ConfigError(
+                        f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} {problem}, "
+                        f"got {value!r} ({json_kind(value)})"
+                    )
+        elif not p.integer:
+            problem = param_type_problem(default, 0.5)
+            if problem:
+                raise ConfigError(
+                    f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} {problem}, got a "
+                    "range of numbers (whole numbers need low, high and step all written "
+                    "whole, e.g. 10 not 10.0)"
+                )
     if getattr(agent_cls, "requires_model", False):
         raise ConfigError(
             f"MODE=optimize: {agent_cls.__name__} needs a model; optimising model agents is not "
@@ -165,6 +186,11 @@ def prepare(
     bars = {fc.symbol: read_csv_bars(fc) for fc in config.csv_feeds}
     first, last = common_span(bars)
     folds = make_folds(first.to_pydatetime(), last.to_pydatetime(), opt.windows)
+    if opt.sampler != "grid" and opt.seed + len(folds) - 1 > MAX_SEED:
+        raise ConfigError(
+            f"OPTIMIZE_SEED={opt.seed}: fold k uses seed + k, and {len(folds)} folds reach "
+            f"{opt.seed + len(folds) - 1}; expected at most {MAX_SEED - len(folds) + 1}"
+        )
     parts_dir = None
     if opt.record == "all" and local:
         parts_dir = parts_root(config.fmel.local_path) / study_id
@@ -312,8 +338,17 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
     start_signals = _StartSignals()
     try:
         start_signals.install()
-        store.open()
+        # the engine first: a cluster that cannot be reached leaves no store behind
         engine = make_engine(job, bars, workers=opt.workers, ray_address=opt.ray_address)
+        try:
+            store.open()
+        except (OSError, SinkError) as e:
+            if config.fmel.sink != "local":
+                raise
+            raise ConfigError(  # as the runner says it of a backtest's store
+                f"FMEL_LOCAL_PATH={config.fmel.local_path}: cannot create or open the "
+                f"decision store there ({type(e).__name__}: {e}); choose a writable path"
+            ) from e
         recorder = Backtester(replace(job, parts_dir=None), bars) if opt.record == "best" else None
         if recorder is None:
             bars.clear()  # the driver keeps no data it does not use
@@ -349,6 +384,14 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
     except _StartInterrupted as e:
         logger.warning("%s during start-up: stopped before any trial ran", e)
         return OptimizeOutcome(128 + e.signum, None, "")
+    except (ConfigError, DataError) as e:
+        # before the generic clause below, which re-raises (RAY_ADDRESS with nothing
+        # listening left a traceback and exit 1: a fresh-context attack)
+        logger.error("%s: %s", type(e).__name__, e)
+        return OptimizeOutcome(2, None, "")
+    except AppError as e:
+        logger.error("study failed: %s: %s", type(e).__name__, e)
+        return OptimizeOutcome(1, None, "")
     except Exception as e:
         # A library that checks for signals turns the raised _StartInterrupted into its own
         # error (DuckDB: "RuntimeError: Query interrupted", an attack's finding)
@@ -357,12 +400,6 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
         name = signal.Signals(start_signals.signum).name
         logger.warning("%s during start-up (%s): stopped before any trial ran", name, e)
         return OptimizeOutcome(128 + start_signals.signum, None, "")
-    except (ConfigError, DataError) as e:
-        logger.error("%s: %s", type(e).__name__, e)
-        return OptimizeOutcome(2, None, "")
-    except AppError as e:
-        logger.error("study failed: %s: %s", type(e).__name__, e)
-        return OptimizeOutcome(1, None, "")
     finally:
         if progress is not None:
             progress.close()

@@ -18,6 +18,8 @@ from runtime.research.space import Space, parse_space
 
 Metric = Literal["sharpe", "sortino", "calmar", "return", "max_drawdown"]
 METRICS: tuple[str, ...] = ("sharpe", "sortino", "calmar", "return", "max_drawdown")
+# the largest seed numpy takes (Optuna's samplers seed numpy): 2**32 - 1
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,7 +89,12 @@ class OptimizeConfig:
         help="parallel trials; 0: one per core (or per Ray CPU); 1: sequential",
         minimum=0,
     )
-    seed: int = setting(0, env="OPTIMIZE_SEED", help="seed of the tpe/random samplers")
+    seed: int = setting(
+        0,
+        env="OPTIMIZE_SEED",
+        help="seed of the tpe/random samplers (fold k uses seed + k), 0 to 2**32 - 1",
+        minimum=0,
+    )
     pruner: Literal["none", "median"] = setting(
         "none",
         env="OPTIMIZE_PRUNER",
@@ -113,6 +120,9 @@ class OptimizeConfig:
             raise ConfigError(f"OPTIMIZE_TRIALS={self.trials}: expected a whole number >= 1")
         if self.workers < 0:
             raise ConfigError(f"OPTIMIZE_WORKERS={self.workers}: expected a whole number >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            # numpy's seeds (Optuna's samplers): fold k uses seed + k (checked with the folds)
+            raise ConfigError(f"OPTIMIZE_SEED={self.seed}: expected a whole number 0..{MAX_SEED}")
         # Parsed here so that a mistake fails at start; parsing again later is cheap and pure.
         parse_space(self.space, grid=self.sampler == "grid")
         parse_walk_forward(self.walk_forward)

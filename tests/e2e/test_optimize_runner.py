@@ -147,6 +147,28 @@ def test_record_all_merges_every_trials_decisions_into_the_local_store(workdir: 
             {"OPTIMIZE_SPACE": '{"fast": [5]}', "OPTIMIZE_SAMPLE": "tpe"},
             "did you mean OPTIMIZE_SAMPLER",
         ),
+        # a fresh-context attack: each ran (true as SMA(1), and won), or failed every trial
+        (
+            {"OPTIMIZE_SPACE": '{"fast": [true, 5]}'},
+            "OPTIMIZE_SPACE: param 'fast' of SmaCrossAgent expects a whole number",
+        ),
+        (
+            {"OPTIMIZE_SPACE": '{"slow": {"low": 30, "high": 60, "step": 10.0}}'},
+            "got a range of numbers",
+        ),
+        ({"OPTIMIZE_SPACE": '{"fast": [5]}', "OPTIMIZE_SEED": "-3"}, "OPTIMIZE_SEED"),
+        (
+            {
+                "OPTIMIZE_SPACE": '{"fast": [5, 10]}',
+                "OPTIMIZE_SAMPLER": "random",
+                "OPTIMIZE_TRIALS": "2",
+                "OPTIMIZE_SEED": "4294967295",
+                "WALK_FORWARD": '{"train": "4y", "test": "1y"}',
+            },
+            "OPTIMIZE_SEED=4294967295: fold k uses seed + k",
+        ),
+        ({"OPTIMIZE_SPACE": '{"fast": [5]}', "RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS"),
+        ({"OPTIMIZE_SPACE": '{"fast": [5]}', "FMEL_LOCAL_PATH": "."}, "FMEL_LOCAL_PATH=."),
     ],
 )
 def test_bad_settings_fail_at_start_with_exit_2(

@@ -567,7 +567,7 @@ def adopted_order(snap: AlpacaOrder, data: Any, parent: Any = None) -> Any:
     buy = snap.side == OrderSide.BUY
     cls = bt.BuyOrder if buy else bt.SellOrder
     typ = str(getattr(snap.type, "value", snap.type))
-    price = snap.stop_price if typ in ("stop", "stop_limit") else snap.limit_price
+    price: Any = snap.stop_price if typ in ("stop", "stop_limit") else snap.limit_price
     trail: dict[str, float] = {}
     if typ == "trailing_stop":
         trail, price = _adopted_trail(snap, buy, data)

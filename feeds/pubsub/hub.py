@@ -211,11 +211,10 @@ class BarHub:
             now = self._clock()
             self._last_offer = now
             num = bar.dt_num
-            if num < buf.last_num or (
-                bar.publish_time_s is not None and bar.publish_time_s < self._backlog_before
-            ):
-                self._disorder_locked(now)
             if num <= self._served:
+                # Refused whatever comes: it starts no hold either. Every bar it could be
+                # waited for with is older still, so also late (a fresh-context attack: one
+                # bar an hour old held every symbol 15 s; one every 5 s held them all).
                 self.late[bar.symbol] += 1
                 if num == self._served and num >= buf.last_num:
                     # Late for the latest step only: caught up, waited for from the next one.
@@ -223,6 +222,10 @@ class BarHub:
                     buf.waited = True
                     heapq.heappush(self._wm, (num, buf.order, buf))
                 return LATE
+            if num < buf.last_num or (
+                bar.publish_time_s is not None and bar.publish_time_s < self._backlog_before
+            ):
+                self._disorder_locked(now)
             pending = buf.pending
             if not pending or num > pending[-1].dt_num:
                 if not pending:

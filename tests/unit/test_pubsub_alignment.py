@@ -346,6 +346,27 @@ def test_bars_out_of_order_are_put_back_in_order_until_their_step() -> None:
     assert h.stats.malformed == {"stale_timestamp": 1}
 
 
+def test_a_bar_older_than_a_served_step_is_late_and_holds_nothing() -> None:
+    """A bar that arrives out of order holds steps for ``disorder_quiet_s`` (an older one may
+    still be on its way), unless it is late itself: it is refused, and any bar it could be
+    waited for with is older still. Before (a fresh-context attack on the emulator), one bar
+    an hour old held every symbol for 15 s, and one every 5 s held them all the 120 s cap."""
+    clock = FakeClock()
+    hub = BarHub(["A"], align_wait_s=0, clock=clock)
+    hub.disorder_quiet_s = 15.0
+    for i in range(3):
+        hub.offer(bar("A", i))
+    assert _served(hub) == [0, 1, 2]
+    assert hub.offer(bar("A", 1)) == LATE  # older than a served step
+    hub.offer(bar("A", 3))
+    assert _served(hub) == [3]  # at once: no hold
+    assert hub.offer(bar("A", 5)) == OFFERED
+    assert hub.offer(bar("A", 4)) == OFFERED  # out of order, not late: this one holds
+    assert _served(hub) == []
+    clock.now += 15.0
+    assert _served(hub) == [4, 5]
+
+
 def test_steps_are_held_while_redeliveries_are_due() -> None:
     clock = FakeClock()
     hub = BarHub(["A"], align_wait_s=0, clock=clock)

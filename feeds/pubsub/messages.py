@@ -373,6 +373,16 @@ def _decode(
             f"attribute symbol {excerpt(symbol)} != body symbol {excerpt(body_symbol)}",
         )
     ts = parse_timestamp(doc.get("timestamp"))
+    if ts.microsecond % 1000:
+        # Bar times are kept to the millisecond (the record's bar_time and a live run's
+        # decision ids; backtrader's float dates hold about 10 us): two bars under a
+        # millisecond apart shared a decision id, and the store kept one of them without a
+        # word (a fresh-context attack). Refused, not rounded: rounding would make two bars one.
+        raise MalformedMessageError(
+            "bad_timestamp",
+            f"timestamp {excerpt(doc.get('timestamp'))} is not on a whole millisecond (bar "
+            "times are kept to the millisecond)",
+        )
     if clock_s is not None and ts.timestamp() > clock_s + max_future_s:
         raise MalformedMessageError(
             "future_timestamp",

@@ -503,7 +503,10 @@ def test_csv_hash_equals_the_pubsub_message_hash_of_the_same_bar(
     from feeds.pubsub.messages import decode_message
 
     path = tmp_path_factory.mktemp("h") / "H.csv"
-    start = datetime(2001, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds, microseconds=seconds)
+    # live bar times are whole milliseconds (a finer time is refused: test_pubsub_decoder.py)
+    start = datetime(2001, 1, 1, tzinfo=UTC) + timedelta(
+        seconds=seconds, milliseconds=seconds % 1000
+    )
     lines = ["time,open,high,low,close,volume,signal,note"]
     docs = []
     for i, (low, spread, volume, signal, note) in enumerate(rows):

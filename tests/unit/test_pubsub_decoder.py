@@ -159,6 +159,9 @@ def test_valid_bars_decode_to_their_values(
         (body(timestamp="0001-01-01T00:30:00+01:00"), "bad_timestamp"),  # year 0 in UTC
         (body(timestamp="9999-12-31T23:30:00-01:00"), "bad_timestamp"),  # year 10000 in UTC
         (body(timestamp="0900-01-01T00:00:00Z"), "bad_timestamp"),
+        # under a millisecond: two such bars shared a paper run's decision id (attack finding)
+        (body(timestamp="2024-01-02T15:30:00.0001Z"), "bad_timestamp"),
+        (body(timestamp="2024-01-02T15:30:00.001001+00:00"), "bad_timestamp"),
         (body(close="x" * 1_000_000), "non_numeric_price"),
         (body(close=99.0), "invalid_bar"),  # close above high
         (body(open=9.0), "invalid_bar"),  # open below low

@@ -488,6 +488,28 @@ def test_equities_wait_for_the_open_crypto_does_not(api: str) -> None:
         )
 
 
+@pytest.mark.parametrize("tif", ["opg", "cls"])
+def test_auction_orders_are_sent_while_the_market_is_closed(api: str, tif: str) -> None:
+    """A market-on-open (``opg``) order must reach Alpaca before 9:28 ET, and Alpaca rejects
+    one sent from then until 19:00 (docs "Orders at Alpaca", time in force): held until the
+    open, as regular-session orders are, it could never run (a fresh-context attack). ``cls``
+    orders are taken while closed too."""
+    with make_server(market_open=False, prices={"AAPL": 100.0}) as server:
+        server.set_clock(is_open=False, next_open=now() + timedelta(hours=1))
+        run = run_on(api, server, ("AAPL",), {1: buy("auction", size=1, time_in_force=tif)})
+        drive(
+            run,
+            [
+                bar(run, "AAPL", 100.0),
+                lambda: wait_until(
+                    lambda: server.count_kind("submit") == 1, what="sent while closed"
+                ),
+            ],
+        )
+        sent = server_order(server, run, "auction")
+        assert sent["time_in_force"] == tif
+
+
 def test_waiting_order_is_not_sent_when_run_stops(api: str) -> None:
     with make_server(fill_mode="immediate", market_open=False, prices={"AAPL": 100.0}) as server:
         run = run_on(api, server, ("AAPL",), {1: buy("eq", size=1)})

@@ -421,11 +421,18 @@ class AlpacaWorker:
         return dataclasses.replace(cmd, request=request.model_copy(update={"qty": float(room)}))
 
     def _must_wait(self, api: AlpacaApi, cmd: SubmitOrder) -> bool:
-        """True when ``cmd`` is an equity order for the regular session and the Alpaca clock
-        says the market is closed. An unreadable clock holds the order only while the last read
-        still proves the market closed; otherwise the order goes (Alpaca queues orders placed
-        while the market is closed, docs "Orders")."""
+        """True when ``cmd`` is an equity order for the regular session (not an ``opg``/``cls``
+        auction order) and the Alpaca clock says the market is closed. An unreadable clock
+        holds the order only while the last read still proves the market closed; otherwise the
+        order goes (Alpaca queues orders placed while the market is closed, docs "Orders")."""
         if is_crypto(cmd.symbol) or cmd.extended_hours or not self.config.wait_for_market_open:
+            return False
+        tif = str(getattr(cmd.request.time_in_force, "value", cmd.request.time_in_force))
+        if tif in ("opg", "cls"):
+            # auction orders: an opg order must reach Alpaca before 9:28 ET and is rejected
+            # from then until 19:00, so held until the open it could never run (docs "Orders
+            # at Alpaca", time in force; a fresh-context attack); cls orders are taken while
+            # closed for the next closing auction
             return False
         clock = self.clock
         now = datetime.now(UTC)

@@ -56,7 +56,7 @@ def subscriber_client(emulator_host: str | None) -> Any:
 
         channel = grpc.insecure_channel(emulator_host, options=CHANNEL_OPTIONS)
         return SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
-    return SubscriberClient()
+    return _with_credentials(SubscriberClient)
 
 
 def publisher_client(emulator_host: str | None, *, ordering: bool = True) -> Any:
@@ -74,7 +74,29 @@ def publisher_client(emulator_host: str | None, *, ordering: bool = True) -> Any
         return PublisherClient(
             publisher_options=options, transport=PublisherGrpcTransport(channel=channel)
         )
-    return PublisherClient(publisher_options=options)
+    return _with_credentials(PublisherClient, publisher_options=options)
+
+
+def _with_credentials(client_cls: Any, **kwargs: Any) -> Any:
+    """A client on Application Default Credentials; none found is a configuration error at
+    start, naming what to set (was an uncaught ``DefaultCredentialsError``, exit 1: a
+    fresh-context attack with ``PUBSUB_EMULATOR_HOST=`` empty, which reads as unset).
+
+    Raises:
+        ConfigError: no usable credentials (``google.auth`` found none).
+    """
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from core.errors import ConfigError
+
+    try:
+        return client_cls(**kwargs)
+    except DefaultCredentialsError as e:
+        raise ConfigError(
+            f"Pub/Sub: no Application Default Credentials ({str(e).splitlines()[0][:160]}); "
+            "set PUBSUB_EMULATOR_HOST=host:port for the emulator, or GOOGLE_APPLICATION_"
+            "CREDENTIALS / `gcloud auth application-default login` for Google Cloud"
+        ) from e
 
 
 # One Publish request carries at most 1,000 messages and 10 MB

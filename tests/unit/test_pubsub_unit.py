@@ -619,3 +619,20 @@ def test_a_live_feed_shorter_than_an_indicators_period_is_refused_by_name() -> N
     strategy = _bounded_run(lookback=10)  # enough: runs, and the SMA is right
     assert len(strategy) == 30
     assert strategy.sma[0] == pytest.approx(sum(10.5 + m for m in range(20, 30)) / 10)
+
+
+@pytest.mark.parametrize("which", ["subscriber", "publisher"])
+def test_no_credentials_without_an_emulator_is_a_config_error(
+    which: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``PUBSUB_EMULATOR_HOST`` unset (or empty) and no Application Default Credentials: a
+    ConfigError naming what to set (exit 2 at start), not google.auth's own exception (it
+    escaped as an uncaught error, exit 1: a fresh-context attack)."""
+    from core.errors import ConfigError
+    from feeds.pubsub.clients import publisher_client, subscriber_client
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    make = subscriber_client if which == "subscriber" else publisher_client
+    with pytest.raises(ConfigError, match="PUBSUB_EMULATOR_HOST=host:port"):
+        make(None)

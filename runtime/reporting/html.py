@@ -791,6 +791,15 @@ def is_oos_figure(trials: pd.DataFrame, metric: str) -> Fig:
     )
 
 
+def _gain_without_drawdown(r: dict[str, Any], window: str) -> bool:
+    """The window gained without any drawdown: its Sortino and Calmar are +inf, stored as NULL
+    (the rule of ``runtime.research.trial.objective_of``; the text report prints ``inf``; the
+    HTML page printed ``n/a``, undefined, for the dominant trial: a fresh-context attack)."""
+    drawdown = _num(r.get(f"{window}_max_drawdown_pct"))
+    gain = _num(r.get(f"{window}_total_return_pct"))
+    return drawdown is not None and drawdown <= 1e-10 and gain is not None and gain > 0
+
+
 def _folds_table(best: pd.DataFrame, metric: str) -> str:
     col = METRIC_COLUMNS.get(metric, metric)
     head = (
@@ -799,8 +808,10 @@ def _folds_table(best: pd.DataFrame, metric: str) -> str:
         "<th>session</th></tr>"
     )
 
-    def cell(r: dict[str, Any], key: str) -> str:
-        v = _num(r.get(key))
+    def cell(r: dict[str, Any], window: str) -> str:
+        v = _num(r.get(f"{window}_{col}"))
+        if v is None and metric in ("sortino", "calmar") and _gain_without_drawdown(r, window):
+            return "inf"  # stored NULL, the objective +inf (docs/research.md, "The objective")
         return "n/a" if v is None else f"{v:.3f}"
 
     rows = []
@@ -811,8 +822,8 @@ def _folds_table(best: pd.DataFrame, metric: str) -> str:
             f"<tr><td>{int(r['fold'])}</td><td>{html.escape(train)}</td>"
             f"<td>{html.escape(test if _iso(r.get('test_end')) else 'n/a')}</td>"
             f"<td>{html.escape(str(r.get('params')))}</td>"
-            f'<td class="num">{cell(r, f"is_{col}")}</td>'
-            f'<td class="num">{cell(r, f"oos_{col}")}</td>'
+            f'<td class="num">{cell(r, "is")}</td>'
+            f'<td class="num">{cell(r, "oos")}</td>'
             f"<td>{html.escape(str(r.get('session_id') or ''))}</td></tr>"
         )
     return f'<table id="folds">{head}{"".join(rows)}</table>'

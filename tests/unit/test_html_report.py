@@ -5,6 +5,7 @@ frame (the shape of runtime.research.store's ``trials`` table)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -314,3 +315,29 @@ def test_any_recorded_text_round_trips_as_data(reasoning: str, note: str) -> Non
     assert body and "<" not in body.group(1)  # nothing in the data can open or close a tag
     d = json.loads(body.group(1))["decisions"]["1"]
     assert d["reasoning"] == reasoning and json.loads(d["notes"]) == {"n": note}
+
+
+@pytest.mark.parametrize("metric", ["sortino", "calmar"])
+def test_a_gain_without_drawdown_is_inf_in_the_folds_table_not_na(metric: str) -> None:
+    """Sortino and Calmar of a window that gained without any drawdown are +inf, stored NULL
+    (docs/research.md, "The objective": reports print ``inf``). The page printed ``n/a``
+    (undefined) for the dominant trial (a fresh-context attack); a flat window stays n/a."""
+    trials = trials_frame().assign(
+        metric=metric,
+        objective=math.inf,
+        is_total_return_pct=5.0,
+        is_max_drawdown_pct=0.0,
+        oos_total_return_pct=[2.0 if t % 2 else 0.0 for t in range(18)],
+        oos_max_drawdown_pct=0.0,
+    )
+    trials[f"is_{metric}"] = None
+    trials[f"oos_{metric}"] = None
+    trials.loc[trials["trial"] != 5, "objective"] = 1.0  # trial 5 (odd: OOS gained) is best
+    table = re.search(r'<table id="folds">.*?</table>', render_study(trials), re.S)
+    assert table is not None
+    cells = re.findall(r'<td class="num">([^<]*)</td>', table.group(0))
+    assert cells == ["inf", "inf"] * 3
+    flat = trials.assign(oos_total_return_pct=0.0)
+    table = re.search(r'<table id="folds">.*?</table>', render_study(flat), re.S)
+    assert table is not None
+    assert re.findall(r'<td class="num">([^<]*)</td>', table.group(0)) == ["inf", "n/a"] * 3

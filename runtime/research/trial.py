@@ -346,11 +346,13 @@ class Backtester:
                 b.hashes.from_disk()
         self.agent_cls = load_agent(job.agent, dict(job.base_params))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.written = 0  # decisions the last trial's writer stored (also when it failed)
 
     def run(self, task: TrialTask) -> TrialResult:
         """Run one trial. Errors of the agent or the data make a ``failed`` result (the study
         goes on); nothing is raised except ``KeyboardInterrupt``/``SystemExit``."""
         t0 = time.perf_counter()
+        self.written = 0
 
         def result(status: TrialState, **kw: Any) -> TrialResult:
             return TrialResult(
@@ -384,12 +386,21 @@ class Backtester:
             # A real Ctrl-C never lands here: the study's signal handler takes SIGINT in the
             # parent (no exception), pool workers ignore it, a second signal calls os._exit.
             logger.debug("trial %s failed", task.session_id, exc_info=True)
+            error = f"{type(e).__name__}: {e}"
+            if isinstance(e, IndexError):
+                # backtrader's own words when an indicator's period is longer than the data
+                # (a fresh-context attack: "array assignment index out of range" alone)
+                error += (
+                    " (backtrader raises this when an indicator's period is longer than the "
+                    "trial's window: fewer bars than a param asks for?)"
+                )
             return result(
                 "failed",
                 objective=None,
                 in_sample=None,
                 out_of_sample=None,
-                error=f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS],
+                error=error[:_MAX_ERROR_CHARS],
+                decisions=self.written,
             )
         return result(
             "pruned" if pruned else "complete",
@@ -434,14 +445,15 @@ class Backtester:
                 strict_lookahead=job.fmel.strict_lookahead,
             )
         cerebro.addstrategy(self.agent_cls, **params)
-        decisions = 0
+        decisions = self.written = 0
         if writer is not None:
             writer.start()
         try:
             strategy = cerebro.run()[0]
         finally:
             if writer is not None:
-                decisions = writer.stop(timeout_s=job.writer_timeout_s).written
+                # also when the agent raised: a failed trial's row counts what it recorded
+                decisions = self.written = writer.stop(timeout_s=job.writer_timeout_s).written
         pruned = bool(pruner is not None and strategy.analyzers.checkpoints.pruned)
         return strategy.analyzers.equity.series(), pruner, pruned, decisions
 

@@ -84,6 +84,39 @@ def test_a_rejected_combination_is_a_failed_trial(tmp_path: Path, bars: dict) ->
     assert result.error == "ValueError: need 0 < fast < slow, got fast=40 slow=30"
 
 
+class FailsAtBar6(SmaCrossAgent):
+    """Raises at its sixth ``next()``."""
+
+    def next(self) -> None:
+        if len(self) - self.p.slow + 1 >= 6:
+            raise RuntimeError("boom at bar 6")
+        super().next()
+
+
+def test_a_recorded_trial_that_fails_counts_the_decisions_it_stored(
+    tmp_path: Path, bars: dict
+) -> None:
+    """A fresh-context attack: the failed trial's row said ``decisions = 0`` while the store
+    held its decisions."""
+    bt = Backtester(replace(job(tmp_path), agent=f"{__name__}:FailsAtBar6"), bars)
+    result = bt.run(task(2, 10, 30, record=True))
+    assert result.status == "failed" and result.error == "RuntimeError: boom at bar 6"
+    with duckdb.connect(str(tmp_path / "fmel.duckdb"), read_only=True) as con:
+        (n,) = con.execute("SELECT count(*) FROM decisions WHERE session_id = 'T-2'").fetchone()
+    assert n > 0 and result.decisions == n
+    # the next trial of the same worker starts from zero
+    assert bt.run(task(3, 40, 30, record=True)).decisions == 0
+
+
+def test_an_index_error_of_a_period_longer_than_the_window_says_so(
+    tmp_path: Path, bars: dict
+) -> None:
+    result = Backtester(job(tmp_path), bars).run(task(4, 10, 3000))
+    assert result.status == "failed"
+    assert result.error is not None and result.error.startswith("IndexError")
+    assert "period is longer than the trial's window" in result.error
+
+
 def test_median_pruning_stops_a_trial_that_trails_the_completed_ones(
     tmp_path: Path, bars: dict
 ) -> None:

@@ -18,6 +18,7 @@ Clients are built here and owned by whoever asked for them (the subscriber, the 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -183,9 +184,17 @@ def symbol_filter(symbols: Sequence[str]) -> str | None:
 
 def subscription_id(prefix: str, deployment: str, topic_id: str, many: bool) -> str:
     """``<prefix>-<deployment>[-<topic>]``, made legal (letters first, 3..255 characters, not
-    ``goog...``). The same inputs always give the same id: a restarted runner reuses it."""
+    ``goog...``); a name that had to be changed or cut ends with ``-`` and 8 hex digits of the
+    raw name's SHA-256, so different inputs never share a subscription. The same inputs always
+    give the same id: a restarted runner reuses it."""
     raw = f"{prefix}-{deployment}" + (f"-{topic_id}" if many else "")
     name = _SUB_ID_RE.sub("-", raw).strip("-")
     if not name or not name[0].isalpha() or name.lower().startswith("goog"):
         name = "s-" + name
-    return name[:255].ljust(3, "x")
+    if name != raw or len(name) > 255:
+        # Made legal, so two deployments could meet on one name ("desk/a", "desk a" and
+        # "desk-a"; or two long ones cut at 255) and share one subscription, each getting
+        # part of the bars (a fresh-context attack): a digest of the raw name keeps them apart.
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = f"{name[: 255 - 9]}-{digest}"
+    return name.ljust(3, "x")

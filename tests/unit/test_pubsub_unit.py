@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,8 @@ from typing import Any
 
 import backtrader as bt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hst
 
 from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
@@ -573,9 +576,30 @@ def test_subscription_names_are_legal_and_stable() -> None:
     assert subscription_id("bt-runner", "SmaCrossAgent", "bars", True) == (
         "bt-runner-SmaCrossAgent-bars"
     )
-    assert subscription_id("1x", "s/1", "bars", True) == "s-1x-s-1-bars"
-    assert subscription_id("goog", "a", "t", False) == "s-goog-a"
+    assert subscription_id("1x", "s/1", "bars", True).startswith("s-1x-s-1-bars-")
+    assert subscription_id("goog", "a", "t", False).startswith("s-goog-a-")
     assert len(subscription_id("p" * 300, "s", "t", False)) == 255
+
+
+@given(hst.lists(hst.text(min_size=1, max_size=300), min_size=2, max_size=2, unique=True))
+def test_different_deployments_never_share_a_subscription(names: list[str]) -> None:
+    """Names made legal could meet ("desk/a", "desk a", "desk-a"; two long ones cut at 255)
+    and two runners would split one subscription's bars (a fresh-context attack)."""
+    a, b = (subscription_id("bt-runner", n, "bars", False) for n in names)
+    assert a != b
+    for sub in (a, b):
+        assert 3 <= len(sub) <= 255 and sub[0].isalpha()
+        assert re.fullmatch(r"[A-Za-z0-9\-_.~+%]+", sub) and not sub.lower().startswith("goog")
+    assert subscription_id("bt-runner", names[0], "bars", False) == a  # stable
+
+
+def test_names_that_collided_before_do_not() -> None:
+    ids = {subscription_id("bt-runner", n, "bars", False) for n in ("desk/a", "desk a", "desk-a")}
+    assert len(ids) == 3 and "bt-runner-desk-a" in ids  # a legal name is kept as it was
+    long = "p" * 250
+    assert subscription_id(long, "AgentOne", "t", False) != subscription_id(
+        long, "AgentTwo", "t", False
+    )
 
 
 def test_reconnect_backoff_is_jittered_exponential_and_capped() -> None:

@@ -320,10 +320,11 @@ def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
     Names are normalised like CSV columns (:func:`core.bars.field_name`).
 
     Raises:
-        ConfigError: on a bad kind or a reserved name.
+        ConfigError: on a bad kind, a reserved name, or one field given two kinds.
     """
     numeric: list[str] = []
     text: list[str] = []
+    seen: list[str] = []
     for spec in specs:
         raw, _, kind = spec.partition(":")
         try:
@@ -341,8 +342,18 @@ def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
         if kind not in ("number", "text"):
             raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: kind must be number or text")
         target = text if kind == "text" else numeric
-        if name not in numeric and name not in text:
+        other = numeric if kind == "text" else text
+        if name in other:
+            # "a:number,A:text" are one field (names are normalised): its kind is not clear
+            # (the first was kept without a word: a fresh-context attack)
+            first = next(x for x in seen if field_name(x.partition(":")[0]) == name)
+            raise ConfigError(
+                f"PUBSUB_FIELDS: {first!r} and {spec!r} are the same field {name!r} with two "
+                "kinds; give it once"
+            )
+        if name not in target:
             target.append(name)
+        seen.append(spec)
     return FieldSet(tuple(numeric), tuple(text))
 
 

@@ -560,6 +560,10 @@ def test_declared_fields_parse_kinds_and_refuse_reserved_names() -> None:
         parse_declared_fields(["start"])
     with pytest.raises(ConfigError, match="number or text"):
         parse_declared_fields(["x:blob"])
+    # one field twice: the same kind is one field, two kinds are refused (the first won)
+    assert parse_declared_fields(["a", "A:number"]) == FieldSet(("a",), ())
+    with pytest.raises(ConfigError, match="'a:number' and 'A:text' are the same field 'a'"):
+        parse_declared_fields(["a:number", "A:text"])
 
 
 def test_symbol_filter_only_when_it_fits() -> None:

@@ -136,13 +136,21 @@ def check_space(opt: OptimizeConfig, agent_cls: type) -> None:
                         f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} {problem}, "
                         f"got {value!r} ({json_kind(value)})"
                     )
-        elif not p.integer:
-            problem = param_type_problem(default, 0.5)
+        else:
+            # a range proposes numbers: whole ones when low, high and step are written whole
+            # (helper-73: {"low": 1, "high": 2} for a string param passed, every trial failed)
+            problem = param_type_problem(default, 1 if p.integer else 0.5)
             if problem:
+                hint = (
+                    ""
+                    if p.integer or param_type_problem(default, 1) is not None
+                    else " (whole numbers need low, high and step all written whole, e.g. 10 "
+                    "not 10.0)"
+                )
+                kind = "whole numbers" if p.integer else "numbers"
                 raise ConfigError(
                     f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} {problem}, got a "
-                    "range of numbers (whole numbers need low, high and step all written "
-                    "whole, e.g. 10 not 10.0)"
+                    f"range of {kind}{hint}"
                 )
     if getattr(agent_cls, "requires_model", False):
         raise ConfigError(

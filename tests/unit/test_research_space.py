@@ -6,11 +6,13 @@ import itertools
 import math
 from typing import Any
 
+import backtrader as bt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.errors import ConfigError
+from runtime.research.cli import check_space
 from runtime.research.config import OptimizeConfig
 from runtime.research.space import (
     MAX_GRID_POINTS,
@@ -249,3 +251,57 @@ def test_a_grid_at_the_cap_is_counted_not_built() -> None:
     assert next(grid_points(space)) == {"x": 1, "y": 1}
     # sampled search never enumerates: any size is fine
     assert parse_space({"x": {"low": 0, "high": 10**12}}, grid=False)[0].high == 10**12
+
+
+class _TypedParams(bt.Strategy):
+    """An agent with one param of each kind JSON can spell (for ``check_space``)."""
+
+    params = (
+        ("n", 10),
+        ("x", 0.5),
+        ("flag", False),
+        ("name", "equal"),
+        ("anything", None),
+        ("lst", [1, 2]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("space", "sampler", "message"),
+    [
+        # accepted: each proposes values the param's type takes
+        ({"n": {"low": 1, "high": 100, "log": True}}, "tpe", None),
+        ({"x": {"low": 1, "high": 3}}, "tpe", None),
+        ({"x": {"low": 0.1, "high": 0.9}}, "tpe", None),
+        ({"flag": [True, False]}, "grid", None),
+        ({"name": ["equal", "inverse_vol"]}, "grid", None),
+        ({"anything": {"low": 0.1, "high": 0.5}}, "tpe", None),
+        # refused (helper-73: a range of whole numbers for a text, true/false or list param
+        # passed the check, then every trial failed in the agent)
+        ({"name": {"low": 1, "high": 3}}, "grid", "param 'name' of _TypedParams expects a string"),
+        (
+            {"flag": {"low": 0, "high": 1}},
+            "grid",
+            "param 'flag' of _TypedParams expects true/false",
+        ),
+        ({"lst": {"low": 1, "high": 3}}, "grid", "param 'lst' of _TypedParams expects a list"),
+        ({"n": {"low": 10.0, "high": 20.0}}, "tpe", "whole numbers need low, high and step"),
+        (
+            {"flag": {"low": 0.0, "high": 1.0}},
+            "tpe",
+            "expects true/false (default False), got a range of numbers",
+        ),
+    ],
+)
+def test_check_space_takes_a_range_only_for_a_param_that_takes_its_numbers(
+    space: dict[str, Any], sampler: str, message: str | None
+) -> None:
+    opt = OptimizeConfig(space=space, sampler=sampler)
+    if message is None:
+        check_space(opt, _TypedParams)
+        return
+    with pytest.raises(ConfigError, match="OPTIMIZE_SPACE") as raised:
+        check_space(opt, _TypedParams)
+    assert message in str(raised.value)
+    if "whole numbers need" not in message:
+        assert "whole numbers need" not in str(raised.value), "a hint that cannot help"

@@ -22,6 +22,9 @@ in :mod:`runtime.replay`, which reads the environment and calls :func:`main` her
 * Batches go out one request at a time, in order (:class:`feeds.pubsub.clients.OrderedPublisher`);
   a failed one is retried with :data:`PUBLISH_RETRY` (:class:`core.retry.RetryPolicy`).
 
+A file with a bar time not on a whole millisecond is refused before anything is published: the
+live feed would refuse those bars (``bad_timestamp``).
+
 Prints one JSON line with what was published and exits 0; exits 2 on bad arguments or input,
 1 when publishing failed after retries.
 """
@@ -43,6 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from core.bars import OHLCV
@@ -350,6 +354,25 @@ def _date(text: str | None) -> datetime | None:
     return dt  # without an offset: in --timezone (CSVFeedConfig places it)
 
 
+def _refuse_sub_millisecond(bars: CSVBars, spec: str) -> None:
+    """Refuse a file with a bar time not on a whole millisecond: the live feed refuses such a
+    message (``bad_timestamp``, :func:`feeds.pubsub.messages.decode_message`), so a replay of
+    it would publish bars every subscriber skips.
+
+    Raises:
+        ConfigError: naming the file and its first such bar.
+    """
+    ns = np.asarray(bars.times).astype("datetime64[ns]").view(np.int64)
+    off = np.flatnonzero(ns % 1_000_000)
+    if len(off):
+        first = pd.Timestamp(int(ns[off[0]]))
+        raise ConfigError(
+            f"--csv {spec}: {len(off)} bar time(s) not on a whole millisecond, the first "
+            f"{first.isoformat()} (bar {int(off[0]) + 1}); the live feed keeps bar times to "
+            "the millisecond and would refuse them (bad_timestamp)"
+        )
+
+
 def load_sources(args: argparse.Namespace) -> list[CSVBars]:
     """Read every ``--csv`` file with the CSV feed's reader (trimmed to ``--limit``)."""
     dt_col: str | int | None = args.datetime_column
@@ -370,6 +393,7 @@ def load_sources(args: argparse.Namespace) -> list[CSVBars]:
             end=_date(args.end),
         )
         bars = read_csv_bars(cfg)
+        _refuse_sub_millisecond(bars, spec)
         if args.limit and len(bars) > args.limit:
             n = args.limit
             bars = dataclasses.replace(

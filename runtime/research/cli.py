@@ -193,7 +193,10 @@ def prepare(
         )
     bars = {fc.symbol: read_csv_bars(fc) for fc in config.csv_feeds}
     first, last = common_span(bars)
-    folds = make_folds(first.to_pydatetime(), last.to_pydatetime(), opt.windows)
+    # calendar windows in the files' zone (one CSV_TIMEZONE for all: else UTC)
+    zones = {fc.timezone for fc in config.csv_feeds}
+    zone = zones.pop() if len(zones) == 1 else "UTC"
+    folds = make_folds(first.to_pydatetime(), last.to_pydatetime(), opt.windows, zone)
     if opt.sampler != "grid" and opt.seed + len(folds) - 1 > MAX_SEED:
         raise ConfigError(
             f"OPTIMIZE_SEED={opt.seed}: fold k uses seed + k, and {len(folds)} folds reach "

@@ -12,7 +12,10 @@ starting at the first bar: an expanding window). Durations are ``<n><unit>`` wit
 (years), ``m`` or ``mo`` (calendar months), ``w`` (weeks), ``d`` (days) or ``h`` (hours); months
 and years are calendar offsets (``pandas.DateOffset``), so ``"6m"`` from 31 Aug ends on 28/29 Feb.
 
-Windows are half-open ``[start, end)`` in UTC. The folds start at the first bar of the span and
+Windows are half-open ``[start, end)``, stored in UTC and computed in the data's time zone
+(``CSV_TIMEZONE``): ``"6m"`` from a bar at local midnight in January ends at local midnight in
+July whatever the daylight-saving offset (in UTC it would end an hour off, one daily bar moving
+between train and test). The folds start at the first bar of the span and
 stop when a test window would start after the last bar; the last test window is cut at the end
 of the data and dropped when that leaves less than half of ``test``.
 
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 
@@ -143,13 +147,15 @@ class Fold:
     """One fold: train ``[train_start, train_end)``, test ``[train_end, test_end)``.
 
     All times aware UTC. ``test_end`` is ``None`` for the single in-sample fold (no
-    ``WALK_FORWARD``); its ``train_end`` is just after the last bar.
+    ``WALK_FORWARD``); its ``train_end`` is just after the last bar. ``zone``: the IANA zone
+    the boundaries were computed in, and :meth:`describe` prints them in.
     """
 
     index: int
     train_start: datetime
     train_end: datetime
     test_end: datetime | None
+    zone: str = "UTC"
 
     @property
     def test_start(self) -> datetime | None:
@@ -162,6 +168,7 @@ class Fold:
 
     def describe(self) -> str:
         def d(t: datetime) -> str:
+            t = t.astimezone(ZoneInfo(self.zone))
             # Whole days as dates (the in-sample fold ends 1 us after the last bar).
             daily = t.hour == t.minute == t.second == 0 and t.microsecond < 1000
             return t.strftime("%Y-%m-%d" if daily else "%Y-%m-%d %H:%M")
@@ -178,8 +185,12 @@ def _utc(t: datetime | pd.Timestamp) -> datetime:
     return ts.to_pydatetime()
 
 
-def make_folds(first: datetime, last: datetime, spec: WalkForward | None) -> list[Fold]:
-    """The folds over the span ``[first, last]`` (first and last bar times, UTC or naive UTC).
+def make_folds(
+    first: datetime, last: datetime, spec: WalkForward | None, zone: str = "UTC"
+) -> list[Fold]:
+    """The folds over the span ``[first, last]`` (first and last bar times, UTC or naive UTC),
+    their boundaries computed in the IANA time zone ``zone`` (the data's ``CSV_TIMEZONE``:
+    calendar offsets in its wall time, so daylight saving moves no bar between windows).
 
     Returns:
         folds in time order, indices 0..n-1.
@@ -192,8 +203,8 @@ def make_folds(first: datetime, last: datetime, spec: WalkForward | None) -> lis
         raise ValueError(f"span ends before it starts: {first} > {last}")
     end = last + timedelta(microseconds=1)  # exclusive end just after the last bar
     if spec is None:
-        return [Fold(0, first, end, None)]
-    start = pd.Timestamp(first)
+        return [Fold(0, first, end, None, zone)]
+    start = pd.Timestamp(first).tz_convert(zone)
     folds: list[Fold] = []
     k = 0
     while True:
@@ -219,7 +230,7 @@ def make_folds(first: datetime, last: datetime, spec: WalkForward | None) -> lis
                 f"{_VAR}: train {spec.train}, test {spec.test}, step {spec.step} make more than "
                 f"{MAX_FOLDS} folds over {first:%Y-%m-%d}..{last:%Y-%m-%d}: use a longer step"
             )
-        folds.append(Fold(k, _utc(train_start), _utc(train_end), test_end))
+        folds.append(Fold(k, _utc(train_start), _utc(train_end), _utc(test_end), zone))
         k += 1
     if not folds:
         raise ConfigError(

@@ -160,3 +160,31 @@ def test_windows_past_the_last_representable_time_end_the_folds() -> None:
     spec = parse_walk_forward({"train": "1000y", "test": "1y"})
     with pytest.raises(ConfigError, match="does not fit"):
         make_folds(datetime(2004, 1, 1, tzinfo=UTC), datetime(2010, 1, 1, tzinfo=UTC), spec)
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/London", "Australia/Sydney"])
+def test_windows_are_calendar_windows_in_the_data_zone_across_daylight_saving(zone: str) -> None:
+    # Daily bars stamped at local midnight (CSV_TIMEZONE) sit at two UTC hours a year. The
+    # boundaries were computed in UTC: "6m" from a winter bar ended an hour off local midnight
+    # in summer, and one bar moved between train and test (left alone in an earlier session).
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(zone)
+    local = [datetime(2005, 1, 3, tzinfo=tz) + timedelta(days=i) for i in range(0, 3 * 365)]
+    bars = [t.astimezone(UTC) for t in local]
+    spec = parse_walk_forward({"train": "1y", "test": "3m"})
+    folds = make_folds(bars[0], bars[-1], spec, zone)
+    assert len(folds) >= 4
+    for f in folds:
+        for t in (f.train_start, f.train_end, f.test_end):
+            assert t is not None and t.tzinfo is not None
+            wall = t.astimezone(tz)
+            assert (wall.hour, wall.minute) == (0, 0), (f.index, wall)
+            assert t in bars or t > bars[-1], "a boundary lands on a bar (local midnight)"
+        assert f.describe() == (
+            f"train {f.train_start.astimezone(tz):%Y-%m-%d}..{f.train_end.astimezone(tz):%Y-%m-%d}"
+            f" test {f.train_end.astimezone(tz):%Y-%m-%d}..{f.test_end.astimezone(tz):%Y-%m-%d}"
+        )
+    # the same bars in UTC arithmetic land an hour off in the other half of the year
+    utc = make_folds(bars[0], bars[-1], spec)
+    assert any(f.train_end.astimezone(tz).hour != 0 for f in utc)

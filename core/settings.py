@@ -213,16 +213,53 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
     if origin is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if origin in (Mapping, dict) or tp in (Mapping, dict):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{name}: expected a JSON object, got invalid JSON ({e.msg} at position {e.pos})"
-            ) from e
-        if not isinstance(parsed, dict):
-            raise ConfigError(f"{name}: expected a JSON object, got {type(parsed).__name__}")
-        return parsed
+        return parse_json_object(name, text)
     raise TypeError(f"{name}: unsupported setting type {tp!r}")
+
+
+def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                # json.loads keeps the last silently: a copied line shrank a search (an attack)
+                raise ConfigError(f"{name}: key {key!r} is given twice in one JSON object")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def parse_json_object(name: str, text: str) -> dict[str, Any]:
+    """The JSON object of setting ``name``: keys unique in every object, every string valid
+    Unicode (no lone surrogate such as ``"\\ud800"``).
+
+    Raises:
+        ConfigError: naming ``name``: invalid JSON, not an object, a key given twice, a number
+            of more than 4,300 digits, nesting too deep for Python, a lone surrogate.
+    """
+    try:
+        parsed = json.loads(text, object_pairs_hook=_unique_keys(name))
+        # strings must be encodable: a lone surrogate failed writing the study page later
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except ConfigError:
+        raise
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{name}: expected a JSON object, got invalid JSON ({e.msg} at position {e.pos})"
+        ) from e
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{name}: a string is not valid Unicode ({e.reason}: a lone surrogate escape such "
+            "as \\ud800)"
+        ) from e
+    except RecursionError as e:
+        raise ConfigError(f"{name}: JSON nested too deeply") from e
+    except ValueError as e:  # int() of more than 4,300 digits (sys.set_int_max_str_digits)
+        raise ConfigError(f"{name}: invalid JSON number ({str(e)[:120]})") from e
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{name}: expected a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
 def build(

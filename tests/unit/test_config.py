@@ -95,6 +95,24 @@ def test_slash_symbols_find_their_file() -> None:
         ({"MODE": "live"}, "MODE='live': expected one of backtest, paper"),
         ({"AGENT_PARAMS": "[1, 2]"}, "AGENT_PARAMS: expected a JSON object"),
         ({"AGENT_PARAMS": "{fast: 1}"}, "AGENT_PARAMS: expected a JSON object, got invalid JSON"),
+        # helper-74: the last of two equal keys won without a word (a search lost an axis),
+        # and huge numbers, deep nesting and lone surrogates ended in tracebacks
+        (
+            {"AGENT_PARAMS": '{"period": 5, "period": 7}'},
+            "AGENT_PARAMS: key 'period' is given twice",
+        ),
+        (
+            {"MODE": "optimize", "OPTIMIZE_SPACE": '{"fast": [5, 10], "fast": [20]}'},
+            "OPTIMIZE_SPACE: key 'fast' is given twice",
+        ),
+        (
+            {"WALK_FORWARD": '{"train": "2y", "test": "1y", "train": "6y"}'},
+            "WALK_FORWARD: key 'train' is given twice",
+        ),
+        ({"AGENT_PARAMS": '{"a": {"b": 1, "b": 2}}'}, "AGENT_PARAMS: key 'b' is given twice"),
+        ({"AGENT_PARAMS": '{"n": ' + "9" * 5000 + "}"}, "AGENT_PARAMS: invalid JSON number"),
+        ({"AGENT_PARAMS": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"}, "nested too deeply"),
+        ({"AGENT_PARAMS": '{"name": "\\ud800"}'}, "AGENT_PARAMS: a string is not valid Unicode"),
         ({"FMEL_SINKS": "local"}, "FMEL_SINKS is not a known setting; did you mean FMEL_SINK?"),
         ({"CSV_TIMEZONE": "Mars/Base"}, "CSV_TIMEZONE='Mars/Base': expected an IANA timezone"),
         ({"CSV_BAR_SIZE": "fortnight"}, "CSV_BAR_SIZE='fortnight'"),

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from core.bars import OHLCV, OPEN_INTEREST
 from feeds.pubsub.config import FieldSet, StreamSettings
 from feeds.pubsub.hub import CLOSED, LATE, BarHub
+from feeds.pubsub.hub import RETURNED as HUB_RETURNED
 from feeds.pubsub.messages import (
     LiveBar,
     MalformedMessageError,
@@ -64,6 +65,9 @@ class FeedEvents(Protocol):
 
 
 DELIVERED, DUPLICATE, MALFORMED, STOPPED = "delivered", "duplicate", "malformed", "stopped"
+# The bar goes back to Pub/Sub to come again later (a full buffer during a backlog): return
+# the message, neither acknowledge it nor keep it.
+RETURNED = "returned"
 
 
 @dataclass(slots=True)
@@ -149,6 +153,7 @@ class MessageHandler:
         self._lock = threading.Lock()
         self._local = threading.local()  # per pull thread: the last duplicate's bar time
         self._ids: OrderedDict[str, str] = OrderedDict()
+        self._tokens_back: list[Any] = []  # pop_returned_tokens
         self._max_ids = st.dedup_message_ids
         self._max_times = st.dedup_times_per_symbol
         self._last: dict[str, float] = {}
@@ -179,8 +184,10 @@ class MessageHandler:
             token: kept with the bar (the subscriber's acknowledgement handle).
 
         Returns:
-            ``delivered``, ``duplicate``, ``malformed`` (acknowledge the last two now) or
-            ``stopped`` (input closed: do not acknowledge).
+            ``delivered``, ``duplicate``, ``malformed`` (acknowledge the last two now),
+            ``stopped`` (input closed: do not acknowledge) or ``returned`` (return the message
+            to Pub/Sub, to come again). Either way, bars delivered earlier may have been handed
+            back: :meth:`pop_returned_tokens`.
         """
         try:
             return self._handle(data, attributes, message_id, publish_time_s, token)
@@ -251,14 +258,13 @@ class MessageHandler:
             self._emit("on_malformed", sym, refused)
             return MALFORMED
         result = hub.offer(bar)
-        if result == CLOSED:
+        if result in (CLOSED, HUB_RETURNED):
             with self._lock:
                 if self._last.get(sym) == bar.dt_num:
                     self._last[sym] = last if last is not None else -math.inf
-                self._recent[sym].pop(bar.dt_num, None)
-                if message_id is not None:
-                    self._ids.pop(message_id, None)
-            return STOPPED
+                self._forget_locked(bar)
+            return STOPPED if result == CLOSED else RETURNED
+        self._take_back(hub.pop_returned())
         if result == LATE:
             # Older than the symbol's newest bar: stale (a redelivery from before the
             # de-duplication window, or a publisher out of order); else it just came too late.
@@ -287,6 +293,35 @@ class MessageHandler:
         age = wall - publish_time_s if publish_time_s is not None else None
         self._emit("on_bar", sym, age)
         return DELIVERED
+
+    def _forget_locked(self, bar: LiveBar) -> None:
+        """Forget a bar that goes back to Pub/Sub, so that its next delivery is not taken for
+        a duplicate (lock held)."""
+        self._recent[bar.symbol].pop(bar.dt_num, None)
+        if bar.message_id is not None:
+            self._ids.pop(bar.message_id, None)
+
+    def _take_back(self, bars: list[LiveBar]) -> None:
+        """Bars delivered earlier that a full buffer handed back (an older bar took their
+        place): no longer delivered, and their messages go back to Pub/Sub
+        (:meth:`pop_returned_tokens`)."""
+        if not bars:
+            return
+        with self._lock:
+            for b in bars:
+                self._forget_locked(b)
+                self.stats.delivered -= 1
+                self.stats.per_symbol[b.symbol] -= 1
+                if b.verified:
+                    self.stats.hash_verified -= 1
+                self._tokens_back.append(b.token)
+
+    def pop_returned_tokens(self) -> list[Any]:
+        """Tokens of bars a full buffer handed back since the last call: the caller returns
+        their messages to Pub/Sub, to come again (any thread)."""
+        with self._lock:
+            out, self._tokens_back = self._tokens_back, []
+        return out
 
     def _accept_locked(self, bar: LiveBar, data: bytes) -> tuple[str | None, float | None]:
         """Reserve the bar's time for its symbol.

@@ -27,6 +27,17 @@ Alignment (what a multi-symbol agent sees, as in a backtest):
   :meth:`BarHub.resume_after`) also waits for them: Pub/Sub redelivers late, and the emulator
   later than its ack deadline says. A gap that is real costs that wait once per reconnect.
 
+A backlog larger than the buffer (a symbol's ``max_buffered_bars``, coming out of order after a
+restart or a cut): bars that carry a ``token`` can go back to Pub/Sub to come again later. While
+the symbol's buffer is full, an older bar takes the place of the newest one buffered (which is
+handed back: :meth:`BarHub.pop_returned`), and during a hold a newer bar is itself handed back
+(:data:`RETURNED`) rather than stopping the pull thread, so older bars still on their way are
+pulled. The time of every bar handed back is **owed**: no step at or after it is served until
+it comes again (at most :data:`MAX_HOLD_S` after it was handed back). Before, the pull thread
+waited for room behind the newest bars, the hold ran out, and the older ones came late and
+were refused: lost. Without a token (acknowledged on receipt) a bar cannot come again, and
+:meth:`BarHub.offer` waits for room as before.
+
 Acknowledgement ledger: bars that carry a ``token`` (the Pub/Sub message, when the subscriber
 acknowledges only once the decision on a bar is on disk) are remembered when taken, in step
 order; :meth:`BarHub.pop_loaded_through` hands back those of the steps up to a bar time, and
@@ -53,7 +64,7 @@ from core.time import bt_num_to_utc
 from feeds.pubsub.gaps import GapCounter
 from feeds.pubsub.messages import LiveBar
 
-__all__ = ["CLOSED", "LATE", "OFFERED", "BarHub"]
+__all__ = ["CLOSED", "LATE", "OFFERED", "RETURNED", "BarHub"]
 
 logger = logging.getLogger(__name__)
 _HALF_MS = timedelta(microseconds=500)  # added before a cut to milliseconds: rounds
@@ -64,7 +75,7 @@ GAP_LOGS_PER_MINUTE = 10
 MAX_HOLD_S = 120.0
 
 # Outcomes of BarHub.offer.
-OFFERED, LATE, CLOSED = "offered", "late", "closed"
+OFFERED, LATE, CLOSED, RETURNED = "offered", "late", "closed", "returned"
 # A step time's first arrival for bars preloaded before pulling starts (served without waiting).
 _PRELOADED = -math.inf
 # Tolerance when comparing a decision's bar time (POSIX seconds rounded to the millisecond) with
@@ -169,6 +180,11 @@ class BarHub:
         self.backpressure_waits = 0
         self.undelivered = 0
         self.steps = 0
+        # bars handed back to Pub/Sub (buffer full during a backlog), per symbol
+        self.returned: Counter[str] = Counter()
+        self._returned: list[LiveBar] = []  # evicted, for pop_returned
+        self._owed: dict[tuple[str, float], float] = {}  # (symbol, time) -> owed until
+        self._owed_heap: list[tuple[float, str]] = []  # lazy: (time, symbol)
         self.missed: Counter[str] = Counter()
         self.late: Counter[str] = Counter()
         self.consumer_waiting = False  # the main thread waits in take() for a bar
@@ -192,6 +208,31 @@ class BarHub:
         buf = self._bufs[bar.symbol]
         with self._cond:
             deadline = None if timeout_s is None else self._clock() + timeout_s
+            if self._owed:
+                self._owed.pop((bar.symbol, bar.dt_num), None)  # it came again
+            if (
+                len(buf.pending) >= self.max_buffered_bars
+                and not self.input_closed
+                and bar.token is not None
+                and bar.dt_num > self._served
+            ):
+                newest = buf.pending[-1]
+                if bar.dt_num > newest.dt_num:
+                    now = self._clock()
+                    if self._holding_locked(now) or self._min_owed(now) < math.inf:
+                        # a backlog: pull on for the older bars rather than wait behind this
+                        self._owe_locked(bar)
+                        self._last_offer = self._clock()
+                        self._cond.notify_all()
+                        return RETURNED
+                elif newest.token is not None and not any(
+                    b.dt_num == bar.dt_num for b in buf.pending
+                ):
+                    # keep the oldest bars: the newest goes back to Pub/Sub
+                    buf.pending.pop()
+                    self._buffered -= 1
+                    self._owe_locked(newest)
+                    self._returned.append(newest)
             if len(buf.pending) >= self.max_buffered_bars and not self.input_closed:
                 self.backpressure_waits += 1
                 self._blocked += 1  # a blocked producer: a step cannot wait for more bars
@@ -254,6 +295,38 @@ class BarHub:
             self._cond.notify_all()
         return OFFERED
 
+    def pop_returned(self) -> list[LiveBar]:
+        """Bars taken out of a full buffer by an older one since the last call, to go back to
+        Pub/Sub (their time is owed: see the module docstring). Pull threads, after
+        :meth:`offer`."""
+        with self._cond:
+            out, self._returned = self._returned, []
+        return out
+
+    def _owe_locked(self, bar: LiveBar) -> None:
+        key = (bar.symbol, bar.dt_num)
+        if key not in self._owed:
+            heapq.heappush(self._owed_heap, (bar.dt_num, bar.symbol))
+        self._owed[key] = self._clock() + MAX_HOLD_S
+        self.returned[bar.symbol] += 1
+
+    def _min_owed(self, now: float) -> float:
+        """The oldest bar time handed back and not come again (inf: none); an owed time is
+        forgotten :data:`MAX_HOLD_S` after it was last handed back (lazy heap)."""
+        heap, owed = self._owed_heap, self._owed
+        while heap:
+            num, symbol = heap[0]
+            until = owed.get((symbol, num))
+            if until is not None and now < until:
+                return num
+            if until is not None:
+                del owed[(symbol, num)]
+            heapq.heappop(heap)
+        return math.inf
+
+    def _holding_locked(self, now: float) -> bool:
+        return now < self._hold_until or (self._gap_waiting and now < self._gap_hold_until)
+
     def hold_steps(self, seconds: float, *, backlog_before_s: float | None = None) -> None:
         """Serve no step for ``seconds``, and then until deliveries have been in order for
         :attr:`disorder_quiet_s` (unless the input closes; at most :data:`MAX_HOLD_S` at a
@@ -288,16 +361,15 @@ class BarHub:
             self._served = max(self._served, num)
 
     def holding(self) -> bool:
-        """Steps are held (after a (re)connect, a disorder, or for a gap to fill): the bars
-        pulled meanwhile wait for their step, leased. The pull thread then pulls past its flow
-        control limit (up to :attr:`max_buffered_bars` per symbol, where :meth:`offer` blocks),
+        """Steps are held (after a (re)connect, a disorder, for a gap to fill, or for a bar
+        handed back to come again): the bars pulled meanwhile wait for their step, leased.
+        The pull thread then pulls past its flow control limit (up to
+        :attr:`max_buffered_bars` per symbol, where :meth:`offer` blocks or hands bars back),
         because the bars that end the hold may be queued behind the ones already leased. Any
         thread."""
         with self._cond:
             now = self._clock()
-            if now < self._hold_until:
-                return True
-            return self._gap_waiting and now < self._gap_hold_until
+            return self._holding_locked(now) or self._min_owed(now) < math.inf
 
     def _gap_before(self, step: float) -> bool:
         """Bar times are missing between the last step served (or resumed after) and
@@ -574,6 +646,8 @@ class BarHub:
             return None
         if now < self._hold_until and not self.input_closed:
             return None
+        if self._owed_heap and not self.input_closed and step >= self._min_owed(now):
+            return None  # a bar of this time or older went back to Pub/Sub and comes again
         if now < self._gap_hold_until and not self.input_closed and self._gap_before(step):
             if not self._gap_waiting:
                 self._gap_waiting = True
@@ -603,6 +677,9 @@ class BarHub:
                 )
                 - now
             )
+            if self._owed_heap and step >= self._min_owed(now):
+                num, symbol = self._owed_heap[0]  # the oldest owed time: its deadline
+                due = max(due, self._owed[(symbol, num)] - now)
         if self.idle_timeout_s > 0 and not self.input_closed and self._last_offer is not None:
             due = min(due, self._last_offer + self.idle_timeout_s - now)
         return max(due, 0.001)

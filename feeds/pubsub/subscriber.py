@@ -69,7 +69,14 @@ from feeds.pubsub.config import (
 )
 from feeds.pubsub.feed import PubSubMarketDataFeed, make_pubsub_feed
 from feeds.pubsub.gaps import GapCounter
-from feeds.pubsub.handler import DELIVERED, DUPLICATE, STOPPED, FeedEvents, MessageHandler
+from feeds.pubsub.handler import (
+    DELIVERED,
+    DUPLICATE,
+    RETURNED,
+    STOPPED,
+    FeedEvents,
+    MessageHandler,
+)
 from feeds.pubsub.hub import BarHub
 from feeds.pubsub.messages import LiveBar
 
@@ -86,6 +93,11 @@ _ACK_CHUNK = 1000
 # backfill (the soak), bounded for a backlog of hundreds of thousands (an attack pulled 180,000
 # into memory when the bound was the hub's 10,000 bars per symbol).
 HELD_PULL_FACTOR = 10
+
+# A bar a full buffer hands back during a backlog (feeds.pubsub.hub) comes again after this
+# long, seconds: its lease is set to it (ModifyAckDeadline), so it is not pulled again at once,
+# in a loop, while the older bars it made room for are still on their way.
+RETURN_DELAY_S = 5
 
 
 @dataclass(slots=True)
@@ -246,6 +258,7 @@ class PubSubBarSubscriber:
         self.reconnects = 0
         self.acked = 0
         self.returned = 0
+        self.returned_backlog = 0  # handed back by a full buffer, to come again
         self.settle_failures = 0
         self.last_error = ""
         self.max_outstanding = max(self.settings.max_outstanding_messages, 4 * len(self.symbols))
@@ -549,8 +562,9 @@ class PubSubBarSubscriber:
             self.settle(tokens, ack=True)
             self._save_resume(through)
 
-    def settle(self, messages: Iterable[PulledMessage], *, ack: bool) -> None:
-        """Acknowledge (``ack``) or return (nack) pulled messages, batched per subscription.
+    def settle(self, messages: Iterable[PulledMessage], *, ack: bool, delay_s: int = 0) -> None:
+        """Acknowledge (``ack``) or return (nack) pulled messages, batched per subscription;
+        returned ones come again after ``delay_s`` seconds (their ack deadline, 0-600).
         Any thread; a message already settled is skipped. A failed call is logged and counted
         (``settle_failures``): the message then comes back after its lease, and is dropped as
         a duplicate."""
@@ -583,7 +597,7 @@ class PubSubBarSubscriber:
                             request={
                                 "subscription": path,
                                 "ack_ids": chunk,
-                                "ack_deadline_seconds": 0,
+                                "ack_deadline_seconds": delay_s,
                             },
                             retry=None,
                             timeout=self.settings.admin_timeout_s,
@@ -690,6 +704,7 @@ class PubSubBarSubscriber:
             missed_steps=dict(self.hub.missed),
             steps=self.hub.steps,
             backpressure_waits=self.hub.backpressure_waits,
+            returned_backlog=dict(self.hub.returned),
             disordered=self.hub.disordered,
             holds=self.hub.holds,
             disconnects=self.disconnects,
@@ -713,6 +728,7 @@ class PubSubBarSubscriber:
                 ("missing", hub.missing.get(s, 0)),
                 ("late", hub.late.get(s, 0)),
                 ("missed_steps", hub.missed.get(s, 0)),
+                ("returned_backlog", hub.returned.get(s, 0)),
             ):
                 if value:
                     row[key] = value
@@ -729,6 +745,8 @@ class PubSubBarSubscriber:
             "undelivered": hub.undelivered,
             "returned": self.returned,
         }
+        if self.returned_backlog:
+            total["returned_backlog"] = self.returned_backlog
         total.update({f"malformed.{k}": v for k, v in sorted(st.malformed.items())})
         rows["all"] = total
         return rows
@@ -761,6 +779,16 @@ class PubSubBarSubscriber:
             publish_time_s=publish_time_s,
             token=message if self.durable_acks else None,
         )
+        back = self.handler.pop_returned_tokens()
+        if outcome == RETURNED:
+            back.append(message)
+        if back:
+            # A backlog larger than the buffer: these come again later (feeds.pubsub.hub).
+            with self._lock:
+                self.returned_backlog += len(back)
+            self.settle(back, ack=False, delay_s=RETURN_DELAY_S)
+        if outcome == RETURNED:
+            return
         if outcome == STOPPED:
             # Kept, not nacked now: close() returns them all once, with the rest.
             with self._lock:

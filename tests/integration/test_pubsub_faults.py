@@ -439,3 +439,35 @@ def test_a_republished_copy_of_an_undecided_bar_is_settled_with_its_decision(
     run_live(first, scenario)
     assert counts == [6]  # bars 0..2 and their 3 copies acknowledged
     assert first.returned == 6  # bars 3..5 and their copies go back, none acknowledged
+
+
+def test_a_backlog_larger_than_the_buffer_coming_newest_first_loses_no_bar(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    """Left alone in an earlier session: a backlog larger than PUBSUB_MAX_BUFFERED_BARS that
+    came out of order filled the buffer with the newest bars, the pull thread waited for room
+    behind them, the hold ran out, and the older bars came after their steps: refused as
+    late, lost. Here a buffer of 5 bars, 40 bars published newest first during a reconnect's
+    hold: every bar is decided, in order, none late; the ones handed back came again."""
+    emu = pubsub_emulator
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": "AAA"}, bar("AAA", i)) for i in range(39, -1, -1)])
+        wait_for(lambda: sub.handler.stats.delivered == 40, 60.0, "every bar delivered")
+        wait_for(lambda: sub.hub.buffered == 0, 30.0, "every bar taken")
+
+    sub = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0, max_buffered_bars=5),
+        symbols=["AAA"],
+        deployment=deployment(),
+        settings=replace(FAST, backlog_quiet_s=1.0),
+        durable_acks=True,  # as the runner: leased until the decision is on disk
+    )
+    sub.set_durability_barrier(lambda timeout_s: True)
+    sub.hub.hold_steps(1.0)  # as a (re)connect does
+    strategy = run_live(sub, scenario)
+    assert [b[2] for b in strategy.bars] == [100.5 + i for i in range(40)]
+    stats = sub.stats()
+    assert sum(sub.hub.late.values()) == 0 and stats["late"] == {}
+    assert stats["delivered"] == 40 and stats["malformed"] == {}
+    assert sub.returned_backlog > 0 and stats["returned_backlog"]["AAA"] > 0

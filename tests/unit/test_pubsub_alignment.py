@@ -27,7 +27,7 @@ from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
 from feeds.pubsub import BarHub, FieldSet, GapCounter, MessageHandler, decode_message
 from feeds.pubsub.feed import make_pubsub_feed
 from feeds.pubsub.handler import DELIVERED, MALFORMED
-from feeds.pubsub.hub import LATE, MAX_HOLD_S, OFFERED
+from feeds.pubsub.hub import LATE, MAX_HOLD_S, OFFERED, RETURNED
 from feeds.replay import bar_messages
 from runtime.live import MISSED_STEP_NOTE, MissedStepNote
 from tests.conftest import DATA
@@ -492,3 +492,69 @@ def test_a_backlog_that_keeps_coming_out_of_order_holds_steps_at_most_max_hold_s
             break
     assert served and clock.now - t0 <= MAX_HOLD_S + 7.0, (clock.now - t0, served)
     assert hub.holds == 1
+
+
+def _leased(symbol: str, second: int) -> Any:
+    """A bar whose message can go back to Pub/Sub (acknowledged only once decided)."""
+    return bar(symbol, second)._replace(token=object())
+
+
+def _offer_now(hub: BarHub, b: Any) -> str:
+    """``hub.offer(b)`` on a pull thread of its own; fails if it waits (for room)."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(hub.offer(b)), daemon=True)
+    t.start()
+    t.join(2.0)
+    assert out, f"offer of {b.ts} waits for room behind newer bars"
+    return out[0]
+
+
+def test_a_backlog_larger_than_the_buffer_is_served_whole_and_in_order() -> None:
+    """Left alone in an earlier session: a backlog larger than ``max_buffered_bars`` coming
+    newest first filled the buffer with the newest bars; the pull thread waited for room
+    behind them, the hold ran out, and every older bar then came late and was refused (lost).
+    Now the buffer keeps the oldest bars; the others go back to Pub/Sub, and no step is served
+    past a bar that went back until it comes again."""
+    clock = FakeClock()
+    hub = BarHub(["A", "B"], max_buffered_bars=3, align_wait_s=0, clock=clock)
+    hub.disorder_quiet_s = 5.0
+    hub.hold_steps(5.0)  # a (re)connect: what was pulled before comes back mixed with newer bars
+    queue = [_leased("A", i) for i in range(9, -1, -1)] + [_leased("B", i) for i in range(10)]
+    served: list[int] = []
+    b_served: list[int] = []
+    for _ in range(200):  # the main thread (steps) and a pull thread (offers), interleaved
+        served += _served(hub, "A")
+        b_served += _served(hub, "B")
+        if queue:
+            got = _offer_now(hub, queue[0])
+            assert got in (OFFERED, RETURNED)
+            back = hub.pop_returned()
+            if got == RETURNED:
+                back.append(queue[0])
+            queue = queue[1:] + back  # what went back is pulled again later
+        clock.now += 1.0
+        assert max(len(hub._bufs[s].pending) for s in "AB") <= 3
+        if not queue and len(served) == 10:
+            break
+    assert served == list(range(10)), served
+    assert b_served == list(range(10))
+    assert sum(hub.late.values()) == 0 and hub.returned["A"] > 0
+
+
+def test_bars_that_cannot_come_again_still_wait_for_room() -> None:
+    """Acknowledged on receipt (no token), a bar cannot go back: the pull thread waits for room
+    as before, and nothing is returned."""
+    clock = FakeClock()
+    hub = BarHub(["A"], max_buffered_bars=2, align_wait_s=0, clock=clock)
+    hub.hold_steps(5.0)
+    assert hub.offer(bar("A", 5)) == OFFERED
+    assert hub.offer(bar("A", 4)) == OFFERED
+    done: list[str] = []
+    t = threading.Thread(target=lambda: done.append(hub.offer(bar("A", 3))), daemon=True)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not hub.pop_returned()  # waits for room, drops nothing
+    clock.now += 10.0
+    assert _served(hub)[:1] == [4]
+    t.join(5.0)
+    assert done == [LATE]  # as before this change: an older bar behind a full buffer is late

@@ -189,6 +189,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         run (RunInfo): session/agent ids and agent metadata; default derived from the strategy.
         strict_lookahead (bool): raise :class:`~core.errors.LookAheadError` on a read that
             reaches a bar not in the past of the current step.
+        keep_records (bool): without a writer, keep the records in :attr:`records` (default);
+            False drops them once made: the reads are still tracked and checked (a research
+            trial run only for ``strict_lookahead``, whose memory would grow with the run).
         track_indicators (bool): also track every line object the agent created (indicators,
             lines operations, shifted lines), labelled by where the agent keeps them.
         gc_freeze (bool): tune the garbage collector for the run, see :class:`_GCFreeze`:
@@ -209,6 +212,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         ("writer", None),
         ("run", None),
         ("strict_lookahead", False),
+        ("keep_records", True),
         ("track_indicators", True),
         ("gc_freeze", False),
     )
@@ -218,6 +222,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self.writer: DecisionWriter | None = self.p.writer
         self.run_info: RunInfo | None = self.p.run
         self.records: list[DecisionRecord] = []
+        self._keep = bool(self.p.keep_records)
         self.decisions = 0
         self._events: list[Action] = []
         self._filled: dict[int, tuple[float, float]] = {}
@@ -741,7 +746,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self.decisions += 1
         if self.writer is not None:
             self.writer.submit(rec)
-        else:
+        elif self._keep:
             self.records.append(rec)
 
     def _check_callbacks(self) -> None:

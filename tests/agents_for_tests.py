@@ -40,3 +40,24 @@ class UnfilledOrders(bt.Strategy):  # type: ignore[misc]
         if not self.sent_last and first.datetime[0] >= first.last_num:
             self.buy(data=first, size=2)
             self.sent_last = True
+
+
+class PeekAgent(bt.Strategy):  # type: ignore[misc]
+    """``peek=True``: buys when the next bar's open is above this bar's close (a look-ahead
+    read, ``open[1]``: only possible in a preloaded backtest), sells the bar after; it wins any
+    search it is let into. ``peek=False``: the same on yesterday's move (helper-74's agent)."""
+
+    params = (("peek", False), ("size", 100))
+
+    def next(self) -> None:
+        if self.position:
+            self.close()
+            return
+        if len(self.data) < 2 or len(self.data) + 1 > self.data.buflen():
+            return
+        if self.p.peek:
+            up = self.data.open[1] > self.data.close[0]
+        else:
+            up = self.data.close[0] > self.data.close[-1]
+        if up:
+            self.buy(size=self.p.size)

@@ -36,6 +36,7 @@ import backtrader as bt
 import numpy as np
 import pandas as pd
 
+from analyzers.fmel import FMELAnalyzer
 from core import bar_hash_cache
 from core.errors import DataError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
@@ -443,6 +444,13 @@ class Backtester:
                 agent_id=job.agent_id,
                 mode="optimize",
                 strict_lookahead=job.fmel.strict_lookahead,
+            )
+        elif job.fmel.strict_lookahead:
+            # FMEL_STRICT_LOOKAHEAD: every trial's reads are checked, recorded or not, so a
+            # trial that reads ahead fails (helper-74: unrecorded trials ran unchecked, and a
+            # look-ahead agent won the search, +197 % out of sample)
+            cerebro.addanalyzer(
+                FMELAnalyzer, _name="fmel", strict_lookahead=True, keep_records=False
             )
         cerebro.addstrategy(self.agent_cls, **params)
         decisions = self.written = 0

@@ -239,3 +239,34 @@ def test_a_signal_stops_cleanly_and_keeps_every_finished_trial(
     # the fold being searched is stored as incomplete, with its best so far
     assert query(db, "SELECT count(*) FROM folds WHERE NOT complete") == [(1,)]
     assert f"{rows} of {19 * 18 * 13} run" in out
+
+
+@pytest.mark.parametrize("record", ["none", "best"])
+def test_strict_lookahead_fails_every_trial_that_reads_ahead(workdir: Path, record: str) -> None:
+    """helper-74: with FMEL_STRICT_LOOKAHEAD=true, trials ran without FMEL (only recorded ones
+    were checked), so a look-ahead agent won every fold (+197 % out of sample, exit 0); with
+    OPTIMIZE_RECORD=all the same study chose the other params. Now every trial is checked."""
+    proc = runner(
+        workdir,
+        {
+            "MODE": "optimize",
+            "SYMBOLS": "GOOG",
+            "AGENT": "tests.agents_for_tests:PeekAgent",
+            "OPTIMIZE_SPACE": '{"peek": [false, true]}',
+            "OPTIMIZE_RECORD": record,
+            "OPTIMIZE_WORKERS": "1",
+            "FMEL_STRICT_LOOKAHEAD": "true",
+            "WALK_FORWARD": '{"train": "3y", "test": "1y"}',
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = workdir / "fmel.duckdb"
+    rows = query(db, "SELECT params, status, error FROM trials ORDER BY fold, trial")
+    assert rows, proc.stdout
+    for params, status, error in rows:
+        if json.loads(params)["peek"]:
+            assert status == "failed" and "LookAheadError" in error, (params, status, error)
+        else:
+            assert status == "complete", (params, status, error)
+    best = query(db, "SELECT DISTINCT best_params FROM folds")
+    assert [json.loads(b)["peek"] for (b,) in best] == [False]

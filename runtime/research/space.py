@@ -132,6 +132,10 @@ def _number(name: str, key: str, v: Any) -> float | int:
     return v
 
 
+#: Largest whole number a float (and so Optuna's sampling) holds exactly.
+_MAX_EXACT_INT = 2**53
+
+
 def _parse_range(name: str, spec: Mapping[str, Any], *, grid: bool) -> Range:
     unknown = set(spec) - _RANGE_KEYS
     if unknown:
@@ -148,6 +152,15 @@ def _parse_range(name: str, spec: Mapping[str, Any], *, grid: bool) -> Range:
         raise ConfigError(f"{_VAR}: {name}.log must be true or false, got {log!r}")
     if low > high:
         raise ConfigError(f"{_VAR}: {name}: low {low} > high {high}")
+    # Optuna samples in floats: a span beyond the largest float overflowed (OverflowError), and
+    # whole numbers beyond 2**53 are not exact in a float (TPE failed with a TypeError)
+    if not math.isfinite(float(high) - float(low)):
+        raise ConfigError(f"{_VAR}: {name}: high - low is beyond the largest float")
+    if any(isinstance(v, int) and abs(v) > _MAX_EXACT_INT for v in (low, high)):
+        raise ConfigError(
+            f"{_VAR}: {name}: whole-number ranges must lie within +-2**53 ({_MAX_EXACT_INT}), "
+            f"got {low}..{high}"
+        )
     if step is not None and step <= 0:
         raise ConfigError(f"{_VAR}: {name}.step must be > 0, got {step}")
     if log and step is not None:

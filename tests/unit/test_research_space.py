@@ -81,6 +81,9 @@ def test_a_scalar_is_a_constant_and_lists_take_any_json_scalar() -> None:
         ({"x": {"low": 1, "high": 5, "log": True, "step": 1}}, False, "cannot be combined"),
         ({"x": {"low": True, "high": 5}}, True, "finite number"),
         ({"1x": [1]}, True, "identifiers"),
+        # helper-74: OverflowError out of Optuna's sampler; TPE's TypeError beyond 2**53
+        ({"x": {"low": -1e308, "high": 1e308}}, False, "beyond the largest float"),
+        ({"x": {"low": -(10**20), "high": 10**20}}, False, "within +-2**53"),
     ],
 )
 def test_bad_spaces_fail_naming_the_variable(raw: dict[str, Any], grid: bool, message: str) -> None:

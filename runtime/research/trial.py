@@ -289,6 +289,17 @@ class _Checkpoints(bt.Analyzer):  # type: ignore[misc]
         self._point()
 
 
+#: What the pruner is told for an infinite objective (a gain without drawdown: Sortino and
+#: Calmar are +inf, docs/research.md): the median of values holding +inf was NaN (inf - inf),
+#: and nothing trails NaN, so nothing was pruned once a trial led with +inf (helper-74).
+_PRUNER_BOUND = 1e300
+
+
+def _for_pruner(value: float) -> float:
+    """``value`` clipped to +-:data:`_PRUNER_BOUND` (same order, every value finite)."""
+    return max(-_PRUNER_BOUND, min(_PRUNER_BOUND, value))
+
+
 class _LocalPruner:
     """Optuna's ``MedianPruner`` judging one running trial against a snapshot of the fold's
     completed trials (built in the worker; the driver's study stays in the driver)."""
@@ -303,8 +314,10 @@ class _LocalPruner:
         self.study.add_trials(
             [
                 optuna.trial.create_trial(
-                    value=value,
-                    intermediate_values={step: v for step, v in enumerate(steps) if v is not None},
+                    value=_for_pruner(value),
+                    intermediate_values={
+                        step: _for_pruner(v) for step, v in enumerate(steps) if v is not None
+                    },
                 )
                 for value, steps in snapshot.completed
             ]
@@ -321,7 +334,7 @@ class _LocalPruner:
         self.values.append(value)
         if value is None:  # undefined so far (e.g. no trade yet): no verdict
             return False
-        self.trial.report(value, step)
+        self.trial.report(_for_pruner(value), step)
         return bool(self.trial.should_prune())
 
 

@@ -172,3 +172,23 @@ def test_a_dominant_curve_has_the_best_sortino_and_calmar() -> None:
     )
     best = replace(good, number=2, session_id="c", objective=objective_of(dominant, "sortino"))
     assert better(best, good) and not better(good, best)
+
+
+@pytest.mark.parametrize("lead", [math.inf, 2.0])
+def test_the_median_pruner_stops_a_trailing_trial_when_leaders_score_inf(lead: float) -> None:
+    """helper-74: Sortino/Calmar of a gain without drawdown are +inf; the median of values with
+    +inf was NaN and nothing trails NaN, so no trial was pruned (and numpy warned each step)."""
+    import warnings
+
+    from runtime.research.trial import PruneSnapshot, _LocalPruner
+
+    snapshot = PruneSnapshot(tuple((lead, (lead,) * 5) for _ in range(6)))
+    pruner = _LocalPruner(snapshot, "sortino", 252.0)
+    days = pd.date_range("2020-01-01", periods=60, freq="D", tz="UTC")
+    losing = pd.Series(np.linspace(100_000.0, 90_000.0, 60), index=days)
+    losing.iloc[10] += 500.0  # one up day: a finite, negative Sortino
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning either
+        verdicts = [pruner(step, losing) for step in range(5)]
+    assert any(verdicts), pruner.values
+    assert all(v is not None and math.isfinite(v) and v < 0 for v in pruner.values)

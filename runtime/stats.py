@@ -71,7 +71,7 @@ _NEGLIGIBLE = 1e-9
 # a relative error of ~1e-16, so a Calmar ratio over a drawdown of 1e-9 is good to ~1e-7 and one
 # over 6.6e-12 only to ~1e-5 (a property test found 100, 100, 99.9999999993399 giving -6.0 and
 # the same curve times 1.5 giving -5.99997). Below it the ratio is undefined (None).
-_NOISE_DRAWDOWN = 1e-9
+NOISE_DRAWDOWN = 1e-9
 
 
 def finest_bar_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -241,10 +241,10 @@ def performance_stats(equity: pd.Series, *, periods_per_year: float) -> Performa
             r, empyrical.sortino_ratio(r, annualization=ann), downside=True
         ),
         # a drawdown of rounding noise is no drawdown: Calmar undefined, not 1e15 (see
-        # _NOISE_DRAWDOWN)
+        # NOISE_DRAWDOWN)
         calmar=(
             _finite(empyrical.calmar_ratio(r, annualization=ann))
-            if max_dd is not None and abs(max_dd) > _NOISE_DRAWDOWN
+            if max_dd is not None and abs(max_dd) > NOISE_DRAWDOWN
             else None
         ),
         max_drawdown_pct=None if max_dd is None else abs(max_dd) * 100.0,
@@ -259,6 +259,6 @@ def _nonzero_dispersion(r: pd.Series, ratio: Any, *, downside: bool = False) -> 
     x = r.to_numpy(dtype=float)
     spread = float(np.sqrt(np.mean(np.minimum(x, 0.0) ** 2))) if downside else float(np.std(x))
     largest = float(np.max(np.abs(x)))
-    if largest <= _NOISE_DRAWDOWN or spread <= _NEGLIGIBLE * largest + 1e-15:
-        return None  # every return is rounding noise (as _NOISE_DRAWDOWN), or their spread is
+    if largest <= NOISE_DRAWDOWN or spread <= _NEGLIGIBLE * largest + 1e-15:
+        return None  # every return is rounding noise (as NOISE_DRAWDOWN), or their spread is
     return _finite(ratio)

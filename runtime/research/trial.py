@@ -53,7 +53,7 @@ from runtime.report import EquityCurve
 from runtime.research.config import Metric
 from runtime.research.folds import Fold
 from runtime.research.space import Params, TrialState
-from runtime.stats import PerformanceStats, performance_stats
+from runtime.stats import NOISE_DRAWDOWN, PerformanceStats, performance_stats
 
 if TYPE_CHECKING:
     from analyzers.config import FMELConfig
@@ -196,11 +196,14 @@ def objective_of(stats: PerformanceStats | None, metric: Metric) -> float | None
 
 
 def _dominant(stats: PerformanceStats) -> bool:
-    """A gain without any drawdown (max drawdown 0 %, total return > 0 %): Sortino (no
-    downside) and Calmar (no drawdown) are +inf."""
+    """A gain without any drawdown (max drawdown 0 %, or rounding noise: at most
+    :data:`runtime.stats.NOISE_DRAWDOWN`, where :func:`performance_stats` leaves Calmar
+    undefined; total return > 0 %): Sortino (no downside) and Calmar (no drawdown) are +inf.
+    helper-74: this took 1e-10 % (1e-12 of equity) while the stats took 1e-9 of equity, so a
+    gain with a drawdown between the two scored None and lost to a worse trial."""
     return (
         stats.max_drawdown_pct is not None
-        and stats.max_drawdown_pct <= 1e-10
+        and stats.max_drawdown_pct <= NOISE_DRAWDOWN * 100.0
         and stats.total_return_pct is not None
         and stats.total_return_pct > 0
     )

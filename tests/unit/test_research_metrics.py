@@ -192,3 +192,20 @@ def test_the_median_pruner_stops_a_trailing_trial_when_leaders_score_inf(lead: f
         verdicts = [pruner(step, losing) for step in range(5)]
     assert any(verdicts), pruner.values
     assert all(v is not None and math.isfinite(v) and v < 0 for v in pruner.values)
+
+
+@pytest.mark.parametrize("metric", ["calmar", "sortino"])
+def test_a_gain_ranks_lower_the_deeper_its_one_drawdown(metric: str) -> None:
+    """helper-74: a gain whose one drawdown was between 1e-12 and 1e-9 of equity scored None
+    (the stats called it noise, the +inf rule did not) and lost to a worse trial; the ranking
+    went +inf, None, huge as the drawdown grew. Now it never increases with the drawdown."""
+    days = pd.date_range("2020-01-01", periods=60, freq="D", tz="UTC")
+    values = []
+    for dip in (0.0, 1e-13, 1e-11, 1e-10, 5e-10, 1e-9, 2e-9, 1e-8, 1e-6, 1e-3):
+        curve = pd.Series(100_000.0 + 100.0 * np.arange(60), index=days)
+        curve.iloc[30] = curve.iloc[29] * (1.0 - dip)
+        value = objective_of(performance_stats(curve, periods_per_year=252.0), metric)
+        assert value is not None, (dip, metric)
+        values.append(value)
+    assert values == sorted(values, reverse=True), values
+    assert values[0] == math.inf and math.isfinite(values[-1])

@@ -353,8 +353,19 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
         engine = make_engine(job, bars, workers=opt.workers, ray_address=opt.ray_address)
         try:
             store.open()
-        except (OSError, SinkError) as e:
+        except Exception as e:
             if config.fmel.sink != "local":
+                # the study's tables cannot wait for BigQuery as a backtest's spilled decisions
+                # do (helper-74: a refused connection ended in a traceback, exit 1)
+                bq = config.bigquery
+                where = f" in {bq.project}.{bq.dataset}" if bq is not None else ""
+                raise ConfigError(
+                    f"FMEL_SINK=bigquery: cannot create or open the study tables{where} "
+                    f"({type(e).__name__}: {str(e)[:300]}); check "
+                    "BIGQUERY_EMULATOR_HOST or the credentials (GOOGLE_CLOUD_PROJECT, "
+                    "FMEL_DATASET) and that BigQuery can be reached"
+                ) from e
+            if not isinstance(e, (OSError, SinkError)):
                 raise
             raise ConfigError(  # as the runner says it of a backtest's store
                 f"FMEL_LOCAL_PATH={config.fmel.local_path}: cannot create or open the "

@@ -169,6 +169,16 @@ def test_record_all_merges_every_trials_decisions_into_the_local_store(workdir: 
         ),
         ({"OPTIMIZE_SPACE": '{"fast": [5]}', "RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS"),
         ({"OPTIMIZE_SPACE": '{"fast": [5]}', "FMEL_LOCAL_PATH": "."}, "FMEL_LOCAL_PATH=."),
+        # helper-74: a refused connection ended in a traceback (ConnectionError, exit 1)
+        (
+            {
+                "OPTIMIZE_SPACE": '{"fast": [5]}',
+                "FMEL_SINK": "bigquery",
+                "GOOGLE_CLOUD_PROJECT": "p",
+                "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:1",
+            },
+            "FMEL_SINK=bigquery: cannot create or open the study tables in p.fmel",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_with_exit_2(

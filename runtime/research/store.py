@@ -321,6 +321,34 @@ class DuckDBTrialStore:
         self._con = open_store(self.path, memory_limit_mb=self.memory_limit_mb)
         self._con.execute(_ddl(TRIALS_TABLE, TRIAL_COLUMNS, "duckdb"))
         self._con.execute(_ddl(FOLDS_TABLE, FOLD_COLUMNS, "duckdb"))
+        for table, columns in ((TRIALS_TABLE, TRIAL_COLUMNS), (FOLDS_TABLE, FOLD_COLUMNS)):
+            self._check_shape(table, columns)
+
+    def _check_shape(self, table: str, columns: Sequence[Column]) -> None:
+        """A table of that name made by something else (or an older layout) is refused now,
+        not at the first insert (helper-74: a BinderException after the first trial).
+
+        Raises:
+            SinkError: naming the table and its missing or differently typed columns.
+        """
+        have = dict(
+            self._con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?",
+                [table],
+            ).fetchall()
+        )
+        aliases = {"TIMESTAMPTZ": "TIMESTAMP WITH TIME ZONE"}
+        wrong = [
+            f"{c.name} {c.duckdb}" + (f" (is {have[c.name]})" if c.name in have else "")
+            for c in columns
+            if have.get(c.name) not in (c.duckdb, aliases.get(c.duckdb))
+        ]
+        if wrong:
+            raise SinkError(
+                f"{self.path}: its table {table!r} is not a study table: missing or other-typed "
+                f"column(s) {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}"
+            )
 
     def add_trial(self, row: Mapping[str, Any]) -> None:
         self._con.execute(self._trial_sql, [row[c.name] for c in TRIAL_COLUMNS])

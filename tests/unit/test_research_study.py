@@ -16,8 +16,10 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pytest
 
 from analyzers.config import FMELConfig
+from core.errors import SinkError
 from runtime.research.config import OptimizeConfig
 from runtime.research.folds import Fold
 from runtime.research.progress import Progress
@@ -252,3 +254,38 @@ def test_a_worker_part_under_a_path_with_an_apostrophe_is_merged(tmp_path: Path)
     finally:
         store.close()
     assert not part.exists()
+
+
+@pytest.mark.parametrize(
+    ("table", "ddl"),
+    [
+        ("trials", "CREATE TABLE trials (x INTEGER, note VARCHAR)"),
+        ("folds", "CREATE TABLE folds (x INTEGER)"),
+        ("trials", None),  # a study table with one column of another type
+    ],
+)
+def test_a_table_of_another_shape_is_refused_when_the_store_opens(
+    tmp_path: Path, table: str, ddl: str | None
+) -> None:
+    """helper-74: a ``trials`` or ``folds`` table made by something else passed ``CREATE TABLE
+    IF NOT EXISTS`` and failed the study at its first insert (BinderException, exit 1)."""
+    path = tmp_path / "fmel.duckdb"
+    if ddl is None:
+        made = DuckDBTrialStore(path)  # a real study's tables, then one column changed
+        made.open()
+        made.close()
+        con = duckdb.connect(str(path))
+        con.execute("ALTER TABLE trials ALTER objective TYPE VARCHAR")
+    else:
+        con = duckdb.connect(str(path))
+        con.execute(ddl)
+    con.close()
+    store = DuckDBTrialStore(path)
+    with pytest.raises(SinkError, match=f"table {table!r} is not a study table") as raised:
+        store.open()
+    store.close()
+    if ddl is None:
+        assert "objective DOUBLE (is VARCHAR)" in str(raised.value)
+    again = DuckDBTrialStore(tmp_path / "fresh.duckdb")
+    again.open()  # a study's own tables pass
+    again.close()

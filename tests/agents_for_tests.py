@@ -61,3 +61,23 @@ class PeekAgent(bt.Strategy):  # type: ignore[misc]
             up = self.data.close[0] > self.data.close[-1]
         if up:
             self.buy(size=self.p.size)
+
+
+class OutOfSampleBug(bt.Strategy):  # type: ignore[misc]
+    """An SMA trend follower that raises ``ZeroDivisionError`` on every bar from ``bug_from``
+    (ISO date) when ``period == bug_period``: a bug only the test window meets (helper-74)."""
+
+    params = (("period", 10), ("bug_period", 0), ("bug_from", "2100-01-01"))
+
+    def __init__(self) -> None:
+        self.sma = bt.ind.SMA(self.data.close, period=self.p.period)
+
+    def next(self) -> None:
+        if self.p.period == self.p.bug_period and self.data.datetime.date(0).isoformat() >= (
+            self.p.bug_from
+        ):
+            _ = 1 / 0
+        if not self.position and self.data.close[0] > self.sma[0]:
+            self.buy(size=int(0.9 * self.broker.getvalue() / self.data.close[0]))
+        elif self.position and self.data.close[0] < self.sma[0]:
+            self.close()

@@ -560,6 +560,16 @@ def render(summary: StudySummary, config: OptimizeAppConfig, stored_at: str, que
             f"out-of-sample  {len(done)} test windows chained: {(growth - 1) * 100:+.2f} % "
             "(each window traded with the params chosen on the train window before it)",
         ]
+    broke = [
+        o.fold.index
+        for o in summary.folds
+        if o.best is not None and o.best.status == "failed" and o.fold.test_end is not None
+    ]
+    if broke:
+        lines.append(
+            f"failed OOS     fold(s) {', '.join(map(str, broke))}: the params chosen in-sample "
+            "failed in the test window (trials.error); not in the chain above"
+        )
     recorded = [o for o in summary.folds if o.recorded and o.best is not None]
     lines += [
         "",

@@ -265,8 +265,11 @@ class Study:
             state.pruned += 1
         elif result.objective is not None:
             state.completed.append((result.objective, result.intermediate))
-            if better(result, state.best):
-                state.best = result
+        # Chosen on the in-sample objective only: a trial that failed in its test window
+        # (after its train window ran whole) keeps its in-sample objective and may be chosen;
+        # leaving it out let the test window decide (helper-74).
+        if result.status != "pruned" and better(result, state.best):
+            state.best = result
         self.progress.update(fold=result.fold, objective=result.objective)
         if state.exhausted and state.outstanding == 0 and not state.decided:
             self._decide(state, complete=True)

@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -341,6 +341,39 @@ class _LocalPruner:
         return bool(self.trial.should_prune())
 
 
+class _WatchedCurve(EquityCurve):
+    """:class:`EquityCurve` that puts itself in ``watch`` (a list) at ``start``, so the curve
+    and the bar being run can be read after the agent raised out of ``cerebro.run()``."""
+
+    params = (("watch", None),)
+
+    def start(self) -> None:
+        super().start()
+        if self.p.watch is not None:
+            self.p.watch.append(self)
+
+
+def _in_sample_of_failed(
+    watch: list[Any], fold: Fold, periods_per_year: float
+) -> PerformanceStats | None:
+    """The in-sample statistics of a trial that failed on a bar of its test window (its train
+    window ran whole), else None. helper-74: a trial that raised only out of sample was left
+    out of the in-sample choice, so the choice knew the test window (hindsight)."""
+    if fold.test_end is None or not watch:
+        return None
+    curve = watch[0]
+    try:
+        failed_at = bt.num2date(curve.strategy.datetime[0]).replace(tzinfo=UTC)
+    except (IndexError, ValueError, AttributeError):
+        return None  # failed before the first bar
+    if failed_at < fold.train_end:
+        return None
+    in_curve, _ = split_curve(curve.series(), fold)
+    if in_curve.empty:
+        return None
+    return performance_stats(in_curve, periods_per_year=periods_per_year)
+
+
 class Backtester:
     """Runs trials over bars held in memory. One per worker process; not thread-safe.
 
@@ -385,8 +418,9 @@ class Backtester:
                 **kw,
             )
 
+        watch: list[Any] = []  # the run's EquityCurve, to read after a failure
         try:
-            equity, pruner, pruned, decisions = self._backtest(task)
+            equity, pruner, pruned, decisions = self._backtest(task, watch)
             in_curve, out_curve = split_curve(equity, task.fold)
             ppy = self.job.periods_per_year
             in_stats = performance_stats(in_curve, periods_per_year=ppy)
@@ -411,10 +445,11 @@ class Backtester:
                     " (backtrader raises this when an indicator's period is longer than the "
                     "trial's window: fewer bars than a param asks for?)"
                 )
+            failed_in = _in_sample_of_failed(watch, task.fold, self.job.periods_per_year)
             return result(
                 "failed",
-                objective=None,
-                in_sample=None,
+                objective=objective_of(failed_in, self.job.metric) if failed_in else None,
+                in_sample=failed_in,
                 out_of_sample=None,
                 error=error[:_MAX_ERROR_CHARS],
                 decisions=self.written,
@@ -428,14 +463,16 @@ class Backtester:
             decisions=decisions,
         )
 
-    def _backtest(self, task: TrialTask) -> tuple[pd.Series, _LocalPruner | None, bool, int]:
+    def _backtest(
+        self, task: TrialTask, watch: list[Any]
+    ) -> tuple[pd.Series, _LocalPruner | None, bool, int]:
         job, fold = self.job, task.fold
         cerebro = make_cerebro(live=False)
         for fc in job.feeds:
             window = slice_bars(self.bars[fc.symbol], fold.train_start, fold.end)
             cerebro.adddata(make_csv_feed(fc, window), name=fc.symbol)
         setup_sim_broker(cerebro, cash_usd=job.cash_usd, commission=job.commission, risk=job.risk)
-        cerebro.addanalyzer(EquityCurve, _name="equity")
+        cerebro.addanalyzer(_WatchedCurve, _name="equity", watch=watch)
         pruner = None
         if task.prune is not None:
             pruner = _LocalPruner(task.prune, job.metric, job.periods_per_year)

@@ -280,3 +280,44 @@ def test_strict_lookahead_fails_every_trial_that_reads_ahead(workdir: Path, reco
             assert status == "complete", (params, status, error)
     best = query(db, "SELECT DISTINCT best_params FROM folds")
     assert [json.loads(b)["peek"] for (b,) in best] == [False]
+
+
+def test_a_trial_that_fails_only_out_of_sample_keeps_its_in_sample_objective(
+    workdir: Path, tmp_path: Path
+) -> None:
+    """helper-74: params are chosen on the in-sample objective only (docs/research.md), but a
+    trial that raised in its test window was left out of the choice, so the test window chose
+    (another period won, and its out-of-sample return was reported)."""
+    common = {
+        "MODE": "optimize",
+        "SYMBOLS": "GOOG",
+        "AGENT": "tests.agents_for_tests:OutOfSampleBug",
+        "OPTIMIZE_SPACE": '{"period": [5, 10, 20, 40]}',
+        "OPTIMIZE_RECORD": "none",
+        "OPTIMIZE_WORKERS": "1",
+        "BACKTEST_END": "2007-08-18",
+        "WALK_FORWARD": '{"train": "2y", "test": "1y"}',
+    }
+    runs = {}
+    for bug in (0, 20):
+        where = tmp_path / f"bug{bug}"
+        where.mkdir()
+        proc = runner(
+            where,
+            {**common, "AGENT_PARAMS": json.dumps({"bug_period": bug, "bug_from": "2007-01-01"})},
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        db = where / "fmel.duckdb"
+        runs[bug] = (
+            proc.stdout,
+            dict(query(db, "SELECT params, objective FROM trials")),
+            query(db, "SELECT best_params FROM folds"),
+            query(db, "SELECT status, error, is_bars FROM trials WHERE params LIKE '%20}'"),
+        )
+    clean, buggy = runs[0], runs[20]
+    assert buggy[1] == clean[1]  # the same in-sample objectives, the failed trial's too
+    assert buggy[2] == clean[2] == [('{"period": 20}',)]  # so the same choice
+    [(status, error, is_bars)] = buggy[3]
+    assert status == "failed" and "ZeroDivisionError" in error and is_bars > 400
+    assert "failed OOS     fold(s) 0: the params chosen in-sample failed" in buggy[0]
+    assert "failed OOS" not in clean[0]

@@ -136,6 +136,15 @@ def check_space(opt: OptimizeConfig, agent_cls: type) -> None:
                         f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} {problem}, "
                         f"got {value!r} ({json_kind(value)})"
                     )
+            if isinstance(default, float) and not isinstance(default, bool):
+                # 1 and 1.0 are one value of a float param (helper-74: both ran as trials)
+                seen = [float(v) for v in p.values if isinstance(v, int | float)]
+                if len(set(seen)) < len(seen):
+                    twice = next(v for v in seen if seen.count(v) > 1)
+                    raise ConfigError(
+                        f"OPTIMIZE_SPACE: param {p.name!r} of {agent_cls.__name__} is a number; "
+                        f"{twice!r} is given twice (as a whole number and a decimal?)"
+                    )
         else:
             # a range proposes numbers: whole ones when low, high and step are written whole
             # (helper-73: {"low": 1, "high": 2} for a string param passed, every trial failed)

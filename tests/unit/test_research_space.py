@@ -289,6 +289,8 @@ class _TypedParams(bt.Strategy):
         ),
         ({"lst": {"low": 1, "high": 3}}, "grid", "param 'lst' of _TypedParams expects a list"),
         ({"n": {"low": 10.0, "high": 20.0}}, "tpe", "whole numbers need low, high and step"),
+        ({"x": [0.5, 1, 1.0]}, "grid", "param 'x' of _TypedParams is a number; 1.0 is given twice"),
+        ({"x": [0.5, 0.5000000000000001]}, "grid", None),  # two doubles: two values
         (
             {"flag": {"low": 0.0, "high": 1.0}},
             "tpe",

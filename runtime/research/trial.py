@@ -429,6 +429,10 @@ class Backtester:
                 if out_curve is not None and not pruned
                 else None
             )
+            if out_stats is not None and out_curve is not None and len(in_curve) and len(out_curve):
+                # the curve starts at the last in-sample value (its first return is the first
+                # test bar's): that point is not a test bar (helper-74: oos_bars was one more)
+                out_stats = dataclasses.replace(out_stats, bars=out_stats.bars - 1)
         except BaseException as e:
             # The agent is user code: whatever it raises (a rejected combination such as
             # fast >= slow, a bug, even sys.exit() or KeyboardInterrupt, which would otherwise

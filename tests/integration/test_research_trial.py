@@ -73,7 +73,7 @@ def test_recording_a_trial_changes_none_of_its_numbers(tmp_path: Path, bars: dic
             "FROM decisions WHERE session_id = 'T-0'"
         ).fetchone()
     # one decision per bar of the fold (train + test), the last value is the curve's last
-    assert n == recorded.decisions == plain.in_sample.bars + plain.out_of_sample.bars - 1
+    assert n == recorded.decisions == plain.in_sample.bars + plain.out_of_sample.bars
     assert mode == "optimize"
     assert last == pytest.approx(plain.out_of_sample.end_value_usd, rel=1e-12)
 

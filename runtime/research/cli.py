@@ -585,7 +585,15 @@ def render(summary: StudySummary, config: OptimizeAppConfig, stored_at: str, que
         f"stored at      {stored_at}",
         f"look at them   {query}",
     ]
-    if recorded:
+    if recorded and opt.record == "all":
+        # every trial is a session of its own (helper-74: this counted the folds' bests)
+        lines.append(
+            f"decisions      recorded for each of the {sum(o.trials for o in summary.folds)} "
+            "trial(s), one session each (OPTIMIZE_RECORD=all), e.g. fold "
+            f"{recorded[0].fold.index}'s best: session_id = "
+            f"'{recorded[0].best.session_id}'"  # type: ignore[union-attr]
+        )
+    elif recorded:
         lines.append(
             f"decisions      recorded for {len(recorded)} session(s) (OPTIMIZE_RECORD="
             f"{opt.record}), e.g. session_id = '{recorded[0].best.session_id}'"  # type: ignore[union-attr]

@@ -119,6 +119,10 @@ def test_record_all_merges_every_trials_decisions_into_the_local_store(workdir: 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 of 3 run (1 failed, 0 pruned)" in proc.stdout  # fast=40 > slow=30: refused
+    # helper-74: it said "recorded for 1 session(s)", counting the folds' bests
+    assert "recorded for each of the 3 trial(s), one session each (OPTIMIZE_RECORD=all)" in (
+        proc.stdout
+    )
     db = workdir / "fmel.duckdb"
     trials = dict(query(db, "SELECT session_id, decisions FROM trials WHERE status = 'complete'"))
     decisions = dict(query(db, "SELECT session_id, count(*) FROM decisions GROUP BY 1"))

@@ -345,6 +345,12 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
     except (ConfigError, DataError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return OptimizeOutcome(2, None, "")
+    # as a backtest's report says them (helper-74: only a log line said them here)
+    skipped = {
+        fc.path.name: len(bars[fc.symbol].skipped)
+        for fc in config.csv_feeds
+        if fc.symbol in bars and bars[fc.symbol].skipped
+    }
     opt = config.optimize
     store = make_store(
         sink=config.fmel.sink,
@@ -445,7 +451,9 @@ def optimize(config: OptimizeAppConfig, *, session_id: str) -> OptimizeOutcome:
             shutil.rmtree(job.parts_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 job.parts_dir.parent.rmdir()  # only when no other study uses it
-    report = render(summary, config, store.describe(), store.example_query(session_id))
+    report = render(
+        summary, config, store.describe(), store.example_query(session_id), skipped_rows=skipped
+    )
     code = 0
     if summary.error is not None:
         code = 1
@@ -522,8 +530,16 @@ def fold_table(folds: tuple[FoldOutcome, ...], metric: str) -> list[str]:
     ]
 
 
-def render(summary: StudySummary, config: OptimizeAppConfig, stored_at: str, query: str) -> str:
-    """The text report of a study."""
+def render(
+    summary: StudySummary,
+    config: OptimizeAppConfig,
+    stored_at: str,
+    query: str,
+    *,
+    skipped_rows: Mapping[str, int] | None = None,
+) -> str:
+    """The text report of a study; ``skipped_rows``: file name -> CSV rows skipped
+    (``CSV_ON_BAD_ROWS=skip``)."""
     opt = config.optimize
     wf = opt.windows
     rate = summary.trials / summary.elapsed_s * 60 if summary.elapsed_s > 0 else 0.0
@@ -553,6 +569,8 @@ def render(summary: StudySummary, config: OptimizeAppConfig, stored_at: str, que
     ]
     if rss:
         lines.append(f"worker memory  peak RSS {rss[0]:.0f}..{rss[-1]:.0f} MiB per worker")
+    for name, count in (skipped_rows or {}).items():
+        lines.append(f"skipped rows   {name}: {count} (CSV_ON_BAD_ROWS=skip)")
     if summary.error:
         lines.append(f"stopped        {summary.error}")
     lines += ["", *fold_table(summary.folds, opt.metric)]

@@ -325,3 +325,27 @@ def test_a_trial_that_fails_only_out_of_sample_keeps_its_in_sample_objective(
     assert status == "failed" and "ZeroDivisionError" in error and is_bars > 400
     assert "failed OOS     fold(s) 0: the params chosen in-sample failed" in buggy[0]
     assert "failed OOS" not in clean[0]
+
+
+def test_skipped_csv_rows_are_counted_in_the_report(workdir: Path, tmp_path: Path) -> None:
+    """helper-74: CSV_ON_BAD_ROWS=skip counts and reports skipped rows (docs/csv.md); the
+    optimisation report did not say them (only a log line on stderr did)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (REPO / "data" / "GOOG.csv").read_text().splitlines()
+    lines[5] = lines[5].split(",")[0] + ",oops,1,1,1,1"  # one bad row
+    (data / "GOOG.csv").write_text("\n".join(lines) + "\n")
+    proc = runner(
+        workdir,
+        {
+            "MODE": "optimize",
+            "SYMBOLS": "GOOG",
+            "DATA_DIR": str(data),
+            "CSV_ON_BAD_ROWS": "skip",
+            "OPTIMIZE_SPACE": '{"fast": [5], "slow": [30]}',
+            "OPTIMIZE_WORKERS": "1",
+            "OPTIMIZE_RECORD": "none",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped rows   GOOG.csv: 1 (CSV_ON_BAD_ROWS=skip)" in proc.stdout

@@ -81,3 +81,17 @@ class OutOfSampleBug(bt.Strategy):  # type: ignore[misc]
             self.buy(size=int(0.9 * self.broker.getvalue() / self.data.close[0]))
         elif self.position and self.data.close[0] < self.sma[0]:
             self.close()
+
+
+class LongNotes(bt.Strategy):  # type: ignore[misc]
+    """Attaches a ``kb``-kilobyte ``reasoning`` to every decision (text far beyond the store's
+    memory limit over a run) and trades now and then (helper-74)."""
+
+    params = (("kb", 50), ("every", 10))
+
+    def next(self) -> None:
+        from analyzers.fmel import attach_note
+
+        attach_note(self, reasoning="x" * (self.p.kb * 1000))
+        if len(self) % self.p.every == 0:
+            self.close() if self.position else self.buy(size=1)

@@ -42,6 +42,7 @@ Thread context: main thread only.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import math
@@ -394,6 +395,17 @@ class DuckDBTrialStore:
             self._con.execute("DETACH part")
         part.unlink()
         return merged
+
+    def keep_unmerged(self, part: Path) -> Path:
+        """Move a part file that could not be merged beside the store
+        (``<store>.unmerged/<name>``), out of the parts folder the study removes; its new
+        path. Attach it with ``ATTACH '<path>' AS t (READ_ONLY)`` to read its decisions."""
+        with contextlib.suppress(Exception):
+            self._con.execute("DETACH part")
+        kept = self.path.parent / f"{self.path.name}.unmerged" / part.name
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        part.replace(kept)
+        return kept
 
     def _plan_sql(self) -> str:
         """Per row of the attached part, in rowid order: ``(rowid, weight, skip)``. The weight

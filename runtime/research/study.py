@@ -250,7 +250,23 @@ class Study:
         self._rss[result.worker] = max(self._rss.get(result.worker, 0.0), result.peak_rss_mb)
         parts = self.job.parts_dir
         if result.record and parts is not None and isinstance(self.store, DuckDBTrialStore):
-            self.store.merge_part(part_path(parts, result.session_id))
+            part = part_path(parts, result.session_id)
+            try:
+                self.store.merge_part(part)
+            except Exception as e:
+                import duckdb
+
+                if not isinstance(e, duckdb.Error):
+                    raise
+                # helper-74: a trial whose notes outgrew the memory limit ended the study with
+                # an uncaught OutOfMemoryException, and its decision file went with the parts
+                kept = self.store.keep_unmerged(part)
+                raise EngineError(
+                    f"merging trial {result.session_id}'s decisions into {self.store.path} "
+                    f"failed ({type(e).__name__}: {str(e)[:200]}); its decision file is kept "
+                    f"at {kept} (DuckDB reads 2,048 decisions at a time: long notes need a "
+                    "larger FMEL_LOCAL_MEMORY_LIMIT_MB)"
+                ) from e
         self.store.add_trial(
             trial_row(result, study_id=self.job.study_id, fold=state.fold, metric=self.job.metric)
         )

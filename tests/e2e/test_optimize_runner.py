@@ -349,3 +349,34 @@ def test_skipped_csv_rows_are_counted_in_the_report(workdir: Path, tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped rows   GOOG.csv: 1 (CSV_ON_BAD_ROWS=skip)" in proc.stdout
+
+
+def test_record_all_keeps_a_trials_decisions_it_cannot_merge(workdir: Path) -> None:
+    """helper-74: a trial whose notes outgrew FMEL_LOCAL_MEMORY_LIMIT_MB (DuckDB reads 2,048
+    decisions at a time, here 2,048 x 60 kB) ended the study with an uncaught
+    OutOfMemoryException while merging, and its decision file was removed with the parts.
+    Now the study stops with exit 1 and a report that says why, and the file is kept."""
+    proc = runner(
+        workdir,
+        {
+            "MODE": "optimize",
+            "SYMBOLS": "GOOG",
+            "AGENT": "tests.agents_for_tests:LongNotes",
+            "OPTIMIZE_SPACE": '{"kb": [60], "every": [10, 20]}',
+            "OPTIMIZE_RECORD": "all",
+            "OPTIMIZE_WORKERS": "1",
+            "FMEL_LOCAL_MEMORY_LIMIT_MB": "64",
+        },
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "uncaught" not in proc.stderr
+    assert "(FAILED)" in proc.stdout and "larger FMEL_LOCAL_MEMORY_LIMIT_MB" in proc.stdout
+    [kept] = (workdir / "fmel.duckdb.unmerged").iterdir()
+    con = duckdb.connect(str(kept), read_only=True)
+    try:
+        [(n, sessions)] = con.execute(
+            "SELECT count(*), count(DISTINCT session_id) FROM decisions"
+        ).fetchall()
+    finally:
+        con.close()
+    assert (n, sessions) == (2148, 1)  # every GOOG bar of the trial, nothing lost

@@ -217,17 +217,28 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
     raise TypeError(f"{name}: unsupported setting type {tp!r}")
 
 
-def _unique_keys(name: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                # json.loads keeps the last silently: a copied line shrank a search (an attack)
-                raise ConfigError(f"{name}: key {key!r} is given twice in one JSON object")
-            out[key] = value
-        return out
+class DuplicateKeyError(ValueError):
+    """A JSON object names a key twice (:func:`unique_keys`); ``key`` is that key."""
 
-    return hook
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`json.loads` for objects whose keys are all different:
+    RFC 8259 section 4 leaves duplicate names undefined and Python keeps the last, which changes
+    a value silently (a copied line shrank a search; a bar's field).
+
+    Raises:
+        DuplicateKeyError: the first key given twice.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
 
 
 def parse_json_object(name: str, text: str) -> dict[str, Any]:
@@ -239,11 +250,11 @@ def parse_json_object(name: str, text: str) -> dict[str, Any]:
             of more than 4,300 digits, nesting too deep for Python, a lone surrogate.
     """
     try:
-        parsed = json.loads(text, object_pairs_hook=_unique_keys(name))
+        parsed = json.loads(text, object_pairs_hook=unique_keys)
         # strings must be encodable: a lone surrogate failed writing the study page later
         json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-    except ConfigError:
-        raise
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{name}: key {e.key!r} is given twice in one JSON object") from e
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{name}: expected a JSON object, got invalid JSON ({e.msg} at position {e.pos})"

@@ -40,6 +40,7 @@ from core.bars import (
     flatten,
 )
 from core.errors import DataError
+from core.settings import unique_keys
 from core.time import as_utc, utc_to_bt_num
 from feeds.fields import reserved_reason
 from feeds.pubsub.config import FEED_ATTRIBUTES, MAX_MESSAGE_BYTES, FieldSet
@@ -222,17 +223,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different: RFC 8259 section 4 leaves duplicate names
-    undefined and Python keeps the last, which would change a bar silently."""
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
-        doc[key] = value
-    return doc
-
-
 def _check_shape(doc: Mapping[str, Any]) -> None:
     """Depth and size limits, iteratively (a recursive walk could itself overflow).
 
@@ -357,7 +347,7 @@ def _decode(
             "missing_symbol", f"'symbol' attribute {excerpt(symbol)} is longer than 64 characters"
         )
     try:
-        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=unique_keys)
     except RecursionError as e:
         raise MalformedMessageError("bad_json", "body nested too deeply to parse") from e
     except (UnicodeDecodeError, ValueError) as e:

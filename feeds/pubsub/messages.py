@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -196,6 +197,17 @@ def parse_timestamp(raw: Any) -> datetime:
     return ts
 
 
+_FRACTION = re.compile(r"[.,](\d+)")
+
+
+def _finer_than_ms(text: str) -> bool:
+    """A fraction of a second in ``text`` (of the time or of an offset) with a non-zero digit
+    past the third: ``datetime.fromisoformat`` drops digits past the sixth, so
+    ``00.0000001`` parsed as a whole millisecond and two bars 100 ns apart became one (a
+    fresh-context attack)."""
+    return any(m.group(1)[3:].strip("0") for m in _FRACTION.finditer(text))
+
+
 # The fields that must be numbers, and the reason a message is refused when one is not.
 _NUMBER_REASONS = {
     **dict.fromkeys(PRICE_FIELDS, "non_numeric_price"),
@@ -212,11 +224,16 @@ def _number(name: str, value: Any, reason: str) -> float:
         # or "１" as numbers; the CSV reader refuses both (found by attacks, helper-65/66)
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
     try:
-        return float(value)
+        number = float(value)
     except ValueError as e:  # text such as "abc", or "[1]": a list, kept as its JSON text
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number") from e
     except OverflowError as e:  # an integer beyond float64
         raise MalformedMessageError(reason, f"{name} {excerpt(value)} is out of float range") from e
+    if math.isnan(number):
+        # "nan" text: JSON has no such number, and a volume of "nan" was taken for a missing
+        # one (a fresh-context attack; "inf" is refused by the bar's checks)
+        raise MalformedMessageError(reason, f"{name} {excerpt(value)} is not a number")
+    return number
 
 
 def _reject_constant(name: str) -> Any:
@@ -363,7 +380,7 @@ def _decode(
             f"attribute symbol {excerpt(symbol)} != body symbol {excerpt(body_symbol)}",
         )
     ts = parse_timestamp(doc.get("timestamp"))
-    if ts.microsecond % 1000:
+    if ts.microsecond % 1000 or _finer_than_ms(doc["timestamp"]):
         # Bar times are kept to the millisecond (the record's bar_time and a live run's
         # decision ids; backtrader's float dates hold about 10 us): two bars under a
         # millisecond apart shared a decision id, and the store kept one of them without a

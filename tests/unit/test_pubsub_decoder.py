@@ -162,6 +162,15 @@ def test_valid_bars_decode_to_their_values(
         # under a millisecond: two such bars shared a paper run's decision id (attack finding)
         (body(timestamp="2024-01-02T15:30:00.0001Z"), "bad_timestamp"),
         (body(timestamp="2024-01-02T15:30:00.001001+00:00"), "bad_timestamp"),
+        # helper-75: Python drops digits past the sixth, so these parsed as whole milliseconds
+        # and two bars 100 ns apart became one
+        (body(timestamp="2024-01-02T15:30:00.0000001Z"), "bad_timestamp"),
+        (body(timestamp="2024-01-02T15:30:00.0010009Z"), "bad_timestamp"),
+        (body(timestamp="2024-01-02T15:30:00+00:00:00.000500"), "bad_timestamp"),
+        (body(timestamp="2024-01-02T15:30:00.001000000Z"), None),  # zeros: a whole ms
+        # helper-75: "nan" text became a missing volume
+        (body(volume="nan"), "non_numeric_volume"),
+        (body(volume="NaN"), "non_numeric_volume"),
         (body(close="x" * 1_000_000), "non_numeric_price"),
         (body(close=99.0), "invalid_bar"),  # close above high
         (body(open=9.0), "invalid_bar"),  # open below low

@@ -151,7 +151,10 @@ class PubSubFeedConfig:
     idle_timeout_s: float = setting(
         0.0,
         env="PUBSUB_IDLE_TIMEOUT_S",
-        help="stop the live run after this long with no bar (0: never)",
+        help=(
+            "stop the live run after this long with no bar, counted from the first bar (0: "
+            "never; a run that never gets a bar waits for SIGTERM)"
+        ),
         minimum=0,
     )
     align_wait_s: float = setting(
@@ -331,8 +334,14 @@ def parse_declared_fields(specs: Iterable[str]) -> FieldSet:
             name = field_name(raw)
         except ValueError as e:
             raise ConfigError(f"PUBSUB_FIELDS: {spec!r}: {e}") from e
-        if name in OHLCV or name == OPEN_INTEREST:  # backtrader's own lines
-            continue
+        if name in OHLCV or name == OPEN_INTEREST:
+            # dropped without a word before (a fresh-context attack: volume:text asked for
+            # volume as text, and the run went on with OHLCV only)
+            raise ConfigError(
+                f"PUBSUB_FIELDS: {spec!r} is {name!r}, one of backtrader's own lines (open, "
+                "high, low, close, volume, openinterest), which every feed has: declare only "
+                "extra fields"
+            )
         why = reserved_reason(name) or (
             "an attribute of the live feed" if name in FEED_ATTRIBUTES else None
         )

@@ -415,7 +415,9 @@ class MessageHandler:
                 name,
                 have,
                 kind,
-                "NaN" if have == "number" else "its JSON text",
+                # numbers and true/false are decoded as floats first: 5 reads as '5.0' and
+                # true as '1.0' (a fresh-context attack: the log said "its JSON text")
+                "NaN" if have == "number" else "the float's JSON text (5 -> '5.0', true -> '1.0')",
             )
 
     def wait_discovery(self, timeout_s: float) -> dict[str, FieldSet]:

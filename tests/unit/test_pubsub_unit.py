@@ -550,8 +550,12 @@ def test_status_notifications_follow_the_connection() -> None:
 
 def test_declared_fields_parse_kinds_and_refuse_reserved_names() -> None:
     assert parse_declared_fields(
-        ["Sentiment", "headline:text", "latest_news.relevance:number", "close"]
+        ["Sentiment", "headline:text", "latest_news.relevance:number"]
     ) == FieldSet(("sentiment", "latest_news_relevance"), ("headline",))
+    # backtrader's own lines were dropped without a word (helper-75: volume:text)
+    for own in ("close", "volume:text", "OpenInterest"):
+        with pytest.raises(ConfigError, match="one of backtrader's own lines"):
+            parse_declared_fields([own])
     with pytest.raises(ConfigError, match="name backtrader's feed or this runtime uses"):
         parse_declared_fields(["datetime"])
     with pytest.raises(ConfigError, match="attribute of the live feed"):

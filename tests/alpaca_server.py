@@ -1072,6 +1072,10 @@ class AlpacaServer:
             raise bad("invalid order type")
         if body["time_in_force"] not in ("day", "gtc", "opg", "cls", "ioc", "fok"):
             raise bad("invalid time_in_force")
+        if body["time_in_force"] in ("opg", "cls") and body["type"] not in ("market", "limit"):
+            # [orders] "Time in Force": opg / cls go with a market or limit order (market/limit
+            # on open, market/limit on close) only (helper-75: the fake took a stop)
+            raise bad(f"{body['time_in_force']} orders must be market or limit orders")
         if body["type"] == "trailing_stop" and body["time_in_force"] not in ("day", "gtc"):
             # [orders] "Trailing Stop Orders": time in force day or gtc only
             raise bad("trailing stop orders must be DAY or GTC orders")

@@ -159,3 +159,26 @@ def test_bracket_time_in_force_must_be_day_or_gtc(tif: str) -> None:
         ).to_request_fields()
     )
     assert fields["order_class"] == "bracket"
+
+
+@pytest.mark.parametrize("tif", ["opg", "cls"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"exectype": bt.Order.Stop, "price": 95.0},
+        {"exectype": bt.Order.StopLimit, "price": 95.0, "pricelimit": 94.0},
+        {"exectype": bt.Order.StopTrail, "price": 95.0, "trailamount": 1.0},
+    ],
+)
+def test_auction_orders_are_market_or_limit_only(tif: str, kw: dict[str, Any]) -> None:
+    """docs "Orders at Alpaca", time in force: opg/cls make market/limit on open/close orders
+    (helper-75: a stop with opg was sent, and Alpaca answers 422)."""
+    with pytest.raises(
+        OrderRejectedError, match=f"{tif} \\(auction\\) orders must be market or limit"
+    ):
+        to_order_request(order(size=5, **kw), "AAPL", time_in_force=tif)
+    for ok in ({}, {"exectype": bt.Order.Limit, "price": 99.0}):
+        fields = dict(
+            to_order_request(order(size=5, **ok), "AAPL", time_in_force=tif).to_request_fields()
+        )
+        assert fields["time_in_force"] == tif

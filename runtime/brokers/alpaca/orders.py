@@ -315,7 +315,8 @@ def to_order_request(
             that is not a limit (take profit) or stop/stop-limit (stop loss), an OCO pair that
             is not a limit and a stop, a size of zero, or a fractional equity quantity in an
             order Alpaca takes only in whole shares (time in force other than day, bracket, OTO,
-            OCO, trailing stop), or a bracket/OTO whose time in force is not day or gtc.
+            OCO, trailing stop), a bracket/OTO whose time in force is not day or gtc, or an
+            ``opg``/``cls`` order that is not a market or limit order.
     """
     crypto = is_crypto(symbol)
     info = getattr(order, "info", None) or {}
@@ -339,6 +340,17 @@ def to_order_request(
         # docs "Orders at Alpaca", bracket orders: time in force day or gtc
         raise OrderRejectedError(
             f"{symbol}: bracket and OTO orders take time in force day or gtc, not {tif!r}"
+        )
+    if tif in ("opg", "cls") and order.exectype not in (
+        bt.Order.Market,
+        bt.Order.Limit,
+        bt.Order.Close,
+    ):
+        # docs "Orders at Alpaca", time in force: opg and cls are market/limit on open/close
+        # only (helper-75: a stop with opg went out and Alpaca refuses it with 422)
+        raise OrderRejectedError(
+            f"{symbol}: {tif} (auction) orders must be market or limit orders, not "
+            f"{bt.Order.ExecTypes[order.exectype]}"
         )
     if info.get("extended_hours") and (order.exectype != bt.Order.Limit or tif != "day"):
         raise OrderRejectedError(

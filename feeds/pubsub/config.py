@@ -207,10 +207,24 @@ class PubSubFeedConfig:
             raise ConfigError(f"PUBSUB_MAX_FUTURE_S must be >= 0, got {self.max_future_s}")
         if not self.gap_max_s >= 0:
             raise ConfigError(f"PUBSUB_GAP_MAX_S must be >= 0, got {self.gap_max_s}")
+        paths: dict[str, str] = {}
         for topic in self.topics:
             problem = resource_name_problem(topic, "topics")
             if problem:
                 raise ConfigError(f"PUBSUB_TOPIC: {problem}")
+            # the path the subscriber uses (clients.resource_path): one topic named twice
+            # would get two subscriptions and two pullers, every bar delivered twice
+            path = (
+                topic
+                if topic.startswith("projects/")
+                else f"projects/{self.project}/topics/{topic}"
+            )
+            if path in paths:
+                raise ConfigError(
+                    f"PUBSUB_TOPIC: {paths[path]!r} and {topic!r} are the same topic {path}; "
+                    "give each topic once"
+                )
+            paths[path] = topic
         if self.subscription:
             problem = resource_name_problem(self.subscription, "subscriptions")
             if problem:

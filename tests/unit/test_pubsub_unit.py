@@ -668,3 +668,21 @@ def test_no_credentials_without_an_emulator_is_a_config_error(
     make = subscriber_client if which == "subscriber" else publisher_client
     with pytest.raises(ConfigError, match="PUBSUB_EMULATOR_HOST=host:port"):
         make(None)
+
+
+@pytest.mark.parametrize(
+    "topics",
+    [
+        ("bars", "bars"),
+        ("bars", "projects/demo/topics/bars"),
+        ("abc", "bcd", "projects/demo/topics/abc"),
+    ],
+)
+def test_one_topic_named_twice_is_a_config_error(topics: tuple[str, ...]) -> None:
+    """``PUBSUB_TOPIC=bars,bars``: two subscriptions, two pullers, every bar twice; refused at
+    start, naming the variable (a short name and its full path are the same topic)."""
+    from feeds.pubsub.config import PubSubFeedConfig
+
+    with pytest.raises(ConfigError, match=r"PUBSUB_TOPIC: .* same topic projects/demo/topics/"):
+        PubSubFeedConfig(project="demo", topics=topics)
+    PubSubFeedConfig(project="demo", topics=("bars", "projects/other/topics/bars"))

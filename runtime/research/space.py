@@ -184,6 +184,17 @@ def _parse_range(name: str, spec: Mapping[str, Any], *, grid: bool) -> Range:
     r = Range(name, low, high, step, log, integer)
     if grid:
         r.count()  # refuses continuous float ranges and huge ranges now, at start
+        if not integer:
+            # a step finer than floats can tell apart near the range: two decimal points of
+            # the grid become one float and the same trial would run twice
+            points = r.values()
+            for i in range(1, len(points)):
+                if points[i] == points[i - 1]:
+                    raise ConfigError(
+                        f"{_VAR}: {name}: step {step} is finer than a float can tell apart "
+                        f"near {points[i]!r} (grid points {i - 1} and {i} are the same "
+                        "number); use a larger step"
+                    )
     return r
 
 

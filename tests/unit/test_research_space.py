@@ -204,6 +204,34 @@ def test_float_grids_stay_in_bounds(low: float, span: float, step: float) -> Non
     assert len(set(values)) == len(values)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    low=st.floats(-1e17, 1e17, allow_nan=False),
+    span=st.floats(0, 1e3, allow_nan=False),
+    step=st.floats(1e-20, 10, allow_nan=False),
+)
+def test_a_float_grid_has_distinct_points_or_is_refused(
+    low: float, span: float, step: float
+) -> None:
+    """A step finer than floats near the range made two grid points one number (the same
+    trial ran twice): refused at start naming OPTIMIZE_SPACE, or every point distinct."""
+    try:
+        (r,) = parse_space({"x": {"low": low, "high": low + span, "step": step}}, grid=True)
+    except ConfigError as e:
+        assert "OPTIMIZE_SPACE" in str(e)
+        return
+    assert isinstance(r, Range)
+    values = r.values()
+    assert len(set(values)) == len(values)
+
+
+def test_a_step_floats_cannot_tell_apart_is_refused() -> None:
+    with pytest.raises(ConfigError, match="finer than a float can tell apart near 1e[+]16"):
+        parse_space({"x": {"low": 1e16, "high": 1e16 + 10, "step": 0.5}}, grid=True)
+    with pytest.raises(ConfigError, match="finer than a float can tell apart near 0.1 "):
+        parse_space({"x": {"low": 0.1, "high": 0.100000000000001, "step": 1e-17}}, grid=True)
+
+
 json_scalar = st.one_of(
     st.none(),
     st.booleans(),

@@ -226,9 +226,9 @@ def test_a_float_grid_has_distinct_points_or_is_refused(
 
 
 def test_a_step_floats_cannot_tell_apart_is_refused() -> None:
-    with pytest.raises(ConfigError, match="finer than a float can tell apart near 1e[+]16"):
+    with pytest.raises(ConfigError, match=r"finer than a float can tell apart near 1e[+]16"):
         parse_space({"x": {"low": 1e16, "high": 1e16 + 10, "step": 0.5}}, grid=True)
-    with pytest.raises(ConfigError, match="finer than a float can tell apart near 0.1 "):
+    with pytest.raises(ConfigError, match=r"finer than a float can tell apart near 0\.1 "):
         parse_space({"x": {"low": 0.1, "high": 0.100000000000001, "step": 1e-17}}, grid=True)
 
 

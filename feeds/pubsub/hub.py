@@ -233,6 +233,18 @@ class BarHub:
                     self._buffered -= 1
                     self._owe_locked(newest)
                     self._returned.append(newest)
+            if (
+                len(buf.pending) >= self.max_buffered_bars
+                and not self.input_closed
+                and bar.dt_num > self._served
+                and any(b.dt_num == bar.dt_num for b in buf.pending)
+            ):
+                # a second copy of a buffered bar (one the handler's window of recent bar
+                # times no longer holds) needs no room: refused as below without waiting for
+                # it (a fresh-context attack: it stopped the pull during a hold behind a full
+                # buffer, and the older half of a backlog came after its steps)
+                self.late[bar.symbol] += 1
+                return LATE
             if len(buf.pending) >= self.max_buffered_bars and not self.input_closed:
                 self.backpressure_waits += 1
                 self._blocked += 1  # a blocked producer: a step cannot wait for more bars

@@ -558,3 +558,22 @@ def test_bars_that_cannot_come_again_still_wait_for_room() -> None:
     assert _served(hub)[:1] == [4]
     t.join(5.0)
     assert done == [LATE]  # as before this change: an older bar behind a full buffer is late
+
+
+def test_a_copy_of_a_buffered_bar_behind_a_full_buffer_does_not_wait_for_room() -> None:
+    """helper-78 (F5): a copy of a buffered bar, older than the handler's window of recent bar
+    times, reached a full buffer during a hold; nothing was displaced (its time is buffered)
+    and the pull thread waited for room, so the older half of a backlog came after its steps
+    and was lost. A copy needs no room: refused at once as a second copy, for leased bars and
+    for bars acknowledged on receipt alike."""
+    for make in (_leased, bar):
+        clock = FakeClock()
+        hub = BarHub(["A"], max_buffered_bars=2, align_wait_s=0, clock=clock)
+        hub.hold_steps(5.0)
+        assert _offer_now(hub, make("A", 9)) == OFFERED
+        assert _offer_now(hub, make("A", 8)) == OFFERED
+        assert _offer_now(hub, make("A", 9)) == LATE  # the copy: at once, not after room
+        assert hub.late["A"] == 1 and not hub.pop_returned()
+        if make is _leased:
+            assert _offer_now(hub, make("A", 7)) == OFFERED  # the older bars go on coming
+            assert [b.dt_num for b in hub.pop_returned()] == [bar("A", 9).dt_num]

@@ -185,6 +185,9 @@ class BarHub:
         self._returned: list[LiveBar] = []  # evicted, for pop_returned
         self._owed: dict[tuple[str, float], float] = {}  # (symbol, time) -> owed until
         self._owed_heap: list[tuple[float, str]] = []  # lazy: (time, symbol)
+        # the oldest owed bar time when the input closed: the drain serves no step at or
+        # after it (those bars stay unacknowledged and come again at the next start)
+        self._closed_owed = math.inf
         self.missed: Counter[str] = Counter()
         self.late: Counter[str] = Counter()
         self.consumer_waiting = False  # the main thread waits in take() for a bar
@@ -541,6 +544,7 @@ class BarHub:
                     and not self.input_closed
                     and self._last_offer is not None
                     and now - self._last_offer >= self.idle_timeout_s
+                    and self._min_owed(now) == math.inf  # bars that went back come again
                 ):
                     self._close_locked(
                         f"no bar for {self.idle_timeout_s:g} s (PUBSUB_IDLE_TIMEOUT_S)"
@@ -599,7 +603,12 @@ class BarHub:
         if not self.input_closed:
             return False
         with self._cond:
-            return self._drain_expired(self._clock()) or not self._bufs[symbol].pending
+            pending = self._bufs[symbol].pending
+            return (
+                self._drain_expired(self._clock())
+                or not pending
+                or pending[0].dt_num >= self._closed_owed
+            )
 
     @property
     def buffered(self) -> int:
@@ -612,6 +621,17 @@ class BarHub:
 
     def _close_locked(self, reason: str) -> None:
         self.input_closed = True
+        # A bar that went back to Pub/Sub and has not come again: serving the steps after it
+        # in the drain would decide them (and acknowledge their bars) before it, and it would
+        # be refused as late at the next start (a fresh-context attack: the idle timeout lost
+        # 8 bars of a backlog so). The drain stops before it instead.
+        self._closed_owed = self._min_owed(self._clock())
+        if self._closed_owed < math.inf:
+            logger.warning(
+                "live input closed with bars handed back to Pub/Sub not come again; steps "
+                "from the oldest of them on are not served in the drain (their bars go back "
+                "to Pub/Sub for the next start)"
+            )
         self.close_reason = reason
         logger.info("live input closed (%s); %d bars buffered to drain", reason, self._buffered)
         self._cond.notify_all()
@@ -654,7 +674,7 @@ class BarHub:
     def _due(self, now: float) -> float | None:
         """The next step's time when it may be served now, else None."""
         step = self._min_pending()
-        if step is None:
+        if step is None or step >= self._closed_owed:
             return None
         if now < self._hold_until and not self.input_closed:
             return None
@@ -693,7 +713,11 @@ class BarHub:
                 num, symbol = self._owed_heap[0]  # the oldest owed time: its deadline
                 due = max(due, self._owed[(symbol, num)] - now)
         if self.idle_timeout_s > 0 and not self.input_closed and self._last_offer is not None:
-            due = min(due, self._last_offer + self.idle_timeout_s - now)
+            idle_at = self._last_offer + self.idle_timeout_s
+            if self._min_owed(now) < math.inf:  # no idle end while a bar is owed (take())
+                num, symbol = self._owed_heap[0]
+                idle_at = max(idle_at, self._owed[(symbol, num)])
+            due = min(due, idle_at - now)
         return max(due, 0.001)
 
     def _count_gap(self, symbol: str, prev: float, bar: LiveBar) -> None:

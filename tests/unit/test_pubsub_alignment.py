@@ -577,3 +577,40 @@ def test_a_copy_of_a_buffered_bar_behind_a_full_buffer_does_not_wait_for_room() 
         if make is _leased:
             assert _offer_now(hub, make("A", 7)) == OFFERED  # the older bars go on coming
             assert [b.dt_num for b in hub.pop_returned()] == [bar("A", 9).dt_num]
+
+
+def test_the_idle_timeout_neither_ends_the_run_nor_drains_past_a_bar_that_went_back() -> None:
+    """helper-78 (F1): with PUBSUB_IDLE_TIMEOUT_S, the input closed while bars of a backlog
+    were back at Pub/Sub; the drain served the newer bar buffered after them (decided and
+    acknowledged), and at the next start they were refused as late, never decided. Now the
+    idle timeout waits while a bar is owed (at most MAX_HOLD_S), and a close with owed bars
+    serves no step from the oldest owed one on."""
+    clock = FakeClock()
+    hub = BarHub(["A"], max_buffered_bars=2, align_wait_s=0, clock=clock)
+    hub.idle_timeout_s = 3.0
+    hub.hold_steps(1.0)
+    assert _offer_now(hub, _leased("A", 5)) == OFFERED
+    assert _offer_now(hub, _leased("A", 4)) == OFFERED
+    assert _offer_now(hub, _leased("A", 3)) == OFFERED  # 5 goes back: owed
+    assert [int((b.ts - T0).total_seconds()) for b in hub.pop_returned()] == [5]
+    clock.now += 4.0  # idle for longer than the timeout, 5 not come again
+    assert _served(hub) == [3, 4]
+    assert not hub.input_closed  # waits for the bar that went back
+    assert _offer_now(hub, _leased("A", 5)) == OFFERED
+    assert _served(hub) == [5]
+    clock.now += 4.0
+    assert _served(hub) == [] and hub.input_closed  # idle, nothing owed: the run ends
+
+    # closed with a bar owed and a newer one buffered: the drain stops before the owed one
+    hub = BarHub(["A"], max_buffered_bars=2, align_wait_s=0, clock=clock)
+    hub.hold_steps(1.0)
+    for s in (8, 6, 5):  # 8 goes back when 5 comes: owed
+        assert _offer_now(hub, _leased("A", s)) == OFFERED
+    assert [int((b.ts - T0).total_seconds()) for b in hub.pop_returned()] == [8]
+    clock.now += 2.0
+    assert _served(hub) == [5, 6]
+    assert _offer_now(hub, _leased("A", 9)) == OFFERED  # room again: buffered after owed 8
+    assert _served(hub) == []  # waits for 8
+    hub.close_input("test", drain_timeout_s=30.0)
+    assert _served(hub) == [] and hub.finished("A")  # 9 not decided before 8: left to redo
+    assert hub.depth("A") == 1

@@ -202,6 +202,21 @@ class LogSetup:
 _INSTALLED = "_runtime_logs_handler"
 
 
+# Libraries whose DEBUG lines carry wire frames: websockets prints each binary frame as its
+# first 16 and last 8 bytes in hex, and alpaca-py's auth frame ends with the secret key (a
+# fresh-context attack found its last 8 bytes in the log at LOG_LEVEL=DEBUG: the redactor
+# matches the plain text only). Their lines below INFO are dropped whatever LOG_LEVEL is.
+_WIRE_LOGGERS = ("websockets",)
+
+
+def _not_wire_debug(record: logging.LogRecord) -> bool:
+    """Handler filter: False for a wire-level library's line below INFO (:data:`_WIRE_LOGGERS`)."""
+    if record.levelno >= logging.INFO:
+        return True
+    name = record.name
+    return not any(name == w or name.startswith(w + ".") for w in _WIRE_LOGGERS)
+
+
 def setup_logging(
     level: str = "INFO",
     fmt: LogFormat = "auto",
@@ -243,6 +258,7 @@ def setup_logging(
     context, redactor = _Context(), _Redactor()
     redactor.add(s.reveal() if isinstance(s, Secret) else s for s in secrets if s is not None)
     handler = logging.StreamHandler(out)
+    handler.addFilter(_not_wire_debug)
     handler.addFilter(context)
     handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor))
     setup = LogSetup(handler, context, redactor, fmt == "json", replaces)

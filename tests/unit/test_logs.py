@@ -148,3 +148,36 @@ def test_warnings_go_to_the_log(setups: list[LogSetup]) -> None:
         warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
     entries = [json.loads(ln) for ln in lines(out)]
     assert any(e["logger"] == "py.warnings" and "deprecated thing" in e["message"] for e in entries)
+
+
+def test_debug_wire_frames_of_websockets_never_reach_the_log(setups: list[LogSetup]) -> None:
+    """helper-79: at LOG_LEVEL=DEBUG, websockets' frame trace printed alpaca-py's binary auth
+    frame as hex, its last 8 bytes the end of the secret key (the redactor matches plain text).
+    A real websockets client and server on 127.0.0.1 exchange a binary frame ending with a
+    secret: no line holds it, in text or hex; our own DEBUG lines still pass."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+
+    secret = "SeCrEt0123456789abcdefghijklmnopqrstuvwxyz"
+    out = io.StringIO()
+    setups.append(setup_logging("DEBUG", "json", stream=out, secrets=[Secret(secret)]))
+
+    async def echo(ws: object) -> None:
+        async for message in ws:  # type: ignore[attr-defined]
+            await ws.send(message)  # type: ignore[attr-defined]
+
+    async def main() -> bytes:
+        async with serve(echo, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}") as ws:
+                await ws.send(b"\x83\xa6action\xa4auth\xa6secret" + secret.encode())
+                return await ws.recv()  # type: ignore[return-value]
+
+    assert asyncio.run(main()).endswith(secret.encode())
+    logging.getLogger("runtime.test").debug("our own debug line")
+    text = out.getvalue()
+    tail_hex = " ".join(f"{b:02x}" for b in secret.encode()[-8:])
+    assert secret not in text and secret[-8:] not in text and tail_hex not in text
+    assert "our own debug line" in text

@@ -162,6 +162,10 @@ def _floor(ts: datetime, step_s: float) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % step_s, UTC)
 
 
+class _StoppedBeforeTradesError(Exception):
+    """The history request for a live bar's trades was refused because the ingestor stops."""
+
+
 class Ingestor:
     """Alpaca bars of ``config.symbols`` to ``config.topic``.
 
@@ -786,7 +790,22 @@ class Ingestor:
                     self._gap(
                         s, last + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
                     )
-        trades = self._live_trades(bar) if self._needs_trades else None
+        try:
+            trades = self._live_trades(bar) if self._needs_trades else None
+        except _StoppedBeforeTradesError:
+            # Stopping refused the history request for this bar's trades: published now, its
+            # risk metrics would be null for good (and its hash unlike the same bar from
+            # history; a fresh-context attack: SIGTERM in a connection's first minute). It is
+            # left unpublished, as are this symbol's later bars (the gap check), and the next
+            # start fetches them from history with their trades.
+            self._verify.add(s)
+            logger.info(
+                "stopping: bar %s|%s not published (its trades could not be fetched); the "
+                "next start fetches it from history",
+                s,
+                iso_utc(bar.ts),
+            )
+            return
         self._emit(bar, trades, "live", received_ns)
 
     def _bad_time(self, ts: datetime) -> str | None:
@@ -801,6 +820,10 @@ class Ingestor:
         return None
 
     def _live_trades(self, bar: AlpacaBar) -> Trades | None:
+        """The trades of ``bar``'s minute: from the stream, or from history when the
+        connection may have missed some. None when history failed (the bar is published with
+        null risk metrics, logged). Raises :class:`_StoppedBeforeTradesError` when history was
+        refused because the ingestor is stopping."""
         s = bar.symbol
         start_ns = _ns(bar.ts)
         end_ns = start_ns + self._bar_ns
@@ -822,6 +845,8 @@ class Ingestor:
                 )
             )
         except TransientError as e:
+            if self._stop.is_set():
+                raise _StoppedBeforeTradesError from e
             logger.warning("trades of %s %s from history failed: %s", s, iso_utc(bar.ts), e)
             return None
         return Trades.of([(t.price, t.size) for t in got.get(s, []) if t.ns < end_ns])

@@ -8,6 +8,7 @@ published) and compares it with the scripted market, bar by bar.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -511,3 +512,37 @@ def test_catch_up_never_publishes_a_minute_alpaca_is_still_building(
         msgs = topic.drain(18, ing)
         assert_exact(srv, msgs, 9)
         assert ing.stats.duplicates == 0
+
+
+class _SlowRest(AlpacaMarketServer):
+    """The local server with a slow (not failing) REST API: 0.3 s a call."""
+
+    def rest(
+        self, method: str, path: str, query: dict[str, str], headers: Any
+    ) -> tuple[int, dict[str, Any]]:
+        time.sleep(0.3)
+        return super().rest(method, path, query, headers)
+
+
+def test_a_stop_while_first_bars_wait_for_their_trades_publishes_none_without_them(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """helper-79: a stop (SIGTERM) in a connection's first minute, while its first live bars
+    waited for their trades from history, published them with null risk metrics for good
+    (unlike the same bar from history). A bar whose trades a stop refused is now left
+    unpublished with the symbol's later bars, and the state file ends before it: the next
+    start fetches it from history, with its trades."""
+    syms = tuple(f"S{i:02d}" for i in range(12))
+    with _SlowRest(ScriptedMarket(syms, 10)) as srv:
+        ing = make(srv, topic, tmp_path / "s.json", ingestors, symbols=syms)
+        srv.wait_subscribed()
+        srv.advance(1)
+        wait_until("the first bars", lambda: ing.stats.live + ing.stats.trades_from_history >= 2)
+        ing.stop(timeout_s=10)
+    published = [bar for bar, _ in topic.pull(0, timeout_s=3.0)]
+    assert len(published) < len(syms)  # the stop came before every first bar was out
+    for bar in published:
+        assert bar.values["trades_used"] is not None, bar  # never null for want of a stop
+    # the state file ends at what was published: the others start again from history
+    state = json.loads((tmp_path / "s.json").read_text())
+    assert set(state["last_bar"]) == {b.symbol for b in published}

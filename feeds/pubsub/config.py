@@ -20,6 +20,7 @@ from core.errors import ConfigError
 from core.retry import RetryPolicy
 from core.settings import setting
 from feeds.fields import reserved_reason
+from feeds.pubsub.clients import resource_path
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -212,13 +213,9 @@ class PubSubFeedConfig:
             problem = resource_name_problem(topic, "topics")
             if problem:
                 raise ConfigError(f"PUBSUB_TOPIC: {problem}")
-            # the path the subscriber uses (clients.resource_path): one topic named twice
-            # would get two subscriptions and two pullers, every bar delivered twice
-            path = (
-                topic
-                if topic.startswith("projects/")
-                else f"projects/{self.project}/topics/{topic}"
-            )
+            # the path the subscriber uses: one topic named twice would get two
+            # subscriptions and two pullers, every bar delivered twice
+            path = resource_path(self.project, "topics", topic)
             if path in paths:
                 raise ConfigError(
                     f"PUBSUB_TOPIC: {paths[path]!r} and {topic!r} are the same topic {path}; "

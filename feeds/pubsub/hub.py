@@ -213,32 +213,9 @@ class BarHub:
             deadline = None if timeout_s is None else self._clock() + timeout_s
             if self._owed:
                 self._owed.pop((bar.symbol, bar.dt_num), None)  # it came again
+            full = len(buf.pending) >= self.max_buffered_bars and not self.input_closed
             if (
-                len(buf.pending) >= self.max_buffered_bars
-                and not self.input_closed
-                and bar.token is not None
-                and bar.dt_num > self._served
-            ):
-                newest = buf.pending[-1]
-                if bar.dt_num > newest.dt_num:
-                    now = self._clock()
-                    if self._holding_locked(now) or self._min_owed(now) < math.inf:
-                        # a backlog: pull on for the older bars rather than wait behind this
-                        self._owe_locked(bar)
-                        self._last_offer = self._clock()
-                        self._cond.notify_all()
-                        return RETURNED
-                elif newest.token is not None and not any(
-                    b.dt_num == bar.dt_num for b in buf.pending
-                ):
-                    # keep the oldest bars: the newest goes back to Pub/Sub
-                    buf.pending.pop()
-                    self._buffered -= 1
-                    self._owe_locked(newest)
-                    self._returned.append(newest)
-            if (
-                len(buf.pending) >= self.max_buffered_bars
-                and not self.input_closed
+                full
                 and bar.dt_num > self._served
                 and any(b.dt_num == bar.dt_num for b in buf.pending)
             ):
@@ -248,6 +225,22 @@ class BarHub:
                 # buffer, and the older half of a backlog came after its steps)
                 self.late[bar.symbol] += 1
                 return LATE
+            if full and bar.token is not None and bar.dt_num > self._served:
+                newest = buf.pending[-1]
+                if bar.dt_num > newest.dt_num:
+                    now = self._clock()
+                    if self._holding_locked(now) or self._min_owed(now) < math.inf:
+                        # a backlog: pull on for the older bars rather than wait behind this
+                        self._owe_locked(bar)
+                        self._last_offer = self._clock()
+                        self._cond.notify_all()
+                        return RETURNED
+                elif newest.token is not None:
+                    # keep the oldest bars: the newest goes back to Pub/Sub
+                    buf.pending.pop()
+                    self._buffered -= 1
+                    self._owe_locked(newest)
+                    self._returned.append(newest)
             if len(buf.pending) >= self.max_buffered_bars and not self.input_closed:
                 self.backpressure_waits += 1
                 self._blocked += 1  # a blocked producer: a step cannot wait for more bars
@@ -338,6 +331,12 @@ class BarHub:
                 del owed[(symbol, num)]
             heapq.heappop(heap)
         return math.inf
+
+    def _oldest_owed_until(self) -> float:
+        """When the oldest owed time is forgotten (clock seconds); call right after
+        :meth:`_min_owed` returned a finite time (its heap's head is then live)."""
+        num, symbol = self._owed_heap[0]
+        return self._owed[(symbol, num)]
 
     def _holding_locked(self, now: float) -> bool:
         return now < self._hold_until or (self._gap_waiting and now < self._gap_hold_until)
@@ -710,13 +709,11 @@ class BarHub:
                 - now
             )
             if self._owed_heap and step >= self._min_owed(now):
-                num, symbol = self._owed_heap[0]  # the oldest owed time: its deadline
-                due = max(due, self._owed[(symbol, num)] - now)
+                due = max(due, self._oldest_owed_until() - now)
         if self.idle_timeout_s > 0 and not self.input_closed and self._last_offer is not None:
             idle_at = self._last_offer + self.idle_timeout_s
             if self._min_owed(now) < math.inf:  # no idle end while a bar is owed (take())
-                num, symbol = self._owed_heap[0]
-                idle_at = max(idle_at, self._owed[(symbol, num)])
+                idle_at = max(idle_at, self._oldest_owed_until())
             due = min(due, idle_at - now)
         return max(due, 0.001)
 

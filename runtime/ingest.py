@@ -256,6 +256,12 @@ class IngestProcess:
     def _run(self) -> int:
         # Fails at start (exit 2) rather than after the first publishes.
         IngestState(self.config.state_path).check_writable()
+        # Built (indicators imported, their field names checked, the state file read) before
+        # anything is served or the topic is touched: a bad INGEST_INDICATORS or state file
+        # exits 2 at once, with no topic created and no Pub/Sub wait before it (helper-79).
+        ingestor = self.ingestor = Ingestor(
+            self.config, self.client, self.topic_path, events=self.metrics
+        )
         if self.ops.health_port > 0:
             try:
                 # HealthServer only calls .render() on its metrics (duck-typed).
@@ -298,9 +304,6 @@ class IngestProcess:
             if self._stop.is_set():
                 return 0
             topic_ok.set()
-            ingestor = self.ingestor = Ingestor(
-                self.config, self.client, self.topic_path, events=self.metrics
-            )
             self.metrics.watch(ingestor)
             if self.health is not None:
                 self.health.add_check(

@@ -72,6 +72,7 @@ from feeds.ingest.enrich import BarView, Enricher, Trades, load_factory
 from feeds.ingest.messages import Source, build_message
 from feeds.ingest.publisher import BarPublisher
 from feeds.ingest.state import Gap, IngestState
+from feeds.pubsub.messages import excerpt
 
 __all__ = ["IngestEvents", "IngestStats", "Ingestor"]
 
@@ -108,6 +109,8 @@ class IngestStats:
         history_calls, history_retries: historical requests and retried attempts.
         trades_from_history: live bars whose trades came from the history API.
         gaps: unfilled gaps of this run.
+        left_queued: stream messages a stop left unread (its budget was half spent, or the
+            queue was full); not published, so the next start fetches them from history.
     """
 
     live: int = 0
@@ -122,6 +125,7 @@ class IngestStats:
     history_retries: int = 0
     trades_from_history: int = 0
     gaps: list[Gap] = field(default_factory=list)
+    left_queued: int = 0
 
     @property
     def reconnects(self) -> int:
@@ -216,6 +220,7 @@ class Ingestor:
             factories=[(spec, load_factory(spec)) for spec in config.indicators],
         )
         self._symbols = set(config.symbols)
+        self._malformed_logged: set[str] = set()  # reasons of malformed bars logged so far
         self._needs_trades = self.enricher.needs_trades(config.symbols[0])
         self._bar_ns = int(self.tuning.bar_s * 1e9)
         self._stop = threading.Event()
@@ -262,19 +267,30 @@ class Ingestor:
         self.fatal: BaseException | None = None
         self.exit_code = 0
         self._deadline: float | None = None
+        self._take_until: float | None = None  # a stop's last moment to take queued messages
+        # Set on the stream thread once a stop drops a message (queue full): every later one
+        # is dropped too, so no later bar of a symbol gets out ahead of a dropped one.
+        self._queue_closed = False
+        self._dropped = 0  # messages dropped so (stream thread; in the report's left_queued)
+        # Set by stop() when the worker outlived its budget: it hands nothing more to the
+        # publisher (the process flushes the client at exit; the state file would not know).
+        self._abandoned = False
         self._stream_thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
 
     # -- stream thread -----------------------------------------------------------------------
 
     def _put(self, item: tuple[int, Any, int]) -> None:
-        while True:
+        while not self._queue_closed:
             try:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 if self._stop.is_set():
+                    self._queue_closed = True
+                    self._dropped += 1
                     return
+        self._dropped += 1
 
     async def _on_bar(self, raw: Any) -> None:
         self._put((_BAR, raw, time.perf_counter_ns()))
@@ -364,6 +380,11 @@ class Ingestor:
         """
         deadline = time.monotonic() + timeout_s
         self._deadline = deadline
+        # Half the budget takes queued messages, half is kept for their confirmations: what
+        # is still queued then is left to the next start's catch-up, not published past a
+        # state file that could no longer record it (helper-79 F3: a burst of 20,000 bars
+        # at SIGTERM published 35 bars twice).
+        self._take_until = time.monotonic() + timeout_s / 2
         self._stop.set()
         self._stop_stream(min(2.0, timeout_s / 4))
         if self._stream_thread is not None:
@@ -371,15 +392,18 @@ class Ingestor:
         w = self._worker
         if w is not None:
             w.join(max(0.0, deadline - time.monotonic()))
-        self.history.close()
         busy = w is not None and w.is_alive()
+        if busy:
+            self._abandoned = True
+        self.history.close()
         clean = not busy and self.publisher.pending == 0
         if busy:
             logger.error(
-                "stop: the worker did not finish within %.1f s (a history request in flight); "
-                "%d bars not confirmed; the state file ends before them, a restart publishes "
-                "them again",
+                "stop: the worker did not finish within %.1f s (%d messages still queued); %d "
+                "bars sent and not confirmed; the state file may end before them, and a "
+                "restart publishes them again",
                 timeout_s,
+                self._queue.qsize(),
                 self.publisher.pending,
             )
         elif not clean:
@@ -431,6 +455,16 @@ class Ingestor:
     def _loop(self) -> None:
         poll = self.tuning.poll_s
         while True:
+            cut = self._take_until
+            if cut is not None and time.monotonic() >= cut and not self._queue.empty():
+                left = self._queue.qsize()
+                self.stats.left_queued += left
+                logger.warning(
+                    "stop: %d stream messages left unread (half of SHUTDOWN_TIMEOUT_S spent); "
+                    "not published: the next start fetches their bars from history",
+                    left,
+                )
+                return
             try:
                 kind, payload, t_ns = self._queue.get(timeout=poll)
             except queue.Empty:
@@ -748,7 +782,19 @@ class Ingestor:
             bar = stream_bar(raw)
         except (KeyError, TypeError, ValueError) as e:
             self.stats.invalid += 1
-            logger.warning("malformed bar message %r: %s", raw, e)
+            symbol = raw.get("S") if isinstance(raw, dict) else None
+            if isinstance(symbol, str) and symbol in self._symbols:
+                self.events.on_invalid(symbol)  # ingest_invalid_bars_total, as refused bars
+            reason = type(e).__name__
+            if reason not in self._malformed_logged:  # once per reason: a feed fault repeats
+                self._malformed_logged.add(reason)
+                logger.warning(
+                    "malformed bar message refused, not published (%s: %s; later ones with "
+                    "this reason are counted in invalid_bars, not logged): %s",
+                    reason,
+                    excerpt(str(e)),
+                    excerpt(raw),
+                )
             return
         s = bar.symbol
         if s not in self._symbols:
@@ -886,6 +932,8 @@ class Ingestor:
             self.events.on_invalid(bar.symbol)
             logger.warning("bar refused, not published: %s", e)
             return
+        if self._abandoned:
+            return  # stop() gave up on this thread: not sent, the next start fetches it
         self.publisher.publish(out)
         self._sent[bar.symbol] = bar.ts
         self._recent.setdefault(bar.symbol, deque(maxlen=_RECENT)).append(bar.ts)
@@ -916,6 +964,7 @@ class Ingestor:
             "trades_from_history": st.trades_from_history,
             "republished": self.publisher.stats.republished,
             "unconfirmed": self.publisher.pending,
+            "left_queued": st.left_queued + self._dropped,
             "gaps_unfilled": len(st.gaps),
             "gaps": [asdict(g) for g in st.gaps],
             "last_bar": {s: iso_utc(t) for s, t in sorted(self.state.last_bar.items())},

@@ -376,3 +376,40 @@ def test_pubsub_unreachable_at_start_is_not_healthy_and_stops_on_one_sigterm(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    "indicators, named",
+    [("no_such_module_xyz:factory", "cannot import"), ("json:no_such_factory", "not a callable")],
+)
+def test_a_bad_indicator_exits_2_before_pubsub_is_reached(
+    tmp_path: Path, indicators: str, named: str
+) -> None:
+    """helper-79 F5: ``INGEST_INDICATORS`` was checked after the topic was reached (and created):
+    with Pub/Sub unreachable the configuration error waited 30 s behind the transient one and
+    exited 1. It is checked first: exit 2 naming the variable, before any Pub/Sub call."""
+    settings = clean_env(
+        {
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}",  # nothing listens there
+            "GOOGLE_CLOUD_PROJECT": "p",
+            "SYMBOLS": "AAA",
+            "PUBSUB_TOPIC": "ticks",
+            "ALPACA_API_KEY": "k",
+            "ALPACA_SECRET_KEY": "s",
+            "INGEST_STATE_PATH": str(tmp_path / "state.json"),
+            "INGEST_INDICATORS": indicators,
+        }
+    )
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.ingest"],
+        cwd=REPO,
+        env=settings,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert time.monotonic() - t0 < 15  # not the 30 s topic deadline
+    assert "INGEST_INDICATORS" in done.stderr and named in done.stderr
+    assert "Pub/Sub" not in done.stderr

@@ -546,3 +546,38 @@ def test_a_stop_while_first_bars_wait_for_their_trades_publishes_none_without_th
     # the state file ends at what was published: the others start again from history
     state = json.loads((tmp_path / "s.json").read_text())
     assert set(state["last_bar"]) == {b.symbol for b in published}
+
+
+def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """helper-79 F3: SIGTERM while a burst of thousands of bars was queued. The worker went on
+    publishing past the stop's budget; the state file did not record those bars, and the next
+    start published them again (35 of 20,000). Now the queue is read during the first half of
+    the budget only; the rest is left (``left_queued``) and the next start fetches it from
+    history: every bar once, in order, and the stop is clean."""
+    syms = tuple(f"S{i:03d}" for i in range(500))
+    minutes = 30
+    state = tmp_path / "s.json"
+    with AlpacaMarketServer(ScriptedMarket(syms, minutes + 2)) as srv:
+        first = make(srv, topic, state, ingestors, symbols=syms, enrich=())
+        srv.wait_subscribed()
+        burst = threading.Thread(target=srv.advance, args=(minutes,))
+        burst.start()
+        # a SIGTERM with a backlog in the queue (the stream decodes faster than bars go out)
+        wait_until("a backlog", lambda: first._queue.qsize() >= 8_000)
+        clean = first.stop(timeout_s=3.0)
+        burst.join(60)
+        report = first.report()
+        assert clean, report
+        assert report["left_queued"] > 0  # the cut was reached: 8,000 queued, beyond 1.5 s
+        assert report["bars_confirmed"] == report["bars_live"]
+        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
+        srv.wait_subscribed()
+        total = len(syms) * minutes
+        wait_until("the catch-up", lambda: first.stats.live + second.stats.backfilled >= total)
+        assert second.stop(timeout_s=10)
+    got = by_symbol(topic.pull(total, timeout_s=30))
+    for s in syms:
+        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s

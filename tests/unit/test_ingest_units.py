@@ -545,6 +545,57 @@ def test_a_minute_arriving_after_a_later_one_is_a_gap_not_a_duplicate(tmp_path: 
     assert ing.stats.duplicates == 2 and len(ing.stats.gaps) == 1
 
 
+def test_a_malformed_stream_bar_is_counted_in_the_metric_and_logged_once_per_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """helper-79 F4: a bar that fails to parse was counted in the report, not in
+    ``ingest_invalid_bars_total``; and each one logged the whole message."""
+    from feeds.ingest.ingestor import IngestEvents
+
+    seen: list[str] = []
+
+    class Events(IngestEvents):
+        def on_published(self, symbol: str, source: str, latency_s: float) -> None: ...
+        def on_duplicate(self, symbol: str) -> None: ...
+        def on_gap(self, symbol: str) -> None: ...
+        def on_connection(self, event: str) -> None: ...
+
+        def on_invalid(self, symbol: str) -> None:
+            seen.append(symbol)
+
+    now = datetime(2024, 1, 2, 16, 0, tzinfo=UTC)
+    ing = _ingestor(tmp_path, now)
+    ing.events = Events()
+    t = rfc3339(int(datetime(2024, 1, 2, 15, 1, tzinfo=UTC).timestamp()) * 10**9)
+    good = {"T": "b", "S": "AAPL", "o": 1, "h": 1, "l": 1, "c": 1, "v": 1, "t": t}
+    with caplog.at_level("WARNING", logger="feeds.ingest.ingestor"):
+        for _ in range(3):
+            ing._live_bar({k: v for k, v in good.items() if k != "o"}, 0)  # KeyError
+        ing._live_bar({**good, "n": "abc", "c": "x" * 10_000}, 0)  # ValueError, long value
+        ing._live_bar({**good, "S": "ZZZZ", "h": None}, 0)  # not a symbol of this run
+    assert ing.stats.invalid == 5
+    assert seen == ["AAPL"] * 4
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 3  # KeyError, ValueError, TypeError: once each
+    assert all(len(line) < 1_000 for line in lines)
+
+
+def test_once_a_stop_drops_a_message_every_later_one_is_dropped_too(tmp_path: Path) -> None:
+    """helper-79 (read in the code): a stop with a full queue dropped a message without a word,
+    and a later bar of the same symbol could still get in once there was room: the dropped bar
+    would then be lost for good (the state file moves past it). Now every message after the
+    first dropped one is dropped too, and the report counts them (``left_queued``)."""
+    now = datetime(2024, 1, 2, 16, 0, tzinfo=UTC)
+    ing = _ingestor(tmp_path, now, INGEST_QUEUE_SIZE="1")
+    ing._put((0, "first", 0))
+    ing._stop.set()
+    ing._put((0, "dropped: the queue is full", 0))
+    assert ing._queue.get_nowait() == (0, "first", 0)  # room again
+    ing._put((0, "later: dropped as well", 0))
+    assert ing._queue.empty()
+    assert ing.report()["left_queued"] == 2
+
+
 @pytest.mark.parametrize(
     ("given", "sent"),
     [(" padded ", "padded"), ("trail\n", "trail"), ("", None), ("  ", None), ("ok", "ok")],

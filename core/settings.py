@@ -211,7 +211,14 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
     if tp is Secret:
         return Secret(text, source=f"env:{name}")
     if origin is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
+        parts = [part.strip() for part in text.split(",")]
+        while parts and not parts[-1]:
+            parts.pop()  # a trailing comma (a list written one item a line ends so)
+        while parts and not parts[0]:
+            parts.pop(0)
+        if "" in parts:  # GOOG,,SP500: a deleted item, or a missing one? Not guessed.
+            raise ConfigError(f"{name}={text!r}: expected a comma list without empty items")
+        return tuple(parts)
     if origin in (Mapping, dict) or tp in (Mapping, dict):
         return parse_json_object(name, text)
     raise TypeError(f"{name}: unsupported setting type {tp!r}")

@@ -316,6 +316,14 @@ class MessageHandler:
                     self.stats.hash_verified -= 1
                 self._tokens_back.append(b.token)
 
+    def shed_newest(self, count: int) -> int:
+        """Hand back up to ``count`` of the newest buffered bars (:meth:`BarHub.shed_newest`):
+        no longer delivered; their messages go back to Pub/Sub (:meth:`pop_returned_tokens`).
+        Returns how many. Pull threads."""
+        n = self.hub.shed_newest(count)
+        self._take_back(self.hub.pop_returned())
+        return n
+
     def pop_returned_tokens(self) -> list[Any]:
         """Tokens of bars a full buffer handed back since the last call: the caller returns
         their messages to Pub/Sub, to come again (any thread)."""

@@ -303,6 +303,38 @@ class BarHub:
             self._cond.notify_all()
         return OFFERED
 
+    def shed_newest(self, count: int) -> int:
+        """Hand back up to ``count`` of the newest buffered bars, across symbols, at most half
+        of what is buffered and only bars not acknowledged yet; their times are owed (no step
+        from the oldest of them on is served until they come again, or :data:`MAX_HOLD_S`).
+        Collected by :meth:`pop_returned`. Returns how many.
+
+        For the pull thread when the leased messages reached their limit while steps are held
+        (helper-78 F2): a backlog arriving newest first filled the leases with its newest bars
+        while no symbol's buffer was full, so nothing went back, the pull stopped, and the
+        oldest bars came after their steps. Any thread (called by pull threads)."""
+        with self._cond:
+            count = min(count, self._buffered // 2)
+            if count <= 0:
+                return 0
+            tails: list[tuple[float, int, _SymbolBuffer]] = []
+            for buf in self._bufs.values():
+                for b in reversed(buf.pending):  # a symbol's newest first, to an acked one
+                    if b.token is None:
+                        break
+                    tails.append((b.dt_num, buf.order, buf))
+            chosen = heapq.nlargest(count, tails, key=lambda t: (t[0], t[1]))
+            quota = Counter(t[2].symbol for t in chosen)
+            for symbol, n in quota.items():
+                pending = self._bufs[symbol].pending
+                for _ in range(n):
+                    bar = pending.pop()
+                    self._buffered -= 1
+                    self._owe_locked(bar)
+                    self._returned.append(bar)
+            self._cond.notify_all()
+            return len(chosen)
+
     def pop_returned(self) -> list[LiveBar]:
         """Bars taken out of a full buffer by an older one since the last call, to go back to
         Pub/Sub (their time is owed: see the module docstring). Pull threads, after

@@ -259,6 +259,7 @@ class PubSubBarSubscriber:
         self.acked = 0
         self.returned = 0
         self.returned_backlog = 0  # handed back by a full buffer, to come again
+        self._logged_shed = False
         self.settle_failures = 0
         self.last_error = ""
         self.max_outstanding = max(self.settings.max_outstanding_messages, 4 * len(self.symbols))
@@ -831,15 +832,42 @@ class PubSubBarSubscriber:
         30-minute soak, a restarted runner waiting for the bar times after its resume point
         leased 1,000 newer bars, stopped pulling, and so never received the older ones queued
         behind them (the emulator does not deliver in publish order); the bar time was lost
-        when the hold ran out."""
+        when the hold ran out.
+
+        At that limit while steps are held, the newest buffered bars go back to Pub/Sub once a
+        wait (:meth:`BarHub.shed_newest`, up to half the limit): a backlog beyond it arriving
+        newest first otherwise filled the leases with its newest bars, and the oldest came
+        after their steps (helper-78 F2)."""
+        shed = False
         while not self._stop.is_set():
             # Asked outside self._lock: the hub's lock is never taken inside it.
-            limit = self.max_outstanding_held if self.hub.holding() else self.max_outstanding
+            holding = self.hub.holding()
+            limit = self.max_outstanding_held if holding else self.max_outstanding
             with self._lock:
                 if len(self._leases) < limit:
                     return min(_ACK_CHUNK, limit - len(self._leases))
-                self._lock.wait(0.25)
+                if shed or not holding:
+                    self._lock.wait(0.25)
+                    continue
+            shed = True
+            self._shed_newest(min(_ACK_CHUNK, max(1, limit // 2)))
         return 0
+
+    def _shed_newest(self, count: int) -> None:
+        """Pull thread: hand back up to ``count`` of the newest buffered bars, to come again
+        after :data:`RETURN_DELAY_S` (counted in ``returned_backlog``)."""
+        if self.handler.shed_newest(count) and not self._logged_shed:
+            self._logged_shed = True
+            logger.info(
+                "%d messages leased while steps are held (its limit): the newest buffered "
+                "bars go back to Pub/Sub so the older ones of the backlog can be pulled",
+                len(self._leases),
+            )
+        back = self.handler.pop_returned_tokens()
+        if back:
+            with self._lock:
+                self.returned_backlog += len(back)
+            self.settle(back, ack=False, delay_s=RETURN_DELAY_S)
 
     def _pull_loop(self, sub: _Sub) -> None:
         """Pull thread of one subscription: pull, hand over in order, reconnect on failure

@@ -24,8 +24,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, timedelta
 
+import backtrader as bt
 import pytest
 
 from core.errors import ConfigError
@@ -511,3 +512,46 @@ def test_a_shuffled_backlog_of_several_symbols_with_copies_comes_once_each_in_or
     assert stats["late"] == {} and stats["delivered"] == len(syms) * n
     assert sum(stats["returned_backlog"].values()) > 0
     assert stats["duplicates"] <= len(copies)
+
+
+def test_a_backlog_beyond_the_lease_limit_coming_newest_first_loses_no_bar(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    """helper-78 F2: pulling stops at ten times the flow-control limit of leased messages
+    (HELD_PULL_FACTOR). A backlog larger than that, arriving newest first, filled the leases
+    with the newest bars while no symbol's buffer was full: nothing went back, the pull
+    stopped, the hold ran out, and the oldest bars came after their steps (late, lost). Here
+    the limit is 12 (3 symbols x 4), so 120 leased while held, and 3 x 60 bars come newest
+    first with a buffer of 1,000 bars a symbol: every bar is decided, in order, none late."""
+    emu = pubsub_emulator
+    syms, n = ["AAA", "BBB", "CCC"], 60
+    items = [(s, i) for i in range(n - 1, -1, -1) for s in syms]
+
+    def decided() -> bool:
+        # as the runner's decision writer: taken bars acknowledged once decided (they count
+        # against the lease limit until then)
+        served = sub.hub._served  # the last step served: its decisions are made
+        if served > 0:
+            sub.ack_through(bt.num2date(served).replace(tzinfo=UTC).timestamp() - 60)
+        time.sleep(0.05)
+        return sub.handler.stats.delivered == len(items) and sub.hub.buffered == 0
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, [({"symbol": s}, bar(s, i)) for s, i in items])
+        wait_for(decided, 180.0, "every bar delivered and taken")
+
+    sub = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0, max_buffered_bars=1000),
+        symbols=syms,
+        deployment=deployment(),
+        settings=replace(FAST, backlog_quiet_s=1.0, max_outstanding_messages=4),
+        durable_acks=True,
+    )
+    sub.set_durability_barrier(lambda timeout_s: True)
+    sub.hub.hold_steps(1.0)
+    assert sub.max_outstanding_held == 120  # the backlog is beyond it
+    strategy = run_live(sub, scenario)
+    for s in syms:
+        assert [c for name, _, c in strategy.bars if name == s] == [100.5 + i for i in range(n)]
+    stats = sub.stats()
+    assert stats["late"] == {} and stats["delivered"] == len(items)

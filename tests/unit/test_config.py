@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from analyzers.config import FMELConfig
 from core.errors import ConfigError
+from core.settings import parse
 from runtime.config import DEFAULT_SYMBOLS, SETTINGS, find_csv, load_config
 from tests.conftest import DATA
 
@@ -118,6 +121,9 @@ def test_slash_symbols_find_their_file() -> None:
         ({"CSV_BAR_SIZE": "fortnight"}, "CSV_BAR_SIZE='fortnight'"),
         ({"SYMBOLS": "NOPE"}, "SYMBOLS: no CSV for 'NOPE'"),
         ({"SYMBOLS": "GOOG,GOOG"}, "expected each symbol once"),
+        # an empty item was dropped without a word: a deleted symbol, or a missing one?
+        ({"SYMBOLS": "GOOG,,SP500"}, "SYMBOLS='GOOG,,SP500': expected a comma list without"),
+        ({"SYMBOLS": "GOOG, ,SP500"}, "expected a comma list without empty items"),
         ({"FMEL_BATCH_SIZE": "0"}, "FMEL_BATCH_SIZE=0: expected a whole number >= 1"),
         (
             {"FMEL_LOCAL_MEMORY_LIMIT_MB": "63"},
@@ -145,6 +151,11 @@ def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> Non
     with pytest.raises(ConfigError) as err:
         load_config(env)
     assert needle in str(err.value)
+
+
+def test_a_comma_list_may_end_with_a_comma() -> None:
+    assert load_config({"SYMBOLS": "GOOG,SP500,"}).run.symbols == ("GOOG", "SP500")
+    assert load_config({"SYMBOLS": " GOOG , SP500 "}).run.symbols == ("GOOG", "SP500")
 
 
 def test_foreign_variables_are_ignored() -> None:
@@ -226,3 +237,23 @@ def test_missing_agent_module_and_class_name_agent() -> None:
         load_agent("nope.agent:X", {})
     with pytest.raises(ConfigError, match=r"sma_cross\.py has no 'Nope'; its Strategy classes: "):
         load_agent("agents.sma_cross:Nope", {})
+
+
+_ITEM = st.text(
+    st.characters(blacklist_characters=",", blacklist_categories=("Cs",)), min_size=1
+).filter(lambda s: s.strip() == s and s != "")
+
+
+@given(st.lists(_ITEM, min_size=1, max_size=6), st.booleans(), st.integers(0, 5))
+def test_a_comma_list_is_read_exactly_or_refused(
+    items: list[str], trailing: bool, hole: int
+) -> None:
+    """Any comma list: its items exactly (spaces around them and one trailing comma are
+    ignored), or, with an empty item between two, a ConfigError naming the variable."""
+    text = ", ".join(items) + ("," if trailing else "")
+    assert parse("X", text, tuple[str, ...]) == tuple(items)
+    if len(items) >= 2:
+        at = 1 + hole % (len(items) - 1)
+        holed = ",".join(items[:at]) + ",," + ",".join(items[at:])
+        with pytest.raises(ConfigError, match=r"^X=.*expected a comma list without empty items"):
+            parse("X", holed, tuple[str, ...])

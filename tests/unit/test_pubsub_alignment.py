@@ -17,6 +17,8 @@ from typing import Any
 
 import backtrader as bt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.sma_cross import SmaCrossAgent
 from analyzers.fmel import FMELAnalyzer
@@ -614,3 +616,43 @@ def test_the_idle_timeout_neither_ends_the_run_nor_drains_past_a_bar_that_went_b
     hub.close_input("test", drain_timeout_s=30.0)
     assert _served(hub) == [] and hub.finished("A")  # 9 not decided before 8: left to redo
     assert hub.depth("A") == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["AAA", "BBB", "CCC"]), st.integers(0, 50), st.booleans()),
+        max_size=40,
+    ),
+    st.integers(0, 30),
+)
+def test_shedding_hands_back_the_newest_leased_bars_and_owes_their_times(
+    offers: list[tuple[str, int, bool]], count: int
+) -> None:
+    """helper-78 F2 (BarHub.shed_newest): at most ``count`` and at most half of the buffered
+    bars go back; they are the newest bars of each symbol's leased tail, the globally newest
+    first; the rest stay in order; and no step at or after the oldest handed-back time is
+    served while it is owed."""
+    clock = FakeClock()
+    hub = BarHub(["AAA", "BBB", "CCC"], align_wait_s=0.0, clock=clock)
+    for symbol, second, leased in offers:
+        hub.offer(_leased(symbol, second) if leased else bar(symbol, second))
+    before = {s: [b.dt_num for b in hub._bufs[s].pending] for s in hub.symbols}
+    tails = []
+    for s in hub.symbols:
+        for b in reversed(hub._bufs[s].pending):
+            if b.token is None:
+                break
+            tails.append(b.dt_num)
+    total = hub.buffered
+    n = hub.shed_newest(count)
+    assert n == min(count, total // 2, len(tails)) and hub.buffered == total - n
+    back = hub.pop_returned()
+    assert len(back) == n and all(b.token is not None for b in back)
+    assert sorted((b.dt_num for b in back), reverse=True) == sorted(tails, reverse=True)[:n]
+    for s in hub.symbols:
+        kept = [b.dt_num for b in hub._bufs[s].pending]
+        assert kept == before[s][: len(kept)]  # a prefix: only the newest left
+    if back:
+        due = hub._due(clock())
+        assert due is None or due < min(b.dt_num for b in back)

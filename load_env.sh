@@ -13,9 +13,10 @@
 # $VAR, $(...) and `...` are never expanded or run: a value is exactly the text in the file.
 # Values in the file override variables already set. Keys must be shell names.
 #
-# Refuses (exit/return 1, nothing exported) a file that others can read when it holds a secret
+# Refuses (exit/return 1, nothing exported) a file that its group or others can read when it
+# holds a secret
 # (a non-empty *_KEY, *_KEY_ID, *SECRET_KEY, *TOKEN*, *PASSWORD* variable): chmod 600 it first.
-# Errors name the file, the line and the key, never a value.
+# Errors name the file, the line and the key, never a value (nor a line that is not KEY=value).
 
 _load_env_main() {
     local file="${1:-.env}"
@@ -49,7 +50,10 @@ _load_env_main() {
         rest="${line#*=}"
         rest="${rest#"${rest%%[![:space:]]*}"}"
         if [[ ! "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-            echo "load_env: $file line $n: '$key' is not a valid variable name" >&2
+            # nothing of the line is shown: "KEY: value=" (YAML) or a wrapped base64 line
+            # puts a value before the first "="
+            echo "load_env: $file line $n: the text before '=' is not a valid variable name" \
+                "(the line is not shown: it may hold a value)" >&2
             return 1
         fi
         value=""
@@ -120,8 +124,8 @@ _load_env_main() {
             echo "load_env: $file: cannot read its permissions" >&2
             return 1
         fi
-        if (((8#$mode & 8#004) != 0)); then
-            echo "load_env: $file holds secrets but anyone on this machine can read it" \
+        if (((8#$mode & 8#044) != 0)); then
+            echo "load_env: $file holds secrets but others on this machine can read it" \
                 "(mode $mode); run: chmod 600 $file" >&2
             return 1
         fi

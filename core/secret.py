@@ -53,3 +53,38 @@ class Secret:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
         return self
+
+
+def check_token(name: str, secret: Secret) -> None:
+    """Refuse a credential that cannot go into an HTTP header or a websocket auth message as
+    it is: anything but printable ASCII without spaces (RFC 9110 section 5.5 allows no line
+    break in a field value; Alpaca's key ids and secrets are letters and digits). Without this
+    check ``requests`` raised ``InvalidHeader`` at the first call with the key in its message
+    (a fresh-context attack: a Secret Manager payload ending in a blank line).
+
+    Raises:
+        ConfigError: naming ``name``, the key's source and the first bad character's kind and
+            position, never the value.
+    """
+    from core.errors import ConfigError
+
+    value = secret.reveal()
+    for i, ch in enumerate(value):
+        if "!" <= ch <= "~":
+            continue
+        if ch in "\r\n":
+            what = "a line break"
+        elif ch in " \t":
+            what = "a space or tab"
+        elif ch == "\ufeff":
+            what = "a byte-order mark"
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            what = "a control character"
+        else:
+            what = "a non-ASCII character"
+        where = "at the end" if i == len(value) - 1 else f"at character {i + 1} of {len(value)}"
+        raise ConfigError(
+            f"{name} (from {secret.source}): the key has {what} {where}; expected printable "
+            "ASCII without spaces (a file or payload ending in a blank line? Secret Manager "
+            "keeps the payload as given, less one trailing newline)"
+        )

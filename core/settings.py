@@ -41,6 +41,7 @@ from typing import Any, Literal
 from core.errors import ConfigError
 from core.secret import Secret
 
+MAX_SECONDS = 1e9  # the longest duration a ``*_S`` setting takes, seconds
 _META_KEY = "setting"
 
 
@@ -193,6 +194,13 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
             raise ConfigError(f"{name}={value}: expected {kind} > {spec.gt:g}")
         if spec is not None and spec.minimum is not None and value < spec.minimum:
             raise ConfigError(f"{name}={value}: expected {kind} >= {spec.minimum:g}")
+        if name.endswith("_S") and value > MAX_SECONDS:
+            # a duration in seconds: beyond the waits' own limit (threading.TIMEOUT_MAX, about
+            # 9.2e9 s) a run failed at its end with an OverflowError (a fresh-context attack:
+            # SHUTDOWN_TIMEOUT_S=1e10 lost the report, FMEL_FLUSH_INTERVAL_S=1e10 the writer)
+            raise ConfigError(
+                f"{name}={value:g}: expected at most {MAX_SECONDS:g} seconds (about 31 years)"
+            )
         return value
     if tp is str:
         return text

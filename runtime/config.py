@@ -219,6 +219,13 @@ class OpsConfig:
         gt=0,
         help="graceful shutdown budget after SIGTERM, seconds",
     )
+    health_stall_s: float = setting(
+        300.0,
+        env="HEALTH_STALL_S",
+        minimum=0,
+        help="/healthz fails when the bar loop has neither finished a step nor asked a live "
+        "feed for a bar for this long (an agent stuck in its code), seconds; 0: never",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.health_port <= 65_535:

@@ -33,6 +33,9 @@ from runtime.metrics import RunMetrics
 
 logger = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 512  # served at once (~30 kB a thread); probes and a scraper need a few
+IDLE_TIMEOUT_S = 10.0  # a silent connection is closed after this, seconds
+
 CheckResult = bool | tuple[bool, str]
 Check = Callable[[], CheckResult]
 
@@ -72,7 +75,7 @@ class HealthServer:
         self._live_checks: dict[str, Check] = {}
         self._draining = False
         self._started_at = time.monotonic()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _BoundedServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- checks -------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ class HealthServer:
         class Handler(_Handler):
             server_owner = owner
 
-        server_class = _Http6Server if ":" in self.host else ThreadingHTTPServer
+        server_class = _Http6Server if ":" in self.host else _BoundedServer
         self._server = server_class((self.host, self.requested_port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -160,7 +163,36 @@ class HealthServer:
         self.stop()
 
 
-class _Http6Server(ThreadingHTTPServer):
+class _BoundedServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with at most :data:`MAX_CONNECTIONS` connections served at once;
+    one more is closed at once. With :attr:`_Handler.timeout` it bounds what idle or slow
+    clients can hold (a fresh-context attack: 3,000 idle half-requests held 3,000 threads and
+    80 MB for good; the NetworkPolicy lets any pod of the namespace reach the port)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Http6Server(_BoundedServer):
     """The same server on an IPv6 socket (``HEALTH_HOST=::``; the stdlib's is IPv4 only)."""
 
     address_family = socket.AF_INET6
@@ -170,6 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_owner: HealthServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    # seconds a connection may stay silent (between requests, or in one) before it is closed;
+    # a kubelet probe sends its request at once
+    timeout = IDLE_TIMEOUT_S
 
     def do_GET(self) -> None:
         owner = self.server_owner

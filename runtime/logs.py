@@ -64,7 +64,12 @@ class _Redactor:
         self._values: tuple[str, ...] = ()
 
     def add(self, values: Iterable[str]) -> None:
-        new = {v for v in values if len(v) >= MIN_REDACT_LEN}
+        new = {
+            form
+            for v in values
+            for form in _forms(v)
+            if len(v) >= MIN_REDACT_LEN and len(form) >= MIN_REDACT_LEN
+        }
         # Longest first so a secret containing another is masked whole.
         self._values = tuple(sorted(set(self._values) | new, key=len, reverse=True))
 
@@ -73,6 +78,21 @@ class _Redactor:
             if value in text:
                 text = text.replace(value, REDACTED)
         return text
+
+
+def _forms(value: str) -> set[str]:
+    """The texts a secret shows as in a line: itself and without surrounding whitespace (a
+    library strips one newline of ``"key\\n\\n"`` and puts the rest in its error), each as
+    written, as ``repr`` escapes it (exception messages), as JSON escapes it (the JSON lines),
+    and ``repr`` inside JSON. A fresh-context attack found a Secret Manager payload ending in
+    a blank line printed whole by ``requests``' ``InvalidHeader``, and secrets with ``"``,
+    ``\\`` or a tab never masked in JSON lines."""
+    out: set[str] = set()
+    for v in {value, value.strip()}:
+        escaped = repr(v)[1:-1]
+        out |= {v, escaped, json.dumps(v, ensure_ascii=False)[1:-1]}
+        out.add(json.dumps(escaped, ensure_ascii=False)[1:-1])
+    return out
 
 
 class JsonFormatter(logging.Formatter):

@@ -102,6 +102,8 @@ class RunMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # monotonic seconds of the last bar-loop step (MetricsAnalyzer; None before one)
+        self.last_step_s: float | None = None
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.info = Gauge(
@@ -255,6 +257,7 @@ class MetricsAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._m.orders.labels(status=order.getstatusname()).inc()
 
     def _bar(self) -> None:
+        self._m.last_step_s = time.monotonic()  # the bar loop's heartbeat (HEALTH_STALL_S)
         if self._t0 is not None:
             self._m.bar_loop.observe(time.perf_counter() - self._t0)
             self._t0 = None

@@ -93,6 +93,7 @@ class Runner:
         self.metrics = RunMetrics()
         self.health: HealthServer | None = None
         self._running = False
+        self._started_s: float | None = None  # monotonic seconds the bar loop started
         self._finished = False  # the run and its report are over (a signal then only logs)
         self._interrupted = False  # a stop was asked for before cerebro.run() returned
         # MODE=paper: the Pub/Sub subscriber (a signal stops it in any phase: backfill,
@@ -311,6 +312,7 @@ class Runner:
             lambda: (self._running, "bar loop running" if self._running else "not running"),
         )
         health.add_check("feeds", self._feeds_ready)
+        health.add_check("bar_loop", self._bar_loop_alive, liveness=True)
         health.add_check("broker", self._broker_ready)
         health.add_check(
             "sink",
@@ -345,6 +347,24 @@ class Runner:
             if f.islive() and f._laststatus != f.LIVE
         ]
         return (not waiting, ", ".join(waiting) or "all live")
+
+    def _bar_loop_alive(self) -> tuple[bool, str]:
+        """Liveness: the bar loop finished a step, or asked a live feed for a bar, within
+        ``HEALTH_STALL_S`` (a fresh-context attack: an agent stuck in its ``next()`` kept
+        /healthz and /readyz at 200, and its pod was never restarted). Waiting for bars that do
+        not come (a closed market) is alive: the loop asks again every ``PUBSUB_QCHECK_S``.
+        Request thread: reads two floats."""
+        stall = self.config.ops.health_stall_s
+        if stall <= 0 or not self._running or self._started_s is None:
+            return True, "not watched" if stall <= 0 else "not running yet"
+        beats = [self._started_s, self.metrics.last_step_s]
+        hub = getattr(self.live_input, "hub", None)
+        if hub is not None:
+            beats.append(hub.last_take_s)
+        since = time.monotonic() - max(b for b in beats if b is not None)
+        if since < stall:
+            return True, "bar loop alive"
+        return False, f"no step and no bar asked for in {since:.0f} s (HEALTH_STALL_S={stall:g})"
 
     def _broker_ready(self) -> tuple[bool, str]:
         """A broker exposing ``healthy`` (the Alpaca broker: last API call succeeded) decides;
@@ -460,6 +480,7 @@ class Runner:
         )
         t0 = time.perf_counter()
         strategy = None
+        self._started_s = time.monotonic()
         self._running = True
         try:
             # cerebro.run() clears a runstop() made before it: honour a signal that came

@@ -176,6 +176,7 @@ class SecretManagerResolver:
 
     def access(self, ref: str, project: str | None) -> tuple[str, str]:
         """See :meth:`SecretSource.access`."""
+        import requests
         from google.api_core import exceptions as gexc
         from google.api_core import retry as gretry
 
@@ -186,12 +187,19 @@ class SecretManagerResolver:
             if resource in self._cache:
                 return self._cache[resource], resource
             client = self._get_client()
+            # The REST transport (an http:// or https:// endpoint) raises requests' own
+            # errors for a refused or silent connection, not ServiceUnavailable: retried the
+            # same (a fresh-context attack: a refused endpoint ended in a raw traceback, exit
+            # 1, after 2 s)
+            unreachable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
             retry = gretry.Retry(
                 initial=0.2,
                 maximum=5.0,
                 multiplier=2.0,
                 timeout=self._deadline_s,
-                predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.ResourceExhausted),
+                predicate=gretry.if_exception_type(
+                    gexc.ServiceUnavailable, gexc.ResourceExhausted, *unreachable
+                ),
             )
             try:
                 response = client.access_secret_version(
@@ -216,6 +224,10 @@ class SecretManagerResolver:
                 raise ConfigError(
                     f"Secret Manager: cannot read {resource}: still unavailable "
                     f"after {self._deadline_s:g} s of retries"
+                ) from e
+            except unreachable as e:
+                raise ConfigError(
+                    f"Secret Manager: cannot read {resource}: unreachable ({type(e).__name__})"
                 ) from e
             data: bytes = response.payload.data
             crc = response.payload.data_crc32c

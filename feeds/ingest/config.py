@@ -14,7 +14,7 @@ from typing import Literal
 
 from core.errors import ConfigError
 from core.retry import RetryPolicy
-from core.secret import Secret
+from core.secret import Secret, check_token
 from core.settings import setting
 
 __all__ = ["ENRICHMENTS", "AssetClass", "IngestConfig", "IngestTuning", "OnConnectionLimit"]
@@ -172,6 +172,8 @@ class IngestConfig:
     )
 
     def __post_init__(self) -> None:
+        check_token("ALPACA_API_KEY", self.api_key)
+        check_token("ALPACA_SECRET_KEY", self.secret_key)
         if not self.symbols:
             raise ConfigError("SYMBOLS is required by the ingestor: expected a comma list")
         if len(set(self.symbols)) != len(self.symbols):

@@ -191,6 +191,7 @@ class BarHub:
         self.missed: Counter[str] = Counter()
         self.late: Counter[str] = Counter()
         self.consumer_waiting = False  # the main thread waits in take() for a bar
+        self.last_take_s: float | None = None  # monotonic seconds of the last take() call
         self._epoch = 0
         self._transitions: deque[tuple[int, str, str]] = deque(maxlen=64)
         self.status = "CONNECTING"
@@ -567,6 +568,7 @@ class BarHub:
         """
         buf = self._bufs[symbol]
         deadline: float | None = None
+        self.last_take_s = time.monotonic()  # the bar loop asks: alive (HEALTH_STALL_S)
         with self._cond:
             while True:
                 now = self._clock()

@@ -62,7 +62,7 @@ class IngestorProcess:
                 "INGEST_STREAM_URL": srv.stock_url,
                 "INGEST_DATA_URL": srv.rest_url,
                 "INGEST_STATE_PATH": str(work / "ingest-state.json"),
-                "INGEST_MAX_BACKFILL_S": "1e10",  # the scripted market lives in 2024
+                "INGEST_MAX_BACKFILL_S": "1e9",  # the scripted market lives in 2024
                 "HEALTH_PORT": str(self.port),
                 "LOG_FORMAT": "json",
                 "SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT_S),

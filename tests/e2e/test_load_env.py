@@ -109,10 +109,23 @@ def test_bad_lines_are_refused_with_the_line_number(tmp_path: Path, line: str, n
     assert not (tmp_path / "pwned").exists()
 
 
-def test_world_readable_file_with_secrets_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "line",
+    ["ALPACA_SECRET_KEY: sk9XyZsecretPART/abc+def=", "vErYsEcReTbase64+/Zz=="],
+)
+def test_a_line_that_is_not_key_value_is_never_shown(tmp_path: Path, line: str) -> None:
+    """helper-82: a YAML line or a wrapped base64 line has a value before its first '=': the
+    error printed it as the 'key'."""
+    rc, _, err = source(tmp_path, f"GOOD=1\n{line}\n", ["GOOD"])
+    assert rc == 1 and "line 2" in err and "not a valid variable name" in err
+    assert "secret" not in err.lower() and "sk9" not in err and "base64" not in err
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_group_or_world_readable_file_with_secrets_is_refused(tmp_path: Path, mode: int) -> None:
     secret = "sk-should-not-print-0123456789"
     text = f"MODE=paper\nALPACA_SECRET_KEY={secret}\n"
-    rc, got, err = source(tmp_path, text, ["MODE", "ALPACA_SECRET_KEY"], mode=0o644)
+    rc, got, err = source(tmp_path, text, ["MODE", "ALPACA_SECRET_KEY"], mode=mode)
     assert rc == 1 and "chmod 600" in err
     assert got == {"MODE": None, "ALPACA_SECRET_KEY": None}
     assert secret not in err

@@ -466,3 +466,38 @@ def test_a_backtest_starts_no_bar_after_the_signal(
     started = [int(t) for t in stamps.read_text().split()]
     assert started and min(started) < sent
     assert sum(t > sent for t in started) <= 1  # the bar the signal may have met
+
+
+def test_a_stuck_agent_fails_the_liveness_probe(
+    tmp_path: Path, runners: list[RunnerProcess]
+) -> None:
+    """helper-82: an agent stuck in its ``next()`` kept /healthz and /readyz at 200: its pod was
+    never restarted. With ``HEALTH_STALL_S`` passed without a step, /healthz says 503 naming
+    the bar loop; it is 200 while steps go on."""
+    p = RunnerProcess(
+        tmp_path,
+        AGENT="tests.slow_agent:SlowAgent",
+        AGENT_PARAMS='{"sleep_s": 0.5}',
+        HEALTH_STALL_S="2",
+    )
+    runners.append(p)
+    p.wait_for("the bar loop", lambda: (p.metric("runner_bar_loop_seconds_count") or 0) >= 2)
+    assert p.status("/healthz") == 200  # a step every 0.5 s: alive
+    p.kill()
+    (tmp_path / "stuck").mkdir()
+    stuck = RunnerProcess(
+        tmp_path / "stuck",
+        AGENT="tests.slow_agent:SlowAgent",
+        AGENT_PARAMS='{"sleep_s": 3600}',
+        HEALTH_STALL_S="2",
+    )
+    runners.append(stuck)
+    stuck.wait_for("/healthz to fail", lambda: stuck.status("/healthz") == 503, timeout_s=90)
+    with urllib.request.urlopen(f"http://127.0.0.1:{stuck.port}/readyz", timeout=2) as r:
+        assert r.status == 200  # readiness says nothing of it: the liveness probe restarts
+    body = ""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{stuck.port}/healthz", timeout=2)
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+    assert "bar_loop" in body and "HEALTH_STALL_S=2" in body

@@ -107,6 +107,63 @@ def test_unknown_path_is_404(server: HealthServer) -> None:
     assert get(url(server, "/nope"))[0] == 404
 
 
+def test_idle_connections_are_closed(server: HealthServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """helper-82: idle half-requests each held a server thread for good (3,000 of them: 3,000
+    threads, +80 MB). A silent connection is now closed after the handler's timeout."""
+    import socket
+    import threading
+
+    import runtime.health as health
+
+    monkeypatch.setattr(health._Handler, "timeout", 1.0)
+    before = threading.active_count()
+    idle = []
+    for _ in range(4):
+        c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        c.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+        idle.append(c)
+    try:
+        for c in idle:
+            assert c.recv(100) == b""  # closed by the server after its timeout, nothing sent
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before
+        assert get(url(server, "/healthz"))[0] == 200
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_connections_beyond_the_bound_are_closed_at_once(server: HealthServer) -> None:
+    """At most MAX_CONNECTIONS are served at once (here 3); one more is closed at once, and
+    probes are answered again once the held ones are gone."""
+    import socket
+    import threading
+
+    srv = server._server
+    assert srv is not None
+    srv._slots = threading.BoundedSemaphore(3)
+    held = []
+    for _ in range(5):
+        c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        c.sendall(b"GET /healthz HTTP/1.1\r\n")
+        held.append(c)
+    try:
+        deadline = time.monotonic() + 5
+        while srv.refused < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.refused == 2
+        assert sum(1 for c in held[3:] if c.recv(100) == b"") == 2  # closed at once
+    finally:
+        for c in held:
+            c.close()
+    deadline = time.monotonic() + 5
+    while srv._slots._value < 3 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)
+    assert get(url(server, "/healthz"))[0] == 200
+
+
 def test_stop_releases_the_port_and_the_thread() -> None:
     hs = HealthServer(port=0, host="127.0.0.1")
     hs.start()

@@ -189,6 +189,25 @@ def test_keys_from_secret_manager(sm: SecretManagerServer, resolver: SecretManag
     ]
 
 
+def test_a_payload_ending_in_a_blank_line_is_refused_at_start_without_the_value(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    """helper-82: ``gcloud secrets versions add --data-file=key.txt`` of a file ending in a
+    blank line: one newline is removed, and the other went into the HTTP header, where
+    ``requests`` refused it with the whole key in an uncaught ``InvalidHeader``. Refused at
+    start, by kind and place, never by value."""
+    sm.add(PROJECT, "alpaca-secret", SECRET_VALUE + "\n\n")
+    env = paper_env(ALPACA_API_KEY=KEY_VALUE, ALPACA_SECRET_KEY_SECRET="alpaca-secret")
+    with pytest.raises(ConfigError) as err:
+        load_config(env, secret_resolver=resolver)
+    msg = str(err.value)
+    assert msg.startswith(
+        f"ALPACA_SECRET_KEY (from secretmanager:projects/{PROJECT}/secrets/alpaca-secret/"
+    )
+    assert "a line break at the end" in msg
+    assert SECRET_VALUE not in msg and SECRET_VALUE[:8] not in msg
+
+
 def test_pinned_version_and_other_project(
     sm: SecretManagerServer, resolver: SecretManagerResolver
 ) -> None:
@@ -280,3 +299,42 @@ def test_endpoint_setting_builds_the_real_client(sm: SecretManagerServer) -> Non
     assert cfg.alpaca.api_key.reveal() == KEY_VALUE
     assert cfg.alpaca.secret_key.reveal() == SECRET_VALUE
     assert sm.reads("alpaca-key") == 1
+
+
+@pytest.mark.parametrize("answer", ["refused", "silent"])
+def test_an_unreachable_endpoint_is_retried_then_a_config_error_naming_the_variable(
+    answer: str,
+) -> None:
+    """helper-82: with ``SECRET_MANAGER_ENDPOINT`` refusing connections (or accepting and never
+    answering), the REST transport's own ``requests`` errors were not retried nor caught: a
+    raw traceback and exit 1 after 2 s. Retried as UNAVAILABLE is, up to the deadline; then a
+    ConfigError naming the variable (exit 2)."""
+    import socket
+    import time
+
+    from tests.pubsub_emulator import free_port
+
+    listener = None
+    if answer == "silent":
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(50)  # accepts (the kernel does), never answers
+        port = listener.getsockname()[1]
+    else:
+        port = free_port()  # nothing listens there
+    try:
+        resolver = SecretManagerResolver(
+            endpoint=f"http://127.0.0.1:{port}", timeout_s=0.5, deadline_s=2.0
+        )
+        env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            load_config(env, secret_resolver=resolver)
+        elapsed = time.monotonic() - t0
+    finally:
+        if listener is not None:
+            listener.close()
+    msg = str(err.value)
+    assert msg.startswith("ALPACA_API_KEY: tried ")
+    assert "ALPACA_API_KEY_SECRET: Secret Manager: cannot read" in msg
+    assert 1.0 < elapsed < 10.0  # retried, within the deadline and one attempt's timeout

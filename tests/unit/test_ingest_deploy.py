@@ -69,3 +69,48 @@ def test_ingest_configmap_loads_with_the_ingestors_loader() -> None:
     cfg, ops = load_ingest_config(data, secret_resolver=Resolver())
     assert cfg.api_key.reveal() == "value-of-alpaca-data-key"
     assert cfg.topic == "market-bars" and ops.health_port == 8080
+
+
+def _image_env() -> dict[str, str]:
+    """The ``ENV`` of the Dockerfile's final stage, as the container starts with it."""
+    import re
+    import shlex
+
+    text = (K8S.parent / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            env = {}  # a new stage
+        elif line.startswith("ENV "):
+            for word in shlex.split(line[4:]):
+                if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", word):
+                    key, _, value = word.partition("=")
+                    env[key] = value
+    return env
+
+
+def test_every_runner_configmap_starts_in_the_image() -> None:
+    """helper-82: runner-chronos set PUBSUB_BACKFILL_BARS with symbols the image has no CSV
+    for: the pod would exit 2 at every start. Each runner ConfigMap, over the image's ENV, with
+    its keys given as its Deployment gives them (a Secret or Secret Manager), loads."""
+    from runtime.config import load_config
+
+    class Resolver:
+        def access(self, ref: str, project: str | None) -> tuple[str, str]:
+            return f"value-of-{ref}", f"projects/{project}/secrets/{ref}/versions/latest"
+
+    image = _image_env()
+    assert image["HEALTH_PORT"] == "8080" and "FMEL_LOCAL_PATH" in image
+    runners = [
+        d
+        for d in docs()
+        if d["kind"] == "ConfigMap"
+        and d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "runner"
+    ]
+    assert len(runners) >= 2
+    for cm in runners:
+        env = {**image, **cm["data"]}
+        if "ALPACA_API_KEY_SECRET" not in env:  # from a Kubernetes Secret, as env
+            env |= {"ALPACA_API_KEY": "PKTESTKEY123", "ALPACA_SECRET_KEY": "sEcReT123456"}
+        cfg = load_config(env, secret_resolver=Resolver())
+        assert cfg.run.symbols, cm["metadata"]["name"]

@@ -106,6 +106,39 @@ def test_registered_secrets_are_masked_everywhere(setups: list[LogSetup]) -> Non
     assert "a short word" in text
 
 
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize(
+    "secret",
+    [
+        'Quote"Secret1234',
+        "Back\\slashSecret99",
+        "Tab\tSecretValue7",
+        "KeyEnds\n\n",
+        "\ufeffBomKey123",
+    ],
+)
+def test_secrets_that_json_or_repr_escape_are_masked_too(
+    setups: list[LogSetup], fmt: str, secret: str
+) -> None:
+    """helper-82: the redactor matched the secret as written only. JSON lines escape ``"``,
+    ``\\`` and control characters, and exception messages show ``repr``: a Secret Manager
+    payload ending in a blank line reached the log whole in ``requests``' InvalidHeader, with
+    one newline stripped."""
+    out = io.StringIO()
+    setups.append(setup_logging("INFO", fmt, stream=out, secrets=[Secret(secret)]))
+    log.error("plain %s / repr %r / stripped %r", secret, secret, secret.strip())
+    try:
+        sent = secret.removesuffix("\n")  # requests strips one newline
+        raise ValueError(f"Invalid leading whitespace in header value {sent!r}")
+    except ValueError:
+        log.exception("uncaught")
+    text = out.getvalue()
+    core = secret.strip()
+    assert core not in text and repr(core)[1:-1] not in text
+    assert json.dumps(core)[1:-1] not in text
+    assert text.count(REDACTED) >= 4
+
+
 def test_setup_is_idempotent_and_close_restores(setups: list[LogSetup]) -> None:
     root = logging.getLogger()
     before = list(root.handlers)

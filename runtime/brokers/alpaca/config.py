@@ -8,7 +8,7 @@ from typing import Literal
 
 from core.errors import ConfigError
 from core.retry import RetryPolicy
-from core.secret import Secret
+from core.secret import Secret, check_token
 from core.settings import setting
 
 PAPER_URL = "https://paper-api.alpaca.markets"
@@ -177,6 +177,8 @@ class AlpacaBrokerConfig:
     )
 
     def __post_init__(self) -> None:
+        check_token("ALPACA_API_KEY", self.api_key)
+        check_token("ALPACA_SECRET_KEY", self.secret_key)
         if self.poll_interval_s <= 0:
             raise ConfigError(f"ALPACA_POLL_INTERVAL_S must be > 0, got {self.poll_interval_s}")
         if self.stream_poll_interval_s <= 0:

@@ -88,8 +88,9 @@ USER 10001:10001
 VOLUME ["/var/lib/runner"]
 EXPOSE 8080
 # Liveness of the /healthz endpoint; HEALTH_PORT=0 turns the endpoint off and the check passes.
+# MODE=optimize (a research study) serves no health endpoint: nothing to probe there.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; p = os.environ.get('HEALTH_PORT', '8080'); sys.exit(0 if p == '0' else urllib.request.urlopen('http://127.0.0.1:%s/healthz' % p, timeout=4).status != 200)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; p = os.environ.get('HEALTH_PORT', '8080'); sys.exit(0 if p == '0' or os.environ.get('MODE') == 'optimize' else urllib.request.urlopen('http://127.0.0.1:%s/healthz' % p, timeout=4).status != 200)"]
 # SIGTERM (docker stop, pod deletion) stops cleanly within SHUTDOWN_TIMEOUT_S; python is PID 1
 # and handles it itself.
 STOPSIGNAL SIGTERM

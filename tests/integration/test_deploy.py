@@ -83,6 +83,32 @@ def test_dockerfile_shape() -> None:
     assert ("ENTRYPOINT", '["python", "runner.py"]') in ins
 
 
+def test_the_image_healthcheck_probes_healthz_except_in_a_study() -> None:
+    """The HEALTHCHECK's own command, run here: it fails when /healthz does not answer, and
+    passes with HEALTH_PORT=0 and in MODE=optimize, which serves no endpoint (helper-82: a
+    study's container was marked unhealthy)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.pubsub_emulator import free_port
+
+    [arg] = [a for i, a in instructions() if i == "HEALTHCHECK"]
+    cmd = json.loads(arg[arg.index("CMD") + 3 :].strip())
+    assert cmd[0] == "python"
+    port = str(free_port())  # nothing listens there
+
+    def probe(**env: str) -> int:
+        return subprocess.run(
+            [sys.executable, *cmd[1:]], env={"PATH": "/usr/bin", **env}, capture_output=True
+        ).returncode
+
+    assert probe(HEALTH_PORT=port, MODE="paper") != 0
+    assert probe(HEALTH_PORT=port) != 0
+    assert probe(HEALTH_PORT="0") == 0
+    assert probe(HEALTH_PORT=port, MODE="optimize") == 0
+
+
 def test_no_secrets_in_layers() -> None:
     secretish = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL)", re.I)
     for i, a in instructions():

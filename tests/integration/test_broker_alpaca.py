@@ -832,3 +832,28 @@ def test_every_decision_record_has_cash_value_and_positions_of_one_moment(api: s
             if held:
                 assert rec.portfolio_cash < cash_before  # the position and its cost together
                 break
+
+
+def test_a_stalled_alpaca_does_not_hold_the_stop_past_its_budget(api: str) -> None:
+    """helper-82: with every request stalled, the stop joined each thread for
+    ``request_timeout_s + 5`` s in turn (a SIGTERM took 24 s with SHUTDOWN_TIMEOUT_S=3). The
+    threads' stop and the final sync now share ALPACA_STOP_TIMEOUT_S."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        run = run_on(
+            api,
+            server,
+            ("AAPL",),
+            {},
+            config=fast_config(server, api, request_timeout_s=3.0, stop_timeout_s=1.0),
+        )
+        marks: list[float] = []
+
+        def stall() -> None:
+            server.faults = FaultPlan(rate=1.0, kinds=("timeout",), stall_s=30.0)
+            time.sleep(0.5)  # the threads are now inside stalled requests
+            marks.append(time.monotonic())
+
+        drive(run, [bar(run, "AAPL", 100.0), stall], timeout_s=60)
+        elapsed = time.monotonic() - marks[0]
+        # the 1 s budget (before: 3 + 5 s a thread; a request is never begun past it)
+        assert elapsed < 1.0 + 2.0, elapsed

@@ -279,11 +279,12 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         if self._finished or not self._started:
             return
         self._finished = True
-        self._worker.stop()
+        # one budget for the threads' stop and the final sync
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        self._worker.stop(deadline)
         self._drain()
         api = self._api
         assert api is not None  # started implies connected
-        deadline = time.monotonic() + self.config.stop_timeout_s
         worker = self._worker
         try:
             if self.config.cancel_on_stop:

@@ -172,7 +172,8 @@ class AlpacaBrokerConfig:
     stop_timeout_s: float = setting(
         8.0,
         env="ALPACA_STOP_TIMEOUT_S",
-        help="longest the final sync at stop may take, seconds",
+        help="longest the broker's stop (its threads, cancels, final fills, the account) may "
+        "take, seconds",
         gt=0,
     )
 

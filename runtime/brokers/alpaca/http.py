@@ -311,8 +311,9 @@ class AlpacaCaller:
             what: names this call in logs and errors (``"submit s-42"``); default ``operation``.
             interruptible: give up when the stop event is set while waiting to retry; False
                 for calls that must complete (start-up reads, the final sync at stop).
-            deadline: ``time.monotonic()`` after which no retry wait goes on (the final sync's
-                budget): the waits themselves are the policy's, so a 429 is really waited out.
+            deadline: ``time.monotonic()`` after which no retry wait goes on and no request
+                begins (the final sync's budget): the waits themselves are the policy's, so a
+                429 is really waited out.
             attempts: fewer attempts than the policy's (best-effort reads such as the clock).
 
         Raises:
@@ -336,6 +337,9 @@ class AlpacaCaller:
 
         def once() -> T:
             nonlocal attempt
+            if deadline is not None and time.monotonic() >= deadline:
+                # no request begins after the budget (one already sent runs to its timeout)
+                raise RetryInterruptedError(f"{label}: the stop budget is spent")
             attempt += 1
             with self._lock:
                 self.calls += 1

@@ -185,8 +185,10 @@ class AlpacaWorker:
         t.start()
         self._threads.append(t)
 
-    def stop(self) -> None:
-        """Stop every thread and join it (``request_timeout_s + 5`` s each). Idempotent.
+    def stop(self, deadline: float | None = None) -> None:
+        """Stop every thread and join them all until ``deadline`` (``time.monotonic()``
+        seconds; default ``request_timeout_s + 5`` s from now), one deadline for all: a thread
+        still in a request then is left (a daemon) and named in an error. Idempotent.
 
         Submits still queued or waiting are reported :class:`NotSent`; cancels still queued are
         sent once.
@@ -195,11 +197,18 @@ class AlpacaWorker:
         self._commands.put(SHUTDOWN)
         self._wake.set()
         self._stop_stream()
-        join_s = self.config.request_timeout_s + 5.0
+        if deadline is None:
+            deadline = time.monotonic() + self.config.request_timeout_s + 5.0
         for t in self._threads:
-            t.join(timeout=join_s)
+            # before: request_timeout_s + 5 s for each thread in turn, so a stalled Alpaca
+            # held a SIGTERM 24 s past SHUTDOWN_TIMEOUT_S=3 (a fresh-context attack)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
             if t.is_alive():
-                logger.error("thread %s did not stop within %.1f s", t.name, join_s)
+                logger.error(
+                    "thread %s did not stop within ALPACA_STOP_TIMEOUT_S (a request in "
+                    "flight); left behind",
+                    t.name,
+                )
         self._threads.clear()
 
     def submit(self, command: SubmitOrder) -> None:

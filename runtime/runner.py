@@ -47,7 +47,7 @@ from runtime.assembly import (  # load_agent, new_session_id: re-exported, their
 )
 from runtime.config import AppConfig, load_process_config
 from runtime.health import HealthServer
-from runtime.logs import LogSetup
+from runtime.logs import LogSetup, format_from_env
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, open_orders, trade_counts
 from runtime.reporting.bars import BarRecorder
@@ -669,7 +669,7 @@ def main() -> int:
     try:
         config = load_process_config()
     except ConfigError as e:
-        setup_logging("INFO")
+        setup_logging("INFO", format_from_env())
         logger.error("configuration error: %s", e)
         return 2
     logs = setup_logging(config.ops.log_level, config.ops.log_format)

@@ -214,3 +214,20 @@ def test_debug_wire_frames_of_websockets_never_reach_the_log(setups: list[LogSet
     tail_hex = " ".join(f"{b:02x}" for b in secret.encode()[-8:])
     assert secret not in text and secret[-8:] not in text and tail_hex not in text
     assert "our own debug line" in text
+
+
+@pytest.mark.parametrize(
+    ("value", "fmt"), [("text", "text"), (" JSON ", "json"), ("xml", "auto"), (None, "auto")]
+)
+def test_a_config_error_is_logged_in_the_format_asked_for(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, fmt: str
+) -> None:
+    """helper-82: the one line of a configuration that failed to load was JSON even with
+    LOG_FORMAT=text (the configuration, LOG_FORMAT with it, was not loaded)."""
+    from runtime.logs import format_from_env
+
+    if value is None:
+        monkeypatch.delenv("LOG_FORMAT", raising=False)
+    else:
+        monkeypatch.setenv("LOG_FORMAT", value)
+    assert format_from_env() == fmt

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from core.errors import ConfigError
 from core.retry import RetryPolicy
@@ -150,7 +151,7 @@ class IngestConfig:
         10.0,
         env="INGEST_REQUEST_TIMEOUT_S",
         help="timeout of one historical REST request, seconds",
-        gt=0,
+        minimum=0.01,  # 1e-300 passed and failed at start as "Pub/Sub not reachable"
     )
     max_attempts: int = setting(
         6,
@@ -233,8 +234,12 @@ class IngestConfig:
             ("INGEST_STREAM_URL", self.stream_url, ("ws://", "wss://")),
             ("INGEST_DATA_URL", self.data_url, ("http://", "https://")),
         ):
-            if url is not None and not url.startswith(schemes):
-                raise ConfigError(f"{name}={url!r}: expected a URL starting with {schemes[0]}")
+            if url is not None and (
+                not url.startswith(schemes) or not urlsplit(url).hostname
+            ):  # "http://" alone has no host (helper-83)
+                raise ConfigError(
+                    f"{name}={url!r}: expected a URL starting with {schemes[0]} and a host"
+                )
 
     @property
     def retry_policy(self) -> RetryPolicy:

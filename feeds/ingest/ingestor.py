@@ -845,6 +845,14 @@ class Ingestor:
             # left unpublished, as are this symbol's later bars (the gap check), and the next
             # start fetches them from history with their trades.
             self._verify.add(s)
+            if last is None:
+                # Never published (a first start without INGEST_START_LOOKBACK_S, a symbol new
+                # in SYMBOLS): the state file starts it at this bar, as a lookback start does,
+                # so the next start fetches this bar and what follows (helper-83: without it
+                # the later bars went out and the next start had no reason to fetch this one)
+                before = bar.ts - timedelta(seconds=self.tuning.bar_s)
+                self._sent[s] = before
+                self.state.confirm(s, before)
             logger.info(
                 "stopping: bar %s|%s not published (its trades could not be fetched); the "
                 "next start fetches it from history",

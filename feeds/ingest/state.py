@@ -85,7 +85,7 @@ class IngestState:
             last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
             gaps = [Gap(**g) for g in doc.get("gaps", [])]
         except (OSError, ValueError, TypeError, MalformedMessageError) as e:
-            raise DataError(f"ingest state file {path}: {e}") from e
+            raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
         return cls(path, last, gaps)
 
     def confirm(self, symbol: str, ts: datetime) -> None:

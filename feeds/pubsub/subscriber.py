@@ -854,8 +854,21 @@ class PubSubBarSubscriber:
         return 0
 
     def _shed_newest(self, count: int) -> None:
-        """Pull thread: hand back up to ``count`` of the newest buffered bars, to come again
-        after :data:`RETURN_DELAY_S` (counted in ``returned_backlog``)."""
+        """Pull thread: hand back the copies kept leased for their undecided originals
+        (:meth:`_wait_with_original`) and up to ``count`` of the newest buffered bars, to come
+        again after :data:`RETURN_DELAY_S` (counted in ``returned_backlog``).
+
+        The copies first (helper-83): a backlog whose bars came twice filled the leases with
+        such copies while no bar was buffered; nothing could be handed back, the pull stopped
+        for good, and the bars handed back earlier never came again. A copy returned is not
+        lost: it stays in Pub/Sub, as does its original until decided."""
+        with self._lock:
+            copies = [m for _, m in self._copies_waiting]
+            self._copies_waiting = []
+        if copies:
+            with self._lock:
+                self.returned_backlog += len(copies)
+            self.settle(copies, ack=False, delay_s=RETURN_DELAY_S)
         if self.handler.shed_newest(count) and not self._logged_shed:
             self._logged_shed = True
             logger.info(

@@ -543,9 +543,15 @@ def test_a_stop_while_first_bars_wait_for_their_trades_publishes_none_without_th
     assert len(published) < len(syms)  # the stop came before every first bar was out
     for bar in published:
         assert bar.values["trades_used"] is not None, bar  # never null for want of a stop
-    # the state file ends at what was published: the others start again from history
-    state = json.loads((tmp_path / "s.json").read_text())
-    assert set(state["last_bar"]) == {b.symbol for b in published}
+    # the state file ends at what was published; the others start at the minute before
+    # their refused bar, so the next start fetches it from history (helper-83)
+    state = json.loads((tmp_path / "s.json").read_text())["last_bar"]
+    first = rfc3339(srv.market.data[syms[0]][0].start_ns)
+    before = rfc3339(srv.market.data[syms[0]][0].start_ns - 60 * 10**9)
+    assert set(state) == set(syms)
+    for s in syms:
+        want = first if s in {b.symbol for b in published} else before
+        assert state[s].replace(".000", "").replace("+00:00", "Z") == want, (s, state[s])
 
 
 def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
@@ -581,3 +587,41 @@ def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
     for s in syms:
         times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
         assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
+
+
+def test_a_stop_before_a_symbols_first_bar_went_out_loses_none_of_its_bars(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """helper-83: on a first start (no INGEST_START_LOOKBACK_S), a stop refused a symbol's first
+    bar (its trades); that symbol had never been published, so its next bars went out, the
+    state file moved past the refused one, and the next start had no reason to fetch it: 10
+    bars lost. Now the state file starts such a symbol at the refused bar: the next start
+    fetches it and what follows; every bar once, in order."""
+    syms = tuple(f"S{i:02d}" for i in range(12))
+    minutes = 3
+    state = tmp_path / "s.json"
+    with _SlowRest(ScriptedMarket(syms, minutes + 2)) as srv:
+        first = make(srv, topic, state, ingestors, symbols=syms)
+        srv.wait_subscribed()
+        burst = threading.Thread(target=srv.advance, args=(minutes,))
+        burst.start()
+        wait_until(
+            "the first bars", lambda: first.stats.live + first.stats.trades_from_history >= 2
+        )
+        first.stop(timeout_s=10)
+        burst.join(30)
+        second = make(srv, topic, state, ingestors, symbols=syms)
+        srv.wait_subscribed()
+        total = len(syms) * minutes
+        wait_until(
+            "the catch-up",
+            lambda: first.stats.live + second.stats.backfilled + second.stats.live >= total,
+            timeout_s=60,
+        )
+        assert second.stop(timeout_s=10)
+    got = by_symbol(topic.pull(total, timeout_s=30))
+    for s in syms:
+        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
+        for bar in got[s]:
+            assert bar.values["trades_used"] is not None, bar

@@ -555,3 +555,42 @@ def test_a_backlog_beyond_the_lease_limit_coming_newest_first_loses_no_bar(
         assert [c for name, _, c in strategy.bars if name == s] == [100.5 + i for i in range(n)]
     stats = sub.stats()
     assert stats["late"] == {} and stats["delivered"] == len(items)
+
+
+def test_a_backlog_of_bars_that_came_twice_beyond_the_lease_limit_loses_no_bar(
+    pubsub_emulator: PubSubEmulator, topic: str
+) -> None:
+    """helper-83: each bar of a newest-first backlog published twice (two message ids, as a
+    publisher's retry or a second publisher sends them). Copies of undecided bars stay leased;
+    at the lease limit only buffered bars went back, so the leases filled with copies, the
+    pull stopped for good, and the oldest bar was later decided out of order or refused as
+    stale. The kept copies now go back first. Lease limit 40 (1 symbol: 4 x 10)."""
+    emu = pubsub_emulator
+    n = 40
+    items = [({"symbol": "AAA"}, bar("AAA", i)) for i in range(n - 1, -1, -1) for _ in (0, 1)]
+
+    def decided() -> bool:
+        served = sub.hub._served  # as the runner's writer: acknowledged once decided
+        if served > 0:
+            sub.ack_through(bt.num2date(served).replace(tzinfo=UTC).timestamp() - 60)
+        time.sleep(0.05)
+        return sub.handler.stats.delivered == n and sub.hub.buffered == 0
+
+    def scenario(sub: PubSubBarSubscriber) -> None:
+        publish(emu, topic, items)
+        wait_for(decided, 120.0, "every bar delivered and taken")
+
+    sub = PubSubBarSubscriber(
+        config(emu, topic, align_wait_s=0.0, max_buffered_bars=1000),
+        symbols=["AAA"],
+        deployment=deployment(),
+        settings=replace(FAST, backlog_quiet_s=1.0, max_outstanding_messages=4),
+        durable_acks=True,
+    )
+    sub.set_durability_barrier(lambda timeout_s: True)
+    sub.hub.hold_steps(1.0)
+    assert sub.max_outstanding_held == 40
+    strategy = run_live(sub, scenario)
+    assert [c for _, _, c in strategy.bars] == [100.5 + i for i in range(n)]
+    stats = sub.stats()
+    assert stats["late"] == {} and stats["delivered"] == n

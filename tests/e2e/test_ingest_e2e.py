@@ -321,6 +321,19 @@ def test_second_ingestor_on_the_same_key_exits_with_code_3(
         assert first.finish(timeout_s=SHUTDOWN_TIMEOUT_S + 5)[0] == 0
 
 
+def unreachable_pubsub_env(tmp_path: Path) -> dict[str, str]:
+    """An ingestor's settings with Pub/Sub on a port nothing listens on."""
+    return {
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "SYMBOLS": "AAA",
+        "PUBSUB_TOPIC": "ticks",
+        "ALPACA_API_KEY": "k",
+        "ALPACA_SECRET_KEY": "s",
+        "INGEST_STATE_PATH": str(tmp_path / "state.json"),
+    }
+
+
 def test_pubsub_unreachable_at_start_is_not_healthy_and_stops_on_one_sigterm(
     tmp_path: Path,
 ) -> None:
@@ -329,13 +342,7 @@ def test_pubsub_unreachable_at_start_is_not_healthy_and_stops_on_one_sigterm(
     port = free_port()
     settings = clean_env(
         {
-            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}",  # nothing listens there
-            "GOOGLE_CLOUD_PROJECT": "p",
-            "SYMBOLS": "AAA",
-            "PUBSUB_TOPIC": "ticks",
-            "ALPACA_API_KEY": "k",
-            "ALPACA_SECRET_KEY": "s",
-            "INGEST_STATE_PATH": str(tmp_path / "state.json"),
+            **unreachable_pubsub_env(tmp_path),
             "HEALTH_PORT": str(port),
             "SHUTDOWN_TIMEOUT_S": "3",
         }
@@ -390,13 +397,7 @@ def test_a_bad_indicator_exits_2_before_pubsub_is_reached(
     exited 1. It is checked first: exit 2 naming the variable, before any Pub/Sub call."""
     settings = clean_env(
         {
-            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{free_port()}",  # nothing listens there
-            "GOOGLE_CLOUD_PROJECT": "p",
-            "SYMBOLS": "AAA",
-            "PUBSUB_TOPIC": "ticks",
-            "ALPACA_API_KEY": "k",
-            "ALPACA_SECRET_KEY": "s",
-            "INGEST_STATE_PATH": str(tmp_path / "state.json"),
+            **unreachable_pubsub_env(tmp_path),
             "INGEST_INDICATORS": indicators,
         }
     )

@@ -29,11 +29,22 @@ _load_env_main() {
         return 1
     fi
 
+    # bash drops NUL bytes without a word: a value would not be the text in the file
+    if command -v cmp >/dev/null && ! tr -d '\000' <"$file" | cmp -s - "$file"; then
+        echo "load_env: $file: contains NUL bytes (not a text file?)" >&2
+        return 1
+    fi
     local -a keys=() values=()
     local line key rest value n=0 i c q len has_secret=0
     while IFS= read -r line || [[ -n "$line" ]]; do
         n=$((n + 1))
         line="${line%$'\r'}"
+        if [[ "$line" == *$'\r'* ]]; then
+            # old Mac line endings: the whole file is one line, a secret inside a value
+            echo "load_env: $file line $n: a carriage return inside the line (CR line" \
+                "endings? use LF)" >&2
+            return 1
+        fi
         # strip leading whitespace
         line="${line#"${line%%[![:space:]]*}"}"
         [[ -z "$line" || "$line" == \#* ]] && continue
@@ -119,7 +130,8 @@ _load_env_main() {
 
     if ((has_secret)); then
         local mode
-        mode="$(stat -c %a "$file" 2>/dev/null || stat -f %Lp "$file" 2>/dev/null)"
+        # -L: a symlink's target's mode (a link's own is always 777)
+        mode="$(stat -L -c %a "$file" 2>/dev/null || stat -L -f %Lp "$file" 2>/dev/null)"
         if [[ -z "$mode" ]]; then
             echo "load_env: $file: cannot read its permissions" >&2
             return 1

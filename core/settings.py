@@ -199,7 +199,7 @@ def parse(name: str, text: str, tp: Any, spec: SettingSpec | None = None) -> Any
             # 9.2e9 s) a run failed at its end with an OverflowError (a fresh-context attack:
             # SHUTDOWN_TIMEOUT_S=1e10 lost the report, FMEL_FLUSH_INTERVAL_S=1e10 the writer)
             raise ConfigError(
-                f"{name}={value:g}: expected at most {MAX_SECONDS:g} seconds (about 31 years)"
+                f"{name}={stripped}: expected at most {MAX_SECONDS:g} seconds (about 31 years)"
             )
         return value
     if tp is str:

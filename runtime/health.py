@@ -172,23 +172,58 @@ class _BoundedServer(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._open: dict[Any, float] = {}  # connection -> monotonic start (insertion order)
+        self._open_lock = threading.Lock()
         self.refused = 0
+        self.evicted = 0
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
+            # Full: the oldest connection makes room (helper-84: 512 connections sending a
+            # byte every 4 s never went silent for 10 s, and locked the probes out for good;
+            # a probe is answered in milliseconds, so the oldest is never a live probe).
+            self._evict_oldest()
+            if not self._slots.acquire(timeout=1.0):
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+        with self._open_lock:
+            self._open[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (closed to make room, reset by its client): a debug line,
+        not socketserver's traceback on stderr."""
+        import sys
+
+        logger.debug(
+            "health endpoint: connection from %s ended: %r", client_address, sys.exc_info()[1]
+        )
+
+    def _evict_oldest(self) -> None:
+        with self._open_lock:
+            oldest = next(iter(self._open), None)
+            if oldest is None:
+                return
+            self._open.pop(oldest)
+        self.evicted += 1
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)  # its handler's read ends; its thread returns
+        except OSError:
+            pass
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
 
 

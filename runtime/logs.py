@@ -40,6 +40,9 @@ REDACTED = MASK + "[redacted]"
 # Secrets shorter than this are not redacted: replacing "a" in every line would garble logs and
 # such a value is no secret anyway.
 MIN_REDACT_LEN = 6
+# A secret's first characters this many or more, cut off there, are masked too (a random
+# 8-character run does not occur by chance in a log line).
+PREFIX_REDACT_LEN = 8
 
 
 class _Context(logging.Filter):
@@ -78,7 +81,26 @@ class _Redactor:
         for value in self._values:
             if value in text:
                 text = text.replace(value, REDACTED)
+            elif len(value) > PREFIX_REDACT_LEN and value[:PREFIX_REDACT_LEN] in text:
+                text = _mask_prefixes(text, value)
         return text
+
+
+def _mask_prefixes(text: str, value: str) -> str:
+    """``text`` with every run of at least :data:`PREFIX_REDACT_LEN` leading characters of
+    ``value`` masked: an error text cut to a length (``str(e)[:300]``) can end inside a secret
+    (helper-84: an error page echoing the request headers showed 8 of a secret's 15
+    characters)."""
+    head = value[:PREFIX_REDACT_LEN]
+    out: list[str] = []
+    i = 0
+    while (j := text.find(head, i)) >= 0:
+        n = PREFIX_REDACT_LEN
+        while n < len(value) and j + n < len(text) and text[j + n] == value[n]:
+            n += 1
+        out += [text[i:j], REDACTED]
+        i = j + n
+    return "".join(out) + text[i:]
 
 
 def _forms(value: str) -> set[str]:

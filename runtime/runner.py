@@ -360,6 +360,8 @@ class Runner:
         beats = [self._started_s, self.metrics.last_step_s]
         hub = getattr(self.live_input, "hub", None)
         if hub is not None:
+            if hub.consumer_waiting:  # in take(), for up to PUBSUB_QCHECK_S (helper-84)
+                return True, "waiting for bars"
             beats.append(hub.last_take_s)
         since = time.monotonic() - max(b for b in beats if b is not None)
         if since < stall:

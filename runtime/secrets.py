@@ -144,6 +144,10 @@ class SecretManagerResolver:
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()
 
+    def _at(self) -> str:
+        """For error messages: the endpoint override, when there is one."""
+        return f" at SECRET_MANAGER_ENDPOINT={self._endpoint}" if self._endpoint else ""
+
     def _get_client(self) -> Any:
         if self._client is not None:
             return self._client
@@ -171,6 +175,10 @@ class SecretManagerResolver:
                 "Secret Manager: no Application Default Credentials (on GKE bind "
                 "the pod's ServiceAccount with Workload Identity; locally run "
                 "`gcloud auth application-default login`)"
+            ) from e
+        except Exception as e:  # e.g. an endpoint that is not a URL (raised: named)
+            raise ConfigError(
+                f"Secret Manager: cannot make a client ({type(e).__name__}){self._at()}"
             ) from e
         return self._client
 
@@ -227,7 +235,17 @@ class SecretManagerResolver:
                 ) from e
             except unreachable as e:
                 raise ConfigError(
-                    f"Secret Manager: cannot read {resource}: unreachable ({type(e).__name__})"
+                    f"Secret Manager: cannot read {resource}: unreachable "
+                    f"({type(e).__name__}){self._at()}"
+                ) from e
+            except ConfigError:
+                raise
+            except Exception as e:  # not Secret Manager's answer at all (raised: named)
+                # an endpoint that is another service (an HTML page, a redirect loop) or not
+                # a URL: the client's parser or transport fails (helper-84: raw tracebacks)
+                raise ConfigError(
+                    f"Secret Manager: cannot read {resource}: the answer was not Secret "
+                    f"Manager's ({type(e).__name__}){self._at()}"
                 ) from e
             data: bytes = response.payload.data
             crc = response.payload.data_crc32c

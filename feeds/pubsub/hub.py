@@ -617,6 +617,7 @@ class BarHub:
                     self._cond.wait(min(remaining, self._until_due(now)))
                 finally:
                     self.consumer_waiting = False
+                    self.last_take_s = time.monotonic()
 
     def served_through(self, num: float, timeout_s: float) -> bool:
         """Wait until the step of time ``num`` (backtrader day number), or a later one, has been

@@ -195,3 +195,37 @@ def test_env_example_loads(tmp_path: Path) -> None:
     rc, got, err = source(tmp_path, text, ["MODE", "AGENT_PARAMS", "FMEL_SINK"])
     assert rc == 0, err
     assert got == {"MODE": "backtest", "AGENT_PARAMS": "{}", "FMEL_SINK": "local"}
+
+
+def test_odd_files_are_refused_or_followed(tmp_path: Path) -> None:
+    """helper-84: a symlinked .env was refused as mode 777 whatever its target's mode; a file
+    with CR line endings loaded as one line (a secret inside another value, no permission
+    check); NUL bytes were dropped without a word."""
+    secret = "sk-should-not-print-0123456789"
+    target = tmp_path / "real.env"
+    target.write_text(f"MODE=paper\nALPACA_SECRET_KEY={secret}\n")
+    target.chmod(0o600)
+    link = tmp_path / "link.env"
+    link.symlink_to(target)
+    done = subprocess.run(
+        ["bash", str(ROOT / "load_env.sh"), str(link), "--", "printenv", "MODE"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "paper", done.stderr
+    for name, data in (
+        ("cr.env", f"MODE=paper\rALPACA_SECRET_KEY={secret}\r".encode()),
+        ("nul.env", f"MODE=pa\0per\nALPACA_SECRET_KEY={secret}\n".encode()),
+    ):
+        f = tmp_path / name
+        f.write_bytes(data)
+        f.chmod(0o600)
+        done = subprocess.run(
+            ["bash", str(ROOT / "load_env.sh"), str(f), "--", "printenv", "MODE"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 1, (name, done.stdout)
+        assert secret not in done.stderr and (
+            "carriage return" in done.stderr or "NUL" in done.stderr
+        )

@@ -14,6 +14,7 @@ import contextlib
 import json
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -244,3 +245,27 @@ def test_sigterm_while_the_start_up_call_hangs(
         assert seconds_between(r, "stopping: SIGTERM", "decisions:") < 1.0
     finally:
         proxy.close()
+
+
+def test_waiting_for_bars_that_do_not_come_is_alive(
+    tmp_path: Path, pubsub_emulator: PubSubEmulator, runners: list[RunnerProcess]
+) -> None:
+    """helper-84: with ``PUBSUB_QCHECK_S`` (the feed's wait for a bar) above ``HEALTH_STALL_S``,
+    /healthz said 503 while the run only waited on an empty topic. A wait for bars is alive."""
+    emu = pubsub_emulator
+    runner = paper(
+        tmp_path,
+        emu,
+        new_topic(emu),
+        SYMBOLS="AAA",
+        PUBSUB_IDLE_TIMEOUT_S="0",
+        HEALTH_STALL_S="1",
+        PUBSUB_QCHECK_S="10",
+    )
+    runners.append(runner)
+    runner.wait_for("pulling", lambda: logged(runner, "pulling "))
+    codes = []
+    for _ in range(12):  # 6 s: far beyond the 1 s stall limit
+        codes.append(runner.status("/healthz"))
+        time.sleep(0.5)
+    assert codes == [200] * 12

@@ -338,3 +338,41 @@ def test_an_unreachable_endpoint_is_retried_then_a_config_error_naming_the_varia
     assert msg.startswith("ALPACA_API_KEY: tried ")
     assert "ALPACA_API_KEY_SECRET: Secret Manager: cannot read" in msg
     assert 1.0 < elapsed < 10.0  # retried, within the deadline and one attempt's timeout
+
+
+@pytest.mark.parametrize("endpoint", ["html", "http://[::1", "http://127.0.0.1:99999"])
+def test_an_endpoint_that_is_not_secret_manager_is_a_config_error_naming_it(
+    endpoint: str,
+) -> None:
+    """helper-84: SECRET_MANAGER_ENDPOINT pointed at another service (an HTML page) or not a
+    URL ended in a raw traceback (ParseError, InvalidURL), exit 1. A ConfigError naming it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # a web page, as a wrong service answers
+            body = b"<html><body>Welcome</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = None
+    if endpoint == "html":
+        server = HTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        resolver = SecretManagerResolver(endpoint=endpoint, timeout_s=2.0, deadline_s=2.0)
+        env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+        with pytest.raises(ConfigError) as err:
+            load_config(env, secret_resolver=resolver)
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert f"SECRET_MANAGER_ENDPOINT={endpoint}" in str(err.value)
+    assert str(err.value).startswith("ALPACA_API_KEY: tried ")

@@ -231,3 +231,23 @@ def test_a_config_error_is_logged_in_the_format_asked_for(
     else:
         monkeypatch.setenv("LOG_FORMAT", value)
     assert format_from_env() == fmt
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize("cut", [8, 9, 14])
+def test_a_secret_cut_short_in_an_error_text_is_masked(
+    setups: list[LogSetup], fmt: str, cut: int
+) -> None:
+    """helper-84: an error page echoing the request headers, cut to 300 characters by the
+    caller, ended inside the secret: 8 of its 15 characters were printed. A run of its first
+    8 or more characters is masked too."""
+    secret = "SkSeCrEt_9876zz"
+    out = io.StringIO()
+    setups.append(setup_logging("INFO", fmt, stream=out, secrets=[Secret(secret)]))
+    page = f"<pre>APCA-API-SECRET-KEY: {secret}</pre>"
+    cut_at = page.index(secret) + cut
+    log.error("refused: %s; refusing to run", page[:cut_at])
+    log.info("an unrelated SkSeCr word stays")  # 6 characters: not masked
+    text = out.getvalue()
+    assert secret[:8] not in text.replace("SkSeCr word", "")
+    assert "refusing to run" in text and "SkSeCr word stays" in text

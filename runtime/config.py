@@ -529,6 +529,19 @@ def process_pubsub_target() -> tuple[str | None, str | None]:
     return pubsub_target(os.environ)
 
 
+def process_log_format() -> Literal["auto", "text", "json"]:
+    """``LOG_FORMAT`` of this process's environment, read as :class:`OpsConfig` reads it, or
+    ``auto`` when it is missing or invalid: for the one error line of a configuration that
+    failed to load (a fresh-context attack found it printed as JSON under LOG_FORMAT=text)."""
+    import os
+
+    try:
+        fmt: Literal["auto", "text", "json"] = _Env(os.environ).read(OpsConfig, "log_format")
+        return fmt
+    except ConfigError:
+        return "auto"
+
+
 def load_process_config() -> AppConfig:
     """:func:`load_config` over this process's environment (the only ``os.environ`` read)."""
     import os

@@ -45,8 +45,8 @@ from typing import Any
 from core.errors import AppError, ConfigError
 from core.signals import StopSignals
 from runtime.assembly import claim_spill_dir, make_sink, make_writer
-from runtime.config import AppConfig, load_process_config
-from runtime.logs import format_from_env, setup_logging
+from runtime.config import AppConfig, load_process_config, process_log_format
+from runtime.logs import setup_logging
 from runtime.secrets import secrets_in
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_process_config()
     except ConfigError as e:
-        setup_logging("INFO", format_from_env())
+        setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)
         return 2
     logs = setup_logging(config.ops.log_level, config.ops.log_format)

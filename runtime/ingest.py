@@ -50,9 +50,9 @@ from core.signals import StopSignals
 from feeds.ingest import IngestConfig, Ingestor
 from feeds.ingest.state import IngestState
 from feeds.pubsub.clients import publisher_client, resource_path
-from runtime.config import OpsConfig, load_process_ingest_config
+from runtime.config import OpsConfig, load_process_ingest_config, process_log_format
 from runtime.health import HealthServer
-from runtime.logs import format_from_env, setup_logging
+from runtime.logs import setup_logging
 from runtime.metrics import RunMetrics
 from runtime.secrets import secrets_in
 
@@ -335,7 +335,7 @@ def main() -> int:
     try:
         config, ops = load_process_ingest_config()
     except ConfigError as e:
-        setup_logging("INFO", format_from_env())
+        setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)
         return 2
     logs = setup_logging(ops.log_level, ops.log_format)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -258,14 +257,6 @@ def _not_wire_debug(record: logging.LogRecord) -> bool:
         return True
     name = record.name
     return not any(name == w or name.startswith(w + ".") for w in _WIRE_LOGGERS)
-
-
-def format_from_env() -> LogFormat:
-    """``LOG_FORMAT`` from the process environment when it is a valid value, else ``auto``:
-    for the one error line of a configuration that failed to load (which may be about another
-    variable; a fresh-context attack found it printed as JSON under LOG_FORMAT=text)."""
-    value = os.environ.get("LOG_FORMAT", "").strip().lower()
-    return value if value in ("auto", "text", "json") else "auto"  # type: ignore[return-value]
 
 
 def setup_logging(

@@ -45,9 +45,9 @@ from runtime.assembly import (  # load_agent, new_session_id: re-exported, their
     new_session_id,
     setup_sim_broker,
 )
-from runtime.config import AppConfig, load_process_config
+from runtime.config import AppConfig, load_process_config, process_log_format
 from runtime.health import HealthServer
-from runtime.logs import LogSetup, format_from_env
+from runtime.logs import LogSetup
 from runtime.metrics import MetricsAnalyzer, RunMetrics
 from runtime.report import EquityCurve, ProgressAnalyzer, RunReport, open_orders, trade_counts
 from runtime.reporting.bars import BarRecorder
@@ -671,7 +671,7 @@ def main() -> int:
     try:
         config = load_process_config()
     except ConfigError as e:
-        setup_logging("INFO", format_from_env())
+        setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)
         return 2
     logs = setup_logging(config.ops.log_level, config.ops.log_format)

@@ -191,7 +191,8 @@ class BarHub:
         self.missed: Counter[str] = Counter()
         self.late: Counter[str] = Counter()
         self.consumer_waiting = False  # the main thread waits in take() for a bar
-        self.last_take_s: float | None = None  # monotonic seconds of the last take() call
+        # clock seconds of the last take() (a loop turn in it): the bar loop's heartbeat
+        self.last_take_s: float | None = None
         self._epoch = 0
         self._transitions: deque[tuple[int, str, str]] = deque(maxlen=64)
         self.status = "CONNECTING"
@@ -568,10 +569,10 @@ class BarHub:
         """
         buf = self._bufs[symbol]
         deadline: float | None = None
-        self.last_take_s = time.monotonic()  # the bar loop asks: alive (HEALTH_STALL_S)
         with self._cond:
             while True:
                 now = self._clock()
+                self.last_take_s = now  # the bar loop asks: alive (HEALTH_STALL_S)
                 if (
                     self.idle_timeout_s > 0
                     and not self.input_closed
@@ -617,7 +618,6 @@ class BarHub:
                     self._cond.wait(min(remaining, self._until_due(now)))
                 finally:
                     self.consumer_waiting = False
-                    self.last_take_s = time.monotonic()
 
     def served_through(self, num: float, timeout_s: float) -> bool:
         """Wait until the step of time ``num`` (backtrader day number), or a later one, has been

@@ -224,13 +224,13 @@ def test_a_config_error_is_logged_in_the_format_asked_for(
 ) -> None:
     """helper-82: the one line of a configuration that failed to load was JSON even with
     LOG_FORMAT=text (the configuration, LOG_FORMAT with it, was not loaded)."""
-    from runtime.logs import format_from_env
+    from runtime.config import process_log_format
 
     if value is None:
         monkeypatch.delenv("LOG_FORMAT", raising=False)
     else:
         monkeypatch.setenv("LOG_FORMAT", value)
-    assert format_from_env() == fmt
+    assert process_log_format() == fmt
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])

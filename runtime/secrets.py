@@ -23,8 +23,9 @@ actually needed, so a backtest never touches Google.
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from core.errors import ConfigError
@@ -62,6 +63,34 @@ class SecretSource(Protocol):
         ...
 
 
+# A secret reference segment shaped like a credential, not a name: 16 or more letters and digits
+# (no '-', '_' or '.', which Secret Manager names and project ids usually have) mixing digits
+# with capitals, or any character a secret id cannot hold (`[A-Za-z0-9_-]`, up to 255:
+# https://cloud.google.com/secret-manager/docs/reference/rest/v1/projects.secrets/create).
+# A key put in ``ALPACA_API_KEY_SECRET`` by mistake (helper-82, helper-84 F8) was echoed in full
+# by "not found"; such a segment is now named by its length only.
+_KEY_LIKE = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Z])[A-Za-z0-9]{16,}")
+_ID_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
+
+
+def shown_ref(ref: str) -> str:
+    """``ref`` (a ``*_SECRET`` value or a resource name) as error messages may show it: each
+    ``/``-separated segment that looks like a credential rather than a name is replaced by
+    ``<N characters hidden>``.
+
+    >>> shown_ref("projects/p/secrets/alpaca-key/versions/latest")
+    'projects/p/secrets/alpaca-key/versions/latest'
+    >>> shown_ref("PKTESTKEY0123456789X")
+    '<20 characters hidden: a credential, not a secret name?>'
+    """
+    parts = []
+    for seg in ref.split("/"):
+        if _KEY_LIKE.fullmatch(seg) or not _ID_CHARS.fullmatch(seg):
+            seg = f"<{len(seg)} characters hidden: a credential, not a secret name?>"
+        parts.append(seg)
+    return "/".join(parts)
+
+
 def secret_resource(ref: str, project: str | None) -> str:
     """Normalise a ``*_SECRET`` reference to ``projects/P/secrets/S/versions/V``.
 
@@ -73,6 +102,7 @@ def secret_resource(ref: str, project: str | None) -> str:
         ConfigError: a short name without a project, or an unrecognised shape.
     """
     ref = ref.strip()
+    shown = repr(shown_ref(ref))
     parts = ref.split("/")
     if parts[0] == "projects":
         if len(parts) in (4, 6) and parts[2] == "secrets":
@@ -83,27 +113,27 @@ def secret_resource(ref: str, project: str | None) -> str:
             tail = parts[6:]
         else:
             raise ConfigError(
-                f"secret reference {ref!r}: expected projects/<p>/secrets/<name>[/versions/<v>]"
+                f"secret reference {shown}: expected projects/<p>/secrets/<name>[/versions/<v>]"
             )
     else:
         if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "versions"):
             raise ConfigError(
-                f"secret reference {ref!r}: expected <name>[/versions/<v>] or "
+                f"secret reference {shown}: expected <name>[/versions/<v>] or "
                 "projects/<p>/secrets/<name>[/versions/<v>]"
             )
         if not project:
             raise ConfigError(
-                f"secret reference {ref!r} is a short name: set "
+                f"secret reference {shown} is a short name: set "
                 "GOOGLE_CLOUD_PROJECT (or PROJECT_ID), or give "
                 "projects/<project>/secrets/<name>"
             )
         base = ["projects", project, "secrets", parts[0]]
         tail = parts[1:]
     if tail and tail[0] != "versions":
-        raise ConfigError(f"secret reference {ref!r}: expected .../versions/<v> after the name")
+        raise ConfigError(f"secret reference {shown}: expected .../versions/<v> after the name")
     version = tail[1] if tail else "latest"
     if not all(base) or not version:
-        raise ConfigError(f"secret reference {ref!r}: empty path segment")
+        raise ConfigError(f"secret reference {shown}: empty path segment")
     return "/".join([*base, "versions", version])
 
 
@@ -126,7 +156,12 @@ class SecretManagerResolver:
         client: a ready ``SecretManagerServiceClient`` (tests, custom transports).
         endpoint: API endpoint override (``SECRET_MANAGER_ENDPOINT``).
         timeout_s: timeout of one request, seconds.
-        deadline_s: total time spent retrying UNAVAILABLE / RESOURCE_EXHAUSTED, seconds.
+        deadline_s: total time spent retrying UNAVAILABLE / RESOURCE_EXHAUSTED, seconds. A
+            read that has no whole answer after ``deadline_s + timeout_s`` is given up on
+            (ConfigError), however slowly bytes still arrive.
+
+    Error messages name the resource, with any segment shaped like a credential hidden
+    (:func:`shown_ref`): a key put in ``*_SECRET`` by mistake is not echoed.
     """
 
     def __init__(
@@ -143,6 +178,7 @@ class SecretManagerResolver:
         self._deadline_s = deadline_s
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._stuck = False  # a read outlived its limit (_call): no further read
 
     def _at(self) -> str:
         """For error messages: the endpoint override, when there is one."""
@@ -182,6 +218,39 @@ class SecretManagerResolver:
             ) from e
         return self._client
 
+    def _call(self, request: Callable[[], Any], shown: str) -> Any:
+        """``request()`` (one read, with the client's own retries) within ``deadline_s +
+        timeout_s`` seconds in all. The client's deadline only applies between attempts, and
+        a request's timeout between two bytes: an endpoint that trickles its answer held the
+        start for minutes, or for good (helper-84 F5). The request runs on a daemon thread;
+        past the limit it is left behind (the caller exits 2) and this resolver refuses
+        further reads. Raises what the request raises, or ConfigError."""
+        if self._stuck:
+            raise ConfigError(f"Secret Manager: an earlier read did not end{self._at()}")
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, request()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box.append((False, e))
+
+        worker = threading.Thread(target=run, name="secretmanager-read", daemon=True)
+        limit = self._deadline_s + self._timeout_s
+        worker.start()
+        worker.join(limit)
+        if not box:
+            self._stuck = True
+            raise ConfigError(
+                f"Secret Manager: cannot read {shown}: no whole answer within {limit:g} s "
+                f"(deadline {self._deadline_s:g} s + one request's {self._timeout_s:g} s)"
+                f"{self._at()}"
+            )
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def access(self, ref: str, project: str | None) -> tuple[str, str]:
         """See :meth:`SecretSource.access`."""
         import requests
@@ -191,6 +260,7 @@ class SecretManagerResolver:
         if not project and not ref.startswith("projects/"):
             project = _adc_project()
         resource = secret_resource(ref, project)
+        shown = shown_ref(resource)
         with self._lock:
             if resource in self._cache:
                 return self._cache[resource], resource
@@ -210,32 +280,35 @@ class SecretManagerResolver:
                 ),
             )
             try:
-                response = client.access_secret_version(
-                    name=resource, retry=retry, timeout=self._timeout_s
+                response = self._call(
+                    lambda: client.access_secret_version(
+                        name=resource, retry=retry, timeout=self._timeout_s
+                    ),
+                    shown,
                 )
             except gexc.NotFound as e:
                 raise ConfigError(
-                    f"Secret Manager: {resource} not found (does the secret and "
+                    f"Secret Manager: {shown} not found (does the secret and "
                     "that version exist, is the version enabled?)"
                 ) from e
             except (gexc.PermissionDenied, gexc.Forbidden) as e:  # gRPC / REST mapping
                 raise ConfigError(
-                    f"Secret Manager: permission denied on {resource} (grant "
+                    f"Secret Manager: permission denied on {shown} (grant "
                     "roles/secretmanager.secretAccessor to the runner's service "
                     "account)"
                 ) from e
             except gexc.GoogleAPICallError as e:
                 raise ConfigError(
-                    f"Secret Manager: cannot read {resource}: {type(e).__name__} {e.code}"
+                    f"Secret Manager: cannot read {shown}: {type(e).__name__} {e.code}"
                 ) from e
             except gexc.RetryError as e:
                 raise ConfigError(
-                    f"Secret Manager: cannot read {resource}: still unavailable "
+                    f"Secret Manager: cannot read {shown}: still unavailable "
                     f"after {self._deadline_s:g} s of retries"
                 ) from e
             except unreachable as e:
                 raise ConfigError(
-                    f"Secret Manager: cannot read {resource}: unreachable "
+                    f"Secret Manager: cannot read {shown}: unreachable "
                     f"({type(e).__name__}){self._at()}"
                 ) from e
             except ConfigError:
@@ -244,7 +317,7 @@ class SecretManagerResolver:
                 # an endpoint that is another service (an HTML page, a redirect loop) or not
                 # a URL: the client's parser or transport fails (helper-84: raw tracebacks)
                 raise ConfigError(
-                    f"Secret Manager: cannot read {resource}: the answer was not Secret "
+                    f"Secret Manager: cannot read {shown}: the answer was not Secret "
                     f"Manager's ({type(e).__name__}){self._at()}"
                 ) from e
             data: bytes = response.payload.data
@@ -254,13 +327,12 @@ class SecretManagerResolver:
 
                 if int(google_crc32c.value(data)) != int(crc):
                     raise ConfigError(
-                        f"Secret Manager: {resource}: payload checksum mismatch "
-                        "(corrupted in transit)"
+                        f"Secret Manager: {shown}: payload checksum mismatch (corrupted in transit)"
                     )
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ConfigError(f"Secret Manager: {resource} is not UTF-8 text") from e
+                raise ConfigError(f"Secret Manager: {shown} is not UTF-8 text") from e
             if text.endswith("\n"):
                 text = text[:-2] if text.endswith("\r\n") else text[:-1]
             name = response.name or resource

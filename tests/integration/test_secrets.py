@@ -376,3 +376,87 @@ def test_an_endpoint_that_is_not_secret_manager_is_a_config_error_naming_it(
             server.shutdown()
     assert f"SECRET_MANAGER_ENDPOINT={endpoint}" in str(err.value)
     assert str(err.value).startswith("ALPACA_API_KEY: tried ")
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    ["PKTESTKEY0123456789X", "AbCdEfGh1234567890abcdEFGH1234567890abcd", "c2VjcmV0+dmFsdWU="],
+)
+def test_a_key_put_in_the_secret_reference_is_not_echoed(
+    sm: SecretManagerServer, resolver: SecretManagerResolver, mistake: str
+) -> None:
+    """helper-82, helper-84 F8: the key itself put in ``ALPACA_API_KEY_SECRET`` (instead of a
+    secret's name) was echoed whole by "not found". Named by its length only."""
+    env = paper_env(ALPACA_API_KEY_SECRET=mistake, ALPACA_SECRET_KEY=SECRET_VALUE)
+    with pytest.raises(ConfigError) as err:
+        load_config(env, secret_resolver=resolver)
+    msg = str(err.value)
+    assert mistake not in msg
+    assert mistake[:8] not in msg
+    assert f"<{len(mistake)} characters hidden: a credential, not a secret name?>" in msg
+    assert msg.startswith("ALPACA_API_KEY: tried ")
+
+
+def test_a_secret_name_is_still_shown(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    """Names as people write them (hyphens, underscores, lower case) are shown as given."""
+    for name in ("alpaca-api-key", "ALPACA_API_KEY_2026", "alpacakeyprod2026abc"):
+        env = paper_env(ALPACA_API_KEY_SECRET=name, ALPACA_SECRET_KEY=SECRET_VALUE)
+        with pytest.raises(ConfigError) as err:
+            load_config(env, secret_resolver=resolver)
+        assert f"secrets/{name}/versions/latest not found" in str(err.value)
+
+
+def test_an_endpoint_that_trickles_its_answer_is_given_up_on() -> None:
+    """helper-84 F5: an endpoint that answers a byte at a time, each within the request
+    timeout, was never given up on (202 s, or for good): the client's deadline only applies
+    between attempts. The whole read now ends within deadline + one request's timeout."""
+    import socket
+    import threading
+    import time
+
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                while not stop.wait(0.1):  # a header byte each 0.1 s: never a whole answer
+                    conn.sendall(b"X")
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        resolver = SecretManagerResolver(
+            endpoint=f"http://127.0.0.1:{port}", timeout_s=0.5, deadline_s=1.0
+        )
+        env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError) as err:
+            load_config(env, secret_resolver=resolver)
+        elapsed = time.monotonic() - t0
+        # a second read does not start another endless request
+        with pytest.raises(ConfigError, match="an earlier read did not end"):
+            resolver.access("other-key", PROJECT)
+    finally:
+        stop.set()
+        listener.close()
+    msg = str(err.value)
+    assert "no whole answer within 1.5 s" in msg
+    assert f"SECRET_MANAGER_ENDPOINT=http://127.0.0.1:{port}" in msg
+    assert elapsed < 5.0

@@ -61,3 +61,42 @@ def test_the_runner_refuses_such_a_key_at_start(value: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(env)
     assert says in str(err.value) and "ALPACA_SECRET_KEY" in str(err.value)
+
+
+# -- a key put where a secret's name goes (runtime.secrets.shown_ref) ---------------------------
+
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@given(st.text(st.sampled_from(ALNUM), min_size=14), st.sampled_from("0123456789"), st.data())
+def test_a_key_shaped_reference_is_never_shown(body: str, digit: str, data: st.DataObject) -> None:
+    """16+ letters and digits with a digit and a capital, anywhere in the path: hidden."""
+    from runtime.secrets import shown_ref
+
+    at = data.draw(st.integers(0, len(body)))
+    key = body[:at] + digit + "Q" + body[at:]
+    prefix = data.draw(st.sampled_from(["", "projects/p/secrets/", "x/"]))
+    suffix = data.draw(st.sampled_from(["", "/versions/latest", "/versions/3"]))
+    out = shown_ref(prefix + key + suffix)
+    assert key not in out
+    assert f"<{len(key)} characters hidden" in out
+    assert out.startswith(prefix) and out.endswith(suffix)
+
+
+@given(st.text(min_size=1))
+def test_a_reference_with_characters_no_name_has_is_not_shown(ref: str) -> None:
+    """A segment holding anything but letters, digits, '-', '_' and '.' is hidden whole; what is
+    shown is made only of such characters and '/' (never a piece of the value)."""
+    import re
+
+    from runtime.secrets import shown_ref
+
+    out = shown_ref(ref)
+    for seg, shown in zip(ref.split("/"), out.split("/"), strict=True):
+        if re.fullmatch(r"[A-Za-z0-9_.-]*", seg):
+            assert shown in (
+                seg,
+                f"<{len(seg)} characters hidden: a credential, not a secret name?>",
+            )
+        else:
+            assert shown == f"<{len(seg)} characters hidden: a credential, not a secret name?>"

@@ -90,6 +90,29 @@ class RunReport:
     def win_rate_pct(self) -> float | None:
         return self.trades_won / self.trades * 100.0 if self.trades else None
 
+    def _curve_lines(self) -> list[str]:
+        """A line when the equity curve (the portfolio value at each bar, which CAGR, Sharpe,
+        drawdown and the HTML report come from) does not end where the broker's values do
+        (start before the run, end after its stop), by a cent or more: with Alpaca the end
+        value is the account after the final sync, so fills or account changes after the last
+        bar, or an account that does not match the run's own fills, show here instead of as a
+        return that contradicts the statistics (helper-84: +0.00 % beside a CAGR of +108 %)."""
+        st = self.stats
+        if st is None or st.start_value_usd is None or st.end_value_usd is None:
+            return []
+        off_end = self.end_value_usd - st.end_value_usd
+        off_start = self.start_value_usd - st.start_value_usd
+        if abs(off_end) < 0.005 and abs(off_start) < 0.005:
+            return []
+        ret = "n/a" if st.total_return_pct is None else f"{st.total_return_pct:+.2f} %"
+        return [
+            f"equity curve     {st.start_value_usd:,.2f} -> {st.end_value_usd:,.2f} USD "
+            f"({ret}) over the bars: the statistics below are computed from it",
+            f"  differs        from the broker's start by {off_start:+,.2f} USD and its end by "
+            f"{off_end:+,.2f} USD (fills or account changes outside the bars, or an account "
+            "that does not match this run's fills)",
+        ]
+
     def render(self) -> str:
         """Human-readable text, one fact per line."""
 
@@ -109,6 +132,7 @@ class RunReport:
             f"start value      {self.start_value_usd:,.2f} USD",
             f"end value        {self.end_value_usd:,.2f} USD",
             f"return           {self.return_pct:+.2f} %",
+            *self._curve_lines(),
             f"cagr             {num(st.cagr_pct if st else None, '+.2f')} %",
             f"sharpe (annual)  {num(self.sharpe, '.3f')}",
             f"sortino (annual)  {num(st.sortino if st else None, '.3f')}",

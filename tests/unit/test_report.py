@@ -165,3 +165,24 @@ def test_orders_not_filled_when_the_run_ends_are_reported(tmp_path: Path) -> Non
     assert "open orders      2 not filled when the run ended (GOOG buy 3, GOOG buy 2)" in (
         report.render()
     )
+
+
+def test_a_curve_that_does_not_end_at_the_broker_value_is_shown() -> None:
+    """helper-84: an Alpaca paper run reported start and end 100,000.00 USD, return +0.00 %,
+    beside a CAGR of +108 % (the end value was the account after the final sync; the
+    statistics the per-bar values). The report now says where the two differ, and by what."""
+    stats = report().stats
+    assert stats is not None
+    import dataclasses
+
+    curve = dataclasses.replace(
+        stats, start_value_usd=100_000.0, end_value_usd=208_000.0, total_return_pct=108.0
+    )
+    text = report(start_value_usd=100_000.0, end_value_usd=100_000.0, stats=curve).render()
+    assert "return           +0.00 %" in text
+    assert "equity curve     100,000.00 -> 208,000.00 USD (+108.00 %)" in text
+    assert "by +0.00 USD and its end by -108,000.00 USD" in text
+    # the same within a cent: no line
+    same = dataclasses.replace(stats, start_value_usd=100.0, end_value_usd=110.004)
+    assert "equity curve" not in report(stats=same).render()
+    assert "equity curve" not in report().render()

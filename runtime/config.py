@@ -256,7 +256,8 @@ class AppConfig:
     pubsub: PubSubFeedConfig | None = None
     alpaca: AlpacaBrokerConfig | None = None
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
-    secret_refs: Mapping[str, str] = field(default_factory=dict)
+    # not in the repr (logged at DEBUG): a key put in a *_SECRET variable by mistake stays out
+    secret_refs: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 # The configs whose fields are settings, in the order (and under the headings) .env.example

@@ -83,7 +83,11 @@ class RunReport:
         return self.stats.max_drawdown_pct if self.stats else None
 
     @property
-    def return_pct(self) -> float:
+    def return_pct(self) -> float | None:
+        """``(end / start - 1) * 100``; ``None`` when the start value is not positive (an
+        empty account)."""
+        if not self.start_value_usd > 0:
+            return None
         return (self.end_value_usd / self.start_value_usd - 1.0) * 100.0
 
     @property
@@ -131,7 +135,7 @@ class RunReport:
             f"bars             {self.bars}  in {self.elapsed_s:.1f} s",
             f"start value      {self.start_value_usd:,.2f} USD",
             f"end value        {self.end_value_usd:,.2f} USD",
-            f"return           {self.return_pct:+.2f} %",
+            f"return           {num(self.return_pct, '+.2f')} %",
             *self._curve_lines(),
             f"cagr             {num(st.cagr_pct if st else None, '+.2f')} %",
             f"sharpe (annual)  {num(self.sharpe, '.3f')}",

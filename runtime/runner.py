@@ -33,7 +33,7 @@ from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.spill import SpillDirClaim
 from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core import bar_hash_cache
-from core.errors import AppError, ConfigError, DataError, SinkError
+from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, SinkError
 from core.signals import StopSignals
 from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
     add_fmel,
@@ -58,6 +58,11 @@ logger = logging.getLogger(__name__)
 # Exit code of a run stopped because its decision records could not be kept safe (docs:
 # deployment.md, "Exit codes"); the report has printed.
 EXIT_DECISIONS_FAILED = 3
+
+
+class StoppedBeforeStartError(Exception):
+    """A stop (SIGTERM, SIGINT) came while a part of the run was still connecting (Alpaca's
+    account read): nothing ran, nothing is reported; ``main`` exits 0."""
 
 
 class Runner:
@@ -96,6 +101,8 @@ class Runner:
         self._started_s: float | None = None  # monotonic seconds the bar loop started
         self._finished = False  # the run and its report are over (a signal then only logs)
         self._interrupted = False  # a stop was asked for before cerebro.run() returned
+        # the Alpaca broker while its connect() reads the account (a stop interrupts it)
+        self._connecting: Any = None
         # MODE=paper: the Pub/Sub subscriber (a signal stops it in any phase: backfill,
         # discovery, reconnect waits, the bar loop).
         self.live_input: Any = None
@@ -200,7 +207,21 @@ class Runner:
             self.cerebro.setbroker(alpaca)
             self.broker_note = alpaca.describe()
             self.add_closer("alpaca", alpaca.stop)  # idempotent; cerebro also stops it
-            alpaca.connect()  # reconcile now: a bad key fails before the run starts
+            # reconcile now: a bad key fails before the run starts. A stop meanwhile ends the
+            # account read's retries (helper-84 F6: SIGTERM with Alpaca stalled took 49-60 s)
+            self._connecting = alpaca
+            try:
+                if self._stop_pending:
+                    alpaca.interrupt_connect()
+                alpaca.connect()
+            except RetryInterruptedError as e:
+                if self._stop_pending:
+                    raise StoppedBeforeStartError(
+                        f"stopped while connecting to Alpaca ({e})"
+                    ) from e
+                raise
+            finally:
+                self._connecting = None
             return
         raise ConfigError(f"BROKER={cfg.run.broker}: not wired into this build")
 
@@ -389,6 +410,9 @@ class Runner:
             logger.warning("stopping: %s; finishing the current bar, flushing decisions", reason)
             self._stop_deadline = time.monotonic() + self.config.ops.shutdown_timeout_s
         self._stop_requested = True
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.interrupt_connect()
         if self.health is not None:
             self.health.set_draining()
         if self.live_input is not None:
@@ -700,6 +724,9 @@ def main() -> int:
     runner.install_signal_handlers()
     try:
         report = runner.run()
+    except StoppedBeforeStartError as e:
+        logger.warning("%s: the run did not start", e)
+        return 0
     except (ConfigError, DataError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 2

@@ -460,3 +460,16 @@ def test_an_endpoint_that_trickles_its_answer_is_given_up_on() -> None:
     assert "no whole answer within 1.5 s" in msg
     assert f"SECRET_MANAGER_ENDPOINT=http://127.0.0.1:{port}" in msg
     assert elapsed < 5.0
+
+
+def test_secret_references_stay_out_of_the_config_repr(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    """The configuration is logged at DEBUG as its repr: a ``*_SECRET`` value (which may be a
+    key put there by mistake) is not part of it."""
+    sm.add(PROJECT, "alpaca-key", KEY_VALUE)
+    env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+    cfg = load_config(env, secret_resolver=resolver)
+    assert cfg.secret_refs == {"ALPACA_API_KEY": "alpaca-key"}
+    assert "secret_refs" not in repr(cfg)
+    assert "'alpaca-key'" not in repr(cfg)  # the resource it read names it, as Secret's source

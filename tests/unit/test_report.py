@@ -186,3 +186,10 @@ def test_a_curve_that_does_not_end_at_the_broker_value_is_shown() -> None:
     same = dataclasses.replace(stats, start_value_usd=100.0, end_value_usd=110.004)
     assert "equity curve" not in report(stats=same).render()
     assert "equity curve" not in report().render()
+
+
+def test_an_empty_account_has_no_return() -> None:
+    """A start value of 0 (an empty paper account) has no return, not a ZeroDivisionError."""
+    r = report(start_value_usd=0.0, end_value_usd=0.0, stats=None)
+    assert r.return_pct is None
+    assert "return           n/a %" in r.render()

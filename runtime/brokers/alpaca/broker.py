@@ -257,6 +257,14 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         self._worker.clock = start.clock
         self._connected = True
 
+    def interrupt_connect(self) -> None:
+        """End :meth:`connect`'s retries now (a stop before the run started): its waits end at
+        once and a request in flight is its last, so ``connect()`` raises
+        :class:`~core.errors.RetryInterruptedError` within one ``request_timeout_s``. No-op
+        once connected. Any thread (sets an event)."""
+        if not self._connected:
+            self.caller.stop.set()
+
     def start(self) -> None:
         """Connect (see :meth:`connect`) and start the worker threads. Called by cerebro.
 

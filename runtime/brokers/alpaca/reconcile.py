@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from alpaca.trading.models import Order as AlpacaOrder
 from alpaca.trading.models import TradeAccount
 
-from core.errors import BrokerError, TransientError
+from core.errors import BrokerError, RetryInterruptedError, TransientError
 from runtime.brokers.alpaca import http
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
 from runtime.brokers.alpaca.http import AlpacaApi, AlpacaAPIError, AlpacaCaller
@@ -97,12 +97,16 @@ def read_start_state(
         BrokerError: the account cannot be read or cannot trade; open orders found with policy
             ``halt``; an open order to adopt is for a symbol no feed trades; orders still open
             after cancelling them at start.
+        RetryInterruptedError: the broker's stop event was set (a stop before the run
+            started): no read begins after it, a retry wait ends at once.
     """
     endpoint = config.endpoint
 
     def read(operation: str, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return caller.call(operation, fn, *args, interruptible=False)
+            return start_call(caller, operation, fn, *args)
+        except RetryInterruptedError:
+            raise
         except (TransientError, AlpacaAPIError) as e:
             raise BrokerError(
                 f"cannot read the Alpaca {operation.replace('_', ' ')} at {endpoint}: {e}; "
@@ -148,6 +152,21 @@ def read_start_state(
     return state
 
 
+def start_call(caller: AlpacaCaller, operation: str, fn: Callable[..., T], *args: Any) -> T:
+    """``caller.call`` for the reads and cancels at start: none begins once the caller's stop
+    event is set (:meth:`AlpacaPaperTradingBroker.interrupt_connect
+    <runtime.brokers.alpaca.broker.AlpacaPaperTradingBroker.interrupt_connect>`: a stop before
+    the run started), and a retry wait ends then. Before, they ignored it, so a SIGTERM with
+    Alpaca stalled waited out every retry of every read: 49-60 s (helper-84 F6).
+
+    Raises:
+        RetryInterruptedError: stopping. Otherwise what ``caller.call`` raises.
+    """
+    if caller.stop.is_set():
+        raise RetryInterruptedError(f"{operation}: stopping before the run started; not sent")
+    return caller.call(operation, fn, *args, interruptible=True)
+
+
 def find_open_families(caller: AlpacaCaller, api: AlpacaApi, endpoint: str) -> list[AlpacaOrder]:
     """Every order family with something still working: open roots (legs nested) and filled
     entries whose legs still work (the held stop legs no open listing shows).
@@ -156,15 +175,17 @@ def find_open_families(caller: AlpacaCaller, api: AlpacaApi, endpoint: str) -> l
         BrokerError: a listing cannot be read.
     """
     try:
-        families = caller.call("open_orders", http.open_families, api, interruptible=False)
-        closed, complete = caller.call(
+        families = start_call(caller, "open_orders", http.open_families, api)
+        closed, complete = start_call(
+            caller,
             "closed_orders",
             http.closed_families,
             api,
             datetime.now(UTC) - GTC_LIFETIME,
             MAX_CLOSED_PAGES,
-            interruptible=False,
         )
+    except RetryInterruptedError:
+        raise
     except (TransientError, AlpacaAPIError) as e:
         raise BrokerError(
             f"cannot read the Alpaca open orders at {endpoint}: {e}; "
@@ -250,7 +271,7 @@ def _apply_open_order_policy(
             targets = [o] if live(o) else [leg for leg in o.legs or () if live(leg)]
             for t in targets:
                 try:
-                    caller.call("cancel", api.cancel, str(t.id), interruptible=False)
+                    start_call(caller, "cancel", api.cancel, str(t.id))
                 except AlpacaAPIError as e:  # 422: it ended meanwhile; checked below
                     logger.info("cancel of %s at start: %s", t.id, e.message)
         deadline = time.monotonic() + max(30.0, 5 * config.poll_interval_s)
@@ -259,9 +280,7 @@ def _apply_open_order_policy(
             left = [
                 snap
                 for o in left
-                if family_live(
-                    snap := caller.call("order", api.order, str(o.id), interruptible=False)
-                )
+                if family_live(snap := start_call(caller, "order", api.order, str(o.id)))
             ]
             if not left:
                 return []
@@ -270,7 +289,10 @@ def _apply_open_order_policy(
                     f"{len(left)} open order famil(ies) still open after cancelling at "
                     "start (pending_cancel?): " + "; ".join(describe(o) for o in left)
                 )
-            time.sleep(min(0.5, config.poll_interval_s))
+            if caller.stop.wait(min(0.5, config.poll_interval_s)):
+                raise RetryInterruptedError("cancelling at start: stopping")
+    except RetryInterruptedError:
+        raise
     except (TransientError, AlpacaAPIError) as e:
         raise BrokerError(
             f"cannot cancel the open orders at {config.endpoint}: {e}; "

@@ -47,3 +47,8 @@ class LookAheadError(AppError):
 
 class RetryInterruptedError(TransientError):
     """A retry loop gave up early because its stop event was set (shutdown)."""
+
+
+class StopRequestedError(AppError):
+    """A stop signal (SIGTERM, SIGINT) came while the process was still starting (reading its
+    configuration's secrets): it ends without running; entry points exit 0."""

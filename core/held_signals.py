@@ -41,6 +41,12 @@ def _hold(signum: int, frame: object) -> None:
         os._exit(128 + signum)
 
 
+def pending() -> bool:
+    """A signal is held (by :func:`hold_early`'s handler) and not yet taken: a start-up step that
+    waits (a secret read) can end early instead of holding the stop for its whole wait."""
+    return bool(_HELD)
+
+
 def take_held() -> list[int]:
     """The signal numbers :func:`hold_early` held and nobody took yet (then forgotten)."""
     held = _HELD[:]

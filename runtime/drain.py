@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from core.errors import AppError, ConfigError
+from core.errors import AppError, ConfigError, StopRequestedError
 from core.signals import StopSignals
 from runtime.assembly import claim_spill_dir, make_sink, make_writer
 from runtime.config import AppConfig, load_process_config, process_log_format
@@ -135,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_process_config()
+    except StopRequestedError as e:  # a SIGTERM while secrets were read: nothing ran
+        setup_logging("INFO", process_log_format())
+        logger.warning("%s: exiting", e)
+        return 0
     except ConfigError as e:
         setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)

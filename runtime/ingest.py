@@ -45,7 +45,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, TransientError
+from core.errors import (
+    AppError,
+    ConfigError,
+    DataError,
+    RetryInterruptedError,
+    StopRequestedError,
+    TransientError,
+)
 from core.signals import StopSignals
 from feeds.ingest import IngestConfig, Ingestor
 from feeds.ingest.state import IngestState
@@ -334,6 +341,10 @@ def main() -> int:
     """Entry point of ``python -m runtime.ingest``; returns the exit code (module docstring)."""
     try:
         config, ops = load_process_ingest_config()
+    except StopRequestedError as e:  # a SIGTERM while secrets were read: nothing ran
+        setup_logging("INFO", process_log_format())
+        logger.warning("%s: exiting", e)
+        return 0
     except ConfigError as e:
         setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)

@@ -33,7 +33,14 @@ from analyzers.sinks.base import DecisionSink
 from analyzers.sinks.spill import SpillDirClaim
 from analyzers.sinks.writer import DecisionWriter, WriterStats
 from core import bar_hash_cache
-from core.errors import AppError, ConfigError, DataError, RetryInterruptedError, SinkError
+from core.errors import (
+    AppError,
+    ConfigError,
+    DataError,
+    RetryInterruptedError,
+    SinkError,
+    StopRequestedError,
+)
 from core.signals import StopSignals
 from runtime.assembly import (  # load_agent, new_session_id: re-exported, their old home
     add_fmel,
@@ -694,6 +701,10 @@ def main() -> int:
     or the decision writer died; the report still prints), 128+N after a forced signal exit."""
     try:
         config = load_process_config()
+    except StopRequestedError as e:  # a SIGTERM while secrets were read: nothing ran
+        setup_logging("INFO", process_log_format())
+        logger.warning("%s: exiting", e)
+        return 0
     except ConfigError as e:
         setup_logging("INFO", process_log_format())
         logger.error("configuration error: %s", e)

@@ -25,10 +25,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from core.errors import ConfigError
+from core import held_signals
+from core.errors import ConfigError, StopRequestedError
 from core.secret import Secret
 
 logger = logging.getLogger(__name__)
@@ -224,7 +226,9 @@ class SecretManagerResolver:
         a request's timeout between two bytes: an endpoint that trickles its answer held the
         start for minutes, or for good (helper-84 F5). The request runs on a daemon thread;
         past the limit it is left behind (the caller exits 2) and this resolver refuses
-        further reads. Raises what the request raises, or ConfigError."""
+        further reads. A stop signal held since start-up (:func:`core.held_signals.pending`)
+        ends the wait at once. Raises what the request raises, ConfigError, or
+        StopRequestedError."""
         if self._stuck:
             raise ConfigError(f"Secret Manager: an earlier read did not end{self._at()}")
         box: list[Any] = []
@@ -237,8 +241,17 @@ class SecretManagerResolver:
 
         worker = threading.Thread(target=run, name="secretmanager-read", daemon=True)
         limit = self._deadline_s + self._timeout_s
+        end = time.monotonic() + limit
         worker.start()
-        worker.join(limit)
+        while not box and (left := end - time.monotonic()) > 0:
+            worker.join(min(0.2, left))
+            if not box and held_signals.pending():
+                # a SIGTERM held since start-up (core.held_signals): it would otherwise wait
+                # for this read's retries, up to the whole limit, before being handled
+                self._stuck = True
+                raise StopRequestedError(
+                    f"stopped (a signal) while reading {shown} from Secret Manager"
+                )
         if not box:
             self._stuck = True
             raise ConfigError(
@@ -311,7 +324,7 @@ class SecretManagerResolver:
                     f"Secret Manager: cannot read {shown}: unreachable "
                     f"({type(e).__name__}){self._at()}"
                 ) from e
-            except ConfigError:
+            except (ConfigError, StopRequestedError):
                 raise
             except Exception as e:  # not Secret Manager's answer at all (raised: named)
                 # an endpoint that is another service (an HTML page, a redirect loop) or not

@@ -1,0 +1,90 @@
+"""A SIGTERM while an entry point still reads its secrets from Secret Manager.
+
+Before, the signal was held (``core.held_signals``) until every secret read had ended: each may
+retry for ``deadline + timeout`` (30 s and more), so a pod being stopped waited that long, or
+was killed. Now the read's wait ends when a signal is held, and the entry point exits 0 having
+run nothing. Secret Manager here is a socket that accepts and never answers (as a stalled
+endpoint does), so the read is in flight when the signal comes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, clean_env
+
+pytestmark = pytest.mark.slow
+
+ENTRY_POINTS = {
+    "runner": [str(REPO / "runner.py")],
+    "ingest": ["-m", "runtime.ingest"],
+    "drain": ["-m", "runtime.drain"],
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(workdir: Path, entry: str) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)  # held open, never answered
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    env = {
+        "MODE": "paper",
+        "BROKER": "alpaca",
+        "SYMBOLS": "GOOG",
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+        "PUBSUB_TOPIC": "bars",
+        "PUBSUB_EMULATOR_HOST": "127.0.0.1:1",  # never reached: the secrets come first
+        "ALPACA_API_KEY_SECRET": "alpaca-key",
+        "ALPACA_SECRET_KEY": "not-read-0123456789",
+        "SECRET_MANAGER_ENDPOINT": f"http://127.0.0.1:{port}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, *ENTRY_POINTS[entry]],
+        cwd=workdir,
+        env=clean_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not accepted and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{entry} ended before reading the secret: {proc.stderr.read()}")
+            time.sleep(0.05)
+        assert accepted, f"{entry} never reached Secret Manager"
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped (a signal) while reading" in stderr, stderr[-2000:]
+    assert elapsed < 5.0, elapsed  # before: the read's 10 s timeout, then its retries (30 s)

@@ -857,3 +857,32 @@ def test_a_stalled_alpaca_does_not_hold_the_stop_past_its_budget(api: str) -> No
         elapsed = time.monotonic() - marks[0]
         # the 1 s budget (before: 3 + 5 s a thread; a request is never begun past it)
         assert elapsed < 1.0 + 2.0, elapsed
+
+
+def test_a_stalled_alpaca_turns_readiness_off_within_a_request_timeout(api: str) -> None:
+    """helper-82: while every request stalled, ``healthy`` (readiness's ``broker`` check) said
+    reachable until a poll had failed every retry (here 40 attempts of 0.5 s: 20 s and more).
+    Now a monitor pass overdue by a request's timeout and a second turns it off; it is back
+    on after the next pass that gets answers."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        run = run_on(
+            api,
+            server,
+            ("AAPL",),
+            {},
+            config=fast_config(server, api, request_timeout_s=0.5, max_attempts=40),
+        )
+        seen: list[float] = []
+
+        def stall_then_recover() -> None:
+            assert run.broker.healthy
+            server.faults = FaultPlan(rate=1.0, kinds=("timeout",), stall_s=2.0)
+            t0 = time.monotonic()
+            wait_until(lambda: not run.broker.healthy, what="unhealthy", timeout_s=15)
+            seen.append(time.monotonic() - t0)
+            server.faults = FaultPlan()  # none
+            wait_until(lambda: run.broker.healthy, what="healthy again", timeout_s=30)
+
+        drive(run, [bar(run, "AAPL", 100.0), stall_then_recover], timeout_s=90)
+        # the pass limit (poll interval + 0.5 s + 1 s) and the wait's own polling
+        assert seen and seen[0] < 5.0, seen

@@ -26,6 +26,9 @@ OnConnectionLimit = Literal["exit", "wait"]
 ENRICHMENTS = ("risk",)
 
 
+MAX_QUEUE_SIZE = 1_000_000  # INGEST_QUEUE_SIZE's bound
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IngestConfig:
     """Alpaca bars -> Pub/Sub.
@@ -168,11 +171,19 @@ class IngestConfig:
     queue_size: int = setting(
         100_000,
         env="INGEST_QUEUE_SIZE",
-        help="stream messages buffered before the websocket reader waits",
+        help="stream messages buffered before the websocket reader waits (at most "
+        "1,000,000: about 1 KB each)",
         minimum=1,
     )
 
     def __post_init__(self) -> None:
+        if self.queue_size > MAX_QUEUE_SIZE:
+            # a queue that can never fill is no back-pressure: memory runs out first (a
+            # fresh-context attack set 10**12)
+            raise ConfigError(
+                f"INGEST_QUEUE_SIZE must be at most {MAX_QUEUE_SIZE:,} (about 1 KB a queued "
+                f"message), got {self.queue_size:,}"
+            )
         check_token("ALPACA_API_KEY", self.api_key)
         check_token("ALPACA_SECRET_KEY", self.secret_key)
         if not self.symbols:

@@ -783,11 +783,8 @@ class PubSubBarSubscriber:
         back = self.handler.pop_returned_tokens()
         if outcome == RETURNED:
             back.append(message)
-        if back:
-            # A backlog larger than the buffer: these come again later (feeds.pubsub.hub).
-            with self._lock:
-                self.returned_backlog += len(back)
-            self.settle(back, ack=False, delay_s=RETURN_DELAY_S)
+        # A backlog larger than the buffer: these come again later (feeds.pubsub.hub).
+        self._return_later(back)
         if outcome == RETURNED:
             return
         if outcome == STOPPED:
@@ -865,10 +862,7 @@ class PubSubBarSubscriber:
         with self._lock:
             copies = [m for _, m in self._copies_waiting]
             self._copies_waiting = []
-        if copies:
-            with self._lock:
-                self.returned_backlog += len(copies)
-            self.settle(copies, ack=False, delay_s=RETURN_DELAY_S)
+        self._return_later(copies)
         if self.handler.shed_newest(count) and not self._logged_shed:
             self._logged_shed = True
             logger.info(
@@ -876,11 +870,16 @@ class PubSubBarSubscriber:
                 "bars go back to Pub/Sub so the older ones of the backlog can be pulled",
                 len(self._leases),
             )
-        back = self.handler.pop_returned_tokens()
-        if back:
-            with self._lock:
-                self.returned_backlog += len(back)
-            self.settle(back, ack=False, delay_s=RETURN_DELAY_S)
+        self._return_later(self.handler.pop_returned_tokens())
+
+    def _return_later(self, messages: list[PulledMessage]) -> None:
+        """Pull thread: hand ``messages`` back to Pub/Sub, to come again after
+        :data:`RETURN_DELAY_S` seconds, counted in ``returned_backlog`` (returns, not bars)."""
+        if not messages:
+            return
+        with self._lock:
+            self.returned_backlog += len(messages)
+        self.settle(messages, ack=False, delay_s=RETURN_DELAY_S)
 
     def _pull_loop(self, sub: _Sub) -> None:
         """Pull thread of one subscription: pull, hand over in order, reconnect on failure

@@ -185,11 +185,16 @@ def test_a_stop_while_alpaca_stalls_at_start_ends_the_account_read(
 
     emu = pubsub_emulator
     topic = f"projects/{emu.project}/topics/bars-alpaca-{uuid.uuid4().hex[:8]}"
+    # its own subscription: the default name is the agent's, taken by other tests
+    sub_path = f"projects/{emu.project}/subscriptions/stall-{uuid.uuid4().hex[:8]}"
     publisher = OrderedPublisher(emu.host)
+    subscriber = subscriber_client(emu.host)
     try:
         ensure_topic(publisher, topic)
+        subscriber.create_subscription(request={"name": sub_path, "topic": topic})
     finally:
         publisher.stop()
+        subscriber.close()
     with AlpacaServer() as server:
         # every answer stalls past the client's timeout (FaultPlan: a "timeout" fault sleeps)
         server.faults = FaultPlan(rate=1.0, kinds=("timeout",), stall_s=30.0)
@@ -200,6 +205,7 @@ def test_a_stop_while_alpaca_stalls_at_start_ends_the_account_read(
             "GOOGLE_CLOUD_PROJECT": emu.project,
             "PUBSUB_EMULATOR_HOST": emu.host,
             "PUBSUB_TOPIC": topic,
+            "PUBSUB_SUBSCRIPTION": sub_path,
             "PUBSUB_DISCOVERY_S": "0",
             "ALPACA_API_KEY": server.api_key,
             "ALPACA_SECRET_KEY": server.secret_key,

@@ -13,6 +13,7 @@ Thread context: analyzers run on the main (backtrader) thread.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from array import array
@@ -106,7 +107,9 @@ class RunReport:
             return []
         off_end = self.end_value_usd - st.end_value_usd
         off_start = self.start_value_usd - st.start_value_usd
-        if abs(off_end) < 0.005 and abs(off_start) < 0.005:
+        if not (math.isfinite(off_end) and math.isfinite(off_start)):
+            return []  # a value that is not a number: nothing to compare (printed above)
+        if abs(off_end) < 0.01 and abs(off_start) < 0.01:
             return []
         ret = "n/a" if st.total_return_pct is None else f"{st.total_return_pct:+.2f} %"
         return [
@@ -120,8 +123,8 @@ class RunReport:
     def render(self) -> str:
         """Human-readable text, one fact per line."""
 
-        def num(x: float | None, fmt: str) -> str:
-            return "n/a" if x is None else format(x, fmt)
+        def num(x: float | None, fmt: str, unit: str = "") -> str:
+            return "n/a" if x is None else format(x, fmt) + unit
 
         st = self.stats
         lines = [
@@ -135,7 +138,7 @@ class RunReport:
             f"bars             {self.bars}  in {self.elapsed_s:.1f} s",
             f"start value      {self.start_value_usd:,.2f} USD",
             f"end value        {self.end_value_usd:,.2f} USD",
-            f"return           {num(self.return_pct, '+.2f')} %",
+            f"return           {num(self.return_pct, '+.2f', ' %')}",
             *self._curve_lines(),
             f"cagr             {num(st.cagr_pct if st else None, '+.2f')} %",
             f"sharpe (annual)  {num(self.sharpe, '.3f')}",

@@ -65,32 +65,58 @@ class SecretSource(Protocol):
         ...
 
 
-# A secret reference segment shaped like a credential, not a name: 16 or more letters and digits
-# (no '-', '_' or '.', which Secret Manager names and project ids usually have) mixing digits
-# with capitals, or any character a secret id cannot hold (`[A-Za-z0-9_-]`, up to 255:
-# https://cloud.google.com/secret-manager/docs/reference/rest/v1/projects.secrets/create).
-# A key put in ``ALPACA_API_KEY_SECRET`` by mistake (helper-82, helper-84 F8) was echoed in full
-# by "not found"; such a segment is now named by its length only.
-_KEY_LIKE = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Z])[A-Za-z0-9]{16,}")
-_ID_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
+# A secret reference is shown in errors only when every ``/``-separated segment reads like a
+# name a person gave: words of at most 15 letters, each optionally ending in up to 8 digits, or
+# numbers, joined by '-' or '_' (``alpaca-key``, ``ALPACA_API_KEY_2026``, ``AlpacaKeyProd2024``,
+# ``projects/my-project/secrets/x/versions/3``). Anything else (letters and digits
+# interleaved, a run of 16+ letters, characters no secret id has: keys of every common shape,
+# hex, base64, UUIDs, ``sk-live-...``) is named by its length only. A key put in
+# ``ALPACA_API_KEY_SECRET`` by mistake was echoed in full by "not found" (helper-82, helper-84
+# F8), then in many shapes by a narrower rule (helper-86 F2). Secret ids:
+# https://cloud.google.com/secret-manager/docs/reference/rest/v1/projects.secrets/create
+_WORD = re.compile(r"[A-Za-z]{1,15}[0-9]{0,8}|[0-9]{1,8}")
+_SEPARATORS = re.compile(r"[-_]")
+
+
+def _name_like(segment: str) -> bool:
+    return len(segment) <= 255 and all(
+        _WORD.fullmatch(part) for part in _SEPARATORS.split(segment) if part
+    )
 
 
 def shown_ref(ref: str) -> str:
-    """``ref`` (a ``*_SECRET`` value or a resource name) as error messages may show it: each
-    ``/``-separated segment that looks like a credential rather than a name is replaced by
-    ``<N characters hidden>``.
+    """``ref`` (a ``*_SECRET`` value or a resource name) as error messages and logs may show
+    it: as given when it reads like a name (see the rule above), else ``<N characters hidden:
+    a credential, not a secret name?>`` for the whole of it.
 
     >>> shown_ref("projects/p/secrets/alpaca-key/versions/latest")
     'projects/p/secrets/alpaca-key/versions/latest'
     >>> shown_ref("PKTESTKEY0123456789X")
     '<20 characters hidden: a credential, not a secret name?>'
     """
-    parts = []
-    for seg in ref.split("/"):
-        if _KEY_LIKE.fullmatch(seg) or not _ID_CHARS.fullmatch(seg):
-            seg = f"<{len(seg)} characters hidden: a credential, not a secret name?>"
-        parts.append(seg)
-    return "/".join(parts)
+    if all(_name_like(seg) for seg in ref.split("/")):
+        return ref
+    return f"<{len(ref)} characters hidden: a credential, not a secret name?>"
+
+
+def shown_endpoint(url: str) -> str:
+    """``SECRET_MANAGER_ENDPOINT`` as messages show it: a password in it as ``****``
+    (helper-86 F4: ``http://user:password@proxy`` was echoed whole).
+
+    >>> shown_endpoint("http://user:pw@127.0.0.1:8085")
+    'http://user:****@127.0.0.1:8085'
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<not a URL>" if "@" in url else url
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:****@{host}").geturl()
 
 
 def secret_resource(ref: str, project: str | None) -> str:
@@ -184,7 +210,9 @@ class SecretManagerResolver:
 
     def _at(self) -> str:
         """For error messages: the endpoint override, when there is one."""
-        return f" at SECRET_MANAGER_ENDPOINT={self._endpoint}" if self._endpoint else ""
+        if not self._endpoint:
+            return ""
+        return f" at SECRET_MANAGER_ENDPOINT={shown_endpoint(self._endpoint)}"
 
     def _get_client(self) -> Any:
         if self._client is not None:
@@ -220,17 +248,28 @@ class SecretManagerResolver:
             ) from e
         return self._client
 
-    def _call(self, request: Callable[[], Any], shown: str) -> Any:
-        """``request()`` (one read, with the client's own retries) within ``deadline_s +
-        timeout_s`` seconds in all. The client's deadline only applies between attempts, and
-        a request's timeout between two bytes: an endpoint that trickles its answer held the
-        start for minutes, or for good (helper-84 F5). The request runs on a daemon thread;
-        past the limit it is left behind (the caller exits 2) and this resolver refuses
-        further reads. A stop signal held since start-up (:func:`core.held_signals.pending`)
-        ends the wait at once. Raises what the request raises, ConfigError, or
-        StopRequestedError."""
+    def _call(self, request: Callable[[], Any], failing: str, doing: str) -> Any:
+        """``request()`` (a read with the client's own retries, making the client, finding the
+        project of Application Default Credentials) within ``deadline_s + timeout_s`` seconds
+        in all. The client's deadline only applies between attempts, and a request's timeout
+        between two bytes: an endpoint that trickles its answer held the start for minutes, or
+        for good (helper-84 F5). The request runs on a daemon thread; past the limit it is left
+        behind (the caller exits 2) and this resolver refuses further reads. A stop signal held
+        since start-up (:func:`core.held_signals.pending`) ends the wait at once, or keeps the
+        request from starting (helper-86 F5, F8).
+
+        Args:
+            failing: what could not be done, for the error (``"cannot read <ref>"``).
+            doing: what was under way, for the stop's message (``"reading <ref> from Secret
+                Manager"``).
+
+        Raises:
+            What the request raises; ConfigError (no answer in time); StopRequestedError.
+        """
+        if held_signals.pending():
+            raise StopRequestedError(f"stopped (a signal) before {doing}")
         if self._stuck:
-            raise ConfigError(f"Secret Manager: an earlier read did not end{self._at()}")
+            raise ConfigError(f"Secret Manager: an earlier request did not end{self._at()}")
         box: list[Any] = []
 
         def run() -> None:
@@ -247,15 +286,13 @@ class SecretManagerResolver:
             worker.join(min(0.2, left))
             if not box and held_signals.pending():
                 # a SIGTERM held since start-up (core.held_signals): it would otherwise wait
-                # for this read's retries, up to the whole limit, before being handled
+                # for this request's retries, up to the whole limit, before being handled
                 self._stuck = True
-                raise StopRequestedError(
-                    f"stopped (a signal) while reading {shown} from Secret Manager"
-                )
+                raise StopRequestedError(f"stopped (a signal) while {doing}")
         if not box:
             self._stuck = True
             raise ConfigError(
-                f"Secret Manager: cannot read {shown}: no whole answer within {limit:g} s "
+                f"Secret Manager: {failing}: no whole answer within {limit:g} s "
                 f"(deadline {self._deadline_s:g} s + one request's {self._timeout_s:g} s)"
                 f"{self._at()}"
             )
@@ -271,13 +308,20 @@ class SecretManagerResolver:
         from google.api_core import retry as gretry
 
         if not project and not ref.startswith("projects/"):
-            project = _adc_project()
+            # google.auth.default() may probe the GCE metadata server: seconds off GCP
+            project = self._call(
+                _adc_project,
+                "cannot find the project of Application Default Credentials",
+                "finding the project of Application Default Credentials",
+            )
         resource = secret_resource(ref, project)
         shown = shown_ref(resource)
         with self._lock:
             if resource in self._cache:
                 return self._cache[resource], resource
-            client = self._get_client()
+            client = self._call(
+                self._get_client, "cannot make a client", "making a Secret Manager client"
+            )
             # The REST transport (an http:// or https:// endpoint) raises requests' own
             # errors for a refused or silent connection, not ServiceUnavailable: retried the
             # same (a fresh-context attack: a refused endpoint ended in a raw traceback, exit
@@ -297,7 +341,8 @@ class SecretManagerResolver:
                     lambda: client.access_secret_version(
                         name=resource, retry=retry, timeout=self._timeout_s
                     ),
-                    shown,
+                    f"cannot read {shown}",
+                    f"reading {shown} from Secret Manager",
                 )
             except gexc.NotFound as e:
                 raise ConfigError(
@@ -317,7 +362,7 @@ class SecretManagerResolver:
             except gexc.RetryError as e:
                 raise ConfigError(
                     f"Secret Manager: cannot read {shown}: still unavailable "
-                    f"after {self._deadline_s:g} s of retries"
+                    f"after {self._deadline_s:g} s of retries{self._at()}"
                 ) from e
             except unreachable as e:
                 raise ConfigError(
@@ -348,9 +393,13 @@ class SecretManagerResolver:
                 raise ConfigError(f"Secret Manager: {shown} is not UTF-8 text") from e
             if text.endswith("\n"):
                 text = text[:-2] if text.endswith("\r\n") else text[:-1]
+            if not text.strip():
+                # an empty variable counts as unset; an empty secret is a mistake, not a key
+                # (helper-86 F3: accepted, failing later as Alpaca's 401)
+                raise ConfigError(f"Secret Manager: {shown} is empty")
             name = response.name or resource
             self._cache[resource] = text
-            logger.info("read %s from Secret Manager", name)
+            logger.info("read %s from Secret Manager", shown_ref(name))
             return text, name
 
 
@@ -416,7 +465,7 @@ def resolve_setting(
             raise ConfigError(
                 f"{name}: tried {tried_places(name, alternatives)}; {secret_ref_var(name)}: {e}"
             ) from e
-        return text, f"secretmanager:{resource}"
+        return text, f"secretmanager:{shown_ref(resource)}"
     return None
 
 

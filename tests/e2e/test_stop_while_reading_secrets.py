@@ -31,8 +31,16 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(workdir: Path, entry: str) -> None:
+@pytest.mark.parametrize(
+    ("entry", "stalled"),
+    [*((e, "secret manager") for e in sorted(ENTRY_POINTS)), ("runner", "metadata server")],
+)
+def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(
+    workdir: Path, entry: str, stalled: str
+) -> None:
+    """``stalled``: what never answers. ``metadata server``: a short secret name without
+    GOOGLE_CLOUD_PROJECT makes the runner ask Application Default Credentials for the project,
+    which probes the GCE metadata server (helper-86 F5: exit 2 after 14 s)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -59,6 +67,13 @@ def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(workdir: Path, 
         "ALPACA_SECRET_KEY": "not-read-0123456789",
         "SECRET_MANAGER_ENDPOINT": f"http://127.0.0.1:{port}",
     }
+    if stalled == "metadata server":  # a backtest whose LOG_LEVEL is a short secret name
+        env = {
+            "LOG_LEVEL_SECRET": "log-level",
+            "SECRET_MANAGER_ENDPOINT": "http://127.0.0.1:1",  # not reached: the project first
+            "GCE_METADATA_HOST": f"127.0.0.1:{port}",
+            "GCE_METADATA_IP": f"127.0.0.1:{port}",
+        }
     proc = subprocess.Popen(
         [sys.executable, *ENTRY_POINTS[entry]],
         cwd=workdir,
@@ -86,5 +101,6 @@ def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(workdir: Path, 
         for conn in accepted:
             conn.close()
     assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped (a signal) while reading" in stderr, stderr[-2000:]
+    want = "reading projects/" if stalled == "secret manager" else "finding the project"
+    assert f"stopped (a signal) while {want}" in stderr, stderr[-2000:]
     assert elapsed < 5.0, elapsed  # before: the read's 10 s timeout, then its retries (30 s)

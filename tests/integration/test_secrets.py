@@ -393,7 +393,8 @@ def test_a_key_put_in_the_secret_reference_is_not_echoed(
     msg = str(err.value)
     assert mistake not in msg
     assert mistake[:8] not in msg
-    assert f"<{len(mistake)} characters hidden: a credential, not a secret name?>" in msg
+    resource = f"projects/{PROJECT}/secrets/{mistake}/versions/latest"
+    assert f"<{len(resource)} characters hidden: a credential, not a secret name?>" in msg
     assert msg.startswith("ALPACA_API_KEY: tried ")
 
 
@@ -401,7 +402,7 @@ def test_a_secret_name_is_still_shown(
     sm: SecretManagerServer, resolver: SecretManagerResolver
 ) -> None:
     """Names as people write them (hyphens, underscores, lower case) are shown as given."""
-    for name in ("alpaca-api-key", "ALPACA_API_KEY_2026", "alpacakeyprod2026abc"):
+    for name in ("alpaca-api-key", "ALPACA_API_KEY_2026", "AlpacaKeyProd2024"):
         env = paper_env(ALPACA_API_KEY_SECRET=name, ALPACA_SECRET_KEY=SECRET_VALUE)
         with pytest.raises(ConfigError) as err:
             load_config(env, secret_resolver=resolver)
@@ -451,7 +452,7 @@ def test_an_endpoint_that_trickles_its_answer_is_given_up_on() -> None:
             load_config(env, secret_resolver=resolver)
         elapsed = time.monotonic() - t0
         # a second read does not start another endless request
-        with pytest.raises(ConfigError, match="an earlier read did not end"):
+        with pytest.raises(ConfigError, match="an earlier request did not end"):
             resolver.access("other-key", PROJECT)
     finally:
         stop.set()
@@ -473,3 +474,27 @@ def test_secret_references_stay_out_of_the_config_repr(
     assert cfg.secret_refs == {"ALPACA_API_KEY": "alpaca-key"}
     assert "secret_refs" not in repr(cfg)
     assert "'alpaca-key'" not in repr(cfg)  # the resource it read names it, as Secret's source
+
+
+def test_an_empty_secret_is_refused(
+    sm: SecretManagerServer, resolver: SecretManagerResolver
+) -> None:
+    """helper-86 F3: a secret whose payload is empty (or a newline) was taken as the key, and
+    failed later as Alpaca's 401; an empty variable counts as unset."""
+    sm.add(PROJECT, "empty-key", "\n")
+    env = paper_env(ALPACA_API_KEY_SECRET="empty-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+    with pytest.raises(ConfigError, match=r"secrets/empty-key/versions/latest is empty"):
+        load_config(env, secret_resolver=resolver)
+
+
+def test_a_password_in_the_endpoint_is_not_shown() -> None:
+    """helper-86 F4: ``SECRET_MANAGER_ENDPOINT`` was echoed whole, a proxy password included."""
+    from tests.pubsub_emulator import free_port
+
+    endpoint = f"http://proxyuser:Hunter2ProxyPassw0rd@127.0.0.1:{free_port()}"
+    resolver = SecretManagerResolver(endpoint=endpoint, timeout_s=0.3, deadline_s=0.5)
+    env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
+    with pytest.raises(ConfigError) as err:
+        load_config(env, secret_resolver=resolver)
+    assert "Hunter2ProxyPassw0rd" not in str(err.value)
+    assert "SECRET_MANAGER_ENDPOINT=http://proxyuser:****@127.0.0.1:" in str(err.value)

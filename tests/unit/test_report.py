@@ -183,8 +183,12 @@ def test_a_curve_that_does_not_end_at_the_broker_value_is_shown() -> None:
     assert "equity curve     100,000.00 -> 208,000.00 USD (+108.00 %)" in text
     assert "by +0.00 USD and its end by -108,000.00 USD" in text
     # the same within a cent: no line
-    same = dataclasses.replace(stats, start_value_usd=100.0, end_value_usd=110.004)
-    assert "equity curve" not in report(stats=same).render()
+    same = dataclasses.replace(stats, start_value_usd=100.0, end_value_usd=110.006)
+    assert "equity curve" not in report(stats=same).render()  # under a cent (helper-86 F9)
+    cent = dataclasses.replace(stats, start_value_usd=100.0, end_value_usd=110.011)
+    assert "its end by -0.01 USD" in report(stats=cent).render()
+    nan = dataclasses.replace(stats, end_value_usd=float("nan"))
+    assert "equity curve" not in report(stats=nan).render()
     assert "equity curve" not in report().render()
 
 
@@ -192,4 +196,4 @@ def test_an_empty_account_has_no_return() -> None:
     """A start value of 0 (an empty paper account) has no return, not a ZeroDivisionError."""
     r = report(start_value_usd=0.0, end_value_usd=0.0, stats=None)
     assert r.return_pct is None
-    assert "return           n/a %" in r.render()
+    assert "return           n/a\n" in r.render()

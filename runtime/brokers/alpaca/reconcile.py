@@ -19,12 +19,13 @@ already ended; a cancel passes through ``pending_cancel``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alpaca.trading.models import Order as AlpacaOrder
 from alpaca.trading.models import TradeAccount
@@ -156,15 +157,36 @@ def start_call(caller: AlpacaCaller, operation: str, fn: Callable[..., T], *args
     """``caller.call`` for the reads and cancels at start: none begins once the caller's stop
     event is set (:meth:`AlpacaPaperTradingBroker.interrupt_connect
     <runtime.brokers.alpaca.broker.AlpacaPaperTradingBroker.interrupt_connect>`: a stop before
-    the run started), and a retry wait ends then. Before, they ignored it, so a SIGTERM with
-    Alpaca stalled waited out every retry of every read: 49-60 s (helper-84 F6).
+    the run started), and the stop ends the wait for one in flight at once (the call goes on
+    on a daemon thread, left behind: these are reads, and cancels the next start checks).
+    Before, a SIGTERM with Alpaca stalled waited out every retry of every read, 49-60 s
+    (helper-84 F6), and an Alpaca trickling its answer a byte at a time held it for good: a
+    request's timeout is per read of the socket (helper-86 F1).
 
     Raises:
         RetryInterruptedError: stopping. Otherwise what ``caller.call`` raises.
     """
-    if caller.stop.is_set():
+    stop = caller.stop
+    if stop.is_set():
         raise RetryInterruptedError(f"{operation}: stopping before the run started; not sent")
-    return caller.call(operation, fn, *args, interruptible=True)
+    box: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, caller.call(operation, fn, *args, interruptible=True)))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box.append((False, e))
+        done.set()
+
+    threading.Thread(target=run, name=f"alpaca-start-{operation}", daemon=True).start()
+    while not done.wait(0.05):
+        if stop.is_set():
+            raise RetryInterruptedError(f"{operation}: stopping before the run started")
+    ok, value = box[0]
+    if ok:
+        return cast(T, value)
+    raise value
 
 
 def find_open_families(caller: AlpacaCaller, api: AlpacaApi, endpoint: str) -> list[AlpacaOrder]:

@@ -369,11 +369,13 @@ class Runner:
         backtrader's ``_laststatus`` int only."""
         if not self.feeds:
             return False, "no feeds yet"
-        waiting = [
-            f"{f._name}={f._getstatusname(f._laststatus)}"
-            for f in self.feeds
-            if f.islive() and f._laststatus != f.LIVE
-        ]
+        waiting = []
+        for f in self.feeds:
+            # _laststatus is set by backtrader's feed start: before it, not started
+            status = getattr(f, "_laststatus", None)
+            if f.islive() and status != f.LIVE:
+                shown = "not started" if status is None else f._getstatusname(status)
+                waiting.append(f"{f._name}={shown}")
         return (not waiting, ", ".join(waiting) or "all live")
 
     def _bar_loop_alive(self) -> tuple[bool, str]:

@@ -450,6 +450,8 @@ class AlpacaServer:
         self.tick_interval_s = tick_interval_s
         self.rate = _RateLimiter(rate_limit_per_min, time_scale)
         self.cancel_latency_s = cancel_latency_s
+        # seconds every API answer is held back (a slow but healthy Alpaca); not a fault
+        self.answer_latency_s = 0.0
         self.stop_trigger = stop_trigger
         self.hide_replaced_by = hide_replaced_by
         self.crypto_taker = _dec(crypto_taker_bps) / 10_000
@@ -1848,6 +1850,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"code": 40010000, "message": "request body format is invalid"}, rec)
             return
         rec.body = body
+        if app.answer_latency_s:
+            time.sleep(app.answer_latency_s)
         fault, forced_processed = app.draw_fault(method, parts.path, kind)
         rec.fault = fault
         if fault in ("429", "500", "502", "503"):

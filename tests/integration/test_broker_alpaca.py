@@ -948,7 +948,10 @@ def test_a_stop_ends_a_start_up_read_that_trickles() -> None:
         while not accepted and time.monotonic() < deadline:
             time.sleep(0.02)
         assert accepted, "the broker never reached the server"
-        time.sleep(1.5)  # past one request timeout: the answer is still trickling in
+        # past one request timeout and a second the answer is still trickling in: readiness
+        # says so already during the start-up reads (helper-86 F7)
+        assert broker.healthy
+        wait_until(lambda: not broker.healthy, timeout_s=5.0, what="unreachable")
         t0 = time.monotonic()
         broker.interrupt_connect()
         worker.join(5.0)
@@ -959,3 +962,32 @@ def test_a_stop_ends_a_start_up_read_that_trickles() -> None:
     assert not worker.is_alive(), "connect() still waits after the stop"
     assert len(errors) == 1 and isinstance(errors[0], RetryInterruptedError), errors
     assert elapsed < 1.0, elapsed
+
+
+def test_a_slow_alpaca_that_answers_stays_ready(api: str) -> None:
+    """helper-86 F6: readiness judged by a whole monitor pass (several requests) flapped to
+    "unreachable" on an Alpaca answering every request in 2-4 s, within the timeout. It now
+    judges requests: one answered within its timeout is reachable, however long a pass."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        run = run_on(
+            api,
+            server,
+            ("AAPL",),
+            {},
+            config=fast_config(server, api, request_timeout_s=1.0, refresh_interval_s=0.2),
+        )
+        flaps: list[float] = []
+
+        def slow() -> None:
+            # each answer within the 1 s timeout; a pass (orders, account, positions, account)
+            # takes 3.2 s, past the old rule's interval + 1 s + 1 s
+            server.answer_latency_s = 0.8
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 8.0:  # passes of several slow requests each
+                if not run.broker.healthy:
+                    flaps.append(time.monotonic() - t0)
+                time.sleep(0.01)
+            server.answer_latency_s = 0.0
+
+        drive(run, [bar(run, "AAPL", 100.0), slow], timeout_s=60)
+        assert not flaps, f"unreachable at {flaps[:5]} s"

@@ -42,7 +42,7 @@ from alpaca.trading.models import Position as AlpacaPosition
 from alpaca.trading.requests import GetOrderByIdRequest, GetOrdersRequest, OrderRequest
 
 from core.errors import BrokerError, RetryInterruptedError
-from core.http import TRANSIENT_HTTP, TimeoutSession, is_transient
+from core.http import TRANSIENT_ERRORS, TRANSIENT_HTTP, TimeoutSession, is_transient
 from core.retry import RetryPolicy
 from runtime.brokers.alpaca.config import AlpacaBrokerConfig
 
@@ -288,6 +288,38 @@ class AlpacaCaller:
         self.calls = 0
         self.retries = 0
         self._lock = threading.Lock()
+        # reachability (readiness): when each request in flight began, by thread, and since
+        # when no request got an answer (monotonic seconds; None while they do)
+        self._in_flight: dict[int, float] = {}
+        self._failing_since: float | None = None
+
+    def reachable(self, limit_s: float) -> bool:
+        """Alpaca answers: no request has been in flight for more than ``limit_s`` seconds,
+        and requests have not failed without an answer (timeouts, refused connections, 5xx)
+        for more than ``limit_s`` seconds. A slow Alpaca that answers within the request
+        timeout stays reachable (helper-86 F6: judging by a whole monitor pass flapped on
+        answers of 2-4 s); one that stalls, trickles or fails every attempt does not, long
+        before the retries of one call give up. Any thread."""
+        now = time.monotonic()
+        with self._lock:
+            oldest = min(self._in_flight.values(), default=None)
+            failing = self._failing_since
+        return (oldest is None or now - oldest <= limit_s) and (
+            failing is None or now - failing <= limit_s
+        )
+
+    def _began(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self._in_flight[threading.get_ident()] = time.monotonic()
+
+    def _ended(self, answered: bool) -> None:
+        with self._lock:
+            self._in_flight.pop(threading.get_ident(), None)
+            if answered:
+                self._failing_since = None
+            elif self._failing_since is None:
+                self._failing_since = time.monotonic()
 
     def count_request(self) -> None:
         """Count a request made outside :meth:`call` (a stream connection)."""
@@ -341,25 +373,34 @@ class AlpacaCaller:
                 # no request begins after the budget (one already sent runs to its timeout)
                 raise RetryInterruptedError(f"{label}: the stop budget is spent")
             attempt += 1
-            with self._lock:
-                self.calls += 1
+            self._began()
             try:
-                return fn(*args)
+                out = fn(*args)
             except APIError as e:
                 status, code, message = api_error_parts(e)
-                if status == 429 and attempt < policy.attempts:
-                    # Alpaca counts requests per minute: waiting the backoff alone may retry
-                    # into the same full window; wait for its reset first
-                    wait_s = rate_limit_wait_s(e, time.time())
-                    if wait_s > 0:
-                        logger.info("%s: rate limited; waiting %.2f s for the reset", label, wait_s)
-                        if (stop or threading.Event()).wait(wait_s):
-                            raise RetryInterruptedError(
-                                f"{label}: stopping while waiting for the rate limit"
-                            ) from e
-                if status in TRANSIENT_HTTP:
-                    raise
-                raise AlpacaAPIError(label, status, code, message, attempt) from e
+                self._ended(status is not None and status < 500)  # 4xx, 429: Alpaca answered
+                error = e
+            except BaseException as e:
+                # an answer that did not parse is an answer; a timeout, a refused or reset
+                # connection is not (requests' errors)
+                self._ended(not isinstance(e, TRANSIENT_ERRORS))
+                raise
+            else:
+                self._ended(True)
+                return out
+            if status == 429 and attempt < policy.attempts:
+                # Alpaca counts requests per minute: waiting the backoff alone may retry
+                # into the same full window; wait for its reset first
+                wait_s = rate_limit_wait_s(error, time.time())
+                if wait_s > 0:
+                    logger.info("%s: rate limited; waiting %.2f s for the reset", label, wait_s)
+                    if (stop or threading.Event()).wait(wait_s):
+                        raise RetryInterruptedError(
+                            f"{label}: stopping while waiting for the rate limit"
+                        ) from error
+            if status in TRANSIENT_HTTP:
+                raise error
+            raise AlpacaAPIError(label, status, code, message, attempt) from error
 
         def retried(e: BaseException) -> None:
             with self._lock:

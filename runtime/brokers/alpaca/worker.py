@@ -156,26 +156,18 @@ class AlpacaWorker:
         self.stream_connected = threading.Event()
         self.stream_connects = 0  # times the stream (re)connected (written by its thread only)
         self.failures = 0  # polls failed in a row (read by any thread: health)
-        # monotonic seconds the monitor last finished a pass (None: not running); a pass stuck
-        # in a stalled request's retries leaves it behind (read by any thread: health)
-        self.last_pass_s: float | None = None
         # set while the monitor thread waits between passes (a poll made due and then found
         # cleared with this set has finished: tests wait for the catch-up poll of a connect)
         self.monitor_idle = threading.Event()
 
     @property
     def healthy(self) -> bool:
-        """False while the monitor's polls fail, or while a pass is overdue by more than one
-        request's timeout and a second (``interval_s() + request_timeout_s + 1``): a stalled
-        Alpaca is retried for minutes before a poll counts as failed, and readiness said
-        "reachable" all that time (helper-82). Any thread."""
-        if self.failures:
-            return False
-        last = self.last_pass_s
-        if last is None:
-            return True
-        limit = self.interval_s() + self.config.request_timeout_s + 1.0
-        return time.monotonic() - last <= limit
+        """False while the monitor's polls fail, and while Alpaca does not answer: a request
+        in flight, or requests failing without an answer, for more than one request's timeout
+        and a second (:meth:`AlpacaCaller.reachable`). A stalled Alpaca is retried for minutes
+        before a poll counts as failed, and readiness said "reachable" all that time
+        (helper-82), also during the start-up reads (helper-86 F7). Any thread."""
+        return self.failures == 0 and self.caller.reachable(self.config.request_timeout_s + 1.0)
 
     def interval_s(self) -> float:
         """The poll period now: slower while the stream brings the events."""
@@ -604,7 +596,6 @@ class AlpacaWorker:
         cfg = self.config
         next_poll = time.monotonic() + self.interval_s()
         next_refresh = time.monotonic() + cfg.refresh_interval_s
-        self.last_pass_s = time.monotonic()
         while not self.stop_event.is_set():
             self.monitor_idle.set()
             self._wake.wait(max(0.0, min(next_poll, next_refresh) - time.monotonic()))
@@ -631,7 +622,6 @@ class AlpacaWorker:
                     next_refresh = time.monotonic() + cfg.refresh_interval_s
                     next_poll = time.monotonic() + self.interval_s()
                 self.failures = 0
-                self.last_pass_s = time.monotonic()
             except RetryInterruptedError:
                 return
             except (TransientError, BrokerError) as e:

@@ -195,7 +195,19 @@ nomem:
 static Py_ssize_t
 rb_keep(ReadBuffer *rb, PyObject *o)
 {
-    if (rb->objs == NULL && (rb->objs = PyList_New(0)) == NULL) return -1;
+    if (rb->objs == NULL) {
+        /* PyList_New may start a collection, whose finalizers may change this buffer (give
+         * it a list of its own, clear it): looked at again after */
+        PyObject *l = PyList_New(0);
+        if (l == NULL) return -1;
+        if (rb->objs == NULL) {
+            rb->objs = l;
+        }
+        else {
+            Py_DECREF(l); /* empty: no code runs */
+        }
+    }
+    /* growing a list's item array is PyMem_Realloc: no collection, no Python code */
     if (PyList_Append(rb->objs, o) < 0) return -1;
     return PyList_GET_SIZE(rb->objs) - 1;
 }
@@ -205,22 +217,30 @@ static int
 rb_push(ReadBuffer *rb, long long id, long long ago, long long size, long long bar,
         PyObject *value)
 {
-    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
-    Py_ssize_t i = rb->n;
+    /* Re-entrancy (helper-87): the only step here that can run Python code is rb_keep's list
+     * allocation (a collection: finalizers, weakref callbacks, gc.callbacks, which may append
+     * to, clear or take this buffer). It runs first; the slot is chosen and written after,
+     * with nothing between that allocates a Python object (PyMem_Realloc never collects). */
+    unsigned char k;
+    slot_t v;
     if (PyFloat_CheckExact(value)) {
-        rb->kind[i] = K_FLOAT;
-        rb->vals[i].f = PyFloat_AS_DOUBLE(value);
+        k = K_FLOAT;
+        v.f = PyFloat_AS_DOUBLE(value);
     }
     else if (value == Py_None) {
-        rb->kind[i] = K_NONE;
-        rb->vals[i].f = 0.0;
+        k = K_NONE;
+        v.f = 0.0;
     }
     else {
         Py_ssize_t at = rb_keep(rb, value);
         if (at < 0) return -1;
-        rb->kind[i] = K_VALUE;
-        rb->vals[i].i = at;
+        k = K_VALUE;
+        v.i = at;
     }
+    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
+    Py_ssize_t i = rb->n;
+    rb->kind[i] = k;
+    rb->vals[i] = v;
     long long *p = rb->ints + 4 * i;
     p[0] = id;
     p[1] = ago;
@@ -256,9 +276,9 @@ rb_append_obj(ReadBuffer *rb, PyObject *o)
         exact_int64(PyTuple_GET_ITEM(o, 2), &f[2]) && exact_int64(PyTuple_GET_ITEM(o, 3), &f[3])) {
         return rb_push(rb, f[0], f[1], f[2], f[3], PyTuple_GET_ITEM(o, 4));
     }
-    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
-    Py_ssize_t at = rb_keep(rb, o);
+    Py_ssize_t at = rb_keep(rb, o); /* first: it may run Python code (see rb_push) */
     if (at < 0) return -1;
+    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
     Py_ssize_t i = rb->n;
     rb->kind[i] = K_OBJECT;
     rb->vals[i].i = at;
@@ -268,38 +288,48 @@ rb_append_obj(ReadBuffer *rb, PyObject *o)
     return 0;
 }
 
-/* read ``i`` (0 <= i < n) as the tuple appended: a new reference */
+/* read ``i`` (0 <= i < n) as the tuple appended: a new reference. Everything is copied out
+ * of the buffer (and a kept object's reference taken) before the first allocation: an
+ * allocation may collect, and a finalizer may then clear or refill this buffer (helper-87:
+ * reads of freed arrays and a NULL objs) */
 static PyObject *
 rb_read(ReadBuffer *rb, Py_ssize_t i)
 {
     unsigned char k = rb->kind[i];
-    if (k == K_OBJECT) return Py_NewRef(PyList_GET_ITEM(rb->objs, (Py_ssize_t)rb->vals[i].i));
-    PyObject *t = PyTuple_New(5);
-    if (t == NULL) return NULL;
     const long long *p = rb->ints + 4 * i;
+    long long f[4] = {p[0], p[1], p[2], p[3]};
+    double d = rb->vals[i].f;
+    PyObject *obj = NULL;
+    if (k == K_OBJECT || k == K_VALUE) {
+        obj = Py_NewRef(PyList_GET_ITEM(rb->objs, (Py_ssize_t)rb->vals[i].i));
+        if (k == K_OBJECT) return obj;
+    }
+    else if (k == K_NONE) {
+        obj = Py_NewRef(Py_None);
+    }
+    /* from here on the buffer is not looked at */
+    PyObject *t = PyTuple_New(5);
+    if (t == NULL) {
+        Py_XDECREF(obj);
+        return NULL;
+    }
     for (int j = 0; j < 4; j++) {
-        PyObject *v = PyLong_FromLongLong(p[j]);
+        PyObject *v = PyLong_FromLongLong(f[j]);
         if (v == NULL) {
             Py_DECREF(t);
+            Py_XDECREF(obj);
             return NULL;
         }
         PyTuple_SET_ITEM(t, j, v);
     }
-    PyObject *value;
     if (k == K_FLOAT) {
-        value = PyFloat_FromDouble(rb->vals[i].f);
-        if (value == NULL) {
+        obj = PyFloat_FromDouble(d);
+        if (obj == NULL) {
             Py_DECREF(t);
             return NULL;
         }
     }
-    else if (k == K_NONE) {
-        value = Py_NewRef(Py_None);
-    }
-    else {
-        value = Py_NewRef(PyList_GET_ITEM(rb->objs, (Py_ssize_t)rb->vals[i].i));
-    }
-    PyTuple_SET_ITEM(t, 4, value);
+    PyTuple_SET_ITEM(t, 4, obj);
     return t;
 }
 
@@ -412,7 +442,15 @@ rb_subscript(ReadBuffer *rb, PyObject *key)
         Py_ssize_t len = PySlice_AdjustIndices(rb->n, &start, &stop, step);
         PyObject *out = PyList_New(len);
         if (out == NULL) return NULL;
-        for (Py_ssize_t k = 0, i = start; k < len; k++, i += step) {
+        for (Py_ssize_t k = 0; k < len; k++) {
+            /* no index past the last one is computed (step may be PY_SSIZE_T_MAX) */
+            Py_ssize_t i = start + k * step;
+            if (i >= rb->n) {
+                /* a finalizer run by an allocation here emptied the buffer (helper-87) */
+                Py_DECREF(out);
+                PyErr_SetString(PyExc_RuntimeError, "ReadBuffer changed size during slicing");
+                return NULL;
+            }
             PyObject *r = rb_read(rb, i);
             if (r == NULL) {
                 Py_DECREF(out);
@@ -477,12 +515,18 @@ rb_take(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
 {
     ReadBuffer *out = (ReadBuffer *)ReadBufferType.tp_alloc(&ReadBufferType, 0);
     if (out == NULL) return NULL;
-    Py_ssize_t n = rb->n;
+    Py_ssize_t n = rb->n; /* read after the allocation, which may have run Python code */
     if (n > 0) {
-        if (rb_reserve(out, n) < 0) {
-            Py_DECREF(out);
-            return NULL;
+        /* exactly n (a taken buffer never grows): bars of few reads wait in the writer's
+         * queue, and rb_reserve's 64-read minimum made each ~2.7 KB (helper-87) */
+        out->ints = PyMem_Malloc((size_t)n * 4 * sizeof(long long));
+        out->vals = PyMem_Malloc((size_t)n * sizeof(slot_t));
+        out->kind = PyMem_Malloc((size_t)n);
+        if (out->ints == NULL || out->vals == NULL || out->kind == NULL) {
+            Py_DECREF(out); /* rb_dealloc frees what was allocated */
+            return PyErr_NoMemory();
         }
+        out->cap = n;
         memcpy(out->ints, rb->ints, (size_t)n * 4 * sizeof(long long));
         memcpy(out->vals, rb->vals, (size_t)n * sizeof(slot_t));
         memcpy(out->kind, rb->kind, (size_t)n);
@@ -493,6 +537,14 @@ rb_take(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
     }
     rb_reset(rb);
     return (PyObject *)out;
+}
+
+/* sys.getsizeof: the object and its read arrays (not the kept objects, as a list's) */
+static PyObject *
+rb_sizeof(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
+{
+    size_t per = 4 * sizeof(long long) + sizeof(slot_t) + 1;
+    return PyLong_FromSize_t((size_t)Py_TYPE(rb)->tp_basicsize + (size_t)rb->cap * per);
 }
 
 static PyObject *
@@ -510,6 +562,7 @@ static PyMethodDef rb_methods[] = {
     {"take", (PyCFunction)rb_take, METH_NOARGS,
      "take() -> ReadBuffer: the reads so far (this buffer is emptied)"},
     {"__reduce__", (PyCFunction)rb_reduce, METH_NOARGS, "pickled as the list of its reads"},
+    {"__sizeof__", (PyCFunction)rb_sizeof, METH_NOARGS, "bytes of the object and its arrays"},
     {NULL, NULL, 0, NULL}};
 
 static PySequenceMethods rb_as_sequence = {
@@ -906,10 +959,22 @@ unpack_buffers(PyObject *Py_UNUSED(mod), PyObject *buffers)
     long long *ip = (long long *)PyBytes_AS_STRING(ints);
     double *vp = (double *)PyBytes_AS_STRING(vals);
     char *fp = PyBytes_AS_STRING(isf);
+    Py_ssize_t room = n;
     for (Py_ssize_t b = 0; b < nb; b++) {
         ReadBuffer *rb = (ReadBuffer *)PyTuple_GET_ITEM(copy, b);
         Py_ssize_t m = rb->n;
         if (m == 0) continue;
+        if (m > room || rb->whole) {
+            /* cannot happen (bytes objects are not collected: no Python code ran since the
+             * count), checked all the same: never a write past the arrays */
+            PyErr_SetString(PyExc_RuntimeError, "unpack_buffers(): a buffer changed");
+            Py_DECREF(ints);
+            Py_DECREF(vals);
+            Py_DECREF(isf);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        room -= m;
         memcpy(ip, rb->ints, (size_t)m * 4 * sizeof(long long));
         for (Py_ssize_t i = 0; i < m; i++) {
             int is_f = rb->kind[i] == K_FLOAT;

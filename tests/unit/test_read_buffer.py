@@ -230,3 +230,116 @@ def test_the_tracker_packs_its_reads_only_with_the_compiled_reads() -> None:
         assert type(AccessTracker().reads) is list
     finally:
         proxies.use_compiled(was)
+
+
+# -- re-entrancy: Python code run by a collection inside the buffer's own allocations ---------
+# helper-87: a finalizer run by a collection that the buffer's C code started (a tuple or list
+# allocation) and that changed the same buffer crashed the process (reads of freed arrays, a
+# NULL objs list), wrote past the arrays (AddressSanitizer: heap-buffer-overflow) or lost a read.
+# Each test arms one such finalizer, and makes the next allocation of a tracked object collect.
+
+
+def _arm(action: Any) -> None:
+    """Leave a cyclic object whose ``__del__`` runs ``action()`` for the next collection, and
+    make the next allocation of a tracked object collect (undone by :func:`_disarm`)."""
+
+    class Bomb:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the collector frees it
+
+        def __del__(self) -> None:
+            action()
+
+    gc.collect()
+    gc.disable()
+    Bomb()
+    gc.enable()
+    gc.set_threshold(1, 1, 1)
+
+
+def _disarm() -> None:
+    gc.set_threshold(700, 10, 10)
+    gc.collect()
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_finalizer_that_clears_the_buffer_while_a_read_is_built(big: bool) -> None:
+    buf = ReadBuffer()
+    for i in range(70_000 if big else 10):  # big: past 64K reads, clear() frees the arrays
+        buf.append((1, 0, 1, i, f"text{i}"))
+    _arm(buf.clear)
+    try:
+        read = buf[3]
+    finally:
+        _disarm()
+    assert read == (1, 0, 1, 3, "text3")  # copied out before anything was allocated
+    assert len(buf) == 0
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_finalizer_that_clears_the_buffer_while_it_is_sliced(big: bool) -> None:
+    buf = ReadBuffer()
+    for i in range(70_000 if big else 10):
+        buf.append((1, 0, 1, i, float(i)))
+
+    def clear_and_refill() -> None:
+        buf.clear()
+        buf.append((9, 0, 1, 0, 0.5))
+
+    with pytest.raises(RuntimeError, match="changed size during slicing"):
+        _arm(clear_and_refill)  # armed last: pytest.raises itself allocates
+        try:
+            buf[0:10]
+        finally:
+            _disarm()
+    assert list(buf) == [(9, 0, 1, 0, 0.5)]
+
+
+@pytest.mark.parametrize("nested", [1.5, "nested", None])
+@pytest.mark.parametrize("outer", ["outer", (1, np.int64(-1), 1, 5, 2.5)])
+def test_a_finalizer_that_appends_while_a_read_is_appended_loses_nothing(
+    nested: Any, outer: Any
+) -> None:
+    """The outer append keeps an object (a text value, or a read kept whole): its list is
+    allocated first, and the finalizer's read lands before it, never over it."""
+    buf = ReadBuffer([(0, 0, 1, i, float(i)) for i in range(63)])  # one slot left of 64
+    read = (1, 0, 1, 5, outer) if isinstance(outer, str) else outer
+    _arm(lambda: buf.append((2, 0, 1, 7, nested)))
+    try:
+        buf.append(read)
+    finally:
+        _disarm()
+    got = list(buf)
+    assert len(got) == 65
+    assert got[:63] == [(0, 0, 1, i, float(i)) for i in range(63)]
+    assert got[63:] == [(2, 0, 1, 7, nested), read]
+
+
+def test_a_slice_with_the_largest_step() -> None:
+    """No index past the last is computed (a signed overflow, UBSan: helper-87)."""
+    import sys
+
+    buf = ReadBuffer([(1, 0, 1, 1, 1.0), (1, 0, 1, 2, 2.0)])
+    assert buf[:: sys.maxsize] == [(1, 0, 1, 1, 1.0)]
+    assert buf[1 :: sys.maxsize] == [(1, 0, 1, 2, 2.0)]
+    assert buf[:: -sys.maxsize] == [(1, 0, 1, 2, 2.0)]
+
+
+def test_a_taken_buffer_is_exactly_sized() -> None:
+    """A bar of few reads waits in the writer's queue as a few dozen bytes, not 64 reads'
+    worth (helper-87: 2.7 KB a bar of one read)."""
+    buf = ReadBuffer([(1, 0, 1, 1, 1.0)])
+    small = buf.take()
+    assert list(small) == [(1, 0, 1, 1, 1.0)] and len(buf) == 0
+    assert sys_getsizeof_arrays(small) <= 64
+    big = ReadBuffer([(1, 0, 1, i, 1.0) for i in range(100)])
+    assert sys_getsizeof_arrays(big) >= 100 * 41  # the size counts the arrays
+    small.append((1, 0, 1, 2, 2.0))  # it can still grow
+    assert list(small) == [(1, 0, 1, 1, 1.0), (1, 0, 1, 2, 2.0)]
+
+
+def sys_getsizeof_arrays(buf: Any) -> int:
+    """Bytes of a buffer's read arrays, as its ``__sizeof__`` reports them beyond the object."""
+    import sys
+
+    return sys.getsizeof(buf) - sys.getsizeof(ReadBuffer())

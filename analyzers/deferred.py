@@ -46,7 +46,9 @@ class PendingReads:
 
     Args:
         tracker: the tracker that recorded the reads.
-        reads: the bar's raw reads (the list is handed over: not used by the caller after).
+        reads: the bar's raw reads (a :class:`~analyzers.tracking._fastread.ReadBuffer` taken
+            from the tracker's, or a list in pure Python; handed over: not used by the caller
+            after).
         state: :meth:`~analyzers.tracking.AccessTracker.capture` at the end of the bar.
     """
 
@@ -55,11 +57,11 @@ class PendingReads:
     def __init__(
         self,
         tracker: AccessTracker,
-        reads: list[Read],
+        reads: Sequence[Read],
         state: tuple[tuple[int, int, int, int], ...],
     ) -> None:
         self._tracker = tracker
-        self._reads: list[Read] | None = reads
+        self._reads: Sequence[Read] | None = reads
         self._state: tuple[tuple[int, int, int, int], ...] | None = state
         self._result: tuple[tuple[DataAccess, ...], int] | None = None
         self._cols: tuple[Columns, int] | None = None  # resolved by settle_batch: (batch, bar)

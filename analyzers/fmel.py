@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -47,7 +47,7 @@ from analyzers.schema import (
     new_session_id,
 )
 from analyzers.sinks.writer import DecisionWriter
-from analyzers.tracking import AccessTracker, proxies
+from analyzers.tracking import AccessTracker, Read, proxies
 from core.bars import feed_symbol
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.csv import prefetch_hashes
@@ -694,8 +694,14 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if tracker.stale:
                 self._settle()  # earlier bars resolve with the sources they had
                 tracker.refresh()
-            bar_reads = raw[:]  # tracker.drain(), inlined (once a bar)
-            raw.clear()
+            # tracker.drain(), inlined (once a bar): a packed buffer is taken whole (no tuple
+            # made), a list (pure Python) copied and cleared
+            bar_reads: Sequence[Read]
+            if isinstance(raw, list):
+                bar_reads = raw[:]
+                raw.clear()
+            else:
+                bar_reads = raw.take()
             data_accessed = lookaheads = PendingReads(tracker, bar_reads, tracker.capture())
             pending = self._pending
             pending.append(data_accessed)

@@ -23,7 +23,14 @@
  * Numbers other than exact small ints (a float ``lencount``, a big int) are computed with
  * Python's number protocol. Main thread only (backtrader's), under the GIL.
  *
- * Also ``unpack``: a batch's raw reads as columns, for the decision writer (any thread).
+ * ``tag.out`` is the tracker's per-bar read buffer: a ``ReadBuffer`` (below) when the tracker
+ * uses the compiled reads, else a list. Into a ``ReadBuffer`` the common read (exact ints that
+ * fit an int64, the value an exact float or None) is appended as C numbers, without a tuple or
+ * an int object; any other read is appended as the same 5-tuple would be (``append``), and
+ * the buffer gives back equal tuples (the value object itself when it was not a float).
+ *
+ * Also ``unpack`` and ``unpack_buffers``: a batch's raw reads as columns, for the decision
+ * writer (any thread).
  *
  * Why C: a Python-level ``__getitem__`` costs a frame per read, and these reads are the bar
  * loop's most frequent operation (docs/benchmarks.md, benchmarks/bench_instructions.py).
@@ -79,19 +86,29 @@ active_state(void)
 /* ``pos + lencount - 1 - idx`` (``lencount - 1`` for a len()), evaluated as Python does:
  * C arithmetic for ints far from overflow, else the number protocol (floats, big ints,
  * numpy ints give what Python gives; a str raises the same TypeError) */
+static inline int
+bar_index_c(Py_ssize_t pos, PyObject *lencount, Py_ssize_t idx, int is_len, long long *out)
+{
+    /* 1 with *out when C arithmetic gives it exactly (an exact int lencount, every term far
+     * from overflow), else 0 (no error set) */
+    const long long lim = 1LL << 60;
+    if (!PyLong_CheckExact(lencount)) return 0;
+    int overflow = 0;
+    long long lc = PyLong_AsLongLongAndOverflow(lencount, &overflow);
+    if (!overflow && lc > -lim && lc < lim && pos > -lim && pos < lim && idx > -lim &&
+        idx < lim) {
+        *out = is_len ? lc - 1 : (long long)pos + lc - 1 - idx;
+        return 1;
+    }
+    PyErr_Clear();
+    return 0;
+}
+
 static PyObject *
 bar_index(Py_ssize_t pos, PyObject *lencount, Py_ssize_t idx, int is_len)
 {
-    const long long lim = 1LL << 60;
-    if (PyLong_CheckExact(lencount)) {
-        int overflow = 0;
-        long long lc = PyLong_AsLongLongAndOverflow(lencount, &overflow);
-        if (!overflow && lc > -lim && lc < lim && pos > -lim && pos < lim && idx > -lim &&
-            idx < lim) {
-            return PyLong_FromLongLong(is_len ? lc - 1 : (long long)pos + lc - 1 - idx);
-        }
-        PyErr_Clear();
-    }
+    long long c_bar;
+    if (bar_index_c(pos, lencount, idx, is_len, &c_bar)) return PyLong_FromLongLong(c_bar);
     if (is_len) return PyNumber_Subtract(lencount, k_one);
     PyObject *p = PyLong_FromSsize_t(pos);
     PyObject *a = p ? PyNumber_Add(p, lencount) : NULL;
@@ -105,12 +122,487 @@ bar_index(Py_ssize_t pos, PyObject *lencount, Py_ssize_t idx, int is_len)
     return c;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * ReadBuffer: one bar's raw reads, packed.
+ *
+ * Why: a list of 5-tuples costs, per read, a tuple and an int object on the bar loop, and on the
+ * decision writer a pass turning them back into numbers (``unpack``); the tuples also load the
+ * garbage collector (docs/benchmarks.md, eighteenth and nineteenth passes). Here a read is 41
+ * bytes in C arrays: ``ints`` (tag id, ago, size, bar index: int64 each), ``vals`` (the value
+ * when it is an exact float, else the position of an object in ``objs``) and ``kind``.
+ *
+ * Exactness: ints are packed only when they are exact ints fitting an int64, and the value is
+ * packed only when it is an exact float (a new float of the same bits comes back: equal, NaN
+ * and -0.0 included) or None. Any other value (str, bool, int, numpy scalar, float subclass) is
+ * kept by reference in ``objs`` and comes back as that object; an appended object that is not
+ * such a 5-tuple (a bool or a big int among the first four, a tuple subclass, another length)
+ * is kept whole and comes back as itself (K_OBJECT).
+ *
+ * Thread context: the tracker's buffer is appended to and taken on the main thread only; a
+ * taken buffer is never changed again, and is read by the decision writer. Always under the
+ * GIL (nothing here releases it). */
+
+enum { K_FLOAT = 0, K_NONE = 1, K_VALUE = 2, K_OBJECT = 3 };
+
+typedef union {
+    double f;     /* K_FLOAT: the value */
+    long long i;  /* K_VALUE, K_OBJECT: position in objs */
+} slot_t;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n, cap;
+    long long *ints;      /* (cap, 4): tag id, ago, size, bar index */
+    slot_t *vals;         /* (cap,) */
+    unsigned char *kind;  /* (cap,) */
+    PyObject *objs;       /* list of the objects kept by reference (NULL: none yet) */
+    Py_ssize_t whole;     /* how many K_OBJECT entries (unpack_buffers refuses those buffers) */
+} ReadBuffer;
+
+static PyTypeObject ReadBufferType;
+
+/* capacity for ``need`` reads; -1 with MemoryError. Arrays already grown stay grown when a
+ * later one fails (cap only changes once all three are). */
+static int
+rb_reserve(ReadBuffer *rb, Py_ssize_t need)
+{
+    if (need <= rb->cap) return 0;
+    Py_ssize_t cap = rb->cap < 64 ? 64 : rb->cap;
+    while (cap < need) {
+        if (cap > PY_SSIZE_T_MAX / 64) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    long long *ints = PyMem_Realloc(rb->ints, (size_t)cap * 4 * sizeof(long long));
+    if (ints == NULL) goto nomem;
+    rb->ints = ints;
+    slot_t *vals = PyMem_Realloc(rb->vals, (size_t)cap * sizeof(slot_t));
+    if (vals == NULL) goto nomem;
+    rb->vals = vals;
+    unsigned char *kind = PyMem_Realloc(rb->kind, (size_t)cap);
+    if (kind == NULL) goto nomem;
+    rb->kind = kind;
+    rb->cap = cap;
+    return 0;
+nomem:
+    PyErr_NoMemory();
+    return -1;
+}
+
+/* keep ``o`` in objs; its position, or -1 with an error */
+static Py_ssize_t
+rb_keep(ReadBuffer *rb, PyObject *o)
+{
+    if (rb->objs == NULL) {
+        /* PyList_New may start a collection, whose finalizers may change this buffer (give
+         * it a list of its own, clear it): looked at again after */
+        PyObject *l = PyList_New(0);
+        if (l == NULL) return -1;
+        if (rb->objs == NULL) {
+            rb->objs = l;
+        }
+        else {
+            Py_DECREF(l); /* empty: no code runs */
+        }
+    }
+    /* growing a list's item array is PyMem_Realloc: no collection, no Python code */
+    if (PyList_Append(rb->objs, o) < 0) return -1;
+    return PyList_GET_SIZE(rb->objs) - 1;
+}
+
+/* append a read of packed ints and any value (the hot path's append) */
+static int
+rb_push(ReadBuffer *rb, long long id, long long ago, long long size, long long bar,
+        PyObject *value)
+{
+    /* Re-entrancy (helper-87): the only step here that can run Python code is rb_keep's list
+     * allocation (a collection: finalizers, weakref callbacks, gc.callbacks, which may append
+     * to, clear or take this buffer). It runs first; the slot is chosen and written after,
+     * with nothing between that allocates a Python object (PyMem_Realloc never collects). */
+    unsigned char k;
+    slot_t v;
+    if (PyFloat_CheckExact(value)) {
+        k = K_FLOAT;
+        v.f = PyFloat_AS_DOUBLE(value);
+    }
+    else if (value == Py_None) {
+        k = K_NONE;
+        v.f = 0.0;
+    }
+    else {
+        Py_ssize_t at = rb_keep(rb, value);
+        if (at < 0) return -1;
+        k = K_VALUE;
+        v.i = at;
+    }
+    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
+    Py_ssize_t i = rb->n;
+    rb->kind[i] = k;
+    rb->vals[i] = v;
+    long long *p = rb->ints + 4 * i;
+    p[0] = id;
+    p[1] = ago;
+    p[2] = size;
+    p[3] = bar;
+    rb->n = i + 1;
+    return 0;
+}
+
+/* ``o`` as an int64 when it is an exact int that fits: 1, else 0 (no error set) */
+static inline int
+exact_int64(PyObject *o, long long *out)
+{
+    if (!PyLong_CheckExact(o)) return 0;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* append any object, as list.append would keep it: packed when it is a 5-tuple of four
+ * int64-sized exact ints and a value, else kept whole */
+static int
+rb_append_obj(ReadBuffer *rb, PyObject *o)
+{
+    long long f[4];
+    if (PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 5 &&
+        exact_int64(PyTuple_GET_ITEM(o, 0), &f[0]) && exact_int64(PyTuple_GET_ITEM(o, 1), &f[1]) &&
+        exact_int64(PyTuple_GET_ITEM(o, 2), &f[2]) && exact_int64(PyTuple_GET_ITEM(o, 3), &f[3])) {
+        return rb_push(rb, f[0], f[1], f[2], f[3], PyTuple_GET_ITEM(o, 4));
+    }
+    Py_ssize_t at = rb_keep(rb, o); /* first: it may run Python code (see rb_push) */
+    if (at < 0) return -1;
+    if (rb_reserve(rb, rb->n + 1) < 0) return -1;
+    Py_ssize_t i = rb->n;
+    rb->kind[i] = K_OBJECT;
+    rb->vals[i].i = at;
+    memset(rb->ints + 4 * i, 0, 4 * sizeof(long long));
+    rb->whole++;
+    rb->n = i + 1;
+    return 0;
+}
+
+/* read ``i`` (0 <= i < n) as the tuple appended: a new reference. Everything is copied out
+ * of the buffer (and a kept object's reference taken) before the first allocation: an
+ * allocation may collect, and a finalizer may then clear or refill this buffer (helper-87:
+ * reads of freed arrays and a NULL objs) */
+static PyObject *
+rb_read(ReadBuffer *rb, Py_ssize_t i)
+{
+    unsigned char k = rb->kind[i];
+    const long long *p = rb->ints + 4 * i;
+    long long f[4] = {p[0], p[1], p[2], p[3]};
+    double d = rb->vals[i].f;
+    PyObject *obj = NULL;
+    if (k == K_OBJECT || k == K_VALUE) {
+        obj = Py_NewRef(PyList_GET_ITEM(rb->objs, (Py_ssize_t)rb->vals[i].i));
+        if (k == K_OBJECT) return obj;
+    }
+    else if (k == K_NONE) {
+        obj = Py_NewRef(Py_None);
+    }
+    /* from here on the buffer is not looked at */
+    PyObject *t = PyTuple_New(5);
+    if (t == NULL) {
+        Py_XDECREF(obj);
+        return NULL;
+    }
+    for (int j = 0; j < 4; j++) {
+        PyObject *v = PyLong_FromLongLong(f[j]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            Py_XDECREF(obj);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, j, v);
+    }
+    if (k == K_FLOAT) {
+        obj = PyFloat_FromDouble(d);
+        if (obj == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+    }
+    PyTuple_SET_ITEM(t, 4, obj);
+    return t;
+}
+
+/* forget every read; a buffer that grew past 64K reads gives its memory back (as a list's
+ * clear() would), a usual one keeps its arrays for the next bar */
+static void
+rb_reset(ReadBuffer *rb)
+{
+    rb->n = 0;
+    rb->whole = 0;
+    Py_CLEAR(rb->objs);
+    if (rb->cap > 65536) {
+        PyMem_Free(rb->ints);
+        PyMem_Free(rb->vals);
+        PyMem_Free(rb->kind);
+        rb->ints = NULL;
+        rb->vals = NULL;
+        rb->kind = NULL;
+        rb->cap = 0;
+    }
+}
+
+static PyObject *
+rb_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"reads", NULL};
+    PyObject *init = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:ReadBuffer", kwlist, &init)) return NULL;
+    ReadBuffer *rb = (ReadBuffer *)type->tp_alloc(type, 0);
+    if (rb == NULL) return NULL;
+    if (init != NULL) {
+        PyObject *it = PyObject_GetIter(init);
+        if (it == NULL) goto fail;
+        PyObject *o;
+        while ((o = PyIter_Next(it)) != NULL) {
+            int rc = rb_append_obj(rb, o);
+            Py_DECREF(o);
+            if (rc < 0) {
+                Py_DECREF(it);
+                goto fail;
+            }
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred()) goto fail;
+    }
+    return (PyObject *)rb;
+fail:
+    Py_DECREF(rb);
+    return NULL;
+}
+
+static int
+rb_traverse(ReadBuffer *rb, visitproc visit, void *arg)
+{
+    Py_VISIT(rb->objs);
+    return 0;
+}
+
+static int
+rb_clear_refs(ReadBuffer *rb)
+{
+    /* the collector breaking a cycle through a kept value: the entries pointing into objs go
+     * with it */
+    rb->n = 0;
+    rb->whole = 0;
+    Py_CLEAR(rb->objs);
+    return 0;
+}
+
+static void
+rb_dealloc(ReadBuffer *rb)
+{
+    PyObject_GC_UnTrack(rb);
+    Py_CLEAR(rb->objs);
+    PyMem_Free(rb->ints);
+    PyMem_Free(rb->vals);
+    PyMem_Free(rb->kind);
+    Py_TYPE(rb)->tp_free((PyObject *)rb);
+}
+
+static Py_ssize_t
+rb_length(ReadBuffer *rb)
+{
+    return rb->n;
+}
+
+static PyObject *
+rb_item(ReadBuffer *rb, Py_ssize_t i)
+{
+    if (i < 0 || i >= rb->n) {
+        PyErr_SetString(PyExc_IndexError, "ReadBuffer index out of range");
+        return NULL;
+    }
+    return rb_read(rb, i);
+}
+
+/* buf[i] (negative from the end) and buf[a:b:c] (a list of the reads, as a list's slice) */
+static PyObject *
+rb_subscript(ReadBuffer *rb, PyObject *key)
+{
+    if (PyIndex_Check(key)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred()) return NULL;
+        if (i < 0) i += rb->n;
+        return rb_item(rb, i);
+    }
+    if (PySlice_Check(key)) {
+        Py_ssize_t start, stop, step;
+        if (PySlice_Unpack(key, &start, &stop, &step) < 0) return NULL;
+        Py_ssize_t len = PySlice_AdjustIndices(rb->n, &start, &stop, step);
+        PyObject *out = PyList_New(len);
+        if (out == NULL) return NULL;
+        for (Py_ssize_t k = 0; k < len; k++) {
+            /* no index past the last one is computed (step may be PY_SSIZE_T_MAX) */
+            Py_ssize_t i = start + k * step;
+            if (i >= rb->n) {
+                /* a finalizer run by an allocation here emptied the buffer (helper-87) */
+                Py_DECREF(out);
+                PyErr_SetString(PyExc_RuntimeError, "ReadBuffer changed size during slicing");
+                return NULL;
+            }
+            PyObject *r = rb_read(rb, i);
+            if (r == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyList_SET_ITEM(out, k, r);
+        }
+        return out;
+    }
+    PyErr_Format(PyExc_TypeError, "ReadBuffer indices must be integers or slices, not %.200s",
+                 Py_TYPE(key)->tp_name);
+    return NULL;
+}
+
+/* == and != as the list of its reads (with a list or another ReadBuffer) */
+static PyObject *
+rb_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if ((op != Py_EQ && op != Py_NE) ||
+        !(PyList_Check(b) || Py_IS_TYPE(b, &ReadBufferType) || PyList_Check(a) ||
+          Py_IS_TYPE(a, &ReadBufferType))) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *la = Py_IS_TYPE(a, &ReadBufferType) ? PySequence_List(a) : Py_NewRef(a);
+    PyObject *lb = la && Py_IS_TYPE(b, &ReadBufferType) ? PySequence_List(b)
+                   : la                                   ? Py_NewRef(b)
+                                                          : NULL;
+    PyObject *res = lb ? PyObject_RichCompare(la, lb, op) : NULL;
+    Py_XDECREF(la);
+    Py_XDECREF(lb);
+    return res;
+}
+
+static PyObject *
+rb_repr(ReadBuffer *rb)
+{
+    PyObject *l = PySequence_List((PyObject *)rb);
+    if (l == NULL) return NULL;
+    PyObject *r = PyUnicode_FromFormat("ReadBuffer(%R)", l);
+    Py_DECREF(l);
+    return r;
+}
+
+static PyObject *
+rb_append(ReadBuffer *rb, PyObject *o)
+{
+    if (rb_append_obj(rb, o) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rb_clear(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
+{
+    rb_reset(rb);
+    Py_RETURN_NONE;
+}
+
+/* take(): the reads so far as a new ReadBuffer (exactly sized), and this one emptied: once a
+ * bar on the main thread, instead of ``reads[:]`` and ``clear()`` (no tuple made) */
+static PyObject *
+rb_take(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
+{
+    ReadBuffer *out = (ReadBuffer *)ReadBufferType.tp_alloc(&ReadBufferType, 0);
+    if (out == NULL) return NULL;
+    Py_ssize_t n = rb->n; /* read after the allocation, which may have run Python code */
+    if (n > 0) {
+        /* exactly n (a taken buffer never grows): bars of few reads wait in the writer's
+         * queue, and rb_reserve's 64-read minimum made each ~2.7 KB (helper-87) */
+        out->ints = PyMem_Malloc((size_t)n * 4 * sizeof(long long));
+        out->vals = PyMem_Malloc((size_t)n * sizeof(slot_t));
+        out->kind = PyMem_Malloc((size_t)n);
+        if (out->ints == NULL || out->vals == NULL || out->kind == NULL) {
+            Py_DECREF(out); /* rb_dealloc frees what was allocated */
+            return PyErr_NoMemory();
+        }
+        out->cap = n;
+        memcpy(out->ints, rb->ints, (size_t)n * 4 * sizeof(long long));
+        memcpy(out->vals, rb->vals, (size_t)n * sizeof(slot_t));
+        memcpy(out->kind, rb->kind, (size_t)n);
+        out->n = n;
+        out->whole = rb->whole;
+        out->objs = rb->objs; /* positions in it stay valid: the list moves as it is */
+        rb->objs = NULL;
+    }
+    rb_reset(rb);
+    return (PyObject *)out;
+}
+
+/* sys.getsizeof: the object and its read arrays (not the kept objects, as a list's) */
+static PyObject *
+rb_sizeof(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
+{
+    size_t per = 4 * sizeof(long long) + sizeof(slot_t) + 1;
+    return PyLong_FromSize_t((size_t)Py_TYPE(rb)->tp_basicsize + (size_t)rb->cap * per);
+}
+
+static PyObject *
+rb_reduce(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *l = PySequence_List((PyObject *)rb);
+    if (l == NULL) return NULL;
+    return Py_BuildValue("(O(N))", (PyObject *)&ReadBufferType, l);
+}
+
+static PyMethodDef rb_methods[] = {
+    {"append", (PyCFunction)rb_append, METH_O,
+     "append(read): add a raw read (a 5-tuple, or any object: kept as it is)"},
+    {"clear", (PyCFunction)rb_clear, METH_NOARGS, "clear(): forget every read"},
+    {"take", (PyCFunction)rb_take, METH_NOARGS,
+     "take() -> ReadBuffer: the reads so far (this buffer is emptied)"},
+    {"__reduce__", (PyCFunction)rb_reduce, METH_NOARGS, "pickled as the list of its reads"},
+    {"__sizeof__", (PyCFunction)rb_sizeof, METH_NOARGS, "bytes of the object and its arrays"},
+    {NULL, NULL, 0, NULL}};
+
+static PySequenceMethods rb_as_sequence = {
+    .sq_length = (lenfunc)rb_length,
+    .sq_item = (ssizeargfunc)rb_item, /* iter() walks it (PySeqIter) */
+};
+
+static PyMappingMethods rb_as_mapping = {
+    .mp_length = (lenfunc)rb_length,
+    .mp_subscript = (binaryfunc)rb_subscript,
+};
+
+static PyTypeObject ReadBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "analyzers.tracking._fastread.ReadBuffer",
+    .tp_doc = PyDoc_STR("ReadBuffer(reads=()): one bar's raw reads, packed; a list of 5-tuples "
+                        "to Python (append, len, iteration, indexing, slicing, ==)"),
+    .tp_basicsize = sizeof(ReadBuffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_SEQUENCE,
+    .tp_new = rb_new,
+    .tp_dealloc = (destructor)rb_dealloc,
+    .tp_traverse = (traverseproc)rb_traverse,
+    .tp_clear = (inquiry)rb_clear_refs,
+    .tp_repr = (reprfunc)rb_repr,
+    .tp_richcompare = rb_richcompare,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_as_sequence = &rb_as_sequence,
+    .tp_as_mapping = &rb_as_mapping,
+    .tp_methods = rb_methods,
+};
+
 /* The recording part, in Python's order of evaluation:
  *   tag = self._fmel; tag.out.append((tag.id, ago, size, <bar_index>, value))
- *   and for a value read: if tag.strict: tag.tracker.check_strict() */
+ *   and for a value read: if tag.strict: tag.tracker.check_strict()
+ * ``ago`` is ``ago_c`` as an exact int (a key the caller checked), ``size`` 0 or 1. Into a
+ * ReadBuffer the read goes as C numbers when every number is an int64 computed in C (no
+ * tuple, no int object: the common read), else as the tuple Python would append. */
 static int
-record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t pos,
-       Py_ssize_t idx, PyObject *value, int is_len)
+record(PyObject *self, PyObject *dict, PyObject *ago, Py_ssize_t ago_c, PyObject *size,
+       Py_ssize_t pos, Py_ssize_t idx, PyObject *value, int is_len)
 {
     PyObject *tag = attr(self, dict, s__fmel);
     if (tag == NULL) return -1;
@@ -118,9 +610,18 @@ record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t
     int rc = -1;
     PyObject *out = PyObject_GetAttr(tag, s_out);
     if (out == NULL) goto done;
-    if (!PyList_CheckExact(out) && (append = PyObject_GetAttr(out, s_append)) == NULL) goto done;
+    int packed = Py_IS_TYPE(out, &ReadBufferType);
+    if (!packed && !PyList_CheckExact(out) && (append = PyObject_GetAttr(out, s_append)) == NULL)
+        goto done;
     if ((id = PyObject_GetAttr(tag, s_id)) == NULL) goto done;
     if ((lencount = attr(self, dict, s_lencount)) == NULL) goto done;
+    if (packed) {
+        long long id_c, bar_c;
+        if (exact_int64(id, &id_c) && bar_index_c(pos, lencount, idx, is_len, &bar_c)) {
+            rc = rb_push((ReadBuffer *)out, id_c, ago_c, size == k_one ? 1 : 0, bar_c, value);
+            goto strict;
+        }
+    }
     if ((bar = bar_index(pos, lencount, idx, is_len)) == NULL) goto done;
     if ((t = PyTuple_New(5)) == NULL) goto done;
     PyTuple_SET_ITEM(t, 0, Py_NewRef(id));
@@ -135,7 +636,10 @@ record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t
          * _PyTuple_MaybeUntrack, after walking it once) */
         PyObject_GC_UnTrack(t);
     }
-    if (append == NULL) {
+    if (packed) {
+        rc = rb_append_obj((ReadBuffer *)out, t);
+    }
+    else if (append == NULL) {
         rc = PyList_Append(out, t);
     }
     else {
@@ -143,6 +647,7 @@ record(PyObject *self, PyObject *dict, PyObject *ago, PyObject *size, Py_ssize_t
         rc = res ? 0 : -1;
         Py_XDECREF(res);
     }
+strict:
     if (rc == 0 && !is_len) {
         PyObject *strict = PyObject_GetAttr(tag, s_strict);
         int st = strict ? PyObject_IsTrue(strict) : -1;
@@ -259,7 +764,7 @@ tracked_getitem(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *
             if (n < 0) goto fail;
             pos += n;
         }
-        if (record(self, dict, key, k_one, pos, idx, value, 0) < 0) goto fail;
+        if (record(self, dict, key, ago, k_one, pos, idx, value, 0) < 0) goto fail;
     }
     else if (ago > 0) {
         /* self._fmel.tracker.internal_future_read(self, ago, depth=1): the reader is the
@@ -294,7 +799,7 @@ tracked_len(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwna
     if (state < 0) return NULL;
     PyObject *dict = state == 2 ? NULL : instance_dict(self);
     if (dict == NULL) return delegate(g_len_fallback, self, args, nargsf, NULL);
-    if (state == 1 && record(self, dict, k_zero, k_zero, 0, 0, Py_None, 1) < 0) {
+    if (state == 1 && record(self, dict, k_zero, 0, k_zero, 0, 0, Py_None, 1) < 0) {
         Py_DECREF(dict);
         return NULL;
     }
@@ -410,6 +915,80 @@ fail:
     return NULL;
 }
 
+/* unpack_buffers(buffers) -> (ints, values, is_float): ``unpack`` of the reads of several
+ * ReadBuffers one after the other (a batch's bars), from their arrays (no tuple made): the same
+ * bytes ``unpack`` gives for the same reads as tuples. TypeError when an entry is not a
+ * ReadBuffer or holds a read kept whole (not packed: the caller then unpacks the tuples, which
+ * decides as without the extension). Any thread, under the GIL (the decision writer's). */
+static PyObject *
+unpack_buffers(PyObject *Py_UNUSED(mod), PyObject *buffers)
+{
+    if (!PyList_CheckExact(buffers)) {
+        PyErr_SetString(PyExc_TypeError, "unpack_buffers() needs a list of ReadBuffers");
+        return NULL;
+    }
+    PyObject *copy = PyList_AsTuple(buffers); /* holds every buffer while they are read */
+    if (copy == NULL) return NULL;
+    Py_ssize_t nb = PyTuple_GET_SIZE(copy), n = 0;
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        PyObject *o = PyTuple_GET_ITEM(copy, b);
+        if (!Py_IS_TYPE(o, &ReadBufferType)) {
+            PyErr_Format(PyExc_TypeError, "unpack_buffers(): entry %zd is not a ReadBuffer", b);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        ReadBuffer *rb = (ReadBuffer *)o;
+        if (rb->whole) {
+            PyErr_Format(PyExc_TypeError, "unpack_buffers(): entry %zd holds a read not packed",
+                         b);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        n += rb->n;
+    }
+    PyObject *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
+    PyObject *vals = ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double))
+                          : NULL;
+    PyObject *isf = vals ? PyBytes_FromStringAndSize(NULL, n) : NULL;
+    if (isf == NULL) {
+        Py_XDECREF(ints);
+        Py_XDECREF(vals);
+        Py_DECREF(copy);
+        return NULL;
+    }
+    long long *ip = (long long *)PyBytes_AS_STRING(ints);
+    double *vp = (double *)PyBytes_AS_STRING(vals);
+    char *fp = PyBytes_AS_STRING(isf);
+    Py_ssize_t room = n;
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        ReadBuffer *rb = (ReadBuffer *)PyTuple_GET_ITEM(copy, b);
+        Py_ssize_t m = rb->n;
+        if (m == 0) continue;
+        if (m > room || rb->whole) {
+            /* cannot happen (bytes objects are not collected: no Python code ran since the
+             * count), checked all the same: never a write past the arrays */
+            PyErr_SetString(PyExc_RuntimeError, "unpack_buffers(): a buffer changed");
+            Py_DECREF(ints);
+            Py_DECREF(vals);
+            Py_DECREF(isf);
+            Py_DECREF(copy);
+            return NULL;
+        }
+        room -= m;
+        memcpy(ip, rb->ints, (size_t)m * 4 * sizeof(long long));
+        for (Py_ssize_t i = 0; i < m; i++) {
+            int is_f = rb->kind[i] == K_FLOAT;
+            vp[i] = is_f ? rb->vals[i].f : 0.0;
+            fp[i] = (char)is_f;
+        }
+        ip += 4 * m;
+        vp += m;
+        fp += m;
+    }
+    Py_DECREF(copy);
+    return Py_BuildValue("(NNN)", ints, vals, isf);
+}
+
 /* capture(captured) -> AccessTracker.capture()'s tuple: for each (datetime line, hashes) pair of
  * ``captured``, ``(dt.lencount, dt._idx, len(dt.array) - dt.extension, len(hashes) if hashes
  * is not None else 0)``, evaluated in that order with the generic protocols (attribute lookup,
@@ -485,6 +1064,8 @@ static PyMethodDef methods[] = {
      "len(hashes) or 0) per (datetime line, hashes) pair"},
     {"unpack", unpack, METH_O,
      "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
+    {"unpack_buffers", unpack_buffers, METH_O,
+     "unpack_buffers(buffers) -> unpack() of the reads of a list of ReadBuffers, in order"},
     {"descriptors", make_descriptors, METH_O,
      "descriptors(cls) -> (__getitem__, __len__) method descriptors for instances of cls (a "
      "class proxies._dict_safe accepts)"},
@@ -519,5 +1100,12 @@ PyInit__fastread(void)
     k_zero = PyLong_FromLong(0);
     k_one = PyLong_FromLong(1);
     if (k_zero == NULL || k_one == NULL) return NULL;
-    return PyModule_Create(&moddef);
+    if (PyType_Ready(&ReadBufferType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "ReadBuffer", (PyObject *)&ReadBufferType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -217,7 +217,7 @@ def _offsets(counts: IntArray) -> IntArray:
     return out
 
 
-def _states(bars: Sequence[tuple[list[Read], State]], n_bars: int, n_slots: int) -> IntArray:
+def _states(bars: Sequence[tuple[Sequence[Read], State]], n_bars: int, n_slots: int) -> IntArray:
     """The bars' captured feed positions as one ``(bars, slots, 4)`` int64 array (zeros past a
     bar's own feeds). One ``np.fromiter`` over every number when each bar captured ``n_slots``
     feeds (the usual batch: feeds are added before the run), else one row at a time; the same
@@ -237,25 +237,43 @@ def _states(bars: Sequence[tuple[list[Read], State]], n_bars: int, n_slots: int)
 Unpacked = tuple[IntArray, IntArray, IntArray, IntArray, FloatArray, BoolArray]
 
 
+def _from_bytes(ints_b: bytes, vals_b: bytes, isf_b: bytes) -> Unpacked:
+    """The columns of ``_fastread.unpack``'s bytes: int64 ``(n, 4)`` split by field, float64
+    ``(n,)``, bool ``(n,)`` (views of the bytes, read-only)."""
+    ints = np.frombuffer(ints_b, dtype=np.int64).reshape(-1, 4)
+    return (
+        ints[:, 0],
+        ints[:, 1],
+        ints[:, 2],
+        ints[:, 3],
+        np.frombuffer(vals_b, dtype=np.float64),
+        np.frombuffer(isf_b, dtype=np.bool_),
+    )
+
+
+def _unpack_bars(per_bar: list[Sequence[Read]]) -> Unpacked:
+    """:func:`_unpack` of several bars' reads one after the other. Bars in packed buffers
+    (``_fastread.ReadBuffer``, the compiled reads' default) are copied from their arrays in one
+    C pass, without a tuple per read (``_fastread.unpack_buffers``); otherwise (lists, or a
+    buffer holding a read it could not pack) the reads are chained and unpacked as tuples.
+    The same arrays either way (``tests/unit/test_read_buffer.py``)."""
+    if _fastread is not None:
+        try:
+            return _from_bytes(*_fastread.unpack_buffers(per_bar))
+        except TypeError:
+            pass  # lists (pure Python) or an odd read: as tuples below
+    return _unpack(list(itertools.chain.from_iterable(per_bar)))
+
+
 def _unpack(flat: list[Read]) -> Unpacked:
     """The raw reads as columns: tag id, ago, size, bar index (int64), the value when it is a
     float (else 0.0) and whether it is one. One C pass (``_fastread.unpack``) when the
     extension is built, else one numpy pass per field (:func:`_unpack_py`); the same arrays."""
     if _fastread is not None:
         try:
-            ints_b, vals_b, isf_b = _fastread.unpack(flat)
+            return _from_bytes(*_fastread.unpack(flat))
         except (TypeError, OverflowError):
             pass  # an odd read: numpy's conversions decide, as without the extension
-        else:
-            ints = np.frombuffer(ints_b, dtype=np.int64).reshape(-1, 4)
-            return (
-                ints[:, 0],
-                ints[:, 1],
-                ints[:, 2],
-                ints[:, 3],
-                np.frombuffer(vals_b, dtype=np.float64),
-                np.frombuffer(isf_b, dtype=np.bool_),
-            )
     return _unpack_py(flat)
 
 
@@ -285,13 +303,14 @@ def _unpack_py(flat: list[Read]) -> Unpacked:
 
 
 def resolve_columns(
-    tracker: AccessTracker, bars: Sequence[tuple[list[Read], State]]
+    tracker: AccessTracker, bars: Sequence[tuple[Sequence[Read], State]]
 ) -> Columns | None:
     """Resolve the bars whose every read is the common read (see the module docstring).
 
     Args:
         tracker: the tracker that recorded the reads (its ``resolve_lock`` held by the caller).
-        bars: per bar, its raw reads and :meth:`~analyzers.tracking.AccessTracker.capture`.
+        bars: per bar, its raw reads (a ``ReadBuffer`` or a list of 5-tuples) and
+            :meth:`~analyzers.tracking.AccessTracker.capture`.
 
     Returns:
         The columns of the bars resolved here (``done``); ``None`` when none was. Their
@@ -329,9 +348,7 @@ def resolve_columns(
     total = int(lens.sum())
     if total == 0:
         return None
-    flat = list(itertools.chain.from_iterable(r for r, _ in bars))
-    tid, ago_all, size, index, value, is_num = _unpack(flat)
-    del flat
+    tid, ago_all, size, index, value, is_num = _unpack_bars([r for r, _ in bars])
     counts = size == 0
     value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
     bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)

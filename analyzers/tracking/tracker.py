@@ -9,9 +9,9 @@ import inspect
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import backtrader as bt
 from backtrader.linebuffer import LineActions, LineBuffer
@@ -33,13 +33,33 @@ from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
 
+if TYPE_CHECKING:
+    from analyzers.tracking._fastread import ReadBuffer
+
 _capture_c: Callable[[list[tuple[Any, Any]]], tuple[tuple[int, int, int, int], ...]] | None
+_ReadBuffer: type[ReadBuffer] | None
 try:
+    from analyzers.tracking._fastread import ReadBuffer as _Built
     from analyzers.tracking._fastread import capture as _capture_c
-except ImportError:  # not built: AccessTracker.capture_py
-    _capture_c = None
+except ImportError:  # not built: AccessTracker.capture_py, and the reads in a list
+    _capture_c = _ReadBuffer = None
+else:
+    # a sequence of reads to whoever asks (isinstance): it behaves as a list of 5-tuples does
+    _ReadBuffer = Sequence.register(_Built)
 
 logger = logging.getLogger(__name__)
+
+
+def take_reads(reads: ReadBuffer | list[Read]) -> Sequence[Read]:
+    """A tracker's raw reads so far, and the buffer emptied (main thread, once a bar): a
+    :class:`ReadBuffer` takes them without making a tuple (``take``), a list is copied and
+    cleared. Either way the result iterates, indexes and slices as the list of 5-tuples."""
+    if isinstance(reads, list):
+        out = reads[:]
+        reads.clear()
+        return out
+    return reads.take()
+
 
 _tuple_new = tuple.__new__
 
@@ -62,7 +82,11 @@ class AccessTracker:
     """
 
     def __init__(self, strict_lookahead: bool = False) -> None:
-        self.reads: list[Read] = []
+        # packed in C (no tuple per read) when the compiled reads are in use; their own
+        # appends and the Python ones (text lines, windows) go in the same buffer, in read order
+        self.reads: ReadBuffer | list[Read] = (
+            _ReadBuffer() if _ReadBuffer is not None and compiled_in_use() else []
+        )
         # every LineTag made for this tracker, by LineTag.id (raw reads carry the id)
         self.tags: list[LineTag] = []
         self.strict_lookahead = strict_lookahead
@@ -520,12 +544,11 @@ class AccessTracker:
 
     # -- per bar ----------------------------------------------------------------------------
 
-    def drain(self) -> list[Read]:
-        """The raw reads since the last call (every tag appends to the same list, so it is
-        copied and cleared)."""
-        reads = self.reads[:]
-        self.reads.clear()
-        return reads
+    def drain(self) -> Sequence[Read]:
+        """The raw reads since the last call (every tag appends to the same buffer, so it is
+        copied and cleared): a :class:`ReadBuffer` of them, or a list (pure Python). Main
+        thread."""
+        return take_reads(self.reads)
 
     def check_strict(self) -> None:
         """Strict mode, called right after a read: raise if it reached a bar not in the past."""
@@ -533,7 +556,7 @@ class AccessTracker:
 
     def resolve(
         self,
-        reads: list[Read],
+        reads: Sequence[Read],
         count: bool = True,
         state: tuple[tuple[int, int, int, int], ...] | None = None,
     ) -> tuple[tuple[DataAccess, ...], int]:

@@ -136,6 +136,7 @@ def test_the_classes_differ_as_intended(classes: dict[str, tuple[type, type]]) -
     active=st.one_of(st.booleans(), st.sampled_from([1, 0, None, np.bool_(True), "x", []])),
     strict=st.booleans(),
     fail_strict=st.booleans(),
+    packed=st.booleans(),
 )
 def test_getitem_and_len_match_python(
     classes: dict[str, tuple[type, type]],
@@ -148,11 +149,18 @@ def test_getitem_and_len_match_python(
     active: Any,
     strict: bool,
     fail_strict: bool,
+    packed: bool,
 ) -> None:
+    """``packed``: the compiled reads append to a ``ReadBuffer`` (the tracker's, when the
+    compiled reads are in use), the Python ones to a list: the same reads come back."""
     got = []
     for cls in classes[base]:
         log: list[Any] = []
         tag = Tag(3, strict, Tracker(log, fail_strict))
+        if packed and cls is classes[base][0]:
+            from analyzers.tracking._fastread import ReadBuffer
+
+            tag.out = ReadBuffer()
         line = _line(cls, kind, values, idx, lencount, tag)
         was = proxies.ACTIVE
         proxies.ACTIVE = active
@@ -161,7 +169,7 @@ def test_getitem_and_len_match_python(
             length = _call(len, line)
         finally:
             proxies.ACTIVE = was
-        got.append((item, length, tag.out, log))
+        got.append((item, length, list(tag.out), log))
     (c_item, c_len, c_out, c_log), (p_item, p_len, p_out, p_log) = got
     assert c_item[0] == p_item[0]
     if c_item[0] == "ok":  # same object read from the same buffer (NaN != NaN: compare repr)

@@ -140,6 +140,53 @@ def run_runner(
     )
 
 
+def sigterm_when_ready(
+    args: list[str],
+    cwd: Path,
+    extra: Mapping[str, str],
+    ready: Callable[[], bool],
+    *,
+    settle_s: float = 0.0,
+    ready_timeout_s: float = 120.0,
+) -> tuple[int, str, float]:
+    """Start ``python *args`` in ``cwd`` (clean environment plus ``extra``), send it SIGTERM
+    once ``ready()`` is true (and ``settle_s`` more seconds), wait for its end.
+
+    Returns:
+        ``(exit code, stderr, seconds from the signal to the exit)``. Fails the test when the
+        process ends before it is ready, never gets ready, or outlives the signal by 60 s (it
+        is then killed).
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=clean_env(extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"ended before it was ready: {proc.communicate()[1][-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready within {ready_timeout_s:g} s")
+            time.sleep(0.05)
+        time.sleep(settle_s)
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        return proc.returncode, stderr, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """An empty working directory for a run (its fmel.duckdb and spill folder land here)."""

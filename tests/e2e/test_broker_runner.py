@@ -174,14 +174,8 @@ def test_a_stop_while_alpaca_stalls_at_start_ends_the_account_read(
     """helper-84 F6: SIGTERM while the broker's start-up reads met a stalled Alpaca took 49-60 s
     (every read's retries ran out first: they ignored the stop). Now the stop ends them: no
     request begins after it, and the one in flight is the last (exit 0, nothing ran)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from tests.alpaca_server import FaultPlan
-    from tests.conftest import REPO, clean_env
+    from tests.conftest import REPO, sigterm_when_ready
 
     emu = pubsub_emulator
     topic = f"projects/{emu.project}/topics/bars-alpaca-{uuid.uuid4().hex[:8]}"
@@ -213,31 +207,12 @@ def test_a_stop_while_alpaca_stalls_at_start_ends_the_account_read(
             "ALPACA_REQUEST_TIMEOUT_S": "2",
             "ALPACA_MAX_RETRIES": "20",
         }
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "runner.py")],
-            cwd=workdir,
-            env=clean_env(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        # inside a stalled request when the signal comes
+        code, stderr, elapsed = sigterm_when_ready(
+            [str(REPO / "runner.py")], workdir, env, lambda: bool(server.requests), settle_s=0.5
         )
-        try:
-            deadline = time.monotonic() + 120
-            while not server.requests and time.monotonic() < deadline:
-                assert proc.poll() is None, proc.communicate()[1][-2000:]
-                time.sleep(0.1)
-            assert server.requests, "the runner never reached Alpaca"
-            time.sleep(0.5)  # inside a stalled request
-            t0 = time.monotonic()
-            os.kill(proc.pid, signal.SIGTERM)
-            _, stderr = proc.communicate(timeout=60)
-            elapsed = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         sent = len(server.requests)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert code == 0, stderr[-2000:]
     assert "stopped while connecting to Alpaca" in stderr
     # one request in flight (2 s) and the exit; before, 20 attempts of every read
     assert elapsed < 2.0 + 6.0, elapsed

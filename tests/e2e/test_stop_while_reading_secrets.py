@@ -9,18 +9,13 @@ endpoint does), so the read is in flight when the signal comes.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, clean_env
+from tests.conftest import REPO, sigterm_when_ready
 
 pytestmark = pytest.mark.slow
 
@@ -74,33 +69,15 @@ def test_a_sigterm_while_a_secret_is_read_ends_the_start_at_once(
             "GCE_METADATA_HOST": f"127.0.0.1:{port}",
             "GCE_METADATA_IP": f"127.0.0.1:{port}",
         }
-    proc = subprocess.Popen(
-        [sys.executable, *ENTRY_POINTS[entry]],
-        cwd=workdir,
-        env=clean_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     try:
-        deadline = time.monotonic() + 90
-        while not accepted and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"{entry} ended before reading the secret: {proc.stderr.read()}")
-            time.sleep(0.05)
-        assert accepted, f"{entry} never reached Secret Manager"
-        t0 = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-        elapsed = time.monotonic() - t0
+        code, stderr, elapsed = sigterm_when_ready(
+            ENTRY_POINTS[entry], workdir, env, lambda: bool(accepted), ready_timeout_s=90
+        )
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         listener.close()
         for conn in accepted:
             conn.close()
-    assert proc.returncode == 0, stderr[-2000:]
+    assert code == 0, stderr[-2000:]
     want = "reading projects/" if stalled == "secret manager" else "finding the project"
     assert f"stopped (a signal) while {want}" in stderr, stderr[-2000:]
     assert elapsed < 5.0, elapsed  # before: the read's 10 s timeout, then its retries (30 s)

@@ -892,62 +892,33 @@ def test_a_stop_ends_a_start_up_read_that_trickles() -> None:
     """helper-86 F1: an Alpaca answering a byte at a time (each within the request timeout,
     which applies per read of the socket) held a SIGTERM during the broker's start-up reads
     for good. The stop now ends the wait for the read in flight at once."""
-    import socket
     import threading
 
     from core.errors import RetryInterruptedError
     from core.secret import Secret
     from runtime.brokers.alpaca.config import AlpacaBrokerConfig
+    from tests.trickle_server import trickling_server
 
-    stop = threading.Event()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    accepted: list[socket.socket] = []
+    with trickling_server() as server:
+        config = AlpacaBrokerConfig(
+            api_key=Secret("PKTESTKEY0123456789X", source="test"),
+            secret_key=Secret("test-secret-0123456789abcdefghij", source="test"),
+            base_url=server.url,
+            request_timeout_s=1.0,
+            max_attempts=3,
+        )
+        broker = AlpacaPaperTradingBroker(config, session_id="trickle")
+        errors: list[BaseException] = []
 
-    def trickle(conn: socket.socket) -> None:
-        with conn:
+        def connect() -> None:
             try:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-                while not stop.wait(0.1):  # a header byte each 0.1 s: never a whole answer
-                    conn.sendall(b"X")
-            except OSError:
-                pass
+                broker.connect()
+            except BaseException as e:  # checked below
+                errors.append(e)
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    config = AlpacaBrokerConfig(
-        api_key=Secret("PKTESTKEY0123456789X", source="test"),
-        secret_key=Secret("test-secret-0123456789abcdefghij", source="test"),
-        base_url=f"http://127.0.0.1:{listener.getsockname()[1]}",
-        request_timeout_s=1.0,
-        max_attempts=3,
-    )
-    broker = AlpacaPaperTradingBroker(config, session_id="trickle")
-    errors: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            broker.connect()
-        except BaseException as e:  # checked below
-            errors.append(e)
-
-    worker = threading.Thread(target=connect, daemon=True)
-    try:
+        worker = threading.Thread(target=connect, daemon=True)
         worker.start()
-        deadline = time.monotonic() + 10
-        while not accepted and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert accepted, "the broker never reached the server"
+        wait_until(lambda: bool(server.accepted), timeout_s=10.0, what="a connection")
         # past one request timeout and a second the answer is still trickling in: readiness
         # says so already during the start-up reads (helper-86 F7)
         assert broker.healthy
@@ -956,9 +927,6 @@ def test_a_stop_ends_a_start_up_read_that_trickles() -> None:
         broker.interrupt_connect()
         worker.join(5.0)
         elapsed = time.monotonic() - t0
-    finally:
-        stop.set()
-        listener.close()
     assert not worker.is_alive(), "connect() still waits after the stop"
     assert len(errors) == 1 and isinstance(errors[0], RetryInterruptedError), errors
     assert elapsed < 1.0, elapsed

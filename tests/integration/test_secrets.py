@@ -413,39 +413,13 @@ def test_an_endpoint_that_trickles_its_answer_is_given_up_on() -> None:
     """helper-84 F5: an endpoint that answers a byte at a time, each within the request
     timeout, was never given up on (202 s, or for good): the client's deadline only applies
     between attempts. The whole read now ends within deadline + one request's timeout."""
-    import socket
-    import threading
     import time
 
-    stop = threading.Event()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
+    from tests.trickle_server import trickling_server
 
-    def trickle(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-                while not stop.wait(0.1):  # a header byte each 0.1 s: never a whole answer
-                    conn.sendall(b"X")
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    port = listener.getsockname()[1]
-    try:
-        resolver = SecretManagerResolver(
-            endpoint=f"http://127.0.0.1:{port}", timeout_s=0.5, deadline_s=1.0
-        )
+    with trickling_server() as server:
+        port = server.port
+        resolver = SecretManagerResolver(endpoint=server.url, timeout_s=0.5, deadline_s=1.0)
         env = paper_env(ALPACA_API_KEY_SECRET="alpaca-key", ALPACA_SECRET_KEY=SECRET_VALUE)
         t0 = time.monotonic()
         with pytest.raises(ConfigError) as err:
@@ -454,9 +428,6 @@ def test_an_endpoint_that_trickles_its_answer_is_given_up_on() -> None:
         # a second read does not start another endless request
         with pytest.raises(ConfigError, match="an earlier request did not end"):
             resolver.access("other-key", PROJECT)
-    finally:
-        stop.set()
-        listener.close()
     msg = str(err.value)
     assert "no whole answer within 1.5 s" in msg
     assert f"SECRET_MANAGER_ENDPOINT=http://127.0.0.1:{port}" in msg

@@ -292,11 +292,27 @@ _raw_reads = st.lists(
 )
 
 
-def _outcome(fn: Any, reads: list[Any]) -> Any:
+def _outcome(fn: Any, reads: Any) -> Any:
+    """``fn(reads)``'s arrays, or its error as ``(type, text)`` (numpy refusing an odd read:
+    the same error either way)."""
     try:
         return [np.asarray(a) for a in fn(reads)]
     except Exception as e:
         return (type(e), str(e))
+
+
+def assert_same_columns(got: Any, want: Any, *, bits: bool = False) -> None:
+    """Two :func:`_outcome` results are the same error, or the same arrays (with ``bits``,
+    float arrays bit for bit: -0.0 and NaN payloads too)."""
+    if isinstance(want, tuple):
+        assert got == want
+        return
+    assert not isinstance(got, tuple), got
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(g, w, equal_nan=True)
+        if bits and g.dtype == np.float64:
+            assert g.tobytes() == w.tobytes()
 
 
 @settings(max_examples=300, deadline=None)
@@ -318,14 +334,7 @@ def test_the_compiled_unpack_gives_numpys_columns(reads: list[Any]) -> None:
         len(r) == 5 and all(type(x) is int and -(2**63) <= x < 2**63 for x in r[:4]) for r in reads
     ):
         columns._fastread.unpack(reads)  # no fallback: the C pass takes what the classes append
-    got, want = _outcome(columns._unpack, reads), _outcome(columns._unpack_py, reads)
-    if isinstance(want, tuple):
-        assert got == want
-        return
-    assert not isinstance(got, tuple), got
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        assert np.array_equal(g, w, equal_nan=True)
+    assert_same_columns(_outcome(columns._unpack, reads), _outcome(columns._unpack_py, reads))
 
 
 # -- whole runs -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.tracking import AccessTracker, columns, proxies
+from tests.unit.test_fastread import _outcome, assert_same_columns
 
 _fastread = pytest.importorskip("analyzers.tracking._fastread")
 ReadBuffer = _fastread.ReadBuffer
@@ -147,13 +148,6 @@ def test_a_read_buffer_gives_back_what_a_list_would(
     assert len(buf) == 0 and buf == []
 
 
-def _outcome(fn: Any, arg: Any) -> Any:
-    try:
-        return [np.asarray(a) for a in fn(arg)]
-    except Exception as e:  # numpy refusing an odd read: the same error either way
-        return (type(e), str(e))
-
-
 @settings(max_examples=300, deadline=None)
 @given(bars=st.lists(_items, max_size=6))
 def test_the_columns_of_read_buffers_are_numpys(bars: list[list[Any]]) -> None:
@@ -166,16 +160,9 @@ def test_the_columns_of_read_buffers_are_numpys(bars: list[list[Any]]) -> None:
     flat = list(itertools.chain.from_iterable(bars))
     if all(_packable(r) for r in flat):
         _fastread.unpack_buffers(bufs)  # no fallback: the C pass takes every packed read
-    got, want = _outcome(columns._unpack_bars, bufs), _outcome(columns._unpack_py, flat)
-    if isinstance(want, tuple):
-        assert got == want
-        return
-    assert not isinstance(got, tuple), got
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        assert np.array_equal(g, w, equal_nan=True)
-        if g.dtype == np.float64:  # -0.0 and NaN bits too
-            assert g.tobytes() == w.tobytes()
+    assert_same_columns(
+        _outcome(columns._unpack_bars, bufs), _outcome(columns._unpack_py, flat), bits=True
+    )
 
 
 def test_unpack_buffers_refuses_what_it_cannot_copy() -> None:

@@ -848,6 +848,23 @@ init(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* the three column buffers of ``n`` reads (uninitialised bytes objects: int64 (n, 4),
+ * float64 (n,), bool (n,)); 0, or -1 with an error and nothing left allocated. Bytes objects
+ * are not tracked by the collector: allocating them runs no Python code. */
+static int
+column_bytes(Py_ssize_t n, PyObject **ints, PyObject **vals, PyObject **isf)
+{
+    *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
+    *vals = *ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double)) : NULL;
+    *isf = *vals ? PyBytes_FromStringAndSize(NULL, n) : NULL;
+    if (*isf == NULL) {
+        Py_XDECREF(*ints);
+        Py_XDECREF(*vals);
+        return -1;
+    }
+    return 0;
+}
+
 /* unpack(reads) -> (ints, values, is_float): the raw reads of a batch (a list of 5-tuples,
  * as the tracked classes append them) as columns, in one pass: ``ints`` the bytes of an int64
  * (n, 4) array (tag id, ago, size, bar index), ``values`` those of a float64 (n,) array (the
@@ -866,13 +883,8 @@ unpack(PyObject *Py_UNUSED(mod), PyObject *reads)
     PyObject *copy = PyList_AsTuple(reads);
     if (copy == NULL) return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(copy);
-    PyObject *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
-    PyObject *vals = ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double))
-                          : NULL;
-    PyObject *isf = vals ? PyBytes_FromStringAndSize(NULL, n) : NULL;
-    if (isf == NULL) {
-        Py_XDECREF(ints);
-        Py_XDECREF(vals);
+    PyObject *ints, *vals, *isf;
+    if (column_bytes(n, &ints, &vals, &isf) < 0) {
         Py_DECREF(copy);
         return NULL;
     }
@@ -946,13 +958,8 @@ unpack_buffers(PyObject *Py_UNUSED(mod), PyObject *buffers)
         }
         n += rb->n;
     }
-    PyObject *ints = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long));
-    PyObject *vals = ints ? PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(double))
-                          : NULL;
-    PyObject *isf = vals ? PyBytes_FromStringAndSize(NULL, n) : NULL;
-    if (isf == NULL) {
-        Py_XDECREF(ints);
-        Py_XDECREF(vals);
+    PyObject *ints, *vals, *isf;
+    if (column_bytes(n, &ints, &vals, &isf) < 0) {
         Py_DECREF(copy);
         return NULL;
     }

@@ -100,23 +100,28 @@ def shown_ref(ref: str) -> str:
 
 
 def shown_endpoint(url: str) -> str:
-    """``SECRET_MANAGER_ENDPOINT`` as messages show it: a password in it as ``****``
-    (helper-86 F4: ``http://user:password@proxy`` was echoed whole).
+    """``SECRET_MANAGER_ENDPOINT`` as messages show it: whatever comes before the last ``@``
+    of it (a user, a password, a token) as ``****``, and a query or fragment as ``?****``.
+    Not parsed as a URL: a password holding ``#``, ``/`` or ``?``, or an endpoint without a
+    scheme (``user:pw@host``, as ``api_endpoint`` examples are written), is no URL's
+    userinfo, and was echoed whole (helper-84 F4, helper-88 F1, F2).
 
     >>> shown_endpoint("http://user:pw@127.0.0.1:8085")
-    'http://user:****@127.0.0.1:8085'
+    'http://****@127.0.0.1:8085'
+    >>> shown_endpoint("user:hunt#er2@secretmanager.googleapis.com")
+    '****@secretmanager.googleapis.com'
+    >>> shown_endpoint("https://host/v1?access_token=ya29.x")
+    'https://host/v1?****'
     """
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<not a URL>" if "@" in url else url
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:****@{host}").geturl()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "****@" + rest.rpartition("@")[2]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut] + "?****"
+    return f"{scheme}{sep}{rest}"
 
 
 def secret_resource(ref: str, project: str | None) -> str:

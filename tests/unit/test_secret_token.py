@@ -132,3 +132,36 @@ def test_names_people_give_are_shown(name: str) -> None:
 
     ref = f"projects/my-project-123/secrets/{name}/versions/3"
     assert shown_ref(ref) == ref
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "secret"),
+    [
+        ("http://user:hunt#er2@127.0.0.1:1", "hunt"),
+        ("http://user:hunt/er2@127.0.0.1:1", "hunt"),
+        ("http://user:hunt?er2@127.0.0.1:1", "hunt"),
+        ("user:hunter2@secretmanager.googleapis.com", "hunter2"),
+        ("http:/user:hunter2@host", "hunter2"),
+        ("http://ghp_TOKENabc123@127.0.0.1:1", "ghp_TOKEN"),
+        ("https://host/?access_token=ya29.SECRET", "ya29"),
+        ("https://host/#ya29.SECRET", "ya29"),
+    ],
+)
+def test_no_credential_of_the_endpoint_is_shown(endpoint: str, secret: str) -> None:
+    """helper-88 F1, F2: a password holding '#', '/' or '?', an endpoint without a scheme, a
+    token as the user name or in the query were shown whole (the URL parser found no
+    userinfo)."""
+    from runtime.secrets import shown_endpoint
+
+    shown = shown_endpoint(endpoint)
+    assert secret not in shown and "****" in shown
+
+
+@given(st.text(), st.text(min_size=1), st.text())
+def test_nothing_before_the_last_at_sign_is_shown(head: str, secret: str, host: str) -> None:
+    from runtime.secrets import shown_endpoint
+
+    host = host.replace("@", "")
+    shown = shown_endpoint(f"{head}{secret}@{host}")
+    assert "@" not in shown.replace("****@", "", 1)
+    assert shown.endswith("****") or shown.partition("****@")[2] in host

@@ -287,8 +287,10 @@ def test_a_finalizer_that_clears_the_buffer_while_it_is_sliced(big: bool) -> Non
 def test_a_finalizer_that_appends_while_a_read_is_appended_loses_nothing(
     nested: Any, outer: Any
 ) -> None:
-    """The outer append keeps an object (a text value, or a read kept whole): its list is
-    allocated first, and the finalizer's read lands before it, never over it."""
+    """The outer append keeps an object (a text value, or a read kept whole): the finalizer's
+    read lands beside it, never over it. Which comes first depends on which allocation the
+    collection starts at (the objs list inside the append, or an object of the test's own
+    around it: CI saw both), so the order of the two is not checked."""
     buf = ReadBuffer([(0, 0, 1, i, float(i)) for i in range(63)])  # one slot left of 64
     read = (1, 0, 1, 5, outer) if isinstance(outer, str) else outer
     _arm(lambda: buf.append((2, 0, 1, 7, nested)))
@@ -299,7 +301,7 @@ def test_a_finalizer_that_appends_while_a_read_is_appended_loses_nothing(
     got = list(buf)
     assert len(got) == 65
     assert got[:63] == [(0, 0, 1, i, float(i)) for i in range(63)]
-    assert got[63:] == [(2, 0, 1, 7, nested), read]
+    assert got[63:] in ([(2, 0, 1, 7, nested), read], [read, (2, 0, 1, 7, nested)])
 
 
 def test_a_slice_with_the_largest_step() -> None:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -47,7 +47,8 @@ from analyzers.schema import (
     new_session_id,
 )
 from analyzers.sinks.writer import DecisionWriter
-from analyzers.tracking import AccessTracker, Read, proxies
+from analyzers.tracking import AccessTracker, proxies
+from analyzers.tracking.tracker import take_reads
 from core.bars import feed_symbol
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.csv import prefetch_hashes
@@ -694,14 +695,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if tracker.stale:
                 self._settle()  # earlier bars resolve with the sources they had
                 tracker.refresh()
-            # tracker.drain(), inlined (once a bar): a packed buffer is taken whole (no tuple
-            # made), a list (pure Python) copied and cleared
-            bar_reads: Sequence[Read]
-            if isinstance(raw, list):
-                bar_reads = raw[:]
-                raw.clear()
-            else:
-                bar_reads = raw.take()
+            bar_reads = take_reads(raw)  # tracker.drain() without its method call
             data_accessed = lookaheads = PendingReads(tracker, bar_reads, tracker.capture())
             pending = self._pending
             pending.append(data_accessed)

@@ -258,10 +258,11 @@ class AlpacaPaperTradingBroker(FillsMixin, bt.BrokerBase):  # type: ignore[misc]
         self._connected = True
 
     def interrupt_connect(self) -> None:
-        """End :meth:`connect`'s retries now (a stop before the run started): its waits end at
-        once and a request in flight is its last, so ``connect()`` raises
-        :class:`~core.errors.RetryInterruptedError` within one ``request_timeout_s``. No-op
-        once connected. Any thread (sets an event)."""
+        """End :meth:`connect` now (a stop before the run started): no start-up read begins
+        after it, and the wait for one in flight ends at once (that request is left on its
+        daemon thread, :func:`~runtime.brokers.alpaca.reconcile.start_call`), so
+        ``connect()`` raises :class:`~core.errors.RetryInterruptedError` within ~0.05 s.
+        No-op once connected. Any thread (sets an event)."""
         if not self._connected:
             self.caller.stop.set()
 

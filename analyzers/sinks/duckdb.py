@@ -211,11 +211,14 @@ def _record_cost(rec: DecisionRecord) -> int:
     read by read), one per symbol group, and its texts (:data:`TEXT_BYTES_PER_READ`)."""
     groups: Any = tuple.__getitem__(rec, _DATA_ACCESSED)
     if isinstance(groups, tuple):
-        n = sum(len(g.access_patterns) for g in groups) + len(groups)
+        n = sum(len(g.access_patterns) for g in groups) + len(groups) if groups else 0
     else:
         n = int(rec.reads)
-    texts = (rec.reasoning, rec.notes, rec.run.agent_params)
-    return 1 + n + sum(len(t) for t in texts if isinstance(t, str)) // TEXT_BYTES_PER_READ
+    chars = 0
+    for text in (rec.reasoning, rec.notes, rec.run.agent_params):  # a loop, not a generator
+        if isinstance(text, str):
+            chars += len(text)
+    return 1 + n + chars // TEXT_BYTES_PER_READ
 
 
 # DuckDB shows memory_limit in binary units ("512.0 MiB", "18.8 GiB")
@@ -596,19 +599,19 @@ class LocalDuckDBSink:
         if self._stored_part:
             records = [r for r in records if r.decision_id not in self._stored_part]
         con = self._con
-        stored: list[str] = []
+        stored: list[Sequence[DecisionRecord]] = []  # their ids are made only when one fails
         try:
             for run in cut_runs([_record_cost(r) for r in records], self.run_reads):
-                part = [records[k] for k in run]
+                part = records if len(run) == len(records) else [records[k] for k in run]
                 table = records_table(part)
                 con.register(_BATCH_VIEW, table)
                 try:
                     con.execute(self._arrow_sql)
                 finally:
                     con.unregister(_BATCH_VIEW)
-                stored += [r.decision_id for r in part]
+                stored.append(part)
         except BaseException:
-            self._remember(stored)
+            self._remember([r.decision_id for part in stored for r in part])
             raise
         return []
 

@@ -46,6 +46,13 @@ static PyObject *g_fast_types = NULL;     /* buffer types indexed in C: (array, 
 static PyObject *s_ACTIVE, *s_array, *s__idx, *s_lencount, *s__fmel, *s_out, *s_id, *s_strict,
     *s_tracker, *s_check_strict, *s_internal_future_read, *s_append, *s_extension;
 static PyObject *k_zero, *k_one;
+/* count_by_attribute(cls, name): a hashes object of exactly ``cls`` whose class ``__len__`` is
+ * still the one registered answers ``len()`` in capture() by its attribute ``name`` (an exact
+ * int), not by calling that ``__len__`` (a Python frame a feed a bar). */
+static PyTypeObject *g_counted_type = NULL;
+static PyObject *g_counted_attr = NULL;
+static PyObject *g_counted_len = NULL; /* the class's __len__ when registered */
+static PyObject *s___len__;
 
 /* self.<name> from the instance dict (a new reference): for the classes this module serves
  * (proxies._dict_safe: none of these names is a data descriptor on the class, and attribute
@@ -1034,8 +1041,23 @@ capture(PyObject *Py_UNUSED(mod), PyObject *captured)
             known = Py_NewRef(k_zero);
         }
         else {
-            Py_ssize_t k = PyObject_Length(hashes);
-            if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
+            if (Py_TYPE(hashes) == g_counted_type && g_counted_type != NULL &&
+                _PyType_Lookup(g_counted_type, s___len__) == g_counted_len) {
+                known = PyObject_GetAttr(hashes, g_counted_attr);
+                if (known == NULL) goto item_fail;
+                if (!PyLong_CheckExact(known) || PyLong_AsSsize_t(known) < 0) {
+                    if (!PyErr_Occurred()) {
+                        PyErr_Format(PyExc_TypeError,
+                                     "capture(): %R.%U is not a count (an int >= 0): %R",
+                                     (PyObject *)g_counted_type, g_counted_attr, known);
+                    }
+                    goto item_fail;
+                }
+            }
+            else {
+                Py_ssize_t k = PyObject_Length(hashes);
+                if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
+            }
         }
         if ((t = PyTuple_Pack(4, lc, idx, held, known)) == NULL) goto item_fail;
         PyTuple_SET_ITEM(out, i, t);
@@ -1065,7 +1087,29 @@ fail:
     return NULL;
 }
 
+/* count_by_attribute(cls, name) -> None: see g_counted_type. One class at a time (a later call
+ * replaces it); the class must define __len__ itself. */
+static PyObject *
+count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *cls, *name;
+    if (!PyArg_ParseTuple(args, "O!U:count_by_attribute", &PyType_Type, &cls, &name)) return NULL;
+    PyObject *len = _PyType_Lookup((PyTypeObject *)cls, s___len__);
+    if (len == NULL) {
+        PyErr_Format(PyExc_TypeError, "count_by_attribute(): %R has no __len__", cls);
+        return NULL;
+    }
+    Py_XSETREF(g_counted_len, Py_NewRef(len));
+    Py_XSETREF(g_counted_attr, Py_NewRef(name));
+    Py_XSETREF(g_counted_type, (PyTypeObject *)Py_NewRef(cls));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"count_by_attribute", count_by_attribute, METH_VARARGS,
+     "count_by_attribute(cls, name): in capture(), len() of an object of exactly cls (whose "
+     "class __len__ is still the one it had here) is its attribute name, read without calling "
+     "__len__; the attribute must be an int >= 0 equal to what __len__ returns."},
     {"capture", capture, METH_O,
      "capture(captured) -> AccessTracker.capture(): (lencount, _idx, len(array) - extension, "
      "len(hashes) or 0) per (datetime line, hashes) pair"},
@@ -1104,6 +1148,7 @@ PyInit__fastread(void)
     INTERN(s_internal_future_read, "internal_future_read");
     INTERN(s_append, "append");
     INTERN(s_extension, "extension");
+    INTERN(s___len__, "__len__");
     k_zero = PyLong_FromLong(0);
     k_one = PyLong_FromLong(1);
     if (k_zero == NULL || k_one == NULL) return NULL;

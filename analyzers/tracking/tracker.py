@@ -28,7 +28,7 @@ from analyzers.tracking.proxies import (
     compiled_in_use,
     untracked_class,
 )
-from core.bars import feed_symbol
+from core.bars import BarHashes, feed_symbol
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 from feeds.fields import TextLine
@@ -41,9 +41,13 @@ _ReadBuffer: type[ReadBuffer] | None
 try:
     from analyzers.tracking._fastread import ReadBuffer as _Built
     from analyzers.tracking._fastread import capture as _capture_c
+    from analyzers.tracking._fastread import count_by_attribute as _count_by_attribute
 except ImportError:  # not built: AccessTracker.capture_py, and the reads in a list
     _capture_c = _ReadBuffer = None
 else:
+    # a feed's BarHashes is counted by its _count (what its __len__ returns) without a Python
+    # call a feed a bar
+    _count_by_attribute(BarHashes, "_count")
     # a sequence of reads to whoever asks (isinstance): it behaves as a list of 5-tuples does
     _ReadBuffer = Sequence.register(_Built)
 

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.tracking import proxies
+from core.bars import BarHashes
 
 
 class StrictError(Exception):
@@ -519,6 +520,12 @@ class _Hashes:
         return self.n  # type: ignore[no-any-return]
 
 
+def _bar_hashes(n: int) -> BarHashes:
+    h = BarHashes()
+    h.extend(["0" * 32] * n)
+    return h
+
+
 class _Line:
     """What capture reads of a datetime line: ``lencount``, ``_idx``, ``array``, ``extension``
     (any of them may be missing or odd)."""
@@ -553,6 +560,7 @@ def _captured(draw: st.DrawFn) -> list[tuple[Any, Any]]:
                 st.none(),
                 st.builds(lambda n: ["h"] * n, st.integers(0, 20)),
                 st.builds(_Hashes, st.one_of(st.integers(0, 20), st.just(-1), st.just("x"))),
+                st.builds(_bar_hashes, st.integers(0, 20)),  # counted by _count in C
             )
         )
         out.append((_Line(**attrs), hashes))
@@ -598,6 +606,36 @@ def test_capture_of_a_real_feed_is_the_python_one() -> None:
         _fastread.capture(tuple(tracker._captured))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pair"):
         _fastread.capture([(line,)])
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+def test_capture_counts_a_bar_hashes_by_its_count_only_while_its_len_is_that(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compiled capture reads a feed's :class:`BarHashes` count from ``_count`` (no Python
+    ``__len__`` call a feed a bar): only for that exact class, while its ``__len__`` is the one
+    registered, and a ``_count`` that is not a count is an error naming it, not a number."""
+    from analyzers.tracking import _fastread
+
+    line = _Line(lencount=3, _idx=2, array=[0.0] * 3, extension=0)
+
+    class Sub(BarHashes):  # a subclass with its own len(): called
+        def __len__(self) -> int:
+            return 7
+
+    plain = _bar_hashes(4)
+    assert _fastread.capture([(line, plain), (line, Sub())]) == ((3, 2, 3, 4), (3, 2, 3, 7))
+    monkeypatch.setattr(BarHashes, "__len__", lambda self: 11)  # replaced: called
+    assert _fastread.capture([(line, plain)]) == ((3, 2, 3, 11),)
+    monkeypatch.undo()
+    plain._count = "4"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="_count is not a count"):
+        _fastread.capture([(line, plain)])
+    plain._count = -1
+    with pytest.raises(TypeError, match="_count is not a count"):
+        _fastread.capture([(line, plain)])
+    with pytest.raises(TypeError, match="no __len__"):
+        _fastread.count_by_attribute(object, "_count")
 
 
 @pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")

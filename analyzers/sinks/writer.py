@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from analyzers.deferred import DeferredRecord, settle_batch
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
@@ -71,6 +72,11 @@ from core.errors import AppError, ConfigError, SinkError, TransientError
 from core.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
+
+# At stop, the reads of queued records are resolved on the stopping thread in chunks of at most
+# this many reads (about 20 ms each at ~0.3 us a read: docs/benchmarks.md), so the stop's
+# budget is checked between chunks.
+SETTLE_AT_STOP_READS = 65_536
 
 # Attempts of one sink call, then spill. Waits of 0.2, 0.4, 0.8 s at most between them.
 DEFAULT_RETRY = RetryPolicy(attempts=4, initial_s=0.2, max_s=5.0)
@@ -617,7 +623,9 @@ class DecisionWriter:
             self._stop.set()
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            began = time.monotonic()
+            self._settle_waiting(began + 0.5 * timeout_s)
+            self._thread.join(max(0.0, timeout_s - (time.monotonic() - began)))
             if self._thread.is_alive():
                 logger.error(
                     "decision writer did not finish within %.1f s; spilling what is left", timeout_s
@@ -674,6 +682,36 @@ class DecisionWriter:
                 self.sink.close()
         _SWITCH.leave(self)  # once: a second stop(), or one racing it, finds it gone
         return self.stats
+
+    def _settle_waiting(self, until: float) -> None:
+        """At :meth:`stop`, on the caller's thread (the bar loop's, idle from now on): resolve
+        the deferred reads (:func:`~analyzers.deferred.settle_batch`) of the records still
+        queued behind the batch the writer thread holds, while that thread writes it (a
+        store's insert releases the GIL: the two overlap on two cores). The writer then finds
+        them resolved; the rows are the same either way (resolving is done once, under the
+        tracker's lock, whoever comes first). In chunks of at most ``batch_size`` records and
+        :data:`SETTLE_AT_STOP_READS` reads (tens of milliseconds), until ``until``
+        (``time.monotonic()``) or the writer thread is gone; a chunk that fails to resolve is
+        left to the writer thread, which reports it. Live runs queue no deferred record."""
+        thread = self._thread
+        with self._lock:
+            waiting = [r for r in self._buf if type(r) is DeferredRecord]
+        chunk: list[Any] = []
+        reads = 0
+        for i, rec in enumerate(waiting):
+            chunk.append(rec.pending)
+            reads += rec.reads
+            last = i + 1 == len(waiting)
+            if not last and len(chunk) < self.batch_size and reads < SETTLE_AT_STOP_READS:
+                continue
+            if time.monotonic() >= until or thread is None or not thread.is_alive():
+                return
+            try:
+                settle_batch(chunk)
+            except Exception:  # the writer thread resolves it and reports the error
+                logger.debug("settling at stop failed; left to the writer", exc_info=True)
+                return
+            chunk, reads = [], 0
 
     def _check_destination(self) -> None:
         """A spill is written to the store it was meant for: its destination is kept beside it

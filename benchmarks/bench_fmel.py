@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def child(
         writer.stop()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
     flush = time.perf_counter() - t_stop
+    shutil.rmtree(tmp, ignore_errors=True)  # the store and whatever a measured mode wrote
     reads = 0
     if mode == "fmel":
         fmel = next(a for a in strategy.analyzers if isinstance(a, FMELAnalyzer))

@@ -47,12 +47,46 @@ static PyObject *s_ACTIVE, *s_array, *s__idx, *s_lencount, *s__fmel, *s_out, *s_
     *s_tracker, *s_check_strict, *s_internal_future_read, *s_append, *s_extension;
 static PyObject *k_zero, *k_one;
 /* count_by_attribute(cls, name): a hashes object of exactly ``cls`` whose class ``__len__`` is
- * still the one registered answers ``len()`` in capture() by its attribute ``name`` (an exact
- * int), not by calling that ``__len__`` (a Python frame a feed a bar). */
+ * still the function registered, with the same code, answers ``len()`` in capture() by its
+ * attribute ``name`` when that is an exact int >= 0, not by calling ``__len__`` (a Python frame
+ * a feed a bar); anything else (the attribute missing, another value) calls ``__len__`` as
+ * ``len()`` does, so the result is ``len()``'s whenever ``__len__`` returns the attribute. */
 static PyTypeObject *g_counted_type = NULL;
 static PyObject *g_counted_attr = NULL;
-static PyObject *g_counted_len = NULL; /* the class's __len__ when registered */
+static PyObject *g_counted_len = NULL;  /* the class's __len__ (a function) when registered */
+static PyObject *g_counted_code = NULL; /* and its __code__ then */
 static PyObject *s___len__;
+
+/* len(hashes), by the registered attribute when it may be (see g_counted_type); -1 on error. */
+static Py_ssize_t
+counted_length(PyObject *hashes)
+{
+    PyTypeObject *type = g_counted_type;
+    if (type == NULL || Py_TYPE(hashes) != type) return PyObject_Length(hashes);
+    PyObject *len = _PyType_Lookup(type, s___len__);
+    if (len != g_counted_len || !PyFunction_Check(len) ||
+        PyFunction_GET_CODE(len) != g_counted_code) {
+        return PyObject_Length(hashes);
+    }
+    /* our own references: the attribute lookup may run Python code that registers again */
+    PyObject *name = Py_NewRef(g_counted_attr);
+    Py_INCREF(type);
+    PyObject *v = PyObject_GetAttr(hashes, name);
+    Py_DECREF(name);
+    Py_DECREF(type);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        return PyObject_Length(hashes);
+    }
+    Py_ssize_t n = -1;
+    if (PyLong_CheckExact(v)) {
+        n = PyLong_AsSsize_t(v);
+        if (n == -1 && PyErr_Occurred()) PyErr_Clear();
+    }
+    Py_DECREF(v);
+    return n >= 0 ? n : PyObject_Length(hashes);
+}
 
 /* self.<name> from the instance dict (a new reference): for the classes this module serves
  * (proxies._dict_safe: none of these names is a data descriptor on the class, and attribute
@@ -1041,23 +1075,8 @@ capture(PyObject *Py_UNUSED(mod), PyObject *captured)
             known = Py_NewRef(k_zero);
         }
         else {
-            if (Py_TYPE(hashes) == g_counted_type && g_counted_type != NULL &&
-                _PyType_Lookup(g_counted_type, s___len__) == g_counted_len) {
-                known = PyObject_GetAttr(hashes, g_counted_attr);
-                if (known == NULL) goto item_fail;
-                if (!PyLong_CheckExact(known) || PyLong_AsSsize_t(known) < 0) {
-                    if (!PyErr_Occurred()) {
-                        PyErr_Format(PyExc_TypeError,
-                                     "capture(): %R.%U is not a count (an int >= 0): %R",
-                                     (PyObject *)g_counted_type, g_counted_attr, known);
-                    }
-                    goto item_fail;
-                }
-            }
-            else {
-                Py_ssize_t k = PyObject_Length(hashes);
-                if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
-            }
+            Py_ssize_t k = counted_length(hashes);
+            if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
         }
         if ((t = PyTuple_Pack(4, lc, idx, held, known)) == NULL) goto item_fail;
         PyTuple_SET_ITEM(out, i, t);
@@ -1095,10 +1114,13 @@ count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
     PyObject *cls, *name;
     if (!PyArg_ParseTuple(args, "O!U:count_by_attribute", &PyType_Type, &cls, &name)) return NULL;
     PyObject *len = _PyType_Lookup((PyTypeObject *)cls, s___len__);
-    if (len == NULL) {
-        PyErr_Format(PyExc_TypeError, "count_by_attribute(): %R has no __len__", cls);
+    if (len == NULL || !PyFunction_Check(len)) {
+        PyErr_Format(PyExc_TypeError,
+                     "count_by_attribute(): %R has no __len__ written in Python (found %R)", cls,
+                     len == NULL ? Py_None : len);
         return NULL;
     }
+    Py_XSETREF(g_counted_code, Py_NewRef(PyFunction_GET_CODE(len)));
     Py_XSETREF(g_counted_len, Py_NewRef(len));
     Py_XSETREF(g_counted_attr, Py_NewRef(name));
     Py_XSETREF(g_counted_type, (PyTypeObject *)Py_NewRef(cls));
@@ -1108,8 +1130,9 @@ count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
 static PyMethodDef methods[] = {
     {"count_by_attribute", count_by_attribute, METH_VARARGS,
      "count_by_attribute(cls, name): in capture(), len() of an object of exactly cls (whose "
-     "class __len__ is still the one it had here) is its attribute name, read without calling "
-     "__len__; the attribute must be an int >= 0 equal to what __len__ returns."},
+     "class __len__ is still the Python function it had here, with the same code) is its "
+     "attribute name when that is an int >= 0, read without calling __len__; otherwise "
+     "__len__ is called. The caller vouches that __len__ returns that attribute."},
     {"capture", capture, METH_O,
      "capture(captured) -> AccessTracker.capture(): (lencount, _idx, len(array) - extension, "
      "len(hashes) or 0) per (datetime line, hashes) pair"},

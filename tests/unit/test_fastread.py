@@ -613,29 +613,44 @@ def test_capture_counts_a_bar_hashes_by_its_count_only_while_its_len_is_that(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The compiled capture reads a feed's :class:`BarHashes` count from ``_count`` (no Python
-    ``__len__`` call a feed a bar): only for that exact class, while its ``__len__`` is the one
-    registered, and a ``_count`` that is not a count is an error naming it, not a number."""
+    ``__len__`` call a feed a bar) only for that exact class, while its ``__len__`` is the
+    function registered with its code, and only when ``_count`` is an int >= 0; otherwise it
+    calls ``__len__``, so it gives what ``len()`` gives (fresh-context attack, helper-89: odd
+    counts, a swapped ``__code__``, registrations that could not hold)."""
     from analyzers.tracking import _fastread
 
     line = _Line(lencount=3, _idx=2, array=[0.0] * 3, extension=0)
+
+    def counts(hashes: Any) -> Any:
+        return _capture_outcome(_fastread.capture, [(line, hashes)])
+
+    def by_len(hashes: Any) -> Any:
+        outcome = _capture_outcome(len, hashes)
+        return ("ok", ((3, 2, 3, outcome[1]),)) if outcome[0] == "ok" else outcome
 
     class Sub(BarHashes):  # a subclass with its own len(): called
         def __len__(self) -> int:
             return 7
 
     plain = _bar_hashes(4)
-    assert _fastread.capture([(line, plain), (line, Sub())]) == ((3, 2, 3, 4), (3, 2, 3, 7))
+    assert counts(plain) == ("ok", ((3, 2, 3, 4),))
+    assert counts(Sub()) == ("ok", ((3, 2, 3, 7),))
     monkeypatch.setattr(BarHashes, "__len__", lambda self: 11)  # replaced: called
-    assert _fastread.capture([(line, plain)]) == ((3, 2, 3, 11),)
+    assert counts(plain) == ("ok", ((3, 2, 3, 11),))
     monkeypatch.undo()
-    plain._count = "4"  # type: ignore[assignment]
-    with pytest.raises(TypeError, match="_count is not a count"):
-        _fastread.capture([(line, plain)])
-    plain._count = -1
-    with pytest.raises(TypeError, match="_count is not a count"):
-        _fastread.capture([(line, plain)])
-    with pytest.raises(TypeError, match="no __len__"):
-        _fastread.count_by_attribute(object, "_count")
+    code = BarHashes.__len__.__code__
+    monkeypatch.setattr(BarHashes.__len__, "__code__", (lambda self: 42).__code__)
+    assert counts(plain) == ("ok", ((3, 2, 3, 42),))  # the same function, other code: called
+    monkeypatch.setattr(BarHashes.__len__, "__code__", code)
+    for odd in (True, False, 5.0, "4", None, -1, -(2**70), 2**70, type("I", (int,), {})(5)):
+        plain._count = odd  # type: ignore[assignment]
+        assert counts(plain) == by_len(plain), odd  # not a plain count: as len() does
+    del plain._count
+    assert counts(plain) == by_len(plain)
+    assert counts(plain)[0] == "raised"
+    for cls in (object, list):  # no __len__, or one not written in Python: refused
+        with pytest.raises(TypeError, match="no __len__ written in Python"):
+            _fastread.count_by_attribute(cls, "_count")
 
 
 @pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")

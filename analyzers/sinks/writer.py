@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from analyzers.deferred import DeferredRecord, settle_batch
+from analyzers.deferred import DeferredRecord, settle_columns
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
@@ -74,8 +74,8 @@ from core.retry import RetryPolicy
 logger = logging.getLogger(__name__)
 
 # At stop, the reads of queued records are resolved on the stopping thread in chunks of at most
-# this many reads (about 20 ms each at ~0.3 us a read: docs/benchmarks.md), so the stop's
-# budget is checked between chunks.
+# this many reads (about 20 ms each: only the vectorised part, ~0.3 us a read, is done there;
+# docs/benchmarks.md), so the stop's budget is checked between chunks.
 SETTLE_AT_STOP_READS = 65_536
 
 # Attempts of one sink call, then spill. Waits of 0.2, 0.4, 0.8 s at most between them.
@@ -685,29 +685,43 @@ class DecisionWriter:
 
     def _settle_waiting(self, until: float) -> None:
         """At :meth:`stop`, on the caller's thread (the bar loop's, idle from now on): resolve
-        the deferred reads (:func:`~analyzers.deferred.settle_batch`) of the records still
-        queued behind the batch the writer thread holds, while that thread writes it (a
-        store's insert releases the GIL: the two overlap on two cores). The writer then finds
-        them resolved; the rows are the same either way (resolving is done once, under the
-        tracker's lock, whoever comes first). In chunks of at most ``batch_size`` records and
-        :data:`SETTLE_AT_STOP_READS` reads (tens of milliseconds), until ``until``
-        (``time.monotonic()``) or the writer thread is gone; a chunk that fails to resolve is
-        left to the writer thread, which reports it. Live runs queue no deferred record."""
+        the deferred reads of the records still queued behind the batch the writer thread
+        holds, while that thread writes it (a store's insert releases the GIL: the two overlap
+        on two cores). The writer then finds them resolved; the rows are the same either way
+        (resolving is done once, under the tracker's lock, whoever comes first).
+
+        Bounded by ``until`` (``time.monotonic()``): only the vectorised part is done here
+        (:func:`~analyzers.deferred.settle_columns`: bars with windows, text, look-aheads are
+        left to the writer thread, which resolves them read by read), in chunks of at most
+        ``batch_size`` records and :data:`SETTLE_AT_STOP_READS` reads, a record with more reads
+        than that is left too, and a tracker's lock held by the writer is waited for only
+        until ``until``. Stops at ``until``, when the writer thread is gone, or at a chunk
+        that fails (left to the writer thread, which reports it). Live runs queue no
+        deferred record."""
         thread = self._thread
+        if time.monotonic() >= until or thread is None or not thread.is_alive():
+            return
         with self._lock:
             waiting = [r for r in self._buf if type(r) is DeferredRecord]
         chunk: list[Any] = []
         reads = 0
         for i, rec in enumerate(waiting):
-            chunk.append(rec.pending)
-            reads += rec.reads
+            if rec.reads <= SETTLE_AT_STOP_READS:
+                chunk.append(rec.pending)
+                reads += rec.reads
             last = i + 1 == len(waiting)
-            if not last and len(chunk) < self.batch_size and reads < SETTLE_AT_STOP_READS:
+            if not chunk or (
+                not last
+                and len(chunk) < self.batch_size
+                and reads + waiting[i + 1].reads <= SETTLE_AT_STOP_READS
+            ):
                 continue
-            if time.monotonic() >= until or thread is None or not thread.is_alive():
+            left = until - time.monotonic()
+            if left <= 0 or not thread.is_alive():
                 return
             try:
-                settle_batch(chunk)
+                if not settle_columns(chunk, left):
+                    return
             except Exception:  # the writer thread resolves it and reports the error
                 logger.debug("settling at stop failed; left to the writer", exc_info=True)
                 return

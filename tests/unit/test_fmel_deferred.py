@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from analyzers.deferred import DeferredRecord
+from analyzers.deferred import DeferredRecord, settle_columns
 from analyzers.schema import DecisionRecord, row_json
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.writer import DecisionWriter
@@ -163,3 +163,74 @@ def test_records_queued_at_stop_are_resolved_by_the_stopping_thread_while_the_wr
     assert writer.stats.written == writer.stats.submitted
     recorded = flatten(sink.records)
     assert recorded == out.expected
+
+
+class _KeepSink(CollectSink):
+    """Keeps the records as given: nothing resolves them here."""
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        self.records.extend(records)
+        return []
+
+
+@pytest.mark.parametrize("agent", ["SmaCross", "Windows"])
+def test_settle_columns_resolves_only_the_vectorised_bars_and_waits_for_the_lock_only_so_long(
+    agent: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``stop()`` resolves on the stopping thread (:func:`settle_columns`) stays within
+    its budget (fresh-context attack, helper-90: bars read by read cost ~10x a vectorised one,
+    and the lock may be held by the writer thread for a whole batch): bars with windows are
+    left pending, and a lock held elsewhere is waited for only ``wait_s``."""
+    case = next(c for c in CASES if c.agent.__name__ == agent and c.runonce)
+    monkeypatch.setattr(DecisionWriter, "_settle_waiting", lambda self, until: None)
+    sink = _KeepSink()
+    writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")  # type: ignore[arg-type]
+    writer.start()
+    try:
+        run_case(case, fmel=True, writer=writer)
+    finally:
+        writer.stop(timeout_s=300)
+    pending = [r.pending for r in sink.records if isinstance(r, DeferredRecord)]
+    assert pending and not any(p.done for p in pending)
+    lock = pending[0].tracker.resolve_lock
+    with lock:
+        began = time.monotonic()
+        assert not settle_columns(pending, 0.05)
+        assert 0.04 <= time.monotonic() - began < 2.0
+    assert not any(p.done for p in pending)
+    assert settle_columns(pending, 1.0)
+    done = [p for p in pending if p.done]
+    if agent == "Windows":  # every bar reads a window: read by read, later
+        assert not done
+    else:
+        assert len(done) > len(pending) // 2
+    for p in pending:  # the rest resolve read by read, when asked
+        p.result()
+    assert all(p.done for p in pending)
+
+
+def test_settling_at_stop_does_not_wait_for_the_queue_once_its_time_is_up(
+    tmp_path: Path,
+) -> None:
+    """Past its ``until`` (or with the writer thread gone) the stop's settling returns without
+    taking the writer's lock to copy the queue (helper-90 F3)."""
+    writer = DecisionWriter(CollectSink(), spill_dir=tmp_path / "spill")  # type: ignore[arg-type]
+    writer.start()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with writer._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        began = time.monotonic()
+        writer._settle_waiting(time.monotonic() - 1.0)
+        assert time.monotonic() - began < 1.0
+    finally:
+        release.set()
+        holder.join()
+        writer.stop()

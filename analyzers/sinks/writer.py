@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from analyzers.deferred import DeferredRecord, settle_columns
+from analyzers.deferred import DeferredRecord, PendingReads, settle_columns
 from analyzers.schema import DecisionRecord, row_json, to_row
 from analyzers.sinks.base import DecisionSink, Row, RowError
 from analyzers.sinks.journal import DecisionJournal
@@ -703,19 +703,22 @@ class DecisionWriter:
             return
         with self._lock:
             waiting = [r for r in self._buf if type(r) is DeferredRecord]
-        chunk: list[Any] = []
+        chunks: list[list[PendingReads]] = []
+        chunk: list[PendingReads] = []
         reads = 0
-        for i, rec in enumerate(waiting):
-            if rec.reads <= SETTLE_AT_STOP_READS:
-                chunk.append(rec.pending)
-                reads += rec.reads
-            last = i + 1 == len(waiting)
-            if not chunk or (
-                not last
-                and len(chunk) < self.batch_size
-                and reads + waiting[i + 1].reads <= SETTLE_AT_STOP_READS
+        for rec in waiting:
+            if rec.reads > SETTLE_AT_STOP_READS:
+                continue  # one record too wide for a chunk: the writer's
+            if chunk and (
+                len(chunk) >= self.batch_size or reads + rec.reads > SETTLE_AT_STOP_READS
             ):
-                continue
+                chunks.append(chunk)
+                chunk, reads = [], 0
+            chunk.append(rec.pending)
+            reads += rec.reads
+        if chunk:
+            chunks.append(chunk)
+        for chunk in chunks:
             left = until - time.monotonic()
             if left <= 0 or not thread.is_alive():
                 return
@@ -725,7 +728,6 @@ class DecisionWriter:
             except Exception:  # the writer thread resolves it and reports the error
                 logger.debug("settling at stop failed; left to the writer", exc_info=True)
                 return
-            chunk, reads = [], 0
 
     def _check_destination(self) -> None:
         """A spill is written to the store it was meant for: its destination is kept beside it

@@ -75,6 +75,16 @@ class TwoWaySink(LocalDuckDBSink):
         return errors
 
 
+@pytest.fixture(autouse=True)
+def _raw_reads_reach_the_sink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sinks here compare the columns with the per-read resolution of the raw reads they
+    are given (or keep those raw reads): the stop's own settling, which resolves the records
+    still queued at ``stop()`` before the writer takes them (a race: CI saw a sink get none),
+    is left out, so every record reaches the sink unresolved. That settling is checked
+    against the agents' own logs in ``test_fmel_deferred.py``."""
+    monkeypatch.setattr(DecisionWriter, "_settle_waiting", lambda self, until: None)
+
+
 def _per_read(rec: DecisionRecord) -> DecisionRecord:
     """``rec`` with its reads resolved read by read, leaving ``rec`` itself unresolved."""
     if not isinstance(rec, DeferredRecord):
@@ -314,16 +324,12 @@ class _CapturingSink(LocalDuckDBSink):
 
 
 def test_a_feed_whose_offset_moves_within_a_batch_sends_its_bars_to_the_per_read_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Growing buffers keep one offset a feed, so the guard is only reached with a state
     changed here: the bars reading that feed leave the columns, the others stay."""
     from analyzers.fmel import FMELAnalyzer
     from analyzers.tracking.columns import resolve_columns
-
-    # the sink must see the raw reads: the stop's own settling (which resolves the records
-    # still queued when the writer has not taken them yet, a race) is left out here
-    monkeypatch.setattr(DecisionWriter, "_settle_waiting", lambda self, until: None)
 
     index = pd.date_range("2024-01-01", periods=40, freq="D")
     frame = pd.DataFrame(

@@ -77,6 +77,7 @@ def _columns_array(cols: Columns) -> pa.Array:
     n = len(cols.seq)
     value = cols.value
     hash_code = cols.hash_code
+    hashes = pa.array(cols.hashes, pa.string())
     access = pa.StructArray.from_arrays(
         [
             pa.array(cols.seq, pa.int64()),
@@ -84,7 +85,7 @@ def _columns_array(cols: Columns) -> pa.Array:
             pa.array(cols.index, pa.int64()),
             pa.array(np.ones(n, dtype=np.int64)),
             pa.array(cols.bar_index, pa.int64()),
-            pc.take(pa.array(cols.hashes, pa.string()), pa.array(hash_code, mask=hash_code < 0)),
+            pc.take(hashes, pa.array(hash_code, mask=hash_code < 0)),
             pa.array(value, pa.float64(), mask=~np.isfinite(value)),
             pa.nulls(n, pa.string()),
             pa.array(np.zeros(n, dtype=bool)),
@@ -92,11 +93,16 @@ def _columns_array(cols: Columns) -> pa.Array:
         ],
         fields=list(_ACCESS_T),
     )
+    digest = cols.digest_code
     group = pa.StructArray.from_arrays(
         [
-            pa.array(cols.symbol, pa.string()),
-            pa.array(cols.digest, pa.string()),
-            _list_array(cols.fields_offsets, pa.array(cols.fields, pa.string()), _FIELDS_T),
+            pc.take(pa.array(cols.symbols, pa.string()), pa.array(cols.symbol_code)),
+            pc.take(hashes, pa.array(digest, mask=digest < 0)),
+            _list_array(
+                cols.fields_offsets,
+                pc.take(pa.array(cols.field_names, pa.string()), pa.array(cols.fields)),
+                _FIELDS_T,
+            ),
             _list_array(cols.access_offsets, access, _PATTERNS_T),
         ],
         fields=list(_DATA_ACCESS_T),

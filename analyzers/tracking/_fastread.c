@@ -30,13 +30,16 @@
  * the buffer gives back equal tuples (the value object itself when it was not a float).
  *
  * Also ``unpack`` and ``unpack_buffers``: a batch's raw reads as columns, for the decision
- * writer (any thread).
+ * writer (any thread); and ``resolve_buffers`` (with _resolve.c), the per-read part of
+ * resolving them, without the GIL.
  *
  * Why C: a Python-level ``__getitem__`` costs a frame per read, and these reads are the bar
  * loop's most frequent operation (docs/benchmarks.md, benchmarks/bench_instructions.py).
  * Built by ``make`` (setup.py); tests/unit/test_fastread.py compares it with the Python. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_resolve.h"
 
 static PyObject *g_globals = NULL;        /* proxies.__dict__: ACTIVE is read there per call */
 static PyObject *g_fallback = NULL;       /* proxies._plain_getitem */
@@ -180,8 +183,10 @@ bar_index(Py_ssize_t pos, PyObject *lencount, Py_ssize_t idx, int is_len)
  * is kept whole and comes back as itself (K_OBJECT).
  *
  * Thread context: the tracker's buffer is appended to and taken on the main thread only; a
- * taken buffer is never changed again, and is read by the decision writer. Always under the
- * GIL (nothing here releases it). */
+ * taken buffer is never changed again, and is read by the decision writer: under the GIL, or
+ * without it by ``resolve_buffers``, which pins the buffers it reads (``readers``; like a
+ * bytearray's exports): appending to, clearing or taking from a pinned buffer raises
+ * BufferError instead of moving the arrays being read. */
 
 enum { K_FLOAT = 0, K_NONE = 1, K_VALUE = 2, K_OBJECT = 3 };
 
@@ -198,15 +203,27 @@ typedef struct {
     unsigned char *kind;  /* (cap,) */
     PyObject *objs;       /* list of the objects kept by reference (NULL: none yet) */
     Py_ssize_t whole;     /* how many K_OBJECT entries (unpack_buffers refuses those buffers) */
+    Py_ssize_t readers;   /* resolve_buffers calls reading the arrays without the GIL */
 } ReadBuffer;
 
 static PyTypeObject ReadBufferType;
+
+/* -1 with BufferError when resolve_buffers is reading ``rb`` without the GIL */
+static int
+rb_pinned(ReadBuffer *rb)
+{
+    if (rb->readers == 0) return 0;
+    PyErr_SetString(PyExc_BufferError,
+                    "ReadBuffer is being read by the decision writer: it cannot change now");
+    return -1;
+}
 
 /* capacity for ``need`` reads; -1 with MemoryError. Arrays already grown stay grown when a
  * later one fails (cap only changes once all three are). */
 static int
 rb_reserve(ReadBuffer *rb, Py_ssize_t need)
 {
+    if (rb_pinned(rb) < 0) return -1;
     if (need <= rb->cap) return 0;
     Py_ssize_t cap = rb->cap < 64 ? 64 : rb->cap;
     while (cap < need) {
@@ -264,6 +281,7 @@ rb_push(ReadBuffer *rb, long long id, long long ago, long long size, long long b
      * with nothing between that allocates a Python object (PyMem_Realloc never collects). */
     unsigned char k;
     slot_t v;
+    if (rb_pinned(rb) < 0) return -1;
     if (PyFloat_CheckExact(value)) {
         k = K_FLOAT;
         v.f = PyFloat_AS_DOUBLE(value);
@@ -312,6 +330,7 @@ static int
 rb_append_obj(ReadBuffer *rb, PyObject *o)
 {
     long long f[4];
+    if (rb_pinned(rb) < 0) return -1;
     if (PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 5 &&
         exact_int64(PyTuple_GET_ITEM(o, 0), &f[0]) && exact_int64(PyTuple_GET_ITEM(o, 1), &f[1]) &&
         exact_int64(PyTuple_GET_ITEM(o, 2), &f[2]) && exact_int64(PyTuple_GET_ITEM(o, 3), &f[3])) {
@@ -545,6 +564,7 @@ rb_append(ReadBuffer *rb, PyObject *o)
 static PyObject *
 rb_clear(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
 {
+    if (rb_pinned(rb) < 0) return NULL;
     rb_reset(rb);
     Py_RETURN_NONE;
 }
@@ -554,6 +574,7 @@ rb_clear(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
 static PyObject *
 rb_take(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
 {
+    if (rb_pinned(rb) < 0) return NULL;
     ReadBuffer *out = (ReadBuffer *)ReadBufferType.tp_alloc(&ReadBufferType, 0);
     if (out == NULL) return NULL;
     Py_ssize_t n = rb->n; /* read after the allocation, which may have run Python code */
@@ -1127,6 +1148,51 @@ count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* resolve_buffers(buffers, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms,
+ * n_fields): _resolve.c's fr_resolve over the bars' ReadBuffers, read in place. Each buffer is
+ * pinned (``readers``) and referenced while the GIL is released; a buffer holding a read kept
+ * whole (K_OBJECT), or anything not a ReadBuffer, is refused with TypeError (the caller then
+ * unpacks the reads as tuples and uses numpy). */
+static PyObject *
+resolve_buffers(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *buffers, *state, *src, *len_src, *fcode, *sym;
+    Py_ssize_t n_syms, n_fields;
+    if (!PyArg_ParseTuple(args, "O!OOOOOnn:resolve_buffers", &PyList_Type, &buffers, &state,
+                          &src, &len_src, &fcode, &sym, &n_syms, &n_fields))
+        return NULL;
+    PyObject *bars = PyList_AsTuple(buffers); /* our own references: the list may change */
+    if (bars == NULL) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(bars);
+    ReadChunk *chunks = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(ReadChunk));
+    if (chunks == NULL) {
+        Py_DECREF(bars);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(bars, i);
+        if (!Py_IS_TYPE(o, &ReadBufferType) || ((ReadBuffer *)o)->whole) {
+            PyErr_Format(PyExc_TypeError,
+                         "resolve_buffers(): bar %zd is not a ReadBuffer of packed reads", i);
+            PyMem_Free(chunks);
+            Py_DECREF(bars);
+            return NULL;
+        }
+        ReadBuffer *rb = (ReadBuffer *)o;
+        chunks[i].ints = (const int64_t *)rb->ints;
+        chunks[i].vals = (const double *)rb->vals; /* .f of each slot_t */
+        chunks[i].flag = rb->kind;
+        chunks[i].n = rb->n;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) ((ReadBuffer *)PyTuple_GET_ITEM(bars, i))->readers++;
+    PyObject *out = fr_resolve(chunks, n, K_FLOAT, state, src, len_src, fcode, sym, n_syms,
+                               n_fields);
+    for (Py_ssize_t i = 0; i < n; i++) ((ReadBuffer *)PyTuple_GET_ITEM(bars, i))->readers--;
+    PyMem_Free(chunks);
+    Py_DECREF(bars);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"count_by_attribute", count_by_attribute, METH_VARARGS,
      "count_by_attribute(cls, name): in capture(), len() of an object of exactly cls (whose "
@@ -1140,6 +1206,11 @@ static PyMethodDef methods[] = {
      "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
     {"unpack_buffers", unpack_buffers, METH_O,
      "unpack_buffers(buffers) -> unpack() of the reads of a list of ReadBuffers, in order"},
+    {"resolve_buffers", resolve_buffers, METH_VARARGS,
+     "resolve_buffers(buffers, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms, "
+     "n_fields) -> columns._kernel_np()'s arrays (as bytes) for the reads of a list of "
+     "ReadBuffers, one a bar; None when none resolves, NotImplemented when numpy must (see "
+     "_resolve.c). The GIL is released while it computes"},
     {"descriptors", make_descriptors, METH_O,
      "descriptors(cls) -> (__getitem__, __len__) method descriptors for instances of cls (a "
      "class proxies._dict_safe accepts)"},

@@ -1,6 +1,7 @@
 """Compiled tracked reads (``_fastread.c``); see :mod:`analyzers.tracking.proxies`."""
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import NotImplementedType
 from typing import Any, overload
 
 _Read = tuple[int, int, int, int, Any]
@@ -34,3 +35,14 @@ def unpack(reads: list[tuple[Any, ...]], /) -> tuple[bytes, bytes, bytes]: ...
 def unpack_buffers(buffers: list[Any], /) -> tuple[bytes, bytes, bytes]: ...
 def capture(captured: list[tuple[Any, Any]], /) -> tuple[tuple[int, int, int, int], ...]: ...
 def count_by_attribute(cls: type, name: str, /) -> None: ...
+def resolve_buffers(
+    buffers: list[Any],
+    state: Any,
+    src: Any,
+    len_src: Any,
+    field_code_of_tag: Any,
+    sym_of_slot: Any,
+    n_syms: int,
+    n_fields: int,
+    /,
+) -> tuple[bytes, ...] | NotImplementedType | None: ...

@@ -27,7 +27,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -96,10 +96,12 @@ class Columns:
     Attributes:
         done: positions (in the input) of the bars resolved here, ascending (``B``).
         group_offsets: groups of each resolved bar (``B + 1``).
-        symbol: symbol of each group (``G``).
-        digest: data hash of the symbol's current bar at the bar, per group (``G``, None: none).
+        symbol_code: symbol of each group, a position in ``symbols`` (``G``).
+        symbols: distinct symbols.
+        digest_code: data hash of the symbol's current bar at the bar, per group, a position in
+            ``hashes``; -1 for none (``G``).
         fields_offsets: fields of each group (``G + 1``).
-        fields: ``fields_accessed``, flattened (``F``).
+        fields: ``fields_accessed``, flattened, positions in ``field_names`` (``F``).
         access_offsets: accesses of each group (``G + 1``).
         seq, index, bar_index: per access (``A``, int64).
         field_code: per access, position in ``field_names`` (``A``).
@@ -114,10 +116,11 @@ class Columns:
 
     done: list[int]
     group_offsets: IntArray
-    symbol: list[str]
-    digest: list[str | None]
+    symbol_code: IntArray
+    symbols: list[str]
+    digest_code: IntArray
     fields_offsets: IntArray
-    fields: list[str]
+    fields: IntArray
     access_offsets: IntArray
     seq: IntArray
     index: IntArray
@@ -156,12 +159,10 @@ class Columns:
                 )
             )
             f_lo, f_hi = int(self.fields_offsets[g]), int(self.fields_offsets[g + 1])
-            out.append(
-                new(
-                    DataAccess,
-                    (self.symbol[g], self.digest[g], tuple(self.fields[f_lo:f_hi]), accesses),
-                )
-            )
+            fields = tuple(names[f] for f in self.fields[f_lo:f_hi].tolist())
+            d = int(self.digest_code[g])
+            symbol = self.symbols[int(self.symbol_code[g])]
+            out.append(new(DataAccess, (symbol, None if d < 0 else hashes[d], fields, accesses)))
         return tuple(out)
 
 
@@ -302,10 +303,181 @@ def _unpack_py(flat: list[Read]) -> Unpacked:
     return tid, ago_all, size, index, value, is_num
 
 
+Kernel = tuple[npt.NDArray[Any], ...]
+"""What :func:`_kernel_np` and ``_fastread.resolve_buffers`` return, in this order (``B`` bars
+resolved, ``G`` groups, ``A`` accesses, ``F`` fields, ``U`` distinct (feed, bar index) pairs):
+``done`` (B: the input bars resolved), ``group_offsets`` (B + 1), per group its input bar,
+symbol code, feed slot, the feed's current bar index at that bar and that pair's position among
+the distinct pairs or -1 (G each), ``access_offsets`` and ``fields_offsets`` (G + 1),
+``fields`` (F: field codes), per access in group order its ``seq``, ``ago``, bar index, field
+code, value (float64), the feed's known hash count, its pair's position (A each), and per
+distinct pair (ascending) its slot, bar index and the feed's array offset (U each)."""
+
+
+def _kernel_np(
+    lens: IntArray,
+    tid: IntArray,
+    ago_all: IntArray,
+    size: IntArray,
+    index: IntArray,
+    value: FloatArray,
+    is_num: BoolArray,
+    state: IntArray,
+    src: IntArray,
+    len_src: IntArray,
+    field_code_of_tag: IntArray,
+    sym_of_slot: IntArray,
+    n_syms: int,
+    n_fields: int,
+) -> Kernel | None:
+    """The per-read part of :func:`resolve_columns` in numpy (see :data:`Kernel`); None when no
+    read resolves. ``_fastread.resolve_buffers`` computes the same in C without the GIL
+    (:func:`_kernel_buffers`; ``tests/unit/test_fmel_columns.py`` compares them, Hypothesis).
+
+    Args:
+        lens: reads of each bar (``(bars,)``).
+        tid, ago_all, size, index, value, is_num: per read, :func:`_unpack`'s columns.
+        state: the feeds' captured positions, ``(bars, slots, 4)`` (:func:`_states`).
+        src, len_src: per tag, the slot its reads (its ``len()``) map to, else -1.
+        field_code_of_tag: per tag, its field's code (``len`` is 0).
+        sym_of_slot: per slot, its symbol's code (< ``n_syms``); ``n_fields`` field codes."""
+    n_bars, total = len(lens), len(tid)
+    counts = size == 0
+    value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
+    bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)
+    slot = np.where(counts, len_src[tid], src[tid])
+    ok = ((size == 1) & is_num | counts) & (slot >= 0)
+    slot = np.where(ok, slot, 0)
+    # the feeds' positions at each bar: (bars, slots, 4) = (count, array idx, held, known)
+    cur = state[:, :, 0] - 1
+    off = cur - state[:, :, 1]
+    nbuf = state[:, :, 2] + off
+    c = cur[bar_of, slot]
+    # a len() is never a look-ahead (it returns a count, not a bar's value)
+    o = off[bar_of, slot]
+    # a bar whose time the feed's datetime buffer no longer holds (bounded buffers): per read
+    ok &= (index >= 0) & (index >= o) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
+    bar_ok = np.ones(n_bars, dtype=bool)
+    bar_ok[bar_of[~ok]] = False
+    # one array offset per feed within the batch (always so for growing buffers)
+    bar_ok &= one_offset_per_feed(bar_of, slot, off)
+    keep = bar_ok[bar_of]
+    if not keep.any():
+        return None
+    starts = np.cumsum(lens) - lens
+    seq = np.arange(total, dtype=np.int64) - starts[bar_of]
+    bar_of, slot, index, value, seq, o = (
+        bar_of[keep],
+        slot[keep],
+        index[keep],
+        value[keep],
+        seq[keep],
+        o[keep],
+    )
+    ago = ago_all[keep]
+    fcode = np.where(counts, 0, field_code_of_tag[tid])[keep]
+    known = state[bar_of, slot, 3]
+    done = np.flatnonzero(bar_ok)
+    # renumber the bars resolved here 0..B-1
+    bar_of = (np.cumsum(bar_ok) - 1)[bar_of]
+
+    # each distinct (feed, bar)
+    width = int(index.max()) + 1
+    key = slot * width + index
+    uniq, first, inv = unique_first(key)
+    u_slot, u_index = np.divmod(uniq, width)
+
+    # groups: (bar, symbol) in order of the symbol's first read within the bar
+    sym = sym_of_slot[slot]
+    _, gfirst, ginv = unique_first(bar_of * n_syms + sym)
+    rank = np.empty(len(gfirst), dtype=np.int64)
+    rank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
+    grp = rank[ginv]
+    order = np.argsort(grp, kind="stable")
+    gfirst_sorted = np.sort(gfirst)
+    n_groups = len(gfirst)
+    group_offsets = _offsets(np.bincount(bar_of[gfirst_sorted], minlength=len(done)))
+    access_offsets = _offsets(np.bincount(grp, minlength=n_groups).astype(np.int64))
+    # the group's feed (its first read's) at its current bar, and that pair among the distinct
+    g_bar, g_slot = done[bar_of[gfirst_sorted]], slot[gfirst_sorted]
+    g_cur = state[g_bar, g_slot, 0] - 1
+    g_key = g_slot * width + g_cur
+    g_at = np.minimum(np.searchsorted(uniq, g_key), len(uniq) - 1)
+    g_u = np.where((g_cur >= 0) & (g_cur < width) & (uniq[g_at] == g_key), g_at, -1)
+
+    # fields_accessed: distinct fields of each group in order of first read
+    _, ffirst, _ = unique_first(grp * n_fields + fcode)
+    ffirst = ffirst[np.lexsort((ffirst, grp[ffirst]))]  # by group, then first read
+    fields_offsets = _offsets(np.bincount(grp[ffirst], minlength=n_groups).astype(np.int64))
+    return (
+        done,
+        group_offsets,
+        g_bar,
+        sym[gfirst_sorted],
+        g_slot,
+        g_cur,
+        g_u,
+        access_offsets,
+        fields_offsets,
+        fcode[ffirst],
+        seq[order],
+        ago[order],
+        index[order],
+        fcode[order],
+        value[order],
+        known[order],
+        inv[order],
+        u_slot,
+        u_index,
+        o[first],
+    )
+
+
+def _kernel_buffers(
+    per_bar: list[Sequence[Read]],
+    state: IntArray,
+    src: IntArray,
+    len_src: IntArray,
+    field_code_of_tag: IntArray,
+    sym_of_slot: IntArray,
+    n_syms: int,
+    n_fields: int,
+) -> Kernel | None:
+    """:func:`_kernel_np` of the bars' reads: ``_fastread.resolve_buffers`` over the bars'
+    ``ReadBuffer`` arrays in place, the GIL released while it computes, when the extension is
+    built and every bar's reads are packed; else (lists in pure Python, a read kept whole, a
+    batch too spread for the C table) the reads unpacked (:func:`_unpack_bars`) and numpy."""
+    if _fastread is not None:
+        try:
+            out = _fastread.resolve_buffers(
+                per_bar, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms, n_fields
+            )
+        except TypeError:
+            out = NotImplemented  # not packed buffers: numpy below
+        if out is None:
+            return None
+        if out is not NotImplemented:
+            arrays = [np.frombuffer(b, dtype=np.int64) for b in out]
+            arrays[14] = arrays[14].view(np.float64)  # value
+            return tuple(arrays)
+    lens = np.fromiter(map(len, per_bar), dtype=np.int64, count=len(per_bar))
+    if int(lens.sum()) == 0:
+        return None
+    tid, ago, size, index, value, is_num = _unpack_bars(per_bar)
+    return _kernel_np(
+        lens, tid, ago, size, index, value, is_num, state, src, len_src, field_code_of_tag,
+        sym_of_slot, n_syms, n_fields,
+    )  # fmt: skip
+
+
 def resolve_columns(
     tracker: AccessTracker, bars: Sequence[tuple[Sequence[Read], State]]
 ) -> Columns | None:
     """Resolve the bars whose every read is the common read (see the module docstring).
+
+    The per-read work is one call (:func:`_kernel_buffers`: C without the GIL over the reads'
+    packed buffers when the extension is built, else numpy); Python and numpy run per tag, per
+    bar, per distinct (feed, bar) pair and per (bar, symbol) group around it.
 
     Args:
         tracker: the tracker that recorded the reads (its ``resolve_lock`` held by the caller).
@@ -344,61 +516,26 @@ def resolve_columns(
     )
     symbols = list(symbol_of)
 
-    lens = np.fromiter((len(r) for r, _ in bars), dtype=np.int64, count=n_bars)
-    total = int(lens.sum())
-    if total == 0:
-        return None
-    tid, ago_all, size, index, value, is_num = _unpack_bars([r for r, _ in bars])
-    counts = size == 0
-    value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
-    bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)
-    slot = np.where(counts, len_src[tid], src[tid])
-    ok = ((size == 1) & is_num | counts) & (slot >= 0)
-    slot = np.where(ok, slot, 0)
-
-    # the feeds' positions at each bar: (bars, slots, 4) = (count, array idx, held, known)
     state = _states(bars, n_bars, max(n_slots, 1))
-    cur = state[:, :, 0] - 1
-    off = cur - state[:, :, 1]
-    nbuf = state[:, :, 2] + off
-    c = cur[bar_of, slot]
-    # a len() is never a look-ahead (it returns a count, not a bar's value)
-    o = off[bar_of, slot]
-    # a bar whose time the feed's datetime buffer no longer holds (bounded buffers): per read
-    ok &= (index >= 0) & (index >= o) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
-    bar_ok = np.ones(n_bars, dtype=bool)
-    bar_ok[bar_of[~ok]] = False
-    # one array offset per feed within the batch (always so for growing buffers)
-    bar_ok &= one_offset_per_feed(bar_of, slot, off)
-    keep = bar_ok[bar_of]
-    if not keep.any():
-        return None
-    starts = np.cumsum(lens) - lens
-    seq = np.arange(total, dtype=np.int64) - starts[bar_of]
-    bar_of, slot, index, value, seq, o = (
-        bar_of[keep],
-        slot[keep],
-        index[keep],
-        value[keep],
-        seq[keep],
-        o[keep],
+    out = _kernel_buffers(
+        [r for r, _ in bars],
+        state,
+        src,
+        len_src,
+        field_code_of_tag,
+        sym_of_slot,
+        max(len(symbols), 1),
+        len(field_of),
     )
-    ago = ago_all[keep]
-    fcode = np.where(counts, 0, field_code_of_tag[tid])[keep]
-    known = state[bar_of, slot, 3]
-    done = np.flatnonzero(bar_ok)
-    # renumber the bars resolved here 0..B-1
-    new_bar = np.cumsum(bar_ok) - 1
-    bar_of = new_bar[bar_of]
+    if out is None:
+        return None
+    (done, group_offsets, g_bar, g_sym, g_slot, g_cur, g_u, access_offsets, fields_offsets,
+     fcodes, seq, ago, bar_index, fcode, value, known, inv, u_slot, u_index, u_off) = out  # fmt: skip  # noqa: E501
 
     # each distinct (feed, bar): its time and hash, once for the whole batch
-    width = int(index.max()) + 1
-    key = slot * width + index
-    uniq, first, inv = unique_first(key)
-    u_slot, u_index = np.divmod(uniq, width)
-    u_pos = u_index - o[first]
-    u_days = np.empty(len(uniq), dtype=np.float64)
-    u_hash = np.full(len(uniq), None, dtype=object)
+    u_pos = u_index - u_off
+    u_days = np.empty(len(u_slot), dtype=np.float64)
+    u_hash = np.full(len(u_slot), None, dtype=object)
     for s in np.unique(u_slot).tolist():
         in_s = u_slot == s
         info = infos[s]
@@ -418,61 +555,38 @@ def resolve_columns(
     hash_pos: dict[str | None, int] = dict(zip(hash_list, range(len(hash_list)), strict=True))
     hash_pos[None] = -1
     u_code = np.fromiter(map(hash_pos.__getitem__, u_list), dtype=np.int64, count=len(u_list))
-    hash_code = np.where(index < known, u_code[inv], -1)
-    bar_time_us = u_time[inv]
 
-    # groups: (bar, symbol) in order of the symbol's first read within the bar
-    sym = sym_of_slot[slot]
-    gkey = bar_of * len(symbols) + sym
-    _, gfirst, ginv = unique_first(gkey)
-    rank = np.empty(len(gfirst), dtype=np.int64)
-    rank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
-    grp = rank[ginv]
-    order = np.argsort(grp, kind="stable")
-    gfirst_sorted = np.sort(gfirst)
-    n_groups = len(gfirst)
-    group_bar = bar_of[gfirst_sorted]
-    group_offsets = _offsets(np.bincount(group_bar, minlength=len(done)).astype(np.int64))
-    access_offsets = _offsets(np.bincount(grp, minlength=n_groups).astype(np.int64))
-    group_symbol = [symbols[s] for s in sym[gfirst_sorted].tolist()]
-    # the group's feed (its first read's) at its current bar: mostly a bar read in the batch
-    g_bar, g_slot = done[group_bar], slot[gfirst_sorted]
-    g_cur = state[g_bar, g_slot, 0] - 1
+    # each group's digest: the hash of its feed's current bar, mostly a bar read in the batch
     g_held = (g_cur >= 0) & (g_cur < state[g_bar, g_slot, 3])
-    g_key = g_slot * width + g_cur
-    g_at = np.minimum(np.searchsorted(uniq, g_key), len(uniq) - 1)
-    g_found = g_held & (g_cur < width) & (uniq[g_at] == g_key)
-    g_digest = np.full(n_groups, None, dtype=object)
-    g_digest[g_found] = u_hash[g_at[g_found]]
+    g_found = g_held & (g_u >= 0)
+    g_digest = np.full(len(g_bar), -1, dtype=np.int64)
+    g_digest[g_found] = u_code[g_u[g_found]]
     for k in np.flatnonzero(g_held & ~g_found).tolist():
         hashes = infos[int(g_slot[k])].hashes
-        if hashes is not None:
-            g_digest[k] = hashes.at(int(g_cur[k]))
-    group_digest: list[str | None] = g_digest.tolist()
-
-    # fields_accessed: distinct fields of each group in order of first read
-    fkey = grp * max(len(field_of), 1) + fcode
-    _, ffirst, _ = unique_first(fkey)
-    ffirst = ffirst[np.lexsort((ffirst, grp[ffirst]))]  # by group, then first read
-    field_names = list(field_of)
-    fields = [field_names[f] for f in fcode[ffirst].tolist()]
-    fields_offsets = _offsets(np.bincount(grp[ffirst], minlength=n_groups).astype(np.int64))
+        digest = None if hashes is None else hashes.at(int(g_cur[k]))
+        if digest is not None:
+            at = hash_pos.get(digest)
+            if at is None:
+                at = hash_pos[digest] = len(hash_list)
+                hash_list.append(digest)
+            g_digest[k] = at
     return Columns(
         done=done.tolist(),
         group_offsets=group_offsets,
-        symbol=group_symbol,
-        digest=group_digest,
+        symbol_code=g_sym,
+        symbols=symbols,
+        digest_code=g_digest,
         fields_offsets=fields_offsets,
-        fields=fields,
+        fields=fcodes,
         access_offsets=access_offsets,
-        seq=seq[order],
-        index=ago[order],
-        bar_index=index[order],
-        field_code=fcode[order],
-        field_names=field_names,
-        hash_code=hash_code[order],
+        seq=seq,
+        index=ago,
+        bar_index=bar_index,
+        field_code=fcode,
+        field_names=list(field_of),
+        hash_code=np.where(bar_index < known, u_code[inv], -1),
         hashes=hash_list,
-        value=value[order],
-        bar_time_us=bar_time_us[order],
-        bar_time_s=u_time_s[inv][order],
+        value=value,
+        bar_time_us=u_time[inv],
+        bar_time_s=u_time_s[inv],
     )

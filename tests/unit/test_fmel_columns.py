@@ -12,6 +12,7 @@ reads resolved in columns must also equal the agent's own independent log (as
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -362,3 +363,265 @@ def test_a_feed_whose_offset_moves_within_a_batch_sends_its_bars_to_the_per_read
     reads_a = [i for i in range(40) if i % 2 == 1]  # len(self) is i + 1 at bar i
     assert cols is not None
     assert cols.done == [i for i in range(40) if i not in reads_a]
+
+
+# ---- the compiled per-read resolution (_fastread.resolve_buffers) against numpy's ----
+
+_KernelArgs = tuple[Any, ...]
+_NOT_NUMBERS = st.sampled_from([None, "x", 1, True, np.float64(2.5)])
+
+
+@st.composite
+def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
+    """Arguments of ``columns._kernel_buffers`` as ``resolve_columns`` builds them (each bar's
+    reads as 5-tuples here, packed by the test): feeds whose positions grow bar by bar and
+    reads of bars they hold, so that most bars resolve, with every way a read or a bar can
+    fail mixed in (a value that is not a float, a window, a tag without a source, a
+    look-ahead, a bar before the buffer, a feed whose offset moves, huge and negative
+    numbers)."""
+    n_bars = draw(st.integers(1, 6))
+    n_slots = draw(st.integers(1, 4))
+    n_tags = draw(st.integers(1, 6))
+    n_syms = draw(st.integers(1, 3))
+    n_fields = draw(st.integers(1, 4))
+    odd = draw(st.sampled_from([0.0, 0.0, 0.02, 0.3]))  # how often a value is an odd one
+
+    def maybe(normal: st.SearchStrategy[Any], unusual: st.SearchStrategy[Any]) -> Any:
+        return draw(unusual if draw(st.floats(0, 1)) < odd else normal)
+
+    huge = st.sampled_from([-(2**63), -(2**62), -1, 2**62, 2**63 - 1, 70_000, 300_000])
+    slot_st = st.integers(0, n_slots - 1)
+    tags = [
+        (
+            maybe(slot_st, st.just(-1)),
+            maybe(slot_st, st.just(-1)),
+            draw(st.integers(0, n_fields - 1)),
+        )
+        for _ in range(n_tags)
+    ]
+    offsets = [draw(st.sampled_from([0, 0, 0, 2])) for _ in range(n_slots)]
+    counts = [draw(st.integers(0, 6)) for _ in range(n_slots)]
+    state: list[list[list[int]]] = []
+    normal: list[list[tuple[int, int]]] = []  # per bar and feed: (current index, offset)
+    for _ in range(n_bars):
+        row = []
+        normal.append([])
+        for s in range(n_slots):
+            counts[s] += draw(st.integers(0, 2))
+            off = maybe(st.just(offsets[s]), st.integers(-1, 3))
+            cur = counts[s] - 1
+            normal[-1].append((cur, off))
+            row.append(
+                [
+                    maybe(st.just(counts[s]), huge),
+                    cur - off,
+                    maybe(st.integers(cur - off + 1, cur - off + 3), huge | st.just(cur - off - 1)),
+                    maybe(st.integers(0, counts[s] + 1), huge),
+                ]
+            )
+        state.append(row)
+    per_bar: list[list[tuple[int, int, int, int, Any]]] = []
+    for b in range(n_bars):
+        reads = []
+        for _ in range(draw(st.integers(0, 8))):
+            tid = draw(st.integers(0, n_tags - 1))
+            src = tags[tid][0] if tags[tid][0] >= 0 else 0
+            cur, off = normal[b][src]
+            low = max(cur - 6, off, 0)
+            size = maybe(st.sampled_from([1, 1, 1, 0]), st.sampled_from([2, 0, -1]))
+            reads.append(
+                (
+                    tid,
+                    draw(st.integers(-3, 1)),
+                    size,
+                    maybe(st.integers(low, max(cur, low)), huge | st.just(cur + 1)),
+                    None
+                    if size == 0 and draw(st.booleans())  # len() reads carry None
+                    else maybe(
+                        st.floats(allow_nan=True, allow_infinity=True) | st.just(-0.0),
+                        _NOT_NUMBERS,
+                    ),
+                )
+            )
+        per_bar.append(reads)
+    syms = [draw(st.integers(0, n_syms - 1)) for _ in range(n_slots)]
+
+    def ints(values: Sequence[int]) -> Any:
+        return np.array(values, dtype=np.int64)
+
+    return (
+        per_bar,
+        ints([v for row in state for cell in row for v in cell]).reshape(n_bars, n_slots, 4),
+        ints([t[0] for t in tags]),
+        ints([t[1] for t in tags]),
+        ints([t[2] for t in tags]),
+        ints(syms),
+        n_syms,
+        n_fields,
+    )
+
+
+def _numpy_kernel(args: _KernelArgs) -> Any:
+    """``columns._kernel_np`` of the same reads, unpacked from their tuples in Python."""
+    from analyzers.tracking import columns
+
+    per_bar, *rest = args
+    flat = [r for reads in per_bar for r in reads]
+    lens = np.array([len(reads) for reads in per_bar], dtype=np.int64)
+    if not flat:
+        return None
+    return columns._kernel_np(lens, *columns._unpack_py(flat), *rest)
+
+
+def _packed(args: _KernelArgs) -> _KernelArgs:
+    from analyzers.tracking._fastread import ReadBuffer
+
+    return ([ReadBuffer(reads) for reads in args[0]], *args[1:])
+
+
+def _same_kernel(got: Any, want: Any) -> None:
+    assert (got is None) == (want is None)
+    if want is None:
+        return
+    assert len(got) == len(want) == 20
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype.itemsize == 8 and g.shape == w.reshape(-1).shape, i
+        # bit for bit (NaN payloads and -0.0 included): the value column is copied, not computed
+        assert np.array_equal(g.view(np.int64), w.reshape(-1).astype(w.dtype).view(np.int64)), i
+
+
+@settings(max_examples=600, deadline=None)
+@given(_kernel_inputs())
+def test_the_compiled_resolution_equals_numpys(args: _KernelArgs) -> None:
+    """``_fastread.resolve_buffers`` over the bars' packed buffers (through
+    ``_kernel_buffers``, which hands a batch C declines to numpy) gives numpy's arrays for
+    any batch: which bars resolve, their groups, fields, accesses and distinct bars."""
+    from analyzers.tracking import _fastread, columns
+
+    assert _fastread.resolve_buffers is not None, "the C extension is not built"
+    packed = _packed(args)
+    want = _numpy_kernel(args)
+    _same_kernel(columns._kernel_buffers(*packed), want)
+    # C itself took it (none of these batches is too spread for its table)
+    assert _fastread.resolve_buffers(*packed) is not NotImplemented
+
+    # the buffers are read in place, not changed (floats compared bit for bit: NaN)
+    def bits(reads: Any) -> list[Any]:
+        return [
+            tuple(struct.pack("<d", v) if type(v) is float else (type(v), v) for v in r)
+            for r in reads
+        ]
+
+    assert [bits(b) for b in packed[0]] == [bits(r) for r in args[0]]
+
+
+def _one_feed(reads: list[tuple[int, int, int, int, Any]], count: int) -> _KernelArgs:
+    """One bar of ``reads`` of tag 0 (field 1) on one feed holding ``count`` bars."""
+    i64 = np.int64
+    return (
+        [reads],
+        np.array([[[count, count - 1, count, count]]], i64),
+        np.array([0], i64),
+        np.array([0], i64),
+        np.array([1], i64),
+        np.array([0], i64),
+        1,
+        2,
+    )
+
+
+def test_the_compiled_resolution_declines_a_batch_too_spread_for_its_table() -> None:
+    """A feed read at bar 0 and at bar 10**6 in a batch of two reads: C returns
+    NotImplemented (its table would be 10**6 long), and ``_kernel_buffers`` gives numpy's
+    result; a little less spread, C resolves it."""
+    from analyzers.tracking import _fastread, columns
+
+    far = _one_feed([(0, 0, 1, 0, 1.0), (0, -1, 1, 10**6, 2.0)], 10**6 + 1)
+    assert _fastread.resolve_buffers(*_packed(far)) is NotImplemented
+    want = _numpy_kernel(far)
+    assert want is not None
+    _same_kernel(columns._kernel_buffers(*_packed(far)), want)
+    near = _one_feed([(0, 0, 1, 0, 1.0), (0, -1, 1, 60_000, 2.0)], 60_001)
+    assert _fastread.resolve_buffers(*_packed(near)) not in (None, NotImplemented)
+    _same_kernel(columns._kernel_buffers(*_packed(near)), _numpy_kernel(near))
+
+
+def test_the_compiled_resolution_refuses_what_it_cannot_read() -> None:
+    """Not a list of packed ReadBuffers (a list of tuples, a read kept whole): TypeError, and
+    ``_kernel_buffers`` unpacks them for numpy; arrays of the wrong type or length and codes
+    out of range: a clear error before anything is read."""
+    from analyzers.tracking import _fastread, columns
+    from analyzers.tracking._fastread import ReadBuffer
+
+    good = _packed(_one_feed([(0, 0, 1, 3, 1.0), (0, -1, 1, 2, 2.0)], 4))
+    assert _fastread.resolve_buffers(*good) is not None
+
+    def refused(at: int, value: Any, error: type[Exception], text: str) -> None:
+        args = list(good)
+        args[at] = value
+        with pytest.raises(error, match=text):
+            _fastread.resolve_buffers(*args)
+
+    refused(0, [[(0, 0, 1, 3, 1.0)]], TypeError, "bar 0 is not a ReadBuffer of packed reads")
+    whole = ReadBuffer([(0, 0, 1, 3, 1.0), ("not", "a", "read")])
+    refused(0, [whole], TypeError, "bar 0 is not a ReadBuffer of packed reads")
+    refused(0, (good[0][0],), TypeError, "must be list")
+    refused(1, np.zeros((1, 1, 4), np.int32), TypeError, "state is not a C-contiguous int64")
+    refused(1, np.zeros((1, 1, 8), np.int64)[:, :, ::2], ValueError, "contiguous")
+    refused(1, np.zeros((1, 1, 3), np.int64), ValueError, "lengths do not agree")
+    refused(1, np.zeros((2, 1, 4), np.int64), ValueError, "lengths do not agree")
+    refused(3, np.array([0, 0], np.int64), ValueError, "lengths do not agree")
+    refused(5, np.array([1], np.int64), ValueError, "symbol code is out of range")
+    refused(4, np.array([2], np.int64), ValueError, "field code is out of range")
+    refused(6, 0, ValueError, "lengths do not agree")
+    # numpy takes what C refused, the same as from the tuples
+    as_lists = ([list(b) for b in good[0]], *good[1:])
+    _same_kernel(columns._kernel_buffers(*as_lists), _numpy_kernel(as_lists))
+    # a read of a tag that does not exist sends its bar elsewhere (numpy would raise)
+    two = _packed(_one_feed([(0, 0, 1, 3, 1.0)], 4))
+    two = ([two[0][0], ReadBuffer([(7, 0, 1, 3, 1.0)])], np.repeat(two[1], 2, axis=0), *two[2:])
+    out = _fastread.resolve_buffers(*two)
+    assert isinstance(out, tuple)
+    assert np.frombuffer(out[0], dtype=np.int64).tolist() == [0]  # only the first bar resolves
+
+
+def test_a_buffer_being_resolved_cannot_change() -> None:
+    """While ``resolve_buffers`` reads a buffer without the GIL, another thread's append to it
+    raises BufferError (its arrays are not moved under the reader; clear and take check the
+    same pin); between the calls appends go in, and after, the buffer works as before."""
+    import time
+
+    from analyzers.tracking import _fastread
+
+    reads = [(0, -(i % 20), 1, 4_000 - (i % 20), float(i)) for i in range(200_000)]
+    args = _packed(_one_feed(reads, 4_001))
+    victim = args[0][0]
+    refused: list[str] = []
+    appended = 0
+    stop = threading.Event()
+
+    def poke() -> None:
+        nonlocal appended
+        while not stop.is_set():
+            try:
+                victim.append((0, 0, 1, 4_000, 1.0))
+            except BufferError as e:
+                refused.append(str(e))
+            else:
+                appended += 1
+            time.sleep(0)
+
+    t = threading.Thread(target=poke)
+    t.start()
+    deadline = time.monotonic() + 20
+    try:
+        while not refused and time.monotonic() < deadline:
+            assert _fastread.resolve_buffers(*args) is not None
+    finally:
+        stop.set()
+        t.join()
+    assert refused and "being read by the decision writer" in refused[0]
+    assert len(victim) == len(reads) + appended  # each append either went in or was refused
+    victim.clear()  # free again
+    assert len(victim) == 0

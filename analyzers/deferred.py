@@ -110,17 +110,24 @@ class PendingReads:
 
 
 def _by_tracker(pending: Sequence[PendingReads]) -> list[list[PendingReads]]:
-    """The bars not resolved yet, grouped by the tracker that recorded them."""
+    """The bars not resolved yet, grouped by the tracker that recorded them (slots read
+    directly: once a record on the writer's thread)."""
     by_tracker: dict[int, list[PendingReads]] = {}
+    last: AccessTracker | None = None
+    bars: list[PendingReads] = []
     for p in pending:
-        if not p.done:
-            by_tracker.setdefault(id(p.tracker), []).append(p)
+        if p._lookaheads is None:  # not done
+            tracker = p._tracker
+            if tracker is not last:
+                bars = by_tracker.setdefault(id(tracker), [])
+                last = tracker
+            bars.append(p)
     return list(by_tracker.values())
 
 
 def _settle_columns(tracker: AccessTracker, group: list[PendingReads]) -> None:
     """Resolve as columns the bars of ``group`` that can be (``tracker.resolve_lock`` held)."""
-    todo = [p for p in group if p._result is None and p._cols is None]
+    todo = [p for p in group if p._lookaheads is None]  # another thread may have meanwhile
     raw = [(p._reads, p._state) for p in todo]
     cols = resolve_columns(tracker, raw) if raw else None  # type: ignore[arg-type]
     if cols is not None:
@@ -141,7 +148,7 @@ def settle_batch(pending: Sequence[PendingReads]) -> None:
         with tracker.resolve_lock:
             _settle_columns(tracker, group)
         for p in group:
-            if not p.done:
+            if p._lookaheads is None:
                 p.result()
 
 

@@ -1148,47 +1148,103 @@ count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* resolve_buffers(buffers, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms,
- * n_fields): _resolve.c's fr_resolve over the bars' ReadBuffers, read in place. Each buffer is
- * pinned (``readers``) and referenced while the GIL is released; a buffer holding a read kept
- * whole (K_OBJECT), or anything not a ReadBuffer, is refused with TypeError (the caller then
- * unpacks the reads as tuples and uses numpy). */
+/* The bars' captured feed positions (AccessTracker.capture(): a tuple of (count, array index,
+ * held, known) per feed) as one (bars, n_slots, 4) int64 array, zeros past a bar's own feeds
+ * (as columns._states). NULL with TypeError for anything else (the caller's numpy path
+ * decides then). */
+static int64_t *
+states_array(PyObject *states, Py_ssize_t n_slots)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(states);
+    int64_t *out = PyMem_Calloc((size_t)(n > 0 ? n : 1) * (size_t)n_slots * 4, sizeof(int64_t));
+    if (out == NULL) return (int64_t *)PyErr_NoMemory();
+    for (Py_ssize_t b = 0; b < n; b++) {
+        PyObject *st = PyTuple_GET_ITEM(states, b);
+        if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) > n_slots) goto bad;
+        for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(st); s++) {
+            PyObject *row = PyTuple_GET_ITEM(st, s);
+            if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 4) goto bad;
+            for (int k = 0; k < 4; k++) {
+                long long v;
+                if (!exact_int64(PyTuple_GET_ITEM(row, k), &v)) goto bad;
+                out[(b * n_slots + s) * 4 + k] = v;
+            }
+        }
+    }
+    return out;
+bad:
+    PyMem_Free(out);
+    PyErr_SetString(PyExc_TypeError, "resolve_buffers(): a bar's captured positions are not "
+                                     "at most n_slots tuples of 4 int64-sized ints");
+    return NULL;
+}
+
+/* resolve_buffers(buffers, states, n_slots, src, len_src, field_code_of_tag, sym_of_slot,
+ * n_syms, n_fields): _resolve.c's fr_resolve over the bars' ReadBuffers, read in place, and
+ * their captured positions. Each buffer is pinned (``readers``) and referenced while the GIL is
+ * released; a buffer holding a read kept whole (K_OBJECT), anything not a ReadBuffer, or
+ * positions not as capture() gives them are refused with TypeError (the caller then unpacks
+ * the reads as tuples and uses numpy). */
 static PyObject *
 resolve_buffers(PyObject *Py_UNUSED(mod), PyObject *args)
 {
-    PyObject *buffers, *state, *src, *len_src, *fcode, *sym;
-    Py_ssize_t n_syms, n_fields;
-    if (!PyArg_ParseTuple(args, "O!OOOOOnn:resolve_buffers", &PyList_Type, &buffers, &state,
-                          &src, &len_src, &fcode, &sym, &n_syms, &n_fields))
+    PyObject *buffers, *states, *src, *len_src, *fcode, *sym;
+    Py_ssize_t n_slots, n_syms, n_fields;
+    if (!PyArg_ParseTuple(args, "O!O!nOOOOnn:resolve_buffers", &PyList_Type, &buffers,
+                          &PyList_Type, &states, &n_slots, &src, &len_src, &fcode, &sym,
+                          &n_syms, &n_fields))
         return NULL;
-    PyObject *bars = PyList_AsTuple(buffers); /* our own references: the list may change */
+    if (n_slots < 1 || PyList_GET_SIZE(states) != PyList_GET_SIZE(buffers)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "resolve_buffers(): one captured state a bar, and n_slots >= 1");
+        return NULL;
+    }
+    /* our own references: the lists may change while the GIL is released */
+    PyObject *bars = PyList_AsTuple(buffers);
     if (bars == NULL) return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(bars);
-    ReadChunk *chunks = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(ReadChunk));
-    if (chunks == NULL) {
+    PyObject *st = PyList_AsTuple(states);
+    if (st == NULL) {
         Py_DECREF(bars);
-        return PyErr_NoMemory();
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(bars);
+    PyObject *out = NULL;
+    int64_t *state = NULL;
+    ReadChunk *chunks = NULL;
+    if (PyTuple_GET_SIZE(st) != n) {
+        PyErr_SetString(PyExc_ValueError, "resolve_buffers(): one captured state a bar");
+        goto done;
+    }
+    chunks = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(ReadChunk));
+    if (chunks == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *o = PyTuple_GET_ITEM(bars, i);
         if (!Py_IS_TYPE(o, &ReadBufferType) || ((ReadBuffer *)o)->whole) {
             PyErr_Format(PyExc_TypeError,
                          "resolve_buffers(): bar %zd is not a ReadBuffer of packed reads", i);
-            PyMem_Free(chunks);
-            Py_DECREF(bars);
-            return NULL;
+            goto done;
         }
-        ReadBuffer *rb = (ReadBuffer *)o;
+    }
+    if ((state = states_array(st, n_slots)) == NULL) goto done;
+    /* read the buffers' fields only now: nothing after this runs Python code */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ReadBuffer *rb = (ReadBuffer *)PyTuple_GET_ITEM(bars, i);
         chunks[i].ints = (const int64_t *)rb->ints;
         chunks[i].vals = (const double *)rb->vals; /* .f of each slot_t */
         chunks[i].flag = rb->kind;
         chunks[i].n = rb->n;
+        rb->readers++;
     }
-    for (Py_ssize_t i = 0; i < n; i++) ((ReadBuffer *)PyTuple_GET_ITEM(bars, i))->readers++;
-    PyObject *out = fr_resolve(chunks, n, K_FLOAT, state, src, len_src, fcode, sym, n_syms,
-                               n_fields);
+    out = fr_resolve(chunks, n, K_FLOAT, state, n_slots, src, len_src, fcode, sym, n_syms,
+                     n_fields);
     for (Py_ssize_t i = 0; i < n; i++) ((ReadBuffer *)PyTuple_GET_ITEM(bars, i))->readers--;
+done:
     PyMem_Free(chunks);
+    PyMem_Free(state);
+    Py_DECREF(st);
     Py_DECREF(bars);
     return out;
 }
@@ -1207,10 +1263,11 @@ static PyMethodDef methods[] = {
     {"unpack_buffers", unpack_buffers, METH_O,
      "unpack_buffers(buffers) -> unpack() of the reads of a list of ReadBuffers, in order"},
     {"resolve_buffers", resolve_buffers, METH_VARARGS,
-     "resolve_buffers(buffers, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms, "
-     "n_fields) -> columns._kernel_np()'s arrays (as bytes) for the reads of a list of "
-     "ReadBuffers, one a bar; None when none resolves, NotImplemented when numpy must (see "
-     "_resolve.c). The GIL is released while it computes"},
+     "resolve_buffers(buffers, states, n_slots, src, len_src, field_code_of_tag, sym_of_slot, "
+     "n_syms, n_fields) -> columns._kernel_np()'s arrays (as bytes) for the reads of a list "
+     "of ReadBuffers and the feeds' positions captured at each bar; None when none resolves, "
+     "NotImplemented when numpy must (see _resolve.c). The GIL is released while it "
+     "computes"},
     {"descriptors", make_descriptors, METH_O,
      "descriptors(cls) -> (__getitem__, __len__) method descriptors for instances of cls (a "
      "class proxies._dict_safe accepts)"},

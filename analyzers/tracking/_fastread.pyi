@@ -37,7 +37,8 @@ def capture(captured: list[tuple[Any, Any]], /) -> tuple[tuple[int, int, int, in
 def count_by_attribute(cls: type, name: str, /) -> None: ...
 def resolve_buffers(
     buffers: list[Any],
-    state: Any,
+    states: list[tuple[tuple[int, int, int, int], ...]],
+    n_slots: int,
     src: Any,
     len_src: Any,
     field_code_of_tag: Any,

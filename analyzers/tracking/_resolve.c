@@ -310,10 +310,12 @@ group_reads(const Input *in, Work *w)
     for (i64 g = 0; g < G; g++) {
         i64 s = w->g_slot[g], b = w->g_bar[g];
         w->group_offsets[w->new_bar[b] + 1]++;
-        i64 cur = wsub(in->state[(b * S + s) * 4], 1);
-        w->g_cur[g] = cur;
+        const i64 *st = in->state + (b * S + s) * 4;
+        i64 cur = wsub(st[0], 1);
+        int held = cur >= 0 && cur < st[3]; /* its data hash is known */
+        w->g_cur[g] = held ? cur : -1;
         w->g_u[g] = -1;
-        if (w->smax[s] >= 0 && cur >= w->smin[s] && cur <= w->smax[s]) {
+        if (held && w->smax[s] >= 0 && cur >= w->smin[s] && cur <= w->smax[s]) {
             i64 at = w->base[s] + (cur - w->smin[s]);
             if (w->first_at[at] >= 0) w->g_u[g] = w->u_rank[at];
         }
@@ -351,42 +353,41 @@ as_bytes(const void *data, i64 n)
 
 PyObject *
 fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
-           PyObject *state, PyObject *src, PyObject *len_src, PyObject *field_code_of_tag,
-           PyObject *sym_of_slot, Py_ssize_t n_syms, Py_ssize_t n_fields)
+           const int64_t *state, Py_ssize_t n_slots, PyObject *src, PyObject *len_src,
+           PyObject *field_code_of_tag, PyObject *sym_of_slot, Py_ssize_t n_syms,
+           Py_ssize_t n_fields)
 {
-    static const char *names[5] = {"state", "src", "len_src", "field_code_of_tag",
-                                   "sym_of_slot"};
-    PyObject *objs[5] = {state, src, len_src, field_code_of_tag, sym_of_slot};
-    Py_buffer views[5];
+    static const char *names[4] = {"src", "len_src", "field_code_of_tag", "sym_of_slot"};
+    PyObject *objs[4] = {src, len_src, field_code_of_tag, sym_of_slot};
+    Py_buffer views[4];
     memset(views, 0, sizeof(views));
     PyObject *result = NULL, *outs[N_OUT] = {NULL};
     Work w;
     memset(&w, 0, sizeof(w));
     int got = 0;
-    for (; got < 5; got++)
+    for (; got < 4; got++)
         if (get_array(objs[got], &views[got], names[got]) < 0) goto done;
     Input in;
     in.chunks = chunks;
     in.float_flag = float_flag;
-    in.state = views[0].buf;
-    in.src = views[1].buf;
-    in.len_src = views[2].buf;
-    in.fcode_of_tag = views[3].buf;
-    in.sym_of_slot = views[4].buf;
+    in.state = state;
+    in.src = views[0].buf;
+    in.len_src = views[1].buf;
+    in.fcode_of_tag = views[2].buf;
+    in.sym_of_slot = views[3].buf;
     in.n_bars = n_bars;
-    in.n_tags = views[1].len / 8;
+    in.n_tags = views[0].len / 8;
     in.n_syms = n_syms;
     in.n_fields = n_fields;
-    in.n_slots = views[4].len / 8;
-    int bad = in.n_slots < 1 || views[0].len / 32 != (Py_ssize_t)(n_bars * in.n_slots) ||
-              views[0].len % 32 != 0;
-    bad |= views[2].len != views[1].len || views[3].len != views[1].len;
+    in.n_slots = n_slots;
+    int bad = n_slots < 1 || views[3].len / 8 != n_slots;
+    bad |= views[1].len != views[0].len || views[2].len != views[0].len;
     bad |= n_syms < 1 || n_fields < 1;
     if (bad) {
         PyErr_SetString(PyExc_ValueError,
-                        "resolve_buffers(): the arrays' lengths do not agree (state: bars x "
-                        "slots x 4; src, len_src, field_code_of_tag: one per tag; sym_of_slot: "
-                        "one per slot; n_syms, n_fields >= 1)");
+                        "resolve_buffers(): the arrays' lengths do not agree (src, len_src, "
+                        "field_code_of_tag: one per tag; sym_of_slot: one per slot; n_slots, "
+                        "n_syms, n_fields >= 1)");
         goto done;
     }
     for (i64 s = 0; s < in.n_slots; s++) {
@@ -431,7 +432,8 @@ fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
         PyErr_NoMemory();
         goto done;
     }
-    /* (done, group_offsets, group_bar, group_sym, group_slot, group_cur, group_u,
+    /* (done, group_offsets, group_bar, group_sym, group_slot, group_cur (-1: its hash is not
+     *  known), group_u (-1: not among the distinct pairs, or its hash is not known),
      *  access_offsets, fields_offsets, fields, seq, ago, index, field_code, value, known, inv,
      *  u_slot, u_index, u_offset) */
     result = Py_BuildValue(

@@ -15,9 +15,10 @@ typedef struct {
     int64_t n;
 } ReadChunk;
 
-/* See _resolve.c. Called with the GIL held; releases it while computing. */
+/* See _resolve.c. ``state``: (n_bars, n_slots, 4) int64, the feeds' captured positions. Called
+ * with the GIL held; releases it while computing. */
 PyObject *fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
-                     PyObject *state, PyObject *src, PyObject *len_src,
-                     PyObject *field_code_of_tag, PyObject *sym_of_slot, Py_ssize_t n_syms,
-                     Py_ssize_t n_fields);
+                     const int64_t *state, Py_ssize_t n_slots, PyObject *src,
+                     PyObject *len_src, PyObject *field_code_of_tag, PyObject *sym_of_slot,
+                     Py_ssize_t n_syms, Py_ssize_t n_fields);
 #endif

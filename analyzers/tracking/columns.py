@@ -307,8 +307,9 @@ Kernel = tuple[npt.NDArray[Any], ...]
 """What :func:`_kernel_np` and ``_fastread.resolve_buffers`` return, in this order (``B`` bars
 resolved, ``G`` groups, ``A`` accesses, ``F`` fields, ``U`` distinct (feed, bar index) pairs):
 ``done`` (B: the input bars resolved), ``group_offsets`` (B + 1), per group its input bar,
-symbol code, feed slot, the feed's current bar index at that bar and that pair's position among
-the distinct pairs or -1 (G each), ``access_offsets`` and ``fields_offsets`` (G + 1),
+symbol code, feed slot, the feed's current bar index at that bar (-1 when its data hash is not
+known) and that pair's position among the distinct pairs (-1: not among them, or no hash)
+(G each), ``access_offsets`` and ``fields_offsets`` (G + 1),
 ``fields`` (F: field codes), per access in group order its ``seq``, ``ago``, bar index, field
 code, value (float64), the feed's known hash count, its pair's position (A each), and per
 distinct pair (ascending) its slot, bar index and the feed's array offset (U each)."""
@@ -401,9 +402,11 @@ def _kernel_np(
     # the group's feed (its first read's) at its current bar, and that pair among the distinct
     g_bar, g_slot = done[bar_of[gfirst_sorted]], slot[gfirst_sorted]
     g_cur = state[g_bar, g_slot, 0] - 1
+    g_held = (g_cur >= 0) & (g_cur < state[g_bar, g_slot, 3])  # its data hash is known
     g_key = g_slot * width + g_cur
     g_at = np.minimum(np.searchsorted(uniq, g_key), len(uniq) - 1)
-    g_u = np.where((g_cur >= 0) & (g_cur < width) & (uniq[g_at] == g_key), g_at, -1)
+    g_u = np.where(g_held & (g_cur < width) & (uniq[g_at] == g_key), g_at, -1)
+    g_cur = np.where(g_held, g_cur, -1)
 
     # fields_accessed: distinct fields of each group in order of first read
     _, ffirst, _ = unique_first(grp * n_fields + fcode)
@@ -434,8 +437,8 @@ def _kernel_np(
 
 
 def _kernel_buffers(
-    per_bar: list[Sequence[Read]],
-    state: IntArray,
+    bars: Sequence[tuple[Sequence[Read], State]],
+    n_slots: int,
     src: IntArray,
     len_src: IntArray,
     field_code_of_tag: IntArray,
@@ -443,14 +446,24 @@ def _kernel_buffers(
     n_syms: int,
     n_fields: int,
 ) -> Kernel | None:
-    """:func:`_kernel_np` of the bars' reads: ``_fastread.resolve_buffers`` over the bars'
-    ``ReadBuffer`` arrays in place, the GIL released while it computes, when the extension is
-    built and every bar's reads are packed; else (lists in pure Python, a read kept whole, a
-    batch too spread for the C table) the reads unpacked (:func:`_unpack_bars`) and numpy."""
+    """:func:`_kernel_np` of the bars' reads and captured positions: ``_fastread.
+    resolve_buffers`` over the bars' ``ReadBuffer`` arrays in place, the GIL released while it
+    computes, when the extension is built and every bar's reads are packed; else (lists in pure
+    Python, a read kept whole, a batch too spread for the C table) the reads unpacked
+    (:func:`_unpack_bars`), the positions as one array (:func:`_states`) and numpy."""
+    per_bar = [r for r, _ in bars]
     if _fastread is not None:
         try:
             out = _fastread.resolve_buffers(
-                per_bar, state, src, len_src, field_code_of_tag, sym_of_slot, n_syms, n_fields
+                per_bar,
+                [st for _, st in bars],
+                n_slots,
+                src,
+                len_src,
+                field_code_of_tag,
+                sym_of_slot,
+                n_syms,
+                n_fields,
             )
         except TypeError:
             out = NotImplemented  # not packed buffers: numpy below
@@ -464,6 +477,7 @@ def _kernel_buffers(
     if int(lens.sum()) == 0:
         return None
     tid, ago, size, index, value, is_num = _unpack_bars(per_bar)
+    state = _states(bars, len(bars), n_slots)
     return _kernel_np(
         lens, tid, ago, size, index, value, is_num, state, src, len_src, field_code_of_tag,
         sym_of_slot, n_syms, n_fields,
@@ -492,7 +506,7 @@ def resolve_columns(
         return None
     tags = tracker.tags
     infos = tracker._infos
-    n_tags, n_slots, n_bars = len(tags), len(infos), len(bars)
+    n_tags, n_slots = len(tags), len(infos)
     # per tag: the one source slot its reads map to bar for bar, else -1
     src = np.full(n_tags, -1, dtype=np.int64)
     # per tag: the slot a len() of it counts the bars of (its clock), else -1
@@ -516,10 +530,9 @@ def resolve_columns(
     )
     symbols = list(symbol_of)
 
-    state = _states(bars, n_bars, max(n_slots, 1))
     out = _kernel_buffers(
-        [r for r, _ in bars],
-        state,
+        bars,
+        max(n_slots, 1),
         src,
         len_src,
         field_code_of_tag,
@@ -557,11 +570,10 @@ def resolve_columns(
     u_code = np.fromiter(map(hash_pos.__getitem__, u_list), dtype=np.int64, count=len(u_list))
 
     # each group's digest: the hash of its feed's current bar, mostly a bar read in the batch
-    g_held = (g_cur >= 0) & (g_cur < state[g_bar, g_slot, 3])
-    g_found = g_held & (g_u >= 0)
+    g_found = g_u >= 0
     g_digest = np.full(len(g_bar), -1, dtype=np.int64)
     g_digest[g_found] = u_code[g_u[g_found]]
-    for k in np.flatnonzero(g_held & ~g_found).tolist():
+    for k in np.flatnonzero((g_cur >= 0) & ~g_found).tolist():
         hashes = infos[int(g_slot[k])].hashes
         digest = None if hashes is None else hashes.at(int(g_cur[k]))
         if digest is not None:

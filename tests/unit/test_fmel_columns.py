@@ -449,9 +449,13 @@ def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
     def ints(values: Sequence[int]) -> Any:
         return np.array(values, dtype=np.int64)
 
+    # as capture() gives them: a tuple per feed; sometimes a bar captured fewer feeds
+    states = [
+        tuple(tuple(cell) for cell in row[: maybe(st.just(n_slots), slot_st)]) for row in state
+    ]
     return (
-        per_bar,
-        ints([v for row in state for cell in row for v in cell]).reshape(n_bars, n_slots, 4),
+        list(zip(per_bar, states, strict=True)),
+        n_slots,
         ints([t[0] for t in tags]),
         ints([t[1] for t in tags]),
         ints([t[2] for t in tags]),
@@ -465,18 +469,25 @@ def _numpy_kernel(args: _KernelArgs) -> Any:
     """``columns._kernel_np`` of the same reads, unpacked from their tuples in Python."""
     from analyzers.tracking import columns
 
-    per_bar, *rest = args
-    flat = [r for reads in per_bar for r in reads]
-    lens = np.array([len(reads) for reads in per_bar], dtype=np.int64)
+    bars, n_slots, *rest = args
+    flat = [r for reads, _ in bars for r in reads]
+    lens = np.array([len(reads) for reads, _ in bars], dtype=np.int64)
     if not flat:
         return None
-    return columns._kernel_np(lens, *columns._unpack_py(flat), *rest)
+    state = columns._states(bars, len(bars), n_slots)
+    return columns._kernel_np(lens, *columns._unpack_py(flat), state, *rest)
 
 
 def _packed(args: _KernelArgs) -> _KernelArgs:
     from analyzers.tracking._fastread import ReadBuffer
 
-    return ([ReadBuffer(reads) for reads in args[0]], *args[1:])
+    return ([(ReadBuffer(reads), st) for reads, st in args[0]], *args[1:])
+
+
+def _c_args(args: _KernelArgs) -> _KernelArgs:
+    """``_fastread.resolve_buffers``'s arguments for ``_kernel_buffers``' (packed first)."""
+    bars, *rest = _packed(args)
+    return ([r for r, _ in bars], [st for _, st in bars], *rest)
 
 
 def _same_kernel(got: Any, want: Any) -> None:
@@ -504,7 +515,7 @@ def test_the_compiled_resolution_equals_numpys(args: _KernelArgs) -> None:
     want = _numpy_kernel(args)
     _same_kernel(columns._kernel_buffers(*packed), want)
     # C itself took it (none of these batches is too spread for its table)
-    assert _fastread.resolve_buffers(*packed) is not NotImplemented
+    assert _fastread.resolve_buffers(*_c_args(args)) is not NotImplemented
 
     # the buffers are read in place, not changed (floats compared bit for bit: NaN)
     def bits(reads: Any) -> list[Any]:
@@ -513,15 +524,15 @@ def test_the_compiled_resolution_equals_numpys(args: _KernelArgs) -> None:
             for r in reads
         ]
 
-    assert [bits(b) for b in packed[0]] == [bits(r) for r in args[0]]
+    assert [bits(b) for b, _ in packed[0]] == [bits(r) for r, _ in args[0]]
 
 
 def _one_feed(reads: list[tuple[int, int, int, int, Any]], count: int) -> _KernelArgs:
     """One bar of ``reads`` of tag 0 (field 1) on one feed holding ``count`` bars."""
     i64 = np.int64
     return (
-        [reads],
-        np.array([[[count, count - 1, count, count]]], i64),
+        [(reads, ((count, count - 1, count, count),))],
+        1,
         np.array([0], i64),
         np.array([0], i64),
         np.array([1], i64),
@@ -538,23 +549,25 @@ def test_the_compiled_resolution_declines_a_batch_too_spread_for_its_table() -> 
     from analyzers.tracking import _fastread, columns
 
     far = _one_feed([(0, 0, 1, 0, 1.0), (0, -1, 1, 10**6, 2.0)], 10**6 + 1)
-    assert _fastread.resolve_buffers(*_packed(far)) is NotImplemented
+    assert _fastread.resolve_buffers(*_c_args(far)) is NotImplemented
     want = _numpy_kernel(far)
     assert want is not None
     _same_kernel(columns._kernel_buffers(*_packed(far)), want)
     near = _one_feed([(0, 0, 1, 0, 1.0), (0, -1, 1, 60_000, 2.0)], 60_001)
-    assert _fastread.resolve_buffers(*_packed(near)) not in (None, NotImplemented)
+    assert _fastread.resolve_buffers(*_c_args(near)) not in (None, NotImplemented)
     _same_kernel(columns._kernel_buffers(*_packed(near)), _numpy_kernel(near))
 
 
 def test_the_compiled_resolution_refuses_what_it_cannot_read() -> None:
-    """Not a list of packed ReadBuffers (a list of tuples, a read kept whole): TypeError, and
-    ``_kernel_buffers`` unpacks them for numpy; arrays of the wrong type or length and codes
-    out of range: a clear error before anything is read."""
+    """Not a list of packed ReadBuffers (a list of tuples, a read kept whole) or positions not
+    as ``capture()`` gives them: TypeError, and ``_kernel_buffers`` unpacks them for numpy;
+    arrays of the wrong type or length and codes out of range: a clear error before anything
+    is read."""
     from analyzers.tracking import _fastread, columns
     from analyzers.tracking._fastread import ReadBuffer
 
-    good = _packed(_one_feed([(0, 0, 1, 3, 1.0), (0, -1, 1, 2, 2.0)], 4))
+    one = _one_feed([(0, 0, 1, 3, 1.0), (0, -1, 1, 2, 2.0)], 4)
+    good = _c_args(one)
     assert _fastread.resolve_buffers(*good) is not None
 
     def refused(at: int, value: Any, error: type[Exception], text: str) -> None:
@@ -563,24 +576,30 @@ def test_the_compiled_resolution_refuses_what_it_cannot_read() -> None:
         with pytest.raises(error, match=text):
             _fastread.resolve_buffers(*args)
 
-    refused(0, [[(0, 0, 1, 3, 1.0)]], TypeError, "bar 0 is not a ReadBuffer of packed reads")
-    whole = ReadBuffer([(0, 0, 1, 3, 1.0), ("not", "a", "read")])
-    refused(0, [whole], TypeError, "bar 0 is not a ReadBuffer of packed reads")
+    not_packed = "bar 0 is not a ReadBuffer of packed reads"
+    refused(0, [[(0, 0, 1, 3, 1.0)]], TypeError, not_packed)
+    refused(0, [ReadBuffer([(0, 0, 1, 3, 1.0), ("not", "a", "read")])], TypeError, not_packed)
     refused(0, (good[0][0],), TypeError, "must be list")
-    refused(1, np.zeros((1, 1, 4), np.int32), TypeError, "state is not a C-contiguous int64")
-    refused(1, np.zeros((1, 1, 8), np.int64)[:, :, ::2], ValueError, "contiguous")
-    refused(1, np.zeros((1, 1, 3), np.int64), ValueError, "lengths do not agree")
-    refused(1, np.zeros((2, 1, 4), np.int64), ValueError, "lengths do not agree")
-    refused(3, np.array([0, 0], np.int64), ValueError, "lengths do not agree")
-    refused(5, np.array([1], np.int64), ValueError, "symbol code is out of range")
-    refused(4, np.array([2], np.int64), ValueError, "field code is out of range")
-    refused(6, 0, ValueError, "lengths do not agree")
+    positions = "captured positions are not at most n_slots tuples of 4 int64-sized ints"
+    refused(1, [((4, 3, 4),)], TypeError, positions)
+    refused(1, [((4, 3, 4, 4), (4, 3, 4, 4))], TypeError, positions)  # 2 feeds, n_slots 1
+    refused(1, [((4, 3, 4, 2**63),)], TypeError, positions)
+    refused(1, [((4, 3, 4, 4.0),)], TypeError, positions)
+    refused(1, [[(4, 3, 4, 4)]], TypeError, positions)
+    refused(1, [], ValueError, "one captured state a bar")
+    refused(2, 0, ValueError, "one captured state a bar, and n_slots >= 1")
+    refused(3, np.array([0], np.int32), TypeError, "src is not a C-contiguous int64")
+    refused(3, np.zeros(4, np.int64)[::2], ValueError, "contiguous")
+    refused(4, np.array([0, 0], np.int64), ValueError, "lengths do not agree")
+    refused(6, np.array([0, 0], np.int64), ValueError, "lengths do not agree")
+    refused(6, np.array([1], np.int64), ValueError, "symbol code is out of range")
+    refused(5, np.array([2], np.int64), ValueError, "field code is out of range")
+    refused(7, 0, ValueError, "lengths do not agree")
     # numpy takes what C refused, the same as from the tuples
-    as_lists = ([list(b) for b in good[0]], *good[1:])
-    _same_kernel(columns._kernel_buffers(*as_lists), _numpy_kernel(as_lists))
+    _same_kernel(columns._kernel_buffers(*one), _numpy_kernel(one))
     # a read of a tag that does not exist sends its bar elsewhere (numpy would raise)
-    two = _packed(_one_feed([(0, 0, 1, 3, 1.0)], 4))
-    two = ([two[0][0], ReadBuffer([(7, 0, 1, 3, 1.0)])], np.repeat(two[1], 2, axis=0), *two[2:])
+    buffers, states, *rest = good
+    two = ([buffers[0], ReadBuffer([(7, 0, 1, 3, 1.0)])], states * 2, *rest)
     out = _fastread.resolve_buffers(*two)
     assert isinstance(out, tuple)
     assert np.frombuffer(out[0], dtype=np.int64).tolist() == [0]  # only the first bar resolves
@@ -595,7 +614,7 @@ def test_a_buffer_being_resolved_cannot_change() -> None:
     from analyzers.tracking import _fastread
 
     reads = [(0, -(i % 20), 1, 4_000 - (i % 20), float(i)) for i in range(200_000)]
-    args = _packed(_one_feed(reads, 4_001))
+    args = _c_args(_one_feed(reads, 4_001))
     victim = args[0][0]
     refused: list[str] = []
     appended = 0

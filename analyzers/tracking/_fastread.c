@@ -1194,9 +1194,11 @@ resolve_buffers(PyObject *Py_UNUSED(mod), PyObject *args)
                           &PyList_Type, &states, &n_slots, &src, &len_src, &fcode, &sym,
                           &n_syms, &n_fields))
         return NULL;
-    if (n_slots < 1 || PyList_GET_SIZE(states) != PyList_GET_SIZE(buffers)) {
+    if (n_slots < 1 || PyList_GET_SIZE(states) != PyList_GET_SIZE(buffers) ||
+        n_slots > PY_SSIZE_T_MAX / 64 / (PyList_GET_SIZE(buffers) + 1)) {
         PyErr_SetString(PyExc_ValueError,
-                        "resolve_buffers(): one captured state a bar, and n_slots >= 1");
+                        "resolve_buffers(): one captured state a bar, and n_slots >= 1 (and "
+                        "bars x n_slots x 4 int64 within memory)");
         return NULL;
     }
     /* our own references: the lists may change while the GIL is released */

@@ -26,6 +26,10 @@
 
 typedef int64_t i64;
 
+/* A read of a bar index at or past this goes to the per-read path (columns.MAX_BAR_INDEX: numpy's
+ * keys, feed x index, stay within int64). */
+#define MAX_BAR_INDEX ((i64)1 << 40)
+
 static inline i64
 wadd(i64 a, i64 b)
 {
@@ -133,7 +137,8 @@ which_bars(const Input *in, Work *w)
             if (!ok) sl = 0;
             const i64 *st = in->state + (b * S + sl) * 4;
             i64 cur = wsub(st[0], 1), off = wsub(cur, st[1]), nbuf = wadd(st[2], off);
-            ok = ok && idx >= 0 && idx >= off && (idx <= cur || counts) && idx < nbuf;
+            ok = ok && idx >= 0 && idx >= off && (idx <= cur || counts) && idx < nbuf &&
+                 idx < MAX_BAR_INDEX;
             if (!ok) w->bar_ok[b] = 0;
             w->read_at[b * S + sl] = 1;
         }
@@ -362,24 +367,13 @@ fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
     Py_buffer views[4];
     memset(views, 0, sizeof(views));
     PyObject *result = NULL, *outs[N_OUT] = {NULL};
+    i64 *small = NULL; /* copies of the four arrays: another thread may change the originals */
     Work w;
     memset(&w, 0, sizeof(w));
     int got = 0;
     for (; got < 4; got++)
         if (get_array(objs[got], &views[got], names[got]) < 0) goto done;
-    Input in;
-    in.chunks = chunks;
-    in.float_flag = float_flag;
-    in.state = state;
-    in.src = views[0].buf;
-    in.len_src = views[1].buf;
-    in.fcode_of_tag = views[2].buf;
-    in.sym_of_slot = views[3].buf;
-    in.n_bars = n_bars;
-    in.n_tags = views[0].len / 8;
-    in.n_syms = n_syms;
-    in.n_fields = n_fields;
-    in.n_slots = n_slots;
+    Py_ssize_t n_tags = views[0].len / 8;
     int bad = n_slots < 1 || views[3].len / 8 != n_slots;
     bad |= views[1].len != views[0].len || views[2].len != views[0].len;
     bad |= n_syms < 1 || n_fields < 1;
@@ -390,17 +384,42 @@ fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
                         "n_syms, n_fields >= 1)");
         goto done;
     }
-    for (i64 s = 0; s < in.n_slots; s++) {
+    small = PyMem_RawMalloc((size_t)(3 * n_tags + n_slots + 1) * 8);
+    if (small == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(small, views[0].buf, (size_t)n_tags * 8);
+    memcpy(small + n_tags, views[1].buf, (size_t)n_tags * 8);
+    memcpy(small + 2 * n_tags, views[2].buf, (size_t)n_tags * 8);
+    memcpy(small + 3 * n_tags, views[3].buf, (size_t)n_slots * 8);
+    Input in;
+    in.chunks = chunks;
+    in.float_flag = float_flag;
+    in.state = state;
+    in.src = small;
+    in.len_src = small + n_tags;
+    in.fcode_of_tag = small + 2 * n_tags;
+    in.sym_of_slot = small + 3 * n_tags;
+    in.n_bars = n_bars;
+    in.n_tags = n_tags;
+    in.n_slots = n_slots;
+    /* the work tables are as long as the largest code used, not the counts given */
+    in.n_syms = 1;
+    for (i64 s = 0; s < n_slots; s++) {
         if (in.sym_of_slot[s] < 0 || in.sym_of_slot[s] >= n_syms) {
             PyErr_SetString(PyExc_ValueError, "resolve_buffers(): a symbol code is out of range");
             goto done;
         }
+        if (in.sym_of_slot[s] >= in.n_syms) in.n_syms = in.sym_of_slot[s] + 1;
     }
-    for (i64 t = 0; t < in.n_tags; t++) {
+    in.n_fields = 1; /* code 0: len() */
+    for (i64 t = 0; t < n_tags; t++) {
         if (in.fcode_of_tag[t] < 0 || in.fcode_of_tag[t] >= n_fields) {
             PyErr_SetString(PyExc_ValueError, "resolve_buffers(): a field code is out of range");
             goto done;
         }
+        if (in.fcode_of_tag[t] >= in.n_fields) in.n_fields = in.fcode_of_tag[t] + 1;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -447,6 +466,7 @@ fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
 done:
     for (int i = 0; i < N_OUT; i++) Py_XDECREF(outs[i]); /* the result holds its own */
     for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyMem_RawFree(small);
     work_free(&w);
     return result;
 }

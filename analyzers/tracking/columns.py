@@ -49,6 +49,10 @@ except ImportError:  # not built (no C compiler): numpy does the unpacking
     _fastread = None  # type: ignore[assignment]
 State = tuple[tuple[int, int, int, int], ...]
 
+MAX_BAR_INDEX = 2**40
+"""A read of a bar index at or past this (a trillion bars) goes to the per-read path: the
+vectorised keys, feed times index, then stay within int64 (``_resolve.c`` the same)."""
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -346,7 +350,10 @@ def _kernel_np(
     counts = size == 0
     value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
     bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)
-    slot = np.where(counts, len_src[tid], src[tid])
+    # a tag id that is not one (negative, or past the last) sends its bar to the per-read path
+    tag_ok = (tid >= 0) & (tid < len(src))
+    tid = np.where(tag_ok, tid, 0)
+    slot = np.where(tag_ok, np.where(counts, len_src[tid], src[tid]), -1)
     ok = ((size == 1) & is_num | counts) & (slot >= 0)
     slot = np.where(ok, slot, 0)
     # the feeds' positions at each bar: (bars, slots, 4) = (count, array idx, held, known)
@@ -358,6 +365,7 @@ def _kernel_np(
     o = off[bar_of, slot]
     # a bar whose time the feed's datetime buffer no longer holds (bounded buffers): per read
     ok &= (index >= 0) & (index >= o) & ((index <= c) | counts) & (index < nbuf[bar_of, slot])
+    ok &= index < MAX_BAR_INDEX
     bar_ok = np.ones(n_bars, dtype=bool)
     bar_ok[bar_of[~ok]] = False
     # one array offset per feed within the batch (always so for growing buffers)
@@ -388,9 +396,10 @@ def _kernel_np(
     uniq, first, inv = unique_first(key)
     u_slot, u_index = np.divmod(uniq, width)
 
-    # groups: (bar, symbol) in order of the symbol's first read within the bar
+    # groups: (bar, symbol) in order of the symbol's first read within the bar (keys spaced by
+    # the largest code used, not n_syms: the same groups, and no overflow for a huge count)
     sym = sym_of_slot[slot]
-    _, gfirst, ginv = unique_first(bar_of * n_syms + sym)
+    _, gfirst, ginv = unique_first(bar_of * (int(sym_of_slot.max()) + 1) + sym)
     rank = np.empty(len(gfirst), dtype=np.int64)
     rank[np.argsort(gfirst, kind="stable")] = np.arange(len(gfirst))
     grp = rank[ginv]
@@ -409,7 +418,7 @@ def _kernel_np(
     g_cur = np.where(g_held, g_cur, -1)
 
     # fields_accessed: distinct fields of each group in order of first read
-    _, ffirst, _ = unique_first(grp * n_fields + fcode)
+    _, ffirst, _ = unique_first(grp * (int(field_code_of_tag.max(initial=0)) + 1) + fcode)
     ffirst = ffirst[np.lexsort((ffirst, grp[ffirst]))]  # by group, then first read
     fields_offsets = _offsets(np.bincount(grp[ffirst], minlength=n_groups).astype(np.int64))
     return (

@@ -426,6 +426,7 @@ def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
         for _ in range(draw(st.integers(0, 8))):
             tid = draw(st.integers(0, n_tags - 1))
             src = tags[tid][0] if tags[tid][0] >= 0 else 0
+            tid = maybe(st.just(tid), st.sampled_from([-1, -n_tags, n_tags, 2**40]))
             cur, off = normal[b][src]
             low = max(cur - 6, off, 0)
             size = maybe(st.sampled_from([1, 1, 1, 0]), st.sampled_from([2, 0, -1]))
@@ -460,8 +461,9 @@ def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
         ints([t[1] for t in tags]),
         ints([t[2] for t in tags]),
         ints(syms),
-        n_syms,
-        n_fields,
+        # counts larger than the codes used are allowed (the tables follow the codes)
+        n_syms + maybe(st.just(0), st.sampled_from([1, 2**40])),
+        n_fields + maybe(st.just(0), st.sampled_from([1, 2**40])),
     )
 
 
@@ -644,3 +646,75 @@ def test_a_buffer_being_resolved_cannot_change() -> None:
     assert len(victim) == len(reads) + appended  # each append either went in or was refused
     victim.clear()  # free again
     assert len(victim) == 0
+
+
+def test_the_compiled_resolution_agrees_on_the_odd_reads_an_attack_found() -> None:
+    """helper-91's cases: a bar index near 2**62 (numpy's feed-times-index keys overflowed
+    and paired the wrong bars), a negative tag id (numpy wrapped it to the last tag, C sent
+    the bar elsewhere) and symbol and field counts of 2**40 (C allocated tables that long).
+    Now both send the first two to the per-read path and size their tables by the codes used."""
+    from analyzers.tracking import _fastread, columns
+
+    i64 = np.int64
+    huge = (
+        [([(0, 0, 1, 0, 1.0), (1, 0, 0, 2**62, None)], ((1, 0, 1, 1), (2**62 + 1, 0, 1, 0)))],
+        2,
+        np.array([0, -1], i64),
+        np.array([-1, 1], i64),
+        np.array([1, 0], i64),
+        np.array([0, 1], i64),
+        2,
+        2,
+    )
+    assert _numpy_kernel(huge) is None  # the bar's len() read is past MAX_BAR_INDEX
+    _same_kernel(columns._kernel_buffers(*_packed(huge)), None)
+    negative = _one_feed([(-1, 0, 1, 3, 1.0)], 4)
+    assert _numpy_kernel(negative) is None
+    _same_kernel(columns._kernel_buffers(*_packed(negative)), None)
+    wide = list(_one_feed([(0, 0, 1, 3, 1.0), (0, -1, 1, 2, 2.0)], 4))
+    wide[-2:] = [2**40, 2**40]
+    want = _numpy_kernel(tuple(wide))
+    assert want is not None
+    _same_kernel(columns._kernel_buffers(*_packed(tuple(wide))), want)
+    assert _fastread.resolve_buffers(*_c_args(tuple(wide))) is not None
+
+
+def test_the_compiled_resolution_reads_copies_of_the_small_arrays() -> None:
+    """Another thread writing out-of-range codes into ``sym_of_slot``, ``src`` or
+    ``field_code_of_tag`` while C runs without the GIL (helper-91: writes out of bounds and a
+    segmentation fault): C works on copies taken under the GIL and checked, so each call either
+    refuses the codes it copied (ValueError) or resolves with the ones it copied; no crash."""
+    import time
+
+    from analyzers.tracking import _fastread
+
+    reads = [(0, -(i % 20), 1, 4_000 - (i % 20), float(i)) for i in range(50_000)]
+    args = list(_c_args(_one_feed(reads, 4_001)))
+    first = _fastread.resolve_buffers(*args)
+    for at in (3, 5, 6):  # src, field_code_of_tag, sym_of_slot
+        arr = args[at]
+        stop = threading.Event()
+
+        def flip(arr: Any = arr, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                arr[0] = 1 << 40
+                arr[0] = 0 if arr is not args[5] else 1
+
+        t = threading.Thread(target=flip)
+        t.start()
+        outcomes = set()
+        try:
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                try:
+                    out = _fastread.resolve_buffers(*args)
+                except ValueError as e:
+                    outcomes.add(str(e).split(":")[1].strip())
+                else:  # src 2**40 copied: the bar is not the common read (None)
+                    assert out == first or out is None
+                    outcomes.add("resolved" if out is not None else "none")
+        finally:
+            stop.set()
+            t.join()
+        assert outcomes <= {"resolved", "none", "a symbol code is out of range",
+                            "a field code is out of range"}  # fmt: skip

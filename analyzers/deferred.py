@@ -127,7 +127,7 @@ def _by_tracker(pending: Sequence[PendingReads]) -> list[list[PendingReads]]:
 
 def _settle_columns(tracker: AccessTracker, group: list[PendingReads]) -> None:
     """Resolve as columns the bars of ``group`` that can be (``tracker.resolve_lock`` held)."""
-    todo = [p for p in group if p._lookaheads is None]  # another thread may have meanwhile
+    todo = [p for p in group if p._lookaheads is None]  # another thread may have resolved some
     raw = [(p._reads, p._state) for p in todo]
     cols = resolve_columns(tracker, raw) if raw else None  # type: ignore[arg-type]
     if cols is not None:

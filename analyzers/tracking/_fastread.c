@@ -577,6 +577,12 @@ rb_take(ReadBuffer *rb, PyObject *Py_UNUSED(ignored))
     if (rb_pinned(rb) < 0) return NULL;
     ReadBuffer *out = (ReadBuffer *)ReadBufferType.tp_alloc(&ReadBufferType, 0);
     if (out == NULL) return NULL;
+    /* again: the allocation may have collected, and a finalizer that released the GIL let
+     * another thread pin this buffer (helper-92: rb_reset then freed the arrays it read) */
+    if (rb_pinned(rb) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     Py_ssize_t n = rb->n; /* read after the allocation, which may have run Python code */
     if (n > 0) {
         /* exactly n (a taken buffer never grows): bars of few reads wait in the writer's

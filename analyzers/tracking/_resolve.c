@@ -29,6 +29,8 @@ typedef int64_t i64;
 /* A read of a bar index at or past this goes to the per-read path (columns.MAX_BAR_INDEX: numpy's
  * keys, feed x index, stay within int64). */
 #define MAX_BAR_INDEX ((i64)1 << 40)
+/* With more feeds than this, nothing resolves as columns (columns.MAX_SLOTS: the same). */
+#define MAX_SLOTS ((i64)1 << 22)
 
 static inline i64
 wadd(i64 a, i64 b)
@@ -420,6 +422,18 @@ fr_resolve(const ReadChunk *chunks, Py_ssize_t n_bars, unsigned char float_flag,
             goto done;
         }
         if (in.fcode_of_tag[t] >= in.n_fields) in.n_fields = in.fcode_of_tag[t] + 1;
+    }
+    /* codes as resolve_columns numbers them: at most a symbol a feed, a field a tag (and
+     * len); sparser ones (helper-92: 2**40, tables that long) are left to numpy */
+    if (in.n_syms > n_slots || in.n_fields > n_tags + 1) {
+        result = Py_NewRef(Py_NotImplemented);
+        goto done;
+    }
+    /* more feeds than MAX_SLOTS: no bar resolves as columns (numpy's keys, feed x bar index,
+     * would not fit an int64) */
+    if (n_slots > MAX_SLOTS) {
+        result = Py_NewRef(Py_None);
+        goto done;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS

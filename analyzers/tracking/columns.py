@@ -52,6 +52,8 @@ State = tuple[tuple[int, int, int, int], ...]
 MAX_BAR_INDEX = 2**40
 """A read of a bar index at or past this (a trillion bars) goes to the per-read path: the
 vectorised keys, feed times index, then stay within int64 (``_resolve.c`` the same)."""
+MAX_SLOTS = 2**22
+"""With more feeds than this (four million), no bar resolves as columns, for the same keys."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -229,7 +231,9 @@ def _states(bars: Sequence[tuple[Sequence[Read], State]], n_bars: int, n_slots: 
     array either way (``tests/unit/test_fmel_columns.py``)."""
     states = [st for _, st in bars]
     chain = itertools.chain.from_iterable
-    if all(len(st) == n_slots for st in states):
+    # (a row of another length than 4 takes the row-by-row path, which refuses it: fromiter
+    # would take the first numbers and shift the rest, helper-92)
+    if all(len(st) == n_slots for st in states) and all(len(r) == 4 for r in chain(states)):
         flat = np.fromiter(chain(chain(states)), dtype=np.int64, count=n_bars * n_slots * 4)
         return flat.reshape(n_bars, n_slots, 4)
     state = np.zeros((n_bars, n_slots, 4), dtype=np.int64)
@@ -347,6 +351,8 @@ def _kernel_np(
         field_code_of_tag: per tag, its field's code (``len`` is 0).
         sym_of_slot: per slot, its symbol's code (< ``n_syms``); ``n_fields`` field codes."""
     n_bars, total = len(lens), len(tid)
+    if state.shape[1] > MAX_SLOTS:
+        return None
     counts = size == 0
     value = np.where(counts, index + 1, value).astype(np.float64)  # len() returns a count
     bar_of = np.repeat(np.arange(n_bars, dtype=np.int64), lens)

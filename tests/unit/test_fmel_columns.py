@@ -445,7 +445,8 @@ def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
                 )
             )
         per_bar.append(reads)
-    syms = [draw(st.integers(0, n_syms - 1)) for _ in range(n_slots)]
+    dense = st.integers(0, min(n_syms, n_slots) - 1)  # as resolve_columns numbers them
+    syms = [maybe(dense, st.integers(0, n_syms - 1)) for _ in range(n_slots)]
 
     def ints(values: Sequence[int]) -> Any:
         return np.array(values, dtype=np.int64)
@@ -516,8 +517,11 @@ def test_the_compiled_resolution_equals_numpys(args: _KernelArgs) -> None:
     packed = _packed(args)
     want = _numpy_kernel(args)
     _same_kernel(columns._kernel_buffers(*packed), want)
-    # C itself took it (none of these batches is too spread for its table)
-    assert _fastread.resolve_buffers(*_c_args(args)) is not NotImplemented
+    # C itself took it (none of these batches is too spread for its table) unless its codes
+    # are sparser than resolve_columns numbers them (a symbol a feed, a field a tag)
+    _, n_slots, src, _, fcode, sym, *_ = args
+    dense = int(sym.max()) < n_slots and int(fcode.max()) <= len(src)
+    assert (_fastread.resolve_buffers(*_c_args(args)) is not NotImplemented) or not dense
 
     # the buffers are read in place, not changed (floats compared bit for bit: NaN)
     def bits(reads: Any) -> list[Any]:
@@ -718,3 +722,96 @@ def test_the_compiled_resolution_reads_copies_of_the_small_arrays() -> None:
             t.join()
         assert outcomes <= {"resolved", "none", "a symbol code is out of range",
                             "a field code is out of range"}  # fmt: skip
+
+
+def test_a_take_that_collected_finds_the_buffer_pinned_again() -> None:
+    """helper-92: ``take()`` checked the pin, then allocated; the allocation collected, a
+    finalizer released the GIL, and another thread pinned the buffer and read its arrays, which
+    ``take()`` then freed. Now ``take()`` checks again after its allocation: BufferError, and
+    the buffer and the resolving are intact."""
+    import gc
+    import time
+
+    from analyzers.tracking import _fastread
+    from analyzers.tracking._fastread import ReadBuffer
+
+    # ~0.1 s of resolving: the take() below resumes while it runs
+    victim = ReadBuffer((0, -(i % 20), 1, 4_000 - (i % 20), float(i)) for i in range(2_000_000))
+    args = _c_args(_one_feed([], 4_001))
+    args = ([victim], *args[1:])
+    want = _fastread.resolve_buffers(*args)
+    in_finalizer, pinning = threading.Event(), threading.Event()
+    armed = [True]
+    got: list[Any] = []
+
+    class Trap:
+        def __del__(self) -> None:
+            if armed[0]:
+                armed[0] = False
+                in_finalizer.set()
+                pinning.wait(5)
+                time.sleep(0.002)  # releases the GIL: the other thread pins and reads
+
+    def resolve() -> None:
+        in_finalizer.wait(5)
+        pinning.set()
+        got.append(_fastread.resolve_buffers(*args))
+
+    t = threading.Thread(target=resolve)
+    t.start()
+    take = victim.take  # bound before: the call itself allocates nothing else first
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    try:
+        trap: list[Any] = [Trap()]
+        trap.append(trap)
+        del trap  # garbage with a finalizer, for the next collection: take()'s allocation
+        with pytest.raises(BufferError, match="being read by the decision writer"):
+            gc.set_threshold(1)
+            gc.enable()
+            take()
+    finally:
+        gc.enable()
+        gc.set_threshold(*threshold)
+        armed[0] = False
+        in_finalizer.set()
+        t.join()
+    assert got == [want]
+    assert len(victim) == 2_000_000
+
+
+def test_sparse_codes_and_too_many_feeds_are_left_to_numpy() -> None:
+    """helper-92: a symbol or field code of 2**40 (C filled tables that long: MemoryError, or
+    GBs for 2**28) goes to numpy, which gives the answer; more feeds than MAX_SLOTS (numpy's
+    keys would overflow) resolve nothing as columns, in C and numpy alike."""
+    from analyzers.tracking import _fastread, columns
+
+    base = _one_feed([(0, 0, 1, 3, 1.0), (0, -1, 1, 2, 2.0)], 4)
+    for at, code in ((5, 2**40), (4, 2**40), (5, 2**28)):
+        odd = list(base)
+        odd[at] = np.array([code], np.int64)
+        odd[-2:] = [2**40 + 1, 2**40 + 1]
+        assert _fastread.resolve_buffers(*_c_args(tuple(odd))) is NotImplemented
+        want = _numpy_kernel(tuple(odd))
+        assert want is not None
+        _same_kernel(columns._kernel_buffers(*_packed(tuple(odd))), want)
+    many = list(base)
+    many[1] = columns.MAX_SLOTS + 1
+    many[5] = np.zeros(columns.MAX_SLOTS + 1, np.int64)  # sym_of_slot: one a feed
+    assert _fastread.resolve_buffers(*_c_args(tuple(many))) is None
+    lens = np.array([2], np.int64)
+    flat = base[0][0][0]
+    state = np.zeros((1, columns.MAX_SLOTS + 1, 4), np.int64)
+    state[0, 0] = base[0][0][1][0]
+    assert columns._kernel_np(lens, *columns._unpack_py(flat), state, *many[2:]) is None
+
+
+def test_the_positions_array_refuses_rows_that_are_not_four_numbers() -> None:
+    """helper-92: ``_states``' one-pass path took the first four numbers of a row of five and
+    shifted the rest; such a row now takes the row-by-row path, which refuses it."""
+    from analyzers.tracking import columns
+
+    for row in ((1, 2, 3, 4, 5), (1, 2, 3)):
+        with pytest.raises(ValueError):
+            columns._states([([], (row, (1, 2, 3, 4)))], 1, 2)

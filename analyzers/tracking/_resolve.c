@@ -100,7 +100,7 @@ typedef struct {
 
 /* The (tag id, ago, size, bar index) of read i of bar b. */
 static inline const i64 *
-read_at(const Input *in, i64 b, i64 i)
+read_of(const Input *in, i64 b, i64 i)
 {
     return in->chunks[b].ints + 4 * i;
 }
@@ -181,7 +181,7 @@ which_bars(const Input *in, Work *w)
         w->done[n_done++] = b;
         n_kept += in->chunks[b].n;
         for (i64 i = 0; i < in->chunks[b].n; i++) {
-            const i64 *p = read_at(in, b, i);
+            const i64 *p = read_of(in, b, i);
             i64 sl = slot_of(in, p), idx = p[3];
             if (idx < w->smin[sl]) w->smin[sl] = idx;
             if (idx > w->smax[sl]) w->smax[sl] = idx;
@@ -231,7 +231,7 @@ group_reads(const Input *in, Work *w)
     for (i64 d = 0; d < D; d++) {
         i64 b = w->done[d];
         for (i64 i = 0; i < in->chunks[b].n; i++, k++) {
-            const i64 *p = read_at(in, b, i);
+            const i64 *p = read_of(in, b, i);
             i64 sl = slot_of(in, p);
             i64 at = w->base[sl] + (p[3] - w->smin[sl]);
             if (w->first_at[at] < 0) w->first_at[at] = w->starts[b] + i;

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -97,36 +98,48 @@ def _summary(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def measure(mode: str, agent: str, out: Path) -> tuple[int, int]:
-    """(main thread, other threads) instructions of the window, one callgrind run."""
-    prefix = out / f"{agent}-{mode}"
-    subprocess.run(
+def callgrind(
+    argv: list[str], prefix: Path, env: dict[str, str] | None = None, fixed: bool = False
+) -> tuple[int, int, str]:
+    """Run ``argv`` (a Python child that calls ``os.getppid()`` around its window) under
+    callgrind, its files at ``prefix``: (main thread instructions of the window, every other
+    thread's, the child's stdout). ``fixed``: with address space randomisation off
+    (``setarch -R``, util-linux), so objects' ids, and the orders of what is keyed by them,
+    are the same in every run."""
+    fix = ["setarch", platform.machine(), "-R"] if fixed else []
+    done = subprocess.run(
         [
+            *fix,
             "valgrind",
             "--tool=callgrind",
             "--separate-threads=yes",
             "--dump-before=os_getppid",
             f"--callgrind-out-file={prefix}.%p",
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            agent,
+            *argv,
         ],
         check=True,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     main = other = 0
-    for path in out.glob(f"{prefix.name}.*"):
+    for path in prefix.parent.glob(f"{prefix.name}.*"):
         n = _summary(path)
         if path.name.endswith(".2-01"):  # the main thread's part 2: the window
             main += n
         elif not path.name.endswith("-01"):
             # another thread: callgrind dumps the counters of the thread calling getppid only,
-            # so the others' are in the final file (they start after set-up: the writer thread
-            # only waits until the run submits records)
+            # so the others' are in the final file (their whole lives: they start in set-up)
             other += n
+    return main, other, done.stdout
+
+
+def measure(mode: str, agent: str, out: Path) -> tuple[int, int]:
+    """(main thread, other threads) instructions of the window, one callgrind run."""
+    main, other, _ = callgrind(
+        [sys.executable, __file__, "--child", mode, agent], out / f"{agent}-{mode}"
+    )
     return main, other
 
 

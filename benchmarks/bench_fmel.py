@@ -123,6 +123,25 @@ def _heavy_agent() -> type:
     return ReadHeavyAgent
 
 
+def make_cerebro(agent: str, symbols: list[str]) -> Any:
+    """The benchmarks' run: ``agent`` (``sma`` or ``heavy``) on the bundled daily files of
+    ``symbols``, $100,000 cash, no observers (backtrader's ``stdstats``). Nothing attached."""
+    sys.path.insert(0, str(REPO))
+    import backtrader as bt
+
+    from agents.sma_cross import SmaCrossAgent
+    from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
+    from runtime.config import find_csv
+
+    cerebro = bt.Cerebro(stdstats=False)
+    for s in symbols:
+        config = CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s)
+        cerebro.adddata(make_csv_feed(config, read_csv_bars(config)), name=s)
+    cerebro.addstrategy(SmaCrossAgent if agent == "sma" else _heavy_agent())
+    cerebro.broker.setcash(100_000)
+    return cerebro
+
+
 def child(
     mode: str,
     agent: str,
@@ -136,26 +155,16 @@ def child(
     the writer's ``switch_interval_s`` (``None``: the interpreter's 5 ms left alone);
     ``gc_freeze``: the analyzer's ``gc_freeze`` (``None``: its default)."""
     sys.path.insert(0, str(REPO))
-    import backtrader as bt
 
     from core import bar_hash_cache
 
     # the hash cache as main() set it for this child (FMEL_HASH_CACHE_DIR), as the runner does
     bar_hash_cache.configure(os.environ.get("FMEL_HASH_CACHE_DIR", ""))
-    from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
     from analyzers.sinks.writer import DecisionWriter
-    from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
-    from runtime.config import find_csv
 
-    configs = [CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s) for s in symbols]
-    bars = [read_csv_bars(c) for c in configs]
-    cerebro = bt.Cerebro(stdstats=False)
-    for c, b in zip(configs, bars, strict=True):
-        cerebro.adddata(make_csv_feed(c, b), name=c.symbol)
-    cerebro.addstrategy(SmaCrossAgent if agent == "sma" else _heavy_agent())
-    cerebro.broker.setcash(100_000)
+    cerebro = make_cerebro(agent, symbols)
     writer = None
     tmp = tempfile.mkdtemp()
     gc_param = {} if gc_freeze is None else {"gc_freeze": gc_freeze}

@@ -48,24 +48,15 @@ def child(mode: str, agent: str) -> None:
     """One run in this process, the run between two ``os.getppid()`` calls."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import backtrader as bt
-    from bench_fmel import _heavy_agent
+    from bench_fmel import make_cerebro
 
-    from agents.sma_cross import SmaCrossAgent
     from analyzers.config import LOCAL_BATCH_SIZE
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks.duckdb import LocalDuckDBSink
     from analyzers.sinks.writer import DecisionWriter
     from analyzers.tracking import proxies
-    from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
-    from runtime.config import find_csv
 
-    configs = [CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s) for s in SYMBOLS.split(",")]
-    cerebro = bt.Cerebro(stdstats=False)
-    for c in configs:
-        cerebro.adddata(make_csv_feed(c, read_csv_bars(c)), name=c.symbol)
-    cerebro.addstrategy(SmaCrossAgent if agent == "sma" else _heavy_agent())
-    cerebro.broker.setcash(100_000)
+    cerebro = make_cerebro(agent, SYMBOLS.split(","))
     writer = None
     tmp = Path(tempfile.mkdtemp())
     if mode.endswith("-py"):

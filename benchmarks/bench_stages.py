@@ -166,18 +166,14 @@ def child(stage: str, agent: str, facts: dict[str, int] | None = None) -> None:
     holds, as JSON."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import backtrader as bt
-    from bench_fmel import _heavy_agent, fill_hash_cache
+    from bench_fmel import fill_hash_cache, make_cerebro
 
-    from agents.sma_cross import SmaCrossAgent
     from analyzers.config import LOCAL_BATCH_SIZE
     from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks import duckdb as store_module
     from analyzers.sinks.writer import DecisionWriter
     from analyzers.tracking import proxies
     from core import bar_hash_cache
-    from feeds.csv import CSVFeedConfig, make_csv_feed, read_csv_bars
-    from runtime.config import find_csv
 
     if stage != "plain":
         if not proxies.COMPILED:
@@ -192,12 +188,7 @@ def child(stage: str, agent: str, facts: dict[str, int] | None = None) -> None:
     # the CSV files' data hashes from the disk cache, as every run after the first has them
     fill_hash_cache(symbols, tmp / "hashes")
     bar_hash_cache.configure(str(tmp / "hashes"))
-    configs = [CSVFeedConfig(path=find_csv(REPO / "data", s), symbol=s) for s in symbols]
-    cerebro = bt.Cerebro(stdstats=False)
-    for c in configs:
-        cerebro.adddata(make_csv_feed(c, read_csv_bars(c)), name=c.symbol)
-    cerebro.addstrategy(SmaCrossAgent if agent == "sma" else _heavy_agent())
-    cerebro.broker.setcash(100_000)
+    cerebro = make_cerebro(agent, symbols)
     writer = None
     if stage != "plain":
         writer = DecisionWriter(

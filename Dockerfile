@@ -28,7 +28,7 @@ RUN python -m venv /opt/venv \
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt \
     && python -c "import torch, backtrader, chronos; print('torch', torch.__version__)"
-# FMEL's compiled tracked reads (setup.py, analyzers/tracking/_fastread.c, _resolve.c), built where a C
+# FMEL's compiled reads and record (setup.py, analyzers/tracking/_fastread.c, _record.c, _resolve.c), built where a C
 # compiler can be installed; the runtime stage gets only the module. Debian's gcc/libc6-dev are
 # not pinned: bookworm's security updates replace exact versions (a pin would break the build).
 # hadolint ignore=DL3008
@@ -37,7 +37,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY setup.py /opt/ext/setup.py
 COPY analyzers/tracking/_fastread.c analyzers/tracking/_resolve.c analyzers/tracking/_resolve.h \
-     /opt/ext/analyzers/tracking/
+     analyzers/tracking/_record.c analyzers/tracking/_record.h /opt/ext/analyzers/tracking/
 WORKDIR /opt/ext
 RUN python setup.py build_ext --inplace \
     && python -c "import analyzers.tracking._fastread"

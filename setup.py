@@ -1,5 +1,5 @@
-"""Builds the one C extension, FMEL's tracked reads and the writer's resolving of them
-(analyzers/tracking/_fastread.c, _resolve.c), in place.
+"""Builds the one C extension in place: FMEL's tracked reads, the per-bar record and the writer's
+resolving of reads (analyzers/tracking/_fastread.c, _record.c, _resolve.c).
 
 ``make`` runs ``python setup.py build_ext --inplace``; nothing else is packaged here. Without a C
 compiler the build fails and FMEL tracks reads in pure Python (same records, slower)."""
@@ -13,8 +13,12 @@ setup(
     ext_modules=[
         Extension(
             "analyzers.tracking._fastread",
-            ["analyzers/tracking/_fastread.c", "analyzers/tracking/_resolve.c"],
-            depends=["analyzers/tracking/_resolve.h"],
+            [
+                "analyzers/tracking/_fastread.c",
+                "analyzers/tracking/_resolve.c",
+                "analyzers/tracking/_record.c",
+            ],
+            depends=["analyzers/tracking/_resolve.h", "analyzers/tracking/_record.h"],
             extra_compile_args=["-Wall"],
         )
     ],

@@ -48,6 +48,7 @@ from analyzers.schema import (
 )
 from analyzers.sinks.writer import DecisionWriter
 from analyzers.tracking import AccessTracker, proxies
+from analyzers.tracking.graph import _IND
 from analyzers.tracking.tracker import take_reads
 from core.bars import feed_symbol
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
@@ -220,6 +221,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
+        # the once-a-bar record in one C call (_record.c) when the compiled reads are in use
+        # (fixed here, as the tracker's are: proxies.use_compiled), else _record_py
+        self._record_c = _record_bar if _compiled_record_fits(type(self)) else None
         self.writer: DecisionWriter | None = self.p.writer
         self.run_info: RunInfo | None = self.p.run
         self.records: list[DecisionRecord] = []
@@ -385,7 +389,12 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 and getattr(cls, private, None) is _ANALYZER_HOOKS[private]
                 and getattr(cls, public, None) is own
             ):
-                bound = _ignore if stage is None else functools.partial(self._record, stage)
+                if stage is None:
+                    bound: Callable[[], None] = _ignore
+                elif self._record_c is not None and getattr(cls, "_record", None) is _RECORD:
+                    bound = functools.partial(self._record_c, self, stage)
+                else:
+                    bound = functools.partial(self._record, stage)
                 setattr(self, private, bound)
 
     def _wrap_agent(self, strategy: Any) -> None:
@@ -668,6 +677,16 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._record("NEXT")
 
     def _record(self, stage: str) -> None:
+        """Record the bar (main thread, once a bar): :meth:`_record_py`'s work, done for the
+        usual bar in one C call (``_fastread.record_bar``, ``analyzers/tracking/_record.c``),
+        which calls :meth:`_record_py` itself for any other."""
+        fast = self._record_c
+        if fast is not None:
+            fast(self, stage)
+        else:
+            self._record_py(stage)
+
+    def _record_py(self, stage: str) -> None:
         # Once a bar on the bar loop: kept to plain attribute and tuple work (see
         # docs/benchmarks.md); the record is built with tuple.__new__ (the namedtuple's own
         # __new__ is one more Python call), fields in DecisionRecord's order.
@@ -699,7 +718,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             data_accessed = lookaheads = PendingReads(tracker, bar_reads, tracker.capture())
             pending = self._pending
             pending.append(data_accessed)
-            if len(pending) > 4096:
+            if len(pending) > _PENDING_KEEP:
                 while pending and pending[0].done:
                     pending.popleft()
             make = DeferredRecord
@@ -1014,6 +1033,9 @@ def _ignore(*args: Any) -> None:
 # the code of backtrader's Strategy._notify: the caller of the agent's notify_order for a notice
 _NOTIFY_CODE = bt.Strategy._notify.__code__
 _ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
+# FMELAnalyzer._record_py: bars handed over beyond this many are dropped from its _pending
+# deque once resolved (the writer resolves them; the stop settles what is left)
+_PENDING_KEEP = 4096
 # FMEL analyzers between start and stop (or an exception out of the agent): one thread at a time
 _RUNNING: weakref.WeakSet[FMELAnalyzer] = weakref.WeakSet()
 # every wrapper FMELAnalyzer put on an agent or a broker (a broker outlives a run that raised)
@@ -1059,3 +1081,69 @@ def _summary(events: tuple[Action, ...]) -> str:
     if any(a.event == "CANCEL_REQUEST" for a in events):
         return "CANCEL"
     return "HOLD"
+
+
+# FMELAnalyzer._record as defined here (_bind_bar_calls binds the C record only where a subclass
+# or a patch did not replace it)
+_RECORD = FMELAnalyzer._record
+# the analyzer's attributes _record.c reads from the instance dict, as _record_py reads them
+_C_READS = (
+    "run_info",
+    "tracker",
+    "_agent_vars",
+    "_agent_len",
+    "_callback_items",
+    "_defer",
+    "_events",
+    "_notes",
+    "_reasoning",
+    "_confidence",
+    "_dtline",
+    "_pending",
+    "_held",
+    "decisions",
+    "_getvalue",
+)
+
+
+def _compiled_record_fits(cls: type) -> bool:
+    """Whether an analyzer of ``cls`` records its bars with the compiled record: the compiled
+    reads are in use (:func:`~analyzers.tracking.proxies.use_compiled`), no subclass defines
+    its own ``_record_py`` (it is then called for every bar; one set on FMELAnalyzer itself,
+    a test's wrapper, is what the C calls for the bars it leaves), and no attribute the C
+    reads from the instance dict is a data descriptor (a property) of the class, which
+    Python's attribute access would call instead."""
+    if _record_bar is None or not proxies.compiled_in_use():
+        return False
+    owner = next((k for k in cls.__mro__ if "_record_py" in vars(k)), None)
+    if owner is not FMELAnalyzer:
+        return False
+    for name in _C_READS:
+        for klass in cls.__mro__:
+            if name in vars(klass):
+                kind = type(vars(klass)[name])
+                if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
+                    return False
+                break
+    return True
+
+_record_bar: Callable[[FMELAnalyzer, str], None] | None
+if proxies.COMPILED:
+    from analyzers.tracking import _fastread
+
+    _fastread.record_init(
+        DecisionRecord,
+        DeferredRecord,
+        PendingReads,
+        _ABSENT,
+        _IND,
+        _round_ms,
+        globals(),
+        _fastread.ReadBuffer,
+        AccessTracker,
+        BT_EPOCH_DAYS,
+        SECONDS_PER_DAY,
+    )
+    _record_bar = _fastread.record_bar
+else:
+    _record_bar = None

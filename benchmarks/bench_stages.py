@@ -9,7 +9,10 @@ interpreter does depends on dict and set orders, of strings by their hashes and 
 their addresses. With neither, two runs of the SMA-cross agent's FMEL run counted 5.430 and
 5.486 G instructions on the main thread (1 % apart); with the seed alone, two runs of plain
 1,071.1 and 1,088.7 k a bar (1.6 %); with both, two runs of plain 1,071.99 and 1,072.07 k a
-bar, of ``record`` 1,142.86 and 1,143.88 (the writer thread's timing is what is left).
+bar, of ``record`` 1,142.86 and 1,143.88 (the writer thread's timing is what is left), but
+other pairs of plain runs 1,072.9 and 1,084.4: the run's temporary folder had a random name,
+and its path is in strings the run hashes. It has a fixed name now (``bench-stages-<agent>-
+<stage>-<record>-<uid>`` in the temporary directory): plain 1,073.0 and 1,072.7.
 
 Each stage runs once in a fresh process, the same run as ``bench_instructions.py``'s (the
 agent of ``bench_fmel.py`` on the three real daily feeds, the FMEL analyzer with
@@ -56,7 +59,12 @@ Instructions are not time (a cache miss costs more than an add, and the writer's
 the other core): use it to see which part a change moved, and ``bench_fmel.py`` for what a run
 takes. A benchmark, not a test.
 
-Run: ``python benchmarks/bench_stages.py [--agents sma,heavy] [--stages plain,...,duckdb]``
+``--python-record``: every FMEL stage records its bars with ``FMELAnalyzer._record_py`` (the
+Python record) instead of the compiled one (``_fastread.record_bar``, ``analyzers/tracking/
+_record.c``): run it beside a run without it to see what the compiled record saves.
+
+Run: ``python benchmarks/bench_stages.py [--agents sma,heavy] [--stages plain,...,duckdb]
+[--python-record]``
 (valgrind and util-linux's ``setarch`` must be installed; about two minutes a stage, two at
 a time).
 """
@@ -96,6 +104,16 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def python_record() -> None:
+    """FMEL analyzers made from now on record their bars in Python (``_record_py``)."""
+    sys.path.insert(0, str(REPO))
+    from analyzers import fmel
+
+    if not hasattr(fmel, "_record_bar"):
+        sys.exit("analyzers.fmel has no _record_bar: --python-record needs updating")
+    fmel._record_bar = None
+
+
 def _patch(stage: str) -> None:
     """Replace, in this process, the parts of FMEL ``stage`` does not have yet."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -124,14 +142,23 @@ def _patch(stage: str) -> None:
 
 def _instrument(facts: dict[str, int]) -> None:
     """Count, into ``facts``, what the run does (``--facts``; not under valgrind): the lines the
-    tracker swapped, the reads in the bars' buffers, the records made into Arrow tables. Before
+    tracker swapped, the reads in the bars' buffers, the records made into Arrow tables, the
+    bars recorded by the Python record (``_record_py``: the compiled one's fallback). Before
     :func:`_patch`: the stores it patches take ``records_table`` as wrapped here."""
+    from analyzers.fmel import FMELAnalyzer
     from analyzers.sinks import columnar
     from analyzers.sinks import duckdb as store_module
     from analyzers.tracking.tracker import AccessTracker
 
-    facts.update(lines_tracked=0, reads_recorded=0, records_tabled=0)
+    facts.update(lines_tracked=0, reads_recorded=0, records_tabled=0, python_records=0)
     untrack, table = AccessTracker.untrack_all, columnar.records_table
+    record_py = FMELAnalyzer._record_py
+
+    def counted_py(self: Any, stage: str) -> None:
+        facts["python_records"] += 1
+        record_py(self, stage)
+
+    FMELAnalyzer._record_py = counted_py  # type: ignore[method-assign]
 
     def untrack_all(self: Any) -> None:
         facts["lines_tracked"] = max(facts["lines_tracked"], len(self._tracked))
@@ -160,10 +187,14 @@ def _count_reads(facts: dict[str, int]) -> None:
     FMELAnalyzer._record = counted  # type: ignore[method-assign]
 
 
-def child(stage: str, agent: str, facts: dict[str, int] | None = None) -> None:
+def child(
+    stage: str, agent: str, facts: dict[str, int] | None = None, python: bool = False
+) -> None:
     """One run of ``stage`` in this process, the run between two ``os.getppid()`` calls; prints
     the bars, or with ``facts`` (a dict) what :func:`_instrument` counted and what the store
-    holds, as JSON."""
+    holds, as JSON. ``python``: the bars recorded in Python (:func:`python_record`)."""
+    if python:
+        python_record()
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_fmel import fill_hash_cache, make_cerebro
@@ -183,7 +214,12 @@ def child(stage: str, agent: str, facts: dict[str, int] | None = None) -> None:
         _patch(stage)
         if facts is not None:
             _count_reads(facts)
-    tmp = Path(tempfile.mkdtemp())
+    # a folder of the same name in every run: its path is in strings the run hashes (the
+    # store's, the hash cache's), and a random name moved plain's count by ~1 % between runs
+    record = "py" if python else "c"
+    tmp = Path(tempfile.gettempdir()) / f"bench-stages-{agent}-{stage}-{record}-{os.getuid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     symbols = SYMBOLS.split(",")
     # the CSV files' data hashes from the disk cache, as every run after the first has them
     fill_hash_cache(symbols, tmp / "hashes")
@@ -222,12 +258,13 @@ def child(stage: str, agent: str, facts: dict[str, int] | None = None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(stage: str, agent: str, out: Path) -> tuple[int, int, int]:
+def measure(stage: str, agent: str, out: Path, python_record: bool = False) -> tuple[int, int, int]:
     """(main thread, other threads) instructions of the window, and the bars, one run."""
     from bench_instructions import callgrind  # beside this file
 
+    extra = ["--python-record"] if python_record else []
     main, other, stdout = callgrind(
-        [sys.executable, __file__, "--child", stage, agent],
+        [sys.executable, __file__, "--child", stage, agent, *extra],
         out / f"{agent}-{stage}",
         env={**os.environ, "PYTHONHASHSEED": "0"},
         fixed=True,
@@ -241,10 +278,15 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "AGENT"), help=argparse.SUPPRESS)
     ap.add_argument("--facts", action="store_true", help=argparse.SUPPRESS)  # tests
+    ap.add_argument(
+        "--python-record",
+        action="store_true",
+        help="record the bars with the Python record, not the compiled one",
+    )
     args = ap.parse_args()
     if args.child:
         stage, agent = args.child
-        child(stage, agent, facts={} if args.facts else None)
+        child(stage, agent, facts={} if args.facts else None, python=args.python_record)
         return
     for tool, package in (("valgrind", "valgrind"), ("setarch", "util-linux")):
         if shutil.which(tool) is None:
@@ -257,11 +299,16 @@ def main() -> None:
     stages.sort(key=STAGES.index)
     with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(max_workers=2) as pool:
         out = Path(d)
-        jobs = {(a, s): pool.submit(measure, s, a, out) for a in agents for s in stages}
+        jobs = {
+            (a, s): pool.submit(measure, s, a, out, args.python_record)
+            for a in agents
+            for s in stages
+        }
         results = {k: f.result() for k, f in jobs.items()}
     print(
         f"Feeds: {SYMBOLS.replace(',', ', ')}; instructions counted by callgrind "
-        "(PYTHONHASHSEED=0, setarch -R), one run a stage\n"
+        "(PYTHONHASHSEED=0, setarch -R), one run a stage; the "
+        f"{'Python' if args.python_record else 'compiled'} record\n"
     )
     for agent in agents:
         base, _, bars = results[(agent, "plain")]

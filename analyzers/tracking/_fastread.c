@@ -39,6 +39,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_record.h"
 #include "_resolve.h"
 
 static PyObject *g_globals = NULL;        /* proxies.__dict__: ACTIVE is read there per call */
@@ -1279,6 +1280,13 @@ static PyMethodDef methods[] = {
     {"descriptors", make_descriptors, METH_O,
      "descriptors(cls) -> (__getitem__, __len__) method descriptors for instances of cls (a "
      "class proxies._dict_safe accepts)"},
+    {"record_bar", (PyCFunction)(void (*)(void))fr_record_bar, METH_FASTCALL,
+     "record_bar(analyzer, stage): FMELAnalyzer._record for the usual bar, in one call; "
+     "any other bar goes to analyzer._record_py(stage) (see _record.c)"},
+    {"record_init", fr_record_init, METH_VARARGS,
+     "record_init(DecisionRecord, DeferredRecord, PendingReads, absent, ind_key, round_ms, "
+     "fmel_globals, ReadBuffer, AccessTracker, bt_epoch_days, seconds_per_day): what "
+     "record_bar builds with"},
     {"init", init, METH_VARARGS,
      "init(proxies_globals, getitem, getitem_tail, len, fast_types): where ACTIVE and the "
      "Python versions are, and the buffer types indexed in C"},
@@ -1312,6 +1320,7 @@ PyInit__fastread(void)
     k_one = PyLong_FromLong(1);
     if (k_zero == NULL || k_one == NULL) return NULL;
     if (PyType_Ready(&ReadBufferType) < 0) return NULL;
+    if (fr_record_module_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "ReadBuffer", (PyObject *)&ReadBufferType) < 0) {

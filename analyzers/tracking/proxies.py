@@ -159,7 +159,9 @@ _said_pure = False
 
 def use_compiled(on: bool) -> bool:
     """Use the compiled ``__getitem__``/``__len__`` (True) or the Python ones for the tracked
-    classes made from now on; returns the previous setting. Lines already tracked keep theirs.
+    classes made from now on, and the compiled once-a-bar record
+    (``FMELAnalyzer._record``) or the Python one for the FMEL analyzers made from now on;
+    returns the previous setting. Lines already tracked and analyzers already made keep theirs.
 
     Raises:
         RuntimeError: ``on`` is true and the extension is not built (``make`` builds it).

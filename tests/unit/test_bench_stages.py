@@ -54,25 +54,47 @@ def test_each_stage_adds_its_part(facts: dict[str, dict[str, Any]]) -> None:
     total = facts["duckdb"]["reads_stored"]  # the default run's own reads
     assert total > 5031
     assert facts["plain"] == {"bars": 5031, "submitted": 0, "rows_stored": 0, "reads_stored": 0}
-    # stage: (lines tracked, reads recorded, submitted, tabled, stored)
+    # stage: (lines tracked, reads recorded, submitted, tabled, stored, recorded in Python);
+    # the compiled record leaves the first bar (PRENEXT, before its callbacks are known) to
+    # Python
     expected = {
-        "analyzer": (False, 0, 0, 0, 0),
-        "lines": (True, 0, 0, 0, 0),
-        "reads": (True, total, 0, 0, 0),
-        "record": (True, total, 5031, 0, 0),
-        "settle": (True, total, 5031, 5031, 0),
-        "duckdb": (True, total, 5031, 5031, 5031),
+        "analyzer": (False, 0, 0, 0, 0, 0),
+        "lines": (True, 0, 0, 0, 0, 0),
+        "reads": (True, total, 0, 0, 0, 0),
+        "record": (True, total, 5031, 0, 0, 1),
+        "settle": (True, total, 5031, 5031, 0, 1),
+        "duckdb": (True, total, 5031, 5031, 5031, 1),
     }
-    for stage, (tracked, reads, submitted, tabled, stored) in expected.items():
-        f = facts[stage]
-        got = (
-            f["lines_tracked"] > 0,
-            f["reads_recorded"],
-            f["submitted"],
-            f["records_tabled"],
-            f["rows_stored"],
-        )
-        assert got == (tracked, reads, submitted, tabled, stored), stage
+    for stage, want in expected.items():
+        assert _row(facts[stage]) == want, stage
+
+
+def _row(f: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        f["lines_tracked"] > 0,
+        f["reads_recorded"],
+        f["submitted"],
+        f["records_tabled"],
+        f["rows_stored"],
+        f["python_records"],
+    )
+
+
+def test_python_record_records_every_bar_in_python(
+    facts: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``--python-record``: the same run, every bar recorded by ``_record_py``."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--child", "duckdb", "sma", "--facts", "--python-record"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    got = _row(json.loads(done.stdout.splitlines()[-1]))
+    assert got == (*_row(facts["duckdb"])[:-1], 5031)
     # the feeds' lines and the agent's indicators (3 feeds of 7 lines, and more)
     assert facts["lines"]["lines_tracked"] > 21
     assert facts["lines"]["lines_tracked"] == facts["duckdb"]["lines_tracked"]

@@ -1,0 +1,14 @@
+/* FMEL's once-a-bar decision record in one C call (_record.c), registered in _fastread's
+ * module by _fastread.c. */
+#ifndef FMEL_RECORD_H
+#define FMEL_RECORD_H
+#include <Python.h>
+
+/* record_bar(analyzer, stage): FMELAnalyzer._record_py's work for the usual bar. */
+PyObject *fr_record_bar(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+/* record_init(DecisionRecord, DeferredRecord, PendingReads, _ABSENT, IndType, _round_ms,
+ * fmel's globals(), ReadBuffer, AccessTracker, BT_EPOCH_DAYS, SECONDS_PER_DAY) */
+PyObject *fr_record_init(PyObject *mod, PyObject *args);
+/* interned names; -1 with an exception on failure */
+int fr_record_module_init(void);
+#endif

@@ -223,7 +223,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
         # the once-a-bar record in one C call (_record.c) when the compiled reads are in use
         # (fixed here, as the tracker's are: proxies.use_compiled), else _record_py
-        self._record_c = _record_bar if _compiled_record_fits(type(self)) else None
+        self._record_c = _record_bar if proxies.compiled_in_use() else None
         self.writer: DecisionWriter | None = self.p.writer
         self.run_info: RunInfo | None = self.p.run
         self.records: list[DecisionRecord] = []
@@ -370,9 +370,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         """Shorten backtrader's calls into this analyzer once a bar. ``Analyzer._next`` runs
         the children's ``_next``, then ``next``, which calls :meth:`_record`: three Python
         frames; bound here to :meth:`_record` with its stage (a ``functools.partial``: one
-        frame). The cash/value and fund notices (``_notify_cashvalue``, ``_notify_fund``,
-        twice a bar) reach nothing when there are no children and ``notify_cashvalue`` /
-        ``notify_fund`` are backtrader's ``pass``: bound to a single no-op frame.
+        frame), or, where :meth:`_record` is FMELAnalyzer's and the compiled record is in use,
+        straight to ``_fastread.record_bar`` (no Python frame). The cash/value and fund
+        notices (``_notify_cashvalue``, ``_notify_fund``, twice a bar) reach nothing when
+        there are no children and ``notify_cashvalue`` / ``notify_fund`` are backtrader's
+        ``pass``: bound to a single no-op frame.
 
         Only where nothing else would run: no child analyzer (also none added by a
         subclass's ``start()``: this runs after it), and both the private hook and its public
@@ -733,8 +735,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             events, action = (), "HOLD"
         notes = None
         if self._notes:
-            notes = json.dumps(self._notes, default=_json_default, sort_keys=True)
-            self._notes = {}
+            notes = _notes_json(self)
         reasoning, confidence = self._reasoning, self._confidence
         if reasoning is not None or confidence is not None:
             self._reasoning = self._confidence = None
@@ -859,6 +860,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         lookaheads, gaps = state.pop("_finished")
         self.__dict__.update(state)
         self.writer = None
+        self._record_c = None
         self._pending = collections.deque()
         self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
         self.tracker.lookahead_total = lookaheads
@@ -1087,6 +1089,7 @@ def _summary(events: tuple[Action, ...]) -> str:
 # or a patch did not replace it)
 _RECORD = FMELAnalyzer._record
 # the analyzer's attributes _record.c reads from the instance dict, as _record_py reads them
+# (it records in C only while none is a data descriptor of the analyzer's class)
 _C_READS = (
     "run_info",
     "tracker",
@@ -1103,46 +1106,27 @@ _C_READS = (
     "_held",
     "decisions",
     "_getvalue",
+    "strategy",
+    "writer",
+    "_keep",
+    "records",
 )
 
 
-def _compiled_record_fits(cls: type) -> bool:
-    """Whether an analyzer of ``cls`` records its bars with the compiled record: the compiled
-    reads are in use (:func:`~analyzers.tracking.proxies.use_compiled`), no subclass defines
-    its own ``_record_py`` (it is then called for every bar; one set on FMELAnalyzer itself,
-    a test's wrapper, is what the C calls for the bars it leaves), and no attribute the C
-    reads from the instance dict is a data descriptor (a property) of the class, which
-    Python's attribute access would call instead."""
-    if _record_bar is None or not proxies.compiled_in_use():
-        return False
-    owner = next((k for k in cls.__mro__ if "_record_py" in vars(k)), None)
-    if owner is not FMELAnalyzer:
-        return False
-    for name in _C_READS:
-        for klass in cls.__mro__:
-            if name in vars(klass):
-                kind = type(vars(klass)[name])
-                if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
-                    return False
-                break
-    return True
+def _notes_json(analyzer: FMELAnalyzer) -> str:
+    """The bar's notes as ``_record_py`` stores them (JSON, keys sorted), emptied; for
+    ``_fastread.record_bar``."""
+    notes = json.dumps(analyzer._notes, default=_json_default, sort_keys=True)
+    analyzer._notes = {}
+    return notes
+
 
 _record_bar: Callable[[FMELAnalyzer, str], None] | None
 if proxies.COMPILED:
     from analyzers.tracking import _fastread
 
     _fastread.record_init(
-        DecisionRecord,
-        DeferredRecord,
-        PendingReads,
-        _ABSENT,
-        _IND,
-        _round_ms,
-        globals(),
-        _fastread.ReadBuffer,
-        AccessTracker,
-        BT_EPOCH_DAYS,
-        SECONDS_PER_DAY,
+        globals(), _IND, _fastread.ReadBuffer, AccessTracker, FMELAnalyzer, _C_READS
     )
     _record_bar = _fastread.record_bar
 else:

@@ -12,7 +12,7 @@ their addresses. With neither, two runs of the SMA-cross agent's FMEL run counte
 bar, of ``record`` 1,142.86 and 1,143.88 (the writer thread's timing is what is left), but
 other pairs of plain runs 1,072.9 and 1,084.4: the run's temporary folder had a random name,
 and its path is in strings the run hashes. It has a fixed name now (``bench-stages-<agent>-
-<stage>-<record>-<uid>`` in the temporary directory): plain 1,073.0 and 1,072.7.
+<stage>-<uid>`` in the temporary directory): plain 1,073.0 and 1,072.7.
 
 Each stage runs once in a fresh process, the same run as ``bench_instructions.py``'s (the
 agent of ``bench_fmel.py`` on the three real daily feeds, the FMEL analyzer with
@@ -214,10 +214,10 @@ def child(
         _patch(stage)
         if facts is not None:
             _count_reads(facts)
-    # a folder of the same name in every run: its path is in strings the run hashes (the
-    # store's, the hash cache's), and a random name moved plain's count by ~1 % between runs
-    record = "py" if python else "c"
-    tmp = Path(tempfile.gettempdir()) / f"bench-stages-{agent}-{stage}-{record}-{os.getuid()}"
+    # a folder of the same name in every run, --python-record or not: its path is in strings
+    # the run hashes (the store's, the hash cache's), and a random name moved plain's count by
+    # ~1 % between runs (so two invocations of this benchmark must not run at once)
+    tmp = Path(tempfile.gettempdir()) / f"bench-stages-{agent}-{stage}-{os.getuid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     symbols = SYMBOLS.split(",")

@@ -1284,9 +1284,8 @@ static PyMethodDef methods[] = {
      "record_bar(analyzer, stage): FMELAnalyzer._record for the usual bar, in one call; "
      "any other bar goes to analyzer._record_py(stage) (see _record.c)"},
     {"record_init", fr_record_init, METH_VARARGS,
-     "record_init(DecisionRecord, DeferredRecord, PendingReads, absent, ind_key, round_ms, "
-     "fmel_globals, ReadBuffer, AccessTracker, bt_epoch_days, seconds_per_day): what "
-     "record_bar builds with"},
+     "record_init(fmel_globals, ind_key, ReadBuffer, AccessTracker, FMELAnalyzer, "
+     "instance_reads): what record_bar builds with"},
     {"init", init, METH_VARARGS,
      "init(proxies_globals, getitem, getitem_tail, len, fast_types): where ACTIVE and the "
      "Python versions are, and the buffer types indexed in C"},

@@ -48,17 +48,12 @@ def resolve_buffers(
     /,
 ) -> tuple[bytes, ...] | NotImplementedType | None: ...
 def record_init(
-    plain_record: type,
-    deferred_record: type,
-    pending_reads: type,
-    absent: object,
-    ind_key: Any,
-    round_ms: Callable[[float], float],
     fmel_globals: dict[str, Any],
+    ind_key: Any,
     read_buffer: type,
     access_tracker: type,
-    bt_epoch_days: float,
-    seconds_per_day: float,
+    fmel_analyzer: type,
+    instance_reads: tuple[str, ...],
     /,
 ) -> None: ...
 def record_bar(analyzer: Any, stage: str, /) -> None: ...

@@ -18,9 +18,11 @@
  * the positions (kept ones, or ``_positions(broker)``), the record (``tuple.__new__`` of the
  * record class), ``decisions += 1`` (read again: a call above may have recorded), and
  * ``writer.submit(record)`` or the in-memory list. The analyzer's attributes are read from its
- * instance dict where they are (fmel._compiled_record_fits: no class of it makes them data
- * descriptors), else as Python reads them (a class attribute, or the same AttributeError).
- * Taken once at record_init: the record classes, PendingReads and its slots, _round_ms.
+ * instance dict where they are (class_as_expected: no data descriptor of those names, no
+ * attribute hooks of the class's own), else as Python reads them (a class attribute, or the
+ * same AttributeError). fmel's globals are read when used (time, _summary, _PENDING_KEEP,
+ * _notes_json), or taken at record_init and checked unchanged each bar (globals_as_taken: the
+ * record classes, PendingReads and its slots, _round_ms, the epoch constants).
  *
  * Why C: the Python version is ~40 attribute loads and ten calls a bar; this one saves ~9 k
  * (SMA-cross) to ~15 k (read-heavy) instructions a bar of the benchmark run (docs/
@@ -42,6 +44,11 @@ static PyObject *g_absent = NULL;          /* fmel._ABSENT */
 static PyObject *g_ind_key = NULL;         /* LineIterator.IndType */
 static PyObject *g_round_ms = NULL;        /* fmel._round_ms */
 static PyObject *g_fmel_globals = NULL;    /* analyzers.fmel's module dict */
+static uint64_t g_globals_version = 0;     /* its ma_version_tag when the names below were seen */
+static PyObject *g_watched = NULL;         /* ((name, value at record_init), ...) of fmel */
+static PyObject *g_epoch_obj = NULL, *g_seconds_obj = NULL; /* BT_EPOCH_DAYS, SECONDS_PER_DAY */
+static PyTypeObject *g_analyzer_type = NULL; /* FMELAnalyzer */
+static PyObject *g_instance_reads = NULL;  /* the analyzer attributes read from its dict */
 static PyTypeObject *g_tracker_type = NULL; /* analyzers.tracking.AccessTracker */
 static PyTypeObject *g_read_buffer = NULL; /* _fastread.ReadBuffer */
 static PyObject *g_pending_slots = NULL;   /* PendingReads' slot descriptors, in s_slots order */
@@ -53,7 +60,8 @@ static PyObject *s_run_info, *s__agent_vars, *s__agent_len, *s__callback_items, 
     *s_take, *s__capture_c, *s__captured, *s_capture, *s__pending, *s_append, *s_popleft,
     *s_done, *s_resolve, *s_strategy, *s_broker, *s__getvalue, *s_getcash, *s__positions,
     *s_decisions, *s_writer, *s_submit, *s__keep, *s_records, *s__record_py, *s_HOLD, *s_time,
-    *s__summary, *s_sync, *s__PENDING_KEEP;
+    *s__summary, *s_sync, *s__PENDING_KEEP,
+    *s__notes_json;
 static PyObject *k_one = NULL;
 static int g_ready = 0;
 
@@ -211,10 +219,67 @@ done:
     return r;
 }
 
+/* fmel's globals the C took at record_init (the record classes, PendingReads, _round_ms, the
+ * epoch constants...) are still those: 1, else 0 (someone patched one: _record_py). One compare
+ * while fmel's dict is unchanged (its version tag), the names looked up when it changed. */
+static int
+globals_as_taken(void)
+{
+    uint64_t version = ((PyDictObject *)g_fmel_globals)->ma_version_tag; /* CPython 3.11 */
+    if (version == g_globals_version) return 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_watched); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(g_watched, i), *now = NULL;
+        int found = owned(g_fmel_globals, PyTuple_GET_ITEM(pair, 0), &now);
+        Py_XDECREF(now); /* compared by identity only */
+        if (found < 0) return -1;
+        if (!found || now != PyTuple_GET_ITEM(pair, 1)) return 0;
+    }
+    g_globals_version = version;
+    return 1;
+}
+
+/* The analyzer's class reads its attributes as _record_py would find them in its dict: the
+ * generic attribute lookup (no __getattribute__ or __getattr__ of its own), no data
+ * descriptor (property) of those names, FMELAnalyzer's _record_py (a subclass's own runs for
+ * every bar), none set on the instance. Checked every bar (a class changed, or __class__
+ * set, during the run). */
+static PyTypeObject *g_class_seen = NULL; /* a class found as expected, at version tag: */
+static unsigned int g_class_seen_tag = 0;   /* (any change to it or a base changes the tag) */
+
+static int
+class_as_expected(PyObject *analyzer, PyObject *d)
+{
+    int own = PyDict_Contains(d, s__record_py);
+    if (own != 0) return own < 0 ? -1 : 0;
+    PyTypeObject *tp = Py_TYPE(analyzer);
+    int tagged = PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG) &&
+                 PyType_HasFeature(g_analyzer_type, Py_TPFLAGS_VALID_VERSION_TAG);
+    if (tagged && tp == g_class_seen && tp->tp_version_tag == g_class_seen_tag) return 1;
+    if (tp->tp_getattro != PyObject_GenericGetAttr) return 0;
+    if (!PyType_IsSubtype(tp, g_analyzer_type)) return 0;
+    if (_PyType_Lookup(tp, s__record_py) != _PyType_Lookup(g_analyzer_type, s__record_py)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(g_instance_reads); i++) {
+        PyObject *found = _PyType_Lookup(tp, PyTuple_GET_ITEM(g_instance_reads, i));
+        if (found != NULL && Py_TYPE(found)->tp_descr_set != NULL) return 0;
+    }
+    /* the lookups above gave the classes valid tags (FMELAnalyzer's too, whose _record_py a
+     * patch replaces: its tag changes, and with it every subclass's) */
+    if (PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        g_class_seen = tp; /* compared by address only: never dereferenced unless current */
+        g_class_seen_tag = tp->tp_version_tag;
+    }
+    return 1;
+}
+
 /* 1: the usual bar (see the top); 0: not; -1: an exception. */
 static int
-usual_bar(PyObject *d, PyObject *tracker, PyObject *td)
+usual_bar(PyObject *analyzer, PyObject *d, PyObject *tracker, PyObject *td)
 {
+    int ok = globals_as_taken();
+    if (ok > 0) ok = class_as_expected(analyzer, d);
+    if (ok <= 0) return ok;
     /* AccessTracker's own sync() and capture() (what the C does in their place) */
     if (Py_TYPE(tracker) != g_tracker_type) return 0;
     int r = PyDict_Contains(td, s_sync);
@@ -223,8 +288,8 @@ usual_bar(PyObject *d, PyObject *tracker, PyObject *td)
     r = callbacks_as_wrapped(d);
     if (r > 0) r = nothing_to_sync(td);
     if (r <= 0) return r;
-    /* the reads: a ReadBuffer; a deferring analyzer needs the tags' sources fresh; the order
-     * events a list; no note waiting (json.dumps: _record_py); a run */
+    /* the reads: a ReadBuffer, handed over (a deferring analyzer, the tags' sources fresh) or
+     * none; a run */
     PyObject *v = NULL;
     Py_ssize_t n_reads = 0;
     if ((r = owned(td, s_reads, &v)) > 0) {
@@ -243,16 +308,6 @@ usual_bar(PyObject *d, PyObject *tracker, PyObject *td)
         r = v == Py_False;
         Py_DECREF(v);
     }
-    if (r > 0 && (r = owned(d, s__events, &v)) > 0) {
-        r = PyList_CheckExact(v);
-        Py_DECREF(v);
-    }
-    if (r > 0 && (r = owned(d, s__notes, &v)) > 0) {
-        r = PyDict_CheckExact(v) && PyDict_GET_SIZE(v) == 0;
-        Py_DECREF(v);
-    }
-    if (r > 0 && (r = owned(d, s__reasoning, &v)) > 0) Py_DECREF(v);
-    if (r > 0 && (r = owned(d, s__confidence, &v)) > 0) Py_DECREF(v);
     if (r > 0 && (r = owned(d, s_run_info, &v)) > 0) {
         r = v != Py_None;
         Py_DECREF(v);
@@ -260,12 +315,12 @@ usual_bar(PyObject *d, PyObject *tracker, PyObject *td)
     return r;
 }
 
-/* The bar time as fmel._round_ms((dt - BT_EPOCH_DAYS) * SECONDS_PER_DAY); NULL with 0
- * returned through *usual when the bar time is not an exact float (then nothing is done). */
+/* _round_ms((dtl.array[dtl._idx] - BT_EPOCH_DAYS) * SECONDS_PER_DAY), as _record_py evaluates
+ * it: an exact float in C (the same IEEE operations; fmel._round_ms's expressions, which it is
+ * called for where they do not cover), anything else with Python's number protocol. */
 static PyObject *
-bar_time(PyObject *dtl, int *usual)
+bar_time(PyObject *dtl)
 {
-    *usual = 1;
     PyObject *arr = PyObject_GetAttr(dtl, s_array);
     if (arr == NULL) return NULL;
     PyObject *idx = PyObject_GetAttr(dtl, s__idx);
@@ -277,22 +332,28 @@ bar_time(PyObject *dtl, int *usual)
     Py_DECREF(arr);
     Py_DECREF(idx);
     if (x == NULL) return NULL;
-    if (!PyFloat_CheckExact(x)) {
-        Py_DECREF(x);
-        *usual = 0;
-        return NULL;
+    PyObject *p = NULL;
+    if (PyFloat_CheckExact(x)) {
+        double posix = (PyFloat_AS_DOUBLE(x) - g_epoch_days) * g_seconds_per_day;
+        double y = posix * 1000.0;
+        if (y == y && -0x1p49 < y && y < 0x1p49) {
+            double k = nearbyint(y); /* round-half-even, as Python's round() */
+            double diff = y - k;
+            if (-0.4 < diff && diff < 0.4) {
+                Py_DECREF(x);
+                return PyFloat_FromDouble(k != 0.0 ? k / 1000.0 : copysign(0.0, posix));
+            }
+        }
+        p = PyFloat_FromDouble(posix);
     }
-    double posix = (PyFloat_AS_DOUBLE(x) - g_epoch_days) * g_seconds_per_day;
-    Py_DECREF(x);
-    double y = posix * 1000.0;
-    if (y == y && -0x1p49 < y && y < 0x1p49) {
-        double k = nearbyint(y); /* round-half-even, as Python's round() */
-        double diff = y - k;
-        if (-0.4 < diff && diff < 0.4) {
-            return PyFloat_FromDouble(k != 0.0 ? k / 1000.0 : copysign(0.0, posix));
+    else {
+        PyObject *days = PyNumber_Subtract(x, g_epoch_obj);
+        if (days != NULL) {
+            p = PyNumber_Multiply(days, g_seconds_obj);
+            Py_DECREF(days);
         }
     }
-    PyObject *p = PyFloat_FromDouble(posix);
+    Py_DECREF(x);
     if (p == NULL) return NULL;
     PyObject *r = PyObject_CallOneArg(g_round_ms, p);
     Py_DECREF(p);
@@ -383,27 +444,14 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
              *state = NULL, *da = NULL, *la = NULL, *make = NULL, *ts = NULL, *bt = NULL,
              *broker = NULL, *value = NULL, *cash = NULL, *positions = NULL, *decisions = NULL,
              *rec = NULL, *out = NULL, *tmp = NULL, *held = NULL, *n_obj = NULL, *events = NULL,
-             *action = NULL, *reasoning = NULL, *confidence = NULL;
+             *action = NULL, *reasoning = NULL, *confidence = NULL, *notes = NULL, *dtl = NULL;
     if ((tracker = get_new(d, s_tracker)) == NULL) goto to_slow;
     PyObject **tdp = _PyObject_GetDictPtr(tracker);
     if (tdp == NULL || *tdp == NULL) goto to_slow;
     td = Py_NewRef(*tdp);
-    int usual = usual_bar(d, tracker, td);
+    int usual = usual_bar(analyzer, d, tracker, td);
     if (usual < 0) goto fail;
     if (!usual) goto to_slow;
-    PyObject *dtl = NULL;
-    int has_dtl = owned(d, s__dtline, &dtl);
-    if (has_dtl < 0) goto fail;
-    if (has_dtl == 0) goto to_slow;
-    bt = bar_time(dtl, &usual);
-    Py_DECREF(dtl);
-    if (bt == NULL && usual && PyErr_ExceptionMatches(PyExc_Exception)) {
-        /* _record_py reads it after taking the reads and events: it raises it there */
-        PyErr_Clear();
-        usual = 0;
-    }
-    if (!usual) goto to_slow;
-    if (bt == NULL) goto fail;
     /* from here on as _record_py, side effects included */
     run = get_new(d, s_run_info);
     defer = get_new(d, s__defer);
@@ -448,10 +496,11 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     else {
         goto to_slow; /* changed since usual_bar looked (code a lookup ran): _record_py */
     }
-    /* the bar's order events, as _record_py: the list replaced first, then summarised */
+    /* the bar's order events, as _record_py: if any, the list replaced, then summarised */
     PyObject *ev = attr(analyzer, d, s__events);
     if (ev == NULL) goto fail;
-    if (PyList_CheckExact(ev) && PyList_GET_SIZE(ev)) {
+    int any = PyObject_IsTrue(ev);
+    if (any > 0) {
         PyObject *fresh = PyList_New(0);
         if (fresh == NULL || PyObject_SetAttr(analyzer, s__events, fresh) < 0) {
             Py_XDECREF(fresh);
@@ -459,7 +508,7 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         Py_DECREF(fresh);
-        events = PyList_AsTuple(ev);
+        events = PySequence_Tuple(ev);
         Py_DECREF(ev);
         if (events == NULL) goto fail;
         PyObject *summary = global(s__summary);
@@ -470,10 +519,26 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     }
     else {
         Py_DECREF(ev);
-        if ((events = PyTuple_New(0)) == NULL) goto fail;
+        if (any < 0 || (events = PyTuple_New(0)) == NULL) goto fail;
         action = Py_NewRef(s_HOLD);
     }
-    /* (no notes: usual_bar) reasoning and confidence taken once */
+    /* the notes, if any: fmel._notes_json (json.dumps as _record_py, then emptied) */
+    PyObject *waiting = attr(analyzer, d, s__notes);
+    if (waiting == NULL) goto fail;
+    int has_notes = PyObject_IsTrue(waiting);
+    Py_DECREF(waiting);
+    if (has_notes < 0) goto fail;
+    if (has_notes) {
+        PyObject *to_json = global(s__notes_json);
+        if (to_json == NULL) goto fail;
+        notes = PyObject_CallOneArg(to_json, analyzer);
+        Py_DECREF(to_json);
+        if (notes == NULL) goto fail;
+    }
+    else {
+        notes = Py_NewRef(Py_None);
+    }
+    /* reasoning and confidence taken once */
     if ((reasoning = attr(analyzer, d, s__reasoning)) == NULL) goto fail;
     if ((confidence = attr(analyzer, d, s__confidence)) == NULL) goto fail;
     if (reasoning != Py_None || confidence != Py_None) {
@@ -482,14 +547,16 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
-    PyObject *strategy = PyObject_GetAttr(analyzer, s_strategy);
+    PyObject *strategy = attr(analyzer, d, s_strategy);
     if (strategy == NULL) goto fail;
     broker = PyObject_GetAttr(strategy, s_broker);
     Py_DECREF(strategy);
     if (broker == NULL) goto fail;
     if ((held = attr(analyzer, d, s__held)) == NULL) goto fail;
+    if ((dtl = attr(analyzer, d, s__dtline)) == NULL) goto fail;
     if ((decisions = attr(analyzer, d, s_decisions)) == NULL) goto fail;
     if ((ts = wall_time()) == NULL) goto fail;
+    if ((bt = bar_time(dtl)) == NULL) goto fail;
     PyObject *getvalue = attr(analyzer, d, s__getvalue);
     if (getvalue == NULL) goto fail;
     tmp = PyObject_CallNoArgs(getvalue);
@@ -511,10 +578,10 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     if (rec == NULL) goto fail;
     PyObject *fields[16] = {run,   decisions, ts,   bt,        stage,      action,
                             events, da,       n_obj, la,       value,      cash,
-                            positions, reasoning, confidence, Py_None};
+                            positions, reasoning, confidence, notes};
     for (int i = 0; i < 16; i++) PyTuple_SET_ITEM(rec, i, Py_NewRef(fields[i]));
     /* self.decisions += 1: read again (what the calls above ran may have recorded too) */
-    PyObject *now = PyObject_GetAttr(analyzer, s_decisions);
+    PyObject *now = attr(analyzer, d, s_decisions);
     if (now == NULL) goto fail;
     PyObject *next = PyNumber_InPlaceAdd(now, k_one);
     Py_DECREF(now);
@@ -522,7 +589,7 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     int bad = PyObject_SetAttr(analyzer, s_decisions, next);
     Py_DECREF(next);
     if (bad < 0) goto fail;
-    PyObject *writer = PyObject_GetAttr(analyzer, s_writer);
+    PyObject *writer = attr(analyzer, d, s_writer);
     if (writer == NULL) goto fail;
     if (writer != Py_None) {
         tmp = PyObject_CallMethodOneArg(writer, s_submit, rec);
@@ -531,13 +598,13 @@ fr_record_bar(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
     }
     else {
         Py_DECREF(writer);
-        PyObject *keep = PyObject_GetAttr(analyzer, s__keep);
+        PyObject *keep = attr(analyzer, d, s__keep);
         if (keep == NULL) goto fail;
         int k = PyObject_IsTrue(keep);
         Py_DECREF(keep);
         if (k < 0) goto fail;
         if (k) {
-            PyObject *records = PyObject_GetAttr(analyzer, s_records);
+            PyObject *records = attr(analyzer, d, s_records);
             if (records == NULL) goto fail;
             tmp = PyObject_CallMethodOneArg(records, s_append, rec);
             Py_DECREF(records);
@@ -554,6 +621,7 @@ fail:
     out = NULL;
 done:
     Py_XDECREF(tmp);
+    Py_XDECREF(notes);
     Py_XDECREF(confidence);
     Py_XDECREF(reasoning);
     Py_XDECREF(action);
@@ -576,41 +644,76 @@ done:
     Py_XDECREF(defer);
     Py_XDECREF(run);
     Py_XDECREF(bt);
+    Py_XDECREF(dtl);
     Py_XDECREF(td);
     Py_XDECREF(tracker);
     Py_DECREF(d);
     return out;
 }
 
+/* the fmel globals record_bar takes as they are here (globals_as_taken) */
+static const char *const watched_names[] = {"DecisionRecord", "DeferredRecord", "PendingReads",
+                                            "_ABSENT", "_round_ms", "BT_EPOCH_DAYS",
+                                            "SECONDS_PER_DAY", "take_reads", "_tuple_new"};
+#define N_WATCHED 9
+
 PyObject *
 fr_record_init(PyObject *Py_UNUSED(mod), PyObject *args)
 {
-    PyObject *plain, *deferred, *pending, *absent, *ind, *round_ms, *globals, *rbuf, *tracker;
-    double epoch, spd;
-    if (!PyArg_ParseTuple(args, "O!O!O!OOOO!O!O!dd:record_init", &PyType_Type, &plain,
-                          &PyType_Type, &deferred, &PyType_Type, &pending, &absent, &ind,
-                          &round_ms, &PyDict_Type, &globals, &PyType_Type, &rbuf, &PyType_Type,
-                          &tracker, &epoch, &spd)) {
+    PyObject *globals, *ind, *rbuf, *tracker, *analyzer, *reads;
+    if (!PyArg_ParseTuple(args, "O!OO!O!O!O!:record_init", &PyDict_Type, &globals, &ind,
+                          &PyType_Type, &rbuf, &PyType_Type, &tracker, &PyType_Type, &analyzer,
+                          &PyTuple_Type, &reads)) {
         return NULL;
     }
-    if (!PyType_IsSubtype((PyTypeObject *)plain, &PyTuple_Type) ||
-        !PyType_IsSubtype((PyTypeObject *)deferred, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "record_init(): the record classes must be tuples");
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(reads); i++) {
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(reads, i))) {
+            PyErr_SetString(PyExc_TypeError, "record_init(): attribute names must be str");
+            return NULL;
+        }
+    }
+    PyObject *watched = PyTuple_New(N_WATCHED);
+    if (watched == NULL) return NULL;
+    for (int i = 0; i < N_WATCHED; i++) {
+        PyObject *v = PyDict_GetItemString(globals, watched_names[i]);
+        PyObject *pair = v == NULL ? NULL : Py_BuildValue("(sO)", watched_names[i], v);
+        if (pair == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_Format(PyExc_NameError, "record_init(): fmel has no %s", watched_names[i]);
+            }
+            Py_DECREF(watched);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(watched, i, pair);
+    }
+#define WATCHED(i) PyTuple_GET_ITEM(PyTuple_GET_ITEM(watched, i), 1)
+    PyObject *plain = WATCHED(0), *deferred = WATCHED(1), *pending = WATCHED(2);
+    PyObject *epoch = WATCHED(5), *spd = WATCHED(6);
+#undef WATCHED
+    if (!PyType_Check(plain) || !PyType_Check(deferred) || !PyType_Check(pending) ||
+        !PyType_IsSubtype((PyTypeObject *)plain, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)deferred, &PyTuple_Type) || !PyFloat_Check(epoch) ||
+        !PyFloat_Check(spd)) {
+        PyErr_SetString(PyExc_TypeError, "record_init(): the record classes must be tuple "
+                                         "classes, the epoch constants floats");
+        Py_DECREF(watched);
         return NULL;
     }
     PyObject *slots = PyTuple_New(N_SLOTS);
-    if (slots == NULL) return NULL;
+    if (slots == NULL) {
+        Py_DECREF(watched);
+        return NULL;
+    }
     for (int i = 0; i < N_SLOTS; i++) {
         PyObject *descr = PyObject_GetAttrString(pending, slot_names[i]);
-        if (descr == NULL) {
+        if (descr == NULL || Py_TYPE(descr) != &PyMemberDescr_Type) {
+            if (descr != NULL) {
+                PyErr_Format(PyExc_TypeError, "record_init(): %s is not a slot of PendingReads",
+                             slot_names[i]);
+                Py_DECREF(descr);
+            }
             Py_DECREF(slots);
-            return NULL;
-        }
-        if (Py_TYPE(descr) != &PyMemberDescr_Type) {
-            PyErr_Format(PyExc_TypeError, "record_init(): %s is not a slot of PendingReads",
-                         slot_names[i]);
-            Py_DECREF(descr);
-            Py_DECREF(slots);
+            Py_DECREF(watched);
             return NULL;
         }
         PyTuple_SET_ITEM(slots, i, descr);
@@ -619,16 +722,22 @@ fr_record_init(PyObject *Py_UNUSED(mod), PyObject *args)
     KEEP(g_plain_record, plain);
     KEEP(g_deferred_record, deferred);
     KEEP(g_pending_type, pending);
-    KEEP(g_absent, absent);
+    KEEP(g_absent, PyTuple_GET_ITEM(PyTuple_GET_ITEM(watched, 3), 1));
+    KEEP(g_round_ms, PyTuple_GET_ITEM(PyTuple_GET_ITEM(watched, 4), 1));
+    KEEP(g_epoch_obj, epoch);
+    KEEP(g_seconds_obj, spd);
     KEEP(g_ind_key, ind);
-    KEEP(g_round_ms, round_ms);
     KEEP(g_fmel_globals, globals);
+    KEEP(g_instance_reads, reads);
+    Py_XSETREF(g_watched, watched);
     Py_XSETREF(g_pending_slots, slots);
     Py_XSETREF(g_read_buffer, (PyTypeObject *)Py_NewRef(rbuf));
     Py_XSETREF(g_tracker_type, (PyTypeObject *)Py_NewRef(tracker));
+    Py_XSETREF(g_analyzer_type, (PyTypeObject *)Py_NewRef(analyzer));
 #undef KEEP
-    g_epoch_days = epoch;
-    g_seconds_per_day = spd;
+    g_epoch_days = PyFloat_AsDouble(epoch);
+    g_seconds_per_day = PyFloat_AsDouble(spd);
+    g_globals_version = 0; /* looked up at the first bar */
     g_ready = 1;
     Py_RETURN_NONE;
 }
@@ -685,6 +794,7 @@ fr_record_module_init(void)
     INTERN(s__summary, "_summary");
     INTERN(s_sync, "sync");
     INTERN(s__PENDING_KEEP, "_PENDING_KEEP");
+    INTERN(s__notes_json, "_notes_json");
 #undef INTERN
     if ((k_one = PyLong_FromLong(1)) == NULL) return -1;
     return 0;

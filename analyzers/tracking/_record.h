@@ -6,8 +6,8 @@
 
 /* record_bar(analyzer, stage): FMELAnalyzer._record_py's work for the usual bar. */
 PyObject *fr_record_bar(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
-/* record_init(DecisionRecord, DeferredRecord, PendingReads, _ABSENT, IndType, _round_ms,
- * fmel's globals(), ReadBuffer, AccessTracker, BT_EPOCH_DAYS, SECONDS_PER_DAY) */
+/* record_init(fmel's globals(), IndType, ReadBuffer, AccessTracker, FMELAnalyzer,
+ * the attribute names read from the analyzer's dict) */
 PyObject *fr_record_init(PyObject *mod, PyObject *args);
 /* interned names; -1 with an exception on failure */
 int fr_record_module_init(void);

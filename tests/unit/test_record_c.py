@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import backtrader as bt
 import numpy as np
@@ -541,7 +541,7 @@ def test_dict_lookups_that_run_code_do_not_free_what_the_record_uses(
 class _OwnTracker(fmel.AccessTracker):
     """A tracker subclass whose sync() and capture() count their calls."""
 
-    calls: list[str] = []
+    calls: ClassVar[list[str]] = []
 
     def sync(self) -> None:
         _OwnTracker.calls.append("sync")
@@ -598,7 +598,7 @@ class _Settles(bt.Strategy):  # type: ignore[misc]
     """Resolves the bars its analyzer handed over (the writer's work) and notes how many
     there are: with ``_PENDING_KEEP`` at 8 the record drops the resolved ones each bar."""
 
-    seen: list[int] = []
+    seen: ClassVar[list[int]] = []
 
     def next(self) -> None:
         _ = self.data.close[0]
@@ -622,7 +622,6 @@ def test_a_subclass_with_its_own_record_py_records_every_bar_with_it(tmp_path: P
     cerebro.addstrategy(_Reads)
     cerebro.addanalyzer(_OwnRecordPy, _name="fmel")
     analyzer = cerebro.run()[0].analyzers.fmel
-    assert analyzer._record_c is None
     assert all(r.notes == '{"tagged": true}' for r in analyzer.records)
 
 
@@ -658,7 +657,7 @@ def test_a_bar_time_that_raises_leaves_the_state_as_python(
             made: list[FMELAnalyzer] = []
             init = FMELAnalyzer.__init__
 
-            def keep(self: FMELAnalyzer, made: list[FMELAnalyzer] = made) -> None:
+            def keep(self: FMELAnalyzer, made: list[FMELAnalyzer] = made, init: Any = init) -> None:
                 init(self)
                 made.append(self)
 
@@ -671,3 +670,131 @@ def test_a_bar_time_that_raises_leaves_the_state_as_python(
             states.append((len(a._events), a._reasoning, len(a.tracker.reads), keys(a.records)))
     assert states[0] == states[1]
     assert states[0][:3] == (0, None, 0)
+
+
+# -- what a second attack found (helper-95), each fixed -------------------------------------------
+
+
+class _NoteInSummary(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        _ = self.data.close[0]
+        if len(self) % 5 == 0:
+            self.buy(size=1)
+
+
+def test_code_run_inside_the_record_is_seen_as_in_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A note added, or the events replaced by a list subclass, by code the record runs
+    (a patched ``_summary``, a ``_PENDING_KEEP`` with its own comparison): recorded with the
+    bar, as ``_record_py`` reads them after that code."""
+    real = fmel._summary
+
+    def noting(events: Any) -> str:
+        for a in fmel._RUNNING:
+            a.add_note(n_events=len(events))
+        return real(events)
+
+    class Keep(int):
+        def __lt__(self, other: object) -> bool:
+            for a in fmel._RUNNING:
+                a._events = type("Events", (list,), {})(a._events)
+            return super().__lt__(other)  # type: ignore[operator]
+
+    monkeypatch.setattr(fmel, "_summary", noting)
+    monkeypatch.setattr(fmel, "_PENDING_KEEP", Keep(4096))
+    compiled, python = _both_outcomes(_NoteInSummary, tmp_path, monkeypatch)
+    assert compiled == python and compiled[1] is None
+    assert any('"n_events": 1' in k for k in compiled[0])
+
+
+class _Audited(FMELAnalyzer):
+    def __getattribute__(self, name: str) -> Any:
+        if name == "_reasoning":
+            return "audited"
+        return super().__getattribute__(name)
+
+
+def test_an_analyzer_class_that_reads_otherwise_records_in_python(tmp_path: Path) -> None:
+    """A subclass with its own ``__getattribute__``, a property added to the class during
+    the run, ``_record_py`` set on the instance, ``__class__`` set during the run: each bar
+    after it is ``_record_py``'s (checked every bar)."""
+
+    class Changes(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            _ = self.data.close[0]
+            a = self.analyzers.fmel
+            if len(self) == 10 and type(a) is FMELAnalyzer:
+                a._record_py = lambda stage, a=a: (
+                    a.add_note(own=stage),
+                    FMELAnalyzer._record_py(a, stage),
+                )[1]
+
+    for analyzer_cls, agent in ((_Audited, _Reads), (FMELAnalyzer, Changes)):
+        cerebro = bt.Cerebro(stdstats=False)
+        cerebro.adddata(_pd_feed())
+        cerebro.addstrategy(agent)
+        cerebro.addanalyzer(analyzer_cls, _name="fmel")
+        records = cerebro.run()[0].analyzers.fmel.records
+        if analyzer_cls is _Audited:
+            assert all(r.reasoning == "audited" for r in records)
+        else:
+            assert all(r.notes for r in records[10:]) and not any(r.notes for r in records[:9])
+
+
+def test_patched_module_globals_send_the_bar_to_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """fmel's ``_round_ms`` or ``BT_EPOCH_DAYS`` patched: the C, which took them at import,
+    leaves the bars to ``_record_py``, which uses the patched ones."""
+    monkeypatch.setattr(fmel, "_round_ms", lambda x: x + 0.5)
+    monkeypatch.setattr(fmel, "BT_EPOCH_DAYS", fmel.BT_EPOCH_DAYS + 1.0)
+    compiled, python = _both_outcomes(_Reads, tmp_path, monkeypatch)
+    assert compiled == python and compiled[1] is None
+    assert all(".5, stage=" in k for k in compiled[0])  # every bar time through the patch
+
+
+class _Clock(list):  # type: ignore[type-arg]
+    """A bar-time buffer counting its reads; raises ``error`` once at read ``at``."""
+
+    reads = 0
+    at = -1
+    error: BaseException = ValueError("transient")
+
+    def __getitem__(self, i: Any) -> Any:
+        _Clock.reads += 1
+        if _Clock.reads == _Clock.at:
+            raise _Clock.error
+        return np.float64(super().__getitem__(i))
+
+
+class _SwapsClock(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        _ = self.data.close[0]
+        if len(self) == 3:
+            line = self.lines.datetime
+            line.array = _Clock(line.array)
+
+
+@pytest.mark.parametrize("error", [ValueError("transient"), KeyboardInterrupt("bar time")])
+def test_the_bar_time_is_read_once_where_python_reads_it(
+    error: BaseException, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Read once a bar, after the reads, events and notes are taken (a numpy float, read
+    with Python's arithmetic); an exception there, of any kind, at the same point."""
+    outcomes = []
+    for compiled in (True, False):
+        _Clock.reads, _Clock.at, _Clock.error = 0, 20, error
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr(fmel, "_record_bar", None)
+            cerebro = bt.Cerebro(stdstats=False)
+            cerebro.adddata(_pd_feed())
+            cerebro.addstrategy(_SwapsClock)
+            run = make_run_info(_SwapsClock, session_id="s", agent_id=None, mode="backtest")
+            cerebro.addanalyzer(FMELAnalyzer, _name="fmel", run=run)
+            with pytest.raises(type(error)):
+                cerebro.run()
+        a = next(iter(fmel._RUNNING), None)
+        outcomes.append((_Clock.reads, a is None))
+    assert outcomes[0] == outcomes[1]

@@ -644,8 +644,8 @@ class _Unreadable(list):  # type: ignore[type-arg]
 def test_a_bar_time_that_raises_leaves_the_state_as_python(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The C reads the bar time before anything else; an exception there is left to
-    ``_record_py``, which raises it after taking the reads, events and notes."""
+    """An exception reading the bar time comes where ``_record_py`` reads it: after the reads,
+    events and notes were taken (the C once read it first and left them in place)."""
     states = []
     for compiled in (True, False):
         with monkeypatch.context() as m:

@@ -452,6 +452,9 @@ class AlpacaServer:
         self.cancel_latency_s = cancel_latency_s
         # seconds every API answer is held back (a slow but healthy Alpaca); not a fault
         self.answer_latency_s = 0.0
+        # seconds an SSE connection waits before its answer's headers (a slow network or load
+        # balancer; not an Alpaca behaviour): a client stopped while it connects
+        self.sse_connect_latency_s = 0.0
         self.stop_trigger = stop_trigger
         self.hide_replaced_by = hide_replaced_by
         self.crypto_taker = _dec(crypto_taker_bps) / 10_000
@@ -1842,6 +1845,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(429, {"code": 42910000, "message": "rate limit exceeded"}, rec, headers)
             return
         if kind == "events":
+            if app.sse_connect_latency_s:
+                time.sleep(app.sse_connect_latency_s)
             self._sse(rec)
             return
         try:

@@ -31,8 +31,10 @@ from analyzers.schema import (
     DECISION_SCHEMA,
     SCHEMA_VERSION,
     DecisionRecord,
+    Action,
     FieldSpec,
     Position,
+    _num,
     accessed_rows,
     action_rows,
     position_rows,
@@ -65,6 +67,11 @@ _PATTERNS_T = _DATA_ACCESS_T.field("access_patterns").type
 _ACCESS_T = _PATTERNS_T.value_type
 _TS_T = _ARROW_TYPES["TIMESTAMP"]
 _POSITIONS_T = ARROW_SCHEMA.field("positions").type
+_ACTIONS_T = ARROW_SCHEMA.field("actions").type
+_ACTION_T = _ACTIONS_T.value_type
+assert [f.name for f in _ACTION_T] == list(Action._fields)
+# the numbers of an event, converted by _num (NaN and infinities stored as null)
+_ACTION_NUMBERS = frozenset(("size", "price", "exec_size", "exec_price", "commission"))
 assert [f.name for f in DATA_ACCESS_FIELDS] == [f.name for f in _DATA_ACCESS_T]
 
 
@@ -112,18 +119,43 @@ def _columns_array(cols: Columns) -> pa.Array:
 
 def _positions(positions: Sequence[tuple[Position, ...]]) -> pa.Array:
     """The ``positions`` column. Records of bars without a fill share one tuple object (the
-    analyzer keeps it until the next order event): each distinct object is converted once."""
-    first: dict[int, int] = {}
-    uniq: list[tuple[Position, ...]] = []
-    index = np.empty(len(positions), dtype=np.int64)
-    for i, p in enumerate(positions):
-        k = first.get(id(p))
-        if k is None:
-            k = first[id(p)] = len(uniq)
-            uniq.append(p)
-        index[i] = k
+    analyzer keeps it until the next order event): each distinct object is converted once,
+    found by its ``id`` with numpy (no Python per record)."""
+    ids = np.fromiter(map(id, positions), dtype=np.uint64, count=len(positions))
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    # the distinct objects in order of first appearance (np.unique sorts them by id)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    uniq = [positions[i] for i in first[order].tolist()]
     rows = pa.array([position_rows(p) if p else [] for p in uniq], _POSITIONS_T)
-    return rows if len(uniq) == len(positions) else rows.take(pa.array(index))
+    if len(uniq) == len(positions):
+        return rows
+    return rows.take(pa.array(rank[inverse.reshape(-1)]))
+
+
+def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
+    """The ``actions`` column. Most bars have no order event: the empty ones are list offsets
+    that do not move, and the events are converted field by field (no dict per event), the
+    numbers through :func:`~analyzers.schema._num` as :func:`~analyzers.schema.action_rows`
+    converts them. Anything else than tuples of :class:`~analyzers.schema.Action` (``len``
+    fails, or another event type) is converted per record as ``action_rows`` does."""
+    try:
+        lens = np.fromiter(map(len, actions), dtype=np.int64, count=len(actions))
+    except TypeError:
+        lens = None
+    events = [e for a in actions if a for e in a] if lens is not None else []
+    if lens is None or set(map(type, events)) - {Action}:
+        return pa.array([action_rows(a) if a else [] for a in actions], _ACTIONS_T)
+    offsets = np.zeros(len(actions) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    columns = list(zip(*events, strict=True)) or [()] * len(Action._fields)
+    arrays = [
+        pa.array([_num(x) for x in col] if name in _ACTION_NUMBERS else col, f.type)
+        for name, col, f in zip(Action._fields, columns, _ACTION_T, strict=True)
+    ]
+    values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T))
+    return _list_array(offsets, values, _ACTIONS_T)
 
 
 def _floats(values: Sequence[float | None]) -> pa.Array:
@@ -204,9 +236,14 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
             return pa.repeat(pa.scalar(getattr(run0, name), string), n)
         return pa.array([getattr(run, name) for run in runs], string)
 
+    decision_point = pa.array(dps, int64)
     if any(run.decision_scope for run in ((run0,) if one_run else runs)):
         decision_id = pa.array([r.decision_id for r in records], string)
-    elif one_run:  # <session_id>:<decision_point>
+    elif one_run and set(map(type, dps)) == {int}:  # <session_id>:<decision_point>, in C
+        decision_id = pc.binary_join_element_wise(
+            pa.scalar(f"{run0.session_id}:", string), decision_point.cast(string), ""
+        )
+    elif one_run:
         decision_id = pa.array([f"{run0.session_id}:{dp}" for dp in dps], string)
     else:
         decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
@@ -215,14 +252,12 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
         "session_id": per_run("session_id"),
         "agent_id": per_run("agent_id"),
         "mode": per_run("mode"),
-        "decision_point": pa.array(dps, int64),
+        "decision_point": decision_point,
         "ts": pa.array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
         "bar_time": pa.array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
         "stage": pa.array(stages, string),
         "action": pa.array(action, string),
-        "actions": pa.array(
-            [action_rows(a) if a else [] for a in actions], ARROW_SCHEMA.field("actions").type
-        ),
+        "actions": _actions(actions),
         "data_accessed": _data_accessed(records, accessed),
         "reads": pa.array(reads, int64),
         "lookahead_reads": pa.array(

@@ -13,9 +13,11 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
     DECISION_SCHEMA,
     DecisionRecord,
@@ -219,6 +221,44 @@ def _record_cost(rec: DecisionRecord) -> int:
         if isinstance(text, str):
             chars += len(text)
     return 1 + n + chars // TEXT_BYTES_PER_READ
+
+
+_READS = DecisionRecord._fields.index("reads")
+_REASONING = DecisionRecord._fields.index("reasoning")
+_NOTES = DecisionRecord._fields.index("notes")
+
+
+def _cost_bound(records: Sequence[DecisionRecord]) -> int | None:
+    """At least ``sum(_record_cost(r) for r in records)``, counted without a Python call per
+    record, for the writer's usual batch: every record a :class:`~analyzers.deferred.
+    DeferredRecord` of one run whose reads are still a :class:`~analyzers.deferred.
+    PendingReads` and whose ``reads`` are ints (their cost is then ``1 + reads`` and the texts'
+    share; the texts' shares summed before dividing is at least their sum). ``None`` for any
+    other batch (counted record by record)."""
+    if not records or set(map(type, records)) != {DeferredRecord}:
+        return None
+    if set(map(type, map(itemgetter(_DATA_ACCESSED), records))) != {PendingReads}:
+        return None
+    reads = list(map(itemgetter(_READS), records))
+    runs = list(map(itemgetter(0), records))
+    if set(map(type, reads)) != {int} or runs.count(runs[0]) != len(runs):
+        return None
+    chars = 0
+    for field in (_REASONING, _NOTES):
+        chars += sum([len(t) for t in map(itemgetter(field), records) if isinstance(t, str)])
+    params = runs[0].agent_params
+    if isinstance(params, str):
+        chars += len(params) * len(records)
+    return len(records) + sum(reads) + chars // TEXT_BYTES_PER_READ
+
+
+def record_runs(records: Sequence[DecisionRecord], most: int) -> list[range]:
+    """:func:`cut_runs` of the records' :func:`_record_cost`, each counted only when the
+    batch's :func:`_cost_bound` passes ``most`` (a batch that fits is one run either way)."""
+    bound = _cost_bound(records)
+    if bound is not None and bound <= most:
+        return [range(len(records))]
+    return cut_runs([_record_cost(r) for r in records], most)
 
 
 # DuckDB shows memory_limit in binary units ("512.0 MiB", "18.8 GiB")
@@ -601,7 +641,7 @@ class LocalDuckDBSink:
         con = self._con
         stored: list[Sequence[DecisionRecord]] = []  # their ids are made only when one fails
         try:
-            for run in cut_runs([_record_cost(r) for r in records], self.run_reads):
+            for run in record_runs(records, self.run_reads):
                 part = records if len(run) == len(records) else [records[k] for k in run]
                 table = records_table(part)
                 con.register(_BATCH_VIEW, table)

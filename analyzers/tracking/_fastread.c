@@ -43,6 +43,8 @@
 #include "_resolve.h"
 
 static PyObject *g_globals = NULL;        /* proxies.__dict__: ACTIVE is read there per call */
+static uint64_t g_active_version = 0;     /* g_globals' ma_version_tag when ACTIVE was read */
+static int g_active_state = 0;            /* what active_state() found then */
 static PyObject *g_fallback = NULL;       /* proxies._plain_getitem */
 static PyObject *g_tail = NULL;           /* proxies._plain_tail */
 static PyObject *g_len_fallback = NULL;   /* proxies._plain_len */
@@ -121,11 +123,22 @@ instance_dict(PyObject *self)
 static int
 active_state(void)
 {
+    /* the answer is kept with the dict's version (CPython 3.11's ma_version_tag: a new value
+     * from one global counter at every change of the dict), so the calls between two changes
+     * of the module's globals (ACTIVE flips twice a bar) look nothing up */
+    uint64_t version = ((PyDictObject *)g_globals)->ma_version_tag;
+    if (version == g_active_version && version != 0) return g_active_state;
     PyObject *active = PyDict_GetItemWithError(g_globals, s_ACTIVE);
-    if (active == Py_True) return 1;
-    if (active == Py_False) return 0;
-    if (active == NULL && PyErr_Occurred()) return -1;
-    return 2;
+    int state;
+    if (active == Py_True) state = 1;
+    else if (active == Py_False) state = 0;
+    else if (active == NULL && PyErr_Occurred()) return -1;
+    else state = 2;
+    /* the version read before the lookup: a lookup that ran code (a key of another type with
+     * the same hash: its __eq__) and changed the dict leaves a version that no longer matches */
+    g_active_version = version;
+    g_active_state = state;
+    return state;
 }
 
 /* ``pos + lencount - 1 - idx`` (``lencount - 1`` for a len()), evaluated as Python does:
@@ -911,6 +924,7 @@ init(PyObject *Py_UNUSED(mod), PyObject *args)
     /* the caller passes C types whose sq_item indexes as their subscript does */
     Py_XSETREF(g_fast_types, Py_NewRef(types));
     Py_XSETREF(g_globals, Py_NewRef(g));
+    g_active_version = 0;
     Py_XSETREF(g_fallback, Py_NewRef(f));
     Py_XSETREF(g_tail, Py_NewRef(t));
     Py_XSETREF(g_len_fallback, Py_NewRef(lf));

@@ -58,7 +58,7 @@ static PyObject *s_run_info, *s__agent_vars, *s__agent_len, *s__callback_items, 
     *s__strategy, *s__graph, *s__lineiterators, *s__registered, *s_reads, *s__defer, *s__stale,
     *s__events, *s__notes, *s__reasoning, *s__confidence, *s__held, *s__dtline, *s_array, *s__idx,
     *s_take, *s__capture_c, *s__captured, *s_capture, *s__pending, *s_append, *s_popleft,
-    *s_done, *s_resolve, *s_strategy, *s_broker, *s__getvalue, *s_getcash, *s__positions,
+    *s_done, *s_strategy, *s_broker, *s__getvalue, *s_getcash, *s__positions,
     *s_decisions, *s_writer, *s_submit, *s__keep, *s_records, *s__record_py, *s_HOLD, *s_time,
     *s__summary, *s_sync, *s__PENDING_KEEP,
     *s__notes_json;
@@ -70,7 +70,8 @@ static const char *const slot_names[] = {"_tracker", "_reads", "_state", "_resul
                                          "_lookaheads"};
 #define N_SLOTS 6
 
-/* d[key] as a new reference; NULL without an exception when missing. */
+/* d[key] as a new reference; NULL when missing or on an exception (the caller's to_slow
+ * tells them apart). */
 static PyObject *
 get_new(PyObject *d, PyObject *key)
 {
@@ -777,7 +778,6 @@ fr_record_module_init(void)
     INTERN(s_append, "append");
     INTERN(s_popleft, "popleft");
     INTERN(s_done, "done");
-    INTERN(s_resolve, "resolve");
     INTERN(s_strategy, "strategy");
     INTERN(s_broker, "broker");
     INTERN(s__getvalue, "_getvalue");

@@ -22,6 +22,7 @@ from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
 from runtime.brokers.risk import RiskConfig
 from tests.alpaca_harness import (
     TIME_SCALE,
+    alpaca_threads,
     Run,
     api,
     bar,
@@ -857,6 +858,38 @@ def test_a_stalled_alpaca_does_not_hold_the_stop_past_its_budget(api: str) -> No
         elapsed = time.monotonic() - marks[0]
         # the 1 s budget (before: 3 + 5 s a thread; a request is never begun past it)
         assert elapsed < 1.0 + 2.0, elapsed
+
+
+def test_a_stop_while_the_events_stream_reconnects_ends_it_within_the_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CI run (2026-12-06): the stop came while the Broker API's events stream was
+    connecting, so it found no response to interrupt; the stream thread then read heartbeats
+    until its 60 s read timeout, spent the stop's budget, and the final sync was skipped (an
+    order left open at Alpaca). The stream now checks the stop once it has a response."""
+    with make_server(prices={"AAPL": 100.0}) as server:
+        run = run_on("broker", server, ("AAPL",), {})
+        connects: list[int] = []
+
+        def reconnect_slowly() -> None:
+            wait_until(lambda: server.stream_clients() == 1, what="the events stream")
+            connects.append(server.count_kind("events"))
+            server.sse_connect_latency_s = 1.0  # the next connect answers after 1 s
+            server.drop_streams()
+            wait_until(
+                lambda: server.count_kind("events") > connects[0], what="the stream's reconnect"
+            )
+            connects.append(server.count_kind("events"))
+            # the run now stops while that request waits for its answer
+
+        t0 = time.monotonic()
+        drive(run, [bar(run, "AAPL", 100.0), reconnect_slowly])
+        assert connects[1] == connects[0] + 1
+        assert "alpaca-stream" not in alpaca_threads()
+        assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
+        assert not [r for r in caplog.records if "final sync" in r.getMessage()]
+        # the stop waited for the connect's 1 s answer, not the fast config's 3 s budget
+        assert time.monotonic() - t0 < 1.0 + 2.5
 
 
 def test_a_stalled_alpaca_turns_readiness_off_within_a_request_timeout(api: str) -> None:

@@ -687,3 +687,47 @@ def test_use_compiled_also_chooses_the_trackers_capture(
         proxies.use_compiled(was)
     assert calls == ([] if compiled else ["py"])
     assert proxies.compiled_in_use() is (was and _fastread is not None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    flags=st.lists(
+        st.one_of(st.booleans(), st.just(None), st.just(1), st.just("delete")),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_the_flag_is_read_anew_after_every_change(
+    classes: dict[str, tuple[type, type]], flags: list[Any]
+) -> None:
+    """The compiled reads keep what they found in ACTIVE until the module's globals change
+    (their dict version): ACTIVE set, set again to the same value, set to something that is
+    not a bool, deleted (a builtin of that name then stands in), or another global added, and
+    each read in between records exactly when the Python reads would."""
+    import builtins
+
+    got = []
+    was = proxies.ACTIVE
+    try:
+        for cls in classes["LineBuffer"]:
+            line = _line(cls, "array", [1.0, 2.0], 1, 2, Tag(0, False, Tracker([], False)))
+            seen = []
+            for i, flag in enumerate(flags):
+                if flag == "delete":
+                    proxies.__dict__.pop("ACTIVE", None)
+                    builtins.ACTIVE = i % 2 == 0  # type: ignore[attr-defined]
+                else:
+                    proxies.ACTIVE = flag
+                for _ in range(2):
+                    seen.append((line[0], len(line), len(line._fmel.out)))
+                proxies.__dict__[f"_test_global_{i % 3}"] = i  # another change of the dict
+                seen.append((line[-1], len(line._fmel.out)))
+            got.append(seen)
+            proxies.ACTIVE = was
+    finally:
+        proxies.ACTIVE = was
+        for i in range(3):
+            proxies.__dict__.pop(f"_test_global_{i}", None)
+        if hasattr(builtins, "ACTIVE"):
+            del builtins.ACTIVE  # type: ignore[attr-defined]
+    assert got[0] == got[1]

@@ -24,11 +24,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from analyzers.deferred import DeferredRecord
-from analyzers.schema import DecisionRecord
+from analyzers.schema import Action, DecisionRecord
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.duckdb import LocalDuckDBSink
@@ -222,6 +222,80 @@ def test_a_batch_mixing_runs_and_sharing_positions_converts_each_record() -> Non
     same_run = records_table(records[::2]).to_pylist()  # one session: the shared path
     assert [r["positions"] for r in same_run] == [to_row(r)["positions"] for r in records[::2]]
     assert {r["session_id"] for r in same_run} == {"s1"}
+
+
+_NUMBERS = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**60), 2**60),
+    st.booleans(),
+    st.text(max_size=3),
+)
+_ACTIONS = st.lists(
+    st.builds(
+        Action,
+        st.integers(0, 9),
+        st.sampled_from(["submitted", "completed", "canceled"]),
+        st.one_of(st.none(), st.sampled_from(["buy", "sell"])),
+        st.one_of(st.none(), st.text(max_size=4)),
+        st.one_of(st.none(), st.integers(0, 2**40)),
+        st.one_of(st.none(), st.sampled_from(["Market", "Limit"])),
+        _NUMBERS,
+        _NUMBERS,
+        _NUMBERS,
+        _NUMBERS,
+        _NUMBERS,
+        st.one_of(st.none(), st.text(max_size=5)),
+    ),
+    max_size=3,
+).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    actions=st.lists(st.one_of(_ACTIONS, st.just(()), st.none()), min_size=1, max_size=12),
+    shared=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    points=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=12),
+)
+def test_actions_positions_and_ids_convert_as_to_row(
+    actions: list[tuple[Action, ...] | None], shared: list[int], points: list[int]
+) -> None:
+    """The ``actions`` column converted field by field, the ``positions`` column once per
+    distinct tuple (found by id with numpy) and the decision ids joined in Arrow give what
+    :func:`~analyzers.schema.to_row` gives, record by record; what ``to_row``'s rows cannot be
+    converted from (a text as a size, an int past a double's exact range) is refused the same
+    way. Actions of ``None`` (not a tuple) are stored as no event, as before."""
+    import pyarrow as pa
+
+    from analyzers.schema import Position, RunInfo, action_rows, position_rows
+    from analyzers.sinks.columnar import ARROW_SCHEMA
+
+    run = RunInfo("s1", "a1", "backtest", "m.A", "{}", "h1")
+    pool = [(), (Position("AAPL", 3.0, 10.5),), (Position("X", -1.0, float("nan")),), ()]
+    n = len(actions)
+    records = [
+        DecisionRecord(
+            run, points[i], 1.7e9, 1.6e9, "NEXT", "HOLD", a, (), 0, 0, 1e5, 5e4,
+            pool[shared[i % len(shared)]], None, None, None,
+        )  # fmt: skip
+        for i, a in enumerate(actions)
+    ]
+    try:
+        want_actions = pa.array(
+            [action_rows(a) if a else [] for a in actions], ARROW_SCHEMA.field("actions").type
+        )
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        event(f"refused: {type(e).__name__}")
+        with pytest.raises(type(e)):
+            records_table(records)
+        return
+    event("converted")
+    table = records_table(records)
+    assert table.column("actions").combine_chunks().equals(want_actions)
+    want_positions = [position_rows(r.positions) for r in records]
+    assert table.column("positions").to_pylist() == want_positions
+    assert table.column("decision_id").to_pylist() == [r.decision_id for r in records]
+    assert table.num_rows == n
 
 
 @settings(max_examples=200, deadline=None)

@@ -2318,3 +2318,49 @@ def test_a_spilled_batch_with_numpy_or_unwritable_values_loses_nothing(tmp_path:
     assert stored(sink.path) == [0, 1, 2, 4]
     rejected = w.rejected_path.read_text()
     assert '"decision_point":3' in rejected and "not JSON" in rejected
+
+
+_TEXTS = st.one_of(st.none(), st.text(max_size=300), st.integers())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.integers(0, 10**6), st.just(True), st.floats(0, 10)),  # reads
+            _TEXTS,  # reasoning
+            _TEXTS,  # notes
+            st.sampled_from(["deferred", "resolved", "plain", "other run"]),
+        ),
+        max_size=30,
+    ),
+    params=st.one_of(st.none(), st.text(max_size=400)),
+    most=st.integers(1, 10**7),
+)
+def test_a_batch_is_cut_into_runs_as_its_records_costs_say(
+    rows: list[tuple[Any, Any, Any, str]], params: str | None, most: int
+) -> None:
+    """``record_runs`` (the local store's runs of a write) counts the usual batch (deferred
+    records of one run) without Python per record, and gives exactly the runs the records'
+    own costs give (``cut_runs`` of ``_record_cost``), whatever the batch holds."""
+    from analyzers.deferred import DeferredRecord, PendingReads
+    from analyzers.schema import Access, DataAccess
+    from analyzers.sinks.duckdb import _record_cost, cut_runs, record_runs
+
+    runs = [RunInfo("s1", "a", "backtest", "m.A", params, None), RunInfo("s2", "b", "live", "m.B", "{}", None)]  # fmt: skip  # noqa: E501
+    access = Access(0, "close", 0, 1, 3, None, 1.0, None, False, 1.6e9)
+    records: list[DecisionRecord] = []
+    for i, (reads, reasoning, notes, kind) in enumerate(rows):
+        run = runs[1] if kind == "other run" else runs[0]
+        if kind in ("deferred", "other run"):
+            accessed: Any = PendingReads(None, [], ())  # type: ignore[arg-type]
+            cls: Any = DeferredRecord
+        elif kind == "resolved":
+            accessed, cls = (DataAccess("A", None, ("close",), (access, access)),), DeferredRecord
+        else:
+            accessed, cls = (), DecisionRecord
+        records.append(
+            cls(run, i, 1.7e9, 1.6e9, "NEXT", "HOLD", (), accessed, reads, 0, 1e5, 5e4, (),
+                reasoning, None, notes)  # fmt: skip
+        )
+    assert record_runs(records, most) == cut_runs([_record_cost(r) for r in records], most)

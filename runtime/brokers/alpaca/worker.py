@@ -860,6 +860,8 @@ class AlpacaWorker:
         )
         stream.subscribe_trade_updates(self._on_trade_update_async)
         self._stream = stream
+        if self.stop_event.is_set():  # stop() came before the stream was set: it stopped none
+            return
         try:
             stream.run()
         except Exception:
@@ -913,6 +915,14 @@ class AlpacaWorker:
                     stream=True,
                     timeout=(self.config.request_timeout_s, SSE_READ_TIMEOUT_S),
                 )
+                self._sse = resp
+                if self.stop_event.is_set():
+                    # stop() ran while this connected and found no response to interrupt: it
+                    # set the event before looking, this looks after setting _sse, so one of
+                    # the two sees the other (else the read waits for an event or for
+                    # SSE_READ_TIMEOUT_S, past the stop's budget; a CI run of 2026-12-06)
+                    resp.close()
+                    return
                 if resp.status_code in (401, 403, 404):
                     logger.error(
                         "trade events stream refused (HTTP %d); polling only", resp.status_code
@@ -920,7 +930,6 @@ class AlpacaWorker:
                     resp.close()
                     return
                 resp.raise_for_status()
-                self._sse = resp
                 self._connected()
                 failures = 0
                 source = iter(functools.partial(resp.raw.read1, 65536), b"")

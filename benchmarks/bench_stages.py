@@ -72,6 +72,7 @@ a time).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -216,8 +217,15 @@ def child(
             _count_reads(facts)
     # a folder of the same name in every run, --python-record or not: its path is in strings
     # the run hashes (the store's, the hash cache's), and a random name moved plain's count by
-    # ~1 % between runs (so two invocations of this benchmark must not run at once)
+    # ~1 % between runs. Two invocations at once would share it (one deleting the other's
+    # store): a lock beside it refuses the second (give each its own TMPDIR to run both)
     tmp = Path(tempfile.gettempdir()) / f"bench-stages-{agent}-{stage}-{os.getuid()}"
+    lock = open(tmp.with_name(tmp.name + ".lock"), "w")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"{tmp} is in use by another bench_stages run: run one at a time, or give "
+                 "each its own TMPDIR (of the same length, for comparable counts)")  # fmt: skip
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     symbols = SYMBOLS.split(",")

@@ -452,9 +452,10 @@ class AlpacaServer:
         self.cancel_latency_s = cancel_latency_s
         # seconds every API answer is held back (a slow but healthy Alpaca); not a fault
         self.answer_latency_s = 0.0
-        # seconds an SSE connection waits before its answer's headers (a slow network or load
-        # balancer; not an Alpaca behaviour): a client stopped while it connects
-        self.sse_connect_latency_s = 0.0
+        # seconds a trade-updates connection (SSE or websocket) waits before its answer's
+        # headers (a slow network or load balancer; not an Alpaca behaviour): a client stopped
+        # while it connects
+        self.stream_connect_latency_s = 0.0
         self.stop_trigger = stop_trigger
         self.hide_replaced_by = hide_replaced_by
         self.crypto_taker = _dec(crypto_taker_bps) / 10_000
@@ -1832,6 +1833,8 @@ class _Handler(BaseHTTPRequestHandler):
         app.requests.append(rec)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if kind in ("stream", "events") and app.stream_connect_latency_s:
+            time.sleep(app.stream_connect_latency_s)
         if kind == "stream":
             self._websocket(rec)
             return
@@ -1845,8 +1848,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(429, {"code": 42910000, "message": "rate limit exceeded"}, rec, headers)
             return
         if kind == "events":
-            if app.sse_connect_latency_s:
-                time.sleep(app.sse_connect_latency_s)
             self._sse(rec)
             return
         try:

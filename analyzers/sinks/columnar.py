@@ -18,6 +18,7 @@ Thread context: the decision writer's thread.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +31,8 @@ from analyzers.schema import (
     DATA_ACCESS_FIELDS,
     DECISION_SCHEMA,
     SCHEMA_VERSION,
-    DecisionRecord,
     Action,
+    DecisionRecord,
     FieldSpec,
     Position,
     _num,
@@ -69,6 +70,7 @@ _TS_T = _ARROW_TYPES["TIMESTAMP"]
 _POSITIONS_T = ARROW_SCHEMA.field("positions").type
 _ACTIONS_T = ARROW_SCHEMA.field("actions").type
 _ACTION_T = _ACTIONS_T.value_type
+_N_ACTION = len(Action._fields)
 assert [f.name for f in _ACTION_T] == list(Action._fields)
 # the numbers of an event, converted by _num (NaN and infinities stored as null)
 _ACTION_NUMBERS = frozenset(("size", "price", "exec_size", "exec_price", "commission"))
@@ -138,23 +140,29 @@ def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
     """The ``actions`` column. Most bars have no order event: the empty ones are list offsets
     that do not move, and the events are converted field by field (no dict per event), the
     numbers through :func:`~analyzers.schema._num` as :func:`~analyzers.schema.action_rows`
-    converts them. Anything else than tuples of :class:`~analyzers.schema.Action` (``len``
-    fails, or another event type) is converted per record as ``action_rows`` does."""
-    try:
-        lens = np.fromiter(map(len, actions), dtype=np.int64, count=len(actions))
-    except TypeError:
-        lens = None
-    events = [e for a in actions if a for e in a] if lens is not None else []
-    if lens is None or set(map(type, events)) - {Action}:
+    converts them. Only for tuples of :class:`~analyzers.schema.Action`; anything else, and any
+    batch this refuses, is converted per record as before (so a refusal raises what that
+    raises: helper-96 found other exception types when converting by field)."""
+
+    def per_record() -> pa.Array:
         return pa.array([action_rows(a) if a else [] for a in actions], _ACTIONS_T)
-    offsets = np.zeros(len(actions) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    columns = list(zip(*events, strict=True)) or [()] * len(Action._fields)
-    arrays = [
-        pa.array([_num(x) for x in col] if name in _ACTION_NUMBERS else col, f.type)
-        for name, col, f in zip(Action._fields, columns, _ACTION_T, strict=True)
-    ]
-    values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T))
+
+    if set(map(type, actions)) - {tuple}:
+        return per_record()
+    events = [e for a in actions for e in a]
+    if set(map(type, events)) - {Action} or set(map(len, events)) - {_N_ACTION}:
+        return per_record()
+    try:
+        offsets = np.zeros(len(actions) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, actions), np.int64, len(actions)), out=offsets[1:])
+        columns = list(zip(*events, strict=True)) or [()] * _N_ACTION
+        arrays = [
+            pa.array([_num(x) for x in col] if name in _ACTION_NUMBERS else col, f.type)
+            for name, col, f in zip(Action._fields, columns, _ACTION_T, strict=True)
+        ]
+        values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T))
+    except Exception:  # noqa: BLE001 - refused: as the per-record conversion refuses it
+        return per_record()
     return _list_array(offsets, values, _ACTIONS_T)
 
 
@@ -236,15 +244,18 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
             return pa.repeat(pa.scalar(getattr(run0, name), string), n)
         return pa.array([getattr(run, name) for run in runs], string)
 
-    decision_point = pa.array(dps, int64)
+    decision_id: pa.Array | None = None
     if any(run.decision_scope for run in ((run0,) if one_run else runs)):
         decision_id = pa.array([r.decision_id for r in records], string)
-    elif one_run and set(map(type, dps)) == {int}:  # <session_id>:<decision_point>, in C
-        decision_id = pc.binary_join_element_wise(
-            pa.scalar(f"{run0.session_id}:", string), decision_point.cast(string), ""
-        )
-    elif one_run:
-        decision_id = pa.array([f"{run0.session_id}:{dp}" for dp in dps], string)
+    elif one_run:  # <session_id>:<decision_point>
+        if set(map(type, dps)) == {int}:  # joined in Arrow: str() of an int is its cast
+            with contextlib.suppress(pa.ArrowException, OverflowError):
+                decision_id = pc.binary_join_element_wise(
+                    pa.scalar(f"{run0.session_id}:", string), pa.array(dps, int64).cast(string),
+                    "",
+                )  # fmt: skip
+        if decision_id is None:  # (a number past int64: its text, as before)
+            decision_id = pa.array([f"{run0.session_id}:{dp}" for dp in dps], string)
     else:
         decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
     columns: dict[str, pa.Array | pa.ChunkedArray] = {
@@ -252,7 +263,7 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
         "session_id": per_run("session_id"),
         "agent_id": per_run("agent_id"),
         "mode": per_run("mode"),
-        "decision_point": decision_point,
+        "decision_point": pa.array(dps, int64),
         "ts": pa.array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
         "bar_time": pa.array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
         "stage": pa.array(stages, string),

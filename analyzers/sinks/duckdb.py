@@ -230,18 +230,20 @@ _NOTES = DecisionRecord._fields.index("notes")
 
 def _cost_bound(records: Sequence[DecisionRecord]) -> int | None:
     """At least ``sum(_record_cost(r) for r in records)``, counted without a Python call per
-    record, for the writer's usual batch: every record a :class:`~analyzers.deferred.
-    DeferredRecord` of one run whose reads are still a :class:`~analyzers.deferred.
-    PendingReads` and whose ``reads`` are ints (their cost is then ``1 + reads`` and the texts'
-    share; the texts' shares summed before dividing is at least their sum). ``None`` for any
-    other batch (counted record by record)."""
+    record, for the writer's usual batch: every record a
+    :class:`~analyzers.deferred.DeferredRecord` of one run (one ``RunInfo`` object) whose reads
+    are still a :class:`~analyzers.deferred.PendingReads` and whose ``reads`` are ints (their
+    cost is then ``1 + reads`` and the texts' share; the texts' shares summed before dividing
+    is at least their sum). ``None`` for any other batch (counted record by record)."""
     if not records or set(map(type, records)) != {DeferredRecord}:
         return None
     if set(map(type, map(itemgetter(_DATA_ACCESSED), records))) != {PendingReads}:
         return None
     reads = list(map(itemgetter(_READS), records))
     runs = list(map(itemgetter(0), records))
-    if set(map(type, reads)) != {int} or runs.count(runs[0]) != len(runs):
+    # one RunInfo object (not equal ones: an odd agent_params can equal another text,
+    # helper-96)
+    if set(map(type, reads)) != {int} or len(set(map(id, runs))) != 1:
         return None
     chars = 0
     for field in (_REASONING, _NOTES):

@@ -22,8 +22,8 @@ from runtime.brokers.alpaca.broker import AlpacaPaperTradingBroker
 from runtime.brokers.risk import RiskConfig
 from tests.alpaca_harness import (
     TIME_SCALE,
-    alpaca_threads,
     Run,
+    alpaca_threads,
     api,
     bar,
     bracket,
@@ -860,36 +860,133 @@ def test_a_stalled_alpaca_does_not_hold_the_stop_past_its_budget(api: str) -> No
         assert elapsed < 1.0 + 2.0, elapsed
 
 
-def test_a_stop_while_the_events_stream_reconnects_ends_it_within_the_budget(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(
+    ("stream_api", "when", "latency_s"),
+    [
+        ("broker", "reconnect", 1.0),
+        ("broker", "reconnect", 5.0),
+        ("broker", "first connect", 5.0),
+        ("trading", "reconnect", 5.0),
+    ],
+)
+def test_a_stop_while_the_stream_connects_keeps_the_budget_for_the_final_sync(
+    caplog: pytest.LogCaptureFixture, stream_api: str, when: str, latency_s: float
 ) -> None:
     """A CI run (2026-12-06): the stop came while the Broker API's events stream was
     connecting, so it found no response to interrupt; the stream thread then read heartbeats
-    until its 60 s read timeout, spent the stop's budget, and the final sync was skipped (an
-    order left open at Alpaca). The stream now checks the stop once it has a response."""
+    until its 60 s read timeout, spent the stop's budget (3 s here), and the final sync was
+    skipped (an order left open at Alpaca). Now the stream checks the stop once it has an
+    answer, and a stream still waiting for one (helper-96: 5 s, longer than the budget; the
+    Trading API's websocket too) is left behind after ``STREAM_STOP_S`` with a warning; the
+    final sync runs either way."""
+    from runtime.brokers.alpaca.worker import STREAM_STOP_S
+
     with make_server(prices={"AAPL": 100.0}) as server:
-        run = run_on("broker", server, ("AAPL",), {})
+        kind = "events" if stream_api == "broker" else "stream"
+        if when == "first connect":
+            server.stream_connect_latency_s = latency_s
+        run = run_on(stream_api, server, ("AAPL",), {})
         connects: list[int] = []
 
         def reconnect_slowly() -> None:
-            wait_until(lambda: server.stream_clients() == 1, what="the events stream")
-            connects.append(server.count_kind("events"))
-            server.sse_connect_latency_s = 1.0  # the next connect answers after 1 s
+            if when == "first connect":
+                wait_until(lambda: server.count_kind(kind) > 0, what="the stream's connect")
+                return
+            wait_until(lambda: server.stream_clients() == 1, what="the stream")
+            connects.append(server.count_kind(kind))
+            server.stream_connect_latency_s = latency_s  # the next connect answers late
             server.drop_streams()
-            wait_until(
-                lambda: server.count_kind("events") > connects[0], what="the stream's reconnect"
-            )
-            connects.append(server.count_kind("events"))
+            wait_until(lambda: server.count_kind(kind) > connects[0], what="the reconnect")
             # the run now stops while that request waits for its answer
 
         t0 = time.monotonic()
         drive(run, [bar(run, "AAPL", 100.0), reconnect_slowly])
-        assert connects[1] == connects[0] + 1
+        elapsed = time.monotonic() - t0
+        messages = [r.getMessage() for r in caplog.records]
+        assert not [m for m in messages if "did not stop" in m]
+        assert not [m for m in messages if "final sync" in m]
+        left = [m for m in messages if "left behind (a daemon)" in m]
+        assert elapsed < min(latency_s, STREAM_STOP_S) + 2.0, elapsed
+        if latency_s < STREAM_STOP_S + 0.5:
+            assert not left and "alpaca-stream" not in alpaca_threads()
+        else:
+            assert len(left) == 1
+            # once answered, the thread sees the stop and ends (not a thread for good)
+            wait_until(
+                lambda: "alpaca-stream" not in alpaca_threads(),
+                timeout_s=latency_s + 5,
+                what="the stream thread's end",
+            )
+
+
+def test_a_stop_with_a_frozen_websocket_keeps_the_budget_for_the_final_sync(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """helper-96: the websocket's path froze (a dead NAT or load balancer: nothing forwarded,
+    nothing closed) and the run stopped. The stop waited 5 s for the websocket's close
+    handshake before joining anything, past the 3 s budget, and the final sync was skipped.
+    The stream's stop now has ``STREAM_STOP_S`` of the budget."""
+    from runtime.brokers.alpaca.worker import STREAM_STOP_S
+    from tests.tcp_proxy import TcpProxy
+
+    with make_server(prices={"AAPL": 100.0}) as server:
+        proxy = TcpProxy(server.url.split("://", 1)[1].split("/", 1)[0])
+        try:
+            config = fast_config(server, "trading", stream_url=f"ws://{proxy.address}/stream")
+            run = run_on("trading", server, ("AAPL",), {}, config=config)
+
+            def freeze() -> None:
+                wait_until(lambda: server.stream_clients() == 1, what="the websocket")
+                proxy.cut("blackhole")
+
+            t0 = time.monotonic()
+            drive(run, [bar(run, "AAPL", 100.0), freeze])
+            elapsed = time.monotonic() - t0
+        finally:
+            proxy.close()
+        messages = [r.getMessage() for r in caplog.records]
+        assert not [m for m in messages if "did not stop" in m or "final sync" in m]
+        assert len([m for m in messages if "left behind (a daemon)" in m]) == 1
+        assert elapsed < STREAM_STOP_S + 2.0, elapsed
+
+
+def test_a_stop_before_the_websocket_stream_exists_ends_its_thread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Trading API's stream thread makes its ``TradingStream`` first; a stop that comes
+    before it exists finds nothing to stop. The thread then checks the stop before running
+    the stream, instead of running it past the stop's budget. The thread is held in the
+    stream's construction here (a slow start of the thread, as under load) until the stop
+    has begun."""
+    import threading
+
+    from runtime.brokers.alpaca import worker as worker_module
+
+    release = threading.Event()
+    making = threading.Event()
+    make = worker_module._TradeStream.__init__
+
+    def slow_make(self: Any, *args: Any, **kw: Any) -> None:
+        making.set()
+        release.wait(10)
+        make(self, *args, **kw)
+
+    monkeypatch.setattr(worker_module._TradeStream, "__init__", slow_make)
+    with make_server(prices={"AAPL": 100.0}) as server:
+        run = run_on("trading", server, ("AAPL",), {})
+
+        def release_once_stopping() -> None:
+            assert making.wait(10)
+            # the feeds end when this step returns; the stop begins a few ms later
+            threading.Timer(0.5, release.set).start()
+
+        t0 = time.monotonic()
+        drive(run, [bar(run, "AAPL", 100.0), release_once_stopping])
+        assert release.is_set()
         assert "alpaca-stream" not in alpaca_threads()
         assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
         assert not [r for r in caplog.records if "final sync" in r.getMessage()]
-        # the stop waited for the connect's 1 s answer, not the fast config's 3 s budget
-        assert time.monotonic() - t0 < 1.0 + 2.5
+        assert time.monotonic() - t0 < 0.5 + 2.5
 
 
 def test_a_stalled_alpaca_turns_readiness_off_within_a_request_timeout(api: str) -> None:

@@ -275,9 +275,23 @@ def test_actions_positions_and_ids_convert_as_to_row(
     n = len(actions)
     records = [
         DecisionRecord(
-            run, points[i], 1.7e9, 1.6e9, "NEXT", "HOLD", a, (), 0, 0, 1e5, 5e4,
-            pool[shared[i % len(shared)]], None, None, None,
-        )  # fmt: skip
+            run,
+            points[i],
+            1.7e9,
+            1.6e9,
+            "NEXT",
+            "HOLD",
+            a,
+            (),
+            0,
+            0,
+            1e5,
+            5e4,
+            pool[shared[i % len(shared)]],
+            None,
+            None,
+            None,
+        )
         for i, a in enumerate(actions)
     ]
     try:

@@ -2360,7 +2360,71 @@ def test_a_batch_is_cut_into_runs_as_its_records_costs_say(
         else:
             accessed, cls = (), DecisionRecord
         records.append(
-            cls(run, i, 1.7e9, 1.6e9, "NEXT", "HOLD", (), accessed, reads, 0, 1e5, 5e4, (),
-                reasoning, None, notes)  # fmt: skip
+            cls(
+                run,
+                i,
+                1.7e9,
+                1.6e9,
+                "NEXT",
+                "HOLD",
+                (),
+                accessed,
+                reads,
+                0,
+                1e5,
+                5e4,
+                (),
+                reasoning,
+                None,
+                notes,
+            )
         )
     assert record_runs(records, most) == cut_runs([_record_cost(r) for r in records], most)
+
+
+@pytest.mark.parametrize("odd", ["any", "str subclass"])
+def test_runs_that_compare_equal_are_counted_by_their_own_texts(odd: str) -> None:
+    """helper-96: the bound took the first record's run for every record when the runs were
+    equal, not the same object: a run whose ``agent_params`` equals any text (``mock.ANY``, a
+    ``str`` subclass) made a batch of 100,000-character params look light, one run where the
+    costs cut two."""
+    from unittest import mock
+
+    from analyzers.deferred import DeferredRecord, PendingReads
+    from analyzers.sinks.duckdb import _record_cost, cut_runs, record_runs
+
+    class AnyText(str):
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, str)
+
+        __hash__ = str.__hash__
+
+    params: Any = mock.ANY if odd == "any" else AnyText("")
+    first = RunInfo("s1", "a", "backtest", "m.A", params, None)
+    other = RunInfo("s1", "a", "backtest", "m.A", "x" * 100_000, None)
+    assert first == other and first is not other
+    records = [
+        DeferredRecord(
+            run,
+            i,
+            1.7e9,
+            1.6e9,
+            "NEXT",
+            "HOLD",
+            (),
+            PendingReads(None, [], ()),  # type: ignore[arg-type]
+            0,
+            0,
+            1e5,
+            5e4,
+            (),
+            None,
+            None,
+            None,
+        )
+        for i, run in enumerate([first, other, other, other])
+    ]
+    costs = [_record_cost(r) for r in records]
+    most = sum(costs) - 1
+    assert len(cut_runs(costs, most)) == 2
+    assert record_runs(records, most) == cut_runs(costs, most)

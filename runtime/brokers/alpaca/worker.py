@@ -93,6 +93,11 @@ CLOSE_ALL_SLACK = Decimal("1.01")  # a crypto close takes Alpaca's position up t
 SNAPSHOT_READS = 3  # account/positions/account reads before an account read is given up
 SETTLE_POLLS = 15  # an order waits for cancels on its symbol at most this many poll intervals
 SSE_READ_TIMEOUT_S = 60.0  # no byte (event or heartbeat comment) for this long: reconnect
+# The longest a stop waits for the trade-updates stream's thread, seconds. What the stream would
+# still bring, the stop's final poll reads; a stream waiting for an answer (a connect, a close
+# handshake with a frozen peer) is left behind rather than spending the budget the final sync
+# needs (fresh-context attack, helper-96: a connect answered after 5 s held a 3 s budget).
+STREAM_STOP_S = 1.0
 EVENTS_PATH = "/v1/events/trades"  # alpaca-py 0.44's BrokerClient.get_trade_events path
 
 
@@ -192,7 +197,9 @@ class AlpacaWorker:
     def stop(self, deadline: float | None = None) -> None:
         """Stop every thread and join them all until ``deadline`` (``time.monotonic()``
         seconds; default ``request_timeout_s + 5`` s from now), one deadline for all: a thread
-        still in a request then is left (a daemon) and named in an error. Idempotent.
+        still in a request then is left (a daemon) and named in an error. The trade-updates
+        stream's thread gets at most :data:`STREAM_STOP_S` of it (left behind with a warning:
+        the final poll reads what it would have brought). Idempotent.
 
         Submits still queued or waiting are reported :class:`NotSent`; cancels still queued are
         sent once.
@@ -200,10 +207,13 @@ class AlpacaWorker:
         self.stop_event.set()
         self._commands.put(SHUTDOWN)
         self._wake.set()
-        self._stop_stream()
         if deadline is None:
             deadline = time.monotonic() + self.config.request_timeout_s + 5.0
+        stream_until = min(deadline, time.monotonic() + STREAM_STOP_S)
+        self._stop_stream(stream_until)
         for t in self._threads:
+            if t.name == "alpaca-stream":
+                continue
             # before: request_timeout_s + 5 s for each thread in turn, so a stalled Alpaca
             # held a SIGTERM 24 s past SHUTDOWN_TIMEOUT_S=3 (a fresh-context attack)
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -212,6 +222,16 @@ class AlpacaWorker:
                     "thread %s did not stop within ALPACA_STOP_TIMEOUT_S (a request in "
                     "flight); left behind",
                     t.name,
+                )
+        for t in self._threads:
+            if t.name != "alpaca-stream":
+                continue
+            t.join(timeout=max(0.0, stream_until - time.monotonic()))
+            if t.is_alive():
+                logger.warning(
+                    "the trade-updates stream still waits for Alpaca's answer after %.1f s; "
+                    "left behind (a daemon), the final poll reads the orders instead",
+                    STREAM_STOP_S,
                 )
         self._threads.clear()
 
@@ -956,15 +976,16 @@ class AlpacaWorker:
             if self.stop_event.wait(self.caller.policy.delay_s(max(1, failures))):
                 return
 
-    def _stop_stream(self) -> None:
+    def _stop_stream(self, until: float) -> None:
+        """Interrupt the SSE response, or stop the websocket on its loop, waiting until
+        ``until`` (``time.monotonic()`` seconds) at most."""
         resp = self._sse
         if resp is not None:
             _interrupt(resp)
         stream = self._stream
         if stream is None:
             return
-        deadline = time.monotonic() + 5.0
-        while getattr(stream, "_loop", None) is None and time.monotonic() < deadline:
+        while getattr(stream, "_loop", None) is None and time.monotonic() < until:
             if not any(t.name == "alpaca-stream" and t.is_alive() for t in self._threads):
                 return
             time.sleep(0.01)  # the stream thread has not started its loop yet
@@ -972,9 +993,13 @@ class AlpacaWorker:
         if loop is None or not loop.is_running():
             return
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(stream.stop_ws(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(stream.stop_ws(), loop).result(
+                timeout=max(0.0, until - time.monotonic())
+            )
             # closing the socket ends its 5 s receive wait at once
-            asyncio.run_coroutine_threadsafe(stream.close(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(stream.close(), loop).result(
+                timeout=max(0.0, until - time.monotonic())
+            )
 
 
 class _TradeStream(TradingStream):  # type: ignore[misc]

@@ -225,7 +225,9 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
     """One Arrow table (schema :data:`ARROW_SCHEMA`) with a row per record, in order.
 
     Resolves the batch's deferred reads first (:func:`~analyzers.deferred.settle_batch`);
-    builds every column at once (Python per record only for ids, order events and positions).
+    builds every column at once: Python per record only to find each record's reads among
+    the batch's columns and its look-ahead count; per order event and per distinct positions
+    tuple (the decision ids joined in Arrow).
     """
     if not records:
         return ARROW_SCHEMA.empty_table()

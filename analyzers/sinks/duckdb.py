@@ -13,7 +13,8 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
-from operator import itemgetter
+from itertools import compress, repeat
+from operator import is_, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -230,28 +231,37 @@ _NOTES = DecisionRecord._fields.index("notes")
 
 def _cost_bound(records: Sequence[DecisionRecord]) -> int | None:
     """At least ``sum(_record_cost(r) for r in records)``, counted without a Python call per
-    record, for the writer's usual batch: every record a
-    :class:`~analyzers.deferred.DeferredRecord` of one run (one ``RunInfo`` object) whose reads
-    are still a :class:`~analyzers.deferred.PendingReads` and whose ``reads`` are ints (their
-    cost is then ``1 + reads`` and the texts' share; the texts' shares summed before dividing
-    is at least their sum). ``None`` for any other batch (counted record by record)."""
-    if not records or set(map(type, records)) != {DeferredRecord}:
+    record, for the writer's usual batch: records of one run (one ``RunInfo`` object) whose
+    reads are still a :class:`~analyzers.deferred.PendingReads` (a
+    :class:`~analyzers.deferred.DeferredRecord`: cost ``1 + reads`` and its texts' share) or
+    none at all (a bar without reads: ``1`` and its texts' share), ``reads`` ints >= 0 (an
+    upper bound of the second kind's 0), the texts' shares summed before dividing (at least
+    their sum). ``None`` for any other batch (counted record by record)."""
+    if not records or set(map(type, records)) - {DeferredRecord, DecisionRecord}:
         return None
-    if set(map(type, map(itemgetter(_DATA_ACCESSED), records))) != {PendingReads}:
+    accessed = list(map(itemgetter(_DATA_ACCESSED), records))
+    kinds = list(map(type, accessed))
+    if set(kinds) - {PendingReads, tuple}:
+        return None
+    if any(compress(accessed, map(is_, kinds, repeat(tuple)))):  # a tuple of reads
         return None
     reads = list(map(itemgetter(_READS), records))
     runs = list(map(itemgetter(0), records))
     # one RunInfo object (not equal ones: an odd agent_params can equal another text,
     # helper-96)
-    if set(map(type, reads)) != {int} or len(set(map(id, runs))) != 1:
+    if set(map(type, reads)) != {int} or min(reads) < 0 or not all(map(is_, runs, repeat(runs[0]))):
         return None
     chars = 0
     for field in (_REASONING, _NOTES):
-        chars += sum([len(t) for t in map(itemgetter(field), records) if isinstance(t, str)])
+        texts = list(filter(None, map(itemgetter(field), records)))  # (most are None)
+        if set(map(type, texts)) - {str}:
+            return None
+        chars += sum(map(len, texts))
     params = runs[0].agent_params
     if isinstance(params, str):
         chars += len(params) * len(records)
-    return len(records) + sum(reads) + chars // TEXT_BYTES_PER_READ
+    total: int = len(records) + sum(reads) + chars // TEXT_BYTES_PER_READ
+    return total
 
 
 def record_runs(records: Sequence[DecisionRecord], most: int) -> list[range]:

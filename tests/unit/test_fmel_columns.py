@@ -12,6 +12,7 @@ reads resolved in columns must also equal the agent's own independent log (as
 
 from __future__ import annotations
 
+import decimal
 import struct
 import threading
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from analyzers.deferred import DeferredRecord
-from analyzers.schema import Action, DecisionRecord
+from analyzers.schema import Action, DecisionRecord, RunInfo
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.duckdb import LocalDuckDBSink
@@ -903,3 +904,82 @@ def test_the_positions_array_refuses_rows_that_are_not_four_numbers() -> None:
     for row in ((1, 2, 3, 4, 5), (1, 2, 3)):
         with pytest.raises(ValueError):
             columns._states([([], (row, (1, 2, 3, 4)))], 1, 2)
+
+
+def _actions_outcome(records: list[DecisionRecord]) -> tuple[str, Any]:
+    try:
+        return "ok", records_table(records).column("actions").to_pylist()
+    except Exception as e:  # compared by type
+        return "raised", type(e)
+
+
+def _per_record_outcome(records: list[DecisionRecord]) -> tuple[str, Any]:
+    """The ``actions`` column as the per-record conversion (``to_row``'s rows) gives it."""
+    import pyarrow as pa
+
+    from analyzers.schema import action_rows
+    from analyzers.sinks.columnar import ARROW_SCHEMA
+
+    try:
+        rows = [action_rows(r.actions) if r.actions else [] for r in records]
+        return "ok", pa.array(rows, ARROW_SCHEMA.field("actions").type).to_pylist()
+    except Exception as e:  # compared by type
+        return "raised", type(e)
+
+
+class _LenZero(tuple):  # type: ignore[type-arg]
+    """Truthy events whose ``len()`` says 0 (a sequence whose length and items disagree)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _event(**kw: Any) -> Action:
+    base: dict[str, Any] = dict(
+        seq=1, event="submitted", side="buy", symbol="A", order_ref=1, order_type="Market",
+        size=1.0, price=2.0,
+    )  # fmt: skip
+    return Action(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # helper-96: refused by the per-record conversion with ArrowInvalid (the Decimal, first
+        # in row order); by field, the bool seq's column came first (ArrowTypeError)
+        [(_event(size=decimal.Decimal("1.25")),), (_event(seq=True),)],
+        # _num refuses a signalling NaN (InvalidOperation) before any Arrow conversion
+        [(_event(seq="x", size=decimal.Decimal("sNaN")),)],
+        # an Action of 13 elements (tuple.__new__): converted by its 12 named fields
+        [(tuple.__new__(Action, (*_event(), "extra")),)],
+        # len() 0 but one event, then two: by offsets the third event was lost silently
+        [_LenZero((_event(seq=10),)), (_event(seq=20), _event(seq=30))],
+    ],
+    ids=["decimal-then-bool", "snan", "extra-element", "len-disagrees"],
+)
+def test_odd_actions_give_what_the_per_record_conversion_gives(events: list[Any]) -> None:
+    run = RunInfo("s1", "a1", "backtest", "m.A", "{}", "h1")
+    records = [
+        DecisionRecord(
+            run, i, 1.7e9, 1.6e9, "NEXT", "HOLD", a, (), 0, 0, 1e5, 5e4, (), None, None, None
+        )
+        for i, a in enumerate(events)
+    ]
+    assert _actions_outcome(records) == _per_record_outcome(records)
+
+
+def test_a_decision_point_past_int64_fails_where_it_failed() -> None:
+    """helper-96: an int session id and a decision point past int64 raised the session id
+    column's ArrowTypeError, then the decision point's OverflowError once the decision ids
+    converted the points first; the ids fall back to their text and the columns convert in
+    the same order as before."""
+    import pyarrow as pa
+
+    run = RunInfo(5, "a1", "backtest", "m.A", "{}", "h1")  # type: ignore[arg-type]
+    record = DecisionRecord(run, 2**64, 1.7e9, 1.6e9, "NEXT", "HOLD", (), (), 0, 0, 1e5, 5e4,
+                            (), None, None, None)  # fmt: skip
+    with pytest.raises(pa.ArrowTypeError):
+        records_table([record])

@@ -2327,7 +2327,7 @@ _TEXTS = st.one_of(st.none(), st.text(max_size=300), st.integers())
 @given(
     rows=st.lists(
         st.tuples(
-            st.one_of(st.integers(0, 10**6), st.just(True), st.floats(0, 10)),  # reads
+            st.one_of(st.integers(-3, 10**6), st.just(True), st.floats(0, 10)),  # reads
             _TEXTS,  # reasoning
             _TEXTS,  # notes
             st.sampled_from(["deferred", "resolved", "plain", "other run"]),

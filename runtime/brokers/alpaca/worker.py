@@ -211,27 +211,25 @@ class AlpacaWorker:
             deadline = time.monotonic() + self.config.request_timeout_s + 5.0
         stream_until = min(deadline, time.monotonic() + STREAM_STOP_S)
         self._stop_stream(stream_until)
-        for t in self._threads:
-            if t.name == "alpaca-stream":
-                continue
+        # the stream's thread last: the others' joins are time it has to end as well
+        for t in sorted(self._threads, key=lambda t: t.name == "alpaca-stream"):
+            stream = t.name == "alpaca-stream"
             # before: request_timeout_s + 5 s for each thread in turn, so a stalled Alpaca
             # held a SIGTERM 24 s past SHUTDOWN_TIMEOUT_S=3 (a fresh-context attack)
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                logger.error(
-                    "thread %s did not stop within ALPACA_STOP_TIMEOUT_S (a request in "
-                    "flight); left behind",
-                    t.name,
-                )
-        for t in self._threads:
-            if t.name != "alpaca-stream":
+            t.join(timeout=max(0.0, (stream_until if stream else deadline) - time.monotonic()))
+            if not t.is_alive():
                 continue
-            t.join(timeout=max(0.0, stream_until - time.monotonic()))
-            if t.is_alive():
+            if stream:
                 logger.warning(
                     "the trade-updates stream still waits for Alpaca's answer after %.1f s; "
                     "left behind (a daemon), the final poll reads the orders instead",
                     STREAM_STOP_S,
+                )
+            else:
+                logger.error(
+                    "thread %s did not stop within ALPACA_STOP_TIMEOUT_S (a request in "
+                    "flight); left behind",
+                    t.name,
                 )
         self._threads.clear()
 

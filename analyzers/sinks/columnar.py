@@ -125,15 +125,9 @@ def _positions(positions: Sequence[tuple[Position, ...]]) -> pa.Array:
     found by its ``id`` with numpy (no Python per record)."""
     ids = np.fromiter(map(id, positions), dtype=np.uint64, count=len(positions))
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    # the distinct objects in order of first appearance (np.unique sorts them by id)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    uniq = [positions[i] for i in first[order].tolist()]
+    uniq = [positions[i] for i in first.tolist()]  # (in the order of their ids)
     rows = pa.array([position_rows(p) if p else [] for p in uniq], _POSITIONS_T)
-    if len(uniq) == len(positions):
-        return rows
-    return rows.take(pa.array(rank[inverse.reshape(-1)]))
+    return rows.take(pa.array(inverse.reshape(-1)))
 
 
 def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:

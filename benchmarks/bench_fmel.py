@@ -38,6 +38,10 @@ figures (bars/s, final flush) are medians over the rounds.
   holds the GIL) or to the other threads and processes of the run taking its core. (Until
   2026-12-02 this was wall of ``fmel+duckdb`` - wall of ``fmel``, over plain's: negative once
   ``fmel``, which resolves reads on the bar loop, became slower than ``fmel+duckdb``.)
+  Split in the header line (Linux: the main thread's ``/proc/thread-self/schedstat``, time
+  runnable but waiting for a core): the final flush (the bar loop waits for the writer's last
+  writes), the run queue (other threads or processes had the cores; on a quiet machine ~0)
+  and the rest, the bar loop's thread asleep during the run (mostly waiting for the GIL).
 
 Goals (issue 14) checked by ``--check`` (exit 1 above a goal): SMA-cross ``fmel+duckdb`` <= 1.10x,
 read-heavy ``fmel+duckdb`` <= 1.30x, added main-thread cost per read in ``fmel+duckdb`` (the
@@ -195,6 +199,7 @@ def child(
         if busy is not None:
             time.sleep(0.05)  # running before the bar loop starts
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        q0 = _run_queue_s()
         strategy = cerebro.run()[0]
     finally:
         if busy is not None:
@@ -206,6 +211,7 @@ def child(
         left = writer.stats.submitted - writer.stats.written  # not written when the run ended
         writer.stop()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    queued = _run_queue_s() - q0
     flush = time.perf_counter() - t_stop
     shutil.rmtree(tmp, ignore_errors=True)  # the store and whatever a measured mode wrote
     reads = 0
@@ -223,7 +229,18 @@ def child(
         "left_at_end": left,
         "value": cerebro.broker.getvalue(),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "run_queue_s": queued,
     }
+
+
+def _run_queue_s() -> float:
+    """Seconds this thread has been runnable but waiting for a core (Linux schedstat's second
+    field); 0.0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def fill_hash_cache(symbols: list[str], folder: Path) -> None:
@@ -267,6 +284,19 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
             for r, p in zip(results["fmel+duckdb"], results["plain"], strict=True)
         ),
         "flush_s": med("fmel+duckdb", "flush_s"),
+        # its split: the final flush, the run queue, the rest (asleep in the bar loop: the GIL)
+        "share_flush": statistics.median(
+            r["flush_s"] / p["wall_s"]
+            for r, p in zip(results["fmel+duckdb"], results["plain"], strict=True)
+        ),
+        "share_queue": statistics.median(
+            r.get("run_queue_s", 0.0) / p["wall_s"]
+            for r, p in zip(results["fmel+duckdb"], results["plain"], strict=True)
+        ),
+        "share_asleep": statistics.median(
+            (r["wall_s"] - r["main_cpu_s"] - r["flush_s"] - r.get("run_queue_s", 0.0)) / p["wall_s"]
+            for r, p in zip(results["fmel+duckdb"], results["plain"], strict=True)
+        ),
         "left_at_end": med("fmel+duckdb", "left_at_end"),
     }
     for mode, key in (("fmel", "fmel"), ("fmel+duckdb", "duckdb")):
@@ -295,7 +325,9 @@ def table(agent: str, s: dict[str, float], rounds: int) -> list[str]:
     lines = [
         f"**{name}** agent, {s['bars']:.0f} steps, {s['reads']:,.0f} reads "
         f"({s['reads'] / s['bars']:.1f} a step), {rounds} rounds (ratios paired per round); "
-        f"writer GIL share {s['writer_share']:.3f}; final flush (fmel+duckdb) "
+        f"writer GIL share {s['writer_share']:.3f} (final flush {s['share_flush']:.3f}, run "
+        f"queue {s['share_queue']:.3f}, asleep in the bar loop {s['share_asleep']:.3f}); "
+        "final flush (fmel+duckdb) "
         f"{s['flush_s']:.2f} s for {s['left_at_end']:,.0f} records not yet written when the "
         "run ended",
         "",

@@ -15,7 +15,10 @@ Optional members the writer looks up (``getattr``), each with a safe default whe
   write failed part-way, so stored rows are counted written and not spilled;
 * ``probe()``: a cheap call that raises :class:`~core.errors.TransientError` while the store
   does not answer, made before a large batch is sent after an outage;
-* ``max_batch`` (int attribute): records per write when catching up (default 500).
+* ``max_batch`` (int attribute): records per write when catching up (default 500);
+* ``finishing()``: called once, before the first write after :meth:`~analyzers.sinks.writer.
+  DecisionWriter.stop` began (the drain): the writes from there on are the last before
+  ``close()``.
 """
 
 from __future__ import annotations

@@ -151,13 +151,25 @@ def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
         np.cumsum(np.fromiter(map(len, actions), np.int64, len(actions)), out=offsets[1:])
         columns = list(zip(*events, strict=True)) or [()] * _N_ACTION
         arrays = [
-            pa.array([_num(x) for x in col] if name in _ACTION_NUMBERS else col, f.type)
+            (_numbers(col) if name in _ACTION_NUMBERS else pa.array(col, f.type))
             for name, col, f in zip(Action._fields, columns, _ACTION_T, strict=True)
         ]
         values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T))
     except Exception:  # noqa: BLE001 - refused: as the per-record conversion refuses it
         return per_record()
     return _list_array(offsets, values, _ACTIONS_T)
+
+
+def _numbers(values: Sequence[Any]) -> pa.Array:
+    """A FLOAT64 column converted as :func:`~analyzers.schema._num` converts each value: floats
+    and None at once with numpy (:func:`_floats`); anything else (ints, numpy scalars,
+    ``Decimal``) value by value, so it converts or fails as it did."""
+    if set(map(type, values)) <= _FLOAT_OR_NONE:
+        return _floats(values)
+    return pa.array([_num(x) for x in values], pa.float64())
+
+
+_FLOAT_OR_NONE = frozenset((float, type(None)))
 
 
 def _floats(values: Sequence[float | None]) -> pa.Array:

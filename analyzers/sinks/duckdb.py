@@ -21,6 +21,7 @@ from typing import Any
 from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
     DECISION_SCHEMA,
+    Access,
     DecisionRecord,
     duckdb_columns,
     duckdb_ddl,
@@ -84,12 +85,18 @@ MIN_MEMORY_LIMIT_MB = 64
 MAX_MEMORY_LIMIT_MB = 2**30  # 1 PiB
 # Stored reads per statement of a write, per MiB of the memory limit (each statement committed):
 # a batch of wide decisions in one insert needs them all in DuckDB's pool at once (100
-# decisions of 10,000 symbols: out of memory at 256 MiB). Measured: 200,000 reads went in at
-# 512 MiB and 100,000 at 64 MiB, where 200,000 did not (fresh-context attack); 390 a MiB is
-# ~200,000 at the default and ~25,000 at the least limit. Rows replayed as JSON text take about
-# twice as much (DuckDB parses and casts the text): 100,000 reads went in at 512 MiB and 10,000
-# at 64 MiB, where 200,000 and 20,000 did not; 150 a MiB.
-READS_PER_MB = 390
+# decisions of 10,000 symbols: out of memory at 256 MiB). Measured (DuckDB 2.0.0, decisions of
+# 2 x 5,000 and 2 x 50 reads, one statement): 200,000 reads went in at 64 MiB and 300,000 did
+# not; 1,600,000 went in at 512 MiB; an earlier shape (a fresh-context attack) failed at
+# 200,000 at 64 MiB. 780 a MiB (~400,000 at the default, ~50,000 at the least limit) keeps a
+# margin of two below the lowest failure, and lets a row group of decisions of up to 195 reads
+# go in as one statement: DuckDB writes a commit that fills whole row groups straight into the
+# file and logs a smaller one first (a read-heavy batch of 2,048 decisions of ~98 reads, cut
+# at 2,017 by 390 a MiB: 416-497 ms of the writer's thread against 188-243 ms whole;
+# docs/benchmarks.md, twenty-seventh pass). Rows replayed as JSON text take about twice as
+# much (DuckDB parses and casts the text): 100,000 reads went in at 512 MiB and 10,000 at
+# 64 MiB, where 200,000 and 20,000 did not; 150 a MiB.
+READS_PER_MB = 780
 JSON_READS_PER_MB = 150
 # What else a record holds counts as reads too (fresh-context attack: batches of 500 decisions
 # with 100 kB of reasoning each, or of 20,000 symbols read nothing, ran out of 64 MiB as one
@@ -207,17 +214,26 @@ def open_store(
 _DATA_ACCESSED = DecisionRecord._fields.index("data_accessed")
 
 
+_TEXT_VALUE = itemgetter(Access._fields.index("text_value"))
+
+
 def _record_cost(rec: DecisionRecord) -> int:
     """What ``rec`` weighs in a write, in reads: the rows it stores in ``data_accessed``
     (counted when resolved: a read of an indicator over several feeds is listed under each;
     else the reads the bar loop recorded, as counting would resolve a deferred record here,
-    read by read), one per symbol group, and its texts (:data:`TEXT_BYTES_PER_READ`)."""
+    read by read), one per symbol group, and its texts (:data:`TEXT_BYTES_PER_READ`: the
+    reasoning, notes and parameters, and the texts resolved reads returned)."""
     groups: Any = tuple.__getitem__(rec, _DATA_ACCESSED)
+    chars = 0
     if isinstance(groups, tuple):
         n = sum(len(g.access_patterns) for g in groups) + len(groups) if groups else 0
+        # the text a read returned (a text line's value: helper-97, 2 kB headlines)
+        for g in groups:
+            for text in map(_TEXT_VALUE, g.access_patterns):
+                if isinstance(text, str):
+                    chars += len(text)
     else:
         n = int(rec.reads)
-    chars = 0
     for text in (rec.reasoning, rec.notes, rec.run.agent_params):  # a loop, not a generator
         if isinstance(text, str):
             chars += len(text)
@@ -303,6 +319,16 @@ def cut_runs(sizes: Sequence[int], most: int) -> list[range]:
         n += size
     runs.append(range(start, len(sizes)))
     return runs
+
+
+def sole_user(con: Any) -> bool:
+    """Whether ``con`` (from :func:`open_store`) is the only connection to its file in this
+    process: no other handed-out connection shares its database (settings of that database
+    are then this connection's alone)."""
+    with _ATTACHED_LOCK:
+        key = _SHARED_BY.get(id(con))
+        held = _ATTACHED.get(key) if key is not None else None
+        return held is not None and held[1] == 1
 
 
 def close_store(con: Any) -> None:
@@ -410,6 +436,13 @@ class LocalDuckDBSink:
             raise ConfigError(f"table must be a printable name without '\"', got {table!r}")
         self.table = table
         self.threads = threads
+        self._finishing = False  # finishing() was called: the last writes commit into the file
+        # the store's own log threshold, set back after each of those commits
+        self._wal_setting_sql = (
+            "RESET wal_autocheckpoint"
+            if wal_checkpoint_bytes is None
+            else f"SET wal_autocheckpoint = '{wal_checkpoint_bytes}B'"
+        )
         self.wal_checkpoint_bytes = wal_checkpoint_bytes
         self._con: Any = None
         # Replays (spill files) may resend rows already stored: skip those ids. Fresh records
@@ -437,6 +470,7 @@ class LocalDuckDBSink:
         import duckdb
 
         self._con = open_store(self.path, self.row_group_size, self.memory_limit_mb)
+        self._finishing = False
         try:
             # one setup at a time: sinks opening the same (shared) file from several threads
             # would otherwise conflict on replacing the view
@@ -650,22 +684,82 @@ class LocalDuckDBSink:
             raise SinkError("LocalDuckDBSink.write_records() before open()")
         if self._stored_part:
             records = [r for r in records if r.decision_id not in self._stored_part]
-        con = self._con
         stored: list[Sequence[DecisionRecord]] = []  # their ids are made only when one fails
         try:
             for run in record_runs(records, self.run_reads):
                 part = records if len(run) == len(records) else [records[k] for k in run]
-                table = records_table(part)
-                con.register(_BATCH_VIEW, table)
-                try:
-                    con.execute(self._arrow_sql)
-                finally:
-                    con.unregister(_BATCH_VIEW)
-                stored.append(part)
+                self._insert_run(part, stored)
         except BaseException:
             self._remember([r.decision_id for part in stored for r in part])
             raise
         return []
+
+    def _insert_run(
+        self, part: Sequence[DecisionRecord], stored: list[Sequence[DecisionRecord]]
+    ) -> None:
+        """``part`` as one committed statement, appended to ``stored`` once in. A run that runs
+        out of DuckDB's memory all the same (its weight understated what it stores: the text
+        of reads not resolved yet, many order events or fields; helper-97) is halved and
+        retried, down to one record, which then raises (as the study store's merge does)."""
+        import duckdb
+
+        try:
+            self._insert(part)
+        except (duckdb.OutOfMemoryException, duckdb.TransactionException) as e:
+            # out of memory in the statement, or at its commit ("failed to pin block")
+            text = str(e).lower()
+            if len(part) == 1 or not ("memory" in text or "pin block" in text):
+                raise
+            _log.info(
+                "local decision store %s: a run of %d decisions did not fit DuckDB's memory; "
+                "written in halves",
+                self.path,
+                len(part),
+            )
+            half = len(part) // 2
+            self._insert_run(part[:half], stored)
+            self._insert_run(part[half:], stored)
+            return
+        stored.append(part)
+
+    def _insert(self, part: Sequence[DecisionRecord]) -> None:
+        """One committed insert of ``part``'s Arrow table; after :meth:`finishing`, committed
+        into the file when this is its only connection. That check and the log setting around
+        the insert hold the lock other sinks' ``open()`` takes before setting up a connection
+        (helper-97: a sink opening the file meanwhile had its setting switched), so a sink
+        that opens the file during it sets its own value after it."""
+        con = self._con
+        con.register(_BATCH_VIEW, records_table(part))
+        try:
+            if not self._finishing:
+                con.execute(self._arrow_sql)
+                return
+            with _SETUP_LOCK:
+                if not sole_user(con):
+                    con.execute(self._arrow_sql)
+                    return
+                con.execute("SET wal_autocheckpoint = '1B'")
+                try:
+                    con.execute(self._arrow_sql)
+                finally:
+                    con.execute(self._wal_setting_sql)
+        finally:
+            con.unregister(_BATCH_VIEW)
+
+    def finishing(self) -> None:
+        """The writer is stopping: its writes from here on are the last before :meth:`close`.
+
+        From now on each run of :meth:`write_records` is committed with DuckDB checkpointing
+        at that commit (``wal_autocheckpoint`` of one byte, set back after it), when this is
+        the file's only connection in the process (:func:`sole_user`). A commit that does not
+        fill whole row groups (the run's last, partial batch) is otherwise logged to the
+        write-ahead log first and written into the file again by the close's checkpoint; one
+        whose log would pass DuckDB's ``auto_checkpoint_skip_wal_threshold`` (100 kB) is now
+        written into the file without the log (DuckDB's documented meaning of that setting).
+        The last 935 decisions of the read-heavy benchmark: insert and close 130 ms -> 75-96 ms
+        (docs/benchmarks.md, twenty-seventh pass). Replays of JSON rows (:meth:`write`), which
+        may commit row by row, keep the log. Writer thread."""
+        self._finishing = True
 
     def _remember(self, stored: list[str]) -> None:
         """Keep the ids a failed write stored (the newest :data:`STORED_PART_KEPT`)."""

@@ -313,6 +313,7 @@ class DecisionWriter:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._stopping = False
+        self._told_finishing = False  # the sink's finishing() called (once, at the drain)
         self._closed = False  # stop() took the buffer over: a later submit() spills at once
         self._late_logged = False
         self._stop = threading.Event()  # ends retry waits at once when stopping
@@ -1058,6 +1059,14 @@ class DecisionWriter:
             self._spill(self._rows(batch))
             self._maybe_recover()
             return
+        if self._stopping and not self._told_finishing:
+            self._told_finishing = True
+            finishing = getattr(self.sink, "finishing", None)
+            if finishing is not None:
+                try:
+                    finishing()
+                except Exception:
+                    logger.exception("sink %s failed in finishing() (ignored)", self.sink.name)
         # With a journal, ids may repeat across restarts: the de-duplicating write.
         fast = getattr(self.sink, "write_records", None) if self.journal is None else None
         t0 = self._clock()

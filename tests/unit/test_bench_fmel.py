@@ -64,6 +64,25 @@ def test_ratios_pair_each_round_with_its_own_plain_run(bench: ModuleType) -> Non
     assert bench.summarise(results)["time_duckdb"] != pytest.approx(1.5)
 
 
+def test_the_writer_share_is_split_into_flush_run_queue_and_sleep(bench: ModuleType) -> None:
+    # fmel+duckdb: 1.5 s wall, 1.1 s on a core; of the 0.4 s it did not run, 0.1 s was the
+    # final flush and 0.05 s waiting for a core: 0.25 s asleep in the bar loop (plain: 1 s)
+    results = {
+        "plain": [run(1.0, 1.0) for _ in range(3)],
+        "fmel": [run(1.2, 1.1, reads=1000) for _ in range(3)],
+        "fmel+duckdb": [{**run(1.5, 1.1), "run_queue_s": 0.05} for _ in range(3)],
+        "plain+busy": [run(1.3, 1.25) for _ in range(3)],
+    }
+    s = bench.summarise(results)
+    assert s["writer_share"] == pytest.approx(0.4)
+    assert s["share_flush"] == pytest.approx(0.1)
+    assert s["share_queue"] == pytest.approx(0.05)
+    assert s["share_asleep"] == pytest.approx(0.25)
+    assert "final flush 0.100, run queue 0.050, asleep in the bar loop 0.250" in "\n".join(
+        bench.table("sma", s, 3)
+    )
+
+
 def test_the_benchmark_runs_the_writer_as_the_runner_does(bench: ModuleType) -> None:
     from analyzers.sinks.writer import SWITCH_INTERVAL_S
 

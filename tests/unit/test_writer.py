@@ -886,14 +886,15 @@ def test_a_batch_stored_in_part_names_what_it_stored_and_its_retry_skips_it(
     the retry of the whole batch writes each id once."""
     sink = LocalDuckDBSink(tmp_path / "p.duckdb")
     sink.open()
-    good = [_wide(i, symbols=5000) for i in range(30)]  # 300,000 reads: two runs
-    bad = [*good[:25], good[25]._replace(decision_point=None), *good[26:]]  # NOT NULL
+    n = sink.run_reads // 10_000 + 10  # decisions of 10,000 reads: two runs
+    good = [_wide(i, symbols=5000) for i in range(n)]
+    bad = [*good[: n - 5], good[n - 5]._replace(decision_point=None), *good[n - 4 :]]  # NOT NULL
     with pytest.raises(duckdb.ConstraintException):
         sink.write_records(bad)
     ((first,),) = sink._con.execute("SELECT count(*) FROM decisions").fetchall()
-    assert 0 < first < 30
+    assert 0 < first < n
     ids = [r.decision_id for r in good]
-    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (30 - first)
+    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (n - first)
     # another batch first, sharing an id with the stored part (fresh-context attack: a write
     # in between made the sink forget, and the retry stored duplicates)
     other = [good[0], *(_wide(i, symbols=10) for i in range(100, 103))]
@@ -901,8 +902,8 @@ def test_a_batch_stored_in_part_names_what_it_stored_and_its_retry_skips_it(
     assert sink.write_records(good) == []
     assert sink._con.execute(
         "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
-    ).fetchall() == [(33, 33)]
-    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (30 - first)
+    ).fetchall() == [(n + 3, n + 3)]
+    assert [sink.is_stored(i) for i in ids] == [True] * first + [False] * (n - first)
     sink.close()
 
 
@@ -943,12 +944,71 @@ def test_long_texts_weigh_in_the_runs_too(tmp_path: Path, path: str, one_stateme
     batch = [_wide(i, symbols=10)._replace(reasoning="r" * 200_000) for i in range(500)]
     write = sink.write_records if path == "write_records" else sink.write
     items: Any = batch if path == "write_records" else [to_row(r) for r in batch]
-    if one_statement:
+    if one_statement and path == "write_records":
+        # one statement of DuckDB itself: write_records would halve it (helper-97)
+        import analyzers.sinks.duckdb as store
+
+        sink._con.register(store._BATCH_VIEW, store.records_table(batch))
+        with pytest.raises((duckdb.OutOfMemoryException, duckdb.TransactionException)):
+            sink._con.execute(sink._arrow_sql)
+    elif one_statement:
         with pytest.raises((duckdb.OutOfMemoryException, duckdb.TransactionException)):
             write(items)
     else:
         assert write(items) == []
         assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(500,)]
+    sink.close()
+
+
+def _text_reads(i: int, text: str) -> DecisionRecord:
+    """A decision of 100 reads of a text line (a 2 kB headline each)."""
+    from analyzers.schema import Access, DataAccess
+
+    accesses = tuple(
+        Access(k, "headline", -k, 1, i, f"{k + i:032x}", None, text, False, 1e9 + k)
+        for k in range(100)
+    )
+    return record(i)._replace(
+        data_accessed=(DataAccess("NEWS", f"{i:032x}", ("headline",), accesses),), reads=100
+    )
+
+
+@pytest.mark.parametrize("mem", [64, 256])
+def test_the_text_reads_return_weigh_in_the_runs(tmp_path: Path, mem: int) -> None:
+    """helper-97: reads of a text line (2 kB headlines) were weighed as plain reads, so a run
+    the bound kept whole ran out of DuckDB's memory at its commit (64-256 MiB). Their texts
+    now count as :data:`TEXT_BYTES_PER_READ` reads each: the batch goes in several runs."""
+    from analyzers.sinks.duckdb import record_runs
+
+    sink = LocalDuckDBSink(tmp_path / "t.duckdb", memory_limit_mb=mem)
+    sink.open()
+    batch = [_text_reads(i, "n" * 2000) for i in range(sink.run_reads // 102)]
+    assert len(record_runs(batch, sink.run_reads)) > 1  # was one run
+    assert sink.write_records(batch) == []
+    assert sink._con.execute("SELECT count(*) FROM decisions").fetchall() == [(len(batch),)]
+    sink.close()
+
+
+def test_a_run_that_does_not_fit_after_all_is_written_in_halves(tmp_path: Path) -> None:
+    """A run whose weight understates what DuckDB needs (reads not resolved yet, order events
+    and fields are not weighed) is halved and retried when DuckDB runs out of memory, as the
+    study store's merge does: 40 decisions of 10,000 reads as one run at 64 MiB go in, each
+    once, and the ids of a failure part-way stay remembered."""
+    sink = LocalDuckDBSink(tmp_path / "h.duckdb", memory_limit_mb=64)
+    sink.open()
+    sink.run_reads = 10**12  # the weights say it fits: one run
+    batch = [_wide(i, symbols=5000) for i in range(40)]
+    assert sink.write_records(batch) == []
+    assert sink._con.execute(
+        "SELECT count(*), count(DISTINCT decision_id) FROM decisions"
+    ).fetchall() == [(40, 40)]
+    bad = [_wide(i, symbols=5000) for i in range(100, 140)]
+    bad[-1] = bad[-1]._replace(decision_point=None)  # NOT NULL: not a memory failure
+    with pytest.raises(duckdb.ConstraintException):
+        sink.write_records(bad)
+    ((n,),) = sink._con.execute("SELECT count(*) FROM decisions").fetchall()
+    assert 40 < n < 80  # the halves before the bad record's went in, and are remembered
+    assert [sink.is_stored(r.decision_id) for r in bad] == [True] * (n - 40) + [False] * (80 - n)
     sink.close()
 
 
@@ -1248,7 +1308,8 @@ def test_a_batch_the_store_took_in_part_is_stored_once_and_its_bad_record_kept(
     rest is spilled, replayed while the writer recovers: every good record stored once, the
     bad one rejected with its reason, the counts add up."""
     spill_dir = tmp_path / "spill"
-    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    # 256 MiB: runs of ~200,000 reads (READS_PER_MB), 13 of these decisions a run
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb", memory_limit_mb=256)
     w = DecisionWriter(sink, spill_dir=spill_dir, retry=FAST, batch_size=30, queue_size=30)
     w.start()
     batch = [_wide(i, symbols=5000) for i in range(30)]
@@ -1346,6 +1407,167 @@ def test_a_default_batch_goes_straight_into_the_file(tmp_path: Path) -> None:
             assert con.execute("SELECT count(*) FROM decisions").fetchall() == [(n,)]
     assert logs[LOCAL_BATCH_SIZE - 1] > 100_000  # the rows themselves, logged
     assert logs[LOCAL_BATCH_SIZE] < logs[LOCAL_BATCH_SIZE - 1] / 10, logs
+
+
+@pytest.mark.parametrize("reads", [98, 190])
+def test_a_row_group_of_read_heavy_decisions_goes_in_whole(tmp_path: Path, reads: int) -> None:
+    """A default batch of decisions of ~100-190 reads (an agent reading a 30-bar window of a
+    few feeds) is written as one statement of one row group, straight into the file: the
+    statement bound (READS_PER_MB at the default memory limit) holds a row group of them. At
+    390 a MiB the writer cut such a batch at 2,017-2,037 records, each write logged first and
+    written again at the next checkpoint (twice the writer's time: docs/benchmarks.md,
+    twenty-seventh pass)."""
+    from analyzers.config import LOCAL_BATCH_SIZE
+    from analyzers.schema import Access, DataAccess
+
+    sink, clock = Flaky(tmp_path / "h.duckdb"), FakeClock()
+    w = writer(sink, tmp_path, clock, batch_size=LOCAL_BATCH_SIZE, flush_interval_s=60.0)
+    w.start()
+    accesses = tuple(
+        Access(s, "close", -s, 1, 99 - s, "h", 10.0 + s, None, False) for s in range(reads)
+    )
+    access = (DataAccess("GOOG", "h", ("close",), accesses),)
+    for i in range(LOCAL_BATCH_SIZE):
+        w.submit(record(i)._replace(data_accessed=access, reads=reads))
+    assert w.flush(WAIT_S)  # nothing else waits: the full batch's write is done
+    assert sink.calls == [LOCAL_BATCH_SIZE]
+    assert w.batch_reads == sink.run_reads >= LOCAL_BATCH_SIZE * reads
+    log = _wal_bytes(sink.path)  # before stop(): its close checkpoints whatever was logged
+    assert log < 100_000, log
+    assert w.stop().written == LOCAL_BATCH_SIZE
+    assert stored(sink.path) == list(range(LOCAL_BATCH_SIZE))
+
+
+class _LogAfterWrites(LocalDuckDBSink):
+    """The local sink, noting the size of DuckDB's log after each write (writer thread)."""
+
+    def __init__(self, path: Path, finishing: bool) -> None:
+        super().__init__(path)
+        self.logs: list[tuple[int, int]] = []
+        if not finishing:
+            self.finishing = None  # type: ignore[assignment,method-assign]  # the control
+
+    def write_records(self, records: Sequence[DecisionRecord]) -> list[RowError]:
+        out = super().write_records(records)
+        self.logs.append((len(records), _wal_bytes(self.path)))
+        return out
+
+
+@pytest.mark.parametrize("finishing", [True, False], ids=["finishing", "without (control)"])
+def test_the_last_partial_batch_is_not_logged_first(tmp_path: Path, finishing: bool) -> None:
+    """At stop(), the sink is told the writes are its last (``finishing``): the run's last
+    batch, a part of a row group, goes into the file at its commit instead of into DuckDB's
+    log, to be written again by the close's checkpoint. The control, without the call, logs
+    it. Every decision is stored either way."""
+    from analyzers.schema import Access, DataAccess
+
+    accesses = tuple(
+        Access(s, "close", -s, 1, 99 - s, "h", 10.0 + s, None, False) for s in range(60)
+    )
+    access = (DataAccess("GOOG", "h", ("close",), accesses),)
+    sink = _LogAfterWrites(tmp_path / "t.duckdb", finishing)
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST, batch_size=2048)
+    w.start()
+    for i in range(2048 + 935):
+        w.submit(record(i)._replace(data_accessed=access, reads=60))
+    assert w.stop().written == 2048 + 935
+    assert [n for n, _ in sink.logs] == [2048, 935]
+    tail_log = sink.logs[-1][1]
+    if finishing:
+        assert tail_log < 100_000, sink.logs
+    else:
+        assert tail_log > 1_000_000, sink.logs
+    assert stored(sink.path) == list(range(2048 + 935))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "shared"])
+def test_finishing_commits_into_the_file_and_sets_the_log_back(
+    tmp_path: Path, shared: bool
+) -> None:
+    """After ``finishing()``, a partial row group of read-heavy decisions is committed into
+    the file (DuckDB's log stays small) and the store's log threshold is set back after the
+    commit, the configured one or DuckDB's. A file shared with another sink (a study's store
+    and a recorder) is left as it is: its commits are logged as before."""
+    from analyzers.schema import Access, DataAccess
+
+    accesses = tuple(
+        Access(s, "close", -s, 1, 99 - s, "h", 10.0 + s, None, False) for s in range(60)
+    )
+    access = (DataAccess("GOOG", "h", ("close",), accesses),)
+    path = tmp_path / "f.duckdb"
+    sink = LocalDuckDBSink(path, wal_checkpoint_bytes=None if shared else 8 * 1024 * 1024)
+    sink.open()
+    other = LocalDuckDBSink(path) if shared else None
+    if other is not None:
+        other.open()
+    assert sink._con is not None
+
+    def setting() -> Any:
+        return sink._con.execute("SELECT current_setting('wal_autocheckpoint')").fetchall()
+
+    before = setting()
+    sink.finishing()
+    assert sink.write_records([record(i)._replace(data_accessed=access, reads=60)
+                               for i in range(935)]) == []  # fmt: skip
+    assert setting() == before
+    if shared:
+        assert _wal_bytes(path) > 1_000_000  # logged, as without finishing()
+    else:
+        assert _wal_bytes(path) < 100_000
+    if other is not None:
+        other.close()
+    sink.close()
+    assert stored(path) == list(range(935))
+
+
+def test_a_sink_opening_the_file_during_a_finishing_write_keeps_its_setting(
+    tmp_path: Path,
+) -> None:
+    """helper-97: sink A, finishing and the file's only user when its write began, switched
+    the log setting around every run of that write; sink B, opening the same file from
+    another thread meanwhile, found one byte and then DuckDB's default instead of its own.
+    B's open now waits for A's run in progress, and A's later runs see a shared file."""
+    import threading
+
+    path = tmp_path / "s.duckdb"
+    a = LocalDuckDBSink(path, memory_limit_mb=64)
+    a.open()
+    a.finishing()
+    b = LocalDuckDBSink(path, wal_checkpoint_bytes=4 << 20)
+    seen: list[str] = []
+
+    def setting() -> str:
+        return str(b._con.execute("SELECT current_setting('wal_autocheckpoint')").fetchall()[0][0])
+
+    def open_b() -> None:
+        time.sleep(0.3)
+        b.open()
+        for _ in range(20):
+            seen.append(setting())
+            time.sleep(0.02)
+
+    batch = [_wide(i, symbols=1000) for i in range(120)]  # several runs at 64 MiB: seconds
+    th = threading.Thread(target=open_b)
+    th.start()
+    assert a.write_records(batch) == []
+    th.join()
+    try:
+        assert set(seen) == {"4.0 MiB"}, seen
+        assert setting() == "4.0 MiB"
+    finally:
+        b.close()
+        a.close()
+    assert stored(path) == list(range(120))
+
+
+def test_a_sink_opened_again_forgets_finishing(tmp_path: Path) -> None:
+    sink = LocalDuckDBSink(tmp_path / "a.duckdb")
+    sink.open()
+    sink.finishing()
+    sink.close()
+    sink.open()
+    assert sink._finishing is False
+    sink.close()
 
 
 @pytest.mark.parametrize("table", ["decisions", "my decisions"])

@@ -12,11 +12,11 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 from operator import is_, itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from analyzers.deferred import DeferredRecord, PendingReads
 from analyzers.schema import (
@@ -44,6 +44,7 @@ _THIS_TABLE = (
 _BATCH_VIEW = "fmel_arrow_batch"  # the Arrow table of one write_records() call
 _CATALOG = "fmel"  # the attached file's name inside the connection
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # md:, s3://, http://... (not C:)
 # DuckDB checkpoints its write-ahead log into the file once the log passes ``wal_autocheckpoint``
 # (16 MiB by default). The default is kept: a small limit (256 KiB) made the final flush of a
@@ -319,6 +320,26 @@ def cut_runs(sizes: Sequence[int], most: int) -> list[range]:
         n += size
     runs.append(range(start, len(sizes)))
     return runs
+
+
+def in_halves(items: Sequence[_T], insert: Callable[[Sequence[_T]], int]) -> int:
+    """``insert(items)`` (one committed statement; returns what it stored); when DuckDB runs
+    out of its memory limit all the same (the weights that cut the runs understated what the
+    items store), each half the same way, down to one item, which then raises. Any other
+    error raises at once (a persistent failure is not tried once per item). Used by the
+    local store's writes and the study store's merges."""
+    import duckdb
+
+    try:
+        return insert(items)
+    except (duckdb.OutOfMemoryException, duckdb.TransactionException) as e:
+        # in the statement, or at its commit ("Failed to commit: failed to pin block ...")
+        text = str(e).lower()
+        if len(items) == 1 or not any(w in text for w in ("memory", "pin block", "allocate")):
+            raise
+        _log.info("a DuckDB statement of %d rows ran out of memory: written in halves", len(items))
+        half = len(items) // 2
+        return in_halves(items[:half], insert) + in_halves(items[half:], insert)
 
 
 def sole_user(con: Any) -> bool:
@@ -688,42 +709,19 @@ class LocalDuckDBSink:
         try:
             for run in record_runs(records, self.run_reads):
                 part = records if len(run) == len(records) else [records[k] for k in run]
-                self._insert_run(part, stored)
+                # a run that does not fit after all (the text of reads not resolved yet, many
+                # order events or fields are not weighed; helper-97) goes in halves
+                in_halves(part, lambda rows: self._insert(rows, stored))
         except BaseException:
             self._remember([r.decision_id for part in stored for r in part])
             raise
         return []
 
-    def _insert_run(
+    def _insert(
         self, part: Sequence[DecisionRecord], stored: list[Sequence[DecisionRecord]]
-    ) -> None:
-        """``part`` as one committed statement, appended to ``stored`` once in. A run that runs
-        out of DuckDB's memory all the same (its weight understated what it stores: the text
-        of reads not resolved yet, many order events or fields; helper-97) is halved and
-        retried, down to one record, which then raises (as the study store's merge does)."""
-        import duckdb
-
-        try:
-            self._insert(part)
-        except (duckdb.OutOfMemoryException, duckdb.TransactionException) as e:
-            # out of memory in the statement, or at its commit ("failed to pin block")
-            text = str(e).lower()
-            if len(part) == 1 or not ("memory" in text or "pin block" in text):
-                raise
-            _log.info(
-                "local decision store %s: a run of %d decisions did not fit DuckDB's memory; "
-                "written in halves",
-                self.path,
-                len(part),
-            )
-            half = len(part) // 2
-            self._insert_run(part[:half], stored)
-            self._insert_run(part[half:], stored)
-            return
-        stored.append(part)
-
-    def _insert(self, part: Sequence[DecisionRecord]) -> None:
-        """One committed insert of ``part``'s Arrow table; after :meth:`finishing`, committed
+    ) -> int:
+        """One committed insert of ``part``'s Arrow table, appended to ``stored`` once in;
+        returns its length. After :meth:`finishing`, committed
         into the file when this is its only connection. That check and the log setting around
         the insert hold the lock other sinks' ``open()`` takes before setting up a connection
         (helper-97: a sink opening the file meanwhile had its setting switched), so a sink
@@ -733,18 +731,20 @@ class LocalDuckDBSink:
         try:
             if not self._finishing:
                 con.execute(self._arrow_sql)
-                return
-            with _SETUP_LOCK:
-                if not sole_user(con):
-                    con.execute(self._arrow_sql)
-                    return
-                con.execute("SET wal_autocheckpoint = '1B'")
-                try:
-                    con.execute(self._arrow_sql)
-                finally:
-                    con.execute(self._wal_setting_sql)
+            else:
+                with _SETUP_LOCK:
+                    if not sole_user(con):
+                        con.execute(self._arrow_sql)
+                    else:
+                        con.execute("SET wal_autocheckpoint = '1B'")
+                        try:
+                            con.execute(self._arrow_sql)
+                        finally:
+                            con.execute(self._wal_setting_sql)
         finally:
             con.unregister(_BATCH_VIEW)
+        stored.append(part)
+        return len(part)
 
     def finishing(self) -> None:
         """The writer is stopping: its writes from here on are the last before :meth:`close`.

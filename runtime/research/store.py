@@ -376,7 +376,7 @@ class DuckDBTrialStore:
             duckdb.Error: the part cannot be read or a run cannot be written (the part file is
             kept; the runs before it stay committed).
         """
-        from analyzers.sinks.duckdb import READS_PER_MB, cut_runs, memory_limit_of
+        from analyzers.sinks.duckdb import READS_PER_MB, cut_runs, in_halves, memory_limit_of
 
         if not part.exists():
             return 0
@@ -390,7 +390,8 @@ class DuckDBTrialStore:
             skipped = sorted(rowid for rowid, _, skip in rows if skip)
             for run in cut_runs([w for _, w in kept], most):
                 ids = [rowid for rowid, _ in kept[run.start : run.stop]]
-                merged += self._merge_run(ids, skipped)
+                # out of memory all the same (a weight understated its run): halved
+                merged += in_halves(ids, lambda rows: self._merge_run(rows, skipped))
         finally:
             self._con.execute("DETACH part")
         part.unlink()
@@ -442,27 +443,16 @@ class DuckDBTrialStore:
             " FROM part.decisions p ORDER BY p.rowid"
         )
 
-    def _merge_run(self, rowids: list[int], skipped: list[int]) -> int:
+    def _merge_run(self, rowids: Sequence[int], skipped: list[int]) -> int:
         """One committed ``INSERT`` of the part's rows ``rowids`` (ascending; ``skipped``: the
-        rows between them that do not go in); a run that runs out of memory all the same (its
-        weight understated what it stores) is halved and retried, down to one row, which then
-        raises. A failed statement is rolled back."""
-        import duckdb
-
+        rows between them that do not go in). A failed statement is rolled back."""
         lo, hi = rowids[0], rowids[-1]
         inside = [r for r in skipped[bisect.bisect_left(skipped, lo) :] if r <= hi]
-        try:
-            got = self._con.execute(
-                "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p"
-                " WHERE p.rowid BETWEEN ? AND ? AND NOT list_contains(?::BIGINT[], p.rowid)",
-                [lo, hi, inside],
-            ).fetchone()
-        except (duckdb.OutOfMemoryException, duckdb.TransactionException):
-            # out of memory in the statement, or at its commit
-            if len(rowids) == 1:
-                raise
-            half = len(rowids) // 2
-            return self._merge_run(rowids[:half], skipped) + self._merge_run(rowids[half:], skipped)
+        got = self._con.execute(
+            "INSERT INTO decisions BY NAME SELECT * FROM part.decisions p"
+            " WHERE p.rowid BETWEEN ? AND ? AND NOT list_contains(?::BIGINT[], p.rowid)",
+            [lo, hi, inside],
+        ).fetchone()
         return int(got[0]) if got else 0
 
     def flush(self) -> None:

@@ -458,6 +458,8 @@ class LocalDuckDBSink:
         self.table = table
         self.threads = threads
         self._finishing = False  # finishing() was called: the last writes commit into the file
+        # interrupt() was called: no statement starts until the next open()
+        self._interrupted = threading.Event()
         # the store's own log threshold, set back after each of those commits
         self._wal_setting_sql = (
             "RESET wal_autocheckpoint"
@@ -492,6 +494,7 @@ class LocalDuckDBSink:
 
         self._con = open_store(self.path, self.row_group_size, self.memory_limit_mb)
         self._finishing = False
+        self._interrupted.clear()
         try:
             # one setup at a time: sinks opening the same (shared) file from several threads
             # would otherwise conflict on replacing the view
@@ -633,6 +636,7 @@ class LocalDuckDBSink:
 
         if self._con is None:
             raise SinkError("LocalDuckDBSink.write() before open()")
+        self._check_interrupted()
         # One statement checks the table, not its own rows: an id repeated in ``rows`` (a
         # journal and a spill holding the same decision after a crash) is written once; when
         # a copy is refused, the next copy of that id is tried. A row that is not an object,
@@ -659,6 +663,7 @@ class LocalDuckDBSink:
         try:
             for run in cut_runs([len(c[0][1]) for _, c in ids], self.json_run_bytes):
                 part = [ids[k] for k in run]
+                self._check_interrupted()
                 try:
                     self._con.execute(self._insert_sql, [[c[0][1] for _, c in part]])
                     stored += [did for did, _ in part]
@@ -673,6 +678,7 @@ class LocalDuckDBSink:
                             duckdb.OutOfMemoryException,
                             duckdb.IOException,
                             duckdb.TransactionException,  # a commit out of memory
+                            duckdb.InterruptException,  # interrupt(): not the row's fault
                         ):
                             raise  # not the row's fault: the writer keeps the batch
                         except duckdb.Error as e:
@@ -727,7 +733,9 @@ class LocalDuckDBSink:
         (helper-97: a sink opening the file meanwhile had its setting switched), so a sink
         that opens the file during it sets its own value after it."""
         con = self._con
-        con.register(_BATCH_VIEW, records_table(part))
+        table = records_table(part)
+        self._check_interrupted()  # between runs: interrupt() may have come while tabling
+        con.register(_BATCH_VIEW, table)
         try:
             if not self._finishing:
                 con.execute(self._arrow_sql)
@@ -745,6 +753,36 @@ class LocalDuckDBSink:
             con.unregister(_BATCH_VIEW)
         stored.append(part)
         return len(part)
+
+    def interrupt(self) -> None:
+        """Cut short the write another thread has in progress: DuckDB's statement in flight
+        ends with ``duckdb.InterruptException`` (``DuckDBPyConnection.interrupt``) and no
+        statement of a write starts after this one (:class:`~core.errors.SinkError`) until the
+        next :meth:`open`. What a cut write committed before stays stored (:meth:`is_stored`).
+
+        Called by :meth:`DecisionWriter.stop` on a writer thread that outlived the stop's
+        budget, after the records it held were spilled: the thread then ends (and closes the
+        file) before the interpreter exits. A thread still inside DuckDB at exit aborts the
+        process ("FATAL: exception not rethrown", exit code 134: the interpreter ends daemon
+        threads with a forced unwind that DuckDB's C++ does not let through). Any thread;
+        never raises."""
+        import duckdb
+
+        self._interrupted.set()
+        con = self._con
+        if con is not None:
+            try:
+                con.interrupt()
+            except duckdb.Error:  # closed meanwhile by the writer thread: nothing to cut
+                _log.debug("interrupt of %s found no open connection", self.path)
+
+    def _check_interrupted(self) -> None:
+        """Raises SinkError once :meth:`interrupt` was called (until the next open())."""
+        if self._interrupted.is_set():
+            raise SinkError(
+                f"the write to {self.path} was interrupted: the decision writer's stop ran out "
+                "of time (its records are in the spill file)"
+            )
 
     def finishing(self) -> None:
         """The writer is stopping: its writes from here on are the last before :meth:`close`.

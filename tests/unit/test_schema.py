@@ -6,8 +6,11 @@ import json
 import math
 
 import backtrader as bt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.rsi_agent import RsiAgent
+from analyzers import schema
 from analyzers.fmel import FMELAnalyzer
 from analyzers.schema import (
     DECISION_SCHEMA,
@@ -84,3 +87,28 @@ def test_both_renderings_have_the_same_columns() -> None:
     types = dict(duckdb_columns())
     assert types["data_accessed"].startswith("STRUCT(") and types["data_accessed"].endswith("[]")
     assert types["bar_time"] == "TIMESTAMPTZ"
+
+
+def _outcome(fn: object, x: object) -> tuple[str, str]:
+    try:
+        return ("ok", fn(x))  # type: ignore[operator]
+    except Exception as e:
+        return ("raises", type(e).__name__)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.floats(min_value=-62_135_596_800.0, max_value=253_402_300_799.0),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.booleans(),
+    )
+)
+def test_bar_times_convert_the_same_through_the_cache(x: float) -> None:
+    """``_ts`` keeps the texts of float bar times in a bounded cache (the spill of read-heavy
+    records at a stop): every float, int and bool converts, or fails, as
+    ``datetime.fromtimestamp`` alone makes it, the first time and the next."""
+    plain = _outcome(schema._iso_utc, x)
+    assert _outcome(schema._ts, x) == plain
+    assert _outcome(schema._ts, x) == plain  # from the cache now, for a float

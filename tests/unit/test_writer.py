@@ -25,7 +25,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzers.schema import DECISION_SCHEMA, DecisionRecord, RunInfo, to_row
+from analyzers.schema import (
+    DECISION_SCHEMA,
+    Access,
+    DataAccess,
+    DecisionRecord,
+    RunInfo,
+    to_row,
+)
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.spill import SpillFile
@@ -57,6 +64,18 @@ def record(i: int) -> DecisionRecord:
         None,
         None,
     )
+
+
+def record_with_reads(i: int, n: int) -> DecisionRecord:
+    """``record(i)`` with ``n`` reads of ``close[0..-(n-1)]`` of one feed, resolved (as a
+    read-heavy agent's, about 60 reads a bar)."""
+    bar = 1_000_000_000.0 + 86_400 * i
+    reads = tuple(
+        Access(k, "close", -k, 1, i - k, f"{i - k:064x}", 100.0 + i - k, None, False, bar - k)
+        for k in range(n)
+    )
+    access = DataAccess("GOOG", f"{i:064x}", ("close",), reads)
+    return record(i)._replace(data_accessed=(access,), reads=n)
 
 
 class FakeClock:

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
 
+from analyzers.schema import to_row
 from analyzers.sinks.duckdb import LocalDuckDBSink
-from analyzers.sinks.writer import DecisionWriter
+from analyzers.sinks.spill import SpillFile
+from analyzers.sinks.writer import ABANDONED_JOIN_S, DecisionWriter
+from core.errors import SinkError
 from tests.unit.test_writer import FAST, WAIT_S, FakeClock, Flaky, record, stored, writer
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux /dev/full")
 
@@ -154,9 +165,12 @@ def test_a_writer_thread_that_outlives_stop_closes_its_store_when_it_ends(tmp_pa
     w.start()
     w.submit(record(0))
     sink.wait_calls(1)
-    sink.gate.clear()  # the next write blocks: the thread outlives stop()
+    deadline = time.monotonic() + WAIT_S
+    while w.stats.written < 1 and time.monotonic() < deadline:  # out of DuckDB again
+        time.sleep(0.01)
+    sink.gate.clear()  # the next write blocks, in Python: the thread outlives stop()
     w.submit(record(1))
-    w.stop(timeout_s=0.3)
+    w.stop(timeout_s=0.3)  # interrupts the sink: nothing to cut in a Python wait
     assert sink._con is not None  # the thread is still in it
     sink.gate.set()
     assert w._thread is not None
@@ -166,3 +180,184 @@ def test_a_writer_thread_that_outlives_stop_closes_its_store_when_it_ends(tmp_pa
     again.open()
     again.close()
     assert stored(tmp_path / "f.duckdb")[:1] == [0]
+
+
+class InDuckDB(LocalDuckDBSink):
+    """The local sink, each write spending (up to) 100 s inside one DuckDB statement first: a
+    thread in C++ with the GIL released, as a large insert or the close's checkpoint is."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+
+    def write_records(self, records: Any) -> Any:
+        self._check_interrupted()
+        self.entered.set()
+        assert self._con is not None
+        self._con.execute("SELECT count(*) FROM range(100_000_000_000)")
+        return super().write_records(records)
+
+
+def test_a_writer_thread_inside_duckdb_at_the_stop_is_interrupted_and_ended(
+    tmp_path: Path,
+) -> None:
+    """Found measuring the stop of a read-heavy run (5,031 records queued, ``stop(0.2)``): the
+    writer thread was still inside DuckDB when the stop returned, and the process aborted at
+    exit ("FATAL: exception not rethrown", exit code 134). The stop now interrupts the sink's
+    statement after spilling, and waits for the thread to end."""
+    sink = InDuckDB(tmp_path / "f.duckdb")
+    w = DecisionWriter(sink, batch_size=4, max_batch=4, spill_dir=tmp_path / "spill", retry=FAST)
+    w.start()
+    for i in range(10):
+        w.submit(record(i))
+    assert sink.entered.wait(WAIT_S)
+    t0 = time.monotonic()
+    stats = w.stop(timeout_s=0.3)
+    took = time.monotonic() - t0
+    assert w._thread is not None and not w._thread.is_alive()  # not left inside DuckDB
+    assert took < 0.3 + ABANDONED_JOIN_S  # the statement was cut, not waited out
+    assert (stats.written, stats.spilled, stats.rejected, stats.lost) == (0, 10, 0, 0)
+    assert sink._con is None  # the ended thread closed the file
+    again = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
+    again.start()
+    assert again.stop(WAIT_S).replayed == 10
+    assert stored(tmp_path / "f.duckdb") == list(range(10))  # each once
+
+
+def test_an_interrupted_local_store_refuses_writes_until_it_is_opened_again(
+    tmp_path: Path,
+) -> None:
+    """interrupt() lands between two statements as well (DuckDB's own flag is cleared when
+    the next statement starts): no write starts after it, JSON rows or records, and no row is
+    called bad for it."""
+    sink = LocalDuckDBSink(tmp_path / "f.duckdb")
+    sink.open()
+    sink.interrupt()
+    with pytest.raises(SinkError, match="interrupted: the decision writer's stop ran out"):
+        sink.write([to_row(record(0))])
+    with pytest.raises(SinkError, match="interrupted"):
+        sink.write_records([record(1)])
+    sink.close()
+    sink.interrupt()  # closed: nothing to cut, no error
+    sink.open()
+    assert sink.write([to_row(record(2))]) == [] and sink.write_records([record(3)]) == []
+    sink.close()
+    assert stored(tmp_path / "f.duckdb") == [2, 3]
+
+
+def test_a_stop_that_outlives_its_budget_exits_the_process_cleanly(tmp_path: Path) -> None:
+    """The measured case end to end, in a process of its own: read-heavy records queued, a
+    stop with a budget far too short, then the interpreter exits. Before the fix it aborted
+    (exit code 134) in most runs: the writer thread, waiting for the stop to finish spilling,
+    went on into DuckDB's close as the process exited."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO)!r})
+            from pathlib import Path
+            from analyzers.sinks.duckdb import LocalDuckDBSink
+            from analyzers.sinks.writer import DecisionWriter
+            from tests.unit.test_writer import record_with_reads
+            tmp = Path({str(tmp_path)!r})
+            w = DecisionWriter(LocalDuckDBSink(tmp / "f.duckdb"), batch_size=4000,
+                               max_batch=4000, flush_interval_s=3600, spill_dir=tmp / "spill")
+            w.start()
+            for i in range(3000):
+                w.submit(record_with_reads(i, 60))
+            st = w.stop(timeout_s=0.05)
+            print(st.submitted, st.written + st.spilled + st.rejected + st.lost)
+            """
+        )
+    )
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["3000", "3000"]
+        for f in tmp_path.glob("f.duckdb*"):
+            f.unlink()
+        shutil.rmtree(tmp_path / "spill", ignore_errors=True)
+
+
+class ReplayInDuckDB(LocalDuckDBSink):
+    """The local sink whose JSON writes (the spill's replay at start) spend (up to) 100 s
+    inside one DuckDB statement first."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+
+    def write(self, rows: Any) -> Any:
+        self._check_interrupted()
+        self.entered.set()
+        assert self._con is not None
+        self._con.execute("SELECT count(*) FROM range(100_000_000_000)")
+        return super().write(rows)
+
+
+class Refusing(LocalDuckDBSink):
+    def write_records(self, records: Any) -> Any:
+        raise duckdb.IOException("disk gone")
+
+    def write(self, rows: Any) -> Any:
+        raise duckdb.IOException("disk gone")
+
+
+def test_a_replay_cut_by_the_stop_is_no_failure_and_stays_in_the_spill_once(
+    tmp_path: Path,
+) -> None:
+    """helper-98: a stop that ran out of time during the start's replay of a spill interrupted
+    it, and the thread's end was reported as the writer failing (the runner's "DECISIONS
+    FAILED"); and the replay's rows, in the spill already, were spilled again (20 lines for 10
+    records, in_spill 20)."""
+    first = DecisionWriter(Refusing(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
+    first.start()
+    for i in range(10):
+        first.submit(record(i))
+    assert first.stop(WAIT_S).spilled == 10
+    sink = ReplayInDuckDB(tmp_path / "f.duckdb")
+    w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST)
+    told: list[str] = []
+    w.add_failure_listener(told.append)
+    w.start()
+    assert sink.entered.wait(WAIT_S)
+    stats = w.stop(timeout_s=0.3)
+    assert w._thread is not None and not w._thread.is_alive()
+    assert told == [] and w.failure is None
+    assert (stats.earlier_left, stats.in_spill, stats.unsure_in_spill) == (10, 10, 10)
+    lines = [r["decision_point"] for r in SpillFile(w.spill_path).read()]
+    assert sorted(lines) == list(range(10))  # each once
+    again = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
+    again.start()
+    assert again.stop(WAIT_S).replayed == 10
+    assert stored(tmp_path / "f.duckdb") == list(range(10))
+
+
+def test_a_stop_called_on_the_writer_thread_asks_it_to_stop_and_returns(tmp_path: Path) -> None:
+    """helper-98: a failure listener (run on the writer's thread) that called stop() got
+    "cannot join current thread". It now tells the thread to stop; the owner's stop() ends it."""
+    got: list[object] = []
+
+    class StopsItsWriter(LocalDuckDBSink):
+        def write_records(self, records: Any) -> Any:
+            got.append(w.stop(timeout_s=0.1))  # on the writer thread
+            return super().write_records(records)
+
+    w = DecisionWriter(
+        StopsItsWriter(tmp_path / "f.duckdb"), batch_size=2, spill_dir=tmp_path / "spill"
+    )
+    w.start()
+    for i in range(4):
+        w.submit(record(i))
+    stats = w.stop(WAIT_S)
+    assert got and got[0] is w.stats
+    assert stats.written + stats.spilled == 4 and stats.rejected == stats.lost == 0
+    assert w.failure is None
+    if stats.spilled:
+        again = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "spill")
+        again.start()
+        again.stop(WAIT_S)
+    assert stored(tmp_path / "f.duckdb") == list(range(4))

@@ -729,13 +729,8 @@ class DecisionWriter:
         :meth:`LocalDuckDBSink.interrupt`). A thread that does not end in time is logged and
         left (a daemon thread)."""
         thread = self._thread
-        if (
-            thread is None
-            or not self._abandoned
-            or getattr(self.sink, "interrupt", None) is None
-            or thread is threading.current_thread()
-        ):
-            return
+        if thread is None or not self._abandoned or getattr(self.sink, "interrupt", None) is None:
+            return  # (never the writer's own thread: stop() returned early there)
         thread.join(ABANDONED_JOIN_S)
         if thread.is_alive():
             logger.warning(

@@ -183,19 +183,27 @@ def test_a_writer_thread_that_outlives_stop_closes_its_store_when_it_ends(tmp_pa
 
 
 class InDuckDB(LocalDuckDBSink):
-    """The local sink, each write spending (up to) 100 s inside one DuckDB statement first: a
-    thread in C++ with the GIL released, as a large insert or the close's checkpoint is."""
+    """The local sink, each write (records, or JSON rows: the spill's replay at start)
+    spending (up to) 100 s inside one DuckDB statement first: a thread in C++ with the GIL
+    released, as a large insert or the close's checkpoint is."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.entered = threading.Event()
 
-    def write_records(self, records: Any) -> Any:
+    def _hold(self) -> None:
         self._check_interrupted()
         self.entered.set()
         assert self._con is not None
         self._con.execute("SELECT count(*) FROM range(100_000_000_000)")
+
+    def write_records(self, records: Any) -> Any:
+        self._hold()
         return super().write_records(records)
+
+    def write(self, rows: Any) -> Any:
+        self._hold()
+        return super().write(rows)
 
 
 def test_a_writer_thread_inside_duckdb_at_the_stop_is_interrupted_and_ended(
@@ -282,22 +290,6 @@ def test_a_stop_that_outlives_its_budget_exits_the_process_cleanly(tmp_path: Pat
         shutil.rmtree(tmp_path / "spill", ignore_errors=True)
 
 
-class ReplayInDuckDB(LocalDuckDBSink):
-    """The local sink whose JSON writes (the spill's replay at start) spend (up to) 100 s
-    inside one DuckDB statement first."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.entered = threading.Event()
-
-    def write(self, rows: Any) -> Any:
-        self._check_interrupted()
-        self.entered.set()
-        assert self._con is not None
-        self._con.execute("SELECT count(*) FROM range(100_000_000_000)")
-        return super().write(rows)
-
-
 class Refusing(LocalDuckDBSink):
     def write_records(self, records: Any) -> Any:
         raise duckdb.IOException("disk gone")
@@ -318,7 +310,7 @@ def test_a_replay_cut_by_the_stop_is_no_failure_and_stays_in_the_spill_once(
     for i in range(10):
         first.submit(record(i))
     assert first.stop(WAIT_S).spilled == 10
-    sink = ReplayInDuckDB(tmp_path / "f.duckdb")
+    sink = InDuckDB(tmp_path / "f.duckdb")
     w = DecisionWriter(sink, spill_dir=tmp_path / "spill", retry=FAST)
     told: list[str] = []
     w.add_failure_listener(told.append)

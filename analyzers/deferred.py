@@ -26,6 +26,7 @@ from analyzers.tracking.columns import Columns, resolve_columns
 
 if TYPE_CHECKING:
     from analyzers.tracking import AccessTracker, Read
+    from analyzers.tracking.model import State
 
 _DATA_ACCESSED = DecisionRecord._fields.index("data_accessed")
 _LOOKAHEAD_READS = DecisionRecord._fields.index("lookahead_reads")
@@ -49,7 +50,8 @@ class PendingReads:
         reads: the bar's raw reads (a :class:`~analyzers.tracking._fastread.ReadBuffer` taken
             from the tracker's, or a list in pure Python; handed over: not used by the caller
             after).
-        state: :meth:`~analyzers.tracking.AccessTracker.capture` at the end of the bar.
+        state: :meth:`~analyzers.tracking.AccessTracker.capture` at the end of the bar (its
+            tuples, or the same numbers packed: :data:`~analyzers.tracking.model.State`).
     """
 
     __slots__ = ("_cols", "_lookaheads", "_reads", "_result", "_state", "_tracker")
@@ -58,11 +60,11 @@ class PendingReads:
         self,
         tracker: AccessTracker,
         reads: Sequence[Read],
-        state: tuple[tuple[int, int, int, int], ...],
+        state: State,
     ) -> None:
         self._tracker = tracker
         self._reads: Sequence[Read] | None = reads
-        self._state: tuple[tuple[int, int, int, int], ...] | None = state
+        self._state: State | None = state
         self._result: tuple[tuple[DataAccess, ...], int] | None = None
         self._cols: tuple[Columns, int] | None = None  # resolved by settle_batch: (batch, bar)
         self._lookaheads: int | None = None

@@ -1079,13 +1079,102 @@ unpack_buffers(PyObject *Py_UNUSED(mod), PyObject *buffers)
     return Py_BuildValue("(NNN)", ints, vals, isf);
 }
 
-/* capture(captured) -> AccessTracker.capture()'s tuple: for each (datetime line, hashes) pair of
- * ``captured``, ``(dt.lencount, dt._idx, len(dt.array) - dt.extension, len(hashes) if hashes
- * is not None else 0)``, evaluated in that order with the generic protocols (attribute lookup,
- * len(), subtraction: what the Python expression does, errors included). Once a bar, main
- * thread; the list is copied first (a __len__ written in Python may run). */
+/* One feed's position as capture() evaluates it: ``dt.lencount``, ``dt._idx``, ``len(dt.array)``,
+ * ``dt.extension``, then ``len(hashes)`` (0 for None), in that order with the generic protocols
+ * (attribute lookup, len()). ``held`` is ``len(array) - extension``: computed in C into
+ * ``held_c`` when ``extension`` is an exact int and the difference fits an int64 (what
+ * PyNumber_Subtract gives then), else by PyNumber_Subtract into ``held`` (errors included).
+ * 0 with ``lc``, ``idx`` (and ``held`` when not NULL) owned by the caller; -1 with an error and
+ * nothing owned. */
+typedef struct {
+    PyObject *lc, *idx, *held;
+    long long held_c;
+    Py_ssize_t known;
+} CaptureRow;
+
+static int
+capture_row(PyObject *pair, Py_ssize_t i, CaptureRow *row)
+{
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_Format(PyExc_TypeError, "capture(): entry %zd is not a (line, hashes) pair", i);
+        return -1;
+    }
+    PyObject *dt = PyTuple_GET_ITEM(pair, 0), *hashes = PyTuple_GET_ITEM(pair, 1);
+    PyObject *lc = NULL, *idx = NULL, *arr = NULL, *nb = NULL, *ext = NULL, *held = NULL;
+    Py_ssize_t len;
+    long long e;
+    row->held_c = 0;
+    if ((lc = PyObject_GetAttr(dt, s_lencount)) == NULL) goto fail;
+    if ((idx = PyObject_GetAttr(dt, s__idx)) == NULL) goto fail;
+    if ((arr = PyObject_GetAttr(dt, s_array)) == NULL) goto fail;
+    if ((len = PyObject_Length(arr)) < 0) goto fail;
+    Py_CLEAR(arr);
+    if ((ext = PyObject_GetAttr(dt, s_extension)) == NULL) goto fail;
+    if (exact_int64(ext, &e) && !__builtin_sub_overflow((long long)len, e, &row->held_c)) {
+        held = NULL; /* an int minus an exact int: the same number PyNumber_Subtract gives */
+    }
+    else {
+        if ((nb = PyLong_FromSsize_t(len)) == NULL) goto fail;
+        if ((held = PyNumber_Subtract(nb, ext)) == NULL) goto fail;
+        Py_CLEAR(nb);
+    }
+    Py_CLEAR(ext);
+    if (hashes == Py_None) {
+        row->known = 0;
+    }
+    else if ((row->known = counted_length(hashes)) < 0) {
+        goto fail;
+    }
+    row->lc = lc;
+    row->idx = idx;
+    row->held = held;
+    return 0;
+fail:
+    Py_XDECREF(lc);
+    Py_XDECREF(idx);
+    Py_XDECREF(arr);
+    Py_XDECREF(nb);
+    Py_XDECREF(ext);
+    Py_XDECREF(held);
+    return -1;
+}
+
+/* ``row`` as capture()'s 4-tuple (the row's references are left to the caller) */
 static PyObject *
-capture(PyObject *Py_UNUSED(mod), PyObject *captured)
+row_tuple(CaptureRow *row)
+{
+    PyObject *held = row->held ? Py_NewRef(row->held) : PyLong_FromLongLong(row->held_c);
+    PyObject *known = held ? PyLong_FromSsize_t(row->known) : NULL;
+    PyObject *t = known ? PyTuple_Pack(4, row->lc, row->idx, held, known) : NULL;
+    Py_XDECREF(held);
+    Py_XDECREF(known);
+    return t;
+}
+
+/* The packed rows ``p[0 .. n)`` as capture()'s tuples, into ``out[0 .. n)`` */
+static int
+unpacked_rows(const long long *p, Py_ssize_t n, PyObject *out)
+{
+    for (Py_ssize_t i = 0; i < n; i++, p += 4) {
+        PyObject *t = Py_BuildValue("(LLLL)", p[0], p[1], p[2], p[3]);
+        if (t == NULL) return -1;
+        PyTuple_SET_ITEM(out, i, t);
+    }
+    return 0;
+}
+
+/* capture(captured) -> AccessTracker.capture_py()'s tuple: for each (datetime line, hashes)
+ * pair of ``captured``, ``(dt.lencount, dt._idx, len(dt.array) - dt.extension, len(hashes) if
+ * hashes is not None else 0)``, evaluated in that order with the generic protocols (attribute
+ * lookup, len(), subtraction: what the Python expression does, errors included). Once a bar,
+ * main thread; the list is copied first (a __len__ written in Python may run).
+ *
+ * capture_packed(captured): the same evaluation, each attribute read once; the same numbers as
+ * one bytes object of int64 ``(feeds, 4)`` (native order) when every one is an exact int that
+ * fits, else capture()'s tuple. 32 bytes a feed instead of a tuple of four ints (~190 bytes),
+ * kept from the bar until the writer resolves it. */
+static PyObject *
+capture_impl(PyObject *captured, int packed)
 {
     if (!PyList_CheckExact(captured)) {
         PyErr_SetString(PyExc_TypeError, "capture() needs a list of (line, hashes) pairs");
@@ -1094,58 +1183,65 @@ capture(PyObject *Py_UNUSED(mod), PyObject *captured)
     PyObject *copy = PyList_AsTuple(captured);
     if (copy == NULL) return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(copy);
-    PyObject *out = PyTuple_New(n);
-    if (out == NULL) goto fail;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(copy, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_Format(PyExc_TypeError, "capture(): entry %zd is not a (line, hashes) pair", i);
+    PyObject *bytes = NULL, *out = NULL;
+    long long *p = NULL;
+    if (packed) {
+        if ((bytes = PyBytes_FromStringAndSize(NULL, n * 4 * (Py_ssize_t)sizeof(long long))) ==
+            NULL)
             goto fail;
-        }
-        PyObject *dt = PyTuple_GET_ITEM(pair, 0), *hashes = PyTuple_GET_ITEM(pair, 1);
-        PyObject *lc = NULL, *idx = NULL, *arr = NULL, *nb = NULL, *ext = NULL, *held = NULL,
-                 *known = NULL, *t = NULL;
-        Py_ssize_t len;
-        if ((lc = PyObject_GetAttr(dt, s_lencount)) == NULL) goto item_fail;
-        if ((idx = PyObject_GetAttr(dt, s__idx)) == NULL) goto item_fail;
-        if ((arr = PyObject_GetAttr(dt, s_array)) == NULL) goto item_fail;
-        if ((len = PyObject_Length(arr)) < 0) goto item_fail;
-        if ((nb = PyLong_FromSsize_t(len)) == NULL) goto item_fail;
-        if ((ext = PyObject_GetAttr(dt, s_extension)) == NULL) goto item_fail;
-        if ((held = PyNumber_Subtract(nb, ext)) == NULL) goto item_fail;
-        if (hashes == Py_None) {
-            known = Py_NewRef(k_zero);
-        }
-        else {
-            Py_ssize_t k = counted_length(hashes);
-            if (k < 0 || (known = PyLong_FromSsize_t(k)) == NULL) goto item_fail;
-        }
-        if ((t = PyTuple_Pack(4, lc, idx, held, known)) == NULL) goto item_fail;
-        PyTuple_SET_ITEM(out, i, t);
-        Py_DECREF(lc);
-        Py_DECREF(idx);
-        Py_DECREF(arr);
-        Py_DECREF(nb);
-        Py_DECREF(ext);
-        Py_DECREF(held);
-        Py_DECREF(known);
-        continue;
-    item_fail:
-        Py_XDECREF(lc);
-        Py_XDECREF(idx);
-        Py_XDECREF(arr);
-        Py_XDECREF(nb);
-        Py_XDECREF(ext);
-        Py_XDECREF(held);
-        Py_XDECREF(known);
+        p = (long long *)PyBytes_AS_STRING(bytes);
+    }
+    else if ((out = PyTuple_New(n)) == NULL) {
         goto fail;
     }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        CaptureRow row;
+        if (capture_row(PyTuple_GET_ITEM(copy, i), i, &row) < 0) goto fail;
+        if (bytes != NULL) {
+            long long *q = p + 4 * i;
+            if (row.held == NULL && exact_int64(row.lc, &q[0]) && exact_int64(row.idx, &q[1])) {
+                q[2] = row.held_c;
+                q[3] = (long long)row.known;
+                Py_DECREF(row.lc);
+                Py_DECREF(row.idx);
+                continue;
+            }
+            /* a number that is not a plain int64: the tuples from here on, the rows packed so
+             * far made into tuples of the same ints */
+            if ((out = PyTuple_New(n)) == NULL || unpacked_rows(p, i, out) < 0) {
+                Py_DECREF(row.lc);
+                Py_DECREF(row.idx);
+                Py_XDECREF(row.held);
+                goto fail;
+            }
+            Py_CLEAR(bytes);
+        }
+        PyObject *t = row_tuple(&row);
+        Py_DECREF(row.lc);
+        Py_DECREF(row.idx);
+        Py_XDECREF(row.held);
+        if (t == NULL) goto fail;
+        PyTuple_SET_ITEM(out, i, t);
+    }
     Py_DECREF(copy);
-    return out;
+    return bytes != NULL ? bytes : out;
 fail:
     Py_DECREF(copy);
+    Py_XDECREF(bytes);
     Py_XDECREF(out);
     return NULL;
+}
+
+static PyObject *
+capture(PyObject *Py_UNUSED(mod), PyObject *captured)
+{
+    return capture_impl(captured, 0);
+}
+
+static PyObject *
+capture_packed(PyObject *Py_UNUSED(mod), PyObject *captured)
+{
+    return capture_impl(captured, 1);
 }
 
 /* count_by_attribute(cls, name) -> None: see g_counted_type. One class at a time (a later call
@@ -1170,7 +1266,7 @@ count_by_attribute(PyObject *Py_UNUSED(mod), PyObject *args)
 }
 
 /* The bars' captured feed positions (AccessTracker.capture(): a tuple of (count, array index,
- * held, known) per feed) as one (bars, n_slots, 4) int64 array, zeros past a bar's own feeds
+ * held, known) per feed, or those numbers packed by capture_packed) as one (bars, n_slots, 4) int64 array, zeros past a bar's own feeds
  * (as columns._states). NULL with TypeError for anything else (the caller's numpy path
  * decides then). */
 static int64_t *
@@ -1181,6 +1277,12 @@ states_array(PyObject *states, Py_ssize_t n_slots)
     if (out == NULL) return (int64_t *)PyErr_NoMemory();
     for (Py_ssize_t b = 0; b < n; b++) {
         PyObject *st = PyTuple_GET_ITEM(states, b);
+        if (PyBytes_CheckExact(st)) { /* capture_packed's: int64 (feeds, 4) */
+            Py_ssize_t size = PyBytes_GET_SIZE(st), row = 4 * (Py_ssize_t)sizeof(int64_t);
+            if (size % row != 0 || size / row > n_slots) goto bad;
+            memcpy(out + b * n_slots * 4, PyBytes_AS_STRING(st), (size_t)size);
+            continue;
+        }
         if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) > n_slots) goto bad;
         for (Py_ssize_t s = 0; s < PyTuple_GET_SIZE(st); s++) {
             PyObject *row = PyTuple_GET_ITEM(st, s);
@@ -1196,7 +1298,8 @@ states_array(PyObject *states, Py_ssize_t n_slots)
 bad:
     PyMem_Free(out);
     PyErr_SetString(PyExc_TypeError, "resolve_buffers(): a bar's captured positions are not "
-                                     "at most n_slots tuples of 4 int64-sized ints");
+                                     "at most n_slots tuples of 4 int64-sized ints (or "
+                                     "their int64 bytes)");
     return NULL;
 }
 
@@ -1279,8 +1382,11 @@ static PyMethodDef methods[] = {
      "attribute name when that is an int >= 0, read without calling __len__; otherwise "
      "__len__ is called. The caller vouches that __len__ returns that attribute."},
     {"capture", capture, METH_O,
-     "capture(captured) -> AccessTracker.capture(): (lencount, _idx, len(array) - extension, "
+     "capture(captured) -> AccessTracker.capture_py(): (lencount, _idx, len(array) - extension, "
      "len(hashes) or 0) per (datetime line, hashes) pair"},
+    {"capture_packed", capture_packed, METH_O,
+     "capture_packed(captured) -> the same numbers as int64 bytes (feeds, 4) when each is an "
+     "int that fits, else capture()'s tuple"},
     {"unpack", unpack, METH_O,
      "unpack(reads) -> (ints, values, is_float) bytes of int64 (n, 4), float64 (n,), bool (n,)"},
     {"unpack_buffers", unpack_buffers, METH_O,

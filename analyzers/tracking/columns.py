@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from analyzers.schema import Access, DataAccess
+from analyzers.tracking.model import State, state_rows
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ try:
     from analyzers.tracking import _fastread
 except ImportError:  # not built (no C compiler): numpy does the unpacking
     _fastread = None  # type: ignore[assignment]
-State = tuple[tuple[int, int, int, int], ...]
 
 MAX_BAR_INDEX = 2**40
 """A read of a bar index at or past this (a trillion bars) goes to the per-read path: the
@@ -226,10 +226,17 @@ def _offsets(counts: IntArray) -> IntArray:
 
 def _states(bars: Sequence[tuple[Sequence[Read], State]], n_bars: int, n_slots: int) -> IntArray:
     """The bars' captured feed positions as one ``(bars, slots, 4)`` int64 array (zeros past a
-    bar's own feeds). One ``np.fromiter`` over every number when each bar captured ``n_slots``
-    feeds (the usual batch: feeds are added before the run), else one row at a time; the same
-    array either way (``tests/unit/test_fmel_columns.py``)."""
-    states = [st for _, st in bars]
+    bar's own feeds). The bars' packed bytes joined (read-only) when each bar captured
+    ``n_slots`` feeds that way (the compiled capture; the usual batch: feeds are added before
+    the run); else one ``np.fromiter`` over every number when each bar captured ``n_slots``
+    feeds, else one row at a time; the same array every way
+    (``tests/unit/test_fmel_columns.py``)."""
+    packed = [st for _, st in bars]
+    if all(type(st) is bytes and len(st) == n_slots * 32 for st in packed):
+        # capture_packed's int64 rows (model.State): the bars' bytes one after the other
+        flat = np.frombuffer(b"".join(packed), dtype=np.int64)  # type: ignore[arg-type]
+        return flat.reshape(n_bars, n_slots, 4)
+    states = [state_rows(st) for st in packed]
     chain = itertools.chain.from_iterable
     # (a row of another length than 4 takes the row-by-row path, which refuses it: fromiter
     # would take the first numbers and shift the rest, helper-92)

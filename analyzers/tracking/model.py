@@ -4,10 +4,39 @@ from __future__ import annotations
 
 import bisect
 import logging
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from core.bars import BarHashes, feed_symbol
+
+# The feeds' positions at one bar (AccessTracker.capture()): a 4-tuple of ints per feed, in
+# capture order, or the same numbers packed as native int64 bytes, 32 a feed (the compiled
+# ``_fastread.capture_packed``, when each number is an int that fits: what a bar holds until
+# the writer resolves it, ~190 bytes a feed as tuples).
+State = tuple[tuple[int, int, int, int], ...] | bytes
+_ROW = struct.Struct("=4q")
+
+
+def state_row(state: State, slot: int) -> tuple[int, int, int, int]:
+    """Feed ``slot``'s row of ``state``, as ``state[slot]`` of the tuple form gives it (a
+    negative slot counts from the end; IndexError past either end)."""
+    if not isinstance(state, bytes):
+        return state[slot]
+    n = len(state) // _ROW.size
+    if slot < 0:
+        slot += n
+    if not 0 <= slot < n:
+        raise IndexError("tuple index out of range")
+    return _ROW.unpack_from(state, slot * _ROW.size)  # type: ignore[return-value]
+
+
+def state_rows(state: State) -> tuple[tuple[int, int, int, int], ...]:
+    """``state`` in its tuple form (a tuple is returned as it is)."""
+    if not isinstance(state, bytes):
+        return state
+    return tuple(_ROW.iter_unpack(state))
+
 
 if TYPE_CHECKING:
     from analyzers.tracking.tracker import AccessTracker

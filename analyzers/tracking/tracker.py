@@ -21,7 +21,16 @@ from analyzers.schema import Access, DataAccess
 from analyzers.tracking import proxies
 from analyzers.tracking.graph import _IND, Reach, _children, _clock_root, _Graph, _named_lines
 from analyzers.tracking.labels import scan_labels
-from analyzers.tracking.model import FeedInfo, LineTag, PinnedLine, Read, Snapshot, feed_labels
+from analyzers.tracking.model import (
+    FeedInfo,
+    LineTag,
+    PinnedLine,
+    Read,
+    Snapshot,
+    State,
+    feed_labels,
+    state_row,
+)
 from analyzers.tracking.proxies import (
     _tracked_class,
     _TrackedTextLine,
@@ -36,11 +45,11 @@ from feeds.fields import TextLine
 if TYPE_CHECKING:
     from analyzers.tracking._fastread import ReadBuffer
 
-_capture_c: Callable[[list[tuple[Any, Any]]], tuple[tuple[int, int, int, int], ...]] | None
+_capture_c: Callable[[list[tuple[Any, Any]]], State] | None
 _ReadBuffer: type[ReadBuffer] | None
 try:
     from analyzers.tracking._fastread import ReadBuffer as _Built
-    from analyzers.tracking._fastread import capture as _capture_c
+    from analyzers.tracking._fastread import capture_packed as _capture_c
     from analyzers.tracking._fastread import count_by_attribute as _count_by_attribute
 except ImportError:  # not built: AccessTracker.capture_py, and the reads in a list
     _capture_c = _ReadBuffer = None
@@ -165,11 +174,14 @@ class AccessTracker:
                 return False
         return True
 
-    def capture(self) -> tuple[tuple[int, int, int, int], ...]:
+    def capture(self) -> State:
         """Every feed's position now (:meth:`FeedInfo.capture`), for :meth:`resolve` later
-        (main thread, once per bar; a few ints per feed). Compiled (``_fastread.capture``,
-        the same expressions evaluated the same way) when the extension is built and in use
-        (:func:`~analyzers.tracking.proxies.use_compiled`), else :meth:`capture_py`."""
+        (main thread, once per bar; four ints per feed). Compiled when the extension is built
+        and in use (:func:`~analyzers.tracking.proxies.use_compiled`): the same expressions
+        evaluated the same way (``_fastread.capture_packed``), the numbers packed as int64
+        bytes when each is an int that fits (:data:`~analyzers.tracking.model.State`;
+        :func:`~analyzers.tracking.model.state_rows` gives the tuples); else
+        :meth:`capture_py`."""
         compiled = self._capture_c
         if compiled is not None:
             return compiled(self._captured)
@@ -562,7 +574,7 @@ class AccessTracker:
         self,
         reads: Sequence[Read],
         count: bool = True,
-        state: tuple[tuple[int, int, int, int], ...] | None = None,
+        state: State | None = None,
     ) -> tuple[tuple[DataAccess, ...], int]:
         """Resolve raw reads to decision-record rows: one :class:`Access` per read and source
         feed (a read of an indicator over two feeds appears under both symbols with the same
@@ -755,13 +767,13 @@ class _Snaps(dict[FeedInfo, Snapshot]):
 
     __slots__ = ("state",)
 
-    def __init__(self, state: tuple[tuple[int, int, int, int], ...] | None) -> None:
+    def __init__(self, state: State | None) -> None:
         super().__init__()
         self.state = state
 
     def __missing__(self, info: FeedInfo) -> Snapshot:
         state = self.state
-        snap = info.snapshot() if state is None else info.snapshot_of(state[info.slot])
+        snap = info.snapshot() if state is None else info.snapshot_of(state_row(state, info.slot))
         self[info] = snap
         return snap
 

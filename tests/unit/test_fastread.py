@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import collections
 import operator
+import struct
 import sys
 from datetime import datetime
 from typing import Any
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyzers.tracking import proxies
+from analyzers.tracking.model import state_rows
 from core.bars import BarHashes
 
 
@@ -590,6 +592,68 @@ def test_the_compiled_capture_is_the_python_one(captured: list[tuple[Any, Any]])
         assert type(got[1]) is tuple and all(type(t) is tuple for t in got[1])
 
 
+def _int64(v: Any) -> bool:
+    return type(v) is int and -(2**63) <= v < 2**63
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+@settings(max_examples=300, deadline=None)
+@given(_captured(), st.booleans())
+def test_the_packed_capture_is_the_python_one(captured: list[tuple[Any, Any]], big: bool) -> None:
+    """``capture_packed`` (the tracker's compiled capture): the same outcome as the Python
+    capture, each attribute read once (a property counts its reads), as int64 bytes exactly
+    when every number is an int that fits, else the tuples with the objects themselves (a
+    bool, an int subclass, an int past int64, a float stay what they are)."""
+    from analyzers.tracking import _fastread
+    from analyzers.tracking.tracker import AccessTracker
+
+    if big and captured:  # a number past int64 somewhere: the tuples, not a wrapped int
+        captured[-1][0].__dict__["lencount"] = 2**63
+    tracker = AccessTracker()
+    tracker._captured = captured
+    want = _capture_outcome(tracker.capture_py)
+    got = _capture_outcome(_fastread.capture_packed, captured)
+    if want[0] != "ok":
+        assert got == want
+        return
+    assert got[0] == "ok"
+    if all(_int64(v) for row in want[1] for v in row):
+        assert type(got[1]) is bytes and len(got[1]) == 32 * len(want[1])
+        assert state_rows(got[1]) == want[1]
+    else:
+        assert got[1] == want[1]
+        assert [[type(v) for v in row] for row in got[1]] == [
+            [type(v) for v in row] for row in want[1]
+        ]
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+def test_the_packed_capture_reads_each_attribute_once() -> None:
+    """A feed whose numbers stop being plain ints part-way: the rows packed before are made
+    tuples of the same ints, nothing is read twice, and the order of the reads is the Python
+    expression's."""
+    from analyzers.tracking import _fastread
+
+    seen: list[str] = []
+
+    class Counted:
+        def __init__(self, idx: Any) -> None:
+            self._i = idx
+
+        def __getattr__(self, name: str) -> Any:
+            seen.append(name)
+            return {"lencount": 5, "_idx": self._i, "array": [0.0] * 5, "extension": 1}[name]
+
+    lines = [Counted(4), Counted(True), Counted(4)]
+    got = _fastread.capture_packed([(line, None) for line in lines])
+    assert got == ((5, 4, 4, 0), (5, True, 4, 0), (5, 4, 4, 0))
+    assert type(got[1][1]) is bool
+    assert seen == ["lencount", "_idx", "array", "extension"] * 3
+    seen.clear()
+    assert _fastread.capture_packed([(Counted(4), None)]) == struct.pack("=4q", 5, 4, 4, 0)
+    assert seen == ["lencount", "_idx", "array", "extension"]
+
+
 @pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
 def test_capture_of_a_real_feed_is_the_python_one() -> None:
     from analyzers.tracking import _fastread
@@ -601,7 +665,10 @@ def test_capture_of_a_real_feed_is_the_python_one() -> None:
         line[0] = x
     tracker = AccessTracker()
     tracker._captured = [(line, None), (line, _Hashes(2))]
-    assert tracker.capture() == tracker.capture_py() == ((3, 2, 3, 0), (3, 2, 3, 2))
+    packed = tracker.capture()
+    assert packed == struct.pack("=8q", 3, 2, 3, 0, 3, 2, 3, 2)  # compiled: int64 bytes
+    assert state_rows(packed) == tracker.capture_py() == ((3, 2, 3, 0), (3, 2, 3, 2))
+    assert _fastread.capture(tracker._captured) == tracker.capture_py()
     with pytest.raises(TypeError, match="list"):
         _fastread.capture(tuple(tracker._captured))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pair"):
@@ -682,7 +749,7 @@ def test_use_compiled_also_chooses_the_trackers_capture(
     tracker._captured = [(line, None)]
     proxies.use_compiled(not compiled)  # switching afterwards does not change this tracker
     try:
-        assert tracker.capture() == ((1, 0, 1, 0),)
+        assert state_rows(tracker.capture()) == ((1, 0, 1, 0),)
     finally:
         proxies.use_compiled(was)
     assert calls == ([] if compiled else ["py"])
@@ -731,3 +798,25 @@ def test_the_flag_is_read_anew_after_every_change(
         if hasattr(builtins, "ACTIVE"):
             del builtins.ACTIVE  # type: ignore[attr-defined]
     assert got[0] == got[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(*[st.integers(-(2**63), 2**63 - 1)] * 4), max_size=5),
+    st.integers(-7, 7),
+)
+def test_a_packed_state_reads_as_its_tuples(rows: list[tuple[int, ...]], slot: int) -> None:
+    """``model.state_row`` / ``state_rows`` of the packed bytes give what the tuple form gives,
+    an index past either end included (IndexError both ways)."""
+    from analyzers.tracking.model import state_row
+
+    tuples = tuple(rows)
+    packed = struct.pack(f"={4 * len(rows)}q", *[v for r in rows for v in r])
+    assert state_rows(packed) == state_rows(tuples) == tuples  # type: ignore[arg-type]
+    outcomes = []
+    for state in (tuples, packed):
+        try:
+            outcomes.append(state_row(state, slot))  # type: ignore[arg-type]
+        except IndexError:
+            outcomes.append("IndexError")
+    assert outcomes[0] == outcomes[1]

@@ -41,6 +41,7 @@ from analyzers.tracking.columns import (
     round_ms,
     unique_first,
 )
+from analyzers.tracking.model import state_rows
 from tests.expected_records import create_expected, insert_expected
 from tests.idioms.corpus import CASES
 from tests.idioms.runs import Case, flatten, run_case
@@ -445,9 +446,10 @@ def test_a_feed_whose_offset_moves_within_a_batch_sends_its_bars_to_the_per_read
         cols = resolve_columns(tracker, bars)
         assert cols is not None and cols.done == list(range(40))
         # bar 11 (len(self) 12: feed A) as if A's array had been shifted by one at that bar
-        count, idx, held, known = bars[11][1][0]
+        rows = state_rows(bars[11][1])
+        count, idx, held, known = rows[0]
         moved = list(bars)
-        moved[11] = (bars[11][0], ((count, idx - 1, held, known), *bars[11][1][1:]))
+        moved[11] = (bars[11][0], ((count, idx - 1, held, known), *rows[1:]))
         cols = resolve_columns(tracker, moved)
     reads_a = [i for i in range(40) if i % 2 == 1]  # len(self) is i + 1 at bar i
     assert cols is not None
@@ -540,10 +542,15 @@ def _kernel_inputs(draw: st.DrawFn) -> _KernelArgs:
     def ints(values: Sequence[int]) -> Any:
         return np.array(values, dtype=np.int64)
 
-    # as capture() gives them: a tuple per feed; sometimes a bar captured fewer feeds
-    states = [
+    # as capture() gives them: a tuple per feed, or (the compiled capture) the same numbers
+    # packed as int64 bytes when each fits; sometimes a bar captured fewer feeds
+    states: list[Any] = [
         tuple(tuple(cell) for cell in row[: maybe(st.just(n_slots), slot_st)]) for row in state
     ]
+    for i, rows in enumerate(states):
+        numbers = [v for r in rows for v in r]
+        if all(-(2**63) <= v < 2**63 for v in numbers) and draw(st.booleans()):
+            states[i] = struct.pack(f"={len(numbers)}q", *numbers)
     return (
         list(zip(per_bar, states, strict=True)),
         n_slots,

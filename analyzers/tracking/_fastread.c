@@ -1199,11 +1199,15 @@ capture_impl(PyObject *captured, int packed)
         if (capture_row(PyTuple_GET_ITEM(copy, i), i, &row) < 0) goto fail;
         if (bytes != NULL) {
             long long *q = p + 4 * i;
-            if (row.held == NULL && exact_int64(row.lc, &q[0]) && exact_int64(row.idx, &q[1])) {
-                q[2] = row.held_c;
+            /* held: computed in C, or PyNumber_Subtract's result when that is a plain int64
+             * (an extension of True, an int subclass, or past int64 with a difference that
+             * fits: helper-99) */
+            int held_ok = row.held == NULL ? (q[2] = row.held_c, 1) : exact_int64(row.held, &q[2]);
+            if (held_ok && exact_int64(row.lc, &q[0]) && exact_int64(row.idx, &q[1])) {
                 q[3] = (long long)row.known;
                 Py_DECREF(row.lc);
                 Py_DECREF(row.idx);
+                Py_XDECREF(row.held);
                 continue;
             }
             /* a number that is not a plain int64: the tuples from here on, the rows packed so

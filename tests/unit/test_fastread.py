@@ -655,6 +655,27 @@ def test_the_packed_capture_reads_each_attribute_once() -> None:
 
 
 @pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
+@pytest.mark.parametrize(
+    "extension", [True, type("I", (int,), {})(1), 2**63, 2**63 + 5, -(2**63) + 3]
+)
+def test_the_packed_capture_packs_a_difference_that_is_a_plain_int(extension: Any) -> None:
+    """``len(array) - extension`` is packed whenever the subtraction gives an int that fits,
+    whatever ``extension`` is (helper-99: an extension of True, an int subclass or one past
+    int64 kept the bar's positions as tuples)."""
+    from analyzers.tracking import _fastread
+    from analyzers.tracking.tracker import AccessTracker
+
+    tracker = AccessTracker()
+    tracker._captured = [(_Line(lencount=5, _idx=4, array=[0.0] * 5, extension=extension), None)]
+    want = tracker.capture_py()
+    got = _fastread.capture_packed(tracker._captured)
+    if -(2**63) <= want[0][2] < 2**63 and type(want[0][2]) is int:
+        assert type(got) is bytes and state_rows(got) == want
+    else:
+        assert got == want
+
+
+@pytest.mark.skipif(proxies._COMPILED is None, reason="the C extension is not built")
 def test_capture_of_a_real_feed_is_the_python_one() -> None:
     from analyzers.tracking import _fastread
     from analyzers.tracking.tracker import AccessTracker

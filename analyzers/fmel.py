@@ -322,9 +322,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         """
         strategy = self.strategy
         me = threading.get_ident()
-        alive = {t.ident for t in threading.enumerate()}
+        frames = sys._current_frames()
         for running in list(_RUNNING):
-            if running._thread_id != me and running._thread_id in alive:
+            if running._thread_id != me and _runs_on(running, frames.get(running._thread_id)):
                 raise ValueError(
                     "FMELAnalyzer: another FMEL run is in progress on another thread of this "
                     "process; FMEL records one run at a time per process (whether the agent's "
@@ -1000,6 +1000,20 @@ def _running_cerebros() -> set[int]:
             out.add(id(frame.f_locals.get("self")))
         frame = frame.f_back  # type: ignore[assignment]
     return out
+
+
+def _runs_on(analyzer: Any, frame: Any) -> bool:
+    """Whether ``analyzer``'s cerebro is in its ``runstrategies`` on the stack ending at
+    ``frame`` (another thread's top frame, ``sys._current_frames()``; None: no such thread). A
+    run that raised outside the agent's calls (a feed, an indicator, the broker: nothing of FMEL
+    sees it end) stays in :data:`_RUNNING` while something holds it, and its thread (the main
+    one, in a notebook) lives on: a run on another thread was refused as if it still ran."""
+    cerebro = getattr(getattr(analyzer, "strategy", None), "cerebro", None)
+    while frame is not None and cerebro is not None:
+        if frame.f_code.co_name == "runstrategies" and frame.f_locals.get("self") is cerebro:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _still_running(analyzer: Any, running: set[int]) -> bool:

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from analyzers import fmel as fmel_module
 from analyzers.fmel import FMELAnalyzer, make_run_info
 from analyzers.sinks.duckdb import LocalDuckDBSink
 from analyzers.sinks.writer import DecisionWriter
@@ -588,6 +589,47 @@ def test_a_notice_from_another_thread_records_nothing_and_runs_in_threads_are_re
     assert len(errors) == 1 and "another FMEL run is in progress on another thread" in str(
         errors[0]
     )
+
+
+class _FailsAtBar10(bt.Indicator):  # type: ignore[misc]
+    lines = ("x",)
+
+    def next(self) -> None:
+        if len(self) > 10:
+            raise RuntimeError("the indicator failed")
+        self.x[0] = 1.0
+
+
+class _WithFailingIndicator(_ReadsClose):
+    def __init__(self) -> None:
+        self.failing = _FailsAtBar10(self.data)
+
+
+def test_a_run_that_raised_outside_the_agent_does_not_refuse_a_run_on_another_thread() -> None:
+    """A run ended by an indicator's exception (backtrader's call, not the agent's: FMEL does
+    not see it end) is kept by its cerebro on the main thread, which lives on; a run on another
+    thread afterwards was refused as "in progress" (found reviewing the noted items). Only a run
+    whose thread is inside that cerebro's ``runstrategies`` refuses now."""
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_WithFailingIndicator)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    with pytest.raises(RuntimeError, match="the indicator failed"):
+        cerebro.run()
+    outcome: list[Any] = []
+
+    def other() -> None:
+        try:
+            outcome.append(_fmel_run(_ReadsClose)[0].analyzers.fmel.decisions)
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    worker.join(120)
+    assert outcome == [2148]
+    # the case looked at: the failed run's analyzer is still registered as running
+    assert any(a.strategy.cerebro is cerebro for a in fmel_module._RUNNING)
 
 
 def test_a_session_refused_before_its_first_bar_can_be_used_again(tmp_path: Path) -> None:

@@ -1171,7 +1171,7 @@ unpacked_rows(const long long *p, Py_ssize_t n, PyObject *out)
  *
  * capture_packed(captured): the same evaluation, each attribute read once; the same numbers as
  * one bytes object of int64 ``(feeds, 4)`` (native order) when every one is an exact int that
- * fits, else capture()'s tuple. 32 bytes a feed instead of a tuple of four ints (~190 bytes),
+ * fits, else capture()'s tuple. 32 bytes a feed instead of a tuple of four ints (~112 bytes),
  * kept from the bar until the writer resolves it. */
 static PyObject *
 capture_impl(PyObject *captured, int packed)

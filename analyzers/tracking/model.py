@@ -13,7 +13,7 @@ from core.bars import BarHashes, feed_symbol
 # The feeds' positions at one bar (AccessTracker.capture()): a 4-tuple of ints per feed, in
 # capture order, or the same numbers packed as native int64 bytes, 32 a feed (the compiled
 # ``_fastread.capture_packed``, when each number is an int that fits: what a bar holds until
-# the writer resolves it, ~190 bytes a feed as tuples).
+# the writer resolves it, ~112 bytes a feed as tuples of four ints, measured).
 State = tuple[tuple[int, int, int, int], ...] | bytes
 _ROW = struct.Struct("=4q")
 

@@ -272,6 +272,7 @@ class Ingestor:
         # is dropped too, so no later bar of a symbol gets out ahead of a dropped one.
         self._queue_closed = False
         self._dropped = 0  # messages dropped so (stream thread; in the report's left_queued)
+        self._dropped_bars: list[Any] = []  # their bars, for the state file (stop())
         # Set by stop() when the worker outlived its budget: it hands nothing more to the
         # publisher (the process flushes the client at exit; the state file would not know).
         self._abandoned = False
@@ -288,9 +289,14 @@ class Ingestor:
             except queue.Full:
                 if self._stop.is_set():
                     self._queue_closed = True
-                    self._dropped += 1
+                    self._drop(item)
                     return
+        self._drop(item)
+
+    def _drop(self, item: tuple[int, Any, int]) -> None:
         self._dropped += 1
+        if item[0] == _BAR:
+            self._dropped_bars.append(item[1])
 
     async def _on_bar(self, raw: Any) -> None:
         self._put((_BAR, raw, time.perf_counter_ns()))
@@ -395,6 +401,8 @@ class Ingestor:
         busy = w is not None and w.is_alive()
         if busy:
             self._abandoned = True
+        elif self._start_unsent_at_left_bars():
+            self._save_state(force=True)
         self.history.close()
         clean = not busy and self.publisher.pending == 0
         if busy:
@@ -459,7 +467,6 @@ class Ingestor:
             if cut is not None and time.monotonic() >= cut and not self._queue.empty():
                 left = self._queue.qsize()
                 self.stats.left_queued += left
-                self._start_unsent_at_left_bars()
                 logger.warning(
                     "stop: %d stream messages left unread (half of SHUTDOWN_TIMEOUT_S spent); "
                     "not published: the next start fetches their bars from history",
@@ -495,22 +502,26 @@ class Ingestor:
                 self._auth_error(str(payload))
             self._confirm()
 
-    def _start_unsent_at_left_bars(self) -> None:
-        """A stop leaves the queue unread: a symbol never published (a first start without
-        INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS) has no state entry, so the next start
-        would go live from its first live bar and never fetch the bars left here. The state file
-        starts such a symbol at its first left bar, as a lookback start does (2026-12-07: 31 of
-        300 symbols lost 20 bars each when a SIGTERM came in a burst's first minute).
+    def _start_unsent_at_left_bars(self) -> bool:
+        """A stop leaves bars unpublished (queued past the stop's first half, or dropped from a
+        full queue): a symbol never published (a first start without INGEST_START_LOOKBACK_S, a
+        symbol new in SYMBOLS) has no state entry, so the next start would go live from its
+        next live bar and never fetch the bars left here. The state file starts such a symbol
+        at its first left bar, as a lookback start does (2026-12-07: 31 of 300 symbols lost 20
+        bars each when a SIGTERM came in a burst's first minute). Returns True when it started
+        one.
 
-        Worker thread; reads (and so empties) the queue."""
+        Stopping thread, once the worker has ended; reads (and so empties) the queue."""
         first: dict[str, datetime] = {}
+        left: list[Any] = list(self._dropped_bars)
         while True:
             try:
                 kind, raw, _ = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if kind != _BAR:
-                continue
+            if kind == _BAR:
+                left.append(raw)
+        for raw in left:
             try:
                 bar = stream_bar(raw)
             except (KeyError, TypeError, ValueError):
@@ -524,6 +535,7 @@ class Ingestor:
             before = ts - timedelta(seconds=self.tuning.bar_s)
             self._sent[s] = before
             self.state.confirm(s, before)
+        return bool(first)
 
     def _confirm(self) -> None:
         for bar in self.publisher.reap():

@@ -622,6 +622,44 @@ def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
         assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
 
 
+def test_a_stop_with_a_full_queue_leaves_the_dropped_bars_to_the_next_start(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A stop while the queue is full (INGEST_QUEUE_SIZE, the websocket reader waiting): the
+    rest of the frame in hand is dropped. Those are the first bars of symbols never published
+    (a minute of 2,000 symbols, a queue of 1,000): the state file starts them there, and the
+    next start fetches every bar once, in order."""
+    syms = tuple(f"S{i:04d}" for i in range(2_000))
+    minutes = 2
+    state = tmp_path / "s.json"
+    with AlpacaMarketServer(ScriptedMarket(syms, minutes + 2)) as srv:
+        first = make(srv, topic, state, ingestors, symbols=syms, enrich=(), queue_size=1_000)
+        srv.wait_subscribed()
+        burst = threading.Thread(target=srv.advance, args=(minutes,))
+        burst.start()
+        wait_until("a full queue", lambda: first._queue.qsize() >= 1_000)
+        assert first.stop(timeout_s=3.0)
+        burst.join(60)
+        assert not burst.is_alive()
+        report = first.report()
+        assert report["left_queued"] > first.stats.left_queued  # some were dropped
+        assert first.stats.live < len(syms)  # minute 0 was not all out
+        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
+        srv.wait_subscribed()
+        total = len(syms) * minutes
+        wait_progress(
+            "the catch-up",
+            lambda: first.stats.live + second.stats.backfilled >= total,
+            lambda: second.stats.backfilled,
+        )
+        assert second.stats.live == 0
+        assert second.stop(timeout_s=10)
+    got = by_symbol(topic.pull(total, timeout_s=30))
+    for s in syms:
+        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
+
+
 def test_a_stop_before_a_symbols_first_bar_went_out_loses_none_of_its_bars(
     topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
 ) -> None:

@@ -660,6 +660,46 @@ def test_a_stop_with_a_full_queue_leaves_the_dropped_bars_to_the_next_start(
         assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
 
 
+def _every_bar_once_in_order(
+    srv: AlpacaMarketServer, topic: Topic, syms: tuple[str, ...], minutes: int
+) -> None:
+    got = by_symbol(topic.pull(len(syms) * minutes, timeout_s=30))
+    for s in syms:
+        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got.get(s, [])] == times, s
+
+
+def test_a_stop_during_a_first_starts_lookback_catch_up_loses_and_repeats_nothing(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """helper-100 F4 and F8: SIGTERM while a first start's lookback catch-up (5,000 bars from
+    history) is being published. The catch-up went on publishing past the stop's budget with
+    nothing confirmed (the next start published ~900 bars twice), and the lookback's start
+    point was not in the state file, so the symbols not yet confirmed were, on the next start
+    (no longer a first start), taken as new: their bars lost. Now the catch-up stops at the
+    stop's cut and every symbol's start point is in the state file: every bar once, in order."""
+    syms = tuple(f"S{i:03d}" for i in range(500))
+    minutes = 10
+    state = tmp_path / "s.json"
+    with AlpacaMarketServer(ScriptedMarket(syms, minutes + 2)) as srv:
+        srv.advance(minutes)  # in history before the first start
+        first = make(srv, topic, state, ingestors, symbols=syms, enrich=(), start_lookback_s=1e9)
+        wait_until("the catch-up's first bars", lambda: first.stats.backfilled > 0)
+        # 2 s to publish (~430 bars a second on an idle 2-core host), 2 s to confirm them
+        assert first.stop(timeout_s=4.0)
+        assert first.stats.backfilled < len(syms) * minutes  # cut by the stop
+        assert set(json.loads(state.read_text())["last_bar"]) == set(syms)
+        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
+        total = len(syms) * minutes
+        wait_progress(
+            "the catch-up",
+            lambda: first.stats.backfilled + second.stats.backfilled >= total,
+            lambda: second.stats.backfilled,
+        )
+        assert second.stop(timeout_s=10)
+    _every_bar_once_in_order(srv, topic, syms, minutes)
+
+
 def test_a_stop_before_a_symbols_first_bar_went_out_loses_none_of_its_bars(
     topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
 ) -> None:

@@ -477,3 +477,65 @@ def test_a_run_shared_by_two_writing_strategies_is_refused_by_name(tmp_path: Pat
             _two_strategies(writer, run=info._replace(decision_scope="deploy-1"))
     finally:
         writer.stop(timeout_s=60)
+
+
+class _Logged(bt.Analyzer):  # type: ignore[misc]
+    """Logs backtrader's calls into it, in one list shared by every instance of a run."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = self.strategy.call_log
+
+    def next(self) -> None:
+        self.log.append((self.p.tag, "next"))
+
+    def notify_cashvalue(self, cash: float, value: float) -> None:
+        self.log.append((self.p.tag, f"cash {cash:.2f} {value:.2f}"))
+
+    def notify_order(self, order: Any) -> None:
+        # not order.ref: backtrader numbers orders across the process's runs
+        self.log.append((self.p.tag, f"order {order.ordtypename()} {order.status} {order.size}"))
+
+    params = (("tag", ""),)
+
+
+class _LoggingAgent(SmaCrossAgent):
+    def __init__(self) -> None:
+        super().__init__()
+        self.call_log: list[tuple[str, str]] = []
+        self.types: set[type] = set()
+
+    def next(self) -> None:
+        self.types.add(type(self.analyzers))
+        assert [a.p.tag for a in self.analyzers if isinstance(a, _Logged)] == ["a", "b"]
+        super().next()
+
+
+def _logged_run(with_fmel: bool) -> Any:
+    cerebro = bt.Cerebro(stdstats=False)
+    for cfg in FEEDS[:2]:
+        cerebro.adddata(make_csv_feed(cfg, read_csv_bars(cfg)), name=cfg.symbol)
+    cerebro.addstrategy(_LoggingAgent)
+    cerebro.addanalyzer(_Logged, tag="a")
+    if with_fmel:
+        cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    cerebro.addanalyzer(_Logged, tag="b")
+    return cerebro.run()[0]
+
+
+def test_backtraders_loops_over_the_analyzers_reach_every_one_in_order_as_without_fmel() -> None:
+    """FMEL gives the strategy's analyzers collection an ``__iter__`` for the run
+    (``_iterable_analyzers``): the other analyzers get the same calls, in the same order, as
+    in a run without FMEL, and the collection is backtrader's class again after the run."""
+    plain, tracked = _logged_run(False), _logged_run(True)
+    assert tracked.call_log == plain.call_log
+    assert any(c.startswith("order") for _, c in plain.call_log)  # the agent traded
+    assert plain.types == {bt.metabase.ItemCollection}
+    assert tracked.types == {fmel_iterable_items()}
+    assert type(tracked.analyzers) is bt.metabase.ItemCollection
+    assert len(tracked.analyzers.fmel.records) == len(tracked)
+
+
+def fmel_iterable_items() -> type:
+    from analyzers import fmel
+
+    return fmel._IterableItems

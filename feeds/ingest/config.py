@@ -27,6 +27,11 @@ ENRICHMENTS = ("risk",)
 
 
 MAX_QUEUE_SIZE = 1_000_000  # INGEST_QUEUE_SIZE's bound
+# INGEST_HISTORY_LAG_S's bound, s: a live bar arrives a few seconds after its minute ends, and
+# the gap check before it asks history for the minute before; a lag near a bar's length (60 s)
+# cut that request before that minute, and the bar went out past a hole, uncounted (helper-100:
+# 100 s lost a minute of every symbol after a disconnect)
+MAX_HISTORY_LAG_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +188,12 @@ class IngestConfig:
             raise ConfigError(
                 f"INGEST_QUEUE_SIZE must be at most {MAX_QUEUE_SIZE:,} (about 1 KB a queued "
                 f"message), got {self.queue_size:,}"
+            )
+        if self.history_lag_s > MAX_HISTORY_LAG_S:
+            raise ConfigError(
+                f"INGEST_HISTORY_LAG_S={self.history_lag_s:g}: expected at most "
+                f"{MAX_HISTORY_LAG_S:g} s (a live bar's gap check asks history for the minute "
+                "before it, which a longer lag would cut)"
             )
         check_token("ALPACA_API_KEY", self.api_key)
         check_token("ALPACA_SECRET_KEY", self.secret_key)

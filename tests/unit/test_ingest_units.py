@@ -388,6 +388,8 @@ def test_config_loads_with_the_runners_variables_and_hides_secrets() -> None:
         ({"INGEST_START_LOOKBACK_S": "1e12"}, "INGEST_START_LOOKBACK_S=1e12: expected at most"),
         ({"INGEST_REQUEST_TIMEOUT_S": "1e-300"}, "INGEST_REQUEST_TIMEOUT_S=1e-300: expected"),
         ({"INGEST_QUEUE_SIZE": "1000001"}, "INGEST_QUEUE_SIZE must be at most 1,000,000"),
+        # helper-100 F6: a lag near a bar's length published past a hole
+        ({"INGEST_HISTORY_LAG_S": "100"}, "INGEST_HISTORY_LAG_S=100: expected at most 30 s"),
         ({"INGEST_INDICATORS": "nocolon"}, "module:factory"),
         ({"INGEST_MAX_BACKFILL_S": "0"}, "INGEST_MAX_BACKFILL_S"),
         ({"INGEST_ON_CONNECTION_LIMIT": "fight"}, "INGEST_ON_CONNECTION_LIMIT"),

@@ -570,6 +570,40 @@ def test_a_stop_while_first_bars_wait_for_their_trades_publishes_none_without_th
         assert state[s].replace(".000", "").replace("+00:00", "Z") == want, (s, state[s])
 
 
+def _next_start_catches_up(
+    srv: AlpacaMarketServer,
+    topic: Topic,
+    state: Path,
+    started: list[Ingestor],
+    syms: tuple[str, ...],
+    already: int,
+) -> None:
+    """Start again on ``state``, wait while its catch-up moves until ``already`` bars (the
+    first start's) and its backfill make every released minute, then stop it."""
+    second = make(srv, topic, state, started, symbols=syms, enrich=())
+    srv.wait_subscribed()
+    total = len(syms) * srv.released
+    # thousands of bars from history through the emulator: ~10 s on an idle 2-core host, ten
+    # times that on a loaded one (2026-12-07: 55 bars a second beside three busy loops; a
+    # 120 s ceiling on 15,000 bars failed CI): wait while the catch-up moves
+    wait_progress(
+        "the catch-up",
+        lambda: already + second.stats.backfilled >= total,
+        lambda: second.stats.backfilled,
+    )
+    assert second.stats.live == 0  # every bar of the second start came from history
+    assert second.stop(timeout_s=10)
+
+
+def _every_bar_once_in_order(
+    srv: AlpacaMarketServer, topic: Topic, syms: tuple[str, ...], minutes: int
+) -> None:
+    got = by_symbol(topic.pull(len(syms) * minutes, timeout_s=30))
+    for s in syms:
+        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got.get(s, [])] == times, s
+
+
 def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
     topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
 ) -> None:
@@ -603,23 +637,8 @@ def test_a_stop_in_a_burst_leaves_what_it_cannot_confirm_to_the_next_start(
         # symbols whose first bar was still queued: the state file starts them there
         # (2026-12-07: without it, the next start went live and never fetched their bars)
         assert first.stats.live < len(syms)
-        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
-        srv.wait_subscribed()
-        total = len(syms) * minutes
-        # ~5,000 bars from history through the emulator: ~10 s on an idle 2-core host, ten
-        # times that on a loaded one (2026-12-07: 55 bars a second beside three busy loops;
-        # a 120 s ceiling on 15,000 bars failed CI): wait while the catch-up moves
-        wait_progress(
-            "the catch-up",
-            lambda: first.stats.live + second.stats.backfilled >= total,
-            lambda: second.stats.backfilled,
-        )
-        assert second.stats.live == 0  # every bar of the second came from history
-        assert second.stop(timeout_s=10)
-    got = by_symbol(topic.pull(total, timeout_s=30))
-    for s in syms:
-        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
-        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
+        _next_start_catches_up(srv, topic, state, ingestors, syms, first.stats.live)
+    _every_bar_once_in_order(srv, topic, syms, minutes)
 
 
 def test_a_stop_with_a_full_queue_leaves_the_dropped_bars_to_the_next_start(
@@ -644,29 +663,8 @@ def test_a_stop_with_a_full_queue_leaves_the_dropped_bars_to_the_next_start(
         report = first.report()
         assert report["left_queued"] > first.stats.left_queued  # some were dropped
         assert first.stats.live < len(syms)  # minute 0 was not all out
-        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
-        srv.wait_subscribed()
-        total = len(syms) * minutes
-        wait_progress(
-            "the catch-up",
-            lambda: first.stats.live + second.stats.backfilled >= total,
-            lambda: second.stats.backfilled,
-        )
-        assert second.stats.live == 0
-        assert second.stop(timeout_s=10)
-    got = by_symbol(topic.pull(total, timeout_s=30))
-    for s in syms:
-        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
-        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
-
-
-def _every_bar_once_in_order(
-    srv: AlpacaMarketServer, topic: Topic, syms: tuple[str, ...], minutes: int
-) -> None:
-    got = by_symbol(topic.pull(len(syms) * minutes, timeout_s=30))
-    for s in syms:
-        times = [rfc3339(m.start_ns) for m in srv.market.data[s][:minutes]]
-        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got.get(s, [])] == times, s
+        _next_start_catches_up(srv, topic, state, ingestors, syms, first.stats.live)
+    _every_bar_once_in_order(srv, topic, syms, minutes)
 
 
 def test_a_stop_during_a_first_starts_lookback_catch_up_loses_and_repeats_nothing(
@@ -689,14 +687,7 @@ def test_a_stop_during_a_first_starts_lookback_catch_up_loses_and_repeats_nothin
         assert first.stop(timeout_s=4.0)
         assert first.stats.backfilled < len(syms) * minutes  # cut by the stop
         assert set(json.loads(state.read_text())["last_bar"]) == set(syms)
-        second = make(srv, topic, state, ingestors, symbols=syms, enrich=())
-        total = len(syms) * minutes
-        wait_progress(
-            "the catch-up",
-            lambda: first.stats.backfilled + second.stats.backfilled >= total,
-            lambda: second.stats.backfilled,
-        )
-        assert second.stop(timeout_s=10)
+        _next_start_catches_up(srv, topic, state, ingestors, syms, first.stats.backfilled)
     _every_bar_once_in_order(srv, topic, syms, minutes)
 
 

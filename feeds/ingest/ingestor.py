@@ -275,6 +275,11 @@ class Ingestor:
         self._dropped_bars: list[Any] = []  # their bars, for the state file (stop())
         # the first bar sent of each symbol that had no state file entry then (stop())
         self._first_sent: dict[str, datetime] = {}
+        # Symbols with nothing published and no start point (a first start without
+        # INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete by
+        # Alpaca's clock when the stream first connected; a reconnect's catch-up fetches
+        # their bars after it, as it does for published symbols (helper-100 F1)
+        self._live_from: dict[str, datetime] = {}
         # Set by stop() when the worker outlived its budget: it hands nothing more to the
         # publisher (the process flushes the client at exit; the state file would not know).
         self._abandoned = False
@@ -317,6 +322,8 @@ class Ingestor:
 
     def _run_stream(self) -> None:
         try:
+            if self._stop.is_set():  # a stop before this thread ran: no connection at all
+                return
             self._stream.run()
         except BaseException as e:
             if not self._stop.is_set():
@@ -428,9 +435,9 @@ class Ingestor:
 
     def _stop_stream(self, timeout_s: float) -> None:
         stream = self._stream
-        loop = getattr(stream, "_loop", None)
-        if loop is None or not loop.is_running():
-            # Not started yet, or never subscribed: alpaca-py's run loop checks this queue.
+        loop = self._stream_loop(timeout_s)
+        if loop is None:
+            # Never started, or already ended: alpaca-py's run loop checks this queue.
             stream._stop_stream_queue.put_nowait({"should_stop": True})
             stream._should_run = False
             return
@@ -446,6 +453,27 @@ class Ingestor:
             asyncio.run_coroutine_threadsafe(halt(), loop).result(timeout=timeout_s)
         except Exception:  # noqa: BLE001 - the thread is daemon; stop() goes on
             logger.warning("market-data stream did not stop within %.1f s", timeout_s)
+
+    def _stream_loop(self, timeout_s: float) -> Any:
+        """alpaca-py's event loop once it runs, waiting up to ``timeout_s`` for a stream
+        thread that has started and not reached it yet; None when the thread is not alive.
+
+        A stop in that window cannot be left in alpaca-py's stop queue: ``_run_forever``
+        sets ``_should_run = True`` and empties the queue before it connects (alpaca-py
+        0.44.0, ``alpaca/data/live/websocket.py``), so the stream would connect and run on
+        past the stop (helper-100 F5: 8 stops of 16 right after ``start()``). Its body up to
+        the first ``await`` runs before any coroutine sent to the loop, so a stop sent once
+        the loop runs is seen."""
+        thread, stream = self._stream_thread, self._stream
+        end = time.monotonic() + timeout_s
+        while True:
+            loop = getattr(stream, "_loop", None)
+            if loop is not None and loop.is_running():
+                return loop
+            alive = thread is not None and thread.is_alive()
+            if not alive or thread is threading.current_thread() or time.monotonic() >= end:
+                return None
+            time.sleep(0.005)
 
     # -- worker ------------------------------------------------------------------------------
 
@@ -648,9 +676,53 @@ class Ingestor:
                 # and in the state file: a stop before its catch-up's bars are confirmed must
                 # leave the next start (no longer a first start) this start point (helper-100)
                 self.state.confirm(s, since[s])
-        if since:
-            self._backfill(since, end, reason="catch-up")
+        unstarted = [s for s in self.config.symbols if s not in since]
+        for s in unstarted:
+            if s in self._live_from:
+                since[s] = self._live_from[s]
+        new = [s for s in unstarted if s not in self._live_from]
+        if new:
+            self._start_points(new, end)
+        ok = not since or self._backfill(since, end, reason="catch-up")
+        left = [s for s in unstarted if s in since and s not in self._sent]
+        if left:
+            # Fetched (or not) up to the last minute complete by both clocks. None published:
+            # no live bar of theirs brings a gap check, so a failure is counted now.
+            alpaca_now = self.history.server_now()
+            upto = end if alpaca_now is None else min(end, self._last_complete_minute(alpaca_now))
+            step = timedelta(seconds=self.tuning.bar_s)
+            for s in left:
+                if not ok and upto > since[s] and not self._stop.is_set():
+                    self._gap(s, since[s] + step, upto + step, "history failed")
+                self._live_from[s] = max(since[s], upto)
         self.stats.catch_ups += 1
+
+    def _start_points(self, symbols: list[str], end: datetime) -> None:
+        """Give ``symbols`` (nothing published, no start point) the last minute complete by
+        Alpaca's clock now, the stream having just connected: a reconnect catches up after it.
+
+        Alpaca's clock is its last answer's ``Date`` header; with no answer yet, one small
+        history request (one symbol, one minute) gets it. When that fails, ``end`` (the
+        local clock's) is taken, with a warning: a local clock ahead of Alpaca's by more than
+        a minute then loses a reconnect's first missed minutes of these symbols."""
+        now = self.history.server_now()
+        if now is None:
+            try:
+                self._history(lambda: self.history.bars(symbols[:1], end, end))
+            except RetryInterruptedError:
+                return  # stopping
+            except TransientError as e:
+                logger.warning(
+                    "Alpaca's clock unknown (%s): %d symbols with nothing published start at "
+                    "the local clock's %s",
+                    excerpt(str(e)),
+                    len(symbols),
+                    iso_utc(end),
+                )
+            now = self.history.server_now()
+        at = end if now is None else self._last_complete_minute(now)
+        for s in symbols:
+            self._live_from[s] = at
 
     def _last_complete_minute(self, now: datetime | None = None) -> datetime:
         """Start of the newest bar whose minute ended ``history_lag_s`` before ``now`` (default:

@@ -727,3 +727,110 @@ def test_a_stop_before_a_symbols_first_bar_went_out_loses_none_of_its_bars(
         assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
         for bar in got[s]:
             assert bar.values["trades_used"] is not None, bar
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.0, 0.0, 0.0, 0.001, 0.003, 0.01, 0.03])
+def test_a_stop_right_after_start_ends_the_stream(
+    topic: Topic, ingestors: list[Ingestor], tmp_path: Path, delay_s: float
+) -> None:
+    """A SIGTERM in a pod's first milliseconds. alpaca-py's ``_run_forever`` resets
+    ``_should_run`` and empties its stop queue before it connects (0.44.0), so a stop put
+    there before its loop ran was lost: the stream connected and ran on, the connection
+    outlived the stop (the next start gets 406), and ``stop()`` returned False (helper-100
+    F5: 8 stops of 16). Now the stop returns True and no session is left on the server."""
+    with AlpacaMarketServer(ScriptedMarket(SYMBOLS, 5)) as srv:
+        ing = make(srv, topic, tmp_path / "s.json", ingestors)
+        time.sleep(delay_s)
+        assert ing.stop(timeout_s=4)
+        thread = ing._stream_thread
+        assert thread is not None and not thread.is_alive()
+        time.sleep(0.3)  # a stream running on would have subscribed by now (~20 ms here)
+        with srv._cond:
+            assert srv._subscribed() == 0, f"{srv.connections} connections"
+
+
+def _exact_minutes(
+    srv: AlpacaMarketServer,
+    messages: list[tuple[LiveBar, dict[str, str]]],
+    minutes: dict[str, range],
+) -> None:
+    """Each symbol's bars of ``minutes[symbol]``, each once, in order, with the scripted
+    values, and nothing else."""
+    got = by_symbol(messages)
+    assert set(got) == set(minutes)
+    for s, span in minutes.items():
+        times = [rfc3339(srv.market.data[s][m].start_ns) for m in span]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == times, s
+        for m, bar in zip(span, got[s], strict=True):
+            assert bar.values == expected_values(srv, s, m), (s, m)
+
+
+def test_a_disconnect_before_a_first_starts_first_bars_loses_none_of_them(
+    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A first start without INGEST_START_LOOKBACK_S, a disconnect before any bar came: the
+    reconnect's catch-up covered only published symbols, so the missed minutes were lost
+    with no gap counted (helper-100 F1). The start point is now the last minute complete by
+    Alpaca's clock at the first connection (its Date header)."""
+    ing = make(market, topic, tmp_path / "s.json", ingestors)
+    market.wait_subscribed()
+    wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
+    market.disconnect(missed=4)  # minutes 0..3 streamed to nobody
+    market.wait_subscribed()
+    wait_until("the catch-up", lambda: ing.stats.backfilled >= 8)
+    market.advance(3)
+    msgs = topic.drain(14, ing)
+    _exact_minutes(market, msgs, dict.fromkeys(SYMBOLS, range(7)))
+    sources = [(b.symbol, b.ts.minute - 30, a["source"]) for b, a in msgs]
+    assert {m: src for _, m, src in sources} == {
+        **dict.fromkeys(range(4), "backfill"),
+        **dict.fromkeys(range(4, 7), "live"),
+    }
+    report = ing.report()
+    assert report["gaps_unfilled"] == 0 and report["duplicates_skipped"] == 0
+
+
+def test_a_symbol_new_in_symbols_catches_up_after_a_disconnect_before_its_first_bar(
+    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """BBB added to SYMBOLS at a restart, a disconnect before its first bar: its missed
+    minutes come from history like AAA's (helper-100 F1), from the minute it was added."""
+    state = tmp_path / "s.json"
+    first = make(market, topic, state, ingestors, symbols=("AAA",))
+    market.wait_subscribed()
+    market.advance(3)
+    topic.pull(3)
+    assert first.stop(timeout_s=5)
+    second = make(market, topic, state, ingestors)
+    market.wait_subscribed()
+    wait_until("the first catch-up", lambda: second.stats.catch_ups >= 1)
+    market.disconnect(missed=4)  # minutes 3..6 streamed to nobody
+    market.wait_subscribed()
+    wait_until("the catch-up", lambda: second.stats.backfilled >= 8)
+    market.advance(3)
+    msgs = topic.drain(17, second)
+    _exact_minutes(market, msgs, {"AAA": range(10), "BBB": range(3, 10)})
+    assert second.report()["gaps_unfilled"] == 0
+
+
+def test_a_failed_catch_up_of_a_symbol_with_nothing_published_is_counted_as_a_gap(
+    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """The same disconnect with history down: no live bar of an unpublished symbol brings a
+    gap check, so the catch-up's failure is counted and kept in the state file at once."""
+    ing = make(market, topic, tmp_path / "s.json", ingestors)
+    market.wait_subscribed()
+    wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
+    market.fail_rest(1_000, status=500)
+    market.disconnect(missed=4)
+    market.wait_subscribed()
+    wait_until("the gaps", lambda: len(ing.stats.gaps) == 2)
+    market.advance(3)
+    got = by_symbol(topic.drain(6, ing))  # live, without their trades (history is down)
+    for s in SYMBOLS:
+        want = [rfc3339(market.market.data[s][m].start_ns) for m in range(4, 7)]
+        assert [b.ts.strftime("%Y-%m-%dT%H:%M:%SZ") for b in got[s]] == want, s
+    gaps = {(g["symbol"], g["start"], g["end"], g["reason"]) for g in ing.report()["gaps"]}
+    assert gaps == {
+        (s, "2024-01-02T14:30:00Z", "2024-01-02T14:34:00Z", "history failed") for s in SYMBOLS
+    }

@@ -71,7 +71,7 @@ from feeds.ingest.config import IngestConfig, IngestTuning
 from feeds.ingest.enrich import BarView, Enricher, Trades, load_factory
 from feeds.ingest.messages import Source, build_message
 from feeds.ingest.publisher import BarPublisher
-from feeds.ingest.state import Gap, IngestState
+from feeds.ingest.state import Gap, IngestState, StateLock
 from feeds.pubsub.messages import excerpt
 
 __all__ = ["IngestEvents", "IngestStats", "Ingestor"]
@@ -206,6 +206,7 @@ class Ingestor:
         self.stats = IngestStats()
         self.state = IngestState.load(config.state_path)
         self.state.check_writable()
+        self._lock = StateLock(config.state_path)  # held from the first connection (stop())
         horizon = clock() + timedelta(seconds=config.future_tolerance_s)
         future = {s: iso_utc(t) for s, t in self.state.last_bar.items() if t > horizon}
         if future:
@@ -355,9 +356,16 @@ class Ingestor:
 
     @property
     def ready(self) -> bool:
-        """Connected and authenticated, worker alive, not stopping."""
+        """Connected and authenticated, the state file's lock held (no other ingestor's stop
+        still saving it), worker alive, not stopping."""
         w = self._worker
-        return self.connected and w is not None and w.is_alive() and not self._stop.is_set()
+        return (
+            self.connected
+            and self._lock.held
+            and w is not None
+            and w.is_alive()
+            and not self._stop.is_set()
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -413,6 +421,8 @@ class Ingestor:
             self.stats.left_queued += self._queue.qsize()
         if self._start_unsent_at_left_bars():
             self._save_state(force=True)
+        # the state file has this stop's last confirmations: a standby may read it now
+        self._lock.release()
         self.history.close()
         clean = not busy and self.publisher.pending == 0
         if busy:
@@ -662,7 +672,7 @@ class Ingestor:
         for buf in self._trades.values():
             buf.clear()
         self._verify = set(self.config.symbols)
-        if self._stop.is_set():
+        if self._stop.is_set() or not self._lock.acquire(self._stop):
             return
         self._adopt_saved_state()
         end = self._last_complete_minute()

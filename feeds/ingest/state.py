@@ -16,10 +16,12 @@ Thread context: the ingestor's worker thread only.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ from core.errors import ConfigError, DataError
 from core.time import iso_utc
 from feeds.pubsub.messages import MalformedMessageError, parse_timestamp
 
-__all__ = ["Gap", "IngestState"]
+__all__ = ["Gap", "IngestState", "StateLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,3 +150,75 @@ class IngestState:
             Path(tmp).unlink(missing_ok=True)
             raise
         self._dirty = False
+
+
+class StateLock:
+    """An advisory lock (``flock``) on ``<state file>.lock`` beside the state file, held by the
+    ingestor that publishes from its first connection to the end of its stop.
+
+    A standby sharing the state file (``INGEST_ON_CONNECTION_LIMIT=wait``) is let in by Alpaca
+    as soon as the first ingestor's stop closes its connection, while that stop still
+    publishes its queued bars and waits for their confirmations before it saves the file.
+    Read then, the file is stale, and the standby's catch-up published those bars again
+    (helper-100 F7: 363-697 bars of 300 symbols twice). With the lock, the standby reads the
+    file once the other one's stop has saved it. The kernel releases the lock when its
+    process ends, also by ``kill -9``; ``flock`` works across processes and pods on a local
+    or NFSv4 volume (Linux emulates it with a byte-range lock there).
+
+    Thread context: :meth:`acquire` on the worker thread; :meth:`release` from ``stop()``.
+    """
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = state_path.with_name(state_path.name + ".lock")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """This object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, stop: threading.Event, poll_s: float = 0.05) -> bool:
+        """Take the lock, waiting while another ingestor holds it.
+
+        Returns:
+            True once held (at once when already held); False when ``stop`` was set while
+            waiting. A lock file that cannot be opened is logged and taken as held (the
+            state file's folder was checked writable at start).
+        """
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            logger.warning("state file lock %s not taken (%s); going on without it", self.path, e)
+            self._fd = -1
+            return True
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    waited = True
+                    logger.warning(
+                        "another ingestor holds %s (its stop is saving the state file, or two "
+                        "ingestors share INGEST_STATE_PATH): waiting for it before the catch-up",
+                        self.path,
+                    )
+                if stop.wait(poll_s):
+                    os.close(fd)
+                    return False
+                continue
+            if waited:
+                logger.info("state file lock %s taken; reading the state file again", self.path)
+            self._fd = fd
+            return True
+
+    def release(self) -> None:
+        """Let the next ingestor in (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None and fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)

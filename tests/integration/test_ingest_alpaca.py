@@ -834,3 +834,43 @@ def test_a_failed_catch_up_of_a_symbol_with_nothing_published_is_counted_as_a_ga
     assert gaps == {
         (s, "2024-01-02T14:30:00Z", "2024-01-02T14:34:00Z", "history failed") for s in SYMBOLS
     }
+
+
+def test_a_standby_reads_the_shared_state_file_once_the_first_ones_stop_saved_it(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """INGEST_ON_CONNECTION_LIMIT=wait on a shared state file, the first ingestor stopped in a
+    burst. Its stop closes the connection first, then publishes its queue and waits for the
+    confirmations before it saves the file; the standby, let in by Alpaca at once, read the
+    stale file and published the same bars again (helper-100 F7: 363-697 bars of 300 symbols
+    twice). Now the standby waits for the file's lock: every bar once, in order."""
+    syms = tuple(f"S{i:03d}" for i in range(300))
+    minutes = 10
+    state = tmp_path / "shared.json"
+    with AlpacaMarketServer(ScriptedMarket(syms, minutes + 2)) as srv:
+        first = make(srv, topic, state, ingestors, symbols=syms, enrich=())
+        srv.wait_subscribed()
+        srv.advance(2)
+        wait_until("two minutes confirmed", lambda: first.stats.confirmed >= 2 * len(syms), 60)
+        standby = make(
+            srv, topic, state, ingestors, symbols=syms, enrich=(), on_connection_limit="wait"
+        )
+        wait_until(
+            "a refused attempt",
+            lambda: standby.stats.auth_errors.get("connection limit exceeded", 0) >= 1,
+        )
+        burst = threading.Thread(target=srv.advance, args=(6,))
+        burst.start()
+        wait_until("the burst under way", lambda: first.stats.live >= 2 * len(syms) + 30)
+        assert first.stop(timeout_s=6.0)
+        burst.join(60)
+        assert first.stats.live < minutes * len(syms)
+        wait_until("the standby's catch-up", lambda: standby.stats.catch_ups >= 1, 120)
+        srv.advance(2)
+        wait_until(
+            "the standby's live bars",
+            lambda: standby.stats.live + standby.stats.duplicates >= 2 * len(syms),
+            60,
+        )
+        assert standby.stop(timeout_s=10)
+    _every_bar_once_in_order(srv, topic, syms, minutes)

@@ -5,6 +5,11 @@ user indicators, configuration."""
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.ingest.alpaca import parse_rfc3339_ns
 from feeds.ingest.enrich import RISK_FIELDS, BarView, Enricher, Trades, risk_metrics
 from feeds.ingest.messages import build_message
-from feeds.ingest.state import Gap, IngestState
+from feeds.ingest.state import Gap, IngestState, StateLock
 from feeds.pubsub.messages import decode_message
 from runtime.config import load_ingest_config
 from tests.alpaca_market_server import rfc3339
@@ -619,3 +624,55 @@ def test_indicator_text_is_normalised_as_the_csv_reader_reads_it(
             return {"label": given}
 
     assert Enricher(risk=False, factories=[("x:L", Label)]).enrich(view(), None)["label"] == sent
+
+
+def test_the_state_file_lock_lets_one_ingestor_in_at_a_time(tmp_path: Path) -> None:
+    """The standby's wait (helper-100 F7): a second holder waits while the first holds it,
+    gives up when stopping, and gets it once the first releases it."""
+    path = tmp_path / "s.json"
+    first, second, stop = StateLock(path), StateLock(path), threading.Event()
+    assert first.acquire(stop) and first.held and first.acquire(stop)
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(second.acquire(stop, poll_s=0.01)))
+    waiter.start()
+    time.sleep(0.2)
+    assert got == [] and not second.held  # waiting
+    first.release()
+    first.release()  # idempotent
+    waiter.join(5)
+    assert got == [True] and second.held
+    third = StateLock(path)
+    stop.set()
+    assert not third.acquire(stop) and not third.held
+    second.release()
+
+
+def test_the_state_file_lock_is_free_once_its_process_is_killed(tmp_path: Path) -> None:
+    """A first ingestor killed (-9) during its stop: the kernel releases its lock, the
+    standby goes on."""
+    path = tmp_path / "s.json"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, threading, time; from pathlib import Path;"
+            "from feeds.ingest.state import StateLock;"
+            "StateLock(Path(sys.argv[1])).acquire(threading.Event());"
+            "print('held', flush=True); time.sleep(60)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock, stop = StateLock(path), threading.Event()
+        threading.Timer(0.3, stop.set).start()
+        assert not lock.acquire(stop, poll_s=0.01)  # held by the other process
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert lock.acquire(threading.Event())
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait(10)

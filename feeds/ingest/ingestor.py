@@ -206,7 +206,7 @@ class Ingestor:
         self.stats = IngestStats()
         self.state = IngestState.load(config.state_path)
         self.state.check_writable()
-        self._lock = StateLock(config.state_path)  # held from the first connection (stop())
+        self._lock = StateLock(config.state_path)  # held while connected (StateLock)
         horizon = clock() + timedelta(seconds=config.future_tolerance_s)
         future = {s: iso_utc(t) for s, t in self.state.last_bar.items() if t > horizon}
         if future:
@@ -356,8 +356,8 @@ class Ingestor:
 
     @property
     def ready(self) -> bool:
-        """Connected and authenticated, the state file's lock held (no other ingestor's stop
-        still saving it), worker alive, not stopping."""
+        """Connected and authenticated, the state file's lock held (no other ingestor still
+        publishing to it), worker alive, not stopping."""
         w = self._worker
         return (
             self.connected
@@ -422,7 +422,7 @@ class Ingestor:
         if self._start_unsent_at_left_bars():
             self._save_state(force=True)
         # the state file has this stop's last confirmations: a standby may read it now
-        self._lock.release()
+        self._lock.close()
         self.history.close()
         clean = not busy and self.publisher.pending == 0
         if busy:
@@ -520,13 +520,15 @@ class Ingestor:
                 if self._stop.is_set() and (self._stream_stopped.is_set() or self.fatal):
                     return
                 self._confirm()
+                self._hand_over()
                 continue
             if kind == _BAR:
-                self._live_bar(payload, t_ns)
+                if self._lock.held:  # else another ingestor publishes (or the next start)
+                    self._live_bar(payload, t_ns)
             elif kind == _TRADE:
                 self._trade(payload)
             elif kind == _CONNECTED:
-                self._connected()
+                self._connected(t_ns)
             elif kind == _DISCONNECTED:
                 if self.connected:
                     if self._stop.is_set():
@@ -535,6 +537,9 @@ class Ingestor:
                         logger.warning("market-data stream disconnected; alpaca-py reconnects")
                     self.events.on_connection("disconnected")
                 self.connected = False
+                if not self._stop.is_set():
+                    self._drain_publisher()
+                    self._hand_over()
             elif kind in (_CANCEL, _CORRECT):
                 self._cancel_or_correct(kind, payload)
             elif kind == _STREAM_ERROR:
@@ -591,7 +596,19 @@ class Ingestor:
             self.stats.confirmed += 1
         self._save_state()
 
+    def _hand_over(self) -> None:
+        """Disconnected, every sent bar confirmed: save the state file and give back its lock,
+        so that a standby that got the key's connection reads it and goes on (helper-103:
+        holding the lock while disconnected, the first ingestor kept a standby with the
+        connection waiting, then got 406 itself, and neither published again)."""
+        if self.connected or self._stop.is_set() or self.publisher.pending or not self._lock.held:
+            return
+        self._save_state(force=True)
+        self._lock.release()
+
     def _save_state(self, force: bool = False) -> None:
+        if not self._lock.held:  # another ingestor's file now (helper-103: a rollback)
+            return
         now = time.monotonic()
         if force or now - self._last_flush >= self.tuning.state_flush_s:
             self.state.save()
@@ -660,7 +677,7 @@ class Ingestor:
 
     # -- connection: catch up from history ---------------------------------------------------
 
-    def _connected(self) -> None:
+    def _connected(self, connected_ns: int) -> None:
         self.stats.connections += 1
         self.connected = True
         self.events.on_connection("connected")
@@ -687,52 +704,43 @@ class Ingestor:
                 # leave the next start (no longer a first start) this start point (helper-100)
                 self.state.confirm(s, since[s])
         unstarted = [s for s in self.config.symbols if s not in since]
-        for s in unstarted:
-            if s in self._live_from:
-                since[s] = self._live_from[s]
         new = [s for s in unstarted if s not in self._live_from]
         if new:
-            self._start_points(new, end)
-        ok = not since or self._backfill(since, end, reason="catch-up")
-        left = [s for s in unstarted if s in since and s not in self._sent]
-        if left:
-            # Fetched (or not) up to the last minute complete by both clocks. None published:
-            # no live bar of theirs brings a gap check, so a failure is counted now.
+            at = self._start_point(connected_ns)
+            for s in new:
+                self._live_from[s] = at
+                self._verify.discard(s)  # live from this connection: nothing before to check
+        for s in unstarted:
+            if s not in new:
+                since[s] = self._live_from[s]
+        if since and self._backfill(since, end, reason="catch-up"):
+            # Symbols still with nothing published: fetched up to the last minute complete by
+            # both clocks, none there. A failure is left to their first live bar's gap check,
+            # as for the published symbols.
             alpaca_now = self.history.server_now()
             upto = end if alpaca_now is None else min(end, self._last_complete_minute(alpaca_now))
-            step = timedelta(seconds=self.tuning.bar_s)
-            for s in left:
-                if not ok and upto > since[s] and not self._stop.is_set():
-                    self._gap(s, since[s] + step, upto + step, "history failed")
-                self._live_from[s] = max(since[s], upto)
+            for s in unstarted:
+                if s in since and s not in self._sent:
+                    self._live_from[s] = max(since[s], upto)
         self.stats.catch_ups += 1
 
-    def _start_points(self, symbols: list[str], end: datetime) -> None:
-        """Give ``symbols`` (nothing published, no start point) the last minute complete by
-        Alpaca's clock now, the stream having just connected: a reconnect catches up after it.
-
-        Alpaca's clock is its last answer's ``Date`` header; with no answer yet, one small
-        history request (one symbol, one minute) gets it. When that fails, ``end`` (the
-        local clock's) is taken, with a warning: a local clock ahead of Alpaca's by more than
-        a minute then loses a reconnect's first missed minutes of these symbols."""
-        now = self.history.server_now()
-        if now is None:
-            try:
-                self._history(lambda: self.history.bars(symbols[:1], end, end))
-            except RetryInterruptedError:
-                return  # stopping
-            except TransientError as e:
-                logger.warning(
-                    "Alpaca's clock unknown (%s): %d symbols with nothing published start at "
-                    "the local clock's %s",
-                    excerpt(str(e)),
-                    len(symbols),
-                    iso_utc(end),
-                )
-            now = self.history.server_now()
-        at = end if now is None else self._last_complete_minute(now)
-        for s in symbols:
-            self._live_from[s] = at
+    def _start_point(self, connected_ns: int) -> datetime:
+        """The start point of symbols with nothing published and none saved (a first start
+        without INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete
+        when the stream connected (``connected_ns``, ``time.perf_counter_ns()``), by the local
+        clock and, when known, by Alpaca's (its last answer's ``Date`` header): the earlier of
+        the two. A reconnect's catch-up and the first live bar's gap check then fetch their
+        bars after it, as for published symbols (helper-100 F1: a disconnect before such a
+        symbol's first bar lost its missed minutes, with no gap counted). An earlier start
+        point only publishes bars from before the connection, none twice; a local clock ahead
+        of Alpaca's by more than ``INGEST_HISTORY_LAG_S`` with no Alpaca answer yet would
+        start them late."""
+        ago = timedelta(seconds=(time.perf_counter_ns() - connected_ns) / 1e9)
+        at = self._last_complete_minute(self.clock() - ago)
+        alpaca_now = self.history.server_now()
+        if alpaca_now is not None:
+            at = min(at, self._last_complete_minute(alpaca_now - ago))
+        return at
 
     def _last_complete_minute(self, now: datetime | None = None) -> datetime:
         """Start of the newest bar whose minute ended ``history_lag_s`` before ``now`` (default:
@@ -977,16 +985,19 @@ class Ingestor:
             return
         if s in self._verify:
             self._verify.discard(s)
-            if last is not None and (bar.ts - last).total_seconds() > self.tuning.bar_s:
+            # nothing published: from its start point (a reconnect's catch-up may end a minute
+            # or two before the first live bar; helper-102)
+            after = last if last is not None else self._live_from.get(s)
+            if after is not None and (bar.ts - after).total_seconds() > self.tuning.bar_s:
                 end = bar.ts - timedelta(seconds=1)
-                if self._stop.is_set() or not self._backfill({s: last}, end, reason="gap check"):
+                if self._stop.is_set() or not self._backfill({s: after}, end, reason="gap check"):
                     if self._stop.is_set():
                         # Stopping before the gap was filled: publishing this bar would move
                         # the state file past the missing ones; the next start fetches both.
                         self._verify.add(s)
                         return
                     self._gap(
-                        s, last + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
+                        s, after + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
                     )
         try:
             trades = self._live_trades(bar) if self._needs_trades else None

@@ -154,71 +154,82 @@ class IngestState:
 
 class StateLock:
     """An advisory lock (``flock``) on ``<state file>.lock`` beside the state file, held by the
-    ingestor that publishes from its first connection to the end of its stop.
+    ingestor that publishes while it is connected: taken before a connection's catch-up,
+    given back once a disconnection's or a stop's last confirmations are in the state file.
 
     A standby sharing the state file (``INGEST_ON_CONNECTION_LIMIT=wait``) is let in by Alpaca
-    as soon as the first ingestor's stop closes its connection, while that stop still
-    publishes its queued bars and waits for their confirmations before it saves the file.
-    Read then, the file is stale, and the standby's catch-up published those bars again
-    (helper-100 F7: 363-697 bars of 300 symbols twice). With the lock, the standby reads the
-    file once the other one's stop has saved it. The kernel releases the lock when its
-    process ends, also by ``kill -9``; ``flock`` works across processes and pods on a local
-    or NFSv4 volume (Linux emulates it with a byte-range lock there).
+    as soon as the first ingestor's connection closes, while that ingestor may still publish
+    its queued bars and wait for their confirmations before it saves the file. Read then, the
+    file is stale, and the standby's catch-up published those bars again (helper-100 F7:
+    363-697 bars of 300 symbols twice). With the lock, the standby reads the file once the
+    other one has saved it, and an ingestor without the lock publishes and saves nothing.
+    The kernel releases the lock when its process ends, also by ``kill -9``; ``flock`` works
+    across processes and pods on a local or NFSv4 volume (Linux emulates it with a byte-range
+    lock there). Deleting the lock file while an ingestor runs defeats it.
 
-    Thread context: :meth:`acquire` on the worker thread; :meth:`release` from ``stop()``.
+    Raises:
+        ConfigError: (constructor) the lock file can be neither created nor opened.
+
+    Thread context: :meth:`acquire` and :meth:`release` on the worker thread; :meth:`release`
+    also from ``stop()`` once the worker has ended.
     """
 
     def __init__(self, state_path: Path) -> None:
         self.path = state_path.with_name(state_path.name + ".lock")
-        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            try:  # another user's file: a read-only handle takes the lock as well
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise ConfigError(f"INGEST_STATE_PATH: lock file {self.path}: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"INGEST_STATE_PATH: lock file {self.path}: {e}") from e
+        self._held = False
 
     @property
     def held(self) -> bool:
         """This object holds the lock."""
-        return self._fd is not None
+        return self._held
 
     def acquire(self, stop: threading.Event, poll_s: float = 0.05) -> bool:
         """Take the lock, waiting while another ingestor holds it.
 
         Returns:
             True once held (at once when already held); False when ``stop`` was set while
-            waiting. A lock file that cannot be opened is logged and taken as held (the
-            state file's folder was checked writable at start).
+            waiting.
         """
-        if self._fd is not None:
-            return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            logger.warning("state file lock %s not taken (%s); going on without it", self.path, e)
-            self._fd = -1
-            return True
+        if self._fd < 0:
+            return False  # closed by a stop
         waited = False
-        while True:
+        while not self._held:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not waited:
                     waited = True
                     logger.warning(
-                        "another ingestor holds %s (its stop is saving the state file, or two "
+                        "another ingestor holds %s (it is saving the state file, or two "
                         "ingestors share INGEST_STATE_PATH): waiting for it before the catch-up",
                         self.path,
                     )
                 if stop.wait(poll_s):
-                    os.close(fd)
                     return False
                 continue
+            self._held = True
             if waited:
                 logger.info("state file lock %s taken; reading the state file again", self.path)
-            self._fd = fd
-            return True
+        return True
 
     def release(self) -> None:
-        """Let the next ingestor in (idempotent)."""
-        fd, self._fd = self._fd, None
-        if fd is not None and fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        """Let another ingestor in (idempotent)."""
+        if self._held:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Release and close the file (idempotent)."""
+        self.release()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from core.bars import OHLCV, bar_hash
 from core.secret import Secret
 from feeds.ingest import IngestConfig, Ingestor, IngestTuning, Trades, risk_metrics
 from feeds.ingest.enrich import ALPACA_FIELDS, RISK_FIELDS
+from feeds.ingest.state import StateLock
 from feeds.pubsub.clients import publisher_client, subscriber_client
 from feeds.pubsub.messages import LiveBar, decode_message
 from tests.alpaca_market_server import AlpacaMarketServer, ScriptedMarket, rfc3339
@@ -127,6 +129,7 @@ def make(
     topic: Topic,
     state: Path,
     started: list[Ingestor],
+    clock: Callable[[], datetime] | None = None,
     **overrides: Any,
 ) -> Ingestor:
     cfg = {
@@ -142,12 +145,21 @@ def make(
         "max_attempts": 2,
         **overrides,
     }
-    ing = Ingestor(
-        IngestConfig(**cfg), topic.publisher, topic.path, tuning=IngestTuning(poll_s=0.01)
+    tuning = IngestTuning(poll_s=0.01)
+    ing = (
+        Ingestor(IngestConfig(**cfg), topic.publisher, topic.path, tuning=tuning)
+        if clock is None
+        else Ingestor(IngestConfig(**cfg), topic.publisher, topic.path, tuning=tuning, clock=clock)
     )
     started.append(ing)
     ing.start()
     return ing
+
+
+def market_clock(srv: AlpacaMarketServer) -> Callable[[], datetime]:
+    """The scripted market's clock (its ``Date`` header's) as the ingestor's local clock: a
+    host whose clock agrees with Alpaca's."""
+    return lambda: srv.market.start + timedelta(minutes=srv.released, seconds=30)
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -765,26 +777,36 @@ def _exact_minutes(
             assert bar.values == expected_values(srv, s, m), (s, m)
 
 
+@pytest.mark.parametrize(("second", "missed"), [(30, 4), (2, 4), (2, 1)])
 def test_a_disconnect_before_a_first_starts_first_bars_loses_none_of_them(
-    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+    market: AlpacaMarketServer,
+    topic: Topic,
+    tmp_path: Path,
+    ingestors: list[Ingestor],
+    second: int,
+    missed: int,
 ) -> None:
     """A first start without INGEST_START_LOOKBACK_S, a disconnect before any bar came: the
     reconnect's catch-up covered only published symbols, so the missed minutes were lost
-    with no gap counted (helper-100 F1). The start point is now the last minute complete by
-    Alpaca's clock at the first connection (its Date header)."""
-    ing = make(market, topic, tmp_path / "s.json", ingestors)
+    with no gap counted (helper-100 F1). The start point is now the last minute complete at
+    the first connection; the first live bar's gap check covers what the catch-up could not
+    (``second`` 2: a reconnect 2 s into a minute, within INGEST_HISTORY_LAG_S; helper-102)."""
+    start = market.market.start
+    clock = lambda: start + timedelta(minutes=market.released, seconds=second)  # noqa: E731
+    ing = make(market, topic, tmp_path / "s.json", ingestors, clock=clock)
     market.wait_subscribed()
     wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
-    market.disconnect(missed=4)  # minutes 0..3 streamed to nobody
+    market.disconnect(missed=missed)  # minutes 0..missed-1 streamed to nobody
     market.wait_subscribed()
-    wait_until("the catch-up", lambda: ing.stats.backfilled >= 8)
+    wait_until("the reconnect's catch-up", lambda: ing.stats.catch_ups >= 2)
     market.advance(3)
-    msgs = topic.drain(14, ing)
-    _exact_minutes(market, msgs, dict.fromkeys(SYMBOLS, range(7)))
+    total = len(SYMBOLS) * (missed + 3)
+    msgs = topic.drain(total, ing)
+    _exact_minutes(market, msgs, dict.fromkeys(SYMBOLS, range(missed + 3)))
     sources = [(b.symbol, b.ts.minute - 30, a["source"]) for b, a in msgs]
     assert {m: src for _, m, src in sources} == {
-        **dict.fromkeys(range(4), "backfill"),
-        **dict.fromkeys(range(4, 7), "live"),
+        **dict.fromkeys(range(missed), "backfill"),
+        **dict.fromkeys(range(missed, missed + 3), "live"),
     }
     report = ing.report()
     assert report["gaps_unfilled"] == 0 and report["duplicates_skipped"] == 0
@@ -796,12 +818,13 @@ def test_a_symbol_new_in_symbols_catches_up_after_a_disconnect_before_its_first_
     """BBB added to SYMBOLS at a restart, a disconnect before its first bar: its missed
     minutes come from history like AAA's (helper-100 F1), from the minute it was added."""
     state = tmp_path / "s.json"
-    first = make(market, topic, state, ingestors, symbols=("AAA",))
+    clock = market_clock(market)
+    first = make(market, topic, state, ingestors, symbols=("AAA",), clock=clock)
     market.wait_subscribed()
     market.advance(3)
     topic.pull(3)
     assert first.stop(timeout_s=5)
-    second = make(market, topic, state, ingestors)
+    second = make(market, topic, state, ingestors, clock=clock)
     market.wait_subscribed()
     wait_until("the first catch-up", lambda: second.stats.catch_ups >= 1)
     market.disconnect(missed=4)  # minutes 3..6 streamed to nobody
@@ -813,19 +836,20 @@ def test_a_symbol_new_in_symbols_catches_up_after_a_disconnect_before_its_first_
     assert second.report()["gaps_unfilled"] == 0
 
 
-def test_a_failed_catch_up_of_a_symbol_with_nothing_published_is_counted_as_a_gap(
+def test_a_failed_catch_up_of_a_symbol_with_nothing_published_ends_in_a_counted_gap(
     market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
 ) -> None:
-    """The same disconnect with history down: no live bar of an unpublished symbol brings a
-    gap check, so the catch-up's failure is counted and kept in the state file at once."""
-    ing = make(market, topic, tmp_path / "s.json", ingestors)
+    """The same disconnect with history down: the catch-up fails, and the first live bar's gap
+    check (from the start point: nothing published) fails too, so the missed minutes are
+    counted as a gap, as for published symbols."""
+    ing = make(market, topic, tmp_path / "s.json", ingestors, clock=market_clock(market))
     market.wait_subscribed()
     wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
     market.fail_rest(1_000, status=500)
     market.disconnect(missed=4)
     market.wait_subscribed()
-    wait_until("the gaps", lambda: len(ing.stats.gaps) == 2)
     market.advance(3)
+    wait_until("the gaps", lambda: len(ing.stats.gaps) == 2)
     got = by_symbol(topic.drain(6, ing))  # live, without their trades (history is down)
     for s in SYMBOLS:
         want = [rfc3339(market.market.data[s][m].start_ns) for m in range(4, 7)]
@@ -874,3 +898,67 @@ def test_a_standby_reads_the_shared_state_file_once_the_first_ones_stop_saved_it
         )
         assert standby.stop(timeout_s=10)
     _every_bar_once_in_order(srv, topic, syms, minutes)
+
+
+def test_a_standby_that_gets_the_connection_while_the_first_is_disconnected_goes_on(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Both ingestors in INGEST_ON_CONNECTION_LIMIT=wait on one state file; the first one's
+    connection is cut and the standby may get the key's connection in its reconnect backoff.
+    The first one held the state file's lock while disconnected: the standby waited for it,
+    the first one got 406 and stood by too, and neither published again (helper-103). Now a
+    disconnected ingestor hands the lock over once its sent bars are confirmed and saved:
+    whichever holds the connection publishes, every bar once, in order."""
+    syms = tuple(f"S{i}" for i in range(5))
+    minutes = 8
+    state = tmp_path / "shared.json"
+    with AlpacaMarketServer(ScriptedMarket(syms, minutes + 2)) as srv:
+        first = make(
+            srv, topic, state, ingestors, symbols=syms, enrich=(), on_connection_limit="wait"
+        )
+        srv.wait_subscribed()
+        srv.advance(2)
+        wait_until("two minutes confirmed", lambda: first.stats.confirmed >= 2 * len(syms))
+        srv.disconnect(missed=1)
+        standby = make(
+            srv, topic, state, ingestors, symbols=syms, enrich=(), on_connection_limit="wait"
+        )
+        wait_until("one of them ready", lambda: first.ready or standby.ready, 60)
+        srv.wait_subscribed()
+        for _ in range(minutes - 3):
+            srv.advance(1)
+        wait_until(
+            "every bar confirmed",
+            lambda: first.stats.confirmed + standby.stats.confirmed >= minutes * len(syms),
+            60,
+        )
+        assert standby.stop(timeout_s=5) and first.stop(timeout_s=5)
+    _every_bar_once_in_order(srv, topic, syms, minutes)
+
+
+def test_an_ingestor_without_the_state_files_lock_publishes_and_saves_nothing(
+    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A standby connected and waiting for the lock, then stopped: it took its queued live bars
+    and published them, then saved its own, older state over the shared file (helper-103:
+    minutes lost for good, or the file rolled back and bars published twice). Without the
+    lock an ingestor now publishes nothing and leaves the file as it is."""
+    state = tmp_path / "shared.json"
+    state.write_text(
+        json.dumps({"version": 1, "last_bar": {"AAA": "2024-01-02T14:29:00Z"}, "gaps": []})
+    )
+    before = state.read_bytes()
+    other = StateLock(state)  # another ingestor's, in its stop
+    assert other.acquire(threading.Event())
+    try:
+        ing = make(market, topic, state, ingestors)
+        market.wait_subscribed()
+        market.advance(3)
+        wait_until("the bars queued (the worker waits for the lock)", lambda: ing.queue_depth >= 6)
+        assert not ing.ready
+        ing.stop(timeout_s=3)  # the worker then takes the queue
+        assert ing.stats.live == 0
+    finally:
+        other.release()
+    assert topic.pull(0, timeout_s=2.0) == []
+    assert state.read_bytes() == before

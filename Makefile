@@ -23,7 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 # A failed build is not fatal here (the Python reads are used, and a log line says so); the test
 # suite checks the extension is built (tests/unit/test_fastread.py).
 $(FASTREAD): analyzers/tracking/_fastread.c analyzers/tracking/_resolve.c analyzers/tracking/_resolve.h \
-		analyzers/tracking/_record.c analyzers/tracking/_record.h setup.py $(STAMP)
+		analyzers/tracking/_record.c analyzers/tracking/_record.h analyzers/tracking/_build.py \
+		setup.py $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace --force && touch $@ \
 		|| (rm -f $@; echo "C extension not built: FMEL tracks reads in Python")
 

@@ -37,9 +37,13 @@ Thread context: tracking and wiring on the main (backtrader) thread only; :meth:
 resolve` with a captured ``state`` on any thread, under :attr:`AccessTracker.resolve_lock`.
 """
 
-from analyzers.tracking.labels import scan_labels
-from analyzers.tracking.model import FeedInfo, LineTag, Read
-from analyzers.tracking.proxies import set_active
-from analyzers.tracking.tracker import AccessTracker
+from analyzers.tracking._build import drop_stale_extension
+
+drop_stale_extension()  # before any module binds the compiled reads
+
+from analyzers.tracking.labels import scan_labels  # noqa: E402
+from analyzers.tracking.model import FeedInfo, LineTag, Read  # noqa: E402
+from analyzers.tracking.proxies import set_active  # noqa: E402
+from analyzers.tracking.tracker import AccessTracker  # noqa: E402
 
 __all__ = ["AccessTracker", "FeedInfo", "LineTag", "Read", "scan_labels", "set_active"]

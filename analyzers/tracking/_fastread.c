@@ -1450,5 +1450,12 @@ PyInit__fastread(void)
         Py_DECREF(m);
         return NULL;
     }
+#ifdef FASTREAD_SOURCE_SHA256
+    /* setup.py's stamp of the sources (analyzers/tracking/_build.py) */
+    if (PyModule_AddStringConstant(m, "SOURCE_SHA256", FASTREAD_SOURCE_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     return m;
 }

@@ -6,6 +6,8 @@ from typing import Any, overload
 
 _Read = tuple[int, int, int, int, Any]
 
+SOURCE_SHA256: str  # setup.py's stamp of the sources (analyzers/tracking/_build.py)
+
 class ReadBuffer(Sequence[_Read]):
     """One bar's raw reads packed in C arrays; to Python a list of 5-tuples (``append``,
     ``len``, iteration, indexing, slicing to a list, ``==`` with a list). Main thread appends

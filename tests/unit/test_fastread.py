@@ -841,3 +841,42 @@ def test_a_packed_state_reads_as_its_tuples(rows: list[tuple[int, ...]], slot: i
         except IndexError:
             outcomes.append("IndexError")
     assert outcomes[0] == outcomes[1]
+
+
+def test_the_built_extension_is_stamped_with_its_sources() -> None:
+    """The extension in use was built from the C files in the tree (a stale build is dropped at
+    import, and then this fails: rebuild with ``make ext``)."""
+    from pathlib import Path
+
+    from analyzers.tracking import _build, _fastread
+
+    folder = Path(_build.__file__).parent
+    assert _build.source_sha256(folder) == _fastread.SOURCE_SHA256
+
+
+def test_a_stale_build_is_dropped_and_the_python_reads_used() -> None:
+    """2026-12-07: a checkout without a rebuild ran the old C against the new Python (a
+    confusing Hypothesis failure). A build whose stamp differs from the sources' is now
+    unimportable, with one warning, and FMEL takes its Python path."""
+    import subprocess
+
+    code = (
+        "import logging, sys\n"
+        "from analyzers.tracking import _build\n"
+        "assert _build.drop_stale_extension() is False\n"  # the build in use is current
+        "assert _build.drop_stale_extension(want='0' * 64) is True\n"
+        "try:\n"
+        "    from analyzers.tracking import _fastread\n"
+        "except ImportError:\n"
+        "    print('dropped')\n"
+        "try:\n"
+        "    from analyzers.tracking._fastread import ReadBuffer\n"
+        "except ImportError:\n"
+        "    print('dropped too')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["dropped", "dropped too"]
+    assert "built from other sources" in done.stderr and "make ext" in done.stderr

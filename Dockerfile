@@ -37,7 +37,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY setup.py /opt/ext/setup.py
 COPY analyzers/tracking/_fastread.c analyzers/tracking/_resolve.c analyzers/tracking/_resolve.h \
-     analyzers/tracking/_record.c analyzers/tracking/_record.h /opt/ext/analyzers/tracking/
+     analyzers/tracking/_record.c analyzers/tracking/_record.h analyzers/tracking/_build.py \
+     /opt/ext/analyzers/tracking/
 WORKDIR /opt/ext
 RUN python setup.py build_ext --inplace \
     && python -c "import analyzers.tracking._fastread"

@@ -280,7 +280,12 @@ class Ingestor:
         # INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete by
         # Alpaca's clock when the stream first connected; a reconnect's catch-up fetches
         # their bars after it, as it does for published symbols (helper-100 F1)
-        self._live_from: dict[str, datetime] = {}
+        self._live_from: dict[str, datetime] = {
+            s: ts
+            for s, ts in self.state.start.items()
+            if s in self._symbols and s not in self._sent
+        }
+        self._history_newest: datetime | None = None  # the newest bar the last backfill got
         # Set by stop() when the worker outlived its budget: it hands nothing more to the
         # publisher (the process flushes the client at exit; the state file would not know).
         self._abandoned = False
@@ -709,19 +714,23 @@ class Ingestor:
             at = self._start_point(connected_ns)
             for s in new:
                 self._live_from[s] = at
+                self.state.set_start(s, at)
                 self._verify.discard(s)  # live from this connection: nothing before to check
+            self._save_state(force=True)  # a standby taking over, or a restart, starts there
         for s in unstarted:
             if s not in new:
                 since[s] = self._live_from[s]
-        if since and self._backfill(since, end, reason="catch-up"):
-            # Symbols still with nothing published: fetched up to the last minute complete by
-            # both clocks, none there. A failure is left to their first live bar's gap check,
-            # as for the published symbols.
-            alpaca_now = self.history.server_now()
-            upto = end if alpaca_now is None else min(end, self._last_complete_minute(alpaca_now))
+        self._history_newest = None
+        if since and self._backfill(since, end, reason="catch-up") and self._history_newest:
+            # Symbols still with nothing published: none up to the newest bar history had for
+            # any symbol (proof that history has that minute: helper-104, a minute missing
+            # from history for a few seconds was skipped for good). A failure is left to their
+            # first live bar's gap check, as for the published symbols.
+            upto = min(end, self._history_newest)
             for s in unstarted:
-                if s in since and s not in self._sent:
-                    self._live_from[s] = max(since[s], upto)
+                if s in since and s not in self._sent and upto > since[s]:
+                    self._live_from[s] = upto
+                    self.state.set_start(s, upto)
         self.stats.catch_ups += 1
 
     def _start_point(self, connected_ns: int) -> datetime:
@@ -758,11 +767,16 @@ class Ingestor:
         except DataError as e:
             logger.warning("state file not re-read: %s", e)
             return
+        self.state.merge(saved)  # every symbol's entries and the gaps, not only this one's
         for s, ts in saved.last_bar.items():
             mine = self._sent.get(s)
             if s in self._symbols and (mine is None or ts > mine):
                 self._sent[s] = ts
-                self.state.confirm(s, ts)
+                self._live_from.pop(s, None)
+        for s, ts in saved.start.items():
+            mine = self._live_from.get(s)
+            if s in self._symbols and s not in self._sent and (mine is None or ts < mine):
+                self._live_from[s] = ts
 
     def _backfill(
         self,
@@ -802,6 +816,11 @@ class Ingestor:
             if alpaca_now is not None:
                 cut = self._last_complete_minute(alpaca_now)
                 bars = {s: [b for b in bs if b.ts <= cut] for s, bs in bars.items()}
+            newest = max((bs[-1].ts for bs in bars.values() if bs), default=None)
+            if newest is not None and (
+                self._history_newest is None or newest > self._history_newest
+            ):
+                self._history_newest = newest
             fresh = {
                 s: [
                     b

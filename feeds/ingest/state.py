@@ -6,10 +6,14 @@ The file is one JSON object, rewritten atomically (temporary file in the same fo
 
     {"version": 1,
      "last_bar": {"AAPL": "2024-01-02T15:04:00Z", ...},
+     "start": {"MSFT": "2024-01-02T15:03:00Z", ...},
      "gaps": [{"symbol": "AAPL", "start": "...", "end": "...", "reason": "..."}, ...]}
 
 A bar is published when its time is after ``last_bar`` of its symbol; Pub/Sub's ordering key
 keeps a symbol's bars in order, so one time per symbol is the whole "already published" set.
+``start`` (optional; files without it are read as before) holds the start point of symbols with
+nothing published yet: bars after it are fetched from history at a (re)connection, by this
+ingestor, a restart or a standby taking over; a symbol leaves it once it is in ``last_bar``.
 
 Thread context: the ingestor's worker thread only.
 """
@@ -69,6 +73,7 @@ class IngestState:
     path: Path
     last_bar: dict[str, datetime] = field(default_factory=dict)
     gaps: list[Gap] = field(default_factory=list)
+    start: dict[str, datetime] = field(default_factory=dict)
     _dirty: bool = False
 
     @classmethod
@@ -86,15 +91,42 @@ class IngestState:
                 raise ValueError(f"expected an object with version {VERSION}")
             last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
             gaps = [Gap(**g) for g in doc.get("gaps", [])]
+            start = {str(k): parse_timestamp(v) for k, v in dict(doc.get("start", {})).items()}
         except (OSError, ValueError, TypeError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
-        return cls(path, last, gaps)
+        return cls(path, last, gaps, {s: t for s, t in start.items() if s not in last})
+
+    def set_start(self, symbol: str, ts: datetime) -> None:
+        """Start ``symbol`` (nothing published) after ``ts``; ignored once it is in ``last_bar``."""
+        if symbol not in self.last_bar and self.start.get(symbol) != ts:
+            self.start[symbol] = ts
+            self._dirty = True
+
+    def merge(self, other: IngestState) -> None:
+        """Take in another writer's file (a standby taking over a shared file): every symbol's
+        later ``last_bar``, the start points of symbols still without one, the gaps not already
+        here (helper-104: a standby saving its start-time copy rolled other symbols back and
+        erased the first one's gaps)."""
+        for s, ts in other.last_bar.items():
+            self.confirm(s, ts)
+        for s, ts in other.start.items():
+            mine = self.start.get(s)
+            if mine is None or ts < mine:  # the earlier: bars from before, none twice
+                self.set_start(s, ts)
+        known = set(self.gaps)
+        for gap in other.gaps:
+            if gap not in known:
+                self.gaps.append(gap)
+                known.add(gap)
+                self._dirty = True
+        del self.gaps[:-MAX_GAPS_KEPT]
 
     def confirm(self, symbol: str, ts: datetime) -> None:
         """Pub/Sub confirmed the bar of ``symbol`` at ``ts``."""
         prev = self.last_bar.get(symbol)
         if prev is None or ts > prev:
             self.last_bar[symbol] = ts
+            self.start.pop(symbol, None)
             self._dirty = True
 
     def add_gap(self, gap: Gap) -> None:
@@ -110,6 +142,7 @@ class IngestState:
         return {
             "version": VERSION,
             "last_bar": {s: iso_utc(t) for s, t in sorted(self.last_bar.items())},
+            "start": {s: iso_utc(t) for s, t in sorted(self.start.items())},
             "gaps": [asdict(g) for g in self.gaps],
         }
 

@@ -130,6 +130,7 @@ def make(
     state: Path,
     started: list[Ingestor],
     clock: Callable[[], datetime] | None = None,
+    begin: bool = True,
     **overrides: Any,
 ) -> Ingestor:
     cfg = {
@@ -152,7 +153,8 @@ def make(
         else Ingestor(IngestConfig(**cfg), topic.publisher, topic.path, tuning=tuning, clock=clock)
     )
     started.append(ing)
-    ing.start()
+    if begin:
+        ing.start()
     return ing
 
 
@@ -962,3 +964,78 @@ def test_an_ingestor_without_the_state_files_lock_publishes_and_saves_nothing(
         other.release()
     assert topic.pull(0, timeout_s=2.0) == []
     assert state.read_bytes() == before
+
+
+def test_a_standby_taking_over_before_the_first_bars_starts_from_the_first_ones_start_points(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A fresh deployment of two ingestors (wait) on one state file, no lookback; the first
+    one's connection is cut before any bar and the standby gets the connection. The start
+    points lived in the first one's memory only, so the standby started the symbols at its
+    own connection: the missed minutes lost, no gap (helper-104 K1). They are now in the
+    state file (``start``), which the standby reads with the lock."""
+    state = tmp_path / "shared.json"
+    with AlpacaMarketServer(ScriptedMarket(SYMBOLS, 10)) as srv:
+        clock = market_clock(srv)
+        kw: dict[str, Any] = {"enrich": (), "on_connection_limit": "wait", "clock": clock}
+        first = make(srv, topic, state, ingestors, **kw)
+        standby = make(srv, topic, state, ingestors, begin=False, **kw)  # read the file now
+        srv.wait_subscribed()
+        wait_until("the first catch-up", lambda: first.stats.catch_ups >= 1)
+        assert set(json.loads(state.read_text())["start"]) == set(SYMBOLS)
+        srv.disconnect(missed=2)
+        standby.start()  # in the first one's reconnect backoff: it gets the connection
+        wait_until(
+            "a catch-up after the cut",
+            lambda: standby.stats.catch_ups >= 1 or first.stats.catch_ups >= 2,
+        )
+        srv.advance(3)
+        wait_until(
+            "every bar confirmed",
+            lambda: first.stats.confirmed + standby.stats.confirmed >= 5 * len(SYMBOLS),
+            60,
+        )
+        assert standby.stop(timeout_s=5) and first.stop(timeout_s=5)
+        assert first.report()["gaps_unfilled"] + standby.report()["gaps_unfilled"] == 0
+    _every_bar_once_in_order(srv, topic, SYMBOLS, 5)
+    assert json.loads(state.read_text())["start"] == {}  # every symbol published since
+
+
+class _LateHistory(AlpacaMarketServer):
+    """Test knob: Alpaca's historical bars lagging the stream (why INGEST_HISTORY_LAG_S
+    exists): REST answers leave out the bars at the times in ``hidden`` (RFC 3339)."""
+
+    hidden: frozenset[str] = frozenset()
+
+    def rest(
+        self, method: str, path: str, query: dict[str, str], headers: Any
+    ) -> tuple[int, dict[str, Any]]:
+        status, body = super().rest(method, path, query, headers)
+        bars = body.get("bars") if status == 200 else None
+        if isinstance(bars, dict) and self.hidden:
+            body["bars"] = {
+                s: [b for b in bs if b["t"] not in self.hidden] for s, bs in bars.items()
+            }
+        return status, body
+
+
+def test_a_minute_history_does_not_have_yet_is_fetched_by_the_first_live_bars_gap_check(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Nothing published, a cut, and the reconnect's catch-up finds nothing because history
+    does not have the missed minute yet: the start point moved to the catch-up's end anyway,
+    so the minute was lost for good, no gap (helper-104 K3). It moves only up to a bar
+    history returned, and the first live bar's gap check fetches the minute."""
+    with _LateHistory(ScriptedMarket(SYMBOLS, 10)) as srv:
+        ing = make(srv, topic, tmp_path / "s.json", ingestors, clock=market_clock(srv))
+        srv.wait_subscribed()
+        wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
+        srv.hidden = frozenset(rfc3339(srv.market.data[s][0].start_ns) for s in SYMBOLS)
+        srv.disconnect(missed=1)  # minute 0 streamed to nobody, not in history yet
+        srv.wait_subscribed()
+        wait_until("the reconnect's catch-up", lambda: ing.stats.catch_ups >= 2)
+        srv.hidden = frozenset()
+        srv.advance(3)
+        msgs = topic.drain(4 * len(SYMBOLS), ing)
+        assert ing.report()["gaps_unfilled"] == 0
+    _exact_minutes(srv, msgs, dict.fromkeys(SYMBOLS, range(4)))

@@ -676,3 +676,61 @@ def test_the_state_file_lock_is_free_once_its_process_is_killed(tmp_path: Path) 
     finally:
         holder.kill()
         holder.wait(10)
+
+
+_TIMES = st.datetimes(
+    min_value=datetime(2020, 1, 1), max_value=datetime(2030, 1, 1), timezones=st.just(UTC)
+).map(lambda t: t.replace(second=0, microsecond=0))
+_STATES = st.tuples(
+    st.dictionaries(st.sampled_from("ABCDE"), _TIMES, max_size=5),
+    st.dictionaries(st.sampled_from("ABCDE"), _TIMES, max_size=5),
+    st.lists(
+        st.builds(Gap, st.sampled_from("ABC"), st.just("s"), st.just("e"), st.sampled_from("xy")),
+        max_size=4,
+    ),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mine=_STATES, other=_STATES)
+def test_a_state_merge_keeps_the_later_bar_the_earlier_start_and_every_gap(
+    tmp_path: Path, mine: Any, other: Any
+) -> None:
+    """A standby taking over a shared file merges it (helper-104 K2: it saved its start-time
+    copy, rolling other symbols back and erasing the first one's gaps); the merged state
+    survives a save and a load."""
+
+    def state(parts: Any) -> IngestState:
+        last, start, gaps = parts
+        return IngestState(
+            tmp_path / "s.json",
+            dict(last),
+            list(gaps),
+            {s: t for s, t in start.items() if s not in last},
+        )
+
+    a, b = state(mine), state(other)
+    a.merge(b)
+    for s in set(mine[0]) | set(other[0]):
+        assert a.last_bar[s] == max(t for t in (mine[0].get(s), other[0].get(s)) if t)
+    for s, t in a.start.items():
+        assert s not in a.last_bar
+        assert t == min(x.start[s] for x in (state(mine), state(other)) if s in x.start)
+    assert set(a.gaps) == set(mine[2]) | set(other[2])
+    a._dirty = True
+    a.save()
+    again = IngestState.load(tmp_path / "s.json")
+    assert (again.last_bar, again.start, set(again.gaps)) == (a.last_bar, a.start, set(a.gaps))
+
+
+def test_a_state_file_without_start_points_reads_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('{"version": 1, "last_bar": {"AAA": "2024-01-02T14:30:00Z"}, "gaps": []}')
+    state = IngestState.load(path)
+    assert state.start == {} and set(state.last_bar) == {"AAA"}
+    state.set_start("BBB", datetime(2024, 1, 2, 14, 29, tzinfo=UTC))
+    state.set_start("AAA", datetime(2024, 1, 2, 14, 0, tzinfo=UTC))  # published: ignored
+    state.confirm("BBB", datetime(2024, 1, 2, 14, 31, tzinfo=UTC))  # leaves the start points
+    assert state.start == {}

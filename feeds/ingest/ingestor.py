@@ -543,7 +543,7 @@ class Ingestor:
                     self.events.on_connection("disconnected")
                 self.connected = False
                 if not self._stop.is_set():
-                    self._drain_publisher()
+                    self._drain_publisher(until_stop=True)
                     self._hand_over()
             elif kind in (_CANCEL, _CORRECT):
                 self._cancel_or_correct(kind, payload)
@@ -619,14 +619,24 @@ class Ingestor:
             self.state.save()
             self._last_flush = now
 
-    def _drain_publisher(self) -> None:
-        # Within what is left of stop()'s budget (a little kept for the state file and joins).
-        budget = self.config.request_timeout_s
-        if self._deadline is not None:
-            budget = max(0.1, self._deadline - time.monotonic() - 0.25)
-        for bar in self.publisher.flush(timeout_s=budget):
-            self.state.confirm(bar.symbol, bar.ts)
-            self.stats.confirmed += 1
+    def _drain_publisher(self, until_stop: bool = False) -> None:
+        # Within what is left of stop()'s budget (a little kept for the state file and joins);
+        # ``until_stop``: a disconnection's drain, which a stop cuts (helper-104: it waited on
+        # INGEST_REQUEST_TIMEOUT_S, past the stop's budget)
+        end = time.monotonic() + self.config.request_timeout_s
+        while True:
+            budget = end - time.monotonic()
+            if self._deadline is not None:
+                budget = max(0.1, self._deadline - time.monotonic() - 0.25)
+            elif until_stop:
+                budget = min(budget, 0.1)
+            for bar in self.publisher.flush(timeout_s=budget):
+                self.state.confirm(bar.symbol, bar.ts)
+                self.stats.confirmed += 1
+            if not until_stop or not self.publisher.pending or time.monotonic() >= end:
+                return
+            if self._stop.is_set():
+                return
 
     def _stream_error(self, code: int, message: str) -> None:
         """An error answer after authentication. 405 (symbol limit exceeded) refuses the whole
@@ -735,21 +745,16 @@ class Ingestor:
 
     def _start_point(self, connected_ns: int) -> datetime:
         """The start point of symbols with nothing published and none saved (a first start
-        without INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete
-        when the stream connected (``connected_ns``, ``time.perf_counter_ns()``), by the local
-        clock and, when known, by Alpaca's (its last answer's ``Date`` header): the earlier of
-        the two. A reconnect's catch-up and the first live bar's gap check then fetch their
-        bars after it, as for published symbols (helper-100 F1: a disconnect before such a
-        symbol's first bar lost its missed minutes, with no gap counted). An earlier start
-        point only publishes bars from before the connection, none twice; a local clock ahead
-        of Alpaca's by more than ``INGEST_HISTORY_LAG_S`` with no Alpaca answer yet would
-        start them late."""
+        without INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete by
+        the local clock when the stream connected (``connected_ns``,
+        ``time.perf_counter_ns()``). A reconnect's catch-up and the first live bar's gap check
+        then fetch their bars after it, as for published symbols (helper-100 F1: a disconnect
+        before such a symbol's first bar lost its missed minutes, with no gap counted). No
+        history request is made for Alpaca's clock (helper-102: it delayed a bars-only first
+        start by 8-22 s when history was failing); a local clock ahead of Alpaca's by more
+        than ``INGEST_HISTORY_LAG_S`` starts them late (NTP keeps a host within milliseconds)."""
         ago = timedelta(seconds=(time.perf_counter_ns() - connected_ns) / 1e9)
-        at = self._last_complete_minute(self.clock() - ago)
-        alpaca_now = self.history.server_now()
-        if alpaca_now is not None:
-            at = min(at, self._last_complete_minute(alpaca_now - ago))
-        return at
+        return self._last_complete_minute(self.clock() - ago)
 
     def _last_complete_minute(self, now: datetime | None = None) -> datetime:
         """Start of the newest bar whose minute ended ``history_lag_s`` before ``now`` (default:

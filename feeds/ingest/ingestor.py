@@ -276,10 +276,9 @@ class Ingestor:
         self._dropped_bars: list[Any] = []  # their bars, for the state file (stop())
         # the first bar sent of each symbol that had no state file entry then (stop())
         self._first_sent: dict[str, datetime] = {}
-        # Symbols with nothing published and no start point (a first start without
-        # INGEST_START_LOOKBACK_S, a symbol new in SYMBOLS): the last minute complete by
-        # Alpaca's clock when the stream first connected; a reconnect's catch-up fetches
-        # their bars after it, as it does for published symbols (helper-100 F1)
+        # Symbols with nothing published (a first start without INGEST_START_LOOKBACK_S, a
+        # symbol new in SYMBOLS): their start point (_start_point, the state file's "start");
+        # a reconnect's catch-up fetches their bars after it, as for published symbols
         self._live_from: dict[str, datetime] = {
             s: ts
             for s, ts in self.state.start.items()

@@ -792,19 +792,28 @@ class Ingestor:
     ) -> bool:
         """Publish the bars of each symbol after ``since[s]`` up to ``end`` (inclusive), in time
         order. Returns False when history failed (a gap is then recorded by the caller, or the
-        next live bar tries again)."""
-        limit = self.clock() - timedelta(seconds=self.config.max_backfill_s)
+        next live bar tries again) or a stop cut the publishing short (the next start fetches
+        the rest: helper-105, a gap check cut by a stop was taken as filled and the live bar
+        after the hole published, losing the hole for good)."""
+        # the oldest bar fetched starts at or after this (a bar of the minute ``limit`` falls
+        # in is fetched whole: comparing with ``limit`` itself counted an empty gap)
+        limit = _floor(
+            self.clock() - timedelta(seconds=self.config.max_backfill_s), self.tuning.bar_s
+        )
         start_by: dict[str, datetime] = {}
         for s, after in since.items():
             first = after + timedelta(seconds=self.tuning.bar_s)
             if first < limit:
-                self._gap(
-                    s, first, _floor(limit, self.tuning.bar_s), "longer than INGEST_MAX_BACKFILL_S"
-                )
-                self._sent[s] = _floor(limit, self.tuning.bar_s) - timedelta(
-                    seconds=self.tuning.bar_s
-                )
-                first = _floor(limit, self.tuning.bar_s)
+                self._gap(s, first, limit, "longer than INGEST_MAX_BACKFILL_S")
+                skip_to = limit - timedelta(seconds=self.tuning.bar_s)
+                self._sent[s] = skip_to
+                # and in the state file, or every restart (or a standby) counts it again
+                # (helper-105: 2 -> 4 -> 6 gaps); nothing before ``limit`` is ever published
+                if s in self.state.last_bar:
+                    self.state.confirm(s, skip_to)
+                else:
+                    self.state.set_start(s, skip_to)
+                first = limit
             if first <= end:
                 start_by[s] = first
         if not start_by:
@@ -854,7 +863,7 @@ class Ingestor:
                     n,
                     sum(len(b) for b in fresh.values()),
                 )
-                break
+                return False
             if n and n % 256 == 0:
                 self._confirm()  # confirmations recorded as they come
             window = trades.get(bar.symbol)
@@ -1013,7 +1022,10 @@ class Ingestor:
             after = last if last is not None else self._live_from.get(s)
             if after is not None and (bar.ts - after).total_seconds() > self.tuning.bar_s:
                 end = bar.ts - timedelta(seconds=1)
-                if self._stop.is_set() or not self._backfill({s: after}, end, reason="gap check"):
+                filled = not self._stop.is_set() and self._backfill(
+                    {s: after}, end, reason="gap check"
+                )
+                if not filled:
                     if self._stop.is_set():
                         # Stopping before the gap was filled: publishing this bar would move
                         # the state file past the missing ones; the next start fetches both.

@@ -1039,3 +1039,110 @@ def test_a_minute_history_does_not_have_yet_is_fetched_by_the_first_live_bars_ga
         msgs = topic.drain(4 * len(SYMBOLS), ing)
         assert ing.report()["gaps_unfilled"] == 0
     _exact_minutes(srv, msgs, dict.fromkeys(SYMBOLS, range(4)))
+
+
+class _HeldRest(AlpacaMarketServer):
+    """Test knob: REST answers wait ``delay`` seconds (history slow when a stop comes);
+    ``started`` counts the requests received."""
+
+    delay = 0.0
+    started = 0
+
+    def rest(
+        self, method: str, path: str, query: dict[str, str], headers: Any
+    ) -> tuple[int, dict[str, Any]]:
+        self.started += 1
+        if self.delay:
+            time.sleep(self.delay)
+        return super().rest(method, path, query, headers)
+
+
+def _stop_while_history_answers(srv: _HeldRest, ing: Ingestor, action: Callable[[], None]) -> None:
+    """``action`` makes the ingestor ask history, which answers after the stop's first half
+    (3 s against a 4 s budget)."""
+    n0 = srv.started
+    srv.delay = 3.0
+    action()
+    wait_until("the history request", lambda: srv.started > n0)
+    time.sleep(0.2)
+    ing.stop(timeout_s=4.0)
+    srv.delay = 0.0
+
+
+def test_a_stop_during_a_gap_check_holds_the_live_bar_back(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A stop came while the first live bar after a hole waited for its gap check's history:
+    the cut check was taken as filled, the live bar published, and the hole lost for good,
+    no gap (helper-105; older than this session). The bar is now held back and the next
+    start fetches the hole and it: every bar once, in order."""
+    syms = ("AAA",)
+    state = tmp_path / "s.json"
+    with _HeldRest(ScriptedMarket(syms, 12)) as srv:
+        clock = market_clock(srv)
+        first = make(srv, topic, state, ingestors, symbols=syms, enrich=(), clock=clock)
+        srv.wait_subscribed()
+        srv.advance(2)
+        wait_until("two bars confirmed", lambda: first.stats.confirmed >= 2)
+        srv.fail_rest(10)  # the reconnect's catch-up fails: the live bar's gap check fetches
+        srv.disconnect(missed=2)
+        wait_until("the reconnect's catch-up", lambda: first.stats.catch_ups >= 2)
+        with srv._lock:
+            srv._fail.clear()
+        _stop_while_history_answers(srv, first, lambda: srv.advance(1))
+        second = make(srv, topic, state, ingestors, symbols=syms, enrich=(), clock=clock)
+        wait_until("the next start's catch-up", lambda: second.stats.catch_ups >= 1)
+        srv.advance(2)
+        wait_until(
+            "every bar confirmed", lambda: first.stats.confirmed + second.stats.confirmed >= 7
+        )
+        assert second.stop(timeout_s=5)
+        assert second.report()["gaps_unfilled"] == 0
+    _every_bar_once_in_order(srv, topic, syms, 7)
+
+
+def test_a_stop_during_a_catch_up_leaves_the_start_points_where_they_were(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """Nothing published, a cut, and a stop while the reconnect's catch-up waited for history:
+    the catch-up, cut before its first bar, still moved the saved start points past the
+    missed minutes (helper-105). They stay, and the next start fetches those minutes."""
+    state = tmp_path / "s.json"
+    with _HeldRest(ScriptedMarket(SYMBOLS, 12)) as srv:
+        clock = market_clock(srv)
+        first = make(srv, topic, state, ingestors, enrich=(), clock=clock)
+        srv.wait_subscribed()
+        wait_until("the first catch-up", lambda: first.stats.catch_ups >= 1)
+        saved = json.loads(state.read_text())["start"]
+        _stop_while_history_answers(srv, first, lambda: srv.disconnect(missed=2))
+        assert json.loads(state.read_text())["start"] == saved
+        second = make(srv, topic, state, ingestors, enrich=(), clock=clock)
+        wait_until("the next start's catch-up", lambda: second.stats.backfilled >= 4)
+        srv.advance(2)
+        wait_until("every bar confirmed", lambda: second.stats.confirmed >= 8)
+        assert second.stop(timeout_s=5)
+    _every_bar_once_in_order(srv, topic, SYMBOLS, 4)
+
+
+def test_a_gap_past_the_backfill_limit_is_counted_once_across_restarts(
+    market: AlpacaMarketServer, topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A last bar (or a start point) older than INGEST_MAX_BACKFILL_S: the gap was counted,
+    but the position moved in memory only, so every restart counted it again (helper-105:
+    2 -> 4 -> 6 gaps). The state file now moves too."""
+    state = tmp_path / "s.json"
+    old = rfc3339(int((market.market.start - timedelta(hours=2)).timestamp()) * 10**9)
+    state.write_text(
+        json.dumps({"version": 1, "last_bar": {"AAA": old}, "start": {"BBB": old}, "gaps": []})
+    )
+    for n in range(3):
+        ing = make(
+            market, topic, state, ingestors, clock=market_clock(market), max_backfill_s=600.0
+        )
+        wait_until("the catch-up", lambda: ing.stats.catch_ups >= 1)  # noqa: B023
+        assert ing.stop(timeout_s=5)
+        gaps = json.loads(state.read_text())["gaps"]
+        assert [(g["symbol"], g["reason"]) for g in gaps] == [
+            ("AAA", "longer than INGEST_MAX_BACKFILL_S"),
+            ("BBB", "longer than INGEST_MAX_BACKFILL_S"),
+        ], n

@@ -574,8 +574,10 @@ def test_a_stop_while_first_bars_wait_for_their_trades_publishes_none_without_th
     for bar in published:
         assert bar.values["trades_used"] is not None, bar  # never null for want of a stop
     # the state file ends at what was published; the others start at the minute before
-    # their refused bar, so the next start fetches it from history (helper-83)
-    state = json.loads((tmp_path / "s.json").read_text())["last_bar"]
+    # their refused bar (start points), so the next start fetches it from history (helper-83)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert not set(doc["start"]) & set(doc["last_bar"])
+    state = {**doc["start"], **doc["last_bar"]}
     first = rfc3339(srv.market.data[syms[0]][0].start_ns)
     before = rfc3339(srv.market.data[syms[0]][0].start_ns - 60 * 10**9)
     assert set(state) == set(syms)
@@ -1057,13 +1059,19 @@ class _HeldRest(AlpacaMarketServer):
         return super().rest(method, path, query, headers)
 
 
-def _stop_while_history_answers(srv: _HeldRest, ing: Ingestor, action: Callable[[], None]) -> None:
+def _stop_while_history_answers(
+    srv: _HeldRest,
+    ing: Ingestor,
+    action: Callable[[], None],
+    meanwhile: Callable[[], None] = lambda: None,
+) -> None:
     """``action`` makes the ingestor ask history, which answers after the stop's first half
-    (3 s against a 4 s budget)."""
+    (3 s against a 4 s budget); ``meanwhile`` runs while it waits."""
     n0 = srv.started
     srv.delay = 3.0
     action()
     wait_until("the history request", lambda: srv.started > n0)
+    meanwhile()
     time.sleep(0.2)
     ing.stop(timeout_s=4.0)
     srv.delay = 0.0
@@ -1104,9 +1112,11 @@ def test_a_stop_during_a_gap_check_holds_the_live_bar_back(
 def test_a_stop_during_a_catch_up_leaves_the_start_points_where_they_were(
     topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
 ) -> None:
-    """Nothing published, a cut, and a stop while the reconnect's catch-up waited for history:
-    the catch-up, cut before its first bar, still moved the saved start points past the
-    missed minutes (helper-105). They stay, and the next start fetches those minutes."""
+    """Nothing published, a cut, and a stop while the reconnect's catch-up waited for history
+    (with the next minute's live bars queued behind it): the catch-up, cut before its first
+    bar, still moved the saved start points past the missed minutes (helper-105), and the
+    stop then wrote the queued bars' minute over them (helper-106). They stay, and the next
+    start fetches those minutes."""
     state = tmp_path / "s.json"
     with _HeldRest(ScriptedMarket(SYMBOLS, 12)) as srv:
         clock = market_clock(srv)
@@ -1114,14 +1124,17 @@ def test_a_stop_during_a_catch_up_leaves_the_start_points_where_they_were(
         srv.wait_subscribed()
         wait_until("the first catch-up", lambda: first.stats.catch_ups >= 1)
         saved = json.loads(state.read_text())["start"]
-        _stop_while_history_answers(srv, first, lambda: srv.disconnect(missed=2))
-        assert json.loads(state.read_text())["start"] == saved
+        _stop_while_history_answers(
+            srv, first, lambda: srv.disconnect(missed=2), lambda: srv.advance(1)
+        )
+        after = json.loads(state.read_text())
+        assert (after["start"], after["last_bar"]) == (saved, {})
         second = make(srv, topic, state, ingestors, enrich=(), clock=clock)
-        wait_until("the next start's catch-up", lambda: second.stats.backfilled >= 4)
+        wait_until("the next start's catch-up", lambda: second.stats.backfilled >= 6)
         srv.advance(2)
-        wait_until("every bar confirmed", lambda: second.stats.confirmed >= 8)
+        wait_until("every bar confirmed", lambda: second.stats.confirmed >= 10)
         assert second.stop(timeout_s=5)
-    _every_bar_once_in_order(srv, topic, SYMBOLS, 4)
+    _every_bar_once_in_order(srv, topic, SYMBOLS, 5)
 
 
 def test_a_gap_past_the_backfill_limit_is_counted_once_across_restarts(

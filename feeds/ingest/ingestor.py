@@ -824,6 +824,9 @@ class Ingestor:
                     self.state.confirm(s, skip_to)
                 else:
                     self.state.set_start(s, skip_to)
+                    # and in memory: a stop's left bars take the earlier start point, which
+                    # would be the old one again (helper-107: the gap counted twice)
+                    self._live_from[s] = skip_to
                 first = limit
             if first <= end:
                 start_by[s] = first

@@ -1028,7 +1028,8 @@ def test_a_minute_history_does_not_have_yet_is_fetched_by_the_first_live_bars_ga
     does not have the missed minute yet: the start point moved to the catch-up's end anyway,
     so the minute was lost for good, no gap (helper-104 K3). It moves only up to a bar
     history returned, and the first live bar's gap check fetches the minute."""
-    with _LateHistory(ScriptedMarket(SYMBOLS, 10)) as srv:
+    srv = _LateHistory(ScriptedMarket(SYMBOLS, 10))
+    with srv:
         ing = make(srv, topic, tmp_path / "s.json", ingestors, clock=market_clock(srv))
         srv.wait_subscribed()
         wait_until("the first catch-up", lambda: ing.stats.catch_ups >= 1)
@@ -1061,19 +1062,19 @@ class _HeldRest(AlpacaMarketServer):
 
 def _stop_while_history_answers(
     srv: _HeldRest,
-    ing: Ingestor,
+    stop: Callable[[float], object],
     action: Callable[[], None],
     meanwhile: Callable[[], None] = lambda: None,
 ) -> None:
-    """``action`` makes the ingestor ask history, which answers after the stop's first half
-    (3 s against a 4 s budget); ``meanwhile`` runs while it waits."""
+    """``action`` makes an ingestor ask history, which answers after the first half of the
+    stop's budget (3 s against 4 s, ``stop(budget)``); ``meanwhile`` runs while it waits."""
     n0 = srv.started
     srv.delay = 3.0
     action()
     wait_until("the history request", lambda: srv.started > n0)
     meanwhile()
     time.sleep(0.2)
-    ing.stop(timeout_s=4.0)
+    stop(4.0)
     srv.delay = 0.0
 
 
@@ -1086,7 +1087,8 @@ def test_a_stop_during_a_gap_check_holds_the_live_bar_back(
     start fetches the hole and it: every bar once, in order."""
     syms = ("AAA",)
     state = tmp_path / "s.json"
-    with _HeldRest(ScriptedMarket(syms, 12)) as srv:
+    srv = _HeldRest(ScriptedMarket(syms, 12))
+    with srv:
         clock = market_clock(srv)
         first = make(srv, topic, state, ingestors, symbols=syms, enrich=(), clock=clock)
         srv.wait_subscribed()
@@ -1097,7 +1099,7 @@ def test_a_stop_during_a_gap_check_holds_the_live_bar_back(
         wait_until("the reconnect's catch-up", lambda: first.stats.catch_ups >= 2)
         with srv._lock:
             srv._fail.clear()
-        _stop_while_history_answers(srv, first, lambda: srv.advance(1))
+        _stop_while_history_answers(srv, first.stop, lambda: srv.advance(1))
         second = make(srv, topic, state, ingestors, symbols=syms, enrich=(), clock=clock)
         wait_until("the next start's catch-up", lambda: second.stats.catch_ups >= 1)
         srv.advance(2)
@@ -1118,14 +1120,15 @@ def test_a_stop_during_a_catch_up_leaves_the_start_points_where_they_were(
     stop then wrote the queued bars' minute over them (helper-106). They stay, and the next
     start fetches those minutes."""
     state = tmp_path / "s.json"
-    with _HeldRest(ScriptedMarket(SYMBOLS, 12)) as srv:
+    srv = _HeldRest(ScriptedMarket(SYMBOLS, 12))
+    with srv:
         clock = market_clock(srv)
         first = make(srv, topic, state, ingestors, enrich=(), clock=clock)
         srv.wait_subscribed()
         wait_until("the first catch-up", lambda: first.stats.catch_ups >= 1)
         saved = json.loads(state.read_text())["start"]
         _stop_while_history_answers(
-            srv, first, lambda: srv.disconnect(missed=2), lambda: srv.advance(1)
+            srv, first.stop, lambda: srv.disconnect(missed=2), lambda: srv.advance(1)
         )
         after = json.loads(state.read_text())
         assert (after["start"], after["last_bar"]) == (saved, {})
@@ -1159,3 +1162,40 @@ def test_a_gap_past_the_backfill_limit_is_counted_once_across_restarts(
             ("AAA", "longer than INGEST_MAX_BACKFILL_S"),
             ("BBB", "longer than INGEST_MAX_BACKFILL_S"),
         ], n
+
+
+def test_a_start_point_past_the_backfill_limit_stays_moved_through_a_cut_stop(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """A start point older than INGEST_MAX_BACKFILL_S, moved to the limit by the catch-up,
+    and a stop that cuts that catch-up with live bars queued: the stop took the old start
+    point back (it was moved in the file, not in memory), and the next start counted the
+    gap a second time (helper-107)."""
+    state = tmp_path / "s.json"
+    srv = _HeldRest(ScriptedMarket(SYMBOLS, 12))
+    with srv:
+        old = rfc3339(int((srv.market.start - timedelta(hours=2)).timestamp()) * 10**9)
+        state.write_text(
+            json.dumps({"version": 1, "last_bar": {}, "start": {"AAA": old}, "gaps": []})
+        )
+        kw: dict[str, Any] = {"enrich": (), "clock": market_clock(srv), "max_backfill_s": 600.0}
+        first: list[Ingestor] = []
+        _stop_while_history_answers(
+            srv,
+            lambda budget: first[0].stop(timeout_s=budget),
+            lambda: first.append(make(srv, topic, state, ingestors, **kw)),
+            lambda: srv.advance(1),
+        )
+        saved = json.loads(state.read_text())
+        assert saved["start"]["AAA"] != old
+        second = make(srv, topic, state, ingestors, **kw)
+        wait_until("the next start's catch-up", lambda: second.stats.catch_ups >= 1)
+        srv.advance(1)
+        wait_until("every bar confirmed", lambda: second.stats.confirmed >= 2 * len(SYMBOLS))
+        assert second.stop(timeout_s=5)
+    # the two hours once (the restart, a minute later, may add that minute as possible: AAA
+    # had no bar since to move its start point)
+    gaps = json.loads(state.read_text())["gaps"]
+    first_missing = rfc3339(int((srv.market.start - timedelta(hours=2)).timestamp() + 60) * 10**9)
+    assert [g["symbol"] for g in gaps if g["start"] == first_missing] == ["AAA"], gaps
+    _every_bar_once_in_order(srv, topic, SYMBOLS, 2)

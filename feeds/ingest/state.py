@@ -27,7 +27,7 @@ import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,25 @@ class Gap:
     reason: str
 
 
+_TimeOrder = tuple[bool, datetime, str]
+
+
+def _gap_order(gap: Gap) -> tuple[_TimeOrder, _TimeOrder, str, str]:
+    """Sort key of a gap: start, end, then symbol and reason (so the order of distinct gaps does
+    not depend on which state took in the other)."""
+    return _time_order(gap.start), _time_order(gap.end), gap.symbol, gap.reason
+
+
+def _time_order(text: str) -> _TimeOrder:
+    """A gap time by time, not by text (:func:`iso_utc` omits a zero fraction, so
+    ``...:00Z`` sorts after ``...:00.5Z`` as text); text that is not a time (a hand-edited
+    file) after every time, by text."""
+    try:
+        return False, parse_timestamp(text), ""
+    except MalformedMessageError:
+        return True, datetime.min.replace(tzinfo=UTC), text
+
+
 @dataclass(slots=True)
 class IngestState:
     """The state file's content (see the module docstring).
@@ -67,7 +86,8 @@ class IngestState:
     Attributes:
         path: the file.
         last_bar: confirmed last bar time per symbol (aware UTC).
-        gaps: unfilled gaps, oldest first (at most :data:`MAX_GAPS_KEPT`).
+        gaps: unfilled gaps, oldest first: as recorded, by start once a merge brought new
+            ones (at most :data:`MAX_GAPS_KEPT`, the oldest dropped).
     """
 
     path: Path
@@ -106,7 +126,8 @@ class IngestState:
         """Take in another writer's file (a standby taking over a shared file): every symbol's
         later ``last_bar``, the start points of symbols still without one, the gaps not already
         here (helper-104: a standby saving its start-time copy rolled other symbols back and
-        erased the first one's gaps)."""
+        erased the first one's gaps). With new gaps, the gaps are then ordered by start (then
+        end, symbol, reason), so the :data:`MAX_GAPS_KEPT` limit drops the oldest."""
         for s, ts in other.last_bar.items():
             self.confirm(s, ts)
         for s, ts in other.start.items():
@@ -114,12 +135,11 @@ class IngestState:
             if mine is None or ts < mine:  # the earlier: bars from before, none twice
                 self.set_start(s, ts)
         known = set(self.gaps)
-        for gap in other.gaps:
-            if gap not in known:
-                self.gaps.append(gap)
-                known.add(gap)
-                self._dirty = True
-        del self.gaps[:-MAX_GAPS_KEPT]
+        new = [g for g in dict.fromkeys(other.gaps) if g not in known]
+        if new:
+            # By start: the two files' record orders cannot be compared, and appended after
+            # this state's own, older gaps of the other file were kept over newer ones here.
+            self._keep_gaps(sorted([*self.gaps, *new], key=_gap_order))
 
     def confirm(self, symbol: str, ts: datetime) -> None:
         """Pub/Sub confirmed the bar of ``symbol`` at ``ts``."""
@@ -130,8 +150,13 @@ class IngestState:
             self._dirty = True
 
     def add_gap(self, gap: Gap) -> None:
-        self.gaps.append(gap)
-        del self.gaps[:-MAX_GAPS_KEPT]
+        """Record an unfilled gap after those recorded before (see :meth:`_keep_gaps`)."""
+        self._keep_gaps([*self.gaps, gap])
+
+    def _keep_gaps(self, gaps: list[Gap]) -> None:
+        """Make ``gaps`` (oldest first) the state's gaps: the last :data:`MAX_GAPS_KEPT` of
+        them, the oldest dropped."""
+        self.gaps[:] = gaps[-MAX_GAPS_KEPT:]
         self._dirty = True
 
     @property

@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from core.errors import ConfigError, DataError
+from core.time import iso_utc
 from feeds.csv import CSVFeedConfig, read_csv_bars
 from feeds.ingest.alpaca import parse_rfc3339_ns
 from feeds.ingest.enrich import RISK_FIELDS, BarView, Enricher, Trades, risk_metrics
 from feeds.ingest.messages import build_message
-from feeds.ingest.state import Gap, IngestState, StateLock
+from feeds.ingest.state import MAX_GAPS_KEPT, Gap, IngestState, StateLock
 from feeds.pubsub.messages import decode_message
 from runtime.config import load_ingest_config
 from tests.alpaca_market_server import rfc3339
@@ -723,6 +724,29 @@ def test_a_state_merge_keeps_the_later_bar_the_earlier_start_and_every_gap(
     a.save()
     again = IngestState.load(tmp_path / "s.json")
     assert (again.last_bar, again.start, set(again.gaps)) == (a.last_bar, a.start, set(a.gaps))
+
+
+def test_a_state_merge_past_the_gap_limit_keeps_the_newest_gaps_by_start(tmp_path: Path) -> None:
+    """Two files each near MAX_GAPS_KEPT: the merge orders the gaps by start and drops the
+    oldest (before, the other file's gaps were appended after this one's and the limit cut
+    this one's front, keeping older gaps of the other file over newer ones of this one)."""
+    t0 = datetime(2024, 1, 2, 14, 0, tzinfo=UTC)
+
+    def gap(minute: int) -> Gap:
+        start = t0 + timedelta(minutes=minute)
+        return Gap("AAA", iso_utc(start), iso_utc(start + timedelta(minutes=1)), "history failed")
+
+    n = MAX_GAPS_KEPT - 10
+    newer = [gap(m) for m in range(n, 2 * n)]  # this state's: recorded after the other's
+    older = [gap(m) for m in range(n)] + [newer[0]]  # the other file's; one is here already
+    a = IngestState(tmp_path / "a.json", gaps=list(newer))
+    a.merge(IngestState(tmp_path / "b.json", gaps=list(older)))
+    expected = [gap(m) for m in range(2 * n - MAX_GAPS_KEPT, 2 * n)]
+    assert a.gaps == expected
+    assert a.dirty
+    b = IngestState(tmp_path / "b.json", gaps=list(older))
+    b.merge(IngestState(tmp_path / "a.json", gaps=list(newer)))
+    assert b.gaps == expected  # whichever state takes in the other
 
 
 def test_a_state_file_without_start_points_reads_as_before(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from core.errors import ConfigError, DataError, RetryInterruptedError, TransientError
 from core.time import iso_utc
@@ -164,6 +164,20 @@ def _ns(ts: datetime) -> int:
 def _floor(ts: datetime, step_s: float) -> datetime:
     epoch = ts.timestamp()
     return datetime.fromtimestamp(epoch - epoch % step_s, UTC)
+
+
+class _Backfilled(NamedTuple):
+    """What :meth:`Ingestor._backfill` did.
+
+    Attributes:
+        done: every bar asked for was published (False: history failed, or a stop cut the
+            publishing short). A tuple is always true: test this, not the result.
+        newest: the newest bar time history returned for any symbol (after the cut at the last
+            minute complete by Alpaca's clock); None when it returned none or was not asked.
+    """
+
+    done: bool
+    newest: datetime | None
 
 
 class _StoppedBeforeTradesError(Exception):
@@ -284,7 +298,6 @@ class Ingestor:
             for s, ts in self.state.start.items()
             if s in self._symbols and s not in self._sent
         }
-        self._history_newest: datetime | None = None  # the newest bar the last backfill got
         # Set by stop() when the worker outlived its budget: it hands nothing more to the
         # publisher (the process flushes the client at exit; the state file would not know).
         self._abandoned = False
@@ -740,13 +753,13 @@ class Ingestor:
         for s in unstarted:
             if s not in new:
                 since[s] = self._live_from[s]
-        self._history_newest = None
-        if since and self._backfill(since, end, reason="catch-up") and self._history_newest:
+        got = self._backfill(since, end, reason="catch-up") if since else None
+        if got is not None and got.done and got.newest:
             # Symbols still with nothing published: none up to the newest bar history had for
             # any symbol (proof that history has that minute: helper-104, a minute missing
             # from history for a few seconds was skipped for good). A failure is left to their
             # first live bar's gap check, as for the published symbols.
-            upto = min(end, self._history_newest)
+            upto = min(end, got.newest)
             for s in unstarted:
                 if s in since and s not in self._sent and upto > since[s]:
                     self._live_from[s] = upto
@@ -799,13 +812,13 @@ class Ingestor:
         end: datetime,
         *,
         reason: str,
-        upto: datetime | None = None,
-    ) -> bool:
+    ) -> _Backfilled:
         """Publish the bars of each symbol after ``since[s]`` up to ``end`` (inclusive), in time
-        order. Returns False when history failed (a gap is then recorded by the caller, or the
-        next live bar tries again) or a stop cut the publishing short (the next start fetches
-        the rest: helper-105, a gap check cut by a stop was taken as filled and the live bar
-        after the hole published, losing the hole for good)."""
+        order. Returns, with the newest bar time history returned, ``done`` False when history
+        failed (a gap is then recorded by the caller, or the next live bar tries again) or a
+        stop cut the publishing short (the next start fetches the rest: helper-105, a gap check
+        cut by a stop was taken as filled and the live bar after the hole published, losing the
+        hole for good)."""
         # the oldest bar fetched starts at or after this (a bar of the minute ``limit`` falls
         # in is fetched whole: comparing with ``limit`` itself counted an empty gap)
         limit = _floor(
@@ -831,9 +844,10 @@ class Ingestor:
             if first <= end:
                 start_by[s] = first
         if not start_by:
-            return True
+            return _Backfilled(True, None)
         symbols = sorted(start_by)
         start = min(start_by.values())
+        newest: datetime | None = None
         try:
             bars = self._history(lambda: self.history.bars(symbols, start, end))
             # The local clock may be ahead of Alpaca's: a bar of a minute that has not ended by
@@ -844,10 +858,6 @@ class Ingestor:
                 cut = self._last_complete_minute(alpaca_now)
                 bars = {s: [b for b in bs if b.ts <= cut] for s, bs in bars.items()}
             newest = max((bs[-1].ts for bs in bars.values() if bs), default=None)
-            if newest is not None and (
-                self._history_newest is None or newest > self._history_newest
-            ):
-                self._history_newest = newest
             fresh = {
                 s: [
                     b
@@ -859,11 +869,11 @@ class Ingestor:
             trades = self._backfill_trades(fresh)
         except (TransientError, ConfigError) as e:
             if isinstance(e, RetryInterruptedError):
-                return False
+                return _Backfilled(False, newest)
             if isinstance(e, ConfigError):
                 raise
             logger.error("%s from history failed for %s: %s", reason, ",".join(symbols), e)
-            return False
+            return _Backfilled(False, newest)
         n = 0
         for bar in heapq.merge(*fresh.values(), key=lambda b: (b.ts, b.symbol)):
             cut_at = self._take_until
@@ -877,7 +887,7 @@ class Ingestor:
                     n,
                     sum(len(b) for b in fresh.values()),
                 )
-                return False
+                return _Backfilled(False, newest)
             if n and n % 256 == 0:
                 self._confirm()  # confirmations recorded as they come
             window = trades.get(bar.symbol)
@@ -897,7 +907,7 @@ class Ingestor:
                 iso_utc(start),
                 iso_utc(end),
             )
-        return True
+        return _Backfilled(True, newest)
 
     def _backfill_trades(self, bars: dict[str, list[AlpacaBar]]) -> dict[str, deque[TradeTick]]:
         if not self._needs_trades:
@@ -1036,8 +1046,9 @@ class Ingestor:
             after = last if last is not None else self._live_from.get(s)
             if after is not None and (bar.ts - after).total_seconds() > self.tuning.bar_s:
                 end = bar.ts - timedelta(seconds=1)
-                filled = not self._stop.is_set() and self._backfill(
-                    {s: after}, end, reason="gap check"
+                filled = (
+                    not self._stop.is_set()
+                    and self._backfill({s: after}, end, reason="gap check").done
                 )
                 if not filled:
                     if self._stop.is_set():

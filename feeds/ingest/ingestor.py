@@ -555,7 +555,7 @@ class Ingestor:
                     self.events.on_connection("disconnected")
                 self.connected = False
                 if not self._stop.is_set():
-                    self._drain_publisher(until_stop=True)
+                    self._drain_on_disconnect()
                     self._hand_over()
             elif kind in (_CANCEL, _CORRECT):
                 self._cancel_or_correct(kind, payload)
@@ -642,24 +642,43 @@ class Ingestor:
             self.state.save()
             self._last_flush = now
 
-    def _drain_publisher(self, until_stop: bool = False) -> None:
-        # Within what is left of stop()'s budget (a little kept for the state file and joins);
-        # ``until_stop``: a disconnection's drain, which a stop cuts (helper-104: it waited on
-        # INGEST_REQUEST_TIMEOUT_S, past the stop's budget)
+    def _drain_publisher(self) -> None:
+        """The worker is ending: wait once for the sent bars' confirmations and record them,
+        within what is left of stop()'s budget, or ``INGEST_REQUEST_TIMEOUT_S`` when stop() set
+        none (a fatal error, a stop by the flag only)."""
+        deadline = self._deadline
+        if deadline is not None:
+            self._flush_publisher(self._stop_budget_s(deadline))
+        else:
+            self._flush_publisher(self.config.request_timeout_s)
+
+    def _drain_on_disconnect(self) -> None:
+        """Disconnected: wait up to ``INGEST_REQUEST_TIMEOUT_S`` for the sent bars'
+        confirmations and record them, in 0.1 s slices so that a stop cuts the wait
+        (helper-104: it waited on INGEST_REQUEST_TIMEOUT_S, past the stop's budget). A slice
+        begun once stop() has set its deadline (it does so just before the stop flag) waits
+        within the stop's budget instead."""
         end = time.monotonic() + self.config.request_timeout_s
         while True:
-            budget = end - time.monotonic()
-            if self._deadline is not None:
-                budget = max(0.1, self._deadline - time.monotonic() - 0.25)
-            elif until_stop:
-                budget = min(budget, 0.1)
-            for bar in self.publisher.flush(timeout_s=budget):
-                self.state.confirm(bar.symbol, bar.ts)
-                self.stats.confirmed += 1
-            if not until_stop or not self.publisher.pending or time.monotonic() >= end:
+            deadline = self._deadline
+            if deadline is not None:
+                self._flush_publisher(self._stop_budget_s(deadline))
+            else:
+                self._flush_publisher(min(end - time.monotonic(), 0.1))
+            if not self.publisher.pending or time.monotonic() >= end or self._stop.is_set():
                 return
-            if self._stop.is_set():
-                return
+
+    @staticmethod
+    def _stop_budget_s(deadline: float) -> float:
+        """What is left of a stop's budget (``deadline``, ``time.monotonic()``) for
+        confirmations, a little kept for the state file and the joins; at least 0.1 s."""
+        return max(0.1, deadline - time.monotonic() - 0.25)
+
+    def _flush_publisher(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the sent bars' confirmations; record those that came."""
+        for bar in self.publisher.flush(timeout_s=timeout_s):
+            self.state.confirm(bar.symbol, bar.ts)
+            self.stats.confirmed += 1
 
     def _stream_error(self, code: int, message: str) -> None:
         """An error answer after authentication. 405 (symbol limit exceeded) refuses the whole

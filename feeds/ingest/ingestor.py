@@ -229,6 +229,15 @@ class Ingestor:
                 f"local clock {future}: every later bar would be skipped as a duplicate; fix the "
                 "clock or the file"
             )
+        # a start point there too: its symbol's bars up to it would never be fetched (the
+        # catch-up asks after it), and its live bars would count a gap from a time to come
+        future = {s: iso_utc(t) for s, t in self.state.start.items() if t > horizon}
+        if future:
+            raise DataError(
+                f'INGEST_STATE_PATH={config.state_path}: start points ("start") dated after '
+                f"the local clock {future}: those symbols' bars up to them would never be "
+                "published; fix the clock or the file"
+            )
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,

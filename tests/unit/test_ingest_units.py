@@ -527,6 +527,20 @@ def test_a_state_file_dated_in_the_future_fails_at_start(tmp_path: Path) -> None
         _ingestor(tmp_path, now)
 
 
+def test_a_start_point_dated_in_the_future_fails_at_start(tmp_path: Path) -> None:
+    """helper-105 noted that a hand-edited future ``start`` was accepted where a future
+    ``last_bar`` is refused; a start point within the tolerance (the next minute) is kept."""
+    now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+    state = IngestState.load(tmp_path / "s.json")
+    state.set_start("AAPL", now + timedelta(minutes=1))
+    state.save()
+    assert _ingestor(tmp_path, now).state.start == {"AAPL": now + timedelta(minutes=1)}
+    state.set_start("AAPL", datetime(2030, 1, 1, tzinfo=UTC))
+    state.save()
+    with pytest.raises(DataError, match=r'start points \("start"\) dated after the local clock'):
+        _ingestor(tmp_path, now)
+
+
 def test_a_minute_arriving_after_a_later_one_is_a_gap_not_a_duplicate(tmp_path: Path) -> None:
     """Attack 16 #8: minute 6 published before minute 5 arrived: minute 5 cannot be published
     any more (order), and must be reported as a gap, not counted as a duplicate."""

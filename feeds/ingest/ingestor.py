@@ -222,22 +222,20 @@ class Ingestor:
         self.state.check_writable()
         self._lock = StateLock(config.state_path)  # held while connected (StateLock)
         horizon = clock() + timedelta(seconds=config.future_tolerance_s)
-        future = {s: iso_utc(t) for s, t in self.state.last_bar.items() if t > horizon}
-        if future:
-            raise DataError(
-                f"INGEST_STATE_PATH={config.state_path}: last published bars dated after the "
-                f"local clock {future}: every later bar would be skipped as a duplicate; fix the "
-                "clock or the file"
-            )
-        # a start point there too: its symbol's bars up to it would never be fetched (the
-        # catch-up asks after it), and its live bars would count a gap from a time to come
-        future = {s: iso_utc(t) for s, t in self.state.start.items() if t > horizon}
-        if future:
-            raise DataError(
-                f'INGEST_STATE_PATH={config.state_path}: start points ("start") dated after '
-                f"the local clock {future}: those symbols' bars up to them would never be "
-                "published; fix the clock or the file"
-            )
+        # a start point there too (helper-105): its symbol's bars up to it would never be
+        # fetched, the catch-up asking after it
+        for entries, what, harm in (
+            (self.state.last_bar, "last published bars", "every later bar would be skipped "
+             "as a duplicate"),
+            (self.state.start, 'start points ("start")', "those symbols' bars up to them would "
+             "never be published"),
+        ):  # fmt: skip
+            future = {s: iso_utc(t) for s, t in entries.items() if t > horizon}
+            if future:
+                raise DataError(
+                    f"INGEST_STATE_PATH={config.state_path}: {what} dated after the local clock "
+                    f"{future}: {harm}; fix the clock or the file"
+                )
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,

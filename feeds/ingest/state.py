@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,23 +60,45 @@ class Gap:
     reason: str
 
 
+def _read_gap(k: int, g: object) -> Gap:
+    """Gap ``k`` of a state file: an object of four texts, ``start`` and ``end`` times
+    (helper-109: ``null`` or numbers there, accepted, made a standby's merge raise TypeError
+    and its save erase the other ingestor's gaps).
+
+    Raises:
+        ValueError: anything else, naming the gap.
+    """
+    names = [f.name for f in fields(Gap)]
+    if not isinstance(g, dict) or sorted(g) != sorted(names):
+        raise ValueError(f"gap {k}: expected an object with {', '.join(names)}, got {g!r:.200}")
+    for name in names:
+        if not isinstance(g[name], str):
+            raise ValueError(f"gap {k}: {name} must be text, got {g[name]!r:.100}")
+    for name in ("start", "end"):
+        try:
+            parse_timestamp(g[name])
+        except MalformedMessageError as e:
+            raise ValueError(f"gap {k}: {name} is not a time ({e})") from e
+    return Gap(**g)
+
+
 _TimeOrder = tuple[bool, datetime, str]
 
 
 def _gap_order(gap: Gap) -> tuple[_TimeOrder, _TimeOrder, str, str]:
     """Sort key of a gap: start, end, then symbol and reason (so the order of distinct gaps does
     not depend on which state took in the other)."""
-    return _time_order(gap.start), _time_order(gap.end), gap.symbol, gap.reason
+    return _time_order(gap.start), _time_order(gap.end), str(gap.symbol), str(gap.reason)
 
 
 def _time_order(text: str) -> _TimeOrder:
     """A gap time by time, not by text (:func:`iso_utc` omits a zero fraction, so
-    ``...:00Z`` sorts after ``...:00.5Z`` as text); text that is not a time (a hand-edited
-    file) after every time, by text."""
+    ``...:00Z`` sorts after ``...:00.5Z`` as text); a value that is not a time (a gap built in
+    code: :meth:`IngestState.load` refuses one in a file) after every time, by its text."""
     try:
         return False, parse_timestamp(text), ""
-    except MalformedMessageError:
-        return True, datetime.min.replace(tzinfo=UTC), text
+    except (MalformedMessageError, TypeError, ValueError):
+        return True, datetime.min.replace(tzinfo=UTC), str(text)
 
 
 @dataclass(slots=True)
@@ -110,7 +132,7 @@ class IngestState:
             if not isinstance(doc, dict) or doc.get("version") != VERSION:
                 raise ValueError(f"expected an object with version {VERSION}")
             last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
-            gaps = [Gap(**g) for g in doc.get("gaps", [])]
+            gaps = [_read_gap(k, g) for k, g in enumerate(doc.get("gaps", []))]
             start = {str(k): parse_timestamp(v) for k, v in dict(doc.get("start", {})).items()}
         except (OSError, ValueError, TypeError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e

@@ -4,7 +4,9 @@ user indicators, configuration."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -700,7 +702,13 @@ _STATES = st.tuples(
     st.dictionaries(st.sampled_from("ABCDE"), _TIMES, max_size=5),
     st.dictionaries(st.sampled_from("ABCDE"), _TIMES, max_size=5),
     st.lists(
-        st.builds(Gap, st.sampled_from("ABC"), st.just("s"), st.just("e"), st.sampled_from("xy")),
+        st.builds(
+            Gap,
+            st.sampled_from("ABC"),
+            _TIMES.map(iso_utc),
+            _TIMES.map(iso_utc),
+            st.sampled_from("xy"),
+        ),
         max_size=4,
     ),
 )
@@ -761,6 +769,43 @@ def test_a_state_merge_past_the_gap_limit_keeps_the_newest_gaps_by_start(tmp_pat
     b = IngestState(tmp_path / "b.json", gaps=list(older))
     b.merge(IngestState(tmp_path / "a.json", gaps=list(newer)))
     assert b.gaps == expected  # whichever state takes in the other
+
+
+_GOOD_GAP = {
+    "symbol": "BBB",
+    "start": "2024-01-02T14:00:00Z",
+    "end": "2024-01-02T14:05:00Z",
+    "reason": "history failed",
+}
+
+
+@pytest.mark.parametrize(
+    ("gap", "says"),
+    [
+        ({**_GOOD_GAP, "start": None}, "gap 1: start must be text"),
+        ({**_GOOD_GAP, "end": 0}, "gap 1: end must be text"),
+        ({**_GOOD_GAP, "symbol": None}, "gap 1: symbol must be text"),
+        ({**_GOOD_GAP, "reason": 3}, "gap 1: reason must be text"),
+        ({**_GOOD_GAP, "start": "unknown"}, "gap 1: start is not a time"),
+        ({k: v for k, v in _GOOD_GAP.items() if k != "reason"}, "gap 1: expected an object"),
+        ({**_GOOD_GAP, "note": "x"}, "gap 1: expected an object"),
+        (["BBB", "2024-01-02T14:00:00Z"], "gap 1: expected an object"),
+    ],
+    ids=["null start", "number end", "null symbol", "number reason", "text start", "missing",
+         "extra", "a list"],
+)  # fmt: skip
+def test_a_state_file_with_a_gap_that_is_not_one_fails_at_load(
+    tmp_path: Path, gap: Any, says: str
+) -> None:
+    """helper-109 F1: gaps with ``null`` or numbers were accepted; a standby's merge then raised
+    TypeError ordering them, and its save erased the first ingestor's new gap. Such a file is
+    now refused when read, naming the file and the gap (at start: exit 2)."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"version": 1, "last_bar": {}, "gaps": [_GOOD_GAP, gap]}))
+    with pytest.raises(DataError, match=rf"INGEST_STATE_PATH=.*s\.json: .*{re.escape(says)}"):
+        IngestState.load(path)
+    path.write_text(json.dumps({"version": 1, "last_bar": {}, "gaps": [_GOOD_GAP]}))
+    assert IngestState.load(path).gaps == [Gap(**_GOOD_GAP)]
 
 
 def test_a_state_file_without_start_points_reads_as_before(tmp_path: Path) -> None:

@@ -23,7 +23,10 @@
 3. The bar loop with the BigQuery sink against the same loop with a sink that does nothing (the
    FMEL analyzer and the writer thread in both): the ratio is what BigQuery I/O adds to
    ``cerebro.run()``. The final flush (``writer.stop()``) is reported apart. Rounds alternate
-   the modes so machine noise hits all alike.
+   the modes so machine noise hits all alike. Also as ratios: the bar loop's main-thread CPU
+   time (the client's Python on the writer thread shows in the wall time, as the GIL, not
+   here) and its wall time less the time it waited for a core (the run queue: mostly the
+   emulator's own work, which BigQuery does on Google's side).
 
 The emulator shares the machine's cores with the client here, and converts every nested row in
 Python: its own ceiling, far below BigQuery's (per project 1 GB/s in the US and EU
@@ -71,9 +74,13 @@ class NullSink:
         return ""
 
 
-def backtest(writer: Any) -> tuple[float, float, int]:
-    """SMA-cross on GOOG, SP500, NASDAQ (full files); returns (run_s, flush_s, decisions)."""
+def backtest(writer: Any) -> tuple[float, float, int, float, float]:
+    """SMA-cross on GOOG, SP500, NASDAQ (full files); returns (run_s, flush_s, decisions,
+    main-thread CPU s, run-queue s) of ``cerebro.run()``: the run queue is the time the bar
+    loop was runnable but waited for a core (the emulator's own work on this machine, which
+    BigQuery does on Google's side; bench_fmel's ``_run_queue_s``)."""
     import backtrader as bt
+    from bench_fmel import _run_queue_s
 
     from agents.sma_cross import SmaCrossAgent
     from analyzers.fmel import FMELAnalyzer
@@ -89,15 +96,15 @@ def backtest(writer: Any) -> tuple[float, float, int]:
     cerebro.broker.setcash(100_000)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
     writer.start()
-    t0 = time.perf_counter()
+    t0, c0, q0 = time.perf_counter(), time.thread_time(), _run_queue_s()
     strategy = cerebro.run()[0]
-    t1 = time.perf_counter()
+    t1, cpu, queued = time.perf_counter(), time.thread_time() - c0, _run_queue_s() - q0
     stats = writer.stop(timeout_s=600)
     t2 = time.perf_counter()
     decisions = strategy.analyzers.fmel.decisions
     if stats.written != decisions:
         raise SystemExit(f"writer wrote {stats.written} of {decisions} decisions: {stats}")
-    return t1 - t0, t2 - t1, decisions
+    return t1 - t0, t2 - t1, decisions, cpu, queued
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         modes = {"null sink": 10, "bigquery": 10}  # mode -> batch size (FMEL_BATCH_SIZE)
         runs: dict[str, list[float]] = {m: [] for m in modes}
         flush: dict[str, list[float]] = {m: [] for m in modes}
+        cpus: dict[str, list[float]] = {m: [] for m in modes}
+        on_core: dict[str, list[float]] = {m: [] for m in modes}  # run time less the run queue
         decisions = 0
         for r in range(args.rounds):
             for mode in runs:
@@ -282,16 +291,22 @@ def main(argv: list[str] | None = None) -> int:
                     flush_interval_s=5.0,
                     spill_dir=tmp / f"spill-{mode}-{r}",
                 )
-                run_s, flush_s, decisions = backtest(w)
+                run_s, flush_s, decisions, cpu_s, queued_s = backtest(w)
                 runs[mode].append(run_s)
                 flush[mode].append(flush_s)
+                cpus[mode].append(cpu_s)
+                on_core[mode].append(run_s - queued_s)
         base_s = statistics.median(runs["null sink"])
+        base_cpu = statistics.median(cpus["null sink"])
+        base_on = statistics.median(on_core["null sink"])
         for mode in runs:
             med = statistics.median(runs[mode])
             print(
                 f"  {mode:>12} (batch {modes[mode]:>3}): run {med:6.2f} s "
                 f"({decisions / med:7.0f} decisions/s), "
-                f"x{med / base_s:.2f} vs null sink; final flush "
+                f"x{med / base_s:.2f} vs null sink (main-thread CPU "
+                f"x{statistics.median(cpus[mode]) / base_cpu:.2f}; less the run queue "
+                f"x{statistics.median(on_core[mode]) / base_on:.2f}); final flush "
                 f"{statistics.median(flush[mode]):.2f} s"
             )
     finally:

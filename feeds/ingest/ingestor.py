@@ -72,7 +72,7 @@ from feeds.ingest.enrich import BarView, Enricher, Trades, load_factory
 from feeds.ingest.messages import Source, build_message
 from feeds.ingest.publisher import BarPublisher
 from feeds.ingest.state import Gap, IngestState, StateLock
-from feeds.pubsub.messages import excerpt
+from feeds.pubsub.messages import MIN_YEAR, excerpt
 
 __all__ = ["IngestEvents", "IngestStats", "Ingestor"]
 
@@ -222,20 +222,25 @@ class Ingestor:
         self.state.check_writable()
         self._lock = StateLock(config.state_path)  # held while connected (StateLock)
         horizon = clock() + timedelta(seconds=config.future_tolerance_s)
-        # a start point there too (helper-105): its symbol's bars up to it would never be
-        # fetched, the catch-up asking after it
-        for entries, what, harm in (
-            (self.state.last_bar, "last published bars", "every later bar would be skipped "
-             "as a duplicate"),
-            (self.state.start, 'start points ("start")', "those symbols' bars up to them would "
-             "never be published"),
-        ):  # fmt: skip
-            future = {s: iso_utc(t) for s, t in entries.items() if t > horizon}
-            if future:
-                raise DataError(
-                    f"INGEST_STATE_PATH={config.state_path}: {what} dated after the local clock "
-                    f"{future}: {harm}; fix the clock or the file"
-                )
+        future = {s: iso_utc(t) for s, t in self.state.last_bar.items() if t > horizon}
+        if future:
+            raise DataError(
+                f"INGEST_STATE_PATH={config.state_path}: last published bars dated after the "
+                f"local clock {future}: every later bar would be skipped as a duplicate; fix the "
+                "clock or the file"
+            )
+        # Start points come from an ingestor's local clock, not from bars: one ahead of this
+        # one's (another pod on the shared file) is told, not refused (helper-110: refusing
+        # made a standby exit 2 at every start until its clock caught up)
+        future = {s: iso_utc(t) for s, t in self.state.start.items() if t > horizon}
+        if future:
+            logger.warning(
+                "INGEST_STATE_PATH=%s: start points dated after the local clock %s (a clock "
+                "ahead where they were written, or a hand edit): bars of those symbols before "
+                "them are not fetched",
+                config.state_path,
+                future,
+            )
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,
@@ -1111,8 +1116,12 @@ class Ingestor:
 
     def _bad_time(self, ts: datetime) -> str | None:
         """Why a bar time cannot be right, or None: not on a bar boundary (a bar at hh:mm:30
-        would be published and the real hh:mm bar dropped), or dated after the local clock by
-        more than ``future_tolerance_s`` (it would make every later bar a duplicate)."""
+        would be published and the real hh:mm bar dropped), dated after the local clock by
+        more than ``future_tolerance_s`` (it would make every later bar a duplicate), or before
+        ``MIN_YEAR`` (helper-110: published, then saved as ``500-01-01T...``, a state file
+        the next start refused, exit 2 at every start; runners refuse such a message too)."""
+        if ts.year < MIN_YEAR:
+            return f"dated before year {MIN_YEAR}"
         if _ns(ts) % self._bar_ns:
             return f"time not on a {self.tuning.bar_s:g} s boundary"
         ahead = (ts - self.clock()).total_seconds()

@@ -85,10 +85,18 @@ def _read_gap(k: int, g: object) -> Gap:
 _TimeOrder = tuple[bool, datetime, str]
 
 
-def _gap_order(gap: Gap) -> tuple[_TimeOrder, _TimeOrder, str, str]:
-    """Sort key of a gap: start, end, then symbol and reason (so the order of distinct gaps does
-    not depend on which state took in the other)."""
-    return _time_order(gap.start), _time_order(gap.end), str(gap.symbol), str(gap.reason)
+def _gap_order(gap: Gap) -> tuple[_TimeOrder, _TimeOrder, str, str, str, str]:
+    """Sort key of a gap: start, end, then symbol and reason, then the times' texts (one time
+    written two ways in a hand-edited file: helper-110), so the order of distinct gaps does not
+    depend on which state took in the other."""
+    return (
+        _time_order(gap.start),
+        _time_order(gap.end),
+        str(gap.symbol),
+        str(gap.reason),
+        str(gap.start),
+        str(gap.end),
+    )
 
 
 def _time_order(text: str) -> _TimeOrder:
@@ -134,7 +142,8 @@ class IngestState:
             last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
             gaps = [_read_gap(k, g) for k, g in enumerate(doc.get("gaps", []))]
             start = {str(k): parse_timestamp(v) for k, v in dict(doc.get("start", {})).items()}
-        except (OSError, ValueError, TypeError, MalformedMessageError) as e:
+        # RecursionError: JSON nested past the interpreter's limit (helper-110: uncaught, exit 1)
+        except (OSError, ValueError, TypeError, RecursionError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
         return cls(path, last, gaps, {s: t for s, t in start.items() if s not in last})
 

@@ -520,6 +520,61 @@ def test_bar_times_off_the_minute_or_in_the_future_are_refused(
     assert (problem is None) == (aligned and not future)
 
 
+@pytest.mark.parametrize("t", ["0500-01-01T00:00:00Z", "0999-12-31T23:59:00Z"])
+def test_a_stream_bar_dated_before_year_1000_is_refused_not_published(
+    tmp_path: Path, t: str
+) -> None:
+    """helper-110: such a bar was published and, once confirmed, saved as ``500-01-01T...``,
+    which the state file's reader refuses: every later start exited 2."""
+    now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+    ing = _ingestor(tmp_path, now, INGEST_ENRICH="none")
+    published: list[Any] = []
+
+    class Publisher:
+        pending = 0
+
+        def publish(self, out: Any) -> None:
+            published.append(out)
+
+    ing.publisher = Publisher()
+    raw = {"T": "b", "S": "AAPL", "t": t, "o": 1, "h": 1, "l": 1, "c": 1, "v": 1}
+    ing._live_bar(raw, time.perf_counter_ns())
+    assert published == [] and ing.stats.invalid == 1
+    ok = {**raw, "t": "2024-01-02T15:29:00Z"}
+    ing._live_bar(ok, time.perf_counter_ns())
+    assert [o.symbol for o in published] == ["AAPL"]
+    for o in published:
+        ing.state.confirm(o.symbol, o.ts)
+    ing.state.save()
+    assert IngestState.load(tmp_path / "s.json").last_bar == {"AAPL": published[0].ts}
+
+
+def test_a_state_file_nested_too_deep_is_refused_by_name(tmp_path: Path) -> None:
+    """helper-110: RecursionError from the JSON reader was uncaught (exit 1, a traceback)."""
+    path = tmp_path / "s.json"
+    path.write_text('{"version": 1, "gaps": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match=r"INGEST_STATE_PATH=.*not an ingest state file"):
+        IngestState.load(path)
+
+
+def test_one_gap_time_written_two_ways_merges_alike_either_way(tmp_path: Path) -> None:
+    """helper-110 F3: equal sort keys for one instant written two ways made ``a.merge(b)`` and
+    ``b.merge(a)`` keep different gaps at the cap; the texts now break the tie."""
+    import feeds.ingest.state as state_module
+
+    z = Gap("A", "2024-01-02T14:00:00Z", "2024-01-02T15:00:00Z", "r")
+    offset = Gap("A", "2024-01-02T14:00:00+00:00", "2024-01-02T15:00:00Z", "r")
+    fraction = Gap("A", "2024-01-02T14:00:00Z", "2024-01-02T15:00:00.000Z", "r")
+    kept = []
+    for mine, theirs in (([z, offset], [fraction]), ([fraction], [z, offset])):
+        a = IngestState(tmp_path / "a.json", gaps=mine)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(state_module, "MAX_GAPS_KEPT", 1)
+            a.merge(IngestState(tmp_path / "b.json", gaps=theirs))
+        kept.append(a.gaps)
+    assert kept[0] == kept[1] and len(kept[0]) == 1
+
+
 def test_a_state_file_dated_in_the_future_fails_at_start(tmp_path: Path) -> None:
     now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
     state = IngestState.load(tmp_path / "s.json")
@@ -529,18 +584,26 @@ def test_a_state_file_dated_in_the_future_fails_at_start(tmp_path: Path) -> None
         _ingestor(tmp_path, now)
 
 
-def test_a_start_point_dated_in_the_future_fails_at_start(tmp_path: Path) -> None:
-    """helper-105 noted that a hand-edited future ``start`` was accepted where a future
-    ``last_bar`` is refused; a start point within the tolerance (the next minute) is kept."""
+def test_a_start_point_dated_in_the_future_is_told_not_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start points come from an ingestor's local clock: one written by a pod whose clock is
+    ahead is kept and named in a warning (helper-110: refused, a standby exited 2 at every
+    start until its clock caught up); within the tolerance, nothing is said."""
     now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
     state = IngestState.load(tmp_path / "s.json")
     state.set_start("AAPL", now + timedelta(minutes=1))
     state.save()
-    assert _ingestor(tmp_path, now).state.start == {"AAPL": now + timedelta(minutes=1)}
-    state.set_start("AAPL", datetime(2030, 1, 1, tzinfo=UTC))
+    with caplog.at_level("WARNING", logger="feeds.ingest.ingestor"):
+        assert _ingestor(tmp_path, now).state.start == {"AAPL": now + timedelta(minutes=1)}
+    assert "start points dated after" not in caplog.text
+    state.set_start("AAPL", now + timedelta(minutes=5))
     state.save()
-    with pytest.raises(DataError, match=r'start points \("start"\) dated after the local clock'):
-        _ingestor(tmp_path, now)
+    with caplog.at_level("WARNING", logger="feeds.ingest.ingestor"):
+        assert _ingestor(tmp_path, now).state.start == {"AAPL": now + timedelta(minutes=5)}
+    assert "start points dated after the local clock {'AAPL': '2024-01-02T15:35:00Z'}" in (
+        caplog.text
+    )
 
 
 def test_a_minute_arriving_after_a_later_one_is_a_gap_not_a_duplicate(tmp_path: Path) -> None:

@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=300, help="read-heavy rows per mode")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each part")
+    parser.add_argument(
+        "--batch", type=int, default=10, help="the bar loop's writer batch (FMEL_BATCH_SIZE)"
+    )
     args = parser.parse_args(argv)
 
     records = read_heavy_records("bench", start="2015-01-01", end="2018-12-31")
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp())
 
         print(f"bar loop (SMA-cross, 3 symbols x 5031 bars, FMEL on), {args.rounds} rounds:")
-        modes = {"null sink": 10, "bigquery": 10}  # mode -> batch size (FMEL_BATCH_SIZE)
+        modes = {"null sink": args.batch, "bigquery": args.batch}  # mode -> FMEL_BATCH_SIZE
         runs: dict[str, list[float]] = {m: [] for m in modes}
         flush: dict[str, list[float]] = {m: [] for m in modes}
         cpus: dict[str, list[float]] = {m: [] for m in modes}

@@ -7,10 +7,13 @@ spread over requests in flight leaves no tiny last request.
 
 from __future__ import annotations
 
+import collections
 import copy
 import http.server
 import json
 import threading
+import types
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from hypothesis import given, settings
@@ -83,6 +86,56 @@ def test_a_compact_row_reads_as_the_full_row(row: dict[str, Any]) -> None:
     for path in _paths(row):
         assert _read(compact, path) == _read(row, path)
     assert len(json.dumps(compact)) <= len(json.dumps(row))
+
+
+def _compact_before(value: Any) -> Any:
+    """compact_row as it was before its exact-type fast paths (thirty-second pass)."""
+    if isinstance(value, Mapping):
+        return {
+            k: _compact_before(v) if isinstance(v, Mapping | list) else v
+            for k, v in value.items()
+            if v is not None
+        }
+    if isinstance(value, list):
+        return [_compact_before(v) if isinstance(v, Mapping | list) else v for v in value]
+    return value
+
+
+class _Text(str):
+    pass
+
+
+class _Items(list):  # type: ignore[type-arg]
+    pass
+
+
+_ODD = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=3)
+    | st.text(max_size=3).map(_Text)
+    | st.tuples(st.integers(), st.none()),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(_Items)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3).map(collections.OrderedDict)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=3).map(types.MappingProxyType)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400)
+@given(value=_ODD)
+def test_compact_row_s_fast_paths_give_what_it_gave_before(value: Any) -> None:
+    """Subclasses of str and list, other mappings, tuples, bools: each takes the path it took
+    before the exact-type checks, and the result is the same, of the same types."""
+    got, want = compact_row(value), _compact_before(value)
+    assert got == want
+    assert repr(got) == repr(want)  # the same types all the way down (OrderedDict vs dict...)
 
 
 def test_a_decision_row_stays_valid_when_compact_and_loses_its_null_reads() -> None:

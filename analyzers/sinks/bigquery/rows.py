@@ -52,15 +52,29 @@ def compact_row(value: Any) -> Any:
     is the same; checked on the emulator by the tests. A read-heavy decision record has a null
     ``text_value`` in each of its reads: that alone is about a tenth of its size.
     """
-    if isinstance(value, Mapping):
+    # Exact types first (set lookups), isinstance only for others: Mapping is an ABC, and its
+    # check for every value was half of the sink's Python per row (docs/benchmarks.md,
+    # thirty-second pass). Same result for every value (a subclass takes the isinstance path).
+    kind = type(value)
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
         return {
-            k: compact_row(v) if isinstance(v, Mapping | list) else v
+            k: v if type(v) in _SCALARS else compact_row(v) if _nested(v) else v
             for k, v in value.items()
             if v is not None
         }
-    if isinstance(value, list):
-        return [compact_row(v) if isinstance(v, Mapping | list) else v for v in value]
+    if kind is list or isinstance(value, list):
+        return [v if type(v) in _SCALARS else compact_row(v) if _nested(v) else v for v in value]
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool})
+
+
+def _nested(v: Any) -> bool:
+    return type(v) in _CONTAINERS or isinstance(v, Mapping | list)
+
+
+_CONTAINERS = frozenset({dict, list})
 
 
 def split_bytes(total_bytes: int, in_flight: int, max_bytes: int, largest: int = 0) -> int:
@@ -195,7 +209,7 @@ def validate_row(
                     problems.append(f"{item_path}: null element in a REPEATED field")
                 continue
             if spec.type == "RECORD":
-                if not isinstance(item, Mapping):
+                if type(item) is not dict and not isinstance(item, Mapping):
                     problems.append(
                         f"{item_path}: expected an object (RECORD), got {type(item).__name__}"
                     )

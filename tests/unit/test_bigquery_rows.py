@@ -16,6 +16,7 @@ import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,9 @@ from analyzers.sinks.bigquery.rows import (
     Pending,
     chunks,
     compact_row,
-    row_size,
+    encode_entry,
+    entry_size,
+    request_body,
     split_bytes,
     validate_row,
 )
@@ -165,12 +168,12 @@ def test_requests_keep_every_row_once_under_the_limits(
     total = sum(sizes)
     per = split_bytes(total, in_flight, max_bytes, largest=max(sizes, default=0))
     assert 1 <= per <= max_bytes
-    items: list[Pending] = [(i, {}, s) for i, s in enumerate(sizes)]
+    items: list[Pending] = [(i, {}, s, b"") for i, s in enumerate(sizes)]
     requests = list(chunks(items, per, max_rows))
-    assert [i for r in requests for i, _, _ in r] == list(range(len(sizes)))
+    assert [p[0] for r in requests for p in r] == list(range(len(sizes)))
     for r in requests:
         assert 1 <= len(r) <= max_rows
-        assert len(r) == 1 or sum(s for _, _, s in r) <= per
+        assert len(r) == 1 or sum(p[2] for p in r) <= per
     if max_rows >= len(sizes) and sizes:
         # Spread evenly: a write needing n requests (by bytes, or to fill the requests in
         # flight) gets at most n of them, none left over small, when the even share plus the
@@ -205,58 +208,138 @@ class _CaptureHandler(http.server.BaseHTTPRequestHandler):
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # any text, non-ASCII too
 
 
+def _capture_client(port: int) -> Any:
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    return bigquery.Client(
+        project="p",
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options=ClientOptions(api_endpoint=f"http://127.0.0.1:{port}"),
+    )
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     texts=st.lists(_TEXT, min_size=1, max_size=30),
     budget=st.integers(2_000, 20_000),
 )
-def test_a_request_body_as_the_client_sends_it_never_exceeds_the_budget(
+def test_the_sink_s_request_bodies_fit_the_budget_and_say_what_the_client_would(
     texts: list[str], budget: int
 ) -> None:
-    """Finding 3 of issue 17: rows are sized as google-cloud-core sends them (json.dumps with
-    default separators and ASCII escapes), so every insertAll body built from a chunk, by the
-    real client, fits the byte budget."""
-    from google.api_core.client_options import ClientOptions
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import bigquery
+    """Finding 3 of issue 17, and the body sent as encoded (issue 14): every insertAll body the
+    sink sends fits its byte budget, its size is exactly the rows' sizes plus the envelope, and
+    it parses to what ``insert_rows_json`` sends for the same rows (its own ``json.dumps``
+    body), non-ASCII text included."""
+    from analyzers.sinks.bigquery.config import BigQuerySinkConfig
+    from analyzers.sinks.bigquery.sink import BigQuerySink
 
     rows = []
     for i, text in enumerate(texts):
         row = compact_row(to_row(record(i)))
-        row["agent_name"] = text  # a free-text field, any Unicode
+        row["agent_id"] = text  # a free-text field, any Unicode
         rows.append(row)
-    sizes = [row_size(r) for r in rows]
-    if max(sizes) + REQUEST_ENVELOPE_BYTES > budget:
-        budget = max(sizes) + REQUEST_ENVELOPE_BYTES  # the sink refuses larger rows first
-    items = [(i, r, s) for i, (r, s) in enumerate(zip(rows, sizes, strict=True))]
+    largest = max(entry_size(encode_entry(r)) for r in rows)
+    budget = max(budget, largest + REQUEST_ENVELOPE_BYTES)  # the sink refuses larger rows
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CaptureHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _CaptureHandler.bodies = []
     try:
-        client: Any = bigquery.Client(
-            project="p",
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            client_options=ClientOptions(api_endpoint=f"http://127.0.0.1:{server.server_port}"),
+        client = _capture_client(server.server_port)
+        sink = BigQuerySink(
+            BigQuerySinkConfig(project="p", dataset="d", table="t"),
+            client=client,
+            max_request_bytes=budget,
+            max_in_flight=1,
         )
-        requests = list(chunks(items, budget - REQUEST_ENVELOPE_BYTES, 500))
-        for chunk in requests:
-            errors = client.insert_rows_json(
-                "p.d.t",
-                [r for _, r, _ in chunk],
-                row_ids=[str(r["decision_id"]) for _, r, _ in chunk],
-                skip_invalid_rows=False,
-                retry=None,
+        sink._opened = True  # the capturing server answers insertAll only (no table calls)
+        _CaptureHandler.bodies = []
+        assert sink.write(rows) == []
+        ours = list(_CaptureHandler.bodies)
+        _CaptureHandler.bodies = []
+        sent = [json.loads(b)["rows"] for b in ours]
+        for batch in sent:
+            assert (
+                client.insert_rows_json(
+                    "p.d.t",
+                    [e["json"] for e in batch],
+                    row_ids=[e["insertId"] for e in batch],
+                    skip_invalid_rows=False,
+                    retry=None,
+                )
+                == []
             )
-            assert errors == []
+        theirs = list(_CaptureHandler.bodies)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
-    assert len(_CaptureHandler.bodies) == len(requests)
-    for chunk, body in zip(requests, _CaptureHandler.bodies, strict=True):
+    assert [e["json"] for batch in sent for e in batch] == json.loads(json.dumps(rows))
+    assert [json.loads(b) for b in ours] == [json.loads(b) for b in theirs]
+    for body in ours:
+        entries = [json.dumps(e, separators=(",", ":")) for e in json.loads(body)["rows"]]
         assert len(body) <= budget
         # the measure is exact: the rows' sizes plus the envelope, no more
-        assert len(body) == sum(s for _, _, s in chunk) - len(", ") + len(
-            '{"rows": [], "skipInvalidRows": false}'
-        )
+        sizes = sum(entry_size(encode_entry(e["json"])) for e in json.loads(body)["rows"])
+        assert len(body) == sizes - 1 + len(request_body([]))
+        assert entries  # never an empty request
+
+
+_ODD = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),  # past 64 bits too: orjson refuses those, json.dumps takes them
+        st.floats(),  # NaN and infinities: refused by both paths, never written as null
+        st.text(),  # lone surrogates too: orjson refuses those
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.one_of(st.text(max_size=5), st.integers(0, 9)), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400)
+@given(value=_ODD)
+def test_an_entry_is_the_client_s_json_or_refused(value: Any) -> None:
+    """``encode_entry`` gives the JSON ``json.dumps`` gives (parsed, the same value), or raises
+    where ``json.dumps(..., allow_nan=False)`` raises: orjson never writes a NaN as null or drops
+    anything silently."""
+    row = {"decision_id": "d", "notes": value}
+    try:
+        expected = json.loads(json.dumps({"json": row, "insertId": "d"}, allow_nan=False))
+    except ValueError:
+        expected = None
+    try:
+        got = json.loads(encode_entry(row))
+    except ValueError:
+        got = None
+    if expected is None:
+        # orjson writes NaN and infinities as null: validate_row refuses them before this,
+        # for every column type
+        assert got is None or _has_non_finite(value)
+    else:
+        assert got == expected
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("column", ["portfolio_value", "agent_id", "reads"])
+def test_a_non_finite_float_is_refused_by_name_in_any_column(bad: float, column: str) -> None:
+    row = compact_row(to_row(record(0)))
+    row[column] = bad
+    problems = validate_row(row, DECISION_SCHEMA)
+    assert problems and problems[0].startswith(f"{column}: ") and "NaN or infinity" in problems[0]

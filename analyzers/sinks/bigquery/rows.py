@@ -13,10 +13,13 @@ inserts: HTTP request size 10 MB, at most 50,000 rows per request).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from analyzers.schema import FieldSpec
 from analyzers.sinks.base import Row
@@ -30,17 +33,17 @@ MAX_ROWS_PER_REQUEST = 50_000
 # A write is split into at least this many bytes per request when it is spread over several
 # requests in flight (smaller requests cost more per row than they gain in parallelism).
 MIN_SPLIT_BYTES = 1_000_000
-# What an insertAll body holds besides its rows, as the client sends it: '{"rows": [' and
-# '], "skipInvalidRows": false}' (28 bytes with the optional "ignoreUnknownValues" and
-# "templateSuffix" members left out); a margin for those. Requests are packed so that their
+# What an insertAll body holds besides its rows (request_body): '{"rows":[' and
+# '],"skipInvalidRows":false}', 35 bytes; the rest is margin. Requests are packed so that their
 # rows' sizes add up to at most the byte budget minus this.
 REQUEST_ENVELOPE_BYTES = 128
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
-Pending = tuple[int, Row, int]
-"""A row to send: its position in the caller's batch, the row, its request size in bytes."""
+Pending = tuple[int, Row, int, bytes]
+"""A row to send: its position in the caller's batch, the row, the bytes it adds to a request
+(:func:`entry_size`) and its encoded entry (:func:`encode_entry`)."""
 
 
 def compact_row(value: Any) -> Any:
@@ -87,18 +90,44 @@ def split_bytes(total_bytes: int, in_flight: int, max_bytes: int, largest: int =
     return max(1, min(max_bytes, share + largest))
 
 
-def row_size(row: Row) -> int:
-    """Bytes ``row`` adds to an insertAll request body, exactly as the client sends it.
+def encode_entry(row: Row) -> bytes:
+    """The element of an insertAll request's ``rows`` list for ``row``:
+    ``{"json": row, "insertId": decision_id}`` as compact UTF-8 JSON, the shape
+    ``Client.insert_rows_json`` (google-cloud-bigquery) builds ("Method: tabledata.insertAll",
+    request body: ``rows[].insertId``, ``rows[].json``). Encoded once, here: its length sizes
+    the request and the bytes are its body (:func:`request_body`).
 
-    ``Client.insert_rows_json`` (google-cloud-bigquery) wraps each row as
-    ``{"json": row, "insertId": id}`` (our insert id is the ``decision_id``) in a list under
-    ``"rows"``, and ``JSONConnection.api_request`` (google-cloud-core, ``google/cloud/_http``)
-    sends ``json.dumps(data)``: default separators (``", "`` and ``": "``) and ``ensure_ascii``
-    (a non-ASCII character costs 6 or 12 bytes). Includes the ``", "`` between two rows; add
-    :data:`REQUEST_ENVELOPE_BYTES` once per request.
+    orjson encodes it (about 12x faster than ``json.dumps`` for a read-heavy row, on the writer
+    thread where it holds the GIL; docs/benchmarks.md, thirty-third pass). What orjson refuses
+    (an integer past 64 bits in a STRING field, a string with a lone surrogate, a key that is
+    not text, a type it does not know) is encoded by ``json.dumps`` as the client would.
+    Non-finite floats are refused by :func:`validate_row` before this (orjson would write
+    ``null`` for them).
+
+    Raises:
+        ValueError: a NaN or infinity that reached here unchecked (``json.dumps``,
+            ``allow_nan=False``) or a circular structure.
+        TypeError: a value JSON has no form for.
     """
     info = {"json": row, "insertId": str(row.get("decision_id"))}
-    return len(json.dumps(info, allow_nan=False)) + len(", ")
+    try:
+        return orjson.dumps(info)
+    except orjson.JSONEncodeError:
+        return json.dumps(info, allow_nan=False, separators=(",", ":")).encode()
+
+
+def entry_size(entry: bytes) -> int:
+    """Bytes ``entry`` (:func:`encode_entry`) adds to a request body: itself and the comma
+    before the next one. Add :data:`REQUEST_ENVELOPE_BYTES` once per request."""
+    return len(entry) + 1
+
+
+def request_body(entries: Sequence[bytes]) -> bytes:
+    """An insertAll request body of ``entries`` (:func:`encode_entry`), as
+    ``insert_rows_json(..., skip_invalid_rows=False)`` sends it: a request with an invalid row
+    stores none of its rows and answers the others ``stopped`` ("Method: tabledata.insertAll",
+    ``skipInvalidRows``)."""
+    return b'{"rows":[' + b",".join(entries) + b'],"skipInvalidRows":false}'
 
 
 def chunks(pending: Iterable[Pending], max_bytes: int, max_rows: int) -> Iterable[list[Pending]]:
@@ -119,6 +148,11 @@ def chunks(pending: Iterable[Pending], max_bytes: int, max_rows: int) -> Iterabl
 def _type_problem(value: Any, spec: FieldSpec) -> str | None:
     """Why ``value`` is not a valid JSON value for a scalar column (None when it is)."""
     t = spec.type
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinity (json.dumps with allow_nan=False refuses them; orjson
+        # would write null, a silent change). to_row writes them as null; a row given as such
+        # is refused here, named.
+        return f"expected {t}, got {value!r} (JSON has no NaN or infinity)"
     if t == "STRING":
         ok = isinstance(value, str) or (
             isinstance(value, int | float) and not isinstance(value, bool)

@@ -4,7 +4,7 @@
    :mod:`tests.bq_read_heavy`): the full JSON row, the row a row-per-read table gets (null fields
    left out, :func:`analyzers.sinks.bigquery.rows.compact_row`), and the compact row of
    ``<table>_compact`` (reads grouped per bar, :func:`analyzers.sinks.bigquery.compact.pack_row`).
-   And the client's CPU per record on the writer thread (build the row, check it, JSON) for a
+   And the client's CPU per record on the writer thread (build the row, check it, encode it) for a
    row-per-read table and for compact rows (packed straight from the record's reads), best of 5
    passes each, as a ratio.
 2. Records per second of read-heavy records into the emulator, each measured in the same run as
@@ -27,14 +27,18 @@
    time (the client's Python on the writer thread shows in the wall time, as the GIL, not
    here) and its wall time less the time it waited for a core (the run queue: mostly the
    emulator's own work, which BigQuery does on Google's side).
+   And the sink's client CPU a decision: this process's CPU (every thread, run and final flush)
+   less the null sink's, over the decisions; the emulator's CPU, in its own process, is not in
+   it. Of the three, the least noisy here: the bar loop's ratio moves with how far behind the
+   emulator lets the writer fall, which moves rows into the final flush.
 
 The emulator shares the machine's cores with the client here, and converts every nested row in
 Python: its own ceiling, far below BigQuery's (per project 1 GB/s in the US and EU
 multi-regions, "Quotas and limits", streaming inserts). Against BigQuery, requests in flight
 overlap network round trips instead.
 
-Run: ``python benchmarks/bench_sink.py [--rows 300] [--rounds 3]`` (needs the emulator venv:
-``bash tests/bqemu/setup.sh``).
+Run: ``python benchmarks/bench_sink.py [--rows 300] [--rounds 3] [--loop-only]`` (needs the
+emulator venv: ``bash tests/bqemu/setup.sh``).
 """
 
 from __future__ import annotations
@@ -74,11 +78,13 @@ class NullSink:
         return ""
 
 
-def backtest(writer: Any) -> tuple[float, float, int, float, float]:
+def backtest(writer: Any) -> tuple[float, float, int, float, float, float]:
     """SMA-cross on GOOG, SP500, NASDAQ (full files); returns (run_s, flush_s, decisions,
-    main-thread CPU s, run-queue s) of ``cerebro.run()``: the run queue is the time the bar
-    loop was runnable but waited for a core (the emulator's own work on this machine, which
-    BigQuery does on Google's side; bench_fmel's ``_run_queue_s``)."""
+    main-thread CPU s, run-queue s, process CPU s) of ``cerebro.run()``: the run queue is the
+    time the bar loop was runnable but waited for a core (the emulator's own work on this
+    machine, which BigQuery does on Google's side; bench_fmel's ``_run_queue_s``); the process
+    CPU is every thread of this process (not the emulator's) from the start to the end of the
+    final flush."""
     import backtrader as bt
     from bench_fmel import _run_queue_s
 
@@ -97,21 +103,22 @@ def backtest(writer: Any) -> tuple[float, float, int, float, float]:
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
     writer.start()
     t0, c0, q0 = time.perf_counter(), time.thread_time(), _run_queue_s()
+    p0 = time.process_time()
     strategy = cerebro.run()[0]
     t1, cpu, queued = time.perf_counter(), time.thread_time() - c0, _run_queue_s() - q0
     stats = writer.stop(timeout_s=600)
-    t2 = time.perf_counter()
+    t2, process_s = time.perf_counter(), time.process_time() - p0
     decisions = strategy.analyzers.fmel.decisions
     if stats.written != decisions:
         raise SystemExit(f"writer wrote {stats.written} of {decisions} decisions: {stats}")
-    return t1 - t0, t2 - t1, decisions, cpu, queued
+    return t1 - t0, t2 - t1, decisions, cpu, queued, process_s
 
 
 def main(argv: list[str] | None = None) -> int:
     from analyzers.schema import DECISION_SCHEMA, bigquery_schema, to_row
     from analyzers.sinks.bigquery.compact import pack_reads, pack_row
     from analyzers.sinks.bigquery.config import BigQuerySinkConfig
-    from analyzers.sinks.bigquery.rows import compact_row, validate_row
+    from analyzers.sinks.bigquery.rows import compact_row, encode_entry, validate_row
     from analyzers.sinks.bigquery.sink import BigQuerySink, _light
     from analyzers.sinks.spill import SpillFile
     from analyzers.sinks.writer import DecisionWriter
@@ -124,52 +131,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=10, help="the bar loop's writer batch (FMEL_BATCH_SIZE)"
     )
+    parser.add_argument(
+        "--loop-only", action="store_true", help="only part 3 (the bar loop), not parts 1 and 2"
+    )
     args = parser.parse_args(argv)
 
-    records = read_heavy_records("bench", start="2015-01-01", end="2018-12-31")
-    records = [r for r in records if r.reads >= 120][: args.rows]
-    rows = [to_row(r) for r in records]
-    full = [len(json.dumps(r, separators=(",", ":"))) for r in rows]
-    compact = [len(json.dumps(compact_row(r), separators=(",", ":"))) for r in rows]
-    reads, full_kb = statistics.median(r.reads for r in records), statistics.median(full) / 1e3
-    packed = [len(json.dumps(pack_row(compact_row(r)), separators=(",", ":"))) for r in rows]
-    compact_kb = statistics.median(compact) / 1e3
-    packed_kb = statistics.median(packed) / 1e3
-    print(
-        f"row size, read-heavy record ({reads:.0f} reads): full {full_kb:.1f} kB; sent to a "
-        f"row-per-read table {compact_kb:.1f} kB ({compact_kb / full_kb:.2f}x); sent as a "
-        f"compact row {packed_kb:.1f} kB ({packed_kb / full_kb:.2f}x, "
-        f"{packed_kb / compact_kb:.2f}x the row-per-read row)"
-    )
+    records: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    full: list[int] = []
+    if not args.loop_only:  # parts 1 and 2 (their records: a four-year backtest)
+        records = read_heavy_records("bench", start="2015-01-01", end="2018-12-31")
+        records = [r for r in records if r.reads >= 120][: args.rows]
+        rows = [to_row(r) for r in records]
+        full = [len(json.dumps(r, separators=(",", ":"))) for r in rows]
+        compact = [len(json.dumps(compact_row(r), separators=(",", ":"))) for r in rows]
+        reads, full_kb = statistics.median(r.reads for r in records), statistics.median(full) / 1e3
+        packed = [len(json.dumps(pack_row(compact_row(r)), separators=(",", ":"))) for r in rows]
+        compact_kb = statistics.median(compact) / 1e3
+        packed_kb = statistics.median(packed) / 1e3
+        print(
+            f"row size, read-heavy record ({reads:.0f} reads): full {full_kb:.1f} kB; sent to a "
+            f"row-per-read table {compact_kb:.1f} kB ({compact_kb / full_kb:.2f}x); sent as a "
+            f"compact row {packed_kb:.1f} kB ({packed_kb / full_kb:.2f}x, "
+            f"{packed_kb / compact_kb:.2f}x the row-per-read row)"
+        )
 
-    light = _light(DECISION_SCHEMA)
+        light = _light(DECISION_SCHEMA)
 
-    def cpu_per_read() -> None:  # the sink's path into a row-per-read table
-        for r in records:
-            row = to_row(r)
-            validate_row(row, light)
-            json.dumps(compact_row(row), separators=(",", ":"))
+        def cpu_per_read() -> None:  # the sink's path into a row-per-read table
+            for r in records:
+                row = to_row(r)
+                validate_row(row, light)
+                encode_entry(compact_row(row))
 
-    def cpu_compact() -> None:  # the sink's path for fresh records into compact rows
-        for r in records:
-            row = to_row(r._replace(data_accessed=()))  # plain records here
-            row["data_accessed"] = pack_reads(r.data_accessed)
-            validate_row(row, light)
-            json.dumps(compact_row(row), separators=(",", ":"))
+        def cpu_compact() -> None:  # the sink's path for fresh records into compact rows
+            for r in records:
+                row = to_row(r._replace(data_accessed=()))  # plain records here
+                row["data_accessed"] = pack_reads(r.data_accessed)
+                validate_row(row, light)
+                encode_entry(compact_row(row))
 
-    def best_ms(fn: Callable[[], None]) -> float:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times) / len(records) * 1e3
+        def best_ms(fn: Callable[[], None]) -> float:
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times) / len(records) * 1e3
 
-    per_read_ms, compact_ms = best_ms(cpu_per_read), best_ms(cpu_compact)
-    print(
-        f"client CPU per read-heavy record (build, check, JSON): row-per-read {per_read_ms:.2f} "
-        f"ms, compact {compact_ms:.2f} ms (x{compact_ms / per_read_ms:.2f})"
-    )
+        per_read_ms, compact_ms = best_ms(cpu_per_read), best_ms(cpu_compact)
+        print(
+            "client CPU per read-heavy record (build, check, encode): row-per-read "
+            f"{per_read_ms:.2f} ms, compact {compact_ms:.2f} ms (x{compact_ms / per_read_ms:.2f})"
+        )
 
     emu = BigQueryEmulator()
     emu.start()
@@ -246,36 +260,37 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"drain did not finish: {writer.stats}")
             writer.stop(timeout_s=60)
 
-        base_label = "baseline: full rows, skipInvalidRows, 1 in flight"
-        # label -> (what runs, requests in flight, into a row-per-read table)
-        throughput: dict[str, tuple[Callable[[BigQuerySink], None], int, bool]] = {
-            base_label: (baseline, 1, True),
-            "sink: row-per-read table, 4 in flight": (direct, 4, True),
-            "sink: compact rows, 1 in flight": (direct, 1, False),
-            "sink: compact rows, 4 in flight": (direct, 4, False),
-            "writer draining an earlier run's spill, 4 in flight": (drain, 4, False),
-        }
-        rates: dict[str, list[float]] = {m: [] for m in throughput}
-        for _ in range(args.rounds):  # modes alternate, so machine noise hits all alike
-            for label, (fn, in_flight, per_read) in throughput.items():
-                s = sink(max_in_flight=in_flight, per_read=per_read)
-                s.open()
-                if s.compact == per_read:
-                    raise SystemExit(f"{label}: wrong layout ({s.insert_id})")
-                t0 = time.perf_counter()
-                fn(s)
-                rates[label].append(len(rows) / (time.perf_counter() - t0))
-                if count(s) != len(rows):
-                    raise SystemExit(f"{label}: not every row stored once")
-                s.close()
-        b = statistics.median(rates[base_label])
-        print(
-            f"records/s into the emulator, {len(rows)} read-heavy records per mode, median of "
-            f"{args.rounds} rounds:"
-        )
-        for label, values in rates.items():
-            rate = statistics.median(values)
-            print(f"  {label:<54} {rate:7.1f} records/s  x{rate / b:.2f}")
+        if not args.loop_only:
+            base_label = "baseline: full rows, skipInvalidRows, 1 in flight"
+            # label -> (what runs, requests in flight, into a row-per-read table)
+            throughput: dict[str, tuple[Callable[[BigQuerySink], None], int, bool]] = {
+                base_label: (baseline, 1, True),
+                "sink: row-per-read table, 4 in flight": (direct, 4, True),
+                "sink: compact rows, 1 in flight": (direct, 1, False),
+                "sink: compact rows, 4 in flight": (direct, 4, False),
+                "writer draining an earlier run's spill, 4 in flight": (drain, 4, False),
+            }
+            rates: dict[str, list[float]] = {m: [] for m in throughput}
+            for _ in range(args.rounds):  # modes alternate, so machine noise hits all alike
+                for label, (fn, in_flight, per_read) in throughput.items():
+                    s = sink(max_in_flight=in_flight, per_read=per_read)
+                    s.open()
+                    if s.compact == per_read:
+                        raise SystemExit(f"{label}: wrong layout ({s.insert_id})")
+                    t0 = time.perf_counter()
+                    fn(s)
+                    rates[label].append(len(rows) / (time.perf_counter() - t0))
+                    if count(s) != len(rows):
+                        raise SystemExit(f"{label}: not every row stored once")
+                    s.close()
+            b = statistics.median(rates[base_label])
+            print(
+                f"records/s into the emulator, {len(rows)} read-heavy records per mode, median of "
+                f"{args.rounds} rounds:"
+            )
+            for label, values in rates.items():
+                rate = statistics.median(values)
+                print(f"  {label:<54} {rate:7.1f} records/s  x{rate / b:.2f}")
         tmp = Path(tempfile.mkdtemp())
 
         print(f"bar loop (SMA-cross, 3 symbols x 5031 bars, FMEL on), {args.rounds} rounds:")
@@ -284,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         flush: dict[str, list[float]] = {m: [] for m in modes}
         cpus: dict[str, list[float]] = {m: [] for m in modes}
         on_core: dict[str, list[float]] = {m: [] for m in modes}  # run time less the run queue
+        process: dict[str, list[float]] = {m: [] for m in modes}  # this process's CPU
         decisions = 0
         for r in range(args.rounds):
             for mode in runs:
@@ -294,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush_interval_s=5.0,
                     spill_dir=tmp / f"spill-{mode}-{r}",
                 )
-                run_s, flush_s, decisions, cpu_s, queued_s = backtest(w)
+                run_s, flush_s, decisions, cpu_s, queued_s, process_s = backtest(w)
+                process[mode].append(process_s)
                 runs[mode].append(run_s)
                 flush[mode].append(flush_s)
                 cpus[mode].append(cpu_s)
@@ -312,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"x{statistics.median(on_core[mode]) / base_on:.2f}); final flush "
                 f"{statistics.median(flush[mode]):.2f} s"
             )
+        extra = statistics.median(process["bigquery"]) - statistics.median(process["null sink"])
+        print(
+            "  the sink's client CPU (this process's, run and final flush, less the null "
+            f"sink's): {extra / decisions * 1e6:.0f} us a decision"
+        )
     finally:
         emu.close()
     return 0

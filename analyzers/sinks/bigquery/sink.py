@@ -1,5 +1,5 @@
 """BigQuery decision sink: where a record leaves for BigQuery, one row per decision, streamed
-with ``insert_rows_json``.
+with tabledata.insertAll (the requests ``insert_rows_json`` makes, each body encoded once).
 
 :class:`BigQuerySink` implements :class:`~analyzers.sinks.base.DecisionSink`; the
 :class:`~analyzers.sinks.writer.DecisionWriter` owns it and calls every method from its writer
@@ -12,8 +12,10 @@ thread (batching, retry with backoff, spill and drain live there).
   ``<table>`` of the row-per-read shape; a table made before that keeps its layout.
 * ``write()`` validates every row against the table's schema first
   (:func:`.rows.validate_row`, so the reason names the field path, e.g. ``actions[0].size``),
-  leaves out null fields (:func:`.rows.compact_row`), splits what is left into requests sized by
-  bytes under the streaming API's limit, and sends up to ``max_in_flight`` of them at once.
+  leaves out null fields (:func:`.rows.compact_row`), encodes each row once
+  (:func:`.rows.encode_entry`), splits them into requests sized by those bytes under the
+  streaming API's limit, and sends up to ``max_in_flight`` of them at once, each body as
+  encoded (:meth:`BigQuerySink._insert_all`).
   Each request carries ``row_ids`` = ``decision_id``, no client-side retry and an explicit
   timeout (the writer retries; the client's default retries an HTTP 500 for minutes). Per-row
   ``insertErrors`` become :class:`~analyzers.sinks.base.RowError`; rows BigQuery ``stopped``

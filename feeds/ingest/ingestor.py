@@ -826,6 +826,20 @@ class Ingestor:
         except DataError as e:
             logger.warning("state file not re-read: %s", e)
             return
+        # A last bar after the local clock would make every later bar of its symbol a duplicate:
+        # refused at start (exit 2), and not taken over here either (helper-109's note: the
+        # takeover took it in unchecked)
+        horizon = self.clock() + timedelta(seconds=self.config.future_tolerance_s)
+        future = {s: iso_utc(t) for s, t in saved.last_bar.items() if t > horizon}
+        if future:
+            logger.error(
+                "INGEST_STATE_PATH=%s: the other ingestor's last bars dated after the local "
+                "clock %s are not taken over (one of the two clocks is wrong)",
+                self.config.state_path,
+                future,
+            )
+            for s in future:
+                del saved.last_bar[s]
         self.state.merge(saved)  # every symbol's entries and the gaps, not only this one's
         for s, ts in saved.last_bar.items():
             mine = self._sent.get(s)

@@ -99,6 +99,20 @@ def _gap_order(gap: Gap) -> tuple[_TimeOrder, _TimeOrder, str, str, str, str]:
     )
 
 
+def _member(doc: dict[str, Any], name: str, kind: type) -> Any:
+    """``doc[name]`` (absent: empty), which must be a JSON object (``dict``) or array
+    (``list``): helper-110 found a list of pairs, ``""`` and ``{}`` read as empty or as keys.
+
+    Raises:
+        ValueError: another JSON type, naming the member.
+    """
+    value = doc.get(name, kind())
+    if type(value) is not kind:
+        want = "an object" if kind is dict else "an array"
+        raise ValueError(f"{name} must be {want}, got {type(value).__name__}")
+    return value
+
+
 def _time_order(text: str) -> _TimeOrder:
     """A gap time by time, not by text (:func:`iso_utc` omits a zero fraction, so
     ``...:00Z`` sorts after ``...:00.5Z`` as text); a value that is not a time (a gap built in
@@ -137,14 +151,28 @@ class IngestState:
             return cls(path)
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            # The version as the integer written (helper-110: true and 1.0 equal 1 in Python)
+            if type(doc) is not dict or type(doc.get("version")) is not int:
                 raise ValueError(f"expected an object with version {VERSION}")
-            last = {str(k): parse_timestamp(v) for k, v in dict(doc.get("last_bar", {})).items()}
-            gaps = [_read_gap(k, g) for k, g in enumerate(doc.get("gaps", []))]
-            start = {str(k): parse_timestamp(v) for k, v in dict(doc.get("start", {})).items()}
+            if doc["version"] != VERSION:
+                raise ValueError(f"expected version {VERSION}, got {doc['version']}")
+            last = {k: parse_timestamp(v) for k, v in _member(doc, "last_bar", dict).items()}
+            gaps = [_read_gap(k, g) for k, g in enumerate(_member(doc, "gaps", list))]
+            start = {k: parse_timestamp(v) for k, v in _member(doc, "start", dict).items()}
         # RecursionError: JSON nested past the interpreter's limit (helper-110: uncaught, exit 1)
         except (OSError, ValueError, TypeError, RecursionError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
+        if len(gaps) > MAX_GAPS_KEPT:
+            # A file from before the limit, or a hand edit: the newest kept, as a change would
+            logger.warning(
+                "INGEST_STATE_PATH=%s: %d gaps recorded; the oldest %d are dropped (at most %d "
+                "are kept)",
+                path,
+                len(gaps),
+                len(gaps) - MAX_GAPS_KEPT,
+                MAX_GAPS_KEPT,
+            )
+            gaps = gaps[-MAX_GAPS_KEPT:]
         return cls(path, last, gaps, {s: t for s, t in start.items() if s not in last})
 
     def set_start(self, symbol: str, ts: datetime) -> None:
@@ -186,9 +214,12 @@ class IngestState:
 
     def _keep_gaps(self, gaps: list[Gap]) -> None:
         """Make ``gaps`` (oldest first) the state's gaps: the last :data:`MAX_GAPS_KEPT` of
-        them, the oldest dropped."""
-        self.gaps[:] = gaps[-MAX_GAPS_KEPT:]
-        self._dirty = True
+        them, the oldest dropped. Changed only when that differs (helper-109: a merge whose new
+        gaps were all older than the kept ones marked the state changed, one needless save)."""
+        kept = gaps[-MAX_GAPS_KEPT:]
+        if kept != self.gaps:
+            self.gaps[:] = kept
+            self._dirty = True
 
     @property
     def dirty(self) -> bool:

@@ -4,6 +4,7 @@ user indicators, configuration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -204,6 +205,77 @@ def test_a_corrupt_state_file_is_refused_with_its_name(tmp_path: Path, text: str
     path.write_text(text)
     with pytest.raises(DataError, match=r"state\.json"):
         IngestState.load(path)
+
+
+_T = "2024-01-02T14:30:00Z"
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        ({"version": True}, "with version 1"),
+        ({"version": 1.0}, "with version 1"),
+        ({"version": "1"}, "with version 1"),
+        ({"version": 1, "last_bar": [["AAA", _T]]}, "last_bar must be an object, got list"),
+        ({"version": 1, "start": [["AAA", _T]]}, "start must be an object, got list"),
+        ({"version": 1, "last_bar": None}, "last_bar must be an object, got NoneType"),
+        ({"version": 1, "gaps": ""}, "gaps must be an array, got str"),
+        ({"version": 1, "gaps": {}}, "gaps must be an array, got dict"),
+        ({"version": 1, "gaps": {"AAA": _T}}, "gaps must be an array, got dict"),
+    ],
+    ids=["true", "1.0", "text", "pairs", "start pairs", "null", "text gaps", "empty object",
+         "object gaps"],
+)  # fmt: skip
+def test_a_state_file_of_the_wrong_shape_is_refused_by_name(
+    tmp_path: Path, doc: dict[str, Any], says: str
+) -> None:
+    """helper-110 (noted, left last session): ``version`` true or 1.0, ``last_bar`` as a list of
+    pairs, ``gaps`` as ``""`` or ``{}`` were read (as version 1, as the pairs, as nothing), and
+    an object of gaps as its keys. Each is refused now, naming the file and the member; the
+    same file with the members right reads."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=rf"INGEST_STATE_PATH=.*s\.json: .*{re.escape(says)}"):
+        IngestState.load(path)
+    path.write_text(json.dumps({"version": 1, "last_bar": {"AAA": _T}, "start": {}, "gaps": []}))
+    assert IngestState.load(path).last_bar == {"AAA": datetime(2024, 1, 2, 14, 30, tzinfo=UTC)}
+
+
+def test_a_state_file_past_the_gap_limit_keeps_its_newest_gaps_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file with more gaps than MAX_GAPS_KEPT (from before the limit, or edited) was loaded
+    whole and cut only at the next change: it is cut when read, the oldest dropped, and the
+    cut is logged."""
+    t0 = datetime(2024, 1, 2, 14, 0, tzinfo=UTC)
+    gaps = [
+        Gap("AAA", iso_utc(t0 + timedelta(minutes=m)), iso_utc(t0 + timedelta(minutes=m + 1)), "x")
+        for m in range(MAX_GAPS_KEPT + 5)
+    ]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"version": 1, "gaps": [dataclasses.asdict(g) for g in gaps]}))
+    with caplog.at_level("WARNING", logger="feeds.ingest.state"):
+        state = IngestState.load(path)
+    assert state.gaps == gaps[5:]
+    assert "1005 gaps recorded; the oldest 5 are dropped" in caplog.text
+    assert not state.dirty  # written cut at the next change, as before
+
+
+def test_a_merge_whose_new_gaps_are_all_cut_is_not_a_change(tmp_path: Path) -> None:
+    """helper-109 (noted, left last session): at the gap limit, a merge whose new gaps were all
+    older than every kept one marked the state changed, and it was saved for nothing."""
+    t0 = datetime(2024, 1, 2, 14, 0, tzinfo=UTC)
+
+    def gap(minute: int) -> Gap:
+        start = t0 + timedelta(minutes=minute)
+        return Gap("AAA", iso_utc(start), iso_utc(start + timedelta(minutes=1)), "x")
+
+    kept = [gap(m) for m in range(10, 10 + MAX_GAPS_KEPT)]
+    a = IngestState(tmp_path / "a.json", gaps=list(kept))
+    a.merge(IngestState(tmp_path / "b.json", gaps=[gap(0), gap(1)]))
+    assert a.gaps == kept and not a.dirty
+    a.merge(IngestState(tmp_path / "b.json", gaps=[gap(5000)]))  # newer: kept, a change
+    assert a.gaps[-1] == gap(5000) and a.gaps[0] == kept[1] and a.dirty
 
 
 # -- user indicators -----------------------------------------------------------------------------
@@ -582,6 +654,27 @@ def test_a_state_file_dated_in_the_future_fails_at_start(tmp_path: Path) -> None
     state.save()
     with pytest.raises(DataError, match=r"INGEST_STATE_PATH=.*after the local clock"):
         _ingestor(tmp_path, now)
+
+
+def test_a_takeover_does_not_adopt_a_last_bar_dated_in_the_future(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A standby taking over the shared file (``_adopt_saved_state``) took in the other
+    ingestor's last bars unchecked (helper-109's note): one after the local clock would have
+    made every later bar of its symbol a duplicate, which a start refuses (exit 2). It is left
+    out and named in an error; the other symbols' bars are taken over."""
+    now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+    ing = _ingestor(tmp_path, now)
+    other = IngestState.load(tmp_path / "s.json")
+    good = now - timedelta(minutes=3)
+    other.confirm("AAPL", good)
+    other.confirm("MSFT", datetime(2030, 1, 1, tzinfo=UTC))
+    other.save()
+    with caplog.at_level("ERROR", logger="feeds.ingest.ingestor"):
+        ing._adopt_saved_state()
+    assert ing.state.last_bar == {"AAPL": good}
+    assert ing._sent.get("AAPL") == good and "MSFT" not in ing._sent
+    assert "last bars dated after the local clock {'MSFT': '2030-01-01T00:00:00Z'}" in caplog.text
 
 
 def test_a_start_point_dated_in_the_future_is_told_not_refused(

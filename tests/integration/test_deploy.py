@@ -258,6 +258,8 @@ def test_k8s_one_pod_per_agent_with_probes_and_hardening() -> None:
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] >= 10000
+        # no service-link variables: requests scans the environment at every HTTP call
+        assert pod["enableServiceLinks"] is False
         assert container["resources"]["limits"] and container["resources"]["requests"]
         # the writable volume is where the image puts decisions and spill files
         mounts = {m["mountPath"] for m in container["volumeMounts"]}

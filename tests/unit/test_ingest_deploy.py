@@ -45,6 +45,7 @@ def test_ingest_deployment() -> None:
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
+    assert pod["enableServiceLinks"] is False  # requests scans the environment at every call
     # The state file lives on the persistent volume claim.
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from analyzers.schema import DECISION_SCHEMA, DataAccess, FieldSpec
+from analyzers.sinks.bigquery.rows import timestamp_from_text
 
 COMPACT_SUFFIX = "_compact"
 
@@ -123,12 +124,10 @@ def decisions_view_query(compact_id: str) -> str:
 
 @functools.lru_cache(maxsize=65_536)
 def _micros(text: str) -> int:
-    """ISO-8601 UTC text (``2015-02-04T00:00:00Z``) -> POSIX microseconds (exact). Cached: a
-    bar's time comes back in every read of it, over many consecutive decisions."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    """TIMESTAMP text (``2015-02-04T00:00:00Z``, any form :func:`.rows.timestamp_from_text`
+    reads) -> POSIX microseconds (exact). Cached: a bar's time comes back in every read of it,
+    over many consecutive decisions."""
+    delta = timestamp_from_text(text) - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 

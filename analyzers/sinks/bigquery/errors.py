@@ -26,7 +26,15 @@ class PoisonRowError(Exception):
     """One row the server refuses with a server error while it answers other calls."""
 
 
-def _reasons(exc: BaseException) -> set[str]:
+class UnreadableAnswerError(Exception):
+    """An insertAll answered 2xx with a body that does not say which rows were stored (not a
+    JSON object, or ``insertErrors`` naming rows the request did not have): the rows' outcome
+    is unknown, as after a dropped connection (:func:`is_transport`)."""
+
+
+def reasons(exc: BaseException) -> set[str]:
+    """The ``reason`` of each error object a Google API error carries (``rateLimitExceeded``,
+    ``backendError``, ...)."""
     errors = getattr(exc, "errors", None) or []
     return {str(e.get("reason")) for e in errors if isinstance(e, Mapping)}
 
@@ -35,33 +43,32 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures that may pass when retried: transport errors (refused, reset,
     timeouts), HTTP 408/429/5xx, and 403 with a rate-limit reason (BigQuery's
     ``rateLimitExceeded``/``quotaExceeded``)."""
-    import requests
     from google.api_core import exceptions as gexc
     from google.auth import exceptions as auth_exc
 
-    if isinstance(
-        exc,
-        requests.exceptions.RequestException
-        | ConnectionError
-        | TimeoutError
-        | auth_exc.TransportError
-        | gexc.RetryError,
-    ):
+    if is_transport(exc) or isinstance(exc, auth_exc.TransportError | gexc.RetryError):
         return True
     if isinstance(exc, gexc.GoogleAPICallError):
         code = exc.code or 0
         if code in (408, 429) or code >= 500:
             return True
-        return code == 403 and bool(_reasons(exc) & RETRY_REASONS)
+        return code == 403 and bool(reasons(exc) & RETRY_REASONS)
     return False
 
 
 def is_transport(exc: BaseException) -> bool:
     """True when the request may never have reached BigQuery, or its answer never came back
-    (refused, reset, timed out): its outcome is unknown."""
+    or could not be read (refused, reset, timed out, :class:`UnreadableAnswerError`): its
+    outcome is unknown."""
     import requests
 
-    return isinstance(exc, requests.exceptions.RequestException | ConnectionError | TimeoutError)
+    return isinstance(
+        exc,
+        requests.exceptions.RequestException
+        | ConnectionError
+        | TimeoutError
+        | UnreadableAnswerError,
+    )
 
 
 def describe(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -38,7 +38,8 @@ MIN_SPLIT_BYTES = 1_000_000
 # rows' sizes add up to at most the byte budget minus this.
 REQUEST_ENVELOPE_BYTES = 128
 
-_INT_RE = re.compile(r"^[+-]?\d+$")
+# ASCII digits only: ``\d`` also matches other scripts' digits (helper-112: "١٢" passed)
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 Pending = tuple[int, Row, int, bytes]
@@ -47,8 +48,8 @@ Pending = tuple[int, Row, int, bytes]
 
 
 def compact_row(value: Any) -> Any:
-    """``value`` without its null members, recursively (nested objects and lists are copied;
-    scalars are shared).
+    """``value`` without its null members, recursively (nested objects are copied as dicts,
+    lists and tuples as lists; scalars are shared).
 
     A NULLABLE field absent from a streamed JSON row is stored as NULL, as when it is sent as
     ``null`` (only a REQUIRED one must be present: "Missing required field"), so the stored row
@@ -65,7 +66,9 @@ def compact_row(value: Any) -> Any:
             for k, v in value.items()
             if v is not None
         }
-    if kind is list or isinstance(value, list):
+    if kind is list or isinstance(value, list | tuple):
+        # a tuple too (JSON writes it as an array): helper-112, a mapping that is not a dict
+        # inside a tuple was left for the encoder, which refused the row naming no field
         return [v if type(v) in _SCALARS else compact_row(v) if _nested(v) else v for v in value]
     return value
 
@@ -74,10 +77,10 @@ _SCALARS = frozenset({str, int, float, bool})
 
 
 def _nested(v: Any) -> bool:
-    return type(v) in _CONTAINERS or isinstance(v, Mapping | list)
+    return type(v) in _CONTAINERS or isinstance(v, Mapping | list | tuple)
 
 
-_CONTAINERS = frozenset({dict, list})
+_CONTAINERS = frozenset({dict, list, tuple})
 
 
 def split_bytes(total_bytes: int, in_flight: int, max_bytes: int, largest: int = 0) -> int:
@@ -92,28 +95,67 @@ def split_bytes(total_bytes: int, in_flight: int, max_bytes: int, largest: int =
 
 def encode_entry(row: Row) -> bytes:
     """The element of an insertAll request's ``rows`` list for ``row``:
-    ``{"json": row, "insertId": decision_id}`` as compact UTF-8 JSON, the shape
+    ``{"json": row, "insertId": decision_id}`` as compact JSON, the shape
     ``Client.insert_rows_json`` (google-cloud-bigquery) builds ("Method: tabledata.insertAll",
     request body: ``rows[].insertId``, ``rows[].json``). Encoded once, here: its length sizes
     the request and the bytes are its body (:func:`request_body`).
 
-    orjson encodes it (about 12x faster than ``json.dumps`` for a read-heavy row, on the writer
-    thread where it holds the GIL; docs/benchmarks.md, thirty-third pass). What orjson refuses
-    (an integer past 64 bits in a STRING field, a string with a lone surrogate, a key that is
-    not text, a type it does not know) is encoded by ``json.dumps`` as the client would.
-    Non-finite floats are refused by :func:`validate_row` before this (orjson would write
-    ``null`` for them).
+    The same JSON as ``json.dumps(..., allow_nan=False)`` once parsed, or the same refusal.
+    orjson encodes it (about 12x faster for a read-heavy row, on the writer thread where it
+    holds the GIL; docs/benchmarks.md, thirty-third pass), with subclasses, datetimes and
+    dataclasses passed to ``json.dumps`` instead of converted. orjson writes NaN and infinities
+    as ``null`` where ``json.dumps`` refuses them, so a ``null`` anywhere in its output (after
+    :func:`compact_row` there is none, but for such a float, a null in a list, or the word in
+    a text) takes ``json.dumps`` instead (helper-112: NaN in a read's index went as null).
+    Left to orjson's own conversion: a plain ``enum.Enum`` or ``uuid.UUID`` value in a column
+    this sink does not check (a record's reads; :func:`validate_row` refuses them elsewhere).
 
     Raises:
-        ValueError: a NaN or infinity that reached here unchecked (``json.dumps``,
-            ``allow_nan=False``) or a circular structure.
+        ValueError: a NaN or infinity (the message names its path in the row) or a circular
+            structure.
         TypeError: a value JSON has no form for.
     """
     info = {"json": row, "insertId": str(row.get("decision_id"))}
     try:
-        return orjson.dumps(info)
+        entry = orjson.dumps(info, option=_ORJSON_OPTIONS)
+        if b"null" not in entry:
+            return entry
     except orjson.JSONEncodeError:
+        pass
+    try:
         return json.dumps(info, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError as e:
+        found = _non_finite(row, "")
+        if found is None:
+            raise
+        raise ValueError(
+            f"{found[0]}: {found[1]!r} has no JSON form (JSON has no NaN or infinity)"
+        ) from e
+
+
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The path (``data_accessed[0].access_patterns[2].index``) and value of the first NaN or
+    infinity in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found = _non_finite(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def entry_size(entry: bytes) -> int:
@@ -165,16 +207,19 @@ def _type_problem(value: Any, spec: FieldSpec) -> str | None:
         elif isinstance(value, float):
             ok = value.is_integer() and _INT64_MIN <= value <= _INT64_MAX
         else:
-            ok = isinstance(value, str) and bool(_INT_RE.match(value.strip()))
+            text = value.strip() if isinstance(value, str) else ""
+            ok = bool(_INT_RE.fullmatch(text)) and _INT64_MIN <= int(text) <= _INT64_MAX
     elif t == "FLOAT64":
         if isinstance(value, bool):
             ok = False
         elif isinstance(value, int | float):
             ok = True
         elif isinstance(value, str):
+            # ASCII without "_": Python's float() also reads "1_000" and other scripts' digits
+            # (helper-112); "NaN" and "Infinity" as text are BigQuery's own spelling, kept
             try:
                 float(value)
-                ok = True
+                ok = value.isascii() and "_" not in value
             except ValueError:
                 ok = False
         else:
@@ -187,20 +232,37 @@ def _type_problem(value: Any, spec: FieldSpec) -> str | None:
         # Strings only: BigQuery also takes epoch seconds as a number, but the emulator reads a
         # number as microseconds and stores a wrong time without an error; rows made by
         # ``to_row`` always carry ISO-8601 text.
-        if isinstance(value, str):
-            text = value.strip().replace(" UTC", "+00:00").replace("Z", "+00:00")
-            try:
-                datetime.fromisoformat(text)
-                ok = True
-            except ValueError:
-                ok = False
-        else:
+        try:
+            timestamp_from_text(value)
+            ok = True
+        except (ValueError, TypeError, OverflowError):
             ok = False
     else:  # a type this sink never writes: let BigQuery judge
         ok = True
     if ok:
         return None
     return f"expected {t}, got {type(value).__name__} {_short(value)}"
+
+
+def timestamp_from_text(text: Any) -> datetime:
+    """A TIMESTAMP column's text as an aware UTC datetime: ISO-8601 with ``Z``, an offset,
+    `` UTC``, or none (UTC: BigQuery reads a time without a zone as UTC). The one reading of
+    such text in this sink: the check (:func:`validate_row`), the compact rows' bar times and
+    the look-up of uncertain rows (helper-112: text the check took, ``... UTC`` or without a
+    zone, raised in the other two).
+
+    Raises:
+        TypeError: not text.
+        ValueError: not such a time.
+        OverflowError: out of range once converted to UTC.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"expected TIMESTAMP text, got {type(text).__name__}")
+    t = text.strip()
+    if t.endswith(" UTC"):
+        t = t[:-4]
+    dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _short(value: Any) -> str:

@@ -58,9 +58,11 @@ from analyzers.sinks.bigquery.errors import (
     POISON_PREFIX,
     RETRY_REASONS,
     PoisonRowError,
+    UnreadableAnswerError,
     describe,
     is_transient,
     is_transport,
+    reasons,
 )
 from analyzers.sinks.bigquery.rows import (
     MAX_REQUEST_BYTES,
@@ -73,6 +75,7 @@ from analyzers.sinks.bigquery.rows import (
     entry_size,
     request_body,
     split_bytes,
+    timestamp_from_text,
     validate_row,
 )
 from analyzers.sinks.bigquery.schema import ensure_storage
@@ -598,7 +601,7 @@ class BigQuerySink:
                     self._uncertain.update(ids)
                 raise TransientError(f"BigQuery insert of {len(rows)} rows: {describe(e)}") from e
             if is_transient(e):
-                if self._server_is_up():
+                if _may_be_poison(e) and self._server_is_up():
                     raise PoisonRowError(
                         f"{POISON_PREFIX} while the server answers other calls: {describe(e)}"
                     ) from e
@@ -647,10 +650,7 @@ class BigQuerySink:
             content_type="application/json",
             timeout=self.config.timeout_s,
         )
-        return [
-            {"index": int(e["index"]), "errors": e["errors"]}
-            for e in (response or {}).get("insertErrors", ())
-        ]
+        return _insert_errors(response, len(chunk))
 
     @property
     def _table_path(self) -> str:
@@ -724,6 +724,57 @@ class BigQuerySink:
                 self.stats.publish_errors += 1
 
 
+def _may_be_poison(exc: Exception) -> bool:
+    """An HTTP 500 that does not say "try again": what bqemulator answers for a whole request
+    with a value it cannot read. BigQuery's own 500 and 503 say ``backendError``, its quota
+    answers (403, 429) ``rateLimitExceeded`` or ``quotaExceeded`` ("Troubleshoot errors",
+    error table: retry those); helper-112 found a lone row under sustained 429/503 answers
+    rejected as poison for good."""
+    from google.api_core import exceptions as gexc
+
+    return isinstance(exc, gexc.InternalServerError) and not reasons(exc) & _RETRY_SAYS
+
+
+_RETRY_SAYS = frozenset({"backendError", "rateLimitExceeded", "quotaExceeded"})
+
+
+def _insert_errors(response: Any, rows: int) -> list[dict[str, Any]]:
+    """An insertAll answer's ``insertErrors`` as ``insert_rows_json`` returns them (``index``,
+    ``errors``), checked: BigQuery answers a JSON object whose ``insertErrors``, present only
+    when rows failed, lists ``{"index": <row of the request>, "errors": [...]}``
+    ("Method: tabledata.insertAll", response body).
+
+    Raises:
+        UnreadableAnswerError: anything else (helper-112: an empty, ``null`` or ``[]`` body
+            counted every row stored, and an index past the request's rows too). The rows are
+            then looked up before they are sent again, as after a dropped connection.
+    """
+    if not isinstance(response, Mapping):
+        raise UnreadableAnswerError(f"insertAll answered {_excerpt(response)}, not an object")
+    found = response.get("insertErrors", [])
+    if not isinstance(found, list):
+        raise UnreadableAnswerError(f"insertAll answered insertErrors={_excerpt(found)}")
+    errors = []
+    for e in found:
+        index = e.get("index") if isinstance(e, Mapping) else None
+        try:
+            i = int(index) if isinstance(index, int | str) else -1
+        except ValueError:
+            i = -1
+        if not 0 <= i < rows or not isinstance(e.get("errors"), list):
+            raise UnreadableAnswerError(
+                f"insertAll answered an insert error for no row of its {rows}: {_excerpt(e)}"
+            )
+        errors.append({"index": i, "errors": e["errors"]})
+    return errors
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _timestamp(value: Any) -> datetime:
-    """A row's TIMESTAMP text (``2010-01-04T00:00:00Z``) as an aware datetime."""
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    """A row's TIMESTAMP text (``2010-01-04T00:00:00Z``; checked by ``validate_row`` before)
+    as an aware UTC datetime."""
+    return timestamp_from_text(value)

@@ -63,8 +63,10 @@ class DecisionTopic:
             return
         self._collect(wait_s=0.0)
         for row in rows:
-            data = json.dumps(row, separators=(",", ":"), allow_nan=False).encode()
             try:
+                # in the try: the rows are stored by now, so a row this cannot encode is a
+                # failed publish, counted, not an error of the write (helper-112)
+                data = json.dumps(row, separators=(",", ":"), allow_nan=False).encode()
                 future = self._publisher.publish(
                     self.path,
                     data,

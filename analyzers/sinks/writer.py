@@ -1276,6 +1276,19 @@ class DecisionWriter:
             except TransientError:
                 self._settle_stored(head, earlier)
                 raise
+            except Exception as e:
+                # A sink bug, as on the write path: the rows stay in the file and the replay is
+                # tried again later (helper-113: an unexpected error here ended the writer)
+                if self._abandoned:
+                    return
+                logger.exception(
+                    "sink %s failed replaying %d rows; they stay in %s",
+                    self.sink.name,
+                    len(rows),
+                    self.spill_path,
+                )
+                self._settle_stored(head, earlier)
+                raise TransientError(f"replay: {type(e).__name__}: {e}") from e
             finally:
                 self._inflight_rows = None
             self._rate.add(len(rows), self._clock() - t0)

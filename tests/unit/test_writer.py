@@ -2669,3 +2669,45 @@ def test_runs_that_compare_equal_are_counted_by_their_own_texts(odd: str) -> Non
     most = sum(costs) - 1
     assert len(cut_runs(costs, most)) == 2
     assert record_runs(records, most) == cut_runs(costs, most)
+
+
+class BuggyOnce(Flaky):
+    """Raises a non-transient error (a sink bug) on its first replayed write, then works."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.bugs = 1
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        if self.bugs:
+            self.bugs -= 1
+            raise AttributeError("'str' object has no attribute 'get'")
+        return super().write(rows)
+
+
+def test_a_sink_bug_during_a_replay_keeps_the_rows_and_the_writer(tmp_path: Path) -> None:
+    """helper-113: an error other than TransientError raised by the sink while the spill was
+    replayed ended the writer ("decision writer failed"). As on the write path, the rows stay in
+    the file, the writer goes on in spill mode, and the next probe replays them."""
+    spill = tmp_path / "spill"
+    sink = Flaky(tmp_path / "f.duckdb")
+    sink.down.set()
+    clock = FakeClock()
+    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
+    w.start()
+    for i in range(7):
+        w.submit(record(i))
+    assert stop_while_time_passes(w, clock).spilled == 7
+    sink2, clock2 = BuggyOnce(tmp_path / "f.duckdb"), FakeClock()
+    w2 = writer(sink2, spill, clock2, batch_size=3, flush_interval_s=1.0, probe_interval_s=10.0)
+    w2.start()
+    for i in range(7, 10):
+        w2.submit(record(i))
+    assert w2.flush(WAIT_S)
+    assert w2.running and not w2.healthy and sink2.bugs == 0
+    clock2.advance(10.0)  # the probe: the replay again, then this run's records
+    w2.submit(record(10))
+    assert w2.flush(WAIT_S) and w2.healthy
+    stats = w2.stop()
+    assert stats.replayed == 7 and stats.written == 4 and stats.spilled == 0
+    assert stored(sink2.path) == list(range(11))

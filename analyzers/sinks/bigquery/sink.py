@@ -377,6 +377,11 @@ class BigQuerySink:
         repeats: dict[int, int] = {}  # position of a repeated id -> position of the first
         for i, row in enumerate(rows):
             did = row.get("decision_id")
+            if did is not None and not isinstance(did, str):
+                # the insert id and the key of every look-up: text only (helper-113 F4: a
+                # number passed as STRING, and a row of unknown outcome was never looked up)
+                errors.append(RowError(i, f"decision_id: expected text, got {_excerpt(did)}"))
+                continue
             if isinstance(did, str):
                 if did in first:
                     repeats[i] = first[did]
@@ -454,14 +459,16 @@ class BigQuerySink:
         out = _Outcome()
         try:
             self._send(chunk, out)
-            if (
-                len(chunk) > 1
-                and len(out.errors) == len(chunk)
-                and all(e.reason.startswith(POISON_PREFIX) for e in out.errors)
+            if len(out.errors) == len(chunk) and all(
+                e.reason.startswith(POISON_PREFIX) for e in out.errors
             ):
                 # Every row "poison" is not N bad rows but a server not ready (seen on the
                 # emulator right after it starts): retry the batch (rows already written are
-                # remembered and skipped), then spill, rather than reject good records.
+                # remembered and skipped), then spill, rather than reject good records. A
+                # request of one row too: nothing tells its 500 from BigQuery's own
+                # internalError, which says to retry (helper-113 F2; bqemulator answers a value
+                # it cannot read with that same reason). Replayed with rows after it, a row
+                # the server cannot read is isolated among rows it stores, and refused.
                 out.errors = []
                 raise TransientError(
                     f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
@@ -726,16 +733,18 @@ class BigQuerySink:
 
 def _may_be_poison(exc: Exception) -> bool:
     """An HTTP 500 that does not say "try again": what bqemulator answers for a whole request
-    with a value it cannot read. BigQuery's own 500 and 503 say ``backendError``, its quota
-    answers (403, 429) ``rateLimitExceeded`` or ``quotaExceeded`` ("Troubleshoot errors",
-    error table: retry those); helper-112 found a lone row under sustained 429/503 answers
-    rejected as poison for good."""
+    with a value it cannot read (reason ``internalError``). BigQuery's 500 and 503 answers
+    ``backendError`` and ``timeout``, and its quota answers (403, 429) ``rateLimitExceeded``
+    and ``quotaExceeded``, say to retry ("Troubleshoot errors", error table): never poison.
+    helper-112 found a lone row under sustained 429/503 answers rejected as poison for good."""
     from google.api_core import exceptions as gexc
 
     return isinstance(exc, gexc.InternalServerError) and not reasons(exc) & _RETRY_SAYS
 
 
-_RETRY_SAYS = frozenset({"backendError", "rateLimitExceeded", "quotaExceeded"})
+# Not internalError: bqemulator answers a value it cannot read with it, as BigQuery answers an
+# internal error; a request whose every row gets it is retried instead (_request).
+_RETRY_SAYS = frozenset({"backendError", "rateLimitExceeded", "quotaExceeded", "timeout"})
 
 
 def _insert_errors(response: Any, rows: int) -> list[dict[str, Any]]:
@@ -749,23 +758,30 @@ def _insert_errors(response: Any, rows: int) -> list[dict[str, Any]]:
             counted every row stored, and an index past the request's rows too). The rows are
             then looked up before they are sent again, as after a dropped connection.
     """
-    if not isinstance(response, Mapping):
-        raise UnreadableAnswerError(f"insertAll answered {_excerpt(response)}, not an object")
+    if not isinstance(response, Mapping) or "error" in response:
+        raise UnreadableAnswerError(f"insertAll answered {_excerpt(response)}, not an answer")
     found = response.get("insertErrors", [])
     if not isinstance(found, list):
         raise UnreadableAnswerError(f"insertAll answered insertErrors={_excerpt(found)}")
     errors = []
     for e in found:
         index = e.get("index") if isinstance(e, Mapping) else None
-        try:
-            i = int(index) if isinstance(index, int | str) else -1
-        except ValueError:
-            i = -1
-        if not 0 <= i < rows or not isinstance(e.get("errors"), list):
+        i = -1
+        if type(index) is int:
+            i = index
+        elif isinstance(index, str) and index.isascii() and index.isdigit():
+            i = int(index)  # int64 is a JSON string in Google's REST answers
+        objects = e.get("errors") if 0 <= i < rows else None
+        if not (
+            isinstance(objects, list) and objects and all(isinstance(o, Mapping) for o in objects)
+        ):
+            # helper-113 F1: an error that is not an object raised AttributeError later, after
+            # the rows before it were counted stored; the others were then sent again unlooked
             raise UnreadableAnswerError(
-                f"insertAll answered an insert error for no row of its {rows}: {_excerpt(e)}"
+                f"insertAll answered an insert error that names no row of its {rows} or no "
+                f"error: {_excerpt(e)}"
             )
-        errors.append({"index": i, "errors": e["errors"]})
+        errors.append({"index": i, "errors": objects})
     return errors
 
 

@@ -702,10 +702,10 @@ class BigQuerySink:
                 self._remember(str(row["decision_id"]))
                 out.written.append((i, row))
                 continue
-            reasons = {str(e.get("reason")) for e in errs}
-            if reasons <= RETRY_REASONS:
+            said = {str(e.get("reason")) for e in errs}
+            if said <= RETRY_REASONS:
                 retry.append(item)
-                stopped_only = stopped_only and reasons == {"stopped"}
+                stopped_only = stopped_only and said == {"stopped"}
                 continue
             detail = "; ".join(
                 f"{e.get('location') or '?'}: {e.get('reason')}: {e.get('message')}"

@@ -1273,7 +1273,8 @@ class DecisionWriter:
             self._inflight_rows = rows  # stop() names them in doubt if it takes over now
             try:
                 errors = self._call_with_retry("replay", self.sink.write, rows)
-            except TransientError:
+            except (TransientError, SinkError):
+                # SinkError: needs a human (permission withdrawn), as from probe() or open()
                 self._settle_stored(head, earlier)
                 raise
             except Exception as e:

@@ -55,7 +55,13 @@ class _BigQuery(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).bodies.append(body)
-        status, answer = type(self).script.pop(0) if type(self).script else (200, b"{}")
+        judge = getattr(type(self), "judge", None)
+        if type(self).script:
+            status, answer = type(self).script.pop(0)
+        elif judge is not None:
+            status, answer = judge(body)
+        else:
+            status, answer = 200, b"{}"
         self._reply(status, answer)
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -76,6 +82,14 @@ def server() -> Iterator[tuple[type[_BigQuery], str]]:
         thread.join(10)
 
 
+class _NoSetUp(BigQuerySink):
+    """The sink without its dataset, table and view set-up (the server plays insertAll and
+    tables.get only): what ``open`` leaves, a table of the layout asked for."""
+
+    def open(self) -> None:
+        self._opened = True
+
+
 def _sink(endpoint: str, *, compact: bool = False) -> BigQuerySink:
     from google.api_core.client_options import ClientOptions
     from google.auth.credentials import AnonymousCredentials
@@ -86,13 +100,11 @@ def _sink(endpoint: str, *, compact: bool = False) -> BigQuerySink:
         credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
         client_options=ClientOptions(api_endpoint=endpoint),
     )
-    sink = BigQuerySink(
+    sink = _NoSetUp(
         BigQuerySinkConfig(project="p", dataset="d", api_endpoint=endpoint, timeout_s=5.0),
         client=client,
         max_in_flight=1,
     )
-    # The server plays insertAll and tables.get only: no dataset or view set-up.
-    sink._opened = True
     sink.insert_id = "p.d.decisions_compact" if compact else "p.d.decisions"
     sink.compact = compact
     return sink
@@ -121,10 +133,11 @@ def _error(status: int, reason: str) -> tuple[int, bytes]:
         b'{"insertErrors": [{"index": true, "errors": [{"reason": "invalid"}]}]}',
         '{"insertErrors": [{"index": "\u0661", "errors": [{"reason": "invalid"}]}]}'.encode(),
         b'{"error": {"code": 400, "message": "bad", "errors": [{"reason": "invalid"}]}}',
+        b'{"insertErrors": [{"index": 0, "errors": [{}]}]}',
     ],
     ids=["empty", "null", "array", "null errors", "index past", "negative", "no index",
          "no errors", "text error", "null error", "list error", "empty errors", "index true",
-         "arabic index", "an error object"],
+         "arabic index", "an error object", "no reason"],
 )  # fmt: skip
 def test_an_answer_that_does_not_say_which_rows_were_stored_leaves_them_unsure(
     server: tuple[type[_BigQuery], str], answer: bytes
@@ -196,19 +209,111 @@ def test_a_request_whose_every_row_gets_a_500_is_retried_as_an_outage(
 ) -> None:
     """helper-113 F2: a write of one row answered 500 ``internalError`` twice was refused for
     good, but BigQuery says to retry it, and nothing tells it from bqemulator's answer to a bad
-    value. When no row of the request was stored, the write fails for now (the writer retries,
-    then spills, and a replay with other rows isolates a row the server cannot read)."""
+    value. When no row of the request was stored, the write fails for now: several rows as an
+    outage, a row alone as a strike (see the next test)."""
     handler, endpoint = server
     handler.script = [answer] * 7  # one row: two tries; two rows: both, then each twice
     sink = _sink(endpoint)
     try:
-        with pytest.raises(TransientError, match="retrying it as an outage"):
+        with pytest.raises(TransientError, match="strike 1 of 3"):
             sink.write([to_row(record(0))])
         with pytest.raises(TransientError, match="retrying it as an outage"):
             sink.write([to_row(record(1)), to_row(record(2))])
         assert not any(sink.is_stored(to_row(record(i))["decision_id"]) for i in range(3))
     finally:
         sink.close()
+
+
+def _poison_server(handler: type[_BigQuery]) -> None:
+    """Answer 500 ``internalError`` to any request holding the row with ``reasoning`` "poison"
+    (as bqemulator answers a request with a value it cannot read), 200 to the others."""
+
+    def answer(body: bytes) -> tuple[int, bytes]:
+        return _error(500, "internalError") if b'"poison"' in body else (200, b"{}")
+
+    handler.judge = staticmethod(answer)  # type: ignore[attr-defined]
+
+
+def test_a_row_failing_alone_is_refused_after_three_writes_over_the_span(
+    server: tuple[type[_BigQuery], str],
+) -> None:
+    """helper-114 F1/F2: with a one-row request always retried, a row the server cannot read
+    that is alone (too large to share a request, or a spill's last row) was retried forever and
+    the writer never left its spill. It is refused once it failed alone in three writes over
+    ``poison_span_s``; three quick writes are not enough (a burst of BigQuery's own
+    internalError), and a row stored in between forgets its strikes."""
+    handler, endpoint = server
+    _poison_server(handler)
+    row = dict(to_row(record(0)), reasoning="poison")
+    sink = _sink(endpoint)
+    try:
+        for n in (1, 2, 3, 4):
+            with pytest.raises(TransientError, match=f"strike {n} of 3"):
+                sink.write([row])  # quick: under the 30 s span
+        sink.poison_span_s = 0.0
+        errors = sink.write([row])
+        assert [e.index for e in errors] == [0] and "server error for this row" in errors[0].reason
+    finally:
+        sink.close()
+
+
+def test_a_good_row_in_a_burst_of_internal_errors_is_not_refused(
+    server: tuple[type[_BigQuery], str],
+) -> None:
+    """helper-114 F4: rows [good, invalid], insertAll answering 500 ``internalError`` three
+    times, then naming the invalid row: the good row was refused for good, as poison, though
+    nothing of its request was stored. It is retried, and stored."""
+    handler, endpoint = server
+
+    def invalid(i: int) -> tuple[int, bytes]:
+        errors = [{"index": i, "errors": [{"reason": "invalid", "message": "x"}]}]
+        return 200, json.dumps({"insertErrors": errors}).encode()
+
+    # both rows, then the good one alone twice: 500; the invalid one alone: named; the second
+    # write, both rows at once: the invalid one named
+    handler.script = [_error(500, "internalError")] * 3 + [invalid(0), invalid(1)]
+    sink = _sink(endpoint)
+    good, bad = to_row(record(0)), to_row(record(1))
+    try:
+        with pytest.raises(TransientError):
+            sink.write([good, bad])
+        errors = sink.write([good, bad])
+        assert [e.index for e in errors] == [1] and "invalid" in errors[0].reason
+        assert sink.is_stored(good["decision_id"])
+    finally:
+        sink.close()
+
+
+def test_a_writer_over_a_row_the_server_cannot_read_refuses_it_and_drains(
+    server: tuple[type[_BigQuery], str], tmp_path: Any
+) -> None:
+    """helper-114 F2 through the writer: a spill whose only row the server cannot read drained
+    never (retried at every probe). With the span passed, it is refused and kept in the
+    rejected file; the rest is stored."""
+    from analyzers.sinks.writer import DecisionWriter
+    from core.retry import RetryPolicy
+
+    handler, endpoint = server
+    _poison_server(handler)
+    sink = _sink(endpoint)
+    sink.poison_span_s = 0.0
+    w = DecisionWriter(
+        sink,
+        spill_dir=tmp_path,
+        batch_size=1,
+        retry=RetryPolicy(attempts=4, initial_s=0.01, max_s=0.02),
+        probe_interval_s=0.05,
+    )
+    w.start()
+    for i in range(4):
+        rec = record(i)
+        w.submit(rec._replace(reasoning="poison") if i == 3 else rec)
+    assert w.wait_drained(30)
+    stats = w.stop()
+    assert (stats.written, stats.rejected) == (3, 1)
+    (kept,) = [json.loads(x) for x in w.rejected_path.read_text().splitlines()]
+    assert "server error for this row" in kept["reason"]
+    assert kept["row"]["decision_id"] == record(3).decision_id
 
 
 def _nan_read_record(i: int) -> Any:
@@ -277,7 +382,7 @@ def test_every_row_stored_is_published_to_the_decisions_topic(
     "text",
     ["2001-09-09 01:46:40 UTC", "2001-09-09T01:46:40", "2001-09-09T01:46:40Z",
      "2001-09-09T03:46:40+02:00", "2001-09-09T01:46:40.000000Z", "2001-9-9 1:46:40.0 UTC",
-     "2001-09-08T23:46:40-0200", "2001-09-09T03:46:40+02"],
+     "2001-09-08T23:46:40-2:00", "2001-09-09T03:46:40+02", "2001-09-09T07:16:40+5:30"],
 )  # fmt: skip
 def test_timestamp_text_the_check_takes_is_read_the_same_everywhere(text: str) -> None:
     """helper-112 O3 (older): text the check took (``... UTC``, no zone) raised in the compact
@@ -326,6 +431,10 @@ def _schema() -> Any:
         ("bar_time", "2001-09-09T01:46:40.1234567Z", "expected TIMESTAMP"),
         ("bar_time", "2001-09-09t01:46:40z", "expected TIMESTAMP"),
         ("bar_time", "0001-01-01T00:30:00+01:00", "expected TIMESTAMP"),
+        ("bar_time", "2001-09-09T03:04:05+05:75", "expected TIMESTAMP"),
+        ("bar_time", "2001-09-09T03:04:05-00:60", "expected TIMESTAMP"),
+        ("bar_time", "2001-09-09T03:04:05+24:00", "expected TIMESTAMP"),
+        ("bar_time", "2001-09-09T03:04:05+0200", "expected TIMESTAMP"),
     ],
 )
 def test_text_python_reads_as_a_number_but_bigquery_does_not_is_refused(

@@ -2711,3 +2711,39 @@ def test_a_sink_bug_during_a_replay_keeps_the_rows_and_the_writer(tmp_path: Path
     stats = w2.stop()
     assert stats.replayed == 7 and stats.written == 4 and stats.spilled == 0
     assert stored(sink2.path) == list(range(11))
+
+
+class RevokedOnce(BuggyOnce):
+    """Raises SinkError (write permission withdrawn) on its first replayed write."""
+
+    def write(self, rows: Sequence[Row]) -> list[RowError]:
+        if self.bugs:
+            self.bugs -= 1
+            raise SinkError("BigQuery refused writes to p.d.t: Forbidden: 403 access denied")
+        return Flaky.write(self, rows)
+
+
+def test_a_sink_error_during_a_replay_still_stops_the_writer(tmp_path: Path) -> None:
+    """helper-114 F3: the replay's catch of sink bugs took SinkError too (permission withdrawn:
+    it needs a human), so the writer retried it at every probe and logged a traceback each
+    time. As from probe() or open(), it stops the writer (submit() raises once the queue is
+    full); the rows stay in the spill file, the queued one joins them at the stop."""
+    spill = tmp_path / "spill"
+    sink = Flaky(tmp_path / "f.duckdb")
+    sink.down.set()
+    clock = FakeClock()
+    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
+    w.start()
+    for i in range(4):
+        w.submit(record(i))
+    assert stop_while_time_passes(w, clock).spilled == 4
+    w2 = writer(RevokedOnce(tmp_path / "f.duckdb"), spill, FakeClock(), batch_size=3)
+    w2.start()
+    w2.submit(record(4))
+    deadline = time.monotonic() + WAIT_S
+    while w2.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not w2.running and not w2.healthy
+    w2.stop()
+    spilled = [json.loads(x)["decision_point"] for x in w2.spill_path.read_text().splitlines()]
+    assert sorted(spilled) == [0, 1, 2, 3, 4]

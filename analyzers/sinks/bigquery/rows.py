@@ -258,10 +258,11 @@ def _type_problem(value: Any, spec: FieldSpec) -> str | None:
 def timestamp_from_text(text: Any) -> datetime:
     """A TIMESTAMP column's text as an aware UTC datetime, in BigQuery's canonical form
     (``YYYY-[M]M-[D]D[( |T)[H]H:[M]M[:[S]S[.F]]][time zone]``, "Timestamp type", GoogleSQL
-    data types): up to six fraction digits, and a zone of ``Z``, `` UTC``, ``±HH``, ``±HHMM``
-    or ``±HH:MM``, or none (UTC). The one reading of such text in this sink: the check
-    (:func:`validate_row`), the compact rows' bar times and the look-up of unsure rows
-    (helper-112: ``... UTC`` or no zone, taken by the check, raised in the other two).
+    data types): up to six fraction digits, and a zone of ``Z``, `` UTC`` or
+    ``(+|-)H[H][:M[M]]`` (hours to 23, minutes to 59), or none (UTC). The one reading of
+    such text in this sink: the check (:func:`validate_row`), the compact rows' bar times and
+    the look-up of unsure rows (helper-112: ``... UTC`` or no zone, taken by the check, raised
+    in the other two).
     Python's ``fromisoformat`` reads more (week dates, any separator, seconds in offsets,
     ``...Z UTC`` once `` UTC`` was cut: helper-113), which BigQuery refuses or reads otherwise:
     refused here.
@@ -288,12 +289,11 @@ def timestamp_from_text(text: Any) -> datetime:
             tzinfo=UTC,
         )
         if zone and zone not in ("Z", " UTC"):
-            sign = -1 if zone[0] == "-" else 1
-            digits = zone[1:].replace(":", "")
-            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-            if offset >= timedelta(hours=24):
-                raise ValueError(f"offset out of range: {zone}")
-            dt -= sign * offset
+            hours, _, minutes = zone[1:].partition(":")
+            if int(hours) > 23 or int(minutes or 0) > 59:  # helper-114: +05:75 read as 6:15
+                raise ValueError(f"time zone offset out of range: {zone}")
+            offset = timedelta(hours=int(hours), minutes=int(minutes or 0))
+            dt -= -offset if zone[0] == "-" else offset
     except OverflowError as e:
         raise ValueError(f"out of range: {_short(text)}") from e
     return dt
@@ -302,7 +302,7 @@ def timestamp_from_text(text: Any) -> datetime:
 _TIMESTAMP_RE = re.compile(
     r"([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})"
     r"(?:[T ]([0-9]{1,2}):([0-9]{1,2})(?::([0-9]{1,2})(?:\.([0-9]{1,6}))?)?)?"
-    r"(Z| UTC|[+-][0-9]{2}(?::?[0-9]{2})?)?"
+    r"(Z| UTC|[+-][0-9]{1,2}(?::[0-9]{1,2})?)?"
 )
 
 

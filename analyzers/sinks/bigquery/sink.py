@@ -44,6 +44,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -94,6 +95,12 @@ DEFAULT_IN_FLIGHT = 4
 DEFAULT_MAX_BATCH = 2_000
 # Ids per existence look-up query (one array parameter).
 LOOKUP_IDS = 10_000
+# Writes in which a row must fail alone with an HTTP 500 (no retry reason), none of its request
+# stored, over at least POISON_SPAN_S seconds, before it is refused as one the server cannot
+# read (_judge_poison); rows counted.
+POISON_STRIKES = 3
+POISON_SPAN_S = 30.0
+POISON_IDS_KEPT = 10_000
 
 
 @dataclass(slots=True)
@@ -159,6 +166,8 @@ class BigQuerySink:
         max_rows_per_request: upper bound of rows in one request.
         max_in_flight: requests of one write sent at once.
         max_batch: records the writer hands over in one write (read by the writer).
+        poison_span_s: seconds over which a row must fail alone with an HTTP 500, in
+            :data:`POISON_STRIKES` writes, before it is refused (:meth:`_judge_poison`).
 
     Raises:
         ValueError: a bound below its minimum.
@@ -176,6 +185,7 @@ class BigQuerySink:
         max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         max_batch: int = DEFAULT_MAX_BATCH,
+        poison_span_s: float = POISON_SPAN_S,
     ) -> None:
         if max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {max_request_bytes}")
@@ -190,6 +200,7 @@ class BigQuerySink:
         self.max_rows_per_request = max_rows_per_request
         self.max_in_flight = max_in_flight
         self.max_batch = max_batch
+        self.poison_span_s = poison_span_s
         self.stats = BigQuerySinkStats()
         self.table_id = config.table_id
         # Where rows go (``<table>_compact`` for compact rows; known after open()).
@@ -203,6 +214,9 @@ class BigQuerySink:
         self._light_schema = _light(DECISION_SCHEMA)
         self._opened = False
         self._confirmed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # decision id -> (writes in which the row failed alone with a server error, monotonic
+        # time of the first): _judge_poison
+        self._strikes: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
         self._uncertain: set[str] = set()
         self._replaying: set[str] = set()  # of _uncertain: rows of earlier runs' spills
         self._lock = threading.Lock()  # ids and counters, updated from request threads
@@ -459,24 +473,56 @@ class BigQuerySink:
         out = _Outcome()
         try:
             self._send(chunk, out)
-            if len(out.errors) == len(chunk) and all(
-                e.reason.startswith(POISON_PREFIX) for e in out.errors
-            ):
-                # Every row "poison" is not N bad rows but a server not ready (seen on the
-                # emulator right after it starts): retry the batch (rows already written are
-                # remembered and skipped), then spill, rather than reject good records. A
-                # request of one row too: nothing tells its 500 from BigQuery's own
-                # internalError, which says to retry (helper-113 F2; bqemulator answers a value
-                # it cannot read with that same reason). Replayed with rows after it, a row
-                # the server cannot read is isolated among rows it stores, and refused.
-                out.errors = []
-                raise TransientError(
-                    f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
-                    "request; retrying it as an outage"
-                )
+            self._judge_poison(chunk, out)
         except (TransientError, SinkError) as e:
             out.failure = e
         return out
+
+    def _judge_poison(self, chunk: list[Pending], out: _Outcome) -> None:
+        """Keep a "poison" refusal (a row answered HTTP 500 alone, twice) only with evidence
+        that the row, not the server, is at fault: other rows of its request were stored, or
+        it failed alone in :data:`POISON_STRIKES` writes over at least ``poison_span_s``
+        seconds (the writer's backoff, then its probes, space them). Otherwise the request
+        fails for now, to be retried.
+
+        bqemulator answers a value it cannot read with HTTP 500 ``internalError``, as BigQuery
+        answers its own internal errors, which it says to retry: a row refused on its first
+        write could be a good one (helper-113), and a row never refused blocks the spill
+        behind it for good (helper-114: a row too large to share a request, and a spill's last
+        row, were retried forever). Every row of several failing is an outage (the emulator
+        right after it starts), never a strike.
+
+        Raises:
+            TransientError: the request's poison rows are not judged yet.
+        """
+        poison = [e for e in out.errors if e.reason.startswith(POISON_PREFIX)]
+        if not poison or out.written:
+            return
+        if len(chunk) > 1 and len(out.errors) == len(chunk) and len(poison) == len(chunk):
+            out.errors = []
+            raise TransientError(
+                f"BigQuery answered a server error for each of the {len(chunk)} rows of a "
+                "request; retrying it as an outage"
+            )
+        ids = {p[0]: str(p[1]["decision_id"]) for p in chunk}
+        now = time.monotonic()
+        with self._lock:
+            strikes = []
+            for e in poison:
+                n, first = self._strikes.get(ids[e.index], (0, now))
+                self._strikes[ids[e.index]] = (n + 1, first)
+                self._strikes.move_to_end(ids[e.index])
+                strikes.append((n + 1, now - first))
+            while len(self._strikes) > POISON_IDS_KEPT:
+                self._strikes.popitem(last=False)
+        if all(n >= POISON_STRIKES and span >= self.poison_span_s for n, span in strikes):
+            return
+        out.errors = []
+        raise TransientError(
+            f"BigQuery answered a server error for {len(poison)} rows alone, none of their "
+            f"request stored (strike {min(n for n, _ in strikes)} of {POISON_STRIKES}, refused "
+            f"after {self.poison_span_s:g} s); retrying"
+        )
 
     def _drop_stored(self, pending: list[Pending]) -> list[Pending]:
         """Look up rows of unknown outcome; drop (and remember) those already stored.
@@ -542,6 +588,7 @@ class BigQuerySink:
 
     def _remember(self, decision_id: str) -> None:
         with self._lock:
+            self._strikes.pop(decision_id, None)
             self._confirmed[decision_id] = None
             self._uncertain.discard(decision_id)
             self._replaying.discard(decision_id)
@@ -773,10 +820,14 @@ def _insert_errors(response: Any, rows: int) -> list[dict[str, Any]]:
             i = int(index)  # int64 is a JSON string in Google's REST answers
         objects = e.get("errors") if 0 <= i < rows else None
         if not (
-            isinstance(objects, list) and objects and all(isinstance(o, Mapping) for o in objects)
+            isinstance(objects, list)
+            and objects
+            and all(isinstance(o, Mapping) and isinstance(o.get("reason"), str) for o in objects)
         ):
             # helper-113 F1: an error that is not an object raised AttributeError later, after
-            # the rows before it were counted stored; the others were then sent again unlooked
+            # the rows before it were counted stored; the others were then sent again unlooked.
+            # BigQuery's error objects (ErrorProto) carry a reason; without one a row was
+            # refused as "?: None: None" (helper-114)
             raise UnreadableAnswerError(
                 f"insertAll answered an insert error that names no row of its {rows} or no "
                 f"error: {_excerpt(e)}"

@@ -2671,6 +2671,20 @@ def test_runs_that_compare_equal_are_counted_by_their_own_texts(odd: str) -> Non
     assert record_runs(records, most) == cut_runs(costs, most)
 
 
+def _spilled_by_a_run(tmp_path: Path, n: int) -> Path:
+    """The spill folder of a run whose sink was down: records 0..n-1 in its file."""
+    spill = tmp_path / "spill"
+    sink = Flaky(tmp_path / "f.duckdb")
+    sink.down.set()
+    clock = FakeClock()
+    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
+    w.start()
+    for i in range(n):
+        w.submit(record(i))
+    assert stop_while_time_passes(w, clock).spilled == n
+    return spill
+
+
 class BuggyOnce(Flaky):
     """Raises a non-transient error (a sink bug) on its first replayed write, then works."""
 
@@ -2689,15 +2703,7 @@ def test_a_sink_bug_during_a_replay_keeps_the_rows_and_the_writer(tmp_path: Path
     """helper-113: an error other than TransientError raised by the sink while the spill was
     replayed ended the writer ("decision writer failed"). As on the write path, the rows stay in
     the file, the writer goes on in spill mode, and the next probe replays them."""
-    spill = tmp_path / "spill"
-    sink = Flaky(tmp_path / "f.duckdb")
-    sink.down.set()
-    clock = FakeClock()
-    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
-    w.start()
-    for i in range(7):
-        w.submit(record(i))
-    assert stop_while_time_passes(w, clock).spilled == 7
+    spill = _spilled_by_a_run(tmp_path, 7)
     sink2, clock2 = BuggyOnce(tmp_path / "f.duckdb"), FakeClock()
     w2 = writer(sink2, spill, clock2, batch_size=3, flush_interval_s=1.0, probe_interval_s=10.0)
     w2.start()
@@ -2728,15 +2734,7 @@ def test_a_sink_error_during_a_replay_still_stops_the_writer(tmp_path: Path) -> 
     it needs a human), so the writer retried it at every probe and logged a traceback each
     time. As from probe() or open(), it stops the writer (submit() raises once the queue is
     full); the rows stay in the spill file, the queued one joins them at the stop."""
-    spill = tmp_path / "spill"
-    sink = Flaky(tmp_path / "f.duckdb")
-    sink.down.set()
-    clock = FakeClock()
-    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
-    w.start()
-    for i in range(4):
-        w.submit(record(i))
-    assert stop_while_time_passes(w, clock).spilled == 4
+    spill = _spilled_by_a_run(tmp_path, 4)
     w2 = writer(RevokedOnce(tmp_path / "f.duckdb"), spill, FakeClock(), batch_size=3)
     w2.start()
     w2.submit(record(4))

@@ -453,16 +453,7 @@ def test_outage_spills_then_replays_at_the_probe_in_order_without_duplicates(
 
 
 def test_sink_down_at_start_and_spill_replayed_by_the_next_run(tmp_path: Path) -> None:
-    spill = tmp_path / "spill"
-    sink = Flaky(tmp_path / "f.duckdb")
-    sink.down.set()
-    clock = FakeClock()
-    w = writer(sink, spill, clock, batch_size=3, flush_interval_s=0.02)
-    w.start()
-    for i in range(7):
-        w.submit(record(i))
-    stats = stop_while_time_passes(w, clock)
-    assert stats.written == 0 and stats.spilled == 7 and w.spill_path.exists()
+    spill = _spilled_by_a_run(tmp_path, 7)
     # the next start (sink healthy) replays the file first
     sink2 = Flaky(tmp_path / "f.duckdb")
     w2 = writer(sink2, spill, FakeClock(), batch_size=3, flush_interval_s=0.02)
@@ -2681,7 +2672,8 @@ def _spilled_by_a_run(tmp_path: Path, n: int) -> Path:
     w.start()
     for i in range(n):
         w.submit(record(i))
-    assert stop_while_time_passes(w, clock).spilled == n
+    stats = stop_while_time_passes(w, clock)
+    assert stats.written == 0 and stats.spilled == n and w.spill_path.exists()
     return spill
 
 

@@ -826,26 +826,37 @@ class Ingestor:
         except DataError as e:
             logger.warning("state file not re-read: %s", e)
             return
+        self.state.merge(saved)  # every symbol's entries and the gaps, not only this one's
         # A last bar after the local clock would make every later bar of its symbol a duplicate:
-        # refused at start (exit 2), and not taken over here either (helper-109's note: the
-        # takeover took it in unchecked)
+        # refused at start (exit 2), and not taken as this one's position here either
+        # (helper-109's note). It stays in the file (helper-115: dropping it before the merge
+        # erased another ingestor's entry, or rolled it back), so the next start names it.
         horizon = self.clock() + timedelta(seconds=self.config.future_tolerance_s)
         future = {s: iso_utc(t) for s, t in saved.last_bar.items() if t > horizon}
         if future:
             logger.error(
                 "INGEST_STATE_PATH=%s: the other ingestor's last bars dated after the local "
-                "clock %s are not taken over (one of the two clocks is wrong)",
+                "clock %s are kept in the file but not taken as published (one of the two "
+                "clocks is wrong; the next start refuses the file)",
                 self.config.state_path,
                 future,
             )
-            for s in future:
-                del saved.last_bar[s]
-        self.state.merge(saved)  # every symbol's entries and the gaps, not only this one's
         for s, ts in saved.last_bar.items():
             mine = self._sent.get(s)
+            if s in future:
+                continue
             if s in self._symbols and (mine is None or ts > mine):
                 self._sent[s] = ts
                 self._live_from.pop(s, None)
+        ahead = {s: iso_utc(t) for s, t in saved.start.items() if t > horizon}
+        if ahead:  # as at start (helper-115: taken over without a word)
+            logger.warning(
+                "INGEST_STATE_PATH=%s: start points dated after the local clock %s (a clock "
+                "ahead where they were written, or a hand edit): bars of those symbols before "
+                "them are not fetched",
+                self.config.state_path,
+                ahead,
+            )
         for s, ts in saved.start.items():
             mine = self._live_from.get(s)
             if s in self._symbols and s not in self._sent and (mine is None or ts < mine):

@@ -163,16 +163,18 @@ class IngestState:
         except (OSError, ValueError, TypeError, RecursionError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
         if len(gaps) > MAX_GAPS_KEPT:
-            # A file from before the limit, or a hand edit: the newest kept, as a change would
+            # A file from before the limit, or a hand edit: the newest by start kept, as a
+            # merge keeps them (helper-115: cut in the file's order, a late-found older gap
+            # pushed out a newer one)
             logger.warning(
-                "INGEST_STATE_PATH=%s: %d gaps recorded; the oldest %d are dropped (at most %d "
-                "are kept)",
+                "INGEST_STATE_PATH=%s: %d gaps recorded; the %d oldest by start are dropped "
+                "(at most %d are kept)",
                 path,
                 len(gaps),
                 len(gaps) - MAX_GAPS_KEPT,
                 MAX_GAPS_KEPT,
             )
-            gaps = gaps[-MAX_GAPS_KEPT:]
+            gaps = sorted(gaps, key=_gap_order)[-MAX_GAPS_KEPT:]
         return cls(path, last, gaps, {s: t for s, t in start.items() if s not in last})
 
     def set_start(self, symbol: str, ts: datetime) -> None:

@@ -257,8 +257,16 @@ def test_a_state_file_past_the_gap_limit_keeps_its_newest_gaps_at_load(
     with caplog.at_level("WARNING", logger="feeds.ingest.state"):
         state = IngestState.load(path)
     assert state.gaps == gaps[5:]
-    assert "1005 gaps recorded; the oldest 5 are dropped" in caplog.text
+    assert "1005 gaps recorded; the 5 oldest by start are dropped" in caplog.text
     assert not state.dirty  # written cut at the next change, as before
+    # helper-115: by start, not by the file's order (a late gap check records an older range
+    # after newer ones): the newest gap, written first, is kept, as a merge keeps it
+    late = [gaps[-1], *gaps[:-1]]
+    path.write_text(json.dumps({"version": 1, "gaps": [dataclasses.asdict(g) for g in late]}))
+    assert IngestState.load(path).gaps == gaps[5:]
+    merged = IngestState(tmp_path / "m.json")
+    merged.merge(IngestState(tmp_path / "o.json", gaps=late))
+    assert merged.gaps == gaps[5:]
 
 
 def test_a_merge_whose_new_gaps_are_all_cut_is_not_a_change(tmp_path: Path) -> None:
@@ -661,20 +669,35 @@ def test_a_takeover_does_not_adopt_a_last_bar_dated_in_the_future(
 ) -> None:
     """A standby taking over the shared file (``_adopt_saved_state``) took in the other
     ingestor's last bars unchecked (helper-109's note): one after the local clock would have
-    made every later bar of its symbol a duplicate, which a start refuses (exit 2). It is left
-    out and named in an error; the other symbols' bars are taken over."""
+    made every later bar of its symbol a duplicate, which a start refuses (exit 2). It is not
+    taken as published, and named in an error; the other symbols' bars are taken over. The
+    entry stays in the file, as every other one (helper-115: dropping it before the merge
+    erased it, or rolled it back to the standby's older copy), so the next start names it."""
     now = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
     ing = _ingestor(tmp_path, now)
     other = IngestState.load(tmp_path / "s.json")
-    good = now - timedelta(minutes=3)
+    good, ahead = now - timedelta(minutes=3), datetime(2030, 1, 1, tzinfo=UTC)
     other.confirm("AAPL", good)
-    other.confirm("MSFT", datetime(2030, 1, 1, tzinfo=UTC))
+    other.confirm("MSFT", ahead)
+    other.confirm("ZZZZ", ahead)  # a symbol this ingestor does not publish
+    other.set_start("NVDA", now + timedelta(hours=1))  # told, as at start (helper-115)
     other.save()
-    with caplog.at_level("ERROR", logger="feeds.ingest.ingestor"):
+    with caplog.at_level("WARNING", logger="feeds.ingest.ingestor"):
         ing._adopt_saved_state()
-    assert ing.state.last_bar == {"AAPL": good}
+    assert "start points dated after the local clock {'NVDA': '2024-01-02T16:30:00Z'}" in (
+        caplog.text
+    )
     assert ing._sent.get("AAPL") == good and "MSFT" not in ing._sent
-    assert "last bars dated after the local clock {'MSFT': '2030-01-01T00:00:00Z'}" in caplog.text
+    assert "last bars dated after the local clock {'MSFT': '2030-01-01T00:00:00Z', 'ZZZZ'" in (
+        caplog.text
+    )
+    ing.state._dirty = True
+    ing.state.save()
+    assert IngestState.load(tmp_path / "s.json").last_bar == {
+        "AAPL": good,
+        "MSFT": ahead,
+        "ZZZZ": ahead,
+    }
 
 
 def test_a_start_point_dated_in_the_future_is_told_not_refused(

@@ -305,10 +305,12 @@ def test_a_writer_over_a_row_the_server_cannot_read_refuses_it_and_drains(
         probe_interval_s=0.05,
     )
     w.start()
-    for i in range(4):
-        rec = record(i)
-        w.submit(rec._replace(reasoning="poison") if i == 3 else rec)
-    assert w.wait_drained(30)
+    for i in range(3):
+        w.submit(record(i))
+    assert w.flush(10)
+    w.submit(record(3)._replace(reasoning="poison"))  # alone: no other row in its requests
+    assert w.wait_drained(30) and w.flush(10)
+    assert w.healthy  # not left spilling
     stats = w.stop()
     assert (stats.written, stats.rejected) == (3, 1)
     (kept,) = [json.loads(x) for x in w.rejected_path.read_text().splitlines()]

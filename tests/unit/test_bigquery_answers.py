@@ -471,14 +471,21 @@ def test_a_mapping_inside_a_tuple_is_made_a_json_object() -> None:
 
 def test_a_decision_id_that_is_not_text_is_refused(server: tuple[type[_BigQuery], str]) -> None:
     """helper-113 F4: a number passed as STRING, was kept unsure as text and never looked up
-    (compared as the number): after an unknown outcome it was sent again, stored twice."""
+    (compared as the number): after an unknown outcome it was sent again, stored twice. And
+    helper-114: an empty one went as ``insertId: ""`` (no de-duplication by BigQuery), and a
+    second row with it was taken for a repeat of the first, given its outcome, never sent."""
     handler, endpoint = server
     sink = _sink(endpoint)
     row = to_row(record(0))
     row["decision_id"] = 123
+    empty = [dict(to_row(record(i)), decision_id="") for i in (2, 3)]
     try:
-        errors = sink.write([row, to_row(record(1))])
-        assert [(e.index, e.reason) for e in errors] == [(0, "decision_id: expected text, got 123")]
+        errors = sink.write([row, to_row(record(1)), *empty])
+        assert [(e.index, e.reason) for e in errors] == [
+            (0, "decision_id: expected non-empty text, got 123"),
+            (2, "decision_id: expected non-empty text, got ''"),
+            (3, "decision_id: expected non-empty text, got ''"),
+        ]
         assert [len(json.loads(b)["rows"]) for b in handler.bodies] == [1]
     finally:
         sink.close()

@@ -391,10 +391,14 @@ class BigQuerySink:
         repeats: dict[int, int] = {}  # position of a repeated id -> position of the first
         for i, row in enumerate(rows):
             did = row.get("decision_id")
-            if did is not None and not isinstance(did, str):
+            if did is not None and (not isinstance(did, str) or not did):
                 # the insert id and the key of every look-up: text only (helper-113 F4: a
-                # number passed as STRING, and a row of unknown outcome was never looked up)
-                errors.append(RowError(i, f"decision_id: expected text, got {_excerpt(did)}"))
+                # number passed as STRING, and a row of unknown outcome was never looked up),
+                # and not empty (helper-114: insertId "" turns BigQuery's de-duplication off,
+                # and two such rows of a write were taken for one repeated)
+                errors.append(
+                    RowError(i, f"decision_id: expected non-empty text, got {_excerpt(did)}")
+                )
                 continue
             if isinstance(did, str):
                 if did in first:

@@ -50,6 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from core.errors import ConfigError, DataError, RetryInterruptedError, TransientError
@@ -184,6 +185,21 @@ class _StoppedBeforeTradesError(Exception):
     """The history request for a live bar's trades was refused because the ingestor stops."""
 
 
+def _warn_future_starts(path: Path, start: dict[str, datetime], horizon: datetime) -> None:
+    """Warn of start points dated after ``horizon`` (the local clock plus its tolerance): a
+    clock ahead where they were written, or a hand edit. They are kept, not refused (another
+    pod's clock on a shared file; helper-110: refusing made a standby exit 2 at every start)."""
+    future = {s: iso_utc(t) for s, t in start.items() if t > horizon}
+    if future:
+        logger.warning(
+            "INGEST_STATE_PATH=%s: start points dated after the local clock %s (a clock "
+            "ahead where they were written, or a hand edit): bars of those symbols before "
+            "them are not fetched",
+            path,
+            future,
+        )
+
+
 class Ingestor:
     """Alpaca bars of ``config.symbols`` to ``config.topic``.
 
@@ -229,18 +245,8 @@ class Ingestor:
                 f"local clock {future}: every later bar would be skipped as a duplicate; fix the "
                 "clock or the file"
             )
-        # Start points come from an ingestor's local clock, not from bars: one ahead of this
-        # one's (another pod on the shared file) is told, not refused (helper-110: refusing
-        # made a standby exit 2 at every start until its clock caught up)
-        future = {s: iso_utc(t) for s, t in self.state.start.items() if t > horizon}
-        if future:
-            logger.warning(
-                "INGEST_STATE_PATH=%s: start points dated after the local clock %s (a clock "
-                "ahead where they were written, or a hand edit): bars of those symbols before "
-                "them are not fetched",
-                config.state_path,
-                future,
-            )
+        # Start points come from an ingestor's local clock, not from bars: told, not refused
+        _warn_future_starts(config.state_path, self.state.start, horizon)
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,
@@ -848,15 +854,8 @@ class Ingestor:
             if s in self._symbols and (mine is None or ts > mine):
                 self._sent[s] = ts
                 self._live_from.pop(s, None)
-        ahead = {s: iso_utc(t) for s, t in saved.start.items() if t > horizon}
-        if ahead:  # as at start (helper-115: taken over without a word)
-            logger.warning(
-                "INGEST_STATE_PATH=%s: start points dated after the local clock %s (a clock "
-                "ahead where they were written, or a hand edit): bars of those symbols before "
-                "them are not fetched",
-                self.config.state_path,
-                ahead,
-            )
+        # as at start (helper-115: taken over without a word)
+        _warn_future_starts(self.config.state_path, saved.start, horizon)
         for s, ts in saved.start.items():
             mine = self._live_from.get(s)
             if s in self._symbols and s not in self._sent and (mine is None or ts < mine):

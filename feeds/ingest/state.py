@@ -113,6 +113,23 @@ def _member(doc: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of the state file as a ``dict``, refusing a name given twice: JSON
+    leaves what duplicate names mean to the reader (RFC 8259, section 4) and Python keeps the
+    last, so a hand-merged file with two ``last_bar`` entries of a symbol read one of them
+    silently (helper-115, noted and left last session).
+
+    Raises:
+        ValueError: naming the duplicated key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the name {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def _time_order(text: str) -> _TimeOrder:
     """A gap time by time, not by text (:func:`iso_utc` omits a zero fraction, so
     ``...:00Z`` sorts after ``...:00.5Z`` as text); a value that is not a time (a gap built in
@@ -150,7 +167,7 @@ class IngestState:
         if not path.exists():
             return cls(path)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
             # The version as the integer written (helper-110: true and 1.0 equal 1 in Python)
             if type(doc) is not dict or type(doc.get("version")) is not int:
                 raise ValueError(f"expected an object with version {VERSION}")

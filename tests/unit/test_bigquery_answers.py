@@ -27,7 +27,7 @@ from analyzers.schema import Access, DataAccess, to_row
 from analyzers.sinks.bigquery.compact import pack_row
 from analyzers.sinks.bigquery.config import BigQuerySinkConfig
 from analyzers.sinks.bigquery.rows import compact_row, timestamp_from_text, validate_row
-from analyzers.sinks.bigquery.sink import BigQuerySink, _timestamp
+from analyzers.sinks.bigquery.sink import BigQuerySink
 from analyzers.sinks.bigquery.topic import DecisionTopic
 from core.errors import TransientError
 from tests.unit.test_writer import record
@@ -403,8 +403,10 @@ def test_timestamp_text_the_check_takes_is_read_the_same_everywhere(text: str) -
     row["bar_time"] = text
     assert validate_row(row, _schema()) == []
     assert pack_row(compact_row(row))["data_accessed"][0]["bars"][0]["t"] == 1_000_000_000
-    assert _timestamp(text) == timestamp_from_text("2001-09-09T01:46:40Z")
-    assert {_timestamp(text), _timestamp("2001-09-09T01:46:40Z")} == {_timestamp(text)}
+    assert timestamp_from_text(text) == timestamp_from_text("2001-09-09T01:46:40Z")
+    assert {timestamp_from_text(text), timestamp_from_text("2001-09-09T01:46:40Z")} == {
+        timestamp_from_text(text)
+    }
 
 
 def _schema() -> Any:

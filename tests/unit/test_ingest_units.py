@@ -629,6 +629,29 @@ def test_a_stream_bar_dated_before_year_1000_is_refused_not_published(
     assert IngestState.load(tmp_path / "s.json").last_bar == {"AAPL": published[0].ts}
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": 1, "last_bar": {"AAA": "2024-01-02T14:30:00Z", '
+        '"AAA": "2024-01-02T14:31:00Z"}}',
+        '{"version": 1, "version": 1}',
+        '{"version": 1, "gaps": [{"symbol": "A", "symbol": "B", "start": "x", "end": "y", '
+        '"reason": "r"}]}',
+    ],
+    ids=["last_bar", "top level", "in a gap"],
+)
+def test_a_name_twice_in_a_state_file_is_refused_by_name(tmp_path: Path, text: str) -> None:
+    """A JSON object naming a member twice (a hand merge of two files): Python's reader kept
+    the last and dropped the other without a word. Refused now, naming the file and the key;
+    the same file with the name once reads."""
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"INGEST_STATE_PATH=.*s\.json: .*appears twice"):
+        IngestState.load(path)
+    path.write_text('{"version": 1, "last_bar": {"AAA": "2024-01-02T14:31:00Z"}}')
+    assert IngestState.load(path).last_bar["AAA"].minute == 31
+
+
 def test_a_state_file_nested_too_deep_is_refused_by_name(tmp_path: Path) -> None:
     """helper-110: RecursionError from the JSON reader was uncaught (exit 1, a traceback)."""
     path = tmp_path / "s.json"

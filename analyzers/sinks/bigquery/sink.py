@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from analyzers.schema import DECISION_SCHEMA, DecisionRecord, FieldSpec, to_row
@@ -552,7 +551,7 @@ class BigQuerySink:
         )
         for start in range(0, len(unsure), LOOKUP_IDS):
             part = [p[1] for p in unsure[start : start + LOOKUP_IDS]]
-            times = [_timestamp(r["bar_time"]) for r in part]
+            times = [timestamp_from_text(r["bar_time"]) for r in part]
             params = [
                 bigquery.ScalarQueryParameter("lo", "TIMESTAMP", min(times)),
                 bigquery.ScalarQueryParameter("hi", "TIMESTAMP", max(times)),
@@ -843,9 +842,3 @@ def _insert_errors(response: Any, rows: int) -> list[dict[str, Any]]:
 def _excerpt(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _timestamp(value: Any) -> datetime:
-    """A row's TIMESTAMP text (``2010-01-04T00:00:00Z``; checked by ``validate_row`` before)
-    as an aware UTC datetime."""
-    return timestamp_from_text(value)

@@ -47,6 +47,8 @@ stage), and the stop does not resolve the queued records on the stopping thread
 SMA-cross resolved on the main thread in runs with the same seed): the writer's thread
 resolves them.
 
+``--time ROUNDS`` times the same stages instead (no valgrind; :func:`timed_stages`).
+
 Reported per agent: the main thread's instructions per bar over plain's, the step each stage
 adds, and the other threads' instructions per bar (the writer; DuckDB's own threads; each
 thread's whole life, from before the window: the writer's thread starts in set-up). After
@@ -76,8 +78,11 @@ import fcntl
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -189,11 +194,17 @@ def _count_reads(facts: dict[str, int]) -> None:
 
 
 def child(
-    stage: str, agent: str, facts: dict[str, int] | None = None, python: bool = False
+    stage: str,
+    agent: str,
+    facts: dict[str, int] | None = None,
+    python: bool = False,
+    timed: bool = False,
 ) -> None:
     """One run of ``stage`` in this process, the run between two ``os.getppid()`` calls; prints
     the bars, or with ``facts`` (a dict) what :func:`_instrument` counted and what the store
-    holds, as JSON. ``python``: the bars recorded in Python (:func:`python_record`)."""
+    holds, as JSON. ``python``: the bars recorded in Python (:func:`python_record`).
+    ``timed`` (``--time``): prints the window's wall time, the main thread's CPU time and the
+    writer's final flush (seconds), with the bars, as JSON."""
     if python:
         python_record()
     sys.path.insert(0, str(REPO))
@@ -244,13 +255,19 @@ def child(
         writer.start()
         cerebro.addanalyzer(FMELAnalyzer, writer=writer, gc_freeze=True)
     os.getppid()  # callgrind dumps here: what came before is set-up
+    t0, c0 = time.perf_counter(), time.thread_time()
     strategy = cerebro.run()[0]
+    t1 = time.perf_counter()
     if writer is not None:
         # valgrind runs ~50x slower: with the default 10 s budget the final flush would be cut
         # short and the rest spilled as JSON on this (main) thread, a different path
         writer.stop(timeout_s=3600)
+    t2, c2 = time.perf_counter(), time.thread_time()
     os.getppid()  # ...and here: the window is the run and its final flush
-    if facts is None:
+    if timed:
+        times = {"wall_s": t2 - t0, "main_cpu_s": c2 - c0, "flush_s": t2 - t1}
+        print(json.dumps({"bars": len(strategy), **times}))
+    elif facts is None:
         print(len(strategy))  # bars: the parent divides by it
     else:
         import duckdb
@@ -280,12 +297,67 @@ def measure(stage: str, agent: str, out: Path, python_record: bool = False) -> t
     return main, other, int(stdout.split()[-1])
 
 
+def _paired(
+    runs: list[dict[str, float]], plain: list[dict[str, float]], key: str, over: str
+) -> float:
+    """The median over the rounds of a run's ``key`` over the same round's plain ``over``."""
+    return statistics.median(r[key] / p[over] for r, p in zip(runs, plain, strict=True))
+
+
+def timed_stages(agents: list[str], stages: list[str], rounds: int, python: bool) -> None:
+    """``--time``: each stage run ``rounds`` times in fresh processes, the stages in turn
+    (the order reversed every other round), and printed as paired ratios over the same
+    round's ``plain`` run (medians over the rounds): the window's wall time, the main
+    thread's CPU time (``time.thread_time``), and the final flush (``writer.stop()``) as a
+    share of plain's wall time. Time, unlike instructions, includes cache misses and the
+    writer thread holding the GIL; it moves with this host's speed (docs/benchmarks.md,
+    twenty-ninth pass), so read the ratios of one run together."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or "plain" not in stages or rounds < 1:
+        sys.exit(f"--stages: from {', '.join(STAGES)}, plain included; --time >= 1")
+    stages.sort(key=STAGES.index)
+    extra = ["--python-record"] if python else []
+    for agent in agents:
+        runs: dict[str, list[dict[str, float]]] = {s: [] for s in stages}
+        for i in range(rounds):
+            for stage in stages if i % 2 == 0 else stages[::-1]:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", stage, agent, "--timed", *extra],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                runs[stage].append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+        wall = statistics.median(r["wall_s"] for r in runs["plain"])
+        bars = int(runs["plain"][0]["bars"])
+        print(f"**{agent}**, {bars:,} bars, {rounds} rounds; plain: {wall:.3f} s\n")
+        print("| stage | time over plain | main-thread CPU over plain | final flush, of plain |")
+        print("|---|---:|---:|---:|")
+        for stage in stages:
+            row = [
+                _paired(runs[stage], runs["plain"], key, over)
+                for key, over in (("wall_s", "wall_s"), ("main_cpu_s", "main_cpu_s"))
+            ]
+            flush = _paired(runs[stage], runs["plain"], "flush_s", "wall_s")
+            print(f"| {stage} | {row[0]:.3f}x | {row[1]:.3f}x | {flush:.3f} |")
+        print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", default="sma,heavy")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "AGENT"), help=argparse.SUPPRESS)
     ap.add_argument("--facts", action="store_true", help=argparse.SUPPRESS)  # tests
+    ap.add_argument("--timed", action="store_true", help=argparse.SUPPRESS)  # --time's child
+    ap.add_argument(
+        "--time",
+        type=int,
+        metavar="ROUNDS",
+        help="time the stages instead of counting instructions: ROUNDS runs of each, "
+        "alternated (no valgrind)",
+    )
     ap.add_argument(
         "--python-record",
         action="store_true",
@@ -294,7 +366,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         stage, agent = args.child
-        child(stage, agent, facts={} if args.facts else None, python=args.python_record)
+        child(
+            stage,
+            agent,
+            facts={} if args.facts else None,
+            python=args.python_record,
+            timed=args.timed,
+        )
+        return
+    if args.time is not None:
+        timed_stages(args.agents.split(","), args.stages.split(","), args.time, args.python_record)
         return
     for tool, package in (("valgrind", "valgrind"), ("setarch", "util-linux")):
         if shutil.which(tool) is None:

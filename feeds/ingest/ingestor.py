@@ -200,6 +200,14 @@ def _warn_future_starts(path: Path, start: dict[str, datetime], horizon: datetim
         )
 
 
+# Symbols with nothing published for longer than this share of INGEST_MAX_BACKFILL_S are asked
+# about from history (Ingestor._check_idle) at most once every IDLE_CHECK_EVERY of it (7 days by
+# default: after 3.5 days, every 1.75 days), so what an empty answer keeps in the state file is
+# never older than 3/4 of the limit while connected.
+IDLE_AFTER = 0.5
+IDLE_CHECK_EVERY = 0.25
+
+
 class Ingestor:
     """Alpaca bars of ``config.symbols`` to ``config.topic``.
 
@@ -295,6 +303,8 @@ class Ingestor:
         self._first_trade_ns: dict[str, int] = {}
         self._trades: dict[str, list[TradeTick]] = {s: [] for s in config.symbols}
         self._last_flush = time.monotonic()
+        # the next idle check (_check_idle); the connection's catch-up checks every symbol
+        self._next_idle_check = time.monotonic() + config.max_backfill_s * IDLE_CHECK_EVERY
         # shared flags
         self.connected = False
         self.fatal: BaseException | None = None
@@ -556,6 +566,7 @@ class Ingestor:
                     return
                 self._confirm()
                 self._hand_over()
+                self._check_idle()
                 continue
             if kind == _BAR:
                 if self._lock.held:  # else another ingestor publishes (or the next start)
@@ -582,6 +593,37 @@ class Ingestor:
             elif kind == _AUTH_ERROR:
                 self._auth_error(str(payload))
             self._confirm()
+
+    def _check_idle(self) -> None:
+        """Ask history about the symbols nothing was published of for longer than
+        :data:`IDLE_AFTER` of ``INGEST_MAX_BACKFILL_S`` (a halted stock, a symbol that seldom
+        trades), at most once every :data:`IDLE_CHECK_EVERY` of it, while connected and
+        holding the state file: as a gap check, their bars since are published if history has
+        any, and an empty answer is kept (:attr:`IngestState.checked`). Without it, such a
+        symbol's position in the state file aged while the stream, connected, sent nothing of
+        it, and a restart more than ``INGEST_MAX_BACKFILL_S`` after it counted the whole time
+        as a gap (one of ERROR level a restart and symbol, pushing real gaps out of the file's
+        1,000). A failed answer is logged by the request and asked again at the next check.
+        Worker thread, between messages."""
+        now_m = time.monotonic()
+        if now_m < self._next_idle_check:
+            return
+        self._next_idle_check = now_m + self.config.max_backfill_s * IDLE_CHECK_EVERY
+        if not self.connected or not self._lock.held or self._stop.is_set():
+            return
+        end = self._last_complete_minute()
+        stale = end - timedelta(seconds=self.config.max_backfill_s * IDLE_AFTER)
+        since: dict[str, datetime] = {}
+        for s in self.config.symbols:
+            after = self._sent.get(s, self._live_from.get(s))
+            if after is None:
+                continue
+            seen = self.state.checked.get(s)
+            if max(after, seen or after) < stale:
+                since[s] = after
+        if since:
+            logger.info("idle check: asking history about %d symbols", len(since))
+            self._backfill(since, end, reason="idle check")
 
     def _start_unsent_at_left_bars(self) -> bool:
         """A stop leaves bars unpublished (queued past the stop's first half, or dropped from a
@@ -880,10 +922,23 @@ class Ingestor:
             self.clock() - timedelta(seconds=self.config.max_backfill_s), self.tuning.bar_s
         )
         start_by: dict[str, datetime] = {}
+        step = timedelta(seconds=self.tuning.bar_s)
+        now = self.clock()
         for s, after in since.items():
-            first = after + timedelta(seconds=self.tuning.bar_s)
+            first = after + step
             if first < limit:
-                self._gap(s, first, limit, "longer than INGEST_MAX_BACKFILL_S")
+                # Not the minutes an earlier history answer covered with nothing of the
+                # symbol (IngestState.checked): a symbol that did not trade for longer than the
+                # limit was counted a gap at every restart, of the time between the two. A
+                # time after the local clock (another clock, a hand edit) is not taken.
+                seen = self.state.checked.get(s)
+                missing = (
+                    first
+                    if seen is None or seen > now
+                    else max(first, _floor(seen, self.tuning.bar_s) + step)
+                )
+                if missing < limit:
+                    self._gap(s, missing, limit, "longer than INGEST_MAX_BACKFILL_S")
                 skip_to = limit - timedelta(seconds=self.tuning.bar_s)
                 self._sent[s] = skip_to
                 # and in the state file, or every restart (or a standby) counts it again
@@ -913,6 +968,7 @@ class Ingestor:
                 cut = self._last_complete_minute(alpaca_now)
                 bars = {s: [b for b in bs if b.ts <= cut] for s, bs in bars.items()}
             newest = max((bs[-1].ts for bs in bars.values() if bs), default=None)
+            answered = end if alpaca_now is None else min(end, cut)
             fresh = {
                 s: [
                     b
@@ -962,6 +1018,13 @@ class Ingestor:
                 iso_utc(start),
                 iso_utc(end),
             )
+        for s in symbols:
+            # History had nothing of it up to ``answered``: kept (IngestState.checked) only
+            # when the file's position is the one this request started after (nothing of it
+            # sent and unconfirmed, which a kill would lose: that must stay a possible gap)
+            position = self.state.last_bar.get(s, self.state.start.get(s))
+            if not fresh[s] and position is not None and position + step >= start_by[s]:
+                self.state.mark_checked(s, answered)
         return _Backfilled(True, newest)
 
     def _backfill_trades(self, bars: dict[str, list[AlpacaBar]]) -> dict[str, deque[TradeTick]]:

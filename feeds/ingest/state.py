@@ -7,6 +7,7 @@ The file is one JSON object, rewritten atomically (temporary file in the same fo
     {"version": 1,
      "last_bar": {"AAPL": "2024-01-02T15:04:00Z", ...},
      "start": {"MSFT": "2024-01-02T15:03:00Z", ...},
+     "checked": {"HALTED": "2024-01-02T15:02:00Z", ...},
      "gaps": [{"symbol": "AAPL", "start": "...", "end": "...", "reason": "..."}, ...]}
 
 A bar is published when its time is after ``last_bar`` of its symbol; Pub/Sub's ordering key
@@ -14,6 +15,12 @@ keeps a symbol's bars in order, so one time per symbol is the whole "already pub
 ``start`` (optional; files without it are read as before) holds the start point of symbols with
 nothing published yet: bars after it are fetched from history at a (re)connection, by this
 ingestor, a restart or a standby taking over; a symbol leaves it once it is in ``last_bar``.
+``checked`` (optional, likewise) holds, per symbol, the end of the last history request that
+answered with no bar of the symbol after its ``last_bar`` (or start point) while everything
+sent of it was confirmed: no bar of it exists up to that time beyond those published. It only
+narrows a gap older than ``INGEST_MAX_BACKFILL_S`` (which history is not asked for) to the
+part after it, so a symbol that does not trade for longer than that (a halted stock) is not
+counted a gap again at every restart. A symbol leaves it once a later bar is in ``last_bar``.
 
 Thread context: the ingestor's worker thread only.
 """
@@ -149,12 +156,16 @@ class IngestState:
         last_bar: confirmed last bar time per symbol (aware UTC).
         gaps: unfilled gaps, oldest first: as recorded, by start once a merge brought new
             ones (at most :data:`MAX_GAPS_KEPT`, the oldest dropped).
+        start: start point per symbol with nothing published yet (aware UTC).
+        checked: per symbol, history answered up to this time with nothing left to publish
+            (aware UTC; see the module docstring).
     """
 
     path: Path
     last_bar: dict[str, datetime] = field(default_factory=dict)
     gaps: list[Gap] = field(default_factory=list)
     start: dict[str, datetime] = field(default_factory=dict)
+    checked: dict[str, datetime] = field(default_factory=dict)
     _dirty: bool = False
 
     @classmethod
@@ -176,6 +187,7 @@ class IngestState:
             last = {k: parse_timestamp(v) for k, v in _member(doc, "last_bar", dict).items()}
             gaps = [_read_gap(k, g) for k, g in enumerate(_member(doc, "gaps", list))]
             start = {k: parse_timestamp(v) for k, v in _member(doc, "start", dict).items()}
+            checked = {k: parse_timestamp(v) for k, v in _member(doc, "checked", dict).items()}
         # RecursionError: JSON nested past the interpreter's limit (helper-110: uncaught, exit 1)
         except (OSError, ValueError, TypeError, RecursionError, MalformedMessageError) as e:
             raise DataError(f"INGEST_STATE_PATH={path}: not an ingest state file ({e})") from e
@@ -192,7 +204,13 @@ class IngestState:
                 MAX_GAPS_KEPT,
             )
             gaps = sorted(gaps, key=_gap_order)[-MAX_GAPS_KEPT:]
-        return cls(path, last, gaps, {s: t for s, t in start.items() if s not in last})
+        return cls(
+            path,
+            last,
+            gaps,
+            {s: t for s, t in start.items() if s not in last},
+            {s: t for s, t in checked.items() if s not in last or t > last[s]},
+        )
 
     def set_start(self, symbol: str, ts: datetime) -> None:
         """Start ``symbol`` (nothing published) after ``ts``; ignored once it is in ``last_bar``."""
@@ -212,6 +230,8 @@ class IngestState:
             mine = self.start.get(s)
             if mine is None or ts < mine:  # the earlier: bars from before, none twice
                 self.set_start(s, ts)
+        for s, ts in other.checked.items():
+            self.mark_checked(s, ts)
         known = set(self.gaps)
         new = [g for g in dict.fromkeys(other.gaps) if g not in known]
         if new:
@@ -225,6 +245,18 @@ class IngestState:
         if prev is None or ts > prev:
             self.last_bar[symbol] = ts
             self.start.pop(symbol, None)
+            seen = self.checked.get(symbol)
+            if seen is not None and seen <= ts:
+                del self.checked[symbol]
+            self._dirty = True
+
+    def mark_checked(self, symbol: str, ts: datetime) -> None:
+        """History answered up to ``ts`` with nothing of ``symbol`` left to publish (see the
+        module docstring); kept when later than what is kept and than its last bar."""
+        prev = self.checked.get(symbol)
+        last = self.last_bar.get(symbol)
+        if (prev is None or ts > prev) and (last is None or ts > last):
+            self.checked[symbol] = ts
             self._dirty = True
 
     def add_gap(self, gap: Gap) -> None:
@@ -249,6 +281,7 @@ class IngestState:
             "version": VERSION,
             "last_bar": {s: iso_utc(t) for s, t in sorted(self.last_bar.items())},
             "start": {s: iso_utc(t) for s, t in sorted(self.start.items())},
+            "checked": {s: iso_utc(t) for s, t in sorted(self.checked.items())},
             "gaps": [asdict(g) for g in self.gaps],
         }
 

@@ -1019,3 +1019,182 @@ def test_a_state_file_without_start_points_reads_as_before(tmp_path: Path) -> No
     state.set_start("AAA", datetime(2024, 1, 2, 14, 0, tzinfo=UTC))  # published: ignored
     state.confirm("BBB", datetime(2024, 1, 2, 14, 31, tzinfo=UTC))  # leaves the start points
     assert state.start == {}
+
+
+# -- symbols that do not trade: the backfill limit's gap once, not at every restart --------------
+
+
+class _QuietHistory:
+    """History of symbols that do not trade: every answer empty (Alpaca's historical bars
+    endpoint answers ``{"bars": {}, "next_page_token": null}`` for a span without trades,
+    docs.alpaca.markets/reference/stockbars). Counts its requests as the client does."""
+
+    calls = retries = 0
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[str], datetime, datetime]] = []
+
+    def bars(self, symbols: list[str], start: datetime, end: datetime) -> dict[str, list[Any]]:
+        self.calls += 1
+        self.asked.append((list(symbols), start, end))
+        return {s: [] for s in symbols}
+
+    def server_now(self) -> datetime | None:
+        return None
+
+
+_T0 = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
+_QUIET = {"INGEST_ENRICH": "none", "INGEST_MAX_BACKFILL_S": "600"}
+
+
+def _start_with_clock(tmp_path: Path, clock: list[datetime]) -> Any:
+    """An Ingestor (not started) whose local clock is ``clock[0]``, with a quiet history."""
+    from feeds.ingest import Ingestor
+
+    env = {**BASE, "INGEST_STATE_PATH": str(tmp_path / "s.json"), **_QUIET}
+    cfg, _ = load_ingest_config(env)
+    ing = Ingestor(cfg, None, "projects/p/topics/bars", clock=lambda: clock[0])
+    ing.history = _QuietHistory()  # type: ignore[assignment]  # its two calls used here
+    return ing
+
+
+def _gaps(ing: Any) -> list[tuple[str, str]]:
+    return [(g.start, g.end) for g in ing.stats.gaps]
+
+
+def test_a_symbol_that_does_not_trade_is_a_gap_once_not_at_every_restart(tmp_path: Path) -> None:
+    """A last bar older than INGEST_MAX_BACKFILL_S (10 minutes here) and a symbol that then
+    does not trade (a halted stock): the first start counts the unfetchable part a gap and
+    moves the file past it. Every later restart counted the time since the previous one's
+    limit as a gap too (the file kept that limit, not what history had answered for): 15:20-
+    15:25 at the second start, 15:25-15:29 at the third. The answers are kept now, so only a
+    span no history answer covered is counted: the 21 minutes before the last start that no
+    ingestor ran, less the limit."""
+    old = _T0 - timedelta(hours=2)
+    (tmp_path / "s.json").write_text(json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(old)}}))
+    found, asked = [], []
+    for minutes in (0, 5, 9, 30):
+        ing = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=minutes)])
+        after = ing.state.last_bar["AAPL"]
+        end = ing._last_complete_minute()
+        assert ing._backfill({"AAPL": after}, end, reason="catch-up").done
+        ing.state.save()
+        found.append(_gaps(ing))
+        asked.append(ing.history.asked[0][1].strftime("%H:%M"))
+    assert found == [
+        [("2024-01-02T13:31:00Z", "2024-01-02T15:20:00Z")],
+        [],
+        [],
+        [("2024-01-02T15:38:00Z", "2024-01-02T15:50:00Z")],
+    ]
+    # history is asked from the limit every time, as before: only the count changed
+    assert asked == ["15:20", "15:25", "15:29", "15:50"]
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["checked"] == {"AAPL": "2024-01-02T15:58:00Z"}
+    assert [(g["start"], g["end"]) for g in saved["gaps"]] == [f for fs in found for f in fs]
+
+
+def test_an_answer_after_bars_sent_and_not_confirmed_is_not_kept(tmp_path: Path) -> None:
+    """Bars sent and not yet confirmed (the file still before them): a kill now loses them,
+    and the next start must count them as a possible gap. An empty answer after them says
+    nothing of them, so it is not kept, and a start after the limit counts the span from
+    the file's last bar."""
+    (tmp_path / "s.json").write_text(
+        json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=8))}})
+    )
+    ing = _start_with_clock(tmp_path, [_T0])
+    sent = _T0 - timedelta(minutes=4)  # four minutes sent after the file's last bar
+    assert ing._backfill({"AAPL": sent}, ing._last_complete_minute(), reason="catch-up").done
+    assert ing.state.checked == {}
+    ing.state.save()
+    later = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=30)])
+    assert later._backfill({"AAPL": later.state.last_bar["AAPL"]}, _T0, reason="x").done is True
+    assert _gaps(later) == [("2024-01-02T15:23:00Z", "2024-01-02T15:50:00Z")]
+
+
+def test_an_answer_dated_after_the_local_clock_is_not_taken(tmp_path: Path) -> None:
+    """A ``checked`` time after the local clock (written where the clock was ahead, or by
+    hand) would hide a real gap: it is not taken."""
+    (tmp_path / "s.json").write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "last_bar": {"AAPL": "2024-01-02T13:30:00Z"},
+                "checked": {"AAPL": "2024-01-03T00:00:00Z"},
+            }
+        )
+    )
+    ing = _start_with_clock(tmp_path, [_T0])
+    assert ing._backfill({"AAPL": ing.state.last_bar["AAPL"]}, _T0, reason="x").done
+    assert _gaps(ing) == [("2024-01-02T13:31:00Z", "2024-01-02T15:20:00Z")]
+
+
+def test_a_connected_ingestor_asks_history_about_symbols_that_do_not_trade(
+    tmp_path: Path,
+) -> None:
+    """Connected for longer than INGEST_MAX_BACKFILL_S, with a symbol that never trades: the
+    stream sends nothing of it, so nothing moved its position, and a restart counted the
+    whole connection as a gap. The idle check asks history about it once its position is
+    older than half the limit (at most every quarter of it), publishes what history has, and
+    keeps an empty answer: the restart counts nothing."""
+    (tmp_path / "s.json").write_text(
+        json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=2))}})
+    )
+    clock = [_T0]
+    ing = _start_with_clock(tmp_path, clock)
+    ing.connected = True
+    assert ing._lock.acquire(threading.Event())
+    try:
+        asked = []
+        for minutes in range(1, 41):  # connected for 40 minutes
+            clock[0] = _T0 + timedelta(minutes=minutes)
+            ing._next_idle_check = 0.0 if minutes % 3 == 0 else ing._next_idle_check
+            ing._check_idle()
+            asked += [(minutes, a[0]) for a in ing.history.asked]
+            ing.history.asked.clear()
+        # every 3rd minute it may ask; it asks when the position (or the last answer, the
+        # last complete minute when asked) is older than 5 minutes: the last bar at 15:28, so
+        # at 15:36 (answered to 15:34), then at 15:42 (15:34 older than 15:35), and so on
+        assert [m for m, _ in asked] == [6, 12, 18, 24, 30, 36]
+        assert {tuple(s) for _, s in asked} == {("AAPL",)}  # MSFT has no position: not asked
+        assert _gaps(ing) == []
+        ing._save_state(force=True)
+    finally:
+        ing._lock.close()
+    restart = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=42)])
+    after = restart.state.last_bar["AAPL"]
+    assert restart._backfill({"AAPL": after}, restart._last_complete_minute(), reason="x").done
+    assert _gaps(restart) == []
+    # without the idle check, the same restart counts the connection as a gap
+    (tmp_path / "s.json").write_text(
+        json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=2))}})
+    )
+    blind = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=42)])
+    assert blind._backfill({"AAPL": blind.state.last_bar["AAPL"]}, _T0, reason="x").done
+    assert _gaps(blind) == [("2024-01-02T15:29:00Z", "2024-01-02T16:02:00Z")]
+
+
+def test_the_state_file_keeps_and_merges_checked_times(tmp_path: Path) -> None:
+    """``checked`` round-trips; a merge keeps the later; a confirmed bar at or after it
+    drops it; an entry not after the symbol's last bar is not kept."""
+    path = tmp_path / "s.json"
+    st_ = IngestState(path)
+    st_.confirm("A", _T0)
+    st_.mark_checked("A", _T0 - timedelta(minutes=1))  # not after its last bar
+    st_.mark_checked("B", _T0)
+    st_.mark_checked("A", _T0 + timedelta(minutes=5))
+    st_.save()
+    again = IngestState.load(path)
+    assert again.checked == {"A": _T0 + timedelta(minutes=5), "B": _T0}
+    other = IngestState(path, checked={"B": _T0 + timedelta(minutes=9)})
+    again.merge(other)
+    assert again.checked["B"] == _T0 + timedelta(minutes=9)
+    again.confirm("A", _T0 + timedelta(minutes=5))
+    assert "A" not in again.checked
+    path.write_text(
+        json.dumps({"version": 1, "last_bar": {"A": iso_utc(_T0)}, "checked": {"A": iso_utc(_T0)}})
+    )
+    assert IngestState.load(path).checked == {}
+    path.write_text(json.dumps({"version": 1, "checked": [["A", iso_utc(_T0)]]}))
+    with pytest.raises(DataError, match="checked must be an object"):
+        IngestState.load(path)

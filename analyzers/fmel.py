@@ -449,13 +449,18 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                         self._check_callbacks()
                     return result
                 except BaseException:
-                    # backtrader does not catch it: the run ends without stop() (of this
-                    # strategy's analyzers and the others'); the collector goes back as it
-                    # was now, not at the next run's start (a freeze this analyzer shares)
-                    if self._froze:
-                        self._froze = False
-                        _GC_FREEZE.release_all()
-                    self._abort(name)
+                    # Out of the agent's outermost call, backtrader does not catch it: the run
+                    # ends without stop() (of this strategy's analyzers and the others'); the
+                    # collector goes back as it was now, not at the next run's start (a freeze
+                    # this analyzer shares). Out of a call the agent's own code made (``was``:
+                    # prenext calling next inside ``try``), the agent may catch it and go on:
+                    # the outer call decides (helper-116: a multi-feed prenext's caught
+                    # IndexError ended the recording of 3,617 bars' reads and its orders).
+                    if not was:
+                        if self._froze:
+                            self._froze = False
+                            _GC_FREEZE.release_all()
+                        self._abort(name)
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -544,12 +549,13 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._finish()
 
     def _abort(self, name: str) -> None:
-        """The agent's ``name`` raised (main thread, in the wrapped call). backtrader does not
+        """The agent's ``name`` raised out of its outermost call (main thread, in the wrapped
+        call; a call the agent's own code made is left to that code). backtrader does not
         catch it: the run ends without ``stop()``. The tracking goes now, as at ``stop`` (the
         feeds' lines get their classes back, the agent and broker their calls), so a run
         after it, with or without FMEL, neither pays for reads nor keeps them in memory. If
-        the agent's own code caught the exception and the run goes on, its later records have
-        no reads: an error says so once."""
+        something outside the agent caught the exception and the run goes on, its later
+        records have no reads: an error says so once."""
         if self._aborted:
             return
         self._aborted = name
@@ -564,7 +570,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self._aborted:
             logger.error(
                 "FMEL: the agent's %s raised in decision %d and the run went on (the "
-                "agent's own code caught it); reads after it are not recorded in this run",
+                "code around it caught it); reads after it are not recorded in this run",
                 self._aborted,
                 self.decisions,
             )

@@ -321,14 +321,68 @@ def test_the_tracking_goes_when_the_agent_raises(caplog: pytest.LogCaptureFixtur
     from analyzers.tracking import proxies
 
     assert proxies.OWNER is None
-    # the agent caught its own exception and went on: told once, its later records read nothing
+    # the agent caught its own exception and went on: so does the recording (helper-116: it
+    # ended, with the orders' events, and an error said so)
     caplog.set_level(logging.ERROR, logger="analyzers.fmel")
     (s,) = _fmel_run(_CatchesItsOwn)
     records = s.analyzers.fmel.records
-    assert [len(r.data_accessed) > 0 for r in records[10:50]] == [True] * 40
-    assert all(r.data_accessed == () for r in records[60:])
-    said = [r.getMessage() for r in caplog.records if "went on" in r.getMessage()]
-    assert len(said) == 1 and "notify_timer" in said[0]
+    assert _fields(s.analyzers.fmel) == _fields(_fmel_run(_SmaAgent)[0].analyzers.fmel)
+    assert all(len(r.data_accessed) > 0 for r in records[10:])
+    assert not [r for r in caplog.records if "went on" in r.getMessage()]
+    assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
+
+
+class _PrenextCallsNext(bt.Strategy):  # type: ignore[misc]
+    """backtrader's multi-feed idiom: ``prenext`` calls ``next`` and skips the bars an
+    indicator of a later-starting feed cannot give yet (its ``[0]`` raises IndexError)."""
+
+    def __init__(self) -> None:
+        self.sma = bt.ind.SMA(self.datas[1].close, period=5)
+        self.completed = 0  # bars whose next() read both lines
+        self.bought_at: list[int] = []
+
+    def prenext(self) -> None:
+        try:
+            self.next()
+        except IndexError:
+            pass
+
+    def next(self) -> None:
+        close, sma = self.datas[0].close[0], self.sma[0]
+        self.completed += 1
+        if close > sma and not self.position:
+            self.buy()
+            self.bought_at.append(len(self))
+        elif self.position and close < sma:
+            self.close()
+
+
+@pytest.mark.parametrize("runonce", [True, False])
+def test_an_exception_the_agent_catches_in_a_nested_call_does_not_end_the_recording(
+    runonce: bool,
+) -> None:
+    """helper-116 F1: SP500 from 1985 and GOOG from 2004; the SMA of GOOG raises IndexError
+    in every prenext's nested next() until GOOG starts. The first one, caught by the agent,
+    took the tracking away (wrapped calls and tracked lines): no read and no order event of
+    any later bar was recorded, and the bars the agent bought at were stored as HOLD."""
+    sp500 = CSVFeedConfig(path=DATA / "SP500.csv", symbol="SP500")
+    cerebro = bt.Cerebro(stdstats=False, runonce=runonce, preload=runonce)
+    cerebro.adddata(make_csv_feed(sp500, read_csv_bars(sp500)), name="SP500")
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_PrenextCallsNext)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    (s,) = cerebro.run()
+    records = s.analyzers.fmel.records
+    # every bar whose next() read both lines has both reads recorded
+    both = [
+        r
+        for r in records
+        if {f for d in r.data_accessed for f in d.fields_accessed} >= {"close", "sma"}
+    ]
+    assert len(both) == s.completed > 1000
+    bought = [r.decision_point for r in records if r.action == "BUY"]
+    assert len(bought) == len(s.bought_at) > 0
+    assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
 
 
 class _CatchesItsOwn(_SmaAgent):

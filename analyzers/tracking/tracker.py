@@ -257,7 +257,7 @@ class AccessTracker:
             return
         self._graph = _Graph(self._dynamic)
         self._track_registry(strategy)
-        self._scan_source(type(strategy))
+        self._scan_sources(type(strategy))
 
     def _track_registry(self, strategy: Any) -> None:
         labels, held_arrays, truncated = scan_labels(strategy, self._labels)
@@ -455,8 +455,22 @@ class AccessTracker:
                     "future bars made there is not detected"
                 )
 
+    def _scan_sources(self, cls: type) -> None:
+        """Flag raw-buffer reads (``.array``, ``plotrange``) in the source of the agent's
+        module and of every module its base classes come from, backtrader's own excepted: an
+        agent built on a base class kept in a library module reads through that class's code
+        too (helper-116 F3: a base class's ``line.array[line.idx + 1]``, tomorrow's close, was
+        not told)."""
+        seen: set[str] = set()
+        for base in cls.__mro__:
+            module = getattr(base, "__module__", "") or ""
+            if module in seen or module == "builtins" or not _defined_outside_backtrader(base):
+                continue
+            seen.add(module)
+            self._scan_source(base)
+
     def _scan_source(self, cls: type) -> None:
-        """Flag raw-buffer reads in the agent's module source (``.array``, ``plotrange``)."""
+        """Flag raw-buffer reads in the source of ``cls``'s module (``.array``, ``plotrange``)."""
         try:
             path = inspect.getsourcefile(cls)
             source = inspect.getsource(sys.modules[cls.__module__])

@@ -311,3 +311,34 @@ def test_a_forward_line_read_on_the_last_bar_is_flagged() -> None:
     assert last and all(flag for *_, flag in last), last
     with pytest.raises(LookAheadError, match="past the last bar"):
         run(LastBarPeek, strict_lookahead=True)
+
+
+def test_raw_buffer_reads_in_a_base_class_module_are_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-116 F3: the agent's base class, kept in a library module, read tomorrow's close
+    through ``line.array[line.idx + 1]``; only the agent's own module was read for raw-buffer
+    reads, so the run made +53 % with no tracking gap and no look-ahead read. Every module of
+    the agent's base classes is read now (backtrader's own excepted)."""
+    import importlib
+
+    (tmp_path / "fmel_base_lib.py").write_text(
+        "import backtrader as bt\n\n\n"
+        "class Peeking(bt.Strategy):\n"
+        "    def tomorrow(self):\n"
+        "        line = self.data.close\n"
+        "        return line.array[line.idx + 1]\n"
+    )
+    (tmp_path / "fmel_user_agent.py").write_text(
+        "from fmel_base_lib import Peeking\n\n\n"
+        "class Agent(Peeking):\n"
+        "    def next(self):\n"
+        "        if not self.position and self.tomorrow() > self.data.close[0]:\n"
+        "            self.buy()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    agent = importlib.import_module("fmel_user_agent").Agent
+    _, records = run(agent)
+    gaps = json.loads(records[0].run.tracking_gaps)
+    told = [g for g in gaps if "reads raw line buffers" in g]
+    assert len(told) == 1 and "fmel_base_lib.py line(s) 7" in told[0], gaps

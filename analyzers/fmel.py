@@ -304,6 +304,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             # (core.hash_worker): the writer's thread would otherwise hash them under the GIL
             prefetch_hashes(self.tracker.feed_hashes)
         self._cache_held = isinstance(strategy.broker, bt.brokers.BackBroker)
+        self.tracker.note_overrides(strategy, (*_ORDER_CALLS, *_ON_BEHALF_CALLS))
         if self.tracker.gaps:
             self.run_info = self.run_info._replace(tracking_gaps=json.dumps(self.tracker.gaps))
         self._wrap_agent(strategy)

@@ -7,6 +7,7 @@ import ast
 import bisect
 import inspect
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -431,6 +432,23 @@ class AccessTracker:
 
     # -- what cannot be tracked -------------------------------------------------------------
 
+    def note_overrides(self, strategy: Any, names: Sequence[str]) -> None:
+        """Tell (a tracking gap) each of backtrader's order methods ``names`` the agent's class
+        overrides (``buy``, ``close``, ``order_target_percent``, ...): what runs inside them is
+        taken as backtrader reading the feeds on the agent's behalf (sizers, order prices), so
+        the override's own reads are not recorded (helper-116 F5: a ``buy()`` that set its
+        limit from ``low[0..-2]`` lost those reads)."""
+        for name in names:
+            own = getattr(type(strategy), name, None)
+            if own is None or own is getattr(bt.Strategy, name, None):
+                continue
+            if _defined_outside_backtrader(own):
+                self._gap(
+                    f"the agent's class overrides {name}() ({getattr(own, '__qualname__', name)}"
+                    f"): the reads its own code makes inside it are not recorded (FMEL takes "
+                    f"what runs inside {name}() as backtrader's reads on the agent's behalf)"
+                )
+
     def _time_gone(self, info: FeedInfo) -> None:
         self._gap(
             f"feed {info.symbol} keeps fewer bar times than values (exactbars >= 1): reads of "
@@ -470,28 +488,32 @@ class AccessTracker:
             self._scan_source(base)
 
     def _scan_source(self, cls: type) -> None:
-        """Flag raw-buffer reads in the source of ``cls``'s module (``.array``, ``plotrange``)."""
+        """Flag, in the source of ``cls``'s module, raw-buffer reads (``.array``,
+        ``plotrange``) and reads of the strategy's observers (``self.stats``,
+        ``self.observers``: their lines are not tracked; helper-116 F2: an agent trading on
+        ``self.stats.drawdown.drawdown[0]`` had two thirds of its reads dropped without a
+        word). Reported with the file and line numbers, as tracking gaps."""
         try:
             path = inspect.getsourcefile(cls)
             source = inspect.getsource(sys.modules[cls.__module__])
         except (OSError, TypeError, KeyError):
             return
         try:
-            tree = ast.parse(source)
+            nodes = list(ast.walk(ast.parse(source)))
         except SyntaxError:
             return
         modules = {  # np.array, array.array: not line buffers
             alias.asname or alias.name.split(".")[0]
-            for node in ast.walk(tree)
+            for node in nodes
             if isinstance(node, ast.Import | ast.ImportFrom)
             for alias in node.names
         }
+        attributes = [node for node in nodes if isinstance(node, ast.Attribute)]
         hits = sorted(
             {
                 node.lineno
-                for node in ast.walk(tree)
-                if isinstance(node, ast.Attribute)
-                and node.attr in ("array", "plotrange")
+                for node in attributes
+                if node.attr in ("array", "plotrange")
                 and not (isinstance(node.value, ast.Name) and node.value.id in modules)
             }
         )
@@ -500,6 +522,28 @@ class AccessTracker:
             self._gap(
                 f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
                 f"{where}: those reads are not recorded and not checked for look-ahead"
+            )
+        strategy = self._strategy
+        # backtrader's alias (Strategy.stats is its observers), unless the agent replaced it
+        names = {"observers"} | (
+            {"stats"}
+            if getattr(strategy, "stats", None) is getattr(strategy, "observers", 0)
+            else set()
+        )
+        seen = sorted(
+            {
+                node.lineno
+                for node in attributes
+                if node.attr in names
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+            }
+        )
+        if seen:
+            where = ", ".join(str(n) for n in seen[:10])
+            self._gap(
+                f"agent code reads observer lines (self.stats / self.observers) at {path} "
+                f"line(s) {where}: those reads are not recorded"
             )
 
     # -- look-ahead inside indicators (found while they compute) -----------------------------
@@ -769,10 +813,19 @@ class AccessTracker:
         text = f"agent read {tag.symbol}.{tag.field}[{ago}]: {reason}"
         if self.strict_lookahead:
             raise LookAheadError(f"{text} (FMEL_STRICT_LOOKAHEAD is on)")
-        key = (tag.symbol, tag.field, reason)
+        # once per field and kind of reason: the reasons name the index, and list(line) or
+        # np.asarray(line) read every index of the buffer (helper-116 F7: ~2,100 warnings)
+        key = (tag.symbol, tag.field, _DIGITS.sub("#", reason))
         if key not in self._warned:
             self._warned.add(key)
-            logger.warning("look-ahead: %s; flagged in the decision record", text)
+            logger.warning(
+                "look-ahead: %s; flagged in the decision record (further such reads of this "
+                "field are flagged without a warning)",
+                text,
+            )
+
+
+_DIGITS = re.compile(r"-?\d+")  # the numbers of a look-ahead reason (its index, offsets)
 
 
 class _Snaps(dict[FeedInfo, Snapshot]):

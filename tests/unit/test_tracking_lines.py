@@ -167,9 +167,11 @@ def test_a_resampled_feed_has_no_hashes_and_says_so() -> None:
 
 
 def test_an_agent_without_gaps_stores_none() -> None:
-    from tests.idioms.agents import QuickstartSma  # its module reads no raw buffer
+    # the example agent: neither its module nor a base class's reads a raw buffer (the idiom
+    # corpus's agents have the test harness as a base class, which reads them on purpose)
+    from agents.sma_cross import SmaCrossAgent
 
-    _, records = run(QuickstartSma)
+    _, records = run(SmaCrossAgent)
     assert records[0].run.tracking_gaps is None
 
 
@@ -342,3 +344,76 @@ def test_raw_buffer_reads_in_a_base_class_module_are_told(
     gaps = json.loads(records[0].run.tracking_gaps)
     told = [g for g in gaps if "reads raw line buffers" in g]
     assert len(told) == 1 and "fmel_base_lib.py line(s) 7" in told[0], gaps
+
+
+class ListsTheBuffer(bt.Strategy):  # type: ignore[misc]
+    """``list(line)`` (Python's sequence protocol) reads every index of the buffer, the future
+    bars of a preloaded feed among them."""
+
+    def next(self) -> None:
+        if len(self) in (5, 6):
+            list(self.data.close)
+
+
+def test_look_ahead_is_warned_once_per_field_not_once_per_index(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """helper-116 F7: the warning's key held the reason, which names the index, so one
+    ``list(self.data.close)`` logged ~2,100 warnings; the reads stay flagged one by one."""
+    with caplog.at_level(logging.WARNING, logger="analyzers.tracking"):
+        _, records = run(ListsTheBuffer)
+    flagged = sum(r.lookahead_reads for r in records)
+    assert flagged > 100  # every future bar of the file's buffer, twice
+    warned = [r for r in caplog.records if r.getMessage().startswith("look-ahead:")]
+    assert len(warned) == 1 and "SP500.close[1]: index 1 is a future bar" in warned[0].getMessage()
+
+
+def test_reads_of_observer_lines_and_overridden_order_methods_are_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-116 F2 and F5: an agent trading on ``self.stats.drawdown.drawdown[0]`` (an
+    observer's line) and one whose ``buy()`` override reads ``low[0..-2]`` for its limit
+    price: those reads were dropped without a word. They are still not recorded, and the
+    run's tracking gaps now say so (file and lines, the method)."""
+    import importlib
+
+    (tmp_path / "fmel_obs_agent.py").write_text(
+        "import backtrader as bt\n\n\n"
+        "class Agent(bt.Strategy):\n"
+        "    def next(self):\n"
+        "        if self.stats.drawdown.drawdown[0] < 5 and not self.position:\n"
+        "            self.buy()\n\n"
+        "    def buy(self, **kw):\n"
+        "        low = min(self.data.low[-i] for i in range(3))\n"
+        "        return super().buy(price=low, exectype=bt.Order.Limit, **kw)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    agent = importlib.import_module("fmel_obs_agent").Agent
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(feed("SP500"), name="SP500")
+    cerebro.addstrategy(agent)
+    cerebro.addobserver(bt.observers.DrawDown)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert [g for g in gaps if "observer lines (self.stats / self.observers)" in g] == [
+        f"agent code reads observer lines (self.stats / self.observers) at "
+        f"{tmp_path / 'fmel_obs_agent.py'} line(s) 6: those reads are not recorded"
+    ]
+    assert any(g.startswith("the agent's class overrides buy() (Agent.buy)") for g in gaps)
+    assert any(r.action == "BUY" for r in records)
+
+
+def test_an_agent_with_its_own_stats_attribute_is_not_told_of_observers() -> None:
+    """``self.stats`` is backtrader's name for the observers unless the agent replaced it."""
+
+    class OwnStats(bt.Strategy):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.stats = {"n": 0}
+
+        def next(self) -> None:
+            self.stats["n"] += 1
+
+    _, records = run(OwnStats)
+    gaps = json.loads(records[0].run.tracking_gaps or "[]")
+    assert not [g for g in gaps if "observer lines" in g]

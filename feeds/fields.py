@@ -15,6 +15,7 @@ from typing import Any
 import backtrader as bt
 
 from core.bars import RESERVED_NAMES
+from core.errors import ConfigError
 
 _LINE_N = re.compile(r"^line_?\d+$")  # backtrader's positional line aliases (line0, line_0)
 _ASSIGNED = re.compile(r"\b(?:self|_obj|obj)\.([A-Za-z]\w*)\s*=(?!=)")
@@ -128,6 +129,35 @@ class TextLine:
 
 
 _FEED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def refuse_aggregated_fields(feed: Any, symbol: str, fields: tuple[str, ...]) -> None:
+    """Refuse a feed with extra or text ``fields`` that backtrader resamples or replays
+    (``cerebro.resampledata``, ``cerebro.replaydata``: its ``Resampler`` or ``Replayer``
+    filter). Those filters build each bar from OHLCV and open interest only
+    (``backtrader.dataseries._Bar``): an extra line read NaN or a stale value of another
+    underlying bar, and a text field (kept by bar count) ``None`` or another bar's text, with
+    no warning (helper-116 F4: a weekly replay's ``rsi`` was the week's first day's).
+
+    Raises:
+        ConfigError: naming the symbol, the fields and what to do instead. Called at the
+            feed's ``start()`` (main thread), before the first bar.
+    """
+    if not fields:
+        return
+    filters = [f for f, *_ in getattr(feed, "_filters", ()) if isinstance(f, _AGGREGATING)]
+    if filters:
+        raise ConfigError(
+            f"{symbol}: {type(filters[0]).__name__} (cerebro.resampledata / replaydata) with the "
+            f"extra fields {', '.join(fields)}: backtrader builds resampled and replayed bars "
+            "from OHLCV and open interest only, so those fields would read NaN, a stale value "
+            "or another bar's text. Resample the file before loading it (pandas "
+            "DataFrame.resample with the rule each field needs: last, mean, sum), or load the "
+            "bars without those fields"
+        )
+
+
+_AGGREGATING = (bt.resamplerfilter.Resampler, bt.resamplerfilter.Replayer)
 
 
 def dynamic_feed_class(base: type, extra_fields: tuple[str, ...]) -> type:

@@ -22,7 +22,7 @@ from core.bars import BarHashes
 from core.errors import ConfigError
 from feeds.csv.config import CSVFeedConfig
 from feeds.csv.reader import CSVBars, read_csv_bars
-from feeds.fields import TextLine, dynamic_feed_class
+from feeds.fields import TextLine, dynamic_feed_class, refuse_aggregated_fields
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
                 "reads the file's times in that zone; tzinput, backtrader's, localises times "
                 "read as UTC)"
             )
+        refuse_aggregated_fields(self, self.symbol, (*bars.extra_fields, *bars.text))
         self.bar_hashes = BarHashes(source=bars.hashes)  # computed when first read
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)

@@ -22,7 +22,7 @@ from backtrader.linebuffer import LineBuffer
 from core.bars import OHLCV, OPEN_INTEREST, BarHashes
 from core.errors import ConfigError
 from feeds.buffers import CompactLineBuffer
-from feeds.fields import TextLine, dynamic_feed_class
+from feeds.fields import TextLine, dynamic_feed_class, refuse_aggregated_fields
 from feeds.pubsub.config import FieldSet
 from feeds.pubsub.hub import BarHub
 from feeds.pubsub.messages import LiveBar
@@ -104,6 +104,7 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     def start(self) -> None:
         super().start()
+        refuse_aggregated_fields(self, self.symbol, (*self.extra_fields, *self.text_fields))
         self.bar_hashes = BarHashes(maxlen=self._lookback)
         self._new_text_lines()
         names = (*OHLCV, OPEN_INTEREST, *self.extra_fields)

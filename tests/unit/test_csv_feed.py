@@ -1369,3 +1369,36 @@ def test_a_short_file_takes_its_shortest_common_spacing(
     from feeds.csv.reader import infer_bar_size
 
     assert infer_bar_size(np.array(stamps, dtype="datetime64[ns]")) == size
+
+
+class _ReadsExtras(bt.Strategy):  # type: ignore[misc]
+    def next(self) -> None:
+        self.data.rsi[0]
+        self.data.regime[0]
+
+
+@pytest.mark.parametrize("how", ["resampledata", "replaydata"])
+def test_a_resampled_or_replayed_feed_with_extra_fields_is_refused_by_name(how: str) -> None:
+    """helper-116 F4: backtrader's Resampler and Replayer build bars from OHLCV and open
+    interest only. The weekly bars of data/enriched/GOOG.csv read ``rsi`` NaN (resample) or
+    the week's first day's (replay: 85.78 for the week whose last row says 82.52) and
+    ``regime`` None, with no warning, and FMEL stored those values as the bars'. Refused now
+    before the first bar, naming the symbol and the fields; the same file added as it is,
+    and a file without extra fields resampled, run as before."""
+    enriched = CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")
+    cerebro = bt.Cerebro(stdstats=False)
+    getattr(cerebro, how)(
+        make_csv_feed(enriched, read_csv_bars(enriched)), timeframe=bt.TimeFrame.Weeks
+    )
+    cerebro.addstrategy(_ReadsExtras)
+    with pytest.raises(ConfigError, match=r"^GOOG: .* extra fields rsi, .*regime: backtrader"):
+        cerebro.run()
+    daily = bt.Cerebro(stdstats=False)
+    daily.adddata(make_csv_feed(enriched, read_csv_bars(enriched)))
+    daily.addstrategy(_ReadsExtras)
+    assert len(daily.run()[0]) > 2000
+    plain = CSVFeedConfig(path=DATA / "GOOG.csv", symbol="GOOG")
+    weekly = bt.Cerebro(stdstats=False)
+    getattr(weekly, how)(make_csv_feed(plain, read_csv_bars(plain)), timeframe=bt.TimeFrame.Weeks)
+    weekly.addstrategy(bt.Strategy)
+    assert len(weekly.run()[0]) > 400

@@ -524,6 +524,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             def started(*args: Any, **kwargs: Any) -> Any:
                 result = start(*args, **kwargs)
                 self._check_callbacks()
+                # and line objects it made there, from the first bar (helper-116 F6: an
+                # indicator created in start() was tracked from the second bar's record on)
+                self.tracker.sync(in_start=True)
                 return result
 
             wrap(strategy, "start", functools.wraps(start)(started))

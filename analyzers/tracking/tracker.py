@@ -393,17 +393,22 @@ class AccessTracker:
             setattr(line, attr, tag)
         proxies.OWNER = self
 
-    def sync(self) -> None:
+    def sync(self, in_start: bool = False) -> None:
         """Track line objects the agent created after start (e.g. in ``next()``); cheap when
-        there are none (one ``len``)."""
+        there are none (one ``len``). ``in_start``: called right after the agent's own
+        ``start()`` (which backtrader runs after the analyzers' start, before the first bar):
+        what it created is tracked from the first bar, without the warning."""
         strategy = self._strategy
         if strategy is None or self._graph is None:
             return
         if len(strategy._lineiterators.get(_IND, ())) == self._registered:
             return
-        logger.warning(
-            "FMEL: the agent created line objects after start (in next()?); tracked from now on"
-        )
+        if in_start:
+            logger.info("FMEL: the agent created line objects in start(); tracked")
+        else:
+            logger.warning(
+                "FMEL: the agent created line objects after start (in next()?); tracked from now on"
+            )
         self._graph = _Graph(self._dynamic)
         self._track_registry(strategy)
 

@@ -417,3 +417,30 @@ def test_an_agent_with_its_own_stats_attribute_is_not_told_of_observers() -> Non
     _, records = run(OwnStats)
     gaps = json.loads(records[0].run.tracking_gaps or "[]")
     assert not [g for g in gaps if "observer lines" in g]
+
+
+class SmaMadeInStart(bt.Strategy):  # type: ignore[misc]
+    """An indicator created in ``start()`` (backtrader computes it: the agent's start runs
+    before the first bar)."""
+
+    def start(self) -> None:
+        self.sma = bt.ind.SMA(self.data.close, period=3)
+        self.nexts = 0
+
+    def next(self) -> None:
+        self.nexts += 1
+        self.sma[0]
+
+
+@pytest.mark.parametrize("runonce", [True, False])
+def test_an_indicator_made_in_start_is_recorded_from_the_first_bar(
+    runonce: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """helper-116 F6: it was tracked from the first record's end (the once-a-bar sync), so
+    the first next()'s read of it was lost, after a warning that it was made "in next()"."""
+    with caplog.at_level(logging.WARNING, logger="analyzers.tracking"):
+        strategy, records = run(SmaMadeInStart, runonce=runonce)
+    sma_reads = [a for r in records for d in r.data_accessed for a in d.access_patterns]
+    assert len(sma_reads) == strategy.nexts > 50
+    assert {a.field for a in sma_reads} == {"sma"}
+    assert "after start" not in caplog.text

@@ -185,6 +185,23 @@ class _StoppedBeforeTradesError(Exception):
     """The history request for a live bar's trades was refused because the ingestor stops."""
 
 
+def _drop_future_checked(path: Path, state: IngestState, horizon: datetime) -> None:
+    """Drop ``checked`` times dated after ``horizon`` (the local clock plus its tolerance),
+    with a warning: not taken now, such a time was kept and taken once the clock passed it,
+    hiding the span before it from a later gap (helper-117 F3: a hand edit's typo hid 9
+    days)."""
+    future = {s: iso_utc(t) for s, t in state.checked.items() if t > horizon}
+    if future:
+        logger.warning(
+            "INGEST_STATE_PATH=%s: history answers (checked) dated after the local clock %s "
+            "(a clock ahead where they were written, or a hand edit) are dropped",
+            path,
+            future,
+        )
+        for s in future:
+            state.forget_checked(s)
+
+
 def _warn_future_starts(path: Path, start: dict[str, datetime], horizon: datetime) -> None:
     """Warn of start points dated after ``horizon`` (the local clock plus its tolerance): a
     clock ahead where they were written, or a hand edit. They are kept, not refused (another
@@ -206,6 +223,16 @@ def _warn_future_starts(path: Path, start: dict[str, datetime], horizon: datetim
 # never older than 3/4 of the limit while connected.
 IDLE_AFTER = 0.5
 IDLE_CHECK_EVERY = 0.25
+# Below this INGEST_MAX_BACKFILL_S (s) there are no idle checks: what an empty answer proves
+# lags HISTORY_SETTLE_S behind, so with a limit of a few minutes every check of a symbol that
+# does not trade found its position past the limit and counted a gap (helper-117 F2: one a
+# minute with a limit of 1 s), one history request a minute besides.
+IDLE_MIN_BACKFILL_S = 3600.0
+# An empty history answer proves no bar only for minutes at least this old (s): Alpaca's
+# historical bars may lag the stream (a minute missing for a few seconds, helper-104), and
+# querying SIP data of the last 15 minutes needs the Algo Trader Plus subscription
+# (docs.alpaca.markets/docs/market-data-faq, "Why am I getting HTTP 403").
+HISTORY_SETTLE_S = 900.0
 
 
 class Ingestor:
@@ -255,6 +282,7 @@ class Ingestor:
             )
         # Start points come from an ingestor's local clock, not from bars: told, not refused
         _warn_future_starts(config.state_path, self.state.start, horizon)
+        _drop_future_checked(config.state_path, self.state, horizon)
         self._first_start = not config.state_path.exists()
         self.enricher = Enricher(
             risk="risk" in config.enrich,
@@ -609,6 +637,8 @@ class Ingestor:
         if now_m < self._next_idle_check:
             return
         self._next_idle_check = now_m + self.config.max_backfill_s * IDLE_CHECK_EVERY
+        if self.config.max_backfill_s < IDLE_MIN_BACKFILL_S:
+            return
         if not self.connected or not self._lock.held or self._stop.is_set():
             return
         end = self._last_complete_minute()
@@ -827,7 +857,10 @@ class Ingestor:
             for s in new:
                 self._live_from[s] = at
                 self.state.set_start(s, at)
-                self._verify.discard(s)  # live from this connection: nothing before to check
+                # its first live bar is checked against history from the start point, as a
+                # reconnect's (helper-117 P2: connected within INGEST_HISTORY_LAG_S of a
+                # minute's end, the start point is the minute before; that minute's bar,
+                # streamed before the subscription, was neither caught up nor gap-checked)
             self._save_state(force=True)  # a standby taking over, or a restart, starts there
         for s in unstarted:
             if s not in new:
@@ -898,6 +931,7 @@ class Ingestor:
                 self._live_from.pop(s, None)
         # as at start (helper-115: taken over without a word)
         _warn_future_starts(self.config.state_path, saved.start, horizon)
+        _drop_future_checked(self.config.state_path, self.state, horizon)
         for s, ts in saved.start.items():
             mine = self._live_from.get(s)
             if s in self._symbols and s not in self._sent and (mine is None or ts < mine):
@@ -909,13 +943,19 @@ class Ingestor:
         end: datetime,
         *,
         reason: str,
+        complete_until: datetime | None = None,
     ) -> _Backfilled:
         """Publish the bars of each symbol after ``since[s]`` up to ``end`` (inclusive), in time
         order. Returns, with the newest bar time history returned, ``done`` False when history
         failed (a gap is then recorded by the caller, or the next live bar tries again) or a
         stop cut the publishing short (the next start fetches the rest: helper-105, a gap check
         cut by a stop was taken as filled and the live bar after the hole published, losing the
-        hole for good)."""
+        hole for good).
+
+        ``complete_until``: minutes up to it are complete whatever Alpaca's ``Date`` header
+        says (a gap check: the live bar after them came from the stream, which sends a minute's
+        bar once the minute has ended; helper-117 P1: a ``Date`` header 70 s behind cut the
+        hole's bars, the check counted as done, and the live bar was published past them)"""
         # the oldest bar fetched starts at or after this (a bar of the minute ``limit`` falls
         # in is fetched whole: comparing with ``limit`` itself counted an empty gap)
         limit = _floor(
@@ -966,9 +1006,16 @@ class Ingestor:
             alpaca_now = self.history.server_now()
             if alpaca_now is not None:
                 cut = self._last_complete_minute(alpaca_now)
+                if complete_until is not None:
+                    cut = max(cut, complete_until)
                 bars = {s: [b for b in bs if b.ts <= cut] for s, bs in bars.items()}
             newest = max((bs[-1].ts for bs in bars.values() if bs), default=None)
             answered = end if alpaca_now is None else min(end, cut)
+            # What an empty answer proves: no bar in minutes older than HISTORY_SETTLE_S
+            # (helper-117 F1: history late with one symbol's newest minute, answered empty,
+            # had that minute kept as checked, and a later gap skipped it; another symbol's bar
+            # of the same minute in the answer did not prove it)
+            proven = answered - timedelta(seconds=HISTORY_SETTLE_S)
             fresh = {
                 s: [
                     b
@@ -1019,12 +1066,12 @@ class Ingestor:
                 iso_utc(end),
             )
         for s in symbols:
-            # History had nothing of it up to ``answered``: kept (IngestState.checked) only
-            # when the file's position is the one this request started after (nothing of it
-            # sent and unconfirmed, which a kill would lose: that must stay a possible gap)
+            # History had nothing of it up to ``proven``: kept (IngestState.checked) only when
+            # the file's position is the one this request started after (nothing of it sent
+            # and unconfirmed, which a kill would lose: that must stay a possible gap)
             position = self.state.last_bar.get(s, self.state.start.get(s))
             if not fresh[s] and position is not None and position + step >= start_by[s]:
-                self.state.mark_checked(s, answered)
+                self.state.mark_checked(s, proven)
         return _Backfilled(True, newest)
 
     def _backfill_trades(self, bars: dict[str, list[AlpacaBar]]) -> dict[str, deque[TradeTick]]:
@@ -1166,7 +1213,7 @@ class Ingestor:
                 end = bar.ts - timedelta(seconds=1)
                 filled = (
                     not self._stop.is_set()
-                    and self._backfill({s: after}, end, reason="gap check").done
+                    and self._backfill({s: after}, end, reason="gap check", complete_until=end).done
                 )
                 if not filled:
                     if self._stop.is_set():

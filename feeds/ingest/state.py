@@ -250,6 +250,11 @@ class IngestState:
                 del self.checked[symbol]
             self._dirty = True
 
+    def forget_checked(self, symbol: str) -> None:
+        """Drop ``symbol``'s ``checked`` time (one that cannot be trusted)."""
+        if self.checked.pop(symbol, None) is not None:
+            self._dirty = True
+
     def mark_checked(self, symbol: str, ts: datetime) -> None:
         """History answered up to ``ts`` with nothing of ``symbol`` left to publish (see the
         module docstring); kept when later than what is kept and than its last bar."""

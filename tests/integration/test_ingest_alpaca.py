@@ -1199,3 +1199,44 @@ def test_a_start_point_past_the_backfill_limit_stays_moved_through_a_cut_stop(
     first_missing = rfc3339(int((srv.market.start - timedelta(hours=2)).timestamp() + 60) * 10**9)
     assert [g["symbol"] for g in gaps if g["start"] == first_missing] == ["AAA"], gaps
     _every_bar_once_in_order(srv, topic, SYMBOLS, 2)
+
+
+def test_a_minute_history_lacked_at_a_catch_up_is_not_hidden_from_a_later_gap(
+    topic: Topic, tmp_path: Path, ingestors: list[Ingestor]
+) -> None:
+    """helper-117 F1 (a fresh-context attack, real alpaca-py and the Pub/Sub emulator): a
+    restart caught up while history lacked the newest missed minute (3); its empty answer was
+    kept as ``checked``, and the next start, after INGEST_MAX_BACKFILL_S (150 s here), counted
+    its gap from minute 4: minute 3, in history by then, was neither published nor in a gap.
+    An empty answer proves only minutes older than HISTORY_SETTLE_S now."""
+    srv = _LateHistory(ScriptedMarket(SYMBOLS, 12))
+    state = tmp_path / "s.json"
+    with srv:
+        kw: dict[str, Any] = {"clock": market_clock(srv), "max_backfill_s": 150.0}
+        first = make(srv, topic, state, ingestors, **kw)
+        srv.wait_subscribed()
+        wait_until("the first catch-up", lambda: first.stats.catch_ups >= 1)
+        srv.advance(3)  # minutes 0-2 live
+        wait_until("0-2 confirmed", lambda: first.stats.confirmed >= 3 * len(SYMBOLS))
+        assert first.stop(timeout_s=5)
+        srv.advance(1)  # minute 3, streamed to no one
+        srv.hidden = frozenset(rfc3339(srv.market.data[s][3].start_ns) for s in SYMBOLS)
+        second = make(srv, topic, state, ingestors, **kw)
+        srv.wait_subscribed()
+        wait_until("the second catch-up", lambda: second.stats.catch_ups >= 1)
+        assert second.stop(timeout_s=5)
+        srv.hidden = frozenset()  # history has minute 3 now
+        srv.advance(5)  # five minutes with no ingestor: past INGEST_MAX_BACKFILL_S
+        third = make(srv, topic, state, ingestors, **kw)
+        srv.wait_subscribed()
+        wait_until("the third catch-up", lambda: third.stats.catch_ups >= 1)
+        srv.advance(1)
+        wait_until("a live minute confirmed", lambda: third.stats.confirmed >= len(SYMBOLS))
+        assert third.stop(timeout_s=5)
+        gaps = third.report()["gaps"]
+    got = by_symbol(topic.pull(0, timeout_s=5))
+    minute3 = rfc3339(srv.market.data[SYMBOLS[0]][3].start_ns)
+    for s in SYMBOLS:
+        published = any(rfc3339(int(b.ts.timestamp()) * 10**9) == minute3 for b in got.get(s, []))
+        in_gap = any(g["symbol"] == s and g["start"] <= minute3 < g["end"] for g in gaps)
+        assert published or in_gap, (s, gaps)

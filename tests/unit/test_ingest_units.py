@@ -1044,14 +1044,16 @@ class _QuietHistory:
 
 
 _T0 = datetime(2024, 1, 2, 15, 30, tzinfo=UTC)
-_QUIET = {"INGEST_ENRICH": "none", "INGEST_MAX_BACKFILL_S": "600"}
+_QUIET = {"INGEST_ENRICH": "none"}
+_TEN_MINUTES = {"INGEST_MAX_BACKFILL_S": "600"}
 
 
-def _start_with_clock(tmp_path: Path, clock: list[datetime]) -> Any:
-    """An Ingestor (not started) whose local clock is ``clock[0]``, with a quiet history."""
+def _start_with_clock(tmp_path: Path, clock: list[datetime], **env: str) -> Any:
+    """An Ingestor (not started) whose local clock is ``clock[0]``, with a quiet history
+    (INGEST_MAX_BACKFILL_S: its default, 7 days, unless given)."""
     from feeds.ingest import Ingestor
 
-    env = {**BASE, "INGEST_STATE_PATH": str(tmp_path / "s.json"), **_QUIET}
+    env = {**BASE, "INGEST_STATE_PATH": str(tmp_path / "s.json"), **_QUIET, **env}
     cfg, _ = load_ingest_config(env)
     ing = Ingestor(cfg, None, "projects/p/topics/bars", clock=lambda: clock[0])
     ing.history = _QuietHistory()  # type: ignore[assignment]  # its two calls used here
@@ -1063,34 +1065,35 @@ def _gaps(ing: Any) -> list[tuple[str, str]]:
 
 
 def test_a_symbol_that_does_not_trade_is_a_gap_once_not_at_every_restart(tmp_path: Path) -> None:
-    """A last bar older than INGEST_MAX_BACKFILL_S (10 minutes here) and a symbol that then
-    does not trade (a halted stock): the first start counts the unfetchable part a gap and
-    moves the file past it. Every later restart counted the time since the previous one's
-    limit as a gap too (the file kept that limit, not what history had answered for): 15:20-
-    15:25 at the second start, 15:25-15:29 at the third. The answers are kept now, so only a
-    span no history answer covered is counted: the 21 minutes before the last start that no
+    """A last bar older than INGEST_MAX_BACKFILL_S (7 days) and a symbol that then does not
+    trade (a halted stock): the first start counts the unfetchable part a gap and moves the
+    file past it. Every later restart counted the time since the previous one's limit as a
+    gap too (the file kept that limit, not what history had answered for): a day at each of
+    the next two starts. The answers are kept now (less HISTORY_SETTLE_S: history may lag),
+    so only a span no answer covered is counted: the ten days before the last start that no
     ingestor ran, less the limit."""
-    old = _T0 - timedelta(hours=2)
+    old = _T0 - timedelta(days=8)
     (tmp_path / "s.json").write_text(json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(old)}}))
     found, asked = [], []
-    for minutes in (0, 5, 9, 30):
-        ing = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=minutes)])
+    for days in (0, 1, 2, 12):
+        ing = _start_with_clock(tmp_path, [_T0 + timedelta(days=days)])
         after = ing.state.last_bar["AAPL"]
         end = ing._last_complete_minute()
         assert ing._backfill({"AAPL": after}, end, reason="catch-up").done
         ing.state.save()
         found.append(_gaps(ing))
-        asked.append(ing.history.asked[0][1].strftime("%H:%M"))
+        asked.append(ing.history.asked[0][1].strftime("%d %H:%M"))
     assert found == [
-        [("2024-01-02T13:31:00Z", "2024-01-02T15:20:00Z")],
+        [("2023-12-25T15:31:00Z", "2023-12-26T15:30:00Z")],
         [],
         [],
-        [("2024-01-02T15:38:00Z", "2024-01-02T15:50:00Z")],
+        [("2024-01-04T15:14:00Z", "2024-01-07T15:30:00Z")],
     ]
     # history is asked from the limit every time, as before: only the count changed
-    assert asked == ["15:20", "15:25", "15:29", "15:50"]
+    assert asked == ["26 15:30", "27 15:30", "28 15:30", "07 15:30"]
     saved = json.loads((tmp_path / "s.json").read_text())
-    assert saved["checked"] == {"AAPL": "2024-01-02T15:58:00Z"}
+    # the last answer (to 15:28), less the 15 minutes history may lag
+    assert saved["checked"] == {"AAPL": "2024-01-14T15:13:00Z"}
     assert [(g["start"], g["end"]) for g in saved["gaps"]] == [f for fs in found for f in fs]
 
 
@@ -1102,12 +1105,12 @@ def test_an_answer_after_bars_sent_and_not_confirmed_is_not_kept(tmp_path: Path)
     (tmp_path / "s.json").write_text(
         json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=8))}})
     )
-    ing = _start_with_clock(tmp_path, [_T0])
+    ing = _start_with_clock(tmp_path, [_T0], **_TEN_MINUTES)
     sent = _T0 - timedelta(minutes=4)  # four minutes sent after the file's last bar
     assert ing._backfill({"AAPL": sent}, ing._last_complete_minute(), reason="catch-up").done
     assert ing.state.checked == {}
     ing.state.save()
-    later = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=30)])
+    later = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=30)], **_TEN_MINUTES)
     assert later._backfill({"AAPL": later.state.last_bar["AAPL"]}, _T0, reason="x").done is True
     assert _gaps(later) == [("2024-01-02T15:23:00Z", "2024-01-02T15:50:00Z")]
 
@@ -1124,7 +1127,7 @@ def test_an_answer_dated_after_the_local_clock_is_not_taken(tmp_path: Path) -> N
             }
         )
     )
-    ing = _start_with_clock(tmp_path, [_T0])
+    ing = _start_with_clock(tmp_path, [_T0], **_TEN_MINUTES)
     assert ing._backfill({"AAPL": ing.state.last_bar["AAPL"]}, _T0, reason="x").done
     assert _gaps(ing) == [("2024-01-02T13:31:00Z", "2024-01-02T15:20:00Z")]
 
@@ -1132,36 +1135,35 @@ def test_an_answer_dated_after_the_local_clock_is_not_taken(tmp_path: Path) -> N
 def test_a_connected_ingestor_asks_history_about_symbols_that_do_not_trade(
     tmp_path: Path,
 ) -> None:
-    """Connected for longer than INGEST_MAX_BACKFILL_S, with a symbol that never trades: the
-    stream sends nothing of it, so nothing moved its position, and a restart counted the
-    whole connection as a gap. The idle check asks history about it once its position is
-    older than half the limit (at most every quarter of it), publishes what history has, and
-    keeps an empty answer: the restart counts nothing."""
+    """Connected for longer than INGEST_MAX_BACKFILL_S (7 days), with a symbol that never
+    trades: the stream sends nothing of it, so nothing moved its position, and a restart
+    counted the whole connection as a gap. The idle check asks history about it once its
+    position is older than half the limit, publishes what history has, and keeps an empty
+    answer: the restart counts nothing."""
     (tmp_path / "s.json").write_text(
         json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=2))}})
     )
     clock = [_T0]
-    ing = _start_with_clock(tmp_path, clock)
+    ing = _start_with_clock(tmp_path, clock, INGEST_MAX_BACKFILL_S="604800")
     ing.connected = True
     assert ing._lock.acquire(threading.Event())
     try:
         asked = []
-        for minutes in range(1, 41):  # connected for 40 minutes
-            clock[0] = _T0 + timedelta(minutes=minutes)
-            ing._next_idle_check = 0.0 if minutes % 3 == 0 else ing._next_idle_check
+        for quarter_days in range(1, 41):  # connected for 10 days, may ask every 6 hours
+            clock[0] = _T0 + timedelta(hours=6 * quarter_days)
+            ing._next_idle_check = 0.0
             ing._check_idle()
-            asked += [(minutes, a[0]) for a in ing.history.asked]
+            asked += [(clock[0], a[0]) for a in ing.history.asked]
             ing.history.asked.clear()
-        # every 3rd minute it may ask; it asks when the position (or the last answer, the
-        # last complete minute when asked) is older than 5 minutes: the last bar at 15:28, so
-        # at 15:36 (answered to 15:34), then at 15:42 (15:34 older than 15:35), and so on
-        assert [m for m, _ in asked] == [6, 12, 18, 24, 30, 36]
-        assert {tuple(s) for _, s in asked} == {("AAPL",)}  # MSFT has no position: not asked
+        # asked once the position (or the last answer) is older than 3.5 days, so about
+        # every 3.75 days, and only about the symbol with a position (MSFT has none)
+        assert len(asked) == 2 and {tuple(s) for _, s in asked} == {("AAPL",)}
+        assert asked[1][0] - asked[0][0] >= timedelta(days=3.5)
         assert _gaps(ing) == []
         ing._save_state(force=True)
     finally:
         ing._lock.close()
-    restart = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=42)])
+    restart = _start_with_clock(tmp_path, [_T0 + timedelta(days=10, hours=1)])
     after = restart.state.last_bar["AAPL"]
     assert restart._backfill({"AAPL": after}, restart._last_complete_minute(), reason="x").done
     assert _gaps(restart) == []
@@ -1169,9 +1171,31 @@ def test_a_connected_ingestor_asks_history_about_symbols_that_do_not_trade(
     (tmp_path / "s.json").write_text(
         json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=2))}})
     )
-    blind = _start_with_clock(tmp_path, [_T0 + timedelta(minutes=42)])
+    blind = _start_with_clock(tmp_path, [_T0 + timedelta(days=10, hours=1)])
     assert blind._backfill({"AAPL": blind.state.last_bar["AAPL"]}, _T0, reason="x").done
-    assert _gaps(blind) == [("2024-01-02T15:29:00Z", "2024-01-02T16:02:00Z")]
+    assert _gaps(blind) == [("2024-01-02T15:29:00Z", "2024-01-05T16:30:00Z")]
+
+
+def test_no_idle_checks_below_an_hour_of_backfill(tmp_path: Path) -> None:
+    """helper-117 F2: with INGEST_MAX_BACKFILL_S of a second, every idle check (one a
+    minute) found the symbol past the limit and counted a gap. Below an hour there are no
+    idle checks (what an empty answer proves lags HISTORY_SETTLE_S behind)."""
+    (tmp_path / "s.json").write_text(
+        json.dumps({"version": 1, "last_bar": {"AAPL": iso_utc(_T0 - timedelta(minutes=2))}})
+    )
+    for limit in ("1", "600", "3599"):
+        clock = [_T0]
+        ing = _start_with_clock(tmp_path, clock, INGEST_MAX_BACKFILL_S=limit)
+        ing.connected = True
+        assert ing._lock.acquire(threading.Event())
+        try:
+            for minutes in range(1, 121):
+                clock[0] = _T0 + timedelta(minutes=minutes)
+                ing._next_idle_check = 0.0
+                ing._check_idle()
+        finally:
+            ing._lock.close()
+        assert (ing.history.asked, _gaps(ing)) == ([], []), limit
 
 
 def test_the_state_file_keeps_and_merges_checked_times(tmp_path: Path) -> None:

@@ -262,6 +262,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._cache_held = False
         self._froze = False
         self._aborted = ""  # the agent's callback whose exception ended the tracking (_abort)
+        self._in_own = False  # inside the agent's own start() or stop() (_wrap_agent)
         self._noted: Any = None  # the order whose notice the agent's wrapper recorded
 
     @property
@@ -457,7 +458,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     # prenext calling next inside ``try``), the agent may catch it and go on:
                     # the outer call decides (helper-116: a multi-feed prenext's caught
                     # IndexError ended the recording of 3,617 bars' reads and its orders).
-                    if not was:
+                    if not was and not self._in_own:
                         if self._froze:
                             self._froze = False
                             _GC_FREEZE.release_all()
@@ -517,19 +518,52 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             self._callbacks[name] = wrapper
         self._callback_items = list(self._callbacks.items())
         self._agent_len = len(self._agent_vars)
-        start = getattr(strategy, "start", None)
-        if callable(start) and getattr(type(strategy), "start", None) is not bt.Strategy.start:
-            # the agent's start() runs after the analyzers' (Strategy._start): callbacks it
-            # sets there are wrapped before the first bar
-            def started(*args: Any, **kwargs: Any) -> Any:
-                result = start(*args, **kwargs)
-                self._check_callbacks()
-                # and line objects it made there, from the first bar (helper-116 F6: an
-                # indicator created in start() was tracked from the second bar's record on)
-                self.tracker.sync(in_start=True)
+
+        def own(fn: Callable[..., Any], name: str, after: Callable[[], None] | None) -> Any:
+            """The agent's start() or stop(): backtrader calls them outside the bar calls and
+            does not catch what they raise. A callback they call is nested in them (a caught
+            exception there leaves the recording alone: helper-118, a start() priming state
+            with next() in try ended it); one escaping them ends the run, and the tracking
+            goes as it does for the bar calls (helper-118: out of stop(), the tracked lines,
+            the frozen heap and the running run were left behind)."""
+
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                outer = not self._in_own
+                self._in_own = True
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException:
+                    if outer and ident() == main:
+                        if self._froze:
+                            self._froze = False
+                            _GC_FREEZE.release_all()
+                        self._abort(name)
+                    raise
+                finally:
+                    if outer:
+                        self._in_own = False
+                if after is not None:
+                    after()
                 return result
 
-            wrap(strategy, "start", functools.wraps(start)(started))
+            return call
+
+        def after_start() -> None:
+            # callbacks the agent set there are wrapped before the first bar, and line objects
+            # it made there tracked from the first bar (helper-116 F6: an indicator created in
+            # start() was tracked from the second bar's record on)
+            self._check_callbacks()
+            self.tracker.sync(in_start=True)
+
+        for name, after in (("start", after_start), ("stop", None)):
+            fn = getattr(strategy, name, None)
+            if callable(fn) and getattr(type(strategy), name, None) is not getattr(
+                bt.Strategy, name
+            ):
+                # the agent's start() runs after the analyzers' (Strategy._start), its stop()
+                # before theirs (Strategy._stop)
+                wrap(strategy, name, own(fn, name, after))
         for name in _ORDER_CALLS:
             wrap(strategy, name, ordering(getattr(strategy, name), name))
         for name in _ON_BEHALF_CALLS:

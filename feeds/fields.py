@@ -131,30 +131,43 @@ class TextLine:
 _FEED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
-def refuse_aggregated_fields(feed: Any, symbol: str, fields: tuple[str, ...]) -> None:
-    """Refuse a feed with extra or text ``fields`` that backtrader resamples or replays
-    (``cerebro.resampledata``, ``cerebro.replaydata``: its ``Resampler`` or ``Replayer``
-    filter). Those filters build each bar from OHLCV and open interest only
-    (``backtrader.dataseries._Bar``): an extra line read NaN or a stale value of another
-    underlying bar, and a text field (kept by bar count) ``None`` or another bar's text, with
-    no warning (helper-116 F4: a weekly replay's ``rsi`` was the week's first day's).
+def refuse_aggregated_fields(
+    feed: Any, symbol: str, numeric: tuple[str, ...], text: tuple[str, ...]
+) -> None:
+    """Refuse fields a backtrader filter of ``feed`` would make wrong. Its ``Resampler`` and
+    ``Replayer`` (``cerebro.resampledata`` / ``replaydata``) build each bar from OHLCV and
+    open interest only (``backtrader.dataseries._Bar``): an extra line read NaN or a stale
+    value of another underlying bar (helper-116 F4: a weekly replay's ``rsi`` was the week's
+    first day's). Text fields are kept by bar count, one value per row read, so any filter
+    that adds or drops bars (``CalendarDays``, a filter that skips Mondays, the resamplers)
+    shifts every later text onto another bar (helper-118: ``regime == 'up'`` read four weeks
+    before the file says so, not flagged as look-ahead).
 
     Raises:
         ConfigError: naming the symbol, the fields and what to do instead. Called at the
             feed's ``start()`` (main thread), before the first bar.
     """
-    if not fields:
+    filters = [f for f, *_ in getattr(feed, "_filters", ())]
+    if not filters:
         return
-    filters = [f for f, *_ in getattr(feed, "_filters", ()) if isinstance(f, _AGGREGATING)]
-    if filters:
-        raise ConfigError(
-            f"{symbol}: {type(filters[0]).__name__} (cerebro.resampledata / replaydata) with the "
-            f"extra fields {', '.join(fields)}: backtrader builds resampled and replayed bars "
-            "from OHLCV and open interest only, so those fields would read NaN, a stale value "
-            "or another bar's text. Resample the file before loading it (pandas "
-            "DataFrame.resample with the rule each field needs: last, mean, sum), or load the "
-            "bars without those fields"
+    aggregating = [f for f in filters if isinstance(f, _AGGREGATING)]
+    wrong = (*numeric, *text) if aggregating else text
+    if not wrong:
+        return
+    what = type((aggregating or filters)[0])
+    name = getattr(what, "__name__", str(what))
+    raise ConfigError(
+        f"{symbol}: the backtrader filter {name} with the extra fields {', '.join(wrong)}: "
+        + (
+            "backtrader builds resampled and replayed bars from OHLCV and open interest only, "
+            "so those fields would read NaN, a stale value or another bar's text"
+            if aggregating
+            else "text fields are kept one value per row read, so a filter that adds or drops "
+            "bars would put each text on another bar"
         )
+        + ". Resample or filter the file before loading it (pandas DataFrame.resample with the "
+        "rule each field needs: last, mean, sum), or load the bars without those fields"
+    )
 
 
 _AGGREGATING = (bt.resamplerfilter.Resampler, bt.resamplerfilter.Replayer)

@@ -9,6 +9,7 @@ import inspect
 import logging
 import re
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
@@ -109,6 +110,7 @@ class AccessTracker:
         self.runonce = True
         self.preload = False
         self._warned: set[tuple[str, str, str]] = set()
+        self._own_stats = False  # the agent's code assigns self.stats (_scan_source)
         self._tracked: list[tuple[Any, type]] = []
         self._feeds: dict[int, FeedInfo] = {}
         self._labels: dict[int, str] = {}  # id(feed): what it is recorded as (feed_labels)
@@ -444,15 +446,27 @@ class AccessTracker:
         the override's own reads are not recorded (helper-116 F5: a ``buy()`` that set its
         limit from ``low[0..-2]`` lost those reads)."""
         for name in names:
-            own = getattr(type(strategy), name, None)
+            held = vars(strategy).get(name)  # replaced on the instance (self.buy = ...)
+            own = held if callable(held) else getattr(type(strategy), name, None)
             if own is None or own is getattr(bt.Strategy, name, None):
                 continue
-            if _defined_outside_backtrader(own):
+            if held is not None or _defined_outside_backtrader(own):
+                what = "replaces" if held is not None else "overrides"
                 self._gap(
-                    f"the agent's class overrides {name}() ({getattr(own, '__qualname__', name)}"
-                    f"): the reads its own code makes inside it are not recorded (FMEL takes "
-                    f"what runs inside {name}() as backtrader's reads on the agent's behalf)"
+                    f"the agent {what} {name}() ({getattr(own, '__qualname__', name)}): the "
+                    f"reads its own code makes inside it are not recorded (FMEL takes what runs "
+                    f"inside {name}() as backtrader's reads on the agent's behalf)"
                 )
+        # observers the agent made and holds (self.dd = bt.observers.DrawDown()): their lines
+        # are not tracked either (helper-118: trading on self.dd.lines.drawdown[0], untold)
+        held_observers = sorted(
+            name for name, v in vars(strategy).items() if isinstance(v, bt.Observer)
+        )
+        if held_observers:
+            self._gap(
+                f"the agent holds observers ({', '.join('self.' + n for n in held_observers)}): "
+                "observer lines are not tracked, so reads of them are not recorded"
+            )
 
     def _time_gone(self, info: FeedInfo) -> None:
         self._gap(
@@ -479,33 +493,46 @@ class AccessTracker:
                 )
 
     def _scan_sources(self, cls: type) -> None:
-        """Flag raw-buffer reads (``.array``, ``plotrange``) in the source of the agent's
-        module and of every module its base classes come from, backtrader's own excepted: an
-        agent built on a base class kept in a library module reads through that class's code
-        too (helper-116 F3: a base class's ``line.array[line.idx + 1]``, tomorrow's close, was
-        not told)."""
+        """Flag raw-buffer reads (``.array``, ``plotrange``) and reads of the strategy's
+        observers in the agent's code: its whole module (helpers the agent calls included),
+        and the source of each of its base classes outside backtrader (helper-116 F3: a base
+        class in a library module read tomorrow's close through ``line.array[line.idx + 1]``;
+        helper-118: only those classes, not the rest of their modules, which flagged a
+        mixin's neighbours). Code whose source cannot be read is told as such."""
         seen: set[str] = set()
         for base in cls.__mro__:
             module = getattr(base, "__module__", "") or ""
-            if module in seen or module == "builtins" or not _defined_outside_backtrader(base):
+            if base is not cls and (module == "builtins" or not _defined_outside_backtrader(base)):
                 continue
-            seen.add(module)
-            self._scan_source(base)
+            key = f"{module}.{base.__qualname__}"
+            if key in seen:
+                continue
+            seen.add(key)
+            self._scan_source(base, whole_module=base is cls)
 
-    def _scan_source(self, cls: type) -> None:
-        """Flag, in the source of ``cls``'s module, raw-buffer reads (``.array``,
-        ``plotrange``) and reads of the strategy's observers (``self.stats``,
-        ``self.observers``: their lines are not tracked; helper-116 F2: an agent trading on
-        ``self.stats.drawdown.drawdown[0]`` had two thirds of its reads dropped without a
-        word). Reported with the file and line numbers, as tracking gaps."""
+    def _scan_source(self, cls: type, whole_module: bool = True) -> None:
+        """Flag, in the source of ``cls`` (its whole module when ``whole_module``), raw-buffer
+        reads (``.array``, ``plotrange``) and reads of the strategy's observers
+        (``self.stats``, ``self.observers``: their lines are not tracked; helper-116 F2: an
+        agent trading on ``self.stats.drawdown.drawdown[0]`` had two thirds of its reads
+        dropped without a word), unless the agent's own code assigns ``self.stats`` (its own
+        attribute of that name). Reported with the file and line numbers, as tracking gaps;
+        a class whose source cannot be read (an interactive session, ``exec``, a compiled
+        module) is told as not checked (helper-118)."""
         try:
             path = inspect.getsourcefile(cls)
-            source = inspect.getsource(sys.modules[cls.__module__])
-        except (OSError, TypeError, KeyError):
-            return
-        try:
+            lines, first = inspect.getsourcelines(cls)  # the class itself must be found there
+            if whole_module:
+                source, offset = inspect.getsource(sys.modules[cls.__module__]), 0
+            else:
+                source, offset = textwrap.dedent("".join(lines)), first - 1
             nodes = list(ast.walk(ast.parse(source)))
-        except SyntaxError:
+        except (OSError, TypeError, KeyError, SyntaxError, IndentationError):
+            self._gap(
+                f"the source of {cls.__qualname__} ({cls.__module__}) cannot be read (an "
+                "interactive session, exec'd or compiled code): its raw-buffer (.array) and "
+                "observer (self.stats) reads are not checked"
+            )
             return
         modules = {  # np.array, array.array: not line buffers
             alias.asname or alias.name.split(".")[0]
@@ -516,7 +543,7 @@ class AccessTracker:
         attributes = [node for node in nodes if isinstance(node, ast.Attribute)]
         hits = sorted(
             {
-                node.lineno
+                node.lineno + offset
                 for node in attributes
                 if node.attr in ("array", "plotrange")
                 and not (isinstance(node.value, ast.Name) and node.value.id in modules)
@@ -528,20 +555,23 @@ class AccessTracker:
                 f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
                 f"{where}: those reads are not recorded and not checked for look-ahead"
             )
+        if whole_module and any(
+            isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign)
+            and any(_is_self_attr(t, "stats") for t in _targets(node))
+            for node in nodes
+        ):
+            self._own_stats = True  # the agent's own attribute named stats
         strategy = self._strategy
-        # backtrader's alias (Strategy.stats is its observers), unless the agent replaced it
-        names = {"observers"} | (
-            {"stats"}
-            if getattr(strategy, "stats", None) is getattr(strategy, "observers", 0)
-            else set()
-        )
+        names = {"observers"}
+        if not self._own_stats and getattr(strategy, "stats", None) is getattr(
+            strategy, "observers", 0
+        ):
+            names.add("stats")  # backtrader's alias of the observers
         seen = sorted(
             {
-                node.lineno
+                node.lineno + offset
                 for node in attributes
-                if node.attr in names
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "self"
+                if node.attr in names and _is_self_attr(node, node.attr)
             }
         )
         if seen:
@@ -867,5 +897,30 @@ def _reason(tag: LineTag, ago: int, index: int, offset: int, current: int, info:
 
 
 def _defined_outside_backtrader(fn: Any) -> bool:
+    """Whether ``fn`` (a function or class) comes from outside the ``backtrader`` package
+    (``backtrader_contrib`` or a user's ``backtrader_agents`` is outside: helper-118)."""
     module = getattr(fn, "__module__", "") or ""
-    return not module.startswith("backtrader")
+    return module != "backtrader" and not module.startswith("backtrader.")
+
+
+def _is_self_attr(node: Any, attr: str) -> bool:
+    """``node`` is ``self.<attr>``."""
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == attr
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
+
+
+def _targets(node: Any) -> list[Any]:
+    """What an assignment statement assigns to (tuples unpacked)."""
+    found = list(node.targets) if isinstance(node, ast.Assign) else [node.target]
+    out: list[Any] = []
+    while found:
+        t = found.pop()
+        if isinstance(t, ast.Tuple | ast.List):
+            found.extend(t.elts)
+        else:
+            out.append(t)
+    return out

@@ -100,7 +100,7 @@ class HistoricalCSVFeed(bt.feed.DataBase):  # type: ignore[misc]
                 "reads the file's times in that zone; tzinput, backtrader's, localises times "
                 "read as UTC)"
             )
-        refuse_aggregated_fields(self, self.symbol, (*bars.extra_fields, *bars.text))
+        refuse_aggregated_fields(self, self.symbol, tuple(bars.extra_fields), tuple(bars.text))
         self.bar_hashes = BarHashes(source=bars.hashes)  # computed when first read
         for name in bars.text:
             self.text_lines[name] = TextLine(self, name)

@@ -104,7 +104,9 @@ class PubSubMarketDataFeed(bt.feed.DataBase):  # type: ignore[misc]
 
     def start(self) -> None:
         super().start()
-        refuse_aggregated_fields(self, self.symbol, (*self.extra_fields, *self.text_fields))
+        refuse_aggregated_fields(
+            self, self.symbol, tuple(self.extra_fields), tuple(self.text_fields)
+        )
         self.bar_hashes = BarHashes(maxlen=self._lookback)
         self._new_text_lines()
         names = (*OHLCV, OPEN_INTEREST, *self.extra_fields)

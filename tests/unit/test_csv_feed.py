@@ -1391,7 +1391,11 @@ def test_a_resampled_or_replayed_feed_with_extra_fields_is_refused_by_name(how: 
         make_csv_feed(enriched, read_csv_bars(enriched)), timeframe=bt.TimeFrame.Weeks
     )
     cerebro.addstrategy(_ReadsExtras)
-    with pytest.raises(ConfigError, match=r"^GOOG: .* extra fields rsi, .*regime: backtrader"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^GOOG: the backtrader filter (Resampler|Replayer) with the extra fields rsi, "
+        r".*regime: backtrader",
+    ):
         cerebro.run()
     daily = bt.Cerebro(stdstats=False)
     daily.adddata(make_csv_feed(enriched, read_csv_bars(enriched)))
@@ -1402,3 +1406,38 @@ def test_a_resampled_or_replayed_feed_with_extra_fields_is_refused_by_name(how: 
     getattr(weekly, how)(make_csv_feed(plain, read_csv_bars(plain)), timeframe=bt.TimeFrame.Weeks)
     weekly.addstrategy(bt.Strategy)
     assert len(weekly.run()[0]) > 400
+
+
+class _SkipMondays:
+    """A backtrader filter (a callable taking the feed) that drops Monday bars, as
+    backtrader's docs show filters: ``data.backwards()`` and True to drop the bar."""
+
+    def __init__(self, data: Any) -> None:
+        pass
+
+    def __call__(self, data: Any) -> bool:
+        if data.datetime.date(0).weekday() == 0:
+            data.backwards()
+            return True
+        return False
+
+
+@pytest.mark.parametrize("make_filter", ["calendar_days", "skip_mondays"])
+def test_text_fields_under_a_filter_that_adds_or_drops_bars_are_refused(
+    make_filter: str,
+) -> None:
+    """helper-118: text is kept one value per row read, so a filter that adds bars
+    (``CalendarDays``) or drops them put every later text on another bar: ``regime == 'up'``
+    read on 2004-10-01 when the file says so first on 2004-10-28, not flagged. Refused, naming
+    the filter; numbers under such filters stay as backtrader makes them."""
+    enriched = CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")
+    feed = make_csv_feed(enriched, read_csv_bars(enriched))
+    if make_filter == "calendar_days":
+        feed.addfilter(bt.filters.CalendarDays, fill_price=0)
+    else:
+        feed.addfilter(_SkipMondays)
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(feed)
+    cerebro.addstrategy(_ReadsExtras)
+    with pytest.raises(ConfigError, match=r"^GOOG: the backtrader filter .* regime: text fields"):
+        cerebro.run()

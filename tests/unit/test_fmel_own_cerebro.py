@@ -941,3 +941,49 @@ def test_a_csv_config_takes_a_path_as_text() -> None:
     assert cfg.path == DATA / "GOOG.csv" and len(read_csv_bars(cfg).times) == 2148
     with pytest.raises(ConfigError, match=r"CSVFeedConfig\.path: expected a file path, got int"):
         CSVFeedConfig(path=3, symbol="GOOG")  # type: ignore[arg-type]
+
+
+class _StartPrimes(_SmaAgent):
+    """``start()`` primes its state by calling ``next()`` in ``try`` (no bar yet: it raises)."""
+
+    def start(self) -> None:
+        try:
+            self.next()
+        except (IndexError, RuntimeError):
+            pass
+
+
+class _StopRaises(_SmaAgent):
+    def stop(self) -> None:
+        raise RuntimeError("a bug in the agent's stop")
+
+
+def test_a_caught_exception_in_a_call_the_agents_start_makes_does_not_end_the_recording() -> None:
+    """helper-118: the wrappers of the agent's start() and stop() did not count as the agent's
+    call, so next() raising inside start()'s ``try`` counted as escaping: 64 records without
+    a read."""
+    s = _fmel_run(_StartPrimes)[0]
+    primed, plain = _fields(s.analyzers.fmel), _fields(_fmel_run(_SmaAgent)[0].analyzers.fmel)
+    assert primed[1:] == plain[1:] and sum(map(len, plain)) > 4000
+    # start()'s own read, before any bar (the preloaded buffer's last bar: a look-ahead),
+    # goes with the first decision, which it came before
+    assert primed[0] == [("GOOG", "close", len(s) - 1)] and plain[0] == []
+    assert s.analyzers.fmel.records[0].lookahead_reads == 1
+
+
+def test_an_exception_out_of_the_agents_stop_removes_the_tracking() -> None:
+    """helper-118: stop() is called by backtrader outside the bar calls, unwrapped; what it
+    raised left the tracked lines, a frozen heap (~123,000 objects with gc_freeze) and the run
+    registered as running."""
+    import gc
+
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(make_csv_feed(GOOG, read_csv_bars(GOOG)), name="GOOG")
+    cerebro.addstrategy(_StopRaises)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
+    frozen = gc.get_freeze_count()
+    with pytest.raises(RuntimeError, match="agent's stop"):
+        cerebro.run()
+    assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
+    assert gc.get_freeze_count() == frozen
+    assert not fmel_module._RUNNING

@@ -400,7 +400,7 @@ def test_reads_of_observer_lines_and_overridden_order_methods_are_told(
         f"agent code reads observer lines (self.stats / self.observers) at "
         f"{tmp_path / 'fmel_obs_agent.py'} line(s) 6: those reads are not recorded"
     ]
-    assert any(g.startswith("the agent's class overrides buy() (Agent.buy)") for g in gaps)
+    assert any(g.startswith("the agent overrides buy() (Agent.buy)") for g in gaps)
     assert any(r.action == "BUY" for r in records)
 
 
@@ -444,3 +444,105 @@ def test_an_indicator_made_in_start_is_recorded_from_the_first_bar(
     assert len(sma_reads) == strategy.nexts > 50
     assert {a.field for a in sma_reads} == {"sma"}
     assert "after start" not in caplog.text
+
+
+def _agent_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> Any:
+    """The class ``Agent`` of the first of ``files`` (module name -> source), written to
+    ``tmp_path`` and imported from there."""
+    import importlib
+
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(next(iter(files))).Agent
+
+
+_PEEKS = (
+    "import backtrader as bt\n\n\n"
+    "class Agent(bt.Strategy):\n"
+    "    def next(self):\n"
+    "        line = self.data.close\n"
+    "        if not self.position and line.array[line.idx + 1] > line[0]:\n"
+    "            self.buy()\n"
+)
+
+
+def test_an_agent_module_named_like_backtrader_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-118: ``backtrader_myagent`` passed for backtrader's own code (a prefix test),
+    so its peek at tomorrow's close was not told any more."""
+    agent = _agent_from(tmp_path, monkeypatch, {"backtrader_myagent": _PEEKS})
+    _, records = run(agent)
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert any("backtrader_myagent.py line(s) 7" in g for g in gaps), gaps
+
+
+def test_an_agent_whose_source_cannot_be_read_is_told_so() -> None:
+    """helper-118: an agent made by ``exec`` (as a notebook's, or ``python -c``) was scanned
+    against another file, or not at all, and told nothing."""
+    space: dict[str, Any] = {}
+    exec(_PEEKS, space)  # the case itself
+    _, records = run(space["Agent"])
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert any(g.startswith("the source of Agent (") and "cannot be read" in g for g in gaps)
+
+
+def test_only_the_base_classes_are_read_not_the_rest_of_their_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-118: a mixin's module also held an observer-pattern class (``self.observers``),
+    a ``self.stats`` dict and a pandas helper (``df[col].array``): the agent was told it read
+    raw buffers and observers. Only the base class's own source counts now; the agent's own
+    ``self.stats`` (set in ``start()``, after FMEL's start) is its attribute, not observers."""
+    lib = (
+        "class EventsMixin:\n"
+        "    def note(self, what):\n"
+        "        self.events = getattr(self, 'events', []) + [what]\n\n\n"
+        "class Subject:\n"
+        "    def __init__(self):\n"
+        "        self.observers = []\n"
+        "        self.stats = {}\n\n\n"
+        "def column(df, col):\n"
+        "    return df[col].array\n"
+    )
+    agent_src = (
+        "import collections\n\n"
+        "import backtrader as bt\n\n"
+        "from fmel_mixins import EventsMixin\n\n\n"
+        "class Agent(EventsMixin, bt.Strategy):\n"
+        "    def start(self):\n"
+        "        self.stats = collections.Counter()\n\n"
+        "    def next(self):\n"
+        "        self.stats['bars'] += 1\n"
+        "        if self.data.close[0] > 0:\n"
+        "            self.note('bar')\n"
+    )
+    agent = _agent_from(tmp_path, monkeypatch, {"fmel_mixin_agent": agent_src, "fmel_mixins": lib})
+    _, records = run(agent)
+    assert records[0].run.tracking_gaps is None
+
+
+def test_observers_held_and_order_calls_replaced_on_the_instance_are_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-118: ``self.dd = bt.observers.DrawDown()`` read as ``self.dd.lines.drawdown[0]``,
+    and ``self.buy = self._limit_buy`` (which reads ``low[0..-2]``): neither was told."""
+    src = (
+        "import backtrader as bt\n\n\n"
+        "class Agent(bt.Strategy):\n"
+        "    def __init__(self):\n"
+        "        self.dd = bt.observers.DrawDown()\n"
+        "        self.buy = self._limit_buy\n\n"
+        "    def _limit_buy(self, **kw):\n"
+        "        low = min(self.data.low[-i] for i in range(3))\n"
+        "        return bt.Strategy.buy(self, price=low, exectype=bt.Order.Limit, **kw)\n\n"
+        "    def next(self):\n"
+        "        if self.dd.lines.drawdown[0] < 5 and not self.position:\n"
+        "            self.buy()\n"
+    )
+    agent = _agent_from(tmp_path, monkeypatch, {"fmel_held_observer": src})
+    _, records = run(agent)
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert any(g.startswith("the agent holds observers (self.dd)") for g in gaps), gaps
+    assert any(g.startswith("the agent replaces buy() (Agent._limit_buy)") for g in gaps), gaps

@@ -521,12 +521,16 @@ class AccessTracker:
         module) is told as not checked (helper-118)."""
         try:
             path = inspect.getsourcefile(cls)
-            lines, first = inspect.getsourcelines(cls)  # the class itself must be found there
             if whole_module:
                 source, offset = inspect.getsource(sys.modules[cls.__module__]), 0
             else:
+                lines, first = inspect.getsourcelines(cls)
                 source, offset = textwrap.dedent("".join(lines)), first - 1
             nodes = list(ast.walk(ast.parse(source)))
+            if whole_module and not any(
+                isinstance(node, ast.ClassDef) and node.name == cls.__name__ for node in nodes
+            ):  # made elsewhere (exec'd in a script's __main__): that file is not its source
+                raise OSError(f"no class {cls.__name__} in {path}")
         except (OSError, TypeError, KeyError, SyntaxError, IndentationError):
             self._gap(
                 f"the source of {cls.__qualname__} ({cls.__module__}) cannot be read (an "

@@ -527,20 +527,32 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             goes as it does for the bar calls (helper-118: out of stop(), the tracked lines,
             the frozen heap and the running run were left behind)."""
 
+            reads = name == "start"
+
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
                 outer = not self._in_own
                 self._in_own = True
+                was = flags.ACTIVE
+                if reads and outer and ident() == main:
+                    # what start() reads goes with the first decision, which it comes before
+                    # (helper-120: a "reference price" read there, the preloaded buffer's last
+                    # bar, was neither recorded nor flagged as the look-ahead it is)
+                    if flags.OWNER is not tracker:
+                        tracker.activate()
+                    flags.ACTIVE = True
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException:
                     if outer and ident() == main:
+                        flags.ACTIVE = was
                         if self._froze:
                             self._froze = False
                             _GC_FREEZE.release_all()
                         self._abort(name)
                     raise
                 finally:
+                    flags.ACTIVE = was
                     if outer:
                         self._in_own = False
                 if after is not None:
@@ -555,6 +567,24 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             # start() was tracked from the second bar's record on)
             self._check_callbacks()
             self.tracker.sync(in_start=True)
+            # order calls it replaced there (self.buy = ...) are wrapped and told, as those
+            # replaced in __init__ (helper-120: its BUY events and actions were lost)
+            replaced = [
+                name
+                for name in (*_ORDER_CALLS, *_ON_BEHALF_CALLS)
+                if callable(vars(strategy).get(name)) and vars(strategy)[name] not in _WRAPPERS
+            ]
+            if replaced:
+                tracker.note_overrides(strategy, replaced)
+                for name in replaced:
+                    fn = vars(strategy)[name]
+                    wrap(
+                        strategy,
+                        name,
+                        ordering(fn, name) if name in _ORDER_CALLS else on_behalf(fn),
+                    )
+                if self.decisions == 0 and self.run_info is not None:
+                    self.run_info = self.run_info._replace(tracking_gaps=json.dumps(tracker.gaps))
 
         for name, after in (("start", after_start), ("stop", None)):
             fn = getattr(strategy, name, None)

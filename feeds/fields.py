@@ -138,16 +138,18 @@ def refuse_aggregated_fields(
     ``Replayer`` (``cerebro.resampledata`` / ``replaydata``) build each bar from OHLCV and
     open interest only (``backtrader.dataseries._Bar``): an extra line read NaN or a stale
     value of another underlying bar (helper-116 F4: a weekly replay's ``rsi`` was the week's
-    first day's). Text fields are kept by bar count, one value per row read, so any filter
+    first day's). Text fields are kept by bar count, one value per row read, so a filter
     that adds or drops bars (``CalendarDays``, a filter that skips Mondays, the resamplers)
     shifts every later text onto another bar (helper-118: ``regime == 'up'`` read four weeks
-    before the file says so, not flagged as look-ahead).
+    before the file says so, not flagged as look-ahead). Whether a filter does cannot be
+    known from outside it, so text fields are refused under any filter but those known to
+    keep every bar (:data:`_BAR_KEEPING`: backtrader's ``HeikinAshi``; helper-120).
 
     Raises:
         ConfigError: naming the symbol, the fields and what to do instead. Called at the
             feed's ``start()`` (main thread), before the first bar.
     """
-    filters = [f for f, *_ in getattr(feed, "_filters", ())]
+    filters = [f for f, *_ in getattr(feed, "_filters", ()) if not isinstance(f, _BAR_KEEPING)]
     if not filters:
         return
     aggregating = [f for f in filters if isinstance(f, _AGGREGATING)]
@@ -163,7 +165,7 @@ def refuse_aggregated_fields(
             "so those fields would read NaN, a stale value or another bar's text"
             if aggregating
             else "text fields are kept one value per row read, so a filter that adds or drops "
-            "bars would put each text on another bar"
+            "bars would put each text on another bar (a filter is taken to, but HeikinAshi)"
         )
         + ". Resample or filter the file before loading it (pandas DataFrame.resample with the "
         "rule each field needs: last, mean, sum), or load the bars without those fields"
@@ -171,6 +173,8 @@ def refuse_aggregated_fields(
 
 
 _AGGREGATING = (bt.resamplerfilter.Resampler, bt.resamplerfilter.Replayer)
+# backtrader filters that change a bar's prices in place, never adding or dropping one
+_BAR_KEEPING = (bt.filters.HeikinAshi,)
 
 
 def dynamic_feed_class(base: type, extra_fields: tuple[str, ...]) -> type:

@@ -3,13 +3,10 @@ resolves them into accesses (bar index, bar time, data hash, look-ahead)."""
 
 from __future__ import annotations
 
-import ast
 import bisect
-import inspect
 import logging
 import re
 import sys
-import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
@@ -39,6 +36,7 @@ from analyzers.tracking.proxies import (
     compiled_in_use,
     untracked_class,
 )
+from analyzers.tracking.source_scan import ClassSpan, ModuleFacts, class_span, module_facts
 from core.bars import BarHashes, feed_symbol
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
@@ -110,7 +108,6 @@ class AccessTracker:
         self.runonce = True
         self.preload = False
         self._warned: set[tuple[str, str, str]] = set()
-        self._own_stats = False  # the agent's code assigns self.stats (_scan_source)
         self._tracked: list[tuple[Any, type]] = []
         self._feeds: dict[int, FeedInfo] = {}
         self._labels: dict[int, str] = {}  # id(feed): what it is recorded as (feed_labels)
@@ -493,97 +490,61 @@ class AccessTracker:
                 )
 
     def _scan_sources(self, cls: type) -> None:
-        """Flag raw-buffer reads (``.array``, ``plotrange``) and reads of the strategy's
-        observers in the agent's code: its whole module (helpers the agent calls included),
-        and the source of each of its base classes outside backtrader (helper-116 F3: a base
-        class in a library module read tomorrow's close through ``line.array[line.idx + 1]``;
-        helper-118: only those classes, not the rest of their modules, which flagged a
-        mixin's neighbours). Code whose source cannot be read is told as such."""
-        seen: set[str] = set()
+        """Flag what the agent's code reads that FMEL cannot see (:mod:`.source_scan`):
+        raw-buffer reads (``.array``, ``plotrange``) anywhere in the agent's module (helpers
+        it calls included) and inside its base classes outside backtrader (helper-116 F3: a
+        library base class read tomorrow's close through ``line.array[line.idx + 1]``;
+        helper-118: not the rest of their modules, which flagged a mixin's neighbours), and
+        reads of the strategy's observers (``self.stats``, ``self.observers``; helper-116 F2)
+        inside those classes, ``self.stats`` only when none of them assigns ``self.stats``
+        itself (helper-120: a helper class's or a base's own ``stats``). A class whose
+        source cannot be read (an interactive session, ``exec``, a compiled module) is told
+        as not checked (helper-118). Reported with file and line numbers, as tracking gaps."""
+        found: list[tuple[type, ModuleFacts, ClassSpan]] = []
         for base in cls.__mro__:
             module = getattr(base, "__module__", "") or ""
             if base is not cls and (module == "builtins" or not _defined_outside_backtrader(base)):
                 continue
-            key = f"{module}.{base.__qualname__}"
-            if key in seen:
+            facts = module_facts(module)
+            span = class_span(facts, base) if facts is not None else None
+            if facts is None or span is None:
+                self._gap(
+                    f"the source of {base.__qualname__} ({module}) cannot be read (an "
+                    "interactive session, exec'd or compiled code): its raw-buffer (.array) "
+                    "and observer (self.stats) reads are not checked"
+                )
                 continue
-            seen.add(key)
-            self._scan_source(base, whole_module=base is cls)
+            found.append((base, facts, span))
 
-    def _scan_source(self, cls: type, whole_module: bool = True) -> None:
-        """Flag, in the source of ``cls`` (its whole module when ``whole_module``), raw-buffer
-        reads (``.array``, ``plotrange``) and reads of the strategy's observers
-        (``self.stats``, ``self.observers``: their lines are not tracked; helper-116 F2: an
-        agent trading on ``self.stats.drawdown.drawdown[0]`` had two thirds of its reads
-        dropped without a word), unless the agent's own code assigns ``self.stats`` (its own
-        attribute of that name). Reported with the file and line numbers, as tracking gaps;
-        a class whose source cannot be read (an interactive session, ``exec``, a compiled
-        module) is told as not checked (helper-118)."""
-        try:
-            path = inspect.getsourcefile(cls)
-            if whole_module:
-                source, offset = inspect.getsource(sys.modules[cls.__module__]), 0
-            else:
-                lines, first = inspect.getsourcelines(cls)
-                source, offset = textwrap.dedent("".join(lines)), first - 1
-            nodes = list(ast.walk(ast.parse(source)))
-            if whole_module and not any(
-                isinstance(node, ast.ClassDef) and node.name == cls.__name__ for node in nodes
-            ):  # made elsewhere (exec'd in a script's __main__): that file is not its source
-                raise OSError(f"no class {cls.__name__} in {path}")
-        except (OSError, TypeError, KeyError, SyntaxError, IndentationError):
-            self._gap(
-                f"the source of {cls.__qualname__} ({cls.__module__}) cannot be read (an "
-                "interactive session, exec'd or compiled code): its raw-buffer (.array) and "
-                "observer (self.stats) reads are not checked"
-            )
-            return
-        modules = {  # np.array, array.array: not line buffers
-            alias.asname or alias.name.split(".")[0]
-            for node in nodes
-            if isinstance(node, ast.Import | ast.ImportFrom)
-            for alias in node.names
-        }
-        attributes = [node for node in nodes if isinstance(node, ast.Attribute)]
-        hits = sorted(
-            {
-                node.lineno + offset
-                for node in attributes
-                if node.attr in ("array", "plotrange")
-                and not (isinstance(node.value, ast.Name) and node.value.id in modules)
-            }
-        )
-        if hits:
-            where = ", ".join(str(n) for n in hits[:10])
-            self._gap(
-                f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
-                f"{where}: those reads are not recorded and not checked for look-ahead"
-            )
-        if whole_module and any(
-            isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign)
-            and any(_is_self_attr(t, "stats") for t in _targets(node))
-            for node in nodes
-        ):
-            self._own_stats = True  # the agent's own attribute named stats
+        def inside(lines: Any, facts: ModuleFacts, span: ClassSpan) -> list[int]:
+            return [n for n in lines if span.first <= n <= span.last]
+
+        own_stats = any(inside(f.stats_assigned, f, sp) for _, f, sp in found)
         strategy = self._strategy
-        names = {"observers"}
-        if not self._own_stats and getattr(strategy, "stats", None) is getattr(
-            strategy, "observers", 0
-        ):
-            names.add("stats")  # backtrader's alias of the observers
-        seen = sorted(
-            {
-                node.lineno + offset
-                for node in attributes
-                if node.attr in names and _is_self_attr(node, node.attr)
-            }
-        )
-        if seen:
-            where = ", ".join(str(n) for n in seen[:10])
-            self._gap(
-                f"agent code reads observer lines (self.stats / self.observers) at {path} "
-                f"line(s) {where}: those reads are not recorded"
-            )
+        observers = {"observers"}
+        if not own_stats and getattr(strategy, "stats", None) is getattr(strategy, "observers", 0):
+            observers.add("stats")  # backtrader's alias of the observers
+        raw: dict[str, set[int]] = {}
+        seen: dict[str, set[int]] = {}
+        for base, facts, span in found:
+            lines = facts.raw_reads if base is cls else inside(facts.raw_reads, facts, span)
+            raw.setdefault(facts.path, set()).update(lines)
+            reads = [n for n, attr in facts.self_reads if attr in observers]
+            seen.setdefault(facts.path, set()).update(inside(reads, facts, span))
+        for path, raw_lines in raw.items():
+            if raw_lines:
+                where = ", ".join(str(n) for n in sorted(raw_lines)[:10])
+                self._gap(
+                    f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
+                    f"{where}: those reads are not recorded and not checked for look-ahead"
+                )
+        for path, read_lines in seen.items():
+            if read_lines:
+                where = ", ".join(str(n) for n in sorted(read_lines)[:10])
+                self._gap(
+                    f"agent code reads observer lines (self.stats / self.observers) at {path} "
+                    f"line(s) {where}: those reads are not recorded"
+                )
 
     # -- look-ahead inside indicators (found while they compute) -----------------------------
 
@@ -905,26 +866,3 @@ def _defined_outside_backtrader(fn: Any) -> bool:
     (``backtrader_contrib`` or a user's ``backtrader_agents`` is outside: helper-118)."""
     module = getattr(fn, "__module__", "") or ""
     return module != "backtrader" and not module.startswith("backtrader.")
-
-
-def _is_self_attr(node: Any, attr: str) -> bool:
-    """``node`` is ``self.<attr>``."""
-    return (
-        isinstance(node, ast.Attribute)
-        and node.attr == attr
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "self"
-    )
-
-
-def _targets(node: Any) -> list[Any]:
-    """What an assignment statement assigns to (tuples unpacked)."""
-    found = list(node.targets) if isinstance(node, ast.Assign) else [node.target]
-    out: list[Any] = []
-    while found:
-        t = found.pop()
-        if isinstance(t, ast.Tuple | ast.List):
-            found.extend(t.elts)
-        else:
-            out.append(t)
-    return out

@@ -1441,3 +1441,25 @@ def test_text_fields_under_a_filter_that_adds_or_drops_bars_are_refused(
     cerebro.addstrategy(_ReadsExtras)
     with pytest.raises(ConfigError, match=r"^GOOG: the backtrader filter .* regime: text fields"):
         cerebro.run()
+
+
+def test_text_fields_under_heikin_ashi_read_their_own_rows() -> None:
+    """helper-120: HeikinAshi changes prices in place, every bar kept: its text fields read
+    their rows (refused at first with every other filter)."""
+    enriched = CSVFeedConfig(path=DATA / "enriched" / "GOOG.csv", symbol="GOOG")
+    bars = read_csv_bars(enriched)
+    feed = make_csv_feed(enriched, bars)
+    feed.addfilter(bt.filters.HeikinAshi)
+    seen: list[tuple[float, Any]] = []
+
+    class Reads(bt.Strategy):  # type: ignore[misc]
+        def next(self) -> None:
+            seen.append((self.data.datetime[0], self.data.regime[0]))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(feed)
+    cerebro.addstrategy(Reads)
+    cerebro.run()
+    expected = list(bars.text["regime"])
+    assert len(seen) == len(expected) > 2000
+    assert [text for _, text in seen] == expected

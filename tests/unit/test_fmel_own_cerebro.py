@@ -987,3 +987,47 @@ def test_an_exception_out_of_the_agents_stop_removes_the_tracking() -> None:
     assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
     assert gc.get_freeze_count() == frozen
     assert not fmel_module._RUNNING
+
+
+class _BuyReplacedInStart(_SmaAgent):
+    """Replaces ``buy`` on the instance in ``start()``, after FMEL's start wrapped it."""
+
+    def start(self) -> None:
+        self.buy = self._limit_buy
+
+    def _limit_buy(self, **kw: Any) -> Any:
+        return bt.Strategy.buy(self, **kw)
+
+
+def test_an_order_call_replaced_in_start_keeps_its_events_and_is_told() -> None:
+    """helper-120 F6: ``self.buy`` replaced in ``start()`` overwrote FMEL's order wrapper:
+    no CREATED event and no BUY action for any of the agent's ~1,000 buys, nothing told. It
+    is wrapped again after start() and told, as a replacement made in ``__init__`` is."""
+    s = _fmel_run(_BuyReplacedInStart)[0]
+    plain = _fmel_run(_SmaAgent)[0]
+    actions = [r.action for r in s.analyzers.fmel.records]
+    assert actions == [r.action for r in plain.analyzers.fmel.records]
+    assert actions.count("BUY") > 10
+    gaps = s.analyzers.fmel.get_analysis()["tracking_gaps"]
+    assert any(
+        g.startswith("the agent replaces buy() (_BuyReplacedInStart._limit_buy)") for g in gaps
+    )
+
+
+class _ReferencePrice(_SmaAgent):
+    """Backtrader's "reference price" idiom in ``start()``: with preloaded data the buffer's
+    last bar, the future."""
+
+    def start(self) -> None:
+        self.ref = self.data.close[0]
+
+
+def test_a_read_in_start_is_recorded_with_the_first_decision_as_a_look_ahead() -> None:
+    """helper-120 F9: start() ran with the tracking off, so this read, the preloaded buffer's
+    last close (806.19 for GOOG, whose first close is 100.34), was neither recorded nor
+    flagged."""
+    s = _fmel_run(_ReferencePrice)[0]
+    first = s.analyzers.fmel.records[0]
+    (read,) = [a for d in first.data_accessed for a in d.access_patterns]
+    assert (read.field, read.value, read.lookahead) == ("close", s.ref, True)
+    assert read.bar_index == len(s) - 1 and first.lookahead_reads == 1

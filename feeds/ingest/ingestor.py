@@ -333,6 +333,7 @@ class Ingestor:
         self._last_flush = time.monotonic()
         # the next idle check (_check_idle); the connection's catch-up checks every symbol
         self._next_idle_check = time.monotonic() + config.max_backfill_s * IDLE_CHECK_EVERY
+        self._stream_from: datetime | None = None  # set at each connection (_connected)
         # shared flags
         self.connected = False
         self.fatal: BaseException | None = None
@@ -836,6 +837,15 @@ class Ingestor:
         for buf in self._trades.values():
             buf.clear()
         self._verify = set(self.config.symbols)
+        # The first minute whose bar this connection's stream surely delivers: the one after
+        # the minute it connected in (a bar is sent once its minute ends; the minute of the
+        # connection itself may end before the subscription is confirmed). A gap check that
+        # fails leaves only the minutes before it uncertain (helper-119: a thin symbol's first
+        # live bar two hours after the start, history failing then, was a two-hour gap).
+        ago = timedelta(seconds=(time.perf_counter_ns() - connected_ns) / 1e9)
+        self._stream_from = _floor(self.clock() - ago, self.tuning.bar_s) + timedelta(
+            seconds=self.tuning.bar_s
+        )
         if self._stop.is_set() or not self._lock.acquire(self._stop):
             return
         self._adopt_saved_state()
@@ -871,7 +881,10 @@ class Ingestor:
             # any symbol (proof that history has that minute: helper-104, a minute missing
             # from history for a few seconds was skipped for good). A failure is left to their
             # first live bar's gap check, as for the published symbols.
-            upto = min(end, got.newest)
+            # and not past what an empty answer proves (HISTORY_SETTLE_S; helper-119: another
+            # symbol's bar of a minute whose own bar history had a few seconds later moved the
+            # start past it, lost with no gap)
+            upto = min(end - timedelta(seconds=HISTORY_SETTLE_S), got.newest)
             for s in unstarted:
                 if s in since and s not in self._sent and upto > since[s]:
                     self._live_from[s] = upto
@@ -907,12 +920,15 @@ class Ingestor:
         except DataError as e:
             logger.warning("state file not re-read: %s", e)
             return
+        horizon = self.clock() + timedelta(seconds=self.config.future_tolerance_s)
+        # the other file's checked times after the local clock go before the merge: kept as the
+        # later ones, they replaced this ingestor's own and were then dropped (helper-119)
+        _drop_future_checked(self.config.state_path, saved, horizon)
         self.state.merge(saved)  # every symbol's entries and the gaps, not only this one's
         # A last bar after the local clock would make every later bar of its symbol a duplicate:
         # refused at start (exit 2), and not taken as this one's position here either
         # (helper-109's note). It stays in the file (helper-115: dropping it before the merge
         # erased another ingestor's entry, or rolled it back), so the next start names it.
-        horizon = self.clock() + timedelta(seconds=self.config.future_tolerance_s)
         future = {s: iso_utc(t) for s, t in saved.last_bar.items() if t > horizon}
         if future:
             logger.error(
@@ -931,7 +947,6 @@ class Ingestor:
                 self._live_from.pop(s, None)
         # as at start (helper-115: taken over without a word)
         _warn_future_starts(self.config.state_path, saved.start, horizon)
-        _drop_future_checked(self.config.state_path, self.state, horizon)
         for s, ts in saved.start.items():
             mine = self._live_from.get(s)
             if s in self._symbols and s not in self._sent and (mine is None or ts < mine):
@@ -1103,6 +1118,19 @@ class Ingestor:
             self.stats.history_calls += self.history.calls - before_calls
             self.stats.history_retries += self.history.retries - before_retries
 
+    def _gap_before(self, symbol: str, after: datetime, ts: datetime) -> None:
+        """A live bar's gap check failed: the minutes after ``after`` before the live bar at
+        ``ts`` are a possible gap, less what an earlier empty history answer proved
+        (``checked``) and what this connection's stream delivers (from ``_stream_from``)."""
+        step = timedelta(seconds=self.tuning.bar_s)
+        start = after + step
+        seen = self.state.checked.get(symbol)
+        if seen is not None and seen <= self.clock():
+            start = max(start, _floor(seen, self.tuning.bar_s) + step)
+        end = ts if self._stream_from is None else min(ts, self._stream_from)
+        if start < end:
+            self._gap(symbol, start, end, "history failed")
+
     def _gap(self, symbol: str, start: datetime, end: datetime, reason: str) -> None:
         gap = Gap(symbol, iso_utc(start), iso_utc(end), reason)
         self.stats.gaps.append(gap)
@@ -1221,9 +1249,7 @@ class Ingestor:
                         # the state file past the missing ones; the next start fetches both.
                         self._verify.add(s)
                         return
-                    self._gap(
-                        s, after + timedelta(seconds=self.tuning.bar_s), bar.ts, "history failed"
-                    )
+                    self._gap_before(s, after, bar.ts)
         try:
             trades = self._live_trades(bar) if self._needs_trades else None
         except _StoppedBeforeTradesError:

@@ -98,6 +98,28 @@ class PubSubClient:
         pass
 
 
+class FailingHistory(ScriptHistory):
+    """Fails while ``fail`` is true, with the ``TransientError`` the ingestor's history client
+    raises once its retries are spent."""
+
+    fail = False
+
+    def bars(self, symbols: list[str], start: datetime, end: datetime) -> dict[str, list[Any]]:
+        if self.fail:
+            from core.errors import TransientError
+
+            self.calls += 1
+            self.asked.append((list(symbols), start, end))
+            raise TransientError("history down (scripted)")
+        return super().bars(symbols, start, end)
+
+
+def live(ing: Any, symbol: str, ts: datetime) -> None:
+    """A live bar of ``symbol`` at ``ts`` as the stream sends it."""
+    t = ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+    ing._live_bar({"T": "b", "S": symbol, "o": 1, "h": 1, "l": 1, "c": 1, "v": 1, "t": t}, 0)
+
+
 def make(tmp: Path, clock: list[datetime], history: ScriptHistory, **env: str) -> Any:
     from feeds.ingest import Ingestor
 
@@ -235,3 +257,86 @@ def test_a_new_symbols_first_minute_is_fetched_when_the_stream_had_sent_it(tmp_p
         f"{s}|2024-01-02T15:0{m}:00Z" for s in ("AAPL", "MSFT") for m in (0, 1)
     ]
     assert gaps(ing) == []
+
+
+def test_a_start_point_is_not_moved_past_a_minute_history_had_late(tmp_path: Path) -> None:
+    """helper-119 F1 (older than the checked times): a catch-up moved a symbol with nothing
+    published to the newest bar history had of any symbol (MSFT's 15:29), while its own
+    15:29 bar was in history only 14 s later: the bar was never fetched, no gap. Start points
+    move only as far as an empty answer proves (HISTORY_SETTLE_S)."""
+    write_state(
+        tmp_path,
+        {"last_bar": {"MSFT": "2024-01-02T15:00:00Z"}, "start": {"AAPL": "2024-01-02T15:00:00Z"}},
+    )
+    clock = [at(15, 30, s=6)]
+    history = ScriptHistory(clock)
+    for m in range(1, 30):
+        history.add("MSFT", at(15, m))
+    history.add("AAPL", at(15, 29), visible=at(15, 30, s=20))
+    ing = make(tmp_path, clock, history)
+    ing._connected(time.perf_counter_ns())
+    assert ing.state.start["AAPL"] <= at(15, 15)
+    clock[0] = at(15, 31, s=1)
+    history.add("AAPL", at(15, 30))
+    live(ing, "AAPL", at(15, 30))
+    finish(ing)
+    assert [k for k in ing.client_.published if k.startswith("AAPL")] == [
+        "AAPL|2024-01-02T15:29:00Z",
+        "AAPL|2024-01-02T15:30:00Z",
+    ]
+    assert gaps(ing) == []
+
+
+def test_a_failed_gap_check_counts_only_what_neither_history_nor_the_stream_covered(
+    tmp_path: Path,
+) -> None:
+    """helper-119 F2: a thin symbol's first live bar two hours after the start, history
+    failing then: the gap counted was the two hours, though the stream was connected all
+    along; a published symbol's was counted from its last bar, though an empty answer had
+    covered most of it. Now from the later of the two, to the first minute the connection's
+    stream surely delivers."""
+    clock = [at(15, 0, s=30)]
+    history = FailingHistory(clock)
+    history.add("MSFT", at(14, 59))
+    ing = make(tmp_path, clock, history)
+    ing._connected(time.perf_counter_ns())  # MSFT and AAPL start at 14:59
+    clock[0] = at(15, 1, s=1)
+    live(ing, "MSFT", at(15, 0))
+    clock[0] = at(17, 1, s=1)
+    history.add("AAPL", at(17, 0))
+    history.fail = True
+    live(ing, "AAPL", at(17, 0))
+    finish(ing)
+    # 15:00 ended before the connection's subscription: only it is uncertain
+    assert gaps(ing) == [("AAPL", "2024-01-02T15:00:00Z", "2024-01-02T15:01:00Z")]
+    assert ing.client_.published == ["MSFT|2024-01-02T15:00:00Z", "AAPL|2024-01-02T17:00:00Z"]
+
+
+def test_a_takeover_keeps_its_own_checked_time_over_the_others_future_one(
+    tmp_path: Path,
+) -> None:
+    """helper-119 F4: the other ingestor's ``checked`` dated after this one's clock replaced
+    this one's own in the merge, and was then dropped: nothing left, and a symbol that does
+    not trade counted a gap of ten days. The other's future time is dropped before the merge."""
+    clock = [at(15, 0, s=30, d=20)]
+    last = "2024-01-10T15:00:00Z"
+    write_state(
+        tmp_path,
+        {
+            "last_bar": {"HALT": last, "MSFT": "2024-01-20T14:58:00Z"},
+            "checked": {"HALT": "2024-01-20T14:40:00Z"},
+        },
+    )
+    history = ScriptHistory(clock, server_skew=None)
+    standby = make(tmp_path, clock, history, SYMBOLS="MSFT,HALT")
+    write_state(
+        tmp_path,
+        {
+            "last_bar": {"HALT": last, "MSFT": "2024-01-20T14:59:00Z"},
+            "checked": {"HALT": "2024-01-20T15:10:00Z"},  # a clock 25 minutes ahead
+        },
+    )
+    standby._connected(time.perf_counter_ns())
+    assert gaps(standby) == []
+    assert standby.state.checked["HALT"] <= at(15, 0, d=20)
+    standby._lock.close()

@@ -263,6 +263,8 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._froze = False
         self._aborted = ""  # the agent's callback whose exception ended the tracking (_abort)
         self._in_own = False  # inside the agent's own start() or stop() (_wrap_agent)
+        self._ordering = 0  # order calls in progress (_wrap_agent's ordering)
+        self._orders_noted = 0  # order calls recorded so far
         self._noted: Any = None  # the order whose notice the agent's wrapper recorded
 
     @property
@@ -471,15 +473,23 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
         def ordering(fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
             # Order construction reads close[0]/datetime[0] itself: not the agent's reads.
+            # Nested (a replacement made in start() that calls the wrapped call it found:
+            # helper-122, every CREATED twice), the innermost records the call, the outer
+            # ones only when no inner one did.
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
                 was = flags.ACTIVE
                 flags.ACTIVE = False
+                self._ordering += 1
+                noted = self._orders_noted
                 try:
                     result = fn(*args, **kwargs)
                 finally:
                     flags.ACTIVE = was
-                self._on_order_call(kind, result, args, kwargs)
+                    self._ordering -= 1
+                if self._ordering or self._orders_noted == noted:
+                    self._orders_noted += 1
+                    self._on_order_call(kind, result, args, kwargs)
                 return result
 
             return call
@@ -531,9 +541,11 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
-                outer = not self._in_own
+                was, inside = flags.ACTIVE, self._in_own
+                # called by backtrader, not from the agent's running code (helper-122: next()
+                # calling self.start() in try ended the recording at its first exception)
+                outer = not inside and not was
                 self._in_own = True
-                was = flags.ACTIVE
                 if reads and outer and ident() == main:
                     # what start() reads goes with the first decision, which it comes before
                     # (helper-120: a "reference price" read there, the preloaded buffer's last
@@ -553,8 +565,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     raise
                 finally:
                     flags.ACTIVE = was
-                    if outer:
-                        self._in_own = False
+                    self._in_own = inside
                 if after is not None:
                     after()
                 return result
@@ -574,6 +585,9 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 for name in (*_ORDER_CALLS, *_ON_BEHALF_CALLS)
                 if callable(vars(strategy).get(name)) and vars(strategy)[name] not in _WRAPPERS
             ]
+            for name in _ORDER_CALLS:
+                if name not in vars(strategy):  # its wrapper deleted (helper-122): again
+                    wrap(strategy, name, ordering(getattr(strategy, name), name))
             if replaced:
                 tracker.note_overrides(strategy, replaced)
                 for name in replaced:
@@ -686,9 +700,13 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             if order is not None:
                 self._events.append(self._action("CANCEL_REQUEST", order))
             return
-        if result is None:  # e.g. close() with no position, or size 0
-            return
-        self._events.append(self._action("CREATED", result))
+        # an Order, None (close() with no position, size 0), or from an agent's override of
+        # buy() anything it returns: its orders are recorded, nothing else (helper-122: a
+        # tuple (entry, stop) made the run raise AttributeError where backtrader ran)
+        found = result if isinstance(result, tuple | list) else (result,)
+        for order in found:
+            if isinstance(order, bt.OrderBase):
+                self._events.append(self._action("CREATED", order))
 
     def _action(
         self,

@@ -331,6 +331,8 @@ class DecisionWriter:
         self._fatal: BaseException | None = None
         # decision id prefix -> (who writes it, the analyzer) (claim_ids)
         self._claimed: dict[str, tuple[str, weakref.ref[Any] | None]] = {}
+        # claimed prefixes no record was submitted under yet (claim_ids, submit)
+        self._fresh_claims: set[str] = set()
         self._inflight: list[Item] | None = None
         self.journal = (
             DecisionJournal(self.spill_dir / f"journal-{sink.name}.jsonl") if journal else None
@@ -441,6 +443,10 @@ class DecisionWriter:
                     )
                 cond.wait(0.5)
             self.stats.submitted += 1
+            if self._fresh_claims:  # until each claimed run's first record
+                run = record[0] if isinstance(record, tuple) and record else None
+                prefix = getattr(run, "decision_scope", None) or getattr(run, "session_id", None)
+                self._fresh_claims.discard(prefix)  # type: ignore[arg-type]
             if not self._closed:
                 self._buf.append(record)
                 if isinstance(record, tuple):
@@ -566,6 +572,11 @@ class DecisionWriter:
             before = ref() if ref is not None else None
             if before is not None and stale is not None and stale(before):
                 held = None
+            elif before is None and ref is not None and prefix in self._fresh_claims:
+                # its analyzer is gone (collected) without a record under it: a run refused
+                # or failed at start, as stale() says of a live one (the garbage collector's
+                # timing decided which, and a refused run's session was refused for good)
+                held = None
         if held is not None:
             raise ValueError(
                 f"FMELAnalyzer: {who} would write the same decision ids ({prefix}:...) as "
@@ -573,6 +584,7 @@ class DecisionWriter:
                 "unset for a new one each, or make_run_info(..., session_id=...))"
             )
         self._claimed[prefix] = (who, weakref.ref(owner) if owner is not None else None)
+        self._fresh_claims.add(prefix)
 
     def _alive(self) -> bool:
         thread = self._thread

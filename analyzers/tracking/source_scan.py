@@ -56,23 +56,31 @@ class ModuleFacts:
     stats_assigned: tuple[int, ...] = field(default=())
 
 
-_CACHE: OrderedDict[tuple[str, int, int], ModuleFacts] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, int, int, int], ModuleFacts] = OrderedDict()
 _LOCK = threading.Lock()
 
 
 def module_facts(module_name: str) -> ModuleFacts | None:
     """The facts of the source file of module ``module_name``, or None when it has none that
-    Python can parse (an interactive session's ``__main__``, a compiled module). Cached per
-    (path, size, modification time). Any thread."""
+    Python can parse (an interactive session's ``__main__``, a compiled module). Any thread."""
     module = sys.modules.get(module_name)
     try:
         path = inspect.getsourcefile(module) if module is not None else None
-        if path is None:
-            return None
-        st = os.stat(path)
-    except (OSError, TypeError):
+    except TypeError:
         return None
-    key = (path, st.st_size, st.st_mtime_ns)
+    return file_facts(path) if path else None
+
+
+def file_facts(path: str) -> ModuleFacts | None:
+    """The facts of the Python source file ``path``, or None when it cannot be read or
+    parsed. Cached per version of the file: path, inode, size and modification and change
+    times (``cp -p`` or ``os.utime`` keep a modification time; not the change time:
+    helper-122). Any thread."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _LOCK:
         found = _CACHE.get(key)
         if found is not None:
@@ -91,21 +99,44 @@ def module_facts(module_name: str) -> ModuleFacts | None:
     return facts
 
 
+def code_files(cls: type) -> list[str]:
+    """The files the code of ``cls``'s own functions comes from (decorators unwrapped), in
+    the order of its namespace: where the class statement is, whatever module name it was
+    loaded under (helper-122: two files loaded as one module name)."""
+    out: list[str] = []
+    for value in vars(cls).values():
+        fn = getattr(value, "__func__", value)
+        try:
+            fn = inspect.unwrap(fn)
+        except ValueError:
+            continue
+        code = getattr(fn, "__code__", None)
+        name = getattr(code, "co_filename", None)
+        if isinstance(name, str) and name not in out:
+            out.append(name)
+    return out
+
+
 def class_span(facts: ModuleFacts, cls: type) -> ClassSpan | None:
     """The class statement of ``cls`` in ``facts``: by qualified name, and among several of
-    that name the one holding the first line of one of its methods; None when there is none
-    (a class made by ``exec`` in a module with a file)."""
+    that name the one holding the first line of one of its methods (decorators unwrapped),
+    else the last one (the one the module's name ends up bound to; helper-122); None when
+    there is none (a class made by ``exec`` in a module with a file)."""
     named = [c for c in facts.classes if c.qualname == cls.__qualname__]
     if len(named) <= 1:
         return named[0] if named else None
     for value in vars(cls).values():
-        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        try:
+            fn = inspect.unwrap(getattr(value, "__func__", value))
+        except ValueError:
+            continue
+        code = getattr(fn, "__code__", None)
         line = getattr(code, "co_firstlineno", None)
         if line is not None and getattr(code, "co_filename", None) == facts.path:
             for c in named:
                 if c.first <= line <= c.last:
                     return c
-    return named[0]
+    return named[-1]
 
 
 class _Collector(ast.NodeVisitor):

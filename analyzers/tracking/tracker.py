@@ -36,7 +36,14 @@ from analyzers.tracking.proxies import (
     compiled_in_use,
     untracked_class,
 )
-from analyzers.tracking.source_scan import ClassSpan, ModuleFacts, class_span, module_facts
+from analyzers.tracking.source_scan import (
+    ClassSpan,
+    ModuleFacts,
+    class_span,
+    code_files,
+    file_facts,
+    module_facts,
+)
 from core.bars import BarHashes, feed_symbol
 from core.errors import LookAheadError
 from core.time import BT_EPOCH_DAYS, SECONDS_PER_DAY
@@ -505,8 +512,14 @@ class AccessTracker:
             module = getattr(base, "__module__", "") or ""
             if base is not cls and (module == "builtins" or not _defined_outside_backtrader(base)):
                 continue
-            facts = module_facts(module)
+            files = code_files(base)
+            if not files and base is not cls:
+                continue  # nothing of its own to read (a mixin of attributes)
+            # the file its functions come from, whatever module name it was loaded under
+            facts = file_facts(files[0]) if files else module_facts(module)
             span = class_span(facts, base) if facts is not None else None
+            if span is None and not files:
+                continue  # a class with no code of its own (type("T", (Agent,), {}))
             if facts is None or span is None:
                 self._gap(
                     f"the source of {base.__qualname__} ({module}) cannot be read (an "
@@ -527,7 +540,11 @@ class AccessTracker:
         raw: dict[str, set[int]] = {}
         seen: dict[str, set[int]] = {}
         for base, facts, span in found:
-            lines = facts.raw_reads if base is cls else inside(facts.raw_reads, facts, span)
+            # the whole module of the agent's class and of the strategies it is built on
+            # (helpers they call; helper-122: a subclass of an agent hid its module's peek),
+            # the class statement alone of other bases (helper-118: a mixin's neighbours)
+            whole = base is cls or issubclass(base, bt.Strategy)
+            lines = facts.raw_reads if whole else inside(facts.raw_reads, facts, span)
             raw.setdefault(facts.path, set()).update(lines)
             reads = [n for n, attr in facts.self_reads if attr in observers]
             seen.setdefault(facts.path, set()).update(inside(reads, facts, span))

@@ -233,6 +233,8 @@ IDLE_MIN_BACKFILL_S = 3600.0
 # querying SIP data of the last 15 minutes needs the Algo Trader Plus subscription
 # (docs.alpaca.markets/docs/market-data-faq, "Why am I getting HTTP 403").
 HISTORY_SETTLE_S = 900.0
+# connections whose streamed span (Ingestor._coverage) is kept for later gap checks
+_COVERAGE_KEPT = 64
 
 
 class Ingestor:
@@ -333,7 +335,8 @@ class Ingestor:
         self._last_flush = time.monotonic()
         # the next idle check (_check_idle); the connection's catch-up checks every symbol
         self._next_idle_check = time.monotonic() + config.max_backfill_s * IDLE_CHECK_EVERY
-        self._stream_from: datetime | None = None  # set at each connection (_connected)
+        # [first, end) minutes each connection's stream delivered, oldest first (_covered)
+        self._coverage: list[list[datetime | None]] = []
         # shared flags
         self.connected = False
         self.fatal: BaseException | None = None
@@ -837,15 +840,14 @@ class Ingestor:
         for buf in self._trades.values():
             buf.clear()
         self._verify = set(self.config.symbols)
-        # The first minute whose bar this connection's stream surely delivers: the one after
-        # the minute it connected in (a bar is sent once its minute ends; the minute of the
-        # connection itself may end before the subscription is confirmed). A gap check that
-        # fails leaves only the minutes before it uncertain (helper-119: a thin symbol's first
-        # live bar two hours after the start, history failing then, was a two-hour gap).
-        ago = timedelta(seconds=(time.perf_counter_ns() - connected_ns) / 1e9)
-        self._stream_from = _floor(self.clock() - ago, self.tuning.bar_s) + timedelta(
-            seconds=self.tuning.bar_s
-        )
+        # What this connection's stream delivers, from its bars (Alpaca's times): the span
+        # [the minute after the first bar it sends, the newest bar it sent). Not the connect's
+        # local time: the subscription may take effect minutes later (helper-121: alpaca-py's
+        # on_connected comes before it subscribes, and a full queue blocks that), and the
+        # local clock may be behind Alpaca's. The first minute's burst may have begun before
+        # the subscription, so that minute is not taken.
+        self._coverage.append([None, None])
+        del self._coverage[:-_COVERAGE_KEPT]
         if self._stop.is_set() or not self._lock.acquire(self._stop):
             return
         self._adopt_saved_state()
@@ -1118,18 +1120,35 @@ class Ingestor:
             self.stats.history_calls += self.history.calls - before_calls
             self.stats.history_retries += self.history.retries - before_retries
 
+    def _covered(self, ts: datetime) -> None:
+        """A live bar of ``ts`` came on this connection: what its stream delivers grows."""
+        if not self._coverage:
+            return
+        span = self._coverage[-1]
+        if span[0] is None:
+            span[0] = ts + timedelta(seconds=self.tuning.bar_s)
+        if span[1] is None or ts > span[1]:
+            span[1] = ts
+
     def _gap_before(self, symbol: str, after: datetime, ts: datetime) -> None:
         """A live bar's gap check failed: the minutes after ``after`` before the live bar at
-        ``ts`` are a possible gap, less what an earlier empty history answer proved
-        (``checked``) and what this connection's stream delivers (from ``_stream_from``)."""
+        ``ts`` are possible gaps, less what an earlier empty history answer proved
+        (``checked``) and what this process's connections' streams delivered (helper-119: a
+        thin symbol's first bar two hours after the start, history failing then, was a
+        two-hour gap; helper-121: after a reconnect, the previous connection's hours)."""
         step = timedelta(seconds=self.tuning.bar_s)
         start = after + step
         seen = self.state.checked.get(symbol)
         if seen is not None and seen <= self.clock():
             start = max(start, _floor(seen, self.tuning.bar_s) + step)
-        end = ts if self._stream_from is None else min(ts, self._stream_from)
-        if start < end:
-            self._gap(symbol, start, end, "history failed")
+        for first, end in sorted((a, b) for a, b in self._coverage if a is not None and b):
+            if start >= ts:
+                break
+            if first > start:
+                self._gap(symbol, start, min(first, ts), "history failed")
+            start = max(start, end)
+        if start < ts:
+            self._gap(symbol, start, ts, "history failed")
 
     def _gap(self, symbol: str, start: datetime, end: datetime, reason: str) -> None:
         gap = Gap(symbol, iso_utc(start), iso_utc(end), reason)
@@ -1214,6 +1233,7 @@ class Ingestor:
             self.events.on_invalid(s)
             logger.warning("bar %s|%s refused, not published: %s", s, iso_utc(bar.ts), problem)
             return
+        self._covered(bar.ts)
         last = self._sent.get(s)
         if last is not None and bar.ts <= last:
             recent = self._recent.get(s)

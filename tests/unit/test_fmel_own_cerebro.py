@@ -1031,3 +1031,78 @@ def test_a_read_in_start_is_recorded_with_the_first_decision_as_a_look_ahead() -
     (read,) = [a for d in first.data_accessed for a in d.access_patterns]
     assert (read.field, read.value, read.lookahead) == ("close", s.ref, True)
     assert read.bar_index == len(s) - 1 and first.lookahead_reads == 1
+
+
+class _WrapsBuyInStart(_SmaAgent):
+    """Wraps the ``buy`` it finds in ``start()`` (FMEL's wrapper by then) in its own."""
+
+    def start(self) -> None:
+        found = self.buy
+
+        def logged_buy(*args: Any, **kwargs: Any) -> Any:
+            return found(*args, **kwargs)
+
+        self.buy = logged_buy
+
+
+class _BuyReturnsPair(_SmaAgent):
+    """A ``buy()`` override placing an entry and a protective stop, returning both."""
+
+    def buy(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        main = super().buy(*args, **kwargs)
+        stop = self.sell(exectype=bt.Order.Stop, price=self.data.close[0] * 0.9)
+        return main, stop
+
+
+class _DeletesBuyInStart(_SmaAgent):
+    def start(self) -> None:
+        self.__dict__.pop("buy", None)
+
+
+class _RestartsFromNext(_SmaAgent):
+    """``next()`` calls ``self.start()`` to reset, inside ``try``; start() raises early on."""
+
+    def start(self) -> None:
+        if 0 < len(self) < 30:
+            raise ValueError("too few bars to reset")
+
+    def next(self) -> None:
+        if len(self) % 10 == 0:
+            try:
+                self.start()
+            except ValueError:
+                pass
+        super().next()
+
+
+def _created(s: Any) -> list[tuple[int, str | None]]:
+    """(decision, side) of each CREATED event (order refs run on across runs)."""
+    return [
+        (r.decision_point, a.side)
+        for r in s.analyzers.fmel.records
+        for a in r.actions
+        if a.event == "CREATED"
+    ]
+
+
+def test_order_calls_wrapped_in_start_or_returning_pairs_record_each_order_once() -> None:
+    """helper-122 F5, F6, F8: a buy wrapped in start() around the buy found there recorded
+    each CREATED twice; a buy() override returning (entry, stop) made the run raise
+    AttributeError where backtrader ran; deleting the wrapper in start() lost every CREATED."""
+    plain = _created(_fmel_run(_SmaAgent)[0])
+    for agent in (_WrapsBuyInStart, _DeletesBuyInStart):
+        assert _created(_fmel_run(agent)[0]) == plain, agent
+    pair = _fmel_run(_BuyReturnsPair)[0]
+    refs = [
+        a.order_ref for r in pair.analyzers.fmel.records for a in r.actions if a.event == "CREATED"
+    ]
+    assert len(refs) == len(set(refs)) > len(plain)  # entries and stops, each once
+
+
+def test_start_called_from_next_in_try_leaves_the_recording_alone() -> None:
+    """helper-122 F7: next() calling self.start() in try (start raising while few bars) ended
+    the recording from decision 9 on: 0 reads, 0 CREATED, 131 orders filled."""
+    s = _fmel_run(_RestartsFromNext)[0]
+    records = s.analyzers.fmel.records
+    assert all(r.data_accessed for r in records[20:])
+    assert _created(s) == _created(_fmel_run(_SmaAgent)[0])

@@ -307,7 +307,8 @@ def test_a_failed_gap_check_counts_only_what_neither_history_nor_the_stream_cove
     history.fail = True
     live(ing, "AAPL", at(17, 0))
     finish(ing)
-    # 15:00 ended before the connection's subscription: only it is uncertain
+    # the stream's first bar (MSFT's 15:00) proves it delivered what followed: only 15:00,
+    # whose bars were being sent as it subscribed, is uncertain
     assert gaps(ing) == [("AAPL", "2024-01-02T15:00:00Z", "2024-01-02T15:01:00Z")]
     assert ing.client_.published == ["MSFT|2024-01-02T15:00:00Z", "AAPL|2024-01-02T17:00:00Z"]
 
@@ -340,3 +341,82 @@ def test_a_takeover_keeps_its_own_checked_time_over_the_others_future_one(
     assert gaps(standby) == []
     assert standby.state.checked["HALT"] <= at(15, 0, d=20)
     standby._lock.close()
+
+
+def _published_or_in_a_gap(ing: Any, symbol: str, minutes: list[datetime]) -> None:
+    for ts in minutes:
+        key = f"{symbol}|{ts.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        assert key in ing.client_.published or covered(gaps(ing), symbol, ts), (key, gaps(ing))
+
+
+def test_a_subscription_later_than_the_connect_leaves_its_minutes_in_the_gap(
+    tmp_path: Path,
+) -> None:
+    """helper-121 F1: what a connection's stream delivers was taken from the connect's local
+    minute, but alpaca-py subscribes after its on_connected hook, which a full queue blocks.
+    Connected at 15:10:30, subscribed at 15:13:05, history down: 15:11 and 15:12 were neither
+    streamed nor fetched nor in the gap. It is taken from the stream's own bars now."""
+    write_state(tmp_path, {"last_bar": {"AAPL": "2024-01-02T15:00:00Z"}})
+    clock = [at(15, 10, s=30)]
+    history = FailingHistory(clock)
+    for m in range(1, 14):
+        history.add("AAPL", at(15, m))
+    history.fail = True
+    ing = make(tmp_path, clock, history, SYMBOLS="AAPL")
+    ing._connected(time.perf_counter_ns())
+    clock[0] = at(15, 14, s=1)  # the first bar streamed: 15:13's
+    live(ing, "AAPL", at(15, 13))
+    finish(ing)
+    _published_or_in_a_gap(ing, "AAPL", [at(15, m) for m in range(1, 14)])
+
+
+def test_a_local_clock_behind_alpacas_leaves_no_minute_out_of_the_gap(tmp_path: Path) -> None:
+    """helper-121 F1: the local clock 70 s behind Alpaca's (within the tolerance), history
+    down: the connect's local minute put 15:10, streamed before the connection, after the
+    gap."""
+    write_state(tmp_path, {"last_bar": {"AAPL": "2024-01-02T15:00:00Z"}})
+    clock = [at(15, 9, s=55)]  # Alpaca: 15:11:05
+    history = FailingHistory(clock, server_skew=timedelta(seconds=70))
+    history.fail = True
+    ing = make(tmp_path, clock, history, SYMBOLS="AAPL")
+    ing._connected(time.perf_counter_ns())
+    clock[0] = at(15, 10, s=52)
+    live(ing, "AAPL", at(15, 11))
+    finish(ing)
+    _published_or_in_a_gap(ing, "AAPL", [at(15, m) for m in range(1, 12)])
+
+
+def test_a_reconnect_does_not_count_what_the_previous_connection_streamed(
+    tmp_path: Path,
+) -> None:
+    """helper-121 F2: AAPL (thin) last traded at 10:00 while MSFT traded every minute on a
+    connection that dropped at 15:00:10; reconnected at 15:00:12 with history down, AAPL's
+    first bar at 15:30 counted 10:01-15:01 as a gap, though the first connection's stream had
+    delivered 10:02-14:58. Only the minutes around the connections are counted: 10:01 (the
+    first connection's first minute, whose bars were being sent as it subscribed), 14:59 (its
+    last, maybe cut) and 15:00."""
+    write_state(
+        tmp_path, {"last_bar": {"AAPL": "2024-01-02T10:00:00Z", "MSFT": "2024-01-02T10:00:00Z"}}
+    )
+    clock = [at(10, 0, s=50)]
+    history = FailingHistory(clock)
+    ing = make(tmp_path, clock, history)
+    ing._connected(time.perf_counter_ns())
+    for m in range(1, 300):  # 10:01 .. 14:59
+        ts = at(10, 0) + m * MINUTE
+        clock[0] = ts + timedelta(seconds=61)
+        live(ing, "MSFT", ts)
+    ing.client_.confirm_all()
+    ing._confirm()
+    clock[0] = at(15, 0, s=12)
+    history.fail = True
+    ing._connected(time.perf_counter_ns())  # the catch-up fails
+    clock[0] = at(15, 1, s=1)
+    live(ing, "MSFT", at(15, 0))
+    clock[0] = at(15, 31, s=1)
+    live(ing, "AAPL", at(15, 30))
+    finish(ing)
+    assert [g for g in gaps(ing) if g[0] == "AAPL"] == [
+        ("AAPL", "2024-01-02T10:01:00Z", "2024-01-02T10:02:00Z"),
+        ("AAPL", "2024-01-02T14:59:00Z", "2024-01-02T15:01:00Z"),
+    ]

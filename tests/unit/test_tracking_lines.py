@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -559,7 +561,7 @@ def test_the_class_in_use_is_read_among_classes_of_one_name(
         "try:\n"
         "    from fmel_no_such_module import Base\n"
         "except ImportError:\n"
-        "    class Base(bt.Strategy):\n"
+        "    class Base:\n"
         "        def tomorrow(self):\n"
         "            line = self.data.close\n"
         "            return line.array[line.idx + 1]\n\n\n"
@@ -570,17 +572,17 @@ def test_the_class_in_use_is_read_among_classes_of_one_name(
     dead_first = (
         "import backtrader as bt\n"
         "if False:\n"
-        "    class Base(bt.Strategy):\n"
+        "    class Base:\n"
         "        def tomorrow(self):\n"
         "            return self.data.close.array[0]\n"
         "else:\n"
-        "    class Base(bt.Strategy):\n"
+        "    class Base:\n"
         "        def tomorrow(self):\n"
         "            return self.data.close[1]\n"
     )
     agent = (
-        "from {lib} import Base\n\n\n"
-        "class Agent(Base):\n"
+        "import backtrader as bt\n\nfrom {lib} import Base\n\n\n"
+        "class Agent(Base, bt.Strategy):\n"
         "    def next(self):\n"
         "        if not self.position and self.tomorrow() > self.data.close[0]:\n"
         "            self.buy()\n"
@@ -696,3 +698,119 @@ def test_a_module_is_parsed_once_for_many_runs(
     assert [p for p in parsed if p.endswith("fmel_big_agent.py")] == [
         str(tmp_path / "fmel_big_agent.py")
     ]
+
+
+_PEEK_HELPER = (
+    "import backtrader as bt\n\n\n"
+    "def tomorrow(line):\n"
+    "    return line.array[line.idx + 1]\n\n\n"
+    "class Agent(bt.Strategy):\n"
+    "    def next(self):\n"
+    "        if not self.position and tomorrow(self.data.close) > self.data.close[0]:\n"
+    "            self.buy()\n"
+)
+
+
+def test_a_subclass_of_an_agent_keeps_its_modules_helpers_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-122 F1: ``class Tuned(Agent): pass`` in a run script, or ``type("Typed",
+    (Agent,), {})``: the agent's module was read only inside its class statement, so the
+    module-level helper peeking at tomorrow was not told. A strategy base's module is read
+    whole, as the agent's own; a class with no code of its own is not told as unreadable."""
+    agent = _agent_from(tmp_path, monkeypatch, {"fmel_peek_helper": _PEEK_HELPER})
+    tuned = type("Tuned", (agent,), {"__module__": __name__})
+    typed = type("Typed", (agent,), {})
+    for cls in (tuned, typed):
+        _, records = run(cls)
+        gaps = json.loads(records[0].run.tracking_gaps)
+        assert [g for g in gaps if "fmel_peek_helper.py line(s) 5:" in g], (cls, gaps)
+        assert not [g for g in gaps if "cannot be read" in g], (cls, gaps)
+
+
+def test_the_file_read_is_the_one_the_class_code_comes_from(tmp_path: Path) -> None:
+    """helper-122 F2: two files loaded under one module name (a runner loading agents from a
+    folder): the scan read the file of the module name's last load, so a peeking agent passed
+    clean, or a clean one was told. The file is the one its functions' code comes from."""
+    import importlib.util
+
+    (tmp_path / "peeker.py").write_text(_PEEK_HELPER)
+    (tmp_path / "clean.py").write_text(
+        "import backtrader as bt\n\n\nclass Agent(bt.Strategy):\n    def next(self):\n"
+        "        self.data.close[0]\n"
+    )
+    loaded = []
+    for name in ("peeker", "clean"):
+        spec = importlib.util.spec_from_file_location("fmel_user_agent", tmp_path / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fmel_user_agent"] = module
+        spec.loader.exec_module(module)
+        loaded.append(module.Agent)
+    try:
+        (_, peeking), (_, clean) = run(loaded[0]), run(loaded[1])
+    finally:
+        del sys.modules["fmel_user_agent"]
+    assert any("peeker.py line(s) 5:" in g for g in json.loads(peeking[0].run.tracking_gaps))
+    assert clean[0].run.tracking_gaps is None
+
+
+def test_a_file_edited_in_place_with_its_times_kept_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-122 F3: a same-size edit with the modification time kept (``cp -p``, ``rsync
+    -t``, ``os.utime``) was taken for the cached version. The change time is in the key."""
+    import importlib
+    import os
+
+    clean = (
+        "import backtrader as bt\n\n\nclass Agent(bt.Strategy):\n    def next(self):\n"
+        "        self.data.close[0]      \n"
+    )
+    peeks = clean.replace("close[0]      ", "close.array[0]")
+    assert len(peeks) == len(clean)
+    agent = _agent_from(tmp_path, monkeypatch, {"fmel_edited": clean})
+    assert run(agent)[1][0].run.tracking_gaps is None
+    path = tmp_path / "fmel_edited.py"
+    st = path.stat()
+    time.sleep(0.01)
+    path.write_text(peeks)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    module = importlib.reload(sys.modules["fmel_edited"])
+    gaps = json.loads(run(module.Agent)[1][0].run.tracking_gaps)
+    assert any("fmel_edited.py line(s) 6:" in g for g in gaps), gaps
+
+
+def test_the_class_in_use_is_found_through_decorated_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-122 F4: with its methods decorated (their code in the decorator's module), the
+    class in use was not found among two of one name, and the first (a draft with its own
+    ``self.stats``) was read: the observer reads of the one in use went untold."""
+    deco = (
+        "import functools\n\n\n"
+        "def logged(fn):\n"
+        "    @functools.wraps(fn)\n"
+        "    def call(*a, **k):\n"
+        "        return fn(*a, **k)\n\n"
+        "    return call\n"
+    )
+    src = (
+        "import collections\n\nimport backtrader as bt\n\nfrom fmel_deco import logged\n\n\n"
+        "class Agent(bt.Strategy):\n"
+        "    def next(self):\n"
+        "        self.stats = collections.Counter()\n\n\n"
+        "class Agent(bt.Strategy):  # noqa: F811\n"
+        "    @logged\n"
+        "    def next(self):\n"
+        "        if self.stats.broker.value[0] > 0 and not self.position:\n"
+        "            self.buy()\n"
+    )
+    cls = _agent_from(tmp_path, monkeypatch, {"fmel_twin_deco": src, "fmel_deco": deco})
+    cerebro = bt.Cerebro()
+    cerebro.adddata(feed("SP500"), name="SP500")
+    cerebro.addstrategy(cls)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel")
+    records = cerebro.run()[0].analyzers.fmel.records
+    gaps = json.loads(records[0].run.tracking_gaps)
+    assert any("observer lines" in g and "line(s) 16:" in g for g in gaps), gaps

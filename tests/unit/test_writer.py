@@ -2737,3 +2737,32 @@ def test_a_sink_error_during_a_replay_still_stops_the_writer(tmp_path: Path) -> 
     w2.stop()
     spilled = [json.loads(x)["decision_point"] for x in w2.spill_path.read_text().splitlines()]
     assert sorted(spilled) == [0, 1, 2, 3, 4]
+
+
+def test_a_claim_whose_analyzer_is_gone_without_a_record_is_taken_over(tmp_path: Path) -> None:
+    """A run refused at its start leaves its claim on the session; a later run of that session
+    took it over while the refused analyzer was alive (stale), but was refused for good once
+    the garbage collector had taken it (which run of a test suite's order decided). A claim
+    whose owner is gone and under which no record was submitted is taken over; one with a
+    record is not."""
+    import gc
+
+    class Owner:
+        pass
+
+    writer = DecisionWriter(LocalDuckDBSink(tmp_path / "f.duckdb"), spill_dir=tmp_path / "s")
+    first = Owner()
+    writer.claim_ids("sess", "refused run", owner=first)
+    del first
+    gc.collect()
+    second = Owner()
+    writer.claim_ids("sess", "next run", owner=second)  # taken over
+    writer.start()
+    try:
+        writer.submit(record(0))  # session "sess": a record under the claim
+        del second
+        gc.collect()
+        with pytest.raises(ValueError, match="would write the same decision ids"):
+            writer.claim_ids("sess", "third run", owner=Owner())
+    finally:
+        writer.stop(timeout_s=30)

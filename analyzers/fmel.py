@@ -461,10 +461,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                     # the outer call decides (helper-116: a multi-feed prenext's caught
                     # IndexError ended the recording of 3,617 bars' reads and its orders).
                     if not was and not self._in_own:
-                        if self._froze:
-                            self._froze = False
-                            _GC_FREEZE.release_all()
-                        self._abort(name)
+                        self._end_tracking(name)
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -558,10 +555,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
                 except BaseException:
                     if outer and ident() == main:
                         flags.ACTIVE = was
-                        if self._froze:
-                            self._froze = False
-                            _GC_FREEZE.release_all()
-                        self._abort(name)
+                        self._end_tracking(name)
                     raise
                 finally:
                     flags.ACTIVE = was
@@ -629,6 +623,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         if self._events:
             self._record("STOP")
         self._finish()
+
+    def _end_tracking(self, name: str) -> None:
+        """The agent's ``name`` raised out of a call backtrader made: the collector goes back
+        as it was now, not at the next run's start (a freeze this analyzer shares), and the
+        tracking goes (:meth:`_abort`). Main thread."""
+        if self._froze:
+            self._froze = False
+            _GC_FREEZE.release_all()
+        self._abort(name)
 
     def _abort(self, name: str) -> None:
         """The agent's ``name`` raised out of its outermost call (main thread, in the wrapped

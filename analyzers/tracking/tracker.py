@@ -548,20 +548,20 @@ class AccessTracker:
             raw.setdefault(facts.path, set()).update(lines)
             reads = [n for n, attr in facts.self_reads if attr in observers]
             seen.setdefault(facts.path, set()).update(inside(reads, facts, span))
-        for path, raw_lines in raw.items():
-            if raw_lines:
-                where = ", ".join(str(n) for n in sorted(raw_lines)[:10])
-                self._gap(
-                    f"agent code reads raw line buffers (.array / plotrange) at {path} line(s) "
-                    f"{where}: those reads are not recorded and not checked for look-ahead"
-                )
-        for path, read_lines in seen.items():
-            if read_lines:
-                where = ", ".join(str(n) for n in sorted(read_lines)[:10])
-                self._gap(
-                    f"agent code reads observer lines (self.stats / self.observers) at {path} "
-                    f"line(s) {where}: those reads are not recorded"
-                )
+        for lines_by_path, what, why in (
+            (
+                raw,
+                "raw line buffers (.array / plotrange)",
+                "not recorded and not checked for look-ahead",
+            ),
+            (seen, "observer lines (self.stats / self.observers)", "not recorded"),
+        ):
+            for path, found_lines in lines_by_path.items():
+                if found_lines:
+                    where = ", ".join(str(n) for n in sorted(found_lines)[:10])
+                    self._gap(
+                        f"agent code reads {what} at {path} line(s) {where}: those reads are {why}"
+                    )
 
     # -- look-ahead inside indicators (found while they compute) -----------------------------
 

@@ -15,15 +15,9 @@ from typing import Any
 
 from feeds.ingest.alpaca import AlpacaBar
 from runtime.config import load_ingest_config
+from tests.unit.test_ingest_units import BASE as UNIT_BASE
 
-BASE = {
-    "SYMBOLS": "AAPL,MSFT",
-    "PUBSUB_TOPIC": "bars",
-    "GOOGLE_CLOUD_PROJECT": "p",
-    "ALPACA_API_KEY": "key-id-123456",
-    "ALPACA_SECRET_KEY": "secret-123456",
-    "INGEST_ENRICH": "none",
-}
+BASE = {**UNIT_BASE, "INGEST_ENRICH": "none"}
 MINUTE = timedelta(minutes=1)
 
 

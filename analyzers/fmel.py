@@ -263,8 +263,6 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._froze = False
         self._aborted = ""  # the agent's callback whose exception ended the tracking (_abort)
         self._in_own = False  # inside the agent's own start() or stop() (_wrap_agent)
-        self._ordering = 0  # order calls in progress (_wrap_agent's ordering)
-        self._orders_noted = 0  # order calls recorded so far
         self._noted: Any = None  # the order whose notice the agent's wrapper recorded
 
     @property
@@ -470,23 +468,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
 
         def ordering(fn: Callable[..., Any], kind: str) -> Callable[..., Any]:
             # Order construction reads close[0]/datetime[0] itself: not the agent's reads.
-            # Nested (a replacement made in start() that calls the wrapped call it found:
-            # helper-122, every CREATED twice), the innermost records the call, the outer
-            # ones only when no inner one did.
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> Any:
                 was = flags.ACTIVE
                 flags.ACTIVE = False
-                self._ordering += 1
-                noted = self._orders_noted
                 try:
                     result = fn(*args, **kwargs)
                 finally:
                     flags.ACTIVE = was
-                    self._ordering -= 1
-                if self._ordering or self._orders_noted == noted:
-                    self._orders_noted += 1
-                    self._on_order_call(kind, result, args, kwargs)
+                self._on_order_call(kind, result, args, kwargs)
                 return result
 
             return call
@@ -705,10 +695,15 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             return
         # an Order, None (close() with no position, size 0), or from an agent's override of
         # buy() anything it returns: its orders are recorded, nothing else (helper-122: a
-        # tuple (entry, stop) made the run raise AttributeError where backtrader ran)
+        # tuple (entry, stop) made the run raise AttributeError where backtrader ran). An
+        # order a wrapped call inside this one recorded already is not recorded again (a
+        # replacement made in start() around the wrapped buy it found: every CREATED twice;
+        # an override placing its stop with self.sell())
         found = result if isinstance(result, tuple | list) else (result,)
         for order in found:
-            if isinstance(order, bt.OrderBase):
+            if isinstance(order, bt.OrderBase) and not any(
+                a.order_ref == order.ref and a.event == "CREATED" for a in self._events
+            ):
                 self._events.append(self._action("CREATED", order))
 
     def _action(

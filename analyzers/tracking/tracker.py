@@ -265,6 +265,14 @@ class AccessTracker:
         self._graph = _Graph(self._dynamic)
         self._track_registry(strategy)
         self._scan_sources(type(strategy))
+        # observers the agent made and holds (self.dd = bt.observers.DrawDown()): their lines
+        # are not tracked either (helper-118: trading on self.dd.lines.drawdown[0], untold)
+        held = sorted(name for name, v in vars(strategy).items() if isinstance(v, bt.Observer))
+        if held:
+            self._gap(
+                f"the agent holds observers ({', '.join('self.' + n for n in held)}): observer "
+                "lines are not tracked, so reads of them are not recorded"
+            )
 
     def _track_registry(self, strategy: Any) -> None:
         labels, held_arrays, truncated = scan_labels(strategy, self._labels)
@@ -461,16 +469,6 @@ class AccessTracker:
                     f"reads its own code makes inside it are not recorded (FMEL takes what runs "
                     f"inside {name}() as backtrader's reads on the agent's behalf)"
                 )
-        # observers the agent made and holds (self.dd = bt.observers.DrawDown()): their lines
-        # are not tracked either (helper-118: trading on self.dd.lines.drawdown[0], untold)
-        held_observers = sorted(
-            name for name, v in vars(strategy).items() if isinstance(v, bt.Observer)
-        )
-        if held_observers:
-            self._gap(
-                f"the agent holds observers ({', '.join('self.' + n for n in held_observers)}): "
-                "observer lines are not tracked, so reads of them are not recorded"
-            )
 
     def _time_gone(self, info: FeedInfo) -> None:
         self._gap(

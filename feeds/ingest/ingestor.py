@@ -980,20 +980,13 @@ class Ingestor:
         )
         start_by: dict[str, datetime] = {}
         step = timedelta(seconds=self.tuning.bar_s)
-        now = self.clock()
         for s, after in since.items():
             first = after + step
             if first < limit:
                 # Not the minutes an earlier history answer covered with nothing of the
-                # symbol (IngestState.checked): a symbol that did not trade for longer than the
-                # limit was counted a gap at every restart, of the time between the two. A
-                # time after the local clock (another clock, a hand edit) is not taken.
-                seen = self.state.checked.get(s)
-                missing = (
-                    first
-                    if seen is None or seen > now
-                    else max(first, _floor(seen, self.tuning.bar_s) + step)
-                )
+                # symbol: a symbol that did not trade for longer than the limit was counted a
+                # gap at every restart, of the time between the two.
+                missing = self._unproven_from(s, first)
                 if missing < limit:
                     self._gap(s, missing, limit, "longer than INGEST_MAX_BACKFILL_S")
                 skip_to = limit - timedelta(seconds=self.tuning.bar_s)
@@ -1130,18 +1123,27 @@ class Ingestor:
         if span[1] is None or ts > span[1]:
             span[1] = ts
 
+    def _unproven_from(self, symbol: str, first: datetime) -> datetime:
+        """The first minute at or after ``first`` that an empty history answer did not prove
+        free of bars of ``symbol`` (:attr:`IngestState.checked`; a time after the local clock,
+        another clock's or a hand edit's, is not taken)."""
+        seen = self.state.checked.get(symbol)
+        if seen is None or seen > self.clock():
+            return first
+        return max(first, _floor(seen, self.tuning.bar_s) + timedelta(seconds=self.tuning.bar_s))
+
     def _gap_before(self, symbol: str, after: datetime, ts: datetime) -> None:
         """A live bar's gap check failed: the minutes after ``after`` before the live bar at
         ``ts`` are possible gaps, less what an earlier empty history answer proved
         (``checked``) and what this process's connections' streams delivered (helper-119: a
         thin symbol's first bar two hours after the start, history failing then, was a
         two-hour gap; helper-121: after a reconnect, the previous connection's hours)."""
-        step = timedelta(seconds=self.tuning.bar_s)
-        start = after + step
-        seen = self.state.checked.get(symbol)
-        if seen is not None and seen <= self.clock():
-            start = max(start, _floor(seen, self.tuning.bar_s) + step)
-        for first, end in sorted((a, b) for a, b in self._coverage if a is not None and b):
+        start = self._unproven_from(symbol, after + timedelta(seconds=self.tuning.bar_s))
+        # a connection that sent one bar (or none) proves nothing: its span is empty
+        spans = sorted(
+            (a, b) for a, b in self._coverage if a is not None and b is not None and b > a
+        )
+        for first, end in spans:
             if start >= ts:
                 break
             if first > start:

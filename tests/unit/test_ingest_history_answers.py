@@ -414,3 +414,33 @@ def test_a_reconnect_does_not_count_what_the_previous_connection_streamed(
         ("AAPL", "2024-01-02T10:01:00Z", "2024-01-02T10:02:00Z"),
         ("AAPL", "2024-01-02T14:59:00Z", "2024-01-02T15:01:00Z"),
     ]
+
+
+def test_a_connection_that_sent_one_bar_adds_no_overlapping_gap(tmp_path: Path) -> None:
+    """A connection whose stream sent one bar proves nothing (its span is empty); counted as a
+    span, it split the possible gap into two that overlapped: [10:01, 10:02) and
+    [10:01, 10:06) for one symbol (found reading the change again)."""
+    write_state(
+        tmp_path,
+        {"last_bar": {"AAPL": "2024-01-02T10:00:00Z", "MSFT": "2024-01-02T10:00:00Z"}},
+    )
+    clock = [at(10, 0, s=50)]
+    history = FailingHistory(clock)
+    ing = make(tmp_path, clock, history)
+    ing._connected(time.perf_counter_ns())
+    clock[0] = at(10, 2, s=1)
+    live(ing, "MSFT", at(10, 1))  # the only bar of the first connection
+    ing.client_.confirm_all()
+    ing._confirm()
+    clock[0] = at(10, 5, s=12)
+    history.fail = True
+    ing._connected(time.perf_counter_ns())
+    for m in range(5, 30):
+        clock[0] = at(10, m + 1, s=1)
+        live(ing, "MSFT", at(10, m))
+    clock[0] = at(10, 31, s=1)
+    live(ing, "AAPL", at(10, 30))
+    finish(ing)
+    assert [g for g in gaps(ing) if g[0] == "AAPL"] == [
+        ("AAPL", "2024-01-02T10:01:00Z", "2024-01-02T10:06:00Z")
+    ]

@@ -51,6 +51,28 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
+POOL: pa.MemoryPool = pa.system_memory_pool()
+"""The memory pool of every Arrow buffer this module allocates: the C library's ``malloc``,
+not pyarrow's default (mimalloc in the Linux wheels). The decision writer builds its tables on
+its own thread beside the bar loop, and there pyarrow's default took about twice the writer
+thread's CPU for the same table: SMA-cross 52-62 ms a run against 28-32 ms, read-heavy 81-125
+against 50-55 ms (thread CPU of :func:`records_table` in the benchmark's run;
+docs/benchmarks.md, thirty-fifth pass), which the bar loop waits for while the writer holds
+the GIL. Passed to each call rather than set as pyarrow's default: the process's other Arrow
+users keep theirs. ``tests/unit/test_fmel_columns.py`` checks nothing here allocates from the
+default pool."""
+
+
+def _array(obj: Any, typ: pa.DataType | None = None, mask: Any = None) -> pa.Array:
+    """``pa.array`` from :data:`POOL`."""
+    return pa.array(obj, typ, mask=mask, memory_pool=POOL)
+
+
+def _take(values: pa.Array, indices: pa.Array) -> pa.Array:
+    """``pyarrow.compute.take`` into :data:`POOL`."""
+    return pc.take(values, indices, memory_pool=POOL)
+
+
 def arrow_type(spec: FieldSpec) -> pa.DataType:
     """The Arrow type of one column of the schema (``REPEATED`` -> list, ``RECORD`` -> struct)."""
     if spec.type == "RECORD":
@@ -78,7 +100,9 @@ assert [f.name for f in DATA_ACCESS_FIELDS] == [f.name for f in _DATA_ACCESS_T]
 
 
 def _list_array(offsets: Any, values: pa.Array, typ: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=typ)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32(), memory_pool=POOL), values, type=typ, pool=POOL
+    )
 
 
 def _columns_array(cols: Columns) -> pa.Array:
@@ -86,35 +110,34 @@ def _columns_array(cols: Columns) -> pa.Array:
     n = len(cols.seq)
     value = cols.value
     hash_code = cols.hash_code
-    hashes = pa.array(cols.hashes, pa.string())
+    hashes = _array(cols.hashes, pa.string())
+    names = _array(cols.field_names, pa.string())
     access = pa.StructArray.from_arrays(
         [
-            pa.array(cols.seq, pa.int64()),
-            pc.take(pa.array(cols.field_names, pa.string()), pa.array(cols.field_code)),
-            pa.array(cols.index, pa.int64()),
-            pa.array(np.ones(n, dtype=np.int64)),
-            pa.array(cols.bar_index, pa.int64()),
-            pc.take(hashes, pa.array(hash_code, mask=hash_code < 0)),
-            pa.array(value, pa.float64(), mask=~np.isfinite(value)),
-            pa.nulls(n, pa.string()),
-            pa.array(np.zeros(n, dtype=bool)),
-            pa.array(cols.bar_time_us, _TS_T),
+            _array(cols.seq, pa.int64()),
+            _take(names, _array(cols.field_code)),
+            _array(cols.index, pa.int64()),
+            _array(np.ones(n, dtype=np.int64)),
+            _array(cols.bar_index, pa.int64()),
+            _take(hashes, _array(hash_code, mask=hash_code < 0)),
+            _array(value, pa.float64(), mask=~np.isfinite(value)),
+            pa.nulls(n, pa.string(), memory_pool=POOL),
+            _array(np.zeros(n, dtype=bool)),
+            _array(cols.bar_time_us, _TS_T),
         ],
         fields=list(_ACCESS_T),
+        memory_pool=POOL,
     )
     digest = cols.digest_code
     group = pa.StructArray.from_arrays(
         [
-            pc.take(pa.array(cols.symbols, pa.string()), pa.array(cols.symbol_code)),
-            pc.take(hashes, pa.array(digest, mask=digest < 0)),
-            _list_array(
-                cols.fields_offsets,
-                pc.take(pa.array(cols.field_names, pa.string()), pa.array(cols.fields)),
-                _FIELDS_T,
-            ),
+            _take(_array(cols.symbols, pa.string()), _array(cols.symbol_code)),
+            _take(hashes, _array(digest, mask=digest < 0)),
+            _list_array(cols.fields_offsets, _take(names, _array(cols.fields)), _FIELDS_T),
             _list_array(cols.access_offsets, access, _PATTERNS_T),
         ],
         fields=list(_DATA_ACCESS_T),
+        memory_pool=POOL,
     )
     return _list_array(cols.group_offsets, group, _DATA_ACCESSED_T)
 
@@ -126,8 +149,8 @@ def _positions(positions: Sequence[tuple[Position, ...]]) -> pa.Array:
     ids = np.fromiter(map(id, positions), dtype=np.uint64, count=len(positions))
     _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
     uniq = [positions[i] for i in first.tolist()]  # (in the order of their ids)
-    rows = pa.array([position_rows(p) if p else [] for p in uniq], _POSITIONS_T)
-    return rows.take(pa.array(inverse.reshape(-1)))
+    rows = _array([position_rows(p) if p else [] for p in uniq], _POSITIONS_T)
+    return _take(rows, _array(inverse.reshape(-1)))
 
 
 def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
@@ -139,7 +162,7 @@ def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
     raises: helper-96 found other exception types when converting by field)."""
 
     def per_record() -> pa.Array:
-        return pa.array([action_rows(a) if a else [] for a in actions], _ACTIONS_T)
+        return _array([action_rows(a) if a else [] for a in actions], _ACTIONS_T)
 
     if set(map(type, actions)) - {tuple}:
         return per_record()
@@ -151,10 +174,10 @@ def _actions(actions: Sequence[tuple[Action, ...]]) -> pa.Array:
         np.cumsum(np.fromiter(map(len, actions), np.int64, len(actions)), out=offsets[1:])
         columns = list(zip(*events, strict=True)) or [()] * _N_ACTION
         arrays = [
-            (_numbers(col) if name in _ACTION_NUMBERS else pa.array(col, f.type))
+            (_numbers(col) if name in _ACTION_NUMBERS else _array(col, f.type))
             for name, col, f in zip(Action._fields, columns, _ACTION_T, strict=True)
         ]
-        values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T))
+        values = pa.StructArray.from_arrays(arrays, fields=list(_ACTION_T), memory_pool=POOL)
     except Exception:  # noqa: BLE001 - refused: as the per-record conversion refuses it
         return per_record()
     return _list_array(offsets, values, _ACTIONS_T)
@@ -166,7 +189,7 @@ def _numbers(values: Sequence[Any]) -> pa.Array:
     ``Decimal``) value by value, so it converts or fails as it did."""
     if set(map(type, values)) <= _FLOAT_OR_NONE:
         return _floats(values)
-    return pa.array([_num(x) for x in values], pa.float64())
+    return _array([_num(x) for x in values], pa.float64())
 
 
 _FLOAT_OR_NONE = frozenset((float, type(None)))
@@ -175,7 +198,7 @@ _FLOAT_OR_NONE = frozenset((float, type(None)))
 def _floats(values: Sequence[float | None]) -> pa.Array:
     """FLOAT64 column; None, NaN and infinities as null (JSON has no NaN: as ``to_row``)."""
     arr = np.array(values, dtype=np.float64)  # None -> NaN
-    return pa.array(arr, pa.float64(), mask=~np.isfinite(arr))
+    return _array(arr, pa.float64(), mask=~np.isfinite(arr))
 
 
 def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -> pa.ChunkedArray:
@@ -205,7 +228,7 @@ def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -
             pieces.append(whole)
             run_cols = None
         if run_rows:
-            pieces.append(pa.array(run_rows, _DATA_ACCESSED_T))
+            pieces.append(_array(run_rows, _DATA_ACCESSED_T))
             run_rows.clear()
 
     for rec, raw in zip(records, accessed, strict=True):
@@ -223,7 +246,7 @@ def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -
             run_rows.append(accessed_rows(rec.data_accessed, posix_us))
     flush()
     if not pieces:
-        pieces.append(pa.array([[] for _ in records], _DATA_ACCESSED_T))
+        pieces.append(_array([[] for _ in records], _DATA_ACCESSED_T))
     return pa.chunked_array(pieces, _DATA_ACCESSED_T)
 
 
@@ -236,7 +259,7 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
     tuple (the decision ids joined in Arrow).
     """
     if not records:
-        return ARROW_SCHEMA.empty_table()
+        return pa.Table.from_arrays([_array([], f.type) for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
     # the tuples' own elements (a DeferredRecord's data_accessed and lookahead_reads elements
     # are its PendingReads: read here without the attributes, which resolve one at a time)
     (runs, dps, tss, bar_times, stages, action, actions, accessed, reads, lookaheads, pvs, cashes,
@@ -249,49 +272,52 @@ def records_table(records: Sequence[DecisionRecord]) -> pa.Table:
 
     def per_run(name: str) -> pa.Array:
         if one_run:  # one value: repeated in C, not converted n times
-            return pa.repeat(pa.scalar(getattr(run0, name), string), n)
-        return pa.array([getattr(run, name) for run in runs], string)
+            return pa.repeat(
+                pa.scalar(getattr(run0, name), string, memory_pool=POOL), n, memory_pool=POOL
+            )
+        return _array([getattr(run, name) for run in runs], string)
 
     decision_id: pa.Array | None = None
     if any(run.decision_scope for run in ((run0,) if one_run else runs)):
-        decision_id = pa.array([r.decision_id for r in records], string)
+        decision_id = _array([r.decision_id for r in records], string)
     elif one_run:  # <session_id>:<decision_point>
         if set(map(type, dps)) == {int}:  # joined in Arrow: str() of an int is its cast
             with contextlib.suppress(pa.ArrowException, OverflowError):
                 decision_id = pc.binary_join_element_wise(
-                    pa.scalar(f"{run0.session_id}:", string), pa.array(dps, int64).cast(string),
-                    "",
+                    pa.scalar(f"{run0.session_id}:", string, memory_pool=POOL),
+                    pc.cast(_array(dps, int64), string, memory_pool=POOL),
+                    pa.scalar("", string, memory_pool=POOL), memory_pool=POOL,
                 )  # fmt: skip
         if decision_id is None:  # (a number past int64: its text, as before)
-            decision_id = pa.array([f"{run0.session_id}:{dp}" for dp in dps], string)
+            decision_id = _array([f"{run0.session_id}:{dp}" for dp in dps], string)
     else:
-        decision_id = pa.array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
+        decision_id = _array([f"{run.session_id}:{dp}" for run, dp in zip(runs, dps)], string)
     columns: dict[str, pa.Array | pa.ChunkedArray] = {
         "decision_id": decision_id,
         "session_id": per_run("session_id"),
         "agent_id": per_run("agent_id"),
         "mode": per_run("mode"),
-        "decision_point": pa.array(dps, int64),
-        "ts": pa.array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
-        "bar_time": pa.array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
-        "stage": pa.array(stages, string),
-        "action": pa.array(action, string),
+        "decision_point": _array(dps, int64),
+        "ts": _array(posix_us_array(np.array(tss, dtype=np.float64)), _TS_T),
+        "bar_time": _array(posix_us_array(np.array(bar_times, dtype=np.float64)), _TS_T),
+        "stage": _array(stages, string),
+        "action": _array(action, string),
         "actions": _actions(actions),
         "data_accessed": _data_accessed(records, accessed),
-        "reads": pa.array(reads, int64),
-        "lookahead_reads": pa.array(
+        "reads": _array(reads, int64),
+        "lookahead_reads": _array(
             [p.lookaheads() if type(p) is PendingReads else p for p in lookaheads], int64
         ),
         "portfolio_value": _floats(pvs),
         "portfolio_cash": _floats(cashes),
         "positions": _positions(positions),
-        "reasoning": pa.array(reasonings, string),
+        "reasoning": _array(reasonings, string),
         "confidence": _floats(confidences),
-        "notes": pa.array(notes, string),
+        "notes": _array(notes, string),
         "agent_class": per_run("agent_class"),
         "agent_params": per_run("agent_params"),
         "agent_source_hash": per_run("agent_source_hash"),
-        "schema_version": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int64)),
+        "schema_version": _array(np.full(n, SCHEMA_VERSION, dtype=np.int64)),
         "tracking_gaps": per_run("tracking_gaps"),
     }
     return pa.Table.from_arrays([columns[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)

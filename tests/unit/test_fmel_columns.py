@@ -24,12 +24,15 @@ import backtrader as bt
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from analyzers.deferred import DeferredRecord
 from analyzers.schema import Action, DecisionRecord, RunInfo
+from analyzers.sinks import columnar
+from analyzers.sinks import duckdb as duckdb_sink
 from analyzers.sinks.base import Row, RowError
 from analyzers.sinks.columnar import records_table
 from analyzers.sinks.duckdb import LocalDuckDBSink
@@ -111,8 +114,44 @@ def _rows(con: Any, table: str) -> list[tuple[Any, ...]]:
     return list(con.execute(f"SELECT * FROM {table} ORDER BY decision_point").fetchall())
 
 
+class PoolCheck:
+    """Bytes the writer's tables took from pyarrow's default pool, which ``records_table``
+    must not use (:data:`analyzers.sinks.columnar.POOL`): each call runs with a counting proxy
+    of the default pool set as the default, then the default is set back."""
+
+    def __init__(self) -> None:
+        self.default = pa.proxy_memory_pool(pa.default_memory_pool())
+        self.own = pa.proxy_memory_pool(columnar.POOL)  # counts what the tables took
+        self.calls = 0
+
+    def wrap(self, fn: Any) -> Any:
+        def call(records: Sequence[DecisionRecord]) -> pa.Table:
+            before = pa.default_memory_pool()
+            pa.set_memory_pool(self.default)
+            try:
+                self.calls += 1
+                return fn(records)
+            finally:
+                pa.set_memory_pool(before)
+
+        return call
+
+
+@pytest.fixture
+def pool_check(monkeypatch: pytest.MonkeyPatch) -> PoolCheck:
+    assert columnar.POOL.backend_name == "system"
+    check = PoolCheck()
+    monkeypatch.setattr(columnar, "POOL", check.own)
+    monkeypatch.setattr(duckdb_sink, "records_table", check.wrap(duckdb_sink.records_table))
+    return check
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_columns_and_arrow_equal_the_per_read_path(case: Case, tmp_path: Path) -> None:
+def test_columns_and_arrow_equal_the_per_read_path(
+    case: Case, tmp_path: Path, pool_check: PoolCheck
+) -> None:
+    """Also: every Arrow buffer of the tables came from the writer's pool, none from
+    pyarrow's default (measured twice as slow on the writer's thread: ``columnar.POOL``)."""
     sink = TwoWaySink(tmp_path / "fmel.duckdb")
     writer = DecisionWriter(sink, batch_size=64, spill_dir=tmp_path / "spill")
     writer.start()
@@ -134,6 +173,9 @@ def test_columns_and_arrow_equal_the_per_read_path(case: Case, tmp_path: Path) -
     assert recorded == out.expected
     fmel: Any = out.strategy.analyzers.fmel
     assert fmel.lookahead_total == sum(r.lookahead_reads for r in sink.records)
+    assert pool_check.calls > 0
+    assert pool_check.default.max_memory() == 0
+    assert pool_check.own.max_memory() > 0
 
 
 def test_the_common_reads_are_resolved_in_columns(tmp_path: Path) -> None:
@@ -150,8 +192,9 @@ def test_the_common_reads_are_resolved_in_columns(tmp_path: Path) -> None:
     assert with_reads and sink.columns >= with_reads // 2, (sink.columns, with_reads)
 
 
-def test_an_empty_batch_and_records_without_reads_make_a_table() -> None:
-    assert records_table([]).num_rows == 0
+def test_an_empty_batch_and_records_without_reads_make_a_table(pool_check: PoolCheck) -> None:
+    assert duckdb_sink.records_table([]).num_rows == 0
+    assert pool_check.calls == 1 and pool_check.default.max_memory() == 0
 
 
 @settings(max_examples=300, deadline=None)

@@ -1172,9 +1172,14 @@ class _IterableItems(bt.metabase.ItemCollection):  # type: ignore[misc]
 # the code of backtrader's Strategy._notify: the caller of the agent's notify_order for a notice
 _NOTIFY_CODE = bt.Strategy._notify.__code__
 _ABSENT = object()  # no instance attribute of that name (FMELAnalyzer._unwrap)
-# FMELAnalyzer._record_py: bars handed over beyond this many are dropped from its _pending
-# deque once resolved (the writer resolves them; the stop settles what is left)
-_PENDING_KEEP = 4096
+# FMELAnalyzer._record_py: once its _pending deque holds more bars than this, the resolved ones
+# at its front are dropped at each record (the writer resolves them in batches; lookahead_total
+# settles what is left). 0: the deque holds the bars not resolved yet, and none of the resolved
+# ones, which keep their batch's resolved columns alive. At 4,096 the last 4,096 resolved bars
+# stayed, during the run and after it: a wide backtest (200 feeds, 2 reads each, 3,000 bars)
+# peaked at 807 MB against 695 MB, and the read-heavy benchmark's analyzer held 24.6 MB of
+# columns after its run (docs/benchmarks.md, thirty-sixth pass).
+_PENDING_KEEP = 0
 # FMEL analyzers between start and stop (or an exception out of the agent): one thread at a time
 _RUNNING: weakref.WeakSet[FMELAnalyzer] = weakref.WeakSet()
 # every wrapper FMELAnalyzer put on an agent or a broker (a broker outlives a run that raised)

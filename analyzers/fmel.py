@@ -272,8 +272,17 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         return self.tracker.lookahead_total
 
     def _settle(self) -> None:
-        """Resolve every bar handed over and not resolved yet (on this thread)."""
+        """Resolve every bar handed over and not resolved yet, on the calling thread. Only the
+        run's own thread drops them from ``_pending`` (as its records drop the resolved ones);
+        another thread (one reading :attr:`lookahead_total` while the run goes on, a writer's
+        listener) resolves a copy and leaves the deque alone (helper-124: such a thread
+        emptying it between a record's ``done`` check and its ``popleft`` made
+        ``cerebro.run()`` raise ``IndexError``)."""
         pending = self._pending
+        if self._thread_id and threading.get_ident() != self._thread_id:
+            for bar in list(pending):  # copied in C, under the GIL
+                bar.lookaheads()
+            return
         while pending:
             pending.popleft().lookaheads()
 
@@ -971,6 +980,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self.writer = None
         self._record_c = None
         self._pending = collections.deque()
+        self._thread_id = 0
         self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
         self.tracker.lookahead_total = lookaheads
         self.tracker.gaps = gaps

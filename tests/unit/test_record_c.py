@@ -15,6 +15,7 @@ agent on the bundled real data (where the C must take every bar but the first).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -624,6 +625,46 @@ def test_the_analyzer_keeps_no_resolved_bar(
     assert len(_Settles.seen) > 3000 and len(records) == analyzer.decisions
     assert max(_Settles.seen[1:]) <= 1
     assert analyzer.get_analysis()["lookahead_reads"] == 0
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_a_thread_reading_the_lookahead_count_during_the_run_leaves_the_deque_alone(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """helper-124: a thread reading ``lookahead_total`` while the run goes on could empty
+    ``_pending`` while a record's trim had the GIL dropped inside its ``done`` check (a
+    Python property), and the trim's ``popleft`` then raised ``IndexError`` out of
+    ``cerebro.run()`` (8 runs in 8 with a thread polling the count). That switch is made
+    certain here: the agent resolves every bar handed over at its next bar, and the check
+    runs the other thread to its end whenever it finds the front bar resolved. Only the
+    run's thread drops bars from the deque now; the other resolves a copy."""
+    from analyzers.deferred import PendingReads
+
+    if not compiled:
+        monkeypatch.setattr(fmel, "_record_bar", None)
+    real = PendingReads.done
+    seen: set[int] = set()
+    switched = [0]
+
+    def other_thread() -> None:
+        for analyzer in list(fmel._RUNNING):
+            seen.add(analyzer.lookahead_total)
+
+    def done(self: PendingReads) -> bool:
+        resolved = bool(real.fget(self))  # type: ignore[attr-defined]
+        if resolved and threading.current_thread() is threading.main_thread():
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+            switched[0] += 1
+        return resolved
+
+    monkeypatch.setattr(PendingReads, "done", property(done))
+    _Settles.seen = []
+    records, analyzer = _records(_Settles, tmp_path, writer=True)
+    assert switched[0] > 1000 and seen == {0}
+    assert len(records) == analyzer.decisions and max(_Settles.seen[1:]) <= 1
+    assert analyzer.lookahead_total == 0
 
 
 class _OwnRecordPy(FMELAnalyzer):

@@ -250,6 +250,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._callbacks_logged: set[str] = set()
         self._tracked_call: Callable[[Callable[..., Any], str], Callable[..., Any]] = _same_call
         self._thread_id = 0  # the run's thread (start)
+        self._in_run = False  # between start and _finish: the records trim _pending
         self._dtline: Any = None
         self._getvalue: Callable[[], float] = lambda: float(self.strategy.broker.getvalue())
         # with a writer and growing buffers, reads are resolved on the writer thread
@@ -272,19 +273,26 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         return self.tracker.lookahead_total
 
     def _settle(self) -> None:
-        """Resolve every bar handed over and not resolved yet, on the calling thread. Only the
-        run's own thread drops them from ``_pending`` (as its records drop the resolved ones);
-        another thread (one reading :attr:`lookahead_total` while the run goes on, a writer's
-        listener) resolves a copy and leaves the deque alone (helper-124: such a thread
-        emptying it between a record's ``done`` check and its ``popleft`` made
-        ``cerebro.run()`` raise ``IndexError``)."""
+        """Resolve every bar handed over and not resolved yet, on the calling thread. While
+        the run goes on, only its records drop bars from ``_pending`` (the resolved ones at
+        its front): this resolves a copy and leaves the deque alone, whoever calls it (another
+        thread reading :attr:`lookahead_total`, a writer's listener, a signal handler on the
+        run's own thread, the record's own stale-tracker check). helper-124 and helper-125:
+        a caller emptying the deque while a record's trim had stopped inside its ``done``
+        check (a Python property) made the trim's ``popleft`` raise ``IndexError`` out of
+        ``cerebro.run()``. After the run (:meth:`_finish`) the bars are dropped as they are
+        resolved, from any thread."""
         pending = self._pending
-        if self._thread_id and threading.get_ident() != self._thread_id:
+        if self._in_run:
             for bar in list(pending):  # copied in C, under the GIL
                 bar.lookaheads()
             return
-        while pending:
-            pending.popleft().lookaheads()
+        while True:
+            try:
+                bar = pending.popleft()  # another thread may be emptying it too
+            except IndexError:
+                return
+            bar.lookaheads()
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -302,6 +310,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
             )
         self._check_start()
         self._thread_id = threading.get_ident()
+        self._in_run = True
         _RUNNING.add(self)
         self._datas = list(strategy.datas)
         self._dtline = strategy.lines.datetime  # the bar time of each record
@@ -666,6 +675,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         # also when a next run over the same feeds (cerebro.run() again, optstrategy in one
         # process) resets them: the feeds' bar times are pinned as they are now.
         self.tracker.pin()
+        self._in_run = False
         _RUNNING.discard(self)
         self.tracker.untrack_all()
         for name in _ANALYZER_HOOKS:
@@ -981,6 +991,7 @@ class FMELAnalyzer(bt.Analyzer):  # type: ignore[misc]
         self._record_c = None
         self._pending = collections.deque()
         self._thread_id = 0
+        self._in_run = False
         self.tracker = AccessTracker(strict_lookahead=bool(self.p.strict_lookahead))
         self.tracker.lookahead_total = lookaheads
         self.tracker.gaps = gaps

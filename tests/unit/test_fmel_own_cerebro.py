@@ -982,11 +982,14 @@ def test_an_exception_out_of_the_agents_stop_removes_the_tracking() -> None:
     cerebro.addstrategy(_StopRaises)
     cerebro.addanalyzer(FMELAnalyzer, _name="fmel", gc_freeze=True)
     frozen = gc.get_freeze_count()
+    # analyzers of earlier tests' failed runs stay registered until the collector takes them
+    # (tests/unit/test_record_c.py's run before this one in some orders)
+    earlier = set(fmel_module._RUNNING)
     with pytest.raises(RuntimeError, match="agent's stop"):
         cerebro.run()
     assert type(cerebro.datas[0].lines.close).__name__ == "LineBuffer"
     assert gc.get_freeze_count() == frozen
-    assert not fmel_module._RUNNING
+    assert set(fmel_module._RUNNING) <= earlier
 
 
 class _BuyReplacedInStart(_SmaAgent):

@@ -627,44 +627,83 @@ def test_the_analyzer_keeps_no_resolved_bar(
     assert analyzer.get_analysis()["lookahead_reads"] == 0
 
 
+@pytest.mark.parametrize("where", ["other-thread", "run-thread"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
-def test_a_thread_reading_the_lookahead_count_during_the_run_leaves_the_deque_alone(
-    compiled: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_reading_the_lookahead_count_during_the_run_leaves_the_deque_alone(
+    compiled: bool, where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """helper-124: a thread reading ``lookahead_total`` while the run goes on could empty
     ``_pending`` while a record's trim had the GIL dropped inside its ``done`` check (a
     Python property), and the trim's ``popleft`` then raised ``IndexError`` out of
-    ``cerebro.run()`` (8 runs in 8 with a thread polling the count). That switch is made
-    certain here: the agent resolves every bar handed over at its next bar, and the check
-    runs the other thread to its end whenever it finds the front bar resolved. Only the
-    run's thread drops bars from the deque now; the other resolves a copy."""
+    ``cerebro.run()`` (8 runs in 8 with a thread polling the count). helper-125: so could a
+    signal handler on the run's own thread (Python runs it between any two bytecodes, inside
+    that property too). Both are made certain here: the agent resolves every bar handed over
+    at its next bar, and the ``done`` check reads the count (on another thread run to its
+    end, or on this one) whenever it finds the front bar resolved. While the run goes on only
+    its records drop bars from the deque; a read of the count resolves a copy."""
     from analyzers.deferred import PendingReads
 
     if not compiled:
         monkeypatch.setattr(fmel, "_record_bar", None)
     real = PendingReads.done
     seen: set[int] = set()
-    switched = [0]
+    reentered = [0]
+    inside = [False]
 
-    def other_thread() -> None:
+    def read_counts() -> None:
         for analyzer in list(fmel._RUNNING):
             seen.add(analyzer.lookahead_total)
 
     def done(self: PendingReads) -> bool:
         resolved = bool(real.fget(self))  # type: ignore[attr-defined]
-        if resolved and threading.current_thread() is threading.main_thread():
-            thread = threading.Thread(target=other_thread)
-            thread.start()
-            thread.join()
-            switched[0] += 1
+        on_run_thread = threading.current_thread() is threading.main_thread()
+        if resolved and on_run_thread and not inside[0]:
+            inside[0] = True
+            try:
+                if where == "other-thread":
+                    thread = threading.Thread(target=read_counts)
+                    thread.start()
+                    thread.join()
+                else:
+                    read_counts()
+            finally:
+                inside[0] = False
+            reentered[0] += 1
         return resolved
 
     monkeypatch.setattr(PendingReads, "done", property(done))
     _Settles.seen = []
     records, analyzer = _records(_Settles, tmp_path, writer=True)
-    assert switched[0] > 1000 and seen == {0}
+    assert reentered[0] > 1000 and seen == {0}
     assert len(records) == analyzer.decisions and max(_Settles.seen[1:]) <= 1
     assert analyzer.lookahead_total == 0
+
+
+def test_after_a_run_on_another_thread_reading_the_count_empties_the_deque(
+    tmp_path: Path,
+) -> None:
+    """helper-125: after a ``cerebro.run()`` on a worker thread the deque was emptied by no
+    one (only that thread, gone, was let to), and its resolved columns stayed with the
+    result. After the run any thread's read of the count settles and drops them."""
+    from analyzers.sinks.duckdb import LocalDuckDBSink
+
+    writer = DecisionWriter(
+        LocalDuckDBSink(tmp_path / "fmel.duckdb"), batch_size=4096, spill_dir=tmp_path / "spill"
+    )
+    writer.start()
+    cerebro = _cerebro(Trader)
+    cerebro.addanalyzer(FMELAnalyzer, _name="fmel", writer=writer)
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.extend(cerebro.run()))
+    try:
+        worker.start()
+        worker.join(300)
+    finally:
+        writer.stop(timeout_s=300)
+    analyzer = out[0].analyzers.fmel
+    assert analyzer.decisions > 3000 and len(analyzer._pending) > 0  # the last batch's bars
+    assert analyzer.get_analysis()["lookahead_reads"] == 0
+    assert not analyzer._pending
 
 
 class _OwnRecordPy(FMELAnalyzer):

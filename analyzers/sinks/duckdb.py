@@ -8,8 +8,11 @@ with ``python -m analyzers.query``.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -175,7 +178,7 @@ def open_store(
             held[1] += 1
             _SHARED_BY[id(shared)] = held[2][0]
             return shared
-        con = duckdb.connect()
+        con = _idle_engine() or duckdb.connect()
         quoted = str(path).replace("'", "''")
         try:
             con.execute(
@@ -365,7 +368,106 @@ def close_store(con: Any) -> None:
         if held[1] == 0:
             for k in held[2]:
                 _ATTACHED.pop(k, None)
-            held[0].close()
+            _release_engine(held[0])
+
+
+# An in-memory DuckDB with nothing attached, kept after the last store of a file closed, for
+# the next open_store of this process: (the process id it was made in, the connection). Making
+# one (duckdb.connect()) costs 16-30 ms here and closing one 4-14 ms (its worker threads end,
+# its buffer pool is freed), against ~1 ms to detach the file: a backtest's writer.stop() and
+# each later open in the process (the run's report, optimisation trials, a notebook's next run)
+# skip them (docs/benchmarks.md, thirty-seventh pass). At most one; under _ATTACHED_LOCK.
+_IDLE: list[tuple[int, Any]] = []
+# what open_store, the sinks and USE set on an engine (this module's code is the only user of
+# its connections): put back before the engine is kept
+_ENGINE_SETTINGS = (
+    "temp_directory",
+    "max_vacuum_tasks",
+    "memory_limit",
+    "threads",
+    "wal_autocheckpoint",
+    "search_path",
+    "allocator_bulk_deallocation_flush_threshold",
+)
+_RESET_SQL = "; ".join(f"RESET {name}" for name in _ENGINE_SETTINGS)
+# anything a user of the engine left in it: tables and views (a registered DataFrame is a
+# view), and databases still attached (a research store's ``part``)
+_LEFT_SQL = (
+    "SELECT (SELECT count(*) FROM duckdb_tables() WHERE NOT internal) "
+    "+ (SELECT count(*) FROM duckdb_views() WHERE NOT internal) "
+    "+ (SELECT count(*) FROM duckdb_databases() WHERE NOT internal AND database_name <> 'memory')"
+)
+_FORKED: list[Any] = []  # engines inherited through fork: kept, never used or closed
+
+
+def _idle_engine() -> Any:
+    """The kept engine (:data:`_IDLE`), its settings put back (:data:`_ENGINE_SETTINGS`),
+    when it was made in this process and nothing is left in it (:data:`_LEFT_SQL`); else None
+    (an engine with something left is closed; one inherited through ``fork`` is never used:
+    its worker threads are the parent's, and the parent closes it before forking,
+    :func:`_close_idle`). _ATTACHED_LOCK held."""
+    import duckdb
+
+    while _IDLE:
+        pid, con = _IDLE.pop()
+        if pid != os.getpid():
+            _FORKED.append(con)  # not closed either: closing would wait for threads not here
+            continue
+        try:
+            con.execute(_RESET_SQL)
+            if con.execute(_LEFT_SQL).fetchone() == (0,):
+                return con
+        except duckdb.Error:
+            _log.debug("a kept DuckDB engine could not be reused; closed", exc_info=True)
+        with contextlib.suppress(duckdb.Error):
+            con.close()
+    return None
+
+
+def _release_engine(con: Any) -> None:
+    """The last store of the engine's file closed: detach the file (DuckDB checkpoints it and
+    lets go of it: another process may open it once this returns) and keep the engine for
+    the next :func:`open_store` (which puts its settings back: :func:`_idle_engine`) when none
+    is kept yet and it never spilled to disk; else, or when the detach fails, close it (as
+    before the engine was kept: the close detaches the file and removes the spill folder).
+    Closing raises what DuckDB's ``close()`` raises. _ATTACHED_LOCK held."""
+    import duckdb
+
+    try:
+        con.execute("USE memory")
+        # the detach frees the file's buffers in bulk: given back to the system now, as a
+        # close would (else DuckDB's allocator keeps them, ~65 MB after a benchmark run)
+        con.execute("SET allocator_bulk_deallocation_flush_threshold = '1B'")
+        con.execute(f"DETACH {_CATALOG}")
+    except duckdb.Error:
+        con.close()
+        return
+    try:
+        # an engine that spilled to disk keeps its temporary folder (<file>.tmp) until it is
+        # closed, and cannot be given another one: closed, which removes the folder
+        (spill,) = con.execute("SELECT current_setting('temp_directory')").fetchone()
+    except duckdb.Error:
+        spill = None
+    if _IDLE or spill is None or (spill and os.path.lexists(spill)):
+        con.close()
+    else:
+        _IDLE.append((os.getpid(), con))
+
+
+def _close_idle() -> None:
+    """Close the kept engine: at exit, and in the parent before a ``fork`` (a child must not
+    inherit an engine whose worker threads it does not have)."""
+    with _ATTACHED_LOCK:
+        while _IDLE:
+            pid, con = _IDLE.pop()
+            if pid == os.getpid():
+                con.close()
+            else:
+                _FORKED.append(con)
+
+
+atexit.register(_close_idle)
+os.register_at_fork(before=_close_idle)
 
 
 class LocalDuckDBSink:

@@ -178,7 +178,11 @@ def open_store(
             held[1] += 1
             _SHARED_BY[id(shared)] = held[2][0]
             return shared
-        con = _idle_engine() or duckdb.connect()
+        con = _idle_engine()
+        if con is None:
+            con = duckdb.connect()
+            if not _PRISTINE:  # a fresh engine's settings, once a process (~8 ms)
+                _PRISTINE.append(con.execute(_SETTINGS_SQL).fetchall())
         quoted = str(path).replace("'", "''")
         try:
             con.execute(
@@ -390,19 +394,29 @@ _ENGINE_SETTINGS = (
     "allocator_bulk_deallocation_flush_threshold",
 )
 _RESET_SQL = "; ".join(f"RESET {name}" for name in _ENGINE_SETTINGS)
-# anything a user of the engine left in it: tables and views (a registered DataFrame is a
-# view), and databases still attached (a research store's ``part``)
+# anything a user of the engine left in it: tables, views (a registered DataFrame is a view),
+# sequences, types, schemas, and databases still attached (a research store's ``part``), none
+# of them DuckDB's own; its macros are not looked for (listing them takes ~30 ms)
 _LEFT_SQL = (
     "SELECT (SELECT count(*) FROM duckdb_tables() WHERE NOT internal) "
     "+ (SELECT count(*) FROM duckdb_views() WHERE NOT internal) "
+    "+ (SELECT count(*) FROM duckdb_sequences()) "
+    "+ (SELECT count(*) FROM duckdb_types() WHERE NOT internal) "
+    "+ (SELECT count(*) FROM duckdb_schemas() WHERE NOT internal) "
     "+ (SELECT count(*) FROM duckdb_databases() WHERE NOT internal AND database_name <> 'memory')"
 )
+# every setting of the engine, compared with a fresh engine's (_PRISTINE, taken once a process
+# from the first engine this module makes, before it sets anything): a setting someone else
+# changed (a user writing through open_store) closes the engine instead of passing it on
+_SETTINGS_SQL = "SELECT name, value FROM duckdb_settings() ORDER BY name"
+_PRISTINE: list[list[tuple[str, str]]] = []
 _FORKED: list[Any] = []  # engines inherited through fork: kept, never used or closed
 
 
 def _idle_engine() -> Any:
     """The kept engine (:data:`_IDLE`), its settings put back (:data:`_ENGINE_SETTINGS`),
-    when it was made in this process and nothing is left in it (:data:`_LEFT_SQL`); else None
+    when it was made in this process, nothing is left in it (:data:`_LEFT_SQL`) and every
+    setting is a fresh engine's (:data:`_SETTINGS_SQL`); else None
     (an engine with something left is closed; one inherited through ``fork`` is never used:
     its worker threads are the parent's, and the parent closes it before forking,
     :func:`_close_idle`). _ATTACHED_LOCK held."""
@@ -415,7 +429,11 @@ def _idle_engine() -> Any:
             continue
         try:
             con.execute(_RESET_SQL)
-            if con.execute(_LEFT_SQL).fetchone() == (0,):
+            if (
+                con.execute(_LEFT_SQL).fetchone() == (0,)
+                and _PRISTINE
+                and con.execute(_SETTINGS_SQL).fetchall() == _PRISTINE[0]
+            ):
                 return con
         except duckdb.Error:
             _log.debug("a kept DuckDB engine could not be reused; closed", exc_info=True)

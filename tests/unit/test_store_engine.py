@@ -108,10 +108,22 @@ def test_a_reused_engine_has_the_settings_of_its_new_opener(tmp_path: Path) -> N
     )
 
 
-def test_an_engine_with_something_left_in_it_is_not_reused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "left",
+    [
+        "CREATE TABLE memory.main.left_behind (i INTEGER)",
+        "CREATE VIEW memory.main.left_behind AS SELECT 1 AS i",
+        "CREATE SEQUENCE memory.main.left_behind",
+        "CREATE TYPE memory.main.left_behind AS INTEGER",
+        "CREATE SCHEMA memory.left_behind",
+        "SET preserve_insertion_order = false",  # a user writing through open_store
+        "SET GLOBAL default_order = 'DESC'",
+    ],
+)
+def test_an_engine_with_something_left_in_it_is_not_reused(tmp_path: Path, left: str) -> None:
     a = open_store(tmp_path / "a.duckdb")
     first = _engine(a)
-    a.execute("CREATE TABLE memory.main.left_behind (i INTEGER)")
+    a.execute(left)
     close_store(a)
     assert len(store._IDLE) == 1
     b = open_store(tmp_path / "b.duckdb")
@@ -120,6 +132,7 @@ def test_an_engine_with_something_left_in_it_is_not_reused(tmp_path: Path) -> No
         assert b.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'left_behind'"
         ).fetchone() == (0,)
+        assert b.execute("SELECT current_setting('preserve_insertion_order')").fetchone() == (True,)
     finally:
         close_store(b)
 

@@ -470,7 +470,7 @@ def _release_engine(con: Any) -> None:
         (spill,) = con.execute("SELECT current_setting('temp_directory')").fetchone()
     except duckdb.Error:
         spill = None
-    if _IDLE or spill is None or (spill and os.path.lexists(spill)):
+    if _IDLE or _EXITING or spill is None or (spill and os.path.lexists(spill)):
         con.close()
     else:
         _IDLE.append((os.getpid(), con))
@@ -488,7 +488,16 @@ def _close_idle() -> None:
                 _FORKED.append(con)
 
 
-atexit.register(_close_idle)
+def _at_exit() -> None:
+    """From here on no engine is kept (a writer thread that outlived its stop closes its store
+    when it ends, maybe after this: that engine is closed, not left to the interpreter's
+    teardown), and the kept one is closed."""
+    _EXITING.append(True)
+    _close_idle()
+
+
+_EXITING: list[bool] = []  # the interpreter is exiting (_at_exit ran)
+atexit.register(_at_exit)
 os.register_at_fork(before=_close_idle)
 
 

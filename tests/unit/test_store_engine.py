@@ -191,3 +191,23 @@ def test_a_process_that_kept_an_engine_exits_cleanly(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "kept"
     assert out.stderr == ""
+
+
+def test_a_store_closed_after_the_exit_handlers_closes_its_engine(tmp_path: Path) -> None:
+    """A writer thread that outlived its stop closes its store when it ends, maybe after the
+    interpreter's exit handlers ran: that engine is closed, not kept for the teardown."""
+    code = (
+        "import sys, atexit; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "import analyzers.sinks.duckdb as s; "
+        "con = s.open_store(Path(sys.argv[1])); "
+        # the module's exit handler run by hand, then the store closed (as such a thread would)
+        "s._at_exit(); s.close_store(con); print(len(s._IDLE))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "f.duckdb"), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"

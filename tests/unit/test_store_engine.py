@@ -175,18 +175,25 @@ def test_a_forked_child_opens_with_its_own_engine(tmp_path: Path) -> None:
     con.close()
 
 
-def test_a_process_that_kept_an_engine_exits_cleanly(tmp_path: Path) -> None:
-    code = (
+def _in_python(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter, ``s`` the store module, ``path`` a store file."""
+    prelude = (
         "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
-        "import analyzers.sinks.duckdb as s; "
-        "sink = s.LocalDuckDBSink(Path(sys.argv[1])); sink.open(); sink.close(); "
-        "assert len(s._IDLE) == 1; print('kept')"
+        "import analyzers.sinks.duckdb as s; path = Path(sys.argv[1]); "
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "f.duckdb"), str(REPO)],
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code, str(tmp_path / "f.duckdb"), str(REPO)],
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def test_a_process_that_kept_an_engine_exits_cleanly(tmp_path: Path) -> None:
+    out = _in_python(
+        tmp_path,
+        "sink = s.LocalDuckDBSink(path); sink.open(); sink.close(); "
+        "assert len(s._IDLE) == 1; print('kept')",
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "kept"
@@ -196,18 +203,9 @@ def test_a_process_that_kept_an_engine_exits_cleanly(tmp_path: Path) -> None:
 def test_a_store_closed_after_the_exit_handlers_closes_its_engine(tmp_path: Path) -> None:
     """A writer thread that outlived its stop closes its store when it ends, maybe after the
     interpreter's exit handlers ran: that engine is closed, not kept for the teardown."""
-    code = (
-        "import sys, atexit; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
-        "import analyzers.sinks.duckdb as s; "
-        "con = s.open_store(Path(sys.argv[1])); "
-        # the module's exit handler run by hand, then the store closed (as such a thread would)
-        "s._at_exit(); s.close_store(con); print(len(s._IDLE))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "f.duckdb"), str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    # the module's exit handler run by hand, then the store closed (as such a thread would)
+    out = _in_python(
+        tmp_path, "con = s.open_store(path); s._at_exit(); s.close_store(con); print(len(s._IDLE))"
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"

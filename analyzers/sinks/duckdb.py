@@ -419,7 +419,7 @@ def _idle_engine() -> Any:
     setting is a fresh engine's (:data:`_SETTINGS_SQL`); else None
     (an engine with something left is closed; one inherited through ``fork`` is never used:
     its worker threads are the parent's, and the parent closes it before forking,
-    :func:`_close_idle`). _ATTACHED_LOCK held."""
+    :func:`_before_fork`). _ATTACHED_LOCK held."""
     import duckdb
 
     while _IDLE:
@@ -477,15 +477,44 @@ def _release_engine(con: Any) -> None:
 
 
 def _close_idle() -> None:
-    """Close the kept engine: at exit, and in the parent before a ``fork`` (a child must not
-    inherit an engine whose worker threads it does not have)."""
+    """Close the kept engine (at exit)."""
     with _ATTACHED_LOCK:
-        while _IDLE:
-            pid, con = _IDLE.pop()
-            if pid == os.getpid():
-                con.close()
-            else:
-                _FORKED.append(con)
+        _close_idle_locked()
+
+
+def _close_idle_locked() -> None:
+    while _IDLE:
+        pid, con = _IDLE.pop()
+        if pid == os.getpid():
+            con.close()
+        else:
+            _FORKED.append(con)
+
+
+def _before_fork() -> None:
+    """In the parent before a ``fork``: take this module's lock, held until the fork is done
+    (:func:`_after_fork_in_parent`), so that no thread is inside :func:`open_store` or
+    :func:`close_store` when the child is made, and close the kept engine (a child must not
+    inherit an engine whose worker threads it does not have). helper-126: a child forked
+    while another thread held the lock hung in its exit handler (:func:`_at_exit`)."""
+    _ATTACHED_LOCK.acquire()
+    try:
+        _close_idle_locked()
+    except BaseException:
+        _ATTACHED_LOCK.release()
+        raise
+
+
+def _after_fork_in_parent() -> None:
+    _ATTACHED_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    """The child's locks are new ones: its copies are held (this module's, by the parent's
+    thread that forked) or may be (``_SETUP_LOCK``, by a thread that is not in the child)."""
+    global _ATTACHED_LOCK, _SETUP_LOCK
+    _ATTACHED_LOCK = threading.Lock()
+    _SETUP_LOCK = threading.Lock()
 
 
 def _at_exit() -> None:
@@ -498,7 +527,11 @@ def _at_exit() -> None:
 
 _EXITING: list[bool] = []  # the interpreter is exiting (_at_exit ran)
 atexit.register(_at_exit)
-os.register_at_fork(before=_close_idle)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 class LocalDuckDBSink:

@@ -209,3 +209,46 @@ def test_a_store_closed_after_the_exit_handlers_closes_its_engine(tmp_path: Path
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_children_forked_while_another_thread_opens_and_closes_stores_exit(
+    tmp_path: Path,
+) -> None:
+    """helper-126: a child forked while another thread held the module's lock (inside
+    open_store or close_store) hung in its exit handler, which takes that lock; before the
+    engine was kept, such a child's own open_store hung instead. Now the fork waits for the
+    lock and the child gets new ones: each child takes the lock (exit code 3 if it cannot
+    within 5 s) and leaves through ``sys.exit`` (its exit handlers run). (A child that makes a
+    DuckDB engine of its own may still hang inside DuckDB, whose worker threads are not in the
+    child: fork with DuckDB running is DuckDB's hazard; the optimiser's workers are spawned.)"""
+    code = """
+import threading, time
+stop = False
+def churn():
+    i = 0
+    while not stop:
+        c = s.open_store(path.with_name(f"t{i % 3}.duckdb")); s.close_store(c); i += 1
+t = threading.Thread(target=churn, daemon=True); t.start()
+codes = []
+for k in range(40):
+    pid = os.fork()
+    if pid == 0:
+        if not s._ATTACHED_LOCK.acquire(timeout=5):
+            os._exit(3)
+        s._ATTACHED_LOCK.release()
+        sys.exit(0)
+    for _ in range(400):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes.append(os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.025)
+    else:
+        os.kill(pid, 9); os.waitpid(pid, 0); codes.append("hung")
+    time.sleep(0.005)
+stop = True; t.join()
+print(sorted(set(map(str, codes))))
+"""
+    out = _in_python(tmp_path, "import os\n" + code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['0']"

@@ -201,9 +201,6 @@ def _floats(values: Sequence[float | None]) -> pa.Array:
     return _array(arr, pa.float64(), mask=~np.isfinite(arr))
 
 
-_NO_ROWS: list[dict[str, Any]] = []  # the data_accessed of a record without reads (not changed)
-
-
 def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -> pa.ChunkedArray:
     """The ``data_accessed`` column: slices of each batch's columns where the reads were
     resolved in columns, records converted from their tuples in between; in record order.
@@ -246,10 +243,7 @@ def _data_accessed(records: Sequence[DecisionRecord], accessed: Sequence[Any]) -
         else:
             if run_cols is not None:
                 flush()
-            # a bar without reads (before every feed has a bar, the agent's prenext): no
-            # conversion (the SMA-cross benchmark's first batch has 1,444 of them)
-            empty = type(raw) is tuple and not raw
-            run_rows.append(_NO_ROWS if empty else accessed_rows(rec.data_accessed, posix_us))
+            run_rows.append(accessed_rows(rec.data_accessed, posix_us))
     flush()
     if not pieces:
         pieces.append(_array([[] for _ in records], _DATA_ACCESSED_T))
